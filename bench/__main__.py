@@ -1,0 +1,43 @@
+"""python -m bench {encoder,kmeans,loader,e2e,plot,all} [--quick] [--csv PATH]"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUITES = {
+    "encoder": "bench.bench_encoder",
+    "kmeans": "bench.bench_kmeans",
+    "loader": "bench.bench_loader",
+    "e2e": "bench.bench_e2e",
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("suite", choices=sorted(SUITES) + ["plot", "all"])
+    ap.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
+    ap.add_argument("--csv", default=None, help="results CSV (default bench/results.csv)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    args = ap.parse_args(argv)
+    from .harness import ResultWriter
+
+    if args.suite == "plot":
+        from .plot import plot
+        plot(args.csv)
+        return 0
+    writer = ResultWriter(args.csv)
+    names = sorted(SUITES) if args.suite == "all" else [args.suite]
+    for name in names:
+        try:
+            mod = importlib.import_module(SUITES[name])
+        except ModuleNotFoundError as exc:
+            print(f"[bench] suite {name} not available: {exc}", file=sys.stderr)
+            continue
+        mod.run(writer, quick=args.quick, device=args.device)
+    print(f"[bench] {len(writer.rows)} rows appended to {writer.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Pure-PyTorch references for every spurfast kernel.
+
+These are the CPU fallback *and* the ground truth that every kernel test compares
+against; tests, benchmarks and the fallback import them from here, never a copy.
+Each kernel module (``encoder_triton``, ``kmeans_cupy``) exposes the same signatures.
+
+Memory-traffic notes (per call, fp32, B images / N points) say what a fused kernel saves.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("relu", "leaky_relu", "silu")
+LEAKY_SLOPE = 0.2
+
+
+# --------------------------------------------------------------------------- encoder
+def activation(x: torch.Tensor, name: str) -> torch.Tensor:
+    if name == "relu":
+        return F.relu(x)
+    if name == "leaky_relu":
+        return F.leaky_relu(x, LEAKY_SLOPE)
+    if name == "silu":
+        return F.silu(x)
+    raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
+
+
+def normalise_input(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 [0,255] or float [0,1] images -> fp32 (x - mean) / std per channel."""
+    if x.dtype == torch.uint8:
+        x = x.float() / 255.0
+    else:
+        x = x.float()
+    c = x.shape[1]
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).reshape(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).reshape(1, -1, 1, 1)
+    if m.shape[1] not in (1, c) or s.shape[1] not in (1, c):
+        raise ValueError(f"mean/std have {m.shape[1]}/{s.shape[1]} entries for {c} channels")
+    return (x - m) / s
+
+
+def encoder_forward(
+    x: torch.Tensor,
+    conv_weights: Sequence[torch.Tensor],
+    conv_biases: Sequence[torch.Tensor],
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor,
+    *,
+    mean: Sequence[float] = (0.0,),
+    std: Sequence[float] = (1.0,),
+    stride: int = 2,
+    padding: int = 1,
+    activation_name: str = "relu",
+    eps: torch.Tensor | None = None,
+):
+    """VAE encoder forward: normalise -> [conv(stride, padding) + act]* -> flatten -> heads.
+
+    x: (B, C, H, W) uint8 or float (values in [0, 1] before normalisation).
+    head_weight: (2L, F) = [W_mu; W_logvar] so both heads are one GEMM; head_bias (2L,).
+    Returns fp32 (mu, logvar), plus z = mu + exp(logvar / 2) * eps when eps (B, L) is given.
+    Always computes in fp32 (the ground truth for fp16/bf16 kernels).
+
+    Traffic of this eager version: every layer's activation is written to and re-read
+    from memory (B * sum_l C_l*H_l*W_l * 4 bytes, twice) plus, on GPU, cuDNN workspace;
+    a fused kernel reads the input once and writes only (B, 2L).
+    """
+    if x.dim() != 4:
+        raise ValueError(f"encoder input must be (B, C, H, W), got shape {tuple(x.shape)}")
+    h = normalise_input(x, mean, std)
+    for w, b in zip(conv_weights, conv_biases):
+        h = activation(F.conv2d(h, w.float(), b.float(), stride=stride, padding=padding), activation_name)
+    flat = h.flatten(1)
+    if flat.shape[1] != head_weight.shape[1]:
+        raise ValueError(f"flattened features {flat.shape[1]} != head input width {head_weight.shape[1]}")
+    out = F.linear(flat, head_weight.float(), head_bias.float())
+    latent = out.shape[1] // 2
+    mu, logvar = out[:, :latent].contiguous(), out[:, latent:].contiguous()
+    if eps is None:
+        return mu, logvar
+    return mu, logvar, mu + torch.exp(0.5 * logvar) * eps.float()
+
+
+# --------------------------------------------------------------------------- k-means
+# Points are sorted by group (group = predicted class); ``offsets`` (G+1,) int64 is the
+# CSR row pointer: group g owns points offsets[g]:offsets[g+1].  Centroids are padded to
+# (G, kmax, d); group g uses its first k_per_group[g] rows.
+_BUDGET = 1 << 24  # floats per temporary distance block (64 MiB fp32)
+
+
+def group_ids(offsets: torch.Tensor) -> torch.Tensor:
+    sizes = (offsets[1:] - offsets[:-1]).long()
+    return torch.repeat_interleave(torch.arange(len(sizes), device=offsets.device), sizes)
+
+
+def _group_blocks(offsets: torch.Tensor, kmax: int, d: int):
+    """Chunks of groups of similar size, so padded batched GEMMs waste little and stay
+    within the memory budget.  Yields (group index tensor, padded size)."""
+    sizes = (offsets[1:] - offsets[:-1]).cpu()
+    order = torch.argsort(sizes, descending=True, stable=True)
+    i = 0
+    G = len(sizes)
+    while i < G:
+        nmax = int(sizes[order[i]])
+        if nmax == 0:
+            break
+        rows = max(1, _BUDGET // max(1, nmax * max(kmax, d)))
+        j = i + 1
+        # pad at most 2x: stop the block where groups get less than half the largest
+        while j < G and j - i < rows and int(sizes[order[j]]) * 2 >= nmax:
+            j += 1
+        yield order[i:j].to(offsets.device), nmax
+        i = j
+
+
+def _padded_index(offsets: torch.Tensor, groups: torch.Tensor, nmax: int):
+    start = offsets[groups].unsqueeze(1)
+    ar = torch.arange(nmax, device=offsets.device).unsqueeze(0)
+    idx = start + ar
+    valid = idx < offsets[groups + 1].unsqueeze(1)
+    return torch.where(valid, idx, torch.zeros_like(idx)), valid
+
+
+def kmeans_assign(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    centroids: torch.Tensor,
+    k_per_group: torch.Tensor,
+    metric: str = "l2",
+):
+    """Nearest centroid of each point's own group.
+
+    Returns (assign (N,) int64 in [0, k_g), dist (N,) fp32): squared L2 distance, or
+    1 - cosine similarity for metric="cosine".  Ties go to the lower centroid index.
+    Traffic: reads x once per block and writes an (n_g x k_g) distance block per group
+    (the N x k matrix, in pieces); the CUDA kernel keeps that block on chip.
+    """
+    if metric not in ("l2", "cosine"):
+        raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
+    N, d = x.shape
+    G, kmax, _ = centroids.shape
+    assign = torch.zeros(N, dtype=torch.int64, device=x.device)
+    dist = torch.zeros(N, dtype=torch.float32, device=x.device)
+    if N == 0:
+        return assign, dist
+    c = centroids.float()
+    if metric == "cosine":
+        c = F.normalize(c, dim=-1)
+    cn = (c * c).sum(-1)  # (G, kmax)
+    kpg = k_per_group.to(x.device)
+    for groups, nmax in _group_blocks(offsets, kmax, d):
+        idx, valid = _padded_index(offsets, groups, nmax)
+        xp = x[idx].float()  # (g, nmax, d)
+        if metric == "cosine":
+            xp = F.normalize(xp, dim=-1)
+            D = 1.0 - torch.bmm(xp, c[groups].transpose(1, 2))
+        else:
+            xn = (xp * xp).sum(-1, keepdim=True)
+            D = torch.baddbmm(cn[groups].unsqueeze(1), xp, c[groups].transpose(1, 2), alpha=-2.0) + xn
+            D = D.clamp_min_(0.0)
+        kmask = torch.arange(kmax, device=x.device).unsqueeze(0) >= kpg[groups].unsqueeze(1)
+        D.masked_fill_(kmask.unsqueeze(1), float("inf"))
+        best, arg = D.min(dim=-1)
+        assign[idx[valid]] = arg[valid]
+        dist[idx[valid]] = best[valid]
+    return assign, dist
+
+
+def kmeans_update(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    assign: torch.Tensor,
+    kmax: int,
+    deterministic: bool = True,
+):
+    """Per-(group, cluster) sums and counts: returns (sums (G, kmax, d) fp32, counts (G, kmax) int64).
+
+    The caller divides and re-seeds clusters whose count is 0 (reported, not hidden).
+    Traffic: reads x and assign once, writes G*kmax*(d+1) values.
+    """
+    G = len(offsets) - 1
+    N, d = x.shape
+    flat = group_ids(offsets) * kmax + assign
+    sums = torch.zeros(G * kmax, d, dtype=torch.float32, device=x.device)
+    if deterministic and x.is_cuda:
+        # index_add_ on CUDA uses float atomics (order varies); sort + segment-sum does not.
+        order = torch.argsort(flat, stable=True)
+        xs = x[order].float()
+        fs = flat[order]
+        uniq, counts_u = torch.unique_consecutive(fs, return_counts=True)
+        seg = torch.segment_reduce(xs, "sum", lengths=counts_u) if N else xs
+        sums[uniq] = seg
+    else:
+        sums.index_add_(0, flat, x.float())
+    counts = torch.bincount(flat, minlength=G * kmax)
+    return sums.view(G, kmax, d), counts.view(G, kmax)
+
+
+def cluster_similarity(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    assign: torch.Tensor,
+    centroids: torch.Tensor,
+    k_per_group: torch.Tensor,
+    m: int = 8,
+):
+    """Per-cluster statistics used by discovery scoring.
+
+    Returns (cos (N,) fp32: cosine similarity of each point to its own centroid,
+             exemplars (G, kmax, m) int64: indices into x of the m members nearest the
+               centroid in squared L2 (ties by index), -1 where a cluster has fewer,
+             mean_cos (G, kmax) fp32, mean_sqdist (G, kmax) fp32; 0 for empty clusters).
+    """
+    G, kmax, d = centroids.shape
+    N = x.shape[0]
+    gid = group_ids(offsets)
+    c = centroids.float()[gid, assign] if N else torch.zeros(0, d, device=x.device)
+    xf = x.float()
+    cos = F.cosine_similarity(xf, c, dim=1, eps=1e-12) if N else torch.zeros(0, device=x.device)
+    sq = ((xf - c) ** 2).sum(1)
+    flat = gid * kmax + assign
+    counts = torch.bincount(flat, minlength=G * kmax).float()
+    mean_cos = torch.zeros(G * kmax, device=x.device).index_add_(0, flat, cos) / counts.clamp_min(1)
+    mean_sq = torch.zeros(G * kmax, device=x.device).index_add_(0, flat, sq) / counts.clamp_min(1)
+    exemplars = torch.full((G * kmax, m), -1, dtype=torch.int64, device=x.device)
+    if N and m > 0:
+        # sort by (cluster, distance, index): lexsort via two stable sorts
+        order = torch.argsort(sq, stable=True)
+        order = order[torch.argsort(flat[order], stable=True)]
+        fs = flat[order]
+        starts = torch.searchsorted(fs, torch.arange(G * kmax, device=x.device))
+        rank = torch.arange(N, device=x.device) - starts[fs]
+        keep = rank < m
+        exemplars[fs[keep], rank[keep]] = order[keep]
+    return (cos, exemplars.view(G, kmax, m), mean_cos.view(G, kmax), mean_sq.view(G, kmax))
+
+
+def kmeans_plusplus(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    k_per_group: torch.Tensor,
+    kmax: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Batched k-means++ seeding: every group draws its next seed in the same step.
+
+    Sampling proportional to D^2 within each group is one global cumulative sum plus a
+    searchsorted per group, so the cost is O(kmax * N * d) with no Python loop over groups.
+    Groups with k_g < kmax leave the extra rows as zeros (masked everywhere).
+    """
+    N, d = x.shape
+    G = len(offsets) - 1
+    dev = x.device
+    xf = x.float()
+    cent = torch.zeros(G, kmax, d, dtype=torch.float32, device=dev)
+    if N == 0:
+        return cent
+    sizes = (offsets[1:] - offsets[:-1]).long()
+    kpg = k_per_group.to(dev).long()
+    gid = group_ids(offsets)
+    nonempty = sizes > 0
+    # first seed: uniform within each group
+    u = torch.rand(G, generator=generator, device="cpu").to(dev)
+    first = offsets[:-1] + (u * sizes).long().clamp_max((sizes - 1).clamp_min(0))
+    cent[nonempty, 0] = xf[first[nonempty]]
+    d2 = ((xf - cent[gid, 0]) ** 2).sum(1)
+    for j in range(1, kmax):
+        active = nonempty & (kpg > j)
+        if not bool(active.any()):
+            break
+        cs = torch.cumsum(d2.double(), 0)
+        before = torch.where(offsets[:-1] > 0, cs[(offsets[:-1] - 1).clamp_min(0)], torch.zeros_like(cs[:1]).expand(G))
+        total = cs[(offsets[1:] - 1).clamp_min(0)] - before
+        u = torch.rand(G, generator=generator, device="cpu").to(dev).double()
+        target = before + u * total
+        pick = torch.searchsorted(cs, target, right=True)
+        # all-zero D^2 (duplicates): fall back to a uniform draw in the group
+        uni = offsets[:-1] + (u * sizes).long().clamp_max((sizes - 1).clamp_min(0))
+        pick = torch.where(total > 0, pick.clamp(offsets[:-1], (offsets[1:] - 1).clamp_min(0)), uni)
+        cent[active, j] = xf[pick[active]]
+        new = ((xf - cent[gid, j]) ** 2).sum(1)
+        act_pt = active[gid]
+        d2 = torch.where(act_pt, torch.minimum(d2, new), d2)
+    return cent

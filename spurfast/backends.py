@@ -1,0 +1,143 @@
+"""One registry that picks, per operation, which implementation runs.
+
+Operations and their providers, fastest first.  Every provider is named by a lazy
+"module:function" path, so importing spurfast never imports triton, cupy or DALI and
+never initialises CUDA.  A provider module may define ``is_available() -> (bool, why)``.
+
+Choice per call: an explicit ``backend=`` argument, else the environment variable
+``SPURFAST_BACKEND_<OP>`` (e.g. ``SPURFAST_BACKEND_KMEANS_ASSIGN=torch``), else
+``SPURFAST_BACKEND`` (applies to every op that has such a provider), else ``auto``.
+``auto`` takes the first available provider and logs why it skipped the others; a
+provider named explicitly raises :class:`BackendUnavailable` if it cannot run here.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+log = logging.getLogger("spurfast.backends")
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    target: str  # "module:function"
+
+    def load(self) -> Callable:
+        module, func = self.target.split(":")
+        return getattr(importlib.import_module(module), func)
+
+    def available(self) -> tuple[bool, str]:
+        module = self.target.split(":")[0]
+        try:
+            mod = importlib.import_module(module)
+        except Exception as exc:  # ImportError, or a broken optional install
+            return False, f"cannot import {module}: {exc.__class__.__name__}: {exc}"
+        check = getattr(mod, "is_available", None)
+        if check is None:
+            return True, ""
+        try:
+            ok, why = check()
+        except Exception as exc:
+            return False, f"{module}.is_available() raised {exc!r}"
+        return bool(ok), why
+
+
+REF = "spurfast.kernels.reference"
+# op -> providers in preference order (auto takes the first available one).
+REGISTRY: dict[str, list[Provider]] = {
+    "encoder": [
+        Provider("triton", "spurfast.kernels.encoder_triton:encoder_forward"),
+        Provider("torch", f"{REF}:encoder_forward"),
+    ],
+    "kmeans_assign": [
+        Provider("cupy", "spurfast.kernels.kmeans_cupy:kmeans_assign"),
+        Provider("torch", f"{REF}:kmeans_assign"),
+    ],
+    "kmeans_update": [
+        Provider("cupy", "spurfast.kernels.kmeans_cupy:kmeans_update"),
+        Provider("torch", f"{REF}:kmeans_update"),
+    ],
+    "cluster_similarity": [
+        Provider("cupy", "spurfast.kernels.kmeans_cupy:cluster_similarity"),
+        Provider("torch", f"{REF}:cluster_similarity"),
+    ],
+    "loader": [
+        Provider("dali", "spurfast.data.loader_dali:iter_folder_batches"),
+        Provider("torch", "spurfast.data.loader_torch:iter_folder_batches"),
+    ],
+}
+
+_cache: dict[tuple[str, str], tuple[str, Callable]] = {}
+
+
+def providers(op: str) -> list[Provider]:
+    if op not in REGISTRY:
+        raise KeyError(f"unknown operation {op!r}; known: {sorted(REGISTRY)}")
+    return REGISTRY[op]
+
+
+def requested(op: str, backend: str | None = None) -> str:
+    """The backend asked for: argument, then env var per op, then global env var."""
+    if backend:
+        return backend
+    per_op = os.environ.get(f"SPURFAST_BACKEND_{op.upper()}")
+    if per_op:
+        return per_op
+    glob = os.environ.get("SPURFAST_BACKEND")
+    if glob and glob != "auto" and any(p.name == glob for p in providers(op)):
+        return glob
+    return "auto"
+
+
+def resolve(op: str, backend: str | None = None) -> tuple[str, Callable]:
+    """Return (provider name, function) for ``op``."""
+    want = requested(op, backend)
+    key = (op, want)
+    if key in _cache:
+        return _cache[key]
+    provs = providers(op)
+    if want != "auto":
+        match = [p for p in provs if p.name == want]
+        if not match:
+            raise BackendUnavailable(
+                f"backend {want!r} does not implement {op!r}; choose from "
+                f"{[p.name for p in provs] + ['auto']}")
+        ok, why = match[0].available()
+        if not ok:
+            raise BackendUnavailable(f"backend {want!r} for {op!r} is unavailable here: {why}")
+        _cache[key] = (want, match[0].load())
+        return _cache[key]
+    for p in provs:
+        ok, why = p.available()
+        if ok:
+            _cache[key] = (p.name, p.load())
+            return _cache[key]
+        log.info("%s: skipping backend %s (%s)", op, p.name, why)
+    raise BackendUnavailable(f"no backend for {op!r} is available")
+
+
+def call(op: str, *args, backend: str | None = None, **kwargs):
+    return resolve(op, backend)[1](*args, **kwargs)
+
+
+def report() -> dict[str, dict[str, str]]:
+    """Availability of every provider of every op (for `spurfast env`)."""
+    out: dict[str, dict[str, str]] = {}
+    for op, provs in REGISTRY.items():
+        out[op] = {}
+        for p in provs:
+            ok, why = p.available()
+            out[op][p.name] = "available" if ok else f"unavailable: {why}"
+    return out
+
+
+def clear_cache() -> None:
+    _cache.clear()

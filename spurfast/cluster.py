@@ -1,0 +1,132 @@
+"""Batched per-class k-means: one Lloyd loop for all classes at once.
+
+The algorithm lives here and is backend-agnostic; only the hot steps (assign, update,
+similarity) go through `spurfast.backends`, whose providers share the signatures of
+`spurfast.kernels.reference`.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import backends
+from .kernels import reference as ref
+
+log = logging.getLogger("spurfast.cluster")
+
+
+@dataclass
+class KMeansResult:
+    centroids: torch.Tensor      # (G, kmax, d) fp32, rows >= k_g unused
+    assign: torch.Tensor         # (N,) int64 cluster index within the point's group (original order)
+    dist: torch.Tensor           # (N,) fp32 distance to own centroid
+    k_per_group: torch.Tensor    # (G,) int64
+    counts: torch.Tensor         # (G, kmax) int64
+    n_iter: int
+    inertia: float
+    reseeded: int                # empty clusters re-seeded over the run
+
+
+def choose_k(sizes: np.ndarray, k: int, min_cluster_size: int) -> np.ndarray:
+    """k per group: at most k, and at least ``min_cluster_size`` points per cluster on average."""
+    sizes = np.asarray(sizes)
+    return np.clip(np.minimum(k, sizes // max(1, min_cluster_size)), np.minimum(sizes, 1), None).astype(np.int64)
+
+
+def sort_by_group(groups: torch.Tensor, n_groups: int):
+    """Stable order that sorts points by group, and the CSR offsets."""
+    order = torch.argsort(groups, stable=True)
+    counts = torch.bincount(groups, minlength=n_groups)
+    offsets = torch.zeros(n_groups + 1, dtype=torch.int64, device=groups.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return order, offsets
+
+
+def batched_kmeans(
+    x: torch.Tensor,
+    groups: torch.Tensor,
+    k_per_group,
+    *,
+    n_groups: int | None = None,
+    n_iter: int = 50,
+    tol: float = 1e-6,
+    seed: int = 0,
+    metric: str = "l2",
+    init: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> KMeansResult:
+    """Lloyd's k-means within every group at once.
+
+    x: (N, d); groups: (N,) int64 in [0, G); k_per_group: (G,) ints (k_g <= group size).
+    init: optional (G, kmax, d) starting centroids (else batched k-means++ from ``seed``).
+    Empty clusters are re-seeded with the point of their group farthest from its centroid.
+    Deterministic for a given seed and backend.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must be (N, d), got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).any(1).sum())
+        raise ValueError(f"k-means input has {bad} rows with NaN/inf; clean the latents first")
+    groups = torch.as_tensor(groups, dtype=torch.int64, device=x.device)
+    G = int(n_groups if n_groups is not None else (int(groups.max()) + 1 if len(groups) else 0))
+    kpg = torch.as_tensor(np.asarray(k_per_group), dtype=torch.int64, device=x.device)
+    if len(kpg) != G:
+        raise ValueError(f"k_per_group has {len(kpg)} entries for {G} groups")
+    order, offsets = sort_by_group(groups, G)
+    sizes = offsets[1:] - offsets[:-1]
+    too_big = (kpg > sizes).nonzero().flatten().tolist()
+    if too_big:
+        g = too_big[0]
+        raise ValueError(f"k={int(kpg[g])} is larger than group {g}'s {int(sizes[g])} members")
+    kmax = max(1, int(kpg.max())) if G else 1
+    xs = x[order].contiguous()
+    if metric == "cosine":
+        xs = torch.nn.functional.normalize(xs.float(), dim=1)
+    gen = torch.Generator().manual_seed(int(seed))
+    cent = init.float().to(x.device).clone() if init is not None else ref.kmeans_plusplus(xs, offsets, kpg, kmax, gen)
+    gid = ref.group_ids(offsets)
+    valid_k = torch.arange(kmax, device=x.device).unsqueeze(0) < kpg.unsqueeze(1)
+    reseeded = 0
+    prev = None
+    it = 0
+    counts = torch.zeros(G, kmax, dtype=torch.int64, device=x.device)
+    for it in range(1, n_iter + 1):
+        assign, dist = backends.call("kmeans_assign", xs, offsets, cent, kpg, metric, backend=backend)
+        sums, counts = backends.call("kmeans_update", xs, offsets, assign, kmax, backend=backend)
+        new = sums / counts.clamp_min(1).unsqueeze(-1).float()
+        if metric == "cosine":
+            new = torch.nn.functional.normalize(new, dim=-1)
+        empty = (counts == 0) & valid_k
+        if bool(empty.any()):
+            new = torch.where(empty.unsqueeze(-1), cent, new)
+            reseeded += _reseed(xs, gid, dist, empty, new)
+        inertia = float(dist.double().sum())
+        shift = float(((new - cent) ** 2).sum())
+        cent = new
+        if not bool(empty.any()) and prev is not None and (shift <= tol * max(1.0, abs(inertia)) or prev == inertia):
+            break
+        prev = inertia
+    assign, dist = backends.call("kmeans_assign", xs, offsets, cent, kpg, metric, backend=backend)
+    sums, counts = backends.call("kmeans_update", xs, offsets, assign, kmax, backend=backend)
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(len(order), device=x.device)
+    return KMeansResult(cent, assign[inv], dist[inv], kpg, counts, it, float(dist.double().sum()), reseeded)
+
+
+def _reseed(xs, gid, dist, empty, cent) -> int:
+    """Move each empty cluster onto the farthest point of its group (one per cluster)."""
+    n = 0
+    d = dist.clone()
+    for g, j in empty.nonzero().tolist():
+        in_g = (gid == g)
+        if not bool(in_g.any()):
+            continue
+        cand = torch.where(in_g, d, torch.full_like(d, -1.0))
+        i = int(torch.argmax(cand))
+        cent[g, j] = xs[i].float()
+        d[i] = -1.0
+        n += 1
+    return n

@@ -1,0 +1,90 @@
+"""Built-in offline datasets: Fashion-MNIST from IDX files, scikit-learn's digits."""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .sources import ArraySource
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+_PREFIX = {"train": "train", "test": "t10k"}
+
+
+def _candidates(root: str | os.PathLike | None) -> list[Path]:
+    if root is not None:
+        r = Path(root)
+        # a torchvision FashionMNIST root keeps IDX files under FashionMNIST/raw
+        return [r, r / "FashionMNIST" / "raw", r / "raw"]
+    env = os.environ.get("SPURFAST_FASHION_MNIST")
+    out = [Path(env)] if env else []
+    return out + [Path(DEBIAN_DIR)]
+
+
+def _find_file(dirs: list[Path], stem: str) -> Path | None:
+    for d in dirs:
+        for name in (stem, stem + ".gz"):
+            if (d / name).is_file():
+                return d / name
+    return None
+
+
+def find_fashion_mnist(root=None) -> Path | None:
+    """Directory holding the Fashion-MNIST IDX files, or None."""
+    dirs = _candidates(root)
+    f = _find_file(dirs, "train-images-idx3-ubyte")
+    return f.parent if f else None
+
+
+def read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    if len(data) < 4:
+        raise ValueError(f"{path}: not an IDX file (only {len(data)} bytes)")
+    zero, dtype_code, ndim = data[0:2], data[2], data[3]
+    if zero != b"\x00\x00" or dtype_code != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {data[:4].hex()})")
+    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: expected {int(np.prod(dims))} values for shape {dims}, found {arr.size}")
+    return arr.reshape(dims)
+
+
+def load_fashion_mnist(split: str = "train", root=None) -> ArraySource:
+    """Fashion-MNIST as an ArraySource (1x28x28).  ``root``: a directory of IDX files
+    (plain or .gz) or a torchvision FashionMNIST root; default: $SPURFAST_FASHION_MNIST,
+    then Debian's dataset-fashion-mnist package."""
+    if split not in _PREFIX:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    dirs = _candidates(root)
+    img = _find_file(dirs, f"{_PREFIX[split]}-images-idx3-ubyte")
+    lab = _find_file(dirs, f"{_PREFIX[split]}-labels-idx1-ubyte")
+    if img is None or lab is None:
+        where = ", ".join(str(d) for d in dirs)
+        raise FileNotFoundError(
+            f"Fashion-MNIST {split} IDX files not found in {where}; install Debian's "
+            f"dataset-fashion-mnist or pass the directory holding them")
+    images, labels = read_idx(img), read_idx(lab)
+    if len(images) != len(labels):
+        raise ValueError(f"{img}: {len(images)} images but {lab}: {len(labels)} labels")
+    return ArraySource(images, labels, class_names=FASHION_CLASSES, name=f"fashion-mnist-{split}")
+
+
+def load_digits(size: int = 28) -> ArraySource:
+    """scikit-learn's 8x8 digits (1,797 images), upsampled to size x size in [0, 1]."""
+    from sklearn.datasets import load_digits as _sk
+
+    d = _sk()
+    x = torch.as_tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    if size != 8:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = x.clamp_(0.0, 1.0)
+    return ArraySource(x, d.target, class_names=[str(i) for i in range(10)], name="digits")

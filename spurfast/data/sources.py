@@ -1,0 +1,159 @@
+"""The one interface every pool or training set implements.
+
+An ImageSource has a length, ``source[i] -> (image, label)`` with image a float32
+(C, H, W) tensor in [0, 1] and label an int (-1 when unknown), ``item_id(i)`` a stable
+string id, and ``get_batch(indices)`` (override for speed).  Pool indices elsewhere in
+spurfast are positions in a source's enumeration order.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+class ImageSource:
+    image_shape: tuple[int, int, int]
+    class_names: list[str] | None = None
+    name: str = "source"
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        raise NotImplementedError
+
+    def item_id(self, i: int) -> str:
+        return f"{self.name}:{i}"
+
+    def labels(self) -> np.ndarray:
+        return np.array([self[i][1] for i in range(len(self))], dtype=np.int64)
+
+    def get_batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        items = [self[int(i)] for i in indices]
+        if not items:
+            return torch.zeros((0,) + tuple(self.image_shape)), torch.zeros(0, dtype=torch.int64)
+        return torch.stack([im for im, _ in items]), torch.tensor([lb for _, lb in items], dtype=torch.int64)
+
+
+def to_float_images(images) -> torch.Tensor:
+    """(N,H,W) or (N,C,H,W) uint8/float array -> float32 (N,C,H,W) in [0, 1]."""
+    t = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+    if t.dim() == 3:
+        t = t.unsqueeze(1)
+    if t.dim() != 4:
+        raise ValueError(f"images must be (N,H,W) or (N,C,H,W), got shape {tuple(t.shape)}")
+    if t.dtype == torch.uint8:
+        return t.float().div_(255.0)
+    t = t.float()
+    if t.numel() and (float(t.min()) < 0.0 or float(t.max()) > 1.0):
+        raise ValueError(f"float images must lie in [0, 1]; got range [{float(t.min()):.3g}, {float(t.max()):.3g}]")
+    return t
+
+
+class ArraySource(ImageSource):
+    """In-memory images (numpy array or tensor) with optional labels and ids."""
+
+    def __init__(self, images, labels=None, ids: Sequence[str] | None = None,
+                 class_names: Sequence[str] | None = None, name: str = "array"):
+        self.images = to_float_images(images).contiguous()
+        n = len(self.images)
+        if labels is None:
+            self._labels = np.full(n, -1, dtype=np.int64)
+        else:
+            self._labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+            if len(self._labels) != n:
+                raise ValueError(f"{name}: {len(self._labels)} labels for {n} images")
+        if ids is not None and len(ids) != n:
+            raise ValueError(f"{name}: {len(ids)} ids for {n} images")
+        if not np.isfinite(self.images.numpy()).all():
+            raise ValueError(f"{name}: images contain NaN or inf")
+        self.ids = list(ids) if ids is not None else None
+        self.class_names = list(class_names) if class_names is not None else None
+        self.name = name
+        self.image_shape = tuple(self.images.shape[1:])
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self._labels[i])
+
+    def item_id(self, i):
+        return self.ids[i] if self.ids is not None else f"{self.name}:{i}"
+
+    def labels(self):
+        return self._labels.copy()
+
+    def get_batch(self, indices):
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        return self.images[idx], torch.as_tensor(self._labels[idx.numpy()])
+
+
+class SubsetSource(ImageSource):
+    def __init__(self, base: ImageSource, indices: Sequence[int], name: str | None = None):
+        self.base = base
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.image_shape = base.image_shape
+        self.class_names = base.class_names
+        self.name = name or base.name
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.base[int(self.indices[i])]
+
+    def item_id(self, i):
+        return self.base.item_id(int(self.indices[i]))
+
+    def labels(self):
+        return self.base.labels()[self.indices]
+
+    def get_batch(self, indices):
+        return self.base.get_batch(self.indices[np.asarray(indices, dtype=np.int64)])
+
+
+class ConcatSource(ImageSource):
+    def __init__(self, parts: Sequence[ImageSource], name: str = "concat"):
+        if not parts:
+            raise ValueError("ConcatSource needs at least one part")
+        shapes = {tuple(p.image_shape) for p in parts}
+        if len(shapes) != 1:
+            raise ValueError(f"cannot concatenate sources of different image shapes {sorted(shapes)}")
+        self.parts = list(parts)
+        self.image_shape = parts[0].image_shape
+        self.class_names = parts[0].class_names
+        self.name = name
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def _locate(self, i):
+        p = int(np.searchsorted(self.starts, i, side="right") - 1)
+        return p, i - int(self.starts[p])
+
+    def __getitem__(self, i):
+        p, j = self._locate(int(i))
+        return self.parts[p][j]
+
+    def item_id(self, i):
+        p, j = self._locate(int(i))
+        return self.parts[p].item_id(j)
+
+    def labels(self):
+        return np.concatenate([p.labels() for p in self.parts])
+
+    def get_batch(self, indices):
+        indices = np.asarray(indices, dtype=np.int64)
+        parts = np.searchsorted(self.starts, indices, side="right") - 1
+        images = torch.zeros((len(indices),) + tuple(self.image_shape))
+        labels = torch.zeros(len(indices), dtype=torch.int64)
+        for p in np.unique(parts):
+            sel = np.nonzero(parts == p)[0]
+            im, lb = self.parts[p].get_batch(indices[sel] - self.starts[p])
+            images[torch.as_tensor(sel)] = im
+            labels[torch.as_tensor(sel)] = lb
+        return images, labels

@@ -1,0 +1,132 @@
+"""Classifiers: a small CNN for 28x28 images, torchvision's ResNet-18 for larger RGB.
+
+Every classifier spurfast uses gives logits and penultimate features
+(`classifier_outputs`).  User models load from TorchScript or from a state_dict plus a
+named architecture, always with ``weights_only=True`` unless the caller opts out.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ARCHITECTURES = ("small_cnn", "resnet18")
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, width: int = 32):
+        super().__init__()
+        self.arch = dict(name="small_cnn", in_channels=in_channels, num_classes=num_classes,
+                         image_size=image_size, width=width)
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(4) if image_size != 28 else nn.Identity()
+        hw = 7 if image_size == 28 else 4
+        self.fc1 = nn.Linear(2 * width * hw * hw, 128)
+        self.fc2 = nn.Linear(128, num_classes)
+
+    def features(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = self.pool(x).flatten(1)
+        return F.relu(self.fc1(x))
+
+    def forward(self, x):
+        return self.fc2(self.features(x))
+
+
+class ResNet18(nn.Module):
+    """torchvision ResNet-18 (random init: no weights are downloaded), with a 3x3 stem
+    for small images."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, image_size: int = 64):
+        super().__init__()
+        from torchvision.models import resnet18
+
+        self.arch = dict(name="resnet18", in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+        net = resnet18(weights=None, num_classes=num_classes)
+        if image_size < 128:
+            net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+            net.maxpool = nn.Identity()
+        elif in_channels != 3:
+            net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        self.net = net
+
+    def features(self, x):
+        n = self.net
+        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+        x = n.layer4(n.layer3(n.layer2(n.layer1(x))))
+        return torch.flatten(n.avgpool(x), 1)
+
+    def forward(self, x):
+        return self.net.fc(self.features(x))
+
+
+def build_classifier(arch: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    if arch == "small_cnn":
+        return SmallCNN(in_channels, num_classes, image_size)
+    if arch == "resnet18":
+        return ResNet18(in_channels, num_classes, image_size)
+    raise ValueError(f"unknown classifier architecture {arch!r}; expected one of {ARCHITECTURES}")
+
+
+def save_classifier(model: nn.Module, path) -> None:
+    torch.save({"arch": getattr(model, "arch", None), "state_dict": model.state_dict()}, path)
+
+
+def load_classifier(path, arch: str | None = None, in_channels: int | None = None,
+                    num_classes: int | None = None, image_size: int | None = None,
+                    weights_only: bool = True) -> nn.Module:
+    """Load a TorchScript file, a spurfast checkpoint, or a raw state_dict + ``arch``."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"classifier file {p} does not exist")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=weights_only)
+    except Exception as exc:
+        try:
+            m = torch.jit.load(str(p), map_location="cpu")
+            m.eval()
+            return m
+        except Exception:
+            raise ValueError(f"{p} is neither TorchScript nor a loadable state_dict "
+                             f"(weights_only={weights_only}): {exc}") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj.get("arch"), dict):
+        a = dict(obj["arch"])
+        model = build_classifier(a.pop("name"), a["in_channels"], a["num_classes"], a["image_size"])
+        model.load_state_dict(obj["state_dict"])
+    elif isinstance(obj, dict):
+        if arch is None or in_channels is None or num_classes is None or image_size is None:
+            raise ValueError(f"{p} is a bare state_dict: name its architecture ({ARCHITECTURES}), "
+                             f"in_channels, num_classes and image_size")
+        model = build_classifier(arch, in_channels, num_classes, image_size)
+        model.load_state_dict(obj)
+    else:
+        raise ValueError(f"{p} holds a {type(obj).__name__}, expected a state_dict or TorchScript")
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def classifier_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, penultimate features).  Models without ``features`` give logits as features."""
+    feats_fn = getattr(model, "features", None)
+    if feats_fn is not None and callable(feats_fn) and hasattr(model, "fc2"):
+        f = feats_fn(x)
+        return model.fc2(f), f
+    if isinstance(model, ResNet18):
+        f = model.features(x)
+        return model.net.fc(f), f
+    logits = model(x)
+    return logits, logits
+
+
+def check_output_width(model: nn.Module, image_shape, num_classes: int) -> None:
+    """Fail early when the model's output width does not match the number of classes."""
+    with torch.no_grad():
+        out = model(torch.zeros((1,) + tuple(image_shape)))
+    if out.dim() != 2 or out.shape[1] != num_classes:
+        raise ValueError(f"classifier outputs shape {tuple(out.shape)} for one image; expected (1, {num_classes}) "
+                         f"to match {num_classes} classes")

@@ -1,0 +1,123 @@
+"""The VAE: a plain encoder (conv + activation stack, then two linear heads) and a conv decoder.
+
+The encoder is deliberately this simple: `spurfast.kernels.encoder_triton` implements
+exactly this forward pass, and `spurfast.kernels.reference.encoder_forward` is its
+PyTorch ground truth.  Every conv is kernel 4, stride 2, padding 1 (halves H and W).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import backends
+from ..kernels import reference as ref
+
+KERNEL, STRIDE, PADDING = 4, 2, 1
+
+
+@dataclass
+class VAEConfig:
+    in_channels: int = 1
+    image_size: int = 28
+    channels: tuple[int, ...] = (32, 64)
+    latent_dim: int = 16
+    activation: str = "relu"
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+
+    def __post_init__(self):
+        self.channels = tuple(int(c) for c in self.channels)
+        self.mean = tuple(float(m) for m in self.mean)
+        self.std = tuple(float(s) for s in self.std)
+        if self.activation not in ref.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ref.ACTIVATIONS}, got {self.activation!r}")
+        if not 1 <= self.latent_dim <= 4096:
+            raise ValueError(f"latent_dim must be in [1, 4096], got {self.latent_dim}")
+        if self.image_size % (2 ** len(self.channels)):
+            raise ValueError(f"image_size {self.image_size} must be divisible by 2^{len(self.channels)} "
+                             f"for {len(self.channels)} stride-2 convs")
+
+    @property
+    def final_hw(self) -> int:
+        return self.image_size // 2 ** len(self.channels)
+
+    @property
+    def flat_dim(self) -> int:
+        return self.channels[-1] * self.final_hw ** 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def for_images(cls, channels: int, size: int, latent_dim: int = 16) -> "VAEConfig":
+        """The shipped encoders: 1x28x28 (two convs) and RGB 64x64 and up (four convs)."""
+        if size == 28:
+            return cls(channels, 28, (32, 64), latent_dim, mean=(0.5,) * channels, std=(0.5,) * channels)
+        n = 4 if size >= 64 else 2
+        widths = (32, 64, 128, 256)[:n]
+        return cls(channels, size, widths, latent_dim, mean=(0.5,) * channels, std=(0.5,) * channels)
+
+
+class VAE(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        convs, prev = [], c.in_channels
+        for w in c.channels:
+            convs.append(nn.Conv2d(prev, w, KERNEL, STRIDE, PADDING))
+            prev = w
+        self.convs = nn.ModuleList(convs)
+        self.fc_mu = nn.Linear(c.flat_dim, c.latent_dim)
+        self.fc_logvar = nn.Linear(c.flat_dim, c.latent_dim)
+        self.fc_dec = nn.Linear(c.latent_dim, c.flat_dim)
+        dec, rev = [], list(c.channels[::-1]) + [c.in_channels]
+        for a, b in zip(rev[:-1], rev[1:]):
+            dec.append(nn.ConvTranspose2d(a, b, KERNEL, STRIDE, PADDING))
+        self.deconvs = nn.ModuleList(dec)
+
+    # ---- encoder (the fused kernel's contract)
+    def encoder_params(self) -> dict:
+        c = self.config
+        return dict(
+            conv_weights=[m.weight for m in self.convs],
+            conv_biases=[m.bias for m in self.convs],
+            head_weight=torch.cat([self.fc_mu.weight, self.fc_logvar.weight], 0),
+            head_bias=torch.cat([self.fc_mu.bias, self.fc_logvar.bias], 0),
+            mean=c.mean, std=c.std, stride=STRIDE, padding=PADDING, activation_name=c.activation,
+        )
+
+    def _encode_train(self, x):
+        h = ref.normalise_input(x, self.config.mean, self.config.std)
+        for conv in self.convs:
+            h = ref.activation(conv(h), self.config.activation)
+        h = h.flatten(1)
+        return self.fc_mu(h), self.fc_logvar(h)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, backend: str | None = None):
+        """Inference encoder through the backend registry: returns fp32 (mu, logvar)."""
+        _, fn = backends.resolve("encoder", backend)
+        return fn(x, **self.encoder_params())
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        h = self.fc_dec(z).view(-1, c.channels[-1], c.final_hw, c.final_hw)
+        for i, d in enumerate(self.deconvs):
+            h = d(ref.activation(h, c.activation))
+        return torch.sigmoid(h)
+
+    def forward(self, x):
+        mu, logvar = self._encode_train(x)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
+        return self.decode(z), mu, logvar
+
+
+def vae_loss(recon, x, mu, logvar, beta: float = 1.0):
+    """Per-image BCE reconstruction (summed over pixels) + beta * KL, averaged over the batch."""
+    rec = F.binary_cross_entropy(recon, x.float(), reduction="sum") / len(x)
+    kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / len(x)
+    return rec + beta * kl, rec, kl
