@@ -1,0 +1,149 @@
+"""Training loops for the classifier and the VAE: seeded, with progress bars and
+per-epoch checkpoints that a rerun resumes from."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data.sources import ImageSource
+from .classifier import build_classifier, save_classifier
+from .vae import VAE, VAEConfig, vae_loss
+
+log = logging.getLogger("spurfast.train")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    return torch.Generator().manual_seed(seed)
+
+
+def _batches(source: ImageSource, batch_size: int, gen: torch.Generator, shuffle: bool = True):
+    n = len(source)
+    order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+    for s in range(0, n, batch_size):
+        idx = order[s:s + batch_size].numpy()
+        yield source.get_batch(idx)
+
+
+def _checkpoint(path: Path | None, state: dict) -> None:
+    if path is None:
+        return
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint
+
+
+def _resume(path: Path | None, model, opt) -> int:
+    if path is None or not path.exists():
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optim"])
+    torch.set_rng_state(state["rng"])
+    log.info("resumed %s at epoch %d", path, state["epoch"])
+    return int(state["epoch"])
+
+
+def train_classifier(source: ImageSource, num_classes: int, *, arch: str = "small_cnn", epochs: int = 3,
+                     batch_size: int = 128, lr: float = 2e-3, seed: int = 0, device: str = "cpu",
+                     checkpoint: str | Path | None = None, progress: bool = True):
+    """Train a classifier on ``source`` (labels required).  Returns the model in eval mode."""
+    labels = source.labels()
+    if (labels < 0).any():
+        raise ValueError(f"{source.name}: {int((labels < 0).sum())} training images have no label")
+    if labels.max() >= num_classes:
+        raise ValueError(f"{source.name}: label {int(labels.max())} >= num_classes={num_classes}")
+    gen = seed_everything(seed)
+    c, h, w = source.image_shape
+    model = build_classifier(arch, c, num_classes, h).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    ck = Path(checkpoint) if checkpoint else None
+    start = _resume(ck, model, opt)
+    for epoch in range(start, epochs):
+        model.train()
+        gen.manual_seed(seed * 1000 + epoch)
+        bar = tqdm(_batches(source, batch_size, gen), total=-(-len(source) // batch_size),
+                   desc=f"classifier epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        tot, correct, seen = 0.0, 0, 0
+        for x, y in bar:
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot += float(loss) * len(x)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(x)
+            bar.set_postfix(loss=f"{tot / seen:.3f}", acc=f"{correct / seen:.3f}")
+        log.info("classifier epoch %d: loss %.4f acc %.4f", epoch + 1, tot / max(seen, 1), correct / max(seen, 1))
+        _checkpoint(ck, {"model": model.state_dict(), "optim": opt.state_dict(), "epoch": epoch + 1,
+                         "rng": torch.get_rng_state()})
+    model.eval()
+    return model
+
+
+def train_vae(source: ImageSource, config: VAEConfig | None = None, *, epochs: int = 8, batch_size: int = 128,
+              lr: float = 1e-3, beta: float = 1.0, seed: int = 0, device: str = "cpu",
+              checkpoint: str | Path | None = None, progress: bool = True) -> VAE:
+    """Train the VAE on ``source`` (the pool).  Returns the model in eval mode."""
+    c, h, w = source.image_shape
+    if h != w:
+        raise ValueError(f"{source.name}: the VAE needs square images, got {h}x{w}")
+    config = config or VAEConfig.for_images(c, h)
+    if (config.in_channels, config.image_size) != (c, h):
+        raise ValueError(f"VAE config expects {config.in_channels}x{config.image_size}^2 images, "
+                         f"{source.name} has {c}x{h}x{w}")
+    gen = seed_everything(seed)
+    model = VAE(config).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    ck = Path(checkpoint) if checkpoint else None
+    start = _resume(ck, model, opt)
+    for epoch in range(start, epochs):
+        model.train()
+        gen.manual_seed(seed * 1000 + epoch)
+        bar = tqdm(_batches(source, batch_size, gen), total=-(-len(source) // batch_size),
+                   desc=f"VAE epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        tot, seen = 0.0, 0
+        for x, _ in bar:
+            x = x.to(device)
+            recon, mu, logvar = model(x)
+            loss, rec, kl = vae_loss(recon, x, mu, logvar, beta)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot += float(loss) * len(x)
+            seen += len(x)
+            bar.set_postfix(loss=f"{tot / seen:.2f}")
+        log.info("VAE epoch %d: loss %.3f", epoch + 1, tot / max(seen, 1))
+        _checkpoint(ck, {"model": model.state_dict(), "optim": opt.state_dict(), "epoch": epoch + 1,
+                         "rng": torch.get_rng_state()})
+    model.eval()
+    return model
+
+
+def save_vae(model: VAE, path) -> None:
+    torch.save({"config": json.dumps(model.config.to_dict()), "state_dict": model.state_dict()}, path)
+
+
+def load_vae(path, weights_only: bool = True) -> VAE:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"VAE file {p} does not exist")
+    obj = torch.load(p, map_location="cpu", weights_only=weights_only)
+    if not isinstance(obj, dict) or "config" not in obj or "state_dict" not in obj:
+        raise ValueError(f"{p} is not a spurfast VAE checkpoint (expected keys 'config' and 'state_dict')")
+    model = VAE(VAEConfig(**json.loads(obj["config"])))
+    model.load_state_dict(obj["state_dict"])
+    model.eval()
+    return model
+
+
+__all__ = ["train_classifier", "train_vae", "save_vae", "load_vae", "save_classifier", "seed_everything"]

@@ -1,0 +1,168 @@
+"""Plant known shortcut patterns (Yang, Chou & Chaudhuri 2022; SpuCoMNIST-style colour).
+
+Families: ``pixel``, ``patch3``, ``patch5``, ``noise`` (one fixed uniform-noise image
+added at a strength and clipped), ``bar`` (vertical bar) and ``background`` (background
+pixels recoloured).  Works for any image size and channel count; deterministic by seed;
+returns the ground truth (which items carry the pattern, and where it sits).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+FAMILIES = ("pixel", "patch3", "patch5", "noise", "bar", "background")
+POSITIONS = ("bottom_right", "bottom_left", "top_right", "top_left", "center", "random")
+_PATCH = {"pixel": 1, "patch3": 3, "patch5": 5}
+
+
+@dataclass
+class PatternSpec:
+    family: str = "patch3"
+    strength: float = 1.0            # noise amplitude; painted value for pixel/patch/bar
+    position: str = "bottom_right"   # pixel/patch/bar placement
+    margin: int = 1                  # pixels between a corner pattern and the border
+    color: tuple[float, ...] | None = None  # background colour per channel
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown pattern family {self.family!r}; expected one of {FAMILIES}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"unknown position {self.position!r}; expected one of {POSITIONS}")
+        if not 0.0 < float(self.strength) <= 1.0:
+            raise ValueError(f"pattern strength must be in (0, 1], got {self.strength}")
+        if self.color is not None:
+            self.color = tuple(float(c) for c in self.color)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def label(self) -> str:
+        return f"{self.family}@{self.strength:g}" if self.family == "noise" else self.family
+
+
+def _anchor(position: str, h: int, w: int, ph: int, pw: int, margin: int, rng: np.random.Generator):
+    m = margin
+    if position == "random":
+        return int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
+    top = {"top": m, "bottom": h - ph - m, "center": (h - ph) // 2}
+    left = {"left": m, "right": w - pw - m, "center": (w - pw) // 2}
+    if position == "center":
+        return top["center"], left["center"]
+    v, hpos = position.split("_")
+    return top[v], left[hpos]
+
+
+def fixed_mask(spec: PatternSpec, shape, rng=None) -> torch.Tensor:
+    """(H, W) bool mask of where the pattern is written (image-independent families)."""
+    c, h, w = shape
+    rng = rng or np.random.default_rng(spec.seed)
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    if spec.family == "noise":
+        mask[:] = True
+        return mask
+    if spec.family == "background":
+        raise ValueError("the background family's mask depends on each image")
+    if spec.family == "bar":
+        ph, pw = max(3, h // 2), max(1, w // 14)
+    else:
+        ph = pw = _PATCH[spec.family]
+    if ph + 2 * spec.margin > h or pw + 2 * spec.margin > w:
+        raise ValueError(f"a {spec.family} pattern ({ph}x{pw}, margin {spec.margin}) does not fit a {h}x{w} image")
+    t, l = _anchor(spec.position, h, w, ph, pw, spec.margin, rng)
+    mask[t:t + ph, l:l + pw] = True
+    return mask
+
+
+def noise_image(spec: PatternSpec, shape) -> torch.Tensor:
+    g = torch.Generator().manual_seed(int(spec.seed) + 7919)
+    return torch.rand(tuple(shape), generator=g)
+
+
+def apply_pattern(images: torch.Tensor, spec: PatternSpec, seed: int | None = None):
+    """Stamp ``spec`` onto float images (N, C, H, W) in [0, 1].
+
+    Returns (stamped copy, masks (N, H, W) bool of the pixels the pattern changed or owns).
+    ``seed`` drives per-image randomness (random positions); default spec.seed.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"images must be (N, C, H, W), got {tuple(images.shape)}")
+    x = images.clone().float()
+    n, c, h, w = x.shape
+    rng = np.random.default_rng(spec.seed if seed is None else seed)
+    masks = torch.zeros(n, h, w, dtype=torch.bool)
+    if n == 0:
+        return x, masks
+    if spec.family == "noise":
+        x = (x + spec.strength * noise_image(spec, (c, h, w)).unsqueeze(0)).clamp_(0.0, 1.0)
+        masks[:] = True
+    elif spec.family == "background":
+        color = spec.color or ((0.5,) if c == 1 else (0.9, 0.2, 0.2) + (0.5,) * (c - 3))
+        if len(color) != c:
+            raise ValueError(f"background colour has {len(color)} channels, images have {c}")
+        bg = x.amax(1) < 0.1
+        col = torch.tensor(color).view(1, c, 1, 1).expand_as(x)
+        x = torch.where(bg.unsqueeze(1), col, x)
+        masks = bg
+    else:
+        if spec.position == "random":
+            for i in range(n):
+                m = fixed_mask(spec, (c, h, w), rng)
+                x[i][:, m] = spec.strength
+                masks[i] = m
+        else:
+            m = fixed_mask(spec, (c, h, w), rng)
+            x[:, :, m] = spec.strength
+            masks[:] = m
+    return x, masks
+
+
+@dataclass
+class PlantTruth:
+    spec: PatternSpec
+    target_class: int
+    train_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    pool_carries: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    mask: np.ndarray | None = None  # (H, W) for fixed-position families
+
+    def to_dict(self) -> dict:
+        return {"pattern": self.spec.to_dict(), "target_class": int(self.target_class),
+                "n_poisoned": int(len(self.train_indices)),
+                "pool_fraction": float(self.pool_carries.mean()) if len(self.pool_carries) else 0.0,
+                "n_pool_carrying": int(self.pool_carries.sum())}
+
+
+def plant_training(images: torch.Tensor, labels, target_class: int, n: int | str,
+                   spec: PatternSpec, seed: int = 0):
+    """Stamp ``n`` (or "all") training images of ``target_class``.  Labels are unchanged.
+    Returns (images, planted indices)."""
+    labels = np.asarray(labels)
+    cand = np.nonzero(labels == target_class)[0]
+    if len(cand) == 0:
+        raise ValueError(f"no training images of target class {target_class}")
+    n = len(cand) if n == "all" else int(n)
+    if not 0 <= n <= len(cand):
+        raise ValueError(f"cannot poison n={n} images: class {target_class} has {len(cand)}")
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(cand, size=n, replace=False))
+    out = images.clone()
+    out[torch.as_tensor(chosen)] = apply_pattern(images[torch.as_tensor(chosen)], spec, seed=seed)[0]
+    return out, chosen
+
+
+def plant_pool(images: torch.Tensor, fraction: float, spec: PatternSpec, seed: int = 0):
+    """Stamp a ``fraction`` of the pool.  Returns (images, carries bool (N,))."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"pool fraction must be in [0, 1], got {fraction}")
+    n = len(images)
+    rng = np.random.default_rng(seed + 1)
+    chosen = np.sort(rng.choice(n, size=int(round(fraction * n)), replace=False))
+    carries = np.zeros(n, dtype=bool)
+    carries[chosen] = True
+    out = images.clone()
+    if len(chosen):
+        out[torch.as_tensor(chosen)] = apply_pattern(images[torch.as_tensor(chosen)], spec, seed=seed + 1)[0]
+    return out, carries
