@@ -4,9 +4,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from .preprocess import IMAGE_EXTENSIONS, PreprocessSpec, load_image
+from .preprocess import IMAGE_EXTENSIONS, PreprocessSpec, checked_load_uint8
 from .sources import ImageSource
 
 log = logging.getLogger("spurfast.data")
@@ -36,6 +37,27 @@ def list_folder(root: str | Path) -> tuple[list[str], list[int], list[str] | Non
     return [str(p) for p in files], [-1] * len(files), None
 
 
+def select_indices(n: int, *, start: int = 0, shard_id: int = 0, num_shards: int = 1,
+                   indices=None) -> np.ndarray:
+    """Pool indices one loader call streams, in order: ``indices`` if given, else
+    ``start..n-1``; then this shard's share, every ``num_shards``-th from ``shard_id``
+    (shards are disjoint and together cover the selection exactly once).  Both loaders
+    use this, so a torch and a DALI run shard identically."""
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    if not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id must be in [0, {num_shards}), got {shard_id}")
+    if indices is None:
+        if not 0 <= start <= n:
+            raise ValueError(f"start must be in [0, {n}], got {start}")
+        sel = np.arange(start, n, dtype=np.int64)
+    else:
+        sel = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if sel.size and (sel.min() < 0 or sel.max() >= n):
+            raise IndexError(f"indices must lie in [0, {n}); got range [{sel.min()}, {sel.max()}]")
+    return sel[shard_id::num_shards]
+
+
 class ImageFolderSource(ImageSource):
     """Lazily decoded image folder.  A file that fails to decode yields a zero image and
     is recorded in ``bad_files`` (index -> reason); loaders report it, runs go on."""
@@ -52,12 +74,12 @@ class ImageFolderSource(ImageSource):
         return len(self.paths)
 
     def load(self, i: int) -> tuple[torch.Tensor, bool]:
-        try:
-            return load_image(self.paths[i], self.spec), True
-        except Exception as exc:  # PIL raises many types for corrupt files
-            self.bad_files[i] = f"{exc.__class__.__name__}: {exc}"
-            log.warning("skipping unreadable image %s (%s)", self.paths[i], exc)
+        image, reason = checked_load_uint8(self.paths[i], self.spec)
+        if image is None:
+            self.bad_files[i] = reason
+            log.warning("skipping unreadable image %s (%s)", self.paths[i], reason)
             return torch.zeros(self.image_shape), False
+        return image.float().div_(255.0), True
 
     def __getitem__(self, i):
         return self.load(int(i))[0], int(self._labels[i])
@@ -66,5 +88,4 @@ class ImageFolderSource(ImageSource):
         return self.paths[i]
 
     def labels(self):
-        import numpy as np
         return np.asarray(self._labels, dtype=np.int64)

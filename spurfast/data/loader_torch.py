@@ -6,14 +6,19 @@ collate); folders go through a DataLoader with worker processes.
 """
 from __future__ import annotations
 
+import inspect
+import logging
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from .preprocess import PreprocessSpec, load_image
-from .sources import ArraySource, ImageSource
+from .folder import select_indices
+from .preprocess import PreprocessSpec, checked_load_uint8, output_dtype, uint8_to
+from .sources import ImageSource
+
+log = logging.getLogger("spurfast.data")
 
 
 @dataclass
@@ -33,25 +38,45 @@ class _FolderItems(torch.utils.data.Dataset):
 
     def __getitem__(self, j):
         i = int(self.indices[j])
-        try:
-            return i, load_image(self.paths[i], self.spec), True
-        except Exception:
-            return i, torch.zeros(self.spec.channels, self.spec.size, self.spec.size), False
+        image, reason = checked_load_uint8(self.paths[i], self.spec)
+        if image is None:
+            return i, torch.zeros(self.spec.channels, self.spec.size, self.spec.size, dtype=torch.uint8), False, reason
+        return i, image, True, ""
 
 
 def iter_folder_batches(paths, *, size: int, channels: int = 3, batch_size: int = 256,
                         start: int = 0, shard_id: int = 0, num_shards: int = 1,
-                        num_threads: int = 2, indices=None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Loader-op signature shared with the DALI loader: yields (indices, images, ok)."""
+                        num_threads: int = 2, indices=None, dtype=torch.float32,
+                        bad_files: dict | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Loader-op signature shared with the DALI loader: yields (indices, images, ok).
+
+    Streams ``select_indices(len(paths), start=, shard_id=, num_shards=, indices=)`` in
+    order, ``batch_size`` per batch (the last one may be smaller).  ``num_threads``
+    DataLoader worker processes (0 or 1: decode in this process).  ``dtype``: uint8
+    (0..255) or float32/float16/bfloat16 in [0, 1].  A bad file (see
+    ``preprocess.check_image_file``; anything PIL cannot decode) yields a zero image with
+    ok=False, and its reason goes into ``bad_files`` (pool index -> reason) when given."""
     spec = PreprocessSpec(size, channels)
-    if indices is None:
-        indices = np.arange(start, len(paths))[shard_id::num_shards]
-    ds = _FolderItems(paths, spec, np.asarray(indices, dtype=np.int64))
-    dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,
-                                     num_workers=num_threads if num_threads > 1 else 0,
-                                     persistent_workers=False)
-    for idx, images, ok in dl:
-        yield idx.long(), images, ok.bool()
+    dtype = output_dtype(dtype)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    sel = select_indices(len(paths), start=start, shard_id=shard_id, num_shards=num_shards, indices=indices)
+    if len(sel) == 0:
+        return
+    ds = _FolderItems(paths, spec, sel)
+    workers = num_threads if num_threads > 1 else 0
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                     persistent_workers=False,
+                                     prefetch_factor=4 if workers else None)
+    for idx, images, ok, reasons in dl:
+        ok = ok.bool()
+        if not bool(ok.all()):
+            for j in (~ok).nonzero().flatten().tolist():
+                i = int(idx[j])
+                log.warning("skipping unreadable image %s (%s)", paths[i], reasons[j])
+                if bad_files is not None:
+                    bad_files[i] = reasons[j]
+        yield idx.long(), uint8_to(images, dtype), ok
 
 
 def iter_batches(source: ImageSource, batch_size: int = 256, start: int = 0,
@@ -65,8 +90,12 @@ def iter_batches(source: ImageSource, batch_size: int = 256, start: int = 0,
         from .. import backends
         _, fn = backends.resolve("loader", backend)
         labels = source.labels()
+        extra = {}
+        if "bad_files" in inspect.signature(fn).parameters:
+            extra["bad_files"] = source.bad_files
         for idx, images, ok in fn(paths, size=source.spec.size, channels=source.spec.channels,
-                                  batch_size=batch_size, indices=idx_all, num_threads=max(1, num_workers)):
+                                  batch_size=batch_size, indices=idx_all, num_threads=max(1, num_workers),
+                                  **extra):
             for i in idx[~ok].tolist():
                 source.bad_files.setdefault(int(i), "could not be decoded")
             yield Batch(idx, images, torch.as_tensor(labels[idx.numpy()]), ok)

@@ -3,15 +3,52 @@
 decode -> RGB (or L for channels=1) -> resize the shorter side to ``size`` (bilinear,
 antialiased) -> centre crop size x size -> CHW float32 in [0, 1].  Mean/std
 normalisation is *not* done here: the VAE encoder fuses it into its first layer.
+
+Every number the two loaders must agree on is defined here once and used by both:
+
+* orientation: the EXIF orientation tag is honoured (DALI's decoder does so by default;
+  the PIL path applies it with :func:`PIL.ImageOps.exif_transpose`).
+* geometry (:func:`crop_geometry`): the shorter side becomes ``size``, the longer side
+  ``round_half_up(long * size / short)`` computed in integers; the crop offset is
+  ``(resized - size) // 2`` in each axis.  The scale per axis is ``source / resized``,
+  i.e. exactly what resizing the whole image to (nh, nw) and cropping gives.  The DALI
+  graph evaluates the same integer formulas per sample (``loader_dali._geometry``).
+* grey (channels=1): ITU-R 601-2 luma with PIL's fixed-point weights
+  ``(19595 R + 38470 G + 7471 B + 32768) >> 16`` applied to the decoded RGB image
+  (:data:`GRAY_WEIGHTS`), then resized.
+* quantisation: the resized image is rounded to uint8 before scaling to [0, 1], so the
+  uint8 output of either loader is the float output times 255.
+
+What cannot be made identical is bounded by tests/test_loader_parity.py: the JPEG
+decoders (both libjpeg-turbo, measured bit-identical on our test images) and the
+antialiased-bilinear resamplers (PIL renormalises the filter at image borders, DALI
+clamps), which differ by a few levels at border pixels of strongly downscaled images.
+
+Bad files: :func:`check_image_file` is the one cheap pre-decode check both loaders use
+(empty file, unreadable file, content that is neither JPEG nor PNG, a missing end
+marker); a file it calls "suspect" is then fully decoded by PIL to decide.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+# PIL's "L" conversion in fixed point: (19595 R + 38470 G + 7471 B + 0x8000) >> 16.
+GRAY_WEIGHTS = (19595, 38470, 7471)
+GRAY_SHIFT = 16
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_EOI = b"\xff\xd9"
+_PNG_IEND = b"IEND"
+# How far from the end of the file the end marker may sit (files with a little trailing
+# padding are common and valid); further away the file is only "suspect", not bad.
+_TAIL_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -20,32 +57,129 @@ class PreprocessSpec:
     channels: int = 3
 
     def __post_init__(self):
-        if self.size < 1:
-            raise ValueError(f"image size must be positive, got {self.size}")
+        if not isinstance(self.size, (int, np.integer)) or self.size < 1:
+            raise ValueError(f"image size must be a positive integer, got {self.size!r}")
         if self.channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+            raise ValueError(f"channels must be 1 or 3, got {self.channels!r}")
+
+
+def _round_div_half_up(num: int, den: int) -> int:
+    """round(num / den) with halves rounded up, in exact integer arithmetic."""
+    return (2 * num + den) // (2 * den)
 
 
 def resized_shape(h: int, w: int, size: int) -> tuple[int, int]:
-    """Shape after resizing the shorter side to ``size`` (rounded like torchvision)."""
+    """Shape after resizing the shorter side to ``size`` (long side rounded half up)."""
+    if h < 1 or w < 1:
+        raise ValueError(f"image shape must be positive, got {h}x{w}")
     if h <= w:
-        return size, max(size, int(round(w * size / h)))
-    return max(size, int(round(h * size / w))), size
+        return size, max(size, _round_div_half_up(w * size, h))
+    return max(size, _round_div_half_up(h * size, w)), size
 
 
-def load_image(path: str, spec: PreprocessSpec) -> torch.Tensor:
-    """Decode and preprocess one file; raises (OSError/ValueError) on a bad file."""
+def crop_geometry(h: int, w: int, size: int) -> tuple[int, int, int, int]:
+    """(nh, nw, top, left): resized shape and centre-crop offset in resized pixels."""
+    nh, nw = resized_shape(h, w, size)
+    return nh, nw, (nh - size) // 2, (nw - size) // 2
+
+
+def check_image_file(path: str) -> tuple[str, str]:
+    """Cheap pre-decode check of one file: ("ok" | "suspect" | "bad", detail).
+
+    "bad": unreadable, empty, or neither JPEG nor PNG content (whatever its name says).
+    "suspect": JPEG/PNG header but no end marker near the end (typically truncated);
+    a full decode decides.  Reads 16 bytes at the start and 1 KiB at the end."""
+    try:
+        size = os.stat(path).st_size
+        if size == 0:
+            return "bad", "empty file (0 bytes)"
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+            fh.seek(max(0, size - _TAIL_BYTES))
+            tail = fh.read(_TAIL_BYTES)
+    except OSError as exc:
+        return "bad", f"cannot read file: {exc.__class__.__name__}: {exc.strerror or exc}"
+    if head.startswith(_JPEG_MAGIC):
+        kind, complete = "JPEG", _JPEG_EOI in tail
+    elif head.startswith(_PNG_MAGIC):
+        kind, complete = "PNG", _PNG_IEND in tail
+    else:
+        return "bad", f"not a JPEG or PNG file (first bytes {head[:8].hex(' ')})"
+    if not complete:
+        return "suspect", f"{kind} without end marker (truncated?)"
+    return "ok", kind
+
+
+def _to_rgb_or_l(im, channels: int):
+    if channels == 3:
+        return im.convert("RGB")
+    if im.mode == "L":
+        return im
+    rgb = np.asarray(im.convert("RGB"), dtype=np.uint32)
+    wr, wg, wb = GRAY_WEIGHTS
+    gray = (rgb[..., 0] * wr + rgb[..., 1] * wg + rgb[..., 2] * wb + (1 << (GRAY_SHIFT - 1))) >> GRAY_SHIFT
     from PIL import Image
+    return Image.fromarray(gray.astype(np.uint8), mode="L")
+
+
+def load_image_uint8(path: str, spec: PreprocessSpec) -> torch.Tensor:
+    """Decode and preprocess one file to uint8 (C, size, size); raises on a bad file."""
+    from PIL import Image, ImageOps
 
     with Image.open(path) as im:
         im.load()
-        im = im.convert("L" if spec.channels == 1 else "RGB")
-        h, w = im.height, im.width
-        nh, nw = resized_shape(h, w, spec.size)
+        if im.getexif().get(0x0112, 1) not in (0, 1):  # EXIF orientation, as DALI applies it
+            im = ImageOps.exif_transpose(im)
+        im = _to_rgb_or_l(im, spec.channels)
+        nh, nw, top, left = crop_geometry(im.height, im.width, spec.size)
         im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
-        top, left = (nh - spec.size) // 2, (nw - spec.size) // 2
         im = im.crop((left, top, left + spec.size, top + spec.size))
         arr = np.asarray(im, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def load_image(path: str, spec: PreprocessSpec) -> torch.Tensor:
+    """Decode and preprocess one file to float32 (C, size, size) in [0, 1]; raises
+    (OSError/ValueError/...) on a bad file."""
+    return load_image_uint8(path, spec).float().div_(255.0)
+
+
+def describe_error(exc: BaseException) -> str:
+    return f"{exc.__class__.__name__}: {exc}"
+
+
+def checked_load_uint8(path: str, spec: PreprocessSpec) -> tuple[torch.Tensor | None, str]:
+    """The torch loader's per-file step: (uint8 image, "") or (None, reason)."""
+    verdict, detail = check_image_file(path)
+    if verdict == "bad":
+        return None, detail
+    try:
+        return load_image_uint8(path, spec), ""
+    except Exception as exc:  # PIL raises many exception types for corrupt files
+        return None, describe_error(exc)
+
+
+DTYPES = {"uint8": torch.uint8, "float32": torch.float32, "float16": torch.float16,
+          "bfloat16": torch.bfloat16}
+
+
+def output_dtype(dtype) -> torch.dtype:
+    """Accept a torch dtype or its name; uint8 means 0..255, floats mean [0, 1]."""
+    if isinstance(dtype, str):
+        key = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16",
+               "bf16": "bfloat16"}.get(dtype, dtype)
+        if key not in DTYPES:
+            raise ValueError(f"output dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        return DTYPES[key]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"output dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return dtype
+
+
+def uint8_to(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 0..255 -> ``dtype`` (uint8 unchanged; floats in [0, 1])."""
+    if dtype == torch.uint8:
+        return images
+    return images.to(torch.float32).div_(255.0).to(dtype)
