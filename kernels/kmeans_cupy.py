@@ -1,0 +1,344 @@
+"""CuPy launchers for the batched k-means / similarity CUDA kernels (``kernels/cuda``).
+
+Same signatures and semantics as the k-means section of ``spurfast.kernels.reference``:
+``kmeans_assign``, ``kmeans_update`` and ``cluster_similarity`` take and return torch CUDA
+tensors.  Inputs are shared with CuPy through DLPack (no copies; bf16 travels as an int16
+view since CuPy has no bfloat16) and every launch goes to torch's current stream, so the
+calls order correctly with the surrounding torch code and need no synchronisation.
+
+Modules: a prebuilt fatbin ``kernels/prebuilt/<source>_sm<cc>.fatbin`` (built by
+CMakeLists.txt, ``make kernels``) is loaded when one exists for this GPU's architecture
+(or a lower one of the same major version, which the driver runs binary-compatibly);
+otherwise the same source is compiled with NVRTC through ``cupy.RawModule``.  The
+variable ``SPURFAST_KMEANS_NVRTC=1`` forces NVRTC, ``SPURFAST_KMEANS_FATBIN_DIR`` adds a
+directory to search first.  cupy is imported lazily: importing this module never touches
+CUDA, and ``is_available()`` reports why the backend cannot run.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from pathlib import Path
+
+import torch
+
+from . import reference as ref
+
+log = logging.getLogger("spurfast.kernels.kmeans_cupy")
+
+CUDA_DIR = Path(__file__).resolve().parent / "cuda"
+PREBUILT_DIR = Path(__file__).resolve().parent / "prebuilt"
+SOURCES = ("kmeans_assign", "kmeans_update", "kmeans_similarity")
+DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+# Constants mirrored from the .cu files (launch shapes must match them).
+ASSIGN_THREADS = 256
+ASSIGN_SHAPES = ((16, 256), (32, 128), (64, 64))   # (TK, TP), the smallest TK >= kmax wins
+UPDATE_ROWS, UPDATE_BLOCK = 64, (32, 8, 1)
+SIM_WARPS, SIM_THREADS, SIM_MAXM = 8, 128, 32
+
+_lock = threading.Lock()
+_modules: dict[tuple[str, int], object] = {}   # (source, device index) -> cupy.RawModule
+_origin: dict[tuple[str, int], str] = {}
+
+
+def _cupy():
+    import cupy  # lazy: heavy, and absent on CPU-only installs
+
+    return cupy
+
+
+def is_available() -> tuple[bool, str]:
+    """(True, "") when CuPy is installed and sees a CUDA device, else (False, why)."""
+    try:
+        cupy = _cupy()
+    except Exception as exc:
+        return False, f"cupy is not installed or broken ({exc.__class__.__name__}: {exc})"
+    try:
+        if not cupy.cuda.is_available():
+            return False, "cupy is installed but sees no CUDA device (cupy.cuda.is_available() is False)"
+    except Exception as exc:
+        return False, f"cupy cannot query CUDA ({exc.__class__.__name__}: {exc})"
+    if not torch.cuda.is_available():
+        return False, "torch sees no CUDA device; the CuPy kernels take torch CUDA tensors"
+    return True, ""
+
+
+# ----------------------------------------------------------------------------- modules
+def source_text(name: str) -> str:
+    """The .cu source with its local #include pasted in (NVRTC gets no include path)."""
+    text = (CUDA_DIR / f"{name}.cu").read_text()
+
+    def paste(match):
+        return (CUDA_DIR / match.group(1)).read_text()
+
+    return re.sub(r'^#include "([^"]+)"\s*$', paste, text, flags=re.M)
+
+
+def _fatbin_dirs() -> list[Path]:
+    dirs = []
+    extra = os.environ.get("SPURFAST_KMEANS_FATBIN_DIR")
+    if extra:
+        dirs.append(Path(extra))
+    dirs.append(PREBUILT_DIR)
+    return dirs
+
+
+def find_fatbin(name: str, cc: int) -> Path | None:
+    """Prebuilt fatbin for compute capability ``cc`` (e.g. 90): exact, else the highest
+    lower minor of the same major (cubins are binary-compatible within a major)."""
+    best = None
+    for d in _fatbin_dirs():
+        for p in d.glob(f"{name}_sm*.fatbin"):
+            m = re.fullmatch(rf"{re.escape(name)}_sm(\d+)\.fatbin", p.name)
+            if not m:
+                continue
+            arch = int(m.group(1))
+            if arch // 10 == cc // 10 and arch <= cc and (best is None or arch > best[0]):
+                best = (arch, p)
+        if best is not None:
+            return best[1]
+    return None
+
+
+def _module(name: str, device_index: int):
+    key = (name, device_index)
+    mod = _modules.get(key)
+    if mod is not None:
+        return mod
+    with _lock:
+        if key in _modules:
+            return _modules[key]
+        cupy = _cupy()
+        with cupy.cuda.Device(device_index):
+            major, minor = torch.cuda.get_device_capability(device_index)
+            cc = 10 * major + minor
+            path = None if os.environ.get("SPURFAST_KMEANS_NVRTC") == "1" else find_fatbin(name, cc)
+            if path is not None:
+                try:
+                    mod = cupy.RawModule(path=str(path))
+                    _origin[key] = f"fatbin {path}"
+                except Exception as exc:  # a stale or foreign file: say so, compile instead
+                    log.warning("cannot load %s (%s); compiling %s.cu with NVRTC", path, exc, name)
+                    mod = None
+            if mod is None:
+                mod = cupy.RawModule(code=source_text(name), options=("-std=c++17",))
+                _origin[key] = "nvrtc"
+            log.info("k-means kernels %s on device %d: %s", name, device_index, _origin[key])
+            _modules[key] = mod
+        return mod
+
+
+def module_origin() -> dict[tuple[str, int], str]:
+    """Where each loaded module came from ("fatbin <path>" or "nvrtc")."""
+    return dict(_origin)
+
+
+def _fn(source: str, entry: str, device_index: int):
+    return _module(source, device_index).get_function(entry)
+
+
+# ----------------------------------------------------------------------------- helpers
+class _Launch:
+    """Context: the tensors' device and torch's current stream as CuPy's current stream."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        cupy = _cupy()
+        self.index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        self._dev = cupy.cuda.Device(self.index)
+        self._dev.__enter__()
+        stream = torch.cuda.current_stream(self.index)
+        self._stream = cupy.cuda.ExternalStream(stream.cuda_stream, self.index)
+        self._stream.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._stream.__exit__(*exc)
+        self._dev.__exit__(*exc)
+        return False
+
+
+def _cp(t: torch.Tensor):
+    """Zero-copy CuPy view of a contiguous torch CUDA tensor (bf16 as an int16 view)."""
+    cupy = _cupy()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return cupy.from_dlpack(t)
+
+
+def _i64(v) -> "object":
+    import numpy as np
+
+    return np.int64(int(v))
+
+
+def _check_x(x: torch.Tensor, name: str = "x") -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D torch tensor (N, d), got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not x.is_cuda:
+        raise ValueError(f"{name} is on {x.device}; the CuPy kernels need CUDA tensors (use backend='torch')")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"{name} has dtype {x.dtype}; expected one of {sorted(str(d) for d in DTYPES)}")
+    if x.shape[0] >= 2**31:
+        raise ValueError(f"{name} has {x.shape[0]} rows; the kernels index points with 32 bits (< 2**31)")
+    return x.contiguous()
+
+
+def _check_offsets(offsets: torch.Tensor, N: int, device, k_per_group=None, kmax: int = 0):
+    """offsets on ``device`` as int64, checked to run 0..N; k_per_group (if given) checked
+    to lie in [0, kmax].  One host synchronisation for all checks."""
+    if not isinstance(offsets, torch.Tensor) or offsets.dim() != 1 or len(offsets) < 1:
+        raise ValueError(f"offsets must be a 1-D tensor (G + 1,), got "
+                         f"{tuple(offsets.shape) if isinstance(offsets, torch.Tensor) else type(offsets).__name__}")
+    offsets = offsets.to(device=device, dtype=torch.int64).contiguous()
+    probe = [offsets[0], offsets[-1]]
+    if k_per_group is not None and len(k_per_group):
+        probe += [k_per_group.min(), k_per_group.max()]
+    vals = [int(v) for v in torch.stack(probe).tolist()]
+    if vals[0] != 0 or vals[1] != N:
+        raise ValueError(f"offsets must run from 0 to N={N}, got {vals[0]}..{vals[1]}")
+    if len(vals) == 4 and (vals[2] < 0 or vals[3] > kmax):
+        raise ValueError(f"k_per_group has values in [{vals[2]}, {vals[3]}]; expected [0, kmax={kmax}]")
+    return offsets
+
+
+def _prefix(counts: torch.Tensor) -> torch.Tensor:
+    """Exclusive prefix sum with the total appended: (len + 1,) int64 on the same device."""
+    out = torch.zeros(len(counts) + 1, dtype=torch.int64, device=counts.device)
+    torch.cumsum(counts, 0, out=out[1:])
+    return out
+
+
+def _segment_sort(offsets: torch.Tensor, assign: torch.Tensor, kmax: int, N: int):
+    """(perm, seg_first, counts) for segments s = group * kmax + cluster, stable order."""
+    G = len(offsets) - 1
+    sizes = offsets[1:] - offsets[:-1]
+    gid = torch.repeat_interleave(torch.arange(G, device=assign.device), sizes, output_size=N)
+    flat = gid * kmax + assign
+    _, perm = torch.sort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=G * kmax)
+    return gid, perm.contiguous(), _prefix(counts), counts
+
+
+def _check_assign(assign: torch.Tensor, N: int, kmax: int, device) -> torch.Tensor:
+    if assign.dim() != 1 or assign.shape[0] != N:
+        raise ValueError(f"assign must be (N,) = ({N},), got shape {tuple(assign.shape)}")
+    assign = assign.to(device=device, dtype=torch.int64).contiguous()
+    if N:
+        lo, hi = (int(v) for v in torch.aminmax(assign))
+        if lo < 0 or hi >= kmax:
+            raise ValueError(f"assign has values in [{lo}, {hi}]; expected cluster indices in [0, {kmax})")
+    return assign
+
+
+# ----------------------------------------------------------------------------- ops
+def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2"):
+    """See :func:`spurfast.kernels.reference.kmeans_assign`."""
+    if metric not in ("l2", "cosine"):
+        raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
+    x = _check_x(x)
+    N, d = x.shape
+    if centroids.dim() != 3 or centroids.shape[2] != d:
+        raise ValueError(f"centroids must be (G, kmax, d={d}), got shape {tuple(centroids.shape)}")
+    G, kmax, _ = centroids.shape
+    if len(offsets) != G + 1:
+        raise ValueError(f"offsets has {len(offsets)} entries; expected G + 1 = {G + 1}")
+    if len(k_per_group) != G:
+        raise ValueError(f"k_per_group has {len(k_per_group)} entries for {G} groups")
+    kpg = torch.as_tensor(k_per_group).to(device=x.device, dtype=torch.int64).contiguous()
+    offsets = _check_offsets(offsets, N, x.device, kpg, kmax)
+    assign = torch.zeros(N, dtype=torch.int64, device=x.device)
+    dist = torch.zeros(N, dtype=torch.float32, device=x.device)
+    if N == 0 or G == 0:
+        return assign, dist
+    c = centroids.to(device=x.device, dtype=torch.float32)
+    if metric == "cosine":
+        c = torch.nn.functional.normalize(c, dim=-1)
+        cterm = torch.zeros(G, kmax, dtype=torch.float32, device=x.device)
+    else:
+        cterm = (c * c).sum(-1)
+    c = c.contiguous()
+    cterm = cterm.contiguous()
+    tk, tp = next(((tk, tp) for tk, tp in ASSIGN_SHAPES if tk >= kmax), ASSIGN_SHAPES[-1])
+    sizes = offsets[1:] - offsets[:-1]
+    tile_first = _prefix(torch.div(sizes + (tp - 1), tp, rounding_mode="floor"))
+    grid = (N + tp - 1) // tp + G   # >= number of tiles; extra blocks return at once
+    with _Launch(x.device) as L:
+        fn = _fn("kmeans_assign", f"spurfast_assign_{DTYPES[x.dtype]}_{tp}x{tk}", L.index)
+        fn((grid,), (ASSIGN_THREADS,),
+           (_cp(x), _cp(c), _cp(cterm), _cp(offsets), _cp(kpg), _cp(tile_first), _cp(assign), _cp(dist),
+            _i64(G), _i64(kmax), _i64(d), _i64(metric == "cosine")))
+    return assign, dist
+
+
+def kmeans_update(x, offsets, assign, kmax: int, deterministic: bool = True):
+    """See :func:`spurfast.kernels.reference.kmeans_update`."""
+    x = _check_x(x)
+    N, d = x.shape
+    kmax = int(kmax)
+    if kmax < 1:
+        raise ValueError(f"kmax must be >= 1, got {kmax}")
+    offsets = _check_offsets(offsets, N, x.device)
+    G = len(offsets) - 1
+    S = G * kmax
+    assign = _check_assign(assign, N, kmax, x.device)
+    sums = torch.zeros(G, kmax, d, dtype=torch.float32, device=x.device)
+    if N == 0 or d == 0:
+        return sums, torch.zeros(G, kmax, dtype=torch.int64, device=x.device)
+    _, perm, seg_first, counts = _segment_sort(offsets, assign, kmax, N)
+    chunk_first = _prefix(torch.div(counts + (UPDATE_ROWS - 1), UPDATE_ROWS, rounding_mode="floor"))
+    nchunk_max = (N + UPDATE_ROWS - 1) // UPDATE_ROWS + min(S, N)
+    partial = torch.empty((nchunk_max if deterministic else 1), d, dtype=torch.float32, device=x.device)
+    with _Launch(x.device) as L:
+        fn = _fn("kmeans_update", f"spurfast_update_partial_{DTYPES[x.dtype]}", L.index)
+        fn((nchunk_max,), UPDATE_BLOCK,
+           (_cp(x), _cp(perm), _cp(seg_first), _cp(chunk_first), _cp(partial), _cp(sums),
+            _i64(S), _i64(d), _i64(bool(deterministic))))
+        if deterministic:
+            fin = _fn("kmeans_update", "spurfast_update_finalize", L.index)
+            total = S * d
+            fin(((total + 255) // 256,), (256,), (_cp(chunk_first), _cp(partial), _cp(sums), _i64(S), _i64(d)))
+    return sums, counts.view(G, kmax)
+
+
+def cluster_similarity(x, offsets, assign, centroids, k_per_group, m: int = 8):
+    """See :func:`spurfast.kernels.reference.cluster_similarity`."""
+    x = _check_x(x)
+    N, d = x.shape
+    if centroids.dim() != 3 or centroids.shape[2] != d:
+        raise ValueError(f"centroids must be (G, kmax, d={d}), got shape {tuple(centroids.shape)}")
+    G, kmax, _ = centroids.shape
+    m = int(m)
+    if m < 0:
+        raise ValueError(f"m (exemplars per cluster) must be >= 0, got {m}")
+    if m > SIM_MAXM:
+        log.info("cluster_similarity: m=%d > %d exemplars; using the torch reference", m, SIM_MAXM)
+        return ref.cluster_similarity(x, offsets, assign, centroids, k_per_group, m)
+    offsets = _check_offsets(offsets, N, x.device)
+    if len(offsets) != G + 1:
+        raise ValueError(f"offsets has {len(offsets)} entries; expected G + 1 = {G + 1}")
+    assign = _check_assign(assign, N, kmax, x.device)
+    S = G * kmax
+    cos = torch.zeros(N, dtype=torch.float32, device=x.device)
+    sq = torch.zeros(N, dtype=torch.float32, device=x.device)
+    exemplars = torch.full((G, kmax, m), -1, dtype=torch.int64, device=x.device)
+    mean_cos = torch.zeros(G, kmax, dtype=torch.float32, device=x.device)
+    mean_sq = torch.zeros(G, kmax, dtype=torch.float32, device=x.device)
+    if N == 0 or S == 0:
+        return cos, exemplars, mean_cos, mean_sq
+    c = centroids.to(device=x.device, dtype=torch.float32).contiguous()
+    gid, perm, seg_first, _ = _segment_sort(offsets, assign, kmax, N)
+    with _Launch(x.device) as L:
+        pt = _fn("kmeans_similarity", f"spurfast_sim_point_{DTYPES[x.dtype]}", L.index)
+        pt(((N + SIM_WARPS - 1) // SIM_WARPS,), (SIM_WARPS * 32,),
+           (_cp(x), _cp(c), _cp(gid.contiguous()), _cp(assign), _cp(cos), _cp(sq), _i64(N), _i64(kmax), _i64(d)))
+        cl = _fn("kmeans_similarity", "spurfast_sim_cluster", L.index)
+        cl((S,), (SIM_THREADS,),
+           (_cp(perm), _cp(seg_first), _cp(cos), _cp(sq), _cp(exemplars), _cp(mean_cos), _cp(mean_sq), _i64(m)))
+    return cos, exemplars, mean_cos, mean_sq
