@@ -1,0 +1,252 @@
+"""The fused Triton VAE encoder against the PyTorch reference (kernels/reference.py).
+
+On the CPU the kernels run under TRITON_INTERPRET=1 (set by conftest.py) in fp32 only:
+the interpreter's tl.dot is not trustworthy for bf16.  fp16/bf16 are checked on a GPU
+(tests marked ``gpu``).  Shapes are kept small (non-power-of-two channel counts) so the
+whole file stays quick on two cores; the shipped widths run once per architecture.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import TOLERANCES, assert_close
+from spurfast import backends
+from spurfast.kernels import reference as ref
+from spurfast.models.vae import VAE, VAEConfig, vae_loss
+
+et = pytest.importorskip("spurfast.kernels.encoder_triton")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _model(in_ch, size, channels, latent, activation="relu", mean=None, std=None, seed=0):
+    torch.manual_seed(seed)
+    cfg = VAEConfig(in_ch, size, tuple(channels), latent, activation=activation,
+                    mean=mean or (0.5,) * in_ch, std=std or (0.5,) * in_ch)
+    return VAE(cfg).to(DEV).eval()
+
+
+def _images(b, c, size, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, (b, c, size, size), generator=g, dtype=torch.uint8).to(DEV)
+    return torch.rand(b, c, size, size, generator=g).to(DEV).to(dtype)
+
+
+def _compare(model, x, eps=None, dtype=torch.float32, tag=""):
+    p = model.encoder_params()
+    with torch.no_grad():
+        want = ref.encoder_forward(x, **p, eps=eps)
+        got = et.encoder_forward(x, **p, eps=eps)
+    assert len(got) == len(want)
+    for name, g, w in zip(("mu", "logvar", "z"), got, want):
+        assert g.dtype == torch.float32, f"{name} must be fp32, got {g.dtype}"
+        assert_close(g, w, dtype, name=f"{tag}{name}")
+    return got
+
+
+# ------------------------------------------------------------------ fp32 vs reference
+ARCHS = {
+    # name: (in_channels, size, channels, latent, activation)
+    "mnist-shipped": (1, 28, (32, 64), 16, "relu"),
+    "mnist-odd": (1, 28, (5, 12), 8, "leaky_relu"),
+    "rgb64-odd": (3, 64, (5, 12, 9, 7), 24, "silu"),
+}
+
+
+@pytest.mark.parametrize("batch", [1, 7, 33])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_fp32_matches_reference(arch, batch):
+    c, s, ch, lat, act = ARCHS[arch]
+    m = _model(c, s, ch, lat, act, mean=(0.4, 0.5, 0.6)[:c], std=(0.2, 0.3, 0.25)[:c])
+    x = _images(batch, c, s)
+    mu, logvar = _compare(m, x, tag=f"{arch} B={batch} ")
+    assert mu.shape == (batch, lat) and logvar.shape == (batch, lat)
+    # the outputs are not degenerate (a kernel writing zeros would fail assert_close too,
+    # but make the point explicit: the reference output varies over the batch)
+    if batch > 1:
+        assert float(mu.std(0).mean()) > 1e-4
+
+
+def test_rgb64_shipped_widths():
+    cfg = VAEConfig.for_images(3, 64, 16)
+    assert cfg.channels == (32, 64, 128, 256)
+    torch.manual_seed(0)
+    m = VAE(cfg).to(DEV).eval()
+    _compare(m, _images(3, 3, 64), tag="rgb64-shipped ")
+
+
+@pytest.mark.parametrize("latent", [8, 512])
+def test_latent_sizes(latent):
+    m = _model(1, 28, (5, 12), latent)
+    x = _images(7, 1, 28)
+    eps = torch.randn(7, latent, generator=torch.Generator().manual_seed(3)).to(DEV)
+    mu, logvar, z = _compare(m, x, eps=eps, tag=f"L={latent} ")
+    assert mu.shape == (7, latent)
+
+
+def test_uint8_input():
+    m = _model(3, 64, (5, 12, 9, 7), 8, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    _compare(m, _images(7, 3, 64, torch.uint8), tag="uint8 ")
+
+
+def test_eps_gives_reparameterised_z():
+    m = _model(1, 28, (5, 12), 8)
+    x = _images(7, 1, 28)
+    eps = torch.randn(7, 8, generator=torch.Generator().manual_seed(5)).to(DEV)
+    mu, logvar, z = _compare(m, x, eps=eps, tag="eps ")
+    assert_close(z, mu + torch.exp(0.5 * logvar) * eps, name="z from the kernel's own mu/logvar")
+    # eps as a strided view and in another float dtype is read correctly
+    big = torch.randn(7, 16, generator=torch.Generator().manual_seed(6)).to(DEV)
+    _compare(m, x, eps=big[:, ::2], tag="strided eps ")
+
+
+def test_strided_and_channels_last_input():
+    m = _model(3, 64, (5, 12, 9, 7), 8)
+    base = _images(14, 3, 64)
+    _compare(m, base[::2], tag="batch-strided ")
+    _compare(m, base[:5].contiguous(memory_format=torch.channels_last), tag="channels_last ")
+
+
+def test_three_conv_rgb_and_general_kernel_geometry():
+    # a 3-conv encoder on 32x32 and a non-default stride/padding (3x3 kernel, stride 1, pad 1)
+    m = _model(3, 32, (6, 10, 20), 8)
+    _compare(m, _images(5, 3, 32), tag="rgb32 ")
+    torch.manual_seed(0)
+    w = [torch.randn(7, 2, 3, 3, device=DEV) * 0.3, torch.randn(5, 7, 3, 3, device=DEV) * 0.3]
+    b = [torch.randn(7, device=DEV) * 0.1, torch.randn(5, device=DEV) * 0.1]
+    hw = torch.randn(6, 5 * 9 * 9, device=DEV) * 0.05
+    hb = torch.randn(6, device=DEV) * 0.1
+    x = _images(4, 2, 9)
+    kw = dict(mean=(0.5, 0.4), std=(0.25, 0.5), stride=1, padding=1, activation_name="silu")
+    want = ref.encoder_forward(x, w, b, hw, hb, **kw)
+    got = et.encoder_forward(x, w, b, hw, hb, **kw)
+    for name, g, e in zip(("mu", "logvar"), got, want):
+        assert_close(g, e, name=f"stride-1 {name}")
+
+
+def test_empty_batch():
+    m = _model(1, 28, (5, 12), 8)
+    x = _images(0, 1, 28)
+    mu, logvar = et.encoder_forward(x, **m.encoder_params())
+    assert mu.shape == (0, 8) and logvar.shape == (0, 8) and mu.dtype == torch.float32
+
+
+# ------------------------------------------------------------------ trained weights
+def test_trained_checkpoint_roundtrip(tmp_path):
+    """Train a tiny VAE for a few steps, save the state_dict, reload it into a fresh model and
+    compare; also checks that the kernel's prepared-weight cache sees in-place updates."""
+    torch.manual_seed(0)
+    cfg = VAEConfig(1, 28, (5, 12), 8)
+    model = VAE(cfg).to(DEV)
+    data = _images(32, 1, 28)
+    x_probe = _images(7, 1, 28, seed=9)
+    # warm the weight cache with the untrained weights
+    before = et.encoder_forward(x_probe, **model.encoder_params())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(5):
+        recon, mu, logvar = model(data)
+        loss, _, _ = vae_loss(recon, data, mu, logvar)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    # the optimiser updated the weights in place: the cache must not serve stale ones
+    _compare(model, x_probe, tag="after training ")
+    path = tmp_path / "vae.pt"
+    torch.save(model.state_dict(), path)
+
+    fresh = VAE(cfg).to(DEV).eval()
+    fresh.load_state_dict(torch.load(path, weights_only=True, map_location=DEV))
+    got = _compare(fresh, x_probe, tag="checkpoint ")
+    # training moved the encoder: the checkpoint output differs from the untrained one
+    assert float((got[0] - before[0]).abs().max()) > 1e-3
+    # and load_state_dict into an already-used model (in-place copy_) is also seen
+    model2 = VAE(cfg).to(DEV).eval()
+    et.encoder_forward(x_probe, **model2.encoder_params())
+    model2.load_state_dict(torch.load(path, weights_only=True, map_location=DEV))
+    assert_close(et.encoder_forward(x_probe, **model2.encoder_params())[0], got[0], name="reloaded mu")
+
+
+# ------------------------------------------------------------------ registry / VAE.encode
+def test_vae_encode_backend_triton_matches_torch():
+    backends.clear_cache()
+    name, fn = backends.resolve("encoder", "triton")
+    assert name == "triton" and fn is et.encoder_forward
+    m = _model(1, 28, (5, 12), 8)
+    x = _images(7, 1, 28, torch.uint8)
+    got = m.encode(x, backend="triton")
+    want = m.encode(x, backend="torch")
+    for name, g, w in zip(("mu", "logvar"), got, want):
+        assert_close(g, w, name=f"VAE.encode {name}")
+
+
+def test_is_available(monkeypatch):
+    ok, why = et.is_available()
+    assert ok, why
+    monkeypatch.setattr(et, "_INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ok, why = et.is_available()
+    assert not ok and "TRITON_INTERPRET" in why
+
+
+# ------------------------------------------------------------------ bad input
+def _params():
+    return _model(1, 28, (5, 12), 8).encoder_params()
+
+
+@pytest.mark.parametrize("x, exc, pattern", [
+    (torch.rand(1, 28, 28), ValueError, r"\(B, C, H, W\).*\(1, 28, 28\)"),
+    (torch.rand(2, 3, 28, 28), ValueError, r"channel mismatch at conv layer 0.*C_in=1.*3"),
+    (torch.rand(2, 1, 32, 32), ValueError, r"flattened features 768"),
+    (torch.rand(2, 1, 27, 27), ValueError, r"27x27 at conv layer 0 is not divisible"),
+    (torch.rand(2, 1, 28, 28, dtype=torch.float64), TypeError, r"float64 is unsupported"),
+    (torch.zeros(2, 1, 28, 28, dtype=torch.int32), TypeError, r"int32 is unsupported"),
+])
+def test_bad_input_errors(x, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        et.encoder_forward(x.to(DEV), **_params())
+
+
+def test_bad_parameters_errors():
+    p = _params()
+    x = _images(2, 1, 28)
+    with pytest.raises(ValueError, match=r"eps must have shape \(B, L\) = \(2, 8\), got \(2, 9\)"):
+        et.encoder_forward(x, **p, eps=torch.zeros(2, 9, device=DEV))
+    with pytest.raises(ValueError, match=r"mean/std have 2/1 entries for an input with 1 channels"):
+        et.encoder_forward(x, **{**p, "mean": (0.1, 0.2)})
+    with pytest.raises(ValueError, match=r"unknown activation 'gelu'"):
+        et.encoder_forward(x, **{**p, "activation_name": "gelu"})
+    with pytest.raises(ValueError, match=r"head_weight must be \(2L, F\)"):
+        et.encoder_forward(x, **{**p, "head_weight": p["head_weight"][:15]})
+    with pytest.raises(ValueError, match=r"channel mismatch at conv layer 1"):
+        et.encoder_forward(x, **{**p, "conv_weights": [p["conv_weights"][0], p["conv_weights"][1][:, :4]]})
+
+
+# ------------------------------------------------------------------ GPU: fp16 / bf16
+GPU_ARCHS = [(1, 28, (32, 64), 16), (3, 64, (32, 64, 128, 256), 128), (3, 64, (24, 40, 72, 100), 512)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("arch", GPU_ARCHS, ids=lambda a: f"{a[0]}x{a[1]}-{'-'.join(map(str, a[2]))}-L{a[3]}")
+@pytest.mark.parametrize("batch", [1, 33, 300])
+def test_gpu_half_precision(arch, dtype, batch):
+    c, s, ch, lat = arch
+    m = _model(c, s, ch, lat)
+    x = _images(batch, c, s, dtype)
+    eps = torch.randn(batch, lat, device=DEV)
+    # the reference computes in fp32 from the same (already rounded) half input
+    _compare(m, x, eps=eps, dtype=dtype, tag=f"{dtype} ")
+    # uint8 images with half weights compute in the weights' dtype
+    _compare(m.to(dtype), _images(batch, c, s, torch.uint8), dtype=dtype, tag=f"uint8/{dtype} ")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 257, 1024])
+def test_gpu_fp32_autotuned(batch):
+    m = _model(3, 64, (32, 64, 128, 256), 64, "silu")
+    _compare(m, _images(batch, 3, 64), tag="gpu fp32 ")
+    _compare(m, _images(batch, 3, 64, torch.uint8), tag="gpu uint8 ")
