@@ -1,0 +1,342 @@
+"""The reference batched k-means (torch backend) against scikit-learn, brute force and a
+per-group loop; edge cases and bad input.  CPU only, well under a minute."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from spurfast import backends
+from spurfast.cluster import batched_kmeans, sort_by_group
+from spurfast.kernels import reference as ref
+from tests.helpers import assert_close, assert_equal_int
+
+
+# ----------------------------------------------------------------------------- helpers
+def blobs(n_per, k, d, seed, spread=0.05, scale=1.0):
+    """k well-separated blobs (centres on a scaled simplex-like random draw)."""
+    g = np.random.default_rng(seed)
+    centres = g.normal(size=(k, d)) * scale
+    # push centres apart so every blob is far from every other one
+    centres += 4.0 * np.eye(k, d) * scale if k <= d else 0.0
+    x = np.concatenate([centres[j] + spread * g.normal(size=(n_per, d)) for j in range(k)])
+    perm = g.permutation(len(x))
+    return x[perm].astype(np.float32), centres
+
+
+def csr(sizes):
+    off = torch.zeros(len(sizes) + 1, dtype=torch.int64)
+    off[1:] = torch.cumsum(torch.as_tensor(sizes, dtype=torch.int64), 0)
+    return off
+
+
+def brute_assign(x, offsets, cent, kpg, metric="l2"):
+    """float64 distances of each point to each valid centroid of its group (list per point)."""
+    x = x.double().numpy()
+    c = cent.double().numpy()
+    out = []
+    for g in range(len(offsets) - 1):
+        k = int(kpg[g])
+        for i in range(int(offsets[g]), int(offsets[g + 1])):
+            if metric == "l2":
+                D = ((x[i] - c[g, :k]) ** 2).sum(1)
+            else:
+                xn = x[i] / max(np.linalg.norm(x[i]), 1e-12)
+                cn = c[g, :k] / np.maximum(np.linalg.norm(c[g, :k], axis=1, keepdims=True), 1e-12)
+                D = 1.0 - cn @ xn
+            out.append(D)
+    return out
+
+
+def check_assign(assign, dist, D_list, tol=1e-4):
+    """Each point's chosen centroid is a nearest one (up to fp32 rounding) and the reported
+    distance matches; where the nearest is clear by more than tol the index must agree."""
+    a = assign.numpy()
+    dv = dist.double().numpy()
+    bad_choice, bad_dist = [], []
+    for i, D in enumerate(D_list):
+        best = D.min()
+        scale = 1.0 + abs(best)
+        if D[a[i]] > best + tol * scale:
+            bad_choice.append(i)
+        if abs(dv[i] - D[a[i]]) > tol * (1.0 + abs(D[a[i]])) * 10:
+            bad_dist.append(i)
+    assert not bad_choice, f"{len(bad_choice)} points not assigned to a nearest centroid, first {bad_choice[:5]}"
+    assert not bad_dist, f"{len(bad_dist)} distances off, first {bad_dist[:5]}"
+
+
+def random_groups(sizes, kmax, d, seed, k_rule=None):
+    g = torch.Generator().manual_seed(seed)
+    N = int(sum(sizes))
+    x = torch.randn(N, d, generator=g)
+    off = csr(sizes)
+    kpg = torch.tensor([min(kmax, s) if k_rule is None else k_rule(s) for s in sizes], dtype=torch.int64)
+    cent = torch.randn(len(sizes), kmax, d, generator=g)
+    return x, off, cent, kpg
+
+
+# ----------------------------------------------------------------------------- assign
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("sizes,kmax,d", [
+    ([3000], 17, 33),                 # one large group (chunked, unpadded path), odd d
+    ([2500, 1, 0, 40, 7, 2049], 9, 67),  # large + small + empty + one-point groups
+    ([5, 3, 0, 11], 4, 16),
+])
+def test_assign_matches_brute_force(metric, sizes, kmax, d):
+    x, off, cent, kpg = random_groups(sizes, kmax, d, seed=len(sizes) + d)
+    assign, dist = ref.kmeans_assign(x, off, cent, kpg, metric)
+    assert assign.dtype == torch.int64 and dist.dtype == torch.float32
+    assert assign.shape == (x.shape[0],) and dist.shape == (x.shape[0],)
+    gid = ref.group_ids(off)
+    assert bool((assign < kpg[gid]).all()) and bool((assign >= 0).all())
+    check_assign(assign, dist, brute_assign(x, off, cent, kpg, metric))
+
+
+def test_assign_thousand_groups_and_padding_masks_unused_centroids():
+    sizes = np.random.default_rng(3).integers(0, 25, size=1000)
+    sizes[:5] = [1, 0, 2, 24, 0]
+    x, off, cent, kpg = random_groups(sizes.tolist(), 6, 19, seed=5)
+    # unused padded rows sit on top of the points: a kernel that reads them would pick them
+    for g in range(len(sizes)):
+        k = int(kpg[g])
+        if k < 6 and sizes[g] > 0:
+            cent[g, k:] = x[int(off[g])]
+    assign, dist = ref.kmeans_assign(x, off, cent, kpg)
+    check_assign(assign, dist, brute_assign(x, off, cent, kpg))
+
+
+def test_assign_ties_go_to_lower_index():
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]] * 700)   # 2100 points: the large-group path
+    cent = torch.tensor([[[1.0, 1.0], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]])
+    for sizes in ([2100], [2100 - 6, 6]):
+        off = csr(sizes)
+        kpg = torch.tensor([4] * len(sizes))
+        c = cent.expand(len(sizes), 4, 2).contiguous()
+        assign, dist = ref.kmeans_assign(x, off, c, kpg)
+        exp = torch.tensor([2, 0, 0] * 700)
+        assert_equal_int(assign, exp, "assign with exact ties")
+        assert_close(dist, torch.tensor([0.0, 1.0, 1.0] * 700), name="dist with ties")
+
+
+def test_assign_empty_input_and_bad_metric():
+    off = torch.zeros(4, dtype=torch.int64)
+    a, d = ref.kmeans_assign(torch.zeros(0, 5), off, torch.zeros(3, 2, 5), torch.zeros(3, dtype=torch.int64))
+    assert a.shape == (0,) and d.shape == (0,)
+    with pytest.raises(ValueError, match="metric must be 'l2' or 'cosine', got 'manhattan'"):
+        ref.kmeans_assign(torch.zeros(3, 2), csr([3]), torch.zeros(1, 1, 2), torch.ones(1, dtype=torch.int64),
+                          "manhattan")
+    with pytest.raises(ValueError, match="offsets has 2 entries; expected G \\+ 1 = 3"):
+        ref.kmeans_assign(torch.zeros(3, 2), csr([3]), torch.zeros(2, 1, 2), torch.ones(2, dtype=torch.int64))
+
+
+# ----------------------------------------------------------------------------- update
+def test_update_matches_per_cluster_sums_and_reports_empty():
+    sizes = [5, 0, 130, 1]
+    x, off, _, _ = random_groups(sizes, 4, 21, seed=2)
+    assign = torch.tensor([0, 0, 2, 2, 2] + [i % 3 for i in range(130)] + [0])   # cluster 3 empty everywhere
+    for det in (True, False):
+        sums, counts = ref.kmeans_update(x, off, assign, 4, deterministic=det)
+        assert sums.shape == (4, 4, 21) and counts.shape == (4, 4) and counts.dtype == torch.int64
+        exp_s = torch.zeros(4, 4, 21, dtype=torch.float64)
+        exp_c = torch.zeros(4, 4, dtype=torch.int64)
+        gid = ref.group_ids(off)
+        for i in range(len(x)):
+            exp_s[gid[i], assign[i]] += x[i].double()
+            exp_c[gid[i], assign[i]] += 1
+        assert_equal_int(counts, exp_c, "counts")
+        assert_close(sums, exp_s, name="sums")
+        assert int(counts[:, 3].sum()) == 0 and int(counts[1].sum()) == 0
+
+
+def test_update_empty_input():
+    sums, counts = ref.kmeans_update(torch.zeros(0, 3), torch.zeros(3, dtype=torch.int64),
+                                     torch.zeros(0, dtype=torch.int64), 2)
+    assert sums.shape == (2, 2, 3) and counts.shape == (2, 2)
+    assert float(sums.abs().sum()) == 0 and int(counts.sum()) == 0
+
+
+# ----------------------------------------------------------------------------- similarity
+def brute_similarity(x, off, assign, cent, m):
+    G, kmax, d = cent.shape
+    xd, cd = x.double(), cent.double()
+    gid = ref.group_ids(off)
+    N = len(x)
+    cos = torch.zeros(N, dtype=torch.float64)
+    sq = torch.zeros(N, dtype=torch.float64)
+    members = {}
+    for i in range(N):
+        c = cd[gid[i], assign[i]]
+        cos[i] = float(xd[i] @ c) / (max(float(xd[i].norm()), 1e-12) * max(float(c.norm()), 1e-12))
+        sq[i] = float(((xd[i] - c) ** 2).sum())
+        members.setdefault((int(gid[i]), int(assign[i])), []).append(i)
+    ex = torch.full((G, kmax, m), -1, dtype=torch.int64)
+    mc = torch.zeros(G, kmax, dtype=torch.float64)
+    ms = torch.zeros(G, kmax, dtype=torch.float64)
+    for (g, j), idx in members.items():
+        ranked = sorted(idx, key=lambda i: (float(sq[i]), i))[:m]
+        ex[g, j, :len(ranked)] = torch.tensor(ranked)
+        mc[g, j] = cos[idx].mean()
+        ms[g, j] = sq[idx].mean()
+    return cos, ex, mc, ms
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_cluster_similarity_matches_brute_force(m):
+    sizes = [40, 0, 1, 17]
+    x, off, cent, kpg = random_groups(sizes, 5, 13, seed=7 + m)
+    assign, _ = ref.kmeans_assign(x, off, cent, kpg)
+    # duplicated points make equal distances: ties must go to the lower index
+    x[5] = x[3]
+    x[20] = x[3]
+    assign[5] = assign[3]
+    assign[20] = assign[3]
+    cos, ex, mc, ms = ref.cluster_similarity(x, off, assign, cent, kpg, m)
+    bc, bex, bmc, bms = brute_similarity(x, off, assign, cent, m)
+    assert_close(cos, bc, name="cos")
+    assert_equal_int(ex, bex, "exemplars")
+    assert_close(mc, bmc, name="mean_cos")
+    assert_close(ms, bms, name="mean_sqdist")
+    assert ex.dtype == torch.int64 and ex.shape == (4, 5, m)
+
+
+def test_cluster_similarity_empty_input():
+    cos, ex, mc, ms = ref.cluster_similarity(torch.zeros(0, 4), torch.zeros(3, dtype=torch.int64),
+                                             torch.zeros(0, dtype=torch.int64), torch.zeros(2, 3, 4),
+                                             torch.zeros(2, dtype=torch.int64), 4)
+    assert cos.shape == (0,) and ex.shape == (2, 3, 4) and bool((ex == -1).all())
+    assert float(mc.abs().sum()) == 0 and float(ms.abs().sum()) == 0
+
+
+# ----------------------------------------------------------------------------- Lloyd loop
+@pytest.mark.parametrize("k,d", [(5, 8), (12, 33)])
+def test_batched_kmeans_matches_sklearn_from_same_init(k, d):
+    from sklearn.cluster import KMeans
+
+    x_np, centres = blobs(60, k, d, seed=k)
+    # same initial centroids for both: a perturbed point of every blob
+    g = np.random.default_rng(1)
+    init = (centres + 0.3 * g.normal(size=centres.shape)).astype(np.float32)
+    km = KMeans(n_clusters=k, init=init, n_init=1, max_iter=100, tol=0.0, algorithm="lloyd").fit(x_np)
+    x = torch.from_numpy(x_np)
+    res = batched_kmeans(x, torch.zeros(len(x), dtype=torch.int64), [k], init=torch.from_numpy(init)[None],
+                         n_iter=100, tol=0.0, backend="torch")
+    assert_equal_int(res.assign, torch.from_numpy(km.labels_.astype(np.int64)), "assign vs sklearn")
+    assert abs(res.inertia - km.inertia_) <= 1e-5 * km.inertia_, (res.inertia, km.inertia_)
+    assert_close(res.centroids[0], torch.from_numpy(km.cluster_centers_), name="centroids vs sklearn")
+
+
+def test_batched_equals_per_group_loop():
+    rng = np.random.default_rng(11)
+    xs, gs, inits, ks = [], [], [], []
+    for g, (n, k) in enumerate([(150, 3), (1, 1), (0, 0), (90, 4), (2300, 5)]):
+        if n:
+            xg, cg = blobs(-(-n // max(k, 1)), max(k, 1), 10, seed=g, spread=0.1)
+            xg = xg[:n]
+            xs.append(xg)
+        gs.append(np.full(n, g))
+        ks.append(k)
+        ini = np.zeros((5, 10), np.float32)
+        if k:
+            ini[:k] = xg[rng.choice(len(xg), size=k, replace=False)]
+        inits.append(ini)
+    x = torch.from_numpy(np.concatenate(xs))
+    groups = torch.from_numpy(np.concatenate(gs)).long()
+    init = torch.from_numpy(np.stack(inits))
+    res = batched_kmeans(x, groups, ks, n_groups=5, init=init, n_iter=60, tol=0.0, backend="torch")
+    for g, k in enumerate(ks):
+        sel = (groups == g).nonzero().flatten()
+        if not k:
+            assert len(sel) == 0
+            continue
+        one = batched_kmeans(x[sel], torch.zeros(len(sel), dtype=torch.int64), [k], init=init[g:g + 1, :k],
+                             n_iter=60, tol=0.0, backend="torch")
+        assert_equal_int(res.assign[sel], one.assign, f"group {g} assign")
+        assert_close(res.centroids[g, :k], one.centroids[0], name=f"group {g} centroids")
+        assert_equal_int(res.counts[g, :k], one.counts[0], f"group {g} counts")
+
+
+def test_kmeans_plusplus_deterministic_by_seed():
+    x, off, _, kpg = random_groups([50, 0, 3, 200], 6, 7, seed=1, k_rule=lambda s: min(6, s))
+    a = ref.kmeans_plusplus(x, off, kpg, 6, torch.Generator().manual_seed(4))
+    b = ref.kmeans_plusplus(x, off, kpg, 6, torch.Generator().manual_seed(4))
+    c = ref.kmeans_plusplus(x, off, kpg, 6, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    # seeds are members of their own group, distinct, and unused rows stay zero
+    for g in range(4):
+        rows = x[int(off[g]):int(off[g + 1])]
+        for j in range(int(kpg[g])):
+            assert bool((rows == a[g, j]).all(1).any()), f"seed {j} of group {g} is not a member"
+        assert len({tuple(r.tolist()) for r in a[g, :int(kpg[g])]}) == int(kpg[g])
+        assert float(a[g, int(kpg[g]):].abs().sum()) == 0
+    r1 = batched_kmeans(x, ref.group_ids(off), kpg, seed=9, backend="torch")
+    r2 = batched_kmeans(x, ref.group_ids(off), kpg, seed=9, backend="torch")
+    assert torch.equal(r1.centroids, r2.centroids) and torch.equal(r1.assign, r2.assign)
+
+
+def test_empty_cluster_is_reseeded():
+    x_np, centres = blobs(40, 3, 6, seed=2)
+    init = centres.astype(np.float32).copy()
+    init = np.concatenate([init, np.full((1, 6), 1e3, np.float32)])   # a centroid nobody is near
+    res = batched_kmeans(torch.from_numpy(x_np), torch.zeros(len(x_np), dtype=torch.int64), [4],
+                         init=torch.from_numpy(init)[None], n_iter=30, backend="torch")
+    assert res.reseeded >= 1
+    assert int(res.counts.min()) >= 1, res.counts
+    assert float(res.centroids.abs().max()) < 100
+
+
+def test_cosine_metric_groups_by_direction():
+    g = np.random.default_rng(0)
+    dirs = np.eye(3, 8)
+    x = np.concatenate([dirs[j] * g.uniform(0.5, 20, size=(50, 1)) + 0.01 * g.normal(size=(50, 8))
+                        for j in range(3)]).astype(np.float32)
+    truth = np.repeat(np.arange(3), 50)
+    res = batched_kmeans(torch.from_numpy(x), torch.zeros(150, dtype=torch.int64), [3], metric="cosine",
+                         init=torch.from_numpy(dirs.astype(np.float32))[None], backend="torch")
+    assert_equal_int(res.assign, torch.from_numpy(truth), "cosine assign")
+    assert float(res.dist.max()) < 1e-2 and float(res.dist.min()) >= 0
+    xd = torch.from_numpy(x).double()
+    cos = torch.nn.functional.cosine_similarity(xd, res.centroids[0].double()[res.assign], dim=1)
+    assert_close(res.dist, 1 - cos, name="cosine dist")
+    # lengths do not matter for cosine, they dominate L2
+    l2 = batched_kmeans(torch.from_numpy(x), torch.zeros(150, dtype=torch.int64), [3],
+                        init=torch.from_numpy(dirs.astype(np.float32))[None], backend="torch")
+    assert not torch.equal(l2.assign, torch.from_numpy(truth))
+
+
+def test_thousand_groups_reaches_fixed_point():
+    rng = np.random.default_rng(4)
+    sizes = rng.integers(0, 30, size=1000)
+    groups = torch.from_numpy(np.repeat(np.arange(1000), sizes)).long()
+    x = torch.randn(int(sizes.sum()), 37, generator=torch.Generator().manual_seed(0))
+    kpg = np.minimum(4, sizes)
+    res = batched_kmeans(x, groups, kpg, n_groups=1000, n_iter=100, tol=0.0, backend="torch")
+    assert res.centroids.shape == (1000, 4, 37)
+    assert_equal_int(res.counts.sum(1), torch.from_numpy(sizes).long(), "members per group")
+    # fixed point: every point is at a nearest centroid of its group, centroids are member means
+    order, off = sort_by_group(groups, 1000)
+    check_assign(res.assign[order], res.dist[order], brute_assign(x[order], off, res.centroids, res.k_per_group))
+    sums, counts = ref.kmeans_update(x[order], off, res.assign[order], 4)
+    nz = counts > 0
+    assert_close((sums / counts.clamp_min(1).unsqueeze(-1))[nz], res.centroids[nz], name="centroid = mean")
+
+
+def test_one_point_group_and_bad_inputs():
+    x = torch.randn(5, 3)
+    res = batched_kmeans(x, torch.tensor([0, 1, 1, 1, 1]), [1, 2], backend="torch")
+    assert int(res.assign[0]) == 0 and float(res.dist[0]) == 0.0
+    assert_close(res.centroids[0, 0], x[0], name="one-point centroid")
+    with pytest.raises(ValueError, match="k=3 is larger than group 0's 1 members"):
+        batched_kmeans(x, torch.tensor([0, 1, 1, 1, 1]), [3, 2], backend="torch")
+    bad = x.clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        batched_kmeans(bad, torch.zeros(5, dtype=torch.int64), [2], backend="torch")
+    with pytest.raises(ValueError, match="k_per_group has 1 entries for 2 groups"):
+        batched_kmeans(x, torch.tensor([0, 1, 1, 1, 1]), [1], backend="torch")
+
+
+def test_registry_names_torch_reference_for_kmeans_ops():
+    for op in ("kmeans_assign", "kmeans_update", "cluster_similarity"):
+        name, fn = backends.resolve(op, "torch")
+        assert name == "torch" and fn is getattr(ref, op)
