@@ -1,0 +1,224 @@
+"""Bad and unusual image files, for both folder loaders, and folder-layout errors.
+
+Bad (must be flagged, zero image, listed with a reason; the run goes on): a truncated
+JPEG, a zero-byte .jpg, a text file named .jpg, a truncated PNG.  Unusual but good (must
+decode): grayscale JPEG, CMYK JPEG, PNG with alpha, a JPEG with trailing bytes after its
+end marker.  The DALI recovery path (a file that gets past the pre-check) is tested by
+switching the pre-check off, and the probe path by hiding the file name in DALI's error.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from spurfast.data import folder as folder_mod
+from spurfast.data import loader_torch
+from spurfast.data.folder import ImageFolderSource, list_folder
+from spurfast.data.preprocess import check_image_file
+
+try:
+    import nvidia.dali  # noqa: F401
+    from spurfast.data import loader_dali
+    HAS_DALI = True
+except Exception:  # pragma: no cover - depends on the install
+    HAS_DALI = False
+
+needs_dali = pytest.mark.skipif(not HAS_DALI, reason="nvidia.dali is not importable")
+SIZE = 32
+
+
+def _picture(seed, h=60, w=80):
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 255 // w, y * 255 // h, np.full_like(x, 40 * (seed % 6))], -1)
+    return np.clip(base + rng.integers(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def _jpeg_bytes(arr, **kw):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bad_folder(tmp_path_factory):
+    """(paths, bad names) in a flat folder; names sort in the order written here."""
+    root = tmp_path_factory.mktemp("bad")
+    good_jpeg = _jpeg_bytes(_picture(0))
+    files = {}
+    for k in range(6):
+        files[f"a{k}_good.jpg"] = _jpeg_bytes(_picture(k + 1))
+    files["b_truncated.jpg"] = good_jpeg[: len(good_jpeg) // 2]
+    files["c_zero.jpg"] = b""
+    files["d_text.jpg"] = b"this is not an image, just text with a .jpg name\n" * 3
+    png = io.BytesIO()
+    Image.fromarray(_picture(9)).save(png, format="PNG")
+    files["e_truncated.png"] = png.getvalue()[: len(png.getvalue()) // 2]
+    gray = io.BytesIO()
+    Image.fromarray(_picture(10)[:, :, 0], mode="L").save(gray, format="JPEG", quality=90)
+    files["f_gray.jpg"] = gray.getvalue()
+    cmyk = io.BytesIO()
+    Image.fromarray(_picture(11)).convert("CMYK").save(cmyk, format="JPEG", quality=90)
+    files["g_cmyk.jpg"] = cmyk.getvalue()
+    rgba = io.BytesIO()
+    a = np.dstack([_picture(12), np.linspace(0, 255, 80, dtype=np.uint8)[None, :].repeat(60, 0)])
+    Image.fromarray(a, mode="RGBA").save(rgba, format="PNG")
+    files["h_alpha.png"] = rgba.getvalue()
+    files["i_trailing.jpg"] = _jpeg_bytes(_picture(13)) + b"\0" * 3000  # junk after EOI: still valid
+    for k in range(5):
+        files[f"j{k}_good.png"] = png.getvalue() if k == 0 else _png_bytes(_picture(20 + k))
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    paths, labels, classes = list_folder(root)
+    assert [p.rsplit("/", 1)[1] for p in paths] == sorted(files)
+    bad = {"b_truncated.jpg", "c_zero.jpg", "d_text.jpg", "e_truncated.png"}
+    return paths, bad
+
+
+def _png_bytes(arr):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _loaders():
+    out = [pytest.param("torch", id="torch")]
+    out.append(pytest.param("dali", id="dali", marks=needs_dali))
+    return out
+
+
+def _run(which, paths, **kw):
+    mod = loader_torch if which == "torch" else loader_dali
+    extra = {"device": "cpu"} if which == "dali" else {}
+    bad = {}
+    batches = list(mod.iter_folder_batches(paths, size=SIZE, batch_size=5, num_threads=2,
+                                           bad_files=bad, **extra, **kw))
+    idx = torch.cat([b[0] for b in batches])
+    images = torch.cat([b[1] for b in batches])
+    ok = torch.cat([b[2] for b in batches])
+    return idx, images, ok, bad
+
+
+def _check_outcome(paths, expected_bad, idx, images, ok, bad):
+    names = [p.rsplit("/", 1)[1] for p in paths]
+    assert idx.tolist() == list(range(len(paths))), "every file, in pool order, exactly once"
+    flagged = {names[i] for i in range(len(paths)) if not ok[i]}
+    assert flagged == expected_bad
+    assert {names[i] for i in bad} == expected_bad
+    assert all(isinstance(r, str) and r for r in bad.values())
+    for i in range(len(paths)):
+        if ok[i]:
+            assert float(images[i].max()) > 0.05, f"{names[i]} decoded to a (near) black image"
+        else:
+            assert float(images[i].abs().max()) == 0.0
+    gray = images[names.index("f_gray.jpg")]
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2]), "grayscale -> equal RGB channels"
+
+
+@pytest.mark.parametrize("which", _loaders())
+def test_bad_files_flagged_and_good_files_processed(bad_folder, which, capsys):
+    paths, expected_bad = bad_folder
+    idx, images, ok, bad = _run(which, paths)
+    _check_outcome(paths, expected_bad, idx, images, ok, bad)
+    print(f"[{which}] bad files: " + "; ".join(f"{paths[i].rsplit('/', 1)[1]}: {r}" for i, r in sorted(bad.items())))
+
+
+@needs_dali
+def test_dali_and_torch_agree_on_unusual_good_files(bad_folder):
+    """CMYK, alpha, grey and trailing-bytes files: same pixels up to the parity bound."""
+    paths, _ = bad_folder
+    _, t_img, t_ok, _ = _run("torch", paths)
+    _, d_img, d_ok, _ = _run("dali", paths)
+    assert torch.equal(t_ok, d_ok)
+    names = [p.rsplit("/", 1)[1] for p in paths]
+    for name in ("f_gray.jpg", "g_cmyk.jpg", "h_alpha.png", "i_trailing.jpg"):
+        i = names.index(name)
+        err = (t_img[i] - d_img[i]).abs()
+        print(f"{name}: max {float(err.max()):.4f} mean {float(err.mean()):.5f}")
+        assert float(err.max()) <= 12 / 255 and float(err.mean()) <= 1 / 255, name
+
+
+@needs_dali
+def test_dali_recovers_when_bad_files_get_past_the_precheck(bad_folder, monkeypatch):
+    """No pre-check: each bad file kills a pipeline; the loader must name it from DALI's
+    error (or probe), rebuild, and still deliver every good file."""
+    paths, expected_bad = bad_folder
+    monkeypatch.setattr(loader_dali, "_precheck", lambda *a, **k: {})
+    idx, images, ok, bad = _run("dali", paths, chunk_batches=2)
+    _check_outcome(paths, expected_bad, idx, images, ok, bad)
+    _, ref, _, _ = _run("dali", paths)
+    assert torch.equal(images, ref), "recovered run must give the same pixels as the pre-checked run"
+
+
+@needs_dali
+def test_dali_probe_finds_bad_files_without_names_in_the_error(bad_folder, monkeypatch):
+    paths, expected_bad = bad_folder
+    monkeypatch.setattr(loader_dali, "_precheck", lambda *a, **k: {})
+    monkeypatch.setattr(loader_dali, "_named_in_error", lambda *a, **k: {})
+    idx, images, ok, bad = _run("dali", paths)
+    _check_outcome(paths, expected_bad, idx, images, ok, bad)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs_dali)])
+def test_iter_batches_records_bad_files_on_the_source(bad_folder, backend):
+    paths, expected_bad = bad_folder
+    root = paths[0].rsplit("/", 1)[0]
+    src = ImageFolderSource(root, size=SIZE)
+    n = 0
+    for b in loader_torch.iter_batches(src, batch_size=7, backend=backend):
+        n += len(b.indices)
+        assert b.labels.tolist() == [-1] * len(b.indices)
+    assert n == len(paths)
+    assert {paths[i].rsplit("/", 1)[1] for i in src.bad_files} == expected_bad
+    assert all("could not be decoded" != r for r in src.bad_files.values()), "reasons are specific"
+
+
+def test_check_image_file_verdicts(bad_folder):
+    paths, _ = bad_folder
+    by = {p.rsplit("/", 1)[1]: p for p in paths}
+    assert check_image_file(by["c_zero.jpg"])[0] == "bad"
+    assert check_image_file(by["d_text.jpg"])[0] == "bad"
+    assert check_image_file(by["b_truncated.jpg"])[0] == "suspect"
+    assert check_image_file(by["e_truncated.png"])[0] == "suspect"
+    assert check_image_file(by["i_trailing.jpg"])[0] == "suspect"
+    assert check_image_file(by["a0_good.jpg"]) == ("ok", "JPEG")
+    assert check_image_file(by["h_alpha.png"]) == ("ok", "PNG")
+    verdict, reason = check_image_file(by["a0_good.jpg"] + ".missing")
+    assert verdict == "bad" and "cannot read" in reason
+
+
+def test_list_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        list_folder(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        list_folder(tmp_path / "empty")
+    f = tmp_path / "file.jpg"
+    f.write_bytes(_jpeg_bytes(_picture(1)))
+    with pytest.raises(NotADirectoryError, match="file.jpg"):
+        list_folder(f)
+    classes = tmp_path / "classes"
+    (classes / "cat").mkdir(parents=True)
+    (classes / "dog").mkdir()
+    (classes / "cat" / "1.jpg").write_bytes(_jpeg_bytes(_picture(2)))
+    (classes / "dog" / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="dog.*holds no images"):
+        list_folder(classes)
+    (classes / "dog" / "2.png").write_bytes(_png_bytes(_picture(3)))
+    paths, labels, names = list_folder(classes)
+    assert names == ["cat", "dog"] and labels == [0, 1]
+
+
+def test_select_indices_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="shard_id"):
+        folder_mod.select_indices(10, shard_id=3, num_shards=3)
+    with pytest.raises(ValueError, match="num_shards"):
+        folder_mod.select_indices(10, num_shards=0)
+    with pytest.raises(IndexError, match="indices"):
+        folder_mod.select_indices(10, indices=[3, 10])
+    with pytest.raises(ValueError, match="start"):
+        folder_mod.select_indices(10, start=11)

@@ -1,0 +1,165 @@
+"""DALI folder loader (CPU pipeline): pool-index alignment, partial last batch, start /
+indices / sharding, dtypes, grey, multi-pipeline chunking, registry wiring."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("nvidia.dali", reason="nvidia.dali is not importable")
+
+from spurfast import backends  # noqa: E402
+from spurfast.data import loader_dali, loader_torch  # noqa: E402
+from spurfast.data.folder import ImageFolderSource, list_folder  # noqa: E402
+
+N = 23
+SIZE = 16
+
+
+def _colour(i):
+    """A colour that encodes index i (distinct, far apart in every channel)."""
+    return np.array([(i * 11) % 256, (i * 37 + 60) % 256, 250 - i * 10], dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def coded_folder(tmp_path_factory):
+    """N flat-colour images (PNG, lossless) of varied shapes: file i has colour _colour(i),
+    so after any resize the pixels still say which file a sample came from."""
+    root = tmp_path_factory.mktemp("coded")
+    shapes = [(20, 30), (30, 20), (16, 16), (17, 41), (50, 19)]
+    for i in range(N):
+        h, w = shapes[i % len(shapes)]
+        Image.fromarray(np.broadcast_to(_colour(i), (h, w, 3)).copy()).save(root / f"{i:03d}.png")
+    paths, _, _ = list_folder(root)
+    return paths
+
+
+def _decode_index(images_u8: torch.Tensor) -> list[int]:
+    table = np.stack([_colour(i) for i in range(N)]).astype(int)
+    centre = images_u8[:, :, SIZE // 2, SIZE // 2].numpy().astype(int)
+    return [int(np.abs(table - c).sum(1).argmin()) for c in centre]
+
+
+def _all(it):
+    batches = list(it)
+    return batches, torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+def _dali(paths, **kw):
+    kw.setdefault("size", SIZE)
+    kw.setdefault("device", "cpu")
+    return loader_dali.iter_folder_batches(paths, **kw)
+
+
+def test_indices_align_with_pixels_and_last_batch_is_partial(coded_folder):
+    batches, idx, images = _all(_dali(coded_folder, batch_size=5, dtype=torch.uint8))
+    assert [len(b[0]) for b in batches] == [5, 5, 5, 5, 3], "last batch partial, nothing padded or dropped"
+    assert idx.dtype == torch.int64 and idx.tolist() == list(range(N))
+    assert images.shape == (N, 3, SIZE, SIZE) and images.dtype == torch.uint8
+    assert _decode_index(images) == idx.tolist(), "each sample's pixels belong to its pool index"
+    assert all(bool(b[2].all()) and b[2].dtype == torch.bool for b in batches)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 23, 64])
+def test_batch_sizes_cover_everything_once(coded_folder, batch_size):
+    batches, idx, images = _all(_dali(coded_folder, batch_size=batch_size, dtype=torch.uint8))
+    assert idx.tolist() == list(range(N))
+    assert [len(b[0]) for b in batches][:-1] == [batch_size] * (len(batches) - 1)
+    assert _decode_index(images) == idx.tolist()
+
+
+def test_start_and_explicit_indices(coded_folder):
+    _, idx, images = _all(_dali(coded_folder, batch_size=4, start=9, dtype=torch.uint8))
+    assert idx.tolist() == list(range(9, N)) and _decode_index(images) == idx.tolist()
+    order = [17, 3, 4, 22, 0]
+    _, idx, images = _all(_dali(coded_folder, batch_size=2, indices=order, dtype=torch.uint8))
+    assert idx.tolist() == order and _decode_index(images) == order
+    with pytest.raises(ValueError, match="repeat"):
+        list(_dali(coded_folder, indices=[1, 1]))
+    assert list(_dali(coded_folder, start=N)) == []
+
+
+@pytest.mark.parametrize("num_shards", [2, 3, 5])
+def test_shards_are_disjoint_and_cover_everything_once(coded_folder, num_shards):
+    seen = []
+    for shard in range(num_shards):
+        _, idx, images = _all(_dali(coded_folder, batch_size=3, shard_id=shard, num_shards=num_shards,
+                                    dtype=torch.uint8))
+        assert _decode_index(images) == idx.tolist()
+        t_idx = torch.cat([b[0] for b in loader_torch.iter_folder_batches(
+            coded_folder, size=SIZE, batch_size=3, shard_id=shard, num_shards=num_shards, num_threads=0)])
+        assert idx.tolist() == t_idx.tolist(), "DALI and torch loaders shard identically"
+        seen += idx.tolist()
+    assert sorted(seen) == list(range(N)) and len(seen) == N
+
+
+def test_chunked_pipelines_give_the_same_stream(coded_folder):
+    _, idx1, im1 = _all(_dali(coded_folder, batch_size=3, dtype=torch.uint8))
+    _, idx2, im2 = _all(_dali(coded_folder, batch_size=3, dtype=torch.uint8, chunk_batches=1))
+    assert torch.equal(idx1, idx2) and torch.equal(im1, im2)
+
+
+def test_dtypes(coded_folder):
+    _, _, u8 = _all(_dali(coded_folder, batch_size=8, dtype=torch.uint8))
+    _, _, f32 = _all(_dali(coded_folder, batch_size=8, dtype=torch.float32))
+    _, _, f16 = _all(_dali(coded_folder, batch_size=8, dtype="float16"))
+    _, _, bf16 = _all(_dali(coded_folder, batch_size=8, dtype="bf16"))
+    assert (u8.dtype, f32.dtype, f16.dtype, bf16.dtype) == (torch.uint8, torch.float32, torch.float16, torch.bfloat16)
+    ref = u8.float() / 255.0
+    assert float(f32.min()) >= 0.0 and float(f32.max()) <= 1.0
+    assert float((f32 - ref).abs().max()) <= 1e-6, "float32 is exactly the uint8 output / 255"
+    assert float((f16.float() - ref).abs().max()) <= 2 ** -11, "fp16 within half an fp16 ulp of [0,1] values"
+    assert float((bf16.float() - ref).abs().max()) <= 2 ** -8, "bf16 within half a bf16 ulp"
+    with pytest.raises(ValueError, match="dtype"):
+        list(_dali(coded_folder, dtype=torch.int32))
+
+
+def test_grey_output(coded_folder):
+    _, idx, g = _all(_dali(coded_folder, batch_size=8, channels=1, dtype=torch.uint8))
+    _, _, rgb = _all(_dali(coded_folder, batch_size=8, dtype=torch.uint8))
+    assert g.shape == (N, 1, SIZE, SIZE)
+    r, gg, b = (rgb[:, c].int() for c in range(3))
+    luma = (r * 19595 + gg * 38470 + b * 7471 + 32768) >> 16
+    assert int((g[:, 0].int() - luma).abs().max()) <= 1, "grey = PIL's luma of the RGB output (flat images)"
+
+
+def test_bad_arguments(coded_folder):
+    with pytest.raises(ValueError, match="batch_size"):
+        list(_dali(coded_folder, batch_size=0))
+    with pytest.raises(ValueError, match="shard_id"):
+        list(_dali(coded_folder, shard_id=2, num_shards=2))
+    with pytest.raises(ValueError, match="channels"):
+        list(_dali(coded_folder, channels=4))
+    with pytest.raises(ValueError, match="device"):
+        list(_dali(coded_folder, device="tpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            list(_dali(coded_folder, device="gpu"))
+
+
+def test_registry_and_iter_batches_use_dali(tmp_path):
+    ok, why = loader_dali.is_available()
+    assert ok, why
+    name, fn = backends.resolve("loader", "dali")
+    assert name == "dali" and fn is loader_dali.iter_folder_batches
+    for c, cls in enumerate(["ants", "bees"]):
+        (tmp_path / cls).mkdir()
+        for k in range(3 + c):
+            Image.fromarray(np.broadcast_to(_colour(5 * c + k), (20, 24, 3)).copy()).save(tmp_path / cls / f"{k}.png")
+    src = ImageFolderSource(tmp_path, size=SIZE)
+    got = list(loader_torch.iter_batches(src, batch_size=4, backend="dali"))
+    assert torch.cat([b.indices for b in got]).tolist() == list(range(7))
+    assert torch.cat([b.labels for b in got]).tolist() == [0, 0, 0, 1, 1, 1, 1]
+    ref = list(loader_torch.iter_batches(src, batch_size=4, backend="torch"))
+    diff = max(float((a.images - b.images).abs().max()) for a, b in zip(got, ref))
+    assert diff <= 1 / 255, "flat images: the two loaders agree to one level"
+
+
+@pytest.mark.gpu
+def test_mixed_gpu_matches_cpu_pipeline(coded_folder):
+    """GPU (mixed) decoding: same indices, pixels within the parity bound of the CPU run."""
+    _, idx_c, cpu = _all(_dali(coded_folder, batch_size=5, dtype=torch.float32, device="cpu"))
+    _, idx_g, gpu = _all(_dali(coded_folder, batch_size=5, dtype=torch.float32, device="gpu"))
+    assert gpu.is_cuda and torch.equal(idx_c, idx_g)
+    assert float((gpu.cpu() - cpu).abs().max()) <= 12 / 255
