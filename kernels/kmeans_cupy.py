@@ -136,8 +136,15 @@ def module_origin() -> dict[tuple[str, int], str]:
     return dict(_origin)
 
 
+_functions: dict[tuple[str, str, int], object] = {}
+
+
 def _fn(source: str, entry: str, device_index: int):
-    return _module(source, device_index).get_function(entry)
+    key = (source, entry, device_index)
+    fn = _functions.get(key)
+    if fn is None:
+        fn = _functions[key] = _module(source, device_index).get_function(entry)
+    return fn
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -8,7 +8,7 @@
 // No atomics: a point's whole reduction happens inside its block (TK/4 lanes of one warp).
 //
 // Score used for the argmin (the point's own term is constant over centroids):
-//   L2:     s = |c|^2 - 2 x.c      -> dist = max(s + |x|^2, 0)
+//   L2:     s = |c|^2 - 2 x.c      -> dist = sum (x - c_win)^2, recomputed for the winner
 //   cosine: s = -x.c_hat            -> dist = 1 + s / max(|x|, 1e-12)
 // cterm[g*kmax+j] holds |c|^2 (L2) or 0 (cosine; the launcher passes unit centroids).
 // Ties go to the lower centroid index.
@@ -78,7 +78,7 @@ __device__ __forceinline__ void assign_tile(
                 for (int j = 0; j < 4; ++j) c[j] = cs[dd][tx + j * TX];
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
-                    if (k0 == 0) xn[i] = fmaf(a[i], a[i], xn[i]);
+                    if (cosine && k0 == 0) xn[i] = fmaf(a[i], a[i], xn[i]);   // |x|^2, cosine only
 #pragma unroll
                     for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], c[j], acc[i][j]);
                 }
@@ -107,18 +107,34 @@ __device__ __forceinline__ void assign_tile(
             if (ob < best[i] || (ob == best[i] && oi < bidx[i])) { best[i] = ob; bidx[i] = oi; }
         }
     }
-    if (tx == 0) {
+    // Every lane now holds its row's winner.  L2: the winner's distance is recomputed
+    // directly, sum (x - c)^2, by the TX lanes of the row (the expansion |x|^2 + |c|^2 - 2x.c
+    // cancels badly for tight clusters far from the origin).  Loads are guarded, shuffles
+    // are not: every lane of the warp takes part in them.
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int p = ty + i * TY;
+    for (int i = 0; i < 4; ++i) {
+        const int p = ty + i * TY;
+        const int idx = bidx[i] == 0x7fffffff ? 0 : bidx[i];   // NaN input: index 0
+        float dv;
+        if (cosine) {
+            dv = 1.0f + best[i] / fmaxf(sqrtf(xn[i]), 1e-12f);
+        } else {
+            float sq = 0.f;
             if (p < npts) {
-                const int idx = bidx[i] == 0x7fffffff ? 0 : bidx[i];   // NaN input: index 0
-                float dv;
-                if (cosine) dv = 1.0f + best[i] / fmaxf(sqrtf(xn[i]), 1e-12f);
-                else dv = fmaxf(best[i] + xn[i], 0.0f);
-                assign[start + p] = idx;
-                dist[start + p] = dv;
+                const T* xr = x + (start + p) * d;
+                const float* cr = cg + (i64)idx * d;
+                for (i64 col = tx; col < d; col += TX) {
+                    const float df = to_f32(xr[col]) - cr[col];
+                    sq = fmaf(df, df, sq);
+                }
             }
+#pragma unroll
+            for (int off = TX / 2; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
+            dv = sq;
+        }
+        if (tx == 0 && p < npts) {
+            assign[start + p] = idx;
+            dist[start + p] = dv;
         }
     }
 }

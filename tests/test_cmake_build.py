@@ -1,0 +1,56 @@
+"""CMakeLists.txt builds the k-means fatbins ahead of time (skipped without nvcc/cmake).
+
+One architecture (sm_80) into a temporary build and output directory, so the test does
+not touch kernels/prebuilt and stays around 15-60 s on two cores.
+"""
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from spurfast.kernels import kmeans_cupy as kc
+
+ROOT = Path(__file__).resolve().parents[1]
+FATBIN_MAGIC = 0xBA55ED50
+
+needs_tools = pytest.mark.skipif(not (shutil.which("nvcc") and shutil.which("cmake")),
+                                 reason="needs nvcc and cmake")
+
+
+def _run(cmd, **kw):
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, **kw)
+
+
+@needs_tools
+@pytest.mark.timeout(600)
+def test_cmake_builds_fatbins_for_arch_80(tmp_path, monkeypatch):
+    build, out = tmp_path / "build", tmp_path / "fatbins"
+    cfg = _run(["cmake", "-S", str(ROOT), "-B", str(build), "-DCMAKE_CUDA_ARCHITECTURES=80",
+                f"-DSPURFAST_FATBIN_DIR={out}"])
+    assert cfg.returncode == 0, f"configure failed:\n{cfg.stdout}\n{cfg.stderr}"
+    bld = _run(["cmake", "--build", str(build), "-j", "2"])
+    assert bld.returncode == 0, f"build failed:\n{bld.stdout}\n{bld.stderr}"
+    for name in kc.SOURCES:
+        f = out / f"{name}_sm80.fatbin"
+        assert f.is_file(), f"missing {f}; built: {sorted(p.name for p in out.glob('*'))}"
+        head = f.read_bytes()[:8]
+        assert struct.unpack("<I", head[:4])[0] == FATBIN_MAGIC, f"{f} is not a fatbin (header {head.hex()})"
+        assert b"sm_80" in f.read_bytes(), f"{f} holds no sm_80 code"
+    assert not list(out.glob("*_sm90.fatbin")), "built an architecture that was not asked for"
+    # the launcher finds what CMake wrote (exact arch, and sm_86 runs the sm_80 cubin)
+    monkeypatch.setenv("SPURFAST_KMEANS_FATBIN_DIR", str(out))
+    assert kc.find_fatbin("kmeans_assign", 80) == out / "kmeans_assign_sm80.fatbin"
+    assert kc.find_fatbin("kmeans_assign", 86) == out / "kmeans_assign_sm80.fatbin"
+
+
+@pytest.mark.skipif(not shutil.which("cmake"), reason="needs cmake")
+@pytest.mark.parametrize("archs", ["native", "80;all"])
+def test_cmake_refuses_implicit_architectures(tmp_path, archs):
+    cfg = _run(["cmake", "-S", str(ROOT), "-B", str(tmp_path / "b"), f"-DCMAKE_CUDA_ARCHITECTURES={archs}",
+                f"-DSPURFAST_FATBIN_DIR={tmp_path / 'o'}", "-DCMAKE_CUDA_COMPILER=/bin/true"])
+    assert cfg.returncode != 0
+    assert "is not an explicit architecture" in cfg.stderr, cfg.stderr

@@ -1,0 +1,306 @@
+"""CuPy k-means kernels against the torch reference.
+
+GPU tests are marked ``gpu`` and skip cleanly without CUDA.  CPU tests check what can be
+checked without a device: the backend reports itself unavailable with a reason, the
+registry falls back to torch, and every .cu source compiles with NVRTC (the launcher's
+fallback path) for sm_80 and sm_90.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from spurfast import backends
+from spurfast.kernels import kmeans_cupy as kc
+from spurfast.kernels import reference as ref
+from tests.helpers import TOLERANCES, assert_close, assert_equal_int
+
+HAS_CUDA = torch.cuda.is_available()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (sizes per group, kmax, d): fewer points than k, empty groups, one group, many groups,
+# d not a multiple of the 32-wide tile, every assign tile shape (kmax <= 16, <= 32, > 32)
+CASES = [
+    ([37], 5, 16),
+    ([3, 0, 200, 1, 0, 65], 7, 33),                  # group with fewer points than kmax, empties
+    ([1000], 40, 67),                                 # one group, k > 32, odd d
+    ([257, 31, 500], 29, 100),
+    ([5000], 130, 128),                               # k > one 64-wide centroid tile
+    (np.random.default_rng(0).integers(0, 30, 1000).tolist(), 16, 24),   # 1000 groups
+]
+
+
+def make_case(sizes, kmax, d, seed, device="cuda"):
+    g = torch.Generator().manual_seed(seed)
+    N = int(sum(sizes))
+    x = torch.randn(N, d, generator=g) * 2 + 0.5
+    off = torch.zeros(len(sizes) + 1, dtype=torch.int64)
+    off[1:] = torch.cumsum(torch.tensor(sizes, dtype=torch.int64), 0)
+    kpg = torch.tensor([min(kmax, s) for s in sizes], dtype=torch.int64)
+    cent = torch.randn(len(sizes), kmax, d, generator=g) * 2
+    return x.to(device), off.to(device), cent.to(device), kpg.to(device)
+
+
+def exact_dists(x, off, cent, kpg, metric):
+    """float64 (N, kmax) distances to the point's own group's centroids, inf where unused."""
+    xd, cd = x.double(), cent.double()
+    gid = ref.group_ids(off)
+    c = cd[gid]                                   # (N, kmax, d)
+    if metric == "l2":
+        D = ((xd.unsqueeze(1) - c) ** 2).sum(-1)
+    else:
+        xn = torch.nn.functional.normalize(xd, dim=-1)
+        cn = torch.nn.functional.normalize(c, dim=-1)
+        D = 1 - (cn @ xn.unsqueeze(-1)).squeeze(-1)
+    kmask = torch.arange(cent.shape[1], device=x.device).unsqueeze(0) >= kpg[gid].unsqueeze(1)
+    return D.masked_fill(kmask, float("inf"))
+
+
+def exact_sums(x, off, assign, kmax):
+    """float64 per-(group, cluster) sums and int64 counts."""
+    G = len(off) - 1
+    flat = ref.group_ids(off) * kmax + assign
+    sums = torch.zeros(G * kmax, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, flat, x.double())
+    counts = torch.bincount(flat, minlength=G * kmax)
+    return sums.view(G, kmax, -1), counts.view(G, kmax)
+
+
+def check_assign_near_optimal(assign, dist, D, dtype, name):
+    """The chosen centroid is a nearest one up to the dtype's tolerance (exact ties and
+    rounding-level near-ties may pick either), the distance matches, and where the
+    nearest is clear of the runner-up the index equals the exact argmin."""
+    atol, rtol = TOLERANCES[torch.float32]
+    N = len(assign)
+    if N == 0:
+        return
+    best, arg = D.min(1)
+    chosen = D.gather(1, assign.unsqueeze(1)).squeeze(1)
+    slack = atol + rtol * best.abs() + 1e-5 * (1 + best.abs())
+    bad = (chosen > best + slack).nonzero().flatten()
+    assert len(bad) == 0, f"{name}: {len(bad)} of {N} points not at a nearest centroid, first {bad[:5].tolist()}"
+    top2 = D.topk(min(2, D.shape[1]), dim=1, largest=False).values
+    clear = (top2[:, -1] - top2[:, 0] > 10 * slack) if D.shape[1] > 1 else torch.ones_like(best, dtype=torch.bool)
+    assert_equal_int(assign[clear], arg[clear], f"{name} (clear winners)")
+    assert_close(dist, chosen, torch.float32, name=f"{name} dist")
+
+
+# ----------------------------------------------------------------------------- CPU tests
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only behaviour")
+def test_is_available_false_with_reason_and_registry_falls_back():
+    ok, why = kc.is_available()
+    assert ok is False
+    assert "cupy" in why or "CUDA" in why, why
+    backends.clear_cache()
+    for op in ("kmeans_assign", "kmeans_update", "cluster_similarity"):
+        name, fn = backends.resolve(op, "auto")
+        assert name == "torch" and fn is getattr(ref, op)
+        with pytest.raises(backends.BackendUnavailable, match="unavailable here"):
+            backends.resolve(op, "cupy")
+    backends.clear_cache()
+
+
+def test_cpu_tensors_get_a_clear_error():
+    x = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        kc.kmeans_assign(x, torch.tensor([0, 4]), torch.zeros(1, 2, 3), torch.tensor([2]))
+    with pytest.raises(ValueError, match="metric must be 'l2' or 'cosine', got 'dot'"):
+        kc.kmeans_assign(x, torch.tensor([0, 4]), torch.zeros(1, 2, 3), torch.tensor([2]), "dot")
+
+
+@pytest.mark.parametrize("source", kc.SOURCES)
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+def test_sources_compile_with_nvrtc(source, arch):
+    """The launcher's fallback: the same text (include pasted) through NVRTC, no device needed."""
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+    except Exception as exc:  # cupy missing or laid out differently
+        pytest.skip(f"NVRTC bindings unavailable: {exc}")
+    try:
+        nvrtc.getVersion()
+    except Exception as exc:
+        pytest.skip(f"libnvrtc not loadable: {exc}")
+    src = kc.source_text(source)
+    assert not [ln for ln in src.splitlines() if ln.lstrip().startswith("#include")], "include left unpasted"
+    prog = nvrtc.createProgram(src, f"{source}.cu", [], [])
+    try:
+        try:
+            nvrtc.compileProgram(prog, ["-std=c++17", f"-arch={arch}"])
+        except Exception as exc:
+            raise AssertionError(f"NVRTC failed on {source}.cu: {exc}\n{nvrtc.getProgramLog(prog)}") from None
+        ptx = nvrtc.getPTX(prog)
+        text = ptx.decode() if isinstance(ptx, bytes) else ptx
+        expected = {
+            "kmeans_assign": [f"spurfast_assign_{dt}_{tp}x{tk}" for dt in ("f32", "f16", "bf16")
+                              for tk, tp in kc.ASSIGN_SHAPES],
+            "kmeans_update": [f"spurfast_update_partial_{dt}" for dt in ("f32", "f16", "bf16")]
+                             + ["spurfast_update_finalize"],
+            "kmeans_similarity": [f"spurfast_sim_point_{dt}" for dt in ("f32", "f16", "bf16")]
+                                 + ["spurfast_sim_cluster"],
+        }[source]
+        missing = [e for e in expected if f".entry {e}(" not in text]
+        assert not missing, f"entry points missing from {source}: {missing}"
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def test_find_fatbin_prefers_exact_then_same_major(tmp_path, monkeypatch):
+    for arch in (80, 86, 90):
+        (tmp_path / f"kmeans_update_sm{arch}.fatbin").write_bytes(b"x")
+    monkeypatch.setattr(kc, "PREBUILT_DIR", tmp_path)
+    monkeypatch.delenv("SPURFAST_KMEANS_FATBIN_DIR", raising=False)
+    assert kc.find_fatbin("kmeans_update", 90).name == "kmeans_update_sm90.fatbin"
+    assert kc.find_fatbin("kmeans_update", 89).name == "kmeans_update_sm86.fatbin"
+    assert kc.find_fatbin("kmeans_update", 100) is None       # other major: NVRTC
+    assert kc.find_fatbin("kmeans_assign", 90) is None
+
+
+# ----------------------------------------------------------------------------- GPU tests
+def _cast(x, dtype):
+    return x.to(dtype).contiguous()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_assign_matches_reference(case, metric, dtype):
+    sizes, kmax, d = CASES[case]
+    x, off, cent, kpg = make_case(sizes, kmax, d, seed=case)
+    xq = _cast(x, dtype)
+    assign, dist = kc.kmeans_assign(xq, off, cent, kpg, metric)
+    assert assign.dtype == torch.int64 and dist.dtype == torch.float32 and assign.is_cuda
+    D = exact_dists(xq.float(), off, cent, kpg, metric)   # the rounded inputs are the truth
+    check_assign_near_optimal(assign, dist, D, dtype, f"assign[{metric}, {dtype}]")
+    ra, rd = ref.kmeans_assign(xq, off, cent, kpg, metric)
+    assert_close(dist, rd, torch.float32, name="dist vs reference")
+
+
+@pytest.mark.gpu
+def test_assign_ties_and_empty_input():
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]] * 50, device="cuda")
+    cent = torch.tensor([[[1.0, 1.0], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]], device="cuda")
+    off = torch.tensor([0, 150], device="cuda")
+    a, dist = kc.kmeans_assign(x, off, cent, torch.tensor([4], device="cuda"))
+    assert_equal_int(a, torch.tensor([2, 0, 0] * 50), "ties -> lower index")
+    a, dist = kc.kmeans_assign(torch.zeros(0, 3, device="cuda"), torch.zeros(3, dtype=torch.int64, device="cuda"),
+                               torch.zeros(2, 4, 3, device="cuda"), torch.zeros(2, dtype=torch.int64, device="cuda"))
+    assert a.shape == (0,) and dist.shape == (0,)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_update_matches_reference(case, deterministic, dtype):
+    sizes, kmax, d = CASES[case]
+    x, off, cent, kpg = make_case(sizes, kmax, d, seed=10 + case)
+    xq = _cast(x, dtype)
+    assign, _ = ref.kmeans_assign(xq, off, cent, kpg)
+    sums, counts = kc.kmeans_update(xq, off, assign, kmax, deterministic=deterministic)
+    rs, rc = exact_sums(xq, off, assign, kmax)
+    assert sums.dtype == torch.float32 and counts.dtype == torch.int64
+    assert_equal_int(counts, rc, "counts")
+    # fp32 accumulation of n rows: error grows with the members per cluster
+    n = float(rc.max().clamp_min(1))
+    assert_close(sums, rs, torch.float32, name=f"sums ({dtype})", atol=1e-4 * n ** 0.5 * 4, rtol=1e-4)
+    if deterministic:
+        again, _ = kc.kmeans_update(xq, off, assign, kmax, deterministic=True)
+        assert torch.equal(sums, again), "deterministic mode gave different bits on a second run"
+
+
+@pytest.mark.gpu
+def test_update_large_cluster_many_chunks_and_empty_clusters():
+    x = torch.randn(100_003, 48, device="cuda")
+    off = torch.tensor([0, 100_003], device="cuda")
+    assign = torch.zeros(100_003, dtype=torch.int64, device="cuda")
+    assign[::3] = 2                                   # clusters 1 and 3 stay empty
+    sums, counts = kc.kmeans_update(x, off, assign, 4)
+    rs, rc = exact_sums(x, off, assign, 4)
+    assert_equal_int(counts, rc, "counts")
+    assert int(counts[0, 1]) == 0 and int(counts[0, 3]) == 0
+    assert float(sums[0, 1].abs().sum()) == 0.0
+    assert_close(sums, rs, torch.float32, name="sums", atol=5e-3, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_bad_assign_values_raise():
+    x = torch.randn(10, 4, device="cuda")
+    off = torch.tensor([0, 10], device="cuda")
+    with pytest.raises(ValueError, match=r"assign has values in \[0, 5\]; expected cluster indices in \[0, 3\)"):
+        kc.kmeans_update(x, off, torch.tensor([0] * 9 + [5], device="cuda"), 3)
+    with pytest.raises(ValueError, match="offsets must run from 0 to N=10"):
+        kc.kmeans_update(x, torch.tensor([0, 9], device="cuda"), torch.zeros(10, dtype=torch.int64, device="cuda"), 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 8, 32])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_similarity_matches_reference(case, m, dtype):
+    sizes, kmax, d = CASES[case]
+    x, off, cent, kpg = make_case(sizes, kmax, d, seed=20 + case)
+    xq = _cast(x, dtype)
+    assign, _ = ref.kmeans_assign(xq, off, cent, kpg)
+    cos, ex, mc, ms = kc.cluster_similarity(xq, off, assign, cent, kpg, m)
+    rcos, rex, rmc, rms = ref.cluster_similarity(xq.float(), off, assign, cent, kpg, m)
+    assert ex.shape == rex.shape and ex.dtype == torch.int64
+    assert_close(cos, rcos, torch.float32, name="cos")
+    assert_close(mc, rmc, torch.float32, name="mean_cos")
+    assert_close(ms, rms, torch.float32, name="mean_sqdist", rtol=1e-4, atol=1e-4)
+    # exemplars: same count per cluster; every exemplar is within rounding of the m-th
+    # nearest member (equal distances may order either way in fp32)
+    assert_equal_int((ex >= 0).sum(-1), (rex >= 0).sum(-1), "exemplars per cluster")
+    gid = ref.group_ids(off)
+    sq = ((xq.double() - cent.double()[gid, assign]) ** 2).sum(1)
+    valid = ex >= 0
+    got = torch.where(valid, sq[ex.clamp_min(0)], torch.zeros((), dtype=torch.float64, device="cuda"))
+    exp = torch.where(rex >= 0, sq[rex.clamp_min(0)], torch.zeros((), dtype=torch.float64, device="cuda"))
+    assert_close(got, exp, torch.float32, name="exemplar distances (sorted)")
+    assert bool((assign[ex[valid]] == torch.nonzero(valid)[:, 1]).all()), "exemplar not a member of its cluster"
+    assert bool((gid[ex[valid]] == torch.nonzero(valid)[:, 0]).all()), "exemplar not in its group"
+
+
+@pytest.mark.gpu
+def test_similarity_tied_exemplars_by_index_and_big_m_falls_back():
+    x = torch.ones(40, 5, device="cuda")          # all members at the same distance
+    off = torch.tensor([0, 40], device="cuda")
+    assign = torch.zeros(40, dtype=torch.int64, device="cuda")
+    cent = torch.zeros(1, 1, 5, device="cuda")
+    kpg = torch.tensor([1], device="cuda")
+    _, ex, _, _ = kc.cluster_similarity(x, off, assign, cent, kpg, 8)
+    assert_equal_int(ex[0, 0], torch.arange(8), "ties by index")
+    _, ex, _, _ = kc.cluster_similarity(x, off, assign, cent, kpg, 40)   # > SIM_MAXM: reference
+    assert_equal_int(ex[0, 0], torch.arange(40), "m > SIM_MAXM")
+
+
+@pytest.mark.gpu
+def test_runs_on_torch_current_stream_without_copies():
+    x = torch.randn(5000, 64, device="cuda")
+    off = torch.tensor([0, 2000, 5000], device="cuda")
+    cent = torch.randn(2, 16, 64, device="cuda")
+    kpg = torch.tensor([16, 9], device="cuda")
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        assign, dist = kc.kmeans_assign(x, off, cent, kpg)
+        sums, counts = kc.kmeans_update(x, off, assign, 16)
+        total = counts.sum()        # queued behind the kernels on the same stream
+    s.synchronize()
+    assert int(total) == 5000
+    ra, _ = ref.kmeans_assign(x, off, cent, kpg)
+    assert float((assign == ra).float().mean()) > 0.999
+
+
+@pytest.mark.gpu
+def test_batched_kmeans_cupy_backend_matches_torch():
+    from spurfast.cluster import batched_kmeans
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(8, 16, generator=g) * 10
+    lab = torch.randint(0, 8, (6000,), generator=g)
+    x = (centres[lab] + 0.1 * torch.randn(6000, 16, generator=g)).cuda()
+    groups = (lab % 3).cuda()
+    a = batched_kmeans(x, groups, [3, 3, 2], backend="cupy", seed=1)
+    b = batched_kmeans(x, groups, [3, 3, 2], backend="torch", seed=1)
+    assert_equal_int(a.assign, b.assign, "assign cupy vs torch")
+    assert_close(a.centroids, b.centroids, name="centroids cupy vs torch")
