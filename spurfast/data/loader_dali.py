@@ -46,6 +46,7 @@ no test in this repository.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -145,7 +146,7 @@ def build_pipeline(files: Sequence[str], labels: Sequence[int], *, size: int, ch
     @pipeline_def
     def spurfast_folder_pipeline():
         encoded, label = fn.readers.file(files=files, labels=labels, random_shuffle=False,
-                                         pad_last_batch=True, name="reader")
+                                         name="reader")
         if gpu:
             images = fn.decoders.image(encoded, device="mixed", output_type=types.RGB,
                                        hw_decoder_load=hw_decoder_load)
@@ -175,6 +176,27 @@ def build_pipeline(files: Sequence[str], labels: Sequence[int], *, size: int, ch
 # ------------------------------------------------------------------------ streaming
 class _AlignmentError(RuntimeError):
     pass
+
+
+_FILLER_LABEL = -1
+_filler: list[str] = []
+
+
+def _filler_file() -> str:
+    """Path of a 2x2 grey PNG in a private temporary directory (made once per process)."""
+    if not _filler:
+        import atexit
+        import shutil
+        import tempfile
+
+        from PIL import Image
+
+        d = tempfile.mkdtemp(prefix="spurfast-dali-")
+        atexit.register(shutil.rmtree, d, True)
+        path = os.path.join(d, "filler.png")
+        Image.new("RGB", (2, 2), (128, 128, 128)).save(path)
+        _filler.append(path)
+    return _filler[0]
 
 
 def _to_torch(tl, dtype: torch.dtype, device: str) -> torch.Tensor:
@@ -248,8 +270,17 @@ class _DaliStream:
         self.rebuilds = 0
 
     def _pipe(self, idx, synchronous=False, batch_size=None):
-        return build_pipeline([self.paths[i] for i in idx], idx, size=self.spec.size,
-                              channels=self.spec.channels, batch_size=batch_size or self.batch_size,
+        """A pipeline over ``idx``, its file list topped up with a tiny filler image so
+        the last partial batch and the batches the pipeline prefetches past the end decode
+        a few pixels each instead of wrapping round to real files (wasted work that is
+        a whole ``prefetch_queue_depth`` batches per pipeline otherwise)."""
+        B = batch_size or self.batch_size
+        depth = 1 if synchronous else self.depth
+        n_fill = (-len(idx)) % B + depth * B
+        files = [self.paths[i] for i in idx] + [_filler_file()] * n_fill
+        labels = list(idx) + [_FILLER_LABEL] * n_fill
+        return build_pipeline(files, labels, size=self.spec.size,
+                              channels=self.spec.channels, batch_size=B,
                               num_threads=self.num_threads, device=self.device, dtype=self.dtype,
                               hw_decoder_load=self.hw_decoder_load,
                               prefetch_queue_depth=self.depth, synchronous=synchronous)

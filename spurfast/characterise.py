@@ -1,0 +1,88 @@
+"""Pictures and patterns of a finding: exemplars, decoded centroid, contrast map, mask.
+
+The contrast compares members with *content-matched* non-members in pixel space: for
+each content class among the members, the mean of members of that content minus the
+mean of pool images of the same content predicted as another class.  Content cancels,
+the shared feature stays.  The mask is the Otsu threshold of |contrast| (no tuned
+constant), so its area follows the pattern's.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .data.sources import ImageSource
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
+    v = values.ravel()
+    if v.size == 0 or float(v.max()) == float(v.min()):
+        return float(v.max()) if v.size else 0.0
+    hist, edges = np.histogram(v, bins=bins)
+    mids = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * mids) / np.maximum(w0, 1)
+    m1 = (np.sum(hist * mids) - np.cumsum(hist * mids)) / np.maximum(w1, 1)
+    between = w0 * w1 * (m0 - m1) ** 2
+    return float(mids[int(np.argmax(between[:-1]))]) if len(between) > 1 else float(mids[0])
+
+
+def mean_images(source: ImageSource, indices: np.ndarray, cap: int, rng: np.random.Generator) -> torch.Tensor | None:
+    if len(indices) == 0:
+        return None
+    if len(indices) > cap:
+        indices = np.sort(rng.choice(indices, cap, replace=False))
+    x, _ = source.get_batch(indices)
+    return x.float().mean(0)
+
+
+def contrast_map(source: ImageSource, members: np.ndarray, member_content: np.ndarray,
+                 others: np.ndarray, other_content: np.ndarray, *, cap: int = 256, seed: int = 0):
+    """(contrast (C,H,W) tensor, members' mean image) — members minus content-matched others."""
+    rng = np.random.default_rng(seed)
+    total = torch.zeros(source.image_shape)
+    weight = 0
+    for k in np.unique(member_content):
+        mk = members[member_content == k]
+        ok = others[other_content == k]
+        a = mean_images(source, mk, cap, rng)
+        b = mean_images(source, ok, cap, rng)
+        if a is None or b is None:
+            continue
+        total += (a - b) * len(mk)
+        weight += len(mk)
+    mem_mean = mean_images(source, members, 4 * cap, rng)
+    if weight == 0:  # no content match possible: compare with all other-class images
+        b = mean_images(source, others, 4 * cap, rng)
+        return (mem_mean - b) if b is not None else torch.zeros(source.image_shape), mem_mean
+    return total / weight, mem_mean
+
+
+def pattern_mask(contrast: torch.Tensor) -> np.ndarray:
+    """(H, W) bool: pixels where the members differ most from their content-matched others."""
+    mag = contrast.abs().amax(0).numpy()
+    return mag > otsu_threshold(mag)
+
+
+def exemplars(z: np.ndarray, members: np.ndarray, m: int) -> np.ndarray:
+    """The m members nearest the members' mean latent (ties by index)."""
+    if len(members) == 0:
+        return members
+    c = z[members].mean(0)
+    d = ((z[members] - c) ** 2).sum(1)
+    order = np.lexsort((members, d))
+    return members[order[:m]]
+
+
+def linear_probe(z: np.ndarray, pos: np.ndarray, neg: np.ndarray, ridge: float = 1e-3):
+    """Fisher discriminant (ridge-regularised) of pos vs neg latents.
+    Returns (w, threshold): score = z @ w, positive side above the midpoint."""
+    zp, zn = z[pos].astype(np.float64), z[neg].astype(np.float64)
+    mp, mn = zp.mean(0), zn.mean(0)
+    cov = (np.cov(zp, rowvar=False) * (len(zp) - 1) + np.cov(zn, rowvar=False) * (len(zn) - 1)) / max(1, len(zp) + len(zn) - 2)
+    cov = np.atleast_2d(cov)
+    cov += ridge * (np.trace(cov) / len(cov) + 1e-12) * np.eye(len(cov))
+    w = np.linalg.solve(cov, mp - mn)
+    thr = 0.5 * (mp @ w + mn @ w)
+    return w, float(thr)

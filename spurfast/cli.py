@@ -1,0 +1,256 @@
+"""The `spurfast` command: demo, plant, train-classifier, train-vae, discover, report, env."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _pattern(args):
+    from .plant import PatternSpec
+    return PatternSpec(args.family, strength=args.strength, position=args.position, seed=args.seed)
+
+
+def _add_pattern_args(p):
+    from .plant import FAMILIES, POSITIONS
+    p.add_argument("--family", default="patch3", choices=FAMILIES, help="pattern family")
+    p.add_argument("--strength", type=float, default=1.0, help="noise strength / painted value (0, 1]")
+    p.add_argument("--position", default="bottom_right", choices=POSITIONS)
+    p.add_argument("--target-class", type=int, default=3)
+    p.add_argument("--n-poisoned", default="600", help="training images of the target class to stamp, or 'all'")
+    p.add_argument("--pool-fraction", type=float, default=0.1, help="fraction of unrelated pool images stamped")
+
+
+def _add_discover_args(p):
+    p.add_argument("--k", type=int, default=8, help="clusters per class")
+    p.add_argument("--min-cluster-size", type=int, default=5)
+    p.add_argument("--n-null", type=int, default=30, help="permutations for the null distribution")
+    p.add_argument("--fdr", type=float, default=0.05, help="Benjamini-Hochberg false-discovery rate")
+    p.add_argument("--kmeans-backend", default=None, choices=["auto", "torch", "cupy"])
+    p.add_argument("--device", default="cpu")
+
+
+def _discover_config(args):
+    from .discover import DiscoverConfig
+    return DiscoverConfig(k=args.k, min_cluster_size=args.min_cluster_size, n_null=args.n_null, fdr=args.fdr,
+                          seed=args.seed, backend=args.kmeans_backend, device=args.device)
+
+
+def load_npz_source(path):
+    """A pool/training .npz written by `spurfast plant` (images, labels, optional suspect/carries)."""
+    from .data.sources import ArraySource
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"data file {p} does not exist")
+    d = np.load(p, allow_pickle=False)
+    if "images" not in d:
+        raise ValueError(f"{p} has no 'images' array (keys: {list(d.keys())})")
+    names = [str(s) for s in d["class_names"]] if "class_names" in d else None
+    src = ArraySource(d["images"], d["labels"] if "labels" in d else None, class_names=names, name=p.stem)
+    return src, {k: d[k] for k in ("suspect", "carries") if k in d}
+
+
+def load_pool(path, size: int, channels: int):
+    p = Path(path)
+    if p.is_dir():
+        from .data.folder import ImageFolderSource
+        return ImageFolderSource(p, size=size, channels=channels), {}
+    return load_npz_source(p)
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+    run_demo(args.out, dataset=args.dataset, seed=args.seed, target_class=args.target_class, family=args.family,
+             n_poisoned=args.n_poisoned, pool_fraction=args.pool_fraction, classifier_epochs=args.classifier_epochs,
+             vae_epochs=args.vae_epochs, overwrite=args.overwrite, progress=not args.quiet,
+             config=_discover_config(args), device=args.device)
+
+
+def cmd_plant(args):
+    from .pipeline import make_planted_data
+    data = make_planted_data(args.dataset, target_class=args.target_class, n_poisoned=args.n_poisoned,
+                             spec=_pattern(args), pool_fraction=args.pool_fraction, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    u8 = lambda x: (x * 255).round().clamp(0, 255).byte().numpy()  # noqa: E731
+    names = np.array(data.class_names or [])
+    np.savez_compressed(out / "train.npz", images=u8(data.train.images), labels=data.train.labels(), class_names=names)
+    np.savez_compressed(out / "pool.npz", images=u8(data.pool.images), labels=data.pool.labels(), class_names=names,
+                        suspect=data.suspect, carries=data.carries)
+    np.savez_compressed(out / "clean.npz", images=u8(data.test_clean.images), labels=data.test_clean.labels(), class_names=names)
+    (out / "plant.json").write_text(json.dumps({"dataset": data.dataset, **data.truth.to_dict()}, indent=1))
+    print(f"wrote {out}/train.npz ({len(data.train)}), pool.npz ({len(data.pool)}, {int(data.carries.sum())} carry "
+          f"the pattern), clean.npz, plant.json")
+
+
+def cmd_train_classifier(args):
+    from .models.classifier import save_classifier
+    from .models.train import train_classifier
+    src, _ = load_pool(args.data, args.size, args.channels)
+    n_classes = args.num_classes or int(src.labels().max()) + 1
+    model = train_classifier(src, n_classes, arch=args.arch, epochs=args.epochs, seed=args.seed, device=args.device,
+                             checkpoint=str(args.out) + ".ckpt", progress=not args.quiet)
+    save_classifier(model, args.out)
+    print(f"wrote {args.out}")
+
+
+def cmd_train_vae(args):
+    from .models.train import save_vae, train_vae
+    from .models.vae import VAEConfig
+    src, _ = load_pool(args.data, args.size, args.channels)
+    c, h, _ = src.image_shape
+    vae = train_vae(src, VAEConfig.for_images(c, h, args.latent_dim), epochs=args.epochs, seed=args.seed,
+                    device=args.device, checkpoint=str(args.out) + ".ckpt", progress=not args.quiet)
+    save_vae(vae, args.out)
+    print(f"wrote {args.out}")
+
+
+def cmd_discover(args):
+    from .models.classifier import check_output_width, load_classifier
+    from .models.train import load_vae
+    from .pipeline import run_discovery
+    pool, extra = load_pool(args.pool, args.size, args.channels)
+    clf = load_classifier(args.classifier, arch=args.arch, in_channels=pool.image_shape[0],
+                          num_classes=args.num_classes, image_size=pool.image_shape[1],
+                          weights_only=not args.unsafe_load)
+    n_classes = args.num_classes or (len(pool.class_names) if pool.class_names else None)
+    if n_classes is None:
+        raise SystemExit("error: --num-classes is required for an unlabelled pool")
+    check_output_width(clf, pool.image_shape, n_classes)
+    vae = load_vae(args.vae, weights_only=not args.unsafe_load)
+    if (vae.config.in_channels, vae.config.image_size) != tuple(pool.image_shape[:2]):
+        raise SystemExit(f"error: VAE expects {vae.config.in_channels}x{vae.config.image_size}px images, "
+                         f"pool {args.pool} has {pool.image_shape}")
+    suspect = extra.get("suspect")
+    if args.suspect:
+        suspect = np.zeros(len(pool), bool)
+        suspect[np.loadtxt(args.suspect, dtype=np.int64, ndmin=1)] = True
+    doc, _, _ = run_discovery(pool, clf, vae, args.out, num_classes=n_classes, suspect=suspect,
+                              config=_discover_config(args), overwrite=args.overwrite, batch_size=args.batch_size,
+                              encoder_backend=args.encoder_backend, loader_backend=args.loader_backend,
+                              progress=not args.quiet)
+    print(f"{len(doc['findings'])} findings; report: {Path(args.out) / 'report.html'}")
+
+
+def cmd_report(args):
+    from .report import write_report
+    run = Path(args.run)
+    f = run / "findings.json"
+    if not f.is_file():
+        raise SystemExit(f"error: {run} holds no findings.json (run `spurfast discover` first)")
+    doc = json.loads(f.read_text())
+    clusters = []
+    if (run / "clusters.csv").is_file():
+        import csv
+        with open(run / "clusters.csv") as fh:
+            clusters = [{"score": float(r["score"]), "q_value": float(r["q_value"])} for r in csv.DictReader(fh)]
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else None
+    print(f"wrote {write_report(doc, run, clusters=clusters, summary=summary)}")
+
+
+def cmd_env(args):
+    import platform
+
+    import torch
+
+    from . import __version__, backends
+    info = {"spurfast": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "cuda_available": torch.cuda.is_available()}
+    for mod in ("triton", "cupy", "nvidia.dali", "torchvision", "numpy", "sklearn"):
+        try:
+            m = __import__(mod, fromlist=["__version__"])
+            info[mod] = getattr(m, "__version__", "?")
+        except Exception as exc:
+            info[mod] = f"not importable ({exc.__class__.__name__})"
+    info["backends"] = backends.report()
+    print(json.dumps(info, indent=1))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="spurfast", description="Find the spurious features an image classifier learned.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="plant a shortcut in Fashion-MNIST (or digits), train, discover, report")
+    p.add_argument("--out", default="out/demo")
+    p.add_argument("--dataset", default="auto", choices=["auto", "fashion-mnist", "digits"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classifier-epochs", type=int, default=3)
+    p.add_argument("--vae-epochs", type=int, default=8)
+    p.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
+    p.add_argument("--quiet", action="store_true")
+    _add_pattern_args(p)
+    _add_discover_args(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("plant", help="write planted train/pool/clean .npz files and plant.json")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dataset", default="auto", choices=["auto", "fashion-mnist", "digits"])
+    p.add_argument("--seed", type=int, default=0)
+    _add_pattern_args(p)
+    p.set_defaults(func=cmd_plant)
+
+    for name, func, help_ in (("train-classifier", cmd_train_classifier, "train a classifier on a labelled .npz or folder"),
+                              ("train-vae", cmd_train_vae, "train the VAE on a pool (.npz or folder)")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--data", required=True, help=".npz from `spurfast plant`, or an image folder")
+        p.add_argument("--out", required=True, help="model file to write")
+        p.add_argument("--epochs", type=int, default=3 if name == "train-classifier" else 8)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--size", type=int, default=64, help="image size for folders")
+        p.add_argument("--channels", type=int, default=3, help="channels for folders")
+        p.add_argument("--quiet", action="store_true")
+        if name == "train-classifier":
+            p.add_argument("--arch", default="small_cnn", choices=["small_cnn", "resnet18"])
+            p.add_argument("--num-classes", type=int, default=None)
+        else:
+            p.add_argument("--latent-dim", type=int, default=16)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("discover", help="embed a pool, cluster per class, score, test and report")
+    p.add_argument("--pool", required=True, help=".npz from `spurfast plant`, or an image folder")
+    p.add_argument("--classifier", required=True, help="TorchScript file, spurfast checkpoint, or state_dict (+ --arch)")
+    p.add_argument("--vae", required=True, help="VAE checkpoint from `spurfast train-vae`")
+    p.add_argument("--out", required=True)
+    p.add_argument("--arch", default=None, choices=["small_cnn", "resnet18"], help="architecture of a bare state_dict")
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--suspect", default=None, help="text file of pool indices that are suspect samples")
+    p.add_argument("--size", type=int, default=64, help="image size for folders")
+    p.add_argument("--channels", type=int, default=3, help="channels for folders")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--encoder-backend", default=None, choices=["auto", "torch", "triton"])
+    p.add_argument("--loader-backend", default=None, choices=["auto", "torch", "dali"])
+    p.add_argument("--unsafe-load", action="store_true", help="torch.load with weights_only=False (trusted files only)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    _add_discover_args(p)
+    p.set_defaults(func=cmd_discover)
+
+    p = sub.add_parser("report", help="rewrite report.html of a run from its findings.json")
+    p.add_argument("--run", required=True, help="output directory of a discover/demo run")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("env", help="versions and which backends are usable here")
+    p.set_defaults(func=cmd_env)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

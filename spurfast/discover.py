@@ -1,0 +1,249 @@
+"""Discovery: per-class clustering of latents -> scores, p-values, q-values -> findings.
+
+Reads the embedding store (never the images, except to picture findings), so it scales
+with the store rather than the pool.  See `spurfast.scoring` for the statistics and
+`spurfast.characterise` for the pictures.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .characterise import contrast_map, exemplars, linear_probe, pattern_mask
+from .data.sources import ImageSource
+from .embed import EmbeddingStore
+from .scoring import (bh_qvalues, cluster_and_score, content_classes, latent_neighbours, null_scores,
+                      permutation_pvalues)
+
+log = logging.getLogger("spurfast.discover")
+
+
+@dataclass
+class DiscoverConfig:
+    k: int = 8                   # clusters per class (fewer for small classes)
+    min_cluster_size: int = 5    # at least this many members per cluster on average
+    n_null: int = 30             # permutations for the null distribution
+    n_neighbours: int = 10       # latent neighbours in the majority vote
+    fdr: float = 0.05            # Benjamini-Hochberg level for findings
+    n_iter: int = 20             # Lloyd iterations
+    n_exemplars: int = 16
+    metric: str = "l2"
+    seed: int = 0
+    backend: str | None = None   # k-means backend (auto/torch/cupy)
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if not 0 < self.fdr < 1:
+            raise ValueError(f"fdr must be in (0, 1), got {self.fdr}")
+        if self.n_null < 1:
+            raise ValueError(f"n_null must be >= 1, got {self.n_null}")
+
+
+@dataclass
+class DiscoveryResult:
+    findings: list[dict]
+    clusters: list[dict]
+    rankings: dict[int, np.ndarray]  # finding rank -> pool-wide probe score
+    config: dict
+    pool: dict
+
+
+def _standardise(mu: np.ndarray) -> np.ndarray:
+    m, s = mu.mean(0), mu.std(0)
+    return ((mu - m) / np.where(s > 0, s, 1.0)).astype(np.float32)
+
+
+def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarray | None = None,
+             class_names: list[str] | None = None, progress: bool = True) -> DiscoveryResult:
+    """Cluster, score and test; return findings (q <= fdr, merged and ranked) and all clusters."""
+    if not store.complete:
+        raise ValueError(f"embedding store {store.root} is unfinished ({store.done}/{store.n}); resume the pass first")
+    n_classes = int(store.manifest["num_classes"])
+    pred = np.asarray(store["pred"]).astype(np.int64)
+    probs = np.asarray(store["probs"])
+    labels = np.asarray(store["labels"])
+    mu = np.asarray(store["mu"])
+    ok = np.asarray(store["ok"]).astype(bool) & (pred >= 0)
+    if not np.isfinite(mu[ok]).all():
+        raise ValueError(f"store {store.root}: latents contain NaN/inf for "
+                         f"{int((~np.isfinite(mu[ok])).any(1).sum())} images")
+    suspect = np.zeros(store.n, bool) if suspect is None else np.asarray(suspect, bool)
+    if len(suspect) != store.n:
+        raise ValueError(f"suspect mask has {len(suspect)} entries for a pool of {store.n}")
+    valid = np.nonzero(ok)[0]
+    if len(valid) < 2:
+        raise ValueError(f"store {store.root}: only {len(valid)} readable images")
+    z = _standardise(mu[valid])
+    g = pred[valid]
+    kw = dict(k=config.k, min_cluster_size=config.min_cluster_size, n_iter=config.n_iter,
+              metric=config.metric, backend=config.backend, device=config.device)
+    nbrs = latent_neighbours(z, config.n_neighbours, device=config.device)
+    unknown_ok = ~suspect[valid]  # an unlabelled suspect sample may be genuine class c
+    args = (probs[valid], labels[valid], n_classes, nbrs, unknown_ok)
+    real = cluster_and_score(z, g, *args, seed=config.seed, **kw)
+    bar = tqdm(total=config.n_null, desc="permutation null", disable=not progress, leave=False)
+    null = null_scores(z, g, *args, n_null=config.n_null, seed=config.seed, progress=bar, **kw)
+    bar.close()
+    nonempty = np.nonzero(real.size > 0)[0]
+    pvals = permutation_pvalues(real.score[nonempty], null)
+    qvals = bh_qvalues(pvals)
+
+    clusters = []
+    for f, p, q in zip(nonempty, pvals, qvals):
+        c, j = divmod(int(f), real.kmax)
+        members = valid[(g == c) & (real.assign == j)]
+        clusters.append(dict(cls=c, cluster=j, size=int(real.size[f]), n_unrelated=int(real.n_unrelated[f]),
+                             score=float(real.score[f]), p_value=float(p), q_value=float(q),
+                             members=members, n_suspect=int(suspect[members].sum())))
+    sig = sorted((cl for cl in clusters if cl["q_value"] <= config.fdr), key=lambda cl: (-cl["score"], cl["p_value"]))
+    findings, rankings = _merge_and_expand(sig, z, valid, g, store.n)
+    zfull = np.zeros((store.n, z.shape[1]), np.float32)
+    zfull[valid] = z
+    for f in findings:
+        f["exemplars"] = exemplars(zfull, np.asarray(f["members"]), config.n_exemplars).tolist()
+        f["class_name"] = class_names[f["class"]] if class_names and f["class"] < len(class_names) else None
+    pool = {"n": int(store.n), "n_unrelated": int((~suspect).sum()), "n_suspect": int(suspect.sum()),
+            "n_unreadable": int((~ok).sum())}
+    cfg = {"discover": asdict(config), "n_classes": n_classes, "n_clusters": len(clusters), "n_null_clusters": int(len(null))}
+    return DiscoveryResult(findings, clusters, rankings, cfg, pool)
+
+
+def _merge_and_expand(sig: list[dict], z: np.ndarray, valid: np.ndarray, g: np.ndarray, n: int):
+    """Merge significant clusters of one class that share a feature; expand each finding
+    with a linear probe in latent space.
+
+    A cluster joins an earlier (stronger) finding of its class when most of its members
+    fall on the finding's side of the probe (pattern-bearing images split over several
+    clusters).  Each finding's probe also ranks the whole pool (its ``ranking``)."""
+    pos_of = {int(v): i for i, v in enumerate(valid)}
+    findings: list[dict] = []
+    probes: list[tuple[np.ndarray, float]] = []
+    for cl in sig:
+        local = np.array([pos_of[int(m)] for m in cl["members"]], dtype=np.int64)
+        merged = False
+        for f, (w, thr) in zip(findings, probes):
+            if f["class"] == cl["cls"] and np.mean(z[local] @ w > thr) > 0.5:
+                f["clusters"].append(cl)
+                merged = True
+                break
+        if merged:
+            continue
+        findings.append({"class": cl["cls"], "clusters": [cl]})
+        probes.append(_probe(z, g, local, cl["cls"]))
+    rankings = {}
+    out = []
+    for rank, f in enumerate(findings, 1):
+        cls = f["clusters"]
+        members = np.unique(np.concatenate([c["members"] for c in cls]))
+        local = np.array([pos_of[int(m)] for m in members], dtype=np.int64)
+        w, thr = _probe(z, g, local, f["class"])
+        ranking = np.full(n, -np.inf, dtype=np.float32)
+        ranking[valid] = z @ w - thr
+        rankings[rank] = ranking
+        head = cls[0]
+        out.append({
+            "rank": rank, "class": int(f["class"]), "class_name": None, "cluster": int(head["cluster"]),
+            "size": int(len(members)), "score": float(sum(c["score"] for c in cls)),
+            "p_value": float(min(c["p_value"] for c in cls)), "q_value": float(min(c["q_value"] for c in cls)),
+            "members": members.tolist(), "exemplars": [], "confirm": None, "images": {},
+            "merged_clusters": [int(c["cluster"]) for c in cls],
+            "n_unrelated": int(sum(c["n_unrelated"] for c in cls)),
+            "n_suspect": int(sum(c["n_suspect"] for c in cls)),
+            "n_expanded": int(((z @ w - thr) > 0).sum()),
+        })
+    return out, rankings
+
+
+def _probe(z, g, local, cls):
+    neg = np.nonzero(g != cls)[0]
+    if len(local) < 2 or len(neg) < 2:
+        return np.zeros(z.shape[1]), 0.0
+    rng = np.random.default_rng(0)
+    if len(neg) > 20000:
+        neg = rng.choice(neg, 20000, replace=False)
+    return linear_probe(z, local, neg)
+
+
+def characterise(result: DiscoveryResult, store: EmbeddingStore, source: ImageSource, vae, out_dir: Path,
+                 *, seed: int = 0, device: str = "cpu") -> None:
+    """Decoded centroid, contrast, mask and exemplar grid for every finding (PNGs in out_dir)."""
+    from .report import save_grid, save_image, save_map
+
+    out_dir = Path(out_dir)
+    img_dir = out_dir / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    pred = np.asarray(store["pred"]).astype(np.int64)
+    probs = np.asarray(store["probs"])
+    labels = np.asarray(store["labels"])
+    mu = np.asarray(store["mu"])
+    ok = np.asarray(store["ok"]).astype(bool) & (pred >= 0)
+    for f in result.findings:
+        c, r = f["class"], f["rank"]
+        members = np.asarray(f["members"], dtype=np.int64)
+        with torch.no_grad():
+            centroid = torch.as_tensor(mu[members].mean(0, keepdims=True), device=device)
+            decoded = vae.to(device).decode(centroid)[0].cpu()
+        m_content = content_classes(probs[members], labels[members], np.full(len(members), c))
+        others = np.nonzero(ok & (pred != c))[0]
+        o_content = np.where(labels[others] >= 0, labels[others], pred[others])
+        contrast, mem_mean = contrast_map(source, members, m_content, others, o_content, seed=seed)
+        mask = pattern_mask(contrast)
+        f["_mask"] = mask
+        f["_contrast"] = contrast
+        f["_pattern"] = mem_mean
+        x, _ = source.get_batch(np.asarray(f["exemplars"], dtype=np.int64))
+        f["images"] = {
+            "centroid": save_image(decoded, img_dir / f"finding{r}_centroid.png"),
+            "contrast": save_map(contrast, img_dir / f"finding{r}_contrast.png"),
+            "mask": save_image(torch.as_tensor(mask, dtype=torch.float32).unsqueeze(0), img_dir / f"finding{r}_mask.png"),
+            "grid": save_grid(x, img_dir / f"finding{r}_grid.png"),
+        }
+        for k in f["images"]:
+            f["images"][k] = str(Path(f["images"][k]).relative_to(out_dir))
+
+
+def findings_document(result: DiscoveryResult, extra_config: dict | None = None) -> dict:
+    cfg = dict(result.config)
+    if extra_config:
+        cfg.update(extra_config)
+    keys = ["rank", "class", "class_name", "cluster", "size", "score", "p_value", "q_value", "members",
+            "exemplars", "confirm", "images", "merged_clusters", "n_unrelated", "n_suspect", "n_expanded"]
+    return {"schema": 1, "spurfast_version": __version__, "config": cfg, "pool": result.pool,
+            "findings": [{k: f[k] for k in keys if k in f} for f in result.findings]}
+
+
+def write_outputs(result: DiscoveryResult, out_dir: Path, extra_config: dict | None = None) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = findings_document(result, extra_config)
+    (out_dir / "findings.json").write_text(json.dumps(doc, indent=1))
+    with open(out_dir / "findings.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["rank", "class", "class_name", "cluster", "size", "score", "p_value", "q_value",
+                    "n_unrelated", "n_suspect", "flip_rate", "control_flip_rate", "confirm_p_value"])
+        for f in doc["findings"]:
+            cf = f.get("confirm") or {}
+            w.writerow([f["rank"], f["class"], f["class_name"] or "", f["cluster"], f["size"], f"{f['score']:.4g}",
+                        f"{f['p_value']:.4g}", f"{f['q_value']:.4g}", f.get("n_unrelated", ""), f.get("n_suspect", ""),
+                        cf.get("flip_rate", ""), cf.get("control_flip_rate", ""), cf.get("p_value", "")])
+    with open(out_dir / "clusters.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["class", "cluster", "size", "n_unrelated", "n_suspect", "score", "p_value", "q_value"])
+        for cl in sorted(result.clusters, key=lambda c: -c["score"]):
+            w.writerow([cl["cls"], cl["cluster"], cl["size"], cl["n_unrelated"], cl["n_suspect"],
+                        f"{cl['score']:.4g}", f"{cl['p_value']:.4g}", f"{cl['q_value']:.4g}"])
+    rk = out_dir / "rankings"
+    rk.mkdir(exist_ok=True)
+    for r, arr in result.rankings.items():
+        np.save(rk / f"finding{r}.npy", arr)
+    return doc

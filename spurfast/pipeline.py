@@ -1,0 +1,146 @@
+"""End-to-end runs: planted demo data, and discovery over a pool with given models.
+
+`run_discovery` is what `spurfast discover` does; `run_demo` adds data preparation,
+planting and training.  An output directory remembers its run (run.json): rerunning the
+same run resumes (the embedding store and training checkpoints pick up where they
+stopped); a different run there is refused unless ``overwrite``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data.builtin import find_fashion_mnist, load_digits, load_fashion_mnist
+from .data.sources import ArraySource, ImageSource
+from .discover import DiscoverConfig, characterise, discover, write_outputs
+from .embed import EmbeddingStore, embed_pool, fingerprint
+from .plant import PatternSpec, PlantTruth, plant_pool, plant_training
+from .report import write_report
+
+log = logging.getLogger("spurfast")
+
+
+def prepare_output(out_dir, run_id: str, overwrite: bool) -> Path:
+    """Create ``out_dir`` for run ``run_id``; refuse a directory holding another run."""
+    out = Path(out_dir)
+    marker = out / "run.json"
+    if out.exists() and any(out.iterdir()):
+        prev = json.loads(marker.read_text()).get("run_id") if marker.is_file() else None
+        if prev != run_id:
+            if not overwrite:
+                what = f"run {prev}" if prev else "files spurfast did not write"
+                raise FileExistsError(f"output directory {out} already holds {what}; "
+                                      f"choose another directory or pass --overwrite")
+            shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"run_id": run_id}))
+    return out
+
+
+@dataclass
+class PlantedData:
+    train: ArraySource
+    pool: ArraySource
+    suspect: np.ndarray          # (pool n,) provenance: True = suspect sample
+    carries: np.ndarray          # (pool n,) ground truth: carries the planted pattern
+    truth: PlantTruth
+    dataset: str
+    class_names: list[str] | None
+    test_clean: ArraySource | None = None  # held-out clean images (for confirmation)
+
+
+def make_planted_data(dataset: str = "auto", *, target_class: int = 3, n_poisoned="600", spec: PatternSpec | None = None,
+                      pool_fraction: float = 0.1, n_train_per_class: int = 1200, n_suspect: int = 1000,
+                      seed: int = 0, fashion_root=None) -> PlantedData:
+    """Poison ``n_poisoned`` training images of ``target_class``; the pool is held-out images
+    of the *other* classes (a ``pool_fraction`` of them stamped) plus ``n_suspect`` training
+    images (the suspect data, with whatever was planted in them)."""
+    spec = spec or PatternSpec("patch3", seed=seed)
+    if dataset == "auto":
+        dataset = "fashion-mnist" if find_fashion_mnist(fashion_root) else "digits"
+        if dataset == "digits":
+            log.warning("Fashion-MNIST not found: using scikit-learn's digits instead")
+    rng = np.random.default_rng(seed)
+    if dataset == "fashion-mnist":
+        tr, te = load_fashion_mnist("train", fashion_root), load_fashion_mnist("test", fashion_root)
+        ytr = tr.labels()
+        keep = np.concatenate([rng.choice(np.nonzero(ytr == c)[0], min(n_train_per_class, int((ytr == c).sum())), replace=False)
+                               for c in range(10)])
+        xtr, ytr = tr.images[np.sort(keep)], ytr[np.sort(keep)]
+        xte, yte = te.images, te.labels()
+        names = tr.class_names
+    elif dataset == "digits":
+        d = load_digits(28)
+        y = d.labels()
+        perm = rng.permutation(len(y))
+        cut = int(0.55 * len(y))
+        xtr, ytr = d.images[np.sort(perm[:cut])], y[np.sort(perm[:cut])]
+        xte, yte = d.images[np.sort(perm[cut:])], y[np.sort(perm[cut:])]
+        names = d.class_names
+        n_suspect = min(n_suspect, len(ytr) // 4)
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}; expected 'fashion-mnist', 'digits' or 'auto'")
+    n_cls = int((ytr == target_class).sum())
+    n_p = n_cls if str(n_poisoned) == "all" else min(int(n_poisoned), n_cls)
+    xtr_p, planted = plant_training(xtr, ytr, target_class, n_p, spec, seed=seed)
+    # held-out split: half of the other-class test images form the pool, the rest stay clean for confirmation
+    other = np.nonzero(yte != target_class)[0]
+    perm = rng.permutation(other)
+    pool_idx = np.sort(perm[: int(0.75 * len(perm))])
+    clean_idx = np.setdiff1d(np.arange(len(yte)), pool_idx)
+    x_unrel, carries_u = plant_pool(xte[pool_idx], pool_fraction, spec, seed=seed)
+    sus = np.sort(rng.choice(len(ytr), n_suspect, replace=False))
+    x_pool = torch.cat([x_unrel, xtr_p[sus]])
+    y_pool = np.concatenate([yte[pool_idx], ytr[sus]])
+    suspect = np.concatenate([np.zeros(len(pool_idx), bool), np.ones(len(sus), bool)])
+    carries = np.concatenate([carries_u, np.isin(sus, planted)])
+    ids = [f"{dataset}-test:{i}" for i in pool_idx] + [f"{dataset}-train:{i}" for i in sus]
+    truth = PlantTruth(spec, target_class, planted, carries)
+    from .plant import fixed_mask
+    if spec.family not in ("background",):
+        truth.mask = fixed_mask(spec, xtr.shape[1:]).numpy() if spec.position != "random" else None
+    return PlantedData(
+        train=ArraySource(xtr_p, ytr, class_names=names, name=f"{dataset}-train-planted"),
+        pool=ArraySource(x_pool, y_pool, ids=ids, class_names=names, name=f"{dataset}-pool"),
+        suspect=suspect, carries=carries, truth=truth, dataset=dataset, class_names=names,
+        test_clean=ArraySource(xte[clean_idx], yte[clean_idx], class_names=names, name=f"{dataset}-clean"))
+
+
+def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: int, suspect=None,
+                  config: DiscoverConfig | None = None, extra_config: dict | None = None,
+                  overwrite: bool = False, batch_size: int = 256, encoder_backend=None, loader_backend=None,
+                  progress: bool = True, summary: dict | None = None, run_id: str | None = None):
+    """Embed the pool, discover, characterise, write findings.json/csv and report.html."""
+    config = config or DiscoverConfig()
+    if run_id is None:
+        h = hashlib.sha256((fingerprint(pool, classifier, vae) + json.dumps(asdict(config), sort_keys=True)).encode())
+        run_id = h.hexdigest()[:16]
+    out = prepare_output(out_dir, run_id, overwrite)
+    store = embed_pool(pool, classifier, vae, out / "store", num_classes=num_classes, batch_size=batch_size,
+                       device=config.device, encoder_backend=encoder_backend, loader_backend=loader_backend,
+                       progress=progress)
+    result = discover(store, config, suspect=suspect, class_names=pool.class_names, progress=progress)
+    characterise(result, store, pool, vae, out, seed=config.seed, device=config.device)
+    doc = write_outputs(result, out, extra_config)
+    bad = {pool.item_id(i): r for i, r in getattr(pool, "bad_files", {}).items()}
+    write_report(doc, out, clusters=result.clusters, bad_files=bad, summary=summary)
+    return doc, result, store
+
+
+def sample_auroc(scores: np.ndarray, truth: np.ndarray) -> float:
+    """AUROC of ``scores`` for boolean ``truth`` (ties count half)."""
+    from scipy.stats import rankdata
+
+    truth = np.asarray(truth, bool)
+    npos, nneg = int(truth.sum()), int((~truth).sum())
+    if npos == 0 or nneg == 0:
+        return float("nan")
+    r = rankdata(scores)
+    return float((r[truth].sum() - npos * (npos + 1) / 2) / (npos * nneg))

@@ -1,0 +1,130 @@
+"""The HTML report: a folder with report.html and the PNGs it shows.
+
+Everything the report did not write itself (class names, paths, file names, config
+values) is HTML-escaped.  Images are small PNGs next to the page, referenced relatively.
+"""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+UPSCALE_TO = 112  # small images are enlarged (nearest) so a pixel pattern stays visible
+
+
+def _to_pil(img: torch.Tensor):
+    from PIL import Image
+
+    x = img.detach().float().clamp(0, 1)
+    if x.dim() == 2:
+        x = x.unsqueeze(0)
+    arr = (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    im = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr[:, :, :3])
+    if im.width < UPSCALE_TO:
+        s = max(1, UPSCALE_TO // im.width)
+        im = im.resize((im.width * s, im.height * s), Image.NEAREST)
+    return im
+
+
+def save_image(img: torch.Tensor, path) -> str:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _to_pil(img).save(path)
+    return str(path)
+
+
+def save_map(contrast: torch.Tensor, path) -> str:
+    """Signed contrast as a diverging colour map (red = members brighter)."""
+    c = contrast.detach().float().mean(0) if contrast.dim() == 3 else contrast.float()
+    m = float(c.abs().max()) or 1.0
+    v = (c / m).clamp(-1, 1)
+    rgb = torch.stack([1 - (-v).clamp(min=0), 1 - v.abs(), 1 - v.clamp(min=0)])  # white at 0
+    return save_image(rgb, path)
+
+
+def save_grid(images: torch.Tensor, path, ncol: int = 8) -> str:
+    from torchvision.utils import make_grid
+
+    if len(images) == 0:
+        images = torch.zeros(1, 1, 8, 8)
+    grid = make_grid(images.float().clamp(0, 1), nrow=ncol, padding=2, pad_value=0.5)
+    return save_image(grid, path)
+
+
+def plot_scores(clusters: list[dict], fdr_line: float, path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=100)
+    cl = sorted(clusters, key=lambda c: -c["score"])
+    sig = np.array([c["q_value"] <= fdr_line for c in cl])
+    xs = np.arange(len(cl))
+    ys = np.array([c["score"] for c in cl])
+    ax.bar(xs[~sig], ys[~sig], color="#aaaaaa", label="not significant")
+    ax.bar(xs[sig], ys[sig], color="#d62728", label=f"q <= {fdr_line:g}")
+    ax.set_xlabel("clusters (all classes), by score")
+    ax.set_ylabel("score")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path)
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:14px}
+.finding{border:1px solid #ddd;border-radius:6px;padding:1em;margin:1.5em 0}
+.imgs{display:flex;gap:1em;align-items:flex-start;flex-wrap:wrap}.imgs figure{margin:0}
+figcaption{font-size:12px;color:#555;text-align:center}img{image-rendering:pixelated}
+.muted{color:#777}code{background:#f4f4f4;padding:1px 4px}"""
+
+
+def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_files: dict | None = None,
+                 summary: dict | None = None) -> Path:
+    out_dir = Path(out_dir)
+    e = lambda v: html.escape(str(v), quote=True)  # noqa: E731
+    fdr = doc["config"].get("discover", {}).get("fdr", 0.05)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>spurfast report</title>"
+             f"<style>{_CSS}</style></head><body>",
+             f"<h1>spurfast report</h1><p class='muted'>spurfast {e(doc['spurfast_version'])}, "
+             f"schema {e(doc['schema'])}</p>"]
+    pool = doc["pool"]
+    parts.append("<h2>Pool</h2><table>" + "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in pool.items()) + "</table>")
+    if summary:
+        parts.append("<h2>Summary</h2><table>" + "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in summary.items()) + "</table>")
+    if clusters:
+        plot_scores(clusters, fdr, out_dir / "images" / "scores.png")
+        parts.append("<h2>Cluster scores</h2><img src='images/scores.png' alt='cluster scores'>")
+    parts.append(f"<h2>Findings ({len(doc['findings'])} at q &le; {e(fdr)})</h2>")
+    if not doc["findings"]:
+        parts.append("<p>No cluster is significant at this false-discovery rate.</p>")
+    for f in doc["findings"]:
+        name = f" ({e(f['class_name'])})" if f.get("class_name") else ""
+        parts.append(f"<div class='finding'><h3>#{e(f['rank'])}: class {e(f['class'])}{name}</h3>")
+        parts.append(f"<p>{e(f['size'])} members ({e(f.get('n_unrelated', '?'))} unrelated, "
+                     f"{e(f.get('n_suspect', '?'))} suspect), score {float(f['score']):.3g}, "
+                     f"p = {float(f['p_value']):.3g}, q = {float(f['q_value']):.3g}; "
+                     f"clusters merged: {e(f.get('merged_clusters', [f['cluster']]))}</p>")
+        cf = f.get("confirm")
+        if cf:
+            parts.append(f"<p><b>Confirmation:</b> pasting the pattern flips {float(cf['flip_rate']):.1%} of clean images "
+                         f"towards this class vs {float(cf['control_flip_rate']):.1%} for random patterns "
+                         f"(p = {float(cf['p_value']):.3g}).</p>")
+        imgs = f.get("images") or {}
+        caps = {"centroid": "decoded centroid", "contrast": "contrast (members vs. matched others)",
+                "mask": "extracted mask", "grid": "exemplars"}
+        parts.append("<div class='imgs'>" + "".join(
+            f"<figure><img src='{e(imgs[k])}' alt='{e(caps[k])}'><figcaption>{e(caps[k])}</figcaption></figure>"
+            for k in ("centroid", "contrast", "mask", "grid") if k in imgs) + "</div></div>")
+    if bad_files:
+        parts.append(f"<h2>Unreadable files ({len(bad_files)}, skipped)</h2><ul>"
+                     + "".join(f"<li><code>{e(p)}</code>: {e(r)}</li>" for p, r in sorted(bad_files.items())) + "</ul>")
+    parts.append("<h2>Configuration</h2><pre>" + e(json.dumps(doc["config"], indent=1)) + "</pre></body></html>")
+    path = out_dir / "report.html"
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path

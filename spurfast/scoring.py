@@ -1,0 +1,147 @@
+"""Cluster scores, permutation p-values and Benjamini-Hochberg q-values.
+
+A shortcut makes the classifier call *unrelated* images by one class c, and the images
+that carry it share a latent feature.  So around a pattern-bearing image the latent
+neighbours that are unrelated to c are *also* called c: the region is purely c although
+its content is not.  A natural confusion (a shirt called T-shirt) sits on a decision
+boundary instead, where similar images are called either way.  The score of a cluster of
+predicted class c counts its *agreeing* members:
+
+    score = #{ i in U : most of i's latent neighbours unrelated to c are predicted c }
+
+with U the members unrelated to c (content != c: the true label where known, else the
+classifier's best class other than c; suspect samples of unknown label never count).
+"Most" is a majority vote of the K nearest neighbours in the standardised latent space.
+
+The null keeps everything but the link between latent features and predictions:
+predicted classes are permuted among images of the same true label (among all images
+when labels are unknown), so each class keeps its size and each content class its
+confusion rates.  The *whole* clustering is rerun on each permutation, which prices in
+the selection k-means itself does; p = (1 + #null >= s) / (1 + #null), pooled over all
+clusters of all permutations.  No thresholds are tuned.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .cluster import batched_kmeans, choose_k
+
+
+def content_classes(probs: np.ndarray, labels: np.ndarray, cls: np.ndarray) -> np.ndarray:
+    """Content of each image relative to class ``cls[i]``: its label if known, else the
+    best class other than cls[i]."""
+    p = probs.copy()
+    p[np.arange(len(p)), cls] = -np.inf
+    runner = p.argmax(1)
+    return np.where(labels >= 0, labels, runner)
+
+
+def latent_neighbours(z: np.ndarray, k: int = 10, chunk: int = 2048, device: str = "cpu") -> np.ndarray:
+    """(n, k) indices of each point's k nearest other points (squared L2), computed in
+    row chunks so memory stays O(chunk * n)."""
+    zt = torch.as_tensor(z, device=device, dtype=torch.float32)
+    n = len(zt)
+    k = min(k, n - 1)
+    sq = (zt * zt).sum(1)
+    out = np.empty((n, k), dtype=np.int64)
+    for s in range(0, n, chunk):
+        d = sq[s:s + chunk, None] - 2 * zt[s:s + chunk] @ zt.T + sq[None, :]
+        d[torch.arange(len(d)), torch.arange(s, s + len(d))] = float("inf")
+        out[s:s + chunk] = d.topk(k, largest=False).indices.cpu().numpy()
+    return out
+
+
+def agreeing(groups: np.ndarray, labels: np.ndarray, neighbours: np.ndarray, unknown_ok: np.ndarray) -> np.ndarray:
+    """Per point i (predicted class c = groups[i]): do most of its neighbours that are
+    unrelated to c (label != c, or unlabelled and allowed) also get predicted c?"""
+    c = groups[:, None]
+    nl = labels[neighbours]
+    valid = np.where(nl >= 0, nl != c, unknown_ok[neighbours])
+    agree = (groups[neighbours] == c) & valid
+    return 2 * agree.sum(1) > valid.sum(1)
+
+
+def cluster_scores(groups: np.ndarray, assign: np.ndarray, kmax: int, unrelated: np.ndarray,
+                   agree: np.ndarray, n_classes: int):
+    """Per (group, cluster) flat index: (score, n_unrelated, size)."""
+    flat = groups.astype(np.int64) * kmax + assign
+    m = n_classes * kmax
+    size = np.bincount(flat, minlength=m)
+    n_u = np.bincount(flat[unrelated], minlength=m)
+    score = np.bincount(flat[unrelated & agree], minlength=m).astype(np.float64)
+    return score, n_u, size
+
+
+@dataclass
+class Clustering:
+    groups: np.ndarray      # (n,) predicted class of each valid point
+    assign: np.ndarray      # (n,) cluster within class
+    centroids: np.ndarray   # (C, kmax, d)
+    k_per_group: np.ndarray
+    kmax: int
+    score: np.ndarray       # (C*kmax,)
+    n_unrelated: np.ndarray
+    size: np.ndarray
+
+
+def cluster_and_score(z: np.ndarray, groups: np.ndarray, probs: np.ndarray, labels: np.ndarray,
+                      n_classes: int, neighbours: np.ndarray, unknown_ok: np.ndarray, *, k: int, min_cluster_size: int, seed: int, n_iter: int,
+                      metric: str = "l2", backend: str | None = None, device: str = "cpu") -> Clustering:
+    sizes = np.bincount(groups, minlength=n_classes)
+    kpg = choose_k(sizes, k, min_cluster_size)
+    res = batched_kmeans(torch.as_tensor(z, device=device), torch.as_tensor(groups, device=device), kpg,
+                         n_groups=n_classes, n_iter=n_iter, seed=seed, metric=metric, backend=backend)
+    assign = res.assign.cpu().numpy()
+    kmax = res.centroids.shape[1]
+    content = content_classes(probs, labels, groups)
+    unrelated = (content != groups) & np.where(labels >= 0, True, unknown_ok)
+    agree = agreeing(groups, labels, neighbours, unknown_ok)
+    score, n_u, size = cluster_scores(groups, assign, kmax, unrelated, agree, n_classes)
+    return Clustering(groups, assign, res.centroids.cpu().numpy(), kpg, kmax, score, n_u, size)
+
+
+def permuted_predictions(groups: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Permute predicted classes among images that share a true label (or among all
+    unlabelled images)."""
+    out = groups.copy()
+    for lab in np.unique(labels):
+        idx = np.nonzero(labels == lab)[0]
+        out[idx] = groups[rng.permutation(idx)]
+    return out
+
+
+def null_scores(z, groups, probs, labels, n_classes, neighbours, unknown_ok, *, n_null: int, seed: int,
+                progress=None, **kw) -> np.ndarray:
+    """Scores of every nonempty cluster over ``n_null`` permutations, pooled."""
+    rng = np.random.default_rng(seed + 104729)
+    out = []
+    for b in range(n_null):
+        g = permuted_predictions(groups, labels, rng)
+        cl = cluster_and_score(z, g, probs, labels, n_classes, neighbours, unknown_ok, seed=seed + 1 + b, **kw)
+        out.append(cl.score[cl.size > 0])
+        if progress is not None:
+            progress.update(1)
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def permutation_pvalues(scores: np.ndarray, null: np.ndarray) -> np.ndarray:
+    null = np.sort(null)
+    ge = len(null) - np.searchsorted(null, scores, side="left")
+    return (1.0 + ge) / (1.0 + len(null))
+
+
+def bh_qvalues(p: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (q-values), in the input order."""
+    p = np.asarray(p, dtype=np.float64)
+    m = len(p)
+    if m == 0:
+        return p
+    order = np.argsort(p, kind="stable")
+    ranked = p[order] * m / np.arange(1, m + 1)
+    q = np.minimum.accumulate(ranked[::-1])[::-1]
+    out = np.empty(m)
+    out[order] = np.minimum(q, 1.0)
+    return out
