@@ -14,6 +14,7 @@ gradients and texture, quality 90, 4:2:0) generated once and cached under
 from __future__ import annotations
 
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -67,6 +68,23 @@ def image_folder(n: int, seed: int = 0) -> list[str]:
     return paths
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (DataLoader workers)."""
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+def _timed(writer, provider, fn, cfg, dev, n, reps, device="cpu"):
+    """measure() plus CPU-seconds per image over all passes (robust to other load on a
+    shared machine, where wall-clock images/s is not)."""
+    c0 = _cpu_seconds()
+    st = measure(fn, device=device, warmup=1, reps=reps)
+    cpu_per_img = (_cpu_seconds() - c0) / (n * (st["reps"] + 1))
+    writer.add_timing("loader", provider, cfg, st, dev, items=n)
+    writer.add("loader", provider, cfg, "cpu_s_per_item", cpu_per_img, "s", dev)
+    return n / st["median_s"], cpu_per_img
+
+
 def _drain(it) -> int:
     n = 0
     for idx, images, ok in it:
@@ -97,21 +115,21 @@ def run(writer, quick: bool = False, device=None):
             assert _drain(loader_torch.iter_folder_batches(paths, size=size, batch_size=batch,
                                                            num_threads=threads)) == n
 
-        st = measure(torch_pass, warmup=1, reps=reps)
-        writer.add_timing("loader", "torch-dataloader", cfg, st, cpu_dev, items=n)
-        results["torch"] = n / st["median_s"]
+        results["torch"] = _timed(writer, "torch-dataloader", torch_pass, cfg, cpu_dev, n, reps)
         if dali_ok:
             def dali_pass():
                 assert _drain(loader_dali.iter_folder_batches(paths, size=size, batch_size=batch,
                                                               num_threads=threads, device="cpu")) == n
 
-            st = measure(dali_pass, warmup=1, reps=reps)
-            writer.add_timing("loader", "dali-cpu", cfg, st, cpu_dev, items=n)
-            results["dali"] = n / st["median_s"]
-            ratio = results["dali"] / results["torch"]
+            results["dali"] = _timed(writer, "dali-cpu", dali_pass, cfg, cpu_dev, n, reps)
+            ratio = results["dali"][0] / results["torch"][0]
+            cpu_ratio = results["torch"][1] / results["dali"][1]
             writer.add("loader", "dali-cpu/torch-dataloader", cfg, "speedup", ratio, "x", cpu_dev)
-            print(f"[bench loader] size {size}: DALI CPU {results['dali']:.0f} img/s vs torch DataLoader "
-                  f"{results['torch']:.0f} img/s at {threads} threads: {ratio:.2f}x (target >= 1.5x)", flush=True)
+            writer.add("loader", "dali-cpu/torch-dataloader", cfg, "cpu_efficiency_ratio", cpu_ratio, "x", cpu_dev)
+            print(f"[bench loader] size {size}: DALI CPU {results['dali'][0]:.0f} img/s vs torch DataLoader "
+                  f"{results['torch'][0]:.0f} img/s at {threads} threads: {ratio:.2f}x (target >= 1.5x); "
+                  f"CPU ms per image {results['dali'][1] * 1e3:.2f} vs {results['torch'][1] * 1e3:.2f} "
+                  f"({cpu_ratio:.2f}x)", flush=True)
         want_gpu = device in (None, "cuda", "gpu") and torch.cuda.is_available()
         if dali_ok and want_gpu:
             gpu_dev = device_name("cuda")
@@ -120,11 +138,10 @@ def run(writer, quick: bool = False, device=None):
                 assert _drain(loader_dali.iter_folder_batches(paths, size=size, batch_size=batch,
                                                               num_threads=threads, device="gpu")) == n
 
-            st = measure(mixed_pass, device="cuda", warmup=1, reps=reps)
-            writer.add_timing("loader", "dali-mixed", cfg, st, gpu_dev, items=n)
-            ratio = (n / st["median_s"]) / results["torch"]
+            ips, _ = _timed(writer, "dali-mixed", mixed_pass, cfg, gpu_dev, n, reps, device="cuda")
+            ratio = ips / results["torch"][0]
             writer.add("loader", "dali-mixed/torch-dataloader", cfg, "speedup", ratio, "x", gpu_dev)
-            print(f"[bench loader] size {size}: DALI mixed {n / st['median_s']:.0f} img/s: "
+            print(f"[bench loader] size {size}: DALI mixed {ips:.0f} img/s: "
                   f"{ratio:.2f}x torch DataLoader (target >= 2x)", flush=True)
         elif device in ("cuda", "gpu"):
             print("[bench loader] GPU requested but no GPU with DALI here; GPU figures not measured", flush=True)
