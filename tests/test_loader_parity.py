@@ -92,3 +92,25 @@ def test_uint8_outputs_are_the_float_outputs_times_255(folder):
         _, u8, _ = _load(mod, paths[:5], size=48, dtype=torch.uint8, **kw)
         _, f32, _ = _load(mod, paths[:5], size=48, **kw)
         assert float((u8.float() / 255 - f32).abs().max()) <= 1e-6, mod.__name__
+
+
+def test_exif_orientation_is_applied_by_both_loaders(tmp_path):
+    """A JPEG whose EXIF says "rotate 90 CW" (orientation 6) must come out rotated, the
+    same way from both loaders (DALI applies EXIF orientation; the PIL path must too)."""
+    rng = np.random.default_rng(3)
+    arr = _picture(rng, 80, 80)  # square, so the centre crop keeps every edge
+    arr[:, :20] = (255, 0, 0)  # a red band on the left edge of the stored picture
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    plain, rotated = tmp_path / "a_plain.jpg", tmp_path / "b_rotated.jpg"
+    Image.fromarray(arr).save(plain, quality=95)
+    Image.fromarray(arr).save(rotated, quality=95, exif=exif.tobytes())
+    paths = [str(plain), str(rotated)]
+    _, t_img, _ = _load(loader_torch, paths, size=32)
+    _, d_img, _ = _load(loader_dali, paths, size=32, device="cpu")
+    assert float((t_img - d_img).abs().max()) <= MAX_ABS
+    # Orientation 6 displays the stored image rotated 90 degrees clockwise: the stored
+    # left edge becomes the top edge.
+    for img in (t_img, d_img):
+        assert float(img[1, 0, :3, :].mean()) > 0.8 and float(img[1, 1, :3, :].mean()) < 0.2, "red band on top"
+        assert float(img[0, 0, :, :3].mean()) > 0.8, "plain copy keeps the band on the left"
