@@ -97,21 +97,23 @@ def group_ids(offsets: torch.Tensor) -> torch.Tensor:
 
 def _group_blocks(offsets: torch.Tensor, kmax: int, d: int):
     """Chunks of groups of similar size, so padded batched GEMMs waste little and stay
-    within the memory budget.  Yields (group index tensor, padded size)."""
-    sizes = (offsets[1:] - offsets[:-1]).cpu()
-    order = torch.argsort(sizes, descending=True, stable=True)
-    i = 0
-    G = len(sizes)
+    within the memory budget.  Yields (group index tensor on the CPU, padded size)."""
+    import numpy as np
+
+    sizes = (offsets[1:] - offsets[:-1]).cpu().numpy()
+    order = np.argsort(-sizes, kind="stable")
+    desc = sizes[order]                      # non-increasing
+    neg = -desc                              # non-decreasing, for searchsorted
+    i, G = 0, len(sizes)
     while i < G:
-        nmax = int(sizes[order[i]])
+        nmax = int(desc[i])
         if nmax == 0:
             break
         rows = max(1, _BUDGET // max(1, nmax * max(kmax, d)))
-        j = i + 1
-        # pad at most 2x: stop the block where groups get less than half the largest
-        while j < G and j - i < rows and int(sizes[order[j]]) * 2 >= nmax:
-            j += 1
-        yield order[i:j].to(offsets.device), nmax
+        # pad at most 2x: the block ends where groups get less than half the largest
+        half = int(np.searchsorted(neg, -((nmax + 1) // 2), side="right"))
+        j = max(i + 1, min(i + rows, half))
+        yield torch.from_numpy(order[i:j].copy()), nmax
         i = j
 
 
@@ -123,7 +125,7 @@ def _padded_index(offsets: torch.Tensor, groups: torch.Tensor, nmax: int):
     return torch.where(valid, idx, torch.zeros_like(idx)), valid
 
 
-_CHUNK_CPU = 1 << 18  # floats per distance chunk on the CPU (1 MiB: stays in L2 cache)
+_CHUNK_CPU = 1 << 20  # floats per distance chunk on the CPU (4 MiB: cache-sized, few parallel regions)
 _BIG_GROUP = 2048     # groups at least this large run unpadded, chunk by chunk
 
 
@@ -219,13 +221,16 @@ def kmeans_assign(
         kmask = torch.arange(kmax, device=x.device).unsqueeze(0) >= kpg[groups].unsqueeze(1)
         S.masked_fill_(kmask.unsqueeze(1), float("inf"))
         best, arg = _argmin_lastdim(S)
+        sel = idx[valid]
+        arg = arg[valid]
         if cosine:
-            best = best + 1.0
+            best = best[valid] + 1.0
         else:
-            diff = xp - cb.gather(1, arg.unsqueeze(-1).expand(-1, -1, d))
+            rows = (groups.unsqueeze(1) * kmax).expand_as(valid)[valid] + arg
+            diff = x[sel].float() - c.view(G * kmax, d).index_select(0, rows)
             best = torch.linalg.vecdot(diff, diff)
-        assign[idx[valid]] = arg[valid]
-        dist[idx[valid]] = best[valid]
+        assign[sel] = arg
+        dist[sel] = best
     return assign, dist
 
 

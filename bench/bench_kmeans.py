@@ -1,0 +1,264 @@
+"""Batched k-means: per-iteration time of one Lloyd step (assign + update + divide).
+
+python -m bench kmeans [--quick] [--device cpu|cuda]
+
+Providers
+  cupy            the CUDA kernels (spurfast.kernels.kmeans_cupy), GPU only
+  torch           the reference (spurfast.kernels.reference), CPU and GPU
+  torch-loop      the reference called once per group from Python (what batching replaces)
+  faiss-cpu       faiss.Kmeans on all points (one group only), CPU
+  sklearn         sklearn KMeans(algorithm="lloyd") on all points (one group only), CPU
+  flash-kmeans    flash_kmeans.batch_kmeans_Euclid (pip flash-kmeans), GPU, equal-size groups
+
+faiss, sklearn and flash-kmeans run whole fits; their per-iteration time is
+(t(1 + R iterations) - t(1 iteration)) / R, which cancels set-up and initialisation.  Ours
+is timed directly as one step, and (for the side-by-side rows) by the same differencing of
+spurfast.cluster.batched_kmeans, so loop overhead is included in the comparison.  All CPU
+providers use the same thread count (torch.get_num_threads()).
+
+Counted per iteration: FLOPs = 2 N k d (distances) + N d (sums); bytes = x read twice
+(assign, update) + centroids read + assign/dist written (int64 + fp32).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+
+import numpy as np
+import torch
+
+from .harness import device_name, measure
+
+OP = "kmeans_iter"
+DIFF_ITERS = 5   # R in the differencing above
+
+
+def _log(msg: str) -> None:
+    print(f"[bench kmeans] {msg}", file=sys.stderr, flush=True)
+
+
+def make_data(N: int, d: int, k: int, G: int, device, seed: int = 0, dtype=torch.float32):
+    """Random points (no early convergence), equal-ish groups, k per group <= group size."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, d, generator=g)
+    sizes = torch.full((G,), N // G, dtype=torch.int64)
+    sizes[: N - int(sizes.sum())] += 1
+    off = torch.zeros(G + 1, dtype=torch.int64)
+    off[1:] = torch.cumsum(sizes, 0)
+    kpg = torch.clamp(sizes, max=k)
+    cent = torch.zeros(G, k, d)
+    for gi in range(G):   # initial centroids: the first k_g points of each group
+        cent[gi, : int(kpg[gi])] = x[int(off[gi]): int(off[gi]) + int(kpg[gi])]
+    return (x.to(device=device, dtype=dtype), off.to(device), cent.to(device), kpg.to(device))
+
+
+def counts(N, d, k, G, elt=4):
+    flops = 2.0 * N * k * d + N * d
+    bytes_moved = 2.0 * N * d * elt + G * k * d * 4 + N * 12
+    return flops, bytes_moved
+
+
+# ----------------------------------------------------------------------------- steps
+def _step_fn(mod, x, off, cent, kpg):
+    kmax = cent.shape[1]
+
+    def step():
+        a, _ = mod.kmeans_assign(x, off, cent, kpg, "l2")
+        s, c = mod.kmeans_update(x, off, a, kmax)
+        return s / c.clamp_min(1).unsqueeze(-1)
+
+    return step
+
+
+def _loop_fn(ref, x, off, cent, kpg):
+    """The reference once per group from Python."""
+    G = len(off) - 1
+    bounds = [(int(off[g]), int(off[g + 1]), int(kpg[g])) for g in range(G)]
+
+    def step():
+        out = []
+        for g, (lo, hi, k) in enumerate(bounds):
+            xg = x[lo:hi]
+            o = torch.tensor([0, hi - lo], device=x.device)
+            a, _ = ref.kmeans_assign(xg, o, cent[g: g + 1, :k], kpg[g: g + 1], "l2")
+            s, c = ref.kmeans_update(xg, o, a, k)
+            out.append(s / c.clamp_min(1).unsqueeze(-1))
+        return out
+
+    return step
+
+
+@contextlib.contextmanager
+def _threads(n):
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=n):
+        yield
+
+
+def _diff_time(fit, device, reps):
+    """Per-iteration seconds of a whole-fit callable fit(n_iter) by differencing."""
+    one = measure(lambda: fit(1), device=device, warmup=1, reps=reps)
+    many = measure(lambda: fit(1 + DIFF_ITERS), device=device, warmup=1, reps=reps)
+    per = max(many["median_s"] - one["median_s"], 1e-9) / DIFF_ITERS
+    spread = max(many["p80_s"] - many["p20_s"], 0.0) / DIFF_ITERS
+    return {"median_s": per, "p20_s": max(per - spread / 2, 0.0), "p80_s": per + spread / 2,
+            "peak_bytes": many["peak_bytes"], "reps": many["reps"]}
+
+
+def _ours_fit(x, off, cent, kpg, backend):
+    from spurfast.cluster import batched_kmeans
+
+    gid = torch.repeat_interleave(torch.arange(len(off) - 1, device=x.device), off[1:] - off[:-1])
+
+    def fit(n):
+        return batched_kmeans(x, gid, kpg.cpu().numpy(), n_groups=len(off) - 1, init=cent, n_iter=n,
+                              tol=-1.0, backend=backend)
+
+    return fit
+
+
+def _faiss_fit(x, cent, threads):
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    xn = np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)
+    c0 = np.ascontiguousarray(cent[0].cpu().numpy(), dtype=np.float32)
+    k, d = c0.shape
+
+    def fit(n):
+        km = faiss.Kmeans(d, k, niter=n, verbose=False, max_points_per_centroid=1 << 30, seed=1)
+        km.train(xn, init_centroids=c0)
+        return km
+
+    return fit
+
+
+def _sklearn_fit(x, cent, threads):
+    from sklearn.cluster import KMeans
+
+    xn = np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)
+    c0 = np.ascontiguousarray(cent[0].cpu().numpy(), dtype=np.float32)
+
+    def fit(n):
+        with _threads(threads):
+            return KMeans(n_clusters=len(c0), init=c0, n_init=1, max_iter=n, tol=0.0, algorithm="lloyd").fit(xn)
+
+    return fit
+
+
+def _flash_fit(x, off, k):
+    from flash_kmeans import batch_kmeans_Euclid
+
+    G = len(off) - 1
+    N = x.shape[0]
+    if N % G:
+        raise ValueError("flash-kmeans needs equal group sizes")
+    xb = x.view(G, N // G, x.shape[1])
+
+    def fit(n):
+        return batch_kmeans_Euclid(xb, n_clusters=k, max_iters=n, tol=-1.0, verbose=False)
+
+    return fit
+
+
+# ----------------------------------------------------------------------------- runner
+def _configs(quick: bool, device: str):
+    if quick:
+        # the target comparison first: N=1e5, d=64, k=64, one group
+        yield dict(N=100_000, d=64, k=64, G=1, side_by_side=True)
+        yield dict(N=10_000, d=16, k=8, G=10)
+        yield dict(N=10_000, d=16, k=8, G=100)
+        if device == "cuda":
+            yield dict(N=1_000_000, d=128, k=1024, G=1, side_by_side=True)
+            yield dict(N=1_300_000, d=64, k=16, G=1000)
+        return
+    for N in (10_000, 100_000, 1_000_000):
+        for d in (16, 64, 128, 512):
+            for k in (8, 64, 256, 1024):
+                for G in (1, 10, 100, 1000):
+                    if k * G > N:            # fewer points than centroids per group
+                        continue
+                    if device == "cpu" and 2.0 * N * k * d > 2e10:   # > ~1 min per config on 2 cores
+                        continue
+                    yield dict(N=N, d=d, k=k, G=G, side_by_side=(G == 1 and N == 100_000 and d == 64 and k == 64))
+    if device == "cuda":
+        yield dict(N=1_300_000, d=64, k=16, G=1000)
+
+
+def run(writer, quick: bool = False, device: str | None = None) -> None:
+    from spurfast.kernels import reference as ref
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev == "cuda" and not torch.cuda.is_available():
+        _log("--device cuda asked for but torch sees no GPU; skipping")
+        return
+    devname = device_name(dev)
+    threads = torch.get_num_threads()
+    reps = 3 if quick else 7
+    kc = None
+    if dev == "cuda":
+        from spurfast.kernels import kmeans_cupy
+
+        ok, why = kmeans_cupy.is_available()
+        kc = kmeans_cupy if ok else None
+        if not ok:
+            _log(f"cupy kernels skipped: {why}")
+    for cfg in _configs(quick, dev):
+        N, d, k, G = cfg["N"], cfg["d"], cfg["k"], cfg["G"]
+        config = dict(N=N, d=d, k=k, groups=G, dtype="fp32", threads=threads)
+        flops, nbytes = counts(N, d, k, G)
+        x, off, cent, kpg = make_data(N, d, k, G, dev)
+        results = {}
+
+        def record(provider, stats, dv=dev, dn=devname):
+            results[provider] = stats["median_s"]
+            writer.add_timing(OP, provider, config, stats, dn, items=N, bytes_moved=nbytes, flops=flops)
+
+        record("torch", measure(_step_fn(ref, x, off, cent, kpg), device=dev, reps=reps))
+        if kc is not None:
+            record("cupy", measure(_step_fn(kc, x, off, cent, kpg), device=dev, reps=reps))
+            xb = x.to(torch.bfloat16)
+            st = measure(_step_fn(kc, xb, off, cent, kpg), device=dev, reps=reps)
+            writer.add_timing(OP, "cupy", dict(config, dtype="bf16"), st, devname, items=N,
+                              bytes_moved=counts(N, d, k, G, elt=2)[1], flops=flops)
+        if G > 1 and (G <= 100 or not quick):
+            record("torch-loop", measure(_loop_fn(ref, x, off, cent, kpg), device=dev, reps=max(2, reps // 2)))
+        if cfg.get("side_by_side"):
+            record("torch-fit", _diff_time(_ours_fit(x, off, cent, kpg, "torch"), dev, reps))
+            if kc is not None:
+                record("cupy-fit", _diff_time(_ours_fit(x, off, cent, kpg, "cupy"), dev, reps))
+        if G == 1 and dev == "cpu" and (cfg.get("side_by_side") or not quick):
+            for name, maker in (("faiss-cpu", lambda: _faiss_fit(x, cent, threads)),
+                                ("sklearn", lambda: _sklearn_fit(x, cent, threads))):
+                try:
+                    fit = maker()
+                except ImportError as exc:
+                    _log(f"{name} skipped: not installed ({exc})")
+                    continue
+                record(name, _diff_time(fit, "cpu", reps))
+        if dev == "cuda" and N % G == 0:
+            try:
+                fit = _flash_fit(x, off, k)
+                record("flash-kmeans", _diff_time(fit, dev, reps))
+            except ImportError as exc:
+                _log(f"flash-kmeans skipped: not installed ({exc})")
+            except Exception as exc:  # API drift: say so, keep the other rows
+                _log(f"flash-kmeans skipped: {exc.__class__.__name__}: {exc}")
+        ours = results.get("cupy-fit", results.get("torch-fit"))
+        ours_name = "cupy-fit" if "cupy-fit" in results else "torch-fit"
+        for peer in ("faiss-cpu", "sklearn", "flash-kmeans"):
+            if ours is not None and peer in results:
+                ratio = ours / results[peer]
+                writer.add(OP, ours_name, dict(config, vs=peer), "time_ratio", ratio, "x", devname)
+                _log(f"{ours_name} / {peer} per-iteration time at N={N} d={d} k={k} G={G}: {ratio:.2f}x")
+        if "torch-loop" in results:
+            best = results.get("cupy", results["torch"])
+            _log(f"batched / per-group loop at N={N} d={d} k={k} G={G}: {results['torch-loop'] / best:.1f}x faster")
+        del x, off, cent, kpg
+        if dev == "cuda":
+            torch.cuda.empty_cache()
