@@ -39,7 +39,11 @@ class ImageSource:
 
 def to_float_images(images) -> torch.Tensor:
     """(N,H,W) or (N,C,H,W) uint8/float array -> float32 (N,C,H,W) in [0, 1]."""
-    t = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+    if not isinstance(images, torch.Tensor):
+        arr = np.asarray(images)
+        t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+    else:
+        t = images
     if t.dim() == 3:
         t = t.unsqueeze(1)
     if t.dim() != 4:

@@ -1,0 +1,93 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from spurfast.data import ArraySource, ConcatSource, SubsetSource, iter_batches, load_digits, load_fashion_mnist
+from spurfast.data.builtin import find_fashion_mnist, read_idx
+
+
+def _write_idx(path, arr, gz=False):
+    header = b"\x00\x00\x08" + bytes([arr.ndim]) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+    data = header + arr.astype(np.uint8).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(data)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_fashion_mnist_from_idx_dir(tmp_path, gz):
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (7, 28, 28), dtype=np.uint8)
+    labs = np.arange(7, dtype=np.uint8)
+    ext = ".gz" if gz else ""
+    _write_idx(tmp_path / f"train-images-idx3-ubyte{ext}", imgs, gz)
+    _write_idx(tmp_path / f"train-labels-idx1-ubyte{ext}", labs, gz)
+    src = load_fashion_mnist("train", root=tmp_path)
+    assert len(src) == 7 and src.image_shape == (1, 28, 28)
+    x, y = src[3]
+    assert y == 3 and torch.allclose(x[0], torch.as_tensor(imgs[3]) / 255.0)
+    assert find_fashion_mnist(tmp_path) == tmp_path
+
+
+def test_fashion_mnist_torchvision_root_layout(tmp_path):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    _write_idx(raw / "t10k-images-idx3-ubyte", np.zeros((2, 28, 28), np.uint8))
+    _write_idx(raw / "t10k-labels-idx1-ubyte", np.array([1, 2], np.uint8))
+    assert len(load_fashion_mnist("test", root=tmp_path)) == 2
+
+
+def test_fashion_mnist_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        load_fashion_mnist("train", root=tmp_path)
+    bad = tmp_path / "x"
+    bad.write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(ValueError, match="not an unsigned-byte IDX"):
+        read_idx(bad)
+    with pytest.raises(ValueError, match="split"):
+        load_fashion_mnist("val", root=tmp_path)
+
+
+def test_debian_fashion_mnist_if_installed():
+    if find_fashion_mnist() is None:
+        pytest.skip("dataset-fashion-mnist not installed")
+    src = load_fashion_mnist("test")
+    assert len(src) == 10000 and src.class_names[0] == "T-shirt/top"
+
+
+def test_digits_resized():
+    d = load_digits(28)
+    assert len(d) == 1797 and d.image_shape == (1, 28, 28)
+    assert float(d.images.max()) <= 1.0 and set(np.unique(d.labels())) == set(range(10))
+
+
+def test_array_source_and_batches():
+    x = np.random.default_rng(0).integers(0, 256, (10, 3, 8, 8), dtype=np.uint8)
+    src = ArraySource(x, labels=np.arange(10) % 3, ids=[f"im{i}" for i in range(10)])
+    assert src.item_id(4) == "im4" and src[4][1] == 1
+    seen = []
+    for b in iter_batches(src, batch_size=4, start=2):
+        seen += b.indices.tolist()
+        assert torch.allclose(b.images, torch.as_tensor(x[b.indices.numpy()]).float() / 255)
+        assert b.ok.all()
+    assert seen == list(range(2, 10))
+    sub = SubsetSource(src, [9, 1])
+    assert sub.item_id(0) == "im9" and sub.labels().tolist() == [0, 1]
+    cat = ConcatSource([src, sub])
+    assert len(cat) == 12 and cat.item_id(11) == "im1"
+    im, lb = cat.get_batch([0, 10, 11])
+    assert lb.tolist() == [0, 0, 1] and torch.equal(im[1], src[9][0])
+
+
+def test_array_source_bad_input():
+    with pytest.raises(ValueError, match="3 labels for 2 images"):
+        ArraySource(np.zeros((2, 4, 4), np.uint8), labels=[0, 1, 2])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        ArraySource(np.full((2, 4, 4), 3.0))
+    with pytest.raises(ValueError, match="NaN"):
+        ArraySource(np.full((2, 4, 4), np.nan))
+    with pytest.raises(ValueError, match="shape"):
+        ArraySource(np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="different image shapes"):
+        ConcatSource([ArraySource(np.zeros((1, 4, 4))), ArraySource(np.zeros((1, 5, 5)))])

@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+import torch
+
+from spurfast.data import ArraySource
+from spurfast.embed import EmbeddingStore, embed_pool
+from spurfast.models import VAE, VAEConfig, SmallCNN
+
+
+def _setup(n=50):
+    torch.manual_seed(0)
+    src = ArraySource(torch.rand(n, 1, 28, 28), np.arange(n) % 4)
+    return src, SmallCNN(1, 4, 28).eval(), VAE(VAEConfig(1, 28, (8, 16), 6)).eval()
+
+
+def test_interrupted_pass_resumes_to_the_same_store(tmp_path):
+    src, clf, vae = _setup()
+    full = embed_pool(src, clf, vae, tmp_path / "a", num_classes=4, batch_size=8, progress=False)
+    part = embed_pool(src, clf, vae, tmp_path / "b", num_classes=4, batch_size=8, progress=False, stop_after=3)
+    assert part.done == 24 and not part.complete
+    # finished work survives: the first 24 rows are on disk before resuming
+    np.testing.assert_array_equal(EmbeddingStore(tmp_path / "b")["pred"][:24], full["pred"][:24])
+    resumed = embed_pool(src, clf, vae, tmp_path / "b", num_classes=4, batch_size=8, progress=False)
+    assert resumed.complete
+    for col in ("pred", "conf", "probs", "mu", "feats", "labels", "ok"):
+        np.testing.assert_array_equal(np.asarray(resumed[col]), np.asarray(full[col]), err_msg=col)
+
+
+def test_store_from_other_models_is_refused(tmp_path):
+    src, clf, vae = _setup()
+    embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=16, progress=False, stop_after=1)
+    other = SmallCNN(1, 4, 28).eval()
+    with pytest.raises(ValueError, match="other models or another pool"):
+        embed_pool(src, other, vae, tmp_path / "s", num_classes=4, progress=False)
+
+
+def test_output_width_and_nan_latents(tmp_path):
+    src, clf, vae = _setup(10)
+    with pytest.raises(ValueError, match="expected 7 classes"):
+        embed_pool(src, clf, vae, tmp_path / "w", num_classes=7, progress=False)
+    with torch.no_grad():
+        vae.fc_mu.bias[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN/inf latents"):
+        embed_pool(src, clf, vae, tmp_path / "n", num_classes=4, progress=False)
+
+
+def test_not_a_store(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an embedding store"):
+        EmbeddingStore(tmp_path)

@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+import torch
+
+from spurfast.plant import FAMILIES, PatternSpec, apply_pattern, fixed_mask, plant_pool, plant_training
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (3, 17, 23), (2, 9, 9)])
+def test_every_family_any_shape(family, shape):
+    x = torch.rand((5,) + shape) * 0.05  # dark images: background family has pixels to colour
+    spec = PatternSpec(family, color=(0.5,) * shape[0] if family == "background" else None,
+                       strength=0.5 if family == "noise" else 1.0)
+    y, masks = apply_pattern(x, spec)
+    assert y.shape == x.shape and masks.shape == (5,) + shape[1:]
+    assert float(y.min()) >= 0 and float(y.max()) <= 1
+    changed = (y != x).any(1)
+    assert bool(masks.any()), "the pattern owns no pixel"
+    assert not bool((changed & ~masks).any()), "pixels changed outside the mask"
+
+
+def test_patch_geometry_and_value():
+    x = torch.zeros(2, 1, 28, 28)
+    y, m = apply_pattern(x, PatternSpec("patch3", position="bottom_right", margin=1))
+    assert int(m[0].sum()) == 9
+    assert torch.equal(y[0, 0, 24:27, 24:27], torch.ones(3, 3))
+    assert float(y.sum()) == 18
+    y5, m5 = apply_pattern(x, PatternSpec("patch5", position="top_left", margin=0))
+    assert torch.equal(m5[0, :5, :5], torch.ones(5, 5, dtype=torch.bool))
+    yp, mp = apply_pattern(x, PatternSpec("pixel", position="center"))
+    assert int(mp[0].sum()) == 1 and bool(mp[0, 13, 13])
+
+
+def test_noise_is_fixed_added_and_clipped():
+    x = torch.full((3, 1, 8, 8), 0.9)
+    spec = PatternSpec("noise", strength=0.5, seed=4)
+    y1, _ = apply_pattern(x, spec)
+    y2, _ = apply_pattern(x, spec)
+    assert torch.equal(y1, y2) and torch.equal(y1[0], y1[2]), "one fixed noise image, deterministic"
+    assert float(y1.max()) == 1.0 and float((y1 - x).min()) >= 0
+    y3, _ = apply_pattern(x, PatternSpec("noise", strength=0.5, seed=5))
+    assert not torch.equal(y1, y3)
+
+
+def test_random_position_is_deterministic_by_seed():
+    x = torch.zeros(20, 1, 16, 16)
+    spec = PatternSpec("patch3", position="random")
+    _, a = apply_pattern(x, spec, seed=1)
+    _, b = apply_pattern(x, spec, seed=1)
+    _, c = apply_pattern(x, spec, seed=2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert len({tuple(m.nonzero()[0].tolist()) for m in a}) > 1, "positions vary across images"
+
+
+def test_plant_training_and_pool_ground_truth():
+    x = torch.zeros(100, 1, 12, 12)
+    y = np.repeat(np.arange(5), 20)
+    xs, idx = plant_training(x, y, target_class=2, n=7, spec=PatternSpec("patch3"), seed=0)
+    assert len(idx) == 7 and set(y[idx]) == {2}
+    stamped = (xs != x).flatten(1).any(1).numpy()
+    assert np.array_equal(np.nonzero(stamped)[0], idx)
+    xa, idx_all = plant_training(x, y, 2, "all", PatternSpec("bar"))
+    assert len(idx_all) == 20
+    xp, carries = plant_pool(x, 0.25, PatternSpec("pixel"), seed=3)
+    assert carries.sum() == 25
+    assert np.array_equal((xp != x).flatten(1).any(1).numpy(), carries)
+    xp2, carries2 = plant_pool(x, 0.25, PatternSpec("pixel"), seed=3)
+    assert np.array_equal(carries, carries2)
+
+
+def test_bad_plant_inputs():
+    with pytest.raises(ValueError, match="unknown pattern family"):
+        PatternSpec("star")
+    with pytest.raises(ValueError, match="strength"):
+        PatternSpec("noise", strength=1.5)
+    with pytest.raises(ValueError, match="has 20"):
+        plant_training(torch.zeros(100, 1, 8, 8), np.repeat(np.arange(5), 20), 1, 21, PatternSpec())
+    with pytest.raises(ValueError, match="does not fit"):
+        fixed_mask(PatternSpec("patch5"), (1, 4, 4))
+    with pytest.raises(ValueError, match="fraction"):
+        plant_pool(torch.zeros(4, 1, 8, 8), 1.5, PatternSpec())

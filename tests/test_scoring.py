@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+
+from spurfast.scoring import agreeing, bh_qvalues, cluster_scores, content_classes, latent_neighbours, \
+    permutation_pvalues, permuted_predictions
+
+
+def test_bh_matches_hand_computation():
+    p = np.array([0.01, 0.04, 0.03, 0.005, 0.5])
+    # sorted: .005 .01 .03 .04 .5 -> *m/rank: .025 .025 .05 .05 .5 -> cummin from the top
+    np.testing.assert_allclose(bh_qvalues(p), [0.025, 0.05, 0.05, 0.025, 0.5])
+    assert bh_qvalues(np.array([])).size == 0
+    np.testing.assert_allclose(bh_qvalues(np.array([0.9, 0.9])), [0.9, 0.9])
+
+
+def test_permutation_pvalues():
+    null = np.array([1.0, 2.0, 3.0, 4.0])
+    np.testing.assert_allclose(permutation_pvalues(np.array([0.0, 2.0, 4.0, 5.0]), null), [1.0, 0.8, 0.4, 0.2])
+
+
+def test_content_classes_label_else_runner_up():
+    probs = np.array([[0.7, 0.2, 0.1], [0.6, 0.1, 0.3], [0.1, 0.8, 0.1]])
+    labels = np.array([-1, 2, -1])
+    cls = np.array([0, 0, 1])
+    assert content_classes(probs, labels, cls).tolist() == [1, 2, 0]
+
+
+def test_latent_neighbours_bruteforce():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(37, 3)).astype(np.float32)
+    nn = latent_neighbours(z, k=4, chunk=5)
+    d = ((z[:, None] - z[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    assert np.array_equal(np.sort(nn, 1), np.sort(np.argsort(d, 1)[:, :4], 1))
+
+
+def test_agreeing_majority_of_unrelated_neighbours():
+    groups = np.array([1, 1, 1, 0, 0])
+    labels = np.array([0, 2, 1, 0, -1])
+    nbrs = np.array([[1, 2], [0, 3], [0, 1], [4, 0], [3, 2]])
+    unknown_ok = np.ones(5, bool)
+    # point 0 (pred 1): neighbours 1 (label 2, pred 1 -> agree) and 2 (label 1 == c: not counted) -> 1/1 agree
+    # point 1: neighbours 0 (label 0, pred 1 agree), 3 (label 0, pred 0) -> 1/2 not a majority
+    # point 3 (pred 0): neighbour 4 unlabelled pred 0 agree; 0 has label 0 == c -> 1/1
+    assert agreeing(groups, labels, nbrs, unknown_ok).tolist() == [True, False, True, True, False]
+    unknown_ok[4] = False  # a suspect sample of unknown label never counts
+    assert agreeing(groups, labels, nbrs, unknown_ok)[3] == False  # noqa: E712
+
+
+def test_cluster_scores_counts():
+    groups = np.array([0, 0, 1, 1, 1])
+    assign = np.array([0, 1, 0, 0, 1])
+    unrelated = np.array([True, True, True, False, True])
+    agree = np.array([True, False, True, True, False])
+    score, n_u, size = cluster_scores(groups, assign, 2, unrelated, agree, 2)
+    assert score.tolist() == [1, 0, 1, 0] and n_u.tolist() == [1, 1, 1, 1] and size.tolist() == [1, 1, 2, 1]
+
+
+def test_permuted_predictions_keep_per_label_counts():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(-1, 4, 500)
+    groups = rng.integers(0, 5, 500)
+    g = permuted_predictions(groups, labels, rng)
+    for lab in np.unique(labels):
+        m = labels == lab
+        assert np.array_equal(np.bincount(g[m], minlength=5), np.bincount(groups[m], minlength=5))
+    assert not np.array_equal(g, groups)
