@@ -6,6 +6,10 @@ What is fused
 * Every conv is an *implicit GEMM*: M = B*Ho*Wo output pixels, N = C_out, K = C_in*KH*KW.
   The A tile (BLOCK_M x BLOCK_K) is gathered straight from the previous activation with
   padding handled by the load mask; no im2col buffer ever exists in global memory.
+  Layers after the first walk K one filter tap at a time over contiguous channels of the
+  channels-last activation, so A loads vectorise and Triton software-pipelines the loop
+  (checked by compiling for sm_90 without a GPU: 3-4 shared-memory stages); the first
+  layer (1 or 3 channels) packs all taps x channels densely into one K loop instead.
   Bias + activation (relu / leaky_relu 0.2 / silu) run in the epilogue on the fp32
   accumulator, and the result is stored once in the compute dtype.
 * The first conv reads the raw images (uint8, or fp32/fp16/bf16 in [0, 1], any strides)
@@ -99,10 +103,13 @@ if triton is not None:
     @triton.jit
     def _conv_kernel(
         x_ptr, w_ptr, bias_ptr, mean_ptr, std_ptr, out_ptr,
-        H, W, CIN, HO, WO, N, K, M,
-        sxb, sxc, sxh, sxw,
+        M, sxb, sxc, sxh, sxw,
         sob, soc, soh, sow,
         in_div, M_BUCKET,
+        # Layer geometry is compile-time: only L distinct layers exist per encoder, and
+        # constant divisors turn the per-element // and % of the gather into mul/shift.
+        H: tl.constexpr, W: tl.constexpr, CIN: tl.constexpr, HO: tl.constexpr, WO: tl.constexpr,
+        N: tl.constexpr, K: tl.constexpr,
         STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
         FIRST: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -130,36 +137,61 @@ if triton is not None:
         x_row = x_ptr + b64 * sxb  # (BLOCK_M,) pointers to each output pixel's image
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            tap = offs_k // CIN
-            ci = offs_k % CIN
-            kh = tap // KW
-            kw = tap % KW
-            ih = ih0[:, None] + kh[None, :]
-            iw = iw0[:, None] + kw[None, :]
-            valid = (m_mask[:, None] & k_mask[None, :]
-                     & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
-            # Gather: each input pixel is read by up to (KH/STRIDE)^2 = 4 output windows;
-            # those repeats hit L1/L2, so DRAM sees the activation about once per n-tile row.
-            a = tl.load(x_row[:, None] + ci[None, :] * sxc + ih * sxh + iw * sxw,
-                        mask=valid, other=0)
-            if FIRST:
+        if FIRST:
+            # Flat K loop: C_in is 1 or 3 here, so K = 16 or 48 taps*channels are packed
+            # densely into BLOCK_K columns (a per-tap loop would waste most of each MMA).
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < K
+                tap = offs_k // CIN
+                ci = offs_k % CIN
+                kh = tap // KW
+                kw = tap % KW
+                ih = ih0[:, None] + kh[None, :]
+                iw = iw0[:, None] + kw[None, :]
+                valid = (m_mask[:, None] & k_mask[None, :]
+                         & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
+                a = tl.load(x_row[:, None] + ci[None, :] * sxc + ih * sxh + iw * sxw,
+                            mask=valid, other=0)
                 # Input conversion fused into the loads: uint8 /255 (in_div) or float as is,
                 # then per-channel (x - mean) / std; padding is zero *after* normalisation.
                 mean = tl.load(mean_ptr + ci, mask=k_mask, other=0.0)
                 std = tl.load(std_ptr + ci, mask=k_mask, other=1.0)
                 af = a.to(tl.float32) / in_div
                 af = (af - mean[None, :]) / std[None, :]
-                a = tl.where(valid, af, 0.0)
-            a = a.to(w_ptr.dtype.element_ty)
-            wt = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :],
-                         mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            if IEEE:
-                acc = tl.dot(a, wt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, wt, acc)
+                a = tl.where(valid, af, 0.0).to(w_ptr.dtype.element_ty)
+                wt = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :],
+                             mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                if IEEE:
+                    acc = tl.dot(a, wt, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, wt, acc)
+        else:
+            # Tap-major K loop over (tap, channel chunk): within one step the spatial offset is
+            # a per-row scalar and the channels are contiguous in the channels-last activation
+            # (sxc == 1), so A loads vectorise and the loop can be software-pipelined.
+            # Each input pixel is read by up to (KH/STRIDE)^2 = 4 output windows; those
+            # repeats hit L1/L2, so DRAM sees an activation about once per n-tile column.
+            CB: tl.constexpr = (CIN + BLOCK_K - 1) // BLOCK_K
+            for kk in range(0, KH * KW * CB):
+                tap = kk // CB
+                c0 = (kk % CB) * BLOCK_K
+                kh = tap // KW
+                kw = tap % KW
+                ih = ih0 + kh
+                iw = iw0 + kw
+                row_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                ci = c0 + tl.arange(0, BLOCK_K)
+                c_mask = ci < CIN
+                a = tl.load((x_row + ih * sxh + iw * sxw)[:, None] + ci[None, :] * sxc,
+                            mask=row_ok[:, None] & c_mask[None, :], other=0.0)
+                a = a.to(w_ptr.dtype.element_ty)
+                wt = tl.load(w_ptr + (tap * CIN + ci)[:, None] * N + offs_n[None, :],
+                             mask=c_mask[:, None] & n_mask[None, :], other=0.0)
+                if IEEE:
+                    acc = tl.dot(a, wt, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, wt, acc)
 
         # Epilogue on the fp32 accumulator: bias + activation, one store in compute dtype.
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -228,7 +260,8 @@ if triton is not None:
     def _prune_conv(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         n_cap = max(16, triton.next_power_of_2(int(args["N"])))
-        k_cap = max(16, triton.next_power_of_2(int(args["K"])))
+        # later layers step through K one tap (C_in channels) at a time
+        k_cap = max(16, triton.next_power_of_2(int(args["K"] if args["FIRST"] else args["CIN"])))
         m_cap = max(16, triton.next_power_of_2(int(args["M"])))
         kept = [c for c in configs
                 if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap
@@ -429,6 +462,7 @@ def encoder_forward(
     n_layers = len(shapes)
     for i, (wt, bs, cin, h, w_, cout, ho, wo, kh, kw) in enumerate(shapes):
         wk = _prepared_conv_weight(wt, compute)
+        bs = bs.detach().contiguous()  # read in place, cast to fp32 in the epilogue
         last = i == n_layers - 1
         if last:
             # NCHW-flat, exactly the reference's flatten order: the head reads it as (B, F).
@@ -440,14 +474,13 @@ def encoder_forward(
             so = (ho * wo * cout, 1, wo * cout, cout)
         M, N, K = B * ho * wo, cout, cin * kh * kw
         args = (src, wk, bs, mean_t, std_t, out,
-                h, w_, cin, ho, wo, N, K, M,
-                sx[0], sx[1], sx[2], sx[3],
+                M, sx[0], sx[1], sx[2], sx[3],
                 so[0], so[1], so[2], so[3],
                 255.0 if (i == 0 and x.dtype == torch.uint8) else 1.0, _bucket(M))
-        consts = dict(STRIDE=stride, PAD=padding, KH=kh, KW=kw, FIRST=(i == 0), ACT=act,
+        consts = dict(H=h, W=w_, CIN=cin, HO=ho, WO=wo, N=N, K=K, STRIDE=stride, PAD=padding, KH=kh, KW=kw, FIRST=(i == 0), ACT=act,
                       SLOPE=_ref.LEAKY_SLOPE, IEEE=ieee)
         if _INTERPRET:
-            blk = _interp_blocks(M, N, K)
+            blk = _interp_blocks(M, N, K if i == 0 else cin)
             grid = (triton.cdiv(M, blk["BLOCK_M"]) * triton.cdiv(N, blk["BLOCK_N"]),)
             _conv_launch[grid](*args, **consts, **blk)
         else:
@@ -458,6 +491,7 @@ def encoder_forward(
         sx = so
 
     feats = src  # (B, F) in NCHW-flat order
+    head_bias = head_bias.detach().contiguous()
     e = eps if eps is not None else mu  # dummy pointer when HAS_EPS is False
     hargs = (feats, head_weight, head_bias, e, mu, logvar, z if z is not None else mu,
              B, feat, L, head_weight.stride(0), head_weight.stride(1), e.stride(0), e.stride(1), _bucket(B))
