@@ -222,10 +222,18 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
         record("torch", measure(_step_fn(ref, x, off, cent, kpg), device=dev, reps=reps))
         if kc is not None:
             record("cupy", measure(_step_fn(kc, x, off, cent, kpg), device=dev, reps=reps))
-            xb = x.to(torch.bfloat16)
-            st = measure(_step_fn(kc, xb, off, cent, kpg), device=dev, reps=reps)
-            writer.add_timing(OP, "cupy", dict(config, dtype="bf16"), st, devname, items=N,
-                              bytes_moved=counts(N, d, k, G, elt=2)[1], flops=flops)
+            for dt, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):   # tensor-core assign
+                xh = x.to(dt)
+                st = measure(_step_fn(kc, xh, off, cent, kpg), device=dev, reps=reps)
+                results[f"cupy-{name}"] = st["median_s"]
+                writer.add_timing(OP, "cupy", dict(config, dtype=name), st, devname, items=N,
+                                  bytes_moved=counts(N, d, k, G, elt=2)[1], flops=flops)
+                ast = measure(lambda: kc.kmeans_assign(xh, off, cent, kpg), device=dev, reps=reps)
+                writer.add_timing("kmeans_assign", "cupy", dict(config, dtype=name), ast, devname, items=N,
+                                  bytes_moved=N * d * 2 + G * k * d * 4 + N * 12, flops=2.0 * N * k * d)
+            ast = measure(lambda: kc.kmeans_assign(x, off, cent, kpg), device=dev, reps=reps)
+            writer.add_timing("kmeans_assign", "cupy", config, ast, devname, items=N,
+                              bytes_moved=N * d * 4 + G * k * d * 4 + N * 12, flops=2.0 * N * k * d)
         if G > 1 and (G <= 100 or not quick):
             record("torch-loop", measure(_loop_fn(ref, x, off, cent, kpg), device=dev, reps=max(2, reps // 2)))
         if cfg.get("side_by_side"):

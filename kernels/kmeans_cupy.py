@@ -11,7 +11,8 @@ CMakeLists.txt, ``make kernels``) is loaded when one exists for this GPU's archi
 (or a lower one of the same major version, which the driver runs binary-compatibly);
 otherwise the same source is compiled with NVRTC through ``cupy.RawModule``.  The
 variable ``SPURFAST_KMEANS_NVRTC=1`` forces NVRTC, ``SPURFAST_KMEANS_FATBIN_DIR`` adds a
-directory to search first.  cupy is imported lazily: importing this module never touches
+directory to search first, ``SPURFAST_KMEANS_TC=0`` keeps fp16/bf16 assignment off the
+tensor cores (see ``use_tensor_cores``).  cupy is imported lazily: importing this module never touches
 CUDA, and ``is_available()`` reports why the backend cannot run.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 # Constants mirrored from the .cu files (launch shapes must match them).
 ASSIGN_THREADS = 256
 ASSIGN_SHAPES = ((16, 256), (32, 128), (64, 64))   # (TK, TP), the smallest TK >= kmax wins
+TC_THREADS, TC_TP = 128, 64                       # tensor-core assign (fp16/bf16, sm_80+)
 UPDATE_ROWS, UPDATE_BLOCK = 64, (32, 8, 1)
 SIM_WARPS, SIM_THREADS, SIM_MAXM = 8, 128, 32
 
@@ -173,8 +175,11 @@ class _Launch:
 def _cp(t: torch.Tensor):
     """Zero-copy CuPy view of a contiguous torch CUDA tensor (bf16 as an int16 view)."""
     cupy = _cupy()
+    t = t.detach()
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
+    if t.numel() == 0:   # nothing is read or written through it; keep DLPack away from size 0
+        t = torch.zeros(1, dtype=t.dtype, device=t.device)
     return cupy.from_dlpack(t)
 
 
@@ -244,6 +249,14 @@ def _check_assign(assign: torch.Tensor, N: int, kmax: int, device) -> torch.Tens
     return assign
 
 
+def use_tensor_cores(x: torch.Tensor) -> bool:
+    """fp16/bf16 assignment runs on tensor cores (mma.sync, sm_80+) unless
+    SPURFAST_KMEANS_TC=0; fp32 inputs always take the exact fp32 SIMT kernel."""
+    if x.dtype not in (torch.float16, torch.bfloat16) or os.environ.get("SPURFAST_KMEANS_TC", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(x.device)[0] >= 8
+
+
 # ----------------------------------------------------------------------------- ops
 def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2"):
     """See :func:`spurfast.kernels.reference.kmeans_assign`."""
@@ -272,13 +285,18 @@ def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2"):
         cterm = (c * c).sum(-1)
     c = c.contiguous()
     cterm = cterm.contiguous()
-    tk, tp = next(((tk, tp) for tk, tp in ASSIGN_SHAPES if tk >= kmax), ASSIGN_SHAPES[-1])
+    dt = DTYPES[x.dtype]
+    if use_tensor_cores(x):
+        entry, tp, threads = f"spurfast_assign_tc_{dt}", TC_TP, TC_THREADS
+    else:
+        tk, tp = next(((tk, tp) for tk, tp in ASSIGN_SHAPES if tk >= kmax), ASSIGN_SHAPES[-1])
+        entry, threads = f"spurfast_assign_{dt}_{tp}x{tk}", ASSIGN_THREADS
     sizes = offsets[1:] - offsets[:-1]
     tile_first = _prefix(torch.div(sizes + (tp - 1), tp, rounding_mode="floor"))
     grid = (N + tp - 1) // tp + G   # >= number of tiles; extra blocks return at once
     with _Launch(x.device) as L:
-        fn = _fn("kmeans_assign", f"spurfast_assign_{DTYPES[x.dtype]}_{tp}x{tk}", L.index)
-        fn((grid,), (ASSIGN_THREADS,),
+        fn = _fn("kmeans_assign", entry, L.index)
+        fn((grid,), (threads,),
            (_cp(x), _cp(c), _cp(cterm), _cp(offsets), _cp(kpg), _cp(tile_first), _cp(assign), _cp(dist),
             _i64(G), _i64(kmax), _i64(d), _i64(metric == "cosine")))
     return assign, dist

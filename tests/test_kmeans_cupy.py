@@ -132,7 +132,7 @@ def test_sources_compile_with_nvrtc(source, arch):
         text = ptx.decode() if isinstance(ptx, bytes) else ptx
         expected = {
             "kmeans_assign": [f"spurfast_assign_{dt}_{tp}x{tk}" for dt in ("f32", "f16", "bf16")
-                              for tk, tp in kc.ASSIGN_SHAPES],
+                              for tk, tp in kc.ASSIGN_SHAPES] + ["spurfast_assign_tc_f16", "spurfast_assign_tc_bf16"],
             "kmeans_update": [f"spurfast_update_partial_{dt}" for dt in ("f32", "f16", "bf16")]
                              + ["spurfast_update_finalize"],
             "kmeans_similarity": [f"spurfast_sim_point_{dt}" for dt in ("f32", "f16", "bf16")]
@@ -161,10 +161,15 @@ def _cast(x, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype,tc", [(torch.float32, "0"), (torch.float16, "1"), (torch.float16, "0"),
+                                      (torch.bfloat16, "1"), (torch.bfloat16, "0")],
+                         ids=["fp32", "fp16-tensorcore", "fp16-simt", "bf16-tensorcore", "bf16-simt"])
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_assign_matches_reference(case, metric, dtype):
+def test_assign_matches_reference(case, metric, dtype, tc, monkeypatch):
+    monkeypatch.setenv("SPURFAST_KMEANS_TC", tc)
+    assert kc.use_tensor_cores(torch.empty(0, dtype=dtype, device="cuda")) == (
+        tc == "1" and torch.cuda.get_device_capability()[0] >= 8)
     sizes, kmax, d = CASES[case]
     x, off, cent, kpg = make_case(sizes, kmax, d, seed=case)
     xq = _cast(x, dtype)

@@ -156,3 +156,186 @@ __device__ __forceinline__ void assign_tile(
     SPURFAST_ASSIGN_ENTRY(NAME, T, 128, 32)      \
     SPURFAST_ASSIGN_ENTRY(NAME, T, 256, 16)
 SPURFAST_FOR_DTYPES(SPURFAST_ASSIGN_SHAPES)
+
+// ============================================================================ tensor cores
+// fp16 / bf16 inputs on sm_80+: the dot products run on tensor cores with
+// mma.sync.m16n8k16 (fp32 accumulate).  x is exact in its own dtype; each fp32 centroid is
+// split into hi + lo in that dtype (c ~= hi + lo to ~2^-16 relative for bf16, ~2^-22 for
+// fp16) and both halves are multiplied, so the scores keep nearly fp32 accuracy.  The
+// winner's distance is recomputed exactly in fp32 as in the SIMT kernel.
+//
+// Block: 4 warps, 64 points (16 per warp = one m16 tile), centroids in tiles of 64 (eight
+// n8 tiles), d in slices of 32 (two k16 steps).  Fragment layouts follow the PTX ISA
+// ("Matrix Fragments for mma.m16n8k16 with floating point type"): with g = lane / 4 and
+// t = lane % 4, A holds rows g, g+8 x cols 2t, 2t+1 (+8); B holds k rows 2t, 2t+1 (+8) of
+// column g; C holds rows g, g+8 x cols 2t, 2t+1.  Both operands sit row-major in shared
+// memory with dims contiguous, so every fragment register is one aligned 32-bit load.
+#define TC_THREADS 128
+#define TC_TP 64
+#define TC_TK 64
+#define TC_DK 32
+#define TC_LD (TC_DK + 8)     // row stride in 16-bit elements: 80 bytes, conflict-free
+
+__device__ __forceinline__ unsigned short f32_to_16(float v, f16_t) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+}
+__device__ __forceinline__ float f16bits_to_f32(unsigned short h, f16_t) { f16_t v; v.bits = h; return to_f32(v); }
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+__device__ __forceinline__ unsigned short f32_to_16(float v, bf16_t) {
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+}
+#endif
+__device__ __forceinline__ float f16bits_to_f32(unsigned short h, bf16_t) { bf16_t v; v.bits = h; return to_f32(v); }
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+__device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1, f16_t) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1, bf16_t) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+#endif
+
+template <typename T>
+__device__ __forceinline__ void assign_tc(
+    const T* __restrict__ x, const float* __restrict__ cent, const float* __restrict__ cterm,
+    const i64* __restrict__ offsets, const i64* __restrict__ kpg, const i64* __restrict__ tile_first,
+    i64* __restrict__ assign, float* __restrict__ dist, i64 G, i64 kmax, i64 d, int cosine)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();   // the launcher only picks this kernel on sm_80 and newer
+#else
+    __shared__ __align__(16) unsigned short xs[TC_TP][TC_LD];
+    __shared__ __align__(16) unsigned short chi[TC_TK][TC_LD];
+    __shared__ __align__(16) unsigned short clo[TC_TK][TC_LD];
+
+    const i64 b = blockIdx.x;
+    if (b >= tile_first[G]) return;
+    const i64 g = find_segment(tile_first, G, b);
+    const i64 start = offsets[g] + (b - tile_first[g]) * TC_TP;
+    const int npts = (int)min((i64)TC_TP, offsets[g + 1] - start);
+    const i64 k = kpg[g];
+    const float* cg = cent + g * kmax * d;
+    const float* tg = cterm + g * kmax;
+    const unsigned short* xb = reinterpret_cast<const unsigned short*>(x);
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int gq = lane >> 2, tq = lane & 3;
+    const int r0 = warp * 16 + gq, r1 = r0 + 8;          // this lane's two points in the tile
+    const float alpha = cosine ? -1.0f : -2.0f;
+    float best[2] = {f32_inf(), f32_inf()};
+    int bidx[2] = {0x7fffffff, 0x7fffffff};
+
+    for (i64 k0 = 0; k0 < k; k0 += TC_TK) {
+        float acc[8][4];
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[nt][q] = 0.f;
+        for (i64 d0 = 0; d0 < d; d0 += TC_DK) {
+            __syncthreads();
+            for (int e = tid; e < TC_TP * TC_DK; e += TC_THREADS) {
+                const int p = e / TC_DK, dd = e % TC_DK;
+                unsigned short v = 0;
+                if (p < npts && d0 + dd < d) v = xb[(start + p) * d + d0 + dd];
+                xs[p][dd] = v;
+            }
+            for (int e = tid; e < TC_TK * TC_DK; e += TC_THREADS) {
+                const int j = e / TC_DK, dd = e % TC_DK;
+                float v = 0.f;
+                if (k0 + j < k && d0 + dd < d) v = cg[(k0 + j) * d + d0 + dd];
+                const unsigned short hi = f32_to_16(v, T());
+                chi[j][dd] = hi;
+                clo[j][dd] = f32_to_16(v - f16bits_to_f32(hi, T()), T());
+            }
+            __syncthreads();
+#pragma unroll
+            for (int ks = 0; ks < TC_DK; ks += 16) {
+                unsigned a[4];
+                const int wr = warp * 16 + gq;
+                a[0] = *reinterpret_cast<const unsigned*>(&xs[wr][ks + 2 * tq]);
+                a[1] = *reinterpret_cast<const unsigned*>(&xs[wr + 8][ks + 2 * tq]);
+                a[2] = *reinterpret_cast<const unsigned*>(&xs[wr][ks + 2 * tq + 8]);
+                a[3] = *reinterpret_cast<const unsigned*>(&xs[wr + 8][ks + 2 * tq + 8]);
+#pragma unroll
+                for (int nt = 0; nt < 8; ++nt) {
+                    if (k0 + nt * 8 >= k) break;             // warp-uniform: whole n8 tile unused
+                    const int cr = nt * 8 + gq;
+                    const unsigned h0 = *reinterpret_cast<const unsigned*>(&chi[cr][ks + 2 * tq]);
+                    const unsigned h1 = *reinterpret_cast<const unsigned*>(&chi[cr][ks + 2 * tq + 8]);
+                    const unsigned l0 = *reinterpret_cast<const unsigned*>(&clo[cr][ks + 2 * tq]);
+                    const unsigned l1 = *reinterpret_cast<const unsigned*>(&clo[cr][ks + 2 * tq + 8]);
+                    mma16816(acc[nt], a, h0, h1, T());
+                    mma16816(acc[nt], a, l0, l1, T());
+                }
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const i64 cj = k0 + nt * 8 + 2 * tq + (q & 1);
+                const int h = q >> 1;                        // 0: row gq, 1: row gq + 8
+                if (cj < k) {
+                    const float s = fmaf(alpha, acc[nt][q], tg[cj]);
+                    if (s < best[h] || (s == best[h] && (int)cj < bidx[h])) { best[h] = s; bidx[h] = (int)cj; }
+                }
+            }
+        }
+    }
+    // the 4 lanes of a quad share rows gq and gq + 8
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+            const float ob = __shfl_xor_sync(0xffffffffu, best[h], off);
+            const int oi = __shfl_xor_sync(0xffffffffu, bidx[h], off);
+            if (ob < best[h] || (ob == best[h] && oi < bidx[h])) { best[h] = ob; bidx[h] = oi; }
+        }
+    }
+    // exact distance of the winner (L2) or |x| (cosine), split over the quad's 4 lanes
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int p = h ? r1 : r0;
+        const int idx = bidx[h] == 0x7fffffff ? 0 : bidx[h];
+        float acc2 = 0.f;
+        if (p < npts) {
+            const T* xr = x + (start + p) * d;
+            const float* crow = cg + (i64)idx * d;
+            for (i64 col = tq; col < d; col += 4) {
+                const float xv = to_f32(xr[col]);
+                const float df = cosine ? xv : xv - crow[col];
+                acc2 = fmaf(df, df, acc2);
+            }
+        }
+        acc2 += __shfl_xor_sync(0xffffffffu, acc2, 1);
+        acc2 += __shfl_xor_sync(0xffffffffu, acc2, 2);
+        if (tq == 0 && p < npts) {
+            assign[start + p] = idx;
+            dist[start + p] = cosine ? 1.0f + best[h] / fmaxf(sqrtf(acc2), 1e-12f) : acc2;
+        }
+    }
+#endif
+}
+
+// Entry points: spurfast_assign_tc_<f16|bf16>; TC_THREADS threads, TC_TP points per tile.
+#define SPURFAST_ASSIGN_TC_ENTRY(NAME, T)                                                       \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS) spurfast_assign_tc_##NAME(         \
+        const T* __restrict__ x, const float* __restrict__ cent, const float* __restrict__ cterm, \
+        const i64* __restrict__ offsets, const i64* __restrict__ kpg,                           \
+        const i64* __restrict__ tile_first, i64* __restrict__ assign, float* __restrict__ dist, \
+        i64 G, i64 kmax, i64 d, i64 cosine) {                                                   \
+        assign_tc<T>(x, cent, cterm, offsets, kpg, tile_first, assign, dist, G, kmax, d, (int)cosine); \
+    }
+SPURFAST_ASSIGN_TC_ENTRY(f16, f16_t)
+SPURFAST_ASSIGN_TC_ENTRY(bf16, bf16_t)
