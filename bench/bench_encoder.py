@@ -7,7 +7,9 @@ Providers
 - ``torch-eager-autocast`` (GPU, bf16 rows): the same reference under
   ``torch.autocast(dtype=bfloat16)``, i.e. cuDNN bf16 convs: eager at the kernel's precision.
 - ``torch-compile``: ``torch.compile`` of the reference (mode ``max-autotune`` on a GPU, the
-  default mode on the CPU); skipped with a note if compilation fails.
+  default mode on the CPU); skipped with a note if compilation fails on the CPU, and for
+  every batch but 256 with ``--quick`` on a GPU (each max-autotune graph takes minutes);
+  ``SPURFAST_BENCH_COMPILE=0`` skips it entirely.
 
 Shapes: the shipped encoders (1x28x28 with channels (32, 64); RGB 64x64 with (32, 64, 128,
 256)), latent 16; fp32 and bf16 float images in [0, 1]; batch 64..4096 on a GPU, 64..1024 on
@@ -135,6 +137,9 @@ def _providers(device: torch.device, dtype: torch.dtype):
                 return ref.encoder_forward(x, **p)
         provs.append(("torch-eager-autocast", autocast_ref))
     mode = "max-autotune" if device.type == "cuda" else "default"
+    if os.environ.get("SPURFAST_BENCH_COMPILE", "1") == "0":
+        print("[bench encoder] torch.compile rows skipped (SPURFAST_BENCH_COMPILE=0)", file=sys.stderr)
+        return provs
     try:
         compiled = torch.compile(ref.encoder_forward, mode=None if mode == "default" else mode, dynamic=False)
         provs.append((f"torch-compile-{mode}", compiled))
@@ -152,6 +157,9 @@ def run(writer, quick: bool = False, device=None):
     else:
         batches = [64, 256] if quick else [64, 256, 1024]
         warmup, reps = 2, (5 if quick else 10)
+    # max-autotune compiles take minutes per graph: --quick on a GPU compiles for batch 256
+    # only (the batch the targets are stated at).
+    compile_batches = [256] if (gpu and quick) else batches
     dev_name = device_name(device)
     # dynamic=False compiles once per (arch, dtype, batch): 16 graphs of one function.  Past
     # dynamo's recompile limit it would silently run eager under the "compile" label.
@@ -179,6 +187,8 @@ def run(writer, quick: bool = False, device=None):
                 min_bytes = encoder_min_bytes(arch, batch, dtype)
                 for name, fn in provs:
                     if name in broken:
+                        continue
+                    if name.startswith("torch-compile") and batch not in compile_batches:
                         continue
                     call = (lambda fn=fn, x=x: fn(x, **params))
                     try:

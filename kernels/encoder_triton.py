@@ -276,21 +276,21 @@ if triton is not None:
                 if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_M"] <= max(32, m_cap)]
         return kept or configs[:1]
 
+    # Kept short on purpose: every config is compiled once per layer shape and dtype, and the
+    # early prune drops tiles wider than the layer (BLOCK_N > C_out, BLOCK_K > one tap's C_in).
     _CONV_CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
         for bm, bn, bk, nw, ns in [
-            (64, 32, 32, 4, 4), (128, 32, 32, 4, 4), (128, 32, 64, 4, 3),
-            (64, 64, 32, 4, 4), (128, 64, 32, 4, 4), (128, 64, 64, 8, 3),
-            (64, 128, 64, 4, 3), (128, 128, 32, 8, 3), (128, 128, 64, 8, 3),
-            (256, 64, 32, 8, 3), (256, 128, 32, 8, 3), (32, 64, 64, 4, 4),
-            (64, 256, 32, 8, 3), (128, 256, 32, 8, 3), (16, 64, 64, 4, 4),
+            (64, 32, 32, 4, 4), (128, 32, 64, 4, 3), (64, 64, 32, 4, 4), (128, 64, 64, 8, 3),
+            (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (256, 128, 32, 8, 3), (32, 64, 64, 4, 4),
+            (128, 256, 32, 8, 3),
         ]
     ]
     _HEAD_CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
         for bm, bn, bk, nw, ns in [
-            (16, 16, 128, 4, 4), (32, 16, 128, 4, 4), (32, 32, 64, 4, 4), (64, 32, 64, 4, 4),
-            (64, 64, 64, 4, 3), (128, 32, 64, 8, 3), (128, 64, 64, 8, 3), (16, 64, 128, 4, 3),
+            (16, 16, 128, 4, 4), (32, 32, 64, 4, 4), (64, 32, 64, 4, 4), (64, 64, 64, 4, 3),
+            (128, 64, 64, 8, 3), (16, 64, 128, 4, 3),
         ]
     ]
     if not _INTERPRET:
