@@ -126,6 +126,16 @@ def test_three_conv_rgb_and_general_kernel_geometry():
         assert_close(g, e, name=f"stride-1 {name}")
 
 
+@pytest.mark.skipif(DEV == "cuda", reason="covered by the GPU half-precision tests")
+def test_fp16_compute_path_under_interpreter():
+    """fp16 inputs (and uint8 images with fp16 weights) run the half-precision path: weights
+    cast, fp16 intermediates, head weight cast in registers.  The interpreter's fp16 dot is
+    sound (unlike its bf16 dot), so this path is checked on the CPU too."""
+    m = _model(3, 32, (6, 10, 20), 8, "silu")
+    _compare(m, _images(5, 3, 32, torch.float16), dtype=torch.float16, tag="fp16 ")
+    _compare(m.half(), _images(5, 3, 32, torch.uint8), dtype=torch.float16, tag="uint8/fp16-weights ")
+
+
 def test_empty_batch():
     m = _model(1, 28, (5, 12), 8)
     x = _images(0, 1, 28)
