@@ -110,6 +110,46 @@ def _diff_time(fit, device, reps):
             "peak_bytes": many["peak_bytes"], "reps": many["reps"]}
 
 
+def _interleaved(entries: dict, device, reps: int) -> dict:
+    """Round-robin timing for a side-by-side comparison: every repetition runs each
+    provider once in turn, so load that comes and goes on a shared machine hits all of
+    them alike.  entries: name -> ("step", fn) timed directly, or ("fit", fit) timed as
+    (median t(fit(1 + R)) - median t(fit(1))) / R."""
+    import statistics
+    import time
+
+    def timed(fn):
+        t0 = time.perf_counter()
+        fn()
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    samples = {name: ([], []) for name in entries}
+    for name, (kind, fn) in entries.items():            # warm-up
+        (fn() if kind == "step" else (fn(1), fn(1 + DIFF_ITERS)))
+    for _ in range(reps):
+        for name, (kind, fn) in entries.items():
+            if kind == "step":
+                samples[name][0].append(timed(fn))
+            else:
+                samples[name][0].append(timed(lambda: fn(1)))
+                samples[name][1].append(timed(lambda: fn(1 + DIFF_ITERS)))
+    out = {}
+    for name, (kind, _) in entries.items():
+        a, b = samples[name]
+        if kind == "step":
+            q = statistics.quantiles(a, n=5)
+            out[name] = {"median_s": statistics.median(a), "p20_s": q[0], "p80_s": q[3]}
+        else:
+            med = (statistics.median(b) - statistics.median(a)) / DIFF_ITERS
+            per = sorted((bb - aa) / DIFF_ITERS for aa, bb in zip(a, b))
+            q = statistics.quantiles(per, n=5)
+            out[name] = {"median_s": max(med, 1e-9), "p20_s": q[0], "p80_s": q[3]}
+        out[name].update(peak_bytes=0, reps=reps)
+    return out
+
+
 def _ours_fit(x, off, cent, kpg, backend):
     from spurfast.cluster import batched_kmeans
 
@@ -219,9 +259,27 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
             results[provider] = stats["median_s"]
             writer.add_timing(OP, provider, config, stats, dn, items=N, bytes_moved=nbytes, flops=flops)
 
-        record("torch", measure(_step_fn(ref, x, off, cent, kpg), device=dev, reps=reps))
+        if cfg.get("side_by_side"):
+            # ours and its peers timed round-robin in one run (see _interleaved)
+            entries = {"torch": ("step", _step_fn(ref, x, off, cent, kpg)),
+                       "torch-fit": ("fit", _ours_fit(x, off, cent, kpg, "torch"))}
+            if kc is not None:
+                entries["cupy"] = ("step", _step_fn(kc, x, off, cent, kpg))
+                entries["cupy-fit"] = ("fit", _ours_fit(x, off, cent, kpg, "cupy"))
+            if G == 1 and dev == "cpu":
+                for name, maker in (("faiss-cpu", lambda: _faiss_fit(x, cent, threads)),
+                                    ("sklearn", lambda: _sklearn_fit(x, cent, threads))):
+                    try:
+                        entries[name] = ("fit", maker())
+                    except ImportError as exc:
+                        _log(f"{name} skipped: not installed ({exc})")
+            for name, st in _interleaved(entries, dev, max(reps, 5)).items():
+                record(name, st)
+        else:
+            record("torch", measure(_step_fn(ref, x, off, cent, kpg), device=dev, reps=reps))
         if kc is not None:
-            record("cupy", measure(_step_fn(kc, x, off, cent, kpg), device=dev, reps=reps))
+            if "cupy" not in results:
+                record("cupy", measure(_step_fn(kc, x, off, cent, kpg), device=dev, reps=reps))
             for dt, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):   # tensor-core assign
                 xh = x.to(dt)
                 st = measure(_step_fn(kc, xh, off, cent, kpg), device=dev, reps=reps)
@@ -236,11 +294,7 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
                               bytes_moved=N * d * 4 + G * k * d * 4 + N * 12, flops=2.0 * N * k * d)
         if G > 1 and (G <= 100 or not quick):
             record("torch-loop", measure(_loop_fn(ref, x, off, cent, kpg), device=dev, reps=max(2, reps // 2)))
-        if cfg.get("side_by_side"):
-            record("torch-fit", _diff_time(_ours_fit(x, off, cent, kpg, "torch"), dev, reps))
-            if kc is not None:
-                record("cupy-fit", _diff_time(_ours_fit(x, off, cent, kpg, "cupy"), dev, reps))
-        if G == 1 and dev == "cpu" and (cfg.get("side_by_side") or not quick):
+        if G == 1 and dev == "cpu" and not cfg.get("side_by_side") and not quick:
             for name, maker in (("faiss-cpu", lambda: _faiss_fit(x, cent, threads)),
                                 ("sklearn", lambda: _sklearn_fit(x, cent, threads))):
                 try:

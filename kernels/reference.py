@@ -146,6 +146,18 @@ def _argmin_lastdim(D: torch.Tensor):
     return best.squeeze(-1), idx
 
 
+def _winner_sqdist(xc: torch.Tensor, c: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
+    """sum (x_i - c[arg_i])^2 per row, computed directly.  On the CPU in numpy: one
+    single-threaded pass that, unlike short torch ops, never waits at a thread barrier."""
+    if xc.device.type == "cpu":
+        import numpy as np
+
+        diff = xc.detach().numpy() - c.detach().numpy()[arg.numpy()]
+        return torch.from_numpy(np.einsum("ij,ij->i", diff, diff))
+    diff = xc - c[arg]
+    return torch.linalg.vecdot(diff, diff)
+
+
 def kmeans_assign(
     x: torch.Tensor,
     offsets: torch.Tensor,
@@ -200,8 +212,8 @@ def kmeans_assign(
                 dist[s:s + len(xc)] = best + 1.0
             else:
                 _, arg = _argmin_lastdim(torch.addmm(cng, xc, ct, alpha=-2.0))
-                diff = torch.sub(xc, cg[arg])   # exact distance of the winner: no cancellation
-                dist[s:s + len(xc)] = torch.linalg.vecdot(diff, diff)
+                # exact distance of the winner: no cancellation
+                dist[s:s + len(xc)] = _winner_sqdist(xc, cg, arg)
             assign[s:s + len(xc)] = arg
     # Small groups: padded batched GEMMs over groups of similar size.
     small = sizes.clone()
@@ -249,6 +261,22 @@ def kmeans_update(
     G = len(offsets) - 1
     N, d = x.shape
     flat = group_ids(offsets) * kmax + assign
+    if x.device.type == "cpu" and N:
+        # One sparse (G*kmax x N) 0/1 matrix times x: scipy's CSR product adds every
+        # cluster's rows in index order (deterministic, fp32 like index_add_) in one
+        # single-threaded pass, ~4x faster than index_add_ when the cores are shared.
+        import numpy as np
+        import scipy.sparse as sp
+
+        fl = flat.numpy()
+        S = G * kmax
+        if fl.size and (fl.min() < 0 or fl.max() >= S):
+            raise ValueError(f"assign has values outside [0, kmax={kmax}) for some group")
+        onehot = sp.csr_matrix((np.ones(N, dtype=np.float32), (fl, np.arange(N))), shape=(S, N))
+        xf = np.ascontiguousarray(x.detach().float().numpy())
+        sums = torch.from_numpy(np.asarray(onehot @ xf, dtype=np.float32).reshape(S, d))
+        counts = torch.from_numpy(np.bincount(fl, minlength=S).astype(np.int64))
+        return sums.view(G, kmax, d), counts.view(G, kmax)
     sums = torch.zeros(G * kmax, d, dtype=torch.float32, device=x.device)
     if deterministic and x.is_cuda:
         # index_add_ on CUDA uses float atomics (order varies); sort + segment-sum does not.
