@@ -340,3 +340,16 @@ def test_registry_names_torch_reference_for_kmeans_ops():
     for op in ("kmeans_assign", "kmeans_update", "cluster_similarity"):
         name, fn = backends.resolve(op, "torch")
         assert name == "torch" and fn is getattr(ref, op)
+
+
+def test_batched_kmeans_without_points():
+    for G, ks in ((0, []), (2, [0, 0])):
+        res = batched_kmeans(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), ks, n_groups=G, backend="torch")
+        assert res.assign.shape == (0,) and res.dist.shape == (0,) and res.inertia == 0.0
+        assert res.centroids.shape == (G, 1, 4) and int(res.counts.sum()) == 0
+
+
+def test_update_rejects_cluster_index_out_of_range():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"assign has values outside \[0, kmax=2\)"):
+        ref.kmeans_update(x, csr([4]), torch.tensor([0, 1, 2, 0]), 2)
