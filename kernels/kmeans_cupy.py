@@ -41,6 +41,11 @@ TC_THREADS, TC_TP = 128, 64                       # tensor-core assign (fp16/bf1
 UPDATE_ROWS, UPDATE_BLOCK = 64, (32, 8, 1)
 SIM_WARPS, SIM_THREADS, SIM_MAXM = 8, 128, 32
 
+# one entry point per module, fetched right after loading so that a bad file or a
+# compile error shows up where the module is made, not at the first launch
+_PROBE = {"kmeans_assign": "spurfast_assign_f32_64x64", "kmeans_update": "spurfast_update_finalize",
+          "kmeans_similarity": "spurfast_sim_cluster"}
+
 _lock = threading.Lock()
 _modules: dict[tuple[str, int], object] = {}   # (source, device index) -> cupy.RawModule
 _origin: dict[tuple[str, int], str] = {}
@@ -121,12 +126,18 @@ def _module(name: str, device_index: int):
             if path is not None:
                 try:
                     mod = cupy.RawModule(path=str(path))
+                    mod.get_function(_PROBE[name])      # RawModule loads lazily: load now
                     _origin[key] = f"fatbin {path}"
                 except Exception as exc:  # a stale or foreign file: say so, compile instead
                     log.warning("cannot load %s (%s); compiling %s.cu with NVRTC", path, exc, name)
                     mod = None
             if mod is None:
                 mod = cupy.RawModule(code=source_text(name), options=("-std=c++17",))
+                try:
+                    mod.get_function(_PROBE[name])      # compiles now, so errors surface here
+                except Exception as exc:
+                    raise RuntimeError(f"NVRTC could not build {CUDA_DIR / (name + '.cu')} for sm_{cc}: "
+                                       f"{exc}") from exc
                 _origin[key] = "nvrtc"
             log.info("k-means kernels %s on device %d: %s", name, device_index, _origin[key])
             _modules[key] = mod

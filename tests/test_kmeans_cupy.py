@@ -309,3 +309,28 @@ def test_batched_kmeans_cupy_backend_matches_torch():
     b = batched_kmeans(x, groups, [3, 3, 2], backend="torch", seed=1)
     assert_equal_int(a.assign, b.assign, "assign cupy vs torch")
     assert_close(a.centroids, b.centroids, name="centroids cupy vs torch")
+
+
+@pytest.mark.gpu
+def test_fatbin_and_nvrtc_modules_agree(monkeypatch):
+    x, off, cent, kpg = make_case([300, 0, 41], 9, 37, seed=3)
+    major, minor = torch.cuda.get_device_capability()
+
+    def fresh():
+        kc._modules.clear()
+        kc._functions.clear()
+        kc._origin.clear()
+
+    monkeypatch.setenv("SPURFAST_KMEANS_NVRTC", "1")
+    fresh()
+    a1, d1 = kc.kmeans_assign(x, off, cent, kpg)
+    assert kc.module_origin()[("kmeans_assign", torch.cuda.current_device())] == "nvrtc"
+    monkeypatch.delenv("SPURFAST_KMEANS_NVRTC")
+    fresh()
+    a2, d2 = kc.kmeans_assign(x, off, cent, kpg)
+    origin = kc.module_origin()[("kmeans_assign", torch.cuda.current_device())]
+    if kc.find_fatbin("kmeans_assign", 10 * major + minor) is not None:
+        assert origin.startswith("fatbin"), origin
+    assert_equal_int(a1, a2, "assign: nvrtc vs fatbin")
+    assert torch.equal(d1, d2)
+    fresh()
