@@ -286,6 +286,7 @@ def test_runs_on_torch_current_stream_without_copies():
     cent = torch.randn(2, 16, 64, device="cuda")
     kpg = torch.tensor([16, 9], device="cuda")
     s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())   # inputs were made on the default stream
     with torch.cuda.stream(s):
         assign, dist = kc.kmeans_assign(x, off, cent, kpg)
         sums, counts = kc.kmeans_update(x, off, assign, 16)
