@@ -344,9 +344,16 @@ def _prepared_conv_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return prepped
 
 
+def _floats(v) -> list[float]:
+    if isinstance(v, torch.Tensor):
+        return [float(t) for t in v.detach().reshape(-1).tolist()]
+    if isinstance(v, (int, float)):
+        return [float(v)]
+    return [float(t) for t in v]
+
+
 def _norm_tensors(mean: Sequence[float], std: Sequence[float], c: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    m = [float(v) for v in torch.as_tensor(mean, dtype=torch.float64).reshape(-1).tolist()]
-    s = [float(v) for v in torch.as_tensor(std, dtype=torch.float64).reshape(-1).tolist()]
+    m, s = _floats(mean), _floats(std)
     if len(m) not in (1, c) or len(s) not in (1, c):
         raise ValueError(f"mean/std have {len(m)}/{len(s)} entries for an input with {c} channels; "
                          f"expected 1 or {c} each")

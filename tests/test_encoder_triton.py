@@ -136,6 +136,46 @@ def test_fp16_compute_path_under_interpreter():
     _compare(m.half(), _images(5, 3, 32, torch.uint8), dtype=torch.float16, tag="uint8/fp16-weights ")
 
 
+def test_launch_count_and_no_host_side_tensor_work(monkeypatch):
+    """The module docstring's promise: with the weights prepared (cached), a forward is
+    len(conv_weights) conv launches + 1 head launch and no other tensor work (only output
+    and intermediate allocations; `detach` is a view)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class CountLaunches:
+        def __init__(self):
+            self.n = 0
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                self.n += 1
+            return launch
+
+    m = _model(3, 64, (5, 12, 9, 7), 8)
+    x = _images(2, 3, 64, torch.uint8)
+    p = m.encoder_params()
+    eps = torch.zeros(2, 8, device=DEV)
+    et.encoder_forward(x, **p, eps=eps)  # prepares and caches the weights
+    conv, heads = CountLaunches(), CountLaunches()
+    monkeypatch.setattr(et, "_conv_launch", conv)
+    monkeypatch.setattr(et, "_heads_launch", heads)
+    with Recorder() as rec:
+        et.encoder_forward(x, **p, eps=eps)
+    assert (conv.n, heads.n) == (4, 1)
+    extra = [op for op in rec.ops if op not in ("aten.empty.memory_format", "aten.detach.default")]
+    assert not extra, f"unexpected tensor ops in a warm forward: {extra}"
+    assert rec.ops.count("aten.empty.memory_format") == 3 + 3 + 1  # mu, logvar, z; 3 intermediates; feats
+
+
 def test_empty_batch():
     m = _model(1, 28, (5, 12), 8)
     x = _images(0, 1, 28)
