@@ -104,12 +104,15 @@ def _write_json(path: Path, obj) -> None:
 def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir, *, num_classes: int,
                batch_size: int = 256, device: str = "cpu", encoder_backend: str | None = None,
                loader_backend: str | None = None, progress: bool = True, stop_after: int | None = None,
-               num_workers: int = 0) -> EmbeddingStore:
+               num_workers: int | None = None) -> EmbeddingStore:
     """Stream ``source`` once through the classifier and the encoder into ``store_dir``.
 
     Resumes when ``store_dir`` holds an unfinished store of the same fingerprint.
-    ``stop_after`` (batches) simulates an interruption for tests.
+    ``stop_after`` (batches) simulates an interruption for tests.  ``num_workers``: decode
+    threads/processes for folder pools (default: all cores).
     """
+    if num_workers is None:
+        num_workers = os.cpu_count() or 1
     n = len(source)
     if n == 0:
         raise ValueError(f"pool {source.name} is empty")
