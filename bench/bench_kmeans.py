@@ -292,7 +292,7 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
             ast = measure(lambda: kc.kmeans_assign(x, off, cent, kpg), device=dev, reps=reps)
             writer.add_timing("kmeans_assign", "cupy", config, ast, devname, items=N,
                               bytes_moved=N * d * 4 + G * k * d * 4 + N * 12, flops=2.0 * N * k * d)
-        if G > 1 and (G <= 100 or not quick):
+        if G > 1 and (G <= 100 or not quick or dev == "cuda"):
             record("torch-loop", measure(_loop_fn(ref, x, off, cent, kpg), device=dev, reps=max(2, reps // 2)))
         if G == 1 and dev == "cpu" and not cfg.get("side_by_side") and not quick:
             for name, maker in (("faiss-cpu", lambda: _faiss_fit(x, cent, threads)),
