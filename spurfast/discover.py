@@ -161,6 +161,12 @@ def _merge_and_expand(sig: list[dict], z: np.ndarray, valid: np.ndarray, g: np.n
             "n_suspect": int(sum(c["n_suspect"] for c in cls)),
             "n_expanded": int(((z @ w - thr) > 0).sum()),
         })
+    # merging changes scores: rank by the merged score (ties: smaller p), then renumber
+    order = sorted(range(len(out)), key=lambda i: (-out[i]["score"], out[i]["p_value"]))
+    out = [out[i] for i in order]
+    rankings = {new: rankings[out[new - 1]["rank"]] for new in range(1, len(out) + 1)}
+    for new, f in enumerate(out, 1):
+        f["rank"] = new
     return out, rankings
 
 
