@@ -59,7 +59,8 @@ fp32 accumulation; uint8 images compute in the dtype of the conv weights.  Outpu
 always fp32.  Intermediate activations are stored in the compute dtype.
 
 Block sizes are autotuned on a GPU (keyed on a power-of-two bucket of M and on the layer
-shape); under ``TRITON_INTERPRET=1`` a fixed rule picks wide blocks instead (the
+shape; ``SPURFAST_TRITON_AUTOTUNE=0`` uses one fixed configuration instead, which saves the
+per-config compiles in short runs such as tests); under ``TRITON_INTERPRET=1`` a fixed rule picks wide blocks instead (the
 interpreter's cost is per program and per op, not per element), so tests stay fast.
 """
 from __future__ import annotations
@@ -323,6 +324,16 @@ def _interp_blocks(m: int, n: int, k: int) -> dict:
             "BLOCK_K": min(512, max(16, triton.next_power_of_2(k)))}
 
 
+def _fixed_gpu_blocks(m: int, n: int, k_step: int) -> dict:
+    """One reasonable GPU configuration without autotuning (SPURFAST_TRITON_AUTOTUNE=0):
+    each config costs a compile per layer shape and dtype, which dominates short runs such
+    as the GPU tests; speed measurements keep autotuning on."""
+    return {"BLOCK_M": 64 if m <= 4096 else 128,
+            "BLOCK_N": min(128, max(16, triton.next_power_of_2(n))),
+            "BLOCK_K": min(64, max(16, triton.next_power_of_2(k_step))),
+            "num_warps": 4, "num_stages": 3}
+
+
 def _bucket(m: int) -> int:
     return triton.next_power_of_2(max(1, m))
 
@@ -476,6 +487,7 @@ def encoder_forward(
         return (mu, logvar) if eps is None else (mu, logvar, z)
 
     act = _ACT_CODE[activation_name]
+    autotune = os.environ.get("SPURFAST_TRITON_AUTOTUNE", "1") != "0"
     src = x
     sx = x.stride()  # NCHW strides of the raw input, any layout
     n_layers = len(shapes)
@@ -502,6 +514,10 @@ def encoder_forward(
             blk = _interp_blocks(M, N, K if i == 0 else cin)
             grid = (triton.cdiv(M, blk["BLOCK_M"]) * triton.cdiv(N, blk["BLOCK_N"]),)
             _conv_launch[grid](*args, **consts, **blk)
+        elif not autotune:
+            blk = _fixed_gpu_blocks(M, N, K if i == 0 else cin)
+            grid = (triton.cdiv(M, blk["BLOCK_M"]) * triton.cdiv(N, blk["BLOCK_N"]),)
+            _conv_kernel[grid](*args, **consts, **blk)
         else:
             grid = lambda meta, M=M, N=N: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
             _conv_launch[grid](*args, **consts)
@@ -519,6 +535,11 @@ def encoder_forward(
         blk = _interp_blocks(B, L, feat)
         grid = (triton.cdiv(B, blk["BLOCK_M"]) * triton.cdiv(L, blk["BLOCK_N"]),)
         _heads_launch[grid](*hargs, **hconsts, **blk)
+    elif not autotune:
+        blk = {"BLOCK_M": 32 if B <= 1024 else 64, "BLOCK_N": min(64, max(16, triton.next_power_of_2(L))),
+               "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+        grid = (triton.cdiv(B, blk["BLOCK_M"]) * triton.cdiv(L, blk["BLOCK_N"]),)
+        _heads_kernel[grid](*hargs, **hconsts, **blk)
     else:
         grid = lambda meta: (triton.cdiv(B, meta["BLOCK_M"]) * triton.cdiv(L, meta["BLOCK_N"]),)
         _heads_launch[grid](*hargs, **hconsts)

@@ -283,7 +283,10 @@ GPU_ARCHS = [(1, 28, (32, 64), 16), (3, 64, (32, 64, 128, 256), 128), (3, 64, (2
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("arch", GPU_ARCHS, ids=lambda a: f"{a[0]}x{a[1]}-{'-'.join(map(str, a[2]))}-L{a[3]}")
 @pytest.mark.parametrize("batch", [1, 33, 300])
-def test_gpu_half_precision(arch, dtype, batch):
+def test_gpu_half_precision(arch, dtype, batch, monkeypatch):
+    # one fixed block configuration: autotuning would compile every config for every layer
+    # shape and dtype here (minutes); the autotuned path is covered by the tests below
+    monkeypatch.setenv("SPURFAST_TRITON_AUTOTUNE", "0")
     c, s, ch, lat = arch
     m = _model(c, s, ch, lat)
     x = _images(batch, c, s, dtype)
@@ -296,7 +299,15 @@ def test_gpu_half_precision(arch, dtype, batch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 257, 1024])
-def test_gpu_fp32_autotuned(batch):
+def test_gpu_fp32_autotuned(batch, monkeypatch):
+    monkeypatch.setenv("SPURFAST_TRITON_AUTOTUNE", "1")
     m = _model(3, 64, (32, 64, 128, 256), 64, "silu")
     _compare(m, _images(batch, 3, 64), tag="gpu fp32 ")
     _compare(m, _images(batch, 3, 64, torch.uint8), tag="gpu uint8 ")
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_autotuned(monkeypatch):
+    monkeypatch.setenv("SPURFAST_TRITON_AUTOTUNE", "1")
+    m = _model(3, 64, (32, 64, 128, 256), 16)
+    _compare(m, _images(256, 3, 64, torch.bfloat16), dtype=torch.bfloat16, tag="gpu bf16 autotuned ")
