@@ -8,7 +8,12 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 SPURFAST_BENCH_CSV="$OUT/results.csv"
 PY="${PYTHON:-python3}"
 # The GPU machine has torch/triton/cupy but maybe not this package's pure-Python deps.
-$PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+if ! $PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1; then
+  # no setuptools there: lay the installed layout out by hand (kernels/ is spurfast.kernels)
+  rm -rf /tmp/spurfast_site && mkdir -p /tmp/spurfast_site
+  cp -r spurfast /tmp/spurfast_site/spurfast && cp -r kernels /tmp/spurfast_site/spurfast/kernels
+  export PYTHONPATH="/tmp/spurfast_site:$PWD:${PYTHONPATH:-}"
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
 $PY - <<'PY' >> "$OUT/gpu.txt" 2>&1
 import torch, importlib
