@@ -7,6 +7,7 @@ OUT="${OUT:-out/gpu_check}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 SPURFAST_BENCH_CSV="$OUT/results.csv"
 PY="${PYTHON:-python3}"
+(command -v nvcc >/dev/null && make kernels CUDA_ARCHS=90) > "$OUT/kernels_build.log" 2>&1
 # The GPU machine has torch/triton/cupy but maybe not this package's pure-Python deps.
 if ! $PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1; then
   # no setuptools there: lay the installed layout out by hand (kernels/ is spurfast.kernels)
@@ -22,7 +23,6 @@ for m in ("triton", "cupy", "nvidia.dali"):
     try: print(m, importlib.import_module(m).__version__)
     except Exception as e: print(m, "missing:", e)
 PY
-(command -v nvcc >/dev/null && make kernels CUDA_ARCHS=90) > "$OUT/kernels_build.log" 2>&1
 timeout 150 $PY -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -20
 timeout 180 $PY -m bench encoder --quick --device cuda 2>&1 | tail -40 > "$OUT/bench_encoder.log"
 timeout 90 $PY -m bench kmeans --quick --device cuda 2>&1 | tail -40 > "$OUT/bench_kmeans.log"
