@@ -1,0 +1,156 @@
+"""Evaluation metrics for planted shortcuts (slice-discovery definitions after dcbench).
+
+A *candidate* is what a method returns, best first: ``{"class": c, "members": pool
+indices, "ranking": pool-wide score (higher = more likely to carry the feature),
+"q_value": float | None}``.  A *planted feature* is ``(target class t, carries: bool per
+pool item)``.
+
+- ``enriched``: a candidate's members carry the feature at least twice as often as the
+  pool does (and at least one member carries it).
+- ``hit@1``: the top candidate is of class t and enriched.
+- per feature, the *best* candidate is the one whose ranking has the highest average
+  precision; its AUROC, AP, precision@10/@25 are reported.  A method with no candidate
+  scores as a random ranking would in expectation (AUROC 0.5, AP and precision@k = the
+  carrier rate).
+- ``recall@q``: fraction of planted features with a candidate of class t, q <= level,
+  that is enriched.
+- ``false findings@q``: candidates with q <= level that match no planted feature.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import rankdata
+
+
+def _check(scores, truth):
+    s = np.asarray(scores, dtype=np.float64)
+    t = np.asarray(truth, dtype=bool)
+    if s.shape != t.shape or s.ndim != 1:
+        raise ValueError(f"scores {s.shape} and truth {t.shape} must be 1-D arrays of one length")
+    if np.isnan(s).any():
+        raise ValueError("scores contain NaN")
+    return s, t
+
+
+def auroc(scores, truth) -> float:
+    """Area under the ROC curve; ties count half; NaN without both classes."""
+    s, t = _check(scores, truth)
+    npos, nneg = int(t.sum()), int((~t).sum())
+    if npos == 0 or nneg == 0:
+        return float("nan")
+    r = rankdata(s)
+    return float((r[t].sum() - npos * (npos + 1) / 2) / (npos * nneg))
+
+
+def average_precision(scores, truth) -> float:
+    """Step-wise average precision, sum_k (R_k - R_{k-1}) P_k over distinct score
+    thresholds (tied scores enter together, as in scikit-learn); NaN without positives."""
+    s, t = _check(scores, truth)
+    npos = int(t.sum())
+    if npos == 0:
+        return float("nan")
+    order = np.argsort(-s, kind="stable")
+    s, t = s[order], t[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]   # end of each tie group
+    tp = np.cumsum(t)[last]
+    prec = tp / (last + 1)
+    rec = tp / npos
+    return float(np.sum(np.diff(np.r_[0.0, rec]) * prec))
+
+
+def precision_at_k(scores, truth, k: int) -> float:
+    """Fraction of carriers among the k top-scored items (ties broken by pool index)."""
+    s, t = _check(scores, truth)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    k = min(k, len(s))
+    if k == 0:
+        return float("nan")
+    order = np.argsort(-s, kind="stable")
+    return float(t[order[:k]].mean())
+
+
+def mask_iou(pred, truth) -> float:
+    """Intersection over union of two boolean masks; NaN if either is missing or both empty."""
+    if pred is None or truth is None:
+        return float("nan")
+    p, t = np.asarray(pred, bool), np.asarray(truth, bool)
+    if p.shape != t.shape:
+        raise ValueError(f"mask shapes differ: {p.shape} vs {t.shape}")
+    union = np.logical_or(p, t).sum()
+    return float(np.logical_and(p, t).sum() / union) if union else float("nan")
+
+
+def enriched(members, carries) -> bool:
+    carries = np.asarray(carries, bool)
+    members = np.asarray(members, dtype=np.int64)
+    if len(members) == 0 or not carries.any():
+        return False
+    rate = carries[members].mean()
+    return bool(rate > 0 and rate >= 2 * carries.mean())
+
+
+@dataclass
+class Feature:
+    target_class: int
+    carries: np.ndarray            # (pool n,) bool
+    mask: np.ndarray | None = None  # (H, W) planted mask where fixed
+    name: str = ""
+
+
+def matches(cand: dict, feat: Feature) -> bool:
+    return int(cand["class"]) == int(feat.target_class) and enriched(cand["members"], feat.carries)
+
+
+def hit_at_1(cands: list[dict], feat: Feature) -> float:
+    return float(bool(cands) and matches(cands[0], feat))
+
+
+def best_candidate(cands: list[dict], feat: Feature):
+    """(index, AP) of the candidate whose ranking has the highest AP; (None, nan) if none."""
+    best, best_ap = None, -1.0
+    for i, c in enumerate(cands):
+        ap = average_precision(_finite(c["ranking"]), feat.carries)
+        if ap > best_ap:
+            best, best_ap = i, ap
+    return best, (best_ap if best is not None else float("nan"))
+
+
+def _finite(r):
+    r = np.asarray(r, dtype=np.float64)
+    if not np.isfinite(r).all():
+        fin = r[np.isfinite(r)]
+        low = (fin.min() - 1.0) if len(fin) else 0.0
+        r = np.where(np.isfinite(r), r, low)
+    return r
+
+
+def feature_metrics(cands: list[dict], feat: Feature, ks=(10, 25)) -> dict:
+    """hit@1 and the best candidate's AUROC, AP, precision@k, mask IoU for one feature."""
+    out = {"hit@1": hit_at_1(cands, feat)}
+    prev = float(np.mean(feat.carries))
+    i, ap = best_candidate(cands, feat)
+    if i is None:
+        out.update({"auroc": 0.5, "ap": prev, **{f"precision@{k}": prev for k in ks}, "mask_iou": float("nan"),
+                    "best_is_target_class": 0.0})
+        return out
+    r = _finite(cands[i]["ranking"])
+    out.update({"auroc": auroc(r, feat.carries), "ap": ap,
+                **{f"precision@{k}": precision_at_k(r, feat.carries, k) for k in ks},
+                "mask_iou": mask_iou(cands[i].get("mask"), feat.mask),
+                "best_is_target_class": float(int(cands[i]["class"]) == int(feat.target_class))})
+    return out
+
+
+def recall_at_q(cands: list[dict], feats: list[Feature], q: float) -> float:
+    if not feats:
+        return float("nan")
+    sig = [c for c in cands if c.get("q_value") is not None and c["q_value"] <= q]
+    return float(np.mean([any(matches(c, f) for c in sig) for f in feats]))
+
+
+def false_findings(cands: list[dict], feats: list[Feature], q: float) -> int:
+    sig = [c for c in cands if c.get("q_value") is not None and c["q_value"] <= q]
+    return int(sum(not any(matches(c, f) for f in feats) for c in sig))

@@ -1,0 +1,133 @@
+"""Confirmation on hand-built models whose shortcut is known exactly."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from spurfast.confirm import (ConfirmConfig, apply_delta, confirm_findings, confirm_pattern, mcnemar_one_sided,
+                              random_controls)
+from spurfast.data.sources import ArraySource
+
+
+class CornerModel(nn.Module):
+    """Two classes: logit of class 1 = 12 * (mean of the bottom-right 3x3 patch) - 3."""
+
+    def __init__(self, corner=True):
+        super().__init__()
+        self.corner = corner
+
+    def forward(self, x):
+        patch = x[:, :, -4:-1, -4:-1] if self.corner else x[:, :, 1:4, 1:4]
+        z = 12 * patch.mean((1, 2, 3)) - 3
+        return torch.stack([torch.zeros_like(z), z], 1)
+
+
+def _clean(n=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 16, 16, generator=g) * 0.2
+
+
+def _corner_mask():
+    m = np.zeros((16, 16), bool)
+    m[-4:-1, -4:-1] = True
+    return m
+
+
+def test_true_shortcut_flips_far_above_control():
+    x = _clean()
+    contrast = torch.zeros(1, 16, 16)
+    contrast[0, -4:-1, -4:-1] = 0.9
+    r = confirm_pattern(CornerModel(), x, 1, _corner_mask(), contrast, config=ConfirmConfig(seed=0))
+    assert r["flip_rate"] > 0.95
+    assert r["control_flip_rate"] < 0.3       # 9 scattered pixels rarely land in the 3x3 corner
+    assert r["p_value"] < 1e-10
+    assert r["n_images"] == 300 and r["mask_area"] == 9
+
+
+def test_pattern_the_model_ignores_does_not_confirm():
+    x = _clean()
+    contrast = torch.zeros(1, 16, 16)
+    contrast[0, -4:-1, -4:-1] = 0.9
+    r = confirm_pattern(CornerModel(corner=False), x, 1, _corner_mask(), contrast)
+    assert r["flip_rate"] < 0.05
+    assert r["p_value"] > 0.05
+
+
+def test_paste_mode_uses_the_members_mean():
+    x = _clean()
+    pattern = torch.full((1, 16, 16), 0.95)
+    r = confirm_pattern(CornerModel(), x, 1, _corner_mask(), torch.zeros(1, 16, 16), pattern,
+                        config=ConfirmConfig(mode="paste"))
+    assert r["flip_rate"] > 0.95
+    with pytest.raises(ValueError, match="members' mean"):
+        confirm_pattern(CornerModel(), x, 1, _corner_mask(), torch.zeros(1, 16, 16), None,
+                        config=ConfirmConfig(mode="paste"))
+
+
+def test_mcnemar_known_values():
+    assert mcnemar_one_sided([1, 1, 1, 1, 1], [0, 0, 0, 0, 0]) == pytest.approx(0.5 ** 5)
+    assert mcnemar_one_sided([1, 0], [1, 0]) == 1.0            # no discordant pair
+    assert mcnemar_one_sided([0, 0, 0], [1, 1, 1]) == 1.0
+    # b=2, c=1: P(X >= 2 | n=3) = 4/8
+    assert mcnemar_one_sided([1, 1, 0, 0], [0, 0, 1, 0]) == pytest.approx(0.5)
+
+
+def test_random_controls_keep_area_and_values():
+    vals = torch.zeros(2, 8, 8)
+    vals[0, 2:4, 2:4] = torch.tensor([[0.1, 0.2], [0.3, 0.4]])
+    vals[1, 2:4, 2:4] = 1.0
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[2:4, 2:4] = True
+    cv, cm = random_controls(vals, mask, 20, np.random.default_rng(0))
+    assert cm.shape == (20, 8, 8) and (cm.sum((1, 2)) == 4).all()
+    for i in range(20):
+        assert sorted(cv[i, 0][cm[i]].tolist()) == pytest.approx([0.1, 0.2, 0.3, 0.4])
+        assert (cv[i, 1][cm[i]] == 1.0).all() and (cv[i][:, ~cm[i]] == 0).all()
+    assert len({tuple(np.nonzero(m.flatten().numpy())[0]) for m in cm}) > 1  # positions vary
+
+
+def test_apply_delta_add_clips():
+    x = torch.full((2, 1, 4, 4), 0.8)
+    v = torch.full((1, 4, 4), 0.5)
+    m = torch.zeros(4, 4, dtype=torch.bool)
+    m[0, 0] = True
+    y = apply_delta(x, v, m, "add")
+    assert y[0, 0, 0, 0] == 1.0 and y[0, 0, 1, 1] == pytest.approx(0.8)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="mode"):
+        ConfirmConfig(mode="stamp")
+    with pytest.raises(ValueError, match="does not match"):
+        confirm_pattern(CornerModel(), _clean(4), 1, np.ones((8, 8), bool), torch.zeros(1, 16, 16))
+    with pytest.raises(ValueError, match="do not match"):
+        confirm_pattern(CornerModel(), torch.zeros(4, 1, 8, 8), 1, _corner_mask(), torch.zeros(1, 16, 16))
+    r = confirm_pattern(CornerModel(), torch.zeros(0, 1, 16, 16), 1, _corner_mask(), torch.zeros(1, 16, 16))
+    assert r["flip_rate"] is None and "no clean images" in r["skipped"]
+
+
+def _finding(members):
+    contrast = torch.zeros(1, 16, 16)
+    contrast[0, -4:-1, -4:-1] = 0.9
+    return {"rank": 1, "class": 1, "members": members, "_mask": _corner_mask(), "_contrast": contrast}
+
+
+def test_confirm_findings_clean_set_and_pool_default():
+    x = _clean(200)
+    y = np.r_[np.zeros(150, int), np.ones(50, int)]
+    clean = ArraySource(x, y, name="clean")
+    f = [_finding([0, 1])]
+    confirm_findings(f, CornerModel(), clean=clean)
+    assert set(f[0]["confirm"]) == {"flip_rate", "control_flip_rate", "p_value"}
+    assert f[0]["_confirm_detail"]["n_images"] == 150   # label 1 (the finding's class) excluded
+    assert f[0]["confirm"]["flip_rate"] > 0.95
+    # no clean set: pool images predicted as another class, outside every finding
+    pool = ArraySource(x, None, name="pool")
+    pred = np.r_[np.ones(20, int), np.zeros(180, int)]
+    f = [_finding([25, 26, 27])]
+    confirm_findings(f, CornerModel(), pool=pool, pool_pred=pred)
+    assert f[0]["_confirm_detail"]["n_images"] == 177
+    with pytest.raises(ValueError, match="clean set"):
+        confirm_findings(f, CornerModel())
+    with pytest.raises(ValueError, match="no extracted pattern"):
+        confirm_findings([{"rank": 1, "class": 1, "members": []}], CornerModel(), clean=clean)

@@ -1,0 +1,129 @@
+"""Every evaluation metric on hand-made cases with known answers (and AUROC/AP against
+scikit-learn on random data)."""
+import numpy as np
+import pytest
+
+from spurfast.metrics import (Feature, auroc, average_precision, best_candidate, enriched, false_findings,
+                              feature_metrics, hit_at_1, mask_iou, matches, precision_at_k, recall_at_q)
+
+
+def test_auroc_known_values():
+    assert auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert auroc([1, 1, 0], [1, 0, 0]) == pytest.approx(0.75)      # a tie counts half
+    assert auroc([3, 2, 1], [1, 1, 0]) == 1.0
+    assert auroc([1, 2, 3], [1, 1, 0]) == 0.0
+    assert np.isnan(auroc([1, 2], [0, 0]))
+
+
+def test_average_precision_known_values():
+    # ranked: + - + -  -> precision 1 at recall 1/2, 2/3 at recall 1
+    assert average_precision([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.5 + 0.5 * 2 / 3)
+    assert average_precision([1, 1, 0], [1, 0, 0]) == pytest.approx(0.5)  # tied scores enter together
+    assert average_precision([3, 2, 1], [1, 1, 0]) == 1.0
+    assert average_precision([1, 2, 3, 4], [1, 0, 0, 0]) == pytest.approx(0.25)
+    assert np.isnan(average_precision([1, 2], [0, 0]))
+
+
+def test_auroc_ap_match_sklearn():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        s = rng.integers(0, 6, 200).astype(float)  # many ties
+        t = rng.random(200) < 0.3
+        assert auroc(s, t) == pytest.approx(roc_auc_score(t, s))
+        assert average_precision(s, t) == pytest.approx(average_precision_score(t, s))
+
+
+def test_precision_at_k():
+    s, t = [0.9, 0.8, 0.7, 0.1], [1, 0, 1, 1]
+    assert precision_at_k(s, t, 1) == 1.0
+    assert precision_at_k(s, t, 2) == 0.5
+    assert precision_at_k(s, t, 3) == pytest.approx(2 / 3)
+    assert precision_at_k(s, t, 10) == 0.75          # k larger than the pool: all of it
+    assert precision_at_k([1, 1, 1], [0, 1, 1], 1) == 0.0  # ties broken by pool index
+    with pytest.raises(ValueError, match="k must be"):
+        precision_at_k(s, t, 0)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="one length"):
+        auroc([1, 2, 3], [1, 0])
+    with pytest.raises(ValueError, match="NaN"):
+        average_precision([1, np.nan], [1, 0])
+    with pytest.raises(ValueError, match="shapes differ"):
+        mask_iou(np.ones((2, 2)), np.ones((3, 3)))
+
+
+def test_mask_iou():
+    a = np.zeros((4, 4), bool)
+    b = np.zeros((4, 4), bool)
+    a[:2, :2] = True          # 4 pixels
+    b[1:3, 1:3] = True        # 4 pixels, 1 shared
+    assert mask_iou(a, b) == pytest.approx(1 / 7)
+    assert mask_iou(a, a) == 1.0
+    assert mask_iou(a, ~a) == 0.0
+    assert np.isnan(mask_iou(a, None))
+    assert np.isnan(mask_iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)))
+
+
+def _feat():
+    carries = np.zeros(100, bool)
+    carries[:10] = True                    # pool rate 0.1
+    return Feature(3, carries, name="p")
+
+
+def _cand(cls, members, ranking=None, q=None):
+    r = np.zeros(100) if ranking is None else ranking
+    return {"class": cls, "members": np.asarray(members), "ranking": r, "q_value": q}
+
+
+def test_enriched_and_matches():
+    f = _feat()
+    assert enriched([0, 1, 50, 51], f.carries)            # 0.5 >= 2 * 0.1
+    assert enriched([0] + list(range(20, 24)), f.carries)  # 0.2 = 2 * 0.1 (boundary counts)
+    assert not enriched([0] + list(range(20, 25)), f.carries)  # 1/6 < 0.2
+    assert not enriched([], f.carries)
+    assert matches(_cand(3, [0, 1]), f) and not matches(_cand(4, [0, 1]), f)
+
+
+def test_hit_at_1_and_best_candidate():
+    f = _feat()
+    perfect = np.r_[np.ones(10), np.zeros(90)]
+    cands = [_cand(5, [50, 51]), _cand(3, [0, 1], ranking=perfect)]
+    assert hit_at_1(cands, f) == 0.0
+    assert hit_at_1(cands[::-1], f) == 1.0
+    assert hit_at_1([], f) == 0.0
+    i, ap = best_candidate(cands, f)
+    assert i == 1 and ap == 1.0
+    m = feature_metrics(cands, f)
+    assert m["hit@1"] == 0.0 and m["auroc"] == 1.0 and m["ap"] == 1.0
+    assert m["precision@10"] == 1.0 and m["precision@25"] == pytest.approx(10 / 25)
+    assert m["best_is_target_class"] == 1.0 and np.isnan(m["mask_iou"])
+
+
+def test_no_candidate_scores_as_random():
+    m = feature_metrics([], _feat())
+    assert m == {"hit@1": 0.0, "auroc": 0.5, "ap": pytest.approx(0.1), "precision@10": pytest.approx(0.1),
+                 "precision@25": pytest.approx(0.1), "mask_iou": m["mask_iou"], "best_is_target_class": 0.0}
+
+
+def test_unranked_items_rank_last():
+    f = _feat()
+    r = np.full(100, -np.inf)
+    r[:10] = 1.0                        # only the carriers are ranked
+    assert feature_metrics([_cand(3, [0], ranking=r)], f)["auroc"] == 1.0
+
+
+def test_recall_and_false_findings():
+    f1 = _feat()
+    c2 = np.zeros(100, bool)
+    c2[10:20] = True
+    f2 = Feature(7, c2, name="q")
+    cands = [_cand(3, [0, 1], q=0.01), _cand(7, [10, 11], q=0.08), _cand(1, [50], q=0.02), _cand(2, [60], q=0.5)]
+    assert recall_at_q(cands, [f1, f2], 0.05) == 0.5
+    assert recall_at_q(cands, [f1, f2], 0.1) == 1.0
+    assert false_findings(cands, [f1, f2], 0.05) == 1
+    assert false_findings(cands, [f1, f2], 0.1) == 1
+    assert false_findings(cands, [], 0.1) == 3         # clean model: every finding is false
+    assert np.isnan(recall_at_q(cands, [], 0.1))
+    assert false_findings([_cand(3, [0])], [f1], 0.1) == 0   # no q-value: not a finding at any level
