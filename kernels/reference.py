@@ -282,9 +282,11 @@ def kmeans_update(
     N, d = x.shape
     flat = group_ids(offsets) * kmax + assign
     if x.device.type == "cpu" and N:
-        # One sparse (G*kmax x N) 0/1 matrix times x: scipy's CSR product adds every
-        # cluster's rows in index order (deterministic, fp32 like index_add_) in one
-        # single-threaded pass, ~4x faster than index_add_ when the cores are shared.
+        # One sparse (G*kmax x N) 0/1 matrix times x.  Built column-wise (CSC: point i is
+        # column i, its one entry in row flat[i]) it needs no sort, and scipy's product
+        # streams x once in index order, adding row i into sums[flat[i]]: deterministic,
+        # fp32 like index_add_, single-threaded (no thread barriers when the cores are
+        # shared) and 2-5x faster than index_add_ on this machine.
         import numpy as np
         import scipy.sparse as sp
 
@@ -292,7 +294,7 @@ def kmeans_update(
         S = G * kmax
         if fl.size and (fl.min() < 0 or fl.max() >= S):
             raise ValueError(f"assign has values outside [0, kmax={kmax}) for some group")
-        onehot = sp.csr_matrix((np.ones(N, dtype=np.float32), (fl, np.arange(N))), shape=(S, N))
+        onehot = sp.csc_matrix((np.ones(N, dtype=np.float32), fl, np.arange(N + 1)), shape=(S, N))
         xf = np.ascontiguousarray(x.detach().float().numpy())
         sums = torch.from_numpy(np.asarray(onehot @ xf, dtype=np.float32).reshape(S, d))
         counts = torch.from_numpy(np.bincount(fl, minlength=S).astype(np.int64))
