@@ -129,11 +129,46 @@ def cmd_discover(args):
     if args.suspect:
         suspect = np.zeros(len(pool), bool)
         suspect[np.loadtxt(args.suspect, dtype=np.int64, ndmin=1)] = True
-    doc, _, _ = run_discovery(pool, clf, vae, args.out, num_classes=n_classes, suspect=suspect,
-                              config=_discover_config(args), overwrite=args.overwrite, batch_size=args.batch_size,
-                              encoder_backend=args.encoder_backend, loader_backend=args.loader_backend,
-                              progress=not args.quiet)
-    print(f"{len(doc['findings'])} findings; report: {Path(args.out) / 'report.html'}")
+    from . import distributed as dist
+    dist.init(args.device)  # under torchrun: join the group (gloo on CPUs, NCCL on GPUs); else a no-op
+    try:
+        doc, _, _ = run_discovery(pool, clf, vae, args.out, num_classes=n_classes, suspect=suspect,
+                                  config=_discover_config(args), overwrite=args.overwrite,
+                                  batch_size=args.batch_size, encoder_backend=args.encoder_backend,
+                                  loader_backend=args.loader_backend, progress=not args.quiet)
+    finally:
+        dist.shutdown()
+    if doc is not None:  # rank 0 (or the only process) wrote the report
+        print(f"{len(doc['findings'])} findings; report: {Path(args.out) / 'report.html'}")
+
+
+def cmd_make_pool(args):
+    from .make_pool import PoolSpec, make_pool, parse_size
+    lo, hi = parse_size(args.size)
+    spec = PoolSpec(n=args.n, classes=args.classes, min_size=lo, max_size=hi, flat=args.flat, plant=args.plant,
+                    fraction=args.fraction, plant_class=args.plant_class, strength=args.strength,
+                    target_size=args.target_size, quality=args.quality, seed=args.seed)
+    info = make_pool(args.out, spec, workers=args.workers, progress=not args.quiet, overwrite=args.overwrite)
+    print(f"wrote {info['n']} images ({info['n_carrying']} carry {args.plant or 'no pattern'}) to {args.out} "
+          f"in {info['seconds']:.1f} s ({info['images_per_s']:.0f} img/s); ground truth: "
+          f"{Path(args.out) / 'ground_truth.csv'}")
+
+
+def cmd_evaluate(args):
+    from .evaluate import read_csv, run_evaluation, write_results
+    if args.from_csv:
+        csv_path = Path(args.from_csv)
+        if not csv_path.is_file():
+            raise FileNotFoundError(f"results CSV {csv_path} does not exist")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        md = write_results(csv_path, csv_path.with_name("confirm.csv"), out / "RESULTS.md", plots_dir=out / "plots",
+                           command=f"spurfast evaluate --from-csv {csv_path} --out {out}")
+        print(f"wrote {md} from {len(read_csv(csv_path))} rows")
+        return
+    seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
+    run_evaluation(args.preset, args.out, cache=args.cache, only=args.only, seeds=seeds, progress=not args.quiet,
+                   results_md=args.results_md)
 
 
 def cmd_report(args):
@@ -231,6 +266,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     _add_discover_args(p)
     p.set_defaults(func=cmd_discover)
+
+    p = sub.add_parser("make-pool", help="write a procedural ImageNet-like JPEG folder pool (optionally planted)")
+    p.add_argument("--out", required=True, help="directory to create")
+    p.add_argument("--n", type=int, required=True, help="number of images")
+    p.add_argument("--size", default="64:160", help="image side length N or range MIN:MAX (varied sizes)")
+    p.add_argument("--classes", type=int, default=10, help="number of classes (each has its own look)")
+    p.add_argument("--flat", action="store_true", help="one unlabelled folder instead of one folder per class")
+    p.add_argument("--plant", default=None, help="pattern family to plant: pixel, patch3, patch5, noise, bar")
+    p.add_argument("--fraction", type=float, default=0.0, help="fraction of images (of --plant-class) that carry it")
+    p.add_argument("--plant-class", type=int, default=None, help="plant only into this class (default: any)")
+    p.add_argument("--strength", type=float, default=1.0, help="pattern value / noise strength (0, 1]")
+    p.add_argument("--target-size", type=int, default=64, help="loader image size the pattern is defined at")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_make_pool)
+
+    p = sub.add_parser("evaluate", help="planted-shortcut evaluation: spurfast vs baselines -> CSV, plots, RESULTS.md")
+    p.add_argument("--preset", default="quick", choices=["quick", "full", "tiny"])
+    p.add_argument("--out", required=True, help="directory for results.csv, confirm.csv, plots/, RESULTS.md")
+    p.add_argument("--cache", default=None, help="model/store cache (default: OUT/cache); reruns reuse it")
+    p.add_argument("--only", default=None, help="regular expression: run only the matching settings")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's)")
+    p.add_argument("--results-md", default=None, help="also write RESULTS.md here (e.g. docs/RESULTS.md)")
+    p.add_argument("--from-csv", default=None, help="only regenerate RESULTS.md and plots from this results.csv")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("report", help="rewrite report.html of a run from its findings.json")
     p.add_argument("--run", required=True, help="output directory of a discover/demo run")

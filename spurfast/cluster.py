@@ -45,6 +45,12 @@ def sort_by_group(groups: torch.Tensor, n_groups: int):
     return order, offsets
 
 
+# Set by `spurfast.distributed.kmeans_across_ranks`: a function with batched_kmeans's
+# signature that runs the Lloyd loop over every rank of a torch.distributed group
+# (all-reduced centroid sums and counts).  None: this process clusters alone.
+kmeans_hook = None
+
+
 def batched_kmeans(
     x: torch.Tensor,
     groups: torch.Tensor,
@@ -65,6 +71,9 @@ def batched_kmeans(
     Empty clusters are re-seeded with the point of their group farthest from its centroid.
     Deterministic for a given seed and backend.
     """
+    if kmeans_hook is not None:
+        return kmeans_hook(x, groups, k_per_group, n_groups=n_groups, n_iter=n_iter, tol=tol, seed=seed,
+                           metric=metric, init=init, backend=backend)
     if x.dim() != 2:
         raise ValueError(f"x must be (N, d), got {tuple(x.shape)}")
     if not torch.isfinite(x).all():

@@ -85,7 +85,7 @@ class EmbeddingStore:
         return self.array(name)
 
     def write(self, start: int, values: dict[str, np.ndarray]) -> None:
-        stop = start + len(next(iter(values.values())))
+        stop = start + len(next(iter(values.values()))) if values else start
         for name, v in values.items():
             self.array(name, writable=True)[start:stop] = v
         for (name, w), arr in self._arrays.items():
@@ -101,54 +101,111 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _columns(source: ImageSource, classifier, vae, num_classes: int, device: str, n: int) -> dict:
+    with torch.no_grad():
+        x0, _ = source.get_batch([0])
+        logits, feats = classifier_outputs(classifier.to(device).eval(), x0.to(device))
+    if logits.shape[1] != num_classes:
+        raise ValueError(f"classifier outputs {logits.shape[1]} logits; expected {num_classes} classes")
+    L = vae.config.latent_dim
+    return {"pred": ((n,), "int32"), "conf": ((n,), "float32"), "probs": ((n, num_classes), "float32"),
+            "mu": ((n, L), "float32"), "feats": ((n, feats.shape[1]), "float16"),
+            "labels": ((n,), "int64"), "ok": ((n,), "bool")}
+
+
+def _open_checked(store_dir: Path, fp: str) -> EmbeddingStore | None:
+    if not (store_dir / MANIFEST).is_file():
+        return None
+    store = EmbeddingStore(store_dir)
+    if store.manifest.get("fingerprint") != fp:
+        raise ValueError(f"embedding store {store_dir} was made with other models or another pool "
+                         f"(fingerprint {store.manifest.get('fingerprint')} != {fp}); use a new directory")
+    return store
+
+
+def shard_dir(store_dir, shard_id: int, num_shards: int) -> Path:
+    """Where rank ``shard_id`` of ``num_shards`` keeps its part of the store."""
+    return Path(store_dir) / "shards" / f"{shard_id}-of-{num_shards}"
+
+
 def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir, *, num_classes: int,
                batch_size: int = 256, device: str = "cpu", encoder_backend: str | None = None,
                loader_backend: str | None = None, progress: bool = True, stop_after: int | None = None,
-               num_workers: int | None = None) -> EmbeddingStore:
+               num_workers: int | None = None, shard_id: int = 0, num_shards: int = 1) -> EmbeddingStore:
     """Stream ``source`` once through the classifier and the encoder into ``store_dir``.
 
     Resumes when ``store_dir`` holds an unfinished store of the same fingerprint.
     ``stop_after`` (batches) simulates an interruption for tests.  ``num_workers``: decode
     threads/processes for folder pools (default: all cores).
+
+    ``num_shards > 1`` (one call per rank, see `spurfast.distributed`): embeds only shard
+    ``shard_id`` of the pool indices not yet in ``store_dir`` (every ``num_shards``-th,
+    as the loaders shard) into its own store ``shard_dir(store_dir, shard_id, num_shards)``
+    (an extra column ``index`` holds each row's pool index), resumable per shard at batch
+    granularity, and returns that shard store, or the main store if it is already
+    complete.  :func:`merge_shards` then writes the shards into the main store.
     """
     if num_workers is None:
         num_workers = os.cpu_count() or 1
     n = len(source)
     if n == 0:
         raise ValueError(f"pool {source.name} is empty")
+    if num_shards < 1 or not 0 <= shard_id < num_shards:
+        raise ValueError(f"need 0 <= shard_id < num_shards, got shard_id={shard_id}, num_shards={num_shards}")
     fp = fingerprint(source, classifier, vae)
     store_dir = Path(store_dir)
-    if (store_dir / MANIFEST).is_file():
-        store = EmbeddingStore(store_dir)
-        if store.manifest.get("fingerprint") != fp:
-            raise ValueError(f"embedding store {store_dir} was made with other models or another pool "
-                             f"(fingerprint {store.manifest.get('fingerprint')} != {fp}); use a new directory")
-        if store.complete:
-            return store
-        log.info("resuming embedding pass at pool index %d of %d", store.done, n)
+    main = _open_checked(store_dir, fp)
+    if main is not None and main.complete:
+        return main
+    sel = None
+    if num_shards == 1:
+        store = main
+        if store is not None:
+            log.info("resuming embedding pass at pool index %d of %d", store.done, n)
+        else:
+            store = EmbeddingStore.create(store_dir, n, _columns(source, classifier, vae, num_classes, device, n),
+                                          {"fingerprint": fp, "pool": source.name, "num_classes": num_classes,
+                                           "latent_dim": vae.config.latent_dim})
+        desc = "embedding pool"
     else:
-        with torch.no_grad():
-            x0, _ = source.get_batch([0])
-            logits, feats = classifier_outputs(classifier, x0.to(device))
-        if logits.shape[1] != num_classes:
-            raise ValueError(f"classifier outputs {logits.shape[1]} logits; expected {num_classes} classes")
-        L = vae.config.latent_dim
-        cols = {"pred": ((n,), "int32"), "conf": ((n,), "float32"), "probs": ((n, num_classes), "float32"),
-                "mu": ((n, L), "float32"), "feats": ((n, feats.shape[1]), "float16"),
-                "labels": ((n,), "int64"), "ok": ((n,), "bool")}
-        store = EmbeddingStore.create(store_dir, n, cols, {"fingerprint": fp, "pool": source.name,
-                                                           "num_classes": num_classes, "latent_dim": L})
+        from .data.folder import select_indices
+        start = main.done if main is not None else 0
+        sel = select_indices(n, start=start, shard_id=shard_id, num_shards=num_shards)
+        sdir = shard_dir(store_dir, shard_id, num_shards)
+        store = _open_checked(sdir, fp)
+        if store is not None and (store.manifest.get("start") != start or store.n != len(sel)):
+            log.warning("shard store %s covers another selection (start %s, not %d); starting it again",
+                        sdir, store.manifest.get("start"), start)
+            store = None
+        if store is None:
+            cols = _columns(source, classifier, vae, num_classes, device, len(sel))
+            cols["index"] = ((len(sel),), "int64")
+            store = EmbeddingStore.create(sdir, len(sel), cols, {
+                "fingerprint": fp, "pool": source.name, "num_classes": num_classes,
+                "latent_dim": vae.config.latent_dim, "start": start, "pool_n": n,
+                "shard_id": shard_id, "num_shards": num_shards})
+            if len(sel):
+                store.array("index", writable=True)[:] = sel
+                store.write(0, {})
+        elif store.done:
+            log.info("resuming shard %d/%d at row %d of %d", shard_id, num_shards, store.done, store.n)
+        desc = f"embedding shard {shard_id}/{num_shards}"
+    if store.complete:
+        return store
     classifier.to(device).eval()
     vae.to(device).eval()
     start = store.done
-    bar = tqdm(total=n, initial=start, desc="embedding pool", unit="img", disable=not progress)
-    for b, batch in enumerate(iter_batches(source, batch_size, start=start, num_workers=num_workers,
-                                           backend=loader_backend)):
+    todo = None if sel is None else sel[start:]
+    bar = tqdm(total=store.n, initial=start, desc=desc, unit="img", disable=not progress,
+               position=shard_id if num_shards > 1 else None)
+    for b, batch in enumerate(iter_batches(source, batch_size, start=start, indices=todo,
+                                           num_workers=num_workers, backend=loader_backend)):
         if stop_after is not None and b >= stop_after:
             break
         idx = batch.indices.numpy()
-        if len(idx) and int(idx[0]) != store.done:
-            raise RuntimeError(f"loader yielded pool index {int(idx[0])}, expected {store.done}")
+        expect = store.done if sel is None else (int(sel[store.done]) if store.done < len(sel) else -1)
+        if len(idx) and int(idx[0]) != expect:
+            raise RuntimeError(f"loader yielded pool index {int(idx[0])}, expected {expect}")
         x = batch.images.to(device)
         with torch.no_grad():
             logits, feats = classifier_outputs(classifier, x)
@@ -161,9 +218,68 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
         conf, pred = probs.max(1)
         pred = pred.cpu().numpy().astype(np.int32)
         pred[~ok] = -1  # unreadable files take no part in clustering
-        store.write(int(idx[0]), {"pred": pred, "conf": conf.cpu().numpy(), "probs": probs.cpu().numpy(),
-                                  "mu": mu.cpu().numpy(), "feats": feats.float().cpu().numpy().astype(np.float16),
-                                  "labels": batch.labels.numpy(), "ok": ok})
+        if not ok.all():  # kept in the manifest so a resumed or sharded run still reports them
+            bad_files = getattr(source, "bad_files", {})
+            store.manifest.setdefault("bad_files", {}).update(
+                {str(int(i)): bad_files.get(int(i), "could not be decoded") for i in idx[~ok]})
+        store.write(store.done, {"pred": pred, "conf": conf.cpu().numpy(), "probs": probs.cpu().numpy(),
+                                 "mu": mu.cpu().numpy(), "feats": feats.float().cpu().numpy().astype(np.float16),
+                                 "labels": batch.labels.numpy(), "ok": ok})
         bar.update(len(idx))
     bar.close()
     return store
+
+
+def merge_shards(store_dir, num_shards: int, *, chunk: int = 65536, progress: bool = True,
+                 keep_shards: bool = False) -> EmbeddingStore:
+    """Write the complete shard stores of ``num_shards`` ranks into the main store at
+    ``store_dir`` (created if absent) and mark it complete.  Streams ``chunk`` rows at a
+    time (bounded memory); idempotent, so an interrupted merge is simply run again.
+    The shard stores are removed afterwards unless ``keep_shards``."""
+    store_dir = Path(store_dir)
+    shards = [EmbeddingStore(shard_dir(store_dir, r, num_shards)) for r in range(num_shards)]
+    m0 = shards[0].manifest
+    for r, s in enumerate(shards):
+        if not s.complete:
+            raise ValueError(f"shard store {s.root} is unfinished ({s.done}/{s.n}); finish rank {r} first")
+        for key in ("fingerprint", "start", "pool_n", "columns"):
+            if key != "columns" and s.manifest.get(key) != m0.get(key):
+                raise ValueError(f"shard stores disagree on {key}: {s.root} has {s.manifest.get(key)!r}, "
+                                 f"{shards[0].root} has {m0.get(key)!r}")
+    n, start = int(m0["pool_n"]), int(m0["start"])
+    if sum(s.n for s in shards) != n - start:
+        raise ValueError(f"shards hold {sum(s.n for s in shards)} rows for {n - start} pool indices")
+    cols = {k: (tuple(v[0]), v[1]) for k, v in m0["columns"].items() if k != "index"}
+    for k, (shape, dt) in cols.items():  # the shard's row count -> the pool's
+        cols[k] = ((n,) + tuple(shape[1:]), dt)
+    if (store_dir / MANIFEST).is_file():
+        main = EmbeddingStore(store_dir)
+        if main.manifest.get("fingerprint") != m0["fingerprint"] or main.done != start:
+            raise ValueError(f"store {store_dir} (fingerprint {main.manifest.get('fingerprint')}, done {main.done}) "
+                             f"does not match its shards (fingerprint {m0['fingerprint']}, start {start})")
+    else:
+        meta = {k: m0[k] for k in ("fingerprint", "pool", "num_classes", "latent_dim")}
+        main = EmbeddingStore.create(store_dir, n, cols, meta)
+    bar = tqdm(total=n - start, desc="merging shards", unit="img", disable=not progress)
+    bad = dict(main.manifest.get("bad_files", {}))
+    for s in shards:
+        index = s["index"]
+        for lo in range(0, s.n, chunk):
+            rows = np.asarray(index[lo:lo + chunk])
+            for k in cols:
+                main.array(k, writable=True)[rows] = s[k][lo:lo + chunk]
+            bar.update(len(rows))
+        bad.update(s.manifest.get("bad_files", {}))
+    bar.close()
+    if bad:
+        main.manifest["bad_files"] = bad
+    main.write(n, {})  # flushes every column, then marks [0, n) done
+    if not keep_shards:
+        import shutil
+        for r in range(num_shards):
+            shutil.rmtree(shard_dir(store_dir, r, num_shards), ignore_errors=True)
+        try:
+            (store_dir / "shards").rmdir()  # only when no other run's shards are left
+        except OSError:
+            pass
+    return main

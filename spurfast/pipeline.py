@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed as dist
 from .data.builtin import find_fashion_mnist, load_digits, load_fashion_mnist
 from .data.sources import ArraySource, ImageSource
 from .discover import DiscoverConfig, characterise, discover, write_outputs
@@ -122,15 +123,23 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     if run_id is None:
         h = hashlib.sha256((fingerprint(pool, classifier, vae) + json.dumps(asdict(config), sort_keys=True)).encode())
         run_id = h.hexdigest()[:16]
-    out = prepare_output(out_dir, run_id, overwrite)
-    store = embed_pool(pool, classifier, vae, out / "store", num_classes=num_classes, batch_size=batch_size,
-                       device=config.device, encoder_backend=encoder_backend, loader_backend=loader_backend,
-                       progress=progress)
-    result = discover(store, config, suspect=suspect, class_names=pool.class_names, progress=progress)
-    characterise(result, store, pool, vae, out, seed=config.seed, device=config.device)
-    doc = write_outputs(result, out, extra_config)
-    bad = {pool.item_id(i): r for i, r in getattr(pool, "bad_files", {}).items()}
-    write_report(doc, out, clusters=result.clusters, bad_files=bad, summary=summary)
+    # under torchrun (spurfast.distributed): rank 0 owns the output directory, every rank
+    # embeds its shard, rank 0 scores and reports with k-means across all ranks
+    out = dist.run_on_main(prepare_output, out_dir, run_id, overwrite)
+    store = dist.embed_pool_sharded(pool, classifier, vae, out / "store", num_classes=num_classes,
+                                    batch_size=batch_size, device=config.device, encoder_backend=encoder_backend,
+                                    loader_backend=loader_backend, progress=progress)
+    if not dist.is_main():
+        dist.serve_main_section()
+        return None, None, store
+    with dist.main_section():
+        result = discover(store, config, suspect=suspect, class_names=pool.class_names, progress=progress)
+        characterise(result, store, pool, vae, out, seed=config.seed, device=config.device)
+        doc = write_outputs(result, out, extra_config)
+        bad_files = {int(i): r for i, r in store.manifest.get("bad_files", {}).items()}  # all ranks, all runs
+        bad_files.update(getattr(pool, "bad_files", {}))
+        bad = {pool.item_id(i): r for i, r in sorted(bad_files.items())}
+        write_report(doc, out, clusters=result.clusters, bad_files=bad, summary=summary)
     return doc, result, store
 
 

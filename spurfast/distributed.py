@@ -1,0 +1,414 @@
+"""Several processes (GPUs, machines) through torch.distributed; a no-op in one process.
+
+Launch with torchrun (``torchrun --nproc-per-node N -m spurfast discover ...``, and on
+several nodes the usual ``--nnodes/--node-rank/--rdzv-*`` flags); :func:`init` reads the
+environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and joins
+the group: NCCL when the run is on CUDA devices, gloo on CPUs.  Without those variables
+(or with WORLD_SIZE=1) every helper here does nothing and the caller runs alone.
+spurfast starts no processes and opens no sockets of its own.
+
+What runs where in ``spurfast discover`` (see :func:`discover_run`):
+
+1. rank 0 prepares the output directory; the others wait for its verdict;
+2. every rank embeds its shard of the pool (every W-th pool index, as the loaders shard)
+   into its own part of the store, resumable per rank at batch granularity
+   (``embed.embed_pool(shard_id=, num_shards=)``); rank 0 merges the parts;
+3. rank 0 scores: every k-means it runs (the real clustering and every permutation of the
+   null) is a Lloyd loop across all ranks: rank 0 broadcasts the points and the k-means++
+   initial centroids, each rank assigns a W-th of the points and sums its clusters, and
+   the sums and counts are all-reduced, so all ranks hold identical centroids every
+   iteration (:func:`kmeans_across_ranks` on rank 0, :func:`serve_kmeans` on the others);
+4. rank 0 characterises and writes the report; all ranks meet at a barrier.
+
+The output directory must be visible to every rank (one machine, or a shared filesystem
+across nodes): rank 0 reads the shard stores the others write.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("spurfast.distributed")
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None      # "gloo" / "nccl"; None when not distributed
+    device: str = "cpu"             # where collectives' tensors live ("cuda:<local_rank>" with NCCL)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_CTX = Context()
+_OWNED = False  # this module initialised the process group (and so destroys it)
+
+
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={v!r} is not an integer") from None
+
+
+def init(device: str = "cpu", backend: str | None = None, timeout_s: float | None = None) -> Context:
+    """Join the torch.distributed group described by torchrun's environment variables.
+
+    ``device``: the compute device of the run ("cpu" or "cuda[:i]"); with CUDA each rank
+    uses ``cuda:<LOCAL_RANK>`` and the backend defaults to NCCL, else gloo.  Returns the
+    context; a no-op (world size 1) when WORLD_SIZE is unset or 1.  Idempotent.
+    ``timeout_s`` (default $SPURFAST_DIST_TIMEOUT or 1800): how long a collective waits for
+    a rank that stopped answering before raising."""
+    global _CTX, _OWNED
+    world = _env_int("WORLD_SIZE", 1)
+    if world <= 1:
+        _CTX = Context()
+        return _CTX
+    rank, local = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is outside [0, WORLD_SIZE={world})")
+    cuda = str(device).startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} was asked for, but torch sees no CUDA device")
+    backend = backend or ("nccl" if cuda else "gloo")
+    dev = f"cuda:{local}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        for var in ("MASTER_ADDR", "MASTER_PORT"):
+            if var not in os.environ:
+                raise RuntimeError(f"WORLD_SIZE={world} but {var} is not set: launch with torchrun")
+        timeout = float(timeout_s if timeout_s is not None else os.environ.get("SPURFAST_DIST_TIMEOUT", 1800))
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout))
+        _OWNED = True
+    else:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        backend = dist.get_backend()
+    _CTX = Context(rank, world, local, backend, dev)
+    log.info("rank %d of %d (local %d), backend %s, device %s", rank, world, local, backend, dev)
+    return _CTX
+
+
+def shutdown() -> None:
+    """Leave the group if :func:`init` created it."""
+    global _CTX, _OWNED
+    if _OWNED and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWNED = False
+    _CTX = Context()
+
+
+def context() -> Context:
+    return _CTX
+
+
+def rank() -> int:
+    return _CTX.rank
+
+
+def world_size() -> int:
+    return _CTX.world_size
+
+
+def is_main() -> bool:
+    return _CTX.rank == 0
+
+
+def barrier() -> None:
+    if _CTX.distributed:
+        if _CTX.backend == "nccl":
+            dist.barrier(device_ids=[_CTX.local_rank])
+        else:
+            dist.barrier()
+
+
+def broadcast_object(obj=None, src: int = 0):
+    """``obj`` of rank ``src`` on every rank (pickled; for small control messages)."""
+    if not _CTX.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=torch.device(_CTX.device))
+    return box[0]
+
+
+def run_on_main(fn, *args, **kwargs):
+    """Rank 0 runs ``fn``; every rank returns its result, or raises its error (so no rank
+    is left waiting when rank 0 refuses bad input)."""
+    if not _CTX.distributed:
+        return fn(*args, **kwargs)
+    result, error = None, None
+    if _CTX.is_main:
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:
+            error = exc
+    verdict = broadcast_object((result, None if error is None else (type(error).__name__, str(error))))
+    if error is not None:
+        raise error
+    if verdict[1] is not None:
+        kind, msg = verdict[1]
+        exc_type = {"FileExistsError": FileExistsError, "FileNotFoundError": FileNotFoundError,
+                    "ValueError": ValueError}.get(kind, RuntimeError)
+        raise exc_type(f"rank 0 failed: {msg}")
+    return verdict[0]
+
+
+def all_succeed(fn, *args, **kwargs):
+    """Every rank runs ``fn``; if any rank raised, every rank raises (naming the ranks),
+    instead of the others blocking in the next collective."""
+    if not _CTX.distributed:
+        return fn(*args, **kwargs)
+    result, error = None, None
+    try:
+        result = fn(*args, **kwargs)
+    except Exception as exc:
+        error = exc
+    errors = [None] * _CTX.world_size
+    dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        raise RuntimeError("; ".join(f"rank {r} failed: {e}" for r, e in failed))
+    return result
+
+
+# ------------------------------------------------------------------ sharded embedding
+def embed_pool_sharded(source, classifier, vae, store_dir, *, progress: bool = True, **kwargs):
+    """Every rank embeds its shard (resumable per rank), rank 0 merges the shards into
+    the main store, and every rank returns the complete main store.  In one process this
+    is ``embed.embed_pool``."""
+    from .embed import EmbeddingStore, embed_pool, merge_shards
+
+    if not _CTX.distributed:
+        return embed_pool(source, classifier, vae, store_dir, progress=progress, **kwargs)
+    W = _CTX.world_size
+    store = all_succeed(embed_pool, source, classifier, vae, store_dir, shard_id=_CTX.rank, num_shards=W,
+                        progress=progress, **kwargs)
+    if kwargs.get("stop_after") is not None:  # a simulated interruption: nothing to merge yet
+        return store
+    # embed_pool returned the main store itself when an earlier run had completed it;
+    # every rank saw the same main store (only rank 0 writes it, in the merge below)
+    if Path(store.root).resolve() != Path(store_dir).resolve():
+        run_on_main(merge_shards, store_dir, W, progress=progress)
+    return EmbeddingStore(store_dir)
+
+
+# ------------------------------------------------------------------ distributed k-means
+def _shard_positions(n: int, r: int, w: int) -> torch.Tensor:
+    return torch.arange(r, n, w, dtype=torch.int64)
+
+
+def _gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of taking every W-th row from rank r: the full (n, ...) tensor on every rank."""
+    W = _CTX.world_size
+    m = -(-n // W)
+    pad = torch.zeros((m,) + tuple(local.shape[1:]), dtype=local.dtype, device=local.device)
+    pad[:len(local)] = local
+    parts = [torch.empty_like(pad) for _ in range(W)]
+    dist.all_gather(parts, pad)
+    out = torch.empty((n,) + tuple(local.shape[1:]), dtype=local.dtype, device=local.device)
+    for r in range(W):
+        pos = _shard_positions(n, r, W).to(local.device)
+        out[pos] = parts[r][:len(pos)]
+    return out
+
+
+def _check_kmeans_input(x, groups, kpg, G):
+    if x.dim() != 2:
+        raise ValueError(f"x must be (N, d), got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).any(1).sum())
+        raise ValueError(f"k-means input has {bad} rows with NaN/inf; clean the latents first")
+    if len(kpg) != G:
+        raise ValueError(f"k_per_group has {len(kpg)} entries for {G} groups")
+    if len(groups) != len(x):
+        raise ValueError(f"{len(groups)} group ids for {len(x)} points")
+    if len(groups) and (int(groups.min()) < 0 or int(groups.max()) >= G):
+        raise ValueError(f"group ids must lie in [0, {G})")
+    sizes = torch.bincount(groups.cpu(), minlength=G)
+    too_big = (kpg.cpu() > sizes).nonzero().flatten().tolist()
+    if too_big:
+        g = too_big[0]
+        raise ValueError(f"k={int(kpg[g])} is larger than group {g}'s {int(sizes[g])} members")
+
+
+def _lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend):
+    """batched_kmeans's Lloyd loop with each rank assigning every W-th (group-sorted)
+    point; sums, counts and inertia all-reduced; rank 0's decisions broadcast."""
+    from . import backends
+    from .cluster import KMeansResult, _reseed, sort_by_group
+    from .kernels import reference as ref
+
+    r, W = _CTX.rank, _CTX.world_size
+    dev = x.device
+    order, offsets = sort_by_group(groups, G)
+    kmax = max(1, int(kpg.max())) if G else 1
+    xs = x[order].contiguous()
+    if metric == "cosine":
+        xs = torch.nn.functional.normalize(xs.float(), dim=1)
+    N, d = xs.shape
+    if r == 0:
+        gen = torch.Generator().manual_seed(int(seed))
+        cent = init.float().to(dev).clone() if init is not None else ref.kmeans_plusplus(xs, offsets, kpg, kmax, gen)
+        cent = cent.contiguous()
+    else:
+        cent = torch.empty(G, kmax, d, dtype=torch.float32, device=dev)
+    dist.broadcast(cent, 0)  # identical initial centroids on every rank
+    gid = ref.group_ids(offsets)
+    loc = _shard_positions(N, r, W).to(dev)
+    xl = xs[loc].contiguous()
+    off_l = torch.zeros(G + 1, dtype=torch.int64, device=dev)
+    off_l[1:] = torch.cumsum(torch.bincount(gid[loc], minlength=G), 0)
+    valid_k = torch.arange(kmax, device=dev).unsqueeze(0) < kpg.unsqueeze(1)
+    reseeded, prev, it = 0, None, 0
+
+    def step(c):
+        a, dl = backends.call("kmeans_assign", xl, off_l, c, kpg, metric, backend=backend)
+        sums, counts = backends.call("kmeans_update", xl, off_l, a, kmax, backend=backend)
+        sums, counts = sums.contiguous(), counts.contiguous()
+        inertia = dl.double().sum().reshape(1)
+        dist.all_reduce(sums)
+        dist.all_reduce(counts)
+        dist.all_reduce(inertia)
+        return a, dl, sums, counts, float(inertia)
+
+    for it in range(1, n_iter + 1):
+        _, dl, sums, counts, inertia = step(cent)
+        new = sums / counts.clamp_min(1).unsqueeze(-1).float()
+        if metric == "cosine":
+            new = torch.nn.functional.normalize(new, dim=-1)
+        empty = (counts == 0) & valid_k
+        any_empty = bool(empty.any())
+        if any_empty:
+            new = torch.where(empty.unsqueeze(-1), cent, new)
+            reseeded += _reseed(xs, gid, _gather_rows(dl, N), empty, new)
+        shift = float(((new - cent) ** 2).sum())
+        dist.broadcast(new, 0)  # bitwise-identical centroids everywhere
+        cent = new
+        stop = torch.tensor([0 if any_empty or prev is None else
+                             int(shift <= tol * max(1.0, abs(inertia)) or prev == inertia)], device=dev)
+        dist.broadcast(stop, 0)
+        if bool(stop.item()):
+            break
+        prev = inertia
+    al, dl, sums, counts, inertia = step(cent)
+    assign, dist_all = _gather_rows(al, N), _gather_rows(dl, N)
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(N, device=dev)
+    return KMeansResult(cent, assign[inv], dist_all[inv], kpg, counts, it, inertia, reseeded)
+
+
+_OPTS = ("n_iter", "tol", "seed", "metric", "backend")
+
+
+def _kmeans_main(x, groups, k_per_group, *, n_groups=None, n_iter=50, tol=1e-6, seed=0, metric="l2",
+                 init=None, backend=None):
+    """The ``cluster.kmeans_hook`` on rank 0: send the problem to every rank, run Lloyd together."""
+    dev = torch.device(_CTX.device)
+    x = torch.as_tensor(x).to(dev).float().contiguous()
+    groups = torch.as_tensor(groups, dtype=torch.int64).to(dev).contiguous()
+    G = int(n_groups if n_groups is not None else (int(groups.max()) + 1 if len(groups) else 0))
+    kpg = torch.as_tensor(np.asarray(k_per_group), dtype=torch.int64).to(dev).contiguous()
+    _check_kmeans_input(x, groups, kpg, G)  # before anything is sent: a bad call leaves no rank waiting
+    header = {"n": len(x), "d": x.shape[1], "G": G, "has_init": init is not None,
+              "opts": dict(n_iter=n_iter, tol=tol, seed=seed, metric=metric, backend=backend)}
+    broadcast_object(header)
+    dist.broadcast(x, 0)
+    dist.broadcast(groups, 0)
+    dist.broadcast(kpg, 0)
+    return _lloyd(x, groups, kpg, G, init=init, **header["opts"])
+
+
+def serve_kmeans() -> int:
+    """On ranks != 0: take part in every k-means rank 0 runs under
+    :func:`kmeans_across_ranks`, until it leaves that block.  Returns how many ran."""
+    if not _CTX.distributed or _CTX.is_main:
+        return 0
+    dev = torch.device(_CTX.device)
+    served = 0
+    while True:
+        header = broadcast_object(None)
+        if header is None:
+            return served
+        x = torch.empty(header["n"], header["d"], dtype=torch.float32, device=dev)
+        groups = torch.empty(header["n"], dtype=torch.int64, device=dev)
+        kpg = torch.empty(header["G"], dtype=torch.int64, device=dev)
+        dist.broadcast(x, 0)
+        dist.broadcast(groups, 0)
+        dist.broadcast(kpg, 0)
+        _lloyd(x, groups, kpg, header["G"], init=None, **header["opts"])
+        served += 1
+
+
+@contextmanager
+def kmeans_across_ranks():
+    """On rank 0: every ``cluster.batched_kmeans`` call inside the block runs across all
+    ranks (the other ranks sit in :func:`serve_kmeans`).  Leaving the block, also by an
+    exception, releases them.  Results are returned on rank 0 in batched_kmeans's form."""
+    from . import cluster
+
+    if not _CTX.distributed or not _CTX.is_main:
+        yield
+        return
+    if cluster.kmeans_hook is not None:
+        raise RuntimeError("kmeans_across_ranks blocks cannot be nested")
+    cluster.kmeans_hook = _kmeans_main
+    try:
+        yield
+    finally:
+        cluster.kmeans_hook = None
+        broadcast_object(None)  # release the serving ranks
+
+
+# ------------------------------------------------------------------ the discover step
+@contextmanager
+def main_section():
+    """Rank 0's part after the embedding pass: discovery, characterisation, report.
+    Inside the block every k-means runs across all ranks (the others are in
+    :func:`serve_main_section`); leaving it, by success or error, releases them and tells
+    them whether rank 0 succeeded.  A no-op in one process."""
+    if not _CTX.distributed:
+        yield
+        return
+    if not _CTX.is_main:
+        raise RuntimeError("main_section() is for rank 0; other ranks call serve_main_section()")
+    failure = None
+    try:
+        with kmeans_across_ranks():
+            yield
+    except BaseException as exc:
+        failure = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        broadcast_object(failure)
+
+
+def serve_main_section() -> int:
+    """Ranks != 0: serve k-means for rank 0's :func:`main_section`, then wait for it to
+    finish; raises if rank 0 failed.  Returns how many k-means runs this rank took part in."""
+    served = serve_kmeans()
+    failure = broadcast_object(None)
+    if failure is not None:
+        raise RuntimeError(f"rank 0 failed: {failure}")
+    return served

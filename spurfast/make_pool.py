@@ -1,0 +1,301 @@
+"""Procedural ImageNet-like pools for scale tests and benchmarks (`spurfast make-pool`).
+
+Writes ``n`` JPEGs of varied sizes into one folder per class (or one flat folder), with
+content a classifier can learn: every class has its own shape family, colour and
+count of objects, drawn over a random low-saturation background (gradient + noise)
+that carries no class information.  Optionally a known pattern (the families of
+:mod:`spurfast.plant`) is planted into a fraction of the images (all classes, or one
+``plant_class``), and the ground truth is written next to the images:
+
+- ``ground_truth.csv``: ``index,path,label,carries`` with ``index`` the pool index as
+  :class:`spurfast.data.folder.ImageFolderSource` enumerates the folder;
+- ``pool.json``: the parameters and counts.
+
+Patterns are defined in the loader's output space: a pattern of the family at
+``target_size`` x ``target_size`` is scaled onto the centre square of the image (the
+window the loader keeps when it resizes the short side and centre-crops), so after
+loading every carrier shows the same pattern at the same place, as
+:func:`spurfast.plant.apply_pattern` would stamp it.  JPEG compression softens it a
+little (quality ``quality``).
+
+Deterministic for a seed: image ``i`` depends only on (seed, i), so the output does not
+depend on the number of worker processes.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import multiprocessing as mp
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+log = logging.getLogger("spurfast.make_pool")
+
+SHAPES = ("disc", "square", "triangle", "ring", "stripes", "cross", "diamond", "checker")
+PLANT_FAMILIES = ("pixel", "patch3", "patch5", "noise", "bar")
+
+
+@dataclass
+class PoolSpec:
+    n: int
+    classes: int = 10
+    min_size: int = 64
+    max_size: int = 160
+    flat: bool = False
+    plant: str | None = None
+    fraction: float = 0.0
+    plant_class: int | None = None
+    strength: float = 1.0
+    target_size: int = 64
+    quality: int = 90
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"--n must be >= 1, got {self.n}")
+        if self.classes < 1:
+            raise ValueError(f"--classes must be >= 1, got {self.classes}")
+        if not 8 <= self.min_size <= self.max_size:
+            raise ValueError(f"image sizes must satisfy 8 <= min <= max, got {self.min_size}:{self.max_size}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"--quality must be in [1, 100], got {self.quality}")
+        if self.plant is not None:
+            if self.plant not in PLANT_FAMILIES:
+                raise ValueError(f"unknown plant family {self.plant!r} for image folders; expected one of "
+                                 f"{PLANT_FAMILIES}")
+            if not 0.0 < self.fraction <= 1.0:
+                raise ValueError(f"--fraction must be in (0, 1] when planting, got {self.fraction}")
+            if not 0.0 < self.strength <= 1.0:
+                raise ValueError(f"--strength must be in (0, 1], got {self.strength}")
+            if self.plant_class is not None and not 0 <= self.plant_class < self.classes:
+                raise ValueError(f"--plant-class must be in [0, {self.classes}), got {self.plant_class}")
+            if self.target_size < 8:
+                raise ValueError(f"--target-size must be >= 8, got {self.target_size}")
+        elif self.fraction:
+            raise ValueError("--fraction needs --plant FAMILY")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'64' -> (64, 64); '64:160' -> (64, 160)."""
+    try:
+        parts = [int(p) for p in str(text).split(":")]
+    except ValueError:
+        raise ValueError(f"--size must be N or MIN:MAX (integers), got {text!r}") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2:
+        raise ValueError(f"--size must be N or MIN:MAX, got {text!r}")
+    return parts[0], parts[1]
+
+
+def class_look(c: int, k: int) -> dict:
+    """Shape family, hue and object count of class ``c`` (distinct for the first 8 x n_hues)."""
+    n_hues = max(1, -(-k // len(SHAPES)))
+    shape = SHAPES[c % len(SHAPES)]
+    hue = ((c // len(SHAPES)) / n_hues + 0.37 * (c % len(SHAPES)) / len(SHAPES)) % 1.0
+    return {"shape": shape, "hue": hue, "count": 1 + (c // len(SHAPES)) % 3}
+
+
+def _hsv(h: float, s: float, v: float) -> tuple[int, int, int]:
+    import colorsys
+    r, g, b = colorsys.hsv_to_rgb(h % 1.0, min(max(s, 0.0), 1.0), min(max(v, 0.0), 1.0))
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, color, rng) -> None:
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if shape == "disc":
+        d.ellipse(box, fill=color)
+    elif shape == "square":
+        d.rectangle(box, fill=color)
+    elif shape == "triangle":
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
+    elif shape == "ring":
+        d.ellipse(box, outline=color, width=max(2, int(r / 3)))
+    elif shape == "stripes":
+        w = max(2, int(r / 4))
+        for x in range(int(cx - r), int(cx + r), 2 * w):
+            d.rectangle([x, cy - r, x + w - 1, cy + r], fill=color)
+    elif shape == "cross":
+        w = max(2, int(r / 3))
+        d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=color)
+        d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=color)
+    elif shape == "diamond":
+        d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=color)
+    elif shape == "checker":
+        cell = max(2, int(r / 2))
+        for i, y in enumerate(range(int(cy - r), int(cy + r), cell)):
+            for j, x in enumerate(range(int(cx - r), int(cx + r), cell)):
+                if (i + j) % 2 == 0:
+                    d.rectangle([x, y, x + cell - 1, y + cell - 1], fill=color)
+    else:  # pragma: no cover - SHAPES is closed
+        raise ValueError(shape)
+
+
+def render(i: int, label: int, spec: PoolSpec) -> Image.Image:
+    """Image ``i`` of class ``label`` (unplanted)."""
+    rng = np.random.default_rng([spec.seed, i])
+    w = int(rng.integers(spec.min_size, spec.max_size + 1))
+    h = int(np.clip(round(w * rng.uniform(0.7, 1.4)), spec.min_size, spec.max_size))
+    # background: a random low-saturation gradient plus noise (no class information)
+    c0 = np.array(_hsv(rng.random(), rng.uniform(0.0, 0.35), rng.uniform(0.3, 0.9)), np.float32)
+    c1 = np.array(_hsv(rng.random(), rng.uniform(0.0, 0.35), rng.uniform(0.3, 0.9)), np.float32)
+    t = np.linspace(0.0, 1.0, w if rng.random() < 0.5 else h, dtype=np.float32)
+    grad = c0[None] * (1 - t[:, None]) + c1[None] * t[:, None]
+    bg = np.broadcast_to(grad[None], (h, w, 3)) if len(t) == w else np.broadcast_to(grad[:, None], (h, w, 3))
+    bg = bg + rng.normal(0.0, 12.0, size=(h, w, 1)).astype(np.float32)
+    img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), "RGB")
+    d = ImageDraw.Draw(img)
+    look = class_look(label, spec.classes)
+    s = min(w, h)
+    for _ in range(look["count"]):
+        r = s * rng.uniform(0.16, 0.3) / (1 + 0.25 * (look["count"] - 1))
+        # objects stay mostly inside the centre square the loader keeps
+        cx = w / 2 + rng.uniform(-0.25, 0.25) * s
+        cy = h / 2 + rng.uniform(-0.25, 0.25) * s
+        color = _hsv(look["hue"] + rng.normal(0, 0.02), rng.uniform(0.65, 1.0), rng.uniform(0.6, 1.0))
+        _draw_shape(d, look["shape"], cx, cy, r, color, rng)
+    return img
+
+
+def pattern_overlay(spec: PoolSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(values (S, S, 3) float in [0, 1], mask (S, S) bool) of the planted pattern at the
+    loader's output size S (noise: additive values, mask all True)."""
+    import torch
+
+    from .plant import PatternSpec, apply_pattern, noise_image
+    ps = PatternSpec(spec.plant, strength=spec.strength, seed=spec.seed)
+    S = spec.target_size
+    if spec.plant == "noise":
+        return (spec.strength * noise_image(ps, (3, S, S))).permute(1, 2, 0).numpy(), np.ones((S, S), bool)
+    stamped, masks = apply_pattern(torch.zeros(1, 3, S, S), ps)
+    return stamped[0].permute(1, 2, 0).numpy(), masks[0].numpy()
+
+
+def plant_image(img: Image.Image, values: np.ndarray, mask: np.ndarray, additive: bool) -> Image.Image:
+    """Scale the S x S pattern onto the centre square of ``img`` (the loader's crop)."""
+    w, h = img.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    S = mask.shape[0]
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    # nearest-neighbour scaling of the S x S grid onto the s x s window
+    rows = np.minimum((np.arange(s) * S) // s, S - 1)
+    win = arr[top:top + s, left:left + s]
+    v = values[rows][:, rows]
+    m = mask[rows][:, rows]
+    if additive:
+        win[:] = np.clip(win + v, 0.0, 1.0)
+    else:
+        win[m] = v[m]
+    return Image.fromarray((arr * 255.0 + 0.5).astype(np.uint8), "RGB")
+
+
+def _plan(spec: PoolSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, carries) of every image index, from the seed alone."""
+    labels = np.arange(spec.n, dtype=np.int64) % spec.classes
+    carries = np.zeros(spec.n, bool)
+    if spec.plant is not None:
+        cand = np.arange(spec.n) if spec.plant_class is None else np.nonzero(labels == spec.plant_class)[0]
+        rng = np.random.default_rng([spec.seed, 104729])
+        k = int(round(spec.fraction * len(cand)))
+        carries[rng.choice(cand, size=k, replace=False)] = True
+    return labels, carries
+
+
+def _relpath(i: int, label: int, spec: PoolSpec) -> str:
+    name = f"{i:08d}.jpg"
+    return name if spec.flat else f"c{label:04d}/{name}"
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(spec: PoolSpec, out: str, labels, carries):
+    _WORKER.update(spec=spec, out=out, labels=labels, carries=carries,
+                   pattern=pattern_overlay(spec) if spec.plant else None)
+
+
+def _write_range(bounds: tuple[int, int]) -> int:
+    spec, out = _WORKER["spec"], _WORKER["out"]
+    lo, hi = bounds
+    for i in range(lo, hi):
+        label = int(_WORKER["labels"][i])
+        img = render(i, label, spec)
+        if _WORKER["carries"][i]:
+            values, mask = _WORKER["pattern"]
+            img = plant_image(img, values, mask, additive=spec.plant == "noise")
+        img.save(os.path.join(out, _relpath(i, label, spec)), "JPEG", quality=spec.quality)
+    return hi - lo
+
+
+def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: bool = True,
+              overwrite: bool = False) -> dict:
+    """Write the pool; returns the contents of ``pool.json``."""
+    from tqdm.auto import tqdm
+
+    from .data.folder import list_folder
+
+    spec.validate()
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"pool directory {out} is not empty; choose another or pass --overwrite")
+        import shutil
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    labels, carries = _plan(spec)
+    if not spec.flat:
+        for c in range(min(spec.classes, spec.n)):
+            (out / f"c{c:04d}").mkdir(exist_ok=True)
+    workers = max(1, workers or os.cpu_count() or 1)
+    chunk = 256
+    ranges = [(s, min(s + chunk, spec.n)) for s in range(0, spec.n, chunk)]
+    t0 = time.perf_counter()
+    bar = tqdm(total=spec.n, desc="writing pool", unit="img", disable=not progress)
+    if workers == 1 or spec.n <= chunk:
+        _init_worker(spec, str(out), labels, carries)
+        for r in ranges:
+            bar.update(_write_range(r))
+    else:
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(spec, str(out), labels, carries)) as pool:
+            for done in pool.imap_unordered(_write_range, ranges):
+                bar.update(done)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    # ground truth in the order the folder source enumerates the pool
+    paths, _, _ = list_folder(out)
+    index_of = {}
+    for i in range(spec.n):
+        index_of[str(out / _relpath(i, int(labels[i]), spec))] = i
+    with open(out / "ground_truth.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["index", "path", "label", "carries"])
+        for idx, p in enumerate(paths):
+            i = index_of.get(p)
+            if i is None:
+                raise RuntimeError(f"unexpected file {p} in the pool directory")
+            w.writerow([idx, os.path.relpath(p, out), int(labels[i]), int(carries[i])])
+    info = {"spec": asdict(spec), "n": spec.n, "n_carrying": int(carries.sum()),
+            "classes": [dict(class_look(c, spec.classes), label=c) for c in range(spec.classes)],
+            "seconds": round(seconds, 2), "images_per_s": round(spec.n / max(seconds, 1e-9), 1)}
+    (out / "pool.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def read_ground_truth(pool_dir) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, carries) in pool-index order from a pool's ground_truth.csv."""
+    p = Path(pool_dir) / "ground_truth.csv"
+    if not p.is_file():
+        raise FileNotFoundError(f"{pool_dir} has no ground_truth.csv (not written by `spurfast make-pool`)")
+    rows = list(csv.DictReader(open(p)))
+    labels = np.array([int(r["label"]) for r in rows], np.int64)
+    carries = np.array([r["carries"] == "1" for r in rows], bool)
+    return labels, carries

@@ -1,0 +1,251 @@
+"""torch.distributed on the CPU (gloo): k-means across ranks equals k-means in one
+process; `torchrun --nproc-per-node 2 -m spurfast discover` over a small planted JPEG pool
+gives the 1-process findings; a rank killed mid-run resumes from its part of the store."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as tmp_mp
+
+from helpers import assert_close, assert_equal_int
+from spurfast import distributed as sd
+from spurfast.cluster import batched_kmeans
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is unavailable")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, fn, args, outq):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    sd.init("cpu", timeout_s=120)
+    try:
+        outq.put((rank, fn(*args)))
+    finally:
+        sd.shutdown()
+
+
+def _spawn(fn, args, world=2):
+    ctx = tmp_mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    tmp_mp.start_processes(_worker, args=(world, _free_port(), fn, args, q), nprocs=world, join=True,
+                           start_method="spawn")
+    out = {}
+    while not q.empty():
+        r, v = q.get()
+        out[r] = v
+    return out
+
+
+def _kmeans_job(x, groups, kpg, seed):
+    if sd.is_main():
+        with sd.kmeans_across_ranks():
+            res = batched_kmeans(x, groups, kpg, n_groups=len(kpg), n_iter=30, seed=seed)
+            try:
+                batched_kmeans(x, groups, np.asarray(kpg) + 1000, n_groups=len(kpg))
+                bad = "no error"
+            except ValueError as exc:
+                bad = str(exc)
+        # numpy: tensors would travel through shared memory that dies with this process
+        return {"assign": res.assign.numpy(), "cent": res.centroids.numpy(), "counts": res.counts.numpy(),
+                "dist": res.dist.numpy(), "n_iter": res.n_iter, "bad": bad}
+    return {"served": sd.serve_kmeans()}
+
+
+def test_not_distributed_is_a_noop(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    ctx = sd.init("cpu")
+    assert not ctx.distributed and sd.world_size() == 1 and sd.is_main()
+    assert sd.broadcast_object(5) == 5 and sd.run_on_main(lambda: 7) == 7
+    sd.barrier()
+    with sd.main_section():
+        pass
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "5")
+    with pytest.raises(ValueError, match="RANK=5"):
+        sd.init("cpu")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        sd.init("cpu")
+
+
+def test_kmeans_across_two_ranks_matches_one_process():
+    g = torch.Generator().manual_seed(0)
+    # odd sizes, one group with a single point, one with k == size
+    sizes = [301, 1, 57, 4, 190]
+    centres = torch.randn(len(sizes), 6, 5, generator=g) * 4
+    xs, gs = [], []
+    for gi, n in enumerate(sizes):
+        lab = torch.randint(0, 6, (n,), generator=g)
+        xs.append(centres[gi, lab] + 0.3 * torch.randn(n, 5, generator=g))
+        gs.append(torch.full((n,), gi))
+    perm = torch.randperm(sum(sizes), generator=g)
+    x, groups = torch.cat(xs)[perm], torch.cat(gs)[perm]
+    kpg = np.array([6, 1, 5, 4, 6])
+    ref = batched_kmeans(x, groups, kpg, n_groups=len(kpg), n_iter=30, seed=3)
+    out = _spawn(_kmeans_job, (x, groups, kpg, 3))
+    got = out[0]
+    assert out[1]["served"] == 1  # the bad call was refused on rank 0 before anything was sent
+    assert "larger than group" in got["bad"]
+    assert got["n_iter"] == ref.n_iter
+    assert_equal_int(torch.from_numpy(got["assign"]), ref.assign, name="assign")
+    assert_equal_int(torch.from_numpy(got["counts"]), ref.counts, name="counts")
+    assert_close(torch.from_numpy(got["cent"]), ref.centroids, name="centroids", atol=1e-5, rtol=1e-5)
+    assert_close(torch.from_numpy(got["dist"]), ref.dist, name="dist", atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- discover under torchrun
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A poisoned training pool (a fixed noise pattern at strength 0.5 in 60% of class 0),
+    a 400-image JPEG pool with the pattern in 20% of all images, and a classifier and VAE
+    trained on them (the classifier calls about 90% of stamped images class 0)."""
+    from spurfast.data.folder import ImageFolderSource
+    from spurfast.make_pool import PoolSpec, make_pool
+    from spurfast.models.classifier import save_classifier
+    from spurfast.models.train import save_vae, train_classifier, train_vae
+    from spurfast.models.vae import VAEConfig
+
+    d = tmp_path_factory.mktemp("dist")
+    common = dict(classes=4, min_size=SIZE, max_size=48, plant="noise", strength=0.5, target_size=SIZE)
+    make_pool(d / "train", PoolSpec(n=480, fraction=0.6, plant_class=0, seed=1, **common), workers=1, progress=False)
+    make_pool(d / "pool", PoolSpec(n=400, fraction=0.2, seed=2, **common), workers=1, progress=False)
+    torch.manual_seed(0)
+    clf = train_classifier(ImageFolderSource(d / "train", size=SIZE), 4, epochs=6, seed=0, progress=False)
+    save_classifier(clf, d / "clf.pt")
+    vae = train_vae(ImageFolderSource(d / "pool", size=SIZE), VAEConfig.for_images(3, SIZE, 8), epochs=4, seed=0,
+                    progress=False)
+    save_vae(vae, d / "vae.pt")
+    return d
+
+
+def _discover_args(d: Path, out: Path, batch: int = 32):
+    return ["-v", "discover", "--pool", str(d / "pool"), "--classifier", str(d / "clf.pt"), "--vae", str(d / "vae.pt"),
+            "--out", str(out), "--size", str(SIZE), "--n-null", "8", "--no-confirm", "--batch-size", str(batch),
+            "--quiet"]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _one_process(d: Path, out: Path):
+    r = subprocess.run([sys.executable, "-m", "spurfast"] + _discover_args(d, out), capture_output=True, text=True,
+                       timeout=300, env=_env(), cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _torchrun(d: Path, out: Path, batch: int = 32, **kw):
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "spurfast"] + _discover_args(d, out, batch)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                            cwd=ROOT, **kw)
+
+
+def _assert_same_findings(a: Path, b: Path):
+    fa, fb = json.loads((a / "findings.json").read_text()), json.loads((b / "findings.json").read_text())
+    assert fa["pool"] == fb["pool"]
+    assert len(fa["findings"]) == len(fb["findings"]) > 0, (len(fa["findings"]), len(fb["findings"]))
+    for x, y in zip(fa["findings"], fb["findings"]):
+        for k in ("rank", "class", "cluster", "size", "members", "merged_clusters"):
+            assert x[k] == y[k], (k, x["rank"])
+        for k in ("score", "p_value", "q_value"):
+            assert x[k] == pytest.approx(y[k], rel=1e-6), (k, x["rank"])
+    # every cluster, significant or not, and its null p-value
+    assert (a / "clusters.csv").read_text() == (b / "clusters.csv").read_text()
+
+
+@pytest.fixture(scope="module")
+def single_run(planted):
+    out = planted / "out1"
+    _one_process(planted, out)
+    return out
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed next to the interpreter")
+def test_two_ranks_give_the_one_process_findings(planted, single_run):
+    out = planted / "out2"
+    p = _torchrun(planted, out)
+    log, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, log[-3000:]
+    assert "rank 1 of 2" in log and "rank 0 of 2" in log
+    _assert_same_findings(single_run, out)
+    doc = json.loads((single_run / "findings.json").read_text())
+    carries = np.loadtxt(planted / "pool" / "ground_truth.csv", delimiter=",", skiprows=1, usecols=3, dtype=int)
+    top = np.asarray(doc["findings"][0]["members"])
+    assert doc["findings"][0]["class"] == 0 and carries[top].mean() > 2 * carries.mean()
+    assert not (out / "store" / "shards").exists()  # merged into the one store, parts removed
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for t in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(c) for c in (t / "children").read_text().split()]
+    return kids
+
+
+def _env_of(pid: int) -> dict:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(kv.decode(errors="replace").split("=", 1) for kv in raw if b"=" in kv)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists() or not Path("/proc/self/task").exists(),
+                    reason="needs torchrun and Linux /proc")
+def test_killed_rank_resumes_from_its_store(planted, single_run):
+    out = planted / "out_kill"
+    manifest = out / "store" / "shards" / "1-of-2" / "manifest.json"
+    p = _torchrun(planted, out, batch=4, start_new_session=True)
+    killed_at = None
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and p.poll() is None:
+            if manifest.is_file():
+                try:
+                    done = json.loads(manifest.read_text())["done"]
+                except (json.JSONDecodeError, OSError):
+                    done = 0
+                if done >= 8:
+                    rank1 = [c for c in _children(p.pid) if _env_of(c).get("RANK") == "1"]
+                    assert rank1, "rank 1 process not found"
+                    os.kill(rank1[0], signal.SIGKILL)
+                    killed_at = done
+                    break
+            time.sleep(0.01)
+        log, _ = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert killed_at is not None, "rank 1 finished before it could be killed"
+    assert p.returncode != 0, "torchrun should report the killed rank"
+    done_before = json.loads(manifest.read_text())["done"]
+    assert 0 < done_before < 200, done_before
+    assert not (out / "findings.json").exists()
+    p = _torchrun(planted, out, batch=32)  # rows, not batches, are the unit of resumption
+    log, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, log[-3000:]
+    assert f"resuming shard 1/2 at row {done_before}" in log, log[-3000:]
+    _assert_same_findings(single_run, out)
