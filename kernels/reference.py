@@ -205,6 +205,7 @@ def kmeans_assign(
     G, kmax, _ = centroids.shape
     if len(offsets) != G + 1:
         raise ValueError(f"offsets has {len(offsets)} entries; expected G + 1 = {G + 1}")
+    x, centroids = x.detach(), centroids.detach()   # numpy views below need plain tensors
     assign = torch.zeros(N, dtype=torch.int64, device=x.device)
     dist = torch.zeros(N, dtype=torch.float32, device=x.device)
     if N == 0:
