@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         "gpu": ["cupy-cuda13x", "nvidia-dali-cuda130"],
-        "dev": ["pytest", "pytest-timeout"],
+        "dev": ["pytest", "pytest-timeout", "faiss-cpu"],
     },
     entry_points={"console_scripts": ["spurfast=spurfast.cli:main"]},
 )
