@@ -203,6 +203,9 @@ def embed_pool_sharded(source, classifier, vae, store_dir, *, progress: bool = T
     if not _CTX.distributed:
         return embed_pool(source, classifier, vae, store_dir, progress=progress, **kwargs)
     W = _CTX.world_size
+    if kwargs.get("num_workers") is None:  # share the node's cores among its ranks
+        per_node = _env_int("LOCAL_WORLD_SIZE", W)
+        kwargs["num_workers"] = max(1, (os.cpu_count() or 1) // max(1, per_node))
     store = all_succeed(embed_pool, source, classifier, vae, store_dir, shard_id=_CTX.rank, num_shards=W,
                         progress=progress, **kwargs)
     if kwargs.get("stop_after") is not None:  # a simulated interruption: nothing to merge yet

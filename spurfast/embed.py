@@ -237,6 +237,10 @@ def merge_shards(store_dir, num_shards: int, *, chunk: int = 65536, progress: bo
     time (bounded memory); idempotent, so an interrupted merge is simply run again.
     The shard stores are removed afterwards unless ``keep_shards``."""
     store_dir = Path(store_dir)
+    missing = [r for r in range(num_shards) if not (shard_dir(store_dir, r, num_shards) / MANIFEST).is_file()]
+    if missing:
+        raise ValueError(f"{store_dir}: the shard stores of ranks {missing} (of {num_shards}) are missing; "
+                         f"run every rank's embedding pass first")
     shards = [EmbeddingStore(shard_dir(store_dir, r, num_shards)) for r in range(num_shards)]
     m0 = shards[0].manifest
     for r, s in enumerate(shards):

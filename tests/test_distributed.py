@@ -114,6 +114,53 @@ def test_kmeans_across_two_ranks_matches_one_process():
     assert_close(torch.from_numpy(got["dist"]), ref.dist, name="dist", atol=1e-5, rtol=1e-5)
 
 
+# ---------------------------------------------------------------- sharded store, in one process
+def _small(n=50):
+    from spurfast.data import ArraySource
+    from spurfast.models import VAE, SmallCNN, VAEConfig
+    torch.manual_seed(0)
+    src = ArraySource(torch.rand(n, 1, 28, 28), np.arange(n) % 4)
+    return src, SmallCNN(1, 4, 28).eval(), VAE(VAEConfig(1, 28, (8, 16), 6)).eval()
+
+
+def test_shards_resume_and_merge_into_the_one_process_store(tmp_path):
+    from spurfast.embed import EmbeddingStore, embed_pool, merge_shards, shard_dir
+    src, clf, vae = _small(53)
+    kw = dict(num_classes=4, batch_size=8, progress=False)
+    full = embed_pool(src, clf, vae, tmp_path / "one", **kw)
+    embed_pool(src, clf, vae, tmp_path / "sh", shard_id=0, num_shards=3, **kw)
+    with pytest.raises(ValueError, match=r"ranks \[1, 2\] \(of 3\) are missing"):
+        merge_shards(tmp_path / "sh", 3, progress=False)
+    part = embed_pool(src, clf, vae, tmp_path / "sh", shard_id=1, num_shards=3, stop_after=1, **kw)
+    assert part.done == 8 and part.n == 18 and list(part["index"][:3]) == [1, 4, 7]
+    embed_pool(src, clf, vae, tmp_path / "sh", shard_id=2, num_shards=3, **kw)
+    with pytest.raises(ValueError, match="unfinished"):
+        merge_shards(tmp_path / "sh", 3, progress=False)
+    again = embed_pool(src, clf, vae, tmp_path / "sh", shard_id=1, num_shards=3, **kw)  # resumes at row 8
+    assert again.complete and again.root == shard_dir(tmp_path / "sh", 1, 3)
+    merged = merge_shards(tmp_path / "sh", 3, progress=False)
+    assert merged.complete and not (tmp_path / "sh" / "shards").exists()
+    for col in ("pred", "probs", "mu", "labels", "ok"):
+        # rows of other batch compositions: equal up to float summation order
+        np.testing.assert_allclose(np.asarray(merged[col], dtype=np.float64), np.asarray(full[col], dtype=np.float64),
+                                   rtol=1e-5, atol=1e-6, err_msg=col)
+    # a complete main store is returned as is, sharded or not
+    assert embed_pool(src, clf, vae, tmp_path / "sh", shard_id=0, num_shards=3, **kw).root == tmp_path / "sh"
+    with pytest.raises(ValueError, match="shard_id"):
+        embed_pool(src, clf, vae, tmp_path / "x", shard_id=3, num_shards=3, **kw)
+
+
+def test_merge_refuses_shards_of_other_models(tmp_path):
+    from spurfast.embed import embed_pool, merge_shards
+    from spurfast.models import SmallCNN
+    src, clf, vae = _small(20)
+    kw = dict(num_classes=4, batch_size=8, progress=False)
+    embed_pool(src, clf, vae, tmp_path / "s", shard_id=0, num_shards=2, **kw)
+    embed_pool(src, SmallCNN(1, 4, 28).eval(), vae, tmp_path / "s", shard_id=1, num_shards=2, **kw)
+    with pytest.raises(ValueError, match="disagree on fingerprint"):
+        merge_shards(tmp_path / "s", 2, progress=False)
+
+
 # ---------------------------------------------------------------- discover under torchrun
 SIZE = 32
 

@@ -1,0 +1,290 @@
+"""End to end: `spurfast discover`'s steps over a procedural JPEG folder pool, 1 vs N
+processes under torchrun, with per-stage times and peak memory.
+
+For each pool size (10k and 100k images; --quick: 600) the pool is generated once with
+`spurfast make-pool` (64-160 px JPEGs, 10 classes, a noise pattern planted in 5%) and
+cached under $SPURFAST_BENCH_DIR (default /tmp/spurfast-bench).  Models, with seeded
+random weights (the figures are throughput, not findings): the classifier is a user's
+TorchScript model, a SmallCNN at width 8 (spurfast's own SmallCNN-32 and ResNet-18 cost
+about 10x more per image at 64x64 on a CPU; their classify rates are recorded as stage
+rows, so the pass's rate with them is their rate), and the RGB 64x64 VAE (four stride-2
+convs, 16 latents).  On a GPU (--device cuda) one process per GPU runs.
+
+Rows (op "e2e", provider "procs=P"):
+- ``e2e_images_per_s``: pool size / seconds from the start of the embedding pass to the
+  written report (inside the processes: interpreter start-up and model loading excluded;
+  ``wall_s`` includes them);
+- ``embed_images_per_s``: the streaming pass alone (load + classify + encode, overlapped:
+  the DataLoader or DALI decodes while the models run);
+- ``stage_s`` per stage: embed, discover (per-class k-means + kNN + permutation null,
+  k-means across ranks), report (characterise + outputs);
+- ``peak_memory``: max RSS of the busiest rank process (``ru_maxrss``), and of its loader
+  worker processes separately (``peak_memory_loader``).
+
+Stage-alone rows (op "stage", one process, all cores): load (the folder loader alone),
+classify and encode (the models on in-memory 256-image batches), cluster (one batched
+k-means over the pool's latents, grouped by predicted class).  ``ratio`` rows put the
+targets side by side: embed pass vs its slowest stage, 2 vs 1 process, peak memory at the
+largest vs smallest pool.  The machine's load average before each run is recorded
+(``loadavg_1m``): other jobs on a shared machine slow every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 64
+CLASSES = 10
+
+
+def _bench_dir() -> Path:
+    return Path(os.environ.get("SPURFAST_BENCH_DIR", Path(tempfile.gettempdir()) / "spurfast-bench"))
+
+
+def ensure_pool(n: int) -> Path:
+    from spurfast.make_pool import PoolSpec, make_pool
+
+    spec = PoolSpec(n=n, classes=CLASSES, min_size=64, max_size=160, plant="noise", strength=0.5, fraction=0.05,
+                    target_size=SIZE, seed=0)
+    d = _bench_dir() / f"pool-{n}"
+    info = d / "pool.json"
+    if info.is_file() and json.loads(info.read_text())["spec"] == json.loads(json.dumps(spec.__dict__)):
+        return d
+    print(f"[e2e] generating a {n}-image pool in {d}", flush=True)
+    make_pool(d, spec, overwrite=True, progress=False)
+    return d
+
+
+CLF_WIDTH = 8  # a user's TorchScript classifier: SmallCNN at width 8 (see the module docstring)
+
+
+def ensure_models() -> tuple[Path, Path]:
+    from spurfast.models.classifier import SmallCNN
+    from spurfast.models.train import save_vae
+    from spurfast.models.vae import VAE, VAEConfig
+
+    d = _bench_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    clf_p, vae_p = d / f"clf-ts-w{CLF_WIDTH}.pt", d / "vae.pt"
+    if not (clf_p.is_file() and vae_p.is_file()):
+        torch.manual_seed(0)
+        clf = SmallCNN(3, CLASSES, SIZE, width=CLF_WIDTH).eval()
+        torch.jit.trace(clf, torch.rand(2, 3, SIZE, SIZE)).save(str(clf_p))
+        save_vae(VAE(VAEConfig.for_images(3, SIZE, 16)), vae_p)
+    return clf_p, vae_p
+
+
+# ----------------------------------------------------------------------------- worker
+def worker(argv=None) -> int:
+    """One rank (or the only process) of a timed discover run; writes timings-rank<r>.json."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pool", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--clf", required=True)
+    ap.add_argument("--vae", required=True)
+    ap.add_argument("--n-null", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+
+    from spurfast import distributed as dist
+    from spurfast.data.folder import ImageFolderSource
+    from spurfast.discover import DiscoverConfig, characterise, discover, write_outputs
+    from spurfast.models.classifier import load_classifier
+    from spurfast.models.train import load_vae
+    from spurfast.pipeline import prepare_output
+    from spurfast.report import write_report
+
+    ctx = dist.init(args.device)
+    device = ctx.device if ctx.distributed else args.device
+    pool = ImageFolderSource(args.pool, size=SIZE)
+    clf, vae = load_classifier(args.clf), load_vae(args.vae)
+    config = DiscoverConfig(n_null=args.n_null, seed=0, device=device)
+    t = {"start": time.perf_counter()}
+    out = dist.run_on_main(prepare_output, args.out, "bench-e2e", True)
+    store = dist.embed_pool_sharded(pool, clf, vae, out / "store", num_classes=CLASSES, batch_size=args.batch_size,
+                                    device=device, progress=False)
+    t["embedded"] = time.perf_counter()
+    if ctx.is_main:
+        with dist.main_section():
+            result = discover(store, config, class_names=pool.class_names, progress=False)
+            t["discovered"] = time.perf_counter()
+            characterise(result, store, pool, vae, out, seed=0, device=device)
+            doc = write_outputs(result, out)
+            write_report(doc, out, clusters=result.clusters)
+        t["reported"] = time.perf_counter()
+    else:
+        dist.serve_main_section()
+        t["discovered"] = t["reported"] = time.perf_counter()
+    rec = {"rank": ctx.rank, "world": ctx.world_size, "n": len(pool),
+           "embed_s": t["embedded"] - t["start"], "discover_s": t["discovered"] - t["embedded"],
+           "report_s": t["reported"] - t["discovered"], "total_s": t["reported"] - t["start"],
+           "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+           "peak_rss_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+           "threads": torch.get_num_threads(),
+           "cuda_peak": torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0}
+    (Path(args.out) / f"timings-rank{ctx.rank}.json").write_text(json.dumps(rec))
+    dist.shutdown()
+    return 0
+
+
+def run_e2e(pool: Path, clf: Path, vae: Path, procs: int, n_null: int, device: str = "cpu") -> dict:
+    out = _bench_dir() / f"run-{pool.name}-p{procs}"
+    shutil.rmtree(out, ignore_errors=True)
+    wargs = ["--pool", str(pool), "--out", str(out), "--clf", str(clf), "--vae", str(vae), "--n-null", str(n_null),
+             "--device", device]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if procs == 1:
+        cmd = [sys.executable, "-m", "bench.bench_e2e", "--worker"] + wargs
+        env.pop("WORLD_SIZE", None)
+    else:
+        torchrun = Path(sys.executable).with_name("torchrun")
+        cmd = [str(torchrun), "--standalone", "--nproc-per-node", str(procs), "-m", "bench.bench_e2e", "--worker"] + wargs
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"e2e run ({procs} procs, {pool}) failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    ranks = [json.loads((out / f"timings-rank{i}.json").read_text()) for i in range(procs)]
+    main = ranks[0]
+    res = {"procs": procs, "n": main["n"], "wall_s": wall, "loadavg_1m": load,
+           "embed_s": max(x["embed_s"] for x in ranks), "discover_s": main["discover_s"], "report_s": main["report_s"],
+           "total_s": main["total_s"], "peak_rss": max(x["peak_rss"] for x in ranks),
+           "peak_rss_loader": max(x["peak_rss_children"] for x in ranks),
+           "cuda_peak": max(x.get("cuda_peak", 0) for x in ranks)}
+    if procs > 1:
+        shutil.rmtree(out / "store", ignore_errors=True)  # keep the disk lean; findings stay
+    res["store"] = out / "store"
+    return res
+
+
+# ----------------------------------------------------------------------------- stages alone
+def stage_rates(pool: Path, clf_p: Path, vae_p: Path, sample: int, store_dir: Path | None,
+                device: str = "cpu") -> dict:
+    from bench.harness import measure
+    from spurfast import backends
+    from spurfast.cluster import batched_kmeans, choose_k
+    from spurfast.data.folder import ImageFolderSource
+    from spurfast.data.loader_torch import iter_batches
+    from spurfast.models.classifier import classifier_outputs, load_classifier
+    from spurfast.models.train import load_vae
+
+    src = ImageFolderSource(pool, size=SIZE)
+    m = min(sample, len(src))
+    out = {"loader": backends.resolve("loader")[0]}
+    t0 = time.perf_counter()
+    seen = 0
+    for b in iter_batches(src, 256, indices=np.arange(m), num_workers=os.cpu_count() or 1):
+        seen += len(b.indices)
+    out["load"] = seen / (time.perf_counter() - t0)
+    clf, vae = load_classifier(clf_p).to(device), load_vae(vae_p).to(device)
+    x = torch.rand(256, 3, SIZE, SIZE, device=device)
+    with torch.no_grad():
+        st = measure(lambda: classifier_outputs(clf, x), device=device, warmup=1, reps=5)
+        out["classify"] = 256 / st["median_s"]
+        st = measure(lambda: vae.encode(x), device=device, warmup=1, reps=5)
+        out["encode"] = 256 / st["median_s"]
+        from spurfast.models.classifier import build_classifier
+        for arch in ("small_cnn", "resnet18"):  # what the classify stage costs with spurfast's own models
+            m = build_classifier(arch, 3, CLASSES, SIZE).to(device).eval()
+            st = measure(lambda: classifier_outputs(m, x), device=device, warmup=1, reps=3)
+            out[f"classify_{arch}"] = 256 / st["median_s"]
+    if store_dir is not None and (store_dir / "manifest.json").is_file():
+        from spurfast.embed import EmbeddingStore
+        store = EmbeddingStore(store_dir)
+        pred = np.asarray(store["pred"]).astype(np.int64)
+        ok = pred >= 0
+        z = torch.from_numpy(np.asarray(store["mu"])[ok]).to(device)
+        g = torch.from_numpy(pred[ok]).to(device)
+        kpg = choose_k(np.bincount(pred[ok], minlength=CLASSES), 8, 5)
+        st = measure(lambda: batched_kmeans(z, g, kpg, n_groups=CLASSES, n_iter=20, seed=0), device=device,
+                     warmup=0, reps=1)
+        out["cluster"] = len(z) / st["median_s"]
+    return out
+
+
+def run(writer, quick: bool = False, device=None) -> None:
+    from bench.harness import device_name
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = device_name(device)
+    gpu = device.startswith("cuda")
+    # on GPUs: one process per GPU (NCCL needs distinct devices)
+    sizes = ([4000] if gpu else [600]) if quick else [10_000, 100_000]
+    procs = [1] + [p for p in (2,) if not gpu or torch.cuda.device_count() >= p]
+    n_null = 5 if quick else 30
+    clf, vae = ensure_models()
+    results = {}
+    for n in sizes:
+        pool = ensure_pool(n)
+        for p in procs:
+            res = run_e2e(pool, clf, vae, p, n_null, device)
+            results[(n, p)] = res
+            cfg = {"n": n, "size": SIZE, "classifier": f"torchscript small_cnn w{CLF_WIDTH}", "latent": 16, "n_null": n_null,
+                   "cores": os.cpu_count()}
+            prov = f"procs={p}"
+            writer.add("e2e", prov, cfg, "e2e_images_per_s", n / res["total_s"], "1/s", dev)
+            writer.add("e2e", prov, cfg, "embed_images_per_s", n / res["embed_s"], "1/s", dev)
+            for s in ("embed", "discover", "report"):
+                writer.add("e2e", prov, dict(cfg, stage=s), "stage_s", res[f"{s}_s"], "s", dev)
+            writer.add("e2e", prov, cfg, "wall_s", res["wall_s"], "s", dev)
+            writer.add("e2e", prov, cfg, "peak_memory", res["peak_rss"], "bytes", dev)
+            writer.add("e2e", prov, cfg, "peak_memory_loader", res["peak_rss_loader"], "bytes", dev)
+            writer.add("e2e", prov, cfg, "loadavg_1m", res["loadavg_1m"], "", dev)
+            if gpu:
+                writer.add("e2e", prov, cfg, "peak_memory_cuda", res["cuda_peak"], "bytes", dev)
+            print(f"[e2e] n={n} procs={p}: {n / res['total_s']:.0f} img/s end to end, embed {res['embed_s']:.1f} s "
+                  f"({n / res['embed_s']:.0f} img/s), discover {res['discover_s']:.1f} s, report {res['report_s']:.1f} s, "
+                  f"peak RSS {res['peak_rss'] / 2**20:.0f} MiB (loader workers {res['peak_rss_loader'] / 2**20:.0f} MiB), "
+                  f"load avg {res['loadavg_1m']:.1f}", flush=True)
+        # stages alone (one process, all cores), on this pool and the 1-process run's store
+        rates = stage_rates(pool, clf, vae, 2000 if quick else 10_000, results[(n, 1)]["store"], device)
+        cfg = {"n": n, "size": SIZE, "cores": os.cpu_count()}
+        for s in ("load", "classify", "encode", "cluster", "classify_small_cnn", "classify_resnet18"):
+            if s in rates:
+                extra = {"classifier": f"torchscript small_cnn width {CLF_WIDTH}"} if s == "classify" else {}
+                writer.add("stage", rates["loader"] if s == "load" else "torch", dict(cfg, stage=s, **extra),
+                           "items_per_s", rates[s], "1/s", dev)
+        slowest = min(("load", "classify", "encode"), key=lambda s: rates[s])
+        r1 = results[(n, 1)]
+        writer.add("ratio", "embed_vs_slowest_stage", dict(cfg, slowest=slowest), "ratio",
+                   (n / r1["embed_s"]) / rates[slowest], "x", dev)
+        writer.add("ratio", "e2e_vs_slowest_stage", dict(cfg, slowest=slowest), "ratio",
+                   (n / r1["total_s"]) / rates[slowest], "x", dev)
+        if (n, 2) in results:
+            r2 = results[(n, 2)]
+            writer.add("ratio", "embed_2procs_vs_1", cfg, "ratio", r1["embed_s"] / r2["embed_s"], "x", dev)
+            writer.add("ratio", "discover_2procs_vs_1", cfg, "ratio", r1["discover_s"] / r2["discover_s"], "x", dev)
+            writer.add("ratio", "e2e_2procs_vs_1", cfg, "ratio", r1["total_s"] / r2["total_s"], "x", dev)
+        print(f"[e2e] n={n} stages alone: " + ", ".join(f"{s} {rates[s]:.0f} img/s" for s in
+                                                       ("load", "classify", "encode", "cluster", "classify_small_cnn",
+                                                        "classify_resnet18") if s in rates)
+              + f" (loader: {rates['loader']}); slowest of the pass: {slowest}", flush=True)
+    if len(sizes) > 1:
+        for p in procs:
+            lo, hi = results[(sizes[0], p)], results[(sizes[-1], p)]
+            writer.add("ratio", f"peak_memory_{sizes[-1]}_vs_{sizes[0]}", {"procs": p}, "ratio",
+                       hi["peak_rss"] / lo["peak_rss"], "x", dev)
+    if not gpu:
+        writer.add("e2e", "h200", {"size": SIZE}, "e2e_images_per_s_target_5000", float("nan"), "unmeasured", "none")
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        sys.argv.remove("--worker")
+        sys.exit(worker())
+    from bench.harness import ResultWriter
+    run(ResultWriter(), quick="--quick" in sys.argv)  # python -m bench e2e [--quick] [--device cuda] is the usual way
