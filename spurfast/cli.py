@@ -129,13 +129,20 @@ def cmd_discover(args):
     if args.suspect:
         suspect = np.zeros(len(pool), bool)
         suspect[np.loadtxt(args.suspect, dtype=np.int64, ndmin=1)] = True
+    clean = None
+    if args.clean and not args.no_confirm:
+        clean, _ = load_pool(args.clean, args.size, args.channels)
+        if tuple(clean.image_shape) != tuple(pool.image_shape):
+            raise SystemExit(f"error: clean set {args.clean} has images of shape {clean.image_shape}, "
+                             f"pool has {pool.image_shape}")
     from . import distributed as dist
     dist.init(args.device)  # under torchrun: join the group (gloo on CPUs, NCCL on GPUs); else a no-op
     try:
         doc, _, _ = run_discovery(pool, clf, vae, args.out, num_classes=n_classes, suspect=suspect,
                                   config=_discover_config(args), overwrite=args.overwrite,
                                   batch_size=args.batch_size, encoder_backend=args.encoder_backend,
-                                  loader_backend=args.loader_backend, progress=not args.quiet)
+                                  loader_backend=args.loader_backend, progress=not args.quiet, clean=clean,
+                                  confirm=not args.no_confirm)
     finally:
         dist.shutdown()
     if doc is not None:  # rank 0 (or the only process) wrote the report
@@ -162,8 +169,11 @@ def cmd_evaluate(args):
             raise FileNotFoundError(f"results CSV {csv_path} does not exist")
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
+        tj = csv_path.with_name("timing.json")
+        timing = json.loads(tj.read_text()) if tj.is_file() else None
         md = write_results(csv_path, csv_path.with_name("confirm.csv"), out / "RESULTS.md", plots_dir=out / "plots",
-                           command=f"spurfast evaluate --from-csv {csv_path} --out {out}")
+                           command=f"spurfast evaluate --from-csv {csv_path} --out {out}", timing=timing,
+                           wall_s=timing["wall_s"] if timing else None)
         print(f"wrote {md} from {len(read_csv(csv_path))} rows")
         return
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
@@ -255,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=None, choices=["small_cnn", "resnet18"], help="architecture of a bare state_dict")
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--suspect", default=None, help="text file of pool indices that are suspect samples")
+    p.add_argument("--clean", default=None, help="held-out clean images (.npz or folder) for confirmation; default: "
+                   "pool images predicted as other classes outside every finding")
+    p.add_argument("--no-confirm", action="store_true", help="skip confirmation (findings' confirm stays null)")
     p.add_argument("--size", type=int, default=64, help="image size for folders")
     p.add_argument("--channels", type=int, default=3, help="channels for folders")
     p.add_argument("--batch-size", type=int, default=256)

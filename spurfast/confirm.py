@@ -15,6 +15,14 @@ the same images, so the p-value is McNemar's exact one-sided test: among images 
 exactly one of the two flips, is the real pattern the one that flips more often than a
 fair coin says?  No thresholds are tuned beyond the design's 0.1.
 
+A second, *content* control asks whether genuine class-c content in the same place moves
+the model as much: each clean image gets the difference between a random image of class
+c and the clean images' mean, inside the mask (not rescaled: rescaling would amplify mere
+noise where class-c images do not differ from the rest).  A natural confusion (a shirt region that looks like a T-shirt) is matched
+by real T-shirt content; a shortcut (a corner patch) is not.  Its flip rate and McNemar
+p-value are reported as ``content_flip_rate`` and ``content_p_value`` (additive keys of
+the ``confirm`` object); a finding is *confirmed* when it beats both controls.
+
 Clean images: a held-out set the caller supplies (``spurfast discover --clean``), or
 else pool images predicted as another class that belong to no finding.  Images whose
 label (or, unlabelled, prediction) is the finding's class are never used.
@@ -110,9 +118,17 @@ def mcnemar_one_sided(real: np.ndarray, control: np.ndarray) -> float:
     return float(binom.sf(b - 1, b + c, 0.5))
 
 
+def content_controls(mask: torch.Tensor, class_images: torch.Tensor, base_mean: torch.Tensor,
+                     n: int, rng: np.random.Generator) -> torch.Tensor:
+    """n additive deltas: (a random class image - base_mean) inside ``mask``.  Returns (n, C, H, W)."""
+    pick = torch.as_tensor(rng.integers(0, len(class_images), n))
+    return (class_images[pick] - base_mean.unsqueeze(0)) * mask.to(class_images.dtype)
+
+
 def confirm_pattern(model, images: torch.Tensor, cls: int, mask: np.ndarray, contrast, pattern=None,
-                    config: ConfirmConfig | None = None) -> dict:
-    """Flip rate of one pattern on ``images`` (clean, other classes) against the random control."""
+                    config: ConfirmConfig | None = None, class_images: torch.Tensor | None = None) -> dict:
+    """Flip rate of one pattern on ``images`` (clean, other classes) against the random
+    control, and against the content control when ``class_images`` (images of ``cls``) are given."""
     config = config or ConfirmConfig()
     if images.dim() != 4:
         raise ValueError(f"clean images must be (N, C, H, W), got {tuple(images.shape)}")
@@ -136,9 +152,22 @@ def confirm_pattern(model, images: torch.Tensor, cls: int, mask: np.ndarray, con
         cv, cm = random_controls(vals, m, len(xb), rng)
         pc = _prob(model, apply_delta(xb, cv, cm, config.mode), cls, config.device, config.batch_size)
         ctrl[s:s + len(xb)] = pc - p0[s:s + len(xb)] > RISE
-    return {"flip_rate": float(real.mean()), "control_flip_rate": float(ctrl.mean()),
-            "p_value": mcnemar_one_sided(real, ctrl), "n_images": int(n), "mask_area": int(m.sum()),
-            "mean_rise": float((p1 - p0).mean())}
+    out = {"flip_rate": float(real.mean()), "control_flip_rate": float(ctrl.mean()),
+           "p_value": mcnemar_one_sided(real, ctrl), "n_images": int(n), "mask_area": int(m.sum()),
+           "mean_rise": float((p1 - p0).mean())}
+    if class_images is not None and len(class_images):
+        if tuple(class_images.shape[1:]) != tuple(vals.shape):
+            raise ValueError(f"class images of shape {tuple(class_images.shape[1:])} do not match the pattern")
+        base = images.mean(0)
+        cont = np.zeros(n, bool)
+        for s in range(0, n, config.batch_size):
+            xb = images[s:s + config.batch_size]
+            d = content_controls(m, class_images, base, len(xb), rng)
+            pc = _prob(model, (xb + d).clamp(0.0, 1.0), cls, config.device, config.batch_size)
+            cont[s:s + len(xb)] = pc - p0[s:s + len(xb)] > RISE
+        out["content_flip_rate"] = float(cont.mean())
+        out["content_p_value"] = mcnemar_one_sided(real, cont)
+    return out
 
 
 def clean_images_for(source: ImageSource, labels: np.ndarray, pred: np.ndarray | None, cls: int,
@@ -199,12 +228,17 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
         else:
             ok = cand
         x = clean_images_for(src, labels, pred, c, ok, config.max_images, rng)
-        cf = confirm_pattern(model, x, c, f["_mask"], f["_contrast"], f.get("_pattern"), config)
+        own = cand[np.where(labels[cand] >= 0, labels[cand] == c, (pred[cand] == c) if pred is not None else False)]
+        if len(own) > config.max_images:
+            own = np.sort(rng.choice(own, config.max_images, replace=False))
+        xc = src.get_batch(own)[0].float() if len(own) else None
+        cf = confirm_pattern(model, x, c, f["_mask"], f["_contrast"], f.get("_pattern"), config, class_images=xc)
         f["_confirm_detail"] = cf
         if cf["flip_rate"] is None:   # schema 1: confirm is null when it could not run
             f["confirm"] = None
             continue
-        f["confirm"] = {k: cf[k] for k in ("flip_rate", "control_flip_rate", "p_value")}
+        f["confirm"] = {k: cf[k] for k in ("flip_rate", "control_flip_rate", "p_value", "content_flip_rate",
+                                           "content_p_value") if k in cf}
         log.info("finding %s (class %d): flip %.3f vs control %.3f, p=%.3g", f.get("rank"), c,
                  cf["flip_rate"], cf["control_flip_rate"], cf["p_value"])
     return findings

@@ -46,7 +46,7 @@ def mask_iou(pred: np.ndarray, truth: np.ndarray | None) -> float:
 def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target_class: int = 3,
              family: str = "patch3", n_poisoned="600", pool_fraction: float = 0.1, classifier_epochs: int = 3,
              vae_epochs: int = 8, latent_dim: int = 16, overwrite: bool = False, progress: bool = True,
-             config: DiscoverConfig | None = None, device: str = "cpu") -> dict:
+             config: DiscoverConfig | None = None, device: str = "cpu", confirm: bool = True) -> dict:
     spec = PatternSpec(family, seed=seed)
     data = make_planted_data(dataset, target_class=target_class, n_poisoned=n_poisoned, spec=spec,
                              pool_fraction=pool_fraction, seed=seed)
@@ -71,7 +71,7 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
     plant_cfg = data.truth.to_dict()
     doc, result, store = run_discovery(data.pool, clf, vae, out, num_classes=10, suspect=data.suspect, config=config,
                                        extra_config={"plant": plant_cfg, "dataset": data.dataset},
-                                       progress=progress, run_id=run_id)
+                                       progress=progress, run_id=run_id, clean=data.test_clean, confirm=confirm)
     np.save(out / "ground_truth_carries.npy", data.carries)
     summary = {"dataset": data.dataset, "planted": f"{spec.label} in class {target_class}",
                "spurious score": round(ss, 3), "findings": len(doc["findings"])}
@@ -85,6 +85,9 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
         summary.update({"top finding class": top["class"], "top finding is planted class": top["class"] == target_class,
                         "AUROC (membership)": round(au_m, 3), "AUROC (probe ranking)": round(au_r, 3),
                         "pattern IoU": round(iou, 3)})
+        if top.get("confirm"):
+            summary["top finding flip rate (control)"] = (f"{top['confirm']['flip_rate']:.3f} "
+                                                          f"({top['confirm']['control_flip_rate']:.3f})")
     write_report(doc, out, clusters=result.clusters, summary=summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print("[demo] " + "; ".join(f"{k}: {v}" for k, v in summary.items()), flush=True)

@@ -117,8 +117,13 @@ def make_planted_data(dataset: str = "auto", *, target_class: int = 3, n_poisone
 def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: int, suspect=None,
                   config: DiscoverConfig | None = None, extra_config: dict | None = None,
                   overwrite: bool = False, batch_size: int = 256, encoder_backend=None, loader_backend=None,
-                  progress: bool = True, summary: dict | None = None, run_id: str | None = None):
-    """Embed the pool, discover, characterise, write findings.json/csv and report.html."""
+                  progress: bool = True, summary: dict | None = None, run_id: str | None = None,
+                  clean: ImageSource | None = None, confirm: bool = True):
+    """Embed the pool, discover, characterise, confirm, write findings.json/csv and report.html.
+
+    Confirmation (`spurfast.confirm`) pastes each finding's pattern onto ``clean`` images of
+    other classes, or, without ``clean``, onto pool images predicted as another class that
+    belong to no finding.  ``confirm=False`` leaves every finding's ``confirm`` null."""
     config = config or DiscoverConfig()
     if run_id is None:
         h = hashlib.sha256((fingerprint(pool, classifier, vae) + json.dumps(asdict(config), sort_keys=True)).encode())
@@ -135,6 +140,11 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     with dist.main_section():
         result = discover(store, config, suspect=suspect, class_names=pool.class_names, progress=progress)
         characterise(result, store, pool, vae, out, seed=config.seed, device=config.device)
+        if confirm and result.findings:
+            from .confirm import ConfirmConfig, confirm_findings
+            confirm_findings(result.findings, classifier, clean=clean, pool=pool,
+                             pool_pred=np.asarray(store["pred"]),
+                             config=ConfirmConfig(seed=config.seed, device=config.device))
         doc = write_outputs(result, out, extra_config)
         bad_files = {int(i): r for i, r in store.manifest.get("bad_files", {}).items()}  # all ranks, all runs
         bad_files.update(getattr(pool, "bad_files", {}))

@@ -118,7 +118,8 @@ def test_confirm_findings_clean_set_and_pool_default():
     clean = ArraySource(x, y, name="clean")
     f = [_finding([0, 1])]
     confirm_findings(f, CornerModel(), clean=clean)
-    assert set(f[0]["confirm"]) == {"flip_rate", "control_flip_rate", "p_value"}
+    assert set(f[0]["confirm"]) == {"flip_rate", "control_flip_rate", "p_value", "content_flip_rate", "content_p_value"}
+    assert f[0]["confirm"]["content_flip_rate"] < 0.1 and f[0]["confirm"]["content_p_value"] < 1e-6
     assert f[0]["_confirm_detail"]["n_images"] == 150   # label 1 (the finding's class) excluded
     assert f[0]["confirm"]["flip_rate"] > 0.95
     # no clean set: pool images predicted as another class, outside every finding
@@ -127,7 +128,37 @@ def test_confirm_findings_clean_set_and_pool_default():
     f = [_finding([25, 26, 27])]
     confirm_findings(f, CornerModel(), pool=pool, pool_pred=pred)
     assert f[0]["_confirm_detail"]["n_images"] == 177
+    assert "content_p_value" in f[0]["confirm"]   # class images: pool images predicted 1 outside findings
     with pytest.raises(ValueError, match="clean set"):
         confirm_findings(f, CornerModel())
     with pytest.raises(ValueError, match="no extracted pattern"):
         confirm_findings([{"rank": 1, "class": 1, "members": []}], CornerModel(), clean=clean)
+
+
+class RegionModel(nn.Module):
+    """Class 1 = a bright left half (a 'natural' feature that real class-1 images have)."""
+
+    def forward(self, x):
+        z = 10 * x[:, :, :, :8].mean((1, 2, 3)) - 3
+        return torch.stack([torch.zeros_like(z), z], 1)
+
+
+def test_content_control_separates_shortcut_from_natural_feature():
+    x = _clean(200)
+    g = torch.Generator().manual_seed(1)
+    own = torch.rand(100, 1, 16, 16, generator=g) * 0.2
+    own[:, :, :, :8] += 0.6                                  # genuine class-1 images: bright left half
+    # natural feature: the finding's pattern is "brighter left half", which real class-1 content also is
+    left = np.zeros((16, 16), bool)
+    left[:, :8] = True
+    contrast = torch.zeros(1, 16, 16)
+    contrast[0, :, :8] = 0.6
+    nat = confirm_pattern(RegionModel(), x, 1, left, contrast, class_images=own)
+    assert nat["flip_rate"] > 0.9 and nat["content_flip_rate"] > 0.9 and nat["content_p_value"] > 0.05
+    # shortcut: a corner patch that real class-1 images do not have
+    cor = torch.zeros(1, 16, 16)
+    cor[0, -4:-1, -4:-1] = 0.9
+    own_c = own.clone()
+    own_c[:, :, -4:-1, -4:-1] = 0.0
+    sc = confirm_pattern(CornerModel(), x, 1, _corner_mask(), cor, class_images=own_c)
+    assert sc["flip_rate"] > 0.9 and sc["content_flip_rate"] < 0.1 and sc["content_p_value"] < 1e-10

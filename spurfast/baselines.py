@@ -1,0 +1,149 @@
+"""Baselines for the planted-shortcut evaluation, on the same embedding store as spurfast.
+
+Every baseline returns candidates in the format of `spurfast.metrics` (best first):
+``{"class", "members", "ranking" (pool-wide score), "q_value" (None: no test)}``.
+
+- ``george``: GEORGE-style (Sohoni et al. 2020) per-class clustering of the classifier's
+  penultimate features (k-means, the same k and the same batched k-means as spurfast).
+  GEORGE itself does not rank clusters; here they are ranked by how many members are
+  unrelated to their predicted class (the same "unrelated" definition spurfast's score
+  uses), and a cluster ranks the pool by closeness to its centroid.
+- ``activation_clustering``: Chen et al. 2018: per predicted class, the features reduced
+  to 10 PCA dimensions (ICA in the paper), 2-means, the smaller cluster flagged; classes
+  ranked by the silhouette of their split; the pool is ranked by how much nearer the
+  smaller centroid is than the larger one.
+- ``pixels``: the spurfast pipeline with raw pixels in place of the VAE latent (ablation);
+  images larger than 14x14 are 2x2 average-pooled until they are not (28x28 -> 14x14, 196
+  values), which keeps a 3x3 patch visible and k-means over the null affordable on a CPU.
+- ``random``: one candidate per class in random order, each with a random ranking.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .cluster import batched_kmeans, choose_k
+from .discover import DiscoverConfig, _standardise, discover
+from .scoring import content_classes
+
+
+def _valid(store):
+    pred = np.asarray(store["pred"]).astype(np.int64)
+    ok = np.asarray(store["ok"]).astype(bool) & (pred >= 0)
+    return np.nonzero(ok)[0], pred
+
+
+def george(store, *, k: int = 8, min_cluster_size: int = 5, seed: int = 0, suspect=None, n_iter: int = 20) -> list[dict]:
+    valid, pred = _valid(store)
+    n_classes = int(store.manifest["num_classes"])
+    f = _standardise(np.asarray(store["feats"], dtype=np.float32)[valid])
+    g = pred[valid]
+    labels = np.asarray(store["labels"])[valid]
+    probs = np.asarray(store["probs"])[valid]
+    suspect = np.zeros(store.n, bool) if suspect is None else np.asarray(suspect, bool)
+    unknown_ok = ~suspect[valid]
+    kpg = choose_k(np.bincount(g, minlength=n_classes), k, min_cluster_size)
+    res = batched_kmeans(torch.as_tensor(f), torch.as_tensor(g), kpg, n_groups=n_classes, n_iter=n_iter, seed=seed)
+    assign = res.assign.numpy()
+    cent = res.centroids.numpy()
+    content = content_classes(probs, labels, g)
+    unrelated = (content != g) & np.where(labels >= 0, True, unknown_ok)
+    cands = []
+    for c in range(n_classes):
+        for j in range(int(kpg[c])):
+            sel = (g == c) & (assign == j)
+            if not sel.any():
+                continue
+            ranking = np.full(store.n, -np.inf)
+            ranking[valid] = -((f - cent[c, j]) ** 2).sum(1)
+            cands.append({"class": c, "members": valid[sel], "ranking": ranking, "q_value": None,
+                          "score": float(unrelated[sel].sum())})
+    cands.sort(key=lambda d: -d["score"])
+    return cands
+
+
+def activation_clustering(store, *, dims: int = 10, seed: int = 0, n_iter: int = 30) -> list[dict]:
+    from sklearn.metrics import silhouette_score
+
+    valid, pred = _valid(store)
+    n_classes = int(store.manifest["num_classes"])
+    f_all = np.asarray(store["feats"], dtype=np.float64)[valid]
+    g = pred[valid]
+    rng = np.random.default_rng(seed)
+    cands = []
+    for c in range(n_classes):
+        idx = np.nonzero(g == c)[0]
+        if len(idx) < 4:
+            continue
+        x = f_all[idx]
+        mean = x.mean(0)
+        _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+        proj = vt[:min(dims, len(vt))].T
+        y = (x - mean) @ proj
+        assign, cent = _two_means(y, rng, n_iter)
+        sizes = np.bincount(assign, minlength=2)
+        if sizes.min() == 0:
+            continue
+        small = int(np.argmin(sizes))
+        sub = rng.choice(len(y), min(len(y), 1000), replace=False)
+        sil = float(silhouette_score(y[sub], assign[sub])) if len(np.unique(assign[sub])) == 2 else -1.0
+        yall = (f_all - mean) @ proj
+        d = ((yall[:, None, :] - cent[None]) ** 2).sum(-1)
+        ranking = np.full(store.n, -np.inf)
+        ranking[valid] = d[:, 1 - small] - d[:, small]
+        cands.append({"class": c, "members": valid[idx[assign == small]], "ranking": ranking, "q_value": None,
+                      "score": sil, "relative_size": float(sizes[small] / sizes.sum())})
+    cands.sort(key=lambda d: -d["score"])
+    return cands
+
+
+def _two_means(y: np.ndarray, rng: np.random.Generator, n_iter: int):
+    """Lloyd's 2-means with k-means++ seeding (deterministic given rng)."""
+    c0 = y[rng.integers(len(y))]
+    d = ((y - c0) ** 2).sum(1)
+    c1 = y[rng.choice(len(y), p=d / d.sum())] if d.sum() > 0 else y[rng.integers(len(y))]
+    cent = np.stack([c0, c1])
+    assign = np.zeros(len(y), np.int64)
+    for _ in range(n_iter):
+        dist = ((y[:, None, :] - cent[None]) ** 2).sum(-1)
+        new = dist.argmin(1)
+        if (new == assign).all() and _ > 0:
+            break
+        assign = new
+        for j in range(2):
+            if (assign == j).any():
+                cent[j] = y[assign == j].mean(0)
+    return assign, cent
+
+
+class _PixelStore:
+    """An embedding store whose latent is the raw pixels (for the no-VAE ablation)."""
+
+    def __init__(self, store, pixels: np.ndarray):
+        self._s, self._px = store, pixels
+        self.n, self.complete, self.manifest, self.root = store.n, store.complete, store.manifest, store.root
+
+    def __getitem__(self, name):
+        return self._px if name == "mu" else self._s[name]
+
+
+def pixel_store(store, pool) -> _PixelStore:
+    xs = []
+    for s in range(0, len(pool), 1024):
+        x, _ = pool.get_batch(np.arange(s, min(s + 1024, len(pool))))
+        while x.shape[-1] > 14 and x.shape[-2] > 14:
+            x = torch.nn.functional.avg_pool2d(x, 2, ceil_mode=True)
+        xs.append(x.reshape(len(x), -1).numpy().astype(np.float32))
+    return _PixelStore(store, np.concatenate(xs))
+
+
+def pixels(store, pool, config: DiscoverConfig, suspect=None) -> list[dict]:
+    res = discover(pixel_store(store, pool), config, suspect=suspect, progress=False)
+    return [{"class": f["class"], "members": np.asarray(f["members"]), "ranking": res.rankings[f["rank"]],
+             "q_value": f["q_value"], "score": f["score"]} for f in res.findings]
+
+
+def random_ranking(n: int, n_classes: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"class": int(c), "members": np.sort(rng.choice(n, max(1, n // n_classes), replace=False)),
+             "ranking": rng.random(n), "q_value": None, "score": 0.0} for c in rng.permutation(n_classes)]

@@ -1,0 +1,599 @@
+"""`spurfast evaluate`: the planted-shortcut evaluation suite (DESIGN.md, "Evaluation protocol").
+
+One command runs a sweep of planted settings x seeds, runs spurfast and the baselines
+(`spurfast.baselines`) on the same pools, and writes
+
+- ``results.csv``: long format, one row per (setting, seed, method, feature, metric);
+- ``confirm.csv``: one row per spurfast finding (true or false finding, flip rates);
+- ``plots/*.png`` and ``RESULTS.md`` (generated from the CSVs only; ``--from-csv`` redoes
+  it without running anything).
+
+Data of a run: Fashion-MNIST training images (``n_train`` per class) with each planted
+pattern stamped on ``n`` images of its class; the pool is unrelated images (Fashion-MNIST
+test images of the non-target classes, or scikit-learn digits resized to 28x28 with
+unknown labels) of which a fraction carries each pattern (disjoint sets), plus
+``n_suspect`` training images (the suspect data).  Held-out Fashion-MNIST test images form
+the clean set (Yang's spurious score and confirmation).  The VAE is trained on the
+unrelated part of the pool, so settings that share a pool (the clean-model control and
+the planted model of the same seed) share a VAE.  Classifiers, VAEs, embedding stores and
+per-run metrics are cached under ``--cache`` by their settings: a rerun does not retrain.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import baselines as B
+from .data.builtin import find_fashion_mnist, load_digits, load_fashion_mnist
+from .data.sources import ArraySource
+from .discover import DiscoverConfig, characterise, discover
+from .metrics import Feature, false_findings, feature_metrics, matches, recall_at_q
+from .plant import PatternSpec, apply_pattern, fixed_mask, plant_training
+
+log = logging.getLogger("spurfast.evaluate")
+
+METHODS = ("spurfast", "spurfast+confirm", "pixels", "george", "activation_clustering", "random")
+
+
+@dataclass(frozen=True)
+class Plant:
+    family: str
+    target_class: int
+    n: str                  # training images stamped: an int as text, or "all"
+    strength: float = 1.0
+
+    @property
+    def label(self) -> str:
+        return f"{self.family}@{self.strength:g}" if self.family == "noise" else self.family
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    plants: tuple[Plant, ...]
+    pool: str = "fashion-mnist"     # or "digits" (cross-dataset)
+    clean_model: bool = False       # train on clean data (pool still carries the patterns)
+
+
+@dataclass
+class Sizes:
+    n_train: int = 1200            # training images per class
+    n_suspect: int = 1000
+    pool_max: int = 6000           # unrelated pool images at most
+    n_clean: int = 1500            # held-out clean images at most
+    pool_fraction: float = 0.1     # of the unrelated pool per pattern (split over several)
+    classifier_epochs: int = 3
+    vae_epochs: int = 8
+    latent_dim: int = 16
+    n_null: int = 30
+    k: int = 8
+    confirm_images: int = 400
+
+
+def _grid_full() -> list[Setting]:
+    fams = [("pixel", 1.0), ("patch3", 1.0), ("patch5", 1.0), ("noise", 0.25), ("noise", 0.5), ("noise", 1.0),
+            ("bar", 1.0), ("background", 1.0)]
+    out = []
+    for fam, st in fams:
+        for n in ("3", "10", "100", "1000"):
+            p = Plant(fam, 3, n, st)
+            out.append(Setting(f"{p.label}-n{n}", (p,)))
+    out.append(Setting("patch3-nall", (Plant("patch3", 3, "all"),)))
+    out.append(Setting("noise@1-nall", (Plant("noise", 3, "all", 1.0),)))
+    out += _multi_and_controls("100")
+    out.append(Setting("digits-pool-noise@1-n100", (Plant("noise", 3, "100", 1.0),), pool="digits"))
+    return out
+
+
+def _multi_and_controls(n: str) -> list[Setting]:
+    multi = (Plant("patch3", 3, n), Plant("bar", 7, n), Plant("noise", 9, n, 0.5))
+    return [Setting(f"multi3-n{n}", multi),
+            Setting("clean-model", (Plant("patch3", 3, n),), clean_model=True),
+            Setting(f"digits-pool-patch3-n{n}", (Plant("patch3", 3, n),), pool="digits")]
+
+
+PRESETS = {
+    # <= 15 min on 2 CPU cores: one strong pattern (3 seeds), the clean model (3 seeds, it
+    # shares the pool and VAE of the planted model), small sizes.
+    "quick": dict(settings=[Setting("patch3-n150", (Plant("patch3", 3, "150"),)),
+                            Setting("clean-model", (Plant("patch3", 3, "150"),), clean_model=True)],
+                  seeds=(0, 1, 2),
+                  sizes=Sizes(n_train=300, n_suspect=300, pool_max=2000, n_clean=600, classifier_epochs=3,
+                              vae_epochs=10, n_null=10, confirm_images=200)),
+    "full": dict(settings=_grid_full(), seeds=(0, 1, 2), sizes=Sizes()),
+    # a few seconds per run on digits-sized data; for tests
+    "tiny": dict(settings=[Setting("patch3-nall", (Plant("patch3", 3, "all"),), pool="digits-self"),
+                           Setting("clean-model", (Plant("patch3", 3, "all"),), pool="digits-self", clean_model=True)],
+                 seeds=(0,),
+                 sizes=Sizes(n_train=100, n_suspect=200, pool_max=700, n_clean=300, pool_fraction=0.15,
+                             classifier_epochs=8, vae_epochs=15, n_null=20, k=8, confirm_images=150)),
+}
+
+
+def _key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _spec(p: Plant, seed: int) -> PatternSpec:
+    return PatternSpec(p.family, strength=p.strength, seed=seed)
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class RunData:
+    train: ArraySource
+    pool: ArraySource
+    unrelated_n: int
+    suspect: np.ndarray
+    features: list[Feature]
+    specs: list[PatternSpec]
+    clean: ArraySource
+    pool_key: str
+    train_key: str
+
+
+def _base_images(kind: str, seed: int, sizes: Sizes):
+    """(train x, train y, held-out x, held-out y, class names) for the *training* dataset."""
+    rng = np.random.default_rng(seed)
+    if kind == "digits-self":
+        d = load_digits(28)
+        y = d.labels()
+        perm = rng.permutation(len(y))
+        tr = np.sort(np.concatenate([perm[y[perm] == c][:sizes.n_train] for c in range(10)]))
+        te = np.setdiff1d(np.arange(len(y)), tr)
+        return d.images[tr], y[tr], d.images[te], y[te], d.class_names
+    if not find_fashion_mnist():
+        raise FileNotFoundError("Fashion-MNIST is not installed (/usr/share/datasets/fashion-mnist); "
+                                "install dataset-fashion-mnist or use the 'tiny' preset (digits)")
+    tr, te = load_fashion_mnist("train"), load_fashion_mnist("test")
+    ytr = tr.labels()
+    keep = np.sort(np.concatenate([rng.choice(np.nonzero(ytr == c)[0], min(sizes.n_train, int((ytr == c).sum())),
+                                              replace=False) for c in range(10)]))
+    return tr.images[keep], ytr[keep], te.images, te.labels(), tr.class_names
+
+
+def build_data(setting: Setting, seed: int, sizes: Sizes) -> RunData:
+    train_kind = "digits-self" if setting.pool == "digits-self" else "fashion-mnist"
+    xtr, ytr, xte, yte, names = _base_images(train_kind, seed, sizes)
+    rng = np.random.default_rng(seed + 17)
+    specs = [_spec(p, seed + 31 * i) for i, p in enumerate(setting.plants)]
+    targets = {p.target_class for p in setting.plants}
+    # training set: stamp each pattern on n images of its class (nothing for the clean model)
+    xtr_p = xtr.clone()
+    planted = []
+    for p, spec in zip(setting.plants, specs):
+        n_cls = int((ytr == p.target_class).sum())
+        n = 0 if setting.clean_model else (n_cls if p.n == "all" else min(int(p.n), n_cls))
+        xtr_p, idx = plant_training(xtr_p, ytr, p.target_class, n, spec, seed=spec.seed)
+        planted.append(idx)
+    # unrelated pool + clean held-out set
+    if setting.pool in ("fashion-mnist", "digits-self"):
+        other = rng.permutation(np.nonzero(~np.isin(yte, list(targets)))[0])
+        n_pool = min(sizes.pool_max, int(0.75 * len(other)))
+        pool_idx = np.sort(other[:n_pool])
+        xu, yu = xte[pool_idx], yte[pool_idx]
+        clean_idx = np.setdiff1d(np.arange(len(yte)), pool_idx)
+    elif setting.pool == "digits":
+        d = load_digits(28)
+        take = np.sort(rng.permutation(len(d))[:sizes.pool_max])
+        xu, yu = d.images[take], np.full(len(take), -1, np.int64)   # unrelated: no Fashion-MNIST label
+        clean_idx = np.arange(len(yte))
+    else:
+        raise ValueError(f"unknown pool {setting.pool!r}; expected 'fashion-mnist', 'digits' or 'digits-self'")
+    clean_idx = np.sort(rng.permutation(clean_idx)[:sizes.n_clean])
+    # each pattern on its own disjoint share of the unrelated pool
+    xu = xu.clone()
+    order = rng.permutation(len(xu))
+    per = int(round(sizes.pool_fraction * len(xu))) if len(specs) == 1 else \
+        int(round(sizes.pool_fraction * len(xu) / len(specs)))
+    carries_u = []
+    for i, spec in enumerate(specs):
+        sel = np.sort(order[i * per:(i + 1) * per])
+        if len(sel):
+            xu[torch.as_tensor(sel)] = apply_pattern(xu[torch.as_tensor(sel)], spec, seed=spec.seed + 1)[0]
+        c = np.zeros(len(xu), bool)
+        c[sel] = True
+        carries_u.append(c)
+    sus = np.sort(rng.choice(len(ytr), min(sizes.n_suspect, len(ytr)), replace=False))
+    x_pool = torch.cat([xu, xtr_p[sus]])
+    y_pool = np.concatenate([yu, ytr[sus]])
+    suspect = np.concatenate([np.zeros(len(xu), bool), np.ones(len(sus), bool)])
+    feats = []
+    for p, spec, cu, idx in zip(setting.plants, specs, carries_u, planted):
+        carries = np.concatenate([cu, np.isin(sus, idx)])
+        mask = fixed_mask(spec, xtr.shape[1:]).numpy() if spec.family != "background" else None
+        feats.append(Feature(p.target_class, carries, mask, p.label))
+    pool_key = _key({"pool": setting.pool, "specs": [s.to_dict() for s in specs], "seed": seed, "targets": sorted(targets),
+                     "sizes": [sizes.pool_max, sizes.pool_fraction, sizes.n_train]})
+    train_key = _key({"train": train_kind, "plants": [asdict(p) for p in setting.plants], "clean": setting.clean_model,
+                      "seed": seed, "n_train": sizes.n_train, "epochs": sizes.classifier_epochs})
+    return RunData(ArraySource(xtr_p, ytr, class_names=names, name="eval-train"),
+                   ArraySource(x_pool, y_pool, class_names=names, name="eval-pool"), len(xu), suspect, feats, specs,
+                   ArraySource(xte[clean_idx], yte[clean_idx], class_names=names, name="eval-clean"),
+                   pool_key, train_key)
+
+
+# ----------------------------------------------------------------------------- models
+def _models(data: RunData, seed: int, sizes: Sizes, cache: Path, progress: bool):
+    from .models.classifier import build_classifier
+    from .models.train import load_vae, save_vae, train_classifier, train_vae
+    from .models.vae import VAEConfig
+
+    cdir = cache / "classifiers"
+    vdir = cache / "vaes"
+    cdir.mkdir(parents=True, exist_ok=True)
+    vdir.mkdir(parents=True, exist_ok=True)
+    cpath = cdir / f"{data.train_key}.pt"
+    c, h, _ = data.train.image_shape
+    if cpath.is_file():
+        clf = build_classifier("small_cnn", c, 10, h)
+        clf.load_state_dict(torch.load(cpath, map_location="cpu", weights_only=True))
+        clf.eval()
+    else:
+        clf = train_classifier(data.train, 10, epochs=sizes.classifier_epochs, seed=seed,
+                               checkpoint=cdir / f"{data.train_key}.ckpt", progress=progress)
+        torch.save(clf.state_dict(), cpath)
+    vkey = _key({"pool": data.pool_key, "epochs": sizes.vae_epochs, "latent": sizes.latent_dim})
+    vpath = vdir / f"{vkey}.pt"
+    if vpath.is_file():
+        vae = load_vae(vpath)
+    else:
+        unrel = ArraySource(data.pool.images[:data.unrelated_n], None, name="eval-pool-unrelated")
+        vae = train_vae(unrel, VAEConfig.for_images(c, h, latent_dim=sizes.latent_dim), epochs=sizes.vae_epochs,
+                        seed=seed, checkpoint=vdir / f"{vkey}.ckpt", progress=progress)
+        save_vae(vae, vpath)
+    return clf, vae, vkey
+
+
+# ----------------------------------------------------------------------------- one run
+def confirmed(cf: dict | None, level: float = 0.05) -> bool:
+    """A finding is confirmed when its pattern flips significantly more clean images than
+    both the random control and the content control (`spurfast.confirm`)."""
+    if not cf:
+        return False
+    ok = cf["p_value"] <= level and cf["flip_rate"] > cf["control_flip_rate"]
+    if cf.get("content_p_value") is not None:
+        ok = ok and cf["content_p_value"] <= level and cf["flip_rate"] > cf["content_flip_rate"]
+    return bool(ok)
+
+
+def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress: bool = False,
+            methods=METHODS) -> tuple[list[dict], list[dict]]:
+    """Rows (results) and confirmation rows of one (setting, seed); cached."""
+    from .confirm import ConfirmConfig, confirm_findings
+    from .demo import spurious_score
+    from .embed import embed_pool
+
+    run_key = _key({"setting": asdict(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods), "v": 3})
+    rdir = cache / "runs"
+    rdir.mkdir(parents=True, exist_ok=True)
+    rfile = rdir / f"{setting.name}-s{seed}-{run_key}.json"
+    if rfile.is_file():
+        d = json.loads(rfile.read_text())
+        return d["rows"], d["confirm"]
+    t0 = time.time()
+    data = build_data(setting, seed, sizes)
+    clf, vae, vkey = _models(data, seed, sizes, cache, progress)
+    t_models = time.time() - t0
+    store = embed_pool(data.pool, clf, vae, cache / "stores" / f"{data.train_key}-{vkey}-{_key(data.suspect.tolist())}",
+                       num_classes=10, progress=progress, num_workers=1)
+    rows, crow = [], []
+
+    def add(method, feature, metric, value):
+        rows.append({"setting": setting.name, "seed": seed, "method": method, "feature": feature,
+                     "metric": metric, "value": float(value)})
+
+    for f, spec in zip(data.features, data.specs):
+        add("model", f.name, "spurious_score", spurious_score(clf, data.clean, f.target_class, spec))
+        add("model", f.name, "pool_carrier_rate", float(f.carries.mean()))
+    # the learned features: none for the clean model (every finding is a false one)
+    feats = [] if setting.clean_model else data.features
+    cfg = DiscoverConfig(k=sizes.k, n_null=sizes.n_null, fdr=0.1, seed=seed)
+    cands: dict[str, list[dict]] = {}
+    timing = {}
+    if "spurfast" in methods:
+        t = time.time()
+        res = discover(store, cfg, suspect=data.suspect, progress=False)
+        characterise(res, store, data.pool, vae, cache / "images" / f"{setting.name}-s{seed}", seed=seed)
+        confirm_findings(res.findings, clf, clean=data.clean,
+                         config=ConfirmConfig(max_images=sizes.confirm_images, seed=seed))
+        cands["spurfast"] = [{"class": f["class"], "members": np.asarray(f["members"]), "ranking": res.rankings[f["rank"]],
+                              "q_value": f["q_value"], "mask": f.get("_mask"), "confirm": f.get("confirm")}
+                             for f in res.findings]
+        cands["spurfast+confirm"] = [c for c in cands["spurfast"] if confirmed(c["confirm"])]
+        timing["spurfast"] = time.time() - t
+        for r, c in enumerate(cands["spurfast"], 1):
+            true = any(matches(c, f) for f in feats)
+            cf = c["confirm"] or {}
+            crow.append({"setting": setting.name, "seed": seed, "rank": r, "class": c["class"], "q_value": c["q_value"],
+                         "true_finding": int(true), "flip_rate": cf.get("flip_rate"),
+                         "control_flip_rate": cf.get("control_flip_rate"), "p_value": cf.get("p_value"),
+                         "content_flip_rate": cf.get("content_flip_rate"), "content_p_value": cf.get("content_p_value"),
+                         "confirmed": int(confirmed(c["confirm"]))})
+    if "pixels" in methods:
+        t = time.time()
+        cands["pixels"] = B.pixels(store, data.pool, cfg, suspect=data.suspect)
+        timing["pixels"] = time.time() - t
+    if "george" in methods:
+        cands["george"] = B.george(store, k=sizes.k, seed=seed, suspect=data.suspect)
+    if "activation_clustering" in methods:
+        cands["activation_clustering"] = B.activation_clustering(store, seed=seed)
+    if "random" in methods:
+        cands["random"] = B.random_ranking(store.n, 10, seed=seed)
+    for m, cs in cands.items():
+        for f in feats:
+            for metric, v in feature_metrics(cs[:10] if cs and cs[0]["q_value"] is None else cs, f).items():
+                add(m, f.name, metric, v)
+        if cs and cs[0]["q_value"] is None:
+            continue  # no test, no q-values: recall@q and false findings do not apply
+        for q in (0.05, 0.1):
+            if feats:
+                add(m, "all", f"recall@q{q:g}", recall_at_q(cs, feats, q))
+            add(m, "all", f"false_findings@q{q:g}", false_findings(cs, feats, q))
+    for m, t in timing.items():
+        add(m, "all", "seconds", t)
+    add("model", "all", "seconds_models", t_models)
+    rfile.write_text(json.dumps({"rows": rows, "confirm": crow}, default=float))
+    return rows, crow
+
+
+# ----------------------------------------------------------------------------- sweep
+def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None, seeds=None,
+                   progress: bool = True, results_md=None) -> Path:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    settings = [s for s in p["settings"] if only is None or re.search(only, s.name)]
+    if not settings:
+        raise ValueError(f"--only {only!r} matches no setting of preset {preset!r}: "
+                         f"{[s.name for s in p['settings']]}")
+    seeds = tuple(p["seeds"] if seeds is None else seeds)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache) if cache else out / "cache"
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    rows, crows = [], []
+    t0, c0 = time.time(), time.process_time()
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    for s in settings:
+        for seed in seeds:
+            t = time.time()
+            r, c = run_one(s, seed, p["sizes"], cache, progress=False)
+            rows += r
+            crows += c
+            if progress:
+                print(f"[evaluate] {s.name} seed {seed}: {time.time() - t:.0f}s (total {time.time() - t0:.0f}s)", flush=True)
+    for r in rows:
+        r["preset"] = preset
+    write_csv(out / "results.csv", rows, ["preset", "setting", "seed", "method", "feature", "metric", "value"])
+    write_csv(out / "confirm.csv", crows, ["setting", "seed", "rank", "class", "q_value", "true_finding", "flip_rate",
+                                           "control_flip_rate", "p_value", "content_flip_rate", "content_p_value",
+                                           "confirmed"])
+    cmd = f"spurfast evaluate --preset {preset} --out {out}" + (f" --only '{only}'" if only else "") + \
+          (f" --seeds {','.join(map(str, seeds))}" if seeds != tuple(p["seeds"]) else "")
+    timing = {"wall_s": time.time() - t0, "cpu_s": time.process_time() - c0, "load_at_start": load0,
+              "load_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
+              "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    (out / "timing.json").write_text(json.dumps(timing, indent=1))
+    md = write_results(out / "results.csv", out / "confirm.csv", out / "RESULTS.md", command=cmd,
+                       wall_s=timing["wall_s"], plots_dir=out / "plots", timing=timing)
+    if results_md:
+        Path(results_md).write_text(_keep_notes(md.read_text(), Path(results_md)))
+    print(f"[evaluate] wrote {out / 'results.csv'}, {out / 'confirm.csv'}, {md}", flush=True)
+    return out
+
+
+def write_csv(path: Path, rows: list[dict], cols: list[str]) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+NOTES = "<!-- notes: text below this line is kept when the file is regenerated -->"
+
+
+def _keep_notes(text: str, target: Path) -> str:
+    if target.is_file() and NOTES in target.read_text():
+        return text.rstrip() + "\n\n" + NOTES + target.read_text().split(NOTES, 1)[1]
+    return text
+
+
+# ----------------------------------------------------------------------------- report
+def _agg(vals):
+    v = np.array([x for x in vals if np.isfinite(x)], dtype=float)
+    if len(v) == 0:
+        return "–"
+    return f"{v.mean():.3f}" if len(v) == 1 else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}"
+
+
+def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s: float | None = None,
+                  plots_dir=None, timing: dict | None = None) -> Path:
+    """RESULTS.md (and plots) from the CSVs alone."""
+    rows = read_csv(csv_path)
+    crows = read_csv(confirm_path) if confirm_path and Path(confirm_path).is_file() else []
+    for r in rows:
+        r["value"] = float(r["value"])
+        r["seed"] = int(r["seed"])
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    L = ["# spurfast: planted-shortcut evaluation results", ""]
+    presets = sorted({r.get("preset", "") for r in rows})
+    L += [f"Generated by `spurfast evaluate` from `{Path(csv_path).name}` (preset {', '.join(presets)}).",
+          f"Command: `{command}`." if command else "",
+          f"Wall time of the run that wrote it: {wall_s / 60:.1f} min (cached parts not re-run)." if wall_s else "",
+          (f"CPU time of that process (all threads): {timing['cpu_s'] / 60:.1f} min on {timing['cpus']} cores; "
+           f"load average {timing['load_at_start']:.1f} at the start and {timing['load_at_end']:.1f} at the end "
+           f"(the machine was shared)." if timing else ""), "",
+          "Metrics per planted feature: mean ± sd over seeds. `best` = the method's finding whose pool ranking "
+          "has the highest average precision (spurfast: significant findings, q <= 0.1; baselines without a test: "
+          "their top 10 candidates). hit@1: the top finding is the planted class and enriched (>= 2x the pool's "
+          "carrier rate). A method with no finding counts as a random ranking.", ""]
+    metrics = ["hit@1", "auroc", "ap", "precision@10", "precision@25", "mask_iou"]
+    for s in settings:
+        rs = [r for r in rows if r["setting"] == s]
+        seeds = sorted({r["seed"] for r in rs})
+        L += [f"## {s} (seeds {', '.join(map(str, seeds))})", ""]
+        model = [r for r in rs if r["method"] == "model"]
+        for feat in dict.fromkeys(r["feature"] for r in model if r["feature"] != "all"):
+            ss = [r["value"] for r in model if r["feature"] == feat and r["metric"] == "spurious_score"]
+            L.append(f"- pattern {feat}: Yang's spurious score of the trained models {_agg(ss)} "
+                     f"(per seed: {', '.join(f'{v:.2f}' for v in ss)})")
+        L.append("")
+        feats = list(dict.fromkeys(r["feature"] for r in rs if r["method"] in methods and r["feature"] != "all"))
+        if feats:
+            L += ["| feature | method | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 2)]
+            for feat in feats:
+                for m in methods:
+                    vals = [_agg([r["value"] for r in rs if r["method"] == m and r["feature"] == feat and r["metric"] == k])
+                            for k in metrics]
+                    if any(v != "–" for v in vals):
+                        L.append(f"| {feat} | {m} | " + " | ".join(vals) + " |")
+            L.append("")
+        gm = ["recall@q0.05", "recall@q0.1", "false_findings@q0.05", "false_findings@q0.1"]
+        tab = []
+        for m in methods:
+            vals = [[r["value"] for r in rs if r["method"] == m and r["feature"] == "all" and r["metric"] == k] for k in gm]
+            if any(vals):
+                tab.append(f"| {m} | " + " | ".join(
+                    (_agg(v) + (f" (sum {int(sum(v))})" if k.startswith("false") and v else "")) if v else "–"
+                    for k, v in zip(gm, vals)) + " |")
+        if tab:
+            L += ["| method | " + " | ".join(gm) + " |", "|" + "---|" * (len(gm) + 1)] + tab + [""]
+    if crows:
+        L += ["## Confirmation (every spurfast finding at q <= 0.1)", "",
+              "| setting | findings | kind | mean flip rate | mean random-control flip rate | mean content-control flip rate "
+              "| beat random control (p <= 0.05) | confirmed (beat both controls) |",
+              "|---|---|---|---|---|---|---|---|"]
+        for s in dict.fromkeys(c["setting"] for c in crows):
+            for kind, lab in (("1", "true"), ("0", "false")):
+                cs = [c for c in crows if c["setting"] == s and c["true_finding"] == kind and c["flip_rate"] != ""]
+                if not cs:
+                    continue
+                fl = [float(c["flip_rate"]) for c in cs]
+                co = [float(c["control_flip_rate"]) for c in cs]
+                rnd = sum(float(c["p_value"]) <= 0.05 and float(c["flip_rate"]) > float(c["control_flip_rate"]) for c in cs)
+                ct = [float(c["content_flip_rate"]) for c in cs if c.get("content_flip_rate", "") != ""]
+                conf = sum(int(c.get("confirmed") or 0) for c in cs)
+                L.append(f"| {s} | {len(cs)} | {lab} | {np.mean(fl):.3f} | {np.mean(co):.3f} | "
+                         f"{np.mean(ct) if ct else float('nan'):.3f} | {rnd} of {len(cs)} | {conf} of {len(cs)} |")
+        L.append("")
+    L += _targets(rows, settings)
+    secs = [r["value"] for r in rows if r["metric"] == "seconds" and r["method"] == "spurfast"]
+    if secs:
+        L += ["", f"spurfast discovery + characterisation + confirmation: {np.mean(secs):.1f} s per run on average "
+                  f"(models excluded; {len(secs)} runs)."]
+    if plots_dir:
+        L += ["", *_plots(rows, crows, Path(plots_dir), Path(md_path).parent)]
+    md = Path(md_path)
+    md.write_text("\n".join(L) + "\n")
+    return md
+
+
+def _targets(rows, settings) -> list[str]:
+    """The issue's targets, checked against the CSV (only where the CSV has the data)."""
+    L = ["## Targets (checked from the CSV)", ""]
+
+    def vals(setting_re, method, metric, feature=None):
+        return [r["value"] for r in rows if re.search(setting_re, r["setting"]) and r["method"] == method
+                and r["metric"] == metric and (feature is None or r["feature"] == feature)]
+
+    strong = [s for s in settings if re.match(r"(patch3|noise@1)-n(\d+|all)$", s) and
+              (s.endswith("nall") or int(re.findall(r"n(\d+)$", s)[0]) >= 100)]
+    for s in strong:
+        h = vals(f"^{re.escape(s)}$", "spurfast", "hit@1")
+        a = vals(f"^{re.escape(s)}$", "spurfast", "auroc")
+        ss = vals(f"^{re.escape(s)}$", "model", "spurious_score")
+        ok = bool(h) and min(h) == 1 and min(a) >= 0.95
+        L.append(f"- single strong pattern `{s}`: hit@1 per seed {[int(x) for x in h]}, AUROC min {min(a):.3f} "
+                 f"(spurious score {_agg(ss)}) -> target (hit@1 = 1 in every seed, AUROC >= 0.95) "
+                 f"{'met' if ok else 'NOT met'}")
+    for s in [s for s in settings if s.startswith("multi3")]:
+        r = vals(f"^{re.escape(s)}$", "spurfast", "recall@q0.1")
+        L.append(f"- three patterns `{s}`: recall at q=0.1 per seed {[round(x, 2) for x in r]} -> target (>= 2/3) "
+                 f"{'met' if r and min(r) >= 2 / 3 - 1e-9 else 'NOT met'}")
+    for m in ("spurfast", "spurfast+confirm"):
+        ff = vals("^clean-model$", m, "false_findings@q0.05")
+        if ff:
+            L.append(f"- clean model, {m}: {int(sum(ff))} false findings at q = 0.05 over {len(ff)} seeds -> target "
+                     f"(<= 1) {'met' if sum(ff) <= 1 else 'NOT met'}")
+    for s in settings:
+        if s == "clean-model":
+            continue
+        feats = dict.fromkeys(r["feature"] for r in rows if r["setting"] == s and r["metric"] == "ap")
+        for f in feats:
+            ap = {m: np.nanmean(vals(f"^{re.escape(s)}$", m, "ap", f) or [np.nan]) for m in METHODS}
+            base = {m: v for m, v in ap.items() if m not in ("spurfast", "spurfast+confirm") and np.isfinite(v)}
+            if not base or not np.isfinite(ap["spurfast"]):
+                continue
+            best = max(base, key=base.get)
+            ss = np.nanmean(vals(f"^{re.escape(s)}$", "model", "spurious_score", f) or [np.nan])
+            L.append(f"- AP `{s}` / {f}: spurfast {ap['spurfast']:.3f} vs best baseline {best} {base[best]:.3f} "
+                     f"(spurious score {ss:.2f}) -> {'beats' if ap['spurfast'] > base[best] else 'does NOT beat'} every baseline")
+    return L
+
+
+def _plots(rows, crows, plots_dir: Path, rel_to: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    pairs = list(dict.fromkeys((r["setting"], r["feature"]) for r in rows if r["metric"] == "ap"))
+    methods = [m for m in METHODS if any(r["method"] == m and r["metric"] == "ap" for r in rows)]
+    if pairs and methods:
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(pairs) * len(methods) / 3), 3.5))
+        w = 0.8 / len(methods)
+        for j, m in enumerate(methods):
+            mean, sd = [], []
+            for s, f in pairs:
+                v = [r["value"] for r in rows if r["setting"] == s and r["feature"] == f and r["method"] == m and r["metric"] == "ap"]
+                mean.append(np.mean(v) if v else np.nan)
+                sd.append(np.std(v) if len(v) > 1 else 0)
+            ax.bar(np.arange(len(pairs)) + j * w, mean, w, yerr=sd, label=m)
+        ax.set_xticks(np.arange(len(pairs)) + 0.4 - w / 2)
+        ax.set_xticklabels([f"{s}\n{f}" for s, f in pairs], fontsize=7)
+        ax.set_ylabel("average precision (best finding)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(plots_dir / "ap.png", dpi=110)
+        plt.close(fig)
+        out.append(f"![average precision per setting and method]({_rel(plots_dir / 'ap.png', rel_to)})")
+    cs = [c for c in crows if c["flip_rate"] != ""]
+    if cs:
+        fig, ax = plt.subplots(figsize=(4, 3.5))
+        for kind, col, lab in (("1", "tab:red", "true finding"), ("0", "tab:gray", "false finding")):
+            sel = [c for c in cs if c["true_finding"] == kind]
+            ax.scatter([float(c["control_flip_rate"]) for c in sel], [float(c["flip_rate"]) for c in sel], c=col,
+                       label=lab, s=18)
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set_xlabel("control flip rate")
+        ax.set_ylabel("flip rate of the extracted pattern")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(plots_dir / "confirm.png", dpi=110)
+        plt.close(fig)
+        out.append(f"![confirmation: flip rate vs control]({_rel(plots_dir / 'confirm.png', rel_to)})")
+    return out
+
+
+def _rel(p: Path, base: Path) -> str:
+    import os
+    return os.path.relpath(p, base)

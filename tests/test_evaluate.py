@@ -1,0 +1,116 @@
+"""The evaluation suite end to end: a tiny sweep on scikit-learn's digits (under a minute),
+its cache, RESULTS.md regeneration and bad input; the quick preset is marked slow."""
+import csv
+import os
+import time
+
+import numpy as np
+import pytest
+
+from spurfast.cli import main
+from spurfast.evaluate import METHODS, PRESETS, confirmed, run_evaluation
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval_tiny")
+    t = time.time()
+    run_evaluation("tiny", out, progress=False)
+    return out, time.time() - t
+
+
+def _rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_tiny_sweep_writes_long_csv(tiny):
+    out, _ = tiny
+    rows = _rows(out / "results.csv")
+    assert set(rows[0]) == {"preset", "setting", "seed", "method", "feature", "metric", "value"}
+    assert {r["setting"] for r in rows} == {s.name for s in PRESETS["tiny"]["settings"]}
+    assert {r["method"] for r in rows} == set(METHODS) | {"model"}
+    planted = [r for r in rows if r["setting"] == "patch3-nall"]
+    for m in ("spurfast", "pixels", "george", "activation_clustering", "random"):
+        got = {r["metric"] for r in planted if r["method"] == m}
+        assert {"hit@1", "auroc", "ap", "precision@10", "precision@25", "mask_iou"} <= got, (m, got)
+    for m in ("spurfast", "pixels"):
+        got = {r["metric"] for r in planted if r["method"] == m}
+        assert {"recall@q0.05", "recall@q0.1", "false_findings@q0.05", "false_findings@q0.1"} <= got
+    # metric values are in range
+    for r in rows:
+        v = float(r["value"])
+        if r["metric"] in ("hit@1", "auroc", "ap", "precision@10", "precision@25", "recall@q0.05"):
+            assert 0 <= v <= 1, r
+    ss = {r["setting"]: float(r["value"]) for r in rows if r["metric"] == "spurious_score"}
+    assert ss["patch3-nall"] > ss["clean-model"]          # the planted model learned the patch, the clean one did not
+    clean = [r for r in rows if r["setting"] == "clean-model"]
+    assert not any(r["metric"] in ("ap", "hit@1") for r in clean)   # nothing learned: only false findings count
+    assert any(r["metric"] == "false_findings@q0.05" for r in clean)
+
+
+def test_tiny_sweep_finds_the_patch(tiny):
+    out, _ = tiny
+    rows = _rows(out / "results.csv")
+    get = lambda m, k: float(next(r["value"] for r in rows if r["setting"] == "patch3-nall"  # noqa: E731
+                                  and r["method"] == m and r["metric"] == k))
+    assert get("spurfast", "hit@1") == 1.0
+    assert get("spurfast", "auroc") > 0.9
+    assert get("spurfast", "ap") > get("random", "ap")
+    conf = _rows(out / "confirm.csv")
+    top = [c for c in conf if c["setting"] == "patch3-nall" and c["rank"] == "1"][0]
+    assert top["true_finding"] == "1" and float(top["flip_rate"]) > float(top["control_flip_rate"])
+
+
+def test_results_md_and_plots(tiny):
+    out, _ = tiny
+    md = (out / "RESULTS.md").read_text()
+    assert "## patch3-nall" in md and "## clean-model" in md and "## Targets" in md
+    assert "| patch3 | spurfast |" in md
+    assert (out / "plots" / "ap.png").stat().st_size > 1000
+    # regenerated from the CSV alone, notes below the marker kept
+    target = out / "regen"
+    assert main(["evaluate", "--from-csv", str(out / "results.csv"), "--out", str(target)]) == 0
+    assert (target / "RESULTS.md").read_text().count("| patch3 | spurfast |") == 1
+
+
+def test_rerun_uses_the_cache(tiny):
+    out, first = tiny
+    models = sorted((out / "cache").rglob("*.pt"))
+    stamps = [os.path.getmtime(p) for p in models]
+    assert models
+    t = time.time()
+    run_evaluation("tiny", out, progress=False)
+    assert time.time() - t < max(5.0, 0.3 * first)
+    assert [os.path.getmtime(p) for p in models] == stamps       # nothing retrained
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="unknown preset"):
+        run_evaluation("huge", tmp_path)
+    with pytest.raises(ValueError, match="matches no setting"):
+        run_evaluation("tiny", tmp_path, only="nothing-like-this")
+    assert main(["evaluate", "--from-csv", str(tmp_path / "missing.csv"), "--out", str(tmp_path)]) == 2
+
+
+def test_confirmed_rule():
+    assert confirmed({"flip_rate": 0.5, "control_flip_rate": 0.0, "p_value": 0.001})
+    assert not confirmed({"flip_rate": 0.5, "control_flip_rate": 0.0, "p_value": 0.2})
+    assert not confirmed({"flip_rate": 0.5, "control_flip_rate": 0.0, "p_value": 0.001,
+                          "content_flip_rate": 0.6, "content_p_value": 0.9})
+    assert not confirmed(None)
+
+
+@pytest.mark.slow
+def test_quick_preset(tmp_path):
+    """The quick preset from the command line (Fashion-MNIST; about 15 minutes on 2 cores)."""
+    from spurfast.data.builtin import find_fashion_mnist
+    if not find_fashion_mnist():
+        pytest.skip("Fashion-MNIST is not installed")
+    assert main(["evaluate", "--preset", "quick", "--out", str(tmp_path), "--quiet"]) == 0
+    rows = _rows(tmp_path / "results.csv")
+    seeds = {r["seed"] for r in rows}
+    assert len(seeds) >= 3
+    ap = lambda m: np.mean([float(r["value"]) for r in rows if r["method"] == m and r["metric"] == "ap"])  # noqa: E731
+    assert ap("spurfast") > ap("random")
+    assert (tmp_path / "RESULTS.md").is_file() and (tmp_path / "plots" / "ap.png").is_file()
