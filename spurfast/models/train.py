@@ -60,9 +60,22 @@ def train_classifier(source: ImageSource, num_classes: int, *, arch: str = "smal
         raise ValueError(f"{source.name}: {int((labels < 0).sum())} training images have no label")
     if labels.max() >= num_classes:
         raise ValueError(f"{source.name}: label {int(labels.max())} >= num_classes={num_classes}")
-    gen = seed_everything(seed)
     c, h, w = source.image_shape
-    model = build_classifier(arch, c, num_classes, h).to(device)
+    def step(model, x, y):
+        y = y.to(x.device)
+        logits = model(x)
+        return F.cross_entropy(logits, y), {"acc": (logits.argmax(1) == y).float().mean()}
+
+    return _fit(lambda: build_classifier(arch, c, num_classes, h), source, step, "classifier", epochs=epochs,
+                batch_size=batch_size, lr=lr, seed=seed, device=device, checkpoint=checkpoint, progress=progress)
+
+
+def _fit(build, source: ImageSource, step, name: str, *, epochs: int, batch_size: int, lr: float, seed: int,
+         device: str, checkpoint, progress: bool):
+    """The one training loop: seeded init and epoch order, progress bar with running means of the
+    loss and the step's metrics, an atomic checkpoint per epoch, resume from it."""
+    gen = seed_everything(seed)  # before build(): initial weights follow the seed
+    model = build().to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     ck = Path(checkpoint) if checkpoint else None
     start = _resume(ck, model, opt)
@@ -70,20 +83,19 @@ def train_classifier(source: ImageSource, num_classes: int, *, arch: str = "smal
         model.train()
         gen.manual_seed(seed * 1000 + epoch)
         bar = tqdm(_batches(source, batch_size, gen), total=-(-len(source) // batch_size),
-                   desc=f"classifier epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
-        tot, correct, seen = 0.0, 0, 0
+                   desc=f"{name} epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        sums: dict[str, float] = {}
+        seen = 0
         for x, y in bar:
-            x, y = x.to(device), y.to(device)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            loss, metrics = step(model, x.to(device), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            tot += float(loss.detach()) * len(x)
-            correct += int((logits.argmax(1) == y).sum())
             seen += len(x)
-            bar.set_postfix(loss=f"{tot / seen:.3f}", acc=f"{correct / seen:.3f}")
-        log.info("classifier epoch %d: loss %.4f acc %.4f", epoch + 1, tot / max(seen, 1), correct / max(seen, 1))
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(x)
+            bar.set_postfix({k: f"{v / seen:.3f}" for k, v in sums.items()})
+        log.info("%s epoch %d: %s", name, epoch + 1, " ".join(f"{k} {v / max(seen, 1):.4f}" for k, v in sums.items()))
         _checkpoint(ck, {"model": model.state_dict(), "optim": opt.state_dict(), "epoch": epoch + 1,
                          "rng": torch.get_rng_state()})
     model.eval()
@@ -101,32 +113,13 @@ def train_vae(source: ImageSource, config: VAEConfig | None = None, *, epochs: i
     if (config.in_channels, config.image_size) != (c, h):
         raise ValueError(f"VAE config expects {config.in_channels}x{config.image_size}^2 images, "
                          f"{source.name} has {c}x{h}x{w}")
-    gen = seed_everything(seed)
-    model = VAE(config).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    ck = Path(checkpoint) if checkpoint else None
-    start = _resume(ck, model, opt)
-    for epoch in range(start, epochs):
-        model.train()
-        gen.manual_seed(seed * 1000 + epoch)
-        bar = tqdm(_batches(source, batch_size, gen), total=-(-len(source) // batch_size),
-                   desc=f"VAE epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
-        tot, seen = 0.0, 0
-        for x, _ in bar:
-            x = x.to(device)
-            recon, mu, logvar = model(x)
-            loss, rec, kl = vae_loss(recon, x, mu, logvar, beta)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tot += float(loss.detach()) * len(x)
-            seen += len(x)
-            bar.set_postfix(loss=f"{tot / seen:.2f}")
-        log.info("VAE epoch %d: loss %.3f", epoch + 1, tot / max(seen, 1))
-        _checkpoint(ck, {"model": model.state_dict(), "optim": opt.state_dict(), "epoch": epoch + 1,
-                         "rng": torch.get_rng_state()})
-    model.eval()
-    return model
+    def step(model, x, _):
+        recon, mu, logvar = model(x)
+        loss, rec, kl = vae_loss(recon, x, mu, logvar, beta)
+        return loss, {"kl": kl}
+
+    return _fit(lambda: VAE(config), source, step, "VAE", epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                device=device, checkpoint=checkpoint, progress=progress)
 
 
 def save_vae(model: VAE, path) -> None:
