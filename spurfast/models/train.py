@@ -61,6 +61,7 @@ def train_classifier(source: ImageSource, num_classes: int, *, arch: str = "smal
     if labels.max() >= num_classes:
         raise ValueError(f"{source.name}: label {int(labels.max())} >= num_classes={num_classes}")
     c, h, w = source.image_shape
+
     def step(model, x, y):
         y = y.to(x.device)
         logits = model(x)
