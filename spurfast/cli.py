@@ -172,7 +172,8 @@ def cmd_evaluate(args):
         tj = csv_path.with_name("timing.json")
         timing = json.loads(tj.read_text()) if tj.is_file() else None
         md = write_results(csv_path, csv_path.with_name("confirm.csv"), out / "RESULTS.md", plots_dir=out / "plots",
-                           command=f"spurfast evaluate --from-csv {csv_path} --out {out}", timing=timing,
+                           command=(timing or {}).get("command", ""), timing=timing,
+                           regenerated_by=f"spurfast evaluate --from-csv {csv_path} --out {out}",
                            wall_s=timing["wall_s"] if timing else None)
         print(f"wrote {md} from {len(read_csv(csv_path))} rows")
         return
