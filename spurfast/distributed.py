@@ -397,6 +397,12 @@ def main_section():
     if not _CTX.is_main:
         raise RuntimeError("main_section() is for rank 0; other ranks call serve_main_section()")
     failure = None
+    # the other ranks of this node mostly wait in here, so rank 0 may use their cores for
+    # what it runs alone (kNN, scores); torchrun starts every rank with OMP_NUM_THREADS=1
+    threads = torch.get_num_threads()
+    per_node = _env_int("LOCAL_WORLD_SIZE", _CTX.world_size)
+    if _CTX.device == "cpu" and per_node > 1:
+        torch.set_num_threads(max(threads, min(os.cpu_count() or 1, threads * per_node)))
     try:
         with kmeans_across_ranks():
             yield
@@ -404,6 +410,7 @@ def main_section():
         failure = f"{type(exc).__name__}: {exc}"
         raise
     finally:
+        torch.set_num_threads(threads)
         broadcast_object(failure)
 
 
