@@ -107,6 +107,17 @@ def _prob(model, x: torch.Tensor, cls: int, device: str, batch_size: int) -> np.
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 
+def is_confirmed(cf: dict | None, level: float = 0.05) -> bool:
+    """A finding is confirmed when its pattern flips significantly (p <= level) more clean
+    images than the random control and, where it was run, the content control."""
+    if not cf or cf.get("flip_rate") is None:
+        return False
+    ok = cf["p_value"] <= level and cf["flip_rate"] > cf["control_flip_rate"]
+    if cf.get("content_p_value") is not None:
+        ok = ok and cf["content_p_value"] <= level and cf["flip_rate"] > cf["content_flip_rate"]
+    return bool(ok)
+
+
 def mcnemar_one_sided(real: np.ndarray, control: np.ndarray) -> float:
     """Exact one-sided McNemar p-value that ``real`` flips more often than ``control``
     (paired boolean arrays)."""

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from . import baselines as B
+from .confirm import is_confirmed
 from .data.builtin import find_fashion_mnist, load_digits, load_fashion_mnist
 from .data.sources import ArraySource
 from .discover import DiscoverConfig, characterise, discover
@@ -256,15 +257,7 @@ def _models(data: RunData, seed: int, sizes: Sizes, cache: Path, progress: bool)
 
 
 # ----------------------------------------------------------------------------- one run
-def confirmed(cf: dict | None, level: float = 0.05) -> bool:
-    """A finding is confirmed when its pattern flips significantly more clean images than
-    both the random control and the content control (`spurfast.confirm`)."""
-    if not cf:
-        return False
-    ok = cf["p_value"] <= level and cf["flip_rate"] > cf["control_flip_rate"]
-    if cf.get("content_p_value") is not None:
-        ok = ok and cf["content_p_value"] <= level and cf["flip_rate"] > cf["content_flip_rate"]
-    return bool(ok)
+confirmed = is_confirmed   # the rule `spurfast+confirm` keeps findings by (spurfast.confirm)
 
 
 def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress: bool = False,
