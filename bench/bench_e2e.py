@@ -173,7 +173,7 @@ def run_e2e(pool: Path, clf: Path, vae: Path, procs: int, n_null: int, device: s
 
 # ----------------------------------------------------------------------------- stages alone
 def stage_rates(pool: Path, clf_p: Path, vae_p: Path, sample: int, store_dir: Path | None,
-                device: str = "cpu") -> dict:
+                device: str = "cpu", other_classifiers: bool = True) -> dict:
     from bench.harness import measure
     from spurfast import backends
     from spurfast.cluster import batched_kmeans, choose_k
@@ -198,7 +198,7 @@ def stage_rates(pool: Path, clf_p: Path, vae_p: Path, sample: int, store_dir: Pa
         st = measure(lambda: vae.encode(x), device=device, warmup=1, reps=5)
         out["encode"] = 256 / st["median_s"]
         from spurfast.models.classifier import build_classifier
-        for arch in ("small_cnn", "resnet18"):  # what the classify stage costs with spurfast's own models
+        for arch in ("small_cnn", "resnet18") if other_classifiers else ():  # spurfast's own models' classify cost
             m = build_classifier(arch, 3, CLASSES, SIZE).to(device).eval()
             st = measure(lambda: classifier_outputs(m, x), device=device, warmup=1, reps=3)
             out[f"classify_{arch}"] = 256 / st["median_s"]
@@ -251,7 +251,8 @@ def run(writer, quick: bool = False, device=None) -> None:
                   f"peak RSS {res['peak_rss'] / 2**20:.0f} MiB (loader workers {res['peak_rss_loader'] / 2**20:.0f} MiB), "
                   f"load avg {res['loadavg_1m']:.1f}", flush=True)
         # stages alone (one process, all cores), on this pool and the 1-process run's store
-        rates = stage_rates(pool, clf, vae, 2000 if quick else 10_000, results[(n, 1)]["store"], device)
+        rates = stage_rates(pool, clf, vae, 2000 if quick else 10_000, results[(n, 1)]["store"], device,
+                            other_classifiers=not quick)  # ResNet-18 alone takes minutes on a CPU
         cfg = {"n": n, "size": SIZE, "cores": os.cpu_count()}
         for s in ("load", "classify", "encode", "cluster", "classify_small_cnn", "classify_resnet18"):
             if s in rates:
