@@ -39,12 +39,17 @@ def content_classes(probs: np.ndarray, labels: np.ndarray, cls: np.ndarray) -> n
     return np.where(labels >= 0, labels, runner)
 
 
-def latent_neighbours(z: np.ndarray, k: int = 10, chunk: int = 2048, device: str = "cpu") -> np.ndarray:
+KNN_BLOCK_FLOATS = 1 << 24  # one distance block: 64 MiB fp32, whatever the pool size
+
+
+def latent_neighbours(z: np.ndarray, k: int = 10, chunk: int | None = None, device: str = "cpu") -> np.ndarray:
     """(n, k) indices of each point's k nearest other points (squared L2), computed in
-    row chunks so memory stays O(chunk * n)."""
+    row chunks of at most KNN_BLOCK_FLOATS distances, so peak memory does not grow with
+    the pool beyond the O(n k) result."""
     zt = torch.as_tensor(z, device=device, dtype=torch.float32)
     n = len(zt)
     k = min(k, n - 1)
+    chunk = chunk or max(1, KNN_BLOCK_FLOATS // max(1, n))
     sq = (zt * zt).sum(1)
     out = np.empty((n, k), dtype=np.int64)
     for s in range(0, n, chunk):
