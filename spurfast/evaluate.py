@@ -404,9 +404,12 @@ def read_csv(path) -> list[dict]:
 NOTES = "<!-- notes: text below this line is kept when the file is regenerated -->"
 
 
-def _keep_notes(text: str, target: Path) -> str:
-    if target.is_file() and NOTES in target.read_text():
-        return text.rstrip() + "\n\n" + NOTES + target.read_text().split(NOTES, 1)[1]
+def _keep_notes(text: str, target: Path | None, previous: str | None = None) -> str:
+    """``text`` plus whatever followed the notes marker in ``previous`` (or in the file ``target``)."""
+    if previous is None and target is not None and target.is_file():
+        previous = target.read_text()
+    if previous and NOTES in previous:
+        return text.rstrip() + "\n\n" + NOTES + previous.split(NOTES, 1)[1]
     return text
 
 
