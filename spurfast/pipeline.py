@@ -145,12 +145,46 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
             confirm_findings(result.findings, classifier, clean=clean, pool=pool,
                              pool_pred=np.asarray(store["pred"]),
                              config=ConfirmConfig(seed=config.seed, device=config.device))
+            rank_confirmed_first(result, out)
         doc = write_outputs(result, out, extra_config)
         bad_files = {int(i): r for i, r in store.manifest.get("bad_files", {}).items()}  # all ranks, all runs
         bad_files.update(getattr(pool, "bad_files", {}))
         bad = {pool.item_id(i): r for i, r in sorted(bad_files.items())}
         write_report(doc, out, clusters=result.clusters, bad_files=bad, summary=summary)
     return doc, result, store
+
+
+def rank_confirmed_first(result, out: Path) -> None:
+    """Re-rank findings: confirmed ones (the pasted pattern moves the model beyond both
+    controls, `spurfast.confirm.is_confirmed`) first, each group by score.  Natural
+    confusions can out-score a shortcut; they do not survive the content control.
+    Image files and probe rankings follow their finding's new rank."""
+    from .confirm import is_confirmed
+
+    for f in result.findings:
+        f["confirmed"] = is_confirmed(f.get("confirm"))
+    old = [f["rank"] for f in result.findings]
+    order = sorted(range(len(old)), key=lambda i: (not result.findings[i]["confirmed"], old[i]))
+    if order == list(range(len(old))):
+        return
+    findings = [result.findings[i] for i in order]
+    rankings = {}
+    staged = []
+    for new, f in enumerate(findings, 1):
+        rankings[new] = result.rankings[f["rank"]]
+        for key, rel in (f.get("images") or {}).items():
+            src = out / rel
+            tmp = src.with_name(f".rerank{new}_{src.name}")
+            if src.is_file():
+                src.rename(tmp)
+                staged.append((tmp, src.with_name(src.name.replace(f"finding{f['rank']}_", f"finding{new}_", 1))))
+                f["images"][key] = str(staged[-1][1].relative_to(out))
+        f["rank"] = new
+    for tmp, dst in staged:
+        tmp.rename(dst)
+    result.findings[:] = findings
+    result.rankings.clear()
+    result.rankings.update(rankings)
 
 
 def sample_auroc(scores: np.ndarray, truth: np.ndarray) -> float:

@@ -1,0 +1,25 @@
+import numpy as np
+
+from spurfast.discover import DiscoveryResult
+from spurfast.pipeline import rank_confirmed_first
+
+
+def _finding(rank, confirmed, out):
+    cf = ({"flip_rate": 0.4, "control_flip_rate": 0.01, "p_value": 1e-4, "content_flip_rate": 0.05,
+           "content_p_value": 1e-3} if confirmed else
+          {"flip_rate": 0.2, "control_flip_rate": 0.01, "p_value": 1e-4, "content_flip_rate": 0.3,
+           "content_p_value": 0.9})
+    (out / "images").mkdir(exist_ok=True)
+    (out / "images" / f"finding{rank}_mask.png").write_text(f"mask of {rank}")
+    return {"rank": rank, "score": 10.0 - rank, "confirm": cf, "images": {"mask": f"images/finding{rank}_mask.png"}}
+
+
+def test_confirmed_findings_move_first_with_their_files(tmp_path):
+    fs = [_finding(1, False, tmp_path), _finding(2, True, tmp_path), _finding(3, False, tmp_path)]
+    res = DiscoveryResult(fs, [], {1: np.array([1.0]), 2: np.array([2.0]), 3: np.array([3.0])}, {}, {})
+    rank_confirmed_first(res, tmp_path)
+    assert [f["rank"] for f in res.findings] == [1, 2, 3]
+    assert [f["confirmed"] for f in res.findings] == [True, False, False]
+    assert [float(res.rankings[r][0]) for r in (1, 2, 3)] == [2.0, 1.0, 3.0]
+    assert [(tmp_path / f["images"]["mask"]).read_text() for f in res.findings] == ["mask of 2", "mask of 1", "mask of 3"]
+    assert res.findings[0]["images"]["mask"] == "images/finding1_mask.png"
