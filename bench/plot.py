@@ -1,0 +1,58 @@
+"""Plots from the long-format results CSV: one panel per op, throughput (items/s) of each
+provider per config, newest measurement of each (op, provider, config, device)."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from .harness import DEFAULT_CSV
+
+
+def latest_rows(path) -> dict:
+    best: dict = {}
+    with open(path, newline="") as fh:
+        for r in csv.DictReader(fh):
+            if r["metric"] != "items_per_s":
+                continue
+            key = (r["op"], r["provider"], r["config"], r["device"])
+            if key not in best or r["date"] >= best[key]["date"]:
+                best[key] = r
+    return best
+
+
+def plot(csv_path=None, out_dir=None) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(csv_path or DEFAULT_CSV)
+    if not path.is_file():
+        raise FileNotFoundError(f"results CSV {path} does not exist; run a benchmark first")
+    out_dir = Path(out_dir or path.parent / "plots")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = latest_rows(path)
+    written = []
+    for op in sorted({k[0] for k in rows}):
+        sel = sorted((k, r) for k, r in rows.items() if k[0] == op)
+        configs = sorted({k[2] for k, _ in sel})
+        provs = sorted({(k[1], k[3][:24]) for k, _ in sel})
+        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(configs) * len(provs) ** 0.5), 4), dpi=100)
+        width = 0.8 / max(1, len(provs))
+        for j, (p, dev) in enumerate(provs):
+            ys = [next((float(r["value"]) for k, r in sel if k[1] == p and k[2] == c and k[3][:24] == dev), 0.0)
+                  for c in configs]
+            ax.bar([i + j * width for i in range(len(configs))], ys, width, label=f"{p} ({dev})")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(configs))])
+        ax.set_xticklabels([c.replace(";", "\n") for c in configs], fontsize=5)
+        ax.set_yscale("log")
+        ax.set_ylabel("items/s (newest run)")
+        ax.set_title(op)
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        f = out_dir / f"{op}.png"
+        fig.savefig(f)
+        plt.close(fig)
+        written.append(f)
+    print(f"[bench] wrote {', '.join(str(w) for w in written)}")
+    return written
