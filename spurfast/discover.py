@@ -125,48 +125,38 @@ def _merge_and_expand(sig: list[dict], z: np.ndarray, valid: np.ndarray, g: np.n
     A cluster joins an earlier (stronger) finding of its class when most of its members
     fall on the finding's side of the probe (pattern-bearing images split over several
     clusters).  Each finding's probe also ranks the whole pool (its ``ranking``)."""
-    pos_of = {int(v): i for i, v in enumerate(valid)}
     findings: list[dict] = []
-    probes: list[tuple[np.ndarray, float]] = []
     for cl in sig:
-        local = np.array([pos_of[int(m)] for m in cl["members"]], dtype=np.int64)
-        merged = False
-        for f, (w, thr) in zip(findings, probes):
-            if f["class"] == cl["cls"] and np.mean(z[local] @ w > thr) > 0.5:
-                f["clusters"].append(cl)
-                merged = True
-                break
-        if merged:
-            continue
-        findings.append({"class": cl["cls"], "clusters": [cl]})
-        probes.append(_probe(z, g, local, cl["cls"]))
+        local = np.searchsorted(valid, cl["members"])  # members are a subset of the sorted valid indices
+        home = next((f for f in findings if f["class"] == cl["cls"]
+                     and np.mean(z[local] @ f["probe"][0] > f["probe"][1]) > 0.5), None)
+        if home is not None:
+            home["clusters"].append(cl)  # merging is judged by the first cluster's probe
+        else:
+            findings.append({"class": cl["cls"], "clusters": [cl], "probe": _probe(z, g, local, cl["cls"])})
+    # merging changes scores: rank by the merged score (ties: smaller p)
+    findings.sort(key=lambda f: (-sum(c["score"] for c in f["clusters"]), min(c["p_value"] for c in f["clusters"])))
     rankings = {}
     out = []
     for rank, f in enumerate(findings, 1):
         cls = f["clusters"]
         members = np.unique(np.concatenate([c["members"] for c in cls]))
-        local = np.array([pos_of[int(m)] for m in members], dtype=np.int64)
-        w, thr = _probe(z, g, local, f["class"])
+        # a lone cluster keeps its probe; a merged finding refits on all its members
+        w, thr = f["probe"] if len(cls) == 1 else _probe(z, g, np.searchsorted(valid, members), f["class"])
+        side = z @ w - thr
         ranking = np.full(n, -np.inf, dtype=np.float32)
-        ranking[valid] = z @ w - thr
+        ranking[valid] = side
         rankings[rank] = ranking
-        head = cls[0]
         out.append({
-            "rank": rank, "class": int(f["class"]), "class_name": None, "cluster": int(head["cluster"]),
+            "rank": rank, "class": int(f["class"]), "class_name": None, "cluster": int(cls[0]["cluster"]),
             "size": int(len(members)), "score": float(sum(c["score"] for c in cls)),
             "p_value": float(min(c["p_value"] for c in cls)), "q_value": float(min(c["q_value"] for c in cls)),
             "members": members.tolist(), "exemplars": [], "confirm": None, "images": {},
             "merged_clusters": [int(c["cluster"]) for c in cls],
             "n_unrelated": int(sum(c["n_unrelated"] for c in cls)),
             "n_suspect": int(sum(c["n_suspect"] for c in cls)),
-            "n_expanded": int(((z @ w - thr) > 0).sum()),
+            "n_expanded": int((side > 0).sum()),
         })
-    # merging changes scores: rank by the merged score (ties: smaller p), then renumber
-    order = sorted(range(len(out)), key=lambda i: (-out[i]["score"], out[i]["p_value"]))
-    out = [out[i] for i in order]
-    rankings = {new: rankings[out[new - 1]["rank"]] for new in range(1, len(out) + 1)}
-    for new, f in enumerate(out, 1):
-        f["rank"] = new
     return out, rankings
 
 
@@ -193,12 +183,13 @@ def characterise(result: DiscoveryResult, store: EmbeddingStore, source: ImageSo
     labels = np.asarray(store["labels"])
     mu = np.asarray(store["mu"])
     ok = np.asarray(store["ok"]).astype(bool) & (pred >= 0)
+    vae = vae.to(device)
     for f in result.findings:
         c, r = f["class"], f["rank"]
         members = np.asarray(f["members"], dtype=np.int64)
         with torch.no_grad():
             centroid = torch.as_tensor(mu[members].mean(0, keepdims=True), device=device)
-            decoded = vae.to(device).decode(centroid)[0].cpu()
+            decoded = vae.decode(centroid)[0].cpu()
         m_content = content_classes(probs[members], labels[members], np.full(len(members), c))
         others = np.nonzero(ok & (pred != c))[0]
         o_content = np.where(labels[others] >= 0, labels[others], pred[others])
