@@ -269,8 +269,9 @@ def use_tensor_cores(x: torch.Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------- ops
-def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2"):
-    """See :func:`spurfast.kernels.reference.kmeans_assign`."""
+def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqnorm=None):
+    """See :func:`spurfast.kernels.reference.kmeans_assign` (x_sqnorm is accepted and not
+    needed: the kernel computes each winner's distance on chip)."""
     if metric not in ("l2", "cosine"):
         raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
     x = _check_x(x)

@@ -150,7 +150,8 @@ _PRONE = 1.0 / 16  # expansion trusted when dist >= _PRONE * (|x|^2 + |c|^2)
 
 
 def _winner_sqdist(xc: torch.Tensor, c: torch.Tensor, arg: torch.Tensor,
-                   score: torch.Tensor | None = None, cn: torch.Tensor | None = None) -> torch.Tensor:
+                   score: torch.Tensor | None = None, cn: torch.Tensor | None = None,
+                   xn: torch.Tensor | None = None) -> torch.Tensor:
     """Squared distance of each row to its winning centroid c[arg].
 
     GPU: computed directly, sum (x - c)^2.  CPU (numpy, single-threaded: no thread
@@ -169,7 +170,8 @@ def _winner_sqdist(xc: torch.Tensor, c: torch.Tensor, arg: torch.Tensor,
     if score is None:
         diff = X - C[A]
         return torch.from_numpy(np.einsum("ij,ij->i", diff, diff))
-    xn = np.einsum("ij,ij->i", X, X)
+    # |x|^2 from the caller when it has them (the Lloyd loop computes them once per fit)
+    xn = np.einsum("ij,ij->i", X, X) if xn is None else xn.numpy()
     out = score.numpy() + xn
     prone = np.flatnonzero(out < _PRONE * (xn + cn.numpy()[A]))
     if prone.size:
@@ -184,6 +186,7 @@ def kmeans_assign(
     centroids: torch.Tensor,
     k_per_group: torch.Tensor,
     metric: str = "l2",
+    x_sqnorm: torch.Tensor | None = None,
 ):
     """Nearest centroid of each point's own group.
 
@@ -192,6 +195,8 @@ def kmeans_assign(
     The argmin runs on the score s = |c|^2 - 2 x.c (L2) or -x_hat.c_hat (cosine); the
     winner's L2 distance is then made accurate (computed directly as sum (x - c)^2 wherever
     s + |x|^2 would cancel digits: tight clusters far from the origin), or 1 + s.
+    x_sqnorm: optional (N,) fp32 |x|^2 of the rows, which a caller that assigns the same
+    points many times passes to save one pass over x per call (L2 only; never required).
     Traffic: reads x once and writes (chunk x k_g) distance blocks that stay in cache
     (large groups) or one padded block per batch of small groups; the CUDA kernel keeps
     every block on chip.
@@ -234,7 +239,8 @@ def kmeans_assign(
             else:
                 best, arg = _argmin_lastdim(torch.addmm(cng, xc, ct, alpha=-2.0))
                 # accurate distance of the winner (no cancellation for tight clusters)
-                dist[s:s + len(xc)] = _winner_sqdist(xc, cg, arg, best, cng)
+                xn = None if x_sqnorm is None else x_sqnorm[s:s + len(xc)]
+                dist[s:s + len(xc)] = _winner_sqdist(xc, cg, arg, best, cng, xn)
             assign[s:s + len(xc)] = arg
     # Small groups: padded batched GEMMs over groups of similar size.
     small = sizes.clone()

@@ -98,14 +98,18 @@ def batched_kmeans(
     cent = init.float().to(x.device).clone() if init is not None else ref.kmeans_plusplus(xs, offsets, kpg, kmax, gen)
     gid = ref.group_ids(offsets)
     valid_k = torch.arange(kmax, device=x.device).unsqueeze(0) < kpg.unsqueeze(1)
+    # |x|^2 once per fit: the CPU reference needs it for each winner's distance
+    xn = torch.linalg.vecdot(xs.float(), xs.float()) if metric == "l2" else None
     reseeded = 0
     prev = None
     it = 0
     counts = torch.zeros(G, kmax, dtype=torch.int64, device=x.device)
+    sums = prev_assign = None
     for it in range(1, n_iter + 1):
-        assign, dist = backends.call("kmeans_assign", xs, offsets, cent, kpg, metric, backend=backend)
-        sums, counts = backends.call("kmeans_update", xs, offsets, assign, kmax, backend=backend)
-        new = sums / counts.clamp_min(1).unsqueeze(-1).float()
+        assign, dist = _assign(xs, offsets, cent, kpg, metric, xn, backend)
+        sums, counts = _update(xs, offsets, gid, assign, prev_assign, sums, counts, kmax, backend)
+        prev_assign = assign
+        new = (sums / counts.clamp_min(1).unsqueeze(-1)).float()
         if metric == "cosine":
             new = torch.nn.functional.normalize(new, dim=-1)
         empty = (counts == 0) & valid_k
@@ -118,11 +122,43 @@ def batched_kmeans(
         if not bool(empty.any()) and prev is not None and (shift <= tol * max(1.0, abs(inertia)) or prev == inertia):
             break
         prev = inertia
-    assign, dist = backends.call("kmeans_assign", xs, offsets, cent, kpg, metric, backend=backend)
-    sums, counts = backends.call("kmeans_update", xs, offsets, assign, kmax, backend=backend)
+    assign, dist = _assign(xs, offsets, cent, kpg, metric, xn, backend)
+    _, counts = backends.call("kmeans_update", xs, offsets, assign, kmax, backend=backend)
     inv = torch.empty_like(order)
     inv[order] = torch.arange(len(order), device=x.device)
     return KMeansResult(cent, assign[inv], dist[inv], kpg, counts, it, float(dist.double().sum()), reseeded)
+
+
+def _assign(xs, offsets, cent, kpg, metric, xn, backend):
+    if xn is None:
+        return backends.call("kmeans_assign", xs, offsets, cent, kpg, metric, backend=backend)
+    return backends.call("kmeans_assign", xs, offsets, cent, kpg, metric, x_sqnorm=xn, backend=backend)
+
+
+_MOVED_FRACTION = 0.25  # above this share of moved points a full update is cheaper
+
+
+def _update(xs, offsets, gid, assign, prev_assign, sums, counts, kmax, backend):
+    """Per-cluster sums (fp64) and counts for ``assign``.
+
+    After the first iterations few points change cluster, so the previous sums are
+    corrected by the movers only: the backend's update on the movers under their new
+    cluster minus the same under their old one.  Same Lloyd step, a fraction of the reads;
+    the fp64 accumulator keeps the corrections exact to fp32 rounding of each delta."""
+    if prev_assign is not None:
+        moved = (assign != prev_assign).nonzero().flatten()
+        if len(moved) <= _MOVED_FRACTION * len(assign):
+            if len(moved) == 0:
+                return sums, counts
+            G = len(offsets) - 1
+            sub_off = torch.zeros(G + 1, dtype=torch.int64, device=xs.device)
+            sub_off[1:] = torch.cumsum(torch.bincount(gid[moved], minlength=G), 0)
+            xm = xs[moved]
+            add, n_add = backends.call("kmeans_update", xm, sub_off, assign[moved], kmax, backend=backend)
+            sub, n_sub = backends.call("kmeans_update", xm, sub_off, prev_assign[moved], kmax, backend=backend)
+            return sums + (add.double() - sub.double()), counts + (n_add - n_sub)
+    full, counts = backends.call("kmeans_update", xs, offsets, assign, kmax, backend=backend)
+    return full.double(), counts
 
 
 def _reseed(xs, gid, dist, empty, cent) -> int:
