@@ -255,6 +255,29 @@ def test_batched_equals_per_group_loop():
         assert_equal_int(res.counts[g, :k], one.counts[0], f"group {g} counts")
 
 
+def test_movers_only_update_equals_full_update(monkeypatch):
+    """The Lloyd loop corrects the sums by the points that changed cluster; on overlapping
+    data (many movers, several groups, an empty group) it must follow the same path as
+    recomputing every sum each iteration."""
+    import spurfast.cluster as cl
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3001, 7, generator=g)
+    groups = torch.randint(0, 4, (3001,), generator=g)
+    groups[groups == 2] = 3                                   # group 2 empty
+    ks = [9, 13, 0, 6]
+    runs = {}
+    for name, frac in (("full", -1.0), ("movers", 1.0)):
+        monkeypatch.setattr(cl, "_MOVED_FRACTION", frac)
+        runs[name] = batched_kmeans(x, groups, ks, n_groups=4, n_iter=40, tol=0.0, seed=3, backend="torch")
+    full, movers = runs["full"], runs["movers"]
+    assert full.n_iter > 3, "data should need several iterations"
+    assert_equal_int(movers.assign, full.assign, "assign (movers-only vs full update)")
+    assert_equal_int(movers.counts, full.counts, "counts (movers-only vs full update)")
+    assert_close(movers.centroids, full.centroids, name="centroids (movers-only vs full update)")
+    assert movers.n_iter == full.n_iter
+
+
 def test_kmeans_plusplus_deterministic_by_seed():
     x, off, _, kpg = random_groups([50, 0, 3, 200], 6, 7, seed=1, k_rule=lambda s: min(6, s))
     a = ref.kmeans_plusplus(x, off, kpg, 6, torch.Generator().manual_seed(4))
