@@ -34,6 +34,28 @@ def test_latent_neighbours_bruteforce():
     assert np.array_equal(np.sort(nn, 1), np.sort(np.argsort(d, 1)[:, :4], 1))
 
 
+@pytest.mark.parametrize("n,block,chunk", [(203, 4, 17), (130, 7, 130), (64, 3, 1), (50, 1, 9)])
+def test_latent_neighbours_pruned_blocks_are_exact(n, block, chunk):
+    """The block-pruned top-k (blocks of `block` columns, a padded last block, row chunks
+    of `chunk`) returns the brute-force neighbours in nearest-first order."""
+    rng = np.random.default_rng(n)
+    z = np.concatenate([rng.normal(size=(n // 2, 5)), 0.05 * rng.normal(size=(n - n // 2, 5)) + 3]).astype(np.float32)
+    nn = latent_neighbours(z, k=6, chunk=chunk, column_block=block)
+    d = ((z[:, None].astype(np.float64) - z[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    expect = np.argsort(d, 1, kind="stable")[:, :6]
+    assert nn.shape == (n, 6)
+    mismatch = np.flatnonzero((nn != expect).any(1))
+    assert mismatch.size == 0, f"{mismatch.size} rows differ, first row {mismatch[:1]}: {nn[mismatch[:1]]} vs {expect[mismatch[:1]]}"
+
+
+def test_latent_neighbours_tiny_pools():
+    z = np.zeros((1, 2), np.float32)
+    assert latent_neighbours(z, k=3).shape == (1, 0)
+    z = np.array([[0.0], [1.0], [3.0]], np.float32)
+    assert latent_neighbours(z, k=5, column_block=1).tolist() == [[1, 2], [0, 2], [1, 0]]
+
+
 def test_agreeing_majority_of_unrelated_neighbours():
     groups = np.array([1, 1, 1, 0, 0])
     labels = np.array([0, 2, 1, 0, -1])
