@@ -163,3 +163,14 @@ def test_mixed_gpu_matches_cpu_pipeline(coded_folder):
     _, idx_g, gpu = _all(_dali(coded_folder, batch_size=5, dtype=torch.float32, device="gpu"))
     assert gpu.is_cuda and torch.equal(idx_c, idx_g)
     assert float((gpu.cpu() - cpu).abs().max()) <= 12 / 255
+
+
+def test_pipeline_pieces_double_so_their_number_grows_logarithmically():
+    from spurfast.data.loader_dali import _growing_chunks
+
+    order = np.arange(1000) * 3
+    pieces = _growing_chunks(order, 10)
+    assert [len(p) for p in pieces] == [10, 20, 40, 80, 160, 320, 370]
+    assert np.array_equal(np.concatenate(pieces), order)
+    assert _growing_chunks(order[:0], 10) == []
+    assert [len(p) for p in _growing_chunks(order[:7], 10)] == [7]

@@ -323,7 +323,7 @@ class _DaliStream:
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         B = self.batch_size
-        chunks = [self.order[s:s + self.chunk] for s in range(0, len(self.order), self.chunk)]
+        chunks = _growing_chunks(self.order, self.chunk)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spurfast-precheck") as ex:
             fut = ex.submit(_precheck, self.paths, chunks[0], self.spec)
             for c, chunk in enumerate(chunks):
@@ -369,6 +369,22 @@ class _DaliStream:
                         del pipe
 
 
+def _growing_chunks(order: np.ndarray, first: int) -> list[np.ndarray]:
+    """Consecutive pieces of ``order``, each twice as long as the one before.
+
+    One pipeline decodes each piece.  DALI keeps ~25-40 MB of every pipeline it has built
+    for the life of the process (measured, 2.4.0 CPU; neither gc nor ReleaseUnusedMemory
+    gives it back), so a fixed piece size made peak memory grow with the pool; doubling
+    keeps the number of pipelines logarithmic (10k images: 1, 100k: 3, 1M: 6 at the
+    default first piece of 16,384), and the small first piece starts decoding soon."""
+    out, s, size = [], 0, max(1, int(first))
+    while s < len(order):
+        out.append(order[s:s + size])
+        s += size
+        size *= 2
+    return out
+
+
 def iter_folder_batches(paths, *, size: int, channels: int = 3, batch_size: int = 256,
                         start: int = 0, shard_id: int = 0, num_shards: int = 1,
                         num_threads: int = 2, indices=None, dtype=torch.float32,
@@ -382,8 +398,8 @@ def iter_folder_batches(paths, *, size: int, channels: int = 3, batch_size: int 
     order, ``batch_size`` per batch (the last may be smaller).  ``num_threads`` DALI CPU
     threads.  ``dtype``: uint8 (0..255) or float32/float16/bfloat16 in [0, 1].  ``device``:
     "cpu", "gpu"/"cuda" (mixed decoding; images on the current CUDA device) or None/"auto"
-    (GPU when torch sees one).  ``chunk_batches``: batches per pipeline (files are
-    checked one chunk ahead).  Bad files: zero image, ok=False, reason in ``bad_files``."""
+    (GPU when torch sees one).  ``chunk_batches``: batches of the first pipeline; each
+    later one decodes twice as many (files are checked one chunk ahead).  Bad files: zero image, ok=False, reason in ``bad_files``."""
     spec = PreprocessSpec(size, channels)
     dtype = output_dtype(dtype)
     if batch_size < 1:
