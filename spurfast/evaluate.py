@@ -257,6 +257,17 @@ def _models(data: RunData, seed: int, sizes: Sizes, cache: Path, progress: bool)
 
 
 # ----------------------------------------------------------------------------- one run
+def pool_flip_rate(store, feat, suspect: np.ndarray) -> float:
+    """Share of the unrelated pool images carrying the pattern that the classifier calls
+    the pattern's class: the ceiling of any method that looks inside predicted classes
+    (a pattern the model flips 2 of 100 carriers for leaves 2 images to find)."""
+    carriers = feat.carries & ~np.asarray(suspect, bool)
+    if not carriers.any():
+        return float("nan")
+    pred = np.asarray(store["pred"])
+    return float((pred[carriers] == feat.target_class).mean())
+
+
 confirmed = is_confirmed   # the rule `spurfast+confirm` keeps findings by (spurfast.confirm)
 
 
@@ -267,7 +278,7 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
     from .demo import spurious_score
     from .embed import embed_pool
 
-    run_key = _key({"setting": asdict(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods), "v": 3})
+    run_key = _key({"setting": asdict(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods), "v": 4})
     rdir = cache / "runs"
     rdir.mkdir(parents=True, exist_ok=True)
     rfile = rdir / f"{setting.name}-s{seed}-{run_key}.json"
@@ -291,6 +302,7 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
     for f, spec in zip(data.features, data.specs):
         add("model", f.name, "spurious_score", spurious_score(clf, data.clean, f.target_class, spec))
         add("model", f.name, "pool_carrier_rate", float(f.carries.mean()))
+        add("model", f.name, "pool_flip_rate", pool_flip_rate(store, f, data.suspect))
     # the learned features: none for the clean model (every finding is a false one)
     feats = [] if setting.clean_model else data.features
     cfg = DiscoverConfig(k=sizes.k, n_null=sizes.n_null, fdr=0.1, seed=seed)
@@ -452,8 +464,10 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
         model = [r for r in rs if r["method"] == "model"]
         for feat in dict.fromkeys(r["feature"] for r in model if r["feature"] != "all"):
             ss = [r["value"] for r in model if r["feature"] == feat and r["metric"] == "spurious_score"]
+            fr = [r["value"] for r in model if r["feature"] == feat and r["metric"] == "pool_flip_rate"]
             L.append(f"- pattern {feat}: Yang's spurious score of the trained models {_agg(ss)} "
-                     f"(per seed: {', '.join(f'{v:.2f}' for v in ss)})")
+                     f"(per seed: {', '.join(f'{v:.2f}' for v in ss)})"
+                     + (f"; unrelated pool carriers predicted as its class {_agg(fr)}" if fr else ""))
         L.append("")
         feats = list(dict.fromkeys(r["feature"] for r in rs if r["method"] in methods and r["feature"] != "all"))
         if feats:

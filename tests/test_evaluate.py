@@ -114,3 +114,14 @@ def test_quick_preset(tmp_path):
     ap = lambda m: np.mean([float(r["value"]) for r in rows if r["method"] == m and r["metric"] == "ap"])  # noqa: E731
     assert ap("spurfast") > ap("random")
     assert (tmp_path / "RESULTS.md").is_file() and (tmp_path / "plots" / "ap.png").is_file()
+
+
+def test_pool_flip_rate_counts_unrelated_carriers_called_the_target():
+    from spurfast.evaluate import pool_flip_rate
+    from spurfast.metrics import Feature
+
+    carries = np.array([1, 1, 1, 1, 0, 0, 1], bool)
+    suspect = np.array([0, 0, 0, 0, 0, 0, 1], bool)       # a carrying suspect does not count
+    store = {"pred": np.array([3, 3, 1, 2, 3, 3, 3])}
+    assert pool_flip_rate(store, Feature(3, carries, None, "p"), suspect) == 0.5
+    assert np.isnan(pool_flip_rate(store, Feature(3, np.zeros(7, bool), None, "p"), suspect))
