@@ -25,7 +25,9 @@ def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
     m0 = np.cumsum(hist * mids) / np.maximum(w0, 1)
     m1 = (np.sum(hist * mids) - np.cumsum(hist * mids)) / np.maximum(w1, 1)
     between = w0 * w1 * (m0 - m1) ** 2
-    return float(mids[int(np.argmax(between[:-1]))]) if len(between) > 1 else float(mids[0])
+    # class 0 = bins 0..i, so the cut is bin i's upper edge (its midpoint would split the
+    # bin: with a 1-pixel pattern all the background falls in bin 0 and half of it passed)
+    return float(edges[1 + int(np.argmax(between[:-1]))]) if len(between) > 1 else float(mids[0])
 
 
 def mean_images(source: ImageSource, indices: np.ndarray, cap: int, rng: np.random.Generator) -> torch.Tensor | None:
@@ -57,6 +59,34 @@ def contrast_map(source: ImageSource, members: np.ndarray, member_content: np.nd
         b = mean_images(source, others, 4 * cap, rng)
         return (mem_mean - b) if b is not None else torch.zeros(source.image_shape), mem_mean
     return total / weight, mem_mean
+
+
+def neighbour_contrast(source: ImageSource, z: np.ndarray, members: np.ndarray, others: np.ndarray,
+                       *, k: int = 3, cap: int = 256, seed: int = 0):
+    """(contrast, members' mean image) for members without labels: members minus their k
+    nearest other-class images in latent space.
+
+    Unlabelled pools give no content to match on (the classifier's runner-up class says
+    little about what an unrelated image shows); the latent neighbours of a member that
+    the classifier puts elsewhere share its content and lack what pulled it into the class."""
+    rng = np.random.default_rng(seed)
+    if len(members) == 0 or len(others) == 0:
+        return torch.zeros(source.image_shape), mean_images(source, members, cap, rng)
+    mem = np.sort(rng.choice(members, cap, replace=False)) if len(members) > cap else members
+    zo = torch.as_tensor(z[others], dtype=torch.float32)
+    zm = torch.as_tensor(z[mem], dtype=torch.float32)
+    k = min(k, len(others))
+    nbr = []
+    for s in range(0, len(zm), 64):   # 64 x len(others) distances at a time
+        nbr.append(torch.cdist(zm[s:s + 64], zo).topk(k, largest=False).indices.flatten())
+    matched = others[torch.cat(nbr).numpy()]
+    a, _ = source.get_batch(mem)
+    mem_mean = a.float().mean(0)
+    b = torch.zeros(source.image_shape)
+    for s in range(0, len(matched), 1024):   # repeats allowed: each member weighs the same
+        x, _ = source.get_batch(matched[s:s + 1024])
+        b += x.float().sum(0)
+    return mem_mean - b / len(matched), mem_mean
 
 
 def pattern_mask(contrast: torch.Tensor) -> np.ndarray:

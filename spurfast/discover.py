@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .characterise import contrast_map, exemplars, linear_probe, pattern_mask
+from .characterise import contrast_map, exemplars, linear_probe, neighbour_contrast, pattern_mask
 from .data.sources import ImageSource
 from .embed import EmbeddingStore
 from .scoring import (bh_qvalues, cluster_and_score, content_classes, latent_neighbours, null_scores,
@@ -190,10 +190,13 @@ def characterise(result: DiscoveryResult, store: EmbeddingStore, source: ImageSo
         with torch.no_grad():
             centroid = torch.as_tensor(mu[members].mean(0, keepdims=True), device=device)
             decoded = vae.decode(centroid)[0].cpu()
-        m_content = content_classes(probs[members], labels[members], np.full(len(members), c))
         others = np.nonzero(ok & (pred != c))[0]
-        o_content = np.where(labels[others] >= 0, labels[others], pred[others])
-        contrast, mem_mean = contrast_map(source, members, m_content, others, o_content, seed=seed)
+        if np.mean(labels[members] < 0) > 0.5:   # mostly unlabelled: match content in latent space
+            contrast, mem_mean = neighbour_contrast(source, mu, members, others, seed=seed)
+        else:
+            m_content = content_classes(probs[members], labels[members], np.full(len(members), c))
+            o_content = np.where(labels[others] >= 0, labels[others], pred[others])
+            contrast, mem_mean = contrast_map(source, members, m_content, others, o_content, seed=seed)
         mask = pattern_mask(contrast)
         f["_mask"] = mask
         f["_contrast"] = contrast

@@ -1,0 +1,57 @@
+"""Contrast maps: members minus content-matched non-members leave the shared pattern."""
+import numpy as np
+import torch
+
+from spurfast.characterise import neighbour_contrast, pattern_mask
+from spurfast.data.sources import ArraySource
+
+
+def _shapes(n, kind, rng, patch):
+    x = 0.05 * torch.as_tensor(rng.random((n, 1, 8, 8)), dtype=torch.float32)
+    if kind == 0:
+        x[:, :, :4, :4] += 0.8         # shape A: top-left quadrant bright
+    else:
+        x[:, :, 4:, :4] += 0.8         # shape B: bottom-left quadrant bright
+    if patch:
+        x[:, :, 7, 7] = 1.0
+    return x
+
+
+def test_neighbour_contrast_cancels_content_and_keeps_the_pattern():
+    rng = np.random.default_rng(0)
+    # members: 5 of shape A and 25 of shape B, all patched; others: 40 + 40 unpatched
+    imgs = torch.cat([_shapes(5, 0, rng, True), _shapes(25, 1, rng, True),
+                      _shapes(40, 0, rng, False), _shapes(40, 1, rng, False)])
+    kind = np.r_[np.zeros(5), np.ones(25), np.zeros(40), np.ones(40)]
+    z = np.stack([kind, 1 - kind], 1) + 0.01 * rng.normal(size=(110, 2))   # the latent knows the shape only
+    src = ArraySource(imgs, None, name="shapes")
+    members, others = np.arange(30), np.arange(30, 110)
+    contrast, mem_mean = neighbour_contrast(src, z, members, others, k=3, seed=0)
+    assert contrast.shape == (1, 8, 8) and mem_mean.shape == (1, 8, 8)
+    assert abs(float(contrast[0, 7, 7]) - 0.95) < 0.1, float(contrast[0, 7, 7])
+    rest = contrast.clone()
+    rest[0, 7, 7] = 0
+    assert float(rest.abs().max()) < 0.1, "content should cancel against the latent neighbours"
+    mask = pattern_mask(contrast)
+    assert mask.sum() == 1 and mask[7, 7]
+    # the unmatched mean difference (members vs all others) keeps the shape imbalance
+    naive = imgs[members].mean(0) - imgs[others].mean(0)
+    assert float(naive[0, 0, 0].abs()) > 0.2
+
+
+def test_neighbour_contrast_without_others_is_zero():
+    rng = np.random.default_rng(1)
+    imgs = _shapes(4, 0, rng, True)
+    contrast, mem_mean = neighbour_contrast(ArraySource(imgs, None, name="s"), np.zeros((4, 2)), np.arange(4),
+                                            np.arange(0), seed=0)
+    assert float(contrast.abs().max()) == 0.0 and mem_mean.shape == (1, 8, 8)
+
+
+def test_otsu_cut_keeps_a_bin_whole():
+    from spurfast.characterise import otsu_threshold
+
+    v = np.r_[np.linspace(0.0, 0.01, 63), 1.0]      # background in the first bin, one bright value
+    t = otsu_threshold(v)
+    assert (v > t).sum() == 1
+    two = np.r_[np.zeros(50), np.ones(50) * 0.5]
+    assert (two > otsu_threshold(two)).sum() == 50
