@@ -30,10 +30,12 @@ class KMeansResult:
     reseeded: int                # empty clusters re-seeded over the run
 
 
-def choose_k(sizes: np.ndarray, k: int, min_cluster_size: int) -> np.ndarray:
-    """k per group: at most k, and at least ``min_cluster_size`` points per cluster on average."""
+def choose_k(sizes: np.ndarray, k: int, min_cluster_size: int, max_mean_size: int = 0) -> np.ndarray:
+    """k per group: k, raised so clusters hold at most ``max_mean_size`` points on average
+    (0: never raised), and lowered so they hold at least ``min_cluster_size``."""
     sizes = np.asarray(sizes)
-    return np.clip(np.minimum(k, sizes // max(1, min_cluster_size)), np.minimum(sizes, 1), None).astype(np.int64)
+    want = np.maximum(k, -(-sizes // max_mean_size)) if max_mean_size > 0 else np.full(sizes.shape, k)
+    return np.clip(np.minimum(want, sizes // max(1, min_cluster_size)), np.minimum(sizes, 1), None).astype(np.int64)
 
 
 def sort_by_group(groups: torch.Tensor, n_groups: int):

@@ -30,6 +30,10 @@ log = logging.getLogger("spurfast.discover")
 class DiscoverConfig:
     k: int = 8                   # clusters per class (fewer for small classes)
     min_cluster_size: int = 5    # at least this many members per cluster on average
+    # at most this many members per cluster on average (k grows for large classes; 0: off):
+    # a class that absorbs many unrelated images hides a small shortcut group among
+    # natural confusions unless its clusters are small enough to isolate it
+    max_mean_cluster_size: int = 100
     n_null: int = 30             # permutations for the null distribution
     n_neighbours: int = 10       # latent neighbours in the majority vote
     fdr: float = 0.05            # Benjamini-Hochberg level for findings
@@ -43,6 +47,8 @@ class DiscoverConfig:
     def __post_init__(self):
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.max_mean_cluster_size < 0:
+            raise ValueError(f"max_mean_cluster_size must be >= 0 (0: fixed k), got {self.max_mean_cluster_size}")
         if not 0 < self.fdr < 1:
             raise ValueError(f"fdr must be in (0, 1), got {self.fdr}")
         if self.n_null < 1:
@@ -85,7 +91,8 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
         raise ValueError(f"store {store.root}: only {len(valid)} readable images")
     z = _standardise(mu[valid])
     g = pred[valid]
-    kw = dict(k=config.k, min_cluster_size=config.min_cluster_size, n_iter=config.n_iter,
+    kw = dict(k=config.k, min_cluster_size=config.min_cluster_size, max_mean_cluster_size=config.max_mean_cluster_size,
+              n_iter=config.n_iter,
               metric=config.metric, backend=config.backend, device=config.device)
     nbrs = latent_neighbours(z, config.n_neighbours, device=config.device)
     unknown_ok = ~suspect[valid]  # an unlabelled suspect sample may be genuine class c

@@ -376,3 +376,12 @@ def test_update_rejects_cluster_index_out_of_range():
     x = torch.randn(4, 3)
     with pytest.raises(ValueError, match=r"assign has values outside \[0, kmax=2\)"):
         ref.kmeans_update(x, csr([4]), torch.tensor([0, 1, 2, 0]), 2)
+
+
+def test_choose_k_grows_for_large_classes_and_shrinks_for_small_ones():
+    from spurfast.cluster import choose_k
+
+    sizes = np.array([0, 3, 40, 1000, 250, 1001])
+    assert choose_k(sizes, 8, 5).tolist() == [0, 1, 8, 8, 8, 8]
+    assert choose_k(sizes, 8, 5, max_mean_size=100).tolist() == [0, 1, 8, 10, 8, 11]
+    assert choose_k(sizes, 8, 200, max_mean_size=100).tolist() == [0, 1, 1, 5, 1, 5]
