@@ -149,9 +149,8 @@ def _argmin_lastdim(D: torch.Tensor):
 _PRONE = 1.0 / 16  # expansion trusted when dist >= _PRONE * (|x|^2 + |c|^2)
 
 
-def _winner_sqdist(xc: torch.Tensor, c: torch.Tensor, arg: torch.Tensor,
-                   score: torch.Tensor | None = None, cn: torch.Tensor | None = None,
-                   xn: torch.Tensor | None = None) -> torch.Tensor:
+def _winner_sqdist(xc: torch.Tensor, c: torch.Tensor, arg: torch.Tensor, score: torch.Tensor,
+                   cn: torch.Tensor, xn: torch.Tensor | None = None) -> torch.Tensor:
     """Squared distance of each row to its winning centroid c[arg].
 
     GPU: computed directly, sum (x - c)^2.  CPU (numpy, single-threaded: no thread
@@ -167,9 +166,6 @@ def _winner_sqdist(xc: torch.Tensor, c: torch.Tensor, arg: torch.Tensor,
     X = xc.detach().numpy()
     C = c.detach().numpy()
     A = arg.numpy()
-    if score is None:
-        diff = X - C[A]
-        return torch.from_numpy(np.einsum("ij,ij->i", diff, diff))
     # |x|^2 from the caller when it has them (the Lloyd loop computes them once per fit)
     xn = np.einsum("ij,ij->i", X, X) if xn is None else xn.numpy()
     out = score.numpy() + xn

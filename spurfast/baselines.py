@@ -24,7 +24,7 @@ import torch
 
 from .cluster import batched_kmeans, choose_k
 from .discover import DiscoverConfig, _standardise, discover
-from .scoring import content_classes
+from .scoring import unrelated_to_class
 
 
 def _valid(store):
@@ -46,8 +46,7 @@ def george(store, *, k: int = 8, min_cluster_size: int = 5, seed: int = 0, suspe
     res = batched_kmeans(torch.as_tensor(f), torch.as_tensor(g), kpg, n_groups=n_classes, n_iter=n_iter, seed=seed)
     assign = res.assign.numpy()
     cent = res.centroids.numpy()
-    content = content_classes(probs, labels, g)
-    unrelated = (content != g) & np.where(labels >= 0, True, unknown_ok)
+    unrelated = unrelated_to_class(probs, labels, g, unknown_ok)
     cands = []
     for c in range(n_classes):
         for j in range(int(kpg[c])):

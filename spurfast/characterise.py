@@ -30,12 +30,15 @@ def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
     return float(edges[1 + int(np.argmax(between[:-1]))]) if len(between) > 1 else float(mids[0])
 
 
+def _sample(indices: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
+    """At most ``cap`` of ``indices``, sorted (reads stay in pool order)."""
+    return np.sort(rng.choice(indices, cap, replace=False)) if len(indices) > cap else indices
+
+
 def mean_images(source: ImageSource, indices: np.ndarray, cap: int, rng: np.random.Generator) -> torch.Tensor | None:
     if len(indices) == 0:
         return None
-    if len(indices) > cap:
-        indices = np.sort(rng.choice(indices, cap, replace=False))
-    x, _ = source.get_batch(indices)
+    x, _ = source.get_batch(_sample(indices, cap, rng))
     return x.float().mean(0)
 
 
@@ -72,7 +75,7 @@ def neighbour_contrast(source: ImageSource, z: np.ndarray, members: np.ndarray, 
     rng = np.random.default_rng(seed)
     if len(members) == 0 or len(others) == 0:
         return torch.zeros(source.image_shape), mean_images(source, members, cap, rng)
-    mem = np.sort(rng.choice(members, cap, replace=False)) if len(members) > cap else members
+    mem = _sample(members, cap, rng)
     zo = torch.as_tensor(z[others], dtype=torch.float32)
     zm = torch.as_tensor(z[mem], dtype=torch.float32)
     k = min(k, len(others))

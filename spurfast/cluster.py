@@ -108,7 +108,7 @@ def batched_kmeans(
     counts = torch.zeros(G, kmax, dtype=torch.int64, device=x.device)
     sums = prev_assign = None
     for it in range(1, n_iter + 1):
-        assign, dist = _assign(xs, offsets, cent, kpg, metric, xn, backend)
+        assign, dist = backends.call("kmeans_assign", xs, offsets, cent, kpg, metric, x_sqnorm=xn, backend=backend)
         sums, counts = _update(xs, offsets, gid, assign, prev_assign, sums, counts, kmax, backend)
         prev_assign = assign
         new = (sums / counts.clamp_min(1).unsqueeze(-1)).float()
@@ -124,17 +124,11 @@ def batched_kmeans(
         if not bool(empty.any()) and prev is not None and (shift <= tol * max(1.0, abs(inertia)) or prev == inertia):
             break
         prev = inertia
-    assign, dist = _assign(xs, offsets, cent, kpg, metric, xn, backend)
+    assign, dist = backends.call("kmeans_assign", xs, offsets, cent, kpg, metric, x_sqnorm=xn, backend=backend)
     _, counts = backends.call("kmeans_update", xs, offsets, assign, kmax, backend=backend)
     inv = torch.empty_like(order)
     inv[order] = torch.arange(len(order), device=x.device)
     return KMeansResult(cent, assign[inv], dist[inv], kpg, counts, it, float(dist.double().sum()), reseeded)
-
-
-def _assign(xs, offsets, cent, kpg, metric, xn, backend):
-    if xn is None:
-        return backends.call("kmeans_assign", xs, offsets, cent, kpg, metric, backend=backend)
-    return backends.call("kmeans_assign", xs, offsets, cent, kpg, metric, x_sqnorm=xn, backend=backend)
 
 
 _MOVED_FRACTION = 0.25  # above this share of moved points a full update is cheaper

@@ -218,9 +218,11 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
         pred = None
         if (labels < 0).any():
             preds = []
-            for s in range(0, len(clean), config.batch_size):
-                x, _ = clean.get_batch(np.arange(s, min(s + config.batch_size, len(clean))))
-                preds.append(model(x.to(config.device)).argmax(1).cpu().numpy())
+            model.eval()
+            with torch.no_grad():   # inference only: no autograd graph per batch
+                for s in range(0, len(clean), config.batch_size):
+                    x, _ = clean.get_batch(np.arange(s, min(s + config.batch_size, len(clean))))
+                    preds.append(model(x.to(config.device)).argmax(1).cpu().numpy())
             pred = np.concatenate(preds)
     else:
         if pool is None or pool_pred is None:

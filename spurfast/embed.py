@@ -246,8 +246,8 @@ def merge_shards(store_dir, num_shards: int, *, chunk: int = 65536, progress: bo
     for r, s in enumerate(shards):
         if not s.complete:
             raise ValueError(f"shard store {s.root} is unfinished ({s.done}/{s.n}); finish rank {r} first")
-        for key in ("fingerprint", "start", "pool_n", "columns"):
-            if key != "columns" and s.manifest.get(key) != m0.get(key):
+        for key in ("fingerprint", "start", "pool_n"):
+            if s.manifest.get(key) != m0.get(key):
                 raise ValueError(f"shard stores disagree on {key}: {s.root} has {s.manifest.get(key)!r}, "
                                  f"{shards[0].root} has {m0.get(key)!r}")
     n, start = int(m0["pool_n"]), int(m0["start"])

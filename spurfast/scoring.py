@@ -39,6 +39,12 @@ def content_classes(probs: np.ndarray, labels: np.ndarray, cls: np.ndarray) -> n
     return np.where(labels >= 0, labels, runner)
 
 
+def unrelated_to_class(probs: np.ndarray, labels: np.ndarray, cls: np.ndarray, unknown_ok: np.ndarray) -> np.ndarray:
+    """Images whose content is not class ``cls[i]``: labelled otherwise, or unlabelled and
+    allowed (``unknown_ok``: an unlabelled suspect sample may be genuine class c)."""
+    return (content_classes(probs, labels, cls) != cls) & np.where(labels >= 0, True, unknown_ok)
+
+
 KNN_BLOCK_FLOATS = 1 << 24  # one distance block: 64 MiB fp32, whatever the pool size
 KNN_COLUMN_BLOCK = 128      # columns per block in the pruned top-k
 
@@ -145,8 +151,7 @@ def cluster_and_score(z: np.ndarray, groups: np.ndarray, probs: np.ndarray, labe
                          n_groups=n_classes, n_iter=n_iter, seed=seed, metric=metric, backend=backend)
     assign = res.assign.cpu().numpy()
     kmax = res.centroids.shape[1]
-    content = content_classes(probs, labels, groups)
-    unrelated = (content != groups) & np.where(labels >= 0, True, unknown_ok)
+    unrelated = unrelated_to_class(probs, labels, groups, unknown_ok)
     agree = agreeing(groups, labels, neighbours, unknown_ok)
     score, n_u, size = cluster_scores(groups, assign, kmax, unrelated, agree, n_classes)
     return Clustering(groups, assign, res.centroids.cpu().numpy(), kpg, kmax, score, n_u, size)
