@@ -385,3 +385,17 @@ def test_choose_k_grows_for_large_classes_and_shrinks_for_small_ones():
     assert choose_k(sizes, 8, 5).tolist() == [0, 1, 8, 8, 8, 8]
     assert choose_k(sizes, 8, 5, max_mean_size=100).tolist() == [0, 1, 8, 10, 8, 11]
     assert choose_k(sizes, 8, 200, max_mean_size=100).tolist() == [0, 1, 1, 5, 1, 5]
+
+
+def test_assign_with_precomputed_sqnorm_matches_without():
+    """x_sqnorm only saves a pass over x: same assignment and distances (large group: the
+    chunked CPU path that uses it, with a tight cluster far from the origin)."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.cat([torch.randn(3000, 7, generator=g), 50 + 1e-3 * torch.randn(97, 7, generator=g)])
+    off = csr([len(x)])
+    cent = torch.cat([x[:5], x[-2:]]).unsqueeze(0).contiguous()
+    kpg = torch.tensor([7])
+    a0, d0 = ref.kmeans_assign(x, off, cent, kpg)
+    a1, d1 = ref.kmeans_assign(x, off, cent, kpg, x_sqnorm=torch.linalg.vecdot(x, x))
+    assert_equal_int(a1, a0, "assign with x_sqnorm")
+    assert_close(d1, d0, name="distances with x_sqnorm")
