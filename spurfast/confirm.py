@@ -16,10 +16,13 @@ exactly one of the two flips, is the real pattern the one that flips more often 
 fair coin says?  No thresholds are tuned beyond the design's 0.1.
 
 A second, *content* control asks whether genuine class-c content in the same place moves
-the model as much: each clean image gets the difference between a random image of class
-c and the clean images' mean, inside the mask (not rescaled: rescaling would amplify mere
-noise where class-c images do not differ from the rest).  A natural confusion (a shirt region that looks like a T-shirt) is matched
-by real T-shirt content; a shortcut (a corner patch) is not.  Its flip rate and McNemar
+the model as much: each clean image gets the difference between a class-c image and the
+clean images' mean, inside the mask (not rescaled: rescaling would amplify mere noise where
+class-c images do not differ from the rest).  The class-c images are drawn from the quarter
+of them that carry most of the pattern (largest projection onto it inside the mask): a
+natural confusion is often one mode of the class (shirts with a T-shirt's outline), which
+random class images dilute, and which the class's own nearest images reproduce; a shortcut
+(a corner patch) is carried by no genuine class image, however they are chosen.  Its flip rate and McNemar
 p-value are reported as ``content_flip_rate`` and ``content_p_value`` (additive keys of
 the ``confirm`` object); a finding is *confirmed* when it beats both controls.
 
@@ -50,8 +53,11 @@ class ConfirmConfig:
     batch_size: int = 256
     seed: int = 0
     device: str = "cpu"
+    content_match: float = 0.25  # content control draws from this fraction of class images most like the pattern
 
     def __post_init__(self):
+        if not 0.0 < self.content_match <= 1.0:
+            raise ValueError(f"content_match must be in (0, 1], got {self.content_match}")
         if self.mode not in ("add", "paste"):
             raise ValueError(f"confirm mode must be 'add' or 'paste', got {self.mode!r}")
         if self.max_images < 1:
@@ -129,6 +135,19 @@ def mcnemar_one_sided(real: np.ndarray, control: np.ndarray) -> float:
     return float(binom.sf(b - 1, b + c, 0.5))
 
 
+def most_like_pattern(class_images: torch.Tensor, base_mean: torch.Tensor, direction: torch.Tensor,
+                      mask: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The ``fraction`` of ``class_images`` (at least one) that carry most of the pattern:
+    largest projection of (image - base_mean) onto ``direction`` inside ``mask``."""
+    if fraction >= 1.0:
+        return class_images
+    m = mask.to(class_images.dtype)
+    d = ((class_images - base_mean.unsqueeze(0)) * m).flatten(1)
+    proj = d @ (direction * m).flatten()
+    keep = max(1, int(round(fraction * len(class_images))))
+    return class_images[torch.topk(proj, keep).indices]
+
+
 def content_controls(mask: torch.Tensor, class_images: torch.Tensor, base_mean: torch.Tensor,
                      n: int, rng: np.random.Generator) -> torch.Tensor:
     """n additive deltas: (a random class image - base_mean) inside ``mask``.  Returns (n, C, H, W)."""
@@ -170,6 +189,8 @@ def confirm_pattern(model, images: torch.Tensor, cls: int, mask: np.ndarray, con
         if tuple(class_images.shape[1:]) != tuple(vals.shape):
             raise ValueError(f"class images of shape {tuple(class_images.shape[1:])} do not match the pattern")
         base = images.mean(0)
+        direction = vals if config.mode == "add" else vals - base
+        class_images = most_like_pattern(class_images, base, direction, m, config.content_match)
         cont = np.zeros(n, bool)
         for s in range(0, n, config.batch_size):
             xb = images[s:s + config.batch_size]

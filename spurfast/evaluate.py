@@ -278,7 +278,7 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
     from .demo import spurious_score
     from .embed import embed_pool
 
-    run_key = _key({"setting": asdict(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods), "v": 5})
+    run_key = _key({"setting": asdict(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods), "v": 6})
     rdir = cache / "runs"
     rdir.mkdir(parents=True, exist_ok=True)
     rfile = rdir / f"{setting.name}-s{seed}-{run_key}.json"

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from spurfast.confirm import (ConfirmConfig, apply_delta, confirm_findings, confirm_pattern, mcnemar_one_sided,
-                              random_controls)
+from spurfast.confirm import (ConfirmConfig, apply_delta, confirm_findings, confirm_pattern, is_confirmed,
+                              mcnemar_one_sided, most_like_pattern, random_controls)
 from spurfast.data.sources import ArraySource
 
 
@@ -162,3 +162,49 @@ def test_content_control_separates_shortcut_from_natural_feature():
     own_c[:, :, -4:-1, -4:-1] = 0.0
     sc = confirm_pattern(CornerModel(), x, 1, _corner_mask(), cor, class_images=own_c)
     assert sc["flip_rate"] > 0.9 and sc["content_flip_rate"] < 0.1 and sc["content_p_value"] < 1e-10
+
+
+class SteepRegionModel(nn.Module):
+    """Class 1 = a bright left half, with a threshold the scattered random control stays under."""
+
+    def forward(self, x):
+        z = 20 * (x[:, :, :, :8].mean((1, 2, 3)) - 0.55)
+        return torch.stack([torch.zeros_like(z), z], 1)
+
+
+def test_content_control_matches_a_feature_only_some_class_images_have():
+    """A mode of the class (a quarter of class-1 images have the bright left half) is still
+    genuine class content: the content control draws from the class images most like the
+    pattern, so it flips as often as the pattern and the finding is not confirmed.  Drawing
+    from all class images (content_match=1) would dilute it and call it a shortcut."""
+    x = _clean(200)
+    g = torch.Generator().manual_seed(2)
+    own = torch.rand(120, 1, 16, 16, generator=g) * 0.2
+    own[:30, :, :, :8] += 0.6
+    left = np.zeros((16, 16), bool)
+    left[:, :8] = True
+    contrast = torch.zeros(1, 16, 16)
+    contrast[0, :, :8] = 0.6
+    model = SteepRegionModel()
+    matched = confirm_pattern(model, x, 1, left, contrast, class_images=own)
+    assert matched["content_flip_rate"] > 0.9 and not is_confirmed(matched)
+    diluted = confirm_pattern(model, x, 1, left, contrast, class_images=own,
+                              config=ConfirmConfig(content_match=1.0))
+    assert diluted["content_flip_rate"] < 0.4 and is_confirmed(diluted)
+
+
+def test_most_like_pattern_keeps_the_top_fraction_by_projection():
+    base = torch.zeros(1, 4, 4)
+    imgs = torch.zeros(8, 1, 4, 4)
+    strength = torch.tensor([0.1, 0.9, 0.3, 0.8, -0.5, 0.2, 0.7, 0.0])
+    imgs[:, 0, 0, 0] = strength            # inside the mask, along the pattern
+    imgs[:, 0, 3, 3] = -strength * 10      # outside the mask: must not count
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[0, 0] = True
+    direction = torch.ones(1, 4, 4)
+    top = most_like_pattern(imgs, base[0], direction, mask, 0.25)
+    assert sorted(top[:, 0, 0, 0].tolist()) == pytest.approx([0.8, 0.9])
+    assert len(most_like_pattern(imgs, base[0], direction, mask, 0.01)) == 1
+    assert len(most_like_pattern(imgs, base[0], direction, mask, 1.0)) == 8
+    with pytest.raises(ValueError, match="content_match"):
+        ConfirmConfig(content_match=0.0)
