@@ -53,6 +53,62 @@ def sort_by_group(groups: torch.Tensor, n_groups: int):
 kmeans_hook = None
 
 
+class Solo:
+    """Who shares one Lloyd loop: this process alone, so every operation is the identity.
+    `spurfast.distributed.RankTeam` has the same methods over the ranks of a process group
+    (each assigns every W-th point; partial sums all-reduced; rank 0's decisions broadcast)."""
+
+    rank = 0
+
+    def local_positions(self, n: int):
+        """Rows of the n group-sorted points this process assigns (None: all of them)."""
+        return None
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of ``t`` over the team (``t`` itself is left as it is)."""
+        return t
+
+    def broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``t`` on every member."""
+        return t
+
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's decision on every member."""
+        return flag
+
+    def gather_rows(self, local: torch.Tensor, n: int) -> torch.Tensor:
+        """The full (n, ...) tensor from every member's rows."""
+        return local
+
+
+SOLO = Solo()
+
+
+def check_input(x: torch.Tensor, groups, k_per_group, n_groups: int | None = None):
+    """Validate a k-means problem before any work (or any message to other ranks).
+    Returns (groups int64 tensor, k_per_group int64 tensor, G)."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be (N, d), got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).any(1).sum())
+        raise ValueError(f"k-means input has {bad} rows with NaN/inf; clean the latents first")
+    groups = torch.as_tensor(groups, dtype=torch.int64, device=x.device)
+    if len(groups) != len(x):
+        raise ValueError(f"{len(groups)} group ids for {len(x)} points")
+    G = int(n_groups if n_groups is not None else (int(groups.max()) + 1 if len(groups) else 0))
+    if len(groups) and (int(groups.min()) < 0 or int(groups.max()) >= G):
+        raise ValueError(f"group ids must lie in [0, {G})")
+    kpg = torch.as_tensor(np.asarray(k_per_group), dtype=torch.int64, device=x.device)
+    if len(kpg) != G:
+        raise ValueError(f"k_per_group has {len(kpg)} entries for {G} groups")
+    sizes = torch.bincount(groups.cpu(), minlength=G)
+    too_big = (kpg.cpu() > sizes).nonzero().flatten().tolist()
+    if too_big:
+        g = too_big[0]
+        raise ValueError(f"k={int(kpg[g])} is larger than group {g}'s {int(sizes[g])} members")
+    return groups, kpg, G
+
+
 def batched_kmeans(
     x: torch.Tensor,
     groups: torch.Tensor,
@@ -76,59 +132,70 @@ def batched_kmeans(
     if kmeans_hook is not None:
         return kmeans_hook(x, groups, k_per_group, n_groups=n_groups, n_iter=n_iter, tol=tol, seed=seed,
                            metric=metric, init=init, backend=backend)
-    if x.dim() != 2:
-        raise ValueError(f"x must be (N, d), got {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        bad = int((~torch.isfinite(x)).any(1).sum())
-        raise ValueError(f"k-means input has {bad} rows with NaN/inf; clean the latents first")
-    groups = torch.as_tensor(groups, dtype=torch.int64, device=x.device)
-    G = int(n_groups if n_groups is not None else (int(groups.max()) + 1 if len(groups) else 0))
-    kpg = torch.as_tensor(np.asarray(k_per_group), dtype=torch.int64, device=x.device)
-    if len(kpg) != G:
-        raise ValueError(f"k_per_group has {len(kpg)} entries for {G} groups")
+    groups, kpg, G = check_input(x, groups, k_per_group, n_groups)
+    return lloyd(x, groups, kpg, G, n_iter=n_iter, tol=tol, seed=seed, metric=metric, init=init, backend=backend)
+
+
+def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=SOLO) -> KMeansResult:
+    """The Lloyd loop over checked input (see `check_input`).  ``team`` says which points
+    this process assigns and combines the partial sums, counts and inertia; every member
+    ends with the same centroids and the full assignment."""
+    dev = x.device
     order, offsets = sort_by_group(groups, G)
-    sizes = offsets[1:] - offsets[:-1]
-    too_big = (kpg > sizes).nonzero().flatten().tolist()
-    if too_big:
-        g = too_big[0]
-        raise ValueError(f"k={int(kpg[g])} is larger than group {g}'s {int(sizes[g])} members")
     kmax = max(1, int(kpg.max())) if G else 1
     xs = x[order].contiguous()
     if metric == "cosine":
         xs = torch.nn.functional.normalize(xs.float(), dim=1)
-    gen = torch.Generator().manual_seed(int(seed))
-    cent = init.float().to(x.device).clone() if init is not None else ref.kmeans_plusplus(xs, offsets, kpg, kmax, gen)
+    N, d = xs.shape
+    if team.rank == 0:
+        gen = torch.Generator().manual_seed(int(seed))
+        cent = init.float().to(dev).clone() if init is not None else ref.kmeans_plusplus(xs, offsets, kpg, kmax, gen)
+        cent = cent.contiguous()
+    else:
+        cent = torch.empty(G, kmax, d, dtype=torch.float32, device=dev)
+    cent = team.broadcast(cent)  # identical initial centroids on every member
     gid = ref.group_ids(offsets)
-    valid_k = torch.arange(kmax, device=x.device).unsqueeze(0) < kpg.unsqueeze(1)
+    loc = team.local_positions(N)
+    if loc is None:
+        xl, gid_l, off_l = xs, gid, offsets
+    else:
+        loc = loc.to(dev)
+        xl, gid_l = xs[loc].contiguous(), gid[loc]
+        off_l = torch.zeros(G + 1, dtype=torch.int64, device=dev)
+        off_l[1:] = torch.cumsum(torch.bincount(gid_l, minlength=G), 0)
+    valid_k = torch.arange(kmax, device=dev).unsqueeze(0) < kpg.unsqueeze(1)
     # |x|^2 once per fit: the CPU reference needs it for each winner's distance
-    xn = torch.linalg.vecdot(xs.float(), xs.float()) if metric == "l2" else None
-    reseeded = 0
-    prev = None
-    it = 0
-    counts = torch.zeros(G, kmax, dtype=torch.int64, device=x.device)
-    sums = prev_assign = None
+    xn = torch.linalg.vecdot(xl.float(), xl.float()) if metric == "l2" else None
+    reseeded, prev, it = 0, None, 0
+    counts_l = torch.zeros(G, kmax, dtype=torch.int64, device=dev)
+    sums_l = prev_assign = None
     for it in range(1, n_iter + 1):
-        assign, dist = backends.call("kmeans_assign", xs, offsets, cent, kpg, metric, x_sqnorm=xn, backend=backend)
-        sums, counts = _update(xs, offsets, gid, assign, prev_assign, sums, counts, kmax, backend)
-        prev_assign = assign
+        assign_l, dist_l = backends.call("kmeans_assign", xl, off_l, cent, kpg, metric, x_sqnorm=xn, backend=backend)
+        sums_l, counts_l = _update(xl, off_l, gid_l, assign_l, prev_assign, sums_l, counts_l, kmax, backend)
+        prev_assign = assign_l
+        sums, counts = team.all_reduce(sums_l), team.all_reduce(counts_l)
+        inertia = float(team.all_reduce(dist_l.double().sum().reshape(1)))
         new = (sums / counts.clamp_min(1).unsqueeze(-1)).float()
         if metric == "cosine":
             new = torch.nn.functional.normalize(new, dim=-1)
         empty = (counts == 0) & valid_k
-        if bool(empty.any()):
+        any_empty = bool(empty.any())
+        if any_empty:
             new = torch.where(empty.unsqueeze(-1), cent, new)
-            reseeded += _reseed(xs, gid, dist, empty, new)
-        inertia = float(dist.double().sum())
+            reseeded += _reseed(xs, gid, team.gather_rows(dist_l, N), empty, new)
         shift = float(((new - cent) ** 2).sum())
-        cent = new
-        if not bool(empty.any()) and prev is not None and (shift <= tol * max(1.0, abs(inertia)) or prev == inertia):
+        cent = team.broadcast(new.contiguous())  # bitwise-identical centroids everywhere
+        if team.agree(not any_empty and prev is not None and (shift <= tol * max(1.0, abs(inertia)) or prev == inertia)):
             break
         prev = inertia
-    assign, dist = backends.call("kmeans_assign", xs, offsets, cent, kpg, metric, x_sqnorm=xn, backend=backend)
-    _, counts = backends.call("kmeans_update", xs, offsets, assign, kmax, backend=backend)
+    assign_l, dist_l = backends.call("kmeans_assign", xl, off_l, cent, kpg, metric, x_sqnorm=xn, backend=backend)
+    _, counts_l = backends.call("kmeans_update", xl, off_l, assign_l, kmax, backend=backend)
+    counts = team.all_reduce(counts_l)
+    inertia = float(team.all_reduce(dist_l.double().sum().reshape(1)))
+    assign, dist = team.gather_rows(assign_l, N), team.gather_rows(dist_l, N)
     inv = torch.empty_like(order)
-    inv[order] = torch.arange(len(order), device=x.device)
-    return KMeansResult(cent, assign[inv], dist[inv], kpg, counts, it, float(dist.double().sum()), reseeded)
+    inv[order] = torch.arange(N, device=dev)
+    return KMeansResult(cent, assign[inv], dist[inv], kpg, counts, it, inertia, reseeded)
 
 
 _MOVED_FRACTION = 0.25  # above this share of moved points a full update is cheaper

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .cluster import check_input, lloyd
+
 log = logging.getLogger("spurfast.distributed")
 
 
@@ -237,89 +239,35 @@ def _gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
-def _check_kmeans_input(x, groups, kpg, G):
-    if x.dim() != 2:
-        raise ValueError(f"x must be (N, d), got {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        bad = int((~torch.isfinite(x)).any(1).sum())
-        raise ValueError(f"k-means input has {bad} rows with NaN/inf; clean the latents first")
-    if len(kpg) != G:
-        raise ValueError(f"k_per_group has {len(kpg)} entries for {G} groups")
-    if len(groups) != len(x):
-        raise ValueError(f"{len(groups)} group ids for {len(x)} points")
-    if len(groups) and (int(groups.min()) < 0 or int(groups.max()) >= G):
-        raise ValueError(f"group ids must lie in [0, {G})")
-    sizes = torch.bincount(groups.cpu(), minlength=G)
-    too_big = (kpg.cpu() > sizes).nonzero().flatten().tolist()
-    if too_big:
-        g = too_big[0]
-        raise ValueError(f"k={int(kpg[g])} is larger than group {g}'s {int(sizes[g])} members")
+class RankTeam:
+    """`spurfast.cluster.Solo`'s operations over this process group: each rank assigns
+    every W-th group-sorted point; partial sums, counts and inertia are all-reduced;
+    rank 0's centroids and stop decision are broadcast (bitwise-identical everywhere)."""
 
+    def __init__(self):
+        self.rank, self.size = _CTX.rank, _CTX.world_size
+        self.device = torch.device(_CTX.device)
 
-def _lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend):
-    """batched_kmeans's Lloyd loop with each rank assigning every W-th (group-sorted)
-    point; sums, counts and inertia all-reduced; rank 0's decisions broadcast."""
-    from . import backends
-    from .cluster import KMeansResult, _reseed, sort_by_group
-    from .kernels import reference as ref
+    def local_positions(self, n: int) -> torch.Tensor:
+        return _shard_positions(n, self.rank, self.size)
 
-    r, W = _CTX.rank, _CTX.world_size
-    dev = x.device
-    order, offsets = sort_by_group(groups, G)
-    kmax = max(1, int(kpg.max())) if G else 1
-    xs = x[order].contiguous()
-    if metric == "cosine":
-        xs = torch.nn.functional.normalize(xs.float(), dim=1)
-    N, d = xs.shape
-    if r == 0:
-        gen = torch.Generator().manual_seed(int(seed))
-        cent = init.float().to(dev).clone() if init is not None else ref.kmeans_plusplus(xs, offsets, kpg, kmax, gen)
-        cent = cent.contiguous()
-    else:
-        cent = torch.empty(G, kmax, d, dtype=torch.float32, device=dev)
-    dist.broadcast(cent, 0)  # identical initial centroids on every rank
-    gid = ref.group_ids(offsets)
-    loc = _shard_positions(N, r, W).to(dev)
-    xl = xs[loc].contiguous()
-    off_l = torch.zeros(G + 1, dtype=torch.int64, device=dev)
-    off_l[1:] = torch.cumsum(torch.bincount(gid[loc], minlength=G), 0)
-    valid_k = torch.arange(kmax, device=dev).unsqueeze(0) < kpg.unsqueeze(1)
-    reseeded, prev, it = 0, None, 0
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        out = t.contiguous().clone()
+        dist.all_reduce(out)
+        return out
 
-    def step(c):
-        a, dl = backends.call("kmeans_assign", xl, off_l, c, kpg, metric, backend=backend)
-        sums, counts = backends.call("kmeans_update", xl, off_l, a, kmax, backend=backend)
-        sums, counts = sums.contiguous(), counts.contiguous()
-        inertia = dl.double().sum().reshape(1)
-        dist.all_reduce(sums)
-        dist.all_reduce(counts)
-        dist.all_reduce(inertia)
-        return a, dl, sums, counts, float(inertia)
+    def broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.contiguous()
+        dist.broadcast(t, 0)
+        return t
 
-    for it in range(1, n_iter + 1):
-        _, dl, sums, counts, inertia = step(cent)
-        new = sums / counts.clamp_min(1).unsqueeze(-1).float()
-        if metric == "cosine":
-            new = torch.nn.functional.normalize(new, dim=-1)
-        empty = (counts == 0) & valid_k
-        any_empty = bool(empty.any())
-        if any_empty:
-            new = torch.where(empty.unsqueeze(-1), cent, new)
-            reseeded += _reseed(xs, gid, _gather_rows(dl, N), empty, new)
-        shift = float(((new - cent) ** 2).sum())
-        dist.broadcast(new, 0)  # bitwise-identical centroids everywhere
-        cent = new
-        stop = torch.tensor([0 if any_empty or prev is None else
-                             int(shift <= tol * max(1.0, abs(inertia)) or prev == inertia)], device=dev)
-        dist.broadcast(stop, 0)
-        if bool(stop.item()):
-            break
-        prev = inertia
-    al, dl, sums, counts, inertia = step(cent)
-    assign, dist_all = _gather_rows(al, N), _gather_rows(dl, N)
-    inv = torch.empty_like(order)
-    inv[order] = torch.arange(N, device=dev)
-    return KMeansResult(cent, assign[inv], dist_all[inv], kpg, counts, it, inertia, reseeded)
+    def agree(self, flag: bool) -> bool:
+        f = torch.tensor([int(flag)], device=self.device)
+        dist.broadcast(f, 0)
+        return bool(f.item())
+
+    def gather_rows(self, local: torch.Tensor, n: int) -> torch.Tensor:
+        return _gather_rows(local, n)
 
 
 _OPTS = ("n_iter", "tol", "seed", "metric", "backend")
@@ -330,17 +278,16 @@ def _kmeans_main(x, groups, k_per_group, *, n_groups=None, n_iter=50, tol=1e-6, 
     """The ``cluster.kmeans_hook`` on rank 0: send the problem to every rank, run Lloyd together."""
     dev = torch.device(_CTX.device)
     x = torch.as_tensor(x).to(dev).float().contiguous()
-    groups = torch.as_tensor(groups, dtype=torch.int64).to(dev).contiguous()
-    G = int(n_groups if n_groups is not None else (int(groups.max()) + 1 if len(groups) else 0))
-    kpg = torch.as_tensor(np.asarray(k_per_group), dtype=torch.int64).to(dev).contiguous()
-    _check_kmeans_input(x, groups, kpg, G)  # before anything is sent: a bad call leaves no rank waiting
+    # checked before anything is sent: a bad call leaves no rank waiting
+    groups, kpg, G = check_input(x, torch.as_tensor(groups, dtype=torch.int64).to(dev), k_per_group, n_groups)
+    groups, kpg = groups.contiguous(), kpg.contiguous()
     header = {"n": len(x), "d": x.shape[1], "G": G, "has_init": init is not None,
               "opts": dict(n_iter=n_iter, tol=tol, seed=seed, metric=metric, backend=backend)}
     broadcast_object(header)
     dist.broadcast(x, 0)
     dist.broadcast(groups, 0)
     dist.broadcast(kpg, 0)
-    return _lloyd(x, groups, kpg, G, init=init, **header["opts"])
+    return lloyd(x, groups, kpg, G, init=init, team=RankTeam(), **header["opts"])
 
 
 def serve_kmeans() -> int:
@@ -360,7 +307,7 @@ def serve_kmeans() -> int:
         dist.broadcast(x, 0)
         dist.broadcast(groups, 0)
         dist.broadcast(kpg, 0)
-        _lloyd(x, groups, kpg, header["G"], init=None, **header["opts"])
+        lloyd(x, groups, kpg, header["G"], init=None, team=RankTeam(), **header["opts"])
         served += 1
 
 

@@ -56,10 +56,11 @@ def _spawn(fn, args, world=2):
     return out
 
 
-def _kmeans_job(x, groups, kpg, seed):
+def _kmeans_job(x, groups, kpg, seed, init):
     if sd.is_main():
         with sd.kmeans_across_ranks():
             res = batched_kmeans(x, groups, kpg, n_groups=len(kpg), n_iter=30, seed=seed)
+            dup = batched_kmeans(x, groups, kpg, n_groups=len(kpg), n_iter=30, init=init)
             try:
                 batched_kmeans(x, groups, np.asarray(kpg) + 1000, n_groups=len(kpg))
                 bad = "no error"
@@ -67,7 +68,8 @@ def _kmeans_job(x, groups, kpg, seed):
                 bad = str(exc)
         # numpy: tensors would travel through shared memory that dies with this process
         return {"assign": res.assign.numpy(), "cent": res.centroids.numpy(), "counts": res.counts.numpy(),
-                "dist": res.dist.numpy(), "n_iter": res.n_iter, "bad": bad}
+                "dist": res.dist.numpy(), "n_iter": res.n_iter, "bad": bad,
+                "dup_assign": dup.assign.numpy(), "dup_reseeded": dup.reseeded}
     return {"served": sd.serve_kmeans()}
 
 
@@ -103,9 +105,16 @@ def test_kmeans_across_two_ranks_matches_one_process():
     x, groups = torch.cat(xs)[perm], torch.cat(gs)[perm]
     kpg = np.array([6, 1, 5, 4, 6])
     ref = batched_kmeans(x, groups, kpg, n_groups=len(kpg), n_iter=30, seed=3)
-    out = _spawn(_kmeans_job, (x, groups, kpg, 3))
+    # a start with two equal centroids in group 0: one cluster empties and is re-seeded
+    init = ref.centroids.clone()
+    init[0, 1] = init[0, 0]
+    dup = batched_kmeans(x, groups, kpg, n_groups=len(kpg), n_iter=30, init=init)
+    assert dup.reseeded >= 1
+    out = _spawn(_kmeans_job, (x, groups, kpg, 3, init))
     got = out[0]
-    assert out[1]["served"] == 1  # the bad call was refused on rank 0 before anything was sent
+    assert out[1]["served"] == 2  # the bad call was refused on rank 0 before anything was sent
+    assert got["dup_reseeded"] == dup.reseeded
+    assert_equal_int(torch.from_numpy(got["dup_assign"]), dup.assign, name="assign after a re-seed")
     assert "larger than group" in got["bad"]
     assert got["n_iter"] == ref.n_iter
     assert_equal_int(torch.from_numpy(got["assign"]), ref.assign, name="assign")
