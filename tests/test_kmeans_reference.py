@@ -92,6 +92,29 @@ def test_assign_matches_brute_force(metric, sizes, kmax, d):
     check_assign(assign, dist, brute_assign(x, off, cent, kpg, metric))
 
 
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_assign_row_halves_in_threads_match_brute_force(metric, monkeypatch):
+    """Small CPU chunks so that large groups split into thread halves of several chunks,
+    each ending in a partial chunk (odd sizes)."""
+    monkeypatch.setattr(ref, "_CHUNK_CPU", 256 * 17)
+    parts = []
+    split = ref._split_rows
+
+    def counting(fn, lo, hi, min_rows):
+        out = split(fn, lo, hi, min_rows)
+        parts.append(len(out))
+        return out
+
+    monkeypatch.setattr(ref, "_split_rows", counting)
+    x, off, cent, kpg = random_groups([3001, 2049, 5, 0], 17, 23, seed=11)
+    assign, dist = ref.kmeans_assign(x, off, cent, kpg, metric)
+    check_assign(assign, dist, brute_assign(x, off, cent, kpg, metric))
+    assert parts == [2, 2]   # both large groups ran as two thread halves
+    a2, d2 = ref.kmeans_assign(x, off, cent, kpg, metric)
+    assert_equal_int(a2, assign, "assign on a second run")
+    assert torch.equal(d2, dist)
+
+
 def test_assign_thousand_groups_and_padding_masks_unused_centroids():
     sizes = np.random.default_rng(3).integers(0, 25, size=1000)
     sizes[:5] = [1, 0, 2, 24, 0]
@@ -130,7 +153,10 @@ def test_assign_empty_input_and_bad_metric():
 
 
 # ----------------------------------------------------------------------------- update
-def test_update_matches_per_cluster_sums_and_reports_empty():
+@pytest.mark.parametrize("split_rows", [None, 16])   # 16: rows split into two thread halves
+def test_update_matches_per_cluster_sums_and_reports_empty(split_rows, monkeypatch):
+    if split_rows:
+        monkeypatch.setattr(ref, "_UPDATE_SPLIT_ROWS", split_rows)
     sizes = [5, 0, 130, 1]
     x, off, _, _ = random_groups(sizes, 4, 21, seed=2)
     assign = torch.tensor([0, 0, 2, 2, 2] + [i % 3 for i in range(130)] + [0])   # cluster 3 empty everywhere
