@@ -15,6 +15,10 @@ pool item)``.
 - ``recall@q``: fraction of planted features with a candidate of class t, q <= level,
   that is enriched.
 - ``false findings@q``: candidates with q <= level that match no planted feature.
+- ``false findings on pool patterns@q``: those of them whose members mostly (more than
+  half) carry one of the patterns stamped into the pool.  Such a finding is a real reaction
+  of the model to that pattern in another class than it was planted in (or, for a model
+  trained with nothing planted, at all), not a cluster of natural look-alikes.
 """
 from __future__ import annotations
 
@@ -154,3 +158,17 @@ def recall_at_q(cands: list[dict], feats: list[Feature], q: float) -> float:
 def false_findings(cands: list[dict], feats: list[Feature], q: float) -> int:
     sig = [c for c in cands if c.get("q_value") is not None and c["q_value"] <= q]
     return int(sum(not any(matches(c, f) for f in feats) for c in sig))
+
+
+def carried_by(cand: dict, feats: list[Feature], share: float = 0.5) -> bool:
+    """More than ``share`` of the candidate's members carry one of ``feats``."""
+    m = np.asarray(cand["members"], dtype=np.int64)
+    return bool(len(m)) and any(float(np.asarray(f.carries, bool)[m].mean()) > share for f in feats)
+
+
+def false_findings_on_pool_patterns(cands: list[dict], feats: list[Feature], pool_feats: list[Feature],
+                                    q: float, share: float = 0.5) -> int:
+    """False findings at ``q`` (match none of ``feats``, the learned features) whose members
+    mostly carry one of ``pool_feats`` (every pattern stamped into the pool)."""
+    sig = [c for c in cands if c.get("q_value") is not None and c["q_value"] <= q]
+    return int(sum(not any(matches(c, f) for f in feats) and carried_by(c, pool_feats, share) for c in sig))

@@ -3,8 +3,8 @@ scikit-learn on random data)."""
 import numpy as np
 import pytest
 
-from spurfast.metrics import (Feature, auroc, average_precision, best_candidate, enriched, false_findings,
-                              feature_metrics, hit_at_1, mask_iou, matches, precision_at_k, recall_at_q)
+from spurfast.metrics import (Feature, auroc, average_precision, best_candidate, carried_by, enriched, false_findings,
+                              false_findings_on_pool_patterns, feature_metrics, hit_at_1, mask_iou, matches, precision_at_k, recall_at_q)
 
 
 def test_auroc_known_values():
@@ -127,3 +127,23 @@ def test_recall_and_false_findings():
     assert false_findings(cands, [], 0.1) == 3         # clean model: every finding is false
     assert np.isnan(recall_at_q(cands, [], 0.1))
     assert false_findings([_cand(3, [0])], [f1], 0.1) == 0   # no q-value: not a finding at any level
+
+
+def test_false_findings_on_pool_patterns():
+    f1 = _feat()                                   # carriers 0..9, planted in class 3
+    c2 = np.zeros(100, bool)
+    c2[10:20] = True
+    f2 = Feature(7, c2, name="q")
+    cands = [_cand(3, [0, 1], q=0.01),             # the learned feature: not false
+             _cand(6, [2, 3, 4, 50], q=0.02),      # 3 of 4 carry p, wrong class: false, on a pool pattern
+             _cand(6, [5, 6, 50, 51], q=0.02),     # exactly half: not "mostly"
+             _cand(1, [12, 13, 14], q=0.08),       # all carry q: on a pool pattern at q = 0.1 only
+             _cand(2, [60, 61], q=0.03)]           # natural look-alikes
+    assert carried_by(cands[1], [f1, f2]) and not carried_by(cands[2], [f1, f2])
+    assert not carried_by(_cand(1, []), [f1])
+    assert false_findings(cands, [f1], 0.05) == 3
+    assert false_findings_on_pool_patterns(cands, [f1], [f1, f2], 0.05) == 1
+    assert false_findings_on_pool_patterns(cands, [f1], [f1, f2], 0.1) == 2
+    # clean model: nothing learned, so the class-3 cluster of carriers counts too
+    assert false_findings_on_pool_patterns(cands, [], [f1, f2], 0.05) == 2
+    assert false_findings_on_pool_patterns(cands, [f1], [], 0.1) == 0
