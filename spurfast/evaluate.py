@@ -4,7 +4,8 @@ One command runs a sweep of planted settings x seeds, runs spurfast and the base
 (`spurfast.baselines`) on the same pools, and writes
 
 - ``results.csv``: long format, one row per (setting, seed, method, feature, metric);
-- ``confirm.csv``: one row per spurfast finding (true or false finding, flip rates);
+- ``confirm.csv``: one row per spurfast finding (true or false finding, flip rates, the
+  pool pattern most of its members carry);
 - ``plots/*.png`` and ``RESULTS.md`` (generated from the CSVs only; ``--from-csv`` redoes
   it without running anything).
 
@@ -38,7 +39,7 @@ from .confirm import is_confirmed
 from .data.builtin import find_fashion_mnist, load_digits, load_fashion_mnist
 from .data.sources import ArraySource
 from .discover import DiscoverConfig, characterise, discover
-from .metrics import Feature, false_findings, false_findings_on_pool_patterns, feature_metrics, matches, recall_at_q
+from .metrics import Feature, carried_by, false_findings, false_findings_on_pool_patterns, feature_metrics, matches, recall_at_q
 from .plant import PatternSpec, apply_pattern, fixed_mask, plant_training
 
 log = logging.getLogger("spurfast.evaluate")
@@ -278,7 +279,7 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
     from .demo import spurious_score
     from .embed import embed_pool
 
-    run_key = _key({"setting": asdict(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods), "v": 7})
+    run_key = _key({"setting": asdict(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods), "v": 8})
     rdir = cache / "runs"
     rdir.mkdir(parents=True, exist_ok=True)
     rfile = rdir / f"{setting.name}-s{seed}-{run_key}.json"
@@ -326,7 +327,10 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
                          "true_finding": int(true), "flip_rate": cf.get("flip_rate"),
                          "control_flip_rate": cf.get("control_flip_rate"), "p_value": cf.get("p_value"),
                          "content_flip_rate": cf.get("content_flip_rate"), "content_p_value": cf.get("content_p_value"),
-                         "confirmed": int(confirmed(c["confirm"]))})
+                         "confirmed": int(confirmed(c["confirm"])),
+                         # the pool pattern most members carry, if any (a true finding's, or the
+                         # model reacting to a pool pattern in another class)
+                         "pool_pattern": next((f.name for f in data.features if carried_by(c, [f])), "")})
     if "pixels" in methods:
         t = time.time()
         cands["pixels"] = B.pixels(store, data.pool, cfg, suspect=data.suspect)
@@ -386,7 +390,7 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
     write_csv(out / "results.csv", rows, ["preset", "setting", "seed", "method", "feature", "metric", "value"])
     write_csv(out / "confirm.csv", crows, ["setting", "seed", "rank", "class", "q_value", "true_finding", "flip_rate",
                                            "control_flip_rate", "p_value", "content_flip_rate", "content_p_value",
-                                           "confirmed"])
+                                           "confirmed", "pool_pattern"])
     cmd = f"spurfast evaluate --preset {preset} --out {out}" + (f" --only '{only}'" if only else "") + \
           (f" --seeds {','.join(map(str, seeds))}" if seeds != tuple(p["seeds"]) else "")
     timing = {"wall_s": time.time() - t0, "cpu_s": time.process_time() - c0, "load_at_start": load0,
