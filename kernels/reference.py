@@ -127,7 +127,7 @@ def _padded_index(offsets: torch.Tensor, groups: torch.Tensor, nmax: int):
 
 _CHUNK_CPU = 1 << 19  # floats per distance chunk on the CPU (2 MiB: stays in cache for the argmin)
 _BIG_GROUP = 2048     # groups at least this large run unpadded, chunk by chunk
-_CPU_SPLIT = 2        # large groups on the CPU: row halves in two threads (see _assign_rows_cpu)
+_CPU_SPLIT = 2        # large groups on the CPU: row halves in two threads (see kmeans_assign)
 _UPDATE_SPLIT_ROWS = 1 << 14  # kmeans_update on the CPU splits above twice this many rows
 _cpu_pool = None
 

@@ -22,9 +22,10 @@ class-c images do not differ from the rest).  The class-c images are drawn from 
 of them that carry most of the pattern (largest projection onto it inside the mask): a
 natural confusion is often one mode of the class (shirts with a T-shirt's outline), which
 random class images dilute, and which the class's own nearest images reproduce; a shortcut
-(a corner patch) is carried by no genuine class image, however they are chosen.  Its flip rate and McNemar
-p-value are reported as ``content_flip_rate`` and ``content_p_value`` (additive keys of
-the ``confirm`` object); a finding is *confirmed* when it beats both controls.
+(a corner patch) is carried by no genuine class image, however they are chosen.  Its flip
+rate and McNemar p-value are reported as ``content_flip_rate`` and ``content_p_value``
+(additive keys of the ``confirm`` object); a finding is *confirmed* when it beats both
+controls.
 
 Clean images: a held-out set the caller supplies (``spurfast discover --clean``), or
 else pool images predicted as another class that belong to no finding.  Images whose
