@@ -411,8 +411,11 @@ def kmeans_plusplus(
 ) -> torch.Tensor:
     """Batched k-means++ seeding: every group draws its next seed in the same step.
 
-    Sampling proportional to D^2 within each group is one global cumulative sum plus a
-    searchsorted per group, so the cost is O(kmax * N * d) with no Python loop over groups.
+    Sampling proportional to D^2 within each group is one cumulative sum plus a
+    searchsorted per group, with no Python loop over groups.  Each step touches only the
+    points of groups that still draw seeds (k_g > step): when one large class needs far
+    more seeds than the rest, later steps read that class alone, so the cost is
+    O(sum_g k_g * N_g * d) rather than O(kmax * N * d).
     Groups with k_g < kmax leave the extra rows as zeros (masked everywhere).
     """
     N, d = x.shape
@@ -431,21 +434,38 @@ def kmeans_plusplus(
     first = offsets[:-1] + (u * sizes).long().clamp_max((sizes - 1).clamp_min(0))
     cent[nonempty, 0] = xf[first[nonempty]]
     d2 = ((xf - cent[gid, 0]) ** 2).sum(1)
+    # the points of the groups still drawing seeds (a shrinking subset, sorted by group)
+    on = None
+    xa, ga_pt, d2a = xf, gid, d2
     for j in range(1, kmax):
         active = nonempty & (kpg > j)
         if not bool(active.any()):
             break
-        cs = torch.cumsum(d2.double(), 0)
-        before = torch.where(offsets[:-1] > 0, cs[(offsets[:-1] - 1).clamp_min(0)], torch.zeros_like(cs[:1]).expand(G))
-        total = cs[(offsets[1:] - 1).clamp_min(0)] - before
-        u = torch.rand(G, generator=generator, device="cpu").to(dev).double()
-        target = before + u * total
-        pick = torch.searchsorted(cs, target, right=True)
+        u = torch.rand(G, generator=generator, device="cpu").to(dev).double()  # one draw per group per step
+        if on is None or not torch.equal(active, on):
+            keep = active[ga_pt]
+            xa, ga_pt, d2a = xa[keep], ga_pt[keep], d2a[keep]
+            on = active
+            ga = active.nonzero().flatten()
+            sz = sizes[ga]
+            lo = torch.zeros(len(ga), dtype=torch.int64, device=dev)
+            lo[1:] = torch.cumsum(sz, 0)[:-1]
+            hi = lo + sz - 1
+            local = torch.repeat_interleave(torch.arange(len(ga), device=dev), sz)
+            # buffers reused step to step (fresh (N_active, d) blocks per step cost page faults)
+            diff, new_d2, cs = torch.empty_like(xa), torch.empty_like(d2a), torch.empty(len(xa), dtype=torch.float64,
+                                                                                         device=dev)
+        torch.cumsum(d2a, 0, dtype=torch.float64, out=cs)
+        before = torch.where(lo > 0, cs[(lo - 1).clamp_min(0)], torch.zeros_like(cs[:1]).expand(len(ga)))
+        total = cs[hi] - before
+        ug = u[ga]
+        pick = torch.searchsorted(cs, before + ug * total, right=True)
         # all-zero D^2 (duplicates): fall back to a uniform draw in the group
-        uni = offsets[:-1] + (u * sizes).long().clamp_max((sizes - 1).clamp_min(0))
-        pick = torch.where(total > 0, pick.clamp(offsets[:-1], (offsets[1:] - 1).clamp_min(0)), uni)
-        cent[active, j] = xf[pick[active]]
-        new = ((xf - cent[gid, j]) ** 2).sum(1)
-        act_pt = active[gid]
-        d2 = torch.where(act_pt, torch.minimum(d2, new), d2)
+        uni = lo + (ug * sz).long().clamp_max(sz - 1)
+        pick = torch.where(total > 0, torch.minimum(torch.maximum(pick, lo), hi), uni)
+        seeds = xa[pick]
+        cent[ga, j] = seeds
+        torch.sub(xa, seeds[0] if len(ga) == 1 else seeds[local], out=diff)
+        torch.sum(diff.square_(), 1, out=new_d2)
+        torch.minimum(d2a, new_d2, out=d2a)
     return cent

@@ -323,6 +323,55 @@ def test_kmeans_plusplus_deterministic_by_seed():
     assert torch.equal(r1.centroids, r2.centroids) and torch.equal(r1.assign, r2.assign)
 
 
+def _plusplus_every_point_every_step(x, offsets, kpg, kmax, generator):
+    """The plain form of batched k-means++: every step reads all N points (one global
+    cumulative sum).  The reference skips finished groups' points; the draws must agree."""
+    N, d = x.shape
+    G = len(offsets) - 1
+    cent = torch.zeros(G, kmax, d)
+    sizes = offsets[1:] - offsets[:-1]
+    gid = ref.group_ids(offsets)
+    nonempty = sizes > 0
+    u = torch.rand(G, generator=generator)
+    first = offsets[:-1] + (u * sizes).long().clamp_max((sizes - 1).clamp_min(0))
+    cent[nonempty, 0] = x[first[nonempty]]
+    d2 = ((x - cent[gid, 0]) ** 2).sum(1)
+    for j in range(1, kmax):
+        active = nonempty & (kpg > j)
+        if not bool(active.any()):
+            break
+        cs = torch.cumsum(d2.double(), 0)
+        before = torch.where(offsets[:-1] > 0, cs[(offsets[:-1] - 1).clamp_min(0)], torch.zeros(G, dtype=torch.float64))
+        total = cs[(offsets[1:] - 1).clamp_min(0)] - before
+        u = torch.rand(G, generator=generator).double()
+        pick = torch.searchsorted(cs, before + u * total, right=True)
+        uni = offsets[:-1] + (u * sizes).long().clamp_max((sizes - 1).clamp_min(0))
+        pick = torch.where(total > 0, pick.clamp(offsets[:-1], (offsets[1:] - 1).clamp_min(0)), uni)
+        cent[active, j] = x[pick[active]]
+        d2 = torch.where(active[gid], torch.minimum(d2, ((x - cent[gid, j]) ** 2).sum(1)), d2)
+    return cent
+
+
+def test_kmeans_plusplus_skipping_finished_groups_draws_the_same_seeds():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(12):
+        G = int(torch.randint(1, 9, (1,), generator=g))
+        sizes = torch.randint(0, 120, (G,), generator=g)
+        if trial % 3 == 0:
+            sizes[0] = 700                                  # one class far larger than the rest
+        kpg = torch.minimum(torch.randint(1, 25, (G,), generator=g), sizes)
+        if trial % 3 == 0:
+            kpg[0] = 60
+        kmax = max(1, int(kpg.max()))
+        x = torch.randn(int(sizes.sum()), 5, generator=g)
+        if trial % 4 == 1 and len(x):
+            x[: len(x) // 2] = 0.0                          # duplicates: all-zero D^2 in some groups
+        off = csr(sizes.tolist())
+        got = ref.kmeans_plusplus(x, off, kpg, kmax, torch.Generator().manual_seed(trial))
+        want = _plusplus_every_point_every_step(x, off, kpg, kmax, torch.Generator().manual_seed(trial))
+        assert torch.equal(got, want), f"trial {trial}: {int((got != want).any(-1).sum())} seeds differ"
+
+
 def test_empty_cluster_is_reseeded():
     x_np, centres = blobs(40, 3, 6, seed=2)
     init = centres.astype(np.float32).copy()
