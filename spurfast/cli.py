@@ -30,6 +30,8 @@ def _add_discover_args(p):
     p.add_argument("--min-cluster-size", type=int, default=5)
     p.add_argument("--max-mean-cluster-size", type=int, default=100,
                    help="raise k for classes whose clusters would average more members (0: fixed k)")
+    p.add_argument("--max-k", type=int, default=256,
+                   help="never raise k above this many clusters per class (0: no cap)")
     p.add_argument("--n-null", type=int, default=30, help="permutations for the null distribution")
     p.add_argument("--fdr", type=float, default=0.05, help="Benjamini-Hochberg false-discovery rate")
     p.add_argument("--kmeans-backend", default=None, choices=["auto", "torch", "cupy"])
@@ -39,7 +41,7 @@ def _add_discover_args(p):
 def _discover_config(args):
     from .discover import DiscoverConfig
     return DiscoverConfig(k=args.k, min_cluster_size=args.min_cluster_size,
-                          max_mean_cluster_size=args.max_mean_cluster_size, n_null=args.n_null, fdr=args.fdr,
+                          max_mean_cluster_size=args.max_mean_cluster_size, max_k=args.max_k, n_null=args.n_null, fdr=args.fdr,
                           seed=args.seed, backend=args.kmeans_backend, device=args.device)
 
 

@@ -30,11 +30,15 @@ class KMeansResult:
     reseeded: int                # empty clusters re-seeded over the run
 
 
-def choose_k(sizes: np.ndarray, k: int, min_cluster_size: int, max_mean_size: int = 0) -> np.ndarray:
+def choose_k(sizes: np.ndarray, k: int, min_cluster_size: int, max_mean_size: int = 0, max_k: int = 0) -> np.ndarray:
     """k per group: k, raised so clusters hold at most ``max_mean_size`` points on average
-    (0: never raised), and lowered so they hold at least ``min_cluster_size``."""
+    (0: never raised) but not above ``max_k`` (0: no cap; never below k), and lowered so
+    they hold at least ``min_cluster_size``.  The cap keeps clustering linear in the class
+    size: without it k grows with the class, and seeding plus Lloyd cost N_g * k_g."""
     sizes = np.asarray(sizes)
     want = np.maximum(k, -(-sizes // max_mean_size)) if max_mean_size > 0 else np.full(sizes.shape, k)
+    if max_k > 0:
+        want = np.minimum(want, max(k, max_k))
     return np.clip(np.minimum(want, sizes // max(1, min_cluster_size)), np.minimum(sizes, 1), None).astype(np.int64)
 
 

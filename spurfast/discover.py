@@ -34,6 +34,7 @@ class DiscoverConfig:
     # a class that absorbs many unrelated images hides a small shortcut group among
     # natural confusions unless its clusters are small enough to isolate it
     max_mean_cluster_size: int = 100
+    max_k: int = 256             # ... but never above this many clusters per class (0: no cap)
     n_null: int = 30             # permutations for the null distribution
     n_neighbours: int = 10       # latent neighbours in the majority vote
     fdr: float = 0.05            # Benjamini-Hochberg level for findings
@@ -47,6 +48,8 @@ class DiscoverConfig:
     def __post_init__(self):
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.max_k < 0:
+            raise ValueError(f"max_k must be >= 0 (0: no cap), got {self.max_k}")
         if self.max_mean_cluster_size < 0:
             raise ValueError(f"max_mean_cluster_size must be >= 0 (0: fixed k), got {self.max_mean_cluster_size}")
         if not 0 < self.fdr < 1:
@@ -92,6 +95,7 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
     z = _standardise(mu[valid])
     g = pred[valid]
     kw = dict(k=config.k, min_cluster_size=config.min_cluster_size, max_mean_cluster_size=config.max_mean_cluster_size,
+              max_k=config.max_k,
               n_iter=config.n_iter,
               metric=config.metric, backend=config.backend, device=config.device)
     nbrs = latent_neighbours(z, config.n_neighbours, device=config.device)

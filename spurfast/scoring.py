@@ -143,10 +143,10 @@ class Clustering:
 
 def cluster_and_score(z: np.ndarray, groups: np.ndarray, probs: np.ndarray, labels: np.ndarray,
                       n_classes: int, neighbours: np.ndarray, unknown_ok: np.ndarray, *, k: int, min_cluster_size: int, seed: int, n_iter: int,
-                      max_mean_cluster_size: int = 0,
+                      max_mean_cluster_size: int = 0, max_k: int = 0,
                       metric: str = "l2", backend: str | None = None, device: str = "cpu") -> Clustering:
     sizes = np.bincount(groups, minlength=n_classes)
-    kpg = choose_k(sizes, k, min_cluster_size, max_mean_cluster_size)
+    kpg = choose_k(sizes, k, min_cluster_size, max_mean_cluster_size, max_k)
     res = batched_kmeans(torch.as_tensor(z, device=device), torch.as_tensor(groups, device=device), kpg,
                          n_groups=n_classes, n_iter=n_iter, seed=seed, metric=metric, backend=backend)
     assign = res.assign.cpu().numpy()

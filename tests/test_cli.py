@@ -75,6 +75,8 @@ def test_discover_config_validation():
         DiscoverConfig(k=0)
     with pytest.raises(ValueError, match="max_mean_cluster_size must be >= 0"):
         DiscoverConfig(max_mean_cluster_size=-1)
+    with pytest.raises(ValueError, match="max_k must be >= 0"):
+        DiscoverConfig(max_k=-1)
 
 
 def test_plant_then_discover_via_cli(tmp_path, capsys):

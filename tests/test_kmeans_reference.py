@@ -460,6 +460,12 @@ def test_choose_k_grows_for_large_classes_and_shrinks_for_small_ones():
     assert choose_k(sizes, 8, 5).tolist() == [0, 1, 8, 8, 8, 8]
     assert choose_k(sizes, 8, 5, max_mean_size=100).tolist() == [0, 1, 8, 10, 8, 11]
     assert choose_k(sizes, 8, 200, max_mean_size=100).tolist() == [0, 1, 1, 5, 1, 5]
+    # the cap stops the growth, never lowers k itself
+    assert choose_k(sizes, 8, 5, max_mean_size=100, max_k=9).tolist() == [0, 1, 8, 9, 8, 9]
+    assert choose_k(sizes, 8, 5, max_mean_size=100, max_k=3).tolist() == [0, 1, 8, 8, 8, 8]
+    big = np.array([100_000])
+    assert choose_k(big, 8, 5, max_mean_size=100).tolist() == [1000]
+    assert choose_k(big, 8, 5, max_mean_size=100, max_k=256).tolist() == [256]
 
 
 def test_assign_with_precomputed_sqnorm_matches_without():
