@@ -97,3 +97,14 @@ def test_plant_then_discover_via_cli(tmp_path, capsys):
     assert main(args[:-1] + ["--num-classes", "7"]) == 2  # width mismatch named before any work
     assert "expected (1, 7)" in capsys.readouterr().err
     assert main(["report", "--run", str(d / "run")]) == 0
+
+
+def test_discover_flags_reach_the_config():
+    from spurfast.cli import _discover_config
+
+    args = build_parser().parse_args(["discover", "--pool", "p", "--classifier", "c", "--vae", "v", "--out", "o",
+                                      "--max-k", "7", "--max-mean-cluster-size", "40", "--k", "3"])
+    cfg = _discover_config(args)
+    assert (cfg.max_k, cfg.max_mean_cluster_size, cfg.k) == (7, 40, 3)
+    assert _discover_config(build_parser().parse_args(["discover", "--pool", "p", "--classifier", "c", "--vae", "v",
+                                                       "--out", "o"])).max_k == 256

@@ -87,3 +87,18 @@ def test_permuted_predictions_keep_per_label_counts():
         m = labels == lab
         assert np.array_equal(np.bincount(g[m], minlength=5), np.bincount(groups[m], minlength=5))
     assert not np.array_equal(g, groups)
+
+
+def test_cluster_and_score_grows_k_for_a_large_class_up_to_the_cap():
+    from spurfast.scoring import cluster_and_score, latent_neighbours
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(600, 4)).astype(np.float32)
+    groups = np.r_[np.zeros(500, np.int64), np.ones(100, np.int64)]
+    probs = np.full((600, 2), 0.5, np.float32)
+    labels = np.full(600, -1)
+    args = (z, groups, probs, labels, 2, latent_neighbours(z, 5), np.ones(600, bool))
+    kw = dict(k=2, min_cluster_size=5, seed=0, n_iter=5)
+    assert cluster_and_score(*args, **kw).k_per_group.tolist() == [2, 2]
+    assert cluster_and_score(*args, max_mean_cluster_size=50, **kw).k_per_group.tolist() == [10, 2]
+    assert cluster_and_score(*args, max_mean_cluster_size=50, max_k=6, **kw).k_per_group.tolist() == [6, 2]
