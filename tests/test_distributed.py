@@ -91,6 +91,23 @@ def test_not_distributed_is_a_noop(monkeypatch):
         sd.init("cpu")
 
 
+def test_cluster_across_ranks_only_where_ranks_bring_their_own_hardware(monkeypatch):
+    monkeypatch.delenv("SPURFAST_KMEANS_ACROSS_RANKS", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(sd, "_CTX", sd.Context(rank=0, world_size=2, backend="gloo", device="cpu"))
+    assert not sd.cluster_across_ranks()        # one CPU node: the ranks share its cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert sd.cluster_across_ranks()            # two nodes
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(sd, "_CTX", sd.Context(rank=0, world_size=2, backend="nccl", device="cuda:0"))
+    assert sd.cluster_across_ranks()            # GPUs
+    monkeypatch.setenv("SPURFAST_KMEANS_ACROSS_RANKS", "0")
+    assert not sd.cluster_across_ranks()
+    monkeypatch.setenv("SPURFAST_KMEANS_ACROSS_RANKS", "yes")
+    with pytest.raises(ValueError, match="SPURFAST_KMEANS_ACROSS_RANKS must be 0 or 1, got 'yes'"):
+        sd.cluster_across_ranks()
+
+
 def test_kmeans_across_two_ranks_matches_one_process():
     g = torch.Generator().manual_seed(0)
     # odd sizes, one group with a single point, one with k == size
@@ -216,10 +233,10 @@ def _one_process(d: Path, out: Path):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def _torchrun(d: Path, out: Path, batch: int = 32, **kw):
+def _torchrun(d: Path, out: Path, batch: int = 32, env: dict | None = None, **kw):
     cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "spurfast"] + _discover_args(d, out, batch)
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
-                            cwd=ROOT, **kw)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(_env(), **(env or {})), cwd=ROOT, **kw)
 
 
 def _assert_same_findings(a: Path, b: Path):
@@ -244,8 +261,10 @@ def single_run(planted):
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed next to the interpreter")
 def test_two_ranks_give_the_one_process_findings(planted, single_run):
+    """With k-means across the ranks (on one CPU node rank 0 would cluster alone: the
+    resume test below runs that default)."""
     out = planted / "out2"
-    p = _torchrun(planted, out)
+    p = _torchrun(planted, out, env={"SPURFAST_KMEANS_ACROSS_RANKS": "1"})
     log, _ = p.communicate(timeout=300)
     assert p.returncode == 0, log[-3000:]
     assert "rank 1 of 2" in log and "rank 0 of 2" in log
