@@ -83,8 +83,7 @@ def neighbour_contrast(source: ImageSource, z: np.ndarray, members: np.ndarray, 
     for s in range(0, len(zm), 64):   # 64 x len(others) distances at a time
         nbr.append(torch.cdist(zm[s:s + 64], zo).topk(k, largest=False).indices.flatten())
     matched = others[torch.cat(nbr).numpy()]
-    a, _ = source.get_batch(mem)
-    mem_mean = a.float().mean(0)
+    mem_mean = mean_images(source, mem, cap, rng)   # mem is already at most cap: no new draw
     b = torch.zeros(source.image_shape)
     for s in range(0, len(matched), 1024):   # repeats allowed: each member weighs the same
         x, _ = source.get_batch(matched[s:s + 1024])

@@ -171,8 +171,7 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
     # |x|^2 once per fit: the CPU reference needs it for each winner's distance
     xn = torch.linalg.vecdot(xl.float(), xl.float()) if metric == "l2" else None
     reseeded, prev, it = 0, None, 0
-    counts_l = torch.zeros(G, kmax, dtype=torch.int64, device=dev)
-    sums_l = prev_assign = None
+    sums_l = counts_l = prev_assign = None   # the first update is a full one
     for it in range(1, n_iter + 1):
         assign_l, dist_l = backends.call("kmeans_assign", xl, off_l, cent, kpg, metric, x_sqnorm=xn, backend=backend)
         sums_l, counts_l = _update(xl, off_l, gid_l, assign_l, prev_assign, sums_l, counts_l, kmax, backend)

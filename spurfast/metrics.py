@@ -148,15 +148,20 @@ def feature_metrics(cands: list[dict], feat: Feature, ks=(10, 25)) -> dict:
     return out
 
 
+def significant(cands: list[dict], q: float) -> list[dict]:
+    """Candidates with a q-value at most ``q`` (methods without a test have none)."""
+    return [c for c in cands if c.get("q_value") is not None and c["q_value"] <= q]
+
+
 def recall_at_q(cands: list[dict], feats: list[Feature], q: float) -> float:
     if not feats:
         return float("nan")
-    sig = [c for c in cands if c.get("q_value") is not None and c["q_value"] <= q]
+    sig = significant(cands, q)
     return float(np.mean([any(matches(c, f) for c in sig) for f in feats]))
 
 
 def false_findings(cands: list[dict], feats: list[Feature], q: float) -> int:
-    sig = [c for c in cands if c.get("q_value") is not None and c["q_value"] <= q]
+    sig = significant(cands, q)
     return int(sum(not any(matches(c, f) for f in feats) for c in sig))
 
 
@@ -170,5 +175,5 @@ def false_findings_on_pool_patterns(cands: list[dict], feats: list[Feature], poo
                                     q: float, share: float = 0.5) -> int:
     """False findings at ``q`` (match none of ``feats``, the learned features) whose members
     mostly carry one of ``pool_feats`` (every pattern stamped into the pool)."""
-    sig = [c for c in cands if c.get("q_value") is not None and c["q_value"] <= q]
+    sig = significant(cands, q)
     return int(sum(not any(matches(c, f) for f in feats) and carried_by(c, pool_feats, share) for c in sig))
