@@ -1,7 +1,7 @@
 """End to end: `spurfast discover`'s steps over a procedural JPEG folder pool, 1 vs N
 processes under torchrun, with per-stage times and peak memory.
 
-For each pool size (10k and 100k images; --quick: 600) the pool is generated once with
+For each pool size (10k and 100k images; --quick: 600, on a GPU 20k) the pool is generated once with
 `spurfast make-pool` (64-160 px JPEGs, 10 classes, a noise pattern planted in 5%) and
 cached under $SPURFAST_BENCH_DIR (default /tmp/spurfast-bench).  Models, with seeded
 random weights (the figures are throughput, not findings): the classifier is a user's
@@ -239,7 +239,7 @@ def run(writer, quick: bool = False, device=None) -> None:
     dev = device_name(device)
     gpu = device.startswith("cuda")
     # on GPUs: one process per GPU (NCCL needs distinct devices)
-    sizes = ([4000] if gpu else [600]) if quick else [10_000, 100_000]
+    sizes = ([20_000] if gpu else [600]) if quick else [10_000, 100_000]
     procs = [1] + [p for p in (2,) if not gpu or torch.cuda.device_count() >= p]
     n_null = 5 if quick else 30
     clf, vae = ensure_models()

@@ -206,6 +206,41 @@ def _flash_fit(x, off, k):
     return fit
 
 
+def _assign_vs_flash(writer, kc, x, off, cent, kpg, config, devname, reps):
+    """The assignment step alone, ours vs flash-kmeans' Triton assign, fp32 and fp16 (the
+    issue's GPU target is stated on assignment).  Ours also writes each point's distance
+    (N*4 more bytes); flash-kmeans gets |x|^2 precomputed, as in its own fit loop."""
+    try:
+        from flash_kmeans.assign_euclid_triton import euclid_assign_triton
+    except ImportError as exc:
+        _log(f"flash-kmeans assign skipped: not installed ({exc})")
+        return
+    N, d = x.shape
+    k = cent.shape[1]
+    for dt, name in ((torch.float32, "fp32"), (torch.float16, "fp16")):
+        xs, cs = x.to(dt), cent.to(dt)
+        xb, cb = xs.view(1, N, d), cs.view(1, k, d)
+        xsq = (xs.float() ** 2).sum(-1).view(1, N)
+        out = torch.empty(1, N, dtype=torch.int32, device=x.device)
+        try:
+            theirs = measure(lambda: euclid_assign_triton(xb, cb, xsq, out), device="cuda", reps=max(reps, 10))
+        except Exception as exc:  # API drift: say so, keep our rows
+            _log(f"flash-kmeans assign skipped: {exc.__class__.__name__}: {exc}")
+            return
+        ours = measure(lambda: kc.kmeans_assign(xs, off, cs, kpg), device="cuda", reps=max(reps, 10))
+        agree = float((kc.kmeans_assign(xs, off, cs, kpg)[0].view(-1) == out.view(-1).long()).float().mean())
+        cfg = dict(config, dtype=name)
+        flops, nbytes = 2.0 * N * k * d, N * d * xs.element_size() + k * d * xs.element_size() + N * 4
+        writer.add_timing("kmeans_assign", "flash-kmeans", cfg, theirs, devname, items=N, bytes_moved=nbytes, flops=flops)
+        writer.add_timing("kmeans_assign", "cupy", dict(cfg, vs="flash-kmeans"), ours, devname, items=N,
+                          bytes_moved=nbytes + N * 8, flops=flops)
+        ratio = ours["median_s"] / theirs["median_s"]
+        writer.add("kmeans_assign", "cupy", dict(cfg, vs="flash-kmeans"), "time_ratio", ratio, "x", devname)
+        writer.add("kmeans_assign", "cupy", dict(cfg, vs="flash-kmeans"), "same_assignment", agree, "1", devname)
+        _log(f"assign {name} N={N} d={d} k={k}: cupy {ours['median_s'] * 1e3:.3f} ms, flash-kmeans "
+             f"{theirs['median_s'] * 1e3:.3f} ms ({ratio:.2f}x), same assignment for {agree:.4f} of points")
+
+
 # ----------------------------------------------------------------------------- runner
 def _configs(quick: bool, device: str):
     if quick:
@@ -303,6 +338,8 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
                     _log(f"{name} skipped: not installed ({exc})")
                     continue
                 record(name, _diff_time(fit, "cpu", reps))
+        if kc is not None and G == 1 and cfg.get("side_by_side"):
+            _assign_vs_flash(writer, kc, x, off, cent, kpg, config, devname, reps)
         if dev == "cuda" and N % G == 0:
             try:
                 fit = _flash_fit(x, off, k)

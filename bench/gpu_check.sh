@@ -1,30 +1,82 @@
 #!/usr/bin/env bash
-# One GPU check: every GPU test, then the GPU benchmarks, results under $OUT (or ./out/gpu_check).
-# Budget: at most ~8 minutes on an H200.  Usage: bash bench/gpu_check.sh
+# One GPU check: build the fatbins, every GPU test, then the GPU benchmarks; results under
+# $OUT (or ./out/gpu_check).  Budget: ~5 minutes on an H200.  Usage: bash bench/gpu_check.sh
+# Optional wheels in .whl/ (e.g. flash-kmeans, the k-means peer) are installed first.
+# SPURFAST_GPU_CHECK_STEPS="tests kmeans encoder e2e" picks steps (default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out/gpu_check}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 SPURFAST_BENCH_CSV="$OUT/results.csv"
+export PYTHONUNBUFFERED=1 SPURFAST_BENCH_CSV="$OUT/results.csv" SPURFAST_BENCH_DIR=/tmp/spurfast-bench
 PY="${PYTHON:-python3}"
-(command -v nvcc >/dev/null && make kernels CUDA_ARCHS=90) > "$OUT/kernels_build.log" 2>&1
+STEPS="${SPURFAST_GPU_CHECK_STEPS:-tests kmeans encoder e2e}"
+LOG="$OUT/steps.log"
+step() { echo "[gpu_check] $(date +%T) +${SECONDS}s $*" | tee -a "$LOG"; }
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+
+step "build fatbins"
+(command -v nvcc >/dev/null && make kernels CUDA_ARCHS=90) > "$OUT/kernels_build.log" 2>&1 \
+  || step "fatbin build FAILED (the launcher falls back to NVRTC): see kernels_build.log"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >> "$LOG" 2>&1 && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
 # The GPU machine has torch/triton/cupy but maybe not this package's pure-Python deps.
-if ! $PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1; then
+if ! $PY -m pip install -q --no-deps --no-build-isolation -e . >> "$LOG" 2>&1; then
   # no setuptools there: lay the installed layout out by hand (kernels/ is spurfast.kernels)
   rm -rf /tmp/spurfast_site && mkdir -p /tmp/spurfast_site
   cp -r spurfast /tmp/spurfast_site/spurfast && cp -r kernels /tmp/spurfast_site/spurfast/kernels
   export PYTHONPATH="/tmp/spurfast_site:$PWD:${PYTHONPATH:-}"
 fi
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
-$PY - <<'PY' >> "$OUT/gpu.txt" 2>&1
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+  $PY - <<'PY'
 import torch, importlib
 print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())
-for m in ("triton", "cupy", "nvidia.dali"):
+for m in ("triton", "cupy", "nvidia.dali", "flash_kmeans"):
     try: print(m, importlib.import_module(m).__version__)
     except Exception as e: print(m, "missing:", e)
+from spurfast.kernels import kmeans_cupy
+print("cupy kernels:", kmeans_cupy.is_available())
 PY
-timeout 150 $PY -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -20
-timeout 180 $PY -m bench encoder --quick --device cuda 2>&1 | tail -40 > "$OUT/bench_encoder.log"
-timeout 90 $PY -m bench kmeans --quick --device cuda 2>&1 | tail -40 > "$OUT/bench_kmeans.log"
-timeout 45 $PY -m bench e2e --quick --device cuda 2>&1 | tail -20 > "$OUT/bench_e2e.log"
-echo "results in $OUT"; ls -la "$OUT"
+} > "$OUT/gpu.txt" 2>&1
+cat "$OUT/gpu.txt"
+
+if want tests; then
+  step "GPU tests"
+  XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 4"
+  timeout 180 $PY -m pytest -q -m gpu tests -p no:cacheprovider $XDIST -rfE > "$OUT/gpu_tests.log" 2>&1
+  step "GPU tests rc=$?"; tail -25 "$OUT/gpu_tests.log"
+fi
+if want kmeans; then
+  step "bench kmeans"
+  timeout 120 $PY -m bench kmeans --quick --device cuda > "$OUT/bench_kmeans.log" 2>&1
+  step "bench kmeans rc=$?"
+fi
+if want encoder; then
+  step "bench encoder"
+  # torch.compile max-autotune takes minutes per graph: off unless asked for
+  SPURFAST_BENCH_COMPILE="${SPURFAST_BENCH_COMPILE:-0}" timeout 90 $PY -m bench encoder --quick --device cuda \
+    > "$OUT/bench_encoder.log" 2>&1
+  step "bench encoder rc=$?"
+fi
+if want e2e; then
+  step "bench e2e"
+  timeout 120 $PY -m bench e2e --quick --device cuda > "$OUT/bench_e2e.log" 2>&1
+  step "bench e2e rc=$?"
+fi
+step "done"
+# the short table (the device tool returns the end of the output)
+grep -h "skipped\|Error\|error\|img/s" "$OUT"/bench_*.log 2>/dev/null | tail -15
+$PY - "$OUT/results.csv" <<'PY'
+import csv, sys
+try:
+    rows = list(csv.DictReader(open(sys.argv[1])))
+except OSError:
+    sys.exit("no results.csv")
+keep = {"time_ratio", "same_assignment", "ratio", "e2e_images_per_s", "embed_images_per_s", "roofline_frac"}
+for r in rows:
+    timing = r["metric"] == "median_s" and r["op"] in ("kmeans_assign", "kmeans_iter")
+    enc = r["op"] == "encoder" and r["metric"] == "items_per_s" and "batch=256" in r["config"]
+    if r["metric"] in keep and r["op"] != "encoder" or timing or enc:
+        print(f'{r["op"][:13]:13s} {r["provider"][:20]:20s} {r["config"][:64]:64s} {r["metric"][:16]:16s} {float(r["value"]):.4g}')
+PY
