@@ -130,8 +130,9 @@ def worker(argv=None) -> int:
     config = DiscoverConfig(n_null=args.n_null, seed=0, device=device)
     t = {"start": time.perf_counter()}
     out = dist.run_on_main(prepare_output, args.out, "bench-e2e", True)
+    split = {}   # where this rank's embedding pass waited: loader, models, store
     store = dist.embed_pool_sharded(pool, clf, vae, out / "store", num_classes=CLASSES, batch_size=args.batch_size,
-                                    device=device, progress=False)
+                                    device=device, progress=False, timings=split)
     t["embedded"] = time.perf_counter()
     if ctx.is_main:
         with dist.main_section():
@@ -149,7 +150,7 @@ def worker(argv=None) -> int:
            "report_s": t["reported"] - t["discovered"], "total_s": t["reported"] - t["start"],
            "peak_rss": own_peak_rss(),
            "peak_rss_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
-           "threads": torch.get_num_threads(),
+           "threads": torch.get_num_threads(), "embed_split": split,
            "cuda_peak": torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0}
     (Path(args.out) / f"timings-rank{ctx.rank}.json").write_text(json.dumps(rec))
     dist.shutdown()
@@ -180,7 +181,7 @@ def run_e2e(pool: Path, clf: Path, vae: Path, procs: int, n_null: int, device: s
            "embed_s": max(x["embed_s"] for x in ranks), "discover_s": main["discover_s"], "report_s": main["report_s"],
            "total_s": main["total_s"], "peak_rss": max(x["peak_rss"] for x in ranks),
            "peak_rss_loader": max(x["peak_rss_children"] for x in ranks),
-           "cuda_peak": max(x.get("cuda_peak", 0) for x in ranks)}
+           "cuda_peak": max(x.get("cuda_peak", 0) for x in ranks), "embed_split": main.get("embed_split", {})}
     if procs > 1:
         shutil.rmtree(out / "store", ignore_errors=True)  # keep the disk lean; findings stay
     res["store"] = out / "store"
@@ -206,6 +207,12 @@ def stage_rates(pool: Path, clf_p: Path, vae_p: Path, sample: int, store_dir: Pa
     for b in iter_batches(src, 256, indices=np.arange(m), num_workers=os.cpu_count() or 1):
         seen += len(b.indices)
     out["load"] = seen / (time.perf_counter() - t0)
+    # one process decoding (no workers): the per-core rate the loader's workers multiply
+    from spurfast.data.preprocess import checked_load_uint8
+    t0 = time.perf_counter()
+    for p in src.paths[:300]:
+        checked_load_uint8(p, src.spec)
+    out["decode_1proc"] = min(300, len(src.paths)) / (time.perf_counter() - t0)
     clf, vae = load_classifier(clf_p).to(device), load_vae(vae_p).to(device)
     x = torch.rand(256, 3, SIZE, SIZE, device=device)
     with torch.no_grad():
@@ -262,15 +269,18 @@ def run(writer, quick: bool = False, device=None) -> None:
             writer.add("e2e", prov, cfg, "loadavg_1m", res["loadavg_1m"], "", dev)
             if gpu:
                 writer.add("e2e", prov, cfg, "peak_memory_cuda", res["cuda_peak"], "bytes", dev)
+            for part, sec in res["embed_split"].items():   # rank 0's embedding pass, by where it waited
+                writer.add("e2e", prov, dict(cfg, part=part.removesuffix("_s")), "embed_split_s", sec, "s", dev)
             print(f"[e2e] n={n} procs={p}: {n / res['total_s']:.0f} img/s end to end, embed {res['embed_s']:.1f} s "
                   f"({n / res['embed_s']:.0f} img/s), discover {res['discover_s']:.1f} s, report {res['report_s']:.1f} s, "
                   f"peak RSS {res['peak_rss'] / 2**20:.0f} MiB (loader workers {res['peak_rss_loader'] / 2**20:.0f} MiB), "
+                  f"embed split {', '.join(f'{k} {v:.1f}' for k, v in res['embed_split'].items())}, "
                   f"load avg {res['loadavg_1m']:.1f}", flush=True)
         # stages alone (one process, all cores), on this pool and the 1-process run's store
-        rates = stage_rates(pool, clf, vae, 2000 if quick else 10_000, results[(n, 1)]["store"], device,
+        rates = stage_rates(pool, clf, vae, n if gpu else (2000 if quick else 10_000), results[(n, 1)]["store"], device,
                             other_classifiers=not quick)  # ResNet-18 alone takes minutes on a CPU
         cfg = {"n": n, "size": SIZE, "cores": os.cpu_count()}
-        for s in ("load", "classify", "encode", "cluster", "classify_small_cnn", "classify_resnet18"):
+        for s in ("load", "decode_1proc", "classify", "encode", "cluster", "classify_small_cnn", "classify_resnet18"):
             if s in rates:
                 extra = {"classifier": f"torchscript small_cnn width {CLF_WIDTH}"} if s == "classify" else {}
                 writer.add("stage", rates["loader"] if s == "load" else "torch", dict(cfg, stage=s, **extra),
@@ -287,7 +297,7 @@ def run(writer, quick: bool = False, device=None) -> None:
             writer.add("ratio", "discover_2procs_vs_1", cfg, "ratio", r1["discover_s"] / r2["discover_s"], "x", dev)
             writer.add("ratio", "e2e_2procs_vs_1", cfg, "ratio", r1["total_s"] / r2["total_s"], "x", dev)
         print(f"[e2e] n={n} stages alone: " + ", ".join(f"{s} {rates[s]:.0f} img/s" for s in
-                                                       ("load", "classify", "encode", "cluster", "classify_small_cnn",
+                                                       ("load", "decode_1proc", "classify", "encode", "cluster", "classify_small_cnn",
                                                         "classify_resnet18") if s in rates)
               + f" (loader: {rates['loader']}); slowest of the pass: {slowest}", flush=True)
     if len(sizes) > 1:

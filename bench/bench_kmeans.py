@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 
 import numpy as np
@@ -234,6 +235,16 @@ def _assign_vs_flash(writer, kc, x, off, cent, kpg, config, devname, reps):
         writer.add_timing("kmeans_assign", "flash-kmeans", cfg, theirs, devname, items=N, bytes_moved=nbytes, flops=flops)
         writer.add_timing("kmeans_assign", "cupy", dict(cfg, vs="flash-kmeans"), ours, devname, items=N,
                           bytes_moved=nbytes + N * 8, flops=flops)
+        if dt == torch.float16:   # the first tensor-core kernel, for the record of what v2 changed
+            os.environ["SPURFAST_KMEANS_TC2"] = "0"
+            try:
+                v1 = measure(lambda: kc.kmeans_assign(xs, off, cs, kpg), device="cuda", reps=max(reps, 10))
+            finally:
+                del os.environ["SPURFAST_KMEANS_TC2"]
+            writer.add_timing("kmeans_assign", "cupy-tc-v1", cfg, v1, devname, items=N, bytes_moved=nbytes + N * 8,
+                              flops=flops)
+            _log(f"assign fp16 N={N} d={d} k={k}: tensor-core v1 {v1['median_s'] * 1e3:.3f} ms, "
+                 f"v2 {ours['median_s'] * 1e3:.3f} ms")
         ratio = ours["median_s"] / theirs["median_s"]
         writer.add("kmeans_assign", "cupy", dict(cfg, vs="flash-kmeans"), "time_ratio", ratio, "x", devname)
         writer.add("kmeans_assign", "cupy", dict(cfg, vs="flash-kmeans"), "same_assignment", agree, "1", devname)

@@ -2,7 +2,8 @@
 # One GPU check: build the fatbins, every GPU test, then the GPU benchmarks; results under
 # $OUT (or ./out/gpu_check).  Budget: ~5 minutes on an H200.  Usage: bash bench/gpu_check.sh
 # Optional wheels in .whl/ (e.g. flash-kmeans, the k-means peer) are installed first.
-# SPURFAST_GPU_CHECK_STEPS="tests kmeans encoder e2e" picks steps (default: all).
+# SPURFAST_GPU_CHECK_STEPS="tests kmeans encoder e2e" picks steps (default: all);
+# SPURFAST_GPU_TESTS=<paths> narrows the GPU tests (default: tests).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out/gpu_check}"
@@ -21,12 +22,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >> "$LOG" 2>&1 && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
-# The GPU machine has torch/triton/cupy but maybe not this package's pure-Python deps.
-if ! $PY -m pip install -q --no-deps --no-build-isolation -e . >> "$LOG" 2>&1; then
-  # no setuptools there: lay the installed layout out by hand (kernels/ is spurfast.kernels)
-  rm -rf /tmp/spurfast_site && mkdir -p /tmp/spurfast_site
-  cp -r spurfast /tmp/spurfast_site/spurfast && cp -r kernels /tmp/spurfast_site/spurfast/kernels
-  export PYTHONPATH="/tmp/spurfast_site:$PWD:${PYTHONPATH:-}"
+# The GPU machine has torch/triton/cupy but not this package: install it editable (no
+# network there: the installed setuptools builds it), else make the source tree importable
+# as installed (setup.py maps kernels/ to spurfast.kernels) with a link removed on exit.
+if ! $PY -m pip install -q --no-deps --no-build-isolation --use-pep517 -e . >> "$LOG" 2>&1; then
+  step "editable install failed (see steps.log): linking spurfast/kernels -> kernels"
+  if [ ! -e spurfast/kernels ]; then ln -s ../kernels spurfast/kernels && trap 'rm -f spurfast/kernels' EXIT; fi
 fi
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
   $PY - <<'PY'
@@ -39,12 +40,27 @@ from spurfast.kernels import kmeans_cupy
 print("cupy kernels:", kmeans_cupy.is_available())
 PY
 } > "$OUT/gpu.txt" 2>&1
+echo "usable cores: $(nproc)" >> "$OUT/gpu.txt"
 cat "$OUT/gpu.txt"
+# kernel arguments travel as raw device pointers; if that ever disagrees with DLPack views
+# on this CuPy, keep DLPack for the rest of the check and say so
+$PY - >> "$LOG" 2>&1 <<'PY' || { export SPURFAST_KMEANS_DLPACK=1; step "pointer args FAILED: DLPack for the rest"; }
+import os, torch
+from spurfast.kernels import kmeans_cupy as kc
+x = torch.randn(3000, 40, device="cuda"); off = torch.tensor([0, 1000, 3000], device="cuda")
+c = torch.randn(2, 12, 40, device="cuda"); kpg = torch.tensor([12, 7], device="cuda")
+a1, d1 = kc.kmeans_assign(x, off, c, kpg)
+os.environ["SPURFAST_KMEANS_DLPACK"] = "1"
+a2, d2 = kc.kmeans_assign(x, off, c, kpg)
+torch.cuda.synchronize()
+assert torch.equal(a1, a2) and torch.equal(d1, d2), "pointer args disagree with DLPack args"
+print("pointer kernel args: same results as DLPack views")
+PY
 
 if want tests; then
   step "GPU tests"
-  XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 4"
-  timeout 180 $PY -m pytest -q -m gpu tests -p no:cacheprovider $XDIST -rfE > "$OUT/gpu_tests.log" 2>&1
+  XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
+  timeout 180 $PY -m pytest -q -m gpu ${SPURFAST_GPU_TESTS:-tests} -p no:cacheprovider $XDIST -rfE > "$OUT/gpu_tests.log" 2>&1
   step "GPU tests rc=$?"; tail -25 "$OUT/gpu_tests.log"
 fi
 if want kmeans; then

@@ -38,6 +38,8 @@ DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 ASSIGN_THREADS = 256
 ASSIGN_SHAPES = ((16, 256), (32, 128), (64, 64))   # (TK, TP), the smallest TK >= kmax wins
 TC_THREADS, TC_TP = 128, 64                       # tensor-core assign (fp16/bf16, sm_80+)
+TC2_TK, TC2_CLD = 64, 40                          # tensor-core assign v2: centroid tile, padded slice
+TC2_SMEM_MAX = 48 * 1024                          # dynamic shared memory without an opt-in
 UPDATE_ROWS, UPDATE_BLOCK = 64, (32, 8, 1)
 SIM_WARPS, SIM_THREADS, SIM_MAXM = 8, 128, 32
 
@@ -184,7 +186,14 @@ class _Launch:
 
 
 def _cp(t: torch.Tensor):
-    """Zero-copy CuPy view of a contiguous torch CUDA tensor (bf16 as an int16 view)."""
+    """A contiguous torch CUDA tensor as a kernel argument: its device pointer (a uint64
+    has a pointer's size; the caller keeps ``t`` alive until the launch is queued).
+    ``SPURFAST_KMEANS_DLPACK=1`` passes a zero-copy CuPy view instead (bf16 as int16),
+    the slower path kept for comparison: building DLPack views cost ~10 us per tensor."""
+    if os.environ.get("SPURFAST_KMEANS_DLPACK") != "1":
+        import numpy as np
+
+        return np.uint64(t.data_ptr())
     cupy = _cupy()
     t = t.detach()
     if t.dtype == torch.bfloat16:
@@ -298,20 +307,56 @@ def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqno
     c = c.contiguous()
     cterm = cterm.contiguous()
     dt = DTYPES[x.dtype]
-    if use_tensor_cores(x):
+    cosine = _i64(metric == "cosine")
+    mt, dp = tc2_shape(x) if use_tensor_cores(x) else (0, d)
+    if mt:
+        entry, tp, threads = f"spurfast_assign_tc2_{dt}_m{mt}", 64 * mt, TC_THREADS
+        hi, lo = split_centroids(c.view(G * kmax, d), x.dtype, dp)
+        xvec = d % 8 == 0 and x.data_ptr() % 16 == 0
+        extra_args = (_cp(hi), _cp(lo))
+        tail_args = (_i64(G), _i64(kmax), _i64(d), _i64(dp), cosine, _i64(xvec))
+        smem = (tp * (dp + 8) + 2 * TC2_TK * TC2_CLD) * 2
+    elif use_tensor_cores(x):
         entry, tp, threads = f"spurfast_assign_tc_{dt}", TC_TP, TC_THREADS
+        extra_args, tail_args, smem = (), (_i64(G), _i64(kmax), _i64(d), cosine), 0
     else:
         tk, tp = next(((tk, tp) for tk, tp in ASSIGN_SHAPES if tk >= kmax), ASSIGN_SHAPES[-1])
         entry, threads = f"spurfast_assign_{dt}_{tp}x{tk}", ASSIGN_THREADS
+        extra_args, tail_args, smem = (), (_i64(G), _i64(kmax), _i64(d), cosine), 0
     sizes = offsets[1:] - offsets[:-1]
     tile_first = _prefix(torch.div(sizes + (tp - 1), tp, rounding_mode="floor"))
     grid = (N + tp - 1) // tp + G   # >= number of tiles; extra blocks return at once
     with _Launch(x.device) as L:
         fn = _fn("kmeans_assign", entry, L.index)
         fn((grid,), (threads,),
-           (_cp(x), _cp(c), _cp(cterm), _cp(offsets), _cp(kpg), _cp(tile_first), _cp(assign), _cp(dist),
-            _i64(G), _i64(kmax), _i64(d), _i64(metric == "cosine")))
+           (_cp(x),) + extra_args + (_cp(c), _cp(cterm), _cp(offsets), _cp(kpg), _cp(tile_first), _cp(assign),
+                                     _cp(dist)) + tail_args, shared_mem=smem)
     return assign, dist
+
+
+def tc2_shape(x: torch.Tensor) -> tuple[int, int]:
+    """(m tiles per warp, padded d) of the v2 tensor-core assign for these points, or
+    (0, d) when its x tile would not fit the shared memory (then the v1 kernel runs).
+    ``SPURFAST_KMEANS_TC2=0`` keeps v1."""
+    d = x.shape[1]
+    dp = (d + 31) // 32 * 32
+    if os.environ.get("SPURFAST_KMEANS_TC2", "1") == "0":
+        return 0, d
+    for mt in (2, 1):
+        if (64 * mt * (dp + 8) + 2 * TC2_TK * TC2_CLD) * 2 <= TC2_SMEM_MAX:
+            return mt, dp
+    return 0, d
+
+
+def split_centroids(c: torch.Tensor, dtype: torch.dtype, dp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 rows (R, d) -> hi, lo in ``dtype`` (R, dp), zero-padded: c ~= hi + lo, so two
+    16-bit tensor-core products keep the scores near fp32 accuracy."""
+    R, d = c.shape
+    hi = torch.zeros(R, dp, dtype=dtype, device=c.device)
+    lo = torch.zeros(R, dp, dtype=dtype, device=c.device)
+    hi[:, :d] = c.to(dtype)
+    lo[:, :d] = (c - hi[:, :d].float()).to(dtype)
+    return hi, lo
 
 
 def kmeans_update(x, offsets, assign, kmax: int, deterministic: bool = True):
@@ -371,10 +416,11 @@ def cluster_similarity(x, offsets, assign, centroids, k_per_group, m: int = 8):
         return cos, exemplars, mean_cos, mean_sq
     c = centroids.to(device=x.device, dtype=torch.float32).contiguous()
     gid, perm, seg_first, _ = _segment_sort(offsets, assign, kmax, N)
+    gid = gid.contiguous()   # _cp passes pointers: every argument must outlive the launch
     with _Launch(x.device) as L:
         pt = _fn("kmeans_similarity", f"spurfast_sim_point_{DTYPES[x.dtype]}", L.index)
         pt(((N + SIM_WARPS - 1) // SIM_WARPS,), (SIM_WARPS * 32,),
-           (_cp(x), _cp(c), _cp(gid.contiguous()), _cp(assign), _cp(cos), _cp(sq), _i64(N), _i64(kmax), _i64(d)))
+           (_cp(x), _cp(c), _cp(gid), _cp(assign), _cp(cos), _cp(sq), _i64(N), _i64(kmax), _i64(d)))
         cl = _fn("kmeans_similarity", "spurfast_sim_cluster", L.index)
         cl((S,), (SIM_THREADS,),
            (_cp(perm), _cp(seg_first), _cp(cos), _cp(sq), _cp(exemplars), _cp(mean_cos), _cp(mean_sq), _i64(m)))

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +132,8 @@ def shard_dir(store_dir, shard_id: int, num_shards: int) -> Path:
 def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir, *, num_classes: int,
                batch_size: int = 256, device: str = "cpu", encoder_backend: str | None = None,
                loader_backend: str | None = None, progress: bool = True, stop_after: int | None = None,
-               num_workers: int | None = None, shard_id: int = 0, num_shards: int = 1) -> EmbeddingStore:
+               num_workers: int | None = None, shard_id: int = 0, num_shards: int = 1,
+               timings: dict | None = None) -> EmbeddingStore:
     """Stream ``source`` once through the classifier and the encoder into ``store_dir``.
 
     Resumes when ``store_dir`` holds an unfinished store of the same fingerprint.
@@ -144,6 +146,10 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
     (an extra column ``index`` holds each row's pool index), resumable per shard at batch
     granularity, and returns that shard store, or the main store if it is already
     complete.  :func:`merge_shards` then writes the shards into the main store.
+
+    ``timings`` (a dict, optional) accumulates where the pass spends its time: seconds
+    waiting for the loader (``load_wait_s``), in the models up to the results on the host
+    (``compute_s``), and writing the store (``write_s``), so the slow stage shows.
     """
     if num_workers is None:
         num_workers = os.cpu_count() or 1
@@ -198,8 +204,10 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
     todo = None if sel is None else sel[start:]
     bar = tqdm(total=store.n, initial=start, desc=desc, unit="img", disable=not progress,
                position=shard_id if num_shards > 1 else None)
+    clock = _Clock(timings)
     for b, batch in enumerate(iter_batches(source, batch_size, start=start, indices=todo,
                                            num_workers=num_workers, backend=loader_backend)):
+        clock.lap("load_wait_s")
         if stop_after is not None and b >= stop_after:
             break
         idx = batch.indices.numpy()
@@ -222,12 +230,28 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
             bad_files = getattr(source, "bad_files", {})
             store.manifest.setdefault("bad_files", {}).update(
                 {str(int(i)): bad_files.get(int(i), "could not be decoded") for i in idx[~ok]})
-        store.write(store.done, {"pred": pred, "conf": conf.cpu().numpy(), "probs": probs.cpu().numpy(),
-                                 "mu": mu.cpu().numpy(), "feats": feats.float().cpu().numpy().astype(np.float16),
-                                 "labels": batch.labels.numpy(), "ok": ok})
+        values = {"pred": pred, "conf": conf.cpu().numpy(), "probs": probs.cpu().numpy(),
+                  "mu": mu.cpu().numpy(), "feats": feats.float().cpu().numpy().astype(np.float16),
+                  "labels": batch.labels.numpy(), "ok": ok}
+        clock.lap("compute_s")
+        store.write(store.done, values)
         bar.update(len(idx))
+        clock.lap("write_s")
     bar.close()
     return store
+
+
+class _Clock:
+    """Adds the seconds since the previous lap to ``sink[name]``; no-op without a sink."""
+
+    def __init__(self, sink: dict | None):
+        self.sink, self.t = sink, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.sink is not None:
+            now = time.perf_counter()
+            self.sink[name] = self.sink.get(name, 0.0) + now - self.t
+            self.t = now
 
 
 def merge_shards(store_dir, num_shards: int, *, chunk: int = 65536, progress: bool = True,

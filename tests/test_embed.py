@@ -47,3 +47,16 @@ def test_output_width_and_nan_latents(tmp_path):
 def test_not_a_store(tmp_path):
     with pytest.raises(FileNotFoundError, match="not an embedding store"):
         EmbeddingStore(tmp_path)
+
+
+def test_pass_reports_where_its_time_went(tmp_path):
+    import time
+
+    src, clf, vae = _setup()
+    split = {}
+    t0 = time.perf_counter()
+    embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False, timings=split)
+    wall = time.perf_counter() - t0
+    assert set(split) == {"load_wait_s", "compute_s", "write_s"}
+    assert all(v > 0 for v in split.values()), split
+    assert sum(split.values()) <= wall, (split, wall)

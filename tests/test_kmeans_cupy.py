@@ -28,6 +28,8 @@ CASES = [
     ([257, 31, 500], 29, 100),
     ([5000], 130, 128),                               # k > one 64-wide centroid tile
     (np.random.default_rng(0).integers(0, 30, 1000).tolist(), 16, 24),   # 1000 groups
+    ([700, 300], 20, 200),                            # tensor-core v2 with one m tile per warp
+    ([300], 10, 300),                                 # d too wide for v2's x tile: v1 runs
 ]
 
 
@@ -162,14 +164,17 @@ def _cast(x, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tc", [(torch.float32, "0"), (torch.float16, "1"), (torch.float16, "0"),
-                                      (torch.bfloat16, "1"), (torch.bfloat16, "0")],
-                         ids=["fp32", "fp16-tensorcore", "fp16-simt", "bf16-tensorcore", "bf16-simt"])
+                                      (torch.bfloat16, "1"), (torch.bfloat16, "0"), (torch.float16, "v1"),
+                                      (torch.bfloat16, "v1")],
+                         ids=["fp32", "fp16-tensorcore", "fp16-simt", "bf16-tensorcore", "bf16-simt",
+                              "fp16-tensorcore-v1", "bf16-tensorcore-v1"])
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_assign_matches_reference(case, metric, dtype, tc, monkeypatch):
-    monkeypatch.setenv("SPURFAST_KMEANS_TC", tc)
+    monkeypatch.setenv("SPURFAST_KMEANS_TC", "0" if tc == "0" else "1")
+    monkeypatch.setenv("SPURFAST_KMEANS_TC2", "0" if tc == "v1" else "1")
     assert kc.use_tensor_cores(torch.empty(0, dtype=dtype, device="cuda")) == (
-        tc == "1" and torch.cuda.get_device_capability()[0] >= 8)
+        tc != "0" and torch.cuda.get_device_capability()[0] >= 8)
     sizes, kmax, d = CASES[case]
     x, off, cent, kpg = make_case(sizes, kmax, d, seed=case)
     xq = _cast(x, dtype)
@@ -179,6 +184,40 @@ def test_assign_matches_reference(case, metric, dtype, tc, monkeypatch):
     check_assign_near_optimal(assign, dist, D, dtype, f"assign[{metric}, {dtype}]")
     ra, rd = ref.kmeans_assign(xq, off, cent, kpg, metric)
     assert_close(dist, rd, torch.float32, name="dist vs reference")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_tensor_core_assign_misaligned_rows(dtype):
+    x, off, cent, kpg = make_case([300, 129], 70, 64, seed=7)
+    flat = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")
+    flat[1:] = x.to(dtype).flatten()
+    xq = flat[1:].view(x.shape)          # 2 bytes off: the kernel must not use 16-byte row loads
+    assert xq.data_ptr() % 16 != 0 and kc.tc2_shape(xq)[0] == 2
+    assign, dist = kc.kmeans_assign(xq, off, cent, kpg)
+    check_assign_near_optimal(assign, dist, exact_dists(xq.float(), off, cent, kpg, "l2"), dtype, "misaligned")
+    a2, d2 = kc.kmeans_assign(xq.clone(), off, cent, kpg)      # aligned copy: 16-byte loads
+    assert_equal_int(assign, a2, "misaligned vs aligned rows")
+    assert_close(dist, d2, torch.float32, name="misaligned vs aligned distances")
+
+
+def test_tensor_core_v2_shape_and_centroid_split(monkeypatch):
+    # CPU: which kernel a width gets, and the hi + lo split it multiplies
+    monkeypatch.delenv("SPURFAST_KMEANS_TC2", raising=False)
+    shapes = {d: kc.tc2_shape(torch.empty(1, d)) for d in (16, 33, 128, 129, 200, 288, 289)}
+    assert shapes == {16: (2, 32), 33: (2, 64), 128: (2, 128), 129: (1, 160), 200: (1, 224),
+                      288: (1, 288), 289: (0, 289)}
+    monkeypatch.setenv("SPURFAST_KMEANS_TC2", "0")
+    assert kc.tc2_shape(torch.empty(1, 64)) == (0, 64)
+    c = torch.randn(37, 50, generator=torch.Generator().manual_seed(0)) * 3
+    for dtype, rel in ((torch.float16, 2.0 ** -21), (torch.bfloat16, 2.0 ** -15)):
+        hi, lo = kc.split_centroids(c, dtype, 64)
+        assert hi.shape == lo.shape == (37, 64) and hi.dtype == lo.dtype == dtype
+        assert not hi[:, 50:].any() and not lo[:, 50:].any(), "padding must be zero"
+        err = (hi[:, :50].float() + lo[:, :50].float() - c).abs()
+        excess = err - (rel * c.abs() + 2.0 ** -24)    # + fp16's subnormal step for tiny lo parts
+        assert float(excess.max()) <= 0, f"{dtype}: hi + lo off by up to {float(err.max()):.3g}"
+        assert float((hi[:, :50].float() - c).abs().max()) > 0, "the test needs centroids that round"
 
 
 @pytest.mark.gpu

@@ -339,3 +339,201 @@ __device__ __forceinline__ void assign_tc(
     }
 SPURFAST_ASSIGN_TC_ENTRY(f16, f16_t)
 SPURFAST_ASSIGN_TC_ENTRY(bf16, bf16_t)
+
+// ============================================================================ tensor cores, v2
+// The same arithmetic as assign_tc (x exact in its dtype, centroids as hi + lo halves, two
+// mma.sync per product, fp32 accumulate, the winner's distance recomputed in fp32), laid
+// out so the tensor cores are fed instead of waiting:
+// - the launcher splits the centroids into hi / lo once per call ((G*kmax, dp) 16-bit,
+//   zero-padded to dp = d rounded up to 32), so blocks copy them with 16-byte loads
+//   instead of converting fp32 centroids per block;
+// - the block's x tile (TP points x dp) is loaded once into shared memory and stays there
+//   for every centroid tile (16-byte loads when rows are 16-byte aligned);
+// - each warp owns MT m16 tiles, so every centroid fragment feeds 2*MT mma.
+// Shared memory (dynamic): xs[TP][dp+8] then chi[TK][DK+8], clo[TK][DK+8] (16-bit
+// elements; the +8 padding keeps the fragment loads conflict-free).  TP = 64 * MT.
+#define TC2_TK 64
+#define TC2_DK 32
+#define TC2_CLD (TC2_DK + 8)
+
+template <typename T, int MT>
+__device__ __forceinline__ void assign_tc2(
+    const T* __restrict__ x, const unsigned short* __restrict__ chi_g, const unsigned short* __restrict__ clo_g,
+    const float* __restrict__ cent, const float* __restrict__ cterm,
+    const i64* __restrict__ offsets, const i64* __restrict__ kpg, const i64* __restrict__ tile_first,
+    i64* __restrict__ assign, float* __restrict__ dist, i64 G, i64 kmax, i64 d, i64 dp, int cosine, int xvec)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();   // the launcher only picks this kernel on sm_80 and newer
+#else
+    constexpr int TP = 64 * MT;
+    extern __shared__ __align__(16) unsigned short smem[];
+    const int xld = (int)dp + 8;
+    unsigned short* xs = smem;                          // [TP][xld]
+    unsigned short* chi = smem + TP * xld;              // [TK][CLD]
+    unsigned short* clo = chi + TC2_TK * TC2_CLD;       // [TK][CLD]
+
+    const i64 b = blockIdx.x;
+    if (b >= tile_first[G]) return;
+    const i64 g = find_segment(tile_first, G, b);
+    const i64 start = offsets[g] + (b - tile_first[g]) * TP;
+    const int npts = (int)min((i64)TP, offsets[g + 1] - start);
+    const i64 k = kpg[g];
+    const float* cg = cent + g * kmax * d;
+    const float* tg = cterm + g * kmax;
+    const unsigned short* hg = chi_g + g * kmax * dp;
+    const unsigned short* lg = clo_g + g * kmax * dp;
+    const unsigned short* xb = reinterpret_cast<const unsigned short*>(x);
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int gq = lane >> 2, tq = lane & 3;
+    const float alpha = cosine ? -1.0f : -2.0f;
+
+    // x tile -> shared memory, zero-padded (rows past npts, columns past d)
+    if (xvec) {                                         // d % 8 == 0 and x 16-byte aligned
+        const int cpr = (int)(dp >> 3);                 // 16-byte chunks per padded row
+        for (int e = tid; e < TP * cpr; e += TC_THREADS) {
+            const int p = e / cpr, col = (e % cpr) * 8;
+            uint4 v = make_uint4(0u, 0u, 0u, 0u);
+            if (p < npts && col < d) v = *reinterpret_cast<const uint4*>(xb + (start + p) * d + col);
+            *reinterpret_cast<uint4*>(xs + p * xld + col) = v;
+        }
+    } else {
+        for (int e = tid; e < TP * (int)dp; e += TC_THREADS) {
+            const int p = e / (int)dp, col = e % (int)dp;
+            xs[p * xld + col] = (p < npts && col < d) ? xb[(start + p) * d + col] : (unsigned short)0;
+        }
+    }
+
+    float best[MT][2];
+    int bidx[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        best[mt][0] = best[mt][1] = f32_inf();
+        bidx[mt][0] = bidx[mt][1] = 0x7fffffff;
+    }
+
+    for (i64 k0 = 0; k0 < k; k0 += TC2_TK) {
+        float acc[MT][8][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) acc[mt][nt][q] = 0.f;
+        for (i64 d0 = 0; d0 < dp; d0 += TC2_DK) {
+            __syncthreads();                            // previous slice consumed (and x tile written)
+            // TK rows x 4 chunks of 8 for each of hi and lo: 512 chunks, 4 per thread
+            for (int e = tid; e < 2 * TC2_TK * 4; e += TC_THREADS) {
+                const int which = e >= TC2_TK * 4, r = e - which * TC2_TK * 4;
+                const int j = r >> 2, col = (r & 3) * 8;
+                uint4 v = make_uint4(0u, 0u, 0u, 0u);
+                if (k0 + j < k)
+                    v = *reinterpret_cast<const uint4*>((which ? lg : hg) + (k0 + j) * dp + d0 + col);
+                *reinterpret_cast<uint4*>((which ? clo : chi) + j * TC2_CLD + col) = v;
+            }
+            __syncthreads();
+#pragma unroll
+            for (int ks = 0; ks < TC2_DK; ks += 16) {
+                unsigned a[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    const unsigned short* xr = xs + (warp * 16 * MT + mt * 16 + gq) * xld + d0 + ks + 2 * tq;
+                    a[mt][0] = *reinterpret_cast<const unsigned*>(xr);
+                    a[mt][1] = *reinterpret_cast<const unsigned*>(xr + 8 * xld);
+                    a[mt][2] = *reinterpret_cast<const unsigned*>(xr + 8);
+                    a[mt][3] = *reinterpret_cast<const unsigned*>(xr + 8 * xld + 8);
+                }
+#pragma unroll
+                for (int nt = 0; nt < 8; ++nt) {
+                    if (k0 + nt * 8 >= k) break;        // warp-uniform: whole n8 tile unused
+                    const int off = (nt * 8 + gq) * TC2_CLD + ks + 2 * tq;
+                    const unsigned h0 = *reinterpret_cast<const unsigned*>(chi + off);
+                    const unsigned h1 = *reinterpret_cast<const unsigned*>(chi + off + 8);
+                    const unsigned l0 = *reinterpret_cast<const unsigned*>(clo + off);
+                    const unsigned l1 = *reinterpret_cast<const unsigned*>(clo + off + 8);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma16816(acc[mt][nt], a[mt], h0, h1, T());
+                        mma16816(acc[mt][nt], a[mt], l0, l1, T());
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const i64 cj = k0 + nt * 8 + 2 * tq + (q & 1);
+                if (cj < k) {
+                    const float t = tg[cj];
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        const int h = q >> 1;           // 0: row gq, 1: row gq + 8
+                        const float s = fmaf(alpha, acc[mt][nt][q], t);
+                        if (s < best[mt][h] || (s == best[mt][h] && (int)cj < bidx[mt][h])) {
+                            best[mt][h] = s;
+                            bidx[mt][h] = (int)cj;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // the 4 lanes of a quad share rows gq and gq + 8 of each m tile
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int off = 1; off < 4; off <<= 1) {
+                const float ob = __shfl_xor_sync(0xffffffffu, best[mt][h], off);
+                const int oi = __shfl_xor_sync(0xffffffffu, bidx[mt][h], off);
+                if (ob < best[mt][h] || (ob == best[mt][h] && oi < bidx[mt][h])) { best[mt][h] = ob; bidx[mt][h] = oi; }
+            }
+    // exact distance of the winner (L2) or |x| (cosine) from the x tile in shared memory,
+    // split over the quad's 4 lanes
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int p = warp * 16 * MT + mt * 16 + gq + 8 * h;
+            const int idx = bidx[mt][h] == 0x7fffffff ? 0 : bidx[mt][h];
+            float acc2 = 0.f;
+            if (p < npts) {
+                const unsigned short* xr = xs + p * xld;
+                const float* crow = cg + (i64)idx * d;
+                for (i64 col = tq; col < d; col += 4) {
+                    T v; v.bits = xr[col];
+                    const float xv = to_f32(v);
+                    const float df = cosine ? xv : xv - crow[col];
+                    acc2 = fmaf(df, df, acc2);
+                }
+            }
+            acc2 += __shfl_xor_sync(0xffffffffu, acc2, 1);
+            acc2 += __shfl_xor_sync(0xffffffffu, acc2, 2);
+            if (tq == 0 && p < npts) {
+                assign[start + p] = idx;
+                dist[start + p] = cosine ? 1.0f + best[mt][h] / fmaxf(sqrtf(acc2), 1e-12f) : acc2;
+            }
+        }
+#endif
+}
+
+// Entry points: spurfast_assign_tc2_<f16|bf16>_m<MT>; TC_THREADS threads, 64*MT points per
+// tile, dynamic shared memory (64*MT*(dp+8) + 2*TC2_TK*TC2_CLD) * 2 bytes.
+#define SPURFAST_ASSIGN_TC2_ENTRY(NAME, T, MT)                                                     \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS) spurfast_assign_tc2_##NAME##_m##MT(   \
+        const T* __restrict__ x, const unsigned short* __restrict__ chi,                          \
+        const unsigned short* __restrict__ clo, const float* __restrict__ cent,                   \
+        const float* __restrict__ cterm, const i64* __restrict__ offsets,                         \
+        const i64* __restrict__ kpg, const i64* __restrict__ tile_first,                          \
+        i64* __restrict__ assign, float* __restrict__ dist,                                       \
+        i64 G, i64 kmax, i64 d, i64 dp, i64 cosine, i64 xvec) {                                   \
+        assign_tc2<T, MT>(x, chi, clo, cent, cterm, offsets, kpg, tile_first, assign, dist,       \
+                          G, kmax, d, dp, (int)cosine, (int)xvec);                                \
+    }
+SPURFAST_ASSIGN_TC2_ENTRY(f16, f16_t, 1)
+SPURFAST_ASSIGN_TC2_ENTRY(f16, f16_t, 2)
+SPURFAST_ASSIGN_TC2_ENTRY(bf16, bf16_t, 1)
+SPURFAST_ASSIGN_TC2_ENTRY(bf16, bf16_t, 2)
