@@ -91,3 +91,22 @@ def test_array_source_bad_input():
         ArraySource(np.zeros((4, 4)))
     with pytest.raises(ValueError, match="different image shapes"):
         ConcatSource([ArraySource(np.zeros((1, 4, 4))), ArraySource(np.zeros((1, 5, 5)))])
+
+
+def test_iter_batches_yields_raw_uint8_from_folders_on_request(tmp_path):
+    from PIL import Image
+
+    from spurfast.data.folder import ImageFolderSource
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.png")
+    src = ImageFolderSource(tmp_path, size=16)
+    f = torch.cat([b.images for b in iter_batches(src, batch_size=4, backend="torch")])
+    u = torch.cat([b.images for b in iter_batches(src, batch_size=4, backend="torch", dtype=torch.uint8)])
+    assert f.dtype == torch.float32 and u.dtype == torch.uint8 and u.shape == f.shape == (6, 3, 16, 16)
+    assert torch.equal(u.float().div(255), f)
+    arr = ArraySource(torch.rand(5, 1, 8, 8), np.zeros(5, dtype=np.int64))   # in memory: its own floats
+    assert next(iter(iter_batches(arr, batch_size=5, dtype=torch.uint8))).images.dtype == torch.float32

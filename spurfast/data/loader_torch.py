@@ -80,8 +80,13 @@ def iter_folder_batches(paths, *, size: int, channels: int = 3, batch_size: int 
 
 
 def iter_batches(source: ImageSource, batch_size: int = 256, start: int = 0,
-                 indices=None, num_workers: int = 0, backend: str | None = None) -> Iterator[Batch]:
-    """Stream ``source`` (from pool index ``start``, or the given ``indices``) in order."""
+                 indices=None, num_workers: int = 0, backend: str | None = None,
+                 dtype: torch.dtype | None = None) -> Iterator[Batch]:
+    """Stream ``source`` (from pool index ``start``, or the given ``indices``) in order.
+
+    ``dtype=torch.uint8`` asks folder pools for raw 0..255 images (a quarter of the bytes
+    to move; the caller converts, e.g. on its GPU); in-memory sources yield their own
+    floats whatever ``dtype`` says."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     idx_all = np.arange(start, len(source)) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -90,7 +95,7 @@ def iter_batches(source: ImageSource, batch_size: int = 256, start: int = 0,
         from .. import backends
         _, fn = backends.resolve("loader", backend)
         labels = source.labels()
-        extra = {}
+        extra = {} if dtype is None else {"dtype": dtype}
         if "bad_files" in inspect.signature(fn).parameters:
             extra["bad_files"] = source.bad_files
         for idx, images, ok in fn(paths, size=source.spec.size, channels=source.spec.channels,
