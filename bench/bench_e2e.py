@@ -1,7 +1,8 @@
 """End to end: `spurfast discover`'s steps over a procedural JPEG folder pool, 1 vs N
 processes under torchrun, with per-stage times and peak memory.
 
-For each pool size (10k and 100k images; --quick: 600, on a GPU 20k) the pool is generated once with
+For each pool size (10k and 100k images; --quick: 600, on a GPU 20k; or
+$SPURFAST_BENCH_E2E_SIZES, comma-separated) the pool is generated once with
 `spurfast make-pool` (64-160 px JPEGs, 10 classes, a noise pattern planted in 5%) and
 cached under $SPURFAST_BENCH_DIR (default /tmp/spurfast-bench).  Models, with seeded
 random weights (the figures are throughput, not findings): the classifier is a user's
@@ -224,7 +225,8 @@ def stage_rates(pool: Path, clf_p: Path, vae_p: Path, sample: int, store_dir: Pa
     out = {"loader": backends.resolve("loader")[0]}
     t0 = time.perf_counter()
     seen = 0
-    for b in iter_batches(src, 256, indices=np.arange(m), num_workers=os.cpu_count() or 1):
+    raw = torch.uint8 if str(device).startswith("cuda") else None   # as the pass loads for this device
+    for b in iter_batches(src, 256, indices=np.arange(m), num_workers=os.cpu_count() or 1, dtype=raw):
         seen += len(b.indices)
     out["load"] = seen / (time.perf_counter() - t0)
     # one process decoding (no workers): the per-core rate the loader's workers multiply
@@ -267,6 +269,8 @@ def run(writer, quick: bool = False, device=None) -> None:
     gpu = device.startswith("cuda")
     # on GPUs: one process per GPU (NCCL needs distinct devices)
     sizes = ([20_000] if gpu else [600]) if quick else [10_000, 100_000]
+    if os.environ.get("SPURFAST_BENCH_E2E_SIZES"):   # e.g. "100000" for one large pool on a GPU
+        sizes = [int(v) for v in os.environ["SPURFAST_BENCH_E2E_SIZES"].split(",")]
     procs = [1] + [p for p in (2,) if not gpu or torch.cuda.device_count() >= p]
     n_null = 5 if quick else 30
     clf, vae = ensure_models()
