@@ -329,8 +329,6 @@ def run(writer, quick: bool = False, device=None) -> None:
             lo, hi = results[(sizes[0], p)], results[(sizes[-1], p)]
             writer.add("ratio", f"peak_memory_{sizes[-1]}_vs_{sizes[0]}", {"procs": p}, "ratio",
                        hi["peak_rss"] / lo["peak_rss"], "x", dev)
-    if not gpu:
-        writer.add("e2e", "h200", {"size": SIZE}, "e2e_images_per_s_target_5000", float("nan"), "unmeasured", "none")
 
 
 if __name__ == "__main__":

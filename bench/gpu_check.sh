@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU check: build the fatbins, every GPU test, then the GPU benchmarks; results under
-# $OUT (or ./out/gpu_check).  Budget: ~5 minutes on an H200.  Usage: bash bench/gpu_check.sh
+# $OUT (or ./out/gpu_check).  On an H200 (2026-11-28): ~4.5 minutes for all steps.  Usage: bash bench/gpu_check.sh
 # Optional wheels in .whl/ (e.g. flash-kmeans, the k-means peer) are installed first.
 # SPURFAST_GPU_CHECK_STEPS="tests kmeans encoder e2e" picks steps (default: all);
 # SPURFAST_GPU_TESTS=<paths> narrows the GPU tests (default: tests).
