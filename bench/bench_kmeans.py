@@ -4,6 +4,7 @@ python -m bench kmeans [--quick] [--device cpu|cuda]
 
 Providers
   cupy            the CUDA kernels (spurfast.kernels.kmeans_cupy), GPU only
+  cpu             the fused CPU kernels (spurfast.kernels.kmeans_cpu, AVX2), CPU only
   torch           the reference (spurfast.kernels.reference), CPU and GPU
   torch-loop      the reference called once per group from Python (what batching replaces)
   faiss-cpu       faiss.Kmeans on all points (one group only), CPU
@@ -287,6 +288,14 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
     threads = torch.get_num_threads()
     reps = 3 if quick else 7
     kc = None
+    kcpu = None
+    if dev == "cpu":
+        from spurfast.kernels import kmeans_cpu
+
+        ok, why = kmeans_cpu.is_available()
+        kcpu = kmeans_cpu if ok else None
+        if not ok:
+            _log(f"fused cpu kernels skipped: {why}")
     if dev == "cuda":
         from spurfast.kernels import kmeans_cupy
 
@@ -312,6 +321,9 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
             if kc is not None:
                 entries["cupy"] = ("step", _step_fn(kc, x, off, cent, kpg))
                 entries["cupy-fit"] = ("fit", _ours_fit(x, off, cent, kpg, "cupy"))
+            if kcpu is not None:
+                entries["cpu"] = ("step", _step_fn(kcpu, x, off, cent, kpg))
+                entries["cpu-fit"] = ("fit", _ours_fit(x, off, cent, kpg, "cpu"))
             if G == 1 and dev == "cpu":
                 for name, maker in (("faiss-cpu", lambda: _faiss_fit(x, cent, threads)),
                                     ("sklearn", lambda: _sklearn_fit(x, cent, threads))):
@@ -323,6 +335,8 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
                 record(name, st)
         else:
             record("torch", measure(_step_fn(ref, x, off, cent, kpg), device=dev, reps=reps))
+            if kcpu is not None:
+                record("cpu", measure(_step_fn(kcpu, x, off, cent, kpg), device=dev, reps=reps))
         if kc is not None:
             if "cupy" not in results:
                 record("cupy", measure(_step_fn(kc, x, off, cent, kpg), device=dev, reps=reps))
@@ -359,15 +373,14 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
                 _log(f"flash-kmeans skipped: not installed ({exc})")
             except Exception as exc:  # API drift: say so, keep the other rows
                 _log(f"flash-kmeans skipped: {exc.__class__.__name__}: {exc}")
-        ours = results.get("cupy-fit", results.get("torch-fit"))
-        ours_name = "cupy-fit" if "cupy-fit" in results else "torch-fit"
-        for peer in ("faiss-cpu", "sklearn", "flash-kmeans"):
-            if ours is not None and peer in results:
-                ratio = ours / results[peer]
-                writer.add(OP, ours_name, dict(config, vs=peer), "time_ratio", ratio, "x", devname)
-                _log(f"{ours_name} / {peer} per-iteration time at N={N} d={d} k={k} G={G}: {ratio:.2f}x")
+        for ours_name in [n for n in ("cupy-fit", "cpu-fit", "torch-fit") if n in results]:
+            for peer in ("faiss-cpu", "sklearn", "flash-kmeans"):
+                if peer in results:
+                    ratio = results[ours_name] / results[peer]
+                    writer.add(OP, ours_name, dict(config, vs=peer), "time_ratio", ratio, "x", devname)
+                    _log(f"{ours_name} / {peer} per-iteration time at N={N} d={d} k={k} G={G}: {ratio:.2f}x")
         if "torch-loop" in results:
-            best = results.get("cupy", results["torch"])
+            best = results.get("cupy", results.get("cpu", results["torch"]))
             _log(f"batched / per-group loop at N={N} d={d} k={k} G={G}: {results['torch-loop'] / best:.1f}x faster")
         del x, off, cent, kpg
         if dev == "cuda":

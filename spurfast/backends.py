@@ -9,6 +9,9 @@ Choice per call: an explicit ``backend=`` argument, else the environment variabl
 ``SPURFAST_BACKEND`` (applies to every op that has such a provider), else ``auto``.
 ``auto`` takes the first available provider and logs why it skipped the others; a
 provider named explicitly raises :class:`BackendUnavailable` if it cannot run here.
+A provider may serve one device type only (``devices``): :func:`call` reads the device
+of its first tensor argument, and ``auto`` skips providers that cannot take it (CPU
+tensors on a GPU machine go to a CPU provider, not to the CuPy kernels).
 """
 from __future__ import annotations
 
@@ -29,6 +32,10 @@ class BackendUnavailable(RuntimeError):
 class Provider:
     name: str
     target: str  # "module:function"
+    devices: tuple[str, ...] | None = None   # device types it takes; None: any
+
+    def serves(self, device: str | None) -> bool:
+        return device is None or self.devices is None or device in self.devices
 
     def load(self) -> Callable:
         module, func = self.target.split(":")
@@ -58,15 +65,17 @@ REGISTRY: dict[str, list[Provider]] = {
         Provider("torch", f"{REF}:encoder_forward"),
     ],
     "kmeans_assign": [
-        Provider("cupy", "spurfast.kernels.kmeans_cupy:kmeans_assign"),
+        Provider("cupy", "spurfast.kernels.kmeans_cupy:kmeans_assign", ("cuda",)),
+        Provider("cpu", "spurfast.kernels.kmeans_cpu:kmeans_assign", ("cpu",)),
         Provider("torch", f"{REF}:kmeans_assign"),
     ],
     "kmeans_update": [
-        Provider("cupy", "spurfast.kernels.kmeans_cupy:kmeans_update"),
+        Provider("cupy", "spurfast.kernels.kmeans_cupy:kmeans_update", ("cuda",)),
+        Provider("cpu", "spurfast.kernels.kmeans_cpu:kmeans_update", ("cpu",)),
         Provider("torch", f"{REF}:kmeans_update"),
     ],
     "cluster_similarity": [
-        Provider("cupy", "spurfast.kernels.kmeans_cupy:cluster_similarity"),
+        Provider("cupy", "spurfast.kernels.kmeans_cupy:cluster_similarity", ("cuda",)),
         Provider("torch", f"{REF}:cluster_similarity"),
     ],
     "loader": [
@@ -75,7 +84,7 @@ REGISTRY: dict[str, list[Provider]] = {
     ],
 }
 
-_cache: dict[tuple[str, str], tuple[str, Callable]] = {}
+_cache: dict[tuple[str, str, str | None], tuple[str, Callable]] = {}
 
 
 def providers(op: str) -> list[Provider]:
@@ -97,10 +106,11 @@ def requested(op: str, backend: str | None = None) -> str:
     return "auto"
 
 
-def resolve(op: str, backend: str | None = None) -> tuple[str, Callable]:
-    """Return (provider name, function) for ``op``."""
+def resolve(op: str, backend: str | None = None, device: str | None = None) -> tuple[str, Callable]:
+    """Return (provider name, function) for ``op``; ``device`` (a device type such as
+    "cpu" or "cuda") restricts ``auto`` to the providers that take it."""
     want = requested(op, backend)
-    key = (op, want)
+    key = (op, want, device)
     if key in _cache:
         return _cache[key]
     provs = providers(op)
@@ -116,16 +126,20 @@ def resolve(op: str, backend: str | None = None) -> tuple[str, Callable]:
         _cache[key] = (want, match[0].load())
         return _cache[key]
     for p in provs:
+        if not p.serves(device):
+            continue
         ok, why = p.available()
         if ok:
             _cache[key] = (p.name, p.load())
             return _cache[key]
         log.info("%s: skipping backend %s (%s)", op, p.name, why)
-    raise BackendUnavailable(f"no backend for {op!r} is available")
+    raise BackendUnavailable(f"no backend for {op!r} is available" + (f" for {device} tensors" if device else ""))
 
 
 def call(op: str, *args, backend: str | None = None, **kwargs):
-    return resolve(op, backend)[1](*args, **kwargs)
+    """Run ``op`` with the provider chosen for the device of its first tensor argument."""
+    device = next((a.device.type for a in args if hasattr(a, "device")), None)
+    return resolve(op, backend, device)[1](*args, **kwargs)
 
 
 def report() -> dict[str, dict[str, str]]:

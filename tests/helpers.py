@@ -2,7 +2,10 @@
 messages that say how many elements mismatch, where, and the max error."""
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from spurfast.kernels import reference as ref
 
 # (atol, rtol) per compute dtype; kernels accumulate in fp32 in every case.
 TOLERANCES = {
@@ -42,3 +45,73 @@ def assert_equal_int(actual: torch.Tensor, expected: torch.Tensor, name: str = "
     if bool(bad.any()):
         pos = bad.nonzero()[:5].tolist()
         raise AssertionError(f"{name}: {int(bad.sum())} of {a.numel()} entries differ; first positions {pos}")
+
+
+# ----------------------------------------------------------------------------- k-means kernels
+# (sizes per group, kmax, d): fewer points than k, empty groups, one group, many groups,
+# d not a multiple of the 32-wide tile, every assign tile shape (kmax <= 16, <= 32, > 32)
+CASES = [
+    ([37], 5, 16),
+    ([3, 0, 200, 1, 0, 65], 7, 33),                  # group with fewer points than kmax, empties
+    ([1000], 40, 67),                                 # one group, k > 32, odd d
+    ([257, 31, 500], 29, 100),
+    ([5000], 130, 128),                               # k > one 64-wide centroid tile
+    (np.random.default_rng(0).integers(0, 30, 1000).tolist(), 16, 24),   # 1000 groups
+    ([700, 300], 20, 200),                            # tensor-core v2 with one m tile per warp
+    ([300], 10, 300),                                 # d too wide for v2's x tile: v1 runs
+]
+
+
+def make_case(sizes, kmax, d, seed, device="cuda"):
+    """Points (sorted by group), offsets, random centroids and k per group for a CASES entry."""
+    g = torch.Generator().manual_seed(seed)
+    N = int(sum(sizes))
+    x = torch.randn(N, d, generator=g) * 2 + 0.5
+    off = torch.zeros(len(sizes) + 1, dtype=torch.int64)
+    off[1:] = torch.cumsum(torch.tensor(sizes, dtype=torch.int64), 0)
+    kpg = torch.tensor([min(kmax, s) for s in sizes], dtype=torch.int64)
+    cent = torch.randn(len(sizes), kmax, d, generator=g) * 2
+    return x.to(device), off.to(device), cent.to(device), kpg.to(device)
+
+
+def exact_dists(x, off, cent, kpg, metric):
+    """float64 (N, kmax) distances to the point's own group's centroids, inf where unused."""
+    xd, cd = x.double(), cent.double()
+    gid = ref.group_ids(off)
+    c = cd[gid]                                   # (N, kmax, d)
+    if metric == "l2":
+        D = ((xd.unsqueeze(1) - c) ** 2).sum(-1)
+    else:
+        xn = torch.nn.functional.normalize(xd, dim=-1)
+        cn = torch.nn.functional.normalize(c, dim=-1)
+        D = 1 - (cn @ xn.unsqueeze(-1)).squeeze(-1)
+    kmask = torch.arange(cent.shape[1], device=x.device).unsqueeze(0) >= kpg[gid].unsqueeze(1)
+    return D.masked_fill(kmask, float("inf"))
+
+
+def exact_sums(x, off, assign, kmax):
+    """float64 per-(group, cluster) sums and int64 counts."""
+    G = len(off) - 1
+    flat = ref.group_ids(off) * kmax + assign
+    sums = torch.zeros(G * kmax, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, flat, x.double())
+    counts = torch.bincount(flat, minlength=G * kmax)
+    return sums.view(G, kmax, -1), counts.view(G, kmax)
+
+
+def check_assign_near_optimal(assign, dist, D, dtype, name):
+    """The chosen centroid is a nearest one up to the dtype's tolerance (exact ties and
+    rounding-level near-ties may pick either), the distance matches, and where the
+    nearest is clear of the runner-up the index equals the exact argmin."""
+    atol, rtol = TOLERANCES[torch.float32]
+    N = len(assign)
+    if N == 0:
+        return
+    best, arg = D.min(1)
+    chosen = D.gather(1, assign.unsqueeze(1)).squeeze(1)
+    slack = atol + rtol * best.abs() + 1e-5 * (1 + best.abs())
+    bad = (chosen > best + slack).nonzero().flatten()
+    assert len(bad) == 0, f"{name}: {len(bad)} of {N} points not at a nearest centroid, first {bad[:5].tolist()}"
+    top2 = D.topk(min(2, D.shape[1]), dim=1, largest=False).values
+    clear = (top2[:, -1] - top2[:, 0] > 10 * slack) if D.shape[1] > 1 else torch.ones_like(best, dtype=torch.bool)
+    assert_equal_int(assign[clear], arg[clear], f"{name} (clear winners)")
+    assert_close(dist, chosen, torch.float32, name=f"{name} dist")

@@ -1,0 +1,258 @@
+"""Fused CPU k-means steps (``kernels/cpu/kmeans_cpu.cpp``, AVX2 + FMA) through ctypes.
+
+Same signatures and semantics as ``kmeans_assign`` and ``kmeans_update`` in
+``spurfast.kernels.reference``, for CPU tensors.  The reference forms each distance block
+with a GEMM, writes it to memory and runs numpy's argmin over it, then a third pass for
+the winner's distance; here one pass keeps a 6-point x 16-centroid tile of scores in
+registers and reduces it on the spot.
+
+The shared library is compiled on first use with the system C++ compiler (``$CXX``, else
+g++ or c++; about 2 s) into ``$SPURFAST_CACHE_DIR`` (default ``~/.cache/spurfast``), named
+by a hash of the source and flags, and loaded from there afterwards.  ``is_available()``
+says why it cannot run (no x86-64 AVX2/FMA, no compiler, a failed build), and the
+registry then falls back to the reference.  Threads: fixed contiguous row ranges, one per
+thread of this module's pool (``torch.get_num_threads()`` of them), so results do not
+depend on scheduling.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import reference as ref
+
+SOURCE = Path(__file__).resolve().parent / "cpu" / "kmeans_cpu.cpp"
+FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC")
+NR = 16            # centroids per micro-tile (kernel constant): centroids are padded to it
+_MIN_ROWS = 2048   # rows per thread below which one thread does the whole range
+
+_lock = threading.Lock()
+_lib = None
+_why_not: str | None = None
+_pool = None
+
+
+def _cxx() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_has_avx2_fma() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("SPURFAST_CACHE_DIR", Path.home() / ".cache" / "spurfast"))
+
+
+def _build(cxx: str) -> Path:
+    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + cxx.encode()).hexdigest()[:16]
+    out = _cache_dir() / f"kmeans_cpu-{tag}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # build under a temporary name, then rename: ranks compiling at once never load half a file
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{cxx} could not build {SOURCE}:\n{r.stderr[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _load():
+    global _lib, _why_not
+    if _lib is not None or _why_not is not None:
+        return _lib
+    with _lock:
+        if _lib is not None or _why_not is not None:
+            return _lib
+        if os.environ.get("SPURFAST_KMEANS_CPU") == "0":
+            _why_not = "disabled by SPURFAST_KMEANS_CPU=0"
+            return None
+        if not _cpu_has_avx2_fma():
+            _why_not = f"needs an x86-64 CPU with AVX2 and FMA (this is {platform.machine()})"
+            return None
+        cxx = _cxx()
+        if cxx is None:
+            _why_not = "no C++ compiler ($CXX, g++ or c++) to build kernels/cpu/kmeans_cpu.cpp"
+            return None
+        try:
+            lib = ctypes.CDLL(str(_build(cxx)))
+        except Exception as exc:
+            _why_not = f"{exc.__class__.__name__}: {exc}"
+            return None
+        P, I = ctypes.c_void_p, ctypes.c_int64
+        lib.spurfast_cpu_assign.argtypes = [P, I, P, I, P, P, I, P, I, P, ctypes.c_int, I, I, P, P]
+        lib.spurfast_cpu_assign.restype = None
+        lib.spurfast_cpu_update.argtypes = [P, I, P, I, I, I, P, P]
+        lib.spurfast_cpu_update.restype = I
+        _lib = lib
+        return _lib
+
+
+def is_available() -> tuple[bool, str]:
+    """(True, "") when the fused CPU kernels are built and loadable here, else (False, why)."""
+    return (True, "") if _load() is not None else (False, _why_not or "unknown")
+
+
+def _threads() -> int:
+    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+
+
+def _parts(n: int) -> list[tuple[int, int]]:
+    """Fixed contiguous row ranges of [0, n), one per thread (one when n is small)."""
+    k = max(1, min(_threads(), n // _MIN_ROWS))
+    cuts = [n * i // k for i in range(k + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _run_split(fn, parts: list[tuple[int, int]]) -> None:
+    """fn(i, lo, hi) for every part, the first in this thread, the others in the pool."""
+    global _pool
+    if len(parts) == 1:
+        fn(0, *parts[0])
+        return
+    if _pool is None or _pool._max_workers < len(parts) - 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _pool = ThreadPoolExecutor(len(parts) - 1, thread_name_prefix="spurfast-cpu")
+    futures = [_pool.submit(fn, i, a, b) for i, (a, b) in enumerate(parts) if i]
+    fn(0, *parts[0])
+    for f in futures:
+        f.result()
+
+
+def _ptr(a: np.ndarray) -> int:
+    return a.ctypes.data
+
+
+def _check_cpu(x: torch.Tensor) -> np.ndarray:
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D tensor (N, d), got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.device.type != "cpu":
+        raise ValueError(f"x is on {x.device}; the fused CPU kernels take CPU tensors (use backend='cupy' or 'torch')")
+    return np.ascontiguousarray(x.detach().float().numpy())
+
+
+def _offsets(offsets, N: int) -> np.ndarray:
+    off = np.ascontiguousarray(torch.as_tensor(offsets).cpu().numpy(), dtype=np.int64)
+    if off.ndim != 1 or len(off) < 1 or off[0] != 0 or off[-1] != N or (np.diff(off) < 0).any():
+        raise ValueError(f"offsets must be nondecreasing from 0 to N={N}, got {off[:3]}...{off[-3:]}")
+    return off
+
+
+def pack_centroids(c: np.ndarray, kpg: np.ndarray, cosine: bool) -> tuple[np.ndarray, np.ndarray, int]:
+    """(G, kmax, d) fp32 centroids -> (cT (G, d, kp), cterm (G, kp), kp): transposed per
+    group and padded to kp = kmax rounded up to 16; cterm holds |c|^2 (L2) or 0 (cosine)
+    for the group's first k_g centroids and +inf for the rest, so they never win."""
+    G, kmax, d = c.shape
+    kp = -(-max(kmax, 1) // NR) * NR
+    cT = np.zeros((G, d, kp), dtype=np.float32)
+    cT[:, :, :kmax] = c.transpose(0, 2, 1)
+    cterm = np.full((G, kp), np.inf, dtype=np.float32)
+    used = np.arange(kmax)[None, :] < kpg[:, None]
+    term = np.zeros((G, kmax), dtype=np.float32) if cosine else np.einsum("gkd,gkd->gk", c, c)
+    cterm[:, :kmax] = np.where(used, term, np.inf)
+    return cT, cterm, kp
+
+
+def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqnorm=None):
+    """See :func:`spurfast.kernels.reference.kmeans_assign` (CPU tensors)."""
+    if metric not in ("l2", "cosine"):
+        raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"the fused CPU k-means kernels are unavailable: {_why_not}")
+    X = _check_cpu(x)
+    N, d = X.shape
+    if centroids.dim() != 3 or centroids.shape[2] != d:
+        raise ValueError(f"centroids must be (G, kmax, d={d}), got shape {tuple(centroids.shape)}")
+    G, kmax, _ = centroids.shape
+    off = _offsets(offsets, N)
+    if len(off) != G + 1:
+        raise ValueError(f"offsets has {len(off)} entries; expected G + 1 = {G + 1}")
+    kpg = np.ascontiguousarray(torch.as_tensor(k_per_group).cpu().numpy(), dtype=np.int64)
+    if len(kpg) != G or (G and (kpg.min() < 0 or kpg.max() > kmax)):
+        raise ValueError(f"k_per_group must hold G={G} values in [0, kmax={kmax}]")
+    assign = np.zeros(N, dtype=np.int64)
+    dist = np.zeros(N, dtype=np.float32)
+    if N == 0 or G == 0:
+        return torch.from_numpy(assign), torch.from_numpy(dist)
+    cosine = metric == "cosine"
+    c = centroids.detach().float().cpu()
+    if cosine:
+        c = torch.nn.functional.normalize(c, dim=-1)
+    C = np.ascontiguousarray(c.numpy())
+    cT, cterm, kp = pack_centroids(C, kpg, cosine)
+    xn = None
+    if x_sqnorm is not None and not cosine:
+        xn = np.ascontiguousarray(torch.as_tensor(x_sqnorm).cpu().numpy(), dtype=np.float32)
+    if cosine:   # |x| for 1 + s / |x|, from the rows themselves
+        xn = np.einsum("ij,ij->i", X, X).astype(np.float32)
+
+    def part(_: int, lo: int, hi: int) -> None:
+        lib.spurfast_cpu_assign(_ptr(X), d, _ptr(off), G, _ptr(cT), _ptr(cterm), kp, _ptr(C), kmax,
+                                None if xn is None else _ptr(xn), int(cosine), lo, hi, _ptr(assign), _ptr(dist))
+
+    _run_split(part, _parts(N))
+    return torch.from_numpy(assign), torch.from_numpy(dist)
+
+
+def kmeans_update(x, offsets, assign, kmax: int, deterministic: bool = True):
+    """See :func:`spurfast.kernels.reference.kmeans_update` (CPU tensors; always
+    deterministic: fixed row ranges whose partial sums are added in order)."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"the fused CPU k-means kernels are unavailable: {_why_not}")
+    X = _check_cpu(x)
+    N, d = X.shape
+    off = _offsets(offsets, N)
+    G = len(off) - 1
+    S = G * kmax
+    if assign.dim() != 1 or assign.shape[0] != N:
+        raise ValueError(f"assign must be (N,) = ({N},), got shape {tuple(assign.shape)}")
+    flat = ref.group_ids(torch.from_numpy(off)).numpy() * kmax + assign.cpu().numpy().astype(np.int64)
+    if N and ((assign.min() < 0) or (assign.max() >= kmax)):
+        raise ValueError(f"assign has values in [{int(assign.min())}, {int(assign.max())}]; "
+                         f"expected cluster indices in [0, {kmax})")
+    parts = _parts(N)
+    sums = [np.zeros((S, d), dtype=np.float32) for _ in parts]
+    counts = [np.zeros(S, dtype=np.int64) for _ in parts]
+
+    def part(p: int, lo: int, hi: int) -> None:
+        bad = lib.spurfast_cpu_update(_ptr(X), d, _ptr(flat), S, lo, hi, _ptr(sums[p]), _ptr(counts[p]))
+        if bad >= 0:
+            raise ValueError(f"row {bad} has group-cluster index {flat[bad]} outside [0, {S})")
+
+    if N:
+        _run_split(part, parts)
+    total, n = sums[0], counts[0]
+    for s, k in zip(sums[1:], counts[1:]):
+        total += s
+        n += k
+    return torch.from_numpy(total).view(G, kmax, d), torch.from_numpy(n).view(G, kmax)

@@ -1,0 +1,121 @@
+"""The fused CPU k-means kernels (kernels/kmeans_cpu.py) against exact distances and the
+torch reference, over the same odd shapes as the CuPy kernels.  Skipped where they cannot
+be built (no AVX2/FMA or no C++ compiler); the fallback itself is tested here too."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spurfast import backends
+from spurfast.cluster import batched_kmeans
+from spurfast.kernels import kmeans_cpu as kcpu
+from spurfast.kernels import reference as ref
+from tests.helpers import (CASES, assert_close, assert_equal_int, check_assign_near_optimal, exact_dists, exact_sums,
+                           make_case)
+
+AVAILABLE, WHY = kcpu.is_available()
+needs_kernel = pytest.mark.skipif(not AVAILABLE, reason=f"fused CPU kernels unavailable: {WHY}")
+# one case large enough to run in several fixed row ranges (threads)
+CPU_CASES = CASES + [([3 * kcpu._MIN_ROWS + 5], 37, 64)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("with_xn", [False, True], ids=["no-xn", "xn"])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("case", range(len(CPU_CASES)))
+def test_assign_matches_exact_distances_and_reference(case, metric, with_xn):
+    sizes, kmax, d = CPU_CASES[case]
+    x, off, cent, kpg = make_case(sizes, kmax, d, seed=case, device="cpu")
+    xn = (x * x).sum(1) if with_xn else None
+    assign, dist = kcpu.kmeans_assign(x, off, cent, kpg, metric, x_sqnorm=xn)
+    assert assign.dtype == torch.int64 and dist.dtype == torch.float32 and assign.shape == dist.shape == (len(x),)
+    check_assign_near_optimal(assign, dist, exact_dists(x, off, cent, kpg, metric), torch.float32,
+                              f"cpu assign[{metric}]")
+    _, rd = ref.kmeans_assign(x, off, cent, kpg, metric)
+    assert_close(dist, rd, torch.float32, name="dist vs reference")
+
+
+@needs_kernel
+def test_assign_ties_go_to_the_lower_index_and_empty_input():
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]] * 50)
+    cent = torch.tensor([[[1.0, 1.0], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0]] + [[9.0, 9.0]] * 15])  # kmax 19 > 16
+    a, _ = kcpu.kmeans_assign(x, torch.tensor([0, 150]), cent, torch.tensor([19]))
+    assert_equal_int(a, torch.tensor([2, 0, 0] * 50), "ties -> lower index")
+    # centroids 0 and 16 share a vector lane: the earlier one must keep a tie
+    cent2 = torch.full((1, 20, 2), 50.0)
+    cent2[0, 0] = cent2[0, 16] = torch.tensor([5.0, 5.0])
+    a, _ = kcpu.kmeans_assign(torch.tensor([[5.0, 5.0]] * 7), torch.tensor([0, 7]), cent2, torch.tensor([20]))
+    assert_equal_int(a, torch.zeros(7, dtype=torch.int64), "tie within a lane -> lower index")
+    a, dist = kcpu.kmeans_assign(torch.zeros(0, 3), torch.zeros(3, dtype=torch.int64), torch.zeros(2, 4, 3),
+                                 torch.zeros(2, dtype=torch.int64))
+    assert a.shape == (0,) and dist.shape == (0,)
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", range(len(CPU_CASES)))
+def test_update_matches_exact_sums_and_repeats_bitwise(case):
+    sizes, kmax, d = CPU_CASES[case]
+    x, off, cent, kpg = make_case(sizes, kmax, d, seed=10 + case, device="cpu")
+    assign, _ = ref.kmeans_assign(x, off, cent, kpg)
+    sums, counts = kcpu.kmeans_update(x, off, assign, kmax)
+    rs, rc = exact_sums(x, off, assign, kmax)
+    assert_equal_int(counts, rc, "counts")
+    n = max(1, int(rc.max()))
+    assert_close(sums, rs.float(), torch.float32, name="sums", atol=1e-4 * n ** 0.5 * 4, rtol=1e-4)
+    again, _ = kcpu.kmeans_update(x, off, assign, kmax)
+    assert torch.equal(sums, again), "fixed row ranges: the same sums every run"
+
+
+@needs_kernel
+def test_tight_clusters_far_from_the_origin_keep_accurate_distances():
+    # |x|^2 + |c|^2 - 2 x.c cancels every digit here: the kernel must recompute directly
+    g = torch.Generator().manual_seed(5)
+    cent = 300.0 + torch.randn(1, 4, 32, generator=g)
+    x = cent[0, torch.arange(400) % 4] + 1e-3 * torch.randn(400, 32, generator=g)
+    off, kpg = torch.tensor([0, 400]), torch.tensor([4])
+    assign, dist = kcpu.kmeans_assign(x, off, cent, kpg, x_sqnorm=(x * x).sum(1))
+    exact = exact_dists(x, off, cent, kpg, "l2").gather(1, assign.unsqueeze(1)).squeeze(1)
+    assert_equal_int(assign, torch.arange(400) % 4, "assignments")
+    assert_close(dist, exact.float(), torch.float32, name="tight-cluster distances", atol=1e-7, rtol=1e-3)
+
+
+@needs_kernel
+def test_bad_input_gets_clear_errors():
+    x, off, cent, kpg = make_case([40, 10], 4, 8, seed=0, device="cpu")
+    with pytest.raises(ValueError, match="cluster indices"):
+        kcpu.kmeans_update(x, off, torch.full((50,), 4), 4)
+    with pytest.raises(ValueError, match="offsets must be nondecreasing from 0 to N=50"):
+        kcpu.kmeans_assign(x, torch.tensor([0, 30, 20]), cent, kpg)
+    with pytest.raises(ValueError, match="k_per_group"):
+        kcpu.kmeans_assign(x, off, cent, torch.tensor([5, 1]))
+    with pytest.raises(ValueError, match="metric"):
+        kcpu.kmeans_assign(x, off, cent, kpg, "dot")
+
+
+@needs_kernel
+def test_registry_sends_cpu_tensors_to_the_fused_kernel_and_kmeans_agrees():
+    backends.clear_cache()
+    assert backends.resolve("kmeans_assign", None, "cpu")[0] == "cpu"
+    assert backends.resolve("kmeans_update", None, "cpu")[0] == "cpu"
+    g = torch.Generator().manual_seed(3)
+    centres = torch.randn(3, 5, 16, generator=g) * 10
+    groups = torch.arange(3).repeat_interleave(400)
+    x = centres[groups, torch.randint(0, 5, (1200,), generator=g)] + 0.1 * torch.randn(1200, 16, generator=g)
+    fused = batched_kmeans(x, groups, [5, 5, 5], seed=1)
+    torch_ = batched_kmeans(x, groups, [5, 5, 5], seed=1, backend="torch")
+    assert_equal_int(fused.assign, torch_.assign, "assignments, well-separated data")
+    assert_close(fused.centroids, torch_.centroids, torch.float32, name="centroids")
+    backends.clear_cache()
+
+
+def test_unavailable_says_why_and_the_registry_falls_back(monkeypatch):
+    monkeypatch.setattr(kcpu, "_lib", None)
+    monkeypatch.setattr(kcpu, "_why_not", None)
+    monkeypatch.setenv("SPURFAST_KMEANS_CPU", "0")
+    ok, why = kcpu.is_available()
+    assert not ok and "SPURFAST_KMEANS_CPU=0" in why
+    backends.clear_cache()
+    assert backends.resolve("kmeans_assign", None, "cpu")[0] == "torch"
+    with pytest.raises(RuntimeError, match="unavailable"):
+        kcpu.kmeans_assign(torch.zeros(2, 2), torch.tensor([0, 2]), torch.zeros(1, 1, 2), torch.tensor([1]))
+    backends.clear_cache()
