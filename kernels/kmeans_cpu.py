@@ -183,19 +183,13 @@ def pack_centroids(c: np.ndarray, kpg: np.ndarray, cosine: bool) -> tuple[np.nda
 
 def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqnorm=None):
     """See :func:`spurfast.kernels.reference.kmeans_assign` (CPU tensors)."""
-    if metric not in ("l2", "cosine"):
-        raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
     lib = _load()
     if lib is None:
         raise RuntimeError(f"the fused CPU k-means kernels are unavailable: {_why_not}")
+    G, kmax = ref.check_assign_args(x, offsets, centroids, metric)
     X = _check_cpu(x)
     N, d = X.shape
-    if centroids.dim() != 3 or centroids.shape[2] != d:
-        raise ValueError(f"centroids must be (G, kmax, d={d}), got shape {tuple(centroids.shape)}")
-    G, kmax, _ = centroids.shape
     off = _offsets(offsets, N)
-    if len(off) != G + 1:
-        raise ValueError(f"offsets has {len(off)} entries; expected G + 1 = {G + 1}")
     kpg = np.ascontiguousarray(torch.as_tensor(k_per_group).cpu().numpy(), dtype=np.int64)
     if len(kpg) != G or (G and (kpg.min() < 0 or kpg.max() > kmax)):
         raise ValueError(f"k_per_group must hold G={G} values in [0, kmax={kmax}]")

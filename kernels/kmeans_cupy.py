@@ -281,15 +281,9 @@ def use_tensor_cores(x: torch.Tensor) -> bool:
 def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqnorm=None):
     """See :func:`spurfast.kernels.reference.kmeans_assign` (x_sqnorm is accepted and not
     needed: the kernel computes each winner's distance on chip)."""
-    if metric not in ("l2", "cosine"):
-        raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
+    G, kmax = ref.check_assign_args(x, offsets, centroids, metric)
     x = _check_x(x)
     N, d = x.shape
-    if centroids.dim() != 3 or centroids.shape[2] != d:
-        raise ValueError(f"centroids must be (G, kmax, d={d}), got shape {tuple(centroids.shape)}")
-    G, kmax, _ = centroids.shape
-    if len(offsets) != G + 1:
-        raise ValueError(f"offsets has {len(offsets)} entries; expected G + 1 = {G + 1}")
     if len(k_per_group) != G:
         raise ValueError(f"k_per_group has {len(k_per_group)} entries for {G} groups")
     kpg = torch.as_tensor(k_per_group).to(device=x.device, dtype=torch.int64).contiguous()

@@ -200,6 +200,24 @@ def _winner_sqdist(xc: torch.Tensor, c: torch.Tensor, arg: torch.Tensor, score: 
     return torch.from_numpy(np.maximum(out, 0.0, out=out))
 
 
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def check_assign_args(x, offsets, centroids, metric: str) -> tuple[int, int]:
+    """The shape and metric checks every kmeans_assign provider makes first; (G, kmax)."""
+    if metric not in ("l2", "cosine"):
+        raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
+    if not (isinstance(x, torch.Tensor) and isinstance(centroids, torch.Tensor)) or x.dim() != 2 \
+            or centroids.dim() != 3 or centroids.shape[2] != x.shape[1]:
+        raise ValueError(f"expected x (N, d) and centroids (G, kmax, d) tensors, got {_shape(x)} and "
+                         f"{_shape(centroids)}")
+    G, kmax, _ = centroids.shape
+    if len(offsets) != G + 1:
+        raise ValueError(f"offsets has {len(offsets)} entries; expected G + 1 = {G + 1}")
+    return G, kmax
+
+
 def kmeans_assign(
     x: torch.Tensor,
     offsets: torch.Tensor,
@@ -221,15 +239,8 @@ def kmeans_assign(
     (large groups) or one padded block per batch of small groups; the CUDA kernel keeps
     every block on chip.
     """
-    if metric not in ("l2", "cosine"):
-        raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
-    if x.dim() != 2 or centroids.dim() != 3 or centroids.shape[2] != x.shape[1]:
-        raise ValueError(f"expected x (N, d) and centroids (G, kmax, d), got {tuple(x.shape)} and "
-                         f"{tuple(centroids.shape)}")
+    G, kmax = check_assign_args(x, offsets, centroids, metric)
     N, d = x.shape
-    G, kmax, _ = centroids.shape
-    if len(offsets) != G + 1:
-        raise ValueError(f"offsets has {len(offsets)} entries; expected G + 1 = {G + 1}")
     x, centroids = x.detach(), centroids.detach()   # numpy views below need plain tensors
     assign = torch.zeros(N, dtype=torch.int64, device=x.device)
     dist = torch.zeros(N, dtype=torch.float32, device=x.device)
