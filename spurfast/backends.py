@@ -61,7 +61,9 @@ REF = "spurfast.kernels.reference"
 # op -> providers in preference order (auto takes the first available one).
 REGISTRY: dict[str, list[Provider]] = {
     "encoder": [
-        Provider("triton", "spurfast.kernels.encoder_triton:encoder_forward"),
+        # CUDA tensors only under auto: on CPU tensors Triton has just its interpreter, a
+        # test tool (named explicitly, backend="triton", it still runs there)
+        Provider("triton", "spurfast.kernels.encoder_triton:encoder_forward", ("cuda",)),
         Provider("torch", f"{REF}:encoder_forward"),
     ],
     "kmeans_assign": [

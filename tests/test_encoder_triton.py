@@ -311,3 +311,11 @@ def test_gpu_bf16_autotuned(monkeypatch):
     monkeypatch.setenv("SPURFAST_TRITON_AUTOTUNE", "1")
     m = _model(3, 64, (32, 64, 128, 256), 16)
     _compare(m, _images(256, 3, 64, torch.bfloat16), dtype=torch.bfloat16, tag="gpu bf16 autotuned ")
+
+
+def test_auto_sends_cpu_tensors_to_the_reference_even_under_the_interpreter():
+    backends.clear_cache()
+    assert backends.resolve("encoder", None, "cpu")[0] == "torch"
+    if torch.cuda.is_available():
+        assert backends.resolve("encoder", None, "cuda")[0] == "triton"
+    backends.clear_cache()

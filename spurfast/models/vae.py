@@ -100,7 +100,7 @@ class VAE(nn.Module):
     @torch.no_grad()
     def encode(self, x: torch.Tensor, backend: str | None = None):
         """Inference encoder through the backend registry: returns fp32 (mu, logvar)."""
-        _, fn = backends.resolve("encoder", backend)
+        _, fn = backends.resolve("encoder", backend, x.device.type)
         return fn(x, **self.encoder_params())
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
