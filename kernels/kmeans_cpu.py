@@ -10,9 +10,9 @@ The shared library is compiled on first use with the system C++ compiler (``$CXX
 g++ or c++; about 2 s) into ``$SPURFAST_CACHE_DIR`` (default ``~/.cache/spurfast``), named
 by a hash of the source and flags, and loaded from there afterwards.  ``is_available()``
 says why it cannot run (no x86-64 AVX2/FMA, no compiler, a failed build), and the
-registry then falls back to the reference.  Threads: fixed contiguous row ranges, one per
-thread of this module's pool (``torch.get_num_threads()`` of them), so results do not
-depend on scheduling.
+registry then falls back to the reference.  Threads: fixed contiguous row ranges, up to
+``torch.get_num_threads()`` of them, through the reference's own row split
+(``reference._split_rows``), so results do not depend on scheduling.
 """
 from __future__ import annotations
 
@@ -39,7 +39,6 @@ _MIN_ROWS = 2048   # rows per thread below which one thread does the whole range
 _lock = threading.Lock()
 _lib = None
 _why_not: str | None = None
-_pool = None
 
 
 def _cxx() -> str | None:
@@ -123,29 +122,6 @@ def _threads() -> int:
     return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
 
 
-def _parts(n: int) -> list[tuple[int, int]]:
-    """Fixed contiguous row ranges of [0, n), one per thread (one when n is small)."""
-    k = max(1, min(_threads(), n // _MIN_ROWS))
-    cuts = [n * i // k for i in range(k + 1)]
-    return list(zip(cuts[:-1], cuts[1:]))
-
-
-def _run_split(fn, parts: list[tuple[int, int]]) -> None:
-    """fn(i, lo, hi) for every part, the first in this thread, the others in the pool."""
-    global _pool
-    if len(parts) == 1:
-        fn(0, *parts[0])
-        return
-    if _pool is None or _pool._max_workers < len(parts) - 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _pool = ThreadPoolExecutor(len(parts) - 1, thread_name_prefix="spurfast-cpu")
-    futures = [_pool.submit(fn, i, a, b) for i, (a, b) in enumerate(parts) if i]
-    fn(0, *parts[0])
-    for f in futures:
-        f.result()
-
-
 def _ptr(a: np.ndarray) -> int:
     return a.ctypes.data
 
@@ -209,11 +185,11 @@ def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqno
     if cosine:   # |x| for 1 + s / |x|, from the rows themselves
         xn = np.einsum("ij,ij->i", X, X).astype(np.float32)
 
-    def part(_: int, lo: int, hi: int) -> None:
+    def part(lo: int, hi: int) -> None:
         lib.spurfast_cpu_assign(_ptr(X), d, _ptr(off), G, _ptr(cT), _ptr(cterm), kp, _ptr(C), kmax,
                                 None if xn is None else _ptr(xn), int(cosine), lo, hi, _ptr(assign), _ptr(dist))
 
-    _run_split(part, _parts(N))
+    ref._split_rows(part, 0, N, _MIN_ROWS, _threads())
     return torch.from_numpy(assign), torch.from_numpy(dist)
 
 
@@ -234,19 +210,16 @@ def kmeans_update(x, offsets, assign, kmax: int, deterministic: bool = True):
     if N and ((assign.min() < 0) or (assign.max() >= kmax)):
         raise ValueError(f"assign has values in [{int(assign.min())}, {int(assign.max())}]; "
                          f"expected cluster indices in [0, {kmax})")
-    parts = _parts(N)
-    sums = [np.zeros((S, d), dtype=np.float32) for _ in parts]
-    counts = [np.zeros(S, dtype=np.int64) for _ in parts]
-
-    def part(p: int, lo: int, hi: int) -> None:
-        bad = lib.spurfast_cpu_update(_ptr(X), d, _ptr(flat), S, lo, hi, _ptr(sums[p]), _ptr(counts[p]))
+    def part(lo: int, hi: int):
+        sums, counts = np.zeros((S, d), dtype=np.float32), np.zeros(S, dtype=np.int64)
+        bad = lib.spurfast_cpu_update(_ptr(X), d, _ptr(flat), S, lo, hi, _ptr(sums), _ptr(counts))
         if bad >= 0:
             raise ValueError(f"row {bad} has group-cluster index {flat[bad]} outside [0, {S})")
+        return sums, counts
 
-    if N:
-        _run_split(part, parts)
-    total, n = sums[0], counts[0]
-    for s, k in zip(sums[1:], counts[1:]):
+    parts = ref._split_rows(part, 0, N, _MIN_ROWS, _threads())   # partials added in order below
+    total, n = parts[0]
+    for s, k in parts[1:]:
         total += s
         n += k
     return torch.from_numpy(total).view(G, kmax, d), torch.from_numpy(n).view(G, kmax)

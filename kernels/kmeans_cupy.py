@@ -23,6 +23,7 @@ import re
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import reference as ref
@@ -191,8 +192,6 @@ def _cp(t: torch.Tensor):
     ``SPURFAST_KMEANS_DLPACK=1`` passes a zero-copy CuPy view instead (bf16 as int16),
     the slower path kept for comparison: building DLPack views cost ~10 us per tensor."""
     if os.environ.get("SPURFAST_KMEANS_DLPACK") != "1":
-        import numpy as np
-
         return np.uint64(t.data_ptr())
     cupy = _cupy()
     t = t.detach()
@@ -204,8 +203,6 @@ def _cp(t: torch.Tensor):
 
 
 def _i64(v) -> "object":
-    import numpy as np
-
     return np.int64(int(v))
 
 
@@ -302,7 +299,8 @@ def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqno
     cterm = cterm.contiguous()
     dt = DTYPES[x.dtype]
     cosine = _i64(metric == "cosine")
-    mt, dp = tc2_shape(x) if use_tensor_cores(x) else (0, d)
+    tc = use_tensor_cores(x)
+    mt, dp = tc2_shape(x) if tc else (0, d)
     if mt:
         entry, tp, threads = f"spurfast_assign_tc2_{dt}_m{mt}", 64 * mt, TC_THREADS
         hi, lo = split_centroids(c.view(G * kmax, d), x.dtype, dp)
@@ -310,7 +308,7 @@ def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqno
         extra_args = (_cp(hi), _cp(lo))
         tail_args = (_i64(G), _i64(kmax), _i64(d), _i64(dp), cosine, _i64(xvec))
         smem = (tp * (dp + 8) + 2 * TC2_TK * TC2_CLD) * 2
-    elif use_tensor_cores(x):
+    elif tc:
         entry, tp, threads = f"spurfast_assign_tc_{dt}", TC_TP, TC_THREADS
         extra_args, tail_args, smem = (), (_i64(G), _i64(kmax), _i64(d), cosine), 0
     else:

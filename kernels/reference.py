@@ -129,26 +129,28 @@ _CHUNK_CPU = 1 << 19  # floats per distance chunk on the CPU (2 MiB: stays in ca
 _BIG_GROUP = 2048     # groups at least this large run unpadded, chunk by chunk
 _CPU_SPLIT = 2        # large groups on the CPU: row halves in two threads (see kmeans_assign)
 _UPDATE_SPLIT_ROWS = 1 << 14  # kmeans_update on the CPU splits above twice this many rows
-_cpu_pool = None
+_cpu_pool, _cpu_pool_size = None, 0
 
 
-def _cpu_threads():
-    """The reference's own two worker threads (created on first use)."""
-    global _cpu_pool
-    if _cpu_pool is None:
+def _cpu_threads(n: int):
+    """Worker threads shared by the CPU kernels (created on first use, grown to n)."""
+    global _cpu_pool, _cpu_pool_size
+    if _cpu_pool_size < n:
         from concurrent.futures import ThreadPoolExecutor
 
-        _cpu_pool = ThreadPoolExecutor(_CPU_SPLIT, thread_name_prefix="spurfast-ref")
+        _cpu_pool, _cpu_pool_size = ThreadPoolExecutor(n, thread_name_prefix="spurfast-cpu"), n
     return _cpu_pool
 
 
-def _split_rows(fn, lo: int, hi: int, min_rows: int):
-    """Run fn(lo_i, hi_i) over _CPU_SPLIT fixed contiguous parts of [lo, hi) in threads
-    (one part, inline, when the range is small).  Fixed parts: same result every run."""
-    if hi - lo < _CPU_SPLIT * min_rows:
+def _split_rows(fn, lo: int, hi: int, min_rows: int, parts: int = _CPU_SPLIT):
+    """Run fn(lo_i, hi_i) over up to ``parts`` fixed contiguous parts of [lo, hi) of at
+    least ``min_rows`` rows each, the first in this thread and the others in worker
+    threads; returns the results in order.  Fixed parts: same result every run."""
+    parts = max(1, min(parts, (hi - lo) // max(1, min_rows)))
+    if parts == 1:
         return [fn(lo, hi)]
-    cuts = [lo + (hi - lo) * i // _CPU_SPLIT for i in range(_CPU_SPLIT + 1)]
-    futures = [_cpu_threads().submit(fn, a, b) for a, b in zip(cuts[1:-1], cuts[2:])]
+    cuts = [lo + (hi - lo) * i // parts for i in range(parts + 1)]
+    futures = [_cpu_threads(parts - 1).submit(fn, a, b) for a, b in zip(cuts[1:-1], cuts[2:])]
     first = fn(cuts[0], cuts[1])
     return [first] + [f.result() for f in futures]
 

@@ -226,18 +226,22 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
             probs = torch.softmax(logits.float(), 1)
             mu, _ = vae.encode(x, backend=encoder_backend)
         ok = batch.ok.numpy()
-        if not torch.isfinite(mu).all():
-            bad = (~torch.isfinite(mu).all(1)).nonzero().flatten()
-            raise ValueError(f"encoder produced NaN/inf latents for pool indices {idx[bad.numpy()][:10].tolist()}")
         conf, pred = probs.max(1)
-        pred = pred.cpu().numpy().astype(np.int32)
+        # one device-to-host copy (one sync on a GPU) for every result of the batch;
+        # class indices travel exactly as floats
+        L, C = mu.shape[1], probs.shape[1]
+        host = torch.cat([pred.float()[:, None], conf[:, None], probs, mu.float(), feats.float()], 1).cpu().numpy()
+        pred, conf, probs, mu, feats = (host[:, 0].astype(np.int32), host[:, 1], host[:, 2:2 + C],
+                                        host[:, 2 + C:2 + C + L], host[:, 2 + C + L:])
+        if not np.isfinite(mu).all():
+            bad = np.flatnonzero(~np.isfinite(mu).all(1))
+            raise ValueError(f"encoder produced NaN/inf latents for pool indices {idx[bad][:10].tolist()}")
         pred[~ok] = -1  # unreadable files take no part in clustering
         if not ok.all():  # kept in the manifest so a resumed or sharded run still reports them
             bad_files = getattr(source, "bad_files", {})
             store.manifest.setdefault("bad_files", {}).update(
                 {str(int(i)): bad_files.get(int(i), "could not be decoded") for i in idx[~ok]})
-        values = {"pred": pred, "conf": conf.cpu().numpy(), "probs": probs.cpu().numpy(),
-                  "mu": mu.cpu().numpy(), "feats": feats.float().cpu().numpy().astype(np.float16),
+        values = {"pred": pred, "conf": conf, "probs": probs, "mu": mu, "feats": feats.astype(np.float16),
                   "labels": batch.labels.numpy(), "ok": ok}
         clock.lap("compute_s")
         store.write(store.done, values)
