@@ -11,8 +11,11 @@ g++ or c++; about 2 s) into ``$SPURFAST_CACHE_DIR`` (default ``~/.cache/spurfast
 by a hash of the source and flags, and loaded from there afterwards.  ``is_available()``
 says why it cannot run (no x86-64 AVX2/FMA, no compiler, a failed build), and the
 registry then falls back to the reference.  Threads: fixed contiguous row ranges, up to
-``torch.get_num_threads()`` of them, through the reference's own row split
-(``reference._split_rows``), so results do not depend on scheduling.
+``torch.get_num_threads()`` of them, cut as the reference's row split
+(``reference._split_rows``) cuts them, so results do not depend on scheduling.  They run
+on OpenMP inside the library, which resolves to the libgomp torch already loaded (one
+runtime, one pool; Python threads raced torch's spinning OpenMP workers); a compiler
+without OpenMP gives a serial library, and then Python threads split the rows.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from . import reference as ref
 
 SOURCE = Path(__file__).resolve().parent / "cpu" / "kmeans_cpu.cpp"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC")
+OPENMP = "-fopenmp"   # tried first; dropped (Python threads instead) when the compiler lacks it
 NR = 16            # centroids per micro-tile (kernel constant): centroids are padded to it
 _MIN_ROWS = 2048   # rows per thread below which one thread does the whole range
 
@@ -63,7 +67,14 @@ def _cache_dir() -> Path:
 
 
 def _build(cxx: str) -> Path:
-    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + cxx.encode()).hexdigest()[:16]
+    try:
+        return _build_with(cxx, (*FLAGS, OPENMP))
+    except RuntimeError:
+        return _build_with(cxx, (*FLAGS, "-Wno-unknown-pragmas"))
+
+
+def _build_with(cxx: str, flags: tuple[str, ...]) -> Path:
+    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + cxx.encode()).hexdigest()[:16]
     out = _cache_dir() / f"kmeans_cpu-{tag}.so"
     if out.is_file():
         return out
@@ -72,7 +83,7 @@ def _build(cxx: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        r = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"{cxx} could not build {SOURCE}:\n{r.stderr[-2000:]}")
         os.replace(tmp, out)
@@ -105,10 +116,16 @@ def _load():
             _why_not = f"{exc.__class__.__name__}: {exc}"
             return None
         P, I = ctypes.c_void_p, ctypes.c_int64
-        lib.spurfast_cpu_assign.argtypes = [P, I, P, I, P, P, I, P, I, P, ctypes.c_int, I, I, P, P]
+        lib.spurfast_cpu_assign.argtypes = [P, I, P, I, P, P, I, P, I, P, ctypes.c_int, I, I, P, P, P, P]
         lib.spurfast_cpu_assign.restype = None
         lib.spurfast_cpu_update.argtypes = [P, I, P, I, I, I, P, P]
         lib.spurfast_cpu_update.restype = I
+        lib.spurfast_cpu_assign_parts.argtypes = [P, I, P, I, P, P, I, P, I, P, ctypes.c_int, I, I, P, P, P, P]
+        lib.spurfast_cpu_assign_parts.restype = None
+        lib.spurfast_cpu_update_parts.argtypes = [P, I, P, I, I, I, P, P]
+        lib.spurfast_cpu_update_parts.restype = I
+        lib.spurfast_cpu_openmp.restype = ctypes.c_int
+        lib.openmp = bool(lib.spurfast_cpu_openmp())
         _lib = lib
         return _lib
 
@@ -120,6 +137,11 @@ def is_available() -> tuple[bool, str]:
 
 def _threads() -> int:
     return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+
+
+def _parts(n_rows: int) -> int:
+    """How many fixed row ranges (and threads) a call uses: ``reference._split_rows``'s rule."""
+    return max(1, min(_threads(), n_rows // _MIN_ROWS))
 
 
 def _ptr(a: np.ndarray) -> int:
@@ -143,13 +165,15 @@ def _offsets(offsets, N: int) -> np.ndarray:
 
 
 def pack_centroids(c: np.ndarray, kpg: np.ndarray, cosine: bool) -> tuple[np.ndarray, np.ndarray, int]:
-    """(G, kmax, d) fp32 centroids -> (cT (G, d, kp), cterm (G, kp), kp): transposed per
-    group and padded to kp = kmax rounded up to 16; cterm holds |c|^2 (L2) or 0 (cosine)
+    """(G, kmax, d) fp32 centroids -> (cT (G, kp/16, d, 16), cterm (G, kp), kp): padded to
+    kp = kmax rounded up to 16 and cut into 16-centroid panels, each stored transposed
+    (d x 16, contiguous: what one micro-tile reads); cterm holds |c|^2 (L2) or 0 (cosine)
     for the group's first k_g centroids and +inf for the rest, so they never win."""
     G, kmax, d = c.shape
     kp = -(-max(kmax, 1) // NR) * NR
-    cT = np.zeros((G, d, kp), dtype=np.float32)
-    cT[:, :, :kmax] = c.transpose(0, 2, 1)
+    padded = np.zeros((G, kp, d), dtype=np.float32)
+    padded[:, :kmax] = c
+    cT = np.ascontiguousarray(padded.reshape(G, kp // NR, NR, d).transpose(0, 1, 3, 2))
     cterm = np.full((G, kp), np.inf, dtype=np.float32)
     used = np.arange(kmax)[None, :] < kpg[:, None]
     term = np.zeros((G, kmax), dtype=np.float32) if cosine else np.einsum("gkd,gkd->gk", c, c)
@@ -159,6 +183,18 @@ def pack_centroids(c: np.ndarray, kpg: np.ndarray, cosine: bool) -> tuple[np.nda
 
 def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqnorm=None):
     """See :func:`spurfast.kernels.reference.kmeans_assign` (CPU tensors)."""
+    return _assign(x, offsets, centroids, k_per_group, metric, x_sqnorm, with_sums=False)
+
+
+def kmeans_assign_update(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqnorm=None):
+    """See :func:`spurfast.kernels.reference.kmeans_assign_update` (CPU tensors): one pass
+    over x; each row joins its winner's sum while it is still in L1.  The sums and counts
+    equal :func:`kmeans_update` on the returned assignment bit for bit (same row ranges,
+    same adds, partials added in the same order)."""
+    return _assign(x, offsets, centroids, k_per_group, metric, x_sqnorm, with_sums=True)
+
+
+def _assign(x, offsets, centroids, k_per_group, metric, x_sqnorm, with_sums: bool):
     lib = _load()
     if lib is None:
         raise RuntimeError(f"the fused CPU k-means kernels are unavailable: {_why_not}")
@@ -171,8 +207,19 @@ def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqno
         raise ValueError(f"k_per_group must hold G={G} values in [0, kmax={kmax}]")
     assign = np.zeros(N, dtype=np.int64)
     dist = np.zeros(N, dtype=np.float32)
+    parts = _parts(N)
+    S = G * kmax
+    sums = np.zeros((parts, S, d), dtype=np.float32) if with_sums else None
+    counts = np.zeros((parts, S), dtype=np.int64) if with_sums else None
+
+    def result():
+        out = (torch.from_numpy(assign), torch.from_numpy(dist))
+        if with_sums:
+            out += (torch.from_numpy(sums[0]).view(G, kmax, d), torch.from_numpy(counts[0]).view(G, kmax))
+        return out
+
     if N == 0 or G == 0:
-        return torch.from_numpy(assign), torch.from_numpy(dist)
+        return result()
     cosine = metric == "cosine"
     c = centroids.detach().float().cpu()
     if cosine:
@@ -185,12 +232,30 @@ def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqno
     if cosine:   # |x| for 1 + s / |x|, from the rows themselves
         xn = np.einsum("ij,ij->i", X, X).astype(np.float32)
 
-    def part(lo: int, hi: int) -> None:
-        lib.spurfast_cpu_assign(_ptr(X), d, _ptr(off), G, _ptr(cT), _ptr(cterm), kp, _ptr(C), kmax,
-                                None if xn is None else _ptr(xn), int(cosine), lo, hi, _ptr(assign), _ptr(dist))
+    args = (_ptr(X), d, _ptr(off), G, _ptr(cT), _ptr(cterm), kp, _ptr(C), kmax,
+            None if xn is None else _ptr(xn), int(cosine))
+    if lib.openmp:
+        lib.spurfast_cpu_assign_parts(*args, N, parts, _ptr(assign), _ptr(dist),
+                                      _ptr(sums) if with_sums else None, _ptr(counts) if with_sums else None)
+        return result()
+    cuts = [N * p // parts for p in range(parts + 1)]
 
-    ref._split_rows(part, 0, N, _MIN_ROWS, _threads())
-    return torch.from_numpy(assign), torch.from_numpy(dist)
+    def part(lo: int, hi: int) -> None:
+        p = cuts.index(lo)
+        lib.spurfast_cpu_assign(*args, lo, hi, _ptr(assign), _ptr(dist),
+                                _ptr(sums[p]) if with_sums else None, _ptr(counts[p]) if with_sums else None)
+
+    ref._split_rows(part, 0, N, _MIN_ROWS, parts)
+    if with_sums:
+        _add_parts_in_order(sums, counts)
+    return result()
+
+
+def _add_parts_in_order(sums: np.ndarray, counts: np.ndarray) -> None:
+    """Partials of the row ranges added into part 0 in order: the same sums every run."""
+    for p in range(1, len(sums)):
+        sums[0] += sums[p]
+        counts[0] += counts[p]
 
 
 def kmeans_update(x, offsets, assign, kmax: int, deterministic: bool = True):
@@ -210,16 +275,19 @@ def kmeans_update(x, offsets, assign, kmax: int, deterministic: bool = True):
     if N and ((assign.min() < 0) or (assign.max() >= kmax)):
         raise ValueError(f"assign has values in [{int(assign.min())}, {int(assign.max())}]; "
                          f"expected cluster indices in [0, {kmax})")
-    def part(lo: int, hi: int):
-        sums, counts = np.zeros((S, d), dtype=np.float32), np.zeros(S, dtype=np.int64)
-        bad = lib.spurfast_cpu_update(_ptr(X), d, _ptr(flat), S, lo, hi, _ptr(sums), _ptr(counts))
-        if bad >= 0:
-            raise ValueError(f"row {bad} has group-cluster index {flat[bad]} outside [0, {S})")
-        return sums, counts
+    parts = _parts(N)
+    sums, counts = np.zeros((parts, S, d), dtype=np.float32), np.zeros((parts, S), dtype=np.int64)
+    if lib.openmp:   # per-part partial sums, added in part order by the library
+        bad = lib.spurfast_cpu_update_parts(_ptr(X), d, _ptr(flat), S, N, parts, _ptr(sums), _ptr(counts))
+    else:
+        cuts = [N * p // parts for p in range(parts + 1)]
 
-    parts = ref._split_rows(part, 0, N, _MIN_ROWS, _threads())   # partials added in order below
-    total, n = parts[0]
-    for s, k in parts[1:]:
-        total += s
-        n += k
-    return torch.from_numpy(total).view(G, kmax, d), torch.from_numpy(n).view(G, kmax)
+        def part(lo: int, hi: int) -> int:
+            p = cuts.index(lo)
+            return lib.spurfast_cpu_update(_ptr(X), d, _ptr(flat), S, lo, hi, _ptr(sums[p]), _ptr(counts[p]))
+
+        bad = next((b for b in ref._split_rows(part, 0, N, _MIN_ROWS, parts) if b >= 0), -1)
+        _add_parts_in_order(sums, counts)
+    if bad >= 0:
+        raise ValueError(f"row {bad} has group-cluster index {flat[bad]} outside [0, {S})")
+    return torch.from_numpy(sums[0]).view(G, kmax, d), torch.from_numpy(counts[0]).view(G, kmax)

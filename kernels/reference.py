@@ -376,6 +376,23 @@ def kmeans_update(
     return sums.view(G, kmax, d), counts.view(G, kmax)
 
 
+def kmeans_assign_update(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    centroids: torch.Tensor,
+    k_per_group: torch.Tensor,
+    metric: str = "l2",
+    x_sqnorm: torch.Tensor | None = None,
+):
+    """One Lloyd step's two halves at once: (assign, dist, sums, counts) =
+    :func:`kmeans_assign` then :func:`kmeans_update` on that assignment.  A fused kernel
+    reads x once instead of twice (the second read costs about as much as the first's
+    argmin bookkeeping at small k).  Traffic here: x read twice, as the two calls."""
+    assign, dist = kmeans_assign(x, offsets, centroids, k_per_group, metric, x_sqnorm=x_sqnorm)
+    sums, counts = kmeans_update(x, offsets, assign, centroids.shape[1])
+    return assign, dist, sums, counts
+
+
 def cluster_similarity(
     x: torch.Tensor,
     offsets: torch.Tensor,

@@ -71,6 +71,13 @@ REGISTRY: dict[str, list[Provider]] = {
         Provider("cpu", "spurfast.kernels.kmeans_cpu:kmeans_assign", ("cpu",)),
         Provider("torch", f"{REF}:kmeans_assign"),
     ],
+    # assign + update in one pass.  Used by the Lloyd loop only when the provider chosen
+    # for kmeans_assign also offers it (see `companion`); others run the two ops, where
+    # the loop can update with the points that moved alone.
+    "kmeans_assign_update": [
+        Provider("cpu", "spurfast.kernels.kmeans_cpu:kmeans_assign_update", ("cpu",)),
+        Provider("torch", f"{REF}:kmeans_assign_update"),
+    ],
     "kmeans_update": [
         Provider("cupy", "spurfast.kernels.kmeans_cupy:kmeans_update", ("cuda",)),
         Provider("cpu", "spurfast.kernels.kmeans_cpu:kmeans_update", ("cpu",)),
@@ -142,6 +149,15 @@ def call(op: str, *args, backend: str | None = None, **kwargs):
     """Run ``op`` with the provider chosen for the device of its first tensor argument."""
     device = next((a.device.type for a in args if hasattr(a, "device")), None)
     return resolve(op, backend, device)[1](*args, **kwargs)
+
+
+def companion(op: str, provider: str) -> Callable | None:
+    """``op``'s function from the named provider if it has one and it runs here, else None
+    (e.g. the fused step of whichever provider the assignment resolved to)."""
+    match = [p for p in providers(op) if p.name == provider]
+    if not match or not match[0].available()[0]:
+        return None
+    return resolve(op, provider)[1]
 
 
 def report() -> dict[str, dict[str, str]]:

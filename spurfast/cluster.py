@@ -170,11 +170,17 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
     valid_k = torch.arange(kmax, device=dev).unsqueeze(0) < kpg.unsqueeze(1)
     # |x|^2 once per fit: the CPU reference needs it for each winner's distance
     xn = torch.linalg.vecdot(xl.float(), xl.float()) if metric == "l2" else None
+    fused = _fused_step(backends.resolve("kmeans_assign", backend, dev.type)[0])
     reseeded, prev, it = 0, None, 0
     sums_l = counts_l = prev_assign = None   # the first update is a full one
     for it in range(1, n_iter + 1):
-        assign_l, dist_l = backends.call("kmeans_assign", xl, off_l, cent, kpg, metric, x_sqnorm=xn, backend=backend)
-        sums_l, counts_l = _update(xl, off_l, gid_l, assign_l, prev_assign, sums_l, counts_l, kmax, backend)
+        if fused is not None:
+            assign_l, dist_l, sums_l, counts_l = fused(xl, off_l, cent, kpg, metric, x_sqnorm=xn)
+            sums_l = sums_l.double()
+        else:
+            assign_l, dist_l = backends.call("kmeans_assign", xl, off_l, cent, kpg, metric, x_sqnorm=xn,
+                                             backend=backend)
+            sums_l, counts_l = _update(xl, off_l, gid_l, assign_l, prev_assign, sums_l, counts_l, kmax, backend)
         prev_assign = assign_l
         sums, counts = team.all_reduce(sums_l), team.all_reduce(counts_l)
         inertia = float(team.all_reduce(dist_l.double().sum().reshape(1)))
@@ -199,6 +205,13 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
     inv = torch.empty_like(order)
     inv[order] = torch.arange(N, device=dev)
     return KMeansResult(cent, assign[inv], dist[inv], kpg, counts, it, inertia, reseeded)
+
+
+def _fused_step(provider: str):
+    """The one-pass assign + update of the provider the assignment resolved to, if it has
+    one.  Not the reference's: it only composes the two ops, and run separately they let
+    `_update` add the points that moved alone."""
+    return None if provider == "torch" else backends.companion("kmeans_assign_update", provider)
 
 
 _MOVED_FRACTION = 0.25  # above this share of moved points a full update is cheaper

@@ -3,6 +3,11 @@ torch reference, over the same odd shapes as the CuPy kernels.  Skipped where th
 be built (no AVX2/FMA or no C++ compiler); the fallback itself is tested here too."""
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -64,6 +69,79 @@ def test_update_matches_exact_sums_and_repeats_bitwise(case):
     assert_close(sums, rs.float(), torch.float32, name="sums", atol=1e-4 * n ** 0.5 * 4, rtol=1e-4)
     again, _ = kcpu.kmeans_update(x, off, assign, kmax)
     assert torch.equal(sums, again), "fixed row ranges: the same sums every run"
+
+
+@pytest.fixture(params=["openmp", "python-threads"])
+def threading_mode(request, monkeypatch):
+    """Both ways the library's rows are split: OpenMP inside it, or (a compiler without
+    OpenMP) Python threads over the same fixed ranges."""
+    if request.param == "python-threads":
+        monkeypatch.setattr(kcpu._load(), "openmp", False)
+    elif not kcpu._load().openmp:
+        pytest.skip("the library was built without OpenMP")
+    return request.param
+
+
+@needs_kernel
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("case", range(len(CPU_CASES)))
+def test_fused_step_equals_assign_then_update_bitwise(case, metric, threading_mode):
+    sizes, kmax, d = CPU_CASES[case]
+    x, off, cent, kpg = make_case(sizes, kmax, d, seed=20 + case, device="cpu")
+    if metric == "cosine":
+        x = torch.nn.functional.normalize(x, dim=1)
+    xn = (x * x).sum(1)
+    assign, dist, sums, counts = kcpu.kmeans_assign_update(x, off, cent, kpg, metric, x_sqnorm=xn)
+    a2, d2 = kcpu.kmeans_assign(x, off, cent, kpg, metric, x_sqnorm=xn)
+    s2, c2 = kcpu.kmeans_update(x, off, a2, kmax)
+    assert torch.equal(assign, a2) and torch.equal(dist, d2), f"{threading_mode}: fused assign differs"
+    assert torch.equal(sums, s2) and torch.equal(counts, c2), f"{threading_mode}: fused sums differ from update's"
+    ra, rd, rs, rc = ref.kmeans_assign_update(x, off, cent, kpg, metric, x_sqnorm=xn)
+    check_assign_near_optimal(assign, dist, exact_dists(x, off, cent, kpg, metric), torch.float32, "fused assign")
+    es, ec = exact_sums(x, off, assign, kmax)
+    assert_equal_int(counts, ec, "fused counts")
+    n = max(1, int(ec.max()))
+    assert_close(sums, es.float(), torch.float32, name="fused sums", atol=1e-4 * n ** 0.5 * 4, rtol=1e-4)
+    assert_close(dist, rd, torch.float32, name="fused dist vs reference")
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", [len(CPU_CASES) - 1])   # the multi-range case
+def test_python_thread_fallback_gives_the_openmp_results_bitwise(case, monkeypatch):
+    if not kcpu._load().openmp:
+        pytest.skip("the library was built without OpenMP")
+    sizes, kmax, d = CPU_CASES[case]
+    x, off, cent, kpg = make_case(sizes, kmax, d, seed=3, device="cpu")
+    assert kcpu._parts(len(x)) == min(kcpu._threads(), len(x) // kcpu._MIN_ROWS)
+    omp = kcpu.kmeans_assign_update(x, off, cent, kpg) + kcpu.kmeans_update(x, off, torch.arange(len(x)) % kmax, kmax)
+    monkeypatch.setattr(kcpu._load(), "openmp", False)
+    py = kcpu.kmeans_assign_update(x, off, cent, kpg) + kcpu.kmeans_update(x, off, torch.arange(len(x)) % kmax, kmax)
+    for name, a, b in zip(["assign", "dist", "sums", "counts", "update sums", "update counts"], omp, py):
+        assert torch.equal(a, b), f"{name}: OpenMP and Python threads disagree"
+
+
+@needs_kernel
+def test_the_library_shares_torchs_openmp_runtime():
+    """Two OpenMP runtimes in one process oversubscribe the cores (each keeps spinning
+    workers): the library must bind to the libgomp torch loaded, not a second copy.
+    Checked in a fresh process (other tests' imports, e.g. scikit-learn, bring their own)."""
+    if not Path("/proc/self/maps").exists() or not kcpu._load().openmp:
+        pytest.skip("needs /proc and an OpenMP build")
+    probe = ("import torch\nfrom spurfast.kernels import kmeans_cpu as k\nassert k._load() is not None\n"
+             "maps = open('/proc/self/maps').read().splitlines()\n"
+             "print(sorted({l.split()[-1] for l in maps if 'libgomp' in l.split()[-1]}))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    gomp = ast.literal_eval(out.strip().splitlines()[-1])
+    assert len(gomp) == 1, f"expected one OpenMP runtime (torch's), found {gomp}"
+
+
+def test_lloyd_uses_a_fused_step_only_where_it_is_one_pass():
+    from spurfast import cluster
+
+    assert cluster._fused_step("torch") is None   # the reference composes the two ops
+    assert cluster._fused_step("cupy") is None    # no fused CUDA kernel
+    if AVAILABLE:
+        assert cluster._fused_step("cpu") is kcpu.kmeans_assign_update
 
 
 @needs_kernel

@@ -3,8 +3,9 @@
 // assign: for every point the nearest centroid of its own group, distances formed in
 // registers and reduced on the spot (the reference writes a distance block to memory and
 // runs numpy's argmin over it; that pass, and the separate winner-distance pass, are gone).
-// Centroids arrive packed per group as cT[g][t][j] (d x kp, kp = kmax rounded up to 16)
-// with a per-centroid term cterm[g][j] (|c|^2 for L2, 0 for cosine, +inf for padding), so
+// Centroids arrive packed per group in 16-centroid panels, cT[g][j/16][t][j%16] (each
+// tile's d x 16 block contiguous: a strided d x kp layout put every row of a tile in the
+// same few L1 sets once kp*4 bytes reached 1 KB; kp = kmax rounded up to 16), with a per-centroid term cterm[g][j] (|c|^2 for L2, 0 for cosine, +inf for padding), so
 // the score s = cterm + alpha * x.c (alpha = -2 L2, -1 cosine) is minimised with
 // 16-wide vector compares.  Micro-tile: 6 points x 16 centroids = 12 ymm accumulators.
 // Ties go to the lower centroid index (strict < within a lane; lowest index across lanes).
@@ -12,13 +13,22 @@
 // update: sums of a contiguous row range into a caller-owned partial buffer (the caller
 // splits rows over threads and adds the partials in a fixed order: deterministic).
 //
-// Threads: none here; the Python side runs fixed row ranges in its own threads (ctypes
-// releases the GIL), so no second OpenMP runtime shares the process with torch's.
+// Threads: OpenMP over fixed contiguous row ranges (`parts` of them, cut as the Python
+// reference cuts them), so results never depend on scheduling.  The library is loaded
+// after torch, and the loader resolves its libgomp.so.1 to the copy torch already loaded:
+// one runtime and one thread pool.  (Python threads here raced torch's OpenMP workers,
+// which spin for a while after every torch op: the assign ran ~40% slower inside the
+// Lloyd loop than alone.)  Built without OpenMP, the *_parts entry points run serially
+// and the Python side splits rows over its own threads instead.
 #include <immintrin.h>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 typedef int64_t i64;
 
@@ -33,8 +43,8 @@ inline void tile(const float* __restrict x, i64 d, const float* __restrict cT, i
     __m256 acc[R][2];
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     for (i64 t = 0; t < d; ++t) {
-        const __m256 c0 = _mm256_loadu_ps(cT + t * kp + j);
-        const __m256 c1 = _mm256_loadu_ps(cT + t * kp + j + 8);
+        const __m256 c0 = _mm256_loadu_ps(cT + j * d + t * NR);
+        const __m256 c1 = _mm256_loadu_ps(cT + j * d + t * NR + 8);
         for (int r = 0; r < R; ++r) {
             const __m256 xb = _mm256_broadcast_ss(x + r * d + t);
             acc[r][0] = _mm256_fmadd_ps(xb, c0, acc[r][0]);
@@ -60,21 +70,39 @@ inline void tile(const float* __restrict x, i64 d, const float* __restrict cT, i
     }
 }
 
-// min over 16 (value, index) lanes; ties -> lowest index; an all-NaN/inf row -> index 0
+// min over 16 (value, index) lanes; ties -> lowest index; an all-inf row -> index 0.
+// Branch-free: the scalar loop it replaces mispredicted on every row.  Scores are never
+// NaN here (a NaN never passes the strict < that writes best), so min is exact.
 inline void reduce16(const __m256 b0, const __m256 b1, const __m256i i0, const __m256i i1,
                      float* out_s, int* out_j) {
-    alignas(32) float v[16];
-    alignas(32) int ix[16];
-    _mm256_store_ps(v, b0);
-    _mm256_store_ps(v + 8, b1);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(ix), i0);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(ix + 8), i1);
-    float bs = std::numeric_limits<float>::infinity();
-    int bj = 0x7fffffff;
-    for (int l = 0; l < 16; ++l)
-        if (v[l] < bs || (v[l] == bs && ix[l] < bj)) { bs = v[l]; bj = ix[l]; }
-    *out_s = bs;
+    __m256 m = _mm256_min_ps(b0, b1);
+    m = _mm256_min_ps(m, _mm256_permute2f128_ps(m, m, 1));
+    m = _mm256_min_ps(m, _mm256_permute_ps(m, 0x4e));
+    m = _mm256_min_ps(m, _mm256_permute_ps(m, 0xb1));     // every lane = the minimum
+    const __m256i none = _mm256_set1_epi32(0x7fffffff);
+    const __m256i c0 = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(none), _mm256_castsi256_ps(i0),
+                                                            _mm256_cmp_ps(b0, m, _CMP_EQ_OQ)));
+    const __m256i c1 = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(none), _mm256_castsi256_ps(i1),
+                                                            _mm256_cmp_ps(b1, m, _CMP_EQ_OQ)));
+    __m256i j = _mm256_min_epi32(c0, c1);
+    j = _mm256_min_epi32(j, _mm256_permute2x128_si256(j, j, 1));
+    j = _mm256_min_epi32(j, _mm256_shuffle_epi32(j, 0x4e));
+    j = _mm256_min_epi32(j, _mm256_shuffle_epi32(j, 0xb1));
+    const int bj = _mm256_cvtsi256_si32(j);
+    *out_s = _mm256_cvtss_f32(m);
     *out_j = bj == 0x7fffffff ? 0 : bj;
+}
+
+// x.x with 8 fixed lanes then a fixed tree: the same value on every call
+inline float sqnorm(const float* x, i64 d) {
+    __m256 a = _mm256_setzero_ps();
+    i64 t = 0;
+    for (; t + 8 <= d; t += 8) { const __m256 v = _mm256_loadu_ps(x + t); a = _mm256_fmadd_ps(v, v, a); }
+    alignas(32) float l[8];
+    _mm256_store_ps(l, a);
+    float s = ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+    for (; t < d; ++t) s += x[t] * x[t];
+    return s;
 }
 
 template <int R>
@@ -90,16 +118,37 @@ void rows_block(const float* x, i64 d, const float* cT, const float* cterm, i64 
     for (int r = 0; r < R; ++r) reduce16(best[2 * r], best[2 * r + 1], bidx[2 * r], bidx[2 * r + 1], out_s + r, out_j + r);
 }
 
+// dst += src elementwise (the same adds, in the same row order, in update and the fused step)
+inline void add_row(float* __restrict dst, const float* __restrict src, i64 d) {
+    i64 t = 0;
+    for (; t + 8 <= d; t += 8)
+        _mm256_storeu_ps(dst + t, _mm256_add_ps(_mm256_loadu_ps(dst + t), _mm256_loadu_ps(src + t)));
+    for (; t < d; ++t) dst[t] += src[t];
+}
+
+// parts x n partial buffers: add parts 1.. into part 0 in order (call inside a parallel region)
+inline void add_parts(float* sums, i64* counts, i64 S, i64 d, i64 parts) {
+    const i64 n = S * d;
+#pragma omp for schedule(static)
+    for (i64 e = 0; e < n; ++e)
+        for (i64 p = 1; p < parts; ++p) sums[e] += sums[p * n + e];
+#pragma omp for schedule(static)
+    for (i64 e = 0; e < S; ++e)
+        for (i64 p = 1; p < parts; ++p) counts[e] += counts[p * S + e];
+}
+
 }  // namespace
 
 extern "C" {
 
-// Rows [r0, r1) of x (N x d, sorted by group, CSR offsets[G+1]).  cT: (G, d, kp),
+// Rows [r0, r1) of x (N x d, sorted by group, CSR offsets[G+1]).  cT: (G, kp/16, d, 16),
 // cterm: (G, kp), cent: (G, kmax, d) fp32 (for exact winner distances), xn: |x|^2 per row
 // or null.  cosine: score -x.c_hat, dist = 1 + s / |x|.  Writes assign[r], dist[r].
+// sums (G*kmax x d) and counts (G*kmax), when not null: each row is also added to its
+// winner's sum while it is still in L1 (the fused step; no second pass over x).
 void spurfast_cpu_assign(const float* x, i64 d, const i64* offsets, i64 G, const float* cT,
                          const float* cterm, i64 kp, const float* cent, i64 kmax, const float* xn,
-                         int cosine, i64 r0, i64 r1, i64* assign, float* dist) {
+                         int cosine, i64 r0, i64 r1, i64* assign, float* dist, float* sums, i64* counts) {
     const float alpha = cosine ? -1.0f : -2.0f;
     float s[MR];
     int jj[MR];
@@ -128,7 +177,7 @@ void spurfast_cpu_assign(const float* x, i64 d, const i64* offsets, i64 G, const
                 const float* cr = cg + (i64)jj[r] * d;
                 float xx;
                 if (xn) xx = xn[i + r];
-                else { xx = 0.f; for (i64 t = 0; t < d; ++t) xx += xr[t] * xr[t]; }
+                else xx = sqnorm(xr, d);
                 float dv;
                 if (cosine) {
                     dv = 1.0f + s[r] / std::fmax(std::sqrt(xx), 1e-12f);
@@ -146,6 +195,10 @@ void spurfast_cpu_assign(const float* x, i64 d, const i64* offsets, i64 G, const
                 }
                 assign[i + r] = jj[r];
                 dist[i + r] = dv;
+                if (sums) {
+                    add_row(sums + (g * kmax + jj[r]) * d, xr, d);
+                    counts[g * kmax + jj[r]] += 1;
+                }
             }
         }
     }
@@ -158,14 +211,66 @@ i64 spurfast_cpu_update(const float* x, i64 d, const i64* flat, i64 S, i64 r0, i
     for (i64 i = r0; i < r1; ++i) {
         const i64 f = flat[i];
         if (f < 0 || f >= S) return i;
-        float* dst = sums + f * d;
-        const float* src = x + i * d;
-        i64 t = 0;
-        for (; t + 8 <= d; t += 8)
-            _mm256_storeu_ps(dst + t, _mm256_add_ps(_mm256_loadu_ps(dst + t), _mm256_loadu_ps(src + t)));
-        for (; t < d; ++t) dst[t] += src[t];
+        add_row(sums + f * d, x + i * d, d);
         counts[f] += 1;
     }
+    return -1;
+}
+
+int spurfast_cpu_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+// part p of [0, N) split into `parts` contiguous ranges (the Python reference's cut)
+static inline void part_range(i64 N, i64 parts, i64 p, i64* lo, i64* hi) {
+    *lo = N * p / parts;
+    *hi = N * (p + 1) / parts;
+}
+
+// spurfast_cpu_assign over all N rows, `parts` fixed ranges on up to `parts` threads.
+// sums/counts (parts x G*kmax x d / parts x G*kmax, zeroed; or null): part p's rows go
+// into partial p, then the partials are added into part 0 in order, exactly as
+// spurfast_cpu_update_parts adds them: the fused sums equal assign-then-update's bit for bit.
+void spurfast_cpu_assign_parts(const float* x, i64 d, const i64* offsets, i64 G, const float* cT,
+                               const float* cterm, i64 kp, const float* cent, i64 kmax, const float* xn,
+                               int cosine, i64 N, i64 parts, i64* assign, float* dist, float* sums,
+                               i64* counts) {
+    const i64 S = G * kmax;
+#pragma omp parallel num_threads((int)parts)
+    {
+#pragma omp for schedule(static, 1)
+        for (i64 p = 0; p < parts; ++p) {
+            i64 lo, hi;
+            part_range(N, parts, p, &lo, &hi);
+            spurfast_cpu_assign(x, d, offsets, G, cT, cterm, kp, cent, kmax, xn, cosine, lo, hi, assign, dist,
+                                sums ? sums + p * S * d : nullptr, sums ? counts + p * S : nullptr);
+        }
+        if (sums) add_parts(sums, counts, S, d, parts);
+    }
+}
+
+// spurfast_cpu_update over all N rows: part p sums into sums + p*S*d (parts x S x d,
+// zeroed by the caller), then parts 1.. are added into part 0 in order, so the result
+// depends on `parts` only.  Returns the first bad row, or -1.
+i64 spurfast_cpu_update_parts(const float* x, i64 d, const i64* flat, i64 S, i64 N, i64 parts,
+                              float* sums, i64* counts) {
+    std::vector<i64> bad((size_t)parts, -1);
+#pragma omp parallel num_threads((int)parts)
+    {
+#pragma omp for schedule(static, 1)
+        for (i64 p = 0; p < parts; ++p) {
+            i64 lo, hi;
+            part_range(N, parts, p, &lo, &hi);
+            bad[p] = spurfast_cpu_update(x, d, flat, S, lo, hi, sums + p * S * d, counts + p * S);
+        }
+        add_parts(sums, counts, S, d, parts);
+    }
+    for (i64 p = 0; p < parts; ++p)
+        if (bad[p] >= 0) return bad[p];
     return -1;
 }
 
