@@ -392,3 +392,44 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
         del x, off, cent, kpg
         if dev == "cuda":
             torch.cuda.empty_cache()
+    _plusplus_rows(writer, dev, devname, kcpu, reps)
+
+
+def _plusplus_rows(writer, dev, devname, kcpu, reps):
+    """k-means++ seeding (op ``kmeans_plusplus``): the reference, the fused CPU kernel and
+    scikit-learn's ``kmeans_plusplus`` once per group (its greedy variant draws 2 + ln k
+    candidates per seed, so it does that much more work for a better seed set).
+    Counted: FLOPs 3 N_g k_g d per group (one D^2 pass per seed)."""
+    from spurfast.kernels import reference as ref
+
+    for N, d, G, k in ((100_000, 16, 10, 100), (100_000, 16, 1, 256)):
+        x, off, _, kpg = make_data(N, d, k, G, dev)
+        config = dict(N=N, d=d, k=k, groups=G, dtype="fp32", threads=torch.get_num_threads())
+        flops = 3.0 * float(((off[1:] - off[:-1]).cpu() * kpg.cpu()).sum()) * d
+        provs = {"torch": ref.kmeans_plusplus}
+        if kcpu is not None and dev == "cpu":
+            provs["cpu"] = kcpu.kmeans_plusplus
+        times = {}
+        for name, fn in provs.items():
+            st = measure(lambda: fn(x, off, kpg, k, torch.Generator().manual_seed(0)), device=dev, reps=reps)
+            writer.add_timing("kmeans_plusplus", name, config, st, devname, items=N, bytes_moved=k * N * d * 4,
+                              flops=flops)
+            times[name] = st["median_s"]
+        if dev == "cpu":
+            try:
+                from sklearn.cluster import kmeans_plusplus as sk_pp
+
+                xn = x.numpy()
+                bounds = [(int(off[g]), int(off[g + 1]), int(kpg[g])) for g in range(G)]
+
+                def sk():
+                    with _threads(torch.get_num_threads()):
+                        for lo, hi, kg in bounds:
+                            sk_pp(xn[lo:hi], kg, random_state=0)
+
+                st = measure(sk, device=dev, reps=max(2, reps // 2))
+                writer.add_timing("kmeans_plusplus", "sklearn", config, st, devname, items=N, flops=flops)
+                times["sklearn"] = st["median_s"]
+            except ImportError as exc:
+                _log(f"sklearn kmeans_plusplus skipped: not installed ({exc})")
+        _log(f"kmeans_plusplus N={N} d={d} G={G} k={k}: " + ", ".join(f"{n} {t * 1e3:.1f} ms" for n, t in times.items()))

@@ -124,6 +124,8 @@ def _load():
         lib.spurfast_cpu_assign_parts.restype = None
         lib.spurfast_cpu_update_parts.argtypes = [P, I, P, I, I, I, P, P]
         lib.spurfast_cpu_update_parts.restype = I
+        lib.spurfast_cpu_plusplus.argtypes = [P, I, P, I, P, I, P, P, I, P, P]
+        lib.spurfast_cpu_plusplus.restype = None
         lib.spurfast_cpu_openmp.restype = ctypes.c_int
         lib.openmp = bool(lib.spurfast_cpu_openmp())
         _lib = lib
@@ -291,3 +293,37 @@ def kmeans_update(x, offsets, assign, kmax: int, deterministic: bool = True):
     if bad >= 0:
         raise ValueError(f"row {bad} has group-cluster index {flat[bad]} outside [0, {S})")
     return torch.from_numpy(sums[0]).view(G, kmax, d), torch.from_numpy(counts[0]).view(G, kmax)
+
+
+def kmeans_plusplus(x, offsets, k_per_group, kmax: int, generator: torch.Generator) -> torch.Tensor:
+    """See :func:`spurfast.kernels.reference.kmeans_plusplus` (CPU tensors): the same
+    draws from ``generator`` in the same order, one thread per group, each group's D^2
+    updated in one fused pass per seed (the reference makes four N x d passes per seed
+    and synchronises every group at every step).  Seeds equal the reference's wherever
+    D^2 sums are exact (e.g. integer data); elsewhere a draw can fall on the other side of
+    a boundary the two round differently."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"the fused CPU k-means kernels are unavailable: {_why_not}")
+    X = _check_cpu(x)
+    N, d = X.shape
+    off = _offsets(offsets, N)
+    G = len(off) - 1
+    kpg = np.ascontiguousarray(torch.as_tensor(k_per_group).cpu().numpy(), dtype=np.int64)
+    if len(kpg) != G:
+        raise ValueError(f"k_per_group has {len(kpg)} entries for {G} groups")
+    cent = np.zeros((G, kmax, d), dtype=np.float32)
+    if N == 0:
+        return torch.from_numpy(cent)
+    # the reference's draws, in its order: G for the first seeds, then G per step while
+    # any nonempty group still needs seeds
+    u_first = np.ascontiguousarray(torch.rand(G, generator=generator, device="cpu").numpy(), dtype=np.float32)
+    need = kpg[np.diff(off) > 0]
+    n_steps = max(0, min(kmax, int(need.max()) if len(need) else 0) - 1)
+    u_steps = np.ascontiguousarray(
+        np.stack([torch.rand(G, generator=generator, device="cpu").double().numpy() for _ in range(n_steps)])
+        if n_steps else np.zeros((0, G)), dtype=np.float64)
+    d2 = np.empty(N, dtype=np.float32)
+    lib.spurfast_cpu_plusplus(_ptr(X), d, _ptr(off), G, _ptr(kpg), kmax, _ptr(u_first), _ptr(u_steps), n_steps,
+                              _ptr(cent), _ptr(d2))
+    return torch.from_numpy(cent)

@@ -78,6 +78,10 @@ REGISTRY: dict[str, list[Provider]] = {
         Provider("cpu", "spurfast.kernels.kmeans_cpu:kmeans_assign_update", ("cpu",)),
         Provider("torch", f"{REF}:kmeans_assign_update"),
     ],
+    "kmeans_plusplus": [
+        Provider("cpu", "spurfast.kernels.kmeans_cpu:kmeans_plusplus", ("cpu",)),
+        Provider("torch", f"{REF}:kmeans_plusplus"),
+    ],
     "kmeans_update": [
         Provider("cupy", "spurfast.kernels.kmeans_cupy:kmeans_update", ("cuda",)),
         Provider("cpu", "spurfast.kernels.kmeans_cpu:kmeans_update", ("cpu",)),

@@ -145,6 +145,7 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
     this process assigns and combines the partial sums, counts and inertia; every member
     ends with the same centroids and the full assignment."""
     dev = x.device
+    provider = backends.resolve("kmeans_assign", backend, dev.type)[0]
     order, offsets = sort_by_group(groups, G)
     kmax = max(1, int(kpg.max())) if G else 1
     xs = x[order].contiguous()
@@ -153,7 +154,7 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
     N, d = xs.shape
     if team.rank == 0:
         gen = torch.Generator().manual_seed(int(seed))
-        cent = init.float().to(dev).clone() if init is not None else ref.kmeans_plusplus(xs, offsets, kpg, kmax, gen)
+        cent = init.float().to(dev).clone() if init is not None else _seeding(provider)(xs, offsets, kpg, kmax, gen)
         cent = cent.contiguous()
     else:
         cent = torch.empty(G, kmax, d, dtype=torch.float32, device=dev)
@@ -170,7 +171,7 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
     valid_k = torch.arange(kmax, device=dev).unsqueeze(0) < kpg.unsqueeze(1)
     # |x|^2 once per fit: the CPU reference needs it for each winner's distance
     xn = torch.linalg.vecdot(xl.float(), xl.float()) if metric == "l2" else None
-    fused = _fused_step(backends.resolve("kmeans_assign", backend, dev.type)[0])
+    fused = _fused_step(provider)
     reseeded, prev, it = 0, None, 0
     sums_l = counts_l = prev_assign = None   # the first update is a full one
     for it in range(1, n_iter + 1):
@@ -205,6 +206,11 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
     inv = torch.empty_like(order)
     inv[order] = torch.arange(N, device=dev)
     return KMeansResult(cent, assign[inv], dist[inv], kpg, counts, it, inertia, reseeded)
+
+
+def _seeding(provider: str):
+    """k-means++ from the assignment's provider where it has one, else the reference."""
+    return backends.companion("kmeans_plusplus", provider) or ref.kmeans_plusplus
 
 
 def _fused_step(provider: str):

@@ -135,13 +135,61 @@ def test_the_library_shares_torchs_openmp_runtime():
     assert len(gomp) == 1, f"expected one OpenMP runtime (torch's), found {gomp}"
 
 
-def test_lloyd_uses_a_fused_step_only_where_it_is_one_pass():
+def test_lloyd_takes_fused_steps_and_seeding_from_the_assignments_provider():
     from spurfast import cluster
 
+    assert cluster._seeding("cupy") is ref.kmeans_plusplus and cluster._seeding("torch") is ref.kmeans_plusplus
     assert cluster._fused_step("torch") is None   # the reference composes the two ops
     assert cluster._fused_step("cupy") is None    # no fused CUDA kernel
     if AVAILABLE:
         assert cluster._fused_step("cpu") is kcpu.kmeans_assign_update
+        assert cluster._seeding("cpu") is kcpu.kmeans_plusplus
+
+
+def _integer_groups(sizes, kpg, d, seed, duplicates=False):
+    """Integer coordinates: every D^2 and running sum is exact, so any summation order
+    gives the same k-means++ draws."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-5, 6, (int(sum(sizes)), d), generator=g).float()
+    if duplicates:   # the whole first group one point: all-zero D^2 after its first seed
+        x[: sizes[0]] = 0.0
+    off = torch.zeros(len(sizes) + 1, dtype=torch.int64)
+    off[1:] = torch.cumsum(torch.tensor(sizes), 0)
+    return x, off, torch.tensor(kpg)
+
+
+@needs_kernel
+@pytest.mark.parametrize("sizes,kpg,d,dup", [
+    ([700, 0, 37, 119, 5], [60, 0, 12, 24, 5], 7, False),
+    ([300, 80], [25, 3], 9, True),                 # all-zero D^2 in a group: uniform picks
+    ([1], [1], 3, False),
+    ([40000, 300], [20, 7], 3, False),             # over the large-group threshold: every thread per step
+])
+def test_plusplus_draws_the_references_seeds(sizes, kpg, d, dup):
+    x, off, k = _integer_groups(sizes, kpg, d, seed=len(sizes), duplicates=dup)
+    kmax = max(1, max(kpg))
+    want = ref.kmeans_plusplus(x, off, k, kmax, torch.Generator().manual_seed(7))
+    got = kcpu.kmeans_plusplus(x, off, k, kmax, torch.Generator().manual_seed(7))
+    assert torch.equal(got, want), f"{int((got != want).any(-1).sum())} of {int(k.sum())} seeds differ"
+    gen = torch.Generator().manual_seed(7)
+    kcpu.kmeans_plusplus(x, off, k, kmax, gen)
+    ref_gen = torch.Generator().manual_seed(7)
+    ref.kmeans_plusplus(x, off, k, kmax, ref_gen)
+    assert torch.equal(gen.get_state(), ref_gen.get_state()), "the generator must advance as the reference's does"
+
+
+@needs_kernel
+def test_plusplus_on_real_valued_data_gives_distinct_members_and_repeats():
+    x, off, _, kpg = make_case([500, 3, 0, 260], 12, 10, seed=4, device="cpu")
+    a = kcpu.kmeans_plusplus(x, off, kpg, 12, torch.Generator().manual_seed(1))
+    b = kcpu.kmeans_plusplus(x, off, kpg, 12, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    for g in range(len(off) - 1):
+        rows, k = x[int(off[g]):int(off[g + 1])], int(kpg[g])
+        for j in range(k):
+            assert bool((rows == a[g, j]).all(1).any()), f"seed {j} of group {g} is not a member"
+        assert len({tuple(r.tolist()) for r in a[g, :k]}) == k, f"group {g}: repeated seeds"
+        assert float(a[g, k:].abs().sum()) == 0, f"group {g}: rows past k_g must stay zero"
 
 
 @needs_kernel

@@ -10,6 +10,10 @@
 // 16-wide vector compares.  Micro-tile: 6 points x 16 centroids = 12 ymm accumulators.
 // Ties go to the lower centroid index (strict < within a lane; lowest index across lanes).
 //
+// plusplus: batched k-means++ seeding with the reference's draws (passed in): one thread
+// per group (all threads on one D^2 pass for a very large group), D^2 in fp32 updated in
+// one pass per seed, its running sum in fp64.
+//
 // update: sums of a contiguous row range into a caller-owned partial buffer (the caller
 // splits rows over threads and adds the partials in a fixed order: deterministic).
 //
@@ -135,6 +139,65 @@ inline void add_parts(float* sums, i64* counts, i64 S, i64 d, i64 parts) {
 #pragma omp for schedule(static)
     for (i64 e = 0; e < S; ++e)
         for (i64 p = 1; p < parts; ++p) counts[e] += counts[p * S + e];
+}
+
+// |x - c|^2 with 8 fixed lanes then a fixed tree (the same value on every call)
+inline float sqdist(const float* x, const float* c, i64 d) {
+    __m256 a = _mm256_setzero_ps();
+    i64 t = 0;
+    for (; t + 8 <= d; t += 8) {
+        const __m256 v = _mm256_sub_ps(_mm256_loadu_ps(x + t), _mm256_loadu_ps(c + t));
+        a = _mm256_fmadd_ps(v, v, a);
+    }
+    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    float s = _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+    for (; t < d; ++t) { const float v = x[t] - c[t]; s += v * v; }
+    return s;
+}
+
+// k-means++ seeds of group g (see spurfast_cpu_plusplus); rows_parallel: split each
+// step's D^2 pass over threads (fixed static ranges: same result for any thread count,
+// since each D^2 value is computed alone and the running sum stays sequential)
+void plusplus_group(const float* x, i64 d, const i64* offsets, i64 G, i64 g, const i64* kpg, i64 kmax,
+                    const float* u_first, const double* u_steps, i64 n_steps, float* cent, float* d2,
+                    bool rows_parallel) {
+    const i64 lo = offsets[g], sz = offsets[g + 1] - offsets[g];
+    const i64 k = kpg[g] < kmax ? kpg[g] : kmax;
+    if (sz <= 0 || k <= 0) return;
+    const float* xg = x + lo * d;
+    float* dg = d2 + lo;
+    float* cg = cent + g * kmax * d;
+    i64 first = (i64)(u_first[g] * (float)sz);
+    if (first > sz - 1) first = sz - 1;
+    std::memcpy(cg, xg + first * d, sizeof(float) * d);
+#pragma omp parallel for schedule(static) if (rows_parallel)
+    for (i64 i = 0; i < sz; ++i) dg[i] = sqdist(xg + i * d, cg, d);
+    for (i64 j = 1; j < k && j <= n_steps; ++j) {
+        const double u = u_steps[(j - 1) * G + g];
+        double total = 0.0;
+        for (i64 i = 0; i < sz; ++i) total += dg[i];
+        i64 pick;
+        if (total > 0) {
+            const double target = u * total;
+            double run = 0.0;
+            pick = sz - 1;
+            for (i64 i = 0; i < sz; ++i) {
+                run += dg[i];
+                if (run > target) { pick = i; break; }
+            }
+        } else {
+            pick = (i64)(u * (double)sz);
+            if (pick > sz - 1) pick = sz - 1;
+        }
+        float* cj = cg + j * d;
+        std::memcpy(cj, xg + pick * d, sizeof(float) * d);
+#pragma omp parallel for schedule(static) if (rows_parallel)
+        for (i64 i = 0; i < sz; ++i) {
+            const float v = sqdist(xg + i * d, cj, d);
+            dg[i] = v < dg[i] ? v : dg[i];
+        }
+    }
 }
 
 }  // namespace
@@ -272,6 +335,25 @@ i64 spurfast_cpu_update_parts(const float* x, i64 d, const i64* flat, i64 S, i64
     for (i64 p = 0; p < parts; ++p)
         if (bad[p] >= 0) return bad[p];
     return -1;
+}
+
+// k-means++ seeds of every group (rows sorted by group, CSR offsets).  u_first[g]: the
+// first seed's draw (fp32, as torch.rand gives it); u_steps[(j-1)*G + g]: step j's draw
+// (fp64), j = 1 .. n_steps.  Step j picks the first row whose running D^2 sum exceeds
+// u * total (all-zero D^2: a uniform pick), as the reference's searchsorted does, then
+// D^2 = min(D^2, |x - seed|^2).  cent (G x kmax x d) zeroed by the caller; d2 scratch (N).
+void spurfast_cpu_plusplus(const float* x, i64 d, const i64* offsets, i64 G, const i64* kpg, i64 kmax,
+                           const float* u_first, const double* u_steps, i64 n_steps, float* cent, float* d2) {
+    // a group this large seeds with every thread on each step's D^2 pass; the rest
+    // take one thread per group
+    constexpr i64 BIG = 1 << 15;
+    for (i64 g = 0; g < G; ++g)
+        if (offsets[g + 1] - offsets[g] >= BIG)
+            plusplus_group(x, d, offsets, G, g, kpg, kmax, u_first, u_steps, n_steps, cent, d2, true);
+#pragma omp parallel for schedule(dynamic, 1)
+    for (i64 g = 0; g < G; ++g)
+        if (offsets[g + 1] - offsets[g] < BIG)
+            plusplus_group(x, d, offsets, G, g, kpg, kmax, u_first, u_steps, n_steps, cent, d2, false);
 }
 
 }  // extern "C"
