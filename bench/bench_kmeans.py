@@ -393,6 +393,44 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
         if dev == "cuda":
             torch.cuda.empty_cache()
     _plusplus_rows(writer, dev, devname, kcpu, reps)
+    _knn_rows(writer, dev, devname, kcpu, quick)
+
+
+def _knn_rows(writer, dev, devname, kcpu, quick):
+    """Exact latent kNN (op ``latent_knn``, k=10, the discovery's neighbour votes): the
+    reference (blocked GEMM + pruned top-k), the fused CPU kernel, and faiss' exact
+    IndexFlatL2 search (CPU, same thread count).  Counted: 2 n^2 d FLOPs (every pair)."""
+    from spurfast.kernels import reference as ref
+
+    for n in ((20_000,) if quick else (20_000, 100_000)):
+        d, k = 16, 10
+        z = torch.randn(n, d, generator=torch.Generator().manual_seed(0)).to(dev)
+        config = dict(N=n, d=d, k=k, dtype="fp32", threads=torch.get_num_threads())
+        provs = {"torch": lambda: ref.latent_knn(z, k)}
+        if kcpu is not None and dev == "cpu":
+            provs["cpu"] = lambda: kcpu.latent_knn(z, k)
+        if dev == "cpu":
+            try:
+                import faiss
+
+                zn = np.ascontiguousarray(z.numpy())
+
+                def faiss_knn():
+                    faiss.omp_set_num_threads(torch.get_num_threads())
+                    index = faiss.IndexFlatL2(d)
+                    index.add(zn)
+                    return index.search(zn, k + 1)   # +1: each row finds itself
+
+                provs["faiss-cpu"] = faiss_knn
+            except ImportError as exc:
+                _log(f"faiss knn skipped: not installed ({exc})")
+        times = {}
+        for name, fn in provs.items():
+            st = measure(fn, device=dev, warmup=1, reps=2 if n > 50_000 else 3)
+            writer.add_timing("latent_knn", name, config, st, devname, items=n, bytes_moved=n * d * 4 + n * k * 8,
+                              flops=2.0 * n * n * d)
+            times[name] = st["median_s"]
+        _log(f"latent_knn n={n} d={d} k={k}: " + ", ".join(f"{p} {t:.2f} s" for p, t in times.items()))
 
 
 def _plusplus_rows(writer, dev, devname, kcpu, reps):

@@ -126,6 +126,10 @@ def _load():
         lib.spurfast_cpu_update_parts.restype = I
         lib.spurfast_cpu_plusplus.argtypes = [P, I, P, I, P, I, P, P, I, P, P]
         lib.spurfast_cpu_plusplus.restype = None
+        lib.spurfast_cpu_knn.argtypes = [P, I, I, P, P, I, I, I, I, I, P]
+        lib.spurfast_cpu_knn.restype = None
+        lib.spurfast_cpu_knn_parts.argtypes = [P, I, I, P, P, I, I, I, I, P]
+        lib.spurfast_cpu_knn_parts.restype = None
         lib.spurfast_cpu_openmp.restype = ctypes.c_int
         lib.openmp = bool(lib.spurfast_cpu_openmp())
         _lib = lib
@@ -327,3 +331,31 @@ def kmeans_plusplus(x, offsets, k_per_group, kmax: int, generator: torch.Generat
     lib.spurfast_cpu_plusplus(_ptr(X), d, _ptr(off), G, _ptr(kpg), kmax, _ptr(u_first), _ptr(u_steps), n_steps,
                               _ptr(cent), _ptr(d2))
     return torch.from_numpy(cent)
+
+
+def latent_knn(z, k: int) -> torch.Tensor:
+    """See :func:`spurfast.kernels.reference.latent_knn` (CPU tensors): the distance
+    matrix is never written; each row keeps its best 2k candidates by score in registers
+    and a short list, and those are re-ranked by direct distances as the reference does.
+    Ties go to the lower index.  Traffic: z read once per 96-row panel (from cache)."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"the fused CPU k-means kernels are unavailable: {_why_not}")
+    zt = torch.as_tensor(z).detach().float().cpu()
+    if zt.dim() != 2:
+        raise ValueError(f"z must be (n, d), got shape {tuple(zt.shape)}")
+    n, d = zt.shape
+    k = min(int(k), n - 1)
+    out = np.empty((n, max(k, 0)), dtype=np.int64)
+    if k <= 0:
+        return torch.from_numpy(out)
+    Z = np.ascontiguousarray((zt - zt.mean(0)).numpy())   # centred as the reference: less cancellation
+    panels, cterm, npad = pack_centroids(Z[None], np.array([n]), False)
+    m = min(2 * k, n - 1)
+    args = (_ptr(Z), d, n, _ptr(panels), _ptr(cterm), npad, k, m)
+    parts = _parts(n)
+    if lib.openmp:
+        lib.spurfast_cpu_knn_parts(*args, parts, _ptr(out))
+    else:
+        ref._split_rows(lambda lo, hi: lib.spurfast_cpu_knn(*args, lo, hi, _ptr(out)), 0, n, _MIN_ROWS, parts)
+    return torch.from_numpy(out)

@@ -82,6 +82,10 @@ REGISTRY: dict[str, list[Provider]] = {
         Provider("cpu", "spurfast.kernels.kmeans_cpu:kmeans_plusplus", ("cpu",)),
         Provider("torch", f"{REF}:kmeans_plusplus"),
     ],
+    "latent_knn": [
+        Provider("cpu", "spurfast.kernels.kmeans_cpu:latent_knn", ("cpu",)),
+        Provider("torch", f"{REF}:latent_knn"),
+    ],
     "kmeans_update": [
         Provider("cupy", "spurfast.kernels.kmeans_cupy:kmeans_update", ("cuda",)),
         Provider("cpu", "spurfast.kernels.kmeans_cpu:kmeans_update", ("cpu",)),

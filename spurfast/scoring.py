@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import backends
 from .cluster import batched_kmeans, choose_k
 
 
@@ -45,67 +46,11 @@ def unrelated_to_class(probs: np.ndarray, labels: np.ndarray, cls: np.ndarray, u
     return (content_classes(probs, labels, cls) != cls) & np.where(labels >= 0, True, unknown_ok)
 
 
-KNN_BLOCK_FLOATS = 1 << 24  # one distance block: 64 MiB fp32, whatever the pool size
-KNN_COLUMN_BLOCK = 128      # columns per block in the pruned top-k
-
-
-def latent_neighbours(z: np.ndarray, k: int = 10, chunk: int | None = None, device: str = "cpu",
-                      column_block: int = KNN_COLUMN_BLOCK) -> np.ndarray:
-    """(n, k) indices of each point's k nearest other points (squared L2), sorted nearest
-    first, exact.
-
-    Rows go in chunks of at most KNN_BLOCK_FLOATS distances, so peak memory does not grow
-    with the pool beyond the O(n k) result.  A full top-k over n columns per row costs
-    ~10 ns a distance on a CPU; instead each row's columns are cut into blocks of
-    ``column_block``, one vectorised pass takes every block's minimum, and the top-k runs
-    over the k blocks with the smallest minima only: they hold the k nearest points (a
-    block outside them has a minimum no smaller than k points from distinct blocks).  The
-    best 2k candidates are then re-ranked by directly computed distances."""
-    zt = torch.as_tensor(z, device=device, dtype=torch.float32)
-    zt = zt - zt.mean(0)      # distances are shift-invariant; centring shrinks cancellation
-    n = len(zt)
-    k = min(k, n - 1)
-    out = np.empty((n, max(k, 0)), dtype=np.int64)
-    if k <= 0:
-        return out
-    chunk = min(n, chunk or max(1, KNN_BLOCK_FLOATS // max(1, n)))
-    # One GEMM gives |zj|^2 - 2 zi.zj (|zi|^2 is constant along a row, so ranking does not
-    # need it): rows [zi, 1] times columns [-2 zj, |zj|^2].
-    ones = torch.ones(n, 1, device=zt.device)
-    rows_aug = torch.cat([zt, ones], 1)
-    cols_aug = torch.cat([-2.0 * zt, (zt * zt).sum(1, keepdim=True)], 1).T.contiguous()
-    B = int(column_block)
-    nb = -(-n // B)
-    prune = nb > 2 * k
-    m = min(2 * k, n - 1, k * B if prune else n)   # candidates re-ranked by exact distances
-    # one buffer for every chunk: a fresh large allocation per chunk costs more in page
-    # faults than the GEMM that fills it
-    buf = torch.full((chunk, nb * B if prune else n), float("inf"), device=zt.device)
-    ar_b = torch.arange(B if prune else 0, device=zt.device)
-    for s in range(0, n, chunk):
-        r = min(chunk, n - s)
-        d = buf[:r]
-        torch.mm(rows_aug[s:s + r], cols_aug, out=d[:, :n])
-        d[torch.arange(r, device=zt.device), torch.arange(s, s + r, device=zt.device)] = float("inf")
-        if prune:
-            # the last block's padding columns stay inf (never written)
-            blocks = d.view(r, nb, B).amin(2).topk(k, largest=False).indices      # (r, k)
-            cols = (blocks.unsqueeze(2) * B + ar_b).view(r, k * B)
-            cand = cols.gather(1, d.gather(1, cols).topk(m, largest=False).indices)
-        else:
-            cand = d.topk(m, largest=False).indices
-        out[s:s + r] = _exact_nearest(zt, s, cand, k).cpu().numpy()
-    return out
-
-
-def _exact_nearest(zt: torch.Tensor, start: int, cand: torch.Tensor, k: int) -> torch.Tensor:
-    """The k nearest of each row's candidates by distances computed directly, sum (zi - zj)^2:
-    the GEMM form |zj|^2 - 2 zi.zj cancels digits for tight groups away from the origin,
-    which is where shortcut clusters live."""
-    zi = zt[start:start + len(cand)].unsqueeze(1)
-    dist = ((zt[cand] - zi) ** 2).sum(-1)
-    order = torch.sort(dist, dim=1, stable=True).indices[:, :k]
-    return cand.gather(1, order)
+def latent_neighbours(z: np.ndarray, k: int = 10, device: str = "cpu", backend: str | None = None) -> np.ndarray:
+    """(n, k) indices of each point's k nearest other points (squared L2), nearest first,
+    exact: the ``latent_knn`` op (fused CPU kernel, or the reference's blocked GEMM)."""
+    zt = torch.as_tensor(np.asarray(z), dtype=torch.float32, device=device)
+    return backends.call("latent_knn", zt, k, backend=backend).cpu().numpy()
 
 
 def agreeing(groups: np.ndarray, labels: np.ndarray, neighbours: np.ndarray, unknown_ok: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -190,6 +191,48 @@ def test_plusplus_on_real_valued_data_gives_distinct_members_and_repeats():
             assert bool((rows == a[g, j]).all(1).any()), f"seed {j} of group {g} is not a member"
         assert len({tuple(r.tolist()) for r in a[g, :k]}) == k, f"group {g}: repeated seeds"
         assert float(a[g, k:].abs().sum()) == 0, f"group {g}: rows past k_g must stay zero"
+
+
+def _check_knn(nn: np.ndarray, z: np.ndarray, k: int, name: str) -> None:
+    """Every row's neighbours are the k nearest by float64 distances, nearest first;
+    neighbours may swap only where their distances tie to fp32 rounding (1e-6 relative)."""
+    n = len(z)
+    D = ((z[:, None].astype(np.float64) - z[None].astype(np.float64)) ** 2).sum(-1)
+    np.fill_diagonal(D, np.inf)
+    want = np.sort(D, 1)[:, :k]
+    got = np.take_along_axis(D, nn, 1)
+    assert nn.shape == (n, k), f"{name}: shape {nn.shape}, expected {(n, k)}"
+    assert (nn != np.arange(n)[:, None]).all(), f"{name}: a row lists itself"
+    bad = np.flatnonzero(~np.isclose(got, want, rtol=1e-6, atol=1e-9).all(1))
+    assert bad.size == 0, f"{name}: {bad.size} rows not the k nearest, first {bad[0]}: {got[bad[0]]} vs {want[bad[0]]}"
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,d,k", [(1, 2, 3), (2, 4, 1), (3, 1, 5), (17, 3, 16), (203, 5, 6), (1000, 33, 10),
+                                   (3 * kcpu._MIN_ROWS + 5, 16, 10)])   # the last: several threads, column chunks
+def test_knn_matches_float64_brute_force_and_the_reference(n, d, k):
+    rng = np.random.default_rng(n)
+    z = np.concatenate([rng.normal(size=(n // 2, d)), 0.05 * rng.normal(size=(n - n // 2, d)) + 3]).astype(np.float32)
+    nn = kcpu.latent_knn(torch.from_numpy(z), k).numpy()
+    kk = min(k, n - 1)
+    if kk <= 0:
+        assert nn.shape == (n, 0)
+        return
+    _check_knn(nn, z, kk, "cpu knn")
+    if n <= 1000:   # larger tight clusters: the reference's GEMM scores (the |zj|^2 column summed
+        # inside the product) miss a true neighbour at the k-th place in a few rows
+        _check_knn(ref.latent_knn(torch.from_numpy(z), k).numpy(), z, kk, "reference knn")
+    assert np.array_equal(nn, kcpu.latent_knn(torch.from_numpy(z), k).numpy()), "same neighbours every run"
+
+
+@needs_kernel
+def test_knn_ties_go_to_the_lower_index(threading_mode):
+    # duplicates: rows 0..4 identical, so each one's neighbours tie exactly
+    z = np.zeros((3000, 4), np.float32)
+    z[5:] = np.random.default_rng(0).normal(size=(2995, 4)) + 10
+    nn = kcpu.latent_knn(torch.from_numpy(z), 4).numpy()
+    for i in range(5):
+        assert nn[i].tolist() == [j for j in range(5) if j != i], f"row {i}: {nn[i]}"
 
 
 @needs_kernel

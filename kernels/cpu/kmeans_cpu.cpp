@@ -14,6 +14,11 @@
 // per group (all threads on one D^2 pass for a very large group), D^2 in fp32 updated in
 // one pass per seed, its running sum in fp64.
 //
+// knn: every row's k nearest other rows (exact), scores |zj|^2 - 2 zi.zj from the same
+// 6 x 16 register tiles, each row keeping its best m candidates by score in a short
+// sorted list (a vector compare against the list's worst skips almost every tile), then
+// the m candidates re-ranked by directly computed distances as the reference does.
+//
 // update: sums of a contiguous row range into a caller-owned partial buffer (the caller
 // splits rows over threads and adds the partials in a fixed order: deterministic).
 //
@@ -28,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
 #include <limits>
 #include <vector>
 #ifdef _OPENMP
@@ -200,6 +206,62 @@ void plusplus_group(const float* x, i64 d, const i64* offsets, i64 G, i64 g, con
     }
 }
 
+// scores of rows xi[0..R) against one 16-column panel (as `tile`, without the argmin)
+template <int R>
+inline void tile_scores(const float* __restrict x, i64 d, const float* __restrict p, const float* __restrict cterm,
+                        float* __restrict out /* R x 16 */) {
+    __m256 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (i64 t = 0; t < d; ++t) {
+        const __m256 c0 = _mm256_loadu_ps(p + t * NR);
+        const __m256 c1 = _mm256_loadu_ps(p + t * NR + 8);
+        for (int r = 0; r < R; ++r) {
+            const __m256 xb = _mm256_broadcast_ss(x + r * d + t);
+            acc[r][0] = _mm256_fmadd_ps(xb, c0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(xb, c1, acc[r][1]);
+        }
+    }
+    const __m256 a = _mm256_set1_ps(-2.0f);
+    const __m256 t0 = _mm256_loadu_ps(cterm), t1 = _mm256_loadu_ps(cterm + 8);
+    for (int r = 0; r < R; ++r) {
+        _mm256_storeu_ps(out + r * NR, _mm256_fmadd_ps(a, acc[r][0], t0));
+        _mm256_storeu_ps(out + r * NR + 8, _mm256_fmadd_ps(a, acc[r][1], t1));
+    }
+}
+
+// a row's best m (score, index) so far, sorted by score (ties: earlier index first)
+struct Best {
+    float* s;
+    int64_t* j;
+    i64 m;
+    i64 n = 0;
+    float worst() const { return n < m ? std::numeric_limits<float>::infinity() : s[m - 1]; }
+    void offer(float v, i64 idx) {   // columns arrive in increasing index: equal scores stay behind
+        if (n == m && !(v < s[m - 1])) return;
+        i64 pos = n < m ? n++ : m - 1;
+        while (pos > 0 && v < s[pos - 1]) { s[pos] = s[pos - 1]; j[pos] = j[pos - 1]; --pos; }
+        s[pos] = v;
+        j[pos] = idx;
+    }
+};
+
+template <int R>
+void knn_block(const float* z, i64 d, const float* panels, const float* cterm, i64 c0, i64 c1, i64 row0,
+               Best* best) {
+    alignas(32) float sc[MR * NR];
+    for (i64 c = c0; c < c1; c += NR) {
+        tile_scores<R>(z + row0 * d, d, panels + c * d, cterm + c, sc);
+        for (int r = 0; r < R; ++r) {
+            const __m256 w = _mm256_set1_ps(best[r].worst());
+            const int lt = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_load_ps(sc + r * NR), w, _CMP_LT_OQ)) |
+                           (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_load_ps(sc + r * NR + 8), w, _CMP_LT_OQ)) << 8);
+            if (!lt) continue;
+            for (int l = 0; l < NR; ++l)
+                if (((lt >> l) & 1) && c + l != row0 + r) best[r].offer(sc[r * NR + l], c + l);
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -354,6 +416,60 @@ void spurfast_cpu_plusplus(const float* x, i64 d, const i64* offsets, i64 G, con
     for (i64 g = 0; g < G; ++g)
         if (offsets[g + 1] - offsets[g] < BIG)
             plusplus_group(x, d, offsets, G, g, kpg, kmax, u_first, u_steps, n_steps, cent, d2, false);
+}
+
+// k nearest other rows of rows [r0, r1) of z (n x d, fp32): panels (np/16, d, 16) and
+// cterm (np; |zj|^2, +inf past n) as pack_centroids makes them for one group; m >= k
+// candidates per row by score, re-ranked by sum (zi - zj)^2 (stable: ties keep the
+// candidate order, i.e. lower score then lower index).  out: (n, k).
+void spurfast_cpu_knn(const float* z, i64 d, i64 n, const float* panels, const float* cterm, i64 np_, i64 k,
+                      i64 m, i64 r0, i64 r1, int64_t* out) {
+    constexpr i64 ROWS = 16 * MR;      // rows sharing one pass over a column chunk
+    constexpr i64 COLS = 2048;         // columns per chunk: 2048 x d floats stay in L2
+    std::vector<float> bs((size_t)(ROWS * m));
+    std::vector<int64_t> bj((size_t)(ROWS * m));
+    std::vector<float> ex((size_t)m);
+    std::vector<i64> order((size_t)m);
+    for (i64 a = r0; a < r1; a += ROWS) {
+        const i64 b = a + ROWS < r1 ? a + ROWS : r1;
+        std::vector<Best> best;
+        best.reserve((size_t)(b - a));
+        for (i64 i = a; i < b; ++i) best.push_back(Best{bs.data() + (i - a) * m, bj.data() + (i - a) * m, m});
+        for (i64 c0 = 0; c0 < np_; c0 += COLS) {
+            const i64 c1 = c0 + COLS < np_ ? c0 + COLS : np_;
+            for (i64 i = a; i < b; i += MR) {
+                Best* bb = best.data() + (i - a);
+                switch (b - i < MR ? b - i : MR) {
+                    case 6: knn_block<6>(z, d, panels, cterm, c0, c1, i, bb); break;
+                    case 5: knn_block<5>(z, d, panels, cterm, c0, c1, i, bb); break;
+                    case 4: knn_block<4>(z, d, panels, cterm, c0, c1, i, bb); break;
+                    case 3: knn_block<3>(z, d, panels, cterm, c0, c1, i, bb); break;
+                    case 2: knn_block<2>(z, d, panels, cterm, c0, c1, i, bb); break;
+                    default: knn_block<1>(z, d, panels, cterm, c0, c1, i, bb); break;
+                }
+            }
+        }
+        for (i64 i = a; i < b; ++i) {
+            const Best& r = best[i - a];
+            for (i64 q = 0; q < r.n; ++q) {
+                ex[q] = sqdist(z + i * d, z + r.j[q] * d, d);
+                order[q] = q;
+            }
+            std::stable_sort(order.begin(), order.begin() + r.n, [&](i64 u, i64 v) { return ex[u] < ex[v]; });
+            for (i64 q = 0; q < k; ++q) out[i * k + q] = r.j[order[q]];
+        }
+    }
+}
+
+// spurfast_cpu_knn over all n rows in `parts` fixed ranges, one thread each
+void spurfast_cpu_knn_parts(const float* z, i64 d, i64 n, const float* panels, const float* cterm, i64 np_, i64 k,
+                            i64 m, i64 parts, int64_t* out) {
+#pragma omp parallel for num_threads((int)parts) schedule(static, 1)
+    for (i64 p = 0; p < parts; ++p) {
+        i64 lo, hi;
+        part_range(n, parts, p, &lo, &hi);
+        spurfast_cpu_knn(z, d, n, panels, cterm, np_, k, m, lo, hi, out);
+    }
 }
 
 }  // extern "C"
