@@ -266,6 +266,9 @@ def test_registry_sends_cpu_tensors_to_the_fused_kernel_and_kmeans_agrees():
     backends.clear_cache()
     assert backends.resolve("kmeans_assign", None, "cpu")[0] == "cpu"
     assert backends.resolve("kmeans_update", None, "cpu")[0] == "cpu"
+    for op in ("kmeans_assign_update", "kmeans_plusplus", "latent_knn"):
+        assert backends.resolve(op, None, "cpu")[0] == "cpu", op
+        assert backends.resolve(op, None, "cuda")[0] == "torch", f"{op}: CUDA tensors must not reach the CPU kernel"
     g = torch.Generator().manual_seed(3)
     centres = torch.randn(3, 5, 16, generator=g) * 10
     groups = torch.arange(3).repeat_interleave(400)
