@@ -64,10 +64,10 @@ def counts(N, d, k, G, elt=4):
 
 # ----------------------------------------------------------------------------- steps
 def _step_fn(mod, x, off, cent, kpg):
-    """One Lloyd step as the loop runs it: the one-pass assign + update where the module
-    has a kernel for it (the fused CPU kernels), else assign then update."""
+    """One Lloyd step: the module's assign + update in one call where it has one (one pass
+    in the fused CPU kernels; the reference's composes the two), else assign then update."""
     kmax = cent.shape[1]
-    fused = getattr(mod, "kmeans_assign_update", None) if mod.__name__.endswith("kmeans_cpu") else None
+    fused = getattr(mod, "kmeans_assign_update", None)
 
     def step():
         if fused is not None:

@@ -345,6 +345,9 @@ def latent_knn(z, k: int) -> torch.Tensor:
     if zt.dim() != 2:
         raise ValueError(f"z must be (n, d), got shape {tuple(zt.shape)}")
     n, d = zt.shape
+    if not bool(torch.isfinite(zt).all()):
+        raise ValueError(f"z has {int((~torch.isfinite(zt)).any(1).sum())} rows with NaN or inf; "
+                         "neighbours need finite latents")
     k = min(int(k), n - 1)
     out = np.empty((n, max(k, 0)), dtype=np.int64)
     if k <= 0:

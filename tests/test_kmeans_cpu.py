@@ -226,6 +226,14 @@ def test_knn_matches_float64_brute_force_and_the_reference(n, d, k):
 
 
 @needs_kernel
+def test_knn_rejects_non_finite_latents():
+    z = torch.zeros(10, 3)
+    z[4, 1] = float("nan")
+    with pytest.raises(ValueError, match="1 rows with NaN or inf"):
+        kcpu.latent_knn(z, 3)
+
+
+@needs_kernel
 def test_knn_ties_go_to_the_lower_index(threading_mode):
     # duplicates: rows 0..4 identical, so each one's neighbours tie exactly
     z = np.zeros((3000, 4), np.float32)

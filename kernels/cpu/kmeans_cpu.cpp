@@ -456,7 +456,7 @@ void spurfast_cpu_knn(const float* z, i64 d, i64 n, const float* panels, const f
                 order[q] = q;
             }
             std::stable_sort(order.begin(), order.begin() + r.n, [&](i64 u, i64 v) { return ex[u] < ex[v]; });
-            for (i64 q = 0; q < k; ++q) out[i * k + q] = r.j[order[q]];
+            for (i64 q = 0; q < k; ++q) out[i * k + q] = q < r.n ? r.j[order[q]] : -1;   // -1: NaN scores only
         }
     }
 }
