@@ -136,6 +136,13 @@ def _load():
         return _lib
 
 
+def _library():
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"the fused CPU k-means kernels are unavailable: {_why_not}")
+    return lib
+
+
 def is_available() -> tuple[bool, str]:
     """(True, "") when the fused CPU kernels are built and loadable here, else (False, why)."""
     return (True, "") if _load() is not None else (False, _why_not or "unknown")
@@ -201,9 +208,7 @@ def kmeans_assign_update(x, offsets, centroids, k_per_group, metric: str = "l2",
 
 
 def _assign(x, offsets, centroids, k_per_group, metric, x_sqnorm, with_sums: bool):
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"the fused CPU k-means kernels are unavailable: {_why_not}")
+    lib = _library()
     G, kmax = ref.check_assign_args(x, offsets, centroids, metric)
     X = _check_cpu(x)
     N, d = X.shape
@@ -267,9 +272,7 @@ def _add_parts_in_order(sums: np.ndarray, counts: np.ndarray) -> None:
 def kmeans_update(x, offsets, assign, kmax: int, deterministic: bool = True):
     """See :func:`spurfast.kernels.reference.kmeans_update` (CPU tensors; always
     deterministic: fixed row ranges whose partial sums are added in order)."""
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"the fused CPU k-means kernels are unavailable: {_why_not}")
+    lib = _library()
     X = _check_cpu(x)
     N, d = X.shape
     off = _offsets(offsets, N)
@@ -306,9 +309,7 @@ def kmeans_plusplus(x, offsets, k_per_group, kmax: int, generator: torch.Generat
     and synchronises every group at every step).  Seeds equal the reference's wherever
     D^2 sums are exact (e.g. integer data); elsewhere a draw can fall on the other side of
     a boundary the two round differently."""
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"the fused CPU k-means kernels are unavailable: {_why_not}")
+    lib = _library()
     X = _check_cpu(x)
     N, d = X.shape
     off = _offsets(offsets, N)
@@ -338,9 +339,7 @@ def latent_knn(z, k: int) -> torch.Tensor:
     matrix is never written; each row keeps its best 2k candidates by score in registers
     and a short list, and those are re-ranked by direct distances as the reference does.
     Ties go to the lower index.  Traffic: z read once per 96-row panel (from cache)."""
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"the fused CPU k-means kernels are unavailable: {_why_not}")
+    lib = _library()
     zt = torch.as_tensor(z).detach().float().cpu()
     if zt.dim() != 2:
         raise ValueError(f"z must be (n, d), got shape {tuple(zt.shape)}")

@@ -35,6 +35,7 @@
 #include <cstring>
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
@@ -113,6 +114,20 @@ inline float sqnorm(const float* x, i64 d) {
     float s = ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
     for (; t < d; ++t) s += x[t] * x[t];
     return s;
+}
+
+// f(std::integral_constant<int, R>) for R = rows in 1..MR: the micro-kernels take the
+// row count as a template argument so their accumulators stay in registers
+template <class F>
+inline void by_rows(int R, F&& f) {
+    switch (R) {
+        case 6: f(std::integral_constant<int, 6>{}); break;
+        case 5: f(std::integral_constant<int, 5>{}); break;
+        case 4: f(std::integral_constant<int, 4>{}); break;
+        case 3: f(std::integral_constant<int, 3>{}); break;
+        case 2: f(std::integral_constant<int, 2>{}); break;
+        default: f(std::integral_constant<int, 1>{}); break;
+    }
 }
 
 template <int R>
@@ -289,14 +304,7 @@ void spurfast_cpu_assign(const float* x, i64 d, const i64* offsets, i64 G, const
         for (i64 i = lo; i < hi; i += MR) {
             const int R = (int)((hi - i) < MR ? (hi - i) : MR);
             const float* xi = x + i * d;
-            switch (R) {
-                case 6: rows_block<6>(xi, d, cTg, tg, kp, alpha, s, jj); break;
-                case 5: rows_block<5>(xi, d, cTg, tg, kp, alpha, s, jj); break;
-                case 4: rows_block<4>(xi, d, cTg, tg, kp, alpha, s, jj); break;
-                case 3: rows_block<3>(xi, d, cTg, tg, kp, alpha, s, jj); break;
-                case 2: rows_block<2>(xi, d, cTg, tg, kp, alpha, s, jj); break;
-                default: rows_block<1>(xi, d, cTg, tg, kp, alpha, s, jj); break;
-            }
+            by_rows(R, [&](auto rows) { rows_block<decltype(rows)::value>(xi, d, cTg, tg, kp, alpha, s, jj); });
             for (int r = 0; r < R; ++r) {
                 const float* xr = xi + r * d;
                 const float* cr = cg + (i64)jj[r] * d;
@@ -439,14 +447,8 @@ void spurfast_cpu_knn(const float* z, i64 d, i64 n, const float* panels, const f
             const i64 c1 = c0 + COLS < np_ ? c0 + COLS : np_;
             for (i64 i = a; i < b; i += MR) {
                 Best* bb = best.data() + (i - a);
-                switch (b - i < MR ? b - i : MR) {
-                    case 6: knn_block<6>(z, d, panels, cterm, c0, c1, i, bb); break;
-                    case 5: knn_block<5>(z, d, panels, cterm, c0, c1, i, bb); break;
-                    case 4: knn_block<4>(z, d, panels, cterm, c0, c1, i, bb); break;
-                    case 3: knn_block<3>(z, d, panels, cterm, c0, c1, i, bb); break;
-                    case 2: knn_block<2>(z, d, panels, cterm, c0, c1, i, bb); break;
-                    default: knn_block<1>(z, d, panels, cterm, c0, c1, i, bb); break;
-                }
+                by_rows((int)(b - i < MR ? b - i : MR),
+                        [&](auto rows) { knn_block<decltype(rows)::value>(z, d, panels, cterm, c0, c1, i, bb); });
             }
         }
         for (i64 i = a; i < b; ++i) {
