@@ -519,27 +519,31 @@ def kmeans_plusplus(
     if N == 0:
         return cent
     sizes = (offsets[1:] - offsets[:-1]).long()
-    kpg = k_per_group.to(dev).long()
     gid = group_ids(offsets)
-    nonempty = sizes > 0
-    # first seed: uniform within each group
+    # the step schedule (which groups still draw) and every draw, on the host and up
+    # front, in the order the steps use them: no device sync per step on a GPU
+    sizes_h, kpg_h = sizes.cpu(), k_per_group.long().cpu()
+    nonempty_h = sizes_h > 0
+    steps = min(kmax, int(kpg_h[nonempty_h].max())) if bool(nonempty_h.any()) else 1
     u = torch.rand(G, generator=generator, device="cpu").to(dev)
+    u_steps = [torch.rand(G, generator=generator, device="cpu") for _ in range(1, steps)]
+    u_steps = torch.stack(u_steps).double().to(dev) if u_steps else None
+    # first seed: uniform within each group
     first = offsets[:-1] + (u * sizes).long().clamp_max((sizes - 1).clamp_min(0))
-    cent[nonempty, 0] = xf[first[nonempty]]
+    filled = nonempty_h.nonzero().flatten().to(dev)
+    cent[filled, 0] = xf[first[filled]]
     d2 = ((xf - cent[gid, 0]) ** 2).sum(1)
     # the points of the groups still drawing seeds (a shrinking subset, sorted by group)
     on = None
     xa, ga_pt, d2a = xf, gid, d2
-    for j in range(1, kmax):
-        active = nonempty & (kpg > j)
-        if not bool(active.any()):
-            break
-        u = torch.rand(G, generator=generator, device="cpu").to(dev).double()  # one draw per group per step
-        if on is None or not torch.equal(active, on):
-            keep = active[ga_pt]
+    for j in range(1, steps):
+        active_h = nonempty_h & (kpg_h > j)
+        u = u_steps[j - 1]   # one draw per group per step
+        if on is None or not torch.equal(active_h, on):
+            keep = active_h.to(dev)[ga_pt]
             xa, ga_pt, d2a = xa[keep], ga_pt[keep], d2a[keep]
-            on = active
-            ga = active.nonzero().flatten()
+            on = active_h
+            ga = active_h.nonzero().flatten().to(dev)
             sz = sizes[ga]
             lo = torch.zeros(len(ga), dtype=torch.int64, device=dev)
             lo[1:] = torch.cumsum(sz, 0)[:-1]

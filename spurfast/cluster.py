@@ -184,16 +184,19 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
             sums_l, counts_l = _update(xl, off_l, gid_l, assign_l, prev_assign, sums_l, counts_l, kmax, backend)
         prev_assign = assign_l
         sums, counts = team.all_reduce(sums_l), team.all_reduce(counts_l)
-        inertia = float(team.all_reduce(dist_l.double().sum().reshape(1)))
+        inertia_t = team.all_reduce(dist_l.double().sum().reshape(1))
         new = (sums / counts.clamp_min(1).unsqueeze(-1)).float()
         if metric == "cosine":
             new = torch.nn.functional.normalize(new, dim=-1)
         empty = (counts == 0) & valid_k
-        any_empty = bool(empty.any())
+        new = torch.where(empty.unsqueeze(-1), cent, new)   # empty clusters stay put until re-seeded
+        # the three numbers the loop decides on, brought to the host together: one device
+        # sync per iteration on a GPU, not three (the shift before any re-seeding: an
+        # iteration that re-seeds never stops the loop)
+        inertia, any_empty, shift = torch.stack(
+            [inertia_t[0], empty.any().double(), ((new - cent) ** 2).sum().double()]).tolist()
         if any_empty:
-            new = torch.where(empty.unsqueeze(-1), cent, new)
             reseeded += _reseed(xs, gid, team.gather_rows(dist_l, N), empty, new)
-        shift = float(((new - cent) ** 2).sum())
         cent = team.broadcast(new.contiguous())  # bitwise-identical centroids everywhere
         if team.agree(not any_empty and prev is not None and (shift <= tol * max(1.0, abs(inertia)) or prev == inertia)):
             break
