@@ -99,3 +99,17 @@ def test_vae_save_load_roundtrip(tmp_path):
     torch.save({"x": 1}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="not a spurfast VAE"):
         load_vae(tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize("c,size,widths", [(3, 64, (32, 64, 128, 256)), (1, 28, (5, 12))])
+def test_inference_encoder_matches_the_training_modules(c, size, widths):
+    """vae.encode (the registry's encoder: channels-last convolutions on a CPU) gives the
+    training path's NCHW modules' (mu, logvar): same math, same (C, H, W) flatten order."""
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(c, size, widths, 8)).eval()
+    x = torch.randint(0, 256, (5, c, size, size), dtype=torch.uint8)
+    with torch.no_grad():
+        mu, logvar = vae.encode(x, backend="torch")
+        want_mu, want_logvar = vae._encode_train(x)
+    torch.testing.assert_close(mu, want_mu, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logvar, want_logvar, rtol=1e-5, atol=1e-5)
