@@ -1,6 +1,7 @@
-"""Fused CPU k-means steps (``kernels/cpu/kmeans_cpu.cpp``, AVX2 + FMA) through ctypes.
+"""Fused CPU k-means kernels (``kernels/cpu/kmeans_cpu.cpp``, AVX2 + FMA) through ctypes.
 
-Same signatures and semantics as ``kmeans_assign`` and ``kmeans_update`` in
+Same signatures and semantics as ``kmeans_assign``, ``kmeans_update``,
+``kmeans_assign_update`` (one pass), ``kmeans_plusplus`` and ``latent_knn`` in
 ``spurfast.kernels.reference``, for CPU tensors.  The reference forms each distance block
 with a GEMM, writes it to memory and runs numpy's argmin over it, then a third pass for
 the winner's distance; here one pass keeps a 6-point x 16-centroid tile of scores in

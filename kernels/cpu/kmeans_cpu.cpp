@@ -5,9 +5,10 @@
 // runs numpy's argmin over it; that pass, and the separate winner-distance pass, are gone).
 // Centroids arrive packed per group in 16-centroid panels, cT[g][j/16][t][j%16] (each
 // tile's d x 16 block contiguous: a strided d x kp layout put every row of a tile in the
-// same few L1 sets once kp*4 bytes reached 1 KB; kp = kmax rounded up to 16), with a per-centroid term cterm[g][j] (|c|^2 for L2, 0 for cosine, +inf for padding), so
-// the score s = cterm + alpha * x.c (alpha = -2 L2, -1 cosine) is minimised with
-// 16-wide vector compares.  Micro-tile: 6 points x 16 centroids = 12 ymm accumulators.
+// same few L1 sets once kp*4 bytes reached 1 KB; kp = kmax rounded up to 16), with a
+// per-centroid term cterm[g][j] (|c|^2 for L2, 0 for cosine, +inf for padding), so the
+// score s = cterm + alpha * x.c (alpha = -2 L2, -1 cosine) is minimised with 16-wide
+// vector compares.  Micro-tile: 6 points x 16 centroids = 12 ymm accumulators.
 // Ties go to the lower centroid index (strict < within a lane; lowest index across lanes).
 //
 // plusplus: batched k-means++ seeding with the reference's draws (passed in): one thread
@@ -20,7 +21,8 @@
 // the m candidates re-ranked by directly computed distances as the reference does.
 //
 // update: sums of a contiguous row range into a caller-owned partial buffer (the caller
-// splits rows over threads and adds the partials in a fixed order: deterministic).
+// splits rows over threads and adds the partials in a fixed order: deterministic).  The
+// assign adds each row into the same kind of partials when given them (the one-pass step).
 //
 // Threads: OpenMP over fixed contiguous row ranges (`parts` of them, cut as the Python
 // reference cuts them), so results never depend on scheduling.  The library is loaded
