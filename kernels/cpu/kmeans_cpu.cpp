@@ -194,31 +194,47 @@ void plusplus_group(const float* x, i64 d, const i64* offsets, i64 G, i64 g, con
     i64 first = (i64)(u_first[g] * (float)sz);
     if (first > sz - 1) first = sz - 1;
     std::memcpy(cg, xg + first * d, sizeof(float) * d);
-#pragma omp parallel for schedule(static) if (rows_parallel)
-    for (i64 i = 0; i < sz; ++i) dg[i] = sqdist(xg + i * d, cg, d);
-    for (i64 j = 1; j < k && j <= n_steps; ++j) {
-        const double u = u_steps[(j - 1) * G + g];
-        double total = 0.0;
-        for (i64 i = 0; i < sz; ++i) total += dg[i];
-        i64 pick;
-        if (total > 0) {
-            const double target = u * total;
-            double run = 0.0;
-            pick = sz - 1;
-            for (i64 i = 0; i < sz; ++i) {
-                run += dg[i];
-                if (run > target) { pick = i; break; }
+    // D^2 sums per fixed block of rows (in row order inside a block, blocks added in
+    // order): the D^2 pass produces them in parallel, the draw reads ~sz/BLOCK of them and
+    // scans one block, and no sum depends on the thread count
+    constexpr i64 BLOCK = 2048;
+    const i64 nb = (sz + BLOCK - 1) / BLOCK;
+    std::vector<double> bsum((size_t)nb);
+    const float* c = cg;
+    for (i64 j = 0; j < k && j <= n_steps; ++j) {
+        if (j > 0) {
+            const double u = u_steps[(j - 1) * G + g];
+            double total = 0.0;
+            for (i64 b = 0; b < nb; ++b) total += bsum[b];
+            i64 pick = sz - 1;
+            if (total > 0) {
+                const double target = u * total;
+                double before = 0.0;
+                i64 b = 0;
+                while (b < nb - 1 && before + bsum[b] <= target) before += bsum[b++];
+                double run = before;   // rounding can put the crossing a block later: scan on
+                for (i64 i = b * BLOCK; i < sz; ++i) {
+                    run += dg[i];
+                    if (run > target) { pick = i; break; }
+                }
+            } else {
+                pick = (i64)(u * (double)sz);
+                if (pick > sz - 1) pick = sz - 1;
             }
-        } else {
-            pick = (i64)(u * (double)sz);
-            if (pick > sz - 1) pick = sz - 1;
+            float* cj = cg + j * d;
+            std::memcpy(cj, xg + pick * d, sizeof(float) * d);
+            c = cj;
         }
-        float* cj = cg + j * d;
-        std::memcpy(cj, xg + pick * d, sizeof(float) * d);
 #pragma omp parallel for schedule(static) if (rows_parallel)
-        for (i64 i = 0; i < sz; ++i) {
-            const float v = sqdist(xg + i * d, cj, d);
-            dg[i] = v < dg[i] ? v : dg[i];
+        for (i64 b = 0; b < nb; ++b) {
+            const i64 end = (b + 1) * BLOCK < sz ? (b + 1) * BLOCK : sz;
+            double acc = 0.0;
+            for (i64 i = b * BLOCK; i < end; ++i) {
+                const float v = sqdist(xg + i * d, c, d);
+                dg[i] = (j == 0 || v < dg[i]) ? v : dg[i];
+                acc += dg[i];
+            }
+            bsum[b] = acc;
         }
     }
 }
