@@ -250,17 +250,19 @@ def _assign(x, offsets, centroids, k_per_group, metric, x_sqnorm, with_sums: boo
         lib.spurfast_cpu_assign_parts(*args, N, parts, _ptr(assign), _ptr(dist),
                                       _ptr(sums) if with_sums else None, _ptr(counts) if with_sums else None)
         return result()
-    cuts = [N * p // parts for p in range(parts + 1)]
-
-    def part(lo: int, hi: int) -> None:
-        p = cuts.index(lo)
-        lib.spurfast_cpu_assign(*args, lo, hi, _ptr(assign), _ptr(dist),
-                                _ptr(sums[p]) if with_sums else None, _ptr(counts[p]) if with_sums else None)
-
-    ref._split_rows(part, 0, N, _MIN_ROWS, parts)
+    _python_parts(N, parts, lambda p, lo, hi: lib.spurfast_cpu_assign(
+        *args, lo, hi, _ptr(assign), _ptr(dist), _ptr(sums[p]) if with_sums else None,
+        _ptr(counts[p]) if with_sums else None))
     if with_sums:
         _add_parts_in_order(sums, counts)
     return result()
+
+
+def _python_parts(n: int, parts: int, run) -> list:
+    """Without OpenMP: run(p, lo, hi) over the library's ``parts`` fixed row ranges in
+    Python threads (the reference's row split; ctypes releases the GIL); results in order."""
+    cuts = [n * p // parts for p in range(parts + 1)]
+    return ref._split_rows(lambda lo, hi: run(cuts.index(lo), lo, hi), 0, n, _MIN_ROWS, parts)
 
 
 def _add_parts_in_order(sums: np.ndarray, counts: np.ndarray) -> None:
@@ -290,13 +292,9 @@ def kmeans_update(x, offsets, assign, kmax: int, deterministic: bool = True):
     if lib.openmp:   # per-part partial sums, added in part order by the library
         bad = lib.spurfast_cpu_update_parts(_ptr(X), d, _ptr(flat), S, N, parts, _ptr(sums), _ptr(counts))
     else:
-        cuts = [N * p // parts for p in range(parts + 1)]
-
-        def part(lo: int, hi: int) -> int:
-            p = cuts.index(lo)
-            return lib.spurfast_cpu_update(_ptr(X), d, _ptr(flat), S, lo, hi, _ptr(sums[p]), _ptr(counts[p]))
-
-        bad = next((b for b in ref._split_rows(part, 0, N, _MIN_ROWS, parts) if b >= 0), -1)
+        bads = _python_parts(N, parts, lambda p, lo, hi: lib.spurfast_cpu_update(
+            _ptr(X), d, _ptr(flat), S, lo, hi, _ptr(sums[p]), _ptr(counts[p])))
+        bad = next((b for b in bads if b >= 0), -1)
         _add_parts_in_order(sums, counts)
     if bad >= 0:
         raise ValueError(f"row {bad} has group-cluster index {flat[bad]} outside [0, {S})")
@@ -360,5 +358,5 @@ def latent_knn(z, k: int) -> torch.Tensor:
     if lib.openmp:
         lib.spurfast_cpu_knn_parts(*args, parts, _ptr(out))
     else:
-        ref._split_rows(lambda lo, hi: lib.spurfast_cpu_knn(*args, lo, hi, _ptr(out)), 0, n, _MIN_ROWS, parts)
+        _python_parts(n, parts, lambda p, lo, hi: lib.spurfast_cpu_knn(*args, lo, hi, _ptr(out)))
     return torch.from_numpy(out)

@@ -50,20 +50,27 @@ namespace {
 constexpr int NR = 16;   // centroids per micro-tile (two ymm)
 constexpr int MR = 6;    // points per micro-tile
 
+// acc[r][0..1] = x_r . (the panel's 16 columns), rows x[0..R) (row stride d), panel d x 16
 template <int R>
-inline void tile(const float* __restrict x, i64 d, const float* __restrict cT, i64 kp, i64 j,
-                 const float* __restrict cterm, float alpha, __m256* best, __m256i* bidx) {
-    __m256 acc[R][2];
+inline void tile_dot(const float* __restrict x, i64 d, const float* __restrict panel, __m256 (&acc)[R][2]) {
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     for (i64 t = 0; t < d; ++t) {
-        const __m256 c0 = _mm256_loadu_ps(cT + j * d + t * NR);
-        const __m256 c1 = _mm256_loadu_ps(cT + j * d + t * NR + 8);
+        const __m256 c0 = _mm256_loadu_ps(panel + t * NR);
+        const __m256 c1 = _mm256_loadu_ps(panel + t * NR + 8);
         for (int r = 0; r < R; ++r) {
             const __m256 xb = _mm256_broadcast_ss(x + r * d + t);
             acc[r][0] = _mm256_fmadd_ps(xb, c0, acc[r][0]);
             acc[r][1] = _mm256_fmadd_ps(xb, c1, acc[r][1]);
         }
     }
+}
+
+// scores of rows x[0..R) against centroids j..j+15 folded into each lane's running best
+template <int R>
+inline void tile(const float* __restrict x, i64 d, const float* __restrict cT, i64 j,
+                 const float* __restrict cterm, float alpha, __m256* best, __m256i* bidx) {
+    __m256 acc[R][2];
+    tile_dot<R>(x, d, cT + j * d, acc);
     const __m256 a = _mm256_set1_ps(alpha);
     const __m256 t0 = _mm256_loadu_ps(cterm + j), t1 = _mm256_loadu_ps(cterm + j + 8);
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -106,15 +113,23 @@ inline void reduce16(const __m256 b0, const __m256 b1, const __m256i i0, const _
     *out_j = bj == 0x7fffffff ? 0 : bj;
 }
 
-// x.x with 8 fixed lanes then a fixed tree: the same value on every call
-inline float sqnorm(const float* x, i64 d) {
+// the 8 lanes' sum by a fixed tree: the same value on every call
+inline float hsum8(__m256 a) {
+    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+}
+
+// |x - c|^2 (c null: |x|^2) with 8 fixed lanes then hsum8
+inline float sqdist(const float* x, const float* c, i64 d) {
     __m256 a = _mm256_setzero_ps();
     i64 t = 0;
-    for (; t + 8 <= d; t += 8) { const __m256 v = _mm256_loadu_ps(x + t); a = _mm256_fmadd_ps(v, v, a); }
-    alignas(32) float l[8];
-    _mm256_store_ps(l, a);
-    float s = ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
-    for (; t < d; ++t) s += x[t] * x[t];
+    for (; t + 8 <= d; t += 8) {
+        const __m256 v = c ? _mm256_sub_ps(_mm256_loadu_ps(x + t), _mm256_loadu_ps(c + t)) : _mm256_loadu_ps(x + t);
+        a = _mm256_fmadd_ps(v, v, a);
+    }
+    float s = hsum8(a);
+    for (; t < d; ++t) { const float v = c ? x[t] - c[t] : x[t]; s += v * v; }
     return s;
 }
 
@@ -141,7 +156,7 @@ void rows_block(const float* x, i64 d, const float* cT, const float* cterm, i64 
         best[q] = _mm256_set1_ps(std::numeric_limits<float>::infinity());
         bidx[q] = _mm256_set1_epi32(0x7fffffff);
     }
-    for (i64 j = 0; j < kp; j += NR) tile<R>(x, d, cT, kp, j, cterm, alpha, best, bidx);
+    for (i64 j = 0; j < kp; j += NR) tile<R>(x, d, cT, j, cterm, alpha, best, bidx);
     for (int r = 0; r < R; ++r) reduce16(best[2 * r], best[2 * r + 1], bidx[2 * r], bidx[2 * r + 1], out_s + r, out_j + r);
 }
 
@@ -162,21 +177,6 @@ inline void add_parts(float* sums, i64* counts, i64 S, i64 d, i64 parts) {
 #pragma omp for schedule(static)
     for (i64 e = 0; e < S; ++e)
         for (i64 p = 1; p < parts; ++p) counts[e] += counts[p * S + e];
-}
-
-// |x - c|^2 with 8 fixed lanes then a fixed tree (the same value on every call)
-inline float sqdist(const float* x, const float* c, i64 d) {
-    __m256 a = _mm256_setzero_ps();
-    i64 t = 0;
-    for (; t + 8 <= d; t += 8) {
-        const __m256 v = _mm256_sub_ps(_mm256_loadu_ps(x + t), _mm256_loadu_ps(c + t));
-        a = _mm256_fmadd_ps(v, v, a);
-    }
-    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    float s = _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
-    for (; t < d; ++t) { const float v = x[t] - c[t]; s += v * v; }
-    return s;
 }
 
 // k-means++ seeds of group g (see spurfast_cpu_plusplus); rows_parallel: split each
@@ -239,21 +239,12 @@ void plusplus_group(const float* x, i64 d, const i64* offsets, i64 G, i64 g, con
     }
 }
 
-// scores of rows xi[0..R) against one 16-column panel (as `tile`, without the argmin)
+// scores of rows x[0..R) against one 16-column panel, stored (`tile` without the argmin)
 template <int R>
 inline void tile_scores(const float* __restrict x, i64 d, const float* __restrict p, const float* __restrict cterm,
                         float* __restrict out /* R x 16 */) {
     __m256 acc[R][2];
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (i64 t = 0; t < d; ++t) {
-        const __m256 c0 = _mm256_loadu_ps(p + t * NR);
-        const __m256 c1 = _mm256_loadu_ps(p + t * NR + 8);
-        for (int r = 0; r < R; ++r) {
-            const __m256 xb = _mm256_broadcast_ss(x + r * d + t);
-            acc[r][0] = _mm256_fmadd_ps(xb, c0, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(xb, c1, acc[r][1]);
-        }
-    }
+    tile_dot<R>(x, d, p, acc);
     const __m256 a = _mm256_set1_ps(-2.0f);
     const __m256 t0 = _mm256_loadu_ps(cterm), t1 = _mm256_loadu_ps(cterm + 8);
     for (int r = 0; r < R; ++r) {
@@ -295,6 +286,14 @@ void knn_block(const float* z, i64 d, const float* panels, const float* cterm, i
     }
 }
 
+// f(p, lo, hi) for the `parts` contiguous ranges of [0, N) (the Python reference's cut),
+// shared out over the threads of the enclosing parallel region
+template <class F>
+inline void each_part(i64 N, i64 parts, F&& f) {
+#pragma omp for schedule(static, 1)
+    for (i64 p = 0; p < parts; ++p) f(p, N * p / parts, N * (p + 1) / parts);
+}
+
 }  // namespace
 
 extern "C" {
@@ -328,7 +327,7 @@ void spurfast_cpu_assign(const float* x, i64 d, const i64* offsets, i64 G, const
                 const float* cr = cg + (i64)jj[r] * d;
                 float xx;
                 if (xn) xx = xn[i + r];
-                else xx = sqnorm(xr, d);
+                else xx = sqdist(xr, nullptr, d);
                 float dv;
                 if (cosine) {
                     dv = 1.0f + s[r] / std::fmax(std::sqrt(xx), 1e-12f);
@@ -337,11 +336,7 @@ void spurfast_cpu_assign(const float* x, i64 d, const i64* offsets, i64 G, const
                     // recompute those directly, as the reference does
                     const float cc = tg[jj[r]];
                     dv = s[r] + xx;
-                    if (!(dv >= (1.0f / 16) * (xx + cc))) {
-                        float acc = 0.f;
-                        for (i64 t = 0; t < d; ++t) { const float df = xr[t] - cr[t]; acc += df * df; }
-                        dv = acc;
-                    }
+                    if (!(dv >= (1.0f / 16) * (xx + cc))) dv = sqdist(xr, cr, d);
                     dv = dv > 0.f ? dv : 0.f;
                 }
                 assign[i + r] = jj[r];
@@ -376,11 +371,6 @@ int spurfast_cpu_openmp(void) {
 #endif
 }
 
-// part p of [0, N) split into `parts` contiguous ranges (the Python reference's cut)
-static inline void part_range(i64 N, i64 parts, i64 p, i64* lo, i64* hi) {
-    *lo = N * p / parts;
-    *hi = N * (p + 1) / parts;
-}
 
 // spurfast_cpu_assign over all N rows, `parts` fixed ranges on up to `parts` threads.
 // sums/counts (parts x G*kmax x d / parts x G*kmax, zeroed; or null): part p's rows go
@@ -393,13 +383,10 @@ void spurfast_cpu_assign_parts(const float* x, i64 d, const i64* offsets, i64 G,
     const i64 S = G * kmax;
 #pragma omp parallel num_threads((int)parts)
     {
-#pragma omp for schedule(static, 1)
-        for (i64 p = 0; p < parts; ++p) {
-            i64 lo, hi;
-            part_range(N, parts, p, &lo, &hi);
+        each_part(N, parts, [&](i64 p, i64 lo, i64 hi) {
             spurfast_cpu_assign(x, d, offsets, G, cT, cterm, kp, cent, kmax, xn, cosine, lo, hi, assign, dist,
                                 sums ? sums + p * S * d : nullptr, sums ? counts + p * S : nullptr);
-        }
+        });
         if (sums) add_parts(sums, counts, S, d, parts);
     }
 }
@@ -412,12 +399,9 @@ i64 spurfast_cpu_update_parts(const float* x, i64 d, const i64* flat, i64 S, i64
     std::vector<i64> bad((size_t)parts, -1);
 #pragma omp parallel num_threads((int)parts)
     {
-#pragma omp for schedule(static, 1)
-        for (i64 p = 0; p < parts; ++p) {
-            i64 lo, hi;
-            part_range(N, parts, p, &lo, &hi);
+        each_part(N, parts, [&](i64 p, i64 lo, i64 hi) {
             bad[p] = spurfast_cpu_update(x, d, flat, S, lo, hi, sums + p * S * d, counts + p * S);
-        }
+        });
         add_parts(sums, counts, S, d, parts);
     }
     for (i64 p = 0; p < parts; ++p)
@@ -484,12 +468,8 @@ void spurfast_cpu_knn(const float* z, i64 d, i64 n, const float* panels, const f
 // spurfast_cpu_knn over all n rows in `parts` fixed ranges, one thread each
 void spurfast_cpu_knn_parts(const float* z, i64 d, i64 n, const float* panels, const float* cterm, i64 np_, i64 k,
                             i64 m, i64 parts, int64_t* out) {
-#pragma omp parallel for num_threads((int)parts) schedule(static, 1)
-    for (i64 p = 0; p < parts; ++p) {
-        i64 lo, hi;
-        part_range(n, parts, p, &lo, &hi);
-        spurfast_cpu_knn(z, d, n, panels, cterm, np_, k, m, lo, hi, out);
-    }
+#pragma omp parallel num_threads((int)parts)
+    each_part(n, parts, [&](i64, i64 lo, i64 hi) { spurfast_cpu_knn(z, d, n, panels, cterm, np_, k, m, lo, hi, out); });
 }
 
 }  // extern "C"
