@@ -162,10 +162,10 @@ def call(op: str, *args, backend: str | None = None, **kwargs):
 def companion(op: str, provider: str) -> Callable | None:
     """``op``'s function from the named provider if it has one and it runs here, else None
     (e.g. the fused step of whichever provider the assignment resolved to)."""
-    match = [p for p in providers(op) if p.name == provider]
-    if not match or not match[0].available()[0]:
+    try:
+        return resolve(op, provider)[1]   # cached after the first success
+    except BackendUnavailable:
         return None
-    return resolve(op, provider)[1]
 
 
 def report() -> dict[str, dict[str, str]]:
