@@ -4,6 +4,7 @@ python -m bench kmeans [--quick] [--device cpu|cuda]
 
 Providers
   cupy            the CUDA kernels (spurfast.kernels.kmeans_cupy), GPU only
+  triton          the Triton assign (spurfast.kernels.kmeans_triton), GPU only; assign rows
   cpu             the fused CPU kernels (spurfast.kernels.kmeans_cpu, AVX2), CPU only; one
                   pass per step (kmeans_assign_update: x read once, not twice as counted below)
   torch           the reference (spurfast.kernels.reference), CPU and GPU
@@ -215,10 +216,11 @@ def _flash_fit(x, off, k):
     return fit
 
 
-def _assign_vs_flash(writer, kc, x, off, cent, kpg, config, devname, reps):
-    """The assignment step alone, ours vs flash-kmeans' Triton assign, fp32 and fp16 (the
-    issue's GPU target is stated on assignment).  Ours also writes each point's distance
-    (N*4 more bytes); flash-kmeans gets |x|^2 precomputed, as in its own fit loop."""
+def _assign_vs_flash(writer, ours_by_name, x, off, cent, kpg, config, devname, reps):
+    """The assignment step alone, ours (each GPU kernel in ``ours_by_name``: name -> module
+    or None) vs flash-kmeans' Triton assign, fp32 and fp16 (the issue's GPU target is
+    stated on assignment).  Ours also writes each point's distance (N*4 more bytes);
+    flash-kmeans gets |x|^2 precomputed, as in its own fit loop."""
     try:
         from flash_kmeans.assign_euclid_triton import euclid_assign_triton
     except ImportError as exc:
@@ -236,28 +238,31 @@ def _assign_vs_flash(writer, kc, x, off, cent, kpg, config, devname, reps):
         except Exception as exc:  # API drift: say so, keep our rows
             _log(f"flash-kmeans assign skipped: {exc.__class__.__name__}: {exc}")
             return
-        ours = measure(lambda: kc.kmeans_assign(xs, off, cs, kpg), device="cuda", reps=max(reps, 10))
-        agree = float((kc.kmeans_assign(xs, off, cs, kpg)[0].view(-1) == out.view(-1).long()).float().mean())
         cfg = dict(config, dtype=name)
         flops, nbytes = 2.0 * N * k * d, N * d * xs.element_size() + k * d * xs.element_size() + N * 4
         writer.add_timing("kmeans_assign", "flash-kmeans", cfg, theirs, devname, items=N, bytes_moved=nbytes, flops=flops)
-        writer.add_timing("kmeans_assign", "cupy", dict(cfg, vs="flash-kmeans"), ours, devname, items=N,
-                          bytes_moved=nbytes + N * 8, flops=flops)
-        if dt == torch.float16:   # the first tensor-core kernel, for the record of what v2 changed
-            os.environ["SPURFAST_KMEANS_TC2"] = "0"
-            try:
-                v1 = measure(lambda: kc.kmeans_assign(xs, off, cs, kpg), device="cuda", reps=max(reps, 10))
-            finally:
-                del os.environ["SPURFAST_KMEANS_TC2"]
-            writer.add_timing("kmeans_assign", "cupy-tc-v1", cfg, v1, devname, items=N, bytes_moved=nbytes + N * 8,
-                              flops=flops)
-            _log(f"assign fp16 N={N} d={d} k={k}: tensor-core v1 {v1['median_s'] * 1e3:.3f} ms, "
-                 f"v2 {ours['median_s'] * 1e3:.3f} ms")
-        ratio = ours["median_s"] / theirs["median_s"]
-        writer.add("kmeans_assign", "cupy", dict(cfg, vs="flash-kmeans"), "time_ratio", ratio, "x", devname)
-        writer.add("kmeans_assign", "cupy", dict(cfg, vs="flash-kmeans"), "same_assignment", agree, "1", devname)
-        _log(f"assign {name} N={N} d={d} k={k}: cupy {ours['median_s'] * 1e3:.3f} ms, flash-kmeans "
-             f"{theirs['median_s'] * 1e3:.3f} ms ({ratio:.2f}x), same assignment for {agree:.4f} of points")
+        for provider, mod in ours_by_name.items():
+            if mod is None:
+                continue
+            ours = measure(lambda: mod.kmeans_assign(xs, off, cs, kpg), device="cuda", reps=max(reps, 10))
+            agree = float((mod.kmeans_assign(xs, off, cs, kpg)[0].view(-1) == out.view(-1).long()).float().mean())
+            writer.add_timing("kmeans_assign", provider, dict(cfg, vs="flash-kmeans"), ours, devname, items=N,
+                              bytes_moved=nbytes + N * 8, flops=flops)
+            ratio = ours["median_s"] / theirs["median_s"]
+            writer.add("kmeans_assign", provider, dict(cfg, vs="flash-kmeans"), "time_ratio", ratio, "x", devname)
+            writer.add("kmeans_assign", provider, dict(cfg, vs="flash-kmeans"), "same_assignment", agree, "1", devname)
+            _log(f"assign {name} N={N} d={d} k={k}: {provider} {ours['median_s'] * 1e3:.3f} ms, flash-kmeans "
+                 f"{theirs['median_s'] * 1e3:.3f} ms ({ratio:.2f}x), same assignment for {agree:.4f} of points")
+            if provider == "cupy" and dt == torch.float16:   # the first tensor-core kernel, for the record
+                os.environ["SPURFAST_KMEANS_TC2"] = "0"
+                try:
+                    v1 = measure(lambda: mod.kmeans_assign(xs, off, cs, kpg), device="cuda", reps=max(reps, 10))
+                finally:
+                    del os.environ["SPURFAST_KMEANS_TC2"]
+                writer.add_timing("kmeans_assign", "cupy-tc-v1", cfg, v1, devname, items=N,
+                                  bytes_moved=nbytes + N * 8, flops=flops)
+                _log(f"assign fp16 N={N} d={d} k={k}: tensor-core v1 {v1['median_s'] * 1e3:.3f} ms, "
+                     f"v2 {ours['median_s'] * 1e3:.3f} ms")
 
 
 # ----------------------------------------------------------------------------- runner
@@ -294,7 +299,7 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
     devname = device_name(dev)
     threads = torch.get_num_threads()
     reps = 3 if quick else 7
-    kc = None
+    kc = kt = None
     kcpu = None
     if dev == "cpu":
         from spurfast.kernels import kmeans_cpu
@@ -310,6 +315,12 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
         kc = kmeans_cupy if ok else None
         if not ok:
             _log(f"cupy kernels skipped: {why}")
+        from spurfast.kernels import kmeans_triton
+
+        ok, why = kmeans_triton.is_available()
+        kt = kmeans_triton if ok else None
+        if not ok:
+            _log(f"triton assign skipped: {why}")
     for cfg in _configs(quick, dev):
         N, d, k, G = cfg["N"], cfg["d"], cfg["k"], cfg["G"]
         config = dict(N=N, d=d, k=k, groups=G, dtype="fp32", threads=threads)
@@ -370,8 +381,15 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
                     _log(f"{name} skipped: not installed ({exc})")
                     continue
                 record(name, _diff_time(fit, "cpu", reps))
-        if kc is not None and G == 1 and cfg.get("side_by_side"):
-            _assign_vs_flash(writer, kc, x, off, cent, kpg, config, devname, reps)
+        if kt is not None:   # the Triton assign, every dtype (unmeasured until a GPU run)
+            for dt, name in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+                xt = x.to(dt)
+                ast = measure(lambda: kt.kmeans_assign(xt, off, cent, kpg), device=dev, reps=reps)
+                writer.add_timing("kmeans_assign", "triton", dict(config, dtype=name), ast, devname, items=N,
+                                  bytes_moved=N * d * xt.element_size() + G * k * d * 4 + N * 12,
+                                  flops=2.0 * N * k * d)
+        if (kc is not None or kt is not None) and G == 1 and cfg.get("side_by_side"):
+            _assign_vs_flash(writer, {"cupy": kc, "triton": kt}, x, off, cent, kpg, config, devname, reps)
         if dev == "cuda" and N % G == 0:
             try:
                 fit = _flash_fit(x, off, k)

@@ -219,7 +219,7 @@ def _check_x(x: torch.Tensor, name: str = "x") -> torch.Tensor:
     return x.contiguous()
 
 
-def _check_offsets(offsets: torch.Tensor, N: int, device, k_per_group=None, kmax: int = 0):
+def check_offsets(offsets: torch.Tensor, N: int, device, k_per_group=None, kmax: int = 0):
     """offsets on ``device`` as int64, checked to run 0..N; k_per_group (if given) checked
     to lie in [0, kmax].  One host synchronisation for all checks."""
     if not isinstance(offsets, torch.Tensor) or offsets.dim() != 1 or len(offsets) < 1:
@@ -237,7 +237,7 @@ def _check_offsets(offsets: torch.Tensor, N: int, device, k_per_group=None, kmax
     return offsets
 
 
-def _prefix(counts: torch.Tensor) -> torch.Tensor:
+def exclusive_prefix(counts: torch.Tensor) -> torch.Tensor:
     """Exclusive prefix sum with the total appended: (len + 1,) int64 on the same device."""
     out = torch.zeros(len(counts) + 1, dtype=torch.int64, device=counts.device)
     torch.cumsum(counts, 0, out=out[1:])
@@ -252,7 +252,7 @@ def _segment_sort(offsets: torch.Tensor, assign: torch.Tensor, kmax: int, N: int
     flat = gid * kmax + assign
     _, perm = torch.sort(flat, stable=True)
     counts = torch.bincount(flat, minlength=G * kmax)
-    return gid, perm.contiguous(), _prefix(counts), counts
+    return gid, perm.contiguous(), exclusive_prefix(counts), counts
 
 
 def _check_assign(assign: torch.Tensor, N: int, kmax: int, device) -> torch.Tensor:
@@ -284,7 +284,7 @@ def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqno
     if len(k_per_group) != G:
         raise ValueError(f"k_per_group has {len(k_per_group)} entries for {G} groups")
     kpg = torch.as_tensor(k_per_group).to(device=x.device, dtype=torch.int64).contiguous()
-    offsets = _check_offsets(offsets, N, x.device, kpg, kmax)
+    offsets = check_offsets(offsets, N, x.device, kpg, kmax)
     assign = torch.zeros(N, dtype=torch.int64, device=x.device)
     dist = torch.zeros(N, dtype=torch.float32, device=x.device)
     if N == 0 or G == 0:
@@ -316,7 +316,7 @@ def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqno
         entry, threads = f"spurfast_assign_{dt}_{tp}x{tk}", ASSIGN_THREADS
         extra_args, tail_args, smem = (), (_i64(G), _i64(kmax), _i64(d), cosine), 0
     sizes = offsets[1:] - offsets[:-1]
-    tile_first = _prefix(torch.div(sizes + (tp - 1), tp, rounding_mode="floor"))
+    tile_first = exclusive_prefix(torch.div(sizes + (tp - 1), tp, rounding_mode="floor"))
     grid = (N + tp - 1) // tp + G   # >= number of tiles; extra blocks return at once
     with _Launch(x.device) as L:
         fn = _fn("kmeans_assign", entry, L.index)
@@ -358,7 +358,7 @@ def kmeans_update(x, offsets, assign, kmax: int, deterministic: bool = True):
     kmax = int(kmax)
     if kmax < 1:
         raise ValueError(f"kmax must be >= 1, got {kmax}")
-    offsets = _check_offsets(offsets, N, x.device)
+    offsets = check_offsets(offsets, N, x.device)
     G = len(offsets) - 1
     S = G * kmax
     assign = _check_assign(assign, N, kmax, x.device)
@@ -366,7 +366,7 @@ def kmeans_update(x, offsets, assign, kmax: int, deterministic: bool = True):
     if N == 0 or d == 0:
         return sums, torch.zeros(G, kmax, dtype=torch.int64, device=x.device)
     _, perm, seg_first, counts = _segment_sort(offsets, assign, kmax, N)
-    chunk_first = _prefix(torch.div(counts + (UPDATE_ROWS - 1), UPDATE_ROWS, rounding_mode="floor"))
+    chunk_first = exclusive_prefix(torch.div(counts + (UPDATE_ROWS - 1), UPDATE_ROWS, rounding_mode="floor"))
     nchunk_max = (N + UPDATE_ROWS - 1) // UPDATE_ROWS + min(S, N)
     partial = torch.empty((nchunk_max if deterministic else 1), d, dtype=torch.float32, device=x.device)
     with _Launch(x.device) as L:
@@ -394,7 +394,7 @@ def cluster_similarity(x, offsets, assign, centroids, k_per_group, m: int = 8):
     if m > SIM_MAXM:
         log.info("cluster_similarity: m=%d > %d exemplars; using the torch reference", m, SIM_MAXM)
         return ref.cluster_similarity(x, offsets, assign, centroids, k_per_group, m)
-    offsets = _check_offsets(offsets, N, x.device)
+    offsets = check_offsets(offsets, N, x.device)
     if len(offsets) != G + 1:
         raise ValueError(f"offsets has {len(offsets)} entries; expected G + 1 = {G + 1}")
     assign = _check_assign(assign, N, kmax, x.device)

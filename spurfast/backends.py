@@ -68,6 +68,8 @@ REGISTRY: dict[str, list[Provider]] = {
     ],
     "kmeans_assign": [
         Provider("cupy", "spurfast.kernels.kmeans_cupy:kmeans_assign", ("cuda",)),
+        # wgmma through tl.dot; after cupy until a GPU run measures it (name it to use it)
+        Provider("triton", "spurfast.kernels.kmeans_triton:kmeans_assign", ("cuda",)),
         Provider("cpu", "spurfast.kernels.kmeans_cpu:kmeans_assign", ("cpu",)),
         Provider("torch", f"{REF}:kmeans_assign"),
     ],

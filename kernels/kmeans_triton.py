@@ -1,0 +1,236 @@
+"""Triton grouped k-means assignment; same signature as
+``spurfast.kernels.reference.kmeans_assign``, which is its ground truth.
+
+Why a Triton version next to the CUDA C one: ``tl.dot`` lowers to the Hopper warpgroup
+MMA (wgmma) with a software-pipelined shared-memory ring, which the hand-written CUDA v2
+kernel (``mma.sync``) does not use; on an H200 that kernel reached 74 TFLOP/s at
+N=1e6, d=128, k=1024 in fp16, 3.5x slower than flash-kmeans (a Triton kernel).  The CUDA
+kernels stay the default until this one is measured on a GPU (``bench kmeans``).
+
+Work split
+----------
+Points are sorted by group (CSR ``offsets``).  One program owns ``BLOCK_M`` rows of one
+group; it finds its group by a binary search in the per-group tile prefix, so there is no
+host-built tile table and no host sync beyond the argument check.  It walks its group's
+``k_g`` centroids ``BLOCK_N`` at a time, each score tile a small GEMM over ``BLOCK_D``-wide
+chunks of d (the x chunk re-read from L1/L2 per centroid tile, as a GEMM re-reads A):
+score = |c|^2 - 2 x.c (L2) or -x.c_hat (cosine: the argmin over c does not depend on |x|,
+so x is never normalised), with a running (min, argmin) per row and ties to the lower
+index.  The N x k score matrix never leaves registers.  The epilogue computes the
+winner's distance directly, sum (x - c)^2 or 1 - x_hat.c_hat in fp32 from the fp32
+centroid, so tight clusters far from the origin lose no digits to cancellation.
+
+Precision: fp32 points use ``input_precision="ieee"`` (no TF32).  fp16/bf16 points use
+the tensor cores with the fp32 centroids split into hi + lo parts in the points' dtype
+(c ~= hi + lo, the CUDA kernel's scheme): two products per tile, fp32 accumulation, so
+the scores stay near fp32 accuracy for the rounded points.
+
+Memory traffic per call (B = bytes per input element): x read from DRAM once (N d B;
+again per centroid tile and in the epilogue, from L1/L2), assign + dist written (12 bytes
+per point); each program reads its group's centroids (hi and lo: 2 k_g d B, from L2 after
+the first program of the group) and k_g |c|^2 floats, and gathers one fp32 centroid row
+per point in the epilogue (N d 4 bytes, mostly L2 hits).  FLOPs: 2 N k d (x2 for the
+hi/lo split).
+
+Checked without a GPU: it compiles for sm_90 (wgmma for 16-bit inputs) and sm_80 with
+no register spills (test); its speed on a GPU is unmeasured so far (``bench kmeans``
+has the rows), which is why ``auto`` still picks the CuPy kernels.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+
+import torch
+
+try:  # triton is optional: the registry asks is_available() before using this module
+    import triton
+    import triton.language as tl
+    _TRITON_ERROR: Exception | None = None
+except Exception as exc:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+    _TRITON_ERROR = exc
+
+from . import reference as ref
+from .kmeans_cupy import DTYPES, check_offsets, exclusive_prefix, split_centroids
+
+
+def _interpret_mode() -> bool:
+    """Whether @triton.jit below creates interpreted functions (decided at decoration time)."""
+    try:
+        return bool(triton.knobs.runtime.interpret)
+    except Exception:
+        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+_INTERPRET = _interpret_mode() if triton is not None else False
+
+def is_available() -> tuple[bool, str]:
+    """(True, "") when the kernel can run here: a CUDA device, or the interpreter."""
+    if _TRITON_ERROR is not None:
+        return False, f"cannot import triton: {_TRITON_ERROR.__class__.__name__}: {_TRITON_ERROR}"
+    if _INTERPRET or torch.cuda.is_available():
+        return True, ""
+    return False, ("no CUDA device and TRITON_INTERPRET=1 was not set before "
+                   "spurfast.kernels.kmeans_triton was imported")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _assign_kernel(x_ptr, c_ptr, c32_ptr, cterm_ptr, off_ptr, kpg_ptr, tile_first_ptr,
+                       assign_ptr, dist_ptr, G, kmax, d, lo_off, search_steps,
+                       COSINE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        # the group: the largest g with tile_first[g] <= pid (empty groups repeat a value
+        # and lose to the next group, which owns the tile).  A spare program (pid past the
+        # last tile) lands past the last group's rows: every row masked, no centroid walked.
+        lo = pid * 0
+        hi = lo + G
+        for _ in range(0, search_steps):
+            mid = (lo + hi) // 2
+            right = tl.load(tile_first_ptr + mid) <= pid
+            lo = tl.where(right, mid, lo)
+            hi = tl.where(right, hi, mid)
+        g = lo
+        row0 = tl.load(off_ptr + g) + (pid - tl.load(tile_first_ptr + g)) * BLOCK_M
+        rows = row0 + tl.arange(0, BLOCK_M)
+        rmask = rows < tl.load(off_ptr + g + 1)
+        k = tl.where(pid < tl.load(tile_first_ptr + G), tl.load(kpg_ptr + g), 0)
+        dcols = tl.arange(0, BLOCK_D)
+        # pointer tiles built once and offset by d0 (index math per load spilled registers)
+        x_ptrs = x_ptr + rows[:, None] * d + dcols[None, :]
+        cbase = g * kmax
+        best = tl.full((BLOCK_M,), float("inf"), tl.float32)
+        barg = tl.zeros((BLOCK_M,), tl.int32)
+        for n0 in range(0, k, BLOCK_N):
+            cidx = n0 + tl.arange(0, BLOCK_N)
+            nmask = cidx < k
+            c_ptrs = c_ptr + (cbase + cidx)[:, None] * d + dcols[None, :]
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            for d0 in range(0, d, BLOCK_D):
+                dm = (d0 + dcols) < d
+                xc = tl.load(x_ptrs + d0, mask=rmask[:, None] & dm[None, :], other=0.0)
+                cm = nmask[:, None] & dm[None, :]
+                ch = tl.load(c_ptrs + d0, mask=cm, other=0.0)
+                if IEEE:
+                    acc = tl.dot(xc, tl.trans(ch), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xc, tl.trans(ch), acc)
+                if SPLIT:   # the lo half sits lo_off elements after the hi half
+                    cl = tl.load(c_ptrs + (lo_off + d0), mask=cm, other=0.0)
+                    acc = tl.dot(xc, tl.trans(cl), acc)
+            if COSINE:
+                score = -acc
+            else:
+                cn = tl.load(cterm_ptr + cbase + cidx, mask=nmask, other=0.0)
+                score = cn[None, :] - 2.0 * acc
+            score = tl.where(nmask[None, :], score, float("inf"))
+            tmin, targ = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            better = tmin < best            # strict: an equal score in a later tile keeps the lower index
+            best = tl.where(better, tmin, best)
+            barg = tl.where(better, (targ + n0).to(tl.int32), barg)
+        # the winner's distance, directly from x and the fp32 centroid
+        w_ptrs = c32_ptr + (cbase + barg)[:, None] * d + dcols[None, :]
+        sq = tl.zeros((BLOCK_M,), tl.float32)
+        xx = tl.zeros((BLOCK_M,), tl.float32)
+        for d0 in range(0, d, BLOCK_D):
+            m = rmask[:, None] & ((d0 + dcols) < d)[None, :]
+            xf = tl.load(x_ptrs + d0, mask=m, other=0.0).to(tl.float32)
+            cw = tl.load(w_ptrs + d0, mask=m, other=0.0)
+            if COSINE:
+                sq += tl.sum(xf * cw, axis=1)
+                xx += tl.sum(xf * xf, axis=1)
+            else:
+                diff = xf - cw
+                sq += tl.sum(diff * diff, axis=1)
+        if COSINE:
+            dist = 1.0 - sq / tl.maximum(tl.sqrt(xx), 1e-12)   # F.normalize's eps
+        else:
+            dist = sq
+        dist = tl.where(k > 0, dist, float("inf"))
+        tl.store(assign_ptr + rows, barg.to(tl.int64), mask=rmask)
+        tl.store(dist_ptr + rows, dist, mask=rmask)
+
+
+def launch_shape(dtype: torch.dtype, d: int, kmax: int) -> dict:
+    """Tile sizes, warps and pipeline stages; fixed rather than autotuned, because the
+    tile prefix the grid is built from depends on BLOCK_M.  Chosen so that the kernel
+    compiles for sm_90 (triton 3.8) without register spills, which a test checks: a
+    128 x 128 score tile over 64-wide d chunks spilled 264-1400 bytes per thread."""
+    np2 = triton.next_power_of_2
+    if _INTERPRET:   # cost per program and op: few programs, tiles that still cross boundaries
+        return dict(BLOCK_M=64, BLOCK_N=min(32, max(16, np2(kmax))), BLOCK_D=min(32, max(16, np2(d))),
+                    num_warps=4, num_stages=1)
+    if dtype == torch.float32:   # ieee fp32 dot: FMA, register-bound
+        return dict(BLOCK_M=64, BLOCK_N=min(64, max(16, np2(kmax))), BLOCK_D=16, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=128, BLOCK_N=min(128, max(16, np2(kmax))), BLOCK_D=min(32, max(16, np2(d))),
+                num_warps=8, num_stages=3)
+
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def compile_for(capability: int, dtype: torch.dtype, d: int, kmax: int, metric: str = "l2"):
+    """Compile the kernel ahead of time for a GPU of this compute capability (e.g. 90),
+    with the launch shape ``kmeans_assign`` would use; needs no GPU (and not the
+    interpreter).  Returns triton's CompiledKernel (``.asm["cubin"]``, ``.metadata``)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    elt = _TRITON_TYPES[dtype]
+    shape = launch_shape(dtype, d, kmax)
+    sig = {"x_ptr": f"*{elt}", "c_ptr": f"*{elt}", "c32_ptr": "*fp32", "cterm_ptr": "*fp32", "off_ptr": "*i64",
+           "kpg_ptr": "*i64", "tile_first_ptr": "*i64", "assign_ptr": "*i64", "dist_ptr": "*fp32", "G": "i32",
+           "kmax": "i32", "d": "i32", "lo_off": "i64", "search_steps": "i32"}
+    const = dict(COSINE=metric == "cosine", SPLIT=dtype != torch.float32, IEEE=dtype == torch.float32,
+                 BLOCK_M=shape["BLOCK_M"], BLOCK_N=shape["BLOCK_N"], BLOCK_D=shape["BLOCK_D"])
+    sig.update({name: "constexpr" for name in const})
+    return triton.compile(ASTSource(_assign_kernel, sig, const), target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": shape["num_warps"], "num_stages": shape["num_stages"]})
+
+
+def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqnorm=None):
+    """See :func:`spurfast.kernels.reference.kmeans_assign` (x_sqnorm is accepted and not
+    needed: each winner's distance is computed directly on chip)."""
+    G, kmax = ref.check_assign_args(x, offsets, centroids, metric)
+    ok, why = is_available()
+    if not ok:
+        raise RuntimeError(f"the Triton k-means kernel cannot run here: {why}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"x has dtype {x.dtype}; expected one of {sorted(str(t) for t in DTYPES)}")
+    if not x.is_cuda and not _INTERPRET:
+        raise ValueError(f"x is on {x.device}; the Triton kernel needs CUDA tensors (use backend='torch')")
+    if len(k_per_group) != G:
+        raise ValueError(f"k_per_group has {len(k_per_group)} entries for {G} groups")
+    x = x.contiguous()
+    N, d = x.shape
+    kpg = torch.as_tensor(k_per_group).to(device=x.device, dtype=torch.int64).contiguous()
+    offsets = check_offsets(offsets, N, x.device, kpg, kmax)
+    assign = torch.zeros(N, dtype=torch.int64, device=x.device)
+    dist = torch.zeros(N, dtype=torch.float32, device=x.device)
+    if N == 0 or G == 0:
+        return assign, dist
+    cosine = metric == "cosine"
+    c32 = centroids.to(device=x.device, dtype=torch.float32)
+    if cosine:
+        c32 = torch.nn.functional.normalize(c32, dim=-1)
+        cterm = torch.zeros(G, kmax, dtype=torch.float32, device=x.device)
+    else:
+        cterm = (c32 * c32).sum(-1).contiguous()
+    c32 = c32.contiguous().view(G * kmax, d)
+    split = x.dtype != torch.float32
+    # hi and lo halves in one (2, G*kmax, d) tensor: the kernel reaches lo at a fixed offset
+    c_in = torch.stack(split_centroids(c32, x.dtype, d)) if split else c32
+    shape = launch_shape(x.dtype, d, kmax)
+    sizes = offsets[1:] - offsets[:-1]
+    tile_first = exclusive_prefix(torch.div(sizes + (shape["BLOCK_M"] - 1), shape["BLOCK_M"], rounding_mode="floor"))
+    grid = (triton.cdiv(N, shape["BLOCK_M"]) + G,)   # >= number of tiles; the spare ones do nothing
+    with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
+        _assign_kernel[grid](x, c_in, c32, cterm, offsets, kpg, tile_first, assign, dist, G, kmax, d,
+                             G * kmax * d if split else 0, max(1, G.bit_length()),
+                             COSINE=cosine, SPLIT=split, IEEE=not split, **shape)
+    return assign, dist
+

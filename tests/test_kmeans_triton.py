@@ -1,0 +1,223 @@
+"""Triton grouped k-means assignment against exact float64 distances (and the reference).
+
+On the CPU the kernel runs under TRITON_INTERPRET=1 (set by conftest.py) with small tiles
+(32 centroids by 32 dimensions), so the cases below cross centroid-tile and d-chunk
+boundaries; a subprocess without the interpreter compiles it for sm_90 and sm_80 and
+checks the register use.  The interpreter runs fp32 and fp16 correctly (bf16 dots do not:
+bf16 runs on a GPU only).  GPU tests are marked ``gpu`` and skip cleanly without CUDA.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spurfast import backends
+from spurfast.kernels import kmeans_triton as kt
+from spurfast.kernels import reference as ref
+from tests.helpers import CASES, assert_equal_int, check_assign_near_optimal, exact_dists, make_case
+
+HAS_CUDA = torch.cuda.is_available()
+RUNS_HERE = kt.is_available()[0]
+needs_kernel = pytest.mark.skipif(not RUNS_HERE, reason="no CUDA device and no Triton interpreter")
+
+# The interpreter pays per program: the two big CASES shrink (same shapes of the problem:
+# k over several 32-wide tiles with d chunked; many small groups with empties).
+CPU_CASES = [c for c in CASES if sum(c[0]) <= 2000] + [([1500], 130, 128), ([0, 5, 17, 0, 40, 3, 9] * 9, 16, 24)]
+
+
+def _device():
+    return "cuda" if HAS_CUDA else "cpu"
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: f"G{len(c[0])}-k{c[1]}-d{c[2]}")
+def test_assign_is_a_nearest_centroid(case, metric, dtype):
+    sizes, kmax, d = case
+    x, off, cent, kpg = make_case(sizes, kmax, d, seed=kmax + d, device=_device())
+    xq = x.to(dtype)
+    assign, dist = kt.kmeans_assign(xq, off, cent, kpg, metric)
+    assert assign.dtype == torch.int64 and dist.dtype == torch.float32 and assign.device == x.device
+    D = exact_dists(xq.float(), off, cent, kpg, metric)   # the rounded points are the truth
+    check_assign_near_optimal(assign, dist, D, dtype, f"triton assign[{metric}, {dtype}]")
+
+
+@needs_kernel
+def test_ties_go_to_the_lower_index_across_tiles():
+    """Centroids 5 and 40 are equal (40 sits in the second 32-wide tile), and so are 41
+    and 44 (same tile): every point must take the lower index, as the reference does.
+    Small integers keep every L2 score exact, so the ties are exact in any summation order
+    (cosine scores divide by norms: no exact ties to test there)."""
+    metric = "l2"
+    d = 24
+    g = torch.Generator().manual_seed(3)
+    cent = torch.randint(-4, 5, (1, 48, d), generator=g).float()
+    cent[0, 40] = cent[0, 5]
+    cent[0, 44] = cent[0, 41]
+    x = torch.cat([cent[0, 5] + torch.randint(-1, 2, (30, d), generator=g), cent[0, 41].expand(20, d)])
+    off = torch.tensor([0, len(x)])
+    kpg = torch.tensor([48])
+    want, _ = ref.kmeans_assign(x, off, cent, kpg, metric)
+    assign, _ = kt.kmeans_assign(x.to(_device()), off, cent.to(_device()), kpg, metric)
+    assert_equal_int(assign.cpu(), want, f"tied winners [{metric}]")
+    assert not bool(((assign == 40) | (assign == 44)).any())
+
+
+@needs_kernel
+def test_tight_cluster_far_from_the_origin_keeps_its_distance():
+    """|x|^2 + |c|^2 - 2 x.c cancels for points 1e-3 from a centroid at |c| ~ 300; the
+    kernel's direct winner distance does not."""
+    d = 40
+    g = torch.Generator().manual_seed(5)
+    cent = 300 + torch.randn(1, 6, d, generator=g)
+    x = (cent[0, 2] + 1e-3 * torch.randn(50, d, generator=g)).to(_device())
+    assign, dist = kt.kmeans_assign(x, torch.tensor([0, 50]), cent.to(x.device), torch.tensor([6]))
+    exact = ((x.double().cpu() - cent[0, 2].double()) ** 2).sum(1)
+    assert bool((assign == 2).all())
+    rel = ((dist.cpu().double() - exact).abs() / exact).max().item()
+    assert rel < 1e-3, f"winner distance off by {rel:.2e} relative"
+
+
+@needs_kernel
+@pytest.mark.parametrize("d", [24, 100], ids=["one-d-chunk", "four-d-chunks"])
+def test_half_points_far_from_the_origin_keep_their_winners(d):
+    """Latents far from the origin: centroids rounded to fp16 would move every score by
+    ~|x| |c| 2^-11, more than the gaps between centroids here; the hi + lo split keeps
+    the winners exact (those clear of the runner-up equal the float64 argmin)."""
+    g = torch.Generator().manual_seed(d)
+    cent = 50 + 0.2 * torch.randn(1, 20, d, generator=g)
+    x = (cent[0, torch.arange(400) % 20] + 0.1 * torch.randn(400, d, generator=g)).half().to(_device())
+    off, kpg = torch.tensor([0, 400]), torch.tensor([20])
+    assign, dist = kt.kmeans_assign(x, off, cent.to(x.device), kpg)
+    check_assign_near_optimal(assign, dist, exact_dists(x.float(), off.to(x.device), cent.to(x.device), kpg, "l2"),
+                              torch.float16, f"fp16 far from the origin, d={d}")
+
+
+@needs_kernel
+def test_empty_inputs_and_groups_without_points():
+    dev = _device()
+    x = torch.zeros(0, 8, device=dev)
+    a, dd = kt.kmeans_assign(x, torch.tensor([0, 0, 0]), torch.zeros(2, 3, 8), torch.tensor([0, 0]))
+    assert a.shape == (0,) and dd.shape == (0,)
+    # one point in the middle of empty groups
+    x = torch.ones(1, 8, device=dev)
+    cent = torch.zeros(3, 2, 8)
+    cent[1, 1] = 1.0
+    a, dd = kt.kmeans_assign(x, torch.tensor([0, 0, 1, 1]), cent, torch.tensor([0, 2, 0]))
+    assert a.tolist() == [1] and dd.tolist() == [0.0]
+
+
+def test_bad_arguments_get_clear_errors():
+    x = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match="metric must be 'l2' or 'cosine', got 'dot'"):
+        kt.kmeans_assign(x, torch.tensor([0, 4]), torch.zeros(1, 2, 3), torch.tensor([2]), "dot")
+    if not RUNS_HERE:
+        pytest.skip("the remaining checks run after the availability check")
+    with pytest.raises(ValueError, match="dtype torch.float64"):
+        kt.kmeans_assign(x.double(), torch.tensor([0, 4]), torch.zeros(1, 2, 3), torch.tensor([2]))
+    with pytest.raises(ValueError, match="offsets must run from 0 to N=4"):
+        kt.kmeans_assign(x.to(_device()), torch.tensor([0, 3]), torch.zeros(1, 2, 3), torch.tensor([2]))
+    with pytest.raises(ValueError, match=r"k_per_group has values in \[5, 5\]; expected \[0, kmax=2\]"):
+        kt.kmeans_assign(x.to(_device()), torch.tensor([0, 4]), torch.zeros(1, 2, 3), torch.tensor([5]))
+
+
+_COMPILE_SCRIPT = r"""
+import json, os, subprocess, sys, tempfile
+import torch, triton
+from spurfast.kernels import kmeans_triton as kt
+tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+out = []
+for cap, dtype, d, kmax, metric in json.loads(sys.argv[1]):
+    ck = kt.compile_for(cap, getattr(torch, dtype), d, kmax, metric)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"]); f.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    out.append([cap, dtype, d, kmax, metric, "wgmma" in ck.asm["ptx"], usage])
+print(json.dumps(out))
+"""
+
+
+def test_compiles_for_hopper_and_ampere_without_register_spills():
+    """What a GPU would compile, checked without one: every dtype and metric for sm_90
+    (wgmma for the 16-bit types) and sm_80, at the benchmark's shape and a small one, with
+    no stack use (spills) in the cubin.  Runs in a subprocess without the interpreter."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import triton
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                                       "cuobjdump")):
+        pytest.skip("triton's bundled CUDA tools are missing")
+    jobs = [[90, dt, 128, 1024, m] for dt in ("float32", "float16", "bfloat16") for m in ("l2", "cosine")]
+    jobs += [[90, "float16", 16, 8, "l2"], [90, "float32", 300, 10, "l2"], [80, "float16", 128, 1024, "l2"],
+             [80, "bfloat16", 64, 16, "cosine"]]
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(jobs)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for cap, dtype, d, kmax, metric, wgmma, usage in json.loads(proc.stdout.strip().splitlines()[-1]):
+        name = f"sm_{cap} {dtype} d={d} k={kmax} {metric}"
+        assert "STACK:0" in usage, f"{name}: register spills: {usage.strip()}"
+        if cap == 90 and dtype != "float32":
+            assert wgmma, f"{name}: no wgmma in the PTX"
+
+
+def test_registered_for_cuda_tensors_only_and_not_the_default():
+    """Unmeasured on a GPU so far: auto keeps the CuPy kernels first; CPU tensors never
+    reach the interpreter under auto."""
+    names = [p.name for p in backends.providers("kmeans_assign")]
+    assert names.index("triton") > names.index("cupy")
+    prov = next(p for p in backends.providers("kmeans_assign") if p.name == "triton")
+    assert prov.devices == ("cuda",)
+    backends.clear_cache()
+    assert backends.resolve("kmeans_assign", "auto", device="cpu")[0] != "triton"
+    backends.clear_cache()
+
+
+# ----------------------------------------------------------------------------- GPU tests
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_gpu_assign_matches_exact_distances(case, metric, dtype):
+    sizes, kmax, d = CASES[case]
+    x, off, cent, kpg = make_case(sizes, kmax, d, seed=case)
+    xq = x.to(dtype).contiguous()
+    assign, dist = kt.kmeans_assign(xq, off, cent, kpg, metric)
+    check_assign_near_optimal(assign, dist, exact_dists(xq.float(), off, cent, kpg, metric), dtype,
+                              f"triton assign[{metric}, {dtype}]")
+
+
+@pytest.mark.gpu
+def test_gpu_large_case_agrees_with_the_cupy_kernel():
+    """The benchmark's shape class (one big group, k > 128, d = 128) on both GPU kernels."""
+    from spurfast.kernels import kmeans_cupy as kc
+    x, off, cent, kpg = make_case([200_000], 300, 128, seed=7)
+    xh = x.half()
+    a1, d1 = kt.kmeans_assign(xh, off, cent, kpg)
+    D = exact_dists(xh[:4096].float(), torch.tensor([0, 4096], device="cuda"), cent, kpg, "l2")
+    check_assign_near_optimal(a1[:4096], d1[:4096], D, torch.float16, "triton large (first rows)")
+    if kc.is_available()[0]:
+        a2, _ = kc.kmeans_assign(xh, off, cent, kpg)
+        assert (a1 == a2).float().mean().item() > 0.999
+
+
+@needs_kernel
+def test_lloyd_loop_runs_on_it_through_the_per_op_variable(monkeypatch):
+    """SPURFAST_BACKEND_KMEANS_ASSIGN=triton swaps the assignment alone; the loop keeps
+    the other steps' providers and ends where the reference does on separated data."""
+    from spurfast.cluster import batched_kmeans as kmeans
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(2, 4, 12, generator=g) * 10
+    groups = torch.arange(2).repeat_interleave(150)
+    x = centres[groups, torch.arange(300) % 4] + 0.1 * torch.randn(300, 12, generator=g)
+    want = kmeans(x, groups, torch.tensor([4, 4]), n_iter=10, seed=0, backend="torch")
+    backends.clear_cache()
+    monkeypatch.setenv("SPURFAST_BACKEND_KMEANS_ASSIGN", "triton")
+    assert backends.resolve("kmeans_assign", None, "cpu")[0] == "triton"
+    got = kmeans(x.to(_device()), groups.to(_device()), torch.tensor([4, 4]), n_iter=10, seed=0)
+    backends.clear_cache()
+    assert_equal_int(got.assign.cpu(), want.assign, "triton-assigned Lloyd loop")
