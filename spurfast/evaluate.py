@@ -461,6 +461,7 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
           "has the highest average precision (spurfast: significant findings, q <= 0.1; baselines without a test: "
           "their top 10 candidates). hit@1: the top finding is the planted class and enriched (>= 2x the pool's "
           "carrier rate). A method with no finding counts as a random ranking.", ""]
+    L += _overview(rows, settings)
     metrics = ["hit@1", "auroc", "ap", "precision@10", "precision@25", "mask_iou"]
     for s in settings:
         rs = [r for r in rows if r["setting"] == s]
@@ -522,6 +523,39 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
     md = Path(md_path)
     md.write_text("\n".join(L) + "\n")
     return md
+
+
+def _overview(rows, settings) -> list[str]:
+    """One row per (setting, planted pattern): did the model learn it, could a method that
+    looks inside predicted classes see it, and how each method ranked the pool."""
+    def mean(s, m, metric, f):
+        v = [r["value"] for r in rows if r["setting"] == s and r["method"] == m and r["metric"] == metric
+             and r["feature"] == f]
+        return (float(np.mean(v)) if v else float("nan")), v
+
+    out = []
+    for s in settings:
+        feats = dict.fromkeys(r["feature"] for r in rows if r["setting"] == s and r["metric"] == "ap")
+        for f in feats:
+            ss, _ = mean(s, "model", "spurious_score", f)
+            fr, _ = mean(s, "model", "pool_flip_rate", f)
+            ap = {m: mean(s, m, "ap", f)[0] for m in METHODS}
+            base = {m: v for m, v in ap.items() if m not in ("spurfast", "spurfast+confirm") and np.isfinite(v)}
+            best = max(base, key=base.get) if base else None
+            _, hits = mean(s, "spurfast+confirm", "hit@1", f)
+            rec, _ = mean(s, "spurfast", "recall@q0.1", "all")
+            out.append(f"| {s} | {f} | {ss:.2f} | {fr:.2f} | {ap['spurfast']:.3f} | {ap['spurfast+confirm']:.3f} | "
+                       + (f"{best} {base[best]:.3f}" if best else "–")
+                       + f" | {int(sum(hits))}/{len(hits)} | {rec:.2f} |")
+    if not out:
+        return []
+    return ["## Overview", "",
+            "Per planted pattern, means over seeds. Spurious score: Yang et al.'s measure of how much the trained "
+            "model uses the pattern (0 = not at all). Pool flip: share of the unrelated pool images carrying it that "
+            "the model calls its class, the ceiling of any method that looks inside predicted classes. hit@1 counts "
+            "the seeds whose top confirmed finding is the planted class; recall over all patterns of the setting.",
+            "", "| setting | pattern | spurious score | pool flip | AP spurfast | AP spurfast+confirm | best baseline AP "
+            "| hit@1 (confirmed) | recall@q0.1 |", "|---|---|---|---|---|---|---|---|---|", *out, ""]
 
 
 def _targets(rows, settings) -> list[str]:

@@ -125,3 +125,23 @@ def test_pool_flip_rate_counts_unrelated_carriers_called_the_target():
     store = {"pred": np.array([3, 3, 1, 2, 3, 3, 3])}
     assert pool_flip_rate(store, Feature(3, carries, None, "p"), suspect) == 0.5
     assert np.isnan(pool_flip_rate(store, Feature(3, np.zeros(7, bool), None, "p"), suspect))
+
+
+def test_overview_row_from_hand_made_rows():
+    """Two seeds of one setting: means, the best baseline by AP, confirmed hits and recall."""
+    from spurfast.evaluate import _overview
+
+    def r(method, metric, value, feature="patch3", seed=0):
+        return {"setting": "patch3-n100", "seed": seed, "method": method, "feature": feature, "metric": metric,
+                "value": value}
+    rows = []
+    for seed, (hit, rec) in enumerate([(1.0, 1.0), (0.0, 0.5)]):
+        rows += [r("model", "spurious_score", 0.2 + 0.2 * seed, seed=seed), r("model", "pool_flip_rate", 0.4, seed=seed),
+                 r("spurfast", "ap", 0.9, seed=seed), r("spurfast+confirm", "ap", 0.7 + 0.1 * seed, seed=seed),
+                 r("pixels", "ap", 0.8, seed=seed), r("george", "ap", 0.85 - 0.1 * seed, seed=seed),
+                 r("random", "ap", 0.1, seed=seed), r("spurfast+confirm", "hit@1", hit, seed=seed),
+                 r("spurfast", "recall@q0.1", rec, feature="all", seed=seed)]
+    lines = _overview(rows, ["patch3-n100"])
+    assert lines[0] == "## Overview"
+    assert "| patch3-n100 | patch3 | 0.30 | 0.40 | 0.900 | 0.750 | pixels 0.800 | 1/2 | 0.75 |" in lines
+    assert _overview([r("model", "spurious_score", 0.0)], ["patch3-n100"]) == []   # no AP rows, no table
