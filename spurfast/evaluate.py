@@ -605,8 +605,11 @@ def _targets(rows, settings) -> list[str]:
                 continue
             best = max(base, key=base.get)
             ss = np.nanmean(vals(f"^{re.escape(s)}$", "model", "spurious_score", f) or [np.nan])
+            gap = ap["spurfast"] - base[best]
+            verdict = ("ties with the best baseline (equal to 3 decimals)" if abs(gap) < 5e-4 else
+                       "beats every baseline" if gap > 0 else "does NOT beat every baseline")
             L.append(f"- AP `{s}` / {f}: spurfast {ap['spurfast']:.3f} vs best baseline {best} {base[best]:.3f} "
-                     f"(spurious score {ss:.2f}) -> {'beats' if ap['spurfast'] > base[best] else 'does NOT beat'} every baseline")
+                     f"(spurious score {ss:.2f}) -> {verdict}")
     return L
 
 

@@ -145,3 +145,16 @@ def test_overview_row_from_hand_made_rows():
     assert lines[0] == "## Overview"
     assert "| patch3-n100 | patch3 | 0.30 | 0.40 | 0.900 | 0.750 | pixels 0.800 | 1/2 | 0.75 |" in lines
     assert _overview([r("model", "spurious_score", 0.0)], ["patch3-n100"]) == []   # no AP rows, no table
+
+
+def test_ap_target_line_says_beats_ties_or_not():
+    from spurfast.evaluate import _targets
+
+    def rows_for(setting, ours, pixels):
+        return [{"setting": setting, "seed": 0, "method": m, "feature": "noise@1", "metric": "ap", "value": v}
+                for m, v in (("spurfast", ours), ("pixels", pixels), ("random", 0.1))]
+    rows = rows_for("a", 1.0, 1.0) + rows_for("b", 0.95, 0.9) + rows_for("c", 0.8, 0.9)
+    text = "\n".join(_targets(rows, ["a", "b", "c"]))
+    assert "`a` / noise@1: spurfast 1.000 vs best baseline pixels 1.000 (spurious score nan) -> ties" in text
+    assert "`b` / noise@1: spurfast 0.950 vs best baseline pixels 0.900 (spurious score nan) -> beats" in text
+    assert "`c` / noise@1: spurfast 0.800 vs best baseline pixels 0.900 (spurious score nan) -> does NOT beat" in text
