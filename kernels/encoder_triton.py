@@ -71,28 +71,10 @@ from typing import Sequence
 
 import torch
 
-try:  # triton is optional: the registry asks is_available() before using this module
-    import triton
-    import triton.language as tl
-    _TRITON_ERROR: Exception | None = None
-except Exception as exc:  # pragma: no cover - depends on the install
-    triton = None
-    tl = None
-    _TRITON_ERROR = exc
-
+from .triton_env import INTERPRET as _INTERPRET
+from .triton_env import availability, tl, triton
 from . import reference as _ref
 
-
-
-def _interpret_mode() -> bool:
-    """Whether @triton.jit below creates interpreted functions (decided at decoration time)."""
-    try:
-        return bool(triton.knobs.runtime.interpret)  # triton >= 3.4 parses TRITON_INTERPRET here
-    except Exception:
-        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
-
-
-_INTERPRET = _interpret_mode() if triton is not None else False
 _ACT_CODE = {"relu": 0, "leaky_relu": 1, "silu": 2}
 _SUPPORTED = (torch.uint8, torch.float32, torch.float16, torch.bfloat16)
 _COMPUTE = (torch.float32, torch.float16, torch.bfloat16)
@@ -100,14 +82,7 @@ _COMPUTE = (torch.float32, torch.float16, torch.bfloat16)
 
 def is_available() -> tuple[bool, str]:
     """(True, "") when the kernels can run here: a CUDA device, or the interpreter."""
-    if _TRITON_ERROR is not None:
-        return False, f"cannot import triton: {_TRITON_ERROR.__class__.__name__}: {_TRITON_ERROR}"
-    if _INTERPRET:
-        return True, ""
-    if torch.cuda.is_available():
-        return True, ""
-    return False, ("no CUDA device and TRITON_INTERPRET=1 was not set before "
-                   "spurfast.kernels.encoder_triton was imported")
+    return availability(__name__, _INTERPRET)
 
 
 # --------------------------------------------------------------------------- kernels

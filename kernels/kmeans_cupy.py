@@ -237,6 +237,18 @@ def check_offsets(offsets: torch.Tensor, N: int, device, k_per_group=None, kmax:
     return offsets
 
 
+def assign_args(x: torch.Tensor, offsets, k_per_group, G: int, kmax: int):
+    """(offsets, k_per_group, assign, dist) every GPU assign launcher starts from: the
+    group layout checked and on x's device, and zeroed outputs."""
+    if len(k_per_group) != G:
+        raise ValueError(f"k_per_group has {len(k_per_group)} entries for {G} groups")
+    kpg = torch.as_tensor(k_per_group).to(device=x.device, dtype=torch.int64).contiguous()
+    offsets = check_offsets(offsets, x.shape[0], x.device, kpg, kmax)
+    assign = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    dist = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+    return offsets, kpg, assign, dist
+
+
 def exclusive_prefix(counts: torch.Tensor) -> torch.Tensor:
     """Exclusive prefix sum with the total appended: (len + 1,) int64 on the same device."""
     out = torch.zeros(len(counts) + 1, dtype=torch.int64, device=counts.device)
@@ -281,12 +293,7 @@ def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqno
     G, kmax = ref.check_assign_args(x, offsets, centroids, metric)
     x = _check_x(x)
     N, d = x.shape
-    if len(k_per_group) != G:
-        raise ValueError(f"k_per_group has {len(k_per_group)} entries for {G} groups")
-    kpg = torch.as_tensor(k_per_group).to(device=x.device, dtype=torch.int64).contiguous()
-    offsets = check_offsets(offsets, N, x.device, kpg, kmax)
-    assign = torch.zeros(N, dtype=torch.int64, device=x.device)
-    dist = torch.zeros(N, dtype=torch.float32, device=x.device)
+    offsets, kpg, assign, dist = assign_args(x, offsets, k_per_group, G, kmax)
     if N == 0 or G == 0:
         return assign, dist
     c = centroids.to(device=x.device, dtype=torch.float32)

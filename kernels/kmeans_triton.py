@@ -38,42 +38,19 @@ has the rows), which is why ``auto`` still picks the CuPy kernels.
 """
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 
 import torch
 
-try:  # triton is optional: the registry asks is_available() before using this module
-    import triton
-    import triton.language as tl
-    _TRITON_ERROR: Exception | None = None
-except Exception as exc:  # pragma: no cover - depends on the install
-    triton = None
-    tl = None
-    _TRITON_ERROR = exc
-
+from .triton_env import INTERPRET as _INTERPRET
+from .triton_env import availability, tl, triton
 from . import reference as ref
-from .kmeans_cupy import DTYPES, check_offsets, exclusive_prefix, split_centroids
+from .kmeans_cupy import DTYPES, assign_args, exclusive_prefix, split_centroids
 
-
-def _interpret_mode() -> bool:
-    """Whether @triton.jit below creates interpreted functions (decided at decoration time)."""
-    try:
-        return bool(triton.knobs.runtime.interpret)
-    except Exception:
-        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
-
-
-_INTERPRET = _interpret_mode() if triton is not None else False
 
 def is_available() -> tuple[bool, str]:
-    """(True, "") when the kernel can run here: a CUDA device, or the interpreter."""
-    if _TRITON_ERROR is not None:
-        return False, f"cannot import triton: {_TRITON_ERROR.__class__.__name__}: {_TRITON_ERROR}"
-    if _INTERPRET or torch.cuda.is_available():
-        return True, ""
-    return False, ("no CUDA device and TRITON_INTERPRET=1 was not set before "
-                   "spurfast.kernels.kmeans_triton was imported")
+    """(True, "") when the kernels can run here: a CUDA device, or the interpreter."""
+    return availability(__name__, _INTERPRET)
 
 
 if triton is not None:
@@ -203,14 +180,9 @@ def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqno
         raise ValueError(f"x has dtype {x.dtype}; expected one of {sorted(str(t) for t in DTYPES)}")
     if not x.is_cuda and not _INTERPRET:
         raise ValueError(f"x is on {x.device}; the Triton kernel needs CUDA tensors (use backend='torch')")
-    if len(k_per_group) != G:
-        raise ValueError(f"k_per_group has {len(k_per_group)} entries for {G} groups")
     x = x.contiguous()
     N, d = x.shape
-    kpg = torch.as_tensor(k_per_group).to(device=x.device, dtype=torch.int64).contiguous()
-    offsets = check_offsets(offsets, N, x.device, kpg, kmax)
-    assign = torch.zeros(N, dtype=torch.int64, device=x.device)
-    dist = torch.zeros(N, dtype=torch.float32, device=x.device)
+    offsets, kpg, assign, dist = assign_args(x, offsets, k_per_group, G, kmax)
     if N == 0 or G == 0:
         return assign, dist
     cosine = metric == "cosine"
