@@ -381,10 +381,15 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
                     _log(f"{name} skipped: not installed ({exc})")
                     continue
                 record(name, _diff_time(fit, "cpu", reps))
-        if kt is not None:   # the Triton assign, every dtype (unmeasured until a GPU run)
-            for dt, name in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+        if kt is not None:   # the Triton assign, every dtype; fp32 both ways (3xTF32 default, FMA)
+            for dt, name, prec in ((torch.float32, "fp32", "tf32x3"), (torch.float32, "fp32-ieee", "ieee"),
+                                   (torch.float16, "fp16", "tf32x3"), (torch.bfloat16, "bf16", "tf32x3")):
                 xt = x.to(dt)
-                ast = measure(lambda: kt.kmeans_assign(xt, off, cent, kpg), device=dev, reps=reps)
+                os.environ["SPURFAST_TRITON_FP32_PRECISION"] = prec
+                try:
+                    ast = measure(lambda: kt.kmeans_assign(xt, off, cent, kpg), device=dev, reps=reps)
+                finally:
+                    del os.environ["SPURFAST_TRITON_FP32_PRECISION"]
                 writer.add_timing("kmeans_assign", "triton", dict(config, dtype=name), ast, devname, items=N,
                                   bytes_moved=N * d * xt.element_size() + G * k * d * 4 + N * 12,
                                   flops=2.0 * N * k * d)

@@ -20,7 +20,8 @@ index.  The N x k score matrix never leaves registers.  The epilogue computes th
 winner's distance directly, sum (x - c)^2 or 1 - x_hat.c_hat in fp32 from the fp32
 centroid, so tight clusters far from the origin lose no digits to cancellation.
 
-Precision: fp32 points use ``input_precision="ieee"`` (no TF32).  fp16/bf16 points use
+Precision: fp32 points use three TF32 tensor-core products per tile (``"tf32x3"``, about
+fp32 accuracy; ``SPURFAST_TRITON_FP32_PRECISION=ieee`` asks for plain FMA).  fp16/bf16 points use
 the tensor cores with the fp32 centroids split into hi + lo parts in the points' dtype
 (c ~= hi + lo, the CUDA kernel's scheme): two products per tile, fp32 accumulation, so
 the scores stay near fp32 accuracy for the rounded points.
@@ -32,12 +33,13 @@ the first program of the group) and k_g |c|^2 floats, and gathers one fp32 centr
 per point in the epilogue (N d 4 bytes, mostly L2 hits).  FLOPs: 2 N k d (x2 for the
 hi/lo split).
 
-Checked without a GPU: it compiles for sm_90 (wgmma for 16-bit inputs) and sm_80 with
-no register spills (test); its speed on a GPU is unmeasured so far (``bench kmeans``
+Checked without a GPU: it compiles for sm_90 (wgmma for every dtype; FMA for fp32 with
+"ieee") and sm_80 with no register spills (test); its speed on a GPU is unmeasured so far (``bench kmeans``
 has the rows), which is why ``auto`` still picks the CuPy kernels.
 """
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 
 import torch
@@ -58,7 +60,7 @@ if triton is not None:
     @triton.jit
     def _assign_kernel(x_ptr, c_ptr, c32_ptr, cterm_ptr, off_ptr, kpg_ptr, tile_first_ptr,
                        assign_ptr, dist_ptr, G, kmax, d, lo_off, search_steps,
-                       COSINE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+                       COSINE: tl.constexpr, SPLIT: tl.constexpr, FP32_PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         # the group: the largest g with tile_first[g] <= pid (empty groups repeat a value
@@ -92,13 +94,12 @@ if triton is not None:
                 xc = tl.load(x_ptrs + d0, mask=rmask[:, None] & dm[None, :], other=0.0)
                 cm = nmask[:, None] & dm[None, :]
                 ch = tl.load(c_ptrs + d0, mask=cm, other=0.0)
-                if IEEE:
-                    acc = tl.dot(xc, tl.trans(ch), acc, input_precision="ieee")
-                else:
+                if SPLIT:   # 16-bit points: hi, then lo (lo_off elements after hi)
                     acc = tl.dot(xc, tl.trans(ch), acc)
-                if SPLIT:   # the lo half sits lo_off elements after the hi half
                     cl = tl.load(c_ptrs + (lo_off + d0), mask=cm, other=0.0)
                     acc = tl.dot(xc, tl.trans(cl), acc)
+                else:
+                    acc = tl.dot(xc, tl.trans(ch), acc, input_precision=FP32_PRECISION)
             if COSINE:
                 score = -acc
             else:
@@ -132,7 +133,7 @@ if triton is not None:
         tl.store(dist_ptr + rows, dist, mask=rmask)
 
 
-def launch_shape(dtype: torch.dtype, d: int, kmax: int) -> dict:
+def launch_shape(dtype: torch.dtype, d: int, kmax: int, precision: str = "tf32x3") -> dict:
     """Tile sizes, warps and pipeline stages; fixed rather than autotuned, because the
     tile prefix the grid is built from depends on BLOCK_M.  Chosen so that the kernel
     compiles for sm_90 (triton 3.8) without register spills, which a test checks: a
@@ -141,16 +142,29 @@ def launch_shape(dtype: torch.dtype, d: int, kmax: int) -> dict:
     if _INTERPRET:   # cost per program and op: few programs, tiles that still cross boundaries
         return dict(BLOCK_M=64, BLOCK_N=min(32, max(16, np2(kmax))), BLOCK_D=min(32, max(16, np2(d))),
                     num_warps=4, num_stages=1)
-    if dtype == torch.float32:   # ieee fp32 dot: FMA, register-bound
+    if dtype == torch.float32 and precision == "ieee":   # FMA, register-bound
         return dict(BLOCK_M=64, BLOCK_N=min(64, max(16, np2(kmax))), BLOCK_D=16, num_warps=4, num_stages=2)
+    if dtype == torch.float32:   # 3xTF32 on the tensor cores
+        return dict(BLOCK_M=128, BLOCK_N=min(128, max(16, np2(kmax))), BLOCK_D=16, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=min(128, max(16, np2(kmax))), BLOCK_D=min(32, max(16, np2(d))),
                 num_warps=8, num_stages=3)
+
+
+def fp32_precision() -> str:
+    """How fp32 points are multiplied: "tf32x3" (default: three TF32 tensor-core products,
+    a_hi b_hi + a_hi b_lo + a_lo b_hi, about fp32 accuracy) or "ieee" (plain FMA), from
+    SPURFAST_TRITON_FP32_PRECISION."""
+    value = os.environ.get("SPURFAST_TRITON_FP32_PRECISION", "tf32x3")
+    if value not in ("tf32x3", "ieee"):
+        raise ValueError(f"SPURFAST_TRITON_FP32_PRECISION must be 'tf32x3' or 'ieee', got {value!r}")
+    return value
 
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def compile_for(capability: int, dtype: torch.dtype, d: int, kmax: int, metric: str = "l2"):
+def compile_for(capability: int, dtype: torch.dtype, d: int, kmax: int, metric: str = "l2",
+                precision: str = "tf32x3"):
     """Compile the kernel ahead of time for a GPU of this compute capability (e.g. 90),
     with the launch shape ``kmeans_assign`` would use; needs no GPU (and not the
     interpreter).  Returns triton's CompiledKernel (``.asm["cubin"]``, ``.metadata``)."""
@@ -158,11 +172,11 @@ def compile_for(capability: int, dtype: torch.dtype, d: int, kmax: int, metric: 
     from triton.compiler import ASTSource
 
     elt = _TRITON_TYPES[dtype]
-    shape = launch_shape(dtype, d, kmax)
+    shape = launch_shape(dtype, d, kmax, precision)
     sig = {"x_ptr": f"*{elt}", "c_ptr": f"*{elt}", "c32_ptr": "*fp32", "cterm_ptr": "*fp32", "off_ptr": "*i64",
            "kpg_ptr": "*i64", "tile_first_ptr": "*i64", "assign_ptr": "*i64", "dist_ptr": "*fp32", "G": "i32",
            "kmax": "i32", "d": "i32", "lo_off": "i64", "search_steps": "i32"}
-    const = dict(COSINE=metric == "cosine", SPLIT=dtype != torch.float32, IEEE=dtype == torch.float32,
+    const = dict(COSINE=metric == "cosine", SPLIT=dtype != torch.float32, FP32_PRECISION=precision,
                  BLOCK_M=shape["BLOCK_M"], BLOCK_N=shape["BLOCK_N"], BLOCK_D=shape["BLOCK_D"])
     sig.update({name: "constexpr" for name in const})
     return triton.compile(ASTSource(_assign_kernel, sig, const), target=GPUTarget("cuda", capability, 32),
@@ -196,13 +210,14 @@ def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqno
     split = x.dtype != torch.float32
     # hi and lo halves in one (2, G*kmax, d) tensor: the kernel reaches lo at a fixed offset
     c_in = torch.stack(split_centroids(c32, x.dtype, d)) if split else c32
-    shape = launch_shape(x.dtype, d, kmax)
+    precision = fp32_precision()
+    shape = launch_shape(x.dtype, d, kmax, precision)
     sizes = offsets[1:] - offsets[:-1]
     tile_first = exclusive_prefix(torch.div(sizes + (shape["BLOCK_M"] - 1), shape["BLOCK_M"], rounding_mode="floor"))
     grid = (triton.cdiv(N, shape["BLOCK_M"]) + G,)   # >= number of tiles; the spare ones do nothing
     with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
         _assign_kernel[grid](x, c_in, c32, cterm, offsets, kpg, tile_first, assign, dist, G, kmax, d,
                              G * kmax * d if split else 0, max(1, G.bit_length()),
-                             COSINE=cosine, SPLIT=split, IEEE=not split, **shape)
+                             COSINE=cosine, SPLIT=split, FP32_PRECISION=precision, **shape)
     return assign, dist
 

@@ -22,7 +22,7 @@ needs_kernel = pytest.mark.skipif(not RUNS_HERE, reason="no CUDA device and no T
 
 # The interpreter pays per program: the two big CASES shrink (same shapes of the problem:
 # k over several 32-wide tiles with d chunked; many small groups with empties).
-CPU_CASES = [c for c in CASES if sum(c[0]) <= 2000] + [([1500], 130, 128), ([0, 5, 17, 0, 40, 3, 9] * 9, 16, 24)]
+CPU_CASES = [c for c in CASES if sum(c[0]) <= 2000] + [([700], 130, 128), ([0, 5, 17, 0, 40, 3, 9] * 9, 16, 24)]
 
 
 def _device():
@@ -128,20 +128,21 @@ import torch, triton
 from spurfast.kernels import kmeans_triton as kt
 tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 out = []
-for cap, dtype, d, kmax, metric in json.loads(sys.argv[1]):
-    ck = kt.compile_for(cap, getattr(torch, dtype), d, kmax, metric)
+for cap, dtype, d, kmax, metric, precision in json.loads(sys.argv[1]):
+    ck = kt.compile_for(cap, getattr(torch, dtype), d, kmax, metric, precision)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(ck.asm["cubin"]); f.flush()
         usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    out.append([cap, dtype, d, kmax, metric, "wgmma" in ck.asm["ptx"], usage])
+    out.append([cap, dtype, d, kmax, metric, precision, "wgmma" in ck.asm["ptx"], usage])
 print(json.dumps(out))
 """
 
 
 def test_compiles_for_hopper_and_ampere_without_register_spills():
     """What a GPU would compile, checked without one: every dtype and metric for sm_90
-    (wgmma for the 16-bit types) and sm_80, at the benchmark's shape and a small one, with
-    no stack use (spills) in the cubin.  Runs in a subprocess without the interpreter."""
+    (wgmma, also for fp32 as 3xTF32) and sm_80, fp32 as plain FMA too, at the benchmark's
+    shape and small ones, with no stack use (spills) in the cubin.  Runs in a subprocess
+    without the interpreter."""
     import json
     import os
     import subprocess
@@ -151,18 +152,20 @@ def test_compiles_for_hopper_and_ampere_without_register_spills():
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                                        "cuobjdump")):
         pytest.skip("triton's bundled CUDA tools are missing")
-    jobs = [[90, dt, 128, 1024, m] for dt in ("float32", "float16", "bfloat16") for m in ("l2", "cosine")]
-    jobs += [[90, "float16", 16, 8, "l2"], [90, "float32", 300, 10, "l2"], [80, "float16", 128, 1024, "l2"],
-             [80, "bfloat16", 64, 16, "cosine"]]
+    jobs = [[90, dt, 128, 1024, m, "tf32x3"] for dt in ("float32", "float16", "bfloat16") for m in ("l2", "cosine")]
+    jobs += [[90, "float32", 128, 1024, m, "ieee"] for m in ("l2", "cosine")]
+    jobs += [[90, "float16", 16, 8, "l2", "tf32x3"], [90, "float32", 300, 10, "l2", "tf32x3"],
+             [80, "float16", 128, 1024, "l2", "tf32x3"], [80, "bfloat16", 64, 16, "cosine", "tf32x3"],
+             [80, "float32", 64, 16, "l2", "tf32x3"]]
     env = dict(os.environ, TRITON_INTERPRET="0")
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(jobs)], capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for cap, dtype, d, kmax, metric, wgmma, usage in json.loads(proc.stdout.strip().splitlines()[-1]):
-        name = f"sm_{cap} {dtype} d={d} k={kmax} {metric}"
+    for cap, dtype, d, kmax, metric, precision, wgmma, usage in json.loads(proc.stdout.strip().splitlines()[-1]):
+        name = f"sm_{cap} {dtype} ({precision}) d={d} k={kmax} {metric}"
         assert "STACK:0" in usage, f"{name}: register spills: {usage.strip()}"
-        if cap == 90 and dtype != "float32":
-            assert wgmma, f"{name}: no wgmma in the PTX"
+        if cap == 90:
+            assert wgmma == (dtype != "float32" or precision == "tf32x3"), f"{name}: wgmma in the PTX: {wgmma}"
 
 
 def test_registered_for_cuda_tensors_only_and_not_the_default():
