@@ -623,19 +623,35 @@ def _plots(rows, crows, plots_dir: Path, rel_to: Path) -> list[str]:
     pairs = list(dict.fromkeys((r["setting"], r["feature"]) for r in rows if r["metric"] == "ap"))
     methods = [m for m in METHODS if any(r["method"] == m and r["metric"] == "ap" for r in rows)]
     if pairs and methods:
-        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(pairs) * len(methods) / 3), 3.5))
-        w = 0.8 / len(methods)
-        for j, m in enumerate(methods):
-            mean, sd = [], []
-            for s, f in pairs:
-                v = [r["value"] for r in rows if r["setting"] == s and r["feature"] == f and r["method"] == m and r["metric"] == "ap"]
-                mean.append(np.mean(v) if v else np.nan)
-                sd.append(np.std(v) if len(v) > 1 else 0)
-            ax.bar(np.arange(len(pairs)) + j * w, mean, w, yerr=sd, label=m)
-        ax.set_xticks(np.arange(len(pairs)) + 0.4 - w / 2)
-        ax.set_xticklabels([f"{s}\n{f}" for s, f in pairs], fontsize=7)
-        ax.set_ylabel("average precision (best finding)")
-        ax.legend(fontsize=7)
+        mean = np.full((len(pairs), len(methods)), np.nan)
+        sd = np.zeros_like(mean)
+        for i, (s, f) in enumerate(pairs):
+            for j, m in enumerate(methods):
+                v = [r["value"] for r in rows if r["setting"] == s and r["feature"] == f and r["method"] == m
+                     and r["metric"] == "ap"]
+                if v:
+                    mean[i, j], sd[i, j] = np.mean(v), (np.std(v) if len(v) > 1 else 0.0)
+        if len(pairs) <= 8:   # a few settings: bars with the seeds' spread
+            fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(pairs) * len(methods) / 3), 3.5))
+            w = 0.8 / len(methods)
+            for j, m in enumerate(methods):
+                ax.bar(np.arange(len(pairs)) + j * w, mean[:, j], w, yerr=sd[:, j], label=m)
+            ax.set_xticks(np.arange(len(pairs)) + 0.4 - w / 2)
+            ax.set_xticklabels([f"{s}\n{f}" for s, f in pairs], fontsize=7)
+            ax.set_ylabel("average precision (best finding)")
+            ax.legend(fontsize=7)
+        else:   # a sweep: one row per (setting, pattern), one column per method, mean AP written in
+            fig, ax = plt.subplots(figsize=(1.3 * len(methods) + 3, 0.28 * len(pairs) + 1.5))
+            im = ax.imshow(mean, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+            for (i, j), v in np.ndenumerate(mean):
+                if np.isfinite(v):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                            color="white" if v < 0.6 else "black")
+            ax.set_xticks(range(len(methods)))
+            ax.set_xticklabels(methods, rotation=30, ha="right", fontsize=7)
+            ax.set_yticks(range(len(pairs)))
+            ax.set_yticklabels([s if f in s else f"{s} / {f}" for s, f in pairs], fontsize=7)
+            fig.colorbar(im, ax=ax, label="average precision (best finding), mean over seeds")
         fig.tight_layout()
         fig.savefig(plots_dir / "ap.png", dpi=110)
         plt.close(fig)
