@@ -23,7 +23,9 @@ Rows (op "e2e", provider "procs=P"):
   spawned process starts at its parent's RSS, since Linux carries the high-water mark
   over exec, so it measured the benchmark driver, not the run), and of its child
   processes separately (``peak_memory_loader``: ``ru_maxrss`` of children, an upper
-  bound that includes the worker's own RSS when a child was forked).
+  bound that includes the worker's own RSS when a child was forked);
+  ``peak_memory_after`` per stage (ready = models loaded and warmed up, embed, discover,
+  report): rank 0's high-water mark after that stage, so the stage that sets the peak shows;
 
 Stage-alone rows (op "stage", one process, all cores): load (the folder loader alone),
 classify and encode (the models on in-memory 256-image batches), cluster (one batched
@@ -130,16 +132,19 @@ def worker(argv=None) -> int:
     clf, vae = load_classifier(args.clf), load_vae(args.vae)
     config = DiscoverConfig(n_null=args.n_null, seed=0, device=device)
     _warm_up(clf, vae, device, args.batch_size, len(pool), ctx)
+    hwm0 = own_peak_rss()
     t = {"start": time.perf_counter()}
     out = dist.run_on_main(prepare_output, args.out, "bench-e2e", True)
     split = {}   # where this rank's embedding pass waited: loader, models, store
     store = dist.embed_pool_sharded(pool, clf, vae, out / "store", num_classes=CLASSES, batch_size=args.batch_size,
                                     device=device, progress=False, timings=split)
     t["embedded"] = time.perf_counter()
+    hwm = {"ready": hwm0, "embed": own_peak_rss()}   # VmHWM after each stage: which one sets the peak
     if ctx.is_main:
         with dist.main_section():
             result = discover(store, config, class_names=pool.class_names, progress=False)
             t["discovered"] = time.perf_counter()
+            hwm["discover"] = own_peak_rss()
             characterise(result, store, pool, vae, out, seed=0, device=device)
             doc = write_outputs(result, out)
             write_report(doc, out, clusters=result.clusters)
@@ -150,7 +155,7 @@ def worker(argv=None) -> int:
     rec = {"rank": ctx.rank, "world": ctx.world_size, "n": len(pool),
            "embed_s": t["embedded"] - t["start"], "discover_s": t["discovered"] - t["embedded"],
            "report_s": t["reported"] - t["discovered"], "total_s": t["reported"] - t["start"],
-           "peak_rss": own_peak_rss(),
+           "peak_rss": own_peak_rss(), "peak_rss_after": dict(hwm, report=own_peak_rss()),
            "peak_rss_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
            "threads": torch.get_num_threads(), "embed_split": split,
            "cuda_peak": torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0}
@@ -202,7 +207,8 @@ def run_e2e(pool: Path, clf: Path, vae: Path, procs: int, n_null: int, device: s
            "embed_s": max(x["embed_s"] for x in ranks), "discover_s": main["discover_s"], "report_s": main["report_s"],
            "total_s": main["total_s"], "peak_rss": max(x["peak_rss"] for x in ranks),
            "peak_rss_loader": max(x["peak_rss_children"] for x in ranks),
-           "cuda_peak": max(x.get("cuda_peak", 0) for x in ranks), "embed_split": main.get("embed_split", {})}
+           "cuda_peak": max(x.get("cuda_peak", 0) for x in ranks), "embed_split": main.get("embed_split", {}),
+           "peak_rss_after": main.get("peak_rss_after", {})}
     if procs > 1:
         shutil.rmtree(out / "store", ignore_errors=True)  # keep the disk lean; findings stay
     res["store"] = out / "store"
@@ -290,6 +296,8 @@ def run(writer, quick: bool = False, device=None) -> None:
             writer.add("e2e", prov, cfg, "wall_s", res["wall_s"], "s", dev)
             writer.add("e2e", prov, cfg, "peak_memory", res["peak_rss"], "bytes", dev)
             writer.add("e2e", prov, cfg, "peak_memory_loader", res["peak_rss_loader"], "bytes", dev)
+            for stage, b in res["peak_rss_after"].items():   # rank 0's high-water mark after each stage
+                writer.add("e2e", prov, dict(cfg, stage=stage), "peak_memory_after", b, "bytes", dev)
             writer.add("e2e", prov, cfg, "loadavg_1m", res["loadavg_1m"], "", dev)
             if gpu:
                 writer.add("e2e", prov, cfg, "peak_memory_cuda", res["cuda_peak"], "bytes", dev)

@@ -158,3 +158,15 @@ def test_ap_target_line_says_beats_ties_or_not():
     assert "`a` / noise@1: spurfast 1.000 vs best baseline pixels 1.000 (spurious score nan) -> ties" in text
     assert "`b` / noise@1: spurfast 0.950 vs best baseline pixels 0.900 (spurious score nan) -> beats" in text
     assert "`c` / noise@1: spurfast 0.800 vs best baseline pixels 0.900 (spurious score nan) -> does NOT beat" in text
+
+
+def test_sweep_plots_a_heat_map(tmp_path):
+    """More than 8 (setting, pattern) pairs: one heat-map row per pair instead of bars."""
+    from spurfast.evaluate import _plots
+    rows = [{"setting": f"s{i}", "seed": seed, "method": m, "feature": "patch3", "metric": "ap", "value": v}
+            for i in range(12) for seed in (0, 1) for m, v in (("spurfast", 0.9), ("pixels", 0.5))]
+    lines = _plots(rows, [], tmp_path / "plots", tmp_path)
+    assert lines == ["![average precision per setting and method](plots/ap.png)"]
+    import matplotlib.image as mpimg
+    h, w = mpimg.imread(tmp_path / "plots" / "ap.png").shape[:2]
+    assert h > w, f"a sweep's plot should be tall (one row per pair), got {w}x{h}"

@@ -165,12 +165,14 @@ def test_mixed_gpu_matches_cpu_pipeline(coded_folder):
     assert float((gpu.cpu() - cpu).abs().max()) <= 12 / 255
 
 
-def test_pipeline_pieces_double_so_their_number_grows_logarithmically():
-    from spurfast.data.loader_dali import _growing_chunks
+def test_two_pipelines_at_most_whatever_the_pool_size():
+    """DALI keeps memory per pipeline built: a first piece, then one pipeline for the rest."""
+    from spurfast.data.loader_dali import _pipeline_pieces
 
     order = np.arange(1000) * 3
-    pieces = _growing_chunks(order, 10)
-    assert [len(p) for p in pieces] == [10, 20, 40, 80, 160, 320, 370]
+    pieces = _pipeline_pieces(order, 10)
+    assert [len(p) for p in pieces] == [10, 990]
     assert np.array_equal(np.concatenate(pieces), order)
-    assert _growing_chunks(order[:0], 10) == []
-    assert [len(p) for p in _growing_chunks(order[:7], 10)] == [7]
+    assert _pipeline_pieces(order[:0], 10) == []
+    assert [len(p) for p in _pipeline_pieces(order[:7], 10)] == [7]
+    assert [len(p) for p in _pipeline_pieces(order[:10], 10)] == [10]
