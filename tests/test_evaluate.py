@@ -164,7 +164,7 @@ def test_sweep_plots_a_heat_map(tmp_path):
     """More than 8 (setting, pattern) pairs: one heat-map row per pair instead of bars."""
     from spurfast.evaluate import _plots
     rows = [{"setting": f"s{i}", "seed": seed, "method": m, "feature": "patch3", "metric": "ap", "value": v}
-            for i in range(12) for seed in (0, 1) for m, v in (("spurfast", 0.9), ("pixels", 0.5))]
+            for i in range(30) for seed in (0, 1) for m, v in (("spurfast", 0.9), ("pixels", 0.5))]
     lines = _plots(rows, [], tmp_path / "plots", tmp_path)
     assert lines == ["![average precision per setting and method](plots/ap.png)"]
     import matplotlib.image as mpimg
