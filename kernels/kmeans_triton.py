@@ -34,8 +34,8 @@ per point in the epilogue (N d 4 bytes, mostly L2 hits).  FLOPs: 2 N k d (x2 for
 hi/lo split).
 
 Checked without a GPU: it compiles for sm_90 (wgmma for every dtype; FMA for fp32 with
-"ieee") and sm_80 with no register spills (test); its speed on a GPU is unmeasured so far (``bench kmeans``
-has the rows), which is why ``auto`` still picks the CuPy kernels.
+"ieee") and sm_80 with no register spills (test); its speed on a GPU is unmeasured so far
+(``bench kmeans`` has the rows), which is why ``auto`` still picks the CuPy kernels.
 """
 from __future__ import annotations
 

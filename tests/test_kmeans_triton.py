@@ -122,6 +122,16 @@ def test_bad_arguments_get_clear_errors():
         kt.kmeans_assign(x.to(_device()), torch.tensor([0, 4]), torch.zeros(1, 2, 3), torch.tensor([5]))
 
 
+def test_fp32_precision_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("SPURFAST_TRITON_FP32_PRECISION", raising=False)
+    assert kt.fp32_precision() == "tf32x3"
+    monkeypatch.setenv("SPURFAST_TRITON_FP32_PRECISION", "ieee")
+    assert kt.fp32_precision() == "ieee"
+    monkeypatch.setenv("SPURFAST_TRITON_FP32_PRECISION", "tf32")
+    with pytest.raises(ValueError, match="must be 'tf32x3' or 'ieee', got 'tf32'"):
+        kt.fp32_precision()
+
+
 _COMPILE_SCRIPT = r"""
 import json, os, subprocess, sys, tempfile
 import torch, triton
