@@ -38,6 +38,21 @@ OP = "kmeans_iter"
 DIFF_ITERS = 5   # R in the differencing above
 
 
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """The environment variable ``name`` set to ``value`` inside the block (kernel-variant
+    switches the launchers read per call), restored after it."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
 def _log(msg: str) -> None:
     print(f"[bench kmeans] {msg}", file=sys.stderr, flush=True)
 
@@ -254,11 +269,8 @@ def _assign_vs_flash(writer, ours_by_name, x, off, cent, kpg, config, devname, r
             _log(f"assign {name} N={N} d={d} k={k}: {provider} {ours['median_s'] * 1e3:.3f} ms, flash-kmeans "
                  f"{theirs['median_s'] * 1e3:.3f} ms ({ratio:.2f}x), same assignment for {agree:.4f} of points")
             if provider == "cupy" and dt == torch.float16:   # the first tensor-core kernel, for the record
-                os.environ["SPURFAST_KMEANS_TC2"] = "0"
-                try:
+                with _env("SPURFAST_KMEANS_TC2", "0"):
                     v1 = measure(lambda: mod.kmeans_assign(xs, off, cs, kpg), device="cuda", reps=max(reps, 10))
-                finally:
-                    del os.environ["SPURFAST_KMEANS_TC2"]
                 writer.add_timing("kmeans_assign", "cupy-tc-v1", cfg, v1, devname, items=N,
                                   bytes_moved=nbytes + N * 8, flops=flops)
                 _log(f"assign fp16 N={N} d={d} k={k}: tensor-core v1 {v1['median_s'] * 1e3:.3f} ms, "
@@ -385,11 +397,8 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
             for dt, name, prec in ((torch.float32, "fp32", "tf32x3"), (torch.float32, "fp32-ieee", "ieee"),
                                    (torch.float16, "fp16", "tf32x3"), (torch.bfloat16, "bf16", "tf32x3")):
                 xt = x.to(dt)
-                os.environ["SPURFAST_TRITON_FP32_PRECISION"] = prec
-                try:
+                with _env("SPURFAST_TRITON_FP32_PRECISION", prec):
                     ast = measure(lambda: kt.kmeans_assign(xt, off, cent, kpg), device=dev, reps=reps)
-                finally:
-                    del os.environ["SPURFAST_TRITON_FP32_PRECISION"]
                 writer.add_timing("kmeans_assign", "triton", dict(config, dtype=name), ast, devname, items=N,
                                   bytes_moved=N * d * xt.element_size() + G * k * d * 4 + N * 12,
                                   flops=2.0 * N * k * d)

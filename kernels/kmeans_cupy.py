@@ -249,6 +249,27 @@ def assign_args(x: torch.Tensor, offsets, k_per_group, G: int, kmax: int):
     return offsets, kpg, assign, dist
 
 
+def centroid_terms(centroids: torch.Tensor, metric: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c, cterm), contiguous fp32 on ``device``: the centroids (unit rows for cosine) and
+    each one's score term (|c|^2 for L2, 0 for cosine), as every GPU assign kernel scores
+    s = cterm - 2 x.c (L2) or -x.c (cosine)."""
+    c = centroids.to(device=device, dtype=torch.float32)
+    if metric == "cosine":
+        c = torch.nn.functional.normalize(c, dim=-1)
+        cterm = torch.zeros(c.shape[:2], dtype=torch.float32, device=device)
+    else:
+        cterm = (c * c).sum(-1)
+    return c.contiguous(), cterm.contiguous()
+
+
+def tile_prefix(offsets: torch.Tensor, rows_per_tile: int) -> torch.Tensor:
+    """(G + 1,) first tile of each group when every group's rows are cut into tiles of
+    ``rows_per_tile`` (the last entry: the number of tiles); a GPU assign block or program
+    finds its group by searching it, so no host-built tile table is needed."""
+    sizes = offsets[1:] - offsets[:-1]
+    return exclusive_prefix(torch.div(sizes + (rows_per_tile - 1), rows_per_tile, rounding_mode="floor"))
+
+
 def exclusive_prefix(counts: torch.Tensor) -> torch.Tensor:
     """Exclusive prefix sum with the total appended: (len + 1,) int64 on the same device."""
     out = torch.zeros(len(counts) + 1, dtype=torch.int64, device=counts.device)
@@ -296,14 +317,7 @@ def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqno
     offsets, kpg, assign, dist = assign_args(x, offsets, k_per_group, G, kmax)
     if N == 0 or G == 0:
         return assign, dist
-    c = centroids.to(device=x.device, dtype=torch.float32)
-    if metric == "cosine":
-        c = torch.nn.functional.normalize(c, dim=-1)
-        cterm = torch.zeros(G, kmax, dtype=torch.float32, device=x.device)
-    else:
-        cterm = (c * c).sum(-1)
-    c = c.contiguous()
-    cterm = cterm.contiguous()
+    c, cterm = centroid_terms(centroids, metric, x.device)
     dt = DTYPES[x.dtype]
     cosine = _i64(metric == "cosine")
     tc = use_tensor_cores(x)
@@ -322,8 +336,7 @@ def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqno
         tk, tp = next(((tk, tp) for tk, tp in ASSIGN_SHAPES if tk >= kmax), ASSIGN_SHAPES[-1])
         entry, threads = f"spurfast_assign_{dt}_{tp}x{tk}", ASSIGN_THREADS
         extra_args, tail_args, smem = (), (_i64(G), _i64(kmax), _i64(d), cosine), 0
-    sizes = offsets[1:] - offsets[:-1]
-    tile_first = exclusive_prefix(torch.div(sizes + (tp - 1), tp, rounding_mode="floor"))
+    tile_first = tile_prefix(offsets, tp)
     grid = (N + tp - 1) // tp + G   # >= number of tiles; extra blocks return at once
     with _Launch(x.device) as L:
         fn = _fn("kmeans_assign", entry, L.index)

@@ -47,7 +47,7 @@ import torch
 from .triton_env import INTERPRET as _INTERPRET
 from .triton_env import availability, tl, triton
 from . import reference as ref
-from .kmeans_cupy import DTYPES, assign_args, exclusive_prefix, split_centroids
+from .kmeans_cupy import DTYPES, assign_args, centroid_terms, split_centroids, tile_prefix
 
 
 def is_available() -> tuple[bool, str]:
@@ -200,20 +200,14 @@ def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqno
     if N == 0 or G == 0:
         return assign, dist
     cosine = metric == "cosine"
-    c32 = centroids.to(device=x.device, dtype=torch.float32)
-    if cosine:
-        c32 = torch.nn.functional.normalize(c32, dim=-1)
-        cterm = torch.zeros(G, kmax, dtype=torch.float32, device=x.device)
-    else:
-        cterm = (c32 * c32).sum(-1).contiguous()
-    c32 = c32.contiguous().view(G * kmax, d)
+    c32, cterm = centroid_terms(centroids, metric, x.device)
+    c32 = c32.view(G * kmax, d)
     split = x.dtype != torch.float32
     # hi and lo halves in one (2, G*kmax, d) tensor: the kernel reaches lo at a fixed offset
     c_in = torch.stack(split_centroids(c32, x.dtype, d)) if split else c32
     precision = fp32_precision()
     shape = launch_shape(x.dtype, d, kmax, precision)
-    sizes = offsets[1:] - offsets[:-1]
-    tile_first = exclusive_prefix(torch.div(sizes + (shape["BLOCK_M"] - 1), shape["BLOCK_M"], rounding_mode="floor"))
+    tile_first = tile_prefix(offsets, shape["BLOCK_M"])
     grid = (triton.cdiv(N, shape["BLOCK_M"]) + G,)   # >= number of tiles; the spare ones do nothing
     with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
         _assign_kernel[grid](x, c_in, c32, cterm, offsets, kpg, tile_first, assign, dist, G, kmax, d,

@@ -371,7 +371,6 @@ int spurfast_cpu_openmp(void) {
 #endif
 }
 
-
 // spurfast_cpu_assign over all N rows, `parts` fixed ranges on up to `parts` threads.
 // sums/counts (parts x G*kmax x d / parts x G*kmax, zeroed; or null): part p's rows go
 // into partial p, then the partials are added into part 0 in order, exactly as
