@@ -25,7 +25,12 @@ random class images dilute, and which the class's own nearest images reproduce; 
 (a corner patch) is carried by no genuine class image, however they are chosen.  Its flip
 rate and McNemar p-value are reported as ``content_flip_rate`` and ``content_p_value``
 (additive keys of the ``confirm`` object); a finding is *confirmed* when it beats both
-controls.
+controls.  The ``verdict`` key says which control it failed (`confirm_verdict`): a finding
+that beats genuine class content but not random patterns is ``not_specific``.  That is what
+a model that learned "noise means class c" shows: random noise of the same area is the
+shortcut too, and so, measured on the noise@1.0 model trained on the whole class, are smooth
+random fields of the same in-mask mean and spread (Gaussian-blurred noise, sigma 1-4 px):
+all flip 100% of clean images, so the model reacts to any comparable corruption there.
 
 Clean images: a held-out set the caller supplies (``spurfast discover --clean``), or
 else pool images predicted as another class that belong to no finding.  Images whose
@@ -114,15 +119,37 @@ def _prob(model, x: torch.Tensor, cls: int, device: str, batch_size: int) -> np.
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 
+VERDICTS = {
+    "confirmed": "the pattern moves the model more than both controls: a confirmed shortcut",
+    "not_specific": "random patterns of the same area and intensity move the model about as often: it reacts "
+                    "to any perturbation of this size here (e.g. a noise texture), which this test cannot tell "
+                    "from the pattern",
+    "class_content": "genuine class content in the same place moves the model as much: natural class "
+                     "content, not a shortcut",
+    "no_effect": "the pattern moves the model no more than random patterns or genuine class content",
+}
+
+
+def confirm_verdict(cf: dict | None, level: float = 0.05) -> str | None:
+    """Why a finding is or is not confirmed: a key of `VERDICTS`, or None when confirmation
+    did not run.  "Beats" a control = significantly more flips (McNemar p <= level) and a
+    higher flip rate; the content control counts only where it was run."""
+    if not cf or cf.get("flip_rate") is None:
+        return None
+    random_ok = cf["p_value"] <= level and cf["flip_rate"] > cf["control_flip_rate"]
+    content_ok = cf.get("content_p_value") is None or (
+        cf["content_p_value"] <= level and cf["flip_rate"] > cf["content_flip_rate"])
+    if random_ok and content_ok:
+        return "confirmed"
+    if random_ok:
+        return "class_content"
+    return "not_specific" if content_ok else "no_effect"
+
+
 def is_confirmed(cf: dict | None, level: float = 0.05) -> bool:
     """A finding is confirmed when its pattern flips significantly (p <= level) more clean
     images than the random control and, where it was run, the content control."""
-    if not cf or cf.get("flip_rate") is None:
-        return False
-    ok = cf["p_value"] <= level and cf["flip_rate"] > cf["control_flip_rate"]
-    if cf.get("content_p_value") is not None:
-        ok = ok and cf["content_p_value"] <= level and cf["flip_rate"] > cf["content_flip_rate"]
-    return bool(ok)
+    return confirm_verdict(cf, level) == "confirmed"
 
 
 def mcnemar_one_sided(real: np.ndarray, control: np.ndarray) -> float:
@@ -274,6 +301,7 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
             continue
         f["confirm"] = {k: cf[k] for k in ("flip_rate", "control_flip_rate", "p_value", "content_flip_rate",
                                            "content_p_value") if k in cf}
-        log.info("finding %s (class %d): flip %.3f vs control %.3f, p=%.3g", f.get("rank"), c,
-                 cf["flip_rate"], cf["control_flip_rate"], cf["p_value"])
+        f["confirm"]["verdict"] = confirm_verdict(f["confirm"])
+        log.info("finding %s (class %d): flip %.3f vs control %.3f, p=%.3g: %s", f.get("rank"), c,
+                 cf["flip_rate"], cf["control_flip_rate"], cf["p_value"], f["confirm"]["verdict"])
     return findings

@@ -88,6 +88,7 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
         if top.get("confirm"):
             summary["top finding flip rate (control)"] = (f"{top['confirm']['flip_rate']:.3f} "
                                                           f"({top['confirm']['control_flip_rate']:.3f})")
+            summary["top finding confirmation"] = top["confirm"].get("verdict")
     write_report(doc, out, clusters=result.clusters, summary=summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print("[demo] " + "; ".join(f"{k}: {v}" for k, v in summary.items()), flush=True)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from . import baselines as B
-from .confirm import is_confirmed
+from .confirm import confirm_verdict, is_confirmed
 from .data.builtin import find_fashion_mnist, load_digits, load_fashion_mnist
 from .data.sources import ArraySource
 from .discover import DiscoverConfig, characterise, discover
@@ -497,9 +497,12 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
             L += ["| method | " + " | ".join(gm) + " |", "|" + "---|" * (len(gm) + 1)] + tab + [""]
     if crows:
         L += ["## Confirmation (every spurfast finding at q <= 0.1)", "",
+              "Verdicts (`spurfast.confirm.VERDICTS`): *confirmed* beats both controls; *class content*: genuine "
+              "class content in the same place moves the model as much; *not specific*: random patterns of the same "
+              "area and intensity move it as much; *no effect*: neither.", "",
               "| setting | findings | kind | mean flip rate | mean random-control flip rate | mean content-control flip rate "
-              "| beat random control (p <= 0.05) | confirmed (beat both controls) |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| confirmed | class content | not specific | no effect |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
         for s in dict.fromkeys(c["setting"] for c in crows):
             for kind, lab in (("1", "true"), ("0", "false")):
                 cs = [c for c in crows if c["setting"] == s and c["true_finding"] == kind and c["flip_rate"] != ""]
@@ -507,11 +510,12 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
                     continue
                 fl = [float(c["flip_rate"]) for c in cs]
                 co = [float(c["control_flip_rate"]) for c in cs]
-                rnd = sum(float(c["p_value"]) <= 0.05 and float(c["flip_rate"]) > float(c["control_flip_rate"]) for c in cs)
                 ct = [float(c["content_flip_rate"]) for c in cs if c.get("content_flip_rate", "") != ""]
-                conf = sum(int(c.get("confirmed") or 0) for c in cs)
+                verdicts = [confirm_verdict(_confirm_of(c)) for c in cs]
                 L.append(f"| {s} | {len(cs)} | {lab} | {np.mean(fl):.3f} | {np.mean(co):.3f} | "
-                         f"{np.mean(ct) if ct else float('nan'):.3f} | {rnd} of {len(cs)} | {conf} of {len(cs)} |")
+                         f"{np.mean(ct) if ct else float('nan'):.3f} | "
+                         + " | ".join(str(verdicts.count(v)) for v in ("confirmed", "class_content", "not_specific", "no_effect"))
+                         + " |")
         L.append("")
     L += _targets(rows, settings)
     secs = [r["value"] for r in rows if r["metric"] == "seconds" and r["method"] == "spurfast"]
@@ -523,6 +527,12 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
     md = Path(md_path)
     md.write_text("\n".join(L) + "\n")
     return md
+
+
+def _confirm_of(crow: dict) -> dict:
+    """The ``confirm`` object of one confirm.csv row (numbers back from text; blanks: not run)."""
+    keys = ("flip_rate", "control_flip_rate", "p_value", "content_flip_rate", "content_p_value")
+    return {k: float(crow[k]) for k in keys if crow.get(k, "") not in ("", None)}
 
 
 def _best_baseline(ap: dict) -> tuple[str | None, float]:

@@ -111,15 +111,15 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
                      f"p = {float(f['p_value']):.3g}, q = {float(f['q_value']):.3g}; "
                      f"clusters merged: {e(f.get('merged_clusters', [f['cluster']]))}</p>")
         cf = f.get("confirm")
-        if cf:
-            from .confirm import is_confirmed
+        if cf and cf.get("flip_rate") is not None:
+            from .confirm import VERDICTS, confirm_verdict
+            verdict = confirm_verdict(cf)
+            content = (f" and {float(cf['content_flip_rate']):.1%} for genuine class content in the same place "
+                       f"(p = {float(cf['content_p_value']):.3g})" if cf.get("content_p_value") is not None else "")
+            head = "<b>confirmed shortcut</b>" if verdict == "confirmed" else "not confirmed"
             parts.append(f"<p><b>Confirmation:</b> pasting the pattern flips {float(cf['flip_rate']):.1%} of clean images "
                          f"towards this class vs {float(cf['control_flip_rate']):.1%} for random patterns "
-                         f"(p = {float(cf['p_value']):.3g})"
-                         + (f" and {float(cf['content_flip_rate']):.1%} for genuine class content in the same place "
-                            f"(p = {float(cf['content_p_value']):.3g}); "
-                            + ("<b>confirmed shortcut</b>" if is_confirmed(cf) else "not confirmed: genuine class content moves the model as much, or the pattern does not")
-                            if cf.get("content_p_value") is not None else "") + ".</p>")
+                         f"(p = {float(cf['p_value']):.3g}){content}: {head} ({e(VERDICTS[verdict])}).</p>")
         imgs = f.get("images") or {}
         caps = {"centroid": "decoded centroid", "contrast": "contrast (members vs. matched others)",
                 "mask": "extracted mask", "grid": "exemplars"}

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from spurfast.confirm import (ConfirmConfig, apply_delta, confirm_findings, confirm_pattern, is_confirmed,
-                              mcnemar_one_sided, most_like_pattern, random_controls)
+from spurfast.confirm import (VERDICTS, ConfirmConfig, apply_delta, confirm_findings, confirm_pattern, confirm_verdict,
+                              is_confirmed, mcnemar_one_sided, most_like_pattern, random_controls)
 from spurfast.data.sources import ArraySource
 
 
@@ -118,7 +118,9 @@ def test_confirm_findings_clean_set_and_pool_default():
     clean = ArraySource(x, y, name="clean")
     f = [_finding([0, 1])]
     confirm_findings(f, CornerModel(), clean=clean)
-    assert set(f[0]["confirm"]) == {"flip_rate", "control_flip_rate", "p_value", "content_flip_rate", "content_p_value"}
+    assert set(f[0]["confirm"]) == {"flip_rate", "control_flip_rate", "p_value", "content_flip_rate", "content_p_value",
+                                    "verdict"}
+    assert f[0]["confirm"]["verdict"] == "confirmed"
     assert f[0]["confirm"]["content_flip_rate"] < 0.1 and f[0]["confirm"]["content_p_value"] < 1e-6
     assert f[0]["_confirm_detail"]["n_images"] == 150   # label 1 (the finding's class) excluded
     assert f[0]["confirm"]["flip_rate"] > 0.95
@@ -208,3 +210,30 @@ def test_most_like_pattern_keeps_the_top_fraction_by_projection():
     assert len(most_like_pattern(imgs, base[0], direction, mask, 1.0)) == 8
     with pytest.raises(ValueError, match="content_match"):
         ConfirmConfig(content_match=0.0)
+
+
+@pytest.mark.parametrize("cf, verdict", [
+    # beats both controls
+    ({"flip_rate": 0.5, "control_flip_rate": 0.0, "p_value": 0.001, "content_flip_rate": 0.1, "content_p_value": 0.01},
+     "confirmed"),
+    # no content control run: the random control alone decides
+    ({"flip_rate": 0.5, "control_flip_rate": 0.0, "p_value": 0.001}, "confirmed"),
+    ({"flip_rate": 0.5, "control_flip_rate": 0.4, "p_value": 0.2}, "not_specific"),
+    # the noise@1.0 model: random noise flips nearly as often, genuine content never
+    ({"flip_rate": 1.0, "control_flip_rate": 0.99, "p_value": 0.12, "content_flip_rate": 0.0, "content_p_value": 1e-30},
+     "not_specific"),
+    # a natural confusion: genuine class content moves the model more
+    ({"flip_rate": 0.4, "control_flip_rate": 0.01, "p_value": 1e-20, "content_flip_rate": 0.8, "content_p_value": 1.0},
+     "class_content"),
+    # significant against content but a lower flip rate is not "beating" it
+    ({"flip_rate": 0.4, "control_flip_rate": 0.01, "p_value": 1e-20, "content_flip_rate": 0.4, "content_p_value": 0.01},
+     "class_content"),
+    ({"flip_rate": 0.02, "control_flip_rate": 0.02, "p_value": 0.6, "content_flip_rate": 0.03, "content_p_value": 0.8},
+     "no_effect"),
+    ({"flip_rate": None, "control_flip_rate": None, "p_value": None}, None),
+    (None, None),
+])
+def test_confirm_verdict(cf, verdict):
+    assert confirm_verdict(cf) == verdict
+    assert is_confirmed(cf) == (verdict == "confirmed")
+    assert verdict is None or verdict in VERDICTS

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from spurfast.confirm import VERDICTS
 from spurfast.demo import run_demo
 from spurfast.discover import DiscoverConfig
 
@@ -47,4 +48,8 @@ def test_outputs_are_complete(digits_run):
         assert (out / f["images"][k]).is_file()
     html = (out / "report.html").read_text()
     assert "finding1_centroid.png" in html and "<script" not in html
+    # the report says why each finding is (not) confirmed, as findings.json and .csv do
+    verdicts = [g["confirm"]["verdict"] for g in doc["findings"] if g["confirm"]]
+    assert verdicts and all(v in VERDICTS and VERDICTS[v] in html for v in verdicts)
+    assert "confirm_verdict" in (out / "findings.csv").read_text().splitlines()[0]
     assert (out / "findings.csv").read_text().count("\n") == len(doc["findings"]) + 1
