@@ -47,7 +47,7 @@ import torch
 from .triton_env import INTERPRET as _INTERPRET
 from .triton_env import availability, tl, triton
 from . import reference as ref
-from .kmeans_cupy import DTYPES, assign_args, centroid_terms, split_centroids, tile_prefix
+from .group_layout import assign_args, centroid_terms, split_centroids, tile_prefix
 
 
 def is_available() -> tuple[bool, str]:
@@ -190,8 +190,8 @@ def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqno
     ok, why = is_available()
     if not ok:
         raise RuntimeError(f"the Triton k-means kernel cannot run here: {why}")
-    if x.dtype not in DTYPES:
-        raise ValueError(f"x has dtype {x.dtype}; expected one of {sorted(str(t) for t in DTYPES)}")
+    if x.dtype not in _TRITON_TYPES:
+        raise ValueError(f"x has dtype {x.dtype}; expected one of {sorted(str(t) for t in _TRITON_TYPES)}")
     if not x.is_cuda and not _INTERPRET:
         raise ValueError(f"x is on {x.device}; the Triton kernel needs CUDA tensors (use backend='torch')")
     x = x.contiguous()
@@ -204,7 +204,7 @@ def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqno
     c32 = c32.view(G * kmax, d)
     split = x.dtype != torch.float32
     # hi and lo halves in one (2, G*kmax, d) tensor: the kernel reaches lo at a fixed offset
-    c_in = torch.stack(split_centroids(c32, x.dtype, d)) if split else c32
+    c_in = split_centroids(c32, x.dtype, d) if split else c32
     precision = fp32_precision()
     shape = launch_shape(x.dtype, d, kmax, precision)
     tile_first = tile_prefix(offsets, shape["BLOCK_M"])

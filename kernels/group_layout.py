@@ -1,0 +1,81 @@
+"""The grouped (CSR) layout every GPU k-means launcher starts from.
+
+Points sorted by group with offsets (G + 1,), centroids (G, kmax, d) and k per group: the
+checks (one host synchronisation for all of them) and the derived tensors the CuPy
+(`kmeans_cupy`) and Triton (`kmeans_triton`) assign kernels share: the score terms of
+the centroids, the per-group tile prefix a block searches to find its group, and the
+hi/lo split of fp32 centroids for 16-bit tensor-core products.  Torch only: importing it
+needs neither cupy nor triton.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def check_offsets(offsets: torch.Tensor, N: int, device, k_per_group=None, kmax: int = 0):
+    """offsets on ``device`` as int64, checked to run 0..N; k_per_group (if given) checked
+    to lie in [0, kmax].  One host synchronisation for all checks."""
+    if not isinstance(offsets, torch.Tensor) or offsets.dim() != 1 or len(offsets) < 1:
+        raise ValueError(f"offsets must be a 1-D tensor (G + 1,), got "
+                         f"{tuple(offsets.shape) if isinstance(offsets, torch.Tensor) else type(offsets).__name__}")
+    offsets = offsets.to(device=device, dtype=torch.int64).contiguous()
+    probe = [offsets[0], offsets[-1]]
+    if k_per_group is not None and len(k_per_group):
+        probe += [k_per_group.min(), k_per_group.max()]
+    vals = [int(v) for v in torch.stack(probe).tolist()]
+    if vals[0] != 0 or vals[1] != N:
+        raise ValueError(f"offsets must run from 0 to N={N}, got {vals[0]}..{vals[1]}")
+    if len(vals) == 4 and (vals[2] < 0 or vals[3] > kmax):
+        raise ValueError(f"k_per_group has values in [{vals[2]}, {vals[3]}]; expected [0, kmax={kmax}]")
+    return offsets
+
+
+def assign_args(x: torch.Tensor, offsets, k_per_group, G: int, kmax: int):
+    """(offsets, k_per_group, assign, dist) every GPU assign launcher starts from: the
+    group layout checked and on x's device, and zeroed outputs."""
+    if len(k_per_group) != G:
+        raise ValueError(f"k_per_group has {len(k_per_group)} entries for {G} groups")
+    kpg = torch.as_tensor(k_per_group).to(device=x.device, dtype=torch.int64).contiguous()
+    offsets = check_offsets(offsets, x.shape[0], x.device, kpg, kmax)
+    assign = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    dist = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+    return offsets, kpg, assign, dist
+
+
+def centroid_terms(centroids: torch.Tensor, metric: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c, cterm), contiguous fp32 on ``device``: the centroids (unit rows for cosine) and
+    each one's score term (|c|^2 for L2, 0 for cosine), as every GPU assign kernel scores
+    s = cterm - 2 x.c (L2) or -x.c (cosine)."""
+    c = centroids.to(device=device, dtype=torch.float32)
+    if metric == "cosine":
+        c = torch.nn.functional.normalize(c, dim=-1)
+        cterm = torch.zeros(c.shape[:2], dtype=torch.float32, device=device)
+    else:
+        cterm = (c * c).sum(-1)
+    return c.contiguous(), cterm.contiguous()
+
+
+def tile_prefix(offsets: torch.Tensor, rows_per_tile: int) -> torch.Tensor:
+    """(G + 1,) first tile of each group when every group's rows are cut into tiles of
+    ``rows_per_tile`` (the last entry: the number of tiles); a GPU assign block or program
+    finds its group by searching it, so no host-built tile table is needed."""
+    sizes = offsets[1:] - offsets[:-1]
+    return exclusive_prefix(torch.div(sizes + (rows_per_tile - 1), rows_per_tile, rounding_mode="floor"))
+
+
+def exclusive_prefix(counts: torch.Tensor) -> torch.Tensor:
+    """Exclusive prefix sum with the total appended: (len + 1,) int64 on the same device."""
+    out = torch.zeros(len(counts) + 1, dtype=torch.int64, device=counts.device)
+    torch.cumsum(counts, 0, out=out[1:])
+    return out
+
+
+def split_centroids(c: torch.Tensor, dtype: torch.dtype, dp: int) -> torch.Tensor:
+    """fp32 rows (R, d) -> (2, R, dp) in ``dtype``, zero-padded: hi = [0] and lo = [1] with
+    c ~= hi + lo, so two 16-bit tensor-core products keep the scores near fp32 accuracy.
+    One buffer: a kernel that reads both reaches lo at a fixed offset, with no stacking copy."""
+    R, d = c.shape
+    out = torch.zeros(2, R, dp, dtype=dtype, device=c.device)
+    out[0, :, :d] = c.to(dtype)
+    out[1, :, :d] = (c - out[0, :, :d].float()).to(dtype)
+    return out

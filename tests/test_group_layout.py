@@ -1,0 +1,55 @@
+"""The grouped layout helpers the GPU assign launchers share (CPU: they are torch only)."""
+import pytest
+import torch
+
+from spurfast.kernels.group_layout import (assign_args, centroid_terms, check_offsets, exclusive_prefix,
+                                           split_centroids, tile_prefix)
+
+
+def test_tile_prefix_counts_partial_and_empty_groups():
+    # groups of 0, 1, 128, 129 and 300 rows cut into 128-row tiles: 0, 1, 1, 2, 3 tiles
+    offsets = exclusive_prefix(torch.tensor([0, 1, 128, 129, 300]))
+    assert offsets.tolist() == [0, 0, 1, 129, 258, 558]
+    assert tile_prefix(offsets, 128).tolist() == [0, 0, 1, 2, 4, 7]
+    assert tile_prefix(torch.zeros(1, dtype=torch.int64), 64).tolist() == [0]   # no groups
+
+
+def test_check_offsets_names_what_is_wrong():
+    ok = check_offsets(torch.tensor([0, 3, 5], dtype=torch.int32), 5, "cpu")
+    assert ok.dtype == torch.int64 and ok.tolist() == [0, 3, 5]
+    with pytest.raises(ValueError, match="from 0 to N=5, got 1..5"):
+        check_offsets(torch.tensor([1, 3, 5]), 5, "cpu")
+    with pytest.raises(ValueError, match="from 0 to N=6"):
+        check_offsets(torch.tensor([0, 3, 5]), 6, "cpu")
+    with pytest.raises(ValueError, match="1-D tensor"):
+        check_offsets([0, 5], 5, "cpu")
+    with pytest.raises(ValueError, match=r"k_per_group has values in \[1, 9\]; expected \[0, kmax=8\]"):
+        check_offsets(torch.tensor([0, 3, 5]), 5, "cpu", torch.tensor([1, 9]), 8)
+
+
+def test_assign_args_zeroed_outputs_and_group_count():
+    x = torch.zeros(5, 3)
+    off, kpg, assign, dist = assign_args(x, torch.tensor([0, 2, 5]), [2, 1], 2, 2)
+    assert kpg.dtype == torch.int64 and assign.shape == dist.shape == (5,)
+    assert not assign.any() and not dist.any() and assign.dtype == torch.int64 and dist.dtype == torch.float32
+    with pytest.raises(ValueError, match="3 entries for 2 groups"):
+        assign_args(x, torch.tensor([0, 2, 5]), [2, 1, 1], 2, 2)
+
+
+def test_centroid_terms_per_metric():
+    c = torch.tensor([[[3.0, 4.0], [0.0, 2.0]]], dtype=torch.float64)
+    c32, term = centroid_terms(c, "l2", "cpu")
+    assert c32.dtype == torch.float32 and term.tolist() == [[25.0, 4.0]]
+    unit, zero = centroid_terms(c, "cosine", "cpu")
+    assert torch.allclose(unit, torch.tensor([[[0.6, 0.8], [0.0, 1.0]]])) and not zero.any()
+
+
+@pytest.mark.parametrize("dtype, rel", [(torch.float16, 2.0 ** -21), (torch.bfloat16, 2.0 ** -15)], ids=str)
+def test_split_centroids_one_buffer(dtype, rel):
+    c = torch.randn(7, 5, generator=torch.Generator().manual_seed(1)) * 100
+    both = split_centroids(c, dtype, 8)
+    assert both.shape == (2, 7, 8) and both.dtype == dtype and both.is_contiguous()
+    hi, lo = both
+    assert not both[:, :, 5:].any(), "padding must be zero"
+    err = (hi[:, :5].float() + lo[:, :5].float() - c).abs()
+    assert float((err - rel * c.abs() - 2.0 ** -24).max()) <= 0
