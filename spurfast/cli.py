@@ -167,14 +167,14 @@ def cmd_make_pool(args):
 
 
 def cmd_evaluate(args):
-    from .evaluate import read_csv, run_evaluation, write_results
+    from .evaluate import run_evaluation
+    from .results_doc import keep_notes, read_csv, write_results
     if args.from_csv:
         csv_path = Path(args.from_csv)
         if not csv_path.is_file():
             raise FileNotFoundError(f"results CSV {csv_path} does not exist")
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        from .evaluate import _keep_notes
         previous = (out / "RESULTS.md").read_text() if (out / "RESULTS.md").is_file() else None
         tj = csv_path.with_name("timing.json")
         timing = json.loads(tj.read_text()) if tj.is_file() else None
@@ -183,7 +183,7 @@ def cmd_evaluate(args):
                            regenerated_by=f"spurfast evaluate --from-csv {csv_path} --out {out}",
                            wall_s=timing["wall_s"] if timing else None)
         if previous is not None:  # keep hand-written notes below the marker
-            md.write_text(_keep_notes(md.read_text(), None, previous))
+            md.write_text(keep_notes(md.read_text(), None, previous))
         print(f"wrote {md} from {len(read_csv(csv_path))} rows")
         return
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None

@@ -129,7 +129,7 @@ def test_pool_flip_rate_counts_unrelated_carriers_called_the_target():
 
 def test_overview_row_from_hand_made_rows():
     """Two seeds of one setting: means, the best baseline by AP, confirmed hits and recall."""
-    from spurfast.evaluate import _overview
+    from spurfast.results_doc import _overview
 
     def r(method, metric, value, feature="patch3", seed=0):
         return {"setting": "patch3-n100", "seed": seed, "method": method, "feature": feature, "metric": metric,
@@ -148,7 +148,7 @@ def test_overview_row_from_hand_made_rows():
 
 
 def test_ap_target_line_says_beats_ties_or_not():
-    from spurfast.evaluate import _targets
+    from spurfast.results_doc import _targets
 
     def rows_for(setting, ours, pixels):
         return [{"setting": setting, "seed": 0, "method": m, "feature": "noise@1", "metric": "ap", "value": v}
@@ -162,7 +162,7 @@ def test_ap_target_line_says_beats_ties_or_not():
 
 def test_sweep_plots_a_heat_map(tmp_path):
     """More than 8 (setting, pattern) pairs: one heat-map row per pair instead of bars."""
-    from spurfast.evaluate import _plots
+    from spurfast.results_doc import _plots
     rows = [{"setting": f"s{i}", "seed": seed, "method": m, "feature": "patch3", "metric": "ap", "value": v}
             for i in range(30) for seed in (0, 1) for m, v in (("spurfast", 0.9), ("pixels", 0.5))]
     lines = _plots(rows, [], tmp_path / "plots", tmp_path)
@@ -174,7 +174,7 @@ def test_sweep_plots_a_heat_map(tmp_path):
 
 def test_confirmation_table_counts_verdicts(tmp_path):
     """RESULTS.md's confirmation table counts each verdict from confirm.csv's numbers."""
-    from spurfast.evaluate import write_csv, write_results
+    from spurfast.results_doc import write_csv, write_results
     cols = ["setting", "seed", "method", "feature", "metric", "value"]
     write_csv(tmp_path / "results.csv", [{"setting": "s", "seed": 0, "method": "spurfast", "feature": "all",
                                           "metric": "false_findings@q0.05", "value": 3}], cols)
