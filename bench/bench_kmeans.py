@@ -25,7 +25,6 @@ Counted per iteration: FLOPs = 2 N k d (distances) + N d (sums); bytes = x read 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sys
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from .discover import DiscoverConfig
 from .models.classifier import save_classifier
-from .models.train import load_vae, save_vae, train_classifier, train_vae
+from .models.train import save_vae, train_classifier, train_vae
 from .pipeline import make_planted_data, prepare_output, run_discovery, sample_auroc
 from .plant import PatternSpec, apply_pattern
 from .report import write_report

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from . import distributed as dist
 from .data.builtin import find_fashion_mnist, load_digits, load_fashion_mnist
 from .data.sources import ArraySource, ImageSource
 from .discover import DiscoverConfig, characterise, discover, write_outputs
-from .embed import EmbeddingStore, embed_pool, fingerprint
+from .embed import fingerprint
 from .plant import PatternSpec, PlantTruth, plant_pool, plant_training
 from .report import write_report
 

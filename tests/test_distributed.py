@@ -150,7 +150,7 @@ def _small(n=50):
 
 
 def test_shards_resume_and_merge_into_the_one_process_store(tmp_path):
-    from spurfast.embed import EmbeddingStore, embed_pool, merge_shards, shard_dir
+    from spurfast.embed import embed_pool, merge_shards, shard_dir
     src, clf, vae = _small(53)
     kw = dict(num_classes=4, batch_size=8, progress=False)
     full = embed_pool(src, clf, vae, tmp_path / "one", **kw)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import TOLERANCES, assert_close
+from helpers import assert_close
 from spurfast import backends
 from spurfast.kernels import reference as ref
 from spurfast.models.vae import VAE, VAEConfig, vae_loss

@@ -48,7 +48,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 

@@ -6,7 +6,7 @@ PyTorch ground truth.  Every conv is kernel 4, stride 2, padding 1 (halves H and
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
