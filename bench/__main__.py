@@ -1,4 +1,4 @@
-"""python -m bench {encoder,kmeans,loader,e2e,plot,all} [--quick] [--csv PATH]"""
+"""python -m bench {encoder,kmeans,triton-shapes,loader,e2e,plot,all} [--quick] [--csv PATH]"""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,7 @@ import sys
 SUITES = {
     "encoder": "bench.bench_encoder",
     "kmeans": "bench.bench_kmeans",
+    "triton-shapes": "bench.bench_triton_shapes",   # GPU only
     "loader": "bench.bench_loader",
     "e2e": "bench.bench_e2e",
 }

@@ -4,7 +4,9 @@ python -m bench kmeans [--quick] [--device cpu|cuda]
 
 Providers
   cupy            the CUDA kernels (spurfast.kernels.kmeans_cupy), GPU only
-  triton          the Triton assign (spurfast.kernels.kmeans_triton), GPU only; assign rows
+  triton          the Triton assign (spurfast.kernels.kmeans_triton), GPU only; assign rows,
+                  one per arithmetic variant (TRITON_VARIANTS); vs flash-kmeans also as
+                  triton-fast (flash-kmeans' own arithmetic: one TF32 product, fp16 centroids)
   cpu             the fused CPU kernels (spurfast.kernels.kmeans_cpu, AVX2), CPU only; one
                   pass per step (kmeans_assign_update: x read once, not twice as counted below)
   torch           the reference (spurfast.kernels.reference), CPU and GPU
@@ -38,18 +40,33 @@ DIFF_ITERS = 5   # R in the differencing above
 
 
 @contextlib.contextmanager
-def _env(name: str, value: str):
-    """The environment variable ``name`` set to ``value`` inside the block (kernel-variant
-    switches the launchers read per call), restored after it."""
-    before = os.environ.get(name)
-    os.environ[name] = value
+def _env(**values: str):
+    """Environment variables set inside the block (kernel-variant switches the launchers
+    read per call), restored after it."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if before is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = before
+        for name, value in before.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
+# the Triton assign's arithmetic variants (`kmeans_triton.arithmetic`): name -> (dtype, env)
+TRITON_VARIANTS = {
+    "fp32": (torch.float32, {}),                                             # 3xTF32, about fp32
+    "fp32-ieee": (torch.float32, {"SPURFAST_TRITON_FP32_PRECISION": "ieee"}),  # FMA
+    "fp32-tf32": (torch.float32, {"SPURFAST_TRITON_FP32_PRECISION": "tf32"}),  # flash-kmeans' arithmetic
+    "fp16": (torch.float16, {}),                                             # hi + lo centroids
+    "fp16-single": (torch.float16, {"SPURFAST_TRITON_CENTROID_SPLIT": "0"}),  # flash-kmeans' arithmetic
+    "bf16": (torch.bfloat16, {}),
+    "bf16-single": (torch.bfloat16, {"SPURFAST_TRITON_CENTROID_SPLIT": "0"}),
+}
+# the defaults reset around each variant, whatever the caller's environment says
+_TRITON_DEFAULTS = {"SPURFAST_TRITON_FP32_PRECISION": "tf32x3", "SPURFAST_TRITON_CENTROID_SPLIT": "1"}
 
 
 def _log(msg: str) -> None:
@@ -230,11 +247,14 @@ def _flash_fit(x, off, k):
     return fit
 
 
-def _assign_vs_flash(writer, ours_by_name, x, off, cent, kpg, config, devname, reps):
-    """The assignment step alone, ours (each GPU kernel in ``ours_by_name``: name -> module
-    or None) vs flash-kmeans' Triton assign, fp32 and fp16 (the issue's GPU target is
-    stated on assignment).  Ours also writes each point's distance (N*4 more bytes);
-    flash-kmeans gets |x|^2 precomputed, as in its own fit loop."""
+def _assign_vs_flash(writer, kc, kt, x, off, cent, kpg, config, devname, reps):
+    """The assignment step alone, ours vs flash-kmeans' Triton assign, fp32 and fp16 (the
+    issue's GPU target is stated on assignment).  Ours: the CuPy kernel (``kc``) and the
+    Triton one (``kt``; either may be None), the Triton one both in its accurate default
+    and in flash-kmeans' own arithmetic (``triton-fast``: one TF32 product for fp32,
+    centroids rounded to fp16), which does a third / half of the tensor-core work.  Ours
+    also writes each point's distance (N*4 more bytes); flash-kmeans gets |x|^2
+    precomputed, as in its own fit loop."""
     try:
         from flash_kmeans.assign_euclid_triton import euclid_assign_triton
     except ImportError as exc:
@@ -255,11 +275,14 @@ def _assign_vs_flash(writer, ours_by_name, x, off, cent, kpg, config, devname, r
         cfg = dict(config, dtype=name)
         flops, nbytes = 2.0 * N * k * d, N * d * xs.element_size() + k * d * xs.element_size() + N * 4
         writer.add_timing("kmeans_assign", "flash-kmeans", cfg, theirs, devname, items=N, bytes_moved=nbytes, flops=flops)
-        for provider, mod in ours_by_name.items():
+        fast = TRITON_VARIANTS["fp32-tf32" if dt == torch.float32 else "fp16-single"][1]
+        ours_by_name = {"cupy": (kc, {}), "triton": (kt, _TRITON_DEFAULTS), "triton-fast": (kt, {**_TRITON_DEFAULTS, **fast})}
+        for provider, (mod, env) in ours_by_name.items():
             if mod is None:
                 continue
-            ours = measure(lambda: mod.kmeans_assign(xs, off, cs, kpg), device="cuda", reps=max(reps, 10))
-            agree = float((mod.kmeans_assign(xs, off, cs, kpg)[0].view(-1) == out.view(-1).long()).float().mean())
+            with _env(**env):
+                ours = measure(lambda: mod.kmeans_assign(xs, off, cs, kpg), device="cuda", reps=max(reps, 10))
+                agree = float((mod.kmeans_assign(xs, off, cs, kpg)[0].view(-1) == out.view(-1).long()).float().mean())
             writer.add_timing("kmeans_assign", provider, dict(cfg, vs="flash-kmeans"), ours, devname, items=N,
                               bytes_moved=nbytes + N * 8, flops=flops)
             ratio = ours["median_s"] / theirs["median_s"]
@@ -268,7 +291,7 @@ def _assign_vs_flash(writer, ours_by_name, x, off, cent, kpg, config, devname, r
             _log(f"assign {name} N={N} d={d} k={k}: {provider} {ours['median_s'] * 1e3:.3f} ms, flash-kmeans "
                  f"{theirs['median_s'] * 1e3:.3f} ms ({ratio:.2f}x), same assignment for {agree:.4f} of points")
             if provider == "cupy" and dt == torch.float16:   # the first tensor-core kernel, for the record
-                with _env("SPURFAST_KMEANS_TC2", "0"):
+                with _env(SPURFAST_KMEANS_TC2="0"):
                     v1 = measure(lambda: mod.kmeans_assign(xs, off, cs, kpg), device="cuda", reps=max(reps, 10))
                 writer.add_timing("kmeans_assign", "cupy-tc-v1", cfg, v1, devname, items=N,
                                   bytes_moved=nbytes + N * 8, flops=flops)
@@ -392,17 +415,18 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
                     _log(f"{name} skipped: not installed ({exc})")
                     continue
                 record(name, _diff_time(fit, "cpu", reps))
-        if kt is not None:   # the Triton assign, every dtype; fp32 both ways (3xTF32 default, FMA)
-            for dt, name, prec in ((torch.float32, "fp32", "tf32x3"), (torch.float32, "fp32-ieee", "ieee"),
-                                   (torch.float16, "fp16", "tf32x3"), (torch.bfloat16, "bf16", "tf32x3")):
+        if kt is not None:   # the Triton assign: every variant, or (quick: each compiles anew) one per dtype
+            for name, (dt, env) in TRITON_VARIANTS.items():
+                if quick and name not in ("fp32", "fp16", "bf16"):
+                    continue
                 xt = x.to(dt)
-                with _env("SPURFAST_TRITON_FP32_PRECISION", prec):
+                with _env(**{**_TRITON_DEFAULTS, **env}):
                     ast = measure(lambda: kt.kmeans_assign(xt, off, cent, kpg), device=dev, reps=reps)
                 writer.add_timing("kmeans_assign", "triton", dict(config, dtype=name), ast, devname, items=N,
                                   bytes_moved=N * d * xt.element_size() + G * k * d * 4 + N * 12,
                                   flops=2.0 * N * k * d)
         if (kc is not None or kt is not None) and G == 1 and cfg.get("side_by_side"):
-            _assign_vs_flash(writer, {"cupy": kc, "triton": kt}, x, off, cent, kpg, config, devname, reps)
+            _assign_vs_flash(writer, kc, kt, x, off, cent, kpg, config, devname, reps)
         if dev == "cuda" and N % G == 0:
             try:
                 fit = _flash_fit(x, off, k)

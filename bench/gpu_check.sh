@@ -2,7 +2,8 @@
 # One GPU check: build the fatbins, every GPU test, then the GPU benchmarks; results under
 # $OUT (or ./out/gpu_check).  On an H200 (2026-11-28): ~4.5 minutes for all steps.  Usage: bash bench/gpu_check.sh
 # Optional wheels in .whl/ (e.g. flash-kmeans, the k-means peer) are installed first.
-# SPURFAST_GPU_CHECK_STEPS="tests kmeans encoder e2e" picks steps (default: all);
+# SPURFAST_GPU_CHECK_STEPS="tests kmeans encoder e2e shapes" picks steps (default: all; shapes,
+# the Triton assign's launch-shape sweep, last: about 2 minutes, the first to drop when short);
 # SPURFAST_GPU_TESTS=<paths> narrows the GPU tests (default: tests).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +11,7 @@ OUT="${OUT:-out/gpu_check}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 SPURFAST_BENCH_CSV="$OUT/results.csv" SPURFAST_BENCH_DIR=/tmp/spurfast-bench
 PY="${PYTHON:-python3}"
-STEPS="${SPURFAST_GPU_CHECK_STEPS:-tests kmeans encoder e2e}"
+STEPS="${SPURFAST_GPU_CHECK_STEPS:-tests kmeans encoder e2e shapes}"
 LOG="$OUT/steps.log"
 step() { echo "[gpu_check] $(date +%T) +${SECONDS}s $*" | tee -a "$LOG"; }
 want() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -80,6 +81,11 @@ if want e2e; then
   timeout 120 $PY -m bench e2e --quick --device cuda > "$OUT/bench_e2e.log" 2>&1
   step "bench e2e rc=$?"
 fi
+if want shapes; then
+  step "bench triton-shapes"
+  timeout 150 $PY -m bench triton-shapes --quick --device cuda > "$OUT/bench_triton_shapes.log" 2>&1
+  step "bench triton-shapes rc=$?"
+fi
 step "done"
 # the short table (the device tool returns the end of the output)
 grep -h "skipped\|Error\|error\|img/s" "$OUT"/bench_*.log 2>/dev/null | tail -15
@@ -89,10 +95,12 @@ try:
     rows = list(csv.DictReader(open(sys.argv[1])))
 except OSError:
     sys.exit("no results.csv")
-keep = {"time_ratio", "same_assignment", "ratio", "e2e_images_per_s", "embed_images_per_s", "roofline_frac"}
+keep = {"time_ratio", "same_assignment", "ratio", "e2e_images_per_s", "embed_images_per_s", "roofline_frac",
+        "best_shape_speedup"}
 for r in rows:
     timing = r["metric"] == "median_s" and r["op"] in ("kmeans_assign", "kmeans_iter")
     enc = r["op"] == "encoder" and r["metric"] == "items_per_s" and "batch=256" in r["config"]
-    if r["metric"] in keep and r["op"] != "encoder" or timing or enc:
+    sweep = "shape=" in r["config"]   # the launch-shape sweep: its best_shape rows say enough
+    if (r["metric"] in keep and r["op"] != "encoder" or timing or enc) and not sweep:
         print(f'{r["op"][:13]:13s} {r["provider"][:20]:20s} {r["config"][:64]:64s} {r["metric"][:16]:16s} {float(r["value"]):.4g}')
 PY

@@ -24,7 +24,11 @@ Precision: fp32 points use three TF32 tensor-core products per tile (``"tf32x3"`
 fp32 accuracy; ``SPURFAST_TRITON_FP32_PRECISION=ieee`` asks for plain FMA).  fp16/bf16 points use
 the tensor cores with the fp32 centroids split into hi + lo parts in the points' dtype
 (c ~= hi + lo, the CUDA kernel's scheme): two products per tile, fp32 accumulation, so
-the scores stay near fp32 accuracy for the rounded points.
+the scores stay near fp32 accuracy for the rounded points.  Both accurate modes do 2-3x
+the tensor-core work of flash-kmeans, which rounds centroids to fp16 and multiplies fp32
+in one TF32 product; ``SPURFAST_TRITON_FP32_PRECISION=tf32`` and
+``SPURFAST_TRITON_CENTROID_SPLIT=0`` select that arithmetic (an argmin exact only up to the
+rounding of the operands), so the benchmark compares equal work too.
 
 Memory traffic per call (B = bytes per input element): x read from DRAM once (N d B;
 again per centroid tile and in the epilogue, from L1/L2), assign + dist written (12 bytes
@@ -151,32 +155,55 @@ def launch_shape(dtype: torch.dtype, d: int, kmax: int, precision: str = "tf32x3
 
 
 def fp32_precision() -> str:
-    """How fp32 points are multiplied: "tf32x3" (default: three TF32 tensor-core products,
-    a_hi b_hi + a_hi b_lo + a_lo b_hi, about fp32 accuracy) or "ieee" (plain FMA), from
-    SPURFAST_TRITON_FP32_PRECISION."""
+    """How fp32 points are multiplied, from SPURFAST_TRITON_FP32_PRECISION: "tf32x3"
+    (default: three TF32 tensor-core products, a_hi b_hi + a_hi b_lo + a_lo b_hi, about
+    fp32 accuracy), "ieee" (plain FMA) or "tf32" (one TF32 product, both operands rounded
+    to 10 mantissa bits: flash-kmeans' arithmetic, a third of the tensor-core work)."""
     value = os.environ.get("SPURFAST_TRITON_FP32_PRECISION", "tf32x3")
-    if value not in ("tf32x3", "ieee"):
-        raise ValueError(f"SPURFAST_TRITON_FP32_PRECISION must be 'tf32x3' or 'ieee', got {value!r}")
+    if value not in ("tf32x3", "ieee", "tf32"):
+        raise ValueError(f"SPURFAST_TRITON_FP32_PRECISION must be 'tf32x3', 'ieee' or 'tf32', got {value!r}")
     return value
+
+
+def centroid_split() -> bool:
+    """Whether 16-bit points meet fp32 centroids split into hi + lo (two products, scores
+    near fp32 accuracy; the default) or centroids rounded to the points' dtype (one
+    product: flash-kmeans' arithmetic, half the tensor-core work), from
+    SPURFAST_TRITON_CENTROID_SPLIT ("1" or "0")."""
+    value = os.environ.get("SPURFAST_TRITON_CENTROID_SPLIT", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"SPURFAST_TRITON_CENTROID_SPLIT must be '0' or '1', got {value!r}")
+    return value == "1"
+
+
+def arithmetic(dtype: torch.dtype, precision: str | None = None, split: bool | None = None) -> tuple[bool, str]:
+    """(split, dot input precision) for points of ``dtype``; None: from the environment
+    (`fp32_precision`, `centroid_split`).  16-bit operands take the default dot ("tf32"
+    only names it: the attribute applies to fp32 operands)."""
+    if dtype == torch.float32:
+        return False, fp32_precision() if precision is None else precision
+    return (centroid_split() if split is None else split), "tf32"
 
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def compile_for(capability: int, dtype: torch.dtype, d: int, kmax: int, metric: str = "l2",
-                precision: str = "tf32x3"):
+                precision: str = "tf32x3", shape: dict | None = None, split: bool = True):
     """Compile the kernel ahead of time for a GPU of this compute capability (e.g. 90),
-    with the launch shape ``kmeans_assign`` would use; needs no GPU (and not the
+    with ``shape`` or the launch shape ``kmeans_assign`` would use (``precision``: fp32
+    points; ``split``: 16-bit points, see `arithmetic`); needs no GPU (and not the
     interpreter).  Returns triton's CompiledKernel (``.asm["cubin"]``, ``.metadata``)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     elt = _TRITON_TYPES[dtype]
-    shape = launch_shape(dtype, d, kmax, precision)
+    split, precision = arithmetic(dtype, precision, split)
+    shape = _checked_shape(shape) if shape is not None else launch_shape(dtype, d, kmax, precision)
     sig = {"x_ptr": f"*{elt}", "c_ptr": f"*{elt}", "c32_ptr": "*fp32", "cterm_ptr": "*fp32", "off_ptr": "*i64",
            "kpg_ptr": "*i64", "tile_first_ptr": "*i64", "assign_ptr": "*i64", "dist_ptr": "*fp32", "G": "i32",
            "kmax": "i32", "d": "i32", "lo_off": "i64", "search_steps": "i32"}
-    const = dict(COSINE=metric == "cosine", SPLIT=dtype != torch.float32, FP32_PRECISION=precision,
+    const = dict(COSINE=metric == "cosine", SPLIT=split, FP32_PRECISION=precision,
                  BLOCK_M=shape["BLOCK_M"], BLOCK_N=shape["BLOCK_N"], BLOCK_D=shape["BLOCK_D"])
     sig.update({name: "constexpr" for name in const})
     return triton.compile(ASTSource(_assign_kernel, sig, const), target=GPUTarget("cuda", capability, 32),
@@ -186,7 +213,15 @@ def compile_for(capability: int, dtype: torch.dtype, d: int, kmax: int, metric: 
 def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqnorm=None):
     """See :func:`spurfast.kernels.reference.kmeans_assign` (x_sqnorm is accepted and not
     needed: each winner's distance is computed directly on chip)."""
+    return assign_with_shape(x, offsets, centroids, k_per_group, metric)
+
+
+def assign_with_shape(x, offsets, centroids, k_per_group, metric: str = "l2", shape: dict | None = None):
+    """`kmeans_assign` with an explicit launch shape (a `launch_shape`-style dict; None:
+    `launch_shape`'s choice).  For tuning: ``bench/bench_triton_shapes.py`` times the
+    `candidate_shapes` with it."""
     G, kmax = ref.check_assign_args(x, offsets, centroids, metric)
+    shape = _checked_shape(shape) if shape is not None else None
     ok, why = is_available()
     if not ok:
         raise RuntimeError(f"the Triton k-means kernel cannot run here: {why}")
@@ -202,11 +237,12 @@ def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqno
     cosine = metric == "cosine"
     c32, cterm = centroid_terms(centroids, metric, x.device)
     c32 = c32.view(G * kmax, d)
-    split = x.dtype != torch.float32
-    # hi and lo halves in one (2, G*kmax, d) tensor: the kernel reaches lo at a fixed offset
-    c_in = split_centroids(c32, x.dtype, d) if split else c32
-    precision = fp32_precision()
-    shape = launch_shape(x.dtype, d, kmax, precision)
+    split, precision = arithmetic(x.dtype)
+    if split:   # hi and lo halves in one (2, G*kmax, d) tensor: the kernel reaches lo at a fixed offset
+        c_in = split_centroids(c32, x.dtype, d)
+    else:       # fp32 points meet the fp32 centroids; 16-bit points meet them rounded to their dtype
+        c_in = c32 if x.dtype == torch.float32 else c32.to(x.dtype)
+    shape = shape or launch_shape(x.dtype, d, kmax, precision)
     tile_first = tile_prefix(offsets, shape["BLOCK_M"])
     grid = (triton.cdiv(N, shape["BLOCK_M"]) + G,)   # >= number of tiles; the spare ones do nothing
     with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
@@ -215,3 +251,46 @@ def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqno
                              COSINE=cosine, SPLIT=split, FP32_PRECISION=precision, **shape)
     return assign, dist
 
+
+_SHAPE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages")
+
+
+def _checked_shape(shape: dict) -> dict:
+    if set(shape) != set(_SHAPE_KEYS):
+        raise ValueError(f"launch shape needs exactly the keys {_SHAPE_KEYS}, got {sorted(shape)}")
+    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_D"):
+        v = shape[key]
+        if not isinstance(v, int) or v < 16 or v & (v - 1):
+            raise ValueError(f"launch shape {key}={v!r}: expected a power of two >= 16 (tl.dot tiles)")
+    return dict(shape)
+
+
+def candidate_shapes(dtype: torch.dtype, d: int, kmax: int, precision: str = "tf32x3",
+                     split: bool = True) -> list[dict]:
+    """Launch shapes worth timing on a GPU for this problem (`arithmetic` names the
+    variant), `launch_shape`'s choice first.  At the benchmark's problems (d = 128,
+    k = 1024; d = 64, k = 16) every one compiled for sm_90 with triton 3.8 without register
+    spills, for every dtype and variant (a test repeats it for the variants the benchmark
+    sweeps by default); wider tiles, 4-warp 128-row tiles and 16 warps (128 registers a
+    thread) spilled.  The GPU benchmark records spills again for the triton it runs on."""
+    base = launch_shape(dtype, d, kmax, precision)
+    if _INTERPRET:
+        return [base]
+    np2 = triton.next_power_of_2
+    bn = lambda n: min(n, max(16, np2(kmax)))   # noqa: E731  (no wider than the centroids)
+    bd = lambda n: min(n, max(16, np2(d)))      # noqa: E731
+    if dtype == torch.float32 and precision == "ieee":
+        alts = [(64, bn(32), 16, 4, 2), (32, bn(64), 16, 4, 2)]
+    elif dtype == torch.float32 and precision == "tf32":
+        alts = [(128, bn(128), 32, 8, 3), (128, bn(128), 32, 8, 4), (128, bn(64), 16, 8, 3)]
+    elif dtype == torch.float32:
+        alts = [(128, bn(128), 16, 8, 4), (128, bn(64), 16, 8, 3)]
+    else:
+        alts = [(128, bn(128), bd(32), 8, 4), (128, bn(128), bd(16), 8, 4), (128, bn(128), bd(16), 8, 3),
+                (128, bn(64), bd(32), 8, 3), (64, bn(64), bd(32), 4, 3), (64, bn(128), bd(16), 4, 3)]
+    out = [base]
+    for m, n, dd, w, st in alts:
+        shape = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=dd, num_warps=w, num_stages=st)
+        if shape not in out:
+            out.append(shape)
+    return out

@@ -128,8 +128,59 @@ def test_fp32_precision_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("SPURFAST_TRITON_FP32_PRECISION", "ieee")
     assert kt.fp32_precision() == "ieee"
     monkeypatch.setenv("SPURFAST_TRITON_FP32_PRECISION", "tf32")
-    with pytest.raises(ValueError, match="must be 'tf32x3' or 'ieee', got 'tf32'"):
+    assert kt.arithmetic(torch.float32) == (False, "tf32")
+    monkeypatch.setenv("SPURFAST_TRITON_FP32_PRECISION", "bf16x3")
+    with pytest.raises(ValueError, match="must be 'tf32x3', 'ieee' or 'tf32', got 'bf16x3'"):
         kt.fp32_precision()
+
+
+def test_centroid_split_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("SPURFAST_TRITON_CENTROID_SPLIT", raising=False)
+    assert kt.arithmetic(torch.float16) == (True, "tf32") and kt.arithmetic(torch.bfloat16)[0]
+    monkeypatch.setenv("SPURFAST_TRITON_CENTROID_SPLIT", "0")
+    assert kt.arithmetic(torch.float16) == (False, "tf32")
+    assert kt.arithmetic(torch.float32, "tf32x3") == (False, "tf32x3")   # fp32 points never split
+    monkeypatch.setenv("SPURFAST_TRITON_CENTROID_SPLIT", "no")
+    with pytest.raises(ValueError, match="must be '0' or '1', got 'no'"):
+        kt.centroid_split()
+
+
+# flash-kmeans' arithmetic: the operands rounded once (unit roundoff u of both together),
+# so centroid j's score is off by at most e_j = 2 u sum_i |x_i| |c_ji| (L2: the 2 of 2 x.c;
+# cosine: u sum_i |x_i| |c_hat_ji| / |x| in distance), and the chosen centroid's exact
+# distance exceeds the nearest one's by at most e_chosen + e_nearest
+FAST_MODES = [("fp32-tf32", torch.float32, {"SPURFAST_TRITON_FP32_PRECISION": "tf32"}, 2 * 2.0 ** -11),
+              ("fp16-single", torch.float16, {"SPURFAST_TRITON_CENTROID_SPLIT": "0"}, 2.0 ** -11),
+              ("bf16-single", torch.bfloat16, {"SPURFAST_TRITON_CENTROID_SPLIT": "0"}, 2.0 ** -8)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", FAST_MODES, ids=lambda m: m[0])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_flash_kmeans_arithmetic_is_nearest_up_to_operand_rounding(mode, metric, monkeypatch):
+    name, dtype, env, u = mode
+    if dtype == torch.bfloat16 and not HAS_CUDA:
+        pytest.skip("bf16 dots are wrong in the interpreter")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    x, off, cent, kpg = make_case([37, 0, 300, 64], 70, 40, seed=11, device=_device())
+    xq = x.to(dtype)
+    assign, dist = kt.kmeans_assign(xq, off, cent, kpg, metric)
+    D = exact_dists(xq.float(), off, cent, kpg, metric)
+    best, nearest = D.min(1)
+    chosen = D.gather(1, assign.unsqueeze(1)).squeeze(1)
+    xa = xq.double().abs()
+    c = torch.nn.functional.normalize(cent.double(), dim=-1) if metric == "cosine" else cent.double()
+    err = torch.zeros_like(D)
+    for g in range(len(off) - 1):
+        rows = slice(int(off[g]), int(off[g + 1]))
+        err[rows] = xa[rows] @ c[g].abs().T
+    err = err * (u / xq.double().norm(dim=1, keepdim=True).clamp_min(1e-12) if metric == "cosine" else 2 * u)
+    pick = lambda idx: err.gather(1, idx.unsqueeze(1)).squeeze(1)   # noqa: E731
+    slack = pick(assign) + pick(nearest) + 1e-5 * (1 + best.abs())
+    bad = (chosen > best + slack).nonzero().flatten()
+    assert len(bad) == 0, f"{name} {metric}: {len(bad)} of {len(x)} points beyond the rounding bound, first {bad[:5].tolist()}"
+    torch.testing.assert_close(dist, chosen.float(), rtol=1e-4, atol=1e-4)   # the epilogue uses fp32 centroids
 
 
 _COMPILE_SCRIPT = r"""
@@ -138,12 +189,12 @@ import torch, triton
 from spurfast.kernels import kmeans_triton as kt
 tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 out = []
-for cap, dtype, d, kmax, metric, precision in json.loads(sys.argv[1]):
-    ck = kt.compile_for(cap, getattr(torch, dtype), d, kmax, metric, precision)
+for cap, dtype, d, kmax, metric, precision, split in json.loads(sys.argv[1]):
+    ck = kt.compile_for(cap, getattr(torch, dtype), d, kmax, metric, precision, split=split)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(ck.asm["cubin"]); f.flush()
         usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    out.append([cap, dtype, d, kmax, metric, precision, "wgmma" in ck.asm["ptx"], usage])
+    out.append([cap, dtype, d, kmax, metric, precision, split, "wgmma" in ck.asm["ptx"], usage])
 print(json.dumps(out))
 """
 
@@ -162,20 +213,85 @@ def test_compiles_for_hopper_and_ampere_without_register_spills():
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                                        "cuobjdump")):
         pytest.skip("triton's bundled CUDA tools are missing")
-    jobs = [[90, dt, 128, 1024, m, "tf32x3"] for dt in ("float32", "float16", "bfloat16") for m in ("l2", "cosine")]
-    jobs += [[90, "float32", 128, 1024, m, "ieee"] for m in ("l2", "cosine")]
-    jobs += [[90, "float16", 16, 8, "l2", "tf32x3"], [90, "float32", 300, 10, "l2", "tf32x3"],
-             [80, "float16", 128, 1024, "l2", "tf32x3"], [80, "bfloat16", 64, 16, "cosine", "tf32x3"],
-             [80, "float32", 64, 16, "l2", "tf32x3"]]
+    jobs = [[90, dt, 128, 1024, m, "tf32x3", True] for dt in ("float32", "float16", "bfloat16") for m in ("l2", "cosine")]
+    jobs += [[90, "float32", 128, 1024, m, "ieee", True] for m in ("l2", "cosine")]
+    jobs += [[90, "float16", 16, 8, "l2", "tf32x3", True], [90, "float32", 300, 10, "l2", "tf32x3", True],
+             [80, "float16", 128, 1024, "l2", "tf32x3", True], [80, "bfloat16", 64, 16, "cosine", "tf32x3", True],
+             [80, "float32", 64, 16, "l2", "tf32x3", True]]
+    # flash-kmeans' arithmetic: one TF32 product, 16-bit centroids
+    jobs += [[90, "float32", 128, 1024, "l2", "tf32", True], [90, "float16", 128, 1024, "l2", "tf32x3", False],
+             [90, "bfloat16", 128, 1024, "cosine", "tf32x3", False]]
     env = dict(os.environ, TRITON_INTERPRET="0")
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(jobs)], capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for cap, dtype, d, kmax, metric, precision, wgmma, usage in json.loads(proc.stdout.strip().splitlines()[-1]):
-        name = f"sm_{cap} {dtype} ({precision}) d={d} k={kmax} {metric}"
+    for cap, dtype, d, kmax, metric, precision, split, wgmma, usage in json.loads(proc.stdout.strip().splitlines()[-1]):
+        name = f"sm_{cap} {dtype} ({precision}, split {split}) d={d} k={kmax} {metric}"
         assert "STACK:0" in usage, f"{name}: register spills: {usage.strip()}"
         if cap == 90:
-            assert wgmma == (dtype != "float32" or precision == "tf32x3"), f"{name}: wgmma in the PTX: {wgmma}"
+            assert wgmma == (dtype != "float32" or precision != "ieee"), f"{name}: wgmma in the PTX: {wgmma}"
+
+
+_CANDIDATES_SCRIPT = r"""
+import json, os, re, subprocess, sys, tempfile
+import torch, triton
+from spurfast.kernels import kmeans_triton as kt
+tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+out = []
+for dtype, precision, split, d, kmax in json.loads(sys.argv[1]):
+    for shape in kt.candidate_shapes(getattr(torch, dtype), d, kmax, precision, split):
+        ck = kt.compile_for(90, getattr(torch, dtype), d, kmax, "l2", precision, shape=shape, split=split)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(ck.asm["cubin"]); f.flush()
+            usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        out.append([dtype, precision, split, d, kmax, shape, re.search(r"STACK:(\d+)", usage).group(1)])
+print(json.dumps(out))
+"""
+
+
+def test_candidate_launch_shapes_compile_without_spills():
+    """The shapes `bench triton-shapes` times by default (`candidate_shapes`), compiled for
+    sm_90 at its two problems: none spills registers, and the first is `launch_shape`'s."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import triton
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                                       "cuobjdump")):
+        pytest.skip("triton's bundled CUDA tools are missing")
+    jobs = [["float16", "tf32x3", True, 128, 1024], ["float16", "tf32x3", False, 128, 1024],
+            ["float32", "tf32x3", True, 128, 1024], ["float32", "tf32", True, 128, 1024],
+            ["float16", "tf32x3", True, 64, 16]]
+    proc = subprocess.run([sys.executable, "-c", _CANDIDATES_SCRIPT, json.dumps(jobs)], capture_output=True,
+                          text=True, env=dict(os.environ, TRITON_INTERPRET="0"), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(rows) >= 3 * len(jobs)
+    spills = [r for r in rows if r[-1] != "0"]
+    assert not spills, f"candidate shapes that spill: {spills}"
+
+
+def test_explicit_launch_shape_is_checked():
+    x, off, cent, kpg = make_case([40], 8, 16, seed=0, device=_device())
+    with pytest.raises(ValueError, match="exactly the keys"):
+        kt.assign_with_shape(x, off, cent, kpg, "l2", {"BLOCK_M": 64})
+    bad = dict(kt.launch_shape(torch.float32, 16, 8), BLOCK_N=24)
+    with pytest.raises(ValueError, match="BLOCK_N=24: expected a power of two >= 16"):
+        kt.assign_with_shape(x, off, cent, kpg, "l2", bad)
+
+
+@needs_kernel
+def test_explicit_launch_shape_gives_the_same_assignment():
+    """Another tile shape walks the centroids and d in other chunks: same winners."""
+    x, off, cent, kpg = make_case([150, 0, 77], 40, 40, seed=5, device=_device())
+    a0, d0 = kt.kmeans_assign(x, off, cent, kpg)
+    shape = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=16, num_warps=4, num_stages=1)
+    a1, d1 = kt.assign_with_shape(x, off, cent, kpg, "l2", shape)
+    D = exact_dists(x, off, cent, kpg, "l2")
+    check_assign_near_optimal(a1, d1, D, torch.float32, "triton assign, explicit shape")
+    assert (a1 == a0).float().mean() > 0.99
 
 
 def test_registered_for_cuda_tensors_only_and_not_the_default():
