@@ -148,7 +148,7 @@ def test_dali_recovers_when_bad_files_get_past_the_precheck(bad_folder, monkeypa
     error (or probe), rebuild, and still deliver every good file."""
     paths, expected_bad = bad_folder
     monkeypatch.setattr(loader_dali, "_precheck", lambda *a, **k: {})
-    idx, images, ok, bad = _run("dali", paths, chunk_batches=2)
+    idx, images, ok, bad = _run("dali", paths, first_pipeline_batches=2)
     _check_outcome(paths, expected_bad, idx, images, ok, bad)
     _, ref, _, _ = _run("dali", paths)
     assert torch.equal(images, ref), "recovered run must give the same pixels as the pre-checked run"

@@ -96,7 +96,7 @@ def test_shards_are_disjoint_and_cover_everything_once(coded_folder, num_shards)
 
 def test_chunked_pipelines_give_the_same_stream(coded_folder):
     _, idx1, im1 = _all(_dali(coded_folder, batch_size=3, dtype=torch.uint8))
-    _, idx2, im2 = _all(_dali(coded_folder, batch_size=3, dtype=torch.uint8, chunk_batches=1))
+    _, idx2, im2 = _all(_dali(coded_folder, batch_size=3, dtype=torch.uint8, first_pipeline_batches=1))
     assert torch.equal(idx1, idx2) and torch.equal(im1, im2)
 
 

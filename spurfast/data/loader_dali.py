@@ -260,11 +260,11 @@ class _DaliStream:
     """Good samples of ``order`` in order, as (labels int64 array, images tensor) batches."""
 
     def __init__(self, paths, order, *, spec, batch_size, num_threads, device, dtype,
-                 hw_decoder_load, prefetch_queue_depth, chunk_batches, bad):
+                 hw_decoder_load, prefetch_queue_depth, first_pipeline_batches, bad):
         self.paths, self.order, self.spec = paths, order, spec
         self.batch_size, self.num_threads, self.device, self.dtype = batch_size, num_threads, device, dtype
         self.hw_decoder_load, self.depth = hw_decoder_load, prefetch_queue_depth
-        self.chunk = max(1, int(chunk_batches)) * batch_size
+        self.first_len = max(1, int(first_pipeline_batches)) * batch_size
         self.bad = bad
         self.rebuilds = 0
 
@@ -322,7 +322,7 @@ class _DaliStream:
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         B = self.batch_size
-        chunks = _pipeline_pieces(self.order, self.chunk)
+        chunks = _pipeline_pieces(self.order, self.first_len)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spurfast-precheck") as ex:
             fut = ex.submit(_precheck, self.paths, chunks[0], self.spec)
             for c, chunk in enumerate(chunks):
@@ -386,7 +386,7 @@ def iter_folder_batches(paths, *, size: int, channels: int = 3, batch_size: int 
                         start: int = 0, shard_id: int = 0, num_shards: int = 1,
                         num_threads: int = 2, indices=None, dtype=torch.float32,
                         device: str | None = None, hw_decoder_load: float = 0.65,
-                        prefetch_queue_depth: int = 2, chunk_batches: int = 16,
+                        prefetch_queue_depth: int = 2, first_pipeline_batches: int = 16,
                         bad_files: dict | None = None
                         ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Loader-op signature shared with the torch loader: yields (indices, images, ok).
@@ -395,7 +395,7 @@ def iter_folder_batches(paths, *, size: int, channels: int = 3, batch_size: int 
     order, ``batch_size`` per batch (the last may be smaller).  ``num_threads`` DALI CPU
     threads.  ``dtype``: uint8 (0..255) or float32/float16/bfloat16 in [0, 1].  ``device``:
     "cpu", "gpu"/"cuda" (mixed decoding; images on the current CUDA device) or None/"auto"
-    (GPU when torch sees one).  ``chunk_batches``: batches of the first pipeline; a second
+    (GPU when torch sees one).  ``first_pipeline_batches``: batches of the first pipeline; a second
     one decodes the rest (its files are checked while the first decodes).  Bad files: zero image, ok=False, reason in ``bad_files``."""
     spec = PreprocessSpec(size, channels)
     dtype = output_dtype(dtype)
@@ -414,7 +414,7 @@ def iter_folder_batches(paths, *, size: int, channels: int = 3, batch_size: int 
     bad: dict[int, str] = {}
     stream = iter(_DaliStream(paths, sel, spec=spec, batch_size=batch_size, num_threads=num_threads,
                               device=dev, dtype=dtype, hw_decoder_load=hw_decoder_load,
-                              prefetch_queue_depth=prefetch_queue_depth, chunk_batches=chunk_batches,
+                              prefetch_queue_depth=prefetch_queue_depth, first_pipeline_batches=first_pipeline_batches,
                               bad=bad))
     out_device = torch.device("cuda", torch.cuda.current_device()) if dev == "gpu" else torch.device("cpu")
     cur_lab, cur_img, pos = np.zeros(0, np.int64), None, 0
