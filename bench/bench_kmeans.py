@@ -268,7 +268,7 @@ def _assign_vs_flash(writer, kc, kt, x, off, cent, kpg, config, devname, reps):
         xsq = (xs.float() ** 2).sum(-1).view(1, N)
         out = torch.empty(1, N, dtype=torch.int32, device=x.device)
         try:
-            theirs = measure(lambda: euclid_assign_triton(xb, cb, xsq, out), device="cuda", reps=max(reps, 10))
+            theirs = measure(lambda: euclid_assign_triton(xb, cb, xsq, out), device=x.device.type, reps=max(reps, 10))
         except Exception as exc:  # API drift: say so, keep our rows
             _log(f"flash-kmeans assign skipped: {exc.__class__.__name__}: {exc}")
             return
@@ -281,7 +281,7 @@ def _assign_vs_flash(writer, kc, kt, x, off, cent, kpg, config, devname, reps):
             if mod is None:
                 continue
             with _env(**env):
-                ours = measure(lambda: mod.kmeans_assign(xs, off, cs, kpg), device="cuda", reps=max(reps, 10))
+                ours = measure(lambda: mod.kmeans_assign(xs, off, cs, kpg), device=x.device.type, reps=max(reps, 10))
                 agree = float((mod.kmeans_assign(xs, off, cs, kpg)[0].view(-1) == out.view(-1).long()).float().mean())
             writer.add_timing("kmeans_assign", provider, dict(cfg, vs="flash-kmeans"), ours, devname, items=N,
                               bytes_moved=nbytes + N * 8, flops=flops)
@@ -292,7 +292,7 @@ def _assign_vs_flash(writer, kc, kt, x, off, cent, kpg, config, devname, reps):
                  f"{theirs['median_s'] * 1e3:.3f} ms ({ratio:.2f}x), same assignment for {agree:.4f} of points")
             if provider == "cupy" and dt == torch.float16:   # the first tensor-core kernel, for the record
                 with _env(SPURFAST_KMEANS_TC2="0"):
-                    v1 = measure(lambda: mod.kmeans_assign(xs, off, cs, kpg), device="cuda", reps=max(reps, 10))
+                    v1 = measure(lambda: mod.kmeans_assign(xs, off, cs, kpg), device=x.device.type, reps=max(reps, 10))
                 writer.add_timing("kmeans_assign", "cupy-tc-v1", cfg, v1, devname, items=N,
                                   bytes_moved=nbytes + N * 8, flops=flops)
                 _log(f"assign fp16 N={N} d={d} k={k}: tensor-core v1 {v1['median_s'] * 1e3:.3f} ms, "
