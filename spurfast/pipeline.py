@@ -156,15 +156,20 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
 
 def rank_confirmed_first(result, out: Path) -> None:
     """Re-rank findings: confirmed ones (the pasted pattern moves the model beyond both
-    controls, `spurfast.confirm.is_confirmed`) first, each group by score.  Natural
-    confusions can out-score a shortcut; they do not survive the content control.
-    Image files and probe rankings follow their finding's new rank."""
-    from .confirm import is_confirmed
+    controls, `spurfast.confirm.confirm_verdict`) first, then ``not_specific`` ones (they
+    beat genuine class content but not random patterns: a model that reacts to any
+    corruption of that size, as one that learned "noise means class c" does), then the
+    rest; each group by score.  Natural confusions can out-score a shortcut; they do not
+    survive the content control.  Image files and probe rankings follow their finding's
+    new rank."""
+    from .confirm import confirm_verdict
 
+    tier = {"confirmed": 0, "not_specific": 1}
     for f in result.findings:
-        f["confirmed"] = is_confirmed(f.get("confirm"))
+        f["confirmed"] = confirm_verdict(f.get("confirm")) == "confirmed"
     old = [f["rank"] for f in result.findings]
-    order = sorted(range(len(old)), key=lambda i: (not result.findings[i]["confirmed"], old[i]))
+    order = sorted(range(len(old)), key=lambda i: (tier.get(confirm_verdict(result.findings[i].get("confirm")), 2),
+                                                   old[i]))
     if order == list(range(len(old))):
         return
     findings = [result.findings[i] for i in order]

@@ -23,3 +23,16 @@ def test_confirmed_findings_move_first_with_their_files(tmp_path):
     assert [float(res.rankings[r][0]) for r in (1, 2, 3)] == [2.0, 1.0, 3.0]
     assert [(tmp_path / f["images"]["mask"]).read_text() for f in res.findings] == ["mask of 2", "mask of 1", "mask of 3"]
     assert res.findings[0]["images"]["mask"] == "images/finding1_mask.png"
+
+
+def test_not_specific_findings_come_after_confirmed_and_before_the_rest(tmp_path):
+    """A finding that beats genuine class content but not random patterns (the model
+    reacts to any corruption of that size) ranks above one genuine content explains."""
+    fs = [_finding(1, False, tmp_path), _finding(2, False, tmp_path), _finding(3, True, tmp_path)]
+    fs[1]["confirm"] = {"flip_rate": 1.0, "control_flip_rate": 0.99, "p_value": 0.12, "content_flip_rate": 0.0,
+                        "content_p_value": 1e-30}
+    res = DiscoveryResult(fs, [], {1: np.array([1.0]), 2: np.array([2.0]), 3: np.array([3.0])}, {}, {})
+    rank_confirmed_first(res, tmp_path)
+    assert [float(res.rankings[r][0]) for r in (1, 2, 3)] == [3.0, 2.0, 1.0]
+    assert [f["confirmed"] for f in res.findings] == [True, False, False]
+    assert [(tmp_path / f["images"]["mask"]).read_text() for f in res.findings] == ["mask of 3", "mask of 2", "mask of 1"]
