@@ -92,12 +92,20 @@ def _grid_full() -> list[Setting]:
     out.append(Setting("patch3-nall", (Plant("patch3", 3, "all"),)))
     out.append(Setting("noise@1-nall", (Plant("noise", 3, "all", 1.0),)))
     out += _multi_and_controls("100")
+    # the same three patterns on 1000 images each: does the method find several patterns at
+    # once when the model has learned them (at n = 100 it hardly has)?
+    out.append(Setting("multi3-n1000", _multi("1000")))
     out.append(Setting("digits-pool-noise@1-n100", (Plant("noise", 3, "100", 1.0),), pool="digits"))
     return out
 
 
+def _multi(n: str) -> tuple[Plant, ...]:
+    """Three patterns in three classes at once."""
+    return (Plant("patch3", 3, n), Plant("bar", 7, n), Plant("noise", 9, n, 0.5))
+
+
 def _multi_and_controls(n: str) -> list[Setting]:
-    multi = (Plant("patch3", 3, n), Plant("bar", 7, n), Plant("noise", 9, n, 0.5))
+    multi = _multi(n)
     return [Setting(f"multi3-n{n}", multi),
             Setting("clean-model", (Plant("patch3", 3, n),), clean_model=True),
             Setting(f"digits-pool-patch3-n{n}", (Plant("patch3", 3, n),), pool="digits")]
@@ -391,7 +399,8 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
                                            "control_flip_rate", "p_value", "content_flip_rate", "content_p_value",
                                            "confirmed", "pool_pattern"])
     cmd = f"spurfast evaluate --preset {preset} --out {out}" + (f" --only '{only}'" if only else "") + \
-          (f" --seeds {','.join(map(str, seeds))}" if seeds != tuple(p["seeds"]) else "")
+          (f" --seeds {','.join(map(str, seeds))}" if seeds != tuple(p["seeds"]) else "") + \
+          (f" --cache {cache}" if cache != out / "cache" else "")
     timing = {"wall_s": time.time() - t0, "cpu_s": time.process_time() - c0, "load_at_start": load0,
               "load_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
               "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "command": cmd}
