@@ -64,6 +64,7 @@ class Setting:
     plants: tuple[Plant, ...]
     pool: str = "fashion-mnist"     # or "digits" (cross-dataset)
     clean_model: bool = False       # train on clean data (pool still carries the patterns)
+    stamp_pool: bool = True         # False: no pool image carries a pattern (natural data only)
 
 
 @dataclass
@@ -108,6 +109,8 @@ def _multi_and_controls(n: str) -> list[Setting]:
     multi = _multi(n)
     return [Setting(f"multi3-n{n}", multi),
             Setting("clean-model", (Plant("patch3", 3, n),), clean_model=True),
+            # the same model on the same pool with no stamped image: false findings on natural data
+            Setting("clean-model-clean-pool", (Plant("patch3", 3, n),), clean_model=True, stamp_pool=False),
             Setting(f"digits-pool-patch3-n{n}", (Plant("patch3", 3, n),), pool="digits")]
 
 
@@ -127,6 +130,15 @@ PRESETS = {
                  sizes=Sizes(n_train=100, n_suspect=200, pool_max=700, n_clean=300, pool_fraction=0.15,
                              classifier_epochs=8, vae_epochs=15, n_null=20, k=8, confirm_images=150)),
 }
+
+
+def _setting_key(setting: Setting) -> dict:
+    """The setting as its cache keys see it.  Fields added after runs were cached stay out
+    at their defaults, so those runs keep their keys."""
+    d = asdict(setting)
+    if d["stamp_pool"]:
+        del d["stamp_pool"]
+    return d
 
 
 def _key(obj) -> str:
@@ -205,6 +217,8 @@ def build_data(setting: Setting, seed: int, sizes: Sizes) -> RunData:
     order = rng.permutation(len(xu))
     per = int(round(sizes.pool_fraction * len(xu))) if len(specs) == 1 else \
         int(round(sizes.pool_fraction * len(xu) / len(specs)))
+    if not setting.stamp_pool:
+        per = 0
     carries_u = []
     for i, spec in enumerate(specs):
         sel = np.sort(order[i * per:(i + 1) * per])
@@ -223,7 +237,8 @@ def build_data(setting: Setting, seed: int, sizes: Sizes) -> RunData:
         mask = fixed_mask(spec, xtr.shape[1:]).numpy() if spec.family != "background" else None
         feats.append(Feature(p.target_class, carries, mask, p.label))
     pool_key = _key({"pool": setting.pool, "specs": [s.to_dict() for s in specs], "seed": seed, "targets": sorted(targets),
-                     "sizes": [sizes.pool_max, sizes.pool_fraction, sizes.n_train]})
+                     "sizes": [sizes.pool_max, sizes.pool_fraction, sizes.n_train],
+                     **({} if setting.stamp_pool else {"stamped": False})})
     train_key = _key({"train": train_kind, "plants": [asdict(p) for p in setting.plants], "clean": setting.clean_model,
                       "seed": seed, "n_train": sizes.n_train, "epochs": sizes.classifier_epochs})
     return RunData(ArraySource(xtr_p, ytr, class_names=names, name="eval-train"),
@@ -286,7 +301,8 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
     from .demo import spurious_score
     from .embed import embed_pool
 
-    run_key = _key({"setting": asdict(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods), "v": 8})
+    run_key = _key({"setting": _setting_key(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods),
+                    "v": 8})
     rdir = cache / "runs"
     rdir.mkdir(parents=True, exist_ok=True)
     rfile = rdir / f"{setting.name}-s{seed}-{run_key}.json"

@@ -220,16 +220,17 @@ def _targets(rows, settings) -> list[str]:
         r = vals(f"^{re.escape(s)}$", "spurfast+confirm", "recall@q0.1")
         if r:
             L.append(f"- three patterns `{s}`, spurfast+confirm: recall at q=0.1 per seed {[round(x, 2) for x in r]}")
-    for m in ("spurfast", "spurfast+confirm"):
-        ff = vals("^clean-model$", m, "false_findings@q0.05")
-        if ff:
-            fp = vals("^clean-model$", m, "false_on_pool_pattern@q0.05")
-            why = (f" ({int(sum(fp))} of them with members mostly carrying the pool's stamped pattern: the clean "
-                   f"model's own reaction to it)") if fp and sum(fp) else ""
-            L.append(f"- clean model, {m}: {int(sum(ff))} false findings at q = 0.05 over {len(ff)} seeds{why} -> "
-                     f"target (<= 1) {'met' if sum(ff) <= 1 else 'NOT met'}")
+    for s, label in (("clean-model", "clean model"), ("clean-model-clean-pool", "clean model, unstamped pool")):
+        for m in ("spurfast", "spurfast+confirm"):
+            ff = vals(f"^{re.escape(s)}$", m, "false_findings@q0.05")
+            if ff:
+                fp = vals(f"^{re.escape(s)}$", m, "false_on_pool_pattern@q0.05")
+                why = (f" ({int(sum(fp))} of them with members mostly carrying the pool's stamped pattern: the clean "
+                       f"model's own reaction to it)") if fp and sum(fp) else ""
+                L.append(f"- {label}, {m}: {int(sum(ff))} false findings at q = 0.05 over {len(ff)} seeds{why} -> "
+                         f"target (<= 1) {'met' if sum(ff) <= 1 else 'NOT met'}")
     for s in settings:
-        if s == "clean-model":
+        if s.startswith("clean-model"):
             continue
         feats = dict.fromkeys(r["feature"] for r in rows if r["setting"] == s and r["metric"] == "ap")
         for f in feats:
