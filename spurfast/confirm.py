@@ -25,7 +25,9 @@ random class images dilute, and which the class's own nearest images reproduce; 
 (a corner patch) is carried by no genuine class image, however they are chosen.  Its flip
 rate and McNemar p-value are reported as ``content_flip_rate`` and ``content_p_value``
 (additive keys of the ``confirm`` object); a finding is *confirmed* when it beats both
-controls.  The ``verdict`` key says which control it failed (`confirm_verdict`): a finding
+controls, and its Benjamini-Hochberg ``q_value`` over the run's findings (from the larger
+of its two p-values: it must beat both) is within the level too: a run with 40 findings
+would otherwise confirm about two natural confusions by chance.  The ``verdict`` key says which control it failed (`confirm_verdict`): a finding
 that beats genuine class content but not random patterns is ``not_specific``.  That is what
 a model that learned "noise means class c" shows: random noise of the same area is the
 shortcut too, and so, measured on the noise@1.0 model trained on the whole class, are smooth
@@ -46,6 +48,7 @@ import torch
 from scipy.stats import binom
 
 from .data.sources import ImageSource
+from .scoring import bh_qvalues
 
 log = logging.getLogger("spurfast.confirm")
 
@@ -121,6 +124,8 @@ def _prob(model, x: torch.Tensor, cls: int, device: str, batch_size: int) -> np.
 
 VERDICTS = {
     "confirmed": "the pattern moves the model more than both controls: a confirmed shortcut",
+    "weak": "the pattern beats both controls, but not once the run's number of findings is accounted "
+            "for (Benjamini-Hochberg over the run's confirmations)",
     "not_specific": "random patterns of the same area and intensity move the model about as often: it reacts "
                     "to any perturbation of this size here (e.g. a noise texture), which this test cannot tell "
                     "from the pattern",
@@ -130,17 +135,37 @@ VERDICTS = {
 }
 
 
-def confirm_verdict(cf: dict | None, level: float = 0.05) -> str | None:
-    """Why a finding is or is not confirmed: a key of `VERDICTS`, or None when confirmation
-    did not run.  "Beats" a control = significantly more flips (McNemar p <= level) and a
-    higher flip rate; the content control counts only where it was run."""
-    if not cf or cf.get("flip_rate") is None:
-        return None
+def _beats(cf: dict, level: float) -> tuple[bool, bool]:
+    """(beats the random control, beats the content control or it was not run): more
+    flips, significantly (McNemar p <= level)."""
     random_ok = cf["p_value"] <= level and cf["flip_rate"] > cf["control_flip_rate"]
     content_ok = cf.get("content_p_value") is None or (
         cf["content_p_value"] <= level and cf["flip_rate"] > cf["content_flip_rate"])
+    return random_ok, content_ok
+
+
+def joint_p_value(cf: dict | None) -> float:
+    """One p-value for "beats both controls" (an intersection-union test: the larger of
+    the two McNemar p-values), 1 where the flip rate does not exceed both controls' or
+    confirmation did not run."""
+    if not cf or cf.get("flip_rate") is None:
+        return 1.0
+    ok = cf["flip_rate"] > cf["control_flip_rate"] and (
+        cf.get("content_p_value") is None or cf["flip_rate"] > cf["content_flip_rate"])
+    return max(cf["p_value"], cf.get("content_p_value") or 0.0) if ok else 1.0
+
+
+def confirm_verdict(cf: dict | None, level: float = 0.05) -> str | None:
+    """Why a finding is or is not confirmed: a key of `VERDICTS`, or None when confirmation
+    did not run.  "Beats" a control = significantly more flips (McNemar p <= level) and a
+    higher flip rate; the content control counts only where it was run.  Where the run
+    adjusted its confirmations for multiplicity (``q_value``, `confirm_findings`), beating
+    both also needs q_value <= level."""
+    if not cf or cf.get("flip_rate") is None:
+        return None
+    random_ok, content_ok = _beats(cf, level)
     if random_ok and content_ok:
-        return "confirmed"
+        return "confirmed" if cf.get("q_value") is None or cf["q_value"] <= level else "weak"
     if random_ok:
         return "class_content"
     return "not_specific" if content_ok else "no_effect"
@@ -148,7 +173,9 @@ def confirm_verdict(cf: dict | None, level: float = 0.05) -> str | None:
 
 def is_confirmed(cf: dict | None, level: float = 0.05) -> bool:
     """A finding is confirmed when its pattern flips significantly (p <= level) more clean
-    images than the random control and, where it was run, the content control."""
+    images than the random control and, where it was run, the content control, and (where
+    the run computed it) its Benjamini-Hochberg q-value over the run's confirmations is
+    <= level too."""
     return confirm_verdict(cf, level) == "confirmed"
 
 
@@ -301,7 +328,15 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
             continue
         f["confirm"] = {k: cf[k] for k in ("flip_rate", "control_flip_rate", "p_value", "content_flip_rate",
                                            "content_p_value") if k in cf}
-        f["confirm"]["verdict"] = confirm_verdict(f["confirm"])
-        log.info("finding %s (class %d): flip %.3f vs control %.3f, p=%.3g: %s", f.get("rank"), c,
-                 cf["flip_rate"], cf["control_flip_rate"], cf["p_value"], f["confirm"]["verdict"])
+    # one test per finding: Benjamini-Hochberg over the run's findings, as discovery does
+    # over clusters, so a run with many findings does not confirm some by chance
+    tested = [f for f in findings if f.get("confirm")]
+    if tested:
+        for f, q in zip(tested, bh_qvalues(np.array([joint_p_value(f["confirm"]) for f in tested]))):
+            f["confirm"]["q_value"] = float(q)
+            f["confirm"]["verdict"] = confirm_verdict(f["confirm"])
+            cf = f["confirm"]
+            log.info("finding %s (class %d): flip %.3f vs control %.3f, p=%.3g, q=%.3g: %s", f.get("rank"),
+                     int(f["class"]), cf["flip_rate"], cf["control_flip_rate"], cf["p_value"], cf["q_value"],
+                     cf["verdict"])
     return findings

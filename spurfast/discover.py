@@ -241,13 +241,13 @@ def write_outputs(result: DiscoveryResult, out_dir: Path, extra_config: dict | N
     with open(out_dir / "findings.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["rank", "class", "class_name", "cluster", "size", "score", "p_value", "q_value",
-                    "n_unrelated", "n_suspect", "flip_rate", "control_flip_rate", "confirm_p_value", "confirm_verdict"])
+                    "n_unrelated", "n_suspect", "flip_rate", "control_flip_rate", "confirm_p_value", "confirm_q_value", "confirm_verdict"])
         for f in doc["findings"]:
             cf = f.get("confirm") or {}
             w.writerow([f["rank"], f["class"], f["class_name"] or "", f["cluster"], f["size"], f"{f['score']:.4g}",
                         f"{f['p_value']:.4g}", f"{f['q_value']:.4g}", f.get("n_unrelated", ""), f.get("n_suspect", ""),
                         cf.get("flip_rate", ""), cf.get("control_flip_rate", ""), cf.get("p_value", ""),
-                        cf.get("verdict", "")])
+                        cf.get("q_value", ""), cf.get("verdict", "")])
     with open(out_dir / "clusters.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["class", "cluster", "size", "n_unrelated", "n_suspect", "score", "p_value", "q_value"])

@@ -302,7 +302,7 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
     from .embed import embed_pool
 
     run_key = _key({"setting": _setting_key(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods),
-                    "v": 8})
+                    "v": 9})   # 9: confirmations adjusted by Benjamini-Hochberg over the run
     rdir = cache / "runs"
     rdir.mkdir(parents=True, exist_ok=True)
     rfile = rdir / f"{setting.name}-s{seed}-{run_key}.json"
@@ -350,7 +350,7 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
                          "true_finding": int(true), "flip_rate": cf.get("flip_rate"),
                          "control_flip_rate": cf.get("control_flip_rate"), "p_value": cf.get("p_value"),
                          "content_flip_rate": cf.get("content_flip_rate"), "content_p_value": cf.get("content_p_value"),
-                         "confirmed": int(confirmed(c["confirm"])),
+                         "confirm_q_value": cf.get("q_value"), "confirmed": int(confirmed(c["confirm"])),
                          # the pool pattern most members carry, if any (a true finding's, or the
                          # model reacting to a pool pattern in another class)
                          "pool_pattern": next((f.name for f in data.features if carried_by(c, [f])), "")})
@@ -413,7 +413,7 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
     write_csv(out / "results.csv", rows, ["preset", "setting", "seed", "method", "feature", "metric", "value"])
     write_csv(out / "confirm.csv", crows, ["setting", "seed", "rank", "class", "q_value", "true_finding", "flip_rate",
                                            "control_flip_rate", "p_value", "content_flip_rate", "content_p_value",
-                                           "confirmed", "pool_pattern"])
+                                           "confirm_q_value", "confirmed", "pool_pattern"])
     cmd = f"spurfast evaluate --preset {preset} --out {out}" + (f" --only '{only}'" if only else "") + \
           (f" --seeds {','.join(map(str, seeds))}" if seeds != tuple(p["seeds"]) else "") + \
           (f" --cache {cache}" if cache != out / "cache" else "")

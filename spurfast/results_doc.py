@@ -112,12 +112,13 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
             L += ["| method | " + " | ".join(gm) + " |", "|" + "---|" * (len(gm) + 1)] + tab + [""]
     if crows:
         L += ["## Confirmation (every spurfast finding at q <= 0.1)", "",
-              "Verdicts (`spurfast.confirm.VERDICTS`): *confirmed* beats both controls; *class content*: genuine "
-              "class content in the same place moves the model as much; *not specific*: random patterns of the same "
-              "area and intensity move it as much; *no effect*: neither.", "",
-              "| setting | findings | kind | mean flip rate | mean random-control flip rate | mean content-control flip rate "
-              "| confirmed | class content | not specific | no effect |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "Verdicts (`spurfast.confirm.VERDICTS`): *confirmed* beats both controls (and, where the run adjusted "
+              "for its number of findings, its Benjamini-Hochberg q-value is <= 0.05); *weak*: beats both, not after "
+              "that adjustment; *class content*: genuine class content in the same place moves the model as much; "
+              "*not specific*: random patterns of the same area and intensity move it as much; *no effect*: neither.",
+              "", "| setting | findings | kind | mean flip rate | mean random-control flip rate | mean content-control "
+              "flip rate | confirmed | weak | class content | not specific | no effect |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in dict.fromkeys(c["setting"] for c in crows):
             for kind, lab in (("1", "true"), ("0", "false")):
                 cs = [c for c in crows if c["setting"] == s and c["true_finding"] == kind and c["flip_rate"] != ""]
@@ -129,7 +130,8 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
                 verdicts = [confirm_verdict(_confirm_of(c)) for c in cs]
                 L.append(f"| {s} | {len(cs)} | {lab} | {np.mean(fl):.3f} | {np.mean(co):.3f} | "
                          f"{np.mean(ct) if ct else float('nan'):.3f} | "
-                         + " | ".join(str(verdicts.count(v)) for v in ("confirmed", "class_content", "not_specific", "no_effect"))
+                         + " | ".join(str(verdicts.count(v))
+                                      for v in ("confirmed", "weak", "class_content", "not_specific", "no_effect"))
                          + " |")
         L.append("")
     L += _targets(rows, settings)
@@ -146,8 +148,9 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
 
 def _confirm_of(crow: dict) -> dict:
     """The ``confirm`` object of one confirm.csv row (numbers back from text; blanks: not run)."""
-    keys = ("flip_rate", "control_flip_rate", "p_value", "content_flip_rate", "content_p_value")
-    return {k: float(crow[k]) for k in keys if crow.get(k, "") not in ("", None)}
+    keys = {"flip_rate": "flip_rate", "control_flip_rate": "control_flip_rate", "p_value": "p_value",
+            "content_flip_rate": "content_flip_rate", "content_p_value": "content_p_value", "q_value": "confirm_q_value"}
+    return {k: float(crow[col]) for k, col in keys.items() if crow.get(col, "") not in ("", None)}
 
 
 def _best_baseline(ap: dict) -> tuple[str | None, float]:

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from spurfast.confirm import (VERDICTS, ConfirmConfig, apply_delta, confirm_findings, confirm_pattern, confirm_verdict,
-                              is_confirmed, mcnemar_one_sided, most_like_pattern, random_controls)
+                              is_confirmed, joint_p_value, mcnemar_one_sided, most_like_pattern, random_controls)
+from spurfast.scoring import bh_qvalues
 from spurfast.data.sources import ArraySource
 
 
@@ -119,7 +120,7 @@ def test_confirm_findings_clean_set_and_pool_default():
     f = [_finding([0, 1])]
     confirm_findings(f, CornerModel(), clean=clean)
     assert set(f[0]["confirm"]) == {"flip_rate", "control_flip_rate", "p_value", "content_flip_rate", "content_p_value",
-                                    "verdict"}
+                                    "q_value", "verdict"}
     assert f[0]["confirm"]["verdict"] == "confirmed"
     assert f[0]["confirm"]["content_flip_rate"] < 0.1 and f[0]["confirm"]["content_p_value"] < 1e-6
     assert f[0]["_confirm_detail"]["n_images"] == 150   # label 1 (the finding's class) excluded
@@ -230,6 +231,11 @@ def test_most_like_pattern_keeps_the_top_fraction_by_projection():
      "class_content"),
     ({"flip_rate": 0.02, "control_flip_rate": 0.02, "p_value": 0.6, "content_flip_rate": 0.03, "content_p_value": 0.8},
      "no_effect"),
+    # beats both at 0.05, but not after Benjamini-Hochberg over the run's findings
+    ({"flip_rate": 0.3, "control_flip_rate": 0.1, "p_value": 0.01, "content_flip_rate": 0.2, "content_p_value": 0.03,
+      "q_value": 0.09}, "weak"),
+    ({"flip_rate": 0.3, "control_flip_rate": 0.1, "p_value": 0.01, "content_flip_rate": 0.2, "content_p_value": 0.03,
+      "q_value": 0.03}, "confirmed"),
     ({"flip_rate": None, "control_flip_rate": None, "p_value": None}, None),
     (None, None),
 ])
@@ -237,3 +243,30 @@ def test_confirm_verdict(cf, verdict):
     assert confirm_verdict(cf) == verdict
     assert is_confirmed(cf) == (verdict == "confirmed")
     assert verdict is None or verdict in VERDICTS
+
+
+def test_joint_p_value_is_the_larger_when_both_are_beaten():
+    cf = {"flip_rate": 0.5, "control_flip_rate": 0.1, "p_value": 1e-6, "content_flip_rate": 0.2, "content_p_value": 0.01}
+    assert joint_p_value(cf) == 0.01
+    assert joint_p_value(dict(cf, content_flip_rate=0.6)) == 1.0     # content moves the model more
+    assert joint_p_value(dict(cf, control_flip_rate=0.5)) == 1.0     # no more flips than random patterns
+    assert joint_p_value({"flip_rate": 0.5, "control_flip_rate": 0.1, "p_value": 1e-6}) == 1e-6   # no content control
+    assert joint_p_value(None) == 1.0 and joint_p_value({"flip_rate": None}) == 1.0
+
+
+def test_confirmations_are_adjusted_over_the_run():
+    """q-values are Benjamini-Hochberg over the run's findings of their joint p-values; the
+    corner pattern (flips nearly every image) stays confirmed, a pattern away from the
+    corner (flips none) does not."""
+    x = _clean(200)
+    clean = ArraySource(x, np.r_[np.zeros(150, int), np.ones(50, int)], name="clean")
+    away = _finding([0, 1])
+    away["_contrast"] = torch.zeros(1, 16, 16)
+    away["_contrast"][0, 2:5, 2:5] = 0.9
+    away["_mask"] = np.zeros((16, 16), bool)
+    away["_mask"][2:5, 2:5] = True
+    fs = [_finding([0, 1]), away]
+    confirm_findings(fs, CornerModel(), clean=clean)
+    q = bh_qvalues(np.array([joint_p_value(f["confirm"]) for f in fs]))
+    assert [f["confirm"]["q_value"] for f in fs] == pytest.approx(q.tolist())
+    assert fs[0]["confirm"]["verdict"] == "confirmed" and fs[1]["confirm"]["verdict"] != "confirmed"

@@ -179,13 +179,14 @@ def test_confirmation_table_counts_verdicts(tmp_path):
     write_csv(tmp_path / "results.csv", [{"setting": "s", "seed": 0, "method": "spurfast", "feature": "all",
                                           "metric": "false_findings@q0.05", "value": 3}], cols)
     ccols = ["setting", "seed", "rank", "true_finding", "flip_rate", "control_flip_rate", "p_value",
-             "content_flip_rate", "content_p_value", "confirmed"]
-    nums = [(1, 1.0, 0.99, 0.12, 0.0, 1e-30, 0),     # not specific (the noise@1.0 model)
-            (0, 0.4, 0.01, 1e-20, 0.8, 1.0, 0),      # class content
-            (0, 0.3, 0.0, 1e-9, 0.01, 1e-6, 1),      # confirmed
-            (0, 0.3, 0.0, 1e-9, "", "", 1),          # confirmed: no content control run
-            (0, 0.02, 0.02, 0.6, 0.03, 0.8, 0)]      # no effect
+             "content_flip_rate", "content_p_value", "confirm_q_value", "confirmed"]
+    nums = [(1, 1.0, 0.99, 0.12, 0.0, 1e-30, 0.12, 0),   # not specific (the noise@1.0 model)
+            (0, 0.4, 0.01, 1e-20, 0.8, 1.0, 1.0, 0),      # class content
+            (0, 0.3, 0.0, 1e-9, 0.01, 1e-6, 1e-5, 1),     # confirmed
+            (0, 0.3, 0.0, 1e-9, "", "", "", 1),           # confirmed: no content control, no adjustment (older run)
+            (0, 0.3, 0.0, 1e-9, 0.2, 0.04, 0.08, 0),      # weak: beats both, not after the run's adjustment
+            (0, 0.02, 0.02, 0.6, 0.03, 0.8, 1.0, 0)]      # no effect
     write_csv(tmp_path / "confirm.csv", [dict(zip(ccols, ("s", 0, r + 1) + n)) for r, n in enumerate(nums)], ccols)
     md = write_results(tmp_path / "results.csv", tmp_path / "confirm.csv", tmp_path / "RESULTS.md").read_text()
-    assert "| s | 1 | true | 1.000 | 0.990 | 0.000 | 0 | 0 | 1 | 0 |" in md
-    assert "| s | 4 | false | 0.255 | 0.007 | 0.280 | 2 | 1 | 0 | 1 |" in md
+    assert "| s | 1 | true | 1.000 | 0.990 | 0.000 | 0 | 0 | 0 | 1 | 0 |" in md
+    assert "| s | 5 | false | 0.264 | 0.006 | 0.260 | 2 | 1 | 1 | 0 | 1 |" in md
