@@ -27,8 +27,9 @@ rate and McNemar p-value are reported as ``content_flip_rate`` and ``content_p_v
 (additive keys of the ``confirm`` object); a finding is *confirmed* when it beats both
 controls, and its Benjamini-Hochberg ``q_value`` over the run's findings (from the larger
 of its two p-values: it must beat both) is within the level too: a run with 40 findings
-would otherwise confirm about two natural confusions by chance.  The ``verdict`` key says which control it failed (`confirm_verdict`): a finding
-that beats genuine class content but not random patterns is ``not_specific``.  That is what
+would otherwise confirm about two natural confusions by chance.  The ``verdict`` key says
+which control it failed (`confirm_verdict`): a finding that beats genuine class content
+but not random patterns is ``not_specific``.  That is what
 a model that learned "noise means class c" shows: random noise of the same area is the
 shortcut too, and so, measured on the noise@1.0 model trained on the whole class, are smooth
 random fields of the same in-mask mean and spread (Gaussian-blurred noise, sigma 1-4 px):

@@ -133,8 +133,8 @@ PRESETS = {
 
 
 def _setting_key(setting: Setting) -> dict:
-    """The setting as its cache keys see it.  Fields added after runs were cached stay out
-    at their defaults, so those runs keep their keys."""
+    """The setting as its run's cache key sees it.  A field added later stays out at its
+    default, so adding one does not change the keys of the settings that leave it there."""
     d = asdict(setting)
     if d["stamp_pool"]:
         del d["stamp_pool"]

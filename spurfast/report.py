@@ -114,14 +114,14 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
         if cf and cf.get("flip_rate") is not None:
             from .confirm import VERDICTS, confirm_verdict
             verdict = confirm_verdict(cf)
-            content = (f" and {float(cf['content_flip_rate']):.1%} for genuine class content in the same place "
-                       f"(p = {float(cf['content_p_value']):.3g})" if cf.get("content_p_value") is not None else "")
+            more = (f" and {float(cf['content_flip_rate']):.1%} for genuine class content in the same place "
+                    f"(p = {float(cf['content_p_value']):.3g})" if cf.get("content_p_value") is not None else "")
             if cf.get("q_value") is not None:
-                content += f"; q = {float(cf['q_value']):.3g} over this run's findings"
+                more += f"; q = {float(cf['q_value']):.3g} over this run's findings"
             head = "<b>confirmed shortcut</b>" if verdict == "confirmed" else "not confirmed"
             parts.append(f"<p><b>Confirmation:</b> pasting the pattern flips {float(cf['flip_rate']):.1%} of clean images "
                          f"towards this class vs {float(cf['control_flip_rate']):.1%} for random patterns "
-                         f"(p = {float(cf['p_value']):.3g}){content}: {head} ({e(VERDICTS[verdict])}).</p>")
+                         f"(p = {float(cf['p_value']):.3g}){more}: {head} ({e(VERDICTS[verdict])}).</p>")
         imgs = f.get("images") or {}
         caps = {"centroid": "decoded centroid", "contrast": "contrast (members vs. matched others)",
                 "mask": "extracted mask", "grid": "exemplars"}
