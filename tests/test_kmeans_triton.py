@@ -261,6 +261,10 @@ def test_candidate_launch_shapes_compile_without_spills():
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                                        "cuobjdump")):
         pytest.skip("triton's bundled CUDA tools are missing")
+    if not triton.__version__.startswith("3.8"):
+        # the list was chosen with triton 3.8's register allocation; on other versions the
+        # GPU benchmark records each candidate's spills instead
+        pytest.skip(f"candidates checked for triton 3.8, this is {triton.__version__}")
     jobs = [["float16", "tf32x3", True, 128, 1024], ["float16", "tf32x3", False, 128, 1024],
             ["float32", "tf32x3", True, 128, 1024], ["float32", "tf32", True, 128, 1024],
             ["float16", "tf32x3", True, 64, 16]]
