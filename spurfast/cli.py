@@ -151,7 +151,19 @@ def cmd_discover(args):
     finally:
         dist.shutdown()
     if doc is not None:  # rank 0 (or the only process) wrote the report
-        print(f"{len(doc['findings'])} findings; report: {Path(args.out) / 'report.html'}")
+        print(f"{len(doc['findings'])} findings{_verdict_counts(doc['findings'])}; "
+              f"report: {Path(args.out) / 'report.html'}")
+
+
+def _verdict_counts(findings: list[dict]) -> str:
+    """' (2 confirmed, 1 weak, 5 class_content)': the confirmation verdicts, most useful
+    first; empty when confirmation did not run."""
+    from collections import Counter
+
+    from .confirm import VERDICTS
+    n = Counter((f.get("confirm") or {}).get("verdict") for f in findings)
+    parts = [f"{n[v]} {v}" for v in VERDICTS if n[v]]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def cmd_make_pool(args):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from spurfast.cli import build_parser, main
+from spurfast.cli import _verdict_counts, build_parser, main
 from spurfast.discover import DiscoverConfig
 from spurfast.pipeline import prepare_output
 
@@ -92,8 +92,11 @@ def test_plant_then_discover_via_cli(tmp_path, capsys):
                  "--epochs", "2", "--quiet"]) == 0
     args = ["discover", "--pool", str(d / "data" / "pool.npz"), "--classifier", str(d / "clf.pt"),
             "--vae", str(d / "vae.pt"), "--out", str(d / "run"), "--n-null", "3", "--quiet"]
+    capsys.readouterr()
     assert main(args) == 0
     assert (d / "run" / "findings.json").is_file() and (d / "run" / "report.html").is_file()
+    doc = json.loads((d / "run" / "findings.json").read_text())
+    assert f"{len(doc['findings'])} findings{_verdict_counts(doc['findings'])}; report:" in capsys.readouterr().out
     assert main(args[:-1] + ["--num-classes", "7"]) == 2  # width mismatch named before any work
     assert "expected (1, 7)" in capsys.readouterr().err
     assert main(["report", "--run", str(d / "run")]) == 0
@@ -108,3 +111,10 @@ def test_discover_flags_reach_the_config():
     assert (cfg.max_k, cfg.max_mean_cluster_size, cfg.k) == (7, 40, 3)
     assert _discover_config(build_parser().parse_args(["discover", "--pool", "p", "--classifier", "c", "--vae", "v",
                                                        "--out", "o"])).max_k == 256
+
+
+def test_verdict_counts_line():
+    fs = [{"confirm": {"verdict": "class_content"}}, {"confirm": {"verdict": "confirmed"}},
+          {"confirm": {"verdict": "class_content"}}, {"confirm": None}]
+    assert _verdict_counts(fs) == " (1 confirmed, 2 class_content)"
+    assert _verdict_counts([{"confirm": None}]) == "" and _verdict_counts([]) == ""
