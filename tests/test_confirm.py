@@ -270,3 +270,16 @@ def test_confirmations_are_adjusted_over_the_run():
     q = bh_qvalues(np.array([joint_p_value(f["confirm"]) for f in fs]))
     assert [f["confirm"]["q_value"] for f in fs] == pytest.approx(q.tolist())
     assert fs[0]["confirm"]["verdict"] == "confirmed" and fs[1]["confirm"]["verdict"] != "confirmed"
+
+
+def test_adjustment_skips_findings_that_could_not_be_confirmed():
+    """A finding whose mask is empty gets confirm = null and stays out of the run's
+    Benjamini-Hochberg family; the other keeps a q-value of its own p-value (a family of one)."""
+    x = _clean(120)
+    clean = ArraySource(x, np.zeros(120, int), name="clean")
+    empty = _finding([0])
+    empty["_mask"] = np.zeros((16, 16), bool)
+    fs = [empty, _finding([1])]
+    confirm_findings(fs, CornerModel(), clean=clean)
+    assert fs[0]["confirm"] is None
+    assert fs[1]["confirm"]["q_value"] == pytest.approx(joint_p_value(fs[1]["confirm"]))
