@@ -34,6 +34,9 @@ a model that learned "noise means class c" shows: random noise of the same area 
 shortcut too, and so, measured on the noise@1.0 model trained on the whole class, are smooth
 random fields of the same in-mask mean and spread (Gaussian-blurred noise, sigma 1-4 px):
 all flip 100% of clean images, so the model reacts to any comparable corruption there.
+For a ``not_specific`` finding (additive mode) that smooth control runs too
+(`smooth_controls`; ``smooth_flip_rate`` / ``smooth_p_value``): a model that reacts to a
+texture (noise) is not moved by smooth fields, one that reacts to any change is.
 
 Clean images: a held-out set the caller supplies (``spurfast discover --clean``), or
 else pool images predicted as another class that belong to no finding.  Images whose
@@ -46,6 +49,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.stats import binom
 
 from .data.sources import ImageSource
@@ -255,6 +259,39 @@ def confirm_pattern(model, images: torch.Tensor, cls: int, mask: np.ndarray, con
             cont[s:s + len(xb)] = pc - p0[s:s + len(xb)] > RISE
         out["content_flip_rate"] = float(cont.mean())
         out["content_p_value"] = mcnemar_one_sided(real, cont)
+    if confirm_verdict(out) == "not_specific" and config.mode == "add":
+        # random patterns move the model as much: do smooth ones (no texture) too?
+        sm = np.zeros(n, bool)
+        for s in range(0, n, config.batch_size):
+            xb = images[s:s + config.batch_size]
+            pc = _prob(model, (xb + smooth_controls(vals, m, len(xb), rng)).clamp(0.0, 1.0), cls, config.device,
+                       config.batch_size)
+            sm[s:s + len(xb)] = pc - p0[s:s + len(xb)] > RISE
+        out["smooth_flip_rate"] = float(sm.mean())
+        out["smooth_p_value"] = mcnemar_one_sided(real, sm)
+    return out
+
+
+def smooth_controls(vals: torch.Tensor, mask: torch.Tensor, n: int, rng: np.random.Generator) -> torch.Tensor:
+    """n smooth random patterns in ``mask``: white noise blurred by a Gaussian of sigma =
+    1/14 of the image side (2 px at 28 px), then given the pattern's in-mask mean and
+    spread per channel.  Same place and size as the pattern, no texture: if these move the
+    model as often as the pattern, it reacts to any corruption there, not to a texture.
+    Returns (n, C, H, W), zero outside the mask."""
+    c, h, w = vals.shape
+    sigma = max(1.0, min(h, w) / 14)
+    r = int(3 * sigma + 0.5)
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    g = torch.as_tensor(rng.standard_normal((n * c, 1, h, w)), dtype=torch.float32)
+    g = F.conv2d(F.pad(g, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    g = F.conv2d(F.pad(g, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1)).view(n, c, h, w)
+    inside = g[:, :, mask]                                                      # (n, C, area)
+    z = (inside - inside.mean(-1, keepdim=True)) / inside.std(-1, keepdim=True, unbiased=False).clamp_min(1e-8)
+    target = vals[:, mask]                                                      # (C, area)
+    out = torch.zeros(n, c, h, w)
+    out[:, :, mask] = z * target.std(-1, keepdim=True, unbiased=False) + target.mean(-1, keepdim=True)
     return out
 
 
@@ -328,7 +365,7 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
             f["confirm"] = None
             continue
         f["confirm"] = {k: cf[k] for k in ("flip_rate", "control_flip_rate", "p_value", "content_flip_rate",
-                                           "content_p_value") if k in cf}
+                                           "content_p_value", "smooth_flip_rate", "smooth_p_value") if k in cf}
     # one test per finding: Benjamini-Hochberg over the run's findings, as discovery does
     # over clusters, so a run with many findings does not confirm some by chance
     tested = [f for f in findings if f.get("confirm")]

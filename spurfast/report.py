@@ -119,9 +119,16 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
             if cf.get("q_value") is not None:
                 more += f"; q = {float(cf['q_value']):.3g} over this run's findings"
             head = "<b>confirmed shortcut</b>" if verdict == "confirmed" else "not confirmed"
+            why = e(VERDICTS[verdict])
+            if verdict == "not_specific" and cf.get("smooth_flip_rate") is not None:
+                texture = cf["smooth_p_value"] <= 0.05 and cf["flip_rate"] > cf["smooth_flip_rate"]
+                why += (f"; smooth random fields of the same size there flip {float(cf['smooth_flip_rate']):.1%} "
+                        f"(p = {float(cf['smooth_p_value']):.3g}): "
+                        + ("the model reacts to the pattern's texture, not its exact values" if texture else
+                           "it reacts to any change of this size there"))
             parts.append(f"<p><b>Confirmation:</b> pasting the pattern flips {float(cf['flip_rate']):.1%} of clean images "
                          f"towards this class vs {float(cf['control_flip_rate']):.1%} for random patterns "
-                         f"(p = {float(cf['p_value']):.3g}){more}: {head} ({e(VERDICTS[verdict])}).</p>")
+                         f"(p = {float(cf['p_value']):.3g}){more}: {head} ({why}).</p>")
         imgs = f.get("images") or {}
         caps = {"centroid": "decoded centroid", "contrast": "contrast (members vs. matched others)",
                 "mask": "extracted mask", "grid": "exemplars"}

@@ -3,9 +3,11 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from spurfast.confirm import (VERDICTS, ConfirmConfig, apply_delta, confirm_findings, confirm_pattern, confirm_verdict,
-                              is_confirmed, joint_p_value, mcnemar_one_sided, most_like_pattern, random_controls)
+                              is_confirmed, joint_p_value, mcnemar_one_sided, most_like_pattern, random_controls,
+                              smooth_controls)
 from spurfast.scoring import bh_qvalues
 from spurfast.data.sources import ArraySource
 
@@ -283,3 +285,55 @@ def test_adjustment_skips_findings_that_could_not_be_confirmed():
     confirm_findings(fs, CornerModel(), clean=clean)
     assert fs[0]["confirm"] is None
     assert fs[1]["confirm"]["q_value"] == pytest.approx(joint_p_value(fs[1]["confirm"]))
+
+
+class BrightModel(nn.Module):
+    """Class 1 for any brighter image: logit = 12 * (mean pixel) - 3."""
+
+    def forward(self, x):
+        z = 12 * x.mean((1, 2, 3)) - 3
+        return torch.stack([torch.zeros_like(z), z], 1)
+
+
+class TextureModel(nn.Module):
+    """Class 1 for high-frequency texture: logit = 20 * mean |x - 3x3 box blur of x| - 3."""
+
+    def forward(self, x):
+        z = 20 * (x - F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)).abs().mean((1, 2, 3)) - 3
+        return torch.stack([torch.zeros_like(z), z], 1)
+
+
+@pytest.mark.parametrize("model, smooth_flips", [(BrightModel(), True), (TextureModel(), False)],
+                         ids=["any-corruption", "texture"])
+def test_not_specific_findings_get_a_smooth_control(model, smooth_flips):
+    """A whole-image noise pattern that random noise reproduces is not_specific; smooth
+    random fields of the same mean and spread then tell a model that reacts to any
+    corruption (they flip as often) from one that reacts to a texture (they do not)."""
+    g = torch.Generator().manual_seed(5)
+    x, own = torch.rand(200, 1, 32, 32, generator=g) * 0.2, torch.rand(100, 1, 32, 32, generator=g) * 0.2
+    noise = torch.rand(1, 32, 32, generator=g) * 0.9
+    full = np.ones((32, 32), bool)
+    r = confirm_pattern(model, x, 1, full, noise, config=ConfirmConfig(seed=0), class_images=own)
+    assert r["flip_rate"] > 0.9 and confirm_verdict(r) == "not_specific", r
+    if smooth_flips:
+        assert r["smooth_flip_rate"] > 0.9 and r["smooth_p_value"] > 0.05, r
+    else:
+        assert r["smooth_flip_rate"] < 0.2 and r["smooth_p_value"] < 1e-6, r
+
+
+def test_smooth_controls_keep_place_mean_and_spread():
+    vals = torch.zeros(2, 28, 26)
+    mask = torch.zeros(28, 26, dtype=torch.bool)
+    mask[2:22, 3:23] = True
+    vals[0][mask] = torch.linspace(0, 1, int(mask.sum()))
+    vals[1][mask] = 0.3
+    out = smooth_controls(vals, mask, 4, np.random.default_rng(0))
+    assert out.shape == (4, 2, 28, 26) and not out[:, :, ~mask].any()
+    inside = out[:, :, mask]
+    assert torch.allclose(inside[:, 0].mean(-1), vals[0][mask].mean().expand(4), atol=1e-5)
+    assert torch.allclose(inside[:, 0].std(-1, unbiased=False), vals[0][mask].std(unbiased=False).expand(4), atol=1e-5)
+    assert torch.allclose(inside[:, 1], torch.full_like(inside[:, 1], 0.3))     # no spread: constant
+    # smooth: neighbouring pixels differ far less than in white noise of the same spread
+    # (about 1.13 standard deviations there)
+    sq = inside[:, 0].view(4, 20, 20)
+    assert (sq[:, :, 1:] - sq[:, :, :-1]).abs().mean() < 0.5 * vals[0][mask].std(unbiased=False)

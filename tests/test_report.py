@@ -1,0 +1,32 @@
+"""The HTML report's confirmation sentence, from hand-made findings."""
+from spurfast.confirm import VERDICTS
+from spurfast.report import write_report
+
+
+def _doc(confirm):
+    finding = {"rank": 1, "class": 3, "class_name": "Dress", "cluster": 0, "size": 12, "score": 5.0, "p_value": 0.01,
+               "q_value": 0.02, "members": list(range(12)), "exemplars": [0, 1], "confirm": confirm, "images": {}}
+    return {"schema": 1, "spurfast_version": "test", "config": {"discover": {"fdr": 0.05}},
+            "pool": {"n": 100, "n_unrelated": 90, "n_suspect": 10}, "findings": [finding]}
+
+
+NOISE = {"flip_rate": 1.0, "control_flip_rate": 0.99, "p_value": 0.12, "content_flip_rate": 0.0,
+         "content_p_value": 1e-30, "q_value": 0.12}
+
+
+def test_not_specific_says_what_the_smooth_control_showed(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    html = write_report(_doc(dict(NOISE, smooth_flip_rate=1.0, smooth_p_value=1.0)), tmp_path / "a").read_text()
+    assert "not confirmed" in html and VERDICTS["not_specific"] in html
+    assert "smooth random fields of the same size there flip 100.0%" in html
+    assert "it reacts to any change of this size there" in html
+    html = write_report(_doc(dict(NOISE, smooth_flip_rate=0.05, smooth_p_value=1e-20)), tmp_path / "b").read_text()
+    assert "the model reacts to the pattern's texture, not its exact values" in html
+
+
+def test_confirmed_finding_shows_its_adjusted_q_value(tmp_path):
+    cf = {"flip_rate": 0.5, "control_flip_rate": 0.01, "p_value": 1e-9, "content_flip_rate": 0.02,
+          "content_p_value": 1e-8, "q_value": 2e-8}
+    html = write_report(_doc(cf), tmp_path).read_text()
+    assert "<b>confirmed shortcut</b>" in html and "q = 2e-08 over this run's findings" in html
