@@ -25,7 +25,7 @@ import sys
 
 import torch
 
-from .bench_kmeans import TRITON_VARIANTS, _TRITON_DEFAULTS, _env, make_data
+from .bench_kmeans import TRITON_VARIANTS, _env, make_data
 from .harness import device_name, measure
 
 OP = "kmeans_assign"
@@ -44,14 +44,11 @@ def shape_name(shape: dict) -> str:
             f"w{shape['num_warps']}s{shape['num_stages']}")
 
 
-def _resources(kt, dtype, d, k, shape) -> tuple[float, float]:
-    """(registers per thread, spilled bytes) of this shape's compiled kernel, or NaNs when
-    this triton does not expose them."""
+def _resources(kt) -> tuple[float, float]:
+    """(registers per thread, spilled bytes) of the kernel launched last (the shape just
+    timed), or NaNs where this triton does not expose them (or under the interpreter)."""
+    ck = kt.last_kernel
     try:
-        split, precision = kt.arithmetic(dtype)
-        major, minor = torch.cuda.get_device_capability()
-        ck = kt.compile_for(10 * major + minor, dtype, d, k, "l2", precision, shape=shape, split=split)
-        ck._init_handles()
         return float(ck.n_regs), float(ck.n_spills)
     except Exception as exc:  # an internal API: keep the timing rows
         _log(f"register use unavailable: {exc.__class__.__name__}: {exc}")
@@ -88,7 +85,7 @@ def sweep(writer, kt, problem, variants, dev, devname, reps: int) -> dict:
         dtype, env = TRITON_VARIANTS[variant]
         xt = x.to(dtype)
         times = out[variant] = {}
-        with _env(**{**_TRITON_DEFAULTS, **env}):
+        with _env(**env):
             split, precision = kt.arithmetic(dtype)
             shapes = kt.candidate_shapes(dtype, d, k, precision, split)
             base_assign = kt.assign_with_shape(xt, off, cent, kpg, "l2", shapes[0])[0]
@@ -100,7 +97,7 @@ def sweep(writer, kt, problem, variants, dev, devname, reps: int) -> dict:
                     _log(f"{name} {variant} {shape_name(shape)} failed: {exc.__class__.__name__}: {exc}")
                     continue
                 agree = float((kt.assign_with_shape(xt, off, cent, kpg, "l2", shape)[0] == base_assign).float().mean())
-                regs, spills = _resources(kt, dtype, d, k, shape)
+                regs, spills = _resources(kt)
                 writer.add_timing(OP, "triton", cfg, st, devname, items=N, flops=2.0 * N * k * d)
                 writer.add(OP, "triton", cfg, "same_assignment", agree, "1", devname)
                 writer.add(OP, "triton", cfg, "n_regs", regs, "1", devname)

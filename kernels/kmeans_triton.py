@@ -245,11 +245,18 @@ def assign_with_shape(x, offsets, centroids, k_per_group, metric: str = "l2", sh
     shape = shape or launch_shape(x.dtype, d, kmax, precision)
     tile_first = tile_prefix(offsets, shape["BLOCK_M"])
     grid = (triton.cdiv(N, shape["BLOCK_M"]) + G,)   # >= number of tiles; the spare ones do nothing
+    global last_kernel
     with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
-        _assign_kernel[grid](x, c_in, c32, cterm, offsets, kpg, tile_first, assign, dist, G, kmax, d,
-                             G * kmax * d if split else 0, max(1, G.bit_length()),
-                             COSINE=cosine, SPLIT=split, FP32_PRECISION=precision, **shape)
+        last_kernel = _assign_kernel[grid](x, c_in, c32, cterm, offsets, kpg, tile_first, assign, dist, G, kmax, d,
+                                           G * kmax * d if split else 0, max(1, G.bit_length()),
+                                           COSINE=cosine, SPLIT=split, FP32_PRECISION=precision, **shape)
     return assign, dist
+
+
+# The compiled kernel of the most recent launch in this process (triton's CompiledKernel on a
+# GPU: ``n_regs``, ``n_spills``; None before any launch or under the interpreter), so a
+# benchmark reads the resources of what it timed instead of compiling it a second time.
+last_kernel = None
 
 
 _SHAPE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages")
