@@ -55,8 +55,10 @@ def _env(**values: str):
                 os.environ[name] = value
 
 
-# the Triton assign's arithmetic variants (`kmeans_triton.arithmetic`): name -> (dtype, env)
-TRITON_VARIANTS = {
+# the Triton assign's arithmetic variants (`kmeans_triton.arithmetic`): name -> (dtype, the
+# environment that selects it; every switch set, so the caller's environment cannot leak in)
+_TRITON_DEFAULTS = {"SPURFAST_TRITON_FP32_PRECISION": "tf32x3", "SPURFAST_TRITON_CENTROID_SPLIT": "1"}
+TRITON_VARIANTS = {name: (dt, {**_TRITON_DEFAULTS, **env}) for name, (dt, env) in {
     "fp32": (torch.float32, {}),                                             # 3xTF32, about fp32
     "fp32-ieee": (torch.float32, {"SPURFAST_TRITON_FP32_PRECISION": "ieee"}),  # FMA
     "fp32-tf32": (torch.float32, {"SPURFAST_TRITON_FP32_PRECISION": "tf32"}),  # flash-kmeans' arithmetic
@@ -64,9 +66,7 @@ TRITON_VARIANTS = {
     "fp16-single": (torch.float16, {"SPURFAST_TRITON_CENTROID_SPLIT": "0"}),  # flash-kmeans' arithmetic
     "bf16": (torch.bfloat16, {}),
     "bf16-single": (torch.bfloat16, {"SPURFAST_TRITON_CENTROID_SPLIT": "0"}),
-}
-# the defaults reset around each variant, whatever the caller's environment says
-_TRITON_DEFAULTS = {"SPURFAST_TRITON_FP32_PRECISION": "tf32x3", "SPURFAST_TRITON_CENTROID_SPLIT": "1"}
+}.items()}
 
 
 def _log(msg: str) -> None:
@@ -276,7 +276,7 @@ def _assign_vs_flash(writer, kc, kt, x, off, cent, kpg, config, devname, reps):
         flops, nbytes = 2.0 * N * k * d, N * d * xs.element_size() + k * d * xs.element_size() + N * 4
         writer.add_timing("kmeans_assign", "flash-kmeans", cfg, theirs, devname, items=N, bytes_moved=nbytes, flops=flops)
         fast = TRITON_VARIANTS["fp32-tf32" if dt == torch.float32 else "fp16-single"][1]
-        ours_by_name = {"cupy": (kc, {}), "triton": (kt, _TRITON_DEFAULTS), "triton-fast": (kt, {**_TRITON_DEFAULTS, **fast})}
+        ours_by_name = {"cupy": (kc, {}), "triton": (kt, _TRITON_DEFAULTS), "triton-fast": (kt, fast)}
         for provider, (mod, env) in ours_by_name.items():
             if mod is None:
                 continue
@@ -420,7 +420,7 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
                 if quick and name not in ("fp32", "fp16", "bf16"):
                     continue
                 xt = x.to(dt)
-                with _env(**{**_TRITON_DEFAULTS, **env}):
+                with _env(**env):
                     ast = measure(lambda: kt.kmeans_assign(xt, off, cent, kpg), device=dev, reps=reps)
                 writer.add_timing("kmeans_assign", "triton", dict(config, dtype=name), ast, devname, items=N,
                                   bytes_moved=N * d * xt.element_size() + G * k * d * 4 + N * 12,
