@@ -29,13 +29,13 @@ controls, and its Benjamini-Hochberg ``q_value`` over the run's findings (from t
 of its two p-values: it must beat both) is within the level too: a run with 40 findings
 would otherwise confirm about two natural confusions by chance.  The ``verdict`` key says
 which control it failed (`confirm_verdict`): a finding that beats genuine class content
-but not random patterns is ``not_specific``.  That is what
-a model that learned "noise means class c" shows: random noise of the same area is the
-shortcut too, and so, measured on the noise@1.0 model trained on the whole class, are smooth
-random fields of the same in-mask mean and spread (Gaussian-blurred noise, sigma 1-4 px):
-all flip 100% of clean images, so the model reacts to any comparable corruption there.
-For a ``not_specific`` finding (additive mode) that smooth control runs too
-(`smooth_controls`; ``smooth_flip_rate`` / ``smooth_p_value``): a model that reacts to a
+but not random patterns is ``not_specific``.  That is what a model that learned "noise
+means class c" shows: random noise of the same area is the shortcut too, and so, measured
+on the noise@1.0 model trained on the whole class, are smooth random fields of the same
+in-mask mean and spread (Gaussian-blurred noise, sigma 1-4 px): all flip 100% of clean
+images, so the model reacts to any comparable corruption there.  For a ``not_specific``
+finding (additive mode) that smooth control runs too (`smooth_controls`;
+``smooth_flip_rate`` / ``smooth_p_value``; `reacts_to_texture`): a model that reacts to a
 texture (noise) is not moved by smooth fields, one that reacts to any change is.
 
 Clean images: a held-out set the caller supplies (``spurfast discover --clean``), or
@@ -140,13 +140,18 @@ VERDICTS = {
 }
 
 
+def _more_flips(cf: dict) -> tuple[bool, bool]:
+    """(more flips than the random control, more than the content control or it was not run)."""
+    return (cf["flip_rate"] > cf["control_flip_rate"],
+            cf.get("content_p_value") is None or cf["flip_rate"] > cf["content_flip_rate"])
+
+
 def _beats(cf: dict, level: float) -> tuple[bool, bool]:
     """(beats the random control, beats the content control or it was not run): more
     flips, significantly (McNemar p <= level)."""
-    random_ok = cf["p_value"] <= level and cf["flip_rate"] > cf["control_flip_rate"]
-    content_ok = cf.get("content_p_value") is None or (
-        cf["content_p_value"] <= level and cf["flip_rate"] > cf["content_flip_rate"])
-    return random_ok, content_ok
+    more_random, more_content = _more_flips(cf)
+    return (more_random and cf["p_value"] <= level,
+            more_content and (cf.get("content_p_value") is None or cf["content_p_value"] <= level))
 
 
 def joint_p_value(cf: dict | None) -> float:
@@ -155,9 +160,17 @@ def joint_p_value(cf: dict | None) -> float:
     confirmation did not run."""
     if not cf or cf.get("flip_rate") is None:
         return 1.0
-    ok = cf["flip_rate"] > cf["control_flip_rate"] and (
-        cf.get("content_p_value") is None or cf["flip_rate"] > cf["content_flip_rate"])
-    return max(cf["p_value"], cf.get("content_p_value") or 0.0) if ok else 1.0
+    return max(cf["p_value"], cf.get("content_p_value") or 0.0) if all(_more_flips(cf)) else 1.0
+
+
+def reacts_to_texture(cf: dict, level: float = 0.05) -> bool | None:
+    """For a ``not_specific`` finding whose smooth control ran: does the pattern flip
+    significantly more images than smooth random fields of the same place and size (the
+    model reacts to a texture, e.g. noise), or not (it reacts to any change there)?
+    None where the smooth control did not run."""
+    if cf.get("smooth_flip_rate") is None:
+        return None
+    return cf["smooth_p_value"] <= level and cf["flip_rate"] > cf["smooth_flip_rate"]
 
 
 def confirm_verdict(cf: dict | None, level: float = 0.05) -> str | None:

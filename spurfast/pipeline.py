@@ -165,11 +165,11 @@ def rank_confirmed_first(result, out: Path) -> None:
     from .confirm import confirm_verdict
 
     tier = {"confirmed": 0, "not_specific": 1}
-    for f in result.findings:
-        f["confirmed"] = confirm_verdict(f.get("confirm")) == "confirmed"
+    verdicts = [confirm_verdict(f.get("confirm")) for f in result.findings]
+    for f, v in zip(result.findings, verdicts):
+        f["confirmed"] = v == "confirmed"
     old = [f["rank"] for f in result.findings]
-    order = sorted(range(len(old)), key=lambda i: (tier.get(confirm_verdict(result.findings[i].get("confirm")), 2),
-                                                   old[i]))
+    order = sorted(range(len(old)), key=lambda i: (tier.get(verdicts[i], 2), old[i]))
     if order == list(range(len(old))):
         return
     findings = [result.findings[i] for i in order]

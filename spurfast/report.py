@@ -112,7 +112,7 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
                      f"clusters merged: {e(f.get('merged_clusters', [f['cluster']]))}</p>")
         cf = f.get("confirm")
         if cf and cf.get("flip_rate") is not None:
-            from .confirm import VERDICTS, confirm_verdict
+            from .confirm import VERDICTS, confirm_verdict, reacts_to_texture
             verdict = confirm_verdict(cf)
             more = (f" and {float(cf['content_flip_rate']):.1%} for genuine class content in the same place "
                     f"(p = {float(cf['content_p_value']):.3g})" if cf.get("content_p_value") is not None else "")
@@ -120,8 +120,8 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
                 more += f"; q = {float(cf['q_value']):.3g} over this run's findings"
             head = "<b>confirmed shortcut</b>" if verdict == "confirmed" else "not confirmed"
             why = e(VERDICTS[verdict])
-            if verdict == "not_specific" and cf.get("smooth_flip_rate") is not None:
-                texture = cf["smooth_p_value"] <= 0.05 and cf["flip_rate"] > cf["smooth_flip_rate"]
+            texture = reacts_to_texture(cf) if verdict == "not_specific" else None
+            if texture is not None:
                 why += (f"; smooth random fields of the same size there flip {float(cf['smooth_flip_rate']):.1%} "
                         f"(p = {float(cf['smooth_p_value']):.3g}): "
                         + ("the model reacts to the pattern's texture, not its exact values" if texture else
