@@ -189,21 +189,24 @@ import torch, triton
 from spurfast.kernels import kmeans_triton as kt
 tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 out = []
-for cap, dtype, d, kmax, metric, precision, split in json.loads(sys.argv[1]):
-    ck = kt.compile_for(cap, getattr(torch, dtype), d, kmax, metric, precision, split=split)
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(ck.asm["cubin"]); f.flush()
-        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    out.append([cap, dtype, d, kmax, metric, precision, split, "wgmma" in ck.asm["ptx"], usage])
+for cap, dtype, d, kmax, metric, precision, split, which in json.loads(sys.argv[1]):
+    dt = getattr(torch, dtype)
+    shapes = kt.candidate_shapes(dt, d, kmax, precision, split) if which == "candidates" else [None]
+    for shape in shapes:
+        ck = kt.compile_for(cap, dt, d, kmax, metric, precision, shape=shape, split=split)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(ck.asm["cubin"]); f.flush()
+            usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        out.append([cap, dtype, d, kmax, metric, precision, split, shape, "wgmma" in ck.asm["ptx"], usage])
 print(json.dumps(out))
 """
 
 
-def test_compiles_for_hopper_and_ampere_without_register_spills():
-    """What a GPU would compile, checked without one: every dtype and metric for sm_90
-    (wgmma, also for fp32 as 3xTF32) and sm_80, fp32 as plain FMA too, at the benchmark's
-    shape and small ones, with no stack use (spills) in the cubin.  Runs in a subprocess
-    without the interpreter."""
+def _compile_without_gpu(jobs):
+    """Compile in a subprocess without the interpreter: per job (capability, dtype name, d,
+    kmax, metric, precision, split, "default" or "candidates"), one row per compiled
+    shape: [*job[:7], shape (None: launch_shape's), wgmma in the PTX, cuobjdump's resource
+    usage].  Skips where triton's bundled CUDA tools are missing."""
     import json
     import os
     import subprocess
@@ -213,6 +216,17 @@ def test_compiles_for_hopper_and_ampere_without_register_spills():
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                                        "cuobjdump")):
         pytest.skip("triton's bundled CUDA tools are missing")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(jobs)], capture_output=True, text=True,
+                          env=dict(os.environ, TRITON_INTERPRET="0"), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_compiles_for_hopper_and_ampere_without_register_spills():
+    """What a GPU would compile, checked without one: every dtype and metric for sm_90
+    (wgmma, also for fp32 as 3xTF32) and sm_80, fp32 as plain FMA too, at the benchmark's
+    shape and small ones, with no stack use (spills) in the cubin.  Runs in a subprocess
+    without the interpreter."""
     jobs = [[90, dt, 128, 1024, m, "tf32x3", True] for dt in ("float32", "float16", "bfloat16") for m in ("l2", "cosine")]
     jobs += [[90, "float32", 128, 1024, m, "ieee", True] for m in ("l2", "cosine")]
     jobs += [[90, "float16", 16, 8, "l2", "tf32x3", True], [90, "float32", 300, 10, "l2", "tf32x3", True],
@@ -221,46 +235,18 @@ def test_compiles_for_hopper_and_ampere_without_register_spills():
     # flash-kmeans' arithmetic: one TF32 product, 16-bit centroids
     jobs += [[90, "float32", 128, 1024, "l2", "tf32", True], [90, "float16", 128, 1024, "l2", "tf32x3", False],
              [90, "bfloat16", 128, 1024, "cosine", "tf32x3", False]]
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(jobs)], capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for cap, dtype, d, kmax, metric, precision, split, wgmma, usage in json.loads(proc.stdout.strip().splitlines()[-1]):
+    rows = _compile_without_gpu([job + ["default"] for job in jobs])
+    for cap, dtype, d, kmax, metric, precision, split, _, wgmma, usage in rows:
         name = f"sm_{cap} {dtype} ({precision}, split {split}) d={d} k={kmax} {metric}"
         assert "STACK:0" in usage, f"{name}: register spills: {usage.strip()}"
         if cap == 90:
             assert wgmma == (dtype != "float32" or precision != "ieee"), f"{name}: wgmma in the PTX: {wgmma}"
 
 
-_CANDIDATES_SCRIPT = r"""
-import json, os, re, subprocess, sys, tempfile
-import torch, triton
-from spurfast.kernels import kmeans_triton as kt
-tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-out = []
-for dtype, precision, split, d, kmax in json.loads(sys.argv[1]):
-    for shape in kt.candidate_shapes(getattr(torch, dtype), d, kmax, precision, split):
-        ck = kt.compile_for(90, getattr(torch, dtype), d, kmax, "l2", precision, shape=shape, split=split)
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(ck.asm["cubin"]); f.flush()
-            usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-        out.append([dtype, precision, split, d, kmax, shape, re.search(r"STACK:(\d+)", usage).group(1)])
-print(json.dumps(out))
-"""
-
-
 def test_candidate_launch_shapes_compile_without_spills():
     """The shapes `bench triton-shapes` times by default (`candidate_shapes`), compiled for
     sm_90 at its two problems: none spills registers, and the first is `launch_shape`'s."""
-    import json
-    import os
-    import subprocess
-    import sys
-
     import triton
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                                       "cuobjdump")):
-        pytest.skip("triton's bundled CUDA tools are missing")
     if not triton.__version__.startswith("3.8"):
         # the list was chosen with triton 3.8's register allocation; on other versions the
         # GPU benchmark records each candidate's spills instead
@@ -268,12 +254,9 @@ def test_candidate_launch_shapes_compile_without_spills():
     jobs = [["float16", "tf32x3", True, 128, 1024], ["float16", "tf32x3", False, 128, 1024],
             ["float32", "tf32x3", True, 128, 1024], ["float32", "tf32", True, 128, 1024],
             ["float16", "tf32x3", True, 64, 16]]
-    proc = subprocess.run([sys.executable, "-c", _CANDIDATES_SCRIPT, json.dumps(jobs)], capture_output=True,
-                          text=True, env=dict(os.environ, TRITON_INTERPRET="0"), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = _compile_without_gpu([[90, dt, d, kmax, "l2", prec, split, "candidates"] for dt, prec, split, d, kmax in jobs])
     assert len(rows) >= 3 * len(jobs)
-    spills = [r for r in rows if r[-1] != "0"]
+    spills = [r[:8] for r in rows if "STACK:0" not in r[-1]]
     assert not spills, f"candidate shapes that spill: {spills}"
 
 
