@@ -241,7 +241,8 @@ def write_outputs(result: DiscoveryResult, out_dir: Path, extra_config: dict | N
     with open(out_dir / "findings.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["rank", "class", "class_name", "cluster", "size", "score", "p_value", "q_value",
-                    "n_unrelated", "n_suspect", "flip_rate", "control_flip_rate", "confirm_p_value", "confirm_q_value", "confirm_verdict"])
+                    "n_unrelated", "n_suspect", "flip_rate", "control_flip_rate", "confirm_p_value",
+                    "confirm_q_value", "confirm_verdict"])
         for f in doc["findings"]:
             cf = f.get("confirm") or {}
             w.writerow([f["rank"], f["class"], f["class_name"] or "", f["cluster"], f["size"], f"{f['score']:.4g}",

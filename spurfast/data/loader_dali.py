@@ -395,8 +395,9 @@ def iter_folder_batches(paths, *, size: int, channels: int = 3, batch_size: int 
     order, ``batch_size`` per batch (the last may be smaller).  ``num_threads`` DALI CPU
     threads.  ``dtype``: uint8 (0..255) or float32/float16/bfloat16 in [0, 1].  ``device``:
     "cpu", "gpu"/"cuda" (mixed decoding; images on the current CUDA device) or None/"auto"
-    (GPU when torch sees one).  ``first_pipeline_batches``: batches of the first pipeline; a second
-    one decodes the rest (its files are checked while the first decodes).  Bad files: zero image, ok=False, reason in ``bad_files``."""
+    (GPU when torch sees one).  ``first_pipeline_batches``: batches of the first pipeline;
+    a second one decodes the rest (its files are checked while the first decodes).  Bad
+    files: zero image, ok=False, reason in ``bad_files``."""
     spec = PreprocessSpec(size, channels)
     dtype = output_dtype(dtype)
     if batch_size < 1:
@@ -414,8 +415,8 @@ def iter_folder_batches(paths, *, size: int, channels: int = 3, batch_size: int 
     bad: dict[int, str] = {}
     stream = iter(_DaliStream(paths, sel, spec=spec, batch_size=batch_size, num_threads=num_threads,
                               device=dev, dtype=dtype, hw_decoder_load=hw_decoder_load,
-                              prefetch_queue_depth=prefetch_queue_depth, first_pipeline_batches=first_pipeline_batches,
-                              bad=bad))
+                              prefetch_queue_depth=prefetch_queue_depth,
+                              first_pipeline_batches=first_pipeline_batches, bad=bad))
     out_device = torch.device("cuda", torch.cuda.current_device()) if dev == "gpu" else torch.device("cpu")
     cur_lab, cur_img, pos = np.zeros(0, np.int64), None, 0
     for b0 in range(0, len(sel), batch_size):
