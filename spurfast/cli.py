@@ -33,6 +33,9 @@ def _add_discover_args(p):
     p.add_argument("--max-k", type=int, default=256,
                    help="never raise k above this many clusters per class (0: no cap)")
     p.add_argument("--n-null", type=int, default=30, help="permutations for the null distribution")
+    p.add_argument("--max-null", type=int, default=120,
+                   help="add permutations (n-null at a time) up to this many while a cluster beats every null "
+                        "cluster of its size but misses the FDR")
     p.add_argument("--fdr", type=float, default=0.05, help="Benjamini-Hochberg false-discovery rate")
     p.add_argument("--kmeans-backend", default=None, choices=["auto", "torch", "cupy"])
     p.add_argument("--device", default="cpu")
@@ -41,7 +44,8 @@ def _add_discover_args(p):
 def _discover_config(args):
     from .discover import DiscoverConfig
     return DiscoverConfig(k=args.k, min_cluster_size=args.min_cluster_size,
-                          max_mean_cluster_size=args.max_mean_cluster_size, max_k=args.max_k, n_null=args.n_null, fdr=args.fdr,
+                          max_mean_cluster_size=args.max_mean_cluster_size, max_k=args.max_k, n_null=args.n_null,
+                          max_null=args.max_null, fdr=args.fdr,
                           seed=args.seed, backend=args.kmeans_backend, device=args.device)
 
 

@@ -21,7 +21,7 @@ from .characterise import contrast_map, exemplars, linear_probe, neighbour_contr
 from .data.sources import ImageSource
 from .embed import EmbeddingStore
 from .scoring import (bh_qvalues, cluster_and_score, content_classes, latent_neighbours, null_scores,
-                      permutation_pvalues)
+                      size_matched_pvalues)
 
 log = logging.getLogger("spurfast.discover")
 
@@ -35,8 +35,13 @@ class DiscoverConfig:
     # natural confusions unless its clusters are small enough to isolate it
     max_mean_cluster_size: int = 100
     max_k: int = 256             # ... but never above this many clusters per class (0: no cap)
-    n_null: int = 30             # permutations for the null distribution
-    n_neighbours: int = 10       # latent neighbours in the majority vote
+    n_null: int = 30             # permutations for the null distribution ...
+    # ... extended n_null at a time up to max_null while a cluster scores above every null
+    # cluster of its size yet misses q <= fdr: its p-value is then limited by the number of
+    # permutations (1 / (1 + #null clusters of its size)), not by the data
+    max_null: int = 120
+    resolve_fdr: float | None = None  # ... until such a cluster could reach this q (None: fdr)
+    n_neighbours: int = 10       # latent neighbours each image's agreement is measured over
     fdr: float = 0.05            # Benjamini-Hochberg level for findings
     n_iter: int = 20             # Lloyd iterations
     n_exemplars: int = 16
@@ -56,6 +61,10 @@ class DiscoverConfig:
             raise ValueError(f"fdr must be in (0, 1), got {self.fdr}")
         if self.n_null < 1:
             raise ValueError(f"n_null must be >= 1, got {self.n_null}")
+        if self.max_null < self.n_null:
+            raise ValueError(f"max_null must be >= n_null={self.n_null}, got {self.max_null}")
+        if self.resolve_fdr is not None and not 0 < self.resolve_fdr < 1:
+            raise ValueError(f"resolve_fdr must be in (0, 1) or None, got {self.resolve_fdr}")
 
 
 @dataclass
@@ -102,12 +111,30 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
     unknown_ok = ~suspect[valid]  # an unlabelled suspect sample may be genuine class c
     args = (probs[valid], labels[valid], n_classes, nbrs, unknown_ok)
     real = cluster_and_score(z, g, *args, seed=config.seed, **kw)
-    bar = tqdm(total=config.n_null, desc="permutation null", disable=not progress, leave=False)
-    null = null_scores(z, g, *args, n_null=config.n_null, seed=config.seed, progress=bar, **kw)
-    bar.close()
     nonempty = np.nonzero(real.size > 0)[0]
-    pvals = permutation_pvalues(real.score[nonempty], null)
-    qvals = bh_qvalues(pvals)
+    bar = tqdm(total=config.n_null, desc="permutation null", disable=not progress, leave=False)
+    null_score, null_n_unrelated = null_scores(z, g, *args, n_null=config.n_null, seed=config.seed, progress=bar, **kw)
+    done = config.n_null
+    resolve_fdr = config.fdr if config.resolve_fdr is None else config.resolve_fdr
+    while True:
+        pvals, n_reference = size_matched_pvalues(real.score[nonempty], real.n_unrelated[nonempty],
+                                                  null_score, null_n_unrelated)
+        qvals = bh_qvalues(pvals)
+        starved = (pvals * (1 + n_reference) <= 1 + 1e-9) & (qvals > resolve_fdr)  # beat every null cluster
+        if not starved.any() or done >= config.max_null:
+            break
+        more = min(config.n_null, config.max_null - done)
+        bar.total += more
+        bar.refresh()
+        s, u = null_scores(z, g, *args, n_null=more, seed=config.seed, start=done, progress=bar, **kw)
+        null_score, null_n_unrelated = np.concatenate([null_score, s]), np.concatenate([null_n_unrelated, u])
+        done += more
+    bar.close()
+    if starved.any():
+        log.warning("%d clusters scored above every null cluster of their size after %d permutations but miss "
+                    "q <= %g: their p-values are limited by the permutations (>= 1/%d), not by the data; rerun "
+                    "with a larger max_null (--max-null)", int(starved.sum()), done, resolve_fdr,
+                    int(n_reference[starved].max()) + 1)
 
     clusters = []
     for f, p, q in zip(nonempty, pvals, qvals):
@@ -125,7 +152,8 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
         f["class_name"] = class_names[f["class"]] if class_names and f["class"] < len(class_names) else None
     pool = {"n": int(store.n), "n_unrelated": int((~suspect).sum()), "n_suspect": int(suspect.sum()),
             "n_unreadable": int((~ok).sum())}
-    cfg = {"discover": asdict(config), "n_classes": n_classes, "n_clusters": len(clusters), "n_null_clusters": int(len(null))}
+    cfg = {"discover": asdict(config), "n_classes": n_classes, "n_clusters": len(clusters),
+           "n_null_permutations": done, "n_null_clusters": int(len(null_score))}
     return DiscoveryResult(findings, clusters, rankings, cfg, pool)
 
 

@@ -121,7 +121,7 @@ PRESETS = {
                             Setting("clean-model", (Plant("patch3", 3, "150"),), clean_model=True)],
                   seeds=(0, 1, 2),
                   sizes=Sizes(n_train=300, n_suspect=300, pool_max=2000, n_clean=600, classifier_epochs=3,
-                              vae_epochs=10, n_null=10, confirm_images=200)),
+                              vae_epochs=10, n_null=30, confirm_images=200)),
     "full": dict(settings=_grid_full(), seeds=(0, 1, 2), sizes=Sizes()),
     # a few seconds per run on digits-sized data; for tests
     "tiny": dict(settings=[Setting("patch3-nall", (Plant("patch3", 3, "all"),), pool="digits-self"),
@@ -302,7 +302,7 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
     from .embed import embed_pool
 
     run_key = _key({"setting": _setting_key(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods),
-                    "v": 9})   # 9: confirmations adjusted by Benjamini-Hochberg over the run
+                    "v": 11})   # 11: agreement shares, size-matched null resolved to q = 0.05
     rdir = cache / "runs"
     rdir.mkdir(parents=True, exist_ok=True)
     rfile = rdir / f"{setting.name}-s{seed}-{run_key}.json"
@@ -329,7 +329,8 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
         add("model", f.name, "pool_flip_rate", pool_flip_rate(store, f, data.suspect))
     # the learned features: none for the clean model (every finding is a false one)
     feats = [] if setting.clean_model else data.features
-    cfg = DiscoverConfig(k=sizes.k, n_null=sizes.n_null, fdr=0.1, seed=seed)
+    # findings up to q = 0.1, with a null fine enough to tell q <= 0.05 too (both are reported)
+    cfg = DiscoverConfig(k=sizes.k, n_null=sizes.n_null, fdr=0.1, resolve_fdr=0.05, seed=seed)
     cands: dict[str, list[dict]] = {}
     timing = {}
     if "spurfast" in methods:

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from spurfast.kernels import reference as ref
-from spurfast.scoring import agreeing, bh_qvalues, cluster_scores, content_classes, latent_neighbours, \
-    permutation_pvalues, permuted_predictions
+from spurfast.scoring import agreement, bh_qvalues, cluster_scores, content_classes, \
+    latent_neighbours, permutation_pvalues, permuted_predictions, size_matched_pvalues
 
 
 def reference_knn(z, k, **kw):
@@ -64,26 +64,54 @@ def test_latent_neighbours_tiny_pools():
     assert latent_neighbours(z, k=5).tolist() == [[1, 2], [0, 2], [1, 0]]
 
 
-def test_agreeing_majority_of_unrelated_neighbours():
+def test_agreement_is_the_share_of_unrelated_neighbours_predicted_alike():
     groups = np.array([1, 1, 1, 0, 0])
     labels = np.array([0, 2, 1, 0, -1])
     nbrs = np.array([[1, 2], [0, 3], [0, 1], [4, 0], [3, 2]])
     unknown_ok = np.ones(5, bool)
-    # point 0 (pred 1): neighbours 1 (label 2, pred 1 -> agree) and 2 (label 1 == c: not counted) -> 1/1 agree
-    # point 1: neighbours 0 (label 0, pred 1 agree), 3 (label 0, pred 0) -> 1/2 not a majority
+    # point 0 (pred 1): neighbours 1 (label 2, pred 1 -> agree) and 2 (label 1 == c: not counted) -> 1/1
+    # point 1: neighbours 0 (label 0, pred 1 agree), 3 (label 0, pred 0) -> 1/2
+    # point 2: neighbours 0 (label 0, pred 1 agree), 1 (label 2, pred 1 agree) -> 2/2
     # point 3 (pred 0): neighbour 4 unlabelled pred 0 agree; 0 has label 0 == c -> 1/1
-    assert agreeing(groups, labels, nbrs, unknown_ok).tolist() == [True, False, True, True, False]
+    # point 4 (pred 0, unlabelled): 3 has label 0 == c; 2 (label 1, pred 1) -> 0/1
+    assert agreement(groups, labels, nbrs, unknown_ok).tolist() == [1.0, 0.5, 1.0, 1.0, 0.0]
     unknown_ok[4] = False  # a suspect sample of unknown label never counts
-    assert agreeing(groups, labels, nbrs, unknown_ok)[3] == False  # noqa: E712
+    assert agreement(groups, labels, nbrs, unknown_ok)[3] == 0.0  # no neighbour left to count
+
+
+def test_size_matched_pvalues_compare_with_null_clusters_of_about_the_same_size():
+    # null: small clusters (4 unrelated members) score up to 2, large ones (40) up to 20
+    small = np.linspace(0, 2, 150)
+    large = np.linspace(0, 20, 150)
+    null = np.concatenate([small, large])
+    sizes = np.concatenate([np.full(150, 4), np.full(150, 40)])
+    p, n_ref = size_matched_pvalues(np.array([3.0, 3.0]), np.array([4, 40]), null, sizes)
+    assert n_ref.tolist() == [150, 150]
+    # 3.0 beats every small null cluster (p = 1/151), but 3/4 of the large ones reach it
+    np.testing.assert_allclose(p, [1 / 151, (1 + (large >= 3.0).sum()) / 151])
+    # pooling would give both the same p
+    assert p[0] < permutation_pvalues(np.array([3.0]), null)[0] < p[1]
+    # a size with too few null clusters near it takes the min_reference nearest: the 150
+    # large ones and then 50 small ones
+    p_far, n_ref = size_matched_pvalues(np.array([1.0]), np.array([400]), null, sizes, min_reference=200)
+    assert n_ref.tolist() == [200]
+    ref = np.concatenate([large, small[:50]])
+    np.testing.assert_allclose(p_far, (1 + (ref >= 1.0).sum()) / 201)
+    # a reference as large as the null is the pooled p-value
+    np.testing.assert_allclose(size_matched_pvalues(np.array([3.0]), np.array([4]), null, sizes, min_reference=300)[0],
+                               permutation_pvalues(np.array([3.0]), null))
+    p, n_ref = size_matched_pvalues(np.array([1.0]), np.array([3]), np.zeros(0), np.zeros(0))
+    assert p.tolist() == [1.0] and n_ref.tolist() == [0]
 
 
 def test_cluster_scores_counts():
     groups = np.array([0, 0, 1, 1, 1])
     assign = np.array([0, 1, 0, 0, 1])
     unrelated = np.array([True, True, True, False, True])
-    agree = np.array([True, False, True, True, False])
+    agree = np.array([1.0, 0.0, 0.5, 1.0, 0.25])
     score, n_u, size = cluster_scores(groups, assign, 2, unrelated, agree, 2)
-    assert score.tolist() == [1, 0, 1, 0] and n_u.tolist() == [1, 1, 1, 1] and size.tolist() == [1, 1, 2, 1]
+    # point 3 is not unrelated: its agreement does not count
+    assert score.tolist() == [1.0, 0.0, 0.5, 0.25] and n_u.tolist() == [1, 1, 1, 1] and size.tolist() == [1, 1, 2, 1]
 
 
 def test_permuted_predictions_keep_per_label_counts():

@@ -1,0 +1,85 @@
+"""discover() on a hand-made store: a tight group of unrelated images that all share one
+predicted class is found; natural predictions are not; too few permutations say so."""
+import logging
+
+import numpy as np
+import pytest
+
+from spurfast.discover import DiscoverConfig, discover
+from spurfast.embed import EmbeddingStore
+
+N_CLASSES, PER_CLASS, SHORTCUT = 4, 150, 20
+
+
+def _store(root, seed=0):
+    """Four label blobs in a 6-d latent, predicted by label, with 20% random errors; plus
+    SHORTCUT images of label 1 moved to one spot far from every blob and all predicted 0."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(N_CLASSES), PER_CLASS)
+    centres = rng.normal(0, 4, (N_CLASSES, 6))
+    mu = centres[labels] + rng.normal(0, 1, (len(labels), 6))
+    pred = np.where(rng.random(len(labels)) < 0.2, rng.integers(0, N_CLASSES, len(labels)), labels)
+    shortcut = np.nonzero(labels == 1)[0][:SHORTCUT]
+    mu[shortcut] = 12 + rng.normal(0, 0.3, (SHORTCUT, 6))
+    pred[shortcut] = 0
+    n = len(labels)
+    probs = np.full((n, N_CLASSES), 0.1 / (N_CLASSES - 1), np.float32)
+    probs[np.arange(n), pred] = 0.9
+    store = EmbeddingStore.create(root, n, {"pred": ((n,), "int32"), "probs": ((n, N_CLASSES), "float32"),
+                                            "mu": ((n, 6), "float32"), "labels": ((n,), "int64"),
+                                            "ok": ((n,), "bool")}, {"num_classes": N_CLASSES})
+    store.write(0, {"pred": pred, "probs": probs, "mu": mu.astype(np.float32), "labels": labels,
+                    "ok": np.ones(n, bool)})
+    return store, shortcut
+
+
+def test_the_shortcut_group_is_the_top_finding(tmp_path):
+    store, shortcut = _store(tmp_path / "store")
+    res = discover(store, DiscoverConfig(k=4, n_null=30, seed=0), progress=False)
+    assert res.findings, "no finding"
+    top = res.findings[0]
+    assert top["class"] == 0 and top["q_value"] <= 0.05
+    assert set(shortcut) <= set(top["members"]), "the shortcut group is split or missed"
+    # scattered errors do not make findings: every finding is mostly the shortcut group
+    for f in res.findings:
+        assert np.isin(f["members"], shortcut).mean() > 0.5, f
+
+
+def test_too_few_permutations_warn_instead_of_failing_silently(tmp_path, caplog):
+    store, _ = _store(tmp_path / "store")
+    with caplog.at_level(logging.WARNING, logger="spurfast.discover"):
+        res = discover(store, DiscoverConfig(k=4, n_null=1, max_null=1, seed=0), progress=False)
+    assert not res.findings and res.config["n_null_permutations"] == 1
+    assert "rerun with a larger max_null" in caplog.text
+
+
+def test_permutations_are_added_until_the_resolution_suffices(tmp_path):
+    """Too few permutations to reach q <= fdr at first: discover adds rounds of n_null,
+    and the extended null is the one a single large call gives."""
+    store, shortcut = _store(tmp_path / "store")
+    res = discover(store, DiscoverConfig(k=4, n_null=5, seed=0), progress=False)
+    rounds = res.config["n_null_permutations"]
+    assert 5 < rounds <= 120 and rounds % 5 == 0
+    assert res.findings and set(shortcut) <= set(res.findings[0]["members"])
+    once = discover(store, DiscoverConfig(k=4, n_null=rounds, max_null=rounds, seed=0), progress=False)
+    assert [c["p_value"] for c in once.clusters] == [c["p_value"] for c in res.clusters]
+
+
+def test_max_null_below_n_null_is_refused():
+    with pytest.raises(ValueError, match="max_null"):
+        DiscoverConfig(n_null=30, max_null=10)
+
+
+def test_unfinished_store_is_refused(tmp_path):
+    store = EmbeddingStore.create(tmp_path / "s", 3, {"pred": ((3,), "int32")}, {"num_classes": 2})
+    with pytest.raises(ValueError, match="unfinished"):
+        discover(store, DiscoverConfig(), progress=False)
+
+
+def test_resolve_fdr_asks_for_a_finer_null_than_the_findings_cut(tmp_path):
+    store, _ = _store(tmp_path / "store")
+    loose = discover(store, DiscoverConfig(k=4, n_null=5, fdr=0.1, seed=0), progress=False)
+    fine = discover(store, DiscoverConfig(k=4, n_null=5, fdr=0.1, resolve_fdr=0.01, seed=0), progress=False)
+    assert loose.config["n_null_permutations"] < fine.config["n_null_permutations"]
+    with pytest.raises(ValueError, match="resolve_fdr"):
+        DiscoverConfig(resolve_fdr=1.5)
