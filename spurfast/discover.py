@@ -117,10 +117,10 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
     done = config.n_null
     resolve_fdr = config.fdr if config.resolve_fdr is None else config.resolve_fdr
     while True:
-        pvals, n_reference = size_matched_pvalues(real.score[nonempty], real.n_unrelated[nonempty],
-                                                  null_score, null_n_unrelated)
+        pvals, n_reference, beat_all = size_matched_pvalues(real.score[nonempty], real.n_unrelated[nonempty],
+                                                            null_score, null_n_unrelated)
         qvals = bh_qvalues(pvals)
-        starved = (pvals * (1 + n_reference) <= 1 + 1e-9) & (qvals > resolve_fdr)  # beat every null cluster
+        starved = beat_all & (qvals > resolve_fdr)
         if not starved.any() or done >= config.max_null:
             break
         more = min(config.n_null, config.max_null - done)

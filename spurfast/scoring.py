@@ -148,35 +148,40 @@ SIZE_FACTOR = 2.0     # a cluster's null: the null clusters within this factor o
 
 
 def size_matched_pvalues(scores: np.ndarray, n_unrelated: np.ndarray, null: np.ndarray,
-                         null_n_unrelated: np.ndarray, min_reference: int = 100) -> tuple[np.ndarray, np.ndarray]:
-    """Permutation p-values, each score against the null clusters of about its size, and
-    the number of null clusters each was compared with.
+                         null_n_unrelated: np.ndarray, min_reference: int = 100
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Permutation p-values, each score against the null clusters of about its size; the
+    number of null clusters each was compared with; and whether it beat every null cluster
+    within ``SIZE_FACTOR`` of its size (then more permutations can only lower its p).
 
     Size is the number of unrelated members (what a score sums over), compared on a log
     scale as (n + 1): within ``SIZE_FACTOR``, widened to the ``min_reference`` nearest in
     size when fewer are.  Pooling every size would let a large cluster's diffuse agreement
     pass for a small cluster's pure one, and hide small pure groups among large null
-    clusters.  The price is resolution: p >= 1 / (1 + #reference), so `discover` adds
-    permutations while a cluster that beat its whole reference still misses the FDR.
+    clusters.  The price is resolution: p >= 1 / (1 + #reference), and a sparse window
+    is widened with clusters of other sizes, so `discover` adds permutations while a cluster
+    that beat every null cluster of its size still misses the FDR.
     (Widening the reference instead, to #clusters / fdr null clusters so that a lone
     finding could always pass Benjamini-Hochberg, lost all three planted patterns of one
     three-pattern run: the wider reference is no longer matched in size.)"""
     scores, null = np.asarray(scores, np.float64), np.asarray(null, np.float64)
     if len(null) == 0:
-        return np.ones(len(scores)), np.zeros(len(scores), np.int64)
+        return np.ones(len(scores)), np.zeros(len(scores), np.int64), np.ones(len(scores), bool)
     log_null = np.log1p(np.asarray(null_n_unrelated, np.float64))
     n_unrelated = np.asarray(n_unrelated)
-    out, n_ref = np.empty(len(scores)), np.empty(len(scores), np.int64)
+    out, n_ref, beat = np.empty(len(scores)), np.empty(len(scores), np.int64), np.empty(len(scores), bool)
     for n in np.unique(n_unrelated):  # clusters of one size share their reference
         dist = np.abs(log_null - np.log1p(float(n)))
         ref = dist <= np.log(SIZE_FACTOR)
+        here = n_unrelated == n
+        window_max = null[ref].max() if ref.any() else -np.inf
+        beat[here] = scores[here] > window_max
         if ref.sum() < min_reference:
             ref = np.zeros(len(null), bool)
             ref[np.argsort(dist, kind="stable")[:min_reference]] = True
-        here = n_unrelated == n
         out[here] = permutation_pvalues(scores[here], null[ref])
         n_ref[here] = ref.sum()
-    return out, n_ref
+    return out, n_ref, beat
 
 
 def bh_qvalues(p: np.ndarray) -> np.ndarray:

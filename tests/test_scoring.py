@@ -85,23 +85,29 @@ def test_size_matched_pvalues_compare_with_null_clusters_of_about_the_same_size(
     large = np.linspace(0, 20, 150)
     null = np.concatenate([small, large])
     sizes = np.concatenate([np.full(150, 4), np.full(150, 40)])
-    p, n_ref = size_matched_pvalues(np.array([3.0, 3.0]), np.array([4, 40]), null, sizes)
-    assert n_ref.tolist() == [150, 150]
+    p, n_ref, beat = size_matched_pvalues(np.array([3.0, 3.0]), np.array([4, 40]), null, sizes)
+    assert n_ref.tolist() == [150, 150] and beat.tolist() == [True, False]
     # 3.0 beats every small null cluster (p = 1/151), but 3/4 of the large ones reach it
     np.testing.assert_allclose(p, [1 / 151, (1 + (large >= 3.0).sum()) / 151])
     # pooling would give both the same p
     assert p[0] < permutation_pvalues(np.array([3.0]), null)[0] < p[1]
     # a size with too few null clusters near it takes the min_reference nearest: the 150
     # large ones and then 50 small ones
-    p_far, n_ref = size_matched_pvalues(np.array([1.0]), np.array([400]), null, sizes, min_reference=200)
+    p_far, n_ref, beat = size_matched_pvalues(np.array([1.0]), np.array([400]), null, sizes, min_reference=200)
     assert n_ref.tolist() == [200]
+    assert beat.tolist() == [True]  # no null cluster of its size: more permutations could lower p
+    # a sparse window widened with larger clusters: not beaten in p, but beaten in its window
+    mixed, mixed_sizes = np.concatenate([small, np.linspace(10, 20, 10)]), np.concatenate([sizes[:150], np.full(10, 40)])
+    p_mid, n_ref, beat = size_matched_pvalues(np.array([2.5]), np.array([4]), mixed, mixed_sizes, min_reference=155)
+    assert n_ref.tolist() == [155] and beat.tolist() == [True]
+    np.testing.assert_allclose(p_mid, 6 / 156)  # the 5 large clusters added all score higher
     ref = np.concatenate([large, small[:50]])
     np.testing.assert_allclose(p_far, (1 + (ref >= 1.0).sum()) / 201)
     # a reference as large as the null is the pooled p-value
     np.testing.assert_allclose(size_matched_pvalues(np.array([3.0]), np.array([4]), null, sizes, min_reference=300)[0],
                                permutation_pvalues(np.array([3.0]), null))
-    p, n_ref = size_matched_pvalues(np.array([1.0]), np.array([3]), np.zeros(0), np.zeros(0))
-    assert p.tolist() == [1.0] and n_ref.tolist() == [0]
+    p, n_ref, beat = size_matched_pvalues(np.array([1.0]), np.array([3]), np.zeros(0), np.zeros(0))
+    assert p.tolist() == [1.0] and n_ref.tolist() == [0] and beat.tolist() == [True]
 
 
 def test_cluster_scores_counts():
