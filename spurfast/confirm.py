@@ -249,12 +249,18 @@ def confirm_pattern(model, images: torch.Tensor, cls: int, mask: np.ndarray, con
     p0 = _prob(model, images, cls, config.device, config.batch_size)
     p1 = _prob(model, apply_delta(images, vals, m, config.mode), cls, config.device, config.batch_size)
     real = p1 - p0 > RISE
-    ctrl = np.zeros(n, bool)
-    for s in range(0, n, config.batch_size):
-        xb = images[s:s + config.batch_size]
-        cv, cm = random_controls(vals, m, len(xb), rng)
-        pc = _prob(model, apply_delta(xb, cv, cm, config.mode), cls, config.device, config.batch_size)
-        ctrl[s:s + len(xb)] = pc - p0[s:s + len(xb)] > RISE
+
+    def flips(perturb) -> np.ndarray:
+        """Which images a control lifts by more than RISE; ``perturb(batch)`` draws a fresh
+        control per image (batch by batch, so the draws follow one rng order)."""
+        out = np.zeros(n, bool)
+        for s in range(0, n, config.batch_size):
+            xb = images[s:s + config.batch_size]
+            rise = _prob(model, perturb(xb), cls, config.device, config.batch_size) - p0[s:s + len(xb)]
+            out[s:s + len(xb)] = rise > RISE
+        return out
+
+    ctrl = flips(lambda xb: apply_delta(xb, *random_controls(vals, m, len(xb), rng), config.mode))
     out = {"flip_rate": float(real.mean()), "control_flip_rate": float(ctrl.mean()),
            "p_value": mcnemar_one_sided(real, ctrl), "n_images": int(n), "mask_area": int(m.sum()),
            "mean_rise": float((p1 - p0).mean())}
@@ -264,22 +270,12 @@ def confirm_pattern(model, images: torch.Tensor, cls: int, mask: np.ndarray, con
         base = images.mean(0)
         direction = vals if config.mode == "add" else vals - base
         class_images = most_like_pattern(class_images, base, direction, m, config.content_match)
-        cont = np.zeros(n, bool)
-        for s in range(0, n, config.batch_size):
-            xb = images[s:s + config.batch_size]
-            d = content_controls(m, class_images, base, len(xb), rng)
-            pc = _prob(model, (xb + d).clamp(0.0, 1.0), cls, config.device, config.batch_size)
-            cont[s:s + len(xb)] = pc - p0[s:s + len(xb)] > RISE
+        cont = flips(lambda xb: (xb + content_controls(m, class_images, base, len(xb), rng)).clamp(0.0, 1.0))
         out["content_flip_rate"] = float(cont.mean())
         out["content_p_value"] = mcnemar_one_sided(real, cont)
     if confirm_verdict(out) == "not_specific" and config.mode == "add":
         # random patterns move the model as much: do smooth ones (no texture) too?
-        sm = np.zeros(n, bool)
-        for s in range(0, n, config.batch_size):
-            xb = images[s:s + config.batch_size]
-            pc = _prob(model, (xb + smooth_controls(vals, m, len(xb), rng)).clamp(0.0, 1.0), cls, config.device,
-                       config.batch_size)
-            sm[s:s + len(xb)] = pc - p0[s:s + len(xb)] > RISE
+        sm = flips(lambda xb: (xb + smooth_controls(vals, m, len(xb), rng)).clamp(0.0, 1.0))
         out["smooth_flip_rate"] = float(sm.mean())
         out["smooth_p_value"] = mcnemar_one_sided(real, sm)
     return out
