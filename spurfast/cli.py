@@ -37,6 +37,10 @@ def _add_discover_args(p):
                    help="add permutations (n-null at a time) up to this many while a cluster beats every null "
                         "cluster of its size but misses the FDR")
     p.add_argument("--fdr", type=float, default=0.05, help="Benjamini-Hochberg false-discovery rate")
+    p.add_argument("--statistic", default="share", choices=["share", "surprise"],
+                   help="per-image agreement: share of unrelated neighbours predicted alike, or how surprising "
+                        "that agreement is given the labels' confusion rates (finds weaker shortcuts, and more "
+                        "natural confusions for confirmation to reject)")
     p.add_argument("--kmeans-backend", default=None, choices=["auto", "torch", "cupy"])
     p.add_argument("--device", default="cpu")
 
@@ -45,7 +49,7 @@ def _discover_config(args):
     from .discover import DiscoverConfig
     return DiscoverConfig(k=args.k, min_cluster_size=args.min_cluster_size,
                           max_mean_cluster_size=args.max_mean_cluster_size, max_k=args.max_k, n_null=args.n_null,
-                          max_null=args.max_null, fdr=args.fdr,
+                          max_null=args.max_null, fdr=args.fdr, statistic=args.statistic,
                           seed=args.seed, backend=args.kmeans_backend, device=args.device)
 
 
@@ -204,7 +208,7 @@ def cmd_evaluate(args):
         return
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
     run_evaluation(args.preset, args.out, cache=args.cache, only=args.only, seeds=seeds, progress=not args.quiet,
-                   results_md=args.results_md)
+                   results_md=args.results_md, statistic=args.statistic)
 
 
 def cmd_report(args):
@@ -332,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's)")
     p.add_argument("--results-md", default=None, help="also write RESULTS.md here (e.g. docs/RESULTS.md)")
     p.add_argument("--from-csv", default=None, help="only regenerate RESULTS.md and plots from this results.csv")
+    p.add_argument("--statistic", default="share", choices=["share", "surprise"],
+                   help="discovery's agreement statistic (see discover --statistic)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 

@@ -20,7 +20,7 @@ from . import __version__
 from .characterise import contrast_map, exemplars, linear_probe, neighbour_contrast, pattern_mask
 from .data.sources import ImageSource
 from .embed import EmbeddingStore
-from .scoring import (bh_qvalues, cluster_and_score, content_classes, latent_neighbours, null_scores,
+from .scoring import (STATISTICS, bh_qvalues, cluster_and_score, content_classes, latent_neighbours, null_scores,
                       size_matched_pvalues)
 
 log = logging.getLogger("spurfast.discover")
@@ -42,6 +42,9 @@ class DiscoverConfig:
     max_null: int = 120
     resolve_fdr: float | None = None  # ... until such a cluster could reach this q (None: fdr)
     n_neighbours: int = 10       # latent neighbours each image's agreement is measured over
+    # how an image's agreement is measured (`spurfast.scoring.agreement`): "share" or
+    # "surprise" (more sensitive to weak shortcuts, more findings for confirmation to judge)
+    statistic: str = "share"
     fdr: float = 0.05            # Benjamini-Hochberg level for findings
     n_iter: int = 20             # Lloyd iterations
     n_exemplars: int = 16
@@ -63,6 +66,8 @@ class DiscoverConfig:
             raise ValueError(f"n_null must be >= 1, got {self.n_null}")
         if self.max_null < self.n_null:
             raise ValueError(f"max_null must be >= n_null={self.n_null}, got {self.max_null}")
+        if self.statistic not in STATISTICS:
+            raise ValueError(f"statistic must be one of {STATISTICS}, got {self.statistic!r}")
         if self.resolve_fdr is not None and not 0 < self.resolve_fdr < 1:
             raise ValueError(f"resolve_fdr must be in (0, 1) or None, got {self.resolve_fdr}")
 
@@ -104,7 +109,7 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
     z = _standardise(mu[valid])
     g = pred[valid]
     kw = dict(k=config.k, min_cluster_size=config.min_cluster_size, max_mean_cluster_size=config.max_mean_cluster_size,
-              max_k=config.max_k,
+              max_k=config.max_k, statistic=config.statistic,
               n_iter=config.n_iter,
               metric=config.metric, backend=config.backend, device=config.device)
     nbrs = latent_neighbours(z, config.n_neighbours, device=config.device)

@@ -295,14 +295,15 @@ confirmed = is_confirmed   # the rule `spurfast+confirm` keeps findings by (spur
 
 
 def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress: bool = False,
-            methods=METHODS) -> tuple[list[dict], list[dict]]:
+            methods=METHODS, statistic: str = "share") -> tuple[list[dict], list[dict]]:
     """Rows (results) and confirmation rows of one (setting, seed); cached."""
     from .confirm import ConfirmConfig, confirm_findings
     from .demo import spurious_score
     from .embed import embed_pool
 
     run_key = _key({"setting": _setting_key(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods),
-                    "v": 11})   # 11: agreement shares, size-matched null resolved to q = 0.05
+                    "v": 11,    # 11: agreement shares, size-matched null resolved to q = 0.05
+                    **({} if statistic == "share" else {"statistic": statistic})})
     rdir = cache / "runs"
     rdir.mkdir(parents=True, exist_ok=True)
     rfile = rdir / f"{setting.name}-s{seed}-{run_key}.json"
@@ -330,7 +331,7 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
     # the learned features: none for the clean model (every finding is a false one)
     feats = [] if setting.clean_model else data.features
     # findings up to q = 0.1, with a null fine enough to tell q <= 0.05 too (both are reported)
-    cfg = DiscoverConfig(k=sizes.k, n_null=sizes.n_null, fdr=0.1, resolve_fdr=0.05, seed=seed)
+    cfg = DiscoverConfig(k=sizes.k, n_null=sizes.n_null, fdr=0.1, resolve_fdr=0.05, seed=seed, statistic=statistic)
     cands: dict[str, list[dict]] = {}
     timing = {}
     if "spurfast" in methods:
@@ -385,7 +386,7 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
 
 # ----------------------------------------------------------------------------- sweep
 def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None, seeds=None,
-                   progress: bool = True, results_md=None) -> Path:
+                   progress: bool = True, results_md=None, statistic: str = "share") -> Path:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
     p = PRESETS[preset]
@@ -404,7 +405,7 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
     for s in settings:
         for seed in seeds:
             t = time.time()
-            r, c = run_one(s, seed, p["sizes"], cache, progress=False)
+            r, c = run_one(s, seed, p["sizes"], cache, progress=False, statistic=statistic)
             rows += r
             crows += c
             if progress:
@@ -417,7 +418,8 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
                                            "confirm_q_value", "confirmed", "pool_pattern"])
     cmd = f"spurfast evaluate --preset {preset} --out {out}" + (f" --only '{only}'" if only else "") + \
           (f" --seeds {','.join(map(str, seeds))}" if seeds != tuple(p["seeds"]) else "") + \
-          (f" --cache {cache}" if cache != out / "cache" else "")
+          (f" --cache {cache}" if cache != out / "cache" else "") + \
+          (f" --statistic {statistic}" if statistic != "share" else "")
     timing = {"wall_s": time.time() - t0, "cpu_s": time.process_time() - c0, "load_at_start": load0,
               "load_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
               "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "command": cmd}

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.special import betainc
 
 from . import backends
 from .cluster import batched_kmeans, choose_k
@@ -58,15 +59,47 @@ def latent_neighbours(z: np.ndarray, k: int = 10, device: str = "cpu", backend: 
     return backends.call("latent_knn", zt, k, backend=backend).cpu().numpy()
 
 
-def agreement(groups: np.ndarray, labels: np.ndarray, neighbours: np.ndarray, unknown_ok: np.ndarray) -> np.ndarray:
-    """Per point i (predicted class c = groups[i]): the share of its neighbours unrelated
-    to c (label != c, or unlabelled and allowed) that are also predicted c (0 when it has
-    no such neighbour)."""
+STATISTICS = ("share", "surprise")
+SURPRISE_CAP = 10.0   # -log10 p per member at most: beyond it only a zero confusion rate speaks
+
+
+def confusion_rates(groups: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(L + 1, C) share of the images of each true label predicted as each class; the last
+    row pools the unlabelled images.  The permutation null keeps it (it permutes within labels)."""
+    lab = np.where(labels >= 0, labels, -1)
+    n_labels = int(lab.max()) + 2 if len(lab) else 1
+    n_classes = int(groups.max()) + 1 if len(groups) else 1
+    table = np.zeros((n_labels, n_classes))
+    np.add.at(table, (lab, groups), 1.0)     # -1 indexes the last row
+    return table / np.maximum(table.sum(1, keepdims=True), 1.0)
+
+
+def agreement(groups: np.ndarray, labels: np.ndarray, neighbours: np.ndarray, unknown_ok: np.ndarray,
+              statistic: str = "share") -> np.ndarray:
+    """Per point i (predicted class c = groups[i]), over its neighbours unrelated to c
+    (label != c, or unlabelled and allowed):
+
+    - ``share``: the share also predicted c (0 when it has no such neighbour);
+    - ``surprise``: -log10 P(Binomial(n, r) >= a), a of those n neighbours predicted c, r
+      their mean rate of being predicted c given their labels (`confusion_rates`), capped
+      at `SURPRISE_CAP`.  Agreement where the model hardly ever confuses those labels with c
+      weighs more, so a weak shortcut that moves few images of unlikely labels can reach
+      significance; it also makes coherent rare confusions significant (docs/RESULTS.md,
+      ninth session)."""
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
     c = groups[:, None]
     nl = labels[neighbours]
     valid = np.where(nl >= 0, nl != c, unknown_ok[neighbours])
     agree = (groups[neighbours] == c) & valid
-    return agree.sum(1) / np.maximum(valid.sum(1), 1)
+    n, a = valid.sum(1), agree.sum(1)
+    if statistic == "share":
+        return a / np.maximum(n, 1)
+    rate = confusion_rates(groups, labels)[np.where(nl >= 0, nl, -1), c]
+    r = np.clip(np.where(valid, rate, 0.0).sum(1) / np.maximum(n, 1), 1e-12, 1.0 - 1e-12)
+    # P(X >= a) = I_r(a, n - a + 1), the regularised incomplete beta function (a >= 1)
+    tail = np.where(a > 0, betainc(np.maximum(a, 1), np.maximum(n - a + 1, 1), r), 1.0)
+    return np.minimum(-np.log10(np.maximum(tail, 1e-300)), SURPRISE_CAP)
 
 
 def cluster_scores(groups: np.ndarray, assign: np.ndarray, kmax: int, unrelated: np.ndarray,
@@ -95,7 +128,7 @@ class Clustering:
 
 def cluster_and_score(z: np.ndarray, groups: np.ndarray, probs: np.ndarray, labels: np.ndarray,
                       n_classes: int, neighbours: np.ndarray, unknown_ok: np.ndarray, *, k: int, min_cluster_size: int, seed: int, n_iter: int,
-                      max_mean_cluster_size: int = 0, max_k: int = 0,
+                      max_mean_cluster_size: int = 0, max_k: int = 0, statistic: str = "share",
                       metric: str = "l2", backend: str | None = None, device: str = "cpu") -> Clustering:
     sizes = np.bincount(groups, minlength=n_classes)
     kpg = choose_k(sizes, k, min_cluster_size, max_mean_cluster_size, max_k)
@@ -104,7 +137,7 @@ def cluster_and_score(z: np.ndarray, groups: np.ndarray, probs: np.ndarray, labe
     assign = res.assign.cpu().numpy()
     kmax = res.centroids.shape[1]
     unrelated = unrelated_to_class(probs, labels, groups, unknown_ok)
-    agree = agreement(groups, labels, neighbours, unknown_ok)
+    agree = agreement(groups, labels, neighbours, unknown_ok, statistic)
     score, n_u, size = cluster_scores(groups, assign, kmax, unrelated, agree, n_classes)
     return Clustering(groups, assign, res.centroids.cpu().numpy(), kpg, kmax, score, n_u, size)
 

@@ -33,9 +33,10 @@ def _store(root, seed=0):
     return store, shortcut
 
 
-def test_the_shortcut_group_is_the_top_finding(tmp_path):
+@pytest.mark.parametrize("statistic", ["share", "surprise"])
+def test_the_shortcut_group_is_the_top_finding(tmp_path, statistic):
     store, shortcut = _store(tmp_path / "store")
-    res = discover(store, DiscoverConfig(k=4, n_null=30, seed=0), progress=False)
+    res = discover(store, DiscoverConfig(k=4, n_null=30, seed=0, statistic=statistic), progress=False)
     assert res.findings, "no finding"
     top = res.findings[0]
     assert top["class"] == 0 and top["q_value"] <= 0.05
@@ -68,6 +69,11 @@ def test_permutations_are_added_until_the_resolution_suffices(tmp_path):
 def test_max_null_below_n_null_is_refused():
     with pytest.raises(ValueError, match="max_null"):
         DiscoverConfig(n_null=30, max_null=10)
+
+
+def test_unknown_statistic_is_refused():
+    with pytest.raises(ValueError, match="statistic"):
+        DiscoverConfig(statistic="vote")
 
 
 def test_unfinished_store_is_refused(tmp_path):

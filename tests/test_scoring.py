@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from spurfast.kernels import reference as ref
-from spurfast.scoring import agreement, bh_qvalues, cluster_scores, content_classes, \
-    latent_neighbours, permutation_pvalues, permuted_predictions, size_matched_pvalues
+from scipy.stats import binom
+
+from spurfast.scoring import SURPRISE_CAP, agreement, bh_qvalues, cluster_scores, confusion_rates, \
+    content_classes, latent_neighbours, permutation_pvalues, permuted_predictions, size_matched_pvalues
 
 
 def reference_knn(z, k, **kw):
@@ -77,6 +79,49 @@ def test_agreement_is_the_share_of_unrelated_neighbours_predicted_alike():
     assert agreement(groups, labels, nbrs, unknown_ok).tolist() == [1.0, 0.5, 1.0, 1.0, 0.0]
     unknown_ok[4] = False  # a suspect sample of unknown label never counts
     assert agreement(groups, labels, nbrs, unknown_ok)[3] == 0.0  # no neighbour left to count
+
+
+def test_surprise_is_the_binomial_tail_of_agreement_given_confusion_rates():
+    labels = np.array([0, 0, 0, 0, 2, 2])
+    groups = np.array([1, 1, 0, 0, 0, 2])
+    # rates: label 0 -> class 1 in 2 of 4, -> class 0 in 2 of 4; label 2 -> 0 and -> 2 in 1 of 2
+    rates = confusion_rates(groups, labels)
+    assert rates[0, 1] == 0.5 and rates[2, 0] == 0.5 and rates[2, 1] == 0.0
+    nbrs = np.array([[1, 4], [0, 2], [3, 4], [2, 1], [5, 0], [4, 0]])
+    got = agreement(groups, labels, nbrs, np.ones(6, bool), "surprise")
+    # point 0 (pred 1): 1 agrees (rate .5), 4 does not (rate 0): P(Bin(2, .25) >= 1) = 1 - .75^2
+    # point 1 (pred 1): 0 agrees, 2 does not, both rate .5: P(Bin(2, .5) >= 1) = .75
+    # point 2 (pred 0): 3 has label 0 == c (not counted); 4 agrees (rate .5): P = .5
+    # point 3 (pred 0): both neighbours have label 0 == c -> nothing to count -> 0
+    # points 4, 5: no neighbour agrees -> 0
+    want = [-np.log10(1 - 0.75 ** 2), -np.log10(0.75), -np.log10(0.5), 0.0, 0.0, 0.0]
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+
+
+def test_surprise_matches_scipy_and_is_capped():
+    rng = np.random.default_rng(3)
+    n = 400
+    labels = np.where(rng.random(n) < 0.2, -1, rng.integers(0, 4, n))   # some unlabelled (pooled)
+    groups = rng.integers(0, 4, n)
+    nbrs = np.stack([rng.permutation(n)[:12] for _ in range(n)])
+    unknown_ok = rng.random(n) < 0.7
+    got = agreement(groups, labels, nbrs, unknown_ok, "surprise")
+    rates = confusion_rates(groups, labels)
+    for i in range(n):
+        c, nl = groups[i], labels[nbrs[i]]
+        valid = np.where(nl >= 0, nl != c, unknown_ok[nbrs[i]])
+        a = int(((groups[nbrs[i]] == c) & valid).sum())
+        r = rates[np.where(nl >= 0, nl, -1)[valid], c].mean() if valid.any() else 0.0
+        want = 0.0 if a == 0 else min(-np.log10(binom.sf(a - 1, int(valid.sum()), r)), SURPRISE_CAP)
+        assert got[i] == pytest.approx(want, rel=1e-9, abs=1e-12), i
+    # 20 neighbours of a label the model calls class 1 in 2% of cases, all called 1: p = .02^20
+    labels = np.zeros(1000, np.int64)
+    groups = np.zeros(1000, np.int64)
+    groups[:21] = 1
+    nbrs = np.tile(np.arange(1, 21), (1000, 1))
+    assert agreement(groups, labels, nbrs, np.ones(1000, bool), "surprise")[0] == SURPRISE_CAP
+    with pytest.raises(ValueError, match="statistic"):
+        agreement(groups, labels, nbrs, np.ones(1000, bool), "vote")
 
 
 def test_size_matched_pvalues_compare_with_null_clusters_of_about_the_same_size():
