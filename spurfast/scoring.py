@@ -14,7 +14,9 @@ classifier's best class other than c; suspect samples of unknown label never cou
 the K nearest neighbours in the standardised latent space.  (A majority vote instead of the
 share ignores how pure a region is; with the size-matched null below, the share gave fewer
 false findings at about the same recall on 7 settings x 3 seeds: docs/RESULTS.md, eighth
-session.)
+session.)  An optional *surprise* statistic weighs each member's agreement by how rarely
+the model confuses its neighbours' labels with c (`agreement`); it is more sensitive to
+weak shortcuts and to coherent rare confusions alike (docs/RESULTS.md, ninth session).
 
 The null keeps everything but the link between latent features and predictions:
 predicted classes are permuted among images of the same true label (among all images
