@@ -62,7 +62,9 @@ def latent_neighbours(z: np.ndarray, k: int = 10, device: str = "cpu", backend: 
 
 
 STATISTICS = ("share", "surprise")
-SURPRISE_CAP = 10.0   # -log10 p per member at most: beyond it only a zero confusion rate speaks
+# -log10 p per member at most: rarer than that only says the rate is about zero, and one
+# member must not outweigh a whole cluster
+SURPRISE_CAP = 10.0
 
 
 def confusion_rates(groups: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -83,8 +85,8 @@ def agreement(groups: np.ndarray, labels: np.ndarray, neighbours: np.ndarray, un
 
     - ``share``: the share also predicted c (0 when it has no such neighbour);
     - ``surprise``: -log10 P(Binomial(n, r) >= a), a of those n neighbours predicted c, r
-      their mean rate of being predicted c given their labels (`confusion_rates`), capped
-      at `SURPRISE_CAP`.  Agreement where the model hardly ever confuses those labels with c
+      their mean rate of being predicted c given their labels (`confusion_rates`; one
+      binomial stands in for the Poisson-binomial of unequal rates), capped at `SURPRISE_CAP`.  Agreement where the model hardly ever confuses those labels with c
       weighs more, so a weak shortcut that moves few images of unlikely labels can reach
       significance; it also makes coherent rare confusions significant (docs/RESULTS.md,
       ninth session)."""

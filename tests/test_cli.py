@@ -106,11 +106,13 @@ def test_discover_flags_reach_the_config():
     from spurfast.cli import _discover_config
 
     args = build_parser().parse_args(["discover", "--pool", "p", "--classifier", "c", "--vae", "v", "--out", "o",
-                                      "--max-k", "7", "--max-mean-cluster-size", "40", "--k", "3"])
+                                      "--max-k", "7", "--max-mean-cluster-size", "40", "--k", "3",
+                                      "--statistic", "surprise"])
     cfg = _discover_config(args)
-    assert (cfg.max_k, cfg.max_mean_cluster_size, cfg.k) == (7, 40, 3)
-    assert _discover_config(build_parser().parse_args(["discover", "--pool", "p", "--classifier", "c", "--vae", "v",
-                                                       "--out", "o"])).max_k == 256
+    assert (cfg.max_k, cfg.max_mean_cluster_size, cfg.k, cfg.statistic) == (7, 40, 3, "surprise")
+    default = _discover_config(build_parser().parse_args(["discover", "--pool", "p", "--classifier", "c", "--vae", "v",
+                                                          "--out", "o"]))
+    assert (default.max_k, default.statistic) == (256, "share")
 
 
 def test_verdict_counts_line():

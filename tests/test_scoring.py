@@ -1,10 +1,9 @@
 import numpy as np
 import pytest
 import torch
-
-from spurfast.kernels import reference as ref
 from scipy.stats import binom
 
+from spurfast.kernels import reference as ref
 from spurfast.scoring import SURPRISE_CAP, agreement, bh_qvalues, cluster_scores, confusion_rates, \
     content_classes, latent_neighbours, permutation_pvalues, permuted_predictions, size_matched_pvalues
 
