@@ -84,11 +84,20 @@ figcaption{font-size:12px;color:#555;text-align:center}img{image-rendering:pixel
 .muted{color:#777}code{background:#f4f4f4;padding:1px 4px}"""
 
 
+STATISTIC_WORDS = {
+    "share": "the share of the member's unrelated latent neighbours predicted the same class",
+    "surprise": "-log10 of the chance that so many of the member's unrelated latent neighbours are predicted "
+                "the same class, given how often the model calls their labels so",
+}
+
+
 def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_files: dict | None = None,
                  summary: dict | None = None) -> Path:
     out_dir = Path(out_dir)
     e = lambda v: html.escape(str(v), quote=True)  # noqa: E731
     fdr = doc["config"].get("discover", {}).get("fdr", 0.05)
+    # what a score sums (runs before the statistic was recorded used the share)
+    statistic = doc["config"].get("discover", {}).get("statistic", "share")
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>spurfast report</title>"
              f"<style>{_CSS}</style></head><body>",
              f"<h1>spurfast report</h1><p class='muted'>spurfast {e(doc['spurfast_version'])}, "
@@ -101,6 +110,9 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
         plot_scores(clusters, fdr, out_dir / "images" / "scores.png")
         parts.append("<h2>Cluster scores</h2><img src='images/scores.png' alt='cluster scores'>")
     parts.append(f"<h2>Findings ({len(doc['findings'])} at q &le; {e(fdr)})</h2>")
+    parts.append(f"<p class='muted'>A score sums, over the unrelated members, "
+                 f"{e(STATISTIC_WORDS.get(statistic, statistic))}; p against permuted predictions, "
+                 f"q by Benjamini-Hochberg.</p>")
     if not doc["findings"]:
         parts.append("<p>No cluster is significant at this false-discovery rate.</p>")
     for f in doc["findings"]:

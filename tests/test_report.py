@@ -30,3 +30,13 @@ def test_confirmed_finding_shows_its_adjusted_q_value(tmp_path):
           "content_p_value": 1e-8, "q_value": 2e-8}
     html = write_report(_doc(cf), tmp_path).read_text()
     assert "<b>confirmed shortcut</b>" in html and "q = 2e-08 over this run's findings" in html
+
+
+def test_the_report_says_what_a_score_sums(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    html = write_report(_doc(None), tmp_path / "a").read_text()   # no statistic recorded: the share
+    assert "the share of the member&#x27;s unrelated latent neighbours" in html
+    doc = _doc(None)
+    doc["config"]["discover"]["statistic"] = "surprise"
+    assert "the chance that so many" in write_report(doc, tmp_path / "b").read_text()
