@@ -25,6 +25,11 @@ def _add_pattern_args(p):
     p.add_argument("--pool-fraction", type=float, default=0.1, help="fraction of unrelated pool images stamped")
 
 
+# = spurfast.scoring.STATISTICS (a test keeps them equal): importing scoring here would load
+# torch for every --help
+STATISTICS = ("share", "surprise")
+
+
 def _add_discover_args(p):
     p.add_argument("--k", type=int, default=8, help="clusters per class")
     p.add_argument("--min-cluster-size", type=int, default=5)
@@ -37,7 +42,7 @@ def _add_discover_args(p):
                    help="add permutations (n-null at a time) up to this many while a cluster beats every null "
                         "cluster of its size but misses the FDR")
     p.add_argument("--fdr", type=float, default=0.05, help="Benjamini-Hochberg false-discovery rate")
-    p.add_argument("--statistic", default="share", choices=["share", "surprise"],
+    p.add_argument("--statistic", default="share", choices=STATISTICS,
                    help="per-image agreement: share of unrelated neighbours predicted alike, or how surprising "
                         "that agreement is given the labels' confusion rates (finds weaker shortcuts, and more "
                         "natural confusions for confirmation to reject)")
@@ -336,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's)")
     p.add_argument("--results-md", default=None, help="also write RESULTS.md here (e.g. docs/RESULTS.md)")
     p.add_argument("--from-csv", default=None, help="only regenerate RESULTS.md and plots from this results.csv")
-    p.add_argument("--statistic", default="share", choices=["share", "surprise"],
+    p.add_argument("--statistic", default="share", choices=STATISTICS,
                    help="discovery's agreement statistic (see discover --statistic)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)

@@ -86,7 +86,8 @@ def agreement(groups: np.ndarray, labels: np.ndarray, neighbours: np.ndarray, un
     - ``share``: the share also predicted c (0 when it has no such neighbour);
     - ``surprise``: -log10 P(Binomial(n, r) >= a), a of those n neighbours predicted c, r
       their mean rate of being predicted c given their labels (`confusion_rates`; one
-      binomial stands in for the Poisson-binomial of unequal rates), capped at `SURPRISE_CAP`.  Agreement where the model hardly ever confuses those labels with c
+      binomial stands in for the Poisson-binomial of unequal rates), capped at
+      `SURPRISE_CAP`.  Agreement where the model hardly ever confuses those labels with c
       weighs more, so a weak shortcut that moves few images of unlikely labels can reach
       significance; it also makes coherent rare confusions significant (docs/RESULTS.md,
       ninth session)."""

@@ -115,6 +115,13 @@ def test_discover_flags_reach_the_config():
     assert (default.max_k, default.statistic) == (256, "share")
 
 
+def test_cli_statistics_are_the_scoring_ones():
+    from spurfast.cli import STATISTICS
+    from spurfast.scoring import STATISTICS as scoring_statistics
+
+    assert STATISTICS == scoring_statistics
+
+
 def test_verdict_counts_line():
     fs = [{"confirm": {"verdict": "class_content"}}, {"confirm": {"verdict": "confirmed"}},
           {"confirm": {"verdict": "class_content"}}, {"confirm": None}]
