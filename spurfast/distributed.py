@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from .cluster import check_input, lloyd
+from .cores import usable_cores
 
 log = logging.getLogger("spurfast.distributed")
 
@@ -206,7 +207,7 @@ def embed_pool_sharded(source, classifier, vae, store_dir, *, progress: bool = T
     W = _CTX.world_size
     if kwargs.get("num_workers") is None:  # share the node's cores among its ranks
         per_node = _env_int("LOCAL_WORLD_SIZE", W)
-        kwargs["num_workers"] = max(1, (os.cpu_count() or 1) // max(1, per_node))
+        kwargs["num_workers"] = max(1, usable_cores() // max(1, per_node))
     store = all_succeed(embed_pool, source, classifier, vae, store_dir, shard_id=_CTX.rank, num_shards=W,
                         progress=progress, **kwargs)
     if kwargs.get("stop_after") is not None:  # a simulated interruption: nothing to merge yet
@@ -372,7 +373,7 @@ def main_section():
     threads = torch.get_num_threads()
     per_node = _env_int("LOCAL_WORLD_SIZE", _CTX.world_size)
     if _CTX.device == "cpu" and per_node > 1:
-        torch.set_num_threads(max(threads, min(os.cpu_count() or 1, threads * per_node)))
+        torch.set_num_threads(max(threads, min(usable_cores(), threads * per_node)))
     try:
         with (kmeans_across_ranks() if cluster_across_ranks() else _rank0_clusters_alone()):
             yield

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .cores import usable_cores
 from .data.loader_torch import iter_batches
 from .data.preprocess import uint8_to
 from .data.sources import ImageSource
@@ -139,7 +140,7 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
 
     Resumes when ``store_dir`` holds an unfinished store of the same fingerprint.
     ``stop_after`` (batches) simulates an interruption for tests.  ``num_workers``: decode
-    threads/processes for folder pools (default: all cores).
+    threads/processes for folder pools (default: every core this process may use).
 
     ``num_shards > 1`` (one call per rank, see `spurfast.distributed`): embeds only shard
     ``shard_id`` of the pool indices not yet in ``store_dir`` (every ``num_shards``-th,
@@ -153,7 +154,7 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
     (``compute_s``), and writing the store (``write_s``), so the slow stage shows.
     """
     if num_workers is None:
-        num_workers = os.cpu_count() or 1
+        num_workers = usable_cores()
     n = len(source)
     if n == 0:
         raise ValueError(f"pool {source.name} is empty")

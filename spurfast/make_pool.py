@@ -240,6 +240,7 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
     """Write the pool; returns the contents of ``pool.json``."""
     from tqdm.auto import tqdm
 
+    from .cores import usable_cores
     from .data.folder import list_folder
 
     spec.validate()
@@ -254,7 +255,7 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
     if not spec.flat:
         for c in range(min(spec.classes, spec.n)):
             (out / f"c{c:04d}").mkdir(exist_ok=True)
-    workers = max(1, workers or os.cpu_count() or 1)
+    workers = max(1, workers or usable_cores())
     chunk = 256
     ranges = [(s, min(s + chunk, spec.n)) for s in range(0, spec.n, chunk)]
     t0 = time.perf_counter()

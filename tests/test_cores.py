@@ -1,0 +1,27 @@
+"""usable_cores counts the cores a process may run on, not the machine's."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from spurfast.cores import usable_cores
+
+pinned = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
+
+
+@pinned
+def test_follows_the_affinity_mask():
+    assert usable_cores() == len(os.sched_getaffinity(0))
+
+
+@pinned
+def test_one_core_under_taskset_like_pinning():
+    # a child pinned to one core (what taskset or a cgroup cpuset does) sees one core
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from spurfast.cores import usable_cores; print(usable_cores(), os.cpu_count())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    pinned_cores, machine = map(int, out.stdout.split())
+    assert pinned_cores == 1
+    assert machine >= 1
