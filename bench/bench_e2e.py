@@ -31,8 +31,11 @@ Stage-alone rows (op "stage", one process, all cores): load (the folder loader a
 classify and encode (the models on in-memory 256-image batches), cluster (one batched
 k-means over the pool's latents, grouped by predicted class).  ``ratio`` rows put the
 targets side by side: embed pass vs its slowest stage, 2 vs 1 process, peak memory at the
-largest vs smallest pool.  The machine's load average before each run is recorded
-(``loadavg_1m``): other jobs on a shared machine slow every figure.
+largest vs smallest pool.  On a CPU node one more run pins 1 process to 1 core (affinity
+and one OpenMP thread): ``*_2procs_vs_1_1core`` is the sharding's own scaling, where
+``*_2procs_vs_1`` compares with 1 process whose threads already fill every core.  The
+machine's load average before each run is recorded (``loadavg_1m``): other jobs on a
+shared machine slow every figure.
 """
 from __future__ import annotations
 
@@ -49,6 +52,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from spurfast.cores import usable_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -183,8 +188,11 @@ def _warm_up(clf, vae, device, batch_size, n, ctx):
         torch.cuda.synchronize()
 
 
-def run_e2e(pool: Path, clf: Path, vae: Path, procs: int, n_null: int, device: str = "cpu") -> dict:
-    out = _bench_dir() / f"run-{pool.name}-p{procs}"
+def run_e2e(pool: Path, clf: Path, vae: Path, procs: int, n_null: int, device: str = "cpu",
+            cores: int | None = None) -> dict:
+    """One timed run in fresh processes; ``cores``: pin it to that many of this process's
+    cores (CPU affinity, as taskset does, and as many OpenMP threads)."""
+    out = _bench_dir() / (f"run-{pool.name}-p{procs}" + (f"-c{cores}" if cores else ""))
     shutil.rmtree(out, ignore_errors=True)
     wargs = ["--pool", str(pool), "--out", str(out), "--clf", str(clf), "--vae", str(vae), "--n-null", str(n_null),
              "--device", device]
@@ -195,15 +203,20 @@ def run_e2e(pool: Path, clf: Path, vae: Path, procs: int, n_null: int, device: s
     else:
         torchrun = Path(sys.executable).with_name("torchrun")
         cmd = [str(torchrun), "--standalone", "--nproc-per-node", str(procs), "-m", "bench.bench_e2e", "--worker"] + wargs
+    pin = None
+    if cores:
+        allowed = sorted(os.sched_getaffinity(0))[:cores]
+        env["OMP_NUM_THREADS"] = str(len(allowed))
+        pin = lambda: os.sched_setaffinity(0, allowed)   # noqa: E731 (in the child, before exec)
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, preexec_fn=pin)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(f"e2e run ({procs} procs, {pool}) failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
     ranks = [json.loads((out / f"timings-rank{i}.json").read_text()) for i in range(procs)]
     main = ranks[0]
-    res = {"procs": procs, "n": main["n"], "wall_s": wall, "loadavg_1m": load,
+    res = {"procs": procs, "cores": cores or usable_cores(), "n": main["n"], "wall_s": wall, "loadavg_1m": load,
            "embed_s": max(x["embed_s"] for x in ranks), "discover_s": main["discover_s"], "report_s": main["report_s"],
            "total_s": main["total_s"], "peak_rss": max(x["peak_rss"] for x in ranks),
            "peak_rss_loader": max(x["peak_rss_children"] for x in ranks),
@@ -232,7 +245,7 @@ def stage_rates(pool: Path, clf_p: Path, vae_p: Path, sample: int, store_dir: Pa
     t0 = time.perf_counter()
     seen = 0
     raw = torch.uint8 if str(device).startswith("cuda") else None   # as the pass loads for this device
-    for b in iter_batches(src, 256, indices=np.arange(m), num_workers=os.cpu_count() or 1, dtype=raw):
+    for b in iter_batches(src, 256, indices=np.arange(m), num_workers=usable_cores(), dtype=raw):
         seen += len(b.indices)
     out["load"] = seen / (time.perf_counter() - t0)
     # one process decoding (no workers): the per-core rate the loader's workers multiply
@@ -267,6 +280,33 @@ def stage_rates(pool: Path, clf_p: Path, vae_p: Path, sample: int, store_dir: Pa
     return out
 
 
+def _run_rows(writer, n: int, res: dict, n_null: int, dev: str, gpu: bool) -> None:
+    """The rows of one timed run (provider "procs=P"; the config says how many cores)."""
+    cfg = {"n": n, "size": SIZE, "classifier": f"torchscript small_cnn w{CLF_WIDTH}", "latent": 16, "n_null": n_null,
+           "cores": res["cores"]}
+    prov = f"procs={res['procs']}"
+    writer.add("e2e", prov, cfg, "e2e_images_per_s", n / res["total_s"], "1/s", dev)
+    writer.add("e2e", prov, cfg, "embed_images_per_s", n / res["embed_s"], "1/s", dev)
+    for s in ("embed", "discover", "report"):
+        writer.add("e2e", prov, dict(cfg, stage=s), "stage_s", res[f"{s}_s"], "s", dev)
+    writer.add("e2e", prov, cfg, "wall_s", res["wall_s"], "s", dev)
+    writer.add("e2e", prov, cfg, "peak_memory", res["peak_rss"], "bytes", dev)
+    writer.add("e2e", prov, cfg, "peak_memory_loader", res["peak_rss_loader"], "bytes", dev)
+    for stage, b in res["peak_rss_after"].items():   # rank 0's high-water mark after each stage
+        writer.add("e2e", prov, dict(cfg, stage=stage), "peak_memory_after", b, "bytes", dev)
+    writer.add("e2e", prov, cfg, "loadavg_1m", res["loadavg_1m"], "", dev)
+    if gpu:
+        writer.add("e2e", prov, cfg, "peak_memory_cuda", res["cuda_peak"], "bytes", dev)
+    for part, sec in res["embed_split"].items():   # rank 0's embedding pass, by where it waited
+        writer.add("e2e", prov, dict(cfg, part=part.removesuffix("_s")), "embed_split_s", sec, "s", dev)
+    print(f"[e2e] n={n} procs={res['procs']} cores={res['cores']}: {n / res['total_s']:.0f} img/s end to end, "
+          f"embed {res['embed_s']:.1f} s ({n / res['embed_s']:.0f} img/s), discover {res['discover_s']:.1f} s, "
+          f"report {res['report_s']:.1f} s, peak RSS {res['peak_rss'] / 2**20:.0f} MiB (loader workers "
+          f"{res['peak_rss_loader'] / 2**20:.0f} MiB), embed split "
+          f"{', '.join(f'{k} {v:.1f}' for k, v in res['embed_split'].items())}, load avg {res['loadavg_1m']:.1f}",
+          flush=True)
+
+
 def run(writer, quick: bool = False, device=None) -> None:
     from bench.harness import device_name
 
@@ -278,63 +318,49 @@ def run(writer, quick: bool = False, device=None) -> None:
     if os.environ.get("SPURFAST_BENCH_E2E_SIZES"):   # e.g. "100000" for one large pool on a GPU
         sizes = [int(v) for v in os.environ["SPURFAST_BENCH_E2E_SIZES"].split(",")]
     procs = [1] + [p for p in (2,) if not gpu or torch.cuda.device_count() >= p]
+    # on a CPU node, also 1 process pinned to 1 core: 2 processes on 2 cores against it is
+    # the sharding's own scaling (against 1 process on all cores, which already fills them
+    # with its threads, it is not)
+    runs = [(p, None) for p in procs] + ([(1, 1)] if not gpu and 2 in procs and usable_cores() >= 2 else [])
     n_null = 5 if quick else 30
     clf, vae = ensure_models()
     results = {}
     for n in sizes:
         pool = ensure_pool(n)
-        for p in procs:
-            res = run_e2e(pool, clf, vae, p, n_null, device)
-            results[(n, p)] = res
-            cfg = {"n": n, "size": SIZE, "classifier": f"torchscript small_cnn w{CLF_WIDTH}", "latent": 16, "n_null": n_null,
-                   "cores": os.cpu_count()}
-            prov = f"procs={p}"
-            writer.add("e2e", prov, cfg, "e2e_images_per_s", n / res["total_s"], "1/s", dev)
-            writer.add("e2e", prov, cfg, "embed_images_per_s", n / res["embed_s"], "1/s", dev)
-            for s in ("embed", "discover", "report"):
-                writer.add("e2e", prov, dict(cfg, stage=s), "stage_s", res[f"{s}_s"], "s", dev)
-            writer.add("e2e", prov, cfg, "wall_s", res["wall_s"], "s", dev)
-            writer.add("e2e", prov, cfg, "peak_memory", res["peak_rss"], "bytes", dev)
-            writer.add("e2e", prov, cfg, "peak_memory_loader", res["peak_rss_loader"], "bytes", dev)
-            for stage, b in res["peak_rss_after"].items():   # rank 0's high-water mark after each stage
-                writer.add("e2e", prov, dict(cfg, stage=stage), "peak_memory_after", b, "bytes", dev)
-            writer.add("e2e", prov, cfg, "loadavg_1m", res["loadavg_1m"], "", dev)
-            if gpu:
-                writer.add("e2e", prov, cfg, "peak_memory_cuda", res["cuda_peak"], "bytes", dev)
-            for part, sec in res["embed_split"].items():   # rank 0's embedding pass, by where it waited
-                writer.add("e2e", prov, dict(cfg, part=part.removesuffix("_s")), "embed_split_s", sec, "s", dev)
-            print(f"[e2e] n={n} procs={p}: {n / res['total_s']:.0f} img/s end to end, embed {res['embed_s']:.1f} s "
-                  f"({n / res['embed_s']:.0f} img/s), discover {res['discover_s']:.1f} s, report {res['report_s']:.1f} s, "
-                  f"peak RSS {res['peak_rss'] / 2**20:.0f} MiB (loader workers {res['peak_rss_loader'] / 2**20:.0f} MiB), "
-                  f"embed split {', '.join(f'{k} {v:.1f}' for k, v in res['embed_split'].items())}, "
-                  f"load avg {res['loadavg_1m']:.1f}", flush=True)
+        for p, cores in runs:
+            res = run_e2e(pool, clf, vae, p, n_null, device, cores=cores)
+            results[(n, p, cores)] = res
+            _run_rows(writer, n, res, n_null, dev, gpu)
         # stages alone (one process, all cores), on this pool and the 1-process run's store
-        rates = stage_rates(pool, clf, vae, n if gpu else (2000 if quick else 10_000), results[(n, 1)]["store"], device,
+        rates = stage_rates(pool, clf, vae, n if gpu else (2000 if quick else 10_000), results[(n, 1, None)]["store"], device,
                             other_classifiers=not quick)  # ResNet-18 alone takes minutes on a CPU
-        cfg = {"n": n, "size": SIZE, "cores": os.cpu_count()}
+        cfg = {"n": n, "size": SIZE, "cores": usable_cores()}
         for s in ("load", "decode_1proc", "classify", "encode", "cluster", "classify_small_cnn", "classify_resnet18"):
             if s in rates:
                 extra = {"classifier": f"torchscript small_cnn width {CLF_WIDTH}"} if s == "classify" else {}
                 writer.add("stage", rates["loader"] if s == "load" else "torch", dict(cfg, stage=s, **extra),
                            "items_per_s", rates[s], "1/s", dev)
         slowest = min(("load", "classify", "encode"), key=lambda s: rates[s])
-        r1 = results[(n, 1)]
+        r1 = results[(n, 1, None)]
         writer.add("ratio", "embed_vs_slowest_stage", dict(cfg, slowest=slowest), "ratio",
                    (n / r1["embed_s"]) / rates[slowest], "x", dev)
         writer.add("ratio", "e2e_vs_slowest_stage", dict(cfg, slowest=slowest), "ratio",
                    (n / r1["total_s"]) / rates[slowest], "x", dev)
-        if (n, 2) in results:
-            r2 = results[(n, 2)]
-            writer.add("ratio", "embed_2procs_vs_1", cfg, "ratio", r1["embed_s"] / r2["embed_s"], "x", dev)
-            writer.add("ratio", "discover_2procs_vs_1", cfg, "ratio", r1["discover_s"] / r2["discover_s"], "x", dev)
-            writer.add("ratio", "e2e_2procs_vs_1", cfg, "ratio", r1["total_s"] / r2["total_s"], "x", dev)
+        if (n, 2, None) in results:
+            r2 = results[(n, 2, None)]
+            for base, suffix in ((r1, ""), (results.get((n, 1, 1)), "_1core")):
+                if base is None:
+                    continue
+                for s in ("embed", "discover"):
+                    writer.add("ratio", f"{s}_2procs_vs_1{suffix}", cfg, "ratio", base[f"{s}_s"] / r2[f"{s}_s"], "x", dev)
+                writer.add("ratio", f"e2e_2procs_vs_1{suffix}", cfg, "ratio", base["total_s"] / r2["total_s"], "x", dev)
         print(f"[e2e] n={n} stages alone: " + ", ".join(f"{s} {rates[s]:.0f} img/s" for s in
                                                        ("load", "decode_1proc", "classify", "encode", "cluster", "classify_small_cnn",
                                                         "classify_resnet18") if s in rates)
               + f" (loader: {rates['loader']}); slowest of the pass: {slowest}", flush=True)
     if len(sizes) > 1:
         for p in procs:
-            lo, hi = results[(sizes[0], p)], results[(sizes[-1], p)]
+            lo, hi = results[(sizes[0], p, None)], results[(sizes[-1], p, None)]
             writer.add("ratio", f"peak_memory_{sizes[-1]}_vs_{sizes[0]}", {"procs": p}, "ratio",
                        hi["peak_rss"] / lo["peak_rss"], "x", dev)
 
