@@ -431,7 +431,10 @@ def latent_knn(z: torch.Tensor, k: int, chunk: int | None = None,
     B = int(column_block)
     nb = -(-n // B)
     prune = nb > 2 * k
-    m = min(2 * k, n - 1, k * B if prune else n)   # candidates re-ranked by exact distances
+    # k + 1 blocks: the last block may be short (its padding columns are inf), so k blocks
+    # could hold fewer than m real columns
+    nbest = k + 1
+    m = min(2 * k, n - 1)   # candidates re-ranked by exact distances
     # one buffer for every chunk: a fresh large allocation per chunk costs more in page
     # faults than the GEMM that fills it
     buf = torch.full((chunk, nb * B if prune else n), float("inf"), device=zt.device)
@@ -443,21 +446,26 @@ def latent_knn(z: torch.Tensor, k: int, chunk: int | None = None,
         d[torch.arange(r, device=zt.device), torch.arange(s, s + r, device=zt.device)] = float("inf")
         if prune:
             # the last block's padding columns stay inf (never written)
-            blocks = d.view(r, nb, B).amin(2).topk(k, largest=False).indices      # (r, k)
-            cols = (blocks.unsqueeze(2) * B + ar_b).view(r, k * B)
-            cand = cols.gather(1, d.gather(1, cols).topk(m, largest=False).indices)
+            blocks = d.view(r, nb, B).amin(2).topk(nbest, largest=False).indices   # (r, k + 1)
+            cols = (blocks.unsqueeze(2) * B + ar_b).view(r, nbest * B)
+            vals, pick = d.gather(1, cols).topk(m, largest=False)
+            cand = cols.gather(1, pick)
         else:
-            cand = d.topk(m, largest=False).indices
-        out[s:s + r] = _exact_nearest(zt, s, cand, k).cpu()
+            vals, cand = d.topk(m, largest=False)
+        # an inf candidate is the row itself or padding (a tiny column_block): never a neighbour
+        out[s:s + r] = _exact_nearest(zt, s, cand.clamp_max(n - 1), k, vals.isinf()).cpu()
     return out
 
 
-def _exact_nearest(zt: torch.Tensor, start: int, cand: torch.Tensor, k: int) -> torch.Tensor:
+def _exact_nearest(zt: torch.Tensor, start: int, cand: torch.Tensor, k: int,
+                   invalid: torch.Tensor | None = None) -> torch.Tensor:
     """The k nearest of each row's candidates by distances computed directly, sum (zi - zj)^2:
     the GEMM form |zj|^2 - 2 zi.zj cancels digits for tight groups away from the origin,
-    which is where shortcut clusters live."""
+    which is where shortcut clusters live.  ``invalid`` candidates rank last."""
     zi = zt[start:start + len(cand)].unsqueeze(1)
     dist = ((zt[cand] - zi) ** 2).sum(-1)
+    if invalid is not None:
+        dist = dist.masked_fill(invalid, float("inf"))
     order = torch.sort(dist, dim=1, stable=True).indices[:, :k]
     return cand.gather(1, order)
 

@@ -225,6 +225,19 @@ def test_knn_matches_float64_brute_force_and_the_reference(n, d, k):
     assert np.array_equal(nn, kcpu.latent_knn(torch.from_numpy(z), k).numpy()), "same neighbours every run"
 
 
+@pytest.mark.parametrize("n,k,block", [(257, 1, 128), (385, 1, 128), (1025, 1, 128), (258, 2, 128), (40, 1, 3),
+                                       (41, 2, 2)])
+def test_reference_knn_when_the_nearest_point_is_alone_in_a_short_last_block(n, k, block):
+    # the pruned top-k keeps the best blocks; a short last block is mostly padding (inf),
+    # which must never become a candidate (it indexed past the pool: IndexError)
+    rng = np.random.default_rng(n)
+    z = rng.normal(size=(n, 4)).astype(np.float32)
+    z[n - 1] = z[0] + 1e-3    # row 0's nearest neighbour is the last row
+    nn = ref.latent_knn(torch.from_numpy(z), k, column_block=block).numpy()
+    _check_knn(nn, z, k, f"reference knn, column block {block}")
+    assert nn[0, 0] == n - 1
+
+
 @needs_kernel
 def test_knn_rejects_non_finite_latents():
     z = torch.zeros(10, 3)
