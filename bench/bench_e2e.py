@@ -30,8 +30,10 @@ Rows (op "e2e", provider "procs=P"):
 Stage-alone rows (op "stage", one process, all cores): load (the folder loader alone),
 classify and encode (the models on in-memory 256-image batches), cluster (one batched
 k-means over the pool's latents, grouped by predicted class).  ``ratio`` rows put the
-targets side by side: embed pass vs its slowest stage, 2 vs 1 process, peak memory at the
-largest vs smallest pool.  On a CPU node one more run pins 1 process to 1 core (affinity
+targets side by side: embed pass vs its slowest stage, and vs the three stages taking turns
+on all cores (1 / the sum of their times per image: what overlap must beat, and on a CPU
+node whose stages each fill every core, about all it can reach), 2 vs 1 process, peak
+memory at the largest vs smallest pool.  On a CPU node one more run pins 1 process to 1 core (affinity
 and one OpenMP thread): ``*_2procs_vs_1_1core`` is the sharding's own scaling, where
 ``*_2procs_vs_1`` compares with 1 process whose threads already fill every core.  The
 machine's load average before each run is recorded (``loadavg_1m``): other jobs on a
@@ -346,6 +348,12 @@ def run(writer, quick: bool = False, device=None) -> None:
                    (n / r1["embed_s"]) / rates[slowest], "x", dev)
         writer.add("ratio", "e2e_vs_slowest_stage", dict(cfg, slowest=slowest), "ratio",
                    (n / r1["total_s"]) / rates[slowest], "x", dev)
+        # the stages taking turns on all cores: above 1, overlap gained something (stages that
+        # leave cores idle alone); on a CPU node that already fills its cores in every stage,
+        # about 1 is what sharing the cores allows, whatever the overlap
+        in_turn = 1.0 / sum(1.0 / rates[s] for s in ("load", "classify", "encode"))
+        writer.add("ratio", "embed_vs_stages_in_turn", dict(cfg, in_turn_per_s=round(in_turn, 1)), "ratio",
+                   (n / r1["embed_s"]) / in_turn, "x", dev)
         if (n, 2, None) in results:
             r2 = results[(n, 2, None)]
             for base, suffix in ((r1, ""), (results.get((n, 1, 1)), "_1core")):
