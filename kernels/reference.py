@@ -434,7 +434,7 @@ def latent_knn(z: torch.Tensor, k: int, chunk: int | None = None,
     # k + 1 blocks: the last block may be short (its padding columns are inf), so k blocks
     # could hold fewer than m real columns
     nbest = k + 1
-    m = min(2 * k, n - 1)   # candidates re-ranked by exact distances
+    m = min(2 * k, n - 1, nbest * B if prune else n)   # candidates re-ranked by exact distances
     # one buffer for every chunk: a fresh large allocation per chunk costs more in page
     # faults than the GEMM that fills it
     buf = torch.full((chunk, nb * B if prune else n), float("inf"), device=zt.device)
