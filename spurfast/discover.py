@@ -136,7 +136,8 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
         done += more
     bar.close()
     if starved.any():
-        log.warning("%d clusters scored above every null cluster of their size after %d permutations but miss "
+        log.warning("%d clusters scored above every null cluster of their size (or, with none of their size, every "
+                    "one they were compared with) after %d permutations but miss "
                     "q <= %g: their p-values are limited by the permutations (>= 1/%d), not by the data; rerun "
                     "with a larger max_null (--max-null)", int(starved.sum()), done, resolve_fdr,
                     int(n_reference[starved].max()) + 1)

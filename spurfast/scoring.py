@@ -175,10 +175,15 @@ def null_scores(z, groups, probs, labels, n_classes, neighbours, unknown_ok, *, 
     return np.concatenate(out), np.concatenate(sizes)
 
 
+TIE_TOLERANCE = 1e-9   # relative: scores this close are the same sum added in another order
+
+
 def permutation_pvalues(scores: np.ndarray, null: np.ndarray) -> np.ndarray:
-    """p = (1 + #null >= s) / (1 + #null) for each score s."""
+    """p = (1 + #null >= s) / (1 + #null) for each score s.  Ties count as >=, also where
+    summation order left the null score an ulp below (0.3 + 0.2 + 0.1 < 0.1 + 0.2 + 0.3)."""
     null = np.sort(null)
-    ge = len(null) - np.searchsorted(null, scores, side="left")
+    scores = np.asarray(scores, np.float64)
+    ge = len(null) - np.searchsorted(null, scores - TIE_TOLERANCE * np.maximum(1.0, np.abs(scores)), side="left")
     return (1.0 + ge) / (1.0 + len(null))
 
 
@@ -190,7 +195,8 @@ def size_matched_pvalues(scores: np.ndarray, n_unrelated: np.ndarray, null: np.n
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Permutation p-values, each score against the null clusters of about its size; the
     number of null clusters each was compared with; and whether it beat every null cluster
-    within ``SIZE_FACTOR`` of its size (then more permutations can only lower its p).
+    within ``SIZE_FACTOR`` of its size (then more permutations can only lower its p), or,
+    with none that close, every one it was compared with.
 
     Size is the number of unrelated members (what a score sums over), compared on a log
     scale as (n + 1): within ``SIZE_FACTOR``, widened to the ``min_reference`` nearest in
@@ -212,11 +218,13 @@ def size_matched_pvalues(scores: np.ndarray, n_unrelated: np.ndarray, null: np.n
         dist = np.abs(log_null - np.log1p(float(n)))
         ref = dist <= np.log(SIZE_FACTOR)
         here = n_unrelated == n
-        window_max = null[ref].max() if ref.any() else -np.inf
-        beat[here] = scores[here] > window_max
+        window = ref.any()
         if ref.sum() < min_reference:
             ref = np.zeros(len(null), bool)
             ref[np.argsort(dist, kind="stable")[:min_reference]] = True
+        # with no null cluster of its size, "beat them all" would hold for any score: ask
+        # it of the clusters it was compared with instead
+        beat[here] = scores[here] > (null[dist <= np.log(SIZE_FACTOR)] if window else null[ref]).max()
         out[here] = permutation_pvalues(scores[here], null[ref])
         n_ref[here] = ref.sum()
     return out, n_ref, beat

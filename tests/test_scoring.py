@@ -20,6 +20,14 @@ def test_bh_matches_hand_computation():
     np.testing.assert_allclose(bh_qvalues(np.array([0.9, 0.9])), [0.9, 0.9])
 
 
+def test_permutation_pvalues_count_a_tie_added_in_another_order():
+    real = 0.1 + 0.2 + 0.3          # 0.6000000000000001
+    null = np.array([0.3 + 0.2 + 0.1, 0.0, 1.0])   # the same shares: 0.6
+    assert real > null[0]
+    np.testing.assert_allclose(permutation_pvalues(np.array([real]), null), [3 / 4])
+    np.testing.assert_allclose(permutation_pvalues(np.array([0.6 + 1e-6]), null), [2 / 4])   # not a tie
+
+
 def test_permutation_pvalues():
     null = np.array([1.0, 2.0, 3.0, 4.0])
     np.testing.assert_allclose(permutation_pvalues(np.array([0.0, 2.0, 4.0, 5.0]), null), [1.0, 0.8, 0.4, 0.2])
@@ -139,7 +147,10 @@ def test_size_matched_pvalues_compare_with_null_clusters_of_about_the_same_size(
     # large ones and then 50 small ones
     p_far, n_ref, beat = size_matched_pvalues(np.array([1.0]), np.array([400]), null, sizes, min_reference=200)
     assert n_ref.tolist() == [200]
-    assert beat.tolist() == [True]  # no null cluster of its size: more permutations could lower p
+    # no null cluster of its size: "beat every one of them" would hold for any score, so it
+    # is asked of the reference it was compared with (1.0 does not beat it; 25 does)
+    assert beat.tolist() == [False]
+    assert size_matched_pvalues(np.array([25.0]), np.array([400]), null, sizes, min_reference=200)[2].tolist() == [True]
     # a sparse window widened with larger clusters: not beaten in p, but beaten in its window
     mixed, mixed_sizes = np.concatenate([small, np.linspace(10, 20, 10)]), np.concatenate([sizes[:150], np.full(10, 40)])
     p_mid, n_ref, beat = size_matched_pvalues(np.array([2.5]), np.array([4]), mixed, mixed_sizes, min_reference=155)
