@@ -39,7 +39,8 @@ finding (additive mode) that smooth control runs too (`smooth_controls`;
 texture (noise) is not moved by smooth fields, one that reacts to any change is.
 
 Clean images: a held-out set the caller supplies (``spurfast discover --clean``), or
-else pool images predicted as another class that belong to no finding.  Images whose
+else pool images predicted as another class that belong to no finding and are not suspect
+samples.  Images whose
 label (or, unlabelled, prediction) is the finding's class are never used.
 """
 from __future__ import annotations
@@ -324,13 +325,17 @@ def clean_images_for(source: ImageSource, labels: np.ndarray, pred: np.ndarray |
 @torch.no_grad()
 def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None = None,
                      pool: ImageSource | None = None, pool_pred: np.ndarray | None = None,
-                     config: ConfirmConfig | None = None) -> list[dict]:
+                     suspect: np.ndarray | None = None, config: ConfirmConfig | None = None) -> list[dict]:
     """Fill ``confirm`` of every finding (needs ``_mask`` and ``_contrast`` from
     `spurfast.discover.characterise`).
 
     Clean images: ``clean`` when given (predicted with ``model`` to exclude the finding's
     class where labels are unknown); otherwise ``pool`` images predicted as another class
-    that belong to no finding (``pool_pred`` = the store's predictions)."""
+    that belong to no finding (``pool_pred`` = the store's predictions) and are not
+    ``suspect`` samples (pool provenance mask): the suspect data is what may carry the
+    shortcut, so neither the clean images nor the content control's class images may come
+    from it (the class's poisoned suspects, most like the pattern by construction, would
+    replay the shortcut as "class content")."""
     config = config or ConfirmConfig()
     rng = np.random.default_rng(config.seed)
     if clean is not None:
@@ -354,6 +359,12 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
         used = np.zeros(len(pool), bool)
         for f in findings:
             used[np.asarray(f["members"], dtype=np.int64)] = True
+        if suspect is not None:
+            suspect = np.asarray(suspect, bool)
+            if suspect.shape != (len(pool),):
+                raise ValueError(f"suspect mask of shape {suspect.shape} does not match the pool {pool.name} "
+                                 f"of {len(pool)} images")
+            used |= suspect
         cand = np.nonzero(~used & (pred >= 0))[0]
     for f in findings:
         if "_mask" not in f or "_contrast" not in f:

@@ -140,6 +140,31 @@ def test_confirm_findings_clean_set_and_pool_default():
         confirm_findings([{"rank": 1, "class": 1, "members": []}], CornerModel(), clean=clean)
 
 
+def test_pool_default_draws_no_control_from_the_suspect_data():
+    # pool: 200 unrelated images (20 carry the corner patch: the finding) and 100 suspect
+    # training images of class 1, half of them poisoned with the same patch.  The content
+    # control must not take "genuine class-1 images" from the suspects: the poisoned ones
+    # are the most like the pattern and would replay the shortcut as class content.
+    x = _clean(300)
+    labels = np.r_[np.zeros(200, int), np.ones(100, int)]
+    x[200:250, :, -4:-1, -4:-1] = 1.0
+    x[:20, :, -4:-1, -4:-1] = 1.0
+    pool = ArraySource(x, labels, name="pool")
+    pred = CornerModel()(x).argmax(1).numpy()
+    suspect = np.r_[np.zeros(200, bool), np.ones(100, bool)]
+    f = [_finding(list(range(20)))]
+    confirm_findings(f, CornerModel(), pool=pool, pool_pred=pred, suspect=suspect)
+    assert f[0]["confirm"]["verdict"] == "confirmed", f[0]["confirm"]
+    assert "content_p_value" not in f[0]["confirm"]      # no unrelated class-1 image: no content control
+    assert f[0]["_confirm_detail"]["n_images"] == 180     # the unrelated non-members only
+    # the suspects as controls: the content control replays the shortcut
+    f = [_finding(list(range(20)))]
+    confirm_findings(f, CornerModel(), pool=pool, pool_pred=pred)
+    assert f[0]["confirm"]["verdict"] == "class_content"
+    with pytest.raises(ValueError, match="suspect mask of shape"):
+        confirm_findings(f, CornerModel(), pool=pool, pool_pred=pred, suspect=suspect[:10])
+
+
 class RegionModel(nn.Module):
     """Class 1 = a bright left half (a 'natural' feature that real class-1 images have)."""
 
