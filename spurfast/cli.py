@@ -60,16 +60,33 @@ def _discover_config(args):
 
 def load_npz_source(path):
     """A pool/training .npz written by `spurfast plant` (images, labels, optional suspect/carries)."""
+    import zipfile
+
     from .data.sources import ArraySource
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"data file {p} does not exist")
-    d = np.load(p, allow_pickle=False)
+    expected = "expected an .npz archive (numpy.savez) with an 'images' array, as `spurfast plant` writes"
+    with open(p, "rb") as fh:
+        if fh.read(4) != b"PK\x03\x04":  # an .npz is a zip file; numpy's own error talks about pickles
+            raise ValueError(f"{p} is not an .npz file (no zip header); {expected}")
+    try:
+        d = np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{p} is not a readable .npz file ({exc.__class__.__name__}: {str(exc)[:120]}); "
+                         f"{expected}") from None
     if "images" not in d:
         raise ValueError(f"{p} has no 'images' array (keys: {list(d.keys())})")
-    names = [str(s) for s in d["class_names"]] if "class_names" in d else None
-    src = ArraySource(d["images"], d["labels"] if "labels" in d else None, class_names=names, name=p.stem)
-    return src, {k: d[k] for k in ("suspect", "carries") if k in d}
+    try:
+        names = [str(s) for s in d["class_names"]] if "class_names" in d else None
+        # ArraySource's own errors (layout, value range, label count) do not know the file
+        src = ArraySource(d["images"], d["labels"] if "labels" in d else None, class_names=names, name=p.stem)
+        extra = {k: d[k] for k in ("suspect", "carries") if k in d}
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        msg = str(exc).removeprefix(f"{p.stem}: ")
+        raise ValueError(f"{p}: {msg}") from None
+    src.path = str(p)  # lets --overwrite refuse to delete a directory holding it
+    return src, extra
 
 
 def load_pool(path, size: int, channels: int):
@@ -83,7 +100,8 @@ def load_pool(path, size: int, channels: int):
 def cmd_demo(args):
     from .demo import run_demo
     run_demo(args.out, dataset=args.dataset, seed=args.seed, target_class=args.target_class, family=args.family,
-             n_poisoned=args.n_poisoned, pool_fraction=args.pool_fraction, classifier_epochs=args.classifier_epochs,
+             strength=args.strength, position=args.position, n_poisoned=args.n_poisoned,
+             pool_fraction=args.pool_fraction, classifier_epochs=args.classifier_epochs,
              vae_epochs=args.vae_epochs, overwrite=args.overwrite, progress=not args.quiet,
              config=_discover_config(args), device=args.device)
 
@@ -138,15 +156,14 @@ def cmd_discover(args):
     n_classes = args.num_classes or (len(pool.class_names) if pool.class_names else None)
     if n_classes is None:
         raise SystemExit("error: --num-classes is required for an unlabelled pool")
-    check_output_width(clf, pool.image_shape, n_classes)
+    check_output_width(clf, pool.image_shape, n_classes, name=f"classifier {args.classifier}", pool=f"pool {args.pool}")
     vae = load_vae(args.vae, weights_only=not args.unsafe_load)
     if (vae.config.in_channels, vae.config.image_size) != tuple(pool.image_shape[:2]):
         raise SystemExit(f"error: VAE expects {vae.config.in_channels}x{vae.config.image_size}px images, "
                          f"pool {args.pool} has {pool.image_shape}")
     suspect = extra.get("suspect")
     if args.suspect:
-        suspect = np.zeros(len(pool), bool)
-        suspect[np.loadtxt(args.suspect, dtype=np.int64, ndmin=1)] = True
+        suspect = load_suspect(args.suspect, len(pool), args.pool)
     clean = None
     if args.clean and not args.no_confirm:
         clean, _ = load_pool(args.clean, args.size, args.channels)
@@ -160,12 +177,31 @@ def cmd_discover(args):
                                   config=_discover_config(args), overwrite=args.overwrite,
                                   batch_size=args.batch_size, encoder_backend=args.encoder_backend,
                                   loader_backend=args.loader_backend, progress=not args.quiet, clean=clean,
-                                  confirm=not args.no_confirm)
+                                  confirm=not args.no_confirm,
+                                  protect=[args.pool, args.classifier, args.vae, args.suspect, args.clean])
     finally:
         dist.shutdown()
     if doc is not None:  # rank 0 (or the only process) wrote the report
         print(f"{len(doc['findings'])} findings{_verdict_counts(doc['findings'])}; "
               f"report: {Path(args.out) / 'report.html'}")
+
+
+def load_suspect(path, n: int, pool_name) -> np.ndarray:
+    """Boolean (n,) mask from a text file of pool indices; refuses indices outside [0, n)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"suspect file {p} does not exist")
+    try:
+        idx = np.loadtxt(p, dtype=np.int64, ndmin=1).reshape(-1)
+    except ValueError as exc:
+        raise ValueError(f"suspect file {p} must hold integer pool indices, one per line: {exc}") from None
+    bad = idx[(idx < 0) | (idx >= n)]
+    if bad.size:  # a negative index would silently count from the end
+        raise ValueError(f"suspect file {p} holds index {int(bad[0])} ({bad.size} out of range in all); "
+                         f"pool {pool_name} has {n} images, so indices must lie in [0, {n - 1}]")
+    suspect = np.zeros(n, bool)
+    suspect[idx] = True
+    return suspect
 
 
 def _verdict_counts(findings: list[dict]) -> str:
@@ -217,6 +253,7 @@ def cmd_evaluate(args):
 
 
 def cmd_report(args):
+    from .pipeline import read_bad_files
     from .report import write_report
     run = Path(args.run)
     f = run / "findings.json"
@@ -229,7 +266,7 @@ def cmd_report(args):
         with open(run / "clusters.csv") as fh:
             clusters = [{"score": float(r["score"]), "q_value": float(r["q_value"])} for r in csv.DictReader(fh)]
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else None
-    print(f"wrote {write_report(doc, run, clusters=clusters, summary=summary)}")
+    print(f"wrote {write_report(doc, run, clusters=clusters, bad_files=read_bad_files(run), summary=summary)}")
 
 
 def cmd_env(args):
@@ -261,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--classifier-epochs", type=int, default=3)
     p.add_argument("--vae-epochs", type=int, default=8)
-    p.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a different spurfast run in --out (never a folder spurfast did not write)")
     p.add_argument("--quiet", action="store_true")
     _add_pattern_args(p)
     _add_discover_args(p)
@@ -310,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-backend", default=None, choices=["auto", "torch", "triton"])
     p.add_argument("--loader-backend", default=None, choices=["auto", "torch", "dali"])
     p.add_argument("--unsafe-load", action="store_true", help="torch.load with weights_only=False (trusted files only)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a different spurfast run in --out (never a folder spurfast did not write, "
+                        "nor one holding the inputs)")
     p.add_argument("--quiet", action="store_true")
     _add_discover_args(p)
     p.set_defaults(func=cmd_discover)

@@ -12,7 +12,7 @@ import torch
 from .discover import DiscoverConfig
 from .models.classifier import save_classifier
 from .models.train import save_vae, train_classifier, train_vae
-from .pipeline import make_planted_data, prepare_output, run_discovery, sample_auroc
+from .pipeline import make_planted_data, prepare_output, read_bad_files, run_discovery, sample_auroc
 from .plant import PatternSpec, apply_pattern
 from .report import write_report
 
@@ -43,10 +43,11 @@ def mask_iou(pred: np.ndarray, truth: np.ndarray | None) -> float:
 
 
 def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target_class: int = 3,
-             family: str = "patch3", n_poisoned="600", pool_fraction: float = 0.1, classifier_epochs: int = 3,
+             family: str = "patch3", strength: float = 1.0, position: str = "bottom_right", n_poisoned="600",
+             pool_fraction: float = 0.1, classifier_epochs: int = 3,
              vae_epochs: int = 8, latent_dim: int = 16, overwrite: bool = False, progress: bool = True,
              config: DiscoverConfig | None = None, device: str = "cpu", confirm: bool = True) -> dict:
-    spec = PatternSpec(family, seed=seed)
+    spec = PatternSpec(family, strength=strength, position=position, seed=seed)  # in the run id via spec.to_dict()
     data = make_planted_data(dataset, target_class=target_class, n_poisoned=n_poisoned, spec=spec,
                              pool_fraction=pool_fraction, seed=seed)
     config = config or DiscoverConfig(seed=seed, device=device)
@@ -88,7 +89,7 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
             summary["top finding flip rate (control)"] = (f"{top['confirm']['flip_rate']:.3f} "
                                                           f"({top['confirm']['control_flip_rate']:.3f})")
             summary["top finding confirmation"] = top["confirm"].get("verdict")
-    write_report(doc, out, clusters=result.clusters, summary=summary)
+    write_report(doc, out, clusters=result.clusters, bad_files=read_bad_files(out), summary=summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print("[demo] " + "; ".join(f"{k}: {v}" for k, v in summary.items()), flush=True)
     print(f"[demo] report: {out / 'report.html'}", flush=True)

@@ -28,21 +28,74 @@ from .report import write_report
 log = logging.getLogger("spurfast")
 
 
-def prepare_output(out_dir, run_id: str, overwrite: bool) -> Path:
-    """Create ``out_dir`` for run ``run_id``; refuse a directory holding another run."""
+def prepare_output(out_dir, run_id: str, overwrite: bool, protect=()) -> Path:
+    """Create ``out_dir`` for run ``run_id``; refuse a directory holding another run.
+
+    ``overwrite`` replaces only another spurfast run (a directory with run.json), and
+    never one that holds a path in ``protect`` (the pool, models, ... this run reads):
+    a directory spurfast did not write is never deleted."""
     out = Path(out_dir)
     marker = out / "run.json"
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output directory {out} is a file")
     if out.exists() and any(out.iterdir()):
-        prev = json.loads(marker.read_text()).get("run_id") if marker.is_file() else None
+        try:
+            prev = json.loads(marker.read_text()).get("run_id") if marker.is_file() else None
+        except (ValueError, AttributeError):  # an unreadable marker proves nothing: keep the folder
+            prev = None
+        if prev is None:
+            raise FileExistsError(f"output directory {out} holds files spurfast did not write (no readable run.json); "
+                                  f"spurfast never deletes such a directory, even with --overwrite: "
+                                  f"choose a new or empty directory")
         if prev != run_id:
             if not overwrite:
-                what = f"run {prev}" if prev else "files spurfast did not write"
-                raise FileExistsError(f"output directory {out} already holds {what}; "
+                raise FileExistsError(f"output directory {out} already holds run {prev}; "
                                       f"choose another directory or pass --overwrite")
+            inside = _inside(out, protect)
+            if inside:
+                raise FileExistsError(f"--overwrite would delete output directory {out}, which holds {inside} "
+                                      f"that this run reads; choose another output directory")
             shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"run_id": run_id}))
     return out
+
+
+def _inside(out: Path, paths) -> str | None:
+    """The first of ``paths`` that is ``out`` or lies under it (symlinks resolved), else None."""
+    root = out.resolve()
+    for p in paths:
+        if p is None:
+            continue
+        r = Path(p).resolve()
+        if r == root or root in r.parents:
+            return str(p)
+    return None
+
+
+def source_paths(source) -> list[str]:
+    """Files and folders an ImageSource reads from (folder root, .npz path, of every part)."""
+    found = [getattr(source, a) for a in ("root", "path") if isinstance(getattr(source, a, None), (str, Path))]
+    for part in list(getattr(source, "parts", None) or []) + [getattr(source, "base", None)]:
+        if isinstance(part, ImageSource):
+            found += source_paths(part)
+    return [str(p) for p in found]
+
+
+BAD_FILES = "bad_files.json"
+
+
+def read_bad_files(run_dir) -> dict:
+    """A run's unreadable files (item id -> reason), for rewriting its report: RUN/bad_files.json,
+    or for runs from before it was written, RUN/store/manifest.json (pool indices only)."""
+    run = Path(run_dir)
+    if (run / BAD_FILES).is_file():
+        return json.loads((run / BAD_FILES).read_text())
+    manifest = run / "store" / "manifest.json"
+    if manifest.is_file():
+        bad = json.loads(manifest.read_text()).get("bad_files", {})
+        return {f"pool index {int(i)}": r for i, r in sorted(bad.items(), key=lambda kv: int(kv[0]))}
+    return {}
 
 
 @dataclass
@@ -118,19 +171,23 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
                   config: DiscoverConfig | None = None, extra_config: dict | None = None,
                   overwrite: bool = False, batch_size: int = 256, encoder_backend=None, loader_backend=None,
                   progress: bool = True, summary: dict | None = None, run_id: str | None = None,
-                  clean: ImageSource | None = None, confirm: bool = True):
+                  clean: ImageSource | None = None, confirm: bool = True, protect=()):
     """Embed the pool, discover, characterise, confirm, write findings.json/csv and report.html.
 
     Confirmation (`spurfast.confirm`) pastes each finding's pattern onto ``clean`` images of
     other classes, or, without ``clean``, onto pool images predicted as another class that
-    belong to no finding.  ``confirm=False`` leaves every finding's ``confirm`` null."""
+    belong to no finding and are not ``suspect``.  ``confirm=False`` leaves every finding's
+    ``confirm`` null.
+    ``protect``: more paths this run reads (model files, ...) that ``overwrite`` must not
+    delete; the pool's and the clean set's own files are always protected."""
     config = config or DiscoverConfig()
     if run_id is None:
         h = hashlib.sha256((fingerprint(pool, classifier, vae) + json.dumps(asdict(config), sort_keys=True)).encode())
         run_id = h.hexdigest()[:16]
     # under torchrun (spurfast.distributed): rank 0 owns the output directory, every rank
     # embeds its shard, rank 0 scores and reports with k-means across all ranks
-    out = dist.run_on_main(prepare_output, out_dir, run_id, overwrite)
+    protect = [*protect, *source_paths(pool), *(source_paths(clean) if clean is not None else [])]
+    out = dist.run_on_main(prepare_output, out_dir, run_id, overwrite, protect)
     store = dist.embed_pool_sharded(pool, classifier, vae, out / "store", num_classes=num_classes,
                                     batch_size=batch_size, device=config.device, encoder_backend=encoder_backend,
                                     loader_backend=loader_backend, progress=progress)
@@ -143,13 +200,14 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
         if confirm and result.findings:
             from .confirm import ConfirmConfig, confirm_findings
             confirm_findings(result.findings, classifier, clean=clean, pool=pool,
-                             pool_pred=np.asarray(store["pred"]),
+                             pool_pred=np.asarray(store["pred"]), suspect=suspect,
                              config=ConfirmConfig(seed=config.seed, device=config.device))
             rank_confirmed_first(result, out)
         doc = write_outputs(result, out, extra_config)
         bad_files = {int(i): r for i, r in store.manifest.get("bad_files", {}).items()}  # all ranks, all runs
         bad_files.update(getattr(pool, "bad_files", {}))
         bad = {pool.item_id(i): r for i, r in sorted(bad_files.items())}
+        (out / BAD_FILES).write_text(json.dumps(bad, indent=1))  # `spurfast report` has no pool to name them
         write_report(doc, out, clusters=result.clusters, bad_files=bad, summary=summary)
     return doc, result, store
 

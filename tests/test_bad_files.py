@@ -9,6 +9,7 @@ switching the pre-check off, and the probe path by hiding the file name in DALI'
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -222,3 +223,70 @@ def test_select_indices_rejects_bad_arguments():
         folder_mod.select_indices(10, indices=[3, 10])
     with pytest.raises(ValueError, match="start"):
         folder_mod.select_indices(10, start=11)
+
+
+def _png16(path, arr):
+    Image.fromarray(arr).save(path)  # uint16 grey: PIL writes (and reopens) a 16-bit PNG, mode I;16
+    with Image.open(path) as im:
+        assert im.mode in ("I;16", "I"), im.mode
+
+
+def test_16bit_gray_png_is_scaled_not_clipped(tmp_path):
+    """PIL's convert clips 16-bit grey to 255 (an all-white image); values become round(v / 257)."""
+    from spurfast.data.preprocess import PreprocessSpec, load_image_uint8
+
+    a = np.linspace(0, 65535, 24 * 24).reshape(24, 24).astype(np.uint16)
+    _png16(tmp_path / "g16.png", a)
+    want = torch.from_numpy(((a.astype(np.int64) + 128) // 257).astype(np.uint8))
+    for ch in (1, 3):
+        got = load_image_uint8(str(tmp_path / "g16.png"), PreprocessSpec(24, ch))  # same size: no resampling
+        assert got.shape == (ch, 24, 24)
+        for c in range(ch):
+            assert torch.equal(got[c], want), f"channels={ch}: max error {int((got[c].int() - want.int()).abs().max())}"
+
+
+@needs_dali
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16bit_gray_png_matches_dali(tmp_path, channels):
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 65536, (37, 53), dtype=np.uint16)
+    _png16(tmp_path / "r16.png", a)
+    paths = [str(tmp_path / "r16.png")]
+    out = {}
+    for which, mod in (("torch", loader_torch), ("dali", loader_dali)):
+        extra = {"device": "cpu"} if which == "dali" else {}
+        (_, im, ok), = mod.iter_folder_batches(paths, size=24, channels=channels, batch_size=1, num_threads=1,
+                                               dtype=torch.uint8, **extra)
+        assert ok.all()
+        out[which] = im.int()
+    diff = (out["torch"] - out["dali"]).abs()
+    # the same bound as any 8-bit image (resampler border differences), not ~128 levels
+    assert float(diff.float().mean()) < 1.0 and int(diff.max()) <= 12, (float(diff.float().mean()), int(diff.max()))
+
+
+def test_symlinked_folders_are_followed_once_and_broken_links_reported(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "deep").mkdir(parents=True)
+    for k in range(2):
+        (elsewhere / f"e{k}.png").write_bytes(_png_bytes(_picture(30 + k, 20, 20)))
+    (elsewhere / "deep" / "d.png").write_bytes(_png_bytes(_picture(40, 20, 20)))
+    root = tmp_path / "pool"
+    (root / "cat").mkdir(parents=True)
+    (root / "cat" / "c.png").write_bytes(_png_bytes(_picture(1, 20, 20)))
+    (root / "cat" / "linked").symlink_to(elsewhere)            # a symlinked subfolder: followed
+    (root / "cat" / "loop").symlink_to(root / "cat")           # a cycle: visited once
+    (root / "cat" / "missing.png").symlink_to(tmp_path / "gone.png")  # broken: reported, not dropped
+    (root / "dog").symlink_to(elsewhere / "deep")              # a symlinked class folder
+    paths, labels, names = list_folder(root)
+    rel = [str(Path(p).relative_to(root)) for p in paths]
+    assert names == ["cat", "dog"]
+    assert rel == ["cat/c.png", "cat/linked/deep/d.png", "cat/linked/e0.png", "cat/linked/e1.png",
+                   "cat/missing.png", "dog/d.png"]
+    assert labels == [0, 0, 0, 0, 0, 1]
+    flat = list_folder(root / "cat")[0]  # flat layout (images at the top): same walk
+    assert len(flat) == 5
+    src = ImageFolderSource(root, size=16)
+    x, _ = src.get_batch(range(len(src)))
+    assert list(src.bad_files) == [rel.index("cat/missing.png")]
+    assert "broken symbolic link" in src.bad_files[rel.index("cat/missing.png")]
+    assert float(x[rel.index("cat/linked/e0.png")].max()) > 0.05

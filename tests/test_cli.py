@@ -127,3 +127,138 @@ def test_verdict_counts_line():
           {"confirm": {"verdict": "class_content"}}, {"confirm": None}]
     assert _verdict_counts(fs) == " (1 confirmed, 2 class_content)"
     assert _verdict_counts([{"confirm": None}]) == "" and _verdict_counts([]) == ""
+
+
+def _models(d, c=1, size=28, classes=10):
+    """A random classifier and VAE for c x size x size images, saved under ``d``."""
+    from spurfast.models import VAE, VAEConfig, SmallCNN
+    from spurfast.models.classifier import save_classifier
+    from spurfast.models.train import save_vae
+
+    torch.manual_seed(0)
+    save_classifier(SmallCNN(c, classes, size), d / f"clf{c}x{size}.pt")
+    save_vae(VAE(VAEConfig.for_images(c, size, 4)), d / f"vae{c}x{size}.pt")
+    return str(d / f"clf{c}x{size}.pt"), str(d / f"vae{c}x{size}.pt")
+
+
+def _npz(path, images, n_classes=10):
+    np.savez(path, images=images, labels=np.arange(len(images)) % n_classes,
+             class_names=np.array([str(i) for i in range(n_classes)]))
+    return str(path)
+
+
+def test_overwrite_never_deletes_foreign_dirs_or_the_pool(tmp_path, capsys):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("years of work")
+    with pytest.raises(FileExistsError, match=f"{foreign}.*did not write") as e:
+        prepare_output(foreign, "run-a", overwrite=True)
+    assert "pass --overwrite" not in str(e.value)  # the refusal must not suggest the flag that deletes
+    assert (foreign / "thesis.tex").read_text() == "years of work"
+    prepare_output(tmp_path / "empty", "run-a", overwrite=True)  # empty or new directories are fine
+    # a spurfast run directory that also holds the pool being read: --overwrite must not delete it
+    clf, vae = _models(tmp_path)
+    run = tmp_path / "run"
+    prepare_output(run, "an-older-run", overwrite=False)
+    pool = _npz(run / "pool.npz", np.random.default_rng(0).integers(0, 256, (20, 28, 28), dtype=np.uint8))
+    capsys.readouterr()
+    code = main(["discover", "--pool", pool, "--classifier", clf, "--vae", vae, "--out", str(run),
+                 "--overwrite", "--quiet"])
+    assert code == 2 and "holds" in capsys.readouterr().err and (run / "pool.npz").is_file()
+
+
+@pytest.mark.parametrize("case", ["shape", "hwc", "suspect_high", "suspect_negative", "not_npz", "float_range",
+                                  "vae_as_classifier"])
+def test_bad_discover_inputs_are_named(tmp_path, capsys, case):
+    """Each bad input fails before any work with a message naming the file, the value and
+    what was expected (not a traceback)."""
+    clf, vae = _models(tmp_path)
+    rng = np.random.default_rng(0)
+    pool = _npz(tmp_path / "pool.npz", rng.integers(0, 256, (12, 28, 28), dtype=np.uint8))
+    extra, want = [], []
+    if case == "shape":
+        pool = _npz(tmp_path / "rgb.npz", rng.integers(0, 256, (12, 3, 64, 64), dtype=np.uint8))
+        want = ["1x28x28", "3x64x64", "rgb.npz", "clf1x28.pt"]
+    elif case == "hwc":
+        pool = _npz(tmp_path / "hwc.npz", rng.integers(0, 256, (12, 28, 28, 1), dtype=np.uint8))
+        want = ["hwc.npz", "(N,H,W,C)", "expected (N,C,H,W)"]
+    elif case.startswith("suspect"):
+        value = "12" if case == "suspect_high" else "-1"
+        (tmp_path / "sus.txt").write_text(f"0\n{value}\n")
+        extra = ["--suspect", str(tmp_path / "sus.txt")]
+        want = ["sus.txt", f"index {value}", "12 images", "[0, 11]"]
+    elif case == "not_npz":
+        (tmp_path / "text.npz").write_text("x\n")
+        pool = str(tmp_path / "text.npz")
+        want = ["text.npz", "not an .npz"]
+    elif case == "float_range":
+        pool = _npz(tmp_path / "f255.npz", np.full((12, 28, 28), 200.0, np.float32))
+        want = ["f255.npz", "must lie in [0, 1]"]
+    elif case == "vae_as_classifier":
+        clf = vae
+        want = ["vae1x28.pt", "VAE", "--vae"]
+    capsys.readouterr()
+    code = main(["discover", "--pool", pool, "--classifier", clf, "--vae", vae, "--out", str(tmp_path / "o"),
+                 "--quiet", *extra])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    for w in want:
+        assert w in err, f"{w!r} not in {err!r}"
+    assert "bare state_dict" not in err
+    assert not (tmp_path / "o").exists(), "failed after starting work"
+
+
+def test_report_rewrite_keeps_unreadable_files(tmp_path, capsys):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (tmp_path / "pool" / c).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "pool" / c / f"{i}.png")
+    (tmp_path / "pool" / "dog" / "broken.png").write_bytes(b"not a png")
+    clf, vae = _models(tmp_path, c=3, size=16, classes=2)
+    run = tmp_path / "run"
+    assert main(["discover", "--pool", str(tmp_path / "pool"), "--size", "16", "--classifier", clf, "--vae", vae,
+                 "--out", str(run), "--n-null", "2", "--k", "2", "--no-confirm", "--quiet"]) == 0
+    assert "broken.png" in (run / "report.html").read_text()
+    (run / "report.html").unlink()
+    assert main(["report", "--run", str(run)]) == 0
+    html = (run / "report.html").read_text()
+    assert "Unreadable files (1" in html and "broken.png" in html
+    (run / "bad_files.json").unlink()  # a run from before bad_files.json: the store's manifest (pool indices)
+    assert main(["report", "--run", str(run)]) == 0
+    assert "Unreadable files (1" in (run / "report.html").read_text()
+
+
+def test_demo_pattern_flags_reach_the_pattern_and_the_run_id(monkeypatch):
+    import types
+
+    from spurfast import demo
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **k: seen.append(k))
+    assert main(["demo", "--out", "o", "--family", "noise", "--strength", "0.25", "--position", "top_left"]) == 0
+    assert (seen[0]["strength"], seen[0]["position"]) == (0.25, "top_left")
+    monkeypatch.undo()
+
+    class Stop(Exception):
+        pass
+
+    specs, run_ids = [], []
+
+    def fake_data(dataset, *, spec, **kw):
+        specs.append(spec)
+        return types.SimpleNamespace(dataset="digits")
+
+    def fake_prepare(out, run_id, overwrite):
+        run_ids.append(run_id)
+        raise Stop
+
+    monkeypatch.setattr(demo, "make_planted_data", fake_data)
+    monkeypatch.setattr(demo, "prepare_output", fake_prepare)
+    for kw in ({}, {"strength": 0.5}, {"position": "top_left"}):
+        with pytest.raises(Stop):
+            demo.run_demo("o", family="patch3", **kw)
+    assert (specs[1].strength, specs[2].position) == (0.5, "top_left")
+    assert len(set(run_ids)) == 3, "a changed pattern flag must make a different demo run"

@@ -110,3 +110,14 @@ def test_iter_batches_yields_raw_uint8_from_folders_on_request(tmp_path):
     assert torch.equal(u.float().div(255), f)
     arr = ArraySource(torch.rand(5, 1, 8, 8), np.zeros(5, dtype=np.int64))   # in memory: its own floats
     assert next(iter(iter_batches(arr, batch_size=5, dtype=torch.uint8))).images.dtype == torch.float32
+
+
+def test_array_source_errors_name_the_source_and_the_layout():
+    hwc = r"mypool: images have shape \(2, 28, 28, 1\).*\(N,H,W,C\).*expected \(N,C,H,W\)"
+    with pytest.raises(ValueError, match=hwc):
+        ArraySource(np.zeros((2, 28, 28, 1), np.uint8), name="mypool")
+    with pytest.raises(ValueError, match=r"\(N,H,W,C\)"):
+        ArraySource(np.zeros((2, 16, 16, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"mypool: float images must lie in \[0, 1\]"):
+        ArraySource(np.full((2, 4, 4), 3.0), name="mypool")
+    assert ArraySource(np.zeros((2, 3, 16, 16), np.uint8)).image_shape == (3, 16, 16)  # CHW stays accepted

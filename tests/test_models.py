@@ -113,3 +113,47 @@ def test_inference_encoder_matches_the_training_modules(c, size, widths):
         want_mu, want_logvar = vae._encode_train(x)
     torch.testing.assert_close(mu, want_mu, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logvar, want_logvar, rtol=1e-5, atol=1e-5)
+
+
+def test_stale_checkpoint_is_not_resumed(tmp_path, caplog):
+    """A checkpoint left by another training run (other data, seed or model) is ignored,
+    with a warning; the result equals a straight run of the new one."""
+    a, b = _toy(seed=0), _toy(seed=1)   # same name, length, shape and labels: only the pixels differ
+    ck = tmp_path / "m.ckpt"
+
+    def same(m1, m2):
+        return all(torch.equal(p, q) for p, q in zip(m1.state_dict().values(), m2.state_dict().values()))
+
+    train_classifier(a, 3, epochs=1, batch_size=16, seed=0, checkpoint=ck, progress=False)
+    for kw, src, what in (({"seed": 0}, b, "data"), ({"seed": 5}, b, "seed"), ({"seed": 5, "lr": 1e-3}, b, "lr")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="spurfast.train"):
+            got = train_classifier(src, 3, epochs=1, batch_size=16, checkpoint=ck, progress=False, **kw)
+        assert same(got, train_classifier(src, 3, epochs=1, batch_size=16, progress=False, **kw)), what
+        assert f"ignoring checkpoint {ck}" in caplog.text and what in caplog.text
+    # more epochs done than asked for: start afresh too
+    train_classifier(b, 3, epochs=2, batch_size=16, seed=0, checkpoint=ck, progress=False)
+    got = train_classifier(b, 3, epochs=1, batch_size=16, seed=0, checkpoint=ck, progress=False)
+    assert same(got, train_classifier(b, 3, epochs=1, batch_size=16, seed=0, progress=False))
+    # the VAE's checkpoint too: another config is another model
+    train_vae(a, VAEConfig(1, 28, (8, 16), 4), epochs=1, batch_size=16, checkpoint=tmp_path / "v.ckpt", progress=False)
+    got = train_vae(a, VAEConfig(1, 28, (8, 16), 6), epochs=1, batch_size=16, checkpoint=tmp_path / "v.ckpt",
+                    progress=False)
+    assert got.config.latent_dim == 6
+
+
+def test_small_cnn_width_survives_save_and_load(tmp_path):
+    model = SmallCNN(1, 10, 28, width=16).eval()
+    save_classifier(model, tmp_path / "w16.pt")
+    loaded = load_classifier(tmp_path / "w16.pt")
+    x = torch.rand(2, 1, 28, 28)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert loaded.arch["width"] == 16
+
+
+def test_input_shape_mismatch_is_named():
+    with pytest.raises(ValueError, match="expects images of shape 1x28x28.*has 3x64x64"):
+        check_output_width(SmallCNN(1, 10, 28), (3, 64, 64), 10)
+    scripted = torch.jit.trace(SmallCNN(1, 10, 28).eval(), torch.rand(1, 1, 28, 28))  # no arch: a trial run
+    with pytest.raises(ValueError, match="cannot run on images of shape 3x64x64"):
+        check_output_width(scripted, (3, 64, 64), 10)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,31 @@ from .sources import ImageSource
 log = logging.getLogger("spurfast.data")
 
 
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _image_files(d: Path) -> list[Path]:
+    """Image files under ``d``, sorted.  Follows symlinked folders (Path.rglob does not),
+    visiting each real folder once so a link back up cannot loop; broken symlinks with an
+    image name are kept, so the loaders report them as unreadable instead of dropping them."""
+    seen = {os.path.realpath(d)}
+    files = []
+    for top, dirs, names in os.walk(d, followlinks=True):
+        keep = []
+        for sub in sorted(dirs):  # sorted: which of two paths to one folder is kept is stable
+            real = os.path.realpath(os.path.join(top, sub))
+            if real not in seen:
+                seen.add(real)
+                keep.append(sub)
+        dirs[:] = keep
+        for n in names:
+            full = os.path.join(top, n)
+            if _is_image_name(n) and (os.path.isfile(full) or not os.path.exists(full)):  # file or broken link
+                files.append(Path(full))
+    return sorted(files)
+
+
 def list_folder(root: str | Path) -> tuple[list[str], list[int], list[str] | None]:
     """(paths, labels, class_names) in a stable order; raises early on bad layouts."""
     root = Path(root)
@@ -21,17 +47,17 @@ def list_folder(root: str | Path) -> tuple[list[str], list[int], list[str] | Non
     if not root.is_dir():
         raise NotADirectoryError(f"{root} is not a directory")
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    top_files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    top_files = sorted(p for p in root.iterdir() if _is_image_name(p.name) and (p.is_file() or not p.exists()))
     if subdirs and not top_files:
         paths, labels = [], []
         for c, d in enumerate(subdirs):
-            files = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            files = _image_files(d)
             if not files:
                 raise ValueError(f"class folder {d} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
             paths += [str(p) for p in files]
             labels += [c] * len(files)
         return paths, labels, [d.name for d in subdirs]
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = _image_files(root)
     if not files:
         raise ValueError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return [str(p) for p in files], [-1] * len(files), None

@@ -49,6 +49,8 @@ _PNG_IEND = b"IEND"
 # How far from the end of the file the end marker may sit (files with a little trailing
 # padding are common and valid); further away the file is only "suspect", not bad.
 _TAIL_BYTES = 1024
+# PIL modes of wide (16/32-bit integer) grey images
+_WIDE_GRAY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,8 @@ def check_image_file(path: str) -> tuple[str, str]:
             fh.seek(max(0, size - _TAIL_BYTES))
             tail = fh.read(_TAIL_BYTES)
     except OSError as exc:
+        if os.path.islink(path) and not os.path.exists(path):
+            return "bad", f"broken symbolic link (to {os.readlink(path)})"
         return "bad", f"cannot read file: {exc.__class__.__name__}: {exc.strerror or exc}"
     if head.startswith(_JPEG_MAGIC):
         kind, complete = "JPEG", _JPEG_EOI in tail
@@ -111,6 +115,12 @@ def check_image_file(path: str) -> tuple[str, str]:
 
 
 def _to_rgb_or_l(im, channels: int):
+    if im.mode in _WIDE_GRAY_MODES:
+        # 16-bit grey PNGs open as I;16 / I: PIL's convert clips them to 255 (all white);
+        # scale to 8 bits first, round(v / 257) as DALI's decoder does
+        from PIL import Image
+        v = np.asarray(im).astype(np.int64)
+        im = Image.fromarray(np.clip((v + 128) // 257, 0, 255).astype(np.uint8), mode="L")
     if channels == 3:
         return im.convert("RGB")
     if im.mode == "L":

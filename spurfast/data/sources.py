@@ -37,8 +37,10 @@ class ImageSource:
         return torch.stack([im for im, _ in items]), torch.tensor([lb for _, lb in items], dtype=torch.int64)
 
 
-def to_float_images(images) -> torch.Tensor:
-    """(N,H,W) or (N,C,H,W) uint8/float array -> float32 (N,C,H,W) in [0, 1]."""
+def to_float_images(images, name: str | None = None) -> torch.Tensor:
+    """(N,H,W) or (N,C,H,W) uint8/float array -> float32 (N,C,H,W) in [0, 1].  ``name``
+    (the source) prefixes error messages."""
+    where = f"{name}: " if name else ""
     if not isinstance(images, torch.Tensor):
         arr = np.asarray(images)
         t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
@@ -47,12 +49,17 @@ def to_float_images(images) -> torch.Tensor:
     if t.dim() == 3:
         t = t.unsqueeze(1)
     if t.dim() != 4:
-        raise ValueError(f"images must be (N,H,W) or (N,C,H,W), got shape {tuple(t.shape)}")
+        raise ValueError(f"{where}images must be (N,H,W) or (N,C,H,W), got shape {tuple(t.shape)}")
+    if t.shape[1] not in (1, 3) and t.shape[-1] in (1, 3):
+        # channels-last (N,H,W,C) would otherwise be read as H channels of W x C images
+        raise ValueError(f"{where}images have shape {tuple(t.shape)}, which looks like (N,H,W,C); expected "
+                         f"(N,C,H,W) or (N,H,W): transpose them, e.g. images.transpose(0, 3, 1, 2)")
     if t.dtype == torch.uint8:
         return t.float().div_(255.0)
     t = t.float()
     if t.numel() and (float(t.min()) < 0.0 or float(t.max()) > 1.0):
-        raise ValueError(f"float images must lie in [0, 1]; got range [{float(t.min()):.3g}, {float(t.max()):.3g}]")
+        raise ValueError(f"{where}float images must lie in [0, 1]; got range [{float(t.min()):.3g}, "
+                         f"{float(t.max()):.3g}] (uint8 images may span 0..255)")
     return t
 
 
@@ -61,7 +68,7 @@ class ArraySource(ImageSource):
 
     def __init__(self, images, labels=None, ids: Sequence[str] | None = None,
                  class_names: Sequence[str] | None = None, name: str = "array"):
-        self.images = to_float_images(images).contiguous()
+        self.images = to_float_images(images, name).contiguous()
         n = len(self.images)
         if labels is None:
             self._labels = np.full(n, -1, dtype=np.int64)

@@ -64,12 +64,15 @@ class ResNet18(nn.Module):
         return self.net.fc(self.features(x))
 
 
-def build_classifier(arch: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    if arch == "small_cnn":
-        return SmallCNN(in_channels, num_classes, image_size)
-    if arch == "resnet18":
-        return ResNet18(in_channels, num_classes, image_size)
-    raise ValueError(f"unknown classifier architecture {arch!r}; expected one of {ARCHITECTURES}")
+def build_classifier(arch: str, in_channels: int, num_classes: int, image_size: int, **options) -> nn.Module:
+    """``options``: the architecture's other keyword arguments (SmallCNN's ``width``)."""
+    classes = {"small_cnn": SmallCNN, "resnet18": ResNet18}
+    if arch not in classes:
+        raise ValueError(f"unknown classifier architecture {arch!r}; expected one of {ARCHITECTURES}")
+    try:
+        return classes[arch](in_channels, num_classes, image_size, **options)
+    except TypeError as exc:
+        raise ValueError(f"architecture {arch!r} does not take options {sorted(options)}: {exc}") from None
 
 
 def save_classifier(model: nn.Module, path) -> None:
@@ -95,8 +98,16 @@ def load_classifier(path, arch: str | None = None, in_channels: int | None = Non
                              f"(weights_only={weights_only}): {exc}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj.get("arch"), dict):
         a = dict(obj["arch"])
-        model = build_classifier(a.pop("name"), a["in_channels"], a["num_classes"], a["image_size"])
+        name = a.pop("name")
+        # every saved key (width, ...) goes back to the constructor, else the shapes differ
+        model = build_classifier(name, a.pop("in_channels"), a.pop("num_classes"), a.pop("image_size"), **a)
         model.load_state_dict(obj["state_dict"])
+    elif isinstance(obj, dict) and "state_dict" in obj and "config" in obj:
+        raise ValueError(f"{p} is a spurfast VAE checkpoint (from `spurfast train-vae`), not a classifier; "
+                         f"pass it as --vae")
+    elif isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{p} holds a dict with keys {sorted(map(str, obj))[:8]}, which is neither a spurfast "
+                         f"classifier checkpoint (keys 'arch', 'state_dict') nor a state_dict of tensors")
     elif isinstance(obj, dict):
         if arch is None or in_channels is None or num_classes is None or image_size is None:
             raise ValueError(f"{p} is a bare state_dict: name its architecture ({ARCHITECTURES}), "
@@ -123,10 +134,28 @@ def classifier_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
     return logits, logits
 
 
-def check_output_width(model: nn.Module, image_shape, num_classes: int) -> None:
-    """Fail early when the model's output width does not match the number of classes."""
+def check_output_width(model: nn.Module, image_shape, num_classes: int, *, name: str = "classifier",
+                       pool: str = "the pool") -> None:
+    """Fail early, naming both shapes, when the model was built for other images than
+    ``image_shape`` or its output width does not match the number of classes."""
+    shape = tuple(int(s) for s in image_shape)
+    arch = getattr(model, "arch", None)
+    if isinstance(arch, dict) and {"in_channels", "image_size"} <= set(arch):
+        want = (int(arch["in_channels"]), int(arch["image_size"]), int(arch["image_size"]))
+        if want != shape:
+            raise ValueError(f"{name} expects images of shape {_fmt(want)} (CxHxW), {pool} has {_fmt(shape)}; "
+                             f"use a classifier trained on such images (for folders: --size/--channels)")
     with torch.no_grad():
-        out = model(torch.zeros((1,) + tuple(image_shape)))
+        try:
+            out = model(torch.zeros((1,) + shape))
+        except RuntimeError as exc:  # TorchScript / foreign models: only a trial run tells
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"{name} cannot run on images of shape {_fmt(shape)} (CxHxW) from {pool}: "
+                             f"{first}") from None
     if out.dim() != 2 or out.shape[1] != num_classes:
         raise ValueError(f"classifier outputs shape {tuple(out.shape)} for one image; expected (1, {num_classes}) "
                          f"to match {num_classes} classes")
+
+
+def _fmt(shape) -> str:
+    return "x".join(str(s) for s in shape)

@@ -2,6 +2,7 @@
 per-epoch checkpoints that a rerun resumes from."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -32,6 +33,20 @@ def _batches(source: ImageSource, batch_size: int, gen: torch.Generator, shuffle
         yield source.get_batch(idx)
 
 
+def data_fingerprint(source: ImageSource, n_samples: int = 8) -> str:
+    """Cheap identity of a data source: name, length, image shape, and the ids and bytes
+    of ``n_samples`` items spread evenly over it."""
+    h = hashlib.sha256(f"{source.name}:{len(source)}:{tuple(source.image_shape)}".encode())
+    n = len(source)
+    idx = np.unique(np.linspace(0, n - 1, min(n, n_samples)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
+    for i in idx:
+        h.update(source.item_id(int(i)).encode())
+    if len(idx):
+        images, _ = source.get_batch(idx)
+        h.update(images.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _checkpoint(path: Path | None, state: dict) -> None:
     if path is None:
         return
@@ -40,10 +55,22 @@ def _checkpoint(path: Path | None, state: dict) -> None:
     tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint
 
 
-def _resume(path: Path | None, model, opt) -> int:
+def _resume(path: Path | None, model, opt, identity: dict, epochs: int) -> int:
+    """Load the checkpoint at ``path`` if it belongs to this training run (same data, seed,
+    model and optimiser settings, at most ``epochs`` done) and return its epoch; else 0."""
     if path is None or not path.exists():
         return 0
     state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = json.loads(state["identity"]) if isinstance(state.get("identity"), str) else None
+    identity = json.loads(json.dumps(identity, sort_keys=True))  # compare as stored (tuples -> lists)
+    differ = sorted(k for k in identity.keys() | (saved or {}).keys() if identity.get(k) != (saved or {}).get(k))
+    if saved is None or differ or int(state["epoch"]) > epochs:
+        # resuming another run's checkpoint would silently return that run's model
+        why = ("it does not record what it was trained on (older spurfast)" if saved is None else
+               f"it was written for different {', '.join(differ)}" if differ else
+               f"it has {int(state['epoch'])} epochs done, more than the {epochs} asked for")
+        log.warning("ignoring checkpoint %s and training afresh: %s", path, why)
+        return 0
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optim"])
     torch.set_rng_state(state["rng"])
@@ -67,19 +94,26 @@ def train_classifier(source: ImageSource, num_classes: int, *, arch: str = "smal
         logits = model(x)
         return F.cross_entropy(logits, y), {"acc": (logits.argmax(1) == y).float().mean()}
 
+    model_id = {"arch": arch, "in_channels": c, "num_classes": num_classes, "image_size": h,
+                "labels": hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes()).hexdigest()[:16]}
     return _fit(lambda: build_classifier(arch, c, num_classes, h), source, step, "classifier", epochs=epochs,
-                batch_size=batch_size, lr=lr, seed=seed, device=device, checkpoint=checkpoint, progress=progress)
+                batch_size=batch_size, lr=lr, seed=seed, device=device, checkpoint=checkpoint, progress=progress,
+                model_id=model_id)
 
 
 def _fit(build, source: ImageSource, step, name: str, *, epochs: int, batch_size: int, lr: float, seed: int,
-         device: str, checkpoint, progress: bool):
+         device: str, checkpoint, progress: bool, model_id: dict):
     """The one training loop: seeded init and epoch order, progress bar with running means of the
-    loss and the step's metrics, an atomic checkpoint per epoch, resume from it."""
+    loss and the step's metrics, an atomic checkpoint per epoch, resume from it.  The checkpoint
+    records what it belongs to (``model_id``, data, seed, batch size, lr); a rerun resumes
+    only a matching one (epochs may grow: there is no schedule, so epoch k is the same)."""
+    ck = Path(checkpoint) if checkpoint else None
+    identity = {"model": model_id, "data": data_fingerprint(source) if ck else None, "seed": seed,
+                "batch_size": batch_size, "lr": lr, "trainer": name}
     gen = seed_everything(seed)  # before build(): initial weights follow the seed
     model = build().to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    ck = Path(checkpoint) if checkpoint else None
-    start = _resume(ck, model, opt)
+    start = _resume(ck, model, opt, identity, epochs)
     for epoch in range(start, epochs):
         model.train()
         gen.manual_seed(seed * 1000 + epoch)
@@ -98,7 +132,7 @@ def _fit(build, source: ImageSource, step, name: str, *, epochs: int, batch_size
             bar.set_postfix({k: f"{v / seen:.3f}" for k, v in sums.items()})
         log.info("%s epoch %d: %s", name, epoch + 1, " ".join(f"{k} {v / max(seen, 1):.4f}" for k, v in sums.items()))
         _checkpoint(ck, {"model": model.state_dict(), "optim": opt.state_dict(), "epoch": epoch + 1,
-                         "rng": torch.get_rng_state()})
+                         "rng": torch.get_rng_state(), "identity": json.dumps(identity, sort_keys=True)})
     model.eval()
     return model
 
@@ -120,7 +154,8 @@ def train_vae(source: ImageSource, config: VAEConfig | None = None, *, epochs: i
         return loss, {"kl": kl}
 
     return _fit(lambda: VAE(config), source, step, "VAE", epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                device=device, checkpoint=checkpoint, progress=progress)
+                device=device, checkpoint=checkpoint, progress=progress,
+                model_id={"config": config.to_dict(), "beta": beta})
 
 
 def save_vae(model: VAE, path) -> None:
