@@ -22,6 +22,14 @@ What runs where in ``spurfast discover`` (see :func:`discover_run`):
 
 The output directory must be visible to every rank (one machine, or a shared filesystem
 across nodes): rank 0 reads the shard stores the others write.
+
+Two process groups, created by :func:`init` in the same order on every rank: the default
+one (NCCL or gloo) carries the Lloyd loop's tensors and gives up on a silent rank after
+$SPURFAST_DIST_TIMEOUT (1800 s); a gloo group on the CPU carries the control messages
+and the open-ended waits (ranks that finished their shard waiting for the slowest one,
+the other ranks waiting while rank 0 alone discovers and reports), which may rightly
+last hours, with $SPURFAST_DIST_WAIT_TIMEOUT (24 h).  A long wait does not hang a
+broken run: torchrun tears down every rank when one dies.
 """
 from __future__ import annotations
 
@@ -60,6 +68,7 @@ class Context:
 
 _CTX = Context()
 _OWNED = False  # this module initialised the process group (and so destroys it)
+_WAIT = None    # the gloo group with the long timeout (see the module docstring)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -72,15 +81,18 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={v!r} is not an integer") from None
 
 
-def init(device: str = "cpu", backend: str | None = None, timeout_s: float | None = None) -> Context:
+def init(device: str = "cpu", backend: str | None = None, timeout_s: float | None = None,
+         wait_timeout_s: float | None = None) -> Context:
     """Join the torch.distributed group described by torchrun's environment variables.
 
     ``device``: the compute device of the run ("cpu" or "cuda[:i]"); with CUDA each rank
     uses ``cuda:<LOCAL_RANK>`` and the backend defaults to NCCL, else gloo.  Returns the
     context; a no-op (world size 1) when WORLD_SIZE is unset or 1.  Idempotent.
-    ``timeout_s`` (default $SPURFAST_DIST_TIMEOUT or 1800): how long a collective waits for
-    a rank that stopped answering before raising."""
-    global _CTX, _OWNED
+    ``timeout_s`` (default $SPURFAST_DIST_TIMEOUT or 1800): how long a k-means collective
+    waits for a rank that stopped answering before raising.  ``wait_timeout_s`` (default
+    $SPURFAST_DIST_WAIT_TIMEOUT or 86400): the same for the waits on another rank's long
+    work (:func:`all_succeed`, :func:`run_on_main`, :func:`main_section`, ...)."""
+    global _CTX, _OWNED, _WAIT
     world = _env_int("WORLD_SIZE", 1)
     if world <= 1:
         _CTX = Context()
@@ -106,17 +118,24 @@ def init(device: str = "cpu", backend: str | None = None, timeout_s: float | Non
     else:
         world, rank = dist.get_world_size(), dist.get_rank()
         backend = dist.get_backend()
+    if _WAIT is None:  # every rank calls init, so every rank creates this group, in the same order
+        wait = float(wait_timeout_s if wait_timeout_s is not None
+                     else os.environ.get("SPURFAST_DIST_WAIT_TIMEOUT", 86400))
+        _WAIT = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=wait))
     _CTX = Context(rank, world, local, backend, dev)
     log.info("rank %d of %d (local %d), backend %s, device %s", rank, world, local, backend, dev)
     return _CTX
 
 
 def shutdown() -> None:
-    """Leave the group if :func:`init` created it."""
-    global _CTX, _OWNED
-    if _OWNED and dist.is_initialized():
-        dist.destroy_process_group()
-    _OWNED = False
+    """Leave the groups :func:`init` created."""
+    global _CTX, _OWNED, _WAIT
+    if dist.is_initialized():
+        if _OWNED:
+            dist.destroy_process_group()  # every group, the wait group with it
+        elif _WAIT is not None:
+            dist.destroy_process_group(_WAIT)
+    _OWNED, _WAIT = False, None
     _CTX = Context()
 
 
@@ -138,18 +157,16 @@ def is_main() -> bool:
 
 def barrier() -> None:
     if _CTX.distributed:
-        if _CTX.backend == "nccl":
-            dist.barrier(device_ids=[_CTX.local_rank])
-        else:
-            dist.barrier()
+        dist.barrier(group=_WAIT)  # ranks may arrive far apart: the long-timeout group
 
 
 def broadcast_object(obj=None, src: int = 0):
-    """``obj`` of rank ``src`` on every rank (pickled; for small control messages)."""
+    """``obj`` of rank ``src`` on every rank (pickled; for small control messages).  Over
+    the long-timeout gloo group: the receivers may wait for as long as ``src`` works."""
     if not _CTX.distributed:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src, device=torch.device(_CTX.device))
+    dist.broadcast_object_list(box, src=src, group=_WAIT, device=torch.device("cpu"))
     return box[0]
 
 
@@ -186,7 +203,8 @@ def all_succeed(fn, *args, **kwargs):
     except Exception as exc:
         error = exc
     errors = [None] * _CTX.world_size
-    dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
+    # ranks that finish first wait here for the slowest (a resumed rank's whole shard)
+    dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}", group=_WAIT)
     if error is not None:
         raise error
     failed = [(r, e) for r, e in enumerate(errors) if e is not None]
@@ -200,7 +218,7 @@ def embed_pool_sharded(source, classifier, vae, store_dir, *, progress: bool = T
     """Every rank embeds its shard (resumable per rank), rank 0 merges the shards into
     the main store, and every rank returns the complete main store.  In one process this
     is ``embed.embed_pool``."""
-    from .embed import EmbeddingStore, embed_pool, merge_shards
+    from .embed import EmbeddingStore, embed_pool
 
     if not _CTX.distributed:
         return embed_pool(source, classifier, vae, store_dir, progress=progress, **kwargs)
@@ -215,8 +233,16 @@ def embed_pool_sharded(source, classifier, vae, store_dir, *, progress: bool = T
     # embed_pool returned the main store itself when an earlier run had completed it;
     # every rank saw the same main store (only rank 0 writes it, in the merge below)
     if Path(store.root).resolve() != Path(store_dir).resolve():
-        run_on_main(merge_shards, store_dir, W, progress=progress)
+        run_on_main(_merge, store_dir, W, progress)
     return EmbeddingStore(store_dir)
+
+
+def _merge(store_dir, num_shards: int, progress: bool) -> None:
+    """Rank 0's merge; returns nothing, since run_on_main broadcasts the return value and
+    pickling the merged store would read every column into memory: each rank opens it."""
+    from .embed import merge_shards
+
+    merge_shards(store_dir, num_shards, progress=progress)
 
 
 # ------------------------------------------------------------------ distributed k-means
@@ -301,6 +327,8 @@ def serve_kmeans() -> int:
         header = broadcast_object(None)
         if header is None:
             return served
+        if isinstance(header, str):  # main_section failed before sending any header or release
+            raise RuntimeError(f"rank 0 failed: {header}")
         x = torch.empty(header["n"], header["d"], dtype=torch.float32, device=dev)
         groups = torch.empty(header["n"], dtype=torch.int64, device=dev)
         kpg = torch.empty(header["G"], dtype=torch.int64, device=dev)

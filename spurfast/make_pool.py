@@ -12,11 +12,14 @@ that carries no class information.  Optionally a known pattern (the families of
 - ``pool.json``: the parameters and counts.
 
 Patterns are defined in the loader's output space: a pattern of the family at
-``target_size`` x ``target_size`` is scaled onto the centre square of the image (the
-window the loader keeps when it resizes the short side and centre-crops), so after
-loading every carrier shows the same pattern at the same place, as
-:func:`spurfast.plant.apply_pattern` would stamp it.  JPEG compression softens it a
-little (quality ``quality``).
+``target_size`` x ``target_size`` is painted onto the window the loader keeps, each
+pattern pixel over the exact source area that the loader's resize maps to that output
+pixel (:func:`spurfast.data.preprocess.crop_geometry`), so after loading every carrier
+shows the same pattern at the same place, as :func:`spurfast.plant.apply_pattern` would
+stamp it.  Two things soften it: the loader's antialiasing filter reaches half an output
+pixel beyond each footprint (pixels inside a pattern read their value exactly; a lone
+pixel reads about 0.56 of its value plus 0.44 of its surroundings), and JPEG
+compression (quality ``quality``).
 
 Deterministic for a seed: image ``i`` depends only on (seed, i), so the output does not
 depend on the number of worker processes.
@@ -178,22 +181,36 @@ def pattern_overlay(spec: PoolSpec) -> tuple[np.ndarray, np.ndarray]:
     return stamped[0].permute(1, 2, 0).numpy(), masks[0].numpy()
 
 
+def _footprints(n_src: int, n_resized: int, offset: int, S: int) -> np.ndarray:
+    """(n_src, S): how much of source pixel r (along one axis) lies in the footprint of
+    crop pixel i, i.e. resized pixel ``offset + i``, which covers source
+    [(offset + i) * n_src / n_resized, (offset + i + 1) * n_src / n_resized)."""
+    scale = n_src / n_resized
+    lo, hi = (offset + np.arange(S)) * scale, (offset + np.arange(S) + 1) * scale
+    r = np.arange(n_src, dtype=np.float64)[:, None]
+    return np.clip(np.minimum(r + 1, hi[None]) - np.maximum(r, lo[None]), 0.0, 1.0)
+
+
 def plant_image(img: Image.Image, values: np.ndarray, mask: np.ndarray, additive: bool) -> Image.Image:
-    """Scale the S x S pattern onto the centre square of ``img`` (the loader's crop)."""
+    """Paint the S x S pattern onto ``img`` where the loader's resize-and-crop reads it:
+    pattern pixel (i, j) over its source footprint (fractionally at the footprint's edges),
+    with the loader's own geometry (short side resized to S, long side rounded, crop
+    offset in resized pixels), so that a pattern pixel lands on its own output pixel."""
+    from .data.preprocess import crop_geometry
+
     w, h = img.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
     S = mask.shape[0]
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    # nearest-neighbour scaling of the S x S grid onto the s x s window
-    rows = np.minimum((np.arange(s) * S) // s, S - 1)
-    win = arr[top:top + s, left:left + s]
-    v = values[rows][:, rows]
-    m = mask[rows][:, rows]
+    nh, nw, top, left = crop_geometry(h, w, S)
+    ay, ax = _footprints(h, nh, top, S), _footprints(w, nw, left, S)  # (h, S), (w, S)
+    arr = np.asarray(img, dtype=np.float64) / 255.0
+    m = mask.astype(np.float64)
+    vm = values.astype(np.float64) * m[..., None]
+    painted = np.stack([ay @ vm[..., c] @ ax.T for c in range(vm.shape[2])], axis=-1)
     if additive:
-        win[:] = np.clip(win + v, 0.0, 1.0)
+        arr = np.clip(arr + painted, 0.0, 1.0)
     else:
-        win[m] = v[m]
+        cover = np.clip(ay @ m @ ax.T, 0.0, 1.0)[..., None]  # share of each source pixel the pattern owns
+        arr = np.clip(arr * (1.0 - cover) + painted, 0.0, 1.0)
     return Image.fromarray((arr * 255.0 + 0.5).astype(np.uint8), "RGB")
 
 

@@ -33,21 +33,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, fn, args, outq):
+def _worker(rank, world, port, fn, args, outq, timeout_s=120):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    sd.init("cpu", timeout_s=120)
+    sd.init("cpu", timeout_s=timeout_s)
     try:
         outq.put((rank, fn(*args)))
     finally:
         sd.shutdown()
 
 
-def _spawn(fn, args, world=2):
+def _spawn(fn, args, world=2, timeout_s=120):
     ctx = tmp_mp.get_context("spawn")
     q = ctx.SimpleQueue()
-    tmp_mp.start_processes(_worker, args=(world, _free_port(), fn, args, q), nprocs=world, join=True,
+    tmp_mp.start_processes(_worker, args=(world, _free_port(), fn, args, q, timeout_s), nprocs=world, join=True,
                            start_method="spawn")
     out = {}
     while not q.empty():
@@ -138,6 +138,68 @@ def test_kmeans_across_two_ranks_matches_one_process():
     assert_equal_int(torch.from_numpy(got["counts"]), ref.counts, name="counts")
     assert_close(torch.from_numpy(got["cent"]), ref.centroids, name="centroids", atol=1e-5, rtol=1e-5)
     assert_close(torch.from_numpy(got["dist"]), ref.dist, name="dist", atol=1e-5, rtol=1e-5)
+
+
+def _long_work_job(pause):
+    # one rank busy longer than the collective timeout: the ranks done with their shard wait
+    # for the slowest (all_gather_object), the others for rank 0's main section (broadcast
+    # objects, as run_on_main)
+    sd.all_succeed(lambda: time.sleep(pause) if sd.rank() == 1 else None)
+    if sd.is_main():
+        with sd.main_section():
+            time.sleep(pause)
+        return "done"
+    return sd.serve_main_section()
+
+
+def test_waits_on_another_ranks_long_work_outlast_the_collective_timeout():
+    out = _spawn(_long_work_job, (3.5,), timeout_s=2.5)
+    assert out == {0: "done", 1: 0}
+
+
+def _early_failure_job():
+    from spurfast import cluster
+    seen = []
+    for across, hook in (("yes", None), ("1", object())):  # a bad setting; a nested k-means block
+        os.environ["SPURFAST_KMEANS_ACROSS_RANKS"] = across
+        cluster.kmeans_hook = hook
+        try:
+            if sd.is_main():
+                with sd.main_section():
+                    pass
+            else:
+                sd.serve_main_section()
+            seen.append("no error")
+        except Exception as exc:
+            seen.append(f"{type(exc).__name__}: {exc}")
+        cluster.kmeans_hook = None
+    return seen
+
+
+def test_main_section_failing_before_kmeans_reaches_the_other_ranks():
+    out = _spawn(_early_failure_job, ())
+    bad = "ValueError: SPURFAST_KMEANS_ACROSS_RANKS must be 0 or 1, got 'yes'"
+    nested = "RuntimeError: kmeans_across_ranks blocks cannot be nested"
+    assert out[0] == [bad, nested]
+    assert out[1] == [f"RuntimeError: rank 0 failed: {bad}", f"RuntimeError: rank 0 failed: {nested}"]
+
+
+def _sharded_store_job(root):
+    from spurfast.embed import EmbeddingStore
+
+    def refuse(self, protocol):
+        raise TypeError("an EmbeddingStore was pickled (its columns read into memory)")
+    EmbeddingStore.__reduce_ex__ = refuse
+    src, clf, vae = _small(30)
+    store = sd.embed_pool_sharded(src, clf, vae, root, num_classes=4, batch_size=8, progress=False, num_workers=1)
+    return store.complete, np.array(store["mu"])
+
+
+def test_sharded_embedding_sends_no_store_between_ranks(tmp_path):
+    """Every rank opens the merged store itself rather than receiving rank 0's pickled."""
+    out = _spawn(_sharded_store_job, (str(tmp_path / "s"),))
+    assert out[0][0] and out[1][0] and out[0][1].shape[0] == 30
+    np.testing.assert_array_equal(out[0][1], out[1][1])
 
 
 # ---------------------------------------------------------------- sharded store, in one process

@@ -67,3 +67,30 @@ def test_cli(tmp_path, capsys):
     assert json.loads((tmp_path / "c" / "pool.json").read_text())["spec"]["plant"] == "noise"
     assert main(["make-pool", "--out", str(tmp_path / "d"), "--n", "5", "--size", "a:b"]) == 2
     assert "--size must be" in capsys.readouterr().err
+
+
+def test_planted_pixels_land_where_the_loader_reads_them(tmp_path):
+    """Each pattern pixel is painted over the source area the loader's resize maps to its
+    output pixel (crop_geometry: long side rounded, crop offset in resized pixels)."""
+    from spurfast.data.preprocess import PreprocessSpec, load_image_uint8
+    from spurfast.make_pool import _plan, pattern_overlay, plant_image, render
+
+    # losslessly (PNG): the centre of a 3x3 patch reads its planted value exactly, since the
+    # loader's antialiasing filter for that pixel reaches only into the patch's own footprints
+    spec = PoolSpec(n=60, classes=3, min_size=32, max_size=150, plant="patch3", fraction=1.0, target_size=32, seed=5)
+    values, mask = pattern_overlay(spec)
+    r, c = [int(a.mean()) for a in np.nonzero(mask)]
+    labels, _ = _plan(spec)
+    centre = []
+    for i in range(spec.n):
+        plant_image(render(i, int(labels[i]), spec), values, mask, additive=False).save(tmp_path / "x.png")
+        centre.append(load_image_uint8(str(tmp_path / "x.png"), PreprocessSpec(32))[:, r, c].min().item())
+    assert min(centre) >= 254, sorted(centre)[:5]
+    # through make-pool's JPEGs: a lone planted white pixel stands out in every carrier
+    spec = PoolSpec(n=80, classes=4, min_size=40, max_size=120, plant="pixel", fraction=0.5, target_size=32, seed=1)
+    make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    _, carries = read_ground_truth(tmp_path / "p")
+    (r, c), = zip(*np.nonzero(pattern_overlay(spec)[1]))
+    x, _ = ImageFolderSource(tmp_path / "p", size=32).get_batch(np.arange(spec.n))
+    px = x[:, :, r, c].mean(1).numpy()
+    assert px[carries].min() > 0.6, np.sort(px[carries])[:5]
