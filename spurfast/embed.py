@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .cores import usable_cores
 from .data.loader_torch import iter_batches
 from .data.preprocess import uint8_to
-from .data.sources import ImageSource
+from .data.sources import ImageSource, content_digest
 from .models.classifier import classifier_outputs
 
 log = logging.getLogger("spurfast.embed")
@@ -116,13 +116,18 @@ def _columns(source: ImageSource, classifier, vae, num_classes: int, device: str
             "labels": ((n,), "int64"), "ok": ((n,), "bool")}
 
 
-def _open_checked(store_dir: Path, fp: str) -> EmbeddingStore | None:
+def _open_checked(store_dir: Path, fp: str, content: str) -> EmbeddingStore | None:
     if not (store_dir / MANIFEST).is_file():
         return None
     store = EmbeddingStore(store_dir)
     if store.manifest.get("fingerprint") != fp:
         raise ValueError(f"embedding store {store_dir} was made with other models or another pool "
                          f"(fingerprint {store.manifest.get('fingerprint')} != {fp}); use a new directory")
+    # stores written before the content digest was recorded have none to compare
+    if store.manifest.get("content", content) != content:
+        raise ValueError(f"embedding store {store_dir} was made from other images under the same names (pool "
+                         f"content {store.manifest['content']} != {content}: regenerated in place?); "
+                         f"use a new directory")
     return store
 
 
@@ -160,9 +165,9 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
         raise ValueError(f"pool {source.name} is empty")
     if num_shards < 1 or not 0 <= shard_id < num_shards:
         raise ValueError(f"need 0 <= shard_id < num_shards, got shard_id={shard_id}, num_shards={num_shards}")
-    fp = fingerprint(source, classifier, vae)
+    fp, content = fingerprint(source, classifier, vae), content_digest(source)
     store_dir = Path(store_dir)
-    main = _open_checked(store_dir, fp)
+    main = _open_checked(store_dir, fp, content)
     if main is not None and main.complete:
         return main
     sel = None
@@ -172,15 +177,15 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
             log.info("resuming embedding pass at pool index %d of %d", store.done, n)
         else:
             store = EmbeddingStore.create(store_dir, n, _columns(source, classifier, vae, num_classes, device, n),
-                                          {"fingerprint": fp, "pool": source.name, "num_classes": num_classes,
-                                           "latent_dim": vae.config.latent_dim})
+                                          {"fingerprint": fp, "content": content, "pool": source.name,
+                                           "num_classes": num_classes, "latent_dim": vae.config.latent_dim})
         desc = "embedding pool"
     else:
         from .data.folder import select_indices
         start = main.done if main is not None else 0
         sel = select_indices(n, start=start, shard_id=shard_id, num_shards=num_shards)
         sdir = shard_dir(store_dir, shard_id, num_shards)
-        store = _open_checked(sdir, fp)
+        store = _open_checked(sdir, fp, content)
         if store is not None and (store.manifest.get("start") != start or store.n != len(sel)):
             log.warning("shard store %s covers another selection (start %s, not %d); starting it again",
                         sdir, store.manifest.get("start"), start)
@@ -189,7 +194,7 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
             cols = _columns(source, classifier, vae, num_classes, device, len(sel))
             cols["index"] = ((len(sel),), "int64")
             store = EmbeddingStore.create(sdir, len(sel), cols, {
-                "fingerprint": fp, "pool": source.name, "num_classes": num_classes,
+                "fingerprint": fp, "content": content, "pool": source.name, "num_classes": num_classes,
                 "latent_dim": vae.config.latent_dim, "start": start, "pool_n": n,
                 "shard_id": shard_id, "num_shards": num_shards})
             if len(sel):
@@ -281,7 +286,7 @@ def merge_shards(store_dir, num_shards: int, *, chunk: int = 65536, progress: bo
     for r, s in enumerate(shards):
         if not s.complete:
             raise ValueError(f"shard store {s.root} is unfinished ({s.done}/{s.n}); finish rank {r} first")
-        for key in ("fingerprint", "start", "pool_n"):
+        for key in ("fingerprint", "content", "start", "pool_n"):
             if s.manifest.get(key) != m0.get(key):
                 raise ValueError(f"shard stores disagree on {key}: {s.root} has {s.manifest.get(key)!r}, "
                                  f"{shards[0].root} has {m0.get(key)!r}")
@@ -297,7 +302,7 @@ def merge_shards(store_dir, num_shards: int, *, chunk: int = 65536, progress: bo
             raise ValueError(f"store {store_dir} (fingerprint {main.manifest.get('fingerprint')}, done {main.done}) "
                              f"does not match its shards (fingerprint {m0['fingerprint']}, start {start})")
     else:
-        meta = {k: m0[k] for k in ("fingerprint", "pool", "num_classes", "latent_dim")}
+        meta = {k: m0[k] for k in ("fingerprint", "content", "pool", "num_classes", "latent_dim") if k in m0}
         main = EmbeddingStore.create(store_dir, n, cols, meta)
     bar = tqdm(total=n - start, desc="merging shards", unit="img", disable=not progress)
     bad = dict(main.manifest.get("bad_files", {}))

@@ -19,7 +19,7 @@ import torch
 
 from . import distributed as dist
 from .data.builtin import find_fashion_mnist, load_digits, load_fashion_mnist
-from .data.sources import ArraySource, ImageSource
+from .data.sources import ArraySource, ImageSource, content_digest
 from .discover import DiscoverConfig, characterise, discover, write_outputs
 from .embed import fingerprint
 from .plant import PatternSpec, PlantTruth, plant_pool, plant_training
@@ -182,7 +182,8 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     delete; the pool's and the clean set's own files are always protected."""
     config = config or DiscoverConfig()
     if run_id is None:
-        h = hashlib.sha256((fingerprint(pool, classifier, vae) + json.dumps(asdict(config), sort_keys=True)).encode())
+        h = hashlib.sha256((fingerprint(pool, classifier, vae) + content_digest(pool)
+                            + json.dumps(asdict(config), sort_keys=True)).encode())
         run_id = h.hexdigest()[:16]
     # under torchrun (spurfast.distributed): rank 0 owns the output directory, every rank
     # embeds its shard, rank 0 scores and reports with k-means across all ranks

@@ -34,6 +34,31 @@ def test_store_from_other_models_is_refused(tmp_path):
         embed_pool(src, other, vae, tmp_path / "s", num_classes=4, progress=False)
 
 
+def test_store_of_a_pool_regenerated_in_place_is_refused(tmp_path):
+    # same name, length, shape and ids, other images: resuming would mix the two pools
+    src, clf, vae = _setup()
+    embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=16, progress=False, stop_after=1)
+    torch.manual_seed(1)
+    other = ArraySource(torch.rand(50, 1, 28, 28), np.arange(50) % 4)
+    with pytest.raises(ValueError, match="other images under the same names"):
+        embed_pool(other, clf, vae, tmp_path / "s", num_classes=4, progress=False)
+
+
+def test_folder_pool_regenerated_in_place_is_refused(tmp_path):
+    from spurfast.data.folder import ImageFolderSource
+    from spurfast.make_pool import PoolSpec, make_pool
+
+    torch.manual_seed(0)
+    clf, vae = SmallCNN(3, 10, 32).eval(), VAE(VAEConfig.for_images(3, 32, 6)).eval()
+    make_pool(tmp_path / "pool", PoolSpec(n=24, seed=0), workers=1, progress=False)
+    embed_pool(ImageFolderSource(tmp_path / "pool", size=32), clf, vae, tmp_path / "s", num_classes=10, batch_size=8,
+               progress=False, num_workers=1, stop_after=1)
+    make_pool(tmp_path / "pool", PoolSpec(n=24, seed=1), workers=1, progress=False, overwrite=True)
+    with pytest.raises(ValueError, match="other images under the same names"):
+        embed_pool(ImageFolderSource(tmp_path / "pool", size=32), clf, vae, tmp_path / "s", num_classes=10,
+                   progress=False, num_workers=1)
+
+
 def test_output_width_and_nan_latents(tmp_path):
     src, clf, vae = _setup(10)
     with pytest.raises(ValueError, match="expected 7 classes"):

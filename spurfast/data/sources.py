@@ -37,6 +37,31 @@ class ImageSource:
         return torch.stack([im for im, _ in items]), torch.tensor([lb for _, lb in items], dtype=torch.int64)
 
 
+def content_digest(source: ImageSource, n_samples: int = 8) -> str:
+    """A cheap identity of what a source holds: name, length, image shape, and the ids and
+    contents of ``n_samples`` items spread evenly over it, so a pool regenerated in place
+    (same names, new images) is told apart.  Sources read from files (``paths``) hash the
+    sampled files' bytes, the same on every machine whatever decodes them; others hash
+    the sampled images."""
+    import hashlib
+
+    n = len(source)
+    h = hashlib.sha256(f"{source.name}:{n}:{tuple(source.image_shape)}".encode())
+    idx = np.unique(np.linspace(0, n - 1, min(n, n_samples)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
+    paths = getattr(source, "paths", None)
+    for i in idx:
+        h.update(source.item_id(int(i)).encode())
+        if paths is not None:
+            try:
+                with open(paths[int(i)], "rb") as fh:
+                    h.update(fh.read())
+            except OSError as exc:   # an unreadable file is part of what the pool holds
+                h.update(f"unreadable: {exc.__class__.__name__}".encode())
+    if len(idx) and paths is None:
+        h.update(source.get_batch(idx)[0].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def to_float_images(images, name: str | None = None) -> torch.Tensor:
     """(N,H,W) or (N,C,H,W) uint8/float array -> float32 (N,C,H,W) in [0, 1].  ``name``
     (the source) prefixes error messages."""

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data.sources import ImageSource
+from ..data.sources import ImageSource, content_digest
 from .classifier import build_classifier, save_classifier
 from .vae import VAE, VAEConfig, vae_loss
 
@@ -31,20 +31,6 @@ def _batches(source: ImageSource, batch_size: int, gen: torch.Generator, shuffle
     for s in range(0, n, batch_size):
         idx = order[s:s + batch_size].numpy()
         yield source.get_batch(idx)
-
-
-def data_fingerprint(source: ImageSource, n_samples: int = 8) -> str:
-    """Cheap identity of a data source: name, length, image shape, and the ids and bytes
-    of ``n_samples`` items spread evenly over it."""
-    h = hashlib.sha256(f"{source.name}:{len(source)}:{tuple(source.image_shape)}".encode())
-    n = len(source)
-    idx = np.unique(np.linspace(0, n - 1, min(n, n_samples)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
-    for i in idx:
-        h.update(source.item_id(int(i)).encode())
-    if len(idx):
-        images, _ = source.get_batch(idx)
-        h.update(images.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _checkpoint(path: Path | None, state: dict) -> None:
@@ -108,7 +94,7 @@ def _fit(build, source: ImageSource, step, name: str, *, epochs: int, batch_size
     records what it belongs to (``model_id``, data, seed, batch size, lr); a rerun resumes
     only a matching one (epochs may grow: there is no schedule, so epoch k is the same)."""
     ck = Path(checkpoint) if checkpoint else None
-    identity = {"model": model_id, "data": data_fingerprint(source) if ck else None, "seed": seed,
+    identity = {"model": model_id, "data": content_digest(source) if ck else None, "seed": seed,
                 "batch_size": batch_size, "lr": lr, "trainer": name}
     gen = seed_everything(seed)  # before build(): initial weights follow the seed
     model = build().to(device)
