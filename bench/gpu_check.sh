@@ -16,22 +16,26 @@ LOG="$OUT/steps.log"
 step() { echo "[gpu_check] $(date +%T) +${SECONDS}s $*" | tee -a "$LOG"; }
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 
+# every step has a time limit (a hung nvcc, pip or CUDA init must not eat the device time)
 step "build fatbins"
-(command -v nvcc >/dev/null && make kernels CUDA_ARCHS=90) > "$OUT/kernels_build.log" 2>&1 \
-  || step "fatbin build FAILED (the launcher falls back to NVRTC): see kernels_build.log"
+if ! command -v nvcc >/dev/null; then
+  step "no nvcc on PATH: no fatbins (the launcher compiles with NVRTC)"
+elif ! timeout -k 10 240 make kernels CUDA_ARCHS=90 > "$OUT/kernels_build.log" 2>&1; then
+  step "fatbin build FAILED or timed out (the launcher falls back to NVRTC): see kernels_build.log"
+fi
 if ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  timeout -k 10 120 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >> "$LOG" 2>&1 && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
 # The GPU machine has torch/triton/cupy but not this package: install it editable (no
 # network there: the installed setuptools builds it), else make the source tree importable
 # as installed (setup.py maps kernels/ to spurfast.kernels) with a link removed on exit.
-if ! $PY -m pip install -q --no-deps --no-build-isolation --use-pep517 -e . >> "$LOG" 2>&1; then
+if ! timeout -k 10 180 $PY -m pip install -q --no-deps --no-build-isolation --use-pep517 -e . >> "$LOG" 2>&1; then
   step "editable install failed (see steps.log): linking spurfast/kernels -> kernels"
   if [ ! -e spurfast/kernels ]; then ln -s ../kernels spurfast/kernels && trap 'rm -f spurfast/kernels' EXIT; fi
 fi
-{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
-  $PY - <<'PY'
+{ timeout -k 5 60 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+  timeout -k 10 120 $PY - <<'PY'
 import torch, importlib
 print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())
 for m in ("triton", "cupy", "nvidia.dali", "flash_kmeans"):
@@ -45,7 +49,7 @@ echo "usable cores: $(nproc)" >> "$OUT/gpu.txt"
 cat "$OUT/gpu.txt"
 # kernel arguments travel as raw device pointers; if that ever disagrees with DLPack views
 # on this CuPy, keep DLPack for the rest of the check and say so
-$PY - >> "$LOG" 2>&1 <<'PY' || { export SPURFAST_KMEANS_DLPACK=1; step "pointer args FAILED: DLPack for the rest"; }
+timeout -k 10 120 $PY - >> "$LOG" 2>&1 <<'PY' || { export SPURFAST_KMEANS_DLPACK=1; step "pointer args FAILED: DLPack for the rest"; }
 import os, torch
 from spurfast.kernels import kmeans_cupy as kc
 x = torch.randn(3000, 40, device="cuda"); off = torch.tensor([0, 1000, 3000], device="cuda")
@@ -61,29 +65,29 @@ PY
 if want tests; then
   step "GPU tests"
   XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
-  timeout 180 $PY -m pytest -q -m gpu ${SPURFAST_GPU_TESTS:-tests} -p no:cacheprovider $XDIST -rfE > "$OUT/gpu_tests.log" 2>&1
+  timeout -k 10 180 $PY -m pytest -q -m gpu ${SPURFAST_GPU_TESTS:-tests} -p no:cacheprovider $XDIST -rfE > "$OUT/gpu_tests.log" 2>&1
   step "GPU tests rc=$?"; tail -25 "$OUT/gpu_tests.log"
 fi
 if want kmeans; then
   step "bench kmeans"
-  timeout 120 $PY -m bench kmeans --quick --device cuda > "$OUT/bench_kmeans.log" 2>&1
+  timeout -k 10 120 $PY -m bench kmeans --quick --device cuda > "$OUT/bench_kmeans.log" 2>&1
   step "bench kmeans rc=$?"
 fi
 if want encoder; then
   step "bench encoder"
   # torch.compile max-autotune takes minutes per graph: off unless asked for
-  SPURFAST_BENCH_COMPILE="${SPURFAST_BENCH_COMPILE:-0}" timeout 90 $PY -m bench encoder --quick --device cuda \
+  SPURFAST_BENCH_COMPILE="${SPURFAST_BENCH_COMPILE:-0}" timeout -k 10 90 $PY -m bench encoder --quick --device cuda \
     > "$OUT/bench_encoder.log" 2>&1
   step "bench encoder rc=$?"
 fi
 if want e2e; then
   step "bench e2e"
-  timeout 120 $PY -m bench e2e --quick --device cuda > "$OUT/bench_e2e.log" 2>&1
+  timeout -k 10 120 $PY -m bench e2e --quick --device cuda > "$OUT/bench_e2e.log" 2>&1
   step "bench e2e rc=$?"
 fi
 if want shapes; then
   step "bench triton-shapes"
-  timeout 150 $PY -m bench triton-shapes --quick --device cuda > "$OUT/bench_triton_shapes.log" 2>&1
+  timeout -k 10 150 $PY -m bench triton-shapes --quick --device cuda > "$OUT/bench_triton_shapes.log" 2>&1
   step "bench triton-shapes rc=$?"
 fi
 step "done"
