@@ -37,11 +37,13 @@ of one RGB 64x64 image, per program, plus halo recomputation across tiles.
 Weight preparation: each conv weight (C_out, C_in, KH, KW) is permuted once into a
 K-major (KH*KW*C_in, C_out) matrix in the compute dtype so that B-tile loads are
 contiguous along C_out and the K order (kh, kw, c_in) matches the channels-last
-activations.  The result is cached per weight tensor (keyed by identity and
-``_version``, so in-place updates by an optimiser or ``load_state_dict`` invalidate it);
-after the first call a forward issues only the L + 1 launches above.  Biases, mean/std
-and the head weight need no preparation (read in place, cast in registers; mean/std
-are cached as tiny device tensors).
+activations.  The result is cached per weight tensor (keyed by identity, ``_version``
+and data pointer/layout, so in-place updates by an optimiser or ``load_state_dict`` and
+``w.data = t`` invalidate it; writes through ``w.data`` itself, e.g. ``w.data.mul_(s)``,
+bump no counter of w's and are not seen: assign a new tensor or update under
+``torch.no_grad()`` instead); after the first call a forward issues only the L + 1
+launches above.  Biases, mean/std and the head weight need no preparation (read in
+place, cast in registers; mean/std are cached as tiny device tensors).
 
 Memory traffic (per image, minimal = read the input once, write (B, 2L) fp32):
 RGB 64x64, channels (32, 64, 128, 256), bf16 compute: input 12 KiB (uint8) or
@@ -322,11 +324,16 @@ def _prepared_conv_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(C_out, C_in, KH, KW) -> contiguous (KH*KW*C_in, C_out) in ``dtype``, cached per tensor."""
     key = (id(w), dtype, w.device)
     hit = _WCACHE.get(key)
-    if hit is not None and hit[0]() is w and hit[1] == w._version:
-        return hit[2]
+    # _version sees in-place ops on w; `w.data = t` swaps the storage without a version
+    # bump, so the data pointer and layout are compared too (host metadata: no sync)
+    sig = (w._version, w.data_ptr(), tuple(w.shape), w.stride())
+    if hit is not None and hit[0]() is w and hit[1] == sig:
+        return hit[3]
     with torch.no_grad():
         prepped = w.detach().permute(2, 3, 1, 0).reshape(-1, w.shape[0]).to(dtype).contiguous()
-    _WCACHE[key] = (weakref.ref(w, lambda _r, key=key: _WCACHE.pop(key, None)), w._version, prepped)
+    # the entry pins the storage it was prepared from (w.detach()), so after a `.data`
+    # swap no new tensor can reuse that address and pass the pointer check
+    _WCACHE[key] = (weakref.ref(w, lambda _r, key=key: _WCACHE.pop(key, None)), sig, w.detach(), prepped)
     return prepped
 
 

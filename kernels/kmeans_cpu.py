@@ -11,9 +11,10 @@ The shared library is compiled on first use with the system C++ compiler (``$CXX
 g++ or c++; about 2 s) into ``$SPURFAST_CACHE_DIR`` (default ``~/.cache/spurfast``), named
 by a hash of the source and flags, and loaded from there afterwards.  ``is_available()``
 says why it cannot run (no x86-64 AVX2/FMA, no compiler, a failed build), and the
-registry then falls back to the reference.  Threads: fixed contiguous row ranges, up to
-``torch.get_num_threads()`` of them, cut as the reference's row split
-(``reference._split_rows``) cuts them, so results do not depend on scheduling.  They run
+registry then falls back to the reference.  Threads: fixed contiguous row ranges, their
+number a function of N alone (``_parts``) and cut as the reference's row split
+(``reference._split_rows``) cuts them, run by up to ``torch.get_num_threads()`` threads:
+the sums do not depend on scheduling or on the thread count.  They run
 on OpenMP inside the library, which resolves to the libgomp torch already loaded (one
 runtime, one pool; Python threads raced torch's spinning OpenMP workers); a compiler
 without OpenMP gives a serial library, and then Python threads split the rows.
@@ -39,7 +40,8 @@ SOURCE = Path(__file__).resolve().parent / "cpu" / "kmeans_cpu.cpp"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC")
 OPENMP = "-fopenmp"   # tried first; dropped (Python threads instead) when the compiler lacks it
 NR = 16            # centroids per micro-tile (kernel constant): centroids are padded to it
-_MIN_ROWS = 2048   # rows per thread below which one thread does the whole range
+_MIN_ROWS = 2048   # rows per part below which one part covers the whole range
+_MAX_PARTS = 16    # most row ranges (and threads) a call uses: fixed, so sums match at any thread count
 
 _lock = threading.Lock()
 _lib = None
@@ -117,13 +119,22 @@ def _load():
             _why_not = f"{exc.__class__.__name__}: {exc}"
             return None
         P, I = ctypes.c_void_p, ctypes.c_int64
-        lib.spurfast_cpu_assign.argtypes = [P, I, P, I, P, P, I, P, I, P, ctypes.c_int, I, I, P, P, P, P]
+        lib.spurfast_cpu_assign.argtypes = [P, I, P, I, P, P, I, P, I, P, ctypes.c_int, I, I, P, P, P, P, I]
         lib.spurfast_cpu_assign.restype = None
-        lib.spurfast_cpu_update.argtypes = [P, I, P, I, I, I, P, P]
+        lib.spurfast_cpu_update.argtypes = [P, I, P, I, I, I, I, P, P]
         lib.spurfast_cpu_update.restype = I
-        lib.spurfast_cpu_assign_parts.argtypes = [P, I, P, I, P, P, I, P, I, P, ctypes.c_int, I, I, P, P, P, P]
+        lib.spurfast_cpu_plan.argtypes = [P, I, I, I, I, P, P, P]
+        lib.spurfast_cpu_plan.restype = None
+        lib.spurfast_cpu_assign_part.argtypes = [P, I, P, I, P, P, I, P, I, P, ctypes.c_int, I, I, I, P, P,
+                                                 P, P, P, P, P, P]
+        lib.spurfast_cpu_assign_part.restype = None
+        lib.spurfast_cpu_update_part.argtypes = [P, I, P, P, I, I, I, I, I, P, P, P, P, P, P, P]
+        lib.spurfast_cpu_update_part.restype = I
+        lib.spurfast_cpu_add_parts.argtypes = [I, P, P, P, P, P, I, I, P, P]
+        lib.spurfast_cpu_add_parts.restype = None
+        lib.spurfast_cpu_assign_parts.argtypes = [P, I, P, I, P, P, I, P, I, P, ctypes.c_int, I, I, I, P, P, P, P]
         lib.spurfast_cpu_assign_parts.restype = None
-        lib.spurfast_cpu_update_parts.argtypes = [P, I, P, I, I, I, P, P]
+        lib.spurfast_cpu_update_parts.argtypes = [P, I, P, P, I, I, I, I, I, P, P]
         lib.spurfast_cpu_update_parts.restype = I
         lib.spurfast_cpu_plusplus.argtypes = [P, I, P, I, P, I, P, P, I, P, P]
         lib.spurfast_cpu_plusplus.restype = None
@@ -154,7 +165,14 @@ def _threads() -> int:
 
 
 def _parts(n_rows: int) -> int:
-    """How many fixed row ranges (and threads) a call uses: ``reference._split_rows``'s rule."""
+    """How many fixed row ranges a k-means call cuts: a function of N only (not of the
+    thread count), since each range keeps its own partial sums and their float sum
+    depends on the cut.  Up to ``_threads()`` threads share them out."""
+    return max(1, min(_MAX_PARTS, n_rows // _MIN_ROWS))
+
+
+def _knn_parts(n_rows: int) -> int:
+    """latent_knn's rows are independent: one range per thread."""
     return max(1, min(_threads(), n_rows // _MIN_ROWS))
 
 
@@ -219,19 +237,20 @@ def _assign(x, offsets, centroids, k_per_group, metric, x_sqnorm, with_sums: boo
         raise ValueError(f"k_per_group must hold G={G} values in [0, kmax={kmax}]")
     assign = np.zeros(N, dtype=np.int64)
     dist = np.zeros(N, dtype=np.float32)
-    parts = _parts(N)
     S = G * kmax
-    sums = np.zeros((parts, S, d), dtype=np.float32) if with_sums else None
-    counts = np.zeros((parts, S), dtype=np.int64) if with_sums else None
+    sums = np.zeros((S, d), dtype=np.float32) if with_sums else None
+    counts = np.zeros(S, dtype=np.int64) if with_sums else None
 
     def result():
         out = (torch.from_numpy(assign), torch.from_numpy(dist))
         if with_sums:
-            out += (torch.from_numpy(sums[0]).view(G, kmax, d), torch.from_numpy(counts[0]).view(G, kmax))
+            out += (torch.from_numpy(sums).view(G, kmax, d), torch.from_numpy(counts).view(G, kmax))
         return out
 
     if N == 0 or G == 0:
         return result()
+    if with_sums and kmax == 0:   # the rows' sums would have nowhere to go (written out of bounds)
+        raise ValueError(f"centroids have kmax=0 clusters for {N} points: nothing to sum them into")
     cosine = metric == "cosine"
     c = centroids.detach().float().cpu()
     if cosine:
@@ -246,30 +265,48 @@ def _assign(x, offsets, centroids, k_per_group, metric, x_sqnorm, with_sums: boo
 
     args = (_ptr(X), d, _ptr(off), G, _ptr(cT), _ptr(cterm), kp, _ptr(C), kmax,
             None if xn is None else _ptr(xn), int(cosine))
+    parts = _parts(N)
     if lib.openmp:
-        lib.spurfast_cpu_assign_parts(*args, N, parts, _ptr(assign), _ptr(dist),
+        lib.spurfast_cpu_assign_parts(*args, N, parts, _threads(), _ptr(assign), _ptr(dist),
                                       _ptr(sums) if with_sums else None, _ptr(counts) if with_sums else None)
         return result()
-    _python_parts(N, parts, lambda p, lo, hi: lib.spurfast_cpu_assign(
-        *args, lo, hi, _ptr(assign), _ptr(dist), _ptr(sums[p]) if with_sums else None,
-        _ptr(counts[p]) if with_sums else None))
-    if with_sums:
-        _add_parts_in_order(sums, counts)
+    if not with_sums:
+        _python_parts(N, parts, lambda p, lo, hi: lib.spurfast_cpu_assign(
+            *args, lo, hi, _ptr(assign), _ptr(dist), None, None, 0))
+        return result()
+    held, (w0, w1, pbase, psums, pcounts) = _python_plan(lib, off, N, parts, kmax, d)
+    _python_parts(N, parts, lambda p, lo, hi: lib.spurfast_cpu_assign_part(
+        *args, N, parts, p, _ptr(assign), _ptr(dist), w0, pbase, psums, pcounts, _ptr(sums), _ptr(counts)))
+    lib.spurfast_cpu_add_parts(2 * parts, w0, w1, pbase, psums, pcounts, S, d, _ptr(sums), _ptr(counts))
     return result()
 
 
+def _python_plan(lib, off: np.ndarray, N: int, parts: int, kmax: int, d: int):
+    """The partial sums the library's *_parts entry points plan for themselves
+    (``spurfast_cpu_plan``: 2 windows per part), as pointers for its *_part calls."""
+    w0, w1, pbase = np.empty(2 * parts, np.int64), np.empty(2 * parts, np.int64), np.empty(2 * parts + 1, np.int64)
+    lib.spurfast_cpu_plan(_ptr(off), len(off) - 1, kmax, N, parts, _ptr(w0), _ptr(w1), _ptr(pbase))
+    psums, pcounts = np.empty((pbase[-1], d), dtype=np.float32), np.empty(pbase[-1], dtype=np.int64)   # zeroed per part
+    held = (w0, w1, pbase, psums, pcounts)   # the caller keeps these alive while the pointers are in use
+    return held, tuple(_ptr(a) for a in held)
+
+
 def _python_parts(n: int, parts: int, run) -> list:
-    """Without OpenMP: run(p, lo, hi) over the library's ``parts`` fixed row ranges in
-    Python threads (the reference's row split; ctypes releases the GIL); results in order."""
+    """Without OpenMP: run(p, lo, hi) over the ``parts`` fixed row ranges (the reference's
+    cut) in up to ``_threads()`` Python threads (ctypes releases the GIL); results in order."""
     cuts = [n * p // parts for p in range(parts + 1)]
-    return ref._split_rows(lambda lo, hi: run(cuts.index(lo), lo, hi), 0, n, _MIN_ROWS, parts)
+    out = [None] * parts
+    threads = min(_threads(), parts)
 
+    def worker(t: int) -> None:
+        for p in range(t * parts // threads, (t + 1) * parts // threads):
+            out[p] = run(p, cuts[p], cuts[p + 1])
 
-def _add_parts_in_order(sums: np.ndarray, counts: np.ndarray) -> None:
-    """Partials of the row ranges added into part 0 in order: the same sums every run."""
-    for p in range(1, len(sums)):
-        sums[0] += sums[p]
-        counts[0] += counts[p]
+    futures = [ref._cpu_threads(threads - 1).submit(worker, t) for t in range(1, threads)]
+    worker(0)
+    for f in futures:
+        f.result()
+    return out
 
 
 def kmeans_update(x, offsets, assign, kmax: int, deterministic: bool = True):
@@ -287,18 +324,22 @@ def kmeans_update(x, offsets, assign, kmax: int, deterministic: bool = True):
     if N and ((assign.min() < 0) or (assign.max() >= kmax)):
         raise ValueError(f"assign has values in [{int(assign.min())}, {int(assign.max())}]; "
                          f"expected cluster indices in [0, {kmax})")
+    sums, counts = np.zeros((S, d), dtype=np.float32), np.zeros(S, dtype=np.int64)
+    if N == 0:
+        return torch.from_numpy(sums).view(G, kmax, d), torch.from_numpy(counts).view(G, kmax)
     parts = _parts(N)
-    sums, counts = np.zeros((parts, S, d), dtype=np.float32), np.zeros((parts, S), dtype=np.int64)
     if lib.openmp:   # per-part partial sums, added in part order by the library
-        bad = lib.spurfast_cpu_update_parts(_ptr(X), d, _ptr(flat), S, N, parts, _ptr(sums), _ptr(counts))
+        bad = lib.spurfast_cpu_update_parts(_ptr(X), d, _ptr(flat), _ptr(off), G, kmax, N, parts, _threads(),
+                                            _ptr(sums), _ptr(counts))
     else:
-        bads = _python_parts(N, parts, lambda p, lo, hi: lib.spurfast_cpu_update(
-            _ptr(X), d, _ptr(flat), S, lo, hi, _ptr(sums[p]), _ptr(counts[p])))
+        held, plan = _python_plan(lib, off, N, parts, kmax, d)
+        bads = _python_parts(N, parts, lambda p, lo, hi: lib.spurfast_cpu_update_part(
+            _ptr(X), d, _ptr(flat), _ptr(off), G, kmax, N, parts, p, *plan, _ptr(sums), _ptr(counts)))
         bad = next((b for b in bads if b >= 0), -1)
-        _add_parts_in_order(sums, counts)
+        lib.spurfast_cpu_add_parts(2 * parts, *plan, S, d, _ptr(sums), _ptr(counts))
     if bad >= 0:
         raise ValueError(f"row {bad} has group-cluster index {flat[bad]} outside [0, {S})")
-    return torch.from_numpy(sums[0]).view(G, kmax, d), torch.from_numpy(counts[0]).view(G, kmax)
+    return torch.from_numpy(sums).view(G, kmax, d), torch.from_numpy(counts).view(G, kmax)
 
 
 def kmeans_plusplus(x, offsets, k_per_group, kmax: int, generator: torch.Generator) -> torch.Tensor:
@@ -354,7 +395,7 @@ def latent_knn(z, k: int) -> torch.Tensor:
     panels, cterm, npad = pack_centroids(Z[None], np.array([n]), False)
     m = min(2 * k, n - 1)
     args = (_ptr(Z), d, n, _ptr(panels), _ptr(cterm), npad, k, m)
-    parts = _parts(n)
+    parts = _knn_parts(n)
     if lib.openmp:
         lib.spurfast_cpu_knn_parts(*args, parts, _ptr(out))
     else:

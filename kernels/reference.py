@@ -341,6 +341,13 @@ def kmeans_update(
     """
     G = len(offsets) - 1
     N, d = x.shape
+    # each index on its own: a check of the flat index only lets assign = kmax in group g
+    # land in group g + 1's cluster 0.  CPU tensors only: on CUDA, reading the range back
+    # would sync the host on every Lloyd step
+    if assign.device.type == "cpu" and assign.numel():
+        lo, hi = (int(v) for v in torch.aminmax(assign))
+        if lo < 0 or hi >= kmax:
+            raise ValueError(f"assign has values in [{lo}, {hi}]; expected cluster indices in [0, {kmax})")
     flat = group_ids(offsets) * kmax + assign
     if x.device.type == "cpu" and N:
         # One sparse (G*kmax x N) 0/1 matrix times x.  Built column-wise (CSC: point i is
@@ -353,8 +360,6 @@ def kmeans_update(
 
         fl = flat.numpy()
         S = G * kmax
-        if fl.size and (fl.min() < 0 or fl.max() >= S):
-            raise ValueError(f"assign has values outside [0, kmax={kmax}) for some group")
         xf = np.ascontiguousarray(x.detach().float().numpy())
 
         def part_sums(a: int, b: int):

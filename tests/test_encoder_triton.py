@@ -220,6 +220,20 @@ def test_trained_checkpoint_roundtrip(tmp_path):
     assert_close(et.encoder_forward(x_probe, **model2.encoder_params())[0], got[0], name="reloaded mu")
 
 
+def test_weight_cache_sees_data_replacement():
+    """`w.data = t` swaps the weight's storage without bumping its version: the prepared
+    weight cache must not serve the old values (it did, keyed on id and version only)."""
+    m = _model(1, 28, (5, 12), 8)
+    x = _images(3, 1, 28)
+    _compare(m, x, tag="warm ")
+    g = torch.Generator().manual_seed(4)
+    for conv in m.convs:
+        conv.weight.data = torch.randn(conv.weight.shape, generator=g).to(DEV)
+    _compare(m, x, tag="after .data = new ")
+    m.convs[1].weight.data = m.convs[1].weight.data.clone() * -2   # same shape, new storage
+    _compare(m, x, tag="after a second swap ")
+
+
 # ------------------------------------------------------------------ registry / VAE.encode
 def test_vae_encode_backend_triton_matches_torch():
     backends.clear_cache()

@@ -21,8 +21,10 @@ from tests.helpers import (CASES, assert_close, assert_equal_int, check_assign_n
 
 AVAILABLE, WHY = kcpu.is_available()
 needs_kernel = pytest.mark.skipif(not AVAILABLE, reason=f"fused CPU kernels unavailable: {WHY}")
-# one case large enough to run in several fixed row ranges (threads)
-CPU_CASES = CASES + [([3 * kcpu._MIN_ROWS + 5], 37, 64)]
+# cases large enough to run in several fixed row ranges (threads): one group, and many
+# groups, some whole inside a range and some cut by one
+CPU_CASES = CASES + [([3 * kcpu._MIN_ROWS + 5], 37, 64),
+                     (np.random.default_rng(1).integers(0, 40, 400).tolist(), 16, 24)]
 
 
 @needs_kernel
@@ -107,18 +109,74 @@ def test_fused_step_equals_assign_then_update_bitwise(case, metric, threading_mo
 
 
 @needs_kernel
-@pytest.mark.parametrize("case", [len(CPU_CASES) - 1])   # the multi-range case
+@pytest.mark.parametrize("case", [len(CPU_CASES) - 2, len(CPU_CASES) - 1])   # the multi-range cases
 def test_python_thread_fallback_gives_the_openmp_results_bitwise(case, monkeypatch):
     if not kcpu._load().openmp:
         pytest.skip("the library was built without OpenMP")
     sizes, kmax, d = CPU_CASES[case]
     x, off, cent, kpg = make_case(sizes, kmax, d, seed=3, device="cpu")
-    assert kcpu._parts(len(x)) == min(kcpu._threads(), len(x) // kcpu._MIN_ROWS)
+    assert kcpu._parts(len(x)) == min(kcpu._MAX_PARTS, len(x) // kcpu._MIN_ROWS) > 1
     omp = kcpu.kmeans_assign_update(x, off, cent, kpg) + kcpu.kmeans_update(x, off, torch.arange(len(x)) % kmax, kmax)
     monkeypatch.setattr(kcpu._load(), "openmp", False)
     py = kcpu.kmeans_assign_update(x, off, cent, kpg) + kcpu.kmeans_update(x, off, torch.arange(len(x)) % kmax, kmax)
     for name, a, b in zip(["assign", "dist", "sums", "counts", "update sums", "update counts"], omp, py):
         assert torch.equal(a, b), f"{name}: OpenMP and Python threads disagree"
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@needs_kernel
+@pytest.mark.parametrize("sizes", [[9000], [4000, 0, 5000, 3], [30, 0, 7] * 300],
+                         ids=["one-group", "groups", "many-groups"])
+def test_sums_do_not_depend_on_the_thread_count(sizes, threading_mode, restore_threads, monkeypatch):
+    """Each row range keeps its own partial sums, so the float sums depend on the cut: it
+    must be a function of N alone (it was one range per thread, and the sums moved with
+    torch.get_num_threads()).  Far from the origin so that a different cut rounds differently."""
+    monkeypatch.setattr(kcpu, "_threads", torch.get_num_threads)   # 4 threads even on fewer cores
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(sum(sizes), 13, generator=g) * 100 + 1000
+    off = torch.zeros(len(sizes) + 1, dtype=torch.int64)
+    off[1:] = torch.cumsum(torch.tensor(sizes), 0)
+    cent = torch.randn(len(sizes), 7, 13, generator=g) * 100 + 1000
+    kpg = torch.tensor([min(7, n) for n in sizes])
+    got = {}
+    for t in (1, 2, 4):
+        torch.set_num_threads(t)
+        fused = kcpu.kmeans_assign_update(x, off, cent, kpg)
+        got[t] = fused + kcpu.kmeans_update(x, off, fused[0], 7)
+    for t in (2, 4):
+        for name, a, b in zip(["assign", "dist", "sums", "counts", "update sums", "update counts"], got[1], got[t]):
+            assert torch.equal(a, b), f"{threading_mode}: {name} at {t} threads differ from 1 thread's"
+    assert torch.equal(got[1][2], got[1][4]), "fused sums equal update's"
+    es, ec = exact_sums(x, off, got[1][0], 7)
+    assert_equal_int(got[1][3], ec, "counts")
+    assert_close(got[1][2], es.float(), torch.float32, name="sums", rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("with_xn", [False, True], ids=["no-xn", "xn"])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_nan_rows_get_nan_distances_as_in_the_reference(metric, with_xn):
+    # the L2 clamp (dv > 0 ? dv : 0) made a NaN distance 0; cosine's fmax(|x|, 1e-12)
+    # made it s / 1e-12 = inf
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40, 5, generator=g)
+    x[3, 0] = float("nan")
+    x[17] = float("nan")
+    off, cent, kpg = torch.tensor([0, 25, 40]), torch.randn(2, 3, 5, generator=g), torch.tensor([3, 3])
+    xn = (x * x).sum(1) if with_xn else None
+    ra, rd = ref.kmeans_assign(x, off, cent, kpg, metric, x_sqnorm=xn)
+    for name, (a, dist) in (("assign", kcpu.kmeans_assign(x, off, cent, kpg, metric, x_sqnorm=xn)),
+                            ("fused", kcpu.kmeans_assign_update(x, off, cent, kpg, metric, x_sqnorm=xn)[:2])):
+        assert torch.isnan(dist[[3, 17]]).all(), f"{name}: NaN rows gave {dist[[3, 17]].tolist()}"
+        assert_close(dist, rd, torch.float32, name=f"{name} dist vs reference")   # NaN exactly where it is
+        ok = ~torch.isnan(rd)
+        assert_equal_int(a[ok], ra[ok], f"{name} assign (finite rows)")
 
 
 @needs_kernel
@@ -280,6 +338,8 @@ def test_bad_input_gets_clear_errors():
         kcpu.kmeans_assign(x, off, cent, torch.tensor([5, 1]))
     with pytest.raises(ValueError, match="metric"):
         kcpu.kmeans_assign(x, off, cent, kpg, "dot")
+    with pytest.raises(ValueError, match="kmax=0"):   # the fused sums were written out of bounds
+        kcpu.kmeans_assign_update(x, off, cent[:, :0], torch.zeros(2, dtype=torch.int64))
 
 
 @needs_kernel

@@ -449,8 +449,19 @@ def test_batched_kmeans_without_points():
 
 def test_update_rejects_cluster_index_out_of_range():
     x = torch.randn(4, 3)
-    with pytest.raises(ValueError, match=r"assign has values outside \[0, kmax=2\)"):
+    with pytest.raises(ValueError, match=r"assign has values in \[0, 2\]; expected cluster indices in \[0, 2\)"):
         ref.kmeans_update(x, csr([4]), torch.tensor([0, 1, 2, 0]), 2)
+    with pytest.raises(ValueError, match=r"assign has values in \[-1, 1\]"):
+        ref.kmeans_update(x, csr([4]), torch.tensor([0, 1, -1, 0]), 2)
+
+
+def test_update_rejects_cluster_index_past_kmax_in_an_earlier_group():
+    # group 0's assign = kmax has the flat index of group 1's cluster 0: still out of range
+    x = torch.arange(8.0).reshape(4, 2)
+    with pytest.raises(ValueError, match=r"assign has values in \[0, 2\]; expected cluster indices in \[0, 2\)"):
+        ref.kmeans_update(x, csr([2, 2]), torch.tensor([0, 2, 1, 1]), 2)
+    with pytest.raises(ValueError, match="expected cluster indices"):   # and -1 in group 1
+        ref.kmeans_update(x, csr([2, 2]), torch.tensor([0, 1, -1, 1]), 2)
 
 
 def test_choose_k_grows_for_large_classes_and_shrinks_for_small_ones():

@@ -21,11 +21,15 @@
 // the m candidates re-ranked by directly computed distances as the reference does.
 //
 // update: sums of a contiguous row range into a caller-owned partial buffer (the caller
-// splits rows over threads and adds the partials in a fixed order: deterministic).  The
+// cuts the rows into parts and adds the partials in a fixed order: deterministic).  The
 // assign adds each row into the same kind of partials when given them (the one-pass step).
+// Only a part's first and last group can have rows in other parts: those go to partials
+// of the part's own, the groups between straight to the output (spurfast_cpu_plan).
 //
 // Threads: OpenMP over fixed contiguous row ranges (`parts` of them, cut as the Python
-// reference cuts them), so results never depend on scheduling.  The library is loaded
+// reference cuts them; their number is the caller's function of N alone), shared out over
+// `threads` threads, so results depend neither on scheduling nor on the thread count.
+// (knn, whose rows are independent, passes parts = threads.)  The library is loaded
 // after torch, and the loader resolves its libgomp.so.1 to the copy torch already loaded:
 // one runtime and one thread pool.  (Python threads here raced torch's OpenMP workers,
 // which spin for a while after every torch op: the assign ran ~40% slower inside the
@@ -37,6 +41,7 @@
 #include <cstring>
 #include <algorithm>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 #ifdef _OPENMP
@@ -168,15 +173,24 @@ inline void add_row(float* __restrict dst, const float* __restrict src, i64 d) {
     for (; t < d; ++t) dst[t] += src[t];
 }
 
-// parts x n partial buffers: add parts 1.. into part 0 in order (call inside a parallel region)
-inline void add_parts(float* sums, i64* counts, i64 S, i64 d, i64 parts) {
-    const i64 n = S * d;
+// sums (S x d) / counts (S) += the nv partials in order.  Partial v holds flat rows
+// [w0[v], w1[v]) from row pbase[v] of psums / pcounts.  Worksharing over 16-row chunks of
+// the output (call inside a parallel region, or serially).
+inline void add_parts(i64 nv, const i64* w0, const i64* w1, const i64* pbase, const float* psums,
+                      const i64* pcounts, i64 S, i64 d, float* sums, i64* counts) {
+    constexpr i64 CH = 16;
 #pragma omp for schedule(static)
-    for (i64 e = 0; e < n; ++e)
-        for (i64 p = 1; p < parts; ++p) sums[e] += sums[p * n + e];
-#pragma omp for schedule(static)
-    for (i64 e = 0; e < S; ++e)
-        for (i64 p = 1; p < parts; ++p) counts[e] += counts[p * S + e];
+    for (i64 c = 0; c < (S + CH - 1) / CH; ++c) {
+        const i64 a = c * CH, b = a + CH < S ? a + CH : S;
+        for (i64 p = 0; p < nv; ++p) {
+            const i64 lo = a > w0[p] ? a : w0[p], hi = b < w1[p] ? b : w1[p];
+            for (i64 f = lo; f < hi; ++f) {
+                const i64 q = pbase[p] + f - w0[p];
+                add_row(sums + f * d, psums + q * d, d);
+                counts[f] += pcounts[q];
+            }
+        }
+    }
 }
 
 // k-means++ seeds of group g (see spurfast_cpu_plusplus); rows_parallel: split each
@@ -287,11 +301,34 @@ void knn_block(const float* z, i64 d, const float* panels, const float* cterm, i
 }
 
 // f(p, lo, hi) for the `parts` contiguous ranges of [0, N) (the Python reference's cut),
-// shared out over the threads of the enclosing parallel region
+// shared out over the threads of the enclosing parallel region, consecutive parts to one
+// thread (one contiguous stream each; a part's result never depends on its thread)
 template <class F>
 inline void each_part(i64 N, i64 parts, F&& f) {
-#pragma omp for schedule(static, 1)
+#pragma omp for schedule(static)
     for (i64 p = 0; p < parts; ++p) f(p, N * p / parts, N * (p + 1) / parts);
+}
+
+// f(r0, r1, v) over part p's rows in at most three runs: g0's rows into window v = 2p,
+// the groups between (v = -1: the output), g1's rows into v = 2p+1
+template <class F>
+inline void part_runs(const i64* offsets, i64 G, i64 N, i64 parts, i64 p, F&& f) {
+    const i64 lo = N * p / parts, hi = N * (p + 1) / parts;
+    if (hi <= lo) return;
+    const i64 g0 = std::upper_bound(offsets, offsets + G + 1, lo) - offsets - 1;
+    const i64 g1 = std::upper_bound(offsets, offsets + G + 1, hi - 1) - offsets - 1;
+    if (g1 == g0) return f(lo, hi, 2 * p);
+    f(lo, offsets[g0 + 1], 2 * p);
+    if (offsets[g1] > offsets[g0 + 1]) f(offsets[g0 + 1], offsets[g1], (i64)-1);
+    f(offsets[g1], hi, 2 * p + 1);
+}
+
+// zero part p's partial rows: here, by the thread that fills them (zeroed by the caller
+// they would sit in its cache, and other threads' first touches miss)
+inline void zero_windows(i64 p, const i64* pbase, float* psums, i64* pcounts, i64 d) {
+    const i64 a = pbase[2 * p], b = pbase[2 * p + 2];
+    std::memset(psums + a * d, 0, sizeof(float) * (size_t)((b - a) * d));
+    std::memset(pcounts + a, 0, sizeof(i64) * (size_t)(b - a));
 }
 
 }  // namespace
@@ -301,11 +338,13 @@ extern "C" {
 // Rows [r0, r1) of x (N x d, sorted by group, CSR offsets[G+1]).  cT: (G, kp/16, d, 16),
 // cterm: (G, kp), cent: (G, kmax, d) fp32 (for exact winner distances), xn: |x|^2 per row
 // or null.  cosine: score -x.c_hat, dist = 1 + s / |x|.  Writes assign[r], dist[r].
-// sums (G*kmax x d) and counts (G*kmax), when not null: each row is also added to its
-// winner's sum while it is still in L1 (the fused step; no second pass over x).
+// sums (x d) and counts, when not null: each row is also added to its winner's sum while
+// it is still in L1 (the fused step; no second pass over x); they hold flat rows
+// g*kmax + j from sbase on (the groups of rows [r0, r1) at least).
 void spurfast_cpu_assign(const float* x, i64 d, const i64* offsets, i64 G, const float* cT,
                          const float* cterm, i64 kp, const float* cent, i64 kmax, const float* xn,
-                         int cosine, i64 r0, i64 r1, i64* assign, float* dist, float* sums, i64* counts) {
+                         int cosine, i64 r0, i64 r1, i64* assign, float* dist, float* sums, i64* counts,
+                         i64 sbase) {
     const float alpha = cosine ? -1.0f : -2.0f;
     float s[MR];
     int jj[MR];
@@ -329,34 +368,39 @@ void spurfast_cpu_assign(const float* x, i64 d, const i64* offsets, i64 G, const
                 if (xn) xx = xn[i + r];
                 else xx = sqdist(xr, nullptr, d);
                 float dv;
+                // a NaN row (NaN |x|, every score NaN) must give NaN as the reference does:
+                // no fmax / (dv > 0) clamps, which turn NaN into the other operand
                 if (cosine) {
-                    dv = 1.0f + s[r] / std::fmax(std::sqrt(xx), 1e-12f);
+                    const float nx = std::sqrt(xx);
+                    dv = 1.0f + s[r] / (nx < 1e-12f ? 1e-12f : nx);
                 } else {
                     // s + |x|^2 cancels digits for tight clusters away from the origin:
                     // recompute those directly, as the reference does
                     const float cc = tg[jj[r]];
                     dv = s[r] + xx;
                     if (!(dv >= (1.0f / 16) * (xx + cc))) dv = sqdist(xr, cr, d);
-                    dv = dv > 0.f ? dv : 0.f;
+                    dv = dv < 0.f ? 0.f : dv;
                 }
                 assign[i + r] = jj[r];
                 dist[i + r] = dv;
                 if (sums) {
-                    add_row(sums + (g * kmax + jj[r]) * d, xr, d);
-                    counts[g * kmax + jj[r]] += 1;
+                    add_row(sums + (g * kmax + jj[r] - sbase) * d, xr, d);
+                    counts[g * kmax + jj[r] - sbase] += 1;
                 }
             }
         }
     }
 }
 
-// sums[flat[i]] += x[i] and counts[flat[i]] += 1 for rows [r0, r1) (buffers zeroed by
-// the caller).  Fails (returns the row) on a flat index outside [0, S).
-i64 spurfast_cpu_update(const float* x, i64 d, const i64* flat, i64 S, i64 r0, i64 r1,
+// sums[flat[i] - f0] += x[i] and counts[flat[i] - f0] += 1 for rows [r0, r1) (buffers
+// for flat rows [f0, f1), zeroed by the caller).  Fails (returns the row) on a flat index
+// outside [f0, f1).
+i64 spurfast_cpu_update(const float* x, i64 d, const i64* flat, i64 f0, i64 f1, i64 r0, i64 r1,
                         float* sums, i64* counts) {
+    const uint64_t n = (uint64_t)(f1 - f0);
     for (i64 i = r0; i < r1; ++i) {
-        const i64 f = flat[i];
-        if (f < 0 || f >= S) return i;
+        const i64 f = flat[i] - f0;
+        if ((uint64_t)f >= n) return i;   // unsigned: one compare for both bounds
         add_row(sums + f * d, x + i * d, d);
         counts[f] += 1;
     }
@@ -371,37 +415,126 @@ int spurfast_cpu_openmp(void) {
 #endif
 }
 
-// spurfast_cpu_assign over all N rows, `parts` fixed ranges on up to `parts` threads.
-// sums/counts (parts x G*kmax x d / parts x G*kmax, zeroed; or null): part p's rows go
-// into partial p, then the partials are added into part 0 in order, exactly as
-// spurfast_cpu_update_parts adds them: the fused sums equal assign-then-update's bit for bit.
-void spurfast_cpu_assign_parts(const float* x, i64 d, const i64* offsets, i64 G, const float* cT,
-                               const float* cterm, i64 kp, const float* cent, i64 kmax, const float* xn,
-                               int cosine, i64 N, i64 parts, i64* assign, float* dist, float* sums,
-                               i64* counts) {
-    const i64 S = G * kmax;
-#pragma omp parallel num_threads((int)parts)
-    {
-        each_part(N, parts, [&](i64 p, i64 lo, i64 hi) {
-            spurfast_cpu_assign(x, d, offsets, G, cT, cterm, kp, cent, kmax, xn, cosine, lo, hi, assign, dist,
-                                sums ? sums + p * S * d : nullptr, sums ? counts + p * S : nullptr);
-        });
-        if (sums) add_parts(sums, counts, S, d, parts);
+// Row parts and their partial sums.  Part p holds rows [N*p/parts, N*(p+1)/parts) (rows
+// sorted by group, CSR offsets), of groups g0..g1.  Only g0 and g1 can have rows in other
+// parts too: their rows go to partials of the part's own, windows v = 2p (flat rows
+// [g0*kmax, (g0+1)*kmax)) and v = 2p+1 (g1's, empty when g1 == g0), and the rows of the
+// groups between go straight to the output, which no other part touches there.  The
+// partials are then added into the output in window order (add_parts), so every sum
+// depends on the cut alone, and partials cost ~2*parts*kmax*d, whatever G.
+// w0/w1 (2*parts): window v's flat rows; pbase (2*parts + 1): its first partial row.
+void spurfast_cpu_plan(const i64* offsets, i64 G, i64 kmax, i64 N, i64 parts, i64* w0, i64* w1, i64* pbase) {
+    pbase[0] = 0;
+    for (i64 p = 0; p < parts; ++p) {
+        const i64 lo = N * p / parts, hi = N * (p + 1) / parts;
+        i64 g0 = 0, g1 = -1;   // no rows: two empty windows
+        if (hi > lo) {
+            g0 = std::upper_bound(offsets, offsets + G + 1, lo) - offsets - 1;
+            g1 = std::upper_bound(offsets, offsets + G + 1, hi - 1) - offsets - 1;
+        }
+        w0[2 * p] = g0 * kmax;
+        w1[2 * p] = g1 >= g0 ? (g0 + 1) * kmax : g0 * kmax;
+        w0[2 * p + 1] = g1 * kmax;
+        w1[2 * p + 1] = g1 > g0 ? (g1 + 1) * kmax : g1 * kmax;
+        for (i64 v = 2 * p; v < 2 * p + 2; ++v) pbase[v + 1] = pbase[v] + (w1[v] - w0[v]);
     }
 }
 
-// spurfast_cpu_update over all N rows: part p sums into sums + p*S*d (parts x S x d,
-// zeroed by the caller), then parts 1.. are added into part 0 in order, so the result
-// depends on `parts` only.  Returns the first bad row, or -1.
-i64 spurfast_cpu_update_parts(const float* x, i64 d, const i64* flat, i64 S, i64 N, i64 parts,
+// Part p of spurfast_cpu_update_parts (windows and partial buffers from spurfast_cpu_plan;
+// sums/counts: the zeroed output).  Returns the first bad row, or -1.
+i64 spurfast_cpu_update_part(const float* x, i64 d, const i64* flat, const i64* offsets, i64 G, i64 kmax,
+                             i64 N, i64 parts, i64 p, const i64* w0, const i64* w1, const i64* pbase,
+                             float* psums, i64* pcounts, float* sums, i64* counts) {
+    zero_windows(p, pbase, psums, pcounts, d);
+    i64 bad = -1;
+    part_runs(offsets, G, N, parts, p, [&](i64 r0, i64 r1, i64 v) {
+        if (bad >= 0) return;
+        bad = v < 0 ? spurfast_cpu_update(x, d, flat, 0, G * kmax, r0, r1, sums, counts)
+                    : spurfast_cpu_update(x, d, flat, w0[v], w1[v], r0, r1, psums + pbase[v] * d, pcounts + pbase[v]);
+    });
+    return bad;
+}
+
+// Part p of spurfast_cpu_assign_parts (as spurfast_cpu_update_part; sums null: no sums)
+void spurfast_cpu_assign_part(const float* x, i64 d, const i64* offsets, i64 G, const float* cT,
+                              const float* cterm, i64 kp, const float* cent, i64 kmax, const float* xn,
+                              int cosine, i64 N, i64 parts, i64 p, i64* assign, float* dist,
+                              const i64* w0, const i64* pbase, float* psums, i64* pcounts,
                               float* sums, i64* counts) {
-    std::vector<i64> bad((size_t)parts, -1);
-#pragma omp parallel num_threads((int)parts)
+    if (!sums) {
+        spurfast_cpu_assign(x, d, offsets, G, cT, cterm, kp, cent, kmax, xn, cosine, N * p / parts,
+                            N * (p + 1) / parts, assign, dist, nullptr, nullptr, 0);
+        return;
+    }
+    zero_windows(p, pbase, psums, pcounts, d);
+    part_runs(offsets, G, N, parts, p, [&](i64 r0, i64 r1, i64 v) {
+        if (v < 0)
+            spurfast_cpu_assign(x, d, offsets, G, cT, cterm, kp, cent, kmax, xn, cosine, r0, r1, assign, dist,
+                                sums, counts, 0);
+        else
+            spurfast_cpu_assign(x, d, offsets, G, cT, cterm, kp, cent, kmax, xn, cosine, r0, r1, assign, dist,
+                                psums + pbase[v] * d, pcounts + pbase[v], w0[v]);
+    });
+}
+
+// add_parts on its own (the Python-threads path): nv = 2*parts windows
+void spurfast_cpu_add_parts(i64 nv, const i64* w0, const i64* w1, const i64* pbase, const float* psums,
+                            const i64* pcounts, i64 S, i64 d, float* sums, i64* counts) {
+    add_parts(nv, w0, w1, pbase, psums, pcounts, S, d, sums, counts);
+}
+
+namespace {
+struct Plan {
+    std::vector<i64> w0, w1, pbase;
+    std::unique_ptr<float[]> sums;
+    std::unique_ptr<i64[]> counts;
+    Plan(const i64* offsets, i64 G, i64 kmax, i64 N, i64 parts, i64 d)
+        : w0((size_t)(2 * parts)), w1((size_t)(2 * parts)), pbase((size_t)(2 * parts + 1)) {
+        spurfast_cpu_plan(offsets, G, kmax, N, parts, w0.data(), w1.data(), pbase.data());
+        sums.reset(new float[(size_t)(pbase.back() * d)]);   // zeroed per part (zero_windows)
+        counts.reset(new i64[(size_t)pbase.back()]);
+    }
+};
+}  // namespace
+
+// spurfast_cpu_assign over all N rows, `parts` fixed ranges on up to `threads` threads.
+// sums/counts (G*kmax x d / G*kmax, zeroed; or null): rows added as spurfast_cpu_plan
+// says, exactly as spurfast_cpu_update_parts adds them: the fused sums equal
+// assign-then-update's bit for bit.
+void spurfast_cpu_assign_parts(const float* x, i64 d, const i64* offsets, i64 G, const float* cT,
+                               const float* cterm, i64 kp, const float* cent, i64 kmax, const float* xn,
+                               int cosine, i64 N, i64 parts, i64 threads, i64* assign, float* dist,
+                               float* sums, i64* counts) {
+    Plan plan(offsets, G, kmax, N, sums ? parts : 0, d);
+#pragma omp parallel num_threads((int)(threads < parts ? threads : parts))
     {
-        each_part(N, parts, [&](i64 p, i64 lo, i64 hi) {
-            bad[p] = spurfast_cpu_update(x, d, flat, S, lo, hi, sums + p * S * d, counts + p * S);
+        each_part(N, parts, [&](i64 p, i64, i64) {
+            spurfast_cpu_assign_part(x, d, offsets, G, cT, cterm, kp, cent, kmax, xn, cosine, N, parts, p, assign,
+                                     dist, plan.w0.data(), plan.pbase.data(), plan.sums.get(), plan.counts.get(),
+                                     sums, counts);
         });
-        add_parts(sums, counts, S, d, parts);
+        if (sums)
+            add_parts(2 * parts, plan.w0.data(), plan.w1.data(), plan.pbase.data(), plan.sums.get(),
+                      plan.counts.get(), G * kmax, d, sums, counts);
+    }
+}
+
+// spurfast_cpu_update over all N rows (sorted by group, CSR offsets) in `parts` fixed
+// ranges on up to `threads` threads, as spurfast_cpu_plan says: the result depends on
+// `parts` only.  sums/counts zeroed.  Returns the first bad row, or -1.
+i64 spurfast_cpu_update_parts(const float* x, i64 d, const i64* flat, const i64* offsets, i64 G, i64 kmax,
+                              i64 N, i64 parts, i64 threads, float* sums, i64* counts) {
+    Plan plan(offsets, G, kmax, N, parts, d);
+    std::vector<i64> bad((size_t)parts, -1);
+#pragma omp parallel num_threads((int)(threads < parts ? threads : parts))
+    {
+        each_part(N, parts, [&](i64 p, i64, i64) {
+            bad[p] = spurfast_cpu_update_part(x, d, flat, offsets, G, kmax, N, parts, p, plan.w0.data(),
+                                              plan.w1.data(), plan.pbase.data(), plan.sums.get(), plan.counts.get(),
+                                              sums, counts);
+        });
+        add_parts(2 * parts, plan.w0.data(), plan.w1.data(), plan.pbase.data(), plan.sums.get(), plan.counts.get(),
+                  G * kmax, d, sums, counts);
     }
     for (i64 p = 0; p < parts; ++p)
         if (bad[p] >= 0) return bad[p];
