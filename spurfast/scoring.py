@@ -216,15 +216,15 @@ def size_matched_pvalues(scores: np.ndarray, n_unrelated: np.ndarray, null: np.n
     out, n_ref, beat = np.empty(len(scores)), np.empty(len(scores), np.int64), np.empty(len(scores), bool)
     for n in np.unique(n_unrelated):  # clusters of one size share their reference
         dist = np.abs(log_null - np.log1p(float(n)))
-        ref = dist <= np.log(SIZE_FACTOR)
+        window = dist <= np.log(SIZE_FACTOR)
         here = n_unrelated == n
-        window = ref.any()
+        ref = window
         if ref.sum() < min_reference:
             ref = np.zeros(len(null), bool)
             ref[np.argsort(dist, kind="stable")[:min_reference]] = True
         # with no null cluster of its size, "beat them all" would hold for any score: ask
         # it of the clusters it was compared with instead
-        beat[here] = scores[here] > (null[dist <= np.log(SIZE_FACTOR)] if window else null[ref]).max()
+        beat[here] = scores[here] > null[window if window.any() else ref].max()
         out[here] = permutation_pvalues(scores[here], null[ref])
         n_ref[here] = ref.sum()
     return out, n_ref, beat
