@@ -40,8 +40,8 @@ texture (noise) is not moved by smooth fields, one that reacts to any change is.
 
 Clean images: a held-out set the caller supplies (``spurfast discover --clean``), or
 else pool images predicted as another class that belong to no finding and are not suspect
-samples.  Images whose
-label (or, unlabelled, prediction) is the finding's class are never used.
+samples.  Images whose label (or, unlabelled, prediction) is the finding's class are never
+used.
 """
 from __future__ import annotations
 

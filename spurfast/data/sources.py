@@ -7,6 +7,7 @@ spurfast are positions in a source's enumeration order.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Sequence
 
 import numpy as np
@@ -43,8 +44,6 @@ def content_digest(source: ImageSource, n_samples: int = 8) -> str:
     (same names, new images) is told apart.  Sources read from files (``paths``) hash the
     sampled files' bytes, the same on every machine whatever decodes them; others hash
     the sampled images."""
-    import hashlib
-
     n = len(source)
     h = hashlib.sha256(f"{source.name}:{n}:{tuple(source.image_shape)}".encode())
     idx = np.unique(np.linspace(0, n - 1, min(n, n_samples)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
