@@ -178,6 +178,22 @@ def test_iter_batches_records_bad_files_on_the_source(bad_folder, backend):
     assert all("could not be decoded" != r for r in src.bad_files.values()), "reasons are specific"
 
 
+def test_wrapped_folder_sources_pass_their_bad_files_on(bad_folder):
+    from spurfast.data.sources import ArraySource, ConcatSource, SubsetSource
+
+    paths, expected_bad = bad_folder
+    root = paths[0].rsplit("/", 1)[0]
+    names = [p.rsplit("/", 1)[1] for p in paths]
+    front = ArraySource(torch.rand(3, 3, SIZE, SIZE), name="front")
+    for src, offset in ((ConcatSource([front, ImageFolderSource(root, size=SIZE)]), 3),
+                        (SubsetSource(ImageFolderSource(root, size=SIZE), np.arange(len(paths))[::-1]), None)):
+        ok = torch.cat([b.ok for b in loader_torch.iter_batches(src, batch_size=4)])
+        pos = {i: (offset + i if offset is not None else len(paths) - 1 - i) for i in range(len(paths))}
+        flagged = {names[i] for i in range(len(paths)) if not ok[pos[i]]}
+        assert flagged == expected_bad, type(src).__name__
+        assert {names[i] for i in range(len(paths)) if pos[i] in src.bad_files} == expected_bad
+
+
 def test_check_image_file_verdicts(bad_folder):
     paths, _ = bad_folder
     by = {p.rsplit("/", 1)[1]: p for p in paths}

@@ -108,4 +108,9 @@ def iter_batches(source: ImageSource, batch_size: int = 256, start: int = 0,
     for s in range(0, len(idx_all), batch_size):
         sel = idx_all[s:s + batch_size]
         images, labels = source.get_batch(sel)
-        yield Batch(torch.as_tensor(sel), images, labels, torch.ones(len(sel), dtype=torch.bool))
+        # a wrapper of folder sources (ConcatSource, SubsetSource) decodes lazily and
+        # records what failed: those images are zeros, not pool images
+        bad = getattr(source, "bad_files", None) or {}
+        ok = torch.as_tensor([int(i) not in bad for i in sel], dtype=torch.bool) if bad else \
+            torch.ones(len(sel), dtype=torch.bool)
+        yield Batch(torch.as_tensor(sel), images, labels, ok)

@@ -149,6 +149,16 @@ class SubsetSource(ImageSource):
     def get_batch(self, indices):
         return self.base.get_batch(self.indices[np.asarray(indices, dtype=np.int64)])
 
+    @property
+    def bad_files(self) -> dict[int, str]:
+        """The base's unreadable images so far, by position in this subset (a wrapper
+        must pass them on, or a broken file would count as a black image)."""
+        base = getattr(self.base, "bad_files", None)
+        if not base:
+            return {}
+        hit = np.isin(self.indices, np.fromiter(base, np.int64, len(base)))
+        return {int(i): base[int(self.indices[i])] for i in np.flatnonzero(hit)}
+
 
 class ConcatSource(ImageSource):
     def __init__(self, parts: Sequence[ImageSource], name: str = "concat"):
@@ -192,3 +202,9 @@ class ConcatSource(ImageSource):
             images[torch.as_tensor(sel)] = im
             labels[torch.as_tensor(sel)] = lb
         return images, labels
+
+    @property
+    def bad_files(self) -> dict[int, str]:
+        """The parts' unreadable images so far, by position in the concatenation."""
+        return {int(start) + int(i): r for p, start in zip(self.parts, self.starts)
+                for i, r in (getattr(p, "bad_files", None) or {}).items()}
