@@ -270,14 +270,14 @@ def _assign(x, offsets, centroids, k_per_group, metric, x_sqnorm, with_sums: boo
         lib.spurfast_cpu_assign_parts(*args, N, parts, _threads(), _ptr(assign), _ptr(dist),
                                       _ptr(sums) if with_sums else None, _ptr(counts) if with_sums else None)
         return result()
-    if not with_sums:
-        _python_parts(N, parts, lambda p, lo, hi: lib.spurfast_cpu_assign(
-            *args, lo, hi, _ptr(assign), _ptr(dist), None, None, 0))
-        return result()
-    held, (w0, w1, pbase, psums, pcounts) = _python_plan(lib, off, N, parts, kmax, d)
+    # without sums the part entry point ignores the plan (null pointers)
+    held, (w0, w1, pbase, psums, pcounts) = _python_plan(lib, off, N, parts, kmax, d) if with_sums else \
+        ((), (None,) * 5)
     _python_parts(N, parts, lambda p, lo, hi: lib.spurfast_cpu_assign_part(
-        *args, N, parts, p, _ptr(assign), _ptr(dist), w0, pbase, psums, pcounts, _ptr(sums), _ptr(counts)))
-    lib.spurfast_cpu_add_parts(2 * parts, w0, w1, pbase, psums, pcounts, S, d, _ptr(sums), _ptr(counts))
+        *args, N, parts, p, _ptr(assign), _ptr(dist), w0, pbase, psums, pcounts,
+        _ptr(sums) if with_sums else None, _ptr(counts) if with_sums else None))
+    if with_sums:
+        lib.spurfast_cpu_add_parts(2 * parts, w0, w1, pbase, psums, pcounts, S, d, _ptr(sums), _ptr(counts))
     return result()
 
 
