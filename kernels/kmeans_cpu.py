@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..cores import usable_cores
 from . import reference as ref
 
 SOURCE = Path(__file__).resolve().parent / "cpu" / "kmeans_cpu.cpp"
@@ -161,7 +162,8 @@ def is_available() -> tuple[bool, str]:
 
 
 def _threads() -> int:
-    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+    # the cores this process may run on (taskset, cpusets), not the machine's
+    return max(1, min(torch.get_num_threads(), usable_cores()))
 
 
 def _parts(n_rows: int) -> int:

@@ -81,12 +81,25 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={v!r} is not an integer") from None
 
 
+def rank_cuda_index(local_rank: int, visible: int) -> int:
+    """The CUDA device a rank uses: ``LOCAL_RANK`` when every rank sees all the node's GPUs,
+    device 0 when a scheduler gives each rank its own single GPU (``CUDA_VISIBLE_DEVICES``
+    per rank, as Slurm's ``--gpus-per-task=1`` does)."""
+    if visible == 1:
+        return 0
+    if not 0 <= local_rank < visible:
+        raise RuntimeError(f"LOCAL_RANK={local_rank} but this rank sees {visible} CUDA devices: "
+                           "start at most one rank per GPU (torchrun --nproc-per-node)")
+    return local_rank
+
+
 def init(device: str = "cpu", backend: str | None = None, timeout_s: float | None = None,
          wait_timeout_s: float | None = None) -> Context:
     """Join the torch.distributed group described by torchrun's environment variables.
 
     ``device``: the compute device of the run ("cpu" or "cuda[:i]"); with CUDA each rank
-    uses ``cuda:<LOCAL_RANK>`` and the backend defaults to NCCL, else gloo.  Returns the
+    uses ``cuda:<LOCAL_RANK>`` (``cuda:0`` when it sees one GPU: :func:`rank_cuda_index`)
+    and the backend defaults to NCCL, else gloo.  Returns the
     context; a no-op (world size 1) when WORLD_SIZE is unset or 1.  Idempotent.
     ``timeout_s`` (default $SPURFAST_DIST_TIMEOUT or 1800): how long a k-means collective
     waits for a rank that stopped answering before raising.  ``wait_timeout_s`` (default
@@ -104,9 +117,9 @@ def init(device: str = "cpu", backend: str | None = None, timeout_s: float | Non
     if cuda and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} was asked for, but torch sees no CUDA device")
     backend = backend or ("nccl" if cuda else "gloo")
-    dev = f"cuda:{local}" if cuda else "cpu"
+    dev = f"cuda:{rank_cuda_index(local, torch.cuda.device_count())}" if cuda else "cpu"
     if cuda:
-        torch.cuda.set_device(local)
+        torch.cuda.set_device(torch.device(dev))
     if not dist.is_initialized():
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:

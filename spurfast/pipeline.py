@@ -207,7 +207,8 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
         doc = write_outputs(result, out, extra_config)
         bad_files = {int(i): r for i, r in store.manifest.get("bad_files", {}).items()}  # all ranks, all runs
         bad_files.update(getattr(pool, "bad_files", {}))
-        bad = {pool.item_id(i): r for i, r in sorted(bad_files.items())}
+        paths = getattr(pool, "paths", None)  # name files by the path the user can open
+        bad = {(paths[i] if paths is not None else pool.item_id(i)): r for i, r in sorted(bad_files.items())}
         (out / BAD_FILES).write_text(json.dumps(bad, indent=1))  # `spurfast report` has no pool to name them
         write_report(doc, out, clusters=result.clusters, bad_files=bad, summary=summary)
     return doc, result, store

@@ -25,3 +25,15 @@ def test_one_core_under_taskset_like_pinning():
     pinned_cores, machine = map(int, out.stdout.split())
     assert pinned_cores == 1
     assert machine >= 1
+
+
+@pinned
+def test_cpu_kmeans_threads_follow_the_affinity_mask():
+    # torch may be told to use more threads than the process has cores; the CPU k-means
+    # splits its work over the cores it may use
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "import torch; torch.set_num_threads(4); "
+            "from spurfast.kernels.kmeans_cpu import _threads; print(_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split()[-1]) == 1

@@ -121,3 +121,31 @@ def test_array_source_errors_name_the_source_and_the_layout():
     with pytest.raises(ValueError, match=r"mypool: float images must lie in \[0, 1\]"):
         ArraySource(np.full((2, 4, 4), 3.0), name="mypool")
     assert ArraySource(np.zeros((2, 3, 16, 16), np.uint8)).image_shape == (3, 16, 16)  # CHW stays accepted
+
+
+def test_folder_pool_identity_ignores_path_spelling_and_location(tmp_path, monkeypatch):
+    """The run id and the store fingerprint hash item ids: a pool given as a relative or an
+    absolute path, or mounted elsewhere (another node), must be the same pool."""
+    import shutil
+
+    from PIL import Image
+
+    from spurfast.data.folder import ImageFolderSource
+    from spurfast.data.sources import content_digest
+    from spurfast.embed import fingerprint
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "a" / "pool"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    shutil.copytree(root, tmp_path / "b" / "pool")
+    monkeypatch.chdir(tmp_path / "a")
+    spellings = [ImageFolderSource("pool", size=8), ImageFolderSource(root, size=8),
+                 ImageFolderSource(f"{tmp_path}/a/../a/pool/", size=8), ImageFolderSource(tmp_path / "b" / "pool", size=8)]
+    assert spellings[0].item_id(4) == "pool/dog/1.png"
+    assert len({fingerprint(s) for s in spellings}) == 1
+    assert len({content_digest(s) for s in spellings}) == 1
+    (tmp_path / "b" / "pool" / "dog" / "1.png").write_bytes((root / "cat" / "0.png").read_bytes())
+    assert content_digest(ImageFolderSource(tmp_path / "b" / "pool", size=8)) != content_digest(spellings[0])

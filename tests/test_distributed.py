@@ -386,3 +386,12 @@ def test_killed_rank_resumes_from_its_store(planted, single_run):
     assert p.returncode == 0, log[-3000:]
     assert f"resuming shard 1/2 at row {done_before}" in log, log[-3000:]
     _assert_same_findings(single_run, out)
+
+
+def test_rank_cuda_index_under_per_rank_visible_devices():
+    from spurfast.distributed import rank_cuda_index
+
+    assert rank_cuda_index(3, 8) == 3          # torchrun on one node: every rank sees every GPU
+    assert rank_cuda_index(3, 1) == 0          # Slurm --gpus-per-task=1: each rank sees its own GPU as 0
+    with pytest.raises(RuntimeError, match="LOCAL_RANK=4 but this rank sees 2 CUDA devices"):
+        rank_cuda_index(4, 2)

@@ -111,7 +111,9 @@ class ImageFolderSource(ImageSource):
         return self.load(int(i))[0], int(self._labels[i])
 
     def item_id(self, i):
-        return self.paths[i]
+        # relative to the root, so the pool's identity (run id, store fingerprint) does not
+        # depend on how its path is spelled or where it is mounted (nodes may differ)
+        return f"{self.name}/{Path(self.paths[i]).relative_to(self.root).as_posix()}"
 
     def labels(self):
         return np.asarray(self._labels, dtype=np.int64)
