@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.10",
     packages=["spurfast", "spurfast.data", "spurfast.models", "spurfast.kernels"],
     package_dir={"spurfast": "spurfast", "spurfast.kernels": "kernels"},
-    package_data={"spurfast.kernels": ["cuda/*.cu", "cuda/*.cuh", "cpu/*.cpp", "prebuilt/*.fatbin"]},
+    package_data={"spurfast.kernels": ["cuda/*.cu", "cuda/*.cuh", "cpu/*.cpp", "prebuilt/*.fatbin", "prebuilt/*.fatbin.sources"]},
     install_requires=[
         "torch>=2.4,<=2.14.1",
         "torchvision",

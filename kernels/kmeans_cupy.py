@@ -17,6 +17,7 @@ CUDA, and ``is_available()`` reports why the backend cannot run.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -89,6 +90,21 @@ def source_text(name: str) -> str:
     return re.sub(r'^#include "([^"]+)"\s*$', paste, text, flags=re.M)
 
 
+def source_hashes(name: str) -> str:
+    """What ``kernels/cuda/source_hashes.cmake`` writes beside a fatbin built from
+    ``name``.cu: one "<file> <sha256>" line for the .cu and each header, sorted."""
+    files = [CUDA_DIR / f"{name}.cu", *CUDA_DIR.glob("*.cuh")]
+    lines = sorted(f"{f.name} {hashlib.sha256(f.read_bytes()).hexdigest()}" for f in files)
+    return "\n".join(lines) + "\n"
+
+
+def fatbin_is_current(path: Path, name: str) -> bool:
+    """True when the fatbin was built from the sources as they are now (its ``.sources``
+    file matches); a fatbin built before an edit lacks kernels the launcher calls."""
+    stamp = Path(f"{path}.sources")
+    return stamp.is_file() and stamp.read_text() == source_hashes(name)
+
+
 def _fatbin_dirs() -> list[Path]:
     dirs = []
     extra = os.environ.get("SPURFAST_KMEANS_FATBIN_DIR")
@@ -128,6 +144,10 @@ def _module(name: str, device_index: int):
             major, minor = torch.cuda.get_device_capability(device_index)
             cc = 10 * major + minor
             path = None if os.environ.get("SPURFAST_KMEANS_NVRTC") == "1" else find_fatbin(name, cc)
+            if path is not None and not fatbin_is_current(path, name):
+                log.warning("%s was built from other sources than %s.cu now holds (or has no .sources "
+                            "file): compiling with NVRTC; `make kernels` rebuilds it", path, name)
+                path = None
             if path is not None:
                 try:
                     mod = cupy.RawModule(path=str(path))

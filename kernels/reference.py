@@ -223,6 +223,8 @@ def check_assign_args(x, offsets, centroids, metric: str) -> tuple[int, int]:
     G, kmax, _ = centroids.shape
     if len(offsets) != G + 1:
         raise ValueError(f"offsets has {len(offsets)} entries; expected G + 1 = {G + 1}")
+    if kmax == 0 and x.shape[0] > 0:   # the kernels would read centroid row 0 of an empty tensor
+        raise ValueError(f"centroids {_shape(centroids)} hold no centroid (kmax = 0) for {x.shape[0]} points")
     return G, kmax
 
 
@@ -237,7 +239,8 @@ def kmeans_assign(
     """Nearest centroid of each point's own group.
 
     Returns (assign (N,) int64 in [0, k_g), dist (N,) fp32): squared L2 distance, or
-    1 - cosine similarity for metric="cosine".  Ties go to the lower centroid index.
+    1 - cosine similarity for metric="cosine".  Ties go to the lower centroid index.  A
+    point of a group with no centroid (k_g = 0) gets assign 0 and dist +inf.
     The argmin runs on the score s = |c|^2 - 2 x.c (L2) or -x_hat.c_hat (cosine); the
     winner's L2 distance is then made accurate (computed directly as sum (x - c)^2 wherever
     s + |x|^2 would cancel digits: tight clusters far from the origin), or 1 + s.
@@ -266,6 +269,9 @@ def kmeans_assign(
     # Large groups: contiguous slices, no padding, no gather, chunks that fit in cache.
     for g in (sizes >= _BIG_GROUP).nonzero().flatten().tolist():
         lo, hi, k = int(offsets[g]), int(offsets[g + 1]), int(kpg_cpu[g])
+        if k == 0:
+            dist[lo:hi] = float("inf")
+            continue
         cg, cng = c[g, :k], cn[g, :k]
         ct = cg.t().contiguous()
         step = max(256, budget // max(1, k))
@@ -321,7 +327,8 @@ def kmeans_assign(
         else:
             rows = (groups.unsqueeze(1) * kmax).expand_as(valid)[valid] + arg
             diff = x[sel].float() - c.view(G * kmax, d).index_select(0, rows)
-            best = torch.linalg.vecdot(diff, diff)
+            no_centroid = (kpg[groups] == 0).unsqueeze(1).expand_as(valid)[valid]
+            best = torch.linalg.vecdot(diff, diff).masked_fill_(no_centroid, float("inf"))
         assign[sel] = arg
         dist[sel] = best
     return assign, dist

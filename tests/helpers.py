@@ -115,3 +115,20 @@ def check_assign_near_optimal(assign, dist, D, dtype, name):
     clear = (top2[:, -1] - top2[:, 0] > 10 * slack) if D.shape[1] > 1 else torch.ones_like(best, dtype=torch.bool)
     assert_equal_int(assign[clear], arg[clear], f"{name} (clear winners)")
     assert_close(dist, chosen, torch.float32, name=f"{name} dist")
+
+
+def check_groups_without_centroids(assign_fn, metric, dtype=torch.float32, device="cpu",
+                                   sizes=(5, 12, 9, 0, 4), kpg=(2, 0, 3, 0, 0), name="assign"):
+    """The contract for a non-empty group with k = 0 (no centroid): assign 0, dist +inf;
+    the other groups' points are assigned as usual."""
+    kmax = max(max(kpg), 1)
+    x, off, cent, _ = make_case(list(sizes), kmax, 24, seed=11, device=device)
+    x, kpg_t = x.to(dtype), torch.tensor(kpg, dtype=torch.int64, device=device)
+    assign, dist = assign_fn(x, off, cent, kpg_t, metric)
+    none = (kpg_t == 0).repeat_interleave(torch.tensor(sizes, device=device))
+    assert torch.isinf(dist[none]).all() and (dist[none] > 0).all(), \
+        f"{name}[{metric}]: {int((~torch.isinf(dist[none])).sum())} of {int(none.sum())} points without a centroid " \
+        f"got finite distances, e.g. {dist[none][:4].tolist()}"
+    assert (assign[none] == 0).all(), f"{name}[{metric}]: assign {assign[none].tolist()} for points without a centroid"
+    D = exact_dists(x.float(), off, cent, kpg_t, metric)
+    check_assign_near_optimal(assign[~none], dist[~none], D[~none], dtype, f"{name}[{metric}]")

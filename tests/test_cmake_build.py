@@ -41,6 +41,10 @@ def test_cmake_builds_fatbins_for_arch_80(tmp_path, monkeypatch):
         assert struct.unpack("<I", head[:4])[0] == FATBIN_MAGIC, f"{f} is not a fatbin (header {head.hex()})"
         assert b"sm_80" in f.read_bytes(), f"{f} holds no sm_80 code"
     assert not list(out.glob("*_sm90.fatbin")), "built an architecture that was not asked for"
+    # each fatbin records the sources it came from; the launcher loads only a current one
+    for name in kc.SOURCES:
+        assert kc.fatbin_is_current(out / f"{name}_sm80.fatbin", name), \
+            (out / f"{name}_sm80.fatbin.sources").read_text()
     # the launcher finds what CMake wrote (exact arch, and sm_86 runs the sm_80 cubin)
     monkeypatch.setenv("SPURFAST_KMEANS_FATBIN_DIR", str(out))
     assert kc.find_fatbin("kmeans_assign", 80) == out / "kmeans_assign_sm80.fatbin"
@@ -54,3 +58,18 @@ def test_cmake_refuses_implicit_architectures(tmp_path, archs):
                 f"-DSPURFAST_FATBIN_DIR={tmp_path / 'o'}", "-DCMAKE_CUDA_COMPILER=/bin/true"])
     assert cfg.returncode != 0
     assert "is not an explicit architecture" in cfg.stderr, cfg.stderr
+
+
+def test_a_fatbin_older_than_its_sources_is_not_current(tmp_path, monkeypatch):
+    """A fatbin built before kmeans_assign.cu gained kernels would be loaded and then fail
+    on the first call of a missing entry; its .sources file tells the launcher to compile."""
+    cuda = tmp_path / "cuda"
+    shutil.copytree(kc.CUDA_DIR, cuda)
+    monkeypatch.setattr(kc, "CUDA_DIR", cuda)
+    fatbin = tmp_path / "kmeans_assign_sm90.fatbin"
+    fatbin.write_bytes(b"")
+    assert not kc.fatbin_is_current(fatbin, "kmeans_assign")          # no .sources: built by hand
+    Path(f"{fatbin}.sources").write_text(kc.source_hashes("kmeans_assign"))
+    assert kc.fatbin_is_current(fatbin, "kmeans_assign")
+    (cuda / "kmeans_common.cuh").write_text((cuda / "kmeans_common.cuh").read_text() + "\n// edit\n")
+    assert not kc.fatbin_is_current(fatbin, "kmeans_assign")          # a header changed

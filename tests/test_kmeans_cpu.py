@@ -16,8 +16,8 @@ from spurfast import backends
 from spurfast.cluster import batched_kmeans
 from spurfast.kernels import kmeans_cpu as kcpu
 from spurfast.kernels import reference as ref
-from tests.helpers import (CASES, assert_close, assert_equal_int, check_assign_near_optimal, exact_dists, exact_sums,
-                           make_case)
+from tests.helpers import (CASES, assert_close, assert_equal_int, check_assign_near_optimal, check_groups_without_centroids,
+                           exact_dists, exact_sums, make_case)
 
 AVAILABLE, WHY = kcpu.is_available()
 needs_kernel = pytest.mark.skipif(not AVAILABLE, reason=f"fused CPU kernels unavailable: {WHY}")
@@ -372,3 +372,21 @@ def test_unavailable_says_why_and_the_registry_falls_back(monkeypatch):
     with pytest.raises(RuntimeError, match="unavailable"):
         kcpu.kmeans_assign(torch.zeros(2, 2), torch.tensor([0, 2]), torch.zeros(1, 1, 2), torch.tensor([1]))
     backends.clear_cache()
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("provider", ["reference", "cpu"])
+@pytest.mark.parametrize("sizes,kpg", [((5, 12, 9, 0, 4), (2, 0, 3, 0, 0)),
+                                       ((2100, 30), (0, 4))],      # a large group runs unpadded in the reference
+                         ids=["small-groups", "large-group"])
+def test_groups_without_centroids_get_infinite_distances(provider, metric, sizes, kpg):
+    fn = ref.kmeans_assign if provider == "reference" else kcpu.kmeans_assign
+    check_groups_without_centroids(fn, metric, sizes=sizes, kpg=kpg, name=provider)
+
+
+@pytest.mark.parametrize("fn", [ref.kmeans_assign, kcpu.kmeans_assign], ids=["reference", "cpu"])
+def test_centroids_with_kmax_zero_are_refused(fn):
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="hold no centroid"):
+        fn(x, torch.tensor([0, 4]), torch.zeros(1, 0, 3), torch.tensor([0]))
+    fn(x[:0], torch.tensor([0, 0]), torch.zeros(1, 0, 3), torch.tensor([0]))   # no points: nothing to assign

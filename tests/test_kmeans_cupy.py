@@ -14,7 +14,8 @@ from spurfast import backends
 from spurfast.kernels import kmeans_cupy as kc
 from spurfast.kernels.group_layout import split_centroids
 from spurfast.kernels import reference as ref
-from tests.helpers import (CASES, assert_close, assert_equal_int, check_assign_near_optimal, exact_dists, exact_sums,
+from tests.helpers import (CASES, assert_close, assert_equal_int, check_assign_near_optimal,
+                           check_groups_without_centroids, exact_dists, exact_sums,
                            make_case)
 
 HAS_CUDA = torch.cuda.is_available()
@@ -120,6 +121,20 @@ def test_assign_matches_reference(case, metric, dtype, tc, monkeypatch):
     check_assign_near_optimal(assign, dist, D, dtype, f"assign[{metric}, {dtype}]")
     ra, rd = ref.kmeans_assign(xq, off, cent, kpg, metric)
     assert_close(dist, rd, torch.float32, name="dist vs reference")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tc", [(torch.float32, "0"), (torch.float16, "1"), (torch.bfloat16, "1"),
+                                      (torch.bfloat16, "v1")],
+                         ids=["fp32", "fp16-tensorcore", "bf16-tensorcore", "bf16-tensorcore-v1"])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_groups_without_centroids_get_infinite_distances(metric, dtype, tc, monkeypatch):
+    # a 130-point group with k = 0 fills whole tensor-core tiles: the v2 kernel's epilogue
+    # reads x rows other warps staged, with no centroid loop (and its barriers) in between
+    monkeypatch.setenv("SPURFAST_KMEANS_TC", "0" if tc == "0" else "1")
+    monkeypatch.setenv("SPURFAST_KMEANS_TC2", "0" if tc == "v1" else "1")
+    check_groups_without_centroids(kc.kmeans_assign, metric, dtype, "cuda", sizes=(5, 130, 9, 0, 4),
+                                   kpg=(2, 0, 3, 0, 0), name=f"cupy assign {dtype} tc={tc}")
 
 
 @pytest.mark.gpu

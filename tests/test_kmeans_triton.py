@@ -14,7 +14,8 @@ import torch
 from spurfast import backends
 from spurfast.kernels import kmeans_triton as kt
 from spurfast.kernels import reference as ref
-from tests.helpers import CASES, assert_equal_int, check_assign_near_optimal, exact_dists, make_case
+from tests.helpers import (CASES, assert_equal_int, check_assign_near_optimal, check_groups_without_centroids,
+                           exact_dists, make_case)
 
 HAS_CUDA = torch.cuda.is_available()
 RUNS_HERE = kt.is_available()[0]
@@ -41,6 +42,12 @@ def test_assign_is_a_nearest_centroid(case, metric, dtype):
     assert assign.dtype == torch.int64 and dist.dtype == torch.float32 and assign.device == x.device
     D = exact_dists(xq.float(), off, cent, kpg, metric)   # the rounded points are the truth
     check_assign_near_optimal(assign, dist, D, dtype, f"triton assign[{metric}, {dtype}]")
+
+
+@needs_kernel
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_groups_without_centroids_get_infinite_distances(metric):
+    check_groups_without_centroids(kt.kmeans_assign, metric, device=_device(), name="triton assign")
 
 
 @needs_kernel

@@ -130,7 +130,7 @@ __device__ __forceinline__ void assign_tile(
             }
 #pragma unroll
             for (int off = TX / 2; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
-            dv = sq;
+            dv = k > 0 ? sq : f32_inf();                // no centroid in the group: no distance
         }
         if (tx == 0 && p < npts) {
             assign[start + p] = idx;
@@ -322,7 +322,7 @@ __device__ __forceinline__ void assign_tc(
         acc2 += __shfl_xor_sync(0xffffffffu, acc2, 2);
         if (tq == 0 && p < npts) {
             assign[start + p] = idx;
-            dist[start + p] = cosine ? 1.0f + best[h] / fmaxf(sqrtf(acc2), 1e-12f) : acc2;
+            dist[start + p] = cosine ? 1.0f + best[h] / fmaxf(sqrtf(acc2), 1e-12f) : (k > 0 ? acc2 : f32_inf());
         }
     }
 #endif
@@ -404,6 +404,8 @@ __device__ __forceinline__ void assign_tc2(
             xs[p * xld + col] = (p < npts && col < d) ? xb[(start + p) * d + col] : (unsigned short)0;
         }
     }
+    // the epilogue reads rows other warps wrote; with k = 0 the centroid loop's barriers never run
+    __syncthreads();
 
     float best[MT][2];
     int bidx[MT][2];
@@ -514,7 +516,8 @@ __device__ __forceinline__ void assign_tc2(
             acc2 += __shfl_xor_sync(0xffffffffu, acc2, 2);
             if (tq == 0 && p < npts) {
                 assign[start + p] = idx;
-                dist[start + p] = cosine ? 1.0f + best[mt][h] / fmaxf(sqrtf(acc2), 1e-12f) : acc2;
+                dist[start + p] = cosine ? 1.0f + best[mt][h] / fmaxf(sqrtf(acc2), 1e-12f)
+                                         : (k > 0 ? acc2 : f32_inf());
             }
         }
 #endif
