@@ -251,8 +251,6 @@ def _assign(x, offsets, centroids, k_per_group, metric, x_sqnorm, with_sums: boo
 
     if N == 0 or G == 0:
         return result()
-    if with_sums and kmax == 0:   # the rows' sums would have nowhere to go (written out of bounds)
-        raise ValueError(f"centroids have kmax=0 clusters for {N} points: nothing to sum them into")
     cosine = metric == "cosine"
     c = centroids.detach().float().cpu()
     if cosine:

@@ -338,7 +338,7 @@ def test_bad_input_gets_clear_errors():
         kcpu.kmeans_assign(x, off, cent, torch.tensor([5, 1]))
     with pytest.raises(ValueError, match="metric"):
         kcpu.kmeans_assign(x, off, cent, kpg, "dot")
-    with pytest.raises(ValueError, match="kmax=0"):   # the fused sums were written out of bounds
+    with pytest.raises(ValueError, match="kmax = 0"):   # the fused sums were written out of bounds
         kcpu.kmeans_assign_update(x, off, cent[:, :0], torch.zeros(2, dtype=torch.int64))
 
 
