@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,12 +75,16 @@ def _inside(out: Path, paths) -> str | None:
 
 
 def source_paths(source) -> list[str]:
-    """Files and folders an ImageSource reads from (folder root, .npz path, of every part)."""
+    """Files and folders an ImageSource reads from (folder root, .npz path, of every part),
+    then its class folders and image files: a symlinked class folder or image may live
+    elsewhere (inside an old run's output directory, say) than its root."""
     found = [getattr(source, a) for a in ("root", "path") if isinstance(getattr(source, a, None), (str, Path))]
     for part in list(getattr(source, "parts", None) or []) + [getattr(source, "base", None)]:
         if isinstance(part, ImageSource):
             found += source_paths(part)
-    return [str(p) for p in found]
+    files = getattr(source, "paths", None) or []
+    found += dict.fromkeys(os.path.dirname(f) for f in files)   # few, and resolved first
+    return [str(p) for p in found] + [str(f) for f in files]
 
 
 BAD_FILES = "bad_files.json"

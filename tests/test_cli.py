@@ -167,6 +167,32 @@ def test_overwrite_never_deletes_foreign_dirs_or_the_pool(tmp_path, capsys):
     assert code == 2 and "holds" in capsys.readouterr().err and (run / "pool.npz").is_file()
 
 
+@pytest.mark.parametrize("link", ["class_folder", "image"])
+def test_overwrite_never_deletes_pool_images_reached_through_symlinks(tmp_path, link):
+    """A pool whose class folder (or one image) is a link into an old run's directory:
+    --overwrite of that directory would delete images the run reads."""
+    from PIL import Image
+
+    from spurfast.data.folder import ImageFolderSource
+    from spurfast.pipeline import source_paths
+
+    out = tmp_path / "out"
+    prepare_output(out, "older-run", overwrite=False)
+    (out / "kept").mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8, 3), 50 * i, np.uint8)).save(out / "kept" / f"{i}.png")
+    (tmp_path / "pool" / "dog").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "pool" / "dog" / "0.png")
+    if link == "class_folder":
+        (tmp_path / "pool" / "cat").symlink_to(out / "kept")
+    else:
+        (tmp_path / "pool" / "dog" / "1.png").symlink_to(out / "kept" / "1.png")
+    pool = ImageFolderSource(tmp_path / "pool", size=8)
+    with pytest.raises(FileExistsError, match="that this run reads"):
+        prepare_output(out, "new-run", overwrite=True, protect=source_paths(pool))
+    assert (out / "kept" / "1.png").is_file()
+
+
 @pytest.mark.parametrize("case", ["shape", "hwc", "suspect_high", "suspect_negative", "not_npz", "float_range",
                                   "vae_as_classifier"])
 def test_bad_discover_inputs_are_named(tmp_path, capsys, case):
