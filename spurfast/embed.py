@@ -116,10 +116,44 @@ def _columns(source: ImageSource, classifier, vae, num_classes: int, device: str
             "labels": ((n,), "int64"), "ok": ((n,), "bool")}
 
 
-def _open_checked(store_dir: Path, fp: str, content: str) -> EmbeddingStore | None:
+class _PathIds:
+    """A folder source as identified before its item ids became relative to its root (its
+    paths as spelled), so that stores and runs made then are still recognised."""
+
+    def __init__(self, source: ImageSource):
+        self._source = source
+
+    def __getattr__(self, name):
+        return getattr(self._source, name)
+
+    def __len__(self):
+        return len(self._source)
+
+    def item_id(self, i):
+        return str(self._source.paths[i])
+
+
+def legacy_identities(source: ImageSource, *models: torch.nn.Module) -> list[tuple[str, str]]:
+    """(fingerprint, content digest) pairs earlier spurfast versions gave this source and
+    these models; empty where they are the current ones (only folder ids changed)."""
+    if getattr(source, "paths", None) is None:
+        return []
+    old = _PathIds(source)
+    return [(fingerprint(old, *models), content_digest(old))]
+
+
+def _open_checked(store_dir: Path, fp: str, content: str, legacy=lambda: []) -> EmbeddingStore | None:
+    """The store in ``store_dir`` if it was made from this pool and these models, None if
+    there is none; raises for another pool's.  ``legacy()``: the pairs of
+    :func:`legacy_identities`; a store made under one of them is relabelled and resumed."""
     if not (store_dir / MANIFEST).is_file():
         return None
     store = EmbeddingStore(store_dir)
+    m = store.manifest
+    if m.get("fingerprint") != fp and any(m.get("fingerprint") == f and m.get("content", c) == c for f, c in legacy()):
+        log.info("embedding store %s was made by an earlier spurfast version; resuming it", store_dir)
+        m["fingerprint"], m["content"] = fp, content
+        _write_json(store_dir / MANIFEST, m)
     if store.manifest.get("fingerprint") != fp:
         raise ValueError(f"embedding store {store_dir} was made with other models or another pool "
                          f"(fingerprint {store.manifest.get('fingerprint')} != {fp}); use a new directory")
@@ -167,7 +201,10 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
         raise ValueError(f"need 0 <= shard_id < num_shards, got shard_id={shard_id}, num_shards={num_shards}")
     fp, content = fingerprint(source, classifier, vae), content_digest(source)
     store_dir = Path(store_dir)
-    main = _open_checked(store_dir, fp, content)
+
+    def legacy():
+        return legacy_identities(source, classifier, vae)
+    main = _open_checked(store_dir, fp, content, legacy)
     if main is not None and main.complete:
         return main
     sel = None
@@ -185,7 +222,7 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
         start = main.done if main is not None else 0
         sel = select_indices(n, start=start, shard_id=shard_id, num_shards=num_shards)
         sdir = shard_dir(store_dir, shard_id, num_shards)
-        store = _open_checked(sdir, fp, content)
+        store = _open_checked(sdir, fp, content, legacy)
         if store is not None and (store.manifest.get("start") != start or store.n != len(sel)):
             log.warning("shard store %s covers another selection (start %s, not %d); starting it again",
                         sdir, store.manifest.get("start"), start)

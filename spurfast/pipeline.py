@@ -22,19 +22,20 @@ from . import distributed as dist
 from .data.builtin import find_fashion_mnist, load_digits, load_fashion_mnist
 from .data.sources import ArraySource, ImageSource, content_digest
 from .discover import DiscoverConfig, characterise, discover, write_outputs
-from .embed import fingerprint
+from .embed import fingerprint, legacy_identities
 from .plant import PatternSpec, PlantTruth, plant_pool, plant_training
 from .report import write_report
 
 log = logging.getLogger("spurfast")
 
 
-def prepare_output(out_dir, run_id: str, overwrite: bool, protect=()) -> Path:
+def prepare_output(out_dir, run_id: str, overwrite: bool, protect=(), earlier_ids=()) -> Path:
     """Create ``out_dir`` for run ``run_id``; refuse a directory holding another run.
 
     ``overwrite`` replaces only another spurfast run (a directory with run.json), and
     never one that holds a path in ``protect`` (the pool, models, ... this run reads):
-    a directory spurfast did not write is never deleted."""
+    a directory spurfast did not write is never deleted.  ``earlier_ids``: the ids
+    earlier spurfast versions gave this same run; a directory holding one is resumed."""
     out = Path(out_dir)
     marker = out / "run.json"
     if out.exists() and not out.is_dir():
@@ -48,7 +49,9 @@ def prepare_output(out_dir, run_id: str, overwrite: bool, protect=()) -> Path:
             raise FileExistsError(f"output directory {out} holds files spurfast did not write (no readable run.json); "
                                   f"spurfast never deletes such a directory, even with --overwrite: "
                                   f"choose a new or empty directory")
-        if prev != run_id:
+        if prev in earlier_ids:
+            log.info("%s holds this run under the id an earlier spurfast version gave it (%s); resuming it", out, prev)
+        elif prev != run_id:
             if not overwrite:
                 raise FileExistsError(f"output directory {out} already holds run {prev}; "
                                       f"choose another directory or pass --overwrite")
@@ -60,6 +63,10 @@ def prepare_output(out_dir, run_id: str, overwrite: bool, protect=()) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"run_id": run_id}))
     return out
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _inside(out: Path, paths) -> str | None:
@@ -186,14 +193,19 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     ``protect``: more paths this run reads (model files, ...) that ``overwrite`` must not
     delete; the pool's and the clean set's own files are always protected."""
     config = config or DiscoverConfig()
+    earlier_ids = []
     if run_id is None:
-        h = hashlib.sha256((fingerprint(pool, classifier, vae) + content_digest(pool)
-                            + json.dumps(asdict(config), sort_keys=True)).encode())
-        run_id = h.hexdigest()[:16]
+        fp, settings = fingerprint(pool, classifier, vae), json.dumps(asdict(config), sort_keys=True)
+        run_id = _digest(fp + content_digest(pool) + settings)
+        # the same run as ids were made before: without the content digest, and with
+        # folder pools' item ids spelled as paths
+        old = legacy_identities(pool, classifier, vae)
+        earlier_ids = [_digest(fp + settings)] + [_digest(f + c + settings) for f, c in old] \
+            + [_digest(f + settings) for f, _ in old]
     # under torchrun (spurfast.distributed): rank 0 owns the output directory, every rank
     # embeds its shard, rank 0 scores and reports with k-means across all ranks
     protect = [*protect, *source_paths(pool), *(source_paths(clean) if clean is not None else [])]
-    out = dist.run_on_main(prepare_output, out_dir, run_id, overwrite, protect)
+    out = dist.run_on_main(prepare_output, out_dir, run_id, overwrite, protect, earlier_ids)
     store = dist.embed_pool_sharded(pool, classifier, vae, out / "store", num_classes=num_classes,
                                     batch_size=batch_size, device=config.device, encoder_backend=encoder_backend,
                                     loader_backend=loader_backend, progress=progress)

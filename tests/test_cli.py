@@ -288,3 +288,59 @@ def test_demo_pattern_flags_reach_the_pattern_and_the_run_id(monkeypatch):
             demo.run_demo("o", family="patch3", **kw)
     assert (specs[1].strength, specs[2].position) == (0.5, "top_left")
     assert len(set(run_ids)) == 3, "a changed pattern flag must make a different demo run"
+
+
+def test_folder_runs_made_before_relative_item_ids_resume(tmp_path, caplog):
+    """Item ids of folder pools were their paths as spelled, and run ids had no content
+    digest before the tenth session: such a run directory and store are the same run."""
+    import hashlib
+    import json
+    import logging
+    from dataclasses import asdict
+
+    from PIL import Image
+
+    from spurfast.data.folder import ImageFolderSource
+    from spurfast.data.sources import content_digest
+    from spurfast.discover import DiscoverConfig
+    from spurfast.embed import MANIFEST, fingerprint
+    from spurfast.models.classifier import load_classifier
+    from spurfast.models.train import load_vae
+    from spurfast.pipeline import run_discovery
+
+    class SpelledIds(ImageFolderSource):   # item ids as they were
+        def item_id(self, i):
+            return self.paths[i]
+
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (tmp_path / "pool" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "pool" / c / f"{i}.png")
+    clf_path, vae_path = _models(tmp_path, c=3, size=16, classes=2)
+    clf, vae = load_classifier(clf_path, in_channels=3), load_vae(vae_path)
+    pool, config = ImageFolderSource(tmp_path / "pool", size=16), DiscoverConfig(k=2, n_null=2)
+    settings = json.dumps(asdict(config), sort_keys=True)
+    old = SpelledIds(tmp_path / "pool", size=16)
+    old_fp, old_content = fingerprint(old, clf, vae), content_digest(old)
+    run = tmp_path / "run"
+    kw = dict(num_classes=2, config=config, progress=False, confirm=False)
+    for old_id, store_content in [(hashlib.sha256((old_fp + settings).encode()).hexdigest()[:16], None),
+                                  (hashlib.sha256((old_fp + old_content + settings).encode()).hexdigest()[:16],
+                                   old_content)]:
+        run_discovery(pool, clf, vae, run, overwrite=True, **kw)
+        # relabel the finished run as the earlier version wrote it
+        (run / "run.json").write_text(json.dumps({"run_id": old_id}))
+        manifest = json.loads((run / "store" / MANIFEST).read_text())
+        manifest["fingerprint"] = old_fp
+        manifest.pop("content")
+        if store_content:
+            manifest["content"] = store_content
+        (run / "store" / MANIFEST).write_text(json.dumps(manifest))
+        mu_written = (run / "store" / "mu.npy").stat().st_mtime_ns
+        with caplog.at_level(logging.INFO, logger="spurfast"):
+            run_discovery(pool, clf, vae, run, **kw)             # no --overwrite: the same run
+        assert "earlier spurfast version" in caplog.text
+        assert (run / "store" / "mu.npy").stat().st_mtime_ns == mu_written   # not embedded again
+        assert json.loads((run / "store" / MANIFEST).read_text())["fingerprint"] == fingerprint(pool, clf, vae)
+        caplog.clear()
