@@ -9,7 +9,8 @@ that carries no class information.  Optionally a known pattern (the families of
 
 - ``ground_truth.csv``: ``index,path,label,carries`` with ``index`` the pool index as
   :class:`spurfast.data.folder.ImageFolderSource` enumerates the folder;
-- ``pool.json``: the parameters and counts.
+- ``pool.json``: the parameters and counts, and the ``writer`` marker that lets
+  ``--overwrite`` replace this folder (never one make-pool did not write).
 
 Patterns are defined in the loader's output space: a pattern of the family at
 ``target_size`` x ``target_size`` is painted onto the window the loader keeps, each
@@ -252,6 +253,21 @@ def _write_range(bounds: tuple[int, int]) -> int:
     return hi - lo
 
 
+POOL_WRITER = "spurfast make-pool"  # pool.json's "writer": marks a folder --overwrite may delete
+
+
+def _written_by_make_pool(out: Path) -> bool:
+    """Whether ``out`` holds a pool.json that make-pool wrote (with its writer marker, or
+    the keys of a pool written before the marker existed)."""
+    try:
+        info = json.loads((out / "pool.json").read_text())
+    except (OSError, ValueError):  # missing or unreadable: proves nothing, keep the folder
+        return False
+    if not isinstance(info, dict):
+        return False
+    return info.get("writer") == POOL_WRITER or {"spec", "n_carrying", "classes"} <= info.keys()
+
+
 def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: bool = True,
               overwrite: bool = False) -> dict:
     """Write the pool; returns the contents of ``pool.json``."""
@@ -262,12 +278,21 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
 
     spec.validate()
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"pool directory {out} is a file")
     if out.exists() and any(out.iterdir()):
+        if not _written_by_make_pool(out):
+            raise FileExistsError(f"pool directory {out} is not empty and was not written by make-pool (no "
+                                  f"make-pool pool.json); make-pool never deletes such a directory, even with "
+                                  f"--overwrite: choose a new or empty directory")
         if not overwrite:
             raise FileExistsError(f"pool directory {out} is not empty; choose another or pass --overwrite")
         import shutil
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    # marker first, so a pool cut off mid-write can still be overwritten; spec None until
+    # it is complete, so nothing takes it for a finished pool of that spec
+    (out / "pool.json").write_text(json.dumps({"writer": POOL_WRITER, "spec": None}))
     labels, carries = _plan(spec)
     if not spec.flat:
         for c in range(min(spec.classes, spec.n)):
@@ -301,7 +326,7 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
             if i is None:
                 raise RuntimeError(f"unexpected file {p} in the pool directory")
             w.writerow([idx, os.path.relpath(p, out), int(labels[i]), int(carries[i])])
-    info = {"spec": asdict(spec), "n": spec.n, "n_carrying": int(carries.sum()),
+    info = {"writer": POOL_WRITER, "spec": asdict(spec), "n": spec.n, "n_carrying": int(carries.sum()),
             "classes": [dict(class_look(c, spec.classes), label=c) for c in range(spec.classes)],
             "seconds": round(seconds, 2), "images_per_s": round(spec.n / max(seconds, 1e-9), 1)}
     (out / "pool.json").write_text(json.dumps(info, indent=1))

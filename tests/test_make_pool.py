@@ -94,3 +94,28 @@ def test_planted_pixels_land_where_the_loader_reads_them(tmp_path):
     x, _ = ImageFolderSource(tmp_path / "p", size=32).get_batch(np.arange(spec.n))
     px = x[:, :, r, c].mean(1).numpy()
     assert px[carries].min() > 0.6, np.sort(px[carries])[:5]
+
+
+def test_overwrite_deletes_only_a_pool_make_pool_wrote(tmp_path):
+    spec = PoolSpec(n=4, classes=2, min_size=16, max_size=16)
+    foreign = tmp_path / "my_photos"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("years of work")
+    with pytest.raises(FileExistsError, match="my_photos is not empty and was not written by make-pool") as e:
+        make_pool(foreign, spec, workers=1, progress=False, overwrite=True)
+    assert "pass --overwrite" not in str(e.value)  # the refusal must not suggest the flag that deletes
+    (foreign / "pool.json").write_text(json.dumps({"spec": "someone else's"}))  # not make-pool's pool.json
+    with pytest.raises(FileExistsError, match="not written by make-pool"):
+        make_pool(foreign, spec, workers=1, progress=False, overwrite=True)
+    assert sorted(p.name for p in foreign.iterdir()) == ["pool.json", "thesis.tex"]
+    # make-pool's own pool (finished, cut off mid-write, or from before the marker) is replaced
+    make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    assert json.loads((tmp_path / "p" / "pool.json").read_text())["writer"] == "spurfast make-pool"
+    make_pool(tmp_path / "p", spec, workers=1, progress=False, overwrite=True)
+    (tmp_path / "p" / "ground_truth.csv").unlink()
+    (tmp_path / "p" / "pool.json").write_text(json.dumps({"writer": "spurfast make-pool", "spec": None}))
+    make_pool(tmp_path / "p", spec, workers=1, progress=False, overwrite=True)
+    info = json.loads((tmp_path / "p" / "pool.json").read_text())
+    (tmp_path / "p" / "pool.json").write_text(json.dumps({k: info[k] for k in ("spec", "n", "n_carrying", "classes")}))
+    make_pool(tmp_path / "p", spec, workers=1, progress=False, overwrite=True)
+    assert len(ImageFolderSource(tmp_path / "p", size=16)) == 4
