@@ -306,3 +306,22 @@ def test_symlinked_folders_are_followed_once_and_broken_links_reported(tmp_path)
     assert list(src.bad_files) == [rel.index("cat/missing.png")]
     assert "broken symbolic link" in src.bad_files[rel.index("cat/missing.png")]
     assert float(x[rel.index("cat/linked/e0.png")].max()) > 0.05
+
+
+def test_broken_top_level_link_keeps_the_class_folder_layout(tmp_path, caplog):
+    """The layout follows real files: a stale link at the top of a class-folder pool is no
+    member (and no class) but is named in a warning, not taken for a flat unlabelled pool."""
+    root = tmp_path / "pool"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for k in range(2):
+            (root / c / f"{k}.png").write_bytes(_png_bytes(_picture(k, 20, 20)))
+    (root / "thumb.png").symlink_to(tmp_path / "gone.png")
+    with caplog.at_level("WARNING", logger="spurfast.data"):
+        paths, labels, names = list_folder(root)
+    assert names == ["cat", "dog"] and labels == [0, 0, 1, 1] and len(paths) == 4
+    assert "thumb.png" in caplog.text and str(root) in caplog.text
+    # a flat pool still lists its broken links, so the loader reports them as unreadable
+    (root / "top.png").write_bytes(_png_bytes(_picture(9, 20, 20)))
+    paths, labels, names = list_folder(root)
+    assert names is None and str(root / "thumb.png") in paths and set(labels) == {-1}

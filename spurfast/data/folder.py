@@ -47,8 +47,14 @@ def list_folder(root: str | Path) -> tuple[list[str], list[int], list[str] | Non
     if not root.is_dir():
         raise NotADirectoryError(f"{root} is not a directory")
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    top_files = sorted(p for p in root.iterdir() if _is_image_name(p.name) and (p.is_file() or not p.exists()))
+    # the layout follows real files: one stale link at the top must not turn a class-folder
+    # pool into a flat unlabelled one (a flat pool's broken links are still listed below)
+    top_files = sorted(p for p in root.iterdir() if _is_image_name(p.name) and p.is_file())
     if subdirs and not top_files:
+        broken = sorted(p.name for p in root.iterdir() if _is_image_name(p.name) and not p.exists())
+        if broken:
+            log.warning("ignoring %d broken link(s) at the top of class-folder pool %s (in no class folder, so "
+                        "not pool images): %s", len(broken), root, ", ".join(broken))
         paths, labels = [], []
         for c, d in enumerate(subdirs):
             files = _image_files(d)
