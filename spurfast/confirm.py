@@ -305,10 +305,30 @@ def smooth_controls(vals: torch.Tensor, mask: torch.Tensor, n: int, rng: np.rand
     return out
 
 
+def _known_readable(source: ImageSource, idx: np.ndarray) -> np.ndarray:
+    """``idx`` less the images ``source`` has found unreadable so far (its ``bad_files``)."""
+    bad = getattr(source, "bad_files", None) or {}
+    return idx[~np.isin(idx, np.fromiter(bad, np.int64, len(bad)))] if bad else idx
+
+
+def load_readable(source: ImageSource, idx: np.ndarray) -> torch.Tensor:
+    """Images ``idx`` of ``source``, less those that loading finds unreadable: the source
+    gives them a zero (black) image and records them in ``bad_files`` as it loads, and a
+    black image is neither a clean image nor class content."""
+    idx = np.asarray(idx, dtype=np.int64)
+    x = source.get_batch(idx)[0].float()
+    keep = np.isin(idx, _known_readable(source, idx))
+    if not keep.all():
+        log.warning("confirmation leaves out %d unreadable image(s) of %s", int((~keep).sum()), source.name)
+        x = x[torch.as_tensor(keep)]
+    return x
+
+
 def clean_images_for(source: ImageSource, labels: np.ndarray, pred: np.ndarray | None, cls: int,
                      candidates: np.ndarray, max_images: int, rng: np.random.Generator) -> torch.Tensor:
-    """Up to ``max_images`` images from ``candidates`` whose content is not ``cls``
+    """Up to ``max_images`` readable images from ``candidates`` whose content is not ``cls``
     (label where known, else prediction)."""
+    candidates = _known_readable(source, np.asarray(candidates, dtype=np.int64))
     lab = labels[candidates]
     other = np.where(lab >= 0, lab != cls, True if pred is None else pred[candidates] != cls)
     idx = candidates[other]
@@ -318,8 +338,7 @@ def clean_images_for(source: ImageSource, labels: np.ndarray, pred: np.ndarray |
         x0, _ = source.get_batch([int(candidates[0])]) if len(candidates) else (None, None)
         shape = tuple(x0.shape[1:]) if x0 is not None else tuple(source.image_shape)
         return torch.zeros((0,) + shape)
-    x, _ = source.get_batch(idx)
-    return x.float()
+    return load_readable(source, idx)
 
 
 @torch.no_grad()
@@ -335,7 +354,9 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
     ``suspect`` samples (pool provenance mask): the suspect data is what may carry the
     shortcut, so neither the clean images nor the content control's class images may come
     from it (the class's poisoned suspects, most like the pattern by construction, would
-    replay the shortcut as "class content")."""
+    replay the shortcut as "class content").  Images the source could not read (its
+    ``bad_files``, which loading fills; pool images the store marked unreadable have
+    prediction -1) are left out of both: a loader gives them a zero image."""
     config = config or ConfirmConfig()
     rng = np.random.default_rng(config.seed)
     if clean is not None:
@@ -365,7 +386,11 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
                 raise ValueError(f"suspect mask of shape {suspect.shape} does not match the pool {pool.name} "
                                  f"of {len(pool)} images")
             used |= suspect
-        cand = np.nonzero(~used & (pred >= 0))[0]
+        cand = np.nonzero(~used & (pred >= 0))[0]   # the store's pred is -1 where it found a file unreadable
+    n_cand = len(cand)
+    cand = _known_readable(src, cand)   # unreadable so far (the predictions above, or embedding the pool)
+    if len(cand) < n_cand:
+        log.warning("confirmation leaves out %d unreadable image(s) of %s", n_cand - len(cand), src.name)
     for f in findings:
         if "_mask" not in f or "_contrast" not in f:
             raise ValueError(f"finding {f.get('rank')} has no extracted pattern; run characterise() first")
@@ -378,7 +403,7 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
         own = cand[np.where(labels[cand] >= 0, labels[cand] == c, (pred[cand] == c) if pred is not None else False)]
         if len(own) > config.max_images:
             own = np.sort(rng.choice(own, config.max_images, replace=False))
-        xc = src.get_batch(own)[0].float() if len(own) else None
+        xc = load_readable(src, own) if len(own) else None
         cf = confirm_pattern(model, x, c, f["_mask"], f["_contrast"], f.get("_pattern"), config, class_images=xc)
         f["_confirm_detail"] = cf
         if cf["flip_rate"] is None:   # schema 1: confirm is null when it could not run

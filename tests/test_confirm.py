@@ -165,6 +165,66 @@ def test_pool_default_draws_no_control_from_the_suspect_data():
         confirm_findings(f, CornerModel(), pool=pool, pool_pred=pred, suspect=suspect[:10])
 
 
+
+class BrokenSource(ArraySource):
+    """An ArraySource whose ``broken`` images load as the folder source loads an unreadable
+    file: a zero (black) image, recorded in ``bad_files`` as it is read."""
+
+    def __init__(self, images, labels, broken, **kw):
+        super().__init__(images, labels, **kw)
+        self.broken, self.bad_files = set(broken), {}
+
+    def get_batch(self, indices):
+        x, y = super().get_batch(indices)
+        x = x.clone()
+        for j, i in enumerate(np.asarray(indices, dtype=np.int64).tolist()):
+            if i in self.broken:
+                self.bad_files[i] = "truncated file"
+                x[j] = 0.0
+        return x, y
+
+
+def test_unreadable_images_are_no_clean_images(tmp_path, monkeypatch, caplog):
+    from PIL import Image
+
+    import spurfast.confirm as confirm_mod
+    from spurfast.confirm import clean_images_for
+    from spurfast.data.folder import ImageFolderSource
+
+    # an image folder with a corrupt file: its black stand-in is no clean image
+    for c in ("a", "b"):
+        (tmp_path / "clean" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(tmp_path / "clean" / c / f"{i}.png")
+    (tmp_path / "clean" / "b" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    folder = ImageFolderSource(tmp_path / "clean", size=16)
+    with caplog.at_level("WARNING", logger="spurfast.confirm"):
+        x = clean_images_for(folder, folder.labels(), None, 0, np.arange(len(folder)), 100, np.random.default_rng(0))
+    assert len(x) == 3 and float(x.flatten(1).amax(1).min()) > 0.5
+    assert "1 unreadable image" in caplog.text and "clean" in caplog.text
+    # every path of confirm_findings: neither clean nor class-content images may be black
+    seen = []
+    real_confirm_pattern = confirm_mod.confirm_pattern
+    monkeypatch.setattr(confirm_mod, "confirm_pattern", lambda model, images, *a, class_images=None, **kw: (
+        seen.append((images, class_images)), real_confirm_pattern(model, images, *a, class_images=class_images, **kw))[1])
+    xs = _clean(200) + 0.05
+    y = np.r_[np.zeros(150, int), np.ones(50, int)]
+    broken = list(range(140, 160))   # 10 clean (class 0) and 10 class-1 images
+    confirm_findings([_finding([0, 1])], CornerModel(), clean=BrokenSource(xs, y, broken, name="clean"))
+    assert len(seen[-1][0]) == 140 and len(seen[-1][1]) == 40
+    confirm_findings([_finding([0, 1])], CornerModel(), clean=BrokenSource(xs, None, broken, name="clean"))
+    assert len(seen[-1][0]) == 180   # unlabelled: predicted class 0, black ones left out
+    # no clean set: pool images found unreadable (while embedding, or only now) are left out too
+    pool = BrokenSource(xs, None, range(100, 110), name="pool")
+    pool.bad_files = {120: "truncated file", 121: "truncated file"}   # found while embedding
+    pred = np.r_[np.ones(20, int), np.zeros(180, int)]
+    confirm_findings([_finding([25, 26, 27])], CornerModel(), pool=pool, pool_pred=pred)
+    assert len(seen[-1][0]) == 177 - 12
+    for images, class_images in seen[1:]:
+        assert float(images.flatten(1).amax(1).min()) > 0 and (class_images is None or
+                                                               float(class_images.flatten(1).amax(1).min()) > 0)
+
+
 class RegionModel(nn.Module):
     """Class 1 = a bright left half (a 'natural' feature that real class-1 images have)."""
 
