@@ -178,12 +178,18 @@ def null_scores(z, groups, probs, labels, n_classes, neighbours, unknown_ok, *, 
 TIE_TOLERANCE = 1e-9   # relative: scores this close are the same sum added in another order
 
 
+def _tie_floor(scores) -> np.ndarray:
+    """The lowest null score that ties (counts as >=) each score.  The p-value and "beat
+    every null cluster" both compare with it, so they cannot disagree on a tie."""
+    scores = np.asarray(scores, np.float64)
+    return scores - TIE_TOLERANCE * np.maximum(1.0, np.abs(scores))
+
+
 def permutation_pvalues(scores: np.ndarray, null: np.ndarray) -> np.ndarray:
     """p = (1 + #null >= s) / (1 + #null) for each score s.  Ties count as >=, also where
     summation order left the null score an ulp below (0.3 + 0.2 + 0.1 < 0.1 + 0.2 + 0.3)."""
     null = np.sort(null)
-    scores = np.asarray(scores, np.float64)
-    ge = len(null) - np.searchsorted(null, scores - TIE_TOLERANCE * np.maximum(1.0, np.abs(scores)), side="left")
+    ge = len(null) - np.searchsorted(null, _tie_floor(scores), side="left")
     return (1.0 + ge) / (1.0 + len(null))
 
 
@@ -224,7 +230,7 @@ def size_matched_pvalues(scores: np.ndarray, n_unrelated: np.ndarray, null: np.n
             ref[np.argsort(dist, kind="stable")[:min_reference]] = True
         # with no null cluster of its size, "beat them all" would hold for any score: ask
         # it of the clusters it was compared with instead
-        beat[here] = scores[here] > null[window if window.any() else ref].max()
+        beat[here] = null[window if window.any() else ref].max() < _tie_floor(scores[here])  # ties do not beat
         out[here] = permutation_pvalues(scores[here], null[ref])
         n_ref[here] = ref.sum()
     return out, n_ref, beat

@@ -165,6 +165,18 @@ def test_size_matched_pvalues_compare_with_null_clusters_of_about_the_same_size(
     assert p.tolist() == [1.0] and n_ref.tolist() == [0] and beat.tolist() == [True]
 
 
+
+def test_a_tie_with_the_best_null_cluster_is_not_beating_it():
+    """The p-value counts a null score within TIE_TOLERANCE as a tie (>=); "beat every null
+    cluster" must agree, or discovery adds permutations for a cluster that only ties."""
+    real, tie = 0.1 + 0.2 + 0.3, 0.3 + 0.2 + 0.1   # the same shares summed in two orders
+    assert real > tie
+    null = np.r_[np.linspace(0.0, 0.5, 199), tie]
+    p, _, beat = size_matched_pvalues(np.array([real, real + 1e-6]), np.array([3, 3]), null, np.full(200, 3))
+    np.testing.assert_allclose(p, [2 / 201, 1 / 201])   # the tie counts as >= in p
+    assert beat.tolist() == [False, True]
+
+
 def test_cluster_scores_counts():
     groups = np.array([0, 0, 1, 1, 1])
     assign = np.array([0, 1, 0, 0, 1])
