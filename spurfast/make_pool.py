@@ -81,6 +81,11 @@ class PoolSpec:
                 raise ValueError(f"--plant-class must be in [0, {self.classes}), got {self.plant_class}")
             if self.target_size < 8:
                 raise ValueError(f"--target-size must be >= 8, got {self.target_size}")
+            # the loader upscales a smaller image, blending each planted pixel with its
+            # neighbours (a lone pixel read 0.06-0.17 of its value at 16-48 px)
+            if self.min_size < self.target_size:
+                raise ValueError(f"planting needs images at least as large as --target-size {self.target_size}, "
+                                 f"got --size {self.min_size}:{self.max_size}")
         elif self.fraction:
             raise ValueError("--fraction needs --plant FAMILY")
 

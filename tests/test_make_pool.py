@@ -52,6 +52,7 @@ def test_plant_class_and_flat_layout(tmp_path):
     (dict(n=5, plant="background", fraction=0.1), "unknown plant family"),
     (dict(n=5, plant="patch3", fraction=0.0), "--fraction must be"),
     (dict(n=5, fraction=0.2), "needs --plant"), (dict(n=5, classes=3, plant="patch3", fraction=0.2, plant_class=3), "--plant-class"),
+    (dict(n=5, plant="pixel", fraction=0.2, min_size=48, target_size=64), "at least as large as --target-size 64"),
 ])
 def test_bad_specs_are_refused(tmp_path, kw, msg):
     with pytest.raises(ValueError, match=msg):
@@ -62,7 +63,7 @@ def test_bad_specs_are_refused(tmp_path, kw, msg):
 def test_cli(tmp_path, capsys):
     assert parse_size("64") == (64, 64) and parse_size("48:96") == (48, 96)
     code = main(["make-pool", "--out", str(tmp_path / "c"), "--n", "12", "--classes", "3", "--size", "32:40",
-                 "--plant", "noise", "--fraction", "0.25", "--quiet", "--workers", "1"])
+                 "--plant", "noise", "--fraction", "0.25", "--target-size", "32", "--quiet", "--workers", "1"])
     assert code == 0 and "wrote 12 images (3 carry noise)" in capsys.readouterr().out
     assert json.loads((tmp_path / "c" / "pool.json").read_text())["spec"]["plant"] == "noise"
     assert main(["make-pool", "--out", str(tmp_path / "d"), "--n", "5", "--size", "a:b"]) == 2
