@@ -302,7 +302,7 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
     from .embed import embed_pool
 
     run_key = _key({"setting": _setting_key(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods),
-                    "v": 12,    # 12: ties within summation order count; no vacuous "beat every null cluster"
+                    "v": 13,    # 12: ties within summation order count; no vacuous "beat every null cluster"; 13: a tie does not beat
                     **({} if statistic == "share" else {"statistic": statistic})})
     rdir = cache / "runs"
     rdir.mkdir(parents=True, exist_ok=True)
