@@ -149,3 +149,19 @@ def test_folder_pool_identity_ignores_path_spelling_and_location(tmp_path, monke
     assert len({content_digest(s) for s in spellings}) == 1
     (tmp_path / "b" / "pool" / "dog" / "1.png").write_bytes((root / "cat" / "0.png").read_bytes())
     assert content_digest(ImageFolderSource(tmp_path / "b" / "pool", size=8)) != content_digest(spellings[0])
+
+
+def test_class_names_keep_the_classifiers_labels_when_a_class_folder_is_missing(tmp_path):
+    from PIL import Image
+
+    from spurfast.data.folder import ImageFolderSource
+
+    for c in ("0", "1", "2", "4"):        # no class 3, as in a pool of unrelated images
+        (tmp_path / c).mkdir()
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / c / "a.png")
+    assert ImageFolderSource(tmp_path, size=8).labels().tolist() == [0, 1, 2, 3]   # sorted folder order
+    names = [str(i) for i in range(6)]
+    src = ImageFolderSource(tmp_path, size=8, class_names=names)
+    assert src.labels().tolist() == [0, 1, 2, 4] and src.class_names == names
+    with pytest.raises(ValueError, match=r"class folders \['4'\].*not among the 4 class names"):
+        ImageFolderSource(tmp_path, size=8, class_names=["0", "1", "2", "3"])

@@ -39,8 +39,12 @@ def _image_files(d: Path) -> list[Path]:
     return sorted(files)
 
 
-def list_folder(root: str | Path) -> tuple[list[str], list[int], list[str] | None]:
-    """(paths, labels, class_names) in a stable order; raises early on bad layouts."""
+def list_folder(root: str | Path, class_names: list[str] | None = None) -> tuple[list[str], list[int], list[str] | None]:
+    """(paths, labels, class_names) in a stable order; raises early on bad layouts.
+
+    Class folders are labelled in sorted name order (as torchvision's ImageFolder does),
+    or, given ``class_names`` (the classifier's classes in label order), by their name's
+    place in it: a pool that lacks some classes keeps the classifier's labels."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"image folder {root} does not exist")
@@ -55,14 +59,22 @@ def list_folder(root: str | Path) -> tuple[list[str], list[int], list[str] | Non
         if broken:
             log.warning("ignoring %d broken link(s) at the top of class-folder pool %s (in no class folder, so "
                         "not pool images): %s", len(broken), root, ", ".join(broken))
+        if class_names is not None:
+            unknown = [d.name for d in subdirs if d.name not in class_names]
+            if unknown:
+                raise ValueError(f"class folders {unknown[:5]} of {root} are not among the {len(class_names)} class "
+                                 f"names given ({list(class_names)[:5]}{', ...' if len(class_names) > 5 else ''})")
+        names = list(class_names) if class_names is not None else [d.name for d in subdirs]
         paths, labels = [], []
-        for c, d in enumerate(subdirs):
+        for d in subdirs:
             files = _image_files(d)
             if not files:
                 raise ValueError(f"class folder {d} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
             paths += [str(p) for p in files]
-            labels += [c] * len(files)
-        return paths, labels, [d.name for d in subdirs]
+            labels += [names.index(d.name)] * len(files)
+        return paths, labels, names
+    if class_names is not None:
+        raise ValueError(f"class names were given, but {root} has no class folders (a flat, unlabelled pool)")
     files = _image_files(root)
     if not files:
         raise ValueError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
@@ -94,9 +106,9 @@ class ImageFolderSource(ImageSource):
     """Lazily decoded image folder.  A file that fails to decode yields a zero image and
     is recorded in ``bad_files`` (index -> reason); loaders report it, runs go on."""
 
-    def __init__(self, root, size: int = 64, channels: int = 3):
+    def __init__(self, root, size: int = 64, channels: int = 3, class_names: list[str] | None = None):
         self.root = str(root)
-        self.paths, self._labels, self.class_names = list_folder(root)
+        self.paths, self._labels, self.class_names = list_folder(root, class_names)
         self.spec = PreprocessSpec(size, channels)
         self.image_shape = (channels, size, size)
         self.name = Path(root).name
