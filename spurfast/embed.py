@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .cores import usable_cores
 from .data.loader_torch import iter_batches
 from .data.preprocess import uint8_to
-from .data.sources import ImageSource, content_digest
+from .data.sources import ImageSource, content_digest, sampled_digest
 from .models.classifier import classifier_outputs
 
 log = logging.getLogger("spurfast.embed")
@@ -135,11 +135,9 @@ class _PathIds:
 
 def legacy_identities(source: ImageSource, *models: torch.nn.Module) -> list[tuple[str, str]]:
     """(fingerprint, content digest) pairs earlier spurfast versions gave this source and
-    these models; empty where they are the current ones (only folder ids changed)."""
-    if getattr(source, "paths", None) is None:
-        return []
-    old = _PathIds(source)
-    return [(fingerprint(old, *models), content_digest(old))]
+    these models: the digest sampled 8 items, and folder ids were paths as spelled."""
+    old = _PathIds(source) if getattr(source, "paths", None) is not None else source
+    return [(fingerprint(old, *models), sampled_digest(old))]
 
 
 def _open_checked(store_dir: Path, fp: str, content: str, legacy=lambda: []) -> EmbeddingStore | None:
@@ -150,7 +148,8 @@ def _open_checked(store_dir: Path, fp: str, content: str, legacy=lambda: []) -> 
         return None
     store = EmbeddingStore(store_dir)
     m = store.manifest
-    if m.get("fingerprint") != fp and any(m.get("fingerprint") == f and m.get("content", c) == c for f, c in legacy()):
+    now = m.get("fingerprint") == fp and m.get("content", content) == content
+    if not now and any(m.get("fingerprint") == f and m.get("content", c) == c for f, c in legacy()):
         log.info("embedding store %s was made by an earlier spurfast version; resuming it", store_dir)
         m["fingerprint"], m["content"] = fp, content
         _write_json(store_dir / MANIFEST, m)
@@ -279,6 +278,10 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
         if not np.isfinite(mu).all():
             bad = np.flatnonzero(~np.isfinite(mu).all(1))
             raise ValueError(f"encoder produced NaN/inf latents for pool indices {idx[bad][:10].tolist()}")
+        if not np.isfinite(probs).all():   # argmax would call every such image class 0
+            bad = np.flatnonzero(~np.isfinite(probs).all(1))
+            raise ValueError(f"classifier produced NaN/inf outputs for pool indices {idx[bad][:10].tolist()} "
+                             f"({len(bad)} of this batch of {len(idx)})")
         pred[~ok] = -1  # unreadable files take no part in clustering
         if not ok.all():  # kept in the manifest so a resumed or sharded run still reports them
             bad_files = getattr(source, "bad_files", {})

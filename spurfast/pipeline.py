@@ -81,6 +81,17 @@ def _inside(out: Path, paths) -> str | None:
     return None
 
 
+def _folder_inside(out_dir, source) -> str | None:
+    """The image folder of ``source`` (or of one of its parts) that ``out_dir`` lies in."""
+    if source is None:
+        return None
+    root = getattr(source, "root", None)
+    if isinstance(root, (str, Path)) and _inside(Path(root), [out_dir]):
+        return str(root)
+    parts = list(getattr(source, "parts", None) or []) + [getattr(source, "base", None)]
+    return next((r for r in (_folder_inside(out_dir, p) for p in parts if isinstance(p, ImageSource)) if r), None)
+
+
 def source_paths(source) -> list[str]:
     """Files and folders an ImageSource reads from (folder root, .npz path, of every part),
     then its class folders and image files: a symlinked class folder or image may live
@@ -197,11 +208,19 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     if run_id is None:
         fp, settings = fingerprint(pool, classifier, vae), json.dumps(asdict(config), sort_keys=True)
         run_id = _digest(fp + content_digest(pool) + settings)
-        # the same run as ids were made before: without the content digest, and with
+        # this run's ids under earlier versions: with a sampled content digest or none, and
         # folder pools' item ids spelled as paths
-        old = legacy_identities(pool, classifier, vae)
-        earlier_ids = [_digest(fp + settings)] + [_digest(f + c + settings) for f, c in old] \
-            + [_digest(f + settings) for f, _ in old]
+        earlier = legacy_identities(pool, classifier, vae)
+        earlier_ids = [_digest(f + c + settings) for f, c in earlier] + [_digest(f + settings) for f, _ in earlier]
+    cfg = getattr(vae, "config", None)
+    if cfg is not None and tuple(pool.image_shape) != (cfg.in_channels, cfg.image_size, cfg.image_size):
+        raise ValueError(f"the VAE expects {cfg.in_channels}x{cfg.image_size}x{cfg.image_size} images (CxHxW), "
+                         f"the pool ({pool.name}) has {'x'.join(map(str, pool.image_shape))}")
+    for src in (pool, clean):
+        root = _folder_inside(out_dir, src)
+        if root is not None:   # its report images would be pool images the next time round
+            raise ValueError(f"output directory {out_dir} lies inside image folder {root} that this run reads; "
+                             f"choose an output directory outside it")
     # under torchrun (spurfast.distributed): rank 0 owns the output directory, every rank
     # embeds its shard, rank 0 scores and reports with k-means across all ranks
     protect = [*protect, *source_paths(pool), *(source_paths(clean) if clean is not None else [])]

@@ -291,8 +291,9 @@ def test_demo_pattern_flags_reach_the_pattern_and_the_run_id(monkeypatch):
 
 
 def test_folder_runs_made_before_relative_item_ids_resume(tmp_path, caplog):
-    """Item ids of folder pools were their paths as spelled, and run ids had no content
-    digest before the tenth session: such a run directory and store are the same run."""
+    """Item ids of folder pools were their paths as spelled, the content digest sampled 8
+    items, and run ids had none before the tenth session: such a run directory and store
+    are the same run."""
     import hashlib
     import json
     import logging
@@ -301,7 +302,7 @@ def test_folder_runs_made_before_relative_item_ids_resume(tmp_path, caplog):
     from PIL import Image
 
     from spurfast.data.folder import ImageFolderSource
-    from spurfast.data.sources import content_digest
+    from spurfast.data.sources import sampled_digest
     from spurfast.discover import DiscoverConfig
     from spurfast.embed import MANIFEST, fingerprint
     from spurfast.models.classifier import load_classifier
@@ -322,7 +323,7 @@ def test_folder_runs_made_before_relative_item_ids_resume(tmp_path, caplog):
     pool, config = ImageFolderSource(tmp_path / "pool", size=16), DiscoverConfig(k=2, n_null=2)
     settings = json.dumps(asdict(config), sort_keys=True)
     old = SpelledIds(tmp_path / "pool", size=16)
-    old_fp, old_content = fingerprint(old, clf, vae), content_digest(old)
+    old_fp, old_content = fingerprint(old, clf, vae), sampled_digest(old)   # the digest then
     run = tmp_path / "run"
     kw = dict(num_classes=2, config=config, progress=False, confirm=False)
     for old_id, store_content in [(hashlib.sha256((old_fp + settings).encode()).hexdigest()[:16], None),

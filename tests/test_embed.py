@@ -69,6 +69,56 @@ def test_output_width_and_nan_latents(tmp_path):
         embed_pool(src, clf, vae, tmp_path / "n", num_classes=4, progress=False)
 
 
+def test_nan_classifier_outputs_are_refused(tmp_path):
+    # argmax of NaN probabilities is class 0: every such image would be "called" class 0
+    src, clf, vae = _setup(10)
+    with torch.no_grad():
+        clf.fc2.bias[1] = float("nan")
+    with pytest.raises(ValueError, match=r"classifier produced NaN/inf outputs for pool indices \[0, 1, 2"):
+        embed_pool(src, clf, vae, tmp_path / "n", num_classes=4, progress=False)
+
+
+def test_partial_in_place_edits_are_told_apart(tmp_path):
+    """The content digest covers the whole pool: every array byte, every file's size (a
+    replaced file almost always changes size), not only a sample of 8 items."""
+    import os
+
+    from PIL import Image
+
+    from spurfast.data.folder import ImageFolderSource
+    from spurfast.data.sources import content_digest
+
+    src, _, _ = _setup(50)
+    images = src.images.clone()
+    images[17, 0, 3, 3] += 0.25   # not one of the 8 sampled items
+    assert content_digest(ArraySource(images, np.arange(50) % 4)) != content_digest(src)
+    rng = np.random.default_rng(0)
+    (tmp_path / "p" / "a").mkdir(parents=True)
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)).save(tmp_path / "p" / "a" / f"{i:02d}.png")
+    before = content_digest(ImageFolderSource(tmp_path / "p", size=8))
+    f = tmp_path / "p" / "a" / "05.png"
+    stat = f.stat()
+    Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(f)   # a replaced file, same name and mtime
+    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert content_digest(ImageFolderSource(tmp_path / "p", size=8)) != before
+
+
+def test_store_with_the_earlier_sampled_digest_resumes(tmp_path):
+    import json
+
+    from spurfast.data.sources import content_digest, sampled_digest
+    from spurfast.embed import MANIFEST
+
+    src, clf, vae = _setup()
+    embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=16, progress=False, stop_after=1)
+    manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
+    manifest["content"] = sampled_digest(src)    # as the tenth session wrote it
+    (tmp_path / "s" / MANIFEST).write_text(json.dumps(manifest))
+    assert embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, progress=False).complete
+    assert json.loads((tmp_path / "s" / MANIFEST).read_text())["content"] == content_digest(src)
+
+
 def test_not_a_store(tmp_path):
     with pytest.raises(FileNotFoundError, match="not an embedding store"):
         EmbeddingStore(tmp_path)

@@ -8,6 +8,7 @@ spurfast are positions in a source's enumeration order.
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Sequence
 
 import numpy as np
@@ -38,12 +39,40 @@ class ImageSource:
         return torch.stack([im for im, _ in items]), torch.tensor([lb for _, lb in items], dtype=torch.int64)
 
 
-def content_digest(source: ImageSource, n_samples: int = 8) -> str:
-    """A cheap identity of what a source holds: name, length, image shape, and the ids and
-    contents of ``n_samples`` items spread evenly over it, so a pool regenerated in place
-    (same names, new images) is told apart.  Sources read from files (``paths``) hash the
-    sampled files' bytes, the same on every machine whatever decodes them; others hash
-    the sampled images."""
+def content_digest(source: ImageSource) -> str:
+    """An identity of what a source holds, so a pool regenerated or edited in place (same
+    names, other images) is told apart: :func:`sampled_digest`, plus every image's bytes
+    for sources held in memory, or every file's size for sources read from files (a
+    replaced file almost always changes size; one stat per file, and the same on every
+    machine, as mtimes are not)."""
+    h = hashlib.sha256(sampled_digest(source).encode())
+    paths, images = getattr(source, "paths", None), getattr(source, "images", None)
+    if paths is not None:
+        h.update(np.fromiter((_file_size(p) for p in paths), np.int64, len(paths)).tobytes())
+    elif isinstance(images, torch.Tensor):
+        h.update(images.detach().cpu().contiguous().numpy())   # hashed in place, no copy
+    for part in getattr(source, "parts", None) or []:
+        h.update(content_digest(part).encode())
+    base = getattr(source, "base", None)
+    if base is not None:
+        h.update(content_digest(base).encode())
+        h.update(np.asarray(source.indices, np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _file_size(path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
+
+
+def sampled_digest(source: ImageSource, n_samples: int = 8) -> str:
+    """Name, length, image shape, and the ids and contents of ``n_samples`` items spread
+    evenly over the source (the whole content digest before the eleventh session: stores
+    and runs made then carry it).  Sources read from files (``paths``) hash the sampled
+    files' bytes, the same on every machine whatever decodes them; others hash the
+    sampled images."""
     n = len(source)
     h = hashlib.sha256(f"{source.name}:{n}:{tuple(source.image_shape)}".encode())
     idx = np.unique(np.linspace(0, n - 1, min(n, n_samples)).round().astype(np.int64)) if n else np.zeros(0, np.int64)

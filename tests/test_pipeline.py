@@ -1,0 +1,38 @@
+"""run_discovery's early refusals, for API users as for the CLI."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from spurfast.data import ArraySource
+from spurfast.data.folder import ImageFolderSource
+from spurfast.models import VAE, VAEConfig, SmallCNN
+from spurfast.pipeline import run_discovery
+
+
+def _folder(root, n=12):
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
+    return ImageFolderSource(root, size=16)
+
+
+@pytest.mark.parametrize("where", ["pool", "clean"])
+def test_output_inside_a_folder_the_run_reads_is_refused(tmp_path, where):
+    # its report images would become pool images the next time round
+    torch.manual_seed(0)
+    pool, clean = _folder(tmp_path / "pool"), _folder(tmp_path / "clean")
+    out = (tmp_path / where / "run") if where == "pool" else (tmp_path / "clean" / "deeper" / "run")
+    with pytest.raises(ValueError, match=f"inside image folder {tmp_path / where}"):
+        run_discovery(pool, SmallCNN(3, 2, 16), VAE(VAEConfig.for_images(3, 16, 4)), out, num_classes=2,
+                      clean=clean, progress=False)
+    assert not out.exists()
+
+
+def test_a_vae_for_other_images_is_refused_before_any_work(tmp_path):
+    pool = ArraySource(torch.rand(8, 1, 28, 32), np.zeros(8, dtype=np.int64), name="wide")
+    with pytest.raises(ValueError, match=r"VAE expects 1x28x28 images.*the pool \(wide\) has 1x28x32"):
+        run_discovery(pool, SmallCNN(1, 2, 28), VAE(VAEConfig.for_images(1, 28, 4)), tmp_path / "o", num_classes=2,
+                      progress=False)
+    assert not (tmp_path / "o").exists()
