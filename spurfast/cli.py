@@ -15,13 +15,22 @@ def _pattern(args):
     return PatternSpec(args.family, strength=args.strength, position=args.position, seed=args.seed)
 
 
+def _n_poisoned(value: str) -> str:
+    """--n-poisoned: a count >= 0 or 'all', kept as the string make_planted_data takes
+    (the demo's run id hashes it as given)."""
+    if value != "all" and not (value.isdigit() and value.isascii()):
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 or 'all', got {value!r}")
+    return value
+
+
 def _add_pattern_args(p):
     from .plant import FAMILIES, POSITIONS
     p.add_argument("--family", default="patch3", choices=FAMILIES, help="pattern family")
     p.add_argument("--strength", type=float, default=1.0, help="noise strength / painted value (0, 1]")
     p.add_argument("--position", default="bottom_right", choices=POSITIONS)
     p.add_argument("--target-class", type=int, default=3)
-    p.add_argument("--n-poisoned", default="600", help="training images of the target class to stamp, or 'all'")
+    p.add_argument("--n-poisoned", default="600", type=_n_poisoned,
+                   help="training images of the target class to stamp (an integer >= 0), or 'all'")
     p.add_argument("--pool-fraction", type=float, default=0.1, help="fraction of unrelated pool images stamped")
 
 
@@ -47,7 +56,7 @@ def _add_discover_args(p):
                         "that agreement is given the labels' confusion rates (finds weaker shortcuts, and more "
                         "natural confusions for confirmation to reject)")
     p.add_argument("--kmeans-backend", default=None, choices=["auto", "torch", "cupy"])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
 
 
 def _discover_config(args):
@@ -89,16 +98,92 @@ def load_npz_source(path):
     return src, extra
 
 
-def load_pool(path, size: int, channels: int):
+def read_class_names(path) -> list[str]:
+    """--class-names: one class name a line, in the classifier's label order."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"class-names file {p} does not exist")
+    names = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"class-names file {p} is empty; expected one class name a line, in the classifier's "
+                         f"label order")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"class-names file {p} names {dup[0]!r} more than once ({len(dup)} duplicate name(s)); "
+                         f"each line must name a different class")
+    return names
+
+
+def load_pool(path, size: int, channels: int, class_names=None):
+    """An image folder or an .npz.  ``class_names``: a --class-names file; a labelled folder
+    takes each class folder's label from its name's place in it (not from sorted order),
+    an .npz (numeric labels already) takes the names only when it holds none."""
+    names = read_class_names(class_names) if class_names else None
     p = Path(path)
     if p.is_dir():
         from .data.folder import ImageFolderSource
-        return ImageFolderSource(p, size=size, channels=channels), {}
-    return load_npz_source(p)
+        return ImageFolderSource(p, size=size, channels=channels, class_names=names), {}
+    src, extra = load_npz_source(p)
+    if names is not None and src.class_names is None:
+        top = int(src.labels().max(initial=-1))
+        if top >= len(names):
+            raise ValueError(f"{p} has label {top}, but class-names file {class_names} names {len(names)} classes")
+        src.class_names = names
+    return src, extra
+
+
+def check_device(device: str) -> None:
+    """Fail before any work on a --device torch cannot parse or a GPU that is not here."""
+    import torch
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a torch device; expected e.g. cpu, cuda or cuda:1") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asks for CUDA, but torch sees no CUDA device here; use --device cpu")
+
+
+def check_backends(device: str, **named) -> None:
+    """Resolve each backend named by an option (or a SPURFAST_BACKEND* variable) now, so
+    an unavailable one fails before the embedding pass, not after it.
+    ``named``: option name -> (value, registry ops it serves)."""
+    import torch
+
+    from . import backends
+    for option, (value, ops) in named.items():
+        for op in ops:
+            if backends.requested(op, value) == "auto":
+                continue  # auto falls back to a provider that runs here
+            try:
+                backends.resolve(op, value, torch.device(device).type)
+            except backends.BackendUnavailable as exc:
+                by = f"--{option.replace('_', '-')} {value}" if value else "$SPURFAST_BACKEND*"
+                raise backends.BackendUnavailable(f"{by}: {exc}") from None
+
+
+KMEANS_OPS = ("kmeans_assign", "kmeans_update")
+
+
+def _labelled_folder(src) -> bool:
+    from .data.folder import ImageFolderSource
+    return isinstance(src, ImageFolderSource) and bool(src.class_names)
+
+
+def check_labelled_folder(src, n_classes: int, what: str, path) -> None:
+    """Class folders without --class-names are labelled in sorted order: with fewer (or
+    more) folders than the classifier has classes, every label after a gap is wrong."""
+    if _labelled_folder(src) and len(src.class_names) != n_classes:
+        raise ValueError(
+            f"{what} {path} has {len(src.class_names)} class folders but the classifier has {n_classes} classes; "
+            f"folders are labelled in sorted order, so these labels would not be the classifier's. Pass "
+            f"--class-names FILE (the classifier's class names, one a line, in label order; folders are matched "
+            f"by name)")
 
 
 def cmd_demo(args):
     from .demo import run_demo
+    check_device(args.device)
+    check_backends(args.device, kmeans_backend=(args.kmeans_backend, KMEANS_OPS))
     run_demo(args.out, dataset=args.dataset, seed=args.seed, target_class=args.target_class, family=args.family,
              strength=args.strength, position=args.position, n_poisoned=args.n_poisoned,
              pool_fraction=args.pool_fraction, classifier_epochs=args.classifier_epochs,
@@ -126,8 +211,9 @@ def cmd_plant(args):
 def cmd_train_classifier(args):
     from .models.classifier import save_classifier
     from .models.train import train_classifier
-    src, _ = load_pool(args.data, args.size, args.channels)
-    n_classes = args.num_classes or int(src.labels().max()) + 1
+    check_device(args.device)
+    src, _ = load_pool(args.data, args.size, args.channels, args.class_names)
+    n_classes = args.num_classes or (len(src.class_names) if args.class_names else int(src.labels().max()) + 1)
     model = train_classifier(src, n_classes, arch=args.arch, epochs=args.epochs, seed=args.seed, device=args.device,
                              checkpoint=str(args.out) + ".ckpt", progress=not args.quiet)
     save_classifier(model, args.out)
@@ -137,6 +223,7 @@ def cmd_train_classifier(args):
 def cmd_train_vae(args):
     from .models.train import save_vae, train_vae
     from .models.vae import VAEConfig
+    check_device(args.device)
     src, _ = load_pool(args.data, args.size, args.channels)
     c, h, _ = src.image_shape
     vae = train_vae(src, VAEConfig.for_images(c, h, args.latent_dim), epochs=args.epochs, seed=args.seed,
@@ -149,27 +236,40 @@ def cmd_discover(args):
     from .models.classifier import check_output_width, load_classifier
     from .models.train import load_vae
     from .pipeline import run_discovery
-    pool, extra = load_pool(args.pool, args.size, args.channels)
+    check_device(args.device)
+    check_backends(args.device, kmeans_backend=(args.kmeans_backend, KMEANS_OPS),
+                   encoder_backend=(args.encoder_backend, ("encoder",)),
+                   # only folder pools go through a loader backend
+                   **({"loader_backend": (args.loader_backend, ("loader",))} if Path(args.pool).is_dir() else {}))
+    pool, extra = load_pool(args.pool, args.size, args.channels, args.class_names)
     clf = load_classifier(args.classifier, arch=args.arch, in_channels=pool.image_shape[0],
                           num_classes=args.num_classes, image_size=pool.image_shape[1],
                           weights_only=not args.unsafe_load)
     n_classes = args.num_classes or (len(pool.class_names) if pool.class_names else None)
     if n_classes is None:
-        raise SystemExit("error: --num-classes is required for an unlabelled pool")
+        raise ValueError(f"pool {args.pool} is unlabelled: pass --num-classes (the classifier's number of classes)")
+    if not args.class_names and _labelled_folder(pool):
+        # the classifier's classes: --num-classes, else its output width (checked just below)
+        check_labelled_folder(pool, args.num_classes or _output_width(clf, pool.image_shape) or n_classes,
+                              "pool", args.pool)
     check_output_width(clf, pool.image_shape, n_classes, name=f"classifier {args.classifier}", pool=f"pool {args.pool}")
     vae = load_vae(args.vae, weights_only=not args.unsafe_load)
-    if (vae.config.in_channels, vae.config.image_size) != tuple(pool.image_shape[:2]):
-        raise SystemExit(f"error: VAE expects {vae.config.in_channels}x{vae.config.image_size}px images, "
-                         f"pool {args.pool} has {pool.image_shape}")
+    vae_shape = (vae.config.in_channels, vae.config.image_size, vae.config.image_size)
+    if vae_shape != tuple(pool.image_shape):
+        raise ValueError(f"VAE {args.vae} expects images of shape {'x'.join(map(str, vae_shape))} (CxHxW), "
+                         f"pool {args.pool} has {'x'.join(map(str, pool.image_shape))}; train the VAE on this pool "
+                         f"(`spurfast train-vae`; for folders: the same --size/--channels)")
     suspect = extra.get("suspect")
     if args.suspect:
         suspect = load_suspect(args.suspect, len(pool), args.pool)
     clean = None
     if args.clean and not args.no_confirm:
-        clean, _ = load_pool(args.clean, args.size, args.channels)
+        clean, _ = load_pool(args.clean, args.size, args.channels, args.class_names)
+        if not args.class_names:
+            check_labelled_folder(clean, n_classes, "clean set", args.clean)
         if tuple(clean.image_shape) != tuple(pool.image_shape):
-            raise SystemExit(f"error: clean set {args.clean} has images of shape {clean.image_shape}, "
-                             f"pool has {pool.image_shape}")
+            raise ValueError(f"clean set {args.clean} has images of shape {clean.image_shape}, "
+                             f"pool {args.pool} has {pool.image_shape}")
     from . import distributed as dist
     dist.init(args.device)  # under torchrun: join the group (gloo on CPUs, NCCL on GPUs); else a no-op
     try:
@@ -184,6 +284,18 @@ def cmd_discover(args):
     if doc is not None:  # rank 0 (or the only process) wrote the report
         print(f"{len(doc['findings'])} findings{_verdict_counts(doc['findings'])}; "
               f"report: {Path(args.out) / 'report.html'}")
+
+
+def _output_width(clf, image_shape) -> int | None:
+    """The classifier's number of outputs for one image; None if it cannot run on it
+    (check_output_width then says why)."""
+    import torch
+    try:
+        with torch.no_grad():
+            out = clf(torch.zeros((1,) + tuple(image_shape)))
+    except (RuntimeError, ValueError):
+        return None
+    return int(out.shape[1]) if out.dim() == 2 else None
 
 
 def load_suspect(path, n: int, pool_name) -> np.ndarray:
@@ -258,7 +370,7 @@ def cmd_report(args):
     run = Path(args.run)
     f = run / "findings.json"
     if not f.is_file():
-        raise SystemExit(f"error: {run} holds no findings.json (run `spurfast discover` first)")
+        raise FileNotFoundError(f"{run} holds no findings.json (run `spurfast discover` first)")
     doc = json.loads(f.read_text())
     clusters = []
     if (run / "clusters.csv").is_file():
@@ -285,6 +397,11 @@ def cmd_env(args):
             info[mod] = f"not importable ({exc.__class__.__name__})"
     info["backends"] = backends.report()
     print(json.dumps(info, indent=1))
+
+
+CLASS_NAMES_HELP = ("text file of the classifier's class names, one a line, in label order: class folders are "
+                    "labelled by their name's place in it (default: sorted folder order, wrong when the folders "
+                    "are not exactly the classifier's classes); an .npz takes the names only if it has none")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train-classifier":
             p.add_argument("--arch", default="small_cnn", choices=["small_cnn", "resnet18"])
             p.add_argument("--num-classes", type=int, default=None)
+            p.add_argument("--class-names", default=None, metavar="FILE", help=CLASS_NAMES_HELP)
         else:
             p.add_argument("--latent-dim", type=int, default=16)
         p.set_defaults(func=func)
@@ -337,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--arch", default=None, choices=["small_cnn", "resnet18"], help="architecture of a bare state_dict")
     p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--class-names", default=None, metavar="FILE", help=CLASS_NAMES_HELP + " (also for --clean)")
     p.add_argument("--suspect", default=None, help="text file of pool indices that are suspect samples")
     p.add_argument("--clean", default=None, help="held-out clean images (.npz or folder) for confirmation; default: "
                    "pool images predicted as other classes outside every finding")
@@ -396,11 +515,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .backends import BackendUnavailable  # light: imports neither torch nor a kernel
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, BackendUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -345,3 +345,143 @@ def test_folder_runs_made_before_relative_item_ids_resume(tmp_path, caplog):
         assert (run / "store" / "mu.npy").stat().st_mtime_ns == mu_written   # not embedded again
         assert json.loads((run / "store" / MANIFEST).read_text())["fingerprint"] == fingerprint(pool, clf, vae)
         caplog.clear()
+
+
+def _digit_folders(root, classes, per_class=3, size=28):
+    """Grey PNGs in one folder per class name; returns the root."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), "L").save(root / c / f"{i}.png")
+    return str(root)
+
+
+def test_folder_pool_lacking_a_class_needs_the_class_names(tmp_path, capsys):
+    """Class folders are labelled in sorted order: a pool without class 3 would shift
+    labels 4..9 to 3..8.  Without --class-names that must stop; with them labels hold."""
+    clf, vae = _models(tmp_path)
+    pool = _digit_folders(tmp_path / "pool", [str(c) for c in range(10) if c != 3])
+    base = ["discover", "--pool", pool, "--size", "28", "--channels", "1", "--classifier", clf, "--vae", vae,
+            "--n-null", "2", "--k", "2", "--no-confirm", "--quiet"]
+    for extra in (["--num-classes", "10"], []):   # given, or the classifier's output width
+        capsys.readouterr()
+        assert main(base + ["--out", str(tmp_path / "o"), *extra]) == 2
+        err = capsys.readouterr().err
+        for w in (pool, "9 class folders", "10 classes", "--class-names"):
+            assert w in err, f"{w!r} not in {err!r}"
+        assert not (tmp_path / "o").exists()
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"{c}\n" for c in range(10)))
+    assert main(base + ["--out", str(tmp_path / "run"), "--class-names", str(names)]) == 0
+    labels = np.load(tmp_path / "run" / "store" / "labels.npy")
+    assert sorted(set(labels.tolist())) == [c for c in range(10) if c != 3]
+    # the file's problems are named
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "o"), "--class-names", str(tmp_path / "nope.txt")]) == 2
+    assert "nope.txt" in capsys.readouterr().err
+    names.write_text("0\n1\n1\n")
+    assert main(base + ["--out", str(tmp_path / "o"), "--class-names", str(names)]) == 2
+    err = capsys.readouterr().err
+    assert "names.txt" in err and "'1'" in err
+
+
+def test_clean_folder_lacking_a_class_needs_the_class_names(tmp_path, capsys):
+    clf, vae = _models(tmp_path)
+    digits = [str(c) for c in range(10)]
+    pool = _digit_folders(tmp_path / "pool", digits)
+    clean = _digit_folders(tmp_path / "clean", digits[:9])
+    base = ["discover", "--pool", pool, "--clean", clean, "--size", "28", "--channels", "1", "--classifier", clf,
+            "--vae", vae, "--n-null", "2", "--k", "2", "--quiet", "--out", str(tmp_path / "o")]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert clean in err and "--class-names" in err and not (tmp_path / "o").exists()
+
+
+def test_class_names_with_an_npz_pool_name_its_classes(tmp_path):
+    from spurfast.cli import load_pool
+
+    names = tmp_path / "names.txt"
+    names.write_text("a\nb\n\nc\n")   # blank lines are skipped
+    path = tmp_path / "p.npz"
+    np.savez(path, images=np.zeros((4, 1, 8, 8), np.uint8), labels=np.array([0, 1, 2, 0]))
+    assert load_pool(path, 8, 1, class_names=names)[0].class_names == ["a", "b", "c"]
+    _npz(path, np.zeros((4, 8, 8), np.uint8), n_classes=3)   # the archive's own names win
+    assert load_pool(path, 8, 1, class_names=names)[0].class_names == ["0", "1", "2"]
+
+
+def test_vae_shape_is_checked_in_full(tmp_path, capsys):
+    """A 1x28x32 pool and a 1x28x28 VAE: comparing (C, H) alone let it through."""
+    class Const(torch.nn.Module):
+        def forward(self, x):
+            return x.new_zeros(x.shape[0], 10)
+
+    torch.jit.save(torch.jit.script(Const()), tmp_path / "const.pt")
+    _, vae = _models(tmp_path)
+    pool = _npz(tmp_path / "wide.npz", np.zeros((12, 1, 28, 32), np.uint8))
+    assert main(["discover", "--pool", pool, "--classifier", str(tmp_path / "const.pt"), "--vae", vae,
+                 "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    for w in ("vae1x28.pt", "1x28x28", "wide.npz", "1x28x32"):
+        assert w in err, f"{w!r} not in {err!r}"
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("case", ["bogus_device", "cuda", "cupy", "triton", "train_device", "demo_cupy"])
+def test_unavailable_devices_and_backends_fail_first(tmp_path, capsys, monkeypatch, case):
+    """A device or a named backend that cannot run here: one error line before any work."""
+    from spurfast import backends
+
+    if case in ("cuda", "cupy", "triton", "demo_cupy") and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    clf, vae = _models(tmp_path)
+    pool = _npz(tmp_path / "pool.npz", np.zeros((12, 28, 28), np.uint8))
+    cmd = ["discover", "--pool", pool, "--classifier", clf, "--vae", vae, "--out", str(tmp_path / "o"), "--quiet"]
+    extra, want = {"bogus_device": (["--device", "bogus"], ["--device", "bogus"]),
+                   "cuda": (["--device", "cuda"], ["--device", "cuda", "CUDA"]),
+                   "cupy": (["--kmeans-backend", "cupy"], ["--kmeans-backend", "cupy"]),
+                   "triton": (["--encoder-backend", "triton"], ["--encoder-backend", "triton"]),
+                   "train_device": ([], ["--device", "bogus"]),
+                   "demo_cupy": ([], ["--kmeans-backend", "cupy"])}[case]
+    if case == "train_device":
+        cmd = ["train-vae", "--data", pool, "--out", str(tmp_path / "o"), "--device", "bogus"]
+    if case == "demo_cupy":
+        cmd = ["demo", "--out", str(tmp_path / "o"), "--kmeans-backend", "cupy"]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    backends.clear_cache()
+    capsys.readouterr()
+    assert main(cmd + extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    for w in want:
+        assert w in err, f"{w!r} not in {err!r}"
+    assert not (tmp_path / "o").exists(), "failed after starting work"
+
+
+def test_main_reports_backend_unavailable(monkeypatch, capsys):
+    from spurfast import backends
+
+    def boom(args):
+        raise backends.BackendUnavailable("backend 'x' for 'op' is unavailable here: reasons")
+
+    monkeypatch.setattr("spurfast.cli.cmd_env", boom)
+    assert main(["env"]) == 2
+    assert capsys.readouterr().err == "error: backend 'x' for 'op' is unavailable here: reasons\n"
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "1.5"])
+def test_n_poisoned_is_validated_by_argparse(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["plant", "--out", "o", "--n-poisoned", value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--n-poisoned" in err and repr(value) in err and "'all'" in err
+
+
+def test_n_poisoned_accepts_counts_and_all():
+    parse = build_parser().parse_args
+    assert parse(["plant", "--out", "o", "--n-poisoned", "all"]).n_poisoned == "all"
+    assert parse(["plant", "--out", "o", "--n-poisoned", "0"]).n_poisoned == "0"
+    assert parse(["demo"]).n_poisoned == "600"
