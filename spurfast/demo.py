@@ -73,7 +73,9 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
                                        extra_config={"plant": plant_cfg, "dataset": data.dataset},
                                        progress=progress, run_id=run_id, clean=data.test_clean, confirm=confirm)
     np.save(out / "ground_truth_carries.npy", data.carries)
-    summary = {"dataset": data.dataset, "planted": f"{spec.label} in class {target_class}",
+    planted = len(data.truth.train_indices) > 0
+    summary = {"dataset": data.dataset,
+               "planted": f"{spec.label} in class {target_class}" if planted else "nothing (n_poisoned 0)",
                "spurious score": round(ss, 3), "findings": len(doc["findings"])}
     if doc["findings"]:
         top = doc["findings"][0]
@@ -82,7 +84,8 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
         au_m = sample_auroc(member.astype(float), data.carries)
         au_r = sample_auroc(result.rankings[1], data.carries)
         iou = mask_iou(result.findings[0].get("_mask"), data.truth.mask)
-        summary.update({"top finding class": top["class"], "top finding is planted class": top["class"] == target_class,
+        summary.update({"top finding class": top["class"],
+                        "top finding is planted class": top["class"] == target_class if planted else None,
                         "AUROC (membership)": round(au_m, 3), "AUROC (probe ranking)": round(au_r, 3),
                         "pattern IoU": round(iou, 3)})
         if top.get("confirm"):
@@ -90,7 +93,9 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
                                                           f"({top['confirm']['control_flip_rate']:.3f})")
             summary["top finding confirmation"] = top["confirm"].get("verdict")
     write_report(doc, out, clusters=result.clusters, bad_files=read_bad_files(out), summary=summary)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    # NaN (e.g. an AUROC with no pattern-bearing pool image) is not JSON: null instead
+    finite = {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in summary.items()}
+    (out / "summary.json").write_text(json.dumps(finite, indent=1, default=str, allow_nan=False))
     print("[demo] " + "; ".join(f"{k}: {v}" for k, v in summary.items()), flush=True)
     print(f"[demo] report: {out / 'report.html'}", flush=True)
     return summary

@@ -105,8 +105,10 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
     pool = doc["pool"]
     parts.append("<h2>Pool</h2><table>" + "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in pool.items()) + "</table>")
     if summary:
-        parts.append("<h2>Summary</h2><table>" + "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in summary.items()) + "</table>")
+        parts.append("<h2>Summary</h2><table>" + "".join(
+            f"<tr><th>{e(k)}</th><td>{e('n/a' if v is None else v)}</td></tr>" for k, v in summary.items()) + "</table>")
     if clusters:
+        (out_dir / "images").mkdir(parents=True, exist_ok=True)  # a run copied without its images
         plot_scores(clusters, fdr, out_dir / "images" / "scores.png")
         parts.append("<h2>Cluster scores</h2><img src='images/scores.png' alt='cluster scores'>")
     parts.append(f"<h2>Findings ({len(doc['findings'])} at q &le; {e(fdr)})</h2>")
@@ -145,7 +147,9 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
         caps = {"centroid": "decoded centroid", "contrast": "contrast (members vs. matched others)",
                 "mask": "extracted mask", "grid": "exemplars"}
         parts.append("<div class='imgs'>" + "".join(
-            f"<figure><img src='{e(imgs[k])}' alt='{e(caps[k])}'><figcaption>{e(caps[k])}</figcaption></figure>"
+            (f"<figure><img src='{e(imgs[k])}' alt='{e(caps[k])}'>" if (out_dir / imgs[k]).is_file() else
+             f"<figure><p class='muted'>{e(imgs[k])} is missing</p>")  # not a broken link
+            + f"<figcaption>{e(caps[k])}</figcaption></figure>"
             for k in ("centroid", "contrast", "mask", "grid") if k in imgs) + "</div></div>")
     if bad_files:
         parts.append(f"<h2>Unreadable files ({len(bad_files)}, skipped)</h2><ul>"

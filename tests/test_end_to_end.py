@@ -53,3 +53,15 @@ def test_outputs_are_complete(digits_run):
     assert verdicts and all(v in VERDICTS and VERDICTS[v] in html for v in verdicts)
     assert "confirm_verdict" in (out / "findings.csv").read_text().splitlines()[0]
     assert (out / "findings.csv").read_text().count("\n") == len(doc["findings"]) + 1
+
+
+def test_demo_without_a_planted_pattern_writes_valid_json(tmp_path):
+    """Nothing planted, nothing carries a pattern: the AUROCs are undefined (null in
+    summary.json, which must stay strict JSON) and no finding is 'the planted class'."""
+    summary = run_demo(tmp_path, dataset="digits", seed=0, n_poisoned="0", pool_fraction=0.0, classifier_epochs=1,
+                       vae_epochs=1, progress=False, config=DiscoverConfig(n_null=3, fdr=0.9, seed=0), confirm=False)
+    text = (tmp_path / "summary.json").read_text()
+    saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+    assert summary["findings"] > 0, "the test needs a finding (fdr 0.9)"
+    assert saved["top finding is planted class"] is None and saved["AUROC (probe ranking)"] is None
+    assert saved["planted"].startswith("nothing")

@@ -40,3 +40,22 @@ def test_the_report_says_what_a_score_sums(tmp_path):
     doc = _doc(None)
     doc["config"]["discover"]["statistic"] = "surprise"
     assert "the chance that so many" in write_report(doc, tmp_path / "b").read_text()
+
+
+def test_a_run_without_its_images_folder_still_reports(tmp_path):
+    """The images folder is made for the score plot; a finding's missing PNGs are named, not broken links."""
+    doc = _doc(None)
+    doc["findings"][0]["images"] = {"centroid": "images/finding1_centroid.png", "grid": "images/finding1_grid.png"}
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "finding1_grid.png").write_bytes(b"png")
+    html = write_report(doc, tmp_path).read_text()
+    assert "<img src='images/finding1_grid.png'" in html
+    assert "<img src='images/finding1_centroid.png'" not in html and "images/finding1_centroid.png is missing" in html
+    clusters = [{"score": 5.0, "q_value": 0.02}, {"score": 1.0, "q_value": 0.9}]
+    html = write_report(doc, tmp_path / "fresh", clusters=clusters).read_text()
+    assert (tmp_path / "fresh" / "images" / "scores.png").is_file() and "images/scores.png" in html
+
+
+def test_summary_values_without_meaning_read_n_a(tmp_path):
+    html = write_report(_doc(None), tmp_path, summary={"top finding is planted class": None}).read_text()
+    assert "<th>top finding is planted class</th><td>n/a</td>" in html
