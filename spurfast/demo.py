@@ -20,10 +20,27 @@ log = logging.getLogger("spurfast")
 
 
 @torch.no_grad()
+@torch.no_grad()
 def spurious_score(model, clean, target_class: int, spec: PatternSpec, device="cpu", limit: int = 2000) -> float:
-    """Yang et al.'s spurious score, as used here: of held-out images of other classes
-    that the model classifies correctly, the fraction it calls ``target_class`` once the
-    pattern is stamped on them."""
+    """Yang, Chou & Chaudhuri's (2022) spurious score: the fraction of held-out images (of
+    every class) whose probability of ``target_class`` rises by more than 0.1 once the
+    pattern is stamped on them (their reference code: p_stamped - p_clean > 0.1, over the
+    whole test set).  ``limit``: at most this many images, the first in the source's order."""
+    x, _ = clean.get_batch(np.arange(min(len(clean), limit)))
+    if not len(x):
+        return float("nan")
+    xs, _ = apply_pattern(x, spec, seed=spec.seed + 99)
+    p0 = torch.softmax(model(x.to(device)).float(), 1)[:, target_class]
+    p1 = torch.softmax(model(xs.to(device)).float(), 1)[:, target_class]
+    return float(((p1 - p0) > 0.1).float().mean())
+
+
+@torch.no_grad()
+def flip_to_target_rate(model, clean, target_class: int, spec: PatternSpec, device="cpu", limit: int = 2000) -> float:
+    """Of held-out images of other classes that the model classifies correctly, the fraction
+    it *calls* ``target_class`` once the pattern is stamped on them (a stricter reading than
+    the spurious score: the argmax must move; reported as "spurious score" before the
+    eleventh session)."""
     y = clean.labels()
     idx = np.nonzero(y != target_class)[0][:limit]
     x, yy = clean.get_batch(idx)

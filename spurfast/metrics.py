@@ -131,13 +131,17 @@ def _finite(r):
     return r
 
 
-def feature_metrics(cands: list[dict], feat: Feature, ks=(10, 25)) -> dict:
-    """hit@1 and the best candidate's AUROC, AP, precision@k, mask IoU for one feature."""
+def feature_metrics(cands: list[dict], feat: Feature, ks=(10, 25), masks: bool = True) -> dict:
+    """hit@1 and the best candidate's AUROC, AP, precision@k, mask IoU for one feature.
+    Without a candidate, the scores of a random ranking and, for a method that extracts
+    masks (``masks``), IoU 0 where a planted mask exists: averaging over seeds must not
+    drop the seeds where nothing was found."""
     out = {"hit@1": hit_at_1(cands, feat)}
     prev = float(np.mean(feat.carries))
     i, ap = best_candidate(cands, feat)
     if i is None:
-        out.update({"auroc": 0.5, "ap": prev, **{f"precision@{k}": prev for k in ks}, "mask_iou": float("nan"),
+        iou = 0.0 if masks and feat.mask is not None and np.asarray(feat.mask).any() else float("nan")
+        out.update({"auroc": 0.5, "ap": prev, **{f"precision@{k}": prev for k in ks}, "mask_iou": iou,
                     "best_is_target_class": 0.0})
         return out
     r = _finite(cands[i]["ranking"])

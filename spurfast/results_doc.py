@@ -73,9 +73,10 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
            f"load average {timing['load_at_start']:.1f} at the start and {timing['load_at_end']:.1f} at the end "
            f"(the machine was shared)." if timing else ""), "",
           "Metrics per planted feature: mean ± sd over seeds. `best` = the method's finding whose pool ranking "
-          "has the highest average precision (spurfast: significant findings, q <= 0.1; baselines without a test: "
-          "their top 10 candidates). hit@1: the top finding is the planted class and enriched (>= 2x the pool's "
-          "carrier rate). A method with no finding counts as a random ranking.", ""]
+          "has the highest average precision, picked from its first 10 (spurfast: its 10 highest-ranked "
+          "significant findings, q <= 0.1; baselines without a test: their top 10 candidates), in any class. "
+          "hit@1: the top finding is the planted class and enriched (>= 2x the pool's carrier rate). A method "
+          "with no finding counts as a random ranking, and as mask IoU 0.", ""]
     L += _overview(rows, settings)
     metrics = ["hit@1", "auroc", "ap", "precision@10", "precision@25", "mask_iou"]
     for s in settings:
@@ -85,9 +86,11 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
         model = [r for r in rs if r["method"] == "model"]
         for feat in dict.fromkeys(r["feature"] for r in model if r["feature"] != "all"):
             ss = [r["value"] for r in model if r["feature"] == feat and r["metric"] == "spurious_score"]
+            called = [r["value"] for r in model if r["feature"] == feat and r["metric"] == "flip_to_target_rate"]
             fr = [r["value"] for r in model if r["feature"] == feat and r["metric"] == "pool_flip_rate"]
             L.append(f"- pattern {feat}: Yang's spurious score of the trained models {_agg(ss)} "
                      f"(per seed: {', '.join(f'{v:.2f}' for v in ss)})"
+                     + (f"; held-out images the stamp makes it call the class {_agg(called)}" if called else "")
                      + (f"; unrelated pool carriers predicted as its class {_agg(fr)}" if fr else ""))
         L.append("")
         feats = list(dict.fromkeys(r["feature"] for r in rs if r["method"] in methods and r["feature"] != "all"))
@@ -176,23 +179,29 @@ def _overview(rows, settings) -> list[str]:
         feats = dict.fromkeys(r["feature"] for r in rows if r["setting"] == s and r["metric"] == "ap")
         for f in feats:
             ss, _ = mean(s, "model", "spurious_score", f)
+            called, _ = mean(s, "model", "flip_to_target_rate", f)
             fr, _ = mean(s, "model", "pool_flip_rate", f)
             ap = {m: mean(s, m, "ap", f)[0] for m in METHODS}
             best, best_ap = _best_baseline(ap)
             _, hits = mean(s, "spurfast+confirm", "hit@1", f)
             rec, _ = mean(s, "spurfast", "recall@q0.1", "all")
-            out.append(f"| {s} | {f} | {ss:.2f} | {fr:.2f} | {ap['spurfast']:.3f} | {ap['spurfast+confirm']:.3f} | "
+            out.append(f"| {s} | {f} | {ss:.2f} | {called:.2f} | {fr:.2f} | {ap['spurfast']:.3f} | {ap['spurfast+confirm']:.3f} | "
                        + (f"{best} {best_ap:.3f}" if best else "–")
                        + f" | {int(sum(hits))}/{len(hits)} | {rec:.2f} |")
     if not out:
         return []
     return ["## Overview", "",
             "Per planted pattern, means over seeds. Spurious score: Yang et al.'s measure of how much the trained "
-            "model uses the pattern (0 = not at all). Pool flip: share of the unrelated pool images carrying it that "
-            "the model calls its class, the ceiling of any method that looks inside predicted classes. hit@1 counts "
-            "the seeds whose top confirmed finding is the planted class; recall over all patterns of the setting.",
-            "", "| setting | pattern | spurious score | pool flip | AP spurfast | AP spurfast+confirm | best baseline AP "
-            "| hit@1 (confirmed) | recall@q0.1 |", "|---|---|---|---|---|---|---|---|---|", *out, ""]
+            "model uses the pattern, the share of held-out images (every class) whose probability of the pattern's "
+            "class rises by more than 0.1 once it is stamped on them (a model that never saw the pattern can react "
+            "to the stamp too: see the clean model's). Called: the share of correctly classified held-out images of "
+            "other classes that the stamp makes the model call the pattern's class (the argmax moves; called "
+            "\"spurious score\" before the eleventh session). Pool flip: share of the unrelated pool images carrying "
+            "it that the model calls its class, the ceiling of any method that looks inside predicted classes. hit@1 "
+            "counts the seeds whose top confirmed finding is the planted class; recall over all patterns of the "
+            "setting.",
+            "", "| setting | pattern | spurious score | called | pool flip | AP spurfast | AP spurfast+confirm | "
+            "best baseline AP | hit@1 (confirmed) | recall@q0.1 |", "|---|---|---|---|---|---|---|---|---|---|", *out, ""]
 
 
 def _targets(rows, settings) -> list[str]:

@@ -137,13 +137,14 @@ def test_overview_row_from_hand_made_rows():
     rows = []
     for seed, (hit, rec) in enumerate([(1.0, 1.0), (0.0, 0.5)]):
         rows += [r("model", "spurious_score", 0.2 + 0.2 * seed, seed=seed), r("model", "pool_flip_rate", 0.4, seed=seed),
+                 r("model", "flip_to_target_rate", 0.1, seed=seed),
                  r("spurfast", "ap", 0.9, seed=seed), r("spurfast+confirm", "ap", 0.7 + 0.1 * seed, seed=seed),
                  r("pixels", "ap", 0.8, seed=seed), r("george", "ap", 0.85 - 0.1 * seed, seed=seed),
                  r("random", "ap", 0.1, seed=seed), r("spurfast+confirm", "hit@1", hit, seed=seed),
                  r("spurfast", "recall@q0.1", rec, feature="all", seed=seed)]
     lines = _overview(rows, ["patch3-n100"])
     assert lines[0] == "## Overview"
-    assert "| patch3-n100 | patch3 | 0.30 | 0.40 | 0.900 | 0.750 | pixels 0.800 | 1/2 | 0.75 |" in lines
+    assert "| patch3-n100 | patch3 | 0.30 | 0.10 | 0.40 | 0.900 | 0.750 | pixels 0.800 | 1/2 | 0.75 |" in lines
     assert _overview([r("model", "spurious_score", 0.0)], ["patch3-n100"]) == []   # no AP rows, no table
 
 
@@ -190,3 +191,26 @@ def test_confirmation_table_counts_verdicts(tmp_path):
     md = write_results(tmp_path / "results.csv", tmp_path / "confirm.csv", tmp_path / "RESULTS.md").read_text()
     assert "| s | 1 | true | 1.000 | 0.990 | 0.000 | 0 | 0 | 0 | 1 | 0 |" in md
     assert "| s | 5 | false | 0.264 | 0.006 | 0.260 | 2 | 1 | 1 | 0 | 1 |" in md
+
+
+def test_spurious_score_is_yangs_probability_rise_not_an_argmax_flip():
+    """Yang et al.'s score counts held-out images (every class) whose p(target) rises by
+    more than 0.1 with the pattern; the argmax need not move.  Here the patch lifts
+    p(class 2) from 0.11 to 0.35 while class 0 stays on top: score 1, flips 0."""
+    import torch
+
+    from spurfast.data import ArraySource
+    from spurfast.demo import flip_to_target_rate, spurious_score
+    from spurfast.plant import PatternSpec
+
+    class PatchReader(torch.nn.Module):
+        def forward(self, x):
+            s = x[:, 0, -4:, -4:].mean((1, 2)) * 16 / 9     # the 3x3 patch (margin 1) fills 9 of 16
+            return torch.stack([torch.full_like(s, 2.0), torch.zeros_like(s), 1.5 * s], 1)
+
+    clean = ArraySource(torch.zeros(20, 1, 12, 12), np.zeros(20, dtype=np.int64))
+    spec = PatternSpec("patch3")
+    assert spurious_score(PatchReader(), clean, 2, spec) == 1.0
+    assert flip_to_target_rate(PatchReader(), clean, 2, spec) == 0.0
+    weak = ArraySource(torch.zeros(20, 1, 12, 12), np.zeros(20, dtype=np.int64))
+    assert spurious_score(lambda x: PatchReader()(x) * 0.2, weak, 2, spec) == 0.0   # a rise of 0.07 only

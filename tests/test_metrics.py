@@ -107,6 +107,17 @@ def test_no_candidate_scores_as_random():
                  "precision@25": pytest.approx(0.1), "mask_iou": m["mask_iou"], "best_is_target_class": 0.0}
 
 
+def test_no_finding_scores_mask_iou_zero_where_a_mask_was_planted():
+    # a seed without a finding must not drop out of the mean IoU over seeds
+    f = _feat()
+    f.mask = np.zeros((4, 4), bool)
+    f.mask[1:3, 1:3] = True
+    assert feature_metrics([], f)["mask_iou"] == 0.0
+    assert np.isnan(feature_metrics([], f, masks=False)["mask_iou"])   # a method that extracts no mask
+    f.mask = None                                                      # no planted mask (background colour)
+    assert np.isnan(feature_metrics([], f)["mask_iou"])
+
+
 def test_unranked_items_rank_last():
     f = _feat()
     r = np.full(100, -np.inf)
