@@ -5,6 +5,9 @@ JPEG, a zero-byte .jpg, a text file named .jpg, a truncated PNG.  Unusual but go
 decode): grayscale JPEG, CMYK JPEG, PNG with alpha, a JPEG with trailing bytes after its
 end marker.  The DALI recovery path (a file that gets past the pre-check) is tested by
 switching the pre-check off, and the probe path by hiding the file name in DALI's error.
+Corrupt files with valid magic and end markers (bad PNG chunk CRCs, random bytes between
+JPEG markers) and images over PIL's pixel limit are caught by the shared PIL open+verify
+pre-check, identically in both loaders.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from PIL import Image
 from spurfast.data import folder as folder_mod
 from spurfast.data import loader_torch
 from spurfast.data.folder import ImageFolderSource, list_folder
-from spurfast.data.preprocess import check_image_file
+from spurfast.data.preprocess import PreprocessSpec, check_image_file, validate_image_file
 
 try:
     import nvidia.dali  # noqa: F401
@@ -95,8 +98,9 @@ def _loaders():
 def _run(which, paths, **kw):
     mod = loader_torch if which == "torch" else loader_dali
     extra = {"device": "cpu"} if which == "dali" else {}
+    kw.setdefault("num_threads", 2)
     bad = {}
-    batches = list(mod.iter_folder_batches(paths, size=SIZE, batch_size=5, num_threads=2,
+    batches = list(mod.iter_folder_batches(paths, size=SIZE, batch_size=5,
                                            bad_files=bad, **extra, **kw))
     idx = torch.cat([b[0] for b in batches])
     images = torch.cat([b[1] for b in batches])
@@ -325,3 +329,102 @@ def test_broken_top_level_link_keeps_the_class_folder_layout(tmp_path, caplog):
     (root / "top.png").write_bytes(_png_bytes(_picture(9, 20, 20)))
     paths, labels, names = list_folder(root)
     assert names is None and str(root / "thumb.png") in paths and set(labels) == {-1}
+
+
+# ------------------------------------------------------------ corrupt but well-framed files
+def _corrupt_files():
+    """name -> bytes: files whose magic and end marker are intact (the cheap check says
+    "ok"), so only PIL's open + verify tells the corrupt ones."""
+    import struct
+
+    from PIL import PngImagePlugin
+
+    arr = _picture(5)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "hello")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", pnginfo=info)
+    text = bytearray(buf.getvalue())
+    k = text.find(b"tEXt")
+    text[k + 4 + struct.unpack(">I", text[k - 4:k])[0]] ^= 0xFF  # the tEXt chunk's CRC
+    idat = bytearray(_png_bytes(arr))
+    k = idat.find(b"IDAT")
+    idat[k + 4 + struct.unpack(">I", idat[k - 4:k])[0]] ^= 0xFF  # the IDAT chunk's CRC
+    rng = np.random.default_rng(1)
+    # the reviewer's garbage JPEG: SOI + APP0 marker, random bytes, EOI.  In a large DALI
+    # batch it can kill the process (SIGSEGV in pipe.run()), so it must never get there.
+    garbage = b"\xff\xd8\xff\xe0" + bytes(rng.integers(0, 255, 500, dtype=np.uint8)) + b"\xff\xd9"
+    return {"a_good.jpg": _jpeg_bytes(arr), "b_text_bad_crc.png": bytes(text),
+            "c_idat_bad_crc.png": bytes(idat), "d_garbage.jpg": garbage, "e_good.png": _png_bytes(arr)}
+
+
+CORRUPT = {"b_text_bad_crc.png", "c_idat_bad_crc.png", "d_garbage.jpg"}
+
+
+@pytest.fixture(scope="module")
+def corrupt_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corrupt")
+    for name, data in _corrupt_files().items():
+        (root / name).write_bytes(data)
+    return list_folder(root)[0]
+
+
+def test_validate_image_file_catches_corrupt_files_the_cheap_check_passes(corrupt_folder):
+    for p in corrupt_folder:
+        name = p.rsplit("/", 1)[1]
+        assert check_image_file(p)[0] == "ok", name
+        verdict, reason = validate_image_file(p)
+        if name in CORRUPT:
+            assert verdict == "bad" and "rejected by PIL" in reason, (name, verdict, reason)
+        else:
+            assert (verdict, reason) == check_image_file(p), name
+
+
+@needs_dali
+def test_loaders_agree_on_corrupt_files_that_pass_the_cheap_check(corrupt_folder):
+    """Same ok flags and the same bad_files (keys and reasons) from both loaders; in DALI
+    the pre-check catches them, not the pipeline-rebuild recovery."""
+    paths = corrupt_folder
+    names = [p.rsplit("/", 1)[1] for p in paths]
+    # asserted first, so that a regression fails here rather than feed the garbage JPEG to DALI
+    pre = loader_dali._precheck(paths, np.arange(len(paths)), PreprocessSpec(SIZE))
+    assert {names[i] for i in pre} == CORRUPT
+    _, t_img, t_ok, t_bad = _run("torch", paths)
+    _, d_img, d_ok, d_bad = _run("dali", paths)
+    assert {names[i] for i in range(len(paths)) if not t_ok[i]} == CORRUPT
+    assert torch.equal(t_ok, d_ok)
+    assert t_bad == d_bad == pre
+    assert float(t_img[~t_ok].abs().max()) == 0.0 and float(d_img[~d_ok].abs().max()) == 0.0
+
+
+def _small_jpeg(path, h, w):
+    Image.fromarray(_picture(3, h, w)).save(path, quality=90)
+
+
+def test_validate_image_file_applies_pils_pixel_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL raises above 2 x this, warns above it
+    _small_jpeg(tmp_path / "small.jpg", 40, 40)  # 1600 px
+    _small_jpeg(tmp_path / "huge.jpg", 50, 50)   # 2500 px
+    with pytest.warns(Image.DecompressionBombWarning):
+        assert validate_image_file(str(tmp_path / "small.jpg")) == ("ok", "JPEG")
+    verdict, reason = validate_image_file(str(tmp_path / "huge.jpg"))
+    assert verdict == "bad" and "DecompressionBombError" in reason
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # no limit
+    assert validate_image_file(str(tmp_path / "huge.jpg")) == ("ok", "JPEG")
+
+
+@needs_dali
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_both_loaders_apply_the_same_pixel_limit(tmp_path, monkeypatch):
+    """One policy for huge images: over PIL's limit (2 x Image.MAX_IMAGE_PIXELS, ~179 MP
+    by default; lowered here to keep the files small) a file is bad in both loaders."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    _small_jpeg(tmp_path / "a_small.jpg", 40, 40)
+    _small_jpeg(tmp_path / "b_huge.jpg", 50, 50)
+    Image.fromarray(_picture(4, 45, 60)).save(tmp_path / "c_huge.png")
+    paths = list_folder(tmp_path)[0]
+    # num_threads=1: the torch loader decodes in this process, under the patched limit
+    _, _, t_ok, t_bad = _run("torch", paths, num_threads=1)
+    _, _, d_ok, d_bad = _run("dali", paths, num_threads=1)
+    assert t_ok.tolist() == d_ok.tolist() == [True, False, False]
+    assert t_bad == d_bad and all("DecompressionBombError" in r for r in t_bad.values())

@@ -10,6 +10,15 @@ JPEG 4:4:4/4:2:0 and PNG): away from the 1-pixel border at most 1/255 (uint8 rou
 on the border up to 21/255 (0.082); mean 0.13-0.17/255; >= 99.94% of values within one
 level.  Bounds: interior max 2/255, overall max 32/255, mean 0.5/255, 99.5% within one
 level.
+
+Which files are bad is decided for both loaders by one pre-check
+(``preprocess.validate_image_file``: PIL open + verify), so corrupt headers, PNG chunk
+CRCs and PIL's pixel limit give the same ok flags (tests/test_bad_files.py).  One known
+disagreement is left, because finding it takes a full decode: a JPEG whose entropy-coded
+*scan data* is damaged (headers intact).  PIL's decoder stops with "broken data stream"
+(torch: ok=False), DALI's libjpeg-turbo only warns ("Unsupported marker type") and
+returns an image with garbage blocks (DALI: ok=True).  Pinned by
+``test_known_difference_damaged_jpeg_scan`` (xfail, strict: it fails once they agree).
 """
 from __future__ import annotations
 
@@ -26,6 +35,8 @@ MAX_ABS = 32 / 255        # anywhere (border pixels: resampler edge handling)
 MAX_ABS_INNER = 2 / 255   # away from the outermost 1-pixel ring
 MEAN_ABS = 0.5 / 255
 WITHIN_ONE_LEVEL = 0.995
+# Not bounded by these numbers: ok flags on a JPEG with damaged scan data differ (torch
+# bad, DALI decodes it); see the module docstring and test_known_difference_damaged_jpeg_scan.
 
 SHAPES = [(375, 500), (500, 375), (333, 500), (480, 640), (256, 256), (120, 97), (40, 50), (64, 63), (301, 37)]
 
@@ -114,3 +125,25 @@ def test_exif_orientation_is_applied_by_both_loaders(tmp_path):
     for img in (t_img, d_img):
         assert float(img[1, 0, :3, :].mean()) > 0.8 and float(img[1, 1, :3, :].mean()) < 0.2, "red band on top"
         assert float(img[0, 0, :, :3].mean()) > 0.8, "plain copy keeps the band on the left"
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="known: damaged JPEG scan data -- PIL fails ('broken data stream'), "
+                          "DALI's libjpeg-turbo decodes with a warning; only a full decode tells")
+def test_known_difference_damaged_jpeg_scan(tmp_path):
+    rng = np.random.default_rng(5)
+    path = tmp_path / "scan_damaged.jpg"
+    Image.fromarray(_picture(rng, 60, 80)).save(path, quality=90)
+    buf = bytearray(path.read_bytes())
+    sos = buf.find(b"\xff\xda")
+    for k in range(sos + 200, sos + 240):  # inside the scan; never creates or breaks an 0xFF
+        if buf[k] != 0xFF and buf[k] ^ 0x5A != 0xFF:
+            buf[k] ^= 0x5A
+    path.write_bytes(bytes(buf))
+    paths = [str(path)]
+    bad = {}
+    _, _, t_ok = _load(loader_torch, paths, size=32, bad_files=bad)
+    _, _, d_ok = _load(loader_dali, paths, size=32, device="cpu")
+    if t_ok.tolist() != [False] or "broken data stream" not in bad.get(0, ""):
+        pytest.fail(f"the documented difference changed: torch ok={t_ok.tolist()}, {bad}")  # not an xfail
+    assert t_ok.tolist() == d_ok.tolist()

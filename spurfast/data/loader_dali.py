@@ -25,13 +25,17 @@ a torch run shard, resume (``start``) and order identically.
 
 Bad files.  DALI 2.4 fails the whole pipeline on a truncated JPEG, a zero-byte file or a
 non-image with an image name ("Critical error in pipeline"), and the pipeline is then
-unusable.  So (1) every piece of files passes ``preprocess.check_image_file`` in a
-background thread before it enters a pipeline (bad: empty, unreadable, neither JPEG nor
-PNG; suspect: no end marker, decided by a full PIL decode); (2) if a pipeline still
-fails, the offending file is taken from DALI's error message (it names the path), or, if
-it does not, found by decoding the in-flight files one by one in a synchronous probe
-pipeline; it is marked bad, and a new pipeline resumes at the first sample not yet
-yielded.  A failure no single file reproduces is raised, not swallowed.
+unusable; worse, some corrupt JPEG headers crash the process inside ``pipe.run()``
+(SIGSEGV, nondeterministic), which no recovery can catch.  So (1) every piece of files
+passes ``preprocess.validate_image_file`` (the torch loader's own check) in a background
+thread before it enters a pipeline (bad: empty, unreadable, neither JPEG nor PNG, PIL
+cannot open or verify it -- bad headers, PNG chunk CRCs --, over PIL's pixel limit;
+suspect: no end marker, decided by a full PIL decode); (2) as a last resort, if a
+pipeline still fails (a file PIL accepts but DALI's decoder rejects), the offending file
+is taken from DALI's error message (it names the path), or, if it does not, found by
+decoding the in-flight files one by one in a synchronous probe pipeline; it is marked
+bad, and a new pipeline resumes at the first sample not yet yielded.  A failure no single
+file reproduces is raised, not swallowed.
 
 In-memory arrays stay on the torch path (``loader_torch.iter_batches`` slices them).
 They are already decoded and usually small (MNIST-like); the work left per batch is one
@@ -55,8 +59,8 @@ import numpy as np
 import torch
 
 from .folder import select_indices
-from .preprocess import (GRAY_SHIFT, GRAY_WEIGHTS, PreprocessSpec, check_image_file, describe_error,
-                         load_image_uint8, output_dtype, uint8_to)
+from .preprocess import (GRAY_SHIFT, GRAY_WEIGHTS, PreprocessSpec, describe_error, load_image_uint8,
+                         output_dtype, uint8_to, validate_image_file)
 
 log = logging.getLogger("spurfast.data")
 
@@ -220,11 +224,12 @@ def _labels_of(tl) -> np.ndarray:
 
 
 def _precheck(paths: Sequence[str], chunk: np.ndarray, spec: PreprocessSpec) -> dict[int, str]:
-    """Bad files of one chunk: the cheap header/end-marker check, and a full PIL decode
-    of the suspects (to tell a truncated file from one with trailing bytes)."""
+    """Bad files of one chunk: ``preprocess.validate_image_file`` (the torch loader's
+    check: header/end marker, PIL open + verify, PIL's pixel limit), and a full PIL
+    decode of the suspects (to tell a truncated file from one with trailing bytes)."""
     bad = {}
     for i in chunk.tolist():
-        verdict, detail = check_image_file(paths[i])
+        verdict, detail = validate_image_file(paths[i])
         if verdict == "bad":
             bad[i] = detail
         elif verdict == "suspect":

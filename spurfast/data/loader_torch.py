@@ -54,7 +54,7 @@ def iter_folder_batches(paths, *, size: int, channels: int = 3, batch_size: int 
     order, ``batch_size`` per batch (the last one may be smaller).  ``num_threads``
     DataLoader worker processes (0 or 1: decode in this process).  ``dtype``: uint8
     (0..255) or float32/float16/bfloat16 in [0, 1].  A bad file (see
-    ``preprocess.check_image_file``; anything PIL cannot decode) yields a zero image with
+    ``preprocess.validate_image_file``; anything PIL cannot decode) yields a zero image with
     ok=False, and its reason goes into ``bad_files`` (pool index -> reason) when given."""
     spec = PreprocessSpec(size, channels)
     dtype = output_dtype(dtype)
