@@ -233,7 +233,7 @@ def cmd_train_vae(args):
 
 
 def cmd_discover(args):
-    from .models.classifier import check_output_width, load_classifier
+    from .models.classifier import check_output_width, load_classifier, output_width
     from .models.train import load_vae
     from .pipeline import run_discovery
     check_device(args.device)
@@ -248,11 +248,11 @@ def cmd_discover(args):
     n_classes = args.num_classes or (len(pool.class_names) if pool.class_names else None)
     if n_classes is None:
         raise ValueError(f"pool {args.pool} is unlabelled: pass --num-classes (the classifier's number of classes)")
+    named = dict(name=f"classifier {args.classifier}", pool=f"pool {args.pool}")
     if not args.class_names and _labelled_folder(pool):
-        # the classifier's classes: --num-classes, else its output width (checked just below)
-        check_labelled_folder(pool, args.num_classes or _output_width(clf, pool.image_shape) or n_classes,
-                              "pool", args.pool)
-    check_output_width(clf, pool.image_shape, n_classes, name=f"classifier {args.classifier}", pool=f"pool {args.pool}")
+        # the classifier's classes: --num-classes, else its output width
+        check_labelled_folder(pool, args.num_classes or output_width(clf, pool.image_shape, **named), "pool", args.pool)
+    check_output_width(clf, pool.image_shape, n_classes, **named)
     vae = load_vae(args.vae, weights_only=not args.unsafe_load)
     vae_shape = (vae.config.in_channels, vae.config.image_size, vae.config.image_size)
     if vae_shape != tuple(pool.image_shape):
@@ -284,18 +284,6 @@ def cmd_discover(args):
     if doc is not None:  # rank 0 (or the only process) wrote the report
         print(f"{len(doc['findings'])} findings{_verdict_counts(doc['findings'])}; "
               f"report: {Path(args.out) / 'report.html'}")
-
-
-def _output_width(clf, image_shape) -> int | None:
-    """The classifier's number of outputs for one image; None if it cannot run on it
-    (check_output_width then says why)."""
-    import torch
-    try:
-        with torch.no_grad():
-            out = clf(torch.zeros((1,) + tuple(image_shape)))
-    except (RuntimeError, ValueError):
-        return None
-    return int(out.shape[1]) if out.dim() == 2 else None
 
 
 def load_suspect(path, n: int, pool_name) -> np.ndarray:

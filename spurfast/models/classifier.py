@@ -134,10 +134,9 @@ def classifier_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
     return logits, logits
 
 
-def check_output_width(model: nn.Module, image_shape, num_classes: int, *, name: str = "classifier",
-                       pool: str = "the pool") -> None:
-    """Fail early, naming both shapes, when the model was built for other images than
-    ``image_shape`` or its output width does not match the number of classes."""
+def output_width(model: nn.Module, image_shape, *, name: str = "classifier", pool: str = "the pool") -> int:
+    """The model's number of outputs for one image of ``image_shape``; fails early, naming
+    both shapes, when the model was built for other images or cannot run on them."""
     shape = tuple(int(s) for s in image_shape)
     arch = getattr(model, "arch", None)
     if isinstance(arch, dict) and {"in_channels", "image_size"} <= set(arch):
@@ -152,8 +151,17 @@ def check_output_width(model: nn.Module, image_shape, num_classes: int, *, name:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ValueError(f"{name} cannot run on images of shape {_fmt(shape)} (CxHxW) from {pool}: "
                              f"{first}") from None
-    if out.dim() != 2 or out.shape[1] != num_classes:
-        raise ValueError(f"classifier outputs shape {tuple(out.shape)} for one image; expected (1, {num_classes}) "
+    if out.dim() != 2:
+        raise ValueError(f"{name} outputs shape {tuple(out.shape)} for one image; expected (1, classes)")
+    return int(out.shape[1])
+
+
+def check_output_width(model: nn.Module, image_shape, num_classes: int, *, name: str = "classifier",
+                       pool: str = "the pool") -> None:
+    """:func:`output_width`, which must match the number of classes."""
+    width = output_width(model, image_shape, name=name, pool=pool)
+    if width != num_classes:
+        raise ValueError(f"classifier outputs shape (1, {width}) for one image; expected (1, {num_classes}) "
                          f"to match {num_classes} classes")
 
 
