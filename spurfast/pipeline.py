@@ -204,10 +204,11 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     ``protect``: more paths this run reads (model files, ...) that ``overwrite`` must not
     delete; the pool's and the clean set's own files are always protected."""
     config = config or DiscoverConfig()
+    identity = (fingerprint(pool, classifier, vae), content_digest(pool))   # the store's too
     earlier_ids = []
     if run_id is None:
-        fp, settings = fingerprint(pool, classifier, vae), json.dumps(asdict(config), sort_keys=True)
-        run_id = _digest(fp + content_digest(pool) + settings)
+        fp, settings = identity[0], json.dumps(asdict(config), sort_keys=True)
+        run_id = _digest(fp + identity[1] + settings)
         # this run's ids under earlier versions: with a sampled content digest or none, and
         # folder pools' item ids spelled as paths
         earlier = legacy_identities(pool, classifier, vae)
@@ -227,7 +228,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     out = dist.run_on_main(prepare_output, out_dir, run_id, overwrite, protect, earlier_ids)
     store = dist.embed_pool_sharded(pool, classifier, vae, out / "store", num_classes=num_classes,
                                     batch_size=batch_size, device=config.device, encoder_backend=encoder_backend,
-                                    loader_backend=loader_backend, progress=progress)
+                                    loader_backend=loader_backend, progress=progress, identity=identity)
     if not dist.is_main():
         dist.serve_main_section()
         return None, None, store
