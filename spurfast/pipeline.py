@@ -81,26 +81,27 @@ def _inside(out: Path, paths) -> str | None:
     return None
 
 
+def _sources(source):
+    """``source`` and, recursively, the sources it wraps (ConcatSource parts, SubsetSource base)."""
+    yield source
+    for part in list(getattr(source, "parts", None) or []) + [getattr(source, "base", None)]:
+        if isinstance(part, ImageSource):
+            yield from _sources(part)
+
+
 def _folder_inside(out_dir, source) -> str | None:
     """The image folder of ``source`` (or of one of its parts) that ``out_dir`` lies in."""
-    if source is None:
-        return None
-    root = getattr(source, "root", None)
-    if isinstance(root, (str, Path)) and _inside(Path(root), [out_dir]):
-        return str(root)
-    parts = list(getattr(source, "parts", None) or []) + [getattr(source, "base", None)]
-    return next((r for r in (_folder_inside(out_dir, p) for p in parts if isinstance(p, ImageSource)) if r), None)
+    roots = [getattr(s, "root", None) for s in _sources(source)] if source is not None else []
+    return next((str(r) for r in roots if isinstance(r, (str, Path)) and _inside(Path(r), [out_dir])), None)
 
 
 def source_paths(source) -> list[str]:
     """Files and folders an ImageSource reads from (folder root, .npz path, of every part),
     then its class folders and image files: a symlinked class folder or image may live
     elsewhere (inside an old run's output directory, say) than its root."""
-    found = [getattr(source, a) for a in ("root", "path") if isinstance(getattr(source, a, None), (str, Path))]
-    for part in list(getattr(source, "parts", None) or []) + [getattr(source, "base", None)]:
-        if isinstance(part, ImageSource):
-            found += source_paths(part)
-    files = getattr(source, "paths", None) or []
+    parts = list(_sources(source))
+    found = [getattr(s, a) for s in parts for a in ("root", "path") if isinstance(getattr(s, a, None), (str, Path))]
+    files = [f for s in parts for f in (getattr(s, "paths", None) or [])]
     found += dict.fromkeys(os.path.dirname(f) for f in files)   # few, and resolved first
     return [str(p) for p in found] + [str(f) for f in files]
 
