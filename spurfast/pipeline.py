@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -141,6 +142,8 @@ def make_planted_data(dataset: str = "auto", *, target_class: int = 3, n_poisone
     of the *other* classes (a ``pool_fraction`` of them stamped) plus ``n_suspect`` training
     images (the suspect data, with whatever was planted in them)."""
     spec = spec or PatternSpec("patch3", seed=seed)
+    if not (str(n_poisoned) == "all" or re.fullmatch(r"[0-9]+", str(n_poisoned))):
+        raise ValueError(f"n_poisoned: expected an integer >= 0 or 'all', got {n_poisoned!r}")
     if dataset == "auto":
         dataset = "fashion-mnist" if find_fashion_mnist(fashion_root) else "digits"
         if dataset == "digits":

@@ -36,3 +36,12 @@ def test_a_vae_for_other_images_is_refused_before_any_work(tmp_path):
         run_discovery(pool, SmallCNN(1, 2, 28), VAE(VAEConfig.for_images(1, 28, 4)), tmp_path / "o", num_classes=2,
                       progress=False)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("value", ["abc", "-3", "1.5", True, ""])
+def test_make_planted_data_refuses_a_bad_n_poisoned_before_loading(value, monkeypatch):
+    # API users (run_demo, make_planted_data) get the CLI's message, not int()'s
+    import spurfast.pipeline as P
+    monkeypatch.setattr(P, "load_digits", lambda *a, **k: pytest.fail("data loaded before the check"))
+    with pytest.raises(ValueError, match="n_poisoned: expected an integer >= 0 or 'all'"):
+        P.make_planted_data("digits", n_poisoned=value)
