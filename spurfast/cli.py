@@ -141,6 +141,9 @@ def check_device(device: str) -> None:
         raise ValueError(f"--device {device!r} is not a torch device; expected e.g. cpu, cuda or cuda:1") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device} asks for CUDA, but torch sees no CUDA device here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s) here, "
+                         f"numbered from 0 (CUDA_VISIBLE_DEVICES renumbers them)")
 
 
 def check_backends(device: str, **named) -> None:
@@ -241,6 +244,10 @@ def cmd_discover(args):
                    encoder_backend=(args.encoder_backend, ("encoder",)),
                    # only folder pools go through a loader backend
                    **({"loader_backend": (args.loader_backend, ("loader",))} if Path(args.pool).is_dir() else {}))
+    if args.loader_backend not in (None, "auto") and not Path(args.pool).is_dir():
+        logging.getLogger("spurfast.cli").warning(
+            "--loader-backend %s has no effect: pool %s holds arrays, which no loader decodes",
+            args.loader_backend, args.pool)
     pool, extra = load_pool(args.pool, args.size, args.channels, args.class_names)
     clf = load_classifier(args.classifier, arch=args.arch, in_channels=pool.image_shape[0],
                           num_classes=args.num_classes, image_size=pool.image_shape[1],

@@ -487,3 +487,29 @@ def test_n_poisoned_accepts_counts_and_all():
     assert parse(["plant", "--out", "o", "--n-poisoned", "all"]).n_poisoned == "all"
     assert parse(["plant", "--out", "o", "--n-poisoned", "0"]).n_poisoned == "0"
     assert parse(["demo"]).n_poisoned == "600"
+
+
+def test_a_cuda_index_past_the_visible_gpus_is_refused_up_front(monkeypatch):
+    # cuda:3 on a one-GPU machine failed deep inside the first transfer
+    from spurfast.cli import check_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    check_device("cuda")
+    check_device("cuda:0")
+    with pytest.raises(ValueError, match=r"--device cuda:3: torch sees 1 CUDA device\(s\)"):
+        check_device("cuda:3")
+
+
+def test_loader_backend_on_an_array_pool_says_it_has_no_effect(tmp_path, caplog):
+    class Const(torch.nn.Module):
+        def forward(self, x):
+            return x.new_zeros(x.shape[0], 10)
+
+    torch.jit.save(torch.jit.script(Const()), tmp_path / "const.pt")
+    _, vae = _models(tmp_path)
+    pool = _npz(tmp_path / "wide.npz", np.zeros((12, 1, 28, 32), np.uint8))  # the VAE check stops it before work
+    with caplog.at_level("WARNING", logger="spurfast.cli"):
+        assert main(["discover", "--pool", pool, "--classifier", str(tmp_path / "const.pt"), "--vae", vae,
+                     "--out", str(tmp_path / "o"), "--quiet", "--loader-backend", "torch"]) == 2
+    assert any("--loader-backend torch has no effect" in r.getMessage() and "wide.npz" in r.getMessage()
+               for r in caplog.records), caplog.text
