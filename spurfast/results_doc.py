@@ -76,9 +76,11 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
           "has the highest average precision, picked from its first 10 (spurfast: its 10 highest-ranked "
           "significant findings, q <= 0.1; baselines without a test: their top 10 candidates), in any class. "
           "hit@1: the top finding is the planted class and enriched (>= 2x the pool's carrier rate). A method "
-          "with no finding counts as a random ranking, and as mask IoU 0.", ""]
+          "with no finding counts as a random ranking, and as mask IoU 0. `best in target class`: the share of "
+          "seeds whose best finding lies in the pattern's class (a best finding elsewhere is usually the model's "
+          "reaction to the pool's stamp in another class).", ""]
     L += _overview(rows, settings)
-    metrics = ["hit@1", "auroc", "ap", "precision@10", "precision@25", "mask_iou"]
+    metrics = ["hit@1", "auroc", "ap", "precision@10", "precision@25", "mask_iou", "best_is_target_class"]
     for s in settings:
         rs = [r for r in rows if r["setting"] == s]
         seeds = sorted({r["seed"] for r in rs})
@@ -95,7 +97,8 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
         L.append("")
         feats = list(dict.fromkeys(r["feature"] for r in rs if r["method"] in methods and r["feature"] != "all"))
         if feats:
-            L += ["| feature | method | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 2)]
+            heads = [{"best_is_target_class": "best in target class"}.get(k, k) for k in metrics]
+            L += ["| feature | method | " + " | ".join(heads) + " |", "|" + "---|" * (len(metrics) + 2)]
             for feat in feats:
                 for m in methods:
                     vals = [_agg([r["value"] for r in rs if r["method"] == m and r["feature"] == feat and r["metric"] == k])
