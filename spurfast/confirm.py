@@ -187,7 +187,10 @@ def confirm_verdict(cf: dict | None, level: float = 0.05) -> str | None:
         return "confirmed" if cf.get("q_value") is None or cf["q_value"] <= level else "weak"
     if random_ok:
         return "class_content"
-    return "not_specific" if content_ok else "no_effect"
+    # "random patterns move it as often" needs both to move it: 0 vs 0 is no effect (and
+    # without a content control, content_ok alone says nothing)
+    moved = cf["flip_rate"] > 0 and cf["control_flip_rate"] > 0
+    return "not_specific" if content_ok and moved else "no_effect"
 
 
 def is_confirmed(cf: dict | None, level: float = 0.05) -> bool:

@@ -318,6 +318,11 @@ def test_most_like_pattern_keeps_the_top_fraction_by_projection():
      "class_content"),
     ({"flip_rate": 0.02, "control_flip_rate": 0.02, "p_value": 0.6, "content_flip_rate": 0.03, "content_p_value": 0.8},
      "no_effect"),
+    # nothing moves the model, and no content control ran (a clean set of other classes only):
+    # not "random patterns move it as often", which ranked such a finding above real effects
+    ({"flip_rate": 0.0, "control_flip_rate": 0.0, "p_value": 1.0}, "no_effect"),
+    ({"flip_rate": 0.0, "control_flip_rate": 0.3, "p_value": 1.0}, "no_effect"),
+    ({"flip_rate": 0.05, "control_flip_rate": 0.0, "p_value": 0.25}, "no_effect"),
     # beats both at 0.05, but not after Benjamini-Hochberg over the run's findings
     ({"flip_rate": 0.3, "control_flip_rate": 0.1, "p_value": 0.01, "content_flip_rate": 0.2, "content_p_value": 0.03,
       "q_value": 0.09}, "weak"),
