@@ -221,6 +221,13 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     if cfg is not None and tuple(pool.image_shape) != (cfg.in_channels, cfg.image_size, cfg.image_size):
         raise ValueError(f"the VAE expects {cfg.in_channels}x{cfg.image_size}x{cfg.image_size} images (CxHxW), "
                          f"the pool ({pool.name}) has {'x'.join(map(str, pool.image_shape))}")
+    if clean is not None and confirm:   # confirmation comes last: refuse a bad clean set before any work
+        if len(clean) == 0:
+            raise ValueError(f"clean set {clean.name} is empty; pass clean images of other classes, "
+                             f"or none (confirmation then uses pool images)")
+        if tuple(clean.image_shape) != tuple(pool.image_shape):
+            raise ValueError(f"clean set {clean.name} has images of shape {'x'.join(map(str, clean.image_shape))} "
+                             f"(CxHxW), the pool ({pool.name}) has {'x'.join(map(str, pool.image_shape))}")
     for src in (pool, clean):
         root = _folder_inside(out_dir, src)
         if root is not None:   # its report images would be pool images the next time round

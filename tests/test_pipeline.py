@@ -45,3 +45,17 @@ def test_make_planted_data_refuses_a_bad_n_poisoned_before_loading(value, monkey
     monkeypatch.setattr(P, "load_digits", lambda *a, **k: pytest.fail("data loaded before the check"))
     with pytest.raises(ValueError, match="n_poisoned: expected an integer >= 0 or 'all'"):
         P.make_planted_data("digits", n_poisoned=value)
+
+
+@pytest.mark.parametrize("case", ["empty", "shape"])
+def test_a_bad_clean_set_is_refused_before_any_work(tmp_path, case):
+    # it was refused by confirmation, after the embedding pass and discovery, with no findings.json
+    torch.manual_seed(0)
+    pool = ArraySource(torch.rand(12, 1, 16, 16), np.arange(12) % 2, name="pool")
+    clean = ArraySource(torch.rand(0 if case == "empty" else 5, 1, 16 if case == "empty" else 20, 16),
+                        np.zeros(0 if case == "empty" else 5, int), name="clean-set")
+    want = "clean set clean-set is empty" if case == "empty" else r"clean set clean-set has images of shape 1x20x16"
+    with pytest.raises(ValueError, match=want):
+        run_discovery(pool, SmallCNN(1, 2, 16), VAE(VAEConfig.for_images(1, 16, 4)), tmp_path / "run", num_classes=2,
+                      clean=clean, progress=False)
+    assert not (tmp_path / "run").exists()
