@@ -104,14 +104,15 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
         summary.update({"top finding class": top["class"],
                         "top finding is planted class": top["class"] == target_class if planted else None,
                         "AUROC (membership)": round(au_m, 3), "AUROC (probe ranking)": round(au_r, 3),
-                        "pattern IoU": round(iou, 3)})
+                        "pattern IoU": round(iou, 3) if planted else None})
         if top.get("confirm"):
             summary["top finding flip rate (control)"] = (f"{top['confirm']['flip_rate']:.3f} "
                                                           f"({top['confirm']['control_flip_rate']:.3f})")
             summary["top finding confirmation"] = top["confirm"].get("verdict")
-    write_report(doc, out, clusters=result.clusters, bad_files=read_bad_files(out), summary=summary)
-    # NaN (e.g. an AUROC with no pattern-bearing pool image) is not JSON: null instead
+    # NaN (e.g. an AUROC with no pattern-bearing pool image) is not JSON: null instead, which
+    # the report shows as n/a, as `spurfast report` does when it redraws the run
     finite = {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in summary.items()}
+    write_report(doc, out, clusters=result.clusters, bad_files=read_bad_files(out), summary=finite)
     (out / "summary.json").write_text(json.dumps(finite, indent=1, default=str, allow_nan=False))
     print("[demo] " + "; ".join(f"{k}: {v}" for k, v in summary.items()), flush=True)
     print(f"[demo] report: {out / 'report.html'}", flush=True)

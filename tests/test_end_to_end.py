@@ -65,3 +65,6 @@ def test_demo_without_a_planted_pattern_writes_valid_json(tmp_path):
     assert summary["findings"] > 0, "the test needs a finding (fdr 0.9)"
     assert saved["top finding is planted class"] is None and saved["AUROC (probe ranking)"] is None
     assert saved["planted"].startswith("nothing")
+    assert saved["pattern IoU"] is None     # no planted mask to compare with
+    report = (tmp_path / "report.html").read_text()
+    assert "nan" not in report.lower().replace("nan-", ""), "the report shows nan where summary.json has null"
