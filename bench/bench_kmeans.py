@@ -8,7 +8,7 @@ Providers
                   one per arithmetic variant (TRITON_VARIANTS); vs flash-kmeans also as
                   triton-fast (flash-kmeans' own arithmetic: one TF32 product, fp16 centroids)
   cpu             the fused CPU kernels (spurfast.kernels.kmeans_cpu, AVX2), CPU only; one
-                  pass per step (kmeans_assign_update: x read once, not twice as counted below)
+                  pass per step (kmeans_assign_update: x read once)
   torch           the reference (spurfast.kernels.reference), CPU and GPU
   torch-loop      the reference called once per group from Python (what batching replaces)
   faiss-cpu       faiss.Kmeans on all points (one group only), CPU
@@ -21,8 +21,11 @@ is timed directly as one step, and (for the side-by-side rows) by the same diffe
 spurfast.cluster.batched_kmeans, so loop overhead is included in the comparison.  All CPU
 providers use the same thread count (torch.get_num_threads()).
 
-Counted per iteration: FLOPs = 2 N k d (distances) + N d (sums); bytes = x read twice
-(assign, update) + centroids read + assign/dist written (int64 + fp32).
+Counted per iteration: FLOPs = 2 N k d (distances) + N d (sums); bytes (see step_bytes)
+only where the provider's traffic is known: x read twice (torch, torch-loop, cupy: assign,
+then update) or once (cpu: fused), + centroids read + assign/dist written (int64 + fp32).
+The *-fit providers re-read only the points that moved and the peers' traffic is their
+own, so their rows carry no GB/s.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import sys
 import numpy as np
 import torch
 
-from .harness import device_name, measure
+from .harness import device_name, measure, read_peak, reset_peak, spread
 
 OP = "kmeans_iter"
 DIFF_ITERS = 5   # R in the differencing above
@@ -89,9 +92,23 @@ def make_data(N: int, d: int, k: int, G: int, device, seed: int = 0, dtype=torch
 
 
 def counts(N, d, k, G, elt=4):
-    flops = 2.0 * N * k * d + N * d
-    bytes_moved = 2.0 * N * d * elt + G * k * d * 4 + N * 12
-    return flops, bytes_moved
+    """(FLOPs, bytes) of one step that reads x twice (assign, then update)."""
+    return 2.0 * N * k * d + N * d, step_bytes("torch", N, d, k, G, elt)
+
+
+# passes over x per Lloyd step, where known: the reference and the CuPy kernels assign and
+# update in two calls; the fused CPU kernel reads x once
+_X_READS = {"torch": 2, "torch-loop": 2, "cupy": 2, "cpu": 1}
+
+
+def step_bytes(provider, N, d, k, G, elt=4):
+    """Bytes one step moves: reads * N d elt (x) + G k d 4 (centroids) + N 12 (assign int64
+    and dist fp32 written); None where unknown (*-fit: only moved points are re-read; the
+    peers' own traffic), so no GB/s row is written rather than an overstated one."""
+    reads = _X_READS.get(provider)
+    if reads is None:
+        return None
+    return reads * N * d * elt + G * k * d * 4 + N * 12
 
 
 # ----------------------------------------------------------------------------- steps
@@ -148,7 +165,7 @@ def _diff_time(fit, device, reps):
     per = max(many["median_s"] - one["median_s"], 1e-9) / DIFF_ITERS
     spread = max(many["p80_s"] - many["p20_s"], 0.0) / DIFF_ITERS
     return {"median_s": per, "p20_s": max(per - spread / 2, 0.0), "p80_s": per + spread / 2,
-            "peak_bytes": many["peak_bytes"], "reps": many["reps"]}
+            "peak_bytes": many["peak_bytes"], "peak_source": many["peak_source"], "reps": many["reps"]}
 
 
 def _interleaved(entries: dict, device, reps: int) -> dict:
@@ -159,35 +176,44 @@ def _interleaved(entries: dict, device, reps: int) -> dict:
     import statistics
     import time
 
-    def timed(fn):
+    cuda = torch.device(device).type == "cuda"
+    peaks = {name: 0 for name in entries}
+    source = None
+
+    def timed(name, fn):
+        nonlocal source
+        source = reset_peak(device)   # per call, outside the timed span: this provider's own peak
         t0 = time.perf_counter()
         fn()
-        if torch.device(device).type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        peaks[name] = max(peaks[name], read_peak(device, source))
+        return dt
 
     samples = {name: ([], []) for name in entries}
     for name, (kind, fn) in entries.items():            # warm-up
         (fn() if kind == "step" else (fn(1), fn(1 + DIFF_ITERS)))
+    if cuda:   # the warm-up's queued kernels must not land in the first timed sample
+        torch.cuda.synchronize()
     for _ in range(reps):
         for name, (kind, fn) in entries.items():
             if kind == "step":
-                samples[name][0].append(timed(fn))
+                samples[name][0].append(timed(name, fn))
             else:
-                samples[name][0].append(timed(lambda: fn(1)))
-                samples[name][1].append(timed(lambda: fn(1 + DIFF_ITERS)))
+                samples[name][0].append(timed(name, lambda: fn(1)))
+                samples[name][1].append(timed(name, lambda: fn(1 + DIFF_ITERS)))
     out = {}
     for name, (kind, _) in entries.items():
         a, b = samples[name]
         if kind == "step":
-            q = statistics.quantiles(a, n=5)
-            out[name] = {"median_s": statistics.median(a), "p20_s": q[0], "p80_s": q[3]}
+            p20, p80 = spread(a)
+            out[name] = {"median_s": statistics.median(a), "p20_s": p20, "p80_s": p80}
         else:
             med = (statistics.median(b) - statistics.median(a)) / DIFF_ITERS
-            per = sorted((bb - aa) / DIFF_ITERS for aa, bb in zip(a, b))
-            q = statistics.quantiles(per, n=5)
-            out[name] = {"median_s": max(med, 1e-9), "p20_s": q[0], "p80_s": q[3]}
-        out[name].update(peak_bytes=0, reps=reps)
+            p20, p80 = spread([(bb - aa) / DIFF_ITERS for aa, bb in zip(a, b)])
+            out[name] = {"median_s": max(med, 1e-9), "p20_s": p20, "p80_s": p80}
+        out[name].update(peak_bytes=peaks[name], peak_source=source, reps=reps)
     return out
 
 
@@ -358,13 +384,14 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
     for cfg in _configs(quick, dev):
         N, d, k, G = cfg["N"], cfg["d"], cfg["k"], cfg["G"]
         config = dict(N=N, d=d, k=k, groups=G, dtype="fp32", threads=threads)
-        flops, nbytes = counts(N, d, k, G)
+        flops = counts(N, d, k, G)[0]
         x, off, cent, kpg = make_data(N, d, k, G, dev)
         results = {}
 
         def record(provider, stats, dv=dev, dn=devname):
             results[provider] = stats["median_s"]
-            writer.add_timing(OP, provider, config, stats, dn, items=N, bytes_moved=nbytes, flops=flops)
+            writer.add_timing(OP, provider, config, stats, dn, items=N,
+                              bytes_moved=step_bytes(provider, N, d, k, G), flops=flops)
 
         if cfg.get("side_by_side"):
             # ours and its peers timed round-robin in one run (see _interleaved)
@@ -397,7 +424,7 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
                 st = measure(_step_fn(kc, xh, off, cent, kpg), device=dev, reps=reps)
                 results[f"cupy-{name}"] = st["median_s"]
                 writer.add_timing(OP, "cupy", dict(config, dtype=name), st, devname, items=N,
-                                  bytes_moved=counts(N, d, k, G, elt=2)[1], flops=flops)
+                                  bytes_moved=step_bytes("cupy", N, d, k, G, elt=2), flops=flops)
                 ast = measure(lambda: kc.kmeans_assign(xh, off, cent, kpg), device=dev, reps=reps)
                 writer.add_timing("kmeans_assign", "cupy", dict(config, dtype=name), ast, devname, items=N,
                                   bytes_moved=N * d * 2 + G * k * d * 4 + N * 12, flops=2.0 * N * k * d)

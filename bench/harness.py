@@ -4,6 +4,13 @@ Columns: date, op, provider, config (k=v;... string), metric, value, unit, devic
 versions.  Timing rows carry metric = median_s / p20_s / p80_s; derived rows carry
 throughput (items_per_s), achieved GB/s and TFLOP/s from bytes and FLOPs the caller
 counts explicitly, and peak memory in bytes.
+
+Peak memory covers the timed repetitions only: on a GPU max_memory_allocated after
+reset_peak_memory_stats; on a CPU the process's peak RSS (VmHWM) after resetting it to the
+current RSS (Linux: "5" into /proc/self/clear_refs), so it includes what the process held
+before.  Where that reset is unavailable the row falls back to ru_maxrss, the high-water
+mark of the whole process (never lowered: later rows inherit earlier peaks); such rows
+are written as metric ``peak_memory_process_max`` instead of ``peak_memory``.
 """
 from __future__ import annotations
 
@@ -46,18 +53,58 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _vmhwm_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak(device) -> str:
+    """Start a peak-memory window; returns the source ``read_peak`` will use: "cuda",
+    "vmhwm" (CPU, Linux) or "ru_maxrss" (CPU fallback: the process's lifetime peak)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        return "cuda"
+    try:  # Linux: resets VmHWM to the current RSS (ru_maxrss cannot be reset)
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return "ru_maxrss"
+    return "vmhwm" if _vmhwm_bytes() is not None else "ru_maxrss"
+
+
+def read_peak(device, source: str) -> int:
+    """Peak bytes since ``reset_peak`` returned ``source``."""
+    if source == "cuda":
+        return torch.cuda.max_memory_allocated(torch.device(device))
+    peak = _vmhwm_bytes() if source == "vmhwm" else None
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def spread(times) -> tuple[float, float]:
+    """(p20, p80) of the samples, interpolated between them: the default "exclusive"
+    method extrapolates beyond the smallest/largest of a few samples."""
+    if len(times) < 2:
+        return times[0], times[0]
+    q = statistics.quantiles(times, n=5, method="inclusive")
+    return q[0], q[3]
+
+
 def measure(fn: Callable[[], object], *, device="cpu", warmup: int = 2, reps: int = 10,
             min_time: float = 0.0) -> dict:
-    """Run ``fn`` warmup + reps times; return median/p20/p80 seconds and peak memory.
-
-    Peak memory: CUDA max_memory_allocated on GPUs; on the CPU the process's max RSS
-    (ru_maxrss, a high-water mark over the whole process, so compare within one run)."""
+    """Run ``fn`` warmup + reps times; return median/p20/p80 seconds and the peak memory
+    of the timed repetitions (see the module docstring; ``peak_source`` says how)."""
     dev = torch.device(device)
     for _ in range(warmup):
         fn()
     _sync(dev)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    source = reset_peak(dev)
     times = []
     t_start = time.perf_counter()
     while len(times) < reps or (time.perf_counter() - t_start) < min_time:
@@ -65,11 +112,10 @@ def measure(fn: Callable[[], object], *, device="cpu", warmup: int = 2, reps: in
         fn()
         _sync(dev)
         times.append(time.perf_counter() - t0)
-    times.sort()
-    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
-    peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"median_s": statistics.median(times), "p20_s": q[0], "p80_s": q[3], "peak_bytes": peak, "reps": len(times)}
+    peak = read_peak(dev, source)
+    p20, p80 = spread(times)
+    return {"median_s": statistics.median(times), "p20_s": p20, "p80_s": p80, "peak_bytes": peak,
+            "peak_source": source, "reps": len(times)}
 
 
 class ResultWriter:
@@ -104,6 +150,8 @@ class ResultWriter:
             self.add(op, provider, config, "gbytes_per_s", bytes_moved / t / 1e9, "GB/s", device)
         if flops:
             self.add(op, provider, config, "tflops", flops / t / 1e12, "TFLOP/s", device)
-        self.add(op, provider, config, "peak_memory", stats["peak_bytes"], "bytes", device)
+        # a lifetime high-water mark is not this op's peak: keep it apart from peak_memory
+        metric = "peak_memory_process_max" if stats.get("peak_source") == "ru_maxrss" else "peak_memory"
+        self.add(op, provider, config, metric, stats["peak_bytes"], "bytes", device)
         print(f"{op:14s} {provider:22s} {';'.join(f'{k}={v}' for k, v in config.items()):50s} "
               f"median {t * 1e3:9.3f} ms" + (f"  {items / t:12.1f} items/s" if items else ""), flush=True)
