@@ -478,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plant", default=None, help="pattern family to plant: pixel, patch3, patch5, noise, bar")
     p.add_argument("--fraction", type=float, default=0.0, help="fraction of images (of --plant-class) that carry it")
     p.add_argument("--plant-class", type=int, default=None, help="plant only into this class (default: any)")
-    p.add_argument("--strength", type=float, default=1.0, help="pattern value / noise strength (0, 1]")
+    p.add_argument("--strength", type=float, default=1.0, help="noise amplitude (0, 1]; the painted patterns (pixel, patch3, patch5, bar) are white: 1 only")
     p.add_argument("--target-size", type=int, default=64, help="loader image size the pattern is defined at (<= the smallest --size)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")

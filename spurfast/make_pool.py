@@ -77,6 +77,12 @@ class PoolSpec:
                 raise ValueError(f"--fraction must be in (0, 1] when planting, got {self.fraction}")
             if not 0.0 < self.strength <= 1.0:
                 raise ValueError(f"--strength must be in (0, 1], got {self.strength}")
+            # pixel/patch/bar paint the grey value `strength`, which a background can match
+            # (the carrier then shows nothing while ground_truth.csv lists it); noise adds
+            if self.plant != "noise" and self.strength < 1.0:
+                raise ValueError(f"--strength {self.strength} is for --plant noise only (its amplitude); "
+                                 f"--plant {self.plant} paints white (strength 1), since a grey value can "
+                                 f"equal the background and leave a listed carrier unmarked")
             if self.plant_class is not None and not 0 <= self.plant_class < self.classes:
                 raise ValueError(f"--plant-class must be in [0, {self.classes}), got {self.plant_class}")
             if self.target_size < 8:
@@ -232,9 +238,15 @@ def _plan(spec: PoolSpec) -> tuple[np.ndarray, np.ndarray]:
     return labels, carries
 
 
+def class_dir(label: int, classes: int) -> str:
+    """Class folder name, zero-padded to the widest label so that sorted folder order (the
+    folder source's labels) is label order also past 10,000 classes."""
+    return f"c{label:0{max(4, len(str(classes - 1)))}d}"
+
+
 def _relpath(i: int, label: int, spec: PoolSpec) -> str:
     name = f"{i:08d}.jpg"
-    return name if spec.flat else f"c{label:04d}/{name}"
+    return name if spec.flat else f"{class_dir(label, spec.classes)}/{name}"
 
 
 _WORKER: dict = {}
@@ -301,7 +313,7 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
     labels, carries = _plan(spec)
     if not spec.flat:
         for c in range(min(spec.classes, spec.n)):
-            (out / f"c{c:04d}").mkdir(exist_ok=True)
+            (out / class_dir(c, spec.classes)).mkdir(exist_ok=True)
     workers = max(1, workers or usable_cores())
     chunk = 256
     ranges = [(s, min(s + chunk, spec.n)) for s in range(0, spec.n, chunk)]

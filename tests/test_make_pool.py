@@ -120,3 +120,34 @@ def test_overwrite_deletes_only_a_pool_make_pool_wrote(tmp_path):
     (tmp_path / "p" / "pool.json").write_text(json.dumps({k: info[k] for k in ("spec", "n", "n_carrying", "classes")}))
     make_pool(tmp_path / "p", spec, workers=1, progress=False, overwrite=True)
     assert len(ImageFolderSource(tmp_path / "p", size=16)) == 4
+
+
+def test_class_folders_sort_in_label_order_past_10000_classes(tmp_path):
+    """The folder source labels classes by sorted folder name: c10000 must sort after c1001."""
+    from PIL import Image
+
+    from spurfast.data.folder import list_folder
+    from spurfast.make_pool import _relpath
+
+    spec = PoolSpec(n=10002, classes=10001)
+    for label in (10000, 1001, 999, 1000):
+        p = tmp_path / "p" / _relpath(label, label, spec)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(p)
+    _, _, names = list_folder(tmp_path / "p")
+    assert [int(n[1:]) for n in names] == [999, 1000, 1001, 10000], names
+    # make-pool's own folders take the same width, and up to 10,000 classes keep c0000
+    make_pool(tmp_path / "q", PoolSpec(n=3, classes=10001, min_size=8, max_size=8), workers=1, progress=False)
+    assert ImageFolderSource(tmp_path / "q", size=8).class_names == ["c00000", "c00001", "c00002"]
+    np.testing.assert_array_equal(read_ground_truth(tmp_path / "q")[0], [0, 1, 2])
+    assert _relpath(7, 9999, PoolSpec(n=1, classes=10000)) == "c9999/00000007.jpg"
+
+
+@pytest.mark.parametrize("family", ["pixel", "patch3", "patch5", "bar"])
+def test_grey_strength_is_refused_for_painted_patterns(tmp_path, family):
+    """A painted grey can equal the background, so a listed carrier could show nothing."""
+    with pytest.raises(ValueError, match=rf"--strength 0.5 is for --plant noise only.*--plant {family}"):
+        make_pool(tmp_path / "p", PoolSpec(n=5, plant=family, fraction=0.2, strength=0.5), progress=False)
+    assert not (tmp_path / "p").exists()
+    PoolSpec(n=5, plant=family, fraction=0.2, strength=1.0).validate()
+    PoolSpec(n=5, plant="noise", fraction=0.2, strength=0.5).validate()   # noise: strength is its amplitude
