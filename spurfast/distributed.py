@@ -81,6 +81,18 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={v!r} is not an integer") from None
 
 
+def check_rank_device(device: str) -> None:
+    """Refuse an explicit ``cuda:N`` under several ranks: every rank would compute on GPU
+    N while :func:`init` put its collectives on its own ``cuda:<LOCAL_RANK>``."""
+    if not _CTX.distributed:
+        return
+    dev = torch.device(device)
+    # naming the rank's own GPU (cuda:0 where a scheduler shows each rank one GPU) is fine
+    if dev.type == "cuda" and dev.index is not None and dev != torch.device(_CTX.device):
+        raise ValueError(f"--device {device} under {_CTX.world_size} ranks would put every rank on GPU {dev.index}; "
+                         f"use --device cuda: each rank takes its LOCAL_RANK GPU")
+
+
 def rank_cuda_index(local_rank: int, visible: int) -> int:
     """The CUDA device a rank uses: ``LOCAL_RANK`` when every rank sees all the node's GPUs,
     device 0 when a scheduler gives each rank its own single GPU (``CUDA_VISIBLE_DEVICES``
@@ -230,8 +242,10 @@ def all_succeed(fn, *args, **kwargs):
 def embed_pool_sharded(source, classifier, vae, store_dir, *, progress: bool = True, **kwargs):
     """Every rank embeds its shard (resumable per rank), rank 0 merges the shards into
     the main store, and every rank returns the complete main store.  In one process this
-    is ``embed.embed_pool``."""
-    from .embed import EmbeddingStore, embed_pool
+    is ``embed.embed_pool``.  Ranks that loaded other inputs than rank 0 (another pool or
+    model file) are refused before any of them embeds."""
+    from .data.sources import content_digest
+    from .embed import EmbeddingStore, embed_pool, fingerprint
 
     if not _CTX.distributed:
         return embed_pool(source, classifier, vae, store_dir, progress=progress, **kwargs)
@@ -239,28 +253,50 @@ def embed_pool_sharded(source, classifier, vae, store_dir, *, progress: bool = T
     if kwargs.get("num_workers") is None:  # share the node's cores among its ranks
         per_node = _env_int("LOCAL_WORLD_SIZE", W)
         kwargs["num_workers"] = max(1, usable_cores() // max(1, per_node))
+    identity = tuple(kwargs.pop("identity", None) or (fingerprint(source, classifier, vae), content_digest(source)))
+    # otherwise the mismatch shows only at the merge, after every rank embedded its shard
+    ids = [None] * W
+    dist.all_gather_object(ids, identity, group=_WAIT)
+    other = [r for r in range(W) if tuple(ids[r]) != tuple(ids[0])]
+    if other:
+        raise ValueError(f"ranks {other} loaded other inputs than rank 0 (pool or models: fingerprint, content "
+                         f"{tuple(ids[other[0]])} != {tuple(ids[0])}); every rank must read the same pool, "
+                         f"classifier and VAE")
+    # the main store is shared: rank 0 alone brings it up to date (relabels an earlier
+    # version's, settles old shards, updates labels); the others then find nothing to change
+    run_on_main(_open_main, source, classifier, vae, store_dir, identity, W, progress)
+    # the ranks agree on the inputs and the store is this run's: a shard store of other
+    # inputs is a leftover (of a run whose ranks disagreed), not a reason to refuse
     store = all_succeed(embed_pool, source, classifier, vae, store_dir, shard_id=_CTX.rank, num_shards=W,
-                        progress=progress, **kwargs)
+                        progress=progress, identity=identity, restart_stale_shards=True, **kwargs)
     if kwargs.get("stop_after") is not None:  # a simulated interruption: nothing to merge yet
         return store
     # embed_pool returned the main store itself when an earlier run had completed it;
     # every rank saw the same main store (only rank 0 writes it, in the merge below)
     if Path(store.root).resolve() != Path(store_dir).resolve():
-        run_on_main(_merge, store_dir, W, progress)
+        run_on_main(_merge, store_dir, W, progress, source)
     return EmbeddingStore(store_dir)
 
 
-def _merge(store_dir, num_shards: int, progress: bool) -> None:
+def _open_main(source, classifier, vae, store_dir, identity, num_shards: int, progress: bool) -> None:
+    """Rank 0's ``embed.open_main``; returns nothing (run_on_main would pickle the store)."""
+    from .embed import open_main
+
+    open_main(source, classifier, vae, store_dir, identity, num_shards=num_shards, progress=progress)
+
+
+def _merge(store_dir, num_shards: int, progress: bool, source) -> None:
     """Rank 0's merge; returns nothing, since run_on_main broadcasts the return value and
     pickling the merged store would read every column into memory: each rank opens it."""
     from .embed import merge_shards
 
-    merge_shards(store_dir, num_shards, progress=progress)
+    merge_shards(store_dir, num_shards, progress=progress, labels=source.labels())
 
 
 # ------------------------------------------------------------------ distributed k-means
 def _shard_positions(n: int, r: int, w: int) -> torch.Tensor:
-    return torch.arange(r, n, w, dtype=torch.int64)
+    # min: with fewer points than ranks, arange(r, n) with r > n raises instead of being empty
+    return torch.arange(min(r, n), n, w, dtype=torch.int64)
 
 
 def _gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:

@@ -12,6 +12,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -55,11 +57,20 @@ class EmbeddingStore:
         self._arrays: dict[str, np.memmap] = {}
 
     @classmethod
-    def create(cls, root, n: int, columns: dict[str, tuple[tuple[int, ...], str]], meta: dict) -> "EmbeddingStore":
+    def create(cls, root, n: int, columns: dict[str, tuple[tuple[int, ...], str]], meta: dict,
+               initial: dict[str, np.ndarray] | None = None) -> "EmbeddingStore":
+        """A new store of ``n`` rows; ``initial``: columns' values to write now.  The
+        manifest comes last: a store interrupted while being created is no store (a shard's
+        ``index`` read as zeros would merge every row onto pool row 0)."""
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
+        (root / MANIFEST).unlink(missing_ok=True)  # an older store here is gone from now on
         for name, (shape, dtype) in columns.items():
-            np.lib.format.open_memmap(root / f"{name}.npy", mode="w+", dtype=dtype, shape=(n,) + tuple(shape[1:]))
+            arr = np.lib.format.open_memmap(root / f"{name}.npy", mode="w+", dtype=dtype, shape=(n,) + tuple(shape[1:]))
+            if initial is not None and name in initial:
+                arr[:] = initial[name]
+            arr.flush()
+            del arr
         manifest = {"n": n, "done": 0, "columns": {k: [list(s), d] for k, (s, d) in columns.items()}, **meta}
         _write_json(root / MANIFEST, manifest)
         return cls(root)
@@ -99,7 +110,9 @@ class EmbeddingStore:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
+    # a temporary file of this process's own: ranks sharing a store may replace one
+    # manifest at once, and a shared name is renamed away under the other writer
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
 
@@ -169,11 +182,90 @@ def shard_dir(store_dir, shard_id: int, num_shards: int) -> Path:
     return Path(store_dir) / "shards" / f"{shard_id}-of-{num_shards}"
 
 
+def _sync_labels(store: EmbeddingStore, want: np.ndarray, chunk: int = 65536) -> int:
+    """Make the store's first ``len(want)`` labels ``want`` (the pool's labels of those
+    rows); returns how many changed.  Labels are no model output and so not part of the
+    store's identity: a pool whose labels were corrected keeps its store (and its run),
+    and only this column is rewritten, a chunk at a time."""
+    if "labels" not in store.manifest["columns"]:
+        return 0
+    want = np.asarray(want, dtype=np.int64)
+    changed = 0
+    for lo in range(0, len(want), chunk):
+        w = want[lo:lo + chunk]
+        diff = int(np.count_nonzero(np.asarray(store["labels"][lo:lo + len(w)]) != w))
+        if diff:
+            store.array("labels", writable=True)[lo:lo + len(w)] = w
+            changed += diff
+    if changed:
+        store.array("labels", writable=True).flush()
+        log.warning("%s: the pool's labels differ from the stored ones in %d of %d rows; the store now holds the "
+                    "pool's (labels are no model output: nothing is embedded again)", store.root, changed, len(want))
+    return changed
+
+
+def _settle_shards(store_dir: Path, main: EmbeddingStore | None, fp: str, content: str, num_shards: int,
+                   progress: bool) -> EmbeddingStore | None:
+    """Deal with shard stores a run with another number of processes left in ``store_dir``:
+    merged when they finish exactly what ``main`` lacks (their work is kept), else removed
+    with a warning (no run of ``num_shards`` processes could resume them).  A complete main
+    store needs no shards at all.  Returns the main store (new when a merge created it)."""
+    root = store_dir / "shards"
+    if not root.is_dir():
+        return main
+    if main is not None and main.complete:  # e.g. a merge that died after marking it complete
+        shutil.rmtree(root, ignore_errors=True)
+        return main
+    worlds: dict[int, list[Path]] = {}
+    for d in root.iterdir():
+        m = re.fullmatch(r"\d+-of-(\d+)", d.name)
+        if m and int(m[1]) != num_shards:
+            worlds.setdefault(int(m[1]), []).append(d)
+    for w in sorted(worlds):
+        start = main.done if main is not None else 0
+        dirs = [shard_dir(store_dir, r, w) for r in range(w)]
+        parts = [EmbeddingStore(d) if (d / MANIFEST).is_file() else None for d in dirs]
+        ours = (fp, content, start)
+        if all(s is not None and s.complete and (s.manifest.get("fingerprint"), s.manifest.get("content"),
+                                                 s.manifest.get("start")) == ours for s in parts):
+            log.info("merging the finished shards of an earlier %d-process run in %s", w, store_dir)
+            main = merge_shards(store_dir, w, progress=progress)
+            shutil.rmtree(root, ignore_errors=True)  # the store is complete: any other shards are leftovers
+            return main
+        rows = sum(s.done for s in parts if s is not None)
+        log.warning("discarding %d embedded rows of an earlier %d-process run in %s: its shards are unfinished or "
+                    "not this store's next rows, and only a run of %d processes could resume them", rows, w, root, w)
+        for d in worlds[w]:
+            shutil.rmtree(d, ignore_errors=True)
+    try:
+        root.rmdir()  # only when nothing is left in it
+    except OSError:
+        pass
+    return main
+
+
+def open_main(source: ImageSource, classifier: torch.nn.Module, vae, store_dir, identity: tuple[str, str], *,
+              num_shards: int = 1, progress: bool = True) -> EmbeddingStore | None:
+    """The main store in ``store_dir`` made from this pool and these models (None if
+    there is none), brought up to date: an earlier version's store relabelled, shards of
+    another number of processes merged or removed, and its labels the pool's.  It
+    writes to the shared store: under several ranks only rank 0 calls it first
+    (`spurfast.distributed.embed_pool_sharded`); it changes nothing when called again."""
+    fp, content = identity
+    store_dir = Path(store_dir)
+    main = _open_checked(store_dir, fp, content, lambda: legacy_identities(source, classifier, vae))
+    main = _settle_shards(store_dir, main, fp, content, num_shards, progress)
+    if main is not None and main.done:
+        _sync_labels(main, np.asarray(source.labels())[:main.done])
+    return main
+
+
 def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir, *, num_classes: int,
                batch_size: int = 256, device: str = "cpu", encoder_backend: str | None = None,
                loader_backend: str | None = None, progress: bool = True, stop_after: int | None = None,
                num_workers: int | None = None, shard_id: int = 0, num_shards: int = 1,
-               timings: dict | None = None, identity: tuple[str, str] | None = None) -> EmbeddingStore:
+               timings: dict | None = None, identity: tuple[str, str] | None = None,
+               restart_stale_shards: bool = False) -> EmbeddingStore:
     """Stream ``source`` once through the classifier and the encoder into ``store_dir``.
 
     Resumes when ``store_dir`` holds an unfinished store of the same fingerprint.
@@ -189,6 +281,13 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
 
     ``identity``: (fingerprint, content digest) of this source and these models when the
     caller has them already (a 100k-image folder pool's digest stats every file: ~0.5 s).
+
+    The labels of rows already in a store are checked against ``source.labels()`` and
+    rewritten where they differ (corrected labels need no new embedding).  Shard stores of
+    another number of processes are merged first when complete, else removed.
+    ``restart_stale_shards``: a shard store made from other inputs is a leftover to start
+    again rather than a reason to refuse (the caller has checked that ``store_dir`` is this
+    run's and that every rank loaded these inputs).
 
     ``timings`` (a dict, optional) accumulates where the pass spends its time: seconds
     waiting for the loader (``load_wait_s``), in the models up to the results on the host
@@ -206,7 +305,7 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
 
     def legacy():
         return legacy_identities(source, classifier, vae)
-    main = _open_checked(store_dir, fp, content, legacy)
+    main = open_main(source, classifier, vae, store_dir, (fp, content), num_shards=num_shards, progress=progress)
     if main is not None and main.complete:
         return main
     sel = None
@@ -224,7 +323,13 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
         start = main.done if main is not None else 0
         sel = select_indices(n, start=start, shard_id=shard_id, num_shards=num_shards)
         sdir = shard_dir(store_dir, shard_id, num_shards)
-        store = _open_checked(sdir, fp, content, legacy)
+        try:
+            store = _open_checked(sdir, fp, content, legacy)
+        except ValueError as exc:
+            if not restart_stale_shards:
+                raise
+            log.warning("shard store %s is a leftover of a run with other inputs (%s); starting it again", sdir, exc)
+            store = None
         if store is not None and (store.manifest.get("start") != start or store.n != len(sel)):
             log.warning("shard store %s covers another selection (start %s, not %d); starting it again",
                         sdir, store.manifest.get("start"), start)
@@ -235,11 +340,9 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
             store = EmbeddingStore.create(sdir, len(sel), cols, {
                 "fingerprint": fp, "content": content, "pool": source.name, "num_classes": num_classes,
                 "latent_dim": vae.config.latent_dim, "start": start, "pool_n": n,
-                "shard_id": shard_id, "num_shards": num_shards})
-            if len(sel):
-                store.array("index", writable=True)[:] = sel
-                store.write(0, {})
+                "shard_id": shard_id, "num_shards": num_shards}, initial={"index": sel})
         elif store.done:
+            _sync_labels(store, np.asarray(source.labels())[sel[:store.done]])
             log.info("resuming shard %d/%d at row %d of %d", shard_id, num_shards, store.done, store.n)
         desc = f"embedding shard {shard_id}/{num_shards}"
     if store.complete:
@@ -314,11 +417,14 @@ class _Clock:
 
 
 def merge_shards(store_dir, num_shards: int, *, chunk: int = 65536, progress: bool = True,
-                 keep_shards: bool = False) -> EmbeddingStore:
+                 keep_shards: bool = False, labels: np.ndarray | None = None) -> EmbeddingStore:
     """Write the complete shard stores of ``num_shards`` ranks into the main store at
     ``store_dir`` (created if absent) and mark it complete.  Streams ``chunk`` rows at a
     time (bounded memory); idempotent, so an interrupted merge is simply run again.
-    The shard stores are removed afterwards unless ``keep_shards``."""
+    The shard stores are removed afterwards unless ``keep_shards``.  ``labels``: the
+    pool's labels, when known; the merged store takes them where its rows differ."""
+    from .data.folder import select_indices
+
     store_dir = Path(store_dir)
     missing = [r for r in range(num_shards) if not (shard_dir(store_dir, r, num_shards) / MANIFEST).is_file()]
     if missing:
@@ -336,6 +442,19 @@ def merge_shards(store_dir, num_shards: int, *, chunk: int = 65536, progress: bo
     n, start = int(m0["pool_n"]), int(m0["start"])
     if sum(s.n for s in shards) != n - start:
         raise ValueError(f"shards hold {sum(s.n for s in shards)} rows for {n - start} pool indices")
+    # every row must go where its rank's selection puts it; checked before anything is
+    # written (a zeroed index would scatter a whole shard onto pool row 0)
+    for r, s in enumerate(shards):
+        want = select_indices(n, start=start, shard_id=r, num_shards=num_shards)
+        if s.n != len(want):
+            raise ValueError(f"shard store {s.root} holds {s.n} rows; rank {r} of {num_shards} has {len(want)}")
+        for lo in range(0, s.n, chunk):
+            got = np.asarray(s["index"][lo:lo + chunk])
+            bad = np.flatnonzero(got != want[lo:lo + chunk])
+            if len(bad):
+                i = lo + int(bad[0])
+                raise ValueError(f"shard store {s.root} holds pool index {int(got[bad[0]])} in row {i} where "
+                                 f"{int(want[i])} belongs; remove {s.root} and run rank {r} again")
     cols = {k: (tuple(v[0]), v[1]) for k, v in m0["columns"].items() if k != "index"}
     for k, (shape, dt) in cols.items():  # the shard's row count -> the pool's
         cols[k] = ((n,) + tuple(shape[1:]), dt)
@@ -360,9 +479,10 @@ def merge_shards(store_dir, num_shards: int, *, chunk: int = 65536, progress: bo
     bar.close()
     if bad:
         main.manifest["bad_files"] = bad
+    if labels is not None:
+        _sync_labels(main, np.asarray(labels)[:n])
     main.write(n, {})  # flushes every column, then marks [0, n) done
     if not keep_shards:
-        import shutil
         for r in range(num_shards):
             shutil.rmtree(shard_dir(store_dir, r, num_shards), ignore_errors=True)
         try:

@@ -208,6 +208,8 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     ``protect``: more paths this run reads (model files, ...) that ``overwrite`` must not
     delete; the pool's and the clean set's own files are always protected."""
     config = config or DiscoverConfig()
+    # under torchrun each rank computes on its own GPU (distributed.init): no explicit cuda:N
+    dist.check_rank_device(config.device)
     identity = (fingerprint(pool, classifier, vae), content_digest(pool))   # the store's too
     earlier_ids = []
     if run_id is None:

@@ -249,6 +249,139 @@ def test_merge_refuses_shards_of_other_models(tmp_path):
         merge_shards(tmp_path / "s", 2, progress=False)
 
 
+def _counting_encoder(vae):
+    """``vae`` with its encoder counting the images it embeds (into the returned list)."""
+    seen, real = [], vae.encode
+    vae.encode = lambda x, **k: (seen.append(len(x)), real(x, **k))[1]
+    return seen
+
+
+def test_shard_store_killed_right_after_its_creation_resumes_with_its_pool_indices(tmp_path, monkeypatch):
+    from spurfast import embed as E
+    src, clf, vae = _small(20)
+    kw = dict(num_classes=4, batch_size=8, progress=False)
+    ref = E.embed_pool(src, clf, vae, tmp_path / "one", **kw)
+    E.embed_pool(src, clf, vae, tmp_path / "s", shard_id=0, num_shards=2, **kw)
+    real = E._write_json
+
+    def killed(path, obj):  # the process dies as soon as the shard store's manifest exists
+        real(path, obj)
+        raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(E, "_write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        E.embed_pool(src, clf, vae, tmp_path / "s", shard_id=1, num_shards=2, **kw)
+    monkeypatch.undo()
+    part = E.embed_pool(src, clf, vae, tmp_path / "s", shard_id=1, num_shards=2, **kw)
+    assert list(part["index"]) == list(range(1, 20, 2))
+    merged = E.merge_shards(tmp_path / "s", 2, progress=False)
+    np.testing.assert_allclose(np.asarray(merged["mu"]), np.asarray(ref["mu"]), rtol=1e-5, atol=1e-6)
+
+
+def test_merge_refuses_a_shard_whose_index_is_not_its_selection(tmp_path):
+    from spurfast.embed import MANIFEST, EmbeddingStore, embed_pool, merge_shards, shard_dir
+    src, clf, vae = _small(20)
+    kw = dict(num_classes=4, batch_size=8, progress=False)
+    for r in range(2):
+        embed_pool(src, clf, vae, tmp_path / "s", shard_id=r, num_shards=2, **kw)
+    index = EmbeddingStore(shard_dir(tmp_path / "s", 1, 2)).array("index", writable=True)
+    index[3] = 0   # a shard row that would land on pool row 0
+    index.flush()
+    with pytest.raises(ValueError, match=r"1-of-2 holds pool index 0 in row 3 where 7 belongs"):
+        merge_shards(tmp_path / "s", 2, progress=False)
+    assert not (tmp_path / "s" / MANIFEST).exists()   # nothing merged, nothing marked complete
+
+
+def test_finished_shards_of_another_world_size_are_merged_not_redone(tmp_path):
+    from spurfast.embed import embed_pool
+    src, clf, vae = _small(40)
+    kw = dict(num_classes=4, batch_size=8, progress=False)
+    ref = embed_pool(src, clf, vae, tmp_path / "one", **kw)
+    for r in range(2):
+        embed_pool(src, clf, vae, tmp_path / "s", shard_id=r, num_shards=2, **kw)
+    seen = _counting_encoder(vae)
+    for shards in (1, 3):   # resumed by one process, or by three ranks
+        d = tmp_path / f"s{shards}"
+        import shutil
+        shutil.copytree(tmp_path / "s", d)
+        store = embed_pool(src, clf, vae, d, shard_id=0, num_shards=shards, **kw)
+        assert store.complete and store.root == d and sum(seen) == 0, (shards, sum(seen))
+        assert not (d / "shards").exists()
+        np.testing.assert_allclose(np.asarray(store["mu"]), np.asarray(ref["mu"]), rtol=1e-5, atol=1e-6)
+
+
+def test_unfinished_shards_of_another_world_size_are_discarded_with_a_warning(tmp_path, caplog):
+    from spurfast.embed import embed_pool
+    src, clf, vae = _small(40)
+    kw = dict(num_classes=4, batch_size=8, progress=False)
+    embed_pool(src, clf, vae, tmp_path / "s", shard_id=0, num_shards=2, **kw)                # 20 rows
+    embed_pool(src, clf, vae, tmp_path / "s", shard_id=1, num_shards=2, stop_after=1, **kw)  # 8 rows
+    with caplog.at_level("WARNING", logger="spurfast.embed"):
+        store = embed_pool(src, clf, vae, tmp_path / "s", **kw)
+    assert store.complete and "discarding 28 embedded rows of an earlier 2-process run" in caplog.text
+    assert not (tmp_path / "s" / "shards").exists()
+    (tmp_path / "s" / "shards" / "0-of-3").mkdir(parents=True)   # left by a merge that died at its end
+    assert embed_pool(src, clf, vae, tmp_path / "s", **kw).complete
+    assert not (tmp_path / "s" / "shards").exists()   # a complete store needs no shards
+
+
+def _identity_job(root, wrong_rank):
+    from spurfast.models import SmallCNN
+    src, clf, vae = _small(24)
+    if sd.rank() == wrong_rank:   # this rank loaded another classifier file
+        torch.manual_seed(123)
+        clf = SmallCNN(1, 4, 28).eval()
+    seen = _counting_encoder(vae)
+    try:
+        store = sd.embed_pool_sharded(src, clf, vae, root, num_classes=4, batch_size=8, progress=False, num_workers=1)
+        return sum(seen), store.complete, np.array(store["mu"])
+    except Exception as exc:
+        return sum(seen), f"{type(exc).__name__}: {exc}", None
+
+
+def test_ranks_with_other_inputs_are_refused_before_embedding(tmp_path):
+    """...and a shard store of other inputs left in the run's store (by such a run under
+    an earlier version) is started again, not a reason to refuse the corrected run."""
+    from spurfast.embed import embed_pool
+    from spurfast.models import SmallCNN
+    src, clf, vae = _small(24)
+    torch.manual_seed(123)
+    embed_pool(src, SmallCNN(1, 4, 28).eval(), vae, tmp_path / "s", shard_id=1, num_shards=2, num_classes=4,
+               batch_size=8, progress=False)
+    out = _spawn(_identity_job, (str(tmp_path / "s"), 1))
+    for r in range(2):
+        assert out[r][0] == 0, out[r][:2]   # nothing embedded
+        assert "ranks [1] loaded other inputs than rank 0" in out[r][1], out[r][1]
+    out = _spawn(_identity_job, (str(tmp_path / "s"), None))
+    ref = embed_pool(src, clf, vae, tmp_path / "one", num_classes=4, batch_size=8, progress=False)
+    assert out[0][1] is True and out[1][1] is True, (out[0][1], out[1][1])
+    np.testing.assert_allclose(out[0][2], np.asarray(ref["mu"]), rtol=1e-5, atol=1e-6)
+
+
+def _write_log_job(root):
+    from spurfast import embed as E
+    writes, real = [], E._write_json
+    E._write_json = lambda path, obj: (writes.append(str(path)), real(path, obj))[1]
+    src, clf, vae = _small(40)
+    if sd.is_main():
+        time.sleep(1)   # rank 1 reaches the legacy store first
+    store = sd.embed_pool_sharded(src, clf, vae, root, num_classes=4, batch_size=8, progress=False, num_workers=1)
+    return store.complete, writes.count(str(Path(root) / E.MANIFEST))
+
+
+def test_legacy_main_store_is_relabelled_by_rank_0_alone(tmp_path):
+    """Relabelling the shared main store on every rank raced on its manifest."""
+    from spurfast.data.sources import sampled_digest
+    from spurfast.embed import MANIFEST, embed_pool
+    src, clf, vae = _small(40)
+    embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False, stop_after=1)
+    m = json.loads((tmp_path / "s" / MANIFEST).read_text())
+    m["content"] = sampled_digest(src)   # as an earlier spurfast version recorded it
+    (tmp_path / "s" / MANIFEST).write_text(json.dumps(m))
+    out = _spawn(_write_log_job, (str(tmp_path / "s"),))
+    assert out[0][0] and out[1][0]
+    assert out[1][1] == 0 and out[0][1] >= 1, out   # rank 1 never wrote the main store's manifest
+
+
 # ---------------------------------------------------------------- discover under torchrun
 SIZE = 32
 
@@ -395,3 +528,27 @@ def test_rank_cuda_index_under_per_rank_visible_devices():
     assert rank_cuda_index(3, 1) == 0          # Slurm --gpus-per-task=1: each rank sees its own GPU as 0
     with pytest.raises(RuntimeError, match="LOCAL_RANK=4 but this rank sees 2 CUDA devices"):
         rank_cuda_index(4, 2)
+
+
+def test_shard_positions_with_fewer_points_than_ranks():
+    for n in range(6):
+        for w in range(1, 6):
+            pos = [sd._shard_positions(n, r, w) for r in range(w)]
+            assert all(len(p) == len(range(r, n, w)) for r, p in enumerate(pos)), (n, w)
+            assert sorted(torch.cat(pos).tolist()) == list(range(n)), (n, w)
+
+
+def test_explicit_cuda_index_under_several_ranks_is_refused(tmp_path, monkeypatch):
+    """Every rank would compute on GPU N while its collectives run on cuda:LOCAL_RANK."""
+    from spurfast.discover import DiscoverConfig
+    from spurfast.pipeline import run_discovery
+    src, clf, vae = _small(10)
+    monkeypatch.setattr(sd, "_CTX", sd.Context(rank=1, world_size=2, local_rank=1, backend="nccl", device="cuda:1"))
+    with pytest.raises(ValueError, match=r"--device cuda:0 under 2 ranks.*use --device cuda"):
+        run_discovery(src, clf, vae, tmp_path / "out", num_classes=4, config=DiscoverConfig(device="cuda:0"),
+                      progress=False)
+    assert not (tmp_path / "out").exists()
+    sd.check_rank_device("cuda")                  # each rank on its own GPU
+    sd.check_rank_device("cuda:1")                # this rank's own GPU, named
+    monkeypatch.setattr(sd, "_CTX", sd.Context())
+    sd.check_rank_device("cuda:3")                # one process: any GPU it likes

@@ -135,3 +135,71 @@ def test_pass_reports_where_its_time_went(tmp_path):
     assert set(split) == {"load_wait_s", "compute_s", "write_s"}
     assert all(v > 0 for v in split.values()), split
     assert sum(split.values()) <= wall, (split, wall)
+
+
+def test_corrected_labels_replace_the_stored_ones(tmp_path, caplog):
+    """Labels are no model output and take no part in the store's identity: a rerun over
+    the same images with corrected labels rewrites the labels column (complete and
+    resumed stores alike) instead of handing discovery the old ones."""
+    import json
+
+    from spurfast.embed import MANIFEST
+
+    src, clf, vae = _setup()
+    kw = dict(num_classes=4, batch_size=8, progress=False)
+    embed_pool(src, clf, vae, tmp_path / "s", **kw)
+    embed_pool(src, clf, vae, tmp_path / "p", stop_after=2, **kw)
+    before = json.loads((tmp_path / "s" / MANIFEST).read_text())["fingerprint"]
+    fixed = ArraySource(src.images, (np.arange(50) + 1) % 4)
+    with caplog.at_level("WARNING", logger="spurfast.embed"):
+        done = embed_pool(fixed, clf, vae, tmp_path / "s", **kw)
+    assert "labels" in caplog.text
+    np.testing.assert_array_equal(np.asarray(done["labels"]), fixed.labels())
+    np.testing.assert_array_equal(np.asarray(EmbeddingStore(tmp_path / "s")["labels"]), fixed.labels())
+    assert json.loads((tmp_path / "s" / MANIFEST).read_text())["fingerprint"] == before  # same identity
+    resumed = embed_pool(fixed, clf, vae, tmp_path / "p", **kw)
+    assert resumed.complete
+    np.testing.assert_array_equal(np.asarray(resumed["labels"]), fixed.labels())
+
+
+def test_corrected_labels_reach_the_shards_and_their_merge(tmp_path):
+    from spurfast.embed import merge_shards
+
+    src, clf, vae = _setup(21)
+    kw = dict(num_classes=4, batch_size=4, progress=False)
+    for r in range(2):
+        embed_pool(src, clf, vae, tmp_path / "s", shard_id=r, num_shards=2, **kw)
+    fixed = ArraySource(src.images, (np.arange(21) + 2) % 4)
+    for r in range(2):  # the finished shard stores are opened again, with the new labels
+        embed_pool(fixed, clf, vae, tmp_path / "s", shard_id=r, num_shards=2, **kw)
+    merged = merge_shards(tmp_path / "s", 2, progress=False)
+    np.testing.assert_array_equal(np.asarray(merged["labels"]), fixed.labels())
+
+
+def test_manifest_writes_of_two_processes_do_not_collide(tmp_path, monkeypatch):
+    """Two processes replacing one manifest (ranks sharing a store) each write their own
+    temporary file: here a second process writes the manifest completely while the first
+    sits between writing its temporary file and renaming it."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from spurfast import embed as E
+
+    path = tmp_path / "manifest.json"
+    real = os.replace
+    other = ("import sys; from pathlib import Path; from spurfast.embed import _write_json; "
+             "_write_json(Path(sys.argv[1]), {'by': 'other'})")
+
+    def replace_after_the_other_process(src, dst):
+        r = subprocess.run([sys.executable, "-c", other, str(path)], capture_output=True, text=True, timeout=120,
+                           cwd=Path(E.__file__).parents[1])
+        assert r.returncode == 0, r.stderr[-2000:]
+        real(src, dst)
+    monkeypatch.setattr(E.os, "replace", replace_after_the_other_process)
+    E._write_json(path, {"by": "this"})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"by": "this"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]  # no temporary file left
