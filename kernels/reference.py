@@ -419,6 +419,7 @@ def latent_knn(z: torch.Tensor, k: int, chunk: int | None = None,
                column_block: int = KNN_COLUMN_BLOCK) -> torch.Tensor:
     """(n, k) int64 indices of each row's k nearest other rows (squared L2), sorted
     nearest first, exact (k is capped at n - 1); on z's device, returned on the CPU.
+    Equal distances (duplicated latents) go to the lower index, as in the fused kernels.
 
     Rows go in chunks of at most KNN_BLOCK_FLOATS distances, so peak memory does not grow
     with the pool beyond the O(n k) result.  A full top-k over n columns per row costs
@@ -458,15 +459,53 @@ def latent_knn(z: torch.Tensor, k: int, chunk: int | None = None,
         d[torch.arange(r, device=zt.device), torch.arange(s, s + r, device=zt.device)] = float("inf")
         if prune:
             # the last block's padding columns stay inf (never written)
-            blocks = d.view(r, nb, B).amin(2).topk(nbest, largest=False).indices   # (r, k + 1)
-            cols = (blocks.unsqueeze(2) * B + ar_b).view(r, nbest * B)
-            vals, pick = d.gather(1, cols).topk(m, largest=False)
+            # blocks and candidates both chosen with ties to the lower index (see
+            # _smallest_first): then the pruning keeps the lowest-index tied columns too
+            _, blocks = _smallest_first(d.view(r, nb, B).amin(2), nbest)   # (r, k + 1), ascending
+            cols = (blocks.unsqueeze(2) * B + ar_b).view(r, nbest * B)       # ascending columns
+            vals, pick = _smallest_first(d.gather(1, cols), m)
             cand = cols.gather(1, pick)
         else:
-            vals, cand = d.topk(m, largest=False)
+            vals, cand = _smallest_first(d, m)
         # an inf candidate is the row itself or padding (a tiny column_block): never a neighbour
         out[s:s + r] = _exact_nearest(zt, s, cand.clamp_max(n - 1), k, vals.isinf()).cpu()
     return out
+
+
+def _smallest_first(v: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, columns) of the m smallest entries of each row of v, columns ascending, ties
+    at the cut going to the lower column.  topk alone picks any of the tied columns (and
+    which depends on the row length, so pruned and unpruned runs disagreed): discovery's
+    scores must not change between the CPU kernel (lower index) and this reference.
+
+    One topk of m + 1: a row whose (m+1)-th smallest equals its m-th has a run of equal
+    values (duplicated latents) cut by the selection, and only those rows are redone, in
+    slices of at most a quarter of KNN_BLOCK_FLOATS: clean rows pay almost nothing (a full
+    compare pass per row cost more than the topk) and peak memory stays bounded."""
+    if m >= v.shape[1]:                       # everything selected: no cut, no ties at it
+        idx = torch.arange(v.shape[1], device=v.device).expand(len(v), -1).contiguous()
+        return v.clone(), idx
+    vals, idx = v.topk(m + 1, largest=False)  # sorted: vals[:, m - 1] is the cut
+    t = vals[:, m - 1:m]                      # NaN compares unequal: never redone
+    tied = (vals[:, m:] == t).squeeze(1).nonzero().squeeze(1)
+    idx = idx[:, :m].contiguous()
+    if len(tied):
+        # the tied entries sit at the end of each sorted top m; swap them for the lowest
+        # columns equal to the cut, found by a topk over their column numbers
+        ar = torch.arange(v.shape[1], dtype=torch.int32, device=v.device)
+        pos = torch.arange(m, device=v.device)
+        step = max(1, KNN_BLOCK_FLOATS // (4 * v.shape[1]))
+        for a in range(0, len(tied), step):
+            rows = tied[a:a + step]
+            ts = t[rows]
+            need = (vals[rows, :m] == ts).sum(1, keepdim=True)          # (r, 1), >= 1
+            key = torch.where(v[rows] == ts, ar, v.shape[1])
+            first = key.topk(int(need.max()), largest=False).values.long()  # ascending
+            j = pos - (m - need)                                          # slot among the tied
+            sub = idx[rows]
+            idx[rows] = torch.where(j >= 0, first.gather(1, j.clamp(0, first.shape[1] - 1)), sub)
+    idx = idx.sort(1).values
+    return v.gather(1, idx), idx
 
 
 def _exact_nearest(zt: torch.Tensor, start: int, cand: torch.Tensor, k: int,
@@ -474,10 +513,13 @@ def _exact_nearest(zt: torch.Tensor, start: int, cand: torch.Tensor, k: int,
     """The k nearest of each row's candidates by distances computed directly, sum (zi - zj)^2:
     the GEMM form |zj|^2 - 2 zi.zj cancels digits for tight groups away from the origin,
     which is where shortcut clusters live.  ``invalid`` candidates rank last."""
+    # candidates in ascending index first, so the stable sort below breaks equal distances
+    # (duplicated latents) by the lower index, as the fused kernels do
+    cand, perm = cand.sort(1)
     zi = zt[start:start + len(cand)].unsqueeze(1)
     dist = ((zt[cand] - zi) ** 2).sum(-1)
     if invalid is not None:
-        dist = dist.masked_fill(invalid, float("inf"))
+        dist = dist.masked_fill(invalid.gather(1, perm), float("inf"))
     order = torch.sort(dist, dim=1, stable=True).indices[:, :k]
     return cand.gather(1, order)
 

@@ -70,6 +70,22 @@ class DiscoverConfig:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {self.statistic!r}")
         if self.resolve_fdr is not None and not 0 < self.resolve_fdr < 1:
             raise ValueError(f"resolve_fdr must be in (0, 1) or None, got {self.resolve_fdr}")
+        # refused here, before any work: a negative seed crashed only after the clustering
+        # (numpy's SeedSequence), and the others ran on, silently finding nothing
+        # (n_neighbours <= 0: no agreement to measure) or dropping members (n_exemplars < 0
+        # slices from the end)
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.n_neighbours < 1:
+            raise ValueError(f"n_neighbours must be >= 1, got {self.n_neighbours}")
+        if self.n_exemplars < 0:
+            raise ValueError(f"n_exemplars must be >= 0, got {self.n_exemplars}")
+        if self.n_iter < 0:
+            raise ValueError(f"n_iter must be >= 0, got {self.n_iter}")
+        if self.min_cluster_size < 0:
+            raise ValueError(f"min_cluster_size must be >= 0, got {self.min_cluster_size}")
+        if self.metric not in ("l2", "cosine"):
+            raise ValueError(f"metric must be 'l2' or 'cosine', got {self.metric!r}")
 
 
 @dataclass

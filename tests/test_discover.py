@@ -89,3 +89,50 @@ def test_resolve_fdr_asks_for_a_finer_null_than_the_findings_cut(tmp_path):
     assert loose.config["n_null_permutations"] < fine.config["n_null_permutations"]
     with pytest.raises(ValueError, match="resolve_fdr"):
         DiscoverConfig(resolve_fdr=1.5)
+
+
+def test_negative_seed_is_refused_up_front():
+    # it used to pass here and crash after the clustering, in numpy's SeedSequence
+    # ("expected non-negative integer"), naming nothing
+    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
+        DiscoverConfig(seed=-1)
+    DiscoverConfig(seed=0)
+
+
+@pytest.mark.parametrize("field,value", [("n_neighbours", 0), ("n_neighbours", -3), ("n_exemplars", -1),
+                                         ("n_iter", -5), ("min_cluster_size", -1), ("metric", "dot")])
+def test_nonsense_settings_are_refused(field, value):
+    # n_neighbours <= 0 gave no findings at all, n_exemplars < 0 silently dropped members
+    with pytest.raises(ValueError, match=f"^{field} must be"):
+        DiscoverConfig(**{field: value})
+
+
+def test_boundary_settings_are_accepted():
+    DiscoverConfig(n_neighbours=1, n_exemplars=0, n_iter=0, min_cluster_size=0, metric="cosine")
+
+
+def test_scores_do_not_depend_on_the_knn_backend_with_duplicated_latents(tmp_path, monkeypatch):
+    # blank images share one latent: the neighbours among the tied ones must be the same
+    # (lowest index) whichever latent_knn runs, the CPU kernel or the torch reference (CUDA)
+    from spurfast.kernels import kmeans_cpu
+    ok, why = kmeans_cpu.is_available()
+    if not ok:
+        pytest.skip(f"fused CPU kernels unavailable: {why}")
+    rng = np.random.default_rng(1)
+    n = 600
+    labels = rng.integers(0, 3, n)
+    mu = rng.normal(0, 3, (3, 4))[labels] + rng.normal(size=(n, 4))
+    pred = np.where(rng.random(n) < 0.2, rng.integers(0, 3, n), labels)
+    mu[rng.random(n) < 0.15] = 0.0
+    probs = np.full((n, 3), 0.05, np.float32)
+    probs[np.arange(n), pred] = 0.9
+    store = EmbeddingStore.create(tmp_path / "s", n, {"pred": ((n,), "int32"), "probs": ((n, 3), "float32"),
+                                                      "mu": ((n, 4), "float32"), "labels": ((n,), "int64"),
+                                                      "ok": ((n,), "bool")}, {"num_classes": 3})
+    store.write(0, {"pred": pred, "probs": probs, "mu": mu.astype(np.float32), "labels": labels, "ok": np.ones(n, bool)})
+    runs = {}
+    for backend in ("cpu", "torch"):
+        monkeypatch.setenv("SPURFAST_BACKEND_LATENT_KNN", backend)
+        res = discover(store, DiscoverConfig(k=4, n_null=10, max_null=10, seed=0), progress=False)
+        runs[backend] = [(c["cls"], c["cluster"], c["score"], c["p_value"]) for c in res.clusters]
+    assert runs["cpu"] == runs["torch"]

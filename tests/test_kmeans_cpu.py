@@ -314,6 +314,50 @@ def test_knn_ties_go_to_the_lower_index(threading_mode):
         assert nn[i].tolist() == [j for j in range(5) if j != i], f"row {i}: {nn[i]}"
 
 
+def _duplicated_latents(n: int = 1531, d: int = 5, seed: int = 0):
+    """Unique rows plus two large groups of identical rows (blank images), scattered over
+    the pool: (z, [each group's row indices, ascending])."""
+    rng = np.random.default_rng(seed)
+    z = (3 * rng.normal(size=(n, d))).astype(np.float32)
+    grp = rng.choice(3, n, p=[0.6, 0.3, 0.1])
+    for g in (1, 2):
+        z[grp == g] = rng.normal(size=d).astype(np.float32)
+    return z, [np.flatnonzero(grp == g) for g in (1, 2)]
+
+
+@pytest.mark.parametrize("column_block,chunk", [(ref.KNN_COLUMN_BLOCK, None), (7, 37), (1 << 30, None)],
+                         ids=["pruned", "pruned-small-blocks", "unpruned"])
+def test_reference_knn_ties_go_to_the_lower_index(column_block, chunk):
+    # the reference runs on CUDA and under SPURFAST_BACKEND_LATENT_KNN=torch; with
+    # duplicated latents its topk took arbitrary tied columns (different ones pruned and
+    # unpruned), so discovery's scores changed between CPU and GPU runs of the same seed
+    z, groups = _duplicated_latents()
+    k = 10
+    nn = ref.latent_knn(torch.from_numpy(z), k, chunk=chunk, column_block=column_block).numpy()
+    _check_knn(nn, z, k, f"reference knn, column block {column_block}")
+    bad = []
+    for members in groups:
+        picked = np.isin(nn, members)
+        for i in np.flatnonzero(picked.any(1)):
+            # a row's picks from a group of identical rows: the group's lowest indices, ascending
+            want = members[members != i][:int(picked[i].sum())]
+            if nn[i][picked[i]].tolist() != want.tolist():
+                bad.append(i)
+    assert not bad, (f"{len(bad)} rows break the lower-index rule, first row {bad[0]}: "
+                     f"{nn[bad[0]].tolist()}")
+
+
+@needs_kernel
+def test_knn_kernel_matches_the_reference_on_duplicated_latents(threading_mode):
+    z, _ = _duplicated_latents(2999, 16, seed=1)
+    nn = kcpu.latent_knn(torch.from_numpy(z), 10).numpy()
+    for block in (ref.KNN_COLUMN_BLOCK, 1 << 30):
+        r = ref.latent_knn(torch.from_numpy(z), 10, column_block=block).numpy()
+        bad = np.flatnonzero((nn != r).any(1))
+        assert bad.size == 0, (f"column block {block}: {bad.size} rows differ, first row {bad[0]}: "
+                               f"kernel {nn[bad[0]].tolist()} vs reference {r[bad[0]].tolist()}")
+
+
 @needs_kernel
 def test_tight_clusters_far_from_the_origin_keep_accurate_distances():
     # |x|^2 + |c|^2 - 2 x.c cancels every digit here: the kernel must recompute directly
