@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -157,3 +159,180 @@ def test_input_shape_mismatch_is_named():
     scripted = torch.jit.trace(SmallCNN(1, 10, 28).eval(), torch.rand(1, 1, 28, 28))  # no arch: a trial run
     with pytest.raises(ValueError, match="cannot run on images of shape 3x64x64"):
         check_output_width(scripted, (3, 64, 64), 10)
+
+
+# ------------------------------------------------------------------ review fixes
+def test_unsafe_load_accepts_torchscript_and_pickled_modules(tmp_path):
+    """weights_only=False (--unsafe-load): torch.load returns the module itself (a ScriptModule
+    for TorchScript, the nn.Module for a pickled one); it used to be rejected."""
+    model = SmallCNN(1, 4, 28).eval()
+    x = torch.rand(2, 1, 28, 28)
+    torch.jit.trace(model, x).save(str(tmp_path / "ts.pt"))
+    torch.save(model.train(), tmp_path / "full.pt")   # pickled while in train mode
+    model.eval()
+    for name in ("ts.pt", "full.pt"):
+        got = load_classifier(tmp_path / name, weights_only=False)
+        assert not got.training, name
+        torch.testing.assert_close(got(x), model(x))
+
+
+def test_state_dict_that_does_not_fit_is_named(tmp_path):
+    torch.save(SmallCNN(1, 4, 28, width=16).state_dict(), tmp_path / "sd16.pt")
+    for arch in ("small_cnn", "resnet18"):
+        with pytest.raises(ValueError, match=rf"sd16\.pt.*{arch}.*in_channels=1, num_classes=4, image_size=28: "
+                                             r"(size mismatch|Missing key)"):
+            load_classifier(tmp_path / "sd16.pt", arch=arch, in_channels=1, num_classes=4, image_size=28)
+    # a spurfast checkpoint whose arch record does not match its weights
+    torch.save({"arch": SmallCNN(1, 4, 28).arch, "state_dict": SmallCNN(1, 4, 28, width=16).state_dict()},
+               tmp_path / "ck.pt")
+    with pytest.raises(ValueError, match=r"ck\.pt.*'small_cnn'.*size mismatch for conv1.weight"):
+        load_classifier(tmp_path / "ck.pt")
+
+
+def test_load_vae_rejects_foreign_files_naming_them(tmp_path):
+    model = SmallCNN(1, 4, 28).eval()
+    torch.jit.trace(model, torch.rand(1, 1, 28, 28)).save(str(tmp_path / "ts.pt"))
+    torch.save(model, tmp_path / "module.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    vae = VAE(VAEConfig(1, 28, (8, 16), 4))
+    save_vae(vae, tmp_path / "v.pt")
+    data = (tmp_path / "v.pt").read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[:len(data) // 2])
+    for name in ("junk.pt", "ts.pt", "module.pt", "trunc.pt"):
+        with pytest.raises(ValueError, match=rf"{name}.*`spurfast train-vae`") as info:
+            load_vae(tmp_path / name)
+        assert "weights_only` set to `False`" not in str(info.value)   # no advice to load unsafely
+    # weights that do not fit the recorded config
+    torch.save({"config": json.dumps(VAEConfig(1, 28, (8, 16), 6).to_dict()), "state_dict": vae.state_dict()},
+               tmp_path / "mismatch.pt")
+    with pytest.raises(ValueError, match=r"mismatch\.pt.*size mismatch"):
+        load_vae(tmp_path / "mismatch.pt")
+
+
+def test_unreadable_images_are_left_out_of_training(caplog):
+    """Rows the source found unreadable (bad_files) are dropped from each batch; the order of
+    the others is the seeded one, exactly as without the bad file."""
+    from spurfast.models.train import _batches
+
+    n = 10
+    x = (torch.arange(n, dtype=torch.float32) / 16).view(n, 1, 1, 1).expand(n, 1, 28, 28).contiguous()
+    src = ArraySource(x, np.zeros(n, dtype=np.int64))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(7)).tolist()
+    clean = [(b[0][:, 0, 0, 0] * 16).round().long().tolist() for b in _batches(src, 3, torch.Generator().manual_seed(7))]
+    assert sum(clean, []) == order
+    src.bad_files = {order[0]: "broken", order[4]: "broken", order[5]: "broken"}   # batch 2 keeps 1 row
+    got = [(b[0][:, 0, 0, 0] * 16).round().long().tolist() for b in _batches(src, 3, torch.Generator().manual_seed(7))]
+    assert got == [order[1:3], order[3:4], order[6:9], order[9:]]
+    src.bad_files = {i: "broken" for i in order[:3]}   # a batch with nothing left is skipped
+    got = [(b[0][:, 0, 0, 0] * 16).round().long().tolist() for b in _batches(src, 3, torch.Generator().manual_seed(7))]
+    assert got == [order[3:6], order[6:9], order[9:]]
+
+
+def test_unreadable_folder_image_is_not_trained_on(tmp_path, caplog):
+    from PIL import Image
+    from spurfast.data.folder import ImageFolderSource
+    import spurfast.models.train as train
+
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        (tmp_path / f"c{k}").mkdir()
+        for i in range(3):
+            Image.fromarray((rng.random((8, 8)) * 255).astype(np.uint8)).save(tmp_path / f"c{k}/{i}.png")
+    (tmp_path / "c1/broken.png").write_bytes(b"junk")
+    src = ImageFolderSource(tmp_path, size=8, channels=1)
+    seen = []
+    real = train._batches
+
+    def spy(*a, **k):
+        for xb, yb in real(*a, **k):
+            seen.append(xb)
+            yield xb, yb
+    with caplog.at_level("WARNING", logger="spurfast.train"):
+        import unittest.mock as mock
+        with mock.patch.object(train, "_batches", spy):
+            train_classifier(src, 2, epochs=2, batch_size=4, seed=0, progress=False)
+    assert src.bad_files and sum(len(b) for b in seen) == 2 * 6          # 7 files, 6 readable, 2 epochs
+    assert all(float(im.abs().sum()) > 0 for b in seen for im in b)      # no black stand-in image
+    summary = [r for r in caplog.records if r.name == "spurfast.train" and "unreadable" in r.getMessage()]
+    assert len(summary) == 1 and "broken.png" in summary[0].getMessage()
+
+
+def test_checkpoint_records_and_restores_cuda_rng(tmp_path, monkeypatch):
+    """On CUDA the VAE's noise comes from the CUDA generator: the checkpoint keeps its state and
+    a resume restores it (torch.cuda is faked here; a checkpoint without it still resumes)."""
+    import spurfast.models.train as train
+
+    cuda_state = torch.arange(16, dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [cuda_state.clone()])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i=0: restored.append((s.clone(), i)))
+    state = train._rng_state("cuda")
+    assert "cuda_rng" in state and "cuda_rng" not in train._rng_state("cpu")
+    torch.save(state, tmp_path / "s.pt")
+    train._set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True), "cuda")
+    assert len(restored) == 1 and torch.equal(restored[0][0], cuda_state) and restored[0][1] == 0
+    restored.clear()
+    train._set_rng_state({"rng": torch.get_rng_state()}, "cuda")   # an older checkpoint: CPU state only
+    assert not restored
+    # the training loop writes these states and a resume hands them back (CPU run, CUDA faked in)
+    seen = []
+    monkeypatch.setattr(train, "_rng_state", lambda device: {**state, "rng": torch.get_rng_state()})
+    real_set = train._set_rng_state
+    monkeypatch.setattr(train, "_set_rng_state", lambda s, device: (seen.append(s), real_set(s, "cpu")))
+    src = _toy(32)
+    ck = tmp_path / "v.ckpt"
+    train_vae(src, VAEConfig(1, 28, (8, 16), 4), epochs=1, batch_size=16, seed=3, checkpoint=ck, progress=False)
+    resumed = train_vae(src, VAEConfig(1, 28, (8, 16), 4), epochs=2, batch_size=16, seed=3, checkpoint=ck,
+                        progress=False)
+    assert len(seen) == 1 and torch.equal(seen[0]["cuda_rng"][0], cuda_state)
+    straight = train_vae(src, VAEConfig(1, 28, (8, 16), 4), epochs=2, batch_size=16, seed=3, progress=False)
+    for pa, pb in zip(resumed.parameters(), straight.parameters()):
+        assert torch.equal(pa, pb)
+
+
+@pytest.mark.gpu
+def test_vae_resume_on_cuda_equals_straight_run(tmp_path):
+    src = _toy(32)
+    cfg = VAEConfig(1, 28, (8, 16), 4)
+    kw = dict(batch_size=16, seed=3, device="cuda", progress=False)
+    train_vae(src, cfg, epochs=1, checkpoint=tmp_path / "v.ckpt", **kw)
+    resumed = train_vae(src, cfg, epochs=2, checkpoint=tmp_path / "v.ckpt", **kw)
+    straight = train_vae(src, cfg, epochs=2, **kw)
+    for pa, pb in zip(resumed.parameters(), straight.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6)
+
+
+def test_ignored_checkpoint_is_moved_aside(tmp_path, caplog):
+    src = _toy(32)
+    ck = tmp_path / "m.ckpt"
+    train_classifier(src, 3, epochs=3, batch_size=16, seed=0, checkpoint=ck, progress=False)
+    with caplog.at_level("WARNING", logger="spurfast.train"):
+        train_classifier(src, 3, epochs=1, batch_size=16, seed=0, checkpoint=ck, progress=False)
+    old = tmp_path / "m.ckpt.old"
+    assert f"moved it to {old}" in caplog.text
+    assert torch.load(old, weights_only=True)["epoch"] == 3      # the finished work survives
+    assert torch.load(ck, weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.parametrize("kw,pattern", [
+    ({"std": (0.0,)}, "std must be > 0"),
+    ({"std": (0.5, -1.0, 0.5), "in_channels": 3, "mean": (0.5,)}, "std must be > 0"),
+    ({"mean": (0.5, 0.5)}, "mean has 2 entries for in_channels=1"),
+    ({"std": (0.5, 0.5), "in_channels": 3}, r"std has 2 entries for in_channels=3; expected 1 or 3"),
+    ({"channels": ()}, "channels must list at least one"),
+    ({"channels": (8, 0)}, "channels must list"),
+])
+def test_vae_config_rejects_bad_normalisation_and_channels(kw, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        VAEConfig(**{"image_size": 28, "channels": (8, 16), **kw})
+
+
+def test_save_classifier_needs_an_arch(tmp_path):
+    plain = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    with pytest.raises(ValueError, match="no 'arch' record.*TorchScript"):
+        save_classifier(plain, tmp_path / "p.pt")
+    assert not (tmp_path / "p.pt").exists()
+    torch.save({"arch": None, "state_dict": plain.state_dict()}, tmp_path / "old.pt")   # older spurfast wrote these
+    with pytest.raises(ValueError, match="without its architecture record"):
+        load_classifier(tmp_path / "old.pt")

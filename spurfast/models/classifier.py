@@ -76,7 +76,25 @@ def build_classifier(arch: str, in_channels: int, num_classes: int, image_size: 
 
 
 def save_classifier(model: nn.Module, path) -> None:
-    torch.save({"arch": getattr(model, "arch", None), "state_dict": model.state_dict()}, path)
+    arch = getattr(model, "arch", None)
+    if not isinstance(arch, dict) or "name" not in arch:
+        # without its architecture the file could not be rebuilt by load_classifier
+        raise ValueError(f"cannot save a {type(model).__name__} to {path} as a spurfast classifier: it has no "
+                         f"'arch' record (only models from build_classifier do); save it as TorchScript "
+                         f"(torch.jit.script/trace + .save) or as a state_dict instead")
+    torch.save({"arch": arch, "state_dict": model.state_dict()}, path)
+
+
+def _load_weights(model: nn.Module, state_dict, p: Path, arch: str, in_channels, num_classes, image_size) -> None:
+    """``model.load_state_dict`` whose mismatch error names the file and the architecture."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        # torch's message: a header line, then one tab-indented line per mismatch
+        lines = [ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()]
+        shown = "; ".join(ln[:200] for ln in lines[:3]) + (f"; ... ({len(lines) - 3} more)" if len(lines) > 3 else "")
+        raise ValueError(f"{p}: the state_dict does not fit architecture {arch!r} with in_channels={in_channels}, "
+                         f"num_classes={num_classes}, image_size={image_size}: {shown or str(exc).strip()}") from None
 
 
 def load_classifier(path, arch: str | None = None, in_channels: int | None = None,
@@ -100,11 +118,15 @@ def load_classifier(path, arch: str | None = None, in_channels: int | None = Non
         a = dict(obj["arch"])
         name = a.pop("name")
         # every saved key (width, ...) goes back to the constructor, else the shapes differ
-        model = build_classifier(name, a.pop("in_channels"), a.pop("num_classes"), a.pop("image_size"), **a)
-        model.load_state_dict(obj["state_dict"])
+        ic, nc, size = a.pop("in_channels"), a.pop("num_classes"), a.pop("image_size")
+        model = build_classifier(name, ic, nc, size, **a)
+        _load_weights(model, obj["state_dict"], p, name, ic, nc, size)
     elif isinstance(obj, dict) and "state_dict" in obj and "config" in obj:
         raise ValueError(f"{p} is a spurfast VAE checkpoint (from `spurfast train-vae`), not a classifier; "
                          f"pass it as --vae")
+    elif isinstance(obj, dict) and "state_dict" in obj and "arch" in obj:
+        raise ValueError(f"{p} is a spurfast classifier checkpoint without its architecture record "
+                         f"(arch={obj['arch']!r}); it cannot be rebuilt: save the model as TorchScript instead")
     elif isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{p} holds a dict with keys {sorted(map(str, obj))[:8]}, which is neither a spurfast "
                          f"classifier checkpoint (keys 'arch', 'state_dict') nor a state_dict of tensors")
@@ -113,9 +135,13 @@ def load_classifier(path, arch: str | None = None, in_channels: int | None = Non
             raise ValueError(f"{p} is a bare state_dict: name its architecture ({ARCHITECTURES}), "
                              f"in_channels, num_classes and image_size")
         model = build_classifier(arch, in_channels, num_classes, image_size)
-        model.load_state_dict(obj)
+        _load_weights(model, obj, p, arch, in_channels, num_classes, image_size)
+    elif isinstance(obj, nn.Module):
+        # weights_only=False: torch.load gives a ScriptModule for a TorchScript archive, or
+        # the module itself for a pickled one; both are ready to use
+        model = obj
     else:
-        raise ValueError(f"{p} holds a {type(obj).__name__}, expected a state_dict or TorchScript")
+        raise ValueError(f"{p} holds a {type(obj).__name__}, expected a state_dict, TorchScript or an nn.Module")
     model.eval()
     return model
 

@@ -26,11 +26,52 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def _batches(source: ImageSource, batch_size: int, gen: torch.Generator, shuffle: bool = True):
+    """Batches in a seeded order, less the images the source found unreadable (``bad_files``,
+    filled as it loads): those come back as black images and must not be trained on.  The
+    order and the batch boundaries do not depend on them, so clean data trains as before."""
     n = len(source)
     order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
     for s in range(0, n, batch_size):
         idx = order[s:s + batch_size].numpy()
-        yield source.get_batch(idx)
+        x, y = source.get_batch(idx)
+        bad = getattr(source, "bad_files", None)
+        if bad:
+            keep = [j for j, i in enumerate(idx) if int(i) not in bad]
+            if len(keep) < len(idx):
+                if not keep:
+                    continue
+                keep = torch.as_tensor(keep)
+                x, y = x[keep], y[keep]
+        yield x, y
+
+
+def _log_skipped(source: ImageSource, name: str) -> None:
+    """One summary of the unreadable images left out of training (the loader logs each load)."""
+    bad = getattr(source, "bad_files", None)
+    if not bad:
+        return
+    item_id = getattr(source, "item_id", None)
+    shown = [f"{item_id(i) if callable(item_id) else i} ({reason})" for i, reason in sorted(bad.items())[:5]]
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    log.warning("%s training on %s left out %d unreadable image(s): %s%s",
+                name, source.name, len(bad), "; ".join(shown), more)
+
+
+def _rng_state(device) -> dict:
+    """The RNG states a checkpoint needs: the CPU one, and on CUDA the CUDA generators too (the
+    VAE's reparameterisation noise is drawn there), else a resumed run would diverge."""
+    state = {"rng": torch.get_rng_state()}
+    if torch.device(device).type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, device) -> None:
+    torch.set_rng_state(state["rng"])
+    cuda = state.get("cuda_rng")  # absent in CPU runs' and older checkpoints
+    if cuda is not None and torch.device(device).type == "cuda":
+        for i in range(min(len(cuda), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(cuda[i], i)
 
 
 def _checkpoint(path: Path | None, state: dict) -> None:
@@ -41,7 +82,7 @@ def _checkpoint(path: Path | None, state: dict) -> None:
     tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint
 
 
-def _resume(path: Path | None, model, opt, identity: dict, epochs: int) -> int:
+def _resume(path: Path | None, model, opt, identity: dict, epochs: int, device="cpu") -> int:
     """Load the checkpoint at ``path`` if it belongs to this training run (same data, seed,
     model and optimiser settings, at most ``epochs`` done) and return its epoch; else 0."""
     if path is None or not path.exists():
@@ -55,11 +96,14 @@ def _resume(path: Path | None, model, opt, identity: dict, epochs: int) -> int:
         why = ("it does not record what it was trained on (older spurfast)" if saved is None else
                f"it was written for different {', '.join(differ)}" if differ else
                f"it has {int(state['epoch'])} epochs done, more than the {epochs} asked for")
-        log.warning("ignoring checkpoint %s and training afresh: %s", path, why)
+        # this run overwrites the checkpoint after its first epoch: keep the old one's work
+        old = path.with_name(path.name + ".old")
+        path.replace(old)
+        log.warning("ignoring checkpoint %s and training afresh: %s; moved it to %s", path, why, old)
         return 0
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optim"])
-    torch.set_rng_state(state["rng"])
+    _set_rng_state(state, device)
     log.info("resumed %s at epoch %d", path, state["epoch"])
     return int(state["epoch"])
 
@@ -99,7 +143,7 @@ def _fit(build, source: ImageSource, step, name: str, *, epochs: int, batch_size
     gen = seed_everything(seed)  # before build(): initial weights follow the seed
     model = build().to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    start = _resume(ck, model, opt, identity, epochs)
+    start = _resume(ck, model, opt, identity, epochs, device)
     for epoch in range(start, epochs):
         model.train()
         gen.manual_seed(seed * 1000 + epoch)
@@ -118,7 +162,8 @@ def _fit(build, source: ImageSource, step, name: str, *, epochs: int, batch_size
             bar.set_postfix({k: f"{v / seen:.3f}" for k, v in sums.items()})
         log.info("%s epoch %d: %s", name, epoch + 1, " ".join(f"{k} {v / max(seen, 1):.4f}" for k, v in sums.items()))
         _checkpoint(ck, {"model": model.state_dict(), "optim": opt.state_dict(), "epoch": epoch + 1,
-                         "rng": torch.get_rng_state(), "identity": json.dumps(identity, sort_keys=True)})
+                         **_rng_state(device), "identity": json.dumps(identity, sort_keys=True)})
+    _log_skipped(source, name)
     model.eval()
     return model
 
@@ -152,13 +197,34 @@ def load_vae(path, weights_only: bool = True) -> VAE:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"VAE file {p} does not exist")
-    obj = torch.load(p, map_location="cpu", weights_only=weights_only)
+    what = "a VAE checkpoint written by `spurfast train-vae`"
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=weights_only)
+    except Exception as exc:  # junk, truncated, TorchScript or a pickled module: name the file
+        raise ValueError(f"{p} is not {what} (weights_only={weights_only}): {_first_line(exc)}") from None
     if not isinstance(obj, dict) or "config" not in obj or "state_dict" not in obj:
         raise ValueError(f"{p} is not a spurfast VAE checkpoint (expected keys 'config' and 'state_dict')")
-    model = VAE(VAEConfig(**json.loads(obj["config"])))
-    model.load_state_dict(obj["state_dict"])
+    try:
+        model = VAE(VAEConfig(**json.loads(obj["config"])))
+        model.load_state_dict(obj["state_dict"])
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"{p} is not a loadable spurfast VAE checkpoint ({what}): {_first_line(exc)}") from None
     model.eval()
     return model
+
+
+def _first_line(exc: Exception) -> str:
+    """The gist of torch's message, without its advice to turn weights_only off: the unpickler's
+    own complaint, else the first line (for load_state_dict the first mismatch) and sentence."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:  # junk or a pickled object: the reason follows this
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    elif "TorchScript archive" in text:
+        return "it is a TorchScript archive"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        lines = lines[1:]
+    return lines[0].split(". ")[0].rstrip(".")[:300] if lines else type(exc).__name__
 
 
 __all__ = ["train_classifier", "train_vae", "save_vae", "load_vae", "save_classifier", "seed_everything"]

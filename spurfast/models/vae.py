@@ -6,6 +6,7 @@ PyTorch ground truth.  Every conv is kernel 4, stride 2, padding 1 (halves H and
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -32,6 +33,18 @@ class VAEConfig:
         self.channels = tuple(int(c) for c in self.channels)
         self.mean = tuple(float(m) for m in self.mean)
         self.std = tuple(float(s) for s in self.std)
+        if int(self.in_channels) < 1 or int(self.image_size) < 1:
+            raise ValueError(f"in_channels and image_size must be >= 1, got {self.in_channels} and {self.image_size}")
+        if not self.channels or min(self.channels) < 1:
+            raise ValueError(f"channels must list at least one conv width, all >= 1, got {self.channels}")
+        # the encoder normalises per input channel: one value for all, or one per channel
+        for name, vals in (("mean", self.mean), ("std", self.std)):
+            if len(vals) not in (1, self.in_channels):
+                want = "1" if self.in_channels == 1 else f"1 or {self.in_channels}"
+                raise ValueError(f"{name} has {len(vals)} entries for in_channels={self.in_channels}; "
+                                 f"expected {want}")
+        if not all(math.isfinite(v) for v in self.mean + self.std) or min(self.std) <= 0:
+            raise ValueError(f"std must be > 0 and mean/std finite, got mean={self.mean}, std={self.std}")
         if self.activation not in ref.ACTIVATIONS:
             raise ValueError(f"activation must be one of {ref.ACTIVATIONS}, got {self.activation!r}")
         if not 1 <= self.latent_dim <= 4096:
