@@ -1,10 +1,13 @@
 """The HTML report: a folder with report.html and the PNGs it shows.
 
 Everything the report did not write itself (class names, paths, file names, config
-values) is HTML-escaped.  Images are small PNGs next to the page, referenced relatively.
+values) is HTML-escaped.  The PNGs are written next to the page (findings.json names them)
+and embedded in it as data URIs, so report.html alone is the whole report (DESIGN.md: a
+self-contained report; a copied or mailed page keeps its pictures).
 """
 from __future__ import annotations
 
+import base64
 import html
 import json
 from pathlib import Path
@@ -13,6 +16,11 @@ import numpy as np
 import torch
 
 UPSCALE_TO = 112  # small images are enlarged (nearest) so a pixel pattern stays visible
+
+
+def _data_uri(path: Path) -> str:
+    """The PNG at ``path`` as a data URI (base64 text holds no quote or angle bracket)."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
 def _to_pil(img: torch.Tensor):
@@ -110,7 +118,8 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
     if clusters:
         (out_dir / "images").mkdir(parents=True, exist_ok=True)  # a run copied without its images
         plot_scores(clusters, fdr, out_dir / "images" / "scores.png")
-        parts.append("<h2>Cluster scores</h2><img src='images/scores.png' alt='cluster scores'>")
+        parts.append(f"<h2>Cluster scores</h2><img src='{_data_uri(out_dir / 'images' / 'scores.png')}' "
+                     f"alt='cluster scores' title='images/scores.png'>")
     parts.append(f"<h2>Findings ({len(doc['findings'])} at q &le; {e(fdr)})</h2>")
     parts.append(f"<p class='muted'>A score sums, over the unrelated members, "
                  f"{e(STATISTIC_WORDS.get(statistic, statistic))}; p against permuted predictions, "
@@ -147,7 +156,8 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
         caps = {"centroid": "decoded centroid", "contrast": "contrast (members vs. matched others)",
                 "mask": "extracted mask", "grid": "exemplars"}
         parts.append("<div class='imgs'>" + "".join(
-            (f"<figure><img src='{e(imgs[k])}' alt='{e(caps[k])}'>" if (out_dir / imgs[k]).is_file() else
+            (f"<figure><img src='{_data_uri(out_dir / imgs[k])}' alt='{e(caps[k])}' title='{e(imgs[k])}'>"
+             if (out_dir / imgs[k]).is_file() else
              f"<figure><p class='muted'>{e(imgs[k])} is missing</p>")  # not a broken link
             + f"<figcaption>{e(caps[k])}</figcaption></figure>"
             for k in ("centroid", "contrast", "mask", "grid") if k in imgs) + "</div></div>")

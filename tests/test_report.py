@@ -49,11 +49,28 @@ def test_a_run_without_its_images_folder_still_reports(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "finding1_grid.png").write_bytes(b"png")
     html = write_report(doc, tmp_path).read_text()
-    assert "<img src='images/finding1_grid.png'" in html
-    assert "<img src='images/finding1_centroid.png'" not in html and "images/finding1_centroid.png is missing" in html
+    assert "<img src='data:image/png;base64,cG5n' alt='exemplars' title='images/finding1_grid.png'>" in html
+    assert "title='images/finding1_centroid.png'" not in html and "images/finding1_centroid.png is missing" in html
     clusters = [{"score": 5.0, "q_value": 0.02}, {"score": 1.0, "q_value": 0.9}]
     html = write_report(doc, tmp_path / "fresh", clusters=clusters).read_text()
-    assert (tmp_path / "fresh" / "images" / "scores.png").is_file() and "images/scores.png" in html
+    assert (tmp_path / "fresh" / "images" / "scores.png").is_file() and "title='images/scores.png'" in html
+
+
+def test_the_report_page_alone_holds_its_pictures(tmp_path):
+    """DESIGN.md: a self-contained report.  Every picture is a data URI, none a link to a
+    file next to the page (a copied report.html lost them all)."""
+    import re
+    doc = _doc(None)
+    doc["findings"][0]["images"] = {"mask": "images/finding1_mask.png"}
+    (tmp_path / "images").mkdir()
+    png = (tmp_path / "images" / "finding1_mask.png")
+    from PIL import Image
+    Image.new("L", (4, 4), 255).save(png)
+    html = write_report(doc, tmp_path, clusters=[{"score": 5.0, "q_value": 0.02}]).read_text()
+    srcs = re.findall(r"<img src='([^']*)'", html)
+    assert len(srcs) == 2 and all(s.startswith("data:image/png;base64,") for s in srcs), srcs
+    import base64
+    assert base64.b64decode(srcs[1].split(",", 1)[1]) == png.read_bytes()
 
 
 def test_summary_values_without_meaning_read_n_a(tmp_path):
