@@ -66,6 +66,18 @@ def prepare_output(out_dir, run_id: str, overwrite: bool, protect=(), earlier_id
     return out
 
 
+def run_inputs(clean: ImageSource | None, suspect, confirm: bool) -> dict:
+    """What a run reads besides the pool, the models and the discovery settings, as
+    recorded in findings.json's config and hashed into the run id."""
+    sus = None if suspect is None else np.asarray(suspect, dtype=bool)
+    return {"confirm": bool(confirm),
+            "clean": None if clean is None or not confirm else {"name": clean.name, "n": len(clean),
+                                                                  "content": content_digest(clean)},
+            "suspect": None if sus is None else {"n": int(sus.sum()),
+                                                 "digest": hashlib.sha256(np.packbits(sus).tobytes()
+                                                                          + str(len(sus)).encode()).hexdigest()[:16]}}
+
+
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -212,13 +224,18 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     dist.check_rank_device(config.device)
     identity = (fingerprint(pool, classifier, vae), content_digest(pool))   # the store's too
     earlier_ids = []
+    inputs = run_inputs(clean, suspect, confirm)
     if run_id is None:
         fp, settings = identity[0], json.dumps(asdict(config), sort_keys=True)
-        run_id = _digest(fp + identity[1] + settings)
-        # this run's ids under earlier versions: with a sampled content digest or none, and
-        # folder pools' item ids spelled as paths
+        # the clean set, the suspect mask and confirmation change the findings too: a rerun
+        # with others is another run, not one to resume and silently rewrite
+        run_id = _digest(fp + identity[1] + settings + json.dumps(inputs, sort_keys=True))
+        # this run's ids under earlier versions: without those inputs; with a sampled content
+        # digest or none; folder pools' item ids spelled as paths
         earlier = legacy_identities(pool, classifier, vae)
-        earlier_ids = [_digest(f + c + settings) for f, c in earlier] + [_digest(f + settings) for f, _ in earlier]
+        earlier_ids = ([_digest(fp + identity[1] + settings)] + [_digest(f + c + settings) for f, c in earlier]
+                       + [_digest(f + settings) for f, _ in earlier])
+    extra_config = {**(extra_config or {}), "inputs": inputs}
     cfg = getattr(vae, "config", None)
     if cfg is not None and tuple(pool.image_shape) != (cfg.in_channels, cfg.image_size, cfg.image_size):
         raise ValueError(f"the VAE expects {cfg.in_channels}x{cfg.image_size}x{cfg.image_size} images (CxHxW), "

@@ -59,3 +59,43 @@ def test_a_bad_clean_set_is_refused_before_any_work(tmp_path, case):
         run_discovery(pool, SmallCNN(1, 2, 16), VAE(VAEConfig.for_images(1, 16, 4)), tmp_path / "run", num_classes=2,
                       clean=clean, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+class _Embedded(Exception):
+    pass
+
+
+def test_another_clean_set_suspect_mask_or_no_confirmation_is_another_run(tmp_path, monkeypatch):
+    """They change the findings: rerunning into the same directory with others silently
+    rewrote findings.json.  The same inputs resume; a directory from before they were in
+    the run id resumes too."""
+    import json
+    import spurfast.pipeline as P
+
+    def stop(*a, **k):
+        raise _Embedded
+    monkeypatch.setattr(P.dist, "embed_pool_sharded", stop)
+    torch.manual_seed(0)
+    pool = ArraySource(torch.rand(12, 1, 16, 16), np.arange(12) % 2, name="pool")
+    clean_a = ArraySource(torch.rand(5, 1, 16, 16), np.zeros(5, int), name="clean")
+    clean_b = ArraySource(torch.rand(5, 1, 16, 16), np.zeros(5, int), name="clean")
+    clf, vae = SmallCNN(1, 2, 16), VAE(VAEConfig.for_images(1, 16, 4))
+    out = tmp_path / "run"
+
+    def run(**kw):
+        with pytest.raises(_Embedded):    # got past the output directory's check
+            run_discovery(pool, clf, vae, out, num_classes=2, progress=False, **kw)
+
+    run(clean=clean_a)
+    run(clean=clean_a)                    # the same run: resumed
+    first = json.loads((out / "run.json").read_text())["run_id"]
+    for kw in ({"clean": clean_b}, {"clean": clean_a, "suspect": np.arange(12) < 3},
+               {"clean": clean_a, "confirm": False}, {}):
+        with pytest.raises(FileExistsError, match="already holds run"):
+            run_discovery(pool, clf, vae, out, num_classes=2, progress=False, **kw)
+    # a directory an earlier version made for this run (its id hashed no inputs) resumes
+    fp, content = P.fingerprint(pool, clf, vae), P.content_digest(pool)
+    old = P._digest(fp + content + json.dumps(P.asdict(P.DiscoverConfig()), sort_keys=True))
+    (out / "run.json").write_text(json.dumps({"run_id": old}))
+    run(clean=clean_a)
+    assert json.loads((out / "run.json").read_text())["run_id"] == first
