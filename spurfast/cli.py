@@ -249,10 +249,10 @@ def cmd_discover(args):
             "--loader-backend %s has no effect: pool %s holds arrays, which no loader decodes",
             args.loader_backend, args.pool)
     pool, extra = load_pool(args.pool, args.size, args.channels, args.class_names)
-    clf = load_classifier(args.classifier, arch=args.arch, in_channels=pool.image_shape[0],
-                          num_classes=args.num_classes, image_size=pool.image_shape[1],
-                          weights_only=not args.unsafe_load)
     n_classes = args.num_classes or (len(pool.class_names) if pool.class_names else None)
+    clf = load_classifier(args.classifier, arch=args.arch, in_channels=pool.image_shape[0],
+                          num_classes=n_classes, image_size=pool.image_shape[1],   # a state_dict needs them
+                          weights_only=not args.unsafe_load)
     if n_classes is None:
         raise ValueError(f"pool {args.pool} is unlabelled: pass --num-classes (the classifier's number of classes)")
     named = dict(name=f"classifier {args.classifier}", pool=f"pool {args.pool}")

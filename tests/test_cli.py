@@ -513,3 +513,18 @@ def test_loader_backend_on_an_array_pool_says_it_has_no_effect(tmp_path, caplog)
                      "--out", str(tmp_path / "o"), "--quiet", "--loader-backend", "torch"]) == 2
     assert any("--loader-backend torch has no effect" in r.getMessage() and "wide.npz" in r.getMessage()
                for r in caplog.records), caplog.text
+
+
+def test_a_state_dict_with_arch_takes_its_class_count_from_a_labelled_pool(tmp_path, capsys):
+    """README: a state_dict plus --arch loads; it was refused unless --num-classes was
+    given too, although the pool names its classes."""
+    from spurfast.models import SmallCNN
+    torch.manual_seed(0)
+    torch.save(SmallCNN(1, 10, 28).state_dict(), tmp_path / "sd.pt")
+    _, vae = _models(tmp_path)
+    pool = _npz(tmp_path / "wide.npz", np.zeros((12, 1, 28, 32), np.uint8))   # refused at the VAE check
+    capsys.readouterr()
+    assert main(["discover", "--pool", pool, "--classifier", str(tmp_path / "sd.pt"), "--arch", "small_cnn",
+                 "--vae", vae, "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "bare state_dict" not in err and "1x28x32" in err, err

@@ -112,8 +112,9 @@ def load_classifier(path, arch: str | None = None, in_channels: int | None = Non
             m.eval()
             return m
         except Exception:
+            hint = "; if you trust this file (a pickled model), pass --unsafe-load" if weights_only else ""
             raise ValueError(f"{p} is neither TorchScript nor a loadable state_dict "
-                             f"(weights_only={weights_only}): {exc}") from None
+                             f"(weights_only={weights_only}): {str(exc).splitlines()[0]}{hint}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj.get("arch"), dict):
         a = dict(obj["arch"])
         name = a.pop("name")
@@ -132,8 +133,9 @@ def load_classifier(path, arch: str | None = None, in_channels: int | None = Non
                          f"classifier checkpoint (keys 'arch', 'state_dict') nor a state_dict of tensors")
     elif isinstance(obj, dict):
         if arch is None or in_channels is None or num_classes is None or image_size is None:
-            raise ValueError(f"{p} is a bare state_dict: name its architecture ({ARCHITECTURES}), "
-                             f"in_channels, num_classes and image_size")
+            raise ValueError(f"{p} is a bare state_dict: it needs its architecture (--arch, one of {ARCHITECTURES}) "
+                             f"and number of classes (--num-classes, or a pool with class names); got arch={arch}, "
+                             f"num_classes={num_classes}")
         model = build_classifier(arch, in_channels, num_classes, image_size)
         _load_weights(model, obj, p, arch, in_channels, num_classes, image_size)
     elif isinstance(obj, nn.Module):
