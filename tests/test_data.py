@@ -142,9 +142,16 @@ def test_folder_pool_identity_ignores_path_spelling_and_location(tmp_path, monke
             Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
     shutil.copytree(root, tmp_path / "b" / "pool")
     monkeypatch.chdir(tmp_path / "a")
+    (tmp_path / "link").symlink_to(root)
     spellings = [ImageFolderSource("pool", size=8), ImageFolderSource(root, size=8),
-                 ImageFolderSource(f"{tmp_path}/a/../a/pool/", size=8), ImageFolderSource(tmp_path / "b" / "pool", size=8)]
-    assert spellings[0].item_id(4) == "pool/dog/1.png"
+                 ImageFolderSource(f"{tmp_path}/a/../a/pool/", size=8), ImageFolderSource(tmp_path / "b" / "pool", size=8),
+                 ImageFolderSource(tmp_path / "link", size=8)]
+    assert [s.item_id(4) for s in spellings] == ["pool/dog/1.png"] * len(spellings)
+    monkeypatch.chdir(root)      # "." names the folder too
+    here = ImageFolderSource(".", size=8)
+    assert here.item_id(4) == "pool/dog/1.png"
+    assert (fingerprint(here), content_digest(here)) == (fingerprint(spellings[1]), content_digest(spellings[1]))
+    monkeypatch.chdir(tmp_path / "a")
     assert len({fingerprint(s) for s in spellings}) == 1
     assert len({content_digest(s) for s in spellings}) == 1
     (tmp_path / "b" / "pool" / "dog" / "1.png").write_bytes((root / "cat" / "0.png").read_bytes())

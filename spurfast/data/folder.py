@@ -111,7 +111,9 @@ class ImageFolderSource(ImageSource):
         self.paths, self._labels, self.class_names = list_folder(root, class_names)
         self.spec = PreprocessSpec(size, channels)
         self.image_shape = (channels, size, size)
-        self.name = Path(root).name
+        # the folder's own name (a link to it, or ".", names the same pool): item ids and so
+        # the pool's identity start with it
+        self.name = Path(root).resolve().name
         self.bad_files: dict[int, str] = {}
 
     def __len__(self):
