@@ -54,36 +54,26 @@ class DiscoverConfig:
     device: str = "cpu"
 
     def __post_init__(self):
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
+        # refused here, before any work: a negative seed crashed only after the clustering
+        # (numpy's SeedSequence), and the others ran on, silently finding nothing
+        # (n_neighbours <= 0: no agreement to measure) or dropping members (n_exemplars < 0
+        # slices from the end)
+        for name, low in (("k", 1), ("n_null", 1), ("n_neighbours", 1), ("seed", 0), ("n_exemplars", 0),
+                          ("n_iter", 0), ("min_cluster_size", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
         if self.max_k < 0:
             raise ValueError(f"max_k must be >= 0 (0: no cap), got {self.max_k}")
         if self.max_mean_cluster_size < 0:
             raise ValueError(f"max_mean_cluster_size must be >= 0 (0: fixed k), got {self.max_mean_cluster_size}")
         if not 0 < self.fdr < 1:
             raise ValueError(f"fdr must be in (0, 1), got {self.fdr}")
-        if self.n_null < 1:
-            raise ValueError(f"n_null must be >= 1, got {self.n_null}")
         if self.max_null < self.n_null:
             raise ValueError(f"max_null must be >= n_null={self.n_null}, got {self.max_null}")
         if self.statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {self.statistic!r}")
         if self.resolve_fdr is not None and not 0 < self.resolve_fdr < 1:
             raise ValueError(f"resolve_fdr must be in (0, 1) or None, got {self.resolve_fdr}")
-        # refused here, before any work: a negative seed crashed only after the clustering
-        # (numpy's SeedSequence), and the others ran on, silently finding nothing
-        # (n_neighbours <= 0: no agreement to measure) or dropping members (n_exemplars < 0
-        # slices from the end)
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if self.n_neighbours < 1:
-            raise ValueError(f"n_neighbours must be >= 1, got {self.n_neighbours}")
-        if self.n_exemplars < 0:
-            raise ValueError(f"n_exemplars must be >= 0, got {self.n_exemplars}")
-        if self.n_iter < 0:
-            raise ValueError(f"n_iter must be >= 0, got {self.n_iter}")
-        if self.min_cluster_size < 0:
-            raise ValueError(f"min_cluster_size must be >= 0, got {self.min_cluster_size}")
         if self.metric not in ("l2", "cosine"):
             raise ValueError(f"metric must be 'l2' or 'cosine', got {self.metric!r}")
 

@@ -412,16 +412,22 @@ def test_class_names_with_an_npz_pool_name_its_classes(tmp_path):
     assert load_pool(path, 8, 1, class_names=names)[0].class_names == ["0", "1", "2"]
 
 
-def test_vae_shape_is_checked_in_full(tmp_path, capsys):
-    """A 1x28x32 pool and a 1x28x28 VAE: comparing (C, H) alone let it through."""
+def _wide_pool_and_narrow_vae(tmp_path):
+    """(classifier, VAE, pool) paths that the VAE shape check refuses (1x28x32 pool, 1x28x28
+    VAE) after the earlier checks pass: a discover command that stops just before any work."""
     class Const(torch.nn.Module):
         def forward(self, x):
             return x.new_zeros(x.shape[0], 10)
 
     torch.jit.save(torch.jit.script(Const()), tmp_path / "const.pt")
     _, vae = _models(tmp_path)
-    pool = _npz(tmp_path / "wide.npz", np.zeros((12, 1, 28, 32), np.uint8))
-    assert main(["discover", "--pool", pool, "--classifier", str(tmp_path / "const.pt"), "--vae", vae,
+    return str(tmp_path / "const.pt"), vae, _npz(tmp_path / "wide.npz", np.zeros((12, 1, 28, 32), np.uint8))
+
+
+def test_vae_shape_is_checked_in_full(tmp_path, capsys):
+    """A 1x28x32 pool and a 1x28x28 VAE: comparing (C, H) alone let it through."""
+    clf, vae, pool = _wide_pool_and_narrow_vae(tmp_path)
+    assert main(["discover", "--pool", pool, "--classifier", clf, "--vae", vae,
                  "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err
     for w in ("vae1x28.pt", "1x28x28", "wide.npz", "1x28x32"):
@@ -501,15 +507,9 @@ def test_a_cuda_index_past_the_visible_gpus_is_refused_up_front(monkeypatch):
 
 
 def test_loader_backend_on_an_array_pool_says_it_has_no_effect(tmp_path, caplog):
-    class Const(torch.nn.Module):
-        def forward(self, x):
-            return x.new_zeros(x.shape[0], 10)
-
-    torch.jit.save(torch.jit.script(Const()), tmp_path / "const.pt")
-    _, vae = _models(tmp_path)
-    pool = _npz(tmp_path / "wide.npz", np.zeros((12, 1, 28, 32), np.uint8))  # the VAE check stops it before work
+    clf, vae, pool = _wide_pool_and_narrow_vae(tmp_path)
     with caplog.at_level("WARNING", logger="spurfast.cli"):
-        assert main(["discover", "--pool", pool, "--classifier", str(tmp_path / "const.pt"), "--vae", vae,
+        assert main(["discover", "--pool", pool, "--classifier", clf, "--vae", vae,
                      "--out", str(tmp_path / "o"), "--quiet", "--loader-backend", "torch"]) == 2
     assert any("--loader-backend torch has no effect" in r.getMessage() and "wide.npz" in r.getMessage()
                for r in caplog.records), caplog.text
