@@ -16,7 +16,10 @@ def digits_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits_run")
     summary = run_demo(out, dataset="digits", seed=0, target_class=3, family="patch3", n_poisoned="all",
                        pool_fraction=0.15, classifier_epochs=8, vae_epochs=15, progress=False,
-                       config=DiscoverConfig(n_null=20, seed=0))
+                       # max_null: a strong shortcut on a pool this small can sit at the permutation
+                       # resolution limit (p >= 1 / (1 + null clusters of its size)); on some CPUs the
+                       # trained models left it at q = 0.10 with 120 permutations, on others below 0.05
+                       config=DiscoverConfig(n_null=20, max_null=480, seed=0))
     return out, summary
 
 
@@ -67,4 +70,5 @@ def test_demo_without_a_planted_pattern_writes_valid_json(tmp_path):
     assert saved["planted"].startswith("nothing")
     assert saved["pattern IoU"] is None     # no planted mask to compare with
     report = (tmp_path / "report.html").read_text()
-    assert "nan" not in report.lower().replace("nan-", ""), "the report shows nan where summary.json has null"
+    for key in ("AUROC (probe ranking)", "pattern IoU"):   # the summary table said nan
+        assert f"<th>{key}</th><td>n/a</td>" in report, f"{key} is not n/a in the report"
