@@ -248,6 +248,35 @@ def build_data(setting: Setting, seed: int, sizes: Sizes) -> RunData:
 
 
 # ----------------------------------------------------------------------------- models
+# What a trained model depends on besides its settings (its cache key): the code that builds
+# the data and trains, and the CPU (training repeats bit for bit on one machine, not across
+# machines).  Cached models of another provenance are still used, but counted: figures from
+# them differ a little from a fresh run's (docs/RESULTS.md, twelfth session).
+_MODEL_SOURCES = ("models/train.py", "models/classifier.py", "models/vae.py", "plant.py", "data/builtin.py")
+FOREIGN_MODELS = "foreign_models"   # metric: 1 when the run scored models of another provenance
+
+
+def model_provenance() -> dict:
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for rel in _MODEL_SOURCES:
+        h.update((root / rel).read_bytes())
+    cpu = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
+    return {"code": h.hexdigest()[:16], "cpu": cpu, "torch": torch.__version__.split("+")[0]}
+
+
+def _provenance_file(model_path: Path) -> Path:
+    return model_path.with_name(model_path.stem + ".provenance.json")
+
+
+def _same_provenance(model_path: Path) -> bool:
+    f = _provenance_file(model_path)
+    try:
+        return json.loads(f.read_text()) == model_provenance()
+    except (OSError, ValueError):
+        return False   # cached before provenance was recorded: unknown, so not the same
+
+
 def _models(data: RunData, seed: int, sizes: Sizes, cache: Path, progress: bool):
     from .models.classifier import build_classifier
     from .models.train import load_vae, save_vae, train_classifier, train_vae
@@ -267,6 +296,7 @@ def _models(data: RunData, seed: int, sizes: Sizes, cache: Path, progress: bool)
         clf = train_classifier(data.train, 10, epochs=sizes.classifier_epochs, seed=seed,
                                checkpoint=cdir / f"{data.train_key}.ckpt", progress=progress)
         torch.save(clf.state_dict(), cpath)
+        _provenance_file(cpath).write_text(json.dumps(model_provenance()))
     vkey = _key({"pool": data.pool_key, "epochs": sizes.vae_epochs, "latent": sizes.latent_dim})
     vpath = vdir / f"{vkey}.pt"
     if vpath.is_file():
@@ -276,7 +306,12 @@ def _models(data: RunData, seed: int, sizes: Sizes, cache: Path, progress: bool)
         vae = train_vae(unrel, VAEConfig.for_images(c, h, latent_dim=sizes.latent_dim), epochs=sizes.vae_epochs,
                         seed=seed, checkpoint=vdir / f"{vkey}.ckpt", progress=progress)
         save_vae(vae, vpath)
-    return clf, vae, vkey
+        _provenance_file(vpath).write_text(json.dumps(model_provenance()))
+    foreign = not (_same_provenance(cpath) and _same_provenance(vpath))
+    if foreign:
+        log.warning("cached classifier %s or VAE %s was trained by other code or on another CPU: "
+                    "this run's figures may differ a little from a fresh run's", cpath.name, vpath.name)
+    return clf, vae, vkey, foreign
 
 
 # ----------------------------------------------------------------------------- one run
@@ -313,10 +348,14 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
     rfile = rdir / f"{setting.name}-s{seed}-{run_key}.json"
     if rfile.is_file():
         d = json.loads(rfile.read_text())
-        return d["rows"], d["confirm"]
+        foreign = d.get("model_provenance") != model_provenance()   # cached by other code or elsewhere
+        rows = [r for r in d["rows"] if r["metric"] != FOREIGN_MODELS]
+        rows.append({"setting": setting.name, "seed": seed, "method": "model", "feature": "all",
+                     "metric": FOREIGN_MODELS, "value": float(foreign)})
+        return rows, d["confirm"]
     t0 = time.time()
     data = build_data(setting, seed, sizes)
-    clf, vae, vkey = _models(data, seed, sizes, cache, progress)
+    clf, vae, vkey, foreign = _models(data, seed, sizes, cache, progress)
     t_models = time.time() - t0
     store = embed_pool(data.pool, clf, vae, cache / "stores" / f"{data.train_key}-{vkey}-{_key(data.suspect.tolist())}",
                        num_classes=10, progress=progress, num_workers=1,
@@ -387,7 +426,9 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
     for m, t in timing.items():
         add(m, "all", "seconds", t)
     add("model", "all", "seconds_models", t_models)
-    rfile.write_text(json.dumps({"rows": rows, "confirm": crow}, default=float))
+    add("model", "all", FOREIGN_MODELS, foreign)
+    rfile.write_text(json.dumps({"rows": rows, "confirm": crow,
+                                 "model_provenance": "foreign" if foreign else model_provenance()}, default=float))
     return rows, crow
 
 

@@ -79,6 +79,11 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
           "with no finding counts as a random ranking, and as mask IoU 0. `best in target class`: the share of "
           "seeds whose best finding lies in the pattern's class (a best finding elsewhere is usually the model's "
           "reaction to the pool's stamp in another class).", ""]
+    foreign = [r["value"] for r in rows if r["metric"] == "foreign_models"]
+    if sum(foreign):
+        L += [f"**{int(sum(foreign))} of {len(foreign)} runs scored cached classifiers or VAEs that other code "
+              f"or another CPU trained**: a fresh run (`--cache` empty) retrains them, and its figures differ a "
+              f"little (training repeats bit for bit on one machine only).", ""]
     L += _overview(rows, settings)
     metrics = ["hit@1", "auroc", "ap", "precision@10", "precision@25", "mask_iou", "best_is_target_class"]
     for s in settings:

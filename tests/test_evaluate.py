@@ -222,3 +222,36 @@ def test_spurious_score_is_yangs_probability_rise_not_an_argmax_flip():
     assert flip_to_target_rate(PatchReader(), clean, 2, spec) == 0.0
     weak = ArraySource(torch.zeros(20, 1, 12, 12), np.zeros(20, dtype=np.int64))
     assert spurious_score(lambda x: PatchReader()(x) * 0.2, weak, 2, spec) == 0.0   # a rise of 0.07 only
+
+
+def test_cached_models_of_other_code_or_cpu_are_counted(tmp_path, monkeypatch):
+    """The cache is keyed by settings only: models another version (or another CPU) trained
+    were scored silently, and committed figures differed from a fresh run's.  Such runs
+    now carry foreign_models = 1 and RESULTS.md counts them."""
+    import json
+
+    import spurfast.evaluate as E
+    from spurfast.results_doc import write_results
+
+    cache = tmp_path / "cache"
+    setting = PRESETS["tiny"]["settings"][0]
+    sizes = PRESETS["tiny"]["sizes"]
+    rows, _ = E.run_one(setting, 0, sizes, cache)
+    flag = lambda rs: [r["value"] for r in rs if r["metric"] == E.FOREIGN_MODELS]  # noqa: E731
+    assert flag(rows) == [0.0]                                   # trained here and now
+    assert flag(E.run_one(setting, 0, sizes, cache)[0]) == [0.0]  # its cached run, same provenance
+    here = E.model_provenance()
+    monkeypatch.setattr(E, "model_provenance", lambda: dict(here, cpu="another"))
+    rows, _ = E.run_one(setting, 0, sizes, cache)                # the cached run, read on another CPU
+    assert flag(rows) == [1.0]
+    for f in (cache / "runs").iterdir():
+        f.unlink()                                               # rescored with the cached models
+    rows, crows = E.run_one(setting, 0, sizes, cache)
+    assert flag(rows) == [1.0]
+    assert json.loads(next((cache / "runs").iterdir()).read_text())["model_provenance"] == "foreign"
+    for r in rows:
+        r["preset"] = "tiny"
+    from spurfast.results_doc import write_csv
+    write_csv(tmp_path / "results.csv", rows, ["preset", "setting", "seed", "method", "feature", "metric", "value"])
+    md = write_results(tmp_path / "results.csv", None, tmp_path / "RESULTS.md").read_text()
+    assert "**1 of 1 runs scored cached classifiers or VAEs that other code or another CPU trained**" in md
