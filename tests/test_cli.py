@@ -521,8 +521,7 @@ def test_a_state_dict_with_arch_takes_its_class_count_from_a_labelled_pool(tmp_p
     from spurfast.models import SmallCNN
     torch.manual_seed(0)
     torch.save(SmallCNN(1, 10, 28).state_dict(), tmp_path / "sd.pt")
-    _, vae = _models(tmp_path)
-    pool = _npz(tmp_path / "wide.npz", np.zeros((12, 1, 28, 32), np.uint8))   # refused at the VAE check
+    _, vae, pool = _wide_pool_and_narrow_vae(tmp_path)   # refused at the VAE check
     capsys.readouterr()
     assert main(["discover", "--pool", pool, "--classifier", str(tmp_path / "sd.pt"), "--arch", "small_cnn",
                  "--vae", vae, "--out", str(tmp_path / "o"), "--quiet"]) == 2

@@ -85,6 +85,20 @@ def save_classifier(model: nn.Module, path) -> None:
     torch.save({"arch": arch, "state_dict": model.state_dict()}, path)
 
 
+def torch_error_gist(exc: Exception) -> str:
+    """The gist of torch's message, without its advice to turn weights_only off: the unpickler's
+    own complaint, else the first line (for load_state_dict the first mismatch) and sentence."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:  # junk or a pickled object: the reason follows this
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    elif "TorchScript archive" in text:
+        return "it is a TorchScript archive"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        lines = lines[1:]
+    return lines[0].split(". ")[0].rstrip(".")[:300] if lines else type(exc).__name__
+
+
 def _load_weights(model: nn.Module, state_dict, p: Path, arch: str, in_channels, num_classes, image_size) -> None:
     """``model.load_state_dict`` whose mismatch error names the file and the architecture."""
     try:
@@ -114,7 +128,7 @@ def load_classifier(path, arch: str | None = None, in_channels: int | None = Non
         except Exception:
             hint = "; if you trust this file (a pickled model), pass --unsafe-load" if weights_only else ""
             raise ValueError(f"{p} is neither TorchScript nor a loadable state_dict "
-                             f"(weights_only={weights_only}): {str(exc).splitlines()[0]}{hint}") from None
+                             f"(weights_only={weights_only}): {torch_error_gist(exc)}{hint}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj.get("arch"), dict):
         a = dict(obj["arch"])
         name = a.pop("name")

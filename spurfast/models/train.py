@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.sources import ImageSource, content_digest
-from .classifier import build_classifier, save_classifier
+from .classifier import build_classifier, save_classifier, torch_error_gist
 from .vae import VAE, VAEConfig, vae_loss
 
 log = logging.getLogger("spurfast.train")
@@ -201,30 +201,16 @@ def load_vae(path, weights_only: bool = True) -> VAE:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=weights_only)
     except Exception as exc:  # junk, truncated, TorchScript or a pickled module: name the file
-        raise ValueError(f"{p} is not {what} (weights_only={weights_only}): {_first_line(exc)}") from None
+        raise ValueError(f"{p} is not {what} (weights_only={weights_only}): {torch_error_gist(exc)}") from None
     if not isinstance(obj, dict) or "config" not in obj or "state_dict" not in obj:
         raise ValueError(f"{p} is not a spurfast VAE checkpoint (expected keys 'config' and 'state_dict')")
     try:
         model = VAE(VAEConfig(**json.loads(obj["config"])))
         model.load_state_dict(obj["state_dict"])
     except (RuntimeError, TypeError, ValueError) as exc:
-        raise ValueError(f"{p} is not a loadable spurfast VAE checkpoint ({what}): {_first_line(exc)}") from None
+        raise ValueError(f"{p} is not a loadable spurfast VAE checkpoint ({what}): {torch_error_gist(exc)}") from None
     model.eval()
     return model
-
-
-def _first_line(exc: Exception) -> str:
-    """The gist of torch's message, without its advice to turn weights_only off: the unpickler's
-    own complaint, else the first line (for load_state_dict the first mismatch) and sentence."""
-    text = str(exc)
-    if "WeightsUnpickler error:" in text:  # junk or a pickled object: the reason follows this
-        text = text.split("WeightsUnpickler error:", 1)[1]
-    elif "TorchScript archive" in text:
-        return "it is a TorchScript archive"
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
-        lines = lines[1:]
-    return lines[0].split(". ")[0].rstrip(".")[:300] if lines else type(exc).__name__
 
 
 __all__ = ["train_classifier", "train_vae", "save_vae", "load_vae", "save_classifier", "seed_everything"]
