@@ -269,10 +269,10 @@ def _provenance_file(model_path: Path) -> Path:
     return model_path.with_name(model_path.stem + ".provenance.json")
 
 
-def _same_provenance(model_path: Path) -> bool:
+def _same_provenance(model_path: Path, here: dict) -> bool:
     f = _provenance_file(model_path)
     try:
-        return json.loads(f.read_text()) == model_provenance()
+        return json.loads(f.read_text()) == here
     except (OSError, ValueError):
         return False   # cached before provenance was recorded: unknown, so not the same
 
@@ -288,26 +288,28 @@ def _models(data: RunData, seed: int, sizes: Sizes, cache: Path, progress: bool)
     vdir.mkdir(parents=True, exist_ok=True)
     cpath = cdir / f"{data.train_key}.pt"
     c, h, _ = data.train.image_shape
+    here, foreign = model_provenance(), False   # foreign: a cached model of another provenance
     if cpath.is_file():
         clf = build_classifier("small_cnn", c, 10, h)
         clf.load_state_dict(torch.load(cpath, map_location="cpu", weights_only=True))
         clf.eval()
+        foreign |= not _same_provenance(cpath, here)
     else:
         clf = train_classifier(data.train, 10, epochs=sizes.classifier_epochs, seed=seed,
                                checkpoint=cdir / f"{data.train_key}.ckpt", progress=progress)
         torch.save(clf.state_dict(), cpath)
-        _provenance_file(cpath).write_text(json.dumps(model_provenance()))
+        _provenance_file(cpath).write_text(json.dumps(here))
     vkey = _key({"pool": data.pool_key, "epochs": sizes.vae_epochs, "latent": sizes.latent_dim})
     vpath = vdir / f"{vkey}.pt"
     if vpath.is_file():
         vae = load_vae(vpath)
+        foreign |= not _same_provenance(vpath, here)
     else:
         unrel = ArraySource(data.pool.images[:data.unrelated_n], None, name="eval-pool-unrelated")
         vae = train_vae(unrel, VAEConfig.for_images(c, h, latent_dim=sizes.latent_dim), epochs=sizes.vae_epochs,
                         seed=seed, checkpoint=vdir / f"{vkey}.ckpt", progress=progress)
         save_vae(vae, vpath)
-        _provenance_file(vpath).write_text(json.dumps(model_provenance()))
-    foreign = not (_same_provenance(cpath) and _same_provenance(vpath))
+        _provenance_file(vpath).write_text(json.dumps(here))
     if foreign:
         log.warning("cached classifier %s or VAE %s was trained by other code or on another CPU: "
                     "this run's figures may differ a little from a fresh run's", cpath.name, vpath.name)
