@@ -13,20 +13,26 @@ import torch
 
 
 def check_offsets(offsets: torch.Tensor, N: int, device, k_per_group=None, kmax: int = 0):
-    """offsets on ``device`` as int64, checked to run 0..N; k_per_group (if given) checked
-    to lie in [0, kmax].  One host synchronisation for all checks."""
+    """offsets on ``device`` as int64, checked to run 0..N without decreasing; k_per_group
+    (if given) checked to lie in [0, kmax].  One host synchronisation for all checks."""
     if not isinstance(offsets, torch.Tensor) or offsets.dim() != 1 or len(offsets) < 1:
         raise ValueError(f"offsets must be a 1-D tensor (G + 1,), got "
                          f"{tuple(offsets.shape) if isinstance(offsets, torch.Tensor) else type(offsets).__name__}")
     offsets = offsets.to(device=device, dtype=torch.int64).contiguous()
-    probe = [offsets[0], offsets[-1]]
+    # the smallest group size too: decreasing offsets passed the end checks, and the assign
+    # kernels then read and wrote rows past N
+    smallest = (offsets[1:] - offsets[:-1]).min() if len(offsets) > 1 else offsets[0]
+    probe = [offsets[0], offsets[-1], smallest]
     if k_per_group is not None and len(k_per_group):
         probe += [k_per_group.min(), k_per_group.max()]
     vals = [int(v) for v in torch.stack(probe).tolist()]
     if vals[0] != 0 or vals[1] != N:
         raise ValueError(f"offsets must run from 0 to N={N}, got {vals[0]}..{vals[1]}")
-    if len(vals) == 4 and (vals[2] < 0 or vals[3] > kmax):
-        raise ValueError(f"k_per_group has values in [{vals[2]}, {vals[3]}]; expected [0, kmax={kmax}]")
+    if vals[2] < 0:
+        raise ValueError(f"offsets must not decrease (group sizes >= 0), got a group of size {vals[2]} "
+                         f"in {offsets[:20].tolist()}{' ...' if len(offsets) > 20 else ''}")
+    if len(vals) == 5 and (vals[3] < 0 or vals[4] > kmax):
+        raise ValueError(f"k_per_group has values in [{vals[3]}, {vals[4]}]; expected [0, kmax={kmax}]")
     return offsets
 
 

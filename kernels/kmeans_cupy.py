@@ -2,9 +2,10 @@
 
 Same signatures and semantics as the k-means section of ``spurfast.kernels.reference``:
 ``kmeans_assign``, ``kmeans_update`` and ``cluster_similarity`` take and return torch CUDA
-tensors.  Inputs are shared with CuPy through DLPack (no copies; bf16 travels as an int16
-view since CuPy has no bfloat16) and every launch goes to torch's current stream, so the
-calls order correctly with the surrounding torch code and need no synchronisation.
+tensors.  Inputs reach the kernels as raw device pointers of the torch tensors (no copies;
+``SPURFAST_KMEANS_DLPACK=1`` passes them through DLPack instead, bf16 as an int16 view since
+CuPy has no bfloat16) and every launch goes to torch's current stream, so the calls order
+correctly with the surrounding torch code and need no synchronisation.
 
 Modules: a prebuilt fatbin ``kernels/prebuilt/<source>_sm<cc>.fatbin`` (built by
 CMakeLists.txt, ``make kernels``) is loaded when one exists for this GPU's architecture
@@ -116,16 +117,21 @@ def _fatbin_dirs() -> list[Path]:
 
 def find_fatbin(name: str, cc: int) -> Path | None:
     """Prebuilt fatbin for compute capability ``cc`` (e.g. 90): exact, else the highest
-    lower minor of the same major (cubins are binary-compatible within a major)."""
+    lower minor of the same major (cubins are binary-compatible within a major).  An
+    arch-specific build (``_sm90a``, which CMake accepts) runs on exactly that capability, a
+    family build (``_sm100f``) on its major from that minor up."""
     best = None
     for d in _fatbin_dirs():
         for p in d.glob(f"{name}_sm*.fatbin"):
-            m = re.fullmatch(rf"{re.escape(name)}_sm(\d+)\.fatbin", p.name)
+            m = re.fullmatch(rf"{re.escape(name)}_sm(\d+)([af]?)\.fatbin", p.name)
             if not m:
                 continue
-            arch = int(m.group(1))
-            if arch // 10 == cc // 10 and arch <= cc and (best is None or arch > best[0]):
-                best = (arch, p)
+            arch, suffix = int(m.group(1)), m.group(2)
+            runs = arch == cc if suffix == "a" else (arch // 10 == cc // 10 and arch <= cc)
+            # the highest arch wins; at the same arch the plain build (SASS + PTX) over a suffixed one
+            rank = (arch, suffix == "")
+            if runs and (best is None or rank > best[0]):
+                best = (rank, p)
         if best is not None:
             return best[1]
     return None
@@ -336,9 +342,11 @@ def kmeans_update(x, offsets, assign, kmax: int, deterministic: bool = True):
     S = G * kmax
     assign = _check_assign(assign, N, kmax, x.device)
     sums = torch.zeros(G, kmax, d, dtype=torch.float32, device=x.device)
-    if N == 0 or d == 0:
+    if N == 0:
         return sums, torch.zeros(G, kmax, dtype=torch.int64, device=x.device)
     _, perm, seg_first, counts = _segment_sort(offsets, assign, kmax, N)
+    if d == 0:   # no coordinates to sum, but the points still count (the loop reads 0 as empty)
+        return sums, counts.view(G, kmax)
     chunk_first = exclusive_prefix(torch.div(counts + (UPDATE_ROWS - 1), UPDATE_ROWS, rounding_mode="floor"))
     nchunk_max = (N + UPDATE_ROWS - 1) // UPDATE_ROWS + min(S, N)
     partial = torch.empty((nchunk_max if deterministic else 1), d, dtype=torch.float32, device=x.device)

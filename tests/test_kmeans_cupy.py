@@ -94,6 +94,31 @@ def test_find_fatbin_prefers_exact_then_same_major(tmp_path, monkeypatch):
     assert kc.find_fatbin("kmeans_assign", 90) is None
 
 
+def test_find_fatbin_reads_arch_specific_and_family_builds(tmp_path, monkeypatch):
+    # CMake accepts "90a" and "100f"; their fatbins were built and then never loaded
+    for tag in ("90a", "100f"):
+        (tmp_path / f"kmeans_assign_sm{tag}.fatbin").write_bytes(b"x")
+    monkeypatch.setattr(kc, "PREBUILT_DIR", tmp_path)
+    monkeypatch.delenv("SPURFAST_KMEANS_FATBIN_DIR", raising=False)
+    assert kc.find_fatbin("kmeans_assign", 90).name == "kmeans_assign_sm90a.fatbin"
+    assert kc.find_fatbin("kmeans_assign", 89) is None        # sm_90a runs on 9.0 only
+    assert kc.find_fatbin("kmeans_assign", 103).name == "kmeans_assign_sm100f.fatbin"
+    assert kc.find_fatbin("kmeans_assign", 120) is None
+    (tmp_path / "kmeans_assign_sm90.fatbin").write_bytes(b"x")
+    assert kc.find_fatbin("kmeans_assign", 90).name == "kmeans_assign_sm90.fatbin"   # plain first
+
+
+def test_update_counts_points_without_coordinates(monkeypatch):
+    # d == 0: nothing to sum, but the counts are real (all zeros read as empty clusters);
+    # the path up to that return is torch only, so it runs on CPU tensors
+    monkeypatch.setattr(kc, "_check_x", lambda x, name="x": x.contiguous())
+    x, off, assign = torch.zeros(5, 0), torch.tensor([0, 3, 5]), torch.tensor([0, 1, 1, 2, 2])
+    sums, counts = kc.kmeans_update(x, off, assign, 3)
+    ref_sums, ref_counts = ref.kmeans_update(x, off, assign, 3)
+    assert counts.tolist() == ref_counts.tolist() == [[1, 2, 0], [0, 0, 2]]
+    assert sums.shape == ref_sums.shape == (2, 3, 0)
+
+
 # ----------------------------------------------------------------------------- GPU tests
 def _cast(x, dtype):
     return x.to(dtype).contiguous()

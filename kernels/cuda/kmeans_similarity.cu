@@ -85,7 +85,9 @@ extern "C" __global__ void __launch_bounds__(SIM_THREADS) spurfast_sim_cluster(
         sc += cosv[p];
         const float sqp = sqv[p];
         ss += sqp;
-        const u64 key = ((u64)__float_as_uint(fmaxf(sqp, 0.f)) << 32) | (u64)(unsigned)p;
+        // NaN keys sort after +inf as the reference's argsort puts them (fmaxf(NaN, 0) is 0)
+        const unsigned kb = (sqp != sqp) ? 0x7fffffffu : __float_as_uint(fmaxf(sqp, 0.f));
+        const u64 key = ((u64)kb << 32) | (u64)(unsigned)p;
         if (m > 0 && key < top[m - 1]) {                // insertion into the sorted list
             int q = (int)m - 1;
             while (q > 0 && top[q - 1] > key) { top[q] = top[q - 1]; --q; }
