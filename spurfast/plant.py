@@ -33,8 +33,13 @@ class PatternSpec:
             raise ValueError(f"unknown position {self.position!r}; expected one of {POSITIONS}")
         if not 0.0 < float(self.strength) <= 1.0:
             raise ValueError(f"pattern strength must be in (0, 1], got {self.strength}")
+        # a negative margin slices an empty (top/left) or clipped (bottom/right) patch
+        if isinstance(self.margin, bool) or not isinstance(self.margin, (int, np.integer)) or self.margin < 0:
+            raise ValueError(f"pattern margin must be an integer >= 0, got {self.margin!r}")
         if self.color is not None:
             self.color = tuple(float(c) for c in self.color)
+            if not all(0.0 <= c <= 1.0 for c in self.color):
+                raise ValueError(f"background color components must be in [0, 1], got {self.color}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,6 +95,8 @@ def apply_pattern(images: torch.Tensor, spec: PatternSpec, seed: int | None = No
     """
     if images.dim() != 4:
         raise ValueError(f"images must be (N, C, H, W), got {tuple(images.shape)}")
+    if not images.is_floating_point():  # the pattern's values are on the [0, 1] scale
+        raise ValueError(f"images must be floats in [0, 1], got dtype {images.dtype}")
     x = images.clone().float()
     n, c, h, w = x.shape
     rng = np.random.default_rng(spec.seed if seed is None else seed)

@@ -428,3 +428,81 @@ def test_both_loaders_apply_the_same_pixel_limit(tmp_path, monkeypatch):
     _, _, d_ok, d_bad = _run("dali", paths, num_threads=1)
     assert t_ok.tolist() == d_ok.tolist() == [True, False, False]
     assert t_bad == d_bad and all("DecompressionBombError" in r for r in t_bad.values())
+
+
+# ------------------------------------------------------------------ unusual shapes and layouts
+def test_extreme_aspect_ratio_resamples_only_the_crop_window(tmp_path, monkeypatch):
+    """A 1x20000 strip at size 224 is 224 x 4.48M pixels once resized whole (4.5 GB, half a
+    minute, an OOM-killed worker for longer strips): only the crop window may be resampled."""
+    from spurfast.data.preprocess import load_image_uint8
+
+    strip = np.random.default_rng(0).integers(0, 256, (1, 20000, 3), dtype=np.uint8)
+    Image.fromarray(strip).save(tmp_path / "strip.png")
+    resize = Image.Image.resize
+
+    def bounded(im, size, *a, **k):
+        assert size[0] * size[1] <= 224 * 224, f"resampling to {size[0]}x{size[1]} for a 224x224 output"
+        return resize(im, size, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "resize", bounded)
+    out = load_image_uint8(str(tmp_path / "strip.png"), PreprocessSpec(224, 3))
+    assert out.shape == (3, 224, 224) and out.dtype == torch.uint8
+
+
+def test_crop_window_resampling_keeps_the_whole_image_definition(tmp_path):
+    """Resampling only the crop window samples where resize-whole-then-crop does (up to
+    float rounding of the filter weights: 1 level)."""
+    from spurfast.data.preprocess import crop_geometry, load_image_uint8
+
+    rng = np.random.default_rng(1)
+    for h, w in ((60, 80), (97, 13), (3, 900), (301, 37), (64, 63)):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+        for size, ch in ((32, 3), (64, 1), (224, 3)):
+            got = load_image_uint8(str(tmp_path / "a.png"), PreprocessSpec(size, ch)).int()
+            with Image.open(tmp_path / "a.png") as im:
+                im = im.convert("RGB" if ch == 3 else "L")
+                nh, nw, top, left = crop_geometry(h, w, size)
+                whole = im.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
+                ref = np.asarray(whole.crop((left, top, left + size, top + size))).reshape(size, size, ch)
+            ref = torch.from_numpy(ref.copy()).permute(2, 0, 1).int()
+            assert int((got - ref).abs().max()) <= 1, (h, w, size, ch)
+
+
+def test_images_at_the_top_of_a_class_folder_pool_are_named(tmp_path, caplog):
+    """One stray image at the top makes the pool flat and unlabelled: say so, and name it."""
+    root = tmp_path / "pool"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        (root / c / "a.png").write_bytes(_png_bytes(_picture(1, 20, 20)))
+    (root / "cover.png").write_bytes(_png_bytes(_picture(2, 20, 20)))
+    with caplog.at_level("WARNING", logger="spurfast.data"):
+        paths, labels, names = list_folder(root)
+    assert names is None and set(labels) == {-1} and len(paths) == 3    # still the flat reading
+    assert "subfolders (cat, dog) and 1 image(s) at its top (cover.png)" in caplog.text
+    with pytest.raises(ValueError, match=r"class names were given, but .*pool has subfolders \(cat, dog\) and "
+                                         r"1 image\(s\) at its top \(cover\.png\).*move those images"):
+        list_folder(root, class_names=["cat", "dog"])
+
+
+def test_a_folder_that_cannot_be_listed_is_reported(tmp_path, monkeypatch, caplog):
+    """os.walk skips an unreadable folder silently; its images must not vanish unreported.
+    (An EACCES from scandir, simulated: the tests may run as root.)"""
+    import os
+
+    root = tmp_path / "pool"
+    (root / "cat" / "sub").mkdir(parents=True)
+    (root / "dog").mkdir()
+    for p in ("cat/a.png", "cat/sub/b.png", "dog/d.png"):
+        (root / p).write_bytes(_png_bytes(_picture(1, 20, 20)))
+    locked, scandir = str(root / "cat" / "sub"), os.scandir
+
+    def no_access(path="."):
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", no_access)
+    with caplog.at_level("WARNING", logger="spurfast.data"):
+        paths, labels, _ = list_folder(root)
+    assert [str(Path(p).relative_to(root)) for p in paths] == ["cat/a.png", "dog/d.png"]
+    assert f"cannot list folder {locked} (Permission denied)" in caplog.text

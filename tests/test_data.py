@@ -172,3 +172,49 @@ def test_class_names_keep_the_classifiers_labels_when_a_class_folder_is_missing(
     assert src.labels().tolist() == [0, 1, 2, 4] and src.class_names == names
     with pytest.raises(ValueError, match=r"class folders \['4'\].*not among the 4 class names"):
         ImageFolderSource(tmp_path, size=8, class_names=["0", "1", "2", "3"])
+
+
+def test_array_source_rejects_channels_last_rgba():
+    # (N,H,W,4) read as CHW would be 8 channels of 8x4 images, and a classifier trains on it
+    with pytest.raises(ValueError, match=r"mypool: images have shape \(2, 8, 8, 4\).*\(N,H,W,C\)"):
+        ArraySource(np.zeros((2, 8, 8, 4), np.uint8), name="mypool")
+    assert ArraySource(np.zeros((2, 4, 8, 8), np.uint8)).image_shape == (4, 8, 8)  # CHW RGBA stays accepted
+
+
+def test_array_source_labels_must_be_whole_numbers():
+    x = np.zeros((3, 4, 4), np.uint8)
+    with pytest.raises(ValueError, match=r"mypool: labels must be integers, got dtype float64 \(e\.g\. 1\.95\)"):
+        ArraySource(x, labels=[1.0, 1.95, 2.0], name="mypool")
+    with pytest.raises(ValueError, match=r"mypool: labels must be integers.*nan"):
+        ArraySource(x, labels=[0.0, np.nan, 1.0], name="mypool")
+    with pytest.raises(ValueError, match=r"mypool: labels must be integers, got dtype <U3 \(e\.g\. 'cat'\)"):
+        ArraySource(x, labels=["cat", "dog", "cow"], name="mypool")
+    assert ArraySource(x, labels=np.array([2.0, 0.0, -1.0], np.float32)).labels().tolist() == [2, 0, -1]
+    assert ArraySource(x, labels=np.array([1, 0, 1], np.uint8)).labels().tolist() == [1, 0, 1]
+
+
+def test_array_source_rejects_unusable_dtypes_and_empty_images():
+    for bad, dtype in ((np.full((2, 4, 4), "a"), "<U1"), (np.full((2, 4, 4), 0.5 + 0j), "complex128"),
+                       (np.empty((2, 4, 4), dtype=object), "object"),
+                       (torch.full((2, 4, 4), 0.5 + 0j), "torch.complex64")):
+        with pytest.raises(ValueError, match=rf"mypool: images have dtype {dtype}; expected uint8 \(0\.\.255\) or fl"):
+            ArraySource(bad, name="mypool")
+    with pytest.raises(ValueError, match=r"mypool: uint16 images must lie in \[0, 1\]; got range \[1e\+03, 1e\+03\]"):
+        ArraySource(np.full((2, 4, 4), 1000, np.uint16), name="mypool")
+    with pytest.raises(ValueError, match=r"mypool: images have shape \(2, 1, 0, 8\); .*height and width must be >= 1"):
+        ArraySource(np.zeros((2, 1, 0, 8), np.uint8), name="mypool")
+    assert len(ArraySource(np.zeros((0, 1, 8, 8), np.uint8))) == 0  # no images is fine; empty images are not
+    assert ArraySource(np.ones((2, 1, 4, 4), np.int64)).images.max() == 1.0   # integers within [0, 1] still work
+
+
+def test_read_idx_names_truncated_and_corrupt_files(tmp_path):
+    (tmp_path / "short.idx").write_bytes(b"\x00\x00\x08\x03\x00\x00")
+    with pytest.raises(ValueError, match=r"short\.idx: not a complete IDX file \(6 bytes"):
+        read_idx(tmp_path / "short.idx")
+    gz = gzip.compress(b"\x00\x00\x08\x01" + struct.pack(">I", 5) + bytes(5))
+    (tmp_path / "trunc.idx.gz").write_bytes(gz[:-6])
+    with pytest.raises(ValueError, match=r"trunc\.idx\.gz: not a complete gzipped IDX file \(EOFError"):
+        read_idx(tmp_path / "trunc.idx.gz")
+    (tmp_path / "plain.idx.gz").write_bytes(b"\x00\x00\x08\x01" + struct.pack(">I", 5) + bytes(5))
+    with pytest.raises(ValueError, match=r"plain\.idx\.gz: not a complete gzipped IDX file \(BadGzipFile"):
+        read_idx(tmp_path / "plain.idx.gz")

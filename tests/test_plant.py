@@ -79,3 +79,20 @@ def test_bad_plant_inputs():
         fixed_mask(PatternSpec("patch5"), (1, 4, 4))
     with pytest.raises(ValueError, match="fraction"):
         plant_pool(torch.zeros(4, 1, 8, 8), 1.5, PatternSpec())
+
+
+def test_patterns_that_would_plant_nothing_or_out_of_range_are_refused():
+    # a negative margin stamped nothing at top/left corners (empty slice) while the truth said it did
+    for margin in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=rf"margin must be an integer >= 0, got {margin!r}"):
+            PatternSpec("patch3", position="top_left", margin=margin)
+    with pytest.raises(ValueError, match=r"background color components must be in \[0, 1\], got \(3\.0,\)"):
+        PatternSpec("background", color=(3.0,))
+    with pytest.raises(ValueError, match="color"):
+        PatternSpec("background", color=(0.5, float("nan"), 0.5))
+    x = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)   # a stamp of 1.0 on a 0..255 scale is invisible
+    with pytest.raises(ValueError, match=r"images must be floats in \[0, 1\], got dtype torch.uint8"):
+        apply_pattern(x, PatternSpec("pixel"))
+    with pytest.raises(ValueError, match="torch.uint8"):
+        plant_training(x, np.zeros(4, int), 0, 2, PatternSpec("pixel"))
+    assert apply_pattern(x.double() / 255, PatternSpec("pixel"))[0].dtype == torch.float32

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -44,13 +45,18 @@ def find_fashion_mnist(root=None) -> Path | None:
 
 def read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as fh:
-        data = fh.read()
+    try:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:  # truncated or corrupt .gz
+        raise ValueError(f"{path}: not a complete gzipped IDX file ({exc.__class__.__name__}: {exc})") from None
     if len(data) < 4:
         raise ValueError(f"{path}: not an IDX file (only {len(data)} bytes)")
     zero, dtype_code, ndim = data[0:2], data[2], data[3]
     if zero != b"\x00\x00" or dtype_code != 0x08:
         raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {data[:4].hex()})")
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: not a complete IDX file ({len(data)} bytes, too few for a {ndim}-D header)")
     dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(dims)):

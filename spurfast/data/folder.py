@@ -24,7 +24,12 @@ def _image_files(d: Path) -> list[Path]:
     image name are kept, so the loaders report them as unreadable instead of dropping them."""
     seen = {os.path.realpath(d)}
     files = []
-    for top, dirs, names in os.walk(d, followlinks=True):
+
+    def unlisted(exc: OSError):  # os.walk skips a folder it cannot list without a word
+        log.warning("cannot list folder %s (%s); the images in it are not in the pool",
+                    exc.filename, exc.strerror or exc)
+
+    for top, dirs, names in os.walk(d, followlinks=True, onerror=unlisted):
         keep = []
         for sub in sorted(dirs):  # sorted: which of two paths to one folder is kept is stable
             real = os.path.realpath(os.path.join(top, sub))
@@ -37,6 +42,11 @@ def _image_files(d: Path) -> list[Path]:
             if _is_image_name(n) and (os.path.isfile(full) or not os.path.exists(full)):  # file or broken link
                 files.append(Path(full))
     return sorted(files)
+
+
+def _some(names, k: int = 5) -> str:
+    names = list(names)
+    return ", ".join(names[:k]) + (", ..." if len(names) > k else "")
 
 
 def list_folder(root: str | Path, class_names: list[str] | None = None) -> tuple[list[str], list[int], list[str] | None]:
@@ -73,7 +83,14 @@ def list_folder(root: str | Path, class_names: list[str] | None = None) -> tuple
             paths += [str(p) for p in files]
             labels += [names.index(d.name)] * len(files)
         return paths, labels, names
-    if class_names is not None:
+    if subdirs:
+        # images at the top make the whole pool flat: likely a stray file in a class-folder pool
+        mixed = (f"{root} has subfolders ({_some(d.name for d in subdirs)}) and {len(top_files)} image(s) "
+                 f"at its top ({_some(p.name for p in top_files)}), so it is read as one flat, unlabelled pool")
+        if class_names is not None:
+            raise ValueError(f"class names were given, but {mixed}: move those images into class folders")
+        log.warning("%s; to label it by class folder, move those images into class folders", mixed)
+    elif class_names is not None:
         raise ValueError(f"class names were given, but {root} has no class folders (a flat, unlabelled pool)")
     files = _image_files(root)
     if not files:

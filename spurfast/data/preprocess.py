@@ -11,8 +11,10 @@ Every number the two loaders must agree on is defined here once and used by both
 * geometry (:func:`crop_geometry`): the shorter side becomes ``size``, the longer side
   ``round_half_up(long * size / short)`` computed in integers; the crop offset is
   ``(resized - size) // 2`` in each axis.  The scale per axis is ``source / resized``,
-  i.e. exactly what resizing the whole image to (nh, nw) and cropping gives.  The DALI
-  graph evaluates the same integer formulas per sample (``loader_dali._geometry``).
+  i.e. the sampling positions of resizing the whole image to (nh, nw) and cropping; both
+  loaders resample only the crop window of the source (PIL ``resize(box=)``, DALI's ROI),
+  so an extreme aspect ratio costs no more than a square image.  The DALI graph evaluates
+  the same integer formulas per sample (``loader_dali._geometry``).
 * grey (channels=1): ITU-R 601-2 luma with PIL's fixed-point weights
   ``(19595 R + 38470 G + 7471 B + 32768) >> 16`` applied to the decoded RGB image
   (:data:`GRAY_WEIGHTS`), then resized.
@@ -22,7 +24,10 @@ Every number the two loaders must agree on is defined here once and used by both
 What cannot be made identical is bounded by tests/test_loader_parity.py: the JPEG
 decoders (both libjpeg-turbo, measured bit-identical on our test images) and the
 antialiased-bilinear resamplers (PIL renormalises the filter at image borders, DALI
-clamps), which differ by a few levels at border pixels of strongly downscaled images.
+clamps), which differ by a few levels at border pixels of strongly downscaled images; and
+16-bit *colour* PNGs (RGB, RGBA, grey + alpha), which Pillow decodes to 8 bits keeping
+the high byte (``v >> 8``; it has no rounding unpacker) where DALI rounds (``v / 257``):
+at most 1 level apart before resampling.  16-bit grey is rounded here as DALI does.
 
 Bad files: :func:`validate_image_file` is the one pre-decode check both loaders use,
 so they agree on which files are bad and why: first :func:`check_image_file` (empty file,
@@ -177,9 +182,13 @@ def load_image_uint8(path: str, spec: PreprocessSpec) -> torch.Tensor:
         if im.getexif().get(0x0112, 1) not in (0, 1):  # EXIF orientation, as DALI applies it
             im = ImageOps.exif_transpose(im)
         im = _to_rgb_or_l(im, spec.channels)
-        nh, nw, top, left = crop_geometry(im.height, im.width, spec.size)
-        im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
-        im = im.crop((left, top, left + spec.size, top + spec.size))
+        h, w = im.height, im.width
+        nh, nw, top, left = crop_geometry(h, w, spec.size)
+        # resample only the crop window (as DALI's ROI does): resizing the whole image first
+        # costs size^2 * w / h for a long strip (a 1x20000 PNG at 224: 4.5 GB, 30 s)
+        sy, sx = h / nh, w / nw
+        im = im.resize((spec.size, spec.size), Image.BILINEAR, reducing_gap=None,
+                       box=(left * sx, top * sy, (left + spec.size) * sx, (top + spec.size) * sy))
         arr = np.asarray(im, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]

@@ -94,26 +94,47 @@ def to_float_images(images, name: str | None = None) -> torch.Tensor:
     """(N,H,W) or (N,C,H,W) uint8/float array -> float32 (N,C,H,W) in [0, 1].  ``name``
     (the source) prefixes error messages."""
     where = f"{name}: " if name else ""
+    expected = "expected uint8 (0..255) or floats in [0, 1]"
     if not isinstance(images, torch.Tensor):
         arr = np.asarray(images)
+        if arr.dtype.kind not in "buif":  # strings, objects, complex: torch's errors name neither
+            raise ValueError(f"{where}images have dtype {arr.dtype}; {expected}")
         t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
     else:
         t = images
+    if t.is_complex():  # .float() would keep the real part with only a warning
+        raise ValueError(f"{where}images have dtype {t.dtype}; {expected}")
     if t.dim() == 3:
         t = t.unsqueeze(1)
     if t.dim() != 4:
         raise ValueError(f"{where}images must be (N,H,W) or (N,C,H,W), got shape {tuple(t.shape)}")
-    if t.shape[1] not in (1, 3) and t.shape[-1] in (1, 3):
-        # channels-last (N,H,W,C) would otherwise be read as H channels of W x C images
+    if t.shape[1] not in (1, 3) and t.shape[-1] in (1, 3, 4):
+        # channels-last (N,H,W,C), RGBA included, would otherwise be read as H channels of W x C images
         raise ValueError(f"{where}images have shape {tuple(t.shape)}, which looks like (N,H,W,C); expected "
                          f"(N,C,H,W) or (N,H,W): transpose them, e.g. images.transpose(0, 3, 1, 2)")
+    if 0 in t.shape[1:]:
+        raise ValueError(f"{where}images have shape {tuple(t.shape)}; channels, height and width must be >= 1")
     if t.dtype == torch.uint8:
         return t.float().div_(255.0)
+    kind = "float" if t.is_floating_point() else str(t.dtype).removeprefix("torch.")
     t = t.float()
     if t.numel() and (float(t.min()) < 0.0 or float(t.max()) > 1.0):
-        raise ValueError(f"{where}float images must lie in [0, 1]; got range [{float(t.min()):.3g}, "
+        raise ValueError(f"{where}{kind} images must lie in [0, 1]; got range [{float(t.min()):.3g}, "
                          f"{float(t.max()):.3g}] (uint8 images may span 0..255)")
     return t
+
+
+def _int_labels(labels, name: str) -> np.ndarray:
+    """Labels as int64; floats only when they are whole numbers (a cast would truncate
+    soft or fractional labels into ones nobody wrote)."""
+    lab = np.asarray(labels).reshape(-1)
+    whole = lab.dtype.kind in "iub" or (lab.dtype.kind == "f" and bool(np.all(np.isfinite(lab)))
+                                        and np.array_equal(lab, np.round(lab)))
+    if not whole:
+        odd = lab[~np.isfinite(lab) | (lab != np.round(lab))] if lab.dtype.kind == "f" else lab
+        eg = f" (e.g. {odd[0].item()!r})" if odd.size else ""
+        raise ValueError(f"{name}: labels must be integers, got dtype {lab.dtype}{eg}")
+    return lab.astype(np.int64)
 
 
 class ArraySource(ImageSource):
@@ -126,7 +147,7 @@ class ArraySource(ImageSource):
         if labels is None:
             self._labels = np.full(n, -1, dtype=np.int64)
         else:
-            self._labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+            self._labels = _int_labels(labels, name)
             if len(self._labels) != n:
                 raise ValueError(f"{name}: {len(self._labels)} labels for {n} images")
         if ids is not None and len(ids) != n:
