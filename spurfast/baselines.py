@@ -33,7 +33,9 @@ def _valid(store):
     return np.nonzero(ok)[0], pred
 
 
-def george(store, *, k: int = 8, min_cluster_size: int = 5, seed: int = 0, suspect=None, n_iter: int = 20) -> list[dict]:
+def george(store, *, k: int = 8, min_cluster_size: int = 5,
+           max_mean_cluster_size: int = DiscoverConfig.max_mean_cluster_size, max_k: int = DiscoverConfig.max_k,
+           seed: int = 0, suspect=None, n_iter: int = 20) -> list[dict]:
     valid, pred = _valid(store)
     n_classes = int(store.manifest["num_classes"])
     f = _standardise(np.asarray(store["feats"], dtype=np.float32)[valid])
@@ -42,7 +44,9 @@ def george(store, *, k: int = 8, min_cluster_size: int = 5, seed: int = 0, suspe
     probs = np.asarray(store["probs"])[valid]
     suspect = np.zeros(store.n, bool) if suspect is None else np.asarray(suspect, bool)
     unknown_ok = ~suspect[valid]
-    kpg = choose_k(np.bincount(g, minlength=n_classes), k, min_cluster_size)
+    # spurfast's k rule, large classes' k raised too: with a fixed k this baseline got coarser
+    # clusters than spurfast in every class of more than 800 images
+    kpg = choose_k(np.bincount(g, minlength=n_classes), k, min_cluster_size, max_mean_cluster_size, max_k)
     res = batched_kmeans(torch.as_tensor(f), torch.as_tensor(g), kpg, n_groups=n_classes, n_iter=n_iter, seed=seed)
     assign = res.assign.numpy()
     cent = res.centroids.numpy()

@@ -22,6 +22,7 @@ per-run metrics are cached under ``--cache`` by their settings: a rerun does not
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -261,6 +262,8 @@ def model_provenance() -> dict:
     root = Path(__file__).resolve().parent
     for rel in _MODEL_SOURCES:
         h.update((root / rel).read_bytes())
+    for fn in (_base_images, _spec, build_data):   # this module's part: the data a model is trained on
+        h.update(inspect.getsource(fn).encode())
     cpu = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
     return {"code": h.hexdigest()[:16], "cpu": cpu, "torch": torch.__version__.split("+")[0]}
 
@@ -342,8 +345,9 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
     from .embed import embed_pool
 
     run_key = _key({"setting": _setting_key(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods),
-                    "v": 14,    # 13: a tie does not beat the best null cluster; 14: Yang's spurious score,
-                                # best finding of the first 10 for every method, IoU 0 without a finding
+                    "v": 15,    # 13: a tie does not beat the best null cluster; 14: Yang's spurious score,
+                                # best finding of the first 10 for every method, IoU 0 without a finding;
+                                # 15: GEORGE's k raised for large classes as spurfast's is
                     **({} if statistic == "share" else {"statistic": statistic})})
     rdir = cache / "runs"
     rdir.mkdir(parents=True, exist_ok=True)
@@ -407,7 +411,9 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
         cands["pixels"] = B.pixels(store, data.pool, cfg, suspect=data.suspect)
         timing["pixels"] = time.time() - t
     if "george" in methods:
-        cands["george"] = B.george(store, k=sizes.k, seed=seed, suspect=data.suspect)
+        cands["george"] = B.george(store, k=cfg.k, min_cluster_size=cfg.min_cluster_size,
+                                   max_mean_cluster_size=cfg.max_mean_cluster_size, max_k=cfg.max_k,
+                                   seed=seed, suspect=data.suspect)
     if "activation_clustering" in methods:
         cands["activation_clustering"] = B.activation_clustering(store, seed=seed)
     if "random" in methods:
@@ -474,8 +480,12 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
               "load_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
               "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "command": cmd}
     (out / "timing.json").write_text(json.dumps(timing, indent=1))
+    # the hand-written notes below the marker survive a rerun into the same folder, as they do
+    # with --from-csv (docs/results/full/RESULTS.md holds a hundred lines of them)
+    previous = (out / "RESULTS.md").read_text() if (out / "RESULTS.md").is_file() else None
     md = write_results(out / "results.csv", out / "confirm.csv", out / "RESULTS.md", command=cmd,
                        wall_s=timing["wall_s"], plots_dir=out / "plots", timing=timing)
+    md.write_text(keep_notes(md.read_text(), None, previous))
     if results_md:
         Path(results_md).write_text(keep_notes(md.read_text(), Path(results_md)))
     print(f"[evaluate] wrote {out / 'results.csv'}, {out / 'confirm.csv'}, {md}", flush=True)

@@ -79,10 +79,14 @@ def test_rerun_uses_the_cache(tiny):
     models = sorted((out / "cache").rglob("*.pt"))
     stamps = [os.path.getmtime(p) for p in models]
     assert models
+    from spurfast.results_doc import NOTES
+    md = out / "RESULTS.md"
+    md.write_text(md.read_text().split(NOTES)[0] + NOTES + "\nhand-written: kept\n")
     t = time.time()
     run_evaluation("tiny", out, progress=False)
     assert time.time() - t < max(5.0, 0.3 * first)
     assert [os.path.getmtime(p) for p in models] == stamps       # nothing retrained
+    assert md.read_text().endswith(NOTES + "\nhand-written: kept\n")   # a rerun keeps the notes
 
 
 def test_bad_input(tmp_path):
@@ -255,3 +259,15 @@ def test_cached_models_of_other_code_or_cpu_are_counted(tmp_path, monkeypatch):
     write_csv(tmp_path / "results.csv", rows, ["preset", "setting", "seed", "method", "feature", "metric", "value"])
     md = write_results(tmp_path / "results.csv", None, tmp_path / "RESULTS.md").read_text()
     assert "**1 of 1 runs scored cached classifiers or VAEs that other code or another CPU trained**" in md
+
+
+def test_model_provenance_covers_the_evaluations_data_building(monkeypatch):
+    # the training data is built in evaluate.py; a change there made no cached model foreign
+    import spurfast.evaluate as E
+    before = E.model_provenance()
+
+    def build_data(setting, seed, sizes):   # another version of the data-building code
+        return None
+
+    monkeypatch.setattr(E, "build_data", build_data)
+    assert E.model_provenance()["code"] != before["code"]
