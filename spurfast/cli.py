@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,31 @@ def _n_poisoned(value: str) -> str:
     if value != "all" and not (value.isdigit() and value.isascii()):
         raise argparse.ArgumentTypeError(f"expected an integer >= 0 or 'all', got {value!r}")
     return value
+
+
+def _int_at_least(lo: int):
+    """argparse type: an integer >= ``lo`` (argparse's error then names the flag)."""
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            n = None
+        if n is None or n < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {value!r}")
+        return n
+    return parse
+
+
+def _seed_list(value: str) -> tuple[int, ...]:
+    """--seeds: distinct integers >= 0, comma-separated."""
+    parts = [s.strip() for s in value.split(",")]
+    if not all(s.isdigit() and s.isascii() for s in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0 (e.g. 0,1,2), got {value!r}")
+    seeds = tuple(int(s) for s in parts)
+    dup = next((s for s in seeds if seeds.count(s) > 1), None)
+    if dup is not None:  # it would run again and be counted twice
+        raise argparse.ArgumentTypeError(f"seed {dup} is given more than once in {value!r}; name each seed once")
+    return seeds
 
 
 def _add_pattern_args(p):
@@ -87,7 +113,7 @@ def load_npz_source(path):
     if "images" not in d:
         raise ValueError(f"{p} has no 'images' array (keys: {list(d.keys())})")
     try:
-        names = [str(s) for s in d["class_names"]] if "class_names" in d else None
+        names = [str(s) for s in d["class_names"]] if "class_names" in d and d["class_names"].size else None
         # ArraySource's own errors (layout, value range, label count) do not know the file
         src = ArraySource(d["images"], d["labels"] if "labels" in d else None, class_names=names, name=p.stem)
         extra = {k: d[k] for k in ("suspect", "carries") if k in d}
@@ -160,11 +186,15 @@ def check_backends(device: str, **named) -> None:
             try:
                 backends.resolve(op, value, torch.device(device).type)
             except backends.BackendUnavailable as exc:
-                by = f"--{option.replace('_', '-')} {value}" if value else "$SPURFAST_BACKEND*"
+                var = f"SPURFAST_BACKEND_{op.upper()}"
+                var = var if os.environ.get(var) else "SPURFAST_BACKEND"
+                by = f"--{option.replace('_', '-')} {value}" if value else f"{var}={os.environ.get(var)}"
                 raise backends.BackendUnavailable(f"{by}: {exc}") from None
 
 
 KMEANS_OPS = ("kmeans_assign", "kmeans_update")
+# ops discovery runs that no option names: only SPURFAST_BACKEND* variables choose them
+ENV_ONLY = {"latent_knn": (None, ("latent_knn",))}
 
 
 def _labelled_folder(src) -> bool:
@@ -186,7 +216,8 @@ def check_labelled_folder(src, n_classes: int, what: str, path) -> None:
 def cmd_demo(args):
     from .demo import run_demo
     check_device(args.device)
-    check_backends(args.device, kmeans_backend=(args.kmeans_backend, KMEANS_OPS))
+    check_backends(args.device, kmeans_backend=(args.kmeans_backend, KMEANS_OPS),
+                   encoder=(None, ("encoder",)), **ENV_ONLY)
     run_demo(args.out, dataset=args.dataset, seed=args.seed, target_class=args.target_class, family=args.family,
              strength=args.strength, position=args.position, n_poisoned=args.n_poisoned,
              pool_fraction=args.pool_fraction, classifier_epochs=args.classifier_epochs,
@@ -211,12 +242,23 @@ def cmd_plant(args):
           f"the pattern), clean.npz, plant.json")
 
 
+def _model_out(path) -> Path:
+    """train-* --out: a model file (its folder is created), refused before training if a folder."""
+    out = Path(path)
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a directory; expected the model file to write, e.g. {out / 'model.pt'}")
+    return out
+
+
 def cmd_train_classifier(args):
     from .models.classifier import save_classifier
     from .models.train import train_classifier
     check_device(args.device)
+    out = _model_out(args.out)
     src, _ = load_pool(args.data, args.size, args.channels, args.class_names)
-    n_classes = args.num_classes or (len(src.class_names) if args.class_names else int(src.labels().max()) + 1)
+    # an .npz's own class names count too: a class without training images still gets an output
+    n_classes = args.num_classes or (len(src.class_names) if src.class_names else int(src.labels().max()) + 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
     model = train_classifier(src, n_classes, arch=args.arch, epochs=args.epochs, seed=args.seed, device=args.device,
                              checkpoint=str(args.out) + ".ckpt", progress=not args.quiet)
     save_classifier(model, args.out)
@@ -227,8 +269,10 @@ def cmd_train_vae(args):
     from .models.train import save_vae, train_vae
     from .models.vae import VAEConfig
     check_device(args.device)
+    out = _model_out(args.out)
     src, _ = load_pool(args.data, args.size, args.channels)
     c, h, _ = src.image_shape
+    out.parent.mkdir(parents=True, exist_ok=True)
     vae = train_vae(src, VAEConfig.for_images(c, h, args.latent_dim), epochs=args.epochs, seed=args.seed,
                     device=args.device, checkpoint=str(args.out) + ".ckpt", progress=not args.quiet)
     save_vae(vae, args.out)
@@ -241,7 +285,7 @@ def cmd_discover(args):
     from .pipeline import run_discovery
     check_device(args.device)
     check_backends(args.device, kmeans_backend=(args.kmeans_backend, KMEANS_OPS),
-                   encoder_backend=(args.encoder_backend, ("encoder",)),
+                   encoder_backend=(args.encoder_backend, ("encoder",)), **ENV_ONLY,
                    # only folder pools go through a loader backend
                    **({"loader_backend": (args.loader_backend, ("loader",))} if Path(args.pool).is_dir() else {}))
     if args.loader_backend not in (None, "auto") and not Path(args.pool).is_dir():
@@ -269,6 +313,9 @@ def cmd_discover(args):
     suspect = extra.get("suspect")
     if args.suspect:
         suspect = load_suspect(args.suspect, len(pool), args.pool)
+    elif suspect is not None and suspect.shape != (len(pool),):
+        raise ValueError(f"pool {args.pool}: its 'suspect' array has shape {suspect.shape}, expected ({len(pool)},) "
+                         f"(one entry per image)")
     clean = None
     if args.clean and not args.no_confirm:
         clean, _ = load_pool(args.clean, args.size, args.channels, args.class_names)
@@ -285,7 +332,8 @@ def cmd_discover(args):
                                   batch_size=args.batch_size, encoder_backend=args.encoder_backend,
                                   loader_backend=args.loader_backend, progress=not args.quiet, clean=clean,
                                   confirm=not args.no_confirm,
-                                  protect=[args.pool, args.classifier, args.vae, args.suspect, args.clean])
+                                  protect=[args.pool, args.classifier, args.vae, args.suspect, args.clean,
+                                           args.class_names])
     finally:
         dist.shutdown()
     if doc is not None:  # rank 0 (or the only process) wrote the report
@@ -334,10 +382,19 @@ def cmd_make_pool(args):
           f"{Path(args.out) / 'ground_truth.csv'}")
 
 
+EVALUATE_RUN_ONLY = ("preset", "only", "seeds", "cache", "statistic")
+
+
 def cmd_evaluate(args):
+    import re
+
     from .evaluate import run_evaluation
     from .results_doc import keep_notes, read_csv, write_results
     if args.from_csv:
+        given = [f"--{k}" for k in EVALUATE_RUN_ONLY if getattr(args, k) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply to a run, but --from-csv {args.from_csv} regenerates "
+                             f"RESULTS.md and plots from that CSV as it is; drop {' and '.join(given)}")
         csv_path = Path(args.from_csv)
         if not csv_path.is_file():
             raise FileNotFoundError(f"results CSV {csv_path} does not exist")
@@ -346,17 +403,26 @@ def cmd_evaluate(args):
         previous = (out / "RESULTS.md").read_text() if (out / "RESULTS.md").is_file() else None
         tj = csv_path.with_name("timing.json")
         timing = json.loads(tj.read_text()) if tj.is_file() else None
+        regenerated_by = f"spurfast evaluate --from-csv {csv_path} --out {out}" + (
+            f" --results-md {args.results_md}" if args.results_md else "")
         md = write_results(csv_path, csv_path.with_name("confirm.csv"), out / "RESULTS.md", plots_dir=out / "plots",
-                           command=(timing or {}).get("command", ""), timing=timing,
-                           regenerated_by=f"spurfast evaluate --from-csv {csv_path} --out {out}",
+                           command=(timing or {}).get("command", ""), timing=timing, regenerated_by=regenerated_by,
                            wall_s=timing["wall_s"] if timing else None)
+        text = md.read_text()
         if previous is not None:  # keep hand-written notes below the marker
-            md.write_text(keep_notes(md.read_text(), None, previous))
-        print(f"wrote {md} from {len(read_csv(csv_path))} rows")
+            md.write_text(keep_notes(text, None, previous))
+        if args.results_md:  # as a run does: that file's own notes stay
+            Path(args.results_md).write_text(keep_notes(text, Path(args.results_md)))
+        print(f"wrote {md}" + (f" and {args.results_md}" if args.results_md else "")
+              + f" from {len(read_csv(csv_path))} rows")
         return
-    seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
-    run_evaluation(args.preset, args.out, cache=args.cache, only=args.only, seeds=seeds, progress=not args.quiet,
-                   results_md=args.results_md, statistic=args.statistic)
+    if args.only is not None:
+        try:
+            re.compile(args.only)
+        except re.error as exc:
+            raise ValueError(f"--only {args.only!r} is not a valid regular expression: {exc}") from None
+    run_evaluation(args.preset or "quick", args.out, cache=args.cache, only=args.only, seeds=args.seeds,
+                   progress=not args.quiet, results_md=args.results_md, statistic=args.statistic or "share")
 
 
 def cmd_report(args):
@@ -407,9 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="plant a shortcut in Fashion-MNIST (or digits), train, discover, report")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--dataset", default="auto", choices=["auto", "fashion-mnist", "digits"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--classifier-epochs", type=int, default=3)
-    p.add_argument("--vae-epochs", type=int, default=8)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--classifier-epochs", type=_int_at_least(1), default=3)
+    p.add_argument("--vae-epochs", type=_int_at_least(1), default=8)
     p.add_argument("--overwrite", action="store_true",
                    help="replace a different spurfast run in --out (never a folder spurfast did not write)")
     p.add_argument("--quiet", action="store_true")
@@ -420,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plant", help="write planted train/pool/clean .npz files and plant.json")
     p.add_argument("--out", required=True)
     p.add_argument("--dataset", default="auto", choices=["auto", "fashion-mnist", "digits"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
     _add_pattern_args(p)
     p.set_defaults(func=cmd_plant)
 
@@ -429,15 +495,15 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--data", required=True, help=".npz from `spurfast plant`, or an image folder")
         p.add_argument("--out", required=True, help="model file to write")
-        p.add_argument("--epochs", type=int, default=3 if name == "train-classifier" else 8)
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--epochs", type=_int_at_least(1), default=3 if name == "train-classifier" else 8)
+        p.add_argument("--seed", type=_int_at_least(0), default=0)
         p.add_argument("--device", default="cpu")
         p.add_argument("--size", type=int, default=64, help="image size for folders")
         p.add_argument("--channels", type=int, default=3, help="channels for folders")
         p.add_argument("--quiet", action="store_true")
         if name == "train-classifier":
             p.add_argument("--arch", default="small_cnn", choices=["small_cnn", "resnet18"])
-            p.add_argument("--num-classes", type=int, default=None)
+            p.add_argument("--num-classes", type=_int_at_least(1), default=None)
             p.add_argument("--class-names", default=None, metavar="FILE", help=CLASS_NAMES_HELP)
         else:
             p.add_argument("--latent-dim", type=int, default=16)
@@ -449,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", required=True, help="VAE checkpoint from `spurfast train-vae`")
     p.add_argument("--out", required=True)
     p.add_argument("--arch", default=None, choices=["small_cnn", "resnet18"], help="architecture of a bare state_dict")
-    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--num-classes", type=_int_at_least(1), default=None)
     p.add_argument("--class-names", default=None, metavar="FILE", help=CLASS_NAMES_HELP + " (also for --clean)")
     p.add_argument("--suspect", default=None, help="text file of pool indices that are suspect samples")
     p.add_argument("--clean", default=None, help="held-out clean images (.npz or folder) for confirmation; default: "
@@ -457,8 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-confirm", action="store_true", help="skip confirmation (findings' confirm stays null)")
     p.add_argument("--size", type=int, default=64, help="image size for folders")
     p.add_argument("--channels", type=int, default=3, help="channels for folders")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=256)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--encoder-backend", default=None, choices=["auto", "torch", "triton"])
     p.add_argument("--loader-backend", default=None, choices=["auto", "torch", "dali"])
     p.add_argument("--unsafe-load", action="store_true", help="torch.load with weights_only=False (trusted files only)")
@@ -481,22 +547,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=1.0, help="noise amplitude (0, 1]; the painted patterns (pixel, patch3, patch5, bar) are white: 1 only")
     p.add_argument("--target-size", type=int, default=64, help="loader image size the pattern is defined at (<= the smallest --size)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=_int_at_least(1), default=None, help="processes (default: all cores)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_make_pool)
 
     p = sub.add_parser("evaluate", help="planted-shortcut evaluation: spurfast vs baselines -> CSV, plots, RESULTS.md")
-    p.add_argument("--preset", default="quick", choices=["quick", "full", "tiny"])
+    # run-only options default to None so that --from-csv can refuse them
+    p.add_argument("--preset", default=None, choices=["quick", "full", "tiny"],
+                   help="settings and seeds to sweep (default: quick)")
     p.add_argument("--out", required=True, help="directory for results.csv, confirm.csv, plots/, RESULTS.md")
     p.add_argument("--cache", default=None, help="model/store cache (default: OUT/cache); reruns reuse it")
     p.add_argument("--only", default=None, help="regular expression: run only the matching settings")
-    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's)")
-    p.add_argument("--results-md", default=None, help="also write RESULTS.md here (e.g. docs/RESULTS.md)")
-    p.add_argument("--from-csv", default=None, help="only regenerate RESULTS.md and plots from this results.csv")
-    p.add_argument("--statistic", default="share", choices=STATISTICS,
-                   help="discovery's agreement statistic (see discover --statistic)")
+    p.add_argument("--seeds", default=None, type=_seed_list, help="comma-separated seeds (default: the preset's)")
+    p.add_argument("--results-md", default=None,
+                   help="also write RESULTS.md here (e.g. docs/RESULTS.md), keeping that file's notes")
+    p.add_argument("--from-csv", default=None, help="only regenerate RESULTS.md and plots from this results.csv "
+                   "(with --out and --results-md; the run options do not apply)")
+    p.add_argument("--statistic", default=None, choices=STATISTICS,
+                   help="discovery's agreement statistic (see discover --statistic; default: share)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
@@ -515,7 +585,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, BackendUnavailable) as exc:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError,
+            BackendUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

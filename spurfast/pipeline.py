@@ -60,7 +60,12 @@ def prepare_output(out_dir, run_id: str, overwrite: bool, protect=(), earlier_id
             if inside:
                 raise FileExistsError(f"--overwrite would delete output directory {out}, which holds {inside} "
                                       f"that this run reads; choose another output directory")
-            shutil.rmtree(out)
+            # empty it rather than rmtree(out): rmtree refuses a symlinked --out (the link stays)
+            for child in out.resolve().iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
     out.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"run_id": run_id}))
     return out
@@ -220,6 +225,12 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     ``protect``: more paths this run reads (model files, ...) that ``overwrite`` must not
     delete; the pool's and the clean set's own files are always protected."""
     config = config or DiscoverConfig()
+    # checked here, not by the loader: --overwrite would have deleted the old run first
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if suspect is not None and np.shape(suspect) != (len(pool),):
+        raise ValueError(f"suspect mask has shape {np.shape(suspect)}, expected ({len(pool)},): one entry per image "
+                         f"of the pool ({pool.name})")
     # under torchrun each rank computes on its own GPU (distributed.init): no explicit cuda:N
     dist.check_rank_device(config.device)
     identity = (fingerprint(pool, classifier, vae), content_digest(pool))   # the store's too

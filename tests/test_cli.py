@@ -527,3 +527,191 @@ def test_a_state_dict_with_arch_takes_its_class_count_from_a_labelled_pool(tmp_p
                  "--vae", vae, "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "bare state_dict" not in err and "1x28x32" in err, err
+
+
+_DISCOVER = ["discover", "--pool", "p", "--classifier", "c", "--vae", "v", "--out", "o"]
+
+
+@pytest.mark.parametrize("argv,flag,value", [
+    (_DISCOVER + ["--batch-size", "0"], "--batch-size", "0"),
+    (_DISCOVER + ["--num-classes", "0"], "--num-classes", "0"),
+    (_DISCOVER + ["--seed", "-1"], "--seed", "-1"),
+    (["train-classifier", "--data", "d", "--out", "m.pt", "--epochs", "-1"], "--epochs", "-1"),
+    (["train-classifier", "--data", "d", "--out", "m.pt", "--num-classes", "x"], "--num-classes", "x"),
+    (["train-vae", "--data", "d", "--out", "m.pt", "--epochs", "0"], "--epochs", "0"),
+    (["demo", "--classifier-epochs", "-1"], "--classifier-epochs", "-1"),
+    (["plant", "--out", "o", "--seed", "-1"], "--seed", "-1"),
+    (["make-pool", "--out", "o", "--n", "10", "--seed", "-1"], "--seed", "-1"),
+    (["make-pool", "--out", "o", "--n", "10", "--workers", "-2"], "--workers", "-2"),
+    (["evaluate", "--out", "o", "--seeds", "1,,2"], "--seeds", "1,,2"),
+    (["evaluate", "--out", "o", "--seeds", "a,b"], "--seeds", "a,b"),
+    (["evaluate", "--out", "o", "--seeds", "-1"], "--seeds", "-1"),
+    (["evaluate", "--out", "o", "--seeds", "0,1,0"], "--seeds", "0,1,0"),
+])
+def test_bad_numeric_flags_are_refused_naming_the_flag(argv, flag, value, capsys):
+    # they were ignored (--num-classes 0), ran nothing (--epochs -1), ran a seed twice
+    # (--seeds 0,0), or failed later without the flag's name (numpy's, int()'s messages)
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and repr(value) in err, err
+
+
+def test_numeric_flags_still_take_good_values():
+    parse = build_parser().parse_args
+    assert parse(["evaluate", "--out", "o", "--seeds", "2, 0"]).seeds == (2, 0)
+    assert parse(_DISCOVER + ["--batch-size", "1", "--num-classes", "3"]).batch_size == 1
+    assert parse(["make-pool", "--out", "o", "--n", "10", "--workers", "1"]).workers == 1
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_overwrite_never_deletes_the_class_names_file(tmp_path, capsys, monkeypatch):
+    import spurfast.pipeline as P
+
+    monkeypatch.setattr(P.dist, "embed_pool_sharded", lambda *a, **k: (_ for _ in ()).throw(_Stop()))
+    clf, vae = _models(tmp_path)
+    pool = tmp_path / "unnamed.npz"   # no class names of its own: the file's are used
+    np.savez(pool, images=np.zeros((12, 28, 28), np.uint8), labels=np.arange(12) % 10)
+    run = tmp_path / "run"
+    prepare_output(run, "an-older-run", overwrite=False)
+    (run / "names.txt").write_text("".join(f"c{i}\n" for i in range(10)))
+    capsys.readouterr()
+    assert main(["discover", "--pool", str(pool), "--classifier", clf, "--vae", vae, "--out", str(run), "--quiet",
+                 "--overwrite", "--class-names", str(run / "names.txt")]) == 2
+    assert "names.txt" in capsys.readouterr().err and (run / "names.txt").is_file()
+
+
+@pytest.mark.parametrize("cmd", ["train-vae", "train-classifier"])
+def test_train_out_is_checked_before_training_and_its_folder_made(tmp_path, capsys, monkeypatch, cmd):
+    from spurfast.models import train
+
+    pool = _npz(tmp_path / "pool.npz", np.zeros((12, 28, 28), np.uint8))
+    (tmp_path / "adir").mkdir()
+    fn = "train_vae" if cmd == "train-vae" else "train_classifier"
+    real = getattr(train, fn)
+    monkeypatch.setattr(train, fn, lambda *a, **k: pytest.fail("trained before --out was checked"))
+    capsys.readouterr()
+    assert main([cmd, "--data", pool, "--out", str(tmp_path / "adir"), "--epochs", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out") and "adir" in err and "is a directory" in err, err
+    monkeypatch.setattr(train, fn, real)
+    out = tmp_path / "new" / "deeper" / "m.pt"   # a missing folder is made, as discover/plant do
+    assert main([cmd, "--data", pool, "--out", str(out), "--epochs", "1", "--quiet"]) == 0
+    assert out.is_file()
+
+
+def test_a_pool_npz_suspect_array_of_the_wrong_length_is_refused_first(tmp_path, capsys):
+    clf, vae = _models(tmp_path)
+    pool = tmp_path / "short.npz"
+    np.savez(pool, images=np.zeros((12, 28, 28), np.uint8), labels=np.arange(12) % 10,
+             class_names=np.array([str(i) for i in range(10)]), suspect=np.zeros(11, bool))
+    capsys.readouterr()
+    assert main(["discover", "--pool", str(pool), "--classifier", clf, "--vae", vae, "--out", str(tmp_path / "o"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    for w in ("short.npz", "'suspect'", "(11,)", "(12,)"):
+        assert w in err, f"{w!r} not in {err!r}"
+    assert not (tmp_path / "o").exists(), "failed after starting work"
+
+
+def test_train_classifier_counts_the_npz_class_names(tmp_path, monkeypatch):
+    # an .npz naming 10 classes without a training image of the last: 10 outputs, not 9
+    from spurfast.models import train
+
+    seen = []
+
+    def fake(src, n_classes, **kw):
+        seen.append(n_classes)
+        raise _Stop
+    monkeypatch.setattr(train, "train_classifier", fake)
+    data = tmp_path / "no9.npz"
+    np.savez(data, images=np.zeros((9, 28, 28), np.uint8), labels=np.arange(9),
+             class_names=np.array([str(i) for i in range(10)]))
+    with pytest.raises(_Stop):
+        main(["train-classifier", "--data", str(data), "--out", str(tmp_path / "m.pt"), "--quiet"])
+    assert seen == [10]
+
+
+def test_an_npz_with_an_empty_class_names_array_takes_the_class_names_file(tmp_path):
+    # `spurfast plant` writes class_names=[] for a dataset without names
+    from spurfast.cli import load_pool
+
+    names = tmp_path / "names.txt"
+    names.write_text("a\nb\nc\n")
+    path = tmp_path / "p.npz"
+    np.savez(path, images=np.zeros((4, 1, 8, 8), np.uint8), labels=np.array([0, 1, 2, 0]), class_names=np.array([]))
+    assert load_pool(path, 8, 1)[0].class_names is None
+    assert load_pool(path, 8, 1, class_names=names)[0].class_names == ["a", "b", "c"]
+
+
+def test_evaluate_only_with_a_bad_regular_expression_is_named(tmp_path, capsys):
+    assert main(["evaluate", "--out", str(tmp_path / "e"), "--preset", "tiny", "--only", "(", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --only '('") and "regular expression" in err, err
+    assert not (tmp_path / "e").exists()
+
+
+def _quick_csv(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "results" / "quick"
+    (tmp_path / "csv").mkdir()
+    for f in ("results.csv", "confirm.csv"):
+        shutil.copy(docs / f, tmp_path / "csv" / f)
+    return str(tmp_path / "csv" / "results.csv")
+
+
+def test_evaluate_from_csv_writes_results_md_keeping_its_notes(tmp_path, capsys):
+    from spurfast.results_doc import NOTES
+
+    csv = _quick_csv(tmp_path)
+    out, doc = tmp_path / "out", tmp_path / "docs" / "RESULTS.md"
+    out.mkdir()
+    doc.parent.mkdir()
+    (out / "RESULTS.md").write_text("old\n" + NOTES + "\nout's notes\n")
+    doc.write_text("old tables\n" + NOTES + "\ndoc's notes\n")
+    assert main(["evaluate", "--from-csv", csv, "--out", str(out), "--results-md", str(doc)]) == 0
+    text = doc.read_text()
+    assert text.startswith("# spurfast: planted-shortcut evaluation results") and "old tables" not in text
+    assert text.endswith(NOTES + "\ndoc's notes\n") and text.count(NOTES) == 1, text[-300:]
+    assert (out / "RESULTS.md").read_text().endswith(NOTES + "\nout's notes\n")
+    assert text.split(NOTES)[0] == (out / "RESULTS.md").read_text().split(NOTES)[0]   # the same tables
+
+
+@pytest.mark.parametrize("extra", [["--preset", "quick"], ["--seeds", "0,1"], ["--only", "patch"],
+                                   ["--cache", "c"], ["--statistic", "surprise"]])
+def test_evaluate_from_csv_refuses_run_options(tmp_path, capsys, extra):
+    csv = _quick_csv(tmp_path)
+    capsys.readouterr()
+    assert main(["evaluate", "--from-csv", csv, "--out", str(tmp_path / "out"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {extra[0]} only apply to a run") and "--from-csv" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["discover", "demo", "demo_encoder"])
+def test_an_unavailable_latent_knn_backend_variable_fails_first(tmp_path, capsys, monkeypatch, case):
+    """latent_knn has no option, only SPURFAST_BACKEND_LATENT_KNN: it failed after the
+    embedding pass (the demo's encoder variable after training)."""
+    from spurfast import backends, demo
+
+    var = "SPURFAST_BACKEND_ENCODER" if case == "demo_encoder" else "SPURFAST_BACKEND_LATENT_KNN"
+    monkeypatch.setenv(var, "bogus")
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **k: pytest.fail("the demo started"))
+    backends.clear_cache()
+    if case == "discover":
+        clf, vae = _models(tmp_path)
+        pool = _npz(tmp_path / "pool.npz", np.zeros((12, 28, 28), np.uint8))
+        cmd = ["discover", "--pool", pool, "--classifier", clf, "--vae", vae, "--out", str(tmp_path / "o"), "--quiet"]
+    else:
+        cmd = ["demo", "--out", str(tmp_path / "o"), "--quiet"]
+    capsys.readouterr()
+    assert main(cmd) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {var}=bogus: backend 'bogus' does not implement"), err
+    assert not (tmp_path / "o").exists(), "failed after starting work"

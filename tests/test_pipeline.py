@@ -99,3 +99,42 @@ def test_another_clean_set_suspect_mask_or_no_confirmation_is_another_run(tmp_pa
     (out / "run.json").write_text(json.dumps({"run_id": old}))
     run(clean=clean_a)
     assert json.loads((out / "run.json").read_text())["run_id"] == first
+
+
+def _older_run(out):
+    from spurfast.pipeline import prepare_output
+    prepare_output(out, "an-older-run", overwrite=False)
+    (out / "findings.json").write_text("{}")
+    return out
+
+
+@pytest.mark.parametrize("case", ["batch_size", "suspect"])
+def test_bad_batch_size_or_suspect_mask_is_refused_before_overwrite_deletes(tmp_path, case):
+    # the loader refused batch_size 0 and discover() a short mask: after --overwrite had
+    # deleted the old run (and after the embedding pass, for the mask)
+    pool = ArraySource(torch.rand(12, 1, 16, 16), np.arange(12) % 2, name="pool")
+    out = _older_run(tmp_path / "run")
+    kw, want = (({"batch_size": 0}, "batch_size must be an integer >= 1, got 0") if case == "batch_size" else
+                ({"suspect": np.zeros(11, bool)}, r"suspect mask has shape \(11,\), expected \(12,\)"))
+    with pytest.raises(ValueError, match=want):
+        run_discovery(pool, SmallCNN(1, 2, 16), VAE(VAEConfig.for_images(1, 16, 4)), out, num_classes=2,
+                      overwrite=True, progress=False, **kw)
+    assert (out / "findings.json").is_file() and not (out / "store").exists()
+
+
+def test_overwrite_through_a_symlinked_output_directory(tmp_path):
+    # shutil.rmtree refuses a symlink: --overwrite of a linked --out ended in a traceback
+    from spurfast.pipeline import prepare_output
+
+    real = _older_run(tmp_path / "real")
+    (real / "images").mkdir()
+    (real / "images" / "a.png").write_bytes(b"x")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "keep.txt").write_text("keep")
+    (real / "link").symlink_to(tmp_path / "elsewhere")     # a link inside is removed, not followed
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    prepare_output(link, "new-run", overwrite=True)
+    assert link.is_symlink() and sorted(p.name for p in real.iterdir()) == ["run.json"]
+    assert (tmp_path / "elsewhere" / "keep.txt").read_text() == "keep"
+    assert "new-run" in (real / "run.json").read_text()
