@@ -233,10 +233,9 @@ def _assign(x, offsets, centroids, k_per_group, metric, x_sqnorm, with_sums: boo
     G, kmax = ref.check_assign_args(x, offsets, centroids, metric)
     X = _check_cpu(x)
     N, d = X.shape
+    ref.check_x_sqnorm(x_sqnorm, N)   # the kernel reads one per row
     off = _offsets(offsets, N)
-    kpg = np.ascontiguousarray(torch.as_tensor(k_per_group).cpu().numpy(), dtype=np.int64)
-    if len(kpg) != G or (G and (kpg.min() < 0 or kpg.max() > kmax)):
-        raise ValueError(f"k_per_group must hold G={G} values in [0, kmax={kmax}]")
+    kpg = np.ascontiguousarray(ref.check_k_per_group(k_per_group, G, kmax).numpy(), dtype=np.int64)
     assign = np.zeros(N, dtype=np.int64)
     dist = np.zeros(N, dtype=np.float32)
     S = G * kmax
@@ -378,20 +377,17 @@ def latent_knn(z, k: int) -> torch.Tensor:
     """See :func:`spurfast.kernels.reference.latent_knn` (CPU tensors): the distance
     matrix is never written; each row keeps its best 2k candidates by score in registers
     and a short list, and those are re-ranked by direct distances as the reference does.
-    Ties go to the lower index.  Traffic: z read once per 96-row panel (from cache)."""
+    Equal distances go to the lower index (equal scores too, where the candidates are
+    picked).  Traffic: z read once per 96-row panel (from cache)."""
     lib = _library()
-    zt = torch.as_tensor(z).detach().float().cpu()
-    if zt.dim() != 2:
-        raise ValueError(f"z must be (n, d), got shape {tuple(zt.shape)}")
+    # centred as the reference (less cancellation); rows too large for fp32 scores refused
+    zt = ref.centred_latents(torch.as_tensor(z).cpu())
     n, d = zt.shape
-    if not bool(torch.isfinite(zt).all()):
-        raise ValueError(f"z has {int((~torch.isfinite(zt)).any(1).sum())} rows with NaN or inf; "
-                         "neighbours need finite latents")
     k = min(int(k), n - 1)
     out = np.empty((n, max(k, 0)), dtype=np.int64)
     if k <= 0:
         return torch.from_numpy(out)
-    Z = np.ascontiguousarray((zt - zt.mean(0)).numpy())   # centred as the reference: less cancellation
+    Z = np.ascontiguousarray(zt.numpy())
     panels, cterm, npad = pack_centroids(Z[None], np.array([n]), False)
     m = min(2 * k, n - 1)
     args = (_ptr(Z), d, n, _ptr(panels), _ptr(cterm), npad, k, m)

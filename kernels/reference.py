@@ -228,6 +228,66 @@ def check_assign_args(x, offsets, centroids, metric: str) -> tuple[int, int]:
     return G, kmax
 
 
+def check_x_sqnorm(x_sqnorm, n: int) -> None:
+    """x_sqnorm, when given, must hold one |x|^2 per row of x: the fused CPU kernel reads
+    one value per row (a short tensor: reads past its end)."""
+    if x_sqnorm is not None and tuple(getattr(x_sqnorm, "shape", ())) != (n,):
+        raise ValueError(f"x_sqnorm has shape {_shape(x_sqnorm)}; expected ({n},), |x|^2 of each row of x")
+
+
+def check_k_per_group(k_per_group, G: int, kmax: int) -> torch.Tensor:
+    """k_per_group as a CPU int64 tensor, after checking it holds G integers in [0, kmax]
+    (a negative k masked every centroid, yet its points got finite distances; 2.7 ran as 2)."""
+    k = torch.as_tensor(k_per_group).detach().cpu()
+    if k.dim() != 1 or len(k) != G:
+        raise ValueError(f"k_per_group has shape {tuple(k.shape)}; expected ({G},), one k per group")
+    if k.is_complex():
+        raise ValueError(f"k_per_group has dtype {k.dtype}; expected integers in [0, kmax={kmax}]")
+    if k.is_floating_point():
+        bad = (k != k.round()).nonzero().flatten()   # NaN too
+        if len(bad):
+            g = int(bad[0])
+            raise ValueError(f"k_per_group[{g}] = {k[g].item():g}: expected an integer in [0, kmax={kmax}]")
+    k = k.long()
+    bad = ((k < 0) | (k > kmax)).nonzero().flatten()
+    if len(bad):
+        g = int(bad[0])
+        raise ValueError(f"k_per_group[{g}] = {int(k[g])}: expected an integer in [0, kmax={kmax}]")
+    return k
+
+
+# Rows with |x|^2 above this are refused: with |x|^2 and |c|^2 at most FLT_MAX / 4, every
+# fp32 score |c|^2 - 2 x.c and distance |x - c|^2 <= 4 max(|x|^2, |c|^2) stays finite (beyond
+# it the scores overflowed: every point went to cluster 0, the CPU kNN gave index -1).
+MAX_SQNORM = float(torch.finfo(torch.float32).max) / 4
+
+
+def check_sqnorms(sq: torch.Tensor, name: str) -> None:
+    """Refuse rows whose fp32 |x|^2 (``sq``, one per row) exceeds MAX_SQNORM or is not a
+    number; the message names ``name`` and counts the rows."""
+    big = int((~(sq <= MAX_SQNORM)).sum())
+    if big:
+        raise ValueError(f"{name} has {big} rows too large for fp32 distances (|x|^2 > {MAX_SQNORM:.3g}, "
+                         f"i.e. |x| > {MAX_SQNORM ** 0.5:.2g}); rescale them")
+
+
+def centred_latents(z: torch.Tensor) -> torch.Tensor:
+    """z (n, d) in fp32, centred (distances are shift-invariant; centring shrinks
+    cancellation), as every latent_knn provider ranks it, after refusing rows with NaN or
+    inf and rows too large for fp32 distances once centred."""
+    zt = torch.as_tensor(z).detach().float()
+    if zt.dim() != 2:
+        raise ValueError(f"z must be (n, d), got shape {tuple(zt.shape)}")
+    zc = zt - zt.mean(0)
+    sq = torch.linalg.vecdot(zc, zc)
+    if not bool((sq <= MAX_SQNORM).all()):   # one test on the common path (NaN/inf rows fail it too)
+        bad = int((~torch.isfinite(zt)).any(1).sum())
+        if bad:
+            raise ValueError(f"z has {bad} rows with NaN or inf; neighbours need finite latents")
+        check_sqnorms(sq, "z (centred)")
+    return zc
+
+
 def kmeans_assign(
     x: torch.Tensor,
     offsets: torch.Tensor,
@@ -252,6 +312,8 @@ def kmeans_assign(
     """
     G, kmax = check_assign_args(x, offsets, centroids, metric)
     N, d = x.shape
+    check_x_sqnorm(x_sqnorm, N)
+    kpg_cpu = check_k_per_group(k_per_group, G, kmax)
     x, centroids = x.detach(), centroids.detach()   # numpy views below need plain tensors
     assign = torch.zeros(N, dtype=torch.int64, device=x.device)
     dist = torch.zeros(N, dtype=torch.float32, device=x.device)
@@ -262,7 +324,6 @@ def kmeans_assign(
     if cosine:
         c = F.normalize(c, dim=-1)
     cn = (c * c).sum(-1)  # (G, kmax)
-    kpg_cpu = k_per_group.cpu().long()
     kpg = kpg_cpu.to(x.device)
     sizes = (offsets[1:] - offsets[:-1]).cpu()
     budget = _CHUNK_CPU if x.device.type == "cpu" else _BUDGET
@@ -420,6 +481,7 @@ def latent_knn(z: torch.Tensor, k: int, chunk: int | None = None,
     """(n, k) int64 indices of each row's k nearest other rows (squared L2), sorted
     nearest first, exact (k is capped at n - 1); on z's device, returned on the CPU.
     Equal distances (duplicated latents) go to the lower index, as in the fused kernels.
+    Rows with NaN or inf, or too large for fp32 distances once centred, are refused.
 
     Rows go in chunks of at most KNN_BLOCK_FLOATS distances, so peak memory does not grow
     with the pool beyond the O(n k) result.  A full top-k over n columns per row costs
@@ -428,8 +490,7 @@ def latent_knn(z: torch.Tensor, k: int, chunk: int | None = None,
     over the k blocks with the smallest minima only: they hold the k nearest points (a
     block outside them has a minimum no smaller than k points from distinct blocks).  The
     best 2k candidates are then re-ranked by directly computed distances."""
-    zt = z.detach().float()
-    zt = zt - zt.mean(0)      # distances are shift-invariant; centring shrinks cancellation
+    zt = centred_latents(z)   # distances are shift-invariant; centring shrinks cancellation
     n = len(zt)
     k = min(k, n - 1)
     out = torch.empty((n, max(k, 0)), dtype=torch.int64)

@@ -6,7 +6,8 @@ never initialises CUDA.  A provider module may define ``is_available() -> (bool,
 
 Choice per call: an explicit ``backend=`` argument, else the environment variable
 ``SPURFAST_BACKEND_<OP>`` (e.g. ``SPURFAST_BACKEND_KMEANS_ASSIGN=torch``), else
-``SPURFAST_BACKEND`` (applies to every op that has such a provider), else ``auto``.
+``SPURFAST_BACKEND`` (applies to every op that has such a provider; a name no op has
+raises), else ``auto``.
 ``auto`` takes the first available provider and logs why it skipped the others; a
 provider named explicitly raises :class:`BackendUnavailable` if it cannot run here.
 A provider may serve one device type only (``devices``): :func:`call` reads the device
@@ -113,15 +114,20 @@ def providers(op: str) -> list[Provider]:
 
 
 def requested(op: str, backend: str | None = None) -> str:
-    """The backend asked for: argument, then env var per op, then global env var."""
+    """The backend asked for: argument, then env var per op, then global env var (which
+    must name a provider of some op: a typo raises instead of falling back to auto)."""
     if backend:
         return backend
     per_op = os.environ.get(f"SPURFAST_BACKEND_{op.upper()}")
     if per_op:
         return per_op
     glob = os.environ.get("SPURFAST_BACKEND")
-    if glob and glob != "auto" and any(p.name == glob for p in providers(op)):
-        return glob
+    if glob and glob != "auto":
+        if any(p.name == glob for p in providers(op)):
+            return glob
+        known = sorted({p.name for provs in REGISTRY.values() for p in provs})
+        if glob not in known:
+            raise BackendUnavailable(f"SPURFAST_BACKEND={glob!r} names no backend; choose from {known + ['auto']}")
     return "auto"
 
 

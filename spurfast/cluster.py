@@ -88,21 +88,36 @@ class Solo:
 SOLO = Solo()
 
 
-def check_input(x: torch.Tensor, groups, k_per_group, n_groups: int | None = None):
+def check_input(x: torch.Tensor, groups, k_per_group, n_groups: int | None = None, init=None):
     """Validate a k-means problem before any work (or any message to other ranks).
     Returns (groups int64 tensor, k_per_group int64 tensor, G)."""
     if x.dim() != 2:
         raise ValueError(f"x must be (N, d), got {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
+    # one pass: |x|^2 in fp32 is finite and small enough exactly where the distances are
+    xf = x.float()
+    sq = torch.linalg.vecdot(xf, xf)
+    if not bool((sq <= ref.MAX_SQNORM).all()):
         bad = int((~torch.isfinite(x)).any(1).sum())
-        raise ValueError(f"k-means input has {bad} rows with NaN/inf; clean the latents first")
+        if bad:
+            raise ValueError(f"k-means input has {bad} rows with NaN/inf; clean the latents first")
+        ref.check_sqnorms(sq, "k-means input")
     groups = torch.as_tensor(groups, dtype=torch.int64, device=x.device)
     if len(groups) != len(x):
         raise ValueError(f"{len(groups)} group ids for {len(x)} points")
     G = int(n_groups if n_groups is not None else (int(groups.max()) + 1 if len(groups) else 0))
     if len(groups) and (int(groups.min()) < 0 or int(groups.max()) >= G):
         raise ValueError(f"group ids must lie in [0, {G})")
-    kpg = torch.as_tensor(np.asarray(k_per_group), dtype=torch.int64, device=x.device)
+    k = np.asarray(k_per_group.detach().cpu() if isinstance(k_per_group, torch.Tensor) else k_per_group)
+    if k.ndim != 1:
+        raise ValueError(f"k_per_group has shape {k.shape}; expected one k per group")
+    if k.dtype.kind not in "biuf":
+        raise ValueError(f"k_per_group has dtype {k.dtype}; expected non-negative integers")
+    kf = k.astype(np.float64)
+    wrong = np.flatnonzero(~np.isfinite(kf) | (kf != np.round(kf)) | (kf < 0))
+    if wrong.size:
+        g = int(wrong[0])
+        raise ValueError(f"k_per_group[{g}] = {k[g]}: expected a non-negative integer")
+    kpg = torch.as_tensor(k.astype(np.int64), dtype=torch.int64, device=x.device)
     if len(kpg) != G:
         raise ValueError(f"k_per_group has {len(kpg)} entries for {G} groups")
     sizes = torch.bincount(groups.cpu(), minlength=G)
@@ -110,7 +125,19 @@ def check_input(x: torch.Tensor, groups, k_per_group, n_groups: int | None = Non
     if too_big:
         g = too_big[0]
         raise ValueError(f"k={int(kpg[g])} is larger than group {g}'s {int(sizes[g])} members")
+    if init is not None:
+        check_init(init, G, kpg, x.shape[1])
     return groups, kpg, G
+
+
+def check_init(init, G: int, kpg: torch.Tensor, d: int) -> None:
+    """``init`` must hold finite (G, kmax, d) starting centroids, kmax = max k_g (at least 1)."""
+    kmax = max(1, int(kpg.max())) if G else 1
+    if not isinstance(init, torch.Tensor) or tuple(init.shape) != (G, kmax, d):
+        got = tuple(init.shape) if isinstance(init, torch.Tensor) else type(init).__name__
+        raise ValueError(f"init has shape {got}; expected (G, kmax, d) = ({G}, {kmax}, {d}), kmax = max(k_per_group)")
+    if init.numel() and not bool(torch.isfinite(init).all()):
+        raise ValueError(f"init has {int((~torch.isfinite(init)).flatten(1).any(1).sum())} groups with NaN/inf centroids")
 
 
 def batched_kmeans(
@@ -136,7 +163,7 @@ def batched_kmeans(
     if kmeans_hook is not None:
         return kmeans_hook(x, groups, k_per_group, n_groups=n_groups, n_iter=n_iter, tol=tol, seed=seed,
                            metric=metric, init=init, backend=backend)
-    groups, kpg, G = check_input(x, groups, k_per_group, n_groups)
+    groups, kpg, G = check_input(x, groups, k_per_group, n_groups, init=init)
     return lloyd(x, groups, kpg, G, n_iter=n_iter, tol=tol, seed=seed, metric=metric, init=init, backend=backend)
 
 
@@ -146,6 +173,11 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
     ends with the same centroids and the full assignment."""
     dev = x.device
     provider = backends.resolve("kmeans_assign", backend, dev.type)[0]
+    # a backend named for the run that serves the assignment alone (triton) leaves the
+    # update to its usual choice, as SPURFAST_BACKEND_KMEANS_ASSIGN=triton does
+    upd_backend = backend if backend in {p.name for p in backends.providers("kmeans_update")} else None
+    if init is not None and team.rank == 0:   # callers that skipped check_input's
+        check_init(init, G, kpg, x.shape[1])
     order, offsets = sort_by_group(groups, G)
     kmax = max(1, int(kpg.max())) if G else 1
     xs = x[order].contiguous()
@@ -154,7 +186,8 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
     N, d = xs.shape
     if team.rank == 0:
         gen = torch.Generator().manual_seed(int(seed))
-        cent = init.float().to(dev).clone() if init is not None else _seeding(provider)(xs, offsets, kpg, kmax, gen)
+        cent = init.float().to(dev).clone() if init is not None else \
+            _seeding(provider, backend, dev.type)(xs, offsets, kpg, kmax, gen)
         cent = cent.contiguous()
     else:
         cent = torch.empty(G, kmax, d, dtype=torch.float32, device=dev)
@@ -171,7 +204,7 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
     valid_k = torch.arange(kmax, device=dev).unsqueeze(0) < kpg.unsqueeze(1)
     # |x|^2 once per fit: the CPU reference needs it for each winner's distance
     xn = torch.linalg.vecdot(xl.float(), xl.float()) if metric == "l2" else None
-    fused = _fused_step(provider)
+    fused = _fused_step(provider, backend, dev.type)
     reseeded, prev, it = 0, None, 0
     sums_l = counts_l = prev_assign = None   # the first update is a full one
     for it in range(1, n_iter + 1):
@@ -181,7 +214,8 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
         else:
             assign_l, dist_l = backends.call("kmeans_assign", xl, off_l, cent, kpg, metric, x_sqnorm=xn,
                                              backend=backend)
-            sums_l, counts_l = _update(xl, off_l, gid_l, assign_l, prev_assign, sums_l, counts_l, kmax, backend)
+            sums_l, counts_l = _update(xl, off_l, gid_l, assign_l, prev_assign, sums_l, counts_l, kmax,
+                                       upd_backend)
         prev_assign = assign_l
         sums, counts = team.all_reduce(sums_l), team.all_reduce(counts_l)
         inertia_t = team.all_reduce(dist_l.double().sum().reshape(1))
@@ -192,17 +226,18 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
         new = torch.where(empty.unsqueeze(-1), cent, new)   # empty clusters stay put until re-seeded
         # the three numbers the loop decides on, brought to the host together: one device
         # sync per iteration on a GPU, not three (the shift before any re-seeding: an
-        # iteration that re-seeds never stops the loop)
+        # iteration that re-seeds never stops the loop; one whose empty clusters no point
+        # can fill, a group with fewer distinct points than k, may)
         inertia, any_empty, shift = torch.stack(
             [inertia_t[0], empty.any().double(), ((new - cent) ** 2).sum().double()]).tolist()
-        if any_empty:
-            reseeded += _reseed(xs, gid, team.gather_rows(dist_l, N), empty, new)
+        filled = _reseed(xs, gid, team.gather_rows(dist_l, N), empty, new) if any_empty else 0
+        reseeded += filled
         cent = team.broadcast(new.contiguous())  # bitwise-identical centroids everywhere
-        if team.agree(not any_empty and prev is not None and (shift <= tol * max(1.0, abs(inertia)) or prev == inertia)):
+        if team.agree(not filled and prev is not None and (shift <= tol * max(1.0, abs(inertia)) or prev == inertia)):
             break
         prev = inertia
     assign_l, dist_l = backends.call("kmeans_assign", xl, off_l, cent, kpg, metric, x_sqnorm=xn, backend=backend)
-    _, counts_l = backends.call("kmeans_update", xl, off_l, assign_l, kmax, backend=backend)
+    _, counts_l = backends.call("kmeans_update", xl, off_l, assign_l, kmax, backend=upd_backend)
     counts = team.all_reduce(counts_l)
     inertia = float(team.all_reduce(dist_l.double().sum().reshape(1)))
     assign, dist = team.gather_rows(assign_l, N), team.gather_rows(dist_l, N)
@@ -211,15 +246,28 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
     return KMeansResult(cent, assign[inv], dist[inv], kpg, counts, it, inertia, reseeded)
 
 
-def _seeding(provider: str):
-    """k-means++ from the assignment's provider where it has one, else the reference."""
+def _seeding(provider: str, backend: str | None = None, device: str | None = None):
+    """k-means++ from the assignment's provider where it has one, else the reference.
+    Without a ``backend`` named for the whole run, a SPURFAST_BACKEND_KMEANS_PLUSPLUS (or
+    SPURFAST_BACKEND) choice decides, as for every op (a bad one raises)."""
+    if not backend and backends.requested("kmeans_plusplus") != "auto":
+        return backends.resolve("kmeans_plusplus", None, device)[1]
     return backends.companion("kmeans_plusplus", provider) or ref.kmeans_plusplus
 
 
-def _fused_step(provider: str):
+def _fused_step(provider: str, backend: str | None = None, device: str | None = None):
     """The one-pass assign + update of the provider the assignment resolved to, if it has
     one.  Not the reference's: it only composes the two ops, and run separately they let
-    `_update` add the points that moved alone."""
+    `_update` add the points that moved alone.  Without a ``backend`` named for the whole
+    run, the variables decide: SPURFAST_BACKEND_KMEANS_ASSIGN_UPDATE naming another
+    provider runs that one's step; SPURFAST_BACKEND_KMEANS_UPDATE naming another runs the
+    two ops apart (the update on it)."""
+    if not backend:
+        want = backends.requested("kmeans_assign_update")
+        if want not in ("auto", provider):
+            return backends.resolve("kmeans_assign_update", None, device)[1]
+        if backends.requested("kmeans_update") not in ("auto", provider):
+            return None
     return None if provider == "torch" else backends.companion("kmeans_assign_update", provider)
 
 
@@ -250,15 +298,17 @@ def _update(xs, offsets, gid, assign, prev_assign, sums, counts, kmax, backend):
 
 
 def _reseed(xs, gid, dist, empty, cent) -> int:
-    """Move each empty cluster onto the farthest point of its group (one per cluster)."""
+    """Move each empty cluster onto the farthest point of its group (one per cluster);
+    returns how many it moved.  Only points away from their centroid (distance > 0) can
+    fill one: a point on its centroid would tie with it and leave the cluster empty (a
+    group with fewer distinct points than k), so such clusters stay where they are."""
     n = 0
     d = dist.clone()
     for g, j in empty.nonzero().tolist():
-        in_g = (gid == g)
-        if not bool(in_g.any()):
+        cand = torch.where((gid == g) & (d > 0), d, torch.full_like(d, -1.0))
+        i = int(torch.argmax(cand)) if len(cand) else 0
+        if not len(cand) or not float(cand[i]) > 0:
             continue
-        cand = torch.where(in_g, d, torch.full_like(d, -1.0))
-        i = int(torch.argmax(cand))
         cent[g, j] = xs[i].float()
         d[i] = -1.0
         n += 1

@@ -354,7 +354,8 @@ def _kmeans_main(x, groups, k_per_group, *, n_groups=None, n_iter=50, tol=1e-6, 
     dev = torch.device(_CTX.device)
     x = torch.as_tensor(x).to(dev).float().contiguous()
     # checked before anything is sent: a bad call leaves no rank waiting
-    groups, kpg, G = check_input(x, torch.as_tensor(groups, dtype=torch.int64).to(dev), k_per_group, n_groups)
+    groups, kpg, G = check_input(x, torch.as_tensor(groups, dtype=torch.int64).to(dev), k_per_group, n_groups,
+                                 init=init)
     groups, kpg = groups.contiguous(), kpg.contiguous()
     header = {"n": len(x), "d": x.shape[1], "G": G, "has_init": init is not None,
               "opts": dict(n_iter=n_iter, tol=tol, seed=seed, metric=metric, backend=backend)}

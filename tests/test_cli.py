@@ -694,17 +694,18 @@ def test_evaluate_from_csv_refuses_run_options(tmp_path, capsys, extra):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("case", ["discover", "demo", "demo_encoder"])
+@pytest.mark.parametrize("case", ["discover", "demo", "demo_encoder", "discover_plusplus", "demo_assign_update"])
 def test_an_unavailable_latent_knn_backend_variable_fails_first(tmp_path, capsys, monkeypatch, case):
-    """latent_knn has no option, only SPURFAST_BACKEND_LATENT_KNN: it failed after the
-    embedding pass (the demo's encoder variable after training)."""
+    """latent_knn, k-means++ and the fused step have no option, only SPURFAST_BACKEND_<OP>:
+    they failed after the embedding pass (the demo's encoder variable after training)."""
     from spurfast import backends, demo
 
-    var = "SPURFAST_BACKEND_ENCODER" if case == "demo_encoder" else "SPURFAST_BACKEND_LATENT_KNN"
+    var = {"demo_encoder": "SPURFAST_BACKEND_ENCODER", "discover_plusplus": "SPURFAST_BACKEND_KMEANS_PLUSPLUS",
+           "demo_assign_update": "SPURFAST_BACKEND_KMEANS_ASSIGN_UPDATE"}.get(case, "SPURFAST_BACKEND_LATENT_KNN")
     monkeypatch.setenv(var, "bogus")
     monkeypatch.setattr(demo, "run_demo", lambda *a, **k: pytest.fail("the demo started"))
     backends.clear_cache()
-    if case == "discover":
+    if case.startswith("discover"):
         clf, vae = _models(tmp_path)
         pool = _npz(tmp_path / "pool.npz", np.zeros((12, 28, 28), np.uint8))
         cmd = ["discover", "--pool", pool, "--classifier", clf, "--vae", vae, "--out", str(tmp_path / "o"), "--quiet"]

@@ -314,6 +314,79 @@ def test_knn_ties_go_to_the_lower_index(threading_mode):
         assert nn[i].tolist() == [j for j in range(5) if j != i], f"row {i}: {nn[i]}"
 
 
+def _lower_index_knn(z: np.ndarray, k: int) -> np.ndarray:
+    """Brute force: each row's k nearest others by float64 distance, equal distances by
+    the lower index."""
+    n = len(z)
+    D = ((z[:, None].astype(np.float64) - z[None].astype(np.float64)) ** 2).sum(-1)
+    np.fill_diagonal(D, np.inf)
+    return np.stack([np.lexsort((np.arange(n), D[i]))[:k] for i in range(n)])
+
+
+def _check_same_rows(got: np.ndarray, want: np.ndarray, name: str) -> None:
+    bad = np.flatnonzero((got != want).any(1))
+    assert bad.size == 0, (f"{name}: {bad.size} of {len(want)} rows differ, first row {bad[0]}: "
+                           f"{got[bad[0]].tolist()} vs {want[bad[0]].tolist()}")
+
+
+@needs_kernel
+def test_knn_equal_distances_with_unequal_scores_go_to_the_lower_index(threading_mode):
+    # rows 0 and 1 are both exactly 13 from row 3 (also in fp32, centred), but the scores
+    # |zj|^2 - 2 zi.zj the candidates are picked by round apart: the re-rank kept the score
+    # order and gave row 1 (the reference, and the rule, give row 0)
+    z = torch.tensor([[-1.0, 3.0], [4.0, -2.0], [0.0, -3.0], [2.0, 1.0], [3.0, 3.0], [4.0, 4.0], [4.0, -3.0]])
+    assert kcpu.latent_knn(z, 2)[3].tolist() == [4, 0], kcpu.latent_knn(z, 2)[3].tolist()
+    assert ref.latent_knn(z, 2)[3].tolist() == [4, 0]
+    # many equal distances (quantised latents): small integers and their negatives, so the
+    # mean is exactly 0, centring rounds nothing and every distance is exact
+    rng = np.random.default_rng(3)
+    for h, d, k in [(40, 2, 5), (150, 3, 10), (61, 1, 4), (300, 7, 12), (2100, 4, 10)]:   # last: 2 row ranges
+        half = rng.integers(-3, 4, (h, d)).astype(np.float32)
+        z = np.concatenate([half, -half])
+        want = _lower_index_knn(z, k)
+        _check_same_rows(kcpu.latent_knn(torch.from_numpy(z), k).numpy(), want, f"cpu knn n={2 * h} d={d}")
+        _check_same_rows(ref.latent_knn(torch.from_numpy(z), k).numpy(), want, f"reference knn n={2 * h} d={d}")
+
+
+@pytest.mark.parametrize("fn", [ref.latent_knn, pytest.param(kcpu.latent_knn, marks=needs_kernel)],
+                         ids=["reference", "cpu"])
+def test_knn_refuses_rows_too_large_for_fp32_distances(fn):
+    # |z|^2 overflows fp32 above ~1.8e19: the kernel's scores went inf and it gave index -1
+    g = torch.Generator().manual_seed(0)
+    base = torch.cat([torch.randn(50, 8, generator=g) + 5, torch.randn(50, 8, generator=g) - 5])
+    with pytest.raises(ValueError, match="100 rows too large for fp32 distances"):
+        fn(base * 1e19, 3)
+    nn = fn(base * 1e15, 3)   # large but within range: the two blobs stay apart
+    assert (nn >= 0).all() and ((nn < 50) == (torch.arange(100) < 50).unsqueeze(1)).all()
+    nan = base.clone()
+    nan[7, 2] = float("nan")
+    with pytest.raises(ValueError, match="1 rows with NaN or inf"):
+        fn(nan, 3)
+
+
+@pytest.mark.parametrize("fn", [ref.kmeans_assign, pytest.param(kcpu.kmeans_assign, marks=needs_kernel),
+                                pytest.param(kcpu.kmeans_assign_update, marks=needs_kernel)],
+                         ids=["reference", "cpu", "cpu-fused"])
+def test_x_sqnorm_of_the_wrong_shape_is_refused(fn):
+    # the kernel read one |x|^2 per row past the end of a short tensor (garbage distances)
+    x, off, cent, kpg = make_case([5000], 4, 8, seed=1, device="cpu")
+    for bad in (torch.ones(3), torch.ones(5001), torch.ones(5000, 1)):
+        with pytest.raises(ValueError, match=r"x_sqnorm has shape \(\d+(, 1)?,?\); expected \(5000,\)"):
+            fn(x, off, cent, kpg, "l2", x_sqnorm=bad)
+    fn(x, off, cent, kpg, "l2", x_sqnorm=(x * x).sum(1))
+
+
+@pytest.mark.parametrize("fn", [ref.kmeans_assign, pytest.param(kcpu.kmeans_assign, marks=needs_kernel)],
+                         ids=["reference", "cpu"])
+def test_k_per_group_outside_0_to_kmax_is_refused_naming_the_group(fn):
+    # the reference ran k = -1 (every centroid masked, yet finite distances) and 2.7 (as 2)
+    x, off, cent, _ = make_case([20, 10], 3, 4, seed=2, device="cpu")
+    for k, shown in (([3, -1], "-1"), ([3, 4], "4"), ([3.0, 2.7], "2.7")):
+        with pytest.raises(ValueError, match=rf"k_per_group\[1\] = {shown}: expected an integer in \[0, kmax=3\]"):
+            fn(x, off, cent, torch.tensor(k))
+    fn(x, off, cent, torch.tensor([3.0, 2.0]))   # integer-valued floats are fine
+
+
 def _duplicated_latents(n: int = 1531, d: int = 5, seed: int = 0):
     """Unique rows plus two large groups of identical rows (blank images), scattered over
     the pool: (z, [each group's row indices, ascending])."""
@@ -419,7 +492,7 @@ def test_unavailable_says_why_and_the_registry_falls_back(monkeypatch):
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-@pytest.mark.parametrize("provider", ["reference", "cpu"])
+@pytest.mark.parametrize("provider", ["reference", pytest.param("cpu", marks=needs_kernel)])
 @pytest.mark.parametrize("sizes,kpg", [((5, 12, 9, 0, 4), (2, 0, 3, 0, 0)),
                                        ((2100, 30), (0, 4))],      # a large group runs unpadded in the reference
                          ids=["small-groups", "large-group"])
@@ -428,7 +501,8 @@ def test_groups_without_centroids_get_infinite_distances(provider, metric, sizes
     check_groups_without_centroids(fn, metric, sizes=sizes, kpg=kpg, name=provider)
 
 
-@pytest.mark.parametrize("fn", [ref.kmeans_assign, kcpu.kmeans_assign], ids=["reference", "cpu"])
+@pytest.mark.parametrize("fn", [ref.kmeans_assign, pytest.param(kcpu.kmeans_assign, marks=needs_kernel)],
+                         ids=["reference", "cpu"])
 def test_centroids_with_kmax_zero_are_refused(fn):
     x = torch.randn(4, 3)
     with pytest.raises(ValueError, match="hold no centroid"):

@@ -491,3 +491,74 @@ def test_assign_with_precomputed_sqnorm_matches_without():
     a1, d1 = ref.kmeans_assign(x, off, cent, kpg, x_sqnorm=torch.linalg.vecdot(x, x))
     assert_equal_int(a1, a0, "assign with x_sqnorm")
     assert_close(d1, d0, name="distances with x_sqnorm")
+
+
+def _cpu_kernel():
+    from spurfast.kernels import kmeans_cpu
+    return pytest.param("cpu", marks=pytest.mark.skipif(not kmeans_cpu.is_available()[0],
+                                                        reason="fused CPU kernels unavailable"))
+
+
+@pytest.mark.parametrize("backend", ["torch", _cpu_kernel()])
+def test_a_group_with_fewer_distinct_points_than_k_does_not_hold_the_loop(backend):
+    # group 1: six identical points (blank images), k = 2.  Its second cluster can never
+    # be filled: re-seeding it onto a point at distance 0 left it empty on every
+    # iteration, which kept the whole batch running to n_iter and counted it again each time
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2000, 16, generator=g)
+    grp = torch.cat([torch.zeros(2000), torch.ones(6)]).long()
+    distinct = batched_kmeans(torch.cat([a, torch.randn(6, 16, generator=g)]), grp, [8, 2], backend=backend)
+    same = batched_kmeans(torch.cat([a, torch.full((6, 16), 3.0)]), grp, [8, 2], backend=backend)
+    assert distinct.n_iter < 50
+    assert same.n_iter < 50, f"ran all {same.n_iter} iterations ({distinct.n_iter} with distinct points)"
+    assert same.reseeded == 0, f"reseeded {same.reseeded}: the unfillable cluster was counted"
+    assert same.counts[1, :2].tolist() == [6, 0]
+    assert_equal_int(same.assign[:2000], distinct.assign[:2000], "group 0's assignment")
+
+
+@pytest.mark.parametrize("backend", ["torch", _cpu_kernel()])
+def test_k_per_group_must_hold_non_negative_integers(backend):
+    # k = -1 ran on the torch backend (finite distances to masked centroids); 2.7 ran as 2
+    x = torch.randn(30, 4, generator=torch.Generator().manual_seed(1))
+    g = torch.cat([torch.zeros(20), torch.ones(10)]).long()
+    for k, shown in (([3, -1], "-1"), ([3, 2.7], "2.7"), ([3, float("nan")], "nan")):
+        with pytest.raises(ValueError, match=rf"k_per_group\[1\] = {shown}: expected a non-negative integer"):
+            batched_kmeans(x, g, k, backend=backend)
+    with pytest.raises(ValueError, match="k_per_group has shape"):
+        batched_kmeans(x, g, 3, backend=backend)
+    res = batched_kmeans(x, g, np.array([3.0, 2.0]), backend=backend)   # integer-valued floats are fine
+    assert res.k_per_group.tolist() == [3, 2]
+
+
+@pytest.mark.parametrize("backend", ["torch", _cpu_kernel()])
+def test_rows_too_large_for_fp32_distances_are_refused(backend):
+    # beyond |x| ~ 1.8e19 the fp32 scores overflow: the CPU kernel put every point in
+    # cluster 0, the reference reported inertia inf
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(50, 8, generator=g) + 5, torch.randn(50, 8, generator=g) - 5])
+    zeros = torch.zeros(100, dtype=torch.int64)
+    with pytest.raises(ValueError, match="k-means input has 100 rows too large for fp32 distances"):
+        batched_kmeans(x * 1e19, zeros, [2], backend=backend)
+    with pytest.raises(ValueError, match="k-means input has 1 rows too large"):   # fp64 beyond fp32's range
+        batched_kmeans(torch.cat([x[:99].double(), torch.full((1, 8), 1e300, dtype=torch.float64)]), zeros, [2],
+                       backend=backend)
+    res = batched_kmeans(x * 1e15, zeros, [2], backend=backend)
+    truth = (torch.arange(100) >= 50).long()
+    assert torch.equal(res.assign, truth) or torch.equal(res.assign, 1 - truth)
+    assert np.isfinite(res.inertia)
+
+
+@pytest.mark.parametrize("backend", ["torch", _cpu_kernel()])
+def test_init_of_the_wrong_shape_is_refused(backend):
+    x = torch.randn(30, 4, generator=torch.Generator().manual_seed(2))
+    g = torch.cat([torch.zeros(20), torch.ones(10)]).long()
+    for shape in ((2, 2, 4), (2, 5, 4), (2, 3, 5), (3, 3, 4), (3, 4)):
+        with pytest.raises(ValueError, match=rf"init has shape \({', '.join(map(str, shape))}\); "
+                                             r"expected \(G, kmax, d\) = \(2, 3, 4\)"):
+            batched_kmeans(x, g, [3, 2], init=torch.randn(*shape), backend=backend)
+    with pytest.raises(ValueError, match="init has 1 groups with NaN/inf"):
+        init = torch.randn(2, 3, 4)
+        init[1, 2, 0] = float("nan")
+        batched_kmeans(x, g, [3, 2], init=init, backend=backend)
+    res = batched_kmeans(x, g, [3, 2], init=x[[0, 1, 2, 20, 21, 22]].view(2, 3, 4), backend=backend)
+    assert res.centroids.shape == (2, 3, 4)

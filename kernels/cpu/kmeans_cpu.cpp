@@ -562,8 +562,12 @@ void spurfast_cpu_plusplus(const float* x, i64 d, const i64* offsets, i64 G, con
 
 // k nearest other rows of rows [r0, r1) of z (n x d, fp32): panels (np/16, d, 16) and
 // cterm (np; |zj|^2, +inf past n) as pack_centroids makes them for one group; m >= k
-// candidates per row by score, re-ranked by sum (zi - zj)^2 (stable: ties keep the
-// candidate order, i.e. lower score then lower index).  out: (n, k).
+// candidates per row by score (equal scores: lower index first), re-ranked by sum
+// (zi - zj)^2 with equal distances going to the lower index, as the reference does (the
+// candidate order would not do: two points at exactly the same distance can have scores
+// |zj|^2 - 2 zi.zj that round differently).  Left as known: points whose true distances
+// tie but whose direct fp32 distances round apart (the reference rounds them too), and
+// a tie cut at the m-th candidate by score.  out: (n, k).
 void spurfast_cpu_knn(const float* z, i64 d, i64 n, const float* panels, const float* cterm, i64 np_, i64 k,
                       i64 m, i64 r0, i64 r1, int64_t* out) {
     constexpr i64 ROWS = 16 * MR;      // rows sharing one pass over a column chunk
@@ -591,8 +595,11 @@ void spurfast_cpu_knn(const float* z, i64 d, i64 n, const float* panels, const f
                 ex[q] = sqdist(z + i * d, z + r.j[q] * d, d);
                 order[q] = q;
             }
-            std::stable_sort(order.begin(), order.begin() + r.n, [&](i64 u, i64 v) { return ex[u] < ex[v]; });
-            for (i64 q = 0; q < k; ++q) out[i * k + q] = q < r.n ? r.j[order[q]] : -1;   // -1: NaN scores only
+            std::stable_sort(order.begin(), order.begin() + r.n, [&](i64 u, i64 v) {
+                return ex[u] < ex[v] || (ex[u] == ex[v] && r.j[u] < r.j[v]);
+            });
+            // -1: NaN or inf scores only, and latent_knn refuses z that would give them
+            for (i64 q = 0; q < k; ++q) out[i * k + q] = q < r.n ? r.j[order[q]] : -1;
         }
     }
 }
