@@ -485,8 +485,9 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
     previous = (out / "RESULTS.md").read_text() if (out / "RESULTS.md").is_file() else None
     md = write_results(out / "results.csv", out / "confirm.csv", out / "RESULTS.md", command=cmd,
                        wall_s=timing["wall_s"], plots_dir=out / "plots", timing=timing)
-    md.write_text(keep_notes(md.read_text(), None, previous))
-    if results_md:
-        Path(results_md).write_text(keep_notes(md.read_text(), Path(results_md)))
+    fresh = md.read_text()
+    md.write_text(keep_notes(fresh, None, previous))
+    if results_md:   # its own notes, not this folder's as well
+        Path(results_md).write_text(keep_notes(fresh, Path(results_md)))
     print(f"[evaluate] wrote {out / 'results.csv'}, {out / 'confirm.csv'}, {md}", flush=True)
     return out

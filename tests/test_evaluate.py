@@ -82,11 +82,14 @@ def test_rerun_uses_the_cache(tiny):
     from spurfast.results_doc import NOTES
     md = out / "RESULTS.md"
     md.write_text(md.read_text().split(NOTES)[0] + NOTES + "\nhand-written: kept\n")
+    extra = out / "docs-RESULTS.md"       # --results-md: keeps its own notes, not the folder's too
+    extra.write_text(NOTES + "\ndocs notes\n")
     t = time.time()
-    run_evaluation("tiny", out, progress=False)
+    run_evaluation("tiny", out, progress=False, results_md=extra)
     assert time.time() - t < max(5.0, 0.3 * first)
     assert [os.path.getmtime(p) for p in models] == stamps       # nothing retrained
     assert md.read_text().endswith(NOTES + "\nhand-written: kept\n")   # a rerun keeps the notes
+    assert extra.read_text().count(NOTES) == 1 and extra.read_text().endswith(NOTES + "\ndocs notes\n")
 
 
 def test_bad_input(tmp_path):
