@@ -335,6 +335,46 @@ confirmed = is_confirmed   # the rule `spurfast+confirm` keeps findings by (spur
 
 
 BEST_OF = 10   # findings (candidates) each method's best one is picked from
+# the methods whose findings carry a q-value (a significance test): recall@q and false
+# findings apply to them alone.  Decided per method: a baseline without a test that returned
+# no candidate got recall 0 and 0 false findings, as if it had been tested.
+TESTED_METHODS = ("spurfast", "spurfast+confirm", "pixels")
+_AT_Q = ("recall@q", "false_findings@q", "false_on_pool_pattern@q")
+
+
+def method_rows(method: str, cands: list[dict], feats: list[Feature], pool_feats: list[Feature]) -> list[tuple]:
+    """(feature, metric, value) rows of one method's candidates (best first): per learned
+    feature, `feature_metrics` of its best finding among the first `BEST_OF`; for a method
+    with a test (`TESTED_METHODS`), recall and false findings at q = 0.05 and 0.1."""
+    out = []
+    for f in feats:
+        # every method's best finding is picked from its first 10 (spurfast's by rank), so
+        # none gets more draws at the ground truth than another
+        for metric, v in feature_metrics(cands[:BEST_OF], f, masks=method.startswith("spurfast")).items():
+            out.append((f.name, metric, v))
+    if method not in TESTED_METHODS:
+        return out   # no test, no q-values: recall@q and false findings do not apply
+    for q in (0.05, 0.1):
+        if feats:
+            out.append(("all", f"recall@q{q:g}", recall_at_q(cands, feats, q)))
+        out.append(("all", f"false_findings@q{q:g}", false_findings(cands, feats, q)))
+        out.append(("all", f"false_on_pool_pattern@q{q:g}", false_findings_on_pool_patterns(cands, feats, pool_feats, q)))
+    return out
+
+
+def _applies(row: dict) -> bool:
+    """False for a recall / false-findings row of a method without a test (a run cached
+    before `method_rows` decided that per method)."""
+    return row["method"] in TESTED_METHODS or not row["metric"].startswith(_AT_Q)
+
+
+def run_key(setting: Setting, seed: int, sizes: Sizes, methods=METHODS, statistic: str = "share") -> str:
+    """The cache key of one run's rows."""
+    return _key({"setting": _setting_key(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods),
+                 "v": 15,    # 13: a tie does not beat the best null cluster; 14: Yang's spurious score,
+                             # best finding of the first 10 for every method, IoU 0 without a finding;
+                             # 15: GEORGE's k raised for large classes as spurfast's is
+                 **({} if statistic == "share" else {"statistic": statistic})})
 
 
 def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress: bool = False,
@@ -344,18 +384,13 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
     from .demo import flip_to_target_rate, spurious_score
     from .embed import embed_pool
 
-    run_key = _key({"setting": _setting_key(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods),
-                    "v": 15,    # 13: a tie does not beat the best null cluster; 14: Yang's spurious score,
-                                # best finding of the first 10 for every method, IoU 0 without a finding;
-                                # 15: GEORGE's k raised for large classes as spurfast's is
-                    **({} if statistic == "share" else {"statistic": statistic})})
     rdir = cache / "runs"
     rdir.mkdir(parents=True, exist_ok=True)
-    rfile = rdir / f"{setting.name}-s{seed}-{run_key}.json"
+    rfile = rdir / f"{setting.name}-s{seed}-{run_key(setting, seed, sizes, methods, statistic)}.json"
     if rfile.is_file():
         d = json.loads(rfile.read_text())
         foreign = d.get("model_provenance") != model_provenance()   # cached by other code or elsewhere
-        rows = [r for r in d["rows"] if r["metric"] != FOREIGN_MODELS]
+        rows = [r for r in d["rows"] if r["metric"] != FOREIGN_MODELS and _applies(r)]
         rows.append({"setting": setting.name, "seed": seed, "method": "model", "feature": "all",
                      "metric": FOREIGN_MODELS, "value": float(foreign)})
         return rows, d["confirm"]
@@ -419,18 +454,8 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
     if "random" in methods:
         cands["random"] = B.random_ranking(store.n, 10, seed=seed)
     for m, cs in cands.items():
-        for f in feats:
-            # every method's best finding is picked from its first 10 (spurfast's by rank), so
-            # none gets more draws at the ground truth than another
-            for metric, v in feature_metrics(cs[:BEST_OF], f, masks=m.startswith("spurfast")).items():
-                add(m, f.name, metric, v)
-        if cs and cs[0]["q_value"] is None:
-            continue  # no test, no q-values: recall@q and false findings do not apply
-        for q in (0.05, 0.1):
-            if feats:
-                add(m, "all", f"recall@q{q:g}", recall_at_q(cs, feats, q))
-            add(m, "all", f"false_findings@q{q:g}", false_findings(cs, feats, q))
-            add(m, "all", f"false_on_pool_pattern@q{q:g}", false_findings_on_pool_patterns(cs, feats, data.features, q))
+        for feature, metric, v in method_rows(m, cs, feats, data.features):
+            add(m, feature, metric, v)
     for m, t in timing.items():
         add(m, "all", "seconds", t)
     add("model", "all", "seconds_models", t_models)
@@ -441,6 +466,24 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
 
 
 # ----------------------------------------------------------------------------- sweep
+def _check_seeds(seeds) -> tuple[int, ...]:
+    """``seeds`` as a tuple of distinct integers >= 0; ValueError naming the bad one.  A
+    repeated seed ran again (from the cache) and was counted twice in every mean and
+    "per seed" list; a negative one failed inside numpy without naming the seed."""
+    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__"):
+        raise ValueError(f"seeds must be a sequence of integers >= 0, got {seeds!r}")
+    seeds = tuple(seeds)
+    if not seeds:
+        raise ValueError("seeds is empty; give at least one seed (or None for the preset's)")
+    for s in seeds:
+        if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)) or s < 0:
+            raise ValueError(f"seeds must be integers >= 0, got {s!r} in {seeds!r}")
+    dup = next((s for s in seeds if seeds.count(s) > 1), None)
+    if dup is not None:
+        raise ValueError(f"seed {dup} is given more than once in {seeds!r}; name each seed once")
+    return tuple(int(s) for s in seeds)
+
+
 def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None, seeds=None,
                    progress: bool = True, results_md=None, statistic: str = "share") -> Path:
     if preset not in PRESETS:
@@ -450,7 +493,7 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
     if not settings:
         raise ValueError(f"--only {only!r} matches no setting of preset {preset!r}: "
                          f"{[s.name for s in p['settings']]}")
-    seeds = tuple(p["seeds"] if seeds is None else seeds)
+    seeds = tuple(p["seeds"]) if seeds is None else _check_seeds(seeds)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache) if cache else out / "cache"

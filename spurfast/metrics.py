@@ -11,7 +11,10 @@ pool item)``.
 - per feature, the *best* candidate is the one whose ranking has the highest average
   precision; its AUROC, AP, precision@10/@25 are reported.  A method with no candidate
   scores as a random ranking would in expectation (AUROC 0.5, AP and precision@k = the
-  carrier rate).
+  carrier rate).  A feature that no pool item carries has nothing to find: every one of
+  its metrics is undefined (NaN), not a random ranking's or a miss.
+- rankings may hold -inf or NaN (an item the method did not rank: last) and +inf (first);
+  only their order counts.
 - ``recall@q``: fraction of planted features with a candidate of class t, q <= level,
   that is enriched.
 - ``false findings@q``: candidates with q <= level that match no planted feature.
@@ -57,7 +60,8 @@ def average_precision(scores, truth) -> float:
         return float("nan")
     order = np.argsort(-s, kind="stable")
     s, t = s[order], t[order]
-    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]   # end of each tie group
+    # end of each tie group (not np.diff: inf - inf is NaN, which split tied infinite scores)
+    last = np.r_[np.nonzero(s[1:] != s[:-1])[0], len(s) - 1]
     tp = np.cumsum(t)[last]
     prec = tp / (last + 1)
     rec = tp / npos
@@ -123,11 +127,12 @@ def best_candidate(cands: list[dict], feat: Feature):
 
 
 def _finite(r):
+    """A ranking with the same order and ties in finite numbers: NaN and -inf (unranked)
+    last, +inf first.  Where it holds a non-finite value, its dense ranks: "min - 1" put
+    +inf last, and tied unranked items with the lowest score once |scores| >= 2**53."""
     r = np.asarray(r, dtype=np.float64)
     if not np.isfinite(r).all():
-        fin = r[np.isfinite(r)]
-        low = (fin.min() - 1.0) if len(fin) else 0.0
-        r = np.where(np.isfinite(r), r, low)
+        r = rankdata(np.where(np.isnan(r), -np.inf, r), method="dense").astype(np.float64)
     return r
 
 
@@ -135,7 +140,11 @@ def feature_metrics(cands: list[dict], feat: Feature, ks=(10, 25), masks: bool =
     """hit@1 and the best candidate's AUROC, AP, precision@k, mask IoU for one feature.
     Without a candidate, the scores of a random ranking and, for a method that extracts
     masks (``masks``), IoU 0 where a planted mask exists: averaging over seeds must not
-    drop the seeds where nothing was found."""
+    drop the seeds where nothing was found.  A feature no pool item carries: every metric
+    NaN (nothing to find; a random ranking's AUROC 0.5 and AP 0 would enter the means)."""
+    names = ["hit@1", "auroc", "ap", *(f"precision@{k}" for k in ks), "mask_iou", "best_is_target_class"]
+    if not np.asarray(feat.carries, bool).any():
+        return dict.fromkeys(names, float("nan"))
     out = {"hit@1": hit_at_1(cands, feat)}
     prev = float(np.mean(feat.carries))
     i, ap = best_candidate(cands, feat)

@@ -47,10 +47,22 @@ def keep_notes(text: str, target: Path | None, previous: str | None = None) -> s
 
 
 def _agg(vals):
+    """mean ± sd of the finite values; "–" when none is.  Seeds whose value is undefined
+    (NaN, or infinite) are left out, and said to be where some are: the mean is then over
+    fewer seeds than the section names."""
     v = np.array([x for x in vals if np.isfinite(x)], dtype=float)
     if len(v) == 0:
         return "–"
-    return f"{v.mean():.3f}" if len(v) == 1 else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}"
+    text = f"{v.mean():.3f}" if len(v) == 1 else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}"
+    return text + (f" (n/a in {len(vals) - len(v)} of {len(vals)} seeds)" if len(v) < len(vals) else "")
+
+
+def _count(vals) -> tuple[int, int]:
+    """(sum of the finite values as an integer, number of non-finite ones) of per-seed
+    counts or 0/1 values: ``int(sum(...))`` raised on a NaN row."""
+    v = np.asarray(vals, dtype=float)
+    ok = np.isfinite(v)
+    return int(v[ok].sum()), int((~ok).sum())
 
 
 def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s: float | None = None,
@@ -78,10 +90,13 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
           "hit@1: the top finding is the planted class and enriched (>= 2x the pool's carrier rate). A method "
           "with no finding counts as a random ranking, and as mask IoU 0. `best in target class`: the share of "
           "seeds whose best finding lies in the pattern's class (a best finding elsewhere is usually the model's "
-          "reaction to the pool's stamp in another class).", ""]
+          "reaction to the pool's stamp in another class). Order: `spurfast` and `pixels` rows take findings in "
+          "discovery order (by score, before the confirmed-first re-ranking that `spurfast discover` and the demo "
+          "ship), `spurfast+confirm` keeps only the confirmed findings in that order (its top finding is the top "
+          "of the shipped order whenever a finding is confirmed), and the other baselines keep their own order.", ""]
     foreign = [r["value"] for r in rows if r["metric"] == "foreign_models"]
-    if sum(foreign):
-        L += [f"**{int(sum(foreign))} of {len(foreign)} runs scored cached classifiers or VAEs that other code "
+    if _count(foreign)[0]:
+        L += [f"**{_count(foreign)[0]} of {len(foreign)} runs scored cached classifiers or VAEs that other code "
               f"or another CPU trained**: a fresh run (`--cache` empty) retrains them, and its figures differ a "
               f"little (training repeats bit for bit on one machine only).", ""]
     L += _overview(rows, settings)
@@ -106,10 +121,12 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
             L += ["| feature | method | " + " | ".join(heads) + " |", "|" + "---|" * (len(metrics) + 2)]
             for feat in feats:
                 for m in methods:
-                    vals = [_agg([r["value"] for r in rs if r["method"] == m and r["feature"] == feat and r["metric"] == k])
-                            for k in metrics]
-                    if any(v != "–" for v in vals):
-                        L.append(f"| {feat} | {m} | " + " | ".join(vals) + " |")
+                    got = [[r["value"] for r in rs if r["method"] == m and r["feature"] == feat and r["metric"] == k]
+                           for k in metrics]
+                    # a method with rows shows them, "–" where undefined in every seed (a
+                    # pattern no pool item carries): its row does not just vanish
+                    if any(got):
+                        L.append(f"| {feat} | {m} | " + " | ".join(_agg(v) for v in got) + " |")
             L.append("")
         gm = ["recall@q0.05", "recall@q0.1", "false_findings@q0.05", "false_findings@q0.1", "false_on_pool_pattern@q0.05"]
         tab = []
@@ -117,7 +134,7 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
             vals = [[r["value"] for r in rs if r["method"] == m and r["feature"] == "all" and r["metric"] == k] for k in gm]
             if any(vals):
                 tab.append(f"| {m} | " + " | ".join(
-                    (_agg(v) + (f" (sum {int(sum(v))})" if k.startswith("false") and v else "")) if v else "–"
+                    (_agg(v) + (f" (sum {_count(v)[0]})" if k.startswith("false") and v else "")) if v else "–"
                     for k, v in zip(gm, vals)) + " |")
         if tab:
             L += ["| method | " + " | ".join(gm) + " |", "|" + "---|" * (len(gm) + 1)] + tab + [""]
@@ -155,6 +172,12 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
     md = Path(md_path)
     md.write_text("\n".join(L) + "\n")
     return md
+
+
+def _na(vals) -> str:
+    """" (k n/a)" where ``vals`` holds k non-finite values, else ""."""
+    bad = _count(vals)[1]
+    return f" ({bad} n/a)" if bad else ""
 
 
 def _confirm_of(crow: dict) -> dict:
@@ -195,7 +218,7 @@ def _overview(rows, settings) -> list[str]:
             rec, _ = mean(s, "spurfast", "recall@q0.1", "all")
             out.append(f"| {s} | {f} | {ss:.2f} | {called:.2f} | {fr:.2f} | {ap['spurfast']:.3f} | {ap['spurfast+confirm']:.3f} | "
                        + (f"{best} {best_ap:.3f}" if best else "–")
-                       + f" | {int(sum(hits))}/{len(hits)} | {rec:.2f} |")
+                       + f" | {_count(hits)[0]}/{len(hits)}{_na(hits)} | {rec:.2f} |")
     if not out:
         return []
     return ["## Overview", "",
@@ -212,57 +235,103 @@ def _overview(rows, settings) -> list[str]:
             "best baseline AP | hit@1 (confirmed) | recall@q0.1 |", "|---|---|---|---|---|---|---|---|---|---|", *out, ""]
 
 
+def _seeds_text(seeds) -> str:
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+
+
+def _verdict(fails: bool, nan_seeds) -> str:
+    """"met" / "NOT met" of a target over per-seed values.  A seed whose value is NaN can
+    neither meet nor fail it (``min`` and ``sum`` over a list with a NaN gave a verdict that
+    depended on where the NaN stood): where no finite value fails, the verdict is "not
+    decided" and names those seeds."""
+    if fails:
+        return "NOT met" + (f" (value n/a in {_seeds_text(nan_seeds)})" if nan_seeds else "")
+    if nan_seeds:
+        return f"not decided: value n/a (NaN) in {_seeds_text(nan_seeds)}"
+    return "met"
+
+
 def _targets(rows, settings) -> list[str]:
     """The issue's targets, checked against the CSV (only where the CSV has the data)."""
     L = ["## Targets (checked from the CSV)", ""]
 
-    def vals(setting_re, method, metric, feature=None):
-        return [r["value"] for r in rows if re.search(setting_re, r["setting"]) and r["method"] == method
+    def pairs(setting, method, metric, feature=None):
+        """(seed, value) of the setting's rows of ``method`` and ``metric``."""
+        return [(r["seed"], r["value"]) for r in rows if r["setting"] == setting and r["method"] == method
                 and r["metric"] == metric and (feature is None or r["feature"] == feature)]
+
+    def vals(setting, method, metric, feature=None):
+        return [v for _, v in pairs(setting, method, metric, feature)]
+
+    def nan_seeds(*ps):
+        return sorted({seed for p in ps for seed, v in p if not np.isfinite(v)})
+
+    def ints(v):
+        return "[" + ", ".join(str(int(x)) if np.isfinite(x) else "nan" for x in v) + "]"
 
     strong = [s for s in settings if re.match(r"(patch3|noise@1)-n(\d+|all)$", s) and
               (s.endswith("nall") or int(re.findall(r"n(\d+)$", s)[0]) >= 100)]
     for s, m in [(s, m) for s in strong for m in ("spurfast", "spurfast+confirm")]:
-        h = vals(f"^{re.escape(s)}$", m, "hit@1")
-        a = vals(f"^{re.escape(s)}$", m, "auroc")
-        ss = vals(f"^{re.escape(s)}$", "model", "spurious_score")
+        h, a = pairs(s, m, "hit@1"), pairs(s, m, "auroc")
+        ss = vals(s, "model", "spurious_score")
         if not h:
             continue
-        ok = min(h) == 1 and min(a) >= 0.95
-        L.append(f"- single strong pattern `{s}`, {m}: hit@1 per seed {[int(x) for x in h]}, AUROC min {min(a):.3f} "
-                 f"(spurious score {_agg(ss)}) -> target (hit@1 = 1 in every seed, AUROC >= 0.95) "
-                 f"{'met' if ok else 'NOT met'}")
+        hv, av = [v for _, v in h], [v for _, v in a]
+        fin_a = [v for v in av if np.isfinite(v)]
+        fails = any(np.isfinite(v) and v != 1 for v in hv) or any(v < 0.95 for v in fin_a)
+        verdict = _verdict(fails, nan_seeds(h, a)) if a else "not decided: no AUROC rows"
+        L.append(f"- single strong pattern `{s}`, {m}: hit@1 per seed {ints(hv)}, AUROC min "
+                 f"{f'{min(fin_a):.3f}' if fin_a else 'n/a'} "
+                 f"(spurious score {_agg(ss)}) -> target (hit@1 = 1 in every seed, AUROC >= 0.95) {verdict}")
     for s in [s for s in settings if s.startswith("multi3")]:
-        r = vals(f"^{re.escape(s)}$", "spurfast", "recall@q0.1")
+        p = pairs(s, "spurfast", "recall@q0.1")
+        r = [v for _, v in p]
+        verdict = _verdict(not r or any(np.isfinite(x) and x < 2 / 3 - 1e-9 for x in r), nan_seeds(p))
         L.append(f"- three patterns `{s}`: recall at q=0.1 per seed {[round(x, 2) for x in r]} -> target (>= 2/3) "
-                 f"{'met' if r and min(r) >= 2 / 3 - 1e-9 else 'NOT met'}")
+                 f"{verdict}")
     for s in [s for s in settings if s.startswith("multi3")]:
-        r = vals(f"^{re.escape(s)}$", "spurfast+confirm", "recall@q0.1")
+        r = vals(s, "spurfast+confirm", "recall@q0.1")
         if r:
             L.append(f"- three patterns `{s}`, spurfast+confirm: recall at q=0.1 per seed {[round(x, 2) for x in r]}")
     for s, label in (("clean-model", "clean model"), ("clean-model-clean-pool", "clean model, unstamped pool")):
         for m in ("spurfast", "spurfast+confirm"):
-            ff = vals(f"^{re.escape(s)}$", m, "false_findings@q0.05")
-            if ff:
-                fp = vals(f"^{re.escape(s)}$", m, "false_on_pool_pattern@q0.05")
-                why = (f" ({int(sum(fp))} of them with members mostly carrying the pool's stamped pattern: the clean "
-                       f"model's own reaction to it)") if fp and sum(fp) else ""
-                L.append(f"- {label}, {m}: {int(sum(ff))} false findings at q = 0.05 over {len(ff)} seeds{why} -> "
-                         f"target (<= 1) {'met' if sum(ff) <= 1 else 'NOT met'}")
+            p = pairs(s, m, "false_findings@q0.05")
+            if p:
+                ff = [v for _, v in p]
+                n_false = _count(ff)[0]
+                n_pool = _count(vals(s, m, "false_on_pool_pattern@q0.05"))[0]
+                why = (f" ({n_pool} of them with members mostly carrying the pool's stamped pattern: the clean "
+                       f"model's own reaction to it)") if n_pool else ""
+                L.append(f"- {label}, {m}: {n_false} false findings at q = 0.05 over {len(ff)} seeds{why} -> "
+                         f"target (<= 1) {_verdict(n_false > 1, nan_seeds(p))}")
     for s in settings:
         if s.startswith("clean-model"):
             continue
         feats = dict.fromkeys(r["feature"] for r in rows if r["setting"] == s and r["metric"] == "ap")
         for f in feats:
-            ap = {m: np.nanmean(vals(f"^{re.escape(s)}$", m, "ap", f) or [np.nan]) for m in METHODS}
+            aps = {m: vals(s, m, "ap", f) for m in METHODS}
+            if not aps["spurfast"] or not any(v for m, v in aps.items() if m not in ("spurfast", "spurfast+confirm")):
+                continue   # spurfast or every baseline not run
+            ap = {m: (np.nanmean(v) if np.isfinite(v).any() else np.nan) if v else np.nan for m, v in aps.items()}
             best, best_ap = _best_baseline(ap)
             if best is None or not np.isfinite(ap["spurfast"]):
+                L.append(f"- AP `{s}` / {f}: n/a (NaN) in every seed for "
+                         f"{'spurfast' if not np.isfinite(ap['spurfast']) else 'every baseline'} (a pattern that no "
+                         f"pool image carries has nothing to find) -> not decided")
                 continue
-            ss = np.nanmean(vals(f"^{re.escape(s)}$", "model", "spurious_score", f) or [np.nan])
-            gap = ap["spurfast"] - best_ap
-            verdict = ("ties with the best baseline (equal to 3 decimals)" if abs(gap) < 5e-4 else
-                       "beats every baseline" if gap > 0 else "does NOT beat every baseline")
-            L.append(f"- AP `{s}` / {f}: spurfast {ap['spurfast']:.3f} vs best baseline {best} {best_ap:.3f} "
+            ss = vals(s, "model", "spurious_score", f)
+            ss = np.nanmean(ss) if np.isfinite(ss).any() else np.nan
+            # judged on the printed (3-decimal) means, so the verdict cannot contradict them
+            ours, theirs = f"{ap['spurfast']:.3f}", f"{best_ap:.3f}"
+            verdict = ("ties with the best baseline (equal to 3 decimals)" if ours == theirs else
+                       "beats every baseline" if float(ours) > float(theirs) else "does NOT beat every baseline")
+            na_ours, na_theirs = nan_seeds(pairs(s, "spurfast", "ap", f)), nan_seeds(pairs(s, best, "ap", f))
+            if na_ours != na_theirs:   # means over different seeds: no verdict
+                verdict = (f"not decided: AP n/a (NaN) in {_seeds_text(na_ours) if na_ours else 'no seed'} of "
+                           f"spurfast, {_seeds_text(na_theirs) if na_theirs else 'no seed'} of {best}")
+            elif na_ours:
+                verdict += f" (means over the seeds with an AP: n/a in {_seeds_text(na_ours)})"
+            L.append(f"- AP `{s}` / {f}: spurfast {ours} vs best baseline {best} {theirs} "
                      f"(spurious score {ss:.2f}) -> {verdict}")
     return L
 

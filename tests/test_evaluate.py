@@ -274,3 +274,150 @@ def test_model_provenance_covers_the_evaluations_data_building(monkeypatch):
 
     monkeypatch.setattr(E, "build_data", build_data)
     assert E.model_provenance()["code"] != before["code"]
+
+
+def test_ap_target_verdict_follows_the_printed_values():
+    """The verdict was taken from the unrounded gap: 0.952 vs 0.952 read "beats", 0.952 vs
+    0.953 read "ties (equal to 3 decimals)"."""
+    from spurfast.results_doc import _targets
+
+    def rows_for(setting, ours, pixels):
+        return [{"setting": setting, "seed": 0, "method": m, "feature": "noise@1", "metric": "ap", "value": v}
+                for m, v in (("spurfast", ours), ("pixels", pixels))]
+    rows = rows_for("a", 0.9524, 0.9516) + rows_for("b", 0.95249, 0.95251) + rows_for("c", 0.9516, 0.9524)
+    text = "\n".join(_targets(rows, ["a", "b", "c"]))
+    assert "`a` / noise@1: spurfast 0.952 vs best baseline pixels 0.952 (spurious score nan) -> ties" in text
+    assert "`b` / noise@1: spurfast 0.952 vs best baseline pixels 0.953 (spurious score nan) -> does NOT beat" in text
+    assert "`c` / noise@1: spurfast 0.952 vs best baseline pixels 0.952 (spurious score nan) -> ties" in text
+
+
+def _hand_made_results(tmp_path, nan=None, drop=()):
+    """results.csv of a 3-seed patch3-n150 and clean-model, all targets met; ``nan``:
+    (setting, method, metric, seed) whose value is NaN; rows matching ``drop`` left out."""
+    from spurfast.results_doc import write_csv
+    rows = []
+    for seed in (0, 1, 2):
+        add = lambda s, m, f, k, v: rows.append(  # noqa: E731
+            {"preset": "quick", "setting": s, "seed": seed, "method": m, "feature": f, "metric": k, "value": v})
+        add("patch3-n150", "model", "patch3", "spurious_score", 0.5)
+        for m, ap in (("spurfast", 0.95), ("spurfast+confirm", 0.95), ("pixels", 0.9), ("random", 0.1)):
+            for k, v in (("hit@1", 1.0), ("auroc", 0.99), ("ap", ap), ("mask_iou", 0.8)):
+                add("patch3-n150", m, "patch3", k, v)
+        for m in ("spurfast", "spurfast+confirm"):
+            add("patch3-n150", m, "all", "recall@q0.1", 1.0)
+            add("clean-model", m, "all", "false_findings@q0.05", 0.0)
+            add("clean-model", m, "all", "false_on_pool_pattern@q0.05", 0.0)
+        add("patch3-n150", "model", "all", "foreign_models", 0.0)
+    for r in rows:
+        if nan and (r["setting"], r["method"], r["metric"], r["seed"]) in nan:
+            r["value"] = float("nan")
+    rows = [r for r in rows if (r["setting"], r["method"], r["feature"]) not in drop]
+    write_csv(tmp_path / "results.csv", rows, ["preset", "setting", "seed", "method", "feature", "metric", "value"])
+    return tmp_path / "results.csv"
+
+
+@pytest.mark.parametrize("metric", ["hit@1", "auroc", "false_findings@q0.05", "foreign_models"])
+def test_a_nan_row_neither_crashes_the_doc_nor_decides_a_target(tmp_path, metric):
+    """int(sum(...)) raised on a NaN hit@1 or false-findings row, and min() over a NaN AUROC
+    read "met" or "NOT met" depending on the seed the NaN sat in."""
+    from spurfast.results_doc import write_results
+    setting = "clean-model" if metric == "false_findings@q0.05" else "patch3-n150"
+    method = "model" if metric == "foreign_models" else "spurfast+confirm"
+    texts = []
+    for seed in (0, 1):
+        d = tmp_path / f"s{seed}"
+        d.mkdir()
+        csv_path = _hand_made_results(d, nan={(setting, method, metric, seed)})
+        texts.append(write_results(csv_path, None, d / "RESULTS.md").read_text())
+    if metric == "foreign_models":
+        assert all("runs scored cached classifiers" not in t for t in texts)   # a NaN flag counts no run
+        return
+    lines = [[ln for ln in t.splitlines() if ln.startswith("- ") and f"{setting.split('-')[0]}" in ln
+              and "spurfast+confirm" in ln and "-> target" in ln] for t in texts]
+    for seed, (ln,) in enumerate(lines):
+        assert ln.endswith(f"not decided: value n/a (NaN) in seed {seed}"), ln
+    if metric == "hit@1":
+        assert "| patch3-n150 | patch3 | 0.50 | nan | nan | 0.950 | 0.950 | pixels 0.900 | 2/3 (1 n/a) |" in texts[0]
+        assert "| patch3 | spurfast+confirm | 1.000 ± 0.000 (n/a in 1 of 3 seeds) |" in texts[0]
+    if metric == "false_findings@q0.05":
+        assert "| spurfast+confirm | – | – | 0.000 ± 0.000 (n/a in 1 of 3 seeds) (sum 0) |" in texts[0]
+
+
+def test_a_nan_row_does_not_hide_a_failed_target(tmp_path):
+    """A finite seed that fails decides "NOT met" whatever another seed's NaN."""
+    from spurfast.results_doc import _targets
+    rows = [{"setting": "patch3-n150", "seed": s, "method": "spurfast", "feature": "patch3", "metric": k, "value": v}
+            for s, h, a in ((0, float("nan"), 0.99), (1, 0.0, 0.99), (2, 1.0, 0.99)) for k, v in (("hit@1", h), ("auroc", a))]
+    (ln,) = [ln for ln in _targets(rows, ["patch3-n150"]) if "single strong pattern" in ln]
+    assert "hit@1 per seed [nan, 0, 1]" in ln and ln.endswith("NOT met (value n/a in seed 0)")
+
+
+def test_a_pattern_without_carriers_shows_as_undefined(tmp_path):
+    """metrics.feature_metrics gives NaN for a pattern no pool image carries; its table rows
+    vanished (only rows with a finite value were kept) and its AP target line was left out."""
+    from spurfast.results_doc import write_results
+    nan = {("patch3-n150", m, k, s) for m in ("spurfast", "spurfast+confirm", "pixels", "random")
+           for k in ("hit@1", "auroc", "ap", "mask_iou") for s in (0, 1, 2)}
+    md = write_results(_hand_made_results(tmp_path, nan=nan), None, tmp_path / "RESULTS.md").read_text()
+    assert "| patch3 | spurfast | – | – | – | – | – | – | – |" in md
+    assert "| patch3 | pixels | – | – | – | – | – | – | – |" in md
+    assert "- AP `patch3-n150` / patch3: n/a (NaN) in every seed for spurfast" in md and "-> not decided" in md
+    assert "hit@1 per seed [nan, nan, nan], AUROC min n/a" in md
+
+
+def test_results_md_says_which_order_each_row_uses(tmp_path):
+    """`spurfast` is scored in discovery order, not the confirmed-first order that
+    `spurfast discover` ships (pipeline.rank_confirmed_first): the header says so."""
+    from spurfast.results_doc import write_results
+    md = write_results(_hand_made_results(tmp_path), None, tmp_path / "RESULTS.md").read_text()
+    header = md.split("## Overview")[0]
+    assert "discovery order" in header and "confirmed-first re-ranking" in header
+
+
+def test_run_evaluation_refuses_repeated_or_negative_seeds(tmp_path, monkeypatch):
+    """seeds=(0, 0) ran seed 0 twice and counted it twice; (-1,) failed inside numpy."""
+    import spurfast.evaluate as E
+    ran = []
+    monkeypatch.setattr(E, "run_one", lambda s, seed, *a, **k: (ran.append(seed), ([], []))[1])
+    for seeds, msg in (((0, 0), "seed 0 is given more than once"), ((1, -1), "integers >= 0, got -1"),
+                       ((0, 1.5), "integers >= 0, got 1.5"), ((), "seeds is empty"), ("01", "sequence of integers")):
+        with pytest.raises(ValueError, match=msg):
+            run_evaluation("tiny", tmp_path / "out", seeds=seeds, progress=False)
+    assert ran == [] and not (tmp_path / "out").exists()
+    run_evaluation("tiny", tmp_path / "ok", seeds=[np.int64(1), 0], progress=False)   # distinct, any int type
+    assert ran == [1, 0, 1, 0]
+
+
+def test_a_baseline_without_a_test_gets_no_recall_rows_even_when_it_finds_nothing():
+    """Whether recall@q / false findings apply was read off the first candidate's q-value:
+    a test-less baseline that returned no candidate got recall 0 and 0 false findings."""
+    from spurfast.evaluate import method_rows
+    from spurfast.metrics import Feature
+    carries = np.zeros(20, bool)
+    carries[:4] = True
+    feats = [Feature(3, carries, None, "patch3")]
+    for m in ("george", "activation_clustering", "random"):
+        assert {k for _, k, _ in method_rows(m, [], feats, feats)} == {
+            "hit@1", "auroc", "ap", "precision@10", "precision@25", "mask_iou", "best_is_target_class"}
+    for m in ("spurfast", "spurfast+confirm", "pixels"):   # tested: finding nothing is recall 0
+        got = {k: v for _, k, v in method_rows(m, [], feats, feats)}
+        assert got["recall@q0.05"] == 0.0 and got["false_findings@q0.1"] == 0.0
+
+
+def test_a_cached_run_drops_recall_rows_of_a_baseline_without_a_test(tmp_path, monkeypatch):
+    """Runs cached before the fix hold such rows; reading them back leaves them out."""
+    import json
+
+    import spurfast.evaluate as E
+    monkeypatch.setattr(E, "_key", lambda obj: "k")     # one cache file name, whatever the settings
+    setting, sizes = PRESETS["tiny"]["settings"][0], PRESETS["tiny"]["sizes"]
+    row = lambda m, f, k: {"setting": setting.name, "seed": 0, "method": m, "feature": f, "metric": k, "value": 0.0}  # noqa: E731
+    cached = [row("activation_clustering", "patch3", "ap"), row("activation_clustering", "all", "recall@q0.1"),
+              row("activation_clustering", "all", "false_findings@q0.05"),
+              row("activation_clustering", "all", "false_on_pool_pattern@q0.1"),
+              row("spurfast", "all", "recall@q0.1"), row("spurfast", "all", "false_findings@q0.05")]
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / f"{setting.name}-s0-k.json").write_text(json.dumps({"rows": cached, "confirm": []}))
+    rows, _ = E.run_one(setting, 0, sizes, tmp_path)
+    assert [(r["method"], r["metric"]) for r in rows if r["metric"] != E.FOREIGN_MODELS] == [
+        ("activation_clustering", "ap"), ("spurfast", "recall@q0.1"), ("spurfast", "false_findings@q0.05")]

@@ -158,3 +158,30 @@ def test_false_findings_on_pool_patterns():
     # clean model: nothing learned, so the class-3 cluster of carriers counts too
     assert false_findings_on_pool_patterns(cands, [], [f1, f2], 0.05) == 2
     assert false_findings_on_pool_patterns(cands, [f1], [], 0.1) == 0
+
+
+def test_infinite_scores_rank_in_order_whatever_the_input_order():
+    """+inf ranks first, -inf and NaN (unranked) last, tied infinities tie: the ranking
+    became "min - 1" for every non-finite value (+inf last; unranked tied with the lowest
+    score once |scores| >= 2**53), and AP split tied infinities by input order."""
+    s, t = np.array([np.inf, np.inf, 1.0, 0.0]), np.array([1, 0, 1, 0], bool)
+    same = average_precision([9.0, 9.0, 1.0, 0.0], t)                    # finite stand-ins, same order
+    assert average_precision(s, t) == pytest.approx(same)
+    assert average_precision(s[[1, 0, 2, 3]], t[[1, 0, 2, 3]]) == pytest.approx(same)
+    assert average_precision(-s, t) == average_precision(-s[[1, 0, 2, 3]], t[[1, 0, 2, 3]])
+    f = Feature(3, np.array([1, 0, 1, 0], bool))
+    cand = lambda r: [{"class": 3, "members": np.array([0, 2]), "ranking": np.asarray(r, float), "q_value": 0.01}]  # noqa: E731
+    assert feature_metrics(cand([np.inf, 0.5, 1.0, 0.0]), f)["auroc"] == 1.0           # +inf: the surest carrier
+    assert feature_metrics(cand([3e17, -1e17, 2e17, -np.inf]), f)["auroc"] == 1.0      # unranked below -1e17
+    m = feature_metrics(cand([1.0, np.nan, 0.5, 0.7]), f)                                # NaN: unranked, last
+    assert m["auroc"] == 0.75 and m["precision@10"] == 0.5
+
+
+def test_feature_without_carriers_is_undefined_not_random():
+    """No pool item carries the feature: nothing to find, so every metric is NaN (it scored
+    AUROC 0.5, AP 0, precision 0 and IoU 0, and those entered the means over seeds)."""
+    f = Feature(3, np.zeros(10, bool), np.ones((2, 2), bool), "p")
+    cands = [{"class": 3, "members": np.arange(3), "ranking": np.arange(10.0), "q_value": 0.01, "mask": np.ones((2, 2))}]
+    for got in (feature_metrics(cands, f), feature_metrics([], f), feature_metrics(cands, f, masks=False)):
+        assert list(got) == ["hit@1", "auroc", "ap", "precision@10", "precision@25", "mask_iou", "best_is_target_class"]
+        assert all(np.isnan(v) for v in got.values()), got
