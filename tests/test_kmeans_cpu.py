@@ -16,8 +16,9 @@ from spurfast import backends
 from spurfast.cluster import batched_kmeans
 from spurfast.kernels import kmeans_cpu as kcpu
 from spurfast.kernels import reference as ref
-from tests.helpers import (CASES, assert_close, assert_equal_int, check_assign_near_optimal, check_groups_without_centroids,
-                           exact_dists, exact_sums, make_case)
+from tests.helpers import (CASES, EMPTY_CASES, assert_close, assert_equal_int, assert_same_outputs,
+                           check_assign_near_optimal, check_groups_without_centroids, empty_case, exact_dists,
+                           exact_sums, make_case)
 
 AVAILABLE, WHY = kcpu.is_available()
 needs_kernel = pytest.mark.skipif(not AVAILABLE, reason=f"fused CPU kernels unavailable: {WHY}")
@@ -57,6 +58,30 @@ def test_assign_ties_go_to_the_lower_index_and_empty_input():
     a, dist = kcpu.kmeans_assign(torch.zeros(0, 3), torch.zeros(3, dtype=torch.int64), torch.zeros(2, 4, 3),
                                  torch.zeros(2, dtype=torch.int64))
     assert a.shape == (0,) and dist.shape == (0,)
+
+
+@needs_kernel
+@pytest.mark.parametrize("op", ["update", "assign_update", "plusplus"])
+@pytest.mark.parametrize("k", ["k0", "kmax"])
+@pytest.mark.parametrize("G,kmax,d", EMPTY_CASES, ids=lambda v: str(v))
+def test_empty_input_matches_the_reference(G, kmax, d, k, op):
+    """N = 0 through the entry points that take points (kmeans_assign's is above): the
+    reference's zero sums and counts, empty assignments, all-zero seeds, and no draws."""
+    x, off, assign, cent, kpg = empty_case(G, kmax, d, 0 if k == "k0" else kmax)
+    tag = f"{op} N=0, G={G}, kmax={kmax}, d={d}, {k}"
+    if op == "update":
+        assert_same_outputs(kcpu.kmeans_update(x, off, assign, kmax), ref.kmeans_update(x, off, assign, kmax), tag)
+    elif op == "assign_update":
+        for metric, xn in (("l2", None), ("l2", torch.zeros(0)), ("cosine", None)):
+            assert_same_outputs(kcpu.kmeans_assign_update(x, off, cent, kpg, metric, x_sqnorm=xn),
+                                ref.kmeans_assign_update(x, off, cent, kpg, metric, x_sqnorm=xn),
+                                f"{tag} [{metric}{'' if xn is None else ', xn'}]")
+    else:
+        gen, ref_gen = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+        assert_same_outputs(kcpu.kmeans_plusplus(x, off, kpg, kmax, gen),
+                            ref.kmeans_plusplus(x, off, kpg, kmax, ref_gen), tag)
+        assert torch.equal(gen.get_state(), ref_gen.get_state()), f"{tag}: the generator must advance as the " \
+            "reference's does"
 
 
 @needs_kernel
@@ -281,6 +306,15 @@ def test_knn_matches_float64_brute_force_and_the_reference(n, d, k):
         # inside the product) miss a true neighbour at the k-th place in a few rows
         _check_knn(ref.latent_knn(torch.from_numpy(z), k).numpy(), z, kk, "reference knn")
     assert np.array_equal(nn, kcpu.latent_knn(torch.from_numpy(z), k).numpy()), "same neighbours every run"
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,k", [(0, 4), (0, 0), (1, 0), (5, 0)])
+def test_knn_empty_pool_or_no_neighbours_matches_the_reference(n, k):
+    z = torch.randn(n, 3, generator=torch.Generator().manual_seed(n))
+    got = kcpu.latent_knn(z, k)
+    assert got.shape == (n, 0), f"latent_knn n={n} k={k}: shape {tuple(got.shape)}, expected {(n, 0)}"
+    assert_same_outputs(got, ref.latent_knn(z, k), f"latent_knn n={n} k={k}")
 
 
 @pytest.mark.parametrize("n,k,block", [(257, 1, 128), (385, 1, 128), (1025, 1, 128), (258, 2, 128), (40, 1, 3),

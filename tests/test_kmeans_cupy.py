@@ -14,9 +14,9 @@ from spurfast import backends
 from spurfast.kernels import kmeans_cupy as kc
 from spurfast.kernels.group_layout import split_centroids
 from spurfast.kernels import reference as ref
-from tests.helpers import (CASES, assert_close, assert_equal_int, check_assign_near_optimal,
-                           check_groups_without_centroids, exact_dists, exact_sums,
-                           make_case)
+from tests.helpers import (CASES, EMPTY_CASES, assert_close, assert_equal_int, assert_same_outputs,
+                           check_assign_near_optimal, check_groups_without_centroids, empty_case, exact_dists,
+                           exact_sums, make_case)
 
 HAS_CUDA = torch.cuda.is_available()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -119,6 +119,36 @@ def test_update_counts_points_without_coordinates(monkeypatch):
     assert sums.shape == ref_sums.shape == (2, 3, 0)
 
 
+def _check_empty_input(op, device, dtype=torch.float32):
+    """N = 0 (with G = 0 too, and kmax = 0 for the similarity) against the reference on the
+    CPU: zero sums and counts, -1 exemplars, zero means, outputs on x's device."""
+    for G, kmax, d in EMPTY_CASES:
+        x, off, assign, cent, kpg = empty_case(G, kmax, d, kmax, device, dtype)
+        rx, roff, rassign, rcent, rkpg = (t.cpu() for t in (x, off, assign, cent, kpg))
+        tag = f"{op} N=0, G={G}, kmax={kmax}, d={d}, {dtype}"
+        if op == "update":
+            for deterministic in (True, False):
+                got = kc.kmeans_update(x, off, assign, kmax, deterministic=deterministic)
+                assert all(t.device == x.device for t in got), f"{tag}: outputs not on {x.device}"
+                assert_same_outputs(got, ref.kmeans_update(rx.float(), roff, rassign, kmax),
+                                    f"{tag} deterministic={deterministic}")
+            continue
+        for m in (0, 1, 8):
+            for k in (kmax, 0):   # k = 0: centroids (G, 0, d), no clusters at all
+                got = kc.cluster_similarity(x, off, assign, cent[:, :k], kpg.clamp_max(k), m)
+                assert all(t.device == x.device for t in got), f"{tag}: outputs not on {x.device}"
+                assert_same_outputs(got, ref.cluster_similarity(rx.float(), roff, rassign, rcent[:, :k],
+                                                                rkpg.clamp_max(k), m), f"{tag} kmax={k} m={m}")
+
+
+@pytest.mark.parametrize("op", ["update", "similarity"])
+def test_empty_input_matches_the_reference(op, monkeypatch):
+    # N = 0 returns before any launch: the path up to there is torch only, so it runs on CPU
+    # tensors here (test_empty_input_on_the_gpu runs it on the device)
+    monkeypatch.setattr(kc, "_check_x", lambda x, name="x": x.contiguous())
+    _check_empty_input(op, "cpu")
+
+
 # ----------------------------------------------------------------------------- GPU tests
 def _cast(x, dtype):
     return x.to(dtype).contiguous()
@@ -206,6 +236,13 @@ def test_assign_ties_and_empty_input():
     a, dist = kc.kmeans_assign(torch.zeros(0, 3, device="cuda"), torch.zeros(3, dtype=torch.int64, device="cuda"),
                                torch.zeros(2, 4, 3, device="cuda"), torch.zeros(2, dtype=torch.int64, device="cuda"))
     assert a.shape == (0,) and dist.shape == (0,)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ["update", "similarity"])
+def test_empty_input_on_the_gpu(op, dtype):
+    _check_empty_input(op, "cuda", dtype)
 
 
 @pytest.mark.gpu

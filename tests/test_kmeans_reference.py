@@ -9,7 +9,7 @@ import torch
 from spurfast import backends
 from spurfast.cluster import batched_kmeans, sort_by_group
 from spurfast.kernels import reference as ref
-from tests.helpers import assert_close, assert_equal_int
+from tests.helpers import EMPTY_CASES, assert_close, assert_equal_int, assert_same_outputs, empty_case
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -231,6 +231,33 @@ def test_cluster_similarity_empty_input():
                                              torch.zeros(2, dtype=torch.int64), 4)
     assert cos.shape == (0,) and ex.shape == (2, 3, 4) and bool((ex == -1).all())
     assert float(mc.abs().sum()) == 0 and float(ms.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("k", ["k0", "kmax"])
+@pytest.mark.parametrize("G,kmax,d", EMPTY_CASES, ids=lambda v: str(v))
+def test_every_op_on_empty_input(G, kmax, d, k):
+    """The N = 0 contract the kernels' empty-input tests compare against: zero sums and
+    counts, empty assignments, all-zero seeds drawn without touching the generator, -1
+    exemplars and zero means, (0, 0) neighbours; for G = 0 too."""
+    x, off, assign, cent, kpg = empty_case(G, kmax, d, 0 if k == "k0" else kmax)
+    zero_sums = (torch.zeros(G, kmax, d), torch.zeros(G, kmax, dtype=torch.int64))
+    assign_out = (torch.zeros(0, dtype=torch.int64), torch.zeros(0))
+    for det in (True, False):
+        assert_same_outputs(ref.kmeans_update(x, off, assign, kmax, deterministic=det), zero_sums, "update")
+    for metric in ("l2", "cosine"):
+        assert_same_outputs(ref.kmeans_assign(x, off, cent, kpg, metric), assign_out, f"assign[{metric}]")
+        assert_same_outputs(ref.kmeans_assign_update(x, off, cent, kpg, metric), assign_out + zero_sums,
+                            f"assign_update[{metric}]")
+    gen = torch.Generator().manual_seed(3)
+    state = gen.get_state()
+    assert_same_outputs(ref.kmeans_plusplus(x, off, kpg, kmax, gen), torch.zeros(G, kmax, d), "plusplus")
+    assert torch.equal(gen.get_state(), state), "plusplus drew from the generator with no points"
+    for m in (0, 3):
+        assert_same_outputs(ref.cluster_similarity(x, off, assign, cent, kpg, m),
+                            (torch.zeros(0), torch.full((G, kmax, m), -1, dtype=torch.int64),
+                             torch.zeros(G, kmax), torch.zeros(G, kmax)), f"cluster_similarity m={m}")
+    for kk in (0, 4):
+        assert_same_outputs(ref.latent_knn(x, kk), torch.zeros(0, 0, dtype=torch.int64), f"latent_knn k={kk}")
 
 
 # ----------------------------------------------------------------------------- Lloyd loop
