@@ -42,11 +42,11 @@ def _seed_list(value: str) -> tuple[int, ...]:
     parts = [s.strip() for s in value.split(",")]
     if not all(s.isdigit() and s.isascii() for s in parts):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0 (e.g. 0,1,2), got {value!r}")
-    seeds = tuple(int(s) for s in parts)
-    dup = next((s for s in seeds if seeds.count(s) > 1), None)
-    if dup is not None:  # it would run again and be counted twice
-        raise argparse.ArgumentTypeError(f"seed {dup} is given more than once in {value!r}; name each seed once")
-    return seeds
+    from .evaluate import check_seeds   # run_evaluation's own rule (a repeated seed counted twice)
+    try:
+        return check_seeds(int(s) for s in parts)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (from {value!r})") from None
 
 
 def _add_pattern_args(p):

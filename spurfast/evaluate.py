@@ -466,7 +466,7 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
 
 
 # ----------------------------------------------------------------------------- sweep
-def _check_seeds(seeds) -> tuple[int, ...]:
+def check_seeds(seeds) -> tuple[int, ...]:
     """``seeds`` as a tuple of distinct integers >= 0; ValueError naming the bad one.  A
     repeated seed ran again (from the cache) and was counted twice in every mean and
     "per seed" list; a negative one failed inside numpy without naming the seed."""
@@ -493,7 +493,7 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
     if not settings:
         raise ValueError(f"--only {only!r} matches no setting of preset {preset!r}: "
                          f"{[s.name for s in p['settings']]}")
-    seeds = tuple(p["seeds"]) if seeds is None else _check_seeds(seeds)
+    seeds = tuple(p["seeds"]) if seeds is None else check_seeds(seeds)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache) if cache else out / "cache"
