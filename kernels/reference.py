@@ -262,13 +262,18 @@ def check_k_per_group(k_per_group, G: int, kmax: int) -> torch.Tensor:
 MAX_SQNORM = float(torch.finfo(torch.float32).max) / 4
 
 
-def check_sqnorms(sq: torch.Tensor, name: str) -> None:
-    """Refuse rows whose fp32 |x|^2 (``sq``, one per row) exceeds MAX_SQNORM or is not a
-    number; the message names ``name`` and counts the rows."""
+def check_rows(x: torch.Tensor, sq: torch.Tensor, nonfinite: str, name: str) -> None:
+    """Refuse rows of ``x`` with NaN or inf (message ``nonfinite`` with ``{bad}`` for their
+    count), then rows whose fp32 |x|^2 (``sq``, one per row) exceeds MAX_SQNORM (``name``
+    in the message).  One test on the common path: such rows fail ``sq <= MAX_SQNORM``."""
+    if bool((sq <= MAX_SQNORM).all()):
+        return
+    bad = int((~torch.isfinite(x)).any(1).sum())
+    if bad:
+        raise ValueError(nonfinite.format(bad=bad))
     big = int((~(sq <= MAX_SQNORM)).sum())
-    if big:
-        raise ValueError(f"{name} has {big} rows too large for fp32 distances (|x|^2 > {MAX_SQNORM:.3g}, "
-                         f"i.e. |x| > {MAX_SQNORM ** 0.5:.2g}); rescale them")
+    raise ValueError(f"{name} has {big} rows too large for fp32 distances (|x|^2 > {MAX_SQNORM:.3g}, "
+                     f"i.e. |x| > {MAX_SQNORM ** 0.5:.2g}); rescale them")
 
 
 def centred_latents(z: torch.Tensor) -> torch.Tensor:
@@ -279,12 +284,8 @@ def centred_latents(z: torch.Tensor) -> torch.Tensor:
     if zt.dim() != 2:
         raise ValueError(f"z must be (n, d), got shape {tuple(zt.shape)}")
     zc = zt - zt.mean(0)
-    sq = torch.linalg.vecdot(zc, zc)
-    if not bool((sq <= MAX_SQNORM).all()):   # one test on the common path (NaN/inf rows fail it too)
-        bad = int((~torch.isfinite(zt)).any(1).sum())
-        if bad:
-            raise ValueError(f"z has {bad} rows with NaN or inf; neighbours need finite latents")
-        check_sqnorms(sq, "z (centred)")
+    check_rows(zt, torch.linalg.vecdot(zc, zc), "z has {bad} rows with NaN or inf; neighbours need finite latents",
+               "z (centred)")
     return zc
 
 

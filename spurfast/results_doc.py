@@ -95,8 +95,9 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
           "ship), `spurfast+confirm` keeps only the confirmed findings in that order (its top finding is the top "
           "of the shipped order whenever a finding is confirmed), and the other baselines keep their own order.", ""]
     foreign = [r["value"] for r in rows if r["metric"] == "foreign_models"]
-    if _count(foreign)[0]:
-        L += [f"**{_count(foreign)[0]} of {len(foreign)} runs scored cached classifiers or VAEs that other code "
+    n_foreign = _count(foreign)[0]
+    if n_foreign:
+        L += [f"**{n_foreign} of {len(foreign)} runs scored cached classifiers or VAEs that other code "
               f"or another CPU trained**: a fresh run (`--cache` empty) retrains them, and its figures differ a "
               f"little (training repeats bit for bit on one machine only).", ""]
     L += _overview(rows, settings)
