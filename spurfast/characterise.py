@@ -18,7 +18,10 @@ def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
     v = values.ravel()
     if v.size == 0 or float(v.max()) == float(v.min()):
         return float(v.max()) if v.size else 0.0
-    hist, edges = np.histogram(v, bins=bins)
+    try:
+        hist, edges = np.histogram(v, bins=bins)
+    except ValueError:  # a range of a few fp32 ulps has no `bins` finite-width fp32 bins
+        hist, edges = np.histogram(v.astype(np.float64), bins=bins)
     mids = (edges[:-1] + edges[1:]) / 2
     w0 = np.cumsum(hist)
     w1 = w0[-1] - w0

@@ -102,7 +102,9 @@ def check_input(x: torch.Tensor, groups, k_per_group, n_groups: int | None = Non
         raise ValueError(f"{len(groups)} group ids for {len(x)} points")
     G = int(n_groups if n_groups is not None else (int(groups.max()) + 1 if len(groups) else 0))
     if len(groups) and (int(groups.min()) < 0 or int(groups.max()) >= G):
-        raise ValueError(f"group ids must lie in [0, {G})")
+        bad = ((groups < 0) | (groups >= G)).nonzero().flatten()
+        raise ValueError(f"group ids must lie in [0, {G}); {len(bad)} do not, e.g. groups[{int(bad[0])}] = "
+                         f"{int(groups[bad[0]])}")
     k = np.asarray(k_per_group.detach().cpu() if isinstance(k_per_group, torch.Tensor) else k_per_group)
     if k.ndim != 1:
         raise ValueError(f"k_per_group has shape {k.shape}; expected one k per group")

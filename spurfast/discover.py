@@ -70,6 +70,11 @@ class DiscoverConfig:
             raise ValueError(f"fdr must be in (0, 1), got {self.fdr}")
         if self.max_null < self.n_null:
             raise ValueError(f"max_null must be >= n_null={self.n_null}, got {self.max_null}")
+        # null permutation b clusters from seed + 1 + b, and torch's generator takes 64 bits:
+        # a larger seed crashed in the clustering ("Overflow when unpacking long long")
+        if int(self.seed) + 1 + int(self.max_null) > 2 ** 64 - 1:
+            raise ValueError(f"seed + max_null must be <= 2**64 - 2 (a 64-bit generator seed), got seed={self.seed}, "
+                             f"max_null={self.max_null}")
         if self.statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {self.statistic!r}")
         if self.resolve_fdr is not None and not 0 < self.resolve_fdr < 1:
@@ -107,8 +112,8 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
         raise ValueError(f"store {store.root}: latents contain NaN/inf for "
                          f"{int((~np.isfinite(mu[ok])).any(1).sum())} images")
     suspect = np.zeros(store.n, bool) if suspect is None else np.asarray(suspect, bool)
-    if len(suspect) != store.n:
-        raise ValueError(f"suspect mask has {len(suspect)} entries for a pool of {store.n}")
+    if suspect.shape != (store.n,):   # an (n, 1) column broadcast into (n, K, 1) neighbour masks
+        raise ValueError(f"suspect mask has shape {suspect.shape}, expected ({store.n},): one entry per pool image")
     valid = np.nonzero(ok)[0]
     if len(valid) < 2:
         raise ValueError(f"store {store.root}: only {len(valid)} readable images")
@@ -277,8 +282,10 @@ def write_outputs(result: DiscoveryResult, out_dir: Path, extra_config: dict | N
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = findings_document(result, extra_config)
-    (out_dir / "findings.json").write_text(json.dumps(doc, indent=1))
-    with open(out_dir / "findings.csv", "w", newline="") as fh:
+    (out_dir / "findings.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    # UTF-8 whatever the locale: class names may be any text (a cp1252 or ASCII locale
+    # raised on them after the whole run)
+    with open(out_dir / "findings.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["rank", "class", "class_name", "cluster", "size", "score", "p_value", "q_value",
                     "n_unrelated", "n_suspect", "flip_rate", "control_flip_rate", "confirm_p_value",
@@ -289,7 +296,7 @@ def write_outputs(result: DiscoveryResult, out_dir: Path, extra_config: dict | N
                         f"{f['p_value']:.4g}", f"{f['q_value']:.4g}", f.get("n_unrelated", ""), f.get("n_suspect", ""),
                         cf.get("flip_rate", ""), cf.get("control_flip_rate", ""), cf.get("p_value", ""),
                         cf.get("q_value", ""), cf.get("verdict", "")])
-    with open(out_dir / "clusters.csv", "w", newline="") as fh:
+    with open(out_dir / "clusters.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["class", "cluster", "size", "n_unrelated", "n_suspect", "score", "p_value", "q_value"])
         for cl in sorted(result.clusters, key=lambda c: -c["score"]):

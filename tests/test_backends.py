@@ -123,3 +123,12 @@ def test_default_run_keeps_the_assignments_provider_for_every_op(calls):
     x, groups = _data()
     batched_kmeans(x, groups, [4, 4], seed=1, n_iter=5)
     assert not any(name.startswith("reference.") for name in calls), calls
+
+
+def test_a_group_id_out_of_range_is_named():
+    # the error said only "group ids must lie in [0, 2)": not which point, nor its id
+    x, groups = _data()
+    groups = groups.clone()
+    groups[7] = -1
+    with pytest.raises(ValueError, match=r"group ids must lie in \[0, 2\); 1 do not, e.g. groups\[7\] = -1"):
+        batched_kmeans(x, groups, [4, 4], n_groups=2)

@@ -55,3 +55,13 @@ def test_otsu_cut_keeps_a_bin_whole():
     assert (v > t).sum() == 1
     two = np.r_[np.zeros(50), np.ones(50) * 0.5]
     assert (two > otsu_threshold(two)).sum() == 50
+
+
+def test_mask_of_a_contrast_spanning_a_few_ulps():
+    """A near-uniform contrast whose values differ by one fp32 ulp is no reason to crash
+    the characterisation (numpy has no 64 finite fp32 bins for that range)."""
+    hi = np.nextafter(np.float32(0.5), np.float32(1))
+    contrast = torch.full((1, 4, 4), 0.5)
+    contrast[0, 0, 0] = float(hi)
+    mask = pattern_mask(contrast)
+    assert mask.sum() == 1 and mask[0, 0]

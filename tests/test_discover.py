@@ -136,3 +136,43 @@ def test_scores_do_not_depend_on_the_knn_backend_with_duplicated_latents(tmp_pat
         res = discover(store, DiscoverConfig(k=4, n_null=10, max_null=10, seed=0), progress=False)
         runs[backend] = [(c["cls"], c["cluster"], c["score"], c["p_value"]) for c in res.clusters]
     assert runs["cpu"] == runs["torch"]
+
+
+def test_outputs_are_written_in_utf8_whatever_the_locale(tmp_path):
+    """A class name outside the locale's charset (an ASCII or cp1252 locale) crashed
+    findings.csv at the very end of a run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import spurfast
+    code = ("import numpy as np, sys\n"
+            "from spurfast.discover import DiscoveryResult, write_outputs\n"
+            "f = {'rank': 1, 'class': 0, 'class_name': '\\u72d7 chien', 'cluster': 0, 'size': 1, 'score': 1.0,\n"
+            "     'p_value': 0.01, 'q_value': 0.01, 'members': [0], 'exemplars': [0], 'confirm': None, 'images': {}}\n"
+            "write_outputs(DiscoveryResult([f], [], {}, {}, {}), sys.argv[1])\n")
+    env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0",
+               PYTHONPATH=str(Path(spurfast.__file__).resolve().parents[1]))
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "\u72d7 chien" in (tmp_path / "findings.csv").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("shape", [(N_CLASSES * PER_CLASS, 1), (), (3,)])
+def test_a_suspect_mask_of_the_wrong_shape_is_refused_by_name(tmp_path, shape):
+    # an (n, 1) column passed the length check and crashed in the agreement statistic
+    # with numpy's broadcasting error; a scalar raised len()'s TypeError
+    store, _ = _store(tmp_path / "store")
+    with pytest.raises(ValueError, match=r"suspect mask has shape .*expected \(600,\)"):
+        discover(store, DiscoverConfig(k=4, n_null=1, max_null=1), suspect=np.zeros(shape, bool), progress=False)
+
+
+def test_a_seed_beyond_the_generators_64_bits_is_refused_up_front():
+    # the real clustering or a null permutation (seed + 1 + b) crashed in torch's
+    # manual_seed, after the neighbour search, naming nothing
+    with pytest.raises(ValueError, match=r"seed \+ max_null must be <= 2\*\*64 - 2 .*got seed=18446744073709551615"):
+        DiscoverConfig(seed=2 ** 64 - 1)
+    with pytest.raises(ValueError, match="seed \\+ max_null must be"):
+        DiscoverConfig(seed=2 ** 64 - 2 - 120 + 1)
+    DiscoverConfig(seed=2 ** 64 - 2 - 120)
