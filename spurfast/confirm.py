@@ -77,6 +77,8 @@ class ConfirmConfig:
             raise ValueError(f"confirm mode must be 'add' or 'paste', got {self.mode!r}")
         if self.max_images < 1:
             raise ValueError(f"max_images must be >= 1, got {self.max_images}")
+        if self.batch_size < 1:   # range(0, n, 0) would fail with no word of the setting
+            raise ValueError(f"confirm batch_size must be >= 1, got {self.batch_size}")
 
 
 def pattern_delta(mask: np.ndarray, contrast: torch.Tensor, pattern: torch.Tensor | None, mode: str):

@@ -63,12 +63,12 @@ def save_grid(images: torch.Tensor, path, ncol: int = 8) -> str:
 
 
 def plot_scores(clusters: list[dict], fdr_line: float, path) -> str:
-    import matplotlib
+    # a Figure of its own, not pyplot: matplotlib.use("Agg") switched the caller's backend
+    # (a notebook's inline plots stopped showing after a run)
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=100)
+    fig = Figure(figsize=(7, 3.2), dpi=100)
+    ax = fig.subplots()
     cl = sorted(clusters, key=lambda c: -c["score"])
     sig = np.array([c["q_value"] <= fdr_line for c in cl])
     xs = np.arange(len(cl))
@@ -80,7 +80,6 @@ def plot_scores(clusters: list[dict], fdr_line: float, path) -> str:
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return str(path)
 
 
@@ -102,6 +101,7 @@ STATISTIC_WORDS = {
 def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_files: dict | None = None,
                  summary: dict | None = None) -> Path:
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)   # a new folder: without clusters (no plot) nothing made it
     e = lambda v: html.escape(str(v), quote=True)  # noqa: E731
     fdr = doc["config"].get("discover", {}).get("fdr", 0.05)
     # what a score sums (runs before the statistic was recorded used the share)

@@ -427,3 +427,9 @@ def test_smooth_controls_keep_place_mean_and_spread():
     # (about 1.13 standard deviations there)
     sq = inside[:, 0].view(4, 20, 20)
     assert (sq[:, :, 1:] - sq[:, :, :-1]).abs().mean() < 0.5 * vals[0][mask].std(unbiased=False)
+
+
+def test_a_bad_confirm_batch_size_is_named():
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        confirm_pattern(CornerModel(), _clean(4), 1, _corner_mask(), torch.zeros(1, 16, 16),
+                        config=ConfirmConfig(batch_size=0))

@@ -1,6 +1,6 @@
 """The HTML report's confirmation sentence, from hand-made findings."""
 from spurfast.confirm import VERDICTS
-from spurfast.report import write_report
+from spurfast.report import plot_scores, write_report
 
 
 def _doc(confirm):
@@ -76,3 +76,23 @@ def test_the_report_page_alone_holds_its_pictures(tmp_path):
 def test_summary_values_without_meaning_read_n_a(tmp_path):
     html = write_report(_doc(None), tmp_path, summary={"top finding is planted class": None}).read_text()
     assert "<th>top finding is planted class</th><td>n/a</td>" in html
+
+
+def test_a_report_into_a_folder_that_does_not_exist_yet(tmp_path):
+    """With clusters the folder was made for their plot; without them the page had nowhere to go."""
+    path = write_report(_doc(None), tmp_path / "new" / "run")
+    assert path == tmp_path / "new" / "run" / "report.html" and path.is_file()
+
+
+def test_the_score_plot_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    """A notebook calling the API kept its own backend (inline plots) after a run."""
+    import matplotlib
+    from matplotlib import pyplot as plt
+
+    before = matplotlib.get_backend()
+    plt.switch_backend("svg")
+    try:
+        plot_scores([{"score": 5.0, "q_value": 0.02}, {"score": 1.0, "q_value": 0.9}], 0.05, tmp_path / "s.png")
+        assert matplotlib.get_backend() == "svg" and (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    finally:
+        plt.switch_backend(before)
