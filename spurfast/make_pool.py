@@ -85,6 +85,12 @@ class PoolSpec:
                                  f"equal the background and leave a listed carrier unmarked")
             if self.plant_class is not None and not 0 <= self.plant_class < self.classes:
                 raise ValueError(f"--plant-class must be in [0, {self.classes}), got {self.plant_class}")
+            # as _plan counts: a planted pool with no carrier has no ground truth to find
+            cand = self.n if self.plant_class is None else len(range(self.plant_class, self.n, self.classes))
+            if round(self.fraction * cand) == 0:
+                of = "" if self.plant_class is None else f" of --plant-class {self.plant_class}"
+                raise ValueError(f"--fraction {self.fraction} of the {cand} image(s){of} among --n {self.n} rounds "
+                                 f"to no carrier: raise --fraction or --n")
             if self.target_size < 8:
                 raise ValueError(f"--target-size must be >= 8, got {self.target_size}")
             # the loader upscales a smaller image, blending each planted pixel with its

@@ -506,3 +506,70 @@ def test_a_folder_that_cannot_be_listed_is_reported(tmp_path, monkeypatch, caplo
         paths, labels, _ = list_folder(root)
     assert [str(Path(p).relative_to(root)) for p in paths] == ["cat/a.png", "dog/d.png"]
     assert f"cannot list folder {locked} (Permission denied)" in caplog.text
+
+
+def test_hidden_files_and_folders_are_not_pool_images(tmp_path, caplog):
+    """macOS "._x.jpg" twins (metadata, not images) and thumbnail caches (".@__thumb/",
+    copies of the images) are hidden, as the hidden folders at the top already were: not
+    pool items, and a hidden image at the top does not make a class-folder pool flat."""
+    root = tmp_path / "pool"
+    for c in ("cat", "dog"):
+        (root / c / ".@__thumb").mkdir(parents=True)
+        (root / c / "a.png").write_bytes(_png_bytes(_picture(1, 20, 20)))
+        (root / c / "._a.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+        (root / c / ".@__thumb" / "s100a.png").write_bytes(_png_bytes(_picture(1, 10, 10)))
+    (root / ".cover.jpg").write_bytes(_jpeg_bytes(_picture(2)))
+    with caplog.at_level("WARNING", logger="spurfast.data"):
+        paths, labels, names = list_folder(root)
+    assert [str(Path(p).relative_to(root)) for p in paths] == ["cat/a.png", "dog/a.png"]
+    assert labels == [0, 1] and names == ["cat", "dog"] and "flat" not in caplog.text
+    flat = tmp_path / "flat"
+    (flat / ".thumbnails").mkdir(parents=True)
+    for p in ("b.png", ".thumbnails/b.png", "._b.png"):
+        (flat / p).write_bytes(_png_bytes(_picture(3, 20, 20)))
+    assert [Path(p).name for p in list_folder(flat)[0]] == ["b.png"]
+    (tmp_path / ".pool").mkdir()   # a hidden root is the pool the user named
+    (tmp_path / ".pool" / "c.png").write_bytes(_png_bytes(_picture(4, 20, 20)))
+    assert len(ImageFolderSource(tmp_path / ".pool", size=8)) == 1
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs_dali)])
+def test_file_names_that_are_not_utf8(tmp_path, backend):
+    """A name of Latin-1 bytes comes back from os.walk with surrogate escapes: the pool's
+    identity (run id, store fingerprint) hashed item_id().encode() and crashed, and DALI's
+    file list refused the whole pipeline ("Unsupported argument type with name files")."""
+    import os
+
+    from spurfast.data.sources import content_digest
+    from spurfast.embed import fingerprint
+
+    root = tmp_path / "pool"
+    (root / "cat").mkdir(parents=True)
+    names = [b"caf\xe9.png", b"na\xefve.jpg", b"plain.png", b"z\xff.jpg"]
+    for k, n in enumerate(names):
+        data = _png_bytes(_picture(k, 20, 24)) if n.endswith(b".png") else _jpeg_bytes(_picture(k, 20, 24))
+        with open(os.path.join(os.fsencode(root / "cat"), n), "wb") as fh:
+            fh.write(data if n != b"z\xff.jpg" else b"")   # one bad file among them
+    src = ImageFolderSource(root, size=SIZE)
+    got = list(loader_torch.iter_batches(src, batch_size=3, backend=backend))
+    assert torch.cat([b.ok for b in got]).tolist() == [True, True, True, False]
+    assert list(src.bad_files) == [3] and "empty file" in src.bad_files[3]
+    ref = torch.stack([src[i][0] for i in range(3)])
+    assert float((torch.cat([b.images for b in got])[:3] - ref).abs().max()) <= 12 / 255
+    assert [src.item_id(i) for i in range(4)] == ["pool/cat/caf\\xe9.png", "pool/cat/na\\xefve.jpg",
+                                                  "pool/cat/plain.png", "pool/cat/z\\xff.jpg"]
+    assert len(fingerprint(src)) and len(content_digest(src))
+
+
+@pytest.mark.parametrize("which", _loaders())
+def test_png_with_a_side_over_libpngs_limit_is_bad_for_both_loaders(tmp_path, which):
+    """DALI's decoder keeps libpng's 1,000,000-pixel side limit (it failed such a PNG that
+    PIL decodes): one verdict for both loaders, as for PIL's pixel limit."""
+    col = (np.arange(1_000_001) % 251).astype(np.uint8)[:, None]
+    Image.fromarray(col).save(tmp_path / "a_tall.png")
+    Image.fromarray(col[:-1]).save(tmp_path / "b_at_the_limit.png")
+    Image.fromarray(_picture(1)).save(tmp_path / "c_plain.png")
+    paths = sorted(str(p) for p in tmp_path.iterdir())
+    idx, images, ok, bad = _run(which, paths)
+    assert ok.tolist() == [False, True, True]
+    assert list(bad) == [0] and "PNG of 1x1000001 pixels: a side over libpng's limit of 1,000,000" in bad[0]

@@ -218,3 +218,62 @@ def test_read_idx_names_truncated_and_corrupt_files(tmp_path):
     (tmp_path / "plain.idx.gz").write_bytes(b"\x00\x00\x08\x01" + struct.pack(">I", 5) + bytes(5))
     with pytest.raises(ValueError, match=r"plain\.idx\.gz: not a complete gzipped IDX file \(BadGzipFile"):
         read_idx(tmp_path / "plain.idx.gz")
+
+
+def test_array_source_takes_flipped_views_and_tensors_that_require_grad():
+    x = np.random.default_rng(0).integers(0, 256, (3, 3, 6, 8), dtype=np.uint8)
+    bgr = x[:, ::-1]   # BGR -> RGB as a view: negative strides, which torch.from_numpy refuses
+    np.testing.assert_array_equal(ArraySource(bgr).images.numpy(), x[:, ::-1] / np.float32(255))
+    assert float(ArraySource(x[..., ::-1]).images[0, 0, 0, 0]) == float(x[0, 0, 0, -1] / np.float32(255))
+    t = torch.rand(2, 1, 4, 4, requires_grad=True)
+    src = ArraySource(t)
+    assert torch.equal(src.images, t.detach()) and not src.images.requires_grad
+    with pytest.raises(ValueError, match="NaN"):
+        ArraySource(torch.full((2, 1, 4, 4), float("nan"), requires_grad=True))
+
+
+def test_fashion_mnist_env_var_takes_a_torchvision_root(tmp_path, monkeypatch):
+    """$SPURFAST_FASHION_MNIST is the default ``root``: the same layouts are found under it."""
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    _write_idx(raw / "t10k-images-idx3-ubyte", np.zeros((3, 28, 28), np.uint8))
+    _write_idx(raw / "t10k-labels-idx1-ubyte", np.array([1, 2, 0], np.uint8))
+    _write_idx(raw / "train-images-idx3-ubyte", np.zeros((2, 28, 28), np.uint8))
+    monkeypatch.setenv("SPURFAST_FASHION_MNIST", str(tmp_path))
+    assert find_fashion_mnist() == raw
+    assert load_fashion_mnist("test").labels().tolist() == [1, 2, 0]
+
+
+def test_folder_batches_take_a_numpy_integer_batch_size(tmp_path):
+    """run_discovery accepts a numpy integer batch size; the torch loader's DataLoader
+    refused it ("batch_size should be a positive integer value, but got batch_size=4")."""
+    from PIL import Image
+
+    from spurfast.data.folder import ImageFolderSource
+
+    for i in range(5):
+        Image.fromarray(np.full((10, 12, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    src = ImageFolderSource(tmp_path, size=8)
+    got = list(iter_batches(src, batch_size=np.int64(4), backend="torch", num_workers=np.int64(0)))
+    assert [len(b.indices) for b in got] == [4, 1] and bool(torch.cat([b.ok for b in got]).all())
+
+
+def test_class_folders_match_class_names_in_either_unicode_form(tmp_path):
+    """A folder written on macOS spells "café" decomposed (NFD); a class-names file has it
+    composed (NFC): they look the same, and the folder was refused as not among the names."""
+    import unicodedata
+
+    from PIL import Image
+
+    from spurfast.data.folder import ImageFolderSource
+
+    for name in (unicodedata.normalize("NFD", "café"), "tea"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name / "a.png")
+    names = ["tea", "water", unicodedata.normalize("NFC", "café")]
+    src = ImageFolderSource(tmp_path, size=8, class_names=names)
+    assert src.labels().tolist() == [2, 0] and src.class_names == names
+    # without class names each folder keeps its own label, even two spellings of one name
+    (tmp_path / unicodedata.normalize("NFC", "café")).mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "café" / "b.png")
+    assert sorted(ImageFolderSource(tmp_path, size=8).labels().tolist()) == [0, 1, 2]

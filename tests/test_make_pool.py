@@ -151,3 +151,20 @@ def test_grey_strength_is_refused_for_painted_patterns(tmp_path, family):
     assert not (tmp_path / "p").exists()
     PoolSpec(n=5, plant=family, fraction=0.2, strength=1.0).validate()
     PoolSpec(n=5, plant="noise", fraction=0.2, strength=0.5).validate()   # noise: strength is its amplitude
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(n=5, classes=10, plant_class=7), r"--fraction 0.5 of the 0 image\(s\) of --plant-class 7 among --n 5 rounds "
+                                           r"to no carrier"),
+    (dict(n=5, classes=2, fraction=0.05), r"--fraction 0.05 of the 5 image\(s\) among --n 5 rounds to no carrier"),
+])
+def test_a_planted_pool_without_a_carrier_is_refused(tmp_path, kw, msg):
+    """Planting into a class with no images, or a fraction that rounds to none, wrote a pool
+    whose ground truth lists no carrier while pool.json names the pattern."""
+    spec = PoolSpec(**{"min_size": 16, "max_size": 16, "plant": "patch3", "fraction": 0.5, "target_size": 16, **kw})
+    with pytest.raises(ValueError, match=msg):
+        make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    assert not (tmp_path / "p").exists()
+    info = make_pool(tmp_path / "q", PoolSpec(n=6, classes=3, min_size=16, max_size=16, plant="patch3", fraction=0.5,
+                                              plant_class=2, target_size=16), workers=1, progress=False)
+    assert info["n_carrying"] == 1   # class 2 holds images 2 and 5: one carrier

@@ -23,9 +23,8 @@ def _candidates(root: str | os.PathLike | None) -> list[Path]:
         r = Path(root)
         # a torchvision FashionMNIST root keeps IDX files under FashionMNIST/raw
         return [r, r / "FashionMNIST" / "raw", r / "raw"]
-    env = os.environ.get("SPURFAST_FASHION_MNIST")
-    out = [Path(env)] if env else []
-    return out + [Path(DEBIAN_DIR)]
+    env = os.environ.get("SPURFAST_FASHION_MNIST")   # the default root: the same layouts
+    return (_candidates(env) if env else []) + [Path(DEBIAN_DIR)]
 
 
 def _find_file(dirs: list[Path], stem: str) -> Path | None:

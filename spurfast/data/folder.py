@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,17 @@ def _is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def _hidden(name: str) -> bool:
+    """Hidden entries are not pool content: macOS's "._x.jpg" metadata twins (not images),
+    thumbnail caches such as ".@__thumb/" (copies of the images), ".git"."""
+    return name.startswith(".")
+
+
 def _image_files(d: Path) -> list[Path]:
-    """Image files under ``d``, sorted.  Follows symlinked folders (Path.rglob does not),
-    visiting each real folder once so a link back up cannot loop; broken symlinks with an
-    image name are kept, so the loaders report them as unreadable instead of dropping them."""
+    """Image files under ``d``, sorted, hidden files and folders left out.  Follows
+    symlinked folders (Path.rglob does not), visiting each real folder once so a link back
+    up cannot loop; broken symlinks with an image name are kept, so the loaders report them
+    as unreadable instead of dropping them."""
     seen = {os.path.realpath(d)}
     files = []
 
@@ -32,6 +40,8 @@ def _image_files(d: Path) -> list[Path]:
     for top, dirs, names in os.walk(d, followlinks=True, onerror=unlisted):
         keep = []
         for sub in sorted(dirs):  # sorted: which of two paths to one folder is kept is stable
+            if _hidden(sub):
+                continue
             real = os.path.realpath(os.path.join(top, sub))
             if real not in seen:
                 seen.add(real)
@@ -39,7 +49,7 @@ def _image_files(d: Path) -> list[Path]:
         dirs[:] = keep
         for n in names:
             full = os.path.join(top, n)
-            if _is_image_name(n) and (os.path.isfile(full) or not os.path.exists(full)):  # file or broken link
+            if _is_image_name(n) and not _hidden(n) and (os.path.isfile(full) or not os.path.exists(full)):  # file or broken link
                 files.append(Path(full))
     return sorted(files)
 
@@ -54,34 +64,45 @@ def list_folder(root: str | Path, class_names: list[str] | None = None) -> tuple
 
     Class folders are labelled in sorted name order (as torchvision's ImageFolder does),
     or, given ``class_names`` (the classifier's classes in label order), by their name's
-    place in it: a pool that lacks some classes keeps the classifier's labels."""
+    place in it: a pool that lacks some classes keeps the classifier's labels.  Hidden
+    files and folders (names starting with ".") are not part of the pool."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"image folder {root} does not exist")
     if not root.is_dir():
         raise NotADirectoryError(f"{root} is not a directory")
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p.name))
     # the layout follows real files: one stale link at the top must not turn a class-folder
     # pool into a flat unlabelled one (a flat pool's broken links are still listed below)
-    top_files = sorted(p for p in root.iterdir() if _is_image_name(p.name) and p.is_file())
+    top_files = sorted(p for p in root.iterdir() if _is_image_name(p.name) and not _hidden(p.name) and p.is_file())
     if subdirs and not top_files:
-        broken = sorted(p.name for p in root.iterdir() if _is_image_name(p.name) and not p.exists())
+        broken = sorted(p.name for p in root.iterdir()
+                        if _is_image_name(p.name) and not _hidden(p.name) and not p.exists())
         if broken:
             log.warning("ignoring %d broken link(s) at the top of class-folder pool %s (in no class folder, so "
                         "not pool images): %s", len(broken), root, ", ".join(broken))
+        names = list(class_names) if class_names is not None else [d.name for d in subdirs]
+        # a folder name matches its class name exactly or else in one Unicode form: a folder
+        # written on macOS spells "café" decomposed (NFD), a class-names file usually composed
+        # (NFC), and the two look identical (first occurrence wins, as names.index would)
+        exact = {n: k for k, n in reversed(list(enumerate(names)))}
+        nfc = {unicodedata.normalize("NFC", n): k for k, n in reversed(list(enumerate(names)))}
+
+        def label_of(name: str) -> int | None:
+            return exact.get(name, nfc.get(unicodedata.normalize("NFC", name)))
+
         if class_names is not None:
-            unknown = [d.name for d in subdirs if d.name not in class_names]
+            unknown = [d.name for d in subdirs if label_of(d.name) is None]
             if unknown:
                 raise ValueError(f"class folders {unknown[:5]} of {root} are not among the {len(class_names)} class "
                                  f"names given ({list(class_names)[:5]}{', ...' if len(class_names) > 5 else ''})")
-        names = list(class_names) if class_names is not None else [d.name for d in subdirs]
         paths, labels = [], []
         for d in subdirs:
             files = _image_files(d)
             if not files:
                 raise ValueError(f"class folder {d} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
             paths += [str(p) for p in files]
-            labels += [names.index(d.name)] * len(files)
+            labels += [label_of(d.name)] * len(files)
         return paths, labels, names
     if subdirs:
         # images at the top make the whole pool flat: likely a stray file in a class-folder pool
@@ -150,7 +171,12 @@ class ImageFolderSource(ImageSource):
     def item_id(self, i):
         # relative to the root, so the pool's identity (run id, store fingerprint) does not
         # depend on how its path is spelled or where it is mounted (nodes may differ)
-        return f"{self.name}/{Path(self.paths[i]).relative_to(self.root).as_posix()}"
+        item = f"{self.name}/{Path(self.paths[i]).relative_to(self.root).as_posix()}"
+        try:
+            item.encode()
+        except UnicodeEncodeError:  # a name that is not UTF-8 (surrogate escapes): hashed and
+            item = os.fsencode(item).decode("utf-8", "backslashreplace")  # written as \xNN escapes
+        return item
 
     def labels(self):
         return np.asarray(self._labels, dtype=np.int64)

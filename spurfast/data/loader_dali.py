@@ -202,6 +202,25 @@ def _filler_file() -> str:
     return _filler[0]
 
 
+_aliases: dict[str, str] = {}
+
+
+def _dali_name(path: str) -> str:
+    """``path``, or, if it is not UTF-8 (a name decoded with surrogate escapes, which DALI's
+    file list refuses, failing the whole pipeline), a link to it in the private directory
+    of :func:`_filler_file`, made once per process."""
+    try:
+        path.encode()
+        return path
+    except UnicodeEncodeError:
+        pass
+    if path not in _aliases:
+        link = os.path.join(os.path.dirname(_filler_file()), f"alias-{len(_aliases)}.img")
+        os.symlink(os.path.abspath(path), link)
+        _aliases[path] = link
+    return _aliases[path]
+
+
 def _to_torch(tl, dtype: torch.dtype, device: str) -> torch.Tensor:
     """Copy a DALI TensorList into a new torch tensor (on torch's current stream on GPU)."""
     from nvidia.dali.plugin.pytorch import feed_ndarray
@@ -281,13 +300,17 @@ class _DaliStream:
         B = batch_size or self.batch_size
         depth = 1 if synchronous else self.depth
         n_fill = (-len(idx)) % B + depth * B
-        files = [self.paths[i] for i in idx] + [_filler_file()] * n_fill
+        files = [_dali_name(self.paths[i]) for i in idx] + [_filler_file()] * n_fill
         labels = list(idx) + [_FILLER_LABEL] * n_fill
         return build_pipeline(files, labels, size=self.spec.size,
                               channels=self.spec.channels, batch_size=B,
                               num_threads=self.num_threads, device=self.device, dtype=self.dtype,
                               hw_decoder_load=self.hw_decoder_load,
                               prefetch_queue_depth=self.depth, synchronous=synchronous)
+
+    def _names(self, window) -> dict[int, str]:
+        """The names DALI knows the files of ``window`` by (its errors quote them)."""
+        return {i: _dali_name(self.paths[i]) for i in window}
 
     def _mark(self, found: dict[int, str]):
         for i, reason in found.items():
@@ -307,7 +330,7 @@ class _DaliStream:
                     pipe.run()
                     k += 1
             except RuntimeError as exc:
-                named = _named_in_error(str(exc), window[k:], self.paths)
+                named = _named_in_error(str(exc), window[k:], self._names(window[k:]))
                 if named:
                     found.update(named)
                     window = window[:k] + [i for i in window[k:] if i not in named]
@@ -357,7 +380,7 @@ class _DaliStream:
                         raise
                     except RuntimeError as exc:
                         window = pending[done:done + B * (self.depth + 2)]
-                        found = _named_in_error(str(exc), window, self.paths)
+                        found = _named_in_error(str(exc), window, self._names(window))
                         if not found:
                             log.warning("DALI pipeline failed without naming a file; probing %d files", len(window))
                             found = self._probe(window)

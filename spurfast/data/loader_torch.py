@@ -65,7 +65,8 @@ def iter_folder_batches(paths, *, size: int, channels: int = 3, batch_size: int 
         return
     ds = _FolderItems(paths, spec, sel)
     workers = num_threads if num_threads > 1 else 0
-    dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+    # int(): the DataLoader refuses a numpy integer, which run_discovery accepts as a batch size
+    dl = torch.utils.data.DataLoader(ds, batch_size=int(batch_size), shuffle=False, num_workers=workers,
                                      persistent_workers=False,
                                      prefetch_factor=4 if workers else None)
     for idx, images, ok, reasons in dl:

@@ -60,6 +60,9 @@ _PNG_IEND = b"IEND"
 # How far from the end of the file the end marker may sit (files with a little trailing
 # padding are common and valid); further away the file is only "suspect", not bad.
 _TAIL_BYTES = 1024
+# libpng's default limit on a PNG's width and height, which DALI's decoder keeps (it
+# refuses a 1 x 1,000,001 PNG that PIL decodes): the pre-check applies it for both loaders
+_PNG_MAX_SIDE = 1_000_000
 # PIL modes of wide (16/32-bit integer) grey images
 _WIDE_GRAY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 
@@ -140,7 +143,9 @@ def validate_image_file(path: str) -> tuple[str, str]:
     (2 x ``Image.MAX_IMAGE_PIXELS``, ~179 MP by default), and since both loaders call
     this first, both mark such a file bad (DALI would otherwise decode it, a half-GB
     RGB buffer per image and per decoding thread).  One policy for both loaders, set
-    in one place: raise or lower ``PIL.Image.MAX_IMAGE_PIXELS`` (None: no limit)."""
+    in one place: raise or lower ``PIL.Image.MAX_IMAGE_PIXELS`` (None: no limit).  A PNG
+    with a side over 1,000,000 pixels (libpng's limit, which DALI's decoder keeps) is bad
+    for both loaders too."""
     verdict, detail = check_image_file(path)
     if verdict == "bad":
         return verdict, detail
@@ -148,10 +153,14 @@ def validate_image_file(path: str) -> tuple[str, str]:
 
     try:
         with Image.open(path, formats=("JPEG", "PNG")) as im:
+            shape = im.size
             im.verify()
     except Exception as exc:  # PIL raises many exception types for corrupt files
         kind = "PNG" if detail.startswith("PNG") else "JPEG"
         return "bad", f"{kind} rejected by PIL: {describe_error(exc)}"
+    if detail.startswith("PNG") and max(shape) > _PNG_MAX_SIDE:
+        return "bad", (f"PNG of {shape[0]}x{shape[1]} pixels: a side over libpng's limit of {_PNG_MAX_SIDE:,} "
+                       f"(DALI's decoder refuses it)")
     return verdict, detail
 
 

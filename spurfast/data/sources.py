@@ -99,9 +99,11 @@ def to_float_images(images, name: str | None = None) -> torch.Tensor:
         arr = np.asarray(images)
         if arr.dtype.kind not in "buif":  # strings, objects, complex: torch's errors name neither
             raise ValueError(f"{where}images have dtype {arr.dtype}; {expected}")
-        t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+        # torch takes neither read-only arrays nor negative strides (a flipped view such as
+        # images[:, ::-1], BGR -> RGB): copy those
+        t = torch.from_numpy(arr if arr.flags.writeable and min(arr.strides, default=0) >= 0 else arr.copy())
     else:
-        t = images
+        t = images.detach()   # pool images are data: a tensor that requires grad is still one
     if t.is_complex():  # .float() would keep the real part with only a warning
         raise ValueError(f"{where}images have dtype {t.dtype}; {expected}")
     if t.dim() == 3:
@@ -152,7 +154,7 @@ class ArraySource(ImageSource):
                 raise ValueError(f"{name}: {len(self._labels)} labels for {n} images")
         if ids is not None and len(ids) != n:
             raise ValueError(f"{name}: {len(ids)} ids for {n} images")
-        if not np.isfinite(self.images.numpy()).all():
+        if not bool(torch.isfinite(self.images).all()):
             raise ValueError(f"{name}: images contain NaN or inf")
         self.ids = list(ids) if ids is not None else None
         self.class_names = list(class_names) if class_names is not None else None
