@@ -68,6 +68,8 @@ interpreter's cost is per program and per op, not per element), so tests stay fa
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from typing import Sequence
 
@@ -362,7 +364,7 @@ def _check_device(t: torch.Tensor, device: torch.device, name: str) -> None:
         raise ValueError(f"{name} is on {t.device} but the input is on {device}; move all tensors to one device")
 
 
-def encoder_forward(
+def _encoder_forward(
     x: torch.Tensor,
     conv_weights: Sequence[torch.Tensor],
     conv_biases: Sequence[torch.Tensor],
@@ -518,3 +520,12 @@ def encoder_forward(
         grid = lambda meta: (triton.cdiv(B, meta["BLOCK_M"]) * triton.cdiv(L, meta["BLOCK_N"]),)
         _heads_launch[grid](*hargs, **hconsts)
     return (mu, logvar) if eps is None else (mu, logvar, z)
+
+
+@functools.wraps(_encoder_forward)
+def encoder_forward(x, *args, **kwargs):
+    # Triton launches on the *current* CUDA device, not the input's (triton-lang/triton#2441):
+    # `--device cuda:1` in one process failed with "cannot be accessed from Triton"
+    on_gpu = isinstance(x, torch.Tensor) and x.is_cuda
+    with torch.cuda.device(x.device) if on_gpu else contextlib.nullcontext():
+        return _encoder_forward(x, *args, **kwargs)

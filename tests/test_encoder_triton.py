@@ -381,6 +381,21 @@ def test_gpu_bf16_autotuned(monkeypatch):
     _compare(m, _images(256, 3, 64, torch.bfloat16), dtype=torch.bfloat16, tag="gpu bf16 autotuned ")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_gpu_encodes_on_a_device_that_is_not_the_current_one():
+    # Triton launches on the current device (triton-lang/triton#2441): `--device cuda:1` in
+    # one process failed with "cannot be accessed from Triton" until the launch set it
+    m = _model(1, 28, (5, 12), 8).to("cuda:1")
+    x = _images(7, 1, 28).to("cuda:1")
+    assert torch.cuda.current_device() == 0
+    with torch.no_grad():
+        got = et.encoder_forward(x, **m.encoder_params())
+        want = ref.encoder_forward(x, **m.encoder_params())
+    assert got[0].device == x.device and torch.cuda.current_device() == 0
+    assert_close(got[0], want[0], torch.float32, name="mu on cuda:1")
+
+
 def test_auto_sends_cpu_tensors_to_the_reference_even_under_the_interpreter():
     backends.clear_cache()
     assert backends.resolve("encoder", None, "cpu")[0] == "torch"

@@ -336,3 +336,153 @@ def test_save_classifier_needs_an_arch(tmp_path):
     torch.save({"arch": None, "state_dict": plain.state_dict()}, tmp_path / "old.pt")   # older spurfast wrote these
     with pytest.raises(ValueError, match="without its architecture record"):
         load_classifier(tmp_path / "old.pt")
+
+
+# ------------------------------------------------------------------ review fixes (fifth round)
+def test_training_on_nothing_fails_early(tmp_path):
+    """An empty source, or one whose every image is unreadable, used to give a random-init VAE
+    (saved by `spurfast train-vae`, exit 0) and a numpy error for the classifier."""
+    from spurfast.data.folder import ImageFolderSource
+
+    empty = ArraySource(np.zeros((0, 1, 28, 28), np.float32), np.zeros(0, np.int64), name="nothing")
+    with pytest.raises(ValueError, match="nothing: no images to train on"):
+        train_classifier(empty, 3, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="nothing: no images to train on"):
+        train_vae(empty, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        train_classifier(_toy(8), 3, epochs=1, batch_size=0, progress=False)
+    (tmp_path / "pool/a").mkdir(parents=True)
+    for i in range(3):
+        (tmp_path / f"pool/a/{i}.png").write_bytes(b"junk")
+    broken = ImageFolderSource(tmp_path / "pool", size=8, channels=1)
+    ck = tmp_path / "v.ckpt"
+    with pytest.raises(ValueError, match=r"VAE training on pool: none of its 3 images could be read \(e\.g\. .*0\.png"):
+        train_vae(broken, VAEConfig(1, 8, (4, 8), 2), epochs=1, checkpoint=ck, progress=False)
+    assert not ck.exists()   # nothing trained, nothing to resume
+
+
+def test_classifier_training_needs_square_images(tmp_path):
+    """28xW images failed on the first batch (fc1 shape); others trained a model recorded as
+    HxH, which then refused its own training images."""
+    src = ArraySource(np.random.default_rng(0).random((4, 1, 28, 32), dtype=np.float32), np.array([0, 1, 0, 1]),
+                      name="wide")
+    for arch in ("small_cnn", "resnet18"):
+        with pytest.raises(ValueError, match="wide: the classifier needs square images, got 28x32"):
+            train_classifier(src, 2, arch=arch, epochs=1, progress=False)
+
+
+def test_small_cnn_refuses_images_below_4x4():
+    with pytest.raises(ValueError, match="small_cnn needs images of at least 4x4, got image_size=3"):
+        build_classifier("small_cnn", 1, 2, 3)
+    assert build_classifier("small_cnn", 1, 2, 4).eval()(torch.rand(1, 1, 4, 4)).shape == (1, 2)
+
+
+def test_output_width_names_a_model_that_returns_a_tuple():
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(784, 4)
+
+        def forward(self, x):
+            y = self.fc(x.flatten(1))
+            return y, y
+
+    with pytest.raises(ValueError, match="classifier outputs a tuple for one image; expected a tensor of logits"):
+        check_output_width(torch.jit.script(Pair()), (1, 28, 28), 4)
+
+
+@pytest.mark.parametrize("which", ["classifier", "vae"])
+def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch, which):
+    """A save cut short (Ctrl-C, disk full) left a truncated model file, which a later run
+    (the evaluation's model cache) then failed to load every time."""
+    import spurfast.models.classifier as clf_mod
+
+    path = tmp_path / "m.pt"
+    if which == "classifier":
+        model, save, load = SmallCNN(1, 4, 28).eval(), save_classifier, load_classifier
+    else:
+        model, save, load = VAE(VAEConfig(1, 28, (8, 16), 4)).eval(), save_vae, load_vae
+    save(model, path)
+    real_save = torch.save
+
+    def dies_halfway(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        data = open(f, "rb").read()
+        open(f, "wb").write(data[:len(data) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(clf_mod.torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        save(model, path)
+    monkeypatch.setattr(clf_mod.torch, "save", real_save)
+    load(path)   # the previous file, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_unreadable_checkpoint_is_moved_aside_not_a_crash(tmp_path, caplog):
+    """A junk or emptied checkpoint crashed training with torch's own error (struct.error:
+    'unpack requires a buffer of 4 bytes', naming no file); it is now set aside like a
+    foreign one and the run equals a straight one."""
+    src = _toy(32)
+    ck = tmp_path / "m.ckpt"
+    straight = train_classifier(src, 3, epochs=1, batch_size=16, seed=0, progress=False)
+    for content in (b"junk", b""):
+        ck.write_bytes(content)
+        with caplog.at_level("WARNING", logger="spurfast.train"):
+            got = train_classifier(src, 3, epochs=1, batch_size=16, seed=0, checkpoint=ck, progress=False)
+        assert f"ignoring checkpoint {ck} and training afresh: it cannot be read" in caplog.text
+        assert (tmp_path / "m.ckpt.old").read_bytes() == content
+        assert all(torch.equal(p, q) for p, q in zip(got.parameters(), straight.parameters()))
+
+
+def test_torchvision_resnet18_state_dict_loads_with_arch(tmp_path):
+    """`--arch resnet18` with a state_dict of torchvision's ResNet-18 itself (keys conv1.weight,
+    ...) was refused for missing keys net.conv1.weight, ...: only spurfast's wrapper's loaded."""
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    tv = resnet18(weights=None, num_classes=5).eval()
+    torch.save(tv.state_dict(), tmp_path / "tv.pt")
+    m = load_classifier(tmp_path / "tv.pt", arch="resnet18", in_channels=3, num_classes=5, image_size=128)
+    x = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), tv(x))
+    # spurfast's own ResNet18 state_dict (keys net.*) still loads
+    own = build_classifier("resnet18", 3, 5, 32).eval()
+    torch.save(own.state_dict(), tmp_path / "own.pt")
+    m2 = load_classifier(tmp_path / "own.pt", arch="resnet18", in_channels=3, num_classes=5, image_size=32)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(m2(x), own(x))
+
+
+def test_numpy_numbers_train_and_save(tmp_path):
+    """num_classes = labels.max() + 1 (a numpy int) crashed the checkpoint's JSON after the first
+    epoch; a numpy seed crashed the epoch generator; numpy VAEConfig ints crashed save_vae."""
+    src = _toy(32)
+    ck = tmp_path / "c.ckpt"
+    got = train_classifier(src, src.labels().max() + 1, epochs=1, batch_size=np.int64(16), seed=np.int64(1),
+                           lr=np.float32(2e-3), checkpoint=ck, progress=False)
+    want = train_classifier(src, 3, epochs=1, batch_size=16, seed=1, lr=float(np.float32(2e-3)), progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(got.parameters(), want.parameters()))
+    assert torch.load(ck, weights_only=True)["epoch"] == 1
+    cfg = VAEConfig(np.int64(1), np.int64(28), (8, 16), np.int64(4))
+    vae = train_vae(src, cfg, epochs=1, batch_size=16, beta=np.float32(1.0), checkpoint=tmp_path / "v.ckpt",
+                    progress=False)
+    save_vae(vae, tmp_path / "v.pt")
+    assert load_vae(tmp_path / "v.pt").config == cfg
+    with pytest.raises(TypeError, match="must be integers, got 1, 28.0 and 16"):
+        VAEConfig(1, 28.0)
+
+
+def test_output_width_mismatch_names_the_classifier():
+    with pytest.raises(ValueError, match=r"classifier clf\.pt outputs shape \(1, 4\) for one image; expected \(1, 10\)"):
+        check_output_width(SmallCNN(1, 4, 28), (1, 28, 28), 10, name="classifier clf.pt")
+
+
+def test_a_directory_given_as_a_model_is_named_as_one(tmp_path):
+    (tmp_path / "models").mkdir()
+    with pytest.raises(IsADirectoryError, match="classifier file .*models is a directory"):
+        load_classifier(tmp_path / "models")
+    with pytest.raises(IsADirectoryError, match="VAE file .*models is a directory"):
+        load_vae(tmp_path / "models")

@@ -6,6 +6,7 @@ named architecture, always with ``weights_only=True`` unless the caller opts out
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -18,6 +19,8 @@ ARCHITECTURES = ("small_cnn", "resnet18")
 class SmallCNN(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, width: int = 32):
         super().__init__()
+        if image_size < 4:  # two 2x2 max-pools: smaller images fail on their first batch
+            raise ValueError(f"small_cnn needs images of at least 4x4, got image_size={image_size}")
         self.arch = dict(name="small_cnn", in_channels=in_channels, num_classes=num_classes,
                          image_size=image_size, width=width)
         self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1)
@@ -82,7 +85,24 @@ def save_classifier(model: nn.Module, path) -> None:
         raise ValueError(f"cannot save a {type(model).__name__} to {path} as a spurfast classifier: it has no "
                          f"'arch' record (only models from build_classifier do); save it as TorchScript "
                          f"(torch.jit.script/trace + .save) or as a state_dict instead")
-    torch.save({"arch": arch, "state_dict": model.state_dict()}, path)
+    save_atomic({"arch": arch, "state_dict": model.state_dict()}, path)
+
+
+def save_atomic(obj, path) -> None:
+    """``torch.save`` through a temporary file: an interrupted save leaves the old file (or
+    none), never a truncated one that every later load of ``path`` fails on."""
+    if not isinstance(path, (str, os.PathLike)):  # a file object, as torch.save takes
+        torch.save(obj, path)
+        return
+    p = Path(path)
+    p = p.resolve() if p.is_symlink() else p  # write through a link, as torch.save did, not over it
+    tmp = p.with_name(p.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        tmp.replace(p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def torch_error_gist(exc: Exception) -> str:
@@ -116,6 +136,8 @@ def load_classifier(path, arch: str | None = None, in_channels: int | None = Non
                     weights_only: bool = True) -> nn.Module:
     """Load a TorchScript file, a spurfast checkpoint, or a raw state_dict + ``arch``."""
     p = Path(path)
+    if p.is_dir():  # "does not exist" would send the user looking for the wrong problem
+        raise IsADirectoryError(f"classifier file {p} is a directory; expected the model file in it")
     if not p.is_file():
         raise FileNotFoundError(f"classifier file {p} does not exist")
     try:
@@ -151,6 +173,8 @@ def load_classifier(path, arch: str | None = None, in_channels: int | None = Non
                              f"and number of classes (--num-classes, or a pool with class names); got arch={arch}, "
                              f"num_classes={num_classes}")
         model = build_classifier(arch, in_channels, num_classes, image_size)
+        if arch == "resnet18" and obj and not any(str(k).startswith("net.") for k in obj):
+            obj = {f"net.{k}": v for k, v in obj.items()}  # torchvision's own keys: ResNet18 wraps it as .net
         _load_weights(model, obj, p, arch, in_channels, num_classes, image_size)
     elif isinstance(obj, nn.Module):
         # weights_only=False: torch.load gives a ScriptModule for a TorchScript archive, or
@@ -193,6 +217,9 @@ def output_width(model: nn.Module, image_shape, *, name: str = "classifier", poo
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ValueError(f"{name} cannot run on images of shape {_fmt(shape)} (CxHxW) from {pool}: "
                              f"{first}") from None
+    if not isinstance(out, torch.Tensor):  # a tuple or dict (logits, extras): not a classifier's logits
+        raise ValueError(f"{name} outputs a {type(out).__name__} for one image; expected a tensor of logits "
+                         f"of shape (1, classes)")
     if out.dim() != 2:
         raise ValueError(f"{name} outputs shape {tuple(out.shape)} for one image; expected (1, classes)")
     return int(out.shape[1])
@@ -203,7 +230,7 @@ def check_output_width(model: nn.Module, image_shape, num_classes: int, *, name:
     """:func:`output_width`, which must match the number of classes."""
     width = output_width(model, image_shape, name=name, pool=pool)
     if width != num_classes:
-        raise ValueError(f"classifier outputs shape (1, {width}) for one image; expected (1, {num_classes}) "
+        raise ValueError(f"{name} outputs shape (1, {width}) for one image; expected (1, {num_classes}) "
                          f"to match {num_classes} classes")
 
 

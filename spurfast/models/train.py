@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import operator
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.sources import ImageSource, content_digest
-from .classifier import build_classifier, save_classifier, torch_error_gist
+from .classifier import build_classifier, save_atomic, save_classifier, torch_error_gist
 from .vae import VAE, VAEConfig, vae_loss
 
 log = logging.getLogger("spurfast.train")
@@ -45,13 +46,19 @@ def _batches(source: ImageSource, batch_size: int, gen: torch.Generator, shuffle
         yield x, y
 
 
+def _skipped(source: ImageSource, n: int = 5) -> list[str]:
+    """The first ``n`` unreadable images as "id (reason)"."""
+    bad = getattr(source, "bad_files", None) or {}
+    item_id = getattr(source, "item_id", None)
+    return [f"{item_id(i) if callable(item_id) else i} ({reason})" for i, reason in sorted(bad.items())[:n]]
+
+
 def _log_skipped(source: ImageSource, name: str) -> None:
     """One summary of the unreadable images left out of training (the loader logs each load)."""
     bad = getattr(source, "bad_files", None)
     if not bad:
         return
-    item_id = getattr(source, "item_id", None)
-    shown = [f"{item_id(i) if callable(item_id) else i} ({reason})" for i, reason in sorted(bad.items())[:5]]
+    shown = _skipped(source)
     more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
     log.warning("%s training on %s left out %d unreadable image(s): %s%s",
                 name, source.name, len(bad), "; ".join(shown), more)
@@ -87,13 +94,19 @@ def _resume(path: Path | None, model, opt, identity: dict, epochs: int, device="
     model and optimiser settings, at most ``epochs`` done) and return its epoch; else 0."""
     if path is None or not path.exists():
         return 0
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state, unreadable = torch.load(path, map_location="cpu", weights_only=True), None
+        if not isinstance(state, dict):
+            state, unreadable = {}, f"it holds a {type(state).__name__}, not a checkpoint"
+    except Exception as exc:  # junk, or emptied by a crash: train afresh, as for a foreign one
+        state, unreadable = {}, f"it cannot be read ({torch_error_gist(exc)})"
     saved = json.loads(state["identity"]) if isinstance(state.get("identity"), str) else None
     identity = json.loads(json.dumps(identity, sort_keys=True))  # compare as stored (tuples -> lists)
     differ = sorted(k for k in identity.keys() | (saved or {}).keys() if identity.get(k) != (saved or {}).get(k))
     if saved is None or differ or int(state["epoch"]) > epochs:
         # resuming another run's checkpoint would silently return that run's model
-        why = ("it does not record what it was trained on (older spurfast)" if saved is None else
+        why = (unreadable if unreadable else
+               "it does not record what it was trained on (older spurfast)" if saved is None else
                f"it was written for different {', '.join(differ)}" if differ else
                f"it has {int(state['epoch'])} epochs done, more than the {epochs} asked for")
         # this run overwrites the checkpoint after its first epoch: keep the old one's work
@@ -112,12 +125,18 @@ def train_classifier(source: ImageSource, num_classes: int, *, arch: str = "smal
                      batch_size: int = 128, lr: float = 2e-3, seed: int = 0, device: str = "cpu",
                      checkpoint: str | Path | None = None, progress: bool = True):
     """Train a classifier on ``source`` (labels required).  Returns the model in eval mode."""
+    _check_trainable(source, batch_size)
+    num_classes = operator.index(num_classes)  # numpy ints (labels.max() + 1) went into the JSON identity
+    c, h, w = source.image_shape
+    if h != w:
+        # the architectures record one image_size: a 28xW model fails on its first batch, any
+        # other would be saved as HxH and refuse its own training images at `discover`
+        raise ValueError(f"{source.name}: the classifier needs square images, got {h}x{w}")
     labels = source.labels()
     if (labels < 0).any():
         raise ValueError(f"{source.name}: {int((labels < 0).sum())} training images have no label")
     if labels.max() >= num_classes:
         raise ValueError(f"{source.name}: label {int(labels.max())} >= num_classes={num_classes}")
-    c, h, w = source.image_shape
 
     def step(model, x, y):
         y = y.to(x.device)
@@ -131,6 +150,14 @@ def train_classifier(source: ImageSource, num_classes: int, *, arch: str = "smal
                 model_id=model_id)
 
 
+def _check_trainable(source: ImageSource, batch_size: int) -> None:
+    """Fail before any work on what would train nothing (an empty source) or crash later."""
+    if len(source) == 0:
+        raise ValueError(f"{source.name}: no images to train on")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+
+
 def _fit(build, source: ImageSource, step, name: str, *, epochs: int, batch_size: int, lr: float, seed: int,
          device: str, checkpoint, progress: bool, model_id: dict):
     """The one training loop: seeded init and epoch order, progress bar with running means of the
@@ -138,6 +165,8 @@ def _fit(build, source: ImageSource, step, name: str, *, epochs: int, batch_size
     records what it belongs to (``model_id``, data, seed, batch size, lr); a rerun resumes
     only a matching one (epochs may grow: there is no schedule, so epoch k is the same)."""
     ck = Path(checkpoint) if checkpoint else None
+    # plain Python numbers: numpy ones fail the JSON identity after the first epoch's work
+    seed, batch_size, lr = operator.index(seed), operator.index(batch_size), float(lr)
     identity = {"model": model_id, "data": content_digest(source) if ck else None, "seed": seed,
                 "batch_size": batch_size, "lr": lr, "trainer": name}
     gen = seed_everything(seed)  # before build(): initial weights follow the seed
@@ -160,6 +189,9 @@ def _fit(build, source: ImageSource, step, name: str, *, epochs: int, batch_size
             for k, v in {"loss": loss, **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(x)
             bar.set_postfix({k: f"{v / seen:.3f}" for k, v in sums.items()})
+        if seen == 0:  # every image unreadable: the "trained" model would be its random init
+            raise ValueError(f"{name} training on {source.name}: none of its {len(source)} images could be read "
+                             f"(e.g. {next(iter(_skipped(source)), '?')})")
         log.info("%s epoch %d: %s", name, epoch + 1, " ".join(f"{k} {v / max(seen, 1):.4f}" for k, v in sums.items()))
         _checkpoint(ck, {"model": model.state_dict(), "optim": opt.state_dict(), "epoch": epoch + 1,
                          **_rng_state(device), "identity": json.dumps(identity, sort_keys=True)})
@@ -172,6 +204,7 @@ def train_vae(source: ImageSource, config: VAEConfig | None = None, *, epochs: i
               lr: float = 1e-3, beta: float = 1.0, seed: int = 0, device: str = "cpu",
               checkpoint: str | Path | None = None, progress: bool = True) -> VAE:
     """Train the VAE on ``source`` (the pool).  Returns the model in eval mode."""
+    _check_trainable(source, batch_size)
     c, h, w = source.image_shape
     if h != w:
         raise ValueError(f"{source.name}: the VAE needs square images, got {h}x{w}")
@@ -186,15 +219,17 @@ def train_vae(source: ImageSource, config: VAEConfig | None = None, *, epochs: i
 
     return _fit(lambda: VAE(config), source, step, "VAE", epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                 device=device, checkpoint=checkpoint, progress=progress,
-                model_id={"config": config.to_dict(), "beta": beta})
+                model_id={"config": config.to_dict(), "beta": float(beta)})
 
 
 def save_vae(model: VAE, path) -> None:
-    torch.save({"config": json.dumps(model.config.to_dict()), "state_dict": model.state_dict()}, path)
+    save_atomic({"config": json.dumps(model.config.to_dict()), "state_dict": model.state_dict()}, path)
 
 
 def load_vae(path, weights_only: bool = True) -> VAE:
     p = Path(path)
+    if p.is_dir():  # "does not exist" would send the user looking for the wrong problem
+        raise IsADirectoryError(f"VAE file {p} is a directory; expected the model file in it")
     if not p.is_file():
         raise FileNotFoundError(f"VAE file {p} does not exist")
     what = "a VAE checkpoint written by `spurfast train-vae`"

@@ -7,6 +7,7 @@ PyTorch ground truth.  Every conv is kernel 4, stride 2, padding 1 (halves H and
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -30,6 +31,13 @@ class VAEConfig:
     std: tuple[float, ...] = (0.5,)
 
     def __post_init__(self):
+        # plain ints (numpy ones fail save_vae's JSON after the training); floats are refused
+        try:
+            self.in_channels, self.image_size, self.latent_dim = (
+                operator.index(self.in_channels), operator.index(self.image_size), operator.index(self.latent_dim))
+        except TypeError:
+            raise TypeError(f"in_channels, image_size and latent_dim must be integers, got {self.in_channels!r}, "
+                            f"{self.image_size!r} and {self.latent_dim!r}") from None
         self.channels = tuple(int(c) for c in self.channels)
         self.mean = tuple(float(m) for m in self.mean)
         self.std = tuple(float(s) for s in self.std)
