@@ -34,12 +34,14 @@ broken run: torchrun tears down every rank when one dies.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -79,6 +81,20 @@ def _env_int(name: str, default: int) -> int:
         return int(v)
     except ValueError:
         raise ValueError(f"environment variable {name}={v!r} is not an integer") from None
+
+
+def _seconds(arg: str, given: float | None, name: str, default: float) -> float:
+    """A timeout in seconds: ``given`` (argument ``arg``), else $``name``, else ``default``;
+    finite and > 0 (float() of "30m" named neither the variable nor what it wants)."""
+    v = given if given is not None else os.environ.get(name) or default
+    try:
+        s = float(v)
+    except (TypeError, ValueError):
+        s = float("nan")
+    if not 0 < s < float("inf"):
+        where = f"environment variable {name}={v!r}" if given is None else f"{arg}={v!r}"
+        raise ValueError(f"{where}: expected a timeout in seconds > 0")
+    return s
 
 
 def check_rank_device(device: str) -> None:
@@ -125,6 +141,9 @@ def init(device: str = "cpu", backend: str | None = None, timeout_s: float | Non
     rank, local = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     if not 0 <= rank < world:
         raise ValueError(f"RANK={rank} is outside [0, WORLD_SIZE={world})")
+    # checked before joining: every rank would fail at once, a rank already in the group waits
+    timeout = _seconds("timeout_s", timeout_s, "SPURFAST_DIST_TIMEOUT", 1800)
+    wait = _seconds("wait_timeout_s", wait_timeout_s, "SPURFAST_DIST_WAIT_TIMEOUT", 86400)
     cuda = str(device).startswith("cuda")
     if cuda and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} was asked for, but torch sees no CUDA device")
@@ -136,7 +155,6 @@ def init(device: str = "cpu", backend: str | None = None, timeout_s: float | Non
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:
                 raise RuntimeError(f"WORLD_SIZE={world} but {var} is not set: launch with torchrun")
-        timeout = float(timeout_s if timeout_s is not None else os.environ.get("SPURFAST_DIST_TIMEOUT", 1800))
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout))
         _OWNED = True
@@ -144,8 +162,6 @@ def init(device: str = "cpu", backend: str | None = None, timeout_s: float | Non
         world, rank = dist.get_world_size(), dist.get_rank()
         backend = dist.get_backend()
     if _WAIT is None:  # every rank calls init, so every rank creates this group, in the same order
-        wait = float(wait_timeout_s if wait_timeout_s is not None
-                     else os.environ.get("SPURFAST_DIST_WAIT_TIMEOUT", 86400))
         _WAIT = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=wait))
     _CTX = Context(rank, world, local, backend, dev)
     log.info("rank %d of %d (local %d), backend %s, device %s", rank, world, local, backend, dev)
@@ -243,7 +259,7 @@ def embed_pool_sharded(source, classifier, vae, store_dir, *, progress: bool = T
     """Every rank embeds its shard (resumable per rank), rank 0 merges the shards into
     the main store, and every rank returns the complete main store.  In one process this
     is ``embed.embed_pool``.  Ranks that loaded other inputs than rank 0 (another pool or
-    model file) are refused before any of them embeds."""
+    model file, other labels) are refused before any of them embeds."""
     from .data.sources import content_digest
     from .embed import EmbeddingStore, embed_pool, fingerprint
 
@@ -255,13 +271,20 @@ def embed_pool_sharded(source, classifier, vae, store_dir, *, progress: bool = T
         kwargs["num_workers"] = max(1, usable_cores() // max(1, per_node))
     identity = tuple(kwargs.pop("identity", None) or (fingerprint(source, classifier, vae), content_digest(source)))
     # otherwise the mismatch shows only at the merge, after every rank embedded its shard
+    # labels are no part of the identity, but every rank rewrites a store's labels with its
+    # own (embed.open_main): ranks with other labels would race to leave theirs for rank 0
+    labels = hashlib.sha256(np.ascontiguousarray(source.labels(), dtype=np.int64).tobytes()).hexdigest()[:16]
     ids = [None] * W
-    dist.all_gather_object(ids, identity, group=_WAIT)
-    other = [r for r in range(W) if tuple(ids[r]) != tuple(ids[0])]
+    dist.all_gather_object(ids, (identity, labels), group=_WAIT)
+    other = [r for r in range(W) if tuple(ids[r][0]) != tuple(ids[0][0])]
     if other:
         raise ValueError(f"ranks {other} loaded other inputs than rank 0 (pool or models: fingerprint, content "
-                         f"{tuple(ids[other[0]])} != {tuple(ids[0])}); every rank must read the same pool, "
+                         f"{tuple(ids[other[0]][0])} != {tuple(ids[0][0])}); every rank must read the same pool, "
                          f"classifier and VAE")
+    other = [r for r in range(W) if ids[r][1] != ids[0][1]]
+    if other:
+        raise ValueError(f"ranks {other} loaded other labels for pool {source.name} than rank 0 (labels digest "
+                         f"{ids[other[0]][1]} != {ids[0][1]}); every rank must read the same pool (and class names)")
     # the main store is shared: rank 0 alone brings it up to date (relabels an earlier
     # version's, settles old shards, updates labels); the others then find nothing to change
     run_on_main(_open_main, source, classifier, vae, store_dir, identity, W, progress)

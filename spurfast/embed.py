@@ -40,7 +40,11 @@ def fingerprint(source: ImageSource, *models: torch.nn.Module) -> str:
     for m in models:
         for k, v in sorted(m.state_dict().items()):
             h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+            t = v.detach().cpu().contiguous()
+            try:
+                h.update(t.numpy().tobytes())
+            except TypeError:  # a dtype numpy lacks (bfloat16, float8): the same bytes, as uint8
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -117,15 +121,22 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _columns(source: ImageSource, classifier, vae, num_classes: int, device: str, n: int) -> dict:
+def check_outputs(source: ImageSource, classifier, num_classes: int, device: str) -> int:
+    """The width of the classifier's features on ``source``'s first image; raises unless
+    it gives ``num_classes`` logits."""
     with torch.no_grad():
         x0, _ = source.get_batch([0])
         logits, feats = classifier_outputs(classifier.to(device).eval(), x0.to(device))
     if logits.shape[1] != num_classes:
         raise ValueError(f"classifier outputs {logits.shape[1]} logits; expected {num_classes} classes")
+    return int(feats.shape[1])
+
+
+def _columns(source: ImageSource, classifier, vae, num_classes: int, device: str, n: int) -> dict:
+    F = check_outputs(source, classifier, num_classes, device)
     L = vae.config.latent_dim
     return {"pred": ((n,), "int32"), "conf": ((n,), "float32"), "probs": ((n, num_classes), "float32"),
-            "mu": ((n, L), "float32"), "feats": ((n, feats.shape[1]), "float16"),
+            "mu": ((n, L), "float32"), "feats": ((n, F), "float16"),
             "labels": ((n,), "int64"), "ok": ((n,), "bool")}
 
 
@@ -143,7 +154,15 @@ class _PathIds:
         return len(self._source)
 
     def item_id(self, i):
-        return str(self._source.paths[i])
+        # a name that is not UTF-8 (surrogate escapes) as \xNN escapes, as the source's own ids:
+        # it crashed the hash, and no earlier version could have made a store of it
+        return shown_path(self._source.paths[i])
+
+
+def shown_path(path) -> str:
+    """``path`` as text that can be written anywhere: bytes of a name that is not UTF-8
+    (read with surrogate escapes) spelled \\xNN; any other path unchanged."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
 
 
 def legacy_identities(source: ImageSource, *models: torch.nn.Module) -> list[tuple[str, str]]:

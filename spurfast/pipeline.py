@@ -23,7 +23,7 @@ from . import distributed as dist
 from .data.builtin import find_fashion_mnist, load_digits, load_fashion_mnist
 from .data.sources import ArraySource, ImageSource, content_digest
 from .discover import DiscoverConfig, characterise, discover, write_outputs
-from .embed import fingerprint, legacy_identities
+from .embed import check_outputs, fingerprint, legacy_identities, shown_path
 from .plant import PatternSpec, PlantTruth, plant_pool, plant_training
 from .report import write_report
 
@@ -60,8 +60,9 @@ def prepare_output(out_dir, run_id: str, overwrite: bool, protect=(), earlier_id
             if inside:
                 raise FileExistsError(f"--overwrite would delete output directory {out}, which holds {inside} "
                                       f"that this run reads; choose another output directory")
-            # empty it rather than rmtree(out): rmtree refuses a symlinked --out (the link stays)
-            for child in out.resolve().iterdir():
+            # empty it rather than rmtree(out): rmtree refuses a symlinked --out (the link stays);
+            # run.json goes last, so an interrupted --overwrite leaves a run that one can overwrite
+            for child in sorted(out.resolve().iterdir(), key=lambda p: p.name == marker.name):
                 if child.is_dir() and not child.is_symlink():
                     shutil.rmtree(child)
                 else:
@@ -188,7 +189,7 @@ def make_planted_data(dataset: str = "auto", *, target_class: int = 3, n_poisone
     n_cls = int((ytr == target_class).sum())
     n_p = n_cls if str(n_poisoned) == "all" else min(int(n_poisoned), n_cls)
     xtr_p, planted = plant_training(xtr, ytr, target_class, n_p, spec, seed=seed)
-    # held-out split: half of the other-class test images form the pool, the rest stay clean for confirmation
+    # held-out split: 3/4 of the other-class test images form the pool, the rest stay clean for confirmation
     other = np.nonzero(yte != target_class)[0]
     perm = rng.permutation(other)
     pool_idx = np.sort(perm[: int(0.75 * len(perm))])
@@ -251,6 +252,10 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     if cfg is not None and tuple(pool.image_shape) != (cfg.in_channels, cfg.image_size, cfg.image_size):
         raise ValueError(f"the VAE expects {cfg.in_channels}x{cfg.image_size}x{cfg.image_size} images (CxHxW), "
                          f"the pool ({pool.name}) has {'x'.join(map(str, pool.image_shape))}")
+    # the embedding pass's own checks, made before --overwrite deletes the old run
+    if len(pool) == 0:
+        raise ValueError(f"pool {pool.name} is empty")
+    check_outputs(pool, classifier, num_classes, config.device)
     if clean is not None and confirm:   # confirmation comes last: refuse a bad clean set before any work
         if len(clean) == 0:
             raise ValueError(f"clean set {clean.name} is empty; pass clean images of other classes, "
@@ -285,8 +290,9 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
         doc = write_outputs(result, out, extra_config)
         bad_files = {int(i): r for i, r in store.manifest.get("bad_files", {}).items()}  # all ranks, all runs
         bad_files.update(getattr(pool, "bad_files", {}))
-        paths = getattr(pool, "paths", None)  # name files by the path the user can open
-        bad = {(paths[i] if paths is not None else pool.item_id(i)): r for i, r in sorted(bad_files.items())}
+        paths = getattr(pool, "paths", None)  # name files by the path the user can open (bytes
+        # of a name that is not UTF-8 as \xNN: the report could not be written with them)
+        bad = {(shown_path(paths[i]) if paths is not None else pool.item_id(i)): r for i, r in sorted(bad_files.items())}
         (out / BAD_FILES).write_text(json.dumps(bad, indent=1))  # `spurfast report` has no pool to name them
         write_report(doc, out, clusters=result.clusters, bad_files=bad, summary=summary)
     return doc, result, store

@@ -552,3 +552,45 @@ def test_explicit_cuda_index_under_several_ranks_is_refused(tmp_path, monkeypatc
     sd.check_rank_device("cuda:1")                # this rank's own GPU, named
     monkeypatch.setattr(sd, "_CTX", sd.Context())
     sd.check_rank_device("cuda:3")                # one process: any GPU it likes
+
+
+def _labels_job(root):
+    from spurfast.data import ArraySource
+    src, clf, vae = _small(24)
+    if sd.rank() == 1:   # this rank's copy of the pool holds other labels
+        src = ArraySource(src.images, (np.arange(24) + 1) % 4)
+    try:
+        sd.embed_pool_sharded(src, clf, vae, root, num_classes=4, batch_size=8, progress=False, num_workers=1)
+        return "no error"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def test_ranks_with_other_labels_are_refused(tmp_path):
+    """Labels take no part in the store's identity, and every rank brought the shared
+    store's labels up to date with its own: on a complete store the ranks raced, and
+    rank 0 could discover with another rank's labels."""
+    from spurfast.embed import EmbeddingStore, embed_pool
+    src, clf, vae = _small(24)
+    embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False)
+    out = _spawn(_labels_job, (str(tmp_path / "s"),))
+    for r in range(2):
+        assert "ranks [1] loaded other labels for pool" in out[r], out[r]
+    np.testing.assert_array_equal(np.asarray(EmbeddingStore(tmp_path / "s")["labels"]), src.labels())
+
+
+@pytest.mark.parametrize("var,value", [("SPURFAST_DIST_TIMEOUT", "30m"), ("SPURFAST_DIST_WAIT_TIMEOUT", "-5"),
+                                       ("SPURFAST_DIST_TIMEOUT", "0")])
+def test_a_bad_timeout_variable_is_named_before_joining(monkeypatch, var, value):
+    # float('30m') raised "could not convert string to float" naming no variable; a wait
+    # timeout was read only after this rank had joined the group, a zero one not refused
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv(var, value)
+    monkeypatch.setattr(sd.dist, "init_process_group", lambda *a, **k: pytest.fail("joined the group"))
+    with pytest.raises(ValueError, match=f"environment variable {var}='{value}': expected a timeout in seconds > 0"):
+        sd.init("cpu")
+    with pytest.raises(ValueError, match=r"timeout_s=-1: expected a timeout in seconds > 0"):
+        sd.init("cpu", timeout_s=-1)

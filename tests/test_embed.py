@@ -203,3 +203,23 @@ def test_manifest_writes_of_two_processes_do_not_collide(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"by": "this"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]  # no temporary file left
+
+
+def test_a_bfloat16_classifier_is_embedded(tmp_path):
+    # the store's fingerprint hashed every weight through numpy, which has no bfloat16:
+    # a model that runs in bfloat16 crashed the pass before its first image
+    from spurfast.embed import fingerprint
+
+    class Bf16(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = SmallCNN(1, 4, 28).to(torch.bfloat16)
+
+        def forward(self, x):
+            return self.m(x.to(torch.bfloat16))
+
+    src, _, vae = _setup(20)
+    a, b = Bf16().eval(), Bf16().eval()
+    assert fingerprint(src, a) != fingerprint(src, b)   # other weights, another store
+    store = embed_pool(src, a, vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False)
+    assert store.complete and np.asarray(store["probs"]).shape == (20, 4)

@@ -138,3 +138,66 @@ def test_overwrite_through_a_symlinked_output_directory(tmp_path):
     assert link.is_symlink() and sorted(p.name for p in real.iterdir()) == ["run.json"]
     assert (tmp_path / "elsewhere" / "keep.txt").read_text() == "keep"
     assert "new-run" in (real / "run.json").read_text()
+
+
+def test_interrupted_overwrite_can_be_run_again(tmp_path, monkeypatch):
+    # run.json was removed with the rest, in listing order: when it went before a big store
+    # and the user pressed Ctrl-C, the same --overwrite command was refused ever after
+    # ("holds files spurfast did not write")
+    import pathlib
+    import shutil
+
+    from spurfast.pipeline import prepare_output
+
+    out = _older_run(tmp_path / "run")
+    (out / "store").mkdir()
+    (out / "store" / "mu.npy").write_bytes(b"x")
+    listing = pathlib.Path.iterdir
+    monkeypatch.setattr(pathlib.Path, "iterdir",   # a filesystem that lists run.json first
+                        lambda self: iter(sorted(listing(self), key=lambda p: p.name != "run.json")))
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_output(out, "new-run", overwrite=True)
+    monkeypatch.undo()
+    prepare_output(out, "new-run", overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["run.json"] and "new-run" in (out / "run.json").read_text()
+
+
+@pytest.mark.parametrize("case", ["num_classes", "empty"])
+def test_wrong_num_classes_or_empty_pool_is_refused_before_overwrite_deletes(tmp_path, case):
+    # the embedding pass refused them, after --overwrite had deleted the old run
+    n = 0 if case == "empty" else 12
+    pool = ArraySource(torch.rand(n, 1, 16, 16), np.arange(n) % 2, name="pool")
+    out = _older_run(tmp_path / "run")
+    want = "pool pool is empty" if case == "empty" else "classifier outputs 2 logits; expected 3 classes"
+    with pytest.raises(ValueError, match=want):
+        run_discovery(pool, SmallCNN(1, 2, 16), VAE(VAEConfig.for_images(1, 16, 4)), out, num_classes=3,
+                      overwrite=True, progress=False)
+    assert (out / "findings.json").is_file() and not (out / "store").exists()
+
+
+def test_a_folder_pool_with_names_that_are_not_utf8_runs_and_reports(tmp_path):
+    # such names crashed the store's legacy identity (a hash of the raw path) and then the
+    # report (a bad file named by its raw path could not be written as UTF-8)
+    import json
+    import os
+
+    root = os.fsencode(tmp_path / "pool")
+    rng = np.random.default_rng(0)
+    for c in (b"c0", b"c1"):
+        os.makedirs(os.path.join(root, c))
+        for k in range(6):
+            name = os.path.join(root, c, b"im\xff%d.png" % k if k % 2 else b"im%d.png" % k)
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(os.fsdecode(name))
+    open(os.path.join(root, b"c0", b"bad\xfe.png"), "wb").close()
+    pool = ImageFolderSource(os.fsdecode(root), size=16)
+    torch.manual_seed(0)
+    out = tmp_path / "run"
+    run_discovery(pool, SmallCNN(3, 2, 16), VAE(VAEConfig.for_images(3, 16, 4)), out, num_classes=2,
+                  confirm=False, progress=False, loader_backend="torch")
+    bad = json.loads((out / "bad_files.json").read_text())
+    assert list(bad) == [str(tmp_path / "pool" / "c0") + "/bad\\xfe.png"], bad
+    assert "bad\\xfe.png" in (out / "report.html").read_text(encoding="utf-8")
