@@ -21,6 +21,10 @@ def main(argv=None) -> int:
     ap.add_argument("--csv", default=None, help="results CSV (default bench/results.csv)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args = ap.parse_args(argv)
+    if args.device not in (None, "cpu") and args.suite != "plot":
+        import torch
+        if not torch.cuda.is_available():   # encoder and e2e raised CUDA's own error (e2e after its pool)
+            ap.error(f"--device {args.device}: torch sees no CUDA device here; use --device cpu")
     from .harness import ResultWriter
 
     if args.suite == "plot":

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One GPU check: build the fatbins, every GPU test, then the GPU benchmarks; results under
-# $OUT (or ./out/gpu_check).  On an H200 (2026-11-28): ~4.5 minutes for all steps.  Usage: bash bench/gpu_check.sh
+# $OUT (or ./out/gpu_check).  On an H200 (2026-11-28, fresh machine): ~4.5 minutes for the steps then
+# (tests 2 min cold, kmeans, encoder, e2e), before the Triton k-means tests (49 more GPU tests,
+# each variant compiled cold) and the shapes step were added: not measured since; each step's
+# time limit below caps it.  Usage: bash bench/gpu_check.sh
 # Optional wheels in .whl/ (e.g. flash-kmeans, the k-means peer) are installed first.
 # SPURFAST_GPU_CHECK_STEPS="tests kmeans encoder e2e shapes" picks steps (default: all; shapes,
 # the Triton assign's launch-shape sweep, last: about 2 minutes, the first to drop when short);

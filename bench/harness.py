@@ -131,7 +131,7 @@ class ResultWriter:
                    value=f"{value:.6g}", unit=unit, device=device, versions=self.versions)
         self.rows.append(row)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        new = not self.path.exists()
+        new = not self.path.exists() or self.path.stat().st_size == 0   # an emptied file needs its header too
         with open(self.path, "a", newline="") as fh:
             w = csv.DictWriter(fh, FIELDS)
             if new:

@@ -3,6 +3,7 @@ provider per config, newest measurement of each (op, provider, config, device)."
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 from .harness import DEFAULT_CSV
@@ -26,7 +27,7 @@ def plot(csv_path=None, out_dir=None) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(csv_path or DEFAULT_CSV)
+    path = Path(csv_path or os.environ.get("SPURFAST_BENCH_CSV") or DEFAULT_CSV)   # where ResultWriter wrote
     if not path.is_file():
         raise FileNotFoundError(f"results CSV {path} does not exist; run a benchmark first")
     out_dir = Path(out_dir or path.parent / "plots")

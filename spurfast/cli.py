@@ -129,7 +129,13 @@ def read_class_names(path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"class-names file {p} does not exist")
-    names = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # utf-8-sig: a byte-order mark (Windows editors) stuck to the first name, which then matched no folder
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:   # its message names no file
+        raise ValueError(f"class-names file {p} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                         f"save it as UTF-8") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
         raise ValueError(f"class-names file {p} is empty; expected one class name a line, in the classifier's "
                          f"label order")
@@ -170,6 +176,12 @@ def check_device(device: str) -> None:
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s) here, "
                          f"numbered from 0 (CUDA_VISIBLE_DEVICES renumbers them)")
+    if dev.type not in ("cpu", "cuda"):   # mps, xpu, meta, ...: a traceback once the models moved there
+        try:
+            torch.zeros(1, device=dev).cpu()   # meta holds no data: copying out fails
+        except Exception as exc:
+            raise ValueError(f"--device {device}: torch cannot compute there ({exc.__class__.__name__}: "
+                             f"{str(exc)[:120]}); use --device cpu or cuda") from None
 
 
 def check_backends(device: str, **named) -> None:
@@ -179,6 +191,14 @@ def check_backends(device: str, **named) -> None:
     import torch
 
     from . import backends
+    # a misspelt op in the variable's name was never read: the run went on with auto, as a
+    # misspelt backend in its value would not (that raises)
+    for var in sorted(os.environ):
+        op = var.removeprefix("SPURFAST_BACKEND_")
+        if op != var and os.environ[var] and op.lower() not in backends.REGISTRY:
+            raise backends.BackendUnavailable(
+                f"{var}={os.environ[var]}: no op is named {op.lower()!r}; SPURFAST_BACKEND_<OP> takes one of "
+                f"{', '.join(k.upper() for k in backends.REGISTRY)}")
     for option, (value, ops) in named.items():
         for op in ops:
             if backends.requested(op, value) == "auto":
@@ -211,6 +231,22 @@ def check_labelled_folder(src, n_classes: int, what: str, path) -> None:
             f"folders are labelled in sorted order, so these labels would not be the classifier's. Pass "
             f"--class-names FILE (the classifier's class names, one a line, in label order; folders are matched "
             f"by name)")
+
+
+def same_classes(clean, pool, clean_path, pool_path):
+    """``clean`` labelled as ``pool`` is: each side named its classes alone (folders in
+    sorted order), so pool folders cat/dog/fish and clean folders bird/cat/dog both read
+    0, 1, 2 and confirmation compared the wrong classes without a word.  A clean folder is
+    relabelled by the pool's names (matched by name); an .npz with other names is refused."""
+    if not (pool.class_names and clean.class_names) or list(clean.class_names) == list(pool.class_names):
+        return clean
+    if Path(clean_path).is_dir():
+        from .data.folder import ImageFolderSource
+        return ImageFolderSource(clean_path, size=clean.spec.size, channels=clean.spec.channels,
+                                 class_names=list(pool.class_names))
+    raise ValueError(f"clean set {clean_path} names its classes {list(clean.class_names)[:5]}, pool {pool_path} "
+                     f"{list(pool.class_names)[:5]}: their labels would not mean the same classes; give both the "
+                     f"classifier's names in label order (or pass --class-names FILE)")
 
 
 def cmd_demo(args):
@@ -257,7 +293,8 @@ def cmd_train_classifier(args):
     out = _model_out(args.out)
     src, _ = load_pool(args.data, args.size, args.channels, args.class_names)
     # an .npz's own class names count too: a class without training images still gets an output
-    n_classes = args.num_classes or (len(src.class_names) if src.class_names else int(src.labels().max()) + 1)
+    n_classes = args.num_classes or (len(src.class_names) if src.class_names else
+                                     int(src.labels().max(initial=-1)) + 1)   # empty: training names it
     out.parent.mkdir(parents=True, exist_ok=True)
     model = train_classifier(src, n_classes, arch=args.arch, epochs=args.epochs, seed=args.seed, device=args.device,
                              checkpoint=str(args.out) + ".ckpt", progress=not args.quiet)
@@ -298,7 +335,11 @@ def cmd_discover(args):
                           num_classes=n_classes, image_size=pool.image_shape[1],   # a state_dict needs them
                           weights_only=not args.unsafe_load)
     if n_classes is None:
-        raise ValueError(f"pool {args.pool} is unlabelled: pass --num-classes (the classifier's number of classes)")
+        # labels alone do not say how many classes the classifier has (the top ones may be absent)
+        labelled = int(pool.labels().max(initial=-1)) >= 0
+        raise ValueError(f"pool {args.pool} " + ("has labels but no class names" if labelled else "is unlabelled")
+                         + ": pass --num-classes (the classifier's number of classes)"
+                         + (" or --class-names FILE" if labelled else ""))
     named = dict(name=f"classifier {args.classifier}", pool=f"pool {args.pool}")
     if not args.class_names and _labelled_folder(pool):
         # the classifier's classes: --num-classes, else its output width
@@ -320,6 +361,7 @@ def cmd_discover(args):
     if args.clean and not args.no_confirm:
         clean, _ = load_pool(args.clean, args.size, args.channels, args.class_names)
         if not args.class_names:
+            clean = same_classes(clean, pool, args.clean, args.pool)
             check_labelled_folder(clean, n_classes, "clean set", args.clean)
         if tuple(clean.image_shape) != tuple(pool.image_shape):
             raise ValueError(f"clean set {args.clean} has images of shape {clean.image_shape}, "
@@ -389,7 +431,10 @@ def cmd_evaluate(args):
     import re
 
     from .evaluate import run_evaluation
-    from .results_doc import keep_notes, read_csv, write_results
+    from .results_doc import keep_notes, read_csv, relink, write_results
+    if args.results_md and not Path(args.results_md).parent.is_dir():   # else it failed after the whole run
+        raise FileNotFoundError(f"--results-md {args.results_md}: folder {Path(args.results_md).parent} "
+                                f"does not exist")
     if args.from_csv:
         given = [f"--{k}" for k in EVALUATE_RUN_ONLY if getattr(args, k) is not None]
         if given:
@@ -400,7 +445,7 @@ def cmd_evaluate(args):
             raise FileNotFoundError(f"results CSV {csv_path} does not exist")
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        previous = (out / "RESULTS.md").read_text() if (out / "RESULTS.md").is_file() else None
+        previous = (out / "RESULTS.md").read_text(encoding="utf-8") if (out / "RESULTS.md").is_file() else None
         tj = csv_path.with_name("timing.json")
         timing = json.loads(tj.read_text()) if tj.is_file() else None
         regenerated_by = f"spurfast evaluate --from-csv {csv_path} --out {out}" + (
@@ -408,11 +453,12 @@ def cmd_evaluate(args):
         md = write_results(csv_path, csv_path.with_name("confirm.csv"), out / "RESULTS.md", plots_dir=out / "plots",
                            command=(timing or {}).get("command", ""), timing=timing, regenerated_by=regenerated_by,
                            wall_s=timing["wall_s"] if timing else None)
-        text = md.read_text()
+        text = md.read_text(encoding="utf-8")
         if previous is not None:  # keep hand-written notes below the marker
-            md.write_text(keep_notes(text, None, previous))
-        if args.results_md:  # as a run does: that file's own notes stay
-            Path(args.results_md).write_text(keep_notes(text, Path(args.results_md)))
+            md.write_text(keep_notes(text, None, previous), encoding="utf-8")
+        if args.results_md:  # as a run does: that file's own notes stay, its links reach --out's plots
+            target = Path(args.results_md)
+            target.write_text(keep_notes(relink(text, out, target.parent), target), encoding="utf-8")
         print(f"wrote {md}" + (f" and {args.results_md}" if args.results_md else "")
               + f" from {len(read_csv(csv_path))} rows")
         return
@@ -432,12 +478,19 @@ def cmd_report(args):
     f = run / "findings.json"
     if not f.is_file():
         raise FileNotFoundError(f"{run} holds no findings.json (run `spurfast discover` first)")
-    doc = json.loads(f.read_text())
+    try:
+        doc = json.loads(f.read_text())
+    except ValueError as exc:   # e.g. cut short by an interrupted run: json's message names no file
+        raise ValueError(f"{f} is not readable JSON ({exc}); rerun `spurfast discover` on this run") from None
     clusters = []
     if (run / "clusters.csv").is_file():
         import csv
-        with open(run / "clusters.csv") as fh:
-            clusters = [{"score": float(r["score"]), "q_value": float(r["q_value"])} for r in csv.DictReader(fh)]
+        try:
+            with open(run / "clusters.csv") as fh:
+                clusters = [{"score": float(r["score"]), "q_value": float(r["q_value"])} for r in csv.DictReader(fh)]
+        except (KeyError, TypeError, ValueError) as exc:   # a cut-short last row reads as None
+            raise ValueError(f"{run / 'clusters.csv'} is not a clusters table spurfast wrote "
+                             f"({exc.__class__.__name__}: {exc}); rerun `spurfast discover` on this run") from None
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else None
     print(f"wrote {write_report(doc, run, clusters=clusters, bad_files=read_bad_files(run), summary=summary)}")
 
@@ -519,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-names", default=None, metavar="FILE", help=CLASS_NAMES_HELP + " (also for --clean)")
     p.add_argument("--suspect", default=None, help="text file of pool indices that are suspect samples")
     p.add_argument("--clean", default=None, help="held-out clean images (.npz or folder) for confirmation; default: "
-                   "pool images predicted as other classes outside every finding")
+                   "pool images predicted as other classes outside every finding, suspect samples left out")
     p.add_argument("--no-confirm", action="store_true", help="skip confirmation (findings' confirm stays null)")
     p.add_argument("--size", type=int, default=64, help="image size for folders")
     p.add_argument("--channels", type=int, default=3, help="channels for folders")

@@ -41,7 +41,7 @@ from .data.sources import ArraySource
 from .discover import DiscoverConfig, characterise, discover
 from .metrics import Feature, carried_by, false_findings, false_findings_on_pool_patterns, feature_metrics, matches, recall_at_q
 from .plant import PatternSpec, apply_pattern, fixed_mask, plant_training
-from .results_doc import METHODS, keep_notes, write_csv, write_results
+from .results_doc import METHODS, keep_notes, relink, write_csv, write_results
 
 log = logging.getLogger("spurfast.evaluate")
 
@@ -272,6 +272,14 @@ def _provenance_file(model_path: Path) -> Path:
     return model_path.with_name(model_path.stem + ".provenance.json")
 
 
+def _write_atomic(path: Path, write) -> None:
+    """``write(tmp)``, then the rename onto ``path``: an interrupted write left a truncated
+    cache file that every later run failed on ("OSError: Invalid argument", naming nothing)."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def _same_provenance(model_path: Path, here: dict) -> bool:
     f = _provenance_file(model_path)
     try:
@@ -281,7 +289,7 @@ def _same_provenance(model_path: Path, here: dict) -> bool:
 
 
 def _models(data: RunData, seed: int, sizes: Sizes, cache: Path, progress: bool):
-    from .models.classifier import build_classifier
+    from .models.classifier import build_classifier, torch_error_gist
     from .models.train import load_vae, save_vae, train_classifier, train_vae
     from .models.vae import VAEConfig
 
@@ -294,14 +302,19 @@ def _models(data: RunData, seed: int, sizes: Sizes, cache: Path, progress: bool)
     here, foreign = model_provenance(), False   # foreign: a cached model of another provenance
     if cpath.is_file():
         clf = build_classifier("small_cnn", c, 10, h)
-        clf.load_state_dict(torch.load(cpath, map_location="cpu", weights_only=True))
+        try:
+            clf.load_state_dict(torch.load(cpath, map_location="cpu", weights_only=True))
+        except Exception as exc:   # truncated or another architecture: name the file
+            raise ValueError(f"cached classifier {cpath} cannot be read ({torch_error_gist(exc)}); "
+                             f"delete it and the next run retrains it") from None
         clf.eval()
         foreign |= not _same_provenance(cpath, here)
     else:
         clf = train_classifier(data.train, 10, epochs=sizes.classifier_epochs, seed=seed,
                                checkpoint=cdir / f"{data.train_key}.ckpt", progress=progress)
-        torch.save(clf.state_dict(), cpath)
-        _provenance_file(cpath).write_text(json.dumps(here))
+        # the provenance first: a model is never without it (read as foreign for good)
+        _write_atomic(_provenance_file(cpath), lambda p: p.write_text(json.dumps(here)))
+        _write_atomic(cpath, lambda p: torch.save(clf.state_dict(), p))
     vkey = _key({"pool": data.pool_key, "epochs": sizes.vae_epochs, "latent": sizes.latent_dim})
     vpath = vdir / f"{vkey}.pt"
     if vpath.is_file():
@@ -311,8 +324,8 @@ def _models(data: RunData, seed: int, sizes: Sizes, cache: Path, progress: bool)
         unrel = ArraySource(data.pool.images[:data.unrelated_n], None, name="eval-pool-unrelated")
         vae = train_vae(unrel, VAEConfig.for_images(c, h, latent_dim=sizes.latent_dim), epochs=sizes.vae_epochs,
                         seed=seed, checkpoint=vdir / f"{vkey}.ckpt", progress=progress)
-        save_vae(vae, vpath)
-        _provenance_file(vpath).write_text(json.dumps(here))
+        _write_atomic(_provenance_file(vpath), lambda p: p.write_text(json.dumps(here)))
+        _write_atomic(vpath, lambda p: save_vae(vae, p))
     if foreign:
         log.warning("cached classifier %s or VAE %s was trained by other code or on another CPU: "
                     "this run's figures may differ a little from a fresh run's", cpath.name, vpath.name)
@@ -387,8 +400,12 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
     rdir = cache / "runs"
     rdir.mkdir(parents=True, exist_ok=True)
     rfile = rdir / f"{setting.name}-s{seed}-{run_key(setting, seed, sizes, methods, statistic)}.json"
-    if rfile.is_file():
-        d = json.loads(rfile.read_text())
+    try:
+        d = json.loads(rfile.read_text()) if rfile.is_file() else None
+    except ValueError:   # cut short by an interruption before writes became atomic: score it again
+        log.warning("cached run %s cannot be read; running it again", rfile)
+        d = None
+    if d is not None:
         foreign = d.get("model_provenance") != model_provenance()   # cached by other code or elsewhere
         rows = [r for r in d["rows"] if r["metric"] != FOREIGN_MODELS and _applies(r)]
         rows.append({"setting": setting.name, "seed": seed, "method": "model", "feature": "all",
@@ -460,8 +477,8 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
         add(m, "all", "seconds", t)
     add("model", "all", "seconds_models", t_models)
     add("model", "all", FOREIGN_MODELS, foreign)
-    rfile.write_text(json.dumps({"rows": rows, "confirm": crow,
-                                 "model_provenance": "foreign" if foreign else model_provenance()}, default=float))
+    _write_atomic(rfile, lambda p: p.write_text(json.dumps({
+        "rows": rows, "confirm": crow, "model_provenance": "foreign" if foreign else model_provenance()}, default=float)))
     return rows, crow
 
 
@@ -525,12 +542,13 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
     (out / "timing.json").write_text(json.dumps(timing, indent=1))
     # the hand-written notes below the marker survive a rerun into the same folder, as they do
     # with --from-csv (docs/results/full/RESULTS.md holds a hundred lines of them)
-    previous = (out / "RESULTS.md").read_text() if (out / "RESULTS.md").is_file() else None
+    previous = (out / "RESULTS.md").read_text(encoding="utf-8") if (out / "RESULTS.md").is_file() else None
     md = write_results(out / "results.csv", out / "confirm.csv", out / "RESULTS.md", command=cmd,
                        wall_s=timing["wall_s"], plots_dir=out / "plots", timing=timing)
-    fresh = md.read_text()
-    md.write_text(keep_notes(fresh, None, previous))
-    if results_md:   # its own notes, not this folder's as well
-        Path(results_md).write_text(keep_notes(fresh, Path(results_md)))
+    fresh = md.read_text(encoding="utf-8")
+    md.write_text(keep_notes(fresh, None, previous), encoding="utf-8")
+    if results_md:   # its own notes, not this folder's as well; the plots stay in this folder
+        Path(results_md).write_text(keep_notes(relink(fresh, out, Path(results_md).parent), Path(results_md)),
+                                    encoding="utf-8")
     print(f"[evaluate] wrote {out / 'results.csv'}, {out / 'confirm.csv'}, {md}", flush=True)
     return out

@@ -22,7 +22,7 @@ METHODS = ("spurfast", "spurfast+confirm", "pixels", "george", "activation_clust
 
 
 def write_csv(path: Path, rows: list[dict], cols: list[str]) -> None:
-    with open(path, "w", newline="") as fh:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         for r in rows:
@@ -30,7 +30,7 @@ def write_csv(path: Path, rows: list[dict], cols: list[str]) -> None:
 
 
 def read_csv(path) -> list[dict]:
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
 
 
@@ -40,10 +40,26 @@ NOTES = "<!-- notes: text below this line is kept when the file is regenerated -
 def keep_notes(text: str, target: Path | None, previous: str | None = None) -> str:
     """``text`` plus whatever followed the notes marker in ``previous`` (or in the file ``target``)."""
     if previous is None and target is not None and target.is_file():
-        previous = target.read_text()
+        previous = target.read_text(encoding="utf-8")
     if previous and NOTES in previous:
         return text.rstrip() + "\n\n" + NOTES + previous.split(NOTES, 1)[1]
     return text
+
+
+_IMAGE = re.compile(r"^(!\[[^\]]*\]\()([^)\s]+)(\))$", re.M)
+
+
+def relink(text: str, from_dir, to_dir) -> str:
+    """``text``, a document written in ``from_dir``, with its relative image links made
+    relative to ``to_dir``: a copy written there (``--results-md``) showed ``to_dir``'s
+    own plots (stale ones, or none) instead of the run's."""
+    def fix(m):
+        p = m.group(2)
+        if os.path.isabs(p) or "://" in p:
+            return m.group(0)
+        new = _rel(Path(from_dir) / p, Path(to_dir))
+        return m.group(1) + (f"<{new}>" if re.search(r"[\s()<>]", new) else new) + m.group(3)
+    return _IMAGE.sub(fix, text)
 
 
 def _agg(vals):
@@ -171,7 +187,7 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
     if plots_dir:
         L += ["", *_plots(rows, crows, Path(plots_dir), Path(md_path).parent)]
     md = Path(md_path)
-    md.write_text("\n".join(L) + "\n")
+    md.write_text("\n".join(L) + "\n", encoding="utf-8")   # "±", "–" and notes: not the locale's
     return md
 
 
@@ -252,6 +268,16 @@ def _verdict(fails: bool, nan_seeds) -> str:
     return "met"
 
 
+def _on_side(v: float, limit: float, decimals: int = 3) -> str:
+    """``v`` to ``decimals`` places, more where fewer would put it on the other side of
+    ``limit`` (0.9496 is "0.9496", not "0.950", next to a target of >= 0.95 it fails)."""
+    text = f"{v:.{decimals}f}"
+    while (float(text) >= limit) != (v >= limit) and decimals < 17:
+        decimals += 1
+        text = f"{v:.{decimals}f}"
+    return text
+
+
 def _targets(rows, settings) -> list[str]:
     """The issue's targets, checked against the CSV (only where the CSV has the data)."""
     L = ["## Targets (checked from the CSV)", ""]
@@ -282,12 +308,14 @@ def _targets(rows, settings) -> list[str]:
         fails = any(np.isfinite(v) and v != 1 for v in hv) or any(v < 0.95 for v in fin_a)
         verdict = _verdict(fails, nan_seeds(h, a)) if a else "not decided: no AUROC rows"
         L.append(f"- single strong pattern `{s}`, {m}: hit@1 per seed {ints(hv)}, AUROC min "
-                 f"{f'{min(fin_a):.3f}' if fin_a else 'n/a'} "
+                 f"{_on_side(min(fin_a), 0.95) if fin_a else 'n/a'} "
                  f"(spurious score {_agg(ss)}) -> target (hit@1 = 1 in every seed, AUROC >= 0.95) {verdict}")
     for s in [s for s in settings if s.startswith("multi3")]:
         p = pairs(s, "spurfast", "recall@q0.1")
         r = [v for _, v in p]
-        verdict = _verdict(not r or any(np.isfinite(x) and x < 2 / 3 - 1e-9 for x in r), nan_seeds(p))
+        if not r:
+            continue   # spurfast not run: nothing to judge (it read "NOT met")
+        verdict = _verdict(any(np.isfinite(x) and x < 2 / 3 - 1e-9 for x in r), nan_seeds(p))
         L.append(f"- three patterns `{s}`: recall at q=0.1 per seed {[round(x, 2) for x in r]} -> target (>= 2/3) "
                  f"{verdict}")
     for s in [s for s in settings if s.startswith("multi3")]:
@@ -338,9 +366,9 @@ def _targets(rows, settings) -> list[str]:
 
 
 def _plots(rows, crows, plots_dir: Path, rel_to: Path) -> list[str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # Figures of their own, not pyplot: matplotlib.use("Agg") switched the caller's backend
+    # (a notebook's inline plots stopped showing after run_evaluation)
+    from matplotlib.figure import Figure
 
     plots_dir.mkdir(parents=True, exist_ok=True)
     out = []
@@ -356,7 +384,8 @@ def _plots(rows, crows, plots_dir: Path, rel_to: Path) -> list[str]:
                 if v:
                     mean[i, j], sd[i, j] = np.mean(v), (np.std(v) if len(v) > 1 else 0.0)
         if len(pairs) <= 8:   # a few settings: bars with the seeds' spread
-            fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(pairs) * len(methods) / 3), 3.5))
+            fig = Figure(figsize=(max(5, 1.2 * len(pairs) * len(methods) / 3), 3.5))
+            ax = fig.subplots()
             w = 0.8 / len(methods)
             for j, m in enumerate(methods):
                 ax.bar(np.arange(len(pairs)) + j * w, mean[:, j], w, yerr=sd[:, j], label=m)
@@ -365,7 +394,8 @@ def _plots(rows, crows, plots_dir: Path, rel_to: Path) -> list[str]:
             ax.set_ylabel("average precision (best finding)")
             ax.legend(fontsize=7)
         else:   # a sweep: one row per (setting, pattern), one column per method, mean AP written in
-            fig, ax = plt.subplots(figsize=(1.3 * len(methods) + 3, 0.28 * len(pairs) + 1.5))
+            fig = Figure(figsize=(1.3 * len(methods) + 3, 0.28 * len(pairs) + 1.5))
+            ax = fig.subplots()
             im = ax.imshow(mean, vmin=0, vmax=1, cmap="viridis", aspect="auto")
             for (i, j), v in np.ndenumerate(mean):
                 if np.isfinite(v):
@@ -378,11 +408,11 @@ def _plots(rows, crows, plots_dir: Path, rel_to: Path) -> list[str]:
             fig.colorbar(im, ax=ax, label="average precision (best finding), mean over seeds")
         fig.tight_layout()
         fig.savefig(plots_dir / "ap.png", dpi=110)
-        plt.close(fig)
         out.append(f"![average precision per setting and method]({_rel(plots_dir / 'ap.png', rel_to)})")
     cs = [c for c in crows if c["flip_rate"] != ""]
     if cs:
-        fig, axes = plt.subplots(1, 2, figsize=(8, 3.5), sharey=True)
+        fig = Figure(figsize=(8, 3.5))
+        axes = fig.subplots(1, 2, sharey=True)
         for ax, key, name in zip(axes, ("control_flip_rate", "content_flip_rate"),
                                  ("random-pattern control", "content control")):
             for kind, col, lab in (("0", "tab:gray", "false finding"), ("1", "tab:red", "true finding")):
@@ -394,7 +424,6 @@ def _plots(rows, crows, plots_dir: Path, rel_to: Path) -> list[str]:
         axes[0].set_ylabel("flip rate of the extracted pattern")
         fig.tight_layout()
         fig.savefig(plots_dir / "confirm.png", dpi=110)
-        plt.close(fig)
         out.append(f"![confirmation: flip rate vs control]({_rel(plots_dir / 'confirm.png', rel_to)})")
     return out
 

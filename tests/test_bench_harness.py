@@ -179,3 +179,35 @@ def test_cluster_stage_is_timed_after_an_untimed_call(tmp_path, monkeypatch):
     assert "cluster" in rates
     (warmup, reps), = [(w, r) for is_kmeans, w, r in seen if is_kmeans]
     assert warmup >= 1 and reps >= 3, (warmup, reps)
+
+
+def test_an_emptied_results_csv_gets_its_header(tmp_path):
+    # `: > results.csv` to start afresh: rows were appended without a header, so the first
+    # row became the header and `python -m bench plot` found nothing
+    path = tmp_path / "r.csv"
+    path.write_text("")
+    ResultWriter(path).add("op", "p", {"a": 1}, "items_per_s", 2.0, "1/s", "cpu")
+    rows = _rows(path)
+    assert len(rows) == 1 and rows[0]["op"] == "op" and rows[0]["value"] == "2", rows
+
+
+def test_plot_reads_the_csv_the_writer_wrote_to(tmp_path, monkeypatch):
+    # SPURFAST_BENCH_CSV moved the rows but `python -m bench plot` still drew bench/results.csv
+    from bench.plot import plot
+
+    monkeypatch.setenv("SPURFAST_BENCH_CSV", str(tmp_path / "r.csv"))
+    ResultWriter().add("op", "p", {"a": 1}, "items_per_s", 2.0, "1/s", "cpu")
+    assert plot() == [tmp_path / "plots" / "op.png"] and (tmp_path / "plots" / "op.png").is_file()
+
+
+def test_bench_device_cuda_without_a_gpu_is_refused_up_front(tmp_path, monkeypatch, capsys):
+    # encoder raised CUDA's "Found no NVIDIA driver" traceback; e2e generated its pool first
+    from bench import bench_encoder
+    from bench.__main__ import main as bench_main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bench_encoder, "run", lambda *a, **k: pytest.fail("the suite ran"))
+    with pytest.raises(SystemExit) as e:
+        bench_main(["encoder", "--quick", "--device", "cuda", "--csv", str(tmp_path / "r.csv")])
+    assert e.value.code == 2 and "--device cuda: torch sees no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "r.csv").exists()

@@ -390,16 +390,24 @@ def test_folder_pool_lacking_a_class_needs_the_class_names(tmp_path, capsys):
     assert "names.txt" in err and "'1'" in err
 
 
-def test_clean_folder_lacking_a_class_needs_the_class_names(tmp_path, capsys):
+def test_clean_folder_lacking_a_class_is_labelled_by_the_pools_names(tmp_path, capsys, monkeypatch):
+    # it was refused (9 folders, 10 classes, sorted order would shift the labels); the pool's
+    # class folders name the classes, so the clean folders are matched by name instead
+    import spurfast.pipeline as P
     clf, vae = _models(tmp_path)
     digits = [str(c) for c in range(10)]
     pool = _digit_folders(tmp_path / "pool", digits)
-    clean = _digit_folders(tmp_path / "clean", digits[:9])
+    clean = _digit_folders(tmp_path / "clean", digits[1:])
+    seen = {}
+
+    def stop(pool, *a, clean=None, **k):
+        seen["labels"], seen["names"] = sorted(set(clean.labels().tolist())), clean.class_names
+        return {"findings": []}, None, None
+    monkeypatch.setattr(P, "run_discovery", stop)
     base = ["discover", "--pool", pool, "--clean", clean, "--size", "28", "--channels", "1", "--classifier", clf,
             "--vae", vae, "--n-null", "2", "--k", "2", "--quiet", "--out", str(tmp_path / "o")]
-    assert main(base) == 2
-    err = capsys.readouterr().err
-    assert clean in err and "--class-names" in err and not (tmp_path / "o").exists()
+    assert main(base) == 0, capsys.readouterr().err
+    assert seen == {"labels": list(range(1, 10)), "names": digits}
 
 
 def test_class_names_with_an_npz_pool_name_its_classes(tmp_path):
@@ -669,6 +677,8 @@ def _quick_csv(tmp_path):
 
 
 def test_evaluate_from_csv_writes_results_md_keeping_its_notes(tmp_path, capsys):
+    import re
+
     from spurfast.results_doc import NOTES
 
     csv = _quick_csv(tmp_path)
@@ -682,7 +692,8 @@ def test_evaluate_from_csv_writes_results_md_keeping_its_notes(tmp_path, capsys)
     assert text.startswith("# spurfast: planted-shortcut evaluation results") and "old tables" not in text
     assert text.endswith(NOTES + "\ndoc's notes\n") and text.count(NOTES) == 1, text[-300:]
     assert (out / "RESULTS.md").read_text().endswith(NOTES + "\nout's notes\n")
-    assert text.split(NOTES)[0] == (out / "RESULTS.md").read_text().split(NOTES)[0]   # the same tables
+    tables = lambda t: re.sub(r"^!\[.*$", "", t.split(NOTES)[0], flags=re.M)   # noqa: E731 (links: relative to each file)
+    assert tables(text) == tables((out / "RESULTS.md").read_text())   # the same tables
 
 
 @pytest.mark.parametrize("extra", [["--preset", "quick"], ["--seeds", "0,1"], ["--only", "patch"],
@@ -718,3 +729,184 @@ def test_an_unavailable_latent_knn_backend_variable_fails_first(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.startswith(f"error: {var}=bogus: backend 'bogus' does not implement"), err
     assert not (tmp_path / "o").exists(), "failed after starting work"
+
+
+def test_evaluate_from_csv_results_md_elsewhere_links_the_plots_in_out(tmp_path, capsys):
+    # the copy kept the links as written for --out: docs/RESULTS.md showed docs/plots (stale ones, or none)
+    import re
+    from pathlib import Path
+
+    csv = _quick_csv(tmp_path)
+    out, doc = tmp_path / "out", tmp_path / "docs" / "RESULTS.md"
+    doc.parent.mkdir()
+    assert main(["evaluate", "--from-csv", csv, "--out", str(out), "--results-md", str(doc)]) == 0
+    links = re.findall(r"^!\[[^\]]*\]\(<?([^)>]+)>?\)$", doc.read_text(), re.M)
+    assert links, doc.read_text()[:500]
+    for link in links:
+        assert (doc.parent / link).resolve() == (out / "plots" / Path(link).name).resolve(), link
+        assert (doc.parent / link).is_file(), link
+
+
+@pytest.mark.parametrize("device", ["meta", "mps"])
+def test_a_device_torch_cannot_compute_on_is_refused_up_front(tmp_path, capsys, device):
+    # mps without MPS, meta: a traceback once the models were moved there
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("MPS is available here")
+    clf, vae = _models(tmp_path)
+    pool = _npz(tmp_path / "pool.npz", np.zeros((12, 28, 28), np.uint8))
+    capsys.readouterr()
+    assert main(["discover", "--pool", pool, "--classifier", clf, "--vae", vae, "--out", str(tmp_path / "o"),
+                 "--quiet", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --device {device}: torch cannot compute there") and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_classifier_on_an_empty_npz_names_it(tmp_path, capsys):
+    # numpy's "zero-size array to reduction operation maximum which has no identity", naming nothing
+    data = tmp_path / "none.npz"
+    np.savez(data, images=np.zeros((0, 28, 28), np.uint8), labels=np.zeros(0, np.int64))
+    capsys.readouterr()
+    assert main(["train-classifier", "--data", str(data), "--out", str(tmp_path / "m.pt"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "none" in err and "no images" in err, err
+
+
+def test_a_labelled_pool_without_class_names_is_not_called_unlabelled(tmp_path, capsys):
+    clf, vae = _models(tmp_path)
+    pool = tmp_path / "nonames.npz"
+    np.savez(pool, images=np.zeros((12, 28, 28), np.uint8), labels=np.arange(12) % 10)
+    capsys.readouterr()
+    assert main(["discover", "--pool", str(pool), "--classifier", clf, "--vae", vae, "--out", str(tmp_path / "o"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "unlabelled" not in err and "has labels but no class names" in err and "--num-classes" in err, err
+
+
+def test_a_class_names_file_with_a_byte_order_mark_or_not_in_utf8(tmp_path):
+    import re
+
+    from spurfast.cli import read_class_names
+
+    names = tmp_path / "names.txt"
+    names.write_bytes("\ufeffcat\r\ndog\r\n".encode("utf-8"))
+    assert read_class_names(names) == ["cat", "dog"]
+    names.write_bytes("caf\xe9\ndog\n".encode("latin-1"))   # the codec's message named no file
+    with pytest.raises(ValueError, match=f"class-names file {re.escape(str(names))} is not UTF-8"):
+        read_class_names(names)
+
+
+@pytest.mark.parametrize("damage", ["findings", "clusters"])
+def test_report_on_a_cut_short_run_file_names_it(tmp_path, capsys, damage):
+    # json's "Expecting value: line 1 column 1" named no file; a clusters.csv cut mid-row raised a TypeError
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "findings.json").write_text('{"schema": 1, "findings": [' if damage == "findings" else
+                                       json.dumps({"schema": 1, "findings": []}))
+    (run / "clusters.csv").write_text("class,cluster,size,n_unrelated,n_suspect,score,p_value,q_value\n"
+                                      "3,1,20,18,2,5.5,0.01,0.04\n3,2,20,18,2,4.1")
+    capsys.readouterr()
+    assert main(["report", "--run", str(run)]) == 2
+    err = capsys.readouterr().err
+    name = "findings.json" if damage == "findings" else "clusters.csv"
+    assert err.startswith("error: ") and name in err and "Traceback" not in err, err
+
+
+def test_a_misspelt_backend_variable_name_is_refused_first(tmp_path, capsys, monkeypatch):
+    # SPURFAST_BACKEND_KMEANS=torch (no such op) was never read: the run went on with auto
+    monkeypatch.setenv("SPURFAST_BACKEND_KMEANS", "torch")
+    clf, vae = _models(tmp_path)
+    pool = _npz(tmp_path / "pool.npz", np.zeros((12, 28, 28), np.uint8))
+    capsys.readouterr()
+    assert main(["discover", "--pool", pool, "--classifier", clf, "--vae", vae, "--out", str(tmp_path / "o"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: SPURFAST_BACKEND_KMEANS=torch: no op is named 'kmeans'") and "KMEANS_ASSIGN" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_results_md_in_a_missing_folder_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
+    # the write failed at the very end, after the whole evaluation
+    import spurfast.evaluate
+
+    monkeypatch.setattr(spurfast.evaluate, "run_evaluation", lambda *a, **k: pytest.fail("the evaluation ran"))
+    target = tmp_path / "no" / "RESULTS.md"
+    capsys.readouterr()
+    assert main(["evaluate", "--out", str(tmp_path / "e"), "--preset", "tiny", "--results-md", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --results-md {target}") and "does not exist" in err, err
+
+
+def test_evaluate_from_csv_writes_results_md_in_utf8_whatever_the_locale(tmp_path):
+    # RESULTS.md holds "±" and "–" (and notes in any language): under an ASCII locale the
+    # doc generator crashed writing it, and a file with notes could not be read back
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from spurfast.results_doc import NOTES
+
+    csv = _quick_csv(tmp_path)
+    out, doc = tmp_path / "out", tmp_path / "RESULTS.md"
+    doc.write_text("old\n" + NOTES + "\nnotes: café ± 0.1\n", encoding="utf-8")
+    env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    run = subprocess.run([sys.executable, "-m", "spurfast", "evaluate", "--from-csv", csv, "--out", str(out),
+                          "--results-md", str(doc)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    text = doc.read_text(encoding="utf-8")
+    assert "±" in text and text.endswith(NOTES + "\nnotes: café ± 0.1\n"), text[-300:]
+
+
+def _class_folders(root, names, size=8):
+    from PIL import Image
+    for n in names:
+        (root / n).mkdir(parents=True)
+        Image.fromarray(np.full((size, size), 9, np.uint8)).save(root / n / "a.png")
+    return root
+
+
+def test_a_clean_folder_is_labelled_by_the_pools_class_names():
+    # each side was labelled by its own sorted folders: clean cat/fish read 0/1, fish is 2 in the pool
+    import tempfile
+    from pathlib import Path
+
+    from spurfast.cli import same_classes
+    from spurfast.data.folder import ImageFolderSource
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        pool = ImageFolderSource(_class_folders(d / "pool", ["cat", "dog", "fish"]), size=8, channels=1)
+        clean = ImageFolderSource(_class_folders(d / "clean", ["cat", "fish"]), size=8, channels=1)
+        fixed = same_classes(clean, pool, d / "clean", d / "pool")
+        assert fixed.class_names == ["cat", "dog", "fish"] and fixed.labels().tolist() == [0, 2]
+        odd = ImageFolderSource(_class_folders(d / "odd", ["bird", "cat", "dog"]), size=8, channels=1)
+        with pytest.raises(ValueError, match=r"class folders \['bird'\] of .*odd are not among the 3 class names"):
+            same_classes(odd, pool, d / "odd", d / "pool")
+
+
+def test_a_clean_npz_with_other_class_names_is_refused(tmp_path):
+    from spurfast.cli import same_classes
+    from spurfast.data.sources import ArraySource
+    imgs = np.zeros((2, 1, 8, 8), np.float32)
+    pool = ArraySource(imgs, np.array([0, 1]), class_names=["cat", "dog"], name="pool")
+    same = ArraySource(imgs, np.array([1, 0]), class_names=["cat", "dog"], name="clean")
+    assert same_classes(same, pool, tmp_path / "c.npz", tmp_path / "p.npz") is same
+    other = ArraySource(imgs, np.array([1, 0]), class_names=["bird", "cat"], name="clean")
+    with pytest.raises(ValueError, match=r"clean set .*c.npz names its classes \['bird', 'cat'\], pool .*p.npz "
+                                         r"\['cat', 'dog'\]: their labels would not mean the same classes"):
+        same_classes(other, pool, tmp_path / "c.npz", tmp_path / "p.npz")
+
+
+def test_discover_refuses_a_clean_folder_of_classes_the_pool_does_not_name(tmp_path, capsys):
+    # pool cat/dog/fish and clean bird/cat/dog both read 0, 1, 2: the run went ahead, and
+    # confirmation pasted patterns onto "dogs" that were cats
+    clf, vae = _models(tmp_path, classes=3)
+    pool = _class_folders(tmp_path / "pool", ["cat", "dog", "fish"], size=28)
+    clean = _class_folders(tmp_path / "clean", ["bird", "cat", "dog"], size=28)
+    capsys.readouterr()
+    assert main(["discover", "--pool", str(pool), "--clean", str(clean), "--classifier", clf, "--vae", vae,
+                 "--size", "28", "--channels", "1", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "class folders ['bird']" in err and "not among the 3 class names" in err, err
+    assert not (tmp_path / "o").exists()

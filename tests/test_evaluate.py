@@ -231,6 +231,28 @@ def test_spurious_score_is_yangs_probability_rise_not_an_argmax_flip():
     assert spurious_score(lambda x: PatchReader()(x) * 0.2, weak, 2, spec) == 0.0   # a rise of 0.07 only
 
 
+def test_class_balanced_spurious_score_weighs_every_class_alike():
+    """The demo's held-out set keeps every target-class test image (about 29% of it): its
+    plain score over-weighted the target class.  Balanced, each class counts once."""
+    import torch
+
+    from spurfast.data import ArraySource
+    from spurfast.demo import spurious_score
+    from spurfast.plant import PatternSpec
+
+    class TargetOnly(torch.nn.Module):   # the patch lifts p(class 2) on images whose top-left pixel is lit
+        def forward(self, x):
+            s = x[:, 0, -4:, -4:].mean((1, 2)) * 16 / 9 * (x[:, 0, 0, 0] > 0)
+            return torch.stack([torch.full_like(s, 2.0), torch.zeros_like(s), 3.0 * s], 1)
+
+    x = torch.zeros(6, 1, 12, 12)
+    x[:4, 0, 0, 0] = 1.0                       # the four images of class 2 react, the two others do not
+    clean = ArraySource(x, np.array([2, 2, 2, 2, 0, 1]))
+    spec = PatternSpec("patch3")
+    assert spurious_score(TargetOnly(), clean, 2, spec) == pytest.approx(4 / 6)
+    assert spurious_score(TargetOnly(), clean, 2, spec, class_balanced=True) == pytest.approx(1 / 3)
+
+
 def test_cached_models_of_other_code_or_cpu_are_counted(tmp_path, monkeypatch):
     """The cache is keyed by settings only: models another version (or another CPU) trained
     were scored silently, and committed figures differed from a fresh run's.  Such runs
@@ -421,3 +443,104 @@ def test_a_cached_run_drops_recall_rows_of_a_baseline_without_a_test(tmp_path, m
     rows, _ = E.run_one(setting, 0, sizes, tmp_path)
     assert [(r["method"], r["metric"]) for r in rows if r["metric"] != E.FOREIGN_MODELS] == [
         ("activation_clustering", "ap"), ("spurfast", "recall@q0.1"), ("spurfast", "false_findings@q0.05")]
+
+
+def test_results_md_elsewhere_links_the_runs_plots(tmp_path, monkeypatch):
+    """--results-md docs/RESULTS.md with --out out/x copied the links as written for out/x
+    ("plots/ap.png"): the copy showed docs/plots/ap.png, a stale plot or none."""
+    import re
+
+    import spurfast.evaluate as E
+    rows = [{"setting": "patch3-nall", "seed": 0, "method": m, "feature": "patch3", "metric": "ap", "value": v}
+            for m, v in (("spurfast", 0.9), ("random", 0.1))]
+    monkeypatch.setattr(E, "run_one", lambda s, seed, *a, **k: ([dict(r) for r in rows] if s.name == "patch3-nall"
+                                                                 else [], []))
+    for docs in (tmp_path / "docs", tmp_path / "odd (dir)"):
+        docs.mkdir()
+        run_evaluation("tiny", tmp_path / "out", progress=False, results_md=docs / "RESULTS.md")
+        links = re.findall(r"^!\[[^\]]*\]\(<?(.*?)>?\)$", (docs / "RESULTS.md").read_text(), re.M)
+        assert links and all((docs / p).resolve() == (tmp_path / "out" / "plots" / "ap.png").resolve()
+                             for p in links), links
+    links = re.findall(r"^!\[[^\]]*\]\((.*?)\)$", (tmp_path / "out" / "RESULTS.md").read_text(), re.M)
+    assert links == ["plots/ap.png"]        # the run's own copy is unchanged
+
+
+def test_target_lines_do_not_contradict_their_numbers():
+    """AUROC min 0.9496 printed "0.950" next to "AUROC >= 0.95 ... NOT met"; a CSV without
+    spurfast's recall rows of a multi3 setting read "per seed [] -> NOT met"."""
+    from spurfast.results_doc import _targets
+    rows = [{"setting": "patch3-n150", "seed": 0, "method": "spurfast", "feature": "patch3", "metric": k, "value": v}
+            for k, v in (("hit@1", 1.0), ("auroc", 0.9496))]
+    rows += [{"setting": "multi3-n100", "seed": 0, "method": "pixels", "feature": "all", "metric": "recall@q0.1",
+              "value": 1.0}]
+    lines = _targets(rows, ["patch3-n150", "multi3-n100"])
+    (ln,) = [ln for ln in lines if "single strong pattern" in ln]
+    assert "AUROC min 0.9496 " in ln and ln.endswith("NOT met")
+    assert not any("multi3-n100" in ln for ln in lines)
+    rows[1]["value"] = 0.9996   # rounds up, meets either way: three decimals as before
+    (ln,) = [ln for ln in _targets(rows, ["patch3-n150"]) if "single strong pattern" in ln]
+    assert "AUROC min 1.000 " in ln and ln.endswith(" met")
+
+
+def test_an_interrupted_cache_write_leaves_no_truncated_file(tmp_path, monkeypatch):
+    """torch.save / write_text straight onto the cache file: a run killed mid-write left a
+    truncated classifier that every later run failed on with "OSError: [Errno 22] Invalid
+    argument" (naming no file), and a truncated run file read as JSONDecodeError."""
+    import json
+
+    import torch
+
+    import spurfast.evaluate as E
+    import spurfast.models.train as T
+    from spurfast.models.classifier import build_classifier
+
+    setting, sizes = PRESETS["tiny"]["settings"][0], PRESETS["tiny"]["sizes"]
+    data = E.build_data(setting, 0, sizes)
+    monkeypatch.setattr(T, "train_classifier", lambda *a, **k: build_classifier("small_cnn", 1, 10, 28))
+    real_save = torch.save
+
+    def killed(obj, f, *a, **k):   # writes part of the file, then the process is interrupted
+        real_save(obj, f, *a, **k)
+        with open(f, "r+b") as fh:
+            fh.truncate(100)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        E._models(data, 0, sizes, tmp_path, False)
+    cpath = tmp_path / "classifiers" / f"{data.train_key}.pt"
+    assert not cpath.exists()                      # the next run trains it again
+    # a truncated file from before: an error that names it
+    real_save({"w": torch.zeros(3)}, cpath)
+    cpath.write_bytes(cpath.read_bytes()[:50])
+    with pytest.raises(ValueError, match=f"cached classifier {cpath}.*delete it"):
+        E._models(data, 0, sizes, tmp_path, False)
+    # a truncated run file is scored again, not a JSONDecodeError
+    (tmp_path / "runs").mkdir()
+    rfile = tmp_path / "runs" / f"{setting.name}-s0-{E.run_key(setting, 0, sizes)}.json"
+    rfile.write_text(json.dumps({"rows": [], "confirm": []})[:10])
+
+    class Rerun(Exception):
+        pass
+
+    monkeypatch.setattr(E, "build_data", lambda *a: (_ for _ in ()).throw(Rerun()))
+    with pytest.raises(Rerun):
+        E.run_one(setting, 0, sizes, tmp_path)
+
+
+def test_the_results_plots_leave_the_callers_matplotlib_backend_alone(tmp_path):
+    """run_evaluation from a notebook switched its backend to Agg (inline plots stopped)."""
+    import matplotlib
+    from matplotlib import pyplot as plt
+
+    from spurfast.results_doc import write_csv, write_results
+    cols = ["setting", "seed", "method", "feature", "metric", "value"]
+    write_csv(tmp_path / "results.csv", [{"setting": "s", "seed": 0, "method": "spurfast", "feature": "p",
+                                          "metric": "ap", "value": 0.5}], cols)
+    before = matplotlib.get_backend()
+    plt.switch_backend("svg")
+    try:
+        write_results(tmp_path / "results.csv", None, tmp_path / "RESULTS.md", plots_dir=tmp_path / "plots")
+        assert matplotlib.get_backend() == "svg" and (tmp_path / "plots" / "ap.png").read_bytes()[:4] == b"\x89PNG"
+    finally:
+        plt.switch_backend(before)
