@@ -335,8 +335,8 @@ def kmeans_update(x, offsets, assign, kmax: int, deterministic: bool = True):
     x = _check_x(x)
     N, d = x.shape
     kmax = int(kmax)
-    if kmax < 1:
-        raise ValueError(f"kmax must be >= 1, got {kmax}")
+    if kmax < 0:   # kmax = 0 with points: _check_assign names it; without, (G, 0, d) as the reference
+        raise ValueError(f"kmax must be >= 0, got {kmax}")
     offsets = check_offsets(offsets, N, x.device)
     G = len(offsets) - 1
     S = G * kmax

@@ -13,6 +13,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .group_layout import check_offsets
+
 ACTIVATIONS = ("relu", "leaky_relu", "silu")
 LEAKY_SLOPE = 0.2
 
@@ -316,6 +318,8 @@ def kmeans_assign(
     check_x_sqnorm(x_sqnorm, N)
     kpg_cpu = check_k_per_group(k_per_group, G, kmax)
     x, centroids = x.detach(), centroids.detach()   # numpy views below need plain tensors
+    # offsets that stop short of N left the rows past them at assign 0, dist 0, silently
+    sizes = check_offsets(offsets, N, "cpu").diff()
     assign = torch.zeros(N, dtype=torch.int64, device=x.device)
     dist = torch.zeros(N, dtype=torch.float32, device=x.device)
     if N == 0:
@@ -326,7 +330,6 @@ def kmeans_assign(
         c = F.normalize(c, dim=-1)
     cn = (c * c).sum(-1)  # (G, kmax)
     kpg = kpg_cpu.to(x.device)
-    sizes = (offsets[1:] - offsets[:-1]).cpu()
     budget = _CHUNK_CPU if x.device.type == "cpu" else _BUDGET
     # Large groups: contiguous slices, no padding, no gather, chunks that fit in cache.
     for g in (sizes >= _BIG_GROUP).nonzero().flatten().tolist():
@@ -388,7 +391,7 @@ def kmeans_assign(
             best = best[valid] + 1.0
         else:
             rows = (groups.unsqueeze(1) * kmax).expand_as(valid)[valid] + arg
-            diff = x[sel].float() - c.view(G * kmax, d).index_select(0, rows)
+            diff = x[sel].float() - c.reshape(G * kmax, d).index_select(0, rows)   # a slice: view failed
             no_centroid = (kpg[groups] == 0).unsqueeze(1).expand_as(valid)[valid]
             best = torch.linalg.vecdot(diff, diff).masked_fill_(no_centroid, float("inf"))
         assign[sel] = arg
@@ -417,6 +420,10 @@ def kmeans_update(
         lo, hi = (int(v) for v in torch.aminmax(assign))
         if lo < 0 or hi >= kmax:
             raise ValueError(f"assign has values in [{lo}, {hi}]; expected cluster indices in [0, {kmax})")
+    if tuple(assign.shape) != (N,):
+        raise ValueError(f"assign must be (N,) = ({N},), got shape {tuple(assign.shape)}")
+    if offsets.device.type == "cpu":   # (a size mismatch deep in torch named neither)
+        check_offsets(offsets, N, "cpu")
     flat = group_ids(offsets) * kmax + assign
     if x.device.type == "cpu" and N:
         # One sparse (G*kmax x N) 0/1 matrix times x.  Built column-wise (CSC: point i is
@@ -603,6 +610,8 @@ def cluster_similarity(
     """
     G, kmax, d = centroids.shape
     N = x.shape[0]
+    if int(m) < 0:   # torch.full's "negative dimension" named neither m nor its value
+        raise ValueError(f"m (exemplars per cluster) must be >= 0, got {m}")
     gid = group_ids(offsets)
     c = centroids.float()[gid, assign] if N else torch.zeros(0, d, device=x.device)
     xf = x.float()
@@ -646,7 +655,7 @@ def kmeans_plusplus(
     dev = x.device
     xf = x.float()
     cent = torch.zeros(G, kmax, d, dtype=torch.float32, device=dev)
-    if N == 0:
+    if N == 0 or kmax == 0:   # kmax = 0: no seed to draw (writing seed 0 raised IndexError)
         return cent
     sizes = (offsets[1:] - offsets[:-1]).long()
     gid = group_ids(offsets)

@@ -41,6 +41,15 @@ def test_assign_args_zeroed_outputs_and_group_count():
         assign_args(x, torch.tensor([0, 2, 5]), [2, 1, 1], 2, 2)
 
 
+@pytest.mark.parametrize("kpg", [[2, 1.5], torch.tensor([2.0, float("nan")])])
+def test_assign_args_refuses_fractional_k_as_the_reference_does(kpg):
+    # the Triton and CuPy launchers truncated k_g = 1.5 to 1 where the reference refuses it
+    with pytest.raises(ValueError, match=r"k_per_group\[1\] = (1.5|nan): expected an integer"):
+        assign_args(torch.zeros(5, 3), torch.tensor([0, 2, 5]), kpg, 2, 2)
+    off, k, _, _ = assign_args(torch.zeros(5, 3), torch.tensor([0, 2, 5]), [2.0, 1.0], 2, 2)
+    assert k.dtype == torch.int64 and k.tolist() == [2, 1]
+
+
 def test_centroid_terms_per_metric():
     c = torch.tensor([[[3.0, 4.0], [0.0, 2.0]]], dtype=torch.float64)
     c32, term = centroid_terms(c, "l2", "cpu")

@@ -119,6 +119,16 @@ def test_update_counts_points_without_coordinates(monkeypatch):
     assert sums.shape == ref_sums.shape == (2, 3, 0)
 
 
+def test_update_without_points_or_clusters_matches_the_reference(monkeypatch):
+    # kmax = 0 and N = 0: the reference and the CPU kernel return (G, 0, d) sums; this refused
+    # "kmax must be >= 1".  With points, kmax = 0 is refused naming assign.  Torch only up to there.
+    monkeypatch.setattr(kc, "_check_x", lambda x, name="x": x.contiguous())
+    x, off, assign = torch.zeros(0, 3), torch.tensor([0, 0, 0]), torch.zeros(0, dtype=torch.int64)
+    assert_same_outputs(kc.kmeans_update(x, off, assign, 0), ref.kmeans_update(x, off, assign, 0), "kmax=0, N=0")
+    with pytest.raises(ValueError, match=r"assign has values in \[0, 0\]; expected cluster indices in \[0, 0\)"):
+        kc.kmeans_update(torch.zeros(2, 3), torch.tensor([0, 2]), torch.zeros(2, dtype=torch.int64), 0)
+
+
 def _check_empty_input(op, device, dtype=torch.float32):
     """N = 0 (with G = 0 too, and kmax = 0 for the similarity) against the reference on the
     CPU: zero sums and counts, -1 exemplars, zero means, outputs on x's device."""

@@ -589,3 +589,47 @@ def test_init_of_the_wrong_shape_is_refused(backend):
         batched_kmeans(x, g, [3, 2], init=init, backend=backend)
     res = batched_kmeans(x, g, [3, 2], init=x[[0, 1, 2, 20, 21, 22]].view(2, 3, 4), backend=backend)
     assert res.centroids.shape == (2, 3, 4)
+
+
+@pytest.mark.parametrize("off", [[0, 3], [1, 5], [0, 4, 2, 5]])
+def test_assign_refuses_offsets_that_do_not_run_0_to_n(off):
+    # offsets stopping short of N left rows 3 and 4 at assign 0, dist 0 without a word
+    x = torch.randn(5, 3)
+    G = len(off) - 1
+    with pytest.raises(ValueError, match="offsets must"):
+        ref.kmeans_assign(x, torch.tensor(off), torch.randn(G, 2, 3), torch.full((G,), 2))
+
+
+def test_plusplus_with_kmax_zero_returns_no_seeds():
+    # kmax = 0 (every k_g = 0): the reference raised IndexError where the CPU kernel returns (G, 0, d)
+    x = torch.randn(5, 3)
+    cent = ref.kmeans_plusplus(x, torch.tensor([0, 2, 5]), torch.tensor([0, 0]), 0, torch.Generator().manual_seed(0))
+    assert cent.shape == (2, 0, 3)
+
+
+def test_cluster_similarity_refuses_negative_m_naming_it():
+    # as the CuPy launcher does (torch.full's "negative dimension" named neither)
+    with pytest.raises(ValueError, match=r"m \(exemplars per cluster\) must be >= 0, got -1"):
+        ref.cluster_similarity(torch.randn(4, 3), torch.tensor([0, 4]), torch.zeros(4, dtype=torch.int64),
+                               torch.randn(1, 2, 3), torch.tensor([2]), m=-1)
+
+
+def test_update_names_assign_or_offsets_that_do_not_fit_x():
+    x = torch.randn(5, 3)
+    with pytest.raises(ValueError, match=r"assign must be \(N,\) = \(5,\), got shape \(3,\)"):
+        ref.kmeans_update(x, torch.tensor([0, 5]), torch.zeros(3, dtype=torch.int64), 2)
+    with pytest.raises(ValueError, match="offsets must run from 0 to N=5, got 0..3"):
+        ref.kmeans_update(x, torch.tensor([0, 3]), torch.zeros(5, dtype=torch.int64), 2)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_assign_takes_sliced_centroids(metric):
+    # centroids[:, :k] of a larger buffer is not contiguous: L2 raised "view size is not compatible"
+    g = torch.Generator().manual_seed(0)
+    x, off = torch.randn(9, 7, generator=g), csr([4, 5])
+    full = torch.randn(2, 5, 7, generator=g)
+    kpg = torch.tensor([3, 2])
+    got = ref.kmeans_assign(x, off, full[:, :3], kpg, metric)
+    want = ref.kmeans_assign(x, off, full[:, :3].contiguous(), kpg, metric)
+    assert_equal_int(got[0], want[0], "assign")
+    assert torch.equal(got[1], want[1])
