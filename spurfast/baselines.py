@@ -24,7 +24,7 @@ import torch
 
 from .cluster import batched_kmeans, choose_k
 from .discover import DiscoverConfig, _standardise, discover
-from .scoring import unrelated_to_class
+from .scoring import top_two, unrelated_to_class
 
 
 def _valid(store):
@@ -41,7 +41,7 @@ def george(store, *, k: int = 8, min_cluster_size: int = 5,
     f = _standardise(np.asarray(store["feats"], dtype=np.float32)[valid])
     g = pred[valid]
     labels = np.asarray(store["labels"])[valid]
-    probs = np.asarray(store["probs"])[valid]
+    top2 = top_two(store["probs"])[valid]
     suspect = np.zeros(store.n, bool) if suspect is None else np.asarray(suspect, bool)
     unknown_ok = ~suspect[valid]
     # spurfast's k rule, large classes' k raised too: with a fixed k this baseline got coarser
@@ -50,7 +50,7 @@ def george(store, *, k: int = 8, min_cluster_size: int = 5,
     res = batched_kmeans(torch.as_tensor(f), torch.as_tensor(g), kpg, n_groups=n_classes, n_iter=n_iter, seed=seed)
     assign = res.assign.numpy()
     cent = res.centroids.numpy()
-    unrelated = unrelated_to_class(probs, labels, g, unknown_ok)
+    unrelated = unrelated_to_class(top2, labels, g, unknown_ok)
     cands = []
     for c in range(n_classes):
         for j in range(int(kpg[c])):

@@ -21,7 +21,7 @@ from .characterise import contrast_map, exemplars, linear_probe, neighbour_contr
 from .data.sources import ImageSource
 from .embed import EmbeddingStore
 from .scoring import (STATISTICS, bh_qvalues, cluster_and_score, content_classes, latent_neighbours, null_scores,
-                      size_matched_pvalues)
+                      size_matched_pvalues, top_two)
 
 log = logging.getLogger("spurfast.discover")
 
@@ -104,7 +104,6 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
         raise ValueError(f"embedding store {store.root} is unfinished ({store.done}/{store.n}); resume the pass first")
     n_classes = int(store.manifest["num_classes"])
     pred = np.asarray(store["pred"]).astype(np.int64)
-    probs = np.asarray(store["probs"])
     labels = np.asarray(store["labels"])
     mu = np.asarray(store["mu"])
     ok = np.asarray(store["ok"]).astype(bool) & (pred >= 0)
@@ -125,7 +124,7 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
               metric=config.metric, backend=config.backend, device=config.device)
     nbrs = latent_neighbours(z, config.n_neighbours, device=config.device)
     unknown_ok = ~suspect[valid]  # an unlabelled suspect sample may be genuine class c
-    args = (probs[valid], labels[valid], n_classes, nbrs, unknown_ok)
+    args = (top_two(store["probs"])[valid], labels[valid], n_classes, nbrs, unknown_ok)
     real = cluster_and_score(z, g, *args, seed=config.seed, **kw)
     nonempty = np.nonzero(real.size > 0)[0]
     bar = tqdm(total=config.n_null, desc="permutation null", disable=not progress, leave=False)
@@ -154,9 +153,15 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
                     int(n_reference[starved].max()) + 1)
 
     clusters = []
-    for f, p, q in zip(nonempty, pvals, qvals):
+    # each cluster's members in one sort, not a scan of the pool per cluster (27 s at 1.2M
+    # images x 13k clusters); stable, so members stay in pool order
+    flat = np.where(real.assign >= 0, g * real.kmax + real.assign, -1)   # -1: in no cluster
+    order = np.argsort(flat, kind="stable")
+    starts = np.searchsorted(flat[order], nonempty, "left")
+    stops = np.searchsorted(flat[order], nonempty, "right")
+    for f, p, q, lo, hi in zip(nonempty, pvals, qvals, starts, stops):
         c, j = divmod(int(f), real.kmax)
-        members = valid[(g == c) & (real.assign == j)]
+        members = valid[order[lo:hi]]
         clusters.append(dict(cls=c, cluster=j, size=int(real.size[f]), n_unrelated=int(real.n_unrelated[f]),
                              score=float(real.score[f]), p_value=float(p), q_value=float(q),
                              members=members, n_suspect=int(suspect[members].sum())))
@@ -250,7 +255,7 @@ def characterise(result: DiscoveryResult, store: EmbeddingStore, source: ImageSo
         if np.mean(labels[members] < 0) > 0.5:   # mostly unlabelled: match content in latent space
             contrast, mem_mean = neighbour_contrast(source, mu, members, others, seed=seed)
         else:
-            m_content = content_classes(probs[members], labels[members], np.full(len(members), c))
+            m_content = content_classes(top_two(probs[members]), labels[members], np.full(len(members), c))
             o_content = np.where(labels[others] >= 0, labels[others], pred[others])
             contrast, mem_mean = contrast_map(source, members, m_content, others, o_content, seed=seed)
         mask = pattern_mask(contrast)

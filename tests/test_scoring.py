@@ -5,7 +5,7 @@ from scipy.stats import binom
 
 from spurfast.kernels import reference as ref
 from spurfast.scoring import SURPRISE_CAP, agreement, bh_qvalues, cluster_scores, confusion_rates, \
-    content_classes, latent_neighbours, permutation_pvalues, permuted_predictions, size_matched_pvalues
+    content_classes, latent_neighbours, permutation_pvalues, permuted_predictions, size_matched_pvalues, top_two
 
 
 def reference_knn(z, k, **kw):
@@ -37,7 +37,25 @@ def test_content_classes_label_else_runner_up():
     probs = np.array([[0.7, 0.2, 0.1], [0.6, 0.1, 0.3], [0.1, 0.8, 0.1]])
     labels = np.array([-1, 2, -1])
     cls = np.array([0, 0, 1])
-    assert content_classes(probs, labels, cls).tolist() == [1, 2, 0]
+    assert content_classes(top_two(probs), labels, cls).tolist() == [1, 2, 0]
+
+
+@pytest.mark.parametrize("n_classes", [1, 2, 3, 10])
+def test_top_two_gives_the_runner_up_of_the_full_probabilities(n_classes):
+    # content_classes once masked class cls[i] in a copy of all (n, C) probabilities (5 GB at
+    # ImageNet scale, per permutation); the top two per row give the same runner-up, ties
+    # (first index) and NaN included, read a chunk at a time
+    rng = np.random.default_rng(n_classes)
+    probs = np.round(rng.random((997, n_classes)), 1).astype(np.float32)   # many ties
+    probs[::97, 0] = np.nan
+    cls = rng.integers(0, n_classes, 997)
+    full = probs.copy()
+    full[np.arange(997), cls] = -np.inf
+    labels = np.where(rng.random(997) < 0.3, rng.integers(0, n_classes, 997), -1)
+    want = np.where(labels >= 0, labels, full.argmax(1))
+    for chunk in (1, 7, 1 << 16):
+        assert content_classes(top_two(probs, chunk=chunk), labels, cls).tolist() == want.tolist()
+    assert top_two(np.zeros((0, n_classes), np.float32)).shape == (0, 2)
 
 
 def test_latent_neighbours_bruteforce():
@@ -206,7 +224,7 @@ def test_cluster_and_score_grows_k_for_a_large_class_up_to_the_cap():
     groups = np.r_[np.zeros(500, np.int64), np.ones(100, np.int64)]
     probs = np.full((600, 2), 0.5, np.float32)
     labels = np.full(600, -1)
-    args = (z, groups, probs, labels, 2, latent_neighbours(z, 5), np.ones(600, bool))
+    args = (z, groups, top_two(probs), labels, 2, latent_neighbours(z, 5), np.ones(600, bool))
     kw = dict(k=2, min_cluster_size=5, seed=0, n_iter=5)
     assert cluster_and_score(*args, **kw).k_per_group.tolist() == [2, 2]
     assert cluster_and_score(*args, max_mean_cluster_size=50, **kw).k_per_group.tolist() == [10, 2]
