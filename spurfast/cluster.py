@@ -214,7 +214,9 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
                                        upd_backend)
         prev_assign = assign_l
         sums, counts = team.all_reduce(sums_l), team.all_reduce(counts_l)
-        inertia_t = team.all_reduce(dist_l.double().sum().reshape(1))
+        # points of a group given k = 0 have no centroid (distance +inf): left out here, or the
+        # inertia was +inf and every group stopped after two iterations
+        inertia_t = team.all_reduce(dist_l.double().nan_to_num(posinf=0.0).sum().reshape(1))
         new = (sums / counts.clamp_min(1).unsqueeze(-1)).float()
         if metric == "cosine":
             new = torch.nn.functional.normalize(new, dim=-1)

@@ -633,3 +633,16 @@ def test_assign_takes_sliced_centroids(metric):
     want = ref.kmeans_assign(x, off, full[:, :3].contiguous(), kpg, metric)
     assert_equal_int(got[0], want[0], "assign")
     assert torch.equal(got[1], want[1])
+
+
+def test_a_group_given_no_cluster_does_not_stop_the_others():
+    # its points have no centroid (distance +inf): the inertia was +inf, the convergence test
+    # passed at once and every group stopped after two iterations, far from a fixed point
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 5, generator=g)
+    groups = torch.tensor([0] * 300 + [1] * 100)
+    res = batched_kmeans(x, groups, [6, 0], n_groups=2, n_iter=100, seed=3)
+    assert res.n_iter > 2 and res.inertia == float("inf")   # group 1's points stay without a centroid
+    for j in range(6):   # converged: each centroid is the mean of its points
+        members = x[:300][res.assign[:300] == j]
+        torch.testing.assert_close(res.centroids[0, j], members.mean(0), atol=1e-5, rtol=1e-5)
