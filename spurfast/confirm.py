@@ -24,8 +24,9 @@ natural confusion is often one mode of the class (shirts with a T-shirt's outlin
 random class images dilute, and which the class's own nearest images reproduce; a shortcut
 (a corner patch) is carried by no genuine class image, however they are chosen.  Its flip
 rate and McNemar p-value are reported as ``content_flip_rate`` and ``content_p_value``
-(additive keys of the ``confirm`` object); a finding is *confirmed* when it beats both
-controls, and its Benjamini-Hochberg ``q_value`` over the run's findings (from the larger
+(additive keys of the ``confirm`` object; with no image of class c to draw from, the
+control is skipped, ``content_skipped`` says why, and the verdict rests on the random
+control alone); a finding is *confirmed* when it beats both controls, and its Benjamini-Hochberg ``q_value`` over the run's findings (from the larger
 of its two p-values: it must beat both) is within the level too: a run with 40 findings
 would otherwise confirm about two natural confusions by chance.  The ``verdict`` key says
 which control it failed (`confirm_verdict`): a finding that beats genuine class content
@@ -414,8 +415,16 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
         if cf["flip_rate"] is None:   # schema 1: confirm is null when it could not run
             f["confirm"] = None
             continue
+        if "content_p_value" not in cf:
+            # a verdict then rests on the random control alone: say so (e.g. a pool whose every
+            # image of the class is a suspect sample, as `spurfast plant` writes, and no --clean)
+            cf["content_skipped"] = (f"no image of class {c} to compare with" + (
+                "" if clean is not None else " outside the findings and the suspect samples; pass a clean set "
+                                             "(--clean) with images of every class"))
+            log.warning("finding %s (class %d): no class-content control, %s", f.get("rank"), c, cf["content_skipped"])
         f["confirm"] = {k: cf[k] for k in ("flip_rate", "control_flip_rate", "p_value", "content_flip_rate",
-                                           "content_p_value", "smooth_flip_rate", "smooth_p_value") if k in cf}
+                                           "content_p_value", "content_skipped", "smooth_flip_rate", "smooth_p_value")
+                        if k in cf}
     # one test per finding: Benjamini-Hochberg over the run's findings, as discovery does
     # over clusters, so a run with many findings does not confirm some by chance
     tested = [f for f in findings if f.get("confirm")]

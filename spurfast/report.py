@@ -129,8 +129,9 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
     for f in doc["findings"]:
         name = f" ({e(f['class_name'])})" if f.get("class_name") else ""
         parts.append(f"<div class='finding'><h3>#{e(f['rank'])}: class {e(f['class'])}{name}</h3>")
-        parts.append(f"<p>{e(f['size'])} members ({e(f.get('n_unrelated', '?'))} unrelated, "
-                     f"{e(f.get('n_suspect', '?'))} suspect), score {float(f['score']):.3g}, "
+        # n_unrelated: members whose content is another class (suspects with labels may be among them)
+        parts.append(f"<p>{e(f['size'])} members ({e(f.get('n_unrelated', '?'))} of another class than "
+                     f"{e(f['class'])}; {e(f.get('n_suspect', '?'))} suspect samples), score {float(f['score']):.3g}, "
                      f"p = {float(f['p_value']):.3g}, q = {float(f['q_value']):.3g}; "
                      f"clusters merged: {e(f.get('merged_clusters', [f['cluster']]))}</p>")
         cf = f.get("confirm")
@@ -143,6 +144,12 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
                 more += f"; q = {float(cf['q_value']):.3g} over this run's findings"
             head = "<b>confirmed shortcut</b>" if verdict == "confirmed" else "not confirmed"
             why = e(VERDICTS[verdict])
+            if cf.get("content_skipped") and verdict in ("confirmed", "weak"):
+                # "both controls" would claim a test that did not run
+                why = e("the pattern moves the model more than random patterns"
+                        + ("" if verdict == "confirmed" else ", but not once the run's number of findings is "
+                                                              "accounted for")
+                        + f"; genuine class content was not tested: {cf['content_skipped']}")
             texture = reacts_to_texture(cf) if verdict == "not_specific" else None
             if texture is not None:
                 why += (f"; smooth random fields of the same size there flip {float(cf['smooth_flip_rate']):.1%} "

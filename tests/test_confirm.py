@@ -156,6 +156,8 @@ def test_pool_default_draws_no_control_from_the_suspect_data():
     confirm_findings(f, CornerModel(), pool=pool, pool_pred=pred, suspect=suspect)
     assert f[0]["confirm"]["verdict"] == "confirmed", f[0]["confirm"]
     assert "content_p_value" not in f[0]["confirm"]      # no unrelated class-1 image: no content control
+    # ... which the finding says, so "confirmed" is not read as "beats both controls"
+    assert f[0]["confirm"]["content_skipped"].startswith("no image of class 1 to compare with outside the findings")
     assert f[0]["_confirm_detail"]["n_images"] == 180     # the unrelated non-members only
     # the suspects as controls: the content control replays the shortcut
     f = [_finding(list(range(20)))]

@@ -96,3 +96,13 @@ def test_the_score_plot_leaves_the_callers_matplotlib_backend_alone(tmp_path):
         assert matplotlib.get_backend() == "svg" and (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
     finally:
         plt.switch_backend(before)
+
+
+def test_a_confirmation_without_the_content_control_says_so(tmp_path):
+    """The page said "more than both controls" where only the random one had run (no image
+    of the class outside the findings and the suspect samples, e.g. a `spurfast plant` pool)."""
+    cf = {"flip_rate": 0.6, "control_flip_rate": 0.01, "p_value": 1e-9, "q_value": 1e-8, "verdict": "confirmed",
+          "content_skipped": "no image of class 3 to compare with outside the findings and the suspect samples"}
+    html = write_report(_doc(cf), tmp_path).read_text()
+    assert "more than both controls" not in html
+    assert "genuine class content was not tested: no image of class 3 to compare with" in html
