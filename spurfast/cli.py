@@ -246,7 +246,7 @@ def same_classes(clean, pool, clean_path, pool_path):
                                  class_names=list(pool.class_names))
     raise ValueError(f"clean set {clean_path} names its classes {list(clean.class_names)[:5]}, pool {pool_path} "
                      f"{list(pool.class_names)[:5]}: their labels would not mean the same classes; give both the "
-                     f"classifier's names in label order (or pass --class-names FILE)")
+                     f"classifier's class names in label order")
 
 
 def cmd_demo(args):
@@ -360,8 +360,8 @@ def cmd_discover(args):
     clean = None
     if args.clean and not args.no_confirm:
         clean, _ = load_pool(args.clean, args.size, args.channels, args.class_names)
+        clean = same_classes(clean, pool, args.clean, args.pool)   # --class-names leaves an .npz's own names
         if not args.class_names:
-            clean = same_classes(clean, pool, args.clean, args.pool)
             check_labelled_folder(clean, n_classes, "clean set", args.clean)
         if tuple(clean.image_shape) != tuple(pool.image_shape):
             raise ValueError(f"clean set {args.clean} has images of shape {clean.image_shape}, "
@@ -462,6 +462,9 @@ def cmd_evaluate(args):
         print(f"wrote {md}" + (f" and {args.results_md}" if args.results_md else "")
               + f" from {len(read_csv(csv_path))} rows")
         return
+    # the run's ops, as discover and demo check them: an unavailable SPURFAST_BACKEND_<OP> failed
+    # only at the first discovery, after training (a misspelt op was never refused)
+    check_backends("cpu", kmeans_backend=(None, KMEANS_OPS), **ENV_ONLY)   # (the sweep names its encoder)
     if args.only is not None:
         try:
             re.compile(args.only)

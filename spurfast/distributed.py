@@ -13,8 +13,9 @@ What runs where in ``spurfast discover`` (see :func:`discover_run`):
 2. every rank embeds its shard of the pool (every W-th pool index, as the loaders shard)
    into its own part of the store, resumable per rank at batch granularity
    (``embed.embed_pool(shard_id=, num_shards=)``); rank 0 merges the parts;
-3. rank 0 scores: every k-means it runs (the real clustering and every permutation of the
-   null) is a Lloyd loop across all ranks: rank 0 broadcasts the points and the k-means++
+3. rank 0 scores: on GPUs or over several nodes (:func:`cluster_across_ranks`; on one CPU
+   node rank 0 clusters alone, faster than gloo) every k-means it runs (the real clustering
+   and every permutation of the null) is a Lloyd loop across all ranks: rank 0 broadcasts the points and the k-means++
    initial centroids, each rank assigns a W-th of the points and sums its clusters, and
    the sums and counts are all-reduced, so all ranks hold identical centroids every
    iteration (:func:`kmeans_across_ranks` on rank 0, :func:`serve_kmeans` on the others);
@@ -460,8 +461,8 @@ def _rank0_clusters_alone():
 @contextmanager
 def main_section():
     """Rank 0's part after the embedding pass: discovery, characterisation, report.
-    Inside the block every k-means runs across all ranks (the others are in
-    :func:`serve_main_section`); leaving it, by success or error, releases them and tells
+    Inside the block every k-means runs across all ranks where :func:`cluster_across_ranks`
+    says so (the others are in :func:`serve_main_section`); leaving it, by success or error, releases them and tells
     them whether rank 0 succeeded.  A no-op in one process."""
     if not _CTX.distributed:
         yield

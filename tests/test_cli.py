@@ -910,3 +910,35 @@ def test_discover_refuses_a_clean_folder_of_classes_the_pool_does_not_name(tmp_p
     err = capsys.readouterr().err
     assert "class folders ['bird']" in err and "not among the 3 class names" in err, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("var", ["SPURFAST_BACKEND_KMEANS_ASSIGN", "SPURFAST_BACKEND_KMEANS_ASIGN"])
+def test_evaluate_checks_backend_variables_before_training(tmp_path, capsys, monkeypatch, var):
+    # an unavailable backend failed at the first discovery, after training models; a
+    # misspelt op was never refused
+    import spurfast.evaluate as E
+    from spurfast import backends
+    monkeypatch.setenv(var, "bogus" if var.endswith("ASSIGN") else "torch")
+    monkeypatch.setattr(E, "run_evaluation", lambda *a, **k: pytest.fail("the sweep started"))
+    backends.clear_cache()
+    capsys.readouterr()
+    assert main(["evaluate", "--preset", "tiny", "--out", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {var}="), err
+
+
+def test_a_clean_npz_with_other_class_names_is_refused_with_class_names_too(tmp_path, capsys):
+    # --class-names left an .npz's own names in place: the check was skipped with it
+    clf, vae = _models(tmp_path, classes=3)
+    names = tmp_path / "names.txt"
+    names.write_text("a\nb\nc\n")
+    pool = tmp_path / "pool.npz"
+    np.savez(pool, images=np.zeros((6, 28, 28), np.uint8), labels=np.arange(6) % 3)
+    clean = tmp_path / "clean.npz"
+    np.savez(clean, images=np.zeros((6, 28, 28), np.uint8), labels=np.arange(6) % 3,
+             class_names=np.array(["c", "b", "a"]))
+    capsys.readouterr()
+    assert main(["discover", "--pool", str(pool), "--clean", str(clean), "--class-names", str(names),
+                 "--classifier", clf, "--vae", vae, "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "names its classes ['c', 'b', 'a'], pool" in err and "['a', 'b', 'c']" in err, err
