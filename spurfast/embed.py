@@ -327,6 +327,13 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
     main = open_main(source, classifier, vae, store_dir, (fp, content), num_shards=num_shards, progress=progress)
     if main is not None and main.complete:
         return main
+    # the loader that decodes a folder pool: recorded, and a resume must use the same one (the
+    # torch and DALI loaders' resized pixels differ by a few levels; mixed, the findings
+    # matched neither run's)
+    loader = None
+    if getattr(source, "paths", None) is not None:
+        from . import backends
+        loader = backends.resolve("loader", loader_backend)[0]
     sel = None
     if num_shards == 1:
         store = main
@@ -335,7 +342,8 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
         else:
             store = EmbeddingStore.create(store_dir, n, _columns(source, classifier, vae, num_classes, device, n),
                                           {"fingerprint": fp, "content": content, "pool": source.name,
-                                           "num_classes": num_classes, "latent_dim": vae.config.latent_dim})
+                                           "num_classes": num_classes, "latent_dim": vae.config.latent_dim,
+                                           "loader": loader})
         desc = "embedding pool"
     else:
         from .data.folder import select_indices
@@ -359,13 +367,19 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
             store = EmbeddingStore.create(sdir, len(sel), cols, {
                 "fingerprint": fp, "content": content, "pool": source.name, "num_classes": num_classes,
                 "latent_dim": vae.config.latent_dim, "start": start, "pool_n": n,
-                "shard_id": shard_id, "num_shards": num_shards}, initial={"index": sel})
+                "shard_id": shard_id, "num_shards": num_shards, "loader": loader}, initial={"index": sel})
         elif store.done:
             _sync_labels(store, np.asarray(source.labels())[sel[:store.done]])
             log.info("resuming shard %d/%d at row %d of %d", shard_id, num_shards, store.done, store.n)
         desc = f"embedding shard {shard_id}/{num_shards}"
     if store.complete:
         return store
+    began = store.manifest.get("loader")   # None: no folder pool, or a store of an earlier version
+    if store.done and loader is not None and began is not None and began != loader:
+        raise ValueError(f"embedding store {store.root} was begun with the {began!r} loader, and this run would "
+                         f"resume it with {loader!r}: their pixels differ a little on resized images, so the store "
+                         f"would mix both; resume with --loader-backend {began} (or start afresh: --overwrite or "
+                         f"another output directory)")
     classifier.to(device).eval()
     vae.to(device).eval()
     start = store.done

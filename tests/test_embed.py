@@ -223,3 +223,29 @@ def test_a_bfloat16_classifier_is_embedded(tmp_path):
     assert fingerprint(src, a) != fingerprint(src, b)   # other weights, another store
     store = embed_pool(src, a, vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False)
     assert store.complete and np.asarray(store["probs"]).shape == (20, 4)
+
+
+def test_a_resume_with_another_loader_is_refused(tmp_path):
+    # a pass begun with the torch loader and resumed with DALI silently mixed two decoders'
+    # pixels (a few levels apart on resized images): findings matched neither run's
+    from spurfast import backends
+    from spurfast.data.folder import ImageFolderSource
+    from spurfast.make_pool import PoolSpec, make_pool
+
+    try:
+        backends.resolve("loader", "dali")
+    except backends.BackendUnavailable as exc:
+        pytest.skip(f"no DALI here: {exc}")
+    torch.manual_seed(0)
+    clf, vae = SmallCNN(3, 10, 32).eval(), VAE(VAEConfig.for_images(3, 32, 6)).eval()
+    make_pool(tmp_path / "pool", PoolSpec(n=24, seed=0), workers=1, progress=False)
+    kw = dict(num_classes=10, batch_size=8, progress=False, num_workers=1)
+    embed_pool(ImageFolderSource(tmp_path / "pool", size=32), clf, vae, tmp_path / "s", loader_backend="torch",
+               stop_after=1, **kw)
+    with pytest.raises(ValueError, match=r"begun with the 'torch' loader, and this run would resume it with "
+                                         r"'dali'.*--loader-backend torch"):
+        embed_pool(ImageFolderSource(tmp_path / "pool", size=32), clf, vae, tmp_path / "s", loader_backend="dali",
+                   **kw)
+    store = embed_pool(ImageFolderSource(tmp_path / "pool", size=32), clf, vae, tmp_path / "s",
+                       loader_backend="torch", **kw)
+    assert store.complete and store.manifest["loader"] == "torch"
