@@ -645,6 +645,10 @@ def main(argv=None) -> int:
             BackendUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # a traceback did not say that the finished work is kept
+        print(f"interrupted: finished work is kept (training checkpoints, the embedding store); the same "
+              f"`spurfast {args.command}` command resumes", file=sys.stderr)
+        return 130
     return 0
 
 

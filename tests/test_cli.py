@@ -942,3 +942,13 @@ def test_a_clean_npz_with_other_class_names_is_refused_with_class_names_too(tmp_
                  "--classifier", clf, "--vae", vae, "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "names its classes ['c', 'b', 'a'], pool" in err and "['a', 'b', 'c']" in err, err
+
+
+def test_ctrl_c_says_the_same_command_resumes(tmp_path, capsys, monkeypatch):
+    # a KeyboardInterrupt traceback did not say that finished work is kept
+    import spurfast.demo as D
+    monkeypatch.setattr(D, "run_demo", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    capsys.readouterr()
+    assert main(["demo", "--out", str(tmp_path / "o"), "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: finished work is kept") and "`spurfast demo` command resumes" in err, err
