@@ -113,11 +113,14 @@ class EmbeddingStore:
         _write_json(self.root / MANIFEST, self.manifest)
 
 
-def _write_json(path: Path, obj) -> None:
+def _write_json(path: Path, obj, **dumps) -> None:
+    """``obj`` as JSON (``json.dumps`` options ``dumps``; indent 1 by default) through a
+    temporary file and a rename: an interruption leaves the old file or none, never a
+    truncated one."""
     # a temporary file of this process's own: ranks sharing a store may replace one
     # manifest at once, and a shared name is renamed away under the other writer
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text(json.dumps(obj, **{"indent": 1, **dumps}))
     os.replace(tmp, path)
 
 
@@ -390,8 +393,8 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
     # to a GPU, folder images travel as uint8 and become floats there: a quarter of the
     # bytes, and no float conversion on host cores that the decoding workers keep busy
     raw = torch.uint8 if torch.device(device).type == "cuda" else None
-    for b, batch in enumerate(iter_batches(source, batch_size, start=start, indices=todo,
-                                           num_workers=num_workers, backend=loader_backend, dtype=raw)):
+    for b, batch in enumerate(iter_batches(source, batch_size, start=start, indices=todo, num_workers=num_workers,
+                                           backend=loader or loader_backend, dtype=raw)):   # the one recorded
         clock.lap("load_wait_s")
         if stop_after is not None and b >= stop_after:
             break

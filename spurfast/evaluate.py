@@ -39,6 +39,7 @@ from .confirm import is_confirmed
 from .data.builtin import find_fashion_mnist, load_digits, load_fashion_mnist
 from .data.sources import ArraySource
 from .discover import DiscoverConfig, characterise, discover
+from .embed import _write_json   # atomic: a run killed mid-write left a truncated cache file
 from .metrics import Feature, carried_by, false_findings, false_findings_on_pool_patterns, feature_metrics, matches, recall_at_q
 from .plant import PatternSpec, apply_pattern, fixed_mask, plant_training
 from .results_doc import METHODS, keep_notes, relink, write_csv, write_results
@@ -272,14 +273,6 @@ def _provenance_file(model_path: Path) -> Path:
     return model_path.with_name(model_path.stem + ".provenance.json")
 
 
-def _write_atomic(path: Path, write) -> None:
-    """``write(tmp)``, then the rename onto ``path``: an interrupted write left a truncated
-    cache file that every later run failed on ("OSError: Invalid argument", naming nothing)."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _same_provenance(model_path: Path, here: dict) -> bool:
     f = _provenance_file(model_path)
     try:
@@ -289,7 +282,7 @@ def _same_provenance(model_path: Path, here: dict) -> bool:
 
 
 def _models(data: RunData, seed: int, sizes: Sizes, cache: Path, progress: bool):
-    from .models.classifier import build_classifier, torch_error_gist
+    from .models.classifier import build_classifier, save_atomic, torch_error_gist
     from .models.train import load_vae, save_vae, train_classifier, train_vae
     from .models.vae import VAEConfig
 
@@ -312,9 +305,10 @@ def _models(data: RunData, seed: int, sizes: Sizes, cache: Path, progress: bool)
     else:
         clf = train_classifier(data.train, 10, epochs=sizes.classifier_epochs, seed=seed,
                                checkpoint=cdir / f"{data.train_key}.ckpt", progress=progress)
-        # the provenance first: a model is never without it (read as foreign for good)
-        _write_atomic(_provenance_file(cpath), lambda p: p.write_text(json.dumps(here)))
-        _write_atomic(cpath, lambda p: torch.save(clf.state_dict(), p))
+        # atomic writes (an interrupted one left a truncated file that every later run failed
+        # on, naming nothing), the provenance first: a model is never without it
+        _write_json(_provenance_file(cpath), here)
+        save_atomic(clf.state_dict(), cpath)
     vkey = _key({"pool": data.pool_key, "epochs": sizes.vae_epochs, "latent": sizes.latent_dim})
     vpath = vdir / f"{vkey}.pt"
     if vpath.is_file():
@@ -324,8 +318,8 @@ def _models(data: RunData, seed: int, sizes: Sizes, cache: Path, progress: bool)
         unrel = ArraySource(data.pool.images[:data.unrelated_n], None, name="eval-pool-unrelated")
         vae = train_vae(unrel, VAEConfig.for_images(c, h, latent_dim=sizes.latent_dim), epochs=sizes.vae_epochs,
                         seed=seed, checkpoint=vdir / f"{vkey}.ckpt", progress=progress)
-        _write_atomic(_provenance_file(vpath), lambda p: p.write_text(json.dumps(here)))
-        _write_atomic(vpath, lambda p: save_vae(vae, p))
+        _write_json(_provenance_file(vpath), here)
+        save_vae(vae, vpath)   # atomic too
     if foreign:
         log.warning("cached classifier %s or VAE %s was trained by other code or on another CPU: "
                     "this run's figures may differ a little from a fresh run's", cpath.name, vpath.name)
@@ -477,8 +471,8 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
         add(m, "all", "seconds", t)
     add("model", "all", "seconds_models", t_models)
     add("model", "all", FOREIGN_MODELS, foreign)
-    _write_atomic(rfile, lambda p: p.write_text(json.dumps({
-        "rows": rows, "confirm": crow, "model_provenance": "foreign" if foreign else model_provenance()}, default=float)))
+    _write_json(rfile, {"rows": rows, "confirm": crow, "model_provenance": "foreign" if foreign else model_provenance()},
+                indent=None, default=float)
     return rows, crow
 
 
