@@ -357,7 +357,7 @@ def kmeans_plusplus(x, offsets, k_per_group, kmax: int, generator: torch.Generat
     if len(kpg) != G:
         raise ValueError(f"k_per_group has {len(kpg)} entries for {G} groups")
     cent = np.zeros((G, kmax, d), dtype=np.float32)
-    if N == 0:
+    if N == 0 or kmax == 0:   # no seed to draw: the generator stays where the reference leaves it
         return torch.from_numpy(cent)
     # the reference's draws, in its order: G for the first seeds, then G per step while
     # any nonempty group still needs seeds

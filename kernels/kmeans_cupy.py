@@ -348,7 +348,9 @@ def kmeans_update(x, offsets, assign, kmax: int, deterministic: bool = True):
     if d == 0:   # no coordinates to sum, but the points still count (the loop reads 0 as empty)
         return sums, counts.view(G, kmax)
     chunk_first = exclusive_prefix(torch.div(counts + (UPDATE_ROWS - 1), UPDATE_ROWS, rounding_mode="floor"))
-    nchunk_max = (N + UPDATE_ROWS - 1) // UPDATE_ROWS + min(S, N)
+    # an upper bound on the chunks without a host read; at most N (every chunk holds a row),
+    # so the grid stays below 2**31 blocks as _check_x keeps N (N / 64 + N did not)
+    nchunk_max = min(N, (N + UPDATE_ROWS - 1) // UPDATE_ROWS + min(S, N))
     partial = torch.empty((nchunk_max if deterministic else 1), d, dtype=torch.float32, device=x.device)
     with _Launch(x.device) as L:
         fn = _fn("kmeans_update", f"spurfast_update_partial_{DTYPES[x.dtype]}", L.index)

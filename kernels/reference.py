@@ -98,9 +98,11 @@ def encoder_forward(
 _BUDGET = 1 << 24  # floats per temporary distance block (64 MiB fp32)
 
 
-def group_ids(offsets: torch.Tensor) -> torch.Tensor:
+def group_ids(offsets: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """Each point's group; ``n``: the number of points, for checked offsets (saves the two
+    host reads repeat_interleave makes on a GPU without it)."""
     sizes = (offsets[1:] - offsets[:-1]).long()
-    return torch.repeat_interleave(torch.arange(len(sizes), device=offsets.device), sizes)
+    return torch.repeat_interleave(torch.arange(len(sizes), device=offsets.device), sizes, output_size=n)
 
 
 def _group_blocks(offsets: torch.Tensor, kmax: int, d: int):
@@ -319,7 +321,11 @@ def kmeans_assign(
     kpg_cpu = check_k_per_group(k_per_group, G, kmax)
     x, centroids = x.detach(), centroids.detach()   # numpy views below need plain tensors
     # offsets that stop short of N left the rows past them at assign 0, dist 0, silently
-    sizes = check_offsets(offsets, N, "cpu").diff()
+    off_cpu = check_offsets(offsets, N, "cpu")
+    sizes = off_cpu.diff()
+    # on x's device for the gathers below (CPU offsets with CUDA points failed there, where
+    # the GPU providers take them); group bounds read from the host copy, no sync per group
+    offsets = off_cpu.to(x.device)
     assign = torch.zeros(N, dtype=torch.int64, device=x.device)
     dist = torch.zeros(N, dtype=torch.float32, device=x.device)
     if N == 0:
@@ -333,7 +339,7 @@ def kmeans_assign(
     budget = _CHUNK_CPU if x.device.type == "cpu" else _BUDGET
     # Large groups: contiguous slices, no padding, no gather, chunks that fit in cache.
     for g in (sizes >= _BIG_GROUP).nonzero().flatten().tolist():
-        lo, hi, k = int(offsets[g]), int(offsets[g + 1]), int(kpg_cpu[g])
+        lo, hi, k = int(off_cpu[g]), int(off_cpu[g + 1]), int(kpg_cpu[g])
         if k == 0:
             dist[lo:hi] = float("inf")
             continue
@@ -399,6 +405,23 @@ def kmeans_assign(
     return assign, dist
 
 
+def check_members(x: torch.Tensor, offsets: torch.Tensor, assign: torch.Tensor, kmax: int) -> torch.Tensor:
+    """offsets as int64 on x's device, after checking that ``assign`` holds one cluster index
+    in [0, kmax) per row of x and that offsets run 0..N without decreasing (a size mismatch
+    deep in torch named neither).  Each index on its own: a check of the flat index only
+    lets assign = kmax in group g land in group g + 1's cluster 0 (and -1 in group g's
+    predecessor).  On every device (the reference is the GPU fallback too): the two host
+    reads here replace the two repeat_interleave makes without group_ids' ``n``."""
+    N = x.shape[0]
+    if assign.numel():
+        lo, hi = (int(v) for v in torch.aminmax(assign))
+        if lo < 0 or hi >= kmax:
+            raise ValueError(f"assign has values in [{lo}, {hi}]; expected cluster indices in [0, {kmax})")
+    if tuple(assign.shape) != (N,):
+        raise ValueError(f"assign must be (N,) = ({N},), got shape {tuple(assign.shape)}")
+    return check_offsets(offsets, N, x.device)
+
+
 def kmeans_update(
     x: torch.Tensor,
     offsets: torch.Tensor,
@@ -413,18 +436,8 @@ def kmeans_update(
     """
     G = len(offsets) - 1
     N, d = x.shape
-    # each index on its own: a check of the flat index only lets assign = kmax in group g
-    # land in group g + 1's cluster 0.  CPU tensors only: on CUDA, reading the range back
-    # would sync the host on every Lloyd step
-    if assign.device.type == "cpu" and assign.numel():
-        lo, hi = (int(v) for v in torch.aminmax(assign))
-        if lo < 0 or hi >= kmax:
-            raise ValueError(f"assign has values in [{lo}, {hi}]; expected cluster indices in [0, {kmax})")
-    if tuple(assign.shape) != (N,):
-        raise ValueError(f"assign must be (N,) = ({N},), got shape {tuple(assign.shape)}")
-    if offsets.device.type == "cpu":   # (a size mismatch deep in torch named neither)
-        check_offsets(offsets, N, "cpu")
-    flat = group_ids(offsets) * kmax + assign
+    offsets = check_members(x, offsets, assign, kmax)
+    flat = group_ids(offsets, N) * kmax + assign
     if x.device.type == "cpu" and N:
         # One sparse (G*kmax x N) 0/1 matrix times x.  Built column-wise (CSC: point i is
         # column i, its one entry in row flat[i]) it needs no sort, and scipy's product
@@ -608,11 +621,18 @@ def cluster_similarity(
                centroid in squared L2 (ties by index), -1 where a cluster has fewer,
              mean_cos (G, kmax) fp32, mean_sqdist (G, kmax) fp32; 0 for empty clusters).
     """
+    if centroids.dim() != 3 or centroids.shape[2] != x.shape[1]:
+        raise ValueError(f"centroids must be (G, kmax, d={x.shape[1]}), got shape {tuple(centroids.shape)}")
     G, kmax, d = centroids.shape
     N = x.shape[0]
     if int(m) < 0:   # torch.full's "negative dimension" named neither m nor its value
         raise ValueError(f"m (exemplars per cluster) must be >= 0, got {m}")
-    gid = group_ids(offsets)
+    # as the CuPy launcher checks them: assign = -1 counted the point in the previous
+    # group's last cluster (an exemplar of another class), silently
+    offsets = check_members(x, offsets, assign, kmax)
+    if len(offsets) != G + 1:
+        raise ValueError(f"offsets has {len(offsets)} entries; expected G + 1 = {G + 1}")
+    gid = group_ids(offsets, N)
     c = centroids.float()[gid, assign] if N else torch.zeros(0, d, device=x.device)
     xf = x.float()
     cos = F.cosine_similarity(xf, c, dim=1, eps=1e-12) if N else torch.zeros(0, device=x.device)
@@ -651,7 +671,11 @@ def kmeans_plusplus(
     Groups with k_g < kmax leave the extra rows as zeros (masked everywhere).
     """
     N, d = x.shape
+    # as the CPU kernel checks them (torch's size mismatches and IndexErrors named neither)
+    offsets = check_offsets(offsets, N, x.device)
     G = len(offsets) - 1
+    if len(k_per_group) != G:
+        raise ValueError(f"k_per_group has {len(k_per_group)} entries for {G} groups")
     dev = x.device
     xf = x.float()
     cent = torch.zeros(G, kmax, d, dtype=torch.float32, device=dev)
@@ -669,7 +693,9 @@ def kmeans_plusplus(
     u_steps = torch.stack(u_steps).double().to(dev) if u_steps else None
     # first seed: uniform within each group
     first = offsets[:-1] + (u * sizes).long().clamp_max((sizes - 1).clamp_min(0))
-    filled = nonempty_h.nonzero().flatten().to(dev)
+    # groups given k = 0 draw (the draws stay aligned) but keep zeros, as documented and
+    # as the CPU kernel leaves them
+    filled = (nonempty_h & (kpg_h > 0)).nonzero().flatten().to(dev)
     cent[filled, 0] = xf[first[filled]]
     d2 = ((xf - cent[gid, 0]) ** 2).sum(1)
     # the points of the groups still drawing seeds (a shrinking subset, sorted by group)

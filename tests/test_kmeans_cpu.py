@@ -85,6 +85,17 @@ def test_empty_input_matches_the_reference(G, kmax, d, k, op):
 
 
 @needs_kernel
+def test_plusplus_with_kmax_zero_draws_nothing_as_the_reference():
+    # points but no centroid rows: the reference returns before drawing; the kernel drew G
+    # numbers, so every later draw from a shared generator differed between the backends
+    x, off, kpg = torch.randn(5, 3), torch.tensor([0, 2, 5]), torch.tensor([0, 0])
+    gen, ref_gen = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    assert_same_outputs(kcpu.kmeans_plusplus(x, off, kpg, 0, gen), ref.kmeans_plusplus(x, off, kpg, 0, ref_gen),
+                        "kmax = 0")
+    assert torch.equal(gen.get_state(), ref_gen.get_state()), "the generator must advance as the reference's does"
+
+
+@needs_kernel
 @pytest.mark.parametrize("case", range(len(CPU_CASES)))
 def test_update_matches_exact_sums_and_repeats_bitwise(case):
     sizes, kmax, d = CPU_CASES[case]

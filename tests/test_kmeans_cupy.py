@@ -129,6 +129,30 @@ def test_update_without_points_or_clusters_matches_the_reference(monkeypatch):
         kc.kmeans_update(torch.zeros(2, 3), torch.tensor([0, 2]), torch.zeros(2, dtype=torch.int64), 0)
 
 
+def test_update_grid_never_exceeds_the_point_count(monkeypatch):
+    # the chunk bound N / 64 + min(S, N) passed 2**31 blocks (CUDA's grid limit) for N just
+    # under the 2**31 rows _check_x allows; every chunk holds a row, so N bounds it.  The
+    # launch is recorded, not run: the path up to it is torch only
+    monkeypatch.setattr(kc, "_check_x", lambda x, name="x": x.contiguous())
+    grids = []
+
+    class Launch:
+        def __init__(self, device):
+            self.index = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(kc, "_Launch", Launch)
+    monkeypatch.setattr(kc, "_fn", lambda source, entry, index: lambda grid, block, args: grids.append(grid[0]))
+    # 5 points in 2 groups of kmax = 8: S = 16 segments, 3 chunks of one row or more
+    kc.kmeans_update(torch.zeros(5, 3), torch.tensor([0, 2, 5]), torch.tensor([0, 1, 0, 0, 7]), 8)
+    assert 3 <= grids[0] <= 5, grids
+
+
 def _check_empty_input(op, device, dtype=torch.float32):
     """N = 0 (with G = 0 too, and kmax = 0 for the similarity) against the reference on the
     CPU: zero sums and counts, -1 exemplars, zero means, outputs on x's device."""

@@ -646,3 +646,76 @@ def test_a_group_given_no_cluster_does_not_stop_the_others():
     for j in range(6):   # converged: each centroid is the mean of its points
         members = x[:300][res.assign[:300] == j]
         torch.testing.assert_close(res.centroids[0, j], members.mean(0), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_update_checks_offsets_and_assign_on_cuda_too():
+    # the reference is the GPU fallback: its checks ran for CPU tensors only, so offsets
+    # 1..6 for 5 points summed wrong groups silently, and assign = kmax in group 0 landed
+    # in group 1's cluster 0
+    x = torch.randn(5, 3, device="cuda")
+    zeros = torch.zeros(5, dtype=torch.int64, device="cuda")
+    with pytest.raises(ValueError, match="offsets must run from 0 to N=5, got 1..6"):
+        ref.kmeans_update(x, torch.tensor([1, 3, 6], device="cuda"), zeros, 2)
+    with pytest.raises(ValueError, match="offsets must not decrease"):
+        ref.kmeans_update(x, torch.tensor([0, 4, 3, 5], device="cuda"), zeros, 2)
+    with pytest.raises(ValueError, match=r"assign has values in \[0, 2\]; expected cluster indices in \[0, 2\)"):
+        ref.kmeans_update(x, torch.tensor([0, 2, 5], device="cuda"), torch.tensor([2, 0, 0, 0, 0], device="cuda"), 2)
+    sums, counts = ref.kmeans_update(x, torch.tensor([0, 2, 5], device="cuda"), torch.tensor([1, 0, 0, 1, 1],
+                                                                                              device="cuda"), 2)
+    assert counts.tolist() == [[1, 1], [1, 2]]
+    torch.testing.assert_close(sums[1, 1], x[3:].sum(0))
+
+
+def test_cluster_similarity_refuses_assign_or_offsets_that_do_not_fit():
+    # the reference serves the similarity on the CPU: assign = -1 in group 1 counted the point
+    # in group 0's last cluster (an exemplar of another class), with no error; the CuPy
+    # launcher refuses it, and the other misfits raised IndexErrors that named neither input
+    x, off, c, k = torch.randn(5, 3), torch.tensor([0, 2, 5]), torch.randn(2, 2, 3), torch.tensor([2, 2])
+    with pytest.raises(ValueError, match=r"assign has values in \[-1, 1\]; expected cluster indices in \[0, 2\)"):
+        ref.cluster_similarity(x, off, torch.tensor([0, 1, -1, 0, 1]), c, k, m=2)
+    with pytest.raises(ValueError, match=r"assign has values in \[0, 2\]"):
+        ref.cluster_similarity(x, off, torch.tensor([0, 2, 0, 0, 1]), c, k, m=2)
+    with pytest.raises(ValueError, match="offsets must run from 0 to N=5, got 0..4"):
+        ref.cluster_similarity(x, torch.tensor([0, 2, 4]), torch.zeros(5, dtype=torch.int64), c, k, m=2)
+    with pytest.raises(ValueError, match=r"offsets has 4 entries; expected G \+ 1 = 3"):
+        ref.cluster_similarity(x, torch.tensor([0, 2, 3, 5]), torch.zeros(5, dtype=torch.int64), c, k, m=2)
+    with pytest.raises(ValueError, match=r"centroids must be \(G, kmax, d=3\), got shape \(2, 2, 4\)"):
+        ref.cluster_similarity(x, off, torch.zeros(5, dtype=torch.int64), torch.randn(2, 2, 4), k, m=2)
+
+
+@pytest.mark.parametrize("off, kpg, pattern", [
+    ([0, 2, 4], [1, 1], "offsets must run from 0 to N=5, got 0..4"),
+    ([0, 4, 3, 5], [1, 1, 1], "offsets must not decrease"),
+    ([1, 3, 6], [1, 1], "offsets must run from 0 to N=5, got 1..6"),
+    ([0, 2, 5], [1, 1, 1], "k_per_group has 3 entries for 2 groups"),
+])
+def test_plusplus_names_offsets_or_k_that_do_not_fit(off, kpg, pattern):
+    # as the CPU kernel does; the reference (the GPU's seeding) raised torch's size
+    # mismatches, "repeats can not be negative" and IndexErrors that named neither input
+    with pytest.raises(ValueError, match=pattern):
+        ref.kmeans_plusplus(torch.randn(5, 3), torch.tensor(off), torch.tensor(kpg), 2, torch.Generator().manual_seed(0))
+
+
+def test_plusplus_leaves_zeros_for_a_group_given_no_cluster():
+    # "groups with k_g < kmax leave the extra rows as zeros": a nonempty group given k = 0
+    # got a point as its seed 0, where the CPU kernel leaves zeros (the backends' centroids
+    # differed); the draws stay as they were, so the other groups' seeds do not change
+    x, off = torch.arange(15.0).reshape(5, 3), torch.tensor([0, 2, 5])
+    cent = ref.kmeans_plusplus(x, off, torch.tensor([0, 2]), 2, torch.Generator().manual_seed(0))
+    assert not cent[0].any()
+    both = ref.kmeans_plusplus(x, off, torch.tensor([1, 2]), 2, torch.Generator().manual_seed(0))
+    assert torch.equal(cent[1], both[1])
+
+
+@pytest.mark.gpu
+def test_assign_takes_cpu_offsets_with_cuda_points():
+    # as the CuPy and Triton launchers do: the small groups' gather indexed the CPU offsets
+    # with CUDA group indices and raised
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2100 + 7 + 5, 4, generator=g).cuda()   # one large group, two small ones
+    off, cent, kpg = csr([2100, 7, 5]), torch.randn(3, 3, 4, generator=g).cuda(), torch.tensor([3, 2, 1])
+    want = ref.kmeans_assign(x, off.cuda(), cent, kpg)
+    got = ref.kmeans_assign(x, off, cent, kpg)
+    assert_equal_int(got[0], want[0], "assign")
+    assert torch.equal(got[1], want[1]) and got[0].is_cuda
