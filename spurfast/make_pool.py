@@ -100,6 +100,11 @@ class PoolSpec:
                                  f"got --size {self.min_size}:{self.max_size}")
         elif self.fraction:
             raise ValueError("--fraction needs --plant FAMILY")
+        # as --fraction: planting options without a family were ignored without a word
+        elif self.plant_class is not None:
+            raise ValueError(f"--plant-class {self.plant_class} needs --plant FAMILY (and --fraction)")
+        elif self.strength != 1.0:
+            raise ValueError(f"--strength {self.strength} needs --plant noise (and --fraction)")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -311,6 +316,9 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
         if not overwrite:
             raise FileExistsError(f"pool directory {out} is not empty; choose another or pass --overwrite")
         import shutil
+        # --out may be a link to the pool (rmtree refuses links, with no path named): the
+        # pool it points to is replaced, the link kept
+        out = out.resolve() if out.is_symlink() else out
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     # marker first, so a pool cut off mid-write can still be overwritten; spec None until

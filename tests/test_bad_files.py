@@ -561,6 +561,24 @@ def test_file_names_that_are_not_utf8(tmp_path, backend):
     assert len(fingerprint(src)) and len(content_digest(src))
 
 
+def test_a_pool_folder_whose_own_name_is_not_utf8(tmp_path):
+    """Only the files' names were escaped: a pool folder named in Latin-1 kept its
+    surrogates in ``name``, and every digest of the pool crashed (`spurfast discover`:
+    "'utf-8' codec can't encode character '\\udcff' ... surrogates not allowed")."""
+    import os
+
+    from spurfast.data.sources import content_digest
+    from spurfast.embed import fingerprint
+
+    root = os.path.join(os.fsencode(tmp_path), b"pool\xff")
+    os.makedirs(os.path.join(root, b"cat"))
+    with open(os.path.join(root, b"cat", b"a.png"), "wb") as fh:
+        fh.write(_png_bytes(_picture(0, 20, 24)))
+    src = ImageFolderSource(os.fsdecode(root), size=SIZE)
+    assert len(fingerprint(src)) and len(content_digest(src))
+    assert src.name == "pool\\xff" and src.item_id(0) == "pool\\xff/cat/a.png"   # as item ids were
+
+
 @pytest.mark.parametrize("which", _loaders())
 def test_png_with_a_side_over_libpngs_limit_is_bad_for_both_loaders(tmp_path, which):
     """DALI's decoder keeps libpng's 1,000,000-pixel side limit (it failed such a PNG that

@@ -277,3 +277,71 @@ def test_class_folders_match_class_names_in_either_unicode_form(tmp_path):
     (tmp_path / unicodedata.normalize("NFC", "café")).mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "café" / "b.png")
     assert sorted(ImageFolderSource(tmp_path, size=8).labels().tolist()) == [0, 1, 2]
+
+
+def test_flat_folder_takes_class_names_for_the_predictions(tmp_path):
+    """An unlabelled folder pool with --class-names: the names are the classifier's, and
+    name its predicted classes in the report (as an unlabelled .npz takes them); the
+    folder was refused ("class names were given, but ... has no class folders")."""
+    from PIL import Image
+
+    from spurfast.cli import load_pool
+    from spurfast.data.folder import ImageFolderSource
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(pool / f"{i}.png")
+    (tmp_path / "names.txt").write_text("cat\ndog\n")
+    src, _ = load_pool(pool, 8, 3, tmp_path / "names.txt")
+    assert src.class_names == ["cat", "dog"] and src.labels().tolist() == [-1, -1, -1]
+    assert ImageFolderSource(pool, size=8).class_names is None     # without names: none
+
+
+def test_iter_batches_refuses_negative_start_and_indices_for_arrays():
+    """A negative start or index counted from the end of an in-memory source: pool
+    indices -2, -1 came out with the last images; a folder source refused them."""
+    src = ArraySource(np.arange(5 * 4, dtype=np.uint8).reshape(5, 1, 2, 2), labels=[0, 1, 2, 3, 4])
+    with pytest.raises(ValueError, match=r"start must be in \[0, 5\], got -2"):
+        list(iter_batches(src, 4, start=-2))
+    with pytest.raises(IndexError, match=r"indices must lie in \[0, 5\); got range \[-1, 1\]"):
+        list(iter_batches(src, 4, indices=[-1, 1]))
+    assert [b.indices.tolist() for b in iter_batches(src, 4, start=3)] == [[3, 4]]
+    assert [b.labels.tolist() for b in iter_batches(src, 4, indices=[4, 0])] == [[4, 0]]
+
+
+def test_array_source_takes_labels_held_as_python_objects():
+    """Labels as Python objects (a pandas column) crashed the label check with
+    AttributeError ('int' object has no attribute 'item')."""
+    x = np.zeros((3, 4, 4), np.uint8)
+    assert ArraySource(x, labels=np.array([1, 2, 0], dtype=object)).labels().tolist() == [1, 2, 0]
+    with pytest.raises(ValueError, match=r"mypool: labels must be integers, got dtype object \(e\.g\. 'cat'\)"):
+        ArraySource(x, labels=np.array(["cat", "dog", "cow"], dtype=object), name="mypool")
+    with pytest.raises(ValueError, match=r"mypool: labels must be integers, got dtype object \(e\.g\. nan\)"):
+        ArraySource(x, labels=[1, None, 2], name="mypool")
+
+
+def test_array_source_takes_big_endian_arrays():
+    """Big-endian images (an .npz of FITS data) failed with torch's "byte order different
+    from the native byte order", naming neither the source nor a fix."""
+    big = np.full((2, 1, 4, 4), 0.25, ">f4")
+    src = ArraySource(big, labels=np.array([0, 1], ">i8"))
+    assert src.images.dtype == torch.float32 and float(src.images.max()) == 0.25 and src.labels().tolist() == [0, 1]
+    assert float(ArraySource(np.full((2, 4, 4), 255, ">u2")[:, None] // 255).images.max()) == 1.0
+
+
+def test_an_npz_whose_file_name_is_not_utf8(tmp_path):
+    """`spurfast discover --pool` of an .npz named in Latin-1: its stem (the source's
+    name) kept its surrogates and the pool's fingerprint crashed ("'utf-8' codec can't
+    encode character '\\udcff' ... surrogates not allowed")."""
+    import os
+
+    from spurfast.cli import load_pool
+    from spurfast.data.sources import content_digest
+    from spurfast.embed import fingerprint
+
+    path = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"p\xff.npz"))
+    np.savez(path, images=np.zeros((3, 1, 4, 4), np.uint8), labels=np.array([0, 1, 0]))
+    src, _ = load_pool(path, 4, 1)
+    assert len(fingerprint(src)) and len(content_digest(src))
+    assert src.name == "p\\xff"

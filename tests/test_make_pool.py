@@ -168,3 +168,45 @@ def test_a_planted_pool_without_a_carrier_is_refused(tmp_path, kw, msg):
     info = make_pool(tmp_path / "q", PoolSpec(n=6, classes=3, min_size=16, max_size=16, plant="patch3", fraction=0.5,
                                               plant_class=2, target_size=16), workers=1, progress=False)
     assert info["n_carrying"] == 1   # class 2 holds images 2 and 5: one carrier
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(n=6, classes=3, plant_class=1), r"--plant-class 1 needs --plant FAMILY"),
+    (dict(n=6, strength=0.5), r"--strength 0\.5 needs --plant noise"),
+])
+def test_planting_options_without_a_family_are_refused(tmp_path, kw, msg):
+    """--fraction without --plant was refused, but --plant-class and --strength were
+    ignored: the pool came out unplanted ("0 carry no pattern") with no word."""
+    with pytest.raises(ValueError, match=msg):
+        make_pool(tmp_path / "p", PoolSpec(**kw), progress=False)
+    assert not (tmp_path / "p").exists()
+
+
+def test_overwrite_through_a_link_to_the_pool(tmp_path):
+    """--out a link to a make-pool folder with --overwrite: rmtree refused the link
+    ("Cannot call rmtree on a symbolic link", a traceback naming no path)."""
+    spec = PoolSpec(n=4, classes=2, min_size=16, max_size=16)
+    make_pool(tmp_path / "real", spec, workers=1, progress=False)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    info = make_pool(tmp_path / "link", PoolSpec(n=6, classes=2, min_size=16, max_size=16), workers=1,
+                     progress=False, overwrite=True)
+    assert info["n"] == 6 and (tmp_path / "link").is_symlink()
+    assert len(ImageFolderSource(tmp_path / "link", size=16)) == 6
+    assert read_ground_truth(tmp_path / "real")[0].tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_worker_count_does_not_change_the_pool(tmp_path):
+    """Image i depends only on (seed, i).  The layout test compares workers=1 and 2 on 60
+    images, which make-pool writes in-process (one chunk of 256): its worker processes
+    were never run by a test."""
+    import filecmp
+
+    spec = PoolSpec(n=300, classes=3, min_size=16, max_size=24, plant="noise", strength=0.5, fraction=0.1,
+                    target_size=16, seed=5)
+    make_pool(tmp_path / "one", spec, workers=1, progress=False)
+    make_pool(tmp_path / "two", spec, workers=2, progress=False)
+    rel = [p.relative_to(tmp_path / "one") for p in sorted((tmp_path / "one").rglob("*.jpg"))]
+    assert len(rel) == 300
+    match, mismatch, errors = filecmp.cmpfiles(tmp_path / "one", tmp_path / "two", [str(r) for r in rel], shallow=False)
+    assert not mismatch and not errors, (mismatch[:5], errors[:5])
+    assert (tmp_path / "one" / "ground_truth.csv").read_bytes() == (tmp_path / "two" / "ground_truth.csv").read_bytes()

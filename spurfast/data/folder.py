@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .preprocess import IMAGE_EXTENSIONS, PreprocessSpec, checked_load_uint8
-from .sources import ImageSource
+from .sources import ImageSource, utf8_name
 
 log = logging.getLogger("spurfast.data")
 
@@ -64,8 +64,10 @@ def list_folder(root: str | Path, class_names: list[str] | None = None) -> tuple
 
     Class folders are labelled in sorted name order (as torchvision's ImageFolder does),
     or, given ``class_names`` (the classifier's classes in label order), by their name's
-    place in it: a pool that lacks some classes keeps the classifier's labels.  Hidden
-    files and folders (names starting with ".") are not part of the pool."""
+    place in it: a pool that lacks some classes keeps the classifier's labels.  A flat
+    folder is unlabelled (labels -1); ``class_names`` then only name the classes the
+    classifier predicts.  Hidden files and folders (names starting with ".") are not
+    part of the pool."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"image folder {root} does not exist")
@@ -111,12 +113,12 @@ def list_folder(root: str | Path, class_names: list[str] | None = None) -> tuple
         if class_names is not None:
             raise ValueError(f"class names were given, but {mixed}: move those images into class folders")
         log.warning("%s; to label it by class folder, move those images into class folders", mixed)
-    elif class_names is not None:
-        raise ValueError(f"class names were given, but {root} has no class folders (a flat, unlabelled pool)")
     files = _image_files(root)
     if not files:
         raise ValueError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return [str(p) for p in files], [-1] * len(files), None
+    # unlabelled, but the classifier's class names still name its predictions (as an
+    # unlabelled .npz takes them); refusing them left the report with bare class numbers
+    return [str(p) for p in files], [-1] * len(files), list(class_names) if class_names is not None else None
 
 
 def select_indices(n: int, *, start: int = 0, shard_id: int = 0, num_shards: int = 1,
@@ -150,8 +152,9 @@ class ImageFolderSource(ImageSource):
         self.spec = PreprocessSpec(size, channels)
         self.image_shape = (channels, size, size)
         # the folder's own name (a link to it, or ".", names the same pool): item ids and so
-        # the pool's identity start with it
-        self.name = Path(root).resolve().name
+        # the pool's identity start with it; a name that is not UTF-8 as \xNN escapes, as
+        # in item_id (its surrogates failed every digest and fingerprint that encodes it)
+        self.name = utf8_name(Path(root).resolve().name)
         self.bad_files: dict[int, str] = {}
 
     def __len__(self):
@@ -171,12 +174,7 @@ class ImageFolderSource(ImageSource):
     def item_id(self, i):
         # relative to the root, so the pool's identity (run id, store fingerprint) does not
         # depend on how its path is spelled or where it is mounted (nodes may differ)
-        item = f"{self.name}/{Path(self.paths[i]).relative_to(self.root).as_posix()}"
-        try:
-            item.encode()
-        except UnicodeEncodeError:  # a name that is not UTF-8 (surrogate escapes): hashed and
-            item = os.fsencode(item).decode("utf-8", "backslashreplace")  # written as \xNN escapes
-        return item
+        return utf8_name(f"{self.name}/{Path(self.paths[i]).relative_to(self.root).as_posix()}")
 
     def labels(self):
         return np.asarray(self._labels, dtype=np.int64)

@@ -11,7 +11,6 @@ import logging
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from .folder import select_indices
@@ -90,7 +89,9 @@ def iter_batches(source: ImageSource, batch_size: int = 256, start: int = 0,
     floats whatever ``dtype`` says."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    idx_all = np.arange(start, len(source)) if indices is None else np.asarray(indices, dtype=np.int64)
+    # checked as the folder loaders check them: a negative start or index would otherwise
+    # count from the end of an in-memory source (pool index -2 yielded as such)
+    idx_all = select_indices(len(source), start=start, indices=indices)
     paths = getattr(source, "paths", None)
     if paths is not None:
         from .. import backends

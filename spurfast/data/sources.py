@@ -74,11 +74,12 @@ def sampled_digest(source: ImageSource, n_samples: int = 8) -> str:
     files' bytes, the same on every machine whatever decodes them; others hash the
     sampled images."""
     n = len(source)
-    h = hashlib.sha256(f"{source.name}:{n}:{tuple(source.image_shape)}".encode())
+    # surrogateescape: names and ids of any source read from non-UTF-8 file names hash as bytes
+    h = hashlib.sha256(f"{source.name}:{n}:{tuple(source.image_shape)}".encode("utf-8", "surrogateescape"))
     idx = np.unique(np.linspace(0, n - 1, min(n, n_samples)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
     paths = getattr(source, "paths", None)
     for i in idx:
-        h.update(source.item_id(int(i)).encode())
+        h.update(source.item_id(int(i)).encode("utf-8", "surrogateescape"))
         if paths is not None:
             try:
                 with open(paths[int(i)], "rb") as fh:
@@ -90,6 +91,20 @@ def sampled_digest(source: ImageSource, n_samples: int = 8) -> str:
     return h.hexdigest()[:16]
 
 
+def utf8_name(name: str) -> str:
+    """``name``, or, if it is not UTF-8 (a file name decoded with surrogate escapes), the
+    same with each undecodable byte written as a \\xNN escape: names are hashed and
+    written as text."""
+    try:
+        name.encode()
+        return name
+    except UnicodeEncodeError:
+        try:
+            return os.fsencode(name).decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:   # a lone surrogate no file name decodes to
+            return name.encode("utf-8", "backslashreplace").decode()
+
+
 def to_float_images(images, name: str | None = None) -> torch.Tensor:
     """(N,H,W) or (N,C,H,W) uint8/float array -> float32 (N,C,H,W) in [0, 1].  ``name``
     (the source) prefixes error messages."""
@@ -99,6 +114,8 @@ def to_float_images(images, name: str | None = None) -> torch.Tensor:
         arr = np.asarray(images)
         if arr.dtype.kind not in "buif":  # strings, objects, complex: torch's errors name neither
             raise ValueError(f"{where}images have dtype {arr.dtype}; {expected}")
+        if not arr.dtype.isnative:  # big-endian (an .npz from FITS data, say): torch refuses the byte order
+            arr = arr.astype(arr.dtype.newbyteorder("="))
         # torch takes neither read-only arrays nor negative strides (a flipped view such as
         # images[:, ::-1], BGR -> RGB): copy those
         t = torch.from_numpy(arr if arr.flags.writeable and min(arr.strides, default=0) >= 0 else arr.copy())
@@ -130,12 +147,18 @@ def _int_labels(labels, name: str) -> np.ndarray:
     """Labels as int64; floats only when they are whole numbers (a cast would truncate
     soft or fractional labels into ones nobody wrote)."""
     lab = np.asarray(labels).reshape(-1)
+    given = lab.dtype
+    if lab.dtype.kind == "O":  # Python objects (a pandas column): numbers are checked as floats below
+        try:
+            lab = lab.astype(np.float64)   # None -> nan, refused below
+        except (TypeError, ValueError):
+            pass
     whole = lab.dtype.kind in "iub" or (lab.dtype.kind == "f" and bool(np.all(np.isfinite(lab)))
                                         and np.array_equal(lab, np.round(lab)))
     if not whole:
         odd = lab[~np.isfinite(lab) | (lab != np.round(lab))] if lab.dtype.kind == "f" else lab
-        eg = f" (e.g. {odd[0].item()!r})" if odd.size else ""
-        raise ValueError(f"{name}: labels must be integers, got dtype {lab.dtype}{eg}")
+        eg = f" (e.g. {odd.tolist()[0]!r})" if odd.size else ""   # tolist: objects have no .item()
+        raise ValueError(f"{name}: labels must be integers, got dtype {given}{eg}")
     return lab.astype(np.int64)
 
 
@@ -158,7 +181,7 @@ class ArraySource(ImageSource):
             raise ValueError(f"{name}: images contain NaN or inf")
         self.ids = list(ids) if ids is not None else None
         self.class_names = list(class_names) if class_names is not None else None
-        self.name = name
+        self.name = utf8_name(name)   # an .npz's file name (`spurfast discover --pool`) may not be UTF-8
         self.image_shape = tuple(self.images.shape[1:])
 
     def __len__(self):
