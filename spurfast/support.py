@@ -1,0 +1,102 @@
+"""Training support: is a finding's pattern in the suspect data of its own class?
+
+A shortcut the model *learned* was in its training data: suspect images labelled with the
+finding's class carry the extracted pattern more often than suspect images of other classes.
+A model can also react to a pattern it never saw in training (a clean model moves
+long-sleeved garments towards "Shirt" when a corner patch is added: docs/RESULTS.md), and
+confirmation (`spurfast.confirm`) cannot tell the two apart, since both move the model.
+This test can, where the suspect data holds the carriers.
+
+Per finding: every labelled suspect image gets the projection of its pixels onto the
+pattern (mask x contrast, as confirmation pastes it); the threshold is the (1 - ``tail``)
+quantile of the other classes' suspects; a one-sided Fisher exact test asks whether the
+class's suspects exceed it more often than the others'.  Benjamini-Hochberg over the run's
+findings gives each a q-value; ``supported`` is q <= ``level``.  Natural confusions are
+supported too (the class's own content is "in its training data"): this test is a
+necessary condition for a learned shortcut, not a sufficient one; confirmation's content
+control is the other half.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from .data.sources import ImageSource
+
+log = logging.getLogger("spurfast.support")
+
+TAIL = 0.01    # the other classes' suspects above the threshold: their top 1%
+
+
+def pattern_projections(source: ImageSource, idx: np.ndarray, patterns: torch.Tensor,
+                        batch_size: int = 256, progress: bool = False) -> np.ndarray:
+    """(len(idx), F) projections of images ``idx`` of ``source`` onto ``patterns``
+    (F, C, H, W): one pass over the images, float64 sums (reads n*C*H*W pixels once)."""
+    from tqdm.auto import tqdm
+
+    flat = patterns.reshape(len(patterns), -1).double().T          # (D, F)
+    out = np.zeros((len(idx), len(patterns)))
+    for s in tqdm(range(0, len(idx), batch_size), desc="training support", unit="batch", disable=not progress):
+        x, _ = source.get_batch(idx[s:s + batch_size])
+        out[s:s + len(x)] = (x.reshape(len(x), -1).double() @ flat).numpy()
+    return out
+
+
+def support_test(scores: np.ndarray, in_class: np.ndarray, other: np.ndarray, tail: float = TAIL) -> dict:
+    """The test of one finding: ``scores`` of every image, boolean masks of its class's
+    suspects and of the other classes' suspects."""
+    from scipy.stats import fisher_exact
+
+    n_in, n_other = int(in_class.sum()), int(other.sum())
+    if n_in == 0 or n_other * tail < 1:
+        why = ("no labelled suspect image of the class" if n_in == 0 else
+               f"{n_other} labelled suspect image(s) of other classes; at least {int(np.ceil(1 / tail))} needed")
+        return {"p_value": None, "skipped": why, "n_class": n_in, "n_other": n_other}
+    t = float(np.quantile(scores[other], 1.0 - tail))
+    a, b = int((scores[in_class] > t).sum()), int((scores[other] > t).sum())   # ties at t count as below
+    p = float(fisher_exact([[a, n_in - a], [b, n_other - b]], alternative="greater")[1])
+    return {"p_value": p, "n_class": n_in, "class_above": a, "n_other": n_other, "other_above": b, "tail": tail}
+
+
+def training_support(findings: list[dict], source: ImageSource, suspect: np.ndarray, labels: np.ndarray, *,
+                     tail: float = TAIL, level: float = 0.05, batch_size: int = 256, progress: bool = False) -> None:
+    """Fill ``support`` of every finding (needs ``_mask`` and ``_contrast`` from
+    `spurfast.discover.characterise`): the suspect images (``suspect``, a pool mask) with a
+    known label (``labels`` >= 0) and readable are the training data tested."""
+    from .confirm import _known_readable
+    from .scoring import bh_qvalues
+
+    if not 0.0 < tail < 1.0:
+        raise ValueError(f"support tail must be in (0, 1), got {tail}")
+    suspect = np.asarray(suspect, bool)
+    labels = np.asarray(labels)
+    if suspect.shape != (len(source),) or labels.shape != (len(source),):
+        raise ValueError(f"suspect mask {suspect.shape} and labels {labels.shape} must have one entry per image "
+                         f"of {source.name} ({len(source)})")
+    if not findings:
+        return
+    idx = _known_readable(source, np.nonzero(suspect & (labels >= 0))[0])
+    for f in findings:
+        if "_mask" not in f or "_contrast" not in f:
+            raise ValueError(f"finding {f.get('rank')} has no extracted pattern; run characterise() first")
+    patterns = torch.stack([torch.as_tensor(f["_contrast"], dtype=torch.float32)
+                            * torch.as_tensor(np.asarray(f["_mask"], bool)) for f in findings])
+    scores = pattern_projections(source, idx, patterns, batch_size, progress) if len(idx) else \
+        np.zeros((0, len(findings)))
+    keep = np.isin(idx, _known_readable(source, idx))   # unreadable ones found in the pass: zero images
+    scores, lab = scores[keep], labels[idx[keep]]
+    tests = [support_test(scores[:, j], lab == int(f["class"]), lab != int(f["class"]), tail)
+             for j, f in enumerate(findings)]
+    tested = [j for j, t in enumerate(tests) if t["p_value"] is not None]
+    q = bh_qvalues(np.array([tests[j]["p_value"] for j in tested])) if tested else []
+    for j, qj in zip(tested, q):
+        tests[j]["q_value"] = float(qj)
+        tests[j]["supported"] = bool(qj <= level)
+    for f, t in zip(findings, tests):
+        f["support"] = t
+    skipped = len(findings) - len(tested)
+    if skipped:
+        log.info("training support not tested for %d finding(s): %s", skipped,
+                 next(t["skipped"] for t in tests if t["p_value"] is None))

@@ -1,0 +1,109 @@
+"""Training support (`spurfast.support`) on hand-made suspect sets with known answers."""
+import numpy as np
+import pytest
+import torch
+
+from spurfast.data.sources import ArraySource
+from spurfast.scoring import bh_qvalues
+from spurfast.support import support_test, training_support
+
+H = W = 8
+MASK = np.zeros((H, W), bool)
+MASK[:2, :2] = True            # the pattern: a 2x2 corner patch
+
+
+def _pool(n_class=100, n_other=200, stamped_class=10, stamped_other=0, n_unrelated=0, seed=0):
+    """Suspects of class 0 then of classes 1-2 (noise images in [0, 0.5]); the first
+    ``stamped_*`` of each group carry the patch; then ``n_unrelated`` stamped non-suspects of class 0."""
+    rng = np.random.default_rng(seed)
+    n = n_class + n_other + n_unrelated
+    x = rng.uniform(0, 0.5, (n, 1, H, W)).astype(np.float32)
+    y = np.concatenate([np.zeros(n_class, int), 1 + np.arange(n_other) % 2, np.zeros(n_unrelated, int)])
+    stamped = np.r_[np.arange(stamped_class), n_class + np.arange(stamped_other), n_class + n_other + np.arange(n_unrelated)]
+    x[stamped, :, :2, :2] = 1.0
+    suspect = np.r_[np.ones(n_class + n_other, bool), np.zeros(n_unrelated, bool)]
+    return ArraySource(x, y, name="hand-made"), suspect
+
+
+def _finding(cls=0, mask=MASK):
+    return {"rank": 1, "class": cls, "_mask": mask, "_contrast": torch.full((1, H, W), 0.6)}
+
+
+def test_class_suspects_carrying_the_pattern_are_support():
+    src, sus = _pool()
+    f = _finding()
+    training_support([f], src, sus, src.labels())
+    sp = f["support"]
+    assert sp["n_class"] == 100 and sp["n_other"] == 200
+    assert sp["class_above"] >= 10 and sp["other_above"] <= 2       # the top 1% of 200 others: at most 2
+    assert sp["p_value"] < 1e-3 and sp["supported"]
+
+
+def test_a_pattern_every_class_carries_alike_is_not_support():
+    # what a model that reacts to a pool pattern it never trained on leaves: nothing
+    # class-specific in the suspects (here 10% of every class carries it)
+    src, sus = _pool(stamped_class=10, stamped_other=20)
+    f = _finding()
+    training_support([f], src, sus, src.labels())
+    assert f["support"]["p_value"] > 0.05 and not f["support"]["supported"]
+
+
+def test_a_pattern_no_suspect_carries_is_not_support():
+    src, sus = _pool(stamped_class=0)
+    f = _finding()
+    training_support([f], src, sus, src.labels())
+    assert f["support"]["class_above"] <= 3 and not f["support"]["supported"]
+
+
+def test_only_suspects_count():
+    # 50 stamped class-0 images that are not suspects (the unrelated pool) change nothing
+    src, sus = _pool(stamped_class=0, n_unrelated=50)
+    f = _finding()
+    training_support([f], src, sus, src.labels())
+    assert f["support"]["n_class"] == 100 and not f["support"]["supported"]
+
+
+def test_too_few_other_suspects_is_not_tested():
+    src, sus = _pool(n_other=50)
+    f = _finding()
+    training_support([f], src, sus, src.labels())
+    assert f["support"]["p_value"] is None and "100 needed" in f["support"]["skipped"]
+    f2 = _finding(cls=7)        # a class no suspect has
+    training_support([f2], *_pool()[:2], _pool()[0].labels())
+    assert f2["support"]["p_value"] is None and "no labelled suspect" in f2["support"]["skipped"]
+
+
+def test_q_values_adjust_over_the_run_findings():
+    src, sus = _pool()
+    other_mask = np.zeros((H, W), bool)
+    other_mask[-2:, -2:] = True
+    fs = [_finding(), _finding(cls=1, mask=other_mask), _finding(cls=2)]
+    training_support(fs, src, sus, src.labels())
+    p = np.array([f["support"]["p_value"] for f in fs])
+    assert np.allclose([f["support"]["q_value"] for f in fs], bh_qvalues(p))
+    assert [f["support"]["supported"] for f in fs] == [True, False, False]
+
+
+def test_unreadable_suspects_are_left_out():
+    src, sus = _pool()
+    src.bad_files = {0: "damaged", 1: "damaged"}      # two stamped class-0 suspects
+    f = _finding()
+    training_support([f], src, sus, src.labels())
+    assert f["support"]["n_class"] == 98 and f["support"]["class_above"] >= 8
+
+
+def test_ties_at_the_threshold_count_as_below():
+    scores = np.zeros(300)
+    in_class = np.r_[np.ones(100, bool), np.zeros(200, bool)]
+    t = support_test(scores, in_class, ~in_class)
+    assert t["class_above"] == 0 and t["other_above"] == 0 and t["p_value"] == 1.0
+
+
+def test_bad_inputs_are_refused():
+    src, sus = _pool()
+    with pytest.raises(ValueError, match="one entry per image"):
+        training_support([_finding()], src, sus[:-1], src.labels())
+    with pytest.raises(ValueError, match="no extracted pattern"):
+        training_support([{"rank": 3, "class": 0}], src, sus, src.labels())
+    with pytest.raises(ValueError, match="tail"):
+        training_support([_finding()], src, sus, src.labels(), tail=1.5)
