@@ -84,7 +84,10 @@ def neighbour_contrast(source: ImageSource, z: np.ndarray, members: np.ndarray, 
     k = min(k, len(others))
     nbr = []
     for s in range(0, len(zm), 64):   # 64 x len(others) distances at a time
-        nbr.append(torch.cdist(zm[s:s + 64], zo).topk(k, largest=False).indices.flatten())
+        d = torch.cdist(zm[s:s + 64], zo)
+        if not bool(torch.isfinite(d).all()):   # latents of about 1e19 and up: fp32 squares overflowed
+            d = torch.cdist(zm[s:s + 64].double(), zo.double())   # and the neighbours were ties of inf
+        nbr.append(d.topk(k, largest=False).indices.flatten())
     matched = others[torch.cat(nbr).numpy()]
     mem_mean = mean_images(source, mem, cap, rng)   # mem is already at most cap: no new draw
     b = torch.zeros(source.image_shape)

@@ -172,8 +172,10 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
     dev = x.device
     provider = backends.resolve("kmeans_assign", backend, dev.type)[0]
     # a backend named for the run that serves the assignment alone (triton) leaves the
-    # update to its usual choice, as SPURFAST_BACKEND_KMEANS_ASSIGN=triton does
-    upd_backend = backend if backend in {p.name for p in backends.providers("kmeans_update")} else None
+    # update to its usual choice, as SPURFAST_BACKEND_KMEANS_ASSIGN=triton does; an explicit
+    # "auto" is a choice too: it beats SPURFAST_BACKEND_KMEANS_UPDATE as it does for the assignment
+    upd_backend = backend if backend == "auto" or backend in {p.name for p in backends.providers("kmeans_update")} \
+        else None
     order, offsets = sort_by_group(groups, G)
     kmax = max(1, int(kpg.max())) if G else 1
     xs = x[order].contiguous()
@@ -228,7 +230,7 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
         # can fill, a group with fewer distinct points than k, may)
         inertia, any_empty, shift = torch.stack(
             [inertia_t[0], empty.any().double(), ((new - cent) ** 2).sum().double()]).tolist()
-        filled = _reseed(xs, gid, team.gather_rows(dist_l, N), empty, new) if any_empty else 0
+        filled = _reseed(xs, gid, team.gather_rows(dist_l, N), empty, new, metric) if any_empty else 0
         reseeded += filled
         cent = team.broadcast(new.contiguous())  # bitwise-identical centroids everywhere
         if team.agree(not filled and prev is not None and (shift <= tol * max(1.0, abs(inertia)) or prev == inertia)):
@@ -236,7 +238,9 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
         prev = inertia
     assign_l, dist_l = backends.call("kmeans_assign", xl, off_l, cent, kpg, metric, x_sqnorm=xn, backend=backend)
     _, counts_l = backends.call("kmeans_update", xl, off_l, assign_l, kmax, backend=upd_backend)
-    counts = team.all_reduce(counts_l)
+    # a group given k = 0 has no cluster: its points (assign 0, distance +inf) were counted
+    # as members of a cluster 0 it does not have
+    counts = team.all_reduce(counts_l).masked_fill(~valid_k, 0)
     inertia = float(team.all_reduce(dist_l.double().sum().reshape(1)))
     assign, dist = team.gather_rows(assign_l, N), team.gather_rows(dist_l, N)
     inv = torch.empty_like(order)
@@ -295,13 +299,18 @@ def _update(xs, offsets, gid, assign, prev_assign, sums, counts, kmax, backend):
     return full.double(), counts
 
 
-def _reseed(xs, gid, dist, empty, cent) -> int:
+def _reseed(xs, gid, dist, empty, cent, metric: str = "l2") -> int:
     """Move each empty cluster onto the farthest point of its group (one per cluster);
     returns how many it moved.  Only points away from their centroid (distance > 0) can
     fill one: a point on its centroid would tie with it and leave the cluster empty (a
-    group with fewer distinct points than k), so such clusters stay where they are."""
+    group with fewer distinct points than k), so such clusters stay where they are.
+    Under cosine an all-zero row cannot either: it is at distance 1 from every centroid,
+    itself included (re-seeded onto it every iteration, the cluster stayed empty and the
+    loop never stopped before n_iter)."""
     n = 0
     d = dist.clone()
+    if metric == "cosine":
+        d[~xs.ne(0).any(1)] = -1.0
     for g, j in empty.nonzero().tolist():
         cand = torch.where((gid == g) & (d > 0), d, torch.full_like(d, -1.0))
         i = int(torch.argmax(cand)) if len(cand) else 0

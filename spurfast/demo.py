@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .discover import DiscoverConfig
+from .embed import _write_json
 from .models.classifier import save_classifier
 from .models.train import save_vae, train_classifier, train_vae
 from .pipeline import make_planted_data, prepare_output, read_bad_files, run_discovery, sample_auroc
@@ -121,7 +122,7 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
     # the report shows as n/a, as `spurfast report` does when it redraws the run
     finite = {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in summary.items()}
     write_report(doc, out, clusters=result.clusters, bad_files=read_bad_files(out), summary=finite)
-    (out / "summary.json").write_text(json.dumps(finite, indent=1, default=str, allow_nan=False))
+    _write_json(out / "summary.json", finite, default=str, allow_nan=False)   # atomic: `spurfast report` reads it
     print("[demo] " + "; ".join(f"{k}: {v}" for k, v in summary.items()), flush=True)
     print(f"[demo] report: {out / 'report.html'}", flush=True)
     return summary

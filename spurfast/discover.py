@@ -7,7 +7,6 @@ with the store rather than the pool.  See `spurfast.scoring` for the statistics 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,8 +17,8 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .characterise import contrast_map, exemplars, linear_probe, neighbour_contrast, pattern_mask
-from .data.sources import ImageSource
-from .embed import EmbeddingStore
+from .data.sources import ImageSource, utf8_name
+from .embed import EmbeddingStore, _write_json, replace_atomically
 from .scoring import (STATISTICS, bh_qvalues, cluster_and_score, content_classes, latent_neighbours, null_scores,
                       size_matched_pvalues, top_two)
 
@@ -50,10 +49,26 @@ class DiscoverConfig:
     n_exemplars: int = 16
     metric: str = "l2"
     seed: int = 0
-    backend: str | None = None   # k-means backend (auto/torch/cupy)
+    backend: str | None = None   # k-means backend (auto/torch/cpu/cupy/triton; triton: the assignment)
     device: str = "cpu"
 
     def __post_init__(self):
+        # numpy numbers (a sweep over np.arange) are taken as Python ones: they crashed the
+        # writing of findings.json after the whole run ("int64 is not JSON serializable");
+        # a fractional count silently ran as another (k=4.5 as 4) or crashed mid-run
+        for name in ("k", "min_cluster_size", "max_mean_cluster_size", "max_k", "n_null", "max_null",
+                     "n_neighbours", "n_iter", "n_exemplars", "seed"):
+            v = getattr(self, name)
+            whole = isinstance(v, (int, np.integer)) or (isinstance(v, (float, np.floating)) and float(v).is_integer())
+            if isinstance(v, (bool, np.bool_)) or not whole:
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+            setattr(self, name, int(v))
+        for name in ("fdr", "resolve_fdr"):
+            v = getattr(self, name)
+            if v is not None:
+                if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer, float, np.floating)):
+                    raise ValueError(f"{name} must be a number, got {v!r}")
+                setattr(self, name, float(v))
         # refused here, before any work: a negative seed crashed only after the clustering
         # (numpy's SeedSequence), and the others ran on, silently finding nothing
         # (n_neighbours <= 0: no agreement to measure) or dropping members (n_exemplars < 0
@@ -93,6 +108,14 @@ class DiscoveryResult:
 
 
 def _standardise(mu: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):
+        m, s = mu.mean(0), mu.std(0)
+        z = ((mu - m) / np.where(s > 0, s, 1.0)).astype(np.float32)
+    if np.isfinite(s).all() and np.isfinite(z).all():
+        return z
+    # fp32 sums overflowed (squared deviations past 3.4e38: latents of about 1e18 and up):
+    # the std was inf and every latent standardised to 0, so nothing was ever found
+    mu = np.asarray(mu, np.float64)
     m, s = mu.mean(0), mu.std(0)
     return ((mu - m) / np.where(s > 0, s, 1.0)).astype(np.float32)
 
@@ -149,7 +172,7 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
         log.warning("%d clusters scored above every null cluster of their size (or, with none of their size, every "
                     "one they were compared with) after %d permutations but miss "
                     "q <= %g: their p-values are limited by the permutations (>= 1/%d), not by the data; rerun "
-                    "with a larger max_null (--max-null)", int(starved.sum()), done, resolve_fdr,
+                    "with a larger max_null (discover's --max-null)", int(starved.sum()), done, resolve_fdr,
                     int(n_reference[starved].max()) + 1)
 
     clusters = []
@@ -171,7 +194,8 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
     zfull[valid] = z
     for f in findings:
         f["exemplars"] = exemplars(zfull, np.asarray(f["members"]), config.n_exemplars).tolist()
-        f["class_name"] = class_names[f["class"]] if class_names and f["class"] < len(class_names) else None
+        # a class folder whose name is not UTF-8 as \xNN: findings.csv (UTF-8) could not hold it
+        f["class_name"] = utf8_name(class_names[f["class"]]) if class_names and f["class"] < len(class_names) else None
     pool = {"n": int(store.n), "n_unrelated": int((~suspect).sum()), "n_suspect": int(suspect.sum()),
             "n_unreadable": int((~ok).sum())}
     cfg = {"discover": asdict(config), "n_classes": n_classes, "n_clusters": len(clusters),
@@ -278,37 +302,48 @@ def findings_document(result: DiscoveryResult, extra_config: dict | None = None)
     if extra_config:
         cfg.update(extra_config)
     keys = ["rank", "class", "class_name", "cluster", "size", "score", "p_value", "q_value", "members",
-            "exemplars", "confirm", "confirmed", "images", "merged_clusters", "n_unrelated", "n_suspect", "n_expanded"]
+            "exemplars", "confirm", "confirmed", "support", "images", "merged_clusters", "n_unrelated", "n_suspect", "n_expanded"]
     return {"schema": 1, "spurfast_version": __version__, "config": cfg, "pool": result.pool,
             "findings": [{k: f[k] for k in keys if k in f} for f in result.findings]}
+
+
+def _write_csv(path: Path, rows) -> None:
+    # UTF-8 whatever the locale: class names may be any text (a cp1252 or ASCII locale
+    # raised on them after the whole run)
+    replace_atomically(path, lambda fh: csv.writer(fh).writerows(rows), "w", newline="", encoding="utf-8")
+
+
+def _support_cells(sp: dict | None) -> list:
+    """findings.csv's support columns: p, q, supported (blank where not tested)."""
+    if not sp or sp.get("p_value") is None:
+        return ["", "", ""]
+    return [f"{sp['p_value']:.4g}", f"{sp['q_value']:.4g}", int(sp["supported"])]
 
 
 def write_outputs(result: DiscoveryResult, out_dir: Path, extra_config: dict | None = None) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = findings_document(result, extra_config)
-    (out_dir / "findings.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
-    # UTF-8 whatever the locale: class names may be any text (a cp1252 or ASCII locale
-    # raised on them after the whole run)
-    with open(out_dir / "findings.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["rank", "class", "class_name", "cluster", "size", "score", "p_value", "q_value",
-                    "n_unrelated", "n_suspect", "flip_rate", "control_flip_rate", "confirm_p_value",
-                    "confirm_q_value", "confirm_verdict"])
-        for f in doc["findings"]:
-            cf = f.get("confirm") or {}
-            w.writerow([f["rank"], f["class"], f["class_name"] or "", f["cluster"], f["size"], f"{f['score']:.4g}",
-                        f"{f['p_value']:.4g}", f"{f['q_value']:.4g}", f.get("n_unrelated", ""), f.get("n_suspect", ""),
-                        cf.get("flip_rate", ""), cf.get("control_flip_rate", ""), cf.get("p_value", ""),
-                        cf.get("q_value", ""), cf.get("verdict", "")])
-    with open(out_dir / "clusters.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["class", "cluster", "size", "n_unrelated", "n_suspect", "score", "p_value", "q_value"])
-        for cl in sorted(result.clusters, key=lambda c: -c["score"]):
-            w.writerow([cl["cls"], cl["cluster"], cl["size"], cl["n_unrelated"], cl["n_suspect"],
-                        f"{cl['score']:.4g}", f"{cl['p_value']:.4g}", f"{cl['q_value']:.4g}"])
+    # every file atomically: a run interrupted while writing them left a truncated
+    # findings.json (or CSV) that `spurfast report` then failed on
+    _write_json(out_dir / "findings.json", doc)
+    rows = [["rank", "class", "class_name", "cluster", "size", "score", "p_value", "q_value",
+             "n_unrelated", "n_suspect", "flip_rate", "control_flip_rate", "confirm_p_value",
+             "confirm_q_value", "confirm_verdict", "support_p_value", "support_q_value", "supported"]]
+    for f in doc["findings"]:
+        cf = f.get("confirm") or {}
+        rows.append([f["rank"], f["class"], f["class_name"] or "", f["cluster"], f["size"], f"{f['score']:.4g}",
+                     f"{f['p_value']:.4g}", f"{f['q_value']:.4g}", f.get("n_unrelated", ""), f.get("n_suspect", ""),
+                     cf.get("flip_rate", ""), cf.get("control_flip_rate", ""), cf.get("p_value", ""),
+                     cf.get("q_value", ""), cf.get("verdict", ""), *_support_cells(f.get("support"))])
+    _write_csv(out_dir / "findings.csv", rows)
+    rows = [["class", "cluster", "size", "n_unrelated", "n_suspect", "score", "p_value", "q_value"]]
+    for cl in sorted(result.clusters, key=lambda c: -c["score"]):
+        rows.append([cl["cls"], cl["cluster"], cl["size"], cl["n_unrelated"], cl["n_suspect"],
+                     f"{cl['score']:.4g}", f"{cl['p_value']:.4g}", f"{cl['q_value']:.4g}"])
+    _write_csv(out_dir / "clusters.csv", rows)
     rk = out_dir / "rankings"
     rk.mkdir(exist_ok=True)
     for r, arr in result.rankings.items():
-        np.save(rk / f"finding{r}.npy", arr)
+        replace_atomically(rk / f"finding{r}.npy", lambda fh, arr=arr: np.save(fh, arr), "wb")
     return doc

@@ -153,7 +153,9 @@ def init(device: str = "cpu", backend: str | None = None, timeout_s: float | Non
     if cuda:
         torch.cuda.set_device(torch.device(dev))
     if not dist.is_initialized():
-        for var in ("MASTER_ADDR", "MASTER_PORT"):
+        # without RANK every process took rank 0: the group never formed, and the run hung
+        # for the whole timeout before an error that named no variable
+        for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:
                 raise RuntimeError(f"WORLD_SIZE={world} but {var} is not set: launch with torchrun")
         dist.init_process_group(backend=backend, rank=rank, world_size=world,

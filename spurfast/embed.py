@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .cores import usable_cores
 from .data.loader_torch import iter_batches
 from .data.preprocess import uint8_to
-from .data.sources import ImageSource, content_digest, sampled_digest
+from .data.sources import ImageSource, content_digest, sampled_digest, utf8_name
 from .models.classifier import classifier_outputs
 
 log = logging.getLogger("spurfast.embed")
@@ -33,10 +33,12 @@ MANIFEST = "manifest.json"
 
 def fingerprint(source: ImageSource, *models: torch.nn.Module) -> str:
     h = hashlib.sha256()
-    h.update(f"{source.name}:{len(source)}:{source.image_shape}".encode())
+    # surrogateescape: a name or id read from a file name that is not UTF-8 (any source's)
+    # hashes as its bytes; a UTF-8 one hashes as before
+    h.update(f"{source.name}:{len(source)}:{source.image_shape}".encode("utf-8", "surrogateescape"))
     for i in sorted({0, len(source) // 2, len(source) - 1}):
         if 0 <= i < len(source):
-            h.update(source.item_id(i).encode())
+            h.update(source.item_id(i).encode("utf-8", "surrogateescape"))
     for m in models:
         for k, v in sorted(m.state_dict().items()):
             h.update(k.encode())
@@ -113,15 +115,26 @@ class EmbeddingStore:
         _write_json(self.root / MANIFEST, self.manifest)
 
 
-def _write_json(path: Path, obj, **dumps) -> None:
-    """``obj`` as JSON (``json.dumps`` options ``dumps``; indent 1 by default) through a
-    temporary file and a rename: an interruption leaves the old file or none, never a
-    truncated one."""
+def replace_atomically(path: Path, write, mode: str = "w", **open_kw) -> None:
+    """``write(fh)`` into a temporary file beside ``path`` (opened with ``mode``,
+    ``open_kw``), then renamed over it: an interruption leaves the old file or none, never
+    a truncated one."""
     # a temporary file of this process's own: ranks sharing a store may replace one
     # manifest at once, and a shared name is renamed away under the other writer
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, **{"indent": 1, **dumps}))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode, **open_kw) as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:   # Ctrl-C mid-write: a run directory holding only it read as not spurfast's
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, obj, **dumps) -> None:
+    """``obj`` as JSON (``json.dumps`` options ``dumps``; indent 1 by default), atomically."""
+    text = json.dumps(obj, **{"indent": 1, **dumps})
+    replace_atomically(path, lambda fh: fh.write(text))
 
 
 def check_outputs(source: ImageSource, classifier, num_classes: int, device: str) -> int:
@@ -165,7 +178,7 @@ class _PathIds:
 def shown_path(path) -> str:
     """``path`` as text that can be written anywhere: bytes of a name that is not UTF-8
     (read with surrogate escapes) spelled \\xNN; any other path unchanged."""
-    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+    return utf8_name(str(path))
 
 
 def legacy_identities(source: ImageSource, *models: torch.nn.Module) -> list[tuple[str, str]]:
@@ -197,6 +210,25 @@ def _open_checked(store_dir: Path, fp: str, content: str, legacy=lambda: []) -> 
                          f"content {store.manifest['content']} != {content}: regenerated in place?); "
                          f"use a new directory")
     return store
+
+
+def made_from(store_dir, fp: str, content: str, legacy=lambda: []) -> bool:
+    """Whether ``store_dir`` holds embedding work of this pool and these models that
+    :func:`embed_pool` would resume: its main store, or when it has none yet (a sharded
+    pass stopped before the merge) a shard store.  ``legacy()`` as for ``_open_checked``."""
+    store_dir = Path(store_dir)
+    main = store_dir / MANIFEST
+    manifests = [main] if main.is_file() else sorted((store_dir / "shards").glob(f"*/{MANIFEST}"))
+    for path in manifests:
+        try:
+            m = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(m, dict):
+            continue
+        if any(m.get("fingerprint") == f and m.get("content", c) == c for f, c in [(fp, content), *legacy()]):
+            return True
+    return False
 
 
 def shard_dir(store_dir, shard_id: int, num_shards: int) -> Path:
@@ -377,12 +409,15 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
         desc = f"embedding shard {shard_id}/{num_shards}"
     if store.complete:
         return store
-    began = store.manifest.get("loader")   # None: no folder pool, or a store of an earlier version
-    if store.done and loader is not None and began is not None and began != loader:
-        raise ValueError(f"embedding store {store.root} was begun with the {began!r} loader, and this run would "
-                         f"resume it with {loader!r}: their pixels differ a little on resized images, so the store "
-                         f"would mix both; resume with --loader-backend {began} (or start afresh: --overwrite or "
-                         f"another output directory)")
+    # a shard store continues the main store's rows: those were decoded too (by a run of
+    # another number of processes, perhaps with another loader)
+    for part in (main, store) if store is not main else (store,):
+        began = None if part is None else part.manifest.get("loader")  # None: no folder pool, or an earlier version
+        if part is not None and part.done and loader is not None and began is not None and began != loader:
+            raise ValueError(f"embedding store {part.root} was begun with the {began!r} loader, and this run would "
+                             f"resume it with {loader!r}: their pixels differ a little on resized images, so the "
+                             f"store would mix both; resume with --loader-backend {began} (or start afresh: remove "
+                             f"{part.root}, or choose another output directory)")
     classifier.to(device).eval()
     vae.to(device).eval()
     start = store.done

@@ -3,7 +3,9 @@
 `run_discovery` is what `spurfast discover` does; `run_demo` adds data preparation,
 planting and training.  An output directory remembers its run (run.json): rerunning the
 same run resumes (the embedding store and training checkpoints pick up where they
-stopped); a different run there is refused unless ``overwrite``.
+stopped); a different run there is refused unless ``overwrite``, which in `run_discovery`
+keeps its embedding store when that was made from the same pool and models (a run that
+differs only in its discovery settings, clean set or suspect mask embeds nothing again).
 """
 from __future__ import annotations
 
@@ -23,20 +25,24 @@ from . import distributed as dist
 from .data.builtin import find_fashion_mnist, load_digits, load_fashion_mnist
 from .data.sources import ArraySource, ImageSource, content_digest
 from .discover import DiscoverConfig, characterise, discover, write_outputs
-from .embed import check_outputs, fingerprint, legacy_identities, shown_path
+from .embed import _write_json, check_outputs, fingerprint, legacy_identities, made_from, shown_path
 from .plant import PatternSpec, PlantTruth, plant_pool, plant_training
 from .report import write_report
 
 log = logging.getLogger("spurfast")
 
 
-def prepare_output(out_dir, run_id: str, overwrite: bool, protect=(), earlier_ids=()) -> Path:
+def prepare_output(out_dir, run_id: str, overwrite: bool, protect=(), earlier_ids=(), keep_store=None) -> Path:
     """Create ``out_dir`` for run ``run_id``; refuse a directory holding another run.
 
     ``overwrite`` replaces only another spurfast run (a directory with run.json), and
     never one that holds a path in ``protect`` (the pool, models, ... this run reads):
     a directory spurfast did not write is never deleted.  ``earlier_ids``: the ids
-    earlier spurfast versions gave this same run; a directory holding one is resumed."""
+    earlier spurfast versions gave this same run; a directory holding one is resumed.
+    ``keep_store``: called with the run's embedding store directory (``out_dir/store``),
+    True when that store is this run's (same pool and models: a run that differs only in
+    its discovery settings); ``overwrite`` then keeps it, and the pass resumes or reuses
+    it instead of embedding the whole pool again."""
     out = Path(out_dir)
     marker = out / "run.json"
     if out.exists() and not out.is_dir():
@@ -53,22 +59,29 @@ def prepare_output(out_dir, run_id: str, overwrite: bool, protect=(), earlier_id
         if prev in earlier_ids:
             log.info("%s holds this run under the id an earlier spurfast version gave it (%s); resuming it", out, prev)
         elif prev != run_id:
+            store = out / "store"
+            reuse = keep_store is not None and store.is_dir() and keep_store(store)
             if not overwrite:
-                raise FileExistsError(f"output directory {out} already holds run {prev}; "
-                                      f"choose another directory or pass --overwrite")
+                raise FileExistsError(f"output directory {out} already holds run {prev}; choose another directory "
+                                      f"or pass --overwrite" + (" (its embedding store, of this pool and these "
+                                                                 "models, is kept and reused)" if reuse else ""))
             inside = _inside(out, protect)
             if inside:
                 raise FileExistsError(f"--overwrite would delete output directory {out}, which holds {inside} "
                                       f"that this run reads; choose another output directory")
+            if reuse:
+                log.info("--overwrite: keeping the embedding store %s (made from this pool and these models)", store)
             # empty it rather than rmtree(out): rmtree refuses a symlinked --out (the link stays);
             # run.json goes last, so an interrupted --overwrite leaves a run that one can overwrite
             for child in sorted(out.resolve().iterdir(), key=lambda p: p.name == marker.name):
+                if reuse and child.name == store.name:
+                    continue
                 if child.is_dir() and not child.is_symlink():
                     shutil.rmtree(child)
                 else:
                     child.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"run_id": run_id}))
+    _write_json(marker, {"run_id": run_id}, indent=None)   # atomic: a torn run.json locks the user out
     return out
 
 
@@ -223,6 +236,8 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     other classes, or, without ``clean``, onto pool images predicted as another class that
     belong to no finding and are not ``suspect``.  ``confirm=False`` leaves every finding's
     ``confirm`` null.
+    ``overwrite``: replace another run in ``out_dir``, keeping its embedding store when
+    that was made from this pool and these models (see :func:`prepare_output`).
     ``protect``: more paths this run reads (model files, ...) that ``overwrite`` must not
     delete; the pool's and the clean set's own files are always protected."""
     config = config or DiscoverConfig()
@@ -271,7 +286,11 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     # under torchrun (spurfast.distributed): rank 0 owns the output directory, every rank
     # embeds its shard, rank 0 scores and reports with k-means across all ranks
     protect = [*protect, *source_paths(pool), *(source_paths(clean) if clean is not None else [])]
-    out = dist.run_on_main(prepare_output, out_dir, run_id, overwrite, protect, earlier_ids)
+    # --overwrite of a run that differs only in its discovery settings keeps the store: it
+    # embedded this same pool with these same models (hours for a large pool)
+    def keep_store(store_dir):
+        return made_from(store_dir, *identity, lambda: legacy_identities(pool, classifier, vae))
+    out = dist.run_on_main(prepare_output, out_dir, run_id, overwrite, protect, earlier_ids, keep_store)
     store = dist.embed_pool_sharded(pool, classifier, vae, out / "store", num_classes=num_classes,
                                     batch_size=batch_size, device=config.device, encoder_backend=encoder_backend,
                                     loader_backend=loader_backend, progress=progress, identity=identity)
@@ -280,6 +299,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
         return None, None, store
     with dist.main_section():
         result = discover(store, config, suspect=suspect, class_names=pool.class_names, progress=progress)
+        _remove_finding_files(out)
         characterise(result, store, pool, vae, out, seed=config.seed, device=config.device)
         if confirm and result.findings:
             from .confirm import ConfirmConfig, confirm_findings
@@ -287,15 +307,37 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
                              pool_pred=np.asarray(store["pred"]), suspect=suspect,
                              config=ConfirmConfig(seed=config.seed, device=config.device))
             rank_confirmed_first(result, out)
+        if suspect is not None and result.findings:   # is the pattern in its class's suspect data?
+            from .support import training_support
+            training_support(result.findings, pool, suspect, pool.labels(), progress=progress)
         doc = write_outputs(result, out, extra_config)
         bad_files = {int(i): r for i, r in store.manifest.get("bad_files", {}).items()}  # all ranks, all runs
         bad_files.update(getattr(pool, "bad_files", {}))
         paths = getattr(pool, "paths", None)  # name files by the path the user can open (bytes
         # of a name that is not UTF-8 as \xNN: the report could not be written with them)
         bad = {(shown_path(paths[i]) if paths is not None else pool.item_id(i)): r for i, r in sorted(bad_files.items())}
-        (out / BAD_FILES).write_text(json.dumps(bad, indent=1))  # `spurfast report` has no pool to name them
+        if clean is not None:   # confirmation skipped these: listed, not only logged
+            cpaths = getattr(clean, "paths", None)
+            bad.update({"clean set: " + (shown_path(cpaths[i]) if cpaths is not None else clean.item_id(i)): r
+                        for i, r in sorted(getattr(clean, "bad_files", {}).items())})
+        _write_json(out / BAD_FILES, bad)  # atomic; `spurfast report` has no pool to name them
         write_report(doc, out, clusters=result.clusters, bad_files=bad, summary=summary)
     return doc, result, store
+
+
+_FINDING_FILE = re.compile(r"(\.rerank\d+_)?finding\d+(_(centroid|contrast|mask|grid)\.png|\.npy)")
+
+
+def _remove_finding_files(out: Path) -> None:
+    """Remove the per-finding images and rankings an earlier pass of this run wrote: a
+    rerun (corrected labels, say) may find fewer findings, and an interrupted re-ranking
+    leaves staged names; their files would outlive them beside the new ones."""
+    for sub in ("images", "rankings"):
+        d = out / sub
+        if d.is_dir():
+            for f in d.iterdir():
+                if _FINDING_FILE.fullmatch(f.name) and not f.is_dir():
+                    f.unlink()
 
 
 def rank_confirmed_first(result, out: Path) -> None:

@@ -15,12 +15,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data.sources import utf8_name
+
 UPSCALE_TO = 112  # small images are enlarged (nearest) so a pixel pattern stays visible
 
 
 def _data_uri(path: Path) -> str:
     """The PNG at ``path`` as a data URI (base64 text holds no quote or angle bracket)."""
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _text(v) -> str:
+    """``v`` as text the UTF-8 page can hold: a name read from a folder whose bytes are not
+    UTF-8 (a class folder, a file; surrogate escapes) has them spelled \\xNN, as the run's
+    bad_files.json does (writing the page raised UnicodeEncodeError on them)."""
+    return utf8_name(str(v))
 
 
 def _to_pil(img: torch.Tensor):
@@ -98,11 +107,35 @@ STATISTIC_WORDS = {
 }
 
 
+_DOC_KEYS = ("schema", "spurfast_version", "config", "pool", "findings")
+_FINDING_KEYS = ("rank", "class", "size", "score", "p_value", "q_value")
+
+
+def _check_document(doc, out_dir: Path) -> None:
+    """Refuse a document that is not a findings.json spurfast wrote (another tool's, a
+    hand-edited one) by what it lacks: `spurfast report` ended in a KeyError traceback."""
+    what = f"the findings document of {_text(out_dir)} (findings.json)"
+    if not isinstance(doc, dict):
+        raise ValueError(f"{what} is a JSON {type(doc).__name__}, expected an object with keys {', '.join(_DOC_KEYS)} "
+                         f"(spurfast's findings.json, schema 1)")
+    missing = [k for k in _DOC_KEYS if k not in doc]
+    if missing or not (isinstance(doc["config"], dict) and isinstance(doc["pool"], dict)
+                       and isinstance(doc["findings"], list)):
+        raise ValueError(f"{what} is not spurfast's findings.json (schema 1): "
+                         + (f"it lacks {', '.join(missing)}" if missing else "its config or pool is no object, or "
+                                                                             "its findings no list"))
+    for i, f in enumerate(doc["findings"]):
+        lack = [k for k in _FINDING_KEYS if not isinstance(f, dict) or k not in f]
+        if lack:
+            raise ValueError(f"{what}: finding {i + 1} lacks {', '.join(lack)}")
+
+
 def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_files: dict | None = None,
                  summary: dict | None = None) -> Path:
     out_dir = Path(out_dir)
+    _check_document(doc, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)   # a new folder: without clusters (no plot) nothing made it
-    e = lambda v: html.escape(str(v), quote=True)  # noqa: E731
+    e = lambda v: html.escape(_text(v), quote=True)  # noqa: E731
     fdr = doc["config"].get("discover", {}).get("fdr", 0.05)
     # what a score sums (runs before the statistic was recorded used the share)
     statistic = doc["config"].get("discover", {}).get("statistic", "share")
@@ -150,6 +183,9 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
                         + ("" if verdict == "confirmed" else ", but not once the run's number of findings is "
                                                               "accounted for")
                         + f"; genuine class content was not tested: {cf['content_skipped']}")
+            elif cf.get("content_skipped") and verdict == "no_effect":   # "... or genuine class content" likewise
+                why = e("the pattern moves the model no more than random patterns; genuine class content was not "
+                        f"tested: {cf['content_skipped']}")
             texture = reacts_to_texture(cf) if verdict == "not_specific" else None
             if texture is not None:
                 why += (f"; smooth random fields of the same size there flip {float(cf['smooth_flip_rate']):.1%} "
@@ -159,6 +195,18 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
             parts.append(f"<p><b>Confirmation:</b> pasting the pattern flips {float(cf['flip_rate']):.1%} of clean images "
                          f"towards this class vs {float(cf['control_flip_rate']):.1%} for random patterns "
                          f"(p = {float(cf['p_value']):.3g}){more}: {head} ({why}).</p>")
+        sp = f.get("support")
+        if sp and sp.get("p_value") is not None:
+            said = ("supported: the pattern is in this class's training data" if sp.get("supported") else
+                    "not supported: this class's training data carries it no more often than other classes' "
+                    "(as when a model reacts to a pattern it was never trained on)")
+            parts.append(f"<p><b>Training support:</b> {e(sp['class_above'])} of {e(sp['n_class'])} suspect images "
+                         f"of this class carry the pattern beyond the top {float(sp.get('tail', 0.01)):.0%} of the other "
+                         f"classes' suspects "
+                         f"({e(sp['other_above'])} of {e(sp['n_other'])}); p = {float(sp['p_value']):.3g}, "
+                         f"q = {float(sp['q_value']):.3g}: {e(said)}.</p>")
+        elif sp:
+            parts.append(f"<p class='muted'>Training support not tested: {e(sp.get('skipped', ''))}.</p>")
         imgs = f.get("images") or {}
         caps = {"centroid": "decoded centroid", "contrast": "contrast (members vs. matched others)",
                 "mask": "extracted mask", "grid": "exemplars"}

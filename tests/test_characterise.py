@@ -65,3 +65,18 @@ def test_mask_of_a_contrast_spanning_a_few_ulps():
     contrast[0, 0, 0] = float(hi)
     mask = pattern_mask(contrast)
     assert mask.sum() == 1 and mask[0, 0]
+
+
+def test_neighbour_contrast_of_huge_latents_is_the_same():
+    """Nearest neighbours do not depend on the latents' scale, but fp32 distances do: from
+    about 1e19 their squares overflowed to inf and the "neighbours" were arbitrary ties."""
+    rng = np.random.default_rng(0)
+    imgs = torch.cat([_shapes(5, 0, rng, True), _shapes(25, 1, rng, True),
+                      _shapes(40, 0, rng, False), _shapes(40, 1, rng, False)])
+    kind = np.r_[np.zeros(5), np.ones(25), np.zeros(40), np.ones(40)]
+    z = (np.stack([kind, 1 - kind], 1) + 0.01 * rng.normal(size=(110, 2))).astype(np.float32)
+    src = ArraySource(imgs, None, name="shapes")
+    members, others = np.arange(30), np.arange(30, 110)
+    want, _ = neighbour_contrast(src, z, members, others, k=3, seed=0)
+    got, _ = neighbour_contrast(src, z * np.float32(1e20), members, others, k=3, seed=0)
+    assert torch.equal(got, want), float((got - want).abs().max())

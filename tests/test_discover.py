@@ -176,3 +176,91 @@ def test_a_seed_beyond_the_generators_64_bits_is_refused_up_front():
     with pytest.raises(ValueError, match="seed \\+ max_null must be"):
         DiscoverConfig(seed=2 ** 64 - 2 - 120 + 1)
     DiscoverConfig(seed=2 ** 64 - 2 - 120)
+
+
+
+def test_outputs_are_replaced_whole_never_rewritten_in_place(tmp_path, monkeypatch):
+    """findings.json, the CSVs and the rankings were written in place: an interruption
+    mid-write left a truncated findings.json that `spurfast report` then failed on.  Each
+    is now written under a temporary name and renamed over the old one."""
+    import builtins
+    import io
+    import json
+    from pathlib import Path
+
+    from spurfast.discover import DiscoveryResult, write_outputs
+    f = {"rank": 1, "class": 0, "class_name": "a", "cluster": 0, "size": 1, "score": 1.0, "p_value": 0.01,
+         "q_value": 0.01, "members": [0], "exemplars": [0], "confirm": None, "images": {}}
+    cl = {"cls": 0, "cluster": 0, "size": 1, "n_unrelated": 1, "n_suspect": 0, "score": 1.0, "p_value": 0.01,
+          "q_value": 0.01}
+    res = DiscoveryResult([f], [cl], {1: np.arange(5, dtype=np.float32)}, {}, {})
+    write_outputs(res, tmp_path)
+    outputs = {tmp_path / "findings.json", tmp_path / "findings.csv", tmp_path / "clusters.csv",
+               tmp_path / "rankings" / "finding1.npy"}
+    assert all(p.is_file() for p in outputs)
+    opened = []
+    real_open = builtins.open
+
+    def spy(file, mode="r", *a, **kw):
+        if any(c in mode for c in "wax+"):
+            opened.append(Path(file).resolve())
+        return real_open(file, mode, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    monkeypatch.setattr(io, "open", spy)   # pathlib's write_text opens through io.open
+    res.findings[0]["score"] = 2.0
+    write_outputs(res, tmp_path)
+    monkeypatch.undo()
+    assert opened, "the spy saw no write"
+    in_place = sorted(str(p) for p in set(opened) & {p.resolve() for p in outputs})
+    assert not in_place, f"rewritten in place (an interruption leaves them cut short): {in_place}"
+    assert json.loads((tmp_path / "findings.json").read_text())["findings"][0]["score"] == 2.0
+    assert not list(tmp_path.rglob("*.tmp")), "temporary files left behind"
+
+
+def test_huge_latents_are_standardised_not_zeroed(tmp_path):
+    """Standardisation is scale-free, but fp32 statistics are not: latents of about 1e18
+    overflowed the variance to inf, every latent standardised to 0, and discovery silently
+    found nothing."""
+    store, shortcut = _store(tmp_path / "store")
+    want = discover(store, DiscoverConfig(k=4, n_null=30, seed=0), progress=False)
+    assert want.findings
+    mu = np.asarray(store["mu"]).copy()
+    store.array("mu", writable=True)[:] = mu * np.float32(1e18)
+    got = discover(store, DiscoverConfig(k=4, n_null=30, seed=0), progress=False)
+    assert [sorted(f["members"]) for f in got.findings] == [sorted(f["members"]) for f in want.findings]
+
+
+def test_numpy_numbers_in_the_config_are_taken_and_fractions_refused(tmp_path):
+    """A k from np.arange ran the whole discovery and then crashed writing findings.json
+    ("Object of type int64 is not JSON serializable"); k=4.5 silently ran with k=4."""
+    import json
+
+    from spurfast.discover import findings_document
+    store, _ = _store(tmp_path / "store")
+    cfg = DiscoverConfig(k=np.int64(4), n_null=np.int32(1), max_null=np.int64(1), fdr=np.float32(0.05), seed=np.uint8(0))
+    res = discover(store, cfg, progress=False)
+    json.dumps(findings_document(res))
+    assert type(cfg.k) is int and type(cfg.fdr) is float
+    assert DiscoverConfig(k=8.0).k == 8
+    for field, value in (("k", 4.5), ("n_null", float("nan")), ("k", "4"), ("seed", True)):
+        with pytest.raises(ValueError, match=f"^{field} must be an integer, got {value!r}"):
+            DiscoverConfig(**{field: value})
+    with pytest.raises(ValueError, match="^fdr must be a number, got '0.05'"):
+        DiscoverConfig(fdr="0.05")
+
+
+def test_a_class_name_that_is_not_utf8_is_written_escaped(tmp_path):
+    # a class folder named b"caf\xe9" (read with surrogate escapes) crashed the writing of
+    # findings.csv after the whole run
+    import os
+
+    from spurfast.discover import write_outputs
+
+    store, _ = _store(tmp_path / "s")
+    names = [f"c{i}" for i in range(10)]
+    names[0] = os.fsdecode(b"caf\xe9")      # the shortcut's class (the test above)
+    res = discover(store, DiscoverConfig(k=4, n_null=30, seed=0), class_names=names, progress=False)
+    assert res.findings[0]["class_name"] == "caf\\xe9"
+    write_outputs(res, tmp_path / "out")
+    assert "caf\\xe9" in (tmp_path / "out" / "findings.csv").read_text(encoding="utf-8")

@@ -594,3 +594,15 @@ def test_a_bad_timeout_variable_is_named_before_joining(monkeypatch, var, value)
         sd.init("cpu")
     with pytest.raises(ValueError, match=r"timeout_s=-1: expected a timeout in seconds > 0"):
         sd.init("cpu", timeout_s=-1)
+
+
+def test_a_missing_rank_variable_is_named_before_joining(monkeypatch):
+    # RANK defaulted to 0: every process took rank 0 and waited for the others for the
+    # whole timeout, then failed naming no variable
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setattr(sd.dist, "init_process_group", lambda *a, **k: pytest.fail("joined the group as rank 0"))
+    with pytest.raises(RuntimeError, match="WORLD_SIZE=2 but RANK is not set: launch with torchrun"):
+        sd.init("cpu")

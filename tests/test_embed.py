@@ -249,3 +249,61 @@ def test_a_resume_with_another_loader_is_refused(tmp_path):
     store = embed_pool(ImageFolderSource(tmp_path / "pool", size=32), clf, vae, tmp_path / "s",
                        loader_backend="torch", **kw)
     assert store.complete and store.manifest["loader"] == "torch"
+
+
+def test_shards_that_would_continue_a_store_begun_with_another_loader_are_refused(tmp_path):
+    # a 1-process pass begun with the torch loader, resumed by several ranks with DALI: each
+    # rank's fresh shard store recorded "dali" and nothing compared it with the main store's
+    # rows, so the merge silently mixed both decoders' pixels
+    from spurfast import backends
+    from spurfast.data.folder import ImageFolderSource
+    from spurfast.make_pool import PoolSpec, make_pool
+
+    try:
+        backends.resolve("loader", "dali")
+    except backends.BackendUnavailable as exc:
+        pytest.skip(f"no DALI here: {exc}")
+    torch.manual_seed(0)
+    clf, vae = SmallCNN(3, 10, 32).eval(), VAE(VAEConfig.for_images(3, 32, 6)).eval()
+    make_pool(tmp_path / "pool", PoolSpec(n=24, seed=0), workers=1, progress=False)
+    kw = dict(num_classes=10, batch_size=8, progress=False, num_workers=1)
+    embed_pool(ImageFolderSource(tmp_path / "pool", size=32), clf, vae, tmp_path / "s", loader_backend="torch",
+               stop_after=1, **kw)
+    with pytest.raises(ValueError, match=rf"store {tmp_path / 's'} was begun with the 'torch' loader.*"
+                                         rf"--loader-backend torch \(or start afresh: remove {tmp_path / 's'}"):
+        embed_pool(ImageFolderSource(tmp_path / "pool", size=32), clf, vae, tmp_path / "s", loader_backend="dali",
+                   shard_id=0, num_shards=2, **kw)
+
+
+def test_made_from_tells_this_runs_store_or_its_shards_from_another(tmp_path):
+    # what --overwrite keeps: a store (or, before the merge, a shard store) of this pool and these models
+    import json
+
+    from spurfast.data.sources import content_digest
+    from spurfast.embed import fingerprint, made_from
+
+    src, clf, vae = _setup(20)
+    fp, content = fingerprint(src, clf, vae), content_digest(src)
+    embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False, stop_after=1)
+    embed_pool(src, clf, vae, tmp_path / "sh", num_classes=4, batch_size=4, progress=False, stop_after=1,
+               shard_id=1, num_shards=2)
+    assert made_from(tmp_path / "s", fp, content) and made_from(tmp_path / "sh", fp, content)
+    assert not made_from(tmp_path / "s", fp, "other-content") and not made_from(tmp_path / "sh", "other-fp", content)
+    assert not made_from(tmp_path / "none", fp, content)
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps({"fingerprint": "old", "content": "older"}))
+    assert made_from(tmp_path / "s", fp, content, legacy=lambda: [("old", "older")])   # an earlier version's
+
+
+def test_any_source_named_from_a_non_utf8_file_name_can_be_fingerprinted():
+    # folder and .npz sources escape such names; a SubsetSource (or a user's own source) given
+    # one crashed every digest with "surrogates not allowed"
+    import os
+
+    from spurfast.data.sources import ArraySource, SubsetSource, content_digest
+    from spurfast.embed import fingerprint
+
+    base = ArraySource(np.zeros((4, 1, 8, 8), np.float32), name="base")
+    odd = SubsetSource(base, [0, 2], name=os.fsdecode(b"pool-\xff"))
+    same = SubsetSource(base, [0, 2], name="pool-\xff")   # a UTF-8 name of other bytes: another identity
+    assert fingerprint(odd) != fingerprint(same) and content_digest(odd) != content_digest(same)
+    assert fingerprint(base) == fingerprint(ArraySource(np.zeros((4, 1, 8, 8), np.float32), name="base"))

@@ -36,6 +36,9 @@ def test_planted_class_is_top_finding(digits_run):
     base = carries.mean()
     assert carries[members].mean() > 3 * base, (carries[members].mean(), base)
     assert summary["AUROC (probe ranking)"] > 0.8
+    # every poisoned training image of class 3 carries the patch: its suspects support it
+    sp = top["support"]
+    assert sp["supported"] and sp["class_above"] > sp["n_class"] / 2, sp
 
 
 def test_outputs_are_complete(digits_run):
@@ -57,6 +60,8 @@ def test_outputs_are_complete(digits_run):
     # as the report writes them: escaped ('weak' says "the run's")
     assert verdicts and all(v in VERDICTS and escape(VERDICTS[v]) in html for v in verdicts)
     assert "confirm_verdict" in (out / "findings.csv").read_text().splitlines()[0]
+    assert (out / "findings.csv").read_text().splitlines()[0].endswith("support_p_value,support_q_value,supported")
+    assert "Training support:" in html
     assert (out / "findings.csv").read_text().count("\n") == len(doc["findings"]) + 1
 
 

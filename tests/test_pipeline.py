@@ -1,4 +1,6 @@
 """run_discovery's early refusals, for API users as for the CLI."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,8 @@ from PIL import Image
 from spurfast.data import ArraySource
 from spurfast.data.folder import ImageFolderSource
 from spurfast.models import VAE, VAEConfig, SmallCNN
+import spurfast.pipeline as P
+from spurfast.embed import EmbeddingStore
 from spurfast.pipeline import run_discovery
 
 
@@ -201,3 +205,107 @@ def test_a_folder_pool_with_names_that_are_not_utf8_runs_and_reports(tmp_path):
     bad = json.loads((out / "bad_files.json").read_text())
     assert list(bad) == [str(tmp_path / "pool" / "c0") + "/bad\\xfe.png"], bad
     assert "bad\\xfe.png" in (out / "report.html").read_text(encoding="utf-8")
+
+
+def _tiny():
+    torch.manual_seed(0)
+    pool = ArraySource(torch.rand(24, 1, 16, 16), np.arange(24) % 2, name="pool")
+    return pool, SmallCNN(1, 2, 16), VAE(VAEConfig.for_images(1, 16, 4))
+
+
+def test_overwrite_keeps_the_store_of_this_pool_and_these_models(tmp_path, caplog, monkeypatch):
+    # a rerun with only a discovery setting changed is another run: --overwrite deleted its
+    # store, and the whole pool (hours at ImageNet scale) was classified and embedded again
+    import logging
+
+    import spurfast.embed as E
+    from spurfast.discover import DiscoverConfig
+
+    pool, clf, vae = _tiny()
+    out = tmp_path / "run"
+    run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False)
+    (out / "images" / "old.png").write_bytes(b"x")     # the old run's other files go
+    mu = (out / "store" / "mu.npy").read_bytes()
+    with pytest.raises(FileExistsError, match=r"pass --overwrite \(its embedding store, of this pool and these "
+                                              r"models, is kept and reused\)"):
+        run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False,
+                      config=DiscoverConfig(fdr=0.1))
+    monkeypatch.setattr(E.EmbeddingStore, "write", lambda *a, **k: pytest.fail("the kept store was embedded again"))
+    with caplog.at_level(logging.INFO, logger="spurfast"):
+        run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False,
+                      config=DiscoverConfig(fdr=0.1), overwrite=True)
+    monkeypatch.undo()
+    assert "keeping the embedding store" in caplog.text
+    assert (out / "store" / "mu.npy").read_bytes() == mu and not (out / "images" / "old.png").exists()
+    # a store of other models goes, as before
+    other = VAE(VAEConfig.for_images(1, 16, 4))
+    with pytest.raises(FileExistsError, match=r"pass --overwrite$"):
+        run_discovery(pool, clf, other, out, num_classes=2, confirm=False, progress=False)
+    run_discovery(pool, clf, other, out, num_classes=2, confirm=False, progress=False, overwrite=True)
+    assert (out / "store" / "mu.npy").read_bytes() != mu
+    assert EmbeddingStore(out / "store").manifest["fingerprint"] == P.fingerprint(pool, clf, other)
+
+
+def test_an_interrupted_run_json_write_leaves_the_directory_usable(tmp_path, monkeypatch):
+    # run.json was written in place: an interruption mid-write left a truncated marker, and
+    # spurfast then refused its own run directory ("files spurfast did not write")
+    import pathlib
+
+    from spurfast.pipeline import prepare_output
+
+    out, fresh = _older_run(tmp_path / "run"), tmp_path / "fresh"
+
+    def torn(src, dst, *a, **k):   # interrupted with the new text half written
+        pathlib.Path(src).write_text('{"ru')
+        raise KeyboardInterrupt
+    for d in (out, fresh):   # a run being resumed, a run's first write
+        monkeypatch.setattr(os, "replace", torn)
+        with pytest.raises(KeyboardInterrupt):
+            prepare_output(d, "an-older-run", overwrite=False)
+        monkeypatch.undo()
+        prepare_output(d, "an-older-run", overwrite=False)
+    assert sorted(p.name for p in out.iterdir()) == ["findings.json", "run.json"]
+    assert sorted(p.name for p in fresh.iterdir()) == ["run.json"]
+
+
+def test_a_rerun_leaves_no_finding_files_of_an_earlier_pass(tmp_path):
+    # a rerun of the same run (corrected labels: the same run, maybe fewer findings) rewrote
+    # the images and rankings of its findings and left those of findings that are gone, and
+    # an interrupted re-ranking's staged images, beside them
+    pool, clf, vae = _tiny()
+    out = tmp_path / "run"
+    run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False)
+    stale = [out / "images" / "finding7_grid.png", out / "images" / ".rerank2_finding1_mask.png",
+             out / "rankings" / "finding7.npy"]
+    for f in stale:
+        f.write_bytes(b"x")
+    (out / "images" / "notes.txt").write_text("mine")
+    doc, _, _ = run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False)
+    assert not any(f.exists() for f in stale)
+    assert (out / "images" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (out / "rankings").iterdir()) == sorted(f"finding{f['rank']}.npy"
+                                                                         for f in doc["findings"])
+
+
+def test_an_interrupted_bad_files_write_leaves_the_run_reportable(tmp_path, monkeypatch):
+    # bad_files.json was written in place: Ctrl-C mid-write left a truncated file that
+    # `spurfast report` (read_bad_files) then failed to parse
+    import pathlib
+
+    from spurfast.pipeline import read_bad_files
+
+    pool, clf, vae = _tiny()
+    out = tmp_path / "run"
+    run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False)
+    real = os.replace
+
+    def torn(src, dst, *a, **k):   # interrupted with bad_files.json half written
+        if pathlib.Path(dst).name == "bad_files.json":
+            pathlib.Path(src).write_text("{")
+            raise KeyboardInterrupt
+        return real(src, dst, *a, **k)
+    monkeypatch.setattr(os, "replace", torn)
+    with pytest.raises(KeyboardInterrupt):
+        run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False)
+    monkeypatch.undo()
+    assert read_bad_files(out) == {}

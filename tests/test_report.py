@@ -106,3 +106,40 @@ def test_a_confirmation_without_the_content_control_says_so(tmp_path):
     html = write_report(_doc(cf), tmp_path).read_text()
     assert "more than both controls" not in html
     assert "genuine class content was not tested: no image of class 3 to compare with" in html
+
+
+def test_names_that_are_not_utf8_are_spelled_out_not_fatal(tmp_path):
+    """A class folder or file whose name is not UTF-8 reads with surrogate escapes
+    ('caf\\udce9'); writing the page raised UnicodeEncodeError (`spurfast report` too)."""
+    doc = _doc(None)
+    doc["findings"][0]["class_name"] = "caf\udce9 <b>"
+    html = write_report(doc, tmp_path, bad_files={"dir/caf\udce9.png": "cannot identify image"},
+                        summary={"dataset": "x\ud800"}).read_text(encoding="utf-8")
+    assert "class 3 (caf\\xe9 &lt;b&gt;)" in html and "<code>dir/caf\\xe9.png</code>" in html
+    assert "<td>x\\ud800</td>" in html
+
+
+def test_no_effect_without_the_content_control_claims_no_content_comparison(tmp_path):
+    """'no more than random patterns or genuine class content' claimed a content test that
+    did not run (no image of the class to compare with), as "both controls" did."""
+    cf = {"flip_rate": 0.0, "control_flip_rate": 0.0, "p_value": 1.0, "q_value": 1.0, "verdict": "no_effect",
+          "content_skipped": "no image of class 3 to compare with"}
+    html = write_report(_doc(cf), tmp_path).read_text()
+    assert "not confirmed (the pattern moves the model no more than random patterns; genuine class content was " \
+           "not tested: no image of class 3 to compare with)" in html
+    assert VERDICTS["no_effect"] not in html
+
+
+def test_a_document_spurfast_did_not_write_is_named_not_a_traceback(tmp_path):
+    """`spurfast report --run DIR` on another tool's findings.json ended in a KeyError
+    (or TypeError) traceback that named neither the file nor what it lacked."""
+    import pytest
+    for doc, says in (([1], "is a JSON list"), ({"findings": []}, "it lacks schema, spurfast_version, config, pool"),
+                      (dict(_doc(None), pool=[]), "its config or pool is no object")):
+        with pytest.raises(ValueError, match="findings document of .* \\(findings.json\\)") as err:
+            write_report(doc, tmp_path)
+        assert says in str(err.value)
+    doc = _doc(None)
+    del doc["findings"][0]["score"]
+    with pytest.raises(ValueError, match="finding 1 lacks score"):
+        write_report(doc, tmp_path)

@@ -229,3 +229,30 @@ def test_cluster_and_score_grows_k_for_a_large_class_up_to_the_cap():
     assert cluster_and_score(*args, **kw).k_per_group.tolist() == [2, 2]
     assert cluster_and_score(*args, max_mean_cluster_size=50, **kw).k_per_group.tolist() == [10, 2]
     assert cluster_and_score(*args, max_mean_cluster_size=50, max_k=6, **kw).k_per_group.tolist() == [6, 2]
+
+
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_cosine_kmeans_on_all_zero_rows_stops(backend):
+    """Under cosine an all-zero latent row is at distance 1 from every centroid, itself
+    included: empty clusters were re-seeded onto such rows every iteration, stayed empty,
+    and the loop ran all n_iter iterations (for the real clustering and every null one)."""
+    from spurfast.cluster import batched_kmeans
+
+    x = torch.zeros(40, 3)
+    x[20:] = torch.tensor([1.0, 2.0, 0.5])   # group 1: one direction, fewer than k
+    groups = torch.repeat_interleave(torch.arange(2), 20)
+    res = batched_kmeans(x, groups, [3, 3], n_iter=50, metric="cosine", backend=backend)
+    assert res.reseeded == 0 and res.n_iter < 50, (res.reseeded, res.n_iter)
+    assert res.counts.tolist() == [[20, 0, 0], [20, 0, 0]] and torch.isfinite(res.centroids).all()
+
+
+def test_a_group_given_no_cluster_counts_no_members():
+    """counts[g, j] is the size of cluster j of group g: a group given k = 0 has none, but
+    its points (assign 0, distance +inf) were counted as a cluster 0 of 100 members."""
+    from spurfast.cluster import batched_kmeans
+
+    x = torch.randn(400, 5, generator=torch.Generator().manual_seed(0))
+    groups = torch.tensor([0] * 300 + [1] * 100)
+    res = batched_kmeans(x, groups, [6, 0], n_groups=2, n_iter=20, seed=3)
+    assert res.counts[1].tolist() == [0] * 6
+    assert res.counts[0].tolist() == torch.bincount(res.assign[:300], minlength=6).tolist()
