@@ -19,7 +19,9 @@ def main(argv=None) -> int:
     ap.add_argument("suite", choices=sorted(SUITES) + ["plot", "all"])
     ap.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
     ap.add_argument("--csv", default=None, help="results CSV (default bench/results.csv)")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    # cpu or cuda only: the suites pick their GPU providers on device == "cuda", so cuda:0 ran
+    # the torch reference alone and triton-shapes skipped itself as "GPU only"
+    ap.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     args = ap.parse_args(argv)
     if args.device not in (None, "cpu") and args.suite != "plot":
         import torch

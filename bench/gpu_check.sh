@@ -8,6 +8,11 @@
 # SPURFAST_GPU_CHECK_STEPS="tests kmeans encoder e2e shapes" picks steps (default: all; shapes,
 # the Triton assign's launch-shape sweep, last: about 2 minutes, the first to drop when short);
 # SPURFAST_GPU_TESTS=<paths> narrows the GPU tests (default: tests).
+# SPURFAST_GPU_CHECK_BUDGET=<seconds> (default 570: the device tool stops a command at 600 s)
+# caps the whole run: a step gets its own limit or what is left, whichever is less, and one
+# that would get under 30 s is skipped, so the check ends with its summary instead of being
+# killed mid-step.  The GPU tests get up to 330 s: 179 took 117 s cold on the H200, and 329
+# are collected now, the Triton ones each compiling cold.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out/gpu_check}"
@@ -16,14 +21,21 @@ export PYTHONUNBUFFERED=1 SPURFAST_BENCH_CSV="$OUT/results.csv" SPURFAST_BENCH_D
 PY="${PYTHON:-python3}"
 STEPS="${SPURFAST_GPU_CHECK_STEPS:-tests kmeans encoder e2e shapes}"
 LOG="$OUT/steps.log"
+BUDGET="${SPURFAST_GPU_CHECK_BUDGET:-570}"
 step() { echo "[gpu_check] $(date +%T) +${SECONDS}s $*" | tee -a "$LOG"; }
-want() { [[ " $STEPS " == *" $1 "* ]]; }
+# a step's time limit: its own ($1 s) or what the budget has left (less 15 s for the summary)
+# (never 0: `timeout 0` waits forever)
+limit() { local left=$(( BUDGET - SECONDS - 15 )); (( left < 1 )) && left=1; echo $(( left < $1 ? left : $1 )); }
+want() {
+  [[ " $STEPS " == *" $1 "* ]] || return 1
+  (( $(limit 30) >= 30 )) || { step "$1 skipped: the ${BUDGET} s budget is spent"; return 1; }
+}
 
 # every step has a time limit (a hung nvcc, pip or CUDA init must not eat the device time)
 step "build fatbins"
 if ! command -v nvcc >/dev/null; then
   step "no nvcc on PATH: no fatbins (the launcher compiles with NVRTC)"
-elif ! timeout -k 10 240 make kernels CUDA_ARCHS=90 > "$OUT/kernels_build.log" 2>&1; then
+elif ! timeout -k 10 "$(limit 240)" make kernels CUDA_ARCHS=90 > "$OUT/kernels_build.log" 2>&1; then
   step "fatbin build FAILED or timed out (the launcher falls back to NVRTC): see kernels_build.log"
 fi
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -33,7 +45,7 @@ fi
 # The GPU machine has torch/triton/cupy but not this package: install it editable (no
 # network there: the installed setuptools builds it), else make the source tree importable
 # as installed (setup.py maps kernels/ to spurfast.kernels) with a link removed on exit.
-if ! timeout -k 10 180 $PY -m pip install -q --no-deps --no-build-isolation --use-pep517 -e . >> "$LOG" 2>&1; then
+if ! timeout -k 10 "$(limit 180)" $PY -m pip install -q --no-deps --no-build-isolation --use-pep517 -e . >> "$LOG" 2>&1; then
   step "editable install failed (see steps.log): linking spurfast/kernels -> kernels"
   if [ ! -e spurfast/kernels ]; then ln -s ../kernels spurfast/kernels && trap 'rm -f spurfast/kernels' EXIT; fi
 fi
@@ -68,29 +80,31 @@ PY
 if want tests; then
   step "GPU tests"
   XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
-  timeout -k 10 180 $PY -m pytest -q -m gpu ${SPURFAST_GPU_TESTS:-tests} -p no:cacheprovider $XDIST -rfE > "$OUT/gpu_tests.log" 2>&1
+  # SIGINT at the limit: pytest then still prints the failures so far (TERM left only dots)
+  timeout -s INT -k 10 "$(limit 330)" $PY -m pytest -q -m gpu ${SPURFAST_GPU_TESTS:-tests} -p no:cacheprovider $XDIST \
+    -rfE > "$OUT/gpu_tests.log" 2>&1
   step "GPU tests rc=$?"; tail -25 "$OUT/gpu_tests.log"
 fi
 if want kmeans; then
   step "bench kmeans"
-  timeout -k 10 120 $PY -m bench kmeans --quick --device cuda > "$OUT/bench_kmeans.log" 2>&1
+  timeout -k 10 "$(limit 120)" $PY -m bench kmeans --quick --device cuda > "$OUT/bench_kmeans.log" 2>&1
   step "bench kmeans rc=$?"
 fi
 if want encoder; then
   step "bench encoder"
   # torch.compile max-autotune takes minutes per graph: off unless asked for
-  SPURFAST_BENCH_COMPILE="${SPURFAST_BENCH_COMPILE:-0}" timeout -k 10 90 $PY -m bench encoder --quick --device cuda \
+  SPURFAST_BENCH_COMPILE="${SPURFAST_BENCH_COMPILE:-0}" timeout -k 10 "$(limit 90)" $PY -m bench encoder --quick --device cuda \
     > "$OUT/bench_encoder.log" 2>&1
   step "bench encoder rc=$?"
 fi
 if want e2e; then
   step "bench e2e"
-  timeout -k 10 120 $PY -m bench e2e --quick --device cuda > "$OUT/bench_e2e.log" 2>&1
+  timeout -k 10 "$(limit 120)" $PY -m bench e2e --quick --device cuda > "$OUT/bench_e2e.log" 2>&1
   step "bench e2e rc=$?"
 fi
 if want shapes; then
   step "bench triton-shapes"
-  timeout -k 10 150 $PY -m bench triton-shapes --quick --device cuda > "$OUT/bench_triton_shapes.log" 2>&1
+  timeout -k 10 "$(limit 150)" $PY -m bench triton-shapes --quick --device cuda > "$OUT/bench_triton_shapes.log" 2>&1
   step "bench triton-shapes rc=$?"
 fi
 step "done"

@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -37,6 +38,16 @@ def _int_at_least(lo: int):
     return parse
 
 
+def _seed(value: str) -> int:
+    """argparse type of --seed: training seeds epoch e with seed * 1000 + e (a 64-bit
+    generator seed), so a larger seed failed mid-run as "Overflow when unpacking long long"."""
+    from .evaluate import MAX_SEED
+    n = _int_at_least(0)(value)
+    if n > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {MAX_SEED}, got {value!r}")
+    return n
+
+
 def _seed_list(value: str) -> tuple[int, ...]:
     """--seeds: distinct integers >= 0, comma-separated."""
     parts = [s.strip() for s in value.split(",")]
@@ -65,6 +76,11 @@ def _add_pattern_args(p):
 STATISTICS = ("share", "surprise")
 
 
+def backend_help(what: str, var: str) -> str:
+    return (f"{what} backend (default: SPURFAST_BACKEND_{var}, else SPURFAST_BACKEND, else auto); "
+            f"given here, it beats those variables")
+
+
 def _add_discover_args(p):
     p.add_argument("--k", type=int, default=8, help="clusters per class")
     p.add_argument("--min-cluster-size", type=int, default=5)
@@ -81,7 +97,8 @@ def _add_discover_args(p):
                    help="per-image agreement: share of unrelated neighbours predicted alike, or how surprising "
                         "that agreement is given the labels' confusion rates (finds weaker shortcuts, and more "
                         "natural confusions for confirmation to reject)")
-    p.add_argument("--kmeans-backend", default=None, choices=["auto", "torch", "cupy"])
+    p.add_argument("--kmeans-backend", default=None, choices=["auto", "torch", "cpu", "cupy", "triton"],
+                   help=backend_help("k-means assignment and update", "KMEANS_ASSIGN / _UPDATE"))
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
 
 
@@ -199,17 +216,28 @@ def check_backends(device: str, **named) -> None:
             raise backends.BackendUnavailable(
                 f"{var}={os.environ[var]}: no op is named {op.lower()!r}; SPURFAST_BACKEND_<OP> takes one of "
                 f"{', '.join(k.upper() for k in backends.REGISTRY)}")
+    dev_type = torch.device(device).type
     for option, (value, ops) in named.items():
         for op in ops:
             if backends.requested(op, value) == "auto":
                 continue  # auto falls back to a provider that runs here
+            var = f"SPURFAST_BACKEND_{op.upper()}"
+            var = var if os.environ.get(var) else "SPURFAST_BACKEND"
+            by = f"--{option.replace('_', '-')} {value}" if value else f"{var}={os.environ.get(var)}"
             try:
-                backends.resolve(op, value, torch.device(device).type)
+                name, _ = backends.resolve(op, value, dev_type)
             except backends.BackendUnavailable as exc:
-                var = f"SPURFAST_BACKEND_{op.upper()}"
-                var = var if os.environ.get(var) else "SPURFAST_BACKEND"
-                by = f"--{option.replace('_', '-')} {value}" if value else f"{var}={os.environ.get(var)}"
                 raise backends.BackendUnavailable(f"{by}: {exc}") from None
+            # a named provider is available whatever the device: on a GPU machine, --device cpu
+            # with the CuPy k-means failed at the first clustering, after the embedding pass
+            # (Triton's interpreter, a test tool, runs its kernels on CPU tensors)
+            prov = next(p for p in backends.providers(op) if p.name == name)
+            module = sys.modules.get(prov.target.split(":")[0])
+            if not prov.serves(dev_type) and not getattr(module, "_INTERPRET", False):
+                raise backends.BackendUnavailable(
+                    f"{by}: backend {name!r} for {op!r} takes {' or '.join(prov.devices)} tensors, but this run "
+                    f"computes on device {device}; choose another backend, or compute on "
+                    f"{' or '.join(prov.devices)}")
 
 
 KMEANS_OPS = ("kmeans_assign", "kmeans_update")
@@ -254,8 +282,8 @@ def cmd_demo(args):
     check_device(args.device)
     check_backends(args.device, kmeans_backend=(args.kmeans_backend, KMEANS_OPS),
                    encoder=(None, ("encoder",)), **ENV_ONLY)
-    run_demo(args.out, dataset=args.dataset, seed=args.seed, target_class=args.target_class, family=args.family,
-             strength=args.strength, position=args.position, n_poisoned=args.n_poisoned,
+    run_demo(args.out, dataset=args.dataset, seed=args.seed, target_class=args.target_class,
+             family=args.family, strength=args.strength, position=args.position, n_poisoned=args.n_poisoned,
              pool_fraction=args.pool_fraction, classifier_epochs=args.classifier_epochs,
              vae_epochs=args.vae_epochs, overwrite=args.overwrite, progress=not args.quiet,
              config=_discover_config(args), device=args.device)
@@ -286,6 +314,20 @@ def _model_out(path) -> Path:
     return out
 
 
+def _out_folder(out: Path) -> None:
+    """Create --out's folder and make sure it takes files, before training: an unwritable one
+    failed at the first checkpoint, after an epoch, with a traceback."""
+    import tempfile
+    if out.parent.exists() and not out.parent.is_dir():
+        raise NotADirectoryError(f"--out {out}: {out.parent} is a file, not a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as exc:
+        raise PermissionError(f"--out {out}: cannot write in folder {out.parent} ({exc.strerror or exc}); "
+                              f"choose a writable place for the model file") from None
+
+
 def cmd_train_classifier(args):
     from .models.classifier import save_classifier
     from .models.train import train_classifier
@@ -295,7 +337,7 @@ def cmd_train_classifier(args):
     # an .npz's own class names count too: a class without training images still gets an output
     n_classes = args.num_classes or (len(src.class_names) if src.class_names else
                                      int(src.labels().max(initial=-1)) + 1)   # empty: training names it
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _out_folder(out)
     model = train_classifier(src, n_classes, arch=args.arch, epochs=args.epochs, seed=args.seed, device=args.device,
                              checkpoint=str(args.out) + ".ckpt", progress=not args.quiet)
     save_classifier(model, args.out)
@@ -309,7 +351,7 @@ def cmd_train_vae(args):
     out = _model_out(args.out)
     src, _ = load_pool(args.data, args.size, args.channels)
     c, h, _ = src.image_shape
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _out_folder(out)
     vae = train_vae(src, VAEConfig.for_images(c, h, args.latent_dim), epochs=args.epochs, seed=args.seed,
                     device=args.device, checkpoint=str(args.out) + ".ckpt", progress=not args.quiet)
     save_vae(vae, args.out)
@@ -419,7 +461,8 @@ def cmd_make_pool(args):
                     fraction=args.fraction, plant_class=args.plant_class, strength=args.strength,
                     target_size=args.target_size, quality=args.quality, seed=args.seed)
     info = make_pool(args.out, spec, workers=args.workers, progress=not args.quiet, overwrite=args.overwrite)
-    print(f"wrote {info['n']} images ({info['n_carrying']} carry {args.plant or 'no pattern'}) to {args.out} "
+    planted = f"{info['n_carrying']} carry {args.plant}" if args.plant else "no pattern planted"
+    print(f"wrote {info['n']} images ({planted}) to {args.out} "
           f"in {info['seconds']:.1f} s ({info['images_per_s']:.0f} img/s); ground truth: "
           f"{Path(args.out) / 'ground_truth.csv'}")
 
@@ -447,9 +490,14 @@ def cmd_evaluate(args):
         out.mkdir(parents=True, exist_ok=True)
         previous = (out / "RESULTS.md").read_text(encoding="utf-8") if (out / "RESULTS.md").is_file() else None
         tj = csv_path.with_name("timing.json")
-        timing = json.loads(tj.read_text()) if tj.is_file() else None
-        regenerated_by = f"spurfast evaluate --from-csv {csv_path} --out {out}" + (
-            f" --results-md {args.results_md}" if args.results_md else "")
+        try:
+            timing = json.loads(tj.read_text()) if tj.is_file() else None
+        except ValueError as exc:   # json's message named no file
+            raise ValueError(f"{tj} (the run's timing, beside {csv_path}) is not readable JSON ({exc}); "
+                             f"rerun the evaluation, or remove it") from None
+        # quoted for a shell, as the run's own "Command:" line is: a path with a space split in two
+        regenerated_by = shlex.join(["spurfast", "evaluate", "--from-csv", str(csv_path), "--out", str(out)]
+                                    + (["--results-md", str(args.results_md)] if args.results_md else []))
         md = write_results(csv_path, csv_path.with_name("confirm.csv"), out / "RESULTS.md", plots_dir=out / "plots",
                            command=(timing or {}).get("command", ""), timing=timing, regenerated_by=regenerated_by,
                            wall_s=timing["wall_s"] if timing else None)
@@ -475,7 +523,7 @@ def cmd_evaluate(args):
 
 
 def cmd_report(args):
-    from .pipeline import read_bad_files
+    from .pipeline import BAD_FILES, read_bad_files
     from .report import write_report
     run = Path(args.run)
     f = run / "findings.json"
@@ -494,8 +542,19 @@ def cmd_report(args):
         except (KeyError, TypeError, ValueError) as exc:   # a cut-short last row reads as None
             raise ValueError(f"{run / 'clusters.csv'} is not a clusters table spurfast wrote "
                              f"({exc.__class__.__name__}: {exc}); rerun `spurfast discover` on this run") from None
-    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else None
-    print(f"wrote {write_report(doc, run, clusters=clusters, bad_files=read_bad_files(run), summary=summary)}")
+    # written by the run in one go, so cut short by an interrupted one: json's message named no file
+    def cut_short(name, exc):
+        return ValueError(f"{run / name} is not readable JSON ({exc}); rerun `spurfast discover` (or `spurfast "
+                          f"demo`) on this run")
+    try:
+        summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else None
+    except ValueError as exc:
+        raise cut_short("summary.json", exc) from None
+    try:
+        bad_files = read_bad_files(run)
+    except ValueError as exc:
+        raise cut_short(BAD_FILES if (run / BAD_FILES).is_file() else "store/manifest.json", exc) from None
+    print(f"wrote {write_report(doc, run, clusters=clusters, bad_files=bad_files, summary=summary)}")
 
 
 def cmd_env(args):
@@ -529,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="plant a shortcut in Fashion-MNIST (or digits), train, discover, report")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--dataset", default="auto", choices=["auto", "fashion-mnist", "digits"])
-    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--classifier-epochs", type=_int_at_least(1), default=3)
     p.add_argument("--vae-epochs", type=_int_at_least(1), default=8)
     p.add_argument("--overwrite", action="store_true",
@@ -542,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plant", help="write planted train/pool/clean .npz files and plant.json")
     p.add_argument("--out", required=True)
     p.add_argument("--dataset", default="auto", choices=["auto", "fashion-mnist", "digits"])
-    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     _add_pattern_args(p)
     p.set_defaults(func=cmd_plant)
 
@@ -552,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", required=True, help=".npz from `spurfast plant`, or an image folder")
         p.add_argument("--out", required=True, help="model file to write")
         p.add_argument("--epochs", type=_int_at_least(1), default=3 if name == "train-classifier" else 8)
-        p.add_argument("--seed", type=_int_at_least(0), default=0)
+        p.add_argument("--seed", type=_seed, default=0)
         p.add_argument("--device", default="cpu")
         p.add_argument("--size", type=int, default=64, help="image size for folders")
         p.add_argument("--channels", type=int, default=3, help="channels for folders")
@@ -580,9 +639,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64, help="image size for folders")
     p.add_argument("--channels", type=int, default=3, help="channels for folders")
     p.add_argument("--batch-size", type=_int_at_least(1), default=256)
-    p.add_argument("--seed", type=_int_at_least(0), default=0)
-    p.add_argument("--encoder-backend", default=None, choices=["auto", "torch", "triton"])
-    p.add_argument("--loader-backend", default=None, choices=["auto", "torch", "dali"])
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--encoder-backend", default=None, choices=["auto", "torch", "triton"],
+                   help=backend_help("VAE encoder", "ENCODER"))
+    p.add_argument("--loader-backend", default=None, choices=["auto", "torch", "dali"],
+                   help=backend_help("image folder decoding", "LOADER"))
     p.add_argument("--unsafe-load", action="store_true", help="torch.load with weights_only=False (trusted files only)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a different spurfast run in --out (never a folder spurfast did not write, "
@@ -604,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-size", type=int, default=64, help="loader image size the pattern is defined at (<= the smallest --size)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality")
     p.add_argument("--workers", type=_int_at_least(1), default=None, help="processes (default: all cores)")
-    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_make_pool)
@@ -641,11 +702,15 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError,
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError,
             BackendUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:   # a traceback did not say that the finished work is kept
+        if args.command == "make-pool":   # a half-written pool is not resumed: the same command refused it
+            print(f"interrupted: pool {args.out} is incomplete; rerun with --overwrite to write it anew",
+                  file=sys.stderr)
+            return 130
         print(f"interrupted: finished work is kept (training checkpoints, the embedding store); the same "
               f"`spurfast {args.command}` command resumes", file=sys.stderr)
         return 130

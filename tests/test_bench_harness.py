@@ -211,3 +211,65 @@ def test_bench_device_cuda_without_a_gpu_is_refused_up_front(tmp_path, monkeypat
         bench_main(["encoder", "--quick", "--device", "cuda", "--csv", str(tmp_path / "r.csv")])
     assert e.value.code == 2 and "--device cuda: torch sees no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "r.csv").exists()
+
+
+def test_gpu_check_keeps_to_its_budget_and_a_cut_test_step_still_reports(tmp_path):
+    """bench/gpu_check.sh on the one GPU run a session gets: the GPU test step (329 tests, the
+    Triton ones compiling cold) had a fixed 180 s under TERM, which leaves pytest's output
+    without its failure summary, and the steps' limits added up past the device tool's 600 s
+    per command, which then kills the script before its summary.  A scripted python stands
+    in: its pytest runs until stopped, and prints its summary on SIGINT."""
+    import os
+    import signal
+    import subprocess
+    from pathlib import Path
+
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/bash\n"
+                    'if [ "$1 $2" = "-m pytest" ]; then\n'
+                    '  trap \'echo "FAILED tests/test_x.py::test_y - summary after SIGINT"; exit 2\' INT\n'
+                    "  while :; do sleep 0.2; done\n"
+                    "fi\n"
+                    '[ "$1" = "-" ] && cat > /dev/null\n'
+                    '[ "$1" = "-c" ] && exit 1\n'
+                    "exit 0\n")
+    fake.chmod(0o755)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "make").write_text("#!/bin/sh\nexit 0\n")   # the fatbin build, where nvcc is found
+    (tmp_path / "bin" / "make").chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=str(fake), SPURFAST_GPU_CHECK_BUDGET="46",
+               PATH=f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        stdout, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:   # every process of its session (timeout makes its own groups)
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[3]) == proc.pid:
+                    os.kill(int(stat.parent.name), signal.SIGKILL)
+            except (OSError, ValueError, IndexError):
+                pass
+        proc.communicate()
+        pytest.fail("gpu_check.sh ran past its 46 s budget")
+    steps = (out / "steps.log").read_text()
+    assert "summary after SIGINT" in (out / "gpu_tests.log").read_text(), steps
+    assert "kmeans skipped: the 46 s budget is spent" in steps, steps
+    assert "[gpu_check]" in stdout and "done" in steps.splitlines()[-1], steps
+
+
+@pytest.mark.parametrize("device", ["cuda:0", pytest.param("gpu", id="named-gpu")])   # (an id "gpu" is the marker)
+def test_bench_device_other_than_cpu_or_cuda_is_refused(monkeypatch, capsys, device):
+    # --device cuda:0 on a GPU machine ran bench kmeans with the torch reference alone (its GPU
+    # providers are chosen on device == "cuda") and triton-shapes skipped itself as GPU-only;
+    # "gpu" reached torch.device and raised there
+    from bench import bench_kmeans
+    from bench.__main__ import main as bench_main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench_kmeans, "run", lambda *a, **k: pytest.fail("the suite ran"))
+    with pytest.raises(SystemExit) as e:
+        bench_main(["kmeans", "--quick", "--device", device])
+    assert e.value.code == 2 and "--device" in capsys.readouterr().err

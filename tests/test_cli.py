@@ -952,3 +952,170 @@ def test_ctrl_c_says_the_same_command_resumes(tmp_path, capsys, monkeypatch):
     assert main(["demo", "--out", str(tmp_path / "o"), "--quiet"]) == 130
     err = capsys.readouterr().err
     assert err.startswith("interrupted: finished work is kept") and "`spurfast demo` command resumes" in err, err
+
+
+def test_an_explicit_kmeans_backend_auto_beats_the_update_variable(tmp_path, capsys, monkeypatch):
+    # --kmeans-backend auto left the update to SPURFAST_BACKEND_KMEANS_UPDATE (the loop passes the
+    # run's backend only when it names an update provider), past the up-front check, which skips an
+    # explicit auto: an unavailable one failed after the embedding pass
+    import os
+
+    from spurfast import backends
+
+    if torch.cuda.is_available():
+        pytest.skip("CuPy can run here")
+    monkeypatch.setenv("SPURFAST_BACKEND_KMEANS_UPDATE", "cupy")
+    monkeypatch.delenv("SPURFAST_BACKEND_KMEANS_ASSIGN", raising=False)
+    backends.clear_cache()
+    clf, vae = _models(tmp_path)
+    pool = _npz(tmp_path / "pool.npz", np.random.default_rng(0).integers(0, 256, (40, 28, 28), dtype=np.uint8))
+    capsys.readouterr()
+    assert main(["discover", "--pool", pool, "--classifier", clf, "--vae", vae, "--out", str(tmp_path / "o"),
+                 "--quiet", "--n-null", "2", "--max-null", "2", "--no-confirm", "--kmeans-backend", "auto"]) == 0, \
+        capsys.readouterr().err
+    assert (tmp_path / "o" / "findings.json").is_file()
+    assert os.environ["SPURFAST_BACKEND_KMEANS_UPDATE"] == "cupy"   # the caller's environment is left as it was
+    assert "SPURFAST_BACKEND_KMEANS_ASSIGN" not in os.environ
+
+
+@pytest.mark.parametrize("flag", ["--kmeans-backend", "--encoder-backend", "--loader-backend"])
+def test_backend_flags_say_they_beat_the_variables(flag, capsys):
+    # --help said nothing about SPURFAST_BACKEND*, which a given flag overrides
+    with pytest.raises(SystemExit):
+        main(["discover", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    help_ = text.split(flag + " {")[-1].split(" --")[0]   # the options list, not the usage line
+    assert "SPURFAST_BACKEND" in help_ and "given here, it beats those variables" in help_, help_
+
+
+@pytest.mark.parametrize("damage", ["summary.json", "bad_files.json", "store/manifest.json"])
+def test_report_names_a_cut_short_summary_or_bad_files_list(tmp_path, capsys, damage):
+    # json's "Expecting value" named no file: summary.json (the demo's) and the unreadable-file
+    # list are written by the run in one go, so an interrupted run leaves them cut short too
+    run = tmp_path / "run"
+    (run / "store").mkdir(parents=True)
+    (run / "findings.json").write_text(json.dumps({"schema": 1, "findings": []}))
+    (run / damage).write_text('{"a": ')
+    capsys.readouterr()
+    assert main(["report", "--run", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {run / damage} is not readable JSON") and "Traceback" not in err, err
+
+
+def test_ctrl_c_in_make_pool_says_to_overwrite(tmp_path, capsys, monkeypatch):
+    # it said "the same `spurfast make-pool` command resumes", which then refused the half-written pool
+    import spurfast.make_pool as M
+
+    out = str(tmp_path / "pool")
+    monkeypatch.setattr(M, "_plan", lambda spec: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert main(["make-pool", "--out", out, "--n", "20", "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f"interrupted: pool {out} is incomplete") and "--overwrite" in err, err
+    monkeypatch.undo()
+    assert main(["make-pool", "--out", out, "--n", "20", "--quiet"]) == 2   # as the message says: not resumed
+    assert main(["make-pool", "--out", out, "--n", "20", "--quiet", "--overwrite"]) == 0
+
+
+def test_evaluate_from_csv_names_a_cut_short_timing_file(tmp_path, capsys):
+    # json's "Expecting value" named no file (timing.json beside the CSV is written in one go)
+    from pathlib import Path
+
+    csv = _quick_csv(tmp_path)
+    (Path(csv).parent / "timing.json").write_text('{"wall_s": ')
+    capsys.readouterr()
+    assert main(["evaluate", "--from-csv", csv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {Path(csv).parent / 'timing.json'} (the run's timing") and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("cmd", ["train-vae", "train-classifier"])
+def test_train_out_in_an_unwritable_folder_is_refused_before_training(tmp_path, capsys, monkeypatch, cmd):
+    # the first checkpoint failed after an epoch, with torch's traceback ("open file failed")
+    import tempfile
+
+    import spurfast.models.train as T
+
+    try:
+        tempfile.TemporaryFile(dir="/sys").close()
+        pytest.skip("/sys takes files here")
+    except OSError:
+        pass
+    monkeypatch.setattr(T, "train_vae", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(T, "train_classifier", lambda *a, **k: pytest.fail("training started"))
+    pool = _npz(tmp_path / "pool.npz", np.zeros((12, 28, 28), np.uint8))
+    capsys.readouterr()
+    assert main([cmd, "--data", pool, "--out", "/sys/model.pt", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out /sys/model.pt: cannot write in folder /sys"), err
+
+
+@pytest.mark.parametrize("how", ["flag", "variable"])
+def test_a_cuda_only_backend_with_device_cpu_is_refused_first(tmp_path, capsys, monkeypatch, how):
+    # on a GPU machine (CuPy available) --device cpu with the CuPy k-means passed the check and
+    # failed at the first clustering ("x is on cpu; the CuPy kernels need CUDA tensors"), after
+    # the embedding pass
+    from spurfast import backends
+    from spurfast.kernels import kmeans_cupy
+
+    monkeypatch.setattr(kmeans_cupy, "is_available", lambda: (True, ""))
+    monkeypatch.delenv("SPURFAST_BACKEND_KMEANS_ASSIGN", raising=False)
+    backends.clear_cache()
+    clf, vae = _models(tmp_path)
+    pool = _npz(tmp_path / "pool.npz", np.zeros((12, 28, 28), np.uint8))
+    cmd = ["discover", "--pool", pool, "--classifier", clf, "--vae", vae, "--out", str(tmp_path / "o"), "--quiet",
+           "--device", "cpu"]
+    if how == "flag":
+        cmd += ["--kmeans-backend", "cupy"]
+    else:
+        monkeypatch.setenv("SPURFAST_BACKEND_KMEANS_ASSIGN", "cupy")
+    capsys.readouterr()
+    try:
+        assert main(cmd) == 2
+    finally:
+        backends.clear_cache()   # the registry cached the patched availability
+    err = capsys.readouterr().err
+    by = "--kmeans-backend cupy" if how == "flag" else "SPURFAST_BACKEND_KMEANS_ASSIGN=cupy"
+    assert err.startswith(f"error: {by}: backend 'cupy' for 'kmeans_assign' takes cuda tensors"), err
+    assert not (tmp_path / "o").exists(), "failed after starting work"
+
+
+def test_evaluate_from_csv_quotes_the_command_it_records(tmp_path):
+    # the "tables regenerated by" command was joined bare: an --out with a space split in two
+    import shlex
+
+    csv = _quick_csv(tmp_path)
+    out = tmp_path / "regen out"
+    assert main(["evaluate", "--from-csv", csv, "--out", str(out)]) == 0
+    line = next(ln for ln in (out / "RESULTS.md").read_text().splitlines() if "regenerated by" in ln)
+    cmd = line.split("regenerated by `")[1].split("`")[0]
+    assert shlex.split(cmd)[-2:] == ["--out", str(out)], cmd
+
+
+def test_unreadable_clean_images_are_listed_with_the_pools(tmp_path, capsys):
+    # confirmation skipped them with a log line only: bad_files.json and the report said nothing
+    import pathlib
+
+    clf, vae = _models(tmp_path)
+    digits = [str(c) for c in range(10)]
+    pool = _digit_folders(tmp_path / "pool", digits, per_class=6)
+    clean = _digit_folders(tmp_path / "clean", digits)
+    (pathlib.Path(clean) / "4" / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "o"
+    assert main(["discover", "--pool", pool, "--clean", clean, "--size", "28", "--channels", "1", "--classifier", clf,
+                 "--vae", vae, "--n-null", "2", "--max-null", "2", "--k", "2", "--min-cluster-size", "1",
+                 "--fdr", "0.999", "--quiet", "--out", str(out)]) == 0, capsys.readouterr().err
+    doc = json.loads((out / "findings.json").read_text())
+    assert any(f["confirm"] for f in doc["findings"]), "nothing was confirmed: the clean set was never read"
+    bad = json.loads((out / "bad_files.json").read_text())
+    assert [k for k in bad if k.startswith("clean set: ")] == [f"clean set: {pathlib.Path(clean) / '4' / 'broken.png'}"], bad
+    assert "broken.png" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("cmd", [["demo"], ["plant", "--out", "x"], ["train-vae", "--data", "d", "--out", "v.pt"],
+                                 ["discover", "--pool", "p", "--classifier", "c", "--vae", "v", "--out", "o"]])
+def test_a_seed_too_large_for_training_is_refused_by_argparse(cmd, capsys):
+    # from about 1.8e16 training's seed * 1000 + epoch overflowed mid-run, naming no input
+    from spurfast.evaluate import MAX_SEED
+    with pytest.raises(SystemExit) as e:
+        main([*cmd, "--seed", str(MAX_SEED + 1)])
+    assert e.value.code == 2 and "--seed" in capsys.readouterr().err
