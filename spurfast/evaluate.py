@@ -14,8 +14,10 @@ pattern stamped on ``n`` images of its class; the pool is unrelated images (Fash
 test images of the non-target classes, or scikit-learn digits resized to 28x28 with
 unknown labels) of which a fraction carries each pattern (disjoint sets), plus
 ``n_suspect`` training images (the suspect data).  Held-out Fashion-MNIST test images form
-the clean set (Yang's spurious score and confirmation).  The VAE is trained on the
-unrelated part of the pool, so settings that share a pool (the clean-model control and
+the clean set (confirmation, and Yang's spurious score over that set as drawn: not
+class-balanced as the demo's; with a Fashion-MNIST pool, which takes test images of the
+other classes only, the pattern's class is over-represented in it).  The VAE is trained on
+the unrelated part of the pool, so settings that share a pool (the clean-model control and
 the planted model of the same seed) share a VAE.  Classifiers, VAEs, embedding stores and
 per-run metrics are cached under ``--cache`` by their settings: a rerun does not retrain.
 """
@@ -27,6 +29,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +42,7 @@ from .confirm import is_confirmed
 from .data.builtin import find_fashion_mnist, load_digits, load_fashion_mnist
 from .data.sources import ArraySource
 from .discover import DiscoverConfig, characterise, discover
+from .support import training_support
 from .embed import _write_json   # atomic: a run killed mid-write left a truncated cache file
 from .metrics import Feature, carried_by, false_findings, false_findings_on_pool_patterns, feature_metrics, matches, recall_at_q
 from .plant import PatternSpec, apply_pattern, fixed_mask, plant_training
@@ -345,7 +349,7 @@ BEST_OF = 10   # findings (candidates) each method's best one is picked from
 # the methods whose findings carry a q-value (a significance test): recall@q and false
 # findings apply to them alone.  Decided per method: a baseline without a test that returned
 # no candidate got recall 0 and 0 false findings, as if it had been tested.
-TESTED_METHODS = ("spurfast", "spurfast+confirm", "pixels")
+TESTED_METHODS = ("spurfast", "spurfast+confirm", "spurfast+support", "pixels")
 _AT_Q = ("recall@q", "false_findings@q", "false_on_pool_pattern@q")
 
 
@@ -378,9 +382,9 @@ def _applies(row: dict) -> bool:
 def run_key(setting: Setting, seed: int, sizes: Sizes, methods=METHODS, statistic: str = "share") -> str:
     """The cache key of one run's rows."""
     return _key({"setting": _setting_key(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods),
-                 "v": 15,    # 13: a tie does not beat the best null cluster; 14: Yang's spurious score,
+                 "v": 16,    # 13: a tie does not beat the best null cluster; 14: Yang's spurious score,
                              # best finding of the first 10 for every method, IoU 0 without a finding;
-                             # 15: GEORGE's k raised for large classes as spurfast's is
+                             # 15: GEORGE's k raised for large classes as spurfast's is; 16: spurfast+support
                  **({} if statistic == "share" else {"statistic": statistic})})
 
 
@@ -436,10 +440,13 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
         characterise(res, store, data.pool, vae, cache / "images" / f"{setting.name}-s{seed}", seed=seed)
         confirm_findings(res.findings, clf, clean=data.clean,
                          config=ConfirmConfig(max_images=sizes.confirm_images, seed=seed))
+        training_support(res.findings, data.pool, data.suspect, data.pool.labels())
         cands["spurfast"] = [{"class": f["class"], "members": np.asarray(f["members"]), "ranking": res.rankings[f["rank"]],
-                              "q_value": f["q_value"], "mask": f.get("_mask"), "confirm": f.get("confirm")}
+                              "q_value": f["q_value"], "mask": f.get("_mask"), "confirm": f.get("confirm"),
+                              "support": f.get("support")}
                              for f in res.findings]
         cands["spurfast+confirm"] = [c for c in cands["spurfast"] if confirmed(c["confirm"])]
+        cands["spurfast+support"] = [c for c in cands["spurfast+confirm"] if (c["support"] or {}).get("supported")]
         timing["spurfast"] = time.time() - t
         for r, c in enumerate(cands["spurfast"], 1):
             true = any(matches(c, f) for f in feats)
@@ -449,6 +456,9 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
                          "control_flip_rate": cf.get("control_flip_rate"), "p_value": cf.get("p_value"),
                          "content_flip_rate": cf.get("content_flip_rate"), "content_p_value": cf.get("content_p_value"),
                          "confirm_q_value": cf.get("q_value"), "confirmed": int(confirmed(c["confirm"])),
+                         "support_p_value": (c["support"] or {}).get("p_value"),
+                         "support_q_value": (c["support"] or {}).get("q_value"),
+                         "supported": int(bool((c["support"] or {}).get("supported"))),
                          # the pool pattern most members carry, if any (a true finding's, or the
                          # model reacting to a pool pattern in another class)
                          "pool_pattern": next((f.name for f in data.features if carried_by(c, [f])), "")})
@@ -477,8 +487,11 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
 
 
 # ----------------------------------------------------------------------------- sweep
+MAX_SEED = (2 ** 64 - 1000) // 1000   # seed * 1000 + epoch (< 1000) fits a 64-bit generator seed
+
+
 def check_seeds(seeds) -> tuple[int, ...]:
-    """``seeds`` as a tuple of distinct integers >= 0; ValueError naming the bad one.  A
+    """``seeds`` as a tuple of distinct integers from 0 to `MAX_SEED`; ValueError naming the bad one.  A
     repeated seed ran again (from the cache) and was counted twice in every mean and
     "per seed" list; a negative one failed inside numpy without naming the seed."""
     if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__"):
@@ -489,6 +502,9 @@ def check_seeds(seeds) -> tuple[int, ...]:
     for s in seeds:
         if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)) or s < 0:
             raise ValueError(f"seeds must be integers >= 0, got {s!r} in {seeds!r}")
+        if s > MAX_SEED:   # failed in training as "Overflow when unpacking long long", naming no seed
+            raise ValueError(f"seed {s} is too large: at most {MAX_SEED} (training seeds its epoch e with "
+                             f"seed * 1000 + e, a 64-bit generator seed), in {seeds!r}")
     dup = next((s for s in seeds if seeds.count(s) > 1), None)
     if dup is not None:
         raise ValueError(f"seed {dup} is given more than once in {seeds!r}; name each seed once")
@@ -500,7 +516,11 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
     p = PRESETS[preset]
-    settings = [s for s in p["settings"] if only is None or re.search(only, s.name)]
+    try:   # re.error named neither the argument nor the value
+        pattern = None if only is None else re.compile(only)
+    except re.error as exc:
+        raise ValueError(f"only={only!r} is not a valid regular expression: {exc}") from None
+    settings = [s for s in p["settings"] if pattern is None or pattern.search(s.name)]
     if not settings:
         raise ValueError(f"--only {only!r} matches no setting of preset {preset!r}: "
                          f"{[s.name for s in p['settings']]}")
@@ -525,11 +545,15 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
     write_csv(out / "results.csv", rows, ["preset", "setting", "seed", "method", "feature", "metric", "value"])
     write_csv(out / "confirm.csv", crows, ["setting", "seed", "rank", "class", "q_value", "true_finding", "flip_rate",
                                            "control_flip_rate", "p_value", "content_flip_rate", "content_p_value",
-                                           "confirm_q_value", "confirmed", "pool_pattern"])
-    cmd = f"spurfast evaluate --preset {preset} --out {out}" + (f" --only '{only}'" if only else "") + \
-          (f" --seeds {','.join(map(str, seeds))}" if seeds != tuple(p["seeds"]) else "") + \
-          (f" --cache {cache}" if cache != out / "cache" else "") + \
-          (f" --statistic {statistic}" if statistic != "share" else "")
+                                           "confirm_q_value", "confirmed", "pool_pattern", "support_p_value",
+                                           "support_q_value", "supported"])
+    # quoted for a shell: pasted from RESULTS.md's "Command:" line, an --out or --cache path
+    # with a space split in two, and an --only regex holding a quote broke its bare '...'
+    cmd = shlex.join(["spurfast", "evaluate", "--preset", preset, "--out", str(out)]
+                     + (["--only", pattern.pattern] if only else [])
+                     + (["--seeds", ",".join(map(str, seeds))] if seeds != tuple(p["seeds"]) else [])
+                     + (["--cache", str(cache)] if cache != out / "cache" else [])
+                     + (["--statistic", statistic] if statistic != "share" else []))
     timing = {"wall_s": time.time() - t0, "cpu_s": time.process_time() - c0, "load_at_start": load0,
               "load_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
               "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "command": cmd}

@@ -34,7 +34,7 @@ def test_tiny_sweep_writes_long_csv(tiny):
     for m in ("spurfast", "pixels", "george", "activation_clustering", "random"):
         got = {r["metric"] for r in planted if r["method"] == m}
         assert {"hit@1", "auroc", "ap", "precision@10", "precision@25", "mask_iou"} <= got, (m, got)
-    for m in ("spurfast", "pixels"):
+    for m in ("spurfast", "spurfast+support", "pixels"):
         got = {r["metric"] for r in planted if r["method"] == m}
         assert {"recall@q0.05", "recall@q0.1", "false_findings@q0.05", "false_findings@q0.1"} <= got
     # metric values are in range
@@ -60,6 +60,8 @@ def test_tiny_sweep_finds_the_patch(tiny):
     conf = _rows(out / "confirm.csv")
     top = [c for c in conf if c["setting"] == "patch3-nall" and c["rank"] == "1"][0]
     assert top["true_finding"] == "1" and float(top["flip_rate"]) > float(top["control_flip_rate"])
+    # every class-3 training image carries the patch (n = all): the class's suspects support it
+    assert top["supported"] == "1" and float(top["support_q_value"]) <= 0.05
 
 
 def test_results_md_and_plots(tiny):
@@ -97,6 +99,8 @@ def test_bad_input(tmp_path):
         run_evaluation("huge", tmp_path)
     with pytest.raises(ValueError, match="matches no setting"):
         run_evaluation("tiny", tmp_path, only="nothing-like-this")
+    with pytest.raises(ValueError, match=r"only='\(patch3' is not a valid regular expression"):   # was re.error
+        run_evaluation("tiny", tmp_path, only="(patch3")
     assert main(["evaluate", "--from-csv", str(tmp_path / "missing.csv"), "--out", str(tmp_path)]) == 2
 
 
@@ -544,3 +548,95 @@ def test_the_results_plots_leave_the_callers_matplotlib_backend_alone(tmp_path):
         assert matplotlib.get_backend() == "svg" and (tmp_path / "plots" / "ap.png").read_bytes()[:4] == b"\x89PNG"
     finally:
         plt.switch_backend(before)
+
+
+def test_ap_plot_error_bars_are_the_tables_sd(tmp_path, monkeypatch):
+    """The bars' error bars used np.std (ddof=0) while the tables' "±" is the sample sd
+    (ddof=1), and a seed with a NaN AP made the bar NaN while the table averaged the others."""
+    from matplotlib.axes import Axes
+
+    from spurfast.results_doc import _agg, _plots
+    drawn = {}
+    real_bar = Axes.bar
+
+    def bar(self, x, height, width, *a, yerr=None, label=None, **k):
+        drawn[label] = (np.asarray(height, float), np.asarray(yerr, float))
+        return real_bar(self, x, height, width, *a, yerr=yerr, label=label, **k)
+
+    monkeypatch.setattr(Axes, "bar", bar)
+    aps = {"pixels": (0.5, 0.6, 0.8), "spurfast": (0.9, 0.7, float("nan"))}
+    rows = [{"setting": "s", "seed": seed, "method": m, "feature": "patch3", "metric": "ap", "value": v}
+            for m, vs in aps.items() for seed, v in enumerate(vs)]
+    _plots(rows, [], tmp_path / "plots", tmp_path)
+    for m, vs in aps.items():
+        (mean,), (sd,) = drawn[m]
+        assert f"{mean:.3f} ± {sd:.3f}" == _agg(list(vs)).split(" (")[0], (m, mean, sd, _agg(list(vs)))
+
+
+def test_the_command_line_in_results_md_can_be_pasted_into_a_shell(tmp_path, monkeypatch):
+    """The "Command:" line joined the arguments unquoted (an --out or --cache path with a
+    space split in two) or in bare single quotes (an --only regex holding one broke)."""
+    import json
+    import shlex
+
+    import spurfast.evaluate as E
+    from spurfast.cli import build_parser
+    monkeypatch.setattr(E, "run_one", lambda s, seed, *a, **k: ([], []))
+    out, cache, only = tmp_path / "my out", tmp_path / "a cache", "^(patch3-nall|clean-model)$|'"
+    run_evaluation("tiny", out, cache=cache, only=only, seeds=[1], progress=False)
+    cmd = json.loads((out / "timing.json").read_text())["command"]
+    assert f"Command: `{cmd}`." in (out / "RESULTS.md").read_text()
+    argv = shlex.split(cmd)
+    assert argv[:2] == ["spurfast", "evaluate"]
+    args = build_parser().parse_args(argv[1:])
+    assert (args.preset, args.out, args.cache, args.only, args.seeds) == ("tiny", str(out), str(cache), only, (1,))
+
+
+def test_results_md_says_the_spurious_score_is_not_class_balanced(tmp_path):
+    """The demo's spurious score is class-balanced, the evaluation's is over its held-out set
+    as drawn (a quarter of it the pattern's class in the full preset): the doc said neither."""
+    from spurfast.results_doc import write_results
+    md = write_results(_hand_made_results(tmp_path), None, tmp_path / "RESULTS.md").read_text()
+    overview = md.split("## Overview")[1].split("| setting |")[0]
+    assert "not class-balanced" in overview and "over-represented" in overview
+
+
+def test_a_seed_too_large_for_training_is_refused_up_front(tmp_path, monkeypatch):
+    """A seed past 64-bit range once multiplied by 1000 (training's per-epoch generator seed)
+    failed in the first training as "Overflow when unpacking long long", naming no seed,
+    after the earlier seeds' runs."""
+    import spurfast.evaluate as E
+    ran = []
+    monkeypatch.setattr(E, "run_one", lambda s, seed, *a, **k: (ran.append(seed), ([], []))[1])
+    huge = E.MAX_SEED + 1
+    with pytest.raises(ValueError, match=f"seed {huge} is too large: at most {E.MAX_SEED}"):
+        run_evaluation("tiny", tmp_path / "out", seeds=(0, huge), progress=False)
+    assert ran == []
+    import torch
+    torch.Generator().manual_seed(E.MAX_SEED * 1000 + 999)    # the largest accepted seed trains
+    with pytest.raises(SystemExit):   # the CLI's --seeds takes the same rule
+        main(["evaluate", "--preset", "tiny", "--out", str(tmp_path / "cli"), "--seeds", str(2 ** 64)])
+    assert ran == []
+
+
+def test_overview_means_leave_out_a_nan_seed_as_the_tables_do(tmp_path):
+    """An AP undefined in one seed made the overview's AP "nan" and its best baseline "–",
+    while the table below averaged the other seeds and the AP target named that baseline."""
+    from spurfast.results_doc import write_results
+    nan = {("patch3-n150", m, "ap", 0) for m in ("spurfast", "spurfast+confirm", "pixels", "random")}
+    md = write_results(_hand_made_results(tmp_path, nan=nan), None, tmp_path / "RESULTS.md").read_text()
+    assert "| patch3 | spurfast | 1.000 ± 0.000 | 0.990 ± 0.000 | 0.950 ± 0.000 (n/a in 1 of 3 seeds) |" in md
+    assert "- AP `patch3-n150` / patch3: spurfast 0.950 vs best baseline pixels 0.900" in md
+    assert "| patch3-n150 | patch3 | 0.50 | nan | nan | 0.950 | 0.950 | pixels 0.900 | 3/3 | 1.00 |" in md
+
+
+def test_results_md_says_how_it_was_regenerated_without_the_runs_command(tmp_path):
+    """--from-csv on a results.csv without its timing.json (no run command) dropped the
+    "tables regenerated by" note with the missing "Command:" line."""
+    from spurfast.results_doc import write_results
+    regen = "spurfast evaluate --from-csv in/results.csv --out out"
+    md = write_results(_hand_made_results(tmp_path), None, tmp_path / "RESULTS.md", regenerated_by=regen).read_text()
+    assert f"Tables regenerated by `{regen}`." in md and "Command:" not in md
+    md = write_results(_hand_made_results(tmp_path), None, tmp_path / "RESULTS.md", command="spurfast evaluate",
+                       regenerated_by=regen).read_text()
+    assert f"Command: `spurfast evaluate` (tables regenerated by `{regen}`)." in md
