@@ -42,11 +42,11 @@ from .confirm import is_confirmed
 from .data.builtin import find_fashion_mnist, load_digits, load_fashion_mnist
 from .data.sources import ArraySource
 from .discover import DiscoverConfig, characterise, discover
-from .support import training_support
 from .embed import _write_json   # atomic: a run killed mid-write left a truncated cache file
 from .metrics import Feature, carried_by, false_findings, false_findings_on_pool_patterns, feature_metrics, matches, recall_at_q
 from .plant import PatternSpec, apply_pattern, fixed_mask, plant_training
 from .results_doc import METHODS, keep_notes, relink, write_csv, write_results
+from .support import training_support
 
 log = logging.getLogger("spurfast.evaluate")
 
