@@ -225,9 +225,9 @@ def test_a_bfloat16_classifier_is_embedded(tmp_path):
     assert store.complete and np.asarray(store["probs"]).shape == (20, 4)
 
 
-def test_a_resume_with_another_loader_is_refused(tmp_path):
-    # a pass begun with the torch loader and resumed with DALI silently mixed two decoders'
-    # pixels (a few levels apart on resized images): findings matched neither run's
+def _store_begun_with_the_torch_loader(tmp_path):
+    """(classifier, VAE, embed_pool kwargs) after one batch of a folder pool embedded into
+    tmp_path / "s" with the torch loader; skips without DALI (the other loader)."""
     from spurfast import backends
     from spurfast.data.folder import ImageFolderSource
     from spurfast.make_pool import PoolSpec, make_pool
@@ -242,6 +242,15 @@ def test_a_resume_with_another_loader_is_refused(tmp_path):
     kw = dict(num_classes=10, batch_size=8, progress=False, num_workers=1)
     embed_pool(ImageFolderSource(tmp_path / "pool", size=32), clf, vae, tmp_path / "s", loader_backend="torch",
                stop_after=1, **kw)
+    return clf, vae, kw
+
+
+def test_a_resume_with_another_loader_is_refused(tmp_path):
+    # a pass begun with the torch loader and resumed with DALI silently mixed two decoders'
+    # pixels (a few levels apart on resized images): findings matched neither run's
+    from spurfast.data.folder import ImageFolderSource
+
+    clf, vae, kw = _store_begun_with_the_torch_loader(tmp_path)
     with pytest.raises(ValueError, match=r"begun with the 'torch' loader, and this run would resume it with "
                                          r"'dali'.*--loader-backend torch"):
         embed_pool(ImageFolderSource(tmp_path / "pool", size=32), clf, vae, tmp_path / "s", loader_backend="dali",
@@ -255,20 +264,9 @@ def test_shards_that_would_continue_a_store_begun_with_another_loader_are_refuse
     # a 1-process pass begun with the torch loader, resumed by several ranks with DALI: each
     # rank's fresh shard store recorded "dali" and nothing compared it with the main store's
     # rows, so the merge silently mixed both decoders' pixels
-    from spurfast import backends
     from spurfast.data.folder import ImageFolderSource
-    from spurfast.make_pool import PoolSpec, make_pool
 
-    try:
-        backends.resolve("loader", "dali")
-    except backends.BackendUnavailable as exc:
-        pytest.skip(f"no DALI here: {exc}")
-    torch.manual_seed(0)
-    clf, vae = SmallCNN(3, 10, 32).eval(), VAE(VAEConfig.for_images(3, 32, 6)).eval()
-    make_pool(tmp_path / "pool", PoolSpec(n=24, seed=0), workers=1, progress=False)
-    kw = dict(num_classes=10, batch_size=8, progress=False, num_workers=1)
-    embed_pool(ImageFolderSource(tmp_path / "pool", size=32), clf, vae, tmp_path / "s", loader_backend="torch",
-               stop_after=1, **kw)
+    clf, vae, kw = _store_begun_with_the_torch_loader(tmp_path)
     with pytest.raises(ValueError, match=rf"store {tmp_path / 's'} was begun with the 'torch' loader.*"
                                          rf"--loader-backend torch \(or start afresh: remove {tmp_path / 's'}"):
         embed_pool(ImageFolderSource(tmp_path / "pool", size=32), clf, vae, tmp_path / "s", loader_backend="dali",
