@@ -647,7 +647,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unsafe-load", action="store_true", help="torch.load with weights_only=False (trusted files only)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a different spurfast run in --out (never a folder spurfast did not write, "
-                        "nor one holding the inputs)")
+                        "nor one holding the inputs), keeping its embedding store when that was made from "
+                        "the same pool and models")
     p.add_argument("--quiet", action="store_true")
     _add_discover_args(p)
     p.set_defaults(func=cmd_discover)
