@@ -179,6 +179,8 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
     order, offsets = sort_by_group(groups, G)
     kmax = max(1, int(kpg.max())) if G else 1
     xs = x[order].contiguous()
+    if xs.is_cuda and xs.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        xs = xs.float()   # the CUDA kernels take these only (the CPU paths compute in fp32 anyway)
     if metric == "cosine":
         xs = torch.nn.functional.normalize(xs.float(), dim=1)
     N, d = xs.shape

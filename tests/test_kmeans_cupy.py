@@ -399,6 +399,20 @@ def test_batched_kmeans_cupy_backend_matches_torch():
 
 
 @pytest.mark.gpu
+def test_batched_kmeans_takes_float64_points_on_the_gpu():
+    # the CUDA kernels take fp32/fp16/bf16 only: float64 points failed under auto, while the
+    # CPU paths computed them in fp32 (unrun on a GPU when written)
+    from spurfast.cluster import batched_kmeans
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(900, 8, generator=g, dtype=torch.float64).cuda()
+    groups = (torch.arange(900) % 3).cuda()
+    a = batched_kmeans(x, groups, [3, 3, 2], seed=1)
+    b = batched_kmeans(x.float(), groups, [3, 3, 2], seed=1)
+    assert_equal_int(a.assign, b.assign, "assign float64 vs float32 points")
+
+
+@pytest.mark.gpu
 def test_fatbin_and_nvrtc_modules_agree(monkeypatch):
     x, off, cent, kpg = make_case([300, 0, 41], 9, 37, seed=3)
     major, minor = torch.cuda.get_device_capability()
