@@ -474,7 +474,7 @@ def cmd_evaluate(args):
     import re
 
     from .evaluate import run_evaluation
-    from .results_doc import keep_notes, read_csv, relink, write_results
+    from .results_doc import read_csv, write_results, write_with_notes
     if args.results_md and not Path(args.results_md).parent.is_dir():   # else it failed after the whole run
         raise FileNotFoundError(f"--results-md {args.results_md}: folder {Path(args.results_md).parent} "
                                 f"does not exist")
@@ -501,12 +501,7 @@ def cmd_evaluate(args):
         md = write_results(csv_path, csv_path.with_name("confirm.csv"), out / "RESULTS.md", plots_dir=out / "plots",
                            command=(timing or {}).get("command", ""), timing=timing, regenerated_by=regenerated_by,
                            wall_s=timing["wall_s"] if timing else None)
-        text = md.read_text(encoding="utf-8")
-        if previous is not None:  # keep hand-written notes below the marker
-            md.write_text(keep_notes(text, None, previous), encoding="utf-8")
-        if args.results_md:  # as a run does: that file's own notes stay, its links reach --out's plots
-            target = Path(args.results_md)
-            target.write_text(keep_notes(relink(text, out, target.parent), target), encoding="utf-8")
+        write_with_notes(md, previous, out, args.results_md)   # as a run does
         print(f"wrote {md}" + (f" and {args.results_md}" if args.results_md else "")
               + f" from {len(read_csv(csv_path))} rows")
         return
@@ -529,10 +524,15 @@ def cmd_report(args):
     f = run / "findings.json"
     if not f.is_file():
         raise FileNotFoundError(f"{run} holds no findings.json (run `spurfast discover` first)")
+    # the run writes its files whole, but one an interrupted older run cut short, or a hand
+    # edit, made json's message, which names no file
+    def cut_short(name, exc):
+        return ValueError(f"{run / name} is not readable JSON ({exc}); rerun `spurfast discover` (or `spurfast "
+                          f"demo`) on this run")
     try:
         doc = json.loads(f.read_text())
-    except ValueError as exc:   # e.g. cut short by an interrupted run: json's message names no file
-        raise ValueError(f"{f} is not readable JSON ({exc}); rerun `spurfast discover` on this run") from None
+    except ValueError as exc:
+        raise cut_short("findings.json", exc) from None
     clusters = []
     if (run / "clusters.csv").is_file():
         import csv
@@ -542,10 +542,6 @@ def cmd_report(args):
         except (KeyError, TypeError, ValueError) as exc:   # a cut-short last row reads as None
             raise ValueError(f"{run / 'clusters.csv'} is not a clusters table spurfast wrote "
                              f"({exc.__class__.__name__}: {exc}); rerun `spurfast discover` on this run") from None
-    # written by the run in one go, so cut short by an interrupted one: json's message named no file
-    def cut_short(name, exc):
-        return ValueError(f"{run / name} is not readable JSON ({exc}); rerun `spurfast discover` (or `spurfast "
-                          f"demo`) on this run")
     try:
         summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else None
     except ValueError as exc:

@@ -196,8 +196,7 @@ def _open_checked(store_dir: Path, fp: str, content: str, legacy=lambda: []) -> 
         return None
     store = EmbeddingStore(store_dir)
     m = store.manifest
-    now = m.get("fingerprint") == fp and m.get("content", content) == content
-    if not now and any(m.get("fingerprint") == f and m.get("content", c) == c for f, c in legacy()):
+    if not _same_identity(m, [(fp, content)]) and _same_identity(m, legacy()):
         log.info("embedding store %s was made by an earlier spurfast version; resuming it", store_dir)
         m["fingerprint"], m["content"] = fp, content
         _write_json(store_dir / MANIFEST, m)
@@ -212,23 +211,31 @@ def _open_checked(store_dir: Path, fp: str, content: str, legacy=lambda: []) -> 
     return store
 
 
+def _same_identity(manifest: dict, identities) -> bool:
+    """Whether a store's manifest records one of the (fingerprint, content digest) pairs
+    (stores written before the content digest was recorded have none to compare)."""
+    return any(manifest.get("fingerprint") == f and manifest.get("content", c) == c for f, c in identities)
+
+
 def made_from(store_dir, fp: str, content: str, legacy=lambda: []) -> bool:
     """Whether ``store_dir`` holds embedding work of this pool and these models that
     :func:`embed_pool` would resume: its main store, or when it has none yet (a sharded
-    pass stopped before the merge) a shard store.  ``legacy()`` as for ``_open_checked``."""
+    pass stopped before the merge) a shard store.  ``legacy()`` as for ``_open_checked``,
+    called at most once (it hashes the models' weights again)."""
     store_dir = Path(store_dir)
     main = store_dir / MANIFEST
-    manifests = [main] if main.is_file() else sorted((store_dir / "shards").glob(f"*/{MANIFEST}"))
-    for path in manifests:
+    manifests = []
+    for path in [main] if main.is_file() else sorted((store_dir / "shards").glob(f"*/{MANIFEST}")):
         try:
             m = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if not isinstance(m, dict):
-            continue
-        if any(m.get("fingerprint") == f and m.get("content", c) == c for f, c in [(fp, content), *legacy()]):
-            return True
-    return False
+        if isinstance(m, dict):
+            manifests.append(m)
+    if any(_same_identity(m, [(fp, content)]) for m in manifests):
+        return True
+    old = legacy() if manifests else []
+    return any(_same_identity(m, old) for m in manifests)
 
 
 def shard_dir(store_dir, shard_id: int, num_shards: int) -> Path:

@@ -45,7 +45,7 @@ from .discover import DiscoverConfig, characterise, discover
 from .embed import _write_json   # atomic: a run killed mid-write left a truncated cache file
 from .metrics import Feature, carried_by, false_findings, false_findings_on_pool_patterns, feature_metrics, matches, recall_at_q
 from .plant import PatternSpec, apply_pattern, fixed_mask, plant_training
-from .results_doc import METHODS, keep_notes, relink, write_csv, write_results
+from .results_doc import METHODS, write_csv, write_results, write_with_notes
 from .support import training_support
 
 log = logging.getLogger("spurfast.evaluate")
@@ -557,16 +557,12 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
     timing = {"wall_s": time.time() - t0, "cpu_s": time.process_time() - c0, "load_at_start": load0,
               "load_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
               "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "command": cmd}
-    (out / "timing.json").write_text(json.dumps(timing, indent=1))
+    _write_json(out / "timing.json", timing)
     # the hand-written notes below the marker survive a rerun into the same folder, as they do
     # with --from-csv (docs/results/full/RESULTS.md holds a hundred lines of them)
     previous = (out / "RESULTS.md").read_text(encoding="utf-8") if (out / "RESULTS.md").is_file() else None
     md = write_results(out / "results.csv", out / "confirm.csv", out / "RESULTS.md", command=cmd,
                        wall_s=timing["wall_s"], plots_dir=out / "plots", timing=timing)
-    fresh = md.read_text(encoding="utf-8")
-    md.write_text(keep_notes(fresh, None, previous), encoding="utf-8")
-    if results_md:   # its own notes, not this folder's as well; the plots stay in this folder
-        Path(results_md).write_text(keep_notes(relink(fresh, out, Path(results_md).parent), Path(results_md)),
-                                    encoding="utf-8")
+    write_with_notes(md, previous, out, results_md)   # results_md: its own notes; the plots stay here
     print(f"[evaluate] wrote {out / 'results.csv'}, {out / 'confirm.csv'}, {md}", flush=True)
     return out

@@ -313,16 +313,20 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
         doc = write_outputs(result, out, extra_config)
         bad_files = {int(i): r for i, r in store.manifest.get("bad_files", {}).items()}  # all ranks, all runs
         bad_files.update(getattr(pool, "bad_files", {}))
-        paths = getattr(pool, "paths", None)  # name files by the path the user can open (bytes
-        # of a name that is not UTF-8 as \xNN: the report could not be written with them)
-        bad = {(shown_path(paths[i]) if paths is not None else pool.item_id(i)): r for i, r in sorted(bad_files.items())}
+        bad = _named(pool, bad_files)
         if clean is not None:   # confirmation skipped these: listed, not only logged
-            cpaths = getattr(clean, "paths", None)
-            bad.update({"clean set: " + (shown_path(cpaths[i]) if cpaths is not None else clean.item_id(i)): r
-                        for i, r in sorted(getattr(clean, "bad_files", {}).items())})
+            bad.update(_named(clean, getattr(clean, "bad_files", {}), "clean set: "))
         _write_json(out / BAD_FILES, bad)  # atomic; `spurfast report` has no pool to name them
         write_report(doc, out, clusters=result.clusters, bad_files=bad, summary=summary)
     return doc, result, store
+
+
+def _named(source, bad_files: dict, prefix: str = "") -> dict:
+    """``bad_files`` ({index: reason}) keyed by the path the user can open (bytes of a name
+    that is not UTF-8 as \\xNN: the report could not be written with them), else the item id."""
+    paths = getattr(source, "paths", None)
+    return {prefix + (shown_path(paths[i]) if paths is not None else source.item_id(i)): r
+            for i, r in sorted(bad_files.items())}
 
 
 _FINDING_FILE = re.compile(r"(\.rerank\d+_)?finding\d+(_(centroid|contrast|mask|grid)\.png|\.npy)")

@@ -47,6 +47,17 @@ def keep_notes(text: str, target: Path | None, previous: str | None = None) -> s
     return text
 
 
+def write_with_notes(md: Path, previous: str | None, out, results_md=None) -> None:
+    """Keep the hand-written notes of ``previous`` (``md``'s text before ``md`` was just
+    regenerated in ``out``), and copy the tables to ``results_md`` with that file's own
+    notes and its image links made to reach ``out``'s plots."""
+    fresh = md.read_text(encoding="utf-8")
+    md.write_text(keep_notes(fresh, None, previous), encoding="utf-8")
+    if results_md:
+        target = Path(results_md)
+        target.write_text(keep_notes(relink(fresh, out, target.parent), target), encoding="utf-8")
+
+
 _IMAGE = re.compile(r"^(!\[[^\]]*\]\()([^)\s]+)(\))$", re.M)
 
 
