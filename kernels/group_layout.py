@@ -12,12 +12,27 @@ from __future__ import annotations
 import torch
 
 
+def check_integers(t: torch.Tensor, name: str) -> None:
+    """Refuse a complex tensor, or a float one holding a fractional or non-finite value:
+    the int64 conversion after it truncated them silently (offsets 0, 2.5, 5 split the
+    rows at 2; assign 1.5 counted the point in cluster 1).  Integer tensors pass at no
+    cost; a float one costs a host read (a rare path)."""
+    if t.is_complex():
+        raise ValueError(f"{name} has dtype {t.dtype}; expected integers")
+    if t.is_floating_point():
+        bad = (~torch.isfinite(t) | (t != t.round())).flatten().nonzero().flatten()
+        if len(bad):
+            i = int(bad[0])
+            raise ValueError(f"{name} holds {t.flatten()[i].item():g} (entry {i}); expected integers")
+
+
 def check_offsets(offsets: torch.Tensor, N: int, device, k_per_group=None, kmax: int = 0):
     """offsets on ``device`` as int64, checked to run 0..N without decreasing; k_per_group
     (if given) checked to lie in [0, kmax].  One host synchronisation for all checks."""
     if not isinstance(offsets, torch.Tensor) or offsets.dim() != 1 or len(offsets) < 1:
         raise ValueError(f"offsets must be a 1-D tensor (G + 1,), got "
                          f"{tuple(offsets.shape) if isinstance(offsets, torch.Tensor) else type(offsets).__name__}")
+    check_integers(offsets, "offsets")
     offsets = offsets.to(device=device, dtype=torch.int64).contiguous()
     # the smallest group size too: decreasing offsets passed the end checks, and the assign
     # kernels then read and wrote rows past N

@@ -36,6 +36,7 @@ import torch
 
 from ..cores import usable_cores
 from . import reference as ref
+from .group_layout import check_integers
 
 SOURCE = Path(__file__).resolve().parent / "cpu" / "kmeans_cpu.cpp"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC")
@@ -192,7 +193,9 @@ def _check_cpu(x: torch.Tensor) -> np.ndarray:
 
 
 def _offsets(offsets, N: int) -> np.ndarray:
-    off = np.ascontiguousarray(torch.as_tensor(offsets).cpu().numpy(), dtype=np.int64)
+    t = torch.as_tensor(offsets)
+    check_integers(t, "offsets")   # the int64 cast below truncated 2.5 to 2 silently
+    off = np.ascontiguousarray(t.cpu().numpy(), dtype=np.int64)
     if off.ndim != 1 or len(off) < 1 or off[0] != 0 or off[-1] != N or (np.diff(off) < 0).any():
         raise ValueError(f"offsets must be nondecreasing from 0 to N={N}, got {off[:3]}...{off[-3:]}")
     return off
@@ -319,6 +322,7 @@ def kmeans_update(x, offsets, assign, kmax: int, deterministic: bool = True):
     S = G * kmax
     if assign.dim() != 1 or assign.shape[0] != N:
         raise ValueError(f"assign must be (N,) = ({N},), got shape {tuple(assign.shape)}")
+    check_integers(assign, "assign")   # the int64 cast below truncated 1.5 to 1 silently
     flat = ref.group_ids(torch.from_numpy(off)).numpy() * kmax + assign.cpu().numpy().astype(np.int64)
     if N and ((assign.min() < 0) or (assign.max() >= kmax)):
         raise ValueError(f"assign has values in [{int(assign.min())}, {int(assign.max())}]; "

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from . import reference as ref
-from .group_layout import (assign_args, centroid_terms, check_offsets, exclusive_prefix, split_centroids,
-                           tile_prefix)
+from .group_layout import (assign_args, centroid_terms, check_integers, check_offsets, exclusive_prefix,
+                           split_centroids, tile_prefix)
 
 log = logging.getLogger("spurfast.kernels.kmeans_cupy")
 
@@ -261,6 +261,7 @@ def _segment_sort(offsets: torch.Tensor, assign: torch.Tensor, kmax: int, N: int
 def _check_assign(assign: torch.Tensor, N: int, kmax: int, device) -> torch.Tensor:
     if assign.dim() != 1 or assign.shape[0] != N:
         raise ValueError(f"assign must be (N,) = ({N},), got shape {tuple(assign.shape)}")
+    check_integers(assign, "assign")   # the int64 cast below truncated 1.5 to 1 silently
     assign = assign.to(device=device, dtype=torch.int64).contiguous()
     if N:
         lo, hi = (int(v) for v in torch.aminmax(assign))

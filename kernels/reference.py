@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .group_layout import check_offsets
+from .group_layout import check_integers, check_offsets
 
 ACTIVATIONS = ("relu", "leaky_relu", "silu")
 LEAKY_SLOPE = 0.2
@@ -413,6 +413,7 @@ def check_members(x: torch.Tensor, offsets: torch.Tensor, assign: torch.Tensor, 
     predecessor).  On every device (the reference is the GPU fallback too): the two host
     reads here replace the two repeat_interleave makes without group_ids' ``n``."""
     N = x.shape[0]
+    check_integers(assign, "assign")   # 1.5 raised a numpy cast error naming nothing
     if assign.numel():
         lo, hi = (int(v) for v in torch.aminmax(assign))
         if lo < 0 or hi >= kmax:
@@ -437,7 +438,7 @@ def kmeans_update(
     G = len(offsets) - 1
     N, d = x.shape
     offsets = check_members(x, offsets, assign, kmax)
-    flat = group_ids(offsets, N) * kmax + assign
+    flat = group_ids(offsets, N) * kmax + assign.long()
     if x.device.type == "cpu" and N:
         # One sparse (G*kmax x N) 0/1 matrix times x.  Built column-wise (CSC: point i is
         # column i, its one entry in row flat[i]) it needs no sort, and scipy's product
@@ -633,6 +634,7 @@ def cluster_similarity(
     if len(offsets) != G + 1:
         raise ValueError(f"offsets has {len(offsets)} entries; expected G + 1 = {G + 1}")
     gid = group_ids(offsets, N)
+    assign = assign.long()   # checked integral above: float indices fail to index
     c = centroids.float()[gid, assign] if N else torch.zeros(0, d, device=x.device)
     xf = x.float()
     cos = F.cosine_similarity(xf, c, dim=1, eps=1e-12) if N else torch.zeros(0, device=x.device)

@@ -67,3 +67,16 @@ def test_split_centroids_one_buffer(dtype, rel):
     assert not both[:, :, 5:].any(), "padding must be zero"
     err = (hi[:, :5].float() + lo[:, :5].float() - c).abs()
     assert float((err - rel * c.abs() - 2.0 ** -24).max()) <= 0
+
+
+@pytest.mark.parametrize("offsets, shown", [(torch.tensor([0, 2.5, 5]), "2.5"),
+                                            (torch.tensor([0.0, float("nan"), 5.0]), "nan"),
+                                            (torch.tensor([0.0, float("inf"), 5.0]), "inf")])
+def test_check_offsets_refuses_fractional_or_nonfinite_float_offsets(offsets, shown):
+    # the int64 conversion truncated 2.5 to 2: the rows were split in another place, silently
+    with pytest.raises(ValueError, match=rf"offsets holds {shown} \(entry 1\); expected integers"):
+        check_offsets(offsets, 5, "cpu")
+    with pytest.raises(ValueError, match="offsets has dtype torch.complex64"):
+        check_offsets(torch.tensor([0, 2, 5], dtype=torch.complex64), 5, "cpu")
+    # whole floats still pass, as int64
+    assert check_offsets(torch.tensor([0.0, 2.0, 5.0]), 5, "cpu").tolist() == [0, 2, 5]

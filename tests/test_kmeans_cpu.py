@@ -553,3 +553,25 @@ def test_centroids_with_kmax_zero_are_refused(fn):
     with pytest.raises(ValueError, match="hold no centroid"):
         fn(x, torch.tensor([0, 4]), torch.zeros(1, 0, 3), torch.tensor([0]))
     fn(x[:0], torch.tensor([0, 0]), torch.zeros(1, 0, 3), torch.tensor([0]))   # no points: nothing to assign
+
+
+@needs_kernel
+def test_fractional_offsets_or_assign_are_refused_not_truncated():
+    """The int64 casts truncated offsets 2.5 to 2 and assign 1.5 to 1: rows went to another
+    group or cluster, silently."""
+    x = torch.arange(15.0).reshape(5, 3)
+    cent, kpg = torch.zeros(2, 2, 3), torch.tensor([2, 2])
+    off_bad = torch.tensor([0, 2.5, 5])
+    with pytest.raises(ValueError, match=r"offsets holds 2.5 \(entry 1\); expected integers"):
+        kcpu.kmeans_assign(x, off_bad, cent, kpg)
+    with pytest.raises(ValueError, match=r"offsets holds 2.5 \(entry 1\); expected integers"):
+        kcpu.kmeans_update(x, off_bad, torch.zeros(5, dtype=torch.int64), 2)
+    with pytest.raises(ValueError, match=r"offsets holds 2.5 \(entry 1\); expected integers"):
+        kcpu.kmeans_plusplus(x, off_bad, kpg, 2, torch.Generator().manual_seed(0))
+    off = torch.tensor([0, 2, 5])
+    with pytest.raises(ValueError, match=r"assign holds 1.5 \(entry 1\); expected integers"):
+        kcpu.kmeans_update(x, off, torch.tensor([0, 1.5, 0, 1, 1]), 2)
+    # whole floats are indices like any other
+    whole = torch.tensor([0, 1, 0, 1, 1])
+    for got, want in zip(kcpu.kmeans_update(x, off.float(), whole.float(), 2), kcpu.kmeans_update(x, off, whole, 2)):
+        assert torch.equal(got, want)

@@ -435,3 +435,10 @@ def test_fatbin_and_nvrtc_modules_agree(monkeypatch):
     assert_equal_int(a1, a2, "assign: nvrtc vs fatbin")
     assert torch.equal(d1, d2)
     fresh()
+
+
+def test_check_assign_refuses_fractional_assign():
+    """The launchers' assign check (torch only: runs on CPU tensors) cast 1.5 to 1 silently."""
+    with pytest.raises(ValueError, match=r"assign holds 1.5 \(entry 1\); expected integers"):
+        kc._check_assign(torch.tensor([0, 1.5, 0]), 3, 2, "cpu")
+    assert kc._check_assign(torch.tensor([0.0, 1.0, 0.0]), 3, 2, "cpu").tolist() == [0, 1, 0]

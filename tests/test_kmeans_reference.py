@@ -719,3 +719,23 @@ def test_assign_takes_cpu_offsets_with_cuda_points():
     got = ref.kmeans_assign(x, off, cent, kpg)
     assert_equal_int(got[0], want[0], "assign")
     assert torch.equal(got[1], want[1]) and got[0].is_cuda
+
+
+def test_update_and_similarity_refuse_fractional_assign():
+    """assign 1.5 raised a numpy cast error (update) or an indexing error (similarity) that
+    named nothing; whole floats are cluster indices like any other."""
+    x = torch.arange(15.0).reshape(5, 3)
+    off = torch.tensor([0, 2, 5])
+    cent, kpg = torch.zeros(2, 2, 3), torch.tensor([2, 2])
+    bad = torch.tensor([0, 1.5, 0, 1, 1])
+    with pytest.raises(ValueError, match=r"assign holds 1.5 \(entry 1\); expected integers"):
+        ref.kmeans_update(x, off, bad, 2)
+    with pytest.raises(ValueError, match=r"assign holds 1.5 \(entry 1\); expected integers"):
+        ref.cluster_similarity(x, off, bad, cent, kpg, m=2)
+    whole = torch.tensor([0, 1, 0, 1, 1])
+    sums, counts = ref.kmeans_update(x, off, whole.float(), 2)
+    want_sums, want_counts = ref.kmeans_update(x, off, whole, 2)
+    assert torch.equal(sums, want_sums) and torch.equal(counts, want_counts)
+    for got, want in zip(ref.cluster_similarity(x, off, whole.float(), cent, kpg, m=2),
+                         ref.cluster_similarity(x, off, whole, cent, kpg, m=2)):
+        assert torch.equal(got, want)
