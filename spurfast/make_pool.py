@@ -316,10 +316,14 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
         if not overwrite:
             raise FileExistsError(f"pool directory {out} is not empty; choose another or pass --overwrite")
         import shutil
-        # --out may be a link to the pool (rmtree refuses links, with no path named): the
-        # pool it points to is replaced, the link kept
-        out = out.resolve() if out.is_symlink() else out
-        shutil.rmtree(out)
+        # the folder is emptied, not removed: --out may be a link to the pool (rmtree refuses
+        # links; the link is kept) or "." (rmdir refuses it, after the pool was deleted);
+        # pool.json last, so a folder half emptied by Ctrl-C can still be overwritten
+        for entry in sorted(out.iterdir(), key=lambda e: e.name == "pool.json"):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
     out.mkdir(parents=True, exist_ok=True)
     # marker first, so a pool cut off mid-write can still be overwritten; spec None until
     # it is complete, so nothing takes it for a finished pool of that spec

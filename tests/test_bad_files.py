@@ -591,3 +591,63 @@ def test_png_with_a_side_over_libpngs_limit_is_bad_for_both_loaders(tmp_path, wh
     idx, images, ok, bad = _run(which, paths)
     assert ok.tolist() == [False, True, True]
     assert list(bad) == [0] and "PNG of 1x1000001 pixels: a side over libpng's limit of 1,000,000" in bad[0]
+
+
+def _png_with_chunks(arr, before_idat=b"", after_idat=b"", colour_type=2):
+    """A PNG of ``arr`` (RGB, or palette indices for colour type 3) with extra raw chunks."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w = arr.shape[:2]
+    raw = b"".join(b"\x00" + arr[r].tobytes() for r in range(h))
+    ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0))
+    return (b"\x89PNG\r\n\x1a\n" + ihdr + before_idat + chunk(b"IDAT", zlib.compress(raw)) + after_idat
+            + chunk(b"IEND", b"")), chunk
+
+
+@pytest.mark.parametrize("which", _loaders())
+def test_pngs_libpng_refuses_and_pil_decodes_are_bad_for_both_loaders(tmp_path, which):
+    """An unknown critical chunk (before or after the image data) or a palette image with
+    no PLTE: PIL decodes them (torch: ok), libpng refuses them (DALI: bad, found only by
+    a pipeline rebuild); the shared pre-check now marks them bad for both, for one reason."""
+    arr = _picture(2, 12, 16)
+    _, chunk = _png_with_chunks(arr)
+    files = {"a_critical_chunk.png": _png_with_chunks(arr, before_idat=chunk(b"ABCD", b"xyz"))[0],
+             "b_critical_chunk_after_idat.png": _png_with_chunks(arr, after_idat=chunk(b"ABCD", b"xyz"))[0],
+             "c_palette_without_plte.png": _png_with_chunks(arr[..., 0] % 4, colour_type=3)[0],
+             "d_ancillary_chunk.png": _png_with_chunks(arr, before_idat=chunk(b"abCD", b"xyz"))[0],
+             "e_palette.png": _png_with_chunks(arr[..., 0] % 4, colour_type=3,
+                                               before_idat=chunk(b"PLTE", bytes(range(12))))[0]}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    paths = sorted(str(p) for p in tmp_path.iterdir())
+    idx, images, ok, bad = _run(which, paths)
+    assert ok.tolist() == [False, False, False, True, True]
+    assert bad == {0: "PNG with an unknown critical chunk 'ABCD' (libpng, DALI's decoder, refuses it; PIL would "
+                      "decode it)",
+                   1: "PNG with an unknown critical chunk 'ABCD' (libpng, DALI's decoder, refuses it; PIL would "
+                      "decode it)",
+                   2: "PNG palette image without a PLTE chunk before its image data (libpng, DALI's decoder, "
+                      "refuses it; PIL would decode it)"}
+    if which == "dali":   # caught before any pipeline, not by a rebuild
+        assert set(loader_dali._precheck(paths, np.arange(len(paths)), PreprocessSpec(SIZE))) == {0, 1, 2}
+
+
+def test_a_class_folder_link_whose_target_is_gone_is_named(tmp_path, caplog):
+    """A class folder linked from elsewhere (an unmounted disk) whose target is gone: the
+    whole class was left out without a word; with --class-names the run went on without it."""
+    root = tmp_path / "pool"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        (root / c / "0.png").write_bytes(_png_bytes(_picture(1, 20, 20)))
+    (root / "fish").symlink_to(tmp_path / "unmounted" / "fish")
+    (root / "dog" / "more").symlink_to(tmp_path / "unmounted" / "dogs")   # inside a class folder too
+    with caplog.at_level("WARNING", logger="spurfast.data"):
+        paths, labels, names = list_folder(root, class_names=["cat", "dog", "fish"])
+    assert labels == [0, 1] and names == ["cat", "dog", "fish"]
+    assert f"ignoring 1 broken link(s) in {root} (their targets are gone" in caplog.text
+    assert f"ignoring 1 broken link(s) in {root / 'dog'} (their targets are gone" in caplog.text
+    assert caplog.text.count("broken link") == 2

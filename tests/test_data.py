@@ -345,3 +345,74 @@ def test_an_npz_whose_file_name_is_not_utf8(tmp_path):
     src, _ = load_pool(path, 4, 1)
     assert len(fingerprint(src)) and len(content_digest(src))
     assert src.name == "p\\xff"
+
+
+@pytest.mark.parametrize("backend", ["memory", "torch"])
+def test_iter_batches_refuses_a_boolean_mask_and_fractional_indices(tmp_path, backend):
+    """indices=mask (numpy's usual row selection) was cast to int64: rows 3 and 4 of a
+    5-image pool came out as pool indices [0, 0, 0, 1, 1]; 2.7 was truncated to 2."""
+    from PIL import Image
+
+    from spurfast.data.folder import ImageFolderSource
+
+    if backend == "memory":
+        src = ArraySource(np.arange(5 * 4, dtype=np.uint8).reshape(5, 1, 2, 2), labels=[0, 1, 2, 3, 4])
+    else:
+        for i in range(5):
+            Image.fromarray(np.full((4, 4, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+        src = ImageFolderSource(tmp_path, size=2)
+    mask = np.array([False, False, False, True, True])
+    with pytest.raises(ValueError, match=r"indices must be integer pool indices, got dtype bool: a boolean mask, "
+                                         r"pass np\.flatnonzero\(mask\)"):
+        list(iter_batches(src, 4, indices=mask, backend="torch"))
+    with pytest.raises(ValueError, match=r"indices must be integer pool indices, got dtype float64$"):
+        list(iter_batches(src, 4, indices=[2.7, 3.0], backend="torch"))
+    assert [b.indices.tolist() for b in iter_batches(src, 4, indices=np.flatnonzero(mask), backend="torch")] == [[3, 4]]
+    assert [b.indices.tolist() for b in iter_batches(src, 4, indices=[3.0, 4.0], backend="torch")] == [[3, 4]]
+    assert [b.indices.tolist() for b in iter_batches(src, 4, indices=[], backend="torch")] == []
+
+
+def test_array_source_takes_integer_ids():
+    """ids=np.arange(n) (dataset positions as ids) crashed the store fingerprint and the
+    content digest of every run: "'numpy.int64' object has no attribute 'encode'"."""
+    from spurfast.data.sources import content_digest
+    from spurfast.embed import fingerprint
+
+    x = np.zeros((3, 1, 4, 4), np.uint8)
+    src = ArraySource(x, ids=np.array([10, 11, 12]))
+    assert src.item_id(1) == "11" and len(fingerprint(src)) and len(content_digest(src))
+    # string ids keep their identity
+    assert fingerprint(ArraySource(x, ids=np.array(["10", "11", "12"]))) == fingerprint(src)
+
+
+def test_concat_refuses_parts_whose_labels_mean_other_classes(tmp_path):
+    """Labels are concatenated as they are: two folders labelled each in its own sorted
+    order (the second lacks "cat") gave the second's "dog" images label 0, named "cat"."""
+    from PIL import Image
+
+    from spurfast.data.folder import ImageFolderSource
+
+    for pool, classes in (("a", ("cat", "dog")), ("b", ("dog", "fish"))):
+        for c in classes:
+            (tmp_path / pool / c).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / pool / c / "x.png")
+    a, b = ImageFolderSource(tmp_path / "a", size=8), ImageFolderSource(tmp_path / "b", size=8)
+    with pytest.raises(ValueError, match=r"labels mean different classes: a names \['cat', 'dog'\], b \['dog', "
+                                         r"'fish'\]; give every part the same class_names"):
+        ConcatSource([a, b])
+    names = ["cat", "dog", "fish"]
+    both = ConcatSource([ImageFolderSource(tmp_path / "a", size=8, class_names=names),
+                         ImageFolderSource(tmp_path / "b", size=8, class_names=names)])
+    assert both.class_names == names and both.labels().tolist() == [0, 1, 1, 2]
+    # unnamed parts take the named part's names, wherever it stands
+    plain = ArraySource(np.zeros((1, 3, 8, 8), np.uint8), labels=[-1])
+    assert ConcatSource([plain, a]).class_names == ["cat", "dog"]
+
+
+def test_array_source_takes_long_double_images():
+    """np.longdouble images (float128 on x86) failed in torch.from_numpy ("can't convert
+    np.ndarray of type numpy.longdouble"), naming no source."""
+    x = np.full((2, 1, 3, 3), 0.5, np.longdouble)
+    assert float(ArraySource(x).images.max()) == 0.5
+    with pytest.raises(ValueError, match=r"mypool: float images must lie in \[0, 1\]"):
+        ArraySource(x * 4, name="mypool")

@@ -210,3 +210,39 @@ def test_worker_count_does_not_change_the_pool(tmp_path):
     match, mismatch, errors = filecmp.cmpfiles(tmp_path / "one", tmp_path / "two", [str(r) for r in rel], shallow=False)
     assert not mismatch and not errors, (mismatch[:5], errors[:5])
     assert (tmp_path / "one" / "ground_truth.csv").read_bytes() == (tmp_path / "two" / "ground_truth.csv").read_bytes()
+
+
+def test_overwrite_of_the_current_directory(tmp_path, monkeypatch):
+    """--out . --overwrite inside a make-pool folder: rmtree(".") deleted the whole pool,
+    then failed on rmdir(".") (OSError: [Errno 22] Invalid argument: '.'), leaving nothing."""
+    spec = PoolSpec(n=4, classes=2, min_size=16, max_size=16)
+    make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    monkeypatch.chdir(tmp_path / "p")
+    info = make_pool(".", PoolSpec(n=6, classes=3, min_size=16, max_size=16), workers=1, progress=False,
+                     overwrite=True)
+    assert info["n"] == 6
+    assert read_ground_truth(tmp_path / "p")[0].tolist() == [0, 0, 1, 1, 2, 2]
+    assert len(ImageFolderSource(tmp_path / "p", size=16)) == 6
+
+
+def test_an_overwrite_cut_short_can_be_overwritten_again(tmp_path, monkeypatch):
+    """Ctrl-C while --overwrite deletes the old pool: rmtree could delete pool.json (the
+    marker that lets --overwrite delete the folder) before the images, and the rerun was
+    then refused ("not written by make-pool"), the half-deleted pool left to delete by hand."""
+    import os
+
+    spec = PoolSpec(n=6, classes=3, min_size=16, max_size=16)
+    make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    real = os.unlink
+
+    def unlink(path, *args, **kwargs):   # Ctrl-C just after the marker goes
+        real(path, *args, **kwargs)
+        if os.fsdecode(path).endswith("pool.json"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises(KeyboardInterrupt):
+        make_pool(tmp_path / "p", spec, workers=1, progress=False, overwrite=True)
+    monkeypatch.setattr(os, "unlink", real)
+    make_pool(tmp_path / "p", spec, workers=1, progress=False, overwrite=True)
+    assert len(ImageFolderSource(tmp_path / "p", size=16)) == 6

@@ -47,11 +47,24 @@ def _image_files(d: Path) -> list[Path]:
                 seen.add(real)
                 keep.append(sub)
         dirs[:] = keep
+        _warn_dead_links(top, names)
         for n in names:
             full = os.path.join(top, n)
             if _is_image_name(n) and not _hidden(n) and (os.path.isfile(full) or not os.path.exists(full)):  # file or broken link
                 files.append(Path(full))
     return sorted(files)
+
+
+def _warn_dead_links(folder, names) -> None:
+    """Name the links in ``folder`` whose targets are gone, other than image-named ones
+    (those are listed as unreadable pool images): a linked folder on an unmounted disk is no
+    folder, and its images (in a class-folder pool, its whole class) were left out without
+    a word."""
+    dead = sorted(n for n in names if not _is_image_name(n) and not _hidden(n)
+                  and os.path.islink(os.path.join(folder, n)) and not os.path.exists(os.path.join(folder, n)))
+    if dead:
+        log.warning("ignoring %d broken link(s) in %s (their targets are gone; a linked folder's images are not in "
+                    "the pool): %s", len(dead), folder, ", ".join(dead))
 
 
 def _some(names, k: int = 5) -> str:
@@ -83,6 +96,7 @@ def list_folder(root: str | Path, class_names: list[str] | None = None) -> tuple
         if broken:
             log.warning("ignoring %d broken link(s) at the top of class-folder pool %s (in no class folder, so "
                         "not pool images): %s", len(broken), root, ", ".join(broken))
+        _warn_dead_links(root, [p.name for p in root.iterdir()])
         names = list(class_names) if class_names is not None else [d.name for d in subdirs]
         # a folder name matches its class name exactly or else in one Unicode form: a folder
         # written on macOS spells "café" decomposed (NFD), a class-names file usually composed
@@ -136,7 +150,12 @@ def select_indices(n: int, *, start: int = 0, shard_id: int = 0, num_shards: int
             raise ValueError(f"start must be in [0, {n}], got {start}")
         sel = np.arange(start, n, dtype=np.int64)
     else:
-        sel = np.asarray(indices, dtype=np.int64).reshape(-1)
+        raw = np.asarray(indices)
+        # a cast would read a boolean mask as indices 0 and 1, and truncate 2.7 to 2
+        if raw.size and (raw.dtype.kind == "b" or (raw.dtype.kind == "f" and not np.array_equal(raw, np.round(raw)))):
+            hint = ": a boolean mask, pass np.flatnonzero(mask)" if raw.dtype.kind == "b" else ""
+            raise ValueError(f"indices must be integer pool indices, got dtype {raw.dtype}{hint}")
+        sel = raw.astype(np.int64).reshape(-1)
         if sel.size and (sel.min() < 0 or sel.max() >= n):
             raise IndexError(f"indices must lie in [0, {n}); got range [{sel.min()}, {sel.max()}]")
     return sel[shard_id::num_shards]

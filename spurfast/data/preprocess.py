@@ -33,11 +33,15 @@ Bad files: :func:`validate_image_file` is the one pre-decode check both loaders 
 so they agree on which files are bad and why: first :func:`check_image_file` (empty file,
 unreadable file, content that is neither JPEG nor PNG, a missing end marker), then PIL's
 ``Image.open`` + ``verify()`` (the header structure; for PNG every chunk's CRC; no pixel
-decoding), which also applies PIL's pixel limit to both loaders.  A file that passes but
+decoding), which also applies PIL's pixel limit to both loaders, then, for PNG, what
+libpng (DALI's decoder) refuses and PIL decodes: a side over 1,000,000 pixels, an
+unknown critical chunk, a palette image without PLTE.  A file that passes but
 has no end marker is "suspect" and is then fully decoded by PIL to decide.  A file that
 fails never enters a DALI pipeline: a corrupt JPEG header can crash DALI's decoder
 outright (SIGSEGV, not a catchable pipeline error).  Not caught without decoding, and
-so still treated differently: damaged JPEG *scan* data (see tests/test_loader_parity.py).
+so still treated differently: damaged JPEG *scan* data (see tests/test_loader_parity.py);
+damaged PNG image data is bad for both, but DALI finds it by a pipeline rebuild and names
+it in its decoder's words.
 """
 from __future__ import annotations
 
@@ -57,6 +61,8 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_EOI = b"\xff\xd9"
 _PNG_IEND = b"IEND"
+# the critical chunks libpng knows; it refuses any other whose type starts with a capital
+_PNG_CRITICAL = (b"IHDR", b"PLTE", b"IDAT", b"IEND")
 # How far from the end of the file the end marker may sit (files with a little trailing
 # padding are common and valid); further away the file is only "suspect", not bad.
 _TAIL_BYTES = 1024
@@ -145,7 +151,8 @@ def validate_image_file(path: str) -> tuple[str, str]:
     RGB buffer per image and per decoding thread).  One policy for both loaders, set
     in one place: raise or lower ``PIL.Image.MAX_IMAGE_PIXELS`` (None: no limit).  A PNG
     with a side over 1,000,000 pixels (libpng's limit, which DALI's decoder keeps) is bad
-    for both loaders too."""
+    for both loaders too, and so is one whose chunk sequence libpng refuses and PIL
+    accepts (an unknown critical chunk, a palette image without PLTE)."""
     verdict, detail = check_image_file(path)
     if verdict == "bad":
         return verdict, detail
@@ -161,7 +168,41 @@ def validate_image_file(path: str) -> tuple[str, str]:
     if detail.startswith("PNG") and max(shape) > _PNG_MAX_SIDE:
         return "bad", (f"PNG of {shape[0]}x{shape[1]} pixels: a side over libpng's limit of {_PNG_MAX_SIDE:,} "
                        f"(DALI's decoder refuses it)")
+    if detail.startswith("PNG"):
+        why = _png_chunk_error(path)
+        if why:
+            return "bad", f"PNG {why} (libpng, DALI's decoder, refuses it; PIL would decode it)"
     return verdict, detail
+
+
+def _png_chunk_error(path: str) -> str | None:
+    """What libpng refuses in a PNG's chunk sequence that PIL decodes without a word: a
+    critical chunk it does not know (one whose type starts with a capital letter, not
+    IHDR/PLTE/IDAT/IEND), or a palette image with no PLTE before its image data.  Reads
+    the 8-byte chunk headers only (PIL's ``verify()`` has already read every chunk)."""
+    plte = palette = False
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(len(_PNG_MAGIC))
+            while True:
+                head = fh.read(8)
+                if len(head) < 8:
+                    return None   # cut short: the end-marker check and PIL judge that
+                length, ctype = int.from_bytes(head[:4], "big"), head[4:]
+                if ctype == b"IHDR":
+                    palette = fh.read(13)[9:10] == b"\x03"   # colour type 3
+                    length = max(length - 13, 0)
+                elif ctype == b"PLTE":
+                    plte = True
+                elif ctype == b"IDAT" and palette and not plte:
+                    return "palette image without a PLTE chunk before its image data"
+                elif ctype == b"IEND":
+                    return None
+                elif not ctype[0] & 0x20 and ctype not in _PNG_CRITICAL:
+                    return f"with an unknown critical chunk {ctype.decode('latin-1')!r}"
+                fh.seek(length + 4, os.SEEK_CUR)   # data and CRC
+    except OSError:
+        return None   # unreadable now: the loaders' decode says so
 
 
 def _to_rgb_or_l(im, channels: int):
@@ -217,7 +258,9 @@ def describe_error(exc: BaseException) -> str:
 def checked_load_uint8(path: str, spec: PreprocessSpec) -> tuple[torch.Tensor | None, str]:
     """The torch loader's per-file step: (uint8 image, "") or (None, reason).
 
-    The reasons are the DALI loader's (``loader_dali._precheck``) for the same file."""
+    The reasons are the DALI loader's (``loader_dali._precheck``) for the same file,
+    except for a file that passes the pre-check and fails to decode (damaged image data):
+    both loaders mark it bad, DALI with its decoder's words."""
     verdict, detail = validate_image_file(path)
     if verdict == "bad":
         return None, detail

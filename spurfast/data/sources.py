@@ -116,6 +116,8 @@ def to_float_images(images, name: str | None = None) -> torch.Tensor:
             raise ValueError(f"{where}images have dtype {arr.dtype}; {expected}")
         if not arr.dtype.isnative:  # big-endian (an .npz from FITS data, say): torch refuses the byte order
             arr = arr.astype(arr.dtype.newbyteorder("="))
+        if arr.dtype.kind == "f" and arr.dtype.itemsize > 8:  # long double: torch has no such type
+            arr = arr.astype(np.float64)
         # torch takes neither read-only arrays nor negative strides (a flipped view such as
         # images[:, ::-1], BGR -> RGB): copy those
         t = torch.from_numpy(arr if arr.flags.writeable and min(arr.strides, default=0) >= 0 else arr.copy())
@@ -179,7 +181,9 @@ class ArraySource(ImageSource):
             raise ValueError(f"{name}: {len(ids)} ids for {n} images")
         if not bool(torch.isfinite(self.images).all()):
             raise ValueError(f"{name}: images contain NaN or inf")
-        self.ids = list(ids) if ids is not None else None
+        # str: ids are hashed and written as text (integer ids, e.g. dataset positions,
+        # crashed every fingerprint: "'numpy.int64' object has no attribute 'encode'")
+        self.ids = [str(x) for x in ids] if ids is not None else None
         self.class_names = list(class_names) if class_names is not None else None
         self.name = utf8_name(name)   # an .npz's file name (`spurfast discover --pool`) may not be UTF-8
         self.image_shape = tuple(self.images.shape[1:])
@@ -242,9 +246,17 @@ class ConcatSource(ImageSource):
         shapes = {tuple(p.image_shape) for p in parts}
         if len(shapes) != 1:
             raise ValueError(f"cannot concatenate sources of different image shapes {sorted(shapes)}")
+        # labels are concatenated as they are: parts that name their classes differently (two
+        # folders, one lacking a class, each labelled in its own sorted order) would mislabel
+        named = [(p.name, list(p.class_names)) for p in parts if p.class_names is not None]
+        other = next((pn for pn in named if pn[1] != named[0][1]), None)
+        if other is not None:
+            raise ValueError(f"cannot concatenate sources whose labels mean different classes: {named[0][0]} names "
+                             f"{named[0][1][:5]}, {other[0]} {other[1][:5]}; give every part the same class_names "
+                             f"(for folders: class_names=, matched by folder name)")
         self.parts = list(parts)
         self.image_shape = parts[0].image_shape
-        self.class_names = parts[0].class_names
+        self.class_names = named[0][1] if named else None
         self.name = name
         self.starts = np.cumsum([0] + [len(p) for p in parts])
 
