@@ -108,7 +108,7 @@ STATISTIC_WORDS = {
 
 
 _DOC_KEYS = ("schema", "spurfast_version", "config", "pool", "findings")
-_FINDING_KEYS = ("rank", "class", "size", "score", "p_value", "q_value")
+_FINDING_KEYS = ("rank", "class", "cluster", "size", "score", "p_value", "q_value")   # what the page reads
 
 
 def _check_document(doc, out_dir: Path) -> None:
@@ -197,12 +197,15 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
                          f"(p = {float(cf['p_value']):.3g}){more}: {head} ({why}).</p>")
         sp = f.get("support")
         if sp and sp.get("p_value") is not None:
+            # "no more often" contradicted the counts beside it where the class carries it more
+            # often, but not significantly (few suspects of the class: 2 of 24 vs 3 of 223)
             said = ("supported: the pattern is in this class's training data" if sp.get("supported") else
-                    "not supported: this class's training data carries it no more often than other classes' "
-                    "(as when a model reacts to a pattern it was never trained on)")
+                    "not supported: this class's training data does not carry it significantly more often than "
+                    "other classes' (as when a model reacts to a pattern it was never trained on)")
+            # the tail as given (:.0% made a tail of 0.005 "the top 0%")
             parts.append(f"<p><b>Training support:</b> {e(sp['class_above'])} of {e(sp['n_class'])} suspect images "
-                         f"of this class carry the pattern beyond the top {float(sp.get('tail', 0.01)):.0%} of the other "
-                         f"classes' suspects "
+                         f"of this class carry the pattern beyond the top {100 * float(sp.get('tail', 0.01)):g}% "
+                         f"of the other classes' suspects "
                          f"({e(sp['other_above'])} of {e(sp['n_other'])}); p = {float(sp['p_value']):.3g}, "
                          f"q = {float(sp['q_value']):.3g}: {e(said)}.</p>")
         elif sp:

@@ -70,6 +70,8 @@ def training_support(findings: list[dict], source: ImageSource, suspect: np.ndar
 
     if not 0.0 < tail < 1.0:
         raise ValueError(f"support tail must be in (0, 1), got {tail}")
+    if batch_size < 1:   # 0 failed naming no setting; a negative one read no image: every score 0, none supported
+        raise ValueError(f"support batch_size must be >= 1, got {batch_size}")
     suspect = np.asarray(suspect, bool)
     labels = np.asarray(labels)
     if suspect.shape != (len(source),) or labels.shape != (len(source),):
@@ -89,6 +91,11 @@ def training_support(findings: list[dict], source: ImageSource, suspect: np.ndar
     scores, lab = scores[keep], labels[idx[keep]]
     tests = [support_test(scores[:, j], lab == int(f["class"]), lab != int(f["class"]), tail)
              for j, f in enumerate(findings)]
+    for j, t in enumerate(tests):
+        # an empty mask leaves nothing to carry: not tested, as confirmation skips it (its p of 1
+        # in Benjamini-Hochberg raised every other finding's q-value)
+        if not bool(patterns[j].any()):
+            tests[j] = {"p_value": None, "skipped": "empty pattern mask", "n_class": t["n_class"], "n_other": t["n_other"]}
     tested = [j for j, t in enumerate(tests) if t["p_value"] is not None]
     q = bh_qvalues(np.array([tests[j]["p_value"] for j in tested])) if tested else []
     for j, qj in zip(tested, q):

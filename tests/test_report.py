@@ -143,3 +143,38 @@ def test_a_document_spurfast_did_not_write_is_named_not_a_traceback(tmp_path):
     del doc["findings"][0]["score"]
     with pytest.raises(ValueError, match="finding 1 lacks score"):
         write_report(doc, tmp_path)
+
+
+def test_an_unsupported_finding_is_not_said_to_lack_what_its_counts_show(tmp_path):
+    """A class whose suspects carry the pattern more often than the others' do, but not
+    significantly (2 of 24 vs 3 of 223, a digits demo's finding), read "its training data
+    carries it no more often than other classes'" beside those very counts."""
+    doc = _doc(None)
+    doc["findings"][0]["support"] = {"p_value": 0.0756, "n_class": 24, "class_above": 2, "n_other": 223,
+                                     "other_above": 3, "tail": 0.01, "q_value": 0.085, "supported": False}
+    html = write_report(doc, tmp_path).read_text()
+    assert "2 of 24 suspect images of this class carry the pattern beyond the top 1%" in html
+    assert "no more often" not in html
+    assert "not supported: this class&#x27;s training data does not carry it significantly more often" in html
+
+
+def test_a_finding_without_its_cluster_is_named_not_a_traceback(tmp_path):
+    """The page reads every finding's cluster (the default of merged_clusters, evaluated
+    even where that key is there), but the document check did not ask for it: KeyError."""
+    import pytest
+    doc = _doc(None)
+    del doc["findings"][0]["cluster"]
+    doc["findings"][0]["merged_clusters"] = [0, 2]
+    with pytest.raises(ValueError, match="finding 1 lacks cluster"):
+        write_report(doc, tmp_path)
+
+
+def test_the_support_line_names_the_tail_the_test_used(tmp_path):
+    """training_support(tail=0.005) (an API setting) read "beyond the top 0%" (:.0%)."""
+    doc = _doc(None)
+    sp = {"p_value": 1e-6, "n_class": 40, "class_above": 12, "n_other": 400, "other_above": 2, "q_value": 1e-6,
+          "supported": True}
+    doc["findings"][0]["support"] = dict(sp, tail=0.005)
+    assert "beyond the top 0.5% of the other classes" in write_report(doc, tmp_path / "a").read_text()
+    doc["findings"][0]["support"] = dict(sp, tail=0.01)
+    assert "beyond the top 1% of the other classes" in write_report(doc, tmp_path / "b").read_text()

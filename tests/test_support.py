@@ -107,3 +107,28 @@ def test_bad_inputs_are_refused():
         training_support([{"rank": 3, "class": 0}], src, sus, src.labels())
     with pytest.raises(ValueError, match="tail"):
         training_support([_finding()], src, sus, src.labels(), tail=1.5)
+
+
+def test_a_bad_batch_size_is_named_not_a_silent_answer():
+    """batch_size 0 failed with range()'s message; a negative one read no image at all,
+    so every projection stayed 0 and a finding the suspects plainly support was 'not supported'."""
+    src, sus = _pool()
+    for bs in (0, -4):
+        f = _finding()
+        with pytest.raises(ValueError, match=f"support batch_size must be >= 1, got {bs}"):
+            training_support([f], src, sus, src.labels(), batch_size=bs)
+        assert "support" not in f
+
+
+def test_an_empty_pattern_is_not_tested_and_leaves_the_others_q_values_alone():
+    """A finding with an empty mask (confirmation skips it: "empty pattern mask") was tested
+    anyway: 0 carriers, p = 1, and that p in Benjamini-Hochberg doubled the q-value of the
+    run's other finding, which lost its support (q 0.043 -> 0.087)."""
+    src, sus = _pool(stamped_class=3)
+    alone = _finding()
+    training_support([alone], src, sus, src.labels())
+    assert alone["support"]["supported"]
+    fs = [_finding(), _finding(mask=np.zeros((H, W), bool))]
+    training_support(fs, src, sus, src.labels())
+    assert fs[0]["support"]["q_value"] == alone["support"]["q_value"] and fs[0]["support"]["supported"]
+    assert fs[1]["support"]["p_value"] is None and fs[1]["support"]["skipped"] == "empty pattern mask"
