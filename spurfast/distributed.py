@@ -7,7 +7,7 @@ the group: NCCL when the run is on CUDA devices, gloo on CPUs.  Without those va
 (or with WORLD_SIZE=1) every helper here does nothing and the caller runs alone.
 spurfast starts no processes and opens no sockets of its own.
 
-What runs where in ``spurfast discover`` (see :func:`discover_run`):
+What runs where in ``spurfast discover`` (see :func:`spurfast.pipeline.run_discovery`):
 
 1. rank 0 prepares the output directory; the others wait for its verdict;
 2. every rank embeds its shard of the pool (every W-th pool index, as the loaders shard)
@@ -149,6 +149,9 @@ def init(device: str = "cpu", backend: str | None = None, timeout_s: float | Non
     if cuda and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} was asked for, but torch sees no CUDA device")
     backend = backend or ("nccl" if cuda else "gloo")
+    if cuda and "LOCAL_RANK" not in os.environ and torch.cuda.device_count() > 1 and not dist.is_initialized():
+        # every rank of a node took GPU 0 (NCCL then failed on a duplicate GPU, naming no variable)
+        raise RuntimeError(f"WORLD_SIZE={world} but LOCAL_RANK is not set: launch with torchrun")
     dev = f"cuda:{rank_cuda_index(local, torch.cuda.device_count())}" if cuda else "cpu"
     if cuda:
         torch.cuda.set_device(torch.device(dev))
@@ -314,8 +317,14 @@ def _open_main(source, classifier, vae, store_dir, identity, num_shards: int, pr
 def _merge(store_dir, num_shards: int, progress: bool, source) -> None:
     """Rank 0's merge; returns nothing, since run_on_main broadcasts the return value and
     pickling the merged store would read every column into memory: each rank opens it."""
-    from .embed import merge_shards
+    from .embed import MANIFEST, merge_shards, shard_dir
 
+    # every rank has finished its shard (all_succeed): one rank 0 cannot see was written to a
+    # disk of its own (merge_shards would say to run that rank's pass first: it has run)
+    unseen = [r for r in range(num_shards) if not (shard_dir(store_dir, r, num_shards) / MANIFEST).is_file()]
+    if unseen:
+        raise FileNotFoundError(f"rank 0 cannot see the shard stores of ranks {unseen} in {store_dir}, which those "
+                                f"ranks finished: the output directory must be on a filesystem every rank shares")
     merge_shards(store_dir, num_shards, progress=progress, labels=source.labels())
 
 

@@ -389,7 +389,7 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
         desc = "embedding pool"
     else:
         from .data.folder import select_indices
-        start = main.done if main is not None else 0
+        start = sel_start = main.done if main is not None else 0
         sel = select_indices(n, start=start, shard_id=shard_id, num_shards=num_shards)
         sdir = shard_dir(store_dir, shard_id, num_shards)
         try:
@@ -416,9 +416,28 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
         desc = f"embedding shard {shard_id}/{num_shards}"
     if store.complete:
         return store
+    if loader is not None and store.done == 0 and store.manifest.get("loader") != loader:
+        # no rows yet: this run's loader decodes all of them (a stale record let a later
+        # resume with the first loader mix both)
+        store.manifest["loader"] = loader
+        _write_json(store.root / MANIFEST, store.manifest)
     # a shard store continues the main store's rows: those were decoded too (by a run of
-    # another number of processes, perhaps with another loader)
-    for part in (main, store) if store is not main else (store,):
+    # another number of processes, perhaps with another loader); and its sibling shards'
+    # rows join it in the merge (a rank that finished its shard with one loader, and one
+    # resumed with another)
+    parts = [main, store] if store is not main else [store]
+    if sel is not None and loader is not None:
+        for r in range(num_shards):
+            d = shard_dir(store_dir, r, num_shards)
+            if r == shard_id or not (d / MANIFEST).is_file():
+                continue
+            try:
+                sib = EmbeddingStore(d)
+            except (OSError, ValueError):   # another rank is creating it
+                continue
+            if _same_identity(sib.manifest, [(fp, content)]) and sib.manifest.get("start") == sel_start:
+                parts.append(sib)
+    for part in parts:
         began = None if part is None else part.manifest.get("loader")  # None: no folder pool, or an earlier version
         if part is not None and part.done and loader is not None and began is not None and began != loader:
             raise ValueError(f"embedding store {part.root} was begun with the {began!r} loader, and this run would "
@@ -504,6 +523,9 @@ def merge_shards(store_dir, num_shards: int, *, chunk: int = 65536, progress: bo
     from .data.folder import select_indices
 
     store_dir = Path(store_dir)
+    if isinstance(num_shards, bool) or not isinstance(num_shards, (int, np.integer)) or num_shards < 1:
+        raise ValueError(f"{store_dir}: num_shards must be an integer >= 1 (the ranks that embedded the shards), "
+                         f"got {num_shards!r}")   # 0 failed with a bare IndexError
     missing = [r for r in range(num_shards) if not (shard_dir(store_dir, r, num_shards) / MANIFEST).is_file()]
     if missing:
         raise ValueError(f"{store_dir}: the shard stores of ranks {missing} (of {num_shards}) are missing; "
@@ -517,6 +539,13 @@ def merge_shards(store_dir, num_shards: int, *, chunk: int = 65536, progress: bo
             if s.manifest.get(key) != m0.get(key):
                 raise ValueError(f"shard stores disagree on {key}: {s.root} has {s.manifest.get(key)!r}, "
                                  f"{shards[0].root} has {m0.get(key)!r}")
+    # rows of two loaders (their resized pixels differ a little) would be mixed in one store
+    began = {s.manifest["loader"]: s.root for s in shards if s.n and s.manifest.get("loader")}
+    if len(began) > 1:
+        (a, ra), (b, rb) = sorted(began.items())[:2]
+        raise ValueError(f"shard stores were decoded by different loaders ({ra}: {a!r}, {rb}: {b!r}): their pixels "
+                         f"differ a little on resized images, so the merged store would mix both; remove the shard "
+                         f"stores of one loader and run those ranks again with the other's --loader-backend")
     n, start = int(m0["pool_n"]), int(m0["start"])
     if sum(s.n for s in shards) != n - start:
         raise ValueError(f"shards hold {sum(s.n for s in shards)} rows for {n - start} pool indices")
@@ -542,7 +571,7 @@ def merge_shards(store_dir, num_shards: int, *, chunk: int = 65536, progress: bo
             raise ValueError(f"store {store_dir} (fingerprint {main.manifest.get('fingerprint')}, done {main.done}) "
                              f"does not match its shards (fingerprint {m0['fingerprint']}, start {start})")
     else:
-        meta = {k: m0[k] for k in ("fingerprint", "content", "pool", "num_classes", "latent_dim") if k in m0}
+        meta = {k: m0[k] for k in ("fingerprint", "content", "pool", "num_classes", "latent_dim", "loader") if k in m0}
         main = EmbeddingStore.create(store_dir, n, cols, meta)
     bar = tqdm(total=n - start, desc="merging shards", unit="img", disable=not progress)
     bad = dict(main.manifest.get("bad_files", {}))

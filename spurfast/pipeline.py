@@ -72,9 +72,10 @@ def prepare_output(out_dir, run_id: str, overwrite: bool, protect=(), earlier_id
             if reuse:
                 log.info("--overwrite: keeping the embedding store %s (made from this pool and these models)", store)
             # empty it rather than rmtree(out): rmtree refuses a symlinked --out (the link stays);
-            # run.json goes last, so an interrupted --overwrite leaves a run that one can overwrite
-            for child in sorted(out.resolve().iterdir(), key=lambda p: p.name == marker.name):
-                if reuse and child.name == store.name:
+            # run.json stays until the new one replaces it, so an interrupted --overwrite leaves a
+            # run that one can overwrite (deleted, a kept store alone read as files not spurfast's)
+            for child in out.resolve().iterdir():
+                if child.name == marker.name or (reuse and child.name == store.name):
                     continue
                 if child.is_dir() and not child.is_symlink():
                     shutil.rmtree(child)
@@ -271,6 +272,10 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     if len(pool) == 0:
         raise ValueError(f"pool {pool.name} is empty")
     check_outputs(pool, classifier, num_classes, config.device)
+    from . import backends   # a misspelt or unavailable backend failed at the first batch
+    backends.resolve("encoder", encoder_backend, torch.device(config.device).type)
+    if getattr(pool, "paths", None) is not None:   # only folder pools go through a loader
+        backends.resolve("loader", loader_backend)
     if clean is not None and confirm:   # confirmation comes last: refuse a bad clean set before any work
         if len(clean) == 0:
             raise ValueError(f"clean set {clean.name} is empty; pass clean images of other classes, "

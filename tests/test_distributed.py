@@ -606,3 +606,39 @@ def test_a_missing_rank_variable_is_named_before_joining(monkeypatch):
     monkeypatch.setattr(sd.dist, "init_process_group", lambda *a, **k: pytest.fail("joined the group as rank 0"))
     with pytest.raises(RuntimeError, match="WORLD_SIZE=2 but RANK is not set: launch with torchrun"):
         sd.init("cpu")
+
+
+def test_the_module_docstring_names_functions_that_exist():
+    # it sent readers to discover_run, a function that no longer exists (run_discovery does it)
+    import importlib
+    import re
+
+    for name in re.findall(r":func:`([\w.]+)`", sd.__doc__):
+        module, _, attr = name.rpartition(".")
+        assert hasattr(importlib.import_module(module) if module else sd, attr), name
+
+
+def test_shards_rank_0_cannot_see_are_blamed_on_an_unshared_output_directory(tmp_path):
+    # every rank had finished its shard, on a disk of its own; rank 0's merge then said
+    # "run every rank's embedding pass first"
+    from spurfast.embed import embed_pool
+    src, clf, vae = _small(20)
+    embed_pool(src, clf, vae, tmp_path / "s", shard_id=0, num_shards=2, num_classes=4, batch_size=8, progress=False)
+    with pytest.raises(FileNotFoundError, match=r"rank 0 cannot see the shard stores of ranks \[1\] .* must be on a "
+                                                r"filesystem every rank shares"):
+        sd._merge(tmp_path / "s", 2, False, src)
+
+
+def test_a_missing_local_rank_variable_is_named_on_a_node_with_several_gpus(monkeypatch):
+    # LOCAL_RANK defaulted to 0: every rank of the node took GPU 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail(f"took {d}"))
+    monkeypatch.setattr(sd.dist, "init_process_group", lambda *a, **k: pytest.fail("joined the group"))
+    with pytest.raises(RuntimeError, match="WORLD_SIZE=2 but LOCAL_RANK is not set: launch with torchrun"):
+        sd.init("cuda")

@@ -305,3 +305,54 @@ def test_any_source_named_from_a_non_utf8_file_name_can_be_fingerprinted():
     same = SubsetSource(base, [0, 2], name="pool-\xff")   # a UTF-8 name of other bytes: another identity
     assert fingerprint(odd) != fingerprint(same) and content_digest(odd) != content_digest(same)
     assert fingerprint(base) == fingerprint(ArraySource(np.zeros((4, 1, 8, 8), np.float32), name="base"))
+
+
+def test_a_store_records_the_loader_of_its_first_rows(tmp_path):
+    # a store created with the torch loader and stopped before its first batch was written
+    # kept "torch" as its loader while DALI decoded its rows: a later resume with torch was
+    # accepted and mixed both decoders' pixels
+    import json
+
+    from spurfast.data.folder import ImageFolderSource
+
+    clf, vae, kw = _store_begun_with_the_torch_loader(tmp_path)
+    pool = lambda: ImageFolderSource(tmp_path / "pool", size=32)   # noqa: E731
+    embed_pool(pool(), clf, vae, tmp_path / "t", loader_backend="torch", stop_after=0, **kw)
+    embed_pool(pool(), clf, vae, tmp_path / "t", loader_backend="dali", stop_after=1, **kw)
+    assert json.loads((tmp_path / "t" / "manifest.json").read_text())["loader"] == "dali"
+    with pytest.raises(ValueError, match=r"begun with the 'dali' loader, and this run would resume it with 'torch'"):
+        embed_pool(pool(), clf, vae, tmp_path / "t", loader_backend="torch", **kw)
+
+
+def test_shards_of_one_store_decoded_by_two_loaders_are_refused(tmp_path):
+    # a rank that finished its shard with DALI and one that began (or resumed, with no rows
+    # yet) its shard with torch each checked only their own rows: the merge silently mixed both decoders' pixels
+    import json
+
+    from spurfast.data.folder import ImageFolderSource
+    from spurfast.embed import merge_shards, shard_dir
+
+    clf, vae, kw = _store_begun_with_the_torch_loader(tmp_path)
+    pool = lambda: ImageFolderSource(tmp_path / "pool", size=32)   # noqa: E731
+    s = tmp_path / "sh"
+    embed_pool(pool(), clf, vae, s, loader_backend="dali", shard_id=0, num_shards=2, **kw)
+    with pytest.raises(ValueError, match=rf"store {shard_dir(s, 0, 2)} was begun with the 'dali' loader, and this "
+                                         rf"run would resume it with 'torch'"):
+        embed_pool(pool(), clf, vae, s, loader_backend="torch", shard_id=1, num_shards=2, **kw)
+    # shards that got past that check (two ranks starting at once) are refused by the merge
+    embed_pool(pool(), clf, vae, s, loader_backend="dali", shard_id=1, num_shards=2, **kw)
+    m = json.loads((shard_dir(s, 1, 2) / "manifest.json").read_text())
+    (shard_dir(s, 1, 2) / "manifest.json").write_text(json.dumps({**m, "loader": "torch"}))
+    with pytest.raises(ValueError, match=r"shard stores were decoded by different loaders .*'dali'.*'torch'"):
+        merge_shards(s, 2, progress=False)
+    (shard_dir(s, 1, 2) / "manifest.json").write_text(json.dumps(m))
+    assert merge_shards(s, 2, progress=False).manifest["loader"] == "dali"
+
+
+@pytest.mark.parametrize("num_shards", [0, -1, 1.5])
+def test_merge_names_a_bad_number_of_shards(tmp_path, num_shards):
+    # 0 (no shard directories counted, say) failed with a bare "IndexError: list index out of range"
+    from spurfast.embed import merge_shards
+
+    with pytest.raises(ValueError, match=rf"num_shards must be an integer >= 1 .*got {num_shards}"):
+        merge_shards(tmp_path / "s", num_shards, progress=False)

@@ -309,3 +309,44 @@ def test_an_interrupted_bad_files_write_leaves_the_run_reportable(tmp_path, monk
         run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False)
     monkeypatch.undo()
     assert read_bad_files(out) == {}
+
+
+def test_an_overwrite_interrupted_before_its_run_json_keeps_the_directory_usable(tmp_path, monkeypatch):
+    # --overwrite deleted the old run.json before writing the new one: interrupted between
+    # the two with the store kept, the directory held only store/ and was refused ever
+    # after ("holds files spurfast did not write"), even with --overwrite
+    import pathlib
+
+    from spurfast.pipeline import prepare_output
+
+    out = _older_run(tmp_path / "run")
+    (out / "store").mkdir()
+    (out / "store" / "mu.npy").write_bytes(b"x")
+    real = os.replace
+
+    def interrupted(src, dst, *a, **k):
+        if pathlib.Path(dst).name == "run.json":
+            raise KeyboardInterrupt
+        return real(src, dst, *a, **k)
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_output(out, "new-run", overwrite=True, keep_store=lambda store: True)
+    monkeypatch.undo()
+    prepare_output(out, "new-run", overwrite=True, keep_store=lambda store: True)
+    assert sorted(p.name for p in out.iterdir()) == ["run.json", "store"] and "new-run" in (out / "run.json").read_text()
+    assert (out / "store" / "mu.npy").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("case", ["encoder", "loader"])
+def test_a_misspelt_backend_is_refused_before_overwrite_deletes(tmp_path, case):
+    # the encoder and the loader resolved their backend at the first batch: after --overwrite
+    # had deleted the old run (API users; the CLI checks its flags first)
+    from spurfast.backends import BackendUnavailable
+
+    torch.manual_seed(0)
+    pool = _folder(tmp_path / "pool")
+    out = _older_run(tmp_path / "run")
+    with pytest.raises(BackendUnavailable, match=f"backend 'tritn' does not implement '{case}'"):
+        run_discovery(pool, SmallCNN(3, 2, 16), VAE(VAEConfig.for_images(3, 16, 4)), out, num_classes=2,
+                      overwrite=True, progress=False, **{f"{case}_backend": "tritn"})
+    assert (out / "findings.json").is_file() and not (out / "store").exists()
