@@ -36,6 +36,10 @@ def choose_k(sizes: np.ndarray, k: int, min_cluster_size: int, max_mean_size: in
     they hold at least ``min_cluster_size``.  The cap keeps clustering linear in the class
     size: without it k grows with the class, and seeding plus Lloyd cost N_g * k_g."""
     sizes = np.asarray(sizes)
+    # a setting past int64 (--k 1e20) overflowed numpy after the neighbour search; any value
+    # above every group's size acts as that size does, so int64's largest is the same setting
+    top = np.iinfo(np.int64).max
+    k, min_cluster_size, max_mean_size, max_k = (min(int(v), top) for v in (k, min_cluster_size, max_mean_size, max_k))
     want = np.maximum(k, -(-sizes // max_mean_size)) if max_mean_size > 0 else np.full(sizes.shape, k)
     if max_k > 0:
         want = np.minimum(want, max(k, max_k))
@@ -158,6 +162,9 @@ def batched_kmeans(
     Empty clusters are re-seeded with the point of their group farthest from its centroid.
     Deterministic for a given seed and backend.
     """
+    # k-means is not differentiable: features straight from a model (requires_grad) crashed
+    # the L2 paths ("Can't call numpy() on Tensor that requires grad"; torch: cumsum's out=)
+    x = x.detach() if isinstance(x, torch.Tensor) else x
     if kmeans_hook is not None:
         return kmeans_hook(x, groups, k_per_group, n_groups=n_groups, n_iter=n_iter, tol=tol, seed=seed,
                            metric=metric, init=init, backend=backend)
@@ -184,15 +191,26 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
     if metric == "cosine":
         xs = torch.nn.functional.normalize(xs.float(), dim=1)
     N, d = xs.shape
+    gid = ref.group_ids(offsets)
+    # L2 k-means is shift-invariant within a group, fp32 scores |c|^2 - 2 x.c are not: a
+    # group far from the origin for its spread (offset 100, spread 0.01) had them cancel,
+    # its points went to arbitrary centroids and the loop never settled.  Such groups are
+    # clustered about one of their points; every other group keeps its bits.
+    origin = _far_offsets(xs, offsets, gid, team) if metric == "l2" else None
+    if origin is not None:
+        xs = xs.float() - origin[gid]
     if team.rank == 0:
         gen = torch.Generator().manual_seed(int(seed))
-        cent = init.float().to(dev).clone() if init is not None else \
-            _seeding(provider, backend, dev.type)(xs, offsets, kpg, kmax, gen)
+        if init is not None:
+            cent = init.float().to(dev).clone()
+            if origin is not None:
+                cent -= origin.unsqueeze(1)
+        else:
+            cent = _seeding(provider, backend, dev.type)(xs, offsets, kpg, kmax, gen)
         cent = cent.contiguous()
     else:
         cent = torch.empty(G, kmax, d, dtype=torch.float32, device=dev)
     cent = team.broadcast(cent)  # identical initial centroids on every member
-    gid = ref.group_ids(offsets)
     loc = team.local_positions(N)
     if loc is None:
         xl, gid_l, off_l = xs, gid, offsets
@@ -247,7 +265,32 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
     assign, dist = team.gather_rows(assign_l, N), team.gather_rows(dist_l, N)
     inv = torch.empty_like(order)
     inv[order] = torch.arange(N, device=dev)
+    if origin is not None:
+        cent = cent + origin.unsqueeze(1)
     return KMeansResult(cent, assign[inv], dist[inv], kpg, counts, it, inertia, reseeded)
+
+
+FAR = 1e4   # |x0|^2 over the mean |x - x0|^2 of a group beyond which its fp32 scores lose digits
+
+
+def _far_offsets(xs, offsets, gid, team=SOLO):
+    """(G, d) fp32: the first point x0 of each group (of two points or more) far from the
+    origin for its spread (|x0|^2 > FAR x the group's mean |x - x0|^2), zero rows for the
+    other groups; None when no group is far.  One read of the points; rank 0's answer on
+    every member."""
+    N, d = xs.shape
+    n = offsets.diff()
+    x0 = xs[offsets[:-1].clamp_max(max(N - 1, 0))].float() if N else torch.zeros(len(n), d, device=xs.device)
+    spread = torch.empty(N, 1, device=xs.device)
+    for a in range(0, N, 1 << 16):   # x - x0 is exact-ish: no cancellation to fear here
+        r = xs[a:a + (1 << 16)].float() - x0[gid[a:a + (1 << 16)]]
+        spread[a:a + len(r), 0] = torch.linalg.vecdot(r, r)
+    # summed by the reference update: deterministic on every device
+    spread = ref.kmeans_update(spread, offsets, torch.zeros(N, dtype=torch.int64, device=xs.device), 1)[0][:, 0, 0]
+    far = (n > 1) & (torch.linalg.vecdot(x0, x0) > FAR * spread / n.clamp_min(1))   # one point: nothing to split
+    if not team.agree(bool(far.any())):
+        return None
+    return team.broadcast(torch.where(far.unsqueeze(1), x0, torch.zeros_like(x0)).contiguous())
 
 
 def _seeding(provider: str, backend: str | None = None, device: str | None = None):

@@ -243,8 +243,9 @@ def size_matched_pvalues(scores: np.ndarray, n_unrelated: np.ndarray, null: np.n
             ref = np.zeros(len(null), bool)
             ref[np.argsort(dist, kind="stable")[:min_reference]] = True
         # with no null cluster of its size, "beat them all" would hold for any score: ask
-        # it of the clusters it was compared with instead
-        beat[here] = null[window if window.any() else ref].max() < _tie_floor(scores[here])  # ties do not beat
+        # it of the clusters it was compared with instead (none, with min_reference=0: beaten
+        # as an empty null is; max() of nothing raised numpy's "zero-size array" error)
+        beat[here] = null[window if window.any() else ref].max(initial=-np.inf) < _tie_floor(scores[here])  # ties do not beat
         out[here] = permutation_pvalues(scores[here], null[ref])
         n_ref[here] = ref.sum()
     return out, n_ref, beat

@@ -264,3 +264,21 @@ def test_a_class_name_that_is_not_utf8_is_written_escaped(tmp_path):
     assert res.findings[0]["class_name"] == "caf\\xe9"
     write_outputs(res, tmp_path / "out")
     assert "caf\\xe9" in (tmp_path / "out" / "findings.csv").read_text(encoding="utf-8")
+
+
+def test_settings_past_int64_act_as_the_largest_they_can_be(tmp_path):
+    """--k 1e20 (or max_k, min_cluster_size, max_mean_cluster_size past int64) crashed with
+    numpy's "Python int too large to convert to C long" after the neighbour search, naming
+    nothing; any k above a class's size asks for as many clusters as the class allows."""
+    from spurfast.cluster import choose_k
+
+    sizes = np.array([0, 1, 7, 100, 1000])
+    assert choose_k(sizes, 2 ** 70, 5).tolist() == choose_k(sizes, 10 ** 6, 5).tolist() == [0, 1, 1, 20, 200]
+    assert choose_k(sizes, 3, 2 ** 80).tolist() == [0, 1, 1, 1, 1]
+    assert choose_k(sizes, 8, 5, 2 ** 64, 2 ** 64).tolist() == choose_k(sizes, 8, 5, 10 ** 6, 10 ** 6).tolist()
+    store, _ = _store(tmp_path / "store")
+    kw = dict(n_null=1, max_null=1, seed=0)
+    got = discover(store, DiscoverConfig(k=2 ** 70, **kw), progress=False)
+    want = discover(store, DiscoverConfig(k=10 ** 6, **kw), progress=False)
+    assert [(c["cls"], c["size"], c["score"]) for c in got.clusters] == \
+        [(c["cls"], c["size"], c["score"]) for c in want.clusters]

@@ -256,3 +256,53 @@ def test_a_group_given_no_cluster_counts_no_members():
     res = batched_kmeans(x, groups, [6, 0], n_groups=2, n_iter=20, seed=3)
     assert res.counts[1].tolist() == [0] * 6
     assert res.counts[0].tolist() == torch.bincount(res.assign[:300], minlength=6).tolist()
+
+
+def test_a_size_with_no_reference_at_min_reference_0_is_priced_as_an_empty_null():
+    # min_reference=0 and no null cluster of its size: nothing to compare with, as with an
+    # empty null (p = 1, beaten), not numpy's "zero-size array to reduction" error
+    p, n_ref, beat = size_matched_pvalues(np.array([1.0, 2.0]), np.array([3, 500]), np.array([0.5, 1.5]),
+                                          np.array([3, 3]), min_reference=0)
+    assert p.tolist() == [2 / 3, 1.0] and n_ref.tolist() == [2, 0] and beat.tolist() == [False, True]
+
+
+@pytest.mark.parametrize("backend", [None, "torch"])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_kmeans_of_features_that_require_grad(backend, metric):
+    # features straight from a model crashed the L2 paths ("Can't call numpy() on Tensor
+    # that requires grad") and the torch provider's cumsum(out=); k-means never differentiates
+    from spurfast.cluster import batched_kmeans
+
+    x = torch.randn(300, 4, generator=torch.Generator().manual_seed(0))
+    groups = torch.arange(300) % 3
+    want = batched_kmeans(x, groups, [3, 20, 5], seed=0, metric=metric, backend=backend)
+    got = batched_kmeans(x.clone().requires_grad_(), groups, [3, 20, 5], seed=0, metric=metric, backend=backend)
+    assert torch.equal(got.assign, want.assign) and torch.equal(got.centroids, want.centroids)
+    assert not got.centroids.requires_grad
+
+
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_kmeans_of_a_group_far_from_the_origin_for_its_spread(backend):
+    """L2 k-means does not depend on where a group lies, but fp32 scores |c|^2 - 2 x.c
+    do: four tight blobs shifted by 100 (spread 0.01) cancelled them, points went to
+    arbitrary centroids (adjusted Rand 0.001) and the loop ran all its iterations."""
+    from spurfast.cluster import batched_kmeans
+
+    rng = np.random.default_rng(0)
+    truth = np.repeat(np.arange(4), 200)
+    blobs = rng.normal(size=(4, 8)) * 0.01
+    base = blobs[truth] + rng.normal(size=(800, 8)) * 1e-3
+    x = torch.as_tensor(np.r_[base + 100.0, base], dtype=torch.float32)   # group 0 far, group 1 at the origin
+    groups = torch.repeat_interleave(torch.arange(2), 800)
+    res = batched_kmeans(x, groups, [4, 4], n_iter=50, seed=0, backend=backend)
+    assert res.n_iter < 50
+    for g in range(2):
+        a = res.assign[groups == g].numpy()
+        # the blobs recovered: one cluster per blob, up to the clusters' numbering
+        assert len(set(zip(truth, a))) == 4 and len(set(a)) == 4, (g, sorted(set(zip(truth, a))))
+        xd = x[groups == g].double()
+        d = ((xd[:, None] - res.centroids[g].double()[None]) ** 2).sum(-1)
+        assert torch.equal(d.argmin(1), res.assign[groups == g])
+        for j in range(4):   # the centroids are where the points are, not about the origin
+            mean = xd[res.assign[groups == g] == j].mean(0)
+            torch.testing.assert_close(res.centroids[g, j].double(), mean, atol=1e-4, rtol=0)
