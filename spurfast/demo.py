@@ -112,7 +112,9 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
         iou = mask_iou(result.findings[0].get("_mask"), data.truth.mask)
         summary.update({"top finding class": top["class"],
                         "top finding is planted class": top["class"] == target_class if planted else None,
-                        "AUROC (membership)": round(au_m, 3), "AUROC (probe ranking)": round(au_r, 3),
+                        "AUROC (membership)": round(au_m, 3), "AUROC (ranking)": round(au_r, 3),
+                        # the latent probe's, or for a localised pattern its pixel match (`pattern_rank`)
+                        "ranked by": top.get("ranked_by"),
                         "pattern IoU": round(iou, 3) if planted else None})
         if top.get("confirm"):
             summary["top finding flip rate (control)"] = (f"{top['confirm']['flip_rate']:.3f} "

@@ -25,6 +25,7 @@ from . import distributed as dist
 from .data.builtin import find_fashion_mnist, load_digits, load_fashion_mnist
 from .data.sources import ArraySource, ImageSource, content_digest
 from .discover import DiscoverConfig, characterise, discover, write_outputs
+from .pattern_rank import pattern_rankings
 from .embed import _write_json, check_outputs, fingerprint, legacy_identities, made_from, shown_path
 from .plant import PatternSpec, PlantTruth, plant_pool, plant_training
 from .report import write_report
@@ -306,6 +307,8 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
         result = discover(store, config, suspect=suspect, class_names=pool.class_names, progress=progress)
         _remove_finding_files(out)
         characterise(result, store, pool, vae, out, seed=config.seed, device=config.device)
+        # a localised pattern ranks the pool by its pixel match, not the latent probe
+        pattern_rankings(result.findings, result.rankings, pool, batch_size=batch_size, progress=progress)
         if confirm and result.findings:
             from .confirm import ConfirmConfig, confirm_findings
             confirm_findings(result.findings, classifier, clean=clean, pool=pool,
@@ -314,7 +317,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
             rank_confirmed_first(result, out)
         if suspect is not None and result.findings:   # is the pattern in its class's suspect data?
             from .support import training_support
-            training_support(result.findings, pool, suspect, pool.labels(), progress=progress)
+            training_support(result.findings, pool, suspect, pool.labels(), batch_size=batch_size, progress=progress)
         doc = write_outputs(result, out, extra_config)
         bad_files = {int(i): r for i, r in store.manifest.get("bad_files", {}).items()}  # all ranks, all runs
         bad_files.update(getattr(pool, "bad_files", {}))

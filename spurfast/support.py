@@ -31,14 +31,14 @@ TAIL = 0.01    # the other classes' suspects above the threshold: their top 1%
 
 
 def pattern_projections(source: ImageSource, idx: np.ndarray, patterns: torch.Tensor,
-                        batch_size: int = 256, progress: bool = False) -> np.ndarray:
+                        batch_size: int = 256, progress: bool = False, desc: str = "training support") -> np.ndarray:
     """(len(idx), F) projections of images ``idx`` of ``source`` onto ``patterns``
     (F, C, H, W): one pass over the images, float64 sums (reads n*C*H*W pixels once)."""
     from tqdm.auto import tqdm
 
     flat = patterns.reshape(len(patterns), -1).double().T          # (D, F)
     out = np.zeros((len(idx), len(patterns)))
-    for s in tqdm(range(0, len(idx), batch_size), desc="training support", unit="batch", disable=not progress):
+    for s in tqdm(range(0, len(idx), batch_size), desc=desc, unit="batch", disable=not progress):
         x, _ = source.get_batch(idx[s:s + batch_size])
         out[s:s + len(x)] = (x.reshape(len(x), -1).double() @ flat).numpy()
     return out

@@ -35,7 +35,8 @@ def test_planted_class_is_top_finding(digits_run):
     members = np.asarray(top["members"])
     base = carries.mean()
     assert carries[members].mean() > 3 * base, (carries[members].mean(), base)
-    assert summary["AUROC (probe ranking)"] > 0.8
+    assert summary["AUROC (ranking)"] > 0.8
+    assert top["ranked_by"] == summary["ranked by"] == "pattern"   # a corner patch: localised
     # every poisoned training image of class 3 carries the patch: its suspects support it
     sp = top["support"]
     assert sp["supported"] and sp["class_above"] > sp["n_class"] / 2, sp
@@ -73,9 +74,9 @@ def test_demo_without_a_planted_pattern_writes_valid_json(tmp_path):
     text = (tmp_path / "summary.json").read_text()
     saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
     assert summary["findings"] > 0, "the test needs a finding (fdr 0.9)"
-    assert saved["top finding is planted class"] is None and saved["AUROC (probe ranking)"] is None
+    assert saved["top finding is planted class"] is None and saved["AUROC (ranking)"] is None
     assert saved["planted"].startswith("nothing")
     assert saved["pattern IoU"] is None     # no planted mask to compare with
     report = (tmp_path / "report.html").read_text()
-    for key in ("AUROC (probe ranking)", "pattern IoU"):   # the summary table said nan
+    for key in ("AUROC (ranking)", "pattern IoU"):   # the summary table said nan
         assert f"<th>{key}</th><td>n/a</td>" in report, f"{key} is not n/a in the report"

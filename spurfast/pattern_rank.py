@@ -1,0 +1,74 @@
+"""Pattern ranking: a localised finding ranks the pool by its extracted pattern.
+
+Every finding ranks the whole pool (which images carry this shortcut?) by its latent probe
+(`spurfast.discover`): a direction in VAE latent space, which mixes the class's content with
+the pattern.  Where several patterns share a pool, natural look-alikes of the class then rank
+above the carriers (three patterns at n = 1000: AP 0.47-0.53 for the corner patch, where the
+pixel ablation has 0.99; docs/RESULTS.md, sixteenth session).  A small extracted pattern (a
+patch, a bar) is found better by matching it in pixels: each image's projection onto
+mask x contrast, the pattern that confirmation pastes and training support tests.  A diffuse
+one is not (additive noise, a background colour: its mask holds about half the image and the
+projection follows the content), so those findings keep the latent ranking.
+
+Only the latent ranking's first ``top`` images of each localised finding are read (one pass
+over their union, whatever the pool size); they are ordered by the projection (ties by the
+latent score) above every other image, which keep the latent order.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .data.sources import ImageSource
+from .support import pattern_projections
+
+LOCALISED = 0.1    # an extracted mask on at most this fraction of the image's pixels
+TOP = 20_000       # images of each finding's latent ranking re-ranked by the pattern
+
+
+def _latent_order(ranking: np.ndarray) -> np.ndarray:
+    """Pool indices with a finite latent score, best first (ties by index)."""
+    finite = np.nonzero(np.isfinite(ranking))[0]
+    return finite[np.lexsort((finite, -ranking[finite]))]
+
+
+def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], source: ImageSource, *,
+                     localised: float = LOCALISED, top: int = TOP, batch_size: int = 256,
+                     progress: bool = False) -> None:
+    """Set every finding's ``ranked_by`` ("pattern" or "latent") and replace ``rankings[rank]``
+    of the localised ones (float64: the latent order below, then the re-ranked images;
+    unreadable images stay -inf).  Needs ``_mask`` and ``_contrast`` (`characterise`)."""
+    if not 0.0 < localised <= 1.0:
+        raise ValueError(f"localised must be a fraction of the image in (0, 1], got {localised}")
+    if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
+        raise ValueError(f"top must be an integer >= 1, got {top!r}")
+    if batch_size < 1:
+        raise ValueError(f"pattern ranking batch_size must be >= 1, got {batch_size}")
+    chosen = []
+    for f in findings:
+        if "_mask" not in f or "_contrast" not in f:
+            raise ValueError(f"finding {f.get('rank')} has no extracted pattern; run characterise() first")
+        if f["rank"] not in rankings:
+            raise ValueError(f"finding {f['rank']} has no latent ranking (rankings hold {sorted(rankings)})")
+        mask = np.asarray(f["_mask"], bool)
+        local = bool(mask.any()) and float(mask.mean()) <= localised
+        f["ranked_by"] = "pattern" if local else "latent"
+        if local:
+            chosen.append(f)
+    if not chosen:
+        return
+    orders = [_latent_order(np.asarray(rankings[f["rank"]])) for f in chosen]
+    heads = [o[:top] for o in orders]
+    union = np.unique(np.concatenate(heads))
+    patterns = torch.stack([torch.as_tensor(f["_contrast"], dtype=torch.float32)
+                            * torch.as_tensor(np.asarray(f["_mask"], bool)) for f in chosen])
+    proj = pattern_projections(source, union, patterns, batch_size, progress, "pattern ranking") if len(union) else \
+        np.zeros((0, len(chosen)))
+    for j, (f, order, head) in enumerate(zip(chosen, orders, heads)):
+        latent = np.asarray(rankings[f["rank"]], dtype=np.float64)
+        out = np.full(len(latent), -np.inf)
+        out[order[::-1]] = np.arange(len(order), dtype=np.float64)          # the latent order, best highest
+        p = proj[np.searchsorted(union, head), j]
+        by_pattern = head[np.lexsort((latent[head], p))]                      # ascending: best last
+        out[by_pattern] = len(order) + np.arange(len(head), dtype=np.float64)
+        rankings[f["rank"]] = out

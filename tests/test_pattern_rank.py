@@ -1,0 +1,112 @@
+"""Pattern ranking (`spurfast.pattern_rank`) on hand-made pools with known carriers."""
+import numpy as np
+import pytest
+import torch
+
+from spurfast.data.sources import ArraySource
+from spurfast.metrics import average_precision
+from spurfast.pattern_rank import pattern_rankings
+
+H = W = 10
+PATCH = np.zeros((H, W), bool)
+PATCH[:2, :2] = True                      # 4 of 100 pixels: localised
+N, CARRIERS = 300, np.arange(0, 300, 10)  # every tenth image carries the patch
+
+
+def _pool(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 0.5, (N, 1, H, W)).astype(np.float32)
+    x[CARRIERS, :, :2, :2] = 1.0
+    return ArraySource(x, np.zeros(N, int), name="hand-made")
+
+
+class CountingSource(ArraySource):
+    """Records every index read."""
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.read = []
+
+    def get_batch(self, idx):
+        self.read.extend(np.asarray(idx).tolist())
+        return super().get_batch(idx)
+
+
+def _finding(mask=PATCH, rank=1):
+    return {"rank": rank, "class": 0, "_mask": mask, "_contrast": torch.full((1, H, W), 0.5)}
+
+
+def _carries():
+    c = np.zeros(N, bool)
+    c[CARRIERS] = True
+    return c
+
+
+def test_a_localised_pattern_ranks_its_carriers_first():
+    src = _pool()
+    latent = np.random.default_rng(1).normal(size=N).astype(np.float32)   # a latent ranking that knows nothing
+    rankings = {1: latent.copy()}
+    f = _finding()
+    pattern_rankings([f], rankings, src)
+    assert f["ranked_by"] == "pattern"
+    assert average_precision(latent, _carries()) < 0.3
+    assert average_precision(rankings[1], _carries()) == pytest.approx(1.0)
+
+
+def test_a_diffuse_pattern_keeps_the_latent_ranking():
+    src = _pool()
+    latent = np.random.default_rng(1).normal(size=N).astype(np.float32)
+    rankings = {1: latent.copy()}
+    half = np.zeros((H, W), bool)
+    half[:, :5] = True                    # 50% of the image: noise or a background, not a stamp
+    empty = np.zeros((H, W), bool)        # nothing extracted
+    fs = [_finding(half, 1), _finding(empty, 2)]
+    rankings[2] = latent.copy()
+    pattern_rankings(fs, rankings, src)
+    assert [f["ranked_by"] for f in fs] == ["latent", "latent"]
+    np.testing.assert_array_equal(rankings[1], latent)
+    np.testing.assert_array_equal(rankings[2], latent)
+
+
+def test_only_the_latent_head_is_read_and_reordered():
+    x = _pool().get_batch(np.arange(N))[0].numpy()
+    src = CountingSource(x, np.zeros(N, int), name="counted")
+    latent = np.arange(N, dtype=np.float32)[::-1].copy()   # image 0 best, 299 worst
+    latent[5] = -np.inf                                    # unreadable: unranked
+    rankings = {1: latent.copy()}
+    pattern_rankings([_finding()], rankings, src, top=50)
+    head = [i for i in range(51) if i != 5]                # the 50 best finite scores
+    assert sorted(set(src.read)) == head
+    r = rankings[1]
+    assert r[5] == -np.inf
+    # the head's carriers (0, 10, ..., 50 minus those outside) first, then the rest of the head,
+    # then everything else in the latent order
+    order = np.argsort(-r, kind="stable")
+    head_carriers = [i for i in head if i % 10 == 0]
+    assert sorted(order[:len(head_carriers)].tolist()) == head_carriers
+    assert set(order[:50].tolist()) == set(head)
+    rest = order[50:N - 1]
+    assert rest.tolist() == sorted(rest.tolist())          # latent order: smaller index = better
+    assert 60 in rest and r[60] < r[head].min()            # a carrier outside the head is not lifted
+
+
+def test_ties_in_the_pattern_keep_the_latent_order():
+    x = np.zeros((N, 1, H, W), np.float32)                 # every projection equal
+    latent = np.random.default_rng(2).normal(size=N)
+    rankings = {1: latent.copy()}
+    pattern_rankings([_finding()], rankings, ArraySource(x, np.zeros(N, int), name="flat"))
+    np.testing.assert_array_equal(np.argsort(-rankings[1], kind="stable"), np.argsort(-latent, kind="stable"))
+
+
+def test_bad_arguments_are_refused():
+    src = _pool()
+    with pytest.raises(ValueError, match="characterise"):
+        pattern_rankings([{"rank": 1, "class": 0}], {1: np.zeros(N)}, src)
+    with pytest.raises(ValueError, match="no latent ranking"):
+        pattern_rankings([_finding(rank=2)], {1: np.zeros(N)}, src)
+    with pytest.raises(ValueError, match="localised"):
+        pattern_rankings([_finding()], {1: np.zeros(N)}, src, localised=0)
+    with pytest.raises(ValueError, match="top"):
+        pattern_rankings([_finding()], {1: np.zeros(N)}, src, top=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        pattern_rankings([_finding()], {1: np.zeros(N)}, src, batch_size=0)
+    pattern_rankings([], {}, src)                          # no finding: nothing to do
