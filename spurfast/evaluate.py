@@ -40,7 +40,7 @@ import torch
 from . import baselines as B
 from .confirm import is_confirmed
 from .data.builtin import find_fashion_mnist, load_digits, load_fashion_mnist
-from .data.sources import ArraySource
+from .data.sources import ArraySource, utf8_name
 from .discover import DiscoverConfig, characterise, discover
 from .embed import _write_json   # atomic: a run killed mid-write left a truncated cache file
 from .metrics import Feature, carried_by, false_findings, false_findings_on_pool_patterns, feature_metrics, matches, recall_at_q
@@ -496,7 +496,10 @@ def check_seeds(seeds) -> tuple[int, ...]:
     "per seed" list; a negative one failed inside numpy without naming the seed."""
     if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__"):
         raise ValueError(f"seeds must be a sequence of integers >= 0, got {seeds!r}")
-    seeds = tuple(seeds)
+    try:
+        seeds = tuple(seeds)
+    except TypeError:   # a 0-d array has __iter__ but is no sequence: "iteration over a 0-d array"
+        raise ValueError(f"seeds must be a sequence of integers >= 0, got {seeds!r}") from None
     if not seeds:
         raise ValueError("seeds is empty; give at least one seed (or None for the preset's)")
     for s in seeds:
@@ -564,5 +567,6 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
     md = write_results(out / "results.csv", out / "confirm.csv", out / "RESULTS.md", command=cmd,
                        wall_s=timing["wall_s"], plots_dir=out / "plots", timing=timing)
     write_with_notes(md, previous, out, results_md)   # results_md: its own notes; the plots stay here
-    print(f"[evaluate] wrote {out / 'results.csv'}, {out / 'confirm.csv'}, {md}", flush=True)
+    # a non-UTF-8 --out as \xNN: a terminal of a UTF-8 locale (strict) raised after all was written
+    print(utf8_name(f"[evaluate] wrote {out / 'results.csv'}, {out / 'confirm.csv'}, {md}"), flush=True)
     return out

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .confirm import confirm_verdict
+from .data.sources import utf8_name
 
 # the methods compared, in table order: spurfast, then the baselines (`spurfast.baselines`)
 METHODS = ("spurfast", "spurfast+confirm", "spurfast+support", "pixels", "george", "activation_clustering", "random")
@@ -23,16 +24,37 @@ OURS = METHODS[:3]   # spurfast's own rows; the rest are baselines
 
 
 def write_csv(path: Path, rows: list[dict], cols: list[str]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as fh:
+    """``rows`` as CSV, atomically: a run interrupted mid-write left a results.csv cut short,
+    its last value cut mid-number (``--from-csv`` then printed a wrong figure)."""
+    from .embed import replace_atomically
+
+    def write(fh):
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+    replace_atomically(Path(path), write, newline="", encoding="utf-8")
 
 
 def read_csv(path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
+
+
+def _read_whole(path, need=()) -> list[dict]:
+    """`read_csv` of a CSV this module reads, refusing a row cut short (a missing field
+    reads as None: a TypeError traceback), a longer one, or a missing column of ``need``,
+    with the file and line named."""
+    rows = read_csv(path)
+    for line, r in enumerate(rows, 2):
+        missing = [k for k in need if k not in r]
+        if missing or None in r or None in r.values():
+            head = len(r) - (None in r)   # DictReader: None for a missing field, extras listed under None
+            got = head - list(r.values()).count(None) + len(r.get(None) or [])
+            raise ValueError(f"{path}: " + (f"no {', '.join(missing)} column (not the CSV `spurfast evaluate` wrote)"
+                             if missing else f"line {line} has {got} fields, the header {head} (cut short or "
+                             f"edited?); rerun the evaluation"))
+    return rows
 
 
 NOTES = "<!-- notes: text below this line is kept when the file is regenerated -->"
@@ -55,7 +77,8 @@ def write_with_notes(md: Path, previous: str | None, out, results_md=None) -> No
     md.write_text(keep_notes(fresh, None, previous), encoding="utf-8")
     if results_md:
         target = Path(results_md)
-        target.write_text(keep_notes(relink(fresh, out, target.parent), target), encoding="utf-8")
+        # a non-UTF-8 folder name (surrogate escapes) in the relinked plots: \xNN, as in write_results
+        target.write_text(utf8_name(keep_notes(relink(fresh, out, target.parent), target)), encoding="utf-8")
 
 
 _IMAGE = re.compile(r"^(!\[[^\]]*\]\()([^)\s]+)(\))$", re.M)
@@ -96,12 +119,20 @@ def _count(vals) -> tuple[int, int]:
 def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s: float | None = None,
                   plots_dir=None, timing: dict | None = None, regenerated_by: str = "") -> Path:
     """RESULTS.md (and plots) from the CSVs alone."""
-    rows = read_csv(csv_path)
-    crows = read_csv(confirm_path) if confirm_path and Path(confirm_path).is_file() else []
-    for r in rows:
-        r["value"] = float(r["value"])
-        r["seed"] = int(r["seed"])
+    rows = _read_whole(csv_path, ("setting", "seed", "method", "feature", "metric", "value"))
+    crows = _read_whole(confirm_path, ("setting", "true_finding", "flip_rate", "control_flip_rate")) \
+        if confirm_path and Path(confirm_path).is_file() else []
+    for line, r in enumerate(rows, 2):
+        try:
+            r["value"] = float(r["value"])
+            r["seed"] = int(r["seed"])
+        except ValueError as exc:   # float()'s message named neither the file nor the line
+            raise ValueError(f"{csv_path} line {line}: {exc}") from None
     settings = list(dict.fromkeys(r["setting"] for r in rows))
+    # in seed order within each setting: the "per seed" lists are read against the sorted seeds
+    # of the setting's heading (--seeds 2,0,1 listed seed 2's value first)
+    pos = {s: i for i, s in enumerate(settings)}
+    rows.sort(key=lambda r: (pos[r["setting"]], r["seed"]))
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     L = ["# spurfast: planted-shortcut evaluation results", ""]
     presets = sorted({r.get("preset", "") for r in rows})
@@ -196,13 +227,16 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
         L.append("")
     L += _targets(rows, settings)
     secs = [r["value"] for r in rows if r["metric"] == "seconds" and r["method"] == "spurfast"]
-    if secs:
-        L += ["", f"spurfast discovery + characterisation + confirmation: {np.mean(secs):.1f} s per run on average "
-                  f"(models excluded; {len(secs)} runs)."]
+    if secs:   # the training support test is timed with them where the run scored it
+        sup = " + training support" if "spurfast+support" in methods else ""
+        L += ["", f"spurfast discovery + characterisation + confirmation{sup}: {np.mean(secs):.1f} s per run on "
+                  f"average (models excluded; {len(secs)} runs)."]
     if plots_dir:
         L += ["", *_plots(rows, crows, Path(plots_dir), Path(md_path).parent)]
     md = Path(md_path)
-    md.write_text("\n".join(L) + "\n", encoding="utf-8")   # "±", "–" and notes: not the locale's
+    # "±", "–" and notes: not the locale's; a non-UTF-8 path in the command (surrogate escapes)
+    # as \xNN: it raised UnicodeEncodeError after the whole sweep and left RESULTS.md empty
+    md.write_text(utf8_name("\n".join(L) + "\n"), encoding="utf-8")
     return md
 
 
