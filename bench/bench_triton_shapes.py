@@ -56,6 +56,14 @@ def _resources(kt) -> tuple[float, float]:
 
 
 def run(writer, quick: bool = False, device: str | None = None) -> None:
+    wanted = os.environ.get("SPURFAST_BENCH_SHAPE_VARIANTS")
+    wanted = [v.strip() for v in wanted.split(",") if v.strip()] if wanted else None
+    # checked before any sweep: a misspelt one raised in `sweep` after the variants before it
+    # (a minute or more of GPU time each), losing the rest of the run
+    unknown = [v for v in wanted or () if v not in TRITON_VARIANTS]
+    if unknown:
+        raise ValueError(f"SPURFAST_BENCH_SHAPE_VARIANTS={os.environ['SPURFAST_BENCH_SHAPE_VARIANTS']!r}: unknown "
+                         f"variant {unknown[0]!r}; expected comma-separated names from {sorted(TRITON_VARIANTS)}")
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev != "cuda" or not torch.cuda.is_available():
         _log("skipped: launch shapes are timed on a GPU only")
@@ -66,9 +74,8 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
     if not ok:
         _log(f"skipped: {why}")
         return
-    wanted = os.environ.get("SPURFAST_BENCH_SHAPE_VARIANTS")
     for problem in PROBLEMS:
-        sweep(writer, kt, problem, wanted.split(",") if wanted else problem[-1], dev, device_name(dev),
+        sweep(writer, kt, problem, wanted or problem[-1], dev, device_name(dev),
               reps=10 if quick else 20)
         torch.cuda.empty_cache()
 

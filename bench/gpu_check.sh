@@ -31,7 +31,8 @@ want() {
   (( $(limit 30) >= 30 )) || { step "$1 skipped: the ${BUDGET} s budget is spent"; return 1; }
 }
 
-# every step has a time limit (a hung nvcc, pip or CUDA init must not eat the device time)
+# every step has a time limit (a hung nvcc, pip or CUDA init must not eat the device time), the
+# probes below included: a CUDA init that hung in them took up to 300 s outside the budget
 step "build fatbins"
 if ! command -v nvcc >/dev/null; then
   step "no nvcc on PATH: no fatbins (the launcher compiles with NVRTC)"
@@ -39,7 +40,7 @@ elif ! timeout -k 10 "$(limit 240)" make kernels CUDA_ARCHS=90 > "$OUT/kernels_b
   step "fatbin build FAILED or timed out (the launcher falls back to NVRTC): see kernels_build.log"
 fi
 if ls .whl/*.whl >/dev/null 2>&1; then
-  timeout -k 10 120 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  timeout -k 10 "$(limit 120)" $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >> "$LOG" 2>&1 && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
 # The GPU machine has torch/triton/cupy but not this package: install it editable (no
@@ -49,8 +50,8 @@ if ! timeout -k 10 "$(limit 180)" $PY -m pip install -q --no-deps --no-build-iso
   step "editable install failed (see steps.log): linking spurfast/kernels -> kernels"
   if [ ! -e spurfast/kernels ]; then ln -s ../kernels spurfast/kernels && trap 'rm -f spurfast/kernels' EXIT; fi
 fi
-{ timeout -k 5 60 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
-  timeout -k 10 120 $PY - <<'PY'
+{ timeout -k 5 "$(limit 60)" nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+  timeout -k 10 "$(limit 120)" $PY - <<'PY'
 import torch, importlib
 print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())
 for m in ("triton", "cupy", "nvidia.dali", "flash_kmeans"):
@@ -64,7 +65,7 @@ echo "usable cores: $(nproc)" >> "$OUT/gpu.txt"
 cat "$OUT/gpu.txt"
 # kernel arguments travel as raw device pointers; if that ever disagrees with DLPack views
 # on this CuPy, keep DLPack for the rest of the check and say so
-timeout -k 10 120 $PY - >> "$LOG" 2>&1 <<'PY' || { export SPURFAST_KMEANS_DLPACK=1; step "pointer args FAILED: DLPack for the rest"; }
+timeout -k 10 "$(limit 120)" $PY - >> "$LOG" 2>&1 <<'PY' || { export SPURFAST_KMEANS_DLPACK=1; step "pointer args FAILED: DLPack for the rest"; }
 import os, torch
 from spurfast.kernels import kmeans_cupy as kc
 x = torch.randn(3000, 40, device="cuda"); off = torch.tensor([0, 1000, 3000], device="cuda")

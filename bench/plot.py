@@ -21,6 +21,11 @@ def latest_rows(path) -> dict:
     return best
 
 
+def _short(device: str) -> str:
+    """A legend's device name: at most 32 characters, the end kept (a CPU's thread count)."""
+    return device if len(device) <= 32 else device[:14] + "..." + device[-15:]
+
+
 def plot(csv_path=None, out_dir=None) -> list[Path]:
     import matplotlib
 
@@ -37,13 +42,15 @@ def plot(csv_path=None, out_dir=None) -> list[Path]:
     for op in sorted({k[0] for k in rows}):
         sel = sorted((k, r) for k, r in rows.items() if k[0] == op)
         configs = sorted({k[2] for k, _ in sel})
-        provs = sorted({(k[1], k[3][:24]) for k, _ in sel})
+        # whole device names: cut to 24 characters, "cpu:x86_64 x16 threads=16" and "...=1" were one
+        # bar (the first row's), the other's figures dropped; only the legend is shortened
+        provs = sorted({(k[1], k[3]) for k, _ in sel})
         fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(configs) * len(provs) ** 0.5), 4), dpi=100)
         width = 0.8 / max(1, len(provs))
         for j, (p, dev) in enumerate(provs):
-            ys = [next((float(r["value"]) for k, r in sel if k[1] == p and k[2] == c and k[3][:24] == dev), 0.0)
+            ys = [next((float(r["value"]) for k, r in sel if k[1] == p and k[2] == c and k[3] == dev), 0.0)
                   for c in configs]
-            ax.bar([i + j * width for i in range(len(configs))], ys, width, label=f"{p} ({dev})")
+            ax.bar([i + j * width for i in range(len(configs))], ys, width, label=f"{p} ({_short(dev)})")
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(configs))])
         ax.set_xticklabels([c.replace(";", "\n") for c in configs], fontsize=5)
         ax.set_yscale("log")

@@ -98,7 +98,8 @@ def _add_discover_args(p):
                         "that agreement is given the labels' confusion rates (finds weaker shortcuts, and more "
                         "natural confusions for confirmation to reject)")
     p.add_argument("--kmeans-backend", default=None, choices=["auto", "torch", "cpu", "cupy", "triton"],
-                   help=backend_help("k-means assignment and update", "KMEANS_ASSIGN / _UPDATE"))
+                   help=backend_help("k-means assignment and update (triton: the assignment only)",
+                                     "KMEANS_ASSIGN / _UPDATE"))
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
 
 
@@ -108,6 +109,14 @@ def _discover_config(args):
                           max_mean_cluster_size=args.max_mean_cluster_size, max_k=args.max_k, n_null=args.n_null,
                           max_null=args.max_null, fdr=args.fdr, statistic=args.statistic,
                           seed=args.seed, backend=args.kmeans_backend, device=args.device)
+
+
+def _npz_class_names(arr: np.ndarray) -> list[str]:
+    """An .npz's 'class_names': one name per entry of a 1-D array.  str() of a bytes name
+    (an 'S' array) was "b'cat'", a 2-D array became one name, a 0-d one a TypeError."""
+    if arr.ndim != 1:
+        raise ValueError(f"its 'class_names' array has shape {arr.shape}; expected one name per class (1-D)")
+    return [s.decode("utf-8", "surrogateescape") if isinstance(s, bytes) else str(s) for s in arr.tolist()]
 
 
 def load_npz_source(path):
@@ -130,7 +139,7 @@ def load_npz_source(path):
     if "images" not in d:
         raise ValueError(f"{p} has no 'images' array (keys: {list(d.keys())})")
     try:
-        names = [str(s) for s in d["class_names"]] if "class_names" in d and d["class_names"].size else None
+        names = _npz_class_names(d["class_names"]) if "class_names" in d and d["class_names"].size else None
         # ArraySource's own errors (layout, value range, label count) do not know the file
         src = ArraySource(d["images"], d["labels"] if "labels" in d else None, class_names=names, name=p.stem)
         extra = {k: d[k] for k in ("suspect", "carries") if k in d}
@@ -216,9 +225,18 @@ def check_backends(device: str, **named) -> None:
             raise backends.BackendUnavailable(
                 f"{var}={os.environ[var]}: no op is named {op.lower()!r}; SPURFAST_BACKEND_<OP> takes one of "
                 f"{', '.join(k.upper() for k in backends.REGISTRY)}")
+        if op != var and os.environ[var] and op != op.upper():   # SPURFAST_BACKEND_kmeans_assign passed and
+            raise backends.BackendUnavailable(                    # was ignored: the registry reads upper case
+                f"{var}={os.environ[var]} is never read: the op is spelt in upper case, "
+                f"SPURFAST_BACKEND_{op.upper()}")
     dev_type = torch.device(device).type
-    for option, (value, ops) in named.items():
+    for option, (given, ops) in named.items():
         for op in ops:
+            value = given
+            if value and value != "auto" and all(p.name != value for p in backends.providers(op)):
+                # the run leaves an op its backend lacks to the usual choice (cluster.lloyd:
+                # --kmeans-backend triton assigns only), so it was refused here for any run
+                value = None
             if backends.requested(op, value) == "auto":
                 continue  # auto falls back to a provider that runs here
             var = f"SPURFAST_BACKEND_{op.upper()}"
@@ -314,18 +332,18 @@ def _model_out(path) -> Path:
     return out
 
 
-def _out_folder(out: Path) -> None:
+def _out_folder(out: Path, flag: str = "--out", what: str = "the model file") -> None:
     """Create --out's folder and make sure it takes files, before training: an unwritable one
     failed at the first checkpoint, after an epoch, with a traceback."""
     import tempfile
     if out.parent.exists() and not out.parent.is_dir():
-        raise NotADirectoryError(f"--out {out}: {out.parent} is a file, not a folder")
+        raise NotADirectoryError(f"{flag} {out}: {out.parent} is a file, not a folder")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out.parent).close()
     except OSError as exc:
-        raise PermissionError(f"--out {out}: cannot write in folder {out.parent} ({exc.strerror or exc}); "
-                              f"choose a writable place for the model file") from None
+        raise PermissionError(f"{flag} {out}: cannot write in folder {out.parent} ({exc.strerror or exc}); "
+                              f"choose a writable place for {what}") from None
 
 
 def cmd_train_classifier(args):
@@ -372,6 +390,13 @@ def cmd_discover(args):
             "--loader-backend %s has no effect: pool %s holds arrays, which no loader decodes",
             args.loader_backend, args.pool)
     pool, extra = load_pool(args.pool, args.size, args.channels, args.class_names)
+    if args.class_names and args.num_classes:
+        # without --num-classes the classifier's output width is checked against the file; with it,
+        # a shorter file labelled folders by a partial list and left later classes' findings unnamed
+        n_names = len(read_class_names(args.class_names))
+        if n_names != args.num_classes:
+            raise ValueError(f"--class-names {args.class_names} names {n_names} classes, but --num-classes is "
+                             f"{args.num_classes}; the file must name every class of the classifier, in label order")
     n_classes = args.num_classes or (len(pool.class_names) if pool.class_names else None)
     clf = load_classifier(args.classifier, arch=args.arch, in_channels=pool.image_shape[0],
                           num_classes=n_classes, image_size=pool.image_shape[1],   # a state_dict needs them
@@ -431,7 +456,8 @@ def load_suspect(path, n: int, pool_name) -> np.ndarray:
     if not p.is_file():
         raise FileNotFoundError(f"suspect file {p} does not exist")
     try:
-        idx = np.loadtxt(p, dtype=np.int64, ndmin=1).reshape(-1)
+        # utf-8-sig: a byte-order mark (Windows editors) made the first index "\ufeff1", refused
+        idx = np.loadtxt(p, dtype=np.int64, ndmin=1, encoding="utf-8-sig").reshape(-1)
     except ValueError as exc:
         raise ValueError(f"suspect file {p} must hold integer pool indices, one per line: {exc}") from None
     bad = idx[(idx < 0) | (idx >= n)]
@@ -478,6 +504,11 @@ def cmd_evaluate(args):
     if args.results_md and not Path(args.results_md).parent.is_dir():   # else it failed after the whole run
         raise FileNotFoundError(f"--results-md {args.results_md}: folder {Path(args.results_md).parent} "
                                 f"does not exist")
+    if args.results_md and Path(args.results_md).is_dir():   # the same: it failed writing there, at the end
+        raise IsADirectoryError(f"--results-md {args.results_md} is a folder; expected the file to write, e.g. "
+                                f"{Path(args.results_md) / 'RESULTS.md'}")
+    if args.results_md and not os.access(args.results_md, os.W_OK):   # and in a folder that takes no files
+        _out_folder(Path(args.results_md), "--results-md", "RESULTS.md")   # (a writable file is rewritten in place)
     if args.from_csv:
         given = [f"--{k}" for k in EVALUATE_RUN_ONLY if getattr(args, k) is not None]
         if given:
@@ -507,7 +538,11 @@ def cmd_evaluate(args):
         return
     # the run's ops, as discover and demo check them: an unavailable SPURFAST_BACKEND_<OP> failed
     # only at the first discovery, after training (a misspelt op was never refused)
-    check_backends("cpu", kmeans_backend=(None, KMEANS_OPS), **ENV_ONLY)   # (the sweep names its encoder)
+    # the sweep embeds on the CPU and names the eager encoder only where CUDA is not available:
+    # with a GPU it leaves the encoder to SPURFAST_BACKEND(_ENCODER), which failed after training
+    import torch
+    encoder = {"encoder": (None, ("encoder",))} if torch.cuda.is_available() else {}
+    check_backends("cpu", kmeans_backend=(None, KMEANS_OPS), **ENV_ONLY, **encoder)
     if args.only is not None:
         try:
             re.compile(args.only)
@@ -695,6 +730,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from .backends import BackendUnavailable  # light: imports neither torch nor a kernel
+    # a path that is not UTF-8 (read with surrogate escapes) in a result line ("wrote ...") raised
+    # under a strict stdout (a UTF-8 locale): exit 2 and "'utf-8' codec can't encode", after the work
+    # was written.  stderr always escapes such characters; stdout now does as well
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -200,6 +200,24 @@ def test_plot_reads_the_csv_the_writer_wrote_to(tmp_path, monkeypatch):
     assert plot() == [tmp_path / "plots" / "op.png"] and (tmp_path / "plots" / "op.png").is_file()
 
 
+def test_plot_keeps_devices_whose_names_share_their_first_24_characters(tmp_path, monkeypatch):
+    # devices were cut to 24 characters before matching: "cpu:x86_64 x16 threads=16" and
+    # "cpu:x86_64 x16 threads=1" made one bar, and the second one's figures were dropped
+    import matplotlib.axes
+
+    from bench.plot import plot
+
+    bars = []
+    orig = matplotlib.axes.Axes.bar
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar",
+                        lambda self, xs, ys, *a, **k: bars.append((k.get("label"), list(ys))) or orig(self, xs, ys, *a, **k))
+    w = ResultWriter(tmp_path / "r.csv")
+    w.add("op", "p", {"a": 1}, "items_per_s", 5.0, "1/s", "cpu:x86_64 x16 threads=16")
+    w.add("op", "p", {"a": 1}, "items_per_s", 2.0, "1/s", "cpu:x86_64 x16 threads=1")
+    plot(tmp_path / "r.csv")
+    assert sorted(bars) == [("p (cpu:x86_64 x16 threads=1)", [2.0]), ("p (cpu:x86_64 x16 threads=16)", [5.0])], bars
+
+
 def test_bench_device_cuda_without_a_gpu_is_refused_up_front(tmp_path, monkeypatch, capsys):
     # encoder raised CUDA's "Found no NVIDIA driver" traceback; e2e generated its pool first
     from bench import bench_encoder
@@ -273,3 +291,44 @@ def test_bench_device_other_than_cpu_or_cuda_is_refused(monkeypatch, capsys, dev
     with pytest.raises(SystemExit) as e:
         bench_main(["kmeans", "--quick", "--device", device])
     assert e.value.code == 2 and "--device" in capsys.readouterr().err
+
+
+def test_gpu_check_caps_its_probes_by_the_budget_too(tmp_path):
+    """The probes before the steps (nvidia-smi, the versions script, the pointer-argument check,
+    the optional wheels) had fixed limits outside the budget: a CUDA init that hangs in them took
+    up to 300 s, past the device tool's 600 s with the steps after them.  A scripted python
+    hangs in every stdin script; with a 20 s budget the check must still end with its summary."""
+    import os
+    import signal
+    import subprocess
+    from pathlib import Path
+
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/bash\n"
+                    '[ "$1" = "-" ] && [ -z "$2" ] && while :; do sleep 0.2; done\n'   # the probes: CUDA init hangs
+                    '[ "$1" = "-" ] && cat > /dev/null\n'
+                    '[ "$1" = "-c" ] && exit 1\n'
+                    "exit 0\n")
+    fake.chmod(0o755)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "make").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "bin" / "make").chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=str(fake), SPURFAST_GPU_CHECK_BUDGET="20",
+               PATH=f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        proc.communicate(timeout=45)
+    except subprocess.TimeoutExpired:   # every process of its session (timeout makes its own groups)
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[3]) == proc.pid:
+                    os.kill(int(stat.parent.name), signal.SIGKILL)
+            except (OSError, ValueError, IndexError):
+                pass
+        proc.communicate()
+        pytest.fail("gpu_check.sh ran past its 20 s budget")
+    steps = (out / "steps.log").read_text()
+    assert "tests skipped: the 20 s budget is spent" in steps and "done" in steps.splitlines()[-1], steps

@@ -25,3 +25,25 @@ def test_sweep_writes_timing_agreement_and_best_rows(tmp_path):
     assert shape_name(kt.launch_shape(torch.float16, 24, 20)) in times["fp16-single"]
     with pytest.raises(ValueError, match="unknown variant 'fp8'"):
         sweep(writer, kt, problem, ["fp8"], "cpu", "cpu", reps=1)
+
+
+@pytest.mark.parametrize("value", ["fp16,fp8", "fp8"])
+def test_a_misspelt_variant_is_refused_before_any_sweep(tmp_path, monkeypatch, value):
+    # it raised in `sweep` only after sweeping the variants before it (minutes of GPU time)
+    import bench.bench_triton_shapes as bts
+    from bench.harness import ResultWriter
+
+    swept = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kt, "is_available", lambda: (True, ""))
+    monkeypatch.setattr(bts, "device_name", lambda dev: "gpu")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(bts, "sweep", lambda writer, kt_, problem, variants, *a, **k: swept.append(variants) or {})
+    monkeypatch.setenv("SPURFAST_BENCH_SHAPE_VARIANTS", value)
+    with pytest.raises(ValueError, match="SPURFAST_BENCH_SHAPE_VARIANTS=.*unknown variant 'fp8'"):
+        bts.run(ResultWriter(tmp_path / "r.csv"), quick=True, device="cuda")
+    assert swept == []
+    # spaces after the commas are fine
+    monkeypatch.setenv("SPURFAST_BENCH_SHAPE_VARIANTS", "fp16, fp32")
+    bts.run(ResultWriter(tmp_path / "r.csv"), quick=True, device="cuda")
+    assert swept == [["fp16", "fp32"]] * len(bts.PROBLEMS)

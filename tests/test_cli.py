@@ -1,5 +1,6 @@
 """CLI: every subcommand has --help; bad input fails early with a clear message."""
 import json
+import re
 import subprocess
 import sys
 
@@ -825,6 +826,21 @@ def test_a_misspelt_backend_variable_name_is_refused_first(tmp_path, capsys, mon
     assert not (tmp_path / "o").exists()
 
 
+def test_a_backend_variable_with_its_op_in_lower_case_is_refused_first(tmp_path, capsys, monkeypatch):
+    # the check took the op's name in any case, the registry reads it in upper case only:
+    # SPURFAST_BACKEND_kmeans_assign=nonesuch passed and the run went on with auto
+    monkeypatch.setenv("SPURFAST_BACKEND_kmeans_assign", "nonesuch")
+    clf, vae = _models(tmp_path)
+    pool = _npz(tmp_path / "pool.npz", np.zeros((12, 28, 28), np.uint8))
+    capsys.readouterr()
+    assert main(["discover", "--pool", pool, "--classifier", clf, "--vae", vae, "--out", str(tmp_path / "o"),
+                 "--quiet", "--no-confirm", "--n-null", "2", "--max-null", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: SPURFAST_BACKEND_kmeans_assign=nonesuch is never read") \
+        and "SPURFAST_BACKEND_KMEANS_ASSIGN" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_evaluate_results_md_in_a_missing_folder_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
     # the write failed at the very end, after the whole evaluation
     import spurfast.evaluate
@@ -910,6 +926,30 @@ def test_discover_refuses_a_clean_folder_of_classes_the_pool_does_not_name(tmp_p
     err = capsys.readouterr().err
     assert "class folders ['bird']" in err and "not among the 3 class names" in err, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("value", ["bogus", "triton"])
+def test_evaluate_on_a_gpu_machine_checks_the_encoder_variable_before_training(tmp_path, capsys, monkeypatch, value):
+    # with CUDA the sweep leaves the (CPU) encoder to SPURFAST_BACKEND_ENCODER, which the up-front
+    # check skipped ("the sweep names its encoder": only without CUDA): it failed after training
+    import spurfast.evaluate as E
+    from spurfast import backends
+    from spurfast.kernels import encoder_triton
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(encoder_triton, "_INTERPRET", False)   # as on a GPU machine: CUDA tensors only
+    monkeypatch.setenv("SPURFAST_BACKEND_ENCODER", value)
+    monkeypatch.setattr(E, "run_evaluation", lambda *a, **k: pytest.fail("the sweep started"))
+    backends.clear_cache()
+    capsys.readouterr()
+    try:
+        assert main(["evaluate", "--preset", "tiny", "--out", str(tmp_path / "ev")]) == 2
+    finally:
+        backends.clear_cache()
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: SPURFAST_BACKEND_ENCODER={value}: "), err
+    if value == "triton":   # the sweep encodes CPU tensors
+        assert "computes on device cpu" in err, err
 
 
 @pytest.mark.parametrize("var", ["SPURFAST_BACKEND_KMEANS_ASSIGN", "SPURFAST_BACKEND_KMEANS_ASIGN"])
@@ -1119,3 +1159,125 @@ def test_a_seed_too_large_for_training_is_refused_by_argparse(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([*cmd, "--seed", str(MAX_SEED + 1)])
     assert e.value.code == 2 and "--seed" in capsys.readouterr().err
+
+
+def test_kmeans_backend_triton_runs_leaving_the_update_to_its_usual_choice(tmp_path, capsys, monkeypatch):
+    # triton serves the assignment alone; the run leaves the update to SPURFAST_BACKEND_KMEANS_UPDATE
+    # (else auto), but the up-front check resolved the update with "triton" too and refused every run
+    from spurfast import backends
+    from spurfast.kernels import kmeans_triton
+
+    if not kmeans_triton.is_available()[0]:
+        pytest.skip("Triton cannot run here (no GPU and no interpreter)")
+    for var in ("SPURFAST_BACKEND", "SPURFAST_BACKEND_KMEANS_ASSIGN", "SPURFAST_BACKEND_KMEANS_UPDATE"):
+        monkeypatch.delenv(var, raising=False)
+    backends.clear_cache()
+    clf, vae = _models(tmp_path)
+    pool = _npz(tmp_path / "pool.npz", np.random.default_rng(0).integers(0, 256, (40, 28, 28), dtype=np.uint8))
+    device = "cuda" if torch.cuda.is_available() else "cpu"   # (the interpreter takes CPU tensors)
+    capsys.readouterr()
+    assert main(["discover", "--pool", pool, "--classifier", clf, "--vae", vae, "--out", str(tmp_path / "o"),
+                 "--quiet", "--n-null", "2", "--max-null", "2", "--no-confirm", "--device", device,
+                 "--kmeans-backend", "triton"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "o" / "findings.json").is_file()
+    # a variable naming an update backend that cannot run here is still refused first
+    monkeypatch.setenv("SPURFAST_BACKEND_KMEANS_UPDATE", "nonesuch")
+    assert main(["discover", "--pool", pool, "--classifier", clf, "--vae", vae, "--out", str(tmp_path / "o2"),
+                 "--quiet", "--no-confirm", "--device", device, "--kmeans-backend", "triton"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: SPURFAST_BACKEND_KMEANS_UPDATE=nonesuch: "), err
+    assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("mode", ["run", "from-csv"])
+@pytest.mark.parametrize("target", ["folder", "unwritable"])
+def test_evaluate_results_md_that_is_a_folder_is_refused_before_the_run(tmp_path, capsys, monkeypatch, mode, target):
+    # its folder existed, so it passed the check and the write failed at the very end ("Is a directory",
+    # "Permission denied")
+    import tempfile
+
+    import spurfast.evaluate
+
+    monkeypatch.setattr(spurfast.evaluate, "run_evaluation", lambda *a, **k: pytest.fail("the evaluation ran"))
+    if target == "folder":
+        md = tmp_path / "docs"
+        md.mkdir()
+        want = f"error: --results-md {md} is a folder"
+    else:
+        try:
+            tempfile.TemporaryFile(dir="/sys").close()
+            pytest.skip("/sys takes files here")
+        except OSError:
+            pass
+        md = "/sys/RESULTS.md"
+        want = "error: --results-md /sys/RESULTS.md: cannot write in folder /sys"
+    how = ["--preset", "tiny"] if mode == "run" else ["--from-csv", _quick_csv(tmp_path)]
+    capsys.readouterr()
+    assert main(["evaluate", "--out", str(tmp_path / "e"), *how, "--results-md", str(md)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(want), err
+    assert not (tmp_path / "e").exists(), "started writing"
+
+
+def test_a_class_names_file_shorter_than_num_classes_is_refused_first(tmp_path, capsys):
+    # without --num-classes the classifier's width is checked against the file; with it a file
+    # naming 5 of 10 classes passed: folders were labelled by a partial list (whatever the
+    # classifier's order) and findings of classes past the file had no class name
+    clf, vae = _models(tmp_path)
+    pool = _digit_folders(tmp_path / "pool", [str(c) for c in range(5)])
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"{c}\n" for c in range(5)))
+    base = ["discover", "--pool", pool, "--size", "28", "--channels", "1", "--classifier", clf, "--vae", vae,
+            "--n-null", "2", "--max-null", "2", "--k", "2", "--no-confirm", "--quiet", "--class-names", str(names)]
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "o"), "--num-classes", "10"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --class-names {names} names 5 classes, but --num-classes is 10"), err
+    assert not (tmp_path / "o").exists()
+    names.write_text("".join(f"{c}\n" for c in range(10)))   # the whole list: fine
+    assert main(base + ["--out", str(tmp_path / "run"), "--num-classes", "10"]) == 0, capsys.readouterr().err
+
+
+def test_npz_class_names_stored_as_bytes_or_not_one_dimensional(tmp_path, capsys):
+    # str() of a bytes name gave "b'cat'" (no folder or clean set matched it, and the report showed
+    # it); a 2-D array became one name; a 0-d one raised TypeError with a traceback
+    from spurfast.cli import load_npz_source
+
+    def npz(name, class_names):
+        np.savez(tmp_path / name, images=np.zeros((4, 28, 28), np.uint8), labels=np.arange(4) % 2,
+                 class_names=class_names)
+        return str(tmp_path / name)
+
+    assert load_npz_source(npz("b.npz", np.array([b"cat", "dög".encode()])))[0].class_names == ["cat", "dög"]
+    for name, arr, shape in (("two.npz", np.array([["a", "b"]]), "(1, 2)"), ("zero.npz", np.array("ab"), "()")):
+        path = npz(name, arr)
+        with pytest.raises(ValueError, match=rf"{name}: its 'class_names' array has shape {re.escape(shape)}"):
+            load_npz_source(path)
+        capsys.readouterr()
+        assert main(["train-vae", "--data", path, "--out", str(tmp_path / "v.pt"), "--quiet"]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {path}: its 'class_names' array has shape")
+
+
+def test_a_suspect_file_with_a_byte_order_mark_is_read(tmp_path):
+    # Windows editors' UTF-8 starts with a byte-order mark: the first index read "\ufeff1" and the
+    # file was refused as not holding integers (--class-names files already took it)
+    from spurfast.cli import load_suspect
+
+    f = tmp_path / "suspect.txt"
+    f.write_bytes("\ufeff1\r\n2\r\n5\r\n".encode("utf-8"))
+    assert np.flatnonzero(load_suspect(f, 10, "pool")).tolist() == [1, 2, 5]
+    f.write_bytes(b"1\n\xff\n")   # not text at all: still named
+    with pytest.raises(ValueError, match="suspect file .*suspect.txt must hold integer pool indices"):
+        load_suspect(f, 10, "pool")
+
+
+def test_a_result_line_naming_a_path_that_is_not_utf8_is_printed(tmp_path, capsys):
+    # argv decodes such a name with surrogate escapes; under a strict stdout (a UTF-8 locale; pytest's
+    # capture is one) "wrote ..." raised after the model was saved: exit 2, "'utf-8' codec can't encode"
+    import os
+
+    pool = _npz(tmp_path / "pool.npz", np.zeros((12, 28, 28), np.uint8))
+    out = os.fsdecode(os.fsencode(str(tmp_path)) + b"/v\xff.pt")
+    capsys.readouterr()
+    assert main(["train-vae", "--data", pool, "--out", out, "--epochs", "1", "--quiet"]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.startswith("wrote ") and os.path.isfile(out)
