@@ -194,8 +194,9 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
     zfull[valid] = z
     for f in findings:
         f["exemplars"] = exemplars(zfull, np.asarray(f["members"]), config.n_exemplars).tolist()
-        # a class folder whose name is not UTF-8 as \xNN: findings.csv (UTF-8) could not hold it
-        f["class_name"] = utf8_name(class_names[f["class"]]) if class_names and f["class"] < len(class_names) else None
+        # a class folder whose name is not UTF-8 as \xNN: findings.csv (UTF-8) could not hold it;
+        # str: API callers may name classes by numbers
+        f["class_name"] = utf8_name(str(class_names[f["class"]])) if class_names and f["class"] < len(class_names) else None
     pool = {"n": int(store.n), "n_unrelated": int((~suspect).sum()), "n_suspect": int(suspect.sum()),
             "n_unreadable": int((~ok).sum())}
     cfg = {"discover": asdict(config), "n_classes": n_classes, "n_clusters": len(clusters),

@@ -165,8 +165,13 @@ def permuted_predictions(groups: np.ndarray, labels: np.ndarray, rng: np.random.
     """Permute predicted classes among images that share a true label (or among all
     unlabelled images)."""
     out = groups.copy()
-    for lab in np.unique(labels):
-        idx = np.nonzero(labels == lab)[0]
+    # one stable sort, not a scan of the pool per label (3.1 s a permutation at 1.28M images x
+    # 1,000 labels): the same blocks in the same (ascending label) order, so the same draws
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    bounds = np.r_[np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]]), len(order)] if len(order) else []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        idx = order[a:b]
         out[idx] = groups[rng.permutation(idx)]
     return out
 

@@ -266,6 +266,16 @@ def test_a_class_name_that_is_not_utf8_is_written_escaped(tmp_path):
     assert "caf\\xe9" in (tmp_path / "out" / "findings.csv").read_text(encoding="utf-8")
 
 
+def test_class_names_given_as_numbers_are_written_as_text(tmp_path):
+    # the escaping of non-UTF-8 names crashed on them ('int' object has no attribute 'encode')
+    from spurfast.discover import write_outputs
+
+    store, _ = _store(tmp_path / "s")
+    res = discover(store, DiscoverConfig(k=4, n_null=30, seed=0), class_names=list(np.arange(10)), progress=False)
+    assert res.findings and res.findings[0]["class_name"] == str(res.findings[0]["class"])
+    write_outputs(res, tmp_path / "out")
+
+
 def test_settings_past_int64_act_as_the_largest_they_can_be(tmp_path):
     """--k 1e20 (or max_k, min_cluster_size, max_mean_cluster_size past int64) crashed with
     numpy's "Python int too large to convert to C long" after the neighbour search, naming

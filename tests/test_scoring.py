@@ -216,6 +216,23 @@ def test_permuted_predictions_keep_per_label_counts():
     assert not np.array_equal(g, groups)
 
 
+def test_permuted_predictions_draw_as_a_scan_per_label_does():
+    # one sort instead of a scan of the pool per label: the same blocks in the same order, so
+    # the same permutation for a seed (the null of a rerun, and every committed figure, unchanged)
+    def per_label(groups, labels, rng):
+        out = groups.copy()
+        for lab in np.unique(labels):
+            idx = np.nonzero(labels == lab)[0]
+            out[idx] = groups[rng.permutation(idx)]
+        return out
+
+    for seed, n in [(0, 1000), (1, 37), (2, 1), (3, 0)]:
+        r = np.random.default_rng(seed)
+        labels, groups = r.integers(-1, 7, n), r.integers(0, 9, n)
+        got = permuted_predictions(groups, labels, np.random.default_rng((seed, 5)))
+        np.testing.assert_array_equal(got, per_label(groups, labels, np.random.default_rng((seed, 5))))
+
+
 def test_cluster_and_score_grows_k_for_a_large_class_up_to_the_cap():
     from spurfast.scoring import cluster_and_score, latent_neighbours
 
