@@ -22,3 +22,33 @@ def test_kernels_package_maps_to_kernels_dir():
     import spurfast.kernels.reference as ref
 
     assert ref.__file__.replace("\\", "/").endswith("kernels/reference.py")
+
+
+LAZY = r"""
+import sys
+import spurfast
+assert "spurfast.pipeline" not in sys.modules and "spurfast.evaluate" not in sys.modules, "API loaded eagerly"
+from spurfast import run_discovery, DiscoverConfig
+assert run_discovery.__module__ == "spurfast.pipeline" and DiscoverConfig.__module__ == "spurfast.discover"
+print("ok")
+"""
+
+
+def test_public_api_loads_on_first_use():
+    out = subprocess.run([sys.executable, "-c", LAZY], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_every_public_name_resolves():
+    import pytest
+
+    import spurfast
+
+    for name in spurfast.__all__:
+        assert getattr(spurfast, name) is not None, name
+        assert name in dir(spurfast)
+    import spurfast.discover
+    assert spurfast.discover.__name__ == "spurfast.discover"   # a step's module is not shadowed
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        spurfast.nothing_here
