@@ -382,9 +382,10 @@ def _applies(row: dict) -> bool:
 def run_key(setting: Setting, seed: int, sizes: Sizes, methods=METHODS, statistic: str = "share") -> str:
     """The cache key of one run's rows."""
     return _key({"setting": _setting_key(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods),
-                 "v": 16,    # 13: a tie does not beat the best null cluster; 14: Yang's spurious score,
+                 "v": 17,    # 13: a tie does not beat the best null cluster; 14: Yang's spurious score,
                              # best finding of the first 10 for every method, IoU 0 without a finding;
-                             # 15: GEORGE's k raised for large classes as spurfast's is; 16: spurfast+support
+                             # 15: GEORGE's k raised for large classes as spurfast's is; 16: spurfast+support;
+                             # 17: localised findings rank the pool by their pattern
                  **({} if statistic == "share" else {"statistic": statistic})})
 
 
@@ -394,6 +395,7 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
     from .confirm import ConfirmConfig, confirm_findings
     from .demo import flip_to_target_rate, spurious_score
     from .embed import embed_pool
+    from .pattern_rank import pattern_rankings
 
     rdir = cache / "runs"
     rdir.mkdir(parents=True, exist_ok=True)
@@ -438,6 +440,7 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
         t = time.time()
         res = discover(store, cfg, suspect=data.suspect, progress=False)
         characterise(res, store, data.pool, vae, cache / "images" / f"{setting.name}-s{seed}", seed=seed)
+        pattern_rankings(res.findings, res.rankings, data.pool)
         confirm_findings(res.findings, clf, clean=data.clean,
                          config=ConfirmConfig(max_images=sizes.confirm_images, seed=seed))
         training_support(res.findings, data.pool, data.suspect, data.pool.labels())
