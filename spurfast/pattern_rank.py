@@ -34,7 +34,7 @@ def _latent_order(ranking: np.ndarray) -> np.ndarray:
 
 def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], source: ImageSource, *,
                      localised: float = LOCALISED, top: int = TOP, batch_size: int = 256,
-                     progress: bool = False) -> None:
+                     progress: bool = False, num_workers: int = 0, loader_backend: str | None = None) -> None:
     """Set every finding's ``ranked_by`` ("pattern" or "latent") and replace ``rankings[rank]``
     of the localised ones (float64: the latent order below, then the re-ranked images;
     unreadable images stay -inf).  Needs ``_mask`` and ``_contrast`` (`characterise`)."""
@@ -62,7 +62,8 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
     union = np.unique(np.concatenate(heads))
     patterns = torch.stack([torch.as_tensor(f["_contrast"], dtype=torch.float32)
                             * torch.as_tensor(np.asarray(f["_mask"], bool)) for f in chosen])
-    proj = pattern_projections(source, union, patterns, batch_size, progress, "pattern ranking") if len(union) else \
+    proj = pattern_projections(source, union, patterns, batch_size, progress, "pattern ranking",
+                               num_workers=num_workers, loader_backend=loader_backend) if len(union) else \
         np.zeros((0, len(chosen)))
     for j, (f, order, head) in enumerate(zip(chosen, orders, heads)):
         latent = np.asarray(rankings[f["rank"]], dtype=np.float64)

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 
 from . import distributed as dist
+from .cores import usable_cores
 from .data.builtin import find_fashion_mnist, load_digits, load_fashion_mnist
 from .data.sources import ArraySource, ImageSource, content_digest
 from .discover import DiscoverConfig, characterise, discover, write_outputs
-from .pattern_rank import pattern_rankings
 from .embed import _write_json, check_outputs, fingerprint, legacy_identities, made_from, shown_path
+from .pattern_rank import pattern_rankings
 from .plant import PatternSpec, PlantTruth, plant_pool, plant_training
 from .report import write_report
 
@@ -307,8 +308,10 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
         result = discover(store, config, suspect=suspect, class_names=pool.class_names, progress=progress)
         _remove_finding_files(out)
         characterise(result, store, pool, vae, out, seed=config.seed, device=config.device)
-        # a localised pattern ranks the pool by its pixel match, not the latent probe
-        pattern_rankings(result.findings, result.rankings, pool, batch_size=batch_size, progress=progress)
+        # the images a step re-reads go through the run's loader, on every core (the other ranks
+        # wait); a localised pattern ranks the pool by its pixel match, not the latent probe
+        reread = dict(batch_size=batch_size, num_workers=usable_cores(), loader_backend=loader_backend)
+        pattern_rankings(result.findings, result.rankings, pool, progress=progress, **reread)
         if confirm and result.findings:
             from .confirm import ConfirmConfig, confirm_findings
             confirm_findings(result.findings, classifier, clean=clean, pool=pool,
@@ -317,7 +320,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
             rank_confirmed_first(result, out)
         if suspect is not None and result.findings:   # is the pattern in its class's suspect data?
             from .support import training_support
-            training_support(result.findings, pool, suspect, pool.labels(), batch_size=batch_size, progress=progress)
+            training_support(result.findings, pool, suspect, pool.labels(), progress=progress, **reread)
         doc = write_outputs(result, out, extra_config)
         bad_files = {int(i): r for i, r in store.manifest.get("bad_files", {}).items()}  # all ranks, all runs
         bad_files.update(getattr(pool, "bad_files", {}))

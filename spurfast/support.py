@@ -31,16 +31,29 @@ TAIL = 0.01    # the other classes' suspects above the threshold: their top 1%
 
 
 def pattern_projections(source: ImageSource, idx: np.ndarray, patterns: torch.Tensor,
-                        batch_size: int = 256, progress: bool = False, desc: str = "training support") -> np.ndarray:
-    """(len(idx), F) projections of images ``idx`` of ``source`` onto ``patterns``
-    (F, C, H, W): one pass over the images, float64 sums (reads n*C*H*W pixels once)."""
+                        batch_size: int = 256, progress: bool = False, desc: str = "training support", *,
+                        num_workers: int = 0, loader_backend: str | None = None) -> np.ndarray:
+    """(len(idx), F) projections of images ``idx`` (distinct pool indices) of ``source`` onto
+    ``patterns`` (F, C, H, W): one pass over the images, float64 sums (reads n*C*H*W pixels
+    once).  A folder pool is decoded by its loader (``loader_backend``, ``num_workers``
+    processes), as the embedding pass decoded it: get_batch decoded one file at a time in this
+    process, minutes for 100k suspects.  An unreadable image projects to 0."""
     from tqdm.auto import tqdm
 
+    from .data.loader_torch import iter_batches
+
+    idx = np.asarray(idx, dtype=np.int64)
     flat = patterns.reshape(len(patterns), -1).double().T          # (D, F)
     out = np.zeros((len(idx), len(patterns)))
-    for s in tqdm(range(0, len(idx), batch_size), desc=desc, unit="batch", disable=not progress):
-        x, _ = source.get_batch(idx[s:s + batch_size])
-        out[s:s + len(x)] = (x.reshape(len(x), -1).double() @ flat).numpy()
+    if len(idx) == 0:
+        return out
+    order = np.argsort(idx, kind="stable")
+    with tqdm(total=len(idx), desc=desc, unit="img", disable=not progress) as bar:
+        for b in iter_batches(source, batch_size, indices=idx, num_workers=num_workers, backend=loader_backend):
+            rows = order[np.searchsorted(idx[order], b.indices.numpy())]   # a loader may yield in its own order
+            x = b.images.reshape(len(b.images), -1).double()
+            out[rows] = (x @ flat).numpy() * b.ok.numpy()[:, None]
+            bar.update(len(rows))
     return out
 
 
@@ -61,7 +74,8 @@ def support_test(scores: np.ndarray, in_class: np.ndarray, other: np.ndarray, ta
 
 
 def training_support(findings: list[dict], source: ImageSource, suspect: np.ndarray, labels: np.ndarray, *,
-                     tail: float = TAIL, level: float = 0.05, batch_size: int = 256, progress: bool = False) -> None:
+                     tail: float = TAIL, level: float = 0.05, batch_size: int = 256, progress: bool = False,
+                     num_workers: int = 0, loader_backend: str | None = None) -> None:
     """Fill ``support`` of every finding (needs ``_mask`` and ``_contrast`` from
     `spurfast.discover.characterise`): the suspect images (``suspect``, a pool mask) with a
     known label (``labels`` >= 0) and readable are the training data tested."""
@@ -85,7 +99,8 @@ def training_support(findings: list[dict], source: ImageSource, suspect: np.ndar
             raise ValueError(f"finding {f.get('rank')} has no extracted pattern; run characterise() first")
     patterns = torch.stack([torch.as_tensor(f["_contrast"], dtype=torch.float32)
                             * torch.as_tensor(np.asarray(f["_mask"], bool)) for f in findings])
-    scores = pattern_projections(source, idx, patterns, batch_size, progress) if len(idx) else \
+    scores = pattern_projections(source, idx, patterns, batch_size, progress, num_workers=num_workers,
+                                 loader_backend=loader_backend) if len(idx) else \
         np.zeros((0, len(findings)))
     keep = np.isin(idx, _known_readable(source, idx))   # unreadable ones found in the pass: zero images
     scores, lab = scores[keep], labels[idx[keep]]

@@ -132,3 +132,27 @@ def test_an_empty_pattern_is_not_tested_and_leaves_the_others_q_values_alone():
     training_support(fs, src, sus, src.labels())
     assert fs[0]["support"]["q_value"] == alone["support"]["q_value"] and fs[0]["support"]["supported"]
     assert fs[1]["support"]["p_value"] is None and fs[1]["support"]["skipped"] == "empty pattern mask"
+
+
+def test_projections_of_a_folder_pool_go_through_its_loader(tmp_path):
+    """A folder pool is decoded by its loader, in worker processes, as the embedding pass
+    decoded it (get_batch decoded one file at a time); rows follow ``idx`` whatever order the
+    loader yields, and an unreadable image projects to 0."""
+    from PIL import Image
+
+    from spurfast.data.folder import ImageFolderSource
+    from spurfast.support import pattern_projections
+
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / f"{i:02d}.png")
+    (tmp_path / "05.png").write_bytes(b"not an image")
+    src = ImageFolderSource(tmp_path, size=16)
+    pats = torch.as_tensor(rng.normal(size=(2, 3, 16, 16)), dtype=torch.float32)
+    idx = np.array([7, 2, 5, 9, 0])
+    got = pattern_projections(src, idx, pats, batch_size=2, num_workers=2, loader_backend="torch")
+    x, _ = ImageFolderSource(tmp_path, size=16).get_batch(idx)
+    want = (x.reshape(len(idx), -1).double() @ pats.reshape(2, -1).double().T).numpy()
+    want[2] = 0.0                               # 05.png
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-9)
+    assert 5 in src.bad_files
