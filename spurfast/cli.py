@@ -533,8 +533,8 @@ def cmd_evaluate(args):
                            command=(timing or {}).get("command", ""), timing=timing, regenerated_by=regenerated_by,
                            wall_s=timing["wall_s"] if timing else None)
         write_with_notes(md, previous, out, args.results_md)   # as a run does
-        print(f"wrote {md}" + (f" and {args.results_md}" if args.results_md else "")
-              + f" from {len(read_csv(csv_path))} rows")
+        also = args.results_md and Path(args.results_md).resolve() != Path(md).resolve()   # not the same file twice
+        print(f"wrote {md}" + (f" and {args.results_md}" if also else "") + f" from {len(read_csv(csv_path))} rows")
         return
     # the run's ops, as discover and demo check them: an unavailable SPURFAST_BACKEND_<OP> failed
     # only at the first discovery, after training (a misspelt op was never refused)
