@@ -237,11 +237,6 @@ def test_gpu_check_keeps_to_its_budget_and_a_cut_test_step_still_reports(tmp_pat
     without its failure summary, and the steps' limits added up past the device tool's 600 s
     per command, which then kills the script before its summary.  A scripted python stands
     in: its pytest runs until stopped, and prints its summary on SIGINT."""
-    import os
-    import signal
-    import subprocess
-    from pathlib import Path
-
     fake = tmp_path / "python"
     fake.write_text("#!/bin/bash\n"
                     'if [ "$1 $2" = "-m pytest" ]; then\n'
@@ -252,26 +247,7 @@ def test_gpu_check_keeps_to_its_budget_and_a_cut_test_step_still_reports(tmp_pat
                     '[ "$1" = "-c" ] && exit 1\n'
                     "exit 0\n")
     fake.chmod(0o755)
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "make").write_text("#!/bin/sh\nexit 0\n")   # the fatbin build, where nvcc is found
-    (tmp_path / "bin" / "make").chmod(0o755)
-    out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), PYTHON=str(fake), SPURFAST_GPU_CHECK_BUDGET="46",
-               PATH=f"{tmp_path / 'bin'}:/usr/bin:/bin")
-    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
-    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        stdout, _ = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:   # every process of its session (timeout makes its own groups)
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                if int(stat.read_text().rsplit(")", 1)[1].split()[3]) == proc.pid:
-                    os.kill(int(stat.parent.name), signal.SIGKILL)
-            except (OSError, ValueError, IndexError):
-                pass
-        proc.communicate()
-        pytest.fail("gpu_check.sh ran past its 46 s budget")
+    out, stdout = _run_gpu_check(tmp_path, fake, budget=46, timeout=60)
     steps = (out / "steps.log").read_text()
     assert "summary after SIGINT" in (out / "gpu_tests.log").read_text(), steps
     assert "kmeans skipped: the 46 s budget is spent" in steps, steps
@@ -298,11 +274,6 @@ def test_gpu_check_caps_its_probes_by_the_budget_too(tmp_path):
     the optional wheels) had fixed limits outside the budget: a CUDA init that hangs in them took
     up to 300 s, past the device tool's 600 s with the steps after them.  A scripted python
     hangs in every stdin script; with a 20 s budget the check must still end with its summary."""
-    import os
-    import signal
-    import subprocess
-    from pathlib import Path
-
     fake = tmp_path / "python"
     fake.write_text("#!/bin/bash\n"
                     '[ "$1" = "-" ] && [ -z "$2" ] && while :; do sleep 0.2; done\n'   # the probes: CUDA init hangs
@@ -310,17 +281,30 @@ def test_gpu_check_caps_its_probes_by_the_budget_too(tmp_path):
                     '[ "$1" = "-c" ] && exit 1\n'
                     "exit 0\n")
     fake.chmod(0o755)
+    out, _ = _run_gpu_check(tmp_path, fake, budget=20, timeout=45)
+    steps = (out / "steps.log").read_text()
+    assert "tests skipped: the 20 s budget is spent" in steps and "done" in steps.splitlines()[-1], steps
+
+
+def _run_gpu_check(tmp_path, fake_python, *, budget: int, timeout: int):
+    """Run bench/gpu_check.sh with a scripted python, a no-op make and a ``budget`` (s); kill
+    its whole session and fail if it runs past ``timeout``.  Returns ($OUT, its stdout)."""
+    import os
+    import signal
+    import subprocess
+    from pathlib import Path
+
     (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "make").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "bin" / "make").write_text("#!/bin/sh\nexit 0\n")   # the fatbin build, where nvcc is found
     (tmp_path / "bin" / "make").chmod(0o755)
     out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), PYTHON=str(fake), SPURFAST_GPU_CHECK_BUDGET="20",
+    env = dict(os.environ, OUT=str(out), PYTHON=str(fake_python), SPURFAST_GPU_CHECK_BUDGET=str(budget),
                PATH=f"{tmp_path / 'bin'}:/usr/bin:/bin")
     script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
     proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
-        proc.communicate(timeout=45)
+        stdout, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:   # every process of its session (timeout makes its own groups)
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
@@ -329,6 +313,5 @@ def test_gpu_check_caps_its_probes_by_the_budget_too(tmp_path):
             except (OSError, ValueError, IndexError):
                 pass
         proc.communicate()
-        pytest.fail("gpu_check.sh ran past its 20 s budget")
-    steps = (out / "steps.log").read_text()
-    assert "tests skipped: the 20 s budget is spent" in steps and "done" in steps.splitlines()[-1], steps
+        pytest.fail(f"gpu_check.sh ran past its {budget} s budget")
+    return out, stdout

@@ -12,10 +12,15 @@ print("ok")
 """
 
 
-def test_import_is_lean():
-    out = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, timeout=120)
+def _prints_ok(code: str) -> None:
+    """Run ``code`` in a fresh interpreter (nothing imported yet); it must print "ok"."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_import_is_lean():
+    _prints_ok(CODE)
 
 
 def test_kernels_package_maps_to_kernels_dir():
@@ -35,9 +40,7 @@ print("ok")
 
 
 def test_public_api_loads_on_first_use():
-    out = subprocess.run([sys.executable, "-c", LAZY], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
+    _prints_ok(LAZY)
 
 
 def test_every_public_name_resolves():
