@@ -298,10 +298,11 @@ def _settle_shards(store_dir: Path, main: EmbeddingStore | None, fp: str, conten
                     "not this store's next rows, and only a run of %d processes could resume them", rows, w, root, w)
         for d in worlds[w]:
             shutil.rmtree(d, ignore_errors=True)
-    try:
-        root.rmdir()  # only when nothing is left in it
-    except OSError:
-        pass
+    if worlds:   # not on a call that removed nothing: every rank calls this, and one rank's rmdir
+        try:     # of a "shards" folder another had just made (before its shard folder) failed that rank
+            root.rmdir()  # only when nothing is left in it
+        except OSError:
+            pass
     return main
 
 

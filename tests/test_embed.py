@@ -356,3 +356,14 @@ def test_merge_names_a_bad_number_of_shards(tmp_path, num_shards):
 
     with pytest.raises(ValueError, match=rf"num_shards must be an integer >= 1 .*got {num_shards}"):
         merge_shards(tmp_path / "s", num_shards, progress=False)
+
+
+def test_settling_shards_with_nothing_to_remove_leaves_the_shards_folder(tmp_path):
+    """Every rank settles the shards on its way in (open_main, "changes nothing when called
+    again"); its removal of an empty "shards" folder raced with a rank that had just made it on
+    the way to its own shard folder, which then failed with FileNotFoundError (seen in CI)."""
+    from spurfast.embed import _settle_shards
+
+    (tmp_path / "shards").mkdir()
+    assert _settle_shards(tmp_path, None, "fp", "content", 2, False) is None
+    assert (tmp_path / "shards").is_dir()
