@@ -17,10 +17,9 @@ latent score) above every other image, which keep the latent order.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from .data.sources import ImageSource
-from .support import pattern_projections
+from .support import extracted_patterns, pattern_projections, require_patterns
 
 LOCALISED = 0.1    # an extracted mask on at most this fraction of the image's pixels
 TOP = 20_000       # images of each finding's latent ranking re-ranked by the pattern
@@ -44,10 +43,9 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
         raise ValueError(f"top must be an integer >= 1, got {top!r}")
     if batch_size < 1:
         raise ValueError(f"pattern ranking batch_size must be >= 1, got {batch_size}")
+    require_patterns(findings)   # before any finding is changed
     chosen = []
     for f in findings:
-        if "_mask" not in f or "_contrast" not in f:
-            raise ValueError(f"finding {f.get('rank')} has no extracted pattern; run characterise() first")
         if f["rank"] not in rankings:
             raise ValueError(f"finding {f['rank']} has no latent ranking (rankings hold {sorted(rankings)})")
         mask = np.asarray(f["_mask"], bool)
@@ -60,8 +58,7 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
     orders = [_latent_order(np.asarray(rankings[f["rank"]])) for f in chosen]
     heads = [o[:top] for o in orders]
     union = np.unique(np.concatenate(heads))
-    patterns = torch.stack([torch.as_tensor(f["_contrast"], dtype=torch.float32)
-                            * torch.as_tensor(np.asarray(f["_mask"], bool)) for f in chosen])
+    patterns = extracted_patterns(chosen)
     proj = pattern_projections(source, union, patterns, batch_size, progress, "pattern ranking",
                                num_workers=num_workers, loader_backend=loader_backend) if len(union) else \
         np.zeros((0, len(chosen)))

@@ -30,6 +30,20 @@ log = logging.getLogger("spurfast.support")
 TAIL = 0.01    # the other classes' suspects above the threshold: their top 1%
 
 
+def require_patterns(findings: list[dict]) -> None:
+    """Refuse findings without the extracted pattern `spurfast.discover.characterise` leaves."""
+    for f in findings:
+        if "_mask" not in f or "_contrast" not in f:
+            raise ValueError(f"finding {f.get('rank')} has no extracted pattern; run characterise() first")
+
+
+def extracted_patterns(findings: list[dict]) -> torch.Tensor:
+    """(F, C, H, W) mask x contrast of each of (at least one) finding: what confirmation pastes."""
+    require_patterns(findings)
+    return torch.stack([torch.as_tensor(f["_contrast"], dtype=torch.float32)
+                        * torch.as_tensor(np.asarray(f["_mask"], bool)) for f in findings])
+
+
 def pattern_projections(source: ImageSource, idx: np.ndarray, patterns: torch.Tensor,
                         batch_size: int = 256, progress: bool = False, desc: str = "training support", *,
                         num_workers: int = 0, loader_backend: str | None = None) -> np.ndarray:
@@ -94,11 +108,7 @@ def training_support(findings: list[dict], source: ImageSource, suspect: np.ndar
     if not findings:
         return
     idx = _known_readable(source, np.nonzero(suspect & (labels >= 0))[0])
-    for f in findings:
-        if "_mask" not in f or "_contrast" not in f:
-            raise ValueError(f"finding {f.get('rank')} has no extracted pattern; run characterise() first")
-    patterns = torch.stack([torch.as_tensor(f["_contrast"], dtype=torch.float32)
-                            * torch.as_tensor(np.asarray(f["_mask"], bool)) for f in findings])
+    patterns = extracted_patterns(findings)
     scores = pattern_projections(source, idx, patterns, batch_size, progress, num_workers=num_workers,
                                  loader_backend=loader_backend) if len(idx) else \
         np.zeros((0, len(findings)))
