@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from scipy.stats import fisher_exact
 
 from spurfast.data.sources import ArraySource
 from spurfast.scoring import bh_qvalues
@@ -97,6 +98,47 @@ def test_ties_at_the_threshold_count_as_below():
     in_class = np.r_[np.ones(100, bool), np.zeros(200, bool)]
     t = support_test(scores, in_class, ~in_class)
     assert t["class_above"] == 0 and t["other_above"] == 0 and t["p_value"] == 1.0
+
+
+def test_an_identical_stamp_on_more_than_the_tail_of_other_classes_is_still_support():
+    # 3% of the other classes' suspects carry the stamp, every carrier projecting alike: the
+    # threshold lands on the stamp's value, and "above it" alone never counted a carrier
+    rng = np.random.default_rng(0)
+    n_in, n_other = 100, 1000
+    scores = rng.uniform(0, 0.5, n_in + n_other)
+    scores[:40] = 2.0                          # 40% of the class carry it
+    scores[n_in:n_in + 30] = 2.0               # 3% of the others
+    in_class = np.r_[np.ones(n_in, bool), np.zeros(n_other, bool)]
+    t = support_test(scores, in_class, ~in_class)
+    assert t["ties_at_threshold"] and t["class_above"] == 40 and t["other_above"] == 30
+    expected = fisher_exact([[40, 60], [30, 970]], alternative="greater")[1]
+    assert t["p_value"] == pytest.approx(2 * expected) and t["p_value"] < 1e-20
+
+
+def test_a_black_corner_most_images_share_still_counts_ties_as_below():
+    # most images project to exactly 0 (nothing in the corner): counting ties at 0 as above
+    # would put every suspect above; the stamp's carriers stand out above 0
+    n_in, n_other = 100, 1000
+    scores = np.zeros(n_in + n_other)
+    scores[:10] = 1.0
+    scores[n_in:n_in + 5] = 0.3                # 0.5% of the others: the threshold is 0
+    in_class = np.r_[np.ones(n_in, bool), np.zeros(n_other, bool)]
+    t = support_test(scores, in_class, ~in_class)
+    assert t["ties_at_threshold"] and t["class_above"] == 10 and t["other_above"] == 5
+    expected = fisher_exact([[10, 90], [5, 995]], alternative="greater")[1]
+    assert t["p_value"] == pytest.approx(2 * expected)
+
+
+def test_without_ties_at_the_threshold_the_test_is_one_count():
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=1100)
+    scores[:20] += 5
+    in_class = np.r_[np.ones(100, bool), np.zeros(1000, bool)]
+    t = support_test(scores, in_class, ~in_class)
+    thr = np.quantile(scores[100:], 0.99)
+    a, b = int((scores[:100] > thr).sum()), int((scores[100:] > thr).sum())
+    assert not t["ties_at_threshold"] and (t["class_above"], t["other_above"]) == (a, b)
+    assert t["p_value"] == fisher_exact([[a, 100 - a], [b, 1000 - b]], alternative="greater")[1]
 
 
 def test_bad_inputs_are_refused():
