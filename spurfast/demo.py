@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .discover import DiscoverConfig
-from .embed import _write_json
+from .embed import _write_json, shown_path
 from .models.classifier import save_classifier
 from .models.train import save_vae, train_classifier, train_vae
 from .pipeline import make_planted_data, prepare_output, read_bad_files, run_discovery, sample_auroc
@@ -126,5 +126,6 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
     write_report(doc, out, clusters=result.clusters, bad_files=read_bad_files(out), summary=finite)
     _write_json(out / "summary.json", finite, default=str, allow_nan=False)   # atomic: `spurfast report` reads it
     print("[demo] " + "; ".join(f"{k}: {v}" for k, v in summary.items()), flush=True)
-    print(f"[demo] report: {out / 'report.html'}", flush=True)
+    # a folder name that is not UTF-8 spelled \xNN: a strict stdout raised after the whole run
+    print(f"[demo] report: {shown_path(out / 'report.html')}", flush=True)
     return summary

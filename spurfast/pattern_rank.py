@@ -36,7 +36,10 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
                      progress: bool = False, num_workers: int = 0, loader_backend: str | None = None) -> None:
     """Set every finding's ``ranked_by`` ("pattern" or "latent") and replace ``rankings[rank]``
     of the localised ones (float64: the latent order below, then the re-ranked images;
-    unreadable images stay -inf).  Needs ``_mask`` and ``_contrast`` (`characterise`)."""
+    unreadable images, the latent ranking's and any this read finds, are -inf).  Needs ``_mask``
+    and ``_contrast`` (`characterise`)."""
+    from .confirm import _known_readable
+
     if not 0.0 < localised <= 1.0:
         raise ValueError(f"localised must be a fraction of the image in (0, 1], got {localised}")
     if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
@@ -62,6 +65,9 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
     proj = pattern_projections(source, union, patterns, batch_size, progress, "pattern ranking",
                                num_workers=num_workers, loader_backend=loader_backend) if len(union) else \
         np.zeros((0, len(chosen)))
+    # a file unreadable now (changed since it was embedded) projects to 0, which ranked it among
+    # the carriers of a dark pattern (theirs project near 0 too): unranked, as the store's are
+    unreadable = np.setdiff1d(union, _known_readable(source, union))
     for j, (f, order, head) in enumerate(zip(chosen, orders, heads)):
         latent = np.asarray(rankings[f["rank"]], dtype=np.float64)
         out = np.full(len(latent), -np.inf)
@@ -69,4 +75,5 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
         p = proj[np.searchsorted(union, head), j]
         by_pattern = head[np.lexsort((latent[head], p))]                      # ascending: best last
         out[by_pattern] = len(order) + np.arange(len(head), dtype=np.float64)
+        out[unreadable] = -np.inf
         rankings[f["rank"]] = out

@@ -1,7 +1,10 @@
 """End to end on scikit-learn's digits (offline, under a minute): plant a 3x3 patch in
 class 3, train, discover; the planted class must be the top finding and its members
 enriched for pattern-bearing pool images."""
+import io
 import json
+import os
+import sys
 from html import escape
 
 import numpy as np
@@ -66,9 +69,14 @@ def test_outputs_are_complete(digits_run):
     assert (out / "findings.csv").read_text().count("\n") == len(doc["findings"]) + 1
 
 
-def test_demo_without_a_planted_pattern_writes_valid_json(tmp_path):
+def test_demo_without_a_planted_pattern_writes_valid_json(tmp_path, monkeypatch):
     """Nothing planted, nothing carries a pattern: the AUROCs are undefined (null in
-    summary.json, which must stay strict JSON) and no finding is 'the planted class'."""
+    summary.json, which must stay strict JSON) and no finding is 'the planted class'.
+    Its folder's name is not UTF-8: the closing 'report: PATH' line raised
+    UnicodeEncodeError on a strict stdout after the whole run (the API; the CLI escapes)."""
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    tmp_path = tmp_path / os.fsdecode(b"demo-\xff")
     summary = run_demo(tmp_path, dataset="digits", seed=0, n_poisoned="0", pool_fraction=0.0, classifier_epochs=1,
                        vae_epochs=1, progress=False, config=DiscoverConfig(n_null=3, fdr=0.9, seed=0), confirm=False)
     text = (tmp_path / "summary.json").read_text()
@@ -77,6 +85,8 @@ def test_demo_without_a_planted_pattern_writes_valid_json(tmp_path):
     assert saved["top finding is planted class"] is None and saved["AUROC (ranking)"] is None
     assert saved["planted"].startswith("nothing")
     assert saved["pattern IoU"] is None     # no planted mask to compare with
+    stdout.flush()
+    assert b"report: " + os.fsencode(str(tmp_path)).replace(b"\xff", b"\\xff") in stdout.buffer.getvalue()
     report = (tmp_path / "report.html").read_text()
     for key in ("AUROC (ranking)", "pattern IoU"):   # the summary table said nan
         assert f"<th>{key}</th><td>n/a</td>" in report, f"{key} is not n/a in the report"

@@ -110,3 +110,29 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="batch_size"):
         pattern_rankings([_finding()], {1: np.zeros(N)}, src, batch_size=0)
     pattern_rankings([], {}, src)                          # no finding: nothing to do
+
+
+def test_an_image_unreadable_on_the_reread_is_unranked_not_among_the_carriers(tmp_path):
+    """A folder image that the store embedded but that is unreadable now projects to 0 in the
+    pass: a dark patch's carriers project near 0 too (everyone else below), so it ranked among
+    them; the docstring promises unreadable images -inf."""
+    from PIL import Image
+
+    from spurfast.data.folder import ImageFolderSource
+
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        a = rng.integers(180, 256, (16, 16, 3), dtype=np.uint8)
+        if i % 5 == 0:
+            a[:3, :3] = 0                                  # a dark corner patch: carriers 0, 5, 10, 15
+        Image.fromarray(a).save(tmp_path / f"{i:02d}.png")
+    (tmp_path / "07.png").write_bytes(b"damaged since it was embedded")
+    src = ImageFolderSource(tmp_path, size=16)
+    mask = np.zeros((16, 16), bool)
+    mask[:3, :3] = True
+    f = {"rank": 1, "class": 0, "_mask": mask, "_contrast": torch.full((3, 16, 16), -0.7)}
+    rankings = {1: np.linspace(1, 0, 20).astype(np.float32)}   # every image embedded: finite
+    pattern_rankings([f], rankings, src)
+    assert f["ranked_by"] == "pattern" and 7 in src.bad_files
+    assert rankings[1][7] == -np.inf
+    assert np.argsort(-rankings[1], kind="stable")[:4].tolist() == [0, 5, 10, 15]
