@@ -203,8 +203,10 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
                     "not supported: this class's training data does not carry it significantly more often than "
                     "other classes' (as when a model reacts to a pattern it was never trained on)")
             # the tail as given (:.0% made a tail of 0.005 "the top 0%")
+            # ties counted above: the threshold is a value many suspects share (an identical stamp)
+            where = ("at or beyond the value that bounds" if sp.get("ties_counted_above") else "beyond")
             parts.append(f"<p><b>Training support:</b> {e(sp['class_above'])} of {e(sp['n_class'])} suspect images "
-                         f"of this class carry the pattern beyond the top {100 * float(sp.get('tail', 0.01)):g}% "
+                         f"of this class carry the pattern {where} the top {100 * float(sp.get('tail', 0.01)):g}% "
                          f"of the other classes' suspects "
                          f"({e(sp['other_above'])} of {e(sp['n_other'])}); p = {float(sp['p_value']):.3g}, "
                          f"q = {float(sp['q_value']):.3g}: {e(said)}.</p>")

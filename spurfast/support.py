@@ -89,7 +89,7 @@ def support_test(scores: np.ndarray, in_class: np.ndarray, other: np.ndarray, ta
         return float(fisher_exact([[a, n_in - a], [b, n_other - b]], alternative="greater")[1]), a, b
 
     p, a, b = test(lambda s: s > t)                     # ties at t count as below
-    at_t = bool(int((scores[other] == t).sum()) >= 2)
+    at_t, ties_above = bool(int((scores[other] == t).sum()) >= 2), False
     if at_t:
         # Several other-class suspects score exactly t: an identical stamp (every carrier
         # projects alike) on more than the tail's share of them puts t on the stamp's value,
@@ -98,10 +98,10 @@ def support_test(scores: np.ndarray, in_class: np.ndarray, other: np.ndarray, ta
         # and its p doubled (Bonferroni over the two), so no constant picks between them.
         p_ge, a_ge, b_ge = test(lambda s: s >= t)
         if p_ge < p:
-            p, a, b = p_ge, a_ge, b_ge
+            p, a, b, ties_above = p_ge, a_ge, b_ge, True
         p = min(1.0, 2.0 * p)
     return {"p_value": p, "n_class": n_in, "class_above": a, "n_other": n_other, "other_above": b, "tail": tail,
-            "ties_at_threshold": at_t}
+            "ties_at_threshold": at_t, "ties_counted_above": ties_above}
 
 
 def training_support(findings: list[dict], source: ImageSource, suspect: np.ndarray, labels: np.ndarray, *,

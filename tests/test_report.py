@@ -178,3 +178,14 @@ def test_the_support_line_names_the_tail_the_test_used(tmp_path):
     assert "beyond the top 0.5% of the other classes" in write_report(doc, tmp_path / "a").read_text()
     doc["findings"][0]["support"] = dict(sp, tail=0.01)
     assert "beyond the top 1% of the other classes" in write_report(doc, tmp_path / "b").read_text()
+
+
+def test_the_support_line_says_when_ties_at_the_threshold_were_counted(tmp_path):
+    """Where support kept the count with ties at its threshold (an identical stamp on many of
+    the other classes' suspects), "50 of 100 beyond the top 1% ... (20 of 200)" contradicted itself."""
+    doc = _doc(None)
+    doc["findings"][0]["support"] = {"p_value": 1e-9, "n_class": 100, "class_above": 50, "n_other": 200,
+                                     "other_above": 20, "tail": 0.01, "q_value": 1e-9, "supported": True,
+                                     "ties_at_threshold": True, "ties_counted_above": True}
+    html = write_report(doc, tmp_path).read_text()
+    assert "50 of 100 suspect images of this class carry the pattern at or beyond the value that bounds the top 1%" in html

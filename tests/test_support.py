@@ -110,7 +110,7 @@ def test_an_identical_stamp_on_more_than_the_tail_of_other_classes_is_still_supp
     scores[n_in:n_in + 30] = 2.0               # 3% of the others
     in_class = np.r_[np.ones(n_in, bool), np.zeros(n_other, bool)]
     t = support_test(scores, in_class, ~in_class)
-    assert t["ties_at_threshold"] and t["class_above"] == 40 and t["other_above"] == 30
+    assert t["ties_at_threshold"] and t["ties_counted_above"] and t["class_above"] == 40 and t["other_above"] == 30
     expected = fisher_exact([[40, 60], [30, 970]], alternative="greater")[1]
     assert t["p_value"] == pytest.approx(2 * expected) and t["p_value"] < 1e-20
 
@@ -124,7 +124,7 @@ def test_a_black_corner_most_images_share_still_counts_ties_as_below():
     scores[n_in:n_in + 5] = 0.3                # 0.5% of the others: the threshold is 0
     in_class = np.r_[np.ones(n_in, bool), np.zeros(n_other, bool)]
     t = support_test(scores, in_class, ~in_class)
-    assert t["ties_at_threshold"] and t["class_above"] == 10 and t["other_above"] == 5
+    assert t["ties_at_threshold"] and not t["ties_counted_above"] and t["class_above"] == 10 and t["other_above"] == 5
     expected = fisher_exact([[10, 90], [5, 995]], alternative="greater")[1]
     assert t["p_value"] == pytest.approx(2 * expected)
 
