@@ -62,6 +62,19 @@ def save_map(contrast: torch.Tensor, path) -> str:
     return save_image(rgb, path)
 
 
+def _run_png(out_dir: Path, name) -> bool:
+    """Is ``name`` (a findings.json image path) a PNG inside the run folder?  The report inlines
+    the bytes, so a findings.json naming ../../ anything pulled that file into a shared page."""
+    rel = Path(str(name))
+    if rel.is_absolute() or ".." in rel.parts:   # spelled inside the run (a linked images folder stays fine)
+        return False
+    try:
+        with open(out_dir / rel, "rb") as fh:
+            return (out_dir / rel).is_file() and fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    except OSError:
+        return False
+
+
 def save_grid(images: torch.Tensor, path, ncol: int = 8) -> str:
     from torchvision.utils import make_grid
 
@@ -217,8 +230,8 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
                 "mask": "extracted mask", "grid": "exemplars"}
         parts.append("<div class='imgs'>" + "".join(
             (f"<figure><img src='{_data_uri(out_dir / imgs[k])}' alt='{e(caps[k])}' title='{e(imgs[k])}'>"
-             if (out_dir / imgs[k]).is_file() else
-             f"<figure><p class='muted'>{e(imgs[k])} is missing</p>")  # not a broken link
+             if _run_png(out_dir, imgs[k]) else
+             f"<figure><p class='muted'>{e(imgs[k])} is missing (or not a PNG of this run)</p>")  # not a broken link
             + f"<figcaption>{e(caps[k])}</figcaption></figure>"
             for k in ("centroid", "contrast", "mask", "grid") if k in imgs) + "</div></div>")
     if bad_files:

@@ -1,4 +1,6 @@
 """The HTML report's confirmation sentence, from hand-made findings."""
+import torch
+
 from spurfast.confirm import VERDICTS
 from spurfast.report import plot_scores, write_report
 
@@ -47,9 +49,9 @@ def test_a_run_without_its_images_folder_still_reports(tmp_path):
     doc = _doc(None)
     doc["findings"][0]["images"] = {"centroid": "images/finding1_centroid.png", "grid": "images/finding1_grid.png"}
     (tmp_path / "images").mkdir()
-    (tmp_path / "images" / "finding1_grid.png").write_bytes(b"png")
+    (tmp_path / "images" / "finding1_grid.png").write_bytes(b"\x89PNG\r\n\x1a\npng")
     html = write_report(doc, tmp_path).read_text()
-    assert "<img src='data:image/png;base64,cG5n' alt='exemplars' title='images/finding1_grid.png'>" in html
+    assert "<img src='data:image/png;base64,iVBORw0KGgpwbmc=' alt='exemplars' title='images/finding1_grid.png'>" in html
     assert "title='images/finding1_centroid.png'" not in html and "images/finding1_centroid.png is missing" in html
     clusters = [{"score": 5.0, "q_value": 0.02}, {"score": 1.0, "q_value": 0.9}]
     html = write_report(doc, tmp_path / "fresh", clusters=clusters).read_text()
@@ -189,3 +191,22 @@ def test_the_support_line_says_when_ties_at_the_threshold_were_counted(tmp_path)
                                      "ties_at_threshold": True, "ties_counted_above": True}
     html = write_report(doc, tmp_path).read_text()
     assert "50 of 100 suspect images of this class carry the pattern at or beyond the value that bounds the top 1%" in html
+
+
+def test_only_pngs_inside_the_run_are_inlined(tmp_path):
+    """The page inlines image bytes: a findings.json naming a file outside the run (or one
+    that is no PNG) pulled it into a page meant to be shared."""
+    from spurfast.report import save_image
+
+    run, secret = tmp_path / "run", tmp_path / "secret.png"
+    (run / "images").mkdir(parents=True)
+    save_image(torch.rand(1, 4, 4), secret)
+    save_image(torch.rand(1, 4, 4), run / "images" / "f1_mask.png")
+    (run / "images" / "f1_grid.png").write_text("not a picture")
+    doc = _doc(None)
+    doc["findings"][0]["images"] = {"centroid": "../secret.png", "contrast": str(secret),
+                                    "mask": "images/f1_mask.png", "grid": "images/f1_grid.png"}
+    html = write_report(doc, run).read_text()
+    assert html.count("data:image/png;base64,") == 1
+    assert "../secret.png is missing (or not a PNG of this run)" in html
+    assert "images/f1_grid.png is missing (or not a PNG of this run)" in html
