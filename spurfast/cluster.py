@@ -22,7 +22,7 @@ log = logging.getLogger("spurfast.cluster")
 class KMeansResult:
     centroids: torch.Tensor      # (G, kmax, d) fp32, rows >= k_g unused
     assign: torch.Tensor         # (N,) int64 cluster index within the point's group (original order)
-    dist: torch.Tensor           # (N,) fp32 distance to own centroid
+    dist: torch.Tensor           # (N,) fp32 to own centroid: squared L2 (cosine: 1 - cos); +inf in a k = 0 group
     k_per_group: torch.Tensor    # (G,) int64
     counts: torch.Tensor         # (G, kmax) int64
     n_iter: int
@@ -101,7 +101,16 @@ def check_input(x: torch.Tensor, groups, k_per_group, n_groups: int | None = Non
     xf = x.float()
     ref.check_rows(x, torch.linalg.vecdot(xf, xf), "k-means input has {bad} rows with NaN/inf; clean the latents first",
                    "k-means input")
-    groups = torch.as_tensor(groups, dtype=torch.int64, device=x.device)
+    # a list through numpy: torch would hold Python floats in fp32, rounding ids past 2**24
+    groups = torch.as_tensor(groups if isinstance(groups, torch.Tensor) else np.asarray(groups), device=x.device)
+    if groups.dim() != 1:   # an (N, 1) column failed in torch.bincount, naming nothing
+        raise ValueError(f"groups has shape {tuple(groups.shape)}; expected one group id per point, ({len(x)},)")
+    if groups.is_floating_point():   # the int64 cast truncated a group id of 0.5 to group 0
+        bad = (~torch.isfinite(groups) | (groups != groups.round())).nonzero().flatten()
+        if len(bad):
+            raise ValueError(f"group ids must be integers; {len(bad)} are not, e.g. groups[{int(bad[0])}] = "
+                             f"{groups[bad[0]].item()}")
+    groups = groups.to(torch.int64)
     if len(groups) != len(x):
         raise ValueError(f"{len(groups)} group ids for {len(x)} points")
     G = int(n_groups if n_groups is not None else (int(groups.max()) + 1 if len(groups) else 0))
@@ -165,6 +174,9 @@ def batched_kmeans(
     # k-means is not differentiable: features straight from a model (requires_grad) crashed
     # the L2 paths ("Can't call numpy() on Tensor that requires grad"; torch: cumsum's out=)
     x = x.detach() if isinstance(x, torch.Tensor) else x
+    # nor are starting centroids: an init that requires grad gave centroids that did too
+    # (their .numpy() raised, and every iteration's torch.where joined an autograd graph)
+    init = init.detach() if isinstance(init, torch.Tensor) else init
     if kmeans_hook is not None:
         return kmeans_hook(x, groups, k_per_group, n_groups=n_groups, n_iter=n_iter, tol=tol, seed=seed,
                            metric=metric, init=init, backend=backend)

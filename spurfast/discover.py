@@ -96,6 +96,14 @@ class DiscoverConfig:
             raise ValueError(f"resolve_fdr must be in (0, 1) or None, got {self.resolve_fdr}")
         if self.metric not in ("l2", "cosine"):
             raise ValueError(f"metric must be 'l2' or 'cosine', got {self.metric!r}")
+        # a misspelt backend failed only at the first clustering: after the neighbour search,
+        # and from run_discovery after the whole embedding pass (whose run then blocked the
+        # corrected rerun).  Whether it runs on this machine is still asked where it runs.
+        if self.backend:
+            from . import backends
+            names = [p.name for p in backends.providers("kmeans_assign")] + ["auto"]
+            if self.backend not in names:
+                raise ValueError(f"backend must be one of {names} or None, got {self.backend!r}")
 
 
 @dataclass
@@ -195,8 +203,10 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
     for f in findings:
         f["exemplars"] = exemplars(zfull, np.asarray(f["members"]), config.n_exemplars).tolist()
         # a class folder whose name is not UTF-8 as \xNN: findings.csv (UTF-8) could not hold it;
-        # str: API callers may name classes by numbers
-        f["class_name"] = utf8_name(str(class_names[f["class"]])) if class_names and f["class"] < len(class_names) else None
+        # str: API callers may name classes by numbers; a numpy array of names has no truth
+        # value (it crashed here, after the whole run)
+        f["class_name"] = utf8_name(str(class_names[f["class"]])) \
+            if class_names is not None and f["class"] < len(class_names) else None
     pool = {"n": int(store.n), "n_unrelated": int((~suspect).sum()), "n_suspect": int(suspect.sum()),
             "n_unreadable": int((~ok).sum())}
     cfg = {"discover": asdict(config), "n_classes": n_classes, "n_clusters": len(clusters),

@@ -292,3 +292,22 @@ def test_settings_past_int64_act_as_the_largest_they_can_be(tmp_path):
     want = discover(store, DiscoverConfig(k=10 ** 6, **kw), progress=False)
     assert [(c["cls"], c["size"], c["score"]) for c in got.clusters] == \
         [(c["cls"], c["size"], c["score"]) for c in want.clusters]
+
+
+def test_class_names_given_as_a_numpy_array_are_taken(tmp_path):
+    # `if class_names` asked a numpy array for its truth value: "The truth value of an array
+    # with more than one element is ambiguous", raised after the whole discovery
+    store, _ = _store(tmp_path / "s")
+    names = np.array([f"c{i}" for i in range(N_CLASSES)])
+    res = discover(store, DiscoverConfig(k=4, n_null=30, seed=0), class_names=names, progress=False)
+    assert res.findings and res.findings[0]["class_name"] == f"c{res.findings[0]['class']}"
+    assert type(res.findings[0]["class_name"]) is str
+
+
+def test_a_misspelt_kmeans_backend_is_refused_by_the_config():
+    # it failed only at the first clustering: after the neighbour search, and through
+    # run_discovery after the whole embedding pass, whose run then blocked the corrected rerun
+    with pytest.raises(ValueError, match=r"^backend must be one of \[.*'torch'.*\] or None, got 'Torch'"):
+        DiscoverConfig(backend="Torch")
+    for name in (None, "auto", "torch", "cpu", "cupy", "triton"):   # names only: availability is asked where it runs
+        DiscoverConfig(backend=name)

@@ -296,6 +296,13 @@ def test_kmeans_of_features_that_require_grad(backend, metric):
     got = batched_kmeans(x.clone().requires_grad_(), groups, [3, 20, 5], seed=0, metric=metric, backend=backend)
     assert torch.equal(got.assign, want.assign) and torch.equal(got.centroids, want.centroids)
     assert not got.centroids.requires_grad
+    # starting centroids that require grad gave centroids that did too: their .numpy() raised
+    init = want.centroids.clone()
+    want = batched_kmeans(x, groups, [3, 20, 5], metric=metric, init=init, backend=backend)
+    got = batched_kmeans(x, groups, [3, 20, 5], metric=metric, init=init.clone().requires_grad_(), backend=backend)
+    assert torch.equal(got.assign, want.assign) and torch.equal(got.centroids, want.centroids)
+    assert not got.centroids.requires_grad
+    got.centroids.numpy()
 
 
 @pytest.mark.parametrize("backend", [None, "torch"])
@@ -323,3 +330,20 @@ def test_kmeans_of_a_group_far_from_the_origin_for_its_spread(backend):
         for j in range(4):   # the centroids are where the points are, not about the origin
             mean = xd[res.assign[groups == g] == j].mean(0)
             torch.testing.assert_close(res.centroids[g, j].double(), mean, atol=1e-4, rtol=0)
+
+
+def test_kmeans_group_ids_that_are_not_whole_numbers_or_one_per_point_are_refused():
+    # the int64 cast truncated group ids of 0.5 into group 0 (two groups clustered as one,
+    # silently); an (N, 1) column failed in torch.bincount naming nothing
+    from spurfast.cluster import batched_kmeans
+
+    x = torch.randn(12, 3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"group ids must be integers; 6 are not, e.g. groups\[6\] = 0.5"):
+        batched_kmeans(x, np.r_[np.zeros(6), np.full(6, 0.5)], [2])
+    with pytest.raises(ValueError, match=r"groups\[0\] = nan"):
+        batched_kmeans(x, np.full(12, np.nan), [2])
+    with pytest.raises(ValueError, match=r"groups has shape \(12, 1\); expected one group id per point, \(12,\)"):
+        batched_kmeans(x, torch.zeros(12, 1, dtype=torch.long), [2])
+    whole = batched_kmeans(x, np.r_[np.zeros(6), np.ones(6)], [2, 2], seed=0)   # whole-number floats still work
+    ints = batched_kmeans(x, np.r_[np.zeros(6, int), np.ones(6, int)], [2, 2], seed=0)
+    assert torch.equal(whole.assign, ints.assign)
