@@ -357,7 +357,9 @@ def kmeans_plusplus(x, offsets, k_per_group, kmax: int, generator: torch.Generat
     N, d = X.shape
     off = _offsets(offsets, N)
     G = len(off) - 1
-    kpg = np.ascontiguousarray(torch.as_tensor(k_per_group).cpu().numpy(), dtype=np.int64)
+    kpg_t = torch.as_tensor(k_per_group)
+    check_integers(kpg_t, "k_per_group")   # the int64 cast below truncated 2.7 to 2 seeds silently
+    kpg = np.ascontiguousarray(kpg_t.cpu().numpy(), dtype=np.int64)
     if len(kpg) != G:
         raise ValueError(f"k_per_group has {len(kpg)} entries for {G} groups")
     cent = np.zeros((G, kmax, d), dtype=np.float32)

@@ -34,8 +34,11 @@ def normalise_input(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]
     """uint8 [0,255] or float [0,1] images -> fp32 (x - mean) / std per channel."""
     if x.dtype == torch.uint8:
         x = x.float() / 255.0
-    else:
+    elif x.is_floating_point() or x.dtype == torch.bool:
         x = x.float()
+    else:   # int64 pixels 0..255 were taken as [0, 1] floats (255x too bright), silently
+        raise TypeError(f"encoder input dtype {x.dtype} is unsupported; expected uint8 images in [0, 255] or "
+                        f"floating point ones in [0, 1]")
     c = x.shape[1]
     m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).reshape(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32, device=x.device).reshape(1, -1, 1, 1)
@@ -666,16 +669,19 @@ def kmeans_plusplus(
     """Batched k-means++ seeding: every group draws its next seed in the same step.
 
     Sampling proportional to D^2 within each group is one cumulative sum plus a
-    searchsorted per group, with no Python loop over groups.  Each step touches only the
-    points of groups that still draw seeds (k_g > step): when one large class needs far
-    more seeds than the rest, later steps read that class alone, so the cost is
-    O(sum_g k_g * N_g * d) rather than O(kmax * N * d).
+    searchsorted per group, with no Python loop over groups (each group's D^2 scaled by a
+    power of two to its own range first: no draw loses precision to the groups before
+    it).  Each step touches only the points of groups that still draw seeds (k_g > step):
+    when one large class needs far more seeds than the rest, later steps read that class
+    alone, so the cost is O(sum_g k_g * N_g * d) rather than O(kmax * N * d).
     Groups with k_g < kmax leave the extra rows as zeros (masked everywhere).
     """
     N, d = x.shape
     # as the CPU kernel checks them (torch's size mismatches and IndexErrors named neither)
     offsets = check_offsets(offsets, N, x.device)
     G = len(offsets) - 1
+    k_per_group = torch.as_tensor(k_per_group)   # a list, as the other providers take it
+    check_integers(k_per_group, "k_per_group")   # .long() below truncated 2.7 to 2 seeds silently
     if len(k_per_group) != G:
         raise ValueError(f"k_per_group has {len(k_per_group)} entries for {G} groups")
     dev = x.device
@@ -717,9 +723,16 @@ def kmeans_plusplus(
             hi = lo + sz - 1
             local = torch.repeat_interleave(torch.arange(len(ga), device=dev), sz)
             # buffers reused step to step (fresh (N_active, d) blocks per step cost page faults)
-            diff, new_d2, cs = torch.empty_like(xa), torch.empty_like(d2a), torch.empty(len(xa), dtype=torch.float64,
-                                                                                         device=dev)
-        torch.cumsum(d2a, 0, dtype=torch.float64, out=cs)
+            diff, new_d2 = torch.empty_like(xa), torch.empty_like(d2a)
+            sc, cs = (torch.empty(len(xa), dtype=torch.float64, device=dev) for _ in range(2))
+        # each group's D^2 scaled by the power of two that brings its largest into [0.5, 1)
+        # (exact) before the shared float64 sum: unscaled, a group whose D^2 was ~1e16 times
+        # smaller than an earlier group's rounded away below the running sum's last bit, and
+        # drew uniformly (total 0) instead of by D^2; the first group's draws are unchanged
+        mx = torch.segment_reduce(d2a, "max", lengths=sz)
+        scale = torch.where((mx > 0) & torch.isfinite(mx), torch.frexp(mx)[0].double() / mx.double(), 1.0)
+        torch.index_select(scale, 0, local, out=sc)
+        torch.cumsum(sc.mul_(d2a), 0, out=cs)
         before = torch.where(lo > 0, cs[(lo - 1).clamp_min(0)], torch.zeros_like(cs[:1]).expand(len(ga)))
         total = cs[hi] - before
         ug = u[ga]

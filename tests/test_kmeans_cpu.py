@@ -575,3 +575,18 @@ def test_fractional_offsets_or_assign_are_refused_not_truncated():
     whole = torch.tensor([0, 1, 0, 1, 1])
     for got, want in zip(kcpu.kmeans_update(x, off.float(), whole.float(), 2), kcpu.kmeans_update(x, off, whole, 2)):
         assert torch.equal(got, want)
+
+
+@needs_kernel
+def test_plusplus_refuses_fractional_k_and_takes_a_list_as_the_reference():
+    """k_per_group 1.5 seeded one centroid (the int64 cast truncated it), silently, in both
+    k-means++ providers, where the assign refuses it; the reference also failed on a list
+    ('list' object has no attribute 'long'), which this kernel takes."""
+    x, off = torch.arange(30.0).reshape(10, 3), torch.tensor([0, 5, 10])
+    for fn in (kcpu.kmeans_plusplus, ref.kmeans_plusplus):
+        with pytest.raises(ValueError, match=r"k_per_group holds 1.5 \(entry 0\); expected integers"):
+            fn(x, off, torch.tensor([1.5, 2.0]), 3, torch.Generator().manual_seed(0))
+    want = ref.kmeans_plusplus(x, off, torch.tensor([1, 2]), 3, torch.Generator().manual_seed(0))
+    for fn in (kcpu.kmeans_plusplus, ref.kmeans_plusplus):
+        for k in ([1, 2], torch.tensor([1.0, 2.0])):
+            assert torch.equal(fn(x, off, k, 3, torch.Generator().manual_seed(0)), want), (fn.__module__, k)

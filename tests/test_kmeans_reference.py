@@ -739,3 +739,20 @@ def test_update_and_similarity_refuse_fractional_assign():
     for got, want in zip(ref.cluster_similarity(x, off, whole.float(), cent, kpg, m=2),
                          ref.cluster_similarity(x, off, whole, cent, kpg, m=2)):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_plusplus_draws_by_d2_in_a_group_far_smaller_than_an_earlier_one(device):
+    # every group shared one float64 cumulative sum of D^2: group 1's D^2 (total 1) fell below
+    # the last bit of group 0's (~1e22), its total came out 0 and it drew uniformly, so its
+    # second seed was one of the 99 points at the origin instead of the one point away from
+    # them (the CPU kernel, which sums each group alone, picks it every time)
+    g = torch.Generator().manual_seed(0)
+    g1 = torch.zeros(100, 2)
+    g1[57, 0] = 1.0
+    x = torch.cat([torch.randn(200, 2, generator=g) * 1e10, g1, torch.randn(30, 2, generator=g)]).to(device)
+    off, kpg = csr([200, 100, 30]), torch.tensor([2, 2, 3])
+    for seed in range(20):
+        cent = ref.kmeans_plusplus(x, off.to(device), kpg, 3, torch.Generator().manual_seed(seed)).cpu()
+        assert cent[1, 1].tolist() == [1.0, 0.0] or cent[1, 0].tolist() == [1.0, 0.0], f"seed {seed}: {cent[1]}"
+        assert cent[1, :2].abs().sum() == 1.0, f"seed {seed}: group 1's seeds {cent[1, :2].tolist()}"

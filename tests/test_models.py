@@ -486,3 +486,19 @@ def test_a_directory_given_as_a_model_is_named_as_one(tmp_path):
         load_classifier(tmp_path / "models")
     with pytest.raises(IsADirectoryError, match="VAE file .*models is a directory"):
         load_vae(tmp_path / "models")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int16])
+def test_vae_refuses_integer_images_other_than_uint8(dtype):
+    # uint8 is read as [0, 255] and floats as [0, 1]; int64 pixels 0..255 (torch.randint's
+    # default dtype) were taken as [0, 1] floats (255x too bright): wrong latents, silently
+    # (the Triton encoder refuses them)
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(1, 28, (8, 16), 4)).eval()
+    x8 = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    vae.encode(x8, backend="torch")
+    with pytest.raises(TypeError, match=f"encoder input dtype {dtype} is unsupported; expected uint8"):
+        vae.encode(x8.to(dtype), backend="torch")
+    with pytest.raises(TypeError, match=f"encoder input dtype {dtype} is unsupported"):
+        vae(x8.to(dtype))
+    vae.encode(x8 > 127, backend="torch")   # bool images are 0/1, in [0, 1] like floats
