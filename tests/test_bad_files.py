@@ -651,3 +651,188 @@ def test_a_class_folder_link_whose_target_is_gone_is_named(tmp_path, caplog):
     assert f"ignoring 1 broken link(s) in {root} (their targets are gone" in caplog.text
     assert f"ignoring 1 broken link(s) in {root / 'dog'} (their targets are gone" in caplog.text
     assert caplog.text.count("broken link") == 2
+
+
+@pytest.mark.parametrize("which", _loaders())
+def test_only_the_exif_orientation_tag_turns_an_image(tmp_path, which):
+    """PIL's getexif() also reads XMP's tiff:Orientation and a PNG's "Raw profile type exif"
+    text, which DALI's decoder ignores: the torch loader turned such images 90 degrees from
+    DALI's.  And a malformed PNG eXIf chunk made PIL's getexif() raise: torch marked bad an
+    image DALI decodes.  All of them now load as the plain image in both loaders."""
+    import struct
+
+    from PIL import PngImagePlugin
+
+    arr = _picture(3, 24, 40)
+    arr[:, :8] = (255, 0, 0)
+    xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF>'
+           '</x:xmpmeta>')
+    plain = _jpeg_bytes(arr)
+    app1 = b"http://ns.adobe.com/xap/1.0/\0" + xmp.encode()
+    (tmp_path / "a_plain.jpg").write_bytes(plain)
+    (tmp_path / "b_xmp.jpg").write_bytes(plain[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + plain[2:])
+    Image.fromarray(arr).save(tmp_path / "c_plain.png")
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", xmp)
+    Image.fromarray(arr).save(tmp_path / "d_xmp.png", pnginfo=info)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    raw = exif.tobytes()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Raw profile type exif", f"\nexif\n{len(raw):8}\n{raw.hex()}\n", zip=True)   # ImageMagick's
+    Image.fromarray(arr).save(tmp_path / "e_raw_profile.png", pnginfo=info)
+    _, chunk = _png_with_chunks(arr)
+    (tmp_path / "f_junk_exif.png").write_bytes(_png_with_chunks(arr, before_idat=chunk(b"eXIf", b"junkjunk"))[0])
+    paths = sorted(str(p) for p in tmp_path.iterdir())
+    idx, images, ok, bad = _run(which, paths)
+    assert ok.all() and not bad
+    assert torch.equal(images[1], images[0]), paths[1]
+    for k in (3, 4, 5):
+        assert torch.equal(images[k], images[2]), paths[k]
+
+
+@pytest.mark.parametrize("which", _loaders())
+def test_more_pngs_dali_refuses_and_pil_decodes_are_bad_for_both_loaders(tmp_path, which):
+    """Chunk sequences DALI's decoder refuses and PIL decodes, which passed the pre-check
+    (torch: ok; DALI: bad after a pipeline rebuild, in its own words): a chunk type that is
+    not four letters or has the reserved (third-letter) bit set, an IHDR twice, of 14
+    bytes, or with compression method 1, and a palette image with a second PLTE or one of
+    7 bytes.  Now bad for both, for one reason."""
+    import struct
+
+    arr = _picture(2, 12, 16)
+    _, chunk = _png_with_chunks(arr)
+    h, w = arr.shape[:2]
+    ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+    plain = _png_with_chunks(arr)[0]
+    pal, plte = arr[..., 0] % 4, chunk(b"PLTE", bytes(range(12)))
+    files = {"a_digit_chunk.png": _png_with_chunks(arr, before_idat=chunk(b"a1bc", b"x"))[0],
+             "b_reserved_bit.png": _png_with_chunks(arr, after_idat=chunk(b"abcd", b"x"))[0],
+             "c_second_ihdr.png": _png_with_chunks(arr, before_idat=ihdr)[0],
+             "d_ihdr_of_14_bytes.png": plain.replace(ihdr, chunk(b"IHDR", ihdr[8:21] + b"\0")),
+             "e_compression_1.png": plain.replace(ihdr, chunk(b"IHDR", ihdr[8:18] + b"\1\0\0")),
+             "f_second_plte.png": _png_with_chunks(pal, colour_type=3, before_idat=plte, after_idat=plte)[0],
+             "g_plte_of_7_bytes.png": _png_with_chunks(pal, colour_type=3, before_idat=chunk(b"PLTE", bytes(7)))[0],
+             "h_ancillary.png": _png_with_chunks(arr, before_idat=chunk(b"abCd", b"x"))[0],
+             "i_plte_in_rgb.png": _png_with_chunks(arr, before_idat=plte + chunk(b"PLTE", bytes(7)))[0]}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    paths = sorted(str(p) for p in tmp_path.iterdir())
+    idx, images, ok, bad = _run(which, paths)
+    assert ok.tolist() == [False] * 7 + [True, True]
+    why = "(libpng, DALI's decoder, refuses it; PIL would decode it)"
+    assert bad == {0: f"PNG with an invalid chunk type 'a1bc' {why}",
+                   1: f"PNG with an invalid chunk type 'abcd' {why}",
+                   2: f"PNG with a second IHDR chunk {why}",
+                   3: f"PNG with an IHDR chunk of 14 bytes (13 expected) {why}",
+                   4: f"PNG with compression method 1 in IHDR (only 0 is defined) {why}",
+                   5: f"PNG palette image with a second PLTE chunk {why}",
+                   6: f"PNG palette image with a PLTE chunk of 7 bytes (a positive multiple of 3 expected) {why}"}
+    if which == "dali":   # caught before any pipeline, not by a rebuild
+        assert set(loader_dali._precheck(paths, np.arange(len(paths)), PreprocessSpec(SIZE))) == set(range(7))
+
+
+@pytest.mark.parametrize("which", _loaders())
+def test_malformed_chunks_after_the_image_data_are_bad_for_both_loaders(tmp_path, which):
+    """PIL reads the ancillary chunks after a PNG's image data only when it decodes: a
+    truncated pHYs, or zTXt text over PIL's limit, there failed the torch loader's decode
+    while DALI decoded the image (before the image data they fail PIL's open, bad for
+    both).  The pre-check now replays PIL's handling of them: bad for both, one reason."""
+    import zlib
+
+    arr = _picture(4, 12, 16)
+    _, chunk = _png_with_chunks(arr)
+    big = chunk(b"zTXt", b"Comment\0\0" + zlib.compress(b"x" * 2_000_000))
+    files = {"a_phys_after.png": _png_with_chunks(arr, after_idat=chunk(b"pHYs", b"\0"))[0],
+             "b_big_ztxt_after.png": _png_with_chunks(arr, after_idat=big)[0],
+             "c_phys_before.png": _png_with_chunks(arr, before_idat=chunk(b"pHYs", b"\0"))[0],
+             "d_text_after.png": _png_with_chunks(arr, after_idat=chunk(b"tEXt", b"k\0v") + chunk(b"abCd", b"?"))[0],
+             "e_plain.png": _png_with_chunks(arr)[0]}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    paths = sorted(str(p) for p in tmp_path.iterdir())
+    idx, images, ok, bad = _run(which, paths)
+    assert ok.tolist() == [False, False, False, True, True]
+    assert bad == {0: "PNG rejected by PIL: ValueError: Truncated pHYs chunk (after the image data)",
+                   1: "PNG rejected by PIL: ValueError: Decompressed data too large for "
+                      "PngImagePlugin.MAX_TEXT_CHUNK (after the image data)",
+                   2: "PNG rejected by PIL: ValueError: Truncated pHYs chunk"}
+    assert torch.equal(images[3], images[4])
+
+
+def test_chunks_after_the_image_data_are_judged_by_a_decode_where_pils_internals_moved(tmp_path, monkeypatch):
+    """The pre-check replays Pillow's private load_end loop; another Pillow without those
+    internals (AttributeError / TypeError) must not call every such PNG bad: it decodes."""
+    from spurfast.data import preprocess
+
+    def moved(path, trailer):
+        raise AttributeError("'PngImageFile' object has no attribute 'png'")
+
+    monkeypatch.setattr(preprocess, "_replay_png_load_end", moved)
+    arr = _picture(4, 12, 16)
+    _, chunk = _png_with_chunks(arr)
+    (tmp_path / "bad.png").write_bytes(_png_with_chunks(arr, after_idat=chunk(b"pHYs", b"\0"))[0])
+    (tmp_path / "text.png").write_bytes(_png_with_chunks(arr, after_idat=chunk(b"tEXt", b"k\0v"))[0])
+    assert preprocess.validate_image_file(str(tmp_path / "bad.png")) == \
+        ("bad", "PNG rejected by PIL: ValueError: Truncated pHYs chunk (after the image data)")
+    assert preprocess.validate_image_file(str(tmp_path / "text.png"))[0] != "bad"
+
+
+def _tiff(entries, order, extra=b""):
+    """A minimal EXIF block (TIFF header + IFD0) of (tag, type, count, 4-byte value) entries."""
+    import struct
+
+    p = "<" if order == b"II" else ">"
+    ifd = struct.pack(p + "H", len(entries)) + b"".join(
+        struct.pack(p + "HHI", tag, kind, count) + (struct.pack(p + "HH", value, 0) if kind == 3 else
+                                                   struct.pack(p + "I", value))
+        for tag, kind, count, value in entries) + struct.pack(p + "I", 0)
+    return order + struct.pack(p + "HI", 42, 8) + ifd + extra
+
+
+@pytest.mark.filterwarnings("ignore:Truncated File Read:UserWarning")   # PIL's own EXIF read at open
+@pytest.mark.parametrize("which", _loaders())
+def test_malformed_exif_orientation_is_read_as_dali_reads_it(tmp_path, which):
+    """DALI reads IFD0's orientation as 16 bits whatever its type and gives up on an entry
+    whose data lies outside the EXIF block (a JPEG then keeps no orientation, a PNG the one
+    read before it); PIL read a LONG orientation as its value and skipped the bad entry:
+    the torch loader turned these images where DALI did not, or the other way round."""
+    import struct
+
+    y, x = np.mgrid[0:24, 0:24]
+    arr = np.stack([x * 10, y * 10, np.zeros_like(x)], -1).astype(np.uint8)   # every turn differs
+    plain = _jpeg_bytes(arr)
+
+    def jpeg(exif):
+        app1 = b"Exif\0\0" + exif
+        return plain[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + plain[2:]
+
+    def png(exif):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG", exif=exif)
+        return buf.getvalue()
+
+    cases = {   # name: (EXIF block, turn DALI gives a JPEG, turn DALI gives a PNG)
+        "long_6_le": (_tiff([(0x0112, 4, 1, 6)], b"II"), 6, 6),
+        "long_6_be": (_tiff([(0x0112, 4, 1, 6)], b"MM"), 1, 1),
+        "orientation_9": (_tiff([(0x0112, 3, 1, 9)], b"MM"), 1, 1),
+        "bad_make_after": (_tiff([(0x0112, 3, 1, 6), (0x010F, 2, 20, 5000)], b"II"), 1, 6),
+        "bad_make_before": (_tiff([(0x010F, 2, 20, 5000), (0x0112, 3, 1, 6)], b"MM"), 1, 1),
+        "bad_xres_after": (_tiff([(0x0112, 3, 1, 8), (0x011A, 5, 1, 5000)], b"MM"), 1, 8)}
+    names = []
+    for o in (1, 6, 8):   # well-formed references
+        (tmp_path / f"ref{o}.jpg").write_bytes(jpeg(_tiff([(0x0112, 3, 1, o)], b"MM")))
+        (tmp_path / f"ref{o}.png").write_bytes(png(_tiff([(0x0112, 3, 1, o)], b"II")))
+        names += [f"ref{o}.jpg", f"ref{o}.png"]
+    for name, (exif, _, _) in cases.items():
+        (tmp_path / f"{name}.jpg").write_bytes(jpeg(exif))
+        (tmp_path / f"{name}.png").write_bytes(png(exif))
+        names += [f"{name}.jpg", f"{name}.png"]
+    paths = [str(tmp_path / n) for n in names]
+    idx, images, ok, bad = _run(which, paths)
+    assert ok.all() and not bad
+    got = {n: images[k] for k, n in enumerate(names)}
+    for name, (_, turn_jpeg, turn_png) in cases.items():
+        assert torch.equal(got[f"{name}.jpg"], got[f"ref{turn_jpeg}.jpg"]), f"{name}.jpg"
+        assert torch.equal(got[f"{name}.png"], got[f"ref{turn_png}.png"]), f"{name}.png"

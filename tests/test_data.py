@@ -416,3 +416,33 @@ def test_array_source_takes_long_double_images():
     assert float(ArraySource(x).images.max()) == 0.5
     with pytest.raises(ValueError, match=r"mypool: float images must lie in \[0, 1\]"):
         ArraySource(x * 4, name="mypool")
+
+
+def test_subset_source_refuses_indices_that_name_no_item():
+    """SubsetSource cast its indices as iter_batches once did: a boolean mask became items
+    0 and 1 (duplicated), 2.7 became 2, and -1 the last image under the id "array:-1"."""
+    src = ArraySource(np.arange(5, dtype=np.uint8).reshape(5, 1, 1, 1), labels=[0, 1, 2, 3, 4])
+    with pytest.raises(ValueError, match="a boolean mask, pass np.flatnonzero"):
+        SubsetSource(src, np.array([False, False, False, True, True]))
+    with pytest.raises(ValueError, match="integer pool indices, got dtype float64"):
+        SubsetSource(src, [2.7, 3.2])
+    with pytest.raises(IndexError, match=r"SubsetSource indices into array must lie in \[0, 5\); got range \[-1, 2\]"):
+        SubsetSource(src, [-1, 2])
+    with pytest.raises(IndexError, match=r"got range \[7, 7\]"):
+        SubsetSource(src, [7])
+    assert SubsetSource(src, np.flatnonzero([0, 0, 0, 1, 1])).labels().tolist() == [3, 4]
+    assert SubsetSource(src, [4.0, 1.0]).item_id(0) == "array:4" and len(SubsetSource(src, [])) == 0
+
+
+def test_array_source_decodes_bytes_ids_and_class_names():
+    """An .npz's S-dtype arrays hold bytes: str() wrote ids and class names as "b'img1.jpg'"
+    into the store and the findings."""
+    from spurfast.data.sources import content_digest
+
+    s = ArraySource(np.zeros((2, 4, 4)), labels=[0, 1], ids=np.array([b"img1.jpg", b"caf\xc3\xa9.jpg"]),
+                    class_names=np.array([b"cat", b"dog"]))
+    assert [s.item_id(0), s.item_id(1)] == ["img1.jpg", "café.jpg"] and s.class_names == ["cat", "dog"]
+    same = ArraySource(np.zeros((2, 4, 4)), labels=[0, 1], ids=["img1.jpg", "café.jpg"])
+    assert content_digest(s) == content_digest(same)
+    odd = ArraySource(np.zeros((1, 4, 4)), ids=[b"im\xff.jpg"])   # not UTF-8: escaped as folder ids are
+    assert odd.item_id(0) == "im\\xff.jpg" and content_digest(odd)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .preprocess import IMAGE_EXTENSIONS, PreprocessSpec, checked_load_uint8
-from .sources import ImageSource, utf8_name
+from .sources import ImageSource, pool_indices, utf8_name
 
 log = logging.getLogger("spurfast.data")
 
@@ -150,14 +150,7 @@ def select_indices(n: int, *, start: int = 0, shard_id: int = 0, num_shards: int
             raise ValueError(f"start must be in [0, {n}], got {start}")
         sel = np.arange(start, n, dtype=np.int64)
     else:
-        raw = np.asarray(indices)
-        # a cast would read a boolean mask as indices 0 and 1, and truncate 2.7 to 2
-        if raw.size and (raw.dtype.kind == "b" or (raw.dtype.kind == "f" and not np.array_equal(raw, np.round(raw)))):
-            hint = ": a boolean mask, pass np.flatnonzero(mask)" if raw.dtype.kind == "b" else ""
-            raise ValueError(f"indices must be integer pool indices, got dtype {raw.dtype}{hint}")
-        sel = raw.astype(np.int64).reshape(-1)
-        if sel.size and (sel.min() < 0 or sel.max() >= n):
-            raise IndexError(f"indices must lie in [0, {n}); got range [{sel.min()}, {sel.max()}]")
+        sel = pool_indices(indices, n)
     return sel[shard_id::num_shards]
 
 

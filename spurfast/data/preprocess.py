@@ -7,7 +7,10 @@ normalisation is *not* done here: the VAE encoder fuses it into its first layer.
 Every number the two loaders must agree on is defined here once and used by both:
 
 * orientation: the EXIF orientation tag is honoured (DALI's decoder does so by default;
-  the PIL path applies it with :func:`PIL.ImageOps.exif_transpose`).
+  the PIL path reads the tag as DALI's EXIF reader does, :func:`_exif_orientation`, and
+  transposes as :func:`PIL.ImageOps.exif_transpose` does), and only the EXIF tag: not
+  XMP's ``tiff:Orientation`` nor a PNG's "Raw profile type exif" text, which PIL's
+  ``getexif()`` also reads and DALI ignores.
 * geometry (:func:`crop_geometry`): the shorter side becomes ``size``, the longer side
   ``round_half_up(long * size / short)`` computed in integers; the crop offset is
   ``(resized - size) // 2`` in each axis.  The scale per axis is ``source / resized``,
@@ -35,7 +38,9 @@ unreadable file, content that is neither JPEG nor PNG, a missing end marker), th
 ``Image.open`` + ``verify()`` (the header structure; for PNG every chunk's CRC; no pixel
 decoding), which also applies PIL's pixel limit to both loaders, then, for PNG, what
 libpng (DALI's decoder) refuses and PIL decodes: a side over 1,000,000 pixels, an
-unknown critical chunk, a palette image without PLTE.  A file that passes but
+unknown critical chunk, a palette image without PLTE, and other chunk sequences (see
+``_png_chunk_error``); and what PIL refuses only when it decodes: a malformed ancillary
+chunk after the image data (``_png_trailer_check``).  A file that passes but
 has no end marker is "suspect" and is then fully decoded by PIL to decide.  A file that
 fails never enters a DALI pipeline: a corrupt JPEG header can crash DALI's decoder
 outright (SIGSEGV, not a catchable pipeline error).  Not caught without decoding, and
@@ -152,7 +157,8 @@ def validate_image_file(path: str) -> tuple[str, str]:
     in one place: raise or lower ``PIL.Image.MAX_IMAGE_PIXELS`` (None: no limit).  A PNG
     with a side over 1,000,000 pixels (libpng's limit, which DALI's decoder keeps) is bad
     for both loaders too, and so is one whose chunk sequence libpng refuses and PIL
-    accepts (an unknown critical chunk, a palette image without PLTE)."""
+    accepts (an unknown critical chunk, a palette image without PLTE, ...), or one with a
+    chunk after its image data that PIL's decode refuses (a truncated pHYs, say)."""
     verdict, detail = check_image_file(path)
     if verdict == "bad":
         return verdict, detail
@@ -172,15 +178,92 @@ def validate_image_file(path: str) -> tuple[str, str]:
         why = _png_chunk_error(path)
         if why:
             return "bad", f"PNG {why} (libpng, DALI's decoder, refuses it; PIL would decode it)"
+        try:
+            _png_trailer_check(path)
+        except Exception as exc:  # as open: PIL raises many exception types for corrupt chunks
+            return "bad", f"PNG rejected by PIL: {describe_error(exc)} (after the image data)"
     return verdict, detail
 
 
+def _png_trailer_check(path: str) -> None:
+    """Raise what PIL raises on the chunks after a PNG's image data, which it reads only
+    when it decodes (``load_end``; ``verify()`` checks their CRCs only): a malformed
+    ancillary chunk there (a truncated pHYs, zTXt text over PIL's limit) failed the torch
+    loader's decode while DALI decoded the image, and before the image data it fails PIL's
+    open, bad for both.  PIL's own chunk handlers, called as ``load_end`` calls them; most
+    PNGs end with IEND right after the image data and are not opened again."""
+    with open(path, "rb") as fh:
+        fh.seek(len(_PNG_MAGIC))
+        idat = False
+        while True:
+            head = fh.read(8)
+            if len(head) < 8:
+                return
+            if head[4:] == b"IDAT":
+                idat = True
+            elif idat or head[4:] == b"IEND":
+                break
+            fh.seek(int.from_bytes(head[:4], "big") + 4, os.SEEK_CUR)
+        if head[4:] == b"IEND":
+            return
+        trailer = fh.tell() - 8
+    from PIL import Image
+
+    try:
+        _replay_png_load_end(path, trailer)
+    except (AttributeError, TypeError):
+        # PIL's internals (im.png, ChunkStream.call, _safe_read) moved in another Pillow:
+        # decode the whole image instead, slower and always what the torch loader will see,
+        # rather than call every PNG with a chunk after its image data bad
+        with Image.open(path, formats=("PNG",)) as im:
+            im.load()
+
+
+def _replay_png_load_end(path: str, trailer: int) -> None:
+    """PIL's ``PngImageFile.load_end`` from byte ``trailer`` on, without decoding the pixels
+    (Pillow 10-13's internals)."""
+    import struct
+
+    from PIL import Image, ImageFile
+
+    with Image.open(path, formats=("PNG",)) as im:
+        png = im.png
+        if png is None or png.im_n_frames is not None:   # APNG: its frames load otherwise
+            return
+        im.fp.seek(trailer)
+        while True:   # PngImageFile.load_end's loop
+            try:
+                cid, pos, length = png.read()
+            except (struct.error, SyntaxError):
+                return
+            if cid == b"IEND":
+                return
+            try:
+                png.call(cid, pos, length)
+            except UnicodeDecodeError:
+                return
+            except EOFError:   # more image data
+                try:
+                    ImageFile._safe_read(im.fp, length - 4 if cid == b"fdAT" else length)
+                except OSError:
+                    if not ImageFile.LOAD_TRUNCATED_IMAGES:
+                        raise
+                    return
+            except AttributeError:   # a chunk PIL does not read
+                ImageFile._safe_read(im.fp, length)
+            im.fp.read(4)   # CRC
+
+
 def _png_chunk_error(path: str) -> str | None:
-    """What libpng refuses in a PNG's chunk sequence that PIL decodes without a word: a
-    critical chunk it does not know (one whose type starts with a capital letter, not
-    IHDR/PLTE/IDAT/IEND), or a palette image with no PLTE before its image data.  Reads
-    the 8-byte chunk headers only (PIL's ``verify()`` has already read every chunk)."""
-    plte = palette = False
+    """What DALI's decoder (nvImageCodec's PNG parser, then libpng) refuses in a PNG's chunk
+    sequence that PIL decodes without a word: a critical chunk it does not know (one whose
+    type starts with a capital letter, not IHDR/PLTE/IDAT/IEND), a chunk type that is not
+    four ASCII letters with a capital third one, an IHDR that is not 13 bytes long, comes
+    twice or names a compression method other than 0, and, in a palette image, no PLTE
+    before the image data, a second PLTE, or one whose length is not a positive multiple
+    of 3.  Reads the chunk headers and IHDR only (PIL's ``verify()`` has already read every
+    chunk)."""
+    ihdr = plte = palette = False
     try:
         with open(path, "rb") as fh:
             fh.seek(len(_PNG_MAGIC))
@@ -189,17 +272,30 @@ def _png_chunk_error(path: str) -> str | None:
                 if len(head) < 8:
                     return None   # cut short: the end-marker check and PIL judge that
                 length, ctype = int.from_bytes(head[:4], "big"), head[4:]
+                name = ctype.decode("latin-1")
+                if not ctype.isalpha() or ctype[2] & 0x20:
+                    return f"with an invalid chunk type {name!r}"   # libpng: not letters, or the reserved bit set
                 if ctype == b"IHDR":
-                    palette = fh.read(13)[9:10] == b"\x03"   # colour type 3
-                    length = max(length - 13, 0)
-                elif ctype == b"PLTE":
+                    if ihdr:
+                        return "with a second IHDR chunk"
+                    if length != 13:
+                        return f"with an IHDR chunk of {length} bytes (13 expected)"
+                    data = fh.read(13)
+                    if data[10:11] not in (b"\x00", b""):
+                        return f"with compression method {data[10]} in IHDR (only 0 is defined)"
+                    ihdr, palette, length = True, data[9:10] == b"\x03", 0   # colour type 3
+                elif ctype == b"PLTE" and palette:
+                    if plte:
+                        return "palette image with a second PLTE chunk"
+                    if length == 0 or length % 3:
+                        return f"palette image with a PLTE chunk of {length} bytes (a positive multiple of 3 expected)"
                     plte = True
                 elif ctype == b"IDAT" and palette and not plte:
                     return "palette image without a PLTE chunk before its image data"
                 elif ctype == b"IEND":
                     return None
                 elif not ctype[0] & 0x20 and ctype not in _PNG_CRITICAL:
-                    return f"with an unknown critical chunk {ctype.decode('latin-1')!r}"
+                    return f"with an unknown critical chunk {name!r}"
                 fh.seek(length + 4, os.SEEK_CUR)   # data and CRC
     except OSError:
         return None   # unreadable now: the loaders' decode says so
@@ -223,14 +319,73 @@ def _to_rgb_or_l(im, channels: int):
     return Image.fromarray(gray.astype(np.uint8), mode="L")
 
 
+# EXIF orientation -> PIL transpose (PIL.ImageOps.exif_transpose's table)
+_ORIENT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
+           7: "TRANSVERSE", 8: "ROTATE_90"}
+
+
+# IFD0 tags DALI's EXIF reader (nvImageCodec's copy of OpenCV's ExifReader) reads, whose
+# data it bounds-checks: text, and unsigned rationals (how many)
+_EXIF_TEXT = (0x010E, 0x010F, 0x0110, 0x0131, 0x0132, 0x8298)
+_EXIF_RATIONALS = {0x011A: 1, 0x011B: 1, 0x013E: 2, 0x013F: 6, 0x0211: 3, 0x0214: 6}
+
+
+def _exif_orientation(im) -> int:
+    """The EXIF orientation of a decoded image as DALI's decoder reads it, so that both
+    loaders turn the same images.  Not PIL's ``getexif()``, which also takes XMP's
+    ``tiff:Orientation`` and a PNG's "Raw profile type exif" text (DALI ignores both: the
+    torch loader turned such images 90 degrees from DALI's) and raised on a malformed PNG
+    eXIf chunk (the torch loader marked bad an image DALI decodes).  DALI's reader takes
+    the first orientation entry of IFD0 as 16 bits whatever its type (a LONG 6 is 6 in
+    little-endian EXIF, 0 in big-endian), and gives up on an entry whose data lies outside
+    the block: in a JPEG it then ignores the orientation, in a PNG only from that entry on
+    (measured, DALI 2.4).  Values other than 1-8: no turn."""
+    data = im.info.get("exif")
+    if not isinstance(data, bytes):
+        return 1
+    d = data[6:] if data.startswith(b"Exif\x00\x00") else data
+    order = "little" if d[:1] == b"I" and d[1:2] in (b"I", b"") else "big"
+
+    def u(o: int, n: int) -> int:
+        if o + n > len(d):
+            raise IndexError(o)
+        return int.from_bytes(d[o:o + n], order)
+
+    found = None
+    try:
+        if u(2, 2) != 0x2A:
+            return 1
+        off = u(4, 4)
+        count, off = u(off, 2), off + 2
+        for _ in range(count):
+            tag = u(off, 2)
+            if tag in _EXIF_TEXT:
+                size = u(off + 4, 4)
+                if (8 if size <= 4 else u(off + 8, 4)) + size > len(d):
+                    raise IndexError(off)
+            elif tag in _EXIF_RATIONALS:
+                at = u(off + 8, 4)
+                u(at + 8 * _EXIF_RATIONALS[tag] - 4, 4)
+            elif tag in (0x0112, 0x0128, 0x0213):   # orientation, resolution unit, YCbCr positioning
+                value = u(off + 8, 2)
+                if tag == 0x0112 and found is None:
+                    found = value
+            off += 12
+    except IndexError:
+        if getattr(im, "format", None) != "PNG":
+            return 1
+    return found if found is not None else 1
+
+
 def load_image_uint8(path: str, spec: PreprocessSpec) -> torch.Tensor:
     """Decode and preprocess one file to uint8 (C, size, size); raises on a bad file."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     with Image.open(path) as im:
         im.load()
-        if im.getexif().get(0x0112, 1) not in (0, 1):  # EXIF orientation, as DALI applies it
-            im = ImageOps.exif_transpose(im)
+        method = _ORIENT.get(_exif_orientation(im))
+        if method is not None:
+            im = im.transpose(Image.Transpose[method])
         im = _to_rgb_or_l(im, spec.channels)
         h, w = im.height, im.width
         nh, nw, top, left = crop_geometry(h, w, spec.size)

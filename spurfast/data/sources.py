@@ -164,6 +164,26 @@ def _int_labels(labels, name: str) -> np.ndarray:
     return lab.astype(np.int64)
 
 
+def pool_indices(indices, n: int, what: str = "indices") -> np.ndarray:
+    """``indices`` as a flat int64 array of positions in a source of ``n`` items; raises
+    on anything else (a cast would read a boolean mask as indices 0 and 1, truncate 2.7
+    to 2, and count a negative index from the end)."""
+    raw = np.asarray(indices)
+    if raw.size and (raw.dtype.kind == "b" or (raw.dtype.kind == "f" and not np.array_equal(raw, np.round(raw)))):
+        hint = ": a boolean mask, pass np.flatnonzero(mask)" if raw.dtype.kind == "b" else ""
+        raise ValueError(f"{what} must be integer pool indices, got dtype {raw.dtype}{hint}")
+    sel = raw.astype(np.int64).reshape(-1)
+    if sel.size and (sel.min() < 0 or sel.max() >= n):
+        raise IndexError(f"{what} must lie in [0, {n}); got range [{sel.min()}, {sel.max()}]")
+    return sel
+
+
+def _text(x) -> str:
+    """``x`` as text: bytes decoded as UTF-8 (a byte that is not UTF-8 as a \\xNN escape, as
+    :func:`utf8_name` writes file names), anything else through ``str``."""
+    return utf8_name(bytes(x).decode("utf-8", "surrogateescape")) if isinstance(x, bytes) else str(x)
+
+
 class ArraySource(ImageSource):
     """In-memory images (numpy array or tensor) with optional labels and ids."""
 
@@ -182,9 +202,11 @@ class ArraySource(ImageSource):
         if not bool(torch.isfinite(self.images).all()):
             raise ValueError(f"{name}: images contain NaN or inf")
         # str: ids are hashed and written as text (integer ids, e.g. dataset positions,
-        # crashed every fingerprint: "'numpy.int64' object has no attribute 'encode'")
-        self.ids = [str(x) for x in ids] if ids is not None else None
-        self.class_names = list(class_names) if class_names is not None else None
+        # crashed every fingerprint: "'numpy.int64' object has no attribute 'encode'");
+        # bytes (an .npz's S-dtype array) decoded, not written as "b'img1.jpg'"
+        self.ids = [_text(x) for x in ids] if ids is not None else None
+        self.class_names = [_text(c) if isinstance(c, bytes) else c for c in class_names] \
+            if class_names is not None else None
         self.name = utf8_name(name)   # an .npz's file name (`spurfast discover --pool`) may not be UTF-8
         self.image_shape = tuple(self.images.shape[1:])
 
@@ -208,7 +230,9 @@ class ArraySource(ImageSource):
 class SubsetSource(ImageSource):
     def __init__(self, base: ImageSource, indices: Sequence[int], name: str | None = None):
         self.base = base
-        self.indices = np.asarray(indices, dtype=np.int64)
+        # checked: a boolean mask, fractional or negative indices were cast or wrapped round
+        # into other images (a negative one with the id of no pool item)
+        self.indices = pool_indices(indices, len(base), f"SubsetSource indices into {base.name}")
         self.image_shape = base.image_shape
         self.class_names = base.class_names
         self.name = name or base.name
