@@ -239,20 +239,41 @@ def size_matched_pvalues(scores: np.ndarray, n_unrelated: np.ndarray, null: np.n
     log_null = np.log1p(np.asarray(null_n_unrelated, np.float64))
     n_unrelated = np.asarray(n_unrelated)
     out, n_ref, beat = np.empty(len(scores)), np.empty(len(scores), np.int64), np.empty(len(scores), bool)
+    # The null grouped by size once, each size's scores sorted: a window is a set of whole
+    # sizes, so its counts are per-size binary searches.  Masking and sorting the whole null
+    # per distinct size instead cost O(#sizes x #null): 22 s a call at 13,000 clusters x 120
+    # permutations.  Distances are taken per size value exactly as per null cluster, so the
+    # windows (and every output) are the same.
+    sizes, size_of = np.unique(log_null, return_inverse=True)
+    by_size = np.lexsort((null, size_of))
+    sorted_null = null[by_size]
+    counts = np.bincount(size_of, minlength=len(sizes))
+    starts = np.r_[0, np.cumsum(counts)]
+    size_max = np.maximum.reduceat(sorted_null, starts[:-1])
     for n in np.unique(n_unrelated):  # clusters of one size share their reference
-        dist = np.abs(log_null - np.log1p(float(n)))
-        window = dist <= np.log(SIZE_FACTOR)
+        ln = np.log1p(float(n))
         here = n_unrelated == n
-        ref = window
-        if ref.sum() < min_reference:
+        floor = _tie_floor(scores[here])   # ties do not beat, and count as >=
+        in_window = np.abs(sizes - ln) <= np.log(SIZE_FACTOR)
+        n_window = int(counts[in_window].sum())
+        if n_window < min_reference:   # widened to the nearest null clusters: by cluster, as before
+            dist = np.abs(log_null - ln)
             ref = np.zeros(len(null), bool)
             ref[np.argsort(dist, kind="stable")[:min_reference]] = True
-        # with no null cluster of its size, "beat them all" would hold for any score: ask
-        # it of the clusters it was compared with instead (none, with min_reference=0: beaten
-        # as an empty null is; max() of nothing raised numpy's "zero-size array" error)
-        beat[here] = null[window if window.any() else ref].max(initial=-np.inf) < _tie_floor(scores[here])  # ties do not beat
-        out[here] = permutation_pvalues(scores[here], null[ref])
-        n_ref[here] = ref.sum()
+            window = dist <= np.log(SIZE_FACTOR)
+            # with no null cluster of its size, "beat them all" would hold for any score: ask
+            # it of the clusters it was compared with instead (none, with min_reference=0: beaten
+            # as an empty null is; max() of nothing raised numpy's "zero-size array" error)
+            beat[here] = null[window if window.any() else ref].max(initial=-np.inf) < floor
+            out[here] = permutation_pvalues(scores[here], null[ref])
+            n_ref[here] = ref.sum()
+            continue
+        ge = np.zeros(len(floor), np.int64)
+        for g in np.nonzero(in_window)[0]:
+            ge += counts[g] - np.searchsorted(sorted_null[starts[g]:starts[g + 1]], floor, side="left")
+        beat[here] = size_max[in_window].max() < floor
+        out[here] = (1.0 + ge) / (1.0 + n_window)
+        n_ref[here] = n_window
     return out, n_ref, beat
 
 

@@ -347,3 +347,41 @@ def test_kmeans_group_ids_that_are_not_whole_numbers_or_one_per_point_are_refuse
     whole = batched_kmeans(x, np.r_[np.zeros(6), np.ones(6)], [2, 2], seed=0)   # whole-number floats still work
     ints = batched_kmeans(x, np.r_[np.zeros(6, int), np.ones(6, int)], [2, 2], seed=0)
     assert torch.equal(whole.assign, ints.assign)
+
+
+def _size_matched_by_cluster(scores, n_unrelated, null, null_n_unrelated, min_reference=100):
+    """size_matched_pvalues as first written: every distinct size masks and sorts the whole
+    null (O(#sizes x #null)); the grouped version must give the same arrays."""
+    from spurfast.scoring import SIZE_FACTOR, _tie_floor
+
+    scores, null = np.asarray(scores, np.float64), np.asarray(null, np.float64)
+    log_null = np.log1p(np.asarray(null_n_unrelated, np.float64))
+    out, n_ref, beat = np.empty(len(scores)), np.empty(len(scores), np.int64), np.empty(len(scores), bool)
+    for n in np.unique(n_unrelated):
+        dist = np.abs(log_null - np.log1p(float(n)))
+        window = dist <= np.log(SIZE_FACTOR)
+        here = n_unrelated == n
+        ref = window
+        if ref.sum() < min_reference:
+            ref = np.zeros(len(null), bool)
+            ref[np.argsort(dist, kind="stable")[:min_reference]] = True
+        beat[here] = null[window if window.any() else ref].max(initial=-np.inf) < _tie_floor(scores[here])
+        out[here] = permutation_pvalues(scores[here], null[ref])
+        n_ref[here] = ref.sum()
+    return out, n_ref, beat
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_size_matched_pvalues_equal_the_per_cluster_masks(seed):
+    rng = np.random.default_rng(seed)
+    m = int(rng.integers(1, 300))
+    top = int(rng.choice([5, 60, 400]))           # few sizes (dense windows) or many (sparse ones)
+    nu = rng.integers(0, top, m)
+    nnu = rng.integers(0, top, int(rng.integers(1, 5000)))
+    ns = np.round(rng.random(len(nnu)) * nnu, 1)   # rounded: ties between null and real scores
+    sc = np.r_[ns[:m // 2], np.round(rng.random(m - m // 2) * nu[m // 2:], 1)]
+    for min_ref in (0, 1, 100, 700):
+        got = size_matched_pvalues(sc, nu, ns, nnu, min_reference=min_ref)
+        want = _size_matched_by_cluster(sc, nu, ns, nnu, min_reference=min_ref)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
