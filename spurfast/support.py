@@ -66,8 +66,10 @@ def pattern_projections(source: ImageSource, idx: np.ndarray, patterns: torch.Te
     with tqdm(total=len(idx), desc=desc, unit="img", disable=not progress) as bar:
         for b in iter_batches(source, batch_size, indices=idx, num_workers=num_workers, backend=loader_backend):
             rows = order[np.searchsorted(idx[order], b.indices.numpy())]   # a loader may yield in its own order
-            x = b.images.reshape(len(b.images), -1).double()
-            out[rows] = (x @ flat).numpy() * b.ok.numpy()[:, None]
+            # the DALI loader yields images on the GPU where one is visible: the patterns and
+            # the result live on the CPU (the product failed there before findings.json)
+            x = b.images.reshape(len(b.images), -1).to("cpu", torch.float64)
+            out[rows] = (x @ flat).numpy() * b.ok.cpu().numpy()[:, None]
             bar.update(len(rows))
     return out
 

@@ -198,3 +198,30 @@ def test_projections_of_a_folder_pool_go_through_its_loader(tmp_path):
     want[2] = 0.0                               # 05.png
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-9)
     assert 5 in src.bad_files
+
+
+@pytest.mark.gpu
+def test_projections_take_images_a_loader_yields_on_the_gpu(tmp_path, monkeypatch):
+    """On a GPU machine the DALI loader (auto's first choice) yields images on the GPU: the
+    projection multiplied them by CPU patterns and failed before findings.json was written."""
+    from PIL import Image
+
+    from spurfast import backends
+    from spurfast.data import loader_torch
+    from spurfast.data.folder import ImageFolderSource
+    from spurfast.support import pattern_projections
+
+    def on_gpu(*a, **k):
+        for idx, images, ok in loader_torch.iter_folder_batches(*a, **k):
+            yield idx, images.cuda(), ok.cuda()
+
+    monkeypatch.setitem(backends._cache, ("loader", "dali", None), ("dali", on_gpu))
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / f"{i:02d}.png")
+    src = ImageFolderSource(tmp_path, size=16)
+    pats = torch.as_tensor(rng.normal(size=(2, 3, 16, 16)), dtype=torch.float32)
+    got = pattern_projections(src, np.arange(6), pats, batch_size=4, loader_backend="dali")
+    x, _ = src.get_batch(np.arange(6))
+    want = (x.reshape(6, -1).double() @ pats.reshape(2, -1).double().T).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-9)
