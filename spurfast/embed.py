@@ -238,6 +238,18 @@ def made_from(store_dir, fp: str, content: str, legacy=lambda: []) -> bool:
     return any(_same_identity(m, old) for m in manifests)
 
 
+def unmark_stores(path) -> None:
+    """Remove the manifest of the store at ``path`` and of the shard stores under it, before
+    the directory itself is removed: an interrupted removal then leaves no store, not a
+    manifest whose columns are gone (rmtree takes the listing's order, on many filesystems
+    the order of creation, manifest last), which a later run resumed and crashed on."""
+    for m in (Path(path) / MANIFEST, *Path(path).glob(f"shards/*/{MANIFEST}")):
+        try:
+            m.unlink()
+        except OSError:   # none there (or not a directory): nothing to unmark
+            pass
+
+
 def shard_dir(store_dir, shard_id: int, num_shards: int) -> Path:
     """Where rank ``shard_id`` of ``num_shards`` keeps its part of the store."""
     return Path(store_dir) / "shards" / f"{shard_id}-of-{num_shards}"
@@ -297,6 +309,7 @@ def _settle_shards(store_dir: Path, main: EmbeddingStore | None, fp: str, conten
         log.warning("discarding %d embedded rows of an earlier %d-process run in %s: its shards are unfinished or "
                     "not this store's next rows, and only a run of %d processes could resume them", rows, w, root, w)
         for d in worlds[w]:
+            unmark_stores(d)
             shutil.rmtree(d, ignore_errors=True)
     if worlds:   # not on a call that removed nothing: every rank calls this, and one rank's rmdir
         try:     # of a "shards" folder another had just made (before its shard folder) failed that rank
@@ -527,7 +540,29 @@ def merge_shards(store_dir, num_shards: int, *, chunk: int = 65536, progress: bo
     if isinstance(num_shards, bool) or not isinstance(num_shards, (int, np.integer)) or num_shards < 1:
         raise ValueError(f"{store_dir}: num_shards must be an integer >= 1 (the ranks that embedded the shards), "
                          f"got {num_shards!r}")   # 0 failed with a bare IndexError
-    missing = [r for r in range(num_shards) if not (shard_dir(store_dir, r, num_shards) / MANIFEST).is_file()]
+
+    def remove_shards():
+        if not keep_shards:
+            for r in range(num_shards):
+                shutil.rmtree(shard_dir(store_dir, r, num_shards), ignore_errors=True)
+            try:
+                (store_dir / "shards").rmdir()  # only when no other run's shards are left
+            except OSError:
+                pass
+    present = [d for d in (shard_dir(store_dir, r, num_shards) for r in range(num_shards)) if (d / MANIFEST).is_file()]
+    if (store_dir / MANIFEST).is_file():
+        main = EmbeddingStore(store_dir)
+        # merged already (keep_shards, or interrupted while removing the shards): run again, it
+        # said the store did not match its shards, or that the removed ones were missing; content
+        # compared where both recorded it (shards of a pool regenerated in place are no merge's)
+        fp, content = main.manifest.get("fingerprint"), main.manifest.get("content")
+        if main.complete and all(m.get("fingerprint") == fp and content in (None, m.get("content", content))
+                                 for m in (EmbeddingStore(d).manifest for d in present)):
+            if labels is not None:
+                _sync_labels(main, np.asarray(labels)[:main.n])
+            remove_shards()
+            return main
+    missing = [r for r in range(num_shards) if shard_dir(store_dir, r, num_shards) not in present]
     if missing:
         raise ValueError(f"{store_dir}: the shard stores of ranks {missing} (of {num_shards}) are missing; "
                          f"run every rank's embedding pass first")
@@ -590,11 +625,5 @@ def merge_shards(store_dir, num_shards: int, *, chunk: int = 65536, progress: bo
     if labels is not None:
         _sync_labels(main, np.asarray(labels)[:n])
     main.write(n, {})  # flushes every column, then marks [0, n) done
-    if not keep_shards:
-        for r in range(num_shards):
-            shutil.rmtree(shard_dir(store_dir, r, num_shards), ignore_errors=True)
-        try:
-            (store_dir / "shards").rmdir()  # only when no other run's shards are left
-        except OSError:
-            pass
+    remove_shards()
     return main

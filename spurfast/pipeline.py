@@ -26,7 +26,7 @@ from .cores import usable_cores
 from .data.builtin import find_fashion_mnist, load_digits, load_fashion_mnist
 from .data.sources import ArraySource, ImageSource, content_digest
 from .discover import DiscoverConfig, characterise, discover, write_outputs
-from .embed import _write_json, check_outputs, fingerprint, legacy_identities, made_from, shown_path
+from .embed import _write_json, check_outputs, fingerprint, legacy_identities, made_from, shown_path, unmark_stores
 from .pattern_rank import pattern_rankings
 from .plant import PatternSpec, PlantTruth, plant_pool, plant_training
 from .report import write_report
@@ -80,6 +80,7 @@ def prepare_output(out_dir, run_id: str, overwrite: bool, protect=(), earlier_id
                 if child.name == marker.name or (reuse and child.name == store.name):
                     continue
                 if child.is_dir() and not child.is_symlink():
+                    unmark_stores(child)   # the old store's manifest first (see unmark_stores)
                     shutil.rmtree(child)
                 else:
                     child.unlink()

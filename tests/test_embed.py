@@ -367,3 +367,77 @@ def test_settling_shards_with_nothing_to_remove_leaves_the_shards_folder(tmp_pat
     (tmp_path / "shards").mkdir()
     assert _settle_shards(tmp_path, None, "fp", "content", 2, False) is None
     assert (tmp_path / "shards").is_dir()
+
+
+def _interrupted_rmtree(monkeypatch):
+    """shutil.rmtree stopped by Ctrl-C where a filesystem listing in creation order (btrfs,
+    small XFS folders) leaves it: the columns gone, the manifest (written last) not yet."""
+    import shutil
+    from pathlib import Path
+
+    def interrupted(path, *a, **k):
+        for f in Path(path).rglob("*.npy"):
+            f.unlink()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(shutil, "rmtree", interrupted)
+
+
+def test_shards_whose_discarding_was_interrupted_are_not_resumed(tmp_path, monkeypatch):
+    # a 1-process run discarding a 2-process run's unfinished shards, interrupted: the shard
+    # stores kept their manifests without their columns; a 2-process run then returned the
+    # "complete" rank 0 shard and crashed resuming rank 1's (No such file: labels.npy)
+    src, clf, vae = _setup(40)
+    kw = dict(num_classes=4, batch_size=8, progress=False)
+    s = tmp_path / "s"
+    embed_pool(src, clf, vae, s, shard_id=0, num_shards=2, **kw)
+    embed_pool(src, clf, vae, s, shard_id=1, num_shards=2, stop_after=1, **kw)
+    _interrupted_rmtree(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        embed_pool(src, clf, vae, s, **kw)
+    monkeypatch.undo()
+    from spurfast.embed import merge_shards
+    for r in range(2):
+        assert embed_pool(src, clf, vae, s, shard_id=r, num_shards=2, **kw).complete
+    ref = embed_pool(src, clf, vae, tmp_path / "one", **kw)
+    np.testing.assert_allclose(np.asarray(merge_shards(s, 2, progress=False)["mu"]), np.asarray(ref["mu"]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_a_merge_run_again_after_it_completed_returns_the_merged_store(tmp_path):
+    # "idempotent, so an interrupted merge is simply run again": once the main store was
+    # marked complete, a second call (keep_shards, or a merge interrupted while removing the
+    # shards) said the store "does not match its shards", or that the removed ones were missing
+    import json
+    import shutil
+
+    from spurfast.embed import merge_shards, shard_dir
+
+    src, clf, vae = _setup(20)
+    kw = dict(num_classes=4, batch_size=8, progress=False)
+    s = tmp_path / "s"
+    for r in range(3):
+        embed_pool(src, clf, vae, s, shard_id=r, num_shards=3, **kw)
+    shutil.copytree(s / "shards", tmp_path / "saved")
+    first = np.asarray(merge_shards(s, 3, progress=False, keep_shards=True)["mu"])
+    again = merge_shards(s, 3, progress=False, keep_shards=True)
+    assert again.complete and np.array_equal(np.asarray(again["mu"]), first)
+    shutil.rmtree(shard_dir(s, 0, 3))   # the removal stopped after the first shard
+    fixed = (np.arange(20) + 1) % 4
+    again = merge_shards(s, 3, progress=False, labels=fixed)
+    assert again.complete and np.array_equal(np.asarray(again["mu"]), first)
+    assert np.array_equal(np.asarray(again["labels"]), fixed) and not (s / "shards").exists()
+    # a complete store of other models is still no merge target
+    other = SmallCNN(1, 4, 28).eval()
+    for r in range(3):
+        embed_pool(src, other, vae, tmp_path / "u", shard_id=r, num_shards=3, **kw)
+    embed_pool(src, clf, vae, tmp_path / "t", **kw)
+    shutil.copytree(tmp_path / "u" / "shards", tmp_path / "t" / "shards")
+    with pytest.raises(ValueError, match="does not match its shards"):
+        merge_shards(tmp_path / "t", 3, progress=False)
+    # nor one of other images under the same names: its shards are refused, and kept
+    m = json.loads((s / "manifest.json").read_text())
+    (s / "manifest.json").write_text(json.dumps({**m, "content": "regenerated-in-place"}))
+    shutil.copytree(tmp_path / "saved", s / "shards")
+    with pytest.raises(ValueError, match="does not match its shards"):
+        merge_shards(s, 3, progress=False)
+    assert all(shard_dir(s, r, 3).is_dir() for r in range(3))

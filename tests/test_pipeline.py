@@ -350,3 +350,31 @@ def test_a_misspelt_backend_is_refused_before_overwrite_deletes(tmp_path, case):
         run_discovery(pool, SmallCNN(3, 2, 16), VAE(VAEConfig.for_images(3, 16, 4)), out, num_classes=2,
                       overwrite=True, progress=False, **{f"{case}_backend": "tritn"})
     assert (out / "findings.json").is_file() and not (out / "store").exists()
+
+
+def test_an_overwrite_interrupted_while_deleting_the_old_store_leaves_no_store_to_resume(tmp_path, monkeypatch):
+    # --overwrite with other models deletes the old store; Ctrl-C in that rmtree, where the
+    # listing is in creation order (btrfs, small XFS folders), left the old manifest without
+    # its columns, and run.json still named the old run: rerunning it resumed that store and
+    # crashed (No such file: ...npy) every time, --overwrite or not
+    import shutil
+    from pathlib import Path
+
+    pool, clf, vae = _tiny()
+    out = tmp_path / "run"
+    run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False)
+    real = shutil.rmtree
+
+    def interrupted(path, *a, **k):
+        if Path(path).name != "store":
+            return real(path, *a, **k)
+        for f in Path(path).rglob("*.npy"):
+            f.unlink()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_discovery(pool, clf, VAE(VAEConfig.for_images(1, 16, 4)), out, num_classes=2, confirm=False,
+                      progress=False, overwrite=True)
+    monkeypatch.undo()
+    doc, _, store = run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False)
+    assert store.complete and np.asarray(store["mu"]).shape == (24, 4) and (out / "findings.json").is_file()
