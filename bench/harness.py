@@ -120,7 +120,9 @@ def measure(fn: Callable[[], object], *, device="cpu", warmup: int = 2, reps: in
 
 class ResultWriter:
     def __init__(self, path: str | Path | None = None):
-        self.path = Path(path or os.environ.get("SPURFAST_BENCH_CSV", DEFAULT_CSV))
+        # an empty SPURFAST_BENCH_CSV (set to nothing to unset it) is the default, as `bench plot` reads it:
+        # Path("") was ".", and the first row failed with IsADirectoryError after its measurement
+        self.path = Path(path or os.environ.get("SPURFAST_BENCH_CSV") or DEFAULT_CSV)
         self.date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.versions = versions()
         self.rows: list[dict] = []

@@ -10,8 +10,10 @@ module on first use (``spurfast.run_discovery`` imports the pipeline then, not a
 """
 __version__ = "0.1.0"
 
-# name -> module (relative to spurfast).  Step functions whose module bears their name
-# (spurfast.discover.discover) stay in their module: a top-level name would shadow it.
+# name -> module (relative to spurfast).  Step functions whose name is a module's
+# (spurfast.discover.discover, spurfast.discover.characterise beside the module
+# spurfast.characterise) stay in their module: the top-level name would be the function or
+# the module depending on which was imported first.
 _API = {
     # data
     "ImageSource": "data.sources", "ArraySource": "data.sources", "SubsetSource": "data.sources",
@@ -22,8 +24,8 @@ _API = {
     "load_vae": "models.train", "save_vae": "models.train",
     # the pipeline and its steps
     "run_discovery": "pipeline", "embed_pool": "embed", "EmbeddingStore": "embed",
-    "DiscoverConfig": "discover", "DiscoveryResult": "discover", "characterise": "discover",
-    "write_outputs": "discover", "batched_kmeans": "cluster", "pattern_rankings": "pattern_rank",
+    "DiscoverConfig": "discover", "DiscoveryResult": "discover", "write_outputs": "discover",
+    "batched_kmeans": "cluster", "pattern_rankings": "pattern_rank",
     "ConfirmConfig": "confirm", "confirm_findings": "confirm", "training_support": "support",
     "write_report": "report",
     # planting, demo, evaluation

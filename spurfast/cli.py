@@ -119,14 +119,25 @@ def _npz_class_names(arr: np.ndarray) -> list[str]:
     return [s.decode("utf-8", "surrogateescape") if isinstance(s, bytes) else str(s) for s in arr.tolist()]
 
 
+def _need_file(p: Path, what: str) -> None:
+    """``p`` must be a regular file: a folder (or a pipe, e.g. <(...)) was said not to exist."""
+    if p.is_file():
+        return
+    if p.is_dir():
+        raise IsADirectoryError(f"{what} {p} is a folder; expected a file")
+    if p.exists():
+        raise ValueError(f"{what} {p} is not a regular file (a pipe or a device); expected a file")
+    raise FileNotFoundError(f"{what} {p} does not exist")
+
+
 def load_npz_source(path):
     """A pool/training .npz written by `spurfast plant` (images, labels, optional suspect/carries)."""
     import zipfile
+    import zlib
 
     from .data.sources import ArraySource
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"data file {p} does not exist")
+    _need_file(p, "data file")
     expected = "expected an .npz archive (numpy.savez) with an 'images' array, as `spurfast plant` writes"
     with open(p, "rb") as fh:
         if fh.read(4) != b"PK\x03\x04":  # an .npz is a zip file; numpy's own error talks about pickles
@@ -143,8 +154,8 @@ def load_npz_source(path):
         # ArraySource's own errors (layout, value range, label count) do not know the file
         src = ArraySource(d["images"], d["labels"] if "labels" in d else None, class_names=names, name=p.stem)
         extra = {k: d[k] for k in ("suspect", "carries") if k in d}
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        msg = str(exc).removeprefix(f"{p.stem}: ")
+    except (ValueError, OSError, zipfile.BadZipFile, zlib.error) as exc:   # zlib: a damaged member, else
+        msg = str(exc).removeprefix(f"{p.stem}: ")                         # a traceback naming no file
         raise ValueError(f"{p}: {msg}") from None
     src.path = str(p)  # lets --overwrite refuse to delete a directory holding it
     return src, extra
@@ -153,8 +164,7 @@ def load_npz_source(path):
 def read_class_names(path) -> list[str]:
     """--class-names: one class name a line, in the classifier's label order."""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"class-names file {p} does not exist")
+    _need_file(p, "class-names file")
     # utf-8-sig: a byte-order mark (Windows editors) stuck to the first name, which then matched no folder
     try:
         text = p.read_text(encoding="utf-8-sig")
@@ -188,6 +198,14 @@ def load_pool(path, size: int, channels: int, class_names=None):
             raise ValueError(f"{p} has label {top}, but class-names file {class_names} names {len(names)} classes")
         src.class_names = names
     return src, extra
+
+
+def check_class_count(class_names, num_classes: int) -> None:
+    """--class-names must name as many classes as --num-classes says the classifier has."""
+    n_names = len(read_class_names(class_names))
+    if n_names != num_classes:
+        raise ValueError(f"--class-names {class_names} names {n_names} classes, but --num-classes is "
+                         f"{num_classes}; the file must name every class of the classifier, in label order")
 
 
 def check_device(device: str) -> None:
@@ -307,12 +325,36 @@ def cmd_demo(args):
              config=_discover_config(args), device=args.device)
 
 
+PLANT_FILES = ("train.npz", "pool.npz", "clean.npz", "plant.json")   # plant.json last: it marks a whole output
+
+
+def _plant_output(out: Path) -> bool:
+    """Whether ``out`` holds a whole earlier `spurfast plant` output (its plant.json)."""
+    try:
+        doc = json.loads((out / "plant.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and "dataset" in doc
+
+
 def cmd_plant(args):
     from .pipeline import make_planted_data
+    out = Path(args.out)
+    # a file in its place failed at mkdir after the data was made ("[Errno 17] File exists")
+    blocker = next((q for q in (out, *out.parents) if q.exists() and not q.is_dir()), None)
+    if blocker is not None:
+        raise NotADirectoryError(f"--out {out}: {blocker} is a file, not a folder; expected the folder for "
+                                 f"{', '.join(PLANT_FILES)}")
+    # the four files were written over whatever held their names (a pool.npz of the user's own)
+    taken = [n for n in PLANT_FILES if os.path.lexists(out / n)]
+    if taken and not args.overwrite and not _plant_output(out):
+        raise FileExistsError(f"--out {out} holds {', '.join(taken)}, not written by `spurfast plant` (no plant.json "
+                              f"of it): pass --overwrite to replace them, or choose another --out")
     data = make_planted_data(args.dataset, target_class=args.target_class, n_poisoned=args.n_poisoned,
                              spec=_pattern(args), pool_fraction=args.pool_fraction, seed=args.seed)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # an earlier output's plant.json would vouch for a rewrite cut short (new train.npz, old clean.npz)
+    (out / "plant.json").unlink(missing_ok=True)
     u8 = lambda x: (x * 255).round().clamp(0, 255).byte().numpy()  # noqa: E731
     names = np.array(data.class_names or [])
     np.savez_compressed(out / "train.npz", images=u8(data.train.images), labels=data.train.labels(), class_names=names)
@@ -324,11 +366,20 @@ def cmd_plant(args):
           f"the pattern), clean.npz, plant.json")
 
 
-def _model_out(path) -> Path:
-    """train-* --out: a model file (its folder is created), refused before training if a folder."""
+def _model_out(path, **inputs) -> Path:
+    """train-* --out: a model file (its folder is created), refused before training if a folder
+    or one of ``inputs`` (flag -> path given): the model was written over the training data."""
     out = Path(path)
     if out.is_dir():
         raise IsADirectoryError(f"--out {out} is a directory; expected the model file to write, e.g. {out / 'model.pt'}")
+    for flag, given in inputs.items():
+        try:
+            same = given is not None and os.path.samefile(out, given)
+        except OSError:   # either is missing
+            same = False
+        if same:
+            raise FileExistsError(f"--out {out} is the --{flag.replace('_', '-')} file {given}: the model would be "
+                                  f"written over it; choose another --out")
     return out
 
 
@@ -350,8 +401,10 @@ def cmd_train_classifier(args):
     from .models.classifier import save_classifier
     from .models.train import train_classifier
     check_device(args.device)
-    out = _model_out(args.out)
+    out = _model_out(args.out, data=args.data, class_names=args.class_names)
     src, _ = load_pool(args.data, args.size, args.channels, args.class_names)
+    if args.class_names and args.num_classes:   # discover refuses the pair: the model would be of no use with it
+        check_class_count(args.class_names, args.num_classes)
     # an .npz's own class names count too: a class without training images still gets an output
     n_classes = args.num_classes or (len(src.class_names) if src.class_names else
                                      int(src.labels().max(initial=-1)) + 1)   # empty: training names it
@@ -366,7 +419,7 @@ def cmd_train_vae(args):
     from .models.train import save_vae, train_vae
     from .models.vae import VAEConfig
     check_device(args.device)
-    out = _model_out(args.out)
+    out = _model_out(args.out, data=args.data)
     src, _ = load_pool(args.data, args.size, args.channels)
     c, h, _ = src.image_shape
     _out_folder(out)
@@ -393,10 +446,7 @@ def cmd_discover(args):
     if args.class_names and args.num_classes:
         # without --num-classes the classifier's output width is checked against the file; with it,
         # a shorter file labelled folders by a partial list and left later classes' findings unnamed
-        n_names = len(read_class_names(args.class_names))
-        if n_names != args.num_classes:
-            raise ValueError(f"--class-names {args.class_names} names {n_names} classes, but --num-classes is "
-                             f"{args.num_classes}; the file must name every class of the classifier, in label order")
+        check_class_count(args.class_names, args.num_classes)
     n_classes = args.num_classes or (len(pool.class_names) if pool.class_names else None)
     clf = load_classifier(args.classifier, arch=args.arch, in_channels=pool.image_shape[0],
                           num_classes=n_classes, image_size=pool.image_shape[1],   # a state_dict needs them
@@ -453,8 +503,7 @@ def cmd_discover(args):
 def load_suspect(path, n: int, pool_name) -> np.ndarray:
     """Boolean (n,) mask from a text file of pool indices; refuses indices outside [0, n)."""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"suspect file {p} does not exist")
+    _need_file(p, "suspect file")
     try:
         # utf-8-sig: a byte-order mark (Windows editors) made the first index "\ufeff1", refused
         idx = np.loadtxt(p, dtype=np.int64, ndmin=1, encoding="utf-8-sig").reshape(-1)
@@ -507,16 +556,27 @@ def cmd_evaluate(args):
     if args.results_md and Path(args.results_md).is_dir():   # the same: it failed writing there, at the end
         raise IsADirectoryError(f"--results-md {args.results_md} is a folder; expected the file to write, e.g. "
                                 f"{Path(args.results_md) / 'RESULTS.md'}")
+    if args.results_md and os.path.exists(args.results_md) and not os.access(args.results_md, os.W_OK):
+        # a read-only file is rewritten in place, in a folder that may well take files: it failed at the end
+        raise PermissionError(f"--results-md {args.results_md}: the file is not writable; make it writable or "
+                              f"choose another place for RESULTS.md")
     if args.results_md and not os.access(args.results_md, os.W_OK):   # and in a folder that takes no files
         _out_folder(Path(args.results_md), "--results-md", "RESULTS.md")   # (a writable file is rewritten in place)
+    if args.results_md:   # a slip (--results-md out/results.csv) wrote the tables over the results they came from
+        data = [Path(args.out) / n for n in ("results.csv", "confirm.csv", "timing.json")]
+        if args.from_csv:
+            data += [Path(args.from_csv), *(Path(args.from_csv).with_name(n) for n in ("confirm.csv", "timing.json"))]
+        clash = next((f for f in data if f.resolve() == Path(args.results_md).resolve()), None)
+        if clash is not None:
+            raise FileExistsError(f"--results-md {args.results_md} is the evaluation's {clash.name} ({clash}): "
+                                  f"RESULTS.md would be written over it; choose another file, e.g. docs/RESULTS.md")
     if args.from_csv:
         given = [f"--{k}" for k in EVALUATE_RUN_ONLY if getattr(args, k) is not None]
         if given:
             raise ValueError(f"{', '.join(given)} only apply to a run, but --from-csv {args.from_csv} regenerates "
                              f"RESULTS.md and plots from that CSV as it is; drop {' and '.join(given)}")
         csv_path = Path(args.from_csv)
-        if not csv_path.is_file():
-            raise FileNotFoundError(f"results CSV {csv_path} does not exist")
+        _need_file(csv_path, "results CSV")
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         previous = (out / "RESULTS.md").read_text(encoding="utf-8") if (out / "RESULTS.md").is_file() else None
@@ -633,6 +693,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--dataset", default="auto", choices=["auto", "fashion-mnist", "digits"])
     p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace train.npz, pool.npz, clean.npz and plant.json in --out even if `spurfast plant` "
+                        "did not write them (an earlier plant output is replaced without it)")
     _add_pattern_args(p)
     p.set_defaults(func=cmd_plant)
 
@@ -747,6 +810,10 @@ def main(argv=None) -> int:
         if args.command == "make-pool":   # a half-written pool is not resumed: the same command refused it
             print(f"interrupted: pool {args.out} is incomplete; rerun with --overwrite to write it anew",
                   file=sys.stderr)
+            return 130
+        if args.command == "plant":   # nothing of it is resumed: a rerun writes every file anew
+            print(f"interrupted: {args.out} may hold part of the planted data; rerun with "
+                  f"--overwrite to write it anew", file=sys.stderr)
             return 130
         print(f"interrupted: finished work is kept (training checkpoints, the embedding store); the same "
               f"`spurfast {args.command}` command resumes", file=sys.stderr)

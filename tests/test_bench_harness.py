@@ -200,6 +200,13 @@ def test_plot_reads_the_csv_the_writer_wrote_to(tmp_path, monkeypatch):
     assert plot() == [tmp_path / "plots" / "op.png"] and (tmp_path / "plots" / "op.png").is_file()
 
 
+def test_an_empty_results_csv_variable_means_the_default(monkeypatch):
+    # SPURFAST_BENCH_CSV= (set to nothing) made the path ".": the first row raised IsADirectoryError
+    # after its measurement, while `bench plot` read the default
+    monkeypatch.setenv("SPURFAST_BENCH_CSV", "")
+    assert ResultWriter().path == harness.DEFAULT_CSV
+
+
 def test_plot_keeps_devices_whose_names_share_their_first_24_characters(tmp_path, monkeypatch):
     # devices were cut to 24 characters before matching: "cpu:x86_64 x16 threads=16" and
     # "cpu:x86_64 x16 threads=1" made one bar, and the second one's figures were dropped

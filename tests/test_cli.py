@@ -1219,6 +1219,47 @@ def test_evaluate_results_md_that_is_a_folder_is_refused_before_the_run(tmp_path
     assert not (tmp_path / "e").exists(), "started writing"
 
 
+@pytest.mark.parametrize("mode", ["run", "from-csv"])
+def test_evaluate_results_md_that_is_a_read_only_file_is_refused_before_the_run(tmp_path, capsys, monkeypatch,
+                                                                                mode):
+    # only its folder was checked (it takes files), so the rewrite in place failed at the very end
+    import os
+
+    import spurfast.evaluate
+
+    monkeypatch.setattr(spurfast.evaluate, "run_evaluation", lambda *a, **k: pytest.fail("the evaluation ran"))
+    md = tmp_path / "RESULTS.md"
+    md.write_text("notes")
+    md.chmod(0o444)
+    real = os.access   # as a user who is not root sees it (root may write any file)
+    monkeypatch.setattr(os, "access", lambda p, m, **k: False if str(p) == str(md) and m & os.W_OK else real(p, m, **k))
+    how = ["--preset", "tiny"] if mode == "run" else ["--from-csv", _quick_csv(tmp_path)]
+    capsys.readouterr()
+    assert main(["evaluate", "--out", str(tmp_path / "e"), *how, "--results-md", str(md)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --results-md {md}: the file is not writable"), err
+    assert not (tmp_path / "e").exists(), "started writing"
+
+
+@pytest.mark.parametrize("mode", ["run", "from-csv"])
+def test_evaluate_results_md_naming_the_results_csv_is_refused(tmp_path, capsys, monkeypatch, mode):
+    # RESULTS.md was written over the CSV it was made from (the run's results.csv: a whole sweep's rows)
+    import spurfast.evaluate
+
+    monkeypatch.setattr(spurfast.evaluate, "run_evaluation", lambda *a, **k: pytest.fail("the evaluation ran"))
+    if mode == "run":
+        how, md = ["--preset", "tiny"], tmp_path / "e" / "results.csv"
+        md.parent.mkdir()
+    else:
+        how, md = ["--from-csv", _quick_csv(tmp_path)], tmp_path / "csv" / "results.csv"
+    before = md.read_bytes() if md.exists() else None
+    capsys.readouterr()
+    assert main(["evaluate", "--out", str(tmp_path / "e"), *how, "--results-md", str(md)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --results-md {md} is the evaluation's results.csv"), err
+    assert (md.read_bytes() if md.exists() else None) == before
+
+
 def test_a_class_names_file_shorter_than_num_classes_is_refused_first(tmp_path, capsys):
     # without --num-classes the classifier's width is checked against the file; with it a file
     # naming 5 of 10 classes passed: folders were labelled by a partial list (whatever the
@@ -1258,6 +1299,74 @@ def test_npz_class_names_stored_as_bytes_or_not_one_dimensional(tmp_path, capsys
         assert capsys.readouterr().err.startswith(f"error: {path}: its 'class_names' array has shape")
 
 
+def test_an_npz_with_a_damaged_member_is_named(tmp_path, capsys):
+    # a damaged deflate stream raised zlib.error (no ValueError): a traceback that named no file
+    import struct
+    import zipfile
+
+    from spurfast.cli import load_npz_source
+
+    path = tmp_path / "pool.npz"
+    np.savez_compressed(path, images=np.random.default_rng(0).integers(0, 256, (8, 28, 28), dtype=np.uint8),
+                        labels=np.arange(8) % 2)
+    info = zipfile.ZipFile(path).getinfo("images.npy")
+    with open(path, "r+b") as fh:
+        fh.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", fh.read(4))
+        fh.seek(info.header_offset + 30 + name_len + extra_len)
+        fh.write(b"\xff")   # the first deflate block's type: 11, reserved
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: .*invalid block type"):
+        load_npz_source(path)
+    capsys.readouterr()
+    assert main(["train-vae", "--data", str(path), "--out", str(tmp_path / "v.pt"), "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {path}: ")
+
+
+def test_a_model_is_never_written_over_its_training_data(tmp_path, capsys):
+    # `train-vae --data pool.npz --out pool.npz` (a slip) trained and then saved the model over the pool
+    pool = _npz(tmp_path / "pool.npz", np.random.default_rng(0).integers(0, 256, (8, 28, 28), dtype=np.uint8))
+    before = (tmp_path / "pool.npz").read_bytes()
+    (tmp_path / "link.npz").symlink_to(tmp_path / "pool.npz")
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"{c}\n" for c in range(10)))
+    for cmd, out, flag in ((["train-vae", "--data", pool], pool, "data"),
+                           (["train-classifier", "--data", pool], str(tmp_path / "link.npz"), "data"),
+                           (["train-classifier", "--data", pool, "--class-names", str(names)], str(names),
+                            "class-names")):
+        capsys.readouterr()
+        assert main([*cmd, "--out", out, "--epochs", "1", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {out} is the --{flag} file "), err
+    assert (tmp_path / "pool.npz").read_bytes() == before and names.read_text().startswith("0\n")
+    assert not list(tmp_path.glob("*.ckpt"))
+
+
+def test_an_input_file_that_is_a_folder_or_a_pipe_is_not_said_to_be_missing(tmp_path, capsys):
+    # --suspect, --class-names and --from-csv naming a folder (or <(...), a pipe) said "does not exist"
+    import os
+
+    clf, vae = _models(tmp_path)
+    pool = _npz(tmp_path / "pool.npz", np.random.default_rng(0).integers(0, 256, (20, 28, 28), dtype=np.uint8))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    run = ["discover", "--pool", pool, "--classifier", clf, "--vae", vae, "--out", str(tmp_path / "o"), "--quiet"]
+    for argv, what, path, why in (
+            (run + ["--suspect", str(folder)], "suspect file", folder, "is a folder; expected a file"),
+            (run + ["--class-names", str(folder)], "class-names file", folder, "is a folder; expected a file"),
+            (run + ["--class-names", str(pipe)], "class-names file", pipe, "is not a regular file"),
+            (["evaluate", "--from-csv", str(folder), "--out", str(tmp_path / "e")], "results CSV", folder,
+             "is a folder; expected a file"),
+            (["train-vae", "--data", str(pipe), "--out", str(tmp_path / "v.pt")], "data file", pipe,
+             "is not a regular file")):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {what} {path} {why}"), err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()
+
+
 def test_a_suspect_file_with_a_byte_order_mark_is_read(tmp_path):
     # Windows editors' UTF-8 starts with a byte-order mark: the first index read "\ufeff1" and the
     # file was refused as not holding integers (--class-names files already took it)
@@ -1281,3 +1390,86 @@ def test_a_result_line_naming_a_path_that_is_not_utf8_is_printed(tmp_path, capsy
     capsys.readouterr()
     assert main(["train-vae", "--data", pool, "--out", out, "--epochs", "1", "--quiet"]) == 0, capsys.readouterr().err
     assert capsys.readouterr().out.startswith("wrote ") and os.path.isfile(out)
+
+
+_SAVEZ = np.savez_compressed
+
+
+def _fake_planted_data(monkeypatch, interrupt_after=None):
+    """make_planted_data as a few random images (the CLI's plant writes them as the real ones);
+    ``interrupt_after``: a file name whose write is followed by Ctrl-C."""
+    import types
+
+    import spurfast.pipeline as P
+    from spurfast.data.sources import ArraySource
+
+    def fake(dataset, **kw):
+        src = lambda n: ArraySource(torch.rand(n, 1, 8, 8), labels=np.arange(n) % 2)  # noqa: E731
+        truth = types.SimpleNamespace(to_dict=lambda: {"target_class": 1})
+        return types.SimpleNamespace(train=src(4), pool=src(6), test_clean=src(2), class_names=["a", "b"],
+                                     suspect=np.zeros(6, bool), carries=np.zeros(6, bool), dataset="digits",
+                                     truth=truth)
+    monkeypatch.setattr(P, "make_planted_data", fake)
+    real = _SAVEZ
+
+    def savez(path, **arrays):
+        real(path, **arrays)
+        if interrupt_after and str(path).endswith(interrupt_after):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(np, "savez_compressed", savez)
+
+
+def test_plant_does_not_write_over_files_it_did_not_write(tmp_path, capsys, monkeypatch):
+    # --out's train/pool/clean.npz and plant.json were written over whoever had written them
+    _fake_planted_data(monkeypatch)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "pool.npz").write_text("the user's own pool")
+    assert main(["plant", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {out} holds pool.npz, not written by `spurfast plant`"), err
+    assert "--overwrite" in err
+    assert (out / "pool.npz").read_text() == "the user's own pool"
+    assert main(["plant", "--out", str(out), "--overwrite"]) == 0   # asked for
+    assert json.loads((out / "plant.json").read_text())["dataset"] == "digits"
+    assert main(["plant", "--out", str(out)]) == 0, capsys.readouterr().err   # its own output: rewritten
+    assert main(["plant", "--out", str(tmp_path / "new" / "d")]) == 0   # a new folder
+    # a rewrite cut short leaves no plant.json vouching for the mixed files, and says how to go on
+    _fake_planted_data(monkeypatch, interrupt_after="pool.npz")
+    capsys.readouterr()
+    assert main(["plant", "--out", str(out)]) == 130
+    assert "rerun with --overwrite" in capsys.readouterr().err
+    assert not (out / "plant.json").exists()
+    assert main(["plant", "--out", str(out)]) == 2
+    _fake_planted_data(monkeypatch)
+    assert main(["plant", "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["clean.npz", "plant.json", "pool.npz", "train.npz"]
+
+
+def test_plant_out_that_is_a_file_is_refused_before_the_data_is_made(tmp_path, capsys, monkeypatch):
+    # mkdir failed after the data was made, with "[Errno 17] File exists: 'x'" (or "Not a directory")
+    import spurfast.pipeline as P
+
+    monkeypatch.setattr(P, "make_planted_data", lambda *a, **k: pytest.fail("the data was made"))
+    f = tmp_path / "data"
+    f.write_text("a file")
+    for out in (f, f / "sub"):
+        capsys.readouterr()
+        assert main(["plant", "--out", str(out)]) == 2
+        assert capsys.readouterr().err.startswith(f"error: --out {out}: {f} is a file, not a folder; expected the "
+                                                  f"folder for train.npz")
+
+
+def test_train_classifier_refuses_class_names_and_num_classes_that_disagree(tmp_path, capsys):
+    # discover refuses the pair, so the model trained with it could not be used with its names file
+    f = tmp_path / "data.npz"
+    np.savez(f, images=np.random.default_rng(0).integers(0, 256, (8, 28, 28), dtype=np.uint8), labels=np.arange(8) % 3)
+    names = tmp_path / "names.txt"
+    names.write_text("a\nb\nc\n")
+    base = ["train-classifier", "--data", str(f), "--class-names", str(names), "--epochs", "1", "--quiet"]
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "c5.pt"), "--num-classes", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --class-names {names} names 3 classes, but --num-classes is 5"), err
+    assert not list(tmp_path.glob("c5.pt*"))
+    assert main(base + ["--out", str(tmp_path / "c3.pt"), "--num-classes", "3"]) == 0, capsys.readouterr().err

@@ -55,3 +55,25 @@ def test_every_public_name_resolves():
     assert spurfast.discover.__name__ == "spurfast.discover"   # a step's module is not shadowed
     with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
         spurfast.nothing_here
+
+
+SHADOW = r"""
+import importlib, sys
+import spurfast
+from spurfast import run_discovery   # loads the pipeline, which imports spurfast.characterise
+for name in spurfast.__all__[1:]:
+    module = importlib.import_module("spurfast." + spurfast._API[name])
+    assert getattr(spurfast, name) is getattr(module, name), f"spurfast.{name} is {getattr(spurfast, name)!r}"
+# and no public name replaced a module: its attribute is the module importing it gives
+for mod in [m for m in sys.modules if m.startswith("spurfast.") and m.count(".") == 1]:
+    assert getattr(spurfast, mod.split(".")[1]) is sys.modules[mod], mod
+import spurfast.characterise as c
+assert c.__name__ == "spurfast.characterise"
+print("ok")
+"""
+
+
+def test_a_public_name_is_never_a_module_of_the_same_name():
+    # "characterise" named both the function spurfast.discover.characterise and the module
+    # spurfast.characterise: after run_discovery, `from spurfast import characterise` gave the module
+    _prints_ok(SHADOW)
