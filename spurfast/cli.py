@@ -151,6 +151,10 @@ def load_npz_source(path):
         raise ValueError(f"{p} has no 'images' array (keys: {list(d.keys())})")
     try:
         names = _npz_class_names(d["class_names"]) if "class_names" in d and d["class_names"].size else None
+        dup = sorted({n for n in names or [] if names.count(n) > 1})
+        if dup:   # as in a --class-names file: a clean folder matched by name got one of two labels
+            raise ValueError(f"its class_names name {dup[0]!r} more than once ({len(dup)} duplicate name(s)); "
+                             f"each class needs a different name")
         # ArraySource's own errors (layout, value range, label count) do not know the file
         src = ArraySource(d["images"], d["labels"] if "labels" in d else None, class_names=names, name=p.stem)
         extra = {k: d[k] for k in ("suspect", "carries") if k in d}

@@ -1299,6 +1299,17 @@ def test_npz_class_names_stored_as_bytes_or_not_one_dimensional(tmp_path, capsys
         assert capsys.readouterr().err.startswith(f"error: {path}: its 'class_names' array has shape")
 
 
+def test_an_npz_naming_a_class_twice_is_refused(tmp_path):
+    # a --class-names file with a repeated name was refused, an .npz's class_names was not:
+    # a clean folder matched by name then took one of the two labels, and two classes' findings one name
+    from spurfast.cli import load_npz_source
+
+    np.savez(tmp_path / "p.npz", images=np.zeros((4, 28, 28), np.uint8), labels=np.arange(4) % 3,
+             class_names=np.array(["cat", "dog", "cat"]))
+    with pytest.raises(ValueError, match=r"p.npz: its class_names name 'cat' more than once"):
+        load_npz_source(tmp_path / "p.npz")
+
+
 def test_an_npz_with_a_damaged_member_is_named(tmp_path, capsys):
     # a damaged deflate stream raised zlib.error (no ValueError): a traceback that named no file
     import struct
