@@ -153,10 +153,15 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
               max_k=config.max_k, statistic=config.statistic,
               n_iter=config.n_iter,
               metric=config.metric, backend=config.backend, device=config.device)
-    nbrs = latent_neighbours(z, config.n_neighbours, device=config.device)
+    # one call each, minutes at ImageNet scale on a CPU: a bar per step says which is running
+    with tqdm(total=len(z), desc="latent neighbours", unit="img", disable=not progress, leave=False) as step:
+        nbrs = latent_neighbours(z, config.n_neighbours, device=config.device)
+        step.update(len(z))
     unknown_ok = ~suspect[valid]  # an unlabelled suspect sample may be genuine class c
     args = (top_two(store["probs"])[valid], labels[valid], n_classes, nbrs, unknown_ok)
-    real = cluster_and_score(z, g, *args, seed=config.seed, **kw)
+    with tqdm(total=len(z), desc="clustering", unit="img", disable=not progress, leave=False) as step:
+        real = cluster_and_score(z, g, *args, seed=config.seed, **kw)
+        step.update(len(z))
     nonempty = np.nonzero(real.size > 0)[0]
     bar = tqdm(total=config.n_null, desc="permutation null", disable=not progress, leave=False)
     null_score, null_n_unrelated = null_scores(z, g, *args, n_null=config.n_null, seed=config.seed, progress=bar, **kw)
