@@ -19,10 +19,13 @@ class-balanced as the demo's; with a Fashion-MNIST pool, which takes test images
 other classes only, the pattern's class is over-represented in it).  The VAE is trained on
 the unrelated part of the pool, so settings that share a pool (the clean-model control and
 the planted model of the same seed) share a VAE.  Classifiers, VAEs, embedding stores and
-per-run metrics are cached under ``--cache`` by their settings: a rerun does not retrain.
+per-run metrics are cached under ``--cache`` by their settings: a rerun does not retrain,
+and two evaluations sharing a cache (on POSIX) wait for each other's entries rather than
+make them twice.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -45,7 +48,7 @@ from .discover import DiscoverConfig, characterise, discover
 from .embed import _write_json   # atomic: a run killed mid-write left a truncated cache file
 from .metrics import Feature, carried_by, false_findings, false_findings_on_pool_patterns, feature_metrics, matches, recall_at_q
 from .plant import PatternSpec, apply_pattern, fixed_mask, plant_training
-from .results_doc import METHODS, write_csv, write_results, write_with_notes
+from .results_doc import METHODS, read_notes, write_csv, write_results, write_with_notes
 from .support import training_support
 
 log = logging.getLogger("spurfast.evaluate")
@@ -285,6 +288,35 @@ def _same_provenance(model_path: Path, here: dict) -> bool:
         return False   # cached before provenance was recorded: unknown, so not the same
 
 
+@contextlib.contextmanager
+def _locked(entry: Path):
+    """Hold the lock of one cache entry (a model, a store, a run's rows), the file
+    ``<entry>.lock`` beside it, while that entry is looked up and made.  Two evaluations
+    sharing one ``--cache`` trained and wrote the same model at once (through one ``.tmp``
+    file, the checkpoint's and the model's: renamed away under the other writer, which failed
+    with FileNotFoundError) and filled one store together (the second's ``w+`` columns
+    truncate the first's under its memory map); now the second waits and then reuses the
+    first's.  POSIX only (``fcntl.flock``); elsewhere nothing is locked,
+    as before: one evaluation per cache at a time."""
+    try:
+        import fcntl
+        fh = open(entry.with_name(entry.name + ".lock"), "a")
+    except (ImportError, OSError):   # no flock (Windows), or a read-only cache: nothing written to race on
+        fh = None
+    if fh is None:
+        yield
+        return
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("%s is being made by another evaluation sharing this cache; waiting for it", entry)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError as exc:   # a file system without locks (some network mounts): unlocked, as before
+            log.warning("cannot lock %s (%s): evaluations sharing this cache may make it twice", entry, exc)
+        yield   # closing the file releases the lock, however the body ends
+
+
 def _models(data: RunData, seed: int, sizes: Sizes, cache: Path, progress: bool):
     from .models.classifier import build_classifier, save_atomic, torch_error_gist
     from .models.train import load_vae, save_vae, train_classifier, train_vae
@@ -297,33 +329,35 @@ def _models(data: RunData, seed: int, sizes: Sizes, cache: Path, progress: bool)
     cpath = cdir / f"{data.train_key}.pt"
     c, h, _ = data.train.image_shape
     here, foreign = model_provenance(), False   # foreign: a cached model of another provenance
-    if cpath.is_file():
-        clf = build_classifier("small_cnn", c, 10, h)
-        try:
-            clf.load_state_dict(torch.load(cpath, map_location="cpu", weights_only=True))
-        except Exception as exc:   # truncated or another architecture: name the file
-            raise ValueError(f"cached classifier {cpath} cannot be read ({torch_error_gist(exc)}); "
-                             f"delete it and the next run retrains it") from None
-        clf.eval()
-        foreign |= not _same_provenance(cpath, here)
-    else:
-        clf = train_classifier(data.train, 10, epochs=sizes.classifier_epochs, seed=seed,
-                               checkpoint=cdir / f"{data.train_key}.ckpt", progress=progress)
-        # atomic writes (an interrupted one left a truncated file that every later run failed
-        # on, naming nothing), the provenance first: a model is never without it
-        _write_json(_provenance_file(cpath), here)
-        save_atomic(clf.state_dict(), cpath)
+    with _locked(cpath):   # another evaluation on this cache may be training it
+        if cpath.is_file():
+            clf = build_classifier("small_cnn", c, 10, h)
+            try:
+                clf.load_state_dict(torch.load(cpath, map_location="cpu", weights_only=True))
+            except Exception as exc:   # truncated or another architecture: name the file
+                raise ValueError(f"cached classifier {cpath} cannot be read ({torch_error_gist(exc)}); "
+                                 f"delete it and the next run retrains it") from None
+            clf.eval()
+            foreign |= not _same_provenance(cpath, here)
+        else:
+            clf = train_classifier(data.train, 10, epochs=sizes.classifier_epochs, seed=seed,
+                                   checkpoint=cdir / f"{data.train_key}.ckpt", progress=progress)
+            # atomic writes (an interrupted one left a truncated file that every later run failed
+            # on, naming nothing), the provenance first: a model is never without it
+            _write_json(_provenance_file(cpath), here)
+            save_atomic(clf.state_dict(), cpath)
     vkey = _key({"pool": data.pool_key, "epochs": sizes.vae_epochs, "latent": sizes.latent_dim})
     vpath = vdir / f"{vkey}.pt"
-    if vpath.is_file():
-        vae = load_vae(vpath)
-        foreign |= not _same_provenance(vpath, here)
-    else:
-        unrel = ArraySource(data.pool.images[:data.unrelated_n], None, name="eval-pool-unrelated")
-        vae = train_vae(unrel, VAEConfig.for_images(c, h, latent_dim=sizes.latent_dim), epochs=sizes.vae_epochs,
-                        seed=seed, checkpoint=vdir / f"{vkey}.ckpt", progress=progress)
-        _write_json(_provenance_file(vpath), here)
-        save_vae(vae, vpath)   # atomic too
+    with _locked(vpath):
+        if vpath.is_file():
+            vae = load_vae(vpath)
+            foreign |= not _same_provenance(vpath, here)
+        else:
+            unrel = ArraySource(data.pool.images[:data.unrelated_n], None, name="eval-pool-unrelated")
+            vae = train_vae(unrel, VAEConfig.for_images(c, h, latent_dim=sizes.latent_dim), epochs=sizes.vae_epochs,
+                            seed=seed, checkpoint=vdir / f"{vkey}.ckpt", progress=progress)
+            _write_json(_provenance_file(vpath), here)
+            save_vae(vae, vpath)   # atomic too
     if foreign:
         log.warning("cached classifier %s or VAE %s was trained by other code or on another CPU: "
                     "this run's figures may differ a little from a fresh run's", cpath.name, vpath.name)
@@ -392,14 +426,20 @@ def run_key(setting: Setting, seed: int, sizes: Sizes, methods=METHODS, statisti
 def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress: bool = False,
             methods=METHODS, statistic: str = "share") -> tuple[list[dict], list[dict]]:
     """Rows (results) and confirmation rows of one (setting, seed); cached."""
+    rdir = cache / "runs"
+    rdir.mkdir(parents=True, exist_ok=True)
+    rfile = rdir / f"{setting.name}-s{seed}-{run_key(setting, seed, sizes, methods, statistic)}.json"
+    with _locked(rfile):   # the same run in another evaluation: wait, then read its rows
+        return _run_one(rfile, setting, seed, sizes, cache, progress=progress, methods=methods, statistic=statistic)
+
+
+def _run_one(rfile: Path, setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress: bool,
+             methods, statistic: str) -> tuple[list[dict], list[dict]]:
     from .confirm import ConfirmConfig, confirm_findings
     from .demo import flip_to_target_rate, spurious_score
     from .embed import embed_pool
     from .pattern_rank import pattern_rankings
 
-    rdir = cache / "runs"
-    rdir.mkdir(parents=True, exist_ok=True)
-    rfile = rdir / f"{setting.name}-s{seed}-{run_key(setting, seed, sizes, methods, statistic)}.json"
     try:
         d = json.loads(rfile.read_text()) if rfile.is_file() else None
     except ValueError:   # cut short by an interruption before writes became atomic: score it again
@@ -415,10 +455,12 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
     data = build_data(setting, seed, sizes)
     clf, vae, vkey, foreign = _models(data, seed, sizes, cache, progress)
     t_models = time.time() - t0
-    store = embed_pool(data.pool, clf, vae, cache / "stores" / f"{data.train_key}-{vkey}-{_key(data.suspect.tolist())}",
-                       num_classes=10, progress=progress, num_workers=1,
-                       # no CUDA: the eager encoder (the Triton interpreter, which tests enable, is far slower)
-                       encoder_backend=None if torch.cuda.is_available() else "torch")
+    sdir = cache / "stores" / f"{data.train_key}-{vkey}-{_key(data.suspect.tolist())}"
+    sdir.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(sdir):   # shared by the runs of every --statistic
+        store = embed_pool(data.pool, clf, vae, sdir, num_classes=10, progress=progress, num_workers=1,
+                           # no CUDA: the eager encoder (the Triton interpreter, which tests enable, is far slower)
+                           encoder_backend=None if torch.cuda.is_available() else "torch")
     rows, crow = [], []
 
     def add(method, feature, metric, value):
@@ -439,7 +481,10 @@ def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress:
     if "spurfast" in methods:
         t = time.time()
         res = discover(store, cfg, suspect=data.suspect, progress=False)
-        characterise(res, store, data.pool, vae, cache / "images" / f"{setting.name}-s{seed}", seed=seed)
+        idir = cache / "images" / f"{setting.name}-s{seed}"
+        idir.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(idir):   # shared by the runs of every --statistic
+            characterise(res, store, data.pool, vae, idir, seed=seed)
         pattern_rankings(res.findings, res.rankings, data.pool)
         confirm_findings(res.findings, clf, clean=data.clean,
                          config=ConfirmConfig(max_images=sizes.confirm_images, seed=seed))
@@ -517,6 +562,27 @@ def check_seeds(seeds) -> tuple[int, ...]:
     return tuple(int(s) for s in seeds)
 
 
+def _check_up_front(out: Path, statistic: str, results_md) -> None:
+    """What the end of `run_evaluation` needs, checked before its sweep: a bad ``statistic``
+    failed at the first discovery (after that run's models were trained), a ``results_md`` in
+    a missing folder, or a folder, and a RESULTS.md whose notes are not UTF-8 failed after the
+    whole sweep, the last naming no file."""
+    from .scoring import STATISTICS
+
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+    if results_md:
+        target = Path(results_md)
+        if target.is_dir():
+            raise IsADirectoryError(f"results_md {target} is a folder; expected the file to write, e.g. "
+                                    f"{target / 'RESULTS.md'}")
+        if not target.parent.is_dir():
+            raise FileNotFoundError(f"results_md {target}: folder {target.parent} does not exist")
+    for md in (out / "RESULTS.md", Path(results_md) if results_md else None):
+        if md is not None and md.is_file():
+            read_notes(md)   # its notes are kept: read again once the sweep is done
+
+
 def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None, seeds=None,
                    progress: bool = True, results_md=None, statistic: str = "share") -> Path:
     if preset not in PRESETS:
@@ -532,6 +598,7 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
                          f"{[s.name for s in p['settings']]}")
     seeds = tuple(p["seeds"]) if seeds is None else check_seeds(seeds)
     out = Path(out_dir)
+    _check_up_front(out, statistic, results_md)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache) if cache else out / "cache"
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -566,7 +633,7 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
     _write_json(out / "timing.json", timing)
     # the hand-written notes below the marker survive a rerun into the same folder, as they do
     # with --from-csv (docs/results/full/RESULTS.md holds a hundred lines of them)
-    previous = (out / "RESULTS.md").read_text(encoding="utf-8") if (out / "RESULTS.md").is_file() else None
+    previous = read_notes(out / "RESULTS.md") if (out / "RESULTS.md").is_file() else None
     md = write_results(out / "results.csv", out / "confirm.csv", out / "RESULTS.md", command=cmd,
                        wall_s=timing["wall_s"], plots_dir=out / "plots", timing=timing)
     write_with_notes(md, previous, out, results_md)   # results_md: its own notes; the plots stay here

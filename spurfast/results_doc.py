@@ -60,10 +60,20 @@ def _read_whole(path, need=()) -> list[dict]:
 NOTES = "<!-- notes: text below this line is kept when the file is regenerated -->"
 
 
+def read_notes(path: Path) -> str:
+    """The text of a RESULTS.md about to be regenerated (its notes are kept), as UTF-8; a
+    ValueError naming the file where it is not (the codec's message named none)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text ({exc}); its notes below the marker are kept when it is "
+                         f"regenerated: save it as UTF-8, or move it away") from None
+
+
 def keep_notes(text: str, target: Path | None, previous: str | None = None) -> str:
     """``text`` plus whatever followed the notes marker in ``previous`` (or in the file ``target``)."""
     if previous is None and target is not None and target.is_file():
-        previous = target.read_text(encoding="utf-8")
+        previous = read_notes(target)
     if previous and NOTES in previous:
         return text.rstrip() + "\n\n" + NOTES + previous.split(NOTES, 1)[1]
     return text

@@ -281,7 +281,7 @@ def test_cached_models_of_other_code_or_cpu_are_counted(tmp_path, monkeypatch):
         f.unlink()                                               # rescored with the cached models
     rows, crows = E.run_one(setting, 0, sizes, cache)
     assert flag(rows) == [1.0]
-    assert json.loads(next((cache / "runs").iterdir()).read_text())["model_provenance"] == "foreign"
+    assert json.loads(next((cache / "runs").glob("*.json")).read_text())["model_provenance"] == "foreign"   # not its .lock
     for r in rows:
         r["preset"] = "tiny"
     from spurfast.results_doc import write_csv
@@ -742,3 +742,142 @@ def test_per_seed_lists_follow_the_seeds_of_the_heading(tmp_path):
     md = write_results(tmp_path / "results.csv", None, tmp_path / "RESULTS.md").read_text()
     assert "## patch3-n150 (seeds 0, 1, 2)" in md
     assert "(per seed: 0.00, 0.10, 0.20)" in md and "hit@1 per seed [1, 1, 0]" in md
+
+
+def test_two_evaluations_sharing_a_cache_make_each_entry_once(tmp_path, monkeypatch):
+    """Two `spurfast evaluate` runs on one --cache (the committed full-surprise run used the
+    full run's) both trained the same classifier and VAE (through one .ckpt.tmp, renamed away
+    under the other writer), filled one store at once (the second's columns truncated the
+    first's) and scored the same run twice.  Each cache entry is locked now: the second
+    evaluation waits for it and reuses the first's."""
+    import threading
+
+    import torch
+
+    import spurfast.embed as EM
+    import spurfast.evaluate as E
+    import spurfast.models.train as T
+    from spurfast.models.classifier import build_classifier
+    from spurfast.models.vae import VAE
+
+    calls = {"classifier": 0, "vae": 0, "store": 0, "data": 0}
+    count_lock = threading.Lock()
+
+    def count(what, wait=1.0):   # the other evaluation arrives while this one makes the entry
+        with count_lock:
+            calls[what] += 1
+        time.sleep(wait)
+
+    def fake_classifier(*a, **k):
+        count("classifier")
+        torch.manual_seed(0)
+        return build_classifier("small_cnn", 1, 10, 28).eval()
+
+    def fake_vae(src, config, **k):
+        count("vae")
+        torch.manual_seed(0)
+        return VAE(config).eval()
+
+    real_create, real_build = EM.EmbeddingStore.create.__func__, E.build_data
+
+    def create(cls, *a, **k):
+        count("store")
+        return real_create(cls, *a, **k)
+
+    def build_data(*a, **k):
+        count("data", 0)
+        return real_build(*a, **k)
+
+    monkeypatch.setattr(T, "train_classifier", fake_classifier)
+    monkeypatch.setattr(T, "train_vae", fake_vae)
+    monkeypatch.setattr(EM.EmbeddingStore, "create", classmethod(create))
+    monkeypatch.setattr(E, "build_data", build_data)
+    setting, sizes = PRESETS["tiny"]["settings"][0], PRESETS["tiny"]["sizes"]
+
+    def together(cache, statistics):
+        start, errors, out = threading.Barrier(len(statistics)), [], {}
+
+        def one(i, st):
+            try:
+                start.wait()
+                out[i] = E.run_one(setting, 0, sizes, cache, methods=(), statistic=st)[0]
+            except BaseException as exc:   # noqa: BLE001 - reported below
+                errors.append(exc)
+        threads = [threading.Thread(target=one, args=(i, st), daemon=True) for i, st in enumerate(statistics)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        assert not any(t.is_alive() for t in threads), "the two evaluations wait for each other"
+        assert not errors, errors
+        return out
+
+    for k in calls:
+        calls[k] = 0
+    # the same run twice at once: scored once, the second reads its rows
+    out = together(tmp_path / "same", ["share", "share"])
+    assert calls == {"classifier": 1, "vae": 1, "store": 1, "data": 1}
+    value = lambda rows: {(r["feature"], r["metric"]): r["value"] for r in rows if "seconds" not in r["metric"]}  # noqa: E731
+    assert value(out[0]) == value(out[1])
+    # two statistics (two runs) at once: one classifier, one VAE, one store between them
+    for k in calls:
+        calls[k] = 0
+    together(tmp_path / "two", ["share", "surprise"])
+    assert calls == {"classifier": 1, "vae": 1, "store": 1, "data": 2}
+
+
+def test_what_the_end_of_a_run_needs_is_checked_before_the_sweep(tmp_path, monkeypatch):
+    """run_evaluation (public API) with a misspelt statistic failed at the first discovery,
+    after training; a results_md in a missing folder or naming a folder, and an existing
+    RESULTS.md that is not UTF-8 (its notes are kept), failed after the whole sweep, the last
+    with a UnicodeDecodeError naming no file."""
+    import spurfast.evaluate as E
+    ran = []
+    monkeypatch.setattr(E, "run_one", lambda s, seed, *a, **k: (ran.append(seed), ([], []))[1])
+    latin1 = tmp_path / "latin1"
+    latin1.mkdir()
+    (latin1 / "RESULTS.md").write_bytes("# old\nnotes: caf\xe9\n".encode("latin-1"))
+    for kw, err, msg in ((dict(statistic="Surprise"), ValueError, "statistic must be one of .*got 'Surprise'"),
+                         (dict(results_md=tmp_path / "missing" / "R.md"), FileNotFoundError,
+                          f"folder {tmp_path / 'missing'} does not exist"),
+                         (dict(results_md=tmp_path), IsADirectoryError, f"results_md {tmp_path} is a folder"),
+                         (dict(results_md=latin1 / "RESULTS.md"), ValueError, "RESULTS.md is not UTF-8 text"),
+                         (dict(out_dir=latin1), ValueError, f"{latin1 / 'RESULTS.md'} is not UTF-8 text")):
+        with pytest.raises(err, match=msg):
+            run_evaluation("tiny", **{"out_dir": tmp_path / "out", "progress": False, **kw})
+        assert ran == []
+    run_evaluation("tiny", tmp_path / "out", progress=False, statistic="surprise", results_md=tmp_path / "R.md")
+    assert ran == [0, 0] and (tmp_path / "R.md").is_file()   # both tiny settings, seed 0
+
+
+def test_from_csv_names_a_results_md_that_is_not_utf8(tmp_path, capsys):
+    """--from-csv --results-md FILE keeps FILE's notes: a FILE saved as Latin-1 stopped it with
+    "'utf-8' codec can't decode byte 0xe9 ...", naming no file."""
+    from spurfast.results_doc import write_csv
+    write_csv(tmp_path / "results.csv", [{"setting": "s", "seed": 0, "method": "spurfast", "feature": "all",
+                                          "metric": "false_findings@q0.05", "value": 0}],
+              ["setting", "seed", "method", "feature", "metric", "value"])
+    latin1 = tmp_path / "notes.md"
+    latin1.write_bytes("notes: caf\xe9\n".encode("latin-1"))
+    assert main(["evaluate", "--from-csv", str(tmp_path / "results.csv"), "--out", str(tmp_path / "o"),
+                 "--results-md", str(latin1)]) == 2
+    assert f"{latin1} is not UTF-8 text" in capsys.readouterr().err
+    assert latin1.read_bytes() == "notes: caf\xe9\n".encode("latin-1")   # left as it was
+
+
+def test_a_cache_on_a_file_system_without_locks_still_runs(tmp_path, monkeypatch, caplog):
+    """flock raises ENOLCK / EOPNOTSUPP on some network mounts: the evaluation went on
+    unlocked before the cache locks came, and must still (with a warning)."""
+    import errno
+    import fcntl
+
+    from spurfast import evaluate
+
+    def no_locks(fh, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="spurfast.evaluate"):
+        with evaluate._locked(tmp_path / "entry.pt"):
+            ran = True
+    assert ran and "cannot lock" in caplog.text and "No locks available" in caplog.text
