@@ -553,7 +553,7 @@ def cmd_evaluate(args):
     import re
 
     from .evaluate import run_evaluation
-    from .results_doc import read_csv, write_results, write_with_notes
+    from .results_doc import read_csv, read_notes, write_results, write_with_notes
     if args.results_md and not Path(args.results_md).parent.is_dir():   # else it failed after the whole run
         raise FileNotFoundError(f"--results-md {args.results_md}: folder {Path(args.results_md).parent} "
                                 f"does not exist")
@@ -583,7 +583,8 @@ def cmd_evaluate(args):
         _need_file(csv_path, "results CSV")
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        previous = (out / "RESULTS.md").read_text(encoding="utf-8") if (out / "RESULTS.md").is_file() else None
+        # read_notes: a RESULTS.md that is not UTF-8 failed with the codec's message, naming no file
+        previous = read_notes(out / "RESULTS.md") if (out / "RESULTS.md").is_file() else None
         tj = csv_path.with_name("timing.json")
         try:
             timing = json.loads(tj.read_text()) if tj.is_file() else None

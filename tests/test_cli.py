@@ -1484,3 +1484,19 @@ def test_train_classifier_refuses_class_names_and_num_classes_that_disagree(tmp_
     assert err.startswith(f"error: --class-names {names} names 3 classes, but --num-classes is 5"), err
     assert not list(tmp_path.glob("c5.pt*"))
     assert main(base + ["--out", str(tmp_path / "c3.pt"), "--num-classes", "3"]) == 0, capsys.readouterr().err
+
+
+def test_from_csv_names_an_out_results_md_that_is_not_utf8(tmp_path, capsys):
+    # --from-csv keeps the notes of --out/RESULTS.md: one saved as Latin-1 stopped it with the
+    # codec's message, naming no file
+    import csv as _csv
+
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "results.csv", "w", newline="") as fh:
+        _csv.writer(fh).writerow(["preset", "setting", "seed", "method", "feature", "metric", "value"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "RESULTS.md").write_bytes("notes: caf\xe9\n".encode("latin-1"))
+    assert main(["evaluate", "--from-csv", str(src / "results.csv"), "--out", str(out)]) == 2
+    assert f"{out / 'RESULTS.md'} is not UTF-8 text" in capsys.readouterr().err
