@@ -271,7 +271,7 @@ def size_matched_pvalues(scores: np.ndarray, n_unrelated: np.ndarray, null: np.n
         ge = np.zeros(len(floor), np.int64)
         for g in np.nonzero(in_window)[0]:
             ge += counts[g] - np.searchsorted(sorted_null[starts[g]:starts[g + 1]], floor, side="left")
-        beat[here] = size_max[in_window].max() < floor
+        beat[here] = size_max[in_window].max(initial=-np.inf) < floor   # none with min_reference=0: beaten
         out[here] = (1.0 + ge) / (1.0 + n_window)
         n_ref[here] = n_window
     return out, n_ref, beat

@@ -380,8 +380,10 @@ def test_size_matched_pvalues_equal_the_per_cluster_masks(seed):
     nnu = rng.integers(0, top, int(rng.integers(1, 5000)))
     ns = np.round(rng.random(len(nnu)) * nnu, 1)   # rounded: ties between null and real scores
     sc = np.r_[ns[:m // 2], np.round(rng.random(m - m // 2) * nu[m // 2:], 1)]
+    far = nnu + 10 * top                          # no null cluster near any real one's size
     for min_ref in (0, 1, 100, 700):
-        got = size_matched_pvalues(sc, nu, ns, nnu, min_reference=min_ref)
-        want = _size_matched_by_cluster(sc, nu, ns, nnu, min_reference=min_ref)
-        for g, w in zip(got, want):
-            np.testing.assert_array_equal(g, w)
+        for null_sizes in (nnu, far):
+            got = size_matched_pvalues(sc, nu, ns, null_sizes, min_reference=min_ref)
+            want = _size_matched_by_cluster(sc, nu, ns, null_sizes, min_reference=min_ref)
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(g, w)
