@@ -468,8 +468,10 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
     # to a GPU, folder images travel as uint8 and become floats there: a quarter of the
     # bytes, and no float conversion on host cores that the decoding workers keep busy
     raw = torch.uint8 if torch.device(device).type == "cuda" else None
+    # device: DALI decoded on the GPU whenever torch saw one, --device cpu included
     for b, batch in enumerate(iter_batches(source, batch_size, start=start, indices=todo, num_workers=num_workers,
-                                           backend=loader or loader_backend, dtype=raw)):   # the one recorded
+                                           backend=loader or loader_backend, dtype=raw,   # the one recorded
+                                           device=str(device))):
         clock.lap("load_wait_s")
         if stop_after is not None and b >= stop_after:
             break

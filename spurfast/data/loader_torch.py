@@ -81,12 +81,13 @@ def iter_folder_batches(paths, *, size: int, channels: int = 3, batch_size: int 
 
 def iter_batches(source: ImageSource, batch_size: int = 256, start: int = 0,
                  indices=None, num_workers: int = 0, backend: str | None = None,
-                 dtype: torch.dtype | None = None) -> Iterator[Batch]:
+                 dtype: torch.dtype | None = None, device: str | None = None) -> Iterator[Batch]:
     """Stream ``source`` (from pool index ``start``, or the given ``indices``) in order.
 
     ``dtype=torch.uint8`` asks folder pools for raw 0..255 images (a quarter of the bytes
     to move; the caller converts, e.g. on its GPU); in-memory sources yield their own
-    floats whatever ``dtype`` says."""
+    floats whatever ``dtype`` says.  ``device``: where a loader that can decode on a GPU
+    (DALI) decodes, e.g. the run's device ("cpu": never on the GPU; None: its own choice)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     # checked as the folder loaders check them: a negative start or index would otherwise
@@ -98,8 +99,11 @@ def iter_batches(source: ImageSource, batch_size: int = 256, start: int = 0,
         _, fn = backends.resolve("loader", backend)
         labels = source.labels()
         extra = {} if dtype is None else {"dtype": dtype}
-        if "bad_files" in inspect.signature(fn).parameters:
+        params = inspect.signature(fn).parameters
+        if "bad_files" in params:
             extra["bad_files"] = source.bad_files
+        if device is not None and "device" in params:
+            extra["device"] = str(device)
         for idx, images, ok in fn(paths, size=source.spec.size, channels=source.spec.channels,
                                   batch_size=batch_size, indices=idx_all, num_threads=max(1, num_workers),
                                   **extra):
