@@ -129,8 +129,10 @@ def _standardise(mu: np.ndarray) -> np.ndarray:
 
 
 def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarray | None = None,
-             class_names: list[str] | None = None, progress: bool = True) -> DiscoveryResult:
-    """Cluster, score and test; return findings (q <= fdr, merged and ranked) and all clusters."""
+             class_names: list[str] | None = None, progress: bool = True, work_dir=None) -> DiscoveryResult:
+    """Cluster, score and test; return findings (q <= fdr, merged and ranked) and all clusters.
+    ``work_dir``: where the neighbour search and each null permutation are kept when they
+    finish, so that an interrupted call resumes (`spurfast.discovery_work`)."""
     if not store.complete:
         raise ValueError(f"embedding store {store.root} is unfinished ({store.done}/{store.n}); resume the pass first")
     n_classes = int(store.manifest["num_classes"])
@@ -153,18 +155,28 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
               max_k=config.max_k, statistic=config.statistic,
               n_iter=config.n_iter,
               metric=config.metric, backend=config.backend, device=config.device)
+    unknown_ok = ~suspect[valid]  # an unlabelled suspect sample may be genuine class c
+    top2 = top_two(store["probs"])[valid]
+    work = None
+    if work_dir is not None:
+        from .discovery_work import DiscoveryWork, work_key
+        settings = {**kw, "n_neighbours": config.n_neighbours, "seed": config.seed, "n_classes": n_classes}
+        work = DiscoveryWork(work_dir, work_key(dict(z=z, g=g, labels=labels[valid], top2=top2, unknown_ok=unknown_ok),
+                                                settings))
     # one call each, minutes at ImageNet scale on a CPU: a bar per step says which is running
     with tqdm(total=len(z), desc="latent neighbours", unit="img", disable=not progress, leave=False) as step:
-        nbrs = latent_neighbours(z, config.n_neighbours, device=config.device)
+        def search():
+            return latent_neighbours(z, config.n_neighbours, device=config.device)
+        nbrs = work.neighbours(search) if work is not None else search()
         step.update(len(z))
-    unknown_ok = ~suspect[valid]  # an unlabelled suspect sample may be genuine class c
-    args = (top_two(store["probs"])[valid], labels[valid], n_classes, nbrs, unknown_ok)
+    args = (top2, labels[valid], n_classes, nbrs, unknown_ok)
     with tqdm(total=len(z), desc="clustering", unit="img", disable=not progress, leave=False) as step:
         real = cluster_and_score(z, g, *args, seed=config.seed, **kw)
         step.update(len(z))
     nonempty = np.nonzero(real.size > 0)[0]
     bar = tqdm(total=config.n_null, desc="permutation null", disable=not progress, leave=False)
-    null_score, null_n_unrelated = null_scores(z, g, *args, n_null=config.n_null, seed=config.seed, progress=bar, **kw)
+    null_score, null_n_unrelated = null_scores(z, g, *args, n_null=config.n_null, seed=config.seed, progress=bar,
+                                               work=work, **kw)
     done = config.n_null
     resolve_fdr = config.fdr if config.resolve_fdr is None else config.resolve_fdr
     while True:
@@ -177,7 +189,7 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
         more = min(config.n_null, config.max_null - done)
         bar.total += more
         bar.refresh()
-        s, u = null_scores(z, g, *args, n_null=more, seed=config.seed, start=done, progress=bar, **kw)
+        s, u = null_scores(z, g, *args, n_null=more, seed=config.seed, start=done, progress=bar, work=work, **kw)
         null_score, null_n_unrelated = np.concatenate([null_score, s]), np.concatenate([null_n_unrelated, u])
         done += more
     bar.close()

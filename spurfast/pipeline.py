@@ -306,7 +306,9 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
         dist.serve_main_section()
         return None, None, store
     with dist.main_section():
-        result = discover(store, config, suspect=suspect, class_names=pool.class_names, progress=progress)
+        # work: an interrupted discovery resumes its neighbour search and null on the rerun
+        result = discover(store, config, suspect=suspect, class_names=pool.class_names, progress=progress,
+                          work_dir=out / "discovery-work")
         _remove_finding_files(out)
         characterise(result, store, pool, vae, out, seed=config.seed, device=config.device)
         # the images a step re-reads go through the run's loader, on every core (the other ranks

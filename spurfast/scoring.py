@@ -177,16 +177,22 @@ def permuted_predictions(groups: np.ndarray, labels: np.ndarray, rng: np.random.
 
 
 def null_scores(z, groups, top2, labels, n_classes, neighbours, unknown_ok, *, n_null: int, seed: int,
-                start: int = 0, progress=None, **kw) -> tuple[np.ndarray, np.ndarray]:
+                start: int = 0, progress=None, work=None, **kw) -> tuple[np.ndarray, np.ndarray]:
     """(scores, n_unrelated) of every nonempty cluster over permutations ``start`` ..
     ``start + n_null - 1``, pooled.  Permutation b depends on (seed, b) only, so a later
-    call with ``start`` extends the same null."""
+    call with ``start`` extends the same null.  ``work`` (`spurfast.discovery_work.DiscoveryWork`
+    of these inputs): permutations already finished are read back, new ones saved."""
     out, sizes = [], []
     for b in range(start, start + n_null):
-        g = permuted_predictions(groups, labels, np.random.default_rng((seed, 104729, b)))
-        cl = cluster_and_score(z, g, top2, labels, n_classes, neighbours, unknown_ok, seed=seed + 1 + b, **kw)
-        out.append(cl.score[cl.size > 0])
-        sizes.append(cl.n_unrelated[cl.size > 0])
+        done = work.get_null(b) if work is not None else None
+        if done is None:
+            g = permuted_predictions(groups, labels, np.random.default_rng((seed, 104729, b)))
+            cl = cluster_and_score(z, g, top2, labels, n_classes, neighbours, unknown_ok, seed=seed + 1 + b, **kw)
+            done = cl.score[cl.size > 0], cl.n_unrelated[cl.size > 0]
+            if work is not None:
+                work.put_null(b, *done)
+        out.append(done[0])
+        sizes.append(done[1])
         if progress is not None:
             progress.update(1)
     if not out:

@@ -311,3 +311,46 @@ def test_a_misspelt_kmeans_backend_is_refused_by_the_config():
         DiscoverConfig(backend="Torch")
     for name in (None, "auto", "torch", "cpu", "cupy", "triton"):   # names only: availability is asked where it runs
         DiscoverConfig(backend=name)
+
+
+def test_an_interrupted_discovery_resumes_its_neighbours_and_null(tmp_path, monkeypatch):
+    """The neighbour search and the permutation null are most of discovery at scale, and an
+    interruption lost both: with ``work_dir`` each is kept when it finishes, a rerun reads them
+    back, and the findings are the same as an uninterrupted run's."""
+    from spurfast import discover as D
+    from spurfast import scoring
+
+    store, _ = _store(tmp_path / "store")
+    cfg = DiscoverConfig(k=4, n_null=12, max_null=12, seed=0)
+    want = discover(store, cfg, progress=False)
+    calls = {"cluster": 0, "knn": 0}
+    real_cluster, real_knn = scoring.cluster_and_score, D.latent_neighbours
+
+    def cluster(*a, **k):
+        calls["cluster"] += 1
+        if calls.get("stop") and calls["cluster"] == calls["stop"]:
+            raise KeyboardInterrupt
+        return real_cluster(*a, **k)
+
+    def knn(*a, **k):
+        calls["knn"] += 1
+        return real_knn(*a, **k)
+
+    monkeypatch.setattr(scoring, "cluster_and_score", cluster)
+    monkeypatch.setattr(D, "cluster_and_score", cluster)
+    monkeypatch.setattr(D, "latent_neighbours", knn)
+    calls["stop"] = 1 + 5                    # the real clustering, then 4 permutations finish
+    with pytest.raises(KeyboardInterrupt):
+        discover(store, cfg, progress=False, work_dir=tmp_path / "work")
+    calls.update(cluster=0, knn=0, stop=None)
+    got = discover(store, cfg, progress=False, work_dir=tmp_path / "work")
+    assert calls == {"cluster": 1 + 12 - 4, "knn": 0, "stop": None}
+    assert [f["members"] for f in got.findings] == [f["members"] for f in want.findings]
+    assert [c["p_value"] for c in got.clusters] == [c["p_value"] for c in want.clusters]
+    calls.update(cluster=0)
+    discover(store, cfg, progress=False, work_dir=tmp_path / "work")   # all of it kept: only the real clustering
+    assert calls["cluster"] == 1
+    calls.update(cluster=0, knn=0)
+    discover(store, DiscoverConfig(k=5, n_null=12, max_null=12, seed=0), progress=False, work_dir=tmp_path / "work")
+    assert calls == {"cluster": 1 + 12, "knn": 1, "stop": None}   # other settings: work of their own
+    assert len(list((tmp_path / "work").iterdir())) == 2
