@@ -820,8 +820,8 @@ def main(argv=None) -> int:
             print(f"interrupted: {args.out} may hold part of the planted data; rerun with "
                   f"--overwrite to write it anew", file=sys.stderr)
             return 130
-        print(f"interrupted: finished work is kept (training checkpoints, the embedding store); the same "
-              f"`spurfast {args.command}` command resumes", file=sys.stderr)
+        print(f"interrupted: finished work is kept (training checkpoints, the embedding store, discovery's "
+              f"neighbours and null); the same `spurfast {args.command}` command resumes", file=sys.stderr)
         return 130
     return 0
 
