@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ class DiscoveryWork:
         try:
             with np.load(self.dir / name, allow_pickle=False) as d:
                 return {k: d[k] for k in d.files}
-        except (OSError, ValueError, KeyError, EOFError):   # none yet, or not readable: made again
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):   # none yet, or damaged: made again
             return None
 
     def neighbours(self, compute):

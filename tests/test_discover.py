@@ -354,3 +354,25 @@ def test_an_interrupted_discovery_resumes_its_neighbours_and_null(tmp_path, monk
     discover(store, DiscoverConfig(k=5, n_null=12, max_null=12, seed=0), progress=False, work_dir=tmp_path / "work")
     assert calls == {"cluster": 1 + 12, "knn": 1, "stop": None}   # other settings: work of their own
     assert len(list((tmp_path / "work").iterdir())) == 2
+
+
+def test_discovery_work_keys_on_its_inputs_and_skips_a_damaged_piece(tmp_path):
+    from spurfast.discovery_work import DiscoveryWork, work_key
+
+    z = np.arange(12, dtype=np.float32).reshape(4, 3)
+    key = work_key({"z": z, "g": np.array([0, 1, 0, 1])}, {"k": 2})
+    assert key == work_key({"g": np.array([0, 1, 0, 1]), "z": z.copy()}, {"k": 2})
+    for other in (work_key({"z": z + 1e-7, "g": np.array([0, 1, 0, 1])}, {"k": 2}),
+                  work_key({"z": z, "g": np.array([0, 1, 1, 1])}, {"k": 2}),
+                  work_key({"z": z, "g": np.array([0, 1, 0, 1])}, {"k": 3}),
+                  work_key({"z": z.astype(np.float64), "g": np.array([0, 1, 0, 1])}, {"k": 2})):
+        assert other != key
+    work = DiscoveryWork(tmp_path, key)
+    assert work.get_null(0) is None
+    work.put_null(0, np.array([1.5, 2.5]), np.array([3, 4]))
+    s, u = work.get_null(0)
+    assert s.tolist() == [1.5, 2.5] and u.tolist() == [3, 4]
+    (tmp_path / key / "null-0.npz").write_bytes(b"PK\x03\x04 damaged")
+    assert work.get_null(0) is None
+    assert work.neighbours(lambda: np.array([[1, 2]])).tolist() == [[1, 2]]
+    assert work.neighbours(lambda: pytest.fail("read back, not searched again")).tolist() == [[1, 2]]
