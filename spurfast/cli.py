@@ -553,13 +553,9 @@ def cmd_evaluate(args):
     import re
 
     from .evaluate import run_evaluation
-    from .results_doc import read_csv, read_notes, write_results, write_with_notes
-    if args.results_md and not Path(args.results_md).parent.is_dir():   # else it failed after the whole run
-        raise FileNotFoundError(f"--results-md {args.results_md}: folder {Path(args.results_md).parent} "
-                                f"does not exist")
-    if args.results_md and Path(args.results_md).is_dir():   # the same: it failed writing there, at the end
-        raise IsADirectoryError(f"--results-md {args.results_md} is a folder; expected the file to write, e.g. "
-                                f"{Path(args.results_md) / 'RESULTS.md'}")
+    from .results_doc import check_results_md, read_csv, read_notes, write_results, write_with_notes
+    if args.results_md:   # --from-csv too, which runs no sweep (each failed at the end)
+        check_results_md(args.results_md, "--results-md")
     if args.results_md and os.path.exists(args.results_md) and not os.access(args.results_md, os.W_OK):
         # a read-only file is rewritten in place, in a folder that may well take files: it failed at the end
         raise PermissionError(f"--results-md {args.results_md}: the file is not writable; make it writable or "

@@ -48,7 +48,7 @@ from .discover import DiscoverConfig, characterise, discover
 from .embed import _write_json   # atomic: a run killed mid-write left a truncated cache file
 from .metrics import Feature, carried_by, false_findings, false_findings_on_pool_patterns, feature_metrics, matches, recall_at_q
 from .plant import PatternSpec, apply_pattern, fixed_mask, plant_training
-from .results_doc import METHODS, read_notes, write_csv, write_results, write_with_notes
+from .results_doc import METHODS, check_results_md, read_notes, write_csv, write_results, write_with_notes
 from .support import training_support
 
 log = logging.getLogger("spurfast.evaluate")
@@ -573,12 +573,7 @@ def _check_up_front(out: Path, statistic: str, results_md) -> None:
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
     if results_md:
-        target = Path(results_md)
-        if target.is_dir():
-            raise IsADirectoryError(f"results_md {target} is a folder; expected the file to write, e.g. "
-                                    f"{target / 'RESULTS.md'}")
-        if not target.parent.is_dir():
-            raise FileNotFoundError(f"results_md {target}: folder {target.parent} does not exist")
+        check_results_md(results_md)
     for md in (out / "RESULTS.md", Path(results_md) if results_md else None):
         if md is not None and md.is_file():
             read_notes(md)   # its notes are kept: read again once the sweep is done

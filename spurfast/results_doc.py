@@ -70,6 +70,17 @@ def read_notes(path: Path) -> str:
                          f"regenerated: save it as UTF-8, or move it away") from None
 
 
+def check_results_md(path, label: str = "results_md") -> None:
+    """Where RESULTS.md is to be written: a file in a folder that exists (a folder, or a
+    missing one, failed only when the sweep was done).  ``label`` names it in the errors."""
+    target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(f"{label} {target} is a folder; expected the file to write, e.g. "
+                                f"{target / 'RESULTS.md'}")
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"{label} {target}: folder {target.parent} does not exist")
+
+
 def keep_notes(text: str, target: Path | None, previous: str | None = None) -> str:
     """``text`` plus whatever followed the notes marker in ``previous`` (or in the file ``target``)."""
     if previous is None and target is not None and target.is_file():
