@@ -19,11 +19,18 @@ def check_integers(t: torch.Tensor, name: str) -> None:
     cost; a float one costs a host read (a rare path)."""
     if t.is_complex():
         raise ValueError(f"{name} has dtype {t.dtype}; expected integers")
-    if t.is_floating_point():
-        bad = (~torch.isfinite(t) | (t != t.round())).flatten().nonzero().flatten()
-        if len(bad):
-            i = int(bad[0])
-            raise ValueError(f"{name} holds {t.flatten()[i].item():g} (entry {i}); expected integers")
+    bad = non_integer_entries(t)
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"{name} holds {t.flatten()[i].item():g} (entry {i}); expected integers")
+
+
+def non_integer_entries(t: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the fractional or non-finite entries of a float tensor (none for an
+    integer one, at no cost)."""
+    if not t.is_floating_point():
+        return torch.zeros(0, dtype=torch.int64, device=t.device)
+    return (~torch.isfinite(t) | (t != t.round())).flatten().nonzero().flatten()
 
 
 def check_offsets(offsets: torch.Tensor, N: int, device, k_per_group=None, kmax: int = 0):

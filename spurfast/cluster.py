@@ -14,6 +14,7 @@ import torch
 
 from . import backends
 from .kernels import reference as ref
+from .kernels.group_layout import non_integer_entries
 
 log = logging.getLogger("spurfast.cluster")
 
@@ -105,11 +106,10 @@ def check_input(x: torch.Tensor, groups, k_per_group, n_groups: int | None = Non
     groups = torch.as_tensor(groups if isinstance(groups, torch.Tensor) else np.asarray(groups), device=x.device)
     if groups.dim() != 1:   # an (N, 1) column failed in torch.bincount, naming nothing
         raise ValueError(f"groups has shape {tuple(groups.shape)}; expected one group id per point, ({len(x)},)")
-    if groups.is_floating_point():   # the int64 cast truncated a group id of 0.5 to group 0
-        bad = (~torch.isfinite(groups) | (groups != groups.round())).nonzero().flatten()
-        if len(bad):
-            raise ValueError(f"group ids must be integers; {len(bad)} are not, e.g. groups[{int(bad[0])}] = "
-                             f"{groups[bad[0]].item()}")
+    bad = non_integer_entries(groups)   # the int64 cast truncated a group id of 0.5 to group 0
+    if len(bad):
+        raise ValueError(f"group ids must be integers; {len(bad)} are not, e.g. groups[{int(bad[0])}] = "
+                         f"{groups[bad[0]].item()}")
     groups = groups.to(torch.int64)
     if len(groups) != len(x):
         raise ValueError(f"{len(groups)} group ids for {len(x)} points")
