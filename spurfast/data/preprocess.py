@@ -175,38 +175,24 @@ def validate_image_file(path: str) -> tuple[str, str]:
         return "bad", (f"PNG of {shape[0]}x{shape[1]} pixels: a side over libpng's limit of {_PNG_MAX_SIDE:,} "
                        f"(DALI's decoder refuses it)")
     if detail.startswith("PNG"):
-        why = _png_chunk_error(path)
+        why, trailer = _png_chunk_error(path)
         if why:
             return "bad", f"PNG {why} (libpng, DALI's decoder, refuses it; PIL would decode it)"
         try:
-            _png_trailer_check(path)
+            if trailer is not None:   # most PNGs end with IEND right after their image data
+                _png_trailer_check(path, trailer)
         except Exception as exc:  # as open: PIL raises many exception types for corrupt chunks
             return "bad", f"PNG rejected by PIL: {describe_error(exc)} (after the image data)"
     return verdict, detail
 
 
-def _png_trailer_check(path: str) -> None:
-    """Raise what PIL raises on the chunks after a PNG's image data, which it reads only
-    when it decodes (``load_end``; ``verify()`` checks their CRCs only): a malformed
-    ancillary chunk there (a truncated pHYs, zTXt text over PIL's limit) failed the torch
-    loader's decode while DALI decoded the image, and before the image data it fails PIL's
-    open, bad for both.  PIL's own chunk handlers, called as ``load_end`` calls them; most
-    PNGs end with IEND right after the image data and are not opened again."""
-    with open(path, "rb") as fh:
-        fh.seek(len(_PNG_MAGIC))
-        idat = False
-        while True:
-            head = fh.read(8)
-            if len(head) < 8:
-                return
-            if head[4:] == b"IDAT":
-                idat = True
-            elif idat or head[4:] == b"IEND":
-                break
-            fh.seek(int.from_bytes(head[:4], "big") + 4, os.SEEK_CUR)
-        if head[4:] == b"IEND":
-            return
-        trailer = fh.tell() - 8
+def _png_trailer_check(path: str, trailer: int) -> None:
+    """Raise what PIL raises on the chunks after a PNG's image data, from byte ``trailer``
+    (the first of them, found by `_png_chunk_error`'s scan), which it reads only when it
+    decodes (``load_end``; ``verify()`` checks their CRCs only): a malformed ancillary chunk
+    there (a truncated pHYs, zTXt text over PIL's limit) failed the torch loader's decode
+    while DALI decoded the image, and before the image data it fails PIL's open, bad for
+    both.  PIL's own chunk handlers, called as ``load_end`` calls them."""
     from PIL import Image
 
     try:
@@ -254,8 +240,8 @@ def _replay_png_load_end(path: str, trailer: int) -> None:
             im.fp.read(4)   # CRC
 
 
-def _png_chunk_error(path: str) -> str | None:
-    """What DALI's decoder (nvImageCodec's PNG parser, then libpng) refuses in a PNG's chunk
+def _png_chunk_error(path: str) -> tuple[str | None, int | None]:
+    """(what is wrong, where the chunks after the image data start, or None): what DALI's decoder (nvImageCodec's PNG parser, then libpng) refuses in a PNG's chunk
     sequence that PIL decodes without a word: a critical chunk it does not know (one whose
     type starts with a capital letter, not IHDR/PLTE/IDAT/IEND), a chunk type that is not
     four ASCII letters with a capital third one, an IHDR that is not 13 bytes long, comes
@@ -263,42 +249,48 @@ def _png_chunk_error(path: str) -> str | None:
     before the image data, a second PLTE, or one whose length is not a positive multiple
     of 3.  Reads the chunk headers and IHDR only (PIL's ``verify()`` has already read every
     chunk)."""
-    ihdr = plte = palette = False
+    ihdr = plte = palette = idat = False
+    trailer = None
     try:
         with open(path, "rb") as fh:
             fh.seek(len(_PNG_MAGIC))
             while True:
                 head = fh.read(8)
                 if len(head) < 8:
-                    return None   # cut short: the end-marker check and PIL judge that
+                    return None, trailer   # cut short: the end-marker check and PIL judge that
                 length, ctype = int.from_bytes(head[:4], "big"), head[4:]
                 name = ctype.decode("latin-1")
                 if not ctype.isalpha() or ctype[2] & 0x20:
-                    return f"with an invalid chunk type {name!r}"   # libpng: not letters, or the reserved bit set
+                    return f"with an invalid chunk type {name!r}", None   # not letters, or the reserved bit set
+                if ctype == b"IDAT":
+                    idat = True
+                elif idat and trailer is None and ctype != b"IEND":
+                    trailer = fh.tell() - 8
                 if ctype == b"IHDR":
                     if ihdr:
-                        return "with a second IHDR chunk"
+                        return "with a second IHDR chunk", None
                     if length != 13:
-                        return f"with an IHDR chunk of {length} bytes (13 expected)"
+                        return f"with an IHDR chunk of {length} bytes (13 expected)", None
                     data = fh.read(13)
                     if data[10:11] not in (b"\x00", b""):
-                        return f"with compression method {data[10]} in IHDR (only 0 is defined)"
+                        return f"with compression method {data[10]} in IHDR (only 0 is defined)", None
                     ihdr, palette, length = True, data[9:10] == b"\x03", 0   # colour type 3
                 elif ctype == b"PLTE" and palette:
                     if plte:
-                        return "palette image with a second PLTE chunk"
+                        return "palette image with a second PLTE chunk", None
                     if length == 0 or length % 3:
-                        return f"palette image with a PLTE chunk of {length} bytes (a positive multiple of 3 expected)"
+                        return (f"palette image with a PLTE chunk of {length} bytes (a positive multiple of 3 "
+                                f"expected)"), None
                     plte = True
                 elif ctype == b"IDAT" and palette and not plte:
-                    return "palette image without a PLTE chunk before its image data"
+                    return "palette image without a PLTE chunk before its image data", None
                 elif ctype == b"IEND":
-                    return None
+                    return None, trailer
                 elif not ctype[0] & 0x20 and ctype not in _PNG_CRITICAL:
-                    return f"with an unknown critical chunk {name!r}"
+                    return f"with an unknown critical chunk {name!r}", None
                 fh.seek(length + 4, os.SEEK_CUR)   # data and CRC
     except OSError:
-        return None   # unreadable now: the loaders' decode says so
+        return None, None   # unreadable now: the loaders' decode says so
 
 
 def _to_rgb_or_l(im, channels: int):
