@@ -251,7 +251,8 @@ def check_k_per_group(k_per_group, G: int, kmax: int) -> torch.Tensor:
     if k.is_complex():
         raise ValueError(f"k_per_group has dtype {k.dtype}; expected integers in [0, kmax={kmax}]")
     if k.is_floating_point():
-        bad = (k != k.round()).nonzero().flatten()   # NaN too
+        # NaN too; and the range before the int64 cast, which made inf (or 1e30) -2**63 in the message
+        bad = ((k != k.round()) | (k < 0) | (k > kmax)).nonzero().flatten()
         if len(bad):
             g = int(bad[0])
             raise ValueError(f"k_per_group[{g}] = {k[g].item():g}: expected an integer in [0, kmax={kmax}]")
@@ -287,10 +288,13 @@ def centred_latents(z: torch.Tensor) -> torch.Tensor:
     """z (n, d) in fp32, centred (distances are shift-invariant; centring shrinks
     cancellation), as every latent_knn provider ranks it, after refusing rows with NaN or
     inf and rows too large for fp32 distances once centred."""
-    zt = torch.as_tensor(z).detach().float()
+    zt = torch.as_tensor(z).detach()
     if zt.dim() != 2:
         raise ValueError(f"z must be (n, d), got shape {tuple(zt.shape)}")
-    zc = zt - zt.mean(0)
+    # float64 is centred before the fp32 cast: cast first, z = 1e8 + noise lost its spread
+    # (fp32's step is 8 there) and every row's neighbours came out as the lowest indices
+    zt = zt if zt.dtype == torch.float64 else zt.float()
+    zc = (zt - zt.mean(0)).float()
     check_rows(zt, torch.linalg.vecdot(zc, zc), "z has {bad} rows with NaN or inf; neighbours need finite latents",
                "z (centred)")
     return zc

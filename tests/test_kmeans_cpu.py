@@ -409,6 +409,16 @@ def test_knn_refuses_rows_too_large_for_fp32_distances(fn):
         fn(nan, 3)
 
 
+@pytest.mark.parametrize("fn", [ref.latent_knn, pytest.param(kcpu.latent_knn, marks=needs_kernel)],
+                         ids=["reference", "cpu"])
+def test_knn_centres_float64_latents_before_rounding_them_to_fp32(fn):
+    # 1e8 + noise: fp32's step there is 8, so a cast before the centring left every row
+    # equal, and each row's neighbours came out as the lowest indices
+    z = torch.randn(60, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    want = _lower_index_knn(z.numpy(), 4)
+    _check_same_rows(fn(z + 1e8, 4).numpy(), want, "knn of z + 1e8 (float64)")
+
+
 @pytest.mark.parametrize("fn", [ref.kmeans_assign, pytest.param(kcpu.kmeans_assign, marks=needs_kernel),
                                 pytest.param(kcpu.kmeans_assign_update, marks=needs_kernel)],
                          ids=["reference", "cpu", "cpu-fused"])
@@ -430,6 +440,16 @@ def test_k_per_group_outside_0_to_kmax_is_refused_naming_the_group(fn):
         with pytest.raises(ValueError, match=rf"k_per_group\[1\] = {shown}: expected an integer in \[0, kmax=3\]"):
             fn(x, off, cent, torch.tensor(k))
     fn(x, off, cent, torch.tensor([3.0, 2.0]))   # integer-valued floats are fine
+
+
+@pytest.mark.parametrize("fn", [ref.kmeans_assign, pytest.param(kcpu.kmeans_assign, marks=needs_kernel)],
+                         ids=["reference", "cpu"])
+def test_infinite_or_huge_float_k_per_group_is_refused_showing_its_value(fn):
+    # inf (and 1e30, past int64) went through the int64 cast first: the message said -9223372036854775808
+    x, off, cent, _ = make_case([20, 10], 3, 4, seed=2, device="cpu")
+    for v, shown in ((float("inf"), "inf"), (-float("inf"), "-inf"), (1e30, r"1e\+30")):
+        with pytest.raises(ValueError, match=rf"k_per_group\[1\] = {shown}: expected an integer in \[0, kmax=3\]"):
+            fn(x, off, cent, torch.tensor([3.0, v]))
 
 
 def _duplicated_latents(n: int = 1531, d: int = 5, seed: int = 0):
