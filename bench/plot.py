@@ -35,9 +35,12 @@ def plot(csv_path=None, out_dir=None) -> list[Path]:
     path = Path(csv_path or os.environ.get("SPURFAST_BENCH_CSV") or DEFAULT_CSV)   # where ResultWriter wrote
     if not path.is_file():
         raise FileNotFoundError(f"results CSV {path} does not exist; run a benchmark first")
+    rows = latest_rows(path)
+    if not rows:   # it printed "[bench] wrote " and nothing else: no plots, no word of why
+        print(f"[bench] {path} holds no items_per_s rows: no plots written")
+        return []
     out_dir = Path(out_dir or path.parent / "plots")
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = latest_rows(path)
     written = []
     for op in sorted({k[0] for k in rows}):
         sel = sorted((k, r) for k, r in rows.items() if k[0] == op)

@@ -322,3 +322,13 @@ def _run_gpu_check(tmp_path, fake_python, *, budget: int, timeout: int):
         proc.communicate()
         pytest.fail(f"gpu_check.sh ran past its {budget} s budget")
     return out, stdout
+
+
+def test_plot_of_a_csv_without_throughput_rows_says_so(tmp_path, capsys):
+    # it printed "[bench] wrote " (an empty list) and made an empty plots folder
+    from bench.plot import plot
+
+    w = ResultWriter(tmp_path / "r.csv")
+    w.add("op", "p", {"a": 1}, "median_s", 0.5, "s", "cpu")
+    assert plot(tmp_path / "r.csv") == [] and not (tmp_path / "plots").exists()
+    assert f"{tmp_path / 'r.csv'} holds no items_per_s rows: no plots written" in capsys.readouterr().out
