@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .cluster import FAR
 from .data.sources import ImageSource
 
 
@@ -81,6 +82,14 @@ def neighbour_contrast(source: ImageSource, z: np.ndarray, members: np.ndarray, 
     mem = _sample(members, cap, rng)
     zo = torch.as_tensor(z[others], dtype=torch.float32)
     zm = torch.as_tensor(z[mem], dtype=torch.float32)
+    # distances are shift-invariant, cdist's fp32 |a|^2 + |b|^2 - 2 a.b is not: latents far
+    # from the origin for their spread (offset 1000, spread 0.1) had the terms cancel and
+    # every member got arbitrary "nearest" others.  Such latents are measured about the
+    # others' mean (an exact fp32 subtraction of nearby values); ordinary ones keep their bits.
+    origin = zo.mean(0, dtype=torch.float64)
+    spread = sum(float(((zo[s:s + 65536].double() - origin) ** 2).sum()) for s in range(0, len(zo), 65536)) / len(zo)
+    if float(origin @ origin) > FAR * spread:
+        zo, zm = zo - origin.float(), zm - origin.float()
     k = min(k, len(others))
     nbr = []
     for s in range(0, len(zm), 64):   # 64 x len(others) distances at a time

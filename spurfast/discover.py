@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, backends
 from .characterise import contrast_map, exemplars, linear_probe, neighbour_contrast, pattern_mask
 from .data.sources import ImageSource, utf8_name
 from .embed import EmbeddingStore, _write_json, replace_atomically
@@ -128,6 +129,25 @@ def _standardise(mu: np.ndarray) -> np.ndarray:
     return ((mu - m) / np.where(s > 0, s, 1.0)).astype(np.float32)
 
 
+def _provider_choices(device) -> dict:
+    """Besides the config's backend, what picks the implementations of the neighbour search
+    and the clustering: the SPURFAST_BACKEND* variables (and the Triton kernel's fp32
+    precision) and what ``auto`` takes here.  Kept work is keyed on them: a rerun under
+    another provider (rounding of its own) resumed the null of the first, a null no
+    uninterrupted run computes."""
+    dev = torch.device(device or "cpu").type   # None: torch's default, the CPU
+    ops = ("latent_knn", "kmeans_assign", "kmeans_update", "kmeans_assign_update", "kmeans_plusplus")
+    auto = {}
+    for op in ops:
+        try:
+            auto[op] = backends.resolve(op, "auto", dev)[0]
+        except backends.BackendUnavailable:
+            auto[op] = None
+    env = {v: os.environ.get(v) for v in ["SPURFAST_BACKEND", *(f"SPURFAST_BACKEND_{op.upper()}" for op in ops),
+                                          "SPURFAST_TRITON_FP32_PRECISION"]}
+    return {"env": {k: v for k, v in env.items() if v}, "auto": auto}
+
+
 def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarray | None = None,
              class_names: list[str] | None = None, progress: bool = True, work_dir=None) -> DiscoveryResult:
     """Cluster, score and test; return findings (q <= fdr, merged and ranked) and all clusters.
@@ -160,7 +180,8 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
     work = None
     if work_dir is not None:
         from .discovery_work import DiscoveryWork, work_key
-        settings = {**kw, "n_neighbours": config.n_neighbours, "seed": config.seed, "n_classes": n_classes}
+        settings = {**kw, "n_neighbours": config.n_neighbours, "seed": config.seed, "n_classes": n_classes,
+                    "providers": _provider_choices(config.device)}
         work = DiscoveryWork(work_dir, work_key(dict(z=z, g=g, labels=labels[valid], top2=top2, unknown_ok=unknown_ok),
                                                 settings))
     # one call each, minutes at ImageNet scale on a CPU: a bar per step says which is running

@@ -47,9 +47,13 @@ class DiscoveryWork:
     def _load(self, name: str):
         try:
             with np.load(self.dir / name, allow_pickle=False) as d:
-                return {k: d[k] for k in d.files}
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):   # none yet, or damaged: made again
+                got = {k: d[k] for k in d.files}
+        # none yet, or damaged: made again (zipfile raises NotImplementedError for a damaged
+        # compression method, version or flag field; numpy returns a member that is not an
+        # array as its bytes)
+        except (OSError, ValueError, KeyError, EOFError, NotImplementedError, zipfile.BadZipFile):
             return None
+        return got if all(isinstance(v, np.ndarray) for v in got.values()) else None
 
     def neighbours(self, compute):
         got = self._load("neighbours.npz")

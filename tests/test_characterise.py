@@ -80,3 +80,20 @@ def test_neighbour_contrast_of_huge_latents_is_the_same():
     want, _ = neighbour_contrast(src, z, members, others, k=3, seed=0)
     got, _ = neighbour_contrast(src, z * np.float32(1e20), members, others, k=3, seed=0)
     assert torch.equal(got, want), float((got - want).abs().max())
+
+
+def test_neighbour_contrast_of_latents_far_from_the_origin_takes_the_nearest_others():
+    """cdist's fp32 |a|^2 + |b|^2 - 2 a.b cancels for latents far from the origin for their
+    spread (offset 1000, spread 0.01): every member was matched with arbitrary others of its
+    kind, not its nearest ones."""
+    rng = np.random.default_rng(0)
+    imgs = torch.as_tensor(rng.random((110, 1, 4, 4)), dtype=torch.float32)   # each image its own
+    kind = np.r_[np.zeros(5), np.ones(25), np.zeros(40), np.ones(40)]
+    z = (1000 + np.stack([kind, 1 - kind], 1) + 0.01 * rng.normal(size=(110, 2))).astype(np.float32)
+    src = ArraySource(imgs, None, name="far")
+    members, others = np.arange(30), np.arange(30, 110)
+    got, _ = neighbour_contrast(src, z, members, others, k=3, seed=0)
+    d = ((z[members, None].astype(np.float64) - z[None, others]) ** 2).sum(-1)   # exact, in fp64
+    matched = others[np.argsort(d, 1, kind="stable")[:, :3].ravel()]
+    want = imgs[members].mean(0) - imgs[matched].mean(0)
+    assert torch.allclose(got, want, atol=1e-6), float((got - want).abs().max())

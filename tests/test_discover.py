@@ -356,6 +356,28 @@ def test_an_interrupted_discovery_resumes_its_neighbours_and_null(tmp_path, monk
     assert len(list((tmp_path / "work").iterdir())) == 2
 
 
+def test_discovery_work_is_not_resumed_under_another_kmeans_provider(tmp_path, monkeypatch):
+    """The null a provider computes is its own (rounding; TF32 on a GPU): a rerun with
+    SPURFAST_BACKEND_KMEANS_ASSIGN changed read back the first provider's permutations,
+    a null no uninterrupted run computes."""
+    from spurfast import scoring
+
+    store, _ = _store(tmp_path / "store")
+    cfg = DiscoverConfig(k=4, n_null=3, max_null=3, seed=0)
+    monkeypatch.delenv("SPURFAST_BACKEND", raising=False)
+    monkeypatch.delenv("SPURFAST_BACKEND_KMEANS_ASSIGN", raising=False)
+    discover(store, cfg, progress=False, work_dir=tmp_path / "work")
+    calls = []
+    real = scoring.cluster_and_score
+    monkeypatch.setattr(scoring, "cluster_and_score", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("SPURFAST_BACKEND_KMEANS_ASSIGN", "torch")
+    discover(store, cfg, progress=False, work_dir=tmp_path / "work")
+    assert len(calls) == 3 and len(list((tmp_path / "work").iterdir())) == 2
+    calls.clear()
+    discover(store, cfg, progress=False, work_dir=tmp_path / "work")   # the same provider again: resumed
+    assert not calls
+
+
 def test_discovery_work_keys_on_its_inputs_and_skips_a_damaged_piece(tmp_path):
     from spurfast.discovery_work import DiscoveryWork, work_key
 
@@ -373,6 +395,19 @@ def test_discovery_work_keys_on_its_inputs_and_skips_a_damaged_piece(tmp_path):
     s, u = work.get_null(0)
     assert s.tolist() == [1.5, 2.5] and u.tolist() == [3, 4]
     (tmp_path / key / "null-0.npz").write_bytes(b"PK\x03\x04 damaged")
+    assert work.get_null(0) is None
+    # a damaged compression-method field: zipfile's NotImplementedError crashed the rerun
+    work.put_null(0, np.array([1.5, 2.5]), np.array([3, 4]))
+    b = bytearray((tmp_path / key / "null-0.npz").read_bytes())
+    at = b.find(b"PK\x01\x02")
+    b[at + 10:at + 12] = (99).to_bytes(2, "little")
+    (tmp_path / key / "null-0.npz").write_bytes(bytes(b))
+    assert work.get_null(0) is None
+    # a member that is no .npy array: numpy hands back its bytes
+    import zipfile
+    with zipfile.ZipFile(tmp_path / key / "null-0.npz", "w") as zf:
+        zf.writestr("score.npy", b"not an array")
+        zf.writestr("n_unrelated.npy", b"nor this")
     assert work.get_null(0) is None
     assert work.neighbours(lambda: np.array([[1, 2]])).tolist() == [[1, 2]]
     assert work.neighbours(lambda: pytest.fail("read back, not searched again")).tolist() == [[1, 2]]
