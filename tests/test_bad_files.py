@@ -836,3 +836,152 @@ def test_malformed_exif_orientation_is_read_as_dali_reads_it(tmp_path, which):
     for name, (_, turn_jpeg, turn_png) in cases.items():
         assert torch.equal(got[f"{name}.jpg"], got[f"ref{turn_jpeg}.jpg"]), f"{name}.jpg"
         assert torch.equal(got[f"{name}.png"], got[f"ref{turn_png}.png"]), f"{name}.png"
+
+
+@pytest.mark.filterwarnings("ignore:Truncated File Read:UserWarning")   # PIL's own EXIF read at open
+@pytest.mark.parametrize("which", _loaders())
+def test_several_exif_blocks_are_read_as_dali_reads_them(tmp_path, which):
+    """PIL joins a JPEG's Exif APP1 segments into one block and keeps a PNG's last eXIf
+    chunk; DALI reads the segments one by one (the first orientation read counts once a
+    segment read whole has one) and keeps the first eXIf chunk libpng accepts: the torch
+    loader turned these images otherwise than DALI (measured, DALI 2.4)."""
+    import struct
+
+    y, x = np.mgrid[0:24, 0:24]
+    arr = np.stack([x * 10, y * 10, np.zeros_like(x)], -1).astype(np.uint8)   # every turn differs
+    plain = _jpeg_bytes(arr)
+    _, chunk = _png_with_chunks(arr)
+
+    def jpeg(*blocks):
+        segs = b"".join(b"\xff\xe1" + struct.pack(">H", len(b) + 8) + b"Exif\0\0" + b for b in blocks)
+        return plain[:2] + segs + plain[2:]
+
+    def png(*blocks):
+        return _png_with_chunks(arr, before_idat=b"".join(chunk(b"eXIf", b) for b in blocks))[0]
+
+    def orient(o, order=b"MM"):
+        return _tiff([(0x0112, 3, 1, o)], order)
+
+    make = _tiff([(0x010F, 3, 1, 6)], b"MM")                                 # a whole IFD0, no orientation
+    broken6 = _tiff([(0x0112, 3, 1, 6), (0x010F, 2, 20, 5000)], b"II")    # 6, then an entry off the block
+    cases = {   # name: (file, turn DALI gives it)
+        "jpeg_make_then_8": (jpeg(make, orient(8)), "jpg", 8),
+        "jpeg_short_then_8": (jpeg(b"MM", orient(8)), "jpg", 8),
+        "jpeg_broken6_then_8": (jpeg(broken6, orient(8)), "jpg", 6),
+        "jpeg_broken6_then_make": (jpeg(broken6, make), "jpg", 1),
+        "jpeg_6_then_8": (jpeg(orient(6), orient(8)), "jpg", 6),
+        "jpeg_6_spills_into_next": (jpeg(_tiff([(0x0112, 3, 1, 6), (0x010F, 2, 20, 30)], b"MM"), b"A" * 40),
+                                    "jpg", 1),
+        "png_6_then_8": (png(orient(6), orient(8)), "png", 6),
+        "png_make_then_8": (png(make, orient(8)), "png", 1),
+        "png_3_bytes_then_8": (png(b"MM\0", orient(8)), "png", 8),
+        "png_exif_prefix_then_8": (png(b"Exif\0\0" + orient(6), orient(8)), "png", 8)}
+    names = []
+    for o in (1, 6, 8):   # well-formed references
+        (tmp_path / f"ref{o}.jpg").write_bytes(jpeg(orient(o)))
+        (tmp_path / f"ref{o}.png").write_bytes(png(orient(o, b"II")))
+        names += [f"ref{o}.jpg", f"ref{o}.png"]
+    for name, (data, ext, _) in cases.items():
+        (tmp_path / f"{name}.{ext}").write_bytes(data)
+        names.append(f"{name}.{ext}")
+    paths = [str(tmp_path / n) for n in names]
+    idx, images, ok, bad = _run(which, paths)
+    assert ok.all() and not bad
+    got = {n: images[k] for k, n in enumerate(names)}
+    for name, (_, ext, turn) in cases.items():
+        assert torch.equal(got[f"{name}.{ext}"], got[f"ref{turn}.{ext}"]), f"{name}.{ext}"
+
+
+@pytest.mark.parametrize("which", _loaders())
+def test_a_chunk_before_ihdr_or_a_cut_iend_is_bad_for_both_loaders(tmp_path, which):
+    """DALI's PNG parser wants IHDR first and libpng reads IEND's CRC; PIL takes a chunk
+    before IHDR and stops at IEND's type: a tEXt before IHDR, or a file that ends inside
+    IEND's CRC (cut in its last bytes), decoded in the torch loader and failed DALI's
+    pipeline (found by a rebuild and a probe).  Now bad for both, for one reason.  A wrong
+    IEND CRC or IEND data with its CRC are good for both."""
+    arr = _picture(5, 12, 16)
+    plain, chunk = _png_with_chunks(arr)
+    ihdr = plain[8:33]
+    iend = chunk(b"IEND", b"")
+    files = {"a_text_before_ihdr.png": plain[:8] + chunk(b"tEXt", b"k\0v") + plain[8:],
+             "b_iend_crc_cut.png": plain[:-2],
+             "c_iend_without_crc.png": plain[:-4],
+             "d_iend_data_cut.png": plain[:-len(iend)] + chunk(b"IEND", b"xx")[:-3],
+             "e_iend_crc_wrong.png": plain[:-4] + b"\0\0\0\0",
+             "f_iend_data.png": plain[:-len(iend)] + chunk(b"IEND", b"xx"),
+             "g_plain.png": plain}
+    assert ihdr[4:8] == b"IHDR" and plain.endswith(iend)
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    paths = sorted(str(p) for p in tmp_path.iterdir())
+    idx, images, ok, bad = _run(which, paths)
+    assert ok.tolist() == [False] * 4 + [True] * 3
+    why = "(libpng, DALI's decoder, refuses it; PIL would decode it)"
+    cut = f"PNG with its IEND chunk cut short (the file ends inside its data or CRC) {why}"
+    assert bad == {0: f"PNG with a 'tEXt' chunk before IHDR (IHDR must come first) {why}", 1: cut, 2: cut, 3: cut}
+    assert torch.equal(images[4], images[6]) and torch.equal(images[5], images[6])
+    if which == "dali":   # caught before any pipeline, not by a rebuild
+        assert set(loader_dali._precheck(paths, np.arange(len(paths)), PreprocessSpec(SIZE))) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("which", _loaders())
+def test_jpeg_markers_dalis_parser_refuses_are_bad_for_both_loaders(tmp_path, which):
+    """PIL (and libjpeg) skip stray bytes between a JPEG's header segments and a restart
+    marker among them; DALI's JPEG parser refuses them ("Invalid marker"): the torch loader
+    decoded such files and DALI failed its pipeline (found by a rebuild and a probe).  Now
+    bad for both, for one reason; fill bytes (0xFF runs) and a comment stay good."""
+    import struct
+
+    plain = _jpeg_bytes(_picture(6, 20, 24))
+    dqt, sos = plain.find(b"\xff\xdb"), plain.find(b"\xff\xda")
+    text = b"\xff\xd9 hi\xff"   # marker-like bytes inside a segment are its data
+    com = b"\xff\xfe" + struct.pack(">H", len(text) + 2) + text
+    files = {"a_stray_before_dqt.jpg": plain[:dqt] + b"\x00\x01\x02" + plain[dqt:],
+             "b_stray_before_sos.jpg": plain[:sos] + b"\x12\x34" + plain[sos:],
+             "c_ff00_in_header.jpg": plain[:2] + b"\xff\x00" + plain[2:],
+             "d_restart_in_header.jpg": plain[:2] + b"\xff\xd0" + plain[2:],
+             "e_fill_bytes.jpg": plain[:sos] + b"\xff\xff" + plain[sos:],
+             "f_comment.jpg": plain[:dqt] + com + plain[dqt:],
+             "g_plain.jpg": plain}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    paths = sorted(str(p) for p in tmp_path.iterdir())
+    idx, images, ok, bad = _run(which, paths)
+    assert ok.tolist() == [False] * 4 + [True] * 3
+    why = "(DALI's decoder refuses it; PIL would decode it)"
+    assert bad == {0: f"JPEG with stray bytes where a marker belongs (byte {dqt}: 00 01) {why}",
+                   1: f"JPEG with stray bytes where a marker belongs (byte {sos}: 12 34) {why}",
+                   2: f"JPEG with stray bytes where a marker belongs (byte 2: ff 00) {why}",
+                   3: f"JPEG whose marker segments run past the end of the file before its scan {why}"}
+    assert torch.equal(images[4], images[6]) and torch.equal(images[5], images[6])
+    if which == "dali":   # caught before any pipeline, not by a rebuild
+        assert set(loader_dali._precheck(paths, np.arange(len(paths)), PreprocessSpec(SIZE))) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("which", _loaders())
+def test_an_animation_whose_default_image_is_not_a_frame_is_bad_for_both_loaders(tmp_path, which):
+    """An APNG whose image data is a default image outside its animation (a still for
+    viewers without APNG): DALI decoded its first frame, PIL (torch) the default image, two
+    different pictures.  Now bad for both, for one reason; with one frame both take the
+    default image, and an APNG whose first frame is its image data is good for both."""
+    still, first, second = (Image.fromarray(_picture(k, 20, 24)) for k in (7, 8, 9))
+
+    def apng(frames, **kw):
+        buf = io.BytesIO()
+        still.save(buf, format="PNG", save_all=True, append_images=frames, **kw)
+        return buf.getvalue()
+
+    files = {"a_hidden_default.png": apng([first, second], default_image=True),
+             "b_hidden_default_one_frame.png": apng([first], default_image=True),
+             "c_animation.png": apng([first, second]),
+             "d_still.png": _png_bytes(np.asarray(still))}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    paths = sorted(str(p) for p in tmp_path.iterdir())
+    idx, images, ok, bad = _run(which, paths)
+    assert ok.tolist() == [False, True, True, True]
+    assert bad == {0: "PNG animation whose default image is not its first frame (DALI decodes the first frame, "
+                      "PIL the default image)"}
+    assert torch.equal(images[1], images[3]) and torch.equal(images[2], images[3])
+    if which == "dali":   # caught before any pipeline
+        assert set(loader_dali._precheck(paths, np.arange(len(paths)), PreprocessSpec(SIZE))) == {0}

@@ -207,3 +207,30 @@ def test_pathlib_paths_as_the_torch_loader_takes_them(coded_folder):
 
     _, idx, images = _all(_dali([Path(p) for p in coded_folder[:5]], batch_size=2, dtype=torch.uint8))
     assert idx.tolist() == list(range(5)) and _decode_index(images) == idx.tolist()
+
+
+def test_a_numbered_cuda_device_decodes_on_that_gpu(coded_folder, monkeypatch):
+    """`--device cuda:1` reaches the loader as "cuda:1": DALI decoded on torch's current
+    device (GPU 0) whatever the number said, and yielded its images there.  The pipeline
+    and the output now name GPU 1; a GPU torch does not see is refused by name."""
+    seen = {}
+
+    class Built(Exception):
+        pass
+
+    def build(files, labels, **kw):
+        seen.update(kw)
+        raise Built
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(loader_dali, "build_pipeline", build)
+    with pytest.raises(Built):
+        list(_dali(coded_folder, device="cuda:1"))
+    assert seen["device"] == "gpu" and seen["device_id"] == 1
+    with pytest.raises(Built):
+        list(_dali(coded_folder, device="cuda"))
+    assert seen["device_id"] == 0
+    with pytest.raises(ValueError, match="'cuda:2': torch sees 2 CUDA device"):
+        list(_dali(coded_folder, device="cuda:2"))

@@ -89,6 +89,19 @@ def resolve_device(device: str | None) -> str:
     raise ValueError(f"DALI loader device must be 'cpu', 'gpu', 'cuda' or 'auto', got {device!r}")
 
 
+def gpu_index(device: str | None) -> int:
+    """The CUDA device a "gpu" ``device`` names: N for "cuda:N", else torch's current one
+    (decoding ran on the current device whatever N said: `--device cuda:1` decoded every
+    image on GPU 0 and copied it over)."""
+    d = str(device)
+    index = torch.device(d).index if d.startswith("cuda") else None
+    if index is None:
+        return torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"DALI loader device {device!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return index
+
+
 # ----------------------------------------------------------------------------- graph
 def _geometry(images, size: int):
     """Per-sample ROI (roi_start, roi_end) in source pixels of the centre crop, using
@@ -131,13 +144,15 @@ _DALI_OUT = {torch.uint8: "UINT8", torch.bfloat16: "UINT8", torch.float32: "FLOA
 def build_pipeline(files: Sequence[str], labels: Sequence[int], *, size: int, channels: int = 3,
                    batch_size: int = 256, num_threads: int = 2, device: str = "cpu",
                    dtype: torch.dtype = torch.float32, hw_decoder_load: float = 0.65,
-                   prefetch_queue_depth: int = 2, synchronous: bool = False, seed: int = 0):
+                   prefetch_queue_depth: int = 2, synchronous: bool = False, seed: int = 0,
+                   device_id: int | None = None):
     """A built DALI pipeline reading ``files`` in order, each labelled by ``labels``
     (the pool indices), producing (images (B, C, size, size), labels (B, 1) int32).
 
     ``device``: "cpu" (decoding on CPU threads, ``device_id=None``) or "gpu" (``mixed``
-    decoding with ``hw_decoder_load`` of JPEGs on the hardware decoder where present).
-    ``synchronous``: no prefetching, so an error belongs to the batch just run (probes)."""
+    decoding with ``hw_decoder_load`` of JPEGs on the hardware decoder where present) on
+    CUDA device ``device_id`` (None: torch's current one).  ``synchronous``: no
+    prefetching, so an error belongs to the batch just run (probes)."""
     from nvidia.dali import fn, pipeline_def, types
 
     if len(files) != len(labels) or not files:
@@ -167,7 +182,7 @@ def build_pipeline(files: Sequence[str], labels: Sequence[int], *, size: int, ch
         return images, label
 
     kwargs = dict(batch_size=batch_size, num_threads=num_threads, seed=seed,
-                  device_id=torch.cuda.current_device() if gpu else None)
+                  device_id=(torch.cuda.current_device() if device_id is None else device_id) if gpu else None)
     if synchronous:
         kwargs.update(prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
     else:
@@ -222,16 +237,18 @@ def _dali_name(path: str) -> str:
     return _aliases[path]
 
 
-def _to_torch(tl, dtype: torch.dtype, device: str) -> torch.Tensor:
-    """Copy a DALI TensorList into a new torch tensor (on torch's current stream on GPU)."""
+def _to_torch(tl, dtype: torch.dtype, device: str, gpu_id: int | None = None) -> torch.Tensor:
+    """Copy a DALI TensorList into a new torch tensor (on CUDA device ``gpu_id``, torch's
+    current one if None, and its current stream on GPU)."""
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
     dense = tl.as_tensor()
     shape = tuple(dense.shape())
     dali_dtype = torch.uint8 if dtype == torch.bfloat16 else dtype
     if device == "gpu":
-        out = torch.empty(shape, dtype=dali_dtype, device=torch.device("cuda", torch.cuda.current_device()))
-        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream())
+        gpu = torch.device("cuda", torch.cuda.current_device() if gpu_id is None else gpu_id)
+        out = torch.empty(shape, dtype=dali_dtype, device=gpu)
+        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(gpu))
     else:
         out = torch.empty(shape, dtype=dali_dtype)
         feed_ndarray(dense, out)
@@ -289,12 +306,13 @@ class _DaliStream:
     """Good samples of ``order`` in order, as (labels int64 array, images tensor) batches."""
 
     def __init__(self, paths, order, *, spec, batch_size, num_threads, device, dtype,
-                 hw_decoder_load, prefetch_queue_depth, first_pipeline_batches, bad):
+                 hw_decoder_load, prefetch_queue_depth, first_pipeline_batches, bad, gpu_id=None):
         self.paths, self.order, self.spec = paths, order, spec
         self.batch_size, self.num_threads, self.device, self.dtype = batch_size, num_threads, device, dtype
         self.hw_decoder_load, self.depth = hw_decoder_load, prefetch_queue_depth
         self.first_len = max(1, int(first_pipeline_batches)) * batch_size
         self.bad = bad
+        self.gpu_id = gpu_id
         self.rebuilds = 0
 
     def _pipe(self, idx, synchronous=False, batch_size=None):
@@ -311,7 +329,8 @@ class _DaliStream:
                               channels=self.spec.channels, batch_size=B,
                               num_threads=self.num_threads, device=self.device, dtype=self.dtype,
                               hw_decoder_load=self.hw_decoder_load,
-                              prefetch_queue_depth=self.depth, synchronous=synchronous)
+                              prefetch_queue_depth=self.depth, synchronous=synchronous,
+                              device_id=self.gpu_id)
 
     def _names(self, window) -> dict[int, str]:
         """The names DALI knows the files of ``window`` by (its errors quote them)."""
@@ -382,7 +401,7 @@ class _DaliStream:
                                     raise _AlignmentError(
                                         f"DALI reader returned pool indices {lab[:8].tolist()}... where "
                                         f"{expect[:8]}... were expected; refusing to misalign the store")
-                                batch = _to_torch(images, self.dtype, self.device)[:k]
+                                batch = _to_torch(images, self.dtype, self.device, self.gpu_id)[:k]
                                 done += k
                                 yield lab, batch
                             pending = []
@@ -436,10 +455,10 @@ def iter_folder_batches(paths, *, size: int, channels: int = 3, batch_size: int 
     Streams ``select_indices(len(paths), start=, shard_id=, num_shards=, indices=)`` in
     order, ``batch_size`` per batch (the last may be smaller).  ``num_threads`` DALI CPU
     threads.  ``dtype``: uint8 (0..255) or float32/float16/bfloat16 in [0, 1].  ``device``:
-    "cpu", "gpu"/"cuda" (mixed decoding; images on the current CUDA device) or None/"auto"
-    (GPU when torch sees one).  ``first_pipeline_batches``: batches of the first pipeline;
-    a second one decodes the rest (its files are checked while the first decodes).  Bad
-    files: zero image, ok=False, reason in ``bad_files``."""
+    "cpu", "gpu"/"cuda"/"cuda:N" (mixed decoding; images on CUDA device N, or the current
+    one) or None/"auto" (GPU when torch sees one).  ``first_pipeline_batches``: batches of
+    the first pipeline; a second one decodes the rest (its files are checked while the
+    first decodes).  Bad files: zero image, ok=False, reason in ``bad_files``."""
     spec = PreprocessSpec(size, channels)
     dtype = output_dtype(dtype)
     if batch_size < 1:
@@ -457,12 +476,13 @@ def iter_folder_batches(paths, *, size: int, channels: int = 3, batch_size: int 
     # object has no attribute 'encode'")
     paths = [os.fspath(p) for p in paths]
     dev = resolve_device(device)
+    gpu_id = gpu_index(device) if dev == "gpu" else None
     bad: dict[int, str] = {}
     stream = iter(_DaliStream(paths, sel, spec=spec, batch_size=batch_size, num_threads=num_threads,
                               device=dev, dtype=dtype, hw_decoder_load=hw_decoder_load,
                               prefetch_queue_depth=prefetch_queue_depth,
-                              first_pipeline_batches=first_pipeline_batches, bad=bad))
-    out_device = torch.device("cuda", torch.cuda.current_device()) if dev == "gpu" else torch.device("cpu")
+                              first_pipeline_batches=first_pipeline_batches, bad=bad, gpu_id=gpu_id))
+    out_device = torch.device("cuda", gpu_id) if dev == "gpu" else torch.device("cpu")
     cur_lab, cur_img, pos = np.zeros(0, np.int64), None, 0
     for b0 in range(0, len(sel), batch_size):
         want = sel[b0:b0 + batch_size]

@@ -36,15 +36,16 @@ Bad files: :func:`validate_image_file` is the one pre-decode check both loaders 
 so they agree on which files are bad and why: first :func:`check_image_file` (empty file,
 unreadable file, content that is neither JPEG nor PNG, a missing end marker), then PIL's
 ``Image.open`` + ``verify()`` (the header structure; for PNG every chunk's CRC; no pixel
-decoding), which also applies PIL's pixel limit to both loaders, then, for PNG, what
-libpng (DALI's decoder) refuses and PIL decodes: a side over 1,000,000 pixels, an
-unknown critical chunk, a palette image without PLTE, and other chunk sequences (see
-``_png_chunk_error``); and what PIL refuses only when it decodes: a malformed ancillary
-chunk after the image data (``_png_trailer_check``).  A file that passes but
-has no end marker is "suspect" and is then fully decoded by PIL to decide.  A file that
-fails never enters a DALI pipeline: a corrupt JPEG header can crash DALI's decoder
-outright (SIGSEGV, not a catchable pipeline error).  Not caught without decoding, and
-so still treated differently: damaged JPEG *scan* data (see tests/test_loader_parity.py);
+decoding), which also applies PIL's pixel limit to both loaders, then, for JPEG, what
+DALI's marker parser refuses and PIL skips (stray bytes between the header segments, see
+``_jpeg_marker_error``), for PNG, what libpng (DALI's decoder) refuses and PIL decodes: a
+side over 1,000,000 pixels, an unknown critical chunk, a palette image without PLTE, and
+other chunk sequences (see ``_png_chunk_error``); and what PIL refuses only when it
+decodes: a malformed ancillary chunk after the image data (``_png_trailer_check``).  A
+file that passes but has no end marker is "suspect" and is then fully decoded by PIL to
+decide.  A file that fails never enters a DALI pipeline: a corrupt JPEG header can crash
+DALI's decoder outright (SIGSEGV, not a catchable pipeline error).  Not caught without
+decoding, and so still treated differently: damaged JPEG *scan* data (see tests/test_loader_parity.py);
 damaged PNG image data is bad for both, but DALI finds it by a pipeline rebuild and names
 it in its decoder's words.
 """
@@ -158,7 +159,8 @@ def validate_image_file(path: str) -> tuple[str, str]:
     with a side over 1,000,000 pixels (libpng's limit, which DALI's decoder keeps) is bad
     for both loaders too, and so is one whose chunk sequence libpng refuses and PIL
     accepts (an unknown critical chunk, a palette image without PLTE, ...), or one with a
-    chunk after its image data that PIL's decode refuses (a truncated pHYs, say)."""
+    chunk after its image data that PIL's decode refuses (a truncated pHYs, say), and so
+    is a JPEG with stray bytes among its header segments (DALI's parser refuses them)."""
     verdict, detail = check_image_file(path)
     if verdict == "bad":
         return verdict, detail
@@ -171,11 +173,17 @@ def validate_image_file(path: str) -> tuple[str, str]:
     except Exception as exc:  # PIL raises many exception types for corrupt files
         kind = "PNG" if detail.startswith("PNG") else "JPEG"
         return "bad", f"{kind} rejected by PIL: {describe_error(exc)}"
+    if detail.startswith("JPEG"):
+        why = _jpeg_marker_error(path)
+        if why:
+            return "bad", f"JPEG {why} (DALI's decoder refuses it; PIL would decode it)"
     if detail.startswith("PNG") and max(shape) > _PNG_MAX_SIDE:
         return "bad", (f"PNG of {shape[0]}x{shape[1]} pixels: a side over libpng's limit of {_PNG_MAX_SIDE:,} "
                        f"(DALI's decoder refuses it)")
     if detail.startswith("PNG"):
         why, trailer = _png_chunk_error(path)
+        if why == _PNG_HIDDEN_DEFAULT:   # decoded by both, as different images
+            return "bad", f"PNG {why}"
         if why:
             return "bad", f"PNG {why} (libpng, DALI's decoder, refuses it; PIL would decode it)"
         try:
@@ -240,17 +248,70 @@ def _replay_png_load_end(path: str, trailer: int) -> None:
             im.fp.read(4)   # CRC
 
 
+def _jpeg_marker_error(path: str) -> str | None:
+    """What DALI's decoder (nvImageCodec's JPEG parser) refuses in a JPEG's markers before
+    its scan that PIL decodes without a word: where a marker belongs, a byte other than
+    0xFF (stray bytes, which PIL and libjpeg skip) or the non-marker 0xFF00, a segment
+    length under 2, or no scan where the walk ends (PIL's open found one).  The parser
+    reads a length after every marker but SOS, as this walk does (a restart marker among
+    the headers, which PIL skips, throws it off); fill bytes (0xFF runs) are fine.  Reads
+    the headers only, in 16 KiB blocks."""
+    past_end = "whose marker segments run past the end of the file before its scan"
+    try:
+        with open(path, "rb") as fh:
+            buf = fh.read(1 << 14)
+
+            def have(n: int) -> bool:   # buf holds n bytes (reading on as needed)
+                nonlocal buf
+                while len(buf) < n:
+                    more = fh.read(max(1 << 14, n - len(buf)))
+                    if not more:
+                        return False
+                    buf += more
+                return True
+
+            at = 2   # after SOI
+            while True:
+                if not have(at + 2):
+                    return past_end
+                first, k = buf[at], at + 1
+                while have(k + 1) and buf[k] == 0xFF:   # fill bytes
+                    k += 1
+                if not have(k + 1):
+                    return past_end
+                if first != 0xFF or buf[k] == 0x00:
+                    return f"with stray bytes where a marker belongs (byte {at}: {first:02x} {buf[k]:02x})"
+                if buf[k] == 0xDA:   # SOS: the scan follows
+                    return None
+                if not have(k + 3):
+                    return past_end
+                length = int.from_bytes(buf[k + 1:k + 3], "big")
+                if length < 2:
+                    return f"with a marker segment of length {length} (byte {at}; 2 or more expected)"
+                at = k + 1 + length
+    except OSError:
+        return None   # unreadable now: the loaders' decode says so
+
+
+_PNG_HIDDEN_DEFAULT = ("animation whose default image is not its first frame (DALI decodes the first frame, PIL "
+                       "the default image)")
+
+
 def _png_chunk_error(path: str) -> tuple[str | None, int | None]:
     """(what is wrong, where the chunks after the image data start, or None): what DALI's decoder (nvImageCodec's PNG parser, then libpng) refuses in a PNG's chunk
     sequence that PIL decodes without a word: a critical chunk it does not know (one whose
     type starts with a capital letter, not IHDR/PLTE/IDAT/IEND), a chunk type that is not
-    four ASCII letters with a capital third one, an IHDR that is not 13 bytes long, comes
-    twice or names a compression method other than 0, and, in a palette image, no PLTE
-    before the image data, a second PLTE, or one whose length is not a positive multiple
-    of 3.  Reads the chunk headers and IHDR only (PIL's ``verify()`` has already read every
-    chunk)."""
-    ihdr = plte = palette = idat = False
-    trailer = None
+    four ASCII letters with a capital third one, an IHDR that is not the first chunk, is
+    not 13 bytes long, comes twice or names a compression method other than 0, in a
+    palette image no PLTE before the image data, a second PLTE, or one whose length is not
+    a positive multiple of 3, and an IEND whose data or CRC the file cuts short (PIL reads
+    no further than IEND's type).  And an animation (APNG) of several frames whose image
+    data is a default image outside the animation (no fcTL before it): DALI decodes the
+    first frame, PIL the default image (measured, DALI 2.4; one frame: both the default
+    image).  Reads the chunk headers and IHDR only (PIL's
+    ``verify()`` has already read every chunk)."""
+    ihdr = plte = palette = idat = fctl = False
+    trailer = frames = None
     try:
         with open(path, "rb") as fh:
             fh.seek(len(_PNG_MAGIC))
@@ -262,7 +323,11 @@ def _png_chunk_error(path: str) -> tuple[str | None, int | None]:
                 name = ctype.decode("latin-1")
                 if not ctype.isalpha() or ctype[2] & 0x20:
                     return f"with an invalid chunk type {name!r}", None   # not letters, or the reserved bit set
+                if not ihdr and ctype != b"IHDR":
+                    return f"with a {name!r} chunk before IHDR (IHDR must come first)", None
                 if ctype == b"IDAT":
+                    if not idat and (frames or 0) > 1 and not fctl:
+                        return _PNG_HIDDEN_DEFAULT, None
                     idat = True
                 elif idat and trailer is None and ctype != b"IEND":
                     trailer = fh.tell() - 8
@@ -284,7 +349,13 @@ def _png_chunk_error(path: str) -> tuple[str | None, int | None]:
                     plte = True
                 elif ctype == b"IDAT" and palette and not plte:
                     return "palette image without a PLTE chunk before its image data", None
+                elif ctype in (b"acTL", b"fcTL") and not idat:
+                    if ctype == b"acTL" and frames is None and length >= 4:
+                        frames, length = int.from_bytes(fh.read(4), "big"), length - 4   # num_frames
+                    fctl = fctl or ctype == b"fcTL"
                 elif ctype == b"IEND":
+                    if fh.tell() + length + 4 > os.fstat(fh.fileno()).st_size:
+                        return "with its IEND chunk cut short (the file ends inside its data or CRC)", None
                     return None, trailer
                 elif not ctype[0] & 0x20 and ctype not in _PNG_CRITICAL:
                     return f"with an unknown critical chunk {name!r}", None
@@ -322,7 +393,7 @@ _EXIF_TEXT = (0x010E, 0x010F, 0x0110, 0x0131, 0x0132, 0x8298)
 _EXIF_RATIONALS = {0x011A: 1, 0x011B: 1, 0x013E: 2, 0x013F: 6, 0x0211: 3, 0x0214: 6}
 
 
-def _exif_orientation(im) -> int:
+def _exif_orientation(im, path: str | None = None) -> int:
     """The EXIF orientation of a decoded image as DALI's decoder reads it, so that both
     loaders turn the same images.  Not PIL's ``getexif()``, which also takes XMP's
     ``tiff:Orientation`` and a PNG's "Raw profile type exif" text (DALI ignores both: the
@@ -331,11 +402,33 @@ def _exif_orientation(im) -> int:
     the first orientation entry of IFD0 as 16 bits whatever its type (a LONG 6 is 6 in
     little-endian EXIF, 0 in big-endian), and gives up on an entry whose data lies outside
     the block: in a JPEG it then ignores the orientation, in a PNG only from that entry on
-    (measured, DALI 2.4).  Values other than 1-8: no turn."""
-    data = im.info.get("exif")
-    if not isinstance(data, bytes):
-        return 1
-    d = data[6:] if data.startswith(b"Exif\x00\x00") else data
+    (measured, DALI 2.4).  Values other than 1-8: no turn.
+
+    Nor PIL's one EXIF block where a file has several (measured, DALI 2.4): a JPEG's Exif
+    APP1 segments are read one by one (PIL joins them into one block), the first
+    orientation read in any of them counting once a segment read whole has one; a PNG's
+    first eXIf chunk that libpng keeps (4 bytes or more, starting with a TIFF header)
+    counts and later ones do not (PIL keeps the last; ``path`` is read for it)."""
+    if getattr(im, "format", None) == "PNG":
+        if "exif" not in im.info or path is None:
+            return 1
+        data = _png_first_exif(path)
+        found = _ifd0_orientation(data)[0] if data is not None else None
+        return found if found is not None else 1
+    first = None
+    for app, seg in getattr(im, "applist", None) or []:
+        if app != "APP1" or not seg.startswith(b"Exif\x00\x00"):
+            continue
+        found, whole = _ifd0_orientation(seg[6:])
+        first = found if first is None else first
+        if whole and found is not None:
+            return first
+    return 1
+
+
+def _ifd0_orientation(d: bytes) -> tuple[int | None, bool]:
+    """(the first orientation entry of EXIF block ``d``'s IFD0 or None, whether DALI's
+    reader reads IFD0 whole), read as DALI's reader reads it (see `_exif_orientation`)."""
     order = "little" if d[:1] == b"I" and d[1:2] in (b"I", b"") else "big"
 
     def u(o: int, n: int) -> int:
@@ -346,7 +439,7 @@ def _exif_orientation(im) -> int:
     found = None
     try:
         if u(2, 2) != 0x2A:
-            return 1
+            return None, False
         off = u(4, 4)
         count, off = u(off, 2), off + 2
         for _ in range(count):
@@ -364,9 +457,29 @@ def _exif_orientation(im) -> int:
                     found = value
             off += 12
     except IndexError:
-        if getattr(im, "format", None) != "PNG":
-            return 1
-    return found if found is not None else 1
+        return found, False
+    return found, True
+
+
+def _png_first_exif(path: str) -> bytes | None:
+    """The data of the first eXIf chunk of a PNG that libpng keeps (see `_exif_orientation`)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(len(_PNG_MAGIC))
+            while True:
+                head = fh.read(8)
+                if len(head) < 8 or head[4:] == b"IEND":
+                    return None
+                length = int.from_bytes(head[:4], "big")
+                if head[4:] == b"eXIf" and length >= 4:
+                    data = fh.read(length)
+                    if data[:4] in (b"II*\x00", b"MM\x00*"):
+                        return data
+                    fh.seek(4, os.SEEK_CUR)
+                else:
+                    fh.seek(length + 4, os.SEEK_CUR)
+    except OSError:
+        return None
 
 
 def load_image_uint8(path: str, spec: PreprocessSpec) -> torch.Tensor:
@@ -375,7 +488,7 @@ def load_image_uint8(path: str, spec: PreprocessSpec) -> torch.Tensor:
 
     with Image.open(path) as im:
         im.load()
-        method = _ORIENT.get(_exif_orientation(im))
+        method = _ORIENT.get(_exif_orientation(im, path))
         if method is not None:
             im = im.transpose(Image.Transpose[method])
         im = _to_rgb_or_l(im, spec.channels)
