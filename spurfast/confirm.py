@@ -140,7 +140,10 @@ VERDICTS = {
                     "from the pattern",
     "class_content": "genuine class content in the same place moves the model as much: natural class "
                      "content, not a shortcut",
-    "no_effect": "the pattern moves the model no more than random patterns or genuine class content",
+    # "no more than" contradicted the rates beside it where the pattern flips more, but not
+    # significantly (4 of 4 clean images vs none: p = 0.0625)
+    "no_effect": "the pattern does not move the model significantly more than random patterns or genuine class "
+                 "content",
 }
 
 

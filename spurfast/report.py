@@ -71,7 +71,7 @@ def _run_png(out_dir: Path, name) -> bool:
     try:
         with open(out_dir / rel, "rb") as fh:
             return (out_dir / rel).is_file() and fh.read(8) == b"\x89PNG\r\n\x1a\n"
-    except OSError:
+    except (OSError, ValueError):   # ValueError: a name holding a NUL byte (open() raised it, naming no file)
         return False
 
 
@@ -84,6 +84,9 @@ def save_grid(images: torch.Tensor, path, ncol: int = 8) -> str:
     return save_image(grid, path)
 
 
+MAX_BARS = 1000   # more clusters than this are drawn as lines (a bar would be under a pixel wide)
+
+
 def plot_scores(clusters: list[dict], fdr_line: float, path) -> str:
     # a Figure of its own, not pyplot: matplotlib.use("Agg") switched the caller's backend
     # (a notebook's inline plots stopped showing after a run)
@@ -92,11 +95,14 @@ def plot_scores(clusters: list[dict], fdr_line: float, path) -> str:
     fig = Figure(figsize=(7, 3.2), dpi=100)
     ax = fig.subplots()
     cl = sorted(clusters, key=lambda c: -c["score"])
-    sig = np.array([c["q_value"] <= fdr_line for c in cl])
+    sig = np.array([c["q_value"] <= fdr_line for c in cl], dtype=bool)
     xs = np.arange(len(cl))
-    ys = np.array([c["score"] for c in cl])
-    ax.bar(xs[~sig], ys[~sig], color="#aaaaaa", label="not significant")
-    ax.bar(xs[sig], ys[sig], color="#d62728", label=f"q <= {fdr_line:g}")
+    ys = np.array([c["score"] for c in cl], dtype=np.float64)
+    for keep, color, label in ((~sig, "#aaaaaa", "not significant"), (sig, "#d62728", f"q <= {fdr_line:g}")):
+        if len(cl) <= MAX_BARS:
+            ax.bar(xs[keep], ys[keep], color=color, label=label)
+        else:   # one line collection: a patch per cluster took minutes at 13k clusters (1.2M images)
+            ax.vlines(xs[keep], 0.0, ys[keep], colors=color, label=label, linewidth=0.8)
     ax.set_xlabel("clusters (all classes), by score")
     ax.set_ylabel("score")
     ax.legend(loc="upper right", fontsize=8)
@@ -197,8 +203,8 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
                                                               "accounted for")
                         + f"; genuine class content was not tested: {cf['content_skipped']}")
             elif cf.get("content_skipped") and verdict == "no_effect":   # "... or genuine class content" likewise
-                why = e("the pattern moves the model no more than random patterns; genuine class content was not "
-                        f"tested: {cf['content_skipped']}")
+                why = e("the pattern does not move the model significantly more than random patterns; genuine class "
+                        f"content was not tested: {cf['content_skipped']}")
             texture = reacts_to_texture(cf) if verdict == "not_specific" else None
             if texture is not None:
                 why += (f"; smooth random fields of the same size there flip {float(cf['smooth_flip_rate']):.1%} "
@@ -238,6 +244,10 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
         parts.append(f"<h2>Unreadable files ({len(bad_files)}, skipped)</h2><ul>"
                      + "".join(f"<li><code>{e(p)}</code>: {e(r)}</li>" for p, r in sorted(bad_files.items())) + "</ul>")
     parts.append("<h2>Configuration</h2><pre>" + e(json.dumps(doc["config"], indent=1)) + "</pre></body></html>")
+    from .embed import replace_atomically
+
     path = out_dir / "report.html"
-    path.write_text("\n".join(parts), encoding="utf-8")
+    page = "\n".join(parts)
+    # atomic, as the run's other outputs: an interrupted `spurfast report` truncated the page it replaced
+    replace_atomically(path, lambda fh: fh.write(page), encoding="utf-8")
     return path

@@ -127,8 +127,8 @@ def test_no_effect_without_the_content_control_claims_no_content_comparison(tmp_
     cf = {"flip_rate": 0.0, "control_flip_rate": 0.0, "p_value": 1.0, "q_value": 1.0, "verdict": "no_effect",
           "content_skipped": "no image of class 3 to compare with"}
     html = write_report(_doc(cf), tmp_path).read_text()
-    assert "not confirmed (the pattern moves the model no more than random patterns; genuine class content was " \
-           "not tested: no image of class 3 to compare with)" in html
+    assert "not confirmed (the pattern does not move the model significantly more than random patterns; genuine " \
+           "class content was not tested: no image of class 3 to compare with)" in html
     assert VERDICTS["no_effect"] not in html
 
 
@@ -210,3 +210,95 @@ def test_only_pngs_inside_the_run_are_inlined(tmp_path):
     assert html.count("data:image/png;base64,") == 1
     assert "../secret.png is missing (or not a PNG of this run)" in html
     assert "images/f1_grid.png is missing (or not a PNG of this run)" in html
+
+
+def test_no_effect_is_not_said_to_be_no_more_than_the_controls_beside_rates_that_are_more(tmp_path):
+    """Four clean images, every one flipped by the pattern and none by either control: p =
+    0.0625, so 'no_effect', which read "the pattern moves the model no more than random
+    patterns or genuine class content" beside "flips 100.0% ... vs 0.0%"."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    cf = {"flip_rate": 1.0, "control_flip_rate": 0.0, "p_value": 0.0625, "content_flip_rate": 0.0,
+          "content_p_value": 0.0625, "q_value": 0.0625}
+    html = write_report(_doc(cf), tmp_path / "a").read_text()
+    assert "flips 100.0% of clean images towards this class vs 0.0% for random patterns" in html
+    assert "no more than" not in html
+    assert "not confirmed (the pattern does not move the model significantly more than random patterns or genuine " \
+           "class content)" in html
+    cf = {"flip_rate": 1.0, "control_flip_rate": 0.0, "p_value": 0.0625, "q_value": 0.0625,
+          "content_skipped": "no image of class 3 to compare with"}
+    html = write_report(_doc(cf), tmp_path / "b").read_text()
+    assert "no more than" not in html
+    assert "does not move the model significantly more than random patterns; genuine class content was not tested" \
+        in html
+
+
+def test_an_image_name_holding_a_nul_byte_is_missing_not_a_traceback(tmp_path):
+    """open() raises ValueError ("embedded null byte"), not OSError, for such a name: the
+    check meant to refuse odd image paths in a findings.json ended the report naming nothing."""
+    doc = _doc(None)
+    doc["findings"][0]["images"] = {"mask": "images/finding1\x00_mask.png"}
+    html = write_report(doc, tmp_path).read_text()
+    assert "images/finding1\x00_mask.png is missing (or not a PNG of this run)" in html
+
+
+def test_the_score_plot_of_many_clusters_is_not_a_patch_per_cluster(tmp_path, monkeypatch):
+    """A pool of 1.2M images has about 13k clusters: one bar (a matplotlib patch) per cluster
+    took about a minute to add and draw at the end of every run (3 ms a bar here); above
+    MAX_BARS the clusters are drawn as one collection of lines, with the same legend."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from spurfast import report
+
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, path, **kw: drawn.append(self))
+    rng = np.random.default_rng(0)
+    n = 3 * getattr(report, "MAX_BARS", 1000)
+    clusters = [{"score": float(s), "q_value": float(q)} for s, q in zip(rng.exponential(size=n), rng.uniform(size=n))]
+    plot_scores(clusters, 0.05, tmp_path / "s.png")
+    ax = drawn[0].axes[0]
+    assert len(ax.patches) < 10, len(ax.patches)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["not significant", "q <= 0.05"]
+    assert sum(len(c.get_segments()) for c in ax.collections) == n
+    plot_scores(clusters[:5], 0.05, tmp_path / "few.png")         # few clusters: bars as before
+    assert len(drawn[1].axes[0].patches) == 5
+    plot_scores([], 0.05, tmp_path / "none.png")                  # no cluster: an empty plot, not a TypeError
+
+
+def test_an_interrupted_rewrite_keeps_the_report_it_was_replacing(tmp_path, monkeypatch):
+    """`spurfast report --run` (or a rerun) writes the page over the old one: Ctrl-C during
+    the write left a truncated report.html where a whole one had been."""
+    import builtins
+    import io
+
+    import pytest
+
+    path = write_report(_doc(None), tmp_path)
+    whole = path.read_text()
+    real_open = builtins.open
+
+    class Interrupted(io.StringIO):
+        def __init__(self, fh):
+            super().__init__()
+            self.fh = fh
+
+        def write(self, text):   # half the page reaches the file, then Ctrl-C
+            self.fh.write(text[:len(text) // 2])
+            self.fh.flush()
+            raise KeyboardInterrupt
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    def interrupted_open(file, mode="r", *a, **k):
+        fh = real_open(file, mode, *a, **k)
+        return Interrupted(fh) if "w" in mode and "report.html" in str(file) else fh
+
+    monkeypatch.setattr(builtins, "open", interrupted_open)
+    monkeypatch.setattr(io, "open", interrupted_open)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(_doc(None), tmp_path)
+    monkeypatch.undo()
+    assert path.read_text() == whole
+    assert [p.name for p in tmp_path.iterdir() if "report" in p.name] == ["report.html"]   # no temporary file left
