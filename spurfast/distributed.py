@@ -145,6 +145,7 @@ def init(device: str = "cpu", backend: str | None = None, timeout_s: float | Non
     # checked before joining: every rank would fail at once, a rank already in the group waits
     timeout = _seconds("timeout_s", timeout_s, "SPURFAST_DIST_TIMEOUT", 1800)
     wait = _seconds("wait_timeout_s", wait_timeout_s, "SPURFAST_DIST_WAIT_TIMEOUT", 86400)
+    _across_override()   # read by rank 0's main section: a bad value failed after the whole embedding pass
     cuda = str(device).startswith("cuda")
     if cuda and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} was asked for, but torch sees no CUDA device")
@@ -452,12 +453,18 @@ def cluster_across_ranks() -> bool:
     images); there rank 0 clusters alone on all the cores.  On GPUs or over several nodes
     the ranks bring their own hardware: across ranks.  SPURFAST_KMEANS_ACROSS_RANKS=1 or 0
     overrides."""
-    env = os.environ.get("SPURFAST_KMEANS_ACROSS_RANKS")
-    if env is not None:
-        if env not in ("0", "1"):
-            raise ValueError(f"SPURFAST_KMEANS_ACROSS_RANKS must be 0 or 1, got {env!r}")
-        return env == "1"
+    across = _across_override()
+    if across is not None:
+        return across
     return _CTX.device != "cpu" or _env_int("LOCAL_WORLD_SIZE", _CTX.world_size) < _CTX.world_size
+
+
+def _across_override() -> bool | None:
+    """SPURFAST_KMEANS_ACROSS_RANKS as a bool; None when unset."""
+    env = os.environ.get("SPURFAST_KMEANS_ACROSS_RANKS")
+    if env is not None and env not in ("0", "1"):
+        raise ValueError(f"SPURFAST_KMEANS_ACROSS_RANKS must be 0 or 1, got {env!r}")
+    return None if env is None else env == "1"
 
 
 @contextmanager

@@ -250,6 +250,13 @@ def unmark_stores(path) -> None:
             pass
 
 
+def decode_device(device) -> str:
+    """Where a loader that can decode on a GPU (DALI) decodes for a run computing on
+    ``device``: that CUDA device, else the CPU (DALI decoded on the GPU whenever torch saw
+    one, --device cpu included, and refused "cpu:1", which torch computes on as "cpu")."""
+    return str(device) if torch.device(device).type == "cuda" else "cpu"
+
+
 def shard_dir(store_dir, shard_id: int, num_shards: int) -> Path:
     """Where rank ``shard_id`` of ``num_shards`` keeps its part of the store."""
     return Path(store_dir) / "shards" / f"{shard_id}-of-{num_shards}"
@@ -386,10 +393,13 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
     # the loader that decodes a folder pool: recorded, and a resume must use the same one (the
     # torch and DALI loaders' resized pixels differ by a few levels; mixed, the findings
     # matched neither run's)
-    loader = None
+    loader = decode = None
     if getattr(source, "paths", None) is not None:
         from . import backends
         loader = backends.resolve("loader", loader_backend)[0]
+        if loader == "dali":   # recorded too: its GPU ("mixed", nvJPEG) and CPU decoders' pixels differ a little
+            from .data.loader_dali import resolve_device
+            decode = resolve_device(decode_device(device))
     sel = None
     if num_shards == 1:
         store = main
@@ -399,7 +409,7 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
             store = EmbeddingStore.create(store_dir, n, _columns(source, classifier, vae, num_classes, device, n),
                                           {"fingerprint": fp, "content": content, "pool": source.name,
                                            "num_classes": num_classes, "latent_dim": vae.config.latent_dim,
-                                           "loader": loader})
+                                           "loader": loader, "decode": decode})
         desc = "embedding pool"
     else:
         from .data.folder import select_indices
@@ -423,17 +433,19 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
             store = EmbeddingStore.create(sdir, len(sel), cols, {
                 "fingerprint": fp, "content": content, "pool": source.name, "num_classes": num_classes,
                 "latent_dim": vae.config.latent_dim, "start": start, "pool_n": n,
-                "shard_id": shard_id, "num_shards": num_shards, "loader": loader}, initial={"index": sel})
+                "shard_id": shard_id, "num_shards": num_shards, "loader": loader, "decode": decode},
+                initial={"index": sel})
         elif store.done:
             _sync_labels(store, np.asarray(source.labels())[sel[:store.done]])
             log.info("resuming shard %d/%d at row %d of %d", shard_id, num_shards, store.done, store.n)
         desc = f"embedding shard {shard_id}/{num_shards}"
     if store.complete:
         return store
-    if loader is not None and store.done == 0 and store.manifest.get("loader") != loader:
+    if loader is not None and store.done == 0 and (store.manifest.get("loader"), store.manifest.get("decode")) != (
+            loader, decode):
         # no rows yet: this run's loader decodes all of them (a stale record let a later
         # resume with the first loader mix both)
-        store.manifest["loader"] = loader
+        store.manifest["loader"], store.manifest["decode"] = loader, decode
         _write_json(store.root / MANIFEST, store.manifest)
     # a shard store continues the main store's rows: those were decoded too (by a run of
     # another number of processes, perhaps with another loader); and its sibling shards'
@@ -458,6 +470,13 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
                              f"resume it with {loader!r}: their pixels differ a little on resized images, so the "
                              f"store would mix both; resume with --loader-backend {began} (or start afresh: remove "
                              f"{part.root}, or choose another output directory)")
+        was = None if part is None or began != loader else part.manifest.get("decode")  # None: recorded by none
+        if part is not None and part.done and decode is not None and was is not None and was != decode:
+            raise ValueError(f"embedding store {part.root} was begun decoding on the {was.upper()} and this run "
+                             f"would resume it decoding on the {decode.upper()} (the {loader!r} loader decodes where "
+                             f"--device computes): their pixels differ a little, so the store would mix both; "
+                             f"resume with --device {'cuda' if was == 'gpu' else 'cpu'} (or start afresh: remove "
+                             f"{part.root}, or choose another output directory)")
     classifier.to(device).eval()
     vae.to(device).eval()
     start = store.done
@@ -468,10 +487,9 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
     # to a GPU, folder images travel as uint8 and become floats there: a quarter of the
     # bytes, and no float conversion on host cores that the decoding workers keep busy
     raw = torch.uint8 if torch.device(device).type == "cuda" else None
-    # device: DALI decoded on the GPU whenever torch saw one, --device cpu included
     for b, batch in enumerate(iter_batches(source, batch_size, start=start, indices=todo, num_workers=num_workers,
                                            backend=loader or loader_backend, dtype=raw,   # the one recorded
-                                           device=str(device))):
+                                           device=decode_device(device))):
         clock.lap("load_wait_s")
         if stop_after is not None and b >= stop_after:
             break
@@ -584,6 +602,12 @@ def merge_shards(store_dir, num_shards: int, *, chunk: int = 65536, progress: bo
         raise ValueError(f"shard stores were decoded by different loaders ({ra}: {a!r}, {rb}: {b!r}): their pixels "
                          f"differ a little on resized images, so the merged store would mix both; remove the shard "
                          f"stores of one loader and run those ranks again with the other's --loader-backend")
+    began = {s.manifest["decode"]: s.root for s in shards if s.n and s.manifest.get("decode")}
+    if len(began) > 1:
+        (a, ra), (b, rb) = sorted(began.items())[:2]
+        raise ValueError(f"shard stores were decoded on different devices ({ra}: {a!r}, {rb}: {b!r}): their pixels "
+                         f"differ a little, so the merged store would mix both; remove the shard stores of one and "
+                         f"run those ranks again with the other's --device")
     n, start = int(m0["pool_n"]), int(m0["start"])
     if sum(s.n for s in shards) != n - start:
         raise ValueError(f"shards hold {sum(s.n for s in shards)} rows for {n - start} pool indices")
@@ -609,7 +633,8 @@ def merge_shards(store_dir, num_shards: int, *, chunk: int = 65536, progress: bo
             raise ValueError(f"store {store_dir} (fingerprint {main.manifest.get('fingerprint')}, done {main.done}) "
                              f"does not match its shards (fingerprint {m0['fingerprint']}, start {start})")
     else:
-        meta = {k: m0[k] for k in ("fingerprint", "content", "pool", "num_classes", "latent_dim", "loader") if k in m0}
+        meta = {k: m0[k] for k in ("fingerprint", "content", "pool", "num_classes", "latent_dim", "loader", "decode")
+                if k in m0}
         main = EmbeddingStore.create(store_dir, n, cols, meta)
     bar = tqdm(total=n - start, desc="merging shards", unit="img", disable=not progress)
     bad = dict(main.manifest.get("bad_files", {}))

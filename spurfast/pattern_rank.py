@@ -33,11 +33,13 @@ def _latent_order(ranking: np.ndarray) -> np.ndarray:
 
 def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], source: ImageSource, *,
                      localised: float = LOCALISED, top: int = TOP, batch_size: int = 256,
-                     progress: bool = False, num_workers: int = 0, loader_backend: str | None = None) -> None:
+                     progress: bool = False, num_workers: int = 0, loader_backend: str | None = None,
+                     device: str | None = None) -> None:
     """Set every finding's ``ranked_by`` ("pattern" or "latent") and replace ``rankings[rank]``
     of the localised ones (float64: the latent order below, then the re-ranked images;
     unreadable images, the latent ranking's and any this read finds, are -inf).  Needs ``_mask``
-    and ``_contrast`` (`characterise`)."""
+    and ``_contrast`` (`characterise`).  ``device``: the run's, where a folder pool is decoded
+    (`spurfast.support.pattern_projections`)."""
     from .confirm import _known_readable
 
     if not 0.0 < localised <= 1.0:
@@ -63,8 +65,8 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
     union = np.unique(np.concatenate(heads))
     patterns = extracted_patterns(chosen)
     proj = pattern_projections(source, union, patterns, batch_size, progress, "pattern ranking",
-                               num_workers=num_workers, loader_backend=loader_backend) if len(union) else \
-        np.zeros((0, len(chosen)))
+                               num_workers=num_workers, loader_backend=loader_backend, device=device) \
+        if len(union) else np.zeros((0, len(chosen)))
     # a file unreadable now (changed since it was embedded) projects to 0, which ranked it among
     # the carriers of a dark pattern (theirs project near 0 too): unranked, as the store's are
     unreadable = np.setdiff1d(union, _known_readable(source, union))

@@ -212,6 +212,9 @@ def make_planted_data(dataset: str = "auto", *, target_class: int = 3, n_poisone
     pool_idx = np.sort(perm[: int(0.75 * len(perm))])
     clean_idx = np.setdiff1d(np.arange(len(yte)), pool_idx)
     x_unrel, carries_u = plant_pool(xte[pool_idx], pool_fraction, spec, seed=seed)
+    if n_suspect > len(ytr):   # few training images per class: numpy's "larger sample than population" named nothing
+        log.warning("n_suspect=%d: the training split holds %d images; all of them are suspects", n_suspect, len(ytr))
+        n_suspect = len(ytr)
     sus = np.sort(rng.choice(len(ytr), n_suspect, replace=False))
     x_pool = torch.cat([x_unrel, xtr_p[sus]])
     y_pool = np.concatenate([yte[pool_idx], ytr[sus]])
@@ -312,8 +315,10 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
         _remove_finding_files(out)
         characterise(result, store, pool, vae, out, seed=config.seed, device=config.device)
         # the images a step re-reads go through the run's loader, on every core (the other ranks
-        # wait); a localised pattern ranks the pool by its pixel match, not the latent probe
-        reread = dict(batch_size=batch_size, num_workers=usable_cores(), loader_backend=loader_backend)
+        # wait), decoded where the run computes (DALI took a GPU whenever torch saw one, --device
+        # cpu included); a localised pattern ranks the pool by its pixel match, not the latent probe
+        reread = dict(batch_size=batch_size, num_workers=usable_cores(), loader_backend=loader_backend,
+                      device=config.device)
         pattern_rankings(result.findings, result.rankings, pool, progress=progress, **reread)
         if confirm and result.findings:
             from .confirm import ConfirmConfig, confirm_findings

@@ -47,15 +47,20 @@ def extracted_patterns(findings: list[dict]) -> torch.Tensor:
 
 def pattern_projections(source: ImageSource, idx: np.ndarray, patterns: torch.Tensor,
                         batch_size: int = 256, progress: bool = False, desc: str = "training support", *,
-                        num_workers: int = 0, loader_backend: str | None = None) -> np.ndarray:
+                        num_workers: int = 0, loader_backend: str | None = None,
+                        device: str | None = None) -> np.ndarray:
     """(len(idx), F) projections of images ``idx`` (distinct pool indices) of ``source`` onto
     ``patterns`` (F, C, H, W): one pass over the images, float64 sums (reads n*C*H*W pixels
     once).  A folder pool is decoded by its loader (``loader_backend``, ``num_workers``
     processes), as the embedding pass decoded it: get_batch decoded one file at a time in this
-    process, minutes for 100k suspects.  An unreadable image projects to 0."""
+    process, minutes for 100k suspects.  ``device``: the run's device; a loader that can decode
+    on a GPU (DALI) decodes there if it is a CUDA device, else on the CPU, as the embedding pass
+    does (None: the loader's own choice, a GPU whenever torch sees one).  An unreadable image
+    projects to 0."""
     from tqdm.auto import tqdm
 
     from .data.loader_torch import iter_batches
+    from .embed import decode_device
 
     idx = np.asarray(idx, dtype=np.int64)
     flat = patterns.reshape(len(patterns), -1).double().T          # (D, F)
@@ -63,8 +68,11 @@ def pattern_projections(source: ImageSource, idx: np.ndarray, patterns: torch.Te
     if len(idx) == 0:
         return out
     order = np.argsort(idx, kind="stable")
+    # where the embedding pass decodes (without it DALI decoded on a GPU whenever torch saw one)
+    decode = None if device is None else decode_device(device)
     with tqdm(total=len(idx), desc=desc, unit="img", disable=not progress) as bar:
-        for b in iter_batches(source, batch_size, indices=idx, num_workers=num_workers, backend=loader_backend):
+        for b in iter_batches(source, batch_size, indices=idx, num_workers=num_workers, backend=loader_backend,
+                              device=decode):
             rows = order[np.searchsorted(idx[order], b.indices.numpy())]   # a loader may yield in its own order
             # the DALI loader yields images on the GPU where one is visible: the patterns and
             # the result live on the CPU (the product failed there before findings.json)
@@ -108,10 +116,11 @@ def support_test(scores: np.ndarray, in_class: np.ndarray, other: np.ndarray, ta
 
 def training_support(findings: list[dict], source: ImageSource, suspect: np.ndarray, labels: np.ndarray, *,
                      tail: float = TAIL, level: float = 0.05, batch_size: int = 256, progress: bool = False,
-                     num_workers: int = 0, loader_backend: str | None = None) -> None:
+                     num_workers: int = 0, loader_backend: str | None = None, device: str | None = None) -> None:
     """Fill ``support`` of every finding (needs ``_mask`` and ``_contrast`` from
     `spurfast.discover.characterise`): the suspect images (``suspect``, a pool mask) with a
-    known label (``labels`` >= 0) and readable are the training data tested."""
+    known label (``labels`` >= 0) and readable are the training data tested.  ``device``:
+    the run's, where a folder pool is decoded (`pattern_projections`)."""
     from .confirm import _known_readable
     from .scoring import bh_qvalues
 
@@ -129,7 +138,7 @@ def training_support(findings: list[dict], source: ImageSource, suspect: np.ndar
     idx = _known_readable(source, np.nonzero(suspect & (labels >= 0))[0])
     patterns = extracted_patterns(findings)
     scores = pattern_projections(source, idx, patterns, batch_size, progress, num_workers=num_workers,
-                                 loader_backend=loader_backend) if len(idx) else \
+                                 loader_backend=loader_backend, device=device) if len(idx) else \
         np.zeros((0, len(findings)))
     keep = np.isin(idx, _known_readable(source, idx))   # unreadable ones found in the pass: zero images
     scores, lab = scores[keep], labels[idx[keep]]

@@ -642,3 +642,16 @@ def test_a_missing_local_rank_variable_is_named_on_a_node_with_several_gpus(monk
     monkeypatch.setattr(sd.dist, "init_process_group", lambda *a, **k: pytest.fail("joined the group"))
     with pytest.raises(RuntimeError, match="WORLD_SIZE=2 but LOCAL_RANK is not set: launch with torchrun"):
         sd.init("cuda")
+
+
+def test_a_bad_kmeans_across_ranks_variable_is_named_before_joining(monkeypatch):
+    # only rank 0's main section read it: a misspelt value failed after every rank had
+    # embedded its shard of the pool (hours at scale)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("SPURFAST_KMEANS_ACROSS_RANKS", "true")
+    monkeypatch.setattr(sd.dist, "init_process_group", lambda *a, **k: pytest.fail("joined the group"))
+    with pytest.raises(ValueError, match="SPURFAST_KMEANS_ACROSS_RANKS must be 0 or 1, got 'true'"):
+        sd.init("cpu")

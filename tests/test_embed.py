@@ -468,3 +468,63 @@ def test_the_run_device_reaches_a_loader_that_can_decode_on_a_gpu(tmp_path, monk
     store = embed_pool(ImageFolderSource(tmp_path / "pool", size=32), clf, vae, tmp_path / "s", num_classes=10,
                        batch_size=8, progress=False, num_workers=1, loader_backend="dali", device="cpu")
     assert store.complete and seen == ["cpu"]
+
+
+def test_a_cpu_device_with_an_index_reaches_the_loader_as_the_cpu(tmp_path, monkeypatch):
+    # `--device cpu:1` (torch computes there as on "cpu"; the CLI accepts it) reached DALI as
+    # "cpu:1", which it refused at the first batch, after the store was created
+    from spurfast import backends
+    from spurfast.data import loader_dali
+    from spurfast.data.folder import ImageFolderSource
+    from spurfast.make_pool import PoolSpec, make_pool
+
+    seen = []
+
+    def recording(paths, *, device=None, bad_files=None, **k):   # the loader op's signature, recorded
+        seen.append(device)
+        yield from loader_dali.iter_folder_batches(paths, device=device, bad_files=bad_files, **k)
+
+    try:
+        backends.resolve("loader", "dali")
+    except backends.BackendUnavailable as exc:
+        pytest.skip(f"no DALI here: {exc}")
+    monkeypatch.setitem(backends._cache, ("loader", "dali", None), ("dali", recording))
+    torch.manual_seed(0)
+    clf, vae = SmallCNN(3, 10, 32).eval(), VAE(VAEConfig.for_images(3, 32, 6)).eval()
+    make_pool(tmp_path / "pool", PoolSpec(n=12, seed=0), workers=1, progress=False)
+    store = embed_pool(ImageFolderSource(tmp_path / "pool", size=32), clf, vae, tmp_path / "s", num_classes=10,
+                       batch_size=8, progress=False, num_workers=1, loader_backend="dali", device="cpu:1")
+    assert store.complete and seen == ["cpu"] and store.manifest["decode"] == "cpu"
+
+
+def test_a_resume_decoding_on_another_device_is_refused(tmp_path):
+    # DALI decodes where --device computes: a store begun on a GPU (nvJPEG, the GPU resize)
+    # and resumed with --device cpu (libjpeg-turbo, the CPU resize) mixed both decoders'
+    # pixels, as two loaders would; a GPU run's record is written here by hand (no GPU)
+    import json
+
+    from spurfast.data.folder import ImageFolderSource
+    from spurfast.embed import merge_shards, shard_dir
+
+    clf, vae, kw = _store_begun_with_the_torch_loader(tmp_path)
+    pool = lambda: ImageFolderSource(tmp_path / "pool", size=32)   # noqa: E731
+    embed_pool(pool(), clf, vae, tmp_path / "t", loader_backend="dali", stop_after=1, **kw)
+    path = tmp_path / "t" / "manifest.json"
+    m = json.loads(path.read_text())
+    assert m["loader"] == "dali" and m["decode"] == "cpu"
+    path.write_text(json.dumps({**m, "decode": "gpu"}))
+    with pytest.raises(ValueError, match=rf"store {tmp_path / 't'} was begun decoding on the GPU and this run would "
+                                         rf"resume it decoding on the CPU.*resume with --device cuda"):
+        embed_pool(pool(), clf, vae, tmp_path / "t", loader_backend="dali", **kw)
+    path.write_text(json.dumps(m))
+    assert embed_pool(pool(), clf, vae, tmp_path / "t", loader_backend="dali", **kw).complete
+    # shards decoded on two devices are refused by the merge
+    s = tmp_path / "sh"
+    for r in range(2):
+        embed_pool(pool(), clf, vae, s, loader_backend="dali", shard_id=r, num_shards=2, **kw)
+    m = json.loads((shard_dir(s, 1, 2) / "manifest.json").read_text())
+    (shard_dir(s, 1, 2) / "manifest.json").write_text(json.dumps({**m, "decode": "gpu"}))
+    with pytest.raises(ValueError, match=r"shard stores were decoded on different devices .*'cpu'.*'gpu'"):
+        merge_shards(s, 2, progress=False)
+    (shard_dir(s, 1, 2) / "manifest.json").write_text(json.dumps(m))
+    assert merge_shards(s, 2, progress=False).manifest["decode"] == "cpu"

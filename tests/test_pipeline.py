@@ -378,3 +378,29 @@ def test_an_overwrite_interrupted_while_deleting_the_old_store_leaves_no_store_t
     monkeypatch.undo()
     doc, _, store = run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False)
     assert store.complete and np.asarray(store["mu"]).shape == (24, 4) and (out / "findings.json").is_file()
+
+
+def test_planted_data_with_fewer_training_images_than_suspects(caplog):
+    # Fashion-MNIST with n_train_per_class=50 (500 training images) and the default 1,000
+    # suspects failed in numpy ("Cannot take a larger sample than population"), naming nothing
+    from spurfast.data.builtin import find_fashion_mnist
+
+    if not find_fashion_mnist(None):
+        pytest.skip("Fashion-MNIST not found")
+    with caplog.at_level("WARNING", logger="spurfast"):
+        data = P.make_planted_data("fashion-mnist", n_train_per_class=50, n_poisoned="10")
+    assert int(data.suspect.sum()) == len(data.train) == 500
+    assert "n_suspect=1000: the training split holds 500 images" in caplog.text
+
+
+def test_the_steps_that_reread_images_decode_where_the_run_computes(tmp_path, monkeypatch):
+    # pattern ranking and training support re-read the pool through its loader without the
+    # run's device: DALI decoded on a GPU whenever torch saw one, --device cpu included
+    from spurfast.discover import DiscoverConfig
+
+    seen = []
+    monkeypatch.setattr(P, "pattern_rankings", lambda *a, **k: seen.append(k.get("device")))
+    pool, clf, vae = _tiny()
+    run_discovery(pool, clf, vae, tmp_path / "run", num_classes=2, confirm=False, progress=False,
+                  config=DiscoverConfig(device="cpu:0"))
+    assert seen == ["cpu:0"]

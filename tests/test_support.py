@@ -200,6 +200,43 @@ def test_projections_of_a_folder_pool_go_through_its_loader(tmp_path):
     assert 5 in src.bad_files
 
 
+def test_a_folder_pool_is_decoded_where_the_run_computes(tmp_path, monkeypatch):
+    """The embedding pass decodes a folder pool where the run computes; the re-reads of
+    training support and pattern ranking passed no device, so DALI chose for itself: a GPU
+    whenever torch saw one (--device cpu included), its current one for --device cuda:1."""
+    from PIL import Image
+
+    from spurfast import backends
+    from spurfast.data import loader_torch
+    from spurfast.data.folder import ImageFolderSource
+    from spurfast.pattern_rank import pattern_rankings
+    from spurfast.support import pattern_projections
+
+    asked = []
+
+    def dali(paths, *, device=None, **k):   # the DALI loader's signature, decoding with the torch one
+        asked.append(device)
+        yield from loader_torch.iter_folder_batches(paths, **k)
+
+    monkeypatch.setitem(backends._cache, ("loader", "dali", None), ("dali", dali))
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"{i:02d}.png")
+    src = ImageFolderSource(tmp_path, size=8)
+    pats = torch.as_tensor(rng.normal(size=(1, 3, 8, 8)), dtype=torch.float32)
+    for device, decodes in (("cpu", "cpu"), ("cuda:1", "cuda:1"), ("cpu:1", "cpu"), (None, None)):
+        asked.clear()
+        pattern_projections(src, np.arange(6), pats, loader_backend="dali", device=device)
+        assert asked == [decodes], (device, asked)
+    mask = np.zeros((8, 8), bool)
+    mask[:2, :2] = True
+    f = {"rank": 1, "class": 0, "_mask": mask, "_contrast": torch.full((3, 8, 8), 0.5)}
+    asked.clear()
+    pattern_rankings([f], {1: np.linspace(1, 0, 6)}, src, loader_backend="dali", device="cuda:1")
+    training_support([f], src, np.ones(6, bool), np.zeros(6, int), loader_backend="dali", device="cuda:1")
+    assert asked == ["cuda:1", "cuda:1"]
+
+
 @pytest.mark.gpu
 def test_projections_take_images_a_loader_yields_on_the_gpu(tmp_path, monkeypatch):
     """On a GPU machine the DALI loader (auto's first choice) yields images on the GPU: the
@@ -211,9 +248,9 @@ def test_projections_take_images_a_loader_yields_on_the_gpu(tmp_path, monkeypatc
     from spurfast.data.folder import ImageFolderSource
     from spurfast.support import pattern_projections
 
-    def on_gpu(*a, **k):
+    def on_gpu(*a, **k):   # as the DALI loader yields: images on the GPU, indices and ok on the CPU
         for idx, images, ok in loader_torch.iter_folder_batches(*a, **k):
-            yield idx, images.cuda(), ok.cuda()
+            yield idx, images.cuda(), ok
 
     monkeypatch.setitem(backends._cache, ("loader", "dali", None), ("dali", on_gpu))
     rng = np.random.default_rng(0)
