@@ -128,14 +128,15 @@ def check_input(x: torch.Tensor, groups, k_per_group, n_groups: int | None = Non
     if wrong.size:
         g = int(wrong[0])
         raise ValueError(f"k_per_group[{g}] = {k[g]}: expected a non-negative integer")
-    kpg = torch.as_tensor(k.astype(np.int64), dtype=torch.int64, device=x.device)
-    if len(kpg) != G:
-        raise ValueError(f"k_per_group has {len(kpg)} entries for {G} groups")
+    if len(k) != G:
+        raise ValueError(f"k_per_group has {len(k)} entries for {G} groups")
     sizes = torch.bincount(groups.cpu(), minlength=G)
-    too_big = (kpg.cpu() > sizes).nonzero().flatten().tolist()
-    if too_big:
-        g = too_big[0]
-        raise ValueError(f"k={int(kpg[g])} is larger than group {g}'s {int(sizes[g])} members")
+    # compared before the int64 cast, which turned 1e30 into -2**63 and let it past
+    too_big = np.flatnonzero(kf > sizes.numpy())
+    if too_big.size:
+        g = int(too_big[0])
+        raise ValueError(f"k={k[g]} is larger than group {g}'s {int(sizes[g])} members")
+    kpg = torch.as_tensor(k.astype(np.int64), dtype=torch.int64, device=x.device)
     if init is not None:
         check_init(init, G, kpg, x.shape[1])
     return groups, kpg, G
@@ -198,8 +199,6 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
     order, offsets = sort_by_group(groups, G)
     kmax = max(1, int(kpg.max())) if G else 1
     xs = x[order].contiguous()
-    if xs.is_cuda and xs.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        xs = xs.float()   # the CUDA kernels take these only (the CPU paths compute in fp32 anyway)
     if metric == "cosine":
         xs = torch.nn.functional.normalize(xs.float(), dim=1)
     N, d = xs.shape
@@ -207,16 +206,18 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
     # L2 k-means is shift-invariant within a group, fp32 scores |c|^2 - 2 x.c are not: a
     # group far from the origin for its spread (offset 100, spread 0.01) had them cancel,
     # its points went to arbitrary centroids and the loop never settled.  Such groups are
-    # clustered about one of their points; every other group keeps its bits.
+    # clustered about one of their points; every other group keeps its bits.  float64
+    # points are shifted before they become fp32 (cast first, 1e8 and 1e8 + 1 were one point).
     origin = _far_offsets(xs, offsets, gid, team) if metric == "l2" else None
     if origin is not None:
-        xs = xs.float() - origin[gid]
+        xs = (xs - origin[gid]).float() if xs.dtype == torch.float64 else xs.float() - origin[gid]
+    if xs.is_cuda and xs.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        xs = xs.float()   # the CUDA kernels take these only (the CPU paths compute in fp32 anyway)
     if team.rank == 0:
         gen = torch.Generator().manual_seed(int(seed))
         if init is not None:
-            cent = init.float().to(dev).clone()
-            if origin is not None:
-                cent -= origin.unsqueeze(1)
+            cent = init.to(dev)
+            cent = (cent.to(origin.dtype) - origin.unsqueeze(1)).float() if origin is not None else cent.float().clone()
         else:
             cent = _seeding(provider, backend, dev.type)(xs, offsets, kpg, kmax, gen)
         cent = cent.contiguous()
@@ -278,7 +279,7 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
     inv = torch.empty_like(order)
     inv[order] = torch.arange(N, device=dev)
     if origin is not None:
-        cent = cent + origin.unsqueeze(1)
+        cent = cent + origin.float().unsqueeze(1)
     return KMeansResult(cent, assign[inv], dist[inv], kpg, counts, it, inertia, reseeded)
 
 
@@ -286,16 +287,18 @@ FAR = 1e4   # |x0|^2 over the mean |x - x0|^2 of a group beyond which its fp32 s
 
 
 def _far_offsets(xs, offsets, gid, team=SOLO):
-    """(G, d) fp32: the first point x0 of each group (of two points or more) far from the
-    origin for its spread (|x0|^2 > FAR x the group's mean |x - x0|^2), zero rows for the
-    other groups; None when no group is far.  One read of the points; rank 0's answer on
-    every member."""
+    """(G, d) fp32 (float64 for float64 points): the first point x0 of each group (of two
+    points or more) far from the origin for its spread (|x0|^2 > FAR x the group's mean
+    |x - x0|^2), zero rows for the other groups; None when no group is far.  One read of
+    the points; rank 0's answer on every member."""
     N, d = xs.shape
     n = offsets.diff()
-    x0 = xs[offsets[:-1].clamp_max(max(N - 1, 0))].float() if N else torch.zeros(len(n), d, device=xs.device)
+    wide = torch.float64 if xs.dtype == torch.float64 else torch.float32
+    x0 = xs[offsets[:-1].clamp_max(max(N - 1, 0))].to(wide) if N else torch.zeros(len(n), d, dtype=wide,
+                                                                                     device=xs.device)
     cum = torch.zeros(N + 1, dtype=torch.float64, device=xs.device)
     for a in range(0, N, 1 << 16):   # x - x0 is exact-ish: no cancellation to fear here
-        r = xs[a:a + (1 << 16)].float() - x0[gid[a:a + (1 << 16)]]
+        r = xs[a:a + (1 << 16)].to(wide) - x0[gid[a:a + (1 << 16)]]
         cum[a + 1:a + 1 + len(r)] = torch.linalg.vecdot(r, r)
     # per-group sums from one float64 prefix sum: deterministic on every device, no host read
     # (a threshold test: the prefix's rounding does not matter)

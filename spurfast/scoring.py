@@ -71,7 +71,9 @@ def unrelated_to_class(top2: np.ndarray, labels: np.ndarray, cls: np.ndarray, un
 def latent_neighbours(z: np.ndarray, k: int = 10, device: str = "cpu", backend: str | None = None) -> np.ndarray:
     """(n, k) indices of each point's k nearest other points (squared L2), nearest first,
     exact: the ``latent_knn`` op (fused CPU kernel, or the reference's blocked GEMM)."""
-    zt = torch.as_tensor(np.asarray(z), dtype=torch.float32, device=device)
+    zt = torch.as_tensor(np.asarray(z), device=device)
+    # float64 as given: the providers centre it before their fp32 cast (cast here, 1e8 + noise lost its spread)
+    zt = zt if zt.dtype == torch.float64 else zt.float()
     return backends.call("latent_knn", zt, k, backend=backend).cpu().numpy()
 
 

@@ -332,6 +332,47 @@ def test_kmeans_of_a_group_far_from_the_origin_for_its_spread(backend):
             torch.testing.assert_close(res.centroids[g, j].double(), mean, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_float64_kmeans_far_from_the_origin_is_shifted_before_fp32(backend):
+    """Two float64 blobs at 1e8 and 1e8 + 1 (sd 0.01): cast to fp32 first (step 8 there),
+    every point became 1e8, both centroids were one point and every label 0; shifted in
+    float64 first, the blobs split exactly."""
+    from spurfast.cluster import batched_kmeans
+
+    rng = np.random.default_rng(0)
+    truth = np.repeat([0, 1], 200)
+    x = torch.as_tensor(1e8 + np.c_[truth, np.zeros(400)] + rng.normal(size=(400, 2)) * 0.01, dtype=torch.float64)
+    res = batched_kmeans(x, torch.zeros(400, dtype=torch.int64), [2], n_iter=30, seed=0, backend=backend)
+    a = res.assign.numpy()
+    assert len(set(zip(truth, a))) == 2 and len(set(a)) == 2, sorted(set(zip(truth, a)))
+    assert res.centroids.dtype == torch.float32   # as documented: the centroids are fp32
+    # fp32 init of a float64 run is shifted alike
+    again = batched_kmeans(x, torch.zeros(400, dtype=torch.int64), [2], n_iter=30, init=res.centroids.clone(),
+                           backend=backend)
+    assert len(set(zip(truth, again.assign.numpy()))) == 2
+
+
+def test_latent_neighbours_of_float64_far_from_the_origin():
+    """scoring.latent_neighbours cast float64 to fp32 before the providers could centre it:
+    at 1e8 + noise every row's neighbours were the lowest indices."""
+    from spurfast.scoring import latent_neighbours
+
+    rng = np.random.default_rng(1)
+    z = 1e8 + rng.normal(size=(60, 3))
+    want = np.argsort(((z[:, None] - z[None]) ** 2).sum(-1) + np.diag(np.full(60, np.inf)), axis=1)[:, :4]
+    for backend in ("torch", None):
+        assert np.array_equal(latent_neighbours(z, 4, backend=backend), want)
+
+
+def test_kmeans_huge_float_k_is_refused_as_given():
+    """k = 1e30 became -2**63 in the int64 cast, passed the group-size check, and the kernel
+    refused it naming -9223372036854775808."""
+    from spurfast.cluster import batched_kmeans
+
+    with pytest.raises(ValueError, match=r"k=1e\+30 is larger than group 0's 10 members"):
+        batched_kmeans(torch.randn(10, 2), torch.zeros(10, dtype=torch.int64), [1e30])
+
+
 def test_kmeans_group_ids_that_are_not_whole_numbers_or_one_per_point_are_refused():
     # the int64 cast truncated group ids of 0.5 into group 0 (two groups clustered as one,
     # silently); an (N, 1) column failed in torch.bincount naming nothing
