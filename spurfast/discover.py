@@ -168,7 +168,8 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
         raise ValueError(f"suspect mask has shape {suspect.shape}, expected ({store.n},): one entry per pool image")
     valid = np.nonzero(ok)[0]
     if len(valid) < 2:
-        raise ValueError(f"store {store.root}: only {len(valid)} readable images")
+        raise ValueError(f"store {store.root}: only {len(valid)} readable image(s) with a prediction; discovery "
+                         f"needs at least 2 (each image's latent neighbours are others)")
     z = _standardise(mu[valid])
     g = pred[valid]
     kw = dict(k=config.k, min_cluster_size=config.min_cluster_size, max_mean_cluster_size=config.max_mean_cluster_size,

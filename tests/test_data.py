@@ -446,3 +446,23 @@ def test_array_source_decodes_bytes_ids_and_class_names():
     assert content_digest(s) == content_digest(same)
     odd = ArraySource(np.zeros((1, 4, 4)), ids=[b"im\xff.jpg"])   # not UTF-8: escaped as folder ids are
     assert odd.item_id(0) == "im\\xff.jpg" and content_digest(odd)
+
+
+def test_class_folders_match_utf8_class_names_under_a_non_utf8_locale(tmp_path):
+    """Under a non-UTF-8 locale a folder "zéro" reads back as "z\\udcc3\\udca9ro" while the
+    class-names file is read as UTF-8: the folder was refused as not among the names."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    for name in ("zéro", "un"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name / "a.png")
+    code = ("import sys; from spurfast.data.folder import ImageFolderSource; "
+            "print(ImageFolderSource(sys.argv[1], size=8, class_names=['un', 'deux', 'z\\u00e9ro']).labels().tolist())")
+    env = {**__import__("os").environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
+                         errors="replace")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[0, 2]"

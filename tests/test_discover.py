@@ -411,3 +411,14 @@ def test_discovery_work_keys_on_its_inputs_and_skips_a_damaged_piece(tmp_path):
     assert work.get_null(0) is None
     assert work.neighbours(lambda: np.array([[1, 2]])).tolist() == [[1, 2]]
     assert work.neighbours(lambda: pytest.fail("read back, not searched again")).tolist() == [[1, 2]]
+
+
+def test_a_store_of_one_readable_image_says_discovery_needs_two(tmp_path):
+    n = 3
+    store = EmbeddingStore.create(tmp_path / "one", n, {"pred": ((n,), "int32"), "probs": ((n, 2), "float32"),
+                                                        "mu": ((n, 4), "float32"), "labels": ((n,), "int64"),
+                                                        "ok": ((n,), "bool")}, {"num_classes": 2})
+    store.write(0, {"pred": np.zeros(n), "probs": np.full((n, 2), 0.5), "mu": np.zeros((n, 4)),
+                    "labels": np.zeros(n), "ok": np.array([True, False, False])})
+    with pytest.raises(ValueError, match=r"only 1 readable image\(s\) with a prediction; discovery needs at least 2"):
+        discover(store, DiscoverConfig(k=2, n_null=3, seed=0), progress=False)

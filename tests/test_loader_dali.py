@@ -234,3 +234,10 @@ def test_a_numbered_cuda_device_decodes_on_that_gpu(coded_folder, monkeypatch):
     assert seen["device_id"] == 0
     with pytest.raises(ValueError, match="'cuda:2': torch sees 2 CUDA device"):
         list(_dali(coded_folder, device="cuda:2"))
+
+
+def test_a_numbered_cpu_device_decodes_on_the_cpu():
+    """torch computes on "cpu:1" as on the CPU; DALI's device check refused it."""
+    assert loader_dali.resolve_device("cpu:1") == "cpu" and loader_dali.resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="got 'cpu:x'"):
+        loader_dali.resolve_device("cpu:x")

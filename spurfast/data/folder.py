@@ -105,7 +105,14 @@ def list_folder(root: str | Path, class_names: list[str] | None = None) -> tuple
         nfc = {unicodedata.normalize("NFC", n): k for k, n in reversed(list(enumerate(names)))}
 
         def label_of(name: str) -> int | None:
-            return exact.get(name, nfc.get(unicodedata.normalize("NFC", name)))
+            k = exact.get(name, nfc.get(unicodedata.normalize("NFC", name)))
+            if k is None:   # under a non-UTF-8 locale "zéro/" reads as "z\udcc3\udca9ro"; the names file is UTF-8
+                try:
+                    alt = os.fsencode(name).decode("utf-8")
+                except (UnicodeDecodeError, UnicodeEncodeError):
+                    return None
+                k = exact.get(alt, nfc.get(unicodedata.normalize("NFC", alt)))
+            return k
 
         if class_names is not None:
             unknown = [d.name for d in subdirs if label_of(d.name) is None]

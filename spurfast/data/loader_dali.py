@@ -79,7 +79,7 @@ def resolve_device(device: str | None) -> str:
     if device in (None, "auto"):
         return "gpu" if torch.cuda.is_available() else "cpu"
     d = str(device)
-    if d == "cpu":
+    if d == "cpu" or (d.startswith("cpu:") and d[4:].isdigit()):   # torch computes on "cpu:1" as on the CPU
         return "cpu"
     if d in ("gpu", "mixed") or d.startswith("cuda"):
         if not torch.cuda.is_available():
