@@ -37,15 +37,23 @@ def write_csv(path: Path, rows: list[dict], cols: list[str]) -> None:
 
 
 def read_csv(path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as fh:
+    # utf-8-sig: a CSV saved by a spreadsheet starts with a byte-order mark, which became part
+    # of the first column's name (confirm.csv: "no setting column"; results.csv: preset lost)
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         return list(csv.DictReader(fh))
 
 
 def _read_whole(path, need=()) -> list[dict]:
     """`read_csv` of a CSV this module reads, refusing a row cut short (a missing field
-    reads as None: a TypeError traceback), a longer one, or a missing column of ``need``,
-    with the file and line named."""
+    reads as None: a TypeError traceback), a longer one, or a missing column of ``need``
+    (an empty file too: it gave an empty document), with the file and line named."""
     rows = read_csv(path)
+    if not rows:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            header = next(csv.reader(fh), [])
+        missing = [k for k in need if k not in header]
+        if missing:
+            raise ValueError(f"{path}: no {', '.join(missing)} column (not the CSV `spurfast evaluate` wrote)")
     for line, r in enumerate(rows, 2):
         missing = [k for k in need if k not in r]
         if missing or None in r or None in r.values():
@@ -149,6 +157,16 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
             r["seed"] = int(r["seed"])
         except ValueError as exc:   # float()'s message named neither the file nor the line
             raise ValueError(f"{csv_path} line {line}: {exc}") from None
+    # a row given twice (pasted twice, or two runs' CSVs joined) entered every mean and count twice
+    seen = {}
+    for line, r in enumerate(rows, 2):
+        key = (r["setting"], r["seed"], r["method"], r["feature"], r["metric"])
+        if key in seen:
+            raise ValueError(f"{csv_path}: line {line} repeats line {seen[key]} (setting {key[0]!r}, seed {key[1]}, "
+                             f"method {key[2]!r}, feature {key[3]!r}, metric {key[4]!r}); each is counted once "
+                             f"per seed: remove one")
+        seen[key] = line
+    _check_confirm_rows(crows, confirm_path)
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     # in seed order within each setting: the "per seed" lists are read against the sorted seeds
     # of the setting's heading (--seeds 2,0,1 listed seed 2's value first)
@@ -164,7 +182,10 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
           f"Wall time of the run that wrote it: {wall_s / 60:.1f} min (cached parts not re-run)." if wall_s else "",
           (f"CPU time of that process (all threads): {timing['cpu_s'] / 60:.1f} min on {timing['cpus']} cores; "
            f"load average {timing['load_at_start']:.1f} at the start and {timing['load_at_end']:.1f} at the end "
-           f"(the machine was shared)." if timing else ""), "",
+           # a timing.json without these (hand-edited, another tool's): KeyError after the tables were read
+           f"(the machine was shared)." if timing and all(isinstance(timing.get(k), (int, float))
+                                                          for k in ("cpu_s", "cpus", "load_at_start", "load_at_end"))
+           else ""), "",
           "Metrics per planted feature: mean ± sd over seeds. `best` = the method's finding whose pool ranking "
           "has the highest average precision, picked from its first 10 (spurfast: its 10 highest-ranked "
           "significant findings, q <= 0.1; baselines without a test: their top 10 candidates), in any class. "
@@ -259,6 +280,47 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
     # as \xNN: it raised UnicodeEncodeError after the whole sweep and left RESULTS.md empty
     md.write_text(utf8_name("\n".join(L) + "\n"), encoding="utf-8")
     return md
+
+
+_CONFIRM_NUMBERS = ("flip_rate", "control_flip_rate", "p_value", "content_flip_rate", "content_p_value",
+                    "confirm_q_value")
+
+
+def _check_confirm_rows(crows: list[dict], path) -> None:
+    """confirm.csv's rows as the tables read them, in place: true_finding "0" or "1" (a
+    "1.0" or " 1" saved by a spreadsheet silently left the finding out of the table and the
+    plot), numbers stripped and parsed, and the controls a flip rate is read against; a
+    ValueError naming the file, line and column (float()'s named none; a missing control
+    was a KeyError), or a finding given twice."""
+    seen = {}
+    for line, c in enumerate(crows, 2):
+        for k in list(c):
+            c[k] = c[k].strip()
+        try:
+            tf = float(c["true_finding"])
+            if tf not in (0, 1):
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{path} line {line}: true_finding {c['true_finding']!r}, expected 0 or 1") from None
+        c["true_finding"] = str(int(tf))
+        for k in _CONFIRM_NUMBERS:
+            try:
+                if c.get(k, ""):
+                    float(c[k])
+            except ValueError:
+                raise ValueError(f"{path} line {line}: {k} {c[k]!r} is not a number") from None
+        need = [k for k in ("control_flip_rate", "p_value") if c["flip_rate"]] + \
+            (["content_flip_rate"] if c.get("content_p_value", "") else [])
+        blank = [k for k in need if not c.get(k, "")]
+        if blank:
+            raise ValueError(f"{path} line {line}: no {', '.join(blank)} beside its "
+                             f"{'flip_rate' if blank[0] != 'content_flip_rate' else 'content_p_value'} "
+                             f"(edited?); confirmation writes both")
+        key = (c["setting"], c.get("seed"), c.get("rank"))
+        if key[2] is not None and key in seen:   # counted twice in the verdict table
+            raise ValueError(f"{path}: line {line} repeats line {seen[key]} (setting {key[0]!r}, seed {key[1]}, "
+                             f"rank {key[2]}); remove one")
+        seen[key] = line
 
 
 def _na(vals) -> str:
@@ -414,7 +476,8 @@ def _targets(rows, settings) -> list[str]:
             aps = {m: vals(s, m, "ap", f) for m in METHODS}
             if not aps["spurfast"] or not any(v for m, v in aps.items() if m not in OURS):
                 continue   # spurfast or every baseline not run
-            ap = {m: (np.nanmean(v) if np.isfinite(v).any() else np.nan) if v else np.nan for m, v in aps.items()}
+            # means of the finite seeds, as the tables' (nanmean kept an inf: "spurfast inf", and a verdict on it)
+            ap = {m: _finite_mean(v) for m, v in aps.items()}
             best, best_ap = _best_baseline(ap)
             if best is None or not np.isfinite(ap["spurfast"]):
                 L.append(f"- AP `{s}` / {f}: n/a (NaN) in every seed for "
@@ -422,7 +485,7 @@ def _targets(rows, settings) -> list[str]:
                          f"pool image carries has nothing to find) -> not decided")
                 continue
             ss = vals(s, "model", "spurious_score", f)
-            ss = np.nanmean(ss) if np.isfinite(ss).any() else np.nan
+            ss = _finite_mean(ss)
             # judged on the printed (3-decimal) means, so the verdict cannot contradict them
             ours, theirs = f"{ap['spurfast']:.3f}", f"{best_ap:.3f}"
             verdict = ("ties with the best baseline (equal to 3 decimals)" if ours == theirs else
@@ -436,6 +499,12 @@ def _targets(rows, settings) -> list[str]:
             L.append(f"- AP `{s}` / {f}: spurfast {ours} vs best baseline {best} {theirs} "
                      f"(spurious score {ss:.2f}) -> {verdict}")
     return L
+
+
+def _finite_mean(vals) -> float:
+    """Mean of the finite values (as `_agg`'s); NaN when none is."""
+    v = [x for x in vals if np.isfinite(x)]
+    return float(np.mean(v)) if v else float("nan")
 
 
 def _plots(rows, crows, plots_dir: Path, rel_to: Path) -> list[str]:

@@ -881,3 +881,85 @@ def test_a_cache_on_a_file_system_without_locks_still_runs(tmp_path, monkeypatch
         with evaluate._locked(tmp_path / "entry.pt"):
             ran = True
     assert ran and "cannot lock" in caplog.text and "No locks available" in caplog.text
+
+
+def test_a_results_csv_saved_by_a_spreadsheet_or_emptied_is_read_or_named(tmp_path):
+    """A byte-order mark (a spreadsheet's "CSV UTF-8") became part of the first column's name:
+    results.csv lost its preset, confirm.csv was "no setting column"; an empty results.csv
+    gave an empty document without a word."""
+    from spurfast.results_doc import write_results
+    csv_path = _hand_made_results(tmp_path)
+    plain = write_results(csv_path, None, tmp_path / "RESULTS.md").read_text()
+    csv_path.write_bytes(b"\xef\xbb\xbf" + csv_path.read_bytes().replace(b"\n", b"\r\n"))
+    (tmp_path / "confirm.csv").write_bytes(b"\xef\xbb\xbfsetting,seed,rank,true_finding,flip_rate,control_flip_rate,"
+                                           b"p_value\r\npatch3-n150,0,1,1,0.5,0.0,1e-9\r\n")
+    md = write_results(csv_path, tmp_path / "confirm.csv", tmp_path / "RESULTS.md").read_text()
+    assert "(preset quick)" in md and md.startswith(plain.split("## Targets")[0].split("## Overview")[0])
+    assert "| patch3-n150 | 1 | true | 0.500 | 0.000 |" in md
+    csv_path.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"results\.csv: no setting, seed, method, feature, metric, value column"):
+        write_results(csv_path, None, tmp_path / "RESULTS.md")
+
+
+def test_a_row_given_twice_is_refused_not_counted_twice(tmp_path):
+    """A results.csv row pasted twice (or two runs' CSVs joined) entered every mean, sum and
+    "per seed" list twice; a confirm.csv row twice, the verdict counts."""
+    from spurfast.results_doc import write_results
+    csv_path = _hand_made_results(tmp_path)
+    lines = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join(lines + [lines[2]]) + "\n")
+    with pytest.raises(ValueError, match=rf"results\.csv: line {len(lines) + 1} repeats line 3 \(setting "
+                                         r"'patch3-n150', seed 0, method 'spurfast', feature 'patch3', metric 'hit@1'\)"):
+        write_results(csv_path, None, tmp_path / "RESULTS.md")
+    _hand_made_results(tmp_path)
+    (tmp_path / "confirm.csv").write_text("setting,seed,rank,true_finding,flip_rate,control_flip_rate,p_value\n"
+                                          + "patch3-n150,0,1,1,0.5,0.0,1e-9\n" * 2)
+    with pytest.raises(ValueError, match=r"confirm\.csv: line 3 repeats line 2 \(setting 'patch3-n150', seed 0, rank 1\)"):
+        write_results(csv_path, tmp_path / "confirm.csv", tmp_path / "RESULTS.md")
+
+
+def test_a_hand_edited_confirm_csv_is_read_or_named(tmp_path):
+    """true_finding "1.0" or " 1" (a spreadsheet's) left the finding out of the confirmation
+    table and plot without a word; a value that is not a number, or a flip rate without its
+    control, failed with float()'s message or a KeyError, naming no file, line or column."""
+    from spurfast.results_doc import write_results
+    csv_path = _hand_made_results(tmp_path)
+    conf = tmp_path / "confirm.csv"
+    head = "setting,seed,rank,true_finding,flip_rate,control_flip_rate,p_value,content_flip_rate,content_p_value\n"
+    conf.write_text(head + "patch3-n150,0,1,1.0,0.5,0.0,1e-9,,\npatch3-n150,1,1, 1 ,0.3,0.1,1e-3,,\n")
+    md = write_results(csv_path, conf, tmp_path / "RESULTS.md").read_text()
+    assert "| patch3-n150 | 2 | true | 0.400 | 0.050 |" in md
+    for row, msg in (("patch3-n150,0,1,yes,0.5,0.0,1e-9,,", r"line 2: true_finding 'yes', expected 0 or 1"),
+                     ("patch3-n150,0,1,1,0.5,n/a,1e-9,,", r"line 2: control_flip_rate 'n/a' is not a number"),
+                     ("patch3-n150,0,1,1,0.5,,1e-9,,", r"line 2: no control_flip_rate beside its flip_rate"),
+                     ("patch3-n150,0,1,1,0.5,0.0,1e-9,,0.3", r"line 2: no content_flip_rate beside its content_p_value")):
+        conf.write_text(head + row + "\n")
+        with pytest.raises(ValueError, match=r"confirm\.csv " + msg):
+            write_results(csv_path, conf, tmp_path / "RESULTS.md")
+
+
+def test_an_infinite_ap_is_left_out_of_the_ap_target_as_of_the_tables(tmp_path):
+    """The tables leave a non-finite value out (`_agg`); the AP target line took the nanmean,
+    which keeps an inf: "spurfast inf vs best baseline pixels inf ... -> ties", said to be the
+    "means over the seeds with an AP"."""
+    from spurfast.results_doc import write_results
+    csv_path = _hand_made_results(tmp_path)
+    text = csv_path.read_text().splitlines()
+    edited = [ln.rsplit(",", 1)[0] + ",inf" if ln.startswith("quick,patch3-n150,0,") and ln.endswith(",ap,0.95")
+              or ln.startswith("quick,patch3-n150,0,pixels,patch3,ap,") else ln for ln in text]
+    csv_path.write_text("\n".join(edited) + "\n")
+    md = write_results(csv_path, None, tmp_path / "RESULTS.md").read_text()
+    (ln,) = [ln for ln in md.splitlines() if ln.startswith("- AP `patch3-n150`")]
+    assert ln == ("- AP `patch3-n150` / patch3: spurfast 0.950 vs best baseline pixels 0.900 (spurious score 0.50) "
+                  "-> beats every baseline (means over the seeds with an AP: n/a in seed 0)"), ln
+
+
+def test_a_timing_json_without_the_cpu_figures_leaves_their_line_out(tmp_path):
+    """--from-csv beside a timing.json holding the wall time and command only (hand-edited,
+    or a run whose os.cpu_count() was None): KeyError 'cpu_s' after the CSVs were read."""
+    from spurfast.results_doc import write_results
+    csv_path = _hand_made_results(tmp_path)
+    for timing in ({"wall_s": 60.0, "command": "spurfast evaluate"}, {"wall_s": 60.0, "cpu_s": 120.0, "cpus": None,
+                                                                      "load_at_start": 1.0, "load_at_end": 2.0}):
+        md = write_results(csv_path, None, tmp_path / "RESULTS.md", wall_s=60.0, timing=timing).read_text()
+        assert "Wall time of the run that wrote it: 1.0 min" in md and "CPU time" not in md
