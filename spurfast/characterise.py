@@ -76,20 +76,27 @@ def neighbour_contrast(source: ImageSource, z: np.ndarray, members: np.ndarray, 
     Unlabelled pools give no content to match on (the classifier's runner-up class says
     little about what an unrelated image shows); the latent neighbours of a member that
     the classifier puts elsewhere share its content and lack what pulled it into the class."""
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1:
+        # k = 0 matched nothing and divided by it: a contrast of NaN, and a mask of nothing
+        raise ValueError(f"k must be a positive integer (neighbours per member), got {k!r}")
     rng = np.random.default_rng(seed)
     if len(members) == 0 or len(others) == 0:
         return torch.zeros(source.image_shape), mean_images(source, members, cap, rng)
     mem = _sample(members, cap, rng)
-    zo = torch.as_tensor(z[others], dtype=torch.float32)
-    zm = torch.as_tensor(z[mem], dtype=torch.float32)
+    zo, zm = torch.as_tensor(z[others]), torch.as_tensor(z[mem])
+    wide = zo.dtype == torch.float64
+    if not wide:
+        zo, zm = zo.float(), zm.float()
     # distances are shift-invariant, cdist's fp32 |a|^2 + |b|^2 - 2 a.b is not: latents far
     # from the origin for their spread (offset 1000, spread 0.1) had the terms cancel and
     # every member got arbitrary "nearest" others.  Such latents are measured about the
     # others' mean (an exact fp32 subtraction of nearby values); ordinary ones keep their bits.
+    # float64 is shifted before it becomes fp32 (cast first, 1e8 + noise lost its digits).
     origin = zo.mean(0, dtype=torch.float64)
     spread = sum(float(((zo[s:s + 65536].double() - origin) ** 2).sum()) for s in range(0, len(zo), 65536)) / len(zo)
     if float(origin @ origin) > FAR * spread:
-        zo, zm = zo - origin.float(), zm - origin.float()
+        zo, zm = ((zo - origin).float(), (zm - origin).float()) if wide else (zo - origin.float(), zm - origin.float())
+    zo, zm = zo.float(), zm.float()
     k = min(k, len(others))
     nbr = []
     for s in range(0, len(zm), 64):   # 64 x len(others) distances at a time

@@ -129,14 +129,16 @@ def _standardise(mu: np.ndarray) -> np.ndarray:
     return ((mu - m) / np.where(s > 0, s, 1.0)).astype(np.float32)
 
 
-def _provider_choices(device) -> dict:
+_OPS = ("latent_knn", "kmeans_assign", "kmeans_update", "kmeans_assign_update", "kmeans_plusplus")
+
+
+def _provider_choices(device, ops=_OPS) -> dict:
     """Besides the config's backend, what picks the implementations of the neighbour search
     and the clustering: the SPURFAST_BACKEND* variables (and the Triton kernel's fp32
     precision) and what ``auto`` takes here.  Kept work is keyed on them: a rerun under
     another provider (rounding of its own) resumed the null of the first, a null no
     uninterrupted run computes."""
     dev = torch.device(device or "cpu").type   # None: torch's default, the CPU
-    ops = ("latent_knn", "kmeans_assign", "kmeans_update", "kmeans_assign_update", "kmeans_plusplus")
     auto = {}
     for op in ops:
         try:
@@ -183,8 +185,13 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
         from .discovery_work import DiscoveryWork, work_key
         settings = {**kw, "n_neighbours": config.n_neighbours, "seed": config.seed, "n_classes": n_classes,
                     "providers": _provider_choices(config.device)}
+        # the search reads z alone (not config.backend: it is the k-means backend), so another k
+        # or statistic reuses it; device type and providers: their rounding may break ties otherwise
+        searched = {"piece": "neighbours", "n_neighbours": config.n_neighbours,
+                    "device": torch.device(config.device or "cpu").type,
+                    "providers": _provider_choices(config.device, ("latent_knn",))}
         work = DiscoveryWork(work_dir, work_key(dict(z=z, g=g, labels=labels[valid], top2=top2, unknown_ok=unknown_ok),
-                                                settings))
+                                                settings), work_key(dict(z=z), searched))
     # one call each, minutes at ImageNet scale on a CPU: a bar per step says which is running
     with tqdm(total=len(z), desc="latent neighbours", unit="img", disable=not progress, leave=False) as step:
         def search():

@@ -7,6 +7,8 @@ Each piece is saved as it finishes, under a key that hashes everything it depend
 standardised latents, the predictions, labels, runner-up classes, which images count as
 unrelated, and the settings.  A rerun with any of them changed finds no file of its key and
 computes afresh; files of other keys are left alone (another setting's run may want them).
+The neighbour search, which reads the latents alone, has a key of its own (the latents, the
+number of neighbours and what picks its provider): a rerun with another k reuses it.
 """
 from __future__ import annotations
 
@@ -34,19 +36,22 @@ def work_key(arrays: dict, settings: dict) -> str:
 
 
 class DiscoveryWork:
-    """The neighbour lists and each null permutation's (scores, n_unrelated) of one key,
-    in ``root / key``; each written atomically when it is finished."""
+    """Each null permutation's (scores, n_unrelated) of one key, in ``root / key``, and the
+    neighbour lists in ``root / neighbour_key`` (default: ``key``); each written
+    atomically when it is finished."""
 
-    def __init__(self, root, key: str):
+    def __init__(self, root, key: str, neighbour_key: str | None = None):
         self.dir = Path(root) / key
+        self.neighbour_dir = Path(root) / (neighbour_key or key)
 
-    def _save(self, name: str, **arrays) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        replace_atomically(self.dir / name, lambda fh: np.savez(fh, **arrays), mode="wb")
+    def _save(self, name: str, folder: Path | None = None, **arrays) -> None:
+        folder = self.dir if folder is None else folder
+        folder.mkdir(parents=True, exist_ok=True)
+        replace_atomically(folder / name, lambda fh: np.savez(fh, **arrays), mode="wb")
 
-    def _load(self, name: str):
+    def _load(self, name: str, folder: Path | None = None):
         try:
-            with np.load(self.dir / name, allow_pickle=False) as d:
+            with np.load((self.dir if folder is None else folder) / name, allow_pickle=False) as d:
                 got = {k: d[k] for k in d.files}
         # none yet, or damaged: made again (zipfile raises NotImplementedError for a damaged
         # compression method, version or flag field; numpy returns a member that is not an
@@ -56,11 +61,13 @@ class DiscoveryWork:
         return got if all(isinstance(v, np.ndarray) for v in got.values()) else None
 
     def neighbours(self, compute):
-        got = self._load("neighbours.npz")
-        if got is not None and "idx" in got:
-            return got["idx"]
+        # before neighbour keys, the lists were kept with the nulls: still read there
+        for folder in dict.fromkeys([self.neighbour_dir, self.dir]):
+            got = self._load("neighbours.npz", folder)
+            if got is not None and "idx" in got:
+                return got["idx"]
         idx = compute()
-        self._save("neighbours.npz", idx=idx)
+        self._save("neighbours.npz", self.neighbour_dir, idx=idx)
         return idx
 
     def get_null(self, b: int):

@@ -1,5 +1,6 @@
 """Contrast maps: members minus content-matched non-members leave the shared pattern."""
 import numpy as np
+import pytest
 import torch
 
 from spurfast.characterise import neighbour_contrast, pattern_mask
@@ -97,3 +98,28 @@ def test_neighbour_contrast_of_latents_far_from_the_origin_takes_the_nearest_oth
     matched = others[np.argsort(d, 1, kind="stable")[:, :3].ravel()]
     want = imgs[members].mean(0) - imgs[matched].mean(0)
     assert torch.allclose(got, want, atol=1e-6), float((got - want).abs().max())
+
+
+def test_neighbour_contrast_of_float64_latents_far_from_the_origin_takes_the_nearest_others():
+    """float64 latents at 1e8 + spread 30 were cast to fp32 (a spacing of 8) before the shift
+    about the others' mean: the distances came from rounded latents, the neighbours were wrong."""
+    rng = np.random.default_rng(0)
+    imgs = torch.as_tensor(rng.random((110, 1, 4, 4)), dtype=torch.float32)   # each image its own
+    kind = np.r_[np.zeros(5), np.ones(25), np.zeros(40), np.ones(40)]
+    z = 1e8 + 300 * np.stack([kind, 1 - kind], 1) + 30 * rng.normal(size=(110, 2))
+    src = ArraySource(imgs, None, name="far64")
+    members, others = np.arange(30), np.arange(30, 110)
+    got, _ = neighbour_contrast(src, z, members, others, k=3, seed=0)
+    d = ((z[members, None] - z[None, others]) ** 2).sum(-1)
+    matched = others[np.argsort(d, 1, kind="stable")[:, :3].ravel()]
+    want = imgs[members].mean(0) - imgs[matched].mean(0)
+    assert torch.allclose(got, want, atol=1e-6), float((got - want).abs().max())
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5])
+def test_neighbour_contrast_refuses_a_k_that_is_no_positive_integer(k):
+    """k = 0 matched no other and divided by zero: a NaN contrast, no word of why."""
+    imgs = torch.zeros(6, 1, 4, 4)
+    z = np.arange(12, dtype=np.float32).reshape(6, 2)
+    with pytest.raises(ValueError, match=rf"^k must be a positive integer \(neighbours per member\), got {k!r}$"):
+        neighbour_contrast(ArraySource(imgs, None, name="k"), z, np.arange(3), np.arange(3, 6), k=k)

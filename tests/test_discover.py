@@ -352,8 +352,14 @@ def test_an_interrupted_discovery_resumes_its_neighbours_and_null(tmp_path, monk
     assert calls["cluster"] == 1
     calls.update(cluster=0, knn=0)
     discover(store, DiscoverConfig(k=5, n_null=12, max_null=12, seed=0), progress=False, work_dir=tmp_path / "work")
-    assert calls == {"cluster": 1 + 12, "knn": 1, "stop": None}   # other settings: work of their own
-    assert len(list((tmp_path / "work").iterdir())) == 2
+    # other settings: a null of their own, but the neighbour search (the latents' alone) is
+    # read back; it was repeated, quadratic in the pool, for every other k or statistic
+    assert calls == {"cluster": 1 + 12, "knn": 0, "stop": None}
+    assert len(list((tmp_path / "work").iterdir())) == 3   # two nulls' folders, one of neighbours
+    calls.update(cluster=0, knn=0)
+    discover(store, DiscoverConfig(k=4, n_null=12, max_null=12, seed=0, n_neighbours=7), progress=False,
+             work_dir=tmp_path / "work")
+    assert calls == {"cluster": 1 + 12, "knn": 1, "stop": None}   # another number of neighbours: searched
 
 
 def test_discovery_work_is_not_resumed_under_another_kmeans_provider(tmp_path, monkeypatch):
@@ -366,16 +372,25 @@ def test_discovery_work_is_not_resumed_under_another_kmeans_provider(tmp_path, m
     cfg = DiscoverConfig(k=4, n_null=3, max_null=3, seed=0)
     monkeypatch.delenv("SPURFAST_BACKEND", raising=False)
     monkeypatch.delenv("SPURFAST_BACKEND_KMEANS_ASSIGN", raising=False)
+    monkeypatch.delenv("SPURFAST_BACKEND_LATENT_KNN", raising=False)
     discover(store, cfg, progress=False, work_dir=tmp_path / "work")
     calls = []
     real = scoring.cluster_and_score
     monkeypatch.setattr(scoring, "cluster_and_score", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setenv("SPURFAST_BACKEND_KMEANS_ASSIGN", "torch")
     discover(store, cfg, progress=False, work_dir=tmp_path / "work")
-    assert len(calls) == 3 and len(list((tmp_path / "work").iterdir())) == 2
+    assert len(calls) == 3 and len(list((tmp_path / "work").iterdir())) == 3   # the neighbours' folder shared
     calls.clear()
     discover(store, cfg, progress=False, work_dir=tmp_path / "work")   # the same provider again: resumed
     assert not calls
+    # another neighbour-search provider: searched again, and a null of its own
+    from spurfast import discover as D
+    knn = []
+    real_knn = D.latent_neighbours
+    monkeypatch.setattr(D, "latent_neighbours", lambda *a, **k: knn.append(1) or real_knn(*a, **k))
+    monkeypatch.setenv("SPURFAST_BACKEND_LATENT_KNN", "torch")
+    discover(store, cfg, progress=False, work_dir=tmp_path / "work")
+    assert len(knn) == 1 and len(calls) == 3 and len(list((tmp_path / "work").iterdir())) == 5
 
 
 def test_discovery_work_keys_on_its_inputs_and_skips_a_damaged_piece(tmp_path):
@@ -411,6 +426,8 @@ def test_discovery_work_keys_on_its_inputs_and_skips_a_damaged_piece(tmp_path):
     assert work.get_null(0) is None
     assert work.neighbours(lambda: np.array([[1, 2]])).tolist() == [[1, 2]]
     assert work.neighbours(lambda: pytest.fail("read back, not searched again")).tolist() == [[1, 2]]
+    # lists kept with the nulls (before neighbour keys) are still read back
+    assert DiscoveryWork(tmp_path, key, "nkey").neighbours(lambda: pytest.fail("kept")).tolist() == [[1, 2]]
 
 
 def test_a_store_of_one_readable_image_says_discovery_needs_two(tmp_path):
