@@ -313,15 +313,15 @@ def _run_rows(writer, n: int, res: dict, n_null: int, dev: str, gpu: bool) -> No
 
 
 def run(writer, quick: bool = False, device=None) -> None:
-    from bench.harness import device_name
+    from bench.harness import device_name, env_ints
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = device_name(device)
     gpu = device.startswith("cuda")
     # on GPUs: one process per GPU (NCCL needs distinct devices)
     sizes = ([20_000] if gpu else [600]) if quick else [10_000, 100_000]
-    if os.environ.get("SPURFAST_BENCH_E2E_SIZES"):   # e.g. "100000" for one large pool on a GPU
-        sizes = [int(v) for v in os.environ["SPURFAST_BENCH_E2E_SIZES"].split(",")]
+    # e.g. "100000" for one large pool on a GPU
+    sizes = env_ints("SPURFAST_BENCH_E2E_SIZES") or sizes
     procs = [1] + [p for p in (2,) if not gpu or torch.cuda.device_count() >= p]
     # on a CPU node, also 1 process pinned to 1 core: 2 processes on 2 cores against it is
     # the sharding's own scaling (against 1 process on all cores, which already fills them

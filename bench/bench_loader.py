@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .harness import device_name, measure
+from .harness import device_name, env_ints, measure
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "build" / "bench_images"
@@ -96,7 +96,7 @@ def run(writer, quick: bool = False, device=None):
     from spurfast.data import loader_dali, loader_torch
 
     n = 300 if quick else 2000
-    threads = int(os.environ.get("SPURFAST_BENCH_THREADS", min(8, os.cpu_count() or 1)))
+    threads = (env_ints("SPURFAST_BENCH_THREADS") or [min(8, os.cpu_count() or 1)])[0]
     reps = 3 if quick else 5
     paths = image_folder(n)
     sizes = [64] if quick else [64, 224]

@@ -48,6 +48,23 @@ def versions() -> str:
     return " ".join(parts)
 
 
+def env_ints(name: str) -> list[int] | None:
+    """Environment variable ``name`` as comma-separated integers >= 1 (empty parts, as a
+    trailing comma leaves, skipped); None when it is unset or empty.  int()'s own error
+    ("invalid literal for int() with base 10: '1e5'") named no variable."""
+    raw = os.environ.get(name, "")
+    parts = [s.strip() for s in raw.split(",") if s.strip()]
+    if not parts:
+        return None
+    try:
+        values = [int(s) for s in parts]
+    except ValueError:
+        values = []
+    if len(values) != len(parts) or min(values) < 1:
+        raise ValueError(f"{name}={raw!r}: expected comma-separated integers >= 1 (e.g. 10000,100000)")
+    return values
+
+
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -123,6 +140,9 @@ class ResultWriter:
         # an empty SPURFAST_BENCH_CSV (set to nothing to unset it) is the default, as `bench plot` reads it:
         # Path("") was ".", and the first row failed with IsADirectoryError after its measurement
         self.path = Path(path or os.environ.get("SPURFAST_BENCH_CSV") or DEFAULT_CSV)
+        if self.path.is_dir():   # the first row raised IsADirectoryError, after its measurement
+            raise IsADirectoryError(f"results CSV {self.path} is a folder; expected a CSV file, e.g. "
+                                    f"{self.path / 'results.csv'}")
         self.date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.versions = versions()
         self.rows: list[dict] = []

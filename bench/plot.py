@@ -33,6 +33,8 @@ def plot(csv_path=None, out_dir=None) -> list[Path]:
     import matplotlib.pyplot as plt
 
     path = Path(csv_path or os.environ.get("SPURFAST_BENCH_CSV") or DEFAULT_CSV)   # where ResultWriter wrote
+    if path.is_dir():   # it was said not to exist
+        raise IsADirectoryError(f"results CSV {path} is a folder; expected the CSV file a benchmark wrote")
     if not path.is_file():
         raise FileNotFoundError(f"results CSV {path} does not exist; run a benchmark first")
     rows = latest_rows(path)

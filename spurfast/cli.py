@@ -564,6 +564,12 @@ def cmd_evaluate(args):
 
     from .evaluate import run_evaluation
     from .results_doc import check_results_md, read_csv, read_notes, write_results, write_with_notes
+    out = Path(args.out)
+    # a file in its place failed as "[Errno 17] File exists: 'x'", which does not say what is wrong
+    blocker = next((q for q in (out, *out.parents) if q.exists() and not q.is_dir()), None)
+    if blocker is not None:
+        raise NotADirectoryError(f"--out {out}: {blocker} is a file, not a folder; expected the folder for "
+                                 f"results.csv, confirm.csv, plots/ and RESULTS.md")
     if args.results_md:   # --from-csv too, which runs no sweep (each failed at the end)
         check_results_md(args.results_md, "--results-md")
     if args.results_md and os.path.exists(args.results_md) and not os.access(args.results_md, os.W_OK):
@@ -656,6 +662,11 @@ def cmd_report(args):
         bad_files = read_bad_files(run)
     except ValueError as exc:
         raise cut_short(BAD_FILES if (run / BAD_FILES).is_file() else "store/manifest.json", exc) from None
+    # both are written as objects: a hand-edited list or string ended in an AttributeError traceback
+    for name, value in (("summary.json", summary), (BAD_FILES, bad_files)):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{run / name} holds a JSON {type(value).__name__}, expected an object (name: value, "
+                             f"as `spurfast discover` writes it); rerun `spurfast discover` on this run, or remove it")
     print(f"wrote {write_report(doc, run, clusters=clusters, bad_files=bad_files, summary=summary)}")
 
 

@@ -332,3 +332,49 @@ def test_plot_of_a_csv_without_throughput_rows_says_so(tmp_path, capsys):
     w.add("op", "p", {"a": 1}, "median_s", 0.5, "s", "cpu")
     assert plot(tmp_path / "r.csv") == [] and not (tmp_path / "plots").exists()
     assert f"{tmp_path / 'r.csv'} holds no items_per_s rows: no plots written" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", ["1e5", "-5", "600,x"])
+def test_a_bad_e2e_sizes_variable_is_named(monkeypatch, value):
+    # int()'s "invalid literal for int() with base 10: '1e5'" named no variable; "-5" reached make-pool
+    from bench import bench_e2e
+
+    monkeypatch.setenv("SPURFAST_BENCH_E2E_SIZES", value)
+    monkeypatch.setattr(bench_e2e, "ensure_models", lambda: pytest.fail("the benchmark started"))
+    with pytest.raises(ValueError, match=r"SPURFAST_BENCH_E2E_SIZES=.*expected comma-separated integers >= 1"):
+        bench_e2e.run(None, quick=True, device="cpu")
+
+
+def test_e2e_sizes_with_a_trailing_comma_and_an_empty_threads_variable_are_read(monkeypatch):
+    # "100000," raised int()'s error on '', and SPURFAST_BENCH_THREADS= (set to nothing) did too
+    from bench import bench_e2e, bench_loader
+
+    class Started(Exception):
+        pass
+
+    monkeypatch.setenv("SPURFAST_BENCH_E2E_SIZES", " 700, 600,")
+    pools = []
+    monkeypatch.setattr(bench_e2e, "ensure_models", lambda: ("c", "v"))
+    monkeypatch.setattr(bench_e2e, "ensure_pool", lambda n: pools.append(n) or (_ for _ in ()).throw(Started()))
+    with pytest.raises(Started):
+        bench_e2e.run(None, quick=True, device="cpu")
+    assert pools == [700]
+    monkeypatch.setenv("SPURFAST_BENCH_THREADS", "")
+    monkeypatch.setattr(bench_loader, "image_folder", lambda n: (_ for _ in ()).throw(Started()))
+    with pytest.raises(Started):
+        bench_loader.run(None, quick=True, device="cpu")
+    assert harness.env_ints("SPURFAST_BENCH_E2E_SIZES") == [700, 600]
+
+
+@pytest.mark.parametrize("suite", ["kmeans", "plot"])
+def test_a_results_csv_that_is_a_folder_is_refused_up_front(tmp_path, monkeypatch, capsys, suite):
+    # a suite raised IsADirectoryError at its first row, after that row's measurement; plot said
+    # the folder did not exist
+    from bench import bench_kmeans
+    from bench.__main__ import main as bench_main
+
+    monkeypatch.setattr(bench_kmeans, "run", lambda *a, **k: pytest.fail("the suite ran"))
+    with pytest.raises(SystemExit) as e:
+        bench_main([suite, "--quick", "--device", "cpu", "--csv", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"results CSV {tmp_path} is a folder" in err, err

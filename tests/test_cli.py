@@ -1042,6 +1042,37 @@ def test_report_names_a_cut_short_summary_or_bad_files_list(tmp_path, capsys, da
     assert err.startswith(f"error: {run / damage} is not readable JSON") and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("name,text", [("summary.json", "[1, 2]"), ("bad_files.json", '"x"')])
+def test_report_names_a_summary_or_bad_files_list_that_is_no_object(tmp_path, capsys, name, text):
+    # a hand-edited list or string ended in "AttributeError: 'list' object has no attribute 'items'"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "findings.json").write_text(json.dumps({"schema": 1, "spurfast_version": "0.1.0", "config": {},
+                                                   "pool": {}, "findings": []}))
+    (run / name).write_text(text)
+    capsys.readouterr()
+    assert main(["report", "--run", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {run / name} holds a JSON ") and "expected an object" in err, err
+    (run / name).write_text("{}")
+    assert main(["report", "--run", str(run)]) == 0 and (run / "report.html").is_file()
+
+
+@pytest.mark.parametrize("mode", ["from-csv", "run"])
+def test_evaluate_out_in_place_of_a_file_is_named(tmp_path, capsys, monkeypatch, mode):
+    # both failed as "error: [Errno 17] File exists: 'e'" (or Errno 20 below it), which said nothing of why
+    import spurfast.evaluate
+
+    monkeypatch.setattr(spurfast.evaluate, "run_evaluation", lambda *a, **k: pytest.fail("the evaluation ran"))
+    (tmp_path / "e").write_text("x")
+    how = ["--preset", "tiny"] if mode == "run" else ["--from-csv", _quick_csv(tmp_path)]
+    for out in (tmp_path / "e", tmp_path / "e" / "sub"):
+        capsys.readouterr()
+        assert main(["evaluate", "--out", str(out), *how]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {out}: {tmp_path / 'e'} is a file, not a folder"), err
+
+
 def test_ctrl_c_in_make_pool_says_to_overwrite(tmp_path, capsys, monkeypatch):
     # it said "the same `spurfast make-pool` command resumes", which then refused the half-written pool
     import spurfast.make_pool as M
