@@ -985,3 +985,140 @@ def test_an_animation_whose_default_image_is_not_a_frame_is_bad_for_both_loaders
     assert torch.equal(images[1], images[3]) and torch.equal(images[2], images[3])
     if which == "dali":   # caught before any pipeline
         assert set(loader_dali._precheck(paths, np.arange(len(paths)), PreprocessSpec(SIZE))) == {0}
+
+
+@pytest.mark.parametrize("which", _loaders())
+def test_malformed_chunks_after_an_animations_first_frame_are_bad_for_both_loaders(tmp_path, which):
+    """The replay of PIL's chunk handling after the image data skipped every APNG, but
+    PIL's decode of the first frame reads the chunks up to the next frame's fcTL (up to IEND
+    with one frame): a truncated pHYs there failed the torch loader while DALI decoded the
+    frame.  Bad for both now, for one reason; chunks after a later frame, which decoding
+    the first frame never reads, stay good for both."""
+    import struct
+
+    arr = _picture(4, 12, 16)
+    _, chunk = _png_with_chunks(arr)
+    first, second = Image.fromarray(arr), Image.fromarray(255 - arr)
+
+    def apng(frames, after, nth=1):
+        """An APNG of ``frames`` with raw chunk ``after`` after the ``nth`` chunk of image data."""
+        buf = io.BytesIO()
+        frames[0].save(buf, format="PNG", save_all=True, append_images=frames[1:])
+        data, at, out, seen = buf.getvalue(), 8, [], 0
+        while at < len(data):
+            n = struct.unpack(">I", data[at:at + 4])[0]
+            out.append(data[at:at + 12 + n])
+            seen += data[at + 4:at + 8] in (b"IDAT", b"fdAT")
+            if seen == nth and data[at + 4:at + 8] in (b"IDAT", b"fdAT"):
+                out.append(after)
+            at += 12 + n
+        return data[:8] + b"".join(out)
+
+    phys = chunk(b"pHYs", b"\0")
+    files = {"a_phys_after_first_frame.png": apng([first, second], phys),
+             "b_phys_in_one_frame_apng.png": apng([first], phys),
+             "c_phys_after_second_frame.png": apng([first, second], phys, nth=2),
+             "d_text_after_first_frame.png": apng([first, second], chunk(b"tEXt", b"k\0v")),
+             "e_plain.png": _png_with_chunks(arr)[0]}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    paths = sorted(str(p) for p in tmp_path.iterdir())
+    idx, images, ok, bad = _run(which, paths)
+    assert ok.tolist() == [False, False, True, True, True]
+    why = "PNG rejected by PIL: ValueError: Truncated pHYs chunk (after the image data)"
+    assert bad == {0: why, 1: why}
+    assert torch.equal(images[2], images[4]) and torch.equal(images[3], images[4])
+
+
+@pytest.mark.filterwarnings("ignore:Invalid APNG:UserWarning")   # PIL's word on two acTL chunks
+@pytest.mark.parametrize("which", _loaders())
+def test_animations_and_their_acTL_chunks_are_read_as_dali_reads_them(tmp_path, which):
+    """DALI's decoder ignores the EXIF orientation of an animation (the last acTL chunk
+    before the image data counts more than one frame) and refuses an acTL chunk there of 0
+    frames or of other than 8 bytes; PIL turned the first frame and decoded those files
+    (measured, DALI 2.4): the torch loader gave other pixels, or decoded what DALI refused."""
+    import struct
+
+    y, x = np.mgrid[0:24, 0:24]
+    arr = np.stack([x * 10, y * 10, np.zeros_like(x)], -1).astype(np.uint8)   # every turn differs
+    _, chunk = _png_with_chunks(arr)
+    exif6 = chunk(b"eXIf", _tiff([(0x0112, 3, 1, 6)], b"MM"))
+
+    def apng(actl=None, exif_at=b"IDAT", **kw):
+        """An APNG of ``arr`` then ``255 - arr`` with orientation 6 before its image data (or
+        before chunk ``exif_at``), its acTL chunk replaced by the raw chunks ``actl``."""
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG", save_all=True, append_images=[Image.fromarray(255 - arr)], **kw)
+        data, at, out = buf.getvalue(), 8, []
+        while at < len(data):
+            n = struct.unpack(">I", data[at:at + 4])[0]
+            kind, whole = data[at + 4:at + 8], data[at:at + 12 + n]
+            out.append(exif6 + whole if kind == exif_at else actl if kind == b"acTL" and actl is not None else whole)
+            at += 12 + n
+        return data[:8] + b"".join(out)
+
+    def actl(n, extra=b""):
+        return chunk(b"acTL", struct.pack(">II", n, 0) + extra)
+
+    files = {"a_animation.png": apng(),
+             "b_one_frame_counted.png": apng(actl(1)),
+             "c_last_actl_counts_one.png": apng(actl(2) + actl(1)),
+             "d_last_actl_counts_two.png": apng(actl(1) + actl(2)),
+             "e_actl_of_0_frames.png": apng(actl(0)),
+             "f_actl_of_12_bytes.png": apng(actl(2, b"\0\0\0\0")),
+             "g_still.png": _png_with_chunks(arr)[0],
+             "h_still_turned.png": _png_with_chunks(arr, before_idat=exif6)[0],
+             # a still outside a one-frame animation: DALI decoded the frame where the last acTL counts two
+             "i_hidden_default_last_actl_two.png": apng(actl(1) + actl(2), default_image=True),
+             "j_hidden_default_last_actl_one.png": apng(actl(2) + actl(1), default_image=True),
+             # PIL's decode of the still read no eXIf after the frame; DALI's turned it
+             "k_hidden_default_exif_at_end.png": apng(exif_at=b"IEND", default_image=True)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    paths = sorted(str(p) for p in tmp_path.iterdir())
+    idx, images, ok, bad = _run(which, paths)
+    assert ok.tolist() == [True, True, True, True, False, False, True, True, False, True, True]
+    why = "(libpng, DALI's decoder, refuses it; PIL would decode it)"
+    assert bad == {4: f"PNG with an acTL chunk of 0 frames {why}",
+                   5: f"PNG with an acTL chunk of 12 bytes (8 expected) {why}",
+                   8: "PNG animation whose default image is not its first frame (DALI decodes the first frame, "
+                      "PIL the default image)"}
+    still, turned = images[6], images[7]
+    assert not torch.equal(still, turned)
+    assert [torch.equal(images[k], still) for k in range(4)] == [True, False, False, True]
+    assert [torch.equal(images[k], turned) for k in range(4)] == [False, True, True, False]
+    assert torch.equal(images[9], turned) and torch.equal(images[10], turned)
+    if which == "dali":   # caught before any pipeline
+        assert set(loader_dali._precheck(paths, np.arange(len(paths)), PreprocessSpec(SIZE))) == {4, 5, 8}
+
+
+def test_the_jpeg_marker_walk_seeks_past_large_header_segments(tmp_path, monkeypatch):
+    """The walk over a JPEG's header markers read every byte of the segments into one
+    growing buffer: 1.2 s (quadratic copying) and 16 MB of memory for a JPEG with 16 MB of
+    APP segments (extended XMP, say).  It reads a block at each marker now, and its verdicts
+    stay the same."""
+    import struct
+
+    from spurfast.data import preprocess
+
+    plain = _jpeg_bytes(_picture(6, 20, 24))
+    seg = b"\xff\xe2" + struct.pack(">H", 65535) + b"x" * 65533
+    sos = plain.find(b"\xff\xda")
+    files = {"big.jpg": plain[:2] + seg * 64 + plain[2:],
+             "big_stray.jpg": plain[:2] + seg * 64 + plain[2:sos] + b"\x12\x34" + plain[sos:]}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    read = []
+
+    class Counting(io.FileIO):
+        def read(self, n=-1):
+            out = super().read(n)
+            read.append(len(out))
+            return out
+
+    monkeypatch.setattr(preprocess, "open", lambda path, mode: Counting(path, mode), raising=False)
+    assert preprocess._jpeg_marker_error(str(tmp_path / "big.jpg")) is None
+    assert sum(read) < len(files["big.jpg"]) // 2
+    stray = len(files["big_stray.jpg"]) - len(plain) + sos - 2
+    assert preprocess._jpeg_marker_error(str(tmp_path / "big_stray.jpg")) == \
+        f"with stray bytes where a marker belongs (byte {stray}: 12 34)"

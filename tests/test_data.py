@@ -466,3 +466,36 @@ def test_class_folders_match_utf8_class_names_under_a_non_utf8_locale(tmp_path):
                          errors="replace")
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[0, 2]"
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_both_folder_loaders_refuse_a_repeated_index_and_name_it(tmp_path, backend):
+    """The DALI loader refused indices=[2, 0, 2] naming no index; the torch loader decoded
+    pool item 2 twice.  Both refuse now, naming the index and where it repeats."""
+    from PIL import Image
+
+    from spurfast import backends
+
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    _, fn = backends.resolve("loader", backend)
+    paths = []
+    for i in range(3):
+        Image.fromarray(np.full((4, 4, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    extra = {"device": "cpu"} if backend == "dali" else {}
+    with pytest.raises(ValueError, match=r"must not repeat .*: pool index 2 is given 2 times \(at positions 0, 2\)"):
+        list(fn(paths, size=2, indices=[2, 0, 2], num_threads=1, **extra))
+    assert [b[0].tolist() for b in fn(paths, size=2, indices=[2, 0], num_threads=1, **extra)] == [[2, 0]]
+
+
+def test_indices_out_of_range_are_named_as_given():
+    """An index of inf, 1e30 or a uint64 2**63 was cast to int64 first and named as
+    -9223372036854775808, a value nobody passed."""
+    src = ArraySource(np.zeros((5, 1, 2, 2), np.uint8))
+    for given, shown in (([np.inf], r"\[inf, inf\]"), ([1e30, 2.0], r"\[2\.0, 1e\+30\]"),
+                         (np.array([2**63], np.uint64), r"\[9223372036854775808, 9223372036854775808\]")):
+        with pytest.raises(IndexError, match=r"indices must lie in \[0, 5\); got range " + shown):
+            list(iter_batches(src, 4, indices=given))
+    with pytest.raises(IndexError, match=r"SubsetSource indices into array must lie in \[0, 5\); got range \[inf"):
+        SubsetSource(src, [np.inf])

@@ -161,6 +161,18 @@ def select_indices(n: int, *, start: int = 0, shard_id: int = 0, num_shards: int
     return sel[shard_id::num_shards]
 
 
+def refuse_repeats(sel: np.ndarray) -> None:
+    """Raise if pool indices ``sel`` repeat one: each pool item is loaded once per pass (both
+    loaders refuse, naming it; the torch loader decoded it twice)."""
+    srt = np.sort(sel)
+    if (srt[1:] == srt[:-1]).any():
+        uniq, first, counts = np.unique(sel, return_index=True, return_counts=True)
+        rep = int(uniq[np.argmin(np.where(counts > 1, first, len(sel)))])   # the first repeated, in the given order
+        at = np.flatnonzero(sel == rep)
+        raise ValueError(f"indices must not repeat (each pool item is loaded once per pass): pool index {rep} is "
+                         f"given {len(at)} times (at positions {_some(map(str, at.tolist()), 3)})")
+
+
 class ImageFolderSource(ImageSource):
     """Lazily decoded image folder.  A file that fails to decode yields a zero image and
     is recorded in ``bad_files`` (index -> reason); loaders report it, runs go on."""

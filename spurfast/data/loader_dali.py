@@ -59,7 +59,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .folder import select_indices
+from .folder import refuse_repeats, select_indices
 from .preprocess import (GRAY_SHIFT, GRAY_WEIGHTS, PreprocessSpec, describe_error, load_image_uint8,
                          output_dtype, uint8_to, validate_image_file)
 
@@ -470,8 +470,7 @@ def iter_folder_batches(paths, *, size: int, channels: int = 3, batch_size: int 
     sel = select_indices(len(paths), start=start, shard_id=shard_id, num_shards=num_shards, indices=indices)
     if len(sel) == 0:
         return
-    if len(np.unique(sel)) != len(sel):
-        raise ValueError("indices must not repeat (each pool item is loaded once per pass)")
+    refuse_repeats(sel)
     # str: pathlib paths, which the torch loader takes, failed in the file list ("'PosixPath'
     # object has no attribute 'encode'")
     paths = [os.fspath(p) for p in paths]

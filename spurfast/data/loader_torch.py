@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-from .folder import select_indices
+from .folder import refuse_repeats, select_indices
 from .preprocess import PreprocessSpec, checked_load_uint8, output_dtype, uint8_to
 from .sources import ImageSource
 
@@ -50,11 +50,12 @@ def iter_folder_batches(paths, *, size: int, channels: int = 3, batch_size: int 
     """Loader-op signature shared with the DALI loader: yields (indices, images, ok).
 
     Streams ``select_indices(len(paths), start=, shard_id=, num_shards=, indices=)`` in
-    order, ``batch_size`` per batch (the last one may be smaller).  ``num_threads``
-    DataLoader worker processes (0 or 1: decode in this process).  ``dtype``: uint8
-    (0..255) or float32/float16/bfloat16 in [0, 1].  A bad file (see
-    ``preprocess.validate_image_file``; anything PIL cannot decode) yields a zero image with
-    ok=False, and its reason goes into ``bad_files`` (pool index -> reason) when given."""
+    order, ``batch_size`` per batch (the last one may be smaller); an index given twice is
+    refused, as the DALI loader refuses it.  ``num_threads`` DataLoader worker processes (0
+    or 1: decode in this process).  ``dtype``: uint8 (0..255) or float32/float16/bfloat16 in
+    [0, 1].  A bad file (see ``preprocess.validate_image_file``; anything PIL cannot decode)
+    yields a zero image with ok=False, and its reason goes into ``bad_files`` (pool index ->
+    reason) when given."""
     spec = PreprocessSpec(size, channels)
     dtype = output_dtype(dtype)
     if batch_size < 1:
@@ -62,6 +63,7 @@ def iter_folder_batches(paths, *, size: int, channels: int = 3, batch_size: int 
     sel = select_indices(len(paths), start=start, shard_id=shard_id, num_shards=num_shards, indices=indices)
     if len(sel) == 0:
         return
+    refuse_repeats(sel)
     ds = _FolderItems(paths, spec, sel)
     workers = num_threads if num_threads > 1 else 0
     # int(): the DataLoader refuses a numpy integer, which run_discovery accepts as a batch size

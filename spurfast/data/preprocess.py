@@ -222,7 +222,7 @@ def _replay_png_load_end(path: str, trailer: int) -> None:
 
     with Image.open(path, formats=("PNG",)) as im:
         png = im.png
-        if png is None or png.im_n_frames is not None:   # APNG: its frames load otherwise
+        if png is None:
             return
         im.fp.seek(trailer)
         while True:   # PngImageFile.load_end's loop
@@ -230,7 +230,9 @@ def _replay_png_load_end(path: str, trailer: int) -> None:
                 cid, pos, length = png.read()
             except (struct.error, SyntaxError):
                 return
-            if cid == b"IEND":
+            # an animation's first frame ends at the next frame's fcTL (a truncated pHYs before
+            # it failed the torch loader's decode of an APNG that DALI decodes)
+            if cid == b"IEND" or (cid == b"fcTL" and im.is_animated):
                 return
             try:
                 png.call(cid, pos, length)
@@ -255,37 +257,41 @@ def _jpeg_marker_error(path: str) -> str | None:
     length under 2, or no scan where the walk ends (PIL's open found one).  The parser
     reads a length after every marker but SOS, as this walk does (a restart marker among
     the headers, which PIL skips, throws it off); fill bytes (0xFF runs) are fine.  Reads
-    the headers only, in 16 KiB blocks."""
+    16 KiB blocks at the markers only, seeking past the segments' data (reading all of it
+    into one growing buffer cost 1.2 s for a JPEG with 16 MB of APP segments, quadratic,
+    and its size in memory)."""
     past_end = "whose marker segments run past the end of the file before its scan"
     try:
         with open(path, "rb") as fh:
-            buf = fh.read(1 << 14)
+            buf, base = b"", 0   # the file's bytes base .. base + len(buf)
 
-            def have(n: int) -> bool:   # buf holds n bytes (reading on as needed)
-                nonlocal buf
-                while len(buf) < n:
-                    more = fh.read(max(1 << 14, n - len(buf)))
-                    if not more:
-                        return False
-                    buf += more
-                return True
+            def byte(n: int) -> int | None:   # the file's byte n, None past its end
+                nonlocal buf, base
+                if not base <= n < base + len(buf):
+                    fh.seek(n)
+                    buf, base = fh.read(1 << 14), n
+                    if not buf:
+                        return None
+                return buf[n - base]
 
             at = 2   # after SOI
             while True:
-                if not have(at + 2):
+                first, k = byte(at), at + 1
+                if first is None or byte(k) is None:
                     return past_end
-                first, k = buf[at], at + 1
-                while have(k + 1) and buf[k] == 0xFF:   # fill bytes
+                while byte(k) == 0xFF:   # fill bytes
                     k += 1
-                if not have(k + 1):
+                marker = byte(k)
+                if marker is None:
                     return past_end
-                if first != 0xFF or buf[k] == 0x00:
-                    return f"with stray bytes where a marker belongs (byte {at}: {first:02x} {buf[k]:02x})"
-                if buf[k] == 0xDA:   # SOS: the scan follows
+                if first != 0xFF or marker == 0x00:
+                    return f"with stray bytes where a marker belongs (byte {at}: {first:02x} {marker:02x})"
+                if marker == 0xDA:   # SOS: the scan follows
                     return None
-                if not have(k + 3):
+                hi, lo = byte(k + 1), byte(k + 2)
+                if hi is None or lo is None:
                     return past_end
-                length = int.from_bytes(buf[k + 1:k + 3], "big")
+                length = hi << 8 | lo
                 if length < 2:
                     return f"with a marker segment of length {length} (byte {at}; 2 or more expected)"
                 at = k + 1 + length
@@ -308,8 +314,10 @@ def _png_chunk_error(path: str) -> tuple[str | None, int | None]:
     no further than IEND's type).  And an animation (APNG) of several frames whose image
     data is a default image outside the animation (no fcTL before it): DALI decodes the
     first frame, PIL the default image (measured, DALI 2.4; one frame: both the default
-    image).  Reads the chunk headers and IHDR only (PIL's
-    ``verify()`` has already read every chunk)."""
+    image), and an acTL chunk before the image data that DALI's decoder refuses (not 8
+    bytes long, or 0 frames; PIL takes the default image).  Of several acTL chunks DALI's
+    decoder takes the last one's frame count (PIL calls the animation invalid).  Reads the
+    chunk headers, IHDR and acTL only (PIL's ``verify()`` has already read every chunk)."""
     ihdr = plte = palette = idat = fctl = False
     trailer = frames = None
     try:
@@ -350,8 +358,12 @@ def _png_chunk_error(path: str) -> tuple[str | None, int | None]:
                 elif ctype == b"IDAT" and palette and not plte:
                     return "palette image without a PLTE chunk before its image data", None
                 elif ctype in (b"acTL", b"fcTL") and not idat:
-                    if ctype == b"acTL" and frames is None and length >= 4:
-                        frames, length = int.from_bytes(fh.read(4), "big"), length - 4   # num_frames
+                    if ctype == b"acTL":   # DALI's decoder takes the last one's num_frames
+                        if length != 8:
+                            return f"with an acTL chunk of {length} bytes (8 expected)", None
+                        frames, length = int.from_bytes(fh.read(4), "big"), length - 4
+                        if frames == 0:
+                            return "with an acTL chunk of 0 frames", None
                     fctl = fctl or ctype == b"fcTL"
                 elif ctype == b"IEND":
                     if fh.tell() + length + 4 > os.fstat(fh.fileno()).st_size:
@@ -408,9 +420,12 @@ def _exif_orientation(im, path: str | None = None) -> int:
     APP1 segments are read one by one (PIL joins them into one block), the first
     orientation read in any of them counting once a segment read whole has one; a PNG's
     first eXIf chunk that libpng keeps (4 bytes or more, starting with a TIFF header)
-    counts and later ones do not (PIL keeps the last; ``path`` is read for it)."""
+    counts and later ones do not (PIL keeps the last; ``path`` is read for it), and none in
+    an animation (see `_png_first_exif`)."""
     if getattr(im, "format", None) == "PNG":
-        if "exif" not in im.info or path is None:
+        # PIL's decode of an animation's first frame reads no eXIf after it, DALI's of a still
+        # outside a one-frame animation does (the torch loader did not turn such an image)
+        if ("exif" not in im.info and not getattr(im, "is_animated", False)) or path is None:
             return 1
         data = _png_first_exif(path)
         found = _ifd0_orientation(data)[0] if data is not None else None
@@ -462,19 +477,34 @@ def _ifd0_orientation(d: bytes) -> tuple[int | None, bool]:
 
 
 def _png_first_exif(path: str) -> bytes | None:
-    """The data of the first eXIf chunk of a PNG that libpng keeps (see `_exif_orientation`)."""
+    """The data of the first eXIf chunk of a PNG that libpng keeps (see `_exif_orientation`),
+    or None, also for an animation: DALI's decoder ignores the EXIF orientation of a PNG whose
+    last acTL chunk before its image data counts more than one frame (measured, DALI 2.4;
+    PIL's turned the first frame)."""
+    found, frames, idat = None, 1, False
     try:
         with open(path, "rb") as fh:
             fh.seek(len(_PNG_MAGIC))
             while True:
                 head = fh.read(8)
                 if len(head) < 8 or head[4:] == b"IEND":
-                    return None
+                    return found
                 length = int.from_bytes(head[:4], "big")
-                if head[4:] == b"eXIf" and length >= 4:
+                if head[4:] == b"IDAT" and not idat:
+                    if frames > 1:
+                        return None
+                    idat = True
+                    if found is not None:
+                        return found
+                if head[4:] == b"acTL" and not idat and length >= 4:
+                    frames = int.from_bytes(fh.read(4), "big")
+                    fh.seek(length, os.SEEK_CUR)
+                elif head[4:] == b"eXIf" and length >= 4 and found is None:
                     data = fh.read(length)
                     if data[:4] in (b"II*\x00", b"MM\x00*"):
-                        return data
+                        found = data
+                        if idat:
+                            return found
                     fh.seek(4, os.SEEK_CUR)
                 else:
                     fh.seek(length + 4, os.SEEK_CUR)

@@ -172,6 +172,9 @@ def pool_indices(indices, n: int, what: str = "indices") -> np.ndarray:
     if raw.size and (raw.dtype.kind == "b" or (raw.dtype.kind == "f" and not np.array_equal(raw, np.round(raw)))):
         hint = ": a boolean mask, pass np.flatnonzero(mask)" if raw.dtype.kind == "b" else ""
         raise ValueError(f"{what} must be integer pool indices, got dtype {raw.dtype}{hint}")
+    # the range as given: an inf, 1e30 or uint64 2**63 was named as -2**63, its int64 cast
+    if raw.size and raw.dtype.kind in "iuf" and (raw.min() < 0 or raw.max() >= n):
+        raise IndexError(f"{what} must lie in [0, {n}); got range [{raw.min()}, {raw.max()}]")
     sel = raw.astype(np.int64).reshape(-1)
     if sel.size and (sel.min() < 0 or sel.max() >= n):
         raise IndexError(f"{what} must lie in [0, {n}); got range [{sel.min()}, {sel.max()}]")
