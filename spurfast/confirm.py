@@ -353,7 +353,8 @@ def clean_images_for(source: ImageSource, labels: np.ndarray, pred: np.ndarray |
 @torch.no_grad()
 def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None = None,
                      pool: ImageSource | None = None, pool_pred: np.ndarray | None = None,
-                     suspect: np.ndarray | None = None, config: ConfirmConfig | None = None) -> list[dict]:
+                     suspect: np.ndarray | None = None, config: ConfirmConfig | None = None,
+                     num_workers: int = 0, loader_backend: str | None = None) -> list[dict]:
     """Fill ``confirm`` of every finding (needs ``_mask`` and ``_contrast`` from
     `spurfast.discover.characterise`).
 
@@ -365,7 +366,11 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
     from it (the class's poisoned suspects, most like the pattern by construction, would
     replay the shortcut as "class content").  Images the source could not read (its
     ``bad_files``, which loading fills; pool images the store marked unreadable have
-    prediction -1) are left out of both: a loader gives them a zero image."""
+    prediction -1) are left out of both: a loader gives them a zero image.  A finding that
+    cannot be confirmed (an empty mask, no clean image of another class) keeps ``confirm``
+    null (schema 1) and says why in ``confirm_skipped``.  An unlabelled clean folder is
+    predicted through its loader (``loader_backend``, ``num_workers`` processes, decoded
+    where ``config.device`` computes), as the pool's embedding pass reads it."""
     config = config or ConfirmConfig()
     rng = np.random.default_rng(config.seed)
     if clean is not None:
@@ -375,13 +380,15 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
         cand = np.arange(len(clean))
         pred = None
         if (labels < 0).any():
-            preds = []
+            from .data.loader_torch import iter_batches
+            from .embed import decode_device
+
+            pred = np.full(len(clean), -1, np.int64)
             model.eval()
-            with torch.no_grad():   # inference only: no autograd graph per batch
-                for s in range(0, len(clean), config.batch_size):
-                    x, _ = clean.get_batch(np.arange(s, min(s + config.batch_size, len(clean))))
-                    preds.append(model(x.to(config.device)).argmax(1).cpu().numpy())
-            pred = np.concatenate(preds)
+            # through the loader: get_batch decoded a folder one file at a time in this process
+            for b in iter_batches(clean, config.batch_size, num_workers=num_workers, backend=loader_backend,
+                                  device=decode_device(config.device)):
+                pred[b.indices.numpy()] = model(b.images.to(config.device)).argmax(1).cpu().numpy()
     else:
         if pool is None or pool_pred is None:
             raise ValueError("confirmation needs a clean set, or the pool and its predictions")
@@ -415,8 +422,10 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
         xc = load_readable(src, own) if len(own) else None
         cf = confirm_pattern(model, x, c, f["_mask"], f["_contrast"], f.get("_pattern"), config, class_images=xc)
         f["_confirm_detail"] = cf
+        f.pop("confirm_skipped", None)
         if cf["flip_rate"] is None:   # schema 1: confirm is null when it could not run
-            f["confirm"] = None
+            # ... and the finding says why (it was only logged: the report showed nothing)
+            f["confirm"], f["confirm_skipped"] = None, cf["skipped"]
             continue
         if "content_p_value" not in cf:
             # a verdict then rests on the random control alone: say so (e.g. a pool whose every

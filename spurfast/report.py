@@ -205,6 +205,8 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
             elif cf.get("content_skipped") and verdict == "no_effect":   # "... or genuine class content" likewise
                 why = e("the pattern does not move the model significantly more than random patterns; genuine class "
                         f"content was not tested: {cf['content_skipped']}")
+            elif cf.get("content_skipped") and verdict == "not_specific":   # its rank says it beat class content
+                why += e(f"; genuine class content was not tested: {cf['content_skipped']}")
             texture = reacts_to_texture(cf) if verdict == "not_specific" else None
             if texture is not None:
                 why += (f"; smooth random fields of the same size there flip {float(cf['smooth_flip_rate']):.1%} "
@@ -214,6 +216,8 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
             parts.append(f"<p><b>Confirmation:</b> pasting the pattern flips {float(cf['flip_rate']):.1%} of clean images "
                          f"towards this class vs {float(cf['control_flip_rate']):.1%} for random patterns "
                          f"(p = {float(cf['p_value']):.3g}){more}: {head} ({why}).</p>")
+        elif f.get("confirm_skipped"):   # null: the page said nothing where only the log said why
+            parts.append(f"<p class='muted'>Confirmation not run: {e(f['confirm_skipped'])}.</p>")
         sp = f.get("support")
         if sp and sp.get("p_value") is not None:
             # "no more often" contradicted the counts beside it where the class carries it more

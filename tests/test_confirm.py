@@ -435,3 +435,47 @@ def test_a_bad_confirm_batch_size_is_named():
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         confirm_pattern(CornerModel(), _clean(4), 1, _corner_mask(), torch.zeros(1, 16, 16),
                         config=ConfirmConfig(batch_size=0))
+
+
+def test_a_finding_that_could_not_be_confirmed_says_why():
+    """confirm is null (schema 1) where confirmation could not run; why was only logged, so
+    findings.json and the report said nothing of it."""
+    x = _clean(40)
+    empty = _finding([0])
+    empty["_mask"] = np.zeros((16, 16), bool)
+    fs = [empty, _finding([1])]
+    confirm_findings(fs, CornerModel(), clean=ArraySource(x, np.zeros(40, int), name="clean"))
+    assert fs[0]["confirm"] is None and fs[0]["confirm_skipped"] == "empty pattern mask"
+    assert fs[1]["confirm"] is not None and "confirm_skipped" not in fs[1]
+    # every clean image is of the finding's class: none to paste the pattern onto
+    fs = [_finding([0])]
+    confirm_findings(fs, CornerModel(), clean=ArraySource(x, np.ones(40, int), name="clean"))
+    assert fs[0]["confirm"] is None and fs[0]["confirm_skipped"] == "no clean images of other classes"
+
+
+def test_an_unlabelled_clean_folder_is_predicted_through_its_loader(tmp_path, monkeypatch):
+    """A flat --clean folder was predicted with get_batch: every file decoded one at a time
+    in the main process, before any finding (what the store's and support's reads avoid)."""
+    from PIL import Image
+
+    import spurfast.data.loader_torch as loader_torch
+    from spurfast.data.folder import ImageFolderSource
+
+    (tmp_path / "clean").mkdir()
+    for i in range(12):
+        a = np.full((16, 16), 20, np.uint8)
+        if i >= 9:   # the model calls these class 1: no clean images for a class-1 finding
+            a[-4:-1, -4:-1] = 255
+        Image.fromarray(a).save(tmp_path / "clean" / f"{i:02d}.png")
+    folder = ImageFolderSource(tmp_path / "clean", size=16, channels=1)
+    assert (folder.labels() < 0).all()
+    calls = []
+    real = loader_torch.iter_batches
+    monkeypatch.setattr(loader_torch, "iter_batches", lambda *a, **kw: (calls.append(kw), real(*a, **kw))[1])
+    fs = [_finding([0])]
+    confirm_findings(fs, CornerModel(), clean=folder, config=ConfirmConfig(batch_size=5), num_workers=2,
+                     loader_backend="torch")
+    assert [(c["num_workers"], c["backend"], c["device"]) for c in calls] == [(2, "torch", "cpu")]
+    assert fs[0]["_confirm_detail"]["n_images"] == 9
+    # the 3 predicted class 1 are its class content, and carry the corner the model reads
+    assert fs[0]["confirm"]["verdict"] == "class_content"

@@ -439,3 +439,16 @@ def test_a_store_of_one_readable_image_says_discovery_needs_two(tmp_path):
                     "labels": np.zeros(n), "ok": np.array([True, False, False])})
     with pytest.raises(ValueError, match=r"only 1 readable image\(s\) with a prediction; discovery needs at least 2"):
         discover(store, DiscoverConfig(k=2, n_null=3, seed=0), progress=False)
+
+
+def test_findings_json_says_why_a_finding_was_not_confirmed():
+    """confirm_findings sets ``confirm_skipped`` beside a null ``confirm``; findings.json
+    dropped the key, so the reason stayed in the log."""
+    from types import SimpleNamespace
+
+    from spurfast.discover import findings_document
+
+    res = SimpleNamespace(config={}, pool={"n": 3}, findings=[
+        {"rank": 1, "class": 0, "confirm": None, "confirm_skipped": "empty pattern mask", "_mask": None}])
+    f = findings_document(res)["findings"][0]
+    assert f["confirm"] is None and f["confirm_skipped"] == "empty pattern mask" and "_mask" not in f

@@ -302,3 +302,25 @@ def test_an_interrupted_rewrite_keeps_the_report_it_was_replacing(tmp_path, monk
     monkeypatch.undo()
     assert path.read_text() == whole
     assert [p.name for p in tmp_path.iterdir() if "report" in p.name] == ["report.html"]   # no temporary file left
+
+
+def test_a_confirmation_that_could_not_run_says_why(tmp_path):
+    """confirm is null where confirmation could not run (an empty mask, no clean image of
+    another class): the page said nothing, and the reason was only in the log."""
+    doc = _doc(None)
+    doc["findings"][0]["confirm_skipped"] = "no clean images of other classes <all class 3>"
+    html = write_report(doc, tmp_path).read_text()
+    assert "Confirmation not run: no clean images of other classes &lt;all class 3&gt;." in html
+    (tmp_path / "b").mkdir()
+    html = write_report(_doc(None), tmp_path / "b").read_text()   # --no-confirm: nothing to say
+    assert "Confirmation" not in html
+
+
+def test_not_specific_without_the_content_control_says_so(tmp_path):
+    """Every other verdict said that genuine class content was not tested where the control
+    could not run; not_specific, ranked second as "beats class content", said nothing."""
+    cf = {"flip_rate": 1.0, "control_flip_rate": 0.98, "p_value": 0.25, "q_value": 0.25,
+          "content_skipped": "no image of class 3 to compare with"}
+    html = write_report(_doc(cf), tmp_path).read_text()
+    assert f"not confirmed ({VERDICTS['not_specific']}; genuine class content was not tested: no image of class 3 " \
+           f"to compare with)" in html
