@@ -13,16 +13,22 @@ import torch
 
 
 def check_integers(t: torch.Tensor, name: str) -> None:
-    """Refuse a complex tensor, or a float one holding a fractional or non-finite value:
-    the int64 conversion after it truncated them silently (offsets 0, 2.5, 5 split the
-    rows at 2; assign 1.5 counted the point in cluster 1).  Integer tensors pass at no
-    cost; a float one costs a host read (a rare path)."""
+    """Refuse a complex tensor, or a float one holding a fractional or non-finite value or
+    one past int64: the int64 conversion after it truncated them silently (offsets 0, 2.5,
+    5 split the rows at 2; assign 1.5 counted the point in cluster 1).  Integer tensors
+    pass at no cost; a float one costs a host read (a rare path)."""
     if t.is_complex():
         raise ValueError(f"{name} has dtype {t.dtype}; expected integers")
     bad = non_integer_entries(t)
     if len(bad):
         i = int(bad[0])
         raise ValueError(f"{name} holds {t.flatten()[i].item():g} (entry {i}); expected integers")
+    if t.is_floating_point():
+        # past int64 the cast wraps (1e30 became -2**63: a k_per_group of 1e30 drew no seeds)
+        big = ((t >= 2.0 ** 63) | (t < -2.0 ** 63)).flatten().nonzero().flatten()
+        if len(big):
+            i = int(big[0])
+            raise ValueError(f"{name} holds {t.flatten()[i].item():g} (entry {i}); expected integers within int64")
 
 
 def non_integer_entries(t: torch.Tensor) -> torch.Tensor:
@@ -61,9 +67,11 @@ def check_offsets(offsets: torch.Tensor, N: int, device, k_per_group=None, kmax:
 def assign_args(x: torch.Tensor, offsets, k_per_group, G: int, kmax: int):
     """(offsets, k_per_group, assign, dist) every GPU assign launcher starts from: the
     group layout checked and on x's device, and zeroed outputs."""
-    if len(k_per_group) != G:
-        raise ValueError(f"k_per_group has {len(k_per_group)} entries for {G} groups")
     kpg = torch.as_tensor(k_per_group)
+    if kpg.dim() != 1:   # (1, 2) for one group ran as k = 1 (a 0-d k failed in len()), as the reference refuses it
+        raise ValueError(f"k_per_group has shape {tuple(kpg.shape)}; expected ({G},), one k per group")
+    if len(kpg) != G:
+        raise ValueError(f"k_per_group has {len(kpg)} entries for {G} groups")
     if kpg.is_floating_point() or kpg.is_complex():   # 2.7 ran as 2: the reference's refusals
         from .reference import check_k_per_group   # (a host read, on this rare path only)
 

@@ -74,6 +74,9 @@ def encoder_forward(
     """
     if x.dim() != 4:
         raise ValueError(f"encoder input must be (B, C, H, W), got shape {tuple(x.shape)}")
+    stds = torch.as_tensor(std, dtype=torch.float64).flatten().tolist()
+    if 0.0 in stds:   # the latents came out inf / NaN, silently, where the Triton kernel refuses it
+        raise ValueError(f"std must be non-zero, got {tuple(stds)}")
     h = normalise_input(x, mean, std)
     # on a CPU, oneDNN's convolutions run 1.35-1.45x faster on channels-last activations
     # (measured: RGB 64x64, batch 256, 2 cores); the math and the flatten order (C, H, W)
@@ -91,6 +94,8 @@ def encoder_forward(
     mu, logvar = out[:, :latent].contiguous(), out[:, latent:].contiguous()
     if eps is None:
         return mu, logvar
+    if tuple(eps.shape) != tuple(mu.shape):   # (L,) or (B, 1) broadcast: one noise for every image, silently
+        raise ValueError(f"eps must have shape (B, L) = {tuple(mu.shape)}, got {tuple(eps.shape)}")
     return mu, logvar, mu + torch.exp(0.5 * logvar) * eps.float()
 
 
@@ -181,7 +186,11 @@ def _argmin_lastdim(D: torch.Tensor):
         return D.gather(-1, idx.unsqueeze(-1)).squeeze(-1), idx
     best = D.amin(dim=-1, keepdim=True)
     ar = torch.arange(D.shape[-1], device=D.device)
-    idx = torch.where(D == best, ar, D.shape[-1]).amin(dim=-1)
+    # a row with NaN: amin is NaN, which equals nothing, and the index came out as D.shape[-1]
+    # (past the centroids: an out-of-range gather on a GPU); its first NaN wins, as numpy's does
+    # (amin propagates NaN, so a NaN entry only sits in a row whose best is NaN)
+    hit = (D == best) | D.isnan()
+    idx = torch.where(hit, ar, D.shape[-1]).amin(dim=-1)
     return best.squeeze(-1), idx
 
 
@@ -686,8 +695,14 @@ def kmeans_plusplus(
     G = len(offsets) - 1
     k_per_group = torch.as_tensor(k_per_group)   # a list, as the other providers take it
     check_integers(k_per_group, "k_per_group")   # .long() below truncated 2.7 to 2 seeds silently
+    if k_per_group.dim() != 1:   # (1, 2) failed in an IndexError (the CPU kernel read k = 1)
+        raise ValueError(f"k_per_group has shape {tuple(k_per_group.shape)}; expected ({G},), one k per group")
     if len(k_per_group) != G:
         raise ValueError(f"k_per_group has {len(k_per_group)} entries for {G} groups")
+    kpg_h = k_per_group.long().cpu()
+    if bool((kpg_h < 0).any()):   # as the assign refuses it (here the group got no seeds, silently)
+        g = int((kpg_h < 0).nonzero()[0])
+        raise ValueError(f"k_per_group[{g}] = {int(kpg_h[g])}: expected a non-negative integer")
     dev = x.device
     xf = x.float()
     cent = torch.zeros(G, kmax, d, dtype=torch.float32, device=dev)
@@ -697,7 +712,7 @@ def kmeans_plusplus(
     gid = group_ids(offsets)
     # the step schedule (which groups still draw) and every draw, on the host and up
     # front, in the order the steps use them: no device sync per step on a GPU
-    sizes_h, kpg_h = sizes.cpu(), k_per_group.long().cpu()
+    sizes_h = sizes.cpu()
     nonempty_h = sizes_h > 0
     steps = min(kmax, int(kpg_h[nonempty_h].max())) if bool(nonempty_h.any()) else 1
     u = torch.rand(G, generator=generator, device="cpu").to(dev)

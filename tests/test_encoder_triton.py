@@ -7,6 +7,8 @@ whole file stays quick on two cores; the shipped widths run once per architectur
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -402,3 +404,21 @@ def test_auto_sends_cpu_tensors_to_the_reference_even_under_the_interpreter():
     if torch.cuda.is_available():
         assert backends.resolve("encoder", None, "cuda")[0] == "triton"
     backends.clear_cache()
+
+
+@pytest.mark.parametrize("shape", [(8,), (2, 1), (1, 8)])
+def test_reference_refuses_eps_that_would_broadcast_as_the_kernel_does(shape):
+    # the reference broadcast eps (L,), (B, 1) or (1, L) over the batch: one noise draw
+    # shared by every image, silently, where the Triton kernel refuses it
+    with pytest.raises(ValueError, match=rf"eps must have shape \(B, L\) = \(2, 8\), got {re.escape(str(shape))}"):
+        ref.encoder_forward(torch.rand(2, 1, 28, 28), **_model(1, 28, (5, 12), 8).encoder_params(),
+                            eps=torch.zeros(shape))
+
+
+@pytest.mark.parametrize("std", [(0.0,), torch.tensor([0.0])], ids=["tuple", "tensor"])
+def test_reference_refuses_a_zero_std_as_the_kernel_does(std):
+    # the reference divided by it: inf / NaN latents, silently, where the Triton kernel refuses it
+    p = {**_model(1, 28, (5, 12), 8).encoder_params(), "std": std}
+    for fn in (ref.encoder_forward, et.encoder_forward):
+        with pytest.raises(ValueError, match=re.escape("std must be non-zero, got (0.0,)")):
+            fn(_images(2, 1, 28), **p)

@@ -1,4 +1,6 @@
 """The grouped layout helpers the GPU assign launchers share (CPU: they are torch only)."""
+import re
+
 import pytest
 import torch
 
@@ -80,3 +82,22 @@ def test_check_offsets_refuses_fractional_or_nonfinite_float_offsets(offsets, sh
         check_offsets(torch.tensor([0, 2, 5], dtype=torch.complex64), 5, "cpu")
     # whole floats still pass, as int64
     assert check_offsets(torch.tensor([0.0, 2.0, 5.0]), 5, "cpu").tolist() == [0, 2, 5]
+
+
+@pytest.mark.parametrize("value, shown", [(1e30, "1e\\+30"), (2.0 ** 63, "9.22337e\\+18"), (-1e19, "-1e\\+19")])
+def test_check_offsets_refuses_float_offsets_past_int64_as_given(value, shown):
+    # the int64 cast wrapped them to -2**63, and the message showed that instead
+    with pytest.raises(ValueError, match=rf"offsets holds {shown} \(entry 1\); expected integers within int64"):
+        check_offsets(torch.tensor([0.0, value, 5.0], dtype=torch.float64), 5, "cpu")
+    # -2**63 itself is an int64
+    with pytest.raises(ValueError, match="offsets must run from 0"):
+        check_offsets(torch.tensor([-2.0 ** 63, 5.0], dtype=torch.float64), 5, "cpu")
+
+
+@pytest.mark.parametrize("kpg", [torch.tensor([[1, 2]]), torch.tensor(2)], ids=["1x2", "0-d"])
+def test_assign_args_refuses_a_k_per_group_not_one_dimensional_as_the_reference_does(kpg):
+    # (1, 2) for one group passed the length check and the Triton and CuPy kernels read
+    # k = 1 from it, silently; a 0-d k failed in len() ("len() of a 0-d tensor")
+    with pytest.raises(ValueError, match=re.escape(f"k_per_group has shape {tuple(kpg.shape)}; expected (1,), "
+                                                   f"one k per group")):
+        assign_args(torch.zeros(5, 3), torch.tensor([0, 5]), kpg, 1, 2)

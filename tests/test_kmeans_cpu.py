@@ -610,3 +610,33 @@ def test_plusplus_refuses_fractional_k_and_takes_a_list_as_the_reference():
     for fn in (kcpu.kmeans_plusplus, ref.kmeans_plusplus):
         for k in ([1, 2], torch.tensor([1.0, 2.0])):
             assert torch.equal(fn(x, off, k, 3, torch.Generator().manual_seed(0)), want), (fn.__module__, k)
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [1e30, 2.0 ** 63])
+def test_plusplus_refuses_a_float_k_past_int64_instead_of_drawing_no_seeds(k):
+    """A float k_per_group of 1e30 passed the integer check, the int64 cast wrapped it to
+    -2**63, and that group silently got no seeds in both k-means++ providers (an int64 k
+    above kmax gets kmax seeds)."""
+    x, off = torch.randn(20, 3, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 10, 20])
+    for fn in (kcpu.kmeans_plusplus, ref.kmeans_plusplus):
+        with pytest.raises(ValueError, match=r"k_per_group holds (9.22337e\+18|1e\+30) \(entry 1\); "
+                                             r"expected integers within int64"):
+            fn(x, off, torch.tensor([2.0, k], dtype=torch.float64), 3, torch.Generator().manual_seed(0))
+
+
+@needs_kernel
+@pytest.mark.parametrize("k, pattern", [
+    (torch.tensor([2, -1]), r"k_per_group\[1\] = -1: expected a non-negative integer"),
+    (torch.tensor([-3.0, 1.0]), r"k_per_group\[0\] = -3: expected a non-negative integer"),
+    (torch.tensor([[1, 2]]), r"k_per_group has shape \(1, 2\); expected \(1,\), one k per group"),
+])
+def test_plusplus_refuses_a_negative_or_two_dimensional_k_as_the_assign_does(k, pattern):
+    """A negative k gave its group no seeds, silently, in both k-means++ providers (the
+    assign refuses it); a (1, 2) k_per_group for one group ran as k = 1 in the CPU kernel
+    and failed in an IndexError in the reference."""
+    x = torch.randn(20, 3, generator=torch.Generator().manual_seed(0))
+    off = torch.tensor([0, 10, 20]) if k.dim() == 1 else torch.tensor([0, 20])
+    for fn in (kcpu.kmeans_plusplus, ref.kmeans_plusplus):
+        with pytest.raises(ValueError, match=pattern):
+            fn(x, off, k, 3, torch.Generator().manual_seed(0))

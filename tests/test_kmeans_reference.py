@@ -756,3 +756,15 @@ def test_plusplus_draws_by_d2_in_a_group_far_smaller_than_an_earlier_one(device)
         cent = ref.kmeans_plusplus(x, off.to(device), kpg, 3, torch.Generator().manual_seed(seed)).cpu()
         assert cent[1, 1].tolist() == [1.0, 0.0] or cent[1, 0].tolist() == [1.0, 0.0], f"seed {seed}: {cent[1]}"
         assert cent[1, :2].abs().sum() == 1.0, f"seed {seed}: group 1's seeds {cent[1, :2].tolist()}"
+
+
+def test_argmin_of_a_row_with_nan_stays_a_column_on_every_path():
+    """The torch path (every device but the CPU's contiguous fp32 blocks: the reference's
+    assign on a GPU) gave a row with NaN the index D.shape[-1], past the centroids; the
+    assign then gathered centroid rows out of range (or the next group's).  Its first NaN
+    wins, as numpy's argmin does on the CPU path."""
+    D = torch.tensor([[3.0, float("nan"), 1.0], [2.0, 1.0, 1.0], [float("nan")] * 3, [float("inf")] * 3])
+    want = ref._argmin_lastdim(D)[1]                       # the numpy path
+    assert want.tolist() == [1, 1, 0, 0]
+    for other in (D.t().contiguous().t(), D.double()):     # not contiguous fp32: the torch path
+        assert ref._argmin_lastdim(other)[1].tolist() == want.tolist()
