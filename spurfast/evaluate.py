@@ -574,6 +574,12 @@ def _check_up_front(out: Path, statistic: str, results_md) -> None:
         raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
     if results_md:
         check_results_md(results_md)
+        # as the CLI refuses it: results_md=out/results.csv wrote the tables over the results they came from
+        clash = next((f for f in (out / n for n in ("results.csv", "confirm.csv", "timing.json"))
+                      if f.resolve() == Path(results_md).resolve()), None)
+        if clash is not None:
+            raise FileExistsError(f"results_md {results_md} is the evaluation's {clash.name} ({clash}): RESULTS.md "
+                                  f"would be written over it; choose another file, e.g. docs/RESULTS.md")
     for md in (out / "RESULTS.md", Path(results_md) if results_md else None):
         if md is not None and md.is_file():
             read_notes(md)   # its notes are kept: read again once the sweep is done

@@ -963,3 +963,67 @@ def test_a_timing_json_without_the_cpu_figures_leaves_their_line_out(tmp_path):
                                                                       "load_at_start": 1.0, "load_at_end": 2.0}):
         md = write_results(csv_path, None, tmp_path / "RESULTS.md", wall_s=60.0, timing=timing).read_text()
         assert "Wall time of the run that wrote it: 1.0 min" in md and "CPU time" not in md
+
+
+def test_run_evaluation_refuses_a_results_md_that_is_one_of_its_outputs(tmp_path, monkeypatch):
+    """The CLI refused --results-md OUT/results.csv; run_evaluation (public API) wrote the
+    tables over the results.csv (or timing.json) it had just written."""
+    import spurfast.evaluate as E
+    ran = []
+    monkeypatch.setattr(E, "run_one", lambda s, seed, *a, **k: (ran.append(seed), ([], []))[1])
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("results.csv", "timing.json"):
+        with pytest.raises(FileExistsError, match=f"results_md .*{name} is the evaluation's {name}"):
+            run_evaluation("tiny", out, progress=False, results_md=out / ".." / "out" / name)
+    assert ran == []
+
+
+def test_a_seed_without_a_row_reads_nan_in_its_place_not_the_next_seeds_value(tmp_path):
+    """A hand-edited CSV without seed 1's spurious score listed "per seed: 0.00, 0.20" under
+    "(seeds 0, 1, 2)" (seed 2's value in seed 1's place); a recall target missing seed 1 read
+    "met" on the other two; and a strong pattern whose AUROC rows were deleted read "not
+    decided" though a hit@1 of 0 already failed it."""
+    from spurfast.results_doc import write_csv, write_results
+    rows = []
+    for seed in (0, 1, 2):
+        if seed != 1:
+            rows.append({"setting": "patch3-n150", "seed": seed, "method": "model", "feature": "patch3",
+                         "metric": "spurious_score", "value": 0.1 * seed})
+            rows.append({"setting": "multi3-n100", "seed": seed, "method": "spurfast", "feature": "all",
+                         "metric": "recall@q0.1", "value": 1.0})
+        rows.append({"setting": "patch3-n150", "seed": seed, "method": "spurfast", "feature": "patch3",
+                     "metric": "hit@1", "value": float(seed > 0)})
+        rows.append({"setting": "multi3-n100", "seed": seed, "method": "model", "feature": "all",
+                     "metric": "seconds_models", "value": 1.0})
+    write_csv(tmp_path / "results.csv", rows, ["setting", "seed", "method", "feature", "metric", "value"])
+    md = write_results(tmp_path / "results.csv", None, tmp_path / "RESULTS.md").read_text()
+    assert "(n/a in 1 of 3 seeds) (per seed: 0.00, nan, 0.20)" in md
+    assert "`multi3-n100`: recall at q=0.1 per seed [1.0, nan, 1.0] -> target (>= 2/3) not decided" in md
+    assert "`patch3-n150`, spurfast: hit@1 per seed [0, 1, 1]" in md
+    assert "AUROC >= 0.95) NOT met" in md
+
+
+def test_the_notes_survive_a_run_killed_between_the_tables_and_the_notes(tmp_path):
+    """write_results wrote RESULTS.md without its notes and write_with_notes put them back
+    from memory: killed between the two (or a full disk mid-write), a hundred hand-written
+    lines were gone."""
+    from spurfast.results_doc import NOTES, write_results
+    csv_path = _hand_made_results(tmp_path)
+    md = tmp_path / "RESULTS.md"
+    md.write_text(f"# old tables\n\n{NOTES}\nhand-written: café\n", encoding="utf-8")
+    write_results(csv_path, None, md)   # ... and killed here, before write_with_notes
+    text = md.read_text(encoding="utf-8")
+    assert text.endswith(f"{NOTES}\nhand-written: café\n") and "# old tables" not in text
+    assert text.count(NOTES) == 1
+
+
+def test_a_timing_json_whose_wall_time_is_text_leaves_its_line_out(tmp_path):
+    """A hand-edited timing.json with "wall_s": "600" gave a TypeError traceback from
+    `--from-csv` after the CSVs were read (the CPU line already left such values out)."""
+    import json
+    csv_path = _hand_made_results(tmp_path)
+    (tmp_path / "timing.json").write_text(json.dumps({"wall_s": "600", "command": "spurfast evaluate --preset quick"}))
+    assert main(["evaluate", "--from-csv", str(csv_path), "--out", str(tmp_path / "o")]) == 0
+    md = (tmp_path / "o" / "RESULTS.md").read_text()
+    assert "Command: `spurfast evaluate --preset quick`" in md and "Wall time" not in md
