@@ -603,12 +603,15 @@ def cmd_evaluate(args):
         except ValueError as exc:   # json's message named no file
             raise ValueError(f"{tj} (the run's timing, beside {csv_path}) is not readable JSON ({exc}); "
                              f"rerun the evaluation, or remove it") from None
+        if timing is not None and not isinstance(timing, dict):   # a list: an AttributeError traceback
+            raise ValueError(f"{tj} (the run's timing, beside {csv_path}) holds a {type(timing).__name__}, not the "
+                             f"object `spurfast evaluate` writes; rerun the evaluation, or remove it")
         # quoted for a shell, as the run's own "Command:" line is: a path with a space split in two
         regenerated_by = shlex.join(["spurfast", "evaluate", "--from-csv", str(csv_path), "--out", str(out)]
                                     + (["--results-md", str(args.results_md)] if args.results_md else []))
         md = write_results(csv_path, csv_path.with_name("confirm.csv"), out / "RESULTS.md", plots_dir=out / "plots",
                            command=(timing or {}).get("command", ""), timing=timing, regenerated_by=regenerated_by,
-                           wall_s=timing["wall_s"] if timing else None)
+                           wall_s=(timing or {}).get("wall_s"))   # none in a hand-edited one: no wall-time line
         write_with_notes(md, previous, out, args.results_md)   # as a run does
         also = args.results_md and Path(args.results_md).resolve() != Path(md).resolve()   # not the same file twice
         print(f"wrote {md}" + (f" and {args.results_md}" if also else "") + f" from {len(read_csv(csv_path))} rows")

@@ -1099,6 +1099,22 @@ def test_evaluate_from_csv_names_a_cut_short_timing_file(tmp_path, capsys):
     assert err.startswith(f"error: {Path(csv).parent / 'timing.json'} (the run's timing") and "Traceback" not in err, err
 
 
+def test_evaluate_from_csv_names_a_timing_file_that_is_no_object_and_reads_one_without_wall_time(tmp_path, capsys):
+    # [1] gave an AttributeError traceback, {"command": ...} a KeyError: 'wall_s'
+    from pathlib import Path
+
+    csv = _quick_csv(tmp_path)
+    (Path(csv).parent / "timing.json").write_text("[1]")
+    capsys.readouterr()
+    assert main(["evaluate", "--from-csv", csv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "holds a list, not the object" in err and "Traceback" not in err, err
+    (Path(csv).parent / "timing.json").write_text('{"command": "spurfast evaluate --preset quick"}')
+    assert main(["evaluate", "--from-csv", csv, "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "RESULTS.md").read_text()
+    assert "Command: `spurfast evaluate --preset quick`" in md and "Wall time" not in md
+
+
 @pytest.mark.parametrize("cmd", ["train-vae", "train-classifier"])
 def test_train_out_in_an_unwritable_folder_is_refused_before_training(tmp_path, capsys, monkeypatch, cmd):
     # the first checkpoint failed after an epoch, with torch's traceback ("open file failed")

@@ -364,6 +364,15 @@ def test_latent_neighbours_of_float64_far_from_the_origin():
         assert np.array_equal(latent_neighbours(z, 4, backend=backend), want)
 
 
+def test_kmeans_huge_float_group_id_is_refused_as_given():
+    from spurfast.cluster import batched_kmeans
+
+    g = torch.zeros(10, dtype=torch.float64)
+    g[3] = 1e30
+    with pytest.raises(ValueError, match=r"groups\[3\] = 1e\+30"):
+        batched_kmeans(torch.randn(10, 2), g, [1, 1])
+
+
 def test_kmeans_huge_float_k_is_refused_as_given():
     """k = 1e30 became -2**63 in the int64 cast, passed the group-size check, and the kernel
     refused it naming -9223372036854775808."""
