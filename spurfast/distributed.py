@@ -34,6 +34,7 @@ broken run: torchrun tears down every rank when one dies.
 """
 from __future__ import annotations
 
+import builtins
 import datetime
 import hashlib
 import logging
@@ -72,6 +73,7 @@ class Context:
 _CTX = Context()
 _OWNED = False  # this module initialised the process group (and so destroys it)
 _WAIT = None    # the gloo group with the long timeout (see the module docstring)
+_MIDWAY = False  # rank 0 sent a k-means to the other ranks and has not finished it
 
 
 def _env_int(name: str, default: int) -> int:
@@ -234,10 +236,25 @@ def run_on_main(fn, *args, **kwargs):
         raise error
     if verdict[1] is not None:
         kind, msg = verdict[1]
-        exc_type = {"FileExistsError": FileExistsError, "FileNotFoundError": FileNotFoundError,
-                    "ValueError": ValueError}.get(kind, RuntimeError)
-        raise exc_type(f"rank 0 failed: {msg}")
+        raise _rank0_error(kind, f"rank 0 failed: {msg}")
     return verdict[0]
+
+
+def _rank0_error(kind: str, text: str) -> Exception:
+    """An error ``text`` of rank 0's (or another rank's) kind ``kind`` where that is a built-in
+    one (or BackendUnavailable), else a RuntimeError: the CLI tells the user's errors (an
+    output directory that is a file: NotADirectoryError; a pool discovery cannot use:
+    ValueError) from crashes by kind, and the other ranks printed a traceback where rank 0
+    said "error: ..."."""
+    from .backends import BackendUnavailable   # the CLI's too
+
+    exc_type = BackendUnavailable if kind == "BackendUnavailable" else getattr(builtins, kind, None)
+    if isinstance(exc_type, type) and issubclass(exc_type, Exception):
+        try:
+            return exc_type(text)
+        except TypeError:   # one that takes other arguments (UnicodeDecodeError)
+            pass
+    return RuntimeError(text)
 
 
 def all_succeed(fn, *args, **kwargs):
@@ -256,8 +273,8 @@ def all_succeed(fn, *args, **kwargs):
     if error is not None:
         raise error
     failed = [(r, e) for r, e in enumerate(errors) if e is not None]
-    if failed:
-        raise RuntimeError("; ".join(f"rank {r} failed: {e}" for r, e in failed))
+    if failed:   # of the first failed rank's kind (see _rank0_error)
+        raise _rank0_error(failed[0][1].split(":", 1)[0], "; ".join(f"rank {r} failed: {e}" for r, e in failed))
     return result
 
 
@@ -395,11 +412,15 @@ def _kmeans_main(x, groups, k_per_group, *, n_groups=None, n_iter=50, tol=1e-6, 
     groups, kpg = groups.contiguous(), kpg.contiguous()
     header = {"n": len(x), "d": x.shape[1], "G": G, "has_init": init is not None,
               "opts": dict(n_iter=n_iter, tol=tol, seed=seed, metric=metric, backend=backend)}
+    global _MIDWAY
+    _MIDWAY = True   # cleared only by a Lloyd loop that every rank finished
     broadcast_object(header)
     dist.broadcast(x, 0)
     dist.broadcast(groups, 0)
     dist.broadcast(kpg, 0)
-    return lloyd(x, groups, kpg, G, init=init, team=RankTeam(), **header["opts"])
+    res = lloyd(x, groups, kpg, G, init=init, team=RankTeam(), **header["opts"])
+    _MIDWAY = False
+    return res
 
 
 def serve_kmeans() -> int:
@@ -414,7 +435,7 @@ def serve_kmeans() -> int:
         if header is None:
             return served
         if isinstance(header, str):  # main_section failed before sending any header or release
-            raise RuntimeError(f"rank 0 failed: {header}")
+            raise _rank0_error(header.split(":", 1)[0], f"rank 0 failed: {header}")
         x = torch.empty(header["n"], header["d"], dtype=torch.float32, device=dev)
         groups = torch.empty(header["n"], dtype=torch.int64, device=dev)
         kpg = torch.empty(header["G"], dtype=torch.int64, device=dev)
@@ -437,12 +458,15 @@ def kmeans_across_ranks():
         return
     if cluster.kmeans_hook is not None:
         raise RuntimeError("kmeans_across_ranks blocks cannot be nested")
+    global _MIDWAY
+    _MIDWAY = False
     cluster.kmeans_hook = _kmeans_main
     try:
         yield
     finally:
         cluster.kmeans_hook = None
-        broadcast_object(None)  # release the serving ranks
+        if not _stranded():
+            broadcast_object(None)  # release the serving ranks
 
 
 # ------------------------------------------------------------------ the discover step
@@ -467,6 +491,17 @@ def _across_override() -> bool | None:
     return None if env is None else env == "1"
 
 
+def _stranded() -> bool:
+    """Whether rank 0 left a k-means midway (an error between two of its collectives): the
+    other ranks wait in one of those, not for a message on the wait group, which then hung
+    rank 0 until they gave up ($SPURFAST_DIST_TIMEOUT, 30 min) and replaced its error with
+    theirs.  It sends nothing more: its error ends it, and torchrun (or the closed
+    connections) ends them."""
+    if _MIDWAY:
+        log.error("rank 0 failed inside a k-means the other ranks take part in; they stop as this rank exits")
+    return _MIDWAY
+
+
 @contextmanager
 def _rank0_clusters_alone():
     """The main section without k-means across ranks: release the serving ranks at the end."""
@@ -487,7 +522,8 @@ def main_section():
         return
     if not _CTX.is_main:
         raise RuntimeError("main_section() is for rank 0; other ranks call serve_main_section()")
-    failure = None
+    global _MIDWAY
+    failure, _MIDWAY = None, False
     # the other ranks of this node mostly wait in here, so rank 0 may use their cores for
     # what it runs alone (kNN, scores); torchrun starts every rank with OMP_NUM_THREADS=1
     threads = torch.get_num_threads()
@@ -502,7 +538,8 @@ def main_section():
         raise
     finally:
         torch.set_num_threads(threads)
-        broadcast_object(failure)
+        if not _MIDWAY:
+            broadcast_object(failure)
 
 
 def serve_main_section() -> int:
@@ -511,5 +548,5 @@ def serve_main_section() -> int:
     served = serve_kmeans()
     failure = broadcast_object(None)
     if failure is not None:
-        raise RuntimeError(f"rank 0 failed: {failure}")
+        raise _rank0_error(failure.split(":", 1)[0], f"rank 0 failed: {failure}")
     return served

@@ -1,6 +1,7 @@
 """The streaming embedding pass: pool -> classifier + VAE encoder -> on-disk store.
 
-The store is a directory of memory-mapped ``.npy`` arrays plus ``manifest.json``.
+The store is a directory of memory-mapped ``.npy`` arrays plus ``manifest.json`` (and
+``bad_files.jsonl``, the unreadable files, where there are any).
 Batches are written in pool order; after each flush the manifest's ``done`` counter is
 replaced atomically, so an interrupted pass resumes at the first unfinished batch and
 never redoes (or loses) finished work.  A store made with other models or another pool
@@ -29,6 +30,7 @@ from .models.classifier import classifier_outputs
 
 log = logging.getLogger("spurfast.embed")
 MANIFEST = "manifest.json"
+BAD_LOG = "bad_files.jsonl"   # unreadable files, appended a batch at a time (EmbeddingStore.bad_files)
 
 
 def fingerprint(source: ImageSource, *models: torch.nn.Module) -> str:
@@ -71,6 +73,7 @@ class EmbeddingStore:
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         (root / MANIFEST).unlink(missing_ok=True)  # an older store here is gone from now on
+        (root / BAD_LOG).unlink(missing_ok=True)
         for name, (shape, dtype) in columns.items():
             arr = np.lib.format.open_memmap(root / f"{name}.npy", mode="w+", dtype=dtype, shape=(n,) + tuple(shape[1:]))
             if initial is not None and name in initial:
@@ -104,15 +107,53 @@ class EmbeddingStore:
     def __getitem__(self, name: str) -> np.ndarray:
         return self.array(name)
 
-    def write(self, start: int, values: dict[str, np.ndarray]) -> None:
+    def write(self, start: int, values: dict[str, np.ndarray], bad: dict[str, str] | None = None) -> None:
+        """Rows ``start``.. of the columns in ``values``, then marked done; ``bad``: the
+        unreadable files among them (pool index -> reason)."""
         stop = start + len(next(iter(values.values()))) if values else start
         for name, v in values.items():
             self.array(name, writable=True)[start:stop] = v
         for (name, w), arr in self._arrays.items():
             if w:
                 arr.flush()
+        if bad:   # appended, not kept in the manifest: rewriting them all every batch was quadratic
+            with open(self.root / BAD_LOG, "a", encoding="utf-8") as fh:   # (35 min at a million)
+                fh.write(json.dumps({"done": stop, "bad": bad}) + "\n")
         self.manifest["done"] = max(self.done, stop)
         _write_json(self.root / MANIFEST, self.manifest)
+
+    def bad_files(self) -> dict[str, str]:
+        """The unreadable files among the finished rows: pool index (as text) -> reason."""
+        bad = dict(self.manifest.get("bad_files", {}))   # where a merge (or an earlier version) put them
+        for rec in self._bad_records():
+            bad.update(rec["bad"])
+        return bad
+
+    def _bad_records(self) -> list[dict]:
+        """The lines of the bad-file log whose rows are done (an interrupted batch's line, or
+        the half of one an interruption cut short, belongs to rows a resume does again)."""
+        try:
+            lines = (self.root / BAD_LOG).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("done"), int) and rec["done"] <= self.done \
+                    and isinstance(rec.get("bad"), dict):
+                out.append(rec)
+        return out
+
+    def drop_unfinished_bad_files(self) -> None:
+        """Before a pass resumes: the log keeps the lines of finished rows only (what comes
+        after a cut-short line would join it, and the rows past ``done`` are done again)."""
+        path = self.root / BAD_LOG
+        if path.is_file():
+            keep = "".join(json.dumps(rec) + "\n" for rec in self._bad_records())
+            replace_atomically(path, lambda fh: fh.write(keep), encoding="utf-8")
 
 
 def replace_atomically(path: Path, write, mode: str = "w", **open_kw) -> None:
@@ -487,6 +528,7 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
     # to a GPU, folder images travel as uint8 and become floats there: a quarter of the
     # bytes, and no float conversion on host cores that the decoding workers keep busy
     raw = torch.uint8 if torch.device(device).type == "cuda" else None
+    store.drop_unfinished_bad_files()
     for b, batch in enumerate(iter_batches(source, batch_size, start=start, indices=todo, num_workers=num_workers,
                                            backend=loader or loader_backend, dtype=raw,   # the one recorded
                                            device=decode_device(device))):
@@ -494,9 +536,13 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
         if stop_after is not None and b >= stop_after:
             break
         idx = batch.indices.numpy()
-        expect = store.done if sel is None else (int(sel[store.done]) if store.done < len(sel) else -1)
-        if len(idx) and int(idx[0]) != expect:
-            raise RuntimeError(f"loader yielded pool index {int(idx[0])}, expected {expect}")
+        # every index, not the first: a file skipped inside a batch shifted its later rows
+        # onto other images' rows, and the last batch's went unnoticed
+        expect = np.arange(store.done, store.done + len(idx)) if sel is None else sel[store.done:store.done + len(idx)]
+        if len(idx) != len(expect) or not np.array_equal(idx, expect):
+            j = next((j for j in range(len(idx)) if j >= len(expect) or int(idx[j]) != int(expect[j])), 0)
+            raise RuntimeError(f"loader yielded pool index {int(idx[j])} in row {store.done + j} of the store, "
+                               f"expected {int(expect[j]) if j < len(expect) else 'none (past the end)'}")
         x = batch.images.to(device)
         if x.dtype == torch.uint8:
             x = uint8_to(x, torch.float32)
@@ -520,14 +566,14 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
             raise ValueError(f"classifier produced NaN/inf outputs for pool indices {idx[bad][:10].tolist()} "
                              f"({len(bad)} of this batch of {len(idx)})")
         pred[~ok] = -1  # unreadable files take no part in clustering
-        if not ok.all():  # kept in the manifest so a resumed or sharded run still reports them
+        bad = None
+        if not ok.all():  # kept in the store so a resumed or sharded run still reports them
             bad_files = getattr(source, "bad_files", {})
-            store.manifest.setdefault("bad_files", {}).update(
-                {str(int(i)): bad_files.get(int(i), "could not be decoded") for i in idx[~ok]})
+            bad = {str(int(i)): bad_files.get(int(i), "could not be decoded") for i in idx[~ok]}
         values = {"pred": pred, "conf": conf, "probs": probs, "mu": mu, "feats": feats.astype(np.float16),
                   "labels": batch.labels.numpy(), "ok": ok}
         clock.lap("compute_s")
-        store.write(store.done, values)
+        store.write(store.done, values, bad)
         bar.update(len(idx))
         clock.lap("write_s")
     bar.close()
@@ -637,7 +683,7 @@ def merge_shards(store_dir, num_shards: int, *, chunk: int = 65536, progress: bo
                 if k in m0}
         main = EmbeddingStore.create(store_dir, n, cols, meta)
     bar = tqdm(total=n - start, desc="merging shards", unit="img", disable=not progress)
-    bad = dict(main.manifest.get("bad_files", {}))
+    bad = main.bad_files()
     for s in shards:
         index = s["index"]
         for lo in range(0, s.n, chunk):
@@ -645,7 +691,7 @@ def merge_shards(store_dir, num_shards: int, *, chunk: int = 65536, progress: bo
             for k in cols:
                 main.array(k, writable=True)[rows] = s[k][lo:lo + chunk]
             bar.update(len(rows))
-        bad.update(s.manifest.get("bad_files", {}))
+        bad.update(s.bad_files())
     bar.close()
     if bad:
         main.manifest["bad_files"] = bad

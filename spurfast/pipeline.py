@@ -147,13 +147,14 @@ BAD_FILES = "bad_files.json"
 
 def read_bad_files(run_dir) -> dict:
     """A run's unreadable files (item id -> reason), for rewriting its report: RUN/bad_files.json,
-    or for runs from before it was written, RUN/store/manifest.json (pool indices only)."""
+    or for runs from before it was written, RUN/store's record of them (pool indices only)."""
     run = Path(run_dir)
     if (run / BAD_FILES).is_file():
         return json.loads((run / BAD_FILES).read_text())
     manifest = run / "store" / "manifest.json"
     if manifest.is_file():
-        bad = json.loads(manifest.read_text()).get("bad_files", {})
+        from .embed import EmbeddingStore
+        bad = EmbeddingStore(manifest.parent).bad_files()
         return {f"pool index {int(i)}": r for i, r in sorted(bad.items(), key=lambda kv: int(kv[0]))}
     return {}
 
@@ -314,23 +315,25 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
                           work_dir=out / "discovery-work")
         _remove_finding_files(out)
         characterise(result, store, pool, vae, out, seed=config.seed, device=config.device)
-        # the images a step re-reads go through the run's loader, on every core (the other ranks
+        # the images a step re-reads go through the store's loader (_reread_loader), on every core (the other ranks
         # wait), decoded where the run computes (DALI took a GPU whenever torch saw one, --device
         # cpu included); a localised pattern ranks the pool by its pixel match, not the latent probe
-        reread = dict(batch_size=batch_size, num_workers=usable_cores(), loader_backend=loader_backend,
-                      device=config.device)
+        reread = dict(batch_size=batch_size, num_workers=usable_cores(),
+                      **_reread_loader(pool, store, loader_backend, config.device))
         pattern_rankings(result.findings, result.rankings, pool, progress=progress, **reread)
         if confirm and result.findings:
             from .confirm import ConfirmConfig, confirm_findings
             confirm_findings(result.findings, classifier, clean=clean, pool=pool,
                              pool_pred=np.asarray(store["pred"]), suspect=suspect,
-                             config=ConfirmConfig(seed=config.seed, device=config.device))
+                             config=ConfirmConfig(seed=config.seed, device=config.device),
+                             # an unlabelled clean folder is predicted through the run's own loader
+                             num_workers=usable_cores(), loader_backend=loader_backend)
             rank_confirmed_first(result, out)
         if suspect is not None and result.findings:   # is the pattern in its class's suspect data?
             from .support import training_support
             training_support(result.findings, pool, suspect, pool.labels(), progress=progress, **reread)
         doc = write_outputs(result, out, extra_config)
-        bad_files = {int(i): r for i, r in store.manifest.get("bad_files", {}).items()}  # all ranks, all runs
+        bad_files = {int(i): r for i, r in store.bad_files().items()}  # all ranks, all runs
         bad_files.update(getattr(pool, "bad_files", {}))
         bad = _named(pool, bad_files)
         if clean is not None:   # confirmation skipped these: listed, not only logged
@@ -338,6 +341,35 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
         _write_json(out / BAD_FILES, bad)  # atomic; `spurfast report` has no pool to name them
         write_report(doc, out, clusters=result.clusters, bad_files=bad, summary=summary)
     return doc, result, store
+
+
+def _reread_loader(pool, store, loader_backend, device) -> dict:
+    """The loader (and device) through which the steps that re-read images read them: the
+    one that decoded the store's rows where it recorded one (a store kept by --overwrite,
+    or a finished run rerun, may have been made with the other --loader-backend: its
+    findings' pattern rankings then changed with the flag of the rerun), else the run's."""
+    from . import backends
+
+    chosen = dict(loader_backend=loader_backend, device=device)
+    began, decode = store.manifest.get("loader"), store.manifest.get("decode")
+    if getattr(pool, "paths", None) is None or began is None:
+        return chosen
+    if backends.resolve("loader", loader_backend)[0] != began:
+        try:
+            backends.resolve("loader", began)
+        except backends.BackendUnavailable as exc:
+            log.warning("the embedding store was decoded by the %r loader, which is unavailable here (%s): the "
+                        "images re-read for pattern ranking and training support go through %r", began, exc,
+                        loader_backend or "auto")
+            return chosen
+        log.info("re-reading images through the %r loader, which decoded the embedding store", began)
+        chosen["loader_backend"] = began
+    if began == "dali" and decode == "cpu" and torch.device(device).type == "cuda":
+        chosen["device"] = "cpu"   # where the store's rows were decoded
+    elif began == "dali" and decode == "gpu" and torch.device(device).type != "cuda":
+        log.warning("the embedding store was decoded on a GPU: the images re-read for pattern ranking and training "
+                    "support are decoded on the CPU (--device %s); their pixels differ a little", device)
+    return chosen
 
 
 def _named(source, bad_files: dict, prefix: str = "") -> dict:

@@ -181,7 +181,8 @@ def test_main_section_failing_before_kmeans_reaches_the_other_ranks():
     bad = "ValueError: SPURFAST_KMEANS_ACROSS_RANKS must be 0 or 1, got 'yes'"
     nested = "RuntimeError: kmeans_across_ranks blocks cannot be nested"
     assert out[0] == [bad, nested]
-    assert out[1] == [f"RuntimeError: rank 0 failed: {bad}", f"RuntimeError: rank 0 failed: {nested}"]
+    # of rank 0's kind: the CLI says "error: ..." for a ValueError, and printed a traceback on the other ranks
+    assert out[1] == [f"ValueError: rank 0 failed: {bad}", f"RuntimeError: rank 0 failed: {nested}"]
 
 
 def _sharded_store_job(root):
@@ -655,3 +656,72 @@ def test_a_bad_kmeans_across_ranks_variable_is_named_before_joining(monkeypatch)
     monkeypatch.setattr(sd.dist, "init_process_group", lambda *a, **k: pytest.fail("joined the group"))
     with pytest.raises(ValueError, match="SPURFAST_KMEANS_ACROSS_RANKS must be 0 or 1, got 'true'"):
         sd.init("cpu")
+
+
+def _midway_failure_job():
+    # rank 0 fails between two of a Lloyd loop's collectives (an out-of-memory, say)
+    os.environ["SPURFAST_KMEANS_ACROSS_RANKS"] = "1"
+    t = time.perf_counter()
+    try:
+        if sd.is_main():
+            def fail(self, t):
+                raise MemoryError("out of memory in the assignment step")
+            sd.RankTeam.all_reduce = fail
+            x = np.random.default_rng(0).normal(size=(60, 3)).astype(np.float32)
+            with sd.main_section():
+                batched_kmeans(x, np.zeros(60, np.int64), np.array([3]), n_groups=1)
+        else:
+            sd.serve_main_section()
+        return "no error", time.perf_counter() - t
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}", time.perf_counter() - t
+
+
+def test_rank_0_failing_inside_a_kmeans_across_ranks_ends_every_rank_at_once():
+    # rank 0's release went over the wait group while the others sat in a Lloyd collective:
+    # it hung until they gave up after the collective timeout (30 min by default), and its
+    # own error was replaced by "Connection closed by peer"
+    out = _spawn(_midway_failure_job, (), timeout_s=20)
+    assert out[0][0] == "MemoryError: out of memory in the assignment step", out
+    assert out[1][0].startswith("RuntimeError"), out
+    assert out[0][1] < 10 and out[1][1] < 10, out
+
+
+def _rank0_oserror_job():
+    def refuse():
+        raise NotADirectoryError("output directory /x/out is a file")
+    seen = []
+    try:
+        sd.run_on_main(refuse)
+    except Exception as exc:
+        seen.append((type(exc).__name__, str(exc)))
+
+    def rank_1_refuses():   # a rank's shard store of another pool, say
+        if sd.rank() == 1:
+            raise ValueError("embedding store s was made with other models")
+    try:
+        sd.all_succeed(rank_1_refuses)
+    except Exception as exc:
+        seen.append((type(exc).__name__, str(exc)))
+
+    def unavailable():
+        from spurfast.backends import BackendUnavailable
+        raise BackendUnavailable("backend 'triton' for 'kmeans_assign' is unavailable here")
+    try:
+        sd.run_on_main(unavailable)
+    except Exception as exc:
+        seen.append((type(exc).__name__, str(exc)))
+    return seen
+
+
+def test_every_rank_raises_the_failed_ranks_kind_of_error():
+    # only FileExistsError, FileNotFoundError and ValueError travelled from rank 0 (and none
+    # from the others): an output directory that is a file (or unwritable) gave rank 0
+    # "error: ..." and every other rank a traceback
+    out = _spawn(_rank0_oserror_job, ())
+    assert out[0][0] == ("NotADirectoryError", "output directory /x/out is a file")
+    assert out[1][0] == ("NotADirectoryError", "rank 0 failed: output directory /x/out is a file")
+    # and the ranks that did not fail in a step they all run raise the failed rank's kind
+    assert out[1][1] == ("ValueError", "embedding store s was made with other models")
+    assert out[0][1] == ("ValueError", "rank 1 failed: ValueError: embedding store s was made with other models")
+    assert out[1][2][0] == "BackendUnavailable", out[1]   # the CLI says "error: ..." for it too

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -528,3 +530,44 @@ def test_a_resume_decoding_on_another_device_is_refused(tmp_path):
         merge_shards(s, 2, progress=False)
     (shard_dir(s, 1, 2) / "manifest.json").write_text(json.dumps(m))
     assert merge_shards(s, 2, progress=False).manifest["decode"] == "cpu"
+
+
+def test_a_loader_that_skips_a_file_inside_a_batch_is_refused(tmp_path, monkeypatch):
+    # only each batch's first pool index was checked: rows 1.. of a batch missing one image
+    # took the next images' results, and in the last batch nothing noticed at all
+    import spurfast.embed as E
+
+    src, clf, vae = _setup(12)
+    real = E.iter_batches
+
+    def skipping(*a, **k):
+        for b in real(*a, **k):
+            if int(b.indices[0]) == 8:   # the last batch: pool index 9 goes missing
+                keep = torch.tensor([0, 2, 3])
+                b = type(b)(b.indices[keep], b.images[keep], b.labels[keep], b.ok[keep])
+            yield b
+    monkeypatch.setattr(E, "iter_batches", skipping)
+    with pytest.raises(RuntimeError, match="loader yielded pool index 10 in row 9 of the store, expected 9"):
+        embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=4, progress=False)
+    assert EmbeddingStore(tmp_path / "s").done == 8   # the good batches are kept
+
+
+def test_unreadable_files_cost_no_growing_manifest_and_survive_a_resume(tmp_path, monkeypatch):
+    # every batch rewrote the manifest with every unreadable file so far: quadratic (35 min
+    # of JSON for a pool with a million unreadable files)
+    import spurfast.embed as E
+
+    src, clf, vae = _setup(64)
+    src.bad_files = {i: f"broken {i}" for i in range(0, 64, 2)}   # the loader marks these rows not ok
+    sizes = []
+    real = E._write_json
+    monkeypatch.setattr(E, "_write_json", lambda path, obj, **k: (sizes.append(len(json.dumps(obj))),
+                                                                  real(path, obj, **k)))
+    part = embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=4, progress=False, stop_after=5)
+    assert max(sizes) <= sizes[0] + 4, sizes   # the same size after every batch (but its digits of done)
+    with open(tmp_path / "s" / E.BAD_LOG, "a") as fh:   # a line an interruption cut short
+        fh.write('{"done": 24, "bad": {"20": "bro')
+    assert part.bad_files() == {str(i): f"broken {i}" for i in range(0, 20, 2)}
+    store = embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False)
+    assert store.complete and store.bad_files() == {str(i): r for i, r in src.bad_files.items()}
+    assert not np.asarray(store["ok"])[::2].any() and np.asarray(store["ok"])[1::2].all()

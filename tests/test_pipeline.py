@@ -404,3 +404,25 @@ def test_the_steps_that_reread_images_decode_where_the_run_computes(tmp_path, mo
     run_discovery(pool, clf, vae, tmp_path / "run", num_classes=2, confirm=False, progress=False,
                   config=DiscoverConfig(device="cpu:0"))
     assert seen == ["cpu:0"]
+
+
+def test_the_steps_that_reread_images_use_the_loader_that_made_the_store(tmp_path, monkeypatch):
+    # a finished run rerun (or a store kept by --overwrite) with the other --loader-backend
+    # embeds nothing, but its pattern ranking read the pool through the other loader, whose
+    # pixels differ a little: the findings changed with the rerun's flag
+    pytest.importorskip("nvidia.dali")
+    seen = []
+    monkeypatch.setattr(P, "pattern_rankings", lambda *a, **k: seen.append(k["loader_backend"]))
+    torch.manual_seed(0)
+    pool, clf, vae = _folder(tmp_path / "pool"), SmallCNN(3, 2, 16), VAE(VAEConfig.for_images(3, 16, 4))
+    for backend in ("torch", "dali"):
+        run_discovery(pool, clf, vae, tmp_path / "run", num_classes=2, confirm=False, progress=False,
+                      loader_backend=backend)
+    assert EmbeddingStore(tmp_path / "run" / "store").manifest["loader"] == "torch"
+    assert seen == ["torch", "torch"]
+    # a store DALI decoded on the CPU is re-read on the CPU by a run on a GPU
+    store = EmbeddingStore(tmp_path / "run" / "store")
+    store.manifest.update(loader="dali", decode="cpu")
+    assert P._reread_loader(pool, store, "dali", "cuda:1") == {"loader_backend": "dali", "device": "cpu"}
+    store.manifest.update(decode="gpu")
+    assert P._reread_loader(pool, store, None, "cuda:1") == {"loader_backend": None, "device": "cuda:1"}
