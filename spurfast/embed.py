@@ -641,19 +641,16 @@ def merge_shards(store_dir, num_shards: int, *, chunk: int = 65536, progress: bo
             if s.manifest.get(key) != m0.get(key):
                 raise ValueError(f"shard stores disagree on {key}: {s.root} has {s.manifest.get(key)!r}, "
                                  f"{shards[0].root} has {m0.get(key)!r}")
-    # rows of two loaders (their resized pixels differ a little) would be mixed in one store
-    began = {s.manifest["loader"]: s.root for s in shards if s.n and s.manifest.get("loader")}
-    if len(began) > 1:
-        (a, ra), (b, rb) = sorted(began.items())[:2]
-        raise ValueError(f"shard stores were decoded by different loaders ({ra}: {a!r}, {rb}: {b!r}): their pixels "
-                         f"differ a little on resized images, so the merged store would mix both; remove the shard "
-                         f"stores of one loader and run those ranks again with the other's --loader-backend")
-    began = {s.manifest["decode"]: s.root for s in shards if s.n and s.manifest.get("decode")}
-    if len(began) > 1:
-        (a, ra), (b, rb) = sorted(began.items())[:2]
-        raise ValueError(f"shard stores were decoded on different devices ({ra}: {a!r}, {rb}: {b!r}): their pixels "
-                         f"differ a little, so the merged store would mix both; remove the shard stores of one and "
-                         f"run those ranks again with the other's --device")
+    # rows of two loaders, or of DALI on two devices (their pixels differ a little on resized
+    # images), would be mixed in one store
+    for key, by, flag in (("loader", "by different loaders", "--loader-backend"),
+                          ("decode", "on different devices", "--device")):
+        began = {s.manifest[key]: s.root for s in shards if s.n and s.manifest.get(key)}
+        if len(began) > 1:
+            (a, ra), (b, rb) = sorted(began.items())[:2]
+            raise ValueError(f"shard stores were decoded {by} ({ra}: {a!r}, {rb}: {b!r}): their pixels differ a "
+                             f"little, so the merged store would mix both; remove the shard stores of one and run "
+                             f"those ranks again with the other's {flag}")
     n, start = int(m0["pool_n"]), int(m0["start"])
     if sum(s.n for s in shards) != n - start:
         raise ValueError(f"shards hold {sum(s.n for s in shards)} rows for {n - start} pool indices")

@@ -445,34 +445,10 @@ def test_a_merge_run_again_after_it_completed_returns_the_merged_store(tmp_path)
     assert all(shard_dir(s, r, 3).is_dir() for r in range(3))
 
 
-def test_the_run_device_reaches_a_loader_that_can_decode_on_a_gpu(tmp_path, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", "cpu:1"])
+def test_the_run_device_reaches_a_loader_that_can_decode_on_a_gpu(tmp_path, monkeypatch, device):
     # DALI decoded on the GPU whenever torch saw one, `--device cpu` included (its images then
-    # came from nvJPEG, and a store resumed on a machine without a GPU mixed two decoders)
-    from spurfast import backends
-    from spurfast.data import loader_dali
-    from spurfast.data.folder import ImageFolderSource
-    from spurfast.make_pool import PoolSpec, make_pool
-
-    seen = []
-
-    def recording(paths, *, device=None, bad_files=None, **k):   # the loader op's signature, recorded
-        seen.append(device)
-        yield from loader_dali.iter_folder_batches(paths, device=device, bad_files=bad_files, **k)
-
-    try:
-        backends.resolve("loader", "dali")
-    except backends.BackendUnavailable as exc:
-        pytest.skip(f"no DALI here: {exc}")
-    monkeypatch.setitem(backends._cache, ("loader", "dali", None), ("dali", recording))
-    torch.manual_seed(0)
-    clf, vae = SmallCNN(3, 10, 32).eval(), VAE(VAEConfig.for_images(3, 32, 6)).eval()
-    make_pool(tmp_path / "pool", PoolSpec(n=12, seed=0), workers=1, progress=False)
-    store = embed_pool(ImageFolderSource(tmp_path / "pool", size=32), clf, vae, tmp_path / "s", num_classes=10,
-                       batch_size=8, progress=False, num_workers=1, loader_backend="dali", device="cpu")
-    assert store.complete and seen == ["cpu"]
-
-
-def test_a_cpu_device_with_an_index_reaches_the_loader_as_the_cpu(tmp_path, monkeypatch):
+    # came from nvJPEG, and a store resumed on a machine without a GPU mixed two decoders);
     # `--device cpu:1` (torch computes there as on "cpu"; the CLI accepts it) reached DALI as
     # "cpu:1", which it refused at the first batch, after the store was created
     from spurfast import backends
@@ -495,7 +471,7 @@ def test_a_cpu_device_with_an_index_reaches_the_loader_as_the_cpu(tmp_path, monk
     clf, vae = SmallCNN(3, 10, 32).eval(), VAE(VAEConfig.for_images(3, 32, 6)).eval()
     make_pool(tmp_path / "pool", PoolSpec(n=12, seed=0), workers=1, progress=False)
     store = embed_pool(ImageFolderSource(tmp_path / "pool", size=32), clf, vae, tmp_path / "s", num_classes=10,
-                       batch_size=8, progress=False, num_workers=1, loader_backend="dali", device="cpu:1")
+                       batch_size=8, progress=False, num_workers=1, loader_backend="dali", device=device)
     assert store.complete and seen == ["cpu"] and store.manifest["decode"] == "cpu"
 
 
