@@ -204,8 +204,8 @@ def run_e2e(pool: Path, clf: Path, vae: Path, procs: int, n_null: int, device: s
         cmd = [sys.executable, "-m", "bench.bench_e2e", "--worker"] + wargs
         env.pop("WORLD_SIZE", None)
     else:
-        torchrun = Path(sys.executable).with_name("torchrun")
-        cmd = [str(torchrun), "--standalone", "--nproc-per-node", str(procs), "-m", "bench.bench_e2e", "--worker"] + wargs
+        # torchrun's module, not a script beside the interpreter (a system Python puts it elsewhere)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), "-m", "bench.bench_e2e", "--worker"] + wargs
     pin = None
     if cores:
         allowed = sorted(os.sched_getaffinity(0))[:cores]
