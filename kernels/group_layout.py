@@ -15,28 +15,42 @@ import torch
 def check_integers(t: torch.Tensor, name: str) -> None:
     """Refuse a complex tensor, or a float one holding a fractional or non-finite value or
     one past int64: the int64 conversion after it truncated them silently (offsets 0, 2.5,
-    5 split the rows at 2; assign 1.5 counted the point in cluster 1).  Integer tensors
-    pass at no cost; a float one costs a host read (a rare path)."""
+    5 split the rows at 2; assign 1.5 counted the point in cluster 1) or wrapped them (1e30
+    became -2**63: a k_per_group of 1e30 drew no seeds).  Integer tensors pass at no cost;
+    a float one costs a host read (a rare path)."""
     if t.is_complex():
         raise ValueError(f"{name} has dtype {t.dtype}; expected integers")
     bad = non_integer_entries(t)
     if len(bad):
         i = int(bad[0])
-        raise ValueError(f"{name} holds {t.flatten()[i].item():g} (entry {i}); expected integers")
-    if t.is_floating_point():
-        # past int64 the cast wraps (1e30 became -2**63: a k_per_group of 1e30 drew no seeds)
-        big = ((t >= 2.0 ** 63) | (t < -2.0 ** 63)).flatten().nonzero().flatten()
-        if len(big):
-            i = int(big[0])
-            raise ValueError(f"{name} holds {t.flatten()[i].item():g} (entry {i}); expected integers within int64")
+        raise ValueError(f"{name} holds {t.flatten()[i].item():g} (entry {i}); expected integers within int64")
 
 
 def non_integer_entries(t: torch.Tensor) -> torch.Tensor:
-    """Flat indices of the fractional or non-finite entries of a float tensor (none for an
-    integer one, at no cost)."""
+    """Flat indices of the entries of a float tensor that are no int64 integer: fractional,
+    non-finite, or past int64, where the cast wraps (none for an integer tensor, at no cost)."""
     if not t.is_floating_point():
         return torch.zeros(0, dtype=torch.int64, device=t.device)
-    return (~torch.isfinite(t) | (t != t.round())).flatten().nonzero().flatten()
+    return (~torch.isfinite(t) | (t != t.round()) | (t >= 2.0 ** 63) | (t < -2.0 ** 63)).flatten().nonzero().flatten()
+
+
+def check_seed_counts(k_per_group, G: int) -> torch.Tensor:
+    """k-means++'s ``k_per_group`` as a CPU int64 tensor, after checking it holds G
+    non-negative integers (a k above kmax draws kmax seeds).  Both providers check it so: a
+    (1, 2) k for one group ran as k = 1 in one and failed in an IndexError in the other, and
+    a negative k silently drew no seeds."""
+    k = torch.as_tensor(k_per_group)   # a list, as the other providers take it
+    check_integers(k, "k_per_group")   # the int64 cast below truncated 2.7 to 2 seeds silently
+    if k.dim() != 1:
+        raise ValueError(f"k_per_group has shape {tuple(k.shape)}; expected ({G},), one k per group")
+    if len(k) != G:
+        raise ValueError(f"k_per_group has {len(k)} entries for {G} groups")
+    k = k.long().cpu()
+    neg = (k < 0).nonzero().flatten()
+    if len(neg):   # as the assign refuses it
+        g = int(neg[0])
+        raise ValueError(f"k_per_group[{g}] = {int(k[g])}: expected a non-negative integer")
+    return k
 
 
 def check_offsets(offsets: torch.Tensor, N: int, device, k_per_group=None, kmax: int = 0):

@@ -36,7 +36,7 @@ import torch
 
 from ..cores import usable_cores
 from . import reference as ref
-from .group_layout import check_integers
+from .group_layout import check_integers, check_seed_counts
 
 SOURCE = Path(__file__).resolve().parent / "cpu" / "kmeans_cpu.cpp"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC")
@@ -357,16 +357,7 @@ def kmeans_plusplus(x, offsets, k_per_group, kmax: int, generator: torch.Generat
     N, d = X.shape
     off = _offsets(offsets, N)
     G = len(off) - 1
-    kpg_t = torch.as_tensor(k_per_group)
-    check_integers(kpg_t, "k_per_group")   # the int64 cast below truncated 2.7 to 2 seeds silently
-    if kpg_t.dim() != 1:   # (1, 2) ran as k = 1, silently
-        raise ValueError(f"k_per_group has shape {tuple(kpg_t.shape)}; expected ({G},), one k per group")
-    kpg = np.ascontiguousarray(kpg_t.cpu().numpy(), dtype=np.int64)
-    if len(kpg) != G:
-        raise ValueError(f"k_per_group has {len(kpg)} entries for {G} groups")
-    neg = np.flatnonzero(kpg < 0)
-    if neg.size:   # as the assign refuses it (here the group got no seeds, silently)
-        raise ValueError(f"k_per_group[{neg[0]}] = {kpg[neg[0]]}: expected a non-negative integer")
+    kpg = np.ascontiguousarray(check_seed_counts(k_per_group, G).numpy(), dtype=np.int64)
     cent = np.zeros((G, kmax, d), dtype=np.float32)
     if N == 0 or kmax == 0:   # no seed to draw: the generator stays where the reference leaves it
         return torch.from_numpy(cent)

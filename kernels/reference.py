@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .group_layout import check_integers, check_offsets
+from .group_layout import check_integers, check_offsets, check_seed_counts
 
 ACTIVATIONS = ("relu", "leaky_relu", "silu")
 LEAKY_SLOPE = 0.2
@@ -693,16 +693,7 @@ def kmeans_plusplus(
     # as the CPU kernel checks them (torch's size mismatches and IndexErrors named neither)
     offsets = check_offsets(offsets, N, x.device)
     G = len(offsets) - 1
-    k_per_group = torch.as_tensor(k_per_group)   # a list, as the other providers take it
-    check_integers(k_per_group, "k_per_group")   # .long() below truncated 2.7 to 2 seeds silently
-    if k_per_group.dim() != 1:   # (1, 2) failed in an IndexError (the CPU kernel read k = 1)
-        raise ValueError(f"k_per_group has shape {tuple(k_per_group.shape)}; expected ({G},), one k per group")
-    if len(k_per_group) != G:
-        raise ValueError(f"k_per_group has {len(k_per_group)} entries for {G} groups")
-    kpg_h = k_per_group.long().cpu()
-    if bool((kpg_h < 0).any()):   # as the assign refuses it (here the group got no seeds, silently)
-        g = int((kpg_h < 0).nonzero()[0])
-        raise ValueError(f"k_per_group[{g}] = {int(kpg_h[g])}: expected a non-negative integer")
+    kpg_h = check_seed_counts(k_per_group, G)
     dev = x.device
     xf = x.float()
     cent = torch.zeros(G, kmax, d, dtype=torch.float32, device=dev)
