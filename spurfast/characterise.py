@@ -84,9 +84,8 @@ def neighbour_contrast(source: ImageSource, z: np.ndarray, members: np.ndarray, 
         return torch.zeros(source.image_shape), mean_images(source, members, cap, rng)
     mem = _sample(members, cap, rng)
     zo, zm = torch.as_tensor(z[others]), torch.as_tensor(z[mem])
-    wide = zo.dtype == torch.float64
-    if not wide:
-        zo, zm = zo.float(), zm.float()
+    wide = torch.float64 if zo.dtype == torch.float64 else torch.float32
+    zo, zm = zo.to(wide), zm.to(wide)
     # distances are shift-invariant, cdist's fp32 |a|^2 + |b|^2 - 2 a.b is not: latents far
     # from the origin for their spread (offset 1000, spread 0.1) had the terms cancel and
     # every member got arbitrary "nearest" others.  Such latents are measured about the
@@ -95,7 +94,7 @@ def neighbour_contrast(source: ImageSource, z: np.ndarray, members: np.ndarray, 
     origin = zo.mean(0, dtype=torch.float64)
     spread = sum(float(((zo[s:s + 65536].double() - origin) ** 2).sum()) for s in range(0, len(zo), 65536)) / len(zo)
     if float(origin @ origin) > FAR * spread:
-        zo, zm = ((zo - origin).float(), (zm - origin).float()) if wide else (zo - origin.float(), zm - origin.float())
+        zo, zm = zo - origin.to(wide), zm - origin.to(wide)
     zo, zm = zo.float(), zm.float()
     k = min(k, len(others))
     nbr = []
