@@ -68,7 +68,10 @@ def _cpu_has_avx2_fma() -> bool:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("SPURFAST_CACHE_DIR", Path.home() / ".cache" / "spurfast"))
+    # absolute: dlopen takes a name without a slash ("." or "" made "kmeans_cpu-<tag>.so") as a
+    # library to search for, not a file here, so the kernels built and then never loaded; an
+    # empty value means unset (it built into the working directory)
+    return Path(os.environ.get("SPURFAST_CACHE_DIR") or Path.home() / ".cache" / "spurfast").absolute()
 
 
 def _build(cxx: str) -> Path:
@@ -261,7 +264,8 @@ def _assign(x, offsets, centroids, k_per_group, metric, x_sqnorm, with_sums: boo
     cT, cterm, kp = pack_centroids(C, kpg, cosine)
     xn = None
     if x_sqnorm is not None and not cosine:
-        xn = np.ascontiguousarray(torch.as_tensor(x_sqnorm).cpu().numpy(), dtype=np.float32)
+        # detached: |x|^2 of features that require grad failed in .numpy()
+        xn = np.ascontiguousarray(torch.as_tensor(x_sqnorm).detach().cpu().numpy(), dtype=np.float32)
     if cosine:   # |x| for 1 + s / |x|, from the rows themselves
         xn = np.einsum("ij,ij->i", X, X).astype(np.float32)
 

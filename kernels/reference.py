@@ -336,6 +336,8 @@ def kmeans_assign(
     check_x_sqnorm(x_sqnorm, N)
     kpg_cpu = check_k_per_group(k_per_group, G, kmax)
     x, centroids = x.detach(), centroids.detach()   # numpy views below need plain tensors
+    if x_sqnorm is not None:   # |x|^2 of features that require grad (or a numpy array) failed in .numpy()
+        x_sqnorm = torch.as_tensor(x_sqnorm).detach()
     # offsets that stop short of N left the rows past them at assign 0, dist 0, silently
     off_cpu = check_offsets(offsets, N, "cpu")
     sizes = off_cpu.diff()
@@ -347,7 +349,7 @@ def kmeans_assign(
     if N == 0:
         return assign, dist
     cosine = metric == "cosine"
-    c = centroids.float()
+    c = centroids.to(device=x.device, dtype=torch.float32)   # as the GPU providers take CPU centroids
     if cosine:
         c = F.normalize(c, dim=-1)
     cn = (c * c).sum(-1)  # (G, kmax)
@@ -439,6 +441,18 @@ def check_members(x: torch.Tensor, offsets: torch.Tensor, assign: torch.Tensor, 
     return check_offsets(offsets, N, x.device)
 
 
+def sorted_sums(flat: torch.Tensor, v: torch.Tensor, S: int) -> torch.Tensor:
+    """(S, *v.shape[1:]) sums of the rows of ``v`` by their index in ``flat`` (in [0, S)),
+    each in row order, from a stable sort and a segment sum: the same bits every run on a
+    GPU, where index_add_ adds with float atomics in a varying order."""
+    out = torch.zeros((S,) + tuple(v.shape[1:]), dtype=v.dtype, device=v.device)
+    if len(flat):
+        order = torch.argsort(flat, stable=True)
+        uniq, lengths = torch.unique_consecutive(flat[order], return_counts=True)
+        out[uniq] = torch.segment_reduce(v[order], "sum", lengths=lengths)
+    return out
+
+
 def kmeans_update(
     x: torch.Tensor,
     offsets: torch.Tensor,
@@ -454,7 +468,9 @@ def kmeans_update(
     G = len(offsets) - 1
     N, d = x.shape
     offsets = check_members(x, offsets, assign, kmax)
-    flat = group_ids(offsets, N) * kmax + assign.long()
+    # on x's device, as the CuPy and CPU kernels take it: a CPU assign with CUDA points (or a
+    # CUDA one with CPU points) failed in a device mismatch
+    flat = group_ids(offsets, N) * kmax + assign.to(x.device).long()
     if x.device.type == "cpu" and N:
         # One sparse (G*kmax x N) 0/1 matrix times x.  Built column-wise (CSC: point i is
         # column i, its one entry in row flat[i]) it needs no sort, and scipy's product
@@ -642,6 +658,9 @@ def cluster_similarity(
         raise ValueError(f"centroids must be (G, kmax, d={x.shape[1]}), got shape {tuple(centroids.shape)}")
     G, kmax, d = centroids.shape
     N = x.shape[0]
+    # statistics, not a graph: with points that require grad, cos and the means did too (the
+    # CuPy kernel returns plain tensors)
+    x, centroids = x.detach(), centroids.detach()
     if int(m) < 0:   # torch.full's "negative dimension" named neither m nor its value
         raise ValueError(f"m (exemplars per cluster) must be >= 0, got {m}")
     # as the CuPy launcher checks them: assign = -1 counted the point in the previous
@@ -650,15 +669,23 @@ def cluster_similarity(
     if len(offsets) != G + 1:
         raise ValueError(f"offsets has {len(offsets)} entries; expected G + 1 = {G + 1}")
     gid = group_ids(offsets, N)
-    assign = assign.long()   # checked integral above: float indices fail to index
-    c = centroids.float()[gid, assign] if N else torch.zeros(0, d, device=x.device)
+    # checked integral above (float indices fail to index); on x's device, as the CuPy
+    # launcher moves them before it hands m > 32 here: CPU assign or centroids with CUDA
+    # points failed in a device mismatch
+    assign = assign.to(x.device).long()
+    c = centroids.to(device=x.device, dtype=torch.float32)[gid, assign] if N else torch.zeros(0, d, device=x.device)
     xf = x.float()
     cos = F.cosine_similarity(xf, c, dim=1, eps=1e-12) if N else torch.zeros(0, device=x.device)
     sq = ((xf - c) ** 2).sum(1)
     flat = gid * kmax + assign
     counts = torch.bincount(flat, minlength=G * kmax).float()
-    mean_cos = torch.zeros(G * kmax, device=x.device).index_add_(0, flat, cos) / counts.clamp_min(1)
-    mean_sq = torch.zeros(G * kmax, device=x.device).index_add_(0, flat, sq) / counts.clamp_min(1)
+    if x.device.type == "cpu":
+        tot_cos = torch.zeros(G * kmax).index_add_(0, flat, cos)
+        tot_sq = torch.zeros(G * kmax).index_add_(0, flat, sq)
+    else:   # index_add_ adds with float atomics on CUDA: the means' bits varied run to run
+        tot_cos, tot_sq = sorted_sums(flat, torch.stack([cos, sq], 1), G * kmax).unbind(1)
+    mean_cos = tot_cos / counts.clamp_min(1)
+    mean_sq = tot_sq / counts.clamp_min(1)
     exemplars = torch.full((G * kmax, m), -1, dtype=torch.int64, device=x.device)
     if N and m > 0:
         # sort by (cluster, distance, index): lexsort via two stable sorts
@@ -695,7 +722,7 @@ def kmeans_plusplus(
     G = len(offsets) - 1
     kpg_h = check_seed_counts(k_per_group, G)
     dev = x.device
-    xf = x.float()
+    xf = x.detach().float()   # points that require grad failed in the out= ops below (the CPU kernel took them)
     cent = torch.zeros(G, kmax, d, dtype=torch.float32, device=dev)
     if N == 0 or kmax == 0:   # kmax = 0: no seed to draw (writing seed 0 raised IndexError)
         return cent

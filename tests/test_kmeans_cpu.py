@@ -640,3 +640,25 @@ def test_plusplus_refuses_a_negative_or_two_dimensional_k_as_the_assign_does(k, 
     for fn in (kcpu.kmeans_plusplus, ref.kmeans_plusplus):
         with pytest.raises(ValueError, match=pattern):
             fn(x, off, k, 3, torch.Generator().manual_seed(0))
+
+
+@needs_kernel
+@pytest.mark.parametrize("value", [".", "cache"])
+def test_a_relative_cache_dir_builds_a_library_that_loads(value, tmp_path, monkeypatch):
+    """dlopen takes a name without a slash as a library to search for: with
+    SPURFAST_CACHE_DIR=. the kernels were built into the working directory and then never
+    loaded (unavailable: 'cannot open shared object file'), so every call fell back to the
+    reference."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SPURFAST_CACHE_DIR", value)
+    monkeypatch.setattr(kcpu, "_lib", None)
+    monkeypatch.setattr(kcpu, "_why_not", None)
+    assert kcpu.is_available() == (True, "")
+    assert list((tmp_path / value).glob("kmeans_cpu-*.so"))
+
+
+def test_an_empty_cache_dir_means_the_default(monkeypatch, tmp_path):
+    # an empty value built the library into the working directory (and then failed to load it)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("SPURFAST_CACHE_DIR", "")
+    assert kcpu._cache_dir() == tmp_path / ".cache" / "spurfast"

@@ -719,6 +719,9 @@ def test_assign_takes_cpu_offsets_with_cuda_points():
     got = ref.kmeans_assign(x, off, cent, kpg)
     assert_equal_int(got[0], want[0], "assign")
     assert torch.equal(got[1], want[1]) and got[0].is_cuda
+    got = ref.kmeans_assign(x, off, cent.cpu(), kpg)   # CPU centroids too, as the GPU providers take them
+    assert_equal_int(got[0], want[0], "assign with CPU centroids")
+    assert torch.equal(got[1], want[1])
 
 
 def test_update_and_similarity_refuse_fractional_assign():
@@ -768,3 +771,83 @@ def test_argmin_of_a_row_with_nan_stays_a_column_on_every_path():
     assert want.tolist() == [1, 1, 0, 0]
     for other in (D.t().contiguous().t(), D.double()):     # not contiguous fp32: the torch path
         assert ref._argmin_lastdim(other)[1].tolist() == want.tolist()
+
+
+def test_sorted_sums_equal_index_add_in_row_order():
+    """The reference's similarity means on a GPU come from these sums (index_add_ adds with
+    float atomics there, so the means' bits varied run to run): each index's rows summed in
+    row order, as index_add_ sums them on the CPU, with zeros for indices no row has."""
+    g = torch.Generator().manual_seed(0)
+    for n, S in ((0, 3), (1, 1), (500, 7), (2000, 40)):
+        flat = torch.randint(0, max(1, S - 2), (n,), generator=g)   # the last indices stay empty
+        v = torch.randn(n, 2, generator=g) * 1e3
+        want = torch.zeros(S, 2).index_add_(0, flat, v)
+        got = ref.sorted_sums(flat, v, S)
+        assert torch.equal(got, want), (n, S)
+        assert torch.equal(ref.sorted_sums(flat, v[:, 0], S), want[:, 0])
+
+
+@pytest.mark.gpu
+def test_similarity_on_cuda_is_reproducible_and_takes_cpu_assign():
+    """The CuPy launcher hands m > 32 to the reference: its means came from index_add_
+    (float atomics: other bits each run), and a CPU assign or CPU centroids, which the
+    launcher takes for m <= 32, failed in a device mismatch."""
+    g = torch.Generator().manual_seed(1)
+    x_cpu = torch.randn(60000, 8, generator=g) * 10
+    off = torch.tensor([0, 30000, 60000])
+    cent = torch.randn(2, 3, 8, generator=g)
+    assign = torch.randint(0, 3, (60000,), generator=g)
+    x = x_cpu.cuda()
+    runs = [ref.cluster_similarity(x, off.cuda(), assign.cuda(), cent.cuda(), torch.tensor([3, 3]).cuda(), m=40)
+            for _ in range(3)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+    mixed = ref.cluster_similarity(x, off, assign, cent, torch.tensor([3, 3]), m=40)
+    for a, b in zip(runs[0], mixed):
+        assert torch.equal(a, b)
+    want = ref.cluster_similarity(x_cpu, off, assign, cent, torch.tensor([3, 3]), m=40)
+    assert_equal_int(runs[0][1].cpu(), want[1], "exemplars")
+    torch.testing.assert_close(runs[0][2].cpu(), want[2], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(runs[0][3].cpu(), want[3], rtol=1e-4, atol=1e-5)
+    sums, counts = ref.kmeans_update(x, off.cuda(), assign, 3)     # a CPU assign with CUDA points
+    want_sums, want_counts = ref.kmeans_update(x, off.cuda(), assign.cuda(), 3)
+    assert torch.equal(sums, want_sums) and torch.equal(counts, want_counts)
+
+
+@pytest.mark.parametrize("backend", ["torch", _cpu_kernel()])
+def test_assign_takes_sqnorm_that_requires_grad_or_is_numpy(backend):
+    """|x|^2 of features straight from a model (requires_grad) failed in .numpy() in both CPU
+    providers; a numpy array, which the fused kernel took, failed in the reference."""
+    _, assign_fn = backends.resolve("kmeans_assign", backend, "cpu")
+    _, update_fn = backends.resolve("kmeans_assign_update", backend, "cpu")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2100 + 9, 5, generator=g).requires_grad_()   # one large group, one small
+    off, cent, kpg = csr([2100, 9]), torch.randn(2, 3, 5, generator=g), torch.tensor([3, 2])
+    want = assign_fn(x.detach(), off, cent, kpg)
+    for xn in ((x * x).sum(1), (x * x).sum(1).detach().numpy()):
+        for fn in (assign_fn, update_fn):
+            got = fn(x, off, cent, kpg, x_sqnorm=xn)
+            assert_equal_int(got[0], want[0], "assign")
+            assert_close(got[1], want[1], name="distances")
+
+
+@pytest.mark.parametrize("backend", ["torch", _cpu_kernel()])
+def test_plusplus_and_similarity_take_points_that_require_grad(backend):
+    """Features straight from a model require grad: the reference's k-means++ failed in its
+    out= ops ("functions with out=... arguments don't support automatic differentiation"),
+    where the CPU kernel took them; the similarity returned cos and means that required
+    grad (the CuPy kernel returns plain tensors)."""
+    _, plusplus = backends.resolve("kmeans_plusplus", backend, "cpu")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(50, 3, generator=g)
+    off, kpg = csr([20, 30]), torch.tensor([3, 4])
+    want = plusplus(x, off, kpg, 4, torch.Generator().manual_seed(0))
+    got = plusplus(x.clone().requires_grad_(), off, kpg, 4, torch.Generator().manual_seed(0))
+    assert torch.equal(got, want) and not got.requires_grad
+    assign = torch.randint(0, 4, (50,), generator=g)
+    cent = torch.randn(2, 4, 3, generator=g)
+    plain = ref.cluster_similarity(x, off, assign, cent, kpg, 3)
+    out = ref.cluster_similarity(x.clone().requires_grad_(), off, assign, cent.clone().requires_grad_(), kpg, 3)
+    for a, b in zip(out, plain):
+        assert torch.equal(a, b) and not a.requires_grad
