@@ -376,7 +376,10 @@ def _reseed(xs, gid, dist, empty, cent, metric: str = "l2") -> int:
     for g, j in empty.nonzero().tolist():
         cand = torch.where((gid == g) & (d > 0), d, torch.full_like(d, -1.0))
         i = int(torch.argmax(cand)) if len(cand) else 0
-        if not len(cand) or not float(cand[i]) > 0:
+        # a point equal to a centroid of its group is on it, whatever its fp32 distance says
+        # (|x|^2 - 2 x.c + |c|^2 left about 1e-13: 3 distinct points and k = 8 re-seeded
+        # every iteration and never stopped before n_iter)
+        if not len(cand) or not float(cand[i]) > 0 or bool((cent[g] == xs[i].float()).all(1).any()):
             continue
         cent[g, j] = xs[i].float()
         d[i] = -1.0

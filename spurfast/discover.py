@@ -183,15 +183,23 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
     work = None
     if work_dir is not None:
         from .discovery_work import DiscoveryWork, work_key
-        settings = {**kw, "n_neighbours": config.n_neighbours, "seed": config.seed, "n_classes": n_classes,
-                    "providers": _provider_choices(config.device)}
+        from . import cluster
         # the search reads z alone (not config.backend: it is the k-means backend), so another k
         # or statistic reuses it; device type and providers: their rounding may break ties otherwise
         searched = {"piece": "neighbours", "n_neighbours": config.n_neighbours,
                     "device": torch.device(config.device or "cpu").type,
                     "providers": _provider_choices(config.device, ("latent_knn",))}
-        work = DiscoveryWork(work_dir, work_key(dict(z=z, g=g, labels=labels[valid], top2=top2, unknown_ok=unknown_ok),
-                                                settings), work_key(dict(z=z), searched))
+        nkey = work_key(dict(z=z), searched)
+        # z by its hash in the neighbour key: hashed once (0.1 s at 1.28M x 16, per key)
+        settings = {**kw, "n_neighbours": config.n_neighbours, "seed": config.seed, "n_classes": n_classes,
+                    "providers": _provider_choices(config.device), "z": nkey}
+        if cluster.kmeans_hook is not None:
+            # k-means across W ranks (torchrun) all-reduces partial sums of every W-th point:
+            # rounding of its own, so a null is not resumed under another number of ranks
+            from .distributed import world_size
+            settings["kmeans_ranks"] = world_size()
+        work = DiscoveryWork(work_dir, work_key(dict(g=g, labels=labels[valid], top2=top2, unknown_ok=unknown_ok),
+                                                settings), nkey)
     # one call each, minutes at ImageNet scale on a CPU: a bar per step says which is running
     with tqdm(total=len(z), desc="latent neighbours", unit="img", disable=not progress, leave=False) as step:
         def search():

@@ -5,8 +5,10 @@ most of discovery (measured at 200k images x 1,000 classes: 34 s and 20 s of 60 
 permutations; the search grows with the square of the pool), and an interruption lost both.
 Each piece is saved as it finishes, under a key that hashes everything it depends on: the
 standardised latents, the predictions, labels, runner-up classes, which images count as
-unrelated, and the settings.  A rerun with any of them changed finds no file of its key and
-computes afresh; files of other keys are left alone (another setting's run may want them).
+unrelated, the settings and the providers (with k-means across ranks, their number).  A
+rerun with any of them changed finds no file of its key and computes afresh; files of other
+keys are left alone (another setting's run may want them), temporary files of a killed
+writer are removed.
 The neighbour search, which reads the latents alone, has a key of its own (the latents, the
 number of neighbours and what picks its provider): a rerun with another k reuses it.
 """
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 import zipfile
 from pathlib import Path
 
@@ -35,6 +39,32 @@ def work_key(arrays: dict, settings: dict) -> str:
     return h.hexdigest()[:20]
 
 
+def _sweep(root: Path, quiet_s: float = 60.0) -> None:
+    """Remove the temporary files (``NAME.PID.tmp``, `replace_atomically`) that a killed
+    writer left under ``root``'s key folders: a SIGKILL mid-write left each behind for good
+    (the neighbour lists' one is n x K int64, about 100 MB at 1.2M images).  A file is left
+    alone while its process lives here or while it was written to within ``quiet_s``."""
+    if os.name != "posix":   # os.kill(pid, 0) asks about a process on POSIX only (elsewhere it ends it)
+        return
+    now = time.time()
+    for tmp in root.glob("*/*.npz.*.tmp"):
+        pid = tmp.name[:-len(".tmp")].rsplit(".", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue                       # alive (a concurrent run writing it)
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError, OSError):
+            continue                       # alive under another user, or no such pid number: left
+        try:
+            if now - tmp.stat().st_mtime > quiet_s:
+                tmp.unlink()
+        except OSError:                    # gone meanwhile, or not ours to remove
+            pass
+
+
 class DiscoveryWork:
     """Each null permutation's (scores, n_unrelated) of one key, in ``root / key``, and the
     neighbour lists in ``root / neighbour_key`` (default: ``key``); each written
@@ -43,10 +73,12 @@ class DiscoveryWork:
     def __init__(self, root, key: str, neighbour_key: str | None = None):
         self.dir = Path(root) / key
         self.neighbour_dir = Path(root) / (neighbour_key or key)
+        _sweep(Path(root))
 
     def _save(self, name: str, folder: Path | None = None, **arrays) -> None:
         folder = self.dir if folder is None else folder
         folder.mkdir(parents=True, exist_ok=True)
+        _sweep(folder.parent)   # again: a writer killed less than quiet_s before this run began
         replace_atomically(folder / name, lambda fh: np.savez(fh, **arrays), mode="wb")
 
     def _load(self, name: str, folder: Path | None = None):
@@ -61,7 +93,7 @@ class DiscoveryWork:
         return got if all(isinstance(v, np.ndarray) for v in got.values()) else None
 
     def neighbours(self, compute):
-        # before neighbour keys, the lists were kept with the nulls: still read there
+        # lists kept with the nulls (neighbour_key None, as before neighbour keys) are read there too
         for folder in dict.fromkeys([self.neighbour_dir, self.dir]):
             got = self._load("neighbours.npz", folder)
             if got is not None and "idx" in got:

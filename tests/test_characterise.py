@@ -123,3 +123,19 @@ def test_neighbour_contrast_refuses_a_k_that_is_no_positive_integer(k):
     z = np.arange(12, dtype=np.float32).reshape(6, 2)
     with pytest.raises(ValueError, match=rf"^k must be a positive integer \(neighbours per member\), got {k!r}$"):
         neighbour_contrast(ArraySource(imgs, None, name="k"), z, np.arange(3), np.arange(3, 6), k=k)
+
+
+def test_neighbour_contrast_of_a_tight_blob_far_out_beside_a_wide_one_takes_the_nearest_others():
+    """Others made of a wide group near the origin and a tight one at 1000: no one shift
+    helps cdist's fp32 |a|^2 + |b|^2 - 2 a.b, and members inside the tight group got
+    arbitrary "nearest" others (an unlabelled pool's contrast and mask)."""
+    rng = np.random.default_rng(0)
+    imgs = torch.as_tensor(rng.random((200, 1, 4, 4)), dtype=torch.float32)   # each image its own
+    z = np.r_[rng.normal(size=(100, 2)), 1000 + 0.01 * rng.normal(size=(100, 2))].astype(np.float32)
+    src = ArraySource(imgs, None, name="mix")
+    members, others = np.arange(100, 130), np.r_[np.arange(0, 100), np.arange(130, 200)]
+    got, _ = neighbour_contrast(src, z, members, others, k=3, seed=0)
+    d = ((z[members, None].astype(np.float64) - z[None, others]) ** 2).sum(-1)   # exact, in fp64
+    matched = others[np.argsort(d, 1, kind="stable")[:, :3].ravel()]
+    want = imgs[members].mean(0) - imgs[matched].mean(0)
+    assert torch.allclose(got, want, atol=1e-6), float((got - want).abs().max())

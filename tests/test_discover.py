@@ -452,3 +452,66 @@ def test_findings_json_says_why_a_finding_was_not_confirmed():
         {"rank": 1, "class": 0, "confirm": None, "confirm_skipped": "empty pattern mask", "_mask": None}])
     f = findings_document(res)["findings"][0]
     assert f["confirm"] is None and f["confirm_skipped"] == "empty pattern mask" and "_mask" not in f
+
+
+def test_discovery_work_removes_what_a_killed_writer_left(tmp_path):
+    """A SIGKILL mid-write left NAME.PID.tmp beside the pieces for good (the neighbour
+    lists' one is about 100 MB at 1.2M images); no later run removed it."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from spurfast.discovery_work import DiscoveryWork
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)
+    (tmp_path / "k1").mkdir()
+    (tmp_path / "nk").mkdir()
+    stale = [tmp_path / "k1" / f"null-3.npz.{dead}.tmp", tmp_path / "nk" / f"neighbours.npz.{dead}.tmp"]
+    fresh = tmp_path / "k1" / f"null-4.npz.{dead}.tmp"        # being written a moment ago: left
+    live = tmp_path / "k1" / f"null-5.npz.{os.getppid()}.tmp"   # its writer lives: left
+    other = tmp_path / "k1" / "notes.tmp"
+    for p in (*stale, fresh, live, other):
+        p.write_bytes(b"partial")
+    old = time.time() - 3600
+    for p in (*stale, live, other):
+        os.utime(p, (old, old))
+    DiscoveryWork(tmp_path, "k2", "nk")
+    assert not any(p.exists() for p in stale)
+    assert fresh.exists() and live.exists() and other.exists()
+
+
+def test_discovery_work_is_not_resumed_under_another_number_of_kmeans_ranks(tmp_path, monkeypatch):
+    """k-means across W ranks (torchrun) sums every W-th point's share and all-reduces the
+    parts: rounding of its own.  A work_dir reused by a run of another size read back the
+    other's null, a null no uninterrupted run computes."""
+    from spurfast import cluster, distributed, scoring
+
+    store, _ = _store(tmp_path / "store")
+    cfg = DiscoverConfig(k=4, n_null=3, max_null=3, seed=0)
+    discover(store, cfg, progress=False, work_dir=tmp_path / "work")
+    calls = []
+    real = scoring.cluster_and_score
+    monkeypatch.setattr(scoring, "cluster_and_score", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(cluster, "kmeans_hook", lambda x, g, kpg, **kw: cluster.lloyd(
+        x, *cluster.check_input(x, g, kpg, kw.pop("n_groups")), **kw))   # stands in for 2 ranks' Lloyd
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    discover(store, cfg, progress=False, work_dir=tmp_path / "work")
+    assert len(calls) == 3
+    calls.clear()
+    discover(store, cfg, progress=False, work_dir=tmp_path / "work")   # the same number of ranks: resumed
+    assert not calls
+
+
+def test_discovery_hashes_the_latents_once(tmp_path, monkeypatch):
+    """The neighbour key and the null key each hashed every latent (0.1 s a pass at 1.28M x 16)."""
+    from spurfast import discovery_work
+
+    store, _ = _store(tmp_path / "store")
+    seen = []
+    real = discovery_work.work_key
+    monkeypatch.setattr(discovery_work, "work_key", lambda arrays, settings: seen.append("z" in arrays)
+                        or real(arrays, settings))
+    discover(store, DiscoverConfig(k=4, n_null=3, max_null=3, seed=0), progress=False, work_dir=tmp_path / "work")
+    assert seen.count(True) == 1

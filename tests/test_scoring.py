@@ -437,3 +437,18 @@ def test_size_matched_pvalues_equal_the_per_cluster_masks(seed):
             want = _size_matched_by_cluster(sc, nu, ns, null_sizes, min_reference=min_ref)
             for g, w in zip(got, want):
                 np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("backend", [None, "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kmeans_of_a_group_with_fewer_distinct_points_than_k_stops(backend, dtype):
+    """A point on its centroid cannot fill an empty cluster (it ties with the centroid), but
+    fp32's |x|^2 - 2 x.c + |c|^2 left such points about 1e-13 away: 40 copies of 3 latents
+    with k = 8 re-seeded every iteration and ran all n_iter."""
+    from spurfast.cluster import batched_kmeans
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, dtype=dtype)[torch.arange(40) % 3]
+    res = batched_kmeans(x, torch.zeros(40, dtype=torch.long), [8], n_iter=20, backend=backend)
+    assert res.reseeded == 0 and res.n_iter < 20, (res.reseeded, res.n_iter)
+    assert sorted(res.counts[0].tolist()) == [0] * 5 + [13, 13, 14]
