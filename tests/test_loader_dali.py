@@ -236,6 +236,22 @@ def test_a_numbered_cuda_device_decodes_on_that_gpu(coded_folder, monkeypatch):
         list(_dali(coded_folder, device="cuda:2"))
 
 
+def test_a_batch_size_past_the_pool_builds_pipelines_of_the_pool_size(coded_folder, monkeypatch):
+    """The file list was topped up to (prefetch depth + 1) x batch_size names whatever the
+    pool's size: batch_size 1e9 on 40 images was killed for memory at 23 GB."""
+    built = []
+
+    def build(files, labels, **kw):
+        built.append((len(files), kw["batch_size"]))
+        return real(files, labels, **kw)
+
+    real = loader_dali.build_pipeline
+    monkeypatch.setattr(loader_dali, "build_pipeline", build)
+    batches, idx, images = _all(_dali(coded_folder, batch_size=1000, dtype=torch.uint8))
+    assert [len(b[0]) for b in batches] == [N] and _decode_index(images) == idx.tolist() == list(range(N))
+    assert built and all(b <= N and n <= 4 * N for n, b in built), built
+
+
 def test_a_numbered_cpu_device_decodes_on_the_cpu():
     """torch computes on "cpu:1" as on the CPU; DALI's device check refused it."""
     assert loader_dali.resolve_device("cpu:1") == "cpu" and loader_dali.resolve_device("cpu") == "cpu"

@@ -182,3 +182,22 @@ def test_known_difference_16bit_colour_png(tmp_path):
     if not (np.array_equal(t, v >> 8) and np.array_equal(d, (v.astype(np.int64) + 128) // 257)):
         pytest.fail("the documented difference changed: torch is not v >> 8 or DALI is not round(v / 257)")
     assert np.array_equal(t, d)
+
+
+def test_extreme_strips_are_cropped_where_the_torch_loader_crops_them(tmp_path):
+    """DALI's crop window of a strip came from ``2 * h * size`` in INT32, which overflowed for
+    a 1 x 1,000,000 PNG at size 1100 (a wrong crop, 180 levels from the torch loader), and
+    from float32 ROI arithmetic, which put a 3 x 999,999 strip's crop at size 700 8 levels off
+    (resized lengths past 2**24)."""
+    paths, sizes = [], []
+    for w, h, size in ((1, 1_000_000, 1100), (3, 999_999, 700)):
+        ramp = (np.arange(h, dtype=np.int64) * 97 % 256).astype(np.uint8)   # changes every pixel
+        arr = np.stack([ramp, ramp[::-1], ramp // 2], -1)[:, None, :].repeat(w, 1)
+        paths.append(str(tmp_path / f"strip_{w}.png"))
+        Image.fromarray(arr).save(paths[-1], compress_level=1)
+        sizes.append(size)
+    for path, size in zip(paths, sizes):
+        _, t_img, t_ok = _load(loader_torch, [path], size=size, dtype=torch.uint8)
+        _, d_img, d_ok = _load(loader_dali, [path], size=size, dtype=torch.uint8, device="cpu")
+        assert bool(t_ok.all()) and bool(d_ok.all())
+        assert int((t_img.int() - d_img.int()).abs().max()) <= 1, (path, size)

@@ -105,23 +105,34 @@ def gpu_index(device: str | None) -> int:
 # ----------------------------------------------------------------------------- graph
 def _geometry(images, size: int):
     """Per-sample ROI (roi_start, roi_end) in source pixels of the centre crop, using
-    exactly ``preprocess.crop_geometry``'s integer formulas on the decoded shape."""
+    exactly ``preprocess.crop_geometry``'s integer formulas on the decoded shape.
+
+    In INT64: ``2 * h * size`` overflowed INT32 for a 2 x 1,000,000 strip at size 1100 (a
+    wrong crop, 176 levels from the torch loader).  The ROI is computed in float32, as it
+    always was, while the resized shape is below 2**24 (float32's exact integers), and in
+    float64 above it (float32 put a 3 x 999,999 strip's crop at size 700 8 levels off)."""
     from nvidia.dali import fn, types
 
-    shape = images.shape(dtype=types.INT32)
+    shape = images.shape(dtype=types.INT64)
     h, w = shape[0], shape[1]
-    wide = fn.cast(h <= w, dtype=types.INT32)  # 1 where the height is the shorter side
+    wide = fn.cast(h <= w, dtype=types.INT64)  # 1 where the height is the shorter side
     nh = wide * size + (1 - wide) * ((2 * h * size + w) // (2 * w))
     nw = (1 - wide) * size + wide * ((2 * w * size + h) // (2 * h))
     top, left = (nh - size) // 2, (nw - size) // 2
 
-    def f(x):
-        return fn.cast(x, dtype=types.FLOAT)
+    def roi(dtype):
+        def f(x):
+            return fn.cast(x, dtype=dtype)
 
-    sy, sx = f(h) / f(nh), f(w) / f(nw)
-    start = fn.stack(f(top) * sy, f(left) * sx)
-    end = fn.stack(f(top + size) * sy, f(left + size) * sx)
-    return start, end
+        sy, sx = f(h) / f(nh), f(w) / f(nw)
+        return [fn.cast(fn.stack(f(a) * sy, f(b) * sx), dtype=types.FLOAT)
+                for a, b in ((top, left), (top + size, left + size))]
+
+    # 1.0 or 0.0: x * 1.0 + y * 0.0 is x exactly, so ordinary images keep their float32 ROI
+    small = fn.cast(fn.cast(nh < 1 << 24, dtype=types.INT32) * fn.cast(nw < 1 << 24, dtype=types.INT32),
+                    dtype=types.FLOAT)
+    (start32, end32), (start64, end64) = roi(types.FLOAT), roi(types.FLOAT64)
+    return small * start32 + (1 - small) * start64, small * end32 + (1 - small) * end64
 
 
 def _to_gray(images):
@@ -477,7 +488,10 @@ def iter_folder_batches(paths, *, size: int, channels: int = 3, batch_size: int 
     dev = resolve_device(device)
     gpu_id = gpu_index(device) if dev == "gpu" else None
     bad: dict[int, str] = {}
-    stream = iter(_DaliStream(paths, sel, spec=spec, batch_size=batch_size, num_threads=num_threads,
+    # the pipelines' batch, capped at the images there are: its file list is topped up to
+    # (prefetch depth + 1) batches and DALI buffers whole batches, so --batch-size 1e9 on 40
+    # images was killed for memory at 23 GB (the batches yielded below are cut by batch_size)
+    stream = iter(_DaliStream(paths, sel, spec=spec, batch_size=min(batch_size, len(sel)), num_threads=num_threads,
                               device=dev, dtype=dtype, hw_decoder_load=hw_decoder_load,
                               prefetch_queue_depth=prefetch_queue_depth,
                               first_pipeline_batches=first_pipeline_batches, bad=bad, gpu_id=gpu_id))
