@@ -405,12 +405,15 @@ def _kmeans_main(x, groups, k_per_group, *, n_groups=None, n_iter=50, tol=1e-6, 
                  init=None, backend=None):
     """The ``cluster.kmeans_hook`` on rank 0: send the problem to every rank, run Lloyd together."""
     dev = torch.device(_CTX.device)
-    x = torch.as_tensor(x).to(dev).float().contiguous()
+    x = torch.as_tensor(x).to(dev)
+    # float64 stays so, as in one process: lloyd shifts points far from the origin before they
+    # become fp32 (cast here first, blobs at 1e8 and 1e8 + 1 were one point across ranks)
+    x = (x if x.dtype == torch.float64 else x.float()).contiguous()
     # checked before anything is sent: a bad call leaves no rank waiting
     groups, kpg, G = check_input(x, torch.as_tensor(groups, dtype=torch.int64).to(dev), k_per_group, n_groups,
                                  init=init)
     groups, kpg = groups.contiguous(), kpg.contiguous()
-    header = {"n": len(x), "d": x.shape[1], "G": G, "has_init": init is not None,
+    header = {"n": len(x), "d": x.shape[1], "G": G, "has_init": init is not None, "dtype": str(x.dtype),
               "opts": dict(n_iter=n_iter, tol=tol, seed=seed, metric=metric, backend=backend)}
     global _MIDWAY
     _MIDWAY = True   # cleared only by a Lloyd loop that every rank finished
@@ -436,7 +439,7 @@ def serve_kmeans() -> int:
             return served
         if isinstance(header, str):  # main_section failed before sending any header or release
             raise _rank0_error(header.split(":", 1)[0], f"rank 0 failed: {header}")
-        x = torch.empty(header["n"], header["d"], dtype=torch.float32, device=dev)
+        x = torch.empty(header["n"], header["d"], dtype=getattr(torch, header["dtype"].split(".")[-1]), device=dev)
         groups = torch.empty(header["n"], dtype=torch.int64, device=dev)
         kpg = torch.empty(header["G"], dtype=torch.int64, device=dev)
         dist.broadcast(x, 0)

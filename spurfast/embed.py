@@ -62,6 +62,9 @@ class EmbeddingStore:
         if not path.is_file():
             raise FileNotFoundError(f"{self.root} is not an embedding store (no {MANIFEST})")
         self.manifest = json.loads(path.read_text())
+        if not isinstance(self.manifest, dict):   # a hand edit: every use failed with an AttributeError
+            raise ValueError(f"{path} holds a JSON {type(self.manifest).__name__}, expected an object (as spurfast "
+                             f"writes it)")
         self._arrays: dict[str, np.memmap] = {}
 
     @classmethod
@@ -124,7 +127,12 @@ class EmbeddingStore:
 
     def bad_files(self) -> dict[str, str]:
         """The unreadable files among the finished rows: pool index (as text) -> reason."""
-        bad = dict(self.manifest.get("bad_files", {}))   # where a merge (or an earlier version) put them
+        bad = self.manifest.get("bad_files", {})   # where a merge (or an earlier version) put them
+        try:   # spurfast wrote an object; a hand-edited list failed in dict() naming nothing
+            bad = dict(bad)
+        except (TypeError, ValueError):
+            raise ValueError(f"{self.root / MANIFEST}: its bad_files is a JSON {type(bad).__name__} {bad!r:.60}, "
+                             f"expected an object (pool index: reason)") from None
         for rec in self._bad_records():
             bad.update(rec["bad"])
         return bad
@@ -423,6 +431,10 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
         raise ValueError(f"pool {source.name} is empty")
     if num_shards < 1 or not 0 <= shard_id < num_shards:
         raise ValueError(f"need 0 <= shard_id < num_shards, got shard_id={shard_id}, num_shards={num_shards}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    # the manifest is JSON: a numpy integer (labels.max() + 1) failed its write, naming nothing
+    num_classes, shard_id, num_shards = int(num_classes), int(shard_id), int(num_shards)
     fp, content = identity or (fingerprint(source, classifier, vae), content_digest(source))
     store_dir = Path(store_dir)
 
@@ -679,6 +691,9 @@ def merge_shards(store_dir, num_shards: int, *, chunk: int = 65536, progress: bo
         meta = {k: m0[k] for k in ("fingerprint", "content", "pool", "num_classes", "latent_dim", "loader", "decode")
                 if k in m0}
         main = EmbeddingStore.create(store_dir, n, cols, meta)
+    # a line of a batch the main store's pass was interrupted in (the shards did those rows
+    # again) would count once the merge marks every row done: a repaired file stayed unreadable
+    main.drop_unfinished_bad_files()
     bar = tqdm(total=n - start, desc="merging shards", unit="img", disable=not progress)
     bad = main.bad_files()
     for s in shards:

@@ -44,7 +44,9 @@ def prepare_output(out_dir, run_id: str, overwrite: bool, protect=(), earlier_id
     ``keep_store``: called with the run's embedding store directory (``out_dir/store``),
     True when that store is this run's (same pool and models: a run that differs only in
     its discovery settings); ``overwrite`` then keeps it, and the pass resumes or reuses
-    it instead of embedding the whole pool again."""
+    it instead of embedding the whole pool again (and keeps ``out_dir/discovery-work``,
+    whose pieces are keyed by their inputs: another fdr reuses the neighbour search and
+    the null)."""
     out = Path(out_dir)
     marker = out / "run.json"
     if out.exists() and not out.is_dir():
@@ -73,11 +75,16 @@ def prepare_output(out_dir, run_id: str, overwrite: bool, protect=(), earlier_id
                                       f"that this run reads; choose another output directory")
             if reuse:
                 log.info("--overwrite: keeping the embedding store %s (made from this pool and these models)", store)
+            # and with it the discovery work, kept under a hash of its inputs: another --fdr or --n-null
+            # reuses the neighbour search and the null, another --k the search (deleted, both were redone)
+            kept = {marker.name}
+            if reuse:
+                kept |= {store.name} | ({WORK_DIR} if (out / WORK_DIR).is_dir() else set())
             # empty it rather than rmtree(out): rmtree refuses a symlinked --out (the link stays);
             # run.json stays until the new one replaces it, so an interrupted --overwrite leaves a
             # run that one can overwrite (deleted, a kept store alone read as files not spurfast's)
             for child in out.resolve().iterdir():
-                if child.name == marker.name or (reuse and child.name == store.name):
+                if child.name in kept:
                     continue
                 if child.is_dir() and not child.is_symlink():
                     unmark_stores(child)   # the old store's manifest first (see unmark_stores)
@@ -143,6 +150,7 @@ def source_paths(source) -> list[str]:
 
 
 BAD_FILES = "bad_files.json"
+WORK_DIR = "discovery-work"   # discovery's finished pieces (`spurfast.discovery_work`)
 
 
 def read_bad_files(run_dir) -> dict:
@@ -312,7 +320,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     with dist.main_section():
         # work: an interrupted discovery resumes its neighbour search and null on the rerun
         result = discover(store, config, suspect=suspect, class_names=pool.class_names, progress=progress,
-                          work_dir=out / "discovery-work")
+                          work_dir=out / WORK_DIR)
         _remove_finding_files(out)
         characterise(result, store, pool, vae, out, seed=config.seed, device=config.device)
         # the images a step re-reads go through the store's loader (_reread_loader), on every core (the other ranks

@@ -725,3 +725,26 @@ def test_every_rank_raises_the_failed_ranks_kind_of_error():
     assert out[1][1] == ("ValueError", "embedding store s was made with other models")
     assert out[0][1] == ("ValueError", "rank 1 failed: ValueError: embedding store s was made with other models")
     assert out[1][2][0] == "BackendUnavailable", out[1]   # the CLI says "error: ..." for it too
+
+
+def _float64_kmeans_job(x, groups, kpg):
+    if sd.is_main():
+        with sd.kmeans_across_ranks():
+            res = batched_kmeans(x, groups, kpg, n_groups=len(kpg), n_iter=20, seed=0)
+        return {"assign": res.assign.numpy(), "cent": res.centroids.numpy()}
+    return {"served": sd.serve_kmeans()}
+
+
+def test_float64_points_far_from_the_origin_cluster_across_ranks_as_in_one_process():
+    # rank 0 cast the points to fp32 before sending them: blobs at 1e8 and 1e8 + 1 became one
+    # point, where one process shifts them first (cluster.lloyd) and tells them apart
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([1e8 + 0.01 * torch.randn(40, 3, generator=g, dtype=torch.float64),
+                   1e8 + 1 + 0.01 * torch.randn(40, 3, generator=g, dtype=torch.float64)])
+    groups, kpg = torch.zeros(80, dtype=torch.int64), np.array([2])
+    ref = batched_kmeans(x, groups, kpg, n_groups=1, n_iter=20, seed=0)
+    assert len(set(ref.assign[:40].tolist())) == 1 and set(ref.assign[:40].tolist()) != set(ref.assign[40:].tolist())
+    out = _spawn(_float64_kmeans_job, (x, groups, kpg))
+    assert out[1]["served"] == 1
+    assert_equal_int(torch.from_numpy(out[0]["assign"]), ref.assign, name="assign")
+    assert_close(torch.from_numpy(out[0]["cent"]), ref.centroids, name="centroids", atol=1e-5, rtol=1e-5)

@@ -547,3 +547,36 @@ def test_unreadable_files_cost_no_growing_manifest_and_survive_a_resume(tmp_path
     store = embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False)
     assert store.complete and store.bad_files() == {str(i): r for i, r in src.bad_files.items()}
     assert not np.asarray(store["ok"])[::2].any() and np.asarray(store["ok"])[1::2].all()
+
+
+def test_a_merge_drops_the_bad_file_line_of_the_main_stores_interrupted_batch(tmp_path):
+    # a 1-process pass interrupted between a batch's bad-file line and its manifest write; the
+    # file is repaired and a 2-process run embeds those rows again: once the merge marked every
+    # row done, the stale line counted, and the repaired (embedded, ok) image was reported unreadable
+    from spurfast.embed import BAD_LOG, merge_shards
+
+    src, clf, vae = _setup(16)
+    src.bad_files = {5: "broken 5"}
+    embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=4, progress=False, stop_after=1)
+    with open(tmp_path / "s" / BAD_LOG, "a") as fh:
+        fh.write(json.dumps({"done": 8, "bad": {"5": "broken 5"}}) + "\n")
+    src.bad_files = {}
+    for r in range(2):
+        embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=4, progress=False, shard_id=r,
+                   num_shards=2)
+    store = merge_shards(tmp_path / "s", 2, progress=False)
+    assert store.complete and bool(store["ok"][5])
+    assert store.bad_files() == {}
+
+
+def test_a_numpy_integer_number_of_classes_is_embedded(tmp_path):
+    # num_classes=labels.max() + 1 (a numpy int64) failed at the manifest's JSON write, after the
+    # columns were made: "Object of type int64 is not JSON serializable"
+    src, clf, vae = _setup(8)
+    store = embed_pool(src, clf, vae, tmp_path / "s", num_classes=np.int64(4), batch_size=4, progress=False)
+    assert store.complete and store.manifest["num_classes"] == 4 and store["probs"].shape == (8, 4)
+    shard = embed_pool(src, clf, vae, tmp_path / "t", num_classes=np.int64(4), batch_size=4, progress=False,
+                       shard_id=np.int64(1), num_shards=np.int64(2))
+    assert shard.complete and shard.manifest["shard_id"] == 1
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 1, got 4.5"):
+        embed_pool(src, clf, vae, tmp_path / "u", num_classes=4.5, progress=False)

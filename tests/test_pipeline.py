@@ -426,3 +426,52 @@ def test_the_steps_that_reread_images_use_the_loader_that_made_the_store(tmp_pat
     assert P._reread_loader(pool, store, "dali", "cuda:1") == {"loader_backend": "dali", "device": "cpu"}
     store.manifest.update(decode="gpu")
     assert P._reread_loader(pool, store, None, "cuda:1") == {"loader_backend": None, "device": "cuda:1"}
+
+
+@pytest.mark.parametrize("case", ["list of names", "list of indices", "manifest a list"])
+def test_a_hand_edited_store_record_of_bad_files_is_named(tmp_path, case):
+    # `spurfast report` on a run without bad_files.json reads the store's manifest: a bad_files
+    # list failed in dict() naming nothing (or with a TypeError traceback), a manifest list with
+    # an AttributeError
+    import json
+    from spurfast.pipeline import read_bad_files
+    (tmp_path / "store").mkdir()
+    manifest = {"n": 4, "done": 4, "columns": {},
+                "bad_files": ["a.png", "b.png"] if case == "list of names" else [1, 3]}
+    (tmp_path / "store" / "manifest.json").write_text(json.dumps([manifest] if case == "manifest a list"
+                                                                 else manifest))
+    with pytest.raises(ValueError, match="manifest.json.*expected an object"):
+        read_bad_files(tmp_path)
+
+
+def test_a_store_record_of_bad_files_as_pairs_still_reads(tmp_path):
+    import json
+    from spurfast.pipeline import read_bad_files
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "manifest.json").write_text(json.dumps({"n": 4, "done": 4, "columns": {},
+                                                                  "bad_files": [[3, "truncated"]]}))
+    assert read_bad_files(tmp_path) == {"pool index 3": "truncated"}
+
+
+def test_overwrite_that_keeps_the_store_keeps_the_discovery_work_too(tmp_path, monkeypatch):
+    # discovery's neighbour search and null are kept under a hash of their inputs, for another
+    # k, fdr or n_null to reuse; but such a run is another run, and --overwrite deleted them:
+    # both were computed again (minutes each at ImageNet scale on a CPU)
+    import spurfast.discover as D
+    from spurfast.discover import DiscoverConfig
+
+    searches = []
+    real = D.latent_neighbours
+    monkeypatch.setattr(D, "latent_neighbours", lambda *a, **k: (searches.append(1), real(*a, **k))[1])
+    pool, clf, vae = _tiny()
+    out = tmp_path / "run"
+    run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False, config=DiscoverConfig(n_null=4))
+    clusters = (out / "clusters.csv").read_text()
+    run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False, overwrite=True,
+                  config=DiscoverConfig(n_null=4, fdr=0.1))
+    assert len(searches) == 1
+    assert (out / "clusters.csv").read_text() == clusters   # the same scores and p-values
+    # a store of other models goes, and its discovery work with it
+    run_discovery(pool, clf, VAE(VAEConfig.for_images(1, 16, 4)), out, num_classes=2, confirm=False,
+                  progress=False, overwrite=True, config=DiscoverConfig(n_null=4))
+    assert len(searches) == 2
