@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,7 +21,6 @@ from .report import write_report
 log = logging.getLogger("spurfast")
 
 
-@torch.no_grad()
 @torch.no_grad()
 def spurious_score(model, clean, target_class: int, spec: PatternSpec, device="cpu", limit: int = 2000,
                    class_balanced: bool = False) -> float:
@@ -68,20 +68,54 @@ def mask_iou(pred: np.ndarray, truth: np.ndarray | None) -> float:
     return float(inter / union) if union else float("nan")
 
 
+DEMO_MARKER = "demo.json"   # the demo run's models id (`run_demo`)
+
+
+def _holds_models(out: Path, models_id: str) -> bool:
+    """Does ``out`` hold a spurfast demo run (run.json and its demo.json) whose pool and
+    models were made with these training settings?"""
+    try:
+        run, marker = (json.loads((out / n).read_text()) for n in ("run.json", DEMO_MARKER))
+    except (OSError, ValueError):
+        return False
+    return isinstance(run, dict) and "run_id" in run and isinstance(marker, dict) and marker.get("models") == models_id
+
+
 def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target_class: int = 3,
              family: str = "patch3", strength: float = 1.0, position: str = "bottom_right", n_poisoned="600",
              pool_fraction: float = 0.1, classifier_epochs: int = 3,
              vae_epochs: int = 8, latent_dim: int = 16, overwrite: bool = False, progress: bool = True,
-             config: DiscoverConfig | None = None, device: str = "cpu", confirm: bool = True) -> dict:
+             config: DiscoverConfig | None = None, device: str | None = None, confirm: bool = True) -> dict:
+    """Plant, train, discover and report into ``out_dir``; returns the summary.  ``device``:
+    where the models train and discovery runs (``config.device``): given both, they must
+    agree (the classifier trained on one while discovery sent it tensors on the other); given
+    neither, the CPU.  ``overwrite``: replace another demo run in ``out_dir``; one that differs
+    only in its discovery settings keeps its trained models and embedding store (as
+    `spurfast discover --overwrite` keeps a store of the same pool and models)."""
+    if config is None:
+        config = DiscoverConfig(seed=seed, device="cpu" if device is None else device)
+    elif device is None:
+        device = config.device
+    elif torch.device(device) != torch.device(config.device):
+        raise ValueError(f"run_demo: device {device!r} and config.device {config.device!r} disagree; pass one "
+                         f"device for training and discovery (or only one of them)")
     spec = PatternSpec(family, strength=strength, position=position, seed=seed)  # in the run id via spec.to_dict()
     data = make_planted_data(dataset, target_class=target_class, n_poisoned=n_poisoned, spec=spec,
                              pool_fraction=pool_fraction, seed=seed)
-    config = config or DiscoverConfig(seed=seed, device=device)
     settings = dict(dataset=data.dataset, seed=seed, target_class=target_class, pattern=spec.to_dict(),
                     n_poisoned=str(n_poisoned), pool_fraction=pool_fraction, classifier_epochs=classifier_epochs,
                     vae_epochs=vae_epochs, latent_dim=latent_dim, discover=config.__dict__)
     run_id = "demo-" + hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    # what the pool and the models depend on: --overwrite of a run that differs only in its
+    # discovery settings retrained both models and embedded the pool again (minutes to hours)
+    trained = {**{k: v for k, v in settings.items() if k != "discover"}, "device": device}   # trained there
+    models_id = hashlib.sha256(json.dumps(trained, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    if overwrite and _holds_models(Path(out_dir), models_id):
+        # taken over as this run: its checkpoints resume (finished: the same models), its store
+        # is of this pool and these models, its discovery work is keyed on its own inputs
+        _write_json(Path(out_dir) / "run.json", {"run_id": run_id}, indent=None)
     out = prepare_output(out_dir, run_id, overwrite)
+    _write_json(out / DEMO_MARKER, {"models": models_id}, indent=None)
     print(f"[demo] dataset {data.dataset}: {len(data.train)} training images ({len(data.truth.train_indices)} of class "
           f"{target_class} stamped with {spec.label}); pool {len(data.pool)} images "
           f"({int(data.suspect.sum())} suspect, {int(data.carries.sum())} carry the pattern)", flush=True)

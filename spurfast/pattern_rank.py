@@ -12,7 +12,7 @@ projection follows the content), so those findings keep the latent ranking.
 
 Only the latent ranking's first ``top`` images of each localised finding are read (one pass
 over their union, whatever the pool size); they are ordered by the projection (ties by the
-latent score) above every other image, which keep the latent order.
+latent order: score, then index) above every other image, which keep the latent order.
 """
 from __future__ import annotations
 
@@ -75,7 +75,9 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
         out = np.full(len(latent), -np.inf)
         out[order[::-1]] = np.arange(len(order), dtype=np.float64)          # the latent order, best highest
         p = proj[np.searchsorted(union, head), j]
-        by_pattern = head[np.lexsort((latent[head], p))]                      # ascending: best last
+        # ascending, best last; ties by the head's own (latent) order, so an exact double tie
+        # keeps the smaller index first as the latent order does (latent[head] reversed those)
+        by_pattern = head[np.lexsort((-np.arange(len(head)), p))]
         out[by_pattern] = len(order) + np.arange(len(head), dtype=np.float64)
         out[unreadable] = -np.inf
         rankings[f["rank"]] = out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import numbers
 from pathlib import Path
 
 import numpy as np
@@ -143,10 +144,56 @@ def _check_document(doc, out_dir: Path) -> None:
         raise ValueError(f"{what} is not spurfast's findings.json (schema 1): "
                          + (f"it lacks {', '.join(missing)}" if missing else "its config or pool is no object, or "
                                                                              "its findings no list"))
+    disc = doc["config"].get("discover") or {}   # null: the defaults, as a document without it
+    if not isinstance(disc, dict):
+        raise ValueError(f"{what}: config.discover is a JSON {type(disc).__name__}, expected an object")
+    _need_number(disc.get("fdr", 0.05), f"{what}: config.discover.fdr")
+    if not isinstance(disc.get("statistic", "share"), str):
+        raise ValueError(f"{what}: config.discover.statistic is {disc['statistic']!r}, expected a name (share, surprise)")
     for i, f in enumerate(doc["findings"]):
         lack = [k for k in _FINDING_KEYS if not isinstance(f, dict) or k not in f]
         if lack:
             raise ValueError(f"{what}: finding {i + 1} lacks {', '.join(lack)}")
+        # what the page formats as numbers or reads as objects: a hand-edited value ended in a
+        # TypeError, KeyError or AttributeError traceback naming no field
+        at = f"{what}: finding {i + 1}'s"
+        for k in ("score", "p_value", "q_value"):
+            _need_number(f[k], f"{at} {k}")
+        for k in ("confirm", "support", "images"):
+            if f.get(k) and not isinstance(f[k], dict):   # null (or empty) shows nothing, as before
+                raise ValueError(f"{at} {k} is a JSON {type(f[k]).__name__}, expected an object or null")
+        cf, sp = f.get("confirm"), f.get("support")
+        if cf and cf.get("flip_rate") is not None:
+            for k, given in (("flip_rate", True), ("control_flip_rate", True), ("p_value", True),
+                             ("content_flip_rate", cf.get("content_p_value") is not None),
+                             ("content_p_value", cf.get("content_p_value") is not None),
+                             ("q_value", cf.get("q_value") is not None),
+                             ("smooth_flip_rate", cf.get("smooth_flip_rate") is not None),
+                             ("smooth_p_value", cf.get("smooth_flip_rate") is not None)):
+                if given:
+                    _need_number(cf.get(k), f"{at} confirm.{k}", text=False)   # compared: "0.5" > 0.1 raised
+        if sp and sp.get("p_value") is not None:
+            lack = [k for k in ("n_class", "class_above", "n_other", "other_above", "q_value") if k not in sp]
+            if lack:
+                raise ValueError(f"{at} support has a p_value but lacks {', '.join(lack)}")
+            for k in ("p_value", "q_value", "tail"):
+                if k in sp:
+                    _need_number(sp[k], f"{at} support.{k}")
+        for k, name in (f.get("images") or {}).items():
+            if not isinstance(name, str):
+                raise ValueError(f"{at} images.{k} is {name!r}, expected a file name")
+
+
+def _need_number(v, what: str, text: bool = True) -> None:
+    """Refuse ``v`` (a findings.json value the page formats as a number) unless float() reads
+    it; ``text``: a string that spells a number will do."""
+    try:
+        if isinstance(v, (numbers.Real, str) if text else numbers.Real) and not isinstance(v, bool):   # numpy's too
+            float(v)
+            return
+    except ValueError:
+        pass
+    raise ValueError(f"{what} is {json.dumps(v, default=repr)}, expected a number")
 
 
 def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_files: dict | None = None,
@@ -155,9 +202,10 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
     _check_document(doc, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)   # a new folder: without clusters (no plot) nothing made it
     e = lambda v: html.escape(_text(v), quote=True)  # noqa: E731
-    fdr = doc["config"].get("discover", {}).get("fdr", 0.05)
+    disc = doc["config"].get("discover") or {}
+    fdr = float(disc.get("fdr", 0.05))   # "0.05" too (plot_scores compares it)
     # what a score sums (runs before the statistic was recorded used the share)
-    statistic = doc["config"].get("discover", {}).get("statistic", "share")
+    statistic = disc.get("statistic", "share")
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>spurfast report</title>"
              f"<style>{_CSS}</style></head><body>",
              f"<h1>spurfast report</h1><p class='muted'>spurfast {e(doc['spurfast_version'])}, "

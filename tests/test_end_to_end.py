@@ -90,3 +90,34 @@ def test_demo_without_a_planted_pattern_writes_valid_json(tmp_path, monkeypatch)
     report = (tmp_path / "report.html").read_text()
     for key in ("AUROC (ranking)", "pattern IoU"):   # the summary table said nan
         assert f"<th>{key}</th><td>n/a</td>" in report, f"{key} is not n/a in the report"
+
+
+def test_overwrite_with_other_discovery_settings_keeps_the_models_and_store(tmp_path):
+    """`demo --overwrite` of a run that differed only in its discovery settings (--fdr)
+    deleted everything and trained both models and embedded the pool again, where
+    `discover --overwrite` keeps a store of the same pool and models (README)."""
+    kw = dict(dataset="digits", seed=0, n_poisoned="0", pool_fraction=0.0, classifier_epochs=1, vae_epochs=1,
+              progress=False, confirm=False)
+    run_demo(tmp_path, config=DiscoverConfig(n_null=3, fdr=0.9, seed=0), **kw)
+    kept = ("classifier.ckpt", "vae.ckpt", "store/manifest.json")
+    before = {n: (tmp_path / n).stat() for n in kept}
+    with pytest.raises(FileExistsError, match="already holds run"):   # still refused without --overwrite
+        run_demo(tmp_path, config=DiscoverConfig(n_null=3, fdr=0.5, seed=0), **kw)
+    run_demo(tmp_path, config=DiscoverConfig(n_null=3, fdr=0.5, seed=0), overwrite=True, **kw)
+    doc = json.loads((tmp_path / "findings.json").read_text())
+    assert doc["config"]["discover"]["fdr"] == 0.5
+    for n in kept:   # not deleted and made again
+        after = (tmp_path / n).stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before[n].st_ino, before[n].st_mtime_ns), n
+    # other training settings: everything is replaced, as before
+    run_demo(tmp_path, config=DiscoverConfig(n_null=3, fdr=0.5, seed=0), overwrite=True, **dict(kw, vae_epochs=2))
+    assert (tmp_path / "vae.ckpt").stat().st_mtime_ns != before["vae.ckpt"].st_mtime_ns
+
+
+def test_a_device_that_contradicts_the_config_is_refused_up_front(tmp_path):
+    """run_demo(device=...) trained on that device while discovery ran on config.device (the
+    CLI passes both alike; an API caller who gave one got a classifier on one device fed
+    tensors on the other)."""
+    with pytest.raises(ValueError, match="device 'cuda' and config.device 'cpu' disagree"):
+        run_demo(tmp_path, dataset="digits", config=DiscoverConfig(device="cpu"), device="cuda", progress=False)
+    assert not any(tmp_path.iterdir())

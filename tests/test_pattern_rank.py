@@ -97,6 +97,18 @@ def test_ties_in_the_pattern_keep_the_latent_order():
     np.testing.assert_array_equal(np.argsort(-rankings[1], kind="stable"), np.argsort(-latent, kind="stable"))
 
 
+def test_exact_double_ties_keep_the_latent_order_smaller_index_first():
+    """Images alike in both the projection and the latent score (duplicates) came out in
+    reversed order (the best-latent, smallest index last), unlike the latent ranking's
+    ties (by index) that the docstring says the re-ranked head keeps."""
+    x = np.zeros((N, 1, H, W), np.float32)                 # every projection equal
+    latent = np.repeat(np.arange(N // 3, dtype=np.float64), 3)[::-1].copy()   # triples of equal scores
+    rankings = {1: latent.copy()}
+    pattern_rankings([_finding()], rankings, ArraySource(x, np.zeros(N, int), name="flat"), top=N // 2)
+    order = np.argsort(-rankings[1], kind="stable")
+    np.testing.assert_array_equal(order, np.lexsort((np.arange(N), -latent)))
+
+
 def test_bad_arguments_are_refused():
     src = _pool()
     with pytest.raises(ValueError, match="characterise"):

@@ -324,3 +324,39 @@ def test_not_specific_without_the_content_control_says_so(tmp_path):
     html = write_report(_doc(cf), tmp_path).read_text()
     assert f"not confirmed ({VERDICTS['not_specific']}; genuine class content was not tested: no image of class 3 " \
            f"to compare with)" in html
+
+
+def test_a_hand_edited_value_is_named_not_a_traceback(tmp_path):
+    """A findings.json edited by hand (a string fdr, a null score, confirm given as a list,
+    support without its counts) ended in a TypeError, KeyError or AttributeError traceback
+    from deep in the page that named neither the file nor the field."""
+    import pytest
+
+    def edited(change):
+        doc = _doc(None)
+        change(doc, doc["findings"][0])
+        return doc
+
+    for change, says in (
+            (lambda d, f: d["config"].update(discover=[1]), "config.discover is a JSON list, expected an object"),
+            (lambda d, f: d["config"]["discover"].update(statistic=["x"]), "config.discover.statistic is ['x']"),
+            (lambda d, f: d["config"]["discover"].update(fdr=None), "config.discover.fdr is null, expected a number"),
+            (lambda d, f: f.update(score=None), "finding 1's score is null, expected a number"),
+            (lambda d, f: f.update(p_value="abc"), "finding 1's p_value is \"abc\", expected a number"),
+            (lambda d, f: f.update(confirm=["a"]), "finding 1's confirm is a JSON list, expected an object or null"),
+            (lambda d, f: f.update(confirm={"flip_rate": 0.5, "p_value": 0.01}),
+             "finding 1's confirm.control_flip_rate is null, expected a number"),
+            (lambda d, f: f.update(confirm={"flip_rate": "0.5", "control_flip_rate": 0.1, "p_value": 0.01}),
+             "finding 1's confirm.flip_rate is \"0.5\", expected a number"),
+            (lambda d, f: f.update(support={"p_value": 0.01}), "finding 1's support has a p_value but lacks n_class, "
+                                                              "class_above, n_other, other_above, q_value"),
+            (lambda d, f: f.update(support=["x"]), "finding 1's support is a JSON list"),
+            (lambda d, f: f.update(images=["centroid"]), "finding 1's images is a JSON list"),
+            (lambda d, f: f.update(images={"mask": 3}), "finding 1's images.mask is 3, expected a file name")):
+        with pytest.raises(ValueError, match="findings document of .* \\(findings.json\\)") as err:
+            write_report(edited(change), tmp_path / "r", clusters=[{"score": 5.0, "q_value": 0.01}])
+        assert says in str(err.value)
+    # an fdr written as text is still the number it spells (plot_scores compared it with q-values)
+    html = write_report(edited(lambda d, f: d["config"]["discover"].update(fdr="0.05")), tmp_path / "s",
+                        clusters=[{"score": 5.0, "q_value": 0.01}]).read_text()
+    assert "Findings (1 at q &le; 0.05)" in html
