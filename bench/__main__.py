@@ -29,13 +29,13 @@ def main(argv=None) -> int:
             ap.error(f"--device {args.device}: torch sees no CUDA device here; use --device cpu")
     from .harness import ResultWriter
 
-    try:   # a folder or a missing CSV: one line, not a traceback (a suite's after its first measurement)
+    try:   # a folder, a missing CSV or another file: one line, not a traceback (a suite's after its first measurement)
         if args.suite == "plot":
             from .plot import plot
             plot(args.csv)
             return 0
         writer = ResultWriter(args.csv)
-    except (FileNotFoundError, IsADirectoryError) as exc:
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError) as exc:   # ValueError: another file's columns
         ap.error(str(exc))
     names = sorted(SUITES) if args.suite == "all" else [args.suite]
     for name in names:

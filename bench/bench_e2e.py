@@ -64,7 +64,10 @@ CLASSES = 10
 
 
 def _bench_dir() -> Path:
-    return Path(os.environ.get("SPURFAST_BENCH_DIR", Path(tempfile.gettempdir()) / "spurfast-bench"))
+    # absolute: the runs start in the repository root, so a relative folder given from
+    # elsewhere named another place there ("image folder bench/pool-600 does not exist");
+    # an empty variable is the default, as SPURFAST_BENCH_CSV's is (it was the working folder)
+    return Path(os.environ.get("SPURFAST_BENCH_DIR") or Path(tempfile.gettempdir()) / "spurfast-bench").absolute()
 
 
 def ensure_pool(n: int) -> Path:
@@ -199,7 +202,9 @@ def run_e2e(pool: Path, clf: Path, vae: Path, procs: int, n_null: int, device: s
     shutil.rmtree(out, ignore_errors=True)
     wargs = ["--pool", str(pool), "--out", str(out), "--clf", str(clf), "--vae", str(vae), "--n-null", str(n_null),
              "--device", device]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # ROOT first, the caller's path kept: packages installed there (gpu_check.sh puts wheels in
+    # /tmp/site) were missing from the runs, though this process's stage rates had them
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     if procs == 1:
         cmd = [sys.executable, "-m", "bench.bench_e2e", "--worker"] + wargs
         env.pop("WORLD_SIZE", None)

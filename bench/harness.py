@@ -65,6 +65,19 @@ def env_ints(name: str) -> list[int] | None:
     return values
 
 
+def check_header(path: Path) -> None:
+    """A non-empty ``path`` must be a results CSV of ``FIELDS``: rows were appended under
+    another file's header (an evaluation's results.csv, say) without a word, and `bench plot`
+    failed on such a file with KeyError: 'metric'."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, newline="", errors="replace") as fh:
+        header = next(csv.reader(fh), [])
+    if header != FIELDS:
+        raise ValueError(f"results CSV {path} has the columns {header[:10]}, not a benchmark's "
+                         f"({','.join(FIELDS)}); choose another --csv (or SPURFAST_BENCH_CSV)")
+
+
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -143,6 +156,11 @@ class ResultWriter:
         if self.path.is_dir():   # the first row raised IsADirectoryError, after its measurement
             raise IsADirectoryError(f"results CSV {self.path} is a folder; expected a CSV file, e.g. "
                                     f"{self.path / 'results.csv'}")
+        # a file above it: the first row failed in mkdir ("[Errno 17] File exists"), after its measurement
+        blocker = next((q for q in self.path.parents if q.exists() and not q.is_dir()), None)
+        if blocker is not None:
+            raise NotADirectoryError(f"results CSV {self.path}: {blocker} is a file, not a folder")
+        check_header(self.path)   # before any measurement
         self.date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.versions = versions()
         self.rows: list[dict] = []

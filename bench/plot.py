@@ -6,7 +6,7 @@ import csv
 import os
 from pathlib import Path
 
-from .harness import DEFAULT_CSV
+from .harness import DEFAULT_CSV, check_header
 
 
 def latest_rows(path) -> dict:
@@ -37,6 +37,7 @@ def plot(csv_path=None, out_dir=None) -> list[Path]:
         raise IsADirectoryError(f"results CSV {path} is a folder; expected the CSV file a benchmark wrote")
     if not path.is_file():
         raise FileNotFoundError(f"results CSV {path} does not exist; run a benchmark first")
+    check_header(path)
     rows = latest_rows(path)
     if not rows:   # it printed "[bench] wrote " and nothing else: no plots, no word of why
         print(f"[bench] {path} holds no items_per_s rows: no plots written")

@@ -449,11 +449,13 @@ def cmd_discover(args):
     check_device(args.device)
     check_backends(args.device, kmeans_backend=(args.kmeans_backend, KMEANS_OPS),
                    encoder_backend=(args.encoder_backend, ("encoder",)), **ENV_ONLY,
-                   # only folder pools go through a loader backend
+                   # only folder pools go through a loader backend (and an unlabelled --clean folder: below)
                    **({"loader_backend": (args.loader_backend, ("loader",))} if Path(args.pool).is_dir() else {}))
     pool, extra = load_pool(args.pool, args.size, args.channels, args.class_names)
-    # after the pool is read: a missing or damaged one was first said to hold arrays
-    if args.loader_backend not in (None, "auto") and not Path(args.pool).is_dir():
+    # after the pool is read: a missing or damaged one was first said to hold arrays; a --clean
+    # folder may go through the loader (confirmation predicts an unlabelled one through it)
+    clean_folder = bool(args.clean) and not args.no_confirm and Path(args.clean).is_dir()
+    if args.loader_backend not in (None, "auto") and not Path(args.pool).is_dir() and not clean_folder:
         logging.getLogger("spurfast.cli").warning(
             "--loader-backend %s has no effect: pool %s holds arrays, which no loader decodes",
             args.loader_backend, args.pool)
@@ -497,6 +499,10 @@ def cmd_discover(args):
         if tuple(clean.image_shape) != tuple(pool.image_shape):
             raise ValueError(f"clean set {args.clean} has images of shape {clean.image_shape}, "
                              f"pool {args.pool} has {pool.image_shape}")
+        if not Path(args.pool).is_dir() and getattr(clean, "paths", None) is not None and (clean.labels() < 0).any():
+            # confirmation predicts it through the loader: with an .npz pool that backend went
+            # unchecked, and a bad one failed at confirmation, after the embedding pass and discovery
+            check_backends(args.device, loader_backend=(args.loader_backend, ("loader",)))
     from . import distributed as dist
     dist.init(args.device)  # under torchrun: join the group (gloo on CPUs, NCCL on GPUs); else a no-op
     try:

@@ -378,3 +378,102 @@ def test_a_results_csv_that_is_a_folder_is_refused_up_front(tmp_path, monkeypatc
         bench_main([suite, "--quick", "--device", "cpu", "--csv", str(tmp_path)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"results CSV {tmp_path} is a folder" in err, err
+
+
+@pytest.mark.parametrize("value", ["rel", ""])
+def test_a_relative_or_empty_bench_dir_names_the_same_folder_for_the_runs(tmp_path, monkeypatch, value):
+    # the runs start in the repository root: a relative SPURFAST_BENCH_DIR given from elsewhere made
+    # the pool here and failed there ("image folder rel/pool-600 does not exist"); an empty one was
+    # the working folder, where SPURFAST_BENCH_CSV's empty value is the default
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from bench import bench_e2e
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SPURFAST_BENCH_DIR", value)
+    want = tmp_path / "rel" if value else Path(tempfile.gettempdir()) / "spurfast-bench"
+    assert bench_e2e._bench_dir() == want
+    seen = {}
+
+    def fake_run(cmd, cwd=None, **kw):
+        seen["pool"] = Path(cwd) / cmd[cmd.index("--pool") + 1]
+        seen["out"] = Path(cwd) / cmd[cmd.index("--out") + 1]
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    with pytest.raises(RuntimeError, match="stop"):
+        bench_e2e.run_e2e(bench_e2e._bench_dir() / "pool-12", Path("c.pt"), Path("v.pt"), 1, 5)
+    assert seen == {"pool": want / "pool-12", "out": want / "run-pool-12-p1"}
+
+
+def test_a_csv_of_other_columns_is_refused_before_a_row_is_appended(tmp_path, capsys):
+    # `--csv out/eval/results.csv` appended benchmark rows under the evaluation's header without a
+    # word, and `bench plot` on such a file failed with KeyError: 'metric'
+    from bench.__main__ import main as bench_main
+    from bench.plot import plot
+
+    f = tmp_path / "results.csv"
+    f.write_text("setting,seed,rank\nx,0,1\n")
+    with pytest.raises(ValueError, match=r"results CSV .*results.csv has the columns \['setting', 'seed', 'rank'\]"):
+        ResultWriter(f)
+    with pytest.raises(ValueError, match="not a benchmark's"):
+        plot(f)
+    for suite in ("plot", "kmeans"):
+        with pytest.raises(SystemExit) as e:
+            bench_main([suite, "--quick", "--device", "cpu", "--csv", str(f)])
+        assert e.value.code == 2 and "not a benchmark's" in capsys.readouterr().err
+    assert f.read_text() == "setting,seed,rank\nx,0,1\n"
+    ResultWriter(f.with_name("new.csv")).add("op", "p", {"a": 1}, "items_per_s", 2.0, "1/s", "cpu")
+    ResultWriter(f.with_name("new.csv")).add("op", "p", {"a": 1}, "items_per_s", 3.0, "1/s", "cpu")
+    assert len(plot(f.with_name("new.csv"))) == 1
+
+
+def test_a_list_of_loader_threads_is_refused(monkeypatch):
+    # SPURFAST_BENCH_THREADS=4,8 measured at 4 threads alone and said nothing of the 8
+    from bench import bench_loader
+
+    monkeypatch.setenv("SPURFAST_BENCH_THREADS", "4,8")
+    monkeypatch.setattr(bench_loader, "image_folder", lambda n: pytest.fail("the benchmark started"))
+    with pytest.raises(ValueError, match=r"SPURFAST_BENCH_THREADS='4,8': expected one integer >= 1"):
+        bench_loader.run(None, quick=True, device="cpu")
+
+
+def test_the_runs_keep_the_callers_python_path(tmp_path, monkeypatch):
+    # PYTHONPATH was replaced by the repository root: packages installed on the caller's path
+    # (gpu_check.sh puts wheels in /tmp/site) were missing from the timed runs alone
+    import os
+    import subprocess
+
+    from bench import bench_e2e
+
+    monkeypatch.setenv("SPURFAST_BENCH_DIR", str(tmp_path))
+    seen = []
+
+    def fake_run(cmd, env=None, **kw):
+        seen.append(env["PYTHONPATH"])
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    for given, want in (("/tmp/site", f"{bench_e2e.ROOT}{os.pathsep}/tmp/site"), ("", str(bench_e2e.ROOT))):
+        monkeypatch.setenv("PYTHONPATH", given)
+        with pytest.raises(RuntimeError, match="stop"):
+            bench_e2e.run_e2e(tmp_path / "pool-12", tmp_path / "c.pt", tmp_path / "v.pt", 1, 5)
+        assert seen[-1] == want
+
+
+def test_a_csv_under_a_file_is_refused_up_front(tmp_path, monkeypatch, capsys):
+    # --csv notes.txt/r.csv failed at the first row's mkdir ("[Errno 17] File exists"), after its measurement
+    from bench import bench_kmeans
+    from bench.__main__ import main as bench_main
+
+    (tmp_path / "notes.txt").write_text("mine")
+    f = tmp_path / "notes.txt" / "sub" / "r.csv"
+    with pytest.raises(NotADirectoryError, match=r"results CSV .*r.csv: .*notes.txt is a file, not a folder"):
+        ResultWriter(f)
+    monkeypatch.setattr(bench_kmeans, "run", lambda *a, **k: pytest.fail("the suite ran"))
+    with pytest.raises(SystemExit) as e:
+        bench_main(["kmeans", "--quick", "--device", "cpu", "--csv", str(f)])
+    assert e.value.code == 2 and "notes.txt is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -1593,3 +1593,36 @@ def test_a_missing_pool_is_not_said_to_hold_arrays(tmp_path, capsys, caplog):
                      "--out", str(tmp_path / "o"), "--quiet", "--loader-backend", "torch"])
     assert code == 2 and "nope.npz does not exist" in capsys.readouterr().err
     assert "has no effect" not in caplog.text, caplog.text
+
+
+def test_the_loader_backend_of_an_unlabelled_clean_folder_is_checked_up_front(tmp_path, capsys, caplog, monkeypatch):
+    # an .npz pool with a flat --clean folder: confirmation predicts the folder through the loader,
+    # but its backend went unchecked (a bad SPURFAST_BACKEND_LOADER failed at confirmation, after
+    # the embedding pass and discovery) and --loader-backend was said to have no effect
+    from PIL import Image
+    clf, vae = _models(tmp_path)
+    pool = _npz(tmp_path / "pool.npz", np.random.default_rng(0).integers(0, 256, (40, 1, 28, 28), dtype=np.uint8))
+    (tmp_path / "flat").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((28, 28), 40 * i, np.uint8)).save(tmp_path / "flat" / f"{i}.png")
+    args = ["discover", "--pool", pool, "--classifier", clf, "--vae", vae, "--clean", str(tmp_path / "flat"),
+            "--size", "28", "--channels", "1", "--quiet"]
+    monkeypatch.setenv("SPURFAST_BACKEND_LOADER", "bogus")
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: SPURFAST_BACKEND_LOADER=bogus: backend 'bogus' does not implement 'loader'"), err
+    assert not (tmp_path / "o").exists()
+    monkeypatch.delenv("SPURFAST_BACKEND_LOADER")
+    import spurfast.pipeline
+    monkeypatch.setattr(spurfast.pipeline, "run_discovery", lambda *a, **k: (None, None, None))
+    with caplog.at_level("WARNING", logger="spurfast.cli"):
+        assert main([*args, "--out", str(tmp_path / "o2"), "--loader-backend", "torch"]) == 0
+    assert "has no effect" not in caplog.text, caplog.text
+    # a labelled clean folder is read image by image, not through the loader: its backend is not asked for
+    for c in ("0", "1"):
+        (tmp_path / "labelled" / c).mkdir(parents=True)
+        Image.fromarray(np.full((28, 28), 99, np.uint8)).save(tmp_path / "labelled" / c / "a.png")
+    monkeypatch.setenv("SPURFAST_BACKEND_LOADER", "bogus")
+    labelled = [a if a != str(tmp_path / "flat") else str(tmp_path / "labelled") for a in args]
+    assert main([*labelled, "--out", str(tmp_path / "o3")]) == 0
