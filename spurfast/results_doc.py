@@ -39,8 +39,12 @@ def write_csv(path: Path, rows: list[dict], cols: list[str]) -> None:
 def read_csv(path) -> list[dict]:
     # utf-8-sig: a CSV saved by a spreadsheet starts with a byte-order mark, which became part
     # of the first column's name (confirm.csv: "no setting column"; results.csv: preset lost)
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        return list(csv.DictReader(fh))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            return list(csv.DictReader(fh))
+    except UnicodeDecodeError as exc:   # the codec's message named no file (confirm.csv is read unasked)
+        raise ValueError(f"{path} is not UTF-8 text ({exc}); save it as UTF-8, as `spurfast evaluate` "
+                         f"writes it") from None
 
 
 def _read_whole(path, need=()) -> list[dict]:
@@ -240,8 +244,10 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
             L += ["| feature | method | " + " | ".join(heads) + " |", "|" + "---|" * (len(metrics) + 2)]
             for feat in feats:
                 for m in methods:
-                    got = [[r["value"] for r in rs if r["method"] == m and r["feature"] == feat and r["metric"] == k]
-                           for k in metrics]
+                    # against the heading's seeds, as the lists and targets: a seed without its row
+                    # (a hand-edited CSV) gave a mean over the others with no "n/a" said
+                    mine = [r for r in rs if r["method"] == m]
+                    got = [[v for _, v in _by_seed(mine, seeds, feat, k)] for k in metrics]
                     # a method with rows shows them, "–" where undefined in every seed (a
                     # pattern no pool item carries): its row does not just vanish
                     if any(got):
@@ -250,7 +256,8 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
         gm = ["recall@q0.05", "recall@q0.1", "false_findings@q0.05", "false_findings@q0.1", "false_on_pool_pattern@q0.05"]
         tab = []
         for m in methods:
-            vals = [[r["value"] for r in rs if r["method"] == m and r["feature"] == "all" and r["metric"] == k] for k in gm]
+            mine = [r for r in rs if r["method"] == m]
+            vals = [[v for _, v in _by_seed(mine, seeds, "all", k)] for k in gm]
             if any(vals):
                 tab.append(f"| {m} | " + " | ".join(
                     (_agg(v) + (f" (sum {_count(v)[0]})" if k.startswith("false") and v else "")) if v else "–"

@@ -1027,3 +1027,38 @@ def test_a_timing_json_whose_wall_time_is_text_leaves_its_line_out(tmp_path):
     assert main(["evaluate", "--from-csv", str(csv_path), "--out", str(tmp_path / "o")]) == 0
     md = (tmp_path / "o" / "RESULTS.md").read_text()
     assert "Command: `spurfast evaluate --preset quick`" in md and "Wall time" not in md
+
+
+def test_a_seed_without_a_row_is_said_in_the_tables_means_too(tmp_path):
+    """The per-setting tables took the mean of the rows present: without seed 1's spurfast
+    AP row (a hand-edited CSV) the table read "0.950 ± 0.000" under "(seeds 0, 1, 2)", a mean
+    over two seeds with nothing said, where the lists and targets say n/a."""
+    from spurfast.results_doc import write_csv, write_results
+    csv_path = _hand_made_results(tmp_path)
+    rows = _rows(csv_path)
+    rows = [r for r in rows if not (r["seed"] == "1" and r["method"] == "spurfast"
+                                    and r["metric"] in ("ap", "false_findings@q0.05"))]
+    write_csv(csv_path, rows, list(rows[0]))
+    md = write_results(csv_path, None, tmp_path / "RESULTS.md").read_text()
+    (row,) = [ln for ln in md.splitlines() if ln.startswith("| patch3 | spurfast |")]
+    assert row.split(" | ")[4] == "0.950 ± 0.000 (n/a in 1 of 3 seeds)", row
+    (row,) = [ln for ln in md.splitlines() if ln.startswith("| spurfast |") and "(sum" in ln]
+    assert "0.000 ± 0.000 (n/a in 1 of 3 seeds) (sum 0)" in row, row
+    (row,) = [ln for ln in md.splitlines() if ln.startswith("| patch3 | pixels |")]
+    assert "n/a" not in row   # a method with every seed's row: as before
+
+
+def test_a_csv_that_is_not_utf8_is_named(tmp_path, capsys):
+    """A results.csv or confirm.csv saved in a legacy encoding (a spreadsheet's "CSV", cp1252)
+    stopped --from-csv with "'utf-8' codec can't decode byte 0xe9 ...", naming no file: with
+    confirm.csv, read beside the results.csv given, the user could not tell which."""
+    csv_path = _hand_made_results(tmp_path)
+    conf = tmp_path / "confirm.csv"
+    conf.write_bytes("setting,seed,rank,true_finding,flip_rate,control_flip_rate,p_value\n"
+                     "patch3-n150 café,0,1,1,0.5,0.0,1e-9\n".encode("cp1252"))
+    assert main(["evaluate", "--from-csv", str(csv_path), "--out", str(tmp_path / "o")]) == 2
+    assert f"{conf} is not UTF-8 text" in capsys.readouterr().err
+    conf.unlink()
+    csv_path.write_bytes(csv_path.read_bytes().replace(b"patch3-n150", "patch3-n150 é".encode("cp1252")))
+    assert main(["evaluate", "--from-csv", str(csv_path), "--out", str(tmp_path / "o")]) == 2
+    assert f"{csv_path} is not UTF-8 text" in capsys.readouterr().err
