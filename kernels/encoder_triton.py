@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import os
 from typing import Sequence
 
@@ -395,9 +396,12 @@ def _encoder_forward(
     if len(conv_weights) == 0 or len(conv_weights) != len(conv_biases):
         raise ValueError(f"need one bias per conv weight and at least one conv; got "
                          f"{len(conv_weights)} weights and {len(conv_biases)} biases")
-    if int(stride) < 1 or int(padding) < 0:
+    try:   # int() ran stride 2.5 as 2, silently, where the reference's conv2d refuses it
+        stride, padding = operator.index(stride), operator.index(padding)
+    except TypeError:
+        raise TypeError(f"stride and padding must be integers, got stride={stride!r}, padding={padding!r}") from None
+    if stride < 1 or padding < 0:
         raise ValueError(f"stride must be >= 1 and padding >= 0, got stride={stride}, padding={padding}")
-    stride, padding = int(stride), int(padding)
     device = x.device
     if device.type != "cuda" and not _INTERPRET:
         raise ValueError(f"the triton encoder needs CUDA tensors (input is on {device}); "

@@ -9,6 +9,8 @@ needs neither cupy nor triton.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 
@@ -32,6 +34,20 @@ def non_integer_entries(t: torch.Tensor) -> torch.Tensor:
     if not t.is_floating_point():
         return torch.zeros(0, dtype=torch.int64, device=t.device)
     return (~torch.isfinite(t) | (t != t.round()) | (t >= 2.0 ** 63) | (t < -2.0 ** 63)).flatten().nonzero().flatten()
+
+
+def check_count(v, name: str) -> int:
+    """A size argument (kmax, k, m) as a Python int, refused by name unless it is a
+    non-negative integer (numpy and 0-d tensor integers pass): 2.5 ran as 2 in one
+    provider and failed inside torch in another, and -1 failed deep in zeros() or numpy
+    ("negative dimensions") naming neither the argument nor its value."""
+    try:
+        n = operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {v!r}") from None
+    if n < 0:
+        raise ValueError(f"{name} must be >= 0, got {n}")
+    return n
 
 
 def check_seed_counts(k_per_group, G: int) -> torch.Tensor:

@@ -36,7 +36,7 @@ import torch
 
 from ..cores import usable_cores
 from . import reference as ref
-from .group_layout import check_integers, check_seed_counts
+from .group_layout import check_count, check_integers, check_seed_counts
 
 SOURCE = Path(__file__).resolve().parent / "cpu" / "kmeans_cpu.cpp"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC")
@@ -319,6 +319,7 @@ def kmeans_update(x, offsets, assign, kmax: int, deterministic: bool = True):
     """See :func:`spurfast.kernels.reference.kmeans_update` (CPU tensors; always
     deterministic: fixed row ranges whose partial sums are added in order)."""
     lib = _library()
+    kmax = check_count(kmax, "kmax")   # -1 failed in numpy naming nothing; a 0-d tensor in a TypeError
     X = _check_cpu(x)
     N, d = X.shape
     off = _offsets(offsets, N)
@@ -357,6 +358,7 @@ def kmeans_plusplus(x, offsets, k_per_group, kmax: int, generator: torch.Generat
     D^2 sums are exact (e.g. integer data); elsewhere a draw can fall on the other side of
     a boundary the two round differently."""
     lib = _library()
+    kmax = check_count(kmax, "kmax")   # -1 failed in numpy naming nothing
     X = _check_cpu(x)
     N, d = X.shape
     off = _offsets(offsets, N)
@@ -386,10 +388,11 @@ def latent_knn(z, k: int) -> torch.Tensor:
     Equal distances go to the lower index (equal scores too, where the candidates are
     picked).  Traffic: z read once per 96-row panel (from cache)."""
     lib = _library()
+    k = check_count(k, "k")   # int(k) ran 1.5 as 1 neighbour, where the reference refuses it
     # centred as the reference (less cancellation); rows too large for fp32 scores refused
     zt = ref.centred_latents(torch.as_tensor(z).cpu())
     n, d = zt.shape
-    k = min(int(k), n - 1)
+    k = min(k, n - 1)
     out = np.empty((n, max(k, 0)), dtype=np.int64)
     if k <= 0:
         return torch.from_numpy(out)

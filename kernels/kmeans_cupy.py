@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import reference as ref
-from .group_layout import (assign_args, centroid_terms, check_integers, check_offsets, exclusive_prefix,
+from .group_layout import (assign_args, centroid_terms, check_count, check_integers, check_offsets, exclusive_prefix,
                            split_centroids, tile_prefix)
 
 log = logging.getLogger("spurfast.kernels.kmeans_cupy")
@@ -333,11 +333,11 @@ def tc2_shape(x: torch.Tensor) -> tuple[int, int]:
 
 def kmeans_update(x, offsets, assign, kmax: int, deterministic: bool = True):
     """See :func:`spurfast.kernels.reference.kmeans_update`."""
+    # int(kmax) ran 2.5 as 2, where the reference refuses it; kmax = 0 with points:
+    # _check_assign names it; without, (G, 0, d) as the reference
+    kmax = check_count(kmax, "kmax")
     x = _check_x(x)
     N, d = x.shape
-    kmax = int(kmax)
-    if kmax < 0:   # kmax = 0 with points: _check_assign names it; without, (G, 0, d) as the reference
-        raise ValueError(f"kmax must be >= 0, got {kmax}")
     offsets = check_offsets(offsets, N, x.device)
     G = len(offsets) - 1
     S = G * kmax
@@ -367,14 +367,12 @@ def kmeans_update(x, offsets, assign, kmax: int, deterministic: bool = True):
 
 def cluster_similarity(x, offsets, assign, centroids, k_per_group, m: int = 8):
     """See :func:`spurfast.kernels.reference.cluster_similarity`."""
+    m = check_count(m, "m (exemplars per cluster)")   # int(m) ran 1.5 as 1, where the reference refuses it
     x = _check_x(x)
     N, d = x.shape
     if centroids.dim() != 3 or centroids.shape[2] != d:
         raise ValueError(f"centroids must be (G, kmax, d={d}), got shape {tuple(centroids.shape)}")
     G, kmax, _ = centroids.shape
-    m = int(m)
-    if m < 0:
-        raise ValueError(f"m (exemplars per cluster) must be >= 0, got {m}")
     if m > SIM_MAXM:
         log.info("cluster_similarity: m=%d > %d exemplars; using the torch reference", m, SIM_MAXM)
         return ref.cluster_similarity(x, offsets, assign, centroids, k_per_group, m)

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .group_layout import check_integers, check_offsets, check_seed_counts
+from .group_layout import check_count, check_integers, check_offsets, check_seed_counts
 
 ACTIVATIONS = ("relu", "leaky_relu", "silu")
 LEAKY_SLOPE = 0.2
@@ -77,6 +77,15 @@ def encoder_forward(
     stds = torch.as_tensor(std, dtype=torch.float64).flatten().tolist()
     if 0.0 in stds:   # the latents came out inf / NaN, silently, where the Triton kernel refuses it
         raise ValueError(f"std must be non-zero, got {tuple(stds)}")
+    # as the Triton kernel refuses them: zip dropped the layers past the shorter list, and an
+    # odd head split into mu (B, L) and logvar (B, L + 1), silently
+    if len(conv_weights) != len(conv_biases):
+        raise ValueError(f"need one bias per conv weight; got {len(conv_weights)} weights and "
+                         f"{len(conv_biases)} biases")
+    if head_weight.dim() != 2 or head_weight.shape[0] % 2:
+        raise ValueError(f"head_weight must be (2L, F) = [W_mu; W_logvar], got shape {tuple(head_weight.shape)}")
+    if tuple(head_bias.shape) != (head_weight.shape[0],):
+        raise ValueError(f"head_bias must have shape ({head_weight.shape[0]},), got {tuple(head_bias.shape)}")
     h = normalise_input(x, mean, std)
     # on a CPU, oneDNN's convolutions run 1.35-1.45x faster on channels-last activations
     # (measured: RGB 64x64, batch 256, 2 cores); the math and the flatten order (C, H, W)
@@ -237,6 +246,8 @@ def check_assign_args(x, offsets, centroids, metric: str) -> tuple[int, int]:
         raise ValueError(f"expected x (N, d) and centroids (G, kmax, d) tensors, got {_shape(x)} and "
                          f"{_shape(centroids)}")
     G, kmax, _ = centroids.shape
+    if isinstance(offsets, torch.Tensor) and offsets.dim() != 1:   # len() of a 0-d one named nothing
+        raise ValueError(f"offsets must be a 1-D tensor (G + 1,), got {_shape(offsets)}")
     if len(offsets) != G + 1:
         raise ValueError(f"offsets has {len(offsets)} entries; expected G + 1 = {G + 1}")
     if kmax == 0 and x.shape[0] > 0:   # the kernels would read centroid row 0 of an empty tensor
@@ -465,9 +476,13 @@ def kmeans_update(
     The caller divides and re-seeds clusters whose count is 0 (reported, not hidden).
     Traffic: reads x and assign once, writes G*kmax*(d+1) values.
     """
-    G = len(offsets) - 1
     N, d = x.shape
+    kmax = check_count(kmax, "kmax")   # -1 failed in zeros() naming nothing, 2.5 in a TypeError
+    # sums, not a graph: with points that require grad the GPU path (and the CPU one at N = 0)
+    # returned sums that required grad, as no other provider does
+    x = x.detach()
     offsets = check_members(x, offsets, assign, kmax)
+    G = len(offsets) - 1   # after the check: len() of 0-d offsets failed naming nothing
     # on x's device, as the CuPy and CPU kernels take it: a CPU assign with CUDA points (or a
     # CUDA one with CPU points) failed in a device mismatch
     flat = group_ids(offsets, N) * kmax + assign.to(x.device).long()
@@ -544,6 +559,7 @@ def latent_knn(z: torch.Tensor, k: int, chunk: int | None = None,
     over the k blocks with the smallest minima only: they hold the k nearest points (a
     block outside them has a minimum no smaller than k points from distinct blocks).  The
     best 2k candidates are then re-ranked by directly computed distances."""
+    k = check_count(k, "k")   # as the CPU kernel: 1.5 failed in empty() there, ran as 1 here
     zt = centred_latents(z)   # distances are shift-invariant; centring shrinks cancellation
     n = len(zt)
     k = min(k, n - 1)
@@ -661,8 +677,8 @@ def cluster_similarity(
     # statistics, not a graph: with points that require grad, cos and the means did too (the
     # CuPy kernel returns plain tensors)
     x, centroids = x.detach(), centroids.detach()
-    if int(m) < 0:   # torch.full's "negative dimension" named neither m nor its value
-        raise ValueError(f"m (exemplars per cluster) must be >= 0, got {m}")
+    # torch.full's "negative dimension" (or a float size) named neither m nor its value
+    m = check_count(m, "m (exemplars per cluster)")
     # as the CuPy launcher checks them: assign = -1 counted the point in the previous
     # group's last cluster (an exemplar of another class), silently
     offsets = check_members(x, offsets, assign, kmax)
@@ -717,6 +733,7 @@ def kmeans_plusplus(
     Groups with k_g < kmax leave the extra rows as zeros (masked everywhere).
     """
     N, d = x.shape
+    kmax = check_count(kmax, "kmax")   # -1 failed in zeros() naming nothing
     # as the CPU kernel checks them (torch's size mismatches and IndexErrors named neither)
     offsets = check_offsets(offsets, N, x.device)
     G = len(offsets) - 1

@@ -422,3 +422,25 @@ def test_reference_refuses_a_zero_std_as_the_kernel_does(std):
     for fn in (ref.encoder_forward, et.encoder_forward):
         with pytest.raises(ValueError, match=re.escape("std must be non-zero, got (0.0,)")):
             fn(_images(2, 1, 28), **p)
+
+
+def test_reference_refuses_odd_heads_and_unpaired_layers_as_the_kernel_does():
+    # the reference split an odd head into mu (B, L) and logvar (B, L + 1), and zip ran only
+    # the layers both lists had, silently, where the Triton kernel refuses them
+    p, x = _model(1, 28, (5, 12), 8).encoder_params(), torch.rand(2, 1, 28, 28)
+    for fn in (ref.encoder_forward, et.encoder_forward):
+        with pytest.raises(ValueError, match=r"head_weight must be \(2L, F\) = \[W_mu; W_logvar\], got shape \(15, "):
+            fn(x.to(DEV), **{**p, "head_weight": p["head_weight"][:15], "head_bias": p["head_bias"][:15]})
+        with pytest.raises(ValueError, match=r"head_bias must have shape \(16,\), got \(15,\)"):
+            fn(x.to(DEV), **{**p, "head_bias": p["head_bias"][:15]})
+        with pytest.raises(ValueError, match=r"need one bias per conv weight.*2 weights and 1 biases"):
+            fn(x.to(DEV), **{**p, "conv_biases": p["conv_biases"][:1]})
+
+
+def test_kernel_refuses_a_fractional_stride_as_the_reference_does():
+    # int(stride) ran 2.5 as stride 2, silently, where the reference's conv2d refuses it
+    p = _model(1, 28, (5, 12), 8).encoder_params()
+    with pytest.raises(TypeError, match=r"stride and padding must be integers, got stride=2.5, padding=1"):
+        et.encoder_forward(_images(2, 1, 28), **{**p, "stride": 2.5})
+    with pytest.raises(TypeError):
+        ref.encoder_forward(_images(2, 1, 28), **{**p, "stride": 2.5})

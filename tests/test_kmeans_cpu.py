@@ -662,3 +662,32 @@ def test_an_empty_cache_dir_means_the_default(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("SPURFAST_CACHE_DIR", "")
     assert kcpu._cache_dir() == tmp_path / ".cache" / "spurfast"
+
+
+@pytest.mark.parametrize("mod", [ref, pytest.param(kcpu, marks=needs_kernel)], ids=["reference", "cpu"])
+def test_odd_size_arguments_are_refused_by_name_and_integer_ones_taken(mod):
+    """kmax / k that are not non-negative integers: -1 failed deep in zeros() or numpy
+    ("negative dimensions are not allowed", naming neither), the CPU kernel's latent_knn ran
+    k = 1.5 as 1 neighbour where the reference refused it, and its kmeans_update failed on
+    a 0-d tensor kmax the reference takes."""
+    x, off, assign = torch.randn(20, 3), torch.tensor([0, 12, 20]), torch.zeros(20, dtype=torch.int64)
+    kpg, gen = torch.tensor([2, 2]), lambda: torch.Generator().manual_seed(0)
+    for n in (20, 0):   # with points and without
+        o = off if n else torch.tensor([0, 0, 0])
+        with pytest.raises(ValueError, match=r"kmax must be >= 0, got -1"):
+            mod.kmeans_update(x[:n], o, assign[:n], -1)
+        with pytest.raises(ValueError, match=r"kmax must be >= 0, got -1"):
+            mod.kmeans_plusplus(x[:n], o, kpg, -1, gen())
+    with pytest.raises(TypeError, match=r"kmax must be an integer, got 2.5"):
+        mod.kmeans_update(x, off, assign, 2.5)
+    with pytest.raises(TypeError, match=r"kmax must be an integer, got 2.5"):
+        mod.kmeans_plusplus(x, off, kpg, 2.5, gen())
+    with pytest.raises(TypeError, match=r"k must be an integer, got 1.5"):
+        mod.latent_knn(x, 1.5)
+    with pytest.raises(ValueError, match=r"k must be >= 0, got -1"):
+        mod.latent_knn(x, -1)
+    want = ref.kmeans_update(x, off, assign, 2)
+    for kmax in (np.int64(2), torch.tensor(2)):
+        assert_same_outputs(mod.kmeans_update(x, off, assign, kmax), want, f"kmax={kmax!r}")
+        assert torch.equal(mod.kmeans_plusplus(x, off, kpg, kmax, gen()), mod.kmeans_plusplus(x, off, kpg, 2, gen()))
+        assert torch.equal(mod.latent_knn(x, kmax), mod.latent_knn(x, 2))

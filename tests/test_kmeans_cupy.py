@@ -442,3 +442,20 @@ def test_check_assign_refuses_fractional_assign():
     with pytest.raises(ValueError, match=r"assign holds 1.5 \(entry 1\); expected integers"):
         kc._check_assign(torch.tensor([0, 1.5, 0]), 3, 2, "cpu")
     assert kc._check_assign(torch.tensor([0.0, 1.0, 0.0]), 3, 2, "cpu").tolist() == [0, 1, 0]
+
+
+def test_fractional_or_negative_kmax_and_m_are_refused_as_the_reference_does():
+    """int(kmax) ran 2.5 as 2 and int(m) ran 1.5 as 1 exemplar, where the reference refuses
+    both (the scalar checks come first: they run on CPU tensors here)."""
+    x, off, assign = torch.zeros(4, 3), torch.tensor([0, 4]), torch.zeros(4, dtype=torch.int64)
+    cent, kpg = torch.zeros(1, 2, 3), torch.tensor([2])
+    with pytest.raises(TypeError, match=r"kmax must be an integer, got 2.5"):
+        kc.kmeans_update(x, off, assign, 2.5)
+    with pytest.raises(ValueError, match=r"kmax must be >= 0, got -1"):
+        kc.kmeans_update(x, off, assign, -1)
+    with pytest.raises(TypeError, match=r"m \(exemplars per cluster\) must be an integer, got 1.5"):
+        kc.cluster_similarity(x, off, assign, cent, kpg, 1.5)
+    with pytest.raises(ValueError, match=r"m \(exemplars per cluster\) must be >= 0, got -1"):
+        kc.cluster_similarity(x, off, assign, cent, kpg, -1)
+    with pytest.raises(TypeError, match=r"m \(exemplars per cluster\) must be an integer, got 1.5"):
+        ref.cluster_similarity(x, off, assign, cent, kpg, 1.5)

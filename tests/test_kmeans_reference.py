@@ -851,3 +851,30 @@ def test_plusplus_and_similarity_take_points_that_require_grad(backend):
     out = ref.cluster_similarity(x.clone().requires_grad_(), off, assign, cent.clone().requires_grad_(), kpg, 3)
     for a, b in zip(out, plain):
         assert torch.equal(a, b) and not a.requires_grad
+
+
+@pytest.mark.parametrize("backend", ["torch", _cpu_kernel()])
+@pytest.mark.parametrize("n", [0, 50])
+def test_update_of_points_that_require_grad_returns_plain_sums(backend, n):
+    """The reference's update summed x itself off the scipy path (N = 0 on the CPU, every
+    call on a GPU): its sums required grad, where the other providers return plain tensors."""
+    _, update = backends.resolve("kmeans_update", backend, "cpu")
+    x = torch.randn(n, 3, generator=torch.Generator().manual_seed(3))
+    off, assign = csr([n // 2, n - n // 2]), torch.arange(n) % 4
+    want = update(x, off, assign, 4)
+    got = update(x.clone().requires_grad_(), off, assign, 4)
+    assert_same_outputs(got, want, f"N={n}")
+    assert not any(t.requires_grad for t in got)
+
+
+@pytest.mark.parametrize("backend", ["torch", _cpu_kernel()])
+def test_zero_dimensional_offsets_are_refused_naming_offsets(backend):
+    """len() of 0-d offsets raised "TypeError: len() of a 0-d tensor" in the reference's
+    update and in every provider's assign (the shared check), naming no argument."""
+    x, assign, cent, kpg = torch.randn(5, 2), torch.zeros(5, dtype=torch.int64), torch.randn(1, 2, 2), torch.tensor([2])
+    _, update = backends.resolve("kmeans_update", backend, "cpu")
+    _, assign_fn = backends.resolve("kmeans_assign", backend, "cpu")
+    with pytest.raises(ValueError, match=r"offsets must be"):   # the CPU kernel: "... from 0 to N=5, got [5]"
+        update(x, torch.tensor(5), assign, 2)
+    with pytest.raises(ValueError, match=r"offsets must be a 1-D tensor \(G \+ 1,\), got \(\)"):
+        assign_fn(x, torch.tensor(5), cent, kpg)
