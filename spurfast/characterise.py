@@ -95,28 +95,30 @@ def neighbour_contrast(source: ImageSource, z: np.ndarray, members: np.ndarray, 
     spread = sum(float(((zo[s:s + 65536].double() - origin) ** 2).sum()) for s in range(0, len(zo), 65536)) / len(zo)
     if float(origin @ origin) > FAR * spread:
         zo, zm = zo - origin.to(wide), zm - origin.to(wide)
+    zo_w, zm_w = zo, zm   # float64 latents keep their digits for the re-measure below
     zo, zm = zo.float(), zm.float()
     k = min(k, len(others))
     # the GEMM form errs by up to about (dim + 2) u (|a| + |b|)^2 in a squared distance, and
     # no one shift helps others made of a wide group and a tight one far from it: members in
     # the tight one got arbitrary "nearest" others.  A row whose k-th squared distance is not
     # 4096 x that error (beyond it a wrong pick is a near-tie, within 0.05%) is measured again
-    # in float64; fp32's picks stay where they are as near (duplicated latents keep theirs).
+    # in float64 (from float64 latents as given: 1e8 + 0.01 noise were one fp32 point); fp32's
+    # picks stay where they are as near (duplicated latents keep theirs).
     big = max(float(zo[s:s + 65536].double().norm(dim=1).max()) for s in range(0, len(zo), 65536))
     slack = 4 * (zo.shape[1] + 2) * 2.0 ** -24 * 1024
     nbr, zo64 = [], None
     for s in range(0, len(zm), 64):   # 64 x len(others) distances at a time
         d = torch.cdist(zm[s:s + 64], zo)
         if not bool(torch.isfinite(d).all()):   # latents of about 1e19 and up: fp32 squares overflowed
-            d = torch.cdist(zm[s:s + 64].double(), zo.double())   # and the neighbours were ties of inf
+            d = torch.cdist(zm_w[s:s + 64].double(), zo_w.double())   # and the neighbours were ties of inf
         top = d.topk(k, largest=False)
         pick = top.indices
         near = torch.nonzero(top.values[:, -1].double() ** 2
                              <= slack * (zm[s:s + 64].double().norm(dim=1) + big) ** 2).flatten()
         for t in range(0, len(near), 16):   # float64: 16 rows at a time, no more memory than d's
             rows = near[t:t + 16]
-            zo64 = zo.double() if zo64 is None else zo64
-            exact = torch.cdist(zm[s + rows].double(), zo64, compute_mode="donot_use_mm_for_euclid_dist")
+            zo64 = zo_w.double() if zo64 is None else zo64
+            exact = torch.cdist(zm_w[s + rows].double(), zo64, compute_mode="donot_use_mm_for_euclid_dist")
             best = exact.topk(k, largest=False)
             kept = (exact.gather(1, pick[rows]).sort(1).values == best.values).all(1)
             pick[rows[~kept]] = best.indices[~kept]

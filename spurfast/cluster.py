@@ -263,7 +263,7 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
         # can fill, a group with fewer distinct points than k, may)
         inertia, any_empty, shift = torch.stack(
             [inertia_t[0], empty.any().double(), ((new - cent) ** 2).sum().double()]).tolist()
-        filled = _reseed(xs, gid, team.gather_rows(dist_l, N), empty, new, metric) if any_empty else 0
+        filled = _reseed(xs, gid, team.gather_rows(dist_l, N), empty, new, metric, valid_k) if any_empty else 0
         reseeded += filled
         cent = team.broadcast(new.contiguous())  # bitwise-identical centroids everywhere
         if team.agree(not filled and prev is not None and (shift <= tol * max(1.0, abs(inertia)) or prev == inertia)):
@@ -361,27 +361,45 @@ def _update(xs, offsets, gid, assign, prev_assign, sums, counts, kmax, backend):
     return full.double(), counts
 
 
-def _reseed(xs, gid, dist, empty, cent, metric: str = "l2") -> int:
+def _reseed(xs, gid, dist, empty, cent, metric: str = "l2", valid_k=None) -> int:
     """Move each empty cluster onto the farthest point of its group (one per cluster);
     returns how many it moved.  Only points away from their centroid (distance > 0) can
     fill one: a point on its centroid would tie with it and leave the cluster empty (a
     group with fewer distinct points than k), so such clusters stay where they are.
     Under cosine an all-zero row cannot either: it is at distance 1 from every centroid,
     itself included (re-seeded onto it every iteration, the cluster stayed empty and the
-    loop never stopped before n_iter)."""
+    loop never stopped before n_iter).  ``valid_k``: (G, kmax) bool, the centroid rows in
+    use (the others hold zeros, which are no centroid to be on)."""
     n = 0
     d = dist.clone()
     if metric == "cosine":
         d[~xs.ne(0).any(1)] = -1.0
+    room = {}
     for g, j in empty.nonzero().tolist():
+        if valid_k is not None:
+            if g not in room:
+                # as many clusters as distinct points: each point is on its centroid and no
+                # re-seeding can fill one, though fp32 sums of many copies of a point leave
+                # its centroid an ulp off it, beyond the bitwise test below (1,000 copies of
+                # 3 points, k = 8, d = 64 re-seeded every iteration and ran all n_iter)
+                room[g] = len(torch.unique(xs[gid == g], dim=0)) - int((valid_k[g] & ~empty[g]).sum())
+            if room[g] <= 0:
+                continue
         cand = torch.where((gid == g) & (d > 0), d, torch.full_like(d, -1.0))
         i = int(torch.argmax(cand)) if len(cand) else 0
         # a point equal to a centroid of its group is on it, whatever its fp32 distance says
         # (|x|^2 - 2 x.c + |c|^2 left about 1e-13: 3 distinct points and k = 8 re-seeded
         # every iteration and never stopped before n_iter)
-        if not len(cand) or not float(cand[i]) > 0 or bool((cent[g] == xs[i].float()).all(1).any()):
+        if not len(cand) or not float(cand[i]) > 0:
+            continue
+        # (rows past the group's k hold zeros, no centroid: an all-zero point, such as the
+        # first point of a shifted far group, could never fill an empty cluster)
+        on = (cent[g] == xs[i].float()).all(1)
+        if bool((on if valid_k is None else on & valid_k[g]).any()):
             continue
         cent[g, j] = xs[i].float()
         d[i] = -1.0
         n += 1
+        if valid_k is not None:
+            room[g] -= 1
     return n

@@ -139,3 +139,24 @@ def test_neighbour_contrast_of_a_tight_blob_far_out_beside_a_wide_one_takes_the_
     matched = others[np.argsort(d, 1, kind="stable")[:, :3].ravel()]
     want = imgs[members].mean(0) - imgs[matched].mean(0)
     assert torch.allclose(got, want, atol=1e-6), float((got - want).abs().max())
+
+
+@pytest.mark.parametrize("case", ["tight blob at 1e8", "beyond fp32"])
+def test_neighbour_contrast_of_float64_latents_takes_the_nearest_others(case):
+    """float64 latents were re-measured from their fp32 copies: a tight group at 1e8 beside
+    a wide one (no one shift helps) collapsed into one fp32 point, and latents past fp32's
+    range were inf; either way members got arbitrary "nearest" others."""
+    rng = np.random.default_rng(0)
+    imgs = torch.as_tensor(rng.random((200, 1, 4, 4)), dtype=torch.float32)   # each image its own
+    if case == "tight blob at 1e8":
+        z, scale = np.r_[rng.normal(size=(100, 2)), 1e8 + 0.01 * rng.normal(size=(100, 2))], 1.0
+        members, others = np.arange(100, 130), np.r_[np.arange(0, 100), np.arange(130, 200)]
+    else:
+        z, scale = 1e39 * rng.normal(size=(200, 3)), 1e39
+        members, others = np.arange(30), np.arange(30, 200)
+    got, _ = neighbour_contrast(ArraySource(imgs, None, name="f64"), z, members, others, k=3, seed=0)
+    zs = z / scale   # exact distances in float64 (1e39 squared is past fp32, not float64)
+    d = ((zs[members, None] - zs[None, others]) ** 2).sum(-1)
+    matched = others[np.argsort(d, 1, kind="stable")[:, :3].ravel()]
+    want = imgs[members].mean(0) - imgs[matched].mean(0)
+    assert torch.allclose(got, want, atol=1e-6), float((got - want).abs().max())

@@ -452,3 +452,34 @@ def test_kmeans_of_a_group_with_fewer_distinct_points_than_k_stops(backend, dtyp
     res = batched_kmeans(x, torch.zeros(40, dtype=torch.long), [8], n_iter=20, backend=backend)
     assert res.reseeded == 0 and res.n_iter < 20, (res.reseeded, res.n_iter)
     assert sorted(res.counts[0].tolist()) == [0] * 5 + [13, 13, 14]
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_kmeans_refills_an_empty_cluster_from_an_all_zero_point_beside_a_group_of_larger_k(offset):
+    """Rows past a group's k hold zeros: an all-zero point (or a shifted far group's first
+    point, which the shift makes zero) counted as on a centroid and never filled an empty
+    cluster, which stayed empty to the end (two clusters asked, one made)."""
+    from spurfast.cluster import batched_kmeans
+
+    torch.manual_seed(0)
+    a = torch.cat([torch.zeros(1, 2), torch.randn(20, 2) + 10]) + offset   # the first point: the outlier
+    b = torch.randn(30, 2) - 5
+    init = torch.zeros(2, 4, 2)
+    init[0, 0], init[0, 1], init[1] = 10 + offset, 1000 + offset, b[:4]   # group 0's second centroid is far off
+    res = batched_kmeans(torch.cat([a, b]), torch.tensor([0] * 21 + [1] * 30), [2, 4], n_iter=20, init=init)
+    assert res.counts[0].tolist() == [20, 1, 0, 0] and res.reseeded == 1, (res.counts[0].tolist(), res.reseeded)
+
+
+@pytest.mark.parametrize("backend", [None, "torch"])
+@pytest.mark.parametrize("metric,seed,d,n", [("l2", 79, 64, 1000), ("cosine", 29, 33, 40)])
+def test_kmeans_of_many_copies_of_fewer_points_than_k_stops(backend, metric, seed, d, n):
+    """fp32 sums of many copies of a point leave its centroid an ulp off it, so neither its
+    distance (> 0) nor the bitwise test said the copies were on their centroid: they
+    re-seeded every iteration and ran all n_iter."""
+    from spurfast.cluster import batched_kmeans
+
+    torch.manual_seed(seed)
+    x = (torch.randn(3, d) * float(torch.rand(1)) * 100)[torch.arange(n) % 3]
+    res = batched_kmeans(x, torch.zeros(n, dtype=torch.long), [8], n_iter=20, backend=backend, metric=metric)
+    assert res.reseeded == 0 and res.n_iter < 20, (res.reseeded, res.n_iter)
+    assert sorted(res.counts[0].tolist())[:5] == [0] * 5
