@@ -69,6 +69,10 @@ class PoolSpec:
             raise ValueError(f"image sizes must satisfy 8 <= min <= max, got {self.min_size}:{self.max_size}")
         if not 1 <= self.quality <= 100:
             raise ValueError(f"--quality must be in [1, 100], got {self.quality}")
+        # numpy's seeding refused a negative one in the workers, after the folder was made,
+        # with "expected non-negative integer" naming no option
+        if self.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {self.seed}")
         if self.plant is not None:
             if self.plant not in PLANT_FAMILIES:
                 raise ValueError(f"unknown plant family {self.plant!r} for image folders; expected one of "
@@ -308,6 +312,15 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"pool directory {out} is a file")
+    # a file above it failed at mkdir with a bare "[Errno 20] Not a directory: 'FILE/x'"
+    blocker = next((q for q in out.parents if q.exists() and not q.is_dir()), None)
+    if blocker is not None:
+        raise NotADirectoryError(f"pool directory {out}: {blocker} is a file, not a folder")
+    # a dangling link failed at mkdir with a bare "[Errno 17] File exists"
+    broken = next((q for q in (out, *out.parents) if q.is_symlink() and not q.exists()), None)
+    if broken is not None:
+        raise FileNotFoundError(f"pool directory {out}: {broken} is a link to {os.readlink(broken)!r}, which does "
+                                f"not exist")
     if out.exists() and any(out.iterdir()):
         if not _written_by_make_pool(out):
             raise FileExistsError(f"pool directory {out} is not empty and was not written by make-pool (no "
@@ -364,7 +377,10 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
     info = {"writer": POOL_WRITER, "spec": asdict(spec), "n": spec.n, "n_carrying": int(carries.sum()),
             "classes": [dict(class_look(c, spec.classes), label=c) for c in range(spec.classes)],
             "seconds": round(seconds, 2), "images_per_s": round(spec.n / max(seconds, 1e-9), 1)}
-    (out / "pool.json").write_text(json.dumps(info, indent=1))
+    # written whole or not at all: cut short (Ctrl-C, a full disk), it no longer parsed as the
+    # marker, and every rerun, --overwrite included, was refused as "not written by make-pool"
+    (out / "pool.json.tmp").write_text(json.dumps(info, indent=1))
+    os.replace(out / "pool.json.tmp", out / "pool.json")
     return info
 
 

@@ -1289,3 +1289,26 @@ def test_a_later_exif_segment_of_no_turn_undoes_the_first_ones_turn(tmp_path, wh
     got = {n: images[k] for k, n in enumerate(names)}
     for name, (_, turn) in cases.items():
         assert torch.equal(got[f"{name}.jpg"], got[f"ref{turn}.jpg"]), name
+
+
+def test_indices_past_int64_or_not_integers_are_named():
+    """Python ints past int64 (an object array) raised numpy's bare "Python int too large to
+    convert to C long"; strings were cast ("1" read as index 1), ragged lists named nothing."""
+    for bad in ([2**64], [0, 2**70], [-2**70]):
+        with pytest.raises(IndexError, match=r"indices must lie in \[0, 10\); got range"):
+            folder_mod.select_indices(10, indices=bad)
+    with pytest.raises(ValueError, match="integer pool indices, got dtype <U1"):
+        folder_mod.select_indices(10, indices=["1"])
+    with pytest.raises(ValueError, match="indices must be a flat sequence"):
+        folder_mod.select_indices(10, indices=[[1, 2], [3]])
+    assert folder_mod.select_indices(10, indices=np.array([np.int64(2), 3], dtype=object)).tolist() == [2, 3]
+
+
+def test_a_fractional_start_or_shard_is_refused_by_name():
+    """start=2.5 streamed from pool index 2 without a word; a float shard_id or num_shards
+    failed with numpy's "slice indices must be integers"."""
+    for kw, what in ((dict(start=2.5), "start"), (dict(shard_id=0.5, num_shards=2), "shard_id"),
+                     (dict(num_shards=2.0), "num_shards")):
+        with pytest.raises(TypeError, match=f"{what} must be an integer, got"):
+            folder_mod.select_indices(10, **kw)
+    assert folder_mod.select_indices(10, start=np.int32(2), shard_id=np.int64(1), num_shards=2).tolist() == [3, 5, 7, 9]

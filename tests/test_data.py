@@ -499,3 +499,52 @@ def test_indices_out_of_range_are_named_as_given():
             list(iter_batches(src, 4, indices=given))
     with pytest.raises(IndexError, match=r"SubsetSource indices into array must lie in \[0, 5\); got range \[inf"):
         SubsetSource(src, [np.inf])
+
+
+def test_labels_past_int64_are_refused_not_wrapped():
+    """uint64 2**64-1 was cast to -1 (read as unlabelled) and a float 1e30 or a Python int
+    2**70 to -2**63, silently; labels that fit still pass."""
+    im = np.zeros((2, 1, 4, 4), np.uint8)
+    for lab, shown in ((np.array([2**64 - 1, 0], np.uint64), "18446744073709551615"), ([1e30, 0], r"1e\+30"),
+                       ([2**70, 0], str(2**70)), ([float(2**63), 0], r"9\.223372036854776e\+18")):
+        with pytest.raises(ValueError, match=rf"mypool: labels must fit in int64, got range \[0(\.0)?, {shown}\]"):
+            ArraySource(im, lab, name="mypool")
+    assert ArraySource(im, np.array([5, 0], np.uint64)).labels().tolist() == [5, 0]
+    assert ArraySource(im, [2**63 - 1, 0]).labels().tolist() == [2**63 - 1, 0]
+    assert ArraySource(im, np.array([np.int64(3), 2], dtype=object)).labels().tolist() == [3, 2]
+
+
+def test_the_sampled_digest_reads_a_large_file_in_pieces(tmp_path):
+    """A sampled file was read into memory whole (a 2 GB file, 2 GB); the digest stays
+    the one of the whole file's bytes."""
+    import hashlib
+    import tracemalloc
+
+    from spurfast.data.sources import sampled_digest
+
+    class Files:   # a source read from files, as sampled_digest sees one
+        name, image_shape = "big", (3, 8, 8)
+
+        def __init__(self, paths):
+            self.paths = paths
+
+        def __len__(self):
+            return len(self.paths)
+
+        def item_id(self, i):
+            return f"big:{i}"
+
+    data = np.random.default_rng(0).bytes(48 << 20)
+    (tmp_path / "a.png").write_bytes(data)
+    src = Files([str(tmp_path / "a.png")])
+    tracemalloc.start()
+    try:
+        got = sampled_digest(src)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak
+    h = hashlib.sha256(f"big:1:{(3, 8, 8)}".encode())
+    h.update(b"big:0")
+    h.update(data)
+    assert got == h.hexdigest()[:16]

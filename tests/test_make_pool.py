@@ -53,6 +53,7 @@ def test_plant_class_and_flat_layout(tmp_path):
     (dict(n=5, plant="patch3", fraction=0.0), "--fraction must be"),
     (dict(n=5, fraction=0.2), "needs --plant"), (dict(n=5, classes=3, plant="patch3", fraction=0.2, plant_class=3), "--plant-class"),
     (dict(n=5, plant="pixel", fraction=0.2, min_size=48, target_size=64), "at least as large as --target-size 64"),
+    (dict(n=5, seed=-1), "--seed must be >= 0, got -1"),
 ])
 def test_bad_specs_are_refused(tmp_path, kw, msg):
     with pytest.raises(ValueError, match=msg):
@@ -246,3 +247,39 @@ def test_an_overwrite_cut_short_can_be_overwritten_again(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "unlink", real)
     make_pool(tmp_path / "p", spec, workers=1, progress=False, overwrite=True)
     assert len(ImageFolderSource(tmp_path / "p", size=16)) == 6
+
+
+def test_out_below_a_file_or_a_dangling_link_is_named(tmp_path, capsys):
+    """--out below a file failed at mkdir with a bare "[Errno 20] Not a directory: 'f/x'",
+    and one through a dangling link with "[Errno 17] File exists", naming neither culprit."""
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    assert main(["make-pool", "--out", str(tmp_path / "f" / "x" / "y"), "--n", "5", "--quiet"]) == 2
+    assert f"{tmp_path / 'f'} is a file, not a folder" in capsys.readouterr().err
+    for out in (tmp_path / "gone", tmp_path / "gone" / "x"):
+        assert main(["make-pool", "--out", str(out), "--n", "5", "--quiet"]) == 2
+        assert f"{tmp_path / 'gone'} is a link to" in capsys.readouterr().err
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_pool_json_write_cut_short_can_be_overwritten(tmp_path, monkeypatch):
+    """Ctrl-C (or a full disk) while the finished pool's pool.json was written left it
+    truncated: no longer the marker, so every rerun, --overwrite included, was refused."""
+    from pathlib import Path
+
+    spec = PoolSpec(n=6, classes=3, min_size=16, max_size=16)
+    real = Path.write_text
+
+    def write_text(self, data, *args, **kwargs):   # cut off halfway through the final pool.json
+        if '"n_carrying"' in data:
+            real(self, data[:len(data) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+        return real(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    with pytest.raises(KeyboardInterrupt):
+        make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    monkeypatch.setattr(Path, "write_text", real)
+    info = make_pool(tmp_path / "p", spec, workers=1, progress=False, overwrite=True)
+    assert json.loads((tmp_path / "p" / "pool.json").read_text()) == info
+    assert sorted(p.name for p in (tmp_path / "p").iterdir() if p.is_file()) == ["ground_truth.csv", "pool.json"]

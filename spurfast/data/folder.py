@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import unicodedata
 from pathlib import Path
@@ -148,6 +149,11 @@ def select_indices(n: int, *, start: int = 0, shard_id: int = 0, num_shards: int
     ``start..n-1``; then this shard's share, every ``num_shards``-th from ``shard_id``
     (shards are disjoint and together cover the selection exactly once).  Both loaders
     use this, so a torch and a DALI run shard identically."""
+    # whole numbers only: a start of 2.5 was truncated to 2 without a word, a float
+    # shard_id / num_shards failed as a "slice indices must be integers" naming neither
+    for what, v in (("start", start), ("shard_id", shard_id), ("num_shards", num_shards)):
+        if not isinstance(v, numbers.Integral):
+            raise TypeError(f"{what} must be an integer, got {v!r}")
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     if not 0 <= shard_id < num_shards:

@@ -8,6 +8,7 @@ spurfast are positions in a source's enumeration order.
 from __future__ import annotations
 
 import hashlib
+import numbers
 import os
 from typing import Sequence
 
@@ -82,8 +83,9 @@ def sampled_digest(source: ImageSource, n_samples: int = 8) -> str:
         h.update(source.item_id(int(i)).encode("utf-8", "surrogateescape"))
         if paths is not None:
             try:
-                with open(paths[int(i)], "rb") as fh:
-                    h.update(fh.read())
+                with open(paths[int(i)], "rb") as fh:   # in pieces: a 2 GB file was read whole
+                    for piece in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(piece)
             except OSError as exc:   # an unreadable file is part of what the pool holds
                 h.update(f"unreadable: {exc.__class__.__name__}".encode())
     if len(idx) and paths is None:
@@ -150,6 +152,12 @@ def _int_labels(labels, name: str) -> np.ndarray:
     soft or fractional labels into ones nobody wrote)."""
     lab = np.asarray(labels).reshape(-1)
     given = lab.dtype
+    if lab.dtype.kind == "O" and lab.size and all(isinstance(x, numbers.Integral) and not isinstance(x, bool)
+                                                  for x in lab):
+        lo, hi = min(lab), max(lab)   # Python ints past int64: as floats they passed, cast to -2**63
+        if lo < -2**63 or hi >= 2**63:
+            raise ValueError(f"{name}: labels must fit in int64, got range [{lo}, {hi}]")
+        lab = lab.astype(np.int64)
     if lab.dtype.kind == "O":  # Python objects (a pandas column): numbers are checked as floats below
         try:
             lab = lab.astype(np.float64)   # None -> nan, refused below
@@ -161,6 +169,9 @@ def _int_labels(labels, name: str) -> np.ndarray:
         odd = lab[~np.isfinite(lab) | (lab != np.round(lab))] if lab.dtype.kind == "f" else lab
         eg = f" (e.g. {odd.tolist()[0]!r})" if odd.size else ""   # tolist: objects have no .item()
         raise ValueError(f"{name}: labels must be integers, got dtype {given}{eg}")
+    # the cast wrapped uint64 2**64-1 to -1 (read as unlabelled) and a float 1e30 to -2**63
+    if lab.size and lab.dtype.kind in "uf" and (lab.max() >= 2**63 or lab.min() < -2**63):
+        raise ValueError(f"{name}: labels must fit in int64, got range [{lab.min()}, {lab.max()}]")
     return lab.astype(np.int64)
 
 
@@ -168,7 +179,18 @@ def pool_indices(indices, n: int, what: str = "indices") -> np.ndarray:
     """``indices`` as a flat int64 array of positions in a source of ``n`` items; raises
     on anything else (a cast would read a boolean mask as indices 0 and 1, truncate 2.7
     to 2, and count a negative index from the end)."""
-    raw = np.asarray(indices)
+    try:
+        raw = np.asarray(indices)
+    except (TypeError, ValueError) as e:   # ragged nesting: numpy's message named no input
+        raise ValueError(f"{what} must be a flat sequence of integer pool indices: {e}") from None
+    if raw.dtype.kind == "O" and all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in raw.flat):
+        # Python ints past int64 (numpy keeps them as objects): range-checked as given,
+        # where the cast raised numpy's bare "Python int too large to convert to C long"
+        if raw.size and (min(raw.flat) < 0 or max(raw.flat) >= n):
+            raise IndexError(f"{what} must lie in [0, {n}); got range [{min(raw.flat)}, {max(raw.flat)}]")
+        raw = raw.astype(np.int64)
+    if raw.size and raw.dtype.kind not in "biuf":   # a cast would read "1" as index 1
+        raise ValueError(f"{what} must be integer pool indices, got dtype {raw.dtype}")
     if raw.size and (raw.dtype.kind == "b" or (raw.dtype.kind == "f" and not np.array_equal(raw, np.round(raw)))):
         hint = ": a boolean mask, pass np.flatnonzero(mask)" if raw.dtype.kind == "b" else ""
         raise ValueError(f"{what} must be integer pool indices, got dtype {raw.dtype}{hint}")
