@@ -61,7 +61,11 @@ class EmbeddingStore:
         path = self.root / MANIFEST
         if not path.is_file():
             raise FileNotFoundError(f"{self.root} is not an embedding store (no {MANIFEST})")
-        self.manifest = json.loads(path.read_text())
+        try:
+            self.manifest = json.loads(path.read_text())
+        except ValueError as exc:   # json's "Expecting value: line 1 column 1 (char 0)" named no file
+            raise ValueError(f"{path} is not readable JSON ({exc}), not a manifest as spurfast writes it; "
+                             f"remove {self.root} to embed the pool again") from None
         if not isinstance(self.manifest, dict):   # a hand edit: every use failed with an AttributeError
             raise ValueError(f"{path} holds a JSON {type(self.manifest).__name__}, expected an object (as spurfast "
                              f"writes it)")
@@ -429,8 +433,11 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
     n = len(source)
     if n == 0:
         raise ValueError(f"pool {source.name} is empty")
-    if num_shards < 1 or not 0 <= shard_id < num_shards:
-        raise ValueError(f"need 0 <= shard_id < num_shards, got shard_id={shard_id}, num_shards={num_shards}")
+    # whole numbers: int() below made shard_id=1.5 shard 1 without a word
+    if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in (shard_id, num_shards)) \
+            or num_shards < 1 or not 0 <= shard_id < num_shards:
+        raise ValueError(f"need integers 0 <= shard_id < num_shards, got shard_id={shard_id!r}, "
+                         f"num_shards={num_shards!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
         raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
     # the manifest is JSON: a numpy integer (labels.max() + 1) failed its write, naming nothing

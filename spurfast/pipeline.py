@@ -51,6 +51,15 @@ def prepare_output(out_dir, run_id: str, overwrite: bool, protect=(), earlier_id
     marker = out / "run.json"
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output directory {out} is a file")
+    # a symlink to nowhere (an unmounted disk) in its place: mkdir said a bare "[Errno 17] File exists"
+    dangling = next((q for q in (out, *out.parents) if q.is_symlink() and not q.exists()), None)
+    if dangling is not None:
+        raise FileNotFoundError(f"output directory {out}: {dangling} is a symlink to {os.readlink(dangling)}, which "
+                                f"does not exist; create that folder, or choose another output directory")
+    # a file above it failed at mkdir with a bare "[Errno 20] Not a directory: 'FILE/x'"
+    blocker = next((q for q in out.parents if q.exists() and not q.is_dir()), None)
+    if blocker is not None:
+        raise NotADirectoryError(f"output directory {out}: {blocker} is a file, not a folder")
     if out.exists() and any(out.iterdir()):
         try:
             prev = json.loads(marker.read_text()).get("run_id") if marker.is_file() else None
@@ -114,12 +123,20 @@ def _digest(text: str) -> str:
 
 def _inside(out: Path, paths) -> str | None:
     """The first of ``paths`` that is ``out`` or lies under it (symlinks resolved), else None."""
-    root = out.resolve()
+    root = str(out.resolve())
+    under = root.rstrip(os.sep) + os.sep
+    dirs = {}   # each folder resolved once: resolving each of a million pool files took minutes
     for p in paths:
         if p is None:
             continue
-        r = Path(p).resolve()
-        if r == root or root in r.parents:
+        head, name = os.path.split(os.fspath(p))
+        if name in ("", ".", "..") or os.path.islink(p):
+            r = str(Path(p).resolve())
+        else:   # a file that is no symlink lies where its resolved folder does
+            if head not in dirs:
+                dirs[head] = str(Path(head or ".").resolve())
+            r = os.path.join(dirs[head], name)
+        if r == root or r.startswith(under):
             return str(p)
     return None
 
@@ -188,6 +205,10 @@ def make_planted_data(dataset: str = "auto", *, target_class: int = 3, n_poisone
     spec = spec or PatternSpec("patch3", seed=seed)
     if not (str(n_poisoned) == "all" or re.fullmatch(r"[0-9]+", str(n_poisoned))):
         raise ValueError(f"n_poisoned: expected an integer >= 0 or 'all', got {n_poisoned!r}")
+    for name, value in (("n_suspect", n_suspect), ("n_train_per_class", n_train_per_class), ("seed", seed)):
+        # numpy said "negative dimensions are not allowed" (or "expected non-negative integer"), naming nothing
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
     if dataset == "auto":
         dataset = "fashion-mnist" if find_fashion_mnist(fashion_root) else "digits"
         if dataset == "digits":
@@ -289,7 +310,10 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     check_outputs(pool, classifier, num_classes, config.device)
     from . import backends   # a misspelt or unavailable backend failed at the first batch
     backends.resolve("encoder", encoder_backend, torch.device(config.device).type)
-    if getattr(pool, "paths", None) is not None:   # only folder pools go through a loader
+    # only folder pools go through a loader, and an unlabelled clean folder (confirmation predicts it through one)
+    if getattr(pool, "paths", None) is not None or (clean is not None and confirm and len(clean) > 0
+                                                    and getattr(clean, "paths", None) is not None
+                                                    and (clean.labels() < 0).any()):
         backends.resolve("loader", loader_backend)
     if clean is not None and confirm:   # confirmation comes last: refuse a bad clean set before any work
         if len(clean) == 0:

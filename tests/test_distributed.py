@@ -418,9 +418,18 @@ def _discover_args(d: Path, out: Path, batch: int = 32):
 
 
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    # the caller's PYTHONPATH kept after the repository: packages installed there were missing
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     env.pop("WORLD_SIZE", None)
     return env
+
+
+def test_the_subprocess_environment_keeps_the_callers_python_path(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/tmp/site")
+    assert _env()["PYTHONPATH"] == f"{ROOT}{os.pathsep}/tmp/site"
+    monkeypatch.delenv("PYTHONPATH")
+    assert _env()["PYTHONPATH"] == str(ROOT)
 
 
 def _one_process(d: Path, out: Path):

@@ -580,3 +580,24 @@ def test_a_numpy_integer_number_of_classes_is_embedded(tmp_path):
     assert shard.complete and shard.manifest["shard_id"] == 1
     with pytest.raises(ValueError, match="num_classes must be an integer >= 1, got 4.5"):
         embed_pool(src, clf, vae, tmp_path / "u", num_classes=4.5, progress=False)
+
+
+def test_a_shard_id_or_count_that_is_no_integer_is_refused(tmp_path):
+    # int() made a shard_id of 1.5 shard 1 without a word
+    src, clf, vae = _setup(8)
+    for shard_id, num_shards in ((1.5, 2), (0, 2.0), (True, 2), (0, 0), (2, 2)):
+        with pytest.raises(ValueError, match=f"need integers 0 <= shard_id < num_shards, got shard_id={shard_id!r}"):
+            embed_pool(src, clf, vae, tmp_path / "v", num_classes=4, progress=False, shard_id=shard_id,
+                       num_shards=num_shards)
+    assert not (tmp_path / "v").exists()
+
+
+@pytest.mark.parametrize("text", ["", '{"n": 8, "do'])
+def test_a_manifest_that_is_not_json_is_named(tmp_path, text):
+    # json's "Expecting value: line 1 column 1 (char 0)" named no file (a manifest emptied by a crash
+    # of the machine, a hand edit), on a resume and in `spurfast report`
+    src, clf, vae = _setup(8)
+    embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=4, progress=False, stop_after=1)
+    (tmp_path / "s" / "manifest.json").write_text(text)
+    with pytest.raises(ValueError, match=f"{tmp_path}/s/manifest.json is not readable JSON"):
+        embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=4, progress=False)
