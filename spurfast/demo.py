@@ -90,7 +90,7 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
     where the models train and discovery runs (``config.device``): given both, they must
     agree (the classifier trained on one while discovery sent it tensors on the other); given
     neither, the CPU.  ``overwrite``: replace another demo run in ``out_dir``; one that differs
-    only in its discovery settings keeps its trained models and embedding store (as
+    only in its discovery settings (or ``confirm``) keeps its trained models and embedding store (as
     `spurfast discover --overwrite` keeps a store of the same pool and models)."""
     if config is None:
         config = DiscoverConfig(seed=seed, device="cpu" if device is None else device)
@@ -105,10 +105,12 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
     settings = dict(dataset=data.dataset, seed=seed, target_class=target_class, pattern=spec.to_dict(),
                     n_poisoned=str(n_poisoned), pool_fraction=pool_fraction, classifier_epochs=classifier_epochs,
                     vae_epochs=vae_epochs, latent_dim=latent_dim, discover=config.__dict__)
+    if not confirm:   # another run (a confirmed one was resumed and its findings rewritten unconfirmed); only
+        settings["confirm"] = False   # when off, so the CLI demo's (always confirmed) run ids stay
     run_id = "demo-" + hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
     # what the pool and the models depend on: --overwrite of a run that differs only in its
     # discovery settings retrained both models and embedded the pool again (minutes to hours)
-    trained = {**{k: v for k, v in settings.items() if k != "discover"}, "device": device}   # trained there
+    trained = {**{k: v for k, v in settings.items() if k not in ("discover", "confirm")}, "device": device}
     models_id = hashlib.sha256(json.dumps(trained, sort_keys=True, default=str).encode()).hexdigest()[:12]
     if overwrite and _holds_models(Path(out_dir), models_id):
         # taken over as this run: its checkpoints resume (finished: the same models), its store

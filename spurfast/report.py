@@ -47,9 +47,18 @@ def _to_pil(img: torch.Tensor):
     return im
 
 
+def _make_folder(d: Path) -> None:
+    """mkdir -p ``d``, naming what is in the way: a file (or a dangling link) there made
+    mkdir say only "[Errno 17] File exists"."""
+    if (d.is_symlink() or d.exists()) and not d.is_dir():
+        raise NotADirectoryError(f"{_text(d)} is not a folder; the report writes its pictures there: move or "
+                                 f"remove it")
+    d.mkdir(parents=True, exist_ok=True)
+
+
 def save_image(img: torch.Tensor, path) -> str:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_folder(path.parent)
     _to_pil(img).save(path)
     return str(path)
 
@@ -69,9 +78,11 @@ def _run_png(out_dir: Path, name) -> bool:
     rel = Path(str(name))
     if rel.is_absolute() or ".." in rel.parts:   # spelled inside the run (a linked images folder stays fine)
         return False
-    try:
+    try:   # is_file() first: open() of a FIFO waited for a writer forever
+        if not (out_dir / rel).is_file():
+            return False
         with open(out_dir / rel, "rb") as fh:
-            return (out_dir / rel).is_file() and fh.read(8) == b"\x89PNG\r\n\x1a\n"
+            return fh.read(8) == b"\x89PNG\r\n\x1a\n"
     except (OSError, ValueError):   # ValueError: a name holding a NUL byte (open() raised it, naming no file)
         return False
 
@@ -193,6 +204,9 @@ def _need_number(v, what: str, text: bool = True) -> None:
             return
     except ValueError:
         pass
+    except OverflowError:   # an integer of 309+ digits (JSON reads it as int): the page's float() raised
+        raise ValueError(f"{what} is {json.dumps(v, default=repr)[:40]}..., expected a number within a float's "
+                         f"range (1.8e308)") from None
     raise ValueError(f"{what} is {json.dumps(v, default=repr)}, expected a number")
 
 
@@ -216,7 +230,7 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
         parts.append("<h2>Summary</h2><table>" + "".join(
             f"<tr><th>{e(k)}</th><td>{e('n/a' if v is None else v)}</td></tr>" for k, v in summary.items()) + "</table>")
     if clusters:
-        (out_dir / "images").mkdir(parents=True, exist_ok=True)  # a run copied without its images
+        _make_folder(out_dir / "images")  # a run copied without its images
         plot_scores(clusters, fdr, out_dir / "images" / "scores.png")
         parts.append(f"<h2>Cluster scores</h2><img src='{_data_uri(out_dir / 'images' / 'scores.png')}' "
                      f"alt='cluster scores' title='images/scores.png'>")

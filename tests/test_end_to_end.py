@@ -121,3 +121,20 @@ def test_a_device_that_contradicts_the_config_is_refused_up_front(tmp_path):
     with pytest.raises(ValueError, match="device 'cuda' and config.device 'cpu' disagree"):
         run_demo(tmp_path, dataset="digits", config=DiscoverConfig(device="cpu"), device="cuda", progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_confirmed_demo_is_not_resumed_unconfirmed(tmp_path):
+    """run_demo(confirm=False) into a folder holding the same demo, confirmed, resumed it
+    (the run id left out ``confirm``) and silently rewrote its findings with no confirmation."""
+    kw = dict(dataset="digits", seed=0, n_poisoned="0", pool_fraction=0.0, classifier_epochs=1, vae_epochs=1,
+              progress=False, config=DiscoverConfig(n_null=3, fdr=0.9, seed=0))
+    run_demo(tmp_path, **kw)
+    doc = json.loads((tmp_path / "findings.json").read_text())
+    assert any(f["confirm"] for f in doc["findings"]), "the test needs a confirmed finding"
+    ckpt = (tmp_path / "classifier.ckpt").stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match="already holds run"):
+        run_demo(tmp_path, confirm=False, **kw)
+    assert json.loads((tmp_path / "findings.json").read_text()) == doc
+    run_demo(tmp_path, confirm=False, overwrite=True, **kw)   # another run of the same models: they are kept
+    assert not any(f["confirm"] for f in json.loads((tmp_path / "findings.json").read_text())["findings"])
+    assert (tmp_path / "classifier.ckpt").stat().st_mtime_ns == ckpt

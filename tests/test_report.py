@@ -1,8 +1,12 @@
 """The HTML report's confirmation sentence, from hand-made findings."""
+import os
+import threading
+
+import pytest
 import torch
 
 from spurfast.confirm import VERDICTS
-from spurfast.report import plot_scores, write_report
+from spurfast.report import plot_scores, save_image, write_report
 
 
 def _doc(confirm):
@@ -360,3 +364,52 @@ def test_a_hand_edited_value_is_named_not_a_traceback(tmp_path):
     html = write_report(edited(lambda d, f: d["config"]["discover"].update(fdr="0.05")), tmp_path / "s",
                         clusters=[{"score": 5.0, "q_value": 0.01}]).read_text()
     assert "Findings (1 at q &le; 0.05)" in html
+
+
+def test_an_images_file_where_the_folder_goes_is_named(tmp_path):
+    """RUN/images a file: `spurfast report` said only "[Errno 17] File exists"."""
+    (tmp_path / "images").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match="images is not a folder; the report writes its pictures there: move or remove it"):
+        write_report(_doc(None), tmp_path, clusters=[{"score": 5.0, "q_value": 0.02}])
+    (tmp_path / "images").unlink()
+    (tmp_path / "images").symlink_to(tmp_path / "gone")   # a dangling link: mkdir said "File exists" too
+    with pytest.raises(NotADirectoryError, match="images is not a folder"):
+        write_report(_doc(None), tmp_path, clusters=[{"score": 5.0, "q_value": 0.02}])
+    with pytest.raises(NotADirectoryError, match="images is not a folder"):   # a finding's picture (characterise)
+        save_image(torch.zeros(1, 8, 8), tmp_path / "images" / "finding1_mask.png")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_named_as_a_finding_image_does_not_block_the_report(tmp_path):
+    """_run_png opened the file before asking is_file(): a FIFO named in findings.json
+    blocked `spurfast report` forever, waiting for a writer."""
+    doc = _doc(None)
+    doc["findings"][0]["images"] = {"grid": "images/finding1_grid.png"}
+    (tmp_path / "images").mkdir()
+    fifo = tmp_path / "images" / "finding1_grid.png"
+    os.mkfifo(fifo)
+    done = []
+    t = threading.Thread(target=lambda: done.append(write_report(doc, tmp_path).read_text()), daemon=True)
+    t.start()
+    t.join(60)
+    try:
+        assert done, "write_report blocked on the FIFO"
+        assert "images/finding1_grid.png is missing" in done[0]
+    finally:
+        if t.is_alive():   # release the blocked open()
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            t.join(10)
+
+
+def test_a_huge_integer_value_is_named_not_an_overflow_traceback(tmp_path):
+    """JSON reads 1 followed by 400 zeros as an int: float() of it raised OverflowError, a
+    traceback naming no field, where other bad values were named."""
+    import json
+
+    doc = _doc({"flip_rate": 0.5, "control_flip_rate": 0.01, "p_value": 1e-9})
+    doc["findings"][0]["score"] = json.loads("1" + "0" * 400)
+    with pytest.raises(ValueError, match="finding 1's score is 1000.*expected a number within a float's range"):
+        write_report(doc, tmp_path)
+    doc = _doc({"flip_rate": json.loads("1" + "0" * 400), "control_flip_rate": 0.01, "p_value": 1e-9})
+    with pytest.raises(ValueError, match="finding 1's confirm.flip_rate is 1000"):
+        write_report(doc, tmp_path)
