@@ -442,6 +442,12 @@ def cmd_train_vae(args):
     print(f"wrote {args.out}")
 
 
+def _loader_has_no_effect(args):
+    logging.getLogger("spurfast.cli").warning(
+        "--loader-backend %s has no effect: pool %s holds arrays, which no loader decodes",
+        args.loader_backend, args.pool)
+
+
 def cmd_discover(args):
     from .models.classifier import check_output_width, load_classifier, output_width
     from .models.train import load_vae
@@ -453,12 +459,11 @@ def cmd_discover(args):
                    **({"loader_backend": (args.loader_backend, ("loader",))} if Path(args.pool).is_dir() else {}))
     pool, extra = load_pool(args.pool, args.size, args.channels, args.class_names)
     # after the pool is read: a missing or damaged one was first said to hold arrays; a --clean
-    # folder may go through the loader (confirmation predicts an unlabelled one through it)
+    # folder may go through the loader (below, once it is read)
     clean_folder = bool(args.clean) and not args.no_confirm and Path(args.clean).is_dir()
-    if args.loader_backend not in (None, "auto") and not Path(args.pool).is_dir() and not clean_folder:
-        logging.getLogger("spurfast.cli").warning(
-            "--loader-backend %s has no effect: pool %s holds arrays, which no loader decodes",
-            args.loader_backend, args.pool)
+    loader_unused = args.loader_backend not in (None, "auto") and not Path(args.pool).is_dir()
+    if loader_unused and not clean_folder:
+        _loader_has_no_effect(args)
     if args.class_names and args.num_classes:
         # without --num-classes the classifier's output width is checked against the file; with it,
         # a shorter file labelled folders by a partial list and left later classes' findings unnamed
@@ -499,10 +504,14 @@ def cmd_discover(args):
         if tuple(clean.image_shape) != tuple(pool.image_shape):
             raise ValueError(f"clean set {args.clean} has images of shape {clean.image_shape}, "
                              f"pool {args.pool} has {pool.image_shape}")
-        if not Path(args.pool).is_dir() and getattr(clean, "paths", None) is not None and (clean.labels() < 0).any():
-            # confirmation predicts it through the loader: with an .npz pool that backend went
-            # unchecked, and a bad one failed at confirmation, after the embedding pass and discovery
-            check_backends(args.device, loader_backend=(args.loader_backend, ("loader",)))
+    # confirmation predicts an unlabelled --clean folder through the loader (a labelled one is not)
+    clean_loaded = clean is not None and getattr(clean, "paths", None) is not None and (clean.labels() < 0).any()
+    if not Path(args.pool).is_dir() and clean_loaded:
+        # with an .npz pool that backend went unchecked, and a bad one failed at confirmation,
+        # after the embedding pass and discovery
+        check_backends(args.device, loader_backend=(args.loader_backend, ("loader",)))
+    if loader_unused and clean_folder and not clean_loaded:   # a labelled one went without the warning
+        _loader_has_no_effect(args)
     from . import distributed as dist
     dist.init(args.device)  # under torchrun: join the group (gloo on CPUs, NCCL on GPUs); else a no-op
     try:
@@ -667,10 +676,16 @@ def cmd_report(args):
         summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else None
     except ValueError as exc:
         raise cut_short("summary.json", exc) from None
+    source = BAD_FILES if (run / BAD_FILES).is_file() else "store/manifest.json"
     try:
         bad_files = read_bad_files(run)
-    except ValueError as exc:
-        raise cut_short(BAD_FILES if (run / BAD_FILES).is_file() else "store/manifest.json", exc) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise cut_short(source, exc) from None
+    except (KeyError, TypeError, ValueError) as exc:   # readable JSON with a bad value (or a key gone: a
+        if str(run / source) in str(exc):                # traceback): "not readable JSON" was false
+            raise   # the store's own message names the file already
+        raise ValueError(f"{run / source} is not as spurfast wrote it ({exc.__class__.__name__}: {exc}); rerun "
+                         f"`spurfast discover` (or `spurfast demo`) on this run") from None
     # both are written as objects: a hand-edited list or string ended in an AttributeError traceback
     for name, value in (("summary.json", summary), (BAD_FILES, bad_files)):
         if value is not None and not isinstance(value, dict):
@@ -714,7 +729,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier-epochs", type=_int_at_least(1), default=3)
     p.add_argument("--vae-epochs", type=_int_at_least(1), default=8)
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a different spurfast run in --out (never a folder spurfast did not write)")
+                   help="replace a different spurfast run in --out (never a folder spurfast did not write), "
+                        "keeping its trained models and embedding store when it differs only in its discovery "
+                        "settings (--fdr, --k, ...)")
     p.add_argument("--quiet", action="store_true")
     _add_pattern_args(p)
     _add_discover_args(p)

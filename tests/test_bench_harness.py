@@ -477,3 +477,57 @@ def test_a_csv_under_a_file_is_refused_up_front(tmp_path, monkeypatch, capsys):
         bench_main(["kmeans", "--quick", "--device", "cpu", "--csv", str(f)])
     assert e.value.code == 2 and "notes.txt is a file, not a folder" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_cut_short_pool_json_is_regenerated_not_a_traceback_forever(tmp_path, monkeypatch):
+    # make-pool writes pool.json in place: one cut short failed every later e2e run in json.loads,
+    # and make-pool itself refused the folder (no readable make-pool pool.json)
+    from bench import bench_e2e
+
+    monkeypatch.setenv("SPURFAST_BENCH_DIR", str(tmp_path / "bench"))
+    made = []
+    import spurfast.make_pool
+    real = spurfast.make_pool.make_pool
+    monkeypatch.setattr(spurfast.make_pool, "make_pool", lambda d, spec, **kw: made.append(d) or
+                        real(d, spurfast.make_pool.PoolSpec(**{**spec.__dict__, "n": 12, "fraction": 0.5}),
+                             **{**kw, "workers": 1}))
+    d = bench_e2e.ensure_pool(12)
+    (d / "pool.json").write_text('{"writer": "spurf')
+    assert bench_e2e.ensure_pool(12) == d and len(made) == 2
+    assert (d / "pool.json").is_file() and (d / "ground_truth.csv").is_file()
+
+
+def test_a_classifier_save_cut_short_is_not_taken_as_done(tmp_path, monkeypatch):
+    # torch.jit's save wrote the final name in place: cut short (with vae.pt there), every later
+    # run took the broken file as the benchmark's classifier
+    from pathlib import Path
+
+    from bench import bench_e2e
+
+    monkeypatch.setenv("SPURFAST_BENCH_DIR", str(tmp_path))
+    clf_p, vae_p = bench_e2e.ensure_models()
+    clf_p.unlink()
+
+    class Cut:
+        def save(self, path):
+            Path(path).write_bytes(b"PK\x03\x04cut")
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.jit, "trace", lambda *a, **k: Cut())
+        with pytest.raises(KeyboardInterrupt):
+            bench_e2e.ensure_models()
+    assert bench_e2e.ensure_models() == (clf_p, vae_p)
+    from spurfast.models.classifier import load_classifier
+    assert load_classifier(clf_p) is not None
+
+
+def test_an_e2e_size_too_small_for_a_carrier_is_named_up_front(monkeypatch):
+    # SPURFAST_BENCH_E2E_SIZES=10 failed after the models (and any earlier size's runs) in make-pool's
+    # words, "--fraction 0.05 ... among --n 10 rounds to no carrier": flags the user never passed
+    from bench import bench_e2e
+
+    monkeypatch.setenv("SPURFAST_BENCH_E2E_SIZES", "600,10")
+    monkeypatch.setattr(bench_e2e, "ensure_models", lambda: pytest.fail("the benchmark started"))
+    with pytest.raises(ValueError, match=r"SPURFAST_BENCH_E2E_SIZES='600,10': a pool of 10 images .* sizes >= 11"):
+        bench_e2e.run(None, quick=True, device="cpu")

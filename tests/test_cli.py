@@ -1626,3 +1626,50 @@ def test_the_loader_backend_of_an_unlabelled_clean_folder_is_checked_up_front(tm
     monkeypatch.setenv("SPURFAST_BACKEND_LOADER", "bogus")
     labelled = [a if a != str(tmp_path / "flat") else str(tmp_path / "labelled") for a in args]
     assert main([*labelled, "--out", str(tmp_path / "o3")]) == 0
+
+
+@pytest.mark.parametrize("manifest,says", [
+    ('{"n": 3, "done": 3, "columns": {}, "bad_files": [1, 2]}', "its bad_files is a JSON list"),
+    ('{"n": 3, "done": 3, "columns": {}, "bad_files": {"x": "unreadable"}}', "is not as spurfast wrote it"),
+    ('{"n": 3, "columns": {}}', "is not as spurfast wrote it (KeyError: 'done')")])   # was a traceback
+def test_report_on_a_readable_manifest_with_a_bad_bad_files_does_not_call_it_unreadable_json(tmp_path, capsys,
+                                                                                           manifest, says):
+    # every ValueError from the store's record was "manifest.json is not readable JSON", which it is
+    run = tmp_path / "run"
+    (run / "store").mkdir(parents=True)
+    (run / "findings.json").write_text(json.dumps({"schema": 1, "findings": []}))
+    (run / "store" / "manifest.json").write_text(manifest)
+    (run / "store" / "bad_files.jsonl").write_text('{"done": 1, "bad": {"0": "unreadable"}}\n')
+    capsys.readouterr()
+    assert main(["report", "--run", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "not readable JSON" not in err and says in err and str(run / "store" / "manifest.json") in err, err
+
+
+def test_demo_overwrite_help_says_a_discovery_only_change_keeps_the_models(capsys):
+    # run_demo keeps the trained models and store of a run that differs only in discovery
+    # settings; the help promised only a replacement (a user would expect to retrain)
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    help_ = text.split("--overwrite ")[-1].split(" --quiet")[0]
+    assert "keeping its trained models and embedding store" in help_ and "discovery settings" in help_, help_
+
+
+def test_loader_backend_with_an_npz_pool_and_a_labelled_clean_folder_still_says_it_has_no_effect(tmp_path, caplog,
+                                                                                                 monkeypatch):
+    # any --clean folder silenced the warning, but a labelled one is read image by image: no loader
+    # decodes anything in this run, and --loader-backend torch was taken without a word
+    from PIL import Image
+    clf, vae = _models(tmp_path)
+    pool = _npz(tmp_path / "pool.npz", np.random.default_rng(0).integers(0, 256, (40, 1, 28, 28), dtype=np.uint8))
+    for c in ("0", "1"):
+        (tmp_path / "labelled" / c).mkdir(parents=True)
+        Image.fromarray(np.full((28, 28), 99, np.uint8)).save(tmp_path / "labelled" / c / "a.png")
+    import spurfast.pipeline
+    monkeypatch.setattr(spurfast.pipeline, "run_discovery", lambda *a, **k: (None, None, None))
+    with caplog.at_level("WARNING", logger="spurfast.cli"):
+        assert main(["discover", "--pool", pool, "--classifier", clf, "--vae", vae, "--clean",
+                     str(tmp_path / "labelled"), "--size", "28", "--channels", "1", "--quiet", "--out",
+                     str(tmp_path / "o"), "--loader-backend", "torch"]) == 0
+    assert "--loader-backend torch has no effect" in caplog.text, caplog.text
