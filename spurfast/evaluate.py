@@ -48,7 +48,7 @@ from .discover import DiscoverConfig, characterise, discover
 from .embed import _write_json   # atomic: a run killed mid-write left a truncated cache file
 from .metrics import Feature, carried_by, false_findings, false_findings_on_pool_patterns, feature_metrics, matches, recall_at_q
 from .plant import PatternSpec, apply_pattern, fixed_mask, plant_training
-from .results_doc import METHODS, check_results_md, read_notes, write_csv, write_results, write_with_notes
+from .results_doc import METHODS, check_results_md, csv_digests, read_notes, write_csv, write_results, write_with_notes
 from .support import training_support
 
 log = logging.getLogger("spurfast.evaluate")
@@ -446,6 +446,12 @@ def _run_one(rfile: Path, setting: Setting, seed: int, sizes: Sizes, cache: Path
     except ValueError:   # cut short by an interruption before writes became atomic: score it again
         log.warning("cached run %s cannot be read; running it again", rfile)
         d = None
+    # valid JSON of another shape (hand-edited, damaged): a KeyError naming no file; scored again too
+    if d is not None and not (isinstance(d, dict) and isinstance(d.get("rows"), list)
+                              and isinstance(d.get("confirm"), list) and all(isinstance(c, dict) for c in d["confirm"])
+                              and all(isinstance(r, dict) and {"method", "metric"} <= r.keys() for r in d["rows"])):
+        log.warning("cached run %s is not a run's {\"rows\": [...], \"confirm\": [...]}; running it again", rfile)
+        d = None
     if d is not None:
         foreign = d.get("model_provenance") != model_provenance()   # cached by other code or elsewhere
         rows = [r for r in d["rows"] if r["metric"] != FOREIGN_MODELS and _applies(r)]
@@ -631,7 +637,9 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
                      + (["--statistic", statistic] if statistic != "share" else []))
     timing = {"wall_s": time.time() - t0, "cpu_s": time.process_time() - c0, "load_at_start": load0,
               "load_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
-              "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "command": cmd}
+              "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "command": cmd,
+              # written last: --from-csv tells a results.csv / confirm.csv pair that a kill between the writes mixed
+              "csv_sha256": csv_digests(out / "results.csv", out / "confirm.csv")}
     _write_json(out / "timing.json", timing)
     # the hand-written notes below the marker survive a rerun into the same folder, as they do
     # with --from-csv (docs/results/full/RESULTS.md holds a hundred lines of them)

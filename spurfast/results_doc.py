@@ -9,6 +9,8 @@ issue's targets checked against the numbers, and the plots.
 from __future__ import annotations
 
 import csv
+import hashlib
+import logging
 import os
 import re
 from pathlib import Path
@@ -17,6 +19,8 @@ import numpy as np
 
 from .confirm import confirm_verdict
 from .data.sources import utf8_name
+
+log = logging.getLogger("spurfast.results_doc")
 
 # the methods compared, in table order: spurfast, then the baselines (`spurfast.baselines`)
 METHODS = ("spurfast", "spurfast+confirm", "spurfast+support", "pixels", "george", "activation_clustering", "random")
@@ -45,6 +49,48 @@ def read_csv(path) -> list[dict]:
     except UnicodeDecodeError as exc:   # the codec's message named no file (confirm.csv is read unasked)
         raise ValueError(f"{path} is not UTF-8 text ({exc}); save it as UTF-8, as `spurfast evaluate` "
                          f"writes it") from None
+
+
+def csv_digests(*paths) -> dict:
+    """{file name: sha256 of its text, LF line ends} of the CSVs a sweep just wrote, for its timing.json:
+    the three files are written one after another, and `check_digests` tells a set that a
+    kill between those writes left mixed."""
+    return {Path(p).name: _digest(p) for p in paths}
+
+
+def _digest(path) -> str:
+    # of the text, whatever its line ends: git (autocrlf) checks a committed CSV out with LF
+    return hashlib.sha256(Path(path).read_bytes().replace(b"\r\n", b"\n")).hexdigest()
+
+
+def check_digests(timing, csv_path, confirm_path) -> None:
+    """Warn where ``csv_path`` / ``confirm_path`` are not the files the sweep of ``timing``
+    (its timing.json, with `csv_digests`) wrote: a sweep killed between its writes paired a
+    new results.csv with the previous sweep's confirm.csv (or timing.json), and the document
+    showed the other sweep's confirmation table (or command) unsaid.  A timing.json without
+    digests (written before they were kept) is not checked."""
+    want = (timing or {}).get("csv_sha256") if isinstance(timing, dict) else None
+    if not isinstance(want, dict):
+        return
+
+    def same(p, name):   # by role: --from-csv takes a results CSV of any name
+        return p is not None and Path(p).is_file() and _digest(p) == want.get(name)
+    # confirm_path None: the caller reads no confirm.csv, so there is none to pair
+    r_ok = same(csv_path, "results.csv")
+    c_ok = None if confirm_path is None else same(confirm_path, "confirm.csv")
+    if r_ok and c_ok is not False:
+        return
+    if not r_ok and c_ok:
+        log.warning("%s is not the results.csv written with %s and timing.json beside it (a later sweep killed "
+                    "before writing those, or an edited CSV): the confirmation table, command and times are of "
+                    "another sweep; rerun the evaluation", csv_path, confirm_path)
+    elif r_ok:
+        log.warning("%s is not the confirm.csv written with %s (edited, replaced or missing): the confirmation "
+                    "table may be of another sweep; rerun the evaluation", confirm_path, csv_path)
+    else:
+        log.warning("the run's timing (timing.json) was written by another sweep than %s (one killed before "
+                    "writing it, or an edited CSV): the command and times shown are that sweep's",
+                    csv_path if confirm_path is None else f"{csv_path} and {confirm_path}")
 
 
 def _read_whole(path, need=()) -> list[dict]:
@@ -183,6 +229,7 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
                              f"per seed: remove one")
         seen[key] = line
     _check_confirm_rows(crows, confirm_path)
+    check_digests(timing, csv_path, confirm_path)
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     # in seed order within each setting: the "per seed" lists are read against the sorted seeds
     # of the setting's heading (--seeds 2,0,1 listed seed 2's value first)

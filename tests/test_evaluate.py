@@ -3,6 +3,7 @@ its cache, RESULTS.md regeneration and bad input; the quick preset is marked slo
 import csv
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1062,3 +1063,84 @@ def test_a_csv_that_is_not_utf8_is_named(tmp_path, capsys):
     csv_path.write_bytes(csv_path.read_bytes().replace(b"patch3-n150", "patch3-n150 é".encode("cp1252")))
     assert main(["evaluate", "--from-csv", str(csv_path), "--out", str(tmp_path / "o")]) == 2
     assert f"{csv_path} is not UTF-8 text" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cached", [[], {"rows": []}, {"rows": [1], "confirm": []}, {"rows": [], "confirm": [2]}])
+def test_a_cached_run_file_of_another_shape_is_run_again(tmp_path, monkeypatch, caplog, cached):
+    """A runs/*.json holding valid JSON that is not {"rows": [...], "confirm": [...]} (hand-edited,
+    damaged) gave a KeyError / TypeError naming no file; it is scored again, as unreadable JSON is."""
+    import json
+
+    import spurfast.evaluate as E
+
+    setting, sizes = PRESETS["tiny"]["settings"][0], PRESETS["tiny"]["sizes"]
+    (tmp_path / "runs").mkdir()
+    rfile = tmp_path / "runs" / f"{setting.name}-s0-{E.run_key(setting, 0, sizes)}.json"
+    rfile.write_text(json.dumps(cached))
+
+    class Rerun(Exception):
+        pass
+
+    monkeypatch.setattr(E, "build_data", lambda *a: (_ for _ in ()).throw(Rerun()))
+    with pytest.raises(Rerun):
+        E.run_one(setting, 0, sizes, tmp_path)
+    assert str(rfile) in caplog.text
+
+
+def test_from_csv_warns_of_a_results_csv_left_beside_another_sweeps_confirm_csv(tmp_path, monkeypatch, caplog):
+    """run_evaluation writes results.csv, confirm.csv and timing.json one after another: a kill
+    between them left a new results.csv beside the previous sweep's confirm.csv (and timing.json),
+    and --from-csv showed that sweep's confirmation table and command without a word."""
+    import spurfast.evaluate as E
+    import spurfast.results_doc as RD
+
+    def sweep(value):
+        monkeypatch.setattr(E, "run_one", lambda s, seed, *a, **k: (
+            [{"setting": s.name, "seed": seed, "method": "spurfast", "feature": "p", "metric": "ap", "value": value}],
+            [{"setting": s.name, "seed": seed, "rank": 1, "class": 3, "q_value": 0.01, "true_finding": 1,
+              "flip_rate": value, "control_flip_rate": 0.0, "p_value": 0.001, "confirmed": 1}]))
+        run_evaluation("tiny", out, progress=False, only="^clean", seeds=[0])
+
+    out = tmp_path / "out"
+    sweep(0.5)
+    caplog.clear()
+    assert main(["evaluate", "--from-csv", str(out / "results.csv"), "--out", str(tmp_path / "a")]) == 0
+    assert "another sweep" not in caplog.text   # a whole sweep's files: nothing to say
+    real = RD.write_csv
+
+    def killed(path, *a, **k):   # the second sweep is killed once its results.csv is written
+        if Path(path).name == "confirm.csv":
+            raise KeyboardInterrupt
+        real(path, *a, **k)
+
+    monkeypatch.setattr(E, "write_csv", killed)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(0.75)
+    caplog.clear()
+    assert main(["evaluate", "--from-csv", str(out / "results.csv"), "--out", str(tmp_path / "b")]) == 0
+    assert f"{out / 'results.csv'} is not the results.csv written with {out / 'confirm.csv'}" in caplog.text
+    # killed after both CSVs, before timing.json: its command and times are the earlier sweep's
+    monkeypatch.setattr(E, "write_csv", real)
+    real_json = E._write_json
+
+    def killed_json(path, *a, **k):
+        if Path(path).name == "timing.json":
+            raise KeyboardInterrupt
+        real_json(path, *a, **k)
+
+    monkeypatch.setattr(E, "_write_json", killed_json)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(0.25)
+    caplog.clear()
+    assert main(["evaluate", "--from-csv", str(out / "results.csv"), "--out", str(tmp_path / "c")]) == 0
+    assert f"timing.json) was written by another sweep than {out / 'results.csv'} and" in caplog.text
+    monkeypatch.setattr(E, "_write_json", real_json)   # a whole sweep again: nothing to say
+    sweep(0.25)
+    caplog.clear()
+    assert main(["evaluate", "--from-csv", str(out / "results.csv"), "--out", str(tmp_path / "d")]) == 0
+    assert "another sweep" not in caplog.text and "not the" not in caplog.text
+    for name in ("results.csv", "confirm.csv"):   # checked out by git with LF line ends: the same files
+        (out / name).write_bytes((out / name).read_bytes().replace(b"\r\n", b"\n"))
+    caplog.clear()
+    assert main(["evaluate", "--from-csv", str(out / "results.csv"), "--out", str(tmp_path / "e")]) == 0
+    assert "another sweep" not in caplog.text and "not the" not in caplog.text
