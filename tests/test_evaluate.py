@@ -1108,12 +1108,14 @@ def test_from_csv_warns_of_a_results_csv_left_beside_another_sweeps_confirm_csv(
     assert "another sweep" not in caplog.text   # a whole sweep's files: nothing to say
     real = RD.write_csv
 
-    def killed(path, *a, **k):   # the second sweep is killed once its results.csv is written
-        if Path(path).name == "confirm.csv":
-            raise KeyboardInterrupt
-        real(path, *a, **k)
+    def killed_at(name, write):   # the sweep is killed as it comes to write ``name``
+        def at(path, *a, **k):
+            if Path(path).name == name:
+                raise KeyboardInterrupt
+            write(path, *a, **k)
+        return at
 
-    monkeypatch.setattr(E, "write_csv", killed)
+    monkeypatch.setattr(E, "write_csv", killed_at("confirm.csv", real))   # after its results.csv
     with pytest.raises(KeyboardInterrupt):
         sweep(0.75)
     caplog.clear()
@@ -1122,13 +1124,7 @@ def test_from_csv_warns_of_a_results_csv_left_beside_another_sweeps_confirm_csv(
     # killed after both CSVs, before timing.json: its command and times are the earlier sweep's
     monkeypatch.setattr(E, "write_csv", real)
     real_json = E._write_json
-
-    def killed_json(path, *a, **k):
-        if Path(path).name == "timing.json":
-            raise KeyboardInterrupt
-        real_json(path, *a, **k)
-
-    monkeypatch.setattr(E, "_write_json", killed_json)
+    monkeypatch.setattr(E, "_write_json", killed_at("timing.json", real_json))
     with pytest.raises(KeyboardInterrupt):
         sweep(0.25)
     caplog.clear()
