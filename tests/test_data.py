@@ -548,3 +548,22 @@ def test_the_sampled_digest_reads_a_large_file_in_pieces(tmp_path):
     h.update(b"big:0")
     h.update(data)
     assert got == h.hexdigest()[:16]
+
+
+def test_folder_pool_identity_does_not_depend_on_a_numpy_image_size(tmp_path):
+    """A numpy integer size (accepted by the loaders) put "np.int64(8)" into the image
+    shape the digests hash: the same pool got another run id and store fingerprint."""
+    from PIL import Image
+
+    from spurfast.data.folder import ImageFolderSource
+    from spurfast.data.sources import content_digest, sampled_digest
+    from spurfast.embed import fingerprint
+
+    for i in range(3):
+        Image.fromarray(np.full((10, 12, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    plain = ImageFolderSource(tmp_path, size=8, channels=3)
+    for size, channels in ((np.int64(8), 3), (8, np.int32(3))):
+        other = ImageFolderSource(tmp_path, size=size, channels=channels)
+        assert other.image_shape == (3, 8, 8) and all(type(x) is int for x in other.image_shape)
+        assert (sampled_digest(other), content_digest(other), fingerprint(other)) == \
+            (sampled_digest(plain), content_digest(plain), fingerprint(plain))

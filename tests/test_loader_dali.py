@@ -257,3 +257,19 @@ def test_a_numbered_cpu_device_decodes_on_the_cpu():
     assert loader_dali.resolve_device("cpu:1") == "cpu" and loader_dali.resolve_device("cpu") == "cpu"
     with pytest.raises(ValueError, match="got 'cpu:x'"):
         loader_dali.resolve_device("cpu:x")
+
+
+def test_a_relative_non_utf8_path_after_a_chdir_is_its_own_file(tmp_path, monkeypatch):
+    """A name that is not UTF-8 reaches DALI through a link, which was memoised by the path
+    as given: the same relative path after a chdir decoded the first folder's file."""
+    import os
+
+    name = os.fsdecode(b"pool/\xff.png")
+    for d, v in (("a", 0), ("b", 250)):
+        (tmp_path / d / "pool").mkdir(parents=True)
+        Image.fromarray(np.full((8, 8, 3), v, np.uint8)).save(os.path.join(tmp_path, d, name))
+    for d, v in (("a", 0), ("b", 250)):
+        monkeypatch.chdir(tmp_path / d)
+        _, img, ok = next(loader_dali.iter_folder_batches([name], size=8, batch_size=1, device="cpu",
+                                                          num_threads=1, dtype=torch.uint8))
+        assert bool(ok.all()) and img.unique().tolist() == [v], d

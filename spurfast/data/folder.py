@@ -187,7 +187,9 @@ class ImageFolderSource(ImageSource):
         self.root = str(root)
         self.paths, self._labels, self.class_names = list_folder(root, class_names)
         self.spec = PreprocessSpec(size, channels)
-        self.image_shape = (channels, size, size)
+        # Python ints: a numpy size (accepted by PreprocessSpec) printed as "np.int64(64)" in the
+        # digests, so the same pool got another run id and store fingerprint than with size=64
+        self.image_shape = (int(channels), int(size), int(size))
         # the folder's own name (a link to it, or ".", names the same pool): item ids and so
         # the pool's identity start with it; a name that is not UTF-8 as \xNN escapes, as
         # in item_id (its surrogates failed every digest and fingerprint that encodes it)

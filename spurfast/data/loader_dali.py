@@ -241,11 +241,14 @@ def _dali_name(path: str) -> str:
         return path
     except UnicodeEncodeError:
         pass
-    if path not in _aliases:
+    # keyed by the absolute path: a relative one, after a chdir, named another file, and
+    # its link (made to the first one) decoded the first file's image in its place
+    target = os.path.abspath(path)
+    if target not in _aliases:
         link = os.path.join(os.path.dirname(_filler_file()), f"alias-{len(_aliases)}.img")
-        os.symlink(os.path.abspath(path), link)
-        _aliases[path] = link
-    return _aliases[path]
+        os.symlink(target, link)
+        _aliases[target] = link
+    return _aliases[target]
 
 
 def _to_torch(tl, dtype: torch.dtype, device: str, gpu_id: int | None = None) -> torch.Tensor:
