@@ -195,7 +195,19 @@ def check_outputs(source: ImageSource, classifier, num_classes: int, device: str
     it gives ``num_classes`` logits."""
     with torch.no_grad():
         x0, _ = source.get_batch([0])
-        logits, feats = classifier_outputs(classifier.to(device).eval(), x0.to(device))
+        model, x = classifier.to(device).eval(), x0.to(device)   # outside: "no NVIDIA driver" is no shape error
+        try:
+            logits, feats = classifier_outputs(model, x)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:   # torch's "mat1 and mat2 shapes cannot be multiplied" named neither
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"classifier cannot run on images of shape {'x'.join(map(str, x0.shape[1:]))} (CxHxW) "
+                             f"from {source.name}: {first}") from None
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:   # logits.shape[1]: a bare IndexError
+        got = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else f"a {type(logits).__name__}"
+        raise ValueError(f"classifier outputs {got} for one image of {source.name}; expected logits of shape "
+                         f"(1, classes)")
     if logits.shape[1] != num_classes:
         raise ValueError(f"classifier outputs {logits.shape[1]} logits; expected {num_classes} classes")
     return int(feats.shape[1])
@@ -440,6 +452,9 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
                          f"num_shards={num_shards!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
         raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    # the loader refused it only after the store was created (2.5: a TypeError naming nothing)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     # the manifest is JSON: a numpy integer (labels.max() + 1) failed its write, naming nothing
     num_classes, shard_id, num_shards = int(num_classes), int(shard_id), int(num_shards)
     fp, content = identity or (fingerprint(source, classifier, vae), content_digest(source))

@@ -100,6 +100,13 @@ def prepare_output(out_dir, run_id: str, overwrite: bool, protect=(), earlier_id
                     shutil.rmtree(child)
                 else:
                     child.unlink()
+    # a file (or a dangling link) where a run keeps a folder failed at that folder's mkdir with a
+    # bare "[Errno 17] File exists", after the embedding pass and discovery (images, rankings)
+    for sub in ("store", WORK_DIR, "images", "rankings"):
+        d = out / sub
+        if (d.is_symlink() or d.exists()) and not d.is_dir():
+            raise NotADirectoryError(f"output directory {out}: {d} is not a folder; the run keeps its {sub} there: "
+                                     f"move or remove it")
     out.mkdir(parents=True, exist_ok=True)
     _write_json(marker, {"run_id": run_id}, indent=None)   # atomic: a torn run.json locks the user out
     return out
@@ -281,6 +288,9 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     # checked here, not by the loader: --overwrite would have deleted the old run first
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    # embed_pool's own check came after --overwrite had deleted the old run's findings (2.0 == 2 logits)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
     if suspect is not None and np.shape(suspect) != (len(pool),):
         raise ValueError(f"suspect mask has shape {np.shape(suspect)}, expected ({len(pool)},): one entry per image "
                          f"of the pool ({pool.name})")
@@ -307,9 +317,16 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     # the embedding pass's own checks, made before --overwrite deletes the old run
     if len(pool) == 0:
         raise ValueError(f"pool {pool.name} is empty")
+    if len(pool) == 1:   # discovery refused it after the embedding pass, with --overwrite after deleting the old run
+        raise ValueError(f"pool {pool.name} holds 1 image; discovery needs at least 2 (each image's latent neighbours "
+                         f"are others)")
     check_outputs(pool, classifier, num_classes, config.device)
     from . import backends   # a misspelt or unavailable backend failed at the first batch
     backends.resolve("encoder", encoder_backend, torch.device(config.device).type)
+    # and the k-means one (config.backend, else $SPURFAST_BACKEND_KMEANS_ASSIGN): one that cannot run
+    # here failed at the first clustering, after the embedding pass (the CLI checks it itself)
+    if backends.requested("kmeans_assign", config.backend) != "auto":   # auto always has the torch one
+        backends.resolve("kmeans_assign", config.backend, torch.device(config.device).type)
     # only folder pools go through a loader, and an unlabelled clean folder (confirmation predicts it through one)
     if getattr(pool, "paths", None) is not None or (clean is not None and confirm and len(clean) > 0
                                                     and getattr(clean, "paths", None) is not None

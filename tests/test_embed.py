@@ -601,3 +601,44 @@ def test_a_manifest_that_is_not_json_is_named(tmp_path, text):
     (tmp_path / "s" / "manifest.json").write_text(text)
     with pytest.raises(ValueError, match=f"{tmp_path}/s/manifest.json is not readable JSON"):
         embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=4, progress=False)
+
+
+def test_a_classifier_for_other_images_is_named(tmp_path):
+    # torch's "mat1 and mat2 shapes cannot be multiplied (1x1024 and 3136x128)" named neither the pool nor
+    # its images (the CLI checks this itself; run_discovery and embed_pool did not)
+    from spurfast.pipeline import run_discovery
+
+    src = ArraySource(torch.rand(8, 1, 16, 16), np.arange(8) % 4, name="small")
+    vae = VAE(VAEConfig.for_images(1, 16, 4))
+    for clf in (SmallCNN(1, 4, 28), SmallCNN(3, 4, 16)):
+        with pytest.raises(ValueError, match=r"classifier cannot run on images of shape 1x16x16 \(CxHxW\) from small"):
+            embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, progress=False)
+        with pytest.raises(ValueError, match=r"classifier cannot run on images of shape 1x16x16 \(CxHxW\) from small"):
+            run_discovery(src, clf, vae, tmp_path / "run", num_classes=4, confirm=False, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value", [2.5, 0, True])
+def test_a_bad_batch_size_is_refused_before_the_store_is_made(tmp_path, value):
+    # 2.5 failed in the loader with "'float' object cannot be interpreted as an integer", and 0 was
+    # refused there, after an empty store had been created
+    src, clf, vae = _setup(8)
+    with pytest.raises(ValueError, match=f"batch_size must be an integer >= 1, got {value!r}"):
+        embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=value, progress=False)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_classifier_whose_logits_are_not_a_matrix_is_named(tmp_path):
+    # a model that squeezes its one logit failed in check_outputs with a bare "IndexError: tuple index out of range"
+    class Squeezed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(28 * 28, 1)
+
+        def forward(self, x):
+            return self.lin(x.flatten(1)).squeeze(1)
+
+    src, _, vae = _setup(8)
+    with pytest.raises(ValueError, match=r"classifier outputs shape \(1,\) for one image of .*expected logits of "
+                                         r"shape \(1, classes\)"):
+        embed_pool(src, Squeezed(), vae, tmp_path / "s", num_classes=1, progress=False)

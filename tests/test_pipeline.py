@@ -546,3 +546,74 @@ def test_an_output_directory_that_is_a_dangling_symlink_is_named(tmp_path):
                                                     f"{tmp_path}/unmounted/run, which does not exist"):
             P.prepare_output(out, "run", False)
     assert not (tmp_path / "unmounted").exists()
+
+
+@pytest.mark.parametrize("sub,kind", [("images", "file"), ("rankings", "file"), ("discovery-work", "link"),
+                                      ("store", "file")])
+def test_a_file_where_a_rerun_keeps_a_folder_is_named_before_any_work(tmp_path, monkeypatch, sub, kind):
+    # a resumed run failed at that folder's mkdir with a bare "[Errno 17] File exists: 'RUN/images'",
+    # after the embedding pass and discovery
+    import shutil
+
+    from spurfast.discover import DiscoverConfig
+
+    pool, clf, vae = _tiny()
+    out = tmp_path / "run"
+    run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False, config=DiscoverConfig(n_null=4))
+    shutil.rmtree(out / sub, ignore_errors=True)
+    (out / sub).write_text("x") if kind == "file" else (out / sub).symlink_to(tmp_path / "gone")
+    monkeypatch.setattr(P.dist, "embed_pool_sharded", lambda *a, **k: pytest.fail("embedded before the check"))
+    with pytest.raises(NotADirectoryError, match=f"output directory {out}: {out / sub} is not a folder; the run "
+                                                 f"keeps its {sub} there: move or remove it"):
+        run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False,
+                      config=DiscoverConfig(n_null=4))
+
+
+@pytest.mark.parametrize("value", [2.0, True, 0])
+def test_a_bad_number_of_classes_is_refused_before_overwrite_deletes_the_old_run(tmp_path, value):
+    # 2.0 passed the logits check (2 == 2.0); the embedding pass refused it after --overwrite had
+    # deleted the old run's findings and report
+    from spurfast.discover import DiscoverConfig
+
+    pool, clf, vae = _tiny()
+    out = tmp_path / "run"
+    run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False, config=DiscoverConfig(n_null=4))
+    with pytest.raises(ValueError, match=f"num_classes must be an integer >= 1, got {value!r}"):
+        run_discovery(pool, clf, vae, out, num_classes=value, confirm=False, progress=False, overwrite=True,
+                      config=DiscoverConfig(n_null=5))
+    assert (out / "findings.json").is_file() and (out / "report.html").is_file()
+
+
+@pytest.mark.parametrize("how", ["config", "env"])
+def test_an_unavailable_kmeans_backend_is_refused_before_any_work(tmp_path, monkeypatch, how):
+    # run_discovery checked the encoder and loader backends up front, not the k-means one: cupy
+    # without a GPU failed at the first clustering, after the embedding pass
+    from spurfast import backends
+    from spurfast.discover import DiscoverConfig
+
+    prov = next(p for p in backends.providers("kmeans_assign") if p.name == "cupy")
+    if prov.available()[0]:
+        pytest.skip("the CuPy k-means runs here")
+    if how == "env":
+        monkeypatch.setenv("SPURFAST_BACKEND_KMEANS_ASSIGN", "cupy")
+    pool, clf, vae = _tiny()
+    monkeypatch.setattr(P.dist, "embed_pool_sharded", lambda *a, **k: pytest.fail("embedded before the check"))
+    with pytest.raises(backends.BackendUnavailable, match="backend 'cupy' for 'kmeans_assign' is unavailable here"):
+        run_discovery(pool, clf, vae, tmp_path / "run", num_classes=2, confirm=False, progress=False,
+                      config=DiscoverConfig(n_null=4, backend="cupy" if how == "config" else None))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_pool_of_one_image_is_refused_before_overwrite_deletes_the_old_run(tmp_path):
+    # discovery refused it ("only 1 readable image(s)"), after --overwrite had deleted the old run's
+    # findings, report and store (another pool's) and the one image had been embedded
+    from spurfast.discover import DiscoverConfig
+
+    pool, clf, vae = _tiny()
+    out = tmp_path / "run"
+    run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False, config=DiscoverConfig(n_null=4))
+    one = ArraySource(torch.rand(1, 1, 16, 16), np.zeros(1, int), name="one")
+    with pytest.raises(ValueError, match="pool one holds 1 image; discovery needs at least 2"):
+        run_discovery(one, clf, vae, out, num_classes=2, confirm=False, progress=False, overwrite=True,
+                      config=DiscoverConfig(n_null=4))
+    assert (out / "findings.json").is_file() and EmbeddingStore(out / "store").n == len(pool)
