@@ -93,7 +93,8 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
     only in its discovery settings (or ``confirm``) keeps its trained models and embedding store (as
     `spurfast discover --overwrite` keeps a store of the same pool and models)."""
     if config is None:
-        config = DiscoverConfig(seed=seed, device="cpu" if device is None else device)
+        device = "cpu" if device is None else device   # None reached training: torch.device(None) raised
+        config = DiscoverConfig(seed=seed, device=device)
     elif device is None:
         device = config.device
     elif torch.device(device) != torch.device(config.device):

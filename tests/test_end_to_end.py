@@ -123,6 +123,24 @@ def test_a_device_that_contradicts_the_config_is_refused_up_front(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_a_demo_given_neither_device_nor_config_trains_on_the_cpu(tmp_path, monkeypatch):
+    """run_demo(out) with the defaults (no device, no config) made its config on the CPU but
+    passed device None on to training: torch.device(None) raised TypeError."""
+    import spurfast.demo as D
+
+    seen = []
+
+    def stop(*a, device=None, **k):
+        seen.append(device)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(D, "train_classifier", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(tmp_path, dataset="digits", n_poisoned="0", pool_fraction=0.0, progress=False)
+    assert seen == ["cpu"]
+    assert json.loads((tmp_path / "demo.json").read_text())["models"]   # the marker hashes device "cpu"
+
+
 def test_a_confirmed_demo_is_not_resumed_unconfirmed(tmp_path):
     """run_demo(confirm=False) into a folder holding the same demo, confirmed, resumed it
     (the run id left out ``confirm``) and silently rewrote its findings with no confirmation."""
