@@ -38,12 +38,20 @@ def main(argv=None) -> int:
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError) as exc:   # ValueError: another file's columns
         ap.error(str(exc))
     names = sorted(SUITES) if args.suite == "all" else [args.suite]
+    mods = {}
     for name in names:
         try:
-            mod = importlib.import_module(SUITES[name])
+            mods[name] = importlib.import_module(SUITES[name])
         except ModuleNotFoundError as exc:
             print(f"[bench] suite {name} not available: {exc}", file=sys.stderr)
-            continue
+    # every suite's SPURFAST_BENCH_* variables before any measurement: in `all`, a bad one
+    # failed (with a traceback) only once its suite came, after those sorted before it had run
+    for mod in mods.values():
+        try:
+            getattr(mod, "check_env", lambda: None)()
+        except ValueError as exc:
+            ap.error(str(exc))
+    for mod in mods.values():
         mod.run(writer, quick=args.quick, device=args.device)
     print(f"[bench] {len(writer.rows)} rows appended to {writer.path}")
     return 0

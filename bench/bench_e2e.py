@@ -338,8 +338,23 @@ def _run_rows(writer, n: int, res: dict, n_null: int, dev: str, gpu: bool) -> No
           flush=True)
 
 
+def check_env() -> list[int] | None:
+    """SPURFAST_BENCH_E2E_SIZES (None: unset); `python -m bench` calls it before any suite runs."""
+    from bench.harness import env_ints
+
+    sizes = env_ints("SPURFAST_BENCH_E2E_SIZES")
+    for n in sizes or ():   # a size with no carrier failed after the models and the earlier pools, in make-pool's
+        try:                # words ("--fraction 0.05 ... among --n 10"): flags the user never passed
+            _pool_spec(n).validate()
+        except ValueError as exc:
+            raise ValueError(f"SPURFAST_BENCH_E2E_SIZES={os.environ.get('SPURFAST_BENCH_E2E_SIZES')!r}: a pool of {n} "
+                             f"images plants its pattern in 5% of them, which rounds to none; expected sizes >= 11 "
+                             f"({exc})") from None
+    return sizes
+
+
 def run(writer, quick: bool = False, device=None) -> None:
-    from bench.harness import device_name, env_ints
+    from bench.harness import device_name
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = device_name(device)
@@ -347,14 +362,7 @@ def run(writer, quick: bool = False, device=None) -> None:
     # on GPUs: one process per GPU (NCCL needs distinct devices)
     sizes = ([20_000] if gpu else [600]) if quick else [10_000, 100_000]
     # e.g. "100000" for one large pool on a GPU
-    sizes = env_ints("SPURFAST_BENCH_E2E_SIZES") or sizes
-    for n in sizes:   # a size with no carrier failed after the models and the earlier pools, in make-pool's
-        try:          # words ("--fraction 0.05 ... among --n 10"): flags the user never passed
-            _pool_spec(n).validate()
-        except ValueError as exc:
-            raise ValueError(f"SPURFAST_BENCH_E2E_SIZES={os.environ.get('SPURFAST_BENCH_E2E_SIZES')!r}: a pool of {n} "
-                             f"images plants its pattern in 5% of them, which rounds to none; expected sizes >= 11 "
-                             f"({exc})") from None
+    sizes = check_env() or sizes
     procs = [1] + [p for p in (2,) if not gpu or torch.cuda.device_count() >= p]
     # on a CPU node, also 1 process pinned to 1 core: 2 processes on 2 cores against it is
     # the sharding's own scaling (against 1 process on all cores, which already fills them

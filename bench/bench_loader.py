@@ -92,15 +92,21 @@ def _drain(it) -> int:
     return n
 
 
-def run(writer, quick: bool = False, device=None):
-    from spurfast.data import loader_dali, loader_torch
-
-    n = 300 if quick else 2000
+def check_env() -> int:
+    """SPURFAST_BENCH_THREADS, or the default thread count; `python -m bench` calls it before
+    any suite runs (in `all`, a bad value failed after the suites sorted before this one)."""
     threads = env_ints("SPURFAST_BENCH_THREADS") or [min(8, os.cpu_count() or 1)]
     if len(threads) > 1:   # "4,8" measured at 4 threads alone, without a word
         raise ValueError(f"SPURFAST_BENCH_THREADS={os.environ['SPURFAST_BENCH_THREADS']!r}: expected one integer "
                          f">= 1 (threads and workers of every loader), not a list")
-    threads = threads[0]
+    return threads[0]
+
+
+def run(writer, quick: bool = False, device=None):
+    from spurfast.data import loader_dali, loader_torch
+
+    n = 300 if quick else 2000
+    threads = check_env()
     reps = 3 if quick else 5
     paths = image_folder(n)
     sizes = [64] if quick else [64, 224]

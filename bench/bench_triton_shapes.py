@@ -55,7 +55,9 @@ def _resources(kt) -> tuple[float, float]:
         return math.nan, math.nan
 
 
-def run(writer, quick: bool = False, device: str | None = None) -> None:
+def check_env() -> list[str] | None:
+    """SPURFAST_BENCH_SHAPE_VARIANTS as a list (None: every variant); `python -m bench` calls
+    it before any suite runs (in `all`, a misspelt one failed after every other suite)."""
     wanted = os.environ.get("SPURFAST_BENCH_SHAPE_VARIANTS")
     wanted = [v.strip() for v in wanted.split(",") if v.strip()] if wanted else None
     # checked before any sweep: a misspelt one raised in `sweep` after the variants before it
@@ -64,6 +66,11 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
     if unknown:
         raise ValueError(f"SPURFAST_BENCH_SHAPE_VARIANTS={os.environ['SPURFAST_BENCH_SHAPE_VARIANTS']!r}: unknown "
                          f"variant {unknown[0]!r}; expected comma-separated names from {sorted(TRITON_VARIANTS)}")
+    return wanted
+
+
+def run(writer, quick: bool = False, device: str | None = None) -> None:
+    wanted = check_env()
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev != "cuda" or not torch.cuda.is_available():
         _log("skipped: launch shapes are timed on a GPU only")

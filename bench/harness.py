@@ -161,6 +161,13 @@ class ResultWriter:
         if blocker is not None:
             raise NotADirectoryError(f"results CSV {self.path}: {blocker} is a file, not a folder")
         check_header(self.path)   # before any measurement
+        # a row cut short (a run killed mid-write) has no line end: the next row was appended to it,
+        # and both were lost to `bench plot`
+        self._cut_line = False
+        if self.path.is_file() and self.path.stat().st_size:
+            with open(self.path, "rb") as fh:
+                fh.seek(-1, os.SEEK_END)
+                self._cut_line = fh.read(1) not in (b"\n", b"\r")
         self.date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.versions = versions()
         self.rows: list[dict] = []
@@ -176,6 +183,9 @@ class ResultWriter:
             w = csv.DictWriter(fh, FIELDS)
             if new:
                 w.writeheader()
+            elif self._cut_line:
+                fh.write("\r\n")   # csv's line end
+            self._cut_line = False
             w.writerow(row)
 
     def add_timing(self, op: str, provider: str, config: dict, stats: dict, device: str, *,

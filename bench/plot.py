@@ -11,13 +11,25 @@ from .harness import DEFAULT_CSV, check_header
 
 def latest_rows(path) -> dict:
     best: dict = {}
+    bad = []
     with open(path, newline="") as fh:
         for r in csv.DictReader(fh):
             if r["metric"] != "items_per_s":
                 continue
+            try:   # a row cut short (a run killed mid-write, a full disk) failed the plot with
+                float(r["value"])   # float(None)'s TypeError (or len(None)'s, of its device), naming no file
+                ok = r["device"] is not None
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                bad.append(r)
+                continue
             key = (r["op"], r["provider"], r["config"], r["device"])
             if key not in best or r["date"] >= best[key]["date"]:
                 best[key] = r
+    if bad:
+        print(f"[bench] {path}: skipped {len(bad)} items_per_s row(s) without a number in 'value' or a device (cut short?), "
+              f"the first of {bad[0]['op']!r} by {bad[0]['provider']!r}")
     return best
 
 

@@ -531,3 +531,36 @@ def test_an_e2e_size_too_small_for_a_carrier_is_named_up_front(monkeypatch):
     monkeypatch.setattr(bench_e2e, "ensure_models", lambda: pytest.fail("the benchmark started"))
     with pytest.raises(ValueError, match=r"SPURFAST_BENCH_E2E_SIZES='600,10': a pool of 10 images .* sizes >= 11"):
         bench_e2e.run(None, quick=True, device="cpu")
+
+
+@pytest.mark.parametrize("var, value", [("SPURFAST_BENCH_THREADS", "4,8"),
+                                        ("SPURFAST_BENCH_SHAPE_VARIANTS", "fp8"),
+                                        ("SPURFAST_BENCH_E2E_SIZES", "10")])
+def test_bench_all_checks_every_suites_variables_before_any_suite_runs(tmp_path, monkeypatch, capsys, var, value):
+    # `bench all` runs the suites in sorted order: a bad SPURFAST_BENCH_THREADS failed (a traceback)
+    # only after e2e, encoder and kmeans had run, a bad shape variant after every other suite
+    from bench import bench_e2e, bench_encoder, bench_kmeans, bench_loader, bench_triton_shapes
+    from bench.__main__ import main as bench_main
+
+    for mod in (bench_e2e, bench_encoder, bench_kmeans, bench_loader, bench_triton_shapes):
+        monkeypatch.setattr(mod, "run", lambda *a, **k: pytest.fail("a suite ran"))
+    monkeypatch.setenv(var, value)
+    with pytest.raises(SystemExit) as exc:
+        bench_main(["all", "--quick", "--device", "cpu", "--csv", str(tmp_path / "r.csv")])
+    assert exc.value.code == 2
+    assert f"{var}={value!r}" in capsys.readouterr().err
+
+
+def test_a_row_cut_short_neither_swallows_the_next_runs_row_nor_fails_the_plot(tmp_path, capsys):
+    # a run killed mid-row left a line without its end: the next run's first row was appended to it
+    # (both lost), and `bench plot` failed with float(None)'s TypeError, naming no file
+    from bench.plot import latest_rows, plot
+
+    path = tmp_path / "r.csv"
+    path.write_text(",".join(harness.FIELDS) + "\r\nd0,kmeans,cpu,k=8,items_per_s,12")
+    writer = ResultWriter(path)
+    writer.add("kmeans", "torch", {"k": 8}, "items_per_s", 5.0, "1/s", "cpu:x")
+    rows = latest_rows(path)
+    assert [(k[1], r["value"]) for k, r in rows.items()] == [("torch", "5")]
+    assert "skipped 1 items_per_s row(s)" in capsys.readouterr().out
+    assert [p.name for p in plot(path)] == ["kmeans.png"]

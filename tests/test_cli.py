@@ -866,8 +866,10 @@ def test_evaluate_from_csv_writes_results_md_in_utf8_whatever_the_locale(tmp_pat
     csv = _quick_csv(tmp_path)
     out, doc = tmp_path / "out", tmp_path / "RESULTS.md"
     doc.write_text("old\n" + NOTES + "\nnotes: café ± 0.1\n", encoding="utf-8")
+    # the repository first, the caller's path kept (gpu_check.sh puts wheels on it)
     env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0",
-               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                           *filter(None, [os.environ.get("PYTHONPATH")])]))
     run = subprocess.run([sys.executable, "-m", "spurfast", "evaluate", "--from-csv", csv, "--out", str(out),
                           "--results-md", str(doc)], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
