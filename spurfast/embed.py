@@ -190,6 +190,12 @@ def _write_json(path: Path, obj, **dumps) -> None:
     replace_atomically(path, lambda fh: fh.write(text))
 
 
+def check_whole(value, name: str) -> None:
+    """Refuse ``value`` unless it is an integer >= 1 (numpy's too; not a bool, not 2.0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
 def check_outputs(source: ImageSource, classifier, num_classes: int, device: str) -> int:
     """The width of the classifier's features on ``source``'s first image; raises unless
     it gives ``num_classes`` logits."""
@@ -450,11 +456,9 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
             or num_shards < 1 or not 0 <= shard_id < num_shards:
         raise ValueError(f"need integers 0 <= shard_id < num_shards, got shard_id={shard_id!r}, "
                          f"num_shards={num_shards!r}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    check_whole(num_classes, "num_classes")
     # the loader refused it only after the store was created (2.5: a TypeError naming nothing)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_whole(batch_size, "batch_size")
     # the manifest is JSON: a numpy integer (labels.max() + 1) failed its write, naming nothing
     num_classes, shard_id, num_shards = int(num_classes), int(shard_id), int(num_shards)
     fp, content = identity or (fingerprint(source, classifier, vae), content_digest(source))

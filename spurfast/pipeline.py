@@ -26,7 +26,7 @@ from .cores import usable_cores
 from .data.builtin import find_fashion_mnist, load_digits, load_fashion_mnist
 from .data.sources import ArraySource, ImageSource, content_digest
 from .discover import DiscoverConfig, characterise, discover, write_outputs
-from .embed import _write_json, check_outputs, fingerprint, legacy_identities, made_from, shown_path, unmark_stores
+from .embed import _write_json, check_outputs, check_whole, fingerprint, legacy_identities, made_from, shown_path, unmark_stores
 from .pattern_rank import pattern_rankings
 from .plant import PatternSpec, PlantTruth, plant_pool, plant_training
 from .report import write_report
@@ -286,11 +286,9 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     delete; the pool's and the clean set's own files are always protected."""
     config = config or DiscoverConfig()
     # checked here, not by the loader: --overwrite would have deleted the old run first
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_whole(batch_size, "batch_size")
     # embed_pool's own check came after --overwrite had deleted the old run's findings (2.0 == 2 logits)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    check_whole(num_classes, "num_classes")
     if suspect is not None and np.shape(suspect) != (len(pool),):
         raise ValueError(f"suspect mask has shape {np.shape(suspect)}, expected ({len(pool)},): one entry per image "
                          f"of the pool ({pool.name})")
