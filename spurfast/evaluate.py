@@ -62,6 +62,18 @@ class Plant:
     n: str                  # training images stamped: an int as text, or "all"
     strength: float = 1.0
 
+    def __post_init__(self):
+        # build_data's int(n) named neither the setting nor the plant; a negative count stamped nothing
+        n_ok = self.n == "all" or (isinstance(self.n, str) and self.n.isdecimal()) or \
+            (isinstance(self.n, int) and not isinstance(self.n, bool) and self.n >= 0)
+        if not n_ok:
+            raise ValueError(f"Plant {self.family!r}: n must be a count of training images >= 0 (as text, "
+                             f"e.g. '100') or 'all', got {self.n!r}")
+        if isinstance(self.target_class, bool) or not isinstance(self.target_class, (int, np.integer)) \
+                or not 0 <= self.target_class < 10:
+            raise ValueError(f"Plant {self.family!r}: target_class must be a class index in 0..9 (Fashion-MNIST "
+                             f"and digits have 10), got {self.target_class!r}")
+
     @property
     def label(self) -> str:
         return f"{self.family}@{self.strength:g}" if self.family == "noise" else self.family
@@ -74,6 +86,12 @@ class Setting:
     pool: str = "fashion-mnist"     # or "digits" (cross-dataset)
     clean_model: bool = False       # train on clean data (pool still carries the patterns)
     stamp_pool: bool = True         # False: no pool image carries a pattern (natural data only)
+
+    def __post_init__(self):
+        # every metric is per planted feature, and build_data divided the pool share by zero
+        if not self.plants:
+            raise ValueError(f"setting {self.name!r} has no plants; give at least one (a clean model keeps its "
+                             f"plants, with clean_model=True: they still mark the pool)")
 
 
 @dataclass
@@ -260,7 +278,9 @@ def build_data(setting: Setting, seed: int, sizes: Sizes) -> RunData:
 # What a trained model depends on besides its settings (its cache key): the code that builds
 # the data and trains, and the CPU (training repeats bit for bit on one machine, not across
 # machines).  Cached models of another provenance are still used, but counted: figures from
-# them differ a little from a fresh run's (docs/RESULTS.md, twelfth session).
+# them differ a little from a fresh run's (docs/RESULTS.md, twelfth session).  Saving, loading
+# and reading a classifier's outputs live in models/files.py and models/outputs.py, outside
+# this hash, so mending them does not mark every cached model foreign.
 _MODEL_SOURCES = ("models/train.py", "models/classifier.py", "models/vae.py", "plant.py", "data/builtin.py")
 FOREIGN_MODELS = "foreign_models"   # metric: 1 when the run scored models of another provenance
 
@@ -318,8 +338,9 @@ def _locked(entry: Path):
 
 
 def _models(data: RunData, seed: int, sizes: Sizes, cache: Path, progress: bool):
-    from .models.classifier import build_classifier, save_atomic, torch_error_gist
-    from .models.train import load_vae, save_vae, train_classifier, train_vae
+    from .models.classifier import build_classifier
+    from .models.files import load_vae, save_atomic, save_vae, torch_error_gist
+    from .models.train import train_classifier, train_vae
     from .models.vae import VAEConfig
 
     cdir = cache / "classifiers"

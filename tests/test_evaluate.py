@@ -1140,3 +1140,19 @@ def test_from_csv_warns_of_a_results_csv_left_beside_another_sweeps_confirm_csv(
     caplog.clear()
     assert main(["evaluate", "--from-csv", str(out / "results.csv"), "--out", str(tmp_path / "e")]) == 0
     assert "another sweep" not in caplog.text and "not the" not in caplog.text
+
+
+def test_plants_and_settings_are_checked_when_made():
+    """A setting with no plants divided by zero in build_data; an n of 'abc' failed there in
+    int()'s words, naming neither the plant nor the setting."""
+    from spurfast.evaluate import Plant, Setting
+
+    with pytest.raises(ValueError, match=r"setting 'none' has no plants"):
+        Setting("none", ())
+    for n in ("abc", "-3", -3, 2.5, True, None):
+        with pytest.raises(ValueError, match=r"Plant 'bar': n must be a count .* or 'all', got"):
+            Plant("bar", 3, n)
+    for cls in (-1, 10, 3.0, "3"):
+        with pytest.raises(ValueError, match=r"Plant 'bar': target_class must be a class index in 0\.\.9"):
+            Plant("bar", cls, "10")
+    assert Plant("bar", np.int64(3), 100).n == 100 and Plant("bar", 9, "all").n == "all"

@@ -6,8 +6,9 @@ import torch
 
 from spurfast.data import ArraySource
 from spurfast.models import VAE, VAEConfig, SmallCNN, build_classifier, load_classifier
-from spurfast.models.classifier import check_output_width, classifier_outputs, save_classifier
-from spurfast.models.train import load_vae, save_vae, train_classifier, train_vae
+from spurfast.models.files import load_vae, save_classifier, save_vae
+from spurfast.models.outputs import check_output_width, classifier_outputs
+from spurfast.models.train import train_classifier, train_vae
 
 
 def _toy(n=64, size=28, c=1, classes=3, seed=0):
@@ -395,7 +396,7 @@ def test_output_width_names_a_model_that_returns_a_tuple():
 def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch, which):
     """A save cut short (Ctrl-C, disk full) left a truncated model file, which a later run
     (the evaluation's model cache) then failed to load every time."""
-    import spurfast.models.classifier as clf_mod
+    import spurfast.models.files as files_mod
 
     path = tmp_path / "m.pt"
     if which == "classifier":
@@ -411,10 +412,10 @@ def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch, which):
         open(f, "wb").write(data[:len(data) // 2])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(clf_mod.torch, "save", dies_halfway)
+    monkeypatch.setattr(files_mod.torch, "save", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
         save(model, path)
-    monkeypatch.setattr(clf_mod.torch, "save", real_save)
+    monkeypatch.setattr(files_mod.torch, "save", real_save)
     load(path)   # the previous file, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
 
@@ -502,3 +503,95 @@ def test_vae_refuses_integer_images_other_than_uint8(dtype):
     with pytest.raises(TypeError, match=f"encoder input dtype {dtype} is unsupported"):
         vae(x8.to(dtype))
     vae.encode(x8 > 127, backend="torch")   # bool images are 0/1, in [0, 1] like floats
+
+
+def test_resnet18_at_8px_trains_with_a_last_batch_of_one():
+    """At <= 8 px layer4's map is 1x1, so batch norm cannot train on one image: 17 images in
+    batches of 16 left a last batch of one, which crashed; it now joins the batch before."""
+    g = torch.Generator().manual_seed(0)
+    src = ArraySource(torch.rand(17, 3, 8, 8, generator=g), (torch.arange(17) % 2).numpy())
+    model = train_classifier(src, 2, arch="resnet18", batch_size=16, epochs=1, progress=False)
+    assert model(torch.rand(2, 3, 8, 8)).shape == (2, 2)
+    one = ArraySource(torch.rand(1, 3, 8, 8, generator=g), np.zeros(1, dtype=np.int64), name="lone")
+    with pytest.raises(ValueError, match=r"lone: resnet18 at image_size=8 trains on at least 2 images.*got 1"):
+        train_classifier(one, 2, arch="resnet18", epochs=1, progress=False)
+
+
+def test_batches_too_short_to_train_on_join_a_neighbour(caplog):
+    """min_batch > 1: a short last batch joins the one before; a batch left short by unreadable
+    images joins the next; what is left at the end is logged.  min_batch=1 batches as before."""
+    from spurfast.models.train import _batches
+
+    n = 10
+    x = (torch.arange(n, dtype=torch.float32) / 16).view(n, 1, 1, 1)
+    src = ArraySource(x, np.zeros(n, dtype=np.int64), name="ten")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(7)).tolist()
+
+    def ids(**kw):
+        return [(b[0].flatten() * 16).round().long().tolist()
+                for b in _batches(src, 3, torch.Generator().manual_seed(7), **kw)]
+
+    assert ids() == ids(min_batch=1) == [order[0:3], order[3:6], order[6:9], order[9:]]
+    assert ids(min_batch=2) == [order[0:3], order[3:6], order[6:10]]
+    src.bad_files = {order[3]: "broken", order[4]: "broken"}   # the second batch keeps one image
+    assert ids(min_batch=2) == [order[0:3], [order[5]] + order[6:10]]
+    src.bad_files = {i: "broken" for i in order[7:10]}          # the last batch keeps one image
+    with caplog.at_level("WARNING", logger="spurfast.train"):
+        assert ids(min_batch=2) == [order[0:3], order[3:6]]
+    assert "ten: 1 readable image(s) of the last batch left out of this epoch" in caplog.text
+
+
+def _save_many(target, path, kind, rounds):
+    from spurfast.models.files import save_atomic
+    from spurfast.models.train import _checkpoint
+
+    errors = []
+    for i in range(rounds):
+        try:
+            if kind == "save_atomic":
+                save_atomic({"w": target}, path)
+            else:
+                _checkpoint(path, {"w": target})
+        except Exception as exc:
+            errors.append(repr(exc))
+    return errors
+
+
+@pytest.mark.parametrize("kind", ["save_atomic", "checkpoint"])
+def test_concurrent_saves_of_one_path_do_not_collide(tmp_path, kind):
+    """Two processes saving one model file (or checkpoint): with one fixed '<name>.tmp' a
+    writer's rename moved the other's temporary file away (16 of 80 saves failed)."""
+    import multiprocessing as mp
+    from pathlib import Path
+
+    path = Path(tmp_path / "model.pt")
+    big = torch.arange(1 << 20, dtype=torch.float32)   # 4 MB: the writes overlap
+    ctx = mp.get_context("fork")
+    with ctx.Pool(2) as pool:
+        results = pool.starmap(_save_many, [(big, path, kind, 25)] * 2)
+    assert results == [[], []]
+    torch.testing.assert_close(torch.load(path, weights_only=True)["w"], big)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]   # no temporary file left behind
+
+
+def test_vae_and_classifier_that_cannot_be_allocated_name_their_settings():
+    with pytest.raises(TypeError, match=r"channels must be integer conv widths, got \(8\.7,\)"):
+        VAEConfig(channels=(8.7,))
+    with pytest.raises(ValueError, match=r"cannot build a VAE for 1x100000x100000 images .*allocate"):
+        VAE(VAEConfig.for_images(1, 100000))
+    with pytest.raises(ValueError, match=r"cannot build classifier 'small_cnn' .*num_classes=1099511627777.*allocate"):
+        build_classifier("small_cnn", 1, 2 ** 40 + 1, 28)
+
+
+def test_saving_and_loading_live_in_models_files_and_stay_importable_from_their_old_homes():
+    import spurfast.models.classifier as classifier
+    import spurfast.models.files as files
+    import spurfast.models.outputs as outputs
+    import spurfast.models.train as train
+
+    for name in ("load_classifier", "save_atomic", "save_classifier", "torch_error_gist"):
+        assert getattr(classifier, name) is getattr(files, name)
+    for name in ("save_vae", "load_vae", "save_classifier"):
+        assert getattr(train, name) is getattr(files, name)
+    for name in ("classifier_outputs", "output_width", "check_output_width"):
+        assert getattr(classifier, name) is getattr(outputs, name)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.sources import ImageSource, content_digest
-from .classifier import build_classifier, save_atomic, save_classifier, torch_error_gist
+from .classifier import ResNet18, build_classifier
+from .files import load_vae, save_atomic, save_classifier, save_vae, torch_error_gist  # noqa: F401 (re-exported)
 from .vae import VAE, VAEConfig, vae_loss
 
 log = logging.getLogger("spurfast.train")
@@ -26,14 +27,19 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _batches(source: ImageSource, batch_size: int, gen: torch.Generator, shuffle: bool = True):
+def _batches(source: ImageSource, batch_size: int, gen: torch.Generator, shuffle: bool = True, min_batch: int = 1):
     """Batches in a seeded order, less the images the source found unreadable (``bad_files``,
     filled as it loads): those come back as black images and must not be trained on.  The
-    order and the batch boundaries do not depend on them, so clean data trains as before."""
+    order and the batch boundaries do not depend on them, so clean data trains as before.
+    ``min_batch``: the fewest images a model can train on at once (ResNet-18's batch norm at
+    <= 8 px needs two); a shorter last batch joins the one before, and a batch that unreadable
+    images leave too short joins the next."""
     n = len(source)
     order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
-    for s in range(0, n, batch_size):
-        idx = order[s:s + batch_size].numpy()
+    starts = _batch_starts(n, batch_size, min_batch)
+    held = None  # readable images of a batch too short to train on, for the next one
+    for s, e in zip(starts, starts[1:] + [n]):
+        idx = order[s:e].numpy()
         x, y = source.get_batch(idx)
         bad = getattr(source, "bad_files", None)
         if bad:
@@ -43,7 +49,22 @@ def _batches(source: ImageSource, batch_size: int, gen: torch.Generator, shuffle
                     continue
                 keep = torch.as_tensor(keep)
                 x, y = x[keep], y[keep]
+        if held is not None:
+            x, y, held = torch.cat([held[0], x]), (None if y is None else torch.cat([held[1], y])), None
+        if len(x) < min_batch:
+            held = (x, y)
+            continue
         yield x, y
+    if held is not None:
+        log.warning("%s: %d readable image(s) of the last batch left out of this epoch: fewer than the %d "
+                    "the model trains on at once", source.name, len(held[0]), min_batch)
+
+
+def _batch_starts(n: int, batch_size: int, min_batch: int = 1) -> list[int]:
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] < min_batch:
+        starts.pop()  # too short a last batch: it joins the one before
+    return starts
 
 
 def _skipped(source: ImageSource, n: int = 5) -> list[str]:
@@ -82,11 +103,8 @@ def _set_rng_state(state: dict, device) -> None:
 
 
 def _checkpoint(path: Path | None, state: dict) -> None:
-    if path is None:
-        return
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint
+    if path is not None:
+        save_atomic(state, path)  # a crash never leaves a half-written checkpoint
 
 
 def _resume(path: Path | None, model, opt, identity: dict, epochs: int, device="cpu") -> int:
@@ -143,11 +161,15 @@ def train_classifier(source: ImageSource, num_classes: int, *, arch: str = "smal
         logits = model(x)
         return F.cross_entropy(logits, y), {"acc": (logits.argmax(1) == y).float().mean()}
 
+    min_batch = ResNet18.min_train_batch(h) if arch == "resnet18" else 1
+    if len(source) < min_batch:
+        raise ValueError(f"{source.name}: {arch} at image_size={h} trains on at least {min_batch} images at once "
+                         f"(batch norm over a 1x1 map), got {len(source)}")
     model_id = {"arch": arch, "in_channels": c, "num_classes": num_classes, "image_size": h,
                 "labels": hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes()).hexdigest()[:16]}
     return _fit(lambda: build_classifier(arch, c, num_classes, h), source, step, "classifier", epochs=epochs,
                 batch_size=batch_size, lr=lr, seed=seed, device=device, checkpoint=checkpoint, progress=progress,
-                model_id=model_id)
+                model_id=model_id, min_batch=min_batch)
 
 
 def _check_trainable(source: ImageSource, batch_size: int) -> None:
@@ -159,7 +181,7 @@ def _check_trainable(source: ImageSource, batch_size: int) -> None:
 
 
 def _fit(build, source: ImageSource, step, name: str, *, epochs: int, batch_size: int, lr: float, seed: int,
-         device: str, checkpoint, progress: bool, model_id: dict):
+         device: str, checkpoint, progress: bool, model_id: dict, min_batch: int = 1):
     """The one training loop: seeded init and epoch order, progress bar with running means of the
     loss and the step's metrics, an atomic checkpoint per epoch, resume from it.  The checkpoint
     records what it belongs to (``model_id``, data, seed, batch size, lr); a rerun resumes
@@ -176,7 +198,8 @@ def _fit(build, source: ImageSource, step, name: str, *, epochs: int, batch_size
     for epoch in range(start, epochs):
         model.train()
         gen.manual_seed(seed * 1000 + epoch)
-        bar = tqdm(_batches(source, batch_size, gen), total=-(-len(source) // batch_size),
+        bar = tqdm(_batches(source, batch_size, gen, min_batch=min_batch),
+                   total=len(_batch_starts(len(source), batch_size, min_batch)),
                    desc=f"{name} epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
         sums: dict[str, float] = {}
         seen = 0
@@ -220,32 +243,6 @@ def train_vae(source: ImageSource, config: VAEConfig | None = None, *, epochs: i
     return _fit(lambda: VAE(config), source, step, "VAE", epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                 device=device, checkpoint=checkpoint, progress=progress,
                 model_id={"config": config.to_dict(), "beta": float(beta)})
-
-
-def save_vae(model: VAE, path) -> None:
-    save_atomic({"config": json.dumps(model.config.to_dict()), "state_dict": model.state_dict()}, path)
-
-
-def load_vae(path, weights_only: bool = True) -> VAE:
-    p = Path(path)
-    if p.is_dir():  # "does not exist" would send the user looking for the wrong problem
-        raise IsADirectoryError(f"VAE file {p} is a directory; expected the model file in it")
-    if not p.is_file():
-        raise FileNotFoundError(f"VAE file {p} does not exist")
-    what = "a VAE checkpoint written by `spurfast train-vae`"
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=weights_only)
-    except Exception as exc:  # junk, truncated, TorchScript or a pickled module: name the file
-        raise ValueError(f"{p} is not {what} (weights_only={weights_only}): {torch_error_gist(exc)}") from None
-    if not isinstance(obj, dict) or "config" not in obj or "state_dict" not in obj:
-        raise ValueError(f"{p} is not a spurfast VAE checkpoint (expected keys 'config' and 'state_dict')")
-    try:
-        model = VAE(VAEConfig(**json.loads(obj["config"])))
-        model.load_state_dict(obj["state_dict"])
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise ValueError(f"{p} is not a loadable spurfast VAE checkpoint ({what}): {torch_error_gist(exc)}") from None
-    model.eval()
-    return model
 
 
 __all__ = ["train_classifier", "train_vae", "save_vae", "load_vae", "save_classifier", "seed_everything"]

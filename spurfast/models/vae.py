@@ -38,7 +38,10 @@ class VAEConfig:
         except TypeError:
             raise TypeError(f"in_channels, image_size and latent_dim must be integers, got {self.in_channels!r}, "
                             f"{self.image_size!r} and {self.latent_dim!r}") from None
-        self.channels = tuple(int(c) for c in self.channels)
+        try:  # int() made a width of 8.7 a silent 8
+            self.channels = tuple(operator.index(c) for c in self.channels)
+        except TypeError:
+            raise TypeError(f"channels must be integer conv widths, got {tuple(self.channels)!r}") from None
         self.mean = tuple(float(m) for m in self.mean)
         self.std = tuple(float(s) for s in self.std)
         if int(self.in_channels) < 1 or int(self.image_size) < 1:
@@ -87,18 +90,23 @@ class VAE(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        convs, prev = [], c.in_channels
-        for w in c.channels:
-            convs.append(nn.Conv2d(prev, w, KERNEL, STRIDE, PADDING))
-            prev = w
-        self.convs = nn.ModuleList(convs)
-        self.fc_mu = nn.Linear(c.flat_dim, c.latent_dim)
-        self.fc_logvar = nn.Linear(c.flat_dim, c.latent_dim)
-        self.fc_dec = nn.Linear(c.latent_dim, c.flat_dim)
-        dec, rev = [], list(c.channels[::-1]) + [c.in_channels]
-        for a, b in zip(rev[:-1], rev[1:]):
-            dec.append(nn.ConvTranspose2d(a, b, KERNEL, STRIDE, PADDING))
-        self.deconvs = nn.ModuleList(dec)
+        try:  # a huge image_size (--size 100000) asks for terabytes in the linear heads
+            convs, prev = [], c.in_channels
+            for w in c.channels:
+                convs.append(nn.Conv2d(prev, w, KERNEL, STRIDE, PADDING))
+                prev = w
+            self.convs = nn.ModuleList(convs)
+            self.fc_mu = nn.Linear(c.flat_dim, c.latent_dim)
+            self.fc_logvar = nn.Linear(c.flat_dim, c.latent_dim)
+            self.fc_dec = nn.Linear(c.latent_dim, c.flat_dim)
+            dec, rev = [], list(c.channels[::-1]) + [c.in_channels]
+            for a, b in zip(rev[:-1], rev[1:]):
+                dec.append(nn.ConvTranspose2d(a, b, KERNEL, STRIDE, PADDING))
+            self.deconvs = nn.ModuleList(dec)
+        except RuntimeError as exc:
+            raise ValueError(f"cannot build a VAE for {c.in_channels}x{c.image_size}x{c.image_size} images with "
+                             f"channels={c.channels}, latent_dim={c.latent_dim} ({3 * c.flat_dim * c.latent_dim:,} "
+                             f"weights in the linear layers): {str(exc).strip().splitlines()[-1][:300]}") from None
 
     # ---- encoder (the fused kernel's contract)
     def encoder_params(self) -> dict:

@@ -1,0 +1,63 @@
+"""What a classifier outputs: logits and penultimate features for the store, and the
+up-front check that a model runs on the pool's images and gives one logit per class.
+
+Kept apart from the architectures for the same reason as ``files.py``: the evaluation's model
+cache hashes classifier.py.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+@torch.no_grad()
+def classifier_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, penultimate features).  Models without ``features`` give logits as features."""
+    feats_fn = getattr(model, "features", None)
+    if feats_fn is not None and callable(feats_fn) and hasattr(model, "fc2"):
+        f = feats_fn(x)
+        return model.fc2(f), f
+    from .classifier import ResNet18  # here: classifier.py re-exports this module
+    if isinstance(model, ResNet18):
+        f = model.features(x)
+        return model.net.fc(f), f
+    logits = model(x)
+    return logits, logits
+
+
+def output_width(model: nn.Module, image_shape, *, name: str = "classifier", pool: str = "the pool") -> int:
+    """The model's number of outputs for one image of ``image_shape``; fails early, naming
+    both shapes, when the model was built for other images or cannot run on them."""
+    shape = tuple(int(s) for s in image_shape)
+    arch = getattr(model, "arch", None)
+    if isinstance(arch, dict) and {"in_channels", "image_size"} <= set(arch):
+        want = (int(arch["in_channels"]), int(arch["image_size"]), int(arch["image_size"]))
+        if want != shape:
+            raise ValueError(f"{name} expects images of shape {_fmt(want)} (CxHxW), {pool} has {_fmt(shape)}; "
+                             f"use a classifier trained on such images (for folders: --size/--channels)")
+    with torch.no_grad():
+        try:
+            out = model(torch.zeros((1,) + shape))
+        except RuntimeError as exc:  # TorchScript / foreign models: only a trial run tells
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"{name} cannot run on images of shape {_fmt(shape)} (CxHxW) from {pool}: "
+                             f"{first}") from None
+    if not isinstance(out, torch.Tensor):  # a tuple or dict (logits, extras): not a classifier's logits
+        raise ValueError(f"{name} outputs a {type(out).__name__} for one image; expected a tensor of logits "
+                         f"of shape (1, classes)")
+    if out.dim() != 2:
+        raise ValueError(f"{name} outputs shape {tuple(out.shape)} for one image; expected (1, classes)")
+    return int(out.shape[1])
+
+
+def check_output_width(model: nn.Module, image_shape, num_classes: int, *, name: str = "classifier",
+                       pool: str = "the pool") -> None:
+    """:func:`output_width`, which must match the number of classes."""
+    width = output_width(model, image_shape, name=name, pool=pool)
+    if width != num_classes:
+        raise ValueError(f"{name} outputs shape (1, {width}) for one image; expected (1, {num_classes}) "
+                         f"to match {num_classes} classes")
+
+
+def _fmt(shape) -> str:
+    return "x".join(str(s) for s in shape)
