@@ -100,9 +100,22 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
     elif torch.device(device) != torch.device(config.device):
         raise ValueError(f"run_demo: device {device!r} and config.device {config.device!r} disagree; pass one "
                          f"device for training and discovery (or only one of them)")
+    try:   # a GPU that is not here failed at training, with overwrite after the old run was deleted
+        torch.zeros(1, device=device).cpu()
+    except Exception as exc:   # RuntimeError (no driver, meta), AssertionError (torch without CUDA), ...
+        raise ValueError(f"run_demo: device {device!r}: torch cannot compute there ({exc.__class__.__name__}: "
+                         f"{str(exc)[:120]}); use 'cpu' or a CUDA device torch sees") from None
     spec = PatternSpec(family, strength=strength, position=position, seed=seed)  # in the run id via spec.to_dict()
     data = make_planted_data(dataset, target_class=target_class, n_poisoned=n_poisoned, spec=spec,
                              pool_fraction=pool_fraction, seed=seed)
+    # what run_discovery and the VAE refuse, checked before any work: they refused only after
+    # the classifier trained (with overwrite, after the old run was deleted)
+    from . import backends
+    from .models.vae import VAEConfig
+    vae_config = VAEConfig.for_images(*data.pool.image_shape[:2], latent_dim=latent_dim)
+    backends.resolve("encoder", None, torch.device(device).type)
+    if backends.requested("kmeans_assign", config.backend) != "auto":   # auto always has the torch one
+        backends.resolve("kmeans_assign", config.backend, torch.device(device).type)
     settings = dict(dataset=data.dataset, seed=seed, target_class=target_class, pattern=spec.to_dict(),
                     n_poisoned=str(n_poisoned), pool_fraction=pool_fraction, classifier_epochs=classifier_epochs,
                     vae_epochs=vae_epochs, latent_dim=latent_dim, discover=config.__dict__)
@@ -125,8 +138,7 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
     clf = train_classifier(data.train, 10, epochs=classifier_epochs, seed=seed, device=device,
                            checkpoint=out / "classifier.ckpt", progress=progress)
     save_classifier(clf, out / "classifier.pt")
-    from .models.vae import VAEConfig
-    vae = train_vae(data.pool, VAEConfig.for_images(*data.pool.image_shape[:2], latent_dim=latent_dim),
+    vae = train_vae(data.pool, vae_config,
                     epochs=vae_epochs, seed=seed, device=device, checkpoint=out / "vae.ckpt", progress=progress)
     save_vae(vae, out / "vae.pt")
     ss = spurious_score(clf, data.test_clean, target_class, spec, device, class_balanced=True)

@@ -156,3 +156,26 @@ def test_a_confirmed_demo_is_not_resumed_unconfirmed(tmp_path):
     run_demo(tmp_path, confirm=False, overwrite=True, **kw)   # another run of the same models: they are kept
     assert not any(f["confirm"] for f in json.loads((tmp_path / "findings.json").read_text())["findings"])
     assert (tmp_path / "classifier.ckpt").stat().st_mtime_ns == ckpt
+
+
+@pytest.mark.parametrize("kw, match", [(dict(config=DiscoverConfig(backend="cupy", device="cpu")), "cupy"),
+                                       (dict(latent_dim=0), "latent_dim"), (dict(latent_dim=5000), "latent_dim"),
+                                       (dict(device="meta"), "device 'meta': torch cannot compute there")])
+def test_a_demo_that_discovery_or_the_vae_would_refuse_is_refused_before_training(tmp_path, monkeypatch, kw, match):
+    """run_demo with a k-means backend that cannot run here (cupy on a CPU), a latent_dim
+    the VAE refuses or a device torch cannot compute on (a GPU that is not there) trained the
+    classifier first, or failed in it, and with overwrite had deleted the old run, before
+    run_discovery, VAEConfig or training refused it."""
+    import spurfast.demo as D
+    from spurfast import backends
+
+    if "config" in kw and next(p for p in backends.providers("kmeans_assign") if p.name == "cupy").available()[0]:
+        pytest.skip("cupy can run here")
+    monkeypatch.setattr(D, "train_classifier", lambda *a, **k: pytest.fail("trained before refusing"))
+    old = tmp_path / "run"
+    old.mkdir()
+    (old / "run.json").write_text(json.dumps({"run_id": "demo-older"}))
+    (old / "findings.json").write_text("{}")
+    with pytest.raises(Exception, match=match):
+        run_demo(old, dataset="digits", n_poisoned="0", pool_fraction=0.0, progress=False, overwrite=True, **kw)
+    assert sorted(p.name for p in old.iterdir()) == ["findings.json", "run.json"]   # the old run is kept
