@@ -599,7 +599,14 @@ def latent_knn(z: torch.Tensor, k: int, chunk: int | None = None,
         else:
             vals, cand = _smallest_first(d, m)
         # an inf candidate is the row itself or padding (a tiny column_block): never a neighbour
-        out[s:s + r] = _exact_nearest(zt, s, cand.clamp_max(n - 1), k, vals.isinf()).cpu()
+        cand, invalid = cand.clamp_max(n - 1), vals.isinf()
+        # the re-ranking gathers (rows, m, d) coordinates, plus two temporaries that size: in
+        # slices of at most KNN_BLOCK_FLOATS (a whole chunk grew with k and d: 0.9 GB at
+        # n = 4096, d = 512, k = 25, for 8 MB of latents; GBs more for wider ones)
+        step = max(1, KNN_BLOCK_FLOATS // max(1, cand.shape[1] * zt.shape[1]))
+        for a in range(0, r, step):
+            out[s + a:s + min(a + step, r)] = _exact_nearest(zt, s + a, cand[a:a + step], k,
+                                                             invalid[a:a + step]).cpu()
     return out
 
 
