@@ -33,7 +33,7 @@ import logging
 import multiprocessing as mp
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ log = logging.getLogger("spurfast.make_pool")
 
 SHAPES = ("disc", "square", "triangle", "ring", "stripes", "cross", "diamond", "checker")
 PLANT_FAMILIES = ("pixel", "patch3", "patch5", "noise", "bar")
+_JPEG_MAX_SIDE = 65_500   # libjpeg's limit on a JPEG's width and height
 
 
 @dataclass
@@ -67,6 +68,11 @@ class PoolSpec:
             raise ValueError(f"--classes must be >= 1, got {self.classes}")
         if not 8 <= self.min_size <= self.max_size:
             raise ValueError(f"image sizes must satisfy 8 <= min <= max, got {self.min_size}:{self.max_size}")
+        # no JPEG is larger: past it the folder was made and then the first image failed
+        # ("high is out of bounds for int64" for 8:2**63), or took 51 GB to render before it did
+        if self.max_size > _JPEG_MAX_SIDE:
+            raise ValueError(f"image sizes must be at most {_JPEG_MAX_SIDE:,} (the largest JPEG side), got "
+                             f"--size {self.min_size}:{self.max_size}")
         if not 1 <= self.quality <= 100:
             raise ValueError(f"--quality must be in [1, 100], got {self.quality}")
         # numpy's seeding refused a negative one in the workers, after the folder was made,
@@ -243,7 +249,9 @@ def plant_image(img: Image.Image, values: np.ndarray, mask: np.ndarray, additive
 
 def _plan(spec: PoolSpec) -> tuple[np.ndarray, np.ndarray]:
     """(labels, carries) of every image index, from the seed alone."""
-    labels = np.arange(spec.n, dtype=np.int64) % spec.classes
+    # the same labels (with n <= classes each image i is label i): % a --classes past int64
+    # raised OverflowError after the folder was made
+    labels = np.arange(spec.n, dtype=np.int64) % min(spec.classes, spec.n)
     carries = np.zeros(spec.n, bool)
     if spec.plant is not None:
         cand = np.arange(spec.n) if spec.plant_class is None else np.nonzero(labels == spec.plant_class)[0]
@@ -309,6 +317,10 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
     from .data.folder import list_folder
 
     spec.validate()
+    # numpy numbers (a count taken from an array) as Python ones: PIL refused a numpy --quality
+    # ("Invalid quality setting") once the folder was made, and json the others at the final
+    # pool.json, after every image was written, leaving the pool marked unfinished
+    spec = replace(spec, **{k: v.item() for k, v in asdict(spec).items() if isinstance(v, np.generic)})
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"pool directory {out} is a file")
@@ -329,6 +341,15 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
         if not overwrite:
             raise FileExistsError(f"pool directory {out} is not empty; choose another or pass --overwrite")
         import shutil
+        # an overwrite cut short (Ctrl-C on seeing the wrong --out) left the old pool.json, which
+        # says the pool is whole, and its ground truth over part of it: the ground truth goes
+        # first, then a finished pool's pool.json is marked unfinished (in the space that
+        # freed, on a full disk; an unfinished one, say cut short by that disk, stays as it is)
+        gt = out / "ground_truth.csv"
+        if gt.is_file() or gt.is_symlink():
+            gt.unlink()
+        if json.loads((out / "pool.json").read_text()).get("spec") is not None:
+            _write_whole(out / "pool.json", json.dumps({"writer": POOL_WRITER, "spec": None}))
         # the folder is emptied, not removed: --out may be a link to the pool (rmtree refuses
         # links; the link is kept) or "." (rmdir refuses it, after the pool was deleted);
         # pool.json last, so a folder half emptied by Ctrl-C can still be overwritten

@@ -199,7 +199,7 @@ def test_array_source_rejects_unusable_dtypes_and_empty_images():
                        (torch.full((2, 4, 4), 0.5 + 0j), "torch.complex64")):
         with pytest.raises(ValueError, match=rf"mypool: images have dtype {dtype}; expected uint8 \(0\.\.255\) or fl"):
             ArraySource(bad, name="mypool")
-    with pytest.raises(ValueError, match=r"mypool: uint16 images must lie in \[0, 1\]; got range \[1e\+03, 1e\+03\]"):
+    with pytest.raises(ValueError, match=r"mypool: uint16 images must lie in \[0, 1\]; got range \[1000, 1000\]"):
         ArraySource(np.full((2, 4, 4), 1000, np.uint16), name="mypool")
     with pytest.raises(ValueError, match=r"mypool: images have shape \(2, 1, 0, 8\); .*height and width must be >= 1"):
         ArraySource(np.zeros((2, 1, 0, 8), np.uint8), name="mypool")
@@ -567,3 +567,46 @@ def test_folder_pool_identity_does_not_depend_on_a_numpy_image_size(tmp_path):
         assert other.image_shape == (3, 8, 8) and all(type(x) is int for x in other.image_shape)
         assert (sampled_digest(other), content_digest(other), fingerprint(other)) == \
             (sampled_digest(plain), content_digest(plain), fingerprint(plain))
+
+
+def test_images_just_past_one_are_named_with_the_value_that_is_past_it():
+    """A float32 image of max 1.0000001 (denormalised, say) was refused as "must lie in [0, 1];
+    got range [0.5, 1]": the value that broke the range was rounded back into it."""
+    a = np.full((2, 1, 4, 4), 0.5, np.float32)
+    a[0, 0, 0, 0] = np.nextafter(np.float32(1), np.float32(2))
+    with pytest.raises(ValueError, match=r"mypool: float images must lie in \[0, 1\]; got range \[0\.5, 1\.00000012\]"):
+        ArraySource(a, name="mypool")
+    a[0, 0, 0, 0], a[1, 0, 0, 0] = 0.5, -1e-9
+    with pytest.raises(ValueError, match=r"got range \[-9\.99999972e-10, 0\.5\]"):
+        ArraySource(a, name="mypool")
+
+
+@pytest.mark.parametrize("backend", ["memory", "torch", "dali"])
+def test_a_fractional_batch_size_is_refused_by_name(tmp_path, backend):
+    """batch_size 2.5: the torch folder loader cut it to batches of 2 without a word; the DALI
+    loader and in-memory sources failed with "'float' object cannot be interpreted as an
+    integer", naming nothing."""
+    from PIL import Image
+
+    from spurfast.data import loader_dali, loader_torch
+    from spurfast.data.folder import ImageFolderSource
+
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="nvidia.dali is not importable")
+    if backend == "memory":
+        src = ArraySource(np.zeros((5, 1, 2, 2), np.uint8))
+    else:
+        for i in range(5):
+            Image.fromarray(np.full((4, 4, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+        src = ImageFolderSource(tmp_path, size=2)
+    with pytest.raises(TypeError, match=r"batch_size must be an integer, got 2\.5"):
+        list(iter_batches(src, 2.5, backend=backend if backend != "memory" else None))
+    if backend != "memory":
+        mod = loader_torch if backend == "torch" else loader_dali
+        with pytest.raises(TypeError, match=r"batch_size must be an integer, got 2\.0"):
+            list(mod.iter_folder_batches(src.paths, size=2, batch_size=2.0))
+    assert [len(b.indices) for b in iter_batches(src, np.int64(2), backend=backend if backend != "memory" else None)] \
+        == [2, 2, 1]
+    # num_workers too: 2.5 failed the folder loaders naming nothing (DataLoader's TypeError, DALI's pybind one)
+    with pytest.raises(TypeError, match=r"num_workers must be an integer, got 2\.5"):
+        list(iter_batches(src, 2, num_workers=2.5, backend=backend if backend != "memory" else None))

@@ -273,3 +273,22 @@ def test_a_relative_non_utf8_path_after_a_chdir_is_its_own_file(tmp_path, monkey
         _, img, ok = next(loader_dali.iter_folder_batches([name], size=8, batch_size=1, device="cpu",
                                                           num_threads=1, dtype=torch.uint8))
         assert bool(ok.all()) and img.unique().tolist() == [v], d
+
+
+def test_a_non_utf8_path_through_a_link_and_dotdot_is_the_file_it_opens(tmp_path, monkeypatch):
+    """The link DALI reads a non-UTF-8 name through pointed at ``os.path.abspath(path)``,
+    which drops "L/.." as text: with L a link to a folder elsewhere, "L/../x" opens that
+    folder's parent's x, but DALI decoded ./x (another image, ok=True) in its place."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "A" / "sub").mkdir(parents=True)
+    (tmp_path / "L").symlink_to(tmp_path / "A" / "sub")
+    name = os.fsdecode(b"\xff.png")
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(os.path.join(tmp_path, "A", name))
+    Image.fromarray(np.full((8, 8, 3), 0, np.uint8)).save(os.path.join(tmp_path, name))
+    path = os.path.join("L", "..", name)
+    for mod, kw in ((loader_torch, {}), (loader_dali, {"device": "cpu"})):
+        _, img, ok = next(mod.iter_folder_batches([path], size=8, batch_size=1, num_threads=1, dtype=torch.uint8,
+                                                  **kw))
+        assert bool(ok.all()) and img.unique().tolist() == [200], mod.__name__

@@ -355,3 +355,114 @@ def test_pool_json_lists_the_classes_the_pool_holds_not_every_class(tmp_path):
     # every class of a pool with more images than classes is still listed
     info = make_pool(tmp_path / "q", PoolSpec(n=5, classes=2, min_size=16, max_size=16), workers=1, progress=False)
     assert [c["label"] for c in info["classes"]] == [0, 1]
+
+
+def test_sizes_past_the_largest_jpeg_are_refused_before_anything_is_written(tmp_path):
+    """--size 8:2**63 made the folder and failed at the first image with numpy's "high is
+    out of bounds for int64", naming no option; a side past 65,500 cannot be a JPEG at all
+    (a 65,501 px image took 51 GB to render before its save failed)."""
+    with pytest.raises(ValueError, match=r"at most 65,500 .* --size 8:9223372036854775808"):
+        make_pool(tmp_path / "p", PoolSpec(n=1, min_size=8, max_size=2**63), workers=1, progress=False)
+    assert not (tmp_path / "p").exists()
+    with pytest.raises(ValueError, match=r"at most 65,500"):
+        PoolSpec(n=1, min_size=65501, max_size=65501).validate()
+    PoolSpec(n=1, min_size=65500, max_size=65500).validate()
+
+
+def test_classes_past_int64_label_the_pool_as_fewer_classes_do(tmp_path):
+    """--classes 2**63 on 3 images raised OverflowError (a traceback) after the folder was
+    made; each image's label is its index whenever --n <= --classes."""
+    info = make_pool(tmp_path / "p", PoolSpec(n=3, classes=2**63, min_size=16, max_size=16), workers=1,
+                     progress=False)
+    assert [c["label"] for c in info["classes"]] == [0, 1, 2] and info["spec"]["classes"] == 2**63
+    assert read_ground_truth(tmp_path / "p")[0].tolist() == [0, 1, 2]
+    assert len(ImageFolderSource(tmp_path / "p", size=16).class_names) == 3
+
+
+def test_an_overwrite_cut_short_leaves_the_pool_marked_unfinished(tmp_path, monkeypatch):
+    """Ctrl-C while --overwrite deleted the old pool (say, on seeing the wrong --out) left its
+    pool.json, which says the pool is whole, and its ground truth over part of its images:
+    read_ground_truth then returned all 6 rows for a folder of 4 images."""
+    import shutil
+    from pathlib import Path
+
+    spec = PoolSpec(n=6, classes=3, min_size=16, max_size=16)
+    make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    real_iterdir, real_rmtree = Path.iterdir, shutil.rmtree
+    # class folders first, ground_truth.csv after them (iterdir's order is the file system's)
+    monkeypatch.setattr(Path, "iterdir", lambda self: iter(sorted(real_iterdir(self))))
+    calls = []
+
+    def rmtree(path, *args, **kwargs):   # Ctrl-C after the first class folder went
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(path)
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        make_pool(tmp_path / "p", PoolSpec(n=9, classes=3, min_size=16, max_size=16), workers=1, progress=False,
+                  overwrite=True)
+    monkeypatch.undo()
+    assert len(ImageFolderSource(tmp_path / "p", size=16)) == 4
+    assert json.loads((tmp_path / "p" / "pool.json").read_text())["spec"] is None
+    with pytest.raises((ValueError, FileNotFoundError), match="is incomplete|has no ground_truth.csv"):
+        read_ground_truth(tmp_path / "p")
+    make_pool(tmp_path / "p", spec, workers=1, progress=False, overwrite=True)   # and it can be overwritten
+    assert len(read_ground_truth(tmp_path / "p")[0]) == 6
+
+
+def test_a_spec_of_numpy_numbers_writes_its_pool_json(tmp_path):
+    """PoolSpec(n=np.int64(6), ...) (a count taken from an array) wrote every image, then
+    failed at the final pool.json ("Object of type int64 is not JSON serializable"), leaving
+    the pool marked unfinished: its ground truth refused, the work to redo with --overwrite;
+    a numpy quality failed at the first image ("Invalid quality setting", from PIL)."""
+    spec = PoolSpec(n=np.int64(6), classes=np.int64(3), min_size=np.int64(16), max_size=np.int32(16), flat=np.bool_(0),
+                    plant="noise", fraction=np.float32(0.5), strength=np.float32(0.5), target_size=np.int64(16),
+                    quality=np.int16(90), seed=np.uint8(2))
+    info = make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    same = PoolSpec(n=6, classes=3, min_size=16, max_size=16, plant="noise", fraction=0.5, strength=0.5,
+                    target_size=16, seed=2)
+    assert json.loads((tmp_path / "p" / "pool.json").read_text())["spec"] == info["spec"] == same.__dict__
+    assert info["n"] == 6 and type(info["n"]) is int and info["n_carrying"] == 3
+    ref = make_pool(tmp_path / "q", same, workers=1, progress=False)
+    assert read_ground_truth(tmp_path / "p")[1].tolist() == read_ground_truth(tmp_path / "q")[1].tolist()
+    assert ref["classes"] == info["classes"]
+
+
+def test_an_overwrite_on_a_full_disk_frees_space_before_it_writes(tmp_path, monkeypatch):
+    """--overwrite marks pool.json unfinished before deleting the old pool: on a disk the old
+    pool filled, the ground truth's space is freed first, so the marker can be written."""
+    from pathlib import Path
+
+    spec = PoolSpec(n=6, classes=3, min_size=16, max_size=16)
+    make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    real, freed = Path.write_text, []
+
+    def write_text(self, data, *args, **kwargs):   # no space until the old ground truth is gone
+        if not freed and (tmp_path / "p" / "ground_truth.csv").exists():
+            raise OSError(28, "No space left on device", str(self))
+        freed.append(True)
+        return real(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    info = make_pool(tmp_path / "p", PoolSpec(n=3, classes=3, min_size=16, max_size=16), workers=1, progress=False,
+                     overwrite=True)
+    assert info["n"] == 3 and len(read_ground_truth(tmp_path / "p")[0]) == 3
+    # a make-pool the full disk cut short (pool.json unfinished, no ground truth) is overwritten
+    # with no write before the old images are gone
+    monkeypatch.undo()
+    make_pool(tmp_path / "q", spec, workers=1, progress=False)
+    (tmp_path / "q" / "ground_truth.csv").unlink()
+    (tmp_path / "q" / "pool.json").write_text(json.dumps({"writer": "spurfast make-pool", "spec": None}))
+
+    gone = []
+
+    def full(self, data, *args, **kwargs):   # no space until the old images are gone
+        if not gone and (tmp_path / "q" / "c0000").exists():
+            raise OSError(28, "No space left on device", str(self))
+        gone.append(True)
+        return real(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    assert make_pool(tmp_path / "q", spec, workers=1, progress=False, overwrite=True)["n"] == 6

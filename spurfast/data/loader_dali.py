@@ -59,7 +59,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .folder import refuse_repeats, select_indices
+from .folder import check_batch_size, refuse_repeats, select_indices
 from .preprocess import (GRAY_SHIFT, GRAY_WEIGHTS, PreprocessSpec, describe_error, load_image_uint8,
                          output_dtype, uint8_to, validate_image_file)
 
@@ -242,8 +242,10 @@ def _dali_name(path: str) -> str:
     except UnicodeEncodeError:
         pass
     # keyed by the absolute path: a relative one, after a chdir, named another file, and
-    # its link (made to the first one) decoded the first file's image in its place
-    target = os.path.abspath(path)
+    # its link (made to the first one) decoded the first file's image in its place.  Joined,
+    # not normalised (abspath): that drops "L/.." as text, so with L a link to a folder
+    # elsewhere the link named ./x where "L/../x" opens the x beside L's target
+    target = path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
     if target not in _aliases:
         link = os.path.join(os.path.dirname(_filler_file()), f"alias-{len(_aliases)}.img")
         os.symlink(target, link)
@@ -475,8 +477,7 @@ def iter_folder_batches(paths, *, size: int, channels: int = 3, batch_size: int 
     first decodes).  Bad files: zero image, ok=False, reason in ``bad_files``."""
     spec = PreprocessSpec(size, channels)
     dtype = output_dtype(dtype)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_batch_size(batch_size)
     if num_threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
     if not 0.0 <= hw_decoder_load <= 1.0:

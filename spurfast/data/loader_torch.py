@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import inspect
 import logging
+import numbers
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from .folder import refuse_repeats, select_indices
+from .folder import check_batch_size, refuse_repeats, select_indices
 from .preprocess import PreprocessSpec, checked_load_uint8, output_dtype, uint8_to
 from .sources import ImageSource
 
@@ -58,8 +59,7 @@ def iter_folder_batches(paths, *, size: int, channels: int = 3, batch_size: int 
     reason) when given."""
     spec = PreprocessSpec(size, channels)
     dtype = output_dtype(dtype)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_batch_size(batch_size)
     sel = select_indices(len(paths), start=start, shard_id=shard_id, num_shards=num_shards, indices=indices)
     if len(sel) == 0:
         return
@@ -90,8 +90,9 @@ def iter_batches(source: ImageSource, batch_size: int = 256, start: int = 0,
     to move; the caller converts, e.g. on its GPU); in-memory sources yield their own
     floats whatever ``dtype`` says.  ``device``: where a loader that can decode on a GPU
     (DALI) decodes, e.g. the run's device ("cpu": never on the GPU; None: its own choice)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_batch_size(batch_size)
+    if not isinstance(num_workers, numbers.Integral):   # 2.5 failed in the loader, naming nothing
+        raise TypeError(f"num_workers must be an integer, got {num_workers!r}")
     # checked as the folder loaders check them: a negative start or index would otherwise
     # count from the end of an in-memory source (pool index -2 yielded as such)
     idx_all = select_indices(len(source), start=start, indices=indices)

@@ -142,8 +142,9 @@ def to_float_images(images, name: str | None = None) -> torch.Tensor:
     kind = "float" if t.is_floating_point() else str(t.dtype).removeprefix("torch.")
     t = t.float()
     if t.numel() and (float(t.min()) < 0.0 or float(t.max()) > 1.0):
-        raise ValueError(f"{where}{kind} images must lie in [0, 1]; got range [{float(t.min()):.3g}, "
-                         f"{float(t.max()):.3g}] (uint8 images may span 0..255)")
+        # .9g: every float32 digit (.3g named a max of 1.0000001 "1": "must lie in [0, 1]; got [0.5, 1]")
+        raise ValueError(f"{where}{kind} images must lie in [0, 1]; got range [{float(t.min()):.9g}, "
+                         f"{float(t.max()):.9g}] (uint8 images may span 0..255)")
     return t
 
 
