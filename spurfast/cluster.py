@@ -263,10 +263,14 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
         # can fill, a group with fewer distinct points than k, may)
         inertia, any_empty, shift = torch.stack(
             [inertia_t[0], empty.any().double(), ((new - cent) ** 2).sum().double()]).tolist()
-        filled = _reseed(xs, gid, team.gather_rows(dist_l, N), empty, new, metric, valid_k) if any_empty else 0
+        filled = _reseed(xs, gid, team.gather_rows(dist_l, N), empty, new, metric, valid_k,
+                         team.gather_rows(assign_l, N) if metric == "cosine" else None) if any_empty else 0
         reseeded += filled
         cent = team.broadcast(new.contiguous())  # bitwise-identical centroids everywhere
-        if team.agree(not filled and prev is not None and (shift <= tol * max(1.0, abs(inertia)) or prev == inertia)):
+        # tol relative to the inertia, with no floor: max(1, inertia) made it absolute below an
+        # inertia of 1, and points merely scaled by 1e-3 stopped after 3 iterations, unconverged
+        # (inertia 4% above the unscaled run's).  Stable assignments leave the shift exactly 0.
+        if team.agree(not filled and prev is not None and (shift <= tol * abs(inertia) or prev == inertia)):
             break
         prev = inertia
     assign_l, dist_l = backends.call("kmeans_assign", xl, off_l, cent, kpg, metric, x_sqnorm=xn, backend=backend)
@@ -361,7 +365,7 @@ def _update(xs, offsets, gid, assign, prev_assign, sums, counts, kmax, backend):
     return full.double(), counts
 
 
-def _reseed(xs, gid, dist, empty, cent, metric: str = "l2", valid_k=None) -> int:
+def _reseed(xs, gid, dist, empty, cent, metric: str = "l2", valid_k=None, assign=None) -> int:
     """Move each empty cluster onto the farthest point of its group (one per cluster);
     returns how many it moved.  Only points away from their centroid (distance > 0) can
     fill one: a point on its centroid would tie with it and leave the cluster empty (a
@@ -369,11 +373,12 @@ def _reseed(xs, gid, dist, empty, cent, metric: str = "l2", valid_k=None) -> int
     Under cosine an all-zero row cannot either: it is at distance 1 from every centroid,
     itself included (re-seeded onto it every iteration, the cluster stayed empty and the
     loop never stopped before n_iter).  ``valid_k``: (G, kmax) bool, the centroid rows in
-    use (the others hold zeros, which are no centroid to be on)."""
+    use (the others hold zeros, which are no centroid to be on); ``assign``: (N,) each
+    point's cluster (given under cosine: which clusters hold a point that can fill one)."""
     n = 0
     d = dist.clone()
-    if metric == "cosine":
-        d[~xs.ne(0).any(1)] = -1.0
+    can_fill = xs.ne(0).any(1) if metric == "cosine" else torch.ones(len(xs), dtype=torch.bool, device=xs.device)
+    d[~can_fill] = -1.0
     room = {}
     for g, j in empty.nonzero().tolist():
         if valid_k is not None:
@@ -381,8 +386,19 @@ def _reseed(xs, gid, dist, empty, cent, metric: str = "l2", valid_k=None) -> int
                 # as many clusters as distinct points: each point is on its centroid and no
                 # re-seeding can fill one, though fp32 sums of many copies of a point leave
                 # its centroid an ulp off it, beyond the bitwise test below (1,000 copies of
-                # 3 points, k = 8, d = 64 re-seeded every iteration and ran all n_iter)
-                room[g] = len(torch.unique(xs[gid == g], dim=0)) - int((valid_k[g] & ~empty[g]).sum())
+                # 3 points, k = 8, d = 64 re-seeded every iteration and ran all n_iter).
+                # Under cosine only non-zero points count, on both sides: an all-zero row fills
+                # nothing, and a cluster of zero rows alone holds no point that could (one zero
+                # row beside 3 points' copies, k = 8, still ran all n_iter)
+                if assign is not None:
+                    mine = (gid == g) & can_fill
+                    used = torch.zeros_like(valid_k[g])
+                    used[assign[mine]] = True
+                else:
+                    mine, used = gid == g, valid_k[g] & ~empty[g]
+                pts = xs[mine]
+                # points of no dimension are one point (torch.unique refuses a 0-wide tensor)
+                room[g] = (len(torch.unique(pts, dim=0)) if pts.shape[1] else min(len(pts), 1)) - int(used.sum())
             if room[g] <= 0:
                 continue
         cand = torch.where((gid == g) & (d > 0), d, torch.full_like(d, -1.0))

@@ -64,6 +64,10 @@ class DiscoverConfig:
             if isinstance(v, (bool, np.bool_)) or not whole:
                 raise ValueError(f"{name} must be an integer, got {v!r}")
             setattr(self, name, int(v))
+        # a torch.device, as torch's own calls take, recorded by its name: findings.json could
+        # not hold it ("Object of type device is not JSON serializable", after the whole run)
+        if isinstance(self.device, torch.device):
+            self.device = str(self.device)
         for name in ("fdr", "resolve_fdr"):
             v = getattr(self, name)
             if v is not None:

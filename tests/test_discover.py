@@ -152,8 +152,10 @@ def test_outputs_are_written_in_utf8_whatever_the_locale(tmp_path):
             "f = {'rank': 1, 'class': 0, 'class_name': '\\u72d7 chien', 'cluster': 0, 'size': 1, 'score': 1.0,\n"
             "     'p_value': 0.01, 'q_value': 0.01, 'members': [0], 'exemplars': [0], 'confirm': None, 'images': {}}\n"
             "write_outputs(DiscoveryResult([f], [], {}, {}, {}), sys.argv[1])\n")
+    # the caller's PYTHONPATH kept after the repository: packages installed there were missing
     env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0",
-               PYTHONPATH=str(Path(spurfast.__file__).resolve().parents[1]))
+               PYTHONPATH=os.pathsep.join([str(Path(spurfast.__file__).resolve().parents[1]),
+                                           *filter(None, [os.environ.get("PYTHONPATH")])]))
     run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "\u72d7 chien" in (tmp_path / "findings.csv").read_text(encoding="utf-8")
@@ -515,3 +517,19 @@ def test_discovery_hashes_the_latents_once(tmp_path, monkeypatch):
                         or real(arrays, settings))
     discover(store, DiscoverConfig(k=4, n_null=3, max_null=3, seed=0), progress=False, work_dir=tmp_path / "work")
     assert seen.count(True) == 1
+
+
+def test_a_torch_device_in_the_config_is_recorded_by_its_name(tmp_path):
+    """DiscoverConfig(device=torch.device("cpu")) ran the whole discovery, then findings.json
+    could not be written ("Object of type device is not JSON serializable")."""
+    import json
+
+    import torch
+
+    from spurfast.discover import write_outputs
+
+    cfg = DiscoverConfig(k=4, n_null=3, max_null=3, seed=0, device=torch.device("cpu"))
+    store, _ = _store(tmp_path / "store")
+    write_outputs(discover(store, cfg, progress=False), tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "findings.json").read_text())["config"]["discover"]["device"] == "cpu"
+    assert cfg.device == "cpu"

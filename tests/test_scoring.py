@@ -483,3 +483,50 @@ def test_kmeans_of_many_copies_of_fewer_points_than_k_stops(backend, metric, see
     res = batched_kmeans(x, torch.zeros(n, dtype=torch.long), [8], n_iter=20, backend=backend, metric=metric)
     assert res.reseeded == 0 and res.n_iter < 20, (res.reseeded, res.n_iter)
     assert sorted(res.counts[0].tolist())[:5] == [0] * 5
+
+
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_cosine_kmeans_of_copies_beside_an_all_zero_row_stops(backend):
+    """Under cosine an all-zero row fills no cluster, yet the count of distinct points that
+    stops futile re-seeding counted it: one zero row beside 1,000 copies of 3 latents, k = 8,
+    re-seeded an ulp-off copy every iteration and ran all n_iter.  A cluster of zero rows
+    alone still leaves room for a point that can fill an empty one."""
+    from spurfast.cluster import batched_kmeans
+
+    torch.manual_seed(23)
+    x = (torch.randn(3, 64) * float(torch.rand(1)) * 100)[torch.arange(1000) % 3]
+    x = torch.cat([x, torch.zeros(1, 64)])
+    res = batched_kmeans(x, torch.zeros(len(x), dtype=torch.long), [8], n_iter=20, backend=backend, metric="cosine")
+    assert res.reseeded == 0 and res.n_iter < 20, (res.reseeded, res.n_iter)
+    # zero rows alone in cluster 0, both directions in cluster 1: one of them fills cluster 2
+    a, b = torch.tensor([1.0, 0.2, 0.0]), torch.tensor([0.2, 1.0, 0.0])
+    x = torch.cat([torch.zeros(2, 3), a.repeat(30, 1), b.repeat(30, 1)])
+    init = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 1.0, 0.0], [-1.0, -1.0, 0.0], [-1.0, -1.0, 0.1]]])
+    res = batched_kmeans(x, torch.zeros(len(x), dtype=torch.long), [4], n_iter=20, backend=backend, metric="cosine",
+                         init=init)
+    assert res.counts[0].tolist() == [2, 30, 30, 0] and res.reseeded == 1, (res.counts[0].tolist(), res.reseeded)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_kmeans_of_points_of_no_dimension_is_one_cluster(metric):
+    """Round 12's count of distinct points (torch.unique) crashed on (N, 0) points with
+    torch's "There are 0 sized dimensions, and they aren't selected"; before it they were
+    one cluster, as points that are all the same are."""
+    from spurfast.cluster import batched_kmeans
+
+    res = batched_kmeans(torch.zeros(5, 0), torch.zeros(5, dtype=torch.long), [2], metric=metric)
+    assert res.counts.tolist() == [[5, 0]] and res.assign.tolist() == [0] * 5 and res.reseeded == 0
+
+
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_kmeans_of_points_scaled_down_runs_as_the_unscaled_do(backend):
+    """L2 k-means is scale-free, but the stopping rule took tol absolutely below an inertia
+    of 1 (max(1, inertia)): the same points times 1e-3 stopped after 3 iterations,
+    unconverged, with other clusters than the unscaled points got."""
+    from spurfast.cluster import batched_kmeans
+
+    torch.manual_seed(0)
+    x, g = torch.randn(2000, 8), torch.zeros(2000, dtype=torch.long)
+    want = batched_kmeans(x, g, [16], n_iter=50, seed=0, backend=backend)
+    got = batched_kmeans(x * 1e-3, g, [16], n_iter=50, seed=0, backend=backend)
+    assert got.n_iter == want.n_iter and torch.equal(got.assign, want.assign), (got.n_iter, want.n_iter)
