@@ -409,10 +409,16 @@ def _kmeans_main(x, groups, k_per_group, *, n_groups=None, n_iter=50, tol=1e-6, 
     # float64 stays so, as in one process: lloyd shifts points far from the origin before they
     # become fp32 (cast here first, blobs at 1e8 and 1e8 + 1 were one point across ranks)
     x = (x if x.dtype == torch.float64 else x.float()).contiguous()
-    # checked before anything is sent: a bad call leaves no rank waiting
-    groups, kpg, G = check_input(x, torch.as_tensor(groups, dtype=torch.int64).to(dev), k_per_group, n_groups,
-                                 init=init)
+    # checked before anything is sent: a bad call leaves no rank waiting; the group ids as given
+    # (cast to int64 here first, 0.5 was group 0 across ranks where one process refused it)
+    groups, kpg, G = check_input(x, groups, k_per_group, n_groups, init=init)
     groups, kpg = groups.contiguous(), kpg.contiguous()
+    # and what every rank's lloyd refuses (all at once, after the data was sent): rank 0 raised an
+    # error one could catch, its serving ranks ended, and the next k-means lost the connection
+    if metric not in ("l2", "cosine"):
+        raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
+    from . import backends
+    backends.resolve("kmeans_assign", backend, dev.type)
     header = {"n": len(x), "d": x.shape[1], "G": G, "has_init": init is not None, "dtype": str(x.dtype),
               "opts": dict(n_iter=n_iter, tol=tol, seed=seed, metric=metric, backend=backend)}
     global _MIDWAY

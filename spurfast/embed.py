@@ -196,6 +196,14 @@ def check_whole(value, name: str) -> None:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
+def check_vae_input(source: ImageSource, vae) -> None:
+    """Raise unless ``vae`` (one with a ``config``) encodes images of ``source``'s shape."""
+    cfg = getattr(vae, "config", None)
+    if cfg is not None and tuple(source.image_shape) != (cfg.in_channels, cfg.image_size, cfg.image_size):
+        raise ValueError(f"the VAE expects {cfg.in_channels}x{cfg.image_size}x{cfg.image_size} images (CxHxW), "
+                         f"the pool ({source.name}) has {'x'.join(map(str, source.image_shape))}")
+
+
 def check_outputs(source: ImageSource, classifier, num_classes: int, device: str) -> int:
     """The width of the classifier's features on ``source``'s first image; raises unless
     it gives ``num_classes`` logits."""
@@ -459,6 +467,9 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
     check_whole(num_classes, "num_classes")
     # the loader refused it only after the store was created (2.5: a TypeError naming nothing)
     check_whole(batch_size, "batch_size")
+    # the encoder refused it at the first batch, after the store was made, naming neither shape
+    # ("flattened features 1024 != head input width 3136")
+    check_vae_input(source, vae)
     # the manifest is JSON: a numpy integer (labels.max() + 1) failed its write, naming nothing
     num_classes, shard_id, num_shards = int(num_classes), int(shard_id), int(num_shards)
     fp, content = identity or (fingerprint(source, classifier, vae), content_digest(source))

@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,8 @@ from .cores import usable_cores
 from .data.builtin import find_fashion_mnist, load_digits, load_fashion_mnist
 from .data.sources import ArraySource, ImageSource, content_digest
 from .discover import DiscoverConfig, characterise, discover, write_outputs
-from .embed import _write_json, check_outputs, check_whole, fingerprint, legacy_identities, made_from, shown_path, unmark_stores
+from .embed import (_write_json, check_outputs, check_vae_input, check_whole, fingerprint, legacy_identities, made_from,
+                    shown_path, unmark_stores)
 from .pattern_rank import pattern_rankings
 from .plant import PatternSpec, PlantTruth, plant_pool, plant_training
 from .report import write_report
@@ -285,10 +286,20 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     ``protect``: more paths this run reads (model files, ...) that ``overwrite`` must not
     delete; the pool's and the clean set's own files are always protected."""
     config = config or DiscoverConfig()
+    # None (discover's "torch's default, the CPU") or a torch.device, as text: torch.device(None) and the
+    # run id's json.dumps ("Object of type device is not JSON serializable") raised bare TypeErrors
+    if config.device is None or isinstance(config.device, torch.device):
+        config = replace(config, device=str(config.device or "cpu"))
     # checked here, not by the loader: --overwrite would have deleted the old run first
     check_whole(batch_size, "batch_size")
     # embed_pool's own check came after --overwrite had deleted the old run's findings (2.0 == 2 logits)
     check_whole(num_classes, "num_classes")
+    for key, value in (extra_config or {}).items():   # json.dumps of findings.json refused it after all the work,
+        try:                                           # naming nothing ("Object of type int64 is not JSON serializable")
+            json.dumps({key: value})
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"extra_config[{key!r}]: {exc}; it is recorded in findings.json, so it must be JSON "
+                             f"(str, int, float, bool, None, and lists and dicts of them)") from None
     if suspect is not None and np.shape(suspect) != (len(pool),):
         raise ValueError(f"suspect mask has shape {np.shape(suspect)}, expected ({len(pool)},): one entry per image "
                          f"of the pool ({pool.name})")
@@ -308,10 +319,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
         earlier_ids = ([_digest(fp + identity[1] + settings)] + [_digest(f + c + settings) for f, c in earlier]
                        + [_digest(f + settings) for f, _ in earlier])
     extra_config = {**(extra_config or {}), "inputs": inputs}
-    cfg = getattr(vae, "config", None)
-    if cfg is not None and tuple(pool.image_shape) != (cfg.in_channels, cfg.image_size, cfg.image_size):
-        raise ValueError(f"the VAE expects {cfg.in_channels}x{cfg.image_size}x{cfg.image_size} images (CxHxW), "
-                         f"the pool ({pool.name}) has {'x'.join(map(str, pool.image_shape))}")
+    check_vae_input(pool, vae)
     # the embedding pass's own checks, made before --overwrite deletes the old run
     if len(pool) == 0:
         raise ValueError(f"pool {pool.name} is empty")
@@ -325,6 +333,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     # here failed at the first clustering, after the embedding pass (the CLI checks it itself)
     if backends.requested("kmeans_assign", config.backend) != "auto":   # auto always has the torch one
         backends.resolve("kmeans_assign", config.backend, torch.device(config.device).type)
+    _check_discovery_ops(config.backend, torch.device(config.device).type)
     # only folder pools go through a loader, and an unlabelled clean folder (confirmation predicts it through one)
     if getattr(pool, "paths", None) is not None or (clean is not None and confirm and len(clean) > 0
                                                     and getattr(clean, "paths", None) is not None
@@ -388,6 +397,25 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
         _write_json(out / BAD_FILES, bad)  # atomic; `spurfast report` has no pool to name them
         write_report(doc, out, clusters=result.clusters, bad_files=bad, summary=summary)
     return doc, result, store
+
+
+def _check_discovery_ops(backend, device_type: str) -> None:
+    """Resolve now the providers that SPURFAST_BACKEND* variables name for discovery's other
+    ops, as `scoring.latent_neighbours` and `cluster.lloyd` will (``backend``: the config's
+    k-means backend, which decides some of them): a misspelt or unavailable one failed after
+    the embedding pass (the CLI checks them itself)."""
+    from . import backends
+
+    upd = backend if backend == "auto" or backend in {p.name for p in backends.providers("kmeans_update")} else None
+    ops = {"latent_knn": None, "kmeans_update": upd}
+    if not backend:   # lloyd reads these two variables only when the run names no k-means backend
+        ops.update(kmeans_plusplus=None, kmeans_assign_update=None)
+    for op, given in ops.items():
+        want = backends.requested(op, given)
+        if want == "auto" or (op == "kmeans_assign_update"   # the assignment's own fused step: no resolve
+                              and want == backends.resolve("kmeans_assign", None, device_type)[0]):
+            continue
+        backends.resolve(op, given, device_type)
 
 
 def _reread_loader(pool, store, loader_backend, device) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -757,3 +758,48 @@ def test_float64_points_far_from_the_origin_cluster_across_ranks_as_in_one_proce
     assert out[1]["served"] == 1
     assert_equal_int(torch.from_numpy(out[0]["assign"]), ref.assign, name="assign")
     assert_close(torch.from_numpy(out[0]["cent"]), ref.centroids, name="centroids", atol=1e-5, rtol=1e-5)
+
+
+def _fractional_groups_job(x, groups):
+    if sd.is_main():
+        with sd.kmeans_across_ranks():
+            try:
+                res = batched_kmeans(x, groups, [2, 2], n_groups=2, n_iter=5)
+                return f"no error: cluster sizes {res.counts.flatten().tolist()}"
+            except ValueError as exc:
+                return str(exc)
+    return sd.serve_kmeans()
+
+
+def test_fractional_group_ids_are_refused_across_ranks_as_in_one_process():
+    # rank 0 cast the group ids to int64 before checking them: 0.5 became group 0 without a word
+    x = torch.randn(20, 3, generator=torch.Generator().manual_seed(0))
+    groups = np.r_[np.zeros(10), np.ones(9), [0.5]]
+    msg = "group ids must be integers; 1 are not, e.g. groups[19] = 0.5"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        batched_kmeans(x, groups, [2, 2], n_groups=2)
+    assert _spawn(_fractional_groups_job, (x, groups)) == {0: msg, 1: 0}   # refused before anything was sent
+
+
+def _bad_metric_or_backend_job(x, groups):
+    if sd.is_main():
+        seen = []
+        with sd.kmeans_across_ranks():
+            for kw in (dict(metric="cos"), dict(backend="nosuch"), {}):
+                try:
+                    batched_kmeans(x, groups, [2, 2], n_groups=2, n_iter=5, **kw)
+                    seen.append("ok")
+                except (ValueError, RuntimeError) as exc:   # BackendUnavailable: a RuntimeError
+                    seen.append(str(exc))
+        return seen
+    return sd.serve_kmeans()
+
+
+def test_a_bad_metric_or_backend_is_refused_before_the_other_ranks_take_part():
+    # every rank's lloyd refused it after rank 0 had sent the points: rank 0 raised an error one
+    # could catch, the serving rank ended, and the next k-means failed with "Connection closed by peer"
+    x = torch.randn(20, 3, generator=torch.Generator().manual_seed(0))
+    out = _spawn(_bad_metric_or_backend_job, (x, np.r_[np.zeros(10), np.ones(10)]), timeout_s=30)
+    assert out[0][0] == "metric must be 'l2' or 'cosine', got 'cos'"
+    assert out[0][1].startswith("backend 'nosuch' does not implement 'kmeans_assign'")
+    assert out == {0: out[0][:2] + ["ok"], 1: 1}

@@ -642,3 +642,16 @@ def test_a_classifier_whose_logits_are_not_a_matrix_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"classifier outputs shape \(1,\) for one image of .*expected logits of "
                                          r"shape \(1, classes\)"):
         embed_pool(src, Squeezed(), vae, tmp_path / "s", num_classes=1, progress=False)
+
+
+def test_a_vae_for_other_images_is_named_before_the_store_is_made(tmp_path):
+    # run_discovery checked it, embed_pool did not: the encoder refused at the first batch, after the
+    # store was made, with "flattened features 1024 != head input width 3136" (naming neither shape)
+    import re
+
+    pool = ArraySource(torch.rand(8, 1, 16, 16), np.zeros(8, dtype=np.int64), name="p16")
+    for vae, want in ((VAE(VAEConfig.for_images(1, 28, 4)), "1x28x28"), (VAE(VAEConfig.for_images(3, 16, 4)), "3x16x16")):
+        with pytest.raises(ValueError, match=re.escape(f"the VAE expects {want} images (CxHxW), the pool (p16) has "
+                                                       f"1x16x16")):
+            embed_pool(pool, SmallCNN(1, 2, 16), vae, tmp_path / "s", num_classes=2, progress=False)
+        assert not (tmp_path / "s").exists()

@@ -617,3 +617,53 @@ def test_a_pool_of_one_image_is_refused_before_overwrite_deletes_the_old_run(tmp
         run_discovery(one, clf, vae, out, num_classes=2, confirm=False, progress=False, overwrite=True,
                       config=DiscoverConfig(n_null=4))
     assert (out / "findings.json").is_file() and EmbeddingStore(out / "store").n == len(pool)
+
+
+@pytest.mark.parametrize("op", ["latent_knn", "kmeans_update", "kmeans_plusplus", "kmeans_assign_update"])
+def test_a_bad_backend_variable_for_another_discovery_op_is_refused_before_any_work(tmp_path, monkeypatch, op):
+    # only the assignment's was checked up front: SPURFAST_BACKEND_LATENT_KNN=cupy (say) failed at the
+    # neighbour search, after the embedding pass (with --overwrite, after deleting the old run)
+    from spurfast import backends
+    from spurfast.discover import DiscoverConfig
+
+    monkeypatch.setenv(f"SPURFAST_BACKEND_{op.upper()}", "nosuch")
+    pool, clf, vae = _tiny()
+    embed = P.dist.embed_pool_sharded
+    monkeypatch.setattr(P.dist, "embed_pool_sharded", lambda *a, **k: pytest.fail("embedded before the check"))
+    with pytest.raises(backends.BackendUnavailable, match=f"backend 'nosuch' does not implement '{op}'"):
+        run_discovery(pool, clf, vae, tmp_path / "run", num_classes=2, confirm=False, progress=False,
+                      config=DiscoverConfig(n_null=4))
+    assert not (tmp_path / "run").exists()
+    if op in ("kmeans_plusplus", "kmeans_assign_update"):
+        # a k-means backend named for the run decides these two (cluster.lloyd reads no variable): not refused
+        monkeypatch.setattr(P.dist, "embed_pool_sharded", embed)
+        doc, _, _ = run_discovery(pool, clf, vae, tmp_path / "run", num_classes=2, confirm=False, progress=False,
+                                  config=DiscoverConfig(n_null=4, backend="torch"))
+        assert doc is not None
+
+
+def test_an_extra_config_that_is_not_json_is_refused_before_any_work(tmp_path, monkeypatch):
+    # findings.json's write refused it after the embedding pass, discovery and confirmation, naming
+    # nothing: "TypeError: Object of type int64 is not JSON serializable"
+    import re
+
+    pool, clf, vae = _tiny()
+    monkeypatch.setattr(P.dist, "embed_pool_sharded", lambda *a, **k: pytest.fail("embedded before the check"))
+    with pytest.raises(ValueError, match=re.escape("extra_config['n_train']: Object of type int64 is not JSON "
+                                                   "serializable; it is recorded in findings.json")):
+        run_discovery(pool, clf, vae, tmp_path / "run", num_classes=2, confirm=False, progress=False,
+                      extra_config={"dataset": "mine", "n_train": np.int64(3)})
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("device", [None, torch.device("cpu")])
+def test_a_config_device_of_none_or_a_torch_device_runs(tmp_path, device):
+    # discover takes device None as torch's default, the CPU, and a torch.device; run_discovery raised
+    # torch's bare "device() received an invalid combination of arguments - got (NoneType)", and for a
+    # torch.device "Object of type device is not JSON serializable" (its run id)
+    from spurfast.discover import DiscoverConfig
+
+    pool, clf, vae = _tiny()
+    doc, _, _ = run_discovery(pool, clf, vae, tmp_path / "run", num_classes=2, confirm=False, progress=False,
+                              config=DiscoverConfig(n_null=4, device=device))
+    assert doc["config"]["discover"]["device"] == "cpu" and (tmp_path / "run" / "findings.json").is_file()
