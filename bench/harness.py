@@ -152,9 +152,14 @@ class ResultWriter:
     def __init__(self, path: str | Path | None = None):
         # an empty SPURFAST_BENCH_CSV (set to nothing to unset it) is the default, as `bench plot` reads it:
         # Path("") was ".", and the first row failed with IsADirectoryError after its measurement
-        self.path = Path(path or os.environ.get("SPURFAST_BENCH_CSV") or DEFAULT_CSV)
+        given = path or os.environ.get("SPURFAST_BENCH_CSV") or DEFAULT_CSV
+        self.path = Path(given)
         if self.path.is_dir():   # the first row raised IsADirectoryError, after its measurement
             raise IsADirectoryError(f"results CSV {self.path} is a folder; expected a CSV file, e.g. "
+                                    f"{self.path / 'results.csv'}")
+        # "out/" (no such folder yet): Path drops the "/", and the rows went to a file "out"
+        if os.path.basename(given) in ("", ".", ".."):
+            raise IsADirectoryError(f"results CSV {given} names a folder; expected a CSV file, e.g. "
                                     f"{self.path / 'results.csv'}")
         # a file above it: the first row failed in mkdir ("[Errno 17] File exists"), after its measurement
         blocker = next((q for q in self.path.parents if q.exists() and not q.is_dir()), None)

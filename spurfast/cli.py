@@ -338,6 +338,19 @@ def cmd_demo(args):
              config=_discover_config(args), device=args.device)
 
 
+def _blocker(out: Path) -> Path | None:
+    """The first of ``out`` and its parents that is a file, or a link to nothing, where a
+    folder must be: mkdir failed there as "[Errno 17] File exists", which says neither."""
+    return next((q for q in (out, *out.parents) if (q.is_symlink() and not q.exists())
+                 or (q.exists() and not q.is_dir())), None)
+
+
+def _not_a_folder(flag: str, out: Path, blocker: Path) -> str:
+    if blocker.is_symlink() and not blocker.exists():
+        return f"{flag} {out}: {blocker} is a link to {os.readlink(blocker)!r}, which does not exist"
+    return f"{flag} {out}: {blocker} is a file, not a folder"
+
+
 PLANT_FILES = ("train.npz", "pool.npz", "clean.npz", "plant.json")   # plant.json last: it marks a whole output
 
 
@@ -353,10 +366,10 @@ def _plant_output(out: Path) -> bool:
 def cmd_plant(args):
     from .pipeline import make_planted_data
     out = Path(args.out)
-    # a file in its place failed at mkdir after the data was made ("[Errno 17] File exists")
-    blocker = next((q for q in (out, *out.parents) if q.exists() and not q.is_dir()), None)
+    # a file (or a link to nothing) in its place failed at mkdir after the data was made ("[Errno 17] File exists")
+    blocker = _blocker(out)
     if blocker is not None:
-        raise NotADirectoryError(f"--out {out}: {blocker} is a file, not a folder; expected the folder for "
+        raise NotADirectoryError(f"{_not_a_folder('--out', out, blocker)}; expected the folder for "
                                  f"{', '.join(PLANT_FILES)}")
     # the four files were written over whatever held their names (a pool.npz of the user's own)
     taken = [n for n in PLANT_FILES if os.path.lexists(out / n)]
@@ -385,6 +398,9 @@ def _model_out(path, **inputs) -> Path:
     out = Path(path)
     if out.is_dir():
         raise IsADirectoryError(f"--out {out} is a directory; expected the model file to write, e.g. {out / 'model.pt'}")
+    # "models/" (no such folder yet): Path drops the "/", and the checkpoint models/.ckpt failed after an epoch
+    if os.path.basename(path) in ("", ".", ".."):
+        raise IsADirectoryError(f"--out {path} names a folder; expected the model file to write, e.g. {out / 'model.pt'}")
     for flag, given in inputs.items():
         try:
             same = given is not None and os.path.samefile(out, given)
@@ -400,8 +416,9 @@ def _out_folder(out: Path, flag: str = "--out", what: str = "the model file") ->
     """Create --out's folder and make sure it takes files, before training: an unwritable one
     failed at the first checkpoint, after an epoch, with a traceback."""
     import tempfile
-    if out.parent.exists() and not out.parent.is_dir():
-        raise NotADirectoryError(f"{flag} {out}: {out.parent} is a file, not a folder")
+    blocker = _blocker(out.parent)
+    if blocker is not None:
+        raise NotADirectoryError(_not_a_folder(flag, out, blocker))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out.parent).close()
@@ -580,13 +597,17 @@ def cmd_evaluate(args):
     from .evaluate import run_evaluation
     from .results_doc import check_results_md, read_csv, read_notes, write_results, write_with_notes
     out = Path(args.out)
-    # a file in its place failed as "[Errno 17] File exists: 'x'", which does not say what is wrong
-    blocker = next((q for q in (out, *out.parents) if q.exists() and not q.is_dir()), None)
+    # a file (or a link to nothing) in its place failed as "[Errno 17] File exists: 'x'", which says neither
+    blocker = _blocker(out)
     if blocker is not None:
-        raise NotADirectoryError(f"--out {out}: {blocker} is a file, not a folder; expected the folder for "
+        raise NotADirectoryError(f"{_not_a_folder('--out', out, blocker)}; expected the folder for "
                                  f"results.csv, confirm.csv, plots/ and RESULTS.md")
     if args.results_md:   # --from-csv too, which runs no sweep (each failed at the end)
         check_results_md(args.results_md, "--results-md")
+    # "docs/new/" (no such folder yet): Path drops the "/", and the tables went to a file "docs/new"
+    if args.results_md and os.path.basename(args.results_md) in ("", ".", ".."):
+        raise IsADirectoryError(f"--results-md {args.results_md} names a folder; expected the file to write, e.g. "
+                                f"{Path(args.results_md) / 'RESULTS.md'}")
     if args.results_md and os.path.exists(args.results_md) and not os.access(args.results_md, os.W_OK):
         # a read-only file is rewritten in place, in a folder that may well take files: it failed at the end
         raise PermissionError(f"--results-md {args.results_md}: the file is not writable; make it writable or "

@@ -380,6 +380,21 @@ def test_a_results_csv_that_is_a_folder_is_refused_up_front(tmp_path, monkeypatc
     assert e.value.code == 2 and f"results CSV {tmp_path} is a folder" in err, err
 
 
+@pytest.mark.parametrize("tail", ["/", "/."])
+def test_a_results_csv_naming_a_folder_not_made_yet_is_refused_up_front(tmp_path, monkeypatch, capsys, tail):
+    # --csv out/ (no such folder yet): Path dropped the "/", and the rows went to a file "out"
+    from bench import bench_kmeans
+    from bench.__main__ import main as bench_main
+
+    monkeypatch.setattr(bench_kmeans, "run", lambda *a, **k: pytest.fail("the suite ran"))
+    csv_arg = str(tmp_path / "out") + tail
+    with pytest.raises(SystemExit) as e:
+        bench_main(["kmeans", "--quick", "--device", "cpu", "--csv", csv_arg])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"results CSV {csv_arg} names a folder" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("value", ["rel", ""])
 def test_a_relative_or_empty_bench_dir_names_the_same_folder_for_the_runs(tmp_path, monkeypatch, value):
     # the runs start in the repository root: a relative SPURFAST_BENCH_DIR given from elsewhere made

@@ -277,8 +277,8 @@ def test_demo_pattern_flags_reach_the_pattern_and_the_run_id(monkeypatch):
     specs, run_ids = [], []
 
     def fake_data(dataset, *, spec, **kw):
-        specs.append(spec)
-        return types.SimpleNamespace(dataset="digits")
+        specs.append(spec)   # a pool shape: run_demo checks the VAE's settings before any work
+        return types.SimpleNamespace(dataset="digits", pool=types.SimpleNamespace(image_shape=(1, 8, 8)))
 
     def fake_prepare(out, run_id, overwrite):
         run_ids.append(run_id)
@@ -615,6 +615,23 @@ def test_train_out_is_checked_before_training_and_its_folder_made(tmp_path, caps
     assert out.is_file()
 
 
+@pytest.mark.parametrize("cmd", ["train-vae", "train-classifier"])
+@pytest.mark.parametrize("tail", ["/", "/."])
+def test_train_out_naming_a_folder_not_made_yet_is_refused_before_training(tmp_path, capsys, monkeypatch, cmd, tail):
+    # --out models/ (no such folder yet): Path dropped the "/", the model was to be the file
+    # "models", and its checkpoint models/.ckpt failed after the first epoch with a traceback
+    from spurfast.models import train
+
+    pool = _npz(tmp_path / "pool.npz", np.zeros((12, 28, 28), np.uint8))
+    monkeypatch.setattr(train, "train_vae" if cmd == "train-vae" else "train_classifier",
+                        lambda *a, **k: pytest.fail("trained before --out was checked"))
+    capsys.readouterr()
+    assert main([cmd, "--data", pool, "--out", str(tmp_path / "models") + tail, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out") and "names a folder" in err and "model.pt" in err, err
+    assert not (tmp_path / "models").exists()
+
+
 def test_a_pool_npz_suspect_array_of_the_wrong_length_is_refused_first(tmp_path, capsys):
     clf, vae = _models(tmp_path)
     pool = tmp_path / "short.npz"
@@ -675,6 +692,17 @@ def _quick_csv(tmp_path):
     for f in ("results.csv", "confirm.csv"):
         shutil.copy(docs / f, tmp_path / "csv" / f)
     return str(tmp_path / "csv" / "results.csv")
+
+
+def test_evaluate_results_md_naming_a_folder_not_made_yet_is_refused(tmp_path, capsys):
+    # --results-md docs/new/ (no such folder yet): Path dropped the "/", and RESULTS.md was
+    # written as a file "docs/new" (after the whole sweep, for a run)
+    md = str(tmp_path / "new") + "/"
+    assert main(["evaluate", "--from-csv", _quick_csv(tmp_path), "--out", str(tmp_path / "e"),
+                 "--results-md", md]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --results-md {md} names a folder") and "RESULTS.md" in err, err
+    assert not (tmp_path / "new").exists() and not (tmp_path / "e").exists()
 
 
 def test_evaluate_from_csv_writes_results_md_keeping_its_notes(tmp_path, capsys):
@@ -1518,6 +1546,28 @@ def test_plant_out_that_is_a_file_is_refused_before_the_data_is_made(tmp_path, c
         assert main(["plant", "--out", str(out)]) == 2
         assert capsys.readouterr().err.startswith(f"error: --out {out}: {f} is a file, not a folder; expected the "
                                                   f"folder for train.npz")
+
+
+@pytest.mark.parametrize("cmd", ["plant", "evaluate", "train-vae"])
+def test_an_out_below_a_dangling_link_is_named_before_any_work(tmp_path, capsys, monkeypatch, cmd):
+    # plant (after the data was made) and evaluate failed as "[Errno 17] File exists: 'x'", train-*
+    # as "cannot write in folder x (File exists)": none said that x is a link to nothing
+    import spurfast.pipeline as P
+    from spurfast.models import train
+
+    monkeypatch.setattr(P, "make_planted_data", lambda *a, **k: pytest.fail("the data was made"))
+    monkeypatch.setattr(train, "train_vae", lambda *a, **k: pytest.fail("trained"))
+    link = tmp_path / "gone"
+    link.symlink_to(tmp_path / "nowhere")
+    argv = {"plant": ["plant", "--out", str(link)],
+            "evaluate": ["evaluate", "--from-csv", _quick_csv(tmp_path), "--out", str(link / "e")],
+            "train-vae": ["train-vae", "--data", _npz(tmp_path / "p.npz", np.zeros((4, 28, 28), np.uint8)),
+                          "--out", str(link / "v.pt"), "--quiet"]}[cmd]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{link} is a link to {str(tmp_path / 'nowhere')!r}, which does not exist" in err, err
+    assert not (tmp_path / "nowhere").exists()
 
 
 def test_train_classifier_refuses_class_names_and_num_classes_that_disagree(tmp_path, capsys):

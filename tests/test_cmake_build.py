@@ -5,6 +5,7 @@ not touch kernels/prebuilt and stays around 15-60 s on two cores.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import subprocess
@@ -73,3 +74,31 @@ def test_a_fatbin_older_than_its_sources_is_not_current(tmp_path, monkeypatch):
     assert kc.fatbin_is_current(fatbin, "kmeans_assign")
     (cuda / "kmeans_common.cuh").write_text((cuda / "kmeans_common.cuh").read_text() + "\n// edit\n")
     assert not kc.fatbin_is_current(fatbin, "kmeans_assign")          # a header changed
+
+
+@pytest.mark.skipif(not (shutil.which("cmake") and shutil.which("make")), reason="needs cmake and make")
+def test_nvcc_flags_given_as_one_string_reach_nvcc_one_by_one(tmp_path):
+    # -DSPURFAST_NVCC_FLAGS="-O2 -lineinfo" reached nvcc as the one argument "-O2 -lineinfo"
+    # ("nvcc fatal: '2 -lineinfo': expected a number"); a stand-in nvcc records its arguments
+    log = tmp_path / "args.txt"
+    nvcc = tmp_path / "nvcc"
+    nvcc.write_text("#!/bin/sh\nprev=\nfor a in \"$@\"; do printf '%s\\n' \"$a\" >> \"$LOG\"; "
+                    "[ \"$prev\" = -o ] && out=$a; prev=$a; done\necho -- >> \"$LOG\"\n: > \"$out\"\n")
+    nvcc.chmod(0o755)
+    calls = {}
+    for name, flags in (("given", ['-DSPURFAST_NVCC_FLAGS=-O2 -Xcompiler "-g -O1"']), ("default", [])):
+        build = tmp_path / name
+        cfg = _run(["cmake", "-S", str(ROOT), "-B", str(build), "-G", "Unix Makefiles", "-DCMAKE_CUDA_ARCHITECTURES=80",
+                    f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DSPURFAST_FATBIN_DIR={build / 'o'}", *flags])
+        assert cfg.returncode == 0, f"configure failed:\n{cfg.stdout}\n{cfg.stderr}"
+        log.unlink(missing_ok=True)
+        bld = subprocess.run(["cmake", "--build", str(build)], capture_output=True, text=True,
+                             env={**os.environ, "LOG": str(log)})
+        assert bld.returncode == 0, f"build failed:\n{bld.stdout}\n{bld.stderr}"
+        calls[name] = [c.strip("\n").split("\n") for c in log.read_text().split("--\n") if c.strip()]
+        assert len(calls[name]) == len(kc.SOURCES), calls[name]
+    for args in calls["given"]:
+        assert args[:4] == ["-fatbin", "-O2", "-Xcompiler", "-g -O1"], args
+    for args in calls["default"]:   # the defaults as they were
+        assert args[:7] == ["-fatbin", "-std=c++17", "-O3", "-lineinfo", "-Xptxas=-warn-spills", "--Werror",
+                            "all-warnings"], args
