@@ -14,7 +14,8 @@ from .discover import DiscoverConfig
 from .embed import _write_json, shown_path
 from .models.classifier import save_classifier
 from .models.train import save_vae, train_classifier, train_vae
-from .pipeline import make_planted_data, prepare_output, read_bad_files, run_discovery, sample_auroc
+from .pipeline import (check_discovery_ops, make_planted_data, prepare_output, read_bad_files, run_discovery,
+                       sample_auroc)
 from .plant import PatternSpec, apply_pattern
 from .report import write_report
 
@@ -116,6 +117,7 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
     backends.resolve("encoder", None, torch.device(device).type)
     if backends.requested("kmeans_assign", config.backend) != "auto":   # auto always has the torch one
         backends.resolve("kmeans_assign", config.backend, torch.device(device).type)
+    check_discovery_ops(config.backend, torch.device(device).type)   # the SPURFAST_BACKEND_* discovery reads
     settings = dict(dataset=data.dataset, seed=seed, target_class=target_class, pattern=spec.to_dict(),
                     n_poisoned=str(n_poisoned), pool_fraction=pool_fraction, classifier_epochs=classifier_epochs,
                     vae_epochs=vae_epochs, latent_dim=latent_dim, discover=config.__dict__)

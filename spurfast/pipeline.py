@@ -333,7 +333,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     # here failed at the first clustering, after the embedding pass (the CLI checks it itself)
     if backends.requested("kmeans_assign", config.backend) != "auto":   # auto always has the torch one
         backends.resolve("kmeans_assign", config.backend, torch.device(config.device).type)
-    _check_discovery_ops(config.backend, torch.device(config.device).type)
+    check_discovery_ops(config.backend, torch.device(config.device).type)
     # only folder pools go through a loader, and an unlabelled clean folder (confirmation predicts it through one)
     if getattr(pool, "paths", None) is not None or (clean is not None and confirm and len(clean) > 0
                                                     and getattr(clean, "paths", None) is not None
@@ -399,7 +399,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     return doc, result, store
 
 
-def _check_discovery_ops(backend, device_type: str) -> None:
+def check_discovery_ops(backend, device_type: str) -> None:
     """Resolve now the providers that SPURFAST_BACKEND* variables name for discovery's other
     ops, as `scoring.latent_neighbours` and `cluster.lloyd` will (``backend``: the config's
     k-means backend, which decides some of them): a misspelt or unavailable one failed after

@@ -160,7 +160,8 @@ def test_a_confirmed_demo_is_not_resumed_unconfirmed(tmp_path):
 
 @pytest.mark.parametrize("kw, match", [(dict(config=DiscoverConfig(backend="cupy", device="cpu")), "cupy"),
                                        (dict(latent_dim=0), "latent_dim"), (dict(latent_dim=5000), "latent_dim"),
-                                       (dict(device="meta"), "device 'meta': torch cannot compute there")])
+                                       (dict(device="meta"), "device 'meta': torch cannot compute there"),
+                                       (dict(env="SPURFAST_BACKEND_LATENT_KNN"), "nosuch")])
 def test_a_demo_that_discovery_or_the_vae_would_refuse_is_refused_before_training(tmp_path, monkeypatch, kw, match):
     """run_demo with a k-means backend that cannot run here (cupy on a CPU), a latent_dim
     the VAE refuses or a device torch cannot compute on (a GPU that is not there) trained the
@@ -169,6 +170,8 @@ def test_a_demo_that_discovery_or_the_vae_would_refuse_is_refused_before_trainin
     import spurfast.demo as D
     from spurfast import backends
 
+    if "env" in kw:   # a backend that discovery's neighbour search would refuse
+        monkeypatch.setenv(kw.pop("env"), "nosuch")
     if "config" in kw and next(p for p in backends.providers("kmeans_assign") if p.name == "cupy").available()[0]:
         pytest.skip("cupy can run here")
     monkeypatch.setattr(D, "train_classifier", lambda *a, **k: pytest.fail("trained before refusing"))
