@@ -106,7 +106,7 @@ CLF_WIDTH = 8  # a user's TorchScript classifier: SmallCNN at width 8 (see the m
 
 def ensure_models() -> tuple[Path, Path]:
     from spurfast.models.classifier import SmallCNN
-    from spurfast.models.train import save_vae
+    from spurfast.models.files import save_vae
     from spurfast.models.vae import VAE, VAEConfig
 
     d = _bench_dir()
@@ -153,8 +153,7 @@ def worker(argv=None) -> int:
     from spurfast import distributed as dist
     from spurfast.data.folder import ImageFolderSource
     from spurfast.discover import DiscoverConfig, characterise, discover, write_outputs
-    from spurfast.models.classifier import load_classifier
-    from spurfast.models.train import load_vae
+    from spurfast.models.files import load_classifier, load_vae
     from spurfast.pipeline import prepare_output
     from spurfast.report import write_report
 
@@ -201,7 +200,7 @@ def _warm_up(clf, vae, device, batch_size, n, ctx):
     kernels compile per batch shape (tens of seconds on a cold cache) and TorchScript
     specialises on its first calls.  Shapes: a full batch and this rank's last one."""
     from spurfast.data.folder import select_indices
-    from spurfast.models.classifier import classifier_outputs
+    from spurfast.models.outputs import classifier_outputs
 
     rows = len(select_indices(n, shard_id=ctx.rank, num_shards=ctx.world_size))
     clf, vae = clf.to(device).eval(), vae.to(device).eval()
@@ -265,8 +264,8 @@ def stage_rates(pool: Path, clf_p: Path, vae_p: Path, sample: int, store_dir: Pa
     from spurfast.cluster import batched_kmeans, choose_k
     from spurfast.data.folder import ImageFolderSource
     from spurfast.data.loader_torch import iter_batches
-    from spurfast.models.classifier import classifier_outputs, load_classifier
-    from spurfast.models.train import load_vae
+    from spurfast.models.files import load_classifier, load_vae
+    from spurfast.models.outputs import classifier_outputs
 
     src = ImageFolderSource(pool, size=SIZE)
     m = min(sample, len(src))

@@ -19,9 +19,9 @@ _API = {
     "ImageSource": "data.sources", "ArraySource": "data.sources", "SubsetSource": "data.sources",
     "ConcatSource": "data.sources", "ImageFolderSource": "data.folder",
     # models
-    "build_classifier": "models.classifier", "load_classifier": "models.classifier",
-    "save_classifier": "models.classifier", "train_classifier": "models.train", "train_vae": "models.train",
-    "load_vae": "models.train", "save_vae": "models.train",
+    "build_classifier": "models.classifier", "load_classifier": "models.files",
+    "save_classifier": "models.files", "train_classifier": "models.train", "train_vae": "models.train",
+    "load_vae": "models.files", "save_vae": "models.files",
     # the pipeline and its steps
     "run_discovery": "pipeline", "embed_pool": "embed", "EmbeddingStore": "embed",
     "DiscoverConfig": "discover", "DiscoveryResult": "discover", "write_outputs": "discover",

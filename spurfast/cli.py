@@ -428,7 +428,7 @@ def _out_folder(out: Path, flag: str = "--out", what: str = "the model file") ->
 
 
 def cmd_train_classifier(args):
-    from .models.classifier import save_classifier
+    from .models.files import save_classifier
     from .models.train import train_classifier
     check_device(args.device)
     out = _model_out(args.out, data=args.data, class_names=args.class_names)
@@ -446,7 +446,8 @@ def cmd_train_classifier(args):
 
 
 def cmd_train_vae(args):
-    from .models.train import save_vae, train_vae
+    from .models.files import save_vae
+    from .models.train import train_vae
     from .models.vae import VAEConfig
     check_device(args.device)
     out = _model_out(args.out, data=args.data)
@@ -466,8 +467,8 @@ def _loader_has_no_effect(args):
 
 
 def cmd_discover(args):
-    from .models.classifier import check_output_width, load_classifier, output_width
-    from .models.train import load_vae
+    from .models.files import load_classifier, load_vae
+    from .models.outputs import check_output_width, output_width
     from .pipeline import run_discovery
     check_device(args.device)
     check_backends(args.device, kmeans_backend=(args.kmeans_backend, KMEANS_OPS),

@@ -12,8 +12,8 @@ import torch
 
 from .discover import DiscoverConfig
 from .embed import _write_json, shown_path
-from .models.classifier import save_classifier
-from .models.train import save_vae, train_classifier, train_vae
+from .models.files import save_classifier, save_vae
+from .models.train import train_classifier, train_vae
 from .pipeline import (check_discovery_ops, make_planted_data, prepare_output, read_bad_files, run_discovery,
                        sample_auroc)
 from .plant import PatternSpec, apply_pattern

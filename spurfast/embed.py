@@ -26,7 +26,7 @@ from .cores import usable_cores
 from .data.loader_torch import iter_batches
 from .data.preprocess import uint8_to
 from .data.sources import ImageSource, content_digest, sampled_digest, utf8_name
-from .models.classifier import classifier_outputs
+from .models.outputs import classifier_outputs
 
 log = logging.getLogger("spurfast.embed")
 MANIFEST = "manifest.json"

@@ -533,7 +533,7 @@ def test_a_classifier_save_cut_short_is_not_taken_as_done(tmp_path, monkeypatch)
         with pytest.raises(KeyboardInterrupt):
             bench_e2e.ensure_models()
     assert bench_e2e.ensure_models() == (clf_p, vae_p)
-    from spurfast.models.classifier import load_classifier
+    from spurfast.models.files import load_classifier
     assert load_classifier(clf_p) is not None
 
 

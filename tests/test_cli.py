@@ -135,8 +135,7 @@ def test_verdict_counts_line():
 def _models(d, c=1, size=28, classes=10):
     """A random classifier and VAE for c x size x size images, saved under ``d``."""
     from spurfast.models import VAE, VAEConfig, SmallCNN
-    from spurfast.models.classifier import save_classifier
-    from spurfast.models.train import save_vae
+    from spurfast.models.files import save_classifier, save_vae
 
     torch.manual_seed(0)
     save_classifier(SmallCNN(c, classes, size), d / f"clf{c}x{size}.pt")
@@ -308,8 +307,7 @@ def test_folder_runs_made_before_relative_item_ids_resume(tmp_path, caplog):
     from spurfast.data.sources import sampled_digest
     from spurfast.discover import DiscoverConfig
     from spurfast.embed import MANIFEST, fingerprint
-    from spurfast.models.classifier import load_classifier
-    from spurfast.models.train import load_vae
+    from spurfast.models.files import load_classifier, load_vae
     from spurfast.pipeline import run_discovery
 
     class SpelledIds(ImageFolderSource):   # item ids as they were

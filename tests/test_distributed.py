@@ -395,8 +395,8 @@ def planted(tmp_path_factory):
     trained on them (the classifier calls about 90% of stamped images class 0)."""
     from spurfast.data.folder import ImageFolderSource
     from spurfast.make_pool import PoolSpec, make_pool
-    from spurfast.models.classifier import save_classifier
-    from spurfast.models.train import save_vae, train_classifier, train_vae
+    from spurfast.models.files import save_classifier, save_vae
+    from spurfast.models.train import train_classifier, train_vae
     from spurfast.models.vae import VAEConfig
 
     d = tmp_path_factory.mktemp("dist")
