@@ -143,9 +143,10 @@ def _load():
         lib.spurfast_cpu_update_parts.restype = I
         lib.spurfast_cpu_plusplus.argtypes = [P, I, P, I, P, I, P, P, I, P, P]
         lib.spurfast_cpu_plusplus.restype = None
-        lib.spurfast_cpu_knn.argtypes = [P, I, I, P, P, I, I, I, I, I, P]
+        D = ctypes.c_double
+        lib.spurfast_cpu_knn.argtypes = [P, I, I, P, P, I, I, I, D, D, I, I, P]
         lib.spurfast_cpu_knn.restype = None
-        lib.spurfast_cpu_knn_parts.argtypes = [P, I, I, P, P, I, I, I, I, P]
+        lib.spurfast_cpu_knn_parts.argtypes = [P, I, I, P, P, I, I, I, D, D, I, P]
         lib.spurfast_cpu_knn_parts.restype = None
         lib.spurfast_cpu_openmp.restype = ctypes.c_int
         lib.openmp = bool(lib.spurfast_cpu_openmp())
@@ -386,7 +387,9 @@ def latent_knn(z, k: int) -> torch.Tensor:
     matrix is never written; each row keeps its best 2k candidates by score in registers
     and a short list, and those are re-ranked by direct distances as the reference does.
     Equal distances go to the lower index (equal scores too, where the candidates are
-    picked).  Traffic: z read once per 96-row panel (from cache)."""
+    picked).  Traffic: z read once per 96-row panel (from cache).  A row whose screen may
+    have missed a true neighbour (the reference's ``knn_screen_certain`` test, same bound)
+    is measured again directly against every column, as the reference does."""
     lib = _library()
     k = check_count(k, "k")   # int(k) ran 1.5 as 1 neighbour, where the reference refuses it
     # centred as the reference (less cancellation); rows too large for fp32 scores refused
@@ -399,7 +402,8 @@ def latent_knn(z, k: int) -> torch.Tensor:
     Z = np.ascontiguousarray(zt.numpy())
     panels, cterm, npad = pack_centroids(Z[None], np.array([n]), False)
     m = min(2 * k, n - 1)
-    args = (_ptr(Z), d, n, _ptr(panels), _ptr(cterm), npad, k, m)
+    R = ref.knn_screen_bound(cterm[0, :n], d)   # cterm: the fp32 |zj|^2 the scores add
+    args = (_ptr(Z), d, n, _ptr(panels), _ptr(cterm), npad, k, m, R, ref._FP32_U)   # the kernel's product: IEEE fp32
     parts = _knn_parts(n)
     if lib.openmp:
         lib.spurfast_cpu_knn_parts(*args, parts, _ptr(out))

@@ -8,6 +8,7 @@ Memory-traffic notes (per call, fp32, B images / N points) say what a fused kern
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -558,7 +559,14 @@ def latent_knn(z: torch.Tensor, k: int, chunk: int | None = None,
     ``column_block``, one vectorised pass takes every block's minimum, and the top-k runs
     over the k blocks with the smallest minima only: they hold the k nearest points (a
     block outside them has a minimum no smaller than k points from distinct blocks).  The
-    best 2k candidates are then re-ranked by directly computed distances."""
+    best 2k candidates are then re-ranked by directly computed distances.
+
+    The scores round by up to about (d + 2) 2^-24 (|zi| + |zj|)^2: a tight group whose
+    distances are below that (a blob of spread 1e-3 far from the mean) is screened at
+    random, and the 2k candidates can miss true neighbours.  A row whose screen cannot
+    have missed one (:func:`knn_screen_certain`: every column left out scores, less the
+    rounding bound, past the k-th direct distance) keeps its re-ranked candidates; any
+    other row is measured again directly against every column (:func:`knn_remeasure`)."""
     k = check_count(k, "k")   # as the CPU kernel: 1.5 failed in empty() there, ran as 1 here
     zt = centred_latents(z)   # distances are shift-invariant; centring shrinks cancellation
     n = len(zt)
@@ -583,6 +591,12 @@ def latent_knn(z: torch.Tensor, k: int, chunk: int | None = None,
     # faults than the GEMM that fills it
     buf = torch.full((chunk, nb * B if prune else n), float("inf"), device=zt.device)
     ar_b = torch.arange(B if prune else 0, device=zt.device)
+    sq = cols_aug[-1]        # fp32 |zj|^2, as the screen adds it: for the certainty test
+    R = knn_screen_bound(sq, zt.shape[1])
+    # per row: the smallest score any column left out of its candidates can have, and its
+    # k-th candidate's direct distance
+    left = torch.empty(n, dtype=torch.float32, device=zt.device)
+    kth = torch.empty(n, dtype=torch.float32, device=zt.device)
     for s in range(0, n, chunk):
         r = min(chunk, n - s)
         d = buf[:r]
@@ -592,12 +606,16 @@ def latent_knn(z: torch.Tensor, k: int, chunk: int | None = None,
             # the last block's padding columns stay inf (never written)
             # blocks and candidates both chosen with ties to the lower index (see
             # _smallest_first): then the pruning keeps the lowest-index tied columns too
-            _, blocks = _smallest_first(d.view(r, nb, B).amin(2), nbest)   # (r, k + 1), ascending
+            # (r, k + 1), ascending; next: the smallest minimum of a block left out
+            _, blocks, next_block = _smallest_first(d.view(r, nb, B).amin(2), nbest, with_next=True)
             cols = (blocks.unsqueeze(2) * B + ar_b).view(r, nbest * B)       # ascending columns
-            vals, pick = _smallest_first(d.gather(1, cols), m)
+            vals, pick, next_col = _smallest_first(d.gather(1, cols), m, with_next=True)
             cand = cols.gather(1, pick)
+            # a column left out scores at least the (m+1)-th smallest in the kept blocks, or
+            # its block's minimum outside them
+            torch.minimum(next_col, next_block, out=left[s:s + r])
         else:
-            vals, cand = _smallest_first(d, m)
+            vals, cand, left[s:s + r] = _smallest_first(d, m, with_next=True)
         # an inf candidate is the row itself or padding (a tiny column_block): never a neighbour
         cand, invalid = cand.clamp_max(n - 1), vals.isinf()
         # the re-ranking gathers (rows, m, d) coordinates, plus two temporaries that size: in
@@ -605,12 +623,98 @@ def latent_knn(z: torch.Tensor, k: int, chunk: int | None = None,
         # n = 4096, d = 512, k = 25, for 8 MB of latents; GBs more for wider ones)
         step = max(1, KNN_BLOCK_FLOATS // max(1, cand.shape[1] * zt.shape[1]))
         for a in range(0, r, step):
-            out[s + a:s + min(a + step, r)] = _exact_nearest(zt, s + a, cand[a:a + step], k,
-                                                             invalid[a:a + step]).cpu()
+            b = s + min(a + step, r)
+            nearest, kth[s + a:b] = _exact_nearest(zt, s + a, cand[a:a + step], k, invalid[a:a + step],
+                                                   with_kth=True)
+            out[s + a:b] = nearest.cpu()
+    # rows whose screen may have left out a true neighbour: measured again over all columns
+    unsure = torch.nonzero(~knn_screen_certain(left, sq, kth, R, zt.shape[1])).flatten()
+    if len(unsure):
+        out[unsure.cpu()] = knn_remeasure(zt, unsure, k).cpu()
     return out
 
 
-def _smallest_first(v: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+# unit roundoff of fp32 (2^-24): the GEMM scores' rounding is bounded by a multiple of it
+_FP32_U = 2.0 ** -24
+
+
+def knn_screen_bound(sq, d: int) -> float:
+    """R, an upper bound on the largest row norm, from the rows' fp32 squared norms ``sq``
+    (a tensor or an array; each within gamma_d of the true one): shared by every
+    latent_knn provider for :func:`knn_screen_certain`."""
+    top = float(sq.max()) if len(sq) else 0.0
+    return math.sqrt(top * (1.0 + 2.0 * (d + 2) * _FP32_U))
+
+
+def _screen_roundoff(device: torch.device) -> float:
+    """The unit roundoff u the reference's screen product runs at: 2^-24 for an IEEE fp32
+    GEMM.  A CUDA product allowed TF32, or any below "highest" float32 matmul precision,
+    may round its inputs to TF32 or bfloat16 (relative 2^-11 or 2^-8 each) before
+    accumulating in fp32: its score errs by at most (2^-7 + gamma_{d+1}) times the bound's
+    sum, well within eps at u = 2^-8 (4 (d + 2) 2^-8 >= 2^-5), which is taken then (more
+    rows are measured again)."""
+    lowered = torch.get_float32_matmul_precision() != "highest"
+    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        lowered = True
+    return 2.0 ** -8 if lowered else _FP32_U
+
+
+def knn_screen_certain(left: torch.Tensor, sq: torch.Tensor, kth: torch.Tensor, R: float, d: int,
+                       u: float | None = None) -> torch.Tensor:
+    """(rows,) bool: True where no column left out of a row's candidates can be among its k
+    nearest.  ``left``: the smallest screen score |zj|^2 - 2 zi.zj any left-out column
+    can have (+inf: none is left out); ``sq``: the rows' fp32 |zi|^2 (within gamma_d);
+    ``kth``: the k-th directly computed fp32 distance among the candidates; R from
+    :func:`knn_screen_bound`; u: the screen's unit roundoff (default: the reference's,
+    :func:`_screen_roundoff`).
+
+    The bound (in float64, u the unit roundoff, gamma_n = n u / (1 - n u)):
+    - the score of column j, fl(sum_t zi_t (-2 zj_t) + c_j) with c_j = fl(|zj|^2), errs by
+      at most gamma_{d+1} (2 |zi| |zj| + c_j) + gamma_d |zj|^2 in any summation order, FMA
+      or not: below (2d + 3)(1 + 1e-3) u (|zi| + |zj|)^2 for d u < 1e-3; eps takes
+      4 (d + 2) u (|zi| + R)^2, R the largest row norm (at least 2x that bound), so every
+      left-out column's true distance is at least D_lo = left + |zi|^2 - eps;
+    - a directly computed fp32 distance sum (zi_t - zj_t)^2 of nonnegative terms is at least
+      (1 - gamma_{d+3}) times the true one, so every left-out column's is at least
+      D_lo (1 - 2 (d + 3) u) (or D_lo itself, when D_lo < 0: never past kth >= 0).
+    A row is certain when that exceeds the k-th candidate's distance strictly: then no
+    left-out column could be picked, not even by the tie to the lower index.  Any other
+    row is measured again (rows of duplicated latents, whose k-th distance is 0, among
+    them when they have more than ~2k copies).  The fp32 |zi|^2 (off by at most
+    gamma_d |zi|^2) and the float64 steps here use a sliver of eps's 2x margin."""
+    u = _screen_roundoff(left.device) if u is None else u
+    zn = sq.to(device=left.device, dtype=torch.float64)
+    eps = 4.0 * (d + 2) * u * (zn.sqrt() + R) ** 2
+    lo = left.double() + zn - eps
+    lo = torch.where(lo > 0, lo * (1.0 - 2.0 * (d + 3) * u), lo)
+    return lo > kth.to(left.device).double()
+
+
+def knn_remeasure(zt: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
+    """(len(rows), k) int64 on zt's device: each row's k nearest other rows of zt by
+    directly computed distances sum (zi - zj)^2 over every column (as :func:`_exact_nearest`
+    computes them), nearest first, equal distances to the lower index, the row itself
+    excluded.  Distances go in slices of at most KNN_BLOCK_FLOATS (rows x n), each built
+    from column blocks whose (rows, columns, d) temporaries stay within the bound too."""
+    n, d = zt.shape
+    rows = rows.to(zt.device)
+    res = torch.empty((len(rows), k), dtype=torch.int64, device=zt.device)
+    step = max(1, KNN_BLOCK_FLOATS // max(1, n))
+    for a in range(0, len(rows), step):
+        rr = rows[a:a + step]
+        zi = zt[rr].unsqueeze(1)
+        dist = torch.empty((len(rr), n), dtype=torch.float32, device=zt.device)
+        cb = max(1, KNN_BLOCK_FLOATS // max(1, len(rr) * d))
+        for c in range(0, n, cb):
+            dist[:, c:c + cb] = ((zt[c:c + cb].unsqueeze(0) - zi) ** 2).sum(-1)
+        dist[torch.arange(len(rr), device=zt.device), rr] = float("inf")
+        vals, idx = _smallest_first(dist, k)   # columns ascending, ties at the cut to the lower
+        order = torch.sort(vals, dim=1, stable=True).indices   # equal distances: lower index first
+        res[a:a + step] = idx.gather(1, order)
+    return res
+
+
+def _smallest_first(v: torch.Tensor, m: int, with_next: bool = False):
     """(values, columns) of the m smallest entries of each row of v, columns ascending, ties
     at the cut going to the lower column.  topk alone picks any of the tied columns (and
     which depends on the row length, so pruned and unpruned runs disagreed): discovery's
@@ -619,11 +723,16 @@ def _smallest_first(v: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor
     One topk of m + 1: a row whose (m+1)-th smallest equals its m-th has a run of equal
     values (duplicated latents) cut by the selection, and only those rows are redone, in
     slices of at most a quarter of KNN_BLOCK_FLOATS: clean rows pay almost nothing (a full
-    compare pass per row cost more than the topk) and peak memory stays bounded."""
+    compare pass per row cost more than the topk) and peak memory stays bounded.
+    With ``with_next``, also each row's (m+1)-th smallest value (inf when nothing is left
+    out): no entry left out is smaller."""
     if m >= v.shape[1]:                       # everything selected: no cut, no ties at it
         idx = torch.arange(v.shape[1], device=v.device).expand(len(v), -1).contiguous()
+        if with_next:
+            return v.clone(), idx, torch.full((len(v),), float("inf"), dtype=v.dtype, device=v.device)
         return v.clone(), idx
     vals, idx = v.topk(m + 1, largest=False)  # sorted: vals[:, m - 1] is the cut
+    nxt = vals[:, m].clone() if with_next else None
     t = vals[:, m - 1:m]                      # NaN compares unequal: never redone
     tied = (vals[:, m:] == t).squeeze(1).nonzero().squeeze(1)
     idx = idx[:, :m].contiguous()
@@ -643,14 +752,17 @@ def _smallest_first(v: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor
             sub = idx[rows]
             idx[rows] = torch.where(j >= 0, first.gather(1, j.clamp(0, first.shape[1] - 1)), sub)
     idx = idx.sort(1).values
+    if with_next:
+        return v.gather(1, idx), idx, nxt
     return v.gather(1, idx), idx
 
 
 def _exact_nearest(zt: torch.Tensor, start: int, cand: torch.Tensor, k: int,
-                   invalid: torch.Tensor | None = None) -> torch.Tensor:
+                   invalid: torch.Tensor | None = None, with_kth: bool = False):
     """The k nearest of each row's candidates by distances computed directly, sum (zi - zj)^2:
     the GEMM form |zj|^2 - 2 zi.zj cancels digits for tight groups away from the origin,
-    which is where shortcut clusters live.  ``invalid`` candidates rank last."""
+    which is where shortcut clusters live.  ``invalid`` candidates rank last.  With
+    ``with_kth``: (those, each row's k-th distance (inf where invalid))."""
     # candidates in ascending index first, so the stable sort below breaks equal distances
     # (duplicated latents) by the lower index, as the fused kernels do
     cand, perm = cand.sort(1)
@@ -658,7 +770,10 @@ def _exact_nearest(zt: torch.Tensor, start: int, cand: torch.Tensor, k: int,
     dist = ((zt[cand] - zi) ** 2).sum(-1)
     if invalid is not None:
         dist = dist.masked_fill(invalid.gather(1, perm), float("inf"))
-    order = torch.sort(dist, dim=1, stable=True).indices[:, :k]
+    srt, order = torch.sort(dist, dim=1, stable=True)
+    order = order[:, :k]
+    if with_kth:
+        return cand.gather(1, order), srt[:, k - 1]
     return cand.gather(1, order)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from .embed import replace_atomically
 
-VERSION = 1   # bump when what a piece holds, or how it is computed, changes
+VERSION = 2   # bump when what a piece holds, or how it is computed, changes (2: latent_knn exact for tight blobs)
 
 
 def work_key(arrays: dict, settings: dict) -> str:

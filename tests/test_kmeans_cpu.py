@@ -19,6 +19,7 @@ from spurfast.kernels import reference as ref
 from tests.helpers import (CASES, EMPTY_CASES, assert_close, assert_equal_int, assert_same_outputs,
                            check_assign_near_optimal, check_groups_without_centroids, empty_case, exact_dists,
                            exact_sums, make_case)
+from tests.test_kmeans_reference import check_exact_rows, tight_blob
 
 AVAILABLE, WHY = kcpu.is_available()
 needs_kernel = pytest.mark.skipif(not AVAILABLE, reason=f"fused CPU kernels unavailable: {WHY}")
@@ -691,3 +692,31 @@ def test_odd_size_arguments_are_refused_by_name_and_integer_ones_taken(mod):
         assert_same_outputs(mod.kmeans_update(x, off, assign, kmax), want, f"kmax={kmax!r}")
         assert torch.equal(mod.kmeans_plusplus(x, off, kpg, kmax, gen()), mod.kmeans_plusplus(x, off, kpg, 2, gen()))
         assert torch.equal(mod.latent_knn(x, kmax), mod.latent_knn(x, 2))
+
+
+@needs_kernel
+@pytest.mark.parametrize("spread", [3e-3, 1e-3, 1e-4])
+def test_knn_is_exact_for_a_tight_blob_far_from_the_mean_as_the_reference(spread, threading_mode):
+    """The kernel's screen (the GEMM score |zj|^2 - 2 zi.zj) picked the 2k candidates at
+    random inside a blob tighter than its rounding: every blob row missed true neighbours
+    at spread 1e-3, and the kernel and the reference disagreed on 994 of 1000.  Such rows
+    are measured again directly, with the reference's test: exact, and equal to it."""
+    z = tight_blob(4000, 1000, 16, spread)   # 5000 rows: two row ranges (threads)
+    nn = kcpu.latent_knn(torch.from_numpy(z), 10).numpy()
+    check_exact_rows(nn, z, np.arange(4000, 5000), 10, f"cpu knn, spread {spread:g}")
+    check_exact_rows(nn, z, np.arange(0, 4000, 37), 10, f"cpu knn, spread {spread:g}, wide rows")
+    r = ref.latent_knn(torch.from_numpy(z), 10).numpy()
+    bad = np.flatnonzero((nn != r).any(1))
+    assert bad.size == 0, (f"{bad.size} rows differ from the reference, first row {bad[0]}: "
+                           f"kernel {nn[bad[0]].tolist()} vs reference {r[bad[0]].tolist()}")
+
+
+@needs_kernel
+def test_knn_is_exact_for_a_tight_blob_in_odd_shapes(threading_mode):
+    """n not a multiple of the 96-row panels or 16-column tiles, d = 13 (a tail after the
+    8-wide vectors), k = 7, two row ranges; the reference agrees."""
+    z = tight_blob(3797, 302, 13, 3e-4, seed=5)
+    nn = kcpu.latent_knn(torch.from_numpy(z), 7).numpy()
+    check_exact_rows(nn, z, np.arange(len(z)), 7, "cpu knn, odd shapes")
+    r = ref.latent_knn(torch.from_numpy(z), 7).numpy()
+    assert np.array_equal(nn, r), f"{int((nn != r).any(1).sum())} rows differ from the reference"

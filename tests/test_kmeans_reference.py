@@ -890,12 +890,76 @@ def test_latent_knn_reranks_in_slices_of_at_most_a_block(monkeypatch):
     want = ref.latent_knn(z, 12, chunk=300)
     gathered, exact = [], ref._exact_nearest
 
-    def spy(zt, start, cand, k, invalid=None):
+    def spy(zt, start, cand, k, invalid=None, **kw):
         gathered.append(cand.numel() * zt.shape[1])
-        return exact(zt, start, cand, k, invalid)
+        return exact(zt, start, cand, k, invalid, **kw)
 
     monkeypatch.setattr(ref, "_exact_nearest", spy)
     monkeypatch.setattr(ref, "KNN_BLOCK_FLOATS", 1 << 14)
     got = ref.latent_knn(z, 12, chunk=300)
     assert torch.equal(got, want)
     assert max(gathered) <= 1 << 14, f"a re-ranking gathered {max(gathered)} floats"
+
+
+def tight_blob(n_wide: int, n_blob: int, d: int, spread: float, seed: int = 0) -> np.ndarray:
+    """n_wide N(0, 1) latents and a blob of n_blob at 3 + spread N(0, 1), standardised as
+    discovery standardises them (fp32): the blob's distances fall below the GEMM scores'
+    rounding for spreads of about 3e-3 and less."""
+    rng = np.random.default_rng(seed)
+    z = np.concatenate([rng.normal(size=(n_wide, d)), 3 + spread * rng.normal(size=(n_blob, d))])
+    return ((z - z.mean(0)) / z.std(0)).astype(np.float32)
+
+
+def check_exact_rows(nn: np.ndarray, z: np.ndarray, rows: np.ndarray, k: int, name: str) -> None:
+    """Rows ``rows`` of nn hold their k nearest others, nearest first, by float64 distances
+    between the centred fp32 latents the providers rank (ties within fp32 rounding, 1e-5
+    relative, may swap)."""
+    zc = ref.centred_latents(torch.from_numpy(z)).double().numpy()
+    D = ((zc[rows, None] - zc[None]) ** 2).sum(-1)
+    D[np.arange(len(rows)), rows] = np.inf
+    want = np.sort(D, 1)[:, :k]
+    got = np.take_along_axis(D, nn[rows], 1)
+    assert (nn[rows] != rows[:, None]).all(), f"{name}: a row lists itself"
+    bad = np.flatnonzero(~np.isclose(got, want, rtol=1e-5, atol=0).all(1))
+    assert bad.size == 0, (f"{name}: {bad.size} of {len(rows)} rows miss a true neighbour, first row {rows[bad[0]]}: "
+                           f"k-th distance {got[bad[0]].max():.3g} vs {want[bad[0]].max():.3g}")
+
+
+@pytest.mark.parametrize("spread", [3e-3, 1e-3, 1e-4])
+def test_latent_knn_is_exact_for_a_tight_blob_far_from_the_mean(spread):
+    """The GEMM screen |zj|^2 - 2 zi.zj rounds by ~(d + 2) 2^-24 (|zi| + |zj|)^2, more than
+    the blob's distances: it picked the 2k candidates at random inside the blob, and every
+    blob row missed true neighbours at spread 1e-3 (k-th distance up to 2.15x the true
+    one).  Such rows are measured again directly."""
+    z = tight_blob(4000, 1000, 16, spread)
+    nn = ref.latent_knn(torch.from_numpy(z), 10).numpy()
+    check_exact_rows(nn, z, np.arange(4000, 5000), 10, f"reference knn, spread {spread:g}")
+    check_exact_rows(nn, z, np.arange(0, 4000, 37), 10, f"reference knn, spread {spread:g}, wide rows")
+
+
+@pytest.mark.parametrize("column_block", [16, 1 << 30], ids=["pruned", "unpruned"])
+def test_latent_knn_is_exact_for_a_tight_blob_in_odd_shapes_and_small_blocks(monkeypatch, column_block):
+    """Odd n, d and k, the block bound shrunk (chunks of 13 rows; re-measures in slices of
+    13 rows and column blocks), pruned and unpruned screens."""
+    monkeypatch.setattr(ref, "KNN_BLOCK_FLOATS", 1 << 14)
+    measured, remeasure = [], getattr(ref, "knn_remeasure", None)
+
+    def spy(zt, rows, k):
+        measured.append(len(rows))
+        return remeasure(zt, rows, k)
+
+    monkeypatch.setattr(ref, "knn_remeasure", spy, raising=False)
+    z = tight_blob(1026, 211, 13, 1e-4, seed=3)
+    nn = ref.latent_knn(torch.from_numpy(z), 7, column_block=column_block).numpy()
+    check_exact_rows(nn, z, np.arange(len(z)), 7, f"reference knn, column block {column_block}")
+    assert sum(measured) >= 211, f"only {sum(measured)} rows measured again"
+
+
+def test_latent_knn_measures_ordinary_latents_once(monkeypatch):
+    """Rows of ordinary latents are certain after the screen: none is measured again (the
+    re-measure costs n d per row)."""
+    measured = []
+    monkeypatch.setattr(ref, "knn_remeasure", lambda zt, rows, k: measured.append(len(rows)))
+    z = torch.randn(3000, 16, generator=torch.Generator().manual_seed(2))
+    ref.latent_knn(z, 10)
+    assert sum(measured) == 0, f"{sum(measured)} ordinary rows measured again"

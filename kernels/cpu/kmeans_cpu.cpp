@@ -300,6 +300,43 @@ void knn_block(const float* z, i64 d, const float* panels, const float* cterm, i
     }
 }
 
+// true where no column left out of row zi's candidates can be among its k nearest: the
+// reference's knn_screen_certain, in the same float64 steps.  `left`: the smallest score
+// |zj|^2 - 2 zi.zj a left-out column can have (+inf: none left out); `kth`: the k-th
+// candidate's direct fp32 distance.  Scores err by at most (2d + 3)(1 + 1e-3) u
+// (|zi| + |zj|)^2 (any summation order, FMA or not; the |zj|^2 column included); eps is 4 (d + 2) u
+// (|zi| + R)^2, twice that; a direct fp32 distance is at least (1 - gamma_{d+3}) times the
+// true one, (1 - 2 (d + 3) u) here.  Certain when the left-out columns' lowest possible
+// direct distance still exceeds kth strictly.
+inline bool knn_certain(float left, const float* zi, i64 d, float kth, double R, double u) {
+    double zn = 0;
+    for (i64 t = 0; t < d; ++t) zn += (double)zi[t] * (double)zi[t];
+    const double r = std::sqrt(zn) + R;
+    const double eps = 4.0 * (double)(d + 2) * u * r * r;
+    double lo = (double)left + zn - eps;
+    if (lo > 0) lo *= 1.0 - 2.0 * (double)(d + 3) * u;
+    return lo > (double)kth;
+}
+
+// row i's k nearest other rows of z (n x d) by sqdist over every column, nearest first,
+// equal distances to the lower index (columns go in increasing index, a tie stays behind).
+// rd, ri: scratch of k.  out: k entries.
+inline void knn_remeasure(const float* z, i64 d, i64 n, i64 i, i64 k, std::vector<float>& rd,
+                          std::vector<i64>& ri, int64_t* out) {
+    i64 cnt = 0;
+    const float* zi = z + i * d;
+    for (i64 j = 0; j < n; ++j) {
+        if (j == i) continue;
+        const float v = sqdist(zi, z + j * d, d);
+        if (cnt == k && !(v < rd[k - 1])) continue;
+        i64 pos = cnt < k ? cnt++ : k - 1;
+        while (pos > 0 && v < rd[pos - 1]) { rd[pos] = rd[pos - 1]; ri[pos] = ri[pos - 1]; --pos; }
+        rd[pos] = v;
+        ri[pos] = j;
+    }
+    for (i64 q = 0; q < k; ++q) out[q] = q < cnt ? ri[q] : -1;
+}
+
 // f(p, lo, hi) for the `parts` contiguous ranges of [0, N) (the Python reference's cut),
 // shared out over the threads of the enclosing parallel region, consecutive parts to one
 // thread (one contiguous stream each; a part's result never depends on its thread)
@@ -568,14 +605,20 @@ void spurfast_cpu_plusplus(const float* x, i64 d, const i64* offsets, i64 G, con
 // |zj|^2 - 2 zi.zj that round differently).  Left as known: points whose true distances
 // tie but whose direct fp32 distances round apart (the reference rounds them too), and
 // a tie cut at the m-th candidate by score.  out: (n, k).
+// The scores round by up to ~(d + 2) u (|zi| + |zj|)^2: a row whose screen may have left
+// out a true neighbour (knn_certain, the reference's knn_screen_certain: R the largest row
+// norm, u the unit roundoff, both from the caller) is measured again directly against
+// every column (knn_remeasure), as the reference does.
 void spurfast_cpu_knn(const float* z, i64 d, i64 n, const float* panels, const float* cterm, i64 np_, i64 k,
-                      i64 m, i64 r0, i64 r1, int64_t* out) {
+                      i64 m, double R, double u, i64 r0, i64 r1, int64_t* out) {
     constexpr i64 ROWS = 16 * MR;      // rows sharing one pass over a column chunk
     constexpr i64 COLS = 2048;         // columns per chunk: 2048 x d floats stay in L2
     std::vector<float> bs((size_t)(ROWS * m));
     std::vector<int64_t> bj((size_t)(ROWS * m));
     std::vector<float> ex((size_t)m);
     std::vector<i64> order((size_t)m);
+    std::vector<float> rd((size_t)k);   // knn_remeasure's sorted list
+    std::vector<i64> ri((size_t)k);
     for (i64 a = r0; a < r1; a += ROWS) {
         const i64 b = a + ROWS < r1 ? a + ROWS : r1;
         std::vector<Best> best;
@@ -600,15 +643,22 @@ void spurfast_cpu_knn(const float* z, i64 d, i64 n, const float* panels, const f
             });
             // -1: NaN or inf scores only, and latent_knn refuses z that would give them
             for (i64 q = 0; q < k; ++q) out[i * k + q] = q < r.n ? r.j[order[q]] : -1;
+            // every column left out scores at least the m-th candidate's (none is left out
+            // when all n - 1 others are candidates)
+            const float left = (m < n - 1 && r.n == m) ? r.s[m - 1] : std::numeric_limits<float>::infinity();
+            const float kth = k <= r.n ? ex[order[k - 1]] : std::numeric_limits<float>::infinity();
+            if (!knn_certain(left, z + i * d, d, kth, R, u)) knn_remeasure(z, d, n, i, k, rd, ri, out + i * k);
         }
     }
 }
 
 // spurfast_cpu_knn over all n rows in `parts` fixed ranges, one thread each
 void spurfast_cpu_knn_parts(const float* z, i64 d, i64 n, const float* panels, const float* cterm, i64 np_, i64 k,
-                            i64 m, i64 parts, int64_t* out) {
+                            i64 m, double R, double u, i64 parts, int64_t* out) {
 #pragma omp parallel num_threads((int)parts)
-    each_part(n, parts, [&](i64, i64 lo, i64 hi) { spurfast_cpu_knn(z, d, n, panels, cterm, np_, k, m, lo, hi, out); });
+    each_part(n, parts, [&](i64, i64 lo, i64 hi) {
+        spurfast_cpu_knn(z, d, n, panels, cterm, np_, k, m, R, u, lo, hi, out);
+    });
 }
 
 }  // extern "C"
