@@ -8,6 +8,7 @@ Memory-traffic notes (per call, fp32, B images / N points) say what a fused kern
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -600,7 +601,8 @@ def latent_knn(z: torch.Tensor, k: int, chunk: int | None = None,
     for s in range(0, n, chunk):
         r = min(chunk, n - s)
         d = buf[:r]
-        torch.mm(rows_aug[s:s + r], cols_aug, out=d[:, :n])
+        with _ieee_fp32_products(zt.device):
+            torch.mm(rows_aug[s:s + r], cols_aug, out=d[:, :n])
         d[torch.arange(r, device=zt.device), torch.arange(s, s + r, device=zt.device)] = float("inf")
         if prune:
             # the last block's padding columns stay inf (never written)
@@ -646,17 +648,23 @@ def knn_screen_bound(sq, d: int) -> float:
     return math.sqrt(top * (1.0 + 2.0 * (d + 2) * _FP32_U))
 
 
-def _screen_roundoff(device: torch.device) -> float:
-    """The unit roundoff u the reference's screen product runs at: 2^-24 for an IEEE fp32
-    GEMM.  A CUDA product allowed TF32, or any below "highest" float32 matmul precision,
-    may round its inputs to TF32 or bfloat16 (relative 2^-11 or 2^-8 each) before
-    accumulating in fp32: its score errs by at most (2^-7 + gamma_{d+1}) times the bound's
-    sum, well within eps at u = 2^-8 (4 (d + 2) 2^-8 >= 2^-5), which is taken then (more
-    rows are measured again)."""
-    lowered = torch.get_float32_matmul_precision() != "highest"
-    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        lowered = True
-    return 2.0 ** -8 if lowered else _FP32_U
+@contextlib.contextmanager
+def _ieee_fp32_products(device: torch.device):
+    """Float32 matmuls on ``device`` at IEEE precision inside, the caller's setting restored
+    after.  The screen's rounding bound is IEEE fp32's: a TF32 or bfloat16 product (the
+    common ``set_float32_matmul_precision("high")`` of GPU training) errs some 2^13 times
+    more and would leave nearly every row to be measured again, O(n^2 d).  Through the
+    per-backend setting (torch >= 2.9): the global getter raises once a caller has used it."""
+    backend = getattr(torch.backends.cuda if device.type == "cuda" else torch.backends.mkldnn, "matmul", None)
+    old = getattr(backend, "fp32_precision", None)   # "none": follow the global setting, which may be lowered
+    if old is None or old == "ieee":
+        yield
+        return
+    backend.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        backend.fp32_precision = old
 
 
 def knn_screen_certain(left: torch.Tensor, sq: torch.Tensor, kth: torch.Tensor, R: float, d: int,
@@ -665,8 +673,8 @@ def knn_screen_certain(left: torch.Tensor, sq: torch.Tensor, kth: torch.Tensor, 
     nearest.  ``left``: the smallest screen score |zj|^2 - 2 zi.zj any left-out column
     can have (+inf: none is left out); ``sq``: the rows' fp32 |zi|^2 (within gamma_d);
     ``kth``: the k-th directly computed fp32 distance among the candidates; R from
-    :func:`knn_screen_bound`; u: the screen's unit roundoff (default: the reference's,
-    :func:`_screen_roundoff`).
+    :func:`knn_screen_bound`; u: the screen's unit roundoff (default 2^-24: IEEE fp32, as
+    every provider's screen runs).
 
     The bound (in float64, u the unit roundoff, gamma_n = n u / (1 - n u)):
     - the score of column j, fl(sum_t zi_t (-2 zj_t) + c_j) with c_j = fl(|zj|^2), errs by
@@ -682,7 +690,7 @@ def knn_screen_certain(left: torch.Tensor, sq: torch.Tensor, kth: torch.Tensor, 
     row is measured again (rows of duplicated latents, whose k-th distance is 0, among
     them when they have more than ~2k copies).  The fp32 |zi|^2 (off by at most
     gamma_d |zi|^2) and the float64 steps here use a sliver of eps's 2x margin."""
-    u = _screen_roundoff(left.device) if u is None else u
+    u = _FP32_U if u is None else u
     zn = sq.to(device=left.device, dtype=torch.float64)
     eps = 4.0 * (d + 2) * u * (zn.sqrt() + R) ** 2
     lo = left.double() + zn - eps

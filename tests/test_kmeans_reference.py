@@ -963,3 +963,32 @@ def test_latent_knn_measures_ordinary_latents_once(monkeypatch):
     z = torch.randn(3000, 16, generator=torch.Generator().manual_seed(2))
     ref.latent_knn(z, 10)
     assert sum(measured) == 0, f"{sum(measured)} ordinary rows measured again"
+
+
+@pytest.mark.parametrize("lowered", ["legacy_high", "cuda_tf32", "mkldnn_bf16"])
+def test_latent_knn_screens_at_ieee_precision_whatever_the_callers_setting(monkeypatch, lowered):
+    """A caller's lowered float32 matmul precision (set_float32_matmul_precision("high"), as GPU
+    training often sets it, or the per-backend API) made every row's screen "uncertain" and
+    measured again directly, O(n^2 d), or raised outright: torch's global getter refuses once
+    the per-backend API was used.  The screen now runs at IEEE fp32 and the setting is restored."""
+    cuda_mm, mkl_mm = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+    saved = (torch.get_float32_matmul_precision(), cuda_mm.fp32_precision, mkl_mm.fp32_precision)
+    z = torch.randn(600, 16, generator=torch.Generator().manual_seed(3))
+    want = ref.latent_knn(z, 10)
+    remeasured, real = [], ref.knn_remeasure
+    monkeypatch.setattr(ref, "knn_remeasure", lambda zt, rows, k: remeasured.append(len(rows)) or real(zt, rows, k))
+    try:
+        if lowered == "legacy_high":
+            torch.set_float32_matmul_precision("high")
+        elif lowered == "cuda_tf32":
+            cuda_mm.fp32_precision = "tf32"
+        else:
+            mkl_mm.fp32_precision = "bf16"
+        before = (cuda_mm.fp32_precision, mkl_mm.fp32_precision)
+        got = ref.latent_knn(z, 10)
+        assert (cuda_mm.fp32_precision, mkl_mm.fp32_precision) == before   # the caller's setting kept
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        cuda_mm.fp32_precision, mkl_mm.fp32_precision = saved[1], saved[2]
+    assert torch.equal(got, want)
+    assert sum(remeasured) == 0, f"{sum(remeasured)} of 600 ordinary rows measured again"
