@@ -115,9 +115,7 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
     from .models.vae import VAEConfig
     vae_config = VAEConfig.for_images(*data.pool.image_shape[:2], latent_dim=latent_dim)
     backends.resolve("encoder", None, torch.device(device).type)
-    if backends.requested("kmeans_assign", config.backend) != "auto":   # auto always has the torch one
-        backends.resolve("kmeans_assign", config.backend, torch.device(device).type)
-    check_discovery_ops(config.backend, torch.device(device).type)   # the SPURFAST_BACKEND_* discovery reads
+    check_discovery_ops(config.backend, torch.device(device).type)   # as run_discovery does
     settings = dict(dataset=data.dataset, seed=seed, target_class=target_class, pattern=spec.to_dict(),
                     n_poisoned=str(n_poisoned), pool_fraction=pool_fraction, classifier_epochs=classifier_epochs,
                     vae_epochs=vae_epochs, latent_dim=latent_dim, discover=config.__dict__)

@@ -331,8 +331,6 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     backends.resolve("encoder", encoder_backend, torch.device(config.device).type)
     # and the k-means one (config.backend, else $SPURFAST_BACKEND_KMEANS_ASSIGN): one that cannot run
     # here failed at the first clustering, after the embedding pass (the CLI checks it itself)
-    if backends.requested("kmeans_assign", config.backend) != "auto":   # auto always has the torch one
-        backends.resolve("kmeans_assign", config.backend, torch.device(config.device).type)
     check_discovery_ops(config.backend, torch.device(config.device).type)
     # only folder pools go through a loader, and an unlabelled clean folder (confirmation predicts it through one)
     if getattr(pool, "paths", None) is not None or (clean is not None and confirm and len(clean) > 0
@@ -400,12 +398,14 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
 
 
 def check_discovery_ops(backend, device_type: str) -> None:
-    """Resolve now the providers that SPURFAST_BACKEND* variables name for discovery's other
-    ops, as `scoring.latent_neighbours` and `cluster.lloyd` will (``backend``: the config's
-    k-means backend, which decides some of them): a misspelt or unavailable one failed after
-    the embedding pass (the CLI checks them itself)."""
+    """Resolve now the k-means backend the run names and the providers that SPURFAST_BACKEND*
+    variables name for discovery's ops, as `scoring.latent_neighbours` and `cluster.lloyd`
+    will (``backend``: the config's k-means backend, which decides some of them): a misspelt
+    or unavailable one failed after the embedding pass (the CLI checks them itself)."""
     from . import backends
 
+    if backends.requested("kmeans_assign", backend) != "auto":   # auto always has the torch one
+        backends.resolve("kmeans_assign", backend, device_type)
     upd = backend if backend == "auto" or backend in {p.name for p in backends.providers("kmeans_update")} else None
     ops = {"latent_knn": None, "kmeans_update": upd}
     if not backend:   # lloyd reads these two variables only when the run names no k-means backend
