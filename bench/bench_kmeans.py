@@ -481,13 +481,20 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
 def _knn_rows(writer, dev, devname, kcpu, quick):
     """Exact latent kNN (op ``latent_knn``, k=10, the discovery's neighbour votes): the
     reference (blocked GEMM + pruned top-k), the fused CPU kernel, and faiss' exact
-    IndexFlatL2 search (CPU, same thread count).  Counted: 2 n^2 d FLOPs (every pair)."""
+    IndexFlatL2 search (CPU, same thread count), on normal latents and on a tight blob
+    whose rows the fp32 screen cannot rank (measured again directly: the slow path).
+    Counted: 2 n^2 d FLOPs (every pair)."""
     from spurfast.kernels import reference as ref
 
-    for n in ((20_000,) if quick else (20_000, 100_000)):
+    cases = [(n, "normal") for n in ((20_000,) if quick else (20_000, 100_000))] + [(20_000, "tight-blob")]
+    for n, data in cases:
         d, k = 16, 10
-        z = torch.randn(n, d, generator=torch.Generator().manual_seed(0)).to(dev)
-        config = dict(N=n, d=d, k=k, dtype="fp32", threads=torch.get_num_threads())
+        gen = torch.Generator().manual_seed(0)
+        z = torch.randn(n, d, generator=gen)
+        if data == "tight-blob":   # 1,000 rows of spread 1e-3 at distance 3: the screen cannot rank
+            z[:1000] = 3.0 + 1e-3 * torch.randn(1000, d, generator=gen)   # them, each is measured again
+        z = z.to(dev)
+        config = dict(N=n, d=d, k=k, dtype="fp32", data=data, threads=torch.get_num_threads())
         provs = {"torch": lambda: ref.latent_knn(z, k)}
         if kcpu is not None and dev == "cpu":
             provs["cpu"] = lambda: kcpu.latent_knn(z, k)
@@ -512,7 +519,7 @@ def _knn_rows(writer, dev, devname, kcpu, quick):
             writer.add_timing("latent_knn", name, config, st, devname, items=n, bytes_moved=n * d * 4 + n * k * 8,
                               flops=2.0 * n * n * d)
             times[name] = st["median_s"]
-        _log(f"latent_knn n={n} d={d} k={k}: " + ", ".join(f"{p} {t:.2f} s" for p, t in times.items()))
+        _log(f"latent_knn n={n} d={d} k={k} {data}: " + ", ".join(f"{p} {t:.2f} s" for p, t in times.items()))
 
 
 def _plusplus_rows(writer, dev, devname, kcpu, reps):
