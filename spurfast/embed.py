@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .checks import check_whole
 from .cores import usable_cores
 from .data.loader_torch import iter_batches
 from .data.preprocess import uint8_to
@@ -188,12 +189,6 @@ def _write_json(path: Path, obj, **dumps) -> None:
     """``obj`` as JSON (``json.dumps`` options ``dumps``; indent 1 by default), atomically."""
     text = json.dumps(obj, **{"indent": 1, **dumps})
     replace_atomically(path, lambda fh: fh.write(text))
-
-
-def check_whole(value, name: str) -> None:
-    """Refuse ``value`` unless it is an integer >= 1 (numpy's too; not a bool, not 2.0)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def check_vae_input(source: ImageSource, vae) -> None:

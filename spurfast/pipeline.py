@@ -22,11 +22,12 @@ import numpy as np
 import torch
 
 from . import distributed as dist
+from .checks import check_whole
 from .cores import usable_cores
 from .data.builtin import find_fashion_mnist, load_digits, load_fashion_mnist
 from .data.sources import ArraySource, ImageSource, content_digest
 from .discover import DiscoverConfig, characterise, discover, write_outputs
-from .embed import (_write_json, check_outputs, check_vae_input, check_whole, fingerprint, legacy_identities, made_from,
+from .embed import (_write_json, check_outputs, check_vae_input, fingerprint, legacy_identities, made_from,
                     shown_path, unmark_stores)
 from .pattern_rank import pattern_rankings
 from .plant import PatternSpec, PlantTruth, plant_pool, plant_training

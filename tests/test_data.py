@@ -599,11 +599,16 @@ def test_a_fractional_batch_size_is_refused_by_name(tmp_path, backend):
         for i in range(5):
             Image.fromarray(np.full((4, 4, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
         src = ImageFolderSource(tmp_path, size=2)
-    with pytest.raises(TypeError, match=r"batch_size must be an integer, got 2\.5"):
+    with pytest.raises(TypeError, match=r"batch_size must be an integer >= 1, got 2\.5"):
         list(iter_batches(src, 2.5, backend=backend if backend != "memory" else None))
+    # True passed as a batch size of 1 (bool is an integer), where embed_pool refused it
+    with pytest.raises(TypeError, match=r"batch_size must be an integer >= 1, got True"):
+        list(iter_batches(src, True, backend=backend if backend != "memory" else None))
+    with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1, got 0"):
+        list(iter_batches(src, 0, backend=backend if backend != "memory" else None))
     if backend != "memory":
         mod = loader_torch if backend == "torch" else loader_dali
-        with pytest.raises(TypeError, match=r"batch_size must be an integer, got 2\.0"):
+        with pytest.raises(TypeError, match=r"batch_size must be an integer >= 1, got 2\.0"):
             list(mod.iter_folder_batches(src.paths, size=2, batch_size=2.0))
     assert [len(b.indices) for b in iter_batches(src, np.int64(2), backend=backend if backend != "memory" else None)] \
         == [2, 2, 1]

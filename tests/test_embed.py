@@ -618,6 +618,22 @@ def test_a_classifier_for_other_images_is_named(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("value", [2.5, 2.0, 0, np.int64(0), True])
+def test_the_loader_and_the_embedding_pass_word_a_bad_batch_size_alike(tmp_path, value):
+    # one check (spurfast.checks.check_whole) behind both: the loader said "must be an integer" or
+    # "must be >= 1" and took True as 1, embed_pool "must be an integer >= 1" and refused True; each
+    # keeps its exception type (the loader: TypeError for no integer)
+    from spurfast.data import iter_batches
+
+    src, clf, vae = _setup(8)
+    loader_type = ValueError if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else TypeError
+    with pytest.raises(loader_type) as by_loader:
+        list(iter_batches(src, value))
+    with pytest.raises(ValueError) as by_embed:
+        embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=value, progress=False)
+    assert str(by_loader.value) == str(by_embed.value) == f"batch_size must be an integer >= 1, got {value!r}"
+
+
 @pytest.mark.parametrize("value", [2.5, 0, True])
 def test_a_bad_batch_size_is_refused_before_the_store_is_made(tmp_path, value):
     # 2.5 failed in the loader with "'float' object cannot be interpreted as an integer", and 0 was

@@ -167,16 +167,6 @@ def select_indices(n: int, *, start: int = 0, shard_id: int = 0, num_shards: int
     return sel[shard_id::num_shards]
 
 
-def check_batch_size(batch_size) -> None:
-    """Raise unless ``batch_size`` is a whole number >= 1: 2.5 was cut to batches of 2 by the
-    torch folder loader, and failed the DALI loader and in-memory sources with a TypeError
-    naming nothing ("'float' object cannot be interpreted as an integer")."""
-    if not isinstance(batch_size, numbers.Integral):
-        raise TypeError(f"batch_size must be an integer, got {batch_size!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-
-
 def refuse_repeats(sel: np.ndarray) -> None:
     """Raise if pool indices ``sel`` repeat one: each pool item is loaded once per pass (both
     loaders refuse, naming it; the torch loader decoded it twice)."""

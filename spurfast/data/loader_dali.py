@@ -59,7 +59,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .folder import check_batch_size, refuse_repeats, select_indices
+from ..checks import check_whole
+from .folder import refuse_repeats, select_indices
 from .preprocess import (GRAY_SHIFT, GRAY_WEIGHTS, PreprocessSpec, describe_error, load_image_uint8,
                          output_dtype, uint8_to, validate_image_file)
 
@@ -477,7 +478,7 @@ def iter_folder_batches(paths, *, size: int, channels: int = 3, batch_size: int 
     first decodes).  Bad files: zero image, ok=False, reason in ``bad_files``."""
     spec = PreprocessSpec(size, channels)
     dtype = output_dtype(dtype)
-    check_batch_size(batch_size)
+    check_whole(batch_size, "batch_size", not_integer=TypeError)
     if num_threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
     if not 0.0 <= hw_decoder_load <= 1.0:

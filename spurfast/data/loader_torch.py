@@ -14,7 +14,8 @@ from typing import Iterator
 
 import torch
 
-from .folder import check_batch_size, refuse_repeats, select_indices
+from ..checks import check_whole
+from .folder import refuse_repeats, select_indices
 from .preprocess import PreprocessSpec, checked_load_uint8, output_dtype, uint8_to
 from .sources import ImageSource
 
@@ -59,7 +60,7 @@ def iter_folder_batches(paths, *, size: int, channels: int = 3, batch_size: int 
     reason) when given."""
     spec = PreprocessSpec(size, channels)
     dtype = output_dtype(dtype)
-    check_batch_size(batch_size)
+    check_whole(batch_size, "batch_size", not_integer=TypeError)
     sel = select_indices(len(paths), start=start, shard_id=shard_id, num_shards=num_shards, indices=indices)
     if len(sel) == 0:
         return
@@ -90,7 +91,9 @@ def iter_batches(source: ImageSource, batch_size: int = 256, start: int = 0,
     to move; the caller converts, e.g. on its GPU); in-memory sources yield their own
     floats whatever ``dtype`` says.  ``device``: where a loader that can decode on a GPU
     (DALI) decodes, e.g. the run's device ("cpu": never on the GPU; None: its own choice)."""
-    check_batch_size(batch_size)
+    # 2.5 was cut to batches of 2 by the torch folder loader, and failed the DALI loader and in-memory
+    # sources naming nothing ("'float' object cannot be interpreted as an integer"); True ran batches of 1
+    check_whole(batch_size, "batch_size", not_integer=TypeError)
     if not isinstance(num_workers, numbers.Integral):   # 2.5 failed in the loader, naming nothing
         raise TypeError(f"num_workers must be an integer, got {num_workers!r}")
     # checked as the folder loaders check them: a negative start or index would otherwise
