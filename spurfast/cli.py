@@ -6,7 +6,9 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -345,6 +347,17 @@ def _blocker(out: Path) -> Path | None:
                  or (q.exists() and not q.is_dir())), None)
 
 
+def _first_missing(out: Path) -> Path | None:
+    """The outermost of ``out`` and its parents that does not exist (the first folder
+    ``out.mkdir(parents=True)`` creates), or None where ``out`` exists."""
+    missing = None
+    for q in (out, *out.parents):
+        if os.path.lexists(q):
+            break
+        missing = q
+    return missing
+
+
 def _not_a_folder(flag: str, out: Path, blocker: Path) -> str:
     if blocker.is_symlink() and not blocker.exists():
         return f"{flag} {out}: {blocker} is a link to {os.readlink(blocker)!r}, which does not exist"
@@ -552,10 +565,18 @@ def load_suspect(path, n: int, pool_name) -> np.ndarray:
     p = Path(path)
     _need_file(p, "suspect file")
     try:
-        # utf-8-sig: a byte-order mark (Windows editors) made the first index "\ufeff1", refused
-        idx = np.loadtxt(p, dtype=np.int64, ndmin=1, encoding="utf-8-sig").reshape(-1)
+        with warnings.catch_warnings():   # numpy's "input contained no data": refused below, by name
+            warnings.filterwarnings("ignore", "loadtxt: input contained no data", UserWarning)
+            # utf-8-sig: a byte-order mark (Windows editors) made the first index "\ufeff1", refused
+            idx = np.loadtxt(p, dtype=np.int64, ndmin=1, encoding="utf-8-sig").reshape(-1)
     except ValueError as exc:
         raise ValueError(f"suspect file {p} must hold integer pool indices, one per line: {exc}") from None
+    if idx.size == 0:
+        # an empty (or all-comment) file ran as "no image is suspect": it replaced a pool .npz's own
+        # suspect array, and the training-support test then ran with no suspects, all said only in a
+        # numpy warning; a file given on purpose almost certainly lost its contents
+        raise ValueError(f"suspect file {p} lists no pool indices; expected the suspect samples' pool indices, one "
+                         f"per line (leave out --suspect to run without suspect samples)")
     bad = idx[(idx < 0) | (idx >= n)]
     if bad.size:  # a negative index would silently count from the end
         raise ValueError(f"suspect file {p} holds index {int(bad[0])} ({bad.size} out of range in all); "
@@ -596,7 +617,7 @@ def cmd_evaluate(args):
     import re
 
     from .evaluate import run_evaluation
-    from .results_doc import check_results_md, read_csv, read_notes, write_results, write_with_notes
+    from .results_doc import check_results_md, read_csv, read_notes, read_results, write_results, write_with_notes
     out = Path(args.out)
     # a file (or a link to nothing) in its place failed as "[Errno 17] File exists: 'x'", which says neither
     blocker = _blocker(out)
@@ -631,7 +652,6 @@ def cmd_evaluate(args):
         csv_path = Path(args.from_csv)
         _need_file(csv_path, "results CSV")
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         # read_notes: a RESULTS.md that is not UTF-8 failed with the codec's message, naming no file
         previous = read_notes(out / "RESULTS.md") if (out / "RESULTS.md").is_file() else None
         tj = csv_path.with_name("timing.json")
@@ -643,13 +663,24 @@ def cmd_evaluate(args):
         if timing is not None and not isinstance(timing, dict):   # a list: an AttributeError traceback
             raise ValueError(f"{tj} (the run's timing, beside {csv_path}) holds a {type(timing).__name__}, not the "
                              f"object `spurfast evaluate` writes; rerun the evaluation, or remove it")
+        # all inputs are read before --out is made: a CSV that is not a results CSV (or a bad confirm.csv
+        # beside it) failed in write_results after --out had been created, and left that folder behind
+        read_results(csv_path, csv_path.with_name("confirm.csv"))
         # quoted for a shell, as the run's own "Command:" line is: a path with a space split in two
         regenerated_by = shlex.join(["spurfast", "evaluate", "--from-csv", str(csv_path), "--out", str(out)]
                                     + (["--results-md", str(args.results_md)] if args.results_md else []))
-        md = write_results(csv_path, csv_path.with_name("confirm.csv"), out / "RESULTS.md", plots_dir=out / "plots",
-                           command=(timing or {}).get("command", ""), timing=timing, regenerated_by=regenerated_by,
-                           wall_s=(timing or {}).get("wall_s"))   # none in a hand-edited one: no wall-time line
-        write_with_notes(md, previous, out, args.results_md)   # as a run does
+        made = _first_missing(out)
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            md = write_results(csv_path, csv_path.with_name("confirm.csv"), out / "RESULTS.md",
+                               plots_dir=out / "plots", command=(timing or {}).get("command", ""), timing=timing,
+                               regenerated_by=regenerated_by,
+                               wall_s=(timing or {}).get("wall_s"))   # none in a hand-edited one: no wall-time line
+            write_with_notes(md, previous, out, args.results_md)   # as a run does
+        except BaseException:   # a failed write (or Ctrl-C) leaves no half-written folder of its own making
+            if made is not None:
+                shutil.rmtree(made, ignore_errors=True)
+            raise
         also = args.results_md and Path(args.results_md).resolve() != Path(md).resolve()   # not the same file twice
         print(f"wrote {md}" + (f" and {args.results_md}" if also else "") + f" from {len(read_csv(csv_path))} rows")
         return

@@ -207,9 +207,11 @@ def _count(vals) -> tuple[int, int]:
     return int(v[ok].sum()), int((~ok).sum())
 
 
-def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s: float | None = None,
-                  plots_dir=None, timing: dict | None = None, regenerated_by: str = "") -> Path:
-    """RESULTS.md (and plots) from the CSVs alone."""
+def read_results(csv_path, confirm_path=None) -> tuple[list[dict], list[dict]]:
+    """The rows of a results CSV and of its confirm.csv (none where ``confirm_path`` is None or
+    no file), checked as `write_results` needs them: a ValueError naming the file (and line)
+    where either is not what `spurfast evaluate` writes.  Writes nothing, so a caller can
+    check its input before it creates anything."""
     rows = _read_whole(csv_path, ("setting", "seed", "method", "feature", "metric", "value"))
     crows = _read_whole(confirm_path, ("setting", "true_finding", "flip_rate", "control_flip_rate")) \
         if confirm_path and Path(confirm_path).is_file() else []
@@ -229,6 +231,13 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
                              f"per seed: remove one")
         seen[key] = line
     _check_confirm_rows(crows, confirm_path)
+    return rows, crows
+
+
+def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s: float | None = None,
+                  plots_dir=None, timing: dict | None = None, regenerated_by: str = "") -> Path:
+    """RESULTS.md (and plots) from the CSVs alone."""
+    rows, crows = read_results(csv_path, confirm_path)
     check_digests(timing, csv_path, confirm_path)
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     # in seed order within each setting: the "per seed" lists are read against the sorted seeds

@@ -1127,6 +1127,51 @@ def test_evaluate_from_csv_names_a_cut_short_timing_file(tmp_path, capsys):
     assert err.startswith(f"error: {Path(csv).parent / 'timing.json'} (the run's timing") and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("case", ["not_results", "not_utf8", "bad_confirm", "bad_timing"])
+def test_evaluate_from_csv_of_bad_input_makes_no_out_folder(tmp_path, capsys, case):
+    # --out was created before the CSV was read: a CSV that is not a results CSV left it behind, empty
+    from pathlib import Path
+
+    csv = Path(_quick_csv(tmp_path))
+    if case == "not_results":
+        csv.write_text("a,b\n1,2\n")
+    elif case == "not_utf8":
+        csv.write_bytes(b"\xff\xfe\x00junk")
+    elif case == "bad_confirm":
+        (csv.parent / "confirm.csv").write_text("setting,true_finding,flip_rate,control_flip_rate\nx,2,0.5,0.1\n")
+    else:
+        (csv.parent / "timing.json").write_text('{"wall_s": ')
+    out = tmp_path / "new" / "out"
+    capsys.readouterr()
+    assert main(["evaluate", "--from-csv", str(csv), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_evaluate_from_csv_failing_mid_write_leaves_no_folder_of_its_own(tmp_path, monkeypatch, existed):
+    # a write that fails (a full disk, Ctrl-C) after --out was made removes the folders it made, and only those
+    from spurfast import results_doc
+
+    def fail(csv_path, confirm_path, md_path, plots_dir=None, **kw):
+        (plots_dir / "half.png").parent.mkdir(parents=True)
+        (plots_dir / "half.png").write_bytes(b"")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(results_doc, "write_results", fail)
+    csv = _quick_csv(tmp_path)
+    out = tmp_path / "new" / "out"
+    if existed:
+        out.mkdir(parents=True)
+        (out / "mine.txt").write_text("kept")
+    with pytest.raises(OSError, match="No space left on device"):   # not one main() words: a traceback
+        main(["evaluate", "--from-csv", csv, "--out", str(out)])
+    if existed:   # the user's folder stays, with what it held; the half-written plots too (no way to tell them)
+        assert (out / "mine.txt").read_text() == "kept"
+    else:
+        assert not (tmp_path / "new").exists()
+
+
 def test_evaluate_from_csv_names_a_timing_file_that_is_no_object_and_reads_one_without_wall_time(tmp_path, capsys):
     # [1] gave an AttributeError traceback, {"command": ...} a KeyError: 'wall_s'
     from pathlib import Path
@@ -1451,6 +1496,31 @@ def test_an_input_file_that_is_a_folder_or_a_pipe_is_not_said_to_be_missing(tmp_
         err = capsys.readouterr().err
         assert err.startswith(f"error: {what} {path} {why}"), err
     assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# suspects of run 3\n"])
+def test_a_suspect_file_listing_no_index_is_refused(tmp_path, capsys, text):
+    # it ran as "no image is suspect" (said only in numpy's "input contained no data" warning): over a
+    # pool .npz's own suspect array, with the training-support test left without suspects
+    import warnings
+
+    from spurfast.cli import load_suspect
+
+    f = tmp_path / "suspect.txt"
+    f.write_text(text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # numpy's warning is not shown on top of the error
+        with pytest.raises(ValueError, match=f"^suspect file {f} lists no pool indices; expected the suspect "
+                                             f"samples' pool indices, one per line"):
+            load_suspect(f, 10, "pool")
+    clf, vae = _models(tmp_path)
+    pool = _npz(tmp_path / "pool.npz", np.random.default_rng(0).integers(0, 256, (20, 28, 28), dtype=np.uint8))
+    capsys.readouterr()
+    assert main(["discover", "--pool", pool, "--classifier", clf, "--vae", vae, "--out", str(tmp_path / "o"),
+                 "--suspect", str(f), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: suspect file {f} lists no pool indices") and "--suspect" in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_suspect_file_with_a_byte_order_mark_is_read(tmp_path):
