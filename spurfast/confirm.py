@@ -72,14 +72,31 @@ class ConfirmConfig:
     content_match: float = 0.25  # content control draws from this fraction of class images most like the pattern
 
     def __post_init__(self):
-        if not 0.0 < self.content_match <= 1.0:
-            raise ValueError(f"content_match must be in (0, 1], got {self.content_match}")
-        if self.mode not in ("add", "paste"):
-            raise ValueError(f"confirm mode must be 'add' or 'paste', got {self.mode!r}")
+        # whole numbers, as DiscoverConfig takes them (numpy's too, stored as Python ints): a
+        # fractional one (or a bool) passed here and failed only when confirmation ran, after the
+        # embedding pass and discovery, naming no setting ("'float' object cannot be interpreted as
+        # an integer", numpy's "SeedSequence expects int")
+        for name in ("max_images", "batch_size", "seed"):
+            v = getattr(self, name)
+            whole = isinstance(v, (int, np.integer)) or (isinstance(v, (float, np.floating)) and float(v).is_integer())
+            if isinstance(v, (bool, np.bool_)) or not whole:
+                raise ValueError(f"confirm {name} must be an integer, got {v!r}")
+            setattr(self, name, int(v))
         if self.max_images < 1:
             raise ValueError(f"max_images must be >= 1, got {self.max_images}")
         if self.batch_size < 1:   # range(0, n, 0) would fail with no word of the setting
             raise ValueError(f"confirm batch_size must be >= 1, got {self.batch_size}")
+        if self.seed < 0:   # numpy's "expected non-negative integer", at the first finding
+            raise ValueError(f"confirm seed must be >= 0, got {self.seed}")
+        # "0.5" failed the range check below with a bare TypeError; True passed as 1.0
+        if isinstance(self.content_match, (bool, np.bool_)) or \
+                not isinstance(self.content_match, (int, np.integer, float, np.floating)):
+            raise ValueError(f"content_match must be a number, got {self.content_match!r}")
+        self.content_match = float(self.content_match)
+        if not 0.0 < self.content_match <= 1.0:
+            raise ValueError(f"content_match must be in (0, 1], got {self.content_match}")
+        if self.mode not in ("add", "paste"):
+            raise ValueError(f"confirm mode must be 'add' or 'paste', got {self.mode!r}")
 
 
 def pattern_delta(mask: np.ndarray, contrast: torch.Tensor, pattern: torch.Tensor | None, mode: str):

@@ -1,4 +1,6 @@
 """Confirmation on hand-built models whose shortcut is known exactly."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -435,6 +437,30 @@ def test_a_bad_confirm_batch_size_is_named():
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         confirm_pattern(CornerModel(), _clean(4), 1, _corner_mask(), torch.zeros(1, 16, 16),
                         config=ConfirmConfig(batch_size=0))
+
+
+@pytest.mark.parametrize("kw, want", [
+    (dict(max_images=2.5), "confirm max_images must be an integer, got 2.5"),
+    (dict(max_images=True), "confirm max_images must be an integer, got True"),
+    (dict(batch_size=2.5), "confirm batch_size must be an integer, got 2.5"),
+    (dict(batch_size="8"), "confirm batch_size must be an integer, got '8'"),
+    (dict(seed=1.5), "confirm seed must be an integer, got 1.5"),
+    (dict(seed=-1), "confirm seed must be >= 0, got -1"),
+    (dict(content_match="0.5"), "content_match must be a number, got '0.5'"),
+    (dict(content_match=True), "content_match must be a number, got True"),
+])
+def test_a_bad_confirm_setting_is_refused_when_the_config_is_made(kw, want):
+    # these passed ConfirmConfig and failed only when confirmation ran, after the embedding pass
+    # and discovery, naming no setting ("'float' object cannot be interpreted as an integer",
+    # numpy's "SeedSequence expects int ...", "expected non-negative integer"); "0.5" a bare TypeError
+    with pytest.raises(ValueError, match=f"^{re.escape(want)}$"):
+        ConfirmConfig(**kw)
+
+
+def test_whole_confirm_settings_of_any_number_type_are_taken_as_ints():
+    cfg = ConfirmConfig(max_images=np.int64(40), batch_size=8.0, seed=np.uint8(3), content_match=np.float32(0.5))
+    assert (cfg.max_images, cfg.batch_size, cfg.seed, cfg.content_match) == (40, 8, 3, 0.5)
+    assert all(type(v) is int for v in (cfg.max_images, cfg.batch_size, cfg.seed)) and type(cfg.content_match) is float
 
 
 def test_a_finding_that_could_not_be_confirmed_says_why():
