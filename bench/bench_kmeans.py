@@ -481,18 +481,22 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
 def _knn_rows(writer, dev, devname, kcpu, quick):
     """Exact latent kNN (op ``latent_knn``, k=10, the discovery's neighbour votes): the
     reference (blocked GEMM + pruned top-k), the fused CPU kernel, and faiss' exact
-    IndexFlatL2 search (CPU, same thread count), on normal latents and on a tight blob
-    whose rows the fp32 screen cannot rank (measured again directly: the slow path).
-    Counted: 2 n^2 d FLOPs (every pair)."""
+    IndexFlatL2 search (CPU, same thread count), on normal latents, on a tight blob
+    whose rows the fp32 screen cannot rank (measured again directly: the slow path), and
+    on duplicated latents (a quarter of the rows one image's copies: never certain, each
+    distinct latent measured again once).  Counted: 2 n^2 d FLOPs (every pair)."""
     from spurfast.kernels import reference as ref
 
-    cases = [(n, "normal") for n in ((20_000,) if quick else (20_000, 100_000))] + [(20_000, "tight-blob")]
+    cases = [(n, "normal") for n in ((20_000,) if quick else (20_000, 100_000))]
+    cases += [(20_000, "tight-blob"), (20_000, "duplicates")]
     for n, data in cases:
         d, k = 16, 10
         gen = torch.Generator().manual_seed(0)
         z = torch.randn(n, d, generator=gen)
         if data == "tight-blob":   # 1,000 rows of spread 1e-3 at distance 3: the screen cannot rank
             z[:1000] = 3.0 + 1e-3 * torch.randn(1000, d, generator=gen)   # them, each is measured again
+        if data == "duplicates":   # 5,000 copies of one latent, spread over the pool
+            z[torch.randperm(n, generator=gen)[:n // 4]] = torch.randn(d, generator=gen)
         z = z.to(dev)
         config = dict(N=n, d=d, k=k, dtype="fp32", data=data, threads=torch.get_num_threads())
         provs = {"torch": lambda: ref.latent_knn(z, k)}

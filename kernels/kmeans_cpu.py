@@ -144,10 +144,14 @@ def _load():
         lib.spurfast_cpu_plusplus.argtypes = [P, I, P, I, P, I, P, P, I, P, P]
         lib.spurfast_cpu_plusplus.restype = None
         D = ctypes.c_double
-        lib.spurfast_cpu_knn.argtypes = [P, I, I, P, P, I, I, I, D, D, I, I, P]
+        lib.spurfast_cpu_knn.argtypes = [P, I, I, P, P, I, I, I, D, D, I, I, P, P]
         lib.spurfast_cpu_knn.restype = None
-        lib.spurfast_cpu_knn_parts.argtypes = [P, I, I, P, P, I, I, I, D, D, I, P]
+        lib.spurfast_cpu_knn_parts.argtypes = [P, I, I, P, P, I, I, I, D, D, I, P, P]
         lib.spurfast_cpu_knn_parts.restype = None
+        lib.spurfast_cpu_knn_measure.argtypes = [P, I, I, P, I, I, I, P]
+        lib.spurfast_cpu_knn_measure.restype = None
+        lib.spurfast_cpu_knn_measure_parts.argtypes = [P, I, I, P, I, I, I, P]
+        lib.spurfast_cpu_knn_measure_parts.restype = None
         lib.spurfast_cpu_openmp.restype = ctypes.c_int
         lib.openmp = bool(lib.spurfast_cpu_openmp())
         _lib = lib
@@ -389,7 +393,8 @@ def latent_knn(z, k: int) -> torch.Tensor:
     Equal distances go to the lower index (equal scores too, where the candidates are
     picked).  Traffic: z read once per 96-row panel (from cache).  A row whose screen may
     have missed a true neighbour (the reference's ``knn_screen_certain`` test, same bound)
-    is measured again directly against every column, as the reference does."""
+    is measured again directly against every column by the reference's ``knn_remeasure``
+    (once per distinct latent) with this kernel's direct distances."""
     lib = _library()
     k = check_count(k, "k")   # int(k) ran 1.5 as 1 neighbour, where the reference refuses it
     # centred as the reference (less cancellation); rows too large for fp32 scores refused
@@ -404,9 +409,30 @@ def latent_knn(z, k: int) -> torch.Tensor:
     m = min(2 * k, n - 1)
     R = ref.knn_screen_bound(cterm[0, :n], d)   # cterm: the fp32 |zj|^2 the scores add
     args = (_ptr(Z), d, n, _ptr(panels), _ptr(cterm), npad, k, m, R, ref._FP32_U)   # the kernel's product: IEEE fp32
+    unsure = np.zeros(n, dtype=np.uint8)
     parts = _knn_parts(n)
     if lib.openmp:
-        lib.spurfast_cpu_knn_parts(*args, parts, _ptr(out))
+        lib.spurfast_cpu_knn_parts(*args, parts, _ptr(out), _ptr(unsure))
     else:
-        _python_parts(n, parts, lambda p, lo, hi: lib.spurfast_cpu_knn(*args, lo, hi, _ptr(out)))
+        _python_parts(n, parts, lambda p, lo, hi: lib.spurfast_cpu_knn(*args, lo, hi, _ptr(out), _ptr(unsure)))
+    rows = np.nonzero(unsure)[0]
+    if len(rows):
+        out[rows] = ref.knn_remeasure(zt, torch.from_numpy(rows), k, measure=lambda _, pts, kk: _knn_measure(
+            lib, Z, pts, kk)).numpy()
     return torch.from_numpy(out)
+
+
+def _knn_measure(lib, Z: np.ndarray, points: torch.Tensor, kk: int) -> torch.Tensor:
+    """The reference's ``knn_measure`` for ``knn_remeasure``: each point's kk nearest rows of
+    Z by direct fp32 distances over every column, equal distances to the lower index; one
+    point per thread at a time (each costs n x d)."""
+    n, d = Z.shape
+    P = np.ascontiguousarray(points.numpy(), dtype=np.float32)
+    res = np.empty((len(P), kk), dtype=np.int64)
+    parts = max(1, min(_threads(), len(P)))
+    if lib.openmp:
+        lib.spurfast_cpu_knn_measure_parts(_ptr(Z), d, n, _ptr(P), len(P), kk, parts, _ptr(res))
+    else:
+        _python_parts(len(P), parts, lambda p, lo, hi: lib.spurfast_cpu_knn_measure(
+            _ptr(Z), d, n, _ptr(P), kk, lo, hi, _ptr(res)))
+    return torch.from_numpy(res)

@@ -19,7 +19,7 @@ from spurfast.kernels import reference as ref
 from tests.helpers import (CASES, EMPTY_CASES, assert_close, assert_equal_int, assert_same_outputs,
                            check_assign_near_optimal, check_groups_without_centroids, empty_case, exact_dists,
                            exact_sums, make_case)
-from tests.test_kmeans_reference import check_exact_rows, tight_blob
+from tests.test_kmeans_reference import check_exact_rows, duplicated_latents, lower_index_knn, tight_blob
 
 AVAILABLE, WHY = kcpu.is_available()
 needs_kernel = pytest.mark.skipif(not AVAILABLE, reason=f"fused CPU kernels unavailable: {WHY}")
@@ -720,3 +720,26 @@ def test_knn_is_exact_for_a_tight_blob_in_odd_shapes(threading_mode):
     check_exact_rows(nn, z, np.arange(len(z)), 7, "cpu knn, odd shapes")
     r = ref.latent_knn(torch.from_numpy(z), 7).numpy()
     assert np.array_equal(nn, r), f"{int((nn != r).any(1).sum())} rows differ from the reference"
+
+
+@needs_kernel
+def test_knn_measures_each_duplicated_latent_once_as_the_reference(threading_mode, monkeypatch):
+    """Copies of a latent with more than 2k others at distance 0 are never certain: the
+    kernel measured each one again against every column (n d each); now each distinct
+    latent once, through the reference's knn_remeasure, with the kernel's distances."""
+    z = duplicated_latents(seed=1)
+    rows, points, real = [], [], kcpu._knn_measure
+
+    def spy_remeasure(zt, r, k, measure=None, _remeasure=ref.knn_remeasure):
+        rows.append(len(r))
+        return _remeasure(zt, r, k, measure)
+
+    monkeypatch.setattr(ref, "knn_remeasure", spy_remeasure)
+    monkeypatch.setattr(kcpu, "_knn_measure", lambda lib, Z, p, kk: points.append(len(p)) or real(lib, Z, p, kk))
+    nn = kcpu.latent_knn(torch.from_numpy(z), 10).numpy()
+    _check_same_rows(nn, lower_index_knn(z, 10), "cpu knn of duplicated latents")
+    _check_same_rows(nn, ref.latent_knn(torch.from_numpy(z), 10).numpy(), "cpu knn vs the reference")
+    # the copies of the two large groups count once each (ordinary rows nearest to a copy
+    # are uncertain too: their k-th candidate ties with copies left out)
+    assert sum(rows) >= 850, f"only {sum(rows)} rows measured again (the copies are not certain)"
+    assert sum(points) <= sum(rows) - 848, f"{sum(points)} latents measured for {sum(rows)} rows"

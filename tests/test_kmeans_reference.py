@@ -992,3 +992,58 @@ def test_latent_knn_screens_at_ieee_precision_whatever_the_callers_setting(monke
         cuda_mm.fp32_precision, mkl_mm.fp32_precision = saved[1], saved[2]
     assert torch.equal(got, want)
     assert sum(remeasured) == 0, f"{sum(remeasured)} of 600 ordinary rows measured again"
+
+
+def duplicated_latents(seed: int = 0) -> np.ndarray:
+    """400 ordinary latents and three duplicated ones (700, 150 and 5 copies, a pool's
+    placeholder image among them), shuffled: the copies of the first two have more than
+    2k others at distance 0 and are never certain after the screen."""
+    rng = np.random.default_rng(seed)
+    copies = [np.repeat(rng.normal(size=(1, 16)), c, 0) for c in (700, 150, 5)]
+    z = np.concatenate([rng.normal(size=(400, 16))] + copies).astype(np.float32)
+    return z[rng.permutation(len(z))]
+
+
+def lower_index_knn(z: np.ndarray, k: int) -> np.ndarray:
+    """Brute force over the centred fp32 latents the providers rank: each row's k nearest
+    others by float64 distance, equal distances (the copies) to the lower index."""
+    zc = ref.centred_latents(torch.from_numpy(z)).double().numpy()
+    D = ((zc[:, None] - zc[None]) ** 2).sum(-1)
+    np.fill_diagonal(D, np.inf)
+    return np.stack([np.lexsort((np.arange(len(z)), D[i]))[:k] for i in range(len(z))])
+
+
+def test_latent_knn_measures_each_duplicated_latent_once(monkeypatch):
+    """Every copy of a duplicated latent was measured again against every column, n d each:
+    10,000 copies in a pool of 10^6 cost 1.6 x 10^11 flops at d = 16.  Copies share their
+    distances, so each distinct latent is measured once; each copy drops itself after."""
+    z = duplicated_latents()
+    rows, points, real = [], [], ref.knn_measure
+
+    def spy_remeasure(zt, r, k, measure=None, _remeasure=ref.knn_remeasure):
+        rows.append(len(r))
+        return _remeasure(zt, r, k, measure)
+
+    monkeypatch.setattr(ref, "knn_remeasure", spy_remeasure)
+    monkeypatch.setattr(ref, "knn_measure", lambda zt, p, kk: points.append(len(p)) or real(zt, p, kk))
+    nn = ref.latent_knn(torch.from_numpy(z), 10).numpy()
+    want = lower_index_knn(z, 10)
+    bad = np.flatnonzero((nn != want).any(1))
+    assert bad.size == 0, (f"{bad.size} of {len(z)} rows differ from brute force, first row {bad[0]}: "
+                           f"{nn[bad[0]].tolist()} vs {want[bad[0]].tolist()}")
+    assert sum(rows) >= 850, f"only {sum(rows)} rows measured again (the copies are not certain)"
+    assert sum(points) <= sum(rows) - 848, f"{sum(points)} latents measured for {sum(rows)} rows"
+
+
+@pytest.mark.parametrize("k", [1, 4, 7])
+def test_knn_remeasure_drops_each_copy_itself_or_the_last(k):
+    """Rows of one latent share one measure of k + 1 neighbours: the lowest-index copies
+    keep the others (each drops itself), a copy past them drops the (k + 1)-th; rows of
+    distinct latents in the same call keep their own neighbours."""
+    z = torch.tensor([[0.0, 0.0]] * 6 + [[5.0, 5.0]] + [[1.0, 0.0]] * 3 + [[9.0, 9.0]])
+    rows = torch.arange(len(z))
+    got = ref.knn_remeasure(ref.centred_latents(z), rows, k).numpy()
+    want = lower_index_knn(z.numpy(), k)
+    bad = np.flatnonzero((got != want).any(1))
+    assert bad.size == 0, f"k={k}: rows {bad.tolist()} differ: {got[bad].tolist()} vs {want[bad].tolist()}"
+    assert ref.knn_remeasure(z, rows[:0], k).shape == (0, k)

@@ -318,23 +318,21 @@ inline bool knn_certain(float left, const float* zi, i64 d, float kth, double R,
     return lo > (double)kth;
 }
 
-// row i's k nearest other rows of z (n x d) by sqdist over every column, nearest first,
-// equal distances to the lower index (columns go in increasing index, a tie stays behind).
-// rd, ri: scratch of k.  out: k entries.
-inline void knn_remeasure(const float* z, i64 d, i64 n, i64 i, i64 k, std::vector<float>& rd,
-                          std::vector<i64>& ri, int64_t* out) {
+// point p's kk nearest rows of z (n x d) by sqdist over every column, nearest first,
+// equal distances to the lower index (columns go in increasing index, a tie stays behind),
+// no row excluded: the reference's knn_measure.  rd, ri: scratch of kk.  out: kk entries.
+inline void knn_measure_one(const float* z, i64 d, i64 n, const float* p, i64 kk, std::vector<float>& rd,
+                            std::vector<i64>& ri, int64_t* out) {
     i64 cnt = 0;
-    const float* zi = z + i * d;
     for (i64 j = 0; j < n; ++j) {
-        if (j == i) continue;
-        const float v = sqdist(zi, z + j * d, d);
-        if (cnt == k && !(v < rd[k - 1])) continue;
-        i64 pos = cnt < k ? cnt++ : k - 1;
+        const float v = sqdist(p, z + j * d, d);
+        if (cnt == kk && !(v < rd[kk - 1])) continue;
+        i64 pos = cnt < kk ? cnt++ : kk - 1;
         while (pos > 0 && v < rd[pos - 1]) { rd[pos] = rd[pos - 1]; ri[pos] = ri[pos - 1]; --pos; }
         rd[pos] = v;
         ri[pos] = j;
     }
-    for (i64 q = 0; q < k; ++q) out[q] = q < cnt ? ri[q] : -1;
+    for (i64 q = 0; q < kk; ++q) out[q] = q < cnt ? ri[q] : -1;
 }
 
 // f(p, lo, hi) for the `parts` contiguous ranges of [0, N) (the Python reference's cut),
@@ -607,18 +605,17 @@ void spurfast_cpu_plusplus(const float* x, i64 d, const i64* offsets, i64 G, con
 // a tie cut at the m-th candidate by score.  out: (n, k).
 // The scores round by up to ~(d + 2) u (|zi| + |zj|)^2: a row whose screen may have left
 // out a true neighbour (knn_certain, the reference's knn_screen_certain: R the largest row
-// norm, u the unit roundoff, both from the caller) is measured again directly against
-// every column (knn_remeasure), as the reference does.
+// norm, u the unit roundoff, both from the caller) is flagged in `unsure` (n bytes) and
+// measured again directly against every column by the caller (the reference's
+// knn_remeasure, with spurfast_cpu_knn_measure), once per distinct latent.
 void spurfast_cpu_knn(const float* z, i64 d, i64 n, const float* panels, const float* cterm, i64 np_, i64 k,
-                      i64 m, double R, double u, i64 r0, i64 r1, int64_t* out) {
+                      i64 m, double R, double u, i64 r0, i64 r1, int64_t* out, uint8_t* unsure) {
     constexpr i64 ROWS = 16 * MR;      // rows sharing one pass over a column chunk
     constexpr i64 COLS = 2048;         // columns per chunk: 2048 x d floats stay in L2
     std::vector<float> bs((size_t)(ROWS * m));
     std::vector<int64_t> bj((size_t)(ROWS * m));
     std::vector<float> ex((size_t)m);
     std::vector<i64> order((size_t)m);
-    std::vector<float> rd((size_t)k);   // knn_remeasure's sorted list
-    std::vector<i64> ri((size_t)k);
     for (i64 a = r0; a < r1; a += ROWS) {
         const i64 b = a + ROWS < r1 ? a + ROWS : r1;
         std::vector<Best> best;
@@ -647,18 +644,33 @@ void spurfast_cpu_knn(const float* z, i64 d, i64 n, const float* panels, const f
             // when all n - 1 others are candidates)
             const float left = (m < n - 1 && r.n == m) ? r.s[m - 1] : std::numeric_limits<float>::infinity();
             const float kth = k <= r.n ? ex[order[k - 1]] : std::numeric_limits<float>::infinity();
-            if (!knn_certain(left, z + i * d, d, kth, R, u)) knn_remeasure(z, d, n, i, k, rd, ri, out + i * k);
+            unsure[i] = !knn_certain(left, z + i * d, d, kth, R, u);
         }
     }
 }
 
 // spurfast_cpu_knn over all n rows in `parts` fixed ranges, one thread each
 void spurfast_cpu_knn_parts(const float* z, i64 d, i64 n, const float* panels, const float* cterm, i64 np_, i64 k,
-                            i64 m, double R, double u, i64 parts, int64_t* out) {
+                            i64 m, double R, double u, i64 parts, int64_t* out, uint8_t* unsure) {
 #pragma omp parallel num_threads((int)parts)
     each_part(n, parts, [&](i64, i64 lo, i64 hi) {
-        spurfast_cpu_knn(z, d, n, panels, cterm, np_, k, m, R, u, lo, hi, out);
+        spurfast_cpu_knn(z, d, n, panels, cterm, np_, k, m, R, u, lo, hi, out, unsure);
     });
+}
+
+// points [p0, p1) of pts (npts x d): each one's kk nearest rows of z (n x d), no row
+// excluded (knn_measure_one); out: (npts, kk)
+void spurfast_cpu_knn_measure(const float* z, i64 d, i64 n, const float* pts, i64 kk, i64 p0, i64 p1,
+                              int64_t* out) {
+    std::vector<float> rd((size_t)kk);
+    std::vector<i64> ri((size_t)kk);
+    for (i64 p = p0; p < p1; ++p) knn_measure_one(z, d, n, pts + p * d, kk, rd, ri, out + p * kk);
+}
+
+void spurfast_cpu_knn_measure_parts(const float* z, i64 d, i64 n, const float* pts, i64 npts, i64 kk, i64 parts,
+                                    int64_t* out) {
+#pragma omp parallel num_threads((int)parts)
+    each_part(npts, parts, [&](i64, i64 lo, i64 hi) { spurfast_cpu_knn_measure(z, d, n, pts, kk, lo, hi, out); });
 }
 
 }  // extern "C"
