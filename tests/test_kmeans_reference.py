@@ -1047,3 +1047,18 @@ def test_knn_remeasure_drops_each_copy_itself_or_the_last(k):
     bad = np.flatnonzero((got != want).any(1))
     assert bad.size == 0, f"k={k}: rows {bad.tolist()} differ: {got[bad].tolist()} vs {want[bad].tolist()}"
     assert ref.knn_remeasure(z, rows[:0], k).shape == (0, k)
+
+
+@pytest.mark.gpu
+def test_latent_knn_on_cuda_is_exact_for_tight_blobs_and_duplicated_latents():
+    """The CUDA path of the reference (screen at IEEE fp32, re-measure per distinct latent):
+    the rows the screen cannot rank are as exact as on the CPU."""
+    z = tight_blob(4000, 1000, 16, 1e-3)
+    nn = ref.latent_knn(torch.from_numpy(z).cuda(), 10).numpy()
+    check_exact_rows(nn, z, np.arange(4000, 5000), 10, "cuda reference knn, tight blob")
+    z = duplicated_latents(seed=2)
+    nn = ref.latent_knn(torch.from_numpy(z).cuda(), 10).numpy()
+    want = lower_index_knn(z, 10)
+    bad = np.flatnonzero((nn != want).any(1))
+    assert bad.size == 0, (f"cuda reference knn of duplicated latents: {bad.size} of {len(z)} rows differ, first row "
+                           f"{bad[0]}: {nn[bad[0]].tolist()} vs {want[bad[0]].tolist()}")
