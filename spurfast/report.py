@@ -64,8 +64,13 @@ def save_image(img: torch.Tensor, path) -> str:
 
 
 def save_map(contrast: torch.Tensor, path) -> str:
-    """Signed contrast as a diverging colour map (red = members brighter)."""
-    c = contrast.detach().float().mean(0) if contrast.dim() == 3 else contrast.float()
+    """Signed contrast as a diverging colour map (red = members brighter; of several channels,
+    in the one that differs most at each pixel, as `pattern_mask` measures it)."""
+    c = contrast.detach().float()
+    if c.dim() == 3:
+        # not the channels' mean: a change of hue (magenta on grey, +0.33/-0.66/+0.33) averaged
+        # to 0 and the map was blank where the mask found the patch
+        c = c.gather(0, c.abs().argmax(0, keepdim=True))[0]
     m = float(c.abs().max()) or 1.0
     v = (c / m).clamp(-1, 1)
     rgb = torch.stack([1 - (-v).clamp(min=0), 1 - v.abs(), 1 - v.clamp(min=0)])  # white at 0

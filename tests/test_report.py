@@ -413,3 +413,37 @@ def test_a_huge_integer_value_is_named_not_an_overflow_traceback(tmp_path):
     doc = _doc({"flip_rate": json.loads("1" + "0" * 400), "control_flip_rate": 0.01, "p_value": 1e-9})
     with pytest.raises(ValueError, match="finding 1's confirm.flip_rate is 1000"):
         write_report(doc, tmp_path)
+
+
+def test_the_contrast_map_shows_a_change_of_hue(tmp_path):
+    """A colour patch as bright as what it replaces (magenta on grey: +0.33, -0.66, +0.33)
+    averaged to 0 over the channels: the report's contrast map was blank where the mask
+    found the patch.  The map shows each pixel's channel that differs most."""
+    import numpy as np
+    from PIL import Image
+
+    from spurfast.characterise import pattern_mask
+    from spurfast.report import UPSCALE_TO, save_map
+    c = torch.zeros(3, 16, 16)
+    c[:, 2:6, 2:6] = torch.tensor([0.33, -0.66, 0.33])[:, None, None]
+    c[:, 10:12, 10:12] = 0.2   # a plain brightening stays red, a third as strong
+    assert pattern_mask(c)[2:6, 2:6].all()   # the mask finds it
+    a = np.asarray(Image.open(save_map(c, tmp_path / "contrast.png"))).astype(int)
+    s = UPSCALE_TO // 16
+    changed = (a != 255).any(2)[::s, ::s]   # one screen pixel per contrast pixel
+    assert changed.sum() == 20 and changed[2:6, 2:6].all() and changed[10:12, 10:12].all()
+    assert tuple(a[3 * s, 3 * s]) == (0, 0, 255)   # green the most, darker: full blue
+    r, g, b = a[10 * s, 10 * s]
+    assert r == 255 and g == b and 150 < g < 200   # 1 - 0.2 / 0.66 of white
+
+
+def test_the_contrast_map_of_one_channel_is_as_before(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from spurfast.report import save_map
+    c = torch.zeros(1, 4, 4)
+    c[0, 0, 0], c[0, 3, 3] = 0.5, -0.25
+    a = np.asarray(Image.open(save_map(c, tmp_path / "one.png"))).astype(int)
+    b = np.asarray(Image.open(save_map(c[0], tmp_path / "two.png"))).astype(int)
+    assert (a == b).all() and tuple(a[0, 0]) == (255, 0, 0) and tuple(a[-1, -1]) == (128, 128, 255)
