@@ -91,9 +91,24 @@ def mask_iou(pred, truth) -> float:
     return float(np.logical_and(p, t).sum() / union) if union else float("nan")
 
 
+def _members(members, n: int) -> np.ndarray:
+    """A candidate's members as pool indices in [0, n).  A boolean mask read as indices
+    (0 and 1) and a negative index (read from the end) gave a silently wrong carrier rate."""
+    m = np.asarray(members)
+    if m.dtype == bool:
+        raise ValueError(f"members must be pool indices, got a boolean mask of shape {m.shape}; "
+                         f"pass np.flatnonzero(mask)")
+    m = m.astype(np.int64).reshape(-1) if m.size else np.zeros(0, np.int64)
+    bad = np.flatnonzero((m < 0) | (m >= n))
+    if bad.size:
+        raise ValueError(f"members must be pool indices in [0, {n}); {bad.size} are not, e.g. members[{int(bad[0])}] = "
+                         f"{int(m[bad[0]])}")
+    return m
+
+
 def enriched(members, carries) -> bool:
     carries = np.asarray(carries, bool)
-    members = np.asarray(members, dtype=np.int64)
+    members = _members(members, len(carries))
     if len(members) == 0 or not carries.any():
         return False
     rate = carries[members].mean()
@@ -180,7 +195,9 @@ def false_findings(cands: list[dict], feats: list[Feature], q: float) -> int:
 
 def carried_by(cand: dict, feats: list[Feature], share: float = 0.5) -> bool:
     """More than ``share`` of the candidate's members carry one of ``feats``."""
-    m = np.asarray(cand["members"], dtype=np.int64)
+    if not feats:
+        return False
+    m = _members(cand["members"], len(feats[0].carries))
     return bool(len(m)) and any(float(np.asarray(f.carries, bool)[m].mean()) > share for f in feats)
 
 

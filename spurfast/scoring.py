@@ -209,12 +209,27 @@ def _tie_floor(scores) -> np.ndarray:
     """The lowest null score that ties (counts as >=) each score.  The p-value and "beat
     every null cluster" both compare with it, so they cannot disagree on a tie."""
     scores = np.asarray(scores, np.float64)
-    return scores - TIE_TOLERANCE * np.maximum(1.0, np.abs(scores))
+    # an infinite score is its own floor: inf - 1e-9 * inf is NaN, which no null score ties
+    # (+inf got p = 1 / (1 + #null) against a null of +inf scores)
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isinf(scores), scores, scores - TIE_TOLERANCE * np.maximum(1.0, np.abs(scores)))
+
+
+def _no_nan(name: str, a: np.ndarray) -> None:
+    """A NaN score has no order: searchsorted put it above every null score (the smallest
+    p-value there is) and a NaN null score above every real one."""
+    bad = np.flatnonzero(np.isnan(a))
+    if bad.size:
+        raise ValueError(f"{name} has {bad.size} NaN value(s), e.g. {name}[{int(bad[0])}]; expected numbers "
+                         f"(+-inf allowed)")
 
 
 def permutation_pvalues(scores: np.ndarray, null: np.ndarray) -> np.ndarray:
     """p = (1 + #null >= s) / (1 + #null) for each score s.  Ties count as >=, also where
     summation order left the null score an ulp below (0.3 + 0.2 + 0.1 < 0.1 + 0.2 + 0.3)."""
+    scores, null = np.asarray(scores, np.float64), np.asarray(null, np.float64)
+    _no_nan("scores", scores)
+    _no_nan("null", null)
     null = np.sort(null)
     ge = len(null) - np.searchsorted(null, _tie_floor(scores), side="left")
     return (1.0 + ge) / (1.0 + len(null))
@@ -242,6 +257,8 @@ def size_matched_pvalues(scores: np.ndarray, n_unrelated: np.ndarray, null: np.n
     finding could always pass Benjamini-Hochberg, lost all three planted patterns of one
     three-pattern run: the wider reference is no longer matched in size.)"""
     scores, null = np.asarray(scores, np.float64), np.asarray(null, np.float64)
+    _no_nan("scores", scores)
+    _no_nan("null", null)
     if len(null) == 0:
         return np.ones(len(scores)), np.zeros(len(scores), np.int64), np.ones(len(scores), bool)
     log_null = np.log1p(np.asarray(null_n_unrelated, np.float64))
@@ -286,14 +303,19 @@ def size_matched_pvalues(scores: np.ndarray, n_unrelated: np.ndarray, null: np.n
 
 
 def bh_qvalues(p: np.ndarray) -> np.ndarray:
-    """Benjamini-Hochberg adjusted p-values (q-values), in the input order."""
+    """Benjamini-Hochberg adjusted p-values (q-values), in the input order.  A NaN p-value
+    (no test) gets a NaN q-value and does not count among the m tests, as R's p.adjust
+    does: before, one NaN made every q-value NaN (np.minimum carries NaN down the ranks)."""
     p = np.asarray(p, dtype=np.float64)
-    m = len(p)
+    if p.ndim != 1:
+        raise ValueError(f"p-values must be a 1-D array, got shape {p.shape}")
+    out = np.full(len(p), np.nan)
+    tested = np.flatnonzero(~np.isnan(p))
+    m = len(tested)
     if m == 0:
-        return p
-    order = np.argsort(p, kind="stable")
+        return out
+    order = tested[np.argsort(p[tested], kind="stable")]
     ranked = p[order] * m / np.arange(1, m + 1)
     q = np.minimum.accumulate(ranked[::-1])[::-1]
-    out = np.empty(m)
     out[order] = np.minimum(q, 1.0)
     return out

@@ -185,3 +185,17 @@ def test_feature_without_carriers_is_undefined_not_random():
     for got in (feature_metrics(cands, f), feature_metrics([], f), feature_metrics(cands, f, masks=False)):
         assert list(got) == ["hit@1", "auroc", "ap", "precision@10", "precision@25", "mask_iou", "best_is_target_class"]
         assert all(np.isnan(v) for v in got.values()), got
+
+
+def test_members_must_be_pool_indices_not_a_mask_or_negative():
+    carries = np.array([False, True, True, False, False, False])
+    # a boolean mask of members 1 and 2 was read as the indices 0, 1, 1, 0, 0, 0: rate 1/3,
+    # not enriched, though both members carry the feature
+    with pytest.raises(ValueError, match="boolean mask"):
+        enriched(carries.copy(), carries)
+    with pytest.raises(ValueError, match=r"\[0, 6\); 1 are not, e.g. members\[1\] = -1"):
+        enriched([1, -1], carries)   # -1 read the last item
+    with pytest.raises(ValueError, match="members"):
+        carried_by({"members": [6]}, [Feature(0, carries)])
+    assert enriched(np.flatnonzero(carries), carries) and not enriched([], carries)
+    assert carried_by({"members": [1, 2]}, [Feature(0, carries)]) and not carried_by({"members": [1]}, [])

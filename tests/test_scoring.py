@@ -530,3 +530,34 @@ def test_kmeans_of_points_scaled_down_runs_as_the_unscaled_do(backend):
     want = batched_kmeans(x, g, [16], n_iter=50, seed=0, backend=backend)
     got = batched_kmeans(x * 1e-3, g, [16], n_iter=50, seed=0, backend=backend)
     assert got.n_iter == want.n_iter and torch.equal(got.assign, want.assign), (got.n_iter, want.n_iter)
+
+
+def test_bh_leaves_an_untested_nan_out_of_the_other_q_values():
+    # one NaN made every q-value NaN; R's p.adjust: NaN stays NaN, the others are adjusted
+    # among the m = 3 p-values there are (sorted .005 .01 .04 -> .015 .015 .04)
+    q = bh_qvalues(np.array([0.01, np.nan, 0.04, 0.005]))
+    assert np.isnan(q[1])
+    np.testing.assert_allclose(q[[0, 2, 3]], [0.015, 0.04, 0.015])
+    assert np.isnan(bh_qvalues(np.array([np.nan, np.nan]))).all()
+    with pytest.raises(ValueError, match="1-D"):
+        bh_qvalues(np.zeros((2, 2)))
+
+
+def test_an_infinite_score_ties_infinite_null_scores():
+    # inf - 1e-9 * inf is NaN: +inf tied no null score and got p = 1 / (1 + #null)
+    null = np.array([1.0, 2.0, np.inf, np.inf])
+    np.testing.assert_allclose(permutation_pvalues(np.array([np.inf, -np.inf, 3.0]), null), [3 / 5, 1.0, 3 / 5])
+    p, _, beat = size_matched_pvalues(np.array([np.inf]), np.array([3]), null, np.full(4, 3))
+    np.testing.assert_allclose(p, [3 / 5])
+    assert not beat[0]
+
+
+def test_a_nan_score_is_refused_not_the_most_significant():
+    # searchsorted put NaN above every null score: p = 1 / (1 + #null), a finding of nothing
+    null = np.arange(200.0)
+    with pytest.raises(ValueError, match=r"scores has 1 NaN value\(s\), e.g. scores\[0\]"):
+        size_matched_pvalues(np.array([np.nan, 1.0]), np.array([3, 3]), null, np.full(200, 3))
+    with pytest.raises(ValueError, match=r"null has 200 NaN"):
+        size_matched_pvalues(np.array([1.0]), np.array([3]), np.full(200, np.nan), np.full(200, 3))
+    with pytest.raises(ValueError, match="scores has 1 NaN"):
+        permutation_pvalues(np.array([np.nan]), np.array([1.0, 2.0]))
