@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checks import check_whole
 from .discover import DiscoverConfig
 from .embed import _write_json, shown_path
 from .models.files import save_classifier, save_vae
@@ -93,6 +94,10 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
     neither, the CPU.  ``overwrite``: replace another demo run in ``out_dir``; one that differs
     only in its discovery settings (or ``confirm``) keeps its trained models and embedding store (as
     `spurfast discover --overwrite` keeps a store of the same pool and models)."""
+    # checked before any work, as the CLI does: 0 epochs ran a whole demo on an untrained
+    # model without a word, and 2.5 failed at training, with overwrite after the old run was deleted
+    for name, value in (("classifier_epochs", classifier_epochs), ("vae_epochs", vae_epochs)):
+        check_whole(value, f"run_demo: {name}")
     if config is None:
         device = "cpu" if device is None else device   # None reached training: torch.device(None) raised
         config = DiscoverConfig(seed=seed, device=device)

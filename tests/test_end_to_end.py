@@ -182,3 +182,16 @@ def test_a_demo_that_discovery_or_the_vae_would_refuse_is_refused_before_trainin
     with pytest.raises(Exception, match=match):
         run_demo(old, dataset="digits", n_poisoned="0", pool_fraction=0.0, progress=False, overwrite=True, **kw)
     assert sorted(p.name for p in old.iterdir()) == ["findings.json", "run.json"]   # the old run is kept
+
+
+@pytest.mark.parametrize("kw", [dict(classifier_epochs=0), dict(vae_epochs=2.5)])
+def test_bad_epochs_are_refused_before_an_old_run_is_replaced(tmp_path, kw):
+    """run_demo (the API; the CLI checks its own flags) ran a whole demo on an untrained
+    classifier for classifier_epochs=0 and reported it, and with vae_epochs=2.5 failed at
+    training, with overwrite after the previous run had been deleted."""
+    (tmp_path / "run.json").write_text('{"run_id": "demo-older"}')
+    (tmp_path / "findings.json").write_text("{}")
+    name = next(iter(kw))
+    with pytest.raises(ValueError, match=f"run_demo: {name} must be an integer >= 1, got {kw[name]}"):
+        run_demo(tmp_path, dataset="digits", progress=False, overwrite=True, **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["findings.json", "run.json"]
