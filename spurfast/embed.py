@@ -361,9 +361,11 @@ def _sync_labels(store: EmbeddingStore, want: np.ndarray, chunk: int = 65536) ->
 def _settle_shards(store_dir: Path, main: EmbeddingStore | None, fp: str, content: str, num_shards: int,
                    progress: bool) -> EmbeddingStore | None:
     """Deal with shard stores a run with another number of processes left in ``store_dir``:
-    merged when they finish exactly what ``main`` lacks (their work is kept), else removed
-    with a warning (no run of ``num_shards`` processes could resume them).  A complete main
-    store needs no shards at all.  Returns the main store (new when a merge created it)."""
+    merged when they finish exactly what ``main`` lacks (their work is kept), else the rows
+    they finished without a gap from ``main``'s next row on are kept (written into it) and
+    the shards removed, with a warning for the rows lost (no run of ``num_shards`` processes
+    could resume them).  A complete main store needs no shards at all.  Returns the main
+    store (new when a merge, or keeping rows, created it)."""
     root = store_dir / "shards"
     if not root.is_dir():
         return main
@@ -386,9 +388,15 @@ def _settle_shards(store_dir: Path, main: EmbeddingStore | None, fp: str, conten
             main = merge_shards(store_dir, w, progress=progress)
             shutil.rmtree(root, ignore_errors=True)  # the store is complete: any other shards are leftovers
             return main
-        rows = sum(s.done for s in parts if s is not None)
-        log.warning("discarding %d embedded rows of an earlier %d-process run in %s: its shards are unfinished or "
-                    "not this store's next rows, and only a run of %d processes could resume them", rows, w, root, w)
+        main, kept = _keep_finished_prefix(store_dir, main, w, parts, ours)
+        rows = sum(s.done for s in parts if s is not None) - kept
+        if kept:
+            log.info("kept pool rows %d to %d that an earlier %d-process run in %s had finished", start,
+                     start + kept, w, root)
+        if rows:
+            log.warning("discarding %d embedded rows of an earlier %d-process run in %s: its shards are unfinished "
+                        "or not this store's next rows, and only a run of %d processes could resume them%s", rows, w,
+                        root, w, f" (the {kept} rows they finished from pool index {start} on are kept)" if kept else "")
         for d in worlds[w]:
             unmark_stores(d)
             shutil.rmtree(d, ignore_errors=True)
@@ -398,6 +406,62 @@ def _settle_shards(store_dir: Path, main: EmbeddingStore | None, fp: str, conten
         except OSError:
             pass
     return main
+
+
+def _keep_finished_prefix(store_dir: Path, main: EmbeddingStore | None, w: int, parts: list,
+                          ours: tuple) -> tuple[EmbeddingStore | None, int]:
+    """Write into the main store the rows that unfinished shards of a ``w``-process run
+    finished without a gap from the main store's next row on, and mark them done; returns
+    (main store, rows kept).  Shard r holds pool indices start + j w + r in row j, so every
+    index below start + min_r(done_r w + r) is finished: a run restarted with another number
+    of processes (a requeue on fewer GPUs, a 1-process resume) threw all of it away.
+    ``ours``: (fingerprint, content, start) the shards must record; ``parts``: their stores
+    (None: absent)."""
+    from .data.folder import select_indices
+
+    start = ours[2]
+    good = [s if s is not None and (s.manifest.get("fingerprint"), s.manifest.get("content"),
+                                    s.manifest.get("start")) == ours else None for s in parts]
+    if any(s is None for s in good):
+        return main, 0
+    n = good[0].manifest.get("pool_n")
+    if not isinstance(n, int) or any(s.manifest.get("pool_n") != n for s in good) or n <= start:
+        return main, 0
+    sels = [select_indices(n, start=start, shard_id=r, num_shards=w) for r in range(w)]
+    if any(s.n != len(sel) for s, sel in zip(good, sels)):
+        return main, 0
+    P = min(min(s.done * w + r for r, s in enumerate(good)), n - start)
+    if P <= 0:
+        return main, 0
+    counts = [max(0, -(-(P - r) // w)) for r in range(w)]   # rows j of shard r with j w + r < P
+    # each kept row must hold the pool index its rank's selection puts there (as merge_shards checks)
+    if not all(np.array_equal(np.asarray(s["index"][:c]), sel[:c]) for s, sel, c in zip(good, sels, counts)):
+        return main, 0
+    if main is None:
+        main = _create_main(store_dir, good[0].manifest, n)
+    main.drop_unfinished_bad_files()
+    bad = main.bad_files()
+    for s, c in zip(good, counts):
+        rows = np.asarray(s["index"][:c])
+        for lo in range(0, c, 65536):   # bounded memory, as merge_shards
+            hi = min(c, lo + 65536)
+            for k in main.manifest["columns"]:
+                if k in s.manifest["columns"]:
+                    main.array(k, writable=True)[rows[lo:hi]] = s[k][lo:hi]
+        bad.update({i: why for i, why in s.bad_files().items() if int(i) < start + P})
+    if bad:
+        main.manifest["bad_files"] = bad
+    main.write(start + P, {})   # flushes every column, then marks the rows done
+    return main, P
+
+
+def _create_main(store_dir: Path, shard_manifest: dict, n: int) -> EmbeddingStore:
+    """An empty main store of ``n`` rows with the columns and identity of a shard store."""
+    m0 = shard_manifest
+    cols = {k: ((n,) + tuple(v[0][1:]), v[1]) for k, v in m0["columns"].items() if k != "index"}
+    meta = {k: m0[k] for k in ("fingerprint", "content", "pool", "num_classes", "latent_dim", "loader", "decode")
+            if k in m0}
+    return EmbeddingStore.create(store_dir, n, cols, meta)
 
 
 def open_main(source: ImageSource, classifier: torch.nn.Module, vae, store_dir, identity: tuple[str, str], *,
@@ -711,18 +775,14 @@ def merge_shards(store_dir, num_shards: int, *, chunk: int = 65536, progress: bo
                 i = lo + int(bad[0])
                 raise ValueError(f"shard store {s.root} holds pool index {int(got[bad[0]])} in row {i} where "
                                  f"{int(want[i])} belongs; remove {s.root} and run rank {r} again")
-    cols = {k: (tuple(v[0]), v[1]) for k, v in m0["columns"].items() if k != "index"}
-    for k, (shape, dt) in cols.items():  # the shard's row count -> the pool's
-        cols[k] = ((n,) + tuple(shape[1:]), dt)
     if (store_dir / MANIFEST).is_file():
         main = EmbeddingStore(store_dir)
         if main.manifest.get("fingerprint") != m0["fingerprint"] or main.done != start:
             raise ValueError(f"store {store_dir} (fingerprint {main.manifest.get('fingerprint')}, done {main.done}) "
                              f"does not match its shards (fingerprint {m0['fingerprint']}, start {start})")
     else:
-        meta = {k: m0[k] for k in ("fingerprint", "content", "pool", "num_classes", "latent_dim", "loader", "decode")
-                if k in m0}
-        main = EmbeddingStore.create(store_dir, n, cols, meta)
+        main = _create_main(store_dir, m0, n)
+    cols = [k for k in m0["columns"] if k != "index"]
     # a line of a batch the main store's pass was interrupted in (the shards did those rows
     # again) would count once the merge marks every row done: a repaired file stayed unreadable
     main.drop_unfinished_bad_files()

@@ -311,19 +311,49 @@ def test_finished_shards_of_another_world_size_are_merged_not_redone(tmp_path):
         np.testing.assert_allclose(np.asarray(store["mu"]), np.asarray(ref["mu"]), rtol=1e-5, atol=1e-6)
 
 
-def test_unfinished_shards_of_another_world_size_are_discarded_with_a_warning(tmp_path, caplog):
+def test_unfinished_shards_of_another_world_size_keep_their_finished_rows(tmp_path, caplog):
+    """A 1-process restart of an unfinished 2-process run threw away every row the shards
+    had embedded (28 of 40 here); the pool rows they finished without a gap (0-16: rank 1
+    stopped at its 8th row, pool index 15) are kept and only the rest is embedded again."""
     from spurfast.embed import embed_pool
     src, clf, vae = _small(40)
     kw = dict(num_classes=4, batch_size=8, progress=False)
+    one = embed_pool(src, clf, vae, tmp_path / "one", **kw)
     embed_pool(src, clf, vae, tmp_path / "s", shard_id=0, num_shards=2, **kw)                # 20 rows
     embed_pool(src, clf, vae, tmp_path / "s", shard_id=1, num_shards=2, stop_after=1, **kw)  # 8 rows
+    seen = _counting_encoder(vae)
     with caplog.at_level("WARNING", logger="spurfast.embed"):
         store = embed_pool(src, clf, vae, tmp_path / "s", **kw)
-    assert store.complete and "discarding 28 embedded rows of an earlier 2-process run" in caplog.text
+    assert store.complete and sum(seen) == 23, f"embedded {sum(seen)} rows again; 23 (pool 17-39) were left"
+    assert "discarding 11 embedded rows of an earlier 2-process run" in caplog.text, caplog.text
+    assert "the 17 rows they finished from pool index 0 on are kept" in caplog.text
+    for col in ("pred", "mu", "probs", "labels", "ok"):
+        np.testing.assert_allclose(np.asarray(store[col], dtype=np.float64), np.asarray(one[col], dtype=np.float64),
+                                   rtol=1e-5, atol=1e-6, err_msg=col)
     assert not (tmp_path / "s" / "shards").exists()
     (tmp_path / "s" / "shards" / "0-of-3").mkdir(parents=True)   # left by a merge that died at its end
     assert embed_pool(src, clf, vae, tmp_path / "s", **kw).complete
     assert not (tmp_path / "s" / "shards").exists()   # a complete store needs no shards
+
+
+def test_a_restart_on_more_processes_continues_after_the_kept_rows(tmp_path):
+    """An unfinished 2-process run restarted on 3: the rows both shards finished (pool 0-16)
+    go into the main store first, the 3 new shards start at pool index 17, and the merged
+    store equals a 1-process run's."""
+    from spurfast.embed import embed_pool, merge_shards
+    src, clf, vae = _small(40)
+    kw = dict(num_classes=4, batch_size=8, progress=False)
+    one = embed_pool(src, clf, vae, tmp_path / "one", **kw)
+    embed_pool(src, clf, vae, tmp_path / "s", shard_id=0, num_shards=2, **kw)
+    embed_pool(src, clf, vae, tmp_path / "s", shard_id=1, num_shards=2, stop_after=1, **kw)
+    seen = _counting_encoder(vae)
+    shards = [embed_pool(src, clf, vae, tmp_path / "s", shard_id=r, num_shards=3, **kw) for r in range(3)]
+    assert [s.manifest["start"] for s in shards] == [17] * 3 and sum(seen) == 23, (
+        [s.manifest["start"] for s in shards], sum(seen))
+    store = merge_shards(tmp_path / "s", 3, progress=False)
+    for col in ("pred", "mu", "labels", "ok"):
+        np.testing.assert_allclose(np.asarray(store[col], dtype=np.float64), np.asarray(one[col], dtype=np.float64),
+                                   rtol=1e-5, atol=1e-6, err_msg=col)
 
 
 def _identity_job(root, wrong_rank):
