@@ -160,3 +160,50 @@ def test_neighbour_contrast_of_float64_latents_takes_the_nearest_others(case):
     matched = others[np.argsort(d, 1, kind="stable")[:, :3].ravel()]
     want = imgs[members].mean(0) - imgs[matched].mean(0)
     assert torch.allclose(got, want, atol=1e-6), float((got - want).abs().max())
+
+
+class _CountingSource(ArraySource):
+    """An ArraySource that counts the images read through get_batch."""
+
+    def __init__(self, x, labels):
+        super().__init__(x, labels)
+        self.reads = 0
+
+    def get_batch(self, idx):
+        self.reads += len(idx)
+        return super().get_batch(idx)
+
+
+def _content_pool(n_classes, per_class, seed=0):
+    """Each content class one grey level, plus noise; members (the first 2 of each class)
+    carry a bright 2x2 patch at (1, 1)."""
+    rng = np.random.default_rng(seed)
+    content = np.repeat(np.arange(n_classes), per_class)
+    x = (content[:, None, None, None] % 7) / 10 + 0.05 * rng.random((len(content), 1, 8, 8))
+    members = np.concatenate([np.flatnonzero(content == k)[:2] for k in range(n_classes)])
+    x[members, :, 1:3, 1:3] = 1.0
+    others = np.setdiff1d(np.arange(len(content)), members)
+    return torch.tensor(x, dtype=torch.float32), content, members, others
+
+
+def test_contrast_map_reads_a_bounded_number_of_others_over_many_content_classes():
+    """Members of 300 content classes read up to ``cap`` others of each: 300 x 40 = 12,000
+    reads for 600 members here, 256,000 per finding on an ImageNet pool.  Past 16 x cap the
+    classes share the reads by their members (at least one each); the patch still shows."""
+    from spurfast.characterise import contrast_map
+    x, content, members, others = _content_pool(300, 42)
+    src = _CountingSource(x, content)
+    contrast, _ = contrast_map(src, members, content[members], others, content[others], cap=40)
+    # members: at most cap per class and 4 cap for their mean; others: 16 cap + one per class
+    assert src.reads <= len(members) + 4 * 40 + 16 * 40 + 300, f"{src.reads} images read"
+    assert np.array_equal(pattern_mask(contrast), np.pad(np.ones((2, 2), bool), ((1, 5), (1, 5))))
+
+
+def test_contrast_map_of_few_content_classes_reads_as_before():
+    """Under the budget nothing changes: the same draws, the same contrast, bit for bit."""
+    from spurfast.characterise import contrast_map
+    x, content, members, others = _content_pool(9, 400, seed=1)
+    src = ArraySource(x, content)
+    a = contrast_map(src, members, content[members], others, content[others], seed=3)
+    b = contrast_map(src, members, content[members], others, content[others], seed=3, budget=10 ** 9)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
