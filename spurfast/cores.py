@@ -18,3 +18,26 @@ def usable_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):   # macOS, Windows
         return max(1, os.cpu_count() or 1)
+
+
+def cpu_model() -> str:
+    """The processor's make and generation, e.g. "AMD EPYC (family 25 model 17 stepping 1)":
+    from /proc/cpuinfo on Linux, else what the platform module says.  Trained weights
+    repeat bit for bit on one processor model, not across them (oneDNN picks other kernels:
+    the evaluation's models differ between an Intel and an AMD machine with the same AVX-512
+    capability), so cached models are keyed by it."""
+    import platform
+
+    fields = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if not line.strip():
+                    break   # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
+    gen = " ".join(f"{k.split()[-1]} {fields[k]}" for k in ("cpu family", "model", "stepping") if fields.get(k))
+    return f"{name} ({gen})" if gen else name

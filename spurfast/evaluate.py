@@ -42,6 +42,7 @@ import torch
 
 from . import baselines as B
 from .confirm import is_confirmed
+from .cores import cpu_model
 from .data.builtin import find_fashion_mnist, load_digits, load_fashion_mnist
 from .data.sources import ArraySource, utf8_name
 from .discover import DiscoverConfig, characterise, discover
@@ -293,7 +294,9 @@ def model_provenance() -> dict:
     for fn in (_base_images, _spec, build_data):   # this module's part: the data a model is trained on
         h.update(inspect.getsource(fn).encode())
     cpu = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
-    return {"code": h.hexdigest()[:16], "cpu": cpu, "torch": torch.__version__.split("+")[0]}
+    # the processor model too: the capability alone ("AVX512") took models trained on an Intel
+    # machine as this AMD one's, and their figures differ (twenty-first session)
+    return {"code": h.hexdigest()[:16], "cpu": cpu, "cpu_model": cpu_model(), "torch": torch.__version__.split("+")[0]}
 
 
 def _provenance_file(model_path: Path) -> Path:
@@ -658,7 +661,8 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
                      + (["--statistic", statistic] if statistic != "share" else []))
     timing = {"wall_s": time.time() - t0, "cpu_s": time.process_time() - c0, "load_at_start": load0,
               "load_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
-              "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "command": cmd,
+              "cpus": os.cpu_count(), "cpu_model": cpu_model(), "torch_threads": torch.get_num_threads(),
+              "command": cmd,
               # written last: --from-csv tells a results.csv / confirm.csv pair that a kill between the writes mixed
               "csv_sha256": csv_digests(out / "results.csv", out / "confirm.csv")}
     _write_json(out / "timing.json", timing)

@@ -254,7 +254,9 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
           # a number: a hand-edited timing.json's "600" was a TypeError traceback after the tables were read
           f"Wall time of the run that wrote it: {wall_s / 60:.1f} min (cached parts not re-run)."
           if isinstance(wall_s, (int, float)) and wall_s else "",
-          (f"CPU time of that process (all threads): {timing['cpu_s'] / 60:.1f} min on {timing['cpus']} cores; "
+          (f"CPU time of that process (all threads): {timing['cpu_s'] / 60:.1f} min on {timing['cpus']} cores"
+           # the processor: models trained on another one differ a little (recorded since the 21st session)
+           + (f" ({timing['cpu_model']})" if isinstance(timing.get("cpu_model"), str) else "") + "; "
            f"load average {timing['load_at_start']:.1f} at the start and {timing['load_at_end']:.1f} at the end "
            # a timing.json without these (hand-edited, another tool's): KeyError after the tables were read
            f"(the machine was shared)." if timing and all(isinstance(timing.get(k), (int, float))

@@ -37,3 +37,20 @@ def test_cpu_kmeans_threads_follow_the_affinity_mask():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.split()[-1]) == 1
+
+
+def test_cpu_model_names_the_processor_and_its_generation():
+    """The evaluation keys cached models by it: the make alone ("AMD EPYC") would not tell two
+    generations apart, whose oneDNN kernels round differently."""
+    from pathlib import Path
+
+    from spurfast.cores import cpu_model
+    name = cpu_model()
+    assert name and name != "unknown"
+    info = Path("/proc/cpuinfo").read_text(errors="replace") if Path("/proc/cpuinfo").is_file() else ""
+    first = dict(ln.split(":", 1) for ln in info.split("\n\n")[0].splitlines() if ":" in ln)
+    first = {k.strip(): v.strip() for k, v in first.items()}
+    if first.get("model name"):
+        assert name.startswith(first["model name"]), name
+    if first.get("cpu family") and first.get("model"):
+        assert f"family {first['cpu family']} model {first['model']}" in name, name
