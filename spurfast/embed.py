@@ -390,13 +390,14 @@ def _settle_shards(store_dir: Path, main: EmbeddingStore | None, fp: str, conten
             return main
         main, kept = _keep_finished_prefix(store_dir, main, w, parts, ours)
         rows = sum(s.done for s in parts if s is not None) - kept
-        if kept:
-            log.info("kept pool rows %d to %d that an earlier %d-process run in %s had finished", start,
-                     start + kept, w, root)
         if rows:
+            also = f" (the {kept} rows they finished from pool index {start} on are kept)" if kept else ""
             log.warning("discarding %d embedded rows of an earlier %d-process run in %s: its shards are unfinished "
                         "or not this store's next rows, and only a run of %d processes could resume them%s", rows, w,
-                        root, w, f" (the {kept} rows they finished from pool index {start} on are kept)" if kept else "")
+                        root, w, also)
+        elif kept:
+            log.info("kept pool rows %d to %d that an earlier %d-process run in %s had finished", start,
+                     start + kept, w, root)
         for d in worlds[w]:
             unmark_stores(d)
             shutil.rmtree(d, ignore_errors=True)
