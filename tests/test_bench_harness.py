@@ -579,3 +579,12 @@ def test_a_row_cut_short_neither_swallows_the_next_runs_row_nor_fails_the_plot(t
     assert [(k[1], r["value"]) for k, r in rows.items()] == [("torch", "5")]
     assert "skipped 1 items_per_s row(s)" in capsys.readouterr().out
     assert [p.name for p in plot(path)] == ["kmeans.png"]
+
+
+def test_a_cpu_device_names_the_processor_model():
+    """platform.processor() says "x86_64" on an Intel and an AMD machine alike: their rows read
+    as one device, and `bench plot` kept the later one's figure for both."""
+    from bench.harness import device_name
+    from spurfast.cores import cpu_model
+    name = device_name("cpu")
+    assert name.startswith(f"cpu:{cpu_model()} x") and name.endswith(f"threads={torch.get_num_threads()}"), name
