@@ -34,8 +34,8 @@ def device_name(device: str | torch.device = "cpu") -> str:
     dev = torch.device(device)
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    # the processor model, not platform.processor() ("x86_64"): rows of an Intel and an AMD
-    # machine read as one device, and `bench plot` kept the later as the figure of both
+    # the processor model, not platform.processor() ("x86_64"): rows of two x86 machines read
+    # as one device, and `bench plot` kept the later as the figure of both
     from spurfast.cores import cpu_model
     return f"cpu:{cpu_model()} x{os.cpu_count()} threads={torch.get_num_threads()}"
 

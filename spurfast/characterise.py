@@ -60,7 +60,11 @@ def contrast_map(source: ImageSource, members: np.ndarray, member_content: np.nd
     total = torch.zeros(source.image_shape)
     weight = 0
     classes, m_count = np.unique(member_content, return_counts=True)
-    per_class = np.array([min(cap, int(np.count_nonzero(other_content == k))) for k in classes], dtype=np.int64)
+    o_classes, o_count = np.unique(other_content, return_counts=True)   # one pass, not one per class
+    per_class = np.zeros(len(classes), np.int64)
+    if len(o_classes):
+        at = np.minimum(np.searchsorted(o_classes, classes), len(o_classes) - 1)
+        per_class = np.minimum(cap, np.where(o_classes[at] == classes, o_count[at], 0))
     budget = 16 * cap if budget is None else budget
     if per_class.sum() > budget:
         per_class = np.minimum(per_class, np.maximum(1, budget * m_count // m_count.sum()))

@@ -23,9 +23,9 @@ def usable_cores() -> int:
 def cpu_model() -> str:
     """The processor's make and generation, e.g. "AMD EPYC (family 25 model 17 stepping 1)":
     from /proc/cpuinfo on Linux, else what the platform module says.  Trained weights
-    repeat bit for bit on one processor model, not across them (oneDNN picks other kernels:
-    the evaluation's models differ between an Intel and an AMD machine with the same AVX-512
-    capability), so cached models are keyed by it."""
+    repeat bit for bit on one processor model, not across them (the evaluation's models
+    differ between an AMD EPYC and the earlier machine, both "AVX512" to torch), so cached
+    models are keyed by it."""
     import platform
 
     fields = {}

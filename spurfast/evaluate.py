@@ -297,8 +297,8 @@ def model_provenance() -> dict:
     for fn in (_base_images, _spec, build_data):   # this module's part: the data a model is trained on
         h.update(inspect.getsource(fn).encode())
     cpu = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
-    # the processor model too: the capability alone ("AVX512") took models trained on an Intel
-    # machine as this AMD one's, and their figures differ (twenty-first session)
+    # the processor model too: the capability alone ("AVX512") took models trained on another
+    # machine as this AMD EPYC's, and their figures differ (twenty-first session)
     return {"code": h.hexdigest()[:16], "cpu": cpu, "cpu_model": cpu_model(), "torch": torch.__version__.split("+")[0]}
 
 

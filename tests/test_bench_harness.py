@@ -582,7 +582,7 @@ def test_a_row_cut_short_neither_swallows_the_next_runs_row_nor_fails_the_plot(t
 
 
 def test_a_cpu_device_names_the_processor_model():
-    """platform.processor() says "x86_64" on an Intel and an AMD machine alike: their rows read
+    """platform.processor() says "x86_64" on every x86 machine (AMD or Intel): their rows read
     as one device, and `bench plot` kept the later one's figure for both."""
     from bench.harness import device_name
     from spurfast.cores import cpu_model

@@ -207,3 +207,16 @@ def test_contrast_map_of_few_content_classes_reads_as_before():
     a = contrast_map(src, members, content[members], others, content[others], seed=3)
     b = contrast_map(src, members, content[members], others, content[others], seed=3, budget=10 ** 9)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_contrast_map_without_content_matched_others_compares_with_all_others():
+    """No other of a member's content (or no other at all): the members' mean minus all
+    others' (zero with none), as before the read budget."""
+    from spurfast.characterise import contrast_map
+    x, content, members, others = _content_pool(3, 10)
+    src = ArraySource(x, content)
+    got, mean = contrast_map(src, members, content[members], others, content[others] + 100)
+    want = x[members].mean(0) - x[others].mean(0)
+    assert torch.allclose(got, want, atol=1e-6) and torch.allclose(mean, x[members].mean(0), atol=1e-6)
+    got, _ = contrast_map(src, members, content[members], others[:0], content[others][:0])
+    assert torch.equal(got, torch.zeros_like(got))

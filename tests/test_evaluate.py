@@ -304,7 +304,7 @@ def test_model_provenance_covers_the_evaluations_data_building(monkeypatch):
 
 
 def test_model_provenance_names_the_processor_model(monkeypatch, tmp_path):
-    """The CPU capability alone ("AVX512") took models trained on an Intel machine for this
+    """The CPU capability alone ("AVX512") took models trained on another machine for this
     AMD one's: their figures differ (retrained here, the quick preset's spurious score of
     seed 0 read 0.4517 for 0.4500).  The processor model is part of the provenance now, and
     of the run's timing.json and RESULTS.md line."""
