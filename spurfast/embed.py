@@ -382,8 +382,7 @@ def _settle_shards(store_dir: Path, main: EmbeddingStore | None, fp: str, conten
         dirs = [shard_dir(store_dir, r, w) for r in range(w)]
         parts = [EmbeddingStore(d) if (d / MANIFEST).is_file() else None for d in dirs]
         ours = (fp, content, start)
-        if all(s is not None and s.complete and (s.manifest.get("fingerprint"), s.manifest.get("content"),
-                                                 s.manifest.get("start")) == ours for s in parts):
+        if all(s is not None and s.complete and _continues(s, ours) for s in parts):
             log.info("merging the finished shards of an earlier %d-process run in %s", w, store_dir)
             main = merge_shards(store_dir, w, progress=progress)
             shutil.rmtree(root, ignore_errors=True)  # the store is complete: any other shards are leftovers
@@ -421,39 +420,55 @@ def _keep_finished_prefix(store_dir: Path, main: EmbeddingStore | None, w: int, 
     from .data.folder import select_indices
 
     start = ours[2]
-    good = [s if s is not None and (s.manifest.get("fingerprint"), s.manifest.get("content"),
-                                    s.manifest.get("start")) == ours else None for s in parts]
-    if any(s is None for s in good):
+    if not all(s is not None and _continues(s, ours) for s in parts):
         return main, 0
-    n = good[0].manifest.get("pool_n")
-    if not isinstance(n, int) or any(s.manifest.get("pool_n") != n for s in good) or n <= start:
+    n = parts[0].manifest.get("pool_n")
+    if not isinstance(n, int) or any(s.manifest.get("pool_n") != n for s in parts) or n <= start:
         return main, 0
     sels = [select_indices(n, start=start, shard_id=r, num_shards=w) for r in range(w)]
-    if any(s.n != len(sel) for s, sel in zip(good, sels)):
+    if any(s.n != len(sel) for s, sel in zip(parts, sels)):
         return main, 0
-    P = min(min(s.done * w + r for r, s in enumerate(good)), n - start)
+    P = min(min(s.done * w + r for r, s in enumerate(parts)), n - start)
     if P <= 0:
         return main, 0
     counts = [max(0, -(-(P - r) // w)) for r in range(w)]   # rows j of shard r with j w + r < P
     # each kept row must hold the pool index its rank's selection puts there (as merge_shards checks)
-    if not all(np.array_equal(np.asarray(s["index"][:c]), sel[:c]) for s, sel, c in zip(good, sels, counts)):
+    if not all(np.array_equal(np.asarray(s["index"][:c]), sel[:c]) for s, sel, c in zip(parts, sels, counts)):
         return main, 0
     if main is None:
-        main = _create_main(store_dir, good[0].manifest, n)
-    main.drop_unfinished_bad_files()
-    bad = main.bad_files()
-    for s, c in zip(good, counts):
-        rows = np.asarray(s["index"][:c])
-        for lo in range(0, c, 65536):   # bounded memory, as merge_shards
-            hi = min(c, lo + 65536)
-            for k in main.manifest["columns"]:
-                if k in s.manifest["columns"]:
-                    main.array(k, writable=True)[rows[lo:hi]] = s[k][lo:hi]
-        bad.update({i: why for i, why in s.bad_files().items() if int(i) < start + P})
-    if bad:
-        main.manifest["bad_files"] = bad
+        main = _create_main(store_dir, parts[0].manifest, n)
+    _copy_shard_rows(main, parts, counts, start + P)
     main.write(start + P, {})   # flushes every column, then marks the rows done
     return main, P
+
+
+def _continues(shard: EmbeddingStore, ours: tuple) -> bool:
+    """Whether a shard store records these inputs and this start: (fingerprint, content, start)."""
+    m = shard.manifest
+    return (m.get("fingerprint"), m.get("content"), m.get("start")) == ours
+
+
+def _copy_shard_rows(main: EmbeddingStore, shards: list, counts: list, stop: int, *, chunk: int = 65536,
+                     bar=None) -> None:
+    """Write the first ``counts[r]`` rows of each shard store into ``main`` at their pool
+    indices, ``chunk`` rows at a time (bounded memory), with their unreadable files below pool
+    index ``stop``; marks nothing done.  A merge copies every row, a restart its kept prefix."""
+    cols = [k for k in shards[0].manifest["columns"] if k != "index"]
+    # a line of a batch the main store's pass was interrupted in (the shards did those rows
+    # again) would count once the rows are marked done: a repaired file stayed unreadable
+    main.drop_unfinished_bad_files()
+    bad = main.bad_files()
+    for s, c in zip(shards, counts):
+        index = s["index"]
+        for lo in range(0, c, chunk):
+            rows = np.asarray(index[lo:min(c, lo + chunk)])
+            for k in cols:
+                main.array(k, writable=True)[rows] = s[k][lo:lo + len(rows)]
+            if bar is not None:
+                bar.update(len(rows))
+        bad.update({i: why for i, why in s.bad_files().items() if int(i) < stop})
+    if bad:
+        main.manifest["bad_files"] = bad
 
 
 def _create_main(store_dir: Path, shard_manifest: dict, n: int) -> EmbeddingStore:
@@ -783,23 +798,8 @@ def merge_shards(store_dir, num_shards: int, *, chunk: int = 65536, progress: bo
                              f"does not match its shards (fingerprint {m0['fingerprint']}, start {start})")
     else:
         main = _create_main(store_dir, m0, n)
-    cols = [k for k in m0["columns"] if k != "index"]
-    # a line of a batch the main store's pass was interrupted in (the shards did those rows
-    # again) would count once the merge marks every row done: a repaired file stayed unreadable
-    main.drop_unfinished_bad_files()
-    bar = tqdm(total=n - start, desc="merging shards", unit="img", disable=not progress)
-    bad = main.bad_files()
-    for s in shards:
-        index = s["index"]
-        for lo in range(0, s.n, chunk):
-            rows = np.asarray(index[lo:lo + chunk])
-            for k in cols:
-                main.array(k, writable=True)[rows] = s[k][lo:lo + chunk]
-            bar.update(len(rows))
-        bad.update(s.bad_files())
-    bar.close()
-    if bad:
-        main.manifest["bad_files"] = bad
+    with tqdm(total=n - start, desc="merging shards", unit="img", disable=not progress) as bar:
+        _copy_shard_rows(main, shards, [s.n for s in shards], n, chunk=chunk, bar=bar)
     if labels is not None:
         _sync_labels(main, np.asarray(labels)[:n])
     main.write(n, {})  # flushes every column, then marks [0, n) done
