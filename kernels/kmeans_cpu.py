@@ -417,15 +417,16 @@ def latent_knn(z, k: int) -> torch.Tensor:
         _python_parts(n, parts, lambda p, lo, hi: lib.spurfast_cpu_knn(*args, lo, hi, _ptr(out), _ptr(unsure)))
     rows = np.nonzero(unsure)[0]
     if len(rows):
-        out[rows] = ref.knn_remeasure(zt, torch.from_numpy(rows), k, measure=lambda _, pts, kk: _knn_measure(
-            lib, Z, pts, kk)).numpy()
+        out[rows] = ref.knn_remeasure(zt, torch.from_numpy(rows), k, measure=_knn_measure).numpy()
     return torch.from_numpy(out)
 
 
-def _knn_measure(lib, Z: np.ndarray, points: torch.Tensor, kk: int) -> torch.Tensor:
-    """The reference's ``knn_measure`` for ``knn_remeasure``: each point's kk nearest rows of
-    Z by direct fp32 distances over every column, equal distances to the lower index; one
-    point per thread at a time (each costs n x d)."""
+def _knn_measure(zt: torch.Tensor, points: torch.Tensor, kk: int) -> torch.Tensor:
+    """The reference's ``knn_measure`` for ``knn_remeasure`` (same signature): each point's kk
+    nearest rows of zt (fp32, CPU) by direct fp32 distances over every column, equal distances
+    to the lower index; one point per thread at a time (each costs n x d)."""
+    lib = _library()
+    Z = np.ascontiguousarray(zt.numpy(), dtype=np.float32)   # latent_knn's own array: no copy
     n, d = Z.shape
     P = np.ascontiguousarray(points.numpy(), dtype=np.float32)
     res = np.empty((len(P), kk), dtype=np.int64)

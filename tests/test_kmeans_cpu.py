@@ -735,7 +735,7 @@ def test_knn_measures_each_duplicated_latent_once_as_the_reference(threading_mod
         return _remeasure(zt, r, k, measure)
 
     monkeypatch.setattr(ref, "knn_remeasure", spy_remeasure)
-    monkeypatch.setattr(kcpu, "_knn_measure", lambda lib, Z, p, kk: points.append(len(p)) or real(lib, Z, p, kk))
+    monkeypatch.setattr(kcpu, "_knn_measure", lambda zt, p, kk: points.append(len(p)) or real(zt, p, kk))
     nn = kcpu.latent_knn(torch.from_numpy(z), 10).numpy()
     _check_same_rows(nn, lower_index_knn(z, 10), "cpu knn of duplicated latents")
     _check_same_rows(nn, ref.latent_knn(torch.from_numpy(z), 10).numpy(), "cpu knn vs the reference")
