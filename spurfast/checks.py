@@ -1,9 +1,11 @@
 """Argument checks shared across the package's layers, so that one rule reads the same
 wherever it is applied.  It imports nothing of spurfast's: the data loaders (lowest) and the
-embedding pass and pipeline (above them) all import it."""
+embedding pass, pipeline and config dataclasses (above them) all import it."""
 from __future__ import annotations
 
 import numbers
+
+import numpy as np
 
 
 def check_whole(value, name: str, *, not_integer: type[Exception] = ValueError) -> None:
@@ -18,3 +20,23 @@ def check_whole(value, name: str, *, not_integer: type[Exception] = ValueError) 
         raise not_integer(f"{name} must be an integer >= 1, got {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def whole_number(value, name: str) -> int:
+    """``value`` as a Python int where it is a whole number (an int, a numpy integer, or a
+    float such as 8.0), else ValueError "``name`` must be an integer, got ``value``" (a bool
+    too).  The config dataclasses take their counts through it: numpy numbers failed the JSON
+    of findings.json after the run, and a fractional count ran as another (k=4.5 as 4)."""
+    whole = isinstance(value, (int, np.integer)) or (isinstance(value, (float, np.floating))
+                                                      and float(value).is_integer())
+    if isinstance(value, (bool, np.bool_)) or not whole:
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def real_number(value, name: str) -> float:
+    """``value`` as a Python float where it is a number (not a bool, not a string), else
+    ValueError "``name`` must be a number, got ``value``"."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import binom
 
+from .checks import real_number, whole_number
 from .data.sources import ImageSource
 from .scoring import bh_qvalues
 
@@ -77,11 +78,7 @@ class ConfirmConfig:
         # embedding pass and discovery, naming no setting ("'float' object cannot be interpreted as
         # an integer", numpy's "SeedSequence expects int")
         for name in ("max_images", "batch_size", "seed"):
-            v = getattr(self, name)
-            whole = isinstance(v, (int, np.integer)) or (isinstance(v, (float, np.floating)) and float(v).is_integer())
-            if isinstance(v, (bool, np.bool_)) or not whole:
-                raise ValueError(f"confirm {name} must be an integer, got {v!r}")
-            setattr(self, name, int(v))
+            setattr(self, name, whole_number(getattr(self, name), f"confirm {name}"))
         if self.max_images < 1:
             raise ValueError(f"max_images must be >= 1, got {self.max_images}")
         if self.batch_size < 1:   # range(0, n, 0) would fail with no word of the setting
@@ -89,10 +86,7 @@ class ConfirmConfig:
         if self.seed < 0:   # numpy's "expected non-negative integer", at the first finding
             raise ValueError(f"confirm seed must be >= 0, got {self.seed}")
         # "0.5" failed the range check below with a bare TypeError; True passed as 1.0
-        if isinstance(self.content_match, (bool, np.bool_)) or \
-                not isinstance(self.content_match, (int, np.integer, float, np.floating)):
-            raise ValueError(f"content_match must be a number, got {self.content_match!r}")
-        self.content_match = float(self.content_match)
+        self.content_match = real_number(self.content_match, "content_match")
         if not 0.0 < self.content_match <= 1.0:
             raise ValueError(f"content_match must be in (0, 1], got {self.content_match}")
         if self.mode not in ("add", "paste"):

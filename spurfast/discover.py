@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, backends
 from .characterise import contrast_map, exemplars, linear_probe, neighbour_contrast, pattern_mask
+from .checks import real_number, whole_number
 from .data.sources import ImageSource, utf8_name
 from .embed import EmbeddingStore, _write_json, replace_atomically
 from .scoring import (STATISTICS, bh_qvalues, cluster_and_score, content_classes, latent_neighbours, null_scores,
@@ -59,21 +60,14 @@ class DiscoverConfig:
         # a fractional count silently ran as another (k=4.5 as 4) or crashed mid-run
         for name in ("k", "min_cluster_size", "max_mean_cluster_size", "max_k", "n_null", "max_null",
                      "n_neighbours", "n_iter", "n_exemplars", "seed"):
-            v = getattr(self, name)
-            whole = isinstance(v, (int, np.integer)) or (isinstance(v, (float, np.floating)) and float(v).is_integer())
-            if isinstance(v, (bool, np.bool_)) or not whole:
-                raise ValueError(f"{name} must be an integer, got {v!r}")
-            setattr(self, name, int(v))
+            setattr(self, name, whole_number(getattr(self, name), name))
         # a torch.device, as torch's own calls take, recorded by its name: findings.json could
         # not hold it ("Object of type device is not JSON serializable", after the whole run)
         if isinstance(self.device, torch.device):
             self.device = str(self.device)
         for name in ("fdr", "resolve_fdr"):
-            v = getattr(self, name)
-            if v is not None:
-                if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer, float, np.floating)):
-                    raise ValueError(f"{name} must be a number, got {v!r}")
-                setattr(self, name, float(v))
+            if getattr(self, name) is not None:
+                setattr(self, name, real_number(getattr(self, name), name))
         # refused here, before any work: a negative seed crashed only after the clustering
         # (numpy's SeedSequence), and the others ran on, silently finding nothing
         # (n_neighbours <= 0: no agreement to measure) or dropping members (n_exemplars < 0
