@@ -19,7 +19,8 @@ from spurfast.kernels import reference as ref
 from tests.helpers import (CASES, EMPTY_CASES, assert_close, assert_equal_int, assert_same_outputs,
                            check_assign_near_optimal, check_groups_without_centroids, empty_case, exact_dists,
                            exact_sums, make_case)
-from tests.test_kmeans_reference import check_exact_rows, duplicated_latents, lower_index_knn, tight_blob
+from tests.test_kmeans_reference import (check_exact_rows, duplicated_latents, lower_index_knn, spy_on_remeasure,
+                                         tight_blob)
 
 AVAILABLE, WHY = kcpu.is_available()
 needs_kernel = pytest.mark.skipif(not AVAILABLE, reason=f"fused CPU kernels unavailable: {WHY}")
@@ -728,14 +729,7 @@ def test_knn_measures_each_duplicated_latent_once_as_the_reference(threading_mod
     kernel measured each one again against every column (n d each); now each distinct
     latent once, through the reference's knn_remeasure, with the kernel's distances."""
     z = duplicated_latents(seed=1)
-    rows, points, real = [], [], kcpu._knn_measure
-
-    def spy_remeasure(zt, r, k, measure=None, _remeasure=ref.knn_remeasure):
-        rows.append(len(r))
-        return _remeasure(zt, r, k, measure)
-
-    monkeypatch.setattr(ref, "knn_remeasure", spy_remeasure)
-    monkeypatch.setattr(kcpu, "_knn_measure", lambda zt, p, kk: points.append(len(p)) or real(zt, p, kk))
+    rows, points = spy_on_remeasure(monkeypatch, kcpu, "_knn_measure")
     nn = kcpu.latent_knn(torch.from_numpy(z), 10).numpy()
     _check_same_rows(nn, lower_index_knn(z, 10), "cpu knn of duplicated latents")
     _check_same_rows(nn, ref.latent_knn(torch.from_numpy(z), 10).numpy(), "cpu knn vs the reference")

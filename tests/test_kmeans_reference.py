@@ -1013,19 +1013,27 @@ def lower_index_knn(z: np.ndarray, k: int) -> np.ndarray:
     return np.stack([np.lexsort((np.arange(len(z)), D[i]))[:k] for i in range(len(z))])
 
 
+def spy_on_remeasure(monkeypatch, measure_owner, measure_name: str) -> tuple[list, list]:
+    """(rows, points): the numbers of rows ``knn_remeasure`` is asked to measure again and of
+    distinct latents the provider's measure function (``measure_owner.measure_name``) measures."""
+    rows, points = [], []
+    remeasure, measure = ref.knn_remeasure, getattr(measure_owner, measure_name)
+
+    def spy_remeasure(zt, r, k, measure=None):
+        rows.append(len(r))
+        return remeasure(zt, r, k, measure)
+
+    monkeypatch.setattr(ref, "knn_remeasure", spy_remeasure)
+    monkeypatch.setattr(measure_owner, measure_name, lambda zt, p, kk: points.append(len(p)) or measure(zt, p, kk))
+    return rows, points
+
+
 def test_latent_knn_measures_each_duplicated_latent_once(monkeypatch):
     """Every copy of a duplicated latent was measured again against every column, n d each:
     10,000 copies in a pool of 10^6 cost 1.6 x 10^11 flops at d = 16.  Copies share their
     distances, so each distinct latent is measured once; each copy drops itself after."""
     z = duplicated_latents()
-    rows, points, real = [], [], ref.knn_measure
-
-    def spy_remeasure(zt, r, k, measure=None, _remeasure=ref.knn_remeasure):
-        rows.append(len(r))
-        return _remeasure(zt, r, k, measure)
-
-    monkeypatch.setattr(ref, "knn_remeasure", spy_remeasure)
-    monkeypatch.setattr(ref, "knn_measure", lambda zt, p, kk: points.append(len(p)) or real(zt, p, kk))
+    rows, points = spy_on_remeasure(monkeypatch, ref, "knn_measure")
     nn = ref.latent_knn(torch.from_numpy(z), 10).numpy()
     want = lower_index_knn(z, 10)
     bad = np.flatnonzero((nn != want).any(1))
