@@ -113,6 +113,14 @@ def _discover_config(args):
                           seed=args.seed, backend=args.kmeans_backend, device=args.device)
 
 
+def _residual_config(args):
+    """The residual scan's settings (--residual-scan), the run's seed and FDR; None without it."""
+    if not args.residual_scan:
+        return None
+    from .residual import ResidualConfig
+    return ResidualConfig(fdr=args.fdr, seed=args.seed)
+
+
 def _npz_class_names(arr: np.ndarray) -> list[str]:
     """An .npz's 'class_names': one name per entry of a 1-D array.  str() of a bytes name
     (an 'S' array) was "b'cat'", a 2-D array became one name, a 0-d one a TypeError."""
@@ -550,7 +558,7 @@ def cmd_discover(args):
                                   config=_discover_config(args), overwrite=args.overwrite,
                                   batch_size=args.batch_size, encoder_backend=args.encoder_backend,
                                   loader_backend=args.loader_backend, progress=not args.quiet, clean=clean,
-                                  confirm=not args.no_confirm,
+                                  confirm=not args.no_confirm, residual=_residual_config(args),
                                   protect=[args.pool, args.classifier, args.vae, args.suspect, args.clean,
                                            args.class_names])
     finally:
@@ -610,7 +618,7 @@ def cmd_make_pool(args):
           f"{Path(args.out) / 'ground_truth.csv'}")
 
 
-EVALUATE_RUN_ONLY = ("preset", "only", "seeds", "cache", "statistic")
+EVALUATE_RUN_ONLY = ("preset", "only", "seeds", "cache", "statistic", "residual_scan")
 
 
 def cmd_evaluate(args):
@@ -645,7 +653,7 @@ def cmd_evaluate(args):
             raise FileExistsError(f"--results-md {args.results_md} is the evaluation's {clash.name} ({clash}): "
                                   f"RESULTS.md would be written over it; choose another file, e.g. docs/RESULTS.md")
     if args.from_csv:
-        given = [f"--{k}" for k in EVALUATE_RUN_ONLY if getattr(args, k) is not None]
+        given = [f"--{k.replace('_', '-')}" for k in EVALUATE_RUN_ONLY if getattr(args, k) is not None]
         if given:
             raise ValueError(f"{', '.join(given)} only apply to a run, but --from-csv {args.from_csv} regenerates "
                              f"RESULTS.md and plots from that CSV as it is; drop {' and '.join(given)}")
@@ -697,7 +705,8 @@ def cmd_evaluate(args):
         except re.error as exc:
             raise ValueError(f"--only {args.only!r} is not a valid regular expression: {exc}") from None
     run_evaluation(args.preset or "quick", args.out, cache=args.cache, only=args.only, seeds=args.seeds,
-                   progress=not args.quiet, results_md=args.results_md, statistic=args.statistic or "share")
+                   progress=not args.quiet, results_md=args.results_md, statistic=args.statistic or "share",
+                   residual=bool(args.residual_scan))
 
 
 def cmd_report(args):
@@ -831,6 +840,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clean", default=None, help="held-out clean images (.npz or folder) for confirmation; default: "
                    "pool images predicted as other classes outside every finding, suspect samples left out")
     p.add_argument("--no-confirm", action="store_true", help="skip confirmation (findings' confirm stays null)")
+    p.add_argument("--residual-scan", action="store_true",
+                   help="also test per class for a localised pattern the VAE latent does not hold (one pixel), "
+                        "in the reconstruction residuals: one more pass over the pool, every residual in memory "
+                        "(spurfast.residual)")
     p.add_argument("--size", type=int, default=64, help="image size for folders")
     p.add_argument("--channels", type=int, default=3, help="channels for folders")
     p.add_argument("--batch-size", type=_int_at_least(1), default=256)
@@ -880,6 +893,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(with --out and --results-md; the run options do not apply)")
     p.add_argument("--statistic", default=None, choices=STATISTICS,
                    help="discovery's agreement statistic (see discover --statistic; default: share)")
+    p.add_argument("--residual-scan", action="store_true", default=None,
+                   help="also evaluate spurfast+residual: spurfast's findings and the residual scan's "
+                        "(spurfast.residual: patterns the VAE latent does not hold, e.g. one pixel)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 

@@ -49,7 +49,8 @@ from .discover import DiscoverConfig, characterise, discover
 from .embed import _write_json   # atomic: a run killed mid-write left a truncated cache file
 from .metrics import Feature, carried_by, false_findings, false_findings_on_pool_patterns, feature_metrics, matches, recall_at_q
 from .plant import PatternSpec, apply_pattern, fixed_mask, plant_training
-from .results_doc import METHODS, check_results_md, csv_digests, read_notes, write_csv, write_results, write_with_notes
+from .results_doc import (DEFAULT_METHODS, METHODS, check_results_md, csv_digests, read_notes, write_csv, write_results,
+                          write_with_notes)
 from .support import training_support
 
 log = logging.getLogger("spurfast.evaluate")
@@ -410,7 +411,10 @@ BEST_OF = 10   # findings (candidates) each method's best one is picked from
 # the methods whose findings carry a q-value (a significance test): recall@q and false
 # findings apply to them alone.  Decided per method: a baseline without a test that returned
 # no candidate got recall 0 and 0 false findings, as if it had been tested.
-TESTED_METHODS = ("spurfast", "spurfast+confirm", "spurfast+support", "pixels")
+TESTED_METHODS = ("spurfast", "spurfast+confirm", "spurfast+support", "spurfast+residual", "pixels")
+# opt-in (`run_evaluation(residual=True)`): the default sweep's runs and cache keys do not change
+RESIDUAL = "spurfast+residual"
+assert set(METHODS) == set(DEFAULT_METHODS) | {RESIDUAL}
 _AT_Q = ("recall@q", "false_findings@q", "false_on_pool_pattern@q")
 
 
@@ -440,7 +444,37 @@ def _applies(row: dict) -> bool:
     return row["method"] in TESTED_METHODS or not row["metric"].startswith(_AT_Q)
 
 
-def run_key(setting: Setting, seed: int, sizes: Sizes, methods=METHODS, statistic: str = "share") -> str:
+def _residual_findings(store, data, vae, clf, seed: int, sizes) -> list[dict]:
+    """The residual scan's candidates (`spurfast.residual`) at q <= 0.1, confirmed as
+    spurfast's findings are."""
+    from .confirm import ConfirmConfig, confirm_findings
+    from .discover import _standardise
+    from .residual import ResidualConfig, reconstruction_residuals, residual_scan
+
+    mu = np.asarray(store["mu"])
+    res = reconstruction_residuals(data.pool, mu, vae)
+    found = residual_scan(res, _standardise(mu), np.asarray(store["pred"]), np.asarray(store["labels"]),
+                          data.suspect, tuple(data.pool[0][0].shape), ResidualConfig(fdr=0.1, seed=seed))
+    for r, f in enumerate(found, 1):
+        f["rank"] = r
+    confirm_findings(found, clf, clean=data.clean, config=ConfirmConfig(max_images=sizes.confirm_images, seed=seed))
+    return [{"class": f["class"], "members": f["members"], "ranking": f["ranking"], "q_value": f["q_value"],
+             "mask": f["_mask"], "confirm": f.get("confirm"), "support": None} for f in found]
+
+
+def _merge_by_q(clusters: list[dict], residual: list[dict]) -> list[dict]:
+    """One list of two families' findings: the clusters' order kept, each residual finding
+    (sorted by q) before the first cluster finding of a larger q-value."""
+    out, i = [], 0
+    for c in clusters:
+        while i < len(residual) and residual[i]["q_value"] < c["q_value"]:
+            out.append(residual[i])
+            i += 1
+        out.append(c)
+    return out + residual[i:]
+
+
+def run_key(setting: Setting, seed: int, sizes: Sizes, methods=DEFAULT_METHODS, statistic: str = "share") -> str:
     """The cache key of one run's rows."""
     return _key({"setting": _setting_key(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods),
                  "v": 18,    # 13: a tie does not beat the best null cluster; 14: Yang's spurious score,
@@ -452,7 +486,7 @@ def run_key(setting: Setting, seed: int, sizes: Sizes, methods=METHODS, statisti
 
 
 def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress: bool = False,
-            methods=METHODS, statistic: str = "share") -> tuple[list[dict], list[dict]]:
+            methods=DEFAULT_METHODS, statistic: str = "share") -> tuple[list[dict], list[dict]]:
     """Rows (results) and confirmation rows of one (setting, seed); cached."""
     rdir = cache / "runs"
     rdir.mkdir(parents=True, exist_ok=True)
@@ -530,6 +564,11 @@ def _run_one(rfile: Path, setting: Setting, seed: int, sizes: Sizes, cache: Path
         cands["spurfast+confirm"] = [c for c in cands["spurfast"] if confirmed(c["confirm"])]
         cands["spurfast+support"] = [c for c in cands["spurfast+confirm"] if (c["support"] or {}).get("supported")]
         timing["spurfast"] = time.time() - t
+        if RESIDUAL in methods:
+            t = time.time()
+            resid = _residual_findings(store, data, vae, clf, seed, sizes)
+            cands[RESIDUAL] = _merge_by_q(cands["spurfast"], resid)
+            timing[RESIDUAL] = timing["spurfast"] + time.time() - t
         for r, c in enumerate(cands["spurfast"], 1):
             true = any(matches(c, f) for f in feats)
             cf = c["confirm"] or {}
@@ -619,7 +658,10 @@ def _check_up_front(out: Path, statistic: str, results_md) -> None:
 
 
 def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None, seeds=None,
-                   progress: bool = True, results_md=None, statistic: str = "share") -> Path:
+                   progress: bool = True, results_md=None, statistic: str = "share",
+                   residual: bool = False) -> Path:
+    """Run a preset's sweep into ``out_dir`` (results.csv, confirm.csv, plots, RESULTS.md).
+    ``residual``: also the method `RESIDUAL` (spurfast's findings and the residual scan's)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
     p = PRESETS[preset]
@@ -643,7 +685,8 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
     for s in settings:
         for seed in seeds:
             t = time.time()
-            r, c = run_one(s, seed, p["sizes"], cache, progress=False, statistic=statistic)
+            r, c = run_one(s, seed, p["sizes"], cache, progress=False, statistic=statistic,
+                           **({"methods": METHODS} if residual else {}))
             rows += r
             crows += c
             if progress:
@@ -661,7 +704,8 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
                      + (["--only", pattern.pattern] if only else [])
                      + (["--seeds", ",".join(map(str, seeds))] if seeds != tuple(p["seeds"]) else [])
                      + (["--cache", str(cache)] if cache != out / "cache" else [])
-                     + (["--statistic", statistic] if statistic != "share" else []))
+                     + (["--statistic", statistic] if statistic != "share" else [])
+                     + (["--residual-scan"] if residual else []))
     timing = {"wall_s": time.time() - t0, "cpu_s": time.process_time() - c0, "load_at_start": load0,
               "load_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
               "cpus": os.cpu_count(), "cpu_model": cpu_model(), "torch_threads": torch.get_num_threads(),

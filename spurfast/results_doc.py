@@ -23,8 +23,12 @@ from .data.sources import utf8_name
 log = logging.getLogger("spurfast.results_doc")
 
 # the methods compared, in table order: spurfast, then the baselines (`spurfast.baselines`)
-METHODS = ("spurfast", "spurfast+confirm", "spurfast+support", "pixels", "george", "activation_clustering", "random")
-OURS = METHODS[:3]   # spurfast's own rows; the rest are baselines
+# every method a results.csv may hold, in the order tables list them.  spurfast+residual is
+# opt-in (evaluate --residual-scan): `DEFAULT_METHODS` run without it
+METHODS = ("spurfast", "spurfast+confirm", "spurfast+support", "spurfast+residual", "pixels", "george",
+           "activation_clustering", "random")
+OURS = METHODS[:4]   # spurfast's own rows; the rest are baselines
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "spurfast+residual")
 
 
 def write_csv(path: Path, rows: list[dict], cols: list[str]) -> None:

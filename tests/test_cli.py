@@ -118,6 +118,15 @@ def test_discover_flags_reach_the_config():
     assert (default.max_k, default.statistic) == (256, "share")
 
 
+def test_residual_scan_flag_reaches_the_run():
+    from spurfast.cli import _residual_config
+
+    base = ["discover", "--pool", "p", "--classifier", "c", "--vae", "v", "--out", "o"]
+    assert _residual_config(build_parser().parse_args(base)) is None
+    cfg = _residual_config(build_parser().parse_args(base + ["--residual-scan", "--seed", "4", "--fdr", "0.1"]))
+    assert (cfg.seed, cfg.fdr) == (4, 0.1)
+
+
 def test_cli_statistics_are_the_scoring_ones():
     from spurfast.cli import STATISTICS
     from spurfast.scoring import STATISTICS as scoring_statistics
@@ -724,7 +733,7 @@ def test_evaluate_from_csv_writes_results_md_keeping_its_notes(tmp_path, capsys)
 
 
 @pytest.mark.parametrize("extra", [["--preset", "quick"], ["--seeds", "0,1"], ["--only", "patch"],
-                                   ["--cache", "c"], ["--statistic", "surprise"]])
+                                   ["--cache", "c"], ["--statistic", "surprise"], ["--residual-scan"]])
 def test_evaluate_from_csv_refuses_run_options(tmp_path, capsys, extra):
     csv = _quick_csv(tmp_path)
     capsys.readouterr()

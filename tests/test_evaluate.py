@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from spurfast.cli import main
-from spurfast.evaluate import METHODS, PRESETS, confirmed, run_evaluation
+from spurfast.evaluate import DEFAULT_METHODS, PRESETS, confirmed, run_evaluation
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_tiny_sweep_writes_long_csv(tiny):
     rows = _rows(out / "results.csv")
     assert set(rows[0]) == {"preset", "setting", "seed", "method", "feature", "metric", "value"}
     assert {r["setting"] for r in rows} == {s.name for s in PRESETS["tiny"]["settings"]}
-    assert {r["method"] for r in rows} == set(METHODS) | {"model"}
+    assert {r["method"] for r in rows} == set(DEFAULT_METHODS) | {"model"}
     planted = [r for r in rows if r["setting"] == "patch3-nall"]
     for m in ("spurfast", "pixels", "george", "activation_clustering", "random"):
         got = {r["metric"] for r in planted if r["method"] == m}

@@ -1,0 +1,226 @@
+"""The residual scan (spurfast.residual) on hand-made pools with known answers."""
+import numpy as np
+import pytest
+import torch
+
+from spurfast.metrics import average_precision
+from spurfast.residual import ClassSums, ResidualConfig, peak_windows, reconstruction_residuals, residual_scan
+
+SHAPE = (1, 12, 12)
+
+
+def _pool(n=1200, carriers=0.15, seed=0):
+    """Residual noise, 4-d content latents, labels 0-3 and predictions by content; a share
+    ``carriers`` of the images carry a bright residual at pixel (9, 9) and are called class 4
+    (a class no image is) four times in five."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, 4)).astype(np.float32)
+    labels = rng.integers(0, 4, n)
+    # content: mostly the label, sometimes the class the latent points to
+    pred = np.where(rng.random(n) < 0.8, labels, np.argmax(z, 1))
+    res = torch.as_tensor(rng.normal(scale=0.1, size=(n, 144)), dtype=torch.float32)
+    carries = rng.random(n) < carriers
+    res[torch.as_tensor(carries), 9 * 12 + 9] += 1.0
+    pred = np.where(carries & (rng.random(n) < 0.8), 4, pred)
+    return res, z, pred, labels, carries
+
+
+def test_class_tmaps_are_welch_t_per_pixel():
+    rng = np.random.default_rng(1)
+    r = torch.as_tensor(rng.normal(size=(60, 3)))
+    labels = rng.integers(-1, 2, 60)          # -1: unlabelled, in both groups of every class
+    pred = rng.integers(0, 3, 60)
+    pred[:6] = 2
+    t = ClassSums(r, labels, 3).tmaps(pred, 2)
+    for c in range(3):
+        a, b = (pred == c) & (labels != c), (pred != c) & (labels != c)
+        x, y = r.numpy()[a], r.numpy()[b]
+        want = (x.mean(0) - y.mean(0)) / np.sqrt(x.var(0, ddof=1) / len(x) + y.var(0, ddof=1) / len(y))
+        np.testing.assert_allclose(t[c].numpy(), want, rtol=1e-9, err_msg=f"class {c}")
+
+
+def test_class_tmaps_leave_small_classes_nan():
+    r = torch.ones((10, 2), dtype=torch.float64)
+    t = ClassSums(r, np.full(10, -1), 2).tmaps(np.array([0] * 8 + [1] * 2), 3)
+    assert torch.isnan(t[1]).all() and not torch.isnan(t[0]).any()
+    assert (t[0] == 0).all()     # a constant pixel has no spread: t 0, not NaN or inf
+
+
+def test_peak_window_ratio_and_mask():
+    t = torch.zeros(1, 6, 6, dtype=torch.float64) + 0.5
+    t[0, 0, 5] = 2.0      # the best outside the window
+    t[0, 3, 3] = 8.0      # the peak
+    t[0, 2, 3] = 3.0      # beside it, above the best outside: in the mask
+    t[0, 4, 4] = 1.0      # beside it, below: not
+    stat, mask = peak_windows(t.view(1, -1), (1, 6, 6))
+    assert stat[0] == pytest.approx(4.0)
+    assert sorted(zip(*np.nonzero(mask[0]))) == [(2, 3), (3, 3)]
+
+
+def test_peak_window_at_the_border_nan_and_nothing_positive():
+    t = torch.full((3, 25), 1.0, dtype=torch.float64)
+    t[0, 0] = 3.0                    # a corner peak: its window is clipped
+    t[1] = float("nan")
+    t[2] = -1.0
+    t[2, 7] = 0.5                    # the only positive t: nothing outside to compare with
+    stat, mask = peak_windows(t, (5, 5))
+    assert stat[0] == pytest.approx(3.0) and mask[0].sum() == 1 and mask[0, 0, 0]
+    assert np.isnan(stat[1]) and not mask[1].any()
+    assert stat[2] == np.inf and mask[2, 1, 2]
+
+
+def test_peak_windows_take_the_strongest_channel():
+    t = torch.zeros(1, 3, 4, 4, dtype=torch.float64) + 0.1
+    t[0, 2, 1, 1] = 5.0
+    t[0, 0, 3, 3] = 1.0
+    stat, mask = peak_windows(t.view(1, -1), (3, 4, 4))
+    assert stat[0] == pytest.approx(5.0) and mask[0, 1, 1] and mask.shape == (1, 4, 4)
+
+
+def test_scan_finds_a_pixel_the_latent_does_not_hold():
+    res, z, pred, labels, carries = _pool()
+    found = residual_scan(res, z, pred, labels, np.zeros(len(pred), bool), SHAPE, ResidualConfig(n_null=100))
+    assert [f["class"] for f in found] == [4]
+    f = found[0]
+    assert f["peak"] == [9, 9] and f["_mask"][9, 9] and f["_mask"].sum() == 1
+    assert f["q_value"] <= 0.05 and f["p_value"] == pytest.approx(1 / 101)
+    assert average_precision(f["ranking"], carries) > 0.99
+    assert carries[f["members"]].mean() > 0.95
+    assert f["_contrast"].shape == SHAPE and float(f["_contrast"][0, 9, 9]) > 0.9
+
+
+def test_scan_finds_nothing_where_predictions_follow_content():
+    res, z, pred, labels, _ = _pool(carriers=0.0)
+    # content the VAE misses, spread: images called 3 without the label draw a little more
+    # residual everywhere (a detail the classifier reads and the latent does not)
+    spread = torch.as_tensor((pred == 3) & (labels != 3))
+    res[spread] += 0.05 * torch.randn(int(spread.sum()), 144, generator=torch.Generator().manual_seed(0))
+    for seed in range(3):
+        found = residual_scan(res, z, pred, labels, np.zeros(len(pred), bool), SHAPE,
+                              ResidualConfig(n_null=100, seed=seed))
+        assert found == [], [(f["class"], f["p_value"]) for f in found]
+
+
+def test_scan_leaves_suspects_out_of_the_test_but_ranks_them():
+    res, z, pred, labels, carries = _pool()
+    suspect = np.zeros(len(pred), bool)
+    suspect[:100] = True
+    res[:100] = res[:100] * 0 + 5.0        # wild suspects must not move the test ...
+    a = residual_scan(res, z, pred, labels, suspect, SHAPE, ResidualConfig(n_null=150))
+    res2 = res.clone()
+    res2[:100] = 0.0
+    b = residual_scan(res2, z, pred, labels, suspect, SHAPE, ResidualConfig(n_null=150))
+    assert [(f["class"], f["p_value"], f["score"]) for f in a] == [(f["class"], f["p_value"], f["score"]) for f in b]
+    assert (a[0]["ranking"][:100] > a[0]["ranking"][100:].max()).all()   # ... but they are ranked
+
+
+def test_scan_is_reproducible_from_its_seed():
+    res, z, pred, labels, _ = _pool(carriers=0.04)
+    runs = [residual_scan(res, z, pred, labels, np.zeros(len(pred), bool), SHAPE, ResidualConfig(n_null=60, seed=s))
+            for s in (3, 3)]
+    assert [(f["class"], f["p_value"]) for f in runs[0]] == [(f["class"], f["p_value"]) for f in runs[1]]
+
+
+def test_scan_refuses_bad_input():
+    res, z, pred, labels, _ = _pool(n=50)
+    sus = np.zeros(50, bool)
+    with pytest.raises(ValueError, match="one row per pool image"):
+        residual_scan(res[:49], z, pred, labels, sus, SHAPE)
+    with pytest.raises(ValueError, match="image_shape"):
+        residual_scan(res, z, pred, labels, sus, (1, 12, 11))
+    with pytest.raises(ValueError, match="max_values"):
+        residual_scan(res, z, pred, labels, sus, SHAPE, ResidualConfig(max_values=1000))
+    for bad in (dict(n_null=0), dict(fdr=1.0), dict(min_images=1), dict(n_neighbours=2.5)):
+        with pytest.raises((ValueError, TypeError)):
+            ResidualConfig(**bad)
+
+
+def test_reconstruction_residuals_are_image_minus_decoding():
+    from spurfast.data.sources import ArraySource
+
+    class Halve(torch.nn.Module):
+        def decode(self, mu):
+            return mu.view(-1, 1, 2, 2) / 2
+
+    x = torch.rand(7, 1, 2, 2)
+    mu = np.random.default_rng(0).random((7, 4)).astype(np.float32)
+    got = reconstruction_residuals(ArraySource(x), mu, Halve(), batch_size=3)
+    np.testing.assert_allclose(got.numpy(), (x.view(7, 4) - torch.as_tensor(mu) / 2).numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="max_values"):
+        reconstruction_residuals(ArraySource(x), mu, Halve(), max_values=27)
+    with pytest.raises(ValueError, match="rows"):
+        reconstruction_residuals(ArraySource(x), mu[:6], Halve())
+
+
+def test_merge_keeps_the_clusters_order_and_places_residual_findings_by_q():
+    from spurfast.evaluate import _merge_by_q
+    clusters = [{"id": "c1", "q_value": 0.02}, {"id": "c2", "q_value": 0.01}, {"id": "c3", "q_value": 0.08}]
+    residual = [{"id": "r1", "q_value": 0.01}, {"id": "r2", "q_value": 0.05}, {"id": "r3", "q_value": 0.09}]
+    assert [f["id"] for f in _merge_by_q(clusters, residual)] == ["r1", "c1", "c2", "r2", "c3", "r3"]
+    assert _merge_by_q([], residual) == residual and _merge_by_q(clusters, []) == clusters
+
+
+class _PixelShortcutModel(torch.nn.Module):
+    """Calls an image class 2 when pixel (14, 8) is bright, else 0 or 1 by which half holds
+    the blob: a model that learned a one-pixel shortcut."""
+
+    def forward(self, x):
+        left, right = x[:, 0, :, :8].mean((1, 2)), x[:, 0, :, 8:].mean((1, 2))
+        return torch.stack([20 * (left - right), 20 * (right - left), 40 * (x[:, 0, 14, 8] - 0.5)], 1)
+
+
+def _blob_pool(n=600, seed=0):
+    """Blobs on the left (label 0) or right (label 1); a sixth of the images carry a bright
+    pixel at (14, 8), which the model reads as class 2 (no image's label)."""
+    rng = np.random.default_rng(seed)
+    x = torch.zeros(n, 1, 16, 16)
+    labels = rng.integers(0, 2, n)
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    for i in range(n):
+        cy, cx = rng.uniform(4, 10), rng.uniform(2, 5) + 9 * labels[i]
+        x[i, 0] = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * rng.uniform(1.5, 2.5) ** 2))
+    carries = rng.random(n) < 1 / 6
+    x[torch.as_tensor(carries), 0, 14, 8] = 1.0
+    return x, labels, carries
+
+
+def test_discover_run_reports_the_residual_finding(tmp_path):
+    import json
+
+    from spurfast.data import ArraySource
+    from spurfast.discover import DiscoverConfig
+    from spurfast.models import VAEConfig
+    from spurfast.models.train import train_vae
+    from spurfast.pipeline import run_discovery
+
+    x, labels, carries = _blob_pool()
+    pool = ArraySource(x, labels, name="blobs")
+    vae = train_vae(pool, VAEConfig.for_images(1, 16, 4), epochs=6, seed=0, progress=False)
+    doc, result, _ = run_discovery(pool, _PixelShortcutModel(), vae, tmp_path / "run", num_classes=3,
+                                   config=DiscoverConfig(k=4, n_null=10, max_null=10), progress=False,
+                                   residual=ResidualConfig(n_null=100))
+    found = [f for f in doc["findings"] if f.get("kind") == "residual"]
+    assert [(f["class"], f["peak"], f["cluster"]) for f in found] == [(2, [14, 8], -1)]
+    f = found[0]
+    assert carries[f["members"]].mean() > 0.95 and f["size"] == len(f["members"])
+    assert f["confirm"] is not None and f["confirm"]["flip_rate"] > 0.9    # pasting the pixel moves the model
+    ranking = np.load(tmp_path / "run" / "rankings" / f"finding{f['rank']}.npy")
+    assert average_precision(ranking, carries) > 0.99
+    for path in f["images"].values():
+        assert (tmp_path / "run" / path).is_file()
+    on_disk = json.loads((tmp_path / "run" / "findings.json").read_text())
+    assert on_disk["config"]["inputs"]["residual_scan"]["n_null"] == 100
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "Residual scan" in page and "peaking at pixel (y 14, x 8)" in page and "members&#x27; mean image" in page
+
+
+def test_discover_run_refuses_a_pool_too_large_for_the_scan_before_any_work(tmp_path):
+    from spurfast.data import ArraySource
+    from spurfast.models import VAE, SmallCNN, VAEConfig
+    from spurfast.pipeline import run_discovery
+
+    pool = ArraySource(torch.rand(20, 1, 16, 16), np.zeros(20, dtype=np.int64))
+    with pytest.raises(ValueError, match="max_values"):
+        run_discovery(pool, SmallCNN(1, 2, 16), VAE(VAEConfig.for_images(1, 16, 4)), tmp_path / "o", num_classes=2,
+                      progress=False, residual=ResidualConfig(max_values=1000))
+    assert not (tmp_path / "o").exists()
