@@ -366,7 +366,7 @@ def findings_document(result: DiscoveryResult, extra_config: dict | None = None)
         cfg.update(extra_config)
     keys = ["rank", "class", "class_name", "cluster", "size", "score", "p_value", "q_value", "members",
             "exemplars", "confirm", "confirmed", "confirm_skipped", "support", "images", "merged_clusters",
-            "n_unrelated", "n_suspect", "n_expanded", "ranked_by"]
+            "n_unrelated", "n_suspect", "n_expanded", "ranked_by", "kind", "peak", "peak_t"]
     return {"schema": 1, "spurfast_version": __version__, "config": cfg, "pool": result.pool,
             "findings": [{k: f[k] for k in keys if k in f} for f in result.findings]}
 

@@ -275,7 +275,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
                   config: DiscoverConfig | None = None, extra_config: dict | None = None,
                   overwrite: bool = False, batch_size: int = 256, encoder_backend=None, loader_backend=None,
                   progress: bool = True, summary: dict | None = None, run_id: str | None = None,
-                  clean: ImageSource | None = None, confirm: bool = True, protect=()):
+                  clean: ImageSource | None = None, confirm: bool = True, protect=(), residual=None):
     """Embed the pool, discover, characterise, confirm, write findings.json/csv and report.html.
 
     Confirmation (`spurfast.confirm`) pastes each finding's pattern onto ``clean`` images of
@@ -285,7 +285,9 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     ``overwrite``: replace another run in ``out_dir``, keeping its embedding store when
     that was made from this pool and these models (see :func:`prepare_output`).
     ``protect``: more paths this run reads (model files, ...) that ``overwrite`` must not
-    delete; the pool's and the clean set's own files are always protected."""
+    delete; the pool's and the clean set's own files are always protected.
+    ``residual``: a `spurfast.residual.ResidualConfig` adds the residual scan's findings
+    (patterns the VAE latent does not hold, such as one pixel) after the clusters'."""
     config = config or DiscoverConfig()
     # None (discover's "torch's default, the CPU") or a torch.device, as text: torch.device(None) and the
     # run id's json.dumps ("Object of type device is not JSON serializable") raised bare TypeErrors
@@ -309,6 +311,13 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     identity = (fingerprint(pool, classifier, vae), content_digest(pool))   # the store's too
     earlier_ids = []
     inputs = run_inputs(clean, suspect, confirm)
+    if residual is not None:   # a scan changes the findings: another run (and no key at all without one)
+        from .residual import ResidualConfig, check_size
+        if not isinstance(residual, ResidualConfig):
+            raise ValueError(f"residual must be a spurfast.residual.ResidualConfig or None, got {residual!r}")
+        # it holds every residual: refused now, not after the embedding pass
+        check_size(len(pool), int(np.prod(pool.image_shape)), residual.max_values)
+        inputs["residual_scan"] = asdict(residual)
     if run_id is None:
         fp, settings = identity[0], json.dumps(asdict(config), sort_keys=True)
         # the clean set, the suspect mask and confirmation change the findings too: a rerun
@@ -376,6 +385,10 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
         reread = dict(batch_size=batch_size, num_workers=usable_cores(),
                       **_reread_loader(pool, store, loader_backend, config.device))
         pattern_rankings(result.findings, result.rankings, pool, progress=progress, **reread)
+        if residual is not None:
+            from .residual import add_residual_findings
+            add_residual_findings(result, store, pool, vae, out, residual, suspect=suspect,
+                                  n_exemplars=config.n_exemplars, device=config.device, progress=progress)
         if confirm and result.findings:
             from .confirm import ConfirmConfig, confirm_findings
             confirm_findings(result.findings, classifier, clean=clean, pool=pool,

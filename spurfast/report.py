@@ -249,10 +249,21 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
         name = f" ({e(f['class_name'])})" if f.get("class_name") else ""
         parts.append(f"<div class='finding'><h3>#{e(f['rank'])}: class {e(f['class'])}{name}</h3>")
         # n_unrelated: members whose content is another class (suspects with labels may be among them)
-        parts.append(f"<p>{e(f['size'])} members ({e(f.get('n_unrelated', '?'))} of another class than "
-                     f"{e(f['class'])}; {e(f.get('n_suspect', '?'))} suspect samples), score {float(f['score']):.3g}, "
-                     f"p = {float(f['p_value']):.3g}, q = {float(f['q_value']):.3g}; "
-                     f"clusters merged: {e(f.get('merged_clusters', [f['cluster']]))}</p>")
+        if f.get("kind") == "residual":   # spurfast.residual: no cluster, a test of its own
+            peak = f.get("peak") or ["?", "?"]
+            parts.append(f"<p><b>Residual scan:</b> images called this class carry a localised reconstruction "
+                         f"residual (a pattern the VAE latent does not hold) peaking at pixel (y {e(peak[0])}, "
+                         f"x {e(peak[1])}), t = {float(f.get('peak_t', float('nan'))):.3g}, "
+                         f"{float(f['score']):.3g}x the largest t elsewhere; p = {float(f['p_value']):.3g} against "
+                         f"predictions resampled among same-label latent neighbours, q = {float(f['q_value']):.3g} "
+                         f"over classes. {e(f['size'])} members ({e(f.get('n_unrelated', '?'))} of another class "
+                         f"than {e(f['class'])}; {e(f.get('n_suspect', '?'))} suspect samples): the class's images "
+                         f"of most residual energy there.</p>")
+        else:
+            parts.append(f"<p>{e(f['size'])} members ({e(f.get('n_unrelated', '?'))} of another class than "
+                         f"{e(f['class'])}; {e(f.get('n_suspect', '?'))} suspect samples), score "
+                         f"{float(f['score']):.3g}, p = {float(f['p_value']):.3g}, q = {float(f['q_value']):.3g}; "
+                         f"clusters merged: {e(f.get('merged_clusters', [f['cluster']]))}</p>")
         cf = f.get("confirm")
         if cf and cf.get("flip_rate") is not None:
             from .confirm import VERDICTS, confirm_verdict, reacts_to_texture
@@ -305,6 +316,8 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
         imgs = f.get("images") or {}
         caps = {"centroid": "decoded centroid", "contrast": "contrast (members vs. matched others)",
                 "mask": "extracted mask", "grid": "exemplars"}
+        if f.get("kind") == "residual":   # no latent centroid: the latent does not hold the pattern
+            caps.update(centroid="members' mean image", contrast="residual contrast (members vs. other classes)")
         parts.append("<div class='imgs'>" + "".join(
             (f"<figure><img src='{_data_uri(out_dir / imgs[k])}' alt='{e(caps[k])}' title='{e(imgs[k])}'>"
              if _run_png(out_dir, imgs[k]) else
