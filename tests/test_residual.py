@@ -224,3 +224,21 @@ def test_discover_run_refuses_a_pool_too_large_for_the_scan_before_any_work(tmp_
         run_discovery(pool, SmallCNN(1, 2, 16), VAE(VAEConfig.for_images(1, 16, 4)), tmp_path / "o", num_classes=2,
                       progress=False, residual=ResidualConfig(max_values=1000))
     assert not (tmp_path / "o").exists()
+
+
+def test_scan_without_labels_and_in_colour():
+    """An unlabelled pool (labels -1: every image of no class, one neighbourhood) of RGB
+    images whose shortcut is a pixel in the green channel only."""
+    rng = np.random.default_rng(5)
+    n = 900
+    z = rng.normal(size=(n, 4)).astype(np.float32)
+    pred = np.argmax(z[:, :3], 1)                                   # content decides, classes 0-2
+    res = torch.as_tensor(rng.normal(scale=0.1, size=(n, 3, 6, 8)), dtype=torch.float32)
+    carries = rng.random(n) < 0.15
+    res[torch.as_tensor(carries), 1, 4, 2] -= 1.0                   # a dark pixel: energy either way
+    pred = np.where(carries & (rng.random(n) < 0.8), 3, pred)
+    found = residual_scan(res.view(n, -1), z, pred, np.full(n, -1), np.zeros(n, bool), (3, 6, 8),
+                          ResidualConfig(n_null=100))
+    assert [(f["class"], f["peak"]) for f in found] == [(3, [4, 2])]
+    assert found[0]["_mask"].shape == (6, 8) and float(found[0]["_contrast"][1, 4, 2]) < -0.9
+    assert average_precision(found[0]["ranking"], carries) > 0.99
