@@ -75,28 +75,38 @@ def check_size(n: int, values_per_image: int, max_values: int) -> None:
 
 def reconstruction_residuals(source: ImageSource, mu: np.ndarray, vae, batch_size: int = 512,
                              progress: bool = False, device: str = "cpu", readable: np.ndarray | None = None,
-                             max_values: int = ResidualConfig.max_values) -> torch.Tensor:
-    """(n, C*H*W) float32: every pool image minus the VAE's decoding of its latent mean (one
-    pass over the pool).  ``readable`` (n,) bool: only those images are read; the others'
-    rows stay 0 (an unreadable file would fail the pass)."""
+                             max_values: int = ResidualConfig.max_values, *, num_workers: int = 0,
+                             loader_backend: str | None = None, decode_on: str | None = None) -> torch.Tensor:
+    """(n, C*H*W) float32: every pool image minus the VAE's decoding of its latent mean, one
+    pass over the pool through its loader (a folder pool: ``loader_backend`` in
+    ``num_workers`` processes, decoded on ``decode_on`` as the embedding pass did), the VAE
+    on ``device``.  ``readable`` (n,) bool: only those images are read; the others' rows,
+    and those of images unreadable now, stay 0."""
+    from .data.loader_torch import iter_batches
+    from .embed import decode_device
+
     n = len(source)
     if len(mu) != n:
         raise ValueError(f"mu has {len(mu)} rows for a pool of {n} images")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    idx_all = np.arange(n) if readable is None else np.nonzero(np.asarray(readable, bool))[0]
-    if not n:
-        return torch.empty((0, 0))
-    values = int(np.prod(source[int(idx_all[0])][0].shape)) if len(idx_all) else 0
+    values = int(np.prod(source.image_shape)) if n else 0
     check_size(n, values, max_values)
     out = torch.zeros((n, values), dtype=torch.float32)
+    idx_all = np.arange(n) if readable is None else np.nonzero(np.asarray(readable, bool))[0]
+    if not len(idx_all):
+        return out
     vae = vae.to(device)
-    for s in tqdm(range(0, len(idx_all), batch_size), desc="residuals", disable=not progress):
-        idx = idx_all[s:s + batch_size]
-        x, _ = source.get_batch(idx)
-        with torch.no_grad():
-            rec = vae.decode(torch.as_tensor(np.asarray(mu[idx]), dtype=torch.float32, device=device)).cpu()
-        out[torch.as_tensor(idx)] = (x.float() - rec).reshape(len(idx), -1)
+    decode = None if decode_on is None else decode_device(decode_on)
+    with tqdm(total=len(idx_all), desc="residuals", unit="img", disable=not progress) as bar:
+        for b in iter_batches(source, batch_size, indices=idx_all, num_workers=num_workers, backend=loader_backend,
+                              device=decode):
+            idx = b.indices.cpu().numpy()
+            with torch.no_grad():
+                rec = vae.decode(torch.as_tensor(np.asarray(mu[idx]), dtype=torch.float32, device=device))
+                r = (b.images.to(device, torch.float32) - rec).reshape(len(idx), -1)
+            out[torch.as_tensor(idx)] = (r * b.ok.to(r.device, r.dtype)[:, None]).cpu()
+            bar.update(len(idx))
     return out
 
 
@@ -264,13 +274,15 @@ def residual_scan(residuals: torch.Tensor, z: np.ndarray, pred: np.ndarray, labe
 
 def add_residual_findings(result, store, source: ImageSource, vae, out_dir, config: ResidualConfig, *,
                           suspect: np.ndarray | None = None, n_exemplars: int = 16, device: str = "cpu",
-                          progress: bool = False) -> list[dict]:
+                          progress: bool = False, num_workers: int = 0, loader_backend: str | None = None,
+                          decode_on: str | None = None) -> list[dict]:
     """Run the scan on a discovery's store and append its findings to ``result`` (after the
     clusters', ranks following theirs), in the findings.json schema: cluster -1, kind
     "residual", peak (y, x), exemplars (the members of most residual energy in the mask),
     pictures (the members' mean image, the contrast, the mask, the exemplars) under
     ``out_dir``/images, the extracted pattern confirmation pastes, and the pool ranking.
-    Returns the new findings."""
+    ``num_workers``, ``loader_backend``, ``decode_on``: how the pool is re-read
+    (`reconstruction_residuals`).  Returns the new findings."""
     from pathlib import Path
 
     from .discover import _standardise
@@ -285,7 +297,8 @@ def add_residual_findings(result, store, source: ImageSource, vae, out_dir, conf
     labels = np.asarray(store["labels"]).astype(np.int64)
     mu = np.asarray(store["mu"])
     res = reconstruction_residuals(source, mu, vae, config.batch_size, progress, device, readable=ok,
-                                   max_values=config.max_values)
+                                   max_values=config.max_values, num_workers=num_workers,
+                                   loader_backend=loader_backend, decode_on=decode_on)
     shape = tuple(source.image_shape)
     found = residual_scan(res, _standardise(mu), pred, labels, suspect, shape, config, progress)
     img_dir = out_dir / "images"
@@ -294,9 +307,10 @@ def add_residual_findings(result, store, source: ImageSource, vae, out_dir, conf
     for rank, f in enumerate(found, first):
         members = f["members"]
         ranking = np.where(ok, f["ranking"], -np.inf).astype(np.float32)
-        top = members[np.lexsort((members, -ranking[members]))][:n_exemplars]
-        with torch.no_grad():
-            mean_image = source.get_batch(members[:4096])[0].float().mean(0)
+        by_energy = members[np.lexsort((members, -ranking[members]))]
+        top = by_energy[:n_exemplars]
+        # a picture, not a statistic: the mean of the 256 members of most residual energy
+        mean_image = source.get_batch(by_energy[:256])[0].float().mean(0)
         f.update({
             "rank": rank, "cluster": -1, "size": int(len(members)), "exemplars": top.tolist(),
             "members": members.tolist(), "confirm": None, "ranked_by": "residual",

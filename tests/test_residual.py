@@ -242,3 +242,27 @@ def test_scan_without_labels_and_in_colour():
     assert [(f["class"], f["peak"]) for f in found] == [(3, [4, 2])]
     assert found[0]["_mask"].shape == (6, 8) and float(found[0]["_contrast"][1, 4, 2]) < -0.9
     assert average_precision(found[0]["ranking"], carries) > 0.99
+
+
+def test_reconstruction_residuals_of_a_folder_through_its_loader(tmp_path):
+    from PIL import Image
+
+    from spurfast.data.folder import ImageFolderSource
+
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "5.png").write_bytes(b"not an image")        # unreadable: its row stays 0
+    pool = ImageFolderSource(tmp_path, size=16)
+
+    class Zero(torch.nn.Module):
+        def decode(self, mu):
+            return torch.zeros(len(mu), 3, 16, 16)
+
+    readable = np.ones(6, bool)
+    readable[2] = False                                       # left out by the store: not read
+    got = reconstruction_residuals(pool, np.zeros((6, 4), np.float32), Zero(), batch_size=4, readable=readable,
+                                   num_workers=0, loader_backend="torch")
+    want = pool.get_batch([0, 1, 3, 4])[0].reshape(4, -1)
+    np.testing.assert_allclose(got[[0, 1, 3, 4]].numpy(), want.numpy(), atol=1e-6)
+    assert (got[2] == 0).all() and (got[5] == 0).all()
