@@ -107,12 +107,16 @@ def _members(members, n: int) -> np.ndarray:
 
 
 def enriched(members, carries) -> bool:
+    """The members carry the feature at least twice as often as the pool, or, where the pool
+    carries it too often for that (above a third of it), at least halfway from the pool's rate
+    to all of them: a pool of 60% carriers made every candidate "not enriched", even one of
+    carriers alone."""
     carries = np.asarray(carries, bool)
     members = _members(members, len(carries))
     if len(members) == 0 or not carries.any():
         return False
-    rate = carries[members].mean()
-    return bool(rate > 0 and rate >= 2 * carries.mean())
+    rate, prev = carries[members].mean(), carries.mean()
+    return bool(rate > 0 and rate >= min(2 * prev, (1 + prev) / 2))
 
 
 @dataclass

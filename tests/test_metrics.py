@@ -86,6 +86,16 @@ def test_enriched_and_matches():
     assert matches(_cand(3, [0, 1]), f) and not matches(_cand(4, [0, 1]), f)
 
 
+def test_enriched_where_the_pool_mostly_carries_the_feature():
+    carries = np.r_[np.ones(60, bool), np.zeros(40, bool)]       # 60%: twice that is out of reach
+    assert enriched(np.arange(10), carries)                      # carriers alone
+    assert enriched(np.r_[np.arange(8), 60, 61], carries)        # 0.8 = halfway from 0.6 to 1
+    assert not enriched(np.r_[np.arange(7), 60, 61, 62], carries)  # 0.7: hardly more than the pool
+    third = np.r_[np.ones(30, bool), np.zeros(60, bool)]           # a third: both rules agree (2/3)
+    assert enriched(np.r_[np.arange(20), 30, 31, 32, 33, 34, 35, 36, 37, 38, 39], third)
+    assert not enriched(np.r_[np.arange(19), np.arange(30, 41)], third)
+
+
 def test_hit_at_1_and_best_candidate():
     f = _feat()
     perfect = np.r_[np.ones(10), np.zeros(90)]
