@@ -223,6 +223,16 @@ def load_pool(path, size: int, channels: int, class_names=None):
     return src, extra
 
 
+def check_npz_class_count(src, num_classes, what: str, path) -> None:
+    """An .npz's own class_names against --num-classes: with another count, findings of the
+    classes past the names went unnamed, or were named by a list that is not the classifier's
+    (labelled folders are checked by their class folders, `check_labelled_folder`)."""
+    if num_classes and src.class_names and not _labelled_folder(src) and len(src.class_names) != num_classes:
+        raise ValueError(f"{what} {path} names {len(src.class_names)} classes (its class_names), but --num-classes "
+                         f"is {num_classes}; drop --num-classes (the names then give it) or store the classifier's "
+                         f"class names, one per class in label order")
+
+
 def check_class_count(class_names, num_classes: int) -> None:
     """--class-names must name as many classes as --num-classes says the classifier has."""
     n_names = len(read_class_names(class_names))
@@ -456,6 +466,8 @@ def cmd_train_classifier(args):
     src, _ = load_pool(args.data, args.size, args.channels, args.class_names)
     if args.class_names and args.num_classes:   # discover refuses the pair: the model would be of no use with it
         check_class_count(args.class_names, args.num_classes)
+    else:
+        check_npz_class_count(src, args.num_classes, "data", args.data)
     # an .npz's own class names count too: a class without training images still gets an output
     n_classes = args.num_classes or (len(src.class_names) if src.class_names else
                                      int(src.labels().max(initial=-1)) + 1)   # empty: training names it
@@ -507,6 +519,8 @@ def cmd_discover(args):
         # without --num-classes the classifier's output width is checked against the file; with it,
         # a shorter file labelled folders by a partial list and left later classes' findings unnamed
         check_class_count(args.class_names, args.num_classes)
+    else:
+        check_npz_class_count(pool, args.num_classes, "pool", args.pool)
     n_classes = args.num_classes or (len(pool.class_names) if pool.class_names else None)
     clf = load_classifier(args.classifier, arch=args.arch, in_channels=pool.image_shape[0],
                           num_classes=n_classes, image_size=pool.image_shape[1],   # a state_dict needs them

@@ -100,8 +100,11 @@ def test_plant_then_discover_via_cli(tmp_path, capsys):
     assert (d / "run" / "findings.json").is_file() and (d / "run" / "report.html").is_file()
     doc = json.loads((d / "run" / "findings.json").read_text())
     assert f"{len(doc['findings'])} findings{_verdict_counts(doc['findings'])}; report:" in capsys.readouterr().out
-    assert main(args[:-1] + ["--num-classes", "7"]) == 2  # width mismatch named before any work
-    assert "expected (1, 7)" in capsys.readouterr().err
+    assert main(args[:-1] + ["--num-classes", "7"]) == 2  # a count the pool's names deny, before any work
+    assert "names 10 classes (its class_names), but --num-classes is 7" in capsys.readouterr().err
+    np.savez(d / "unnamed.npz", images=pool["images"], labels=pool["labels"])   # the classifier's width, then
+    assert main([*args[:2], str(d / "unnamed.npz"), *args[3:-1], "--num-classes", "7"]) == 2
+    assert "expected (1, 7)" in capsys.readouterr().err   # width mismatch named before any work
     assert main(["report", "--run", str(d / "run")]) == 0
 
 
@@ -1660,6 +1663,21 @@ def test_train_classifier_refuses_class_names_and_num_classes_that_disagree(tmp_
     assert err.startswith(f"error: --class-names {names} names 3 classes, but --num-classes is 5"), err
     assert not list(tmp_path.glob("c5.pt*"))
     assert main(base + ["--out", str(tmp_path / "c3.pt"), "--num-classes", "3"]) == 0, capsys.readouterr().err
+
+
+def test_npz_class_names_and_num_classes_that_disagree_are_refused(tmp_path, capsys):
+    f = tmp_path / "data.npz"
+    np.savez(f, images=np.random.default_rng(0).integers(0, 256, (8, 28, 28), dtype=np.uint8), labels=np.arange(8) % 3,
+             class_names=np.array(["a", "b", "c"]))
+    capsys.readouterr()
+    assert main(["train-classifier", "--data", str(f), "--out", str(tmp_path / "c.pt"), "--num-classes", "5",
+                 "--epochs", "1", "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: data {f} names 3 classes (its class_names), but --num-classes is 5")
+    _models(tmp_path, classes=5)
+    assert main(["discover", "--pool", str(f), "--classifier", str(tmp_path / "clf1x28.pt"), "--vae",
+                 str(tmp_path / "vae1x28.pt"), "--out", str(tmp_path / "run"), "--num-classes", "5", "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: pool {f} names 3 classes (its class_names), but --num-classes is 5")
+    assert not (tmp_path / "run").exists()
 
 
 def test_from_csv_names_an_out_results_md_that_is_not_utf8(tmp_path, capsys):
