@@ -1,4 +1,4 @@
-"""python -m bench {encoder,kmeans,triton-shapes,loader,e2e,plot,all} [--quick] [--csv PATH]"""
+"""python -m bench {encoder,kmeans,triton-shapes,loader,e2e,residual,plot,all} [--quick] [--csv PATH]"""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,7 @@ SUITES = {
     "triton-shapes": "bench.bench_triton_shapes",   # GPU only
     "loader": "bench.bench_loader",
     "e2e": "bench.bench_e2e",
+    "residual": "bench.bench_residual",
 }
 
 

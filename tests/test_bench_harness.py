@@ -588,3 +588,17 @@ def test_a_cpu_device_names_the_processor_model():
     from spurfast.cores import cpu_model
     name = device_name("cpu")
     assert name.startswith(f"cpu:{cpu_model()} x") and name.endswith(f"threads={torch.get_num_threads()}"), name
+
+
+def test_residual_suite_writes_its_rows(tmp_path):
+    import csv
+
+    from bench import bench_residual
+    from bench.harness import ResultWriter
+
+    writer = ResultWriter(tmp_path / "r.csv")
+    bench_residual.run(writer, quick=True, device="cpu")
+    rows = list(csv.DictReader(open(tmp_path / "r.csv")))
+    metrics = {r["metric"] for r in rows if r["op"] == "residual_scan" and r["provider"] == "torch-cpu"}
+    assert {"median_s", "items_per_s", "gbytes_per_s", "s_per_null"} <= metrics, metrics
+    assert all(float(r["value"]) > 0 for r in rows if r["metric"] in ("median_s", "s_per_null"))
