@@ -582,18 +582,20 @@ def _targets(rows, settings) -> list[str]:
                 continue
             ss = vals(s, "model", "spurious_score", f)
             ss = _finite_mean(ss)
-            # judged on the printed (3-decimal) means, so the verdict cannot contradict them
-            ours, theirs = f"{ap['spurfast']:.3f}", f"{best_ap:.3f}"
-            verdict = ("ties with the best baseline (equal to 3 decimals)" if ours == theirs else
-                       "beats every baseline" if float(ours) > float(theirs) else "does NOT beat every baseline")
-            na_ours, na_theirs = nan_seeds(pairs(s, "spurfast", "ap", f)), nan_seeds(pairs(s, best, "ap", f))
-            if na_ours != na_theirs:   # means over different seeds: no verdict
-                verdict = (f"not decided: AP n/a (NaN) in {_seeds_text(na_ours) if na_ours else 'no seed'} of "
-                           f"spurfast, {_seeds_text(na_theirs) if na_theirs else 'no seed'} of {best}")
-            elif na_ours:
-                verdict += f" (means over the seeds with an AP: n/a in {_seeds_text(na_ours)})"
-            L.append(f"- AP `{s}` / {f}: spurfast {ours} vs best baseline {best} {theirs} "
-                     f"(spurious score {ss:.2f}) -> {verdict}")
+            # spurfast, and spurfast+residual where the run has it (evaluate --residual-scan)
+            for m in [m for m in ("spurfast", "spurfast+residual") if aps.get(m) and np.isfinite(ap[m])]:
+                # judged on the printed (3-decimal) means, so the verdict cannot contradict them
+                ours, theirs = f"{ap[m]:.3f}", f"{best_ap:.3f}"
+                verdict = ("ties with the best baseline (equal to 3 decimals)" if ours == theirs else
+                           "beats every baseline" if float(ours) > float(theirs) else "does NOT beat every baseline")
+                na_ours, na_theirs = nan_seeds(pairs(s, m, "ap", f)), nan_seeds(pairs(s, best, "ap", f))
+                if na_ours != na_theirs:   # means over different seeds: no verdict
+                    verdict = (f"not decided: AP n/a (NaN) in {_seeds_text(na_ours) if na_ours else 'no seed'} of "
+                               f"{m}, {_seeds_text(na_theirs) if na_theirs else 'no seed'} of {best}")
+                elif na_ours:
+                    verdict += f" (means over the seeds with an AP: n/a in {_seeds_text(na_ours)})"
+                L.append(f"- AP `{s}` / {f}: {m} {ours} vs best baseline {best} {theirs} "
+                         f"(spurious score {ss:.2f}) -> {verdict}")
     return L
 
 

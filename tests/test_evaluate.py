@@ -972,6 +972,23 @@ def test_an_infinite_ap_is_left_out_of_the_ap_target_as_of_the_tables(tmp_path):
                   "-> beats every baseline (means over the seeds with an AP: n/a in seed 0)"), ln
 
 
+def test_residual_rows_get_their_own_ap_target_line(tmp_path):
+    """evaluate --residual-scan: spurfast+residual is judged against the baselines beside
+    spurfast (a results.csv without it reads as before)."""
+    from spurfast.results_doc import write_results
+    csv_path = _hand_made_results(tmp_path)
+    before = write_results(csv_path, None, tmp_path / "before.md").read_text()
+    text = csv_path.read_text().splitlines()
+    extra = [ln.replace(",spurfast,", ",spurfast+residual,", 1).rsplit(",", 1)[0] + ",0.99"
+             for ln in text if ",spurfast,patch3,ap," in ln]
+    csv_path.write_text("\n".join(text + extra) + "\n")
+    md = write_results(csv_path, None, tmp_path / "RESULTS.md").read_text()
+    lines = [ln for ln in md.splitlines() if ln.startswith("- AP `patch3-n150`")]
+    assert [ln for ln in before.splitlines() if ln.startswith("- AP `patch3-n150`")] == lines[:1]
+    assert lines[1] == ("- AP `patch3-n150` / patch3: spurfast+residual 0.990 vs best baseline pixels 0.900 "
+                        "(spurious score 0.50) -> beats every baseline"), lines
+
+
 def test_a_timing_json_without_the_cpu_figures_leaves_their_line_out(tmp_path):
     """--from-csv beside a timing.json holding the wall time and command only (hand-edited,
     or a run whose os.cpu_count() was None): KeyError 'cpu_s' after the CSVs were read."""
