@@ -24,6 +24,18 @@ log = logging.getLogger("spurfast")
 
 
 @torch.no_grad()
+def same_device(a, b) -> bool:
+    """Whether two device names are one device: "cuda" is the current CUDA device ("cuda" and
+    "cuda:0" were refused as disagreeing), and "cpu" and "cpu:0" are the CPU."""
+    da, db = torch.device(a), torch.device(b)
+    if da.type != db.type:
+        return False
+    if da.type != "cuda":
+        return da.type == "cpu" or da.index == db.index
+    current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return (current if da.index is None else da.index) == (current if db.index is None else db.index)
+
+
 def spurious_score(model, clean, target_class: int, spec: PatternSpec, device="cpu", limit: int = 2000,
                    class_balanced: bool = False) -> float:
     """Yang, Chou & Chaudhuri's (2022) spurious score: the fraction of held-out images (of
@@ -103,7 +115,7 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
         config = DiscoverConfig(seed=seed, device=device)
     elif device is None:
         device = config.device
-    elif torch.device(device) != torch.device(config.device):
+    elif not same_device(device, config.device):
         raise ValueError(f"run_demo: device {device!r} and config.device {config.device!r} disagree; pass one "
                          f"device for training and discovery (or only one of them)")
     try:   # a GPU that is not here failed at training, with overwrite after the old run was deleted

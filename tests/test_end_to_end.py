@@ -123,6 +123,13 @@ def test_a_device_that_contradicts_the_config_is_refused_up_front(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_same_device_names():
+    from spurfast.demo import same_device
+
+    assert same_device("cuda", "cuda:0") and same_device("cpu", "cpu:0") and same_device("cuda:1", "cuda:1")
+    assert not same_device("cuda:1", "cuda:0") and not same_device("cpu", "cuda")
+
+
 def test_a_demo_given_neither_device_nor_config_trains_on_the_cpu(tmp_path, monkeypatch):
     """run_demo(out) with the defaults (no device, no config) made its config on the CPU but
     passed device None on to training: torch.device(None) raised TypeError."""
