@@ -61,13 +61,13 @@ log = logging.getLogger("spurfast.evaluate")
 class Plant:
     family: str
     target_class: int
-    n: str                  # training images stamped: an int as text, or "all"
+    n: str                  # training images stamped: an int (kept as its text), or "all"
     strength: float = 1.0
 
     def __post_init__(self):
         # build_data's int(n) named neither the setting nor the plant; a negative count stamped nothing
         n_ok = self.n == "all" or (isinstance(self.n, str) and self.n.isdecimal()) or \
-            (isinstance(self.n, int) and not isinstance(self.n, bool) and self.n >= 0)
+            (isinstance(self.n, (int, np.integer)) and not isinstance(self.n, bool) and self.n >= 0)
         if not n_ok:
             raise ValueError(f"Plant {self.family!r}: n must be a count of training images >= 0 (as text, "
                              f"e.g. '100') or 'all', got {self.n!r}")
@@ -75,6 +75,8 @@ class Plant:
                 or not 0 <= self.target_class < 10:
             raise ValueError(f"Plant {self.family!r}: target_class must be a class index in 0..9 (Fashion-MNIST "
                              f"and digits have 10), got {self.target_class!r}")
+        # one spelling per count: n=100 and n="100" were two cache keys (a retrained model) for one plant
+        object.__setattr__(self, "n", "all" if self.n == "all" else str(int(self.n)))
 
     @property
     def label(self) -> str:

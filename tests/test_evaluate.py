@@ -1189,4 +1189,9 @@ def test_plants_and_settings_are_checked_when_made():
     for cls in (-1, 10, 3.0, "3"):
         with pytest.raises(ValueError, match=r"Plant 'bar': target_class must be a class index in 0\.\.9"):
             Plant("bar", cls, "10")
-    assert Plant("bar", np.int64(3), 100).n == 100 and Plant("bar", 9, "all").n == "all"
+    assert Plant("bar", np.int64(3), 100).n == "100" and Plant("bar", 9, "all").n == "all"
+    # one cache key per count, however it is spelt
+    from spurfast.evaluate import PRESETS, run_key
+    sizes = PRESETS["quick"]["sizes"]
+    keys = {run_key(Setting("s", (Plant("patch3", 3, n),)), 0, sizes) for n in (150, "150", "0150", np.int64(150))}
+    assert len(keys) == 1, keys
