@@ -49,8 +49,8 @@ from .discover import DiscoverConfig, characterise, discover
 from .embed import _write_json   # atomic: a run killed mid-write left a truncated cache file
 from .metrics import Feature, carried_by, false_findings, false_findings_on_pool_patterns, feature_metrics, matches, recall_at_q
 from .plant import PatternSpec, apply_pattern, fixed_mask, plant_training
-from .results_doc import (DEFAULT_METHODS, METHODS, check_results_md, csv_digests, read_notes, write_csv, write_results,
-                          write_with_notes)
+from .results_doc import (DEFAULT_METHODS, METHODS, RESIDUAL_METHODS, check_results_md, csv_digests, read_notes,
+                          write_csv, write_results, write_with_notes)
 from .support import training_support
 
 log = logging.getLogger("spurfast.evaluate")
@@ -413,10 +413,12 @@ BEST_OF = 10   # findings (candidates) each method's best one is picked from
 # the methods whose findings carry a q-value (a significance test): recall@q and false
 # findings apply to them alone.  Decided per method: a baseline without a test that returned
 # no candidate got recall 0 and 0 false findings, as if it had been tested.
-TESTED_METHODS = ("spurfast", "spurfast+confirm", "spurfast+support", "spurfast+residual", "pixels")
-# opt-in (`run_evaluation(residual=True)`): the default sweep's runs and cache keys do not change
-RESIDUAL = "spurfast+residual"
-assert set(METHODS) == set(DEFAULT_METHODS) | {RESIDUAL}
+TESTED_METHODS = ("spurfast", "spurfast+confirm", "spurfast+support", "spurfast+residual", "spurfast+residual+confirm",
+                  "pixels")
+# opt-in (`run_evaluation(residual=True)`): the default sweep's runs and cache keys do not change.
+# spurfast+residual: spurfast's findings and the residual scan's; +confirm: the confirmed ones of both
+RESIDUAL, RESIDUAL_CONFIRMED = RESIDUAL_METHODS
+assert set(METHODS) == set(DEFAULT_METHODS) | set(RESIDUAL_METHODS)
 _AT_Q = ("recall@q", "false_findings@q", "false_on_pool_pattern@q")
 
 
@@ -570,6 +572,8 @@ def _run_one(rfile: Path, setting: Setting, seed: int, sizes: Sizes, cache: Path
             t = time.time()
             resid = _residual_findings(store, data, vae, clf, seed, sizes)
             cands[RESIDUAL] = _merge_by_q(cands["spurfast"], resid)
+            cands[RESIDUAL_CONFIRMED] = _merge_by_q(cands["spurfast+confirm"],
+                                                    [c for c in resid if confirmed(c["confirm"])])
             timing[RESIDUAL] = timing["spurfast"] + time.time() - t
         for r, c in enumerate(cands["spurfast"], 1):
             true = any(matches(c, f) for f in feats)
@@ -663,7 +667,8 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
                    progress: bool = True, results_md=None, statistic: str = "share",
                    residual: bool = False) -> Path:
     """Run a preset's sweep into ``out_dir`` (results.csv, confirm.csv, plots, RESULTS.md).
-    ``residual``: also the method `RESIDUAL` (spurfast's findings and the residual scan's)."""
+    ``residual``: also the methods `RESIDUAL_METHODS` (spurfast's findings and the residual
+    scan's; the confirmed ones of both)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
     p = PRESETS[preset]

@@ -23,12 +23,13 @@ from .data.sources import utf8_name
 log = logging.getLogger("spurfast.results_doc")
 
 # the methods compared, in table order: spurfast, then the baselines (`spurfast.baselines`)
-# every method a results.csv may hold, in the order tables list them.  spurfast+residual is
-# opt-in (evaluate --residual-scan): `DEFAULT_METHODS` run without it
-METHODS = ("spurfast", "spurfast+confirm", "spurfast+support", "spurfast+residual", "pixels", "george",
-           "activation_clustering", "random")
-OURS = METHODS[:4]   # spurfast's own rows; the rest are baselines
-DEFAULT_METHODS = tuple(m for m in METHODS if m != "spurfast+residual")
+# every method a results.csv may hold, in the order tables list them.  The residual ones are
+# opt-in (evaluate --residual-scan): `DEFAULT_METHODS` run without them
+METHODS = ("spurfast", "spurfast+confirm", "spurfast+support", "spurfast+residual", "spurfast+residual+confirm",
+           "pixels", "george", "activation_clustering", "random")
+OURS = METHODS[:5]   # spurfast's own rows; the rest are baselines
+RESIDUAL_METHODS = ("spurfast+residual", "spurfast+residual+confirm")
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in RESIDUAL_METHODS)
 
 
 def write_csv(path: Path, rows: list[dict], cols: list[str]) -> None:
@@ -582,8 +583,8 @@ def _targets(rows, settings) -> list[str]:
                 continue
             ss = vals(s, "model", "spurious_score", f)
             ss = _finite_mean(ss)
-            # spurfast, and spurfast+residual where the run has it (evaluate --residual-scan)
-            for m in [m for m in ("spurfast", "spurfast+residual") if aps.get(m) and np.isfinite(ap[m])]:
+            # spurfast, and the residual methods where the run has them (evaluate --residual-scan)
+            for m in [m for m in ("spurfast", *RESIDUAL_METHODS) if aps.get(m) and np.isfinite(ap[m])]:
                 # judged on the printed (3-decimal) means, so the verdict cannot contradict them
                 ours, theirs = f"{ap[m]:.3f}", f"{best_ap:.3f}"
                 verdict = ("ties with the best baseline (equal to 3 decimals)" if ours == theirs else
