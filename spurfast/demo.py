@@ -23,7 +23,6 @@ from .report import write_report
 log = logging.getLogger("spurfast")
 
 
-@torch.no_grad()
 def same_device(a, b) -> bool:
     """Whether two device names are one device: "cuda" is the current CUDA device ("cuda" and
     "cuda:0" were refused as disagreeing), and "cpu" and "cpu:0" are the CPU."""
@@ -36,6 +35,7 @@ def same_device(a, b) -> bool:
     return (current if da.index is None else da.index) == (current if db.index is None else db.index)
 
 
+@torch.no_grad()
 def spurious_score(model, clean, target_class: int, spec: PatternSpec, device="cpu", limit: int = 2000,
                    class_balanced: bool = False) -> float:
     """Yang, Chou & Chaudhuri's (2022) spurious score: the fraction of held-out images (of

@@ -9,6 +9,7 @@ from html import escape
 
 import numpy as np
 import pytest
+import torch
 
 from spurfast.confirm import VERDICTS
 from spurfast.demo import run_demo
@@ -202,3 +203,26 @@ def test_bad_epochs_are_refused_before_an_old_run_is_replaced(tmp_path, kw):
     with pytest.raises(ValueError, match=f"run_demo: {name} must be an integer >= 1, got {kw[name]}"):
         run_demo(tmp_path, dataset="digits", progress=False, overwrite=True, **kw)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["findings.json", "run.json"]
+
+
+def test_spurious_score_and_flip_rate_run_without_autograd():
+    """Both only read the model's outputs: no graph kept (a decorator moved off them once)."""
+    from spurfast.data import ArraySource
+    from spurfast.demo import flip_to_target_rate, spurious_score
+    from spurfast.plant import PatternSpec
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            seen.append(torch.is_grad_enabled())
+            return torch.stack([x.flatten(1).mean(1) * self.w[0], x.flatten(1).mean(1)], 1)
+
+    clean = ArraySource(torch.rand(8, 1, 28, 28), np.arange(8) % 2)
+    spurious_score(Probe(), clean, 1, PatternSpec("patch3"))
+    flip_to_target_rate(Probe(), clean, 1, PatternSpec("patch3"))
+    assert seen and not any(seen), seen
