@@ -321,8 +321,6 @@ def _probe(z, g, local, cls):
 def characterise(result: DiscoveryResult, store: EmbeddingStore, source: ImageSource, vae, out_dir: Path,
                  *, seed: int = 0, device: str = "cpu") -> None:
     """Decoded centroid, contrast, mask and exemplar grid for every finding (PNGs in out_dir)."""
-    from .report import save_grid, save_image, save_map
-
     out_dir = Path(out_dir)
     img_dir = out_dir / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -350,14 +348,23 @@ def characterise(result: DiscoveryResult, store: EmbeddingStore, source: ImageSo
         f["_contrast"] = contrast
         f["_pattern"] = mem_mean
         x, _ = source.get_batch(np.asarray(f["exemplars"], dtype=np.int64))
-        f["images"] = {
-            "centroid": save_image(decoded, img_dir / f"finding{r}_centroid.png"),
-            "contrast": save_map(contrast, img_dir / f"finding{r}_contrast.png"),
-            "mask": save_image(torch.as_tensor(mask, dtype=torch.float32).unsqueeze(0), img_dir / f"finding{r}_mask.png"),
-            "grid": save_grid(x, img_dir / f"finding{r}_grid.png"),
-        }
-        for k in f["images"]:
-            f["images"][k] = str(Path(f["images"][k]).relative_to(out_dir))
+        f["images"] = save_finding_images(out_dir, r, decoded, contrast, mask, x)
+
+
+def save_finding_images(out_dir: Path, rank: int, centroid: torch.Tensor, contrast: torch.Tensor,
+                        mask: np.ndarray, exemplars: torch.Tensor) -> dict:
+    """A finding's four pictures under ``out_dir``/images, by their paths relative to
+    ``out_dir`` (the keys of findings.json's ``images``)."""
+    from .report import save_grid, save_image, save_map
+
+    img_dir = Path(out_dir) / "images"
+    paths = {
+        "centroid": save_image(centroid, img_dir / f"finding{rank}_centroid.png"),
+        "contrast": save_map(contrast, img_dir / f"finding{rank}_contrast.png"),
+        "mask": save_image(torch.as_tensor(mask, dtype=torch.float32).unsqueeze(0), img_dir / f"finding{rank}_mask.png"),
+        "grid": save_grid(exemplars, img_dir / f"finding{rank}_grid.png"),
+    }
+    return {k: str(Path(v).relative_to(out_dir)) for k, v in paths.items()}
 
 
 def findings_document(result: DiscoveryResult, extra_config: dict | None = None) -> dict:

@@ -418,7 +418,6 @@ TESTED_METHODS = ("spurfast", "spurfast+confirm", "spurfast+support", "spurfast+
 # opt-in (`run_evaluation(residual=True)`): the default sweep's runs and cache keys do not change.
 # spurfast+residual: spurfast's findings and the residual scan's; +confirm: the confirmed ones of both
 RESIDUAL, RESIDUAL_CONFIRMED = RESIDUAL_METHODS
-assert set(METHODS) == set(DEFAULT_METHODS) | set(RESIDUAL_METHODS)
 _AT_Q = ("recall@q", "false_findings@q", "false_on_pool_pattern@q")
 
 
@@ -452,13 +451,9 @@ def _residual_findings(store, data, vae, clf, seed: int, sizes) -> list[dict]:
     """The residual scan's candidates (`spurfast.residual`) at q <= 0.1, confirmed as
     spurfast's findings are."""
     from .confirm import ConfirmConfig, confirm_findings
-    from .discover import _standardise
-    from .residual import ResidualConfig, reconstruction_residuals, residual_scan
+    from .residual import ResidualConfig, scan_store
 
-    mu = np.asarray(store["mu"])
-    res = reconstruction_residuals(data.pool, mu, vae)
-    found = residual_scan(res, _standardise(mu), np.asarray(store["pred"]), np.asarray(store["labels"]),
-                          data.suspect, tuple(data.pool[0][0].shape), ResidualConfig(fdr=0.1, seed=seed))
+    found, _ = scan_store(store, data.pool, vae, ResidualConfig(fdr=0.1, seed=seed), suspect=data.suspect)
     for r, f in enumerate(found, 1):
         f["rank"] = r
     confirm_findings(found, clf, clean=data.clean, config=ConfirmConfig(max_images=sizes.confirm_images, seed=seed))

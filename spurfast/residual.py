@@ -272,6 +272,28 @@ def residual_scan(residuals: torch.Tensor, z: np.ndarray, pred: np.ndarray, labe
     return findings
 
 
+def scan_store(store, source: ImageSource, vae, config: ResidualConfig, *, suspect: np.ndarray | None = None,
+               device: str = "cpu", progress: bool = False, num_workers: int = 0,
+               loader_backend: str | None = None, decode_on: str | None = None) -> tuple[list[dict], np.ndarray]:
+    """(`residual_scan`'s findings, the rows it could use) of an embedding store's pool: its
+    residuals (`reconstruction_residuals`, read as ``num_workers``, ``loader_backend``,
+    ``decode_on`` say), latents, predictions and labels; images the store could not read or
+    classify take no part."""
+    from .discover import _standardise
+
+    n = store.n
+    suspect = np.zeros(n, bool) if suspect is None else np.asarray(suspect, bool)
+    pred = np.asarray(store["pred"]).astype(np.int64)
+    ok = np.asarray(store["ok"]).astype(bool) & (pred >= 0)
+    mu = np.asarray(store["mu"])
+    res = reconstruction_residuals(source, mu, vae, config.batch_size, progress, device, readable=ok,
+                                   max_values=config.max_values, num_workers=num_workers,
+                                   loader_backend=loader_backend, decode_on=decode_on)
+    found = residual_scan(res, _standardise(mu), np.where(ok, pred, -1), np.asarray(store["labels"]), suspect,
+                          tuple(source.image_shape), config, progress)
+    return found, ok
+
+
 def add_residual_findings(result, store, source: ImageSource, vae, out_dir, config: ResidualConfig, *,
                           suspect: np.ndarray | None = None, n_exemplars: int = 16, device: str = "cpu",
                           progress: bool = False, num_workers: int = 0, loader_backend: str | None = None,
@@ -283,28 +305,13 @@ def add_residual_findings(result, store, source: ImageSource, vae, out_dir, conf
     ``out_dir``/images, the extracted pattern confirmation pastes, and the pool ranking.
     ``num_workers``, ``loader_backend``, ``decode_on``: how the pool is re-read
     (`reconstruction_residuals`).  Returns the new findings."""
-    from pathlib import Path
+    from .discover import save_finding_images
 
-    from .discover import _standardise
-    from .report import save_grid, save_image, save_map
-
-    out_dir = Path(out_dir)
-    n = store.n
-    suspect = np.zeros(n, bool) if suspect is None else np.asarray(suspect, bool)
-    pred = np.asarray(store["pred"]).astype(np.int64)
-    ok = np.asarray(store["ok"]).astype(bool) & (pred >= 0)
-    pred = np.where(ok, pred, -1)
+    found, ok = scan_store(store, source, vae, config, suspect=suspect, device=device, progress=progress,
+                           num_workers=num_workers, loader_backend=loader_backend, decode_on=decode_on)
+    suspect = np.zeros(store.n, bool) if suspect is None else np.asarray(suspect, bool)
     labels = np.asarray(store["labels"]).astype(np.int64)
-    mu = np.asarray(store["mu"])
-    res = reconstruction_residuals(source, mu, vae, config.batch_size, progress, device, readable=ok,
-                                   max_values=config.max_values, num_workers=num_workers,
-                                   loader_backend=loader_backend, decode_on=decode_on)
-    shape = tuple(source.image_shape)
-    found = residual_scan(res, _standardise(mu), pred, labels, suspect, shape, config, progress)
-    img_dir = out_dir / "images"
-    img_dir.mkdir(parents=True, exist_ok=True)
-    first = len(result.findings) + 1
-    for rank, f in enumerate(found, first):
+    for rank, f in enumerate(found, len(result.findings) + 1):
         members = f["members"]
         ranking = np.where(ok, f["ranking"], -np.inf).astype(np.float32)
         by_energy = members[np.lexsort((members, -ranking[members]))]
@@ -320,16 +327,8 @@ def add_residual_findings(result, store, source: ImageSource, vae, out_dir, conf
             "n_unrelated": int(np.sum(labels[members] != f["class"])), "n_suspect": int(suspect[members].sum()),
             "_pattern": mean_image,
         })
-        x, _ = source.get_batch(top)
-        f["images"] = {
-            "centroid": save_image(mean_image, img_dir / f"finding{rank}_centroid.png"),
-            "contrast": save_map(f["_contrast"], img_dir / f"finding{rank}_contrast.png"),
-            "mask": save_image(torch.as_tensor(f["_mask"], dtype=torch.float32).unsqueeze(0),
-                               img_dir / f"finding{rank}_mask.png"),
-            "grid": save_grid(x, img_dir / f"finding{rank}_grid.png"),
-        }
-        for k in f["images"]:
-            f["images"][k] = str(Path(f["images"][k]).relative_to(out_dir))
+        f["images"] = save_finding_images(out_dir, rank, mean_image, f["_contrast"], f["_mask"],
+                                          source.get_batch(top)[0])
         result.rankings[rank] = ranking
         del f["ranking"]
         result.findings.append(f)
