@@ -361,15 +361,6 @@ def test_knn_ties_go_to_the_lower_index(threading_mode):
         assert nn[i].tolist() == [j for j in range(5) if j != i], f"row {i}: {nn[i]}"
 
 
-def _lower_index_knn(z: np.ndarray, k: int) -> np.ndarray:
-    """Brute force: each row's k nearest others by float64 distance, equal distances by
-    the lower index."""
-    n = len(z)
-    D = ((z[:, None].astype(np.float64) - z[None].astype(np.float64)) ** 2).sum(-1)
-    np.fill_diagonal(D, np.inf)
-    return np.stack([np.lexsort((np.arange(n), D[i]))[:k] for i in range(n)])
-
-
 def _check_same_rows(got: np.ndarray, want: np.ndarray, name: str) -> None:
     bad = np.flatnonzero((got != want).any(1))
     assert bad.size == 0, (f"{name}: {bad.size} of {len(want)} rows differ, first row {bad[0]}: "
@@ -390,7 +381,7 @@ def test_knn_equal_distances_with_unequal_scores_go_to_the_lower_index(threading
     for h, d, k in [(40, 2, 5), (150, 3, 10), (61, 1, 4), (300, 7, 12), (2100, 4, 10)]:   # last: 2 row ranges
         half = rng.integers(-3, 4, (h, d)).astype(np.float32)
         z = np.concatenate([half, -half])
-        want = _lower_index_knn(z, k)
+        want = lower_index_knn(z, k)
         _check_same_rows(kcpu.latent_knn(torch.from_numpy(z), k).numpy(), want, f"cpu knn n={2 * h} d={d}")
         _check_same_rows(ref.latent_knn(torch.from_numpy(z), k).numpy(), want, f"reference knn n={2 * h} d={d}")
 
@@ -417,7 +408,7 @@ def test_knn_centres_float64_latents_before_rounding_them_to_fp32(fn):
     # 1e8 + noise: fp32's step there is 8, so a cast before the centring left every row
     # equal, and each row's neighbours came out as the lowest indices
     z = torch.randn(60, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    want = _lower_index_knn(z.numpy(), 4)
+    want = lower_index_knn(z.numpy(), 4)
     _check_same_rows(fn(z + 1e8, 4).numpy(), want, "knn of z + 1e8 (float64)")
 
 
