@@ -10,6 +10,13 @@ mask x contrast, the pattern that confirmation pastes and training support tests
 one is not (additive noise, a background colour: its mask holds about half the image and the
 projection follows the content), so those findings keep the latent ranking.
 
+A cluster's contrast is its pattern plus what is left of its content (members of a mixed cluster
+differ from their content-matched others by a faint garment-sized shadow too): one Otsu cut
+keeps both and the mask is not localised (the patch among three patterns at n = 1000: 42% of the
+image, AP 0.71 by the probe).  A second Otsu cut among the mask's pixels isolates the strong part;
+where that core is localised, the finding is ranked by the pattern inside the core (AP 1.00;
+twenty-third session, docs/RESULTS.md).  A diffuse pattern's second cut halves it and stays diffuse.
+
 Only the latent ranking's first ``top`` images of each localised finding are read (one pass
 over their union, whatever the pool size); they are ordered by the projection (ties by the
 latent order: score, then index) above every other image, which keep the latent order.
@@ -17,9 +24,11 @@ latent order: score, then index) above every other image, which keep the latent 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
+from .characterise import otsu_threshold
 from .data.sources import ImageSource
-from .support import extracted_patterns, pattern_projections, require_patterns
+from .support import pattern_projections, require_patterns
 
 LOCALISED = 0.1    # an extracted mask on at most this fraction of the image's pixels
 TOP = 20_000       # images of each finding's latent ranking re-ranked by the pattern
@@ -29,6 +38,20 @@ def _latent_order(ranking: np.ndarray) -> np.ndarray:
     """Pool indices with a finite latent score, best first (ties by index)."""
     finite = np.nonzero(np.isfinite(ranking))[0]
     return finite[np.lexsort((finite, -ranking[finite]))]
+
+
+def ranking_mask(mask: np.ndarray, contrast, localised: float = LOCALISED) -> np.ndarray | None:
+    """(H, W) bool pixels whose pattern ranks the pool, or None (keep the latent ranking): the
+    extracted mask where it is localised, else its Otsu core (the mask's pixels above a second
+    Otsu cut of |contrast| among them) where that is localised."""
+    mask = np.asarray(mask, bool)
+    if not mask.any():
+        return None
+    if float(mask.mean()) <= localised:
+        return mask
+    mag = torch.as_tensor(contrast).abs().amax(0).numpy()
+    core = mask & (mag > otsu_threshold(mag[mask]))   # no second level among equal values: empty
+    return core if core.any() and float(core.mean()) <= localised else None
 
 
 def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], source: ImageSource, *,
@@ -49,21 +72,21 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
     if batch_size < 1:
         raise ValueError(f"pattern ranking batch_size must be >= 1, got {batch_size}")
     require_patterns(findings)   # before any finding is changed
-    chosen = []
+    chosen, masks = [], []
     for f in findings:
         if f["rank"] not in rankings:
             raise ValueError(f"finding {f['rank']} has no latent ranking (rankings hold {sorted(rankings)})")
-        mask = np.asarray(f["_mask"], bool)
-        local = bool(mask.any()) and float(mask.mean()) <= localised
-        f["ranked_by"] = "pattern" if local else "latent"
-        if local:
+        m = ranking_mask(f["_mask"], f["_contrast"], localised)
+        f["ranked_by"] = "latent" if m is None else "pattern"
+        if m is not None:
             chosen.append(f)
+            masks.append(torch.as_tensor(m))
     if not chosen:
         return
     orders = [_latent_order(np.asarray(rankings[f["rank"]])) for f in chosen]
     heads = [o[:top] for o in orders]
     union = np.unique(np.concatenate(heads))
-    patterns = extracted_patterns(chosen)
+    patterns = torch.stack([torch.as_tensor(f["_contrast"], dtype=torch.float32) * m for f, m in zip(chosen, masks)])
     proj = pattern_projections(source, union, patterns, batch_size, progress, "pattern ranking",
                                num_workers=num_workers, loader_backend=loader_backend, device=device) \
         if len(union) else np.zeros((0, len(chosen)))

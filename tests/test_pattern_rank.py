@@ -5,7 +5,7 @@ import torch
 
 from spurfast.data.sources import ArraySource
 from spurfast.metrics import average_precision
-from spurfast.pattern_rank import pattern_rankings
+from spurfast.pattern_rank import pattern_rankings, ranking_mask
 
 H = W = 10
 PATCH = np.zeros((H, W), bool)
@@ -65,6 +65,46 @@ def test_a_diffuse_pattern_keeps_the_latent_ranking():
     assert [f["ranked_by"] for f in fs] == ["latent", "latent"]
     np.testing.assert_array_equal(rankings[1], latent)
     np.testing.assert_array_equal(rankings[2], latent)
+
+
+def _shadowed_patch():
+    """A mixed cluster's contrast: the patch (0.8) plus a faint shadow of content (-0.2 on 60% of
+    the image), in a pool whose images vary inside the shadow far more than the patch does."""
+    contrast = torch.zeros(1, H, W)
+    contrast[0, 4:, :] = -0.2                               # members' garments a little darker
+    contrast[0, :2, :2] = 0.8
+    mask = contrast[0].abs().numpy() > 0.05                 # one Otsu cut keeps both: 64% of the image
+    return {"rank": 1, "class": 0, "_mask": mask, "_contrast": contrast}
+
+
+def test_a_pattern_inside_a_faint_shadow_ranks_by_its_core():
+    """The mask is not localised but its strong core is: the pool is ranked by the patch alone
+    (the whole mask's projection follows the content and misses carriers)."""
+    rng = np.random.default_rng(3)
+    x = _pool().get_batch(np.arange(N))[0].numpy()
+    x[:, :, 4:, :] = rng.uniform(0, 1, (N, 1, 1, 1))      # each image's garment: one brightness
+    src = ArraySource(x, np.zeros(N, int), name="shadowed")
+    latent = rng.normal(size=N)
+    f = _shadowed_patch()
+    assert ranking_mask(f["_mask"], f["_contrast"]).sum() == 4            # the patch's 4 pixels
+    rankings = {1: latent.copy()}
+    pattern_rankings([f], rankings, src)
+    assert f["ranked_by"] == "pattern"
+    assert average_precision(rankings[1], _carries()) == pytest.approx(1.0)
+    whole = (f["_contrast"] * torch.as_tensor(f["_mask"])).reshape(-1).numpy()
+    assert average_precision(x.reshape(N, -1) @ whole, _carries()) < 0.5   # the one-cut mask's ranking
+
+
+def test_a_diffuse_mask_whose_core_is_diffuse_too_keeps_the_latent_ranking():
+    """Noise-like contrast on half the image: the second cut halves it, still 25% of the image."""
+    contrast = torch.zeros(1, H, W)
+    contrast[0, :, :5] = torch.linspace(0.2, 1.0, 50).reshape(H, 5)
+    mask = contrast[0].numpy() > 0
+    assert ranking_mask(mask, contrast) is None
+    rankings = {1: np.random.default_rng(4).normal(size=N)}
+    f = {"rank": 1, "class": 0, "_mask": mask, "_contrast": contrast}
+    pattern_rankings([f], rankings, _pool())
+    assert f["ranked_by"] == "latent"
 
 
 def test_only_the_latent_head_is_read_and_reordered():
