@@ -5,7 +5,8 @@ One command runs a sweep of planted settings x seeds, runs spurfast and the base
 
 - ``results.csv``: long format, one row per (setting, seed, method, feature, metric);
 - ``confirm.csv``: one row per spurfast finding (true or false finding, flip rates, the
-  pool pattern most of its members carry);
+  pool pattern most of its members carry; ``family``: a cluster, or with ``--residual-scan``
+  a class the residual scan found);
 - ``plots/*.png`` and ``RESULTS.md`` (`spurfast.results_doc`, from the CSVs only;
   ``--from-csv`` redoes them without running anything).
 
@@ -461,6 +462,23 @@ def _residual_findings(store, data, vae, clf, seed: int, sizes) -> list[dict]:
              "mask": f["_mask"], "confirm": f.get("confirm"), "support": None} for f in found]
 
 
+def _confirm_row(setting: str, seed: int, rank: int, c: dict, feats: list[Feature], pool_feats: list[Feature],
+                 family: str) -> dict:
+    """confirm.csv's row of one finding (candidate ``c``, ``rank`` within its ``family``: "cluster"
+    for spurfast's clusters, "residual" for the residual scan's classes)."""
+    cf, sup = c["confirm"] or {}, c["support"] or {}
+    return {"setting": setting, "seed": seed, "family": family, "rank": rank, "class": c["class"],
+            "q_value": c["q_value"], "true_finding": int(any(matches(c, f) for f in feats)),
+            "flip_rate": cf.get("flip_rate"), "control_flip_rate": cf.get("control_flip_rate"),
+            "p_value": cf.get("p_value"), "content_flip_rate": cf.get("content_flip_rate"),
+            "content_p_value": cf.get("content_p_value"), "confirm_q_value": cf.get("q_value"),
+            "confirmed": int(confirmed(c["confirm"])), "support_p_value": sup.get("p_value"),
+            "support_q_value": sup.get("q_value"), "supported": int(bool(sup.get("supported"))),
+            # the pool pattern most members carry, if any (a true finding's, or the model
+            # reacting to a pool pattern in another class)
+            "pool_pattern": next((f.name for f in pool_feats if carried_by(c, [f])), "")}
+
+
 def _merge_by_q(clusters: list[dict], residual: list[dict]) -> list[dict]:
     """One list of two families' findings: the clusters' order kept, each residual finding
     (sorted by q) before the first cluster finding of a larger q-value."""
@@ -482,7 +500,9 @@ def run_key(setting: Setting, seed: int, sizes: Sizes, methods=DEFAULT_METHODS, 
                              # 17: localised findings rank the pool by their pattern;
                              # 18: support counts ties at its threshold both ways;
                              # 19: a localised Otsu core of a diffuse mask ranks by its pattern
-                 **({} if statistic == "share" else {"statistic": statistic})})
+                 **({} if statistic == "share" else {"statistic": statistic}),
+                 # the residual scan's findings got confirm.csv rows (the default sweep's keys kept)
+                 **({"residual_confirm_rows": 1} if RESIDUAL in methods else {})})
 
 
 def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress: bool = False,
@@ -571,20 +591,11 @@ def _run_one(rfile: Path, setting: Setting, seed: int, sizes: Sizes, cache: Path
             cands[RESIDUAL_CONFIRMED] = _merge_by_q(cands["spurfast+confirm"],
                                                     [c for c in resid if confirmed(c["confirm"])])
             timing[RESIDUAL] = timing["spurfast"] + time.time() - t
-        for r, c in enumerate(cands["spurfast"], 1):
-            true = any(matches(c, f) for f in feats)
-            cf = c["confirm"] or {}
-            crow.append({"setting": setting.name, "seed": seed, "rank": r, "class": c["class"], "q_value": c["q_value"],
-                         "true_finding": int(true), "flip_rate": cf.get("flip_rate"),
-                         "control_flip_rate": cf.get("control_flip_rate"), "p_value": cf.get("p_value"),
-                         "content_flip_rate": cf.get("content_flip_rate"), "content_p_value": cf.get("content_p_value"),
-                         "confirm_q_value": cf.get("q_value"), "confirmed": int(confirmed(c["confirm"])),
-                         "support_p_value": (c["support"] or {}).get("p_value"),
-                         "support_q_value": (c["support"] or {}).get("q_value"),
-                         "supported": int(bool((c["support"] or {}).get("supported"))),
-                         # the pool pattern most members carry, if any (a true finding's, or the
-                         # model reacting to a pool pattern in another class)
-                         "pool_pattern": next((f.name for f in data.features if carried_by(c, [f])), "")})
+        crow += [_confirm_row(setting.name, seed, r, c, feats, data.features, "cluster")
+                 for r, c in enumerate(cands["spurfast"], 1)]
+        if RESIDUAL in methods:   # ranked within their own family, as the scan's q-values are
+            crow += [_confirm_row(setting.name, seed, r, c, feats, data.features, "residual")
+                     for r, c in enumerate(resid, 1)]
     if "pixels" in methods:
         t = time.time()
         cands["pixels"] = B.pixels(store, data.pool, cfg, suspect=data.suspect)
@@ -697,7 +708,9 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
     for r in rows:
         r["preset"] = preset
     write_csv(out / "results.csv", rows, ["preset", "setting", "seed", "method", "feature", "metric", "value"])
-    write_csv(out / "confirm.csv", crows, ["setting", "seed", "rank", "class", "q_value", "true_finding", "flip_rate",
+    for c in crows:   # runs cached before the residual scan's rows were written hold clusters only
+        c.setdefault("family", "cluster")
+    write_csv(out / "confirm.csv", crows, ["setting", "seed", "family", "rank", "class", "q_value", "true_finding", "flip_rate",
                                            "control_flip_rate", "p_value", "content_flip_rate", "content_p_value",
                                            "confirm_q_value", "confirmed", "pool_pattern", "support_p_value",
                                            "support_q_value", "supported"])

@@ -332,13 +332,17 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
               "Verdicts (`spurfast.confirm.VERDICTS`): *confirmed* beats both controls (and, where the run adjusted "
               "for its number of findings, its Benjamini-Hochberg q-value is <= 0.05); *weak*: beats both, not after "
               "that adjustment; *class content*: genuine class content in the same place moves the model as much; "
-              "*not specific*: random patterns of the same area and intensity move it as much; *no effect*: neither.",
+              "*not specific*: random patterns of the same area and intensity move it as much; *no effect*: neither."
+              + (" Rows marked *residual scan*: the classes `--residual-scan` found (`spurfast.residual`), confirmed "
+                 "the same way." if any(c["family"] == "residual" for c in crows) else ""),
               "", "| setting | findings | kind | mean flip rate | mean random-control flip rate | mean content-control "
               "flip rate | confirmed | weak | class content | not specific | no effect |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in dict.fromkeys(c["setting"] for c in crows):
-            for kind, lab in (("1", "true"), ("0", "false")):
-                cs = [c for c in crows if c["setting"] == s and c["true_finding"] == kind and c["flip_rate"] != ""]
+            for fam, kind, lab in (("cluster", "1", "true"), ("cluster", "0", "false"),
+                                   ("residual", "1", "true (residual scan)"), ("residual", "0", "false (residual scan)")):
+                cs = [c for c in crows if c["setting"] == s and c["family"] == fam and c["true_finding"] == kind
+                      and c["flip_rate"] != ""]
                 if not cs:
                     continue
                 fl = [float(c["flip_rate"]) for c in cs]
@@ -402,10 +406,11 @@ def _check_confirm_rows(crows: list[dict], path) -> None:
             raise ValueError(f"{path} line {line}: no {', '.join(blank)} beside its "
                              f"{'flip_rate' if blank[0] != 'content_flip_rate' else 'content_p_value'} "
                              f"(edited?); confirmation writes both")
-        key = (c["setting"], c.get("seed"), c.get("rank"))
-        if key[2] is not None and key in seen:   # counted twice in the verdict table
+        c["family"] = c.get("family") or "cluster"   # written before the residual scan had rows
+        key = (c["setting"], c.get("seed"), c["family"], c.get("rank"))
+        if key[3] is not None and key in seen:   # counted twice in the verdict table
             raise ValueError(f"{path}: line {line} repeats line {seen[key]} (setting {key[0]!r}, seed {key[1]}, "
-                             f"rank {key[2]}); remove one")
+                             f"{key[2]} rank {key[3]}); remove one")
         seen[key] = line
 
 
@@ -656,9 +661,13 @@ def _plots(rows, crows, plots_dir: Path, rel_to: Path) -> list[str]:
         axes = fig.subplots(1, 2, sharey=True)
         for ax, key, name in zip(axes, ("control_flip_rate", "content_flip_rate"),
                                  ("random-pattern control", "content control")):
-            for kind, col, lab in (("0", "tab:gray", "false finding"), ("1", "tab:red", "true finding")):
-                sel = [c for c in cs if c["true_finding"] == kind and c.get(key, "") != ""]
-                ax.scatter([float(c[key]) for c in sel], [float(c["flip_rate"]) for c in sel], c=col, label=lab, s=18)
+            for fam, kind, col, lab in (("cluster", "0", "tab:gray", "false finding"), ("cluster", "1", "tab:red", "true finding"),
+                                        ("residual", "0", "tab:blue", "false (residual scan)"),
+                                        ("residual", "1", "tab:orange", "true (residual scan)")):
+                sel = [c for c in cs if c["family"] == fam and c["true_finding"] == kind and c.get(key, "") != ""]
+                if sel or fam == "cluster":   # no legend entry for the residual scan where it did not run
+                    ax.scatter([float(c[key]) for c in sel], [float(c["flip_rate"]) for c in sel], c=col, label=lab,
+                               s=18, marker="o" if fam == "cluster" else "x")
             ax.plot([0, 1], [0, 1], "k:", lw=0.8)
             ax.set_xlabel(f"{name} flip rate")
             ax.legend(fontsize=7)

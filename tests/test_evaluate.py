@@ -95,6 +95,26 @@ def test_rerun_uses_the_cache(tiny):
     assert extra.read_text().count(NOTES) == 1 and extra.read_text().endswith(NOTES + "\ndocs notes\n")
 
 
+def test_residual_findings_get_confirm_rows(tiny, tmp_path, monkeypatch):
+    """--residual-scan: every class the scan found gets a confirm.csv row (family "residual",
+    ranked within the scan's findings); the clusters' rows are those of the default sweep."""
+    import spurfast.evaluate as E
+    out, _ = tiny
+
+    def scan(store, data, vae, clf, seed, sizes):
+        return [{"class": 3, "members": np.arange(4), "ranking": np.zeros(store.n), "q_value": 0.02, "mask": None,
+                 "confirm": {"flip_rate": 0.4, "control_flip_rate": 0.0, "p_value": 1e-6}, "support": None}]
+    monkeypatch.setattr(E, "_residual_findings", scan)
+    run_evaluation("tiny", tmp_path / "res", cache=out / "cache", progress=False, residual=True)
+    rows = _rows(tmp_path / "res" / "confirm.csv")
+    resid = [r for r in rows if r["family"] == "residual"]
+    assert [(r["setting"], r["rank"], r["class"], r["flip_rate"], r["confirmed"]) for r in resid] == \
+        [(s.name, "1", "3", "0.4", "1") for s in PRESETS["tiny"]["settings"]]
+    clusters = [r for r in rows if r["family"] == "cluster"]
+    assert clusters == _rows(out / "confirm.csv") and clusters
+    assert "false (residual scan)" in (tmp_path / "res" / "RESULTS.md").read_text()   # class 3 of a clean model
+
+
 def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="unknown preset"):
         run_evaluation("huge", tmp_path)
@@ -932,8 +952,28 @@ def test_a_row_given_twice_is_refused_not_counted_twice(tmp_path):
     _hand_made_results(tmp_path)
     (tmp_path / "confirm.csv").write_text("setting,seed,rank,true_finding,flip_rate,control_flip_rate,p_value\n"
                                           + "patch3-n150,0,1,1,0.5,0.0,1e-9\n" * 2)
-    with pytest.raises(ValueError, match=r"confirm\.csv: line 3 repeats line 2 \(setting 'patch3-n150', seed 0, rank 1\)"):
+    with pytest.raises(ValueError, match=r"confirm\.csv: line 3 repeats line 2 \(setting 'patch3-n150', seed 0, "
+                                         r"cluster rank 1\)"):
         write_results(csv_path, tmp_path / "confirm.csv", tmp_path / "RESULTS.md")
+
+
+def test_residual_scan_rows_of_confirm_csv_are_their_own_family(tmp_path):
+    """The residual scan's findings are ranked in their own family: its rank 1 beside the
+    clusters' rank 1 is no repeat, and the verdict table gives them rows of their own."""
+    from spurfast.results_doc import write_results
+    csv_path = _hand_made_results(tmp_path)
+    conf = tmp_path / "confirm.csv"
+    conf.write_text("setting,seed,family,rank,true_finding,flip_rate,control_flip_rate,p_value\n"
+                    "patch3-n150,0,cluster,1,1,0.5,0.0,1e-9\n"
+                    "patch3-n150,0,residual,1,0,0.25,0.0,0.5\n")
+    md = write_results(csv_path, conf, tmp_path / "RESULTS.md").read_text()
+    assert "| patch3-n150 | 1 | true | 0.500 | 0.000 |" in md
+    assert "| patch3-n150 | 1 | false (residual scan) | 0.250 | 0.000 |" in md
+    assert "Rows marked *residual scan*" in md
+    conf.write_text("setting,seed,rank,true_finding,flip_rate,control_flip_rate,p_value\n"   # before the column
+                    "patch3-n150,0,1,1,0.5,0.0,1e-9\n")
+    md = write_results(csv_path, conf, tmp_path / "RESULTS.md").read_text()
+    assert "| patch3-n150 | 1 | true | 0.500 | 0.000 |" in md and "residual scan" not in md
 
 
 def test_a_hand_edited_confirm_csv_is_read_or_named(tmp_path):
