@@ -410,8 +410,10 @@ def write_outputs(result: DiscoveryResult, out_dir: Path, extra_config: dict | N
     _write_csv(out_dir / "findings.csv", rows)
     rows = [["class", "cluster", "size", "n_unrelated", "n_suspect", "score", "p_value", "q_value"]]
     for cl in sorted(result.clusters, key=lambda c: -c["score"]):
+        # p and q as they are (shortest round trip): `spurfast report` reads q back against the
+        # FDR level, and 4 digits turned q = 0.10004 into 0.1, significant in its plot
         rows.append([cl["cls"], cl["cluster"], cl["size"], cl["n_unrelated"], cl["n_suspect"],
-                     f"{cl['score']:.4g}", f"{cl['p_value']:.4g}", f"{cl['q_value']:.4g}"])
+                     f"{cl['score']:.4g}", repr(float(cl["p_value"])), repr(float(cl["q_value"]))])
     _write_csv(out_dir / "clusters.csv", rows)
     rk = out_dir / "rankings"
     rk.mkdir(exist_ok=True)

@@ -533,3 +533,17 @@ def test_a_torch_device_in_the_config_is_recorded_by_its_name(tmp_path):
     write_outputs(discover(store, cfg, progress=False), tmp_path / "out")
     assert json.loads((tmp_path / "out" / "findings.json").read_text())["config"]["discover"]["device"] == "cpu"
     assert cfg.device == "cpu"
+
+
+def test_clusters_csv_keeps_q_values_whole(tmp_path):
+    """clusters.csv gave p and q to 4 digits: q = 0.10004 read back as 0.1, inside an FDR of
+    0.1 (the report's score plot drew it significant)."""
+    import csv
+
+    from spurfast.discover import DiscoveryResult, write_outputs
+    cl = {"cls": 0, "cluster": 0, "size": 3, "n_unrelated": 3, "n_suspect": 0, "score": 1.0, "p_value": 0.0123456789,
+          "q_value": 0.10004}
+    write_outputs(DiscoveryResult([], [cl], {}, {}, {}), tmp_path)
+    with open(tmp_path / "clusters.csv") as fh:
+        row = next(csv.DictReader(fh))
+    assert float(row["q_value"]) == 0.10004 > 0.1 and float(row["p_value"]) == 0.0123456789
