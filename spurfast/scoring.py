@@ -262,14 +262,20 @@ def size_matched_pvalues(scores: np.ndarray, n_unrelated: np.ndarray, null: np.n
     if len(null) == 0:
         return np.ones(len(scores)), np.zeros(len(scores), np.int64), np.ones(len(scores), bool)
     log_null = np.log1p(np.asarray(null_n_unrelated, np.float64))
+    size_null = np.asarray(null_n_unrelated, np.float64) + 1.0
     n_unrelated = np.asarray(n_unrelated)
+
+    def within(a, b):
+        # (n + 1) sizes within the factor by products, not a difference of logarithms: at
+        # exactly the factor log rounding let in 3 and 7 unrelated but kept out 4 and 9
+        return (a <= SIZE_FACTOR * b) & (b <= SIZE_FACTOR * a)
     out, n_ref, beat = np.empty(len(scores)), np.empty(len(scores), np.int64), np.empty(len(scores), bool)
     # The null grouped by size once, each size's scores sorted: a window is a set of whole
     # sizes, so its counts are per-size binary searches.  Masking and sorting the whole null
     # per distinct size instead cost O(#sizes x #null): 22 s a call at 13,000 clusters x 120
     # permutations.  Distances are taken per size value exactly as per null cluster, so the
     # windows (and every output) are the same.
-    sizes, size_of = np.unique(log_null, return_inverse=True)
+    sizes, size_of = np.unique(size_null, return_inverse=True)
     by_size = np.lexsort((null, size_of))
     sorted_null = null[by_size]
     counts = np.bincount(size_of, minlength=len(sizes))
@@ -279,13 +285,13 @@ def size_matched_pvalues(scores: np.ndarray, n_unrelated: np.ndarray, null: np.n
         ln = np.log1p(float(n))
         here = n_unrelated == n
         floor = _tie_floor(scores[here])   # ties do not beat, and count as >=
-        in_window = np.abs(sizes - ln) <= np.log(SIZE_FACTOR)
+        in_window = within(sizes, float(n) + 1.0)
         n_window = int(counts[in_window].sum())
         if n_window < min_reference:   # widened to the nearest null clusters: by cluster, as before
             dist = np.abs(log_null - ln)
             ref = np.zeros(len(null), bool)
             ref[np.argsort(dist, kind="stable")[:min_reference]] = True
-            window = dist <= np.log(SIZE_FACTOR)
+            window = within(size_null, float(n) + 1.0)
             # with no null cluster of its size, "beat them all" would hold for any score: ask
             # it of the clusters it was compared with instead (none, with min_reference=0: beaten
             # as an empty null is; max() of nothing raised numpy's "zero-size array" error)

@@ -401,15 +401,17 @@ def test_kmeans_group_ids_that_are_not_whole_numbers_or_one_per_point_are_refuse
 
 def _size_matched_by_cluster(scores, n_unrelated, null, null_n_unrelated, min_reference=100):
     """size_matched_pvalues as first written: every distinct size masks and sorts the whole
-    null (O(#sizes x #null)); the grouped version must give the same arrays."""
+    null (O(#sizes x #null)), the window by (n + 1) products as now; the grouped version must
+    give the same arrays."""
     from spurfast.scoring import SIZE_FACTOR, _tie_floor
 
     scores, null = np.asarray(scores, np.float64), np.asarray(null, np.float64)
+    size_null = np.asarray(null_n_unrelated, np.float64) + 1
     log_null = np.log1p(np.asarray(null_n_unrelated, np.float64))
     out, n_ref, beat = np.empty(len(scores)), np.empty(len(scores), np.int64), np.empty(len(scores), bool)
     for n in np.unique(n_unrelated):
         dist = np.abs(log_null - np.log1p(float(n)))
-        window = dist <= np.log(SIZE_FACTOR)
+        window = (size_null <= SIZE_FACTOR * (n + 1)) & (n + 1 <= SIZE_FACTOR * size_null)
         here = n_unrelated == n
         ref = window
         if ref.sum() < min_reference:
@@ -561,3 +563,16 @@ def test_a_nan_score_is_refused_not_the_most_significant():
         size_matched_pvalues(np.array([1.0]), np.array([3]), np.full(200, np.nan), np.full(200, 3))
     with pytest.raises(ValueError, match="scores has 1 NaN"):
         permutation_pvalues(np.array([np.nan]), np.array([1.0, 2.0]))
+
+
+def test_size_window_includes_clusters_at_exactly_the_size_factor():
+    """Sizes were compared as a difference of logarithms: at exactly the factor ((n + 1) twice
+    the other's) rounding kept 4 and 9 unrelated apart but put 3 and 7 together."""
+    for small, large in ((4, 9), (3, 7), (10, 21)):
+        null_sizes = np.r_[np.full(50, small), np.full(50, large)]
+        null = np.r_[np.zeros(50), np.full(50, 10.0)]          # the larger null clusters all score higher
+        p, n_ref, _ = size_matched_pvalues(np.array([5.0]), np.array([small]), null, null_sizes, min_reference=10)
+        assert n_ref.tolist() == [100] and p[0] == pytest.approx(51 / 101), (small, large)
+        p, n_ref, _ = size_matched_pvalues(np.array([5.0]), np.array([small]), null, np.r_[null_sizes[:50],
+                                           np.full(50, large + 1)], min_reference=10)   # past the factor: out
+        assert n_ref.tolist() == [50] and p[0] == pytest.approx(1 / 51), (small, large)
