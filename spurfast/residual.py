@@ -258,7 +258,7 @@ def residual_scan(residuals: torch.Tensor, z: np.ndarray, pred: np.ndarray, labe
         # the pattern the members carry: their mean residual against the t-map's second group
         # (unrelated images called another class), what confirmation adds onto clean images
         others = rows[(p_obs != c) & (lab != c)]
-        contrast = residuals[members].double().mean(0) - residuals[others].double().mean(0)
+        contrast = _mean_rows(residuals, members) - _mean_rows(residuals, others)
         tmap = _pixel_maps(obs[c:c + 1], image_shape)[0]
         peak = np.unravel_index(int(torch.argmax(tmap)), tmap.shape)
         findings.append({
@@ -270,6 +270,15 @@ def residual_scan(residuals: torch.Tensor, z: np.ndarray, pred: np.ndarray, labe
         })
     findings.sort(key=lambda f: (f["q_value"], -f["score"]))
     return findings
+
+
+def _mean_rows(values: torch.Tensor, rows: np.ndarray, chunk: int = 4096) -> torch.Tensor:
+    """float64 mean of ``values[rows]``, ``chunk`` rows at a time: a float64 copy of every other
+    class's residuals was n x P x 8 bytes (512 MB at the scan's largest pool) per finding."""
+    total = torch.zeros(values.shape[1:], dtype=torch.float64)
+    for s in range(0, len(rows), chunk):
+        total += values[torch.as_tensor(rows[s:s + chunk])].double().sum(0)
+    return total / len(rows)
 
 
 def scan_store(store, source: ImageSource, vae, config: ResidualConfig, *, suspect: np.ndarray | None = None,

@@ -266,3 +266,18 @@ def test_reconstruction_residuals_of_a_folder_through_its_loader(tmp_path):
     want = pool.get_batch([0, 1, 3, 4])[0].reshape(4, -1)
     np.testing.assert_allclose(got[[0, 1, 3, 4]].numpy(), want.numpy(), atol=1e-6)
     assert (got[2] == 0).all() and (got[5] == 0).all()
+
+
+@pytest.mark.parametrize("n_rows", [0, 1, 7, 4097])
+def test_mean_rows_in_chunks_is_the_mean(n_rows):
+    """A finding's contrast averages every other class's residuals chunk by chunk (a float64
+    copy of them all was n x P x 8 bytes); the mean is the one-shot mean's."""
+    from spurfast.residual import _mean_rows
+    values = torch.randn(5000, 3, 5, 7)
+    rows = np.sort(np.random.default_rng(n_rows).choice(5000, n_rows, replace=False))
+    got = _mean_rows(values, rows, chunk=1000)
+    assert got.dtype == torch.float64 and got.shape == (3, 5, 7)
+    if n_rows:
+        torch.testing.assert_close(got, values[torch.as_tensor(rows)].double().mean(0), rtol=1e-12, atol=1e-12)
+    else:
+        assert torch.isnan(got).all()   # no other image: no contrast, as an empty mean
