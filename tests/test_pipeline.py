@@ -667,3 +667,18 @@ def test_a_config_device_of_none_or_a_torch_device_runs(tmp_path, device):
     doc, _, _ = run_discovery(pool, clf, vae, tmp_path / "run", num_classes=2, confirm=False, progress=False,
                               config=DiscoverConfig(n_null=4, device=device))
     assert doc["config"]["discover"]["device"] == "cpu" and (tmp_path / "run" / "findings.json").is_file()
+
+
+def test_auto_dataset_falls_back_to_digits_without_the_test_split(tmp_path, caplog):
+    """A Fashion-MNIST folder with the training split only was taken for the dataset, and the
+    demo then failed on the missing test files instead of using digits."""
+    import gzip
+    import struct
+    imgs = np.zeros((20, 28, 28), np.uint8)
+    for stem, arr in (("train-images-idx3-ubyte", imgs), ("train-labels-idx1-ubyte", np.arange(20, dtype=np.uint8) % 10)):
+        with gzip.open(tmp_path / f"{stem}.gz", "wb") as fh:
+            fh.write(b"\x00\x00\x08" + bytes([arr.ndim]) + struct.pack(">" + "I" * arr.ndim, *arr.shape) + arr.tobytes())
+    with caplog.at_level("WARNING", logger="spurfast"):
+        data = P.make_planted_data("auto", n_train_per_class=20, n_poisoned="5", n_suspect=50, fashion_root=tmp_path)
+    assert "Fashion-MNIST not found: using scikit-learn's digits" in caplog.text
+    assert data.train.image_shape == (1, 28, 28) and len(data.train) > 20
