@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import time
@@ -73,6 +74,16 @@ class PoolSpec:
         if self.max_size > _JPEG_MAX_SIDE:
             raise ValueError(f"image sizes must be at most {_JPEG_MAX_SIDE:,} (the largest JPEG side), got "
                              f"--size {self.min_size}:{self.max_size}")
+        from PIL import Image
+
+        # past PIL's decompression-bomb limit both loaders mark an image bad (unread): a pool
+        # of 20,000 px images was written in full and then embedded as nothing
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and self.max_size ** 2 > 2 * limit:
+            raise ValueError(f"--size {self.min_size}:{self.max_size}: images of up to {self.max_size:,} x "
+                             f"{self.max_size:,} pixels pass PIL's limit of {2 * limit:,} pixels, and both loaders "
+                             f"would mark those unreadable; at most {math.isqrt(2 * limit):,} per side (or raise "
+                             f"PIL.Image.MAX_IMAGE_PIXELS)")
         if not 1 <= self.quality <= 100:
             raise ValueError(f"--quality must be in [1, 100], got {self.quality}")
         # numpy's seeding refused a negative one in the workers, after the folder was made,

@@ -2,6 +2,7 @@
 the folder source's order, with the planted pattern where the loader puts it."""
 import csv
 import json
+import math
 
 import numpy as np
 import pytest
@@ -366,6 +367,17 @@ def test_sizes_past_the_largest_jpeg_are_refused_before_anything_is_written(tmp_
     assert not (tmp_path / "p").exists()
     with pytest.raises(ValueError, match=r"at most 65,500"):
         PoolSpec(n=1, min_size=65501, max_size=65501).validate()
+
+
+def test_sizes_past_pils_pixel_limit_are_refused(monkeypatch):
+    """Images past PIL's decompression-bomb limit (2 x MAX_IMAGE_PIXELS) are marked bad by both
+    loaders: such a pool was written in full and then embedded as nothing."""
+    from PIL import Image
+    side = math.isqrt(2 * Image.MAX_IMAGE_PIXELS)
+    PoolSpec(n=1, min_size=64, max_size=side).validate()
+    with pytest.raises(ValueError, match=rf"PIL's limit .* at most {side:,} per side"):
+        PoolSpec(n=1, min_size=64, max_size=side + 1).validate()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)      # the user lifted the limit
     PoolSpec(n=1, min_size=65500, max_size=65500).validate()
 
 
