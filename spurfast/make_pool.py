@@ -77,7 +77,7 @@ class PoolSpec:
         from PIL import Image
 
         # past PIL's decompression-bomb limit both loaders mark an image bad (unread): a pool
-        # of 20,000 px images was written in full and then embedded as nothing
+        # of 20,000 px images would be written in full and then embedded as nothing
         limit = Image.MAX_IMAGE_PIXELS
         if limit is not None and self.max_size ** 2 > 2 * limit:
             raise ValueError(f"--size {self.min_size}:{self.max_size}: images of up to {self.max_size:,} x "

@@ -371,7 +371,7 @@ def test_sizes_past_the_largest_jpeg_are_refused_before_anything_is_written(tmp_
 
 def test_sizes_past_pils_pixel_limit_are_refused(monkeypatch):
     """Images past PIL's decompression-bomb limit (2 x MAX_IMAGE_PIXELS) are marked bad by both
-    loaders: such a pool was written in full and then embedded as nothing."""
+    loaders: such a pool would be written in full and then embedded as nothing."""
     from PIL import Image
     side = math.isqrt(2 * Image.MAX_IMAGE_PIXELS)
     PoolSpec(n=1, min_size=64, max_size=side).validate()
