@@ -218,13 +218,21 @@ def make_planted_data(dataset: str = "auto", *, target_class: int = 3, n_poisone
         # numpy said "negative dimensions are not allowed" (or "expected non-negative integer"), naming nothing
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
+    splits = None
     if dataset == "auto":
-        dataset = "fashion-mnist" if find_fashion_mnist(fashion_root) else "digits"
+        # both splits, not the training images alone: a folder without the test files was
+        # taken for the dataset and the demo failed on them instead of using digits
+        try:
+            splits = (load_fashion_mnist("train", fashion_root), load_fashion_mnist("test", fashion_root)) \
+                if find_fashion_mnist(fashion_root) else None
+        except FileNotFoundError as exc:
+            log.warning("%s", exc)
+        dataset = "fashion-mnist" if splits else "digits"
         if dataset == "digits":
             log.warning("Fashion-MNIST not found: using scikit-learn's digits instead")
     rng = np.random.default_rng(seed)
     if dataset == "fashion-mnist":
-        tr, te = load_fashion_mnist("train", fashion_root), load_fashion_mnist("test", fashion_root)
+        tr, te = splits or (load_fashion_mnist("train", fashion_root), load_fashion_mnist("test", fashion_root))
         ytr = tr.labels()
         keep = np.concatenate([rng.choice(np.nonzero(ytr == c)[0], min(n_train_per_class, int((ytr == c).sum())), replace=False)
                                for c in range(10)])

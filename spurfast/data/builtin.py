@@ -36,13 +36,10 @@ def _find_file(dirs: list[Path], stem: str) -> Path | None:
 
 
 def find_fashion_mnist(root=None) -> Path | None:
-    """Directory holding the Fashion-MNIST IDX files, or None unless all four (both splits'
-    images and labels) are there: with the training images alone the demo chose Fashion-MNIST
-    and failed on the missing test files instead of falling back to digits."""
+    """Directory holding the Fashion-MNIST IDX files, or None."""
     dirs = _candidates(root)
-    files = [_find_file(dirs, f"{_PREFIX[split]}-{kind}") for split in ("train", "test")
-             for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
-    return files[0].parent if all(files) else None
+    f = _find_file(dirs, "train-images-idx3-ubyte")
+    return f.parent if f else None
 
 
 def read_idx(path: Path) -> np.ndarray:
