@@ -148,9 +148,14 @@ def neighbour_contrast(source: ImageSource, z: np.ndarray, members: np.ndarray, 
     return mem_mean - b / len(matched), mem_mean
 
 
+def contrast_magnitude(contrast) -> np.ndarray:
+    """(H, W) how far the members differ from their others at each pixel (largest over channels)."""
+    return torch.as_tensor(contrast).abs().amax(0).numpy()
+
+
 def pattern_mask(contrast: torch.Tensor) -> np.ndarray:
     """(H, W) bool: pixels where the members differ most from their content-matched others."""
-    mag = contrast.abs().amax(0).numpy()
+    mag = contrast_magnitude(contrast)
     return mag > otsu_threshold(mag)
 
 

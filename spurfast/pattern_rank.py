@@ -26,11 +26,10 @@ latent order: score, then index) above every other image, which keep the latent 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from .characterise import otsu_threshold
+from .characterise import contrast_magnitude, otsu_threshold
 from .data.sources import ImageSource
-from .support import pattern_projections, require_patterns
+from .support import extracted_patterns, pattern_projections, require_patterns
 
 LOCALISED = 0.1    # an extracted mask on at most this fraction of the image's pixels
 TOP = 20_000       # images of each finding's latent ranking re-ranked by the pattern
@@ -51,7 +50,7 @@ def ranking_mask(mask: np.ndarray, contrast, localised: float = LOCALISED) -> np
         return None
     if float(mask.mean()) <= localised:
         return mask
-    mag = torch.as_tensor(contrast).abs().amax(0).numpy()
+    mag = contrast_magnitude(contrast)
     core = mask & (mag > otsu_threshold(mag[mask]))   # no second level among equal values: empty
     return core if core.any() and float(core.mean()) <= localised else None
 
@@ -82,13 +81,13 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
         f["ranked_by"] = "latent" if m is None else "pattern"
         if m is not None:
             chosen.append(f)
-            masks.append(torch.as_tensor(m))
+            masks.append(m)
     if not chosen:
         return
     orders = [_latent_order(np.asarray(rankings[f["rank"]])) for f in chosen]
     heads = [o[:top] for o in orders]
     union = np.unique(np.concatenate(heads))
-    patterns = torch.stack([torch.as_tensor(f["_contrast"], dtype=torch.float32) * m for f, m in zip(chosen, masks)])
+    patterns = extracted_patterns(chosen, masks)
     proj = pattern_projections(source, union, patterns, batch_size, progress, "pattern ranking",
                                num_workers=num_workers, loader_backend=loader_backend, device=device) \
         if len(union) else np.zeros((0, len(chosen)))

@@ -24,7 +24,7 @@ import torch
 from . import distributed as dist
 from .checks import check_whole
 from .cores import usable_cores
-from .data.builtin import find_fashion_mnist, load_digits, load_fashion_mnist
+from .data.builtin import load_digits, load_fashion_mnist
 from .data.sources import ArraySource, ImageSource, content_digest
 from .discover import DiscoverConfig, characterise, discover, write_outputs
 from .embed import (_write_json, check_outputs, check_vae_input, fingerprint, legacy_identities, made_from,
@@ -223,10 +223,9 @@ def make_planted_data(dataset: str = "auto", *, target_class: int = 3, n_poisone
         # both splits, not the training images alone: a folder without the test files was
         # taken for the dataset and the demo failed on them instead of using digits
         try:
-            splits = (load_fashion_mnist("train", fashion_root), load_fashion_mnist("test", fashion_root)) \
-                if find_fashion_mnist(fashion_root) else None
+            splits = load_fashion_mnist("train", fashion_root), load_fashion_mnist("test", fashion_root)
         except FileNotFoundError as exc:
-            log.warning("%s", exc)
+            log.info("%s", exc)   # where it looked
         dataset = "fashion-mnist" if splits else "digits"
         if dataset == "digits":
             log.warning("Fashion-MNIST not found: using scikit-learn's digits instead")

@@ -264,11 +264,6 @@ def size_matched_pvalues(scores: np.ndarray, n_unrelated: np.ndarray, null: np.n
     log_null = np.log1p(np.asarray(null_n_unrelated, np.float64))
     size_null = np.asarray(null_n_unrelated, np.float64) + 1.0
     n_unrelated = np.asarray(n_unrelated)
-
-    def within(a, b):
-        # (n + 1) sizes within the factor by products, not a difference of logarithms: at
-        # exactly the factor log rounding let in 3 and 7 unrelated but kept out 4 and 9
-        return (a <= SIZE_FACTOR * b) & (b <= SIZE_FACTOR * a)
     out, n_ref, beat = np.empty(len(scores)), np.empty(len(scores), np.int64), np.empty(len(scores), bool)
     # The null grouped by size once, each size's scores sorted: a window is a set of whole
     # sizes, so its counts are per-size binary searches.  Masking and sorting the whole null
@@ -285,13 +280,15 @@ def size_matched_pvalues(scores: np.ndarray, n_unrelated: np.ndarray, null: np.n
         ln = np.log1p(float(n))
         here = n_unrelated == n
         floor = _tie_floor(scores[here])   # ties do not beat, and count as >=
-        in_window = within(sizes, float(n) + 1.0)
+        # (n + 1) sizes within the factor by products, not a difference of logarithms: at
+        # exactly the factor log rounding let in 3 and 7 unrelated but kept out 4 and 9
+        in_window = (sizes <= SIZE_FACTOR * (n + 1.0)) & (n + 1.0 <= SIZE_FACTOR * sizes)
         n_window = int(counts[in_window].sum())
         if n_window < min_reference:   # widened to the nearest null clusters: by cluster, as before
             dist = np.abs(log_null - ln)
             ref = np.zeros(len(null), bool)
             ref[np.argsort(dist, kind="stable")[:min_reference]] = True
-            window = within(size_null, float(n) + 1.0)
+            window = in_window[size_of]   # the same sizes, per null cluster
             # with no null cluster of its size, "beat them all" would hold for any score: ask
             # it of the clusters it was compared with instead (none, with min_reference=0: beaten
             # as an empty null is; max() of nothing raised numpy's "zero-size array" error)

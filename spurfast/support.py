@@ -38,11 +38,13 @@ def require_patterns(findings: list[dict]) -> None:
             raise ValueError(f"finding {f.get('rank')} has no extracted pattern; run characterise() first")
 
 
-def extracted_patterns(findings: list[dict]) -> torch.Tensor:
-    """(F, C, H, W) mask x contrast of each of (at least one) finding: what confirmation pastes."""
+def extracted_patterns(findings: list[dict], masks: list | None = None) -> torch.Tensor:
+    """(F, C, H, W) mask x contrast of each of (at least one) finding: what confirmation pastes;
+    ``masks``: (H, W) masks to use instead of the findings' own (`pattern_rank`'s cores)."""
     require_patterns(findings)
-    return torch.stack([torch.as_tensor(f["_contrast"], dtype=torch.float32)
-                        * torch.as_tensor(np.asarray(f["_mask"], bool)) for f in findings])
+    masks = [f["_mask"] for f in findings] if masks is None else masks
+    return torch.stack([torch.as_tensor(f["_contrast"], dtype=torch.float32) * torch.as_tensor(np.asarray(m, bool))
+                        for f, m in zip(findings, masks, strict=True)])
 
 
 def pattern_projections(source: ImageSource, idx: np.ndarray, patterns: torch.Tensor,
