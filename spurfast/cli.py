@@ -73,9 +73,10 @@ def _add_pattern_args(p):
     p.add_argument("--pool-fraction", type=float, default=0.1, help="fraction of unrelated pool images stamped")
 
 
-# = spurfast.scoring.STATISTICS (a test keeps them equal): importing scoring here would load
-# torch for every --help
+# = spurfast.scoring.STATISTICS and DEFAULT_STATISTIC (a test keeps them equal): importing
+# scoring here would load torch for every --help
 STATISTICS = ("share", "surprise")
+DEFAULT_STATISTIC = "surprise"
 
 
 def backend_help(what: str, var: str) -> str:
@@ -95,10 +96,10 @@ def _add_discover_args(p):
                    help="add permutations (n-null at a time) up to this many while a cluster beats every null "
                         "cluster of its size but misses the FDR")
     p.add_argument("--fdr", type=float, default=0.05, help="Benjamini-Hochberg false-discovery rate")
-    p.add_argument("--statistic", default="share", choices=STATISTICS,
-                   help="per-image agreement: share of unrelated neighbours predicted alike, or how surprising "
-                        "that agreement is given the labels' confusion rates (finds weaker shortcuts, and more "
-                        "natural confusions for confirmation to reject)")
+    p.add_argument("--statistic", default=DEFAULT_STATISTIC, choices=STATISTICS,
+                   help="per-image agreement: how surprising the share of its unrelated neighbours predicted "
+                        "alike is given their labels' confusion rates (surprise, the default: finds weaker "
+                        "shortcuts, and more natural confusions for confirmation to reject), or that share itself")
     p.add_argument("--kmeans-backend", default=None, choices=["auto", "torch", "cpu", "cupy", "triton"],
                    help=backend_help("k-means assignment and update (triton: the assignment only)",
                                      "KMEANS_ASSIGN / _UPDATE"))
@@ -719,7 +720,7 @@ def cmd_evaluate(args):
         except re.error as exc:
             raise ValueError(f"--only {args.only!r} is not a valid regular expression: {exc}") from None
     run_evaluation(args.preset or "quick", args.out, cache=args.cache, only=args.only, seeds=args.seeds,
-                   progress=not args.quiet, results_md=args.results_md, statistic=args.statistic or "share",
+                   progress=not args.quiet, results_md=args.results_md, statistic=args.statistic or DEFAULT_STATISTIC,
                    residual=bool(args.residual_scan))
 
 
@@ -906,7 +907,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-csv", default=None, help="only regenerate RESULTS.md and plots from this results.csv "
                    "(with --out and --results-md; the run options do not apply)")
     p.add_argument("--statistic", default=None, choices=STATISTICS,
-                   help="discovery's agreement statistic (see discover --statistic; default: share)")
+                   help=f"discovery's agreement statistic (see discover --statistic; default: {DEFAULT_STATISTIC})")
     p.add_argument("--residual-scan", action="store_true", default=None,
                    help="also evaluate spurfast+residual: spurfast's findings and the residual scan's "
                         "(spurfast.residual: patterns the VAE latent does not hold, e.g. one pixel)")

@@ -21,7 +21,7 @@ from .characterise import contrast_map, exemplars, linear_probe, neighbour_contr
 from .checks import real_number, whole_number
 from .data.sources import ImageSource, utf8_name
 from .embed import EmbeddingStore, _write_json, replace_atomically
-from .scoring import (STATISTICS, bh_qvalues, cluster_and_score, content_classes, latent_neighbours, null_scores,
+from .scoring import (DEFAULT_STATISTIC, STATISTICS, bh_qvalues, cluster_and_score, content_classes, latent_neighbours, null_scores,
                       size_matched_pvalues, top_two)
 
 log = logging.getLogger("spurfast.discover")
@@ -43,9 +43,9 @@ class DiscoverConfig:
     max_null: int = 120
     resolve_fdr: float | None = None  # ... until such a cluster could reach this q (None: fdr)
     n_neighbours: int = 10       # latent neighbours each image's agreement is measured over
-    # how an image's agreement is measured (`spurfast.scoring.agreement`): "share" or
-    # "surprise" (more sensitive to weak shortcuts, more findings for confirmation to judge)
-    statistic: str = "share"
+    # how an image's agreement is measured (`spurfast.scoring.agreement`): "surprise" (more
+    # sensitive to weak shortcuts, more findings for confirmation to judge) or "share"
+    statistic: str = DEFAULT_STATISTIC
     fdr: float = 0.05            # Benjamini-Hochberg level for findings
     n_iter: int = 20             # Lloyd iterations
     n_exemplars: int = 16

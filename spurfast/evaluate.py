@@ -47,6 +47,7 @@ from .cores import cpu_model
 from .data.builtin import find_fashion_mnist, load_digits, load_fashion_mnist
 from .data.sources import ArraySource, utf8_name
 from .discover import DiscoverConfig, characterise, discover
+from .scoring import DEFAULT_STATISTIC
 from .embed import _write_json   # atomic: a run killed mid-write left a truncated cache file
 from .metrics import Feature, carried_by, false_findings, false_findings_on_pool_patterns, feature_metrics, matches, recall_at_q
 from .plant import PatternSpec, apply_pattern, fixed_mask, plant_training
@@ -491,7 +492,7 @@ def _merge_by_q(clusters: list[dict], residual: list[dict]) -> list[dict]:
     return out + residual[i:]
 
 
-def run_key(setting: Setting, seed: int, sizes: Sizes, methods=DEFAULT_METHODS, statistic: str = "share") -> str:
+def run_key(setting: Setting, seed: int, sizes: Sizes, methods=DEFAULT_METHODS, statistic: str = DEFAULT_STATISTIC) -> str:
     """The cache key of one run's rows."""
     return _key({"setting": _setting_key(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods),
                  "v": 20,    # 13: a tie does not beat the best null cluster; 14: Yang's spurious score,
@@ -501,13 +502,14 @@ def run_key(setting: Setting, seed: int, sizes: Sizes, methods=DEFAULT_METHODS, 
                              # 18: support counts ties at its threshold both ways;
                              # 19: a localised Otsu core of a diffuse mask ranks by its pattern;
                              # 20: null clusters at exactly twice (or half) the size are in the window
+                 # named unless it is the share (the default before the twenty-fourth session): cached runs keep their keys
                  **({} if statistic == "share" else {"statistic": statistic}),
                  # the residual scan's findings got confirm.csv rows (the default sweep's keys kept)
                  **({"residual_confirm_rows": 1} if RESIDUAL in methods else {})})
 
 
 def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress: bool = False,
-            methods=DEFAULT_METHODS, statistic: str = "share") -> tuple[list[dict], list[dict]]:
+            methods=DEFAULT_METHODS, statistic: str = DEFAULT_STATISTIC) -> tuple[list[dict], list[dict]]:
     """Rows (results) and confirmation rows of one (setting, seed); cached."""
     rdir = cache / "runs"
     rdir.mkdir(parents=True, exist_ok=True)
@@ -672,7 +674,7 @@ def _check_up_front(out: Path, statistic: str, results_md) -> None:
 
 
 def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None, seeds=None,
-                   progress: bool = True, results_md=None, statistic: str = "share",
+                   progress: bool = True, results_md=None, statistic: str = DEFAULT_STATISTIC,
                    residual: bool = False) -> Path:
     """Run a preset's sweep into ``out_dir`` (results.csv, confirm.csv, plots, RESULTS.md).
     ``residual``: also the methods `RESIDUAL_METHODS` (spurfast's findings and the residual
@@ -721,7 +723,7 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
                      + (["--only", pattern.pattern] if only else [])
                      + (["--seeds", ",".join(map(str, seeds))] if seeds != tuple(p["seeds"]) else [])
                      + (["--cache", str(cache)] if cache != out / "cache" else [])
-                     + (["--statistic", statistic] if statistic != "share" else [])
+                     + (["--statistic", statistic] if statistic != DEFAULT_STATISTIC else [])
                      + (["--residual-scan"] if residual else []))
     timing = {"wall_s": time.time() - t0, "cpu_s": time.process_time() - c0, "load_at_start": load0,
               "load_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),

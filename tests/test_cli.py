@@ -113,12 +113,12 @@ def test_discover_flags_reach_the_config():
 
     args = build_parser().parse_args(["discover", "--pool", "p", "--classifier", "c", "--vae", "v", "--out", "o",
                                       "--max-k", "7", "--max-mean-cluster-size", "40", "--k", "3",
-                                      "--statistic", "surprise"])
+                                      "--statistic", "share"])
     cfg = _discover_config(args)
-    assert (cfg.max_k, cfg.max_mean_cluster_size, cfg.k, cfg.statistic) == (7, 40, 3, "surprise")
+    assert (cfg.max_k, cfg.max_mean_cluster_size, cfg.k, cfg.statistic) == (7, 40, 3, "share")
     default = _discover_config(build_parser().parse_args(["discover", "--pool", "p", "--classifier", "c", "--vae", "v",
                                                           "--out", "o"]))
-    assert (default.max_k, default.statistic) == (256, "share")
+    assert (default.max_k, default.statistic) == (256, "surprise")
 
 
 def test_residual_scan_flag_reaches_the_run():
@@ -131,10 +131,13 @@ def test_residual_scan_flag_reaches_the_run():
 
 
 def test_cli_statistics_are_the_scoring_ones():
-    from spurfast.cli import STATISTICS
+    from spurfast.cli import DEFAULT_STATISTIC, STATISTICS
+    from spurfast.discover import DiscoverConfig
+    from spurfast.scoring import DEFAULT_STATISTIC as scoring_default
     from spurfast.scoring import STATISTICS as scoring_statistics
 
     assert STATISTICS == scoring_statistics
+    assert DEFAULT_STATISTIC == scoring_default == DiscoverConfig().statistic == "surprise"
 
 
 def test_verdict_counts_line():

@@ -629,6 +629,24 @@ def test_the_command_line_in_results_md_can_be_pasted_into_a_shell(tmp_path, mon
     assert argv[:2] == ["spurfast", "evaluate"]
     args = build_parser().parse_args(argv[1:])
     assert (args.preset, args.out, args.cache, args.only, args.seeds) == ("tiny", str(out), str(cache), only, (1,))
+    assert args.statistic is None   # the default statistic goes unnamed ...
+
+
+def test_the_command_line_names_a_statistic_other_than_the_default(tmp_path, monkeypatch):
+    """... and the share, the default until the twenty-fourth session, is named: the line must
+    rerun what made the rows after the default changed."""
+    import json
+    import shlex
+
+    import spurfast.evaluate as E
+    from spurfast.cli import build_parser
+    seen = []
+    monkeypatch.setattr(E, "run_one", lambda s, seed, *a, **k: (seen.append(k["statistic"]), ([], []))[1])
+    for statistic in ("share", None):
+        run_evaluation("tiny", tmp_path / "o", progress=False, **({"statistic": statistic} if statistic else {}))
+        cmd = json.loads((tmp_path / "o" / "timing.json").read_text())["command"]
+        assert build_parser().parse_args(shlex.split(cmd)[1:]).statistic == statistic, cmd
+    assert seen == ["share", "share", "surprise", "surprise"]   # both tiny settings each time
 
 
 def test_results_md_says_the_spurious_score_is_not_class_balanced(tmp_path):

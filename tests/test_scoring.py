@@ -101,9 +101,9 @@ def test_agreement_is_the_share_of_unrelated_neighbours_predicted_alike():
     # point 2: neighbours 0 (label 0, pred 1 agree), 1 (label 2, pred 1 agree) -> 2/2
     # point 3 (pred 0): neighbour 4 unlabelled pred 0 agree; 0 has label 0 == c -> 1/1
     # point 4 (pred 0, unlabelled): 3 has label 0 == c; 2 (label 1, pred 1) -> 0/1
-    assert agreement(groups, labels, nbrs, unknown_ok).tolist() == [1.0, 0.5, 1.0, 1.0, 0.0]
+    assert agreement(groups, labels, nbrs, unknown_ok, "share").tolist() == [1.0, 0.5, 1.0, 1.0, 0.0]
     unknown_ok[4] = False  # a suspect sample of unknown label never counts
-    assert agreement(groups, labels, nbrs, unknown_ok)[3] == 0.0  # no neighbour left to count
+    assert agreement(groups, labels, nbrs, unknown_ok, "share")[3] == 0.0  # no neighbour left to count
 
 
 def test_surprise_is_the_binomial_tail_of_agreement_given_confusion_rates():
