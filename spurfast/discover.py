@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+from collections.abc import MutableMapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from .characterise import contrast_map, exemplars, linear_probe, neighbour_contr
 from .checks import real_number, whole_number
 from .data.sources import ImageSource, utf8_name
 from .embed import EmbeddingStore, _write_json, replace_atomically
+from .rankings import SpilledRankings
 from .scoring import (DEFAULT_STATISTIC, STATISTICS, bh_qvalues, cluster_and_score, content_classes, latent_neighbours, null_scores,
                       size_matched_pvalues, top_two)
 
@@ -109,7 +111,7 @@ class DiscoverConfig:
 class DiscoveryResult:
     findings: list[dict]
     clusters: list[dict]
-    rankings: dict[int, np.ndarray]  # finding rank -> pool-wide probe score
+    rankings: MutableMapping[int, np.ndarray]  # finding rank -> pool-wide score (`SpilledRankings`: on disk)
     config: dict
     pool: dict
 
@@ -284,7 +286,7 @@ def _merge_and_expand(sig: list[dict], z: np.ndarray, valid: np.ndarray, g: np.n
             findings.append({"class": cl["cls"], "clusters": [cl], "probe": _probe(z, g, local, cl["cls"])})
     # merging changes scores: rank by the merged score (ties: smaller p)
     findings.sort(key=lambda f: (-sum(c["score"] for c in f["clusters"]), min(c["p_value"] for c in f["clusters"])))
-    rankings = {}
+    rankings = SpilledRankings()   # one pool-sized array per finding: on disk, not in memory
     out = []
     for rank, f in enumerate(findings, 1):
         cls = f["clusters"]

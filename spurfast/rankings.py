@@ -1,0 +1,75 @@
+"""Each finding's pool-wide ranking, kept on disk rather than in memory.
+
+A ranking holds one score per pool image (float32 from the latent probe, float64 once
+`spurfast.pattern_rank` re-ranks a localised finding), and a run keeps one per finding
+until it writes them: at ImageNet scale (1.28M images) 5-10 MB each, gigabytes for the
+hundreds of findings of a thousand classes.  `SpilledRankings` is the ``{rank: ranking}``
+mapping the pipeline passes around, with every value in its own ``.npy`` file of a
+temporary folder and read back memory-mapped (read-only), so memory holds about one ranking
+at a time whatever the number of findings.  The folder goes when the mapping is garbage
+collected or closed; values read before stay valid on POSIX (an unlinked file's mapping
+lives on).
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import weakref
+from collections.abc import MutableMapping
+from pathlib import Path
+
+import numpy as np
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:   # still mapped where that forbids it (Windows): goes with the folder
+        pass
+
+
+class SpilledRankings(MutableMapping):
+    """``{finding rank: ranking array}`` with the arrays in ``.npy`` files under ``folder``
+    (default: the system's temporary folder, ``TMPDIR``).  ``mapping[key] = arr`` saves a copy
+    of ``arr``; ``mapping[key]`` is a read-only memory map of it."""
+
+    def __init__(self, items=(), folder: str | Path | None = None):
+        self._dir = Path(tempfile.mkdtemp(prefix="spurfast-rankings-", dir=folder))
+        self._files: dict = {}
+        self._written = 0
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self._dir), True)
+        self.update(items)
+
+    @property
+    def folder(self) -> Path:
+        return self._dir
+
+    def __setitem__(self, key, value) -> None:
+        # a new file per write: a memory map handed out earlier for this key keeps its values
+        path = self._dir / f"{self._written}.npy"
+        self._written += 1
+        np.save(path, np.asarray(value))
+        old = self._files.get(key)
+        self._files[key] = path
+        if old is not None:
+            _remove(old)
+
+    def __getitem__(self, key) -> np.ndarray:
+        return np.load(self._files[key], mmap_mode="r")
+
+    def __delitem__(self, key) -> None:
+        _remove(self._files.pop(key))
+
+    def __iter__(self):
+        return iter(list(self._files))   # a snapshot: callers replace values while iterating
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __repr__(self) -> str:
+        return f"SpilledRankings({sorted(self._files)}, folder={str(self._dir)!r})"
+
+    def close(self) -> None:
+        """Remove the folder now (also done when the mapping is garbage collected)."""
+        self._files.clear()
+        self._finalizer()

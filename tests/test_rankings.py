@@ -1,0 +1,77 @@
+"""SpilledRankings: the findings' pool-wide rankings on disk, read back memory-mapped."""
+import gc
+
+import numpy as np
+import pytest
+
+from spurfast.rankings import SpilledRankings
+
+
+def test_values_round_trip_exactly_and_are_read_only_maps(tmp_path):
+    r = SpilledRankings(folder=tmp_path)
+    a = np.array([0.5, -np.inf, 3.25], np.float32)
+    b = np.arange(7, dtype=np.float64) / 3
+    r[1], r[2] = a, b
+    assert isinstance(r[1], np.memmap) and r[1].dtype == np.float32 and r[2].dtype == np.float64
+    np.testing.assert_array_equal(r[1], a)
+    np.testing.assert_array_equal(r[2], b)
+    a[0] = 9.0                       # a copy was saved: later edits of the caller's array do not leak in
+    assert r[1][0] == 0.5
+    with pytest.raises(ValueError, match="read-only"):
+        r[1][0] = 1.0
+    assert sorted(r) == [1, 2] and len(r) == 2 and dict(r).keys() == {1, 2}
+
+
+def test_replacing_and_deleting_remove_the_files_but_not_values_handed_out(tmp_path):
+    r = SpilledRankings(folder=tmp_path)
+    r[1] = np.ones(4)
+    held = r[1]
+    r[1] = np.zeros(4)               # replaced while a map of the old value is held
+    np.testing.assert_array_equal(held, np.ones(4))
+    np.testing.assert_array_equal(r[1], np.zeros(4))
+    assert len(list(r.folder.iterdir())) == 1
+    del r[1]
+    assert len(r) == 0 and list(r.folder.iterdir()) == []
+    with pytest.raises(KeyError):
+        r[1]
+
+
+def test_renumbering_as_the_rerank_does_keeps_every_value(tmp_path):
+    """`pipeline.rerank`: new = {new rank: old value}, clear, update: the old files are gone
+    before the new ones are written from their maps."""
+    r = SpilledRankings({1: np.array([1.0]), 2: np.array([2.0]), 3: np.array([3.0])}, folder=tmp_path)
+    moved = {new: r[old] for new, old in ((1, 3), (2, 1), (3, 2))}
+    r.clear()
+    r.update(moved)
+    assert {k: float(r[k][0]) for k in r} == {1: 3.0, 2: 1.0, 3: 2.0}
+    assert len(list(r.folder.iterdir())) == 3
+
+
+def test_the_folder_goes_when_closed_or_collected(tmp_path):
+    r = SpilledRankings({1: np.ones(3)}, folder=tmp_path)
+    folder = r.folder
+    assert folder.parent == tmp_path and folder.is_dir()
+    r.close()
+    assert not folder.exists() and len(r) == 0
+    r2 = SpilledRankings({1: np.ones(3)}, folder=tmp_path)
+    folder2 = r2.folder
+    del r2
+    gc.collect()
+    assert not folder2.exists()
+
+
+def test_discovery_keeps_its_rankings_on_disk(tmp_path):
+    """One pool-sized array per finding stayed in memory until the run wrote them (gigabytes
+    for hundreds of findings over an ImageNet-sized pool); the values are the probe's, as before."""
+    from spurfast.discover import DiscoverConfig, discover, write_outputs
+    from tests.test_discover import _store
+
+    store, _ = _store(tmp_path / "store")
+    res = discover(store, DiscoverConfig(k=4, n_null=30, seed=0), progress=False)
+    assert isinstance(res.rankings, SpilledRankings) and len(res.rankings) == len(res.findings) >= 1
+    assert all(isinstance(res.rankings[f["rank"]], np.memmap) for f in res.findings)
+    write_outputs(res, tmp_path / "run")
+    for f in res.findings:
+        saved = np.load(tmp_path / "run" / "rankings" / f"finding{f['rank']}.npy")
+        assert saved.shape == (store.n,)
+        np.testing.assert_array_equal(saved, res.rankings[f["rank"]])
