@@ -23,8 +23,8 @@ from .checks import real_number, whole_number
 from .data.sources import ImageSource, utf8_name
 from .embed import EmbeddingStore, _write_json, replace_atomically
 from .rankings import SpilledRankings
-from .scoring import (DEFAULT_STATISTIC, STATISTICS, bh_qvalues, cluster_and_score, content_classes, latent_neighbours, null_scores,
-                      size_matched_pvalues, top_two)
+from .scoring import (DEFAULT_STATISTIC, STATISTICS, bh_qvalues, cluster_and_score, content_classes,
+                      latent_neighbours, null_scores, size_matched_pvalues, top_two)
 
 log = logging.getLogger("spurfast.discover")
 

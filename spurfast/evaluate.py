@@ -47,12 +47,12 @@ from .cores import cpu_model
 from .data.builtin import find_fashion_mnist, load_digits, load_fashion_mnist
 from .data.sources import ArraySource, utf8_name
 from .discover import DiscoverConfig, characterise, discover
-from .scoring import DEFAULT_STATISTIC
 from .embed import _write_json   # atomic: a run killed mid-write left a truncated cache file
 from .metrics import Feature, carried_by, false_findings, false_findings_on_pool_patterns, feature_metrics, matches, recall_at_q
 from .plant import PatternSpec, apply_pattern, fixed_mask, plant_training
 from .results_doc import (DEFAULT_METHODS, METHODS, RESIDUAL_METHODS, check_results_md, csv_digests, read_notes,
                           write_csv, write_results, write_with_notes)
+from .scoring import DEFAULT_STATISTIC
 from .support import training_support
 
 log = logging.getLogger("spurfast.evaluate")
