@@ -628,8 +628,9 @@ def cmd_make_pool(args):
                     target_size=args.target_size, quality=args.quality, seed=args.seed)
     info = make_pool(args.out, spec, workers=args.workers, progress=not args.quiet, overwrite=args.overwrite)
     planted = f"{info['n_carrying']} carry {args.plant}" if args.plant else "no pattern planted"
+    kept = f"; {info['resumed_with']} kept from the interrupted run" if info.get("resumed_with") else ""
     print(f"wrote {info['n']} images ({planted}) to {args.out} "
-          f"in {info['seconds']:.1f} s ({info['images_per_s']:.0f} img/s); ground truth: "
+          f"in {info['seconds']:.1f} s ({info['images_per_s']:.0f} img/s{kept}); ground truth: "
           f"{Path(args.out) / 'ground_truth.csv'}")
 
 
@@ -939,9 +940,9 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:   # a traceback did not say that the finished work is kept
-        if args.command == "make-pool":   # a half-written pool is not resumed: the same command refused it
-            print(f"interrupted: pool {args.out} is incomplete; rerun with --overwrite to write it anew",
-                  file=sys.stderr)
+        if args.command == "make-pool":
+            print(f"interrupted: pool {args.out} is incomplete; the same command resumes it (the images written "
+                  f"are kept), --overwrite writes it anew", file=sys.stderr)
             return 130
         if args.command == "plant":   # nothing of it is resumed: a rerun writes every file anew
             print(f"interrupted: {args.out} may hold part of the planted data; rerun with "

@@ -12,6 +12,9 @@ that carries no class information.  Optionally a known pattern (the families of
 - ``pool.json``: the parameters and counts, and the ``writer`` marker that lets
   ``--overwrite`` replace this folder (never one make-pool did not write).
 
+An interrupted make-pool resumes: the same command (same settings) keeps the images
+already written (each is written whole or not at all) and writes the rest.
+
 Patterns are defined in the loader's output space: a pattern of the family at
 ``target_size`` x ``target_size`` is painted onto the window the loader keeps, each
 pattern pixel over the exact source area that the loader's resize maps to that output
@@ -27,6 +30,7 @@ depend on the number of worker processes.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -296,11 +300,22 @@ def _write_range(bounds: tuple[int, int]) -> int:
     lo, hi = bounds
     for i in range(lo, hi):
         label = int(_WORKER["labels"][i])
+        path = os.path.join(out, _relpath(i, label, spec))
+        if os.path.exists(path):   # written whole by an interrupted run of the same settings
+            continue
         img = render(i, label, spec)
         if _WORKER["carries"][i]:
             values, mask = _WORKER["pattern"]
             img = plant_image(img, values, mask, additive=spec.plant == "noise")
-        img.save(os.path.join(out, _relpath(i, label, spec)), "JPEG", quality=spec.quality)
+        # whole or not at all, so a run cut short leaves no truncated image to resume over
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            img.save(tmp, "JPEG", quality=spec.quality)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
     return hi - lo
 
 
@@ -344,13 +359,25 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
     if broken is not None:
         raise FileNotFoundError(f"pool directory {out}: {broken} is a link to {os.readlink(broken)!r}, which does "
                                 f"not exist")
+    resume = False
     if out.exists() and any(out.iterdir()):
         if not _written_by_make_pool(out):
             raise FileExistsError(f"pool directory {out} is not empty and was not written by make-pool (no "
                                   f"make-pool pool.json); make-pool never deletes such a directory, even with "
                                   f"--overwrite: choose a new or empty directory")
-        if not overwrite:
-            raise FileExistsError(f"pool directory {out} is not empty; choose another or pass --overwrite")
+        writing = _unfinished_spec(out)
+        resume = not overwrite and writing == asdict(spec)
+        if not overwrite and not resume:
+            other = (" (an interrupted make-pool of other settings: its own command resumes it)"
+                     if writing is not None else "")
+            raise FileExistsError(f"pool directory {out} is not empty{other}; choose another or pass --overwrite")
+    if resume:
+        # a temporary image of a writer killed mid-save; the ground truth is written at the end
+        for tmp in out.glob("**/*.jpg.*.tmp"):
+            tmp.unlink(missing_ok=True)
+        (out / "ground_truth.csv").unlink(missing_ok=True)
+        log.info("resuming the interrupted pool in %s", out)
+    elif out.exists() and any(out.iterdir()):
         import shutil
         # an overwrite cut short (Ctrl-C on seeing the wrong --out) left the old pool.json, which
         # says the pool is whole, and its ground truth over part of it: the ground truth goes
@@ -371,9 +398,11 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
                 entry.unlink()
     out.mkdir(parents=True, exist_ok=True)
     # marker first, so a pool cut off mid-write can still be overwritten; spec None until
-    # it is complete, so nothing takes it for a finished pool of that spec
-    _write_whole(out / "pool.json", json.dumps({"writer": POOL_WRITER, "spec": None}))
+    # it is complete, so nothing takes it for a finished pool of that spec; "writing": the
+    # settings being written, which a rerun of the same command resumes
+    _write_whole(out / "pool.json", json.dumps({"writer": POOL_WRITER, "spec": None, "writing": asdict(spec)}))
     labels, carries = _plan(spec)
+    kept = sum(os.path.exists(out / _relpath(i, int(labels[i]), spec)) for i in range(spec.n)) if resume else 0
     if not spec.flat:
         for c in range(min(spec.classes, spec.n)):
             (out / class_dir(c, spec.classes)).mkdir(exist_ok=True)
@@ -410,9 +439,23 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
             # the classes the pool holds: one entry per --classes took 1.7 GB and 25 s for a
             # 4-image pool of --classes 1000000 (as the class folders, only those made)
             "classes": [dict(class_look(c, spec.classes), label=c) for c in range(min(spec.classes, spec.n))],
-            "seconds": round(seconds, 2), "images_per_s": round(spec.n / max(seconds, 1e-9), 1)}
+            # of this run: images an interrupted run had written are kept, not counted
+            "seconds": round(seconds, 2), "images_per_s": round((spec.n - kept) / max(seconds, 1e-9), 1),
+            "resumed_with": kept}
     _write_whole(out / "pool.json", json.dumps(info, indent=1))
     return info
+
+
+def _unfinished_spec(out: Path) -> dict | None:
+    """The settings an interrupted make-pool was writing into ``out`` (its pool.json marker),
+    or None: a finished pool, or a marker from before the settings were recorded."""
+    try:
+        info = json.loads((out / "pool.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or info.get("spec") is not None or not isinstance(info.get("writing"), dict):
+        return None
+    return info["writing"]
 
 
 def _write_whole(path: Path, text: str) -> None:
@@ -446,8 +489,8 @@ def read_ground_truth(pool_dir) -> tuple[np.ndarray, np.ndarray]:
     except (OSError, ValueError):
         info = None
     if isinstance(info, dict) and info.get("writer") == POOL_WRITER and info.get("spec") is None:
-        raise ValueError(f"pool {pool_dir} is incomplete (its make-pool run was interrupted); rerun make-pool "
-                         f"with --overwrite to write it anew")
+        raise ValueError(f"pool {pool_dir} is incomplete (its make-pool run was interrupted); rerun the same "
+                         f"make-pool command to finish it, or with --overwrite to write it anew")
     if isinstance(info, dict) and isinstance(info.get("n"), int) and info["n"] != len(rows):
         raise ValueError(f"{p} has {len(rows)} rows, but {pool_dir}/pool.json says the pool holds {info['n']} "
                          f"images")

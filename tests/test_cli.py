@@ -1116,18 +1116,23 @@ def test_evaluate_out_in_place_of_a_file_is_named(tmp_path, capsys, monkeypatch,
         assert err.startswith(f"error: --out {out}: {tmp_path / 'e'} is a file, not a folder"), err
 
 
-def test_ctrl_c_in_make_pool_says_to_overwrite(tmp_path, capsys, monkeypatch):
-    # it said "the same `spurfast make-pool` command resumes", which then refused the half-written pool
+def test_ctrl_c_in_make_pool_says_the_same_command_resumes(tmp_path, capsys, monkeypatch):
+    # it once said "the same command resumes" when the same command refused the half-written
+    # pool; now the same command does resume it (and another one needs --overwrite)
     import spurfast.make_pool as M
 
     out = str(tmp_path / "pool")
-    monkeypatch.setattr(M, "_plan", lambda spec: (_ for _ in ()).throw(KeyboardInterrupt()))
+    real = M.render
+    monkeypatch.setattr(M, "render", lambda i, *a: real(i, *a) if i < 5 else (_ for _ in ()).throw(KeyboardInterrupt()))
     assert main(["make-pool", "--out", out, "--n", "20", "--quiet"]) == 130
     err = capsys.readouterr().err
-    assert err.startswith(f"interrupted: pool {out} is incomplete") and "--overwrite" in err, err
+    assert err.startswith(f"interrupted: pool {out} is incomplete; the same command resumes it"), err
+    assert "--overwrite" in err
     monkeypatch.undo()
-    assert main(["make-pool", "--out", out, "--n", "20", "--quiet"]) == 2   # as the message says: not resumed
-    assert main(["make-pool", "--out", out, "--n", "20", "--quiet", "--overwrite"]) == 0
+    assert main(["make-pool", "--out", out, "--n", "21", "--quiet"]) == 2   # other settings: not resumed
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["make-pool", "--out", out, "--n", "20", "--quiet"]) == 0
+    assert "5 kept from the interrupted run" in capsys.readouterr().out
 
 
 def test_evaluate_from_csv_names_a_cut_short_timing_file(tmp_path, capsys):

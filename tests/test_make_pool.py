@@ -478,3 +478,91 @@ def test_an_overwrite_on_a_full_disk_frees_space_before_it_writes(tmp_path, monk
 
     monkeypatch.setattr(Path, "write_text", full)
     assert make_pool(tmp_path / "q", spec, workers=1, progress=False, overwrite=True)["n"] == 6
+
+
+def _interrupt_render_after(monkeypatch, calls: int):
+    """make-pool's render raises KeyboardInterrupt (Ctrl-C) once it has drawn ``calls`` images;
+    returns the list of image indices rendered."""
+    import spurfast.make_pool as M
+
+    real, drawn = M.render, []
+
+    def render(i, label, spec):
+        if len(drawn) == calls:
+            raise KeyboardInterrupt
+        drawn.append(i)
+        return real(i, label, spec)
+
+    monkeypatch.setattr(M, "render", render)
+    return drawn
+
+
+def test_an_interrupted_pool_resumes_to_the_same_pool(tmp_path, monkeypatch):
+    """A make-pool cut short kept nothing: the same command refused the folder, and --overwrite
+    rendered every image again (a 100k-image pool takes minutes).  Now the same command keeps the
+    images written and draws only the rest; the pool equals one written without a break."""
+    import filecmp
+
+    spec = PoolSpec(n=20, classes=3, min_size=16, max_size=24, plant="patch3", fraction=0.3, target_size=16, seed=3)
+    make_pool(tmp_path / "whole", spec, workers=1, progress=False)
+    _interrupt_render_after(monkeypatch, 7)
+    with pytest.raises(KeyboardInterrupt):
+        make_pool(tmp_path / "cut", spec, workers=1, progress=False)
+    assert len(list((tmp_path / "cut").rglob("*.jpg"))) == 7 and not (tmp_path / "cut" / "ground_truth.csv").exists()
+    monkeypatch.undo()
+    drawn = _interrupt_render_after(monkeypatch, 10 ** 9)   # counts only
+    info = make_pool(tmp_path / "cut", spec, workers=1, progress=False)
+    assert len(drawn) == 13 and info["resumed_with"] == 7
+    rel = [str(p.relative_to(tmp_path / "whole")) for p in sorted((tmp_path / "whole").rglob("*.jpg"))]
+    match, mismatch, errors = filecmp.cmpfiles(tmp_path / "whole", tmp_path / "cut", rel, shallow=False)
+    assert len(match) == 20 and not mismatch and not errors
+    assert (tmp_path / "whole" / "ground_truth.csv").read_bytes() == (tmp_path / "cut" / "ground_truth.csv").read_bytes()
+    assert json.loads((tmp_path / "cut" / "pool.json").read_text())["spec"] == json.loads(
+        (tmp_path / "whole" / "pool.json").read_text())["spec"]
+    with pytest.raises(FileExistsError, match="is not empty; choose another or pass --overwrite"):
+        make_pool(tmp_path / "cut", spec, workers=1, progress=False)   # a finished pool is not rewritten
+
+
+def test_an_image_cut_short_mid_save_is_never_kept(tmp_path, monkeypatch):
+    """Images were saved in place: a run killed mid-save left a truncated JPEG under its final
+    name, which a resume would have kept.  They are written to a temporary name and renamed; a
+    temporary file a killed writer left behind is removed on resuming."""
+    from PIL import Image
+
+    spec = PoolSpec(n=8, classes=2, min_size=16, max_size=16)
+    real_save, saved = Image.Image.save, []
+
+    def save(self, fp, *args, **kwargs):   # Ctrl-C halfway through the fourth image's bytes
+        if len(saved) == 3:
+            with open(fp, "wb") as fh:
+                fh.write(b"\xff\xd8\xff")
+            raise KeyboardInterrupt
+        saved.append(fp)
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    with pytest.raises(KeyboardInterrupt):
+        make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    monkeypatch.undo()
+    files = sorted(p.name for p in (tmp_path / "p").rglob("*") if p.is_file())
+    assert files == ["00000000.jpg", "00000001.jpg", "00000002.jpg", "pool.json"], files
+    stale = tmp_path / "p" / "c0001" / "00000005.jpg.4242.tmp"   # as a SIGKILLed writer leaves it
+    stale.write_bytes(b"\xff\xd8")
+    make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    assert not stale.exists()
+    src = ImageFolderSource(tmp_path / "p", size=16)
+    assert len(src) == 8 and all(src.load(i)[1] for i in range(8)) and not src.bad_files   # every image whole
+
+
+def test_an_interrupted_pool_of_other_settings_is_not_resumed(tmp_path, monkeypatch):
+    spec = PoolSpec(n=12, classes=2, min_size=16, max_size=16)
+    _interrupt_render_after(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    monkeypatch.undo()
+    with pytest.raises(FileExistsError, match="interrupted make-pool of other settings.*--overwrite"):
+        make_pool(tmp_path / "p", PoolSpec(n=12, classes=2, min_size=16, max_size=16, seed=1), workers=1,
+                  progress=False)
+    info = make_pool(tmp_path / "p", PoolSpec(n=12, classes=2, min_size=16, max_size=16, seed=1), workers=1,
+                     progress=False, overwrite=True)
+    assert info["resumed_with"] == 0 and len(read_ground_truth(tmp_path / "p")[0]) == 12
