@@ -88,9 +88,12 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
     heads = [o[:top] for o in orders]
     union = np.unique(np.concatenate(heads))
     patterns = extracted_patterns(chosen, masks)
+    # each finding's own head only: a (union x findings) matrix grew with the square of the
+    # number of localised findings (heads of different classes barely overlap)
+    sorted_heads = [np.sort(h) for h in heads]
     proj = pattern_projections(source, union, patterns, batch_size, progress, "pattern ranking",
-                               num_workers=num_workers, loader_backend=loader_backend, device=device) \
-        if len(union) else np.zeros((0, len(chosen)))
+                               num_workers=num_workers, loader_backend=loader_backend, device=device,
+                               wanted=sorted_heads)
     # a file unreadable now (changed since it was embedded) projects to 0, which ranked it among
     # the carriers of a dark pattern (theirs project near 0 too): unranked, as the store's are
     unreadable = np.setdiff1d(union, _known_readable(source, union))
@@ -98,7 +101,7 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
         latent = np.asarray(rankings[f["rank"]], dtype=np.float64)
         out = np.full(len(latent), -np.inf)
         out[order[::-1]] = np.arange(len(order), dtype=np.float64)          # the latent order, best highest
-        p = proj[np.searchsorted(union, head), j]
+        p = proj[j][np.searchsorted(sorted_heads[j], head)]
         # ascending, best last; ties by the head's own (latent) order, so an exact double tie
         # keeps the smaller index first as the latent order does (latent[head] reversed those)
         by_pattern = head[np.lexsort((-np.arange(len(head)), p))]

@@ -50,7 +50,7 @@ def extracted_patterns(findings: list[dict], masks: list | None = None) -> torch
 def pattern_projections(source: ImageSource, idx: np.ndarray, patterns: torch.Tensor,
                         batch_size: int = 256, progress: bool = False, desc: str = "training support", *,
                         num_workers: int = 0, loader_backend: str | None = None,
-                        device: str | None = None) -> np.ndarray:
+                        device: str | None = None, wanted: list[np.ndarray] | None = None):
     """(len(idx), F) projections of images ``idx`` (distinct pool indices) of ``source`` onto
     ``patterns`` (F, C, H, W): one pass over the images, float64 sums (reads n*C*H*W pixels
     once).  A folder pool is decoded by its loader (``loader_backend``, ``num_workers``
@@ -58,7 +58,12 @@ def pattern_projections(source: ImageSource, idx: np.ndarray, patterns: torch.Te
     process, minutes for 100k suspects.  ``device``: the run's device; a loader that can decode
     on a GPU (DALI) decodes there if it is a CUDA device, else on the CPU, as the embedding pass
     does (None: the loader's own choice, a GPU whenever torch sees one).  An unreadable image
-    projects to 0."""
+    projects to 0.
+
+    ``wanted``: per pattern j, the sorted pool indices (a subset of ``idx``) whose projection
+    onto it is needed; then a list of F arrays, ``[j][k]`` the projection of ``wanted[j][k]``
+    (the same values as the matrix's): memory sum(len(w)) instead of len(idx) x F, which for
+    many patterns with disjoint image sets grows with the square of their number."""
     from tqdm.auto import tqdm
 
     from .data.loader_torch import iter_batches
@@ -66,9 +71,16 @@ def pattern_projections(source: ImageSource, idx: np.ndarray, patterns: torch.Te
 
     idx = np.asarray(idx, dtype=np.int64)
     flat = patterns.reshape(len(patterns), -1).double().T          # (D, F)
-    out = np.zeros((len(idx), len(patterns)))
+    if wanted is not None:
+        wanted = [np.asarray(w, dtype=np.int64) for w in wanted]
+        if len(wanted) != len(patterns):
+            raise ValueError(f"wanted lists {len(wanted)} index sets for {len(patterns)} patterns")
+        if any(len(w) and (np.any(np.diff(w) <= 0) or not np.isin(w, idx).all()) for w in wanted):
+            raise ValueError("each wanted index set must be sorted, distinct and drawn from idx")
+        kept = [np.zeros(len(w)) for w in wanted]
+    out = np.zeros((0 if wanted is not None else len(idx), len(patterns)))
     if len(idx) == 0:
-        return out
+        return kept if wanted is not None else out
     order = np.argsort(idx, kind="stable")
     # where the embedding pass decodes (without it DALI decoded on a GPU whenever torch saw one)
     decode = None if device is None else decode_device(device)
@@ -79,9 +91,17 @@ def pattern_projections(source: ImageSource, idx: np.ndarray, patterns: torch.Te
             # the DALI loader yields images on the GPU where one is visible: the patterns and
             # the result live on the CPU (the product failed there before findings.json)
             x = b.images.reshape(len(b.images), -1).to("cpu", torch.float64)
-            out[rows] = (x @ flat).numpy() * b.ok.cpu().numpy()[:, None]
+            proj = (x @ flat).numpy() * b.ok.cpu().numpy()[:, None]
+            if wanted is None:
+                out[rows] = proj
+            else:
+                got = idx[rows]
+                for j, w in enumerate(wanted):
+                    at = np.minimum(np.searchsorted(w, got), max(len(w) - 1, 0))
+                    hit = (w[at] == got) if len(w) else np.zeros(len(got), bool)
+                    kept[j][at[hit]] = proj[hit, j]
             bar.update(len(rows))
-    return out
+    return kept if wanted is not None else out
 
 
 def support_test(scores: np.ndarray, in_class: np.ndarray, other: np.ndarray, tail: float = TAIL) -> dict:

@@ -200,6 +200,37 @@ def test_projections_of_a_folder_pool_go_through_its_loader(tmp_path):
     assert 5 in src.bad_files
 
 
+def test_projections_of_each_patterns_own_images_equal_the_matrixs(tmp_path):
+    """Pattern ranking needs each finding's own head only: the (union x findings) matrix grew
+    with the square of the number of findings.  ``wanted`` gives per pattern the values the
+    matrix holds for its images, bit for bit (the same batches), unreadable images 0."""
+    from PIL import Image
+
+    from spurfast.data.folder import ImageFolderSource
+    from spurfast.support import pattern_projections
+
+    rng = np.random.default_rng(1)
+    for i in range(11):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / f"{i:02d}.png")
+    (tmp_path / "04.png").write_bytes(b"not an image")
+    src = ImageFolderSource(tmp_path, size=16)
+    pats = torch.as_tensor(rng.normal(size=(3, 3, 16, 16)), dtype=torch.float32)
+    idx = np.array([9, 0, 4, 3, 7, 10, 1])
+    dense = pattern_projections(src, idx, pats, batch_size=3)
+    wanted = [np.array([0, 3, 4, 10]), np.array([], np.int64), np.array([1, 9])]
+    got = pattern_projections(src, idx, pats, batch_size=3, wanted=wanted)
+    assert [len(g) for g in got] == [4, 0, 2]
+    for j, w in enumerate(wanted):
+        rows = [int(np.nonzero(idx == i)[0][0]) for i in w]
+        np.testing.assert_array_equal(got[j], dense[rows, j])
+    assert got[0][2] == 0.0                      # 04.png
+    for bad, msg in (([np.array([3, 0]), wanted[1], wanted[2]], "sorted"),
+                     ([np.array([0, 2]), wanted[1], wanted[2]], "drawn from idx"),
+                     (wanted[:2], "2 index sets for 3 patterns")):
+        with pytest.raises(ValueError, match=msg):
+            pattern_projections(src, idx, pats, wanted=bad)
+
+
 def test_a_folder_pool_is_decoded_where_the_run_computes(tmp_path, monkeypatch):
     """The embedding pass decodes a folder pool where the run computes; the re-reads of
     training support and pattern ranking passed no device, so DALI chose for itself: a GPU
