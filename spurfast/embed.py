@@ -30,6 +30,7 @@ from .data.sources import ImageSource, content_digest, sampled_digest, utf8_name
 from .models.outputs import classifier_outputs
 
 log = logging.getLogger("spurfast.embed")
+FEATS_MAX = float(np.finfo(np.float16).max)   # 65504: the store keeps penultimate features as float16
 MANIFEST = "manifest.json"
 BAD_LOG = "bad_files.jsonl"   # unreadable files, appended a batch at a time (EmbeddingStore.bad_files)
 
@@ -645,6 +646,7 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
     classifier.to(device).eval()
     vae.to(device).eval()
     start = store.done
+    clipped = False   # penultimate features clipped to float16's range (warned once)
     todo = None if sel is None else sel[start:]
     bar = tqdm(total=store.n, initial=start, desc=desc, unit="img", disable=not progress,
                position=shard_id if num_shards > 1 else None)
@@ -689,6 +691,15 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
             bad = np.flatnonzero(~np.isfinite(probs).all(1))
             raise ValueError(f"classifier produced NaN/inf outputs for pool indices {idx[bad][:10].tolist()} "
                              f"({len(bad)} of this batch of {len(idx)})")
+        big = np.abs(feats) > FEATS_MAX
+        if big.any():
+            # float16 would store them as inf, and the baselines' standardised features as NaN
+            if not clipped:
+                log.warning("penultimate features beyond float16's range (|x| > %g) from pool index %d on: stored "
+                            "clipped to +-%g in the store's feats column (used by the GEORGE and activation-"
+                            "clustering baselines only)", FEATS_MAX, int(idx[np.nonzero(big.any(1))[0][0]]), FEATS_MAX)
+            clipped = True
+            feats = np.clip(feats, -FEATS_MAX, FEATS_MAX)
         pred[~ok] = -1  # unreadable files take no part in clustering
         bad = None
         if not ok.all():  # kept in the store so a resumed or sharded run still reports them

@@ -28,6 +28,23 @@ def test_interrupted_pass_resumes_to_the_same_store(tmp_path):
         np.testing.assert_array_equal(np.asarray(resumed[col]), np.asarray(full[col]), err_msg=col)
 
 
+def test_penultimate_features_past_float16_are_clipped_not_infinite(tmp_path, caplog):
+    """The store keeps penultimate features as float16: a model's features past 65504 were
+    stored as inf, and the baselines standardised them into NaN."""
+    import logging
+
+    src, clf, vae = _setup()
+    plain = embed_pool(src, clf, vae, tmp_path / "a", num_classes=4, batch_size=16, progress=False)
+    real = clf.features
+    clf.features = lambda x: real(x) * 1e6
+    with caplog.at_level(logging.WARNING, logger="spurfast.embed"):
+        big = embed_pool(src, clf, vae, tmp_path / "b", num_classes=4, batch_size=16, progress=False)
+    feats = np.asarray(big["feats"])
+    assert np.isfinite(feats).all() and np.abs(feats).max() == 65504.0
+    assert (np.sign(feats) == np.sign(np.asarray(plain["feats"]))).all()
+    assert sum("beyond float16's range" in r.getMessage() for r in caplog.records) == 1, caplog.text
+
+
 def test_store_from_other_models_is_refused(tmp_path):
     src, clf, vae = _setup()
     embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=16, progress=False, stop_after=1)
