@@ -176,20 +176,28 @@ def test_an_empty_pattern_is_not_tested_and_leaves_the_others_q_values_alone():
     assert fs[1]["support"]["p_value"] is None and fs[1]["support"]["skipped"] == "empty pattern mask"
 
 
+def _png_folder(root, n: int, broken: int, seed: int):
+    """(ImageFolderSource at 16 px, rng): ``n`` random 20x20 PNGs in ``root``, number
+    ``broken`` not an image."""
+    from PIL import Image
+
+    from spurfast.data.folder import ImageFolderSource
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
+    (root / f"{broken:02d}.png").write_bytes(b"not an image")
+    return ImageFolderSource(root, size=16), rng
+
+
 def test_projections_of_a_folder_pool_go_through_its_loader(tmp_path):
     """A folder pool is decoded by its loader, in worker processes, as the embedding pass
     decoded it (get_batch decoded one file at a time); rows follow ``idx`` whatever order the
     loader yields, and an unreadable image projects to 0."""
-    from PIL import Image
-
     from spurfast.data.folder import ImageFolderSource
     from spurfast.support import pattern_projections
 
-    rng = np.random.default_rng(0)
-    for i in range(10):
-        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / f"{i:02d}.png")
-    (tmp_path / "05.png").write_bytes(b"not an image")
-    src = ImageFolderSource(tmp_path, size=16)
+    src, rng = _png_folder(tmp_path, 10, broken=5, seed=0)
     pats = torch.as_tensor(rng.normal(size=(2, 3, 16, 16)), dtype=torch.float32)
     idx = np.array([7, 2, 5, 9, 0])
     got = pattern_projections(src, idx, pats, batch_size=2, num_workers=2, loader_backend="torch")
@@ -204,16 +212,9 @@ def test_projections_of_each_patterns_own_images_equal_the_matrixs(tmp_path):
     """Pattern ranking needs each finding's own head only: the (union x findings) matrix grew
     with the square of the number of findings.  ``wanted`` gives per pattern the values the
     matrix holds for its images, bit for bit (the same batches), unreadable images 0."""
-    from PIL import Image
-
-    from spurfast.data.folder import ImageFolderSource
     from spurfast.support import pattern_projections
 
-    rng = np.random.default_rng(1)
-    for i in range(11):
-        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / f"{i:02d}.png")
-    (tmp_path / "04.png").write_bytes(b"not an image")
-    src = ImageFolderSource(tmp_path, size=16)
+    src, rng = _png_folder(tmp_path, 11, broken=4, seed=1)
     pats = torch.as_tensor(rng.normal(size=(3, 3, 16, 16)), dtype=torch.float32)
     idx = np.array([9, 0, 4, 3, 7, 10, 1])
     dense = pattern_projections(src, idx, pats, batch_size=3)
