@@ -8,10 +8,12 @@ mapping the pipeline passes around, with every value in its own ``.npy`` file of
 temporary folder and read back memory-mapped (read-only), so memory holds about one ranking
 at a time whatever the number of findings.  The folder goes when the mapping is garbage
 collected or closed; values read before stay valid on POSIX (an unlinked file's mapping
-lives on).
+lives on).  A run killed before that leaves its folder behind; the next mapping made in the
+same place removes the folders of processes that no longer run (their names carry the pid).
 """
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import weakref
@@ -19,6 +21,27 @@ from collections.abc import MutableMapping
 from pathlib import Path
 
 import numpy as np
+
+
+PREFIX = "spurfast-rankings-"   # then the writer's pid, "-", and mkdtemp's random part
+
+
+def _sweep(root: Path) -> None:
+    """Remove ranking folders under ``root`` whose process is gone (a run killed before it
+    could remove its own).  POSIX only: ``os.kill(pid, 0)`` asks about a process there."""
+    if os.name != "posix":
+        return
+    for d in root.glob(f"{PREFIX}*-*"):
+        pid = d.name[len(PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or not d.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue                       # alive: a run writing it now
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (PermissionError, OverflowError, OSError):
+            continue                       # alive under another user, or not a pid: left
 
 
 def _remove(path: Path) -> None:
@@ -34,7 +57,8 @@ class SpilledRankings(MutableMapping):
     of ``arr``; ``mapping[key]`` is a read-only memory map of it."""
 
     def __init__(self, items=(), folder: str | Path | None = None):
-        self._dir = Path(tempfile.mkdtemp(prefix="spurfast-rankings-", dir=folder))
+        _sweep(Path(folder) if folder is not None else Path(tempfile.gettempdir()))
+        self._dir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=folder))
         self._files: dict = {}
         self._written = 0
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self._dir), True)

@@ -75,3 +75,24 @@ def test_discovery_keeps_its_rankings_on_disk(tmp_path):
         saved = np.load(tmp_path / "run" / "rankings" / f"finding{f['rank']}.npy")
         assert saved.shape == (store.n,)
         np.testing.assert_array_equal(saved, res.rankings[f["rank"]])
+
+
+def test_folders_of_killed_runs_are_swept_and_live_ones_kept(tmp_path):
+    """A run killed before it removed its rankings left the folder in TMPDIR for good; the next
+    mapping made there removes those of processes that are gone, not those of running ones."""
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    gone = tmp_path / f"spurfast-rankings-{dead}-abc"
+    gone.mkdir()
+    (gone / "0.npy").write_bytes(b"x")
+    alive = tmp_path / f"spurfast-rankings-{os.getppid()}-def"   # the parent process is running
+    alive.mkdir()
+    other = tmp_path / "spurfast-rankings-notapid-x"
+    other.mkdir()
+    r = SpilledRankings(folder=tmp_path)
+    assert not gone.exists() and alive.is_dir() and other.is_dir() and r.folder.is_dir()
+    assert r.folder.name.startswith(f"spurfast-rankings-{os.getpid()}-")
