@@ -18,10 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__, backends
+from .atomic_files import replace_atomically
 from .characterise import contrast_map, exemplars, linear_probe, neighbour_contrast, pattern_mask
 from .checks import real_number, whole_number
 from .data.sources import ImageSource, utf8_name
-from .embed import EmbeddingStore, _write_json, replace_atomically
+from .embed import EmbeddingStore, _write_json
 from .rankings import SpilledRankings
 from .scoring import (DEFAULT_STATISTIC, STATISTICS, bh_qvalues, cluster_and_score, content_classes,
                       latent_neighbours, null_scores, size_matched_pvalues, top_two)

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from .embed import replace_atomically
+from .atomic_files import process_gone, replace_atomically
 
 VERSION = 2   # bump when what a piece holds, or how it is computed, changes (2: latent_knn exact for tight blobs)
 
@@ -44,20 +43,10 @@ def _sweep(root: Path, quiet_s: float = 60.0) -> None:
     writer left under ``root``'s key folders: a SIGKILL mid-write left each behind for good
     (the neighbour lists' one is n x K int64, about 100 MB at 1.2M images).  A file is left
     alone while its process lives here or while it was written to within ``quiet_s``."""
-    if os.name != "posix":   # os.kill(pid, 0) asks about a process on POSIX only (elsewhere it ends it)
-        return
     now = time.time()
     for tmp in root.glob("*/*.npz.*.tmp"):
-        pid = tmp.name[:-len(".tmp")].rsplit(".", 1)[-1]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue                       # alive (a concurrent run writing it)
-        except ProcessLookupError:
-            pass
-        except (PermissionError, OverflowError, OSError):
-            continue                       # alive under another user, or no such pid number: left
+        if not process_gone(tmp.name[:-len(".tmp")].rsplit(".", 1)[-1]):
+            continue                       # alive (a concurrent run writing it), or not ours to judge
         try:
             if now - tmp.stat().st_mtime > quiet_s:
                 tmp.unlink()

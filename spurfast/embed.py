@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .atomic_files import replace_atomically
 from .checks import check_whole
 from .cores import usable_cores
 from .data.loader_torch import iter_batches
@@ -168,22 +168,6 @@ class EmbeddingStore:
         if path.is_file():
             keep = "".join(json.dumps(rec) + "\n" for rec in self._bad_records())
             replace_atomically(path, lambda fh: fh.write(keep), encoding="utf-8")
-
-
-def replace_atomically(path: Path, write, mode: str = "w", **open_kw) -> None:
-    """``write(fh)`` into a temporary file beside ``path`` (opened with ``mode``,
-    ``open_kw``), then renamed over it: an interruption leaves the old file or none, never
-    a truncated one."""
-    # a temporary file of this process's own: ranks sharing a store may replace one
-    # manifest at once, and a shared name is renamed away under the other writer
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, mode, **open_kw) as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:   # Ctrl-C mid-write: a run directory holding only it read as not spurfast's
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _write_json(path: Path, obj, **dumps) -> None:

@@ -30,7 +30,6 @@ depend on the number of worker processes.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
@@ -295,28 +294,26 @@ def _init_worker(spec: PoolSpec, out: str, labels, carries):
                    pattern=pattern_overlay(spec) if spec.plant else None)
 
 
-def _write_range(bounds: tuple[int, int]) -> int:
+def _write_range(bounds: tuple[int, int]) -> tuple[int, int]:
+    """(images done, images written now) of ``bounds``: an image an interrupted run of the
+    same settings wrote is kept (each is written whole, or not at all)."""
+    from .atomic_files import replace_atomically
+
     spec, out = _WORKER["spec"], _WORKER["out"]
     lo, hi = bounds
+    written = 0
     for i in range(lo, hi):
         label = int(_WORKER["labels"][i])
-        path = os.path.join(out, _relpath(i, label, spec))
-        if os.path.exists(path):   # written whole by an interrupted run of the same settings
+        path = Path(out) / _relpath(i, label, spec)
+        if path.exists():
             continue
         img = render(i, label, spec)
         if _WORKER["carries"][i]:
             values, mask = _WORKER["pattern"]
             img = plant_image(img, values, mask, additive=spec.plant == "noise")
-        # whole or not at all, so a run cut short leaves no truncated image to resume over
-        tmp = f"{path}.{os.getpid()}.tmp"
-        try:
-            img.save(tmp, "JPEG", quality=spec.quality)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-    return hi - lo
+        replace_atomically(path, lambda fh, img=img: img.save(fh, "JPEG", quality=spec.quality), "wb")
+        written += 1
+    return hi - lo, written
 
 
 POOL_WRITER = "spurfast make-pool"  # pool.json's "writer": marks a folder --overwrite may delete
@@ -402,7 +399,6 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
     # settings being written, which a rerun of the same command resumes
     _write_whole(out / "pool.json", json.dumps({"writer": POOL_WRITER, "spec": None, "writing": asdict(spec)}))
     labels, carries = _plan(spec)
-    kept = sum(os.path.exists(out / _relpath(i, int(labels[i]), spec)) for i in range(spec.n)) if resume else 0
     if not spec.flat:
         for c in range(min(spec.classes, spec.n)):
             (out / class_dir(c, spec.classes)).mkdir(exist_ok=True)
@@ -411,15 +407,18 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
     ranges = [(s, min(s + chunk, spec.n)) for s in range(0, spec.n, chunk)]
     t0 = time.perf_counter()
     bar = tqdm(total=spec.n, desc="writing pool", unit="img", disable=not progress)
+    written = 0
     if workers == 1 or spec.n <= chunk:
         _init_worker(spec, str(out), labels, carries)
-        for r in ranges:
-            bar.update(_write_range(r))
+        for done, new in map(_write_range, ranges):
+            bar.update(done)
+            written += new
     else:
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         with ctx.Pool(workers, initializer=_init_worker, initargs=(spec, str(out), labels, carries)) as pool:
-            for done in pool.imap_unordered(_write_range, ranges):
+            for done, new in pool.imap_unordered(_write_range, ranges):
                 bar.update(done)
+                written += new
     bar.close()
     seconds = time.perf_counter() - t0
     # ground truth in the order the folder source enumerates the pool
@@ -440,8 +439,8 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
             # 4-image pool of --classes 1000000 (as the class folders, only those made)
             "classes": [dict(class_look(c, spec.classes), label=c) for c in range(min(spec.classes, spec.n))],
             # of this run: images an interrupted run had written are kept, not counted
-            "seconds": round(seconds, 2), "images_per_s": round((spec.n - kept) / max(seconds, 1e-9), 1),
-            "resumed_with": kept}
+            "seconds": round(seconds, 2), "images_per_s": round(written / max(seconds, 1e-9), 1),
+            "resumed_with": spec.n - written}
     _write_whole(out / "pool.json", json.dumps(info, indent=1))
     return info
 

@@ -22,26 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic_files import process_gone
+
 
 PREFIX = "spurfast-rankings-"   # then the writer's pid, "-", and mkdtemp's random part
 
 
 def _sweep(root: Path) -> None:
     """Remove ranking folders under ``root`` whose process is gone (a run killed before it
-    could remove its own).  POSIX only: ``os.kill(pid, 0)`` asks about a process there."""
-    if os.name != "posix":
-        return
+    could remove its own)."""
     for d in root.glob(f"{PREFIX}*-*"):
-        pid = d.name[len(PREFIX):].split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid() or not d.is_dir():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue                       # alive: a run writing it now
-        except ProcessLookupError:
+        if d.is_dir() and process_gone(d.name[len(PREFIX):].split("-", 1)[0]):
             shutil.rmtree(d, ignore_errors=True)
-        except (PermissionError, OverflowError, OSError):
-            continue                       # alive under another user, or not a pid: left
 
 
 def _remove(path: Path) -> None:

@@ -328,7 +328,7 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
         parts.append(f"<h2>Unreadable files ({len(bad_files)}, skipped)</h2><ul>"
                      + "".join(f"<li><code>{e(p)}</code>: {e(r)}</li>" for p, r in sorted(bad_files.items())) + "</ul>")
     parts.append("<h2>Configuration</h2><pre>" + e(json.dumps(doc["config"], indent=1)) + "</pre></body></html>")
-    from .embed import replace_atomically
+    from .atomic_files import replace_atomically
 
     path = out_dir / "report.html"
     page = "\n".join(parts)

@@ -35,7 +35,7 @@ DEFAULT_METHODS = tuple(m for m in METHODS if m not in RESIDUAL_METHODS)
 def write_csv(path: Path, rows: list[dict], cols: list[str]) -> None:
     """``rows`` as CSV, atomically: a run interrupted mid-write left a results.csv cut short,
     its last value cut mid-number (``--from-csv`` then printed a wrong figure)."""
-    from .embed import replace_atomically
+    from .atomic_files import replace_atomically
 
     def write(fh):
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
@@ -169,7 +169,7 @@ def write_with_notes(md: Path, previous: str | None, out, results_md=None) -> No
 def _write_text(path: Path, text: str) -> None:
     """``text`` into ``path`` (through a link: the file it names) atomically: ``write_text``
     truncated first, and a kill or a full disk mid-write lost the notes kept in it."""
-    from .embed import replace_atomically
+    from .atomic_files import replace_atomically
     real = Path(os.path.realpath(path))
     try:
         replace_atomically(real, lambda fh: fh.write(text), encoding="utf-8")

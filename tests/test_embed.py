@@ -217,7 +217,7 @@ def test_manifest_writes_of_two_processes_do_not_collide(tmp_path, monkeypatch):
                            cwd=Path(E.__file__).parents[1])
         assert r.returncode == 0, r.stderr[-2000:]
         real(src, dst)
-    monkeypatch.setattr(E.os, "replace", replace_after_the_other_process)
+    monkeypatch.setattr(os, "replace", replace_after_the_other_process)   # the os module atomic_files renames with
     E._write_json(path, {"by": "this"})
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"by": "this"}

@@ -1,0 +1,41 @@
+"""Files written whole or not at all, and the leftovers of writers killed mid-write.
+
+Light on purpose (no torch): `spurfast make-pool`'s worker processes write through it too.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def replace_atomically(path: Path, write, mode: str = "w", **open_kw) -> None:
+    """``write(fh)`` into a temporary file beside ``path`` (``NAME.PID.tmp``, opened with
+    ``mode``, ``open_kw``), then renamed over it: an interruption leaves the old file or none,
+    never a truncated one."""
+    # a temporary file of this process's own: ranks sharing a store may replace one
+    # manifest at once, and a shared name is renamed away under the other writer
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, mode, **open_kw) as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:   # Ctrl-C mid-write: a run directory holding only it read as not spurfast's
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def process_gone(pid: str) -> bool:
+    """Whether ``pid`` (as found in a leftover's name) names no running process, so what it
+    left may be removed.  False for this process, for a name that is not a pid, for a process
+    of another user, and off POSIX (``os.kill(pid, 0)`` asks about a process there only;
+    elsewhere it ends it)."""
+    if os.name != "posix" or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, OSError):   # alive under another user, or no such pid number
+        return False
+    return False                                        # alive (a concurrent run writing it)
