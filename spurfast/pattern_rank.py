@@ -84,8 +84,9 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
             masks.append(m)
     if not chosen:
         return
-    orders = [_latent_order(np.asarray(rankings[f["rank"]])) for f in chosen]
-    heads = [o[:top] for o in orders]
+    # the heads only: a pool-sized order per finding, kept through the pass over the images,
+    # was what `SpilledRankings` keeps out of memory (each is sorted again below, one at a time)
+    heads = [_latent_order(np.asarray(rankings[f["rank"]]))[:top] for f in chosen]
     union = np.unique(np.concatenate(heads))
     patterns = extracted_patterns(chosen, masks)
     # each finding's own head only: a (union x findings) matrix grew with the square of the
@@ -97,8 +98,9 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
     # a file unreadable now (changed since it was embedded) projects to 0, which ranked it among
     # the carriers of a dark pattern (theirs project near 0 too): unranked, as the store's are
     unreadable = np.setdiff1d(union, _known_readable(source, union))
-    for j, (f, order, head) in enumerate(zip(chosen, orders, heads)):
-        latent = np.asarray(rankings[f["rank"]], dtype=np.float64)
+    for j, (f, head) in enumerate(zip(chosen, heads)):
+        latent = np.asarray(rankings[f["rank"]])
+        order = _latent_order(latent)
         out = np.full(len(latent), -np.inf)
         out[order[::-1]] = np.arange(len(order), dtype=np.float64)          # the latent order, best highest
         p = proj[j][np.searchsorted(sorted_heads[j], head)]

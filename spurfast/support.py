@@ -87,7 +87,8 @@ def pattern_projections(source: ImageSource, idx: np.ndarray, patterns: torch.Te
     with tqdm(total=len(idx), desc=desc, unit="img", disable=not progress) as bar:
         for b in iter_batches(source, batch_size, indices=idx, num_workers=num_workers, backend=loader_backend,
                               device=decode):
-            rows = order[np.searchsorted(idx[order], b.indices.numpy())]   # a loader may yield in its own order
+            got = b.indices.numpy()
+            rows = order[np.searchsorted(idx[order], got)]   # a loader may yield in its own order
             # the DALI loader yields images on the GPU where one is visible: the patterns and
             # the result live on the CPU (the product failed there before findings.json)
             x = b.images.reshape(len(b.images), -1).to("cpu", torch.float64)
@@ -95,7 +96,6 @@ def pattern_projections(source: ImageSource, idx: np.ndarray, patterns: torch.Te
             if wanted is None:
                 out[rows] = proj
             else:
-                got = idx[rows]
                 for j, w in enumerate(wanted):
                     at = np.minimum(np.searchsorted(w, got), max(len(w) - 1, 0))
                     hit = (w[at] == got) if len(w) else np.zeros(len(got), bool)
