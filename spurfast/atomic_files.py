@@ -5,6 +5,8 @@ Light on purpose (no torch): `spurfast make-pool`'s worker processes write throu
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -39,3 +41,15 @@ def process_gone(pid: str) -> bool:
     except (PermissionError, OverflowError, OSError):   # alive under another user, or no such pid number
         return False
     return False                                        # alive (a concurrent run writing it)
+
+
+def private_folder(prefix: str, root: str | Path | None = None) -> Path:
+    """A new temporary folder ``PREFIX<pid>-<random>`` under ``root`` (default: the system's
+    temporary folder, ``TMPDIR``), once the folders of the same prefix whose process is gone are
+    removed: a process killed before its clean-up ran (a rank killed mid-run, a worker ended
+    with ``os._exit``) left its folder there for good."""
+    base = Path(root) if root is not None else Path(tempfile.gettempdir())
+    for d in base.glob(f"{prefix}*-*"):
+        if d.is_dir() and process_gone(d.name[len(prefix):].split("-", 1)[0]):
+            shutil.rmtree(d, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root))

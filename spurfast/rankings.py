@@ -13,27 +13,17 @@ same place removes the folders of processes that no longer run (their names carr
 """
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 import weakref
 from collections.abc import MutableMapping
 from pathlib import Path
 
 import numpy as np
 
-from .atomic_files import process_gone
+from .atomic_files import private_folder
 
 
 PREFIX = "spurfast-rankings-"   # then the writer's pid, "-", and mkdtemp's random part
-
-
-def _sweep(root: Path) -> None:
-    """Remove ranking folders under ``root`` whose process is gone (a run killed before it
-    could remove its own)."""
-    for d in root.glob(f"{PREFIX}*-*"):
-        if d.is_dir() and process_gone(d.name[len(PREFIX):].split("-", 1)[0]):
-            shutil.rmtree(d, ignore_errors=True)
 
 
 def _remove(path: Path) -> None:
@@ -49,8 +39,7 @@ class SpilledRankings(MutableMapping):
     of ``arr``; ``mapping[key]`` is a read-only memory map of it."""
 
     def __init__(self, items=(), folder: str | Path | None = None):
-        _sweep(Path(folder) if folder is not None else Path(tempfile.gettempdir()))
-        self._dir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=folder))
+        self._dir = private_folder(PREFIX, folder)
         self._files: dict = {}
         self._written = 0
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self._dir), True)

@@ -292,3 +292,26 @@ def test_a_non_utf8_path_through_a_link_and_dotdot_is_the_file_it_opens(tmp_path
         _, img, ok = next(mod.iter_folder_batches([path], size=8, batch_size=1, num_threads=1, dtype=torch.uint8,
                                                   **kw))
         assert bool(ok.all()) and img.unique().tolist() == [200], mod.__name__
+
+
+def test_a_killed_process_filler_folder_is_removed_by_the_next_one(tmp_path):
+    """The filler image's folder went only at a normal exit: a rank killed mid-run (the
+    distributed resume test does that) left one in TMPDIR per run, for good.  Its name carries
+    the pid now, and the next process's folder removes those whose process is gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    make = ("import os, sys; from spurfast.data.loader_dali import _filler_file; "
+            "print(_filler_file(), flush=True); sys.stdin.read()")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    killed = subprocess.Popen([sys.executable, "-c", make], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env=env)
+    left = os.path.dirname(killed.stdout.readline().strip())
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert os.path.isdir(left) and os.path.basename(left).startswith(f"spurfast-dali-{killed.pid}-")
+    made = subprocess.run([sys.executable, "-c", make], input="", capture_output=True, text=True, env=env,
+                          check=True).stdout.strip()
+    assert not os.path.exists(left) and not os.path.exists(made)   # swept; its own went at exit

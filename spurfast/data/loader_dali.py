@@ -214,15 +214,17 @@ _filler: list[str] = []
 
 
 def _filler_file() -> str:
-    """Path of a 2x2 grey PNG in a private temporary directory (made once per process)."""
+    """Path of a 2x2 grey PNG in a private temporary directory (made once per process; it
+    goes at exit, and a later process removes it if this one was killed first)."""
     if not _filler:
         import atexit
         import shutil
-        import tempfile
 
         from PIL import Image
 
-        d = tempfile.mkdtemp(prefix="spurfast-dali-")
+        from ..atomic_files import private_folder
+
+        d = str(private_folder("spurfast-dali-"))
         atexit.register(shutil.rmtree, d, True)
         path = os.path.join(d, "filler.png")
         Image.new("RGB", (2, 2), (128, 128, 128)).save(path)
