@@ -471,8 +471,11 @@ def _one_process(d: Path, out: Path):
 
 def _torchrun(d: Path, out: Path, batch: int = 32, env: dict | None = None, **kw):
     cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "spurfast"] + _discover_args(d, out, batch)
+    # torchrun leaves a torchelastic_* log folder in TMPDIR per launch: keep them in the test's own
+    tmp = out.parent / f"{out.name}-tmp"
+    tmp.mkdir(exist_ok=True)
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(_env(), **(env or {})), cwd=ROOT, **kw)
+                            env=dict(_env(), TMPDIR=str(tmp), **(env or {})), cwd=ROOT, **kw)
 
 
 def _assert_same_findings(a: Path, b: Path):
