@@ -49,7 +49,8 @@ def private_folder(prefix: str, root: str | Path | None = None) -> Path:
     removed: a process killed before its clean-up ran (a rank killed mid-run, a worker ended
     with ``os._exit``) left its folder there for good."""
     base = Path(root) if root is not None else Path(tempfile.gettempdir())
-    for d in base.glob(f"{prefix}*-*"):
+    for d in base.glob(f"{prefix}*-*") if base.is_dir() else ():
         if d.is_dir() and process_gone(d.name[len(prefix):].split("-", 1)[0]):
             shutil.rmtree(d, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root))
+    base.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base))

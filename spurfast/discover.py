@@ -155,7 +155,8 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
              class_names: list[str] | None = None, progress: bool = True, work_dir=None) -> DiscoveryResult:
     """Cluster, score and test; return findings (q <= fdr, merged and ranked) and all clusters.
     ``work_dir``: where the neighbour search and each null permutation are kept when they
-    finish, so that an interrupted call resumes (`spurfast.discovery_work`)."""
+    finish, so that an interrupted call resumes (`spurfast.discovery_work`), and where the
+    findings' rankings wait on disk (`SpilledRankings`; without it, in ``TMPDIR``)."""
     if not store.complete:
         raise ValueError(f"embedding store {store.root} is unfinished ({store.done}/{store.n}); resume the pass first")
     n_classes = int(store.manifest["num_classes"])
@@ -252,7 +253,7 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
                              score=float(real.score[f]), p_value=float(p), q_value=float(q),
                              members=members, n_suspect=int(suspect[members].sum())))
     sig = sorted((cl for cl in clusters if cl["q_value"] <= config.fdr), key=lambda cl: (-cl["score"], cl["p_value"]))
-    findings, rankings = _merge_and_expand(sig, z, valid, g, store.n)
+    findings, rankings = _merge_and_expand(sig, z, valid, g, store.n, spill_dir=work_dir)
     zfull = np.zeros((store.n, z.shape[1]), np.float32)
     zfull[valid] = z
     for f in findings:
@@ -269,7 +270,7 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
     return DiscoveryResult(findings, clusters, rankings, cfg, pool)
 
 
-def _merge_and_expand(sig: list[dict], z: np.ndarray, valid: np.ndarray, g: np.ndarray, n: int):
+def _merge_and_expand(sig: list[dict], z: np.ndarray, valid: np.ndarray, g: np.ndarray, n: int, spill_dir=None):
     """Merge significant clusters of one class that share a feature; expand each finding
     with a linear probe in latent space.
 
@@ -287,7 +288,9 @@ def _merge_and_expand(sig: list[dict], z: np.ndarray, valid: np.ndarray, g: np.n
             findings.append({"class": cl["cls"], "clusters": [cl], "probe": _probe(z, g, local, cl["cls"])})
     # merging changes scores: rank by the merged score (ties: smaller p)
     findings.sort(key=lambda f: (-sum(c["score"] for c in f["clusters"]), min(c["p_value"] for c in f["clusters"])))
-    rankings = SpilledRankings()   # one pool-sized array per finding: on disk, not in memory
+    # one pool-sized array per finding: on disk, not in memory; beside the run when it has a
+    # folder (TMPDIR is often a tmpfs, i.e. memory again, or small)
+    rankings = SpilledRankings(folder=spill_dir)
     out = []
     for rank, f in enumerate(findings, 1):
         cls = f["clusters"]
@@ -420,6 +423,10 @@ def write_outputs(result: DiscoveryResult, out_dir: Path, extra_config: dict | N
     _write_csv(out_dir / "clusters.csv", rows)
     rk = out_dir / "rankings"
     rk.mkdir(exist_ok=True)
-    for r, arr in result.rankings.items():
-        replace_atomically(rk / f"finding{r}.npy", lambda fh, arr=arr: np.save(fh, arr), "wb")
+    for r in result.rankings:
+        if isinstance(result.rankings, SpilledRankings):
+            result.rankings.export(r, rk / f"finding{r}.npy")   # a link where it can: no second copy
+        else:
+            arr = result.rankings[r]
+            replace_atomically(rk / f"finding{r}.npy", lambda fh, arr=arr: np.save(fh, arr), "wb")
     return doc

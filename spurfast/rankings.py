@@ -5,7 +5,8 @@ A ranking holds one score per pool image (float32 from the latent probe, float64
 until it writes them: at ImageNet scale (1.28M images) 5-10 MB each, gigabytes for the
 hundreds of findings of a thousand classes.  `SpilledRankings` is the ``{rank: ranking}``
 mapping the pipeline passes around, with every value in its own ``.npy`` file of a
-temporary folder and read back memory-mapped (read-only), so memory holds about one ranking
+temporary folder (discovery puts it in the run's work folder: ``TMPDIR`` is often a tmpfs,
+memory again) and read back memory-mapped (read-only), so memory holds about one ranking
 at a time whatever the number of findings.  The folder goes when the mapping is garbage
 collected or closed; values read before stay valid on POSIX (an unlinked file's mapping
 lives on).  A run killed before that leaves its folder behind; the next mapping made in the
@@ -13,6 +14,7 @@ same place removes the folders of processes that no longer run (their names carr
 """
 from __future__ import annotations
 
+import os
 import shutil
 import weakref
 from collections.abc import MutableMapping
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic_files import private_folder
+from .atomic_files import private_folder, replace_atomically
 
 
 PREFIX = "spurfast-rankings-"   # then the writer's pid, "-", and mkdtemp's random part
@@ -73,6 +75,24 @@ class SpilledRankings(MutableMapping):
 
     def __repr__(self) -> str:
         return f"SpilledRankings({sorted(self._files)}, folder={str(self._dir)!r})"
+
+    def export(self, key, path: str | Path) -> None:
+        """Put ``key``'s ranking at ``path`` (an ``.npy`` file, replaced whole): a hard link to
+        its file where the file system allows one (no copy of gigabytes of rankings at
+        ImageNet scale), else a copy.  Values are never written in place, so the link keeps
+        its values whatever the mapping does next."""
+        src, path = self._files[key], Path(path)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.unlink(missing_ok=True)
+            os.link(src, tmp)
+            os.replace(tmp, path)
+        except OSError:   # another file system, or one without links
+            tmp.unlink(missing_ok=True)
+            def copy(fh):
+                with open(src, "rb") as fin:
+                    shutil.copyfileobj(fin, fh)
+            replace_atomically(path, copy, "wb")
 
     def close(self) -> None:
         """Remove the folder now (also done when the mapping is garbage collected)."""

@@ -1,6 +1,7 @@
 """discover() on a hand-made store: a tight group of unrelated images that all share one
 predicted class is found; natural predictions are not; too few permutations say so."""
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -315,6 +316,11 @@ def test_a_misspelt_kmeans_backend_is_refused_by_the_config():
         DiscoverConfig(backend=name)
 
 
+def _pieces(work: Path) -> list:
+    """The kept pieces' folders in a discovery work folder (not the rankings a live result spills there)."""
+    return [p for p in work.iterdir() if not p.name.startswith("spurfast-rankings-")]
+
+
 def test_an_interrupted_discovery_resumes_its_neighbours_and_null(tmp_path, monkeypatch):
     """The neighbour search and the permutation null are most of discovery at scale, and an
     interruption lost both: with ``work_dir`` each is kept when it finishes, a rerun reads them
@@ -357,7 +363,7 @@ def test_an_interrupted_discovery_resumes_its_neighbours_and_null(tmp_path, monk
     # other settings: a null of their own, but the neighbour search (the latents' alone) is
     # read back; it was repeated, quadratic in the pool, for every other k or statistic
     assert calls == {"cluster": 1 + 12, "knn": 0, "stop": None}
-    assert len(list((tmp_path / "work").iterdir())) == 3   # two nulls' folders, one of neighbours
+    assert len(_pieces(tmp_path / "work")) == 3   # two nulls' folders, one of neighbours
     calls.update(cluster=0, knn=0)
     discover(store, DiscoverConfig(k=4, n_null=12, max_null=12, seed=0, n_neighbours=7), progress=False,
              work_dir=tmp_path / "work")
@@ -381,7 +387,7 @@ def test_discovery_work_is_not_resumed_under_another_kmeans_provider(tmp_path, m
     monkeypatch.setattr(scoring, "cluster_and_score", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setenv("SPURFAST_BACKEND_KMEANS_ASSIGN", "torch")
     discover(store, cfg, progress=False, work_dir=tmp_path / "work")
-    assert len(calls) == 3 and len(list((tmp_path / "work").iterdir())) == 3   # the neighbours' folder shared
+    assert len(calls) == 3 and len(_pieces(tmp_path / "work")) == 3   # the neighbours' folder shared
     calls.clear()
     discover(store, cfg, progress=False, work_dir=tmp_path / "work")   # the same provider again: resumed
     assert not calls
@@ -392,7 +398,7 @@ def test_discovery_work_is_not_resumed_under_another_kmeans_provider(tmp_path, m
     monkeypatch.setattr(D, "latent_neighbours", lambda *a, **k: knn.append(1) or real_knn(*a, **k))
     monkeypatch.setenv("SPURFAST_BACKEND_LATENT_KNN", "torch")
     discover(store, cfg, progress=False, work_dir=tmp_path / "work")
-    assert len(knn) == 1 and len(calls) == 3 and len(list((tmp_path / "work").iterdir())) == 5
+    assert len(knn) == 1 and len(calls) == 3 and len(_pieces(tmp_path / "work")) == 5
 
 
 def test_discovery_work_keys_on_its_inputs_and_skips_a_damaged_piece(tmp_path):

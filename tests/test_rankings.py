@@ -96,3 +96,55 @@ def test_folders_of_killed_runs_are_swept_and_live_ones_kept(tmp_path):
     r = SpilledRankings(folder=tmp_path)
     assert not gone.exists() and alive.is_dir() and other.is_dir() and r.folder.is_dir()
     assert r.folder.name.startswith(f"spurfast-rankings-{os.getpid()}-")
+
+
+def test_export_links_the_file_and_keeps_its_values_after_replacement_and_close(tmp_path):
+    r = SpilledRankings({1: np.arange(5.0)}, folder=tmp_path / "spill")
+    out = tmp_path / "run" / "finding1.npy"
+    out.parent.mkdir()
+    out.write_bytes(b"an older run's")
+    r.export(1, out)
+    np.testing.assert_array_equal(np.load(out), np.arange(5.0))
+    assert out.stat().st_nlink == 2                  # one file, two names: nothing was copied
+    r[1] = np.zeros(5)                                # a new file: the exported one keeps its values
+    r.close()
+    np.testing.assert_array_equal(np.load(out), np.arange(5.0))
+    assert out.stat().st_nlink == 1 and [p.name for p in out.parent.iterdir()] == ["finding1.npy"]
+
+
+def test_export_copies_where_the_file_system_refuses_a_link(tmp_path, monkeypatch):
+    import os
+
+    r = SpilledRankings({1: np.arange(3, dtype=np.float32)}, folder=tmp_path / "spill")
+
+    def refuse(*a):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", refuse)
+    r.export(1, tmp_path / "finding1.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "finding1.npy"), np.arange(3, dtype=np.float32))
+    assert (tmp_path / "finding1.npy").stat().st_nlink == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["finding1.npy", "spill"]   # no temporary left
+
+
+def test_discovery_with_a_work_folder_spills_there_not_in_tmpdir(tmp_path, monkeypatch):
+    """TMPDIR is often a tmpfs (memory again) or small; a run's rankings wait in its own folder."""
+    import tempfile
+
+    from spurfast.discover import DiscoverConfig, discover, write_outputs
+    from tests.test_discover import _store
+
+    store, _ = _store(tmp_path / "store")
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+    res = discover(store, DiscoverConfig(k=4, n_null=30, seed=0), progress=False, work_dir=tmp_path / "work")
+    assert res.rankings.folder.parent == tmp_path / "work" and list(tmpdir.iterdir()) == []
+    write_outputs(res, tmp_path / "run")
+    for f in res.findings:
+        saved = tmp_path / "run" / "rankings" / f"finding{f['rank']}.npy"
+        np.testing.assert_array_equal(np.load(saved), res.rankings[f["rank"]])
+    folder = res.rankings.folder
+    del res
+    gc.collect()
+    assert not folder.exists()
