@@ -941,8 +941,11 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:   # a traceback did not say that the finished work is kept
         if args.command == "make-pool":
-            print(f"interrupted: pool {args.out} is incomplete; the same command resumes it (the images written "
-                  f"are kept), --overwrite writes it anew", file=sys.stderr)
+            # with --overwrite, "the same command" deleted the images written and drew them all again
+            again = ("the same command without --overwrite resumes it" if args.overwrite else
+                     "the same command resumes it")
+            print(f"interrupted: pool {args.out} is incomplete; {again} (the images written are kept), "
+                  f"--overwrite writes it anew", file=sys.stderr)
             return 130
         if args.command == "plant":   # nothing of it is resumed: a rerun writes every file anew
             print(f"interrupted: {args.out} may hold part of the planted data; rerun with "

@@ -339,11 +339,12 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
     from .cores import usable_cores
     from .data.folder import list_folder
 
-    spec.validate()
     # numpy numbers (a count taken from an array) as Python ones: PIL refused a numpy --quality
     # ("Invalid quality setting") once the folder was made, and json the others at the final
-    # pool.json, after every image was written, leaving the pool marked unfinished
+    # pool.json, after every image was written, leaving the pool marked unfinished.  Before the
+    # checks: an int32 size squared wrapped negative and passed the pixel-limit check
     spec = replace(spec, **{k: v.item() for k, v in asdict(spec).items() if isinstance(v, np.generic)})
+    spec.validate()
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"pool directory {out} is a file")
@@ -357,6 +358,10 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
         raise FileNotFoundError(f"pool directory {out}: {broken} is a link to {os.readlink(broken)!r}, which does "
                                 f"not exist")
     resume = False
+    if out.is_dir() and [e.name for e in out.iterdir()] == ["pool.json.tmp"]:
+        # a run killed while it wrote the first marker (SIGKILL: no clean-up ran) left only it,
+        # and every rerun, --overwrite too, refused the folder as not make-pool's
+        (out / "pool.json.tmp").unlink()
     if out.exists() and any(out.iterdir()):
         if not _written_by_make_pool(out):
             raise FileExistsError(f"pool directory {out} is not empty and was not written by make-pool (no "

@@ -1135,6 +1135,22 @@ def test_ctrl_c_in_make_pool_says_the_same_command_resumes(tmp_path, capsys, mon
     assert "5 kept from the interrupted run" in capsys.readouterr().out
 
 
+def test_ctrl_c_in_make_pool_with_overwrite_says_to_drop_it_to_resume(tmp_path, capsys, monkeypatch):
+    # "the same command resumes it": the same command, --overwrite and all, deleted the images
+    # written and drew them again
+    import spurfast.make_pool as M
+
+    out = str(tmp_path / "pool")
+    real = M.render
+    monkeypatch.setattr(M, "render", lambda i, *a: real(i, *a) if i < 5 else (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert main(["make-pool", "--out", out, "--n", "20", "--quiet", "--overwrite"]) == 130
+    err = capsys.readouterr().err
+    assert "the same command without --overwrite resumes it (the images written are kept)" in err, err
+    monkeypatch.undo()
+    assert main(["make-pool", "--out", out, "--n", "20", "--quiet"]) == 0
+    assert "5 kept from the interrupted run" in capsys.readouterr().out
+
+
 def test_evaluate_from_csv_names_a_cut_short_timing_file(tmp_path, capsys):
     # json's "Expecting value" named no file (timing.json beside the CSV is written in one go)
     from pathlib import Path

@@ -381,6 +381,31 @@ def test_sizes_past_pils_pixel_limit_are_refused(monkeypatch):
     PoolSpec(n=1, min_size=65500, max_size=65500).validate()
 
 
+def test_a_numpy_int32_size_past_the_limit_is_refused_too(tmp_path, monkeypatch):
+    """An int32 max_size squared wrapped negative and passed the pixel-limit check: the pool was
+    written with images both loaders refuse (numpy numbers are converted before the checks now)."""
+    import spurfast.make_pool as M
+
+    monkeypatch.setattr(M, "render", lambda *a: pytest.fail("a 60,000-pixel image was drawn"))
+    with pytest.raises(ValueError, match=r"PIL's limit"):
+        make_pool(tmp_path / "p", PoolSpec(n=1, min_size=8, max_size=np.int32(60000)), workers=1, progress=False)
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_folder_left_with_only_a_half_written_first_marker_is_written(tmp_path):
+    """A run killed (SIGKILL) while it wrote the first pool.json left only pool.json.tmp, and
+    every rerun, --overwrite too, refused the folder as not make-pool's."""
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "pool.json.tmp").write_text('{"writer": "spurfast make-pool", "sp')
+    info = make_pool(tmp_path / "p", PoolSpec(n=3, min_size=16, max_size=16), workers=1, progress=False)
+    assert info["n"] == 3 and not (tmp_path / "p" / "pool.json.tmp").exists()
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "pool.json.tmp").write_text("")
+    (tmp_path / "q" / "photo.jpg").write_text("a user's")   # not only the marker: still refused
+    with pytest.raises(FileExistsError, match="not written by make-pool"):
+        make_pool(tmp_path / "q", PoolSpec(n=3, min_size=16, max_size=16), workers=1, progress=False, overwrite=True)
+
+
 def test_classes_past_int64_label_the_pool_as_fewer_classes_do(tmp_path):
     """--classes 2**63 on 3 images raised OverflowError (a traceback) after the folder was
     made; each image's label is its index whenever --n <= --classes."""
