@@ -32,7 +32,7 @@ def process_gone(pid: str) -> bool:
     left may be removed.  False for this process, for a name that is not a pid, for a process
     of another user, and off POSIX (``os.kill(pid, 0)`` asks about a process there only;
     elsewhere it ends it)."""
-    if os.name != "posix" or not pid.isdigit() or int(pid) == os.getpid():
+    if os.name != "posix" or not (pid.isascii() and pid.isdigit()) or int(pid) == os.getpid():
         return False
     try:
         os.kill(int(pid), 0)
@@ -43,14 +43,61 @@ def process_gone(pid: str) -> bool:
     return False                                        # alive (a concurrent run writing it)
 
 
+OWNER = ".owner"   # in a private folder: locked (flock) by its process while it lives
+_held: dict[str, int] = {}   # this process's private folders -> their lock's descriptor
+
+
+def _hold(folder: Path) -> None:
+    try:
+        import fcntl
+    except ImportError:   # not POSIX: nothing is swept there either (process_gone)
+        return
+    fd = os.open(folder / OWNER, os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    _held[str(folder)] = fd
+
+
+def _owner_alive(folder: Path) -> bool:
+    """Whether a process holds ``folder``'s lock: one whose pid means nothing here (another PID
+    namespace, e.g. a container sharing this /tmp) looks gone to `process_gone`."""
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    try:
+        fd = os.open(folder / OWNER, os.O_RDWR)
+    except FileNotFoundError:
+        return False                                   # none (its process died before making it)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def release_folder(folder: str | Path) -> None:
+    """Remove a `private_folder` of this process and let go of its lock."""
+    shutil.rmtree(folder, ignore_errors=True)
+    fd = _held.pop(str(folder), None)
+    if fd is not None:
+        os.close(fd)
+
+
 def private_folder(prefix: str, root: str | Path | None = None) -> Path:
     """A new temporary folder ``PREFIX<pid>-<random>`` under ``root`` (default: the system's
     temporary folder, ``TMPDIR``), once the folders of the same prefix whose process is gone are
     removed: a process killed before its clean-up ran (a rank killed mid-run, a worker ended
-    with ``os._exit``) left its folder there for good."""
+    with ``os._exit``) left its folder there for good.  The folder holds a lock (`OWNER`) for as
+    long as this process (or a child it forked) lives; `release_folder` removes it."""
     base = Path(root) if root is not None else Path(tempfile.gettempdir())
     for d in base.glob(f"{prefix}*-*") if base.is_dir() else ():
-        if d.is_dir() and process_gone(d.name[len(prefix):].split("-", 1)[0]):
+        if d.is_dir() and process_gone(d.name[len(prefix):].split("-", 1)[0]) and not _owner_alive(d):
             shutil.rmtree(d, ignore_errors=True)
     base.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base))
+    folder = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base))
+    _hold(folder)
+    return folder

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic_files import private_folder, replace_atomically
+from .atomic_files import private_folder, release_folder, replace_atomically
 
 
 PREFIX = "spurfast-rankings-"   # then the writer's pid, "-", and mkdtemp's random part
@@ -44,7 +44,7 @@ class SpilledRankings(MutableMapping):
         self._dir = private_folder(PREFIX, folder)
         self._files: dict = {}
         self._written = 0
-        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self._dir), True)
+        self._finalizer = weakref.finalize(self, release_folder, str(self._dir))
         self.update(items)
 
     @property
@@ -87,6 +87,9 @@ class SpilledRankings(MutableMapping):
             tmp.unlink(missing_ok=True)
             os.link(src, tmp)
             os.replace(tmp, path)
+            # where path already named this very file (exported before), the rename did nothing
+            # and left the temporary name
+            tmp.unlink(missing_ok=True)
         except OSError:   # another file system, or one without links
             tmp.unlink(missing_ok=True)
             def copy(fh):

@@ -29,9 +29,9 @@ def test_replacing_and_deleting_remove_the_files_but_not_values_handed_out(tmp_p
     r[1] = np.zeros(4)               # replaced while a map of the old value is held
     np.testing.assert_array_equal(held, np.ones(4))
     np.testing.assert_array_equal(r[1], np.zeros(4))
-    assert len(list(r.folder.iterdir())) == 1
+    assert len(list(r.folder.glob("*.npy"))) == 1
     del r[1]
-    assert len(r) == 0 and list(r.folder.iterdir()) == []
+    assert len(r) == 0 and list(r.folder.glob("*.npy")) == []
     with pytest.raises(KeyError):
         r[1]
 
@@ -44,7 +44,7 @@ def test_renumbering_as_the_rerank_does_keeps_every_value(tmp_path):
     r.clear()
     r.update(moved)
     assert {k: float(r[k][0]) for k in r} == {1: 3.0, 2: 1.0, 3: 2.0}
-    assert len(list(r.folder.iterdir())) == 3
+    assert len(list(r.folder.glob("*.npy"))) == 3
 
 
 def test_the_folder_goes_when_closed_or_collected(tmp_path):
@@ -148,3 +148,35 @@ def test_discovery_with_a_work_folder_spills_there_not_in_tmpdir(tmp_path, monke
     del res
     gc.collect()
     assert not folder.exists()
+
+
+def test_exporting_to_the_same_place_twice_leaves_no_temporary_file(tmp_path):
+    """write_outputs called twice on one result: the second rename onto a name of the same file
+    did nothing and left finding1.npy.PID.tmp in rankings/."""
+    r = SpilledRankings({1: np.arange(4.0)}, folder=tmp_path / "spill")
+    for _ in range(2):
+        r.export(1, tmp_path / "finding1.npy")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["finding1.npy", "spill"]
+    np.testing.assert_array_equal(np.load(tmp_path / "finding1.npy"), np.arange(4.0))
+
+
+def test_a_folder_whose_pid_means_nothing_here_is_kept_while_its_owner_holds_it(tmp_path):
+    """A process of another PID namespace (a container sharing this TMPDIR) looks gone to the pid
+    check; its folder's lock says it lives, and the folder goes once the lock is free."""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    other = tmp_path / f"spurfast-rankings-{dead}-ns"
+    other.mkdir()
+    fd = os.open(other / ".owner", os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # held as its owner would hold it
+    SpilledRankings(folder=tmp_path).close()
+    assert other.is_dir()
+    os.close(fd)                                       # the owner ended
+    SpilledRankings(folder=tmp_path).close()
+    assert not other.exists()
+    assert list(tmp_path.iterdir()) == []

@@ -218,14 +218,13 @@ def _filler_file() -> str:
     goes at exit, and a later process removes it if this one was killed first)."""
     if not _filler:
         import atexit
-        import shutil
 
         from PIL import Image
 
-        from ..atomic_files import private_folder
+        from ..atomic_files import private_folder, release_folder
 
         d = str(private_folder("spurfast-dali-"))
-        atexit.register(shutil.rmtree, d, True)
+        atexit.register(release_folder, d)
         path = os.path.join(d, "filler.png")
         Image.new("RGB", (2, 2), (128, 128, 128)).save(path)
         _filler.append(path)
