@@ -288,6 +288,8 @@ def confirm_pattern(model, images: torch.Tensor, cls: int, mask: np.ndarray, con
     if class_images is not None and len(class_images):
         if tuple(class_images.shape[1:]) != tuple(vals.shape):
             raise ValueError(f"class images of shape {tuple(class_images.shape[1:])} do not match the pattern")
+        # float64 ones (torch.from_numpy's) failed in the model, after the other two passes
+        class_images = class_images.to(images.dtype)
         base = images.mean(0)
         direction = vals if config.mode == "add" else vals - base
         class_images = most_like_pattern(class_images, base, direction, m, config.content_match)
@@ -375,7 +377,9 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
     ``suspect`` samples (pool provenance mask): the suspect data is what may carry the
     shortcut, so neither the clean images nor the content control's class images may come
     from it (the class's poisoned suspects, most like the pattern by construction, would
-    replay the shortcut as "class content").  Images the source could not read (its
+    replay the shortcut as "class content").  For the same reason the pool's class images are
+    its images *labelled* ``c``: an unlabelled one predicted ``c`` may be a carrier of the
+    shortcut that no finding took in.  Images the source could not read (its
     ``bad_files``, which loading fills; pool images the store marked unreadable have
     prediction -1) are left out of both: a loader gives them a zero image.  A finding that
     cannot be confirmed (an empty mask, no clean image of another class) keeps ``confirm``
@@ -404,6 +408,9 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
         if pool is None or pool_pred is None:
             raise ValueError("confirmation needs a clean set, or the pool and its predictions")
         src, labels, pred = pool, pool.labels(), np.asarray(pool_pred)
+        if pred.shape != (len(pool),):   # numpy's broadcast error named neither
+            raise ValueError(f"pool predictions of shape {pred.shape} do not match the pool {pool.name} of "
+                             f"{len(pool)} images")
         used = np.zeros(len(pool), bool)
         for f in findings:
             used[np.asarray(f["members"], dtype=np.int64)] = True
@@ -427,7 +434,13 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
         else:
             ok = cand
         x = clean_images_for(src, labels, pred, c, ok, config.max_images, rng)
-        own = cand[np.where(labels[cand] >= 0, labels[cand] == c, (pred[cand] == c) if pred is not None else False)]
+        if clean is None:
+            # labelled ones only: an unlabelled pool image predicted c may carry the shortcut itself
+            # (its carriers outside the finding: one shortcut splits over clusters), which the
+            # control then replays as "class content", as it would the suspects
+            own = cand[labels[cand] == c]
+        else:   # a clean set holds no shortcut: its images predicted c are class content
+            own = cand[np.where(labels[cand] >= 0, labels[cand] == c, (pred[cand] == c) if pred is not None else False)]
         if len(own) > config.max_images:
             own = np.sort(rng.choice(own, config.max_images, replace=False))
         xc = load_readable(src, own) if len(own) else None
@@ -442,8 +455,9 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
             # a verdict then rests on the random control alone: say so (e.g. a pool whose every
             # image of the class is a suspect sample, as `spurfast plant` writes, and no --clean)
             cf["content_skipped"] = (f"no image of class {c} to compare with" + (
-                "" if clean is not None else " outside the findings and the suspect samples; pass a clean set "
-                                             "(--clean) with images of every class"))
+                "" if clean is not None else " outside the findings and the suspect samples (pool images count "
+                                             "only where labelled: an unlabelled one may carry the shortcut); pass "
+                                             "a clean set (--clean) with images of every class"))
             log.warning("finding %s (class %d): no class-content control, %s", f.get("rank"), c, cf["content_skipped"])
         f["confirm"] = {k: cf[k] for k in ("flip_rate", "control_flip_rate", "p_value", "content_flip_rate",
                                            "content_p_value", "content_skipped", "smooth_flip_rate", "smooth_p_value")

@@ -73,10 +73,11 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
     if batch_size < 1:
         raise ValueError(f"pattern ranking batch_size must be >= 1, got {batch_size}")
     require_patterns(findings)   # before any finding is changed
+    missing = [f["rank"] for f in findings if f["rank"] not in rankings]
+    if missing:   # checked in the loop below, it left the findings before it marked "pattern"
+        raise ValueError(f"finding {missing[0]} has no latent ranking (rankings hold {sorted(rankings)})")
     chosen, masks = [], []
     for f in findings:
-        if f["rank"] not in rankings:
-            raise ValueError(f"finding {f['rank']} has no latent ranking (rankings hold {sorted(rankings)})")
         m = ranking_mask(f["_mask"], f["_contrast"], localised)
         f["ranked_by"] = "latent" if m is None else "pattern"
         if m is not None:

@@ -135,7 +135,11 @@ def test_confirm_findings_clean_set_and_pool_default():
     f = [_finding([25, 26, 27])]
     confirm_findings(f, CornerModel(), pool=pool, pool_pred=pred)
     assert f[0]["_confirm_detail"]["n_images"] == 177
-    assert "content_p_value" in f[0]["confirm"]   # class images: pool images predicted 1 outside findings
+    # unlabelled: images predicted 1 may be the shortcut's own carriers, so no class content
+    assert "content_p_value" not in f[0]["confirm"]
+    assert "only where labelled" in f[0]["confirm"]["content_skipped"]
+    with pytest.raises(ValueError, match=r"pool predictions of shape \(199,\) do not match the pool pool of 200"):
+        confirm_findings(f, CornerModel(), pool=pool, pool_pred=pred[:-1])
     with pytest.raises(ValueError, match="clean set"):
         confirm_findings(f, CornerModel())
     with pytest.raises(ValueError, match="no extracted pattern"):
@@ -168,6 +172,31 @@ def test_pool_default_draws_no_control_from_the_suspect_data():
     with pytest.raises(ValueError, match="suspect mask of shape"):
         confirm_findings(f, CornerModel(), pool=pool, pool_pred=pred, suspect=suspect[:10])
 
+
+
+def test_an_unlabelled_pools_carriers_outside_the_finding_are_no_class_content():
+    """Unlabelled pool: the shortcut's carriers that no finding took in are predicted its class;
+    drawn as "genuine class images" (most like the pattern, by construction) the content control
+    pasted the shortcut itself and a true shortcut read as class_content (labelled: confirmed)."""
+    x = _clean(200)
+    x[:40, :, -4:-1, -4:-1] = 1.0                       # 40 carriers, the finding holds 20
+    pred = CornerModel()(x).argmax(1).numpy()
+    assert (pred[:40] == 1).all() and (pred[40:] == 0).all()
+    verdicts = {}
+    for name, labels in (("labelled", np.zeros(200, int)), ("unlabelled", None)):
+        f = [_finding(list(range(20)))]
+        confirm_findings(f, CornerModel(), pool=ArraySource(x, labels, name="pool"), pool_pred=pred)
+        verdicts[name] = f[0]["confirm"]["verdict"]
+    assert verdicts == {"labelled": "confirmed", "unlabelled": "confirmed"}
+
+
+def test_float64_class_images_are_taken_as_the_clean_images_dtype():
+    # torch.from_numpy's float64 failed in the model, after the pattern's and the random control's passes
+    model = nn.Sequential(nn.Flatten(), nn.Linear(256, 2))   # float32 weights: a float64 input fails
+    x = _clean(50)
+    xc = _clean(20).double()
+    cf = confirm_pattern(model, x, 1, _finding([0])["_mask"], _finding([0])["_contrast"], class_images=xc)
+    assert 0.0 <= cf["content_flip_rate"] <= 1.0
 
 
 class BrokenSource(ArraySource):

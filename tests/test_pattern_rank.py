@@ -155,6 +155,11 @@ def test_bad_arguments_are_refused():
         pattern_rankings([{"rank": 1, "class": 0}], {1: np.zeros(N)}, src)
     with pytest.raises(ValueError, match="no latent ranking"):
         pattern_rankings([_finding(rank=2)], {1: np.zeros(N)}, src)
+    # checked before any finding is marked: the first one said "pattern" over its latent ranking
+    found = [_finding(), _finding(rank=2)]
+    with pytest.raises(ValueError, match="finding 2 has no latent ranking"):
+        pattern_rankings(found, {1: np.zeros(N)}, src)
+    assert [f.get("ranked_by") for f in found] == [None, None]
     with pytest.raises(ValueError, match="localised"):
         pattern_rankings([_finding()], {1: np.zeros(N)}, src, localised=0)
     with pytest.raises(ValueError, match="top"):
