@@ -115,8 +115,10 @@ def enriched(members, carries) -> bool:
     members = _members(members, len(carries))
     if len(members) == 0 or not carries.any():
         return False
-    rate, prev = carries[members].mean(), carries.mean()
-    return bool(rate > 0 and rate >= min(2 * prev, (1 + prev) / 2))
+    # in integers: j/m >= 2k/n, or j/m >= (1 + k/n)/2.  (1 + prev)/2 in floats rounded above a
+    # rate exactly on it (6 of 7 members in a pool of 10 carriers out of 14: "not enriched")
+    j, m, k, n = int(carries[members].sum()), len(members), int(carries.sum()), len(carries)
+    return j > 0 and (j * n >= 2 * k * m or 2 * j * n >= m * (n + k))
 
 
 @dataclass
@@ -186,6 +188,9 @@ def significant(cands: list[dict], q: float) -> list[dict]:
 
 
 def recall_at_q(cands: list[dict], feats: list[Feature], q: float) -> float:
+    """Share of the features (those some pool item carries: the others are undefined, as in
+    `feature_metrics`) that a candidate with q <= ``q`` matches; NaN without one."""
+    feats = [f for f in feats if np.asarray(f.carries, bool).any()]
     if not feats:
         return float("nan")
     sig = significant(cands, q)

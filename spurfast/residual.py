@@ -219,6 +219,8 @@ def residual_scan(residuals: torch.Tensor, z: np.ndarray, pred: np.ndarray, labe
         raise ValueError(f"image_shape {tuple(image_shape)} is not (C, H, W) or (H, W) of "
                          f"{residuals.shape[1]} residual values")
     check_size(n, residuals.shape[1], cfg.max_values)
+    # float32 as the windows' masks below: a float64 input failed there, after the whole null
+    residuals = residuals.float()
     pred = np.asarray(pred, dtype=np.int64)
     labels = np.asarray(labels, dtype=np.int64)
     rows = np.nonzero(~np.asarray(suspect, bool) & (pred >= 0))[0]       # the unrelated, classified

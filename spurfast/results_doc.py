@@ -46,11 +46,22 @@ def write_csv(path: Path, rows: list[dict], cols: list[str]) -> None:
 
 
 def read_csv(path) -> list[dict]:
+    return _read_numbered(path)[0]
+
+
+def _read_numbered(path) -> tuple[list[dict], list[int]]:
+    """(rows, the file line each ends on): DictReader skips blank lines and a quoted field may
+    span lines, so counting rows named the wrong line in error messages."""
     # utf-8-sig: a CSV saved by a spreadsheet starts with a byte-order mark, which became part
     # of the first column's name (confirm.csv: "no setting column"; results.csv: preset lost)
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
-            return list(csv.DictReader(fh))
+            reader = csv.DictReader(fh)
+            rows, lines = [], []
+            for r in reader:
+                rows.append(r)
+                lines.append(reader.line_num)
+            return rows, lines
     except UnicodeDecodeError as exc:   # the codec's message named no file (confirm.csv is read unasked)
         raise ValueError(f"{path} is not UTF-8 text ({exc}); save it as UTF-8, as `spurfast evaluate` "
                          f"writes it") from None
@@ -98,18 +109,18 @@ def check_digests(timing, csv_path, confirm_path) -> None:
                     csv_path if confirm_path is None else f"{csv_path} and {confirm_path}")
 
 
-def _read_whole(path, need=()) -> list[dict]:
-    """`read_csv` of a CSV this module reads, refusing a row cut short (a missing field
+def _read_whole(path, need=()) -> tuple[list[dict], list[int]]:
+    """`_read_numbered` of a CSV this module reads, refusing a row cut short (a missing field
     reads as None: a TypeError traceback), a longer one, or a missing column of ``need``
     (an empty file too: it gave an empty document), with the file and line named."""
-    rows = read_csv(path)
+    rows, lines = _read_numbered(path)
     if not rows:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             header = next(csv.reader(fh), [])
         missing = [k for k in need if k not in header]
         if missing:
             raise ValueError(f"{path}: no {', '.join(missing)} column (not the CSV `spurfast evaluate` wrote)")
-    for line, r in enumerate(rows, 2):
+    for line, r in zip(lines, rows):
         missing = [k for k in need if k not in r]
         if missing or None in r or None in r.values():
             head = len(r) - (None in r)   # DictReader: None for a missing field, extras listed under None
@@ -117,7 +128,7 @@ def _read_whole(path, need=()) -> list[dict]:
             raise ValueError(f"{path}: " + (f"no {', '.join(missing)} column (not the CSV `spurfast evaluate` wrote)"
                              if missing else f"line {line} has {got} fields, the header {head} (cut short or "
                              f"edited?); rerun the evaluation"))
-    return rows
+    return rows, lines
 
 
 NOTES = "<!-- notes: text below this line is kept when the file is regenerated -->"
@@ -217,10 +228,10 @@ def read_results(csv_path, confirm_path=None) -> tuple[list[dict], list[dict]]:
     no file), checked as `write_results` needs them: a ValueError naming the file (and line)
     where either is not what `spurfast evaluate` writes.  Writes nothing, so a caller can
     check its input before it creates anything."""
-    rows = _read_whole(csv_path, ("setting", "seed", "method", "feature", "metric", "value"))
-    crows = _read_whole(confirm_path, ("setting", "true_finding", "flip_rate", "control_flip_rate")) \
-        if confirm_path and Path(confirm_path).is_file() else []
-    for line, r in enumerate(rows, 2):
+    rows, lines = _read_whole(csv_path, ("setting", "seed", "method", "feature", "metric", "value"))
+    crows, clines = _read_whole(confirm_path, ("setting", "true_finding", "flip_rate", "control_flip_rate")) \
+        if confirm_path and Path(confirm_path).is_file() else ([], [])
+    for line, r in zip(lines, rows):
         try:
             r["value"] = float(r["value"])
             r["seed"] = int(r["seed"])
@@ -228,14 +239,14 @@ def read_results(csv_path, confirm_path=None) -> tuple[list[dict], list[dict]]:
             raise ValueError(f"{csv_path} line {line}: {exc}") from None
     # a row given twice (pasted twice, or two runs' CSVs joined) entered every mean and count twice
     seen = {}
-    for line, r in enumerate(rows, 2):
+    for line, r in zip(lines, rows):
         key = (r["setting"], r["seed"], r["method"], r["feature"], r["metric"])
         if key in seen:
             raise ValueError(f"{csv_path}: line {line} repeats line {seen[key]} (setting {key[0]!r}, seed {key[1]}, "
                              f"method {key[2]!r}, feature {key[3]!r}, metric {key[4]!r}); each is counted once "
                              f"per seed: remove one")
         seen[key] = line
-    _check_confirm_rows(crows, confirm_path)
+    _check_confirm_rows(crows, confirm_path, clines)
     return rows, crows
 
 
@@ -376,14 +387,14 @@ _CONFIRM_NUMBERS = ("flip_rate", "control_flip_rate", "p_value", "content_flip_r
                     "confirm_q_value")
 
 
-def _check_confirm_rows(crows: list[dict], path) -> None:
+def _check_confirm_rows(crows: list[dict], path, lines: list[int]) -> None:
     """confirm.csv's rows as the tables read them, in place: true_finding "0" or "1" (a
     "1.0" or " 1" saved by a spreadsheet silently left the finding out of the table and the
     plot), numbers stripped and parsed, and the controls a flip rate is read against; a
     ValueError naming the file, line and column (float()'s named none; a missing control
     was a KeyError), or a finding given twice."""
     seen = {}
-    for line, c in enumerate(crows, 2):
+    for line, c in zip(lines, crows):
         for k in list(c):
             c[k] = c[k].strip()
         try:

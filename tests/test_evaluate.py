@@ -739,6 +739,10 @@ def test_a_cut_short_csv_is_named_not_a_traceback(tmp_path):
     csv_path.write_text(whole.replace(",0.5\n", ",half\n", 1))
     with pytest.raises(ValueError, match=r"results\.csv line 2: could not convert string to float: 'half'"):
         write_results(csv_path, None, tmp_path / "RESULTS.md")
+    head, rest = whole.split("\n", 1)    # a blank line before it: the file's line, not the row's number
+    csv_path.write_text(head + "\n\n" + rest.replace(",0.5\n", ",half\n", 1))
+    with pytest.raises(ValueError, match=r"results\.csv line 3: could not convert string to float: 'half'"):
+        write_results(csv_path, None, tmp_path / "RESULTS.md")
     csv_path.write_text(whole)
     (tmp_path / "confirm.csv").write_text("setting,seed,rank,true_finding,flip_rate,control_flip_rate,p_value\n"
                                           "patch3-n150,0,1,1,0.5,0.0,1e-9\npatch3-n150,0,2\n")

@@ -84,6 +84,11 @@ def test_enriched_and_matches():
     assert not enriched([0] + list(range(20, 25)), f.carries)  # 1/6 < 0.2
     assert not enriched([], f.carries)
     assert matches(_cand(3, [0, 1]), f) and not matches(_cand(4, [0, 1]), f)
+    # halfway from the pool's rate to 1, exactly: 10 carriers of 14 (rate 5/7), 6 of 7 members
+    # is 6/7 = (1 + 5/7) / 2, which floats rounded above the members' rate
+    busy = np.r_[np.ones(10, bool), np.zeros(4, bool)]
+    assert enriched([0, 1, 2, 3, 4, 5, 10], busy)
+    assert not enriched([0, 1, 2, 3, 4, 10, 11], busy)     # 5/7 < 6/7
 
 
 def test_enriched_where_the_pool_mostly_carries_the_feature():
@@ -147,6 +152,10 @@ def test_recall_and_false_findings():
     assert false_findings(cands, [f1, f2], 0.1) == 1
     assert false_findings(cands, [], 0.1) == 3         # clean model: every finding is false
     assert np.isnan(recall_at_q(cands, [], 0.1))
+    # a feature no pool item carries is undefined (feature_metrics: NaN), not a miss
+    nobody = Feature(5, np.zeros(100, bool), name="none")
+    assert recall_at_q(cands, [f1, nobody], 0.05) == 1.0
+    assert np.isnan(recall_at_q(cands, [nobody], 0.05))
     assert false_findings([_cand(3, [0])], [f1], 0.1) == 0   # no q-value: not a finding at any level
 
 

@@ -89,6 +89,15 @@ def test_scan_finds_a_pixel_the_latent_does_not_hold():
     assert f["_contrast"].shape == SHAPE and float(f["_contrast"][0, 9, 9]) > 0.9
 
 
+def test_float64_residuals_are_scanned_as_float32():
+    """A float64 input failed at the windows' float32 masks, after the whole null had run."""
+    res, z, pred, labels, _ = _pool()
+    found = residual_scan(res.double(), z, pred, labels, np.zeros(len(pred), bool), SHAPE, ResidualConfig(n_null=100))
+    want = residual_scan(res, z, pred, labels, np.zeros(len(pred), bool), SHAPE, ResidualConfig(n_null=100))
+    assert [f["class"] for f in found] == [f["class"] for f in want] == [4]
+    np.testing.assert_array_equal(found[0]["ranking"], want[0]["ranking"])
+
+
 def test_scan_finds_nothing_where_predictions_follow_content():
     res, z, pred, labels, _ = _pool(carriers=0.0)
     # content the VAE misses, spread: images called 3 without the label draw a little more
