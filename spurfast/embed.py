@@ -377,7 +377,7 @@ def _settle_shards(store_dir: Path, main: EmbeddingStore | None, fp: str, conten
         if rows:
             also = f" (the {kept} rows they finished from pool index {start} on are kept)" if kept else ""
             log.warning("discarding %d embedded rows of an earlier %d-process run in %s: its shards are unfinished "
-                        "or not this store's next rows, and only a run of %d processes could resume them%s", rows, w,
+                        "or not this store's next rows (or decoded otherwise than it), and only a run of %d processes could resume them%s", rows, w,
                         root, w, also)
         elif kept:
             log.info("kept pool rows %d to %d that an earlier %d-process run in %s had finished", start,
@@ -420,11 +420,42 @@ def _keep_finished_prefix(store_dir: Path, main: EmbeddingStore | None, w: int, 
     # each kept row must hold the pool index its rank's selection puts there (as merge_shards checks)
     if not all(np.array_equal(np.asarray(s["index"][:c]), sel[:c]) for s, sel, c in zip(parts, sels, counts)):
         return main, 0
+    # ranks whose loaders resolved differently, or a main store of another loader: kept, their
+    # rows sat in one store under one loader's name (merge_shards refuses such shards)
+    if not _takes_decoding_of(main, parts):
+        return main, 0
     if main is None:
         main = _create_main(store_dir, parts[0].manifest, n)
     _copy_shard_rows(main, parts, counts, start + P)
     main.write(start + P, {})   # flushes every column, then marks the rows done
     return main, P
+
+
+DECODING = ("loader", "decode")   # how a store's pixels were made: rows of two must not mix
+
+
+def _decoding(store: EmbeddingStore) -> tuple:
+    return tuple(store.manifest.get(k) for k in DECODING)
+
+
+def _takes_decoding_of(main: EmbeddingStore | None, shards: list) -> bool:
+    """Whether ``main`` may take rows of ``shards``: they record one loader and decode device,
+    and main's own rows (if any) record the same; a main store with no row yet takes the
+    shards' record (it kept the one its first, interrupted pass had made)."""
+    recs = {_decoding(s) for s in shards}
+    if len(recs) > 1:
+        return False
+    rec = recs.pop()
+    if main is None:
+        return True
+    if main.done:
+        return all(a is None or b is None or a == b for a, b in zip(_decoding(main), rec))
+    for k, v in zip(DECODING, rec):
+        if v is None:
+            main.manifest.pop(k, None)
+        else:
+            main.manifest[k] = v
+    return True
 
 
 def _continues(shard: EmbeddingStore, ours: tuple) -> bool:
@@ -791,6 +822,11 @@ def merge_shards(store_dir, num_shards: int, *, chunk: int = 65536, progress: bo
         if main.manifest.get("fingerprint") != m0["fingerprint"] or main.done != start:
             raise ValueError(f"store {store_dir} (fingerprint {main.manifest.get('fingerprint')}, done {main.done}) "
                              f"does not match its shards (fingerprint {m0['fingerprint']}, start {start})")
+        if not _takes_decoding_of(main, shards):   # the shards agree (checked above): main's rows do not
+            raise ValueError(f"store {store_dir} was decoded as {dict(zip(DECODING, _decoding(main)))} and its "
+                             f"shards as {dict(zip(DECODING, _decoding(shards[0])))}: their pixels differ a little, "
+                             f"so the merged store would mix both; remove the shard stores and run the ranks again "
+                             f"with the store's --loader-backend and --device")
     else:
         main = _create_main(store_dir, m0, n)
     with tqdm(total=n - start, desc="merging shards", unit="img", disable=not progress) as bar:

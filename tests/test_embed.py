@@ -368,6 +368,48 @@ def test_shards_of_one_store_decoded_by_two_loaders_are_refused(tmp_path):
     assert merge_shards(s, 2, progress=False).manifest["loader"] == "dali"
 
 
+def test_a_restart_on_another_number_of_processes_keeps_no_rows_of_another_loader(tmp_path):
+    """The rows a 2-process run finished are kept by a 1-process restart; their loader was never
+    compared: DALI shards' rows sat in a store a torch pass had begun (with no row yet) and
+    finished, all under "torch".  Now the store takes the shards' record, and the torch resume
+    is refused as any resume of a DALI store with torch is; shards of two loaders keep nothing."""
+    import json
+
+    from spurfast.data.folder import ImageFolderSource
+    from spurfast.embed import EmbeddingStore, merge_shards, shard_dir
+
+    clf, vae, kw = _store_begun_with_the_torch_loader(tmp_path)
+    pool = lambda: ImageFolderSource(tmp_path / "pool", size=32)   # noqa: E731
+    s = tmp_path / "p"
+    embed_pool(pool(), clf, vae, s, loader_backend="torch", stop_after=0, **kw)   # begun, no row yet
+    assert EmbeddingStore(s).done == 0 and EmbeddingStore(s).manifest["loader"] == "torch"
+    for r in range(2):
+        embed_pool(pool(), clf, vae, s, loader_backend="dali", shard_id=r, num_shards=2, stop_after=1, **kw)
+    with pytest.raises(ValueError, match=r"begun with the 'dali' loader, and this run would resume it with 'torch'"):
+        embed_pool(pool(), clf, vae, s, loader_backend="torch", **kw)
+    kept = EmbeddingStore(s)
+    assert kept.done == 16 and kept.manifest["loader"] == "dali"
+    assert embed_pool(pool(), clf, vae, s, loader_backend="dali", **kw).complete
+    # shards of two loaders: nothing kept (a merge refuses them too)
+    s = tmp_path / "q"
+    for r in range(2):
+        embed_pool(pool(), clf, vae, s, loader_backend="dali", shard_id=r, num_shards=2, stop_after=1, **kw)
+    m = json.loads((shard_dir(s, 1, 2) / "manifest.json").read_text())
+    (shard_dir(s, 1, 2) / "manifest.json").write_text(json.dumps({**m, "loader": "torch"}))
+    got = embed_pool(pool(), clf, vae, s, loader_backend="torch", stop_after=0, **kw)
+    assert got.done == 0 and got.manifest["loader"] == "torch"
+    # a merge into a main store whose own rows are another loader's is refused
+    s = tmp_path / "r"
+    embed_pool(pool(), clf, vae, s, loader_backend="torch", stop_after=1, **kw)   # 8 rows, torch
+    for r in range(2):
+        embed_pool(pool(), clf, vae, s, loader_backend="torch", shard_id=r, num_shards=2, **kw)
+    for r in range(2):
+        m = json.loads((shard_dir(s, r, 2) / "manifest.json").read_text())
+        (shard_dir(s, r, 2) / "manifest.json").write_text(json.dumps({**m, "loader": "dali"}))
+    with pytest.raises(ValueError, match=r"was decoded as \{'loader': 'torch'.*its shards as \{'loader': 'dali'"):
+        merge_shards(s, 2, progress=False)
+
+
 @pytest.mark.parametrize("num_shards", [0, -1, 1.5])
 def test_merge_names_a_bad_number_of_shards(tmp_path, num_shards):
     # 0 (no shard directories counted, say) failed with a bare "IndexError: list index out of range"
