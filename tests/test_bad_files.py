@@ -297,13 +297,15 @@ def test_symlinked_folders_are_followed_once_and_broken_links_reported(tmp_path)
     (root / "cat" / "loop").symlink_to(root / "cat")           # a cycle: visited once
     (root / "cat" / "missing.png").symlink_to(tmp_path / "gone.png")  # broken: reported, not dropped
     (root / "dog").symlink_to(elsewhere / "deep")              # a symlinked class folder
+    (root / "cat" / "up").symlink_to(root)                     # back up to the root: not walked
     paths, labels, names = list_folder(root)
     rel = [str(Path(p).relative_to(root)) for p in paths]
     assert names == ["cat", "dog"]
-    assert rel == ["cat/c.png", "cat/linked/deep/d.png", "cat/linked/e0.png", "cat/linked/e1.png",
-                   "cat/missing.png", "dog/d.png"]
-    assert labels == [0, 0, 0, 0, 0, 1]
-    flat = list_folder(root / "cat")[0]  # flat layout (images at the top): same walk
+    # another class folder's images (dog's d.png, reached through cat/linked/deep; or through
+    # cat/up/dog) were listed again under cat's label
+    assert rel == ["cat/c.png", "cat/linked/e0.png", "cat/linked/e1.png", "cat/missing.png", "dog/d.png"]
+    assert labels == [0, 0, 0, 0, 1]
+    flat = list_folder(root / "cat")[0]  # flat layout (images at the top): same walk, no class folders
     assert len(flat) == 5
     src = ImageFolderSource(root, size=16)
     x, _ = src.get_batch(range(len(src)))

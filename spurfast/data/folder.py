@@ -26,12 +26,14 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _image_files(d: Path) -> list[Path]:
+def _image_files(d: Path, exclude=()) -> list[Path]:
     """Image files under ``d``, sorted, hidden files and folders left out.  Follows
     symlinked folders (Path.rglob does not), visiting each real folder once so a link back
-    up cannot loop; broken symlinks with an image name are kept, so the loaders report them
-    as unreadable instead of dropping them."""
-    seen = {os.path.realpath(d)}
+    up cannot loop, and none of ``exclude`` (real paths: the pool's root and its other class
+    folders, whose images a link back up listed again under this class's label); broken
+    symlinks with an image name are kept, so the loaders report them as unreadable instead
+    of dropping them."""
+    seen = {os.path.realpath(d), *exclude}
     files = []
 
     def unlisted(exc: OSError):  # os.walk skips a folder it cannot list without a word
@@ -121,8 +123,9 @@ def list_folder(root: str | Path, class_names: list[str] | None = None) -> tuple
                 raise ValueError(f"class folders {unknown[:5]} of {root} are not among the {len(class_names)} class "
                                  f"names given ({list(class_names)[:5]}{', ...' if len(class_names) > 5 else ''})")
         paths, labels = [], []
+        others = {os.path.realpath(root), *(os.path.realpath(d) for d in subdirs)}
         for d in subdirs:
-            files = _image_files(d)
+            files = _image_files(d, others)
             if not files:
                 raise ValueError(f"class folder {d} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
             paths += [str(p) for p in files]
