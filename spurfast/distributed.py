@@ -172,9 +172,39 @@ def init(device: str = "cpu", backend: str | None = None, timeout_s: float | Non
         backend = dist.get_backend()
     if _WAIT is None:  # every rank calls init, so every rank creates this group, in the same order
         _WAIT = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=wait))
+    if cuda:
+        _refuse_shared_gpus(dev)
     _CTX = Context(rank, world, local, backend, dev)
     log.info("rank %d of %d (local %d), backend %s, device %s", rank, world, local, backend, dev)
     return _CTX
+
+
+def shared_gpu(owners: list) -> tuple[int, int] | None:
+    """The first two ranks whose (host, GPU) in ``owners`` (one per rank) is the same, or None."""
+    first: dict = {}
+    for r, owner in enumerate(owners):
+        if owner in first:
+            return first[owner], r
+        first[owner] = r
+    return None
+
+
+def _refuse_shared_gpus(dev: str) -> None:
+    """Every rank at once: two ranks on one GPU (more ranks than a node's GPUs where each rank
+    sees one) ran the whole embedding pass, then NCCL refused the first k-means ("Duplicate GPU
+    detected"), naming no setting."""
+    import socket
+
+    uuid = getattr(torch.cuda.get_device_properties(torch.device(dev)), "uuid", None)
+    if uuid is None:
+        return
+    owners = [None] * dist.get_world_size()
+    dist.all_gather_object(owners, (socket.gethostname(), str(uuid)), group=_WAIT)
+    pair = shared_gpu(owners)
+    if pair is not None:
+        host, gpu = owners[pair[0]]
+        raise RuntimeError(f"ranks {pair[0]} and {pair[1]} both use GPU {gpu} on {host}: start at most one rank per "
+                           f"GPU (torchrun --nproc-per-node at most the node's GPUs)")
 
 
 def shutdown() -> None:
@@ -417,8 +447,12 @@ def _kmeans_main(x, groups, k_per_group, *, n_groups=None, n_iter=50, tol=1e-6, 
     # error one could catch, its serving ranks ended, and the next k-means lost the connection
     if metric not in ("l2", "cosine"):
         raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
-    from . import backends
-    backends.resolve("kmeans_assign", backend, dev.type)
+    from . import backends, cluster
+    from .checks import real_number, whole_number
+    n_iter, seed, tol = whole_number(n_iter, "n_iter"), whole_number(seed, "seed"), real_number(tol, "tol")
+    provider = backends.resolve("kmeans_assign", backend, dev.type)[0]
+    if init is None:   # k-means++ runs on rank 0 alone: a bad SPURFAST_BACKEND_KMEANS_PLUSPLUS failed midway
+        cluster._seeding(provider, backend, dev.type)
     header = {"n": len(x), "d": x.shape[1], "G": G, "has_init": init is not None, "dtype": str(x.dtype),
               "opts": dict(n_iter=n_iter, tol=tol, seed=seed, metric=metric, backend=backend)}
     global _MIDWAY

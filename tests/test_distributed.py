@@ -818,12 +818,19 @@ def _bad_metric_or_backend_job(x, groups):
     if sd.is_main():
         seen = []
         with sd.kmeans_across_ranks():
-            for kw in (dict(metric="cos"), dict(backend="nosuch"), {}):
+            # seed, n_iter, tol and k-means++'s backend too: each failed on rank 0 (or every rank)
+            # after the points were sent, and the serving rank waited out the timeout or ended
+            for kw in (dict(metric="cos"), dict(backend="nosuch"), dict(seed=None), dict(n_iter=None),
+                       dict(tol="0.1"), dict(plusplus="nosuch"), {}):
+                kw = {"n_iter": 5, **kw}
+                if "plusplus" in kw:
+                    os.environ["SPURFAST_BACKEND_KMEANS_PLUSPLUS"] = kw.pop("plusplus")
                 try:
-                    batched_kmeans(x, groups, [2, 2], n_groups=2, n_iter=5, **kw)
+                    batched_kmeans(x, groups, [2, 2], n_groups=2, **kw)
                     seen.append("ok")
                 except (ValueError, RuntimeError) as exc:   # BackendUnavailable: a RuntimeError
                     seen.append(str(exc))
+                os.environ.pop("SPURFAST_BACKEND_KMEANS_PLUSPLUS", None)
         return seen
     return sd.serve_kmeans()
 
@@ -835,4 +842,12 @@ def test_a_bad_metric_or_backend_is_refused_before_the_other_ranks_take_part():
     out = _spawn(_bad_metric_or_backend_job, (x, np.r_[np.zeros(10), np.ones(10)]), timeout_s=30)
     assert out[0][0] == "metric must be 'l2' or 'cosine', got 'cos'"
     assert out[0][1].startswith("backend 'nosuch' does not implement 'kmeans_assign'")
-    assert out == {0: out[0][:2] + ["ok"], 1: 1}
+    assert out[0][2:5] == ["seed must be an integer, got None", "n_iter must be an integer, got None",
+                           "tol must be a number, got '0.1'"]
+    assert "nosuch" in out[0][5] and "kmeans_plusplus" in out[0][5]
+    assert out == {0: out[0][:6] + ["ok"], 1: 1}
+
+
+def test_ranks_sharing_a_gpu_are_found():
+    assert sd.shared_gpu([("a", "GPU-1"), ("a", "GPU-2"), ("b", "GPU-1")]) is None   # one GPU per rank
+    assert sd.shared_gpu([("a", "GPU-1"), ("a", "GPU-2"), ("a", "GPU-1")]) == (0, 2)
