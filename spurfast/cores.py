@@ -39,5 +39,9 @@ def cpu_model() -> str:
     except OSError:
         pass
     name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
-    gen = " ".join(f"{k.split()[-1]} {fields[k]}" for k in ("cpu family", "model", "stepping") if fields.get(k))
+    # x86 names its generation by family / model / stepping; ARM has no "model name" and says it
+    # by implementer / part (every aarch64 processor was one "aarch64": Graviton2 and 3 alike)
+    keys = ("cpu family", "model", "stepping", "CPU implementer", "CPU architecture", "CPU variant", "CPU part",
+            "CPU revision")
+    gen = " ".join(f"{k.split()[-1]} {fields[k]}" for k in keys if fields.get(k))
     return f"{name} ({gen})" if gen else name

@@ -54,3 +54,24 @@ def test_cpu_model_names_the_processor_and_its_generation():
         assert name.startswith(first["model name"]), name
     if first.get("cpu family") and first.get("model"):
         assert f"family {first['cpu family']} model {first['model']}" in name, name
+
+
+def test_cpu_model_tells_arm_processors_apart(monkeypatch):
+    """aarch64's /proc/cpuinfo has no model name, family or model: every ARM processor was
+    "aarch64", so models trained on one were taken for another's."""
+    import builtins
+    import io
+
+    from spurfast import cores
+
+    def cpuinfo(part):
+        return ("processor\t: 0\nBogoMIPS\t: 243.75\nCPU implementer\t: 0x41\nCPU architecture: 8\n"
+                f"CPU variant\t: 0x1\nCPU part\t: {part}\nCPU revision\t: 1\n\nprocessor\t: 1\n")
+
+    real_open = builtins.open
+    names = []
+    for part in ("0xd0c", "0xd40"):   # Neoverse-N1 (Graviton2), Neoverse-V1 (Graviton3)
+        monkeypatch.setattr(builtins, "open", lambda f, *a, part=part, **k: io.StringIO(cpuinfo(part))
+                            if f == "/proc/cpuinfo" else real_open(f, *a, **k))
+        names.append(cores.cpu_model())
+    assert names[0] != names[1] and "part 0xd0c" in names[0] and "implementer 0x41" in names[0]
