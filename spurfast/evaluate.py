@@ -79,10 +79,17 @@ class Plant:
                              f"and digits have 10), got {self.target_class!r}")
         # one spelling per count: n=100 and n="100" were two cache keys (a retrained model) for one plant
         object.__setattr__(self, "n", "all" if self.n == "all" else str(int(self.n)))
+        # and per class and strength: np.int64(3) and 3, 1 and 1.0 were two keys too; the family
+        # and strength are checked here, as PatternSpec checks them, not when the data is built
+        object.__setattr__(self, "target_class", int(self.target_class))
+        object.__setattr__(self, "strength", PatternSpec(self.family, strength=self.strength).strength)
 
     @property
     def label(self) -> str:
         return f"{self.family}@{self.strength:g}" if self.family == "noise" else self.family
+
+
+POOLS = ("fashion-mnist", "digits", "digits-self")
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,12 @@ class Setting:
     stamp_pool: bool = True         # False: no pool image carries a pattern (natural data only)
 
     def __post_init__(self):
+        # a run's cache file is named by it: "a/b" failed to write it after all the work
+        if not self.name or any(ch in self.name for ch in "/\\\0"):
+            raise ValueError(f"setting name {self.name!r} must be a non-empty name without '/', '\\' or NUL "
+                             f"(it names the run's cache files)")
+        if self.pool not in POOLS:   # caught in build_data after the training set was stamped
+            raise ValueError(f"setting {self.name!r}: unknown pool {self.pool!r}; expected one of {POOLS}")
         # every metric is per planted feature, and build_data divided the pool share by zero
         if not self.plants:
             raise ValueError(f"setting {self.name!r} has no plants; give at least one (a clean model keeps its "

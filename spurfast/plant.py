@@ -31,8 +31,11 @@ class PatternSpec:
             raise ValueError(f"unknown pattern family {self.family!r}; expected one of {FAMILIES}")
         if self.position not in POSITIONS:
             raise ValueError(f"unknown position {self.position!r}; expected one of {POSITIONS}")
-        if not 0.0 < float(self.strength) <= 1.0:
-            raise ValueError(f"pattern strength must be in (0, 1], got {self.strength}")
+        # a number, stored as one: "0.5" passed here and failed in the label and the stamping
+        if isinstance(self.strength, (bool, np.bool_)) or not isinstance(self.strength, (int, float, np.number)) \
+                or not 0.0 < float(self.strength) <= 1.0:
+            raise ValueError(f"pattern strength must be a number in (0, 1], got {self.strength!r}")
+        self.strength = float(self.strength)
         # a negative margin slices an empty (top/left) or clipped (bottom/right) patch
         if isinstance(self.margin, bool) or not isinstance(self.margin, (int, np.integer)) or self.margin < 0:
             raise ValueError(f"pattern margin must be an integer >= 0, got {self.margin!r}")
@@ -97,6 +100,10 @@ def apply_pattern(images: torch.Tensor, spec: PatternSpec, seed: int | None = No
         raise ValueError(f"images must be (N, C, H, W), got {tuple(images.shape)}")
     if not images.is_floating_point():  # the pattern's values are on the [0, 1] scale
         raise ValueError(f"images must be floats in [0, 1], got dtype {images.dtype}")
+    if images.numel() and not 0.0 <= float(images.min()) <= float(images.max()) <= 1.0:
+        # 0-255 floats took a stamp of 1.0 that nothing could see, marked as carried
+        raise ValueError(f"images must be floats in [0, 1], got values in [{float(images.min()):g}, "
+                         f"{float(images.max()):g}]")
     x = images.clone().float()
     n, c, h, w = x.shape
     rng = np.random.default_rng(spec.seed if seed is None else seed)
@@ -107,7 +114,8 @@ def apply_pattern(images: torch.Tensor, spec: PatternSpec, seed: int | None = No
         x = (x + spec.strength * noise_image(spec, (c, h, w)).unsqueeze(0)).clamp_(0.0, 1.0)
         masks[:] = True
     elif spec.family == "background":
-        color = spec.color or ((0.5,) if c == 1 else (0.9, 0.2, 0.2) + (0.5,) * (c - 3))
+        # grey where the image is not RGB(+extra channels): two channels got RGB's three
+        color = spec.color or ((0.9, 0.2, 0.2) + (0.5,) * (c - 3) if c >= 3 else (0.5,) * c)
         if len(color) != c:
             raise ValueError(f"background colour has {len(color)} channels, images have {c}")
         bg = x.amax(1) < 0.1

@@ -1260,3 +1260,18 @@ def test_plants_and_settings_are_checked_when_made():
     sizes = PRESETS["quick"]["sizes"]
     keys = {run_key(Setting("s", (Plant("patch3", 3, n),)), 0, sizes) for n in (150, "150", "0150", np.int64(150))}
     assert len(keys) == 1, keys
+    # ... class and strength too (np.int64(3) and 3, 1 and 1.0 were two keys: models trained twice)
+    keys = {run_key(Setting("s", (Plant("noise", c, "150", st),)), 0, sizes)
+            for c in (3, np.int64(3)) for st in (1, 1.0, np.float32(1.0))}
+    assert len(keys) == 1, keys
+    assert keys == {run_key(Setting("s", (Plant("noise", 3, "150", 1.0),)), 0, sizes)}   # the presets' keys kept
+    with pytest.raises(ValueError, match="unknown pattern family 'patch4'"):
+        Plant("patch4", 3, "10")
+    with pytest.raises(ValueError, match=r"strength must be a number in \(0, 1\], got '0.5'"):
+        Plant("noise", 3, "10", "0.5")
+    # names the run's cache files: "a/b" failed to write them after all the work
+    for name in ("a/b", "", "a\\b"):
+        with pytest.raises(ValueError, match="must be a non-empty name without"):
+            Setting(name, (Plant("bar", 3, "10"),))
+    with pytest.raises(ValueError, match=r"unknown pool 'digit'; expected one of"):
+        Setting("s", (Plant("bar", 3, "10"),), pool="digit")

@@ -595,3 +595,12 @@ def test_saving_and_loading_live_in_models_files_and_stay_importable_from_their_
         assert getattr(train, name) is getattr(files, name)
     for name in ("classifier_outputs", "output_width", "check_output_width"):
         assert getattr(classifier, name) is getattr(outputs, name)
+
+
+@pytest.mark.parametrize("epochs", [0, 2.0, -1, True])
+def test_a_count_of_epochs_that_is_not_one_or_more_is_refused(epochs):
+    # 0 returned the random initial weights as a trained model; 2.0 failed in range() unnamed
+    with pytest.raises(ValueError, match=rf"epochs must be an integer >= 1, got {epochs!r}"):
+        train_classifier(_toy(), 3, epochs=epochs, batch_size=16, seed=1, progress=False)
+    with pytest.raises(ValueError, match=rf"epochs must be an integer >= 1, got {epochs!r}"):
+        train_vae(_toy(), VAEConfig(1, 28, (4,), 2), epochs=epochs, batch_size=16, seed=1, progress=False)

@@ -96,3 +96,15 @@ def test_patterns_that_would_plant_nothing_or_out_of_range_are_refused():
     with pytest.raises(ValueError, match="torch.uint8"):
         plant_training(x, np.zeros(4, int), 0, 2, PatternSpec("pixel"))
     assert apply_pattern(x.double() / 255, PatternSpec("pixel"))[0].dtype == torch.float32
+
+
+def test_bad_images_and_strengths_are_named():
+    # 0-255 floats took an invisible stamp of 1.0, marked as carried; "0.5" passed the check
+    # and failed in the label and the stamping; two channels got RGB's background colour
+    with pytest.raises(ValueError, match=r"floats in \[0, 1\], got values in \[200, 200\]"):
+        apply_pattern(torch.full((2, 1, 8, 8), 200.0), PatternSpec("patch3"))
+    with pytest.raises(ValueError, match=r"strength must be a number in \(0, 1\], got '0.5'"):
+        PatternSpec("noise", strength="0.5")
+    assert PatternSpec("noise", strength=1).strength == 1.0 and isinstance(PatternSpec("bar", strength=1).strength, float)
+    x, m = apply_pattern(torch.zeros(1, 2, 8, 8), PatternSpec("background"))
+    assert m.any() and torch.allclose(x[0, :, m[0]], torch.tensor(0.5))

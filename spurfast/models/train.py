@@ -189,6 +189,10 @@ def _fit(build, source: ImageSource, step, name: str, *, epochs: int, batch_size
     ck = Path(checkpoint) if checkpoint else None
     # plain Python numbers: numpy ones fail the JSON identity after the first epoch's work
     seed, batch_size, lr = operator.index(seed), operator.index(batch_size), float(lr)
+    # 0 returned the random initial weights as a trained model; 2.0 failed in range() unnamed
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
+        raise ValueError(f"{name}: epochs must be an integer >= 1, got {epochs!r}")
+    epochs = int(epochs)
     identity = {"model": model_id, "data": content_digest(source) if ck else None, "seed": seed,
                 "batch_size": batch_size, "lr": lr, "trainer": name}
     gen = seed_everything(seed)  # before build(): initial weights follow the seed
