@@ -344,6 +344,14 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
         raise ValueError(f"pool {pool.name} holds 1 image; discovery needs at least 2 (each image's latent neighbours "
                          f"are others)")
     check_outputs(pool, classifier, num_classes, config.device)
+    # a label past the classifier's classes (another dataset's label space): a clean set's left
+    # the content control without class images (natural content then read as confirmed), a
+    # pool's counted as unrelated to every class; train-classifier refuses both
+    for src, what in ((pool, "pool"), (clean if confirm else None, "clean set")):
+        top = int(src.labels().max(initial=-1)) if src is not None and len(src) else -1
+        if top >= num_classes:
+            raise ValueError(f"{what} {src.name} has label {top}, but the classifier has {num_classes} classes "
+                             f"(labels 0..{num_classes - 1}; -1 = unlabelled)")
     from . import backends   # a misspelt or unavailable backend failed at the first batch
     backends.resolve("encoder", encoder_backend, torch.device(config.device).type)
     # and the k-means one (config.backend, else $SPURFAST_BACKEND_KMEANS_ASSIGN): one that cannot run

@@ -198,6 +198,12 @@ def _check_document(doc, out_dir: Path) -> None:
         for k, name in (f.get("images") or {}).items():
             if not isinstance(name, str):
                 raise ValueError(f"{at} images.{k} is {name!r}, expected a file name")
+        if f.get("kind") == "residual":   # the residual scan's paragraph reads these two
+            if "peak_t" in f:
+                _need_number(f["peak_t"], f"{at} peak_t")
+            pk = f.get("peak")
+            if pk and not (isinstance(pk, list) and len(pk) == 2):
+                raise ValueError(f"{at} peak is {json.dumps(pk)}, expected [y, x]")
 
 
 def _need_number(v, what: str, text: bool = True) -> None:

@@ -356,7 +356,11 @@ def test_a_hand_edited_value_is_named_not_a_traceback(tmp_path):
                                                               "class_above, n_other, other_above, q_value"),
             (lambda d, f: f.update(support=["x"]), "finding 1's support is a JSON list"),
             (lambda d, f: f.update(images=["centroid"]), "finding 1's images is a JSON list"),
-            (lambda d, f: f.update(images={"mask": 3}), "finding 1's images.mask is 3, expected a file name")):
+            (lambda d, f: f.update(images={"mask": 3}), "finding 1's images.mask is 3, expected a file name"),
+            # a residual scan's finding: its paragraph read these as a number and a pair
+            (lambda d, f: f.update(kind="residual", peak_t=None), "finding 1's peak_t is null, expected a number"),
+            (lambda d, f: f.update(kind="residual", peak=[3]), "finding 1's peak is [3], expected [y, x]"),
+            (lambda d, f: f.update(kind="residual", peak=7), "finding 1's peak is 7, expected [y, x]")):
         with pytest.raises(ValueError, match="findings document of .* \\(findings.json\\)") as err:
             write_report(edited(change), tmp_path / "r", clusters=[{"score": 5.0, "q_value": 0.01}])
         assert says in str(err.value)
