@@ -708,7 +708,6 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
     _check_up_front(out, statistic, results_md)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache) if cache else out / "cache"
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rows, crows = [], []
     t0, c0 = time.time(), time.process_time()
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
