@@ -71,7 +71,9 @@ def test_sources_compile_with_nvrtc(source, arch):
         text = ptx.decode() if isinstance(ptx, bytes) else ptx
         expected = {
             "kmeans_assign": [f"spurfast_assign_{dt}_{tp}x{tk}" for dt in ("f32", "f16", "bf16")
-                              for tk, tp in kc.ASSIGN_SHAPES] + ["spurfast_assign_tc_f16", "spurfast_assign_tc_bf16"],
+                              for tk, tp in kc.ASSIGN_SHAPES] + ["spurfast_assign_tc_f16", "spurfast_assign_tc_bf16"]
+                             # the launcher's two-pass tensor-core kernels (tc2_shape: 1 or 2 tiles per warp)
+                             + [f"spurfast_assign_tc2_{dt}_m{mt}" for dt in ("f16", "bf16") for mt in (1, 2)],
             "kmeans_update": [f"spurfast_update_partial_{dt}" for dt in ("f32", "f16", "bf16")]
                              + ["spurfast_update_finalize"],
             "kmeans_similarity": [f"spurfast_sim_point_{dt}" for dt in ("f32", "f16", "bf16")]
