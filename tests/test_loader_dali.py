@@ -315,3 +315,23 @@ def test_a_killed_process_filler_folder_is_removed_by_the_next_one(tmp_path):
     made = subprocess.run([sys.executable, "-c", make], input="", capture_output=True, text=True, env=env,
                           check=True).stdout.strip()
     assert not os.path.exists(left) and not os.path.exists(made)   # swept; its own went at exit
+
+
+def test_torch_running_out_of_memory_is_not_taken_for_a_bad_file(coded_folder, monkeypatch):
+    """CUDA out of memory while a decoded batch was copied out of DALI was caught with DALI's
+    failures: every file of the window was decoded alone, then "no single file reproduces the
+    failure" was raised as a plain RuntimeError, which no caller could catch as out of memory."""
+    real, calls, built = loader_dali._to_torch, [], []
+
+    def copy(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+        return real(*a, **k)
+
+    real_build = loader_dali.build_pipeline
+    monkeypatch.setattr(loader_dali, "_to_torch", copy)
+    monkeypatch.setattr(loader_dali, "build_pipeline", lambda *a, **k: built.append(1) or real_build(*a, **k))
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="CUDA out of memory"):
+        list(_dali(coded_folder, batch_size=4, dtype=torch.uint8))
+    assert len(built) == 1   # no file-by-file probe

@@ -209,6 +209,12 @@ class _AlignmentError(RuntimeError):
     pass
 
 
+class _CopyError(Exception):
+    """torch's error copying a decoded batch out (CUDA out of memory), carried past the
+    handler of DALI's failures as its ``__cause__``: it was probed as a bad file, file by file,
+    then reported as one no file reproduces, under another exception type."""
+
+
 _FILLER_LABEL = -1
 _filler: list[str] = []
 
@@ -419,12 +425,17 @@ class _DaliStream:
                                     raise _AlignmentError(
                                         f"DALI reader returned pool indices {lab[:8].tolist()}... where "
                                         f"{expect[:8]}... were expected; refusing to misalign the store")
-                                batch = _to_torch(images, self.dtype, self.device, self.gpu_id)[:k]
+                                try:
+                                    batch = _to_torch(images, self.dtype, self.device, self.gpu_id)[:k]
+                                except RuntimeError as exc:
+                                    raise _CopyError() from exc
                                 done += k
                                 yield lab, batch
                             pending = []
                         except _AlignmentError:
                             raise
+                        except _CopyError as wrapped:
+                            raise wrapped.__cause__ from None
                         except RuntimeError as exc:
                             window = pending[done:done + B * (self.depth + 2)]
                             found = _named_in_error(str(exc), window, self._names(window))
