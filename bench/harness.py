@@ -48,6 +48,11 @@ def versions() -> str:
             parts.append(f"{mod.split('.')[-1]}={getattr(m, '__version__', '?')}")
         except Exception:
             pass
+    try:   # the GPU peer of the k-means rows (no __version__ of its own to rely on)
+        from importlib.metadata import version
+        parts.append(f"flash-kmeans={version('flash-kmeans')}")
+    except Exception:
+        pass
     return " ".join(parts)
 
 

@@ -69,6 +69,13 @@ def test_p20_p80_stay_within_the_measured_times(monkeypatch):
                            "fit": ("fit", lambda n: clock.spend(next(fit_times)))}, "cpu", 3)
     for name, st in out.items():
         assert 0.010 - 1e-9 <= st["p20_s"] <= st["median_s"] <= st["p80_s"] <= 0.032 + 1e-9, (name, st)
+    # a fit's median is the paired differences' median, as its spread is: the difference of the
+    # two medians (here 10 ms) fell outside the differences' p20-p80 (a committed sklearn row did)
+    ones, manys = [0.050, 0.050, 0.010, 0.010, 0.010], [0.060, 0.060, 0.060, 0.015, 0.015]
+    fit_times = iter([0.0, 0.0] + [t for pair in zip(ones, manys) for t in pair])
+    st = bk._interleaved({"fit": ("fit", lambda n: clock.spend(next(fit_times)))}, "cpu", 5)["fit"]
+    assert st["p20_s"] <= st["median_s"] <= st["p80_s"], st
+    assert st["median_s"] == pytest.approx(0.010 / R), st   # pairs: 10, 10, 50, 5, 5 ms over R
 
 
 # ----------------------------------------------------------------------------- bug 2
