@@ -240,8 +240,21 @@ def test_fashion_mnist_env_var_takes_a_torchvision_root(tmp_path, monkeypatch):
     _write_idx(raw / "t10k-labels-idx1-ubyte", np.array([1, 2, 0], np.uint8))
     _write_idx(raw / "train-images-idx3-ubyte", np.zeros((2, 28, 28), np.uint8))
     monkeypatch.setenv("SPURFAST_FASHION_MNIST", str(tmp_path))
+    # images without their labels: each file was looked up on its own, and the labels came from
+    # Debian's package, silently paired with these images
+    assert find_fashion_mnist() is None
+    with pytest.raises(FileNotFoundError, match=r"train IDX files \(images and labels\) not found together in "
+                                                rf"{tmp_path}, .*\$SPURFAST_FASHION_MNIST names that folder"):
+        load_fashion_mnist("train")
+    _write_idx(raw / "train-labels-idx1-ubyte", np.array([4, 5], np.uint8))
     assert find_fashion_mnist() == raw
     assert load_fashion_mnist("test").labels().tolist() == [1, 2, 0]
+    assert load_fashion_mnist("train").labels().tolist() == [4, 5]
+    # a mistyped folder fell back to Debian's copy without a word
+    monkeypatch.setenv("SPURFAST_FASHION_MNIST", str(tmp_path / "no-such"))
+    assert find_fashion_mnist() is None
+    with pytest.raises(FileNotFoundError, match="no-such"):
+        load_fashion_mnist("test")
 
 
 def test_folder_batches_take_a_numpy_integer_batch_size(tmp_path):

@@ -19,27 +19,34 @@ _PREFIX = {"train": "train", "test": "t10k"}
 
 
 def _candidates(root: str | os.PathLike | None) -> list[Path]:
-    if root is not None:
-        r = Path(root)
-        # a torchvision FashionMNIST root keeps IDX files under FashionMNIST/raw
-        return [r, r / "FashionMNIST" / "raw", r / "raw"]
-    env = os.environ.get("SPURFAST_FASHION_MNIST")   # the default root: the same layouts
-    return (_candidates(env) if env else []) + [Path(DEBIAN_DIR)]
+    """Folders to look in: those of ``root`` (the one named, then a torchvision FashionMNIST
+    root's FashionMNIST/raw and raw), else of $SPURFAST_FASHION_MNIST, else Debian's.  A root
+    the user named is the only place looked: a mistyped one fell back to Debian's copy unsaid."""
+    if root is None:
+        root = os.environ.get("SPURFAST_FASHION_MNIST") or None
+    if root is None:
+        return [Path(DEBIAN_DIR)]
+    r = Path(root)
+    return [r, r / "FashionMNIST" / "raw", r / "raw"]
 
 
-def _find_file(dirs: list[Path], stem: str) -> Path | None:
+def _split_files(dirs: list[Path], split: str) -> tuple[Path, Path] | None:
+    """(images, labels) of ``split`` from the first folder holding both (plain or .gz): each
+    file was looked up on its own, so images of one folder could meet labels of another."""
+    def one(d: Path, stem: str) -> Path | None:
+        return next((d / n for n in (stem, stem + ".gz") if (d / n).is_file()), None)
+
     for d in dirs:
-        for name in (stem, stem + ".gz"):
-            if (d / name).is_file():
-                return d / name
+        img, lab = one(d, f"{_PREFIX[split]}-images-idx3-ubyte"), one(d, f"{_PREFIX[split]}-labels-idx1-ubyte")
+        if img is not None and lab is not None:
+            return img, lab
     return None
 
 
 def find_fashion_mnist(root=None) -> Path | None:
-    """Directory holding the Fashion-MNIST IDX files, or None."""
-    dirs = _candidates(root)
-    f = _find_file(dirs, "train-images-idx3-ubyte")
-    return f.parent if f else None
+    """Directory holding the Fashion-MNIST training IDX files (images and labels), or None."""
+    found = _split_files(_candidates(root), "train")
+    return found[0].parent if found else None
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -66,17 +73,19 @@ def read_idx(path: Path) -> np.ndarray:
 def load_fashion_mnist(split: str = "train", root=None) -> ArraySource:
     """Fashion-MNIST as an ArraySource (1x28x28).  ``root``: a directory of IDX files
     (plain or .gz) or a torchvision FashionMNIST root; default: $SPURFAST_FASHION_MNIST,
-    then Debian's dataset-fashion-mnist package."""
+    else Debian's dataset-fashion-mnist package (not both: see `_candidates`)."""
     if split not in _PREFIX:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     dirs = _candidates(root)
-    img = _find_file(dirs, f"{_PREFIX[split]}-images-idx3-ubyte")
-    lab = _find_file(dirs, f"{_PREFIX[split]}-labels-idx1-ubyte")
-    if img is None or lab is None:
+    found = _split_files(dirs, split)
+    if found is None:
         where = ", ".join(str(d) for d in dirs)
+        named = "" if root is not None or not os.environ.get("SPURFAST_FASHION_MNIST") else \
+            " ($SPURFAST_FASHION_MNIST names that folder; unset it to use Debian's package)"
         raise FileNotFoundError(
-            f"Fashion-MNIST {split} IDX files not found in {where}; install Debian's "
-            f"dataset-fashion-mnist or pass the directory holding them")
+            f"Fashion-MNIST {split} IDX files (images and labels) not found together in {where}{named}; install "
+            f"Debian's dataset-fashion-mnist or pass the directory holding them")
+    img, lab = found
     images, labels = read_idx(img), read_idx(lab)
     if len(images) != len(labels):
         raise ValueError(f"{img}: {len(images)} images but {lab}: {len(labels)} labels")
