@@ -110,6 +110,11 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
     # model without a word, and 2.5 failed at training, with overwrite after the old run was deleted
     for name, value in (("classifier_epochs", classifier_epochs), ("vae_epochs", vae_epochs)):
         check_whole(value, f"run_demo: {name}")
+    from .evaluate import check_seeds   # the CLI's rule: 2**62 failed in training, after overwrite emptied the run
+    check_seeds([seed])
+    if config is not None and config.device is None:   # run_discovery reads None as the CPU; here torch.device(None) raised
+        import dataclasses
+        config = dataclasses.replace(config, device="cpu")
     if config is None:
         device = "cpu" if device is None else device   # None reached training: torch.device(None) raised
         config = DiscoverConfig(seed=seed, device=device)

@@ -169,7 +169,10 @@ def test_a_confirmed_demo_is_not_resumed_unconfirmed(tmp_path):
 @pytest.mark.parametrize("kw, match", [(dict(config=DiscoverConfig(backend="cupy", device="cpu")), "cupy"),
                                        (dict(latent_dim=0), "latent_dim"), (dict(latent_dim=5000), "latent_dim"),
                                        (dict(device="meta"), "device 'meta': torch cannot compute there"),
-                                       (dict(env="SPURFAST_BACKEND_LATENT_KNN"), "nosuch")])
+                                       (dict(env="SPURFAST_BACKEND_LATENT_KNN"), "nosuch"),
+                                       # the CLI's seed rule: 2**62 failed in training ("Overflow")
+                                       (dict(seed=2 ** 62), "seed 4611686018427387904 is too large"),
+                                       (dict(seed=-1), "-1")])
 def test_a_demo_that_discovery_or_the_vae_would_refuse_is_refused_before_training(tmp_path, monkeypatch, kw, match):
     """run_demo with a k-means backend that cannot run here (cupy on a CPU), a latent_dim
     the VAE refuses or a device torch cannot compute on (a GPU that is not there) trained the
@@ -226,3 +229,18 @@ def test_spurious_score_and_flip_rate_run_without_autograd():
     spurious_score(Probe(), clean, 1, PatternSpec("patch3"))
     flip_to_target_rate(Probe(), clean, 1, PatternSpec("patch3"))
     assert seen and not any(seen), seen
+
+
+def test_a_demo_config_without_a_device_runs_on_the_cpu(tmp_path, monkeypatch):
+    """DiscoverConfig(device=None), which run_discovery reads as the CPU, failed in run_demo with
+    torch.device(None)'s TypeError, which named no input."""
+    import spurfast.demo as D
+
+    def reached(*a, device=None, **k):
+        raise RuntimeError(f"reached training on {device}")
+
+    monkeypatch.setattr(D, "train_classifier", reached)
+    for kw in ({}, {"device": "cpu"}):
+        with pytest.raises(RuntimeError, match="reached training on cpu"):
+            run_demo(tmp_path / "run", dataset="digits", n_poisoned="0", pool_fraction=0.0, progress=False,
+                     config=DiscoverConfig(device=None), **kw)
