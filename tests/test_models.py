@@ -604,3 +604,21 @@ def test_a_count_of_epochs_that_is_not_one_or_more_is_refused(epochs):
         train_classifier(_toy(), 3, epochs=epochs, batch_size=16, seed=1, progress=False)
     with pytest.raises(ValueError, match=rf"epochs must be an integer >= 1, got {epochs!r}"):
         train_vae(_toy(), VAEConfig(1, 28, (4,), 2), epochs=epochs, batch_size=16, seed=1, progress=False)
+
+
+def test_a_malformed_checkpoint_or_junk_file_is_named_not_a_traceback(tmp_path):
+    """An arch record without its keys was a KeyError, a state_dict that is a list a TypeError, an
+    unknown architecture a ValueError naming no file; a text file's error read only "101"."""
+    good = SmallCNN(1, 4, 28)
+    save_classifier(good, tmp_path / "c.pt")
+    ck = torch.load(tmp_path / "c.pt", weights_only=True)
+    arch = ck["arch"]
+    for change, says in ((dict(arch={k: v for k, v in arch.items() if k != "in_channels"}), "arch record lacks in_channels"),
+                         (dict(state_dict=[1, 2]), "its state_dict is a list"),
+                         (dict(arch={**arch, "name": "vgg"}), "arch record cannot be rebuilt: unknown classifier")):
+        torch.save({**ck, **change}, tmp_path / "bad.pt")
+        with pytest.raises(ValueError, match=rf"bad\.pt.*{says}"):
+            load_classifier(tmp_path / "bad.pt")
+    (tmp_path / "text.pt").write_text("hello")   # torch: KeyError(101), "101" alone
+    with pytest.raises(ValueError, match=r"neither TorchScript .*: [A-Za-z]"):
+        load_classifier(tmp_path / "text.pt")

@@ -59,7 +59,9 @@ def torch_error_gist(exc: Exception) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
         lines = lines[1:]
-    return lines[0].split(". ")[0].rstrip(".")[:300] if lines else type(exc).__name__
+    gist = lines[0].split(". ")[0].rstrip(".")[:300] if lines else ""
+    # a bare "101" (a KeyError on a text file) said nothing: name the kind of error too
+    return gist if any(ch.isalpha() for ch in gist) else f"{type(exc).__name__}: {gist}".rstrip(": ")
 
 
 def _load_weights(model: nn.Module, state_dict, p: Path, arch: str, in_channels, num_classes, image_size) -> None:
@@ -97,10 +99,18 @@ def load_classifier(path, arch: str | None = None, in_channels: int | None = Non
                              f"(weights_only={weights_only}): {torch_error_gist(exc)}{hint}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj.get("arch"), dict):
         a = dict(obj["arch"])
+        lack = [k for k in ("name", "in_channels", "num_classes", "image_size") if k not in a]
+        if lack or not isinstance(obj["state_dict"], dict):   # a KeyError / TypeError traceback
+            why = f"its arch record lacks {', '.join(lack)}" if lack else \
+                f"its state_dict is a {type(obj['state_dict']).__name__}, not a dict of tensors"
+            raise ValueError(f"{p} is not a loadable spurfast classifier checkpoint: {why}")
         name = a.pop("name")
         # every saved key (width, ...) goes back to the constructor, else the shapes differ
         ic, nc, size = a.pop("in_channels"), a.pop("num_classes"), a.pop("image_size")
-        model = build_classifier(name, ic, nc, size, **a)
+        try:
+            model = build_classifier(name, ic, nc, size, **a)
+        except (TypeError, ValueError) as exc:   # an unknown architecture or option named no file
+            raise ValueError(f"{p}: its arch record cannot be rebuilt: {exc}") from None
         _load_weights(model, obj["state_dict"], p, name, ic, nc, size)
     elif isinstance(obj, dict) and "state_dict" in obj and "config" in obj:
         raise ValueError(f"{p} is a spurfast VAE checkpoint (from `spurfast train-vae`), not a classifier; "
