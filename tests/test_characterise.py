@@ -220,3 +220,28 @@ def test_contrast_map_without_content_matched_others_compares_with_all_others():
     assert torch.allclose(got, want, atol=1e-6) and torch.allclose(mean, x[members].mean(0), atol=1e-6)
     got, _ = contrast_map(src, members, content[members], others[:0], content[others][:0])
     assert torch.equal(got, torch.zeros_like(got))
+
+
+def test_exemplars_are_the_members_nearest_their_mean_ties_by_index():
+    from spurfast.characterise import exemplars
+
+    z = np.array([[0.0], [10.0], [1.0], [-1.0], [0.5]])
+    assert exemplars(z, np.arange(5), 2).tolist() == [2, 4]      # mean 2.1: 1.1 and 1.6 away
+    z = np.zeros((10, 1))
+    z[5], z[3], z[9] = 1.0, -1.0, 0.0                             # mean 0: 9, then 3 and 5 tied
+    assert exemplars(z, np.array([3, 5, 9]), 2).tolist() == [9, 3]
+    assert exemplars(z, np.array([3, 5, 9]), 5).tolist() == [9, 3, 5]
+
+
+def test_linear_probe_cuts_at_the_midpoint_of_the_projected_means():
+    """The threshold decides which clusters merge into a finding and how many images it expands
+    to; a ranking (z @ w - thr) is the same whatever it is, so no ranking metric checks it."""
+    from spurfast.characterise import linear_probe
+
+    rng = np.random.default_rng(0)
+    z = np.concatenate([rng.normal([3.0, 1.0], 1.0, (200, 2)), rng.normal([-1.0, 0.0], 1.0, (300, 2))])
+    pos, neg = np.arange(200), np.arange(200, 500)
+    w, thr = linear_probe(z, pos, neg)
+    assert thr == pytest.approx(0.5 * (z[pos].mean(0) @ w + z[neg].mean(0) @ w))
+    side = z @ w - thr
+    assert (side[pos] > 0).mean() > 0.95 and (side[neg] < 0).mean() > 0.95

@@ -553,3 +553,32 @@ def test_clusters_csv_keeps_q_values_whole(tmp_path):
     with open(tmp_path / "clusters.csv") as fh:
         row = next(csv.DictReader(fh))
     assert float(row["q_value"]) == 0.10004 > 0.1 and float(row["p_value"]) == 0.0123456789
+
+
+def test_clusters_of_one_feature_merge_into_one_finding_and_another_stays_apart(tmp_path):
+    """Two significant clusters of one class from one latent blob are one finding (its merged
+    score, every member, both cluster numbers); a cluster of the class elsewhere is its own."""
+    from spurfast.discover import _merge_and_expand
+
+    rng = np.random.default_rng(0)
+    z = np.concatenate([rng.normal([6.0, 0.0], 0.3, (40, 2)),      # class 0, feature A: clusters 0 and 1
+                        rng.normal([-6.0, 6.0], 0.3, (20, 2)),     # class 0, feature B: cluster 2
+                        rng.normal([0.0, 0.0], 1.0, (240, 2))])    # the other classes
+    g = np.r_[np.zeros(60, int), 1 + np.arange(240) % 3]
+    valid = np.arange(300)
+
+    def cl(j, members, score):
+        return dict(cls=0, cluster=j, members=np.asarray(members), score=score, p_value=0.01, q_value=0.02,
+                    n_unrelated=len(members), n_suspect=0, size=len(members))
+
+    sig = [cl(0, range(0, 20), 3.0), cl(2, range(40, 60), 4.0), cl(1, range(20, 40), 2.0)]
+    sig.sort(key=lambda c: -c["score"])
+    findings, rankings = _merge_and_expand(sig, z, valid, g, 300, spill_dir=tmp_path)
+    by_clusters = {tuple(f["merged_clusters"]): f for f in findings}
+    assert set(by_clusters) == {(0, 1), (2,)}, [f["merged_clusters"] for f in findings]
+    a, b = by_clusters[(0, 1)], by_clusters[(2,)]
+    assert a["score"] == 5.0 and a["size"] == 40 and a["members"] == list(range(40))
+    assert [f["rank"] for f in findings] == [1, 2] and findings[0] is a       # merged score 5 > 4
+    assert b["members"] == list(range(40, 60))
+    ranking = np.asarray(rankings[a["rank"]])
+    assert (ranking[:40] > 0).all() and (ranking[40:] < 0).mean() > 0.95 and a["n_expanded"] == int((ranking > 0).sum())

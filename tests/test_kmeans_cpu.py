@@ -47,6 +47,29 @@ def test_assign_matches_exact_distances_and_reference(case, metric, with_xn):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("case", [1, len(CPU_CASES) - 1])
+def test_other_dtypes_are_the_reference_on_their_fp32_values(case, dtype):
+    """The kernels take fp16, bf16 and float64 points (as fp32, which batched_kmeans passes on
+    for L2 data near the origin); only fp32 was tested: a wrong cast of the others slipped by."""
+    sizes, kmax, d = CPU_CASES[case]
+    x, off, cent, kpg = make_case(sizes, kmax, d, seed=30 + case, device="cpu")
+    xd = x.to(dtype)
+    assign, dist = kcpu.kmeans_assign(xd, off, cent, kpg)
+    check_assign_near_optimal(assign, dist, exact_dists(xd.float(), off, cent, kpg, "l2"), torch.float32,
+                              f"cpu assign[{dtype}]")
+    _, rd = ref.kmeans_assign(xd.float(), off, cent, kpg)
+    assert_close(dist, rd, torch.float32, name=f"dist vs reference [{dtype}]")
+    sums, counts = kcpu.kmeans_update(xd, off, assign, kmax)
+    es, ec = exact_sums(xd.float(), off, assign, kmax)
+    assert_equal_int(counts, ec, f"counts [{dtype}]")
+    n = max(1, int(ec.max()))
+    assert_close(sums, es.float(), torch.float32, name=f"sums [{dtype}]", atol=1e-4 * n ** 0.5 * 4, rtol=1e-4)
+    fa, fd, fs, fc = kcpu.kmeans_assign_update(xd, off, cent, kpg)
+    assert torch.equal(fa, assign) and torch.equal(fs, sums) and torch.equal(fc, counts), f"fused [{dtype}]"
+
+
+@needs_kernel
 def test_assign_ties_go_to_the_lower_index_and_empty_input():
     x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]] * 50)
     cent = torch.tensor([[[1.0, 1.0], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0]] + [[9.0, 9.0]] * 15])  # kmax 19 > 16
