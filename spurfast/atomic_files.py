@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -43,6 +44,7 @@ def process_gone(pid: str) -> bool:
     return False                                        # alive (a concurrent run writing it)
 
 
+QUIET_S = 60.0     # a private folder younger than this is never swept
 OWNER = ".owner"   # in a private folder: locked (flock) by its process while it lives
 _held: dict[str, int] = {}   # this process's private folders -> their lock's descriptor
 
@@ -53,7 +55,11 @@ def _hold(folder: Path) -> None:
     except ImportError:   # not POSIX: nothing is swept there either (process_gone)
         return
     fd = os.open(folder / OWNER, os.O_CREAT | os.O_RDWR, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:   # a file system without flock (NFS without lockd, Lustre noflock): the pid alone
+        os.close(fd)
+        return
     _held[str(folder)] = fd
 
 
@@ -94,8 +100,12 @@ def private_folder(prefix: str, root: str | Path | None = None) -> Path:
     with ``os._exit``) left its folder there for good.  The folder holds a lock (`OWNER`) for as
     long as this process (or a child it forked) lives; `release_folder` removes it."""
     base = Path(root) if root is not None else Path(tempfile.gettempdir())
+    now = time.time()
     for d in base.glob(f"{prefix}*-*") if base.is_dir() else ():
-        if d.is_dir() and process_gone(d.name[len(prefix):].split("-", 1)[0]) and not _owner_alive(d):
+        # not one made in the last minute: between its mkdtemp and its lock a folder of another
+        # PID namespace looks gone and unowned
+        if d.is_dir() and process_gone(d.name[len(prefix):].split("-", 1)[0]) and not _owner_alive(d) \
+                and now - d.stat().st_mtime > QUIET_S:
             shutil.rmtree(d, ignore_errors=True)
     base.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base))

@@ -114,7 +114,7 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
     check_seeds([seed])
     if config is not None and config.device is None:   # run_discovery reads None as the CPU; here torch.device(None) raised
         import dataclasses
-        config = dataclasses.replace(config, device="cpu")
+        config = dataclasses.replace(config, device=device or "cpu")
     if config is None:
         device = "cpu" if device is None else device   # None reached training: torch.device(None) raised
         config = DiscoverConfig(seed=seed, device=device)

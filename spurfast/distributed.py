@@ -172,7 +172,7 @@ def init(device: str = "cpu", backend: str | None = None, timeout_s: float | Non
         backend = dist.get_backend()
     if _WAIT is None:  # every rank calls init, so every rank creates this group, in the same order
         _WAIT = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=wait))
-    if cuda:
+    if cuda and backend == "nccl":   # NCCL refuses two ranks on one GPU; gloo does not
         _refuse_shared_gpus(dev)
     _CTX = Context(rank, world, local, backend, dev)
     log.info("rank %d of %d (local %d), backend %s, device %s", rank, world, local, backend, dev)

@@ -367,7 +367,10 @@ def _settle_shards(store_dir: Path, main: EmbeddingStore | None, fp: str, conten
         dirs = [shard_dir(store_dir, r, w) for r in range(w)]
         parts = [EmbeddingStore(d) if (d / MANIFEST).is_file() else None for d in dirs]
         ours = (fp, content, start)
-        if all(s is not None and s.complete and _continues(s, ours) for s in parts):
+        # finished shards decoded otherwise than the store's rows: discarded below, not merged
+        # (merge_shards refuses them, and these are a run of another size nobody resumes)
+        if all(s is not None and s.complete and _continues(s, ours) for s in parts) \
+                and _takes_decoding_of(main, parts, adopt=False):
             log.info("merging the finished shards of an earlier %d-process run in %s", w, store_dir)
             main = merge_shards(store_dir, w, progress=progress)
             shutil.rmtree(root, ignore_errors=True)  # the store is complete: any other shards are leftovers
@@ -438,10 +441,10 @@ def _decoding(store: EmbeddingStore) -> tuple:
     return tuple(store.manifest.get(k) for k in DECODING)
 
 
-def _takes_decoding_of(main: EmbeddingStore | None, shards: list) -> bool:
+def _takes_decoding_of(main: EmbeddingStore | None, shards: list, adopt: bool = True) -> bool:
     """Whether ``main`` may take rows of ``shards``: they record one loader and decode device,
     and main's own rows (if any) record the same; a main store with no row yet takes the
-    shards' record (it kept the one its first, interrupted pass had made)."""
+    shards' record (it kept the one its first, interrupted pass had made) where ``adopt``."""
     recs = {_decoding(s) for s in shards}
     if len(recs) > 1:
         return False
@@ -450,6 +453,8 @@ def _takes_decoding_of(main: EmbeddingStore | None, shards: list) -> bool:
         return True
     if main.done:
         return all(a is None or b is None or a == b for a, b in zip(_decoding(main), rec))
+    if not adopt:
+        return True
     for k, v in zip(DECODING, rec):
         if v is None:
             main.manifest.pop(k, None)

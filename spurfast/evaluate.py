@@ -44,7 +44,7 @@ import torch
 from . import baselines as B
 from .confirm import is_confirmed
 from .cores import cpu_model
-from .data.builtin import find_fashion_mnist, load_digits, load_fashion_mnist
+from .data.builtin import load_digits, load_fashion_mnist
 from .data.sources import ArraySource, utf8_name
 from .discover import DiscoverConfig, characterise, discover
 from .embed import _write_json   # atomic: a run killed mid-write left a truncated cache file
@@ -222,10 +222,10 @@ def _base_images(kind: str, seed: int, sizes: Sizes):
         tr = np.sort(np.concatenate([perm[y[perm] == c][:sizes.n_train] for c in range(10)]))
         te = np.setdiff1d(np.arange(len(y)), tr)
         return d.images[tr], y[tr], d.images[te], y[te], d.class_names
-    if not find_fashion_mnist():
-        raise FileNotFoundError("Fashion-MNIST is not installed (/usr/share/datasets/fashion-mnist); "
-                                "install dataset-fashion-mnist or use the 'tiny' preset (digits)")
-    tr, te = load_fashion_mnist("train"), load_fashion_mnist("test")
+    try:   # its own message names where it looked ($SPURFAST_FASHION_MNIST too), not Debian's folder alone
+        tr, te = load_fashion_mnist("train"), load_fashion_mnist("test")
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{exc}; or use the 'tiny' preset (digits)") from None
     ytr = tr.labels()
     keep = np.sort(np.concatenate([rng.choice(np.nonzero(ytr == c)[0], min(sizes.n_train, int((ytr == c).sum())),
                                               replace=False) for c in range(10)]))

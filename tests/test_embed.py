@@ -408,6 +408,9 @@ def test_a_restart_on_another_number_of_processes_keeps_no_rows_of_another_loade
         (shard_dir(s, r, 2) / "manifest.json").write_text(json.dumps({**m, "loader": "dali"}))
     with pytest.raises(ValueError, match=r"was decoded as \{'loader': 'torch'.*its shards as \{'loader': 'dali'"):
         merge_shards(s, 2, progress=False)
+    # ... and a 1-process resume discards them (a run of another size nobody resumes), not fails
+    done = embed_pool(pool(), clf, vae, s, loader_backend="torch", **kw)
+    assert done.complete and done.manifest["loader"] == "torch" and not (s / "shards").exists()
 
 
 @pytest.mark.parametrize("num_shards", [0, -1, 1.5])

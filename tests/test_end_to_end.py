@@ -244,3 +244,7 @@ def test_a_demo_config_without_a_device_runs_on_the_cpu(tmp_path, monkeypatch):
         with pytest.raises(RuntimeError, match="reached training on cpu"):
             run_demo(tmp_path / "run", dataset="digits", n_poisoned="0", pool_fraction=0.0, progress=False,
                      config=DiscoverConfig(device=None), **kw)
+    # a device given beside it is the one both use (not "cpu", then "they disagree")
+    with pytest.raises(ValueError, match="device 'meta': torch cannot compute there"):
+        run_demo(tmp_path / "run", dataset="digits", n_poisoned="0", pool_fraction=0.0, progress=False,
+                 config=DiscoverConfig(device=None), device="meta")

@@ -1275,3 +1275,12 @@ def test_plants_and_settings_are_checked_when_made():
             Setting(name, (Plant("bar", 3, "10"),))
     with pytest.raises(ValueError, match=r"unknown pool 'digit'; expected one of"):
         Setting("s", (Plant("bar", 3, "10"),), pool="digit")
+
+
+def test_a_mistyped_fashion_mnist_folder_is_named_not_blamed_on_debian(monkeypatch):
+    # the evaluation said "Fashion-MNIST is not installed (/usr/share/...)" whatever was wrong
+    from spurfast.evaluate import Sizes, _base_images
+
+    monkeypatch.setenv("SPURFAST_FASHION_MNIST", "/no/such/folder")
+    with pytest.raises(FileNotFoundError, match=r"/no/such/folder.*SPURFAST_FASHION_MNIST names that folder.*'tiny'"):
+        _base_images("fashion-mnist", 0, Sizes())

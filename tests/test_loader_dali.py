@@ -303,6 +303,8 @@ def test_a_killed_process_filler_folder_is_removed_by_the_next_one(tmp_path):
     import subprocess
     import sys
 
+    import time
+
     make = ("import os, sys; from spurfast.data.loader_dali import _filler_file; "
             "print(_filler_file(), flush=True); sys.stdin.read()")
     env = {**os.environ, "TMPDIR": str(tmp_path)}
@@ -312,6 +314,7 @@ def test_a_killed_process_filler_folder_is_removed_by_the_next_one(tmp_path):
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert os.path.isdir(left) and os.path.basename(left).startswith(f"spurfast-dali-{killed.pid}-")
+    os.utime(left, (time.time() - 3600,) * 2)   # a folder under a minute old is never swept
     made = subprocess.run([sys.executable, "-c", make], input="", capture_output=True, text=True, env=env,
                           check=True).stdout.strip()
     assert not os.path.exists(left) and not os.path.exists(made)   # swept; its own went at exit

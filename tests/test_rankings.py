@@ -1,5 +1,6 @@
 """SpilledRankings: the findings' pool-wide rankings on disk, read back memory-mapped."""
 import gc
+import time
 
 import numpy as np
 import pytest
@@ -93,8 +94,12 @@ def test_folders_of_killed_runs_are_swept_and_live_ones_kept(tmp_path):
     alive.mkdir()
     other = tmp_path / "spurfast-rankings-notapid-x"
     other.mkdir()
+    for d in (gone, alive, other):
+        os.utime(d, (time.time() - 3600,) * 2)     # left an hour ago
+    recent = tmp_path / f"spurfast-rankings-{dead}-new"   # under a minute old: perhaps not locked yet
+    recent.mkdir()
     r = SpilledRankings(folder=tmp_path)
-    assert not gone.exists() and alive.is_dir() and other.is_dir() and r.folder.is_dir()
+    assert not gone.exists() and alive.is_dir() and other.is_dir() and recent.is_dir() and r.folder.is_dir()
     assert r.folder.name.startswith(f"spurfast-rankings-{os.getpid()}-")
 
 
@@ -174,9 +179,29 @@ def test_a_folder_whose_pid_means_nothing_here_is_kept_while_its_owner_holds_it(
     other.mkdir()
     fd = os.open(other / ".owner", os.O_CREAT | os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # held as its owner would hold it
+    os.utime(other, (time.time() - 3600,) * 2)
     SpilledRankings(folder=tmp_path).close()
     assert other.is_dir()
     os.close(fd)                                       # the owner ended
     SpilledRankings(folder=tmp_path).close()
     assert not other.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_system_without_locks_still_spills(tmp_path, monkeypatch):
+    """flock failing (NFS without lockd, Lustre mounted noflock) failed the mapping and left its
+    folder and a descriptor behind; the folder is then swept by the pid alone."""
+    import errno
+    import fcntl
+
+    from spurfast import atomic_files
+
+    def no_locks(*a):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    r = SpilledRankings({1: np.ones(3)}, folder=tmp_path)
+    assert str(r.folder) not in atomic_files._held
+    np.testing.assert_array_equal(r[1], np.ones(3))
+    r.close()
     assert list(tmp_path.iterdir()) == []
