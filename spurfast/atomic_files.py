@@ -102,10 +102,13 @@ def private_folder(prefix: str, root: str | Path | None = None) -> Path:
     base = Path(root) if root is not None else Path(tempfile.gettempdir())
     now = time.time()
     for d in base.glob(f"{prefix}*-*") if base.is_dir() else ():
-        # not one made in the last minute: between its mkdtemp and its lock a folder of another
-        # PID namespace looks gone and unowned
-        if d.is_dir() and process_gone(d.name[len(prefix):].split("-", 1)[0]) and not _owner_alive(d) \
-                and now - d.stat().st_mtime > QUIET_S:
+        if not (d.is_dir() and process_gone(d.name[len(prefix):].split("-", 1)[0]) and not _owner_alive(d)):
+            continue
+        try:   # not one made in the last minute: between its mkdtemp and its lock, a folder of
+            young = now - d.stat().st_mtime <= QUIET_S   # another PID namespace looks gone and unowned
+        except OSError:   # removed meanwhile by another sweep
+            continue
+        if not young:
             shutil.rmtree(d, ignore_errors=True)
     base.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base))

@@ -379,9 +379,9 @@ def _settle_shards(store_dir: Path, main: EmbeddingStore | None, fp: str, conten
         rows = sum(s.done for s in parts if s is not None) - kept
         if rows:
             also = f" (the {kept} rows they finished from pool index {start} on are kept)" if kept else ""
-            log.warning("discarding %d embedded rows of an earlier %d-process run in %s: its shards are unfinished "
-                        "or not this store's next rows (or decoded otherwise than it), and only a run of %d processes could resume them%s", rows, w,
-                        root, w, also)
+            log.warning("discarding %d embedded rows of an earlier %d-process run in %s: its shards are unfinished, "
+                        "not this store's next rows or decoded otherwise than it, and only a run of %d processes "
+                        "could resume them%s", rows, w, root, w, also)
         elif kept:
             log.info("kept pool rows %d to %d that an earlier %d-process run in %s had finished", start,
                      start + kept, w, root)
@@ -424,7 +424,7 @@ def _keep_finished_prefix(store_dir: Path, main: EmbeddingStore | None, w: int, 
     if not all(np.array_equal(np.asarray(s["index"][:c]), sel[:c]) for s, sel, c in zip(parts, sels, counts)):
         return main, 0
     # ranks whose loaders resolved differently, or a main store of another loader: kept, their
-    # rows sat in one store under one loader's name (merge_shards refuses such shards)
+    # rows would sit in one store under one loader's name (merge_shards refuses such shards)
     if not _takes_decoding_of(main, parts):
         return main, 0
     if main is None:
