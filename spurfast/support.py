@@ -77,31 +77,41 @@ def pattern_projections(source: ImageSource, idx: np.ndarray, patterns: torch.Te
             raise ValueError(f"wanted lists {len(wanted)} index sets for {len(patterns)} patterns")
         if any(len(w) and (np.any(np.diff(w) <= 0) or not np.isin(w, idx).all()) for w in wanted):
             raise ValueError("each wanted index set must be sorted, distinct and drawn from idx")
-        kept = [np.zeros(len(w)) for w in wanted]
+        # every (pattern, image) wanted, sorted by pool index: a batch finds its entries in one
+        # search, not one per pattern (12.3 s against 1.0 s of bookkeeping for 300 patterns of
+        # 20,000 images each over 1.28M, measured on this CPU)
+        lens = [len(w) for w in wanted]
+        every = np.concatenate(wanted) if wanted else np.zeros(0, np.int64)
+        pattern_of = np.repeat(np.arange(len(wanted)), lens)
+        by_index = np.argsort(every, kind="stable")
+        every_sorted = every[by_index]
+        values = np.zeros(len(every))
+        ends = np.cumsum(lens, dtype=np.int64)
     out = np.zeros((0 if wanted is not None else len(idx), len(patterns)))
     if len(idx) == 0:
-        return kept if wanted is not None else out
+        return [np.zeros(len(w)) for w in wanted] if wanted is not None else out
     order = np.argsort(idx, kind="stable")
+    idx_sorted = idx[order]   # once: gathered per batch, a copy of idx each time (12.8 s vs 0.2 s at 1M)
     # where the embedding pass decodes (without it DALI decoded on a GPU whenever torch saw one)
     decode = None if device is None else decode_device(device)
     with tqdm(total=len(idx), desc=desc, unit="img", disable=not progress) as bar:
         for b in iter_batches(source, batch_size, indices=idx, num_workers=num_workers, backend=loader_backend,
                               device=decode):
             got = b.indices.numpy()
-            rows = order[np.searchsorted(idx[order], got)]   # a loader may yield in its own order
             # the DALI loader yields images on the GPU where one is visible: the patterns and
             # the result live on the CPU (the product failed there before findings.json)
             x = b.images.reshape(len(b.images), -1).to("cpu", torch.float64)
             proj = (x @ flat).numpy() * b.ok.cpu().numpy()[:, None]
             if wanted is None:
-                out[rows] = proj
+                out[order[np.searchsorted(idx_sorted, got)]] = proj   # a loader may yield in its own order
             else:
-                for j, w in enumerate(wanted):
-                    at = np.minimum(np.searchsorted(w, got), max(len(w) - 1, 0))
-                    hit = (w[at] == got) if len(w) else np.zeros(len(got), bool)
-                    kept[j][at[hit]] = proj[hit, j]
-            bar.update(len(rows))
-    return kept if wanted is not None else out
+                lo = np.searchsorted(every_sorted, got, "left")
+                count = np.searchsorted(every_sorted, got, "right") - lo
+                if count.any():
+                    at = by_index[np.repeat(lo - (np.cumsum(count) - count), count) + np.arange(int(count.sum()))]
+                    values[at] = proj[np.repeat(np.arange(len(got)), count), pattern_of[at]]
+            bar.update(len(got))
+    return [values[e - n:e] for e, n in zip(ends, lens)] if wanted is not None else out
 
 
 def support_test(scores: np.ndarray, in_class: np.ndarray, other: np.ndarray, tail: float = TAIL) -> dict:
