@@ -369,8 +369,7 @@ def _settle_shards(store_dir: Path, main: EmbeddingStore | None, fp: str, conten
         ours = (fp, content, start)
         # finished shards decoded otherwise than the store's rows: discarded below, not merged
         # (merge_shards refuses them, and these are a run of another size nobody resumes)
-        if all(s is not None and s.complete and _continues(s, ours) for s in parts) \
-                and _takes_decoding_of(main, parts, adopt=False):
+        if all(s is not None and s.complete and _continues(s, ours) for s in parts) and _decoding_fits(main, parts):
             log.info("merging the finished shards of an earlier %d-process run in %s", w, store_dir)
             main = merge_shards(store_dir, w, progress=progress)
             shutil.rmtree(root, ignore_errors=True)  # the store is complete: any other shards are leftovers
@@ -425,10 +424,11 @@ def _keep_finished_prefix(store_dir: Path, main: EmbeddingStore | None, w: int, 
         return main, 0
     # ranks whose loaders resolved differently, or a main store of another loader: kept, their
     # rows would sit in one store under one loader's name (merge_shards refuses such shards)
-    if not _takes_decoding_of(main, parts):
+    if not _decoding_fits(main, parts):
         return main, 0
     if main is None:
         main = _create_main(store_dir, parts[0].manifest, n)
+    _adopt_decoding(main, parts[0])
     _copy_shard_rows(main, parts, counts, start + P)
     main.write(start + P, {})   # flushes every column, then marks the rows done
     return main, P
@@ -441,26 +441,26 @@ def _decoding(store: EmbeddingStore) -> tuple:
     return tuple(store.manifest.get(k) for k in DECODING)
 
 
-def _takes_decoding_of(main: EmbeddingStore | None, shards: list, adopt: bool = True) -> bool:
+def _decoding_fits(main: EmbeddingStore | None, shards: list) -> bool:
     """Whether ``main`` may take rows of ``shards``: they record one loader and decode device,
-    and main's own rows (if any) record the same; a main store with no row yet takes the
-    shards' record (it kept the one its first, interrupted pass had made) where ``adopt``."""
+    and main's own rows (if any) record the same (a store with no row yet takes any)."""
     recs = {_decoding(s) for s in shards}
     if len(recs) > 1:
         return False
     rec = recs.pop()
-    if main is None:
-        return True
-    if main.done:
-        return all(a is None or b is None or a == b for a, b in zip(_decoding(main), rec))
-    if not adopt:
-        return True
-    for k, v in zip(DECODING, rec):
-        if v is None:
-            main.manifest.pop(k, None)
-        else:
-            main.manifest[k] = v
-    return True
+    return main is None or not main.done or all(a is None or b is None or a == b
+                                                for a, b in zip(_decoding(main), rec))
+
+
+def _adopt_decoding(main: EmbeddingStore, shard: EmbeddingStore) -> None:
+    """A main store with no row yet takes the record of the shards whose rows it takes (it
+    kept the one its first, interrupted pass had made)."""
+    if not main.done:
+        for k, v in zip(DECODING, _decoding(shard)):
+            if v is None:
+                main.manifest.pop(k, None)
+            else:
+                main.manifest[k] = v
 
 
 def _continues(shard: EmbeddingStore, ours: tuple) -> bool:
@@ -827,11 +827,12 @@ def merge_shards(store_dir, num_shards: int, *, chunk: int = 65536, progress: bo
         if main.manifest.get("fingerprint") != m0["fingerprint"] or main.done != start:
             raise ValueError(f"store {store_dir} (fingerprint {main.manifest.get('fingerprint')}, done {main.done}) "
                              f"does not match its shards (fingerprint {m0['fingerprint']}, start {start})")
-        if not _takes_decoding_of(main, shards):   # the shards agree (checked above): main's rows do not
+        if not _decoding_fits(main, shards):   # the shards agree (checked above): main's rows do not
             raise ValueError(f"store {store_dir} was decoded as {dict(zip(DECODING, _decoding(main)))} and its "
                              f"shards as {dict(zip(DECODING, _decoding(shards[0])))}: their pixels differ a little, "
                              f"so the merged store would mix both; remove the shard stores and run the ranks again "
                              f"with the store's --loader-backend and --device")
+        _adopt_decoding(main, shards[0])
     else:
         main = _create_main(store_dir, m0, n)
     with tqdm(total=n - start, desc="merging shards", unit="img", disable=not progress) as bar:
