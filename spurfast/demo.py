@@ -112,13 +112,13 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
         check_whole(value, f"run_demo: {name}")
     from .evaluate import check_seeds   # the CLI's rule: 2**62 failed in training, after overwrite emptied the run
     check_seeds([seed])
-    if config is not None and config.device is None:   # run_discovery reads None as the CPU; here torch.device(None) raised
+    # None reached training (torch.device(None) raised); run_discovery reads it as the CPU
+    if config is None:
+        config = DiscoverConfig(seed=seed, device=device or "cpu")
+    elif config.device is None:
         import dataclasses
         config = dataclasses.replace(config, device=device or "cpu")
-    if config is None:
-        device = "cpu" if device is None else device   # None reached training: torch.device(None) raised
-        config = DiscoverConfig(seed=seed, device=device)
-    elif device is None:
+    if device is None:
         device = config.device
     elif not same_device(device, config.device):
         raise ValueError(f"run_demo: device {device!r} and config.device {config.device!r} disagree; pass one "

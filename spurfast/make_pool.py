@@ -319,16 +319,20 @@ def _write_range(bounds: tuple[int, int]) -> tuple[int, int]:
 POOL_WRITER = "spurfast make-pool"  # pool.json's "writer": marks a folder --overwrite may delete
 
 
+def _pool_info(out: Path) -> dict | None:
+    """``out``'s pool.json as a dict, or None (missing, unreadable, not an object)."""
+    try:
+        info = json.loads((Path(out) / "pool.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
 def _written_by_make_pool(out: Path) -> bool:
     """Whether ``out`` holds a pool.json that make-pool wrote (with its writer marker, or
     the keys of a pool written before the marker existed)."""
-    try:
-        info = json.loads((out / "pool.json").read_text())
-    except (OSError, ValueError):  # missing or unreadable: proves nothing, keep the folder
-        return False
-    if not isinstance(info, dict):
-        return False
-    return info.get("writer") == POOL_WRITER or {"spec", "n_carrying", "classes"} <= info.keys()
+    info = _pool_info(out)   # None: missing or unreadable proves nothing, keep the folder
+    return info is not None and (info.get("writer") == POOL_WRITER or {"spec", "n_carrying", "classes"} <= info.keys())
 
 
 def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: bool = True,
@@ -453,11 +457,8 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
 def _unfinished_spec(out: Path) -> dict | None:
     """The settings an interrupted make-pool was writing into ``out`` (its pool.json marker),
     or None: a finished pool, or a marker from before the settings were recorded."""
-    try:
-        info = json.loads((out / "pool.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(info, dict) or info.get("spec") is not None or not isinstance(info.get("writing"), dict):
+    info = _pool_info(out)
+    if info is None or info.get("spec") is not None or not isinstance(info.get("writing"), dict):
         return None
     return info["writing"]
 
@@ -488,14 +489,11 @@ def read_ground_truth(pool_dir) -> tuple[np.ndarray, np.ndarray]:
         rows = list(csv.DictReader(fh))
     # a make-pool cut short (Ctrl-C) leaves pool.json's "spec" None and ground_truth.csv
     # possibly cut short too: its rows were returned as the pool's whole ground truth
-    try:
-        info = json.loads((Path(pool_dir) / "pool.json").read_text())
-    except (OSError, ValueError):
-        info = None
-    if isinstance(info, dict) and info.get("writer") == POOL_WRITER and info.get("spec") is None:
+    info = _pool_info(pool_dir)
+    if info is not None and info.get("writer") == POOL_WRITER and info.get("spec") is None:
         raise ValueError(f"pool {pool_dir} is incomplete (its make-pool run was interrupted); rerun the same "
                          f"make-pool command to finish it, or with --overwrite to write it anew")
-    if isinstance(info, dict) and isinstance(info.get("n"), int) and info["n"] != len(rows):
+    if info is not None and isinstance(info.get("n"), int) and info["n"] != len(rows):
         raise ValueError(f"{p} has {len(rows)} rows, but {pool_dir}/pool.json says the pool holds {info['n']} "
                          f"images")
     labels = np.array([int(r["label"]) for r in rows], np.int64)

@@ -100,10 +100,9 @@ def apply_pattern(images: torch.Tensor, spec: PatternSpec, seed: int | None = No
         raise ValueError(f"images must be (N, C, H, W), got {tuple(images.shape)}")
     if not images.is_floating_point():  # the pattern's values are on the [0, 1] scale
         raise ValueError(f"images must be floats in [0, 1], got dtype {images.dtype}")
-    if images.numel() and not 0.0 <= float(images.min()) <= float(images.max()) <= 1.0:
-        # 0-255 floats took a stamp of 1.0 that nothing could see, marked as carried
-        raise ValueError(f"images must be floats in [0, 1], got values in [{float(images.min()):g}, "
-                         f"{float(images.max()):g}]")
+    lo, hi = torch.stack(torch.aminmax(images)).tolist() if images.numel() else (0.0, 1.0)   # one pass, one sync
+    if not 0.0 <= lo <= hi <= 1.0:   # 0-255 floats took a stamp of 1.0 that nothing could see, marked as carried
+        raise ValueError(f"images must be floats in [0, 1], got values in [{lo:g}, {hi:g}]")
     x = images.clone().float()
     n, c, h, w = x.shape
     rng = np.random.default_rng(spec.seed if seed is None else seed)

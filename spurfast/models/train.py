@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..checks import check_whole
 from ..data.sources import ImageSource, content_digest
 from .classifier import ResNet18, build_classifier
 from .files import load_vae, save_atomic, save_classifier, save_vae, torch_error_gist  # noqa: F401 (re-exported)
@@ -190,8 +191,7 @@ def _fit(build, source: ImageSource, step, name: str, *, epochs: int, batch_size
     # plain Python numbers: numpy ones fail the JSON identity after the first epoch's work
     seed, batch_size, lr = operator.index(seed), operator.index(batch_size), float(lr)
     # 0 returned the random initial weights as a trained model; 2.0 failed in range() unnamed
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
-        raise ValueError(f"{name}: epochs must be an integer >= 1, got {epochs!r}")
+    check_whole(epochs, f"{name}: epochs")
     epochs = int(epochs)
     identity = {"model": model_id, "data": content_digest(source) if ck else None, "seed": seed,
                 "batch_size": batch_size, "lr": lr, "trainer": name}
