@@ -1284,3 +1284,30 @@ def test_a_mistyped_fashion_mnist_folder_is_named_not_blamed_on_debian(monkeypat
     monkeypatch.setenv("SPURFAST_FASHION_MNIST", "/no/such/folder")
     with pytest.raises(FileNotFoundError, match=r"/no/such/folder.*SPURFAST_FASHION_MNIST names that folder.*'tiny'"):
         _base_images("fashion-mnist", 0, Sizes())
+
+
+def test_three_pattern_settings_stamp_disjoint_places():
+    """The three weaker patterns are three shortcuts, not one: the bar (class 7) covered 6 of the
+    3x3 patch's (class 3) 9 pixels until it moved to the left edge.  The full-frame noise
+    (class 9) overlaps everything by nature; the localised patterns must not overlap each other."""
+    from spurfast.evaluate import _multi, _spec
+    from spurfast.plant import fixed_mask
+    for n in ("100", "1000"):
+        plants = _multi(n)
+        masks = {p.family: fixed_mask(_spec(p, 0), (1, 28, 28)) for p in plants if p.family != "noise"}
+        assert set(masks) == {"patch3", "bar"}
+        assert int((masks["patch3"] & masks["bar"]).sum()) == 0
+        assert int(masks["bar"][:, :14].sum()) == int(masks["bar"].sum()) == 28   # 14 x 2 at the left edge
+
+
+def test_plant_position_stays_out_of_the_keys_at_its_default():
+    """Plants written before `position` existed keep their cache keys (and cached models)."""
+    from spurfast.evaluate import Plant, Setting, run_key
+    assert Plant("bar", 7, "100").key() == {"family": "bar", "target_class": 7, "n": "100", "strength": 1.0}
+    assert Plant("bar", 7, "100", position="bottom_left").key()["position"] == "bottom_left"
+    sizes = PRESETS["quick"]["sizes"]
+    left, right = (run_key(Setting("s", (Plant("bar", 7, "100", position=pos),)), 0, sizes)
+                   for pos in ("bottom_left", "bottom_right"))
+    assert left != right and right == run_key(Setting("s", (Plant("bar", 7, "100"),)), 0, sizes)
+    with pytest.raises(ValueError, match="unknown position 'middle'"):
+        Plant("bar", 7, "100", position="middle")
