@@ -362,10 +362,13 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
         raise FileNotFoundError(f"pool directory {out}: {broken} is a link to {os.readlink(broken)!r}, which does "
                                 f"not exist")
     resume = False
-    if out.is_dir() and [e.name for e in out.iterdir()] == ["pool.json.tmp"]:
-        # a run killed while it wrote the first marker (SIGKILL: no clean-up ran) left only it,
-        # and every rerun, --overwrite too, refused the folder as not make-pool's
-        (out / "pool.json.tmp").unlink()
+    if out.is_dir():
+        # a run killed while it wrote the first marker (SIGKILL: no clean-up ran) left only its
+        # temporary file, and every rerun, --overwrite too, refused the folder as not make-pool's
+        entries = list(out.iterdir())
+        if entries and all(_marker_leftover(e) for e in entries):
+            for e in entries:
+                e.unlink(missing_ok=True)
     if out.exists() and any(out.iterdir()):
         if not _written_by_make_pool(out):
             raise FileExistsError(f"pool directory {out} is not empty and was not written by make-pool (no "
@@ -379,7 +382,7 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
             raise FileExistsError(f"pool directory {out} is not empty{other}; choose another or pass --overwrite")
     if resume:
         # a temporary image of a writer killed mid-save; the ground truth is written at the end
-        for tmp in out.glob("**/*.jpg.*.tmp"):
+        for tmp in [*out.glob("**/*.jpg.*.tmp"), *filter(_marker_leftover, out.glob("pool.json.*.tmp"))]:
             tmp.unlink(missing_ok=True)
         (out / "ground_truth.csv").unlink(missing_ok=True)
         log.info("resuming the interrupted pool in %s", out)
@@ -467,15 +470,18 @@ def _write_whole(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` whole or not at all: cut short (Ctrl-C, a full disk), a
     pool.json no longer parsed as the marker, and every rerun, --overwrite included, was
     refused as "not written by make-pool" (the first marker too: an empty pool.json left by
-    a full disk kept the folder refused after space was freed).  A temporary file left by a
-    failed write is removed, so the folder holds no stray file a rerun refuses."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    a full disk kept the folder refused after space was freed)."""
+    from .atomic_files import replace_atomically
+    replace_atomically(path, lambda fh: fh.write(text))
+
+
+def _marker_leftover(entry: Path) -> bool:
+    """Whether ``entry`` is the temporary pool.json (``pool.json.PID.tmp``) of a make-pool
+    killed while writing it (its process gone)."""
+    from .atomic_files import process_gone
+    parts = entry.name.split(".")
+    return len(parts) == 4 and parts[:2] == ["pool", "json"] and parts[3] == "tmp" and entry.is_file() \
+        and process_gone(parts[2])
 
 
 def read_ground_truth(pool_dir) -> tuple[np.ndarray, np.ndarray]:

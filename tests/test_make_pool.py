@@ -3,6 +3,8 @@ the folder source's order, with the planted pattern where the loader puts it."""
 import csv
 import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,24 +265,44 @@ def test_out_below_a_file_or_a_dangling_link_is_named(tmp_path, capsys):
     assert not (tmp_path / "nowhere").exists()
 
 
+def _failing_pool_json_writes(monkeypatch, when: str, exc: BaseException):
+    """Make the write of a pool.json whose text holds ``when`` stop halfway with ``exc``."""
+    import builtins
+
+    import spurfast.atomic_files as af
+
+    class HalfWriter:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, text):
+            if when in text:
+                self.fh.write(text[:len(text) // 2])
+                raise exc
+            return self.fh.write(text)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            return self.fh.__exit__(*exc_info)
+
+    def open_(path, *args, **kwargs):
+        fh = builtins.open(path, *args, **kwargs)
+        return HalfWriter(fh) if Path(path).name.startswith("pool.json.") else fh
+
+    monkeypatch.setattr(af, "open", open_, raising=False)
+
+
 def test_a_pool_json_write_cut_short_can_be_overwritten(tmp_path, monkeypatch):
     """Ctrl-C (or a full disk) while the finished pool's pool.json was written left it
     truncated: no longer the marker, so every rerun, --overwrite included, was refused."""
-    from pathlib import Path
-
     spec = PoolSpec(n=6, classes=3, min_size=16, max_size=16)
-    real = Path.write_text
-
-    def write_text(self, data, *args, **kwargs):   # cut off halfway through the final pool.json
-        if '"n_carrying"' in data:
-            real(self, data[:len(data) // 2], *args, **kwargs)
-            raise KeyboardInterrupt
-        return real(self, data, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "write_text", write_text)
+    _failing_pool_json_writes(monkeypatch, '"n_carrying"', KeyboardInterrupt())   # the final pool.json
     with pytest.raises(KeyboardInterrupt):
         make_pool(tmp_path / "p", spec, workers=1, progress=False)
-    monkeypatch.setattr(Path, "write_text", real)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "p" / "pool.json").read_text())["spec"] is None   # the marker, whole
     info = make_pool(tmp_path / "p", spec, workers=1, progress=False, overwrite=True)
     assert json.loads((tmp_path / "p" / "pool.json").read_text()) == info
     assert sorted(p.name for p in (tmp_path / "p").iterdir() if p.is_file()) == ["ground_truth.csv", "pool.json"]
@@ -291,21 +313,12 @@ def test_a_first_marker_write_that_fails_leaves_the_folder_reusable(tmp_path, mo
     empty pool.json: the folder was then refused on every rerun, --overwrite included,
     even once space was freed."""
     import errno
-    from pathlib import Path
 
     spec = PoolSpec(n=4, classes=2, min_size=16, max_size=16)
-    real = Path.write_text
-
-    def write_text(self, data, *args, **kwargs):   # the file is created, its write fails
-        if '"spec": null' in data:
-            real(self, "", *args, **kwargs)
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, data, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "write_text", write_text)
+    _failing_pool_json_writes(monkeypatch, '"spec": null', OSError(errno.ENOSPC, "No space left on device"))
     with pytest.raises(OSError, match="No space"):
         make_pool(tmp_path / "p", spec, workers=1, progress=False)
-    monkeypatch.setattr(Path, "write_text", real)
+    monkeypatch.undo()
     assert list((tmp_path / "p").iterdir()) == []
     info = make_pool(tmp_path / "p", spec, workers=1, progress=False)
     assert json.loads((tmp_path / "p" / "pool.json").read_text()) == info
@@ -393,17 +406,45 @@ def test_a_numpy_int32_size_past_the_limit_is_refused_too(tmp_path, monkeypatch)
 
 
 def test_a_folder_left_with_only_a_half_written_first_marker_is_written(tmp_path):
-    """A run killed (SIGKILL) while it wrote the first pool.json left only pool.json.tmp, and
-    every rerun, --overwrite too, refused the folder as not make-pool's."""
+    """A run killed (SIGKILL) while it wrote the first pool.json left only its temporary file,
+    and every rerun, --overwrite too, refused the folder as not make-pool's."""
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()   # a pid whose process has ended
     (tmp_path / "p").mkdir()
-    (tmp_path / "p" / "pool.json.tmp").write_text('{"writer": "spurfast make-pool", "sp')
+    (tmp_path / "p" / f"pool.json.{gone}.tmp").write_text('{"writer": "spurfast make-pool", "sp')
     info = make_pool(tmp_path / "p", PoolSpec(n=3, min_size=16, max_size=16), workers=1, progress=False)
-    assert info["n"] == 3 and not (tmp_path / "p" / "pool.json.tmp").exists()
+    assert info["n"] == 3 and not list((tmp_path / "p").glob("pool.json.*"))
     (tmp_path / "q").mkdir()
-    (tmp_path / "q" / "pool.json.tmp").write_text("")
+    (tmp_path / "q" / f"pool.json.{gone}.tmp").write_text("")
     (tmp_path / "q" / "photo.jpg").write_text("a user's")   # not only the marker: still refused
     with pytest.raises(FileExistsError, match="not written by make-pool"):
         make_pool(tmp_path / "q", PoolSpec(n=3, min_size=16, max_size=16), workers=1, progress=False, overwrite=True)
+    # one a live process is writing (a make-pool started on the same folder) is not taken
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / f"pool.json.{os.getppid()}.tmp").write_text("")
+    with pytest.raises(FileExistsError, match="not written by make-pool"):
+        make_pool(tmp_path / "r", PoolSpec(n=3, min_size=16, max_size=16), workers=1, progress=False)
+
+
+def test_a_resumed_pool_drops_the_marker_a_killed_run_was_writing(tmp_path):
+    """Resuming removes the temporary pool.json of the killed run (named by its pid now, so
+    the next write no longer replaces it)."""
+    import subprocess
+    import sys
+
+    spec = PoolSpec(n=5, min_size=16, max_size=16)
+    make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    info = json.loads((tmp_path / "p" / "pool.json").read_text())
+    (tmp_path / "p" / "pool.json").write_text(json.dumps({"writer": info["writer"], "spec": None,
+                                                           "writing": info["spec"]}))   # as if cut short
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    (tmp_path / "p" / f"pool.json.{gone}.tmp").write_text('{"writer"')
+    again = make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    assert again["resumed_with"] == 5 and not list((tmp_path / "p").glob("pool.json.*"))
 
 
 def test_classes_past_int64_label_the_pool_as_fewer_classes_do(tmp_path):
