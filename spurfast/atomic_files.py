@@ -44,7 +44,27 @@ def process_gone(pid: str) -> bool:
     return False                                        # alive (a concurrent run writing it)
 
 
-QUIET_S = 60.0     # a private folder younger than this is never swept
+QUIET_S = 60.0     # a leftover written to more recently than this is never swept
+
+
+def writer_pid(name: str) -> str:
+    """The pid in a `replace_atomically` temporary file's name (``NAME.PID.tmp``); '' for
+    another name."""
+    parts = name.rsplit(".", 2)
+    return parts[1] if len(parts) == 3 and parts[2] == "tmp" else ""
+
+
+def abandoned(path: Path, pid: str, quiet_s: float = QUIET_S) -> bool:
+    """Whether the leftover ``path`` (a temporary file or folder named by the ``pid`` that
+    made it) may be removed: its process is gone (`process_gone`) and nothing was written to
+    it for ``quiet_s``.  The quiet time covers a writer of another PID namespace sharing the
+    folder (its pid means nothing here) and a folder between its creation and its lock."""
+    if not process_gone(pid):
+        return False
+    try:
+        return time.time() - path.stat().st_mtime > quiet_s
+    except OSError:   # removed meanwhile (another sweep), or not ours to look at
+        return False
 OWNER = ".owner"   # in a private folder: locked (flock) by its process while it lives
 _held: dict[str, int] = {}   # this process's private folders -> their lock's descriptor
 
@@ -100,15 +120,8 @@ def private_folder(prefix: str, root: str | Path | None = None) -> Path:
     with ``os._exit``) left its folder there for good.  The folder holds a lock (`OWNER`) for as
     long as this process (or a child it forked) lives; `release_folder` removes it."""
     base = Path(root) if root is not None else Path(tempfile.gettempdir())
-    now = time.time()
     for d in base.glob(f"{prefix}*-*") if base.is_dir() else ():
-        if not (d.is_dir() and process_gone(d.name[len(prefix):].split("-", 1)[0]) and not _owner_alive(d)):
-            continue
-        try:   # not one made in the last minute: between its mkdtemp and its lock, a folder of
-            young = now - d.stat().st_mtime <= QUIET_S   # another PID namespace looks gone and unowned
-        except OSError:   # removed meanwhile by another sweep
-            continue
-        if not young:
+        if d.is_dir() and abandoned(d, d.name[len(prefix):].split("-", 1)[0]) and not _owner_alive(d):
             shutil.rmtree(d, ignore_errors=True)
     base.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base))

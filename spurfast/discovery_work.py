@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from .atomic_files import process_gone, replace_atomically
+from .atomic_files import QUIET_S, abandoned, replace_atomically, writer_pid
 
 VERSION = 2   # bump when what a piece holds, or how it is computed, changes (2: latent_knn exact for tight blobs)
 
@@ -38,20 +37,14 @@ def work_key(arrays: dict, settings: dict) -> str:
     return h.hexdigest()[:20]
 
 
-def _sweep(root: Path, quiet_s: float = 60.0) -> None:
+def _sweep(root: Path, quiet_s: float = QUIET_S) -> None:
     """Remove the temporary files (``NAME.PID.tmp``, `replace_atomically`) that a killed
     writer left under ``root``'s key folders: a SIGKILL mid-write left each behind for good
     (the neighbour lists' one is n x K int64, about 100 MB at 1.2M images).  A file is left
     alone while its process lives here or while it was written to within ``quiet_s``."""
-    now = time.time()
     for tmp in root.glob("*/*.npz.*.tmp"):
-        if not process_gone(tmp.name[:-len(".tmp")].rsplit(".", 1)[-1]):
-            continue                       # alive (a concurrent run writing it), or not ours to judge
-        try:
-            if now - tmp.stat().st_mtime > quiet_s:
-                tmp.unlink()
-        except OSError:                    # gone meanwhile, or not ours to remove
-            pass
+        if abandoned(tmp, writer_pid(tmp.name), quiet_s):
+            tmp.unlink(missing_ok=True)
 
 
 class DiscoveryWork:

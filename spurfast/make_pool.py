@@ -478,10 +478,9 @@ def _write_whole(path: Path, text: str) -> None:
 def _marker_leftover(entry: Path) -> bool:
     """Whether ``entry`` is the temporary pool.json (``pool.json.PID.tmp``) of a make-pool
     killed while writing it (its process gone)."""
-    from .atomic_files import process_gone
-    parts = entry.name.split(".")
-    return len(parts) == 4 and parts[:2] == ["pool", "json"] and parts[3] == "tmp" and entry.is_file() \
-        and process_gone(parts[2])
+    from .atomic_files import process_gone, writer_pid
+    pid = writer_pid(entry.name)
+    return entry.name == f"pool.json.{pid}.tmp" and entry.is_file() and process_gone(pid)
 
 
 def read_ground_truth(pool_dir) -> tuple[np.ndarray, np.ndarray]:
