@@ -23,7 +23,7 @@ from .characterise import contrast_map, exemplars, linear_probe, neighbour_contr
 from .checks import real_number, whole_number
 from .data.sources import ImageSource, utf8_name
 from .embed import EmbeddingStore, _write_json
-from .rankings import SpilledRankings
+from .rankings import SpilledRankings, save_ranking
 from .scoring import (DEFAULT_STATISTIC, STATISTICS, bh_qvalues, cluster_and_score, content_classes,
                       latent_neighbours, null_scores, size_matched_pvalues, top_two)
 
@@ -424,9 +424,5 @@ def write_outputs(result: DiscoveryResult, out_dir: Path, extra_config: dict | N
     rk = out_dir / "rankings"
     rk.mkdir(exist_ok=True)
     for r in result.rankings:
-        if isinstance(result.rankings, SpilledRankings):
-            result.rankings.export(r, rk / f"finding{r}.npy")   # a link where it can: no second copy
-        else:
-            arr = result.rankings[r]
-            replace_atomically(rk / f"finding{r}.npy", lambda fh, arr=arr: np.save(fh, arr), "wb")
+        save_ranking(result.rankings, r, rk / f"finding{r}.npy")   # a link where it can: no second copy
     return doc

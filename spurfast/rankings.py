@@ -101,3 +101,14 @@ class SpilledRankings(MutableMapping):
         """Remove the folder now (also done when the mapping is garbage collected)."""
         self._files.clear()
         self._finalizer()
+
+
+def save_ranking(rankings: MutableMapping, key, path: str | Path) -> None:
+    """Write ``rankings[key]`` to the ``.npy`` file ``path`` (replaced whole): a
+    `SpilledRankings` links its file there (`SpilledRankings.export`), any other mapping's
+    array is saved."""
+    if isinstance(rankings, SpilledRankings):
+        rankings.export(key, path)
+    else:
+        arr = np.asarray(rankings[key])
+        replace_atomically(Path(path), lambda fh: np.save(fh, arr), "wb")

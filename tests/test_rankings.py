@@ -205,3 +205,17 @@ def test_a_file_system_without_locks_still_spills(tmp_path, monkeypatch):
     np.testing.assert_array_equal(r[1], np.ones(3))
     r.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_save_ranking_links_a_spilled_ranking_and_saves_any_other_mapping_s(tmp_path):
+    import os
+
+    from spurfast.rankings import save_ranking
+    spilled = SpilledRankings({1: np.arange(5.0)}, folder=tmp_path / "spill")
+    save_ranking(spilled, 1, tmp_path / "a.npy")
+    assert os.path.samefile(tmp_path / "a.npy", spilled._files[1])        # a link: no second copy
+    save_ranking({2: [0.5, 0.25]}, 2, tmp_path / "b.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.arange(5.0))
+    np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), [0.5, 0.25])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["a.npy", "b.npy"]
+    spilled.close()
