@@ -29,7 +29,7 @@ import numpy as np
 
 from .characterise import contrast_magnitude, otsu_threshold
 from .data.sources import ImageSource
-from .support import extracted_patterns, pattern_projections, require_patterns
+from .support import extracted_patterns, require_patterns, wanted_projections
 
 LOCALISED = 0.1    # an extracted mask on at most this fraction of the image's pixels
 TOP = 20_000       # images of each finding's latent ranking re-ranked by the pattern
@@ -63,7 +63,7 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
     of the localised ones (float64: the latent order below, then the re-ranked images;
     unreadable images, the latent ranking's and any this read finds, are -inf).  Needs ``_mask``
     and ``_contrast`` (`characterise`).  ``device``: the run's, where a folder pool is decoded
-    (`spurfast.support.pattern_projections`)."""
+    (`spurfast.support.wanted_projections`)."""
     from .confirm import _known_readable
 
     if not 0.0 < localised <= 1.0:
@@ -93,9 +93,8 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
     # each finding's own head only: a (union x findings) matrix grew with the square of the
     # number of localised findings (heads of different classes barely overlap)
     sorted_heads = [np.sort(h) for h in heads]
-    proj = pattern_projections(source, union, patterns, batch_size, progress, "pattern ranking",
-                               num_workers=num_workers, loader_backend=loader_backend, device=device,
-                               wanted=sorted_heads)
+    proj = wanted_projections(source, union, patterns, sorted_heads, batch_size, progress,
+                              num_workers=num_workers, loader_backend=loader_backend, device=device)
     # a file unreadable now (changed since it was embedded) projects to 0, which ranked it among
     # the carriers of a dark pattern (theirs project near 0 too): unranked, as the store's are
     unreadable = np.setdiff1d(union, _known_readable(source, union))

@@ -47,71 +47,94 @@ def extracted_patterns(findings: list[dict], masks: list | None = None) -> torch
                         for f, m in zip(findings, masks, strict=True)])
 
 
-def pattern_projections(source: ImageSource, idx: np.ndarray, patterns: torch.Tensor,
-                        batch_size: int = 256, progress: bool = False, desc: str = "training support", *,
-                        num_workers: int = 0, loader_backend: str | None = None,
-                        device: str | None = None, wanted: list[np.ndarray] | None = None):
-    """(len(idx), F) projections of images ``idx`` (distinct pool indices) of ``source`` onto
-    ``patterns`` (F, C, H, W): one pass over the images, float64 sums (reads n*C*H*W pixels
-    once).  A folder pool is decoded by its loader (``loader_backend``, ``num_workers``
-    processes), as the embedding pass decoded it: get_batch decoded one file at a time in this
-    process, minutes for 100k suspects.  ``device``: the run's device; a loader that can decode
-    on a GPU (DALI) decodes there if it is a CUDA device, else on the CPU, as the embedding pass
-    does (None: the loader's own choice, a GPU whenever torch sees one).  An unreadable image
-    projects to 0.
-
-    ``wanted``: per pattern j, the sorted pool indices (a subset of ``idx``) whose projection
-    onto it is needed; then a list of F arrays, ``[j][k]`` the projection of ``wanted[j][k]``
-    (the same values as the matrix's): memory sum(len(w)) instead of len(idx) x F, which for
-    many patterns with disjoint image sets grows with the square of their number."""
+def _projection_pass(source: ImageSource, idx: np.ndarray, patterns: torch.Tensor, take, batch_size: int,
+                     progress: bool, desc: str, num_workers: int, loader_backend: str | None,
+                     device: str | None) -> None:
+    """One pass over images ``idx`` (distinct pool indices, non-empty) of ``source``:
+    ``take(pool indices, projections)`` per batch, (B,) and (B, F) float64 projections onto
+    ``patterns`` (F, C, H, W) in the loader's order; an unreadable image projects to 0.  A
+    folder pool is decoded by its loader (``loader_backend``, ``num_workers`` processes), as
+    the embedding pass decoded it: get_batch decoded one file at a time in this process,
+    minutes for 100k suspects.  ``device``: the run's; a loader that can decode on a GPU
+    (DALI) decodes there if it is a CUDA device, else on the CPU, as the embedding pass does
+    (None: the loader's own choice, a GPU whenever torch sees one)."""
     from tqdm.auto import tqdm
 
     from .data.loader_torch import iter_batches
     from .embed import decode_device
 
-    idx = np.asarray(idx, dtype=np.int64)
     flat = patterns.reshape(len(patterns), -1).double().T          # (D, F)
-    if wanted is not None:
-        wanted = [np.asarray(w, dtype=np.int64) for w in wanted]
-        if len(wanted) != len(patterns):
-            raise ValueError(f"wanted lists {len(wanted)} index sets for {len(patterns)} patterns")
-        if any(len(w) and (np.any(np.diff(w) <= 0) or not np.isin(w, idx).all()) for w in wanted):
-            raise ValueError("each wanted index set must be sorted, distinct and drawn from idx")
-        # every (pattern, image) wanted, sorted by pool index: a batch finds its entries in one
-        # search, not one per pattern (12.3 s against 1.0 s of bookkeeping for 300 patterns of
-        # 20,000 images each over 1.28M, measured on this CPU)
-        lens = [len(w) for w in wanted]
-        every = np.concatenate(wanted) if wanted else np.zeros(0, np.int64)
-        pattern_of = np.repeat(np.arange(len(wanted)), lens)
-        by_index = np.argsort(every, kind="stable")
-        every_sorted = every[by_index]
-        values = np.zeros(len(every))
-        ends = np.cumsum(lens, dtype=np.int64)
-    out = np.zeros((0 if wanted is not None else len(idx), len(patterns)))
-    if len(idx) == 0:
-        return [np.zeros(len(w)) for w in wanted] if wanted is not None else out
-    order = np.argsort(idx, kind="stable")
-    idx_sorted = idx[order]   # once: gathered per batch, a copy of idx each time (12.8 s vs 0.2 s at 1M)
     # where the embedding pass decodes (without it DALI decoded on a GPU whenever torch saw one)
     decode = None if device is None else decode_device(device)
     with tqdm(total=len(idx), desc=desc, unit="img", disable=not progress) as bar:
         for b in iter_batches(source, batch_size, indices=idx, num_workers=num_workers, backend=loader_backend,
                               device=decode):
-            got = b.indices.numpy()
             # the DALI loader yields images on the GPU where one is visible: the patterns and
             # the result live on the CPU (the product failed there before findings.json)
             x = b.images.reshape(len(b.images), -1).to("cpu", torch.float64)
-            proj = (x @ flat).numpy() * b.ok.cpu().numpy()[:, None]
-            if wanted is None:
-                out[order[np.searchsorted(idx_sorted, got)]] = proj   # a loader may yield in its own order
-            else:
-                lo = np.searchsorted(every_sorted, got, "left")
-                count = np.searchsorted(every_sorted, got, "right") - lo
-                if count.any():
-                    at = by_index[np.repeat(lo - (np.cumsum(count) - count), count) + np.arange(int(count.sum()))]
-                    values[at] = proj[np.repeat(np.arange(len(got)), count), pattern_of[at]]
-            bar.update(len(got))
-    return [values[e - n:e] for e, n in zip(ends, lens)] if wanted is not None else out
+            take(b.indices.numpy(), (x @ flat).numpy() * b.ok.cpu().numpy()[:, None])
+            bar.update(len(b.indices))
+
+
+def pattern_projections(source: ImageSource, idx: np.ndarray, patterns: torch.Tensor,
+                        batch_size: int = 256, progress: bool = False, desc: str = "training support", *,
+                        num_workers: int = 0, loader_backend: str | None = None,
+                        device: str | None = None) -> np.ndarray:
+    """(len(idx), F) projections of images ``idx`` (distinct pool indices) of ``source`` onto
+    ``patterns`` (F, C, H, W), row i for ``idx[i]``: one pass over the images, float64 sums
+    (reads n*C*H*W pixels once; `_projection_pass` says how they are decoded).  An unreadable
+    image projects to 0."""
+    idx = np.asarray(idx, dtype=np.int64)
+    out = np.zeros((len(idx), len(patterns)))
+    if len(idx) == 0:
+        return out
+    order = np.argsort(idx, kind="stable")
+    idx_sorted = idx[order]   # once: gathered per batch, a copy of idx each time (12.8 s vs 0.2 s at 1M)
+
+    def take(got, proj):   # a loader may yield in its own order
+        out[order[np.searchsorted(idx_sorted, got)]] = proj
+
+    _projection_pass(source, idx, patterns, take, batch_size, progress, desc, num_workers, loader_backend, device)
+    return out
+
+
+def wanted_projections(source: ImageSource, idx: np.ndarray, patterns: torch.Tensor, wanted: list[np.ndarray],
+                       batch_size: int = 256, progress: bool = False, desc: str = "pattern ranking", *,
+                       num_workers: int = 0, loader_backend: str | None = None,
+                       device: str | None = None) -> list[np.ndarray]:
+    """The projections `pattern_projections` computes, of each pattern's own images only:
+    ``wanted[j]`` the sorted pool indices (a subset of ``idx``) whose projection onto pattern
+    j is needed; returns F arrays, ``[j][k]`` the projection of ``wanted[j][k]`` (the same
+    values as the matrix's).  Memory sum(len(w)) instead of len(idx) x F, which for many
+    patterns with disjoint image sets grows with the square of their number."""
+    idx = np.asarray(idx, dtype=np.int64)
+    wanted = [np.asarray(w, dtype=np.int64) for w in wanted]
+    if len(wanted) != len(patterns):
+        raise ValueError(f"wanted lists {len(wanted)} index sets for {len(patterns)} patterns")
+    if any(len(w) and (np.any(np.diff(w) <= 0) or not np.isin(w, idx).all()) for w in wanted):
+        raise ValueError("each wanted index set must be sorted, distinct and drawn from idx")
+    # every (pattern, image) wanted, sorted by pool index: a batch finds its entries in one
+    # search, not one per pattern (12.3 s against 1.0 s of bookkeeping for 300 patterns of
+    # 20,000 images each over 1.28M, measured on this CPU)
+    lens = [len(w) for w in wanted]
+    every = np.concatenate(wanted) if wanted else np.zeros(0, np.int64)
+    pattern_of = np.repeat(np.arange(len(wanted)), lens)
+    by_index = np.argsort(every, kind="stable")
+    every_sorted = every[by_index]
+    values = np.zeros(len(every))
+
+    def take(got, proj):
+        lo = np.searchsorted(every_sorted, got, "left")
+        count = np.searchsorted(every_sorted, got, "right") - lo
+        if count.any():
+            at = by_index[np.repeat(lo - (np.cumsum(count) - count), count) + np.arange(int(count.sum()))]
+            values[at] = proj[np.repeat(np.arange(len(got)), count), pattern_of[at]]
+
+    if len(idx):
+        _projection_pass(source, idx, patterns, take, batch_size, progress, desc, num_workers, loader_backend,
+                         device)
+    ends = np.cumsum(lens, dtype=np.int64)
+    return [values[e - n:e] for e, n in zip(ends, lens)]
 
 
 def support_test(scores: np.ndarray, in_class: np.ndarray, other: np.ndarray, tail: float = TAIL) -> dict:

@@ -212,14 +212,14 @@ def test_projections_of_each_patterns_own_images_equal_the_matrixs(tmp_path):
     """Pattern ranking needs each finding's own head only: the (union x findings) matrix grew
     with the square of the number of findings.  ``wanted`` gives per pattern the values the
     matrix holds for its images, bit for bit (the same batches), unreadable images 0."""
-    from spurfast.support import pattern_projections
+    from spurfast.support import pattern_projections, wanted_projections
 
     src, rng = _png_folder(tmp_path, 11, broken=4, seed=1)
     pats = torch.as_tensor(rng.normal(size=(3, 3, 16, 16)), dtype=torch.float32)
     idx = np.array([9, 0, 4, 3, 7, 10, 1])
     dense = pattern_projections(src, idx, pats, batch_size=3)
     wanted = [np.array([0, 3, 4, 10]), np.array([], np.int64), np.array([1, 9])]
-    got = pattern_projections(src, idx, pats, batch_size=3, wanted=wanted)
+    got = wanted_projections(src, idx, pats, wanted, batch_size=3)
     assert [len(g) for g in got] == [4, 0, 2]
     for j, w in enumerate(wanted):
         rows = [int(np.nonzero(idx == i)[0][0]) for i in w]
@@ -229,7 +229,7 @@ def test_projections_of_each_patterns_own_images_equal_the_matrixs(tmp_path):
                      ([np.array([0, 2]), wanted[1], wanted[2]], "drawn from idx"),
                      (wanted[:2], "2 index sets for 3 patterns")):
         with pytest.raises(ValueError, match=msg):
-            pattern_projections(src, idx, pats, wanted=bad)
+            wanted_projections(src, idx, pats, bad)
 
 
 def test_a_folder_pool_is_decoded_where_the_run_computes(tmp_path, monkeypatch):
