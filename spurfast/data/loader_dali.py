@@ -209,12 +209,6 @@ class _AlignmentError(RuntimeError):
     pass
 
 
-class _CopyError(Exception):
-    """torch's error copying a decoded batch out (CUDA out of memory), carried past the
-    handler of DALI's failures as its ``__cause__``: it was probed as a bad file, file by file,
-    then reported as one no file reproduces, under another exception type."""
-
-
 _FILLER_LABEL = -1
 _filler: list[str] = []
 
@@ -413,11 +407,18 @@ class _DaliStream:
                     self._mark(found)
                     pending = [i for i in chunk.tolist() if i not in self.bad]
                     while pending:
-                        done = 0
+                        done, failure = 0, None
                         pipe = self._pipe(pending)
                         try:
                             while done < len(pending):
-                                images, labels = pipe.run()
+                                # only the pipeline's own failures are a bad file's: torch's
+                                # (CUDA out of memory copying a batch out) were probed file by
+                                # file as one and reported as "no single file reproduces"
+                                try:
+                                    images, labels = pipe.run()
+                                except RuntimeError as exc:
+                                    failure = exc
+                                    break
                                 k = min(B, len(pending) - done)
                                 lab = _labels_of(labels)[:k]
                                 expect = pending[done:done + k]
@@ -425,33 +426,27 @@ class _DaliStream:
                                     raise _AlignmentError(
                                         f"DALI reader returned pool indices {lab[:8].tolist()}... where "
                                         f"{expect[:8]}... were expected; refusing to misalign the store")
-                                try:
-                                    batch = _to_torch(images, self.dtype, self.device, self.gpu_id)[:k]
-                                except RuntimeError as exc:
-                                    raise _CopyError() from exc
+                                batch = _to_torch(images, self.dtype, self.device, self.gpu_id)[:k]
                                 done += k
                                 yield lab, batch
-                            pending = []
-                        except _AlignmentError:
-                            raise
-                        except _CopyError as wrapped:
-                            raise wrapped.__cause__ from None
-                        except RuntimeError as exc:
-                            window = pending[done:done + B * (self.depth + 2)]
-                            found = _named_in_error(str(exc), window, self._names(window))
-                            if not found:
-                                log.warning("DALI pipeline failed without naming a file; probing %d files", len(window))
-                                found = self._probe(window)
-                            if not found:
-                                raise RuntimeError(
-                                    f"DALI pipeline failed on files {self.paths[window[0]]} .. "
-                                    f"{self.paths[window[-1]]}, and no single file reproduces the failure; "
-                                    f"use the torch loader (backend='torch') to go on. DALI said: {exc}") from exc
-                            self._mark(found)
-                            self.rebuilds += 1
-                            pending = [i for i in pending[done:] if i not in found]
                         finally:
                             del pipe
+                        if failure is None:
+                            pending = []
+                            continue
+                        window = pending[done:done + B * (self.depth + 2)]
+                        found = _named_in_error(str(failure), window, self._names(window))
+                        if not found:
+                            log.warning("DALI pipeline failed without naming a file; probing %d files", len(window))
+                            found = self._probe(window)
+                        if not found:
+                            raise RuntimeError(
+                                f"DALI pipeline failed on files {self.paths[window[0]]} .. "
+                                f"{self.paths[window[-1]]}, and no single file reproduces the failure; "
+                                f"use the torch loader (backend='torch') to go on. DALI said: {failure}") from failure
+                        self._mark(found)
+                        self.rebuilds += 1
+                        pending = [i for i in pending[done:] if i not in found]
             finally:
                 stop.set()
 
