@@ -170,11 +170,10 @@ def peak_windows(tmaps: torch.Tensor, image_shape: tuple) -> tuple[np.ndarray, n
     n, h, w = t.shape
     finite = torch.isfinite(t).flatten(1).all(1)
     t = torch.where(finite[:, None, None], t, torch.zeros_like(t))
-    at = t.flatten(1).argmax(1)
+    peak, at = t.flatten(1).max(1)   # the first maximum's index, as argmax
     y, x = (at // w)[:, None, None], (at % w)[:, None, None]
     yy, xx = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]
     inside = ((yy - y).abs() <= 1) & ((xx - x).abs() <= 1)
-    peak = t.flatten(1).amax(1)
     second = torch.where(inside, torch.full_like(t, float("-inf")), t).flatten(1).amax(1)
     masks = inside & (t > second[:, None, None])
     masks.view(n, -1)[torch.arange(n), at] = True
