@@ -40,6 +40,8 @@ def _to_pil(img: torch.Tensor):
     if x.dim() == 2:
         x = x.unsqueeze(0)
     arr = (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    if arr.shape[2] == 2:   # drawn as red and green: PIL read two channels as grey + alpha (invisible)
+        arr = np.concatenate([arr, np.zeros_like(arr[:, :, :1])], axis=2)
     im = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr[:, :, :3])
     if im.width < UPSCALE_TO:
         s = max(1, UPSCALE_TO // im.width)

@@ -451,3 +451,22 @@ def test_the_contrast_map_of_one_channel_is_as_before(tmp_path):
     a = np.asarray(Image.open(save_map(c, tmp_path / "one.png"))).astype(int)
     b = np.asarray(Image.open(save_map(c[0], tmp_path / "two.png"))).astype(int)
     assert (a == b).all() and tuple(a[0, 0]) == (255, 0, 0) and tuple(a[-1, -1]) == (128, 128, 255)
+
+
+def test_two_channel_pictures_are_drawn_in_colour_not_as_transparency(tmp_path):
+    """PIL read a 2-channel array as grey + alpha: a finding's centroid and grid of a 2-channel
+    pool came out transparent where the second channel was 0 (here: everywhere)."""
+    from PIL import Image
+
+    from spurfast.report import save_grid
+    img = torch.zeros(2, 8, 8)
+    img[0, 5:8, 5:8] = 1.0                                  # a patch in the first channel only
+    save_image(img, tmp_path / "one.png")
+    save_grid(torch.stack([img, img * 0.5]), tmp_path / "grid.png")
+    for name in ("one.png", "grid.png"):
+        im = Image.open(tmp_path / name)
+        assert im.mode == "RGB", (name, im.mode)
+    one = Image.open(tmp_path / "one.png")
+    px = one.load()
+    w = one.width // 8
+    assert px[6 * w, 6 * w] == (255, 0, 0) and px[0, 0] == (0, 0, 0)
