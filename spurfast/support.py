@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .data.sources import ImageSource
+from .scoring import TIE_TOLERANCE
 
 log = logging.getLogger("spurfast.support")
 
@@ -148,20 +149,24 @@ def support_test(scores: np.ndarray, in_class: np.ndarray, other: np.ndarray, ta
                f"{n_other} labelled suspect image(s) of other classes; at least {int(np.ceil(1 / tail))} needed")
         return {"p_value": None, "skipped": why, "n_class": n_in, "n_other": n_other}
     t = float(np.quantile(scores[other], 1.0 - tail))
+    # a tie is a band, not equality: carriers of one identical stamp project an ulp or two
+    # apart (the float64 GEMM rounds a row by its place in the batch), and the counts, the
+    # p-value and the verdict changed with the batch size
+    tol = TIE_TOLERANCE * max(1.0, abs(t))
 
     def test(above):
         a, b = int(above(scores[in_class]).sum()), int(above(scores[other]).sum())
         return float(fisher_exact([[a, n_in - a], [b, n_other - b]], alternative="greater")[1]), a, b
 
-    p, a, b = test(lambda s: s > t)                     # ties at t count as below
-    at_t, ties_above = bool(int((scores[other] == t).sum()) >= 2), False
+    p, a, b = test(lambda s: s > t + tol)               # ties at t count as below
+    at_t, ties_above = bool(int((np.abs(scores[other] - t) <= tol).sum()) >= 2), False
     if at_t:
         # Several other-class suspects score exactly t: an identical stamp (every carrier
         # projects alike) on more than the tail's share of them puts t on the stamp's value,
         # and "> t" would leave every carrier of the class below it; "an all-black corner"
         # (most images project to 0) needs "> t".  Both counts are tested, the better kept
         # and its p doubled (Bonferroni over the two), so no constant picks between them.
-        p_ge, a_ge, b_ge = test(lambda s: s >= t)
+        p_ge, a_ge, b_ge = test(lambda s: s >= t - tol)
         if p_ge < p:
             p, a, b, ties_above = p_ge, a_ge, b_ge, True
         p = min(1.0, 2.0 * p)

@@ -294,3 +294,24 @@ def test_projections_take_images_a_loader_yields_on_the_gpu(tmp_path, monkeypatc
     x, _ = src.get_batch(np.arange(6))
     want = (x.reshape(6, -1).double() @ pats.reshape(2, -1).double().T).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-9)
+
+
+def test_the_tie_rule_holds_for_projections_an_ulp_apart():
+    """Carriers of one identical stamp project an ulp or two apart (the float64 GEMM rounds a
+    row by its place in the batch): the counts, p and verdict changed with the batch size
+    (a repro: 6/6 and 15/15 above at batch 256, 3/6 and 11/15 at batch 7, p 0.017 -> 0.25)."""
+    from spurfast.support import support_test
+
+    rng = np.random.default_rng(0)
+    n_in, n_other = 100, 1000
+    exact = np.r_[rng.uniform(0, 1, n_in), rng.uniform(0, 1, n_other)]
+    carriers = np.r_[rng.choice(n_in, 6, replace=False), n_in + rng.choice(n_other, 15, replace=False)]
+    exact[carriers] = 7.25                                   # one stamp, above every other image
+    in_class = np.r_[np.ones(n_in, bool), np.zeros(n_other, bool)]
+    want = support_test(exact, in_class, ~in_class, tail=0.01)
+    assert want["ties_at_threshold"] and (want["class_above"], want["other_above"]) == (6, 15)
+    for seed in range(5):
+        ulps = np.random.default_rng(seed).integers(-2, 3, len(carriers))
+        noisy = exact.copy()
+        noisy[carriers] = 7.25 + ulps * np.spacing(7.25)
+        assert support_test(noisy, in_class, ~in_class, tail=0.01) == want, seed
