@@ -23,7 +23,8 @@ import numpy as np
 
 from .atomic_files import QUIET_S, abandoned, replace_atomically, writer_pid
 
-VERSION = 2   # bump when what a piece holds, or how it is computed, changes (2: latent_knn exact for tight blobs)
+VERSION = 3   # bump when what a piece holds, or how it is computed, changes (2: latent_knn exact for tight
+              # blobs; 3: k-means stops when every class has settled)
 
 
 def work_key(arrays: dict, settings: dict) -> str:

@@ -521,13 +521,15 @@ def _merge_by_q(clusters: list[dict], residual: list[dict]) -> list[dict]:
 def run_key(setting: Setting, seed: int, sizes: Sizes, methods=DEFAULT_METHODS, statistic: str = DEFAULT_STATISTIC) -> str:
     """The cache key of one run's rows."""
     return _key({"setting": _setting_key(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods),
-                 "v": 20,    # 13: a tie does not beat the best null cluster; 14: Yang's spurious score,
+                 "v": 21,    # 13: a tie does not beat the best null cluster; 14: Yang's spurious score,
                              # best finding of the first 10 for every method, IoU 0 without a finding;
                              # 15: GEORGE's k raised for large classes as spurfast's is; 16: spurfast+support;
                              # 17: localised findings rank the pool by their pattern;
                              # 18: support counts ties at its threshold both ways;
                              # 19: a localised Otsu core of a diffuse mask ranks by its pattern;
-                             # 20: null clusters at exactly twice (or half) the size are in the window
+                             # 20: null clusters at exactly twice (or half) the size are in the window;
+                             # 21: k-means stops when every class has settled, not the sum of them;
+                             #     support's tie at its threshold is a band of TIE_TOLERANCE
                  # named unless it is the share (the default before the twenty-fourth session): cached runs keep their keys
                  **({} if statistic == "share" else {"statistic": statistic}),
                  # the residual scan's findings got confirm.csv rows (the default sweep's keys kept)

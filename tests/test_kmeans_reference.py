@@ -1070,3 +1070,25 @@ def test_latent_knn_on_cuda_is_exact_for_tight_blobs_and_duplicated_latents():
     bad = np.flatnonzero((nn != want).any(1))
     assert bad.size == 0, (f"cuda reference knn of duplicated latents: {bad.size} of {len(z)} rows differ, first row "
                            f"{bad[0]}: {nn[bad[0]].tolist()} vs {want[bad[0]].tolist()}")
+
+
+@pytest.mark.parametrize("backend", ["torch", _cpu_kernel()])
+def test_a_small_group_is_not_stopped_by_a_large_settled_one(backend):
+    """The stopping test compared the shift of every group with tol x the total inertia: a
+    group of 20,000 points that settled at once stopped a group of 300 still moving after 7
+    iterations (14 points assigned otherwise than alone).  Each group now meets tol against
+    its own inertia, with the default tol."""
+    rng = np.random.default_rng(0)
+    d, na = 8, 20000
+    centres = rng.normal(scale=20, size=(8, d))
+    a = centres[rng.integers(0, 8, na)] + rng.normal(size=(na, d))
+    b = rng.normal(size=(300, d))
+    init_b = b[rng.choice(300, 8, replace=False)]
+    alone = batched_kmeans(torch.tensor(b, dtype=torch.float32), torch.zeros(300, dtype=torch.long), [8],
+                           init=torch.tensor(init_b[None], dtype=torch.float32), backend=backend)
+    both = batched_kmeans(torch.tensor(np.concatenate([a, b]), dtype=torch.float32),
+                          torch.tensor([0] * na + [1] * 300), [8, 8],
+                          init=torch.tensor(np.stack([centres, init_b]), dtype=torch.float32), backend=backend)
+    assert alone.n_iter > 7
+    assert_equal_int(both.assign[na:], alone.assign, "the small group's assignment")
+    assert_close(both.centroids[1], alone.centroids[0], name="the small group's centroids")
