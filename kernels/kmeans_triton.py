@@ -130,6 +130,7 @@ if triton is not None:
                 sq += tl.sum(diff * diff, axis=1)
         if COSINE:
             dist = 1.0 - sq / tl.maximum(tl.sqrt(xx), 1e-12)   # F.normalize's eps
+            dist = tl.where(dist < 0.0, 0.0, dist)             # rounds below 0; NaN stays NaN
         else:
             dist = sq
         dist = tl.where(k > 0, dist, float("inf"))

@@ -337,7 +337,10 @@ def kmeans_assign(
     point of a group with no centroid (k_g = 0) gets assign 0 and dist +inf.
     The argmin runs on the score s = |c|^2 - 2 x.c (L2) or -x_hat.c_hat (cosine); the
     winner's L2 distance is then made accurate (computed directly as sum (x - c)^2 wherever
-    s + |x|^2 would cancel digits: tight clusters far from the origin), or 1 + s.
+    s + |x|^2 would cancel digits: tight clusters far from the origin), or 1 + s, at least 0
+    (a point on its centroid rounded to -2e-7).  In fp32 the cosine argmin cannot tell
+    centroids apart that are closer in angle than about 1e-3 rad to the point (1 - cos
+    under fp32's resolution near 1).
     x_sqnorm: optional (N,) fp32 |x|^2 of the rows, which a caller that assigns the same
     points many times passes to save one pass over x per call (L2 only; never required).
     Traffic: reads x once and writes (chunk x k_g) distance blocks that stay in cache
@@ -388,7 +391,7 @@ def kmeans_assign(
                 if cosine:
                     xc = F.normalize(xc, dim=-1)
                     best, arg = _argmin_lastdim(torch.mm(xc, ct, out=S).neg_())
-                    dist[s:s + len(xc)] = best + 1.0
+                    dist[s:s + len(xc)] = (best + 1.0).clamp_min_(0.0)   # 1 - cos rounds below 0 (NaN kept)
                 else:
                     best, arg = _argmin_lastdim(torch.addmm(cng, xc, ct, alpha=-2.0, out=S))
                     # accurate distance of the winner (no cancellation for tight clusters)
@@ -425,7 +428,7 @@ def kmeans_assign(
         sel = idx[valid]
         arg = arg[valid]
         if cosine:
-            best = best[valid] + 1.0
+            best = (best[valid] + 1.0).clamp_min_(0.0)
         else:
             rows = (groups.unsqueeze(1) * kmax).expand_as(valid)[valid] + arg
             diff = x[sel].float() - c.reshape(G * kmax, d).index_select(0, rows)   # a slice: view failed

@@ -1092,3 +1092,19 @@ def test_a_small_group_is_not_stopped_by_a_large_settled_one(backend):
     assert alone.n_iter > 7
     assert_equal_int(both.assign[na:], alone.assign, "the small group's assignment")
     assert_close(both.centroids[1], alone.centroids[0], name="the small group's centroids")
+
+
+@pytest.mark.parametrize("backend", ["torch", _cpu_kernel()])
+def test_cosine_distances_are_never_negative(backend):
+    """1 - cos of a point on its own centroid rounded below zero (to -2.4e-7: 86 of 200
+    distances negative, and so was the inertia); a NaN row still gives NaN."""
+    rng = np.random.default_rng(3)
+    x = torch.tensor(rng.normal(size=(200, 7)) * rng.uniform(0.1, 50, (200, 1)), dtype=torch.float32)
+    res = batched_kmeans(x, torch.zeros(200, dtype=torch.long), [200], init=x[None].clone(), metric="cosine",
+                         n_iter=1, backend=backend)
+    assert float(res.dist.min()) >= 0.0 and res.inertia >= 0.0
+    off = torch.tensor([0, 3])
+    pts = torch.tensor([[1.0, 2.0], [float("nan"), 1.0], [3.0, -1.0]])
+    dist = backends.call("kmeans_assign", pts, off, pts[None, [0, 2]].clone(), torch.tensor([2]), "cosine",
+                         backend=backend)[1]
+    assert 0.0 <= float(dist[0]) < 1e-6 and 0.0 <= float(dist[2]) < 1e-6 and bool(torch.isnan(dist[1]))

@@ -408,6 +408,7 @@ void spurfast_cpu_assign(const float* x, i64 d, const i64* offsets, i64 G, const
                 if (cosine) {
                     const float nx = std::sqrt(xx);
                     dv = 1.0f + s[r] / (nx < 1e-12f ? 1e-12f : nx);
+                    if (dv < 0.0f) dv = 0.0f;   // 1 - cos rounds below 0; NaN stays NaN
                 } else {
                     // s + |x|^2 cancels digits for tight clusters away from the origin:
                     // recompute those directly, as the reference does

@@ -117,7 +117,7 @@ __device__ __forceinline__ void assign_tile(
         const int idx = bidx[i] == 0x7fffffff ? 0 : bidx[i];   // NaN input: index 0
         float dv;
         if (cosine) {
-            dv = 1.0f + best[i] / fmaxf(sqrtf(xn[i]), 1e-12f);
+            dv = nonneg(1.0f + best[i] / fmaxf(sqrtf(xn[i]), 1e-12f));
         } else {
             float sq = 0.f;
             if (p < npts) {
@@ -322,7 +322,7 @@ __device__ __forceinline__ void assign_tc(
         acc2 += __shfl_xor_sync(0xffffffffu, acc2, 2);
         if (tq == 0 && p < npts) {
             assign[start + p] = idx;
-            dist[start + p] = cosine ? 1.0f + best[h] / fmaxf(sqrtf(acc2), 1e-12f) : (k > 0 ? acc2 : f32_inf());
+            dist[start + p] = cosine ? nonneg(1.0f + best[h] / fmaxf(sqrtf(acc2), 1e-12f)) : (k > 0 ? acc2 : f32_inf());
         }
     }
 #endif
@@ -516,7 +516,7 @@ __device__ __forceinline__ void assign_tc2(
             acc2 += __shfl_xor_sync(0xffffffffu, acc2, 2);
             if (tq == 0 && p < npts) {
                 assign[start + p] = idx;
-                dist[start + p] = cosine ? 1.0f + best[mt][h] / fmaxf(sqrtf(acc2), 1e-12f)
+                dist[start + p] = cosine ? nonneg(1.0f + best[mt][h] / fmaxf(sqrtf(acc2), 1e-12f))
                                          : (k > 0 ? acc2 : f32_inf());
             }
         }

@@ -21,6 +21,8 @@ __device__ __forceinline__ float to_f32(f16_t v) {
 __device__ __forceinline__ float to_f32(bf16_t v) { return __uint_as_float(((unsigned)v.bits) << 16); }
 
 __device__ __forceinline__ float f32_inf() { return __int_as_float(0x7f800000); }
+// 1 - cos rounds below 0 for a point on its centroid; NaN (a NaN row) stays NaN, as fmaxf would not keep it
+__device__ __forceinline__ float nonneg(float v) { return v < 0.f ? 0.f : v; }
 
 // Work item -> segment for CSR-described work: given the nondecreasing prefix array
 // first[0..S] (first[s] = first work item of segment s, first[S] = total), the segment
