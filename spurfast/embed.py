@@ -9,6 +9,7 @@ is refused (fingerprint mismatch) rather than silently mixed.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -35,7 +36,9 @@ MANIFEST = "manifest.json"
 BAD_LOG = "bad_files.jsonl"   # unreadable files, appended a batch at a time (EmbeddingStore.bad_files)
 
 
-def fingerprint(source: ImageSource, *models: torch.nn.Module) -> str:
+def weights_fingerprint(source: ImageSource, *models: torch.nn.Module) -> str:
+    """The identity of a pool and models by the models' state_dicts alone: `fingerprint`
+    before the twenty-sixth session (kept to recognise stores and runs made then)."""
     h = hashlib.sha256()
     # surrogateescape: a name or id read from a file name that is not UTF-8 (any source's)
     # hashes as its bytes; a UTF-8 one hashes as before
@@ -46,11 +49,49 @@ def fingerprint(source: ImageSource, *models: torch.nn.Module) -> str:
     for m in models:
         for k, v in sorted(m.state_dict().items()):
             h.update(k.encode())
-            t = v.detach().cpu().contiguous()
-            try:
-                h.update(t.numpy().tobytes())
-            except TypeError:  # a dtype numpy lacks (bfloat16, float8): the same bytes, as uint8
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(_tensor_bytes(v))
+    return h.hexdigest()[:16]
+
+
+def _tensor_bytes(v: torch.Tensor) -> bytes:
+    t = v.detach().cpu().contiguous()
+    try:
+        return t.numpy().tobytes()
+    except TypeError:  # a dtype numpy lacks (bfloat16, float8): the same bytes, as uint8
+        return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def model_identity(m: torch.nn.Module) -> bytes:
+    """What a model computes with besides its state_dict: its class, the code of its
+    TorchScript modules, its buffers kept out of the state_dict, and a spurfast model's
+    configuration (the VAE's input normalisation and activation, a classifier's
+    architecture record).  A model re-exported with, say, the input standardisation baked
+    into its forward has the same weights: by the weights alone it resumed the old model's
+    run and reported its findings."""
+    parts = [f"{type(m).__module__}.{type(m).__qualname__}".encode()]
+    for name, sub in m.named_modules():
+        code = getattr(sub, "code", None) if isinstance(sub, torch.jit.ScriptModule) else None
+        if isinstance(code, str):
+            parts.append(f"code {name}:{code}".encode())
+    persistent = set(m.state_dict())
+    for name, buf in m.named_buffers():
+        if name not in persistent:
+            parts += [f"buffer {name}:{buf.dtype}:{tuple(buf.shape)}".encode(), _tensor_bytes(buf)]
+    config = getattr(m, "config", None)
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        parts.append(json.dumps(dataclasses.asdict(config), sort_keys=True, default=str).encode())
+    arch = getattr(m, "arch", None)
+    if isinstance(arch, dict):
+        parts.append(json.dumps(arch, sort_keys=True, default=str).encode())
+    return b"\0".join(parts)
+
+
+def fingerprint(source: ImageSource, *models: torch.nn.Module) -> str:
+    """The identity of a pool (its name, size, shape and a few item ids) and of the models
+    (weights, and `model_identity`): what a store and a run are recognised by."""
+    h = hashlib.sha256(weights_fingerprint(source, *models).encode())
+    for m in models:
+        h.update(hashlib.sha256(model_identity(m)).digest())
     return h.hexdigest()[:16]
 
 
@@ -242,9 +283,13 @@ def shown_path(path) -> str:
 
 def legacy_identities(source: ImageSource, *models: torch.nn.Module) -> list[tuple[str, str]]:
     """(fingerprint, content digest) pairs earlier spurfast versions gave this source and
-    these models: the digest sampled 8 items, and folder ids were paths as spelled."""
+    these models: the fingerprint of their weights alone; the digest sampled 8 items, and
+    folder ids were paths as spelled."""
     old = _PathIds(source) if getattr(source, "paths", None) is not None else source
-    return [(fingerprint(old, *models), sampled_digest(old))]
+    # and before the models' code and configuration joined the fingerprint (those stores and
+    # runs cannot tell a model re-exported with the same weights from the old one)
+    return [(weights_fingerprint(source, *models), content_digest(source)),
+            (weights_fingerprint(old, *models), sampled_digest(old))]
 
 
 def _open_checked(store_dir: Path, fp: str, content: str, legacy=lambda: []) -> EmbeddingStore | None:

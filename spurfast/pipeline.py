@@ -333,8 +333,10 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
         # this run's ids under earlier versions: without those inputs; with a sampled content
         # digest or none; folder pools' item ids spelled as paths
         earlier = legacy_identities(pool, classifier, vae)
-        earlier_ids = ([_digest(fp + identity[1] + settings)] + [_digest(f + c + settings) for f, c in earlier]
-                       + [_digest(f + settings) for f, _ in earlier])
+        inputs_text = json.dumps(inputs, sort_keys=True)
+        earlier_ids = ([_digest(fp + identity[1] + settings)] + [_digest(f + c + settings + inputs_text)
+                                                                  for f, c in earlier]
+                       + [_digest(f + c + settings) for f, c in earlier] + [_digest(f + settings) for f, _ in earlier])
     extra_config = {**(extra_config or {}), "inputs": inputs}
     check_vae_input(pool, vae)
     # the embedding pass's own checks, made before --overwrite deletes the old run

@@ -321,7 +321,7 @@ def test_folder_runs_made_before_relative_item_ids_resume(tmp_path, caplog):
     from spurfast.data.folder import ImageFolderSource
     from spurfast.data.sources import sampled_digest
     from spurfast.discover import DiscoverConfig
-    from spurfast.embed import MANIFEST, fingerprint
+    from spurfast.embed import MANIFEST, fingerprint, weights_fingerprint
     from spurfast.models.files import load_classifier, load_vae
     from spurfast.pipeline import run_discovery
 
@@ -339,7 +339,7 @@ def test_folder_runs_made_before_relative_item_ids_resume(tmp_path, caplog):
     pool, config = ImageFolderSource(tmp_path / "pool", size=16), DiscoverConfig(k=2, n_null=2)
     settings = json.dumps(asdict(config), sort_keys=True)
     old = SpelledIds(tmp_path / "pool", size=16)
-    old_fp, old_content = fingerprint(old, clf, vae), sampled_digest(old)   # the digest then
+    old_fp, old_content = weights_fingerprint(old, clf, vae), sampled_digest(old)   # the identity then
     run = tmp_path / "run"
     kw = dict(num_classes=2, config=config, progress=False, confirm=False)
     for old_id, store_content in [(hashlib.sha256((old_fp + settings).encode()).hexdigest()[:16], None),

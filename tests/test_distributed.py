@@ -403,11 +403,12 @@ def _write_log_job(root):
 def test_legacy_main_store_is_relabelled_by_rank_0_alone(tmp_path):
     """Relabelling the shared main store on every rank raced on its manifest."""
     from spurfast.data.sources import sampled_digest
-    from spurfast.embed import MANIFEST, embed_pool
+    from spurfast.embed import MANIFEST, embed_pool, weights_fingerprint
     src, clf, vae = _small(40)
     embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False, stop_after=1)
     m = json.loads((tmp_path / "s" / MANIFEST).read_text())
     m["content"] = sampled_digest(src)   # as an earlier spurfast version recorded it
+    m["fingerprint"] = weights_fingerprint(src, clf, vae)
     (tmp_path / "s" / MANIFEST).write_text(json.dumps(m))
     out = _spawn(_write_log_job, (str(tmp_path / "s"),))
     assert out[0][0] and out[1][0]

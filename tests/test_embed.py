@@ -127,12 +127,13 @@ def test_store_with_the_earlier_sampled_digest_resumes(tmp_path):
     import json
 
     from spurfast.data.sources import content_digest, sampled_digest
-    from spurfast.embed import MANIFEST
+    from spurfast.embed import MANIFEST, weights_fingerprint
 
     src, clf, vae = _setup()
     embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=16, progress=False, stop_after=1)
     manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
-    manifest["content"] = sampled_digest(src)    # as the tenth session wrote it
+    manifest["content"] = sampled_digest(src)    # as the tenth session wrote it, and its fingerprint
+    manifest["fingerprint"] = weights_fingerprint(src, clf, vae)
     (tmp_path / "s" / MANIFEST).write_text(json.dumps(manifest))
     assert embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, progress=False).complete
     assert json.loads((tmp_path / "s" / MANIFEST).read_text())["content"] == content_digest(src)
@@ -733,3 +734,50 @@ def test_a_vae_for_other_images_is_named_before_the_store_is_made(tmp_path):
                                                        f"1x16x16")):
             embed_pool(pool, SmallCNN(1, 2, 16), vae, tmp_path / "s", num_classes=2, progress=False)
         assert not (tmp_path / "s").exists()
+
+
+class _Doubled(torch.nn.Module):
+    """A classifier computing on 2x its input, with SmallCNN's parameters by name."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x * 2.0)
+
+
+def test_a_model_with_the_same_weights_and_other_code_is_another_model(tmp_path):
+    """The fingerprint hashed the state_dicts alone: a TorchScript classifier re-exported with
+    its input scaling in the forward (same weights, 164 of 500 predictions changed), or a VAE
+    of another input normalisation, resumed the old model's run and reported its findings."""
+    from spurfast.embed import fingerprint, weights_fingerprint
+
+    src, clf, vae = _setup(10)
+    plain = torch.jit.script(clf)
+    doubled = torch.jit.script(_Doubled(clf))
+    torch.jit.save(plain, tmp_path / "plain.pt")
+    again = torch.jit.load(tmp_path / "plain.pt")
+    assert fingerprint(src, again, vae) == fingerprint(src, plain, vae)          # a saved copy: the same
+    assert fingerprint(src, doubled, vae) != fingerprint(src, plain, vae)
+    other = VAE(VAEConfig(1, 28, (8, 16), 6, mean=(0.25,), std=(0.5,))).eval()
+    other.load_state_dict(vae.state_dict())
+    assert fingerprint(src, clf, other) != fingerprint(src, clf, vae)
+    buffered = SmallCNN(1, 4, 28).eval()
+    buffered.load_state_dict(clf.state_dict())
+    buffered.register_buffer("scale", torch.tensor(3.0), persistent=False)
+    assert fingerprint(src, buffered, vae) != fingerprint(src, clf, vae)
+    # the weights alone: how stores and runs were recognised before, still read as theirs
+    assert weights_fingerprint(src, clf, other) == weights_fingerprint(src, clf, vae)
+
+
+def test_a_store_fingerprinted_by_the_weights_alone_resumes(tmp_path):
+    from spurfast.embed import MANIFEST, fingerprint, weights_fingerprint
+
+    src, clf, vae = _setup()
+    embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=16, progress=False, stop_after=1)
+    manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
+    manifest["fingerprint"] = weights_fingerprint(src, clf, vae)   # as the twenty-fifth session wrote it
+    (tmp_path / "s" / MANIFEST).write_text(json.dumps(manifest))
+    assert embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, progress=False).complete
+    assert json.loads((tmp_path / "s" / MANIFEST).read_text())["fingerprint"] == fingerprint(src, clf, vae)
