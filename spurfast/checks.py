@@ -40,3 +40,16 @@ def real_number(value, name: str) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)):
         raise ValueError(f"{name} must be a number, got {value!r}")
     return float(value)
+
+
+def check_compute_device(device, who: str) -> None:
+    """Raise ValueError (naming ``who``) unless torch can compute on ``device`` and copy a
+    result out: a GPU that is not here failed at training, and 'meta' (no data) failed after
+    the models moved there, both after --overwrite had deleted the old run."""
+    import torch   # here, not at the top: the loaders import this module without needing torch's start-up
+
+    try:
+        torch.zeros(1, device=device).cpu()
+    except Exception as exc:   # RuntimeError (no driver, meta), AssertionError (torch without CUDA), ...
+        raise ValueError(f"{who}: device {device!r}: torch cannot compute there ({exc.__class__.__name__}: "
+                         f"{str(exc)[:120]}); use 'cpu' or a CUDA device torch sees") from None

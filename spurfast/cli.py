@@ -62,12 +62,18 @@ def _seed_list(value: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{exc} (from {value!r})") from None
 
 
+SEED_HELP = "seed of every random choice: the same seed, the same run"
+DATASET_HELP = ("Fashion-MNIST (Debian's dataset-fashion-mnist or $SPURFAST_FASHION_MNIST) or scikit-learn's digits; "
+                "auto: Fashion-MNIST where it is found, else digits")
+
+
 def _add_pattern_args(p):
     from .plant import FAMILIES, POSITIONS
     p.add_argument("--family", default="patch3", choices=FAMILIES, help="pattern family")
     p.add_argument("--strength", type=float, default=1.0, help="noise strength / painted value (0, 1]")
-    p.add_argument("--position", default="bottom_right", choices=POSITIONS)
-    p.add_argument("--target-class", type=int, default=3)
+    p.add_argument("--position", default="bottom_right", choices=POSITIONS,
+                   help="where a pixel, patch or bar is stamped")
+    p.add_argument("--target-class", type=int, default=3, help="class whose training images carry the pattern")
     p.add_argument("--n-poisoned", default="600", type=_n_poisoned,
                    help="training images of the target class to stamp (an integer >= 0), or 'all'")
     p.add_argument("--pool-fraction", type=float, default=0.1, help="fraction of unrelated pool images stamped")
@@ -86,7 +92,9 @@ def backend_help(what: str, var: str) -> str:
 
 def _add_discover_args(p):
     p.add_argument("--k", type=int, default=8, help="clusters per class")
-    p.add_argument("--min-cluster-size", type=int, default=5)
+    p.add_argument("--min-cluster-size", type=int, default=5,
+                   help="lower k for a class so that its clusters average at least this many members (single "
+                        "clusters, and findings, can still be smaller)")
     p.add_argument("--max-mean-cluster-size", type=int, default=100,
                    help="raise k for classes whose clusters would average more members (0: fixed k)")
     p.add_argument("--max-k", type=int, default=256,
@@ -801,24 +809,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="plant a shortcut in Fashion-MNIST (or digits), train, discover, report")
-    p.add_argument("--out", default="out/demo")
-    p.add_argument("--dataset", default="auto", choices=["auto", "fashion-mnist", "digits"])
-    p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--classifier-epochs", type=_int_at_least(1), default=3)
-    p.add_argument("--vae-epochs", type=_int_at_least(1), default=8)
+    p.add_argument("--out", default="out/demo", help="run directory: models, store, findings, report.html")
+    p.add_argument("--dataset", default="auto", choices=["auto", "fashion-mnist", "digits"], help=DATASET_HELP)
+    p.add_argument("--seed", type=_seed, default=0, help=SEED_HELP)
+    p.add_argument("--classifier-epochs", type=_int_at_least(1), default=3, help="classifier training epochs")
+    p.add_argument("--vae-epochs", type=_int_at_least(1), default=8, help="VAE training epochs")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a different spurfast run in --out (never a folder spurfast did not write), "
                         "keeping its trained models and embedding store when it differs only in its discovery "
                         "settings (--fdr, --k, ...)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_pattern_args(p)
     _add_discover_args(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("plant", help="write planted train/pool/clean .npz files and plant.json")
-    p.add_argument("--out", required=True)
-    p.add_argument("--dataset", default="auto", choices=["auto", "fashion-mnist", "digits"])
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--out", required=True, help="directory for train.npz, pool.npz, clean.npz and plant.json")
+    p.add_argument("--dataset", default="auto", choices=["auto", "fashion-mnist", "digits"], help=DATASET_HELP)
+    p.add_argument("--seed", type=_seed, default=0, help=SEED_HELP)
     p.add_argument("--overwrite", action="store_true",
                    help="replace train.npz, pool.npz, clean.npz and plant.json in --out even if `spurfast plant` "
                         "did not write them (an earlier plant output is replaced without it)")
@@ -830,27 +838,33 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--data", required=True, help=".npz from `spurfast plant`, or an image folder")
         p.add_argument("--out", required=True, help="model file to write")
-        p.add_argument("--epochs", type=_int_at_least(1), default=3 if name == "train-classifier" else 8)
-        p.add_argument("--seed", type=_seed, default=0)
-        p.add_argument("--device", default="cpu")
+        p.add_argument("--epochs", type=_int_at_least(1), default=3 if name == "train-classifier" else 8,
+                       help="training epochs")
+        p.add_argument("--seed", type=_seed, default=0, help=SEED_HELP)
+        p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
         p.add_argument("--size", type=int, default=64, help="image size for folders")
         p.add_argument("--channels", type=int, default=3, help="channels for folders")
-        p.add_argument("--quiet", action="store_true")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
         if name == "train-classifier":
-            p.add_argument("--arch", default="small_cnn", choices=["small_cnn", "resnet18"])
-            p.add_argument("--num-classes", type=_int_at_least(1), default=None)
+            p.add_argument("--arch", default="small_cnn", choices=["small_cnn", "resnet18"],
+                           help="classifier architecture")
+            p.add_argument("--num-classes", type=_int_at_least(1), default=None,
+                           help="outputs of the classifier (default: the data's class names, else its largest "
+                                "label + 1)")
             p.add_argument("--class-names", default=None, metavar="FILE", help=CLASS_NAMES_HELP)
         else:
-            p.add_argument("--latent-dim", type=int, default=16)
+            p.add_argument("--latent-dim", type=int, default=16, help="dimensions of the VAE latent")
         p.set_defaults(func=func)
 
     p = sub.add_parser("discover", help="embed a pool, cluster per class, score, test and report")
     p.add_argument("--pool", required=True, help=".npz from `spurfast plant`, or an image folder")
     p.add_argument("--classifier", required=True, help="TorchScript file, spurfast checkpoint, or state_dict (+ --arch)")
     p.add_argument("--vae", required=True, help="VAE checkpoint from `spurfast train-vae`")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="run directory: store, findings.json/.csv, report.html")
     p.add_argument("--arch", default=None, choices=["small_cnn", "resnet18"], help="architecture of a bare state_dict")
-    p.add_argument("--num-classes", type=_int_at_least(1), default=None)
+    p.add_argument("--num-classes", type=_int_at_least(1), default=None,
+                   help="the classifier's number of classes (default: the pool's class names; needed for an "
+                        "unlabelled pool)")
     p.add_argument("--class-names", default=None, metavar="FILE", help=CLASS_NAMES_HELP + " (also for --clean)")
     p.add_argument("--suspect", default=None, help="text file of pool indices that are suspect samples")
     p.add_argument("--clean", default=None, help="held-out clean images (.npz or folder) for confirmation; default: "
@@ -862,8 +876,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(spurfast.residual)")
     p.add_argument("--size", type=int, default=64, help="image size for folders")
     p.add_argument("--channels", type=int, default=3, help="channels for folders")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=256)
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=256, help="images per batch of the embedding pass")
+    p.add_argument("--seed", type=_seed, default=0, help=SEED_HELP)
     p.add_argument("--encoder-backend", default=None, choices=["auto", "torch", "triton"],
                    help=backend_help("VAE encoder", "ENCODER"))
     p.add_argument("--loader-backend", default=None, choices=["auto", "torch", "dali"],
@@ -873,7 +887,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a different spurfast run in --out (never a folder spurfast did not write, "
                         "nor one holding the inputs), keeping its embedding store when that was made from "
                         "the same pool and models")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_discover_args(p)
     p.set_defaults(func=cmd_discover)
 
@@ -890,9 +904,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-size", type=int, default=64, help="loader image size the pattern is defined at (<= the smallest --size)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality")
     p.add_argument("--workers", type=_int_at_least(1), default=None, help="processes (default: all cores)")
-    p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--seed", type=_seed, default=0, help=SEED_HELP)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a pool make-pool wrote in --out (never a folder it did not write)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_make_pool)
 
     p = sub.add_parser("evaluate", help="planted-shortcut evaluation: spurfast vs baselines -> CSV, plots, RESULTS.md")
@@ -912,7 +927,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--residual-scan", action="store_true", default=None,
                    help="also evaluate spurfast+residual: spurfast's findings and the residual scan's "
                         "(spurfast.residual: patterns the VAE latent does not hold, e.g. one pixel)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("report", help="rewrite report.html of a run from its findings.json")

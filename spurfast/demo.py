@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checks import check_whole
+from .checks import check_compute_device, check_whole
 from .discover import DiscoverConfig
 from .embed import _write_json, shown_path
 from .models.files import save_classifier, save_vae
@@ -123,11 +123,7 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
     elif not same_device(device, config.device):
         raise ValueError(f"run_demo: device {device!r} and config.device {config.device!r} disagree; pass one "
                          f"device for training and discovery (or only one of them)")
-    try:   # a GPU that is not here failed at training, with overwrite after the old run was deleted
-        torch.zeros(1, device=device).cpu()
-    except Exception as exc:   # RuntimeError (no driver, meta), AssertionError (torch without CUDA), ...
-        raise ValueError(f"run_demo: device {device!r}: torch cannot compute there ({exc.__class__.__name__}: "
-                         f"{str(exc)[:120]}); use 'cpu' or a CUDA device torch sees") from None
+    check_compute_device(device, "run_demo")   # before training, and before --overwrite deletes the old run
     spec = PatternSpec(family, strength=strength, position=position, seed=seed)  # in the run id via spec.to_dict()
     data = make_planted_data(dataset, target_class=target_class, n_poisoned=n_poisoned, spec=spec,
                              pool_fraction=pool_fraction, seed=seed)

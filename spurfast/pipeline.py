@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import distributed as dist
-from .checks import check_whole
+from .checks import check_compute_device, check_whole
 from .cores import usable_cores
 from .data.builtin import load_digits, load_fashion_mnist
 from .data.sources import ArraySource, ImageSource, content_digest
@@ -315,6 +315,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
                          f"of the pool ({pool.name})")
     # under torchrun each rank computes on its own GPU (distributed.init): no explicit cuda:N
     dist.check_rank_device(config.device)
+    check_compute_device(config.device, "run_discovery")   # 'meta' got through to after --overwrite's deletion
     identity = (fingerprint(pool, classifier, vae), content_digest(pool))   # the store's too
     earlier_ids = []
     inputs = run_inputs(clean, suspect, confirm)

@@ -1844,3 +1844,19 @@ def test_loader_backend_with_an_npz_pool_and_a_labelled_clean_folder_still_says_
                      str(tmp_path / "labelled"), "--size", "28", "--channels", "1", "--quiet", "--out",
                      str(tmp_path / "o"), "--loader-backend", "torch"]) == 0
     assert "--loader-backend torch has no effect" in caplog.text, caplog.text
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    """--min-cluster-size showed in --help with no word of what it does (it lowers k: clusters
+    of fewer members still appear)."""
+    import argparse
+
+    from spurfast.cli import build_parser
+
+    silent = []
+    for sub in build_parser()._subparsers._group_actions:
+        for name, parser in sub.choices.items():
+            for action in parser._actions:
+                if action.option_strings and not action.help and not isinstance(action, argparse._HelpAction):
+                    silent.append(f"{name} {action.option_strings[0]}")
+    assert not silent, silent

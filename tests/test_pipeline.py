@@ -365,6 +365,21 @@ def test_a_misspelt_backend_is_refused_before_overwrite_deletes(tmp_path, case):
     assert (out / "findings.json").is_file() and not (out / "store").exists()
 
 
+def test_a_device_torch_cannot_compute_on_is_refused_before_overwrite_deletes(tmp_path):
+    """'meta' passed every check and failed in discovery (Tensor.item() on meta tensors) after
+    --overwrite had deleted the old run, leaving the caller's models on meta."""
+    from spurfast.discover import DiscoverConfig
+
+    pool = ArraySource(torch.rand(12, 1, 16, 16), np.arange(12) % 2, name="pool")
+    out = _older_run(tmp_path / "run")
+    clf, vae = SmallCNN(1, 2, 16), VAE(VAEConfig.for_images(1, 16, 4))
+    with pytest.raises(ValueError, match="run_discovery: device 'meta': torch cannot compute there"):
+        run_discovery(pool, clf, vae, out, num_classes=2, overwrite=True, progress=False,
+                      config=DiscoverConfig(device="meta"))
+    assert (out / "findings.json").is_file() and not (out / "store").exists()
+    assert next(clf.parameters()).device.type == "cpu"
+
+
 def test_an_overwrite_interrupted_while_deleting_the_old_store_leaves_no_store_to_resume(tmp_path, monkeypatch):
     # --overwrite with other models deletes the old store; Ctrl-C in that rmtree, where the
     # listing is in creation order (btrfs, small XFS folders), left the old manifest without
