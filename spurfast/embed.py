@@ -70,7 +70,10 @@ def model_identity(m: torch.nn.Module) -> bytes:
     run and reported its findings."""
     parts = [f"{type(m).__module__}.{type(m).__qualname__}".encode()]
     for name, sub in m.named_modules():
-        code = getattr(sub, "code", None) if isinstance(sub, torch.jit.ScriptModule) else None
+        try:   # a scripted module without a forward has no code to show (and may raise for it)
+            code = sub.code if isinstance(sub, torch.jit.ScriptModule) else None
+        except Exception:
+            code = None
         if isinstance(code, str):
             parts.append(f"code {name}:{code}".encode())
     persistent = set(m.state_dict())
