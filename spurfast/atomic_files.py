@@ -65,6 +65,8 @@ def abandoned(path: Path, pid: str, quiet_s: float = QUIET_S) -> bool:
         return time.time() - path.stat().st_mtime > quiet_s
     except OSError:   # removed meanwhile (another sweep), or not ours to look at
         return False
+
+
 OWNER = ".owner"   # in a private folder: locked (flock) by its process while it lives
 _held: dict[str, int] = {}   # this process's private folders -> their lock's descriptor
 

@@ -53,6 +53,7 @@ import logging
 import os
 import re
 import threading
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
@@ -417,6 +418,9 @@ class _DaliStream:
                                 try:
                                     images, labels = pipe.run()
                                 except RuntimeError as exc:
+                                    # its traceback's frames hold the pipeline (pipe.run's self):
+                                    # their locals go, so it is freed before the probe builds others
+                                    traceback.clear_frames(exc.__traceback__)
                                     failure = exc
                                     break
                                 k = min(B, len(pending) - done)
