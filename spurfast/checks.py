@@ -42,14 +42,15 @@ def real_number(value, name: str) -> float:
     return float(value)
 
 
-def check_compute_device(device, who: str) -> None:
-    """Raise ValueError (naming ``who``) unless torch can compute on ``device`` and copy a
-    result out: a GPU that is not here failed at training, and 'meta' (no data) failed after
-    the models moved there, both after --overwrite had deleted the old run."""
+def check_compute_device(device, name: str, advice: str = "use 'cpu' or a CUDA device torch sees") -> None:
+    """Raise ValueError ("``name``: torch cannot compute there (why); ``advice``") unless torch
+    can compute on ``device`` and copy a result out: a GPU that is not here failed at
+    training, and 'meta' (no data) failed after the models moved there, both after
+    --overwrite had deleted the old run."""
     import torch   # here, not at the top: the loaders import this module without needing torch's start-up
 
     try:
         torch.zeros(1, device=device).cpu()
     except Exception as exc:   # RuntimeError (no driver, meta), AssertionError (torch without CUDA), ...
-        raise ValueError(f"{who}: device {device!r}: torch cannot compute there ({exc.__class__.__name__}: "
-                         f"{str(exc)[:120]}); use 'cpu' or a CUDA device torch sees") from None
+        raise ValueError(f"{name}: torch cannot compute there ({exc.__class__.__name__}: {str(exc)[:120]}); "
+                         f"{advice}") from None

@@ -253,6 +253,8 @@ def check_class_count(class_names, num_classes: int) -> None:
 def check_device(device: str) -> None:
     """Fail before any work on a --device torch cannot parse or a GPU that is not here."""
     import torch
+
+    from .checks import check_compute_device
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -263,11 +265,7 @@ def check_device(device: str) -> None:
         raise ValueError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s) here, "
                          f"numbered from 0 (CUDA_VISIBLE_DEVICES renumbers them)")
     if dev.type not in ("cpu", "cuda"):   # mps, xpu, meta, ...: a traceback once the models moved there
-        try:
-            torch.zeros(1, device=dev).cpu()   # meta holds no data: copying out fails
-        except Exception as exc:
-            raise ValueError(f"--device {device}: torch cannot compute there ({exc.__class__.__name__}: "
-                             f"{str(exc)[:120]}); use --device cpu or cuda") from None
+        check_compute_device(dev, f"--device {device}", "use --device cpu or cuda")   # meta: copying out fails
 
 
 def check_backends(device: str, **named) -> None:

@@ -123,7 +123,7 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
     elif not same_device(device, config.device):
         raise ValueError(f"run_demo: device {device!r} and config.device {config.device!r} disagree; pass one "
                          f"device for training and discovery (or only one of them)")
-    check_compute_device(device, "run_demo")   # before training, and before --overwrite deletes the old run
+    check_compute_device(device, f"run_demo: device {device!r}")   # before training, and before --overwrite deletes the old run
     spec = PatternSpec(family, strength=strength, position=position, seed=seed)  # in the run id via spec.to_dict()
     data = make_planted_data(dataset, target_class=target_class, n_poisoned=n_poisoned, spec=spec,
                              pool_fraction=pool_fraction, seed=seed)

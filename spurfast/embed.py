@@ -284,14 +284,17 @@ def shown_path(path) -> str:
     return utf8_name(str(path))
 
 
-def legacy_identities(source: ImageSource, *models: torch.nn.Module) -> list[tuple[str, str]]:
+def legacy_identities(source: ImageSource, *models: torch.nn.Module, content: str | None = None
+                      ) -> list[tuple[str, str]]:
     """(fingerprint, content digest) pairs earlier spurfast versions gave this source and
     these models: the fingerprint of their weights alone; the digest sampled 8 items, and
-    folder ids were paths as spelled."""
+    folder ids were paths as spelled.  ``content``: the source's `content_digest` where the
+    caller has it (one stat per file of a folder pool, or a hash of every image held in memory:
+    not to be made twice at a run's start)."""
     old = _PathIds(source) if getattr(source, "paths", None) is not None else source
     # and before the models' code and configuration joined the fingerprint (those stores and
     # runs cannot tell a model re-exported with the same weights from the old one)
-    return [(weights_fingerprint(source, *models), content_digest(source)),
+    return [(weights_fingerprint(source, *models), content if content is not None else content_digest(source)),
             (weights_fingerprint(old, *models), sampled_digest(old))]
 
 
@@ -558,7 +561,7 @@ def open_main(source: ImageSource, classifier: torch.nn.Module, vae, store_dir, 
     (`spurfast.distributed.embed_pool_sharded`); it changes nothing when called again."""
     fp, content = identity
     store_dir = Path(store_dir)
-    main = _open_checked(store_dir, fp, content, lambda: legacy_identities(source, classifier, vae))
+    main = _open_checked(store_dir, fp, content, lambda: legacy_identities(source, classifier, vae, content=content))
     main = _settle_shards(store_dir, main, fp, content, num_shards, progress)
     if main is not None and main.done:
         _sync_labels(main, np.asarray(source.labels())[:main.done])
@@ -620,7 +623,7 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
     store_dir = Path(store_dir)
 
     def legacy():
-        return legacy_identities(source, classifier, vae)
+        return legacy_identities(source, classifier, vae, content=content)
     main = open_main(source, classifier, vae, store_dir, (fp, content), num_shards=num_shards, progress=progress)
     if main is not None and main.complete:
         return main

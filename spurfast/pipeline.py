@@ -315,7 +315,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
                          f"of the pool ({pool.name})")
     # under torchrun each rank computes on its own GPU (distributed.init): no explicit cuda:N
     dist.check_rank_device(config.device)
-    check_compute_device(config.device, "run_discovery")   # 'meta' got through to after --overwrite's deletion
+    check_compute_device(config.device, f"run_discovery: device {config.device!r}")   # 'meta' got through to after --overwrite's deletion
     identity = (fingerprint(pool, classifier, vae), content_digest(pool))   # the store's too
     earlier_ids = []
     inputs = run_inputs(clean, suspect, confirm)
@@ -333,7 +333,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
         run_id = _digest(fp + identity[1] + settings + json.dumps(inputs, sort_keys=True))
         # this run's ids under earlier versions: without those inputs; with a sampled content
         # digest or none; folder pools' item ids spelled as paths
-        earlier = legacy_identities(pool, classifier, vae)
+        earlier = legacy_identities(pool, classifier, vae, content=identity[1])
         inputs_text = json.dumps(inputs, sort_keys=True)
         earlier_ids = ([_digest(fp + identity[1] + settings)] + [_digest(f + c + settings + inputs_text)
                                                                   for f, c in earlier]
@@ -383,7 +383,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     # --overwrite of a run that differs only in its discovery settings keeps the store: it
     # embedded this same pool with these same models (hours for a large pool)
     def keep_store(store_dir):
-        return made_from(store_dir, *identity, lambda: legacy_identities(pool, classifier, vae))
+        return made_from(store_dir, *identity, lambda: legacy_identities(pool, classifier, vae, content=identity[1]))
     out = dist.run_on_main(prepare_output, out_dir, run_id, overwrite, protect, earlier_ids, keep_store)
     store = dist.embed_pool_sharded(pool, classifier, vae, out / "store", num_classes=num_classes,
                                     batch_size=batch_size, device=config.device, encoder_backend=encoder_backend,
