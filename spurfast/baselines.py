@@ -24,6 +24,7 @@ import torch
 
 from .cluster import batched_kmeans, choose_k
 from .discover import DiscoverConfig, _standardise, discover
+from .pixel_probe import thumbnails
 from .scoring import top_two, unrelated_to_class
 
 
@@ -134,9 +135,7 @@ def pixel_store(store, pool) -> _PixelStore:
     xs = []
     for s in range(0, len(pool), 1024):
         x, _ = pool.get_batch(np.arange(s, min(s + 1024, len(pool))))
-        while x.shape[-1] > 14 and x.shape[-2] > 14:
-            x = torch.nn.functional.avg_pool2d(x, 2, ceil_mode=True)
-        xs.append(x.reshape(len(x), -1).numpy().astype(np.float32))
+        xs.append(thumbnails(x).numpy().astype(np.float32))
     return _PixelStore(store, np.concatenate(xs))
 
 

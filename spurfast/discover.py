@@ -25,7 +25,7 @@ from .data.sources import ImageSource, utf8_name
 from .embed import EmbeddingStore, _write_json
 from .rankings import SpilledRankings, save_ranking
 from .scoring import (DEFAULT_STATISTIC, STATISTICS, bh_qvalues, cluster_and_score, content_classes,
-                      latent_neighbours, null_scores, size_matched_pvalues, top_two)
+                      latent_neighbours, null_scores, size_matched_pvalues, top_two, unrelated_to_class)
 
 log = logging.getLogger("spurfast.discover")
 
@@ -256,8 +256,15 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
     findings, rankings = _merge_and_expand(sig, z, valid, g, store.n, spill_dir=work_dir)
     zfull = np.zeros((store.n, z.shape[1]), np.float32)
     zfull[valid] = z
+    labels_valid = labels[valid]
     for f in findings:
-        f["exemplars"] = exemplars(zfull, np.asarray(f["members"]), config.n_exemplars).tolist()
+        members = np.asarray(f["members"], dtype=np.int64)
+        f["exemplars"] = exemplars(zfull, members, config.n_exemplars).tolist()
+        # the members the score counted (the suspect-free, other-content ones): a diffuse
+        # finding's pixel probe is fitted on them (`spurfast.pattern_rank`)
+        local = np.searchsorted(valid, members)
+        f["_unrelated"] = members[unrelated_to_class(top2[local], labels_valid[local],
+                                                     np.full(len(local), f["class"]), unknown_ok[local])]
         # a class folder whose name is not UTF-8 as \xNN: findings.csv (UTF-8) could not hold it;
         # str: API callers may name classes by numbers; a numpy array of names has no truth
         # value (it crashed here, after the whole run)

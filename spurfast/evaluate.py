@@ -521,7 +521,7 @@ def _merge_by_q(clusters: list[dict], residual: list[dict]) -> list[dict]:
 def run_key(setting: Setting, seed: int, sizes: Sizes, methods=DEFAULT_METHODS, statistic: str = DEFAULT_STATISTIC) -> str:
     """The cache key of one run's rows."""
     return _key({"setting": _setting_key(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods),
-                 "v": 21,    # 13: a tie does not beat the best null cluster; 14: Yang's spurious score,
+                 "v": 22,    # 13: a tie does not beat the best null cluster; 14: Yang's spurious score,
                              # best finding of the first 10 for every method, IoU 0 without a finding;
                              # 15: GEORGE's k raised for large classes as spurfast's is; 16: spurfast+support;
                              # 17: localised findings rank the pool by their pattern;
@@ -529,7 +529,8 @@ def run_key(setting: Setting, seed: int, sizes: Sizes, methods=DEFAULT_METHODS, 
                              # 19: a localised Otsu core of a diffuse mask ranks by its pattern;
                              # 20: null clusters at exactly twice (or half) the size are in the window;
                              # 21: k-means stops when every class has settled, not the sum of them;
-                             #     support's tie at its threshold is a band of TIE_TOLERANCE
+                             #     support's tie at its threshold is a band of TIE_TOLERANCE;
+                             # 22: diffuse findings rank by their latent and pixel probes together
                  # named unless it is the share (the default before the twenty-fourth session): cached runs keep their keys
                  **({} if statistic == "share" else {"statistic": statistic}),
                  # the residual scan's findings got confirm.csv rows (the default sweep's keys kept)
@@ -604,7 +605,7 @@ def _run_one(rfile: Path, setting: Setting, seed: int, sizes: Sizes, cache: Path
         idir.parent.mkdir(parents=True, exist_ok=True)
         with _locked(idir):   # shared by the runs of every --statistic
             characterise(res, store, data.pool, vae, idir, seed=seed)
-        pattern_rankings(res.findings, res.rankings, data.pool)
+        pattern_rankings(res.findings, res.rankings, data.pool, pred=np.asarray(store["pred"]))
         confirm_findings(res.findings, clf, clean=data.clean,
                          config=ConfirmConfig(max_images=sizes.confirm_images, seed=seed))
         training_support(res.findings, data.pool, data.suspect, data.pool.labels())

@@ -8,7 +8,9 @@ pixel ablation has 0.99; docs/RESULTS.md, sixteenth session).  A small extracted
 patch, a bar) is found better by matching it in pixels: each image's projection onto
 mask x contrast, the pattern that confirmation pastes and training support tests.  A diffuse
 one is not (additive noise, a background colour: its mask holds about half the image and the
-projection follows the content), so those findings keep the latent ranking.
+projection follows the content): given the pool's predictions, those findings are ranked by
+their latent probe and a probe on the images' thumbnails together (`spurfast.pixel_probe`),
+else they keep the latent ranking.
 
 A cluster's contrast is its pattern plus what is left of its content (members of a mixed cluster
 differ from their content-matched others by a faint garment-sized shadow too): one Otsu cut
@@ -19,17 +21,21 @@ twenty-third session, docs/RESULTS.md).  A diffuse pattern's second cut about ha
 Fashion-MNIST pools noise and backgrounds stay above the bar (the digits pool's noise core, 7-9%
 of the image, ranks its carriers at AP 1.00 where the probe had 0.96-1.00).
 
-Only the latent ranking's first ``top`` images of each localised finding are read (one pass
-over their union, whatever the pool size); they are ordered by the projection (ties by the
-latent order: score, then index) above every other image, which keep the latent order.
+Only the latent ranking's first ``top`` images of each re-ranked finding are read (one pass
+over their union, whatever the pool size; the pixel probes' fit reads a sample of at most
+8,192 negatives and 1,024 positives a finding before it); they are ordered by the projection,
+or the two probes' sum (ties by the latent order: score, then index), above every other image,
+which keep the latent order.
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from .characterise import contrast_magnitude, otsu_threshold
 from .data.sources import ImageSource
-from .support import extracted_patterns, require_patterns, wanted_projections
+from .pixel_probe import fit_probe, full_size_pattern, negative_sample, positive_sample, robust_z, thumbnails
+from .support import extracted_patterns, image_pass, require_patterns, wanted_projections
 
 LOCALISED = 0.1    # an extracted mask on at most this fraction of the image's pixels
 TOP = 20_000       # images of each finding's latent ranking re-ranked by the pattern
@@ -56,14 +62,18 @@ def ranking_mask(mask: np.ndarray, contrast, localised: float = LOCALISED) -> np
 
 
 def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], source: ImageSource, *,
-                     localised: float = LOCALISED, top: int = TOP, batch_size: int = 256,
-                     progress: bool = False, num_workers: int = 0, loader_backend: str | None = None,
-                     device: str | None = None) -> None:
-    """Set every finding's ``ranked_by`` ("pattern" or "latent") and replace ``rankings[rank]``
-    of the localised ones (float64: the latent order below, then the re-ranked images;
-    unreadable images, the latent ranking's and any this read finds, are -inf).  Needs ``_mask``
-    and ``_contrast`` (`characterise`).  ``device``: the run's, where a folder pool is decoded
-    (`spurfast.support.wanted_projections`)."""
+                     pred: np.ndarray | None = None, localised: float = LOCALISED, top: int = TOP,
+                     batch_size: int = 256, progress: bool = False, num_workers: int = 0,
+                     loader_backend: str | None = None, device: str | None = None) -> None:
+    """Set every finding's ``ranked_by`` ("pattern", "latent+pixels" or "latent") and replace
+    ``rankings[rank]`` of the localised ones and of the diffuse ones with a pixel probe
+    (float64: the latent order below, then the re-ranked images; unreadable images, the
+    latent ranking's and any this read finds, are -inf).  Needs ``_mask`` and ``_contrast``
+    (`characterise`).  ``pred``: the pool's predicted classes (-1 where none); with it, a
+    diffuse finding that lists its unrelated members (``_unrelated``, `discover`) is ranked
+    by its latent and pixel probes together (`spurfast.pixel_probe`), else it keeps the latent
+    ranking.  ``device``: the run's, where a folder pool is decoded
+    (`spurfast.support.image_pass`)."""
     from .confirm import _known_readable
 
     if not 0.0 < localised <= 1.0:
@@ -72,41 +82,98 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
         raise ValueError(f"top must be an integer >= 1, got {top!r}")
     if batch_size < 1:
         raise ValueError(f"pattern ranking batch_size must be >= 1, got {batch_size}")
+    if pred is not None and np.shape(pred) != (len(source),):
+        raise ValueError(f"pred has shape {np.shape(pred)}, expected ({len(source)},): one prediction per image "
+                         f"of {source.name}")
     require_patterns(findings)   # before any finding is changed
     missing = [f["rank"] for f in findings if f["rank"] not in rankings]
     if missing:   # checked in the loop below, it left the findings before it marked "pattern"
         raise ValueError(f"finding {missing[0]} has no latent ranking (rankings hold {sorted(rankings)})")
-    chosen, masks = [], []
+    chosen, masks, diffuse = [], [], []
     for f in findings:
         m = ranking_mask(f["_mask"], f["_contrast"], localised)
         f["ranked_by"] = "latent" if m is None else "pattern"
         if m is not None:
             chosen.append(f)
             masks.append(m)
+        elif pred is not None and f.get("_unrelated") is not None:
+            diffuse.append(f)
+    patterns = [extracted_patterns(chosen, masks).double()] if chosen else []
+    probed, read = [], np.zeros(0, np.int64)
+    if diffuse:
+        probes, read = _pixel_probes(diffuse, source, np.asarray(pred), batch_size, progress, num_workers,
+                                     loader_backend, device)
+        for f, w in zip(diffuse, probes):
+            if w is not None:
+                f["ranked_by"] = "latent+pixels"
+                probed.append(f)
+                patterns.append(full_size_pattern(w, source.image_shape)[None])
+    chosen = chosen + probed
     if not chosen:
         return
     # the heads only: a pool-sized order per finding, kept through the pass over the images,
     # was what `SpilledRankings` keeps out of memory (each is sorted again below, one at a time)
     heads = [_latent_order(np.asarray(rankings[f["rank"]]))[:top] for f in chosen]
     union = np.unique(np.concatenate(heads))
-    patterns = extracted_patterns(chosen, masks)
     # each finding's own head only: a (union x findings) matrix grew with the square of the
     # number of localised findings (heads of different classes barely overlap)
     sorted_heads = [np.sort(h) for h in heads]
-    proj = wanted_projections(source, union, patterns, sorted_heads, batch_size, progress,
+    proj = wanted_projections(source, union, torch.cat(patterns), sorted_heads, batch_size, progress,
                               num_workers=num_workers, loader_backend=loader_backend, device=device)
     # a file unreadable now (changed since it was embedded) projects to 0, which ranked it among
-    # the carriers of a dark pattern (theirs project near 0 too): unranked, as the store's are
-    unreadable = np.setdiff1d(union, _known_readable(source, union))
+    # the carriers of a dark pattern (theirs project near 0 too): unranked, as the store's are;
+    # so is one the probes' read found, outside every head (it kept its latent place)
+    read = np.union1d(union, read)
+    unreadable = np.setdiff1d(read, _known_readable(source, read))
     for j, (f, head) in enumerate(zip(chosen, heads)):
         latent = np.asarray(rankings[f["rank"]])
         order = _latent_order(latent)
         out = np.full(len(latent), -np.inf)
         out[order[::-1]] = np.arange(len(order), dtype=np.float64)          # the latent order, best highest
         p = proj[j][np.searchsorted(sorted_heads[j], head)]
+        if f["ranked_by"] == "latent+pixels":   # both probes, each in its spread's units
+            p = robust_z(latent[head]) + robust_z(p)
         # ascending, best last; ties by the head's own (latent) order, so an exact double tie
         # keeps the smaller index first as the latent order does (latent[head] reversed those)
         by_pattern = head[np.lexsort((-np.arange(len(head)), p))]
         out[by_pattern] = len(order) + np.arange(len(head), dtype=np.float64)
         out[unreadable] = -np.inf
         rankings[f["rank"]] = out
+
+
+def _pixel_probes(findings: list[dict], source: ImageSource, pred: np.ndarray, batch_size: int, progress: bool,
+                  num_workers: int, loader_backend: str | None,
+                  device: str | None) -> tuple[list[np.ndarray | None], np.ndarray]:
+    """(each diffuse finding's thumbnail probe (`spurfast.pixel_probe`), None where it has fewer
+    than 2 readable unrelated members or negatives; the pool indices read): one pass over the
+    negatives' shared sample and every finding's positives."""
+    neg = negative_sample(pred)
+    pos = [positive_sample(f["_unrelated"]) for f in findings]
+    union = np.unique(np.concatenate([neg, *pos]))
+    if len(neg) < 2:   # no image predicted at all, or one: nothing to fit against (and nothing read)
+        return [None] * len(findings), np.zeros(0, np.int64)
+    thumbs, readable = None, np.zeros(len(union), bool)
+
+    def take(got, x, ok):
+        nonlocal thumbs
+        t = thumbnails(x).numpy().astype(np.float32)
+        if thumbs is None:
+            thumbs = np.zeros((len(union), t.shape[1]), np.float32)
+        at = np.searchsorted(union, got)
+        thumbs[at], readable[at] = t, ok
+
+    image_pass(source, union, take, batch_size, progress, "pixel probes", num_workers, loader_backend, device)
+    neg_rows = np.searchsorted(union, neg)
+    neg_rows = neg_rows[readable[neg_rows]]
+    if thumbs is None or len(neg_rows) < 2:
+        return [None] * len(findings), union
+    centre = thumbs[neg_rows].mean(0, dtype=np.float64)
+    spread = thumbs[neg_rows].std(0, dtype=np.float64)
+    spread = np.where(spread > 0, spread, 1.0)
+    out = []
+    for f, p in zip(findings, pos):
+        rows_pos = np.searchsorted(union, p)
+        rows_pos = rows_pos[readable[rows_pos]]
+        rows_neg = neg_rows[(pred[union[neg_rows]] != int(f["class"])) & ~np.isin(union[neg_rows], p)]
+        out.append(fit_probe(thumbs[rows_pos], thumbs[rows_neg], centre, spread))
+    return out, union

@@ -399,10 +399,12 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
         characterise(result, store, pool, vae, out, seed=config.seed, device=config.device)
         # the images a step re-reads go through the store's loader (_reread_loader), on every core (the other ranks
         # wait), decoded where the run computes (DALI took a GPU whenever torch saw one, --device
-        # cpu included); a localised pattern ranks the pool by its pixel match, not the latent probe
+        # cpu included); a localised pattern ranks the pool by its pixel match, a diffuse one by its
+        # latent and pixel probes together
         reread = dict(batch_size=batch_size, num_workers=usable_cores(),
                       **_reread_loader(pool, store, loader_backend, config.device))
-        pattern_rankings(result.findings, result.rankings, pool, progress=progress, **reread)
+        pattern_rankings(result.findings, result.rankings, pool, pred=np.asarray(store["pred"]), progress=progress,
+                         **reread)
         if residual is not None:
             from .residual import add_residual_findings
             add_residual_findings(result, store, pool, vae, out, residual, suspect=suspect,

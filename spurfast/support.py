@@ -48,23 +48,21 @@ def extracted_patterns(findings: list[dict], masks: list | None = None) -> torch
                         for f, m in zip(findings, masks, strict=True)])
 
 
-def _projection_pass(source: ImageSource, idx: np.ndarray, patterns: torch.Tensor, take, batch_size: int,
-                     progress: bool, desc: str, num_workers: int, loader_backend: str | None,
-                     device: str | None) -> None:
+def image_pass(source: ImageSource, idx: np.ndarray, take, batch_size: int, progress: bool, desc: str,
+               num_workers: int, loader_backend: str | None, device: str | None) -> None:
     """One pass over images ``idx`` (distinct pool indices, non-empty) of ``source``:
-    ``take(pool indices, projections)`` per batch, (B,) and (B, F) float64 projections onto
-    ``patterns`` (F, C, H, W) in the loader's order; an unreadable image projects to 0.  A
-    folder pool is decoded by its loader (``loader_backend``, ``num_workers`` processes), as
-    the embedding pass decoded it: get_batch decoded one file at a time in this process,
-    minutes for 100k suspects.  ``device``: the run's; a loader that can decode on a GPU
-    (DALI) decodes there if it is a CUDA device, else on the CPU, as the embedding pass does
-    (None: the loader's own choice, a GPU whenever torch sees one)."""
+    ``take(pool indices, images, ok)`` per batch in the loader's order, the images (B, C, H, W)
+    float64 on the CPU, ``ok`` (B,) bool (an unreadable image is all zeros).  A folder pool is
+    decoded by its loader (``loader_backend``, ``num_workers`` processes), as the embedding
+    pass decoded it: get_batch decoded one file at a time in this process, minutes for 100k
+    suspects.  ``device``: the run's; a loader that can decode on a GPU (DALI) decodes there
+    if it is a CUDA device, else on the CPU, as the embedding pass does (None: the loader's
+    own choice, a GPU whenever torch sees one)."""
     from tqdm.auto import tqdm
 
     from .data.loader_torch import iter_batches
     from .embed import decode_device
 
-    flat = patterns.reshape(len(patterns), -1).double().T          # (D, F)
     # where the embedding pass decodes (without it DALI decoded on a GPU whenever torch saw one)
     decode = None if device is None else decode_device(device)
     with tqdm(total=len(idx), desc=desc, unit="img", disable=not progress) as bar:
@@ -72,9 +70,20 @@ def _projection_pass(source: ImageSource, idx: np.ndarray, patterns: torch.Tenso
                               device=decode):
             # the DALI loader yields images on the GPU where one is visible: the patterns and
             # the result live on the CPU (the product failed there before findings.json)
-            x = b.images.reshape(len(b.images), -1).to("cpu", torch.float64)
-            take(b.indices.numpy(), (x @ flat).numpy() * b.ok.cpu().numpy()[:, None])
+            ok = b.ok.cpu().numpy().astype(bool)
+            x = b.images.to("cpu", torch.float64) * torch.as_tensor(ok, dtype=torch.float64).view(-1, 1, 1, 1)
+            take(b.indices.numpy(), x, ok)
             bar.update(len(b.indices))
+
+
+def _projection_pass(source: ImageSource, idx: np.ndarray, patterns: torch.Tensor, take, batch_size: int,
+                     progress: bool, desc: str, num_workers: int, loader_backend: str | None,
+                     device: str | None) -> None:
+    """`image_pass` that hands ``take(pool indices, projections)`` the (B, F) float64
+    projections of each batch onto ``patterns`` (F, C, H, W); an unreadable image projects to 0."""
+    flat = patterns.reshape(len(patterns), -1).double().T          # (D, F)
+    image_pass(source, idx, lambda got, x, ok: take(got, (x.reshape(len(x), -1) @ flat).numpy()),
+               batch_size, progress, desc, num_workers, loader_backend, device)
 
 
 def pattern_projections(source: ImageSource, idx: np.ndarray, patterns: torch.Tensor,

@@ -582,3 +582,21 @@ def test_clusters_of_one_feature_merge_into_one_finding_and_another_stays_apart(
     assert b["members"] == list(range(40, 60))
     ranking = np.asarray(rankings[a["rank"]])
     assert (ranking[:40] > 0).all() and (ranking[40:] < 0).mean() > 0.95 and a["n_expanded"] == int((ranking > 0).sum())
+
+
+def test_each_finding_lists_its_members_unrelated_to_its_class(tmp_path):
+    """``_unrelated``: the members the score counts (labelled another class; an unlabelled
+    member only if it is not a suspect and its runner-up class is another), the pixel probe's
+    positives (`spurfast.pattern_rank`); never written to findings.json."""
+    store, shortcut = _store(tmp_path / "store")
+    suspect = np.zeros(store.n, bool)
+    suspect[shortcut[:5]] = True                                  # labelled: unrelated all the same
+    res = discover(store, DiscoverConfig(k=4, n_null=30, seed=0), suspect=suspect, progress=False)
+    top = res.findings[0]
+    labels = np.asarray(store["labels"])
+    members = np.asarray(top["members"])
+    expected = members[labels[members] != top["class"]]          # every pool image is labelled here
+    np.testing.assert_array_equal(top["_unrelated"], expected)
+    assert set(shortcut) <= set(top["_unrelated"].tolist())       # labelled 1, predicted 0: unrelated
+    from spurfast.discover import findings_document
+    assert "_unrelated" not in findings_document(res)["findings"][0]
