@@ -18,7 +18,9 @@ Rows (op "e2e", provider "procs=P"):
 - ``embed_images_per_s``: the streaming pass alone (load + classify + encode, overlapped:
   the DataLoader or DALI decodes while the models run);
 - ``stage_s`` per stage: embed, discover (per-class k-means + kNN + permutation null,
-  k-means across ranks), report (characterise + outputs);
+  k-means across ranks), report (characterise, the pattern rankings' re-reads as
+  `spurfast discover` makes them, outputs; the rankings alone are a ``part=rank`` row, with
+  ``findings`` rows counting the findings of each ``ranked_by``);
 - ``peak_memory``: max RSS of the busiest rank process (``VmHWM``: ``ru_maxrss`` of a
   spawned process starts at its parent's RSS, since Linux carries the high-water mark
   over exec, so it measured the benchmark driver, not the run), and of its child
@@ -154,7 +156,8 @@ def worker(argv=None) -> int:
     from spurfast.data.folder import ImageFolderSource
     from spurfast.discover import DiscoverConfig, characterise, discover, write_outputs
     from spurfast.models.files import load_classifier, load_vae
-    from spurfast.pipeline import prepare_output
+    from spurfast.pattern_rank import pattern_rankings
+    from spurfast.pipeline import _reread_loader, prepare_output
     from spurfast.report import write_report
 
     ctx = dist.init(args.device)
@@ -177,15 +180,24 @@ def worker(argv=None) -> int:
             t["discovered"] = time.perf_counter()
             hwm["discover"] = own_peak_rss()
             characterise(result, store, pool, vae, out, seed=0, device=device)
+            t["characterised"] = time.perf_counter()
+            # as `spurfast discover` does: the localised and diffuse findings re-read their images
+            pattern_rankings(result.findings, result.rankings, pool, pred=np.asarray(store["pred"]),
+                             batch_size=args.batch_size, num_workers=usable_cores(),
+                             **_reread_loader(pool, store, None, device))
+            t["ranked"] = time.perf_counter()
             doc = write_outputs(result, out)
             write_report(doc, out, clusters=result.clusters)
         t["reported"] = time.perf_counter()
     else:
         dist.serve_main_section()
-        t["discovered"] = t["reported"] = time.perf_counter()
+        t["discovered"] = t["characterised"] = t["ranked"] = t["reported"] = time.perf_counter()
     rec = {"rank": ctx.rank, "world": ctx.world_size, "n": len(pool),
            "embed_s": t["embedded"] - t["start"], "discover_s": t["discovered"] - t["embedded"],
-           "report_s": t["reported"] - t["discovered"], "total_s": t["reported"] - t["start"],
+           "report_s": t["reported"] - t["discovered"], "rank_s": t["ranked"] - t["characterised"],
+           "n_ranked_by": {k: sum(f.get("ranked_by") == k for f in result.findings)
+                           for k in ("pattern", "latent+pixels", "latent")} if ctx.is_main else {},
+           "total_s": t["reported"] - t["start"],
            "peak_rss": own_peak_rss(), "peak_rss_after": dict(hwm, report=own_peak_rss()),
            "peak_rss_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
            "threads": torch.get_num_threads(), "embed_split": split,
@@ -246,6 +258,7 @@ def run_e2e(pool: Path, clf: Path, vae: Path, procs: int, n_null: int, device: s
     main = ranks[0]
     res = {"procs": procs, "cores": cores or usable_cores(), "n": main["n"], "wall_s": wall, "loadavg_1m": load,
            "embed_s": max(x["embed_s"] for x in ranks), "discover_s": main["discover_s"], "report_s": main["report_s"],
+           "rank_s": main.get("rank_s", 0.0), "n_ranked_by": main.get("n_ranked_by", {}),
            "total_s": main["total_s"], "peak_rss": max(x["peak_rss"] for x in ranks),
            "peak_rss_loader": max(x["peak_rss_children"] for x in ranks),
            "cuda_peak": max(x.get("cuda_peak", 0) for x in ranks), "embed_split": main.get("embed_split", {}),
@@ -319,6 +332,10 @@ def _run_rows(writer, n: int, res: dict, n_null: int, dev: str, gpu: bool) -> No
     writer.add("e2e", prov, cfg, "embed_images_per_s", n / res["embed_s"], "1/s", dev)
     for s in ("embed", "discover", "report"):
         writer.add("e2e", prov, dict(cfg, stage=s), "stage_s", res[f"{s}_s"], "s", dev)
+    # the pattern rankings' re-reads, part of report: how much of it the pixel probes take
+    writer.add("e2e", prov, dict(cfg, stage="report", part="rank"), "stage_s", res["rank_s"], "s", dev)
+    for kind, count in res["n_ranked_by"].items():
+        writer.add("e2e", prov, dict(cfg, ranked_by=kind), "findings", count, "", dev)
     writer.add("e2e", prov, cfg, "wall_s", res["wall_s"], "s", dev)
     writer.add("e2e", prov, cfg, "peak_memory", res["peak_rss"], "bytes", dev)
     writer.add("e2e", prov, cfg, "peak_memory_loader", res["peak_rss_loader"], "bytes", dev)
@@ -331,7 +348,8 @@ def _run_rows(writer, n: int, res: dict, n_null: int, dev: str, gpu: bool) -> No
         writer.add("e2e", prov, dict(cfg, part=part.removesuffix("_s")), "embed_split_s", sec, "s", dev)
     print(f"[e2e] n={n} procs={res['procs']} cores={res['cores']}: {n / res['total_s']:.0f} img/s end to end, "
           f"embed {res['embed_s']:.1f} s ({n / res['embed_s']:.0f} img/s), discover {res['discover_s']:.1f} s, "
-          f"report {res['report_s']:.1f} s, peak RSS {res['peak_rss'] / 2**20:.0f} MiB (loader workers "
+          f"report {res['report_s']:.1f} s (pattern rankings {res['rank_s']:.1f} s: "
+          f"{', '.join(f'{v} {k}' for k, v in res['n_ranked_by'].items())}), peak RSS {res['peak_rss'] / 2**20:.0f} MiB (loader workers "
           f"{res['peak_rss_loader'] / 2**20:.0f} MiB), embed split "
           f"{', '.join(f'{k} {v:.1f}' for k, v in res['embed_split'].items())}, load avg {res['loadavg_1m']:.1f}",
           flush=True)
