@@ -256,6 +256,9 @@ def confirm_pattern(model, images: torch.Tensor, cls: int, mask: np.ndarray, con
     config = config or ConfirmConfig()
     if images.dim() != 4:
         raise ValueError(f"clean images must be (N, C, H, W), got {tuple(images.shape)}")
+    # float32, as the loaders give them: float64 ones (torch.from_numpy's) or float16 failed in
+    # the model with a dtype mismatch that named neither
+    images = images.float()
     vals, m = pattern_delta(mask, contrast, pattern, config.mode)
     if tuple(images.shape[1:]) != tuple(vals.shape):
         raise ValueError(f"clean images of shape {tuple(images.shape[1:])} do not match the pattern {tuple(vals.shape)}")

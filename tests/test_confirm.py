@@ -534,3 +534,22 @@ def test_an_unlabelled_clean_folder_is_predicted_through_its_loader(tmp_path, mo
     assert fs[0]["_confirm_detail"]["n_images"] == 9
     # the 3 predicted class 1 are its class content, and carry the corner the model reads
     assert fs[0]["confirm"]["verdict"] == "class_content"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_clean_images_of_another_float_dtype_are_confirmed_as_float32(dtype):
+    """torch.from_numpy's float64 images (or float16 ones) failed in a model with float32
+    weights, naming neither; the class images were already converted."""
+    w = torch.zeros(2, 256)
+    w[1, torch.as_tensor(_corner_mask().ravel())] = 12 / 9
+    model = nn.Linear(256, 2)
+    with torch.no_grad():
+        model.weight.copy_(w)
+        model.bias.copy_(torch.tensor([0.0, -3.0]))
+    flat = nn.Sequential(nn.Flatten(), model)
+    contrast = torch.zeros(1, 16, 16)
+    contrast[0, -4:-1, -4:-1] = 0.9
+    want = confirm_pattern(flat, _clean(), 1, _corner_mask(), contrast, config=ConfirmConfig(seed=0))
+    got = confirm_pattern(flat, _clean().to(dtype), 1, _corner_mask(), contrast, config=ConfirmConfig(seed=0))
+    assert want["flip_rate"] > 0.95
+    assert got["flip_rate"] == pytest.approx(want["flip_rate"], abs=0.02)
