@@ -223,6 +223,16 @@ def _need_number(v, what: str, text: bool = True) -> None:
     raise ValueError(f"{what} is {json.dumps(v, default=repr)}, expected a number")
 
 
+def _membership(f: dict) -> str:
+    """A finding's members as the score counts them, escaped.  "Unrelated" is labelled
+    another class, or unlabelled and not a suspect (`spurfast.scoring.unrelated_to_class`):
+    "of another class" said that of unlabelled members nobody had labelled, mostly the class
+    itself in an unlabelled folder pool."""
+    e = lambda v: html.escape(_text(v), quote=True)  # noqa: E731
+    return (f"{e(f.get('n_unrelated', '?'))} unrelated to class {e(f['class'])}: labelled another class, or "
+            f"unlabelled and not suspect; {e(f.get('n_suspect', '?'))} suspect samples")
+
+
 def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_files: dict | None = None,
                  summary: dict | None = None) -> Path:
     out_dir = Path(out_dir)
@@ -264,12 +274,10 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
                          f"x {e(peak[1])}), t = {float(f.get('peak_t', float('nan'))):.3g}, "
                          f"{float(f['score']):.3g}x the largest t elsewhere; p = {float(f['p_value']):.3g} against "
                          f"predictions resampled among same-label latent neighbours, q = {float(f['q_value']):.3g} "
-                         f"over classes. {e(f['size'])} members ({e(f.get('n_unrelated', '?'))} of another class "
-                         f"than {e(f['class'])}; {e(f.get('n_suspect', '?'))} suspect samples): the class's images "
+                         f"over classes. {e(f['size'])} members ({_membership(f)}): the class's images "
                          f"of most residual energy there.</p>")
         else:
-            parts.append(f"<p>{e(f['size'])} members ({e(f.get('n_unrelated', '?'))} of another class than "
-                         f"{e(f['class'])}; {e(f.get('n_suspect', '?'))} suspect samples), score "
+            parts.append(f"<p>{e(f['size'])} members ({_membership(f)}), score "
                          f"{float(f['score']):.3g}, p = {float(f['p_value']):.3g}, q = {float(f['q_value']):.3g}; "
                          f"clusters merged: {e(f.get('merged_clusters', [f['cluster']]))}</p>")
         cf = f.get("confirm")

@@ -470,3 +470,14 @@ def test_two_channel_pictures_are_drawn_in_colour_not_as_transparency(tmp_path):
     px = one.load()
     w = one.width // 8
     assert px[6 * w, 6 * w] == (255, 0, 0) and px[0, 0] == (0, 0, 0)
+
+
+def test_unrelated_members_are_not_said_to_be_of_another_class(tmp_path):
+    """An unlabelled non-suspect member counts as unrelated (`scoring.unrelated_to_class`),
+    though nobody knows its class: in an unlabelled folder pool "90 of another class than 3"
+    was said of members mostly of class 3 itself."""
+    doc = _doc(None)
+    doc["findings"][0].update(n_unrelated=9, n_suspect=2)
+    html = write_report(doc, tmp_path).read_text()
+    assert "of another class" not in html
+    assert "9 unrelated to class 3: labelled another class, or unlabelled and not suspect; 2 suspect samples" in html
