@@ -5,7 +5,7 @@ A diffuse pattern (additive noise, a background colour) keeps the latent ranking
 covers about half the image.  But the VAE's 16 latent dimensions carry such a pattern only
 in part, and the latent probe ranked natural look-alikes among the carriers (noise among three
 patterns at n = 100: AP 0.91 where the pixel ablation had 1.00; a background colour 0.995 where
-it had 1.000; docs/RESULTS.md, twenty-seventh session).  A linear probe on the images'
+it had 1.000; docs/results/full/RESULTS.md, twenty-seventh session).  A linear probe on the images'
 thumbnails (the pixel ablation's 2x2-pooled pixels, at most 14 px a side) separates a fixed
 additive pattern from content, if it is fitted on carriers:
 
