@@ -9,6 +9,7 @@ from spurfast.metrics import average_precision
 from spurfast.pattern_rank import pattern_rankings
 from spurfast.pixel_probe import (full_size_pattern, negative_sample, positive_sample, robust_z,
                                   thumbnails)
+from test_pattern_rank import CountingSource
 
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 29, 31), (2, 9, 40), (1, 14, 14), (3, 64, 64)])
@@ -132,17 +133,6 @@ def test_a_pred_of_the_wrong_length_is_refused():
     src, pred, carries, _ = _noise_pool()
     with pytest.raises(ValueError, match="one prediction per image"):
         pattern_rankings([_diffuse_finding(np.nonzero(carries)[0])], {1: np.zeros(N)}, src, pred=pred[:-1])
-
-
-class CountingSource(ArraySource):
-    """Records every index read."""
-    def __init__(self, *a, **k):
-        super().__init__(*a, **k)
-        self.read = []
-
-    def get_batch(self, idx):
-        self.read.extend(np.asarray(idx).tolist())
-        return super().get_batch(idx)
 
 
 def test_a_pool_without_predictions_reads_nothing_and_keeps_the_latent_ranking():
