@@ -243,6 +243,11 @@ def run_e2e(pool: Path, clf: Path, vae: Path, procs: int, n_null: int, device: s
     else:
         # torchrun's module, not a script beside the interpreter (a system Python puts it elsewhere)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), "-m", "bench.bench_e2e", "--worker"] + wargs
+        # torchrun leaves a torchelastic_* log folder in TMPDIR per launch: in the bench's folder, not /tmp
+        tmp = out.with_name(out.name + "-tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        env["TMPDIR"] = str(tmp)
     pin = None
     if cores:
         allowed = sorted(os.sched_getaffinity(0))[:cores]
