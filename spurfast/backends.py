@@ -113,12 +113,18 @@ def providers(op: str) -> list[Provider]:
     return REGISTRY[op]
 
 
+def requested_for_op(op: str) -> str | None:
+    """``op``'s own variable (SPURFAST_BACKEND_<OP>) alone, None when unset: a choice that
+    beats the global SPURFAST_BACKEND."""
+    return os.environ.get(f"SPURFAST_BACKEND_{op.upper()}") or None
+
+
 def requested(op: str, backend: str | None = None) -> str:
     """The backend asked for: argument, then env var per op, then global env var (which
     must name a provider of some op: a typo raises instead of falling back to auto)."""
     if backend:
         return backend
-    per_op = os.environ.get(f"SPURFAST_BACKEND_{op.upper()}")
+    per_op = requested_for_op(op)
     if per_op:
         return per_op
     glob = os.environ.get("SPURFAST_BACKEND")

@@ -173,11 +173,12 @@ def batched_kmeans(
     Deterministic for a given seed and backend.
     """
     # k-means is not differentiable: features straight from a model (requires_grad) crashed
-    # the L2 paths ("Can't call numpy() on Tensor that requires grad"; torch: cumsum's out=)
-    x = x.detach() if isinstance(x, torch.Tensor) else x
+    # the L2 paths ("Can't call numpy() on Tensor that requires grad"; torch: cumsum's out=);
+    # a numpy x (taken for groups and k) failed on x.dim() with an AttributeError naming nothing
+    x = torch.as_tensor(x).detach()
     # nor are starting centroids: an init that requires grad gave centroids that did too
     # (their .numpy() raised, and every iteration's torch.where joined an autograd graph)
-    init = init.detach() if isinstance(init, torch.Tensor) else init
+    init = None if init is None else torch.as_tensor(init).detach()
     if kmeans_hook is not None:
         return kmeans_hook(x, groups, k_per_group, n_groups=n_groups, n_iter=n_iter, tol=tol, seed=seed,
                            metric=metric, init=init, backend=backend)
@@ -339,9 +340,12 @@ def _fused_step(provider: str, backend: str | None = None, device: str | None = 
     `_update` add the points that moved alone.  Without a ``backend`` named for the whole
     run, the variables decide: SPURFAST_BACKEND_KMEANS_ASSIGN_UPDATE naming another
     provider runs that one's step; SPURFAST_BACKEND_KMEANS_UPDATE naming another runs the
-    two ops apart (the update on it)."""
+    two ops apart (the update on it).  The global SPURFAST_BACKEND alone does not pick the
+    fused step: the assignment's provider already follows it unless the assignment's own
+    variable overrides it (SPURFAST_BACKEND=cpu with SPURFAST_BACKEND_KMEANS_ASSIGN=torch
+    ran every iteration's assignment on the cpu kernel's fused step)."""
     if not backend:
-        want = backends.requested("kmeans_assign_update")
+        want = backends.requested_for_op("kmeans_assign_update") or "auto"
         if want not in ("auto", provider):
             return backends.resolve("kmeans_assign_update", None, device)[1]
         if backends.requested("kmeans_update") not in ("auto", provider):

@@ -132,3 +132,17 @@ def test_a_group_id_out_of_range_is_named():
     groups[7] = -1
     with pytest.raises(ValueError, match=r"group ids must lie in \[0, 2\); 1 do not, e.g. groups\[7\] = -1"):
         batched_kmeans(x, groups, [4, 4], n_groups=2)
+
+
+@needs_kernel
+def test_the_assignments_own_variable_beats_the_global_one_in_every_iteration(monkeypatch, calls):
+    """SPURFAST_BACKEND=cpu with SPURFAST_BACKEND_KMEANS_ASSIGN=torch: the global variable
+    picked the cpu kernel's fused assign + update, so every iteration assigned on it and the
+    per-op choice reached only the final assignment."""
+    x, groups = _data()
+    monkeypatch.setenv("SPURFAST_BACKEND", "cpu")
+    monkeypatch.setenv("SPURFAST_BACKEND_KMEANS_ASSIGN", "torch")
+    res = batched_kmeans(x, groups, [4, 4], seed=1, n_iter=5, tol=0.0)
+    assert "kmeans_cpu.kmeans_assign_update" not in calls, calls
+    assert calls.get("reference.kmeans_assign", 0) >= res.n_iter, calls
+    assert calls.get("kmeans_cpu.kmeans_update", 0) >= 1, calls     # the update follows the global variable

@@ -1108,3 +1108,17 @@ def test_cosine_distances_are_never_negative(backend):
     dist = backends.call("kmeans_assign", pts, off, pts[None, [0, 2]].clone(), torch.tensor([2]), "cosine",
                          backend=backend)[1]
     assert 0.0 <= float(dist[0]) < 1e-6 and 0.0 <= float(dist[2]) < 1e-6 and bool(torch.isnan(dist[1]))
+
+
+def test_batched_kmeans_takes_numpy_points_and_starting_centroids():
+    """groups and k were taken as numpy arrays or lists, but a numpy x failed on x.dim()
+    with an AttributeError that did not say x must be a tensor."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 3)).astype(np.float32)
+    groups = np.repeat([0, 1], 15)
+    want = batched_kmeans(torch.from_numpy(x), torch.from_numpy(groups), [2, 3], seed=4)
+    got = batched_kmeans(x, groups, [2, 3], seed=4)
+    assert torch.equal(got.assign, want.assign) and torch.equal(got.centroids, want.centroids)
+    init = want.centroids.numpy()
+    again = batched_kmeans(x, groups, [2, 3], init=init)
+    assert torch.equal(again.assign, want.assign)
