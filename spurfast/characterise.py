@@ -34,15 +34,16 @@ def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
     return float(edges[1 + int(np.argmax(between[:-1]))]) if len(between) > 1 else float(mids[0])
 
 
-def _sample(indices: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
-    """At most ``cap`` of ``indices``, sorted (reads stay in pool order)."""
+def sorted_sample(indices: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
+    """At most ``cap`` of ``indices`` (all of them, as given, when there are no more), drawn
+    without replacement and sorted (reads stay in pool order)."""
     return np.sort(rng.choice(indices, cap, replace=False)) if len(indices) > cap else indices
 
 
 def mean_images(source: ImageSource, indices: np.ndarray, cap: int, rng: np.random.Generator) -> torch.Tensor | None:
     if len(indices) == 0:
         return None
-    x, _ = source.get_batch(_sample(indices, cap, rng))
+    x, _ = source.get_batch(sorted_sample(indices, cap, rng))
     return x.float().mean(0)
 
 
@@ -98,7 +99,7 @@ def neighbour_contrast(source: ImageSource, z: np.ndarray, members: np.ndarray, 
     rng = np.random.default_rng(seed)
     if len(members) == 0 or len(others) == 0:
         return torch.zeros(source.image_shape), mean_images(source, members, cap, rng)
-    mem = _sample(members, cap, rng)
+    mem = sorted_sample(members, cap, rng)
     zo, zm = torch.as_tensor(z[others]), torch.as_tensor(z[mem])
     wide = torch.float64 if zo.dtype == torch.float64 else torch.float32
     zo, zm = zo.to(wide), zm.to(wide)

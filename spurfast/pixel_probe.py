@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .characterise import linear_probe
+from .characterise import linear_probe, sorted_sample
 
 MAX_SIDE = 14        # thumbnails: 2x2 average pooling until a side is at most this (28 -> 14)
 RIDGE = 1e-2         # of the mean variance, added to the thumbnails' covariance
@@ -72,18 +72,12 @@ def robust_z(v: np.ndarray) -> np.ndarray:
 
 def negative_sample(pred: np.ndarray, cap: int = NEGATIVES) -> np.ndarray:
     """Sorted pool indices of at most ``cap`` images with a prediction (the same draw every run)."""
-    valid = np.nonzero(np.asarray(pred) >= 0)[0]
-    if len(valid) > cap:
-        valid = np.sort(np.random.default_rng(0).choice(valid, cap, replace=False))
-    return valid
+    return sorted_sample(np.nonzero(np.asarray(pred) >= 0)[0], cap, np.random.default_rng(0))
 
 
 def positive_sample(unrelated: np.ndarray, cap: int = POSITIVES) -> np.ndarray:
     """Sorted pool indices of at most ``cap`` of a finding's unrelated members."""
-    unrelated = np.unique(np.asarray(unrelated, np.int64))
-    if len(unrelated) > cap:
-        unrelated = np.sort(np.random.default_rng(0).choice(unrelated, cap, replace=False))
-    return unrelated
+    return sorted_sample(np.unique(np.asarray(unrelated, np.int64)), cap, np.random.default_rng(0))
 
 
 def fit_probe(positives: np.ndarray, negatives: np.ndarray, centre: np.ndarray, spread: np.ndarray) -> np.ndarray | None:
