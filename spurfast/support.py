@@ -71,7 +71,9 @@ def image_pass(source: ImageSource, idx: np.ndarray, take, batch_size: int, prog
             # the DALI loader yields images on the GPU where one is visible: the patterns and
             # the result live on the CPU (the product failed there before findings.json)
             ok = b.ok.cpu().numpy().astype(bool)
-            x = b.images.to("cpu", torch.float64) * torch.as_tensor(ok, dtype=torch.float64).view(-1, 1, 1, 1)
+            x = b.images.to("cpu", torch.float64)
+            if not ok.all():   # a new tensor, only then: multiplying every batch by ok took a pass over its pixels
+                x = torch.where(torch.as_tensor(ok).view(-1, 1, 1, 1), x, 0.0)
             take(b.indices.numpy(), x, ok)
             bar.update(len(b.indices))
 
