@@ -284,17 +284,16 @@ def shown_path(path) -> str:
     return utf8_name(str(path))
 
 
-def legacy_identities(source: ImageSource, *models: torch.nn.Module, content: str | None = None
-                      ) -> list[tuple[str, str]]:
+def legacy_identities(source: ImageSource, *models: torch.nn.Module, content: str) -> list[tuple[str, str]]:
     """(fingerprint, content digest) pairs earlier spurfast versions gave this source and
     these models: the fingerprint of their weights alone; the digest sampled 8 items, and
-    folder ids were paths as spelled.  ``content``: the source's `content_digest` where the
-    caller has it (one stat per file of a folder pool, or a hash of every image held in memory:
-    not to be made twice at a run's start)."""
+    folder ids were paths as spelled.  ``content``: the source's `content_digest`, which every
+    caller has already made (one stat per file of a folder pool, or a hash of every image held
+    in memory: not to be made twice at a run's start)."""
     old = _PathIds(source) if getattr(source, "paths", None) is not None else source
     # and before the models' code and configuration joined the fingerprint (those stores and
     # runs cannot tell a model re-exported with the same weights from the old one)
-    return [(weights_fingerprint(source, *models), content if content is not None else content_digest(source)),
+    return [(weights_fingerprint(source, *models), content),
             (weights_fingerprint(old, *models), sampled_digest(old))]
 
 
