@@ -223,12 +223,17 @@ def _need_number(v, what: str, text: bool = True) -> None:
     raise ValueError(f"{what} is {json.dumps(v, default=repr)}, expected a number")
 
 
+def _escaped(v) -> str:
+    """``v`` as text (`_text`), escaped for the page: quotes too, since values land in attributes."""
+    return html.escape(_text(v), quote=True)
+
+
 def _membership(f: dict) -> str:
     """A finding's members as the score counts them, escaped.  "Unrelated" is labelled
     another class, or unlabelled and not a suspect (`spurfast.scoring.unrelated_to_class`):
     "of another class" said that of unlabelled members nobody had labelled, mostly the class
     itself in an unlabelled folder pool."""
-    e = lambda v: html.escape(_text(v), quote=True)  # noqa: E731
+    e = _escaped
     return (f"{e(f.get('n_unrelated', '?'))} unrelated to class {e(f['class'])}: labelled another class, or "
             f"unlabelled and not suspect; {e(f.get('n_suspect', '?'))} suspect samples")
 
@@ -238,7 +243,7 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
     out_dir = Path(out_dir)
     _check_document(doc, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)   # a new folder: without clusters (no plot) nothing made it
-    e = lambda v: html.escape(_text(v), quote=True)  # noqa: E731
+    e = _escaped
     disc = doc["config"].get("discover") or {}
     fdr = float(disc.get("fdr", 0.05))   # "0.05" too (plot_scores compares it)
     # what a score sums (runs before the statistic was recorded used the share)
