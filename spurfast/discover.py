@@ -176,6 +176,7 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
                          f"needs at least 2 (each image's latent neighbours are others)")
     z = _standardise(mu[valid])
     g = pred[valid]
+    labels_valid = labels[valid]
     kw = dict(k=config.k, min_cluster_size=config.min_cluster_size, max_mean_cluster_size=config.max_mean_cluster_size,
               max_k=config.max_k, statistic=config.statistic,
               n_iter=config.n_iter,
@@ -200,7 +201,7 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
             # rounding of its own, so a null is not resumed under another number of ranks
             from .distributed import world_size
             settings["kmeans_ranks"] = world_size()
-        work = DiscoveryWork(work_dir, work_key(dict(g=g, labels=labels[valid], top2=top2, unknown_ok=unknown_ok),
+        work = DiscoveryWork(work_dir, work_key(dict(g=g, labels=labels_valid, top2=top2, unknown_ok=unknown_ok),
                                                 settings), nkey)
     # one call each, minutes at ImageNet scale on a CPU: a bar per step says which is running
     with tqdm(total=len(z), desc="latent neighbours", unit="img", disable=not progress, leave=False) as step:
@@ -208,7 +209,7 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
             return latent_neighbours(z, config.n_neighbours, device=config.device)
         nbrs = work.neighbours(search) if work is not None else search()
         step.update(len(z))
-    args = (top2, labels[valid], n_classes, nbrs, unknown_ok)
+    args = (top2, labels_valid, n_classes, nbrs, unknown_ok)
     with tqdm(total=len(z), desc="clustering", unit="img", disable=not progress, leave=False) as step:
         real = cluster_and_score(z, g, *args, seed=config.seed, **kw)
         step.update(len(z))
@@ -256,7 +257,6 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
     findings, rankings = _merge_and_expand(sig, z, valid, g, store.n, spill_dir=work_dir)
     zfull = np.zeros((store.n, z.shape[1]), np.float32)
     zfull[valid] = z
-    labels_valid = labels[valid]
     for f in findings:
         members = np.asarray(f["members"], dtype=np.int64)
         f["exemplars"] = exemplars(zfull, members, config.n_exemplars).tolist()
