@@ -27,6 +27,7 @@ def cpu_model() -> str:
     differ between an AMD EPYC and the earlier machine, both "AVX512" to torch), so cached
     models are keyed by it."""
     import platform
+    import re
 
     fields = {}
     try:
@@ -38,7 +39,11 @@ def cpu_model() -> str:
                 fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
+    # POWER names its generation in "cpu" ("POWER9 (raw), altivec supported"); s390x gives its
+    # machine type inside "processor 0" ("version = FF, identification = ..., machine = 8561")
+    s390 = re.search(r"machine\s*=\s*(\w+)", fields.get("processor 0", ""))
+    name = (fields.get("model name") or fields.get("cpu") or (s390 and f"s390x machine {s390.group(1)}")
+            or platform.processor() or platform.machine() or "unknown")
     # x86 names its generation by family / model / stepping; ARM has no "model name" and says it
     # by implementer / part (every aarch64 processor was one "aarch64": Graviton2 and 3 alike)
     keys = ("cpu family", "model", "stepping", "CPU implementer", "CPU architecture", "CPU variant", "CPU part",

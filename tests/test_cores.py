@@ -75,3 +75,29 @@ def test_cpu_model_tells_arm_processors_apart(monkeypatch):
                             if f == "/proc/cpuinfo" else real_open(f, *a, **k))
         names.append(cores.cpu_model())
     assert names[0] != names[1] and "part 0xd0c" in names[0] and "implementer 0x41" in names[0]
+
+
+def test_cpu_model_tells_power_and_s390x_processors_apart(monkeypatch):
+    """POWER names its generation in the "cpu" field and s390x its machine type inside
+    "processor 0": neither has a model name, and every POWER host was one "ppc64le"."""
+    import builtins
+    import io
+    import platform
+
+    from spurfast import cores
+
+    real_open = builtins.open
+    monkeypatch.setattr(platform, "processor", lambda: "ppc64le")
+    texts = {"POWER8": "processor\t: 0\ncpu\t\t: POWER8E (raw), altivec supported\nrevision\t: 2.1\n\n",
+             "POWER9": "processor\t: 0\ncpu\t\t: POWER9 (raw), altivec supported\nrevision\t: 2.2\n\n",
+             "z15": "vendor_id       : IBM/S390\n# processors    : 4\nprocessor 0: version = 00,  identification = "
+                    "1A2B3C,  machine = 8561\n\n",
+             "z16": "vendor_id       : IBM/S390\n# processors    : 4\nprocessor 0: version = 00,  identification = "
+                    "1A2B3C,  machine = 3931\n\n"}
+    names = {}
+    for gen, text in texts.items():
+        monkeypatch.setattr(builtins, "open", lambda f, *a, text=text, **k: io.StringIO(text)
+                            if f == "/proc/cpuinfo" else real_open(f, *a, **k))
+        names[gen] = cores.cpu_model()
+    assert names["POWER8"].startswith("POWER8E") and names["POWER9"].startswith("POWER9"), names
+    assert names["z15"] == "s390x machine 8561" and names["z16"] == "s390x machine 3931", names

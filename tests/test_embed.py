@@ -781,3 +781,92 @@ def test_a_store_fingerprinted_by_the_weights_alone_resumes(tmp_path):
     (tmp_path / "s" / MANIFEST).write_text(json.dumps(manifest))
     assert embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, progress=False).complete
     assert json.loads((tmp_path / "s" / MANIFEST).read_text())["fingerprint"] == fingerprint(src, clf, vae)
+
+
+class _Shifted(torch.nn.Module):
+    """SmallCNN's parameters by name, on its input less a shift kept as a plain attribute
+    (an input mean saved as a tensor or a float, not a buffer)."""
+
+    def __init__(self, net, shift):
+        super().__init__()
+        self.net = net
+        self.shift = shift
+
+    def forward(self, x):
+        return self.net(x - self.shift)
+
+
+@pytest.mark.parametrize("kind", ["module", "script", "trace"])
+@pytest.mark.parametrize("as_tensor", [True, False])
+def test_a_model_with_another_attribute_is_another_model(tmp_path, kind, as_tensor):
+    """The fingerprint missed a plain attribute and a trace's constants (CONSTANTS.c0): a store
+    begun with one input shift was resumed with another, mixing the two models' rows."""
+    from spurfast.embed import fingerprint
+
+    src, clf, vae = _setup(16)
+    models = []
+    for shift in (0.0, 0.5):
+        m = _Shifted(clf, torch.tensor(shift) if as_tensor else shift).eval()
+        if kind == "script":
+            m = torch.jit.script(m)
+        elif kind == "trace":
+            m = torch.jit.trace(m, src.images[:2])
+        models.append(m)
+    a, b = models
+    assert not torch.allclose(a(src.images[:4]), b(src.images[:4]))
+    assert fingerprint(src, a, vae) != fingerprint(src, b, vae)
+    embed_pool(src, a, vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False, stop_after=1)
+    with pytest.raises(ValueError, match="made with other models"):
+        embed_pool(src, b, vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False)
+    # ... and a store of a model is its own: the same model again resumes it
+    assert embed_pool(src, a, vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False).complete
+
+
+def test_a_store_fingerprinted_before_the_attributes_resumes(tmp_path):
+    from spurfast.embed import MANIFEST, fingerprint
+
+    src, clf, vae = _setup()
+    embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=16, progress=False, stop_after=1)
+    manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
+    old = fingerprint(src, clf, vae, attributes=False)   # as the twenty-seventh session wrote it
+    assert old != manifest["fingerprint"]
+    manifest["fingerprint"] = old
+    (tmp_path / "s" / MANIFEST).write_text(json.dumps(manifest))
+    assert embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, progress=False).complete
+    assert json.loads((tmp_path / "s" / MANIFEST).read_text())["fingerprint"] == fingerprint(src, clf, vae)
+
+
+def test_a_quantized_classifier_is_fingerprinted_by_its_packed_weights(tmp_path):
+    """A dynamically quantized model's state_dict holds a dtype and a tuple: the fingerprint
+    failed with "'tuple' object has no attribute 'detach'", naming neither model nor key."""
+    import warnings
+
+    from spurfast.embed import fingerprint
+
+    src, _, vae = _setup(16)
+    quantized = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 32), torch.nn.ReLU(),
+                                  torch.nn.Linear(32, 4)).eval()
+        with warnings.catch_warnings():   # torch.ao's eager quantization is deprecated in favour of torchao
+            warnings.simplefilter("ignore")
+            quantized.append(torch.ao.quantization.quantize_dynamic(net, {torch.nn.Linear}, dtype=torch.qint8))
+    a, b = quantized
+    assert fingerprint(src, a, vae) == fingerprint(src, a, vae) != fingerprint(src, b, vae)
+    assert embed_pool(src, a, vae, tmp_path / "s", num_classes=4, progress=False).complete
+
+
+def test_a_state_dict_entry_that_cannot_be_fingerprinted_is_named():
+    from spurfast.embed import fingerprint
+
+    class Odd(torch.nn.Module):
+        def get_extra_state(self):
+            return {"opaque": object()}
+
+        def set_extra_state(self, state):
+            pass
+
+    src, clf, vae = _setup(4)
+    with pytest.raises(ValueError, match=r"state_dict entry '_extra_state': a dict, expected tensors"):
+        fingerprint(src, Odd(), vae)
