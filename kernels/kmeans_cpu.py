@@ -204,8 +204,13 @@ def _offsets(offsets, N: int) -> np.ndarray:
     t = torch.as_tensor(offsets)
     check_integers(t, "offsets")   # the int64 cast below truncated 2.5 to 2 silently
     off = np.ascontiguousarray(t.cpu().numpy(), dtype=np.int64)
-    if off.ndim != 1 or len(off) < 1 or off[0] != 0 or off[-1] != N or (np.diff(off) < 0).any():
+    if off.ndim != 1 or len(off) < 1 or off[0] != 0 or off[-1] != N:
         raise ValueError(f"offsets must be nondecreasing from 0 to N={N}, got {off[:3]}...{off[-3:]}")
+    drop = np.flatnonzero(np.diff(off) < 0)
+    if len(drop):   # the ends alone hid a decrease in the middle
+        g = int(drop[0])
+        raise ValueError(f"offsets must be nondecreasing from 0 to N={N}, got offsets[{g}] = {off[g]} > "
+                         f"offsets[{g + 1}] = {off[g + 1]} (group {g} of size {off[g + 1] - off[g]})")
     return off
 
 

@@ -311,8 +311,8 @@ def centred_latents(z: torch.Tensor) -> torch.Tensor:
     cancellation), as every latent_knn provider ranks it, after refusing rows with NaN or
     inf and rows too large for fp32 distances once centred."""
     zt = torch.as_tensor(z).detach()
-    if zt.dim() != 2:
-        raise ValueError(f"z must be (n, d), got shape {tuple(zt.shape)}")
+    if zt.dim() != 2 or (zt.shape[1] == 0 and zt.shape[0] > 0):   # d = 0 failed in torch.unique, naming nothing
+        raise ValueError(f"z must be (n, d) with d >= 1, got shape {tuple(zt.shape)}")
     # float64 is centred before the fp32 cast: cast first, z = 1e8 + noise lost its spread
     # (fp32's step is 8 there) and every row's neighbours came out as the lowest indices
     zt = zt if zt.dtype == torch.float64 else zt.float()

@@ -167,9 +167,16 @@ def resolve(op: str, backend: str | None = None, device: str | None = None) -> t
     raise BackendUnavailable(f"no backend for {op!r} is available" + (f" for {device} tensors" if device else ""))
 
 
+def _device_type(a) -> str | None:
+    """The device type ("cpu", "cuda") of an argument with a device: a numpy 2 array's
+    .device is the string "cpu" itself (``.device.type`` raised an AttributeError for it)."""
+    dev = getattr(a, "device", None)
+    return dev if isinstance(dev, str) else getattr(dev, "type", None)
+
+
 def call(op: str, *args, backend: str | None = None, **kwargs):
     """Run ``op`` with the provider chosen for the device of its first tensor argument."""
-    device = next((a.device.type for a in args if hasattr(a, "device")), None)
+    device = next(filter(None, map(_device_type, args)), None)
     return resolve(op, backend, device)[1](*args, **kwargs)
 
 

@@ -7,6 +7,7 @@ similarity) go through `spurfast.backends`, whose providers share the signatures
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,6 +92,18 @@ class Solo:
 
 
 SOLO = Solo()
+
+
+def check_seed(seed) -> int:
+    """``seed`` as an int in [0, 2**64): torch's generator refused 2**64 with "Overflow when
+    unpacking long long", naming nothing, and ran 1.7 as 1."""
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        value = None
+    if value is None or isinstance(seed, bool) or not 0 <= value < 2 ** 64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    return value
 
 
 def check_input(x: torch.Tensor, groups, k_per_group, n_groups: int | None = None, init=None):
@@ -179,6 +192,7 @@ def batched_kmeans(
     # nor are starting centroids: an init that requires grad gave centroids that did too
     # (their .numpy() raised, and every iteration's torch.where joined an autograd graph)
     init = None if init is None else torch.as_tensor(init).detach()
+    seed = check_seed(seed)
     if kmeans_hook is not None:
         return kmeans_hook(x, groups, k_per_group, n_groups=n_groups, n_iter=n_iter, tol=tol, seed=seed,
                            metric=metric, init=init, backend=backend)

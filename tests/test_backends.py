@@ -146,3 +146,13 @@ def test_the_assignments_own_variable_beats_the_global_one_in_every_iteration(mo
     assert "kmeans_cpu.kmeans_assign_update" not in calls, calls
     assert calls.get("reference.kmeans_assign", 0) >= res.n_iter, calls
     assert calls.get("kmeans_cpu.kmeans_update", 0) >= 1, calls     # the update follows the global variable
+
+
+def test_call_takes_the_device_of_a_numpy_argument():
+    """numpy 2 arrays have .device == "cpu", a string: call() raised "'str' object has no
+    attribute 'type'" where the providers take numpy themselves."""
+    import numpy as np
+
+    z = np.random.default_rng(0).standard_normal((20, 3)).astype(np.float32)
+    got = backends.call("latent_knn", z, 3)
+    assert_equal_int(torch.as_tensor(got), ref.latent_knn(torch.from_numpy(z), 3), "latent_knn through call()")

@@ -751,3 +751,19 @@ def test_knn_measures_each_duplicated_latent_once_as_the_reference(threading_mod
     # are uncertain too: their k-th candidate ties with copies left out)
     assert sum(rows) >= 850, f"only {sum(rows)} rows measured again (the copies are not certain)"
     assert sum(points) <= sum(rows) - 848, f"{sum(points)} latents measured for {sum(rows)} rows"
+
+
+@needs_kernel
+def test_the_cpu_kernels_name_a_decrease_inside_the_offsets():
+    """The message showed the offsets' first and last three entries: a decrease in the middle
+    was invisible in it."""
+    x = torch.zeros(20, 4)
+    off = torch.tensor([0, 2, 4, 6, 9, 8, 12, 14, 16, 18, 20])
+    with pytest.raises(ValueError, match=r"offsets\[4\] = 9 > offsets\[5\] = 8 \(group 4 of size -1\)"):
+        kcpu.kmeans_assign(x, off, torch.zeros(10, 2, 4), torch.full((10,), 2))
+
+
+@needs_kernel
+def test_the_cpu_knn_refuses_latents_without_dimensions():
+    with pytest.raises(ValueError, match=r"z must be \(n, d\) with d >= 1, got shape \(40, 0\)"):
+        kcpu.latent_knn(torch.zeros(40, 0), 3)

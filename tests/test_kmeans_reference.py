@@ -1122,3 +1122,28 @@ def test_batched_kmeans_takes_numpy_points_and_starting_centroids():
     init = want.centroids.numpy()
     again = batched_kmeans(x, groups, [2, 3], init=init)
     assert torch.equal(again.assign, want.assign)
+
+
+@pytest.mark.parametrize("n", [5, 40])
+def test_latent_knn_refuses_latents_without_dimensions(n):
+    """z of shape (n, 0): n = 40 failed inside torch.unique ("There are 0 sized dimensions..."),
+    naming neither z nor its shape; n = 5 returned arbitrary neighbours."""
+    with pytest.raises(ValueError, match=rf"z must be \(n, d\) with d >= 1, got shape \({n}, 0\)"):
+        ref.latent_knn(torch.zeros(n, 0), 3)
+
+
+@pytest.mark.parametrize("seed", [2 ** 64, -1, 1.7, "3", True])
+def test_batched_kmeans_names_a_bad_seed(seed):
+    """2**64 failed with "Overflow when unpacking long long", naming nothing; 1.7 ran as seed 1."""
+    x = torch.randn(30, 2)
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*64\), got"):
+        batched_kmeans(x, torch.zeros(30, dtype=torch.long), [3], n_groups=1, seed=seed)
+
+
+def test_batched_kmeans_takes_any_integer_seed_below_2_64():
+    x = torch.randn(30, 2)
+    g = torch.zeros(30, dtype=torch.long)
+    a = batched_kmeans(x, g, [3], n_groups=1, seed=np.int64(7))
+    b = batched_kmeans(x, g, [3], n_groups=1, seed=7)
+    assert torch.equal(a.assign, b.assign)
+    batched_kmeans(x, g, [3], n_groups=1, seed=2 ** 64 - 1)
