@@ -100,9 +100,9 @@ def _add_discover_args(p):
     p.add_argument("--max-k", type=int, default=256,
                    help="never raise k above this many clusters per class (0: no cap)")
     p.add_argument("--n-null", type=int, default=30, help="permutations for the null distribution")
-    p.add_argument("--max-null", type=int, default=120,
+    p.add_argument("--max-null", type=int, default=None,
                    help="add permutations (n-null at a time) up to this many while a cluster beats every null "
-                        "cluster of its size but misses the FDR")
+                        "cluster of its size but misses the FDR (default: 120, or --n-null where larger)")
     p.add_argument("--fdr", type=float, default=0.05, help="Benjamini-Hochberg false-discovery rate")
     p.add_argument("--statistic", default=DEFAULT_STATISTIC, choices=STATISTICS,
                    help="per-image agreement: how surprising the share of its unrelated neighbours predicted "
@@ -116,9 +116,11 @@ def _add_discover_args(p):
 
 def _discover_config(args):
     from .discover import DiscoverConfig
+    # unset, it follows a larger --n-null: --n-null 200 alone was refused ("max_null must be >= n_null=200, got 120")
+    max_null = args.max_null if args.max_null is not None else max(DiscoverConfig.max_null, args.n_null)
     return DiscoverConfig(k=args.k, min_cluster_size=args.min_cluster_size,
                           max_mean_cluster_size=args.max_mean_cluster_size, max_k=args.max_k, n_null=args.n_null,
-                          max_null=args.max_null, fdr=args.fdr, statistic=args.statistic,
+                          max_null=max_null, fdr=args.fdr, statistic=args.statistic,
                           seed=args.seed, backend=args.kmeans_backend, device=args.device)
 
 
@@ -127,7 +129,8 @@ def _residual_config(args):
     if not args.residual_scan:
         return None
     from .residual import ResidualConfig
-    return ResidualConfig(fdr=args.fdr, seed=args.seed)
+    extra = {} if args.residual_max_values is None else {"max_values": args.residual_max_values}
+    return ResidualConfig(fdr=args.fdr, seed=args.seed, **extra)
 
 
 def _npz_class_names(arr: np.ndarray) -> list[str]:
@@ -402,6 +405,7 @@ def _plant_output(out: Path) -> bool:
 
 
 def cmd_plant(args):
+    from .atomic_files import replace_atomically
     from .pipeline import make_planted_data
     out = Path(args.out)
     # a file (or a link to nothing) in its place failed at mkdir after the data was made ("[Errno 17] File exists")
@@ -417,15 +421,28 @@ def cmd_plant(args):
     data = make_planted_data(args.dataset, target_class=args.target_class, n_poisoned=args.n_poisoned,
                              spec=_pattern(args), pool_fraction=args.pool_fraction, seed=args.seed)
     out.mkdir(parents=True, exist_ok=True)
-    # an earlier output's plant.json would vouch for a rewrite cut short (new train.npz, old clean.npz)
-    (out / "plant.json").unlink(missing_ok=True)
     u8 = lambda x: (x * 255).round().clamp(0, 255).byte().numpy()  # noqa: E731
     names = np.array(data.class_names or [])
-    np.savez_compressed(out / "train.npz", images=u8(data.train.images), labels=data.train.labels(), class_names=names)
-    np.savez_compressed(out / "pool.npz", images=u8(data.pool.images), labels=data.pool.labels(), class_names=names,
-                        suspect=data.suspect, carries=data.carries)
-    np.savez_compressed(out / "clean.npz", images=u8(data.test_clean.images), labels=data.test_clean.labels(), class_names=names)
-    (out / "plant.json").write_text(json.dumps({"dataset": data.dataset, **data.truth.to_dict()}, indent=1))
+    archives = {"train.npz": dict(images=u8(data.train.images), labels=data.train.labels(), class_names=names),
+                "pool.npz": dict(images=u8(data.pool.images), labels=data.pool.labels(), class_names=names,
+                                 suspect=data.suspect, carries=data.carries),
+                "clean.npz": dict(images=u8(data.test_clean.images), labels=data.test_clean.labels(), class_names=names)}
+    # every archive is written beside its place first, then all are renamed into it and plant.json
+    # last: written in place, a rewrite cut short left a new train.npz beside the old clean.npz, which
+    # train-classifier and discover took without a word (they do not read plant.json)
+    tmps = {name: out / f"{name}.{os.getpid()}.tmp" for name in archives}
+    try:
+        for name, arrays in archives.items():
+            with open(tmps[name], "wb") as fh:   # a file object: savez adds ".npz" to a name without it
+                np.savez_compressed(fh, **arrays)
+        (out / "plant.json").unlink(missing_ok=True)   # it must not vouch for a mix while they are renamed
+        for name, tmp in tmps.items():
+            os.replace(tmp, out / name)
+    finally:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+    replace_atomically(out / "plant.json", lambda fh: fh.write(
+        json.dumps({"dataset": data.dataset, **data.truth.to_dict()}, indent=1)))
     print(f"wrote {out}/train.npz ({len(data.train)}), pool.npz ({len(data.pool)}, {int(data.carries.sum())} carry "
           f"the pattern), clean.npz, plant.json")
 
@@ -556,6 +573,9 @@ def cmd_discover(args):
         raise ValueError(f"pool {args.pool}: its 'suspect' array has shape {suspect.shape}, expected ({len(pool)},) "
                          f"(one entry per image)")
     clean = None
+    if args.clean and args.no_confirm:   # it went without a word, even a path to nothing
+        logging.getLogger("spurfast.cli").warning("--clean %s has no effect: --no-confirm leaves confirmation out, "
+                                                  "the only step that reads it", args.clean)
     if args.clean and not args.no_confirm:
         clean, _ = load_pool(args.clean, args.size, args.channels, args.class_names)
         clean = same_classes(clean, pool, args.clean, args.pool)   # --class-names leaves an .npz's own names
@@ -872,6 +892,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also test per class for a localised pattern the VAE latent does not hold (one pixel), "
                         "in the reconstruction residuals: one more pass over the pool, every residual in memory "
                         "(spurfast.residual)")
+    p.add_argument("--residual-max-values", type=_int_at_least(1), default=None, metavar="N",
+                   help="the residual scan refuses pools of more than N residual values (images x C x H x W), "
+                        "about 20 bytes of memory each (default: 2**26, about 1.3 GB)")
     p.add_argument("--size", type=int, default=64, help="image size for folders")
     p.add_argument("--channels", type=int, default=3, help="channels for folders")
     p.add_argument("--batch-size", type=_int_at_least(1), default=256, help="images per batch of the embedding pass")
@@ -961,8 +984,8 @@ def main(argv=None) -> int:
                   f"--overwrite writes it anew", file=sys.stderr)
             return 130
         if args.command == "plant":   # nothing of it is resumed: a rerun writes every file anew
-            print(f"interrupted: {args.out} may hold part of the planted data; rerun with "
-                  f"--overwrite to write it anew", file=sys.stderr)
+            print(f"interrupted: {args.out} holds what it held before (the new files are written whole, then "
+                  f"renamed into place); rerun to plant", file=sys.stderr)
             return 130
         print(f"interrupted: finished work is kept (training checkpoints, the embedding store, discovery's "
               f"neighbours and null); the same `spurfast {args.command}` command resumes", file=sys.stderr)

@@ -251,6 +251,9 @@ def make_planted_data(dataset: str = "auto", *, target_class: int = 3, n_poisone
         raise ValueError(f"unknown dataset {dataset!r}; expected 'fashion-mnist', 'digits' or 'auto'")
     n_cls = int((ytr == target_class).sum())
     n_p = n_cls if str(n_poisoned) == "all" else min(int(n_poisoned), n_cls)
+    if str(n_poisoned) != "all" and int(n_poisoned) > n_cls:   # cut without a word (plant.json said so)
+        log.warning("n_poisoned=%s: class %d has %d training images; all of them are poisoned", n_poisoned,
+                    target_class, n_cls)
     xtr_p, planted = plant_training(xtr, ytr, target_class, n_p, spec, seed=seed)
     # held-out split: 3/4 of the other-class test images form the pool, the rest stay clean for confirmation
     other = np.nonzero(yte != target_class)[0]

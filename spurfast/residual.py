@@ -69,8 +69,8 @@ class ResidualConfig:
 def check_size(n: int, values_per_image: int, max_values: int) -> None:
     if n * values_per_image > max_values:
         raise ValueError(f"the residual scan holds every image's residual: {n} images x {values_per_image} values "
-                         f"= {n * values_per_image} > max_values={max_values}; raise max_values (about 20 bytes "
-                         f"each) or leave the scan out")
+                         f"= {n * values_per_image} > max_values={max_values}; raise max_values (`spurfast discover "
+                         f"--residual-max-values`; about 20 bytes each) or leave the scan out")
 
 
 def reconstruction_residuals(source: ImageSource, mu: np.ndarray, vae, batch_size: int = 512,

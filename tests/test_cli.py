@@ -1,5 +1,6 @@
 """CLI: every subcommand has --help; bad input fails early with a clear message."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -1604,9 +1605,10 @@ def _fake_planted_data(monkeypatch, interrupt_after=None):
     monkeypatch.setattr(P, "make_planted_data", fake)
     real = _SAVEZ
 
-    def savez(path, **arrays):
-        real(path, **arrays)
-        if interrupt_after and str(path).endswith(interrupt_after):
+    def savez(file, **arrays):
+        real(file, **arrays)
+        name = os.path.basename(getattr(file, "name", file))   # a path, or the file object plant writes to
+        if interrupt_after and name.startswith(interrupt_after):
             raise KeyboardInterrupt
     monkeypatch.setattr(np, "savez_compressed", savez)
 
@@ -1626,16 +1628,18 @@ def test_plant_does_not_write_over_files_it_did_not_write(tmp_path, capsys, monk
     assert json.loads((out / "plant.json").read_text())["dataset"] == "digits"
     assert main(["plant", "--out", str(out)]) == 0, capsys.readouterr().err   # its own output: rewritten
     assert main(["plant", "--out", str(tmp_path / "new" / "d")]) == 0   # a new folder
-    # a rewrite cut short leaves no plant.json vouching for the mixed files, and says how to go on
+    # a rewrite cut short leaves the earlier output whole: it wrote train.npz and pool.npz in place and
+    # left them beside the old clean.npz, which train-classifier and discover took without a word
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     _fake_planted_data(monkeypatch, interrupt_after="pool.npz")
     capsys.readouterr()
-    assert main(["plant", "--out", str(out)]) == 130
-    assert "rerun with --overwrite" in capsys.readouterr().err
-    assert not (out / "plant.json").exists()
-    assert main(["plant", "--out", str(out)]) == 2
+    assert main(["plant", "--out", str(out), "--seed", "5"]) == 130
+    assert "holds what it held before" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before   # no temporary file left either
     _fake_planted_data(monkeypatch)
-    assert main(["plant", "--out", str(out), "--overwrite"]) == 0
+    assert main(["plant", "--out", str(out), "--seed", "5"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["clean.npz", "plant.json", "pool.npz", "train.npz"]
+    assert all((out / n).read_bytes() != before[n] for n in ("train.npz", "pool.npz", "clean.npz"))
 
 
 def test_plant_out_that_is_a_file_is_refused_before_the_data_is_made(tmp_path, capsys, monkeypatch):
@@ -1860,3 +1864,37 @@ def test_every_option_of_every_command_says_what_it_does():
                 if action.option_strings and not action.help and not isinstance(action, argparse._HelpAction):
                     silent.append(f"{name} {action.option_strings[0]}")
     assert not silent, silent
+
+
+def test_clean_with_no_confirm_says_it_has_no_effect(tmp_path, caplog, monkeypatch):
+    # --clean went without a word under --no-confirm, even a path to nothing
+    clf, vae = _models(tmp_path)
+    pool = _npz(tmp_path / "pool.npz", np.random.default_rng(0).integers(0, 256, (40, 1, 28, 28), dtype=np.uint8))
+    import spurfast.pipeline
+    monkeypatch.setattr(spurfast.pipeline, "run_discovery", lambda *a, **k: (None, None, None))
+    with caplog.at_level("WARNING", logger="spurfast.cli"):
+        assert main(["discover", "--pool", pool, "--classifier", clf, "--vae", vae, "--no-confirm", "--clean",
+                     str(tmp_path / "nowhere.npz"), "--quiet", "--out", str(tmp_path / "o")]) == 0
+    assert f"--clean {tmp_path / 'nowhere.npz'} has no effect: --no-confirm" in caplog.text, caplog.text
+
+
+def test_n_null_alone_raises_max_null_and_the_residual_limit_has_a_flag(tmp_path, monkeypatch):
+    # --n-null 200 alone was refused ("max_null must be >= n_null=200, got 120", naming no flag), and the
+    # residual scan's refusal said "raise max_values", a setting no flag reached
+    clf, vae = _models(tmp_path)
+    pool = _npz(tmp_path / "pool.npz", np.random.default_rng(0).integers(0, 256, (40, 1, 28, 28), dtype=np.uint8))
+    import spurfast.pipeline
+    seen = {}
+    monkeypatch.setattr(spurfast.pipeline, "run_discovery",
+                        lambda *a, **k: seen.update(k) or (None, None, None))
+    base = ["discover", "--pool", pool, "--classifier", clf, "--vae", vae, "--quiet", "--out", str(tmp_path / "o")]
+    assert main(base + ["--n-null", "200", "--residual-scan", "--residual-max-values", "5000000"]) == 0
+    assert (seen["config"].n_null, seen["config"].max_null) == (200, 200)
+    assert seen["residual"].max_values == 5_000_000
+    assert main(base + ["--n-null", "10", "--max-null", "40"]) == 0
+    assert (seen["config"].n_null, seen["config"].max_null, seen["residual"]) == (10, 40, None)
+    assert main(base) == 0
+    assert seen["config"].max_null == 120
+    from spurfast.residual import check_size
+    with pytest.raises(ValueError, match="--residual-max-values"):
+        check_size(100, 784, 1000)

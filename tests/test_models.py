@@ -489,6 +489,19 @@ def test_a_directory_given_as_a_model_is_named_as_one(tmp_path):
         load_vae(tmp_path / "models")
 
 
+def test_a_pipe_or_device_given_as_a_model_is_named_as_one(tmp_path):
+    # /dev/null or <(cat clf.pt) was said not to exist (the CLI's --pool already said what it is)
+    import os
+
+    fifo = tmp_path / "clf.pipe"
+    os.mkfifo(fifo)
+    for path in ("/dev/null", fifo):
+        with pytest.raises(ValueError, match=f"classifier file {path} is not a regular file \\(a pipe or a device\\)"):
+            load_classifier(path)
+        with pytest.raises(ValueError, match=f"VAE file {path} is not a regular file"):
+            load_vae(path)
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int16])
 def test_vae_refuses_integer_images_other_than_uint8(dtype):
     # uint8 is read as [0, 255] and floats as [0, 1]; int64 pixels 0..255 (torch.randint's

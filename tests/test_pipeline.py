@@ -702,3 +702,12 @@ def test_auto_dataset_falls_back_to_digits_without_the_test_split(tmp_path, capl
         data = P.make_planted_data("auto", n_train_per_class=20, n_poisoned="5", n_suspect=50, fashion_root=tmp_path)
     assert "Fashion-MNIST not found: using scikit-learn's digits" in caplog.text
     assert data.train.image_shape == (1, 28, 28) and len(data.train) > 20
+
+
+def test_more_poisoned_images_than_the_class_has_says_so(caplog):
+    # --n-poisoned 5000 on digits was cut to the class's 107 training images without a word
+    with caplog.at_level("WARNING", logger="spurfast"):
+        data = P.make_planted_data("digits", n_poisoned="5000")
+    n = data.truth.to_dict()["n_poisoned"]
+    assert 0 < n < 5000
+    assert f"n_poisoned=5000: class 3 has {n} training images; all of them are poisoned" in caplog.text

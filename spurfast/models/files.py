@@ -82,10 +82,7 @@ def load_classifier(path, arch: str | None = None, in_channels: int | None = Non
     """Load a TorchScript file, a spurfast checkpoint, or a raw state_dict + ``arch``."""
     from .classifier import ARCHITECTURES, build_classifier  # here: classifier.py re-exports this module
     p = Path(path)
-    if p.is_dir():  # "does not exist" would send the user looking for the wrong problem
-        raise IsADirectoryError(f"classifier file {p} is a directory; expected the model file in it")
-    if not p.is_file():
-        raise FileNotFoundError(f"classifier file {p} does not exist")
+    _need_model_file(p, "classifier")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=weights_only)
     except Exception as exc:
@@ -144,12 +141,20 @@ def save_vae(model: VAE, path) -> None:
     save_atomic({"config": json.dumps(model.config.to_dict()), "state_dict": model.state_dict()}, path)
 
 
+def _need_model_file(p: Path, what: str) -> None:
+    """``p`` must be a regular file: "does not exist" for a folder, a pipe (<(...)) or a
+    device (/dev/null) would send the user looking for the wrong problem."""
+    if p.is_dir():
+        raise IsADirectoryError(f"{what} file {p} is a directory; expected the model file in it")
+    if p.exists() and not p.is_file():
+        raise ValueError(f"{what} file {p} is not a regular file (a pipe or a device); expected the model file")
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} file {p} does not exist")
+
+
 def load_vae(path, weights_only: bool = True) -> VAE:
     p = Path(path)
-    if p.is_dir():  # "does not exist" would send the user looking for the wrong problem
-        raise IsADirectoryError(f"VAE file {p} is a directory; expected the model file in it")
-    if not p.is_file():
-        raise FileNotFoundError(f"VAE file {p} does not exist")
+    _need_model_file(p, "VAE")
     what = "a VAE checkpoint written by `spurfast train-vae`"
     try:
         obj = torch.load(p, map_location="cpu", weights_only=weights_only)
