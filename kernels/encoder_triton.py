@@ -8,8 +8,9 @@ What is fused
   padding handled by the load mask; no im2col buffer ever exists in global memory.
   Layers after the first walk K one filter tap at a time over contiguous channels of the
   channels-last activation, so A loads vectorise and Triton software-pipelines the loop
-  (checked with triton 3.8 by compiling for sm_90 without a GPU: 3-4 shared-memory
-  stages, vs. 1 for a flat (kh, kw, c_in) K loop whose gathers do not vectorise); the first
+  (checked with triton 3.8 by compiling for sm_90 without a GPU, `compile_for`: 3-4
+  shared-memory stages, vs. 1 for a flat (kh, kw, c_in) K loop whose gathers do not
+  vectorise; every kernel also compiles with triton 3.6, the H200's); the first
   layer (1 or 3 channels) packs all taps x channels densely into one K loop instead.
   Bias + activation (relu / leaky_relu 0.2 / silu) run in the epilogue on the fp32
   accumulator, and the result is stored once in the compute dtype.
@@ -304,14 +305,24 @@ def _interp_blocks(m: int, n: int, k: int) -> dict:
             "BLOCK_K": min(512, max(16, triton.next_power_of_2(k)))}
 
 
-def _fixed_gpu_blocks(m: int, n: int, k_step: int) -> dict:
-    """One reasonable GPU configuration without autotuning (SPURFAST_TRITON_AUTOTUNE=0):
-    each config costs a compile per layer shape and dtype, which dominates short runs such
-    as the GPU tests; speed measurements keep autotuning on."""
-    return {"BLOCK_M": 64 if m <= 4096 else 128,
-            "BLOCK_N": min(128, max(16, triton.next_power_of_2(n))),
-            "BLOCK_K": min(64, max(16, triton.next_power_of_2(k_step))),
-            "num_warps": 4, "num_stages": 3}
+def _fixed_gpu_blocks(n: int, k_step: int, compute: torch.dtype) -> dict:
+    """One GPU configuration without autotuning (SPURFAST_TRITON_AUTOTUNE=0): each config
+    costs a compile per layer shape and dtype, which dominates short runs such as the GPU
+    tests; speed measurements keep autotuning on.  Sized to spill no register on sm_80 and
+    sm_90 (`compile_for`; tests/test_encoder_triton.py): fp32 multiplies on the FMA units
+    with both tiles and the accumulator in registers, so its tiles are smaller (the earlier
+    128 x 128 x 64 tile spilled up to 10 KiB a thread on fp32 layers)."""
+    if compute == torch.float32:
+        return {"BLOCK_M": 64, "BLOCK_N": min(32, max(16, triton.next_power_of_2(n))), "BLOCK_K": 16,
+                "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 64, "BLOCK_N": min(64, max(16, triton.next_power_of_2(n))),
+            "BLOCK_K": min(32, max(16, triton.next_power_of_2(k_step))), "num_warps": 4, "num_stages": 3}
+
+
+def _fixed_head_blocks(b: int, latent: int) -> dict:
+    """The heads' configuration without autotuning (see `_fixed_gpu_blocks`)."""
+    return {"BLOCK_M": 32 if b <= 1024 else 64, "BLOCK_N": min(64, max(16, triton.next_power_of_2(latent))),
+            "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 
 
 def _bucket(m: int) -> int:
@@ -495,7 +506,7 @@ def _encoder_forward(
             grid = (triton.cdiv(M, blk["BLOCK_M"]) * triton.cdiv(N, blk["BLOCK_N"]),)
             _conv_launch[grid](*args, **consts, **blk)
         elif not autotune:
-            blk = _fixed_gpu_blocks(M, N, K if i == 0 else cin)
+            blk = _fixed_gpu_blocks(N, K if i == 0 else cin, compute)
             grid = (triton.cdiv(M, blk["BLOCK_M"]) * triton.cdiv(N, blk["BLOCK_N"]),)
             _conv_kernel[grid](*args, **consts, **blk)
         else:
@@ -516,8 +527,7 @@ def _encoder_forward(
         grid = (triton.cdiv(B, blk["BLOCK_M"]) * triton.cdiv(L, blk["BLOCK_N"]),)
         _heads_launch[grid](*hargs, **hconsts, **blk)
     elif not autotune:
-        blk = {"BLOCK_M": 32 if B <= 1024 else 64, "BLOCK_N": min(64, max(16, triton.next_power_of_2(L))),
-               "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+        blk = _fixed_head_blocks(B, L)
         grid = (triton.cdiv(B, blk["BLOCK_M"]) * triton.cdiv(L, blk["BLOCK_N"]),)
         _heads_kernel[grid](*hargs, **hconsts, **blk)
     else:
@@ -533,3 +543,63 @@ def encoder_forward(x, *args, **kwargs):
     on_gpu = isinstance(x, torch.Tensor) and x.is_cuda
     with torch.cuda.device(x.device) if on_gpu else contextlib.nullcontext():
         return _encoder_forward(x, *args, **kwargs)
+
+
+_TRITON_TYPES = {torch.uint8: "u8", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def compile_for(capability: int, image_shape=(3, 64, 64), channels=(32, 64, 128, 256), latent_dim: int = 16, *,
+                input_dtype: torch.dtype = torch.uint8, compute_dtype: torch.dtype = torch.bfloat16,
+                param_dtype: torch.dtype | None = None, batch: int = 256, eps: bool = False,
+                activation_name: str = "relu", kernel: int = 4, stride: int = 2, padding: int = 1,
+                autotune: bool = False) -> list[tuple[str, dict, object]]:
+    """Compile ahead of time, for a GPU of this compute capability (e.g. 90) and needing
+    neither one nor the interpreter, every kernel a forward of this encoder launches: one
+    per conv layer, then the heads, with the geometry and constants `_encoder_forward`
+    gives them, in the configuration it would use without autotuning
+    (SPURFAST_TRITON_AUTOTUNE=0) or, with ``autotune``, in each configuration the prune
+    keeps.  ``param_dtype``: the conv/head weights' dtype (default: ``compute_dtype`` for
+    uint8 input, which computes in it, else fp32).  Returns [(name, config, triton's
+    CompiledKernel)]: its ``.asm["cubin"]`` holds the machine code."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if input_dtype not in (torch.uint8, compute_dtype):
+        raise ValueError(f"input dtype {input_dtype} computes in itself, not {compute_dtype}")
+    params = _TRITON_TYPES[param_dtype or (compute_dtype if input_dtype == torch.uint8 else torch.float32)]
+    elt = _TRITON_TYPES[compute_dtype]
+    target = GPUTarget("cuda", capability, 32)
+
+    def build(fn, sig, const, cfg):
+        blocks = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+        sig = dict(sig, **{name: "constexpr" for name in {**const, **blocks}})
+        return triton.compile(ASTSource(fn, sig, {**const, **blocks}), target=target,
+                              options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+
+    def configs(pruned):
+        return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in pruned]
+
+    out = []
+    c, h, w = image_shape
+    ieee = compute_dtype == torch.float32
+    for i, cout in enumerate(channels):
+        ho, wo = (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1
+        m, k = batch * ho * wo, c * kernel * kernel
+        sig = {"x_ptr": f"*{_TRITON_TYPES[input_dtype] if i == 0 else elt}", "w_ptr": f"*{elt}",
+               "bias_ptr": f"*{params}", "mean_ptr": "*fp32", "std_ptr": "*fp32", "out_ptr": f"*{elt}",
+               **{name: "i32" for name in ("M", "sxb", "sxc", "sxh", "sxw", "sob", "soc", "soh", "sow")},
+               "in_div": "fp32", "M_BUCKET": "i32"}
+        const = dict(H=h, W=w, CIN=c, HO=ho, WO=wo, N=cout, K=k, STRIDE=stride, PAD=padding, KH=kernel, KW=kernel,
+                     FIRST=i == 0, ACT=_ACT_CODE[activation_name], SLOPE=_ref.LEAKY_SLOPE, IEEE=ieee)
+        cfgs = (configs(_prune_conv(_CONV_CONFIGS, dict(M=m, N=cout, K=k, CIN=c, FIRST=i == 0))) if autotune
+                else [_fixed_gpu_blocks(cout, k if i == 0 else c, compute_dtype)])
+        out += [(f"conv{i}", cfg, build(_conv_kernel, sig, const, cfg)) for cfg in cfgs]
+        c, h, w = cout, ho, wo
+    sig = {"f_ptr": f"*{elt}", "hw_ptr": f"*{params}", "hb_ptr": f"*{params}", "eps_ptr": "*fp32", "mu_ptr": "*fp32",
+           "lv_ptr": "*fp32", "z_ptr": "*fp32",
+           **{name: "i32" for name in ("B", "F", "L", "shw0", "shw1", "seps0", "seps1", "M_BUCKET")}}
+    const = dict(HAS_EPS=eps, IEEE=ieee)
+    cfgs = (configs(_prune_heads(_HEAD_CONFIGS, dict(B=batch, L=latent_dim))) if autotune
+            else [_fixed_head_blocks(batch, latent_dim)])
+    out += [("heads", cfg, build(_heads_kernel, sig, const, cfg)) for cfg in cfgs]
+    return out

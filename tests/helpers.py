@@ -197,3 +197,37 @@ def check_groups_without_centroids(assign_fn, metric, dtype=torch.float32, devic
     assert (assign[none] == 0).all(), f"{name}[{metric}]: assign {assign[none].tolist()} for points without a centroid"
     D = exact_dists(x.float(), off, cent, kpg_t, metric)
     check_assign_near_optimal(assign[~none], dist[~none], D[~none], dtype, f"{name}[{metric}]")
+
+
+# Prepended to a compile script run by `compile_without_gpu`: the jobs, and `usage`, the
+# resource usage cuobjdump reads from a compiled kernel's cubin ("STACK:0": no spills).
+_COMPILE_PRELUDE = r"""
+import json, os, subprocess, sys, tempfile
+import torch, triton
+_TOOL = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+def usage(kernel):
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"]); f.flush()
+        return subprocess.run([_TOOL, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+jobs = json.loads(sys.argv[1])
+"""
+
+
+def compile_without_gpu(script: str, jobs: list) -> list:
+    """Run ``script`` (which compiles Triton kernels for a GPU target with `usage` and `jobs`
+    at hand, and prints one JSON list last) in a subprocess without the interpreter, which
+    the test process runs under; its JSON.  Skips where triton's bundled CUDA tools are
+    missing."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+    import triton
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
+        pytest.skip("triton's bundled CUDA tools are missing")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_PRELUDE + script, json.dumps(jobs)], capture_output=True,
+                          text=True, env=dict(os.environ, TRITON_INTERPRET="0"), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

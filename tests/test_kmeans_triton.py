@@ -15,7 +15,7 @@ from spurfast import backends
 from spurfast.kernels import kmeans_triton as kt
 from spurfast.kernels import reference as ref
 from tests.helpers import (CASES, assert_equal_int, check_assign_near_optimal, check_groups_without_centroids,
-                           exact_dists, make_case)
+                           compile_without_gpu, exact_dists, make_case)
 
 HAS_CUDA = torch.cuda.is_available()
 RUNS_HERE = kt.is_available()[0]
@@ -191,42 +191,23 @@ def test_flash_kmeans_arithmetic_is_nearest_up_to_operand_rounding(mode, metric,
 
 
 _COMPILE_SCRIPT = r"""
-import json, os, subprocess, sys, tempfile
-import torch, triton
 from spurfast.kernels import kmeans_triton as kt
-tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 out = []
-for cap, dtype, d, kmax, metric, precision, split, which in json.loads(sys.argv[1]):
+for cap, dtype, d, kmax, metric, precision, split, which in jobs:
     dt = getattr(torch, dtype)
     shapes = kt.candidate_shapes(dt, d, kmax, precision, split) if which == "candidates" else [None]
     for shape in shapes:
         ck = kt.compile_for(cap, dt, d, kmax, metric, precision, shape=shape, split=split)
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(ck.asm["cubin"]); f.flush()
-            usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-        out.append([cap, dtype, d, kmax, metric, precision, split, shape, "wgmma" in ck.asm["ptx"], usage])
+        out.append([cap, dtype, d, kmax, metric, precision, split, shape, "wgmma" in ck.asm["ptx"], usage(ck)])
 print(json.dumps(out))
 """
 
 
 def _compile_without_gpu(jobs):
-    """Compile in a subprocess without the interpreter: per job (capability, dtype name, d,
-    kmax, metric, precision, split, "default" or "candidates"), one row per compiled
-    shape: [*job[:7], shape (None: launch_shape's), wgmma in the PTX, cuobjdump's resource
-    usage].  Skips where triton's bundled CUDA tools are missing."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    import triton
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                                       "cuobjdump")):
-        pytest.skip("triton's bundled CUDA tools are missing")
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(jobs)], capture_output=True, text=True,
-                          env=dict(os.environ, TRITON_INTERPRET="0"), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """Per job (capability, dtype name, d, kmax, metric, precision, split, "default" or
+    "candidates"), one row per compiled shape: [*job[:7], shape (None: launch_shape's),
+    wgmma in the PTX, cuobjdump's resource usage]."""
+    return compile_without_gpu(_COMPILE_SCRIPT, jobs)
 
 
 def test_compiles_for_hopper_and_ampere_without_register_spills():
