@@ -449,7 +449,7 @@ def _kmeans_main(x, groups, k_per_group, *, n_groups=None, n_iter=50, tol=1e-6, 
         raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
     from . import backends, cluster
     from .checks import real_number, whole_number
-    n_iter, seed, tol = whole_number(n_iter, "n_iter"), whole_number(seed, "seed"), real_number(tol, "tol")
+    n_iter, seed, tol = whole_number(n_iter, "n_iter"), cluster.check_seed(seed), real_number(tol, "tol")
     provider = backends.resolve("kmeans_assign", backend, dev.type)[0]
     if init is None:   # k-means++ runs on rank 0 alone: a bad SPURFAST_BACKEND_KMEANS_PLUSPLUS failed midway
         cluster._seeding(provider, backend, dev.type)
