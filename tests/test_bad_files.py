@@ -815,29 +815,72 @@ def test_malformed_exif_orientation_is_read_as_dali_reads_it(tmp_path, which):
         Image.fromarray(arr).save(buf, format="PNG", exif=exif)
         return buf.getvalue()
 
-    cases = {   # name: (EXIF block, turn DALI gives a JPEG, turn DALI gives a PNG)
+    cases = {   # name: (EXIF block, turn DALI gives a JPEG, turn DALI gives a PNG; None: bad, see below)
         "long_6_le": (_tiff([(0x0112, 4, 1, 6)], b"II"), 6, 6),
         "long_6_be": (_tiff([(0x0112, 4, 1, 6)], b"MM"), 1, 1),
         "orientation_9": (_tiff([(0x0112, 3, 1, 9)], b"MM"), 1, 1),
-        "bad_make_after": (_tiff([(0x0112, 3, 1, 6), (0x010F, 2, 20, 5000)], b"II"), 1, 6),
-        "bad_make_before": (_tiff([(0x010F, 2, 20, 5000), (0x0112, 3, 1, 6)], b"MM"), 1, 1),
-        "bad_xres_after": (_tiff([(0x0112, 3, 1, 8), (0x011A, 5, 1, 5000)], b"MM"), 1, 8)}
+        "bad_make_after": (_tiff([(0x0112, 3, 1, 6), (0x010F, 2, 20, 5000)], b"II"), 1, None),
+        "bad_make_before": (_tiff([(0x010F, 2, 20, 5000), (0x0112, 3, 1, 6)], b"MM"), 1, None),
+        "bad_xres_after": (_tiff([(0x0112, 3, 1, 8), (0x011A, 5, 1, 5000)], b"MM"), 1, None)}
     names = []
     for o in (1, 6, 8):   # well-formed references
         (tmp_path / f"ref{o}.jpg").write_bytes(jpeg(_tiff([(0x0112, 3, 1, o)], b"MM")))
         (tmp_path / f"ref{o}.png").write_bytes(png(_tiff([(0x0112, 3, 1, o)], b"II")))
         names += [f"ref{o}.jpg", f"ref{o}.png"]
-    for name, (exif, _, _) in cases.items():
+    for name, (exif, _, turn_png) in cases.items():
         (tmp_path / f"{name}.jpg").write_bytes(jpeg(exif))
         (tmp_path / f"{name}.png").write_bytes(png(exif))
         names += [f"{name}.jpg", f"{name}.png"]
     paths = [str(tmp_path / n) for n in names]
     idx, images, ok, bad = _run(which, paths)
-    assert ok.all() and not bad
+    # a PNG whose IFD0 runs past its block corrupts DALI's memory: bad for both loaders
+    # (test_png_exif_that_dali_cannot_read_is_bad_for_both_loaders)
+    want_bad = {f"{name}.png" for name, (_, _, turn_png) in cases.items() if turn_png is None}
+    assert {names[i] for i in bad} == want_bad and {names[i] for i in range(len(names)) if not ok[i]} == want_bad
     got = {n: images[k] for k, n in enumerate(names)}
     for name, (_, turn_jpeg, turn_png) in cases.items():
         assert torch.equal(got[f"{name}.jpg"], got[f"ref{turn_jpeg}.jpg"]), f"{name}.jpg"
-        assert torch.equal(got[f"{name}.png"], got[f"ref{turn_png}.png"]), f"{name}.png"
+        if turn_png is not None:
+            assert torch.equal(got[f"{name}.png"], got[f"ref{turn_png}.png"]), f"{name}.png"
+
+
+@pytest.mark.filterwarnings("ignore:Truncated File Read:UserWarning")
+@pytest.mark.parametrize("which", _loaders())
+def test_png_exif_that_dali_cannot_read_is_bad_for_both_loaders(tmp_path, which):
+    """Passed by the pre-check, these PNGs killed the DALI loader's process (an IFD0 entry's
+    data, or its entry count, past the EXIF block: "free(): invalid next size", or a
+    segfault) or gave a scrambled image with ok=True (an eXIf without a TIFF byte order,
+    which libpng drops and DALI still turns by); the torch loader decoded them."""
+    import struct
+    import zlib
+
+    arr = np.random.default_rng(1).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    plain = buf.getvalue()
+
+    def with_exif(exif):   # an eXIf chunk right after IHDR
+        chunk = struct.pack(">I", len(exif)) + b"eXIf" + exif + struct.pack(">I", zlib.crc32(b"eXIf" + exif))
+        return plain[:33] + chunk + plain[33:]
+
+    count_3_of_1 = bytearray(_tiff([(0x0112, 3, 1, 6)], b"MM"))
+    count_3_of_1[8:10] = struct.pack(">H", 3)
+    files = {"good.png": plain, "good_orient6.png": with_exif(_tiff([(0x0112, 3, 1, 6)], b"MM")),
+             "xm_orient3.png": with_exif(b"XM" + _tiff([(0x0112, 3, 1, 3)], b"MM")[2:]),   # dropped, not turned
+             "make_after.png": with_exif(_tiff([(0x0112, 3, 1, 6), (0x010F, 2, 20, 5000)], b"II")),
+             "xres_after.png": with_exif(_tiff([(0x0112, 3, 1, 8), (0x011A, 5, 1, 5000)], b"MM")),
+             "count_3_of_1.png": with_exif(bytes(count_3_of_1)),
+             "xm_orient6.png": with_exif(b"XM" + _tiff([(0x0112, 3, 1, 6)], b"MM")[2:]),
+             "xm_orient8.png": with_exif(b"XM" + _tiff([(0x0112, 3, 1, 8)], b"MM")[2:])}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    paths = [str(tmp_path / n) for n in files]
+    idx, images, ok, bad = _run(which, paths)
+    assert idx.tolist() == list(range(len(paths)))
+    assert sorted(bad) == [i for i in range(len(paths)) if not ok[i]] == [3, 4, 5, 6, 7]
+    assert all(float(images[i].abs().max()) == 0.0 for i in bad)
+    assert "runs past its end" in bad[3] and "libpng drops" in bad[6], bad
+    assert not torch.equal(images[1], images[0]) and torch.equal(images[2], images[0])   # turned / not turned
 
 
 @pytest.mark.filterwarnings("ignore:Truncated File Read:UserWarning")   # PIL's own EXIF read at open

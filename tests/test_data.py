@@ -179,6 +179,9 @@ def test_array_source_rejects_channels_last_rgba():
     with pytest.raises(ValueError, match=r"mypool: images have shape \(2, 8, 8, 4\).*\(N,H,W,C\)"):
         ArraySource(np.zeros((2, 8, 8, 4), np.uint8), name="mypool")
     assert ArraySource(np.zeros((2, 4, 8, 8), np.uint8)).image_shape == (4, 8, 8)  # CHW RGBA stays accepted
+    # grey + alpha (np.asarray of PIL "LA" images) was taken as 28 channels of 28 x 2 images
+    with pytest.raises(ValueError, match=r"mypool: images have shape \(10, 28, 28, 2\).*\(N,H,W,C\)"):
+        ArraySource(np.zeros((10, 28, 28, 2), np.uint8), name="mypool")
 
 
 def test_array_source_labels_must_be_whole_numbers():

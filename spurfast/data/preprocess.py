@@ -201,6 +201,9 @@ def validate_image_file(path: str) -> tuple[str, str]:
                 _png_trailer_check(path, trailer)
         except Exception as exc:  # as open: PIL raises many exception types for corrupt chunks
             return "bad", f"PNG rejected by PIL: {describe_error(exc)} (after the image data)"
+        why = _png_exif_error(path)
+        if why:
+            return "bad", f"PNG {why}"
         if verdict == "suspect":
             # verify() read through IEND, and the chunk walk found IEND whole: over 1 KiB
             # after it is no truncation (the suspect was decoded whole by PIL in DALI's
@@ -530,8 +533,9 @@ def _exif_orientation(im, path: str | None = None) -> int:
     eXIf chunk (the torch loader marked bad an image DALI decodes).  DALI's reader takes
     the first orientation entry of IFD0 as 16 bits whatever its type (a LONG 6 is 6 in
     little-endian EXIF, 0 in big-endian), and gives up on an entry whose data lies outside
-    the block: in a JPEG it then ignores the orientation, in a PNG only from that entry on
-    (measured, DALI 2.4).  Values other than 1-8: no turn.
+    the block: in a JPEG it then ignores the orientation (measured, DALI 2.4; in a PNG it
+    corrupts its memory, and such a PNG is bad: `_png_exif_error`).  Values other than 1-8:
+    no turn.
 
     Nor PIL's one EXIF block where a file has several (measured, DALI 2.4): a JPEG's Exif
     APP1 segments are read one by one (PIL joins them into one block): the first
@@ -596,11 +600,32 @@ def _ifd0_orientation(d: bytes) -> tuple[int | None, bool]:
     return found, True
 
 
-def _png_first_exif(path: str) -> bytes | None:
+def _png_exif_error(path: str) -> str | None:
+    """Why DALI's decoder cannot be given a PNG for its EXIF block, or None (measured, DALI
+    2.4's CPU decoder, twenty-eighth session's review): an IFD0 that runs past its block (an
+    entry count or an entry's data beyond it) corrupts the decoder's memory, and the
+    process aborts or crashes some runs later; a first eXIf chunk that libpng drops (no TIFF
+    byte order: "XM" for "MM") still turns DALI's output by its orientation 5-8 into an
+    image of zero rows and pixels from nowhere.  The torch loader decodes both, so both
+    loaders call them bad (a JPEG's EXIF block does neither)."""
+    data = _png_first_exif(path)
+    if data is not None:
+        if not _ifd0_orientation(data)[1]:
+            return "with an EXIF block (eXIf) whose first directory runs past its end (DALI's decoder corrupts memory on it)"
+        return None
+    raw = _png_first_exif(path, tiff_header_only=False)
+    if raw is not None and (_ifd0_orientation(raw)[0] or 0) in range(5, 9):
+        return ("with an EXIF block (eXIf) libpng drops (no TIFF byte order) whose orientation DALI's decoder still "
+                "applies: its output would not be the image")
+    return None
+
+
+def _png_first_exif(path: str, tiff_header_only: bool = True) -> bytes | None:
     """The data of the first eXIf chunk of a PNG that libpng keeps (see `_exif_orientation`),
     or None, also for an animation: DALI's decoder ignores the EXIF orientation of a PNG whose
     last acTL chunk before its image data counts more than one frame (measured, DALI 2.4;
-    PIL's turned the first frame)."""
+    PIL's turned the first frame).  ``tiff_header_only=False``: the first eXIf chunk of 4
+    bytes or more whatever it starts with (libpng drops one without "II*\\0" or "MM\\0*")."""
     found, frames, idat = None, 1, False
     try:
         with open(path, "rb") as fh:
@@ -621,7 +646,7 @@ def _png_first_exif(path: str) -> bytes | None:
                     fh.seek(length, os.SEEK_CUR)
                 elif head[4:] == b"eXIf" and length >= 4 and found is None:
                     data = fh.read(length)
-                    if data[:4] in (b"II*\x00", b"MM\x00*"):
+                    if data[:4] in (b"II*\x00", b"MM\x00*") or not tiff_header_only:
                         found = data
                         if idat:
                             return found

@@ -131,8 +131,9 @@ def to_float_images(images, name: str | None = None) -> torch.Tensor:
         t = t.unsqueeze(1)
     if t.dim() != 4:
         raise ValueError(f"{where}images must be (N,H,W) or (N,C,H,W), got shape {tuple(t.shape)}")
-    if t.shape[1] not in (1, 3) and t.shape[-1] in (1, 3, 4):
-        # channels-last (N,H,W,C), RGBA included, would otherwise be read as H channels of W x C images
+    if t.shape[1] not in (1, 3) and t.shape[-1] in (1, 2, 3, 4):
+        # channels-last (N,H,W,C), grey + alpha (PIL's "LA") and RGBA included, would otherwise be
+        # read as H channels of W x C images
         raise ValueError(f"{where}images have shape {tuple(t.shape)}, which looks like (N,H,W,C); expected "
                          f"(N,C,H,W) or (N,H,W): transpose them, e.g. images.transpose(0, 3, 1, 2)")
     if 0 in t.shape[1:]:
