@@ -121,6 +121,18 @@ class Setting:
         if not self.plants:
             raise ValueError(f"setting {self.name!r} has no plants; give at least one (a clean model keeps its "
                              f"plants, with clean_model=True: they still mark the pool)")
+        # a finding is matched to a feature by its class and enrichment: two plants in one class could
+        # both be "found" by one finding; and a feature's rows are keyed by its label, so two plants of
+        # one label wrote colliding rows that read_results refused after the whole sweep
+        for attr, what in (("target_class", "target class"), ("label", "label")):
+            seen = {}
+            for p in self.plants:
+                if getattr(p, attr) in seen:
+                    raise ValueError(f"setting {self.name!r}: plants {seen[getattr(p, attr)]} and {p.label} share the "
+                                     f"{what} {getattr(p, attr)!r}; give each plant its own "
+                                     + ("class (one finding could match both)" if attr == "target_class" else
+                                        "pattern (its results are keyed by it)"))
+                seen[getattr(p, attr)] = p.label
 
 
 @dataclass
@@ -296,7 +308,9 @@ def build_data(setting: Setting, seed: int, sizes: Sizes) -> RunData:
     feats = []
     for p, spec, cu, idx in zip(setting.plants, specs, carries_u, planted):
         carries = np.concatenate([cu, np.isin(sus, idx)])
-        mask = fixed_mask(spec, xtr.shape[1:]).numpy() if spec.family != "background" else None
+        # none to score IoU against for a background, or a pattern stamped at a random place per image
+        mask = fixed_mask(spec, xtr.shape[1:]).numpy() if spec.family != "background" and spec.position != "random" \
+            else None
         feats.append(Feature(p.target_class, carries, mask, p.label))
     pool_key = _key({"pool": setting.pool, "specs": [s.to_dict() for s in specs], "seed": seed, "targets": sorted(targets),
                      "sizes": [sizes.pool_max, sizes.pool_fraction, sizes.n_train],

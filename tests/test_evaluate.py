@@ -1275,6 +1275,25 @@ def test_plants_and_settings_are_checked_when_made():
             Setting(name, (Plant("bar", 3, "10"),))
     with pytest.raises(ValueError, match=r"unknown pool 'digit'; expected one of"):
         Setting("s", (Plant("bar", 3, "10"),), pool="digit")
+    # one finding matched both plants of one class (hit@1 and recall for two features); two plants of
+    # one label wrote colliding rows that read_results refused after the whole sweep
+    with pytest.raises(ValueError, match=r"plants patch3 and bar share the target class 3; give each plant its own class"):
+        Setting("s", (Plant("patch3", 3, "10"), Plant("bar", 3, "10")))
+    with pytest.raises(ValueError, match=r"plants patch3 and patch3 share the label 'patch3'"):
+        Setting("s", (Plant("patch3", 3, "10"), Plant("patch3", 7, "10")))
+    Setting("s", (Plant("patch3", 3, "10"), Plant("bar", 7, "10")))
+
+
+def test_a_pattern_stamped_at_random_places_has_no_mask_to_score():
+    """Its mask was one random spot, while each image got its own: a perfect extractor scored
+    IoU 0 against it (the pipeline's own ground truth already had none)."""
+    from spurfast.evaluate import Plant, Setting, Sizes, build_data
+
+    sizes = Sizes(n_train=60, n_suspect=100, pool_max=300, n_clean=100, pool_fraction=0.15)
+    data = build_data(Setting("rand", (Plant("patch3", 3, "20", position="random"),), pool="digits-self"), 0, sizes)
+    assert data.features[0].mask is None
+    data = build_data(Setting("fixed", (Plant("patch3", 3, "20"),), pool="digits-self"), 0, sizes)
+    assert data.features[0].mask is not None and int(data.features[0].mask.sum()) == 9
 
 
 def test_a_mistyped_fashion_mnist_folder_is_named_not_blamed_on_debian(monkeypatch):
