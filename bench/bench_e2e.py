@@ -29,7 +29,8 @@ Rows (op "e2e", provider "procs=P"):
   ``peak_memory_after`` per stage (ready = models loaded and warmed up, embed, discover,
   report): rank 0's high-water mark after that stage, so the stage that sets the peak shows;
 
-Stage-alone rows (op "stage", one process, all cores): load (the folder loader alone),
+Stage-alone rows (op "stage", one process, all cores; provider: the registry's choice for the
+stage, "pil" for one process decoding, "torch" for the models): load (the folder loader alone),
 classify and encode (the models on in-memory 256-image batches), cluster (batched
 k-means over the pool's latents, grouped by predicted class; median of 3 after one
 untimed call).  ``ratio`` rows put the
@@ -287,7 +288,13 @@ def stage_rates(pool: Path, clf_p: Path, vae_p: Path, sample: int, store_dir: Pa
 
     src = ImageFolderSource(pool, size=SIZE)
     m = min(sample, len(src))
-    out = {"loader": backends.resolve("loader")[0]}
+    dev_type = torch.device(device).type
+    # who runs each stage: the registry's choice, as the pass makes it (every stage row was "torch",
+    # where the CPU clusters on the fused kernel, and a GPU encodes on Triton and clusters on CuPy)
+    out = {"loader": backends.resolve("loader")[0],
+           "providers": {"decode_1proc": "pil", "encode": backends.resolve("encoder", None, dev_type)[0],
+                         "cluster": backends.resolve("kmeans_assign", None, dev_type)[0]}}
+    out["providers"]["load"] = out["loader"]
     t0 = time.perf_counter()
     seen = 0
     raw = torch.uint8 if str(device).startswith("cuda") else None   # as the pass loads for this device
@@ -406,7 +413,7 @@ def run(writer, quick: bool = False, device=None) -> None:
         for s in ("load", "decode_1proc", "classify", "encode", "cluster", "classify_small_cnn", "classify_resnet18"):
             if s in rates:
                 extra = {"classifier": f"torchscript small_cnn width {CLF_WIDTH}"} if s == "classify" else {}
-                writer.add("stage", rates["loader"] if s == "load" else "torch", dict(cfg, stage=s, **extra),
+                writer.add("stage", rates["providers"].get(s, "torch"), dict(cfg, stage=s, **extra),
                            "items_per_s", rates[s], "1/s", dev)
         slowest = min(("load", "classify", "encode"), key=lambda s: rates[s])
         r1 = results[(n, 1, None)]

@@ -184,6 +184,11 @@ def test_cluster_stage_is_timed_after_an_untimed_call(tmp_path, monkeypatch):
     monkeypatch.setattr(harness, "measure", spy_measure)
     rates = bench_e2e.stage_rates(pool, clf, vae, 12, tmp_path / "store", "cpu", other_classifiers=False)
     assert "cluster" in rates
+    # each stage row names who ran it: every one was "torch", the fused CPU k-means included
+    from spurfast import backends
+    assert rates["providers"] == {"load": rates["loader"], "decode_1proc": "pil",
+                                  "encode": backends.resolve("encoder", None, "cpu")[0],
+                                  "cluster": backends.resolve("kmeans_assign", None, "cpu")[0]}
     (warmup, reps), = [(w, r) for is_kmeans, w, r in seen if is_kmeans]
     assert warmup >= 1 and reps >= 3, (warmup, reps)
 
