@@ -614,3 +614,28 @@ def test_residual_suite_writes_its_rows(tmp_path):
     metrics = {r["metric"] for r in rows if r["op"] == "residual_scan" and r["provider"] == "torch-cpu"}
     assert {"median_s", "items_per_s", "gbytes_per_s", "s_per_null"} <= metrics, metrics
     assert all(float(r["value"]) > 0 for r in rows if r["metric"] in ("median_s", "s_per_null"))
+
+
+def test_whole_fit_timing_is_the_median_of_paired_differences():
+    """_diff_time took the difference of two medians and a band around it from the longer
+    fit's spread alone: its p20/p80 described no measured quantity."""
+    import time
+
+    from bench import bench_kmeans
+
+    def fit(n_iter):   # 2 ms of start-up, then 1 ms an iteration
+        time.sleep(0.002 + 0.001 * n_iter)
+
+    st = bench_kmeans._diff_time(fit, "cpu", 5)
+    assert st["p20_s"] <= st["median_s"] <= st["p80_s"], st
+    assert 0.0008 < st["median_s"] < 0.002, st   # the start-up differenced away
+    assert st["reps"] == 5
+    calls = []
+
+    def jumpy(n_iter):   # the one-iteration fit takes 5 ms more every other round: the differences vary
+        calls.append(n_iter)
+        time.sleep(0.001 * n_iter + (0.005 if n_iter == 1 and calls.count(1) % 2 else 0.0))
+
+    st = bench_kmeans._diff_time(jumpy, "cpu", 6)
+    # per iteration the rounds differ by 1 ms; the long fit alone does not vary (the old band: ~0 wide)
+    assert st["p80_s"] - st["p20_s"] > 0.0005, st
