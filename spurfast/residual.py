@@ -37,8 +37,9 @@ from tqdm.auto import tqdm
 from .characterise import otsu_threshold
 from .checks import real_number, whole_number
 from .data.sources import ImageSource, utf8_name
-from .scoring import bh_qvalues, latent_neighbours
+from .scoring import bh_qvalues, latent_neighbours, top_two, unrelated_to_class
 
+SCORE_CAP = 1e6   # a finding's score where its statistic is infinite (see residual_scan)
 log = logging.getLogger("spurfast.residual")
 
 
@@ -263,7 +264,9 @@ def residual_scan(residuals: torch.Tensor, z: np.ndarray, pred: np.ndarray, labe
         tmap = _pixel_maps(obs[c:c + 1], image_shape)[0]
         peak = np.unravel_index(int(torch.argmax(tmap)), tmap.shape)
         findings.append({
-            "class": int(c), "kind": "residual", "score": float(stat_obs[c]),
+            # the statistic is unbounded where no t-value outside the peak's window is positive:
+            # findings.json holds it capped (JSON has no Infinity: the file was not JSON then)
+            "class": int(c), "kind": "residual", "score": float(min(stat_obs[c], SCORE_CAP)),
             "peak_t": float(tmap.max()), "peak": [int(v) for v in peak],
             "p_value": float(p), "q_value": float(q), "members": members.astype(np.int64), "ranking": ranking,
             "_mask": mask, "_contrast": contrast.view(*image_shape).float()
@@ -334,7 +337,11 @@ def add_residual_findings(result, store, source: ImageSource, vae, out_dir, conf
             "class_name": (utf8_name(str(source.class_names[f["class"]]))
                            if getattr(source, "class_names", None) is not None
                            and f["class"] < len(source.class_names) else None),
-            "n_unrelated": int(np.sum(labels[members] != f["class"])), "n_suspect": int(suspect[members].sum()),
+            # the clusters' count (`scoring.unrelated_to_class`), which the report words: an unlabelled
+            # suspect sample (label -1, "another class" here) may be genuine class content
+            "n_unrelated": int(unrelated_to_class(top_two(store["probs"][members]), labels[members],
+                                                  np.full(len(members), f["class"]), ~suspect[members]).sum()),
+            "n_suspect": int(suspect[members].sum()),
             "_pattern": mean_image,
         })
         f["images"] = save_finding_images(out_dir, rank, mean_image, f["_contrast"], f["_mask"],

@@ -290,3 +290,60 @@ def test_mean_rows_in_chunks_is_the_mean(n_rows):
         torch.testing.assert_close(got, values[torch.as_tensor(rows)].double().mean(0), rtol=1e-12, atol=1e-12)
     else:
         assert torch.isnan(got).all()   # no other image: no contrast, as an empty mean
+
+
+def _store_of(root, mu, pred, labels, n_classes):
+    from spurfast.embed import EmbeddingStore
+
+    n = len(mu)
+    probs = np.full((n, n_classes), 0.1 / (n_classes - 1), np.float32)
+    probs[np.arange(n), pred] = 0.9
+    store = EmbeddingStore.create(root, n, {"pred": ((n,), "int32"), "probs": ((n, n_classes), "float32"),
+                                            "mu": ((n, mu.shape[1]), "float32"), "labels": ((n,), "int64"),
+                                            "ok": ((n,), "bool")}, {"num_classes": n_classes})
+    store.write(0, {"pred": pred, "probs": probs, "mu": mu, "labels": labels, "ok": np.ones(n, bool)})
+    return store
+
+
+class _GreyDecoder(torch.nn.Module):
+    def decode(self, z):
+        return torch.full((len(z), 1, 12, 12), 0.5)
+
+
+def test_a_residual_finding_is_written_as_json_and_counts_unrelated_members_as_clusters_do(tmp_path):
+    """Carriers plainer than the rest left no positive t outside the peak's window: the score was
+    +inf and findings.json held the token Infinity (not JSON); and unlabelled suspect members
+    counted as unrelated, where the clusters' count and the report's words leave them out."""
+    import json
+
+    from spurfast.data.sources import ArraySource
+    from spurfast.discover import DiscoveryResult, write_outputs
+    from spurfast.residual import SCORE_CAP, add_residual_findings
+    from spurfast.scoring import top_two, unrelated_to_class
+
+    rng = np.random.default_rng(0)
+    n = 1200
+    labels = rng.integers(0, 4, n)
+    suspect = np.zeros(n, bool)
+    suspect[:200] = True
+    labels[:100] = -1                                              # unlabelled suspect samples
+    carries = rng.random(n) < 0.15
+    x = (0.5 + np.where(carries[:, None, None, None], 0.05, 0.1) * rng.normal(size=(n, 1, 12, 12))).astype(np.float32)
+    x[carries, 0, 9, 9] = 1.0
+    pred = np.where(carries, 4, labels.clip(0))
+    store = _store_of(tmp_path / "s", rng.normal(size=(n, 4)).astype(np.float32), pred, labels, 5)
+    result = DiscoveryResult([], [], {}, {}, {"n": n})
+    add_residual_findings(result, store, ArraySource(x, labels), _GreyDecoder(), tmp_path / "out",
+                          ResidualConfig(n_null=200), suspect=suspect)
+    f, = result.findings
+    assert f["class"] == 4 and f["score"] == SCORE_CAP
+    m = np.asarray(f["members"])
+    assert ((labels[m] < 0) & suspect[m]).any()
+    want = unrelated_to_class(top_two(np.asarray(store["probs"]))[m], labels[m], np.full(len(m), 4), ~suspect[m])
+    assert f["n_unrelated"] == int(want.sum()) < len(m)
+    write_outputs(result, tmp_path / "out")
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    doc = json.loads((tmp_path / "out" / "findings.json").read_text(), parse_constant=refuse)
+    assert doc["findings"][0]["score"] == SCORE_CAP
