@@ -654,6 +654,10 @@ def cmd_make_pool(args):
                     target_size=args.target_size, quality=args.quality, seed=args.seed)
     info = make_pool(args.out, spec, workers=args.workers, progress=not args.quiet, overwrite=args.overwrite)
     planted = f"{info['n_carrying']} carry {args.plant}" if args.plant else "no pattern planted"
+    if info.get("already_complete"):
+        print(f"{args.out} already holds this pool ({info['n']} images, {planted}): nothing written; ground truth: "
+              f"{Path(args.out) / 'ground_truth.csv'}")
+        return
     kept = f"; {info['resumed_with']} kept from the interrupted run" if info.get("resumed_with") else ""
     print(f"wrote {info['n']} images ({planted}) to {args.out} "
           f"in {info['seconds']:.1f} s ({info['images_per_s']:.0f} img/s{kept}); ground truth: "

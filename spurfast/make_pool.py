@@ -13,7 +13,8 @@ that carries no class information.  Optionally a known pattern (the families of
   ``--overwrite`` replace this folder (never one make-pool did not write).
 
 An interrupted make-pool resumes: the same command (same settings) keeps the images
-already written (each is written whole or not at all) and writes the rest.
+already written (each is written whole or not at all) and writes the rest; on a finished
+pool it writes nothing.
 
 Patterns are defined in the loader's output space: a pattern of the family at
 ``target_size`` x ``target_size`` is painted onto the window the loader keeps, each
@@ -375,6 +376,13 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
                                   f"make-pool pool.json); make-pool never deletes such a directory, even with "
                                   f"--overwrite: choose a new or empty directory")
         writing = _unfinished_spec(out)
+        done = _pool_info(out) or {}
+        if not overwrite and done.get("spec") == json.loads(json.dumps(asdict(spec))) \
+                and (out / "ground_truth.csv").is_file():
+            # the same command again on its finished pool was refused as "not empty", where an
+            # interrupted one resumed: there is nothing to write
+            log.info("pool %s is already complete with these settings; nothing to write", out)
+            return dict(done, already_complete=True)
         resume = not overwrite and writing == asdict(spec)
         if not overwrite and not resume:
             other = (" (an interrupted make-pool of other settings: its own command resumes it)"

@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +38,14 @@ def test_pool_layout_ground_truth_and_determinism(tmp_path):
     for p in src.paths[::7]:
         q = p.replace(str(tmp_path / "a"), str(tmp_path / "b"))
         assert open(p, "rb").read() == open(q, "rb").read()
+    # the same command again: the pool is complete, nothing is written (it was refused as "not empty",
+    # where an interrupted one resumed); other settings are still refused
+    before = {p: os.stat(p).st_mtime_ns for p in src.paths[::7]}
+    again = make_pool(tmp_path / "a", spec, progress=False)
+    assert again["already_complete"] and again["n"] == spec.n
+    assert {p: os.stat(p).st_mtime_ns for p in src.paths[::7]} == before
     with pytest.raises(FileExistsError, match="not empty"):
-        make_pool(tmp_path / "a", spec, progress=False)
+        make_pool(tmp_path / "a", replace(spec, seed=spec.seed + 1), progress=False)
 
 
 def test_plant_class_and_flat_layout(tmp_path):
@@ -585,8 +592,9 @@ def test_an_interrupted_pool_resumes_to_the_same_pool(tmp_path, monkeypatch):
     assert (tmp_path / "whole" / "ground_truth.csv").read_bytes() == (tmp_path / "cut" / "ground_truth.csv").read_bytes()
     assert json.loads((tmp_path / "cut" / "pool.json").read_text())["spec"] == json.loads(
         (tmp_path / "whole" / "pool.json").read_text())["spec"]
+    assert make_pool(tmp_path / "cut", spec, workers=1, progress=False)["already_complete"]   # not rewritten
     with pytest.raises(FileExistsError, match="is not empty; choose another or pass --overwrite"):
-        make_pool(tmp_path / "cut", spec, workers=1, progress=False)   # a finished pool is not rewritten
+        make_pool(tmp_path / "cut", replace(spec, quality=spec.quality - 1), workers=1, progress=False)
 
 
 def test_an_image_cut_short_mid_save_is_never_kept(tmp_path, monkeypatch):
@@ -631,3 +639,14 @@ def test_an_interrupted_pool_of_other_settings_is_not_resumed(tmp_path, monkeypa
     info = make_pool(tmp_path / "p", PoolSpec(n=12, classes=2, min_size=16, max_size=16, seed=1), workers=1,
                      progress=False, overwrite=True)
     assert info["resumed_with"] == 0 and len(read_ground_truth(tmp_path / "p")[0]) == 12
+
+
+def test_the_same_make_pool_command_on_its_finished_pool_writes_nothing(tmp_path, capsys):
+    args = ["make-pool", "--out", str(tmp_path / "p"), "--n", "12", "--size", "32", "--classes", "2", "--quiet",
+            "--workers", "1"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{tmp_path / 'p'} already holds this pool (12 images, no pattern planted): nothing "
+                          f"written"), out
