@@ -266,11 +266,30 @@ def test_gpu_check_keeps_to_its_budget_and_a_cut_test_step_still_reports(tmp_pat
                     '[ "$1" = "-c" ] && exit 1\n'
                     "exit 0\n")
     fake.chmod(0o755)
-    out, stdout = _run_gpu_check(tmp_path, fake, budget=46, timeout=60)
+    out, stdout = _run_gpu_check(tmp_path, fake, budget=46, timeout=60, steps="tests kmeans")
     steps = (out / "steps.log").read_text()
     assert "summary after SIGINT" in (out / "gpu_tests.log").read_text(), steps
     assert "kmeans skipped: the 46 s budget is spent" in steps, steps
     assert "[gpu_check]" in stdout and "done" in steps.splitlines()[-1], steps
+
+
+def test_gpu_check_measures_the_open_targets_before_the_tests(tmp_path):
+    """The GPU tests ran first and may take 330 s of the 570 s budget, which left the e2e
+    benchmark (issue 7's H200 target) none: the steps now run in the order of
+    SPURFAST_GPU_CHECK_STEPS, by default the k-means and e2e benchmarks first."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/bash\n"
+                    '[ "$1" = "-" ] && cat > /dev/null\n'
+                    '[ "$1" = "-c" ] && exit 1\n'
+                    "exit 0\n")
+    fake.chmod(0o755)
+    out, _ = _run_gpu_check(tmp_path, fake, budget=120, timeout=60)
+    ran = [line.split("s ", 1)[1] for line in (out / "steps.log").read_text().splitlines()
+           if line.split("s ", 1)[-1] in ("kmeans", "e2e", "tests", "encoder", "shapes")]
+    assert ran == ["kmeans", "e2e", "tests", "encoder", "shapes"], ran
+    out, _ = _run_gpu_check(tmp_path / "b", fake, budget=120, timeout=60, steps="encoder tests nosuch")
+    log = (out / "steps.log").read_text()
+    assert log.index("s encoder\n") < log.index("s tests\n") and "unknown step nosuch" in log, log
 
 
 @pytest.mark.parametrize("device", ["cuda:0", pytest.param("gpu", id="named-gpu")])   # (an id "gpu" is the marker)
@@ -302,23 +321,25 @@ def test_gpu_check_caps_its_probes_by_the_budget_too(tmp_path):
     fake.chmod(0o755)
     out, _ = _run_gpu_check(tmp_path, fake, budget=20, timeout=45)
     steps = (out / "steps.log").read_text()
-    assert "tests skipped: the 20 s budget is spent" in steps and "done" in steps.splitlines()[-1], steps
+    assert "kmeans skipped: the 20 s budget is spent" in steps and "tests skipped" in steps, steps
+    assert "done" in steps.splitlines()[-1], steps
 
 
-def _run_gpu_check(tmp_path, fake_python, *, budget: int, timeout: int):
-    """Run bench/gpu_check.sh with a scripted python, a no-op make and a ``budget`` (s); kill
-    its whole session and fail if it runs past ``timeout``.  Returns ($OUT, its stdout)."""
+def _run_gpu_check(tmp_path, fake_python, *, budget: int, timeout: int, steps: str | None = None):
+    """Run bench/gpu_check.sh with a scripted python, a no-op make, a ``budget`` (s) and
+    ``steps`` (SPURFAST_GPU_CHECK_STEPS; None: its default); kill its whole session and fail
+    if it runs past ``timeout``.  Returns ($OUT, its stdout)."""
     import os
     import signal
     import subprocess
     from pathlib import Path
 
-    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin").mkdir(parents=True)
     (tmp_path / "bin" / "make").write_text("#!/bin/sh\nexit 0\n")   # the fatbin build, where nvcc is found
     (tmp_path / "bin" / "make").chmod(0o755)
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), PYTHON=str(fake_python), SPURFAST_GPU_CHECK_BUDGET=str(budget),
-               PATH=f"{tmp_path / 'bin'}:/usr/bin:/bin")
+               PATH=f"{tmp_path / 'bin'}:/usr/bin:/bin", **({} if steps is None else {"SPURFAST_GPU_CHECK_STEPS": steps}))
     script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
     proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
