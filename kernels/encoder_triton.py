@@ -78,7 +78,7 @@ from typing import Sequence
 import torch
 
 from .triton_env import INTERPRET as _INTERPRET
-from .triton_env import availability, tl, triton
+from .triton_env import TYPE_NAMES, availability, compile_for_target, tl, triton
 from . import reference as _ref
 
 _ACT_CODE = {"relu": 0, "leaky_relu": 1, "silu": 2}
@@ -545,9 +545,6 @@ def encoder_forward(x, *args, **kwargs):
         return _encoder_forward(x, *args, **kwargs)
 
 
-_TRITON_TYPES = {torch.uint8: "u8", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
 def compile_for(capability: int, image_shape=(3, 64, 64), channels=(32, 64, 128, 256), latent_dim: int = 16, *,
                 input_dtype: torch.dtype = torch.uint8, compute_dtype: torch.dtype = torch.bfloat16,
                 param_dtype: torch.dtype | None = None, batch: int = 256, eps: bool = False,
@@ -561,20 +558,14 @@ def compile_for(capability: int, image_shape=(3, 64, 64), channels=(32, 64, 128,
     keeps.  ``param_dtype``: the conv/head weights' dtype (default: ``compute_dtype`` for
     uint8 input, which computes in it, else fp32).  Returns [(name, config, triton's
     CompiledKernel)]: its ``.asm["cubin"]`` holds the machine code."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     if input_dtype not in (torch.uint8, compute_dtype):
         raise ValueError(f"input dtype {input_dtype} computes in itself, not {compute_dtype}")
-    params = _TRITON_TYPES[param_dtype or (compute_dtype if input_dtype == torch.uint8 else torch.float32)]
-    elt = _TRITON_TYPES[compute_dtype]
-    target = GPUTarget("cuda", capability, 32)
+    params = TYPE_NAMES[param_dtype or (compute_dtype if input_dtype == torch.uint8 else torch.float32)]
+    elt = TYPE_NAMES[compute_dtype]
 
     def build(fn, sig, const, cfg):
         blocks = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
-        sig = dict(sig, **{name: "constexpr" for name in {**const, **blocks}})
-        return triton.compile(ASTSource(fn, sig, {**const, **blocks}), target=target,
-                              options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+        return compile_for_target(fn, sig, {**const, **blocks}, capability, cfg["num_warps"], cfg["num_stages"])
 
     def configs(pruned):
         return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in pruned]
@@ -585,7 +576,7 @@ def compile_for(capability: int, image_shape=(3, 64, 64), channels=(32, 64, 128,
     for i, cout in enumerate(channels):
         ho, wo = (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1
         m, k = batch * ho * wo, c * kernel * kernel
-        sig = {"x_ptr": f"*{_TRITON_TYPES[input_dtype] if i == 0 else elt}", "w_ptr": f"*{elt}",
+        sig = {"x_ptr": f"*{TYPE_NAMES[input_dtype] if i == 0 else elt}", "w_ptr": f"*{elt}",
                "bias_ptr": f"*{params}", "mean_ptr": "*fp32", "std_ptr": "*fp32", "out_ptr": f"*{elt}",
                **{name: "i32" for name in ("M", "sxb", "sxc", "sxh", "sxw", "sob", "soc", "soh", "sow")},
                "in_div": "fp32", "M_BUCKET": "i32"}

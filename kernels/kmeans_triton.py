@@ -49,7 +49,7 @@ from contextlib import nullcontext
 import torch
 
 from .triton_env import INTERPRET as _INTERPRET
-from .triton_env import availability, tl, triton
+from .triton_env import TYPE_NAMES, availability, compile_for_target, tl, triton
 from . import reference as ref
 from .group_layout import assign_args, centroid_terms, split_centroids, tile_prefix
 
@@ -186,7 +186,7 @@ def arithmetic(dtype: torch.dtype, precision: str | None = None, split: bool | N
     return (centroid_split() if split is None else split), "tf32"
 
 
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_TRITON_TYPES = {t: TYPE_NAMES[t] for t in (torch.float32, torch.float16, torch.bfloat16)}   # the points it takes
 
 
 def compile_for(capability: int, dtype: torch.dtype, d: int, kmax: int, metric: str = "l2",
@@ -195,9 +195,6 @@ def compile_for(capability: int, dtype: torch.dtype, d: int, kmax: int, metric: 
     with ``shape`` or the launch shape ``kmeans_assign`` would use (``precision``: fp32
     points; ``split``: 16-bit points, see `arithmetic`); needs no GPU (and not the
     interpreter).  Returns triton's CompiledKernel (``.asm["cubin"]``, ``.metadata``)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     elt = _TRITON_TYPES[dtype]
     split, precision = arithmetic(dtype, precision, split)
     shape = _checked_shape(shape) if shape is not None else launch_shape(dtype, d, kmax, precision)
@@ -206,9 +203,7 @@ def compile_for(capability: int, dtype: torch.dtype, d: int, kmax: int, metric: 
            "kmax": "i32", "d": "i32", "lo_off": "i64", "search_steps": "i32"}
     const = dict(COSINE=metric == "cosine", SPLIT=split, FP32_PRECISION=precision,
                  BLOCK_M=shape["BLOCK_M"], BLOCK_N=shape["BLOCK_N"], BLOCK_D=shape["BLOCK_D"])
-    sig.update({name: "constexpr" for name in const})
-    return triton.compile(ASTSource(_assign_kernel, sig, const), target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": shape["num_warps"], "num_stages": shape["num_stages"]})
+    return compile_for_target(_assign_kernel, sig, const, capability, shape["num_warps"], shape["num_stages"])
 
 
 def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqnorm=None):

@@ -39,3 +39,20 @@ def availability(module: str, interpret: bool) -> tuple[bool, str]:
     if interpret or torch.cuda.is_available():
         return True, ""
     return False, f"no CUDA device and TRITON_INTERPRET=1 was not set before {module} was imported"
+
+
+# triton's names of the torch dtypes the kernels take, for ahead-of-time signatures
+TYPE_NAMES = {torch.uint8: "u8", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def compile_for_target(fn, signature: dict, constants: dict, capability: int, num_warps: int, num_stages: int):
+    """triton's CompiledKernel of ``fn`` for a CUDA GPU of this compute capability (e.g. 90),
+    compiled ahead of time with neither a GPU nor the interpreter: ``signature`` gives the
+    runtime arguments' triton types, ``constants`` the constexpr arguments' values.  Its
+    ``.asm["cubin"]`` holds the machine code (tests read its register use and spills)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = dict(signature, **{name: "constexpr" for name in constants})
+    return triton.compile(ASTSource(fn, sig, constants), target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
