@@ -608,53 +608,58 @@ def _png_exif_error(path: str) -> str | None:
     byte order: "XM" for "MM") still turns DALI's output by its orientation 5-8 into an
     image of zero rows and pixels from nowhere.  The torch loader decodes both, so both
     loaders call them bad (a JPEG's EXIF block does neither)."""
-    data = _png_first_exif(path)
+    data, first = _png_exif_chunks(path)   # one walk over the chunks: every PNG pays it
     if data is not None:
         if not _ifd0_orientation(data)[1]:
             return "with an EXIF block (eXIf) whose first directory runs past its end (DALI's decoder corrupts memory on it)"
         return None
-    raw = _png_first_exif(path, tiff_header_only=False)
-    if raw is not None and (_ifd0_orientation(raw)[0] or 0) in range(5, 9):
+    if first is not None and (_ifd0_orientation(first)[0] or 0) in range(5, 9):
         return ("with an EXIF block (eXIf) libpng drops (no TIFF byte order) whose orientation DALI's decoder still "
                 "applies: its output would not be the image")
     return None
 
 
-def _png_first_exif(path: str, tiff_header_only: bool = True) -> bytes | None:
+def _png_first_exif(path: str) -> bytes | None:
     """The data of the first eXIf chunk of a PNG that libpng keeps (see `_exif_orientation`),
     or None, also for an animation: DALI's decoder ignores the EXIF orientation of a PNG whose
     last acTL chunk before its image data counts more than one frame (measured, DALI 2.4;
-    PIL's turned the first frame).  ``tiff_header_only=False``: the first eXIf chunk of 4
-    bytes or more whatever it starts with (libpng drops one without "II*\\0" or "MM\\0*")."""
-    found, frames, idat = None, 1, False
+    PIL's turned the first frame)."""
+    return _png_exif_chunks(path)[0]
+
+
+def _png_exif_chunks(path: str) -> tuple[bytes | None, bytes | None]:
+    """(`_png_first_exif`, the first eXIf chunk of 4 bytes or more whatever it starts with:
+    libpng drops one without "II*\\0" or "MM\\0*"), (None, None) for an animation."""
+    kept, first, frames, idat = None, None, 1, False
     try:
         with open(path, "rb") as fh:
             fh.seek(len(_PNG_MAGIC))
             while True:
                 head = fh.read(8)
                 if len(head) < 8 or head[4:] == b"IEND":
-                    return found
+                    return kept, first
                 length = int.from_bytes(head[:4], "big")
                 if head[4:] == b"IDAT" and not idat:
                     if frames > 1:
-                        return None
+                        return None, None
                     idat = True
-                    if found is not None:
-                        return found
+                    if kept is not None:
+                        return kept, first
                 if head[4:] == b"acTL" and not idat and length >= 4:
                     frames = int.from_bytes(fh.read(4), "big")
                     fh.seek(length, os.SEEK_CUR)
-                elif head[4:] == b"eXIf" and length >= 4 and found is None:
+                elif head[4:] == b"eXIf" and length >= 4 and kept is None:
                     data = fh.read(length)
-                    if data[:4] in (b"II*\x00", b"MM\x00*") or not tiff_header_only:
-                        found = data
+                    first = data if first is None else first
+                    if data[:4] in (b"II*\x00", b"MM\x00*"):
+                        kept = data
                         if idat:
-                            return found
+                            return kept, first
                     fh.seek(4, os.SEEK_CUR)
                 else:
                     fh.seek(length + 4, os.SEEK_CUR)
     except OSError:
-        return None
+        return None, None
 
 
 def load_image_uint8(path: str, spec: PreprocessSpec) -> torch.Tensor:
