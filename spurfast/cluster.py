@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import backends
+from .checks import whole_number
 from .kernels import reference as ref
 from .kernels.group_layout import non_integer_entries
 
@@ -96,8 +97,6 @@ SOLO = Solo()
 def check_seed(seed) -> int:
     """``seed`` as an int in [0, 2**64) (`whole_number`: 8.0 too): torch's generator refused
     2**64 with "Overflow when unpacking long long", naming nothing, and ran 1.7 as 1."""
-    from .checks import whole_number
-
     value = whole_number(seed, "seed")
     if not 0 <= value < 2 ** 64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed!r}")

@@ -124,15 +124,15 @@ class Setting:
         # a finding is matched to a feature by its class and enrichment: two plants in one class could
         # both be "found" by one finding; and a feature's rows are keyed by its label, so two plants of
         # one label wrote colliding rows that read_results refused after the whole sweep
-        for attr, what in (("target_class", "target class"), ("label", "label")):
-            seen = {}
+        for attr, what, own in (("target_class", "target class", "class (one finding could match both)"),
+                                ("label", "label", "pattern (its results are keyed by it)")):
+            first = {}
             for p in self.plants:
-                if getattr(p, attr) in seen:
-                    raise ValueError(f"setting {self.name!r}: plants {seen[getattr(p, attr)]} and {p.label} share the "
-                                     f"{what} {getattr(p, attr)!r}; give each plant its own "
-                                     + ("class (one finding could match both)" if attr == "target_class" else
-                                        "pattern (its results are keyed by it)"))
-                seen[getattr(p, attr)] = p.label
+                value = getattr(p, attr)
+                if value in first:
+                    raise ValueError(f"setting {self.name!r}: plants {first[value]} and {p.label} share the {what} "
+                                     f"{value!r}; give each plant its own {own}")
+                first[value] = p.label
 
 
 @dataclass

@@ -329,10 +329,10 @@ def _pool_info(out: Path) -> dict | None:
     return info if isinstance(info, dict) else None
 
 
-def _written_by_make_pool(out: Path) -> bool:
-    """Whether ``out`` holds a pool.json that make-pool wrote (with its writer marker, or
-    the keys of a pool written before the marker existed)."""
-    info = _pool_info(out)   # None: missing or unreadable proves nothing, keep the folder
+def _written_by_make_pool(info: dict | None) -> bool:
+    """Whether a folder's pool.json (`_pool_info`) is one that make-pool wrote (with its writer
+    marker, or the keys of a pool written before the marker existed)."""
+    # None: missing or unreadable proves nothing, keep the folder
     return info is not None and (info.get("writer") == POOL_WRITER or {"spec", "n_carrying", "classes"} <= info.keys())
 
 
@@ -371,18 +371,18 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
             for e in entries:
                 e.unlink(missing_ok=True)
     if out.exists() and any(out.iterdir()):
-        if not _written_by_make_pool(out):
+        info = _pool_info(out)
+        if not _written_by_make_pool(info):
             raise FileExistsError(f"pool directory {out} is not empty and was not written by make-pool (no "
                                   f"make-pool pool.json); make-pool never deletes such a directory, even with "
                                   f"--overwrite: choose a new or empty directory")
-        writing = _unfinished_spec(out)
-        done = _pool_info(out) or {}
-        if not overwrite and done.get("spec") == json.loads(json.dumps(asdict(spec))) \
+        writing = _unfinished_spec(info)
+        if not overwrite and info.get("spec") == json.loads(json.dumps(asdict(spec))) \
                 and (out / "ground_truth.csv").is_file():
             # the same command again on its finished pool was refused as "not empty", where an
             # interrupted one resumed: there is nothing to write
             log.info("pool %s is already complete with these settings; nothing to write", out)
-            return dict(done, already_complete=True)
+            return dict(info, already_complete=True)
         resume = not overwrite and writing == asdict(spec)
         if not overwrite and not resume:
             other = (" (an interrupted make-pool of other settings: its own command resumes it)"
@@ -465,10 +465,9 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
     return info
 
 
-def _unfinished_spec(out: Path) -> dict | None:
-    """The settings an interrupted make-pool was writing into ``out`` (its pool.json marker),
-    or None: a finished pool, or a marker from before the settings were recorded."""
-    info = _pool_info(out)
+def _unfinished_spec(info: dict | None) -> dict | None:
+    """The settings an interrupted make-pool was writing, from a folder's pool.json marker
+    (`_pool_info`), or None: a finished pool, or a marker from before the settings were recorded."""
     if info is None or info.get("spec") is not None or not isinstance(info.get("writing"), dict):
         return None
     return info["writing"]

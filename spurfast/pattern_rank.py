@@ -167,8 +167,8 @@ def _pixel_probes(findings: list[dict], source: ImageSource, pred: np.ndarray, b
     neg_rows = neg_rows[readable[neg_rows]]
     if thumbs is None or len(neg_rows) < 2:
         return [None] * len(findings), union
-    centre = thumbs[neg_rows].mean(0, dtype=np.float64)
-    spread = thumbs[neg_rows].std(0, dtype=np.float64)
+    negatives = thumbs[neg_rows]
+    centre, spread = negatives.mean(0, dtype=np.float64), negatives.std(0, dtype=np.float64)
     spread = np.where(spread > 0, spread, 1.0)
     out = []
     for f, p in zip(findings, pos):
