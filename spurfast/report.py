@@ -273,11 +273,16 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
         parts.append(f"<div class='finding'><h3>#{e(f['rank'])}: class {e(f['class'])}{name}</h3>")
         # n_unrelated: members whose content is another class (suspects with labels may be among them)
         if f.get("kind") == "residual":   # spurfast.residual: no cluster, a test of its own
+            from .residual import SCORE_CAP
+
             peak = f.get("peak") or ["?", "?"]
+            # the score is written capped where no other t is positive (an unbounded ratio)
+            ratio = ("no other t is positive" if float(f["score"]) >= SCORE_CAP else
+                     f"{float(f['score']):.3g}x the largest t elsewhere")
             parts.append(f"<p><b>Residual scan:</b> images called this class carry a localised reconstruction "
                          f"residual (a pattern the VAE latent does not hold) peaking at pixel (y {e(peak[0])}, "
                          f"x {e(peak[1])}), t = {float(f.get('peak_t', float('nan'))):.3g}, "
-                         f"{float(f['score']):.3g}x the largest t elsewhere; p = {float(f['p_value']):.3g} against "
+                         f"{ratio}; p = {float(f['p_value']):.3g} against "
                          f"predictions resampled among same-label latent neighbours, q = {float(f['q_value']):.3g} "
                          f"over classes. {e(f['size'])} members ({_membership(f)}): the class's images "
                          f"of most residual energy there.</p>")

@@ -347,3 +347,7 @@ def test_a_residual_finding_is_written_as_json_and_counts_unrelated_members_as_c
         raise ValueError(f"not JSON: {constant}")
     doc = json.loads((tmp_path / "out" / "findings.json").read_text(), parse_constant=refuse)
     assert doc["findings"][0]["score"] == SCORE_CAP
+    # the report does not call the capped ratio a figure ("1e+06x the largest t elsewhere")
+    from spurfast.report import write_report
+    page = write_report(doc, tmp_path / "out").read_text()
+    assert "no other t is positive" in page and "1e+06x" not in page
