@@ -401,7 +401,9 @@ def _support_cells(sp: dict | None) -> list:
     """findings.csv's support columns: p, q, supported (blank where not tested)."""
     if not sp or sp.get("p_value") is None:
         return ["", "", ""]
-    return [f"{sp['p_value']:.4g}", f"{sp['q_value']:.4g}", int(sp["supported"])]
+    # as they are (shortest round trip), as clusters.csv's: 4 digits made q = 0.0500004 (not
+    # supported at 0.05) "0.05" beside supported 0
+    return [repr(float(sp["p_value"])), repr(float(sp["q_value"])), int(sp["supported"])]
 
 
 def write_outputs(result: DiscoveryResult, out_dir: Path, extra_config: dict | None = None) -> dict:

@@ -21,6 +21,19 @@ from .data.sources import utf8_name
 UPSCALE_TO = 112  # small images are enlarged (nearest) so a pixel pattern stays visible
 
 
+
+def beside_level(v, level: float = 0.05) -> str:
+    """``v`` to 3 significant digits, more where fewer would put it on the other side of
+    ``level`` (a q of 0.0500004, not significant at 0.05, printed "q = 0.05" beside "not
+    supported"): the p- and q-values whose verdicts the page states beside them."""
+    v = float(v)
+    digits = 3
+    text = f"{v:.{digits}g}"
+    while (float(text) <= level) != (v <= level) and digits < 17:
+        digits += 1
+        text = f"{v:.{digits}g}"
+    return text
+
 def _data_uri(path: Path) -> str:
     """The PNG at ``path`` as a data URI (base64 text holds no quote or angle bracket)."""
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
@@ -295,9 +308,9 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
             from .confirm import VERDICTS, confirm_verdict, reacts_to_texture
             verdict = confirm_verdict(cf)
             more = (f" and {float(cf['content_flip_rate']):.1%} for genuine class content in the same place "
-                    f"(p = {float(cf['content_p_value']):.3g})" if cf.get("content_p_value") is not None else "")
+                    f"(p = {beside_level(cf['content_p_value'])})" if cf.get("content_p_value") is not None else "")
             if cf.get("q_value") is not None:
-                more += f"; q = {float(cf['q_value']):.3g} over this run's findings"
+                more += f"; q = {beside_level(cf['q_value'])} over this run's findings"
             head = "<b>confirmed shortcut</b>" if verdict == "confirmed" else "not confirmed"
             why = e(VERDICTS[verdict])
             if cf.get("content_skipped") and verdict in ("confirmed", "weak"):
@@ -314,12 +327,12 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
             texture = reacts_to_texture(cf) if verdict == "not_specific" else None
             if texture is not None:
                 why += (f"; smooth random fields of the same size there flip {float(cf['smooth_flip_rate']):.1%} "
-                        f"(p = {float(cf['smooth_p_value']):.3g}): "
+                        f"(p = {beside_level(cf['smooth_p_value'])}): "
                         + ("the model reacts to the pattern's texture, not its exact values" if texture else
                            "it reacts to any change of this size there"))
             parts.append(f"<p><b>Confirmation:</b> pasting the pattern flips {float(cf['flip_rate']):.1%} of clean images "
                          f"towards this class vs {float(cf['control_flip_rate']):.1%} for random patterns "
-                         f"(p = {float(cf['p_value']):.3g}){more}: {head} ({why}).</p>")
+                         f"(p = {beside_level(cf['p_value'])}){more}: {head} ({why}).</p>")
         elif f.get("confirm_skipped"):   # null: the page said nothing where only the log said why
             parts.append(f"<p class='muted'>Confirmation not run: {e(f['confirm_skipped'])}.</p>")
         sp = f.get("support")
@@ -336,7 +349,7 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
                          f"of this class carry the pattern {where} the top {100 * float(sp.get('tail', 0.01)):g}% "
                          f"of the other classes' suspects "
                          f"({e(sp['other_above'])} of {e(sp['n_other'])}); p = {float(sp['p_value']):.3g}, "
-                         f"q = {float(sp['q_value']):.3g}: {e(said)}.</p>")
+                         f"q = {beside_level(sp['q_value'])}: {e(said)}.</p>")
         elif sp:
             parts.append(f"<p class='muted'>Training support not tested: {e(sp.get('skipped', ''))}.</p>")
         imgs = f.get("images") or {}

@@ -600,3 +600,17 @@ def test_each_finding_lists_its_members_unrelated_to_its_class(tmp_path):
     assert set(shortcut) <= set(top["_unrelated"].tolist())       # labelled 1, predicted 0: unrelated
     from spurfast.discover import findings_document
     assert "_unrelated" not in findings_document(res)["findings"][0]
+
+
+def test_findings_csv_support_values_are_on_the_side_of_the_level_they_are(tmp_path):
+    """4 digits wrote q = 0.0500004 (not supported at q <= 0.05) as "0.05" beside supported 0."""
+    import csv
+
+    from spurfast.discover import DiscoveryResult, write_outputs
+    f = {"rank": 1, "class": 3, "class_name": "c", "cluster": 0, "size": 2, "score": 5.0, "p_value": 0.001,
+         "q_value": 0.01, "members": [0, 1], "exemplars": [0], "confirm": None, "images": {},
+         "support": {"p_value": 0.0250002, "q_value": 0.0500004, "supported": False, "n_class": 30, "n_other": 300}}
+    write_outputs(DiscoveryResult([f], [], {}, {}, {"n": 2, "n_unrelated": 2, "n_suspect": 0}), tmp_path)
+    with open(tmp_path / "findings.csv", encoding="utf-8", newline="") as fh:
+        row = next(csv.DictReader(fh))
+    assert (float(row["support_q_value"]), float(row["support_p_value"]), row["supported"]) == (0.0500004, 0.0250002, "0")

@@ -481,3 +481,23 @@ def test_unrelated_members_are_not_said_to_be_of_another_class(tmp_path):
     html = write_report(doc, tmp_path).read_text()
     assert "of another class" not in html
     assert "9 unrelated to class 3: labelled another class, or unlabelled and not suspect; 2 suspect samples" in html
+
+
+def test_a_value_just_past_the_level_is_not_printed_on_it(tmp_path):
+    """q = 0.0500004 (not supported at q <= 0.05) printed "q = 0.05: not supported", and a
+    confirmation q of 0.0500004 "q = 0.05" beside "weak": the rule the page states read as broken."""
+    doc = _doc({"flip_rate": 0.3, "control_flip_rate": 0.01, "p_value": 1e-9, "content_flip_rate": 0.02,
+                "content_p_value": 1e-8, "q_value": 0.0500004})
+    doc["findings"][0]["support"] = {"p_value": 0.0250002, "n_class": 30, "class_above": 5, "n_other": 300,
+                                     "other_above": 3, "tail": 0.01, "q_value": 0.0500004, "supported": False}
+    html = write_report(doc, tmp_path).read_text()
+    assert "q = 0.0500004: not supported" in html
+    assert "q = 0.0500004 over this run's findings" in html
+    assert "q = 0.05:" not in html and "q = 0.05 over" not in html
+
+
+def test_beside_level_keeps_three_digits_where_they_are_on_the_right_side():
+    from spurfast.report import beside_level
+    assert beside_level(0.0123456) == "0.0123" and beside_level(0.05) == "0.05" and beside_level(2e-8) == "2e-08"
+    assert beside_level(0.0500004) == "0.0500004" and beside_level(0.04999996) == "0.05"
+    assert beside_level(0.0499996) == "0.05" and beside_level(0.050001) == "0.050001"
