@@ -344,11 +344,16 @@ def _prepared_conv_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _floats(v) -> list[float]:
+    """mean/std as the reference reads them (`reference.normalise_input`): any nesting,
+    flattened ([[0.5, 0.5, 0.5]] failed here in float() naming nothing)."""
     if isinstance(v, torch.Tensor):
         return [float(t) for t in v.detach().reshape(-1).tolist()]
-    if isinstance(v, (int, float)):
+    if isinstance(v, (int, float)) or getattr(v, "ndim", None) == 0:
         return [float(v)]
-    return [float(t) for t in v]
+    if isinstance(v, (str, bytes)):   # iterating "0.5" gave "0", ".", ... and one character recursed forever
+        raise ValueError(f"mean/std must be numbers, got {v!r}")
+    # plain Python, no tensor: a warm forward makes no host-side tensor op
+    return [f for t in v for f in _floats(t)]
 
 
 def _norm_tensors(mean: Sequence[float], std: Sequence[float], c: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,12 +14,32 @@ import operator
 import torch
 
 
+def check_points(x, name: str = "x") -> None:
+    """Refuse anything but a real (N, d) tensor: every provider casts points to fp32, and a
+    complex one lost its imaginary part there (points that differ only in it merged), while a
+    1-D or 3-D one failed in an unpacking error naming nothing."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D tensor (N, d), got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.is_complex():
+        raise ValueError(f"{name} has dtype {x.dtype}; expected real numbers")
+
+
+def wide_points(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as float64 where it holds integers (or bools), else as given: callers shift
+    float64 points near their group's origin before the fp32 cast, and integers cast first
+    lost their spread (1e9 + {0, 1} and 1e9 + {6, 7} became one point)."""
+    return x if x.is_floating_point() else x.to(torch.float64)
+
+
 def check_integers(t: torch.Tensor, name: str) -> None:
     """Refuse a complex tensor, or a float one holding a fractional or non-finite value or
     one past int64: the int64 conversion after it truncated them silently (offsets 0, 2.5,
     5 split the rows at 2; assign 1.5 counted the point in cluster 1) or wrapped them (1e30
     became -2**63: a k_per_group of 1e30 drew no seeds).  Integer tensors pass at no cost;
     a float one costs a host read (a rare path)."""
+    if not isinstance(t, torch.Tensor):   # a list or numpy array failed in .is_complex(), naming nothing
+        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
     if t.is_complex():
         raise ValueError(f"{name} has dtype {t.dtype}; expected integers")
     bad = non_integer_entries(t)

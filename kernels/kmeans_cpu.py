@@ -36,7 +36,7 @@ import torch
 
 from ..cores import usable_cores
 from . import reference as ref
-from .group_layout import check_count, check_integers, check_seed_counts
+from .group_layout import check_count, check_integers, check_points, check_seed_counts
 
 SOURCE = Path(__file__).resolve().parent / "cpu" / "kmeans_cpu.cpp"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC")
@@ -192,9 +192,7 @@ def _ptr(a: np.ndarray) -> int:
 
 
 def _check_cpu(x: torch.Tensor) -> np.ndarray:
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"x must be a 2-D tensor (N, d), got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    check_points(x)
     if x.device.type != "cpu":
         raise ValueError(f"x is on {x.device}; the fused CPU kernels take CPU tensors (use backend='cupy' or 'torch')")
     return np.ascontiguousarray(x.detach().float().numpy())
@@ -335,9 +333,10 @@ def kmeans_update(x, offsets, assign, kmax: int, deterministic: bool = True):
     off = _offsets(offsets, N)
     G = len(off) - 1
     S = G * kmax
+    # first: a list failed in .dim() naming nothing, and the int64 cast below truncated 1.5 to 1
+    check_integers(assign, "assign")
     if assign.dim() != 1 or assign.shape[0] != N:
         raise ValueError(f"assign must be (N,) = ({N},), got shape {tuple(assign.shape)}")
-    check_integers(assign, "assign")   # the int64 cast below truncated 1.5 to 1 silently
     flat = ref.group_ids(torch.from_numpy(off)).numpy() * kmax + assign.cpu().numpy().astype(np.int64)
     if N and ((assign.min() < 0) or (assign.max() >= kmax)):
         raise ValueError(f"assign has values in [{int(assign.min())}, {int(assign.max())}]; "

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .group_layout import check_count, check_integers, check_offsets, check_seed_counts
+from .group_layout import check_count, check_integers, check_offsets, check_points, check_seed_counts, wide_points
 
 ACTIVATIONS = ("relu", "leaky_relu", "silu")
 LEAKY_SLOPE = 0.2
@@ -247,6 +247,8 @@ def check_assign_args(x, offsets, centroids, metric: str) -> tuple[int, int]:
             or centroids.dim() != 3 or centroids.shape[2] != x.shape[1]:
         raise ValueError(f"expected x (N, d) and centroids (G, kmax, d) tensors, got {_shape(x)} and "
                          f"{_shape(centroids)}")
+    check_points(x)
+    check_points(centroids.flatten(0, 1), "centroids")
     G, kmax, _ = centroids.shape
     if isinstance(offsets, torch.Tensor) and offsets.dim() != 1:   # len() of a 0-d one named nothing
         raise ValueError(f"offsets must be a 1-D tensor (G + 1,), got {_shape(offsets)}")
@@ -313,8 +315,11 @@ def centred_latents(z: torch.Tensor) -> torch.Tensor:
     zt = torch.as_tensor(z).detach()
     if zt.dim() != 2 or (zt.shape[1] == 0 and zt.shape[0] > 0):   # d = 0 failed in torch.unique, naming nothing
         raise ValueError(f"z must be (n, d) with d >= 1, got shape {tuple(zt.shape)}")
-    # float64 is centred before the fp32 cast: cast first, z = 1e8 + noise lost its spread
-    # (fp32's step is 8 there) and every row's neighbours came out as the lowest indices
+    check_points(zt, "z")
+    # float64 (and integers, as float64) is centred before the fp32 cast: cast first, z = 1e8 +
+    # noise lost its spread (fp32's step is 8 there) and every row's neighbours came out as the
+    # lowest indices
+    zt = wide_points(zt)
     zt = zt if zt.dtype == torch.float64 else zt.float()
     zc = (zt - zt.mean(0)).float()
     check_rows(zt, torch.linalg.vecdot(zc, zc), "z has {bad} rows with NaN or inf; neighbours need finite latents",
@@ -481,6 +486,7 @@ def kmeans_update(
     The caller divides and re-seeds clusters whose count is 0 (reported, not hidden).
     Traffic: reads x and assign once, writes G*kmax*(d+1) values.
     """
+    check_points(x)   # "not enough values to unpack" named nothing
     N, d = x.shape
     kmax = check_count(kmax, "kmax")   # -1 failed in zeros() naming nothing, 2.5 in a TypeError
     # sums, not a graph: with points that require grad the GPU path (and the CPU one at N = 0)
@@ -825,6 +831,7 @@ def cluster_similarity(
                centroid in squared L2 (ties by index), -1 where a cluster has fewer,
              mean_cos (G, kmax) fp32, mean_sqdist (G, kmax) fp32; 0 for empty clusters).
     """
+    check_points(x)   # a 1-D x failed in an IndexError naming nothing
     if centroids.dim() != 3 or centroids.shape[2] != x.shape[1]:
         raise ValueError(f"centroids must be (G, kmax, d={x.shape[1]}), got shape {tuple(centroids.shape)}")
     G, kmax, d = centroids.shape
@@ -887,6 +894,7 @@ def kmeans_plusplus(
     alone, so the cost is O(sum_g k_g * N_g * d) rather than O(kmax * N * d).
     Groups with k_g < kmax leave the extra rows as zeros (masked everywhere).
     """
+    check_points(x)
     N, d = x.shape
     kmax = check_count(kmax, "kmax")   # -1 failed in zeros() naming nothing
     # as the CPU kernel checks them (torch's size mismatches and IndexErrors named neither)

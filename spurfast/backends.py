@@ -140,6 +140,8 @@ def requested(op: str, backend: str | None = None) -> str:
 def resolve(op: str, backend: str | None = None, device: str | None = None) -> tuple[str, Callable]:
     """Return (provider name, function) for ``op``; ``device`` (a device type such as
     "cpu" or "cuda") restricts ``auto`` to the providers that take it."""
+    if device == "meta":   # the torch providers took them, and failed deep inside torch naming nothing
+        raise ValueError(f"{op}: tensors on the meta device hold no data; pass CPU or CUDA tensors")
     want = requested(op, backend)
     key = (op, want, device)
     if key in _cache:

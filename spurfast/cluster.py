@@ -15,7 +15,7 @@ import torch
 from . import backends
 from .checks import whole_number
 from .kernels import reference as ref
-from .kernels.group_layout import non_integer_entries
+from .kernels.group_layout import check_points, non_integer_entries, wide_points
 
 log = logging.getLogger("spurfast.cluster")
 
@@ -186,6 +186,10 @@ def batched_kmeans(
     # the L2 paths ("Can't call numpy() on Tensor that requires grad"; torch: cumsum's out=);
     # a numpy x (taken for groups and k) failed on x.dim() with an AttributeError naming nothing
     x = torch.as_tensor(x).detach()
+    check_points(x)   # complex points lost their imaginary part in the fp32 cast
+    # integers as float64, which lloyd shifts near each group before the fp32 cast (cast
+    # first, 1e9 + {0, 1} and 1e9 + {6, 7} were one point)
+    x = wide_points(x)
     # nor are starting centroids: an init that requires grad gave centroids that did too
     # (their .numpy() raised, and every iteration's torch.where joined an autograd graph)
     init = None if init is None else torch.as_tensor(init).detach()

@@ -345,6 +345,20 @@ def test_bad_parameters_errors():
         et.encoder_forward(x, **{**p, "conv_weights": [p["conv_weights"][0], p["conv_weights"][1][:, :4]]})
 
 
+def test_mean_and_std_in_any_nesting_are_read_as_the_reference_reads_them():
+    """[[0.5, 0.5, 0.5]] ran in the reference (as_tensor + reshape) and failed in the kernel
+    with a TypeError naming nothing."""
+    model = _model(3, 8, (4,), 2, mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.3))
+    x = _images(2, 3, 8)
+    p = model.encoder_params()
+    for mean, std in (([[0.5, 0.4, 0.3]], [[0.25, 0.2, 0.3]]), (torch.tensor([[0.5], [0.4], [0.3]]), (0.25, 0.2, 0.3))):
+        with torch.no_grad():
+            want = ref.encoder_forward(x, **{**p, "mean": mean, "std": std})
+            got = et.encoder_forward(x, **{**p, "mean": mean, "std": std})
+        for name, g, w in zip(("mu", "logvar"), got, want):
+            assert_close(g, w, torch.float32, name=name)
+
+
 # ------------------------------------------------------------------ GPU: fp16 / bf16
 GPU_ARCHS = [(1, 28, (32, 64), 16), (3, 64, (32, 64, 128, 256), 128), (3, 64, (24, 40, 72, 100), 512)]
 

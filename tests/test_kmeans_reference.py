@@ -1148,3 +1148,78 @@ def test_batched_kmeans_takes_any_integer_seed_below_2_64():
     assert torch.equal(a.assign, b.assign)
     batched_kmeans(x, g, [3], n_groups=1, seed=2 ** 64 - 1)
     assert torch.equal(batched_kmeans(x, g, [3], n_groups=1, seed=7.0).assign, b.assign)   # as DiscoverConfig takes it
+
+
+# ----------------------------------------------------------------------------- points of other kinds
+def _knn_providers():
+    from spurfast.kernels import kmeans_cpu as kcpu
+    return [ref.latent_knn] + ([kcpu.latent_knn] if kcpu.is_available()[0] else [])
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_integer_points_far_from_the_origin_keep_their_spread(backend):
+    """Integers were cast to fp32 before the shift near each group that float64 gets: 1e9 +
+    {0, 1} and 1e9 + {6, 7} became one point (counts [12, 0], inertia 0)."""
+    from spurfast.kernels import kmeans_cpu as kcpu
+    if backend == "cpu" and not kcpu.is_available()[0]:
+        pytest.skip("no fused CPU kernels")
+    v = torch.tensor([0, 0, 0, 1, 1, 1, 6, 6, 6, 7, 7, 7]) + 10 ** 9
+    groups = torch.zeros(len(v), dtype=torch.long)
+    want = batched_kmeans(v.double()[:, None], groups, [2], backend=backend, seed=0)
+    for dt in (torch.int64, torch.int32):
+        got = batched_kmeans(v.to(dt)[:, None], groups, [2], backend=backend, seed=0)
+        assert got.counts.tolist() == [[6, 6]] and got.assign.tolist() == want.assign.tolist()
+        assert got.inertia == pytest.approx(3.0)
+    z = (torch.tensor([0, 6, 1, 7]) + 10 ** 9)[:, None]
+    for knn in _knn_providers():
+        assert knn(z, 1).flatten().tolist() == [2, 3, 0, 1]
+
+
+def test_complex_points_are_refused_not_cut_to_their_real_part():
+    """Every provider casts points to fp32: complex ones lost their imaginary part (with a
+    warning at most), and points that differ only there became one."""
+    x = torch.tensor([[1 + 0j], [1 + 0j], [1 + 50j], [1 + 50j]], dtype=torch.complex64)
+    with pytest.raises(ValueError, match="x has dtype torch.complex64; expected real numbers"):
+        batched_kmeans(x, torch.zeros(4, dtype=torch.long), [2])
+    for knn in _knn_providers():
+        with pytest.raises(ValueError, match="z has dtype torch.complex64"):
+            knn(x, 1)
+    with pytest.raises(ValueError, match="x has dtype torch.complex64"):
+        ref.kmeans_assign(x, csr([4]), torch.zeros(1, 2, 1), torch.tensor([2]))
+    with pytest.raises(ValueError, match="centroids has dtype torch.complex64"):
+        ref.kmeans_assign(x.real.contiguous(), csr([4]), torch.zeros(1, 2, 1, dtype=torch.complex64), torch.tensor([2]))
+
+
+@pytest.mark.parametrize("provider", ["torch", "cpu"])
+def test_points_of_the_wrong_shape_and_a_list_of_assignments_are_named(provider):
+    """The reference unpacked x.shape first ("not enough values to unpack", an IndexError)
+    and read assign.is_complex() / assign.dim() of a list (AttributeErrors)."""
+    if provider == "cpu":
+        from spurfast.kernels import kmeans_cpu as mod
+        if not mod.is_available()[0]:
+            pytest.skip("no fused CPU kernels")
+    else:
+        mod = ref
+    off, x1 = csr([4]), torch.zeros(4)
+    with pytest.raises(ValueError, match=r"x must be a 2-D tensor \(N, d\), got \(4,\)"):
+        mod.kmeans_update(x1, off, torch.zeros(4, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match=r"x must be a 2-D tensor \(N, d\), got \(4, 3, 1\)"):
+        mod.kmeans_update(torch.zeros(4, 3, 1), off, torch.zeros(4, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match=r"x must be a 2-D tensor \(N, d\), got \(4,\)"):
+        mod.kmeans_plusplus(x1, off, torch.tensor([2]), 2, torch.Generator().manual_seed(0))
+    for assign in ([0, 0, 1, 1], np.zeros(4, np.int64)):
+        with pytest.raises(ValueError, match="assign must be a tensor, got (list|ndarray)"):
+            mod.kmeans_update(torch.zeros(4, 2), off, assign, 2)
+    if provider == "torch":
+        with pytest.raises(ValueError, match=r"x must be a 2-D tensor \(N, d\), got \(4,\)"):
+            ref.cluster_similarity(x1, off, torch.zeros(4, dtype=torch.long), torch.zeros(1, 2, 1), torch.tensor([2]))
+
+
+@pytest.mark.parametrize("op", ["kmeans_assign", "kmeans_update", "latent_knn"])
+def test_meta_tensors_are_refused_by_the_registry_by_name(op):
+    """`auto` handed them to the torch reference, which failed deep inside torch naming nothing."""
+    x = torch.zeros(6, 3, device="meta")
+    args = {"kmeans_assign": (x, csr([6]), torch.zeros(1, 2, 3, device="meta"), torch.tensor([2])),
+            "kmeans_update": (x, csr([6]), torch.zeros(6, dtype=torch.long), 2), "latent_knn": (x, 2)}[op]
+    with pytest.raises(ValueError, match=f"{op}: tensors on the meta device hold no data"):
+        backends.call(op, *args)
