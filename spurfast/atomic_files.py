@@ -5,6 +5,7 @@ Light on purpose (no torch): `spurfast make-pool`'s worker processes write throu
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -52,6 +53,29 @@ def writer_pid(name: str) -> str:
     another name."""
     parts = name.rsplit(".", 2)
     return parts[1] if len(parts) == 3 and parts[2] == "tmp" else ""
+
+
+_TEMPORARY = re.compile(r"(.+)\.([0-9]+)(?:\.[0-9a-f]{8})?\.tmp")
+
+
+def killed_writer_target(entry: Path) -> str | None:
+    """The name of the file that ``entry`` was to replace, if it is the temporary file of a
+    writer killed mid-write (``NAME.PID.tmp`` of `replace_atomically`, ``NAME.PID.HEX.tmp`` of
+    `spurfast.models.files.save_atomic`, its process gone); None for any other entry."""
+    m = _TEMPORARY.fullmatch(entry.name)
+    ok = m is not None and entry.is_file() and not entry.is_symlink() and process_gone(m.group(2))
+    return m.group(1) if ok else None
+
+
+def remove_killed_writers_files(folder: Path, targets) -> None:
+    """Remove the temporary files in ``folder`` of writers killed while replacing a file whose
+    name ``targets(name)`` accepts: each kill left one for good (a model-sized one for a
+    checkpoint), and one in a new run folder made it read as a folder spurfast did not write."""
+    folder = Path(folder)
+    for entry in folder.glob("*.tmp") if folder.is_dir() else ():
+        name = killed_writer_target(entry)
+        if name is not None and targets(name):
+            entry.unlink(missing_ok=True)
 
 
 def abandoned(path: Path, pid: str, quiet_s: float = QUIET_S) -> bool:

@@ -485,9 +485,8 @@ def _write_whole(path: Path, text: str) -> None:
 def _marker_leftover(entry: Path) -> bool:
     """Whether ``entry`` is the temporary pool.json (``pool.json.PID.tmp``) of a make-pool
     killed while writing it (its process gone)."""
-    from .atomic_files import process_gone, writer_pid
-    pid = writer_pid(entry.name)
-    return entry.name == f"pool.json.{pid}.tmp" and entry.is_file() and process_gone(pid)
+    from .atomic_files import killed_writer_target
+    return entry.name.startswith("pool.json.") and killed_writer_target(entry) == "pool.json"
 
 
 def read_ground_truth(pool_dir) -> tuple[np.ndarray, np.ndarray]:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import distributed as dist
+from .atomic_files import remove_killed_writers_files
 from .checks import check_compute_device, check_whole
 from .cores import usable_cores
 from .data.builtin import load_digits, load_fashion_mnist
@@ -62,6 +63,9 @@ def prepare_output(out_dir, run_id: str, overwrite: bool, protect=(), earlier_id
     blocker = next((q for q in out.parents if q.exists() and not q.is_dir()), None)
     if blocker is not None:
         raise NotADirectoryError(f"output directory {out}: {blocker} is a file, not a folder")
+    # a run killed while writing its first run.json left only run.json.PID.tmp: the folder then
+    # read as one spurfast did not write, refused even with --overwrite
+    remove_killed_writers_files(out, lambda name: name == marker.name)
     if out.exists() and any(out.iterdir()):
         try:
             prev = json.loads(marker.read_text()).get("run_id") if marker.is_file() else None
@@ -507,6 +511,8 @@ def _remove_finding_files(out: Path) -> None:
             for f in d.iterdir():
                 if _FINDING_FILE.fullmatch(f.name) and not f.is_dir():
                     f.unlink()
+            # and those a pass killed mid-write left (finding1.npy.PID.tmp: a whole ranking, linked)
+            remove_killed_writers_files(d, _FINDING_FILE.fullmatch)
 
 
 def rank_confirmed_first(result, out: Path) -> None:

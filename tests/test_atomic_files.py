@@ -34,3 +34,32 @@ def test_a_leftover_is_abandoned_once_its_process_is_gone_and_it_is_quiet(tmp_pa
     assert not abandoned(f, str(os.getpid()))          # this process: alive
     assert not abandoned(f, "")                        # no pid to judge
     assert not abandoned(tmp_path / "missing", gone)   # removed meanwhile by another sweep
+
+
+def test_killed_writers_files_are_named_by_the_file_they_were_to_replace(tmp_path):
+    from spurfast.atomic_files import killed_writer_target, remove_killed_writers_files
+    gone = _ended_pid()
+    names = {f"run.json.{gone}.tmp": "run.json", f"vae.pt.ckpt.{gone}.b2130d31.tmp": "vae.pt.ckpt",
+             f"finding1.npy.{gone}.tmp": "finding1.npy", f"x.{os.getpid()}.tmp": None,   # alive: this process
+             "a.tmp": None, f"a.{gone}.zz.tmp": None}
+    for name in names:
+        (tmp_path / name).write_text("x")
+    assert {n: killed_writer_target(tmp_path / n) for n in names} == names
+    remove_killed_writers_files(tmp_path, lambda n: n.endswith(".npy") or n == "run.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"vae.pt.ckpt.{gone}.b2130d31.tmp", f"x.{os.getpid()}.tmp", "a.tmp", f"a.{gone}.zz.tmp"])
+    remove_killed_writers_files(tmp_path / "missing", lambda n: True)   # no folder: nothing to do
+
+
+def test_a_save_killed_mid_write_leaves_no_temporary_file_after_the_next_save(tmp_path):
+    """A kill inside torch.save left vae.pt.ckpt.PID.HEX.tmp (weights and Adam state) for good:
+    every killed epoch one more."""
+    import torch
+
+    from spurfast.models.files import save_atomic
+    gone = _ended_pid()
+    (tmp_path / f"vae.pt.ckpt.{gone}.b2130d31.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / f"other.pt.{gone}.b2130d31.tmp").write_bytes(b"another file's: not this save's to remove")
+    save_atomic({"epoch": 1}, tmp_path / "vae.pt.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"other.pt.{gone}.b2130d31.tmp", "vae.pt.ckpt"]
+    assert torch.load(tmp_path / "vae.pt.ckpt", weights_only=True) == {"epoch": 1}

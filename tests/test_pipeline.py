@@ -281,6 +281,35 @@ def test_an_interrupted_run_json_write_leaves_the_directory_usable(tmp_path, mon
     assert sorted(p.name for p in fresh.iterdir()) == ["run.json"]
 
 
+def _ended_pid() -> str:
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def test_a_folder_left_with_only_a_half_written_first_run_json_is_used(tmp_path):
+    """A run killed while writing its first run.json left only run.json.PID.tmp, and every
+    rerun, --overwrite too, refused the folder as holding "files spurfast did not write"."""
+    from spurfast.pipeline import prepare_output
+    gone = _ended_pid()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / f"run.json.{gone}.tmp").write_text('{"run_id": "ab')
+    prepare_output(out, "run-abc", overwrite=False)
+    assert [p.name for p in out.iterdir()] == ["run.json"]
+    (out / "run.json").unlink()
+    (out / f"run.json.{gone}.tmp").write_text("")
+    (out / "photo.png").write_text("a user's")   # not only the leftover: still refused
+    with pytest.raises(FileExistsError, match="spurfast did not write"):
+        prepare_output(out, "run-abc", overwrite=True)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / f"run.json.{os.getppid()}.tmp").write_text("")   # a live writer's: not taken
+    with pytest.raises(FileExistsError, match="spurfast did not write"):
+        prepare_output(other, "run-abc", overwrite=False)
+
+
 def test_a_rerun_leaves_no_finding_files_of_an_earlier_pass(tmp_path):
     # a rerun of the same run (corrected labels: the same run, maybe fewer findings) rewrote
     # the images and rankings of its findings and left those of findings that are gone, and
@@ -288,14 +317,18 @@ def test_a_rerun_leaves_no_finding_files_of_an_earlier_pass(tmp_path):
     pool, clf, vae = _tiny()
     out = tmp_path / "run"
     run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False)
+    gone = _ended_pid()
+    # and the temporary files of a pass killed mid-write (a ranking's is a link to its whole data)
     stale = [out / "images" / "finding7_grid.png", out / "images" / ".rerank2_finding1_mask.png",
-             out / "rankings" / "finding7.npy"]
+             out / "rankings" / "finding7.npy", out / "rankings" / f"finding1.npy.{gone}.tmp",
+             out / "images" / f"finding2_mask.png.{gone}.tmp"]
     for f in stale:
         f.write_bytes(b"x")
     (out / "images" / "notes.txt").write_text("mine")
+    (out / "images" / f"notes.txt.{gone}.tmp").write_text("not a finding's: kept")
     doc, _, _ = run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False)
     assert not any(f.exists() for f in stale)
-    assert (out / "images" / "notes.txt").read_text() == "mine"
+    assert (out / "images" / "notes.txt").read_text() == "mine" and (out / "images" / f"notes.txt.{gone}.tmp").exists()
     assert sorted(p.name for p in (out / "rankings").iterdir()) == sorted(f"finding{f['rank']}.npy"
                                                                          for f in doc["findings"])
 

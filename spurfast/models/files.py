@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..atomic_files import remove_killed_writers_files
 from .vae import VAE, VAEConfig
 
 
@@ -39,6 +40,8 @@ def save_atomic(obj, path) -> None:
         return
     p = Path(path)
     p = p.resolve() if p.is_symlink() else p  # write through a link, as torch.save did, not over it
+    # a save killed mid-write left its temporary file (weights and optimiser state) for good
+    remove_killed_writers_files(p.parent, lambda name: name == p.name)
     tmp = p.with_name(f"{p.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         torch.save(obj, tmp)
