@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import backends
 from .atomic_files import replace_atomically
 from .checks import check_whole
 from .cores import usable_cores
@@ -612,8 +613,8 @@ def _create_main(store_dir: Path, shard_manifest: dict, n: int) -> EmbeddingStor
     """An empty main store of ``n`` rows with the columns and identity of a shard store."""
     m0 = shard_manifest
     cols = {k: ((n,) + tuple(v[0][1:]), v[1]) for k, v in m0["columns"].items() if k != "index"}
-    meta = {k: m0[k] for k in ("fingerprint", "content", "pool", "num_classes", "latent_dim", "loader", "decode")
-            if k in m0}
+    kept = ("fingerprint", "content", "pool", "num_classes", "latent_dim", "loader", "decode", "compute")
+    meta = {k: m0[k] for k in kept if k in m0}
     return EmbeddingStore.create(store_dir, n, cols, meta)
 
 
@@ -697,11 +698,14 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
     # matched neither run's)
     loader = decode = None
     if getattr(source, "paths", None) is not None:
-        from . import backends
         loader = backends.resolve("loader", loader_backend)[0]
         if loader == "dali":   # recorded too: its GPU ("mixed", nvJPEG) and CPU decoders' pixels differ a little
             from .data.loader_dali import resolve_device
             decode = resolve_device(decode_device(device))
+    # where the latents are computed, recorded: a store begun on a GPU (its Triton encoder) and
+    # resumed on the CPU (the torch reference) mixes rows that differ in their last digits
+    dev_type = torch.device(device).type
+    compute = f"{dev_type}:{backends.resolve('encoder', encoder_backend, dev_type)[0]}"
     sel = None
     if num_shards == 1:
         store = main
@@ -711,7 +715,7 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
             store = EmbeddingStore.create(store_dir, n, _columns(source, classifier, vae, num_classes, device, n),
                                           {"fingerprint": fp, "content": content, "pool": source.name,
                                            "num_classes": num_classes, "latent_dim": vae.config.latent_dim,
-                                           "loader": loader, "decode": decode})
+                                           "loader": loader, "decode": decode, "compute": compute})
         desc = "embedding pool"
     else:
         from .data.folder import select_indices
@@ -735,7 +739,8 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
             store = EmbeddingStore.create(sdir, len(sel), cols, {
                 "fingerprint": fp, "content": content, "pool": source.name, "num_classes": num_classes,
                 "latent_dim": vae.config.latent_dim, "start": start, "pool_n": n,
-                "shard_id": shard_id, "num_shards": num_shards, "loader": loader, "decode": decode},
+                "shard_id": shard_id, "num_shards": num_shards, "loader": loader, "decode": decode,
+                "compute": compute},
                 initial={"index": sel})
         elif store.done:
             _sync_labels(store, np.asarray(source.labels())[sel[:store.done]])
@@ -779,6 +784,17 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
                              f"--device computes): their pixels differ a little, so the store would mix both; "
                              f"resume with --device {'cuda' if was == 'gpu' else 'cpu'} (or start afresh: remove "
                              f"{part.root}, or choose another output directory)")
+    began = store.manifest.get("compute")   # None: a store of an earlier version, or no row yet
+    if store.done and began is not None and began != compute:
+        def shown(c):   # "cuda:triton" -> "cuda with the triton encoder"
+            return c.replace(":", " with the ", 1) + " encoder"
+        log.warning("embedding store %s was begun computing on %s and this run resumes it on %s: the rows of "
+                    "the two differ a little (their last digits), so the store mixes both; resume with the first "
+                    "--device to keep it uniform (or start afresh: remove %s)", store.root, shown(began),
+                    shown(compute), store.root)
+    if store.manifest.get("compute") != compute and not store.done:
+        store.manifest["compute"] = compute   # no rows yet: this run computes all of them
+        _write_json(store.root / MANIFEST, store.manifest)
     classifier.to(device).eval()
     vae.to(device).eval()
     start = store.done

@@ -28,6 +28,27 @@ def test_interrupted_pass_resumes_to_the_same_store(tmp_path):
         np.testing.assert_array_equal(np.asarray(resumed[col]), np.asarray(full[col]), err_msg=col)
 
 
+def test_a_store_resumed_on_another_device_says_it_mixes_two_computes(tmp_path, caplog):
+    """The store recorded neither device nor encoder: one begun on a GPU (Triton) and resumed
+    on the CPU (the torch reference) mixed rows that differ a little, without a word."""
+    import logging
+
+    from spurfast.embed import MANIFEST
+    src, clf, vae = _setup()
+    part = embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=16, progress=False, stop_after=1)
+    assert part.manifest["compute"] == "cpu:torch"
+    with caplog.at_level(logging.WARNING, logger="spurfast.embed"):
+        embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=16, progress=False, stop_after=2)
+    assert "computing on" not in caplog.text   # the same compute: nothing to say
+    manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
+    (tmp_path / "s" / MANIFEST).write_text(json.dumps(dict(manifest, compute="cuda:triton")))
+    with caplog.at_level(logging.WARNING, logger="spurfast.embed"):
+        done = embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=16, progress=False)
+    assert done.complete
+    assert ("was begun computing on cuda with the triton encoder and this run resumes it on cpu with the torch "
+            "encoder") in caplog.text
+
+
 def test_penultimate_features_past_float16_are_clipped_not_infinite(tmp_path, caplog):
     """The store keeps penultimate features as float16: a model's features past 65504 were
     stored as inf, and the baselines standardised them into NaN."""
