@@ -53,8 +53,9 @@ def contrast_map(source: ImageSource, members: np.ndarray, member_content: np.nd
     """(contrast (C,H,W) tensor, members' mean image) — members minus content-matched others.
 
     Up to ``cap`` others of each content class are read, and at most ``budget`` (default 16
-    ``cap``) in all: past it each class gets a share in proportion to its members (its weight
-    in the contrast), at least one image.  Members of 1,000 content classes (an ImageNet pool)
+    ``cap``) in all, plus one for each class whose share rounds to none: past the budget each
+    class gets a share in proportion to its members (its weight in the contrast), at least one
+    image.  Members of 1,000 content classes (an ImageNet pool)
     read 256,000 others per finding, 258 per member: longer than the pool pass itself over a
     hundred findings.  Pools of few classes (Fashion-MNIST: at most 9 x 256) read as before."""
     rng = np.random.default_rng(seed)
