@@ -48,20 +48,21 @@ def process_gone(pid: str) -> bool:
 QUIET_S = 60.0     # a leftover written to more recently than this is never swept
 
 
-def writer_pid(name: str) -> str:
-    """The pid in a `replace_atomically` temporary file's name (``NAME.PID.tmp``); '' for
-    another name."""
-    parts = name.rsplit(".", 2)
-    return parts[1] if len(parts) == 3 and parts[2] == "tmp" else ""
-
-
+# the temporary names of `replace_atomically` (NAME.PID.tmp) and of
+# `spurfast.models.files.save_atomic` (NAME.PID.HEX.tmp)
 _TEMPORARY = re.compile(r"(.+)\.([0-9]+)(?:\.[0-9a-f]{8})?\.tmp")
+
+
+def writer_pid(name: str) -> str:
+    """The pid in a temporary file's name (``NAME.PID.tmp``, ``NAME.PID.HEX.tmp``); '' for
+    another name."""
+    m = _TEMPORARY.fullmatch(name)
+    return m.group(2) if m else ""
 
 
 def killed_writer_target(entry: Path) -> str | None:
     """The name of the file that ``entry`` was to replace, if it is the temporary file of a
-    writer killed mid-write (``NAME.PID.tmp`` of `replace_atomically`, ``NAME.PID.HEX.tmp`` of
-    `spurfast.models.files.save_atomic`, its process gone); None for any other entry."""
+    writer killed mid-write (its process gone); None for any other entry."""
     m = _TEMPORARY.fullmatch(entry.name)
     ok = m is not None and entry.is_file() and not entry.is_symlink() and process_gone(m.group(2))
     return m.group(1) if ok else None
