@@ -635,3 +635,33 @@ def test_a_malformed_checkpoint_or_junk_file_is_named_not_a_traceback(tmp_path):
     (tmp_path / "text.pt").write_text("hello")   # torch: KeyError(101), "101" alone
     with pytest.raises(ValueError, match=r"neither TorchScript .*: [A-Za-z]"):
         load_classifier(tmp_path / "text.pt")
+
+
+def test_training_and_loading_leave_the_callers_random_state_alone(tmp_path):
+    """Training reset torch's and numpy's global generators to spurfast's seed (what the caller
+    drew next no longer followed its own seed), and loading a model drew its random initial
+    weights from torch's.  The trained weights are as before: the seed still makes them."""
+    src = _toy()
+
+    def after(fn, caller_seed):
+        torch.manual_seed(caller_seed)
+        np.random.seed(caller_seed)
+        out = fn()
+        return torch.rand(3).tolist(), np.random.rand(2).tolist(), out
+
+    def untouched(caller_seed):
+        return list(after(lambda: None, caller_seed)[:2])
+
+    clf = None
+    for seed in (1, 2):
+        *drawn, clf = after(lambda: train_classifier(src, 3, epochs=1, seed=7, progress=False), seed)
+        assert drawn == untouched(seed)
+        *drawn, vae = after(lambda: train_vae(src, VAEConfig(1, 28, (4, 8), 2), epochs=1, seed=7, progress=False),
+                            seed)
+        assert drawn == untouched(seed)
+    again = train_classifier(src, 3, epochs=1, seed=7, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(clf.state_dict().values(), again.state_dict().values()))
+    save_classifier(clf, tmp_path / "c.pt")
+    save_vae(vae, tmp_path / "v.pt")
+    assert list(after(lambda: load_classifier(tmp_path / "c.pt"), 3)[:2]) == untouched(3)
+    assert list(after(lambda: load_vae(tmp_path / "v.pt"), 3)[:2]) == untouched(3)

@@ -30,6 +30,14 @@ def save_classifier(model: nn.Module, path) -> None:
     save_atomic({"arch": arch, "state_dict": model.state_dict()}, path)
 
 
+def _unseeded(build, *args, **kwargs):
+    """``build(...)`` of a model whose weights are loaded next: its random initial weights drew
+    from torch's global generator and moved the caller's random state (a load changed what
+    ``torch.rand`` gave after it)."""
+    with torch.random.fork_rng(devices=[]):
+        return build(*args, **kwargs)
+
+
 def save_atomic(obj, path) -> None:
     """``torch.save`` through a temporary file: an interrupted save leaves the old file (or
     none), never a truncated one that every later load of ``path`` fails on.  The temporary
@@ -108,7 +116,7 @@ def load_classifier(path, arch: str | None = None, in_channels: int | None = Non
         # every saved key (width, ...) goes back to the constructor, else the shapes differ
         ic, nc, size = a.pop("in_channels"), a.pop("num_classes"), a.pop("image_size")
         try:
-            model = build_classifier(name, ic, nc, size, **a)
+            model = _unseeded(build_classifier, name, ic, nc, size, **a)
         except (TypeError, ValueError) as exc:   # an unknown architecture or option named no file
             raise ValueError(f"{p}: its arch record cannot be rebuilt: {exc}") from None
         _load_weights(model, obj["state_dict"], p, name, ic, nc, size)
@@ -126,7 +134,7 @@ def load_classifier(path, arch: str | None = None, in_channels: int | None = Non
             raise ValueError(f"{p} is a bare state_dict: it needs its architecture (--arch, one of {ARCHITECTURES}) "
                              f"and number of classes (--num-classes, or a pool with class names); got arch={arch}, "
                              f"num_classes={num_classes}")
-        model = build_classifier(arch, in_channels, num_classes, image_size)
+        model = _unseeded(build_classifier, arch, in_channels, num_classes, image_size)
         if arch == "resnet18" and obj and not any(str(k).startswith("net.") for k in obj):
             obj = {f"net.{k}": v for k, v in obj.items()}  # torchvision's own keys: ResNet18 wraps it as .net
         _load_weights(model, obj, p, arch, in_channels, num_classes, image_size)
@@ -166,7 +174,7 @@ def load_vae(path, weights_only: bool = True) -> VAE:
     if not isinstance(obj, dict) or "config" not in obj or "state_dict" not in obj:
         raise ValueError(f"{p} is not a spurfast VAE checkpoint (expected keys 'config' and 'state_dict')")
     try:
-        model = VAE(VAEConfig(**json.loads(obj["config"])))
+        model = _unseeded(VAE, VAEConfig(**json.loads(obj["config"])))
         model.load_state_dict(obj["state_dict"])
     except (RuntimeError, TypeError, ValueError) as exc:
         raise ValueError(f"{p} is not a loadable spurfast VAE checkpoint ({what}): {torch_error_gist(exc)}") from None

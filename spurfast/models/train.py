@@ -181,8 +181,19 @@ def _check_trainable(source: ImageSource, batch_size: int) -> None:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 
 
-def _fit(build, source: ImageSource, step, name: str, *, epochs: int, batch_size: int, lr: float, seed: int,
-         device: str, checkpoint, progress: bool, model_id: dict, min_batch: int = 1):
+def _fit(build, source: ImageSource, step, name: str, *, device: str, **kw):
+    """`_train` inside a fork of torch's global random state: training seeds it (the initial
+    weights and the VAE's noise draw from it), and reset the caller's generator to
+    spurfast's seed (what ``torch.rand`` gave after a training call did not depend on the
+    caller's own seed)."""
+    dev = torch.device(device)
+    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        return _train(build, source, step, name, device=device, **kw)
+
+
+def _train(build, source: ImageSource, step, name: str, *, epochs: int, batch_size: int, lr: float, seed: int,
+           device: str, checkpoint, progress: bool, model_id: dict, min_batch: int = 1):
     """The one training loop: seeded init and epoch order, progress bar with running means of the
     loss and the step's metrics, an atomic checkpoint per epoch, resume from it.  The checkpoint
     records what it belongs to (``model_id``, data, seed, batch size, lr); a rerun resumes
@@ -195,7 +206,10 @@ def _fit(build, source: ImageSource, step, name: str, *, epochs: int, batch_size
     epochs = int(epochs)
     identity = {"model": model_id, "data": content_digest(source) if ck else None, "seed": seed,
                 "batch_size": batch_size, "lr": lr, "trainer": name}
-    gen = seed_everything(seed)  # before build(): initial weights follow the seed
+    # before build(): initial weights follow the seed (torch's generator alone: numpy's global
+    # one, which seed_everything seeds too, is not spurfast's to reset)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     model = build().to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     start = _resume(ck, model, opt, identity, epochs, device)
