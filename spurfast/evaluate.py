@@ -325,8 +325,8 @@ def build_data(setting: Setting, seed: int, sizes: Sizes) -> RunData:
 
 # ----------------------------------------------------------------------------- models
 # What a trained model depends on besides its settings (its cache key): the code that builds
-# the data and trains, and the CPU (training repeats bit for bit on one machine, not across
-# machines).  Cached models of another provenance are still used, but counted: figures from
+# the data and trains, the CPU and the number of torch threads (training repeats bit for bit
+# on one machine at one thread count: 1 and 2 threads gave weights 6e-5 apart).  Cached models of another provenance are still used, but counted: figures from
 # them differ a little from a fresh run's (docs/RESULTS.md, twelfth session).  Saving, loading
 # and reading a classifier's outputs live in models/files.py and models/outputs.py, outside
 # this hash, so mending them does not mark every cached model foreign.
@@ -344,7 +344,8 @@ def model_provenance() -> dict:
     cpu = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
     # the processor model too: the capability alone ("AVX512") took models trained on another
     # machine as this AMD EPYC's, and their figures differ (twenty-first session)
-    return {"code": h.hexdigest()[:16], "cpu": cpu, "cpu_model": cpu_model(), "torch": torch.__version__.split("+")[0]}
+    return {"code": h.hexdigest()[:16], "cpu": cpu, "cpu_model": cpu_model(), "torch": torch.__version__.split("+")[0],
+            "threads": torch.get_num_threads()}
 
 
 def _provenance_file(model_path: Path) -> Path:

@@ -294,8 +294,8 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
     n_foreign = _count(foreign)[0]
     if n_foreign:
         L += [f"**{n_foreign} of {len(foreign)} runs scored cached classifiers or VAEs that other code "
-              f"or another CPU trained**: a fresh run (`--cache` empty) retrains them, and its figures differ a "
-              f"little (training repeats bit for bit on one machine only).", ""]
+              f"or another CPU or thread count trained**: a fresh run (`--cache` empty) retrains them, and its figures differ a "
+              f"little (training repeats bit for bit on one machine at one thread count only).", ""]
     L += _overview(rows, settings)
     metrics = ["hit@1", "auroc", "ap", "precision@10", "precision@25", "mask_iou", "best_is_target_class"]
     for s in settings:

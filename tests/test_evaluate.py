@@ -311,7 +311,7 @@ def test_cached_models_of_other_code_or_cpu_are_counted(tmp_path, monkeypatch):
     from spurfast.results_doc import write_csv
     write_csv(tmp_path / "results.csv", rows, ["preset", "setting", "seed", "method", "feature", "metric", "value"])
     md = write_results(tmp_path / "results.csv", None, tmp_path / "RESULTS.md").read_text()
-    assert "**1 of 1 runs scored cached classifiers or VAEs that other code or another CPU trained**" in md
+    assert "**1 of 1 runs scored cached classifiers or VAEs that other code or another CPU or thread count trained**" in md
 
 
 def test_model_provenance_covers_the_evaluations_data_building(monkeypatch):
@@ -324,6 +324,17 @@ def test_model_provenance_covers_the_evaluations_data_building(monkeypatch):
 
     monkeypatch.setattr(E, "build_data", build_data)
     assert E.model_provenance()["code"] != before["code"]
+
+
+def test_model_provenance_names_the_thread_count(monkeypatch):
+    """Weights trained at 1 and 2 torch threads differ (by 6e-5 in a classifier), and a cached
+    model of another thread count passed as this run's own."""
+    import torch
+
+    import spurfast.evaluate as E
+    here = E.model_provenance()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: here["threads"] + 1)
+    assert E.model_provenance() == dict(here, threads=here["threads"] + 1)
 
 
 def test_model_provenance_names_the_processor_model(monkeypatch, tmp_path):
