@@ -792,7 +792,7 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
                     "the two differ a little (their last digits), so the store mixes both; resume with the first "
                     "--device to keep it uniform (or start afresh: remove %s)", store.root, shown(began),
                     shown(compute), store.root)
-    if store.manifest.get("compute") != compute and not store.done:
+    if began != compute and not store.done:
         store.manifest["compute"] = compute   # no rows yet: this run computes all of them
         _write_json(store.root / MANIFEST, store.manifest)
     classifier.to(device).eval()

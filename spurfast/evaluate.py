@@ -326,10 +326,11 @@ def build_data(setting: Setting, seed: int, sizes: Sizes) -> RunData:
 # ----------------------------------------------------------------------------- models
 # What a trained model depends on besides its settings (its cache key): the code that builds
 # the data and trains, the CPU and the number of torch threads (training repeats bit for bit
-# on one machine at one thread count: 1 and 2 threads gave weights 6e-5 apart).  Cached models of another provenance are still used, but counted: figures from
-# them differ a little from a fresh run's (docs/RESULTS.md, twelfth session).  Saving, loading
-# and reading a classifier's outputs live in models/files.py and models/outputs.py, outside
-# this hash, so mending them does not mark every cached model foreign.
+# on one machine at one thread count: 1 and 2 threads gave weights 6e-5 apart).  Cached models
+# of another provenance are still used, but counted: figures from them differ a little from a
+# fresh run's (docs/RESULTS.md, twelfth session).  Saving, loading and reading a classifier's
+# outputs live in models/files.py and models/outputs.py, outside this hash, so mending them
+# does not mark every cached model foreign.
 _MODEL_SOURCES = ("models/train.py", "models/classifier.py", "models/vae.py", "plant.py", "data/builtin.py")
 FOREIGN_MODELS = "foreign_models"   # metric: 1 when the run scored models of another provenance
 

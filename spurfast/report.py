@@ -21,7 +21,6 @@ from .data.sources import utf8_name
 UPSCALE_TO = 112  # small images are enlarged (nearest) so a pixel pattern stays visible
 
 
-
 def beside_level(v, level: float = 0.05) -> str:
     """``v`` to 3 significant digits, more where fewer would put it on the other side of
     ``level`` (a q of 0.0500004, not significant at 0.05, printed "q = 0.05" beside "not
@@ -33,6 +32,7 @@ def beside_level(v, level: float = 0.05) -> str:
         digits += 1
         text = f"{v:.{digits}g}"
     return text
+
 
 def _data_uri(path: Path) -> str:
     """The PNG at ``path`` as a data URI (base64 text holds no quote or angle bracket)."""

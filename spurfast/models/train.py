@@ -182,10 +182,10 @@ def _check_trainable(source: ImageSource, batch_size: int) -> None:
 
 
 def _fit(build, source: ImageSource, step, name: str, *, device: str, **kw):
-    """`_train` inside a fork of torch's global random state: training seeds it (the initial
-    weights and the VAE's noise draw from it), and reset the caller's generator to
-    spurfast's seed (what ``torch.rand`` gave after a training call did not depend on the
-    caller's own seed)."""
+    """`_train` inside a fork of torch's global random state.  Training seeds that generator
+    (the initial weights and the VAE's noise draw from it); outside a fork this reset the
+    caller's to spurfast's seed (what ``torch.rand`` gave after a training call no longer
+    followed the caller's own seed)."""
     dev = torch.device(device)
     cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
