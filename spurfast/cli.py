@@ -442,7 +442,8 @@ def cmd_plant(args):
         for tmp in tmps.values():
             tmp.unlink(missing_ok=True)
     replace_atomically(out / "plant.json", lambda fh: fh.write(
-        json.dumps({"dataset": data.dataset, **data.truth.to_dict()}, indent=1)))
+        json.dumps({"dataset": data.dataset, **data.truth.to_dict(), "pool_fraction": float(args.pool_fraction)},
+                   indent=1)))
     print(f"wrote {out}/train.npz ({len(data.train)}), pool.npz ({len(data.pool)}, {int(data.carries.sum())} carry "
           f"the pattern), clean.npz, plant.json")
 

@@ -161,7 +161,7 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
     save_vae(vae, out / "vae.pt")
     ss = spurious_score(clf, data.test_clean, target_class, spec, device, class_balanced=True)
     print(f"[demo] spurious score of the trained classifier: {ss:.3f}", flush=True)
-    plant_cfg = data.truth.to_dict()
+    plant_cfg = dict(data.truth.to_dict(), pool_fraction=float(pool_fraction))
     doc, result, store = run_discovery(data.pool, clf, vae, out, num_classes=10, suspect=data.suspect, config=config,
                                        extra_config={"plant": plant_cfg, "dataset": data.dataset},
                                        progress=progress, run_id=run_id, clean=data.test_clean, confirm=confirm)

@@ -145,7 +145,9 @@ class PlantTruth:
     def to_dict(self) -> dict:
         return {"pattern": self.spec.to_dict(), "target_class": int(self.target_class),
                 "n_poisoned": int(len(self.train_indices)),
-                "pool_fraction": float(self.pool_carries.mean()) if len(self.pool_carries) else 0.0,
+                # carriers over the whole pool, suspects included (it was named "pool_fraction",
+                # the name of the share of *unrelated* images asked to be stamped)
+                "pool_carrier_share": float(self.pool_carries.mean()) if len(self.pool_carries) else 0.0,
                 "n_pool_carrying": int(self.pool_carries.sum())}
 
 

@@ -90,6 +90,12 @@ def test_plant_then_discover_via_cli(tmp_path, capsys):
                  "--pool-fraction", "0.15"]) == 0
     pool = np.load(d / "data" / "pool.npz")
     assert {"images", "labels", "suspect", "carries"} <= set(pool.keys())
+    # plant.json's pool_fraction is the one asked for (of the unrelated images); it held the
+    # carriers' share of the whole pool, suspects included
+    truth = json.loads((d / "data" / "plant.json").read_text())
+    unrelated = ~pool["suspect"].astype(bool)
+    assert truth["pool_fraction"] == 0.15 != truth["pool_carrier_share"] == pool["carries"].mean()
+    assert abs(pool["carries"][unrelated].mean() - 0.15) < 0.01
     assert main(["train-classifier", "--data", str(d / "data" / "train.npz"), "--out", str(d / "clf.pt"),
                  "--epochs", "2", "--quiet"]) == 0
     assert main(["train-vae", "--data", str(d / "data" / "pool.npz"), "--out", str(d / "vae.pt"),
