@@ -49,7 +49,7 @@ from .data.sources import ArraySource, utf8_name
 from .discover import DiscoverConfig, characterise, discover
 from .embed import _write_json   # atomic: a run killed mid-write left a truncated cache file
 from .metrics import Feature, carried_by, false_findings, false_findings_on_pool_patterns, feature_metrics, matches, recall_at_q
-from .plant import PatternSpec, apply_pattern, fixed_mask, plant_training
+from .plant import PatternSpec, apply_pattern, changed_by_stamp, fixed_mask, plant_training
 from .results_doc import (DEFAULT_METHODS, METHODS, RESIDUAL_METHODS, check_results_md, csv_digests, read_notes,
                           write_csv, write_results, write_with_notes)
 from .scoring import DEFAULT_STATISTIC
@@ -296,10 +296,12 @@ def build_data(setting: Setting, seed: int, sizes: Sizes) -> RunData:
     carries_u = []
     for i, spec in enumerate(specs):
         sel = np.sort(order[i * per:(i + 1) * per])
-        if len(sel):
-            xu[torch.as_tensor(sel)] = apply_pattern(xu[torch.as_tensor(sel)], spec, seed=spec.seed + 1)[0]
         c = np.zeros(len(xu), bool)
-        c[sel] = True
+        if len(sel):
+            pick = torch.as_tensor(sel)
+            before = xu[pick]
+            xu[pick] = apply_pattern(before, spec, seed=spec.seed + 1)[0]
+            c[sel] = changed_by_stamp(before, xu[pick], "stamped pool images")
         carries_u.append(c)
     sus = np.sort(rng.choice(len(ytr), min(sizes.n_suspect, len(ytr)), replace=False))
     x_pool = torch.cat([xu, xtr_p[sus]])
@@ -537,7 +539,7 @@ def _merge_by_q(clusters: list[dict], residual: list[dict]) -> list[dict]:
 def run_key(setting: Setting, seed: int, sizes: Sizes, methods=DEFAULT_METHODS, statistic: str = DEFAULT_STATISTIC) -> str:
     """The cache key of one run's rows."""
     return _key({"setting": _setting_key(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods),
-                 "v": 22,    # 13: a tie does not beat the best null cluster; 14: Yang's spurious score,
+                 "v": 23,    # 13: a tie does not beat the best null cluster; 14: Yang's spurious score,
                              # best finding of the first 10 for every method, IoU 0 without a finding;
                              # 15: GEORGE's k raised for large classes as spurfast's is; 16: spurfast+support;
                              # 17: localised findings rank the pool by their pattern;
@@ -547,6 +549,7 @@ def run_key(setting: Setting, seed: int, sizes: Sizes, methods=DEFAULT_METHODS, 
                              # 21: k-means stops when every class has settled, not the sum of them;
                              #     support's tie at its threshold is a band of TIE_TOLERANCE;
                              # 22: diffuse findings rank by their latent and pixel probes together
+                             # 23: an image a stamp leaves unchanged carries nothing (ground truth)
                  # named unless it is the share (the default before the twenty-fourth session): cached runs keep their keys
                  **({} if statistic == "share" else {"statistic": statistic}),
                  # the residual scan's findings got confirm.csv rows (the default sweep's keys kept)

@@ -108,3 +108,21 @@ def test_bad_images_and_strengths_are_named():
     assert PatternSpec("noise", strength=1).strength == 1.0 and isinstance(PatternSpec("bar", strength=1).strength, float)
     x, m = apply_pattern(torch.zeros(1, 2, 8, 8), PatternSpec("background"))
     assert m.any() and torch.allclose(x[0, :, m[0]], torch.tensor(0.5))
+
+
+def test_an_image_the_stamp_leaves_unchanged_is_not_counted_as_carrying_it(caplog):
+    """A pixel stamp of 1.0 where an image already holds 1.0 changes nothing, yet the image was
+    listed as poisoned or as a pool carrier: ground truth no method could find."""
+    import logging
+
+    from spurfast.plant import PatternSpec, plant_pool, plant_training
+    spec = PatternSpec("pixel", strength=1.0)
+    x = torch.full((6, 1, 28, 28), 0.2)
+    x[[1, 4], 0, 26, 26] = 1.0   # the corner pixel (bottom right, margin 1) already at the stamp's value
+    with caplog.at_level(logging.INFO, logger="spurfast.plant"):
+        out, planted = plant_training(x, np.zeros(6, int), 0, "all", spec)
+    assert planted.tolist() == [0, 2, 3, 5] and torch.equal(out[[1, 4]], x[[1, 4]])
+    assert "2 of 6 poisoned training images already held the pattern's values" in caplog.text
+    out, carries = plant_pool(x, 1.0, spec)
+    assert carries.tolist() == [True, False, True, True, False, True]
+    assert ((out != x).flatten(1).any(1).numpy() == carries).all()
