@@ -21,17 +21,21 @@ from .data.sources import utf8_name
 UPSCALE_TO = 112  # small images are enlarged (nearest) so a pixel pattern stays visible
 
 
-def beside_level(v, level: float = 0.05) -> str:
-    """``v`` to 3 significant digits, more where fewer would put it on the other side of
-    ``level`` (a q of 0.0500004, not significant at 0.05, printed "q = 0.05" beside "not
-    supported"): the p- and q-values whose verdicts the page states beside them."""
-    v = float(v)
-    digits = 3
-    text = f"{v:.{digits}g}"
-    while (float(text) <= level) != (v <= level) and digits < 17:
+def digits_on_side(v: float, side, spec: str = "g", digits: int = 3) -> str:
+    """``v`` formatted with ``digits`` (``spec`` "g": significant digits, "f": decimals), more
+    where fewer would change ``side(value)``, the verdict printed beside it."""
+    text = f"{v:.{digits}{spec}}"
+    while side(float(text)) != side(v) and digits < 17:
         digits += 1
-        text = f"{v:.{digits}g}"
+        text = f"{v:.{digits}{spec}}"
     return text
+
+
+def beside_level(v, level: float = 0.05) -> str:
+    """A p- or q-value to 3 significant digits, more where fewer would put it on the other side
+    of ``level`` (a q of 0.0500004, not significant at 0.05, printed "q = 0.05" beside "not
+    supported")."""
+    return digits_on_side(float(v), lambda t: t <= level)
 
 
 def _data_uri(path: Path) -> str:

@@ -518,11 +518,8 @@ def _verdict(fails: bool, nan_seeds) -> str:
 def _on_side(v: float, limit: float, decimals: int = 3) -> str:
     """``v`` to ``decimals`` places, more where fewer would put it on the other side of
     ``limit`` (0.9496 is "0.9496", not "0.950", next to a target of >= 0.95 it fails)."""
-    text = f"{v:.{decimals}f}"
-    while (float(text) >= limit) != (v >= limit) and decimals < 17:
-        decimals += 1
-        text = f"{v:.{decimals}f}"
-    return text
+    from .report import digits_on_side
+    return digits_on_side(v, lambda t: t >= limit, "f", decimals)
 
 
 def _targets(rows, settings) -> list[str]:
