@@ -543,13 +543,13 @@ def _exif_orientation(im, path: str | None = None) -> int:
     such segment's own orientation, if it is not 2-8, undoes the turn; a PNG's
     first eXIf chunk that libpng keeps (4 bytes or more, starting with a TIFF header)
     counts and later ones do not (PIL keeps the last; ``path`` is read for it), and none in
-    an animation (see `_png_first_exif`)."""
+    an animation (see `_png_exif_chunks`)."""
     if getattr(im, "format", None) == "PNG":
         # PIL's decode of an animation's first frame reads no eXIf after it, DALI's of a still
         # outside a one-frame animation does (the torch loader did not turn such an image)
         if ("exif" not in im.info and not getattr(im, "is_animated", False)) or path is None:
             return 1
-        data = _png_first_exif(path)
+        data = _png_exif_chunks(path)[0]
         found = _ifd0_orientation(data)[0] if data is not None else None
         return found if found is not None else 1
     first, turn = None, 1
@@ -619,17 +619,12 @@ def _png_exif_error(path: str) -> str | None:
     return None
 
 
-def _png_first_exif(path: str) -> bytes | None:
-    """The data of the first eXIf chunk of a PNG that libpng keeps (see `_exif_orientation`),
-    or None, also for an animation: DALI's decoder ignores the EXIF orientation of a PNG whose
-    last acTL chunk before its image data counts more than one frame (measured, DALI 2.4;
-    PIL's turned the first frame)."""
-    return _png_exif_chunks(path)[0]
-
-
 def _png_exif_chunks(path: str) -> tuple[bytes | None, bytes | None]:
-    """(`_png_first_exif`, the first eXIf chunk of 4 bytes or more whatever it starts with:
-    libpng drops one without "II*\\0" or "MM\\0*"), (None, None) for an animation."""
+    """(the data of the first eXIf chunk of a PNG that libpng keeps (see `_exif_orientation`),
+    the first eXIf chunk of 4 bytes or more whatever it starts with: libpng drops one without
+    "II*\\0" or "MM\\0*"); (None, None) for an animation: DALI's decoder ignores the EXIF
+    orientation of a PNG whose last acTL chunk before its image data counts more than one frame
+    (measured, DALI 2.4; PIL's turned the first frame)."""
     kept, first, frames, idat = None, None, 1, False
     try:
         with open(path, "rb") as fh:
