@@ -60,11 +60,13 @@ def writer_pid(name: str) -> str:
     return m.group(2) if m else ""
 
 
-def killed_writer_target(entry: Path) -> str | None:
+def killed_writer_target(entry: Path, targets=lambda name: True) -> str | None:
     """The name of the file that ``entry`` was to replace, if it is the temporary file of a
-    writer killed mid-write (its process gone); None for any other entry."""
+    writer killed mid-write (its process gone) and ``targets(name)`` accepts that name; None
+    for any other entry (the name is read first: no file or process is asked about others)."""
     m = _TEMPORARY.fullmatch(entry.name)
-    ok = m is not None and entry.is_file() and not entry.is_symlink() and process_gone(m.group(2))
+    ok = (m is not None and targets(m.group(1)) and entry.is_file() and not entry.is_symlink()
+          and process_gone(m.group(2)))
     return m.group(1) if ok else None
 
 
@@ -74,8 +76,7 @@ def remove_killed_writers_files(folder: Path, targets) -> None:
     checkpoint), and one in a new run folder made it read as a folder spurfast did not write."""
     folder = Path(folder)
     for entry in folder.glob("*.tmp") if folder.is_dir() else ():
-        name = killed_writer_target(entry)
-        if name is not None and targets(name):
+        if killed_writer_target(entry, targets) is not None:
             entry.unlink(missing_ok=True)
 
 

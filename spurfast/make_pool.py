@@ -486,7 +486,7 @@ def _marker_leftover(entry: Path) -> bool:
     """Whether ``entry`` is the temporary pool.json (``pool.json.PID.tmp``) of a make-pool
     killed while writing it (its process gone)."""
     from .atomic_files import killed_writer_target
-    return killed_writer_target(entry) == "pool.json"
+    return killed_writer_target(entry, lambda name: name == "pool.json") is not None
 
 
 def read_ground_truth(pool_dir) -> tuple[np.ndarray, np.ndarray]:
