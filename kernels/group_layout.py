@@ -21,8 +21,13 @@ def check_points(x, name: str = "x") -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"{name} must be a 2-D tensor (N, d), got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if x.is_complex():
-        raise ValueError(f"{name} has dtype {x.dtype}; expected real numbers")
+    check_real(x, name)
+
+
+def check_real(t: torch.Tensor, name: str) -> None:
+    """Refuse a complex tensor (any shape): its imaginary part would be lost in the fp32 cast."""
+    if t.is_complex():
+        raise ValueError(f"{name} has dtype {t.dtype}; expected real numbers")
 
 
 def wide_points(x: torch.Tensor) -> torch.Tensor:

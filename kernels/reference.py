@@ -15,7 +15,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .group_layout import check_count, check_integers, check_offsets, check_points, check_seed_counts, wide_points
+from .group_layout import (check_count, check_integers, check_offsets, check_points, check_real, check_seed_counts,
+                           wide_points)
 
 ACTIVATIONS = ("relu", "leaky_relu", "silu")
 LEAKY_SLOPE = 0.2
@@ -247,8 +248,8 @@ def check_assign_args(x, offsets, centroids, metric: str) -> tuple[int, int]:
             or centroids.dim() != 3 or centroids.shape[2] != x.shape[1]:
         raise ValueError(f"expected x (N, d) and centroids (G, kmax, d) tensors, got {_shape(x)} and "
                          f"{_shape(centroids)}")
-    check_points(x)
-    check_points(centroids.flatten(0, 1), "centroids")
+    check_real(x, "x")
+    check_real(centroids, "centroids")
     G, kmax, _ = centroids.shape
     if isinstance(offsets, torch.Tensor) and offsets.dim() != 1:   # len() of a 0-d one named nothing
         raise ValueError(f"offsets must be a 1-D tensor (G + 1,), got {_shape(offsets)}")
