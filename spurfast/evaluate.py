@@ -300,8 +300,8 @@ def build_data(setting: Setting, seed: int, sizes: Sizes) -> RunData:
         if len(sel):
             pick = torch.as_tensor(sel)
             before = xu[pick]
-            xu[pick] = apply_pattern(before, spec, seed=spec.seed + 1)[0]
-            c[sel] = changed_by_stamp(before, xu[pick], "stamped pool images")
+            xu[pick] = stamped = apply_pattern(before, spec, seed=spec.seed + 1)[0]
+            c[sel] = changed_by_stamp(before, stamped, "stamped pool images")
         carries_u.append(c)
     sus = np.sort(rng.choice(len(ytr), min(sizes.n_suspect, len(ytr)), replace=False))
     x_pool = torch.cat([xu, xtr_p[sus]])

@@ -181,8 +181,9 @@ def plant_training(images: torch.Tensor, labels, target_class: int, n: int | str
     chosen = np.sort(rng.choice(cand, size=n, replace=False))
     out = images.clone()
     pick = torch.as_tensor(chosen)
-    out[pick] = apply_pattern(images[pick], spec, seed=seed)[0]
-    return out, chosen[changed_by_stamp(images[pick], out[pick], "poisoned training images")]
+    before = images[pick]
+    out[pick] = stamped = apply_pattern(before, spec, seed=seed)[0]
+    return out, chosen[changed_by_stamp(before, stamped, "poisoned training images")]
 
 
 def plant_pool(images: torch.Tensor, fraction: float, spec: PatternSpec, seed: int = 0):
@@ -197,6 +198,7 @@ def plant_pool(images: torch.Tensor, fraction: float, spec: PatternSpec, seed: i
     out = images.clone()
     if len(chosen):
         pick = torch.as_tensor(chosen)
-        out[pick] = apply_pattern(images[pick], spec, seed=seed + 1)[0]
-        carries[chosen] = changed_by_stamp(images[pick], out[pick], "stamped pool images")
+        before = images[pick]
+        out[pick] = stamped = apply_pattern(before, spec, seed=seed + 1)[0]
+        carries[chosen] = changed_by_stamp(before, stamped, "stamped pool images")
     return out, carries
