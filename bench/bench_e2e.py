@@ -291,10 +291,10 @@ def stage_rates(pool: Path, clf_p: Path, vae_p: Path, sample: int, store_dir: Pa
     dev_type = torch.device(device).type
     # who runs each stage: the registry's choice, as the pass makes it (every stage row was "torch",
     # where the CPU clusters on the fused kernel, and a GPU encodes on Triton and clusters on CuPy)
-    out = {"loader": backends.resolve("loader")[0],
-           "providers": {"decode_1proc": "pil", "encode": backends.resolve("encoder", None, dev_type)[0],
+    loader = backends.resolve("loader")[0]
+    out = {"loader": loader,
+           "providers": {"load": loader, "decode_1proc": "pil", "encode": backends.resolve("encoder", None, dev_type)[0],
                          "cluster": backends.resolve("kmeans_assign", None, dev_type)[0]}}
-    out["providers"]["load"] = out["loader"]
     t0 = time.perf_counter()
     seen = 0
     raw = torch.uint8 if str(device).startswith("cuda") else None   # as the pass loads for this device
