@@ -405,7 +405,7 @@ def _plant_output(out: Path) -> bool:
 
 
 def cmd_plant(args):
-    from .atomic_files import replace_atomically
+    from .atomic_files import remove_killed_writers_files, replace_atomically
     from .pipeline import make_planted_data
     out = Path(args.out)
     # a file (or a link to nothing) in its place failed at mkdir after the data was made ("[Errno 17] File exists")
@@ -421,6 +421,8 @@ def cmd_plant(args):
     data = make_planted_data(args.dataset, target_class=args.target_class, n_poisoned=args.n_poisoned,
                              spec=_pattern(args), pool_fraction=args.pool_fraction, seed=args.seed)
     out.mkdir(parents=True, exist_ok=True)
+    # a plant killed mid-write left a dataset-sized NAME.PID.tmp for good, one more per kill
+    remove_killed_writers_files(out, lambda name: name in PLANT_FILES)
     u8 = lambda x: (x * 255).round().clamp(0, 255).byte().numpy()  # noqa: E731
     names = np.array(data.class_names or [])
     archives = {"train.npz": dict(images=u8(data.train.images), labels=data.train.labels(), class_names=names),

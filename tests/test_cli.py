@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from spurfast.cli import _verdict_counts, build_parser, main
+from spurfast.cli import PLANT_FILES, _verdict_counts, build_parser, main
 from spurfast.discover import DiscoverConfig
 from spurfast.pipeline import prepare_output
 
@@ -1646,6 +1646,23 @@ def test_plant_does_not_write_over_files_it_did_not_write(tmp_path, capsys, monk
     assert main(["plant", "--out", str(out), "--seed", "5"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["clean.npz", "plant.json", "pool.npz", "train.npz"]
     assert all((out / n).read_bytes() != before[n] for n in ("train.npz", "pool.npz", "clean.npz"))
+
+
+def test_plant_removes_what_a_killed_plant_left(tmp_path, capsys, monkeypatch):
+    # a plant killed (SIGKILL) mid-write left train.npz.PID.tmp beside its output for good
+    _fake_planted_data(monkeypatch)
+    out = tmp_path / "d"
+    assert main(["plant", "--out", str(out)]) == 0
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = [out / f"train.npz.{dead.pid}.tmp", out / f"plant.json.{dead.pid}.tmp"]
+    foreign = out / f"notes.txt.{dead.pid}.tmp"
+    for f in left + [foreign]:
+        f.write_bytes(b"half an archive")
+    assert main(["plant", "--out", str(out), "--seed", "3"]) == 0, capsys.readouterr().err
+    assert not any(f.exists() for f in left)
+    assert foreign.exists()   # not a file plant writes: not its to remove
+    assert sorted(p.name for p in out.iterdir()) == sorted([*PLANT_FILES, foreign.name])
 
 
 def test_plant_out_that_is_a_file_is_refused_before_the_data_is_made(tmp_path, capsys, monkeypatch):
