@@ -14,7 +14,8 @@ What is fused
   layer (1 or 3 channels) packs all taps x channels densely into one K loop instead.
   Bias + activation (relu / leaky_relu 0.2 / silu) run in the epilogue on the fp32
   accumulator, and the result is stored once in the compute dtype.
-* The first conv reads the raw images (uint8, or fp32/fp16/bf16 in [0, 1], any strides)
+* The first conv reads the raw images (uint8, or fp32/fp16/bf16 in [0, 1], any strides;
+  float64 and bool images are cast to fp32 first, as the reference reads them)
   and does /255, (x - mean[c]) / std[c] and the zero padding of the *normalised* image in
   registers while loading its A tile: no normalised copy of the input is ever written.
 * The mu and log-variance heads are one GEMM over the flattened features: each program
@@ -404,6 +405,8 @@ def _encoder_forward(
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"encoder input must be a (B, C, H, W) tensor, got shape {shape}")
+    if x.dtype in (torch.float64, torch.bool):   # as the reference reads them: fp32 (numpy's x / 255.0 is float64)
+        x = x.float()
     if x.dtype not in _SUPPORTED:
         raise TypeError(f"encoder input dtype {x.dtype} is unsupported; expected one of "
                         f"{[str(d) for d in _SUPPORTED]}")
