@@ -118,8 +118,8 @@ def check_image_file(path: str) -> tuple[str, str]:
     """Cheap pre-decode check of one file: ("ok" | "suspect" | "bad", detail).
 
     "bad": unreadable, empty, or neither JPEG nor PNG content (whatever its name says).
-    "suspect": JPEG/PNG header but no end marker near the end (typically truncated);
-    a full decode decides.  Reads 16 bytes at the start and 1 KiB at the end."""
+    "suspect": JPEG/PNG header but no end marker near the end (typically truncated), for a
+    JPEG none that ends the file (zero padding aside); a full decode decides.  Reads 16 bytes at the start and 1 KiB at the end."""
     try:
         size = os.stat(path).st_size
         if size == 0:
@@ -133,7 +133,10 @@ def check_image_file(path: str) -> tuple[str, str]:
             return "bad", f"broken symbolic link (to {os.readlink(path)})"
         return "bad", f"cannot read file: {exc.__class__.__name__}: {exc.strerror or exc}"
     if head.startswith(_JPEG_MAGIC):
-        kind, complete = "JPEG", _JPEG_EOI in tail
+        # the end marker must close the file (zero padding aside): anywhere in the tail, an EXIF
+        # thumbnail's own marker passed a photo cut within 1 KiB after it, which cost DALI a
+        # failed pipeline and a rebuild per such file (a longer tail is walked, below)
+        kind, complete = "JPEG", tail.rstrip(b"\0").endswith(_JPEG_EOI)
     elif head.startswith(_PNG_MAGIC):
         kind, complete = "PNG", _PNG_IEND in tail
     else:
