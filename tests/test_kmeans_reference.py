@@ -589,6 +589,13 @@ def test_init_of_the_wrong_shape_is_refused(backend):
         batched_kmeans(x, g, [3, 2], init=init, backend=backend)
     res = batched_kmeans(x, g, [3, 2], init=x[[0, 1, 2, 20, 21, 22]].view(2, 3, 4), backend=backend)
     assert res.centroids.shape == (2, 3, 4)
+    # a centroid too large for fp32 distances: inf to every point (l2) or a zero vector
+    # once normalised (cosine), and its points went to another centroid without a word
+    for metric in ("l2", "cosine"):
+        init = x[[0, 1, 2, 20, 21, 22]].view(2, 3, 4).clone()
+        init[0, 1] *= 3e19
+        with pytest.raises(ValueError, match=r"init has 1 rows too large for fp32 distances .*rescale them"):
+            batched_kmeans(x, g, [3, 2], init=init, metric=metric, backend=backend)
 
 
 @pytest.mark.parametrize("off", [[0, 3], [1, 5], [0, 4, 2, 5]])
