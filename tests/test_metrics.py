@@ -206,6 +206,30 @@ def test_feature_without_carriers_is_undefined_not_random():
         assert all(np.isnan(v) for v in got.values()), got
 
 
+def test_feature_every_item_carries_has_no_auroc_with_or_without_a_candidate():
+    # no negative: a candidate's ranking gave AUROC NaN, no candidate 0.5, and the means over
+    # seeds mixed the two
+    f = Feature(3, np.ones(10, bool), None, "p")
+    cands = [{"class": 3, "members": np.arange(3), "ranking": np.arange(10.0), "q_value": 0.01}]
+    for got in (feature_metrics(cands, f), feature_metrics([], f)):
+        assert np.isnan(got["auroc"]) and got["ap"] == 1.0 and got["precision@10"] == 1.0, got
+
+
+def test_no_candidate_scores_the_carrier_rate_a_hair_under_a_random_rankings_mean_ap():
+    # the module docstring's claim, against the closed form of a random ranking's expected AP
+    # (n items, p carriers): ((p - 1) / (n - 1) (n - H_n) + H_n) / n
+    rng = np.random.default_rng(0)
+    for n, p in ((700, 20), (7000, 600)):
+        h = float(np.sum(1.0 / np.arange(1, n + 1)))
+        want = ((p - 1) / (n - 1) * (n - h) + h) / n
+        carries = np.zeros(n, bool)
+        carries[:p] = True
+        sampled = np.mean([average_precision(rng.random(n), carries) for _ in range(400)])
+        assert abs(sampled - want) < 2e-3, (sampled, want)
+        got = feature_metrics([], Feature(0, carries))["ap"]
+        assert got == p / n < want and want - got < 1.2 * (1 - p / n) * (h - 1) / n
+
+
 def test_members_must_be_pool_indices_not_a_mask_or_negative():
     carries = np.array([False, True, True, False, False, False])
     # a boolean mask of members 1 and 2 was read as the indices 0, 1, 1, 0, 0, 0: rate 1/3,
