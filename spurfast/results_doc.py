@@ -29,6 +29,9 @@ METHODS = ("spurfast", "spurfast+confirm", "spurfast+support", "spurfast+residua
            "pixels", "george", "activation_clustering", "random")
 OURS = METHODS[:5]   # spurfast's own rows; the rest are baselines
 RESIDUAL_METHODS = ("spurfast+residual", "spurfast+residual+confirm")
+# spurfast's rows that rank the pool by their own findings; the others keep some of those findings
+# (confirmed, supported): the Targets judge the rankers' AP per setting, and count the others'
+RANKERS = ("spurfast", "spurfast+residual")
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in RESIDUAL_METHODS)
 
 
@@ -578,6 +581,7 @@ def _targets(rows, settings) -> list[str]:
                        f"model's own reaction to it)") if n_pool else ""
                 L.append(f"- {label}, {m}: {n_false} false findings at q = 0.05 over {len(ff)} seeds{why} -> "
                          f"target (<= 1) {_verdict(n_false > 1, nan_seeds(p))}")
+    tally = {m: {} for m in OURS}   # method -> verdict kind -> count, over every setting and pattern
     for s in settings:
         if s.startswith("clean-model"):
             continue
@@ -596,20 +600,31 @@ def _targets(rows, settings) -> list[str]:
                 continue
             ss = vals(s, "model", "spurious_score", f)
             ss = _finite_mean(ss)
-            # spurfast, and the residual methods where the run has them (evaluate --residual-scan)
-            for m in [m for m in ("spurfast", *RESIDUAL_METHODS) if aps.get(m) and np.isfinite(ap[m])]:
+            # every row of spurfast's that the run has (the residual ones: evaluate --residual-scan);
+            # a line each for the rankers, a count for the filtered rows (confirmed, supported)
+            for m in [m for m in OURS if aps.get(m) and np.isfinite(ap[m])]:
                 # judged on the printed (3-decimal) means, so the verdict cannot contradict them
                 ours, theirs = f"{ap[m]:.3f}", f"{best_ap:.3f}"
-                verdict = ("ties with the best baseline (equal to 3 decimals)" if ours == theirs else
-                           "beats every baseline" if float(ours) > float(theirs) else "does NOT beat every baseline")
+                kind = "ties" if ours == theirs else "wins" if float(ours) > float(theirs) else "losses"
+                verdict = {"ties": "ties with the best baseline (equal to 3 decimals)", "wins": "beats every baseline",
+                           "losses": "does NOT beat every baseline"}[kind]
                 na_ours, na_theirs = nan_seeds(pairs(s, m, "ap", f)), nan_seeds(pairs(s, best, "ap", f))
                 if na_ours != na_theirs:   # means over different seeds: no verdict
+                    kind = "not decided"
                     verdict = (f"not decided: AP n/a (NaN) in {_seeds_text(na_ours) if na_ours else 'no seed'} of "
                                f"{m}, {_seeds_text(na_theirs) if na_theirs else 'no seed'} of {best}")
                 elif na_ours:
                     verdict += f" (means over the seeds with an AP: n/a in {_seeds_text(na_ours)})"
-                L.append(f"- AP `{s}` / {f}: {m} {ours} vs best baseline {best} {theirs} "
-                         f"(spurious score {ss:.2f}) -> {verdict}")
+                tally[m][kind] = tally[m].get(kind, 0) + 1
+                if m in RANKERS:
+                    L.append(f"- AP `{s}` / {f}: {m} {ours} vs best baseline {best} {theirs} "
+                             f"(spurious score {ss:.2f}) -> {verdict}")
+    for m, t in tally.items():
+        if t:
+            n = sum(t.values())
+            L.append(f"- AP against the best baseline over the {n} setting-pattern pair{'s' * (n != 1)}, {m}: "
+                     + ", ".join(f"{t.get(k, 0)} {k}" for k in ("wins", "ties", "losses"))
+                     + (f", {t['not decided']} not decided" if t.get("not decided") else ""))
     return L
 
 

@@ -1065,6 +1065,30 @@ def test_residual_rows_get_their_own_ap_target_line(tmp_path):
                         "(spurious score 0.50) -> beats every baseline"), lines
 
 
+def test_every_row_of_spurfast_is_counted_against_the_baselines(tmp_path):
+    """The Targets judged spurfast+residual+confirm's AP setting by setting and never
+    spurfast+confirm's: the filtered rows (confirmed, supported) are now counted, wins /
+    ties / losses, beside the rankers' per-setting lines."""
+    from spurfast.results_doc import write_results
+    csv_path = _hand_made_results(tmp_path)
+    text = [ln.rsplit(",", 1)[0] + ",0.5" if ",spurfast+confirm,patch3,ap," in ln else ln
+            for ln in csv_path.read_text().splitlines()]   # a loss against pixels' 0.9
+    extra = []
+    for m, v in (("spurfast+residual", "0.99"), ("spurfast+residual+confirm", "0.9")):
+        extra += [ln.replace(",spurfast,", f",{m},", 1).rsplit(",", 1)[0] + "," + v
+                  for ln in text if ",spurfast,patch3,ap," in ln]
+    csv_path.write_text("\n".join(text + extra) + "\n")
+    md = write_results(csv_path, None, tmp_path / "RESULTS.md").read_text()
+    per_setting = [ln.split(": ", 1)[1].split(" ", 1)[0] for ln in md.splitlines() if ln.startswith("- AP `")]
+    assert per_setting == ["spurfast", "spurfast+residual"], per_setting
+    counted = [ln for ln in md.splitlines() if ln.startswith("- AP against the best baseline over")]
+    assert counted == [f"- AP against the best baseline over the 1 setting-pattern pair, {m}: {w}"
+                       for m, w in (("spurfast", "1 wins, 0 ties, 0 losses"),
+                                    ("spurfast+confirm", "0 wins, 0 ties, 1 losses"),
+                                    ("spurfast+residual", "1 wins, 0 ties, 0 losses"),
+                                    ("spurfast+residual+confirm", "0 wins, 1 ties, 0 losses"))], counted
+
+
 def test_a_timing_json_without_the_cpu_figures_leaves_their_line_out(tmp_path):
     """--from-csv beside a timing.json holding the wall time and command only (hand-edited,
     or a run whose os.cpu_count() was None): KeyError 'cpu_s' after the CSVs were read."""
