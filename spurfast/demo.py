@@ -15,8 +15,8 @@ from .discover import DiscoverConfig
 from .embed import _write_json, shown_path
 from .models.files import save_classifier, save_vae
 from .models.train import train_classifier, train_vae
-from .pipeline import (check_discovery_ops, make_planted_data, prepare_output, read_bad_files, run_discovery,
-                       sample_auroc)
+from .pipeline import (check_discovery_ops, make_planted_data, prepare_output, read_bad_files, report_summary,
+                       run_discovery, sample_auroc, SUMMARY)
 from .plant import PatternSpec, apply_pattern
 from .report import write_report
 
@@ -189,9 +189,9 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
             summary["top finding confirmation"] = top["confirm"].get("verdict")
     # NaN (e.g. an AUROC with no pattern-bearing pool image) is not JSON: null instead, which
     # the report shows as n/a, as `spurfast report` does when it redraws the run
-    finite = {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in summary.items()}
+    finite = report_summary(summary)
     write_report(doc, out, clusters=result.clusters, bad_files=read_bad_files(out), summary=finite)
-    _write_json(out / "summary.json", finite, default=str, allow_nan=False)   # atomic: `spurfast report` reads it
+    _write_json(out / SUMMARY, finite, allow_nan=False)   # atomic: `spurfast report` reads it
     print("[demo] " + "; ".join(f"{k}: {v}" for k, v in summary.items()), flush=True)
     # a folder name that is not UTF-8 spelled \xNN: a strict stdout raised after the whole run
     print(f"[demo] report: {shown_path(out / 'report.html')}", flush=True)

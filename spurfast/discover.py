@@ -412,14 +412,15 @@ def write_outputs(result: DiscoveryResult, out_dir: Path, extra_config: dict | N
     doc = findings_document(result, extra_config)
     # every file atomically: a run interrupted while writing them left a truncated
     # findings.json (or CSV) that `spurfast report` then failed on
-    _write_json(out_dir / "findings.json", doc)
+    _write_json(out_dir / "findings.json", doc, allow_nan=False)   # strict JSON: jq and browsers refuse NaN
     rows = [["rank", "class", "class_name", "cluster", "size", "score", "p_value", "q_value",
              "n_unrelated", "n_suspect", "flip_rate", "control_flip_rate", "confirm_p_value",
              "confirm_q_value", "confirm_verdict", "support_p_value", "support_q_value", "supported"]]
     for f in doc["findings"]:
         cf = f.get("confirm") or {}
-        rows.append([f["rank"], f["class"], f["class_name"] or "", f["cluster"], f["size"], f"{f['score']:.4g}",
-                     f"{f['p_value']:.4g}", f"{f['q_value']:.4g}", f.get("n_unrelated", ""), f.get("n_suspect", ""),
+        # score, p and q as findings.json holds them (4 digits: q = 0.03601 beside 0.036013858 there)
+        rows.append([f["rank"], f["class"], f["class_name"] or "", f["cluster"], f["size"], repr(float(f["score"])),
+                     repr(float(f["p_value"])), repr(float(f["q_value"])), f.get("n_unrelated", ""), f.get("n_suspect", ""),
                      cf.get("flip_rate", ""), cf.get("control_flip_rate", ""), cf.get("p_value", ""),
                      cf.get("q_value", ""), cf.get("verdict", ""), *_support_cells(f.get("support"))])
     _write_csv(out_dir / "findings.csv", rows)
@@ -427,8 +428,9 @@ def write_outputs(result: DiscoveryResult, out_dir: Path, extra_config: dict | N
     for cl in sorted(result.clusters, key=lambda c: -c["score"]):
         # p and q as they are (shortest round trip): `spurfast report` reads q back against the
         # FDR level, and 4 digits turned q = 0.10004 into 0.1, significant in its plot
+        # the score too: `spurfast report` redraws the scores plot from it (4 digits moved its points)
         rows.append([cl["cls"], cl["cluster"], cl["size"], cl["n_unrelated"], cl["n_suspect"],
-                     f"{cl['score']:.4g}", repr(float(cl["p_value"])), repr(float(cl["q_value"]))])
+                     repr(float(cl["score"])), repr(float(cl["p_value"])), repr(float(cl["q_value"]))])
     _write_csv(out_dir / "clusters.csv", rows)
     rk = out_dir / "rankings"
     rk.mkdir(exist_ok=True)

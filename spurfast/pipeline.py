@@ -301,7 +301,10 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     ``protect``: more paths this run reads (model files, ...) that ``overwrite`` must not
     delete; the pool's and the clean set's own files are always protected.
     ``residual``: a `spurfast.residual.ResidualConfig` adds the residual scan's findings
-    (patterns the VAE latent does not hold, such as one pixel) after the clusters'."""
+    (patterns the VAE latent does not hold, such as one pixel) after the clusters'.
+    ``summary``: {label: value} shown as a table at the top of the report and kept in
+    ``summary.json``, from which `spurfast report` shows it again (NaN and inf as n/a).
+    ``extra_config``: more keys for findings.json's ``config`` (JSON values)."""
     config = config or DiscoverConfig()
     # None (discover's "torch's default, the CPU") or a torch.device, as text: torch.device(None) and the
     # run id's json.dumps ("Object of type device is not JSON serializable") raised bare TypeErrors
@@ -311,12 +314,16 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     check_whole(batch_size, "batch_size")
     # embed_pool's own check came after --overwrite had deleted the old run's findings (2.0 == 2 logits)
     check_whole(num_classes, "num_classes")
-    for key, value in (extra_config or {}).items():   # json.dumps of findings.json refused it after all the work,
-        try:                                           # naming nothing ("Object of type int64 is not JSON serializable")
-            json.dumps({key: value})
+    # json.dumps of findings.json refused it after all the work, naming nothing ("Object of type
+    # int64 is not JSON serializable"); NaN passed and made findings.json strict parsers refuse
+    for key, value in (extra_config or {}).items():
+        try:
+            json.dumps({key: value}, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"extra_config[{key!r}]: {exc}; it is recorded in findings.json, so it must be JSON "
-                             f"(str, int, float, bool, None, and lists and dicts of them)") from None
+                             f"(str, int, float but not NaN or inf, bool, None, and lists and dicts of them)") from None
+    if summary is not None:
+        summary = report_summary(summary)
     if suspect is not None and np.shape(suspect) != (len(pool),):
         raise ValueError(f"suspect mask has shape {np.shape(suspect)}, expected ({len(pool)},): one entry per image "
                          f"of the pool ({pool.name})")
@@ -436,8 +443,34 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
         if clean is not None:   # confirmation skipped these: listed, not only logged
             bad.update(_named(clean, getattr(clean, "bad_files", {}), "clean set: "))
         _write_json(out / BAD_FILES, bad)  # atomic; `spurfast report` has no pool to name them
+        # as bad_files: `spurfast report` redrew the page without the summary the run showed
+        if summary is not None:
+            _write_json(out / SUMMARY, summary, allow_nan=False)   # report_summary made it JSON
+        else:   # a rerun of the same run without one: the old one would come back in `spurfast report`
+            (out / SUMMARY).unlink(missing_ok=True)
         write_report(doc, out, clusters=result.clusters, bad_files=bad, summary=summary)
     return doc, result, store
+
+
+SUMMARY = "summary.json"   # a run's summary table, which `spurfast report` shows again
+
+
+def report_summary(summary: dict) -> dict:
+    """``summary`` ({label: value}) as the report and summary.json hold it: a NaN or inf
+    value as None (shown as n/a; they are not JSON), another value JSON cannot hold as its
+    text (a report table shows text); refused by label where NaN sits deeper (in a list)."""
+    if not isinstance(summary, dict):
+        raise ValueError(f"summary must be a dict of label -> value, got {type(summary).__name__}")
+    out = {}
+    for key, value in summary.items():
+        value = None if isinstance(value, float) and not np.isfinite(value) else value
+        try:
+            value = json.loads(json.dumps(value, default=str, allow_nan=False))
+        except ValueError as exc:
+            raise ValueError(f"summary[{key!r}]: {exc}; it is written to summary.json for `spurfast report`, "
+                             f"which holds no NaN or inf") from None
+        out[str(key)] = value
+    return out
 
 
 def check_discovery_ops(backend, device_type: str) -> None:

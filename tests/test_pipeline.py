@@ -706,7 +706,37 @@ def test_an_extra_config_that_is_not_json_is_refused_before_any_work(tmp_path, m
                                                    "serializable; it is recorded in findings.json")):
         run_discovery(pool, clf, vae, tmp_path / "run", num_classes=2, confirm=False, progress=False,
                       extra_config={"dataset": "mine", "n_train": np.int64(3)})
+    # NaN passed, and findings.json held a NaN token that strict parsers (jq, a browser) refuse
+    with pytest.raises(ValueError, match=re.escape("extra_config['ratio']: Out of range float values are not JSON")):
+        run_discovery(pool, clf, vae, tmp_path / "run", num_classes=2, confirm=False, progress=False,
+                      extra_config={"ratio": float("nan")})
+    with pytest.raises(ValueError, match=re.escape("summary['aurocs']: Out of range float values are not JSON")):
+        run_discovery(pool, clf, vae, tmp_path / "run", num_classes=2, confirm=False, progress=False,
+                      summary={"aurocs": [0.5, float("nan")]})
     assert not (tmp_path / "run").exists()
+
+
+def test_a_runs_summary_is_kept_for_spurfast_report(tmp_path, capsys):
+    # run_discovery(summary=...) showed it in the run's report only: `spurfast report` redrew the page
+    # without it (the demo alone wrote summary.json)
+    import json
+
+    from spurfast.cli import main
+    from spurfast.discover import DiscoverConfig
+
+    pool, clf, vae = _tiny()
+    run = tmp_path / "run"
+    summary = {"dataset": "mine", "AUROC": float("nan"), "n": np.int64(3)}
+    run_discovery(pool, clf, vae, run, num_classes=2, confirm=False, progress=False, summary=summary,
+                  config=DiscoverConfig(n_null=4))
+    first = (run / "report.html").read_text()
+    assert json.loads((run / "summary.json").read_text()) == {"dataset": "mine", "AUROC": None, "n": "3"}
+    assert "<th>dataset</th><td>mine</td>" in first and "<th>AUROC</th><td>n/a</td>" in first
+    assert main(["report", "--run", str(run)]) == 0
+    assert (run / "report.html").read_text() == first
+    # the same run again without one: the old summary must not come back in `spurfast report`
+    run_discovery(pool, clf, vae, run, num_classes=2, confirm=False, progress=False, config=DiscoverConfig(n_null=4))
+    assert not (run / "summary.json").exists() and "<th>dataset</th>" not in (run / "report.html").read_text()
 
 
 @pytest.mark.parametrize("device", [None, torch.device("cpu")])
