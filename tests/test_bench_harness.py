@@ -292,6 +292,26 @@ def test_gpu_check_measures_the_open_targets_before_the_tests(tmp_path):
     assert log.index("s encoder\n") < log.index("s tests\n") and "unknown step nosuch" in log, log
 
 
+def test_gpu_check_summary_shows_the_encoders_roofline_share(tmp_path):
+    """The closing table (what the device tool hands back) kept "roofline_frac" in its set but
+    printed encoder rows only for images/s: the figure that sets the kernel against the H200's
+    limit stayed inside results.csv."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh").read_text()
+    summary = script.rsplit("<<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    csv_path = tmp_path / "results.csv"
+    csv_path.write_text("date,op,provider,config,metric,value,unit,device,versions\n"
+                        "d,encoder,triton,arch=rgb64;batch=256;dtype=bf16,items_per_s,325000,1/s,H200,v\n"
+                        "d,encoder,triton,arch=rgb64;batch=256;dtype=bf16,roofline_frac,0.031,1,H200,v\n"
+                        "d,encoder,triton,arch=rgb64;batch=64;dtype=bf16,roofline_frac,0.02,1,H200,v\n")
+    out = subprocess.run([sys.executable, "-", str(csv_path)], input=summary, capture_output=True, text=True,
+                         check=True).stdout
+    assert [line.split()[-2:] for line in out.splitlines()] == [["items_per_s", "3.25e+05"], ["roofline_frac", "0.031"]], out
+
+
 @pytest.mark.parametrize("device", ["cuda:0", pytest.param("gpu", id="named-gpu")])   # (an id "gpu" is the marker)
 def test_bench_device_other_than_cpu_or_cuda_is_refused(monkeypatch, capsys, device):
     # --device cuda:0 on a GPU machine ran bench kmeans with the torch reference alone (its GPU
