@@ -285,6 +285,24 @@ def make_planted_data(dataset: str = "auto", *, target_class: int = 3, n_poisone
         test_clean=ArraySource(xte[clean_idx], yte[clean_idx], class_names=names, name=f"{dataset}-clean"))
 
 
+def check_run_inputs(pool, classifier, vae, config, clean) -> None:
+    """Refuse, by argument, objects `run_discovery` cannot use: a path where a model is
+    expected, an array where a pool is, a dict of settings where a config is (each failed as
+    a bare AttributeError deep in the embedding pass)."""
+    source = "wrap arrays in spurfast.ArraySource(images, labels), a folder in spurfast.ImageFolderSource(path)"
+    for name, value, want, kind, hint in (
+            ("pool", pool, ImageSource, "an ImageSource", source),
+            ("classifier", classifier, torch.nn.Module, "a torch.nn.Module",
+             "load a file with spurfast.load_classifier(path)"),
+            ("vae", vae, torch.nn.Module, "a torch.nn.Module",
+             "load a file with spurfast.load_vae(path), or train one with spurfast.train_vae"),
+            ("config", config, (DiscoverConfig, type(None)), "a DiscoverConfig or None",
+             "spurfast.DiscoverConfig(k=..., ...)"),
+            ("clean", clean, (ImageSource, type(None)), "an ImageSource or None", source)):
+        if not isinstance(value, want):
+            raise TypeError(f"run_discovery: {name} must be {kind}, got {type(value).__name__} ({hint})")
+
+
 def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: int, suspect=None,
                   config: DiscoverConfig | None = None, extra_config: dict | None = None,
                   overwrite: bool = False, batch_size: int = 256, encoder_backend=None, loader_backend=None,
@@ -305,6 +323,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     ``summary``: {label: value} shown as a table at the top of the report and kept in
     ``summary.json``, from which `spurfast report` shows it again (NaN and inf as n/a).
     ``extra_config``: more keys for findings.json's ``config`` (JSON values)."""
+    check_run_inputs(pool, classifier, vae, config, clean)
     config = config or DiscoverConfig()
     # None (discover's "torch's default, the CPU") or a torch.device, as text: torch.device(None) and the
     # run id's json.dumps ("Object of type device is not JSON serializable") raised bare TypeErrors

@@ -716,6 +716,26 @@ def test_an_extra_config_that_is_not_json_is_refused_before_any_work(tmp_path, m
     assert not (tmp_path / "run").exists()
 
 
+def test_objects_run_discovery_cannot_use_are_named_before_any_work(tmp_path, monkeypatch):
+    # a path for the classifier, an array for the pool, a dict for the config: bare AttributeErrors
+    # ("'str' object has no attribute 'state_dict'") from inside the embedding pass
+    import re
+
+    pool, clf, vae = _tiny()
+    monkeypatch.setattr(P.dist, "embed_pool_sharded", lambda *a, **k: pytest.fail("embedded before the check"))
+    for kw, want in ((dict(classifier="clf.pt"), "classifier must be a torch.nn.Module, got str (load a file with "
+                                                  "spurfast.load_classifier(path))"),
+                     (dict(vae="vae.pt"), "vae must be a torch.nn.Module, got str"),
+                     (dict(pool=np.zeros((4, 1, 16, 16))), "pool must be an ImageSource, got ndarray (wrap arrays"),
+                     (dict(config={"k": 4}), "config must be a DiscoverConfig or None, got dict"),
+                     (dict(clean=np.zeros((4, 1, 16, 16))), "clean must be an ImageSource or None, got ndarray")):
+        args = {"pool": pool, "classifier": clf, "vae": vae, **kw}
+        with pytest.raises(TypeError, match="run_discovery: " + re.escape(want)):
+            run_discovery(args.pop("pool"), args.pop("classifier"), args.pop("vae"), tmp_path / "run", num_classes=2,
+                          progress=False, **args)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_runs_summary_is_kept_for_spurfast_report(tmp_path, capsys):
     # run_discovery(summary=...) showed it in the run's report only: `spurfast report` redrew the page
     # without it (the demo alone wrote summary.json)
