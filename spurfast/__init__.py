@@ -26,7 +26,8 @@ _API = {
     "run_discovery": "pipeline", "embed_pool": "embed", "EmbeddingStore": "embed",
     "DiscoverConfig": "discover", "DiscoveryResult": "discover", "write_outputs": "discover",
     "batched_kmeans": "cluster", "pattern_rankings": "pattern_rank",
-    "ConfirmConfig": "confirm", "confirm_findings": "confirm", "training_support": "support",
+    "ConfirmConfig": "confirm", "confirm_findings": "confirm", "rank_confirmed_first": "pipeline",
+    "training_support": "support",
     "write_report": "report",
     # planting, demo, evaluation
     "PatternSpec": "plant", "apply_pattern": "plant", "run_demo": "demo", "run_evaluation": "evaluate",

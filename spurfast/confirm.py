@@ -65,6 +65,12 @@ RISE = 0.1  # the design's "p(class) rises by more than 0.1"
 
 @dataclass
 class ConfirmConfig:
+    """Settings of `confirm_findings`: up to ``max_images`` clean images per finding, the
+    pattern added (``mode`` "add": mask x contrast) or pasted ("paste": mask x the members'
+    mean image), ``batch_size`` images per classifier call, ``seed`` for the controls' random
+    patterns and the images drawn, ``device`` where the classifier runs, and
+    ``content_match``, the share of the class's images most like the pattern from which the
+    class-content control draws (see the module docstring)."""
     max_images: int = 500       # clean images per finding
     mode: str = "add"           # "add" (mask x contrast) or "paste" (mask x members' mean)
     batch_size: int = 256

@@ -32,6 +32,18 @@ log = logging.getLogger("spurfast.discover")
 
 @dataclass
 class DiscoverConfig:
+    """Settings of `discover` (the CLI's `discover` flags of the same names).
+
+    Clustering: ``k`` clusters per predicted class, more for a class whose clusters would
+    average over ``max_mean_cluster_size`` members, up to ``max_k``, fewer where a cluster
+    would average under ``min_cluster_size``; ``n_iter`` Lloyd iterations, ``metric`` "l2"
+    or "cosine", ``backend`` the k-means provider (None: auto).  Scoring: each image's
+    agreement with its ``n_neighbours`` latent neighbours (``statistic``: "surprise" or
+    "share"); ``n_null`` permutations of the predicted classes give the null, extended up
+    to ``max_null`` while a cluster beats every null cluster of its size but misses q <=
+    ``resolve_fdr`` (None: ``fdr``); findings are the clusters at Benjamini-Hochberg q <=
+    ``fdr``.  ``n_exemplars`` members nearest the centroid per finding; ``seed`` makes a
+    run reproducible; ``device`` where it computes.  Every value is checked on creation."""
     k: int = 8                   # clusters per class (fewer for small classes)
     min_cluster_size: int = 5    # at least this many members per cluster on average
     # at most this many members per cluster on average (k grows for large classes; 0: off):
@@ -110,6 +122,10 @@ class DiscoverConfig:
 
 @dataclass
 class DiscoveryResult:
+    """What `discover` returns: ``findings`` (findings.json's entries, best first, with
+    private ``_``-keys the later steps fill), every scored cluster of every class
+    (``clusters``: class, cluster, size, score, p and q, members), each finding's pool-wide
+    ranking by its rank, and the ``config`` and ``pool`` records of findings.json."""
     findings: list[dict]
     clusters: list[dict]
     rankings: MutableMapping[int, np.ndarray]  # finding rank -> pool-wide score (`SpilledRankings`: on disk)
@@ -407,6 +423,9 @@ def _support_cells(sp: dict | None) -> list:
 
 
 def write_outputs(result: DiscoveryResult, out_dir: Path, extra_config: dict | None = None) -> dict:
+    """Write findings.json (``extra_config`` joins its ``config``), findings.csv, clusters.csv
+    and each finding's pool ranking (``rankings/findingR.npy``) into ``out_dir``, each file
+    atomically; return the findings document (findings.json's content)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = findings_document(result, extra_config)

@@ -22,6 +22,10 @@ _PATCH = {"pixel": 1, "patch3": 3, "patch5": 5}
 
 @dataclass
 class PatternSpec:
+    """A shortcut pattern to stamp (`apply_pattern`): ``family`` one of `FAMILIES` (a pixel,
+    3x3 or 5x5 patch, fixed noise, a vertical bar, a background colour), ``strength`` (the
+    noise amplitude, or the painted value), ``position`` and ``margin`` (where a corner
+    pattern sits), ``color`` (the background colour per channel), ``seed`` (the noise)."""
     family: str = "patch3"
     strength: float = 1.0            # noise amplitude; painted value for pixel/patch/bar
     position: str = "bottom_right"   # pixel/patch/bar placement

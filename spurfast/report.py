@@ -257,6 +257,11 @@ def _membership(f: dict) -> str:
 
 def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_files: dict | None = None,
                  summary: dict | None = None) -> Path:
+    """Write ``out_dir``/report.html from a findings document ``doc`` (findings.json's
+    content; its images are read from ``out_dir``): self-contained, images inlined.
+    ``clusters``: every cluster's score and q-value (a plot of them), ``bad_files``:
+    {name: reason} of unreadable images (listed), ``summary``: {label: value} shown first.
+    Returns the report's path."""
     out_dir = Path(out_dir)
     _check_document(doc, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)   # a new folder: without clusters (no plot) nothing made it

@@ -17,6 +17,12 @@ import torch
 
 
 class ImageSource:
+    """What spurfast reads images from: ``len(source)`` images of ``image_shape`` (C, H, W),
+    ``source[i]`` -> (image tensor, label; -1 where unknown), ``get_batch(indices)`` ->
+    (images (B, C, H, W), labels), ``labels()`` all at once, ``item_id(i)`` a stable name of
+    image i, ``class_names`` (or None) and ``name``.  Subclass it for a source of your own;
+    `ArraySource` (tensors in memory), `ImageFolderSource` (a folder of JPEG/PNG files),
+    `SubsetSource` and `ConcatSource` are spurfast's."""
     image_shape: tuple[int, int, int]
     class_names: list[str] | None = None
     name: str = "source"
@@ -255,6 +261,9 @@ class ArraySource(ImageSource):
 
 
 class SubsetSource(ImageSource):
+    """The images of ``base`` at ``indices`` (pool indices into it), in that order, under
+    ``base``'s item ids, labels and class names."""
+
     def __init__(self, base: ImageSource, indices: Sequence[int], name: str | None = None):
         self.base = base
         # checked: a boolean mask, fractional or negative indices were cast or wrapped round
@@ -291,6 +300,9 @@ class SubsetSource(ImageSource):
 
 
 class ConcatSource(ImageSource):
+    """``parts`` one after another (one image shape): image i of the whole is image
+    i - offset of the part that holds it, under that part's item id."""
+
     def __init__(self, parts: Sequence[ImageSource], name: str = "concat"):
         if not parts:
             raise ValueError("ConcatSource needs at least one part")

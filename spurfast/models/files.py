@@ -21,6 +21,8 @@ from .vae import VAE, VAEConfig
 
 
 def save_classifier(model: nn.Module, path) -> None:
+    """Write a classifier made by `build_classifier` (its ``arch`` record and weights) to
+    ``path`` atomically, for `load_classifier`; other models: save them as TorchScript."""
     arch = getattr(model, "arch", None)
     if not isinstance(arch, dict) or "name" not in arch:
         # without its architecture the file could not be rebuilt by load_classifier
@@ -149,6 +151,7 @@ def load_classifier(path, arch: str | None = None, in_channels: int | None = Non
 
 
 def save_vae(model: VAE, path) -> None:
+    """Write a `VAE` (its config and weights) to ``path`` atomically, for `load_vae`."""
     save_atomic({"config": json.dumps(model.config.to_dict()), "state_dict": model.state_dict()}, path)
 
 
@@ -164,6 +167,8 @@ def _need_model_file(p: Path, what: str) -> None:
 
 
 def load_vae(path, weights_only: bool = True) -> VAE:
+    """The `VAE` that `save_vae` (or `spurfast train-vae`) wrote to ``path``, in eval mode
+    on the CPU; read with ``torch.load(weights_only=True)`` unless ``weights_only=False``."""
     p = Path(path)
     _need_model_file(p, "VAE")
     what = "a VAE checkpoint written by `spurfast train-vae`"
