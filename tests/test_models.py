@@ -81,6 +81,51 @@ def test_classifier_loading_paths(tmp_path):
         load_classifier(tmp_path / "junk.pt")
 
 
+def test_a_users_model_with_features_and_fc2_gives_its_own_logits():
+    # any model with features() and fc2 was read as SmallCNN, logits = fc2(features(x)): a head
+    # fc2(relu(fc1(features))) gave other classes than the model's own (0 of 120 agreed), and a
+    # LeNet's conv features into fc2 failed as "cannot run on images of shape ..."
+    import torch.nn.functional as F
+
+    class MLPHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(),
+                                            torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(128, 64))
+            self.fc1, self.fc2 = torch.nn.Linear(64, 64), torch.nn.Linear(64, 10)
+
+        def features(self, x):
+            return self.body(x)
+
+        def forward(self, x):
+            return self.fc2(F.relu(self.fc1(self.features(x))))
+
+    class LeNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = torch.nn.Sequential(torch.nn.Conv2d(1, 6, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                                torch.nn.Conv2d(6, 16, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2))
+            self.fc1, self.fc2, self.fc3 = torch.nn.Linear(256, 120), torch.nn.Linear(120, 84), torch.nn.Linear(84, 10)
+
+        def forward(self, x):
+            return self.fc3(F.relu(self.fc2(F.relu(self.fc1(self.features(x).flatten(1))))))
+
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 28, 28)
+    for model in (MLPHead().eval(), LeNet().eval()):
+        for _ in range(2):   # the first batch decides; the next ones must agree
+            logits, feats = classifier_outputs(model, x)
+            torch.testing.assert_close(logits, model(x))
+            assert torch.equal(feats, logits)
+    # a scripted SmallCNN keeps its penultimate features: its logits are fc2(features(x))
+    small = SmallCNN(1, 4, 28).eval()
+    scripted = torch.jit.script(small)
+    for _ in range(2):
+        logits, feats = classifier_outputs(scripted, x)
+        torch.testing.assert_close(logits, small(x))
+        torch.testing.assert_close(feats, small.features(x))
+
+
 def test_output_width_mismatch_is_caught():
     with pytest.raises(ValueError, match="expected \\(1, 10\\)"):
         check_output_width(SmallCNN(1, 4, 28), (1, 28, 28), 10)

@@ -6,21 +6,52 @@ cache hashes classifier.py.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
+
+# other models with ``features`` and ``fc2`` (a scripted SmallCNN, or a user's own) -> whether
+# their logits are fc2(features(x)), as checked on the first batch they classify
+_HEAD_IS_FC2: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()
 def classifier_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, penultimate features).  Models without ``features`` give logits as features."""
-    feats_fn = getattr(model, "features", None)
-    if feats_fn is not None and callable(feats_fn) and hasattr(model, "fc2"):
-        f = feats_fn(x)
+    """(logits, penultimate features): spurfast's SmallCNN and ResNet18 give their
+    penultimate layer, another model with ``features`` and an ``fc2`` layer (a scripted
+    SmallCNN) gives fc2(features(x)) where its first batch shows that to be its logits
+    (``model(x)``), and every other model gives its logits as its features."""
+    from .classifier import ResNet18, SmallCNN  # here: classifier.py re-exports this module
+    if isinstance(model, SmallCNN):
+        f = model.features(x)
         return model.fc2(f), f
-    from .classifier import ResNet18  # here: classifier.py re-exports this module
     if isinstance(model, ResNet18):
         f = model.features(x)
         return model.net.fc(f), f
+    feats_fn = getattr(model, "features", None)
+    if callable(feats_fn) and hasattr(model, "fc2"):
+        # a user's model may have both and another head (fc2(relu(fc1(features)))): its logits
+        # were taken as fc2(features(x)), other classes than the model's own, without a word
+        try:
+            known = _HEAD_IS_FC2.get(model)
+        except TypeError:   # not weakly referable: checked on every batch
+            known = None
+        if known:
+            f = feats_fn(x)
+            return model.fc2(f), f
+        if known is None:
+            logits = model(x)
+            try:
+                f = feats_fn(x)
+                same = bool(torch.allclose(model.fc2(f), logits, rtol=1e-4, atol=1e-5))
+            except (RuntimeError, TypeError, ValueError):   # conv maps into a Linear, say: not its head
+                same = False
+            try:
+                _HEAD_IS_FC2[model] = same
+            except TypeError:
+                pass
+            return logits, (f if same else logits)
     logits = model(x)
     return logits, logits
 
