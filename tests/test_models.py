@@ -355,10 +355,26 @@ def test_ignored_checkpoint_is_moved_aside(tmp_path, caplog):
     train_classifier(src, 3, epochs=3, batch_size=16, seed=0, checkpoint=ck, progress=False)
     with caplog.at_level("WARNING", logger="spurfast.train"):
         train_classifier(src, 3, epochs=1, batch_size=16, seed=0, checkpoint=ck, progress=False)
-    old = tmp_path / "m.ckpt.old"
+    (old,) = tmp_path.glob("m.ckpt.old-*")
     assert f"moved it to {old}" in caplog.text
     assert torch.load(old, weights_only=True)["epoch"] == 3      # the finished work survives
     assert torch.load(ck, weights_only=True)["epoch"] == 1
+
+
+def test_a_checkpoint_set_aside_survives_a_second_mismatch_and_is_resumed(tmp_path, caplog):
+    # a rerun with a mistyped seed moved the real run's checkpoint to .old, and the corrected rerun
+    # moved the mistyped one's over it and trained every epoch again from scratch
+    src = _toy(32)
+    ck = tmp_path / "m.ckpt"
+    straight = train_classifier(src, 3, epochs=3, batch_size=16, seed=0, progress=False)
+    train_classifier(src, 3, epochs=2, batch_size=16, seed=0, checkpoint=ck, progress=False)
+    train_classifier(src, 3, epochs=1, batch_size=16, seed=1, checkpoint=ck, progress=False)   # the typo
+    with caplog.at_level("INFO", logger="spurfast.train"):
+        model = train_classifier(src, 3, epochs=3, batch_size=16, seed=0, checkpoint=ck, progress=False)
+    assert f"resumed {ck} at epoch 2" in caplog.text, caplog.text
+    assert len(list(tmp_path.glob("m.ckpt.old-*"))) == 1   # the typo's, kept in turn
+    for a, b in zip(model.state_dict().values(), straight.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("kw,pattern", [
@@ -477,7 +493,7 @@ def test_unreadable_checkpoint_is_moved_aside_not_a_crash(tmp_path, caplog):
         with caplog.at_level("WARNING", logger="spurfast.train"):
             got = train_classifier(src, 3, epochs=1, batch_size=16, seed=0, checkpoint=ck, progress=False)
         assert f"ignoring checkpoint {ck} and training afresh: it cannot be read" in caplog.text
-        assert (tmp_path / "m.ckpt.old").read_bytes() == content
+        assert (tmp_path / "m.ckpt.old-unknown").read_bytes() == content
         assert all(torch.equal(p, q) for p, q in zip(got.parameters(), straight.parameters()))
 
 

@@ -108,11 +108,8 @@ def _checkpoint(path: Path | None, state: dict) -> None:
         save_atomic(state, path)  # a crash never leaves a half-written checkpoint
 
 
-def _resume(path: Path | None, model, opt, identity: dict, epochs: int, device="cpu") -> int:
-    """Load the checkpoint at ``path`` if it belongs to this training run (same data, seed,
-    model and optimiser settings, at most ``epochs`` done) and return its epoch; else 0."""
-    if path is None or not path.exists():
-        return 0
+def _read_checkpoint(path: Path) -> tuple[dict, dict | None, str | None]:
+    """(state, the identity it records or None, why it cannot be read or None)."""
     try:
         state, unreadable = torch.load(path, map_location="cpu", weights_only=True), None
         if not isinstance(state, dict):
@@ -120,19 +117,58 @@ def _resume(path: Path | None, model, opt, identity: dict, epochs: int, device="
     except Exception as exc:  # junk, or emptied by a crash: train afresh, as for a foreign one
         state, unreadable = {}, f"it cannot be read ({torch_error_gist(exc)})"
     saved = json.loads(state["identity"]) if isinstance(state.get("identity"), str) else None
-    identity = json.loads(json.dumps(identity, sort_keys=True))  # compare as stored (tuples -> lists)
+    return state, saved, unreadable
+
+
+def _not_this_run(state: dict, saved: dict | None, unreadable: str | None, identity: dict, epochs: int) -> str | None:
+    """Why a checkpoint is not this run's to resume, or None when it is."""
     differ = sorted(k for k in identity.keys() | (saved or {}).keys() if identity.get(k) != (saved or {}).get(k))
-    if saved is None or differ or int(state["epoch"]) > epochs:
-        # resuming another run's checkpoint would silently return that run's model
-        why = (unreadable if unreadable else
-               "it does not record what it was trained on (older spurfast)" if saved is None else
-               f"it was written for different {', '.join(differ)}" if differ else
-               f"it has {int(state['epoch'])} epochs done, more than the {epochs} asked for")
-        # this run overwrites the checkpoint after its first epoch: keep the old one's work
-        old = path.with_name(path.name + ".old")
-        path.replace(old)
-        log.warning("ignoring checkpoint %s and training afresh: %s; moved it to %s", path, why, old)
+    if unreadable:
+        return unreadable
+    if saved is None:
+        return "it does not record what it was trained on (older spurfast)"
+    if differ:
+        return f"it was written for different {', '.join(differ)}"
+    if int(state["epoch"]) > epochs:
+        return f"it has {int(state['epoch'])} epochs done, more than the {epochs} asked for"
+    return None
+
+
+def _aside(path: Path, saved: dict | None) -> Path:
+    """Where a checkpoint of another run is kept: one file per run (its identity's hash), so
+    a second mismatch does not overwrite the first one's work, and that run finds it again."""
+    tag = hashlib.sha256(json.dumps(saved, sort_keys=True).encode()).hexdigest()[:12] if saved else "unknown"
+    return path.with_name(f"{path.name}.old-{tag}")
+
+
+def _resume(path: Path | None, model, opt, identity: dict, epochs: int, device="cpu") -> int:
+    """Load the checkpoint at ``path`` if it belongs to this training run (same data, seed,
+    model and optimiser settings, at most ``epochs`` done) and return its epoch; else 0.
+    Another run's checkpoint there is moved aside (`_aside`), and this run's own, if an
+    earlier mismatch moved it aside, is moved back and resumed."""
+    if path is None:
         return 0
+    identity = json.loads(json.dumps(identity, sort_keys=True))  # compare as stored (tuples -> lists)
+    found = path
+    if path.exists():
+        state, saved, unreadable = _read_checkpoint(path)
+        why = _not_this_run(state, saved, unreadable, identity, epochs)
+        if why is not None:
+            # this run overwrites the checkpoint after its first epoch: keep the old one's work
+            # (a rerun with a mistyped seed took a finished run's place, and the next one's too)
+            old = _aside(path, None if unreadable else saved)
+            path.replace(old)
+            log.warning("ignoring checkpoint %s and training afresh: %s; moved it to %s", path, why, old)
+            found = None
+    own = _aside(path, identity)
+    if found is None or not path.exists():
+        if not own.exists():
+            return 0
+        state, saved, unreadable = _read_checkpoint(own)
+        if _not_this_run(state, saved, unreadable, identity, epochs) is not None:
+            return 0
+        own.replace(path)
+        log.info("%s holds this run's checkpoint, set aside by a run of other settings: resuming it", own)
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optim"])
     _set_rng_state(state, device)
