@@ -377,6 +377,16 @@ def test_a_checkpoint_set_aside_survives_a_second_mismatch_and_is_resumed(tmp_pa
         assert torch.equal(a, b)
 
 
+def test_vae_config_reads_one_number_for_every_channel_and_names_a_lone_width():
+    # channels=32 raised a bare "'int' object is not iterable" from inside the check's own message,
+    # and mean=0.5 / std=0.5 the same for a float
+    cfg = VAEConfig(3, 32, (8, 16), 4, mean=0.5, std=np.float32(0.25))
+    assert cfg.mean == (0.5,) and cfg.std == (0.25,)
+    assert VAEConfig(1, 28, (8, 16), 4, mean=np.array([0.3])).mean == (0.3,)
+    with pytest.raises(TypeError, match=r"channels must be a sequence of integer conv widths, e\.g\. \(32, 64\), got 32"):
+        VAEConfig(1, 28, 32, 4)
+
+
 @pytest.mark.parametrize("kw,pattern", [
     ({"std": (0.0,)}, "std must be > 0"),
     ({"std": (0.5, -1.0, 0.5), "in_channels": 3, "mean": (0.5,)}, "std must be > 0"),

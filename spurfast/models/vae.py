@@ -7,6 +7,7 @@ PyTorch ground truth.  Every conv is kernel 4, stride 2, padding 1 (halves H and
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from dataclasses import asdict, dataclass
 
@@ -40,10 +41,12 @@ class VAEConfig:
                             f"{self.image_size!r} and {self.latent_dim!r}") from None
         try:  # int() made a width of 8.7 a silent 8
             self.channels = tuple(operator.index(c) for c in self.channels)
-        except TypeError:
-            raise TypeError(f"channels must be integer conv widths, got {tuple(self.channels)!r}") from None
-        self.mean = tuple(float(m) for m in self.mean)
-        self.std = tuple(float(s) for s in self.std)
+        except TypeError:   # (its message named the list: tuple() of a lone 32 raised a bare TypeError)
+            raise TypeError(f"channels must be a sequence of integer conv widths, e.g. (32, 64), got "
+                            f"{self.channels!r}") from None
+        # one number stands for every channel, as a one-entry sequence does ("'float' object is not iterable")
+        self.mean = tuple(float(m) for m in ((self.mean,) if isinstance(self.mean, numbers.Real) else self.mean))
+        self.std = tuple(float(s) for s in ((self.std,) if isinstance(self.std, numbers.Real) else self.std))
         if int(self.in_channels) < 1 or int(self.image_size) < 1:
             raise ValueError(f"in_channels and image_size must be >= 1, got {self.in_channels} and {self.image_size}")
         if not self.channels or min(self.channels) < 1:
