@@ -161,6 +161,7 @@ def _need_file(p: Path, what: str) -> None:
 
 def load_npz_source(path):
     """A pool/training .npz written by `spurfast plant` (images, labels, optional suspect/carries)."""
+    import tokenize
     import zipfile
     import zlib
 
@@ -192,6 +193,9 @@ def load_npz_source(path):
     except (ValueError, OSError, zipfile.BadZipFile, zlib.error) as exc:   # zlib: a damaged member, else
         msg = str(exc).removeprefix(f"{p.stem}: ")                         # a traceback naming no file
         raise ValueError(f"{p}: {msg}") from None
+    except (tokenize.TokenError, SyntaxError) as exc:   # numpy parses a member's header as Python: a damaged
+        raise ValueError(f"{p} is not a readable .npz file (a damaged array header: "   # one was a traceback
+                         f"{exc.__class__.__name__}: {str(exc)[:120]}); {expected}") from None
     src.path = str(p)  # lets --overwrite refuse to delete a directory holding it
     return src, extra
 

@@ -1476,6 +1476,24 @@ def test_an_npz_naming_a_class_twice_is_refused(tmp_path):
         load_npz_source(tmp_path / "p.npz")
 
 
+def test_an_npz_with_a_damaged_array_header_is_named(tmp_path, capsys):
+    # numpy parses a member's header as Python: one damaged byte raised tokenize.TokenError (no
+    # ValueError), a traceback naming no file
+    from spurfast.cli import load_npz_source
+
+    path = tmp_path / "pool.npz"
+    np.savez(path, images=np.zeros((8, 1, 28, 28), np.uint8), labels=np.arange(8) % 2)
+    raw = bytearray(path.read_bytes())
+    raw[raw.find(b"\x93NUMPY") + 8] = ord("(")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))} is not a readable \.npz file \(a damaged array "
+                                         r"header: TokenError"):
+        load_npz_source(path)
+    capsys.readouterr()
+    assert main(["train-vae", "--data", str(path), "--out", str(tmp_path / "v.pt"), "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {path} is not a readable .npz file")
+
+
 def test_an_npz_with_a_damaged_member_is_named(tmp_path, capsys):
     # a damaged deflate stream raised zlib.error (no ValueError): a traceback that named no file
     import struct
