@@ -49,10 +49,17 @@ log = logging.getLogger("spurfast.make_pool")
 SHAPES = ("disc", "square", "triangle", "ring", "stripes", "cross", "diamond", "checker")
 PLANT_FAMILIES = ("pixel", "patch3", "patch5", "noise", "bar")
 _JPEG_MAX_SIDE = 65_500   # libjpeg's limit on a JPEG's width and height
+# file names hold 8 digits: past them "100000000.jpg" sorts before "99999999.jpg", and the
+# folder's order (its pool indices) would no longer be the images' numbers in ground_truth.csv
+MAX_IMAGES = 10 ** 8
 
 
 @dataclass
 class PoolSpec:
+    """What `make_pool` writes: ``n`` JPEGs of ``classes`` procedural classes (one folder each,
+    or one ``flat`` folder), sides from ``min_size`` to ``max_size``, with ``fraction`` of them
+    (of ``plant_class``, or of all) carrying the ``plant`` pattern at ``strength``, drawn for
+    images resized to ``target_size``; JPEG ``quality``; ``seed`` decides everything."""
     n: int
     classes: int = 10
     min_size: int = 64
@@ -69,6 +76,10 @@ class PoolSpec:
     def validate(self) -> None:
         if self.n < 1:
             raise ValueError(f"--n must be >= 1, got {self.n}")
+        # a slip of zeros (1e10) failed in numpy's allocator ("Unable to allocate 74.5 GiB", a
+        # traceback) after the folder and its marker were made, which then refused the right --n
+        if self.n > MAX_IMAGES:
+            raise ValueError(f"--n must be at most {MAX_IMAGES:,} images, got {self.n:,}")
         if self.classes < 1:
             raise ValueError(f"--classes must be >= 1, got {self.classes}")
         if not 8 <= self.min_size <= self.max_size:
@@ -350,6 +361,12 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
     # checks: an int32 size squared wrapped negative and passed the pixel-limit check
     spec = replace(spec, **{k: v.item() for k, v in asdict(spec).items() if isinstance(v, np.generic)})
     spec.validate()
+    # planned before the folder is made: a plan too large for memory fails with nothing written
+    try:
+        labels, carries = _plan(spec)
+    except MemoryError:
+        raise ValueError(f"--n {spec.n:,}: the plan of the pool (9 bytes an image) does not fit in memory; "
+                         f"write a smaller pool") from None
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"pool directory {out} is a file")
@@ -418,7 +435,6 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
     # it is complete, so nothing takes it for a finished pool of that spec; "writing": the
     # settings being written, which a rerun of the same command resumes
     _write_whole(out / "pool.json", json.dumps({"writer": POOL_WRITER, "spec": None, "writing": asdict(spec)}))
-    labels, carries = _plan(spec)
     if not spec.flat:
         for c in range(min(spec.classes, spec.n)):
             (out / class_dir(c, spec.classes)).mkdir(exist_ok=True)

@@ -389,6 +389,25 @@ def test_sizes_past_the_largest_jpeg_are_refused_before_anything_is_written(tmp_
         PoolSpec(n=1, min_size=65501, max_size=65501).validate()
 
 
+def test_a_pool_too_large_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    # --n 10000000000 (a slip of zeros) failed in numpy's allocator, a traceback, after the folder
+    # and its marker were made; the marker then refused the intended --n as another run's
+    import spurfast.make_pool as M
+    from spurfast.cli import main
+
+    assert main(["make-pool", "--out", str(tmp_path / "p"), "--n", "10000000000"]) == 2
+    assert "--n must be at most 100,000,000 images, got 10,000,000,000" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+    def no_memory(spec):
+        raise MemoryError
+
+    monkeypatch.setattr(M, "_plan", no_memory)
+    with pytest.raises(ValueError, match=r"--n 1,000: the plan of the pool .* does not fit in memory"):
+        make_pool(tmp_path / "p", PoolSpec(n=1000), workers=1, progress=False)
+    assert not (tmp_path / "p").exists()
+
+
 def test_sizes_past_pils_pixel_limit_are_refused(monkeypatch):
     """Images past PIL's decompression-bomb limit (2 x MAX_IMAGE_PIXELS) are marked bad by both
     loaders: such a pool would be written in full and then embedded as nothing."""
