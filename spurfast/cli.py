@@ -678,13 +678,19 @@ def cmd_evaluate(args):
     import re
 
     from .evaluate import run_evaluation
-    from .results_doc import check_results_md, read_csv, read_notes, read_results, write_results, write_with_notes
+    from .results_doc import (check_ours, check_results_md, read_csv, read_notes, read_results, write_results,
+                              write_with_notes)
     out = Path(args.out)
     # a file (or a link to nothing) in its place failed as "[Errno 17] File exists: 'x'", which says neither
     blocker = _blocker(out)
     if blocker is not None:
         raise NotADirectoryError(f"{_not_a_folder('--out', out, blocker)}; expected the folder for "
                                  f"results.csv, confirm.csv, plots/ and RESULTS.md")
+    if args.cache is not None:   # "[Errno 20] Not a directory: 'x/runs'" after --out was made, and left empty
+        blocker = _blocker(Path(args.cache))
+        if blocker is not None:
+            raise NotADirectoryError(f"{_not_a_folder('--cache', Path(args.cache), blocker)}; expected the folder "
+                                     f"for the cached models and runs")
     if args.results_md:   # --from-csv too, which runs no sweep (each failed at the end)
         check_results_md(args.results_md, "--results-md")
     # "docs/new/" (no such folder yet): Path drops the "/", and the tables went to a file "docs/new"
@@ -705,6 +711,7 @@ def cmd_evaluate(args):
         if clash is not None:
             raise FileExistsError(f"--results-md {args.results_md} is the evaluation's {clash.name} ({clash}): "
                                   f"RESULTS.md would be written over it; choose another file, e.g. docs/RESULTS.md")
+        check_ours(Path(args.results_md), "--results-md")
     if args.from_csv:
         given = [f"--{k.replace('_', '-')}" for k in EVALUATE_RUN_ONLY if getattr(args, k) is not None]
         if given:
@@ -714,6 +721,7 @@ def cmd_evaluate(args):
         _need_file(csv_path, "results CSV")
         out = Path(args.out)
         # read_notes: a RESULTS.md that is not UTF-8 failed with the codec's message, naming no file
+        check_ours(out / "RESULTS.md", "--out's")
         previous = read_notes(out / "RESULTS.md") if (out / "RESULTS.md").is_file() else None
         tj = csv_path.with_name("timing.json")
         try:

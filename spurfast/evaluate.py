@@ -50,8 +50,8 @@ from .discover import DiscoverConfig, characterise, discover
 from .embed import _write_json   # atomic: a run killed mid-write left a truncated cache file
 from .metrics import Feature, carried_by, false_findings, false_findings_on_pool_patterns, feature_metrics, matches, recall_at_q
 from .plant import PatternSpec, apply_pattern, changed_by_stamp, fixed_mask, plant_training
-from .results_doc import (DEFAULT_METHODS, METHODS, RESIDUAL_METHODS, check_results_md, csv_digests, read_notes,
-                          write_csv, write_results, write_with_notes)
+from .results_doc import (DEFAULT_METHODS, METHODS, RESIDUAL_METHODS, check_ours, check_results_md, csv_digests,
+                          read_notes, write_csv, write_results, write_with_notes)
 from .scoring import DEFAULT_STATISTIC
 from .support import training_support
 
@@ -699,7 +699,7 @@ def check_seeds(seeds) -> tuple[int, ...]:
     return tuple(int(s) for s in seeds)
 
 
-def _check_up_front(out: Path, statistic: str, results_md) -> None:
+def _check_up_front(out: Path, statistic: str, results_md, cache=None) -> None:
     """What the end of `run_evaluation` needs, checked before its sweep: a bad ``statistic``
     failed at the first discovery (after that run's models were trained), a ``results_md`` in
     a missing folder, or a folder, and a RESULTS.md whose notes are not UTF-8 failed after the
@@ -708,6 +708,13 @@ def _check_up_front(out: Path, statistic: str, results_md) -> None:
 
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+    if cache is not None:   # a file there failed at its first run's mkdir, after out was made
+        at = Path(cache)
+        blocker = next((q for q in (at, *at.parents) if (q.is_symlink() and not q.exists())
+                        or (q.exists() and not q.is_dir())), None)
+        if blocker is not None:
+            raise NotADirectoryError(f"cache {at}: {blocker} is not a folder (a file, or a link to nothing); "
+                                     f"expected the folder for the cached models and runs")
     if results_md:
         check_results_md(results_md)
         # as the CLI refuses it: results_md=out/results.csv wrote the tables over the results they came from
@@ -719,6 +726,7 @@ def _check_up_front(out: Path, statistic: str, results_md) -> None:
     for md in (out / "RESULTS.md", Path(results_md) if results_md else None):
         if md is not None and md.is_file():
             read_notes(md)   # its notes are kept: read again once the sweep is done
+            check_ours(md, "RESULTS.md" if md == out / "RESULTS.md" else "results_md")
 
 
 def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None, seeds=None,
@@ -740,7 +748,7 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
                          f"{[s.name for s in p['settings']]}")
     seeds = tuple(p["seeds"]) if seeds is None else check_seeds(seeds)
     out = Path(out_dir)
-    _check_up_front(out, statistic, results_md)
+    _check_up_front(out, statistic, results_md, cache)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache) if cache else out / "cache"
     rows, crows = [], []

@@ -1386,6 +1386,48 @@ def test_evaluate_results_md_that_is_a_folder_is_refused_before_the_run(tmp_path
 
 
 @pytest.mark.parametrize("mode", ["run", "from-csv"])
+def test_evaluate_does_not_replace_a_file_it_did_not_write(tmp_path, capsys, monkeypatch, mode):
+    # --results-md README.md (a slip) replaced the hand-written file without a word, and a RESULTS.md
+    # of someone else's in --out the same; plant, discover and make-pool refuse to
+    import spurfast.evaluate
+
+    monkeypatch.setattr(spurfast.evaluate, "run_one", lambda *a, **k: pytest.fail("the evaluation ran"))
+    how = ["--preset", "tiny"] if mode == "run" else ["--from-csv", _quick_csv(tmp_path)]
+    readme = tmp_path / "README.md"
+    readme.write_text("# my project\n")
+    capsys.readouterr()
+    assert main(["evaluate", "--out", str(tmp_path / "e"), *how, "--results-md", str(readme)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --results-md {readme} is not a RESULTS.md of `spurfast "
+                                              f"evaluate`")
+    assert readme.read_text() == "# my project\n" and not (tmp_path / "e").exists()
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "RESULTS.md").write_text("my own results\n")
+    assert main(["evaluate", "--out", str(out), *how]) == 2
+    assert "RESULTS.md" in capsys.readouterr().err and (out / "RESULTS.md").read_text() == "my own results\n"
+
+
+@pytest.mark.parametrize("mode", ["cli", "api"])
+def test_evaluate_cache_that_is_not_a_folder_is_named_before_any_work(tmp_path, capsys, mode):
+    # "[Errno 20] Not a directory: 'afile/runs'" or "[Errno 17] File exists: 'dl'", and an empty --out left
+    from spurfast.evaluate import run_evaluation
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    dead = tmp_path / "dl"
+    dead.symlink_to(tmp_path / "nowhere")
+    for cache in (afile, dead, afile / "sub"):
+        capsys.readouterr()
+        if mode == "cli":
+            assert main(["evaluate", "--preset", "tiny", "--out", str(tmp_path / "e"), "--cache", str(cache)]) == 2
+            assert capsys.readouterr().err.startswith(f"error: --cache {cache}: "), cache
+        else:
+            with pytest.raises(NotADirectoryError, match=f"cache {re.escape(str(cache))}: .* is not a folder"):
+                run_evaluation("tiny", tmp_path / "e", cache=cache, progress=False)
+        assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("mode", ["run", "from-csv"])
 def test_evaluate_results_md_that_is_a_read_only_file_is_refused_before_the_run(tmp_path, capsys, monkeypatch,
                                                                                 mode):
     # only its folder was checked (it takes files), so the rewrite in place failed at the very end
@@ -1395,7 +1437,7 @@ def test_evaluate_results_md_that_is_a_read_only_file_is_refused_before_the_run(
 
     monkeypatch.setattr(spurfast.evaluate, "run_evaluation", lambda *a, **k: pytest.fail("the evaluation ran"))
     md = tmp_path / "RESULTS.md"
-    md.write_text("notes")
+    md.write_text("# spurfast: planted-shortcut evaluation results\n")
     md.chmod(0o444)
     real = os.access   # as a user who is not root sees it (root may write any file)
     monkeypatch.setattr(os, "access", lambda p, m, **k: False if str(p) == str(md) and m & os.W_OK else real(p, m, **k))
