@@ -127,6 +127,9 @@ def _discover_config(args):
 def _residual_config(args):
     """The residual scan's settings (--residual-scan), the run's seed and FDR; None without it."""
     if not args.residual_scan:
+        if args.residual_max_values is not None:   # it went without a word, as --clean under --no-confirm did
+            logging.getLogger("spurfast.cli").warning("--residual-max-values %s has no effect without --residual-scan",
+                                                      args.residual_max_values)
         return None
     from .residual import ResidualConfig
     extra = {} if args.residual_max_values is None else {"max_values": args.residual_max_values}

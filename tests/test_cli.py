@@ -1962,6 +1962,11 @@ def test_clean_with_no_confirm_says_it_has_no_effect(tmp_path, caplog, monkeypat
         assert main(["discover", "--pool", pool, "--classifier", clf, "--vae", vae, "--no-confirm", "--clean",
                      str(tmp_path / "nowhere.npz"), "--quiet", "--out", str(tmp_path / "o")]) == 0
     assert f"--clean {tmp_path / 'nowhere.npz'} has no effect: --no-confirm" in caplog.text, caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="spurfast.cli"):   # the residual scan's limit without the scan: silent
+        assert main(["discover", "--pool", pool, "--classifier", clf, "--vae", vae, "--residual-max-values", "7",
+                     "--quiet", "--out", str(tmp_path / "o")]) == 0
+    assert "--residual-max-values 7 has no effect without --residual-scan" in caplog.text, caplog.text
 
 
 def test_n_null_alone_raises_max_null_and_the_residual_limit_has_a_flag(tmp_path, monkeypatch):
