@@ -356,8 +356,15 @@ def same_classes(clean, pool, clean_path, pool_path):
         return clean
     if Path(clean_path).is_dir():
         from .data.folder import ImageFolderSource
-        return ImageFolderSource(clean_path, size=clean.spec.size, channels=clean.spec.channels,
-                                 class_names=list(pool.class_names))
+        try:
+            return ImageFolderSource(clean_path, size=clean.spec.size, channels=clean.spec.channels,
+                                     class_names=list(pool.class_names))
+        except ValueError as exc:   # "... not among the N class names given": none were, they are the pool's
+            if "class names given" not in str(exc):
+                raise
+            why = str(exc).replace("class names given", f"class names of pool {pool_path}")
+            raise ValueError(f"clean set {clean_path}: {why}; a clean folder is labelled by the pool's class "
+                             f"names") from None
     raise ValueError(f"clean set {clean_path} names its classes {list(clean.class_names)[:5]}, pool {pool_path} "
                      f"{list(pool.class_names)[:5]}: their labels would not mean the same classes; give both the "
                      f"classifier's class names in label order")

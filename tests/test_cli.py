@@ -978,6 +978,8 @@ def test_discover_refuses_a_clean_folder_of_classes_the_pool_does_not_name(tmp_p
                  "--size", "28", "--channels", "1", "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "class folders ['bird']" in err and "not among the 3 class names" in err, err
+    # none were given: they are the pool's, and the message said "class names given"
+    assert f"class names of pool {pool} (['cat', 'dog', 'fish'])" in err and "given" not in err, err
     assert not (tmp_path / "o").exists()
 
 
