@@ -539,7 +539,7 @@ def _merge_by_q(clusters: list[dict], residual: list[dict]) -> list[dict]:
 def run_key(setting: Setting, seed: int, sizes: Sizes, methods=DEFAULT_METHODS, statistic: str = DEFAULT_STATISTIC) -> str:
     """The cache key of one run's rows."""
     return _key({"setting": _setting_key(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods),
-                 "v": 23,    # 13: a tie does not beat the best null cluster; 14: Yang's spurious score,
+                 "v": 24,    # 13: a tie does not beat the best null cluster; 14: Yang's spurious score,
                              # best finding of the first 10 for every method, IoU 0 without a finding;
                              # 15: GEORGE's k raised for large classes as spurfast's is; 16: spurfast+support;
                              # 17: localised findings rank the pool by their pattern;
@@ -550,6 +550,7 @@ def run_key(setting: Setting, seed: int, sizes: Sizes, methods=DEFAULT_METHODS, 
                              #     support's tie at its threshold is a band of TIE_TOLERANCE;
                              # 22: diffuse findings rank by their latent and pixel probes together
                              # 23: an image a stamp leaves unchanged carries nothing (ground truth)
+                             # 24: null clusters of no unrelated member are no cluster's reference
                  # named unless it is the share (the default before the twenty-fourth session): cached runs keep their keys
                  **({} if statistic == "share" else {"statistic": statistic}),
                  # the residual scan's findings got confirm.csv rows (the default sweep's keys kept)

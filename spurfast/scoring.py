@@ -260,16 +260,26 @@ def size_matched_pvalues(scores: np.ndarray, n_unrelated: np.ndarray, null: np.n
     that beat every null cluster of its size still misses the FDR.
     (Widening the reference instead, to #clusters / fdr null clusters so that a lone
     finding could always pass Benjamini-Hochberg, lost all three planted patterns of one
-    three-pattern run: the wider reference is no longer matched in size.)"""
+    three-pattern run: the wider reference is no longer matched in size.)
+    A cluster with no unrelated member scores 0 by construction: it is not tested (p 1, not
+    beaten), and null clusters of none are no cluster's reference.  In a one-member
+    cluster's window they were 533 of 557 null clusters, all scoring 0, and one member's
+    chance agreement (about 1 in 9) passed as p = 0.002, a false finding."""
     scores, null = np.asarray(scores, np.float64), np.asarray(null, np.float64)
     _no_nan("scores", scores)
     _no_nan("null", null)
-    if len(null) == 0:
-        return np.ones(len(scores)), np.zeros(len(scores), np.int64), np.ones(len(scores), bool)
+    null_n_unrelated = np.asarray(null_n_unrelated)
+    if len(null_n_unrelated) != len(null):
+        raise ValueError(f"null has {len(null)} scores but {len(null_n_unrelated)} sizes (null_n_unrelated)")
+    kept = null_n_unrelated > 0
+    null, null_n_unrelated = null[kept], null_n_unrelated[kept]
+    n_unrelated = np.asarray(n_unrelated)
+    tested = n_unrelated > 0
+    if len(null) == 0:   # an empty null is beaten by every tested cluster
+        return np.ones(len(scores)), np.zeros(len(scores), np.int64), tested
     log_null = np.log1p(np.asarray(null_n_unrelated, np.float64))
     size_null = np.asarray(null_n_unrelated, np.float64) + 1.0
-    n_unrelated = np.asarray(n_unrelated)
-    out, n_ref, beat = np.empty(len(scores)), np.empty(len(scores), np.int64), np.empty(len(scores), bool)
+    out, n_ref, beat = np.ones(len(scores)), np.zeros(len(scores), np.int64), np.zeros(len(scores), bool)
     # The null grouped by size once, each size's scores sorted: a window is a set of whole
     # sizes, so its counts are per-size binary searches.  Masking and sorting the whole null
     # per distinct size instead cost O(#sizes x #null): 22 s a call at 13,000 clusters x 120
@@ -281,7 +291,7 @@ def size_matched_pvalues(scores: np.ndarray, n_unrelated: np.ndarray, null: np.n
     counts = np.bincount(size_of, minlength=len(sizes))
     starts = np.r_[0, np.cumsum(counts)]
     size_max = np.maximum.reduceat(sorted_null, starts[:-1])
-    for n in np.unique(n_unrelated):  # clusters of one size share their reference
+    for n in np.unique(n_unrelated[tested]):  # clusters of one size share their reference
         ln = np.log1p(float(n))
         here = n_unrelated == n
         floor = _tie_floor(scores[here])   # ties do not beat, and count as >=

@@ -406,10 +406,15 @@ def _size_matched_by_cluster(scores, n_unrelated, null, null_n_unrelated, min_re
     from spurfast.scoring import SIZE_FACTOR, _tie_floor
 
     scores, null = np.asarray(scores, np.float64), np.asarray(null, np.float64)
+    kept = np.asarray(null_n_unrelated) > 0   # no unrelated member: a score of 0, no one's reference
+    null, null_n_unrelated = null[kept], np.asarray(null_n_unrelated)[kept]
     size_null = np.asarray(null_n_unrelated, np.float64) + 1
     log_null = np.log1p(np.asarray(null_n_unrelated, np.float64))
-    out, n_ref, beat = np.empty(len(scores)), np.empty(len(scores), np.int64), np.empty(len(scores), bool)
-    for n in np.unique(n_unrelated):
+    # and such a real cluster is not tested: p 1, no reference, not beaten
+    out, n_ref, beat = np.ones(len(scores)), np.zeros(len(scores), np.int64), np.zeros(len(scores), bool)
+    if len(null) == 0:
+        return out, n_ref, np.asarray(n_unrelated) > 0
+    for n in np.unique(n_unrelated[n_unrelated > 0]):
         dist = np.abs(log_null - np.log1p(float(n)))
         window = (size_null <= SIZE_FACTOR * (n + 1)) & (n + 1 <= SIZE_FACTOR * size_null)
         here = n_unrelated == n
@@ -423,8 +428,24 @@ def _size_matched_by_cluster(scores, n_unrelated, null, null_n_unrelated, min_re
     return out, n_ref, beat
 
 
+def test_null_clusters_of_no_unrelated_member_are_no_ones_reference():
+    """A one-member cluster's window (0 to 3 unrelated) held 533 null clusters of none, all
+    scoring 0 by construction, and 24 comparable ones: one member's chance agreement passed
+    as p = 1/558 = 0.002, a false finding; against the 24 it is p = 1/25."""
+    rng = np.random.default_rng(0)
+    sizes = np.r_[np.zeros(533, int), np.ones(17, int), np.full(4, 2), np.full(3, 3)]
+    null = np.r_[np.zeros(533), rng.uniform(0.0, 0.9, 24)]
+    p, n_ref, beat = size_matched_pvalues(np.array([0.954, 0.0]), np.array([1, 0]), null, sizes)
+    assert p[0] == pytest.approx(1 / 25) and n_ref[0] == 24 and beat[0]
+    assert p[1] == 1.0 and n_ref[1] == 0 and not beat[1]   # no unrelated member: untested
+    # every null cluster of none: a tested cluster beats the empty reference, as before
+    p, n_ref, beat = size_matched_pvalues(np.array([0.5, 0.0]), np.array([3, 0]), np.zeros(5), np.zeros(5, int))
+    assert p.tolist() == [1.0, 1.0] and beat.tolist() == [True, False]
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_size_matched_pvalues_equal_the_per_cluster_masks(seed):
+    # (a reference of its own: null clusters of no unrelated member left out, such real ones untested)
     rng = np.random.default_rng(seed)
     m = int(rng.integers(1, 300))
     top = int(rng.choice([5, 60, 400]))           # few sizes (dense windows) or many (sparse ones)
