@@ -431,7 +431,9 @@ def write_outputs(result: DiscoveryResult, out_dir: Path, extra_config: dict | N
     doc = findings_document(result, extra_config)
     # every file atomically: a run interrupted while writing them left a truncated
     # findings.json (or CSV) that `spurfast report` then failed on
-    _write_json(out_dir / "findings.json", doc, allow_nan=False)   # strict JSON: jq and browsers refuse NaN
+    # NaN is refused where the caller brings it (extra_config, run_discovery); here a non-finite value
+    # of the pipeline's own (none is known) would stop a finished run at its last step
+    _write_json(out_dir / "findings.json", doc)
     rows = [["rank", "class", "class_name", "cluster", "size", "score", "p_value", "q_value",
              "n_unrelated", "n_suspect", "flip_rate", "control_flip_rate", "confirm_p_value",
              "confirm_q_value", "confirm_verdict", "support_p_value", "support_q_value", "supported"]]

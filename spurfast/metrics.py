@@ -13,7 +13,8 @@ pool item)``.
   scores AUROC 0.5 and AP and precision@k = the carrier rate: a random ranking's
   expectation, but for AP, whose expectation is a little higher, by about
   (1 - rate) (H_n - 1) / n for n pool items (H_n the n-th harmonic number; 0.001 on the
-  full preset's pools), so nothing found scores a hair below chance, never above.  A feature that no pool item carries has nothing to find: every one of
+  full preset's pools), so nothing found scores a hair below chance, never above.  A
+  feature that no pool item carries has nothing to find: every one of
   its metrics is undefined (NaN), not a random ranking's or a miss.
 - rankings may hold -inf or NaN (an item the method did not rank: last) and +inf (first);
   only their order counts.
@@ -174,7 +175,8 @@ def feature_metrics(cands: list[dict], feat: Feature, ks=(10, 25), masks: bool =
     if i is None:
         iou = 0.0 if masks and feat.mask is not None and np.asarray(feat.mask).any() else float("nan")
         # every item a carrier: no negative, so AUROC is undefined, as `auroc` says for a candidate's ranking
-        out.update({"auroc": 0.5 if prev < 1.0 else float("nan"), "ap": prev, **{f"precision@{k}": prev for k in ks}, "mask_iou": iou,
+        out.update({"auroc": 0.5 if prev < 1.0 else float("nan"), "ap": prev,
+                    **{f"precision@{k}": prev for k in ks}, "mask_iou": iou,
                     "best_is_target_class": 0.0})
         return out
     r = _finite(cands[i]["ranking"])

@@ -119,7 +119,8 @@ def check_image_file(path: str) -> tuple[str, str]:
 
     "bad": unreadable, empty, or neither JPEG nor PNG content (whatever its name says).
     "suspect": JPEG/PNG header but no end marker near the end (typically truncated), for a
-    JPEG none that ends the file (zero padding aside); a full decode decides.  Reads 16 bytes at the start and 1 KiB at the end."""
+    JPEG none that ends the file (zero padding aside); a full decode decides.  Reads 16
+    bytes at the start and 1 KiB at the end."""
     try:
         size = os.stat(path).st_size
         if size == 0:
