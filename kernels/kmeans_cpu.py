@@ -108,8 +108,12 @@ def _load():
     with _lock:
         if _lib is not None or _why_not is not None:
             return _lib
-        if os.environ.get("SPURFAST_KMEANS_CPU") == "0":
+        switch = os.environ.get("SPURFAST_KMEANS_CPU", "")
+        if switch == "0":
             _why_not = "disabled by SPURFAST_KMEANS_CPU=0"
+            return None
+        if switch not in ("", "1"):   # "false" or "off" left the kernels on without a word
+            _why_not = f"SPURFAST_KMEANS_CPU must be 0 or 1, got {switch!r} (the kernels stay off until it is)"
             return None
         if not _cpu_has_avx2_fma():
             _why_not = f"needs an x86-64 CPU with AVX2 and FMA (this is {platform.machine()})"

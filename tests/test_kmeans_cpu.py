@@ -570,6 +570,13 @@ def test_unavailable_says_why_and_the_registry_falls_back(monkeypatch):
     with pytest.raises(RuntimeError, match="unavailable"):
         kcpu.kmeans_assign(torch.zeros(2, 2), torch.tensor([0, 2]), torch.zeros(1, 1, 2), torch.tensor([1]))
     backends.clear_cache()
+    # "false" or "off" left the kernels on without a word: a value other than 0 or 1 is named
+    for value in ("false", "off"):
+        monkeypatch.setattr(kcpu, "_why_not", None)
+        monkeypatch.setenv("SPURFAST_KMEANS_CPU", value)
+        ok, why = kcpu.is_available()
+        assert not ok and f"SPURFAST_KMEANS_CPU must be 0 or 1, got {value!r}" in why, why
+    backends.clear_cache()
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
