@@ -126,6 +126,20 @@ def test_a_users_model_with_features_and_fc2_gives_its_own_logits():
         torch.testing.assert_close(feats, small.features(x))
 
 
+def test_an_arch_given_for_a_checkpoint_or_torchscript_says_it_is_not_used(tmp_path, caplog):
+    # discover --arch resnet18 with a small_cnn checkpoint loaded the small_cnn without a word
+    model = SmallCNN(1, 4, 28).eval()
+    save_classifier(model, tmp_path / "ck.pt")
+    torch.jit.trace(model, torch.rand(1, 1, 28, 28)).save(str(tmp_path / "ts.pt"))
+    with caplog.at_level("WARNING", logger="spurfast.models"):
+        load_classifier(tmp_path / "ck.pt", arch="small_cnn")
+        assert "not used" not in caplog.text   # its own architecture: nothing to say
+        load_classifier(tmp_path / "ck.pt", arch="resnet18")
+        load_classifier(tmp_path / "ts.pt", arch="resnet18")
+    assert "ck.pt is a spurfast checkpoint of a 'small_cnn' classifier: the architecture given ('resnet18')" in caplog.text
+    assert "ts.pt is a TorchScript model: the architecture given ('resnet18') is for bare state_dicts" in caplog.text
+
+
 def test_output_width_mismatch_is_caught():
     with pytest.raises(ValueError, match="expected \\(1, 10\\)"):
         check_output_width(SmallCNN(1, 4, 28), (1, 28, 28), 10)

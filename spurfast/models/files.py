@@ -9,6 +9,7 @@ written or read must not mark every cached model as trained by other code.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -89,6 +90,14 @@ def _load_weights(model: nn.Module, state_dict, p: Path, arch: str, in_channels,
                          f"num_classes={num_classes}, image_size={image_size}: {shown or str(exc).strip()}") from None
 
 
+def _arch_unused(p: Path, arch: str | None, what: str) -> None:
+    """``arch`` names the architecture of a bare state_dict only: said where it went unused
+    (a checkpoint of another architecture loaded as its own, without a word)."""
+    if arch is not None:
+        logging.getLogger("spurfast.models").warning("%s is %s: the architecture given (%r) is for bare "
+                                                     "state_dicts and is not used", p, what, arch)
+
+
 def load_classifier(path, arch: str | None = None, in_channels: int | None = None,
                     num_classes: int | None = None, image_size: int | None = None,
                     weights_only: bool = True) -> nn.Module:
@@ -102,6 +111,7 @@ def load_classifier(path, arch: str | None = None, in_channels: int | None = Non
         try:
             m = torch.jit.load(str(p), map_location="cpu")
             m.eval()
+            _arch_unused(p, arch, "a TorchScript model")
             return m
         except Exception:
             hint = "; if you trust this file (a pickled model), pass --unsafe-load" if weights_only else ""
@@ -115,6 +125,8 @@ def load_classifier(path, arch: str | None = None, in_channels: int | None = Non
                 f"its state_dict is a {type(obj['state_dict']).__name__}, not a dict of tensors"
             raise ValueError(f"{p} is not a loadable spurfast classifier checkpoint: {why}")
         name = a.pop("name")
+        if arch != name:
+            _arch_unused(p, arch, f"a spurfast checkpoint of a {name!r} classifier")
         # every saved key (width, ...) goes back to the constructor, else the shapes differ
         ic, nc, size = a.pop("in_channels"), a.pop("num_classes"), a.pop("image_size")
         try:
