@@ -499,12 +499,35 @@ def _out_folder(out: Path, flag: str = "--out", what: str = "the model file") ->
                               f"choose a writable place for {what}") from None
 
 
+def _check_batch_fits(src, data, size, train) -> None:
+    """A batch of a folder's images at --size (float32, ``train``'s batch size) must fit in
+    this machine's memory: --size 100000 ran about two minutes and was killed by the kernel
+    (22 GB resident), naming nothing.  A lower bound (the activations come on top): what
+    fails it cannot run here."""
+    import inspect
+
+    if not Path(data).is_dir():   # an .npz's images have their own size
+        return
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):   # not POSIX: no figure to compare with
+        return
+    batch = inspect.signature(train).parameters["batch_size"].default
+    need = batch * 4 * int(np.prod(src.image_shape))
+    if need > memory:
+        c, h, w = src.image_shape
+        raise ValueError(f"--size {size}: a training batch of {batch} images of {c}x{h}x{w} from {data} takes "
+                         f"{need / 2 ** 30:,.1f} GiB as float32, more than this machine's {memory / 2 ** 30:,.1f} "
+                         f"GiB of memory; choose a smaller --size")
+
+
 def cmd_train_classifier(args):
     from .models.files import save_classifier
     from .models.train import train_classifier
     check_device(args.device)
     out = _model_out(args.out, data=args.data, class_names=args.class_names)
     src, _ = load_pool(args.data, args.size, args.channels, args.class_names)
+    _check_batch_fits(src, args.data, args.size, train_classifier)
     if args.class_names and args.num_classes:   # discover refuses the pair: the model would be of no use with it
         check_class_count(args.class_names, args.num_classes)
     else:
@@ -526,6 +549,7 @@ def cmd_train_vae(args):
     check_device(args.device)
     out = _model_out(args.out, data=args.data)
     src, _ = load_pool(args.data, args.size, args.channels)
+    _check_batch_fits(src, args.data, args.size, train_vae)
     c, h, _ = src.image_shape
     _out_folder(out)
     vae = train_vae(src, VAEConfig.for_images(c, h, args.latent_dim), epochs=args.epochs, seed=args.seed,

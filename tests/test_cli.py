@@ -1470,6 +1470,22 @@ def test_evaluate_results_md_naming_the_results_csv_is_refused(tmp_path, capsys,
     assert (md.read_bytes() if md.exists() else None) == before
 
 
+@pytest.mark.parametrize("cmd", ["train-classifier", "train-vae"])
+def test_a_folder_size_whose_batch_cannot_fit_in_memory_is_refused_first(tmp_path, capsys, monkeypatch, cmd):
+    # --size 100000 on a folder ran about two minutes and was killed by the kernel (22 GB resident)
+    from spurfast.models import train
+
+    # stand-ins with the real ones' batch size (the check reads it from their signature)
+    monkeypatch.setattr(train, "train_classifier", lambda *a, batch_size=128, **k: pytest.fail("trained"))
+    monkeypatch.setattr(train, "train_vae", lambda *a, batch_size=128, **k: pytest.fail("trained"))
+    pool = _class_folders(tmp_path / "pool", ["cat", "dog"])
+    capsys.readouterr()
+    assert main([cmd, "--data", str(pool), "--size", "100000", "--out", str(tmp_path / "m.pt"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --size 100000: a training batch of 128 images of 3x100000x100000"), err
+    assert "choose a smaller --size" in err and not (tmp_path / "m.pt").exists()
+
+
 def test_a_class_names_file_shorter_than_num_classes_is_refused_first(tmp_path, capsys):
     # without --num-classes the classifier's width is checked against the file; with it a file
     # naming 5 of 10 classes passed: folders were labelled by a partial list (whatever the
