@@ -1022,6 +1022,13 @@ def main(argv=None) -> int:
         sys.stdout.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # an empty path is the current folder to pathlib: --out "" (an unset shell variable) planted
+    # into it, and --pool "" read it as a folder pool
+    empty = sorted(f"--{k.replace('_', '-')}" for k, v in vars(args).items() if isinstance(v, str) and v == "")
+    if empty:
+        print(f"error: {', '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty; expected a value (a path, for "
+              f"a file or folder)", file=sys.stderr)
+        return 2
     try:
         args.func(args)
     except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError,

@@ -1729,6 +1729,17 @@ def test_plant_does_not_write_over_files_it_did_not_write(tmp_path, capsys, monk
     assert all((out / n).read_bytes() != before[n] for n in ("train.npz", "pool.npz", "clean.npz"))
 
 
+@pytest.mark.parametrize("argv", [["plant", "--out", ""], ["discover", "--pool", "", "--classifier", "c.pt",
+                                                           "--vae", "v.pt", "--out", "o"]])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path, capsys, monkeypatch, argv):
+    # --out "" (an unset shell variable) planted into the current folder; --pool "" read it as a pool
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    flag = argv[argv.index("") - 1]
+    assert capsys.readouterr().err.startswith(f"error: {flag} is empty; expected a value"), flag
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_plant_removes_what_a_killed_plant_left(tmp_path, capsys, monkeypatch):
     # a plant killed (SIGKILL) mid-write left train.npz.PID.tmp beside its output for good
     _fake_planted_data(monkeypatch)
