@@ -149,19 +149,19 @@ def _resume(path: Path | None, model, opt, identity: dict, epochs: int, device="
     if path is None:
         return 0
     identity = json.loads(json.dumps(identity, sort_keys=True))  # compare as stored (tuples -> lists)
-    found = path
+    state = None
     if path.exists():
         state, saved, unreadable = _read_checkpoint(path)
         why = _not_this_run(state, saved, unreadable, identity, epochs)
         if why is not None:
             # this run overwrites the checkpoint after its first epoch: keep the old one's work
             # (a rerun with a mistyped seed took a finished run's place, and the next one's too)
-            old = _aside(path, None if unreadable else saved)
+            old = _aside(path, saved)   # None (unreadable, or older spurfast): "unknown"
             path.replace(old)
             log.warning("ignoring checkpoint %s and training afresh: %s; moved it to %s", path, why, old)
-            found = None
-    own = _aside(path, identity)
-    if found is None or not path.exists():
+            state = None
+    if state is None:   # none of this run's at path: perhaps set aside by an earlier mismatch
+        own = _aside(path, identity)
         if not own.exists():
             return 0
         state, saved, unreadable = _read_checkpoint(own)
