@@ -49,7 +49,7 @@ from .data.sources import ArraySource, utf8_name
 from .discover import DiscoverConfig, characterise, discover
 from .embed import _write_json   # atomic: a run killed mid-write left a truncated cache file
 from .metrics import Feature, carried_by, false_findings, false_findings_on_pool_patterns, feature_metrics, matches, recall_at_q
-from .plant import PatternSpec, apply_pattern, changed_by_stamp, fixed_mask, plant_training
+from .plant import PatternSpec, fixed_mask, plant_training, stamp_at
 from .results_doc import (DEFAULT_METHODS, METHODS, RESIDUAL_METHODS, check_ours, check_results_md, csv_digests,
                           read_notes, write_csv, write_results, write_with_notes)
 from .scoring import DEFAULT_STATISTIC
@@ -298,10 +298,7 @@ def build_data(setting: Setting, seed: int, sizes: Sizes) -> RunData:
         sel = np.sort(order[i * per:(i + 1) * per])
         c = np.zeros(len(xu), bool)
         if len(sel):
-            pick = torch.as_tensor(sel)
-            before = xu[pick]
-            xu[pick] = stamped = apply_pattern(before, spec, seed=spec.seed + 1)[0]
-            c[sel] = changed_by_stamp(before, stamped, "stamped pool images")
+            c[sel] = stamp_at(xu, sel, spec, spec.seed + 1, "stamped pool images")
         carries_u.append(c)
     sus = np.sort(rng.choice(len(ytr), min(sizes.n_suspect, len(ytr)), replace=False))
     x_pool = torch.cat([xu, xtr_p[sus]])

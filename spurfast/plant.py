@@ -170,6 +170,15 @@ def changed_by_stamp(before: torch.Tensor, after: torch.Tensor, what: str) -> np
     return changed
 
 
+def stamp_at(images: torch.Tensor, chosen: np.ndarray, spec: PatternSpec, seed: int, what: str) -> np.ndarray:
+    """Stamp ``images[chosen]`` in place with ``spec``; returns which of them the stamp
+    changed (`changed_by_stamp`; ``what`` names them in its log line)."""
+    pick = torch.as_tensor(chosen)
+    before = images[pick]
+    images[pick] = stamped = apply_pattern(before, spec, seed=seed)[0]
+    return changed_by_stamp(before, stamped, what)
+
+
 def plant_training(images: torch.Tensor, labels, target_class: int, n: int | str,
                    spec: PatternSpec, seed: int = 0):
     """Stamp ``n`` (or "all") training images of ``target_class``.  Labels are unchanged.
@@ -184,10 +193,7 @@ def plant_training(images: torch.Tensor, labels, target_class: int, n: int | str
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(cand, size=n, replace=False))
     out = images.clone()
-    pick = torch.as_tensor(chosen)
-    before = images[pick]
-    out[pick] = stamped = apply_pattern(before, spec, seed=seed)[0]
-    return out, chosen[changed_by_stamp(before, stamped, "poisoned training images")]
+    return out, chosen[stamp_at(out, chosen, spec, seed, "poisoned training images")]
 
 
 def plant_pool(images: torch.Tensor, fraction: float, spec: PatternSpec, seed: int = 0):
@@ -201,8 +207,5 @@ def plant_pool(images: torch.Tensor, fraction: float, spec: PatternSpec, seed: i
     carries = np.zeros(n, dtype=bool)
     out = images.clone()
     if len(chosen):
-        pick = torch.as_tensor(chosen)
-        before = images[pick]
-        out[pick] = stamped = apply_pattern(before, spec, seed=seed + 1)[0]
-        carries[chosen] = changed_by_stamp(before, stamped, "stamped pool images")
+        carries[chosen] = stamp_at(out, chosen, spec, seed + 1, "stamped pool images")
     return out, carries
