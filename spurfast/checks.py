@@ -4,6 +4,7 @@ embedding pass, pipeline and config dataclasses (above them) all import it."""
 from __future__ import annotations
 
 import numbers
+from pathlib import Path
 
 import numpy as np
 
@@ -54,3 +55,12 @@ def check_compute_device(device, name: str, advice: str = "use 'cpu' or a CUDA d
     except Exception as exc:   # RuntimeError (no driver, meta), AssertionError (torch without CUDA), ...
         raise ValueError(f"{name}: torch cannot compute there ({exc.__class__.__name__}: {str(exc)[:120]}); "
                          f"{advice}") from None
+
+
+def folder_blocker(path) -> Path | None:
+    """The first of ``path`` and its parents that is a file, or a link to nothing, where a
+    folder must be: mkdir failed there as "[Errno 17] File exists" or "[Errno 20] Not a
+    directory", which say neither."""
+    path = Path(path)
+    return next((q for q in (path, *path.parents) if (q.is_symlink() and not q.exists())
+                 or (q.exists() and not q.is_dir())), None)

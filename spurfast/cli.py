@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .checks import folder_blocker   # light: numpy only
+
 
 def _pattern(args):
     from .plant import PatternSpec
@@ -382,13 +384,6 @@ def cmd_demo(args):
              config=_discover_config(args), device=args.device)
 
 
-def _blocker(out: Path) -> Path | None:
-    """The first of ``out`` and its parents that is a file, or a link to nothing, where a
-    folder must be: mkdir failed there as "[Errno 17] File exists", which says neither."""
-    return next((q for q in (out, *out.parents) if (q.is_symlink() and not q.exists())
-                 or (q.exists() and not q.is_dir())), None)
-
-
 def _first_missing(out: Path) -> Path | None:
     """The outermost of ``out`` and its parents that does not exist (the first folder
     ``out.mkdir(parents=True)`` creates), or None where ``out`` exists."""
@@ -423,7 +418,7 @@ def cmd_plant(args):
     from .pipeline import make_planted_data
     out = Path(args.out)
     # a file (or a link to nothing) in its place failed at mkdir after the data was made ("[Errno 17] File exists")
-    blocker = _blocker(out)
+    blocker = folder_blocker(out)
     if blocker is not None:
         raise NotADirectoryError(f"{_not_a_folder('--out', out, blocker)}; expected the folder for "
                                  f"{', '.join(PLANT_FILES)}")
@@ -488,7 +483,7 @@ def _out_folder(out: Path, flag: str = "--out", what: str = "the model file") ->
     """Create --out's folder and make sure it takes files, before training: an unwritable one
     failed at the first checkpoint, after an epoch, with a traceback."""
     import tempfile
-    blocker = _blocker(out.parent)
+    blocker = folder_blocker(out.parent)
     if blocker is not None:
         raise NotADirectoryError(_not_a_folder(flag, out, blocker))
     try:
@@ -712,16 +707,15 @@ def cmd_evaluate(args):
     import re
 
     from .evaluate import run_evaluation
-    from .results_doc import (check_ours, check_results_md, read_csv, read_notes, read_results, write_results,
-                              write_with_notes)
+    from .results_doc import check_ours, check_results_md, read_csv, read_results, write_results, write_with_notes
     out = Path(args.out)
     # a file (or a link to nothing) in its place failed as "[Errno 17] File exists: 'x'", which says neither
-    blocker = _blocker(out)
+    blocker = folder_blocker(out)
     if blocker is not None:
         raise NotADirectoryError(f"{_not_a_folder('--out', out, blocker)}; expected the folder for "
                                  f"results.csv, confirm.csv, plots/ and RESULTS.md")
     if args.cache is not None:   # "[Errno 20] Not a directory: 'x/runs'" after --out was made, and left empty
-        blocker = _blocker(Path(args.cache))
+        blocker = folder_blocker(Path(args.cache))
         if blocker is not None:
             raise NotADirectoryError(f"{_not_a_folder('--cache', Path(args.cache), blocker)}; expected the folder "
                                      f"for the cached models and runs")
@@ -754,9 +748,8 @@ def cmd_evaluate(args):
         csv_path = Path(args.from_csv)
         _need_file(csv_path, "results CSV")
         out = Path(args.out)
-        # read_notes: a RESULTS.md that is not UTF-8 failed with the codec's message, naming no file
-        check_ours(out / "RESULTS.md", "--out's")
-        previous = read_notes(out / "RESULTS.md") if (out / "RESULTS.md").is_file() else None
+        # read_notes (in check_ours): a RESULTS.md that is not UTF-8 failed with the codec's message, naming no file
+        previous = check_ours(out / "RESULTS.md", "--out's")
         tj = csv_path.with_name("timing.json")
         try:
             timing = json.loads(tj.read_text()) if tj.is_file() else None

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from . import baselines as B
+from .checks import folder_blocker
 from .confirm import is_confirmed
 from .cores import cpu_model
 from .data.builtin import load_digits, load_fashion_mnist
@@ -706,13 +707,10 @@ def _check_up_front(out: Path, statistic: str, results_md, cache=None) -> None:
 
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
-    if cache is not None:   # a file there failed at its first run's mkdir, after out was made
-        at = Path(cache)
-        blocker = next((q for q in (at, *at.parents) if (q.is_symlink() and not q.exists())
-                        or (q.exists() and not q.is_dir())), None)
-        if blocker is not None:
-            raise NotADirectoryError(f"cache {at}: {blocker} is not a folder (a file, or a link to nothing); "
-                                     f"expected the folder for the cached models and runs")
+    blocker = folder_blocker(cache) if cache is not None else None
+    if blocker is not None:   # a file there failed at its first run's mkdir, after out was made
+        raise NotADirectoryError(f"cache {cache}: {blocker} is not a folder (a file, or a link to nothing); "
+                                 f"expected the folder for the cached models and runs")
     if results_md:
         check_results_md(results_md)
         # as the CLI refuses it: results_md=out/results.csv wrote the tables over the results they came from
@@ -721,10 +719,10 @@ def _check_up_front(out: Path, statistic: str, results_md, cache=None) -> None:
         if clash is not None:
             raise FileExistsError(f"results_md {results_md} is the evaluation's {clash.name} ({clash}): RESULTS.md "
                                   f"would be written over it; choose another file, e.g. docs/RESULTS.md")
-    for md in (out / "RESULTS.md", Path(results_md) if results_md else None):
-        if md is not None and md.is_file():
-            read_notes(md)   # its notes are kept: read again once the sweep is done
-            check_ours(md, "RESULTS.md" if md == out / "RESULTS.md" else "results_md")
+    # each RESULTS.md spurfast's to rewrite, its notes readable (kept: read again once the sweep is done)
+    check_ours(out / "RESULTS.md", "RESULTS.md")
+    if results_md:
+        check_ours(Path(results_md), "results_md")
 
 
 def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None, seeds=None,

@@ -162,16 +162,19 @@ def check_results_md(path, label: str = "results_md") -> None:
         raise FileNotFoundError(f"{label} {target}: folder {target.parent} does not exist")
 
 
-def check_ours(target: Path, label: str) -> None:
-    """Refuse to regenerate ``target`` where it is a file `spurfast evaluate` did not write (no
-    title line of its tables, no notes marker): a slip (--results-md README.md) replaced a
-    hand-written file without a word, where plant, discover and make-pool refuse to."""
-    if Path(target).is_file():
-        text = read_notes(target)
-        if not text.startswith(TITLE) and NOTES not in text:
-            raise FileExistsError(f"{label} {target} is not a RESULTS.md of `spurfast evaluate` (its first line is "
-                                  f"not {TITLE!r}, and it has no notes marker {NOTES}): the tables would replace it; "
-                                  f"choose another file, or move it away")
+def check_ours(target: Path, label: str) -> str | None:
+    """The text of ``target`` (`read_notes`), None where there is no such file; refused where
+    it is a file `spurfast evaluate` did not write (no title line of its tables, no notes
+    marker): a slip (--results-md README.md) replaced a hand-written file without a word,
+    where plant, discover and make-pool refuse to."""
+    if not Path(target).is_file():
+        return None
+    text = read_notes(target)
+    if not text.startswith(TITLE) and NOTES not in text:
+        raise FileExistsError(f"{label} {target} is not a RESULTS.md of `spurfast evaluate` (its first line is "
+                              f"not {TITLE!r}, and it has no notes marker {NOTES}): the tables would replace it; "
+                              f"choose another file, or move it away")
+    return text
 
 
 def keep_notes(text: str, target: Path | None, previous: str | None = None) -> str:
