@@ -24,8 +24,8 @@ predicted classes are permuted among images of the same true label (among all im
 when labels are unknown), so each class keeps its size and each content class its
 confusion rates.  The *whole* clustering is rerun on each permutation, which prices in
 the selection k-means itself does.  A score grows with the number of unrelated members,
-so each cluster is compared with the null clusters of about its size (`SIZE_FACTOR`):
-p = (1 + #null >= s) / (1 + #null) over those.  Nothing is tuned to the evaluation: the
+so each cluster is compared with the null clusters of about its size (`SIZE_FACTOR`), the
+smaller of them scaled up to its size: p = (1 + #null >= s) / (1 + #null) over those.  Nothing is tuned to the evaluation: the
 size factor (2) and the smallest reference (100 null clusters) were chosen beforehand.
 """
 from __future__ import annotations
@@ -258,6 +258,14 @@ def size_matched_pvalues(scores: np.ndarray, n_unrelated: np.ndarray, null: np.n
     clusters.  The price is resolution: p >= 1 / (1 + #reference), and a sparse window
     is widened with clusters of other sizes, so `discover` adds permutations while a cluster
     that beat every null cluster of its size still misses the FDR.
+    A reference null cluster smaller than the cluster (u < n unrelated members) counts with
+    its score scaled up to n members (x n / u): as raw sums, a cluster of a size the null
+    seldom makes was compared mostly with smaller clusters, which score lower.  Treating each
+    permutation of a real store's null in turn as the clusters tested, against 30 others, the
+    largest 1% of sizes had P(p <= 0.05) = 0.29 as raw sums and 0.048 scaled (all sizes 0.020
+    and 0.014).  Scaling assumes a score is a sum of nonnegative per-member values: a
+    smaller cluster's total, scaled, then has the mean per member it had and more spread, and
+    a larger cluster's total is not scaled down.
     (Widening the reference instead, to #clusters / fdr null clusters so that a lone
     finding could always pass Benjamini-Hochberg, lost all three planted patterns of one
     three-pattern run: the wider reference is no longer matched in size.)
@@ -295,6 +303,8 @@ def size_matched_pvalues(scores: np.ndarray, n_unrelated: np.ndarray, null: np.n
         ln = np.log1p(float(n))
         here = n_unrelated == n
         floor = _tie_floor(scores[here])   # ties do not beat, and count as >=
+        # a smaller null cluster's score counts scaled up to n members (compared: its raw score with floor * u / n)
+        shrink = np.minimum(1.0, (sizes - 1.0) / float(n))
         # (n + 1) sizes within the factor by products, not a difference of logarithms: at
         # exactly the factor log rounding let in 3 and 7 unrelated but kept out 4 and 9
         in_window = (sizes <= SIZE_FACTOR * (n + 1.0)) & (n + 1.0 <= SIZE_FACTOR * sizes)
@@ -307,14 +317,18 @@ def size_matched_pvalues(scores: np.ndarray, n_unrelated: np.ndarray, null: np.n
             # with no null cluster of its size, "beat them all" would hold for any score: ask
             # it of the clusters it was compared with instead (none, with min_reference=0: beaten
             # as an empty null is; max() of nothing raised numpy's "zero-size array" error)
-            beat[here] = null[window if window.any() else ref].max(initial=-np.inf) < floor
-            out[here] = permutation_pvalues(scores[here], null[ref])
+            asked = window if window.any() else ref
+            beat[here] = (null[asked][None, :] < floor[:, None] * shrink[size_of[asked]][None, :]).all(1)
+            ge = (null[ref][None, :] >= floor[:, None] * shrink[size_of[ref]][None, :]).sum(1)
+            out[here] = (1.0 + ge) / (1.0 + ref.sum())
             n_ref[here] = ref.sum()
             continue
         ge = np.zeros(len(floor), np.int64)
+        beat_here = np.ones(len(floor), bool)   # none with min_reference=0: beaten
         for g in np.nonzero(in_window)[0]:
-            ge += counts[g] - np.searchsorted(sorted_null[starts[g]:starts[g + 1]], floor, side="left")
-        beat[here] = size_max[in_window].max(initial=-np.inf) < floor   # none with min_reference=0: beaten
+            ge += counts[g] - np.searchsorted(sorted_null[starts[g]:starts[g + 1]], floor * shrink[g], side="left")
+            beat_here &= size_max[g] < floor * shrink[g]
+        beat[here] = beat_here
         out[here] = (1.0 + ge) / (1.0 + n_window)
         n_ref[here] = n_window
     return out, n_ref, beat

@@ -166,15 +166,18 @@ def test_size_matched_pvalues_compare_with_null_clusters_of_about_the_same_size(
     p_far, n_ref, beat = size_matched_pvalues(np.array([1.0]), np.array([400]), null, sizes, min_reference=200)
     assert n_ref.tolist() == [200]
     # no null cluster of its size: "beat every one of them" would hold for any score, so it
-    # is asked of the reference it was compared with (1.0 does not beat it; 25 does)
+    # is asked of the reference it was compared with, scaled up to 400 members (its best: 20 x 10
+    # and 2 x 100; 1.0 and 200 do not beat it, 201 does)
     assert beat.tolist() == [False]
-    assert size_matched_pvalues(np.array([25.0]), np.array([400]), null, sizes, min_reference=200)[2].tolist() == [True]
+    for score, beaten in ((200.0, False), (201.0, True)):
+        assert size_matched_pvalues(np.array([score]), np.array([400]), null, sizes,
+                                    min_reference=200)[2].tolist() == [beaten]
     # a sparse window widened with larger clusters: not beaten in p, but beaten in its window
     mixed, mixed_sizes = np.concatenate([small, np.linspace(10, 20, 10)]), np.concatenate([sizes[:150], np.full(10, 40)])
     p_mid, n_ref, beat = size_matched_pvalues(np.array([2.5]), np.array([4]), mixed, mixed_sizes, min_reference=155)
     assert n_ref.tolist() == [155] and beat.tolist() == [True]
     np.testing.assert_allclose(p_mid, 6 / 156)  # the 5 large clusters added all score higher
-    ref = np.concatenate([large, small[:50]])
+    ref = np.concatenate([large * 10, small[:50] * 100])   # smaller null clusters scaled up to 400 members
     np.testing.assert_allclose(p_far, (1 + (ref >= 1.0).sum()) / 201)
     # a reference as large as the null is the pooled p-value
     np.testing.assert_allclose(size_matched_pvalues(np.array([3.0]), np.array([4]), null, sizes, min_reference=300)[0],
@@ -422,10 +425,33 @@ def _size_matched_by_cluster(scores, n_unrelated, null, null_n_unrelated, min_re
         if ref.sum() < min_reference:
             ref = np.zeros(len(null), bool)
             ref[np.argsort(dist, kind="stable")[:min_reference]] = True
-        beat[here] = null[window if window.any() else ref].max(initial=-np.inf) < _tie_floor(scores[here])
-        out[here] = permutation_pvalues(scores[here], null[ref])
+        # a smaller null cluster counts scaled up to n unrelated members
+        scaled = np.where(null_n_unrelated < n, null * n / np.maximum(null_n_unrelated, 1), null)
+        beat[here] = scaled[window if window.any() else ref].max(initial=-np.inf) < _tie_floor(scores[here])
+        out[here] = permutation_pvalues(scores[here], scaled[ref])
         n_ref[here] = ref.sum()
     return out, n_ref, beat
+
+
+def test_a_cluster_larger_than_the_null_makes_is_not_significant_for_its_size_alone():
+    """A score is a sum over members.  The reference of a size the null seldom makes was
+    mostly smaller null clusters, compared as raw sums: a cluster of 80 unrelated members
+    agreeing at the null's own rate got p = 0.08 against clusters of 10-39 (0.55 scaled), and
+    clusters drawn as the null's were, at its largest sizes, significant at 0.05 in 11% of
+    draws (2% scaled)."""
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(10, 40, 3000)
+    null = 0.2 * sizes + rng.normal(0.0, 1.0, len(sizes)) * np.sqrt(sizes)
+    p, n_ref, beat = size_matched_pvalues(np.array([0.2 * 80, 0.2 * 80 + 40.0]), np.array([80, 80]), null, sizes)
+    assert n_ref.tolist() == [100, 100]
+    assert p[0] > 0.3 and not beat[0]      # its rate is the null's: about half the scaled references reach it
+    assert p[1] == pytest.approx(1 / 101) and beat[1]   # twice the rate beats every one
+    # a null of many permutations drawn alike: the largest sizes are as often significant as the rest
+    real_sizes = rng.integers(10, 40, 20000)
+    real = 0.2 * real_sizes + rng.normal(0.0, 1.0, len(real_sizes)) * np.sqrt(real_sizes)
+    p, _, _ = size_matched_pvalues(real, real_sizes, null, sizes)
+    top = real_sizes >= 37
+    assert (p[top] <= 0.05).mean() < 0.06 and (p <= 0.05).mean() < 0.06
 
 
 def test_null_clusters_of_no_unrelated_member_are_no_ones_reference():
