@@ -704,6 +704,18 @@ def test_a_count_of_epochs_that_is_not_one_or_more_is_refused(epochs):
         train_vae(_toy(), VAEConfig(1, 28, (4,), 2), epochs=epochs, batch_size=16, seed=1, progress=False)
 
 
+@pytest.mark.parametrize("lr", [float("inf"), float("nan"), 0.0, -1e-3, "0.01"])
+def test_a_learning_rate_that_cannot_train_is_refused(lr):
+    # inf and NaN trained to NaN weights, returned as a model without a word
+    with pytest.raises(ValueError, match=r"classifier: lr must be a (finite number > 0|number), got"):
+        train_classifier(_toy(), 3, epochs=1, batch_size=16, lr=lr, seed=1, progress=False)
+    with pytest.raises(ValueError, match=r"VAE: lr must be a (finite number > 0|number), got"):
+        train_vae(_toy(), VAEConfig(1, 28, (4,), 2), epochs=1, batch_size=16, lr=lr, seed=1, progress=False)
+    for beta in (float("nan"), -1.0, float("inf")):
+        with pytest.raises(ValueError, match=r"VAE: beta must be a finite number >= 0"):
+            train_vae(_toy(), VAEConfig(1, 28, (4,), 2), epochs=1, batch_size=16, beta=beta, seed=1, progress=False)
+
+
 def test_a_malformed_checkpoint_or_junk_file_is_named_not_a_traceback(tmp_path):
     """An arch record without its keys was a KeyError, a state_dict that is a list a TypeError, an
     unknown architecture a ValueError naming no file; a text file's error read only "101"."""

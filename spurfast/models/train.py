@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..checks import check_whole
+from ..checks import check_whole, real_number
 from ..data.sources import ImageSource, content_digest
 from .classifier import ResNet18, build_classifier
 from .files import load_vae, save_atomic, save_classifier, save_vae, torch_error_gist  # noqa: F401 (re-exported)
@@ -236,7 +236,9 @@ def _train(build, source: ImageSource, step, name: str, *, epochs: int, batch_si
     only a matching one (epochs may grow: there is no schedule, so epoch k is the same)."""
     ck = Path(checkpoint) if checkpoint else None
     # plain Python numbers: numpy ones fail the JSON identity after the first epoch's work
-    seed, batch_size, lr = operator.index(seed), operator.index(batch_size), float(lr)
+    seed, batch_size, lr = operator.index(seed), operator.index(batch_size), real_number(lr, f"{name}: lr")
+    if not (np.isfinite(lr) and lr > 0):   # inf or NaN trained to NaN weights without a word
+        raise ValueError(f"{name}: lr must be a finite number > 0, got {lr!r}")
     # 0 returned the random initial weights as a trained model; 2.0 failed in range() unnamed
     check_whole(epochs, f"{name}: epochs")
     epochs = int(epochs)
@@ -285,6 +287,9 @@ def train_vae(source: ImageSource, config: VAEConfig | None = None, *, epochs: i
     c, h, w = source.image_shape
     if h != w:
         raise ValueError(f"{source.name}: the VAE needs square images, got {h}x{w}")
+    beta = real_number(beta, "VAE: beta")
+    if not (np.isfinite(beta) and beta >= 0):
+        raise ValueError(f"VAE: beta must be a finite number >= 0, got {beta!r}")
     config = config or VAEConfig.for_images(c, h)
     if (config.in_channels, config.image_size) != (c, h):
         raise ValueError(f"VAE config expects {config.in_channels}x{config.image_size}^2 images, "
