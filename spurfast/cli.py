@@ -986,7 +986,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default=None, help="regular expression: run only the matching settings")
     p.add_argument("--seeds", default=None, type=_seed_list, help="comma-separated seeds (default: the preset's)")
     p.add_argument("--results-md", default=None,
-                   help="also write RESULTS.md here (e.g. docs/RESULTS.md), keeping that file's notes")
+                   help="also write RESULTS.md here (e.g. docs/RESULTS.md), keeping that file's notes (the "
+                        "text below its '<!-- notes: ... -->' line, which ends every RESULTS.md written)")
     p.add_argument("--from-csv", default=None, help="only regenerate RESULTS.md and plots from this results.csv "
                    "(with --out and --results-md; the run options do not apply)")
     p.add_argument("--statistic", default=None, choices=STATISTICS,

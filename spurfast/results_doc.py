@@ -178,13 +178,14 @@ def check_ours(target: Path, label: str) -> str | None:
 
 
 def keep_notes(text: str, target: Path | None, previous: str | None = None) -> str:
-    """``text`` plus whatever followed the notes marker in ``previous`` (or in the file ``target``)."""
+    """``text`` plus the notes marker and whatever followed it in ``previous`` (or in the file
+    ``target``).  The marker ends every file written, so that notes added below it survive the
+    next regeneration (without it, nothing told them apart from the tables, and they were lost)."""
     if previous is None and target is not None and target.is_file():
         previous = read_notes(target)
     text = text.split(NOTES, 1)[0]   # notes of its own (`write_results` keeps the file's): not twice
-    if previous and NOTES in previous:
-        return text.rstrip() + "\n\n" + NOTES + previous.split(NOTES, 1)[1]
-    return text
+    notes = previous.split(NOTES, 1)[1] if previous and NOTES in previous else "\n"
+    return text.rstrip() + "\n\n" + NOTES + notes
 
 
 def write_with_notes(md: Path, previous: str | None, out, results_md=None) -> None:

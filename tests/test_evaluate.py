@@ -77,6 +77,20 @@ def test_results_md_and_plots(tiny):
     assert (target / "RESULTS.md").read_text().count("| patch3 | spurfast |") == 1
 
 
+def test_a_note_added_to_a_fresh_results_md_survives_regeneration(tiny):
+    """Only text below the notes marker is kept, and no written RESULTS.md had the marker: a
+    note appended to a fresh one was dropped without a word by the next --from-csv."""
+    from spurfast.results_doc import NOTES
+    out, _ = tiny
+    target = out / "regen-notes"
+    assert main(["evaluate", "--from-csv", str(out / "results.csv"), "--out", str(target)]) == 0
+    md = target / "RESULTS.md"
+    assert md.read_text().rstrip().endswith(NOTES)
+    md.write_text(md.read_text() + "my note\n")
+    assert main(["evaluate", "--from-csv", str(out / "results.csv"), "--out", str(target)]) == 0
+    assert md.read_text().endswith(NOTES + "\nmy note\n") and md.read_text().count(NOTES) == 1
+
+
 def test_rerun_uses_the_cache(tiny):
     out, first = tiny
     models = sorted((out / "cache").rglob("*.pt"))
