@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -114,6 +115,8 @@ def _load():
             return None
         if switch not in ("", "1"):   # "false" or "off" left the kernels on without a word
             _why_not = f"SPURFAST_KMEANS_CPU must be 0 or 1, got {switch!r} (the kernels stay off until it is)"
+            # a warning, once (the registry's fallback note is at INFO): a run was slower without a word
+            logging.getLogger("spurfast.kernels").warning("%s", _why_not)
             return None
         if not _cpu_has_avx2_fma():
             _why_not = f"needs an x86-64 CPU with AVX2 and FMA (this is {platform.machine()})"

@@ -4,6 +4,7 @@ be built (no AVX2/FMA or no C++ compiler); the fallback itself is tested here to
 from __future__ import annotations
 
 import ast
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -559,7 +560,7 @@ def test_registry_sends_cpu_tensors_to_the_fused_kernel_and_kmeans_agrees():
     backends.clear_cache()
 
 
-def test_unavailable_says_why_and_the_registry_falls_back(monkeypatch):
+def test_unavailable_says_why_and_the_registry_falls_back(monkeypatch, caplog):
     monkeypatch.setattr(kcpu, "_lib", None)
     monkeypatch.setattr(kcpu, "_why_not", None)
     monkeypatch.setenv("SPURFAST_KMEANS_CPU", "0")
@@ -574,8 +575,13 @@ def test_unavailable_says_why_and_the_registry_falls_back(monkeypatch):
     for value in ("false", "off"):
         monkeypatch.setattr(kcpu, "_why_not", None)
         monkeypatch.setenv("SPURFAST_KMEANS_CPU", value)
-        ok, why = kcpu.is_available()
+        with caplog.at_level(logging.WARNING, logger="spurfast.kernels"):
+            caplog.clear()
+            ok, why = kcpu.is_available()
+            kcpu.is_available()
         assert not ok and f"SPURFAST_KMEANS_CPU must be 0 or 1, got {value!r}" in why, why
+        # at the default log level, once: the fallback alone was logged at INFO, so a run was slower without a word
+        assert [r.getMessage() for r in caplog.records] == [why]
     backends.clear_cache()
 
 
