@@ -237,6 +237,14 @@ def is_confirmed(cf: dict | None, level: float = 0.05) -> bool:
     return confirm_verdict(cf, level) == "confirmed"
 
 
+def finding_label(f: dict) -> str:
+    """A finding named by what findings.json keeps for it (class, cluster, size), not by its
+    rank: `spurfast.pipeline.rank_confirmed_first` renumbers the findings after confirmation,
+    and a log line's "finding 1 (class 7)" was finding 2 of the report."""
+    where = "residual scan" if f.get("kind") == "residual" else f"cluster {f.get('cluster')}"
+    return f"finding of class {int(f['class'])} ({where}, {f.get('size')} images)"
+
+
 def mcnemar_one_sided(real: np.ndarray, control: np.ndarray) -> float:
     """Exact one-sided McNemar p-value that ``real`` flips more often than ``control``
     (paired boolean arrays)."""
@@ -480,7 +488,7 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
                 "" if clean is not None else " outside the findings and the suspect samples (pool images count "
                                              "only where labelled: an unlabelled one may carry the shortcut); pass "
                                              "a clean set (--clean) with images of every class"))
-            log.warning("finding %s (class %d): no class-content control, %s", f.get("rank"), c, cf["content_skipped"])
+            log.warning("%s: no class-content control, %s", finding_label(f), cf["content_skipped"])
         f["confirm"] = {k: cf[k] for k in ("flip_rate", "control_flip_rate", "p_value", "content_flip_rate",
                                            "content_p_value", "content_skipped", "smooth_flip_rate", "smooth_p_value")
                         if k in cf}
@@ -492,7 +500,6 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
             f["confirm"]["q_value"] = float(q)
             f["confirm"]["verdict"] = confirm_verdict(f["confirm"])
             cf = f["confirm"]
-            log.info("finding %s (class %d): flip %.3f vs control %.3f, p=%.3g, q=%.3g: %s", f.get("rank"),
-                     int(f["class"]), cf["flip_rate"], cf["control_flip_rate"], cf["p_value"], cf["q_value"],
-                     cf["verdict"])
+            log.info("%s: flip %.3f vs control %.3f, p=%.3g, q=%.3g: %s", finding_label(f),
+                     cf["flip_rate"], cf["control_flip_rate"], cf["p_value"], cf["q_value"], cf["verdict"])
     return findings

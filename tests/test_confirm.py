@@ -292,6 +292,21 @@ def test_unreadable_images_are_no_clean_images(tmp_path, monkeypatch, caplog):
                                                                float(class_images.flatten(1).amax(1).min()) > 0)
 
 
+def test_log_lines_name_a_finding_by_what_the_outputs_keep(caplog):
+    """confirm runs before the confirmed-first re-ranking renumbers the findings: its lines said
+    "finding 1 (class 7)" of what the report calls finding 2.  They name class, cluster, size."""
+    x = _clean(200)
+    pool = ArraySource(x, None, name="pool")
+    f = dict(_finding([0, 1, 2]), rank=4, cluster=6, size=3)
+    pred = np.r_[np.ones(20, int), np.zeros(180, int)]
+    with caplog.at_level("INFO", logger="spurfast.confirm"):
+        confirm_findings([f], CornerModel(), pool=pool, pool_pred=pred)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("finding of class 1 (cluster 6, 3 images): no class-content control") for m in lines)
+    assert any(m.startswith("finding of class 1 (cluster 6, 3 images): flip ") for m in lines), lines
+    assert not any("finding 4" in m for m in lines)
+
+
 class RegionModel(nn.Module):
     """Class 1 = a bright left half (a 'natural' feature that real class-1 images have)."""
 
