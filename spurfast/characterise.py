@@ -158,6 +158,10 @@ def contrast_magnitude(contrast) -> np.ndarray:
 def pattern_mask(contrast: torch.Tensor) -> np.ndarray:
     """(H, W) bool: pixels where the members differ most from their content-matched others."""
     mag = contrast_magnitude(contrast)
+    if mag.size and float(mag.max()) == float(mag.min()):
+        # the same difference everywhere (a 1-pixel image): all of it, where "above the
+        # threshold" (the maximum) kept none and confirmation skipped an "empty" pattern
+        return mag > 0
     return mag > otsu_threshold(mag)
 
 

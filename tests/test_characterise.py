@@ -68,6 +68,14 @@ def test_mask_of_a_contrast_spanning_a_few_ulps():
     assert mask.sum() == 1 and mask[0, 0]
 
 
+def test_mask_of_a_contrast_equal_everywhere_is_all_of_it():
+    """1-pixel images whose members differ from the rest by 0.8: the one pixel was not "above
+    the threshold" (the maximum itself), the mask was empty and confirmation skipped it."""
+    assert pattern_mask(torch.full((1, 1, 1), 0.8)).tolist() == [[True]]
+    assert pattern_mask(torch.full((3, 4, 4), -0.5)).all()
+    assert not pattern_mask(torch.zeros(1, 4, 4)).any()   # no difference: no pattern
+
+
 def test_neighbour_contrast_of_huge_latents_is_the_same():
     """Nearest neighbours do not depend on the latents' scale, but fp32 distances do: from
     about 1e19 their squares overflowed to inf and the "neighbours" were arbitrary ties."""
