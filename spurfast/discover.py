@@ -32,7 +32,9 @@ log = logging.getLogger("spurfast.discover")
 
 @dataclass
 class DiscoverConfig:
-    """Settings of `discover` (the CLI's `discover` flags of the same names).
+    """Settings of `discover`.  Most are the CLI `discover` flags of the same names
+    (``backend`` is ``--kmeans-backend``); ``resolve_fdr``, ``n_neighbours``, ``n_iter``,
+    ``n_exemplars`` and ``metric`` are set from Python only.
 
     Clustering: ``k`` clusters per predicted class, more for a class whose clusters would
     average over ``max_mean_cluster_size`` members, up to ``max_k``, fewer where a cluster
