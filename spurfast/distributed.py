@@ -315,7 +315,7 @@ def embed_pool_sharded(source, classifier, vae, store_dir, *, progress: bool = T
     is ``embed.embed_pool``.  Ranks that loaded other inputs than rank 0 (another pool or
     model file, other labels) are refused before any of them embeds."""
     from .data.sources import content_digest
-    from .embed import EmbeddingStore, embed_pool, fingerprint
+    from .embed import EmbeddingStore, embed_pool, fingerprint, how_rows_are_made
 
     if not _CTX.distributed:
         return embed_pool(source, classifier, vae, store_dir, progress=progress, **kwargs)
@@ -328,13 +328,32 @@ def embed_pool_sharded(source, classifier, vae, store_dir, *, progress: bool = T
     # labels are no part of the identity, but every rank rewrites a store's labels with its
     # own (embed.open_main): ranks with other labels would race to leave theirs for rank 0
     labels = hashlib.sha256(np.ascontiguousarray(source.labels(), dtype=np.int64).tobytes()).hexdigest()[:16]
+    # how each rank decodes and encodes: a rank whose environment picks another loader (no
+    # DALI there) was refused only at the merge, after every rank embedded its shard, and one
+    # with another encoder was merged into a store of mixed rows without a word
+    try:
+        made = how_rows_are_made(source, kwargs.get("device", "cpu"), kwargs.get("encoder_backend"),
+                                 kwargs.get("loader_backend"))
+    except Exception as exc:   # a backend named but missing on this rank: raised alone, it left the others waiting
+        made = f"{type(exc).__name__}: {exc}"
     ids = [None] * W
-    dist.all_gather_object(ids, (identity, labels), group=_WAIT)
+    dist.all_gather_object(ids, (identity, labels, made), group=_WAIT)
+    failed = [r for r in range(W) if isinstance(ids[r][2], str)]
+    if failed:
+        raise ValueError(f"ranks {failed} cannot embed as asked: rank {failed[0]}: {ids[failed[0]][2]}")
     other = [r for r in range(W) if tuple(ids[r][0]) != tuple(ids[0][0])]
     if other:
-        raise ValueError(f"ranks {other} loaded other inputs than rank 0 (pool or models: fingerprint, content "
+        what = "the pool" if ids[other[0]][0][1] != ids[0][0][1] else "the classifier or the VAE"
+        raise ValueError(f"ranks {other} loaded other inputs than rank 0: {what} differs (fingerprint, content "
                          f"{tuple(ids[other[0]][0])} != {tuple(ids[0][0])}); every rank must read the same pool, "
                          f"classifier and VAE")
+    other = [r for r in range(W) if tuple(ids[r][2]) != tuple(ids[0][2])]
+    if other:
+        (l0, d0, c0), (l1, d1, c1) = ids[0][2], ids[other[0]][2]
+        raise ValueError(f"ranks {other} would make the store's rows otherwise than rank 0 (loader, decoding device, "
+                         f"encoder: {l1!r}, {d1!r}, {c1!r} against {l0!r}, {d0!r}, {c0!r}): their rows differ a "
+                         f"little and the store would mix both; give every rank the same --loader-backend, "
+                         f"--encoder-backend and --device (and the same SPURFAST_BACKEND* variables and packages)")
     other = [r for r in range(W) if ids[r][1] != ids[0][1]]
     if other:
         raise ValueError(f"ranks {other} loaded other labels for pool {source.name} than rank 0 (labels digest "

@@ -634,6 +634,24 @@ def open_main(source: ImageSource, classifier: torch.nn.Module, vae, store_dir, 
     return main
 
 
+def how_rows_are_made(source: ImageSource, device: str = "cpu", encoder_backend: str | None = None,
+                      loader_backend: str | None = None) -> tuple[str | None, str | None, str]:
+    """(loader, decode, compute) that a store records and a resume (or another rank) must
+    share: the loader that decodes a folder pool (None for arrays; the torch and DALI loaders'
+    resized pixels differ by a few levels, and mixed rows matched neither run's findings),
+    where DALI decodes ("cpu" or "gpu": nvJPEG's pixels differ a little), and where and by
+    which encoder the latents are computed (e.g. "cuda:triton"; rows of two differ in their
+    last digits)."""
+    loader = decode = None
+    if getattr(source, "paths", None) is not None:
+        loader = backends.resolve("loader", loader_backend)[0]
+        if loader == "dali":
+            from .data.loader_dali import resolve_device
+            decode = resolve_device(decode_device(device))
+    dev_type = torch.device(device).type
+    return loader, decode, f"{dev_type}:{backends.resolve('encoder', encoder_backend, dev_type)[0]}"
+
+
 def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir, *, num_classes: int,
                batch_size: int = 256, device: str = "cpu", encoder_backend: str | None = None,
                loader_backend: str | None = None, progress: bool = True, stop_after: int | None = None,
@@ -693,19 +711,7 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
     main = open_main(source, classifier, vae, store_dir, (fp, content), num_shards=num_shards, progress=progress)
     if main is not None and main.complete:
         return main
-    # the loader that decodes a folder pool: recorded, and a resume must use the same one (the
-    # torch and DALI loaders' resized pixels differ by a few levels; mixed, the findings
-    # matched neither run's)
-    loader = decode = None
-    if getattr(source, "paths", None) is not None:
-        loader = backends.resolve("loader", loader_backend)[0]
-        if loader == "dali":   # recorded too: its GPU ("mixed", nvJPEG) and CPU decoders' pixels differ a little
-            from .data.loader_dali import resolve_device
-            decode = resolve_device(decode_device(device))
-    # where the latents are computed, recorded: a store begun on a GPU (its Triton encoder) and
-    # resumed on the CPU (the torch reference) mixes rows that differ in their last digits
-    dev_type = torch.device(device).type
-    compute = f"{dev_type}:{backends.resolve('encoder', encoder_backend, dev_type)[0]}"
+    loader, decode, compute = how_rows_are_made(source, device, encoder_backend, loader_backend)
     sel = None
     if num_shards == 1:
         store = main
@@ -790,7 +796,7 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
             return c.replace(":", " with the ", 1) + " encoder"
         log.warning("embedding store %s was begun computing on %s and this run resumes it on %s: the rows of "
                     "the two differ a little (their last digits), so the store mixes both; resume with the first "
-                    "--device to keep it uniform (or start afresh: remove %s)", store.root, shown(began),
+                    "--device and --encoder-backend to keep it uniform (or start afresh: remove %s)", store.root, shown(began),
                     shown(compute), store.root)
     if began != compute and not store.done:
         store.manifest["compute"] = compute   # no rows yet: this run computes all of them
@@ -967,6 +973,13 @@ def merge_shards(store_dir, num_shards: int, *, chunk: int = 65536, progress: bo
         _adopt_decoding(main, shards[0])
     else:
         main = _create_main(store_dir, m0, n)
+    # rows computed by two encoders or devices differ in their last digits: said, as a resume in one process says it
+    made = {c: root for c, root in [(main.manifest.get("compute"), main.root) if main.done else (None, None)]
+            + [(s.manifest.get("compute"), s.root) for s in shards if s.n] if c is not None}
+    if len(made) > 1:
+        log.warning("the merged store %s mixes rows computed %s: they differ a little (their last digits); to keep "
+                    "it uniform, remove it and its shards and run again with one --device and --encoder-backend",
+                    store_dir, ", ".join(f"on {c} ({root})" for c, root in sorted(made.items())))
     with tqdm(total=n - start, desc="merging shards", unit="img", disable=not progress) as bar:
         _copy_shard_rows(main, shards, [s.n for s in shards], n, chunk=chunk, bar=bar)
     if labels is not None:

@@ -240,6 +240,29 @@ def test_shards_resume_and_merge_into_the_one_process_store(tmp_path):
         embed_pool(src, clf, vae, tmp_path / "x", shard_id=3, num_shards=3, **kw)
 
 
+def test_a_merge_of_rows_computed_by_two_encoders_says_so(tmp_path, caplog):
+    """A 1-process run resumed by 2 ranks with another encoder merged the mixed rows without a
+    word (one process resuming says so), and the store recorded the first encoder alone."""
+    import json
+
+    from spurfast.embed import MANIFEST, embed_pool, merge_shards, shard_dir
+    src, clf, vae = _small(24)
+    kw = dict(num_classes=4, batch_size=8, progress=False)
+    for r in range(2):
+        embed_pool(src, clf, vae, tmp_path / "sh", shard_id=r, num_shards=2, **kw)
+    path = shard_dir(tmp_path / "sh", 1, 2) / MANIFEST
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), compute="cpu:triton")))
+    with caplog.at_level("WARNING", logger="spurfast.embed"):
+        merge_shards(tmp_path / "sh", 2, progress=False)
+    assert "mixes rows computed on cpu:torch" in caplog.text and "on cpu:triton" in caplog.text, caplog.text
+    caplog.clear()   # one encoder: nothing to say
+    for r in range(2):
+        embed_pool(src, clf, vae, tmp_path / "ok", shard_id=r, num_shards=2, **kw)
+    with caplog.at_level("WARNING", logger="spurfast.embed"):
+        merge_shards(tmp_path / "ok", 2, progress=False)
+    assert "mixes rows" not in caplog.text
+
+
 def test_merge_refuses_shards_of_other_models(tmp_path):
     from spurfast.embed import embed_pool, merge_shards
     from spurfast.models import SmallCNN
@@ -387,6 +410,34 @@ def test_ranks_with_other_inputs_are_refused_before_embedding(tmp_path):
     ref = embed_pool(src, clf, vae, tmp_path / "one", num_classes=4, batch_size=8, progress=False)
     assert out[0][1] is True and out[1][1] is True, (out[0][1], out[1][1])
     np.testing.assert_allclose(out[0][2], np.asarray(ref["mu"]), rtol=1e-5, atol=1e-6)
+
+
+def _rows_made_job(root, case):
+    import spurfast.embed as E
+    src, clf, vae = _small(24)
+    kw = {}
+    if sd.rank() == 1 and case == "other encoder":   # as a rank whose environment picks another encoder
+        real = E.how_rows_are_made
+        E.how_rows_are_made = lambda *a, **k: real(*a, **k)[:2] + ("cpu:triton",)
+    if sd.rank() == 1 and case == "missing backend":
+        kw["encoder_backend"] = "cupy"                # no encoder of that backend: raised on rank 1 alone
+    seen = _counting_encoder(vae)
+    try:
+        sd.embed_pool_sharded(src, clf, vae, root, num_classes=4, batch_size=8, progress=False, num_workers=1, **kw)
+        return sum(seen), "no error"
+    except Exception as exc:
+        return sum(seen), f"{type(exc).__name__}: {exc}"
+
+
+@pytest.mark.parametrize("case,says", [("other encoder", "would make the store's rows otherwise than rank 0"),
+                                       ("missing backend", "ranks [1] cannot embed as asked: rank 1: BackendUnavailable")])
+def test_ranks_that_would_make_rows_otherwise_are_refused_before_embedding(tmp_path, case, says):
+    """A rank whose environment picked another loader was refused only at the merge, after
+    every rank had embedded its shard; one with another encoder merged mixed rows silently;
+    one whose named backend was missing raised alone and left the others waiting."""
+    out = _spawn(_rows_made_job, (str(tmp_path / "s"), case))
+    for r in range(2):
+        assert out[r][0] == 0 and says in out[r][1], out[r]
 
 
 def _write_log_job(root):
