@@ -1,3 +1,4 @@
+import io
 import json
 
 import numpy as np
@@ -491,10 +492,10 @@ def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch, which):
     save(model, path)
     real_save = torch.save
 
-    def dies_halfway(obj, f, *a, **k):
-        real_save(obj, f, *a, **k)
-        data = open(f, "rb").read()
-        open(f, "wb").write(data[:len(data) // 2])
+    def dies_halfway(obj, f, *a, **k):   # f: the temporary file, open for writing
+        buf = io.BytesIO()
+        real_save(obj, buf, *a, **k)
+        f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
         raise KeyboardInterrupt
 
     monkeypatch.setattr(files_mod.torch, "save", dies_halfway)
@@ -653,6 +654,18 @@ def _save_many(target, path, kind, rounds):
         except Exception as exc:
             errors.append(repr(exc))
     return errors
+
+
+def test_the_same_model_saved_twice_is_the_same_file(tmp_path):
+    """torch.save(obj, path) names the archive's records after the file: the temporary name
+    (pid, random hex) made every save of equal weights a file of other bytes."""
+    model = SmallCNN(1, 4, 28)
+    save_classifier(model, tmp_path / "a.pt")
+    first = (tmp_path / "a.pt").read_bytes()
+    save_classifier(model, tmp_path / "a.pt")
+    assert (tmp_path / "a.pt").read_bytes() == first
+    save_classifier(model, tmp_path / "b.pt")
+    assert (tmp_path / "b.pt").read_bytes() == first
 
 
 @pytest.mark.parametrize("kind", ["save_atomic", "checkpoint"])

@@ -55,7 +55,8 @@ def save_atomic(obj, path) -> None:
     remove_killed_writers_files(p.parent, lambda name: name == p.name)
     tmp = p.with_name(f"{p.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as fh:   # a path names the archive's records after the (random) file name
+            torch.save(obj, fh)
         tmp.replace(p)
     except BaseException:
         tmp.unlink(missing_ok=True)
