@@ -557,6 +557,7 @@ def test_an_interrupted_cache_write_leaves_no_truncated_file(tmp_path, monkeypat
     """torch.save / write_text straight onto the cache file: a run killed mid-write left a
     truncated classifier that every later run failed on with "OSError: [Errno 22] Invalid
     argument" (naming no file), and a truncated run file read as JSONDecodeError."""
+    import io
     import json
 
     import torch
@@ -570,10 +571,10 @@ def test_an_interrupted_cache_write_leaves_no_truncated_file(tmp_path, monkeypat
     monkeypatch.setattr(T, "train_classifier", lambda *a, **k: build_classifier("small_cnn", 1, 10, 28))
     real_save = torch.save
 
-    def killed(obj, f, *a, **k):   # writes part of the file, then the process is interrupted
-        real_save(obj, f, *a, **k)
-        with open(f, "r+b") as fh:
-            fh.truncate(100)
+    def killed(obj, f, *a, **k):   # writes part of the file (f: open for writing), then the process is interrupted
+        buf = io.BytesIO()
+        real_save(obj, buf, *a, **k)
+        f.write(buf.getvalue()[:100])
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", killed)
