@@ -37,6 +37,38 @@ from .report import write_report
 log = logging.getLogger("spurfast")
 
 
+_HELD: dict[str, int] = {}   # output directories this process holds: path -> locked descriptor
+
+
+def hold_output(out: Path) -> None:
+    """Lock the output directory ``out`` for this process until it exits (an exclusive
+    ``flock`` on the directory; nothing where ``fcntl`` is missing), or raise FileExistsError
+    if another process holds it.  Two runs on one folder, both exiting 0, left every finding
+    with another's pictures: each applied the confirmed-first renaming to the same files."""
+    key = str(out.resolve())
+    if key in _HELD:   # this process again (run_discovery twice): it holds it already
+        return
+    try:
+        import fcntl
+    except ImportError:   # not POSIX
+        return
+    fd = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise FileExistsError(f"output directory {out} is in use by another spurfast process; wait for it to "
+                              f"finish (or stop it), or choose another output directory") from None
+    _HELD[key] = fd
+
+
+def release_output(out: Path) -> None:
+    """Give up this process's lock on ``out`` (`hold_output`)."""
+    fd = _HELD.pop(str(Path(out).resolve()), None)
+    if fd is not None:
+        os.close(fd)   # closing the descriptor releases its flock
+
+
 def prepare_output(out_dir, run_id: str, overwrite: bool, protect=(), earlier_ids=(), keep_store=None) -> Path:
     """Create ``out_dir`` for run ``run_id``; refuse a directory holding another run.
 
@@ -66,56 +98,66 @@ def prepare_output(out_dir, run_id: str, overwrite: bool, protect=(), earlier_id
     # a run killed while writing its first run.json left only run.json.PID.tmp: the folder then
     # read as one spurfast did not write, refused even with --overwrite
     remove_killed_writers_files(out, lambda name: name == marker.name)
-    if out.exists() and any(out.iterdir()):
-        try:
-            prev = json.loads(marker.read_text()).get("run_id") if marker.is_file() else None
-        except (ValueError, AttributeError):  # an unreadable marker proves nothing: keep the folder
-            prev = None
-        if prev is None:
-            raise FileExistsError(f"output directory {out} holds files spurfast did not write (no readable run.json); "
-                                  f"spurfast never deletes such a directory, even with --overwrite: "
-                                  f"choose a new or empty directory")
-        if prev in earlier_ids:
-            log.info("%s holds this run under the id an earlier spurfast version gave it (%s); resuming it", out, prev)
-        elif prev != run_id:
-            store = out / "store"
-            reuse = keep_store is not None and store.is_dir() and keep_store(store)
-            if not overwrite:
-                raise FileExistsError(f"output directory {out} already holds run {prev}; choose another directory "
-                                      f"or pass --overwrite" + (" (its embedding store, of this pool and these "
-                                                                 "models, is kept and reused)" if reuse else ""))
-            inside = _inside(out, protect)
-            if inside:
-                raise FileExistsError(f"--overwrite would delete output directory {out}, which holds {inside} "
-                                      f"that this run reads; choose another output directory")
-            if reuse:
-                log.info("--overwrite: keeping the embedding store %s (made from this pool and these models)", store)
-            # and with it the discovery work, kept under a hash of its inputs: another --fdr or --n-null
-            # reuses the neighbour search and the null, another --k the search (deleted, both were redone)
-            kept = {marker.name}
-            if reuse:
-                kept |= {store.name} | ({WORK_DIR} if (out / WORK_DIR).is_dir() else set())
-            # empty it rather than rmtree(out): rmtree refuses a symlinked --out (the link stays);
-            # run.json stays until the new one replaces it, so an interrupted --overwrite leaves a
-            # run that one can overwrite (deleted, a kept store alone read as files not spurfast's)
-            for child in out.resolve().iterdir():
-                if child.name in kept:
-                    continue
-                if child.is_dir() and not child.is_symlink():
-                    unmark_stores(child)   # the old store's manifest first (see unmark_stores)
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
-    # a file (or a dangling link) where a run keeps a folder failed at that folder's mkdir with a
-    # bare "[Errno 17] File exists", after the embedding pass and discovery (images, rankings)
-    for sub in ("store", WORK_DIR, "images", "rankings"):
-        d = out / sub
-        if (d.is_symlink() or d.exists()) and not d.is_dir():
-            raise NotADirectoryError(f"output directory {out}: {d} is not a folder; the run keeps its {sub} there: "
-                                     f"move or remove it")
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(marker, {"run_id": run_id}, indent=None)   # atomic: a torn run.json locks the user out
-    return out
+    was_held = str(out.resolve()) in _HELD
+    hold_output(out)
+    try:
+        if any(out.iterdir()):
+            try:
+                prev = json.loads(marker.read_text()).get("run_id") if marker.is_file() else None
+            except (ValueError, AttributeError):  # an unreadable marker proves nothing: keep the folder
+                prev = None
+            if prev is None:
+                raise FileExistsError(f"output directory {out} holds files spurfast did not write (no readable "
+                                      f"run.json); "
+                                      f"spurfast never deletes such a directory, even with --overwrite: "
+                                      f"choose a new or empty directory")
+            if prev in earlier_ids:
+                log.info("%s holds this run under the id an earlier spurfast version gave it (%s); resuming it",
+                         out, prev)
+            elif prev != run_id:
+                store = out / "store"
+                reuse = keep_store is not None and store.is_dir() and keep_store(store)
+                if not overwrite:
+                    raise FileExistsError(f"output directory {out} already holds run {prev}; choose another directory "
+                                          f"or pass --overwrite" + (" (its embedding store, of this pool and these "
+                                                                     "models, is kept and reused)" if reuse else ""))
+                inside = _inside(out, protect)
+                if inside:
+                    raise FileExistsError(f"--overwrite would delete output directory {out}, which holds {inside} "
+                                          f"that this run reads; choose another output directory")
+                if reuse:
+                    log.info("--overwrite: keeping the embedding store %s (made from this pool and these models)",
+                             store)
+                # and with it the discovery work, kept under a hash of its inputs: another --fdr or --n-null
+                # reuses the neighbour search and the null, another --k the search (deleted, both were redone)
+                kept = {marker.name}
+                if reuse:
+                    kept |= {store.name} | ({WORK_DIR} if (out / WORK_DIR).is_dir() else set())
+                # empty it rather than rmtree(out): rmtree refuses a symlinked --out (the link stays);
+                # run.json stays until the new one replaces it, so an interrupted --overwrite leaves a
+                # run that one can overwrite (deleted, a kept store alone read as files not spurfast's)
+                for child in out.resolve().iterdir():
+                    if child.name in kept:
+                        continue
+                    if child.is_dir() and not child.is_symlink():
+                        unmark_stores(child)   # the old store's manifest first (see unmark_stores)
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
+        # a file (or a dangling link) where a run keeps a folder failed at that folder's mkdir with a
+        # bare "[Errno 17] File exists", after the embedding pass and discovery (images, rankings)
+        for sub in ("store", WORK_DIR, "images", "rankings"):
+            d = out / sub
+            if (d.is_symlink() or d.exists()) and not d.is_dir():
+                raise NotADirectoryError(f"output directory {out}: {d} is not a folder; the run keeps its {sub} there: "
+                                         f"move or remove it")
+        _write_json(marker, {"run_id": run_id}, indent=None)   # atomic: a torn run.json locks the user out
+        return out
+    except BaseException:   # refused (or interrupted): the folder is not this process's to keep
+        if not was_held:
+            release_output(out)
+        raise
 
 
 def run_inputs(clean: ImageSource | None, suspect, confirm: bool) -> dict:
@@ -417,58 +459,63 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     # embedded this same pool with these same models (hours for a large pool)
     def keep_store(store_dir):
         return made_from(store_dir, *identity, lambda: legacy_identities(pool, classifier, vae, content=identity[1]))
+    held = dist.is_main() and str(Path(out_dir).resolve()) in _HELD   # a caller's own hold (the demo's) stays
     out = dist.run_on_main(prepare_output, out_dir, run_id, overwrite, protect, earlier_ids, keep_store)
-    store = dist.embed_pool_sharded(pool, classifier, vae, out / "store", num_classes=num_classes,
-                                    batch_size=batch_size, device=config.device, encoder_backend=encoder_backend,
-                                    loader_backend=loader_backend, progress=progress, identity=identity)
-    if not dist.is_main():
-        dist.serve_main_section()
-        return None, None, store
-    with dist.main_section():
-        # work: an interrupted discovery resumes its neighbour search and null on the rerun
-        result = discover(store, config, suspect=suspect, class_names=pool.class_names, progress=progress,
-                          work_dir=out / WORK_DIR)
-        _remove_finding_files(out)
-        characterise(result, store, pool, vae, out, seed=config.seed, device=config.device)
-        # the images a step re-reads go through the store's loader (_reread_loader), on every core (the other ranks
-        # wait), decoded where the run computes (DALI took a GPU whenever torch saw one, --device
-        # cpu included); a localised pattern ranks the pool by its pixel match, a diffuse one by its
-        # latent and pixel probes together
-        reread = dict(batch_size=batch_size, num_workers=usable_cores(),
-                      **_reread_loader(pool, store, loader_backend, config.device))
-        pattern_rankings(result.findings, result.rankings, pool, pred=np.asarray(store["pred"]), progress=progress,
-                         **reread)
-        if residual is not None:
-            from .residual import add_residual_findings
-            add_residual_findings(result, store, pool, vae, out, residual, suspect=suspect,
-                                  n_exemplars=config.n_exemplars, device=config.device, progress=progress,
-                                  num_workers=reread["num_workers"], loader_backend=reread["loader_backend"],
-                                  decode_on=reread["device"])
-        if confirm and result.findings:
-            from .confirm import ConfirmConfig, confirm_findings
-            confirm_findings(result.findings, classifier, clean=clean, pool=pool,
-                             pool_pred=np.asarray(store["pred"]), suspect=suspect,
-                             config=ConfirmConfig(seed=config.seed, device=config.device),
-                             # an unlabelled clean folder is predicted through the run's own loader
-                             num_workers=usable_cores(), loader_backend=loader_backend)
-            rank_confirmed_first(result, out)
-        if suspect is not None and result.findings:   # is the pattern in its class's suspect data?
-            from .support import training_support
-            training_support(result.findings, pool, suspect, pool.labels(), progress=progress, **reread)
-        doc = write_outputs(result, out, extra_config)
-        bad_files = {int(i): r for i, r in store.bad_files().items()}  # all ranks, all runs
-        bad_files.update(getattr(pool, "bad_files", {}))
-        bad = _named(pool, bad_files)
-        if clean is not None:   # confirmation skipped these: listed, not only logged
-            bad.update(_named(clean, getattr(clean, "bad_files", {}), "clean set: "))
-        _write_json(out / BAD_FILES, bad)  # atomic; `spurfast report` has no pool to name them
-        # as bad_files: `spurfast report` redrew the page without the summary the run showed
-        if summary is not None:
-            _write_json(out / SUMMARY, summary, allow_nan=False)   # report_summary made it JSON
-        else:   # a rerun of the same run without one: the old one would come back in `spurfast report`
-            (out / SUMMARY).unlink(missing_ok=True)
-        write_report(doc, out, clusters=result.clusters, bad_files=bad, summary=summary)
-    return doc, result, store
+    try:
+        store = dist.embed_pool_sharded(pool, classifier, vae, out / "store", num_classes=num_classes,
+                                        batch_size=batch_size, device=config.device, encoder_backend=encoder_backend,
+                                        loader_backend=loader_backend, progress=progress, identity=identity)
+        if not dist.is_main():
+            dist.serve_main_section()
+            return None, None, store
+        with dist.main_section():
+            # work: an interrupted discovery resumes its neighbour search and null on the rerun
+            result = discover(store, config, suspect=suspect, class_names=pool.class_names, progress=progress,
+                              work_dir=out / WORK_DIR)
+            _remove_finding_files(out)
+            characterise(result, store, pool, vae, out, seed=config.seed, device=config.device)
+            # the images a step re-reads go through the store's loader (_reread_loader), on every core (the other ranks
+            # wait), decoded where the run computes (DALI took a GPU whenever torch saw one, --device
+            # cpu included); a localised pattern ranks the pool by its pixel match, a diffuse one by its
+            # latent and pixel probes together
+            reread = dict(batch_size=batch_size, num_workers=usable_cores(),
+                          **_reread_loader(pool, store, loader_backend, config.device))
+            pattern_rankings(result.findings, result.rankings, pool, pred=np.asarray(store["pred"]), progress=progress,
+                             **reread)
+            if residual is not None:
+                from .residual import add_residual_findings
+                add_residual_findings(result, store, pool, vae, out, residual, suspect=suspect,
+                                      n_exemplars=config.n_exemplars, device=config.device, progress=progress,
+                                      num_workers=reread["num_workers"], loader_backend=reread["loader_backend"],
+                                      decode_on=reread["device"])
+            if confirm and result.findings:
+                from .confirm import ConfirmConfig, confirm_findings
+                confirm_findings(result.findings, classifier, clean=clean, pool=pool,
+                                 pool_pred=np.asarray(store["pred"]), suspect=suspect,
+                                 config=ConfirmConfig(seed=config.seed, device=config.device),
+                                 # an unlabelled clean folder is predicted through the run's own loader
+                                 num_workers=usable_cores(), loader_backend=loader_backend)
+                rank_confirmed_first(result, out)
+            if suspect is not None and result.findings:   # is the pattern in its class's suspect data?
+                from .support import training_support
+                training_support(result.findings, pool, suspect, pool.labels(), progress=progress, **reread)
+            doc = write_outputs(result, out, extra_config)
+            bad_files = {int(i): r for i, r in store.bad_files().items()}  # all ranks, all runs
+            bad_files.update(getattr(pool, "bad_files", {}))
+            bad = _named(pool, bad_files)
+            if clean is not None:   # confirmation skipped these: listed, not only logged
+                bad.update(_named(clean, getattr(clean, "bad_files", {}), "clean set: "))
+            _write_json(out / BAD_FILES, bad)  # atomic; `spurfast report` has no pool to name them
+            # as bad_files: `spurfast report` redrew the page without the summary the run showed
+            if summary is not None:
+                _write_json(out / SUMMARY, summary, allow_nan=False)   # report_summary made it JSON
+            else:   # a rerun of the same run without one: the old one would come back in `spurfast report`
+                (out / SUMMARY).unlink(missing_ok=True)
+            write_report(doc, out, clusters=result.clusters, bad_files=bad, summary=summary)
+        return doc, result, store
+    finally:   # this call's hold: an API caller's process runs on (a test run held hundreds of folders)
+        if dist.is_main() and not held:
+            release_output(out)
 
 
 SUMMARY = "summary.json"   # a run's summary table, which `spurfast report` shows again

@@ -113,6 +113,35 @@ def test_another_clean_set_suspect_mask_or_no_confirmation_is_another_run(tmp_pa
     assert json.loads((out / "run.json").read_text())["run_id"] == first
 
 
+def test_a_second_process_on_the_same_output_directory_is_refused(tmp_path):
+    """Two runs on one folder both exited 0, and every finding showed another's pictures: each
+    applied the confirmed-first renaming to the same files.  The folder is locked per run."""
+    import fcntl
+
+    from spurfast import pipeline
+    out = tmp_path / "run"
+    out.mkdir()
+    other = os.open(out, os.O_RDONLY)           # as another process holding it (another open file)
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(FileExistsError, match="is in use by another spurfast process"):
+            pipeline.prepare_output(out, "r1", overwrite=False)
+    finally:
+        os.close(other)
+    assert not (out / "run.json").exists()
+    pipeline.prepare_output(out, "r1", overwrite=False)      # free again: taken, and held until released
+    held = os.open(out, os.O_RDONLY)
+    with pytest.raises(BlockingIOError):
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    pipeline.release_output(out)
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(held)
+    # a refusal keeps no hold: another run may use the folder next
+    with pytest.raises(FileExistsError, match="already holds run r1"):
+        pipeline.prepare_output(out, "r2", overwrite=False)
+    assert str(out.resolve()) not in pipeline._HELD
+
+
 def _older_run(out):
     from spurfast.pipeline import prepare_output
     prepare_output(out, "an-older-run", overwrite=False)
