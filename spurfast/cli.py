@@ -64,7 +64,8 @@ def _seed_list(value: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{exc} (from {value!r})") from None
 
 
-SEED_HELP = "seed of every random choice: the same seed, the same run"
+SEED_HELP = ("seed of every random choice: the same seed, the same run (training: at the same thread count, "
+             "OMP_NUM_THREADS; another sums in another order)")
 DATASET_HELP = ("Fashion-MNIST (Debian's dataset-fashion-mnist or $SPURFAST_FASHION_MNIST) or scikit-learn's digits; "
                 "auto: Fashion-MNIST where it is found, else digits")
 
