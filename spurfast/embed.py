@@ -796,8 +796,8 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
             return c.replace(":", " with the ", 1) + " encoder"
         log.warning("embedding store %s was begun computing on %s and this run resumes it on %s: the rows of "
                     "the two differ a little (their last digits), so the store mixes both; resume with the first "
-                    "--device and --encoder-backend to keep it uniform (or start afresh: remove %s)", store.root, shown(began),
-                    shown(compute), store.root)
+                    "--device and --encoder-backend to keep it uniform (or start afresh: remove %s)", store.root,
+                    shown(began), shown(compute), store.root)
     if began != compute and not store.done:
         store.manifest["compute"] = compute   # no rows yet: this run computes all of them
         _write_json(store.root / MANIFEST, store.manifest)

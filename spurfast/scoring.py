@@ -25,8 +25,9 @@ when labels are unknown), so each class keeps its size and each content class it
 confusion rates.  The *whole* clustering is rerun on each permutation, which prices in
 the selection k-means itself does.  A score grows with the number of unrelated members,
 so each cluster is compared with the null clusters of about its size (`SIZE_FACTOR`), the
-smaller of them scaled up to its size: p = (1 + #null >= s) / (1 + #null) over those.  Nothing is tuned to the evaluation: the
-size factor (2) and the smallest reference (100 null clusters) were chosen beforehand.
+smaller of them scaled up to its size: p = (1 + #null >= s) / (1 + #null) over those.
+Nothing is tuned to the evaluation: the size factor (2) and the smallest reference (100 null
+clusters) were chosen beforehand.
 """
 from __future__ import annotations
 

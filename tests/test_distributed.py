@@ -429,8 +429,9 @@ def _rows_made_job(root, case):
         return sum(seen), f"{type(exc).__name__}: {exc}"
 
 
-@pytest.mark.parametrize("case,says", [("other encoder", "would make the store's rows otherwise than rank 0"),
-                                       ("missing backend", "ranks [1] cannot embed as asked: rank 1: BackendUnavailable")])
+@pytest.mark.parametrize("case,says", [
+    ("other encoder", "would make the store's rows otherwise than rank 0"),
+    ("missing backend", "ranks [1] cannot embed as asked: rank 1: BackendUnavailable")])
 def test_ranks_that_would_make_rows_otherwise_are_refused_before_embedding(tmp_path, case, says):
     """A rank whose environment picked another loader was refused only at the merge, after
     every rank had embedded its shard; one with another encoder merged mixed rows silently;
