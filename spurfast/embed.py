@@ -974,8 +974,10 @@ def merge_shards(store_dir, num_shards: int, *, chunk: int = 65536, progress: bo
     else:
         main = _create_main(store_dir, m0, n)
     # rows computed by two encoders or devices differ in their last digits: said, as a resume in one process says it
-    made = {c: root for c, root in [(main.manifest.get("compute"), main.root) if main.done else (None, None)]
-            + [(s.manifest.get("compute"), s.root) for s in shards if s.n] if c is not None}
+    made = {s.manifest.get("compute"): s.root for s in shards if s.n}
+    if main.done:
+        made.setdefault(main.manifest.get("compute"), main.root)
+    made.pop(None, None)   # a store of an earlier version, which kept no record
     if len(made) > 1:
         log.warning("the merged store %s mixes rows computed %s: they differ a little (their last digits); to keep "
                     "it uniform, remove it and its shards and run again with one --device and --encoder-backend",
