@@ -272,7 +272,7 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
                              score=float(real.score[f]), p_value=float(p), q_value=float(q),
                              members=members, n_suspect=int(suspect[members].sum())))
     sig = sorted((cl for cl in clusters if cl["q_value"] <= config.fdr), key=lambda cl: (-cl["score"], cl["p_value"]))
-    findings, rankings = _merge_and_expand(sig, z, valid, g, store.n, spill_dir=work_dir)
+    findings, rankings = _merge_and_expand(sig, z, valid, g, store.n, spill_dir=work_dir, seed=config.seed)
     zfull = np.zeros((store.n, z.shape[1]), np.float32)
     zfull[valid] = z
     for f in findings:
@@ -295,7 +295,8 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
     return DiscoveryResult(findings, clusters, rankings, cfg, pool)
 
 
-def _merge_and_expand(sig: list[dict], z: np.ndarray, valid: np.ndarray, g: np.ndarray, n: int, spill_dir=None):
+def _merge_and_expand(sig: list[dict], z: np.ndarray, valid: np.ndarray, g: np.ndarray, n: int, spill_dir=None,
+                      seed: int = 0):
     """Merge significant clusters of one class that share a feature; expand each finding
     with a linear probe in latent space.
 
@@ -310,7 +311,7 @@ def _merge_and_expand(sig: list[dict], z: np.ndarray, valid: np.ndarray, g: np.n
         if home is not None:
             home["clusters"].append(cl)  # merging is judged by the first cluster's probe
         else:
-            findings.append({"class": cl["cls"], "clusters": [cl], "probe": _probe(z, g, local, cl["cls"])})
+            findings.append({"class": cl["cls"], "clusters": [cl], "probe": _probe(z, g, local, cl["cls"], seed)})
     # merging changes scores: rank by the merged score (ties: smaller p)
     findings.sort(key=lambda f: (-sum(c["score"] for c in f["clusters"]), min(c["p_value"] for c in f["clusters"])))
     # one pool-sized array per finding: on disk, not in memory; beside the run when it has a
@@ -321,7 +322,7 @@ def _merge_and_expand(sig: list[dict], z: np.ndarray, valid: np.ndarray, g: np.n
         cls = f["clusters"]
         members = np.unique(np.concatenate([c["members"] for c in cls]))
         # a lone cluster keeps its probe; a merged finding refits on all its members
-        w, thr = f["probe"] if len(cls) == 1 else _probe(z, g, np.searchsorted(valid, members), f["class"])
+        w, thr = f["probe"] if len(cls) == 1 else _probe(z, g, np.searchsorted(valid, members), f["class"], seed)
         side = z @ w - thr
         ranking = np.full(n, -np.inf, dtype=np.float32)
         ranking[valid] = side
@@ -339,11 +340,11 @@ def _merge_and_expand(sig: list[dict], z: np.ndarray, valid: np.ndarray, g: np.n
     return out, rankings
 
 
-def _probe(z, g, local, cls):
+def _probe(z, g, local, cls, seed: int = 0):
     neg = np.nonzero(g != cls)[0]
     if len(local) < 2 or len(neg) < 2:
         return np.zeros(z.shape[1]), 0.0
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)   # the run's: the sample of other classes above 20,000
     if len(neg) > 20000:
         neg = rng.choice(neg, 20000, replace=False)
     return linear_probe(z, local, neg)

@@ -624,7 +624,7 @@ def _run_one(rfile: Path, setting: Setting, seed: int, sizes: Sizes, cache: Path
         idir.parent.mkdir(parents=True, exist_ok=True)
         with _locked(idir):   # shared by the runs of every --statistic
             characterise(res, store, data.pool, vae, idir, seed=seed)
-        pattern_rankings(res.findings, res.rankings, data.pool, pred=np.asarray(store["pred"]))
+        pattern_rankings(res.findings, res.rankings, data.pool, pred=np.asarray(store["pred"]), seed=seed)
         confirm_findings(res.findings, clf, clean=data.clean,
                          config=ConfirmConfig(max_images=sizes.confirm_images, seed=seed))
         training_support(res.findings, data.pool, data.suspect, data.pool.labels())

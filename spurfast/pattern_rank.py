@@ -64,7 +64,7 @@ def ranking_mask(mask: np.ndarray, contrast, localised: float = LOCALISED) -> np
 def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], source: ImageSource, *,
                      pred: np.ndarray | None = None, localised: float = LOCALISED, top: int = TOP,
                      batch_size: int = 256, progress: bool = False, num_workers: int = 0,
-                     loader_backend: str | None = None, device: str | None = None) -> None:
+                     loader_backend: str | None = None, device: str | None = None, seed: int = 0) -> None:
     """Set every finding's ``ranked_by`` ("pattern", "latent+pixels" or "latent") and replace
     ``rankings[rank]`` of the localised ones and of the diffuse ones with a pixel probe
     (float64: the latent order below, then the re-ranked images; unreadable images, the
@@ -73,7 +73,8 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
     diffuse finding that lists its unrelated members (``_unrelated``, `discover`) is ranked
     by its latent and pixel probes together (`spurfast.pixel_probe`), else it keeps the latent
     ranking.  ``device``: the run's, where a folder pool is decoded
-    (`spurfast.support.image_pass`)."""
+    (`spurfast.support.image_pass`).  ``seed``: the run's, for the pixel probe's samples of
+    large pools."""
     from .confirm import _known_readable
 
     if not 0.0 < localised <= 1.0:
@@ -102,7 +103,7 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
     probed, read = [], np.zeros(0, np.int64)
     if diffuse:
         probes, read = _pixel_probes(diffuse, source, np.asarray(pred), batch_size, progress, num_workers,
-                                     loader_backend, device)
+                                     loader_backend, device, seed)
         for f, w in zip(diffuse, probes):
             if w is not None:
                 f["ranked_by"] = "latent+pixels"
@@ -143,12 +144,12 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
 
 def _pixel_probes(findings: list[dict], source: ImageSource, pred: np.ndarray, batch_size: int, progress: bool,
                   num_workers: int, loader_backend: str | None,
-                  device: str | None) -> tuple[list[np.ndarray | None], np.ndarray]:
+                  device: str | None, seed: int = 0) -> tuple[list[np.ndarray | None], np.ndarray]:
     """(each diffuse finding's thumbnail probe (`spurfast.pixel_probe`), None where it has fewer
     than 2 readable unrelated members or negatives; the pool indices read): one pass over the
     negatives' shared sample and every finding's positives."""
-    neg = negative_sample(pred)
-    pos = [positive_sample(f["_unrelated"]) for f in findings]
+    neg = negative_sample(pred, seed=seed)
+    pos = [positive_sample(f["_unrelated"], seed=seed) for f in findings]
     union = np.unique(np.concatenate([neg, *pos]))
     if len(neg) < 2:   # no image predicted at all, or one: nothing to fit against (and nothing read)
         return [None] * len(findings), np.zeros(0, np.int64)

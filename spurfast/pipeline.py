@@ -480,7 +480,8 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
             # latent and pixel probes together
             reread = dict(batch_size=batch_size, num_workers=usable_cores(),
                           **_reread_loader(pool, store, loader_backend, config.device))
-            pattern_rankings(result.findings, result.rankings, pool, pred=np.asarray(store["pred"]), progress=progress,
+            pattern_rankings(result.findings, result.rankings, pool, pred=np.asarray(store["pred"]), seed=config.seed,
+                             progress=progress,
                              **reread)
             if residual is not None:
                 from .residual import add_residual_findings

@@ -70,14 +70,14 @@ def robust_z(v: np.ndarray) -> np.ndarray:
     return (v - med) / scale
 
 
-def negative_sample(pred: np.ndarray, cap: int = NEGATIVES) -> np.ndarray:
-    """Sorted pool indices of at most ``cap`` images with a prediction (the same draw every run)."""
-    return sorted_sample(np.nonzero(np.asarray(pred) >= 0)[0], cap, np.random.default_rng(0))
+def negative_sample(pred: np.ndarray, cap: int = NEGATIVES, seed: int = 0) -> np.ndarray:
+    """Sorted pool indices of at most ``cap`` images with a prediction (drawn from ``seed``, the run's)."""
+    return sorted_sample(np.nonzero(np.asarray(pred) >= 0)[0], cap, np.random.default_rng(seed))
 
 
-def positive_sample(unrelated: np.ndarray, cap: int = POSITIVES) -> np.ndarray:
-    """Sorted pool indices of at most ``cap`` of a finding's unrelated members."""
-    return sorted_sample(np.unique(np.asarray(unrelated, np.int64)), cap, np.random.default_rng(0))
+def positive_sample(unrelated: np.ndarray, cap: int = POSITIVES, seed: int = 0) -> np.ndarray:
+    """Sorted pool indices of at most ``cap`` of a finding's unrelated members (drawn from ``seed``)."""
+    return sorted_sample(np.unique(np.asarray(unrelated, np.int64)), cap, np.random.default_rng(seed))
 
 
 def fit_probe(positives: np.ndarray, negatives: np.ndarray, centre: np.ndarray, spread: np.ndarray) -> np.ndarray | None:

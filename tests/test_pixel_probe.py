@@ -182,3 +182,21 @@ def test_an_image_the_probes_read_finds_unreadable_is_unranked(tmp_path):
     assert f["ranked_by"] == "latent+pixels" and bad in src.bad_files
     assert rankings[1][bad] == -np.inf
     assert np.isfinite(np.delete(rankings[1], bad)).all()
+
+
+def test_the_probes_samples_of_a_large_pool_follow_the_runs_seed():
+    """The pixel probe's samples (and the latent probe's negatives, above 20,000) were drawn
+    from seed 0 whatever the run's --seed, "the seed of every random choice"."""
+    import spurfast.discover as D
+
+    pred = np.zeros(30000, np.int64)
+    assert np.array_equal(negative_sample(pred, 100, seed=3), negative_sample(pred, 100, seed=3))
+    assert not np.array_equal(negative_sample(pred, 100, seed=3), negative_sample(pred, 100, seed=4))
+    assert not np.array_equal(positive_sample(np.arange(500), 50, seed=3), positive_sample(np.arange(500), 50, seed=4))
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(25000, 4)).astype(np.float32)
+    g = np.r_[np.zeros(30, np.int64), np.ones(24970, np.int64)]
+    z[:30] += 3.0
+    w0, _ = D._probe(z, g, np.arange(30), 0, seed=0)
+    assert np.array_equal(w0, D._probe(z, g, np.arange(30), 0, seed=0)[0])
+    assert not np.array_equal(w0, D._probe(z, g, np.arange(30), 0, seed=1)[0])
