@@ -62,6 +62,11 @@ def hold_output(out: Path) -> None:
     _HELD[key] = fd
 
 
+def holds_output(out) -> bool:
+    """Whether this process holds the output directory ``out`` (`hold_output`)."""
+    return str(Path(out).resolve()) in _HELD
+
+
 def release_output(out: Path) -> None:
     """Give up this process's lock on ``out`` (`hold_output`)."""
     fd = _HELD.pop(str(Path(out).resolve()), None)
@@ -99,65 +104,67 @@ def prepare_output(out_dir, run_id: str, overwrite: bool, protect=(), earlier_id
     # read as one spurfast did not write, refused even with --overwrite
     remove_killed_writers_files(out, lambda name: name == marker.name)
     out.mkdir(parents=True, exist_ok=True)
-    was_held = str(out.resolve()) in _HELD
+    was_held = holds_output(out)
     hold_output(out)
     try:
-        if any(out.iterdir()):
-            try:
-                prev = json.loads(marker.read_text()).get("run_id") if marker.is_file() else None
-            except (ValueError, AttributeError):  # an unreadable marker proves nothing: keep the folder
-                prev = None
-            if prev is None:
-                raise FileExistsError(f"output directory {out} holds files spurfast did not write (no readable "
-                                      f"run.json); "
-                                      f"spurfast never deletes such a directory, even with --overwrite: "
-                                      f"choose a new or empty directory")
-            if prev in earlier_ids:
-                log.info("%s holds this run under the id an earlier spurfast version gave it (%s); resuming it",
-                         out, prev)
-            elif prev != run_id:
-                store = out / "store"
-                reuse = keep_store is not None and store.is_dir() and keep_store(store)
-                if not overwrite:
-                    raise FileExistsError(f"output directory {out} already holds run {prev}; choose another directory "
-                                          f"or pass --overwrite" + (" (its embedding store, of this pool and these "
-                                                                     "models, is kept and reused)" if reuse else ""))
-                inside = _inside(out, protect)
-                if inside:
-                    raise FileExistsError(f"--overwrite would delete output directory {out}, which holds {inside} "
-                                          f"that this run reads; choose another output directory")
-                if reuse:
-                    log.info("--overwrite: keeping the embedding store %s (made from this pool and these models)",
-                             store)
-                # and with it the discovery work, kept under a hash of its inputs: another --fdr or --n-null
-                # reuses the neighbour search and the null, another --k the search (deleted, both were redone)
-                kept = {marker.name}
-                if reuse:
-                    kept |= {store.name} | ({WORK_DIR} if (out / WORK_DIR).is_dir() else set())
-                # empty it rather than rmtree(out): rmtree refuses a symlinked --out (the link stays);
-                # run.json stays until the new one replaces it, so an interrupted --overwrite leaves a
-                # run that one can overwrite (deleted, a kept store alone read as files not spurfast's)
-                for child in out.resolve().iterdir():
-                    if child.name in kept:
-                        continue
-                    if child.is_dir() and not child.is_symlink():
-                        unmark_stores(child)   # the old store's manifest first (see unmark_stores)
-                        shutil.rmtree(child)
-                    else:
-                        child.unlink()
-        # a file (or a dangling link) where a run keeps a folder failed at that folder's mkdir with a
-        # bare "[Errno 17] File exists", after the embedding pass and discovery (images, rankings)
-        for sub in ("store", WORK_DIR, "images", "rankings"):
-            d = out / sub
-            if (d.is_symlink() or d.exists()) and not d.is_dir():
-                raise NotADirectoryError(f"output directory {out}: {d} is not a folder; the run keeps its {sub} there: "
-                                         f"move or remove it")
-        _write_json(marker, {"run_id": run_id}, indent=None)   # atomic: a torn run.json locks the user out
-        return out
+        return _claim(out, marker, run_id, overwrite, protect, earlier_ids, keep_store)
     except BaseException:   # refused (or interrupted): the folder is not this process's to keep
         if not was_held:
             release_output(out)
         raise
+
+
+def _claim(out: Path, marker: Path, run_id: str, overwrite: bool, protect, earlier_ids, keep_store) -> Path:
+    """`prepare_output`'s checks and clearing of the folder ``out``, which this process holds."""
+    if any(out.iterdir()):
+        try:
+            prev = json.loads(marker.read_text()).get("run_id") if marker.is_file() else None
+        except (ValueError, AttributeError):  # an unreadable marker proves nothing: keep the folder
+            prev = None
+        if prev is None:
+            raise FileExistsError(f"output directory {out} holds files spurfast did not write (no readable run.json); "
+                                  f"spurfast never deletes such a directory, even with --overwrite: "
+                                  f"choose a new or empty directory")
+        if prev in earlier_ids:
+            log.info("%s holds this run under the id an earlier spurfast version gave it (%s); resuming it", out, prev)
+        elif prev != run_id:
+            store = out / "store"
+            reuse = keep_store is not None and store.is_dir() and keep_store(store)
+            if not overwrite:
+                raise FileExistsError(f"output directory {out} already holds run {prev}; choose another directory "
+                                      f"or pass --overwrite" + (" (its embedding store, of this pool and these "
+                                                                 "models, is kept and reused)" if reuse else ""))
+            inside = _inside(out, protect)
+            if inside:
+                raise FileExistsError(f"--overwrite would delete output directory {out}, which holds {inside} "
+                                      f"that this run reads; choose another output directory")
+            if reuse:
+                log.info("--overwrite: keeping the embedding store %s (made from this pool and these models)", store)
+            # and with it the discovery work, kept under a hash of its inputs: another --fdr or --n-null
+            # reuses the neighbour search and the null, another --k the search (deleted, both were redone)
+            kept = {marker.name}
+            if reuse:
+                kept |= {store.name} | ({WORK_DIR} if (out / WORK_DIR).is_dir() else set())
+            # empty it rather than rmtree(out): rmtree refuses a symlinked --out (the link stays);
+            # run.json stays until the new one replaces it, so an interrupted --overwrite leaves a
+            # run that one can overwrite (deleted, a kept store alone read as files not spurfast's)
+            for child in out.resolve().iterdir():
+                if child.name in kept:
+                    continue
+                if child.is_dir() and not child.is_symlink():
+                    unmark_stores(child)   # the old store's manifest first (see unmark_stores)
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+    # a file (or a dangling link) where a run keeps a folder failed at that folder's mkdir with a
+    # bare "[Errno 17] File exists", after the embedding pass and discovery (images, rankings)
+    for sub in ("store", WORK_DIR, "images", "rankings"):
+        d = out / sub
+        if (d.is_symlink() or d.exists()) and not d.is_dir():
+            raise NotADirectoryError(f"output directory {out}: {d} is not a folder; the run keeps its {sub} there: "
+                                     f"move or remove it")
+    _write_json(marker, {"run_id": run_id}, indent=None)   # atomic: a torn run.json locks the user out
+    return out
 
 
 def run_inputs(clean: ImageSource | None, suspect, confirm: bool) -> dict:
@@ -459,7 +466,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     # embedded this same pool with these same models (hours for a large pool)
     def keep_store(store_dir):
         return made_from(store_dir, *identity, lambda: legacy_identities(pool, classifier, vae, content=identity[1]))
-    held = dist.is_main() and str(Path(out_dir).resolve()) in _HELD   # a caller's own hold (the demo's) stays
+    held = dist.is_main() and holds_output(out_dir)   # a caller's own hold (the demo's) stays
     out = dist.run_on_main(prepare_output, out_dir, run_id, overwrite, protect, earlier_ids, keep_store)
     try:
         store = dist.embed_pool_sharded(pool, classifier, vae, out / "store", num_classes=num_classes,
