@@ -1,5 +1,6 @@
 import io
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -58,6 +59,24 @@ def test_checkpoint_resume_equals_straight_run(tmp_path):
     straight = train_classifier(src, 3, epochs=2, batch_size=16, seed=2, progress=False)
     for pa, pb in zip(resumed.parameters(), straight.parameters()):
         torch.testing.assert_close(pa, pb)
+
+
+def test_a_checkpoint_resumed_at_another_thread_count_says_so(tmp_path, caplog):
+    """Another thread count sums in another order (weights about 1e-5 apart): a resume at
+    another count was silent, and its model was neither count's straight run."""
+    src, ck, threads = _toy(), tmp_path / "c.ckpt", torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        train_classifier(src, 3, epochs=1, batch_size=16, seed=2, checkpoint=ck, progress=False)
+        with caplog.at_level(logging.WARNING, logger="spurfast"):
+            train_classifier(src, 3, epochs=2, batch_size=16, seed=2, checkpoint=ck, progress=False)
+        assert "written on" not in caplog.text   # the same count: resumed quietly
+        torch.set_num_threads(1)
+        with caplog.at_level(logging.WARNING, logger="spurfast"):
+            train_classifier(src, 3, epochs=3, batch_size=16, seed=2, checkpoint=ck, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert f"{ck} was written on cpu with 2 thread(s) and resumes on cpu with 1 thread(s)" in caplog.text
 
 
 def test_classifier_loading_paths(tmp_path):

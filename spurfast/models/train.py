@@ -86,10 +86,17 @@ def _log_skipped(source: ImageSource, name: str) -> None:
                 name, source.name, len(bad), "; ".join(shown), more)
 
 
+def _compute(device) -> str:
+    """Where the arithmetic runs, as far as it decides the weights: the device type, and on the
+    CPU the thread count (another count sums in another order: weights about 1e-5 apart)."""
+    kind = torch.device(device).type
+    return f"{kind} with {torch.get_num_threads()} thread(s)" if kind == "cpu" else kind
+
+
 def _rng_state(device) -> dict:
     """The RNG states a checkpoint needs: the CPU one, and on CUDA the CUDA generators too (the
     VAE's reparameterisation noise is drawn there), else a resumed run would diverge."""
-    state = {"rng": torch.get_rng_state()}
+    state = {"rng": torch.get_rng_state(), "compute": _compute(device)}
     if torch.device(device).type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     return state
@@ -173,6 +180,11 @@ def _resume(path: Path | None, model, opt, identity: dict, epochs: int, device="
     opt.load_state_dict(state["optim"])
     _set_rng_state(state, device)
     log.info("resumed %s at epoch %d", path, state["epoch"])
+    written = state.get("compute")   # absent in older checkpoints
+    if written is not None and written != _compute(device):
+        # not refused (the epochs done are sound), but the result is neither count's straight run
+        log.warning("%s was written on %s and resumes on %s: the weights will differ slightly from a run "
+                    "on either alone", path, written, _compute(device))
     return int(state["epoch"])
 
 
