@@ -158,11 +158,9 @@ def check_init(init, G: int, kpg: torch.Tensor, d: int) -> None:
     if not isinstance(init, torch.Tensor) or tuple(init.shape) != (G, kmax, d):
         got = tuple(init.shape) if isinstance(init, torch.Tensor) else type(init).__name__
         raise ValueError(f"init has shape {got}; expected (G, kmax, d) = ({G}, {kmax}, {d}), kmax = max(k_per_group)")
-    if init.numel() and not bool(torch.isfinite(init).all()):
-        raise ValueError(f"init has {int((~torch.isfinite(init)).flatten(1).any(1).sum())} groups with NaN/inf centroids")
     if init.numel():
-        # as x's rows: a centroid past fp32's |c|^2 made every distance to it inf (l2) or, normalised
-        # by an inf norm, a zero vector (cosine), and its points went elsewhere without a word
+        # NaN/inf, and as x's rows: a centroid past fp32's |c|^2 made every distance to it inf (l2)
+        # or, normalised by an inf norm, a zero vector (cosine), and its points went elsewhere without a word
         flat = init.detach().reshape(-1, d).float()
         ref.check_rows(flat, torch.linalg.vecdot(flat, flat), "init has {bad} NaN/inf centroids", "init")
 

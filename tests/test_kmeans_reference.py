@@ -583,7 +583,7 @@ def test_init_of_the_wrong_shape_is_refused(backend):
         with pytest.raises(ValueError, match=rf"init has shape \({', '.join(map(str, shape))}\); "
                                              r"expected \(G, kmax, d\) = \(2, 3, 4\)"):
             batched_kmeans(x, g, [3, 2], init=torch.randn(*shape), backend=backend)
-    with pytest.raises(ValueError, match="init has 1 groups with NaN/inf"):
+    with pytest.raises(ValueError, match="init has 1 NaN/inf centroids"):
         init = torch.randn(2, 3, 4)
         init[1, 2, 0] = float("nan")
         batched_kmeans(x, g, [3, 2], init=init, backend=backend)
