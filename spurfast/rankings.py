@@ -10,7 +10,10 @@ memory again) and read back memory-mapped (read-only), so memory holds about one
 at a time whatever the number of findings.  The folder goes when the mapping is garbage
 collected or closed; values read before stay valid on POSIX (an unlinked file's mapping
 lives on).  A run killed before that leaves its folder behind; the next mapping made in the
-same place removes the folders of processes that no longer run (their names carry the pid).
+same place removes the folders of processes that no longer run (their names carry the pid)
+and that nothing has written to for `spurfast.atomic_files.QUIET_S` (a minute: a writer in
+another PID namespace sharing the folder looks gone by its pid), so a rerun within that
+minute leaves the killed run's folder for a later one.
 """
 from __future__ import annotations
 
