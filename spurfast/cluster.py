@@ -28,7 +28,7 @@ class KMeansResult:
     k_per_group: torch.Tensor    # (G,) int64
     counts: torch.Tensor         # (G, kmax) int64
     n_iter: int
-    inertia: float
+    inertia: float               # sum of ``dist`` over the groups with k >= 1
     reseeded: int                # empty clusters re-seeded over the run
 
 
@@ -307,7 +307,8 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
     # a group given k = 0 has no cluster: its points (assign 0, distance +inf) were counted
     # as members of a cluster 0 it does not have
     counts = team.all_reduce(counts_l).masked_fill(~valid_k, 0)
-    inertia = float(team.all_reduce(dist_l.double().sum().reshape(1)))
+    # as in the loop: a k = 0 group's +inf distances are no one's, and made the total inf
+    inertia = float(team.all_reduce(dist_l.double().nan_to_num(posinf=0.0).sum().reshape(1)))
     assign, dist = team.gather_rows(assign_l, N), team.gather_rows(dist_l, N)
     inv = torch.empty_like(order)
     inv[order] = torch.arange(N, device=dev)

@@ -1230,3 +1230,13 @@ def test_meta_tensors_are_refused_by_the_registry_by_name(op):
             "kmeans_update": (x, csr([6]), torch.zeros(6, dtype=torch.long), 2), "latent_knn": (x, 2)}[op]
     with pytest.raises(ValueError, match=f"{op}: tensors on the meta device hold no data"):
         backends.call(op, *args)
+
+
+@pytest.mark.parametrize("backend", ["torch", _cpu_kernel()])
+def test_inertia_leaves_out_a_group_given_no_cluster(backend):
+    # its points' distances are +inf (no centroid): the loop left them out of its inertia,
+    # the result's inertia took them in and was inf
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 5.0], [6.0, 5.0], [7.0, 5.0]])
+    res = batched_kmeans(x, torch.tensor([0, 0, 1, 1, 1]), [1, 0], backend=backend)
+    assert torch.isinf(res.dist[2:]).all()
+    assert res.inertia == pytest.approx(0.5)
