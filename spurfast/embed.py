@@ -29,7 +29,7 @@ from .cores import usable_cores
 from .data.loader_torch import iter_batches
 from .data.preprocess import uint8_to
 from .data.sources import ImageSource, content_digest, sampled_digest, utf8_name
-from .models.outputs import classifier_outputs
+from .models.outputs import classifier_outputs, trial_error_gist, trial_failures
 
 log = logging.getLogger("spurfast.embed")
 FEATS_MAX = float(np.finfo(np.float16).max)   # 65504: the store keeps penultimate features as float16
@@ -286,11 +286,18 @@ def _write_json(path: Path, obj, **dumps) -> None:
 
 
 def check_vae_input(source: ImageSource, vae) -> None:
-    """Raise unless ``vae`` (one with a ``config``) encodes images of ``source``'s shape."""
+    """Raise unless ``vae`` (one with a ``config``) encodes images of ``source``'s shape, with
+    float32 weights."""
     cfg = getattr(vae, "config", None)
     if cfg is not None and tuple(source.image_shape) != (cfg.in_channels, cfg.image_size, cfg.image_size):
         raise ValueError(f"the VAE expects {cfg.in_channels}x{cfg.image_size}x{cfg.image_size} images (CxHxW), "
                          f"the pool ({source.name}) has {'x'.join(map(str, source.image_shape))}")
+    # the encoder takes any (it casts the batch to its weights), but decoding float32 latents
+    # failed in characterisation, after the whole embedding pass and discovery
+    other = sorted({str(p.dtype).replace("torch.", "") for p in getattr(vae, "parameters", lambda: ())()
+                    if p.is_floating_point() and p.dtype != torch.float32})
+    if other:
+        raise ValueError(f"the VAE has {', '.join(other)} weights; spurfast runs it in float32: pass vae.float()")
 
 
 def check_outputs(source: ImageSource, classifier, num_classes: int, device: str) -> int:
@@ -301,12 +308,11 @@ def check_outputs(source: ImageSource, classifier, num_classes: int, device: str
         model, x = classifier.to(device).eval(), x0.to(device)   # outside: "no NVIDIA driver" is no shape error
         try:
             logits, feats = classifier_outputs(model, x)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except RuntimeError as exc:   # torch's "mat1 and mat2 shapes cannot be multiplied" named neither
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        except Exception as exc:   # torch's "mat1 and mat2 shapes cannot be multiplied" named neither
+            if not trial_failures(exc):
+                raise
             raise ValueError(f"classifier cannot run on images of shape {'x'.join(map(str, x0.shape[1:]))} (CxHxW) "
-                             f"from {source.name}: {first}") from None
+                             f"from {source.name}: {trial_error_gist(exc)}") from None
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:   # logits.shape[1]: a bare IndexError
         got = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else f"a {type(logits).__name__}"
         raise ValueError(f"classifier outputs {got} for one image of {source.name}; expected logits of shape "

@@ -7,6 +7,7 @@ import torch
 from spurfast.data import ArraySource
 from spurfast.embed import EmbeddingStore, embed_pool
 from spurfast.models import VAE, VAEConfig, SmallCNN
+from spurfast.models.outputs import check_output_width
 
 
 def _setup(n=50):
@@ -700,6 +701,50 @@ def test_a_classifier_for_other_images_is_named(tmp_path):
         with pytest.raises(ValueError, match=r"classifier cannot run on images of shape 1x16x16 \(CxHxW\) from small"):
             run_discovery(src, clf, vae, tmp_path / "run", num_classes=4, confirm=False, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+class _RGBOnly(torch.nn.Module):
+    """A user's classifier that checks its input, as TorchScript models often do."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 16 * 16, 4)
+
+    def forward(self, x):
+        assert x.shape[1] == 3, "expected RGB input"
+        return self.fc(x.flatten(1))
+
+
+def test_a_classifier_that_refuses_the_images_says_why(tmp_path):
+    # a TorchScript assert raises torch.jit.Error, no RuntimeError: it ended in a traceback; and
+    # TorchScript's first line ("The following operation failed in the TorchScript interpreter.")
+    # was all the message showed of a failure whose cause is on its last line
+    src = ArraySource(torch.rand(8, 1, 16, 16), np.arange(8) % 4, name="small")
+    vae = VAE(VAEConfig.for_images(1, 16, 4))
+    traced_double = torch.jit.trace(SmallCNN(1, 4, 16).double().eval(), torch.rand(1, 1, 16, 16, dtype=torch.float64))
+    for clf, why in ((torch.jit.script(_RGBOnly()), "AssertionError: expected RGB input"),
+                     (_RGBOnly(), "AssertionError: expected RGB input"),
+                     (traced_double, "expected scalar type Float but found Double")):
+        with pytest.raises(ValueError, match=r"classifier cannot run on images of shape 1x16x16 \(CxHxW\) from "
+                                             rf"small: .*{why}") as got:
+            embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, progress=False)
+        assert "TorchScript interpreter" not in str(got.value)
+        with pytest.raises(ValueError, match=rf"classifier cannot run .*{why}"):
+            check_output_width(clf, (1, 16, 16), 4)
+
+
+def test_a_vae_of_other_than_float32_weights_is_refused_before_any_work(tmp_path):
+    # it encoded (the batch cast to its weights), then decoding float32 latents failed in
+    # characterisation, after the embedding pass and discovery
+    from spurfast.pipeline import run_discovery
+
+    src = ArraySource(torch.rand(8, 1, 16, 16), np.arange(8) % 4, name="small")
+    for dtype in (torch.float64, torch.float16):
+        vae = VAE(VAEConfig.for_images(1, 16, 4)).to(dtype)
+        with pytest.raises(ValueError, match=f"the VAE has {str(dtype)[6:]} weights; spurfast runs it in float32"):
+            run_discovery(src, SmallCNN(1, 4, 16), vae, tmp_path / "run", num_classes=4, confirm=False,
+                          progress=False)
+        assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("value", [2.5, 2.0, 0, np.int64(0), True])

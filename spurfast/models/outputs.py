@@ -56,6 +56,30 @@ def classifier_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
     return logits, logits
 
 
+def trial_error_gist(exc: BaseException) -> str:
+    """What a model's failed trial forward says, in one line.  TorchScript's message opens with
+    "The following operation failed in the TorchScript interpreter." and a traceback, and ends
+    with the cause ("RuntimeError: mat1 and mat2 must have the same dtype ..."): its first line,
+    all that was shown, named no cause."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].startswith("The following operation failed in the TorchScript interpreter") and len(lines) > 1:
+        last = lines[-1]
+        for prefix in ("RuntimeError: ", "torch.jit.Error: "):
+            last = last[len(prefix):] if last.startswith(prefix) else last
+        return last
+    return lines[0] if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {lines[0]}"
+
+
+def trial_failures(exc: BaseException) -> bool:
+    """Whether an exception from a model's trial forward means "cannot run on these images":
+    any error but running out of memory.  A TorchScript ``assert`` raises ``torch.jit.Error``
+    (not a RuntimeError), a pickled model's own check an AssertionError or TypeError: those
+    ended in a traceback."""
+    return isinstance(exc, Exception) and not isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
 def output_width(model: nn.Module, image_shape, *, name: str = "classifier", pool: str = "the pool") -> int:
     """The model's number of outputs for one image of ``image_shape``; fails early, naming
     both shapes, when the model was built for other images or cannot run on them."""
@@ -69,10 +93,11 @@ def output_width(model: nn.Module, image_shape, *, name: str = "classifier", poo
     with torch.no_grad():
         try:
             out = model(torch.zeros((1,) + shape))
-        except RuntimeError as exc:  # TorchScript / foreign models: only a trial run tells
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        except Exception as exc:  # TorchScript / foreign models: only a trial run tells
+            if not trial_failures(exc):
+                raise
             raise ValueError(f"{name} cannot run on images of shape {_fmt(shape)} (CxHxW) from {pool}: "
-                             f"{first}") from None
+                             f"{trial_error_gist(exc)}") from None
     if not isinstance(out, torch.Tensor):  # a tuple or dict (logits, extras): not a classifier's logits
         raise ValueError(f"{name} outputs a {type(out).__name__} for one image; expected a tensor of logits "
                          f"of shape (1, classes)")
