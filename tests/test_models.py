@@ -560,6 +560,19 @@ def test_torchvision_resnet18_state_dict_loads_with_arch(tmp_path):
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(m2(x), own(x))
+    # below 128 px spurfast's resnet18 has a 3x3 stem: torch's size mismatch alone did not say why
+    with pytest.raises(ValueError, match=r"size mismatch for net\.conv1\.weight.*its 7x7 stem is torchvision's; "
+                                         r"spurfast's resnet18 has a 3x3 stem below 128 px"):
+        load_classifier(tmp_path / "tv.pt", arch="resnet18", in_channels=3, num_classes=5, image_size=64)
+
+
+def test_a_torchscript_classifier_loads_without_torchs_dispatch_warning(tmp_path, recwarn):
+    # torch.load, tried first, warned "received a zip file that looks like a TorchScript archive" on
+    # every TorchScript classifier: the file type this loader takes
+    torch.jit.trace(SmallCNN(1, 3, 28).eval(), torch.rand(1, 1, 28, 28)).save(str(tmp_path / "ts.pt"))
+    recwarn.clear()
+    load_classifier(tmp_path / "ts.pt")
+    assert not [w for w in recwarn if "TorchScript archive" in str(w.message)], [str(w.message) for w in recwarn]
 
 
 def test_numpy_numbers_train_and_save(tmp_path):

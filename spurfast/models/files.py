@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import secrets
+import warnings
 from pathlib import Path
 
 import torch
@@ -87,8 +88,14 @@ def _load_weights(model: nn.Module, state_dict, p: Path, arch: str, in_channels,
         # torch's message: a header line, then one tab-indented line per mismatch
         lines = [ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()]
         shown = "; ".join(ln[:200] for ln in lines[:3]) + (f"; ... ({len(lines) - 3} more)" if len(lines) > 3 else "")
+        stem = state_dict.get("net.conv1.weight") if isinstance(state_dict, dict) else None
+        hint = ""
+        if arch == "resnet18" and image_size < 128 and getattr(stem, "ndim", 0) == 4 and tuple(stem.shape[2:]) == (7, 7):
+            # a torchvision ResNet-18 state_dict: it only fits at 128 px and above
+            hint = (f" (its 7x7 stem is torchvision's; spurfast's resnet18 has a 3x3 stem below 128 px: load it at "
+                    f"--size 128 or more, or save the model with torch.jit.script / torch.jit.trace and pass that file)")
         raise ValueError(f"{p}: the state_dict does not fit architecture {arch!r} with in_channels={in_channels}, "
-                         f"num_classes={num_classes}, image_size={image_size}: {shown or str(exc).strip()}") from None
+                         f"num_classes={num_classes}, image_size={image_size}: {shown or str(exc).strip()}{hint}") from None
 
 
 def _arch_unused(p: Path, arch: str | None, what: str) -> None:
@@ -107,7 +114,9 @@ def load_classifier(path, arch: str | None = None, in_channels: int | None = Non
     p = Path(path)
     _need_model_file(p, "classifier")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=weights_only)
+        with warnings.catch_warnings():   # a TorchScript file is expected here: torch.jit.load below takes it
+            warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
+            obj = torch.load(p, map_location="cpu", weights_only=weights_only)
     except Exception as exc:
         try:
             m = torch.jit.load(str(p), map_location="cpu")
