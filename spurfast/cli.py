@@ -868,10 +868,27 @@ CLASS_NAMES_HELP = ("text file of the classifier's class names, one a line, in l
                     "are not exactly the classifier's classes); an .npz takes the names only if it has none")
 
 
+class _DefaultsShown(argparse.HelpFormatter):
+    """Each option's help ends with its default where it has one worth saying (not None,
+    False or empty) and the help does not say it already: --size, --k, --fdr ... showed none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        # "is": 0 == False, and --seed's 0 went unsaid
+        if (action.option_strings and "default" not in text and d is not None and d is not argparse.SUPPRESS
+                and not isinstance(d, bool) and d != ""):
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="spurfast", description="Find the spurious features an image classifier learned.")
+    ap = argparse.ArgumentParser(prog="spurfast", description="Find the spurious features an image classifier learned.",
+                                 formatter_class=_DefaultsShown)
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = ap.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **kw: _add_parser(*a, formatter_class=_DefaultsShown, **kw)
 
     p = sub.add_parser("demo", help="plant a shortcut in Fashion-MNIST (or digits), train, discover, report")
     p.add_argument("--out", default="out/demo", help="run directory: models, store, findings, report.html")

@@ -24,6 +24,20 @@ def test_help(cmd, capsys):
     assert "usage: spurfast" in capsys.readouterr().out
 
 
+def test_help_shows_each_options_default():
+    # --size, --channels, --k, --fdr, --n-null, --batch-size and --seed showed none
+    import re
+
+    text = re.sub(r"\s+", " ", build_parser()._subparsers._group_actions[0].choices["discover"].format_help())
+    for flag, default in (("--size SIZE", "64"), ("--channels CHANNELS", "3"), ("--k K", "8"), ("--fdr FDR", "0.05"),
+                          ("--n-null N_NULL", "30"), ("--batch-size BATCH_SIZE", "256"), ("--seed SEED", "0")):
+        after = text.split(f" {flag} ", 1)[1].split(" --", 1)[0]
+        assert f"(default: {default})" in after, (flag, after)
+    assert "(default: None)" not in text and "(default: False)" not in text
+    # help that says its own default says it once
+    assert "(default: 120, or --n-null where larger) --" in text
+
+
 def test_console_script_env():
     # a guard against a hang, not a speed check: importing torch, triton, cupy and DALI cold took
     # over 120 s on the 2-core machine at load 8 (10 s quiet)
