@@ -429,6 +429,12 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
         raise ValueError(f"pool {pool.name} holds 1 image; discovery needs at least 2 (each image's latent neighbours "
                          f"are others)")
     check_outputs(pool, classifier, num_classes, config.device)
+    # the CLI refuses such a list (an .npz's, a folder's); from the API, findings of the classes
+    # past a short list went unnamed, and a list of other classes named them wrongly
+    if pool.class_names and len(pool.class_names) != num_classes:
+        raise ValueError(f"pool {pool.name} names {len(pool.class_names)} classes (its class_names), but the "
+                         f"classifier has {num_classes}; give one name per class of the classifier, in label "
+                         f"order, or none")
     # a label past the classifier's classes (another dataset's label space): a clean set's left
     # the content control without class images (natural content then read as confirmed), a
     # pool's counted as unrelated to every class; train-classifier refuses both

@@ -125,7 +125,11 @@ def test_plant_then_discover_via_cli(tmp_path, capsys):
     assert "names 10 classes (its class_names), but --num-classes is 7" in capsys.readouterr().err
     np.savez(d / "unnamed.npz", images=pool["images"], labels=pool["labels"])   # the classifier's width, then
     assert main([*args[:2], str(d / "unnamed.npz"), *args[3:-1], "--num-classes", "7"]) == 2
-    assert "expected (1, 7)" in capsys.readouterr().err   # width mismatch named before any work
+    assert "expected (1, 7) to match 7 classes (--num-classes)" in capsys.readouterr().err   # before any work
+    # a pool's short names list: its count, not the classifier, is what does not fit (it read as the classifier's fault)
+    np.savez(d / "names5.npz", images=pool["images"], labels=pool["labels"] % 5, class_names=np.array(list("abcde")))
+    assert main([*args[:2], str(d / "names5.npz"), *args[3:]]) == 2
+    assert f"expected (1, 5) to match 5 classes (the class_names of {d / 'names5.npz'})" in capsys.readouterr().err
     assert main(["report", "--run", str(d / "run")]) == 0
 
 

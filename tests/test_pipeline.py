@@ -42,6 +42,17 @@ def test_a_vae_for_other_images_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_pool_naming_other_than_the_classifiers_classes_is_refused_before_any_work(tmp_path):
+    # the CLI refused it; from the API the findings of classes past a short list went unnamed
+    for names in (["zero", "one"], [str(i) for i in range(5)]):
+        pool = ArraySource(torch.rand(8, 1, 28, 28), np.arange(8) % 4, class_names=names, name="named")
+        with pytest.raises(ValueError, match=f"pool named names {len(names)} classes \\(its class_names\\), but the "
+                                             f"classifier has 4"):
+            run_discovery(pool, SmallCNN(1, 4, 28), VAE(VAEConfig.for_images(1, 28, 4)), tmp_path / "o", num_classes=4,
+                          progress=False)
+        assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("value", ["abc", "-3", "1.5", True, ""])
 def test_make_planted_data_refuses_a_bad_n_poisoned_before_loading(value, monkeypatch):
     # API users (run_demo, make_planted_data) get the CLI's message, not int()'s

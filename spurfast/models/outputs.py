@@ -107,12 +107,13 @@ def output_width(model: nn.Module, image_shape, *, name: str = "classifier", poo
 
 
 def check_output_width(model: nn.Module, image_shape, num_classes: int, *, name: str = "classifier",
-                       pool: str = "the pool") -> None:
-    """:func:`output_width`, which must match the number of classes."""
+                       pool: str = "the pool", classes_from: str | None = None) -> None:
+    """:func:`output_width`, which must match the number of classes (``classes_from``: where
+    that number came from, for the message)."""
     width = output_width(model, image_shape, name=name, pool=pool)
     if width != num_classes:
         raise ValueError(f"{name} outputs shape (1, {width}) for one image; expected (1, {num_classes}) "
-                         f"to match {num_classes} classes")
+                         f"to match {num_classes} classes" + (f" ({classes_from})" if classes_from else ""))
 
 
 def _fmt(shape) -> str:
