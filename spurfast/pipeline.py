@@ -482,6 +482,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
             dist.serve_main_section()
             return None, None, store
         with dist.main_section():
+            _enough_readable(store, pool)
             # work: an interrupted discovery resumes its neighbour search and null on the rerun
             result = discover(store, config, suspect=suspect, class_names=pool.class_names, progress=progress,
                               work_dir=out / WORK_DIR)
@@ -601,6 +602,19 @@ def _reread_loader(pool, store, loader_backend, device) -> dict:
         log.warning("the embedding store was decoded on a GPU: the images re-read for pattern ranking and training "
                     "support are decoded on the CPU (--device %s); their pixels differ a little", device)
     return chosen
+
+
+def _enough_readable(store, pool) -> None:
+    """Discovery needs two readable images: a folder of bad files was refused by discovery
+    naming the store ("store RUN/store: only 0 readable image(s)"), not the pool or its files."""
+    n_ok = int(np.asarray(store["ok"]).sum())
+    if n_ok >= 2:
+        return
+    bad = _named(pool, {int(i): r for i, r in store.bad_files().items()})
+    first = next(iter(bad.items()), None)
+    example = f" (e.g. {first[0]}: {first[1]})" if first else ""
+    raise ValueError(f"pool {pool.name}: only {n_ok} of its {store.n} images could be read{example}; discovery "
+                     f"needs at least 2 (each image's latent neighbours are others)")
 
 
 def _named(source, bad_files: dict, prefix: str = "") -> dict:

@@ -42,6 +42,18 @@ def test_a_vae_for_other_images_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_folder_pool_of_unreadable_files_is_named_with_one_of_them(tmp_path):
+    # discovery refused it naming the run's store ("store RUN/store: only 0 readable image(s)"),
+    # neither the pool nor that none of its files could be read
+    (tmp_path / "pool").mkdir()
+    for i in range(3):
+        (tmp_path / "pool" / f"{i:02d}.png").write_bytes(b"not a png")
+    pool = ImageFolderSource(tmp_path / "pool", size=16)
+    with pytest.raises(ValueError, match=r"pool .*pool: only 0 of its 3 images could be read \(e\.g\. .*/00\.png: "):
+        run_discovery(pool, SmallCNN(3, 2, 16), VAE(VAEConfig.for_images(3, 16, 4)), tmp_path / "o", num_classes=2,
+                      progress=False)
+
+
 def test_a_pool_naming_other_than_the_classifiers_classes_is_refused_before_any_work(tmp_path):
     # the CLI refused it; from the API the findings of classes past a short list went unnamed
     for names in (["zero", "one"], [str(i) for i in range(5)]):
