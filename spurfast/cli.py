@@ -339,6 +339,10 @@ def _labelled_folder(src) -> bool:
     return isinstance(src, ImageFolderSource) and bool(src.class_names)
 
 
+def _shape(shape) -> str:
+    return "x".join(map(str, shape))
+
+
 def check_labelled_folder(src, n_classes: int, what: str, path) -> None:
     """Class folders without --class-names are labelled in sorted order: with fewer (or
     more) folders than the classifier has classes, every label after a gap is wrong."""
@@ -623,8 +627,11 @@ def cmd_discover(args):
         if not args.class_names:
             check_labelled_folder(clean, n_classes, "clean set", args.clean)
         if tuple(clean.image_shape) != tuple(pool.image_shape):
-            raise ValueError(f"clean set {args.clean} has images of shape {clean.image_shape}, "
-                             f"pool {args.pool} has {pool.image_shape}")
+            # a folder takes the shape it is read at: with an .npz pool, --size/--channels' defaults
+            hint = (f"; a folder is read at --size {args.size} --channels {args.channels}: give the pool's"
+                    if Path(args.clean).is_dir() else "")
+            raise ValueError(f"clean set {args.clean} has images of shape {_shape(clean.image_shape)} (CxHxW), "
+                             f"pool {args.pool} has {_shape(pool.image_shape)}{hint}")
     # confirmation predicts an unlabelled --clean folder through the loader (a labelled one is not)
     clean_loaded = clean is not None and getattr(clean, "paths", None) is not None and (clean.labels() < 0).any()
     if not Path(args.pool).is_dir() and clean_loaded:

@@ -38,6 +38,29 @@ def test_help_shows_each_options_default():
     assert "(default: 120, or --n-null where larger) --" in text
 
 
+def test_a_clean_folder_of_another_shape_than_an_npz_pool_names_size_and_channels(tmp_path, capsys):
+    # with an .npz pool, a --clean folder is read at --size/--channels' defaults (64, 3): the
+    # message gave two shapes and no hint of why the folder's was 3x64x64
+    from PIL import Image
+
+    from spurfast.models import VAE, VAEConfig, SmallCNN
+    from spurfast.models.files import save_classifier, save_vae
+
+    np.savez(tmp_path / "pool.npz", images=np.random.default_rng(0).random((8, 1, 16, 16), dtype=np.float32),
+             labels=np.arange(8) % 2, class_names=np.array(["a", "b"]))
+    for c in "ab":
+        (tmp_path / "clean" / c).mkdir(parents=True)
+        Image.new("L", (16, 16), 128).save(tmp_path / "clean" / c / "0.png")
+    save_classifier(SmallCNN(1, 2, 16), tmp_path / "clf.pt")
+    save_vae(VAE(VAEConfig.for_images(1, 16, 4)), tmp_path / "vae.pt")
+    assert main(["discover", "--pool", str(tmp_path / "pool.npz"), "--clean", str(tmp_path / "clean"), "--classifier",
+                 str(tmp_path / "clf.pt"), "--vae", str(tmp_path / "vae.pt"), "--out", str(tmp_path / "o"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert (f"clean set {tmp_path / 'clean'} has images of shape 3x64x64 (CxHxW), pool {tmp_path / 'pool.npz'} has "
+            f"1x16x16; a folder is read at --size 64 --channels 3: give the pool's") in err, err
+
+
 def test_console_script_env():
     # a guard against a hang, not a speed check: importing torch, triton, cupy and DALI cold took
     # over 120 s on the 2-core machine at load 8 (10 s quiet)
