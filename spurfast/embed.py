@@ -317,6 +317,9 @@ def check_outputs(source: ImageSource, classifier, num_classes: int, device: str
         got = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else f"a {type(logits).__name__}"
         raise ValueError(f"classifier outputs {got} for one image of {source.name}; expected logits of shape "
                          f"(1, classes)")
+    if not logits.is_floating_point():   # int or bool "logits": accepted, and nothing found without a word
+        raise ValueError(f"classifier outputs {str(logits.dtype).replace('torch.', '')} values for {source.name}; "
+                         f"expected floating-point logits or probabilities")
     if logits.shape[1] != num_classes:
         raise ValueError(f"classifier outputs {logits.shape[1]} logits; expected {num_classes} classes")
     return int(feats.shape[1])

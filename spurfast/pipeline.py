@@ -395,6 +395,14 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     if suspect is not None and np.shape(suspect) != (len(pool),):
         raise ValueError(f"suspect mask has shape {np.shape(suspect)}, expected ({len(pool)},): one entry per image "
                          f"of the pool ({pool.name})")
+    if suspect is not None:
+        # as bool, NaN (a float mask with gaps) and 0.5 counted as suspect without a word
+        values = np.asarray(suspect)
+        if values.dtype != bool:
+            bad = np.nonzero(~np.isin(values, (0, 1)))[0] if values.dtype.kind in "iufb" else np.arange(len(values))
+            if len(bad):
+                raise ValueError(f"suspect mask must hold True/False (or 0/1); {len(bad)} entries do not, e.g. "
+                                 f"suspect[{int(bad[0])}] = {values[bad[0]]!r}")
     # under torchrun each rank computes on its own GPU (distributed.init): no explicit cuda:N
     dist.check_rank_device(config.device)
     check_compute_device(config.device, f"run_discovery: device {config.device!r}")   # 'meta' got through to after --overwrite's deletion

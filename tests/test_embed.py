@@ -733,6 +733,24 @@ def test_a_classifier_that_refuses_the_images_says_why(tmp_path):
             check_output_width(clf, (1, 16, 16), 4)
 
 
+class _IndexOneHot(torch.nn.Module):
+    """A "classifier" that outputs the one-hot of its class index: integers, not logits."""
+
+    def forward(self, x):
+        return torch.nn.functional.one_hot((x.flatten(1).sum(1) > 0).long(), 4)
+
+
+def test_a_classifier_of_integer_outputs_is_refused(tmp_path):
+    # accepted: its softmax ties every class, and the run found nothing without a word
+    src = ArraySource(torch.rand(8, 1, 16, 16), np.arange(8) % 4, name="small")
+    vae = VAE(VAEConfig.for_images(1, 16, 4))
+    for clf in (_IndexOneHot(), torch.jit.script(_IndexOneHot())):
+        with pytest.raises(ValueError, match="classifier outputs int64 values for small; expected floating-point"):
+            embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, progress=False)
+        with pytest.raises(ValueError, match="classifier outputs int64 values; expected floating-point"):
+            check_output_width(clf, (1, 16, 16), 4)
+
+
 def test_a_vae_of_other_than_float32_weights_is_refused_before_any_work(tmp_path):
     # it encoded (the batch cast to its weights), then decoding float32 latents failed in
     # characterisation, after the embedding pass and discovery

@@ -172,14 +172,20 @@ def _older_run(out):
     return out
 
 
-@pytest.mark.parametrize("case", ["batch_size", "suspect"])
+@pytest.mark.parametrize("case", ["batch_size", "suspect", "suspect_nan", "suspect_half"])
 def test_bad_batch_size_or_suspect_mask_is_refused_before_overwrite_deletes(tmp_path, case):
     # the loader refused batch_size 0 and discover() a short mask: after --overwrite had
-    # deleted the old run (and after the embedding pass, for the mask)
+    # deleted the old run (and after the embedding pass, for the mask); a NaN or 0.5 in a float
+    # mask counted as suspect without a word
     pool = ArraySource(torch.rand(12, 1, 16, 16), np.arange(12) % 2, name="pool")
     out = _older_run(tmp_path / "run")
-    kw, want = (({"batch_size": 0}, "batch_size must be an integer >= 1, got 0") if case == "batch_size" else
-                ({"suspect": np.zeros(11, bool)}, r"suspect mask has shape \(11,\), expected \(12,\)"))
+    gappy = np.zeros(12)
+    gappy[4] = np.nan if case == "suspect_nan" else 0.5
+    kw, want = {"batch_size": (({"batch_size": 0}, "batch_size must be an integer >= 1, got 0")),
+                "suspect": ({"suspect": np.zeros(11, bool)}, r"suspect mask has shape \(11,\), expected \(12,\)"),
+                "suspect_nan": ({"suspect": gappy}, r"suspect mask must hold True/False \(or 0/1\); 1 entries do not, "
+                                                    r"e\.g\. suspect\[4\] = .*nan"),
+                "suspect_half": ({"suspect": gappy}, r"suspect\[4\] = .*0\.5")}[case]
     with pytest.raises(ValueError, match=want):
         run_discovery(pool, SmallCNN(1, 2, 16), VAE(VAEConfig.for_images(1, 16, 4)), out, num_classes=2,
                       overwrite=True, progress=False, **kw)

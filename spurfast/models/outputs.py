@@ -103,6 +103,9 @@ def output_width(model: nn.Module, image_shape, *, name: str = "classifier", poo
                          f"of shape (1, classes)")
     if out.dim() != 2:
         raise ValueError(f"{name} outputs shape {tuple(out.shape)} for one image; expected (1, classes)")
+    if not out.is_floating_point():   # integer "logits" (a class index one-hot): softmax ties, nothing found
+        raise ValueError(f"{name} outputs {str(out.dtype).replace('torch.', '')} values; expected floating-point "
+                         f"logits or probabilities")
     return int(out.shape[1])
 
 
