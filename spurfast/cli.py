@@ -893,13 +893,18 @@ class _DefaultsShown(argparse.HelpFormatter):
         return text
 
 
+class _Parser(argparse.ArgumentParser):
+    """The parser of spurfast and, as its type, of every subcommand: defaults shown."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsShown)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="spurfast", description="Find the spurious features an image classifier learned.",
-                                 formatter_class=_DefaultsShown)
+    ap = _Parser(prog="spurfast", description="Find the spurious features an image classifier learned.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = ap.add_subparsers(dest="command", required=True)
-    _add_parser = sub.add_parser
-    sub.add_parser = lambda *a, **kw: _add_parser(*a, formatter_class=_DefaultsShown, **kw)
 
     p = sub.add_parser("demo", help="plant a shortcut in Fashion-MNIST (or digits), train, discover, report")
     p.add_argument("--out", default="out/demo", help="run directory: models, store, findings, report.html")

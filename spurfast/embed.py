@@ -29,7 +29,7 @@ from .cores import usable_cores
 from .data.loader_torch import iter_batches
 from .data.preprocess import uint8_to
 from .data.sources import ImageSource, content_digest, sampled_digest, utf8_name
-from .models.outputs import classifier_outputs, trial_error_gist, trial_failures
+from .models.outputs import classifier_outputs, trial_error_gist, is_trial_failure
 
 log = logging.getLogger("spurfast.embed")
 FEATS_MAX = float(np.finfo(np.float16).max)   # 65504: the store keeps penultimate features as float16
@@ -309,7 +309,7 @@ def check_outputs(source: ImageSource, classifier, num_classes: int, device: str
         try:
             logits, feats = classifier_outputs(model, x)
         except Exception as exc:   # torch's "mat1 and mat2 shapes cannot be multiplied" named neither
-            if not trial_failures(exc):
+            if not is_trial_failure(exc):
                 raise
             raise ValueError(f"classifier cannot run on images of shape {'x'.join(map(str, x0.shape[1:]))} (CxHxW) "
                              f"from {source.name}: {trial_error_gist(exc)}") from None

@@ -72,7 +72,7 @@ def trial_error_gist(exc: BaseException) -> str:
     return lines[0] if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {lines[0]}"
 
 
-def trial_failures(exc: BaseException) -> bool:
+def is_trial_failure(exc: BaseException) -> bool:
     """Whether an exception from a model's trial forward means "cannot run on these images":
     any error but running out of memory.  A TorchScript ``assert`` raises ``torch.jit.Error``
     (not a RuntimeError), a pickled model's own check an AssertionError or TypeError: those
@@ -94,7 +94,7 @@ def output_width(model: nn.Module, image_shape, *, name: str = "classifier", poo
         try:
             out = model(torch.zeros((1,) + shape))
         except Exception as exc:  # TorchScript / foreign models: only a trial run tells
-            if not trial_failures(exc):
+            if not is_trial_failure(exc):
                 raise
             raise ValueError(f"{name} cannot run on images of shape {_fmt(shape)} (CxHxW) from {pool}: "
                              f"{trial_error_gist(exc)}") from None
