@@ -15,16 +15,23 @@ Every baseline returns candidates in the format of `spurfast.metrics` (best firs
 - ``pixels``: the spurfast pipeline with raw pixels in place of the VAE latent (ablation);
   images larger than 14x14 are 2x2 average-pooled until they are not (28x28 -> 14x14, 196
   values), which keeps a 3x3 patch visible and k-means over the null affordable on a CPU.
+  Its findings are characterised and re-ranked by their pattern as spurfast's are
+  (`spurfast.pattern_rank`; until the thirty-second session they kept the probe's ranking,
+  and spurfast's AP wins over the ablation were partly the re-ranking's).
 - ``random``: one candidate per class in random order, each with a random ranking.
 """
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .cluster import batched_kmeans, choose_k
 from .discover import DiscoverConfig, _standardise, discover
-from .pixel_probe import thumbnails
+from .pixel_probe import thumbnail_shape, thumbnails
 from .scoring import top_two, unrelated_to_class
 
 
@@ -139,10 +146,34 @@ def pixel_store(store, pool) -> _PixelStore:
     return _PixelStore(store, np.concatenate(xs))
 
 
+class _ThumbnailPicture(torch.nn.Module):
+    """The ablation's "decoder": a thumbnail latent drawn at full size (nearest neighbour), for
+    the centroid picture `characterise` makes; nothing is ranked or confirmed with it."""
+
+    def __init__(self, image_shape, thumb_shape):
+        super().__init__()
+        self.image_shape, self.thumb_shape = tuple(image_shape), tuple(thumb_shape)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        x = z.float().reshape(len(z), *self.thumb_shape)
+        return F.interpolate(x, size=self.image_shape[1:], mode="nearest").clamp(0.0, 1.0)
+
+
 def pixels(store, pool, config: DiscoverConfig, suspect=None) -> list[dict]:
-    res = discover(pixel_store(store, pool), config, suspect=suspect, progress=False)
+    """The pipeline on thumbnails: discovery, then characterisation and pattern ranking as
+    spurfast's findings get them (the mask is the extracted one, for its IoU)."""
+    px = pixel_store(store, pool)
+    res = discover(px, config, suspect=suspect, progress=False)
+    if res.findings:
+        from .discover import characterise
+        from .pattern_rank import pattern_rankings
+
+        picture = _ThumbnailPicture(pool.image_shape, thumbnail_shape(pool.image_shape))
+        with tempfile.TemporaryDirectory(prefix="spurfast-pixels-") as tmp:   # its pictures are not kept
+            characterise(res, px, pool, picture, Path(tmp), seed=config.seed)
+        pattern_rankings(res.findings, res.rankings, pool, pred=np.asarray(store["pred"]), seed=config.seed)
     return [{"class": f["class"], "members": np.asarray(f["members"]), "ranking": res.rankings[f["rank"]],
-             "q_value": f["q_value"], "score": f["score"]} for f in res.findings]
+             "q_value": f["q_value"], "score": f["score"], "mask": f.get("_mask")} for f in res.findings]
 
 
 def random_ranking(n: int, n_classes: int, seed: int = 0) -> list[dict]:

@@ -38,12 +38,21 @@ NEGATIVES = 8192     # images predicted as another class, shared by every findin
 POSITIVES = 1024     # unrelated members per finding at most (a sample beyond)
 
 
+def _pooled(x: torch.Tensor) -> torch.Tensor:
+    while x.shape[-1] > MAX_SIDE and x.shape[-2] > MAX_SIDE:
+        x = F.avg_pool2d(x, 2, ceil_mode=True)
+    return x
+
+
 def thumbnails(x: torch.Tensor) -> torch.Tensor:
     """(B, C*h*w) images (B, C, H, W) 2x2 average-pooled until a side is at most `MAX_SIDE`
     (the pixel ablation's features: a 3x3 patch stays visible, 28x28 becomes 196 values)."""
-    while x.shape[-1] > MAX_SIDE and x.shape[-2] > MAX_SIDE:
-        x = F.avg_pool2d(x, 2, ceil_mode=True)
-    return x.reshape(len(x), -1)
+    return _pooled(x).reshape(len(x), -1)
+
+
+def thumbnail_shape(image_shape) -> tuple[int, int, int]:
+    """(C, h, w) of the thumbnails of images of ``image_shape`` (C, H, W), before flattening."""
+    return tuple(_pooled(torch.zeros((1, *image_shape))).shape[1:])
 
 
 def full_size_pattern(w: np.ndarray, image_shape) -> torch.Tensor:

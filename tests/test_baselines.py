@@ -1,5 +1,6 @@
 """Baselines on hand-made stores (the evaluation's tiny sweep runs them end to end)."""
 import numpy as np
+import pytest
 
 from spurfast import baselines as B
 
@@ -8,7 +9,7 @@ class _Store:
     """The columns and manifest a baseline reads from an embedding store."""
 
     def __init__(self, pred, feats, labels, probs):
-        self.n = len(pred)
+        self.n, self.complete, self.root = len(pred), True, "hand-made-store"
         self.manifest = {"num_classes": probs.shape[1]}
         self._cols = {"pred": pred, "ok": np.ones(self.n, bool), "feats": feats, "labels": labels, "probs": probs}
 
@@ -29,3 +30,32 @@ def test_george_raises_k_for_large_classes_as_spurfast_does():
     assert sorted(np.concatenate([c["members"] for c in cands]).tolist()) == list(range(1500))
     fixed = B.george(_Store(pred, feats, pred.copy(), probs), k=8, seed=0, max_mean_cluster_size=0)
     assert np.bincount([c["class"] for c in fixed], minlength=2).tolist() == [8, 8]
+
+
+def test_the_pixel_ablation_ranks_by_its_findings_pattern_as_spurfast_does(monkeypatch):
+    # its findings kept the thumbnail probe's ranking, where spurfast's are re-ranked by their
+    # extracted pattern: the ablation lacked a step of the pipeline it stands in for
+    import torch
+
+    from spurfast.data.sources import ArraySource
+    from spurfast.discover import DiscoveryResult
+    from spurfast.metrics import average_precision
+
+    n, carriers = 300, np.arange(0, 300, 10)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 0.5, (n, 1, 10, 10)).astype(np.float32)
+    x[carriers, :, :2, :2] = 1.0                      # a 2x2 stamp: 4% of the image
+    labels = np.ones(n, np.int64)                      # every image is of class 1 ...
+    pred = labels.copy()
+    pred[carriers] = 0                                 # ... and the stamp makes the model call it 0
+    store = _Store(pred, np.zeros((n, 2), np.float32), labels, np.eye(2, dtype=np.float32)[pred])
+    probe = rng.normal(size=n)                         # a probe ranking that knows nothing
+    finding = {"rank": 1, "class": 0, "cluster": 0, "size": len(carriers), "members": carriers.tolist(),
+               "exemplars": carriers[:4].tolist(), "q_value": 0.01, "score": 1.0}
+    monkeypatch.setattr(B, "discover", lambda *a, **k: DiscoveryResult([dict(finding)], [], {1: probe.copy()}, {}, {}))
+    (cand,) = B.pixels(store, ArraySource(torch.from_numpy(x), labels, name="stamped"), B.DiscoverConfig(seed=0))
+    carries = np.zeros(n, bool)
+    carries[carriers] = True
+    assert average_precision(probe, carries) < 0.3
+    assert average_precision(cand["ranking"], carries) == pytest.approx(1.0)
+    assert cand["mask"] is not None and cand["mask"][:2, :2].all() and cand["mask"].sum() == 4
