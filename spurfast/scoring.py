@@ -271,7 +271,8 @@ def size_matched_pvalues(scores: np.ndarray, n_unrelated: np.ndarray, null: np.n
     finding could always pass Benjamini-Hochberg, lost all three planted patterns of one
     three-pattern run: the wider reference is no longer matched in size.)
     A cluster with no unrelated member scores 0 by construction: it is not tested (p 1, not
-    beaten), and null clusters of none are no cluster's reference.  In a one-member
+    beaten; `spurfast.discover` leaves it out of Benjamini-Hochberg's m and gives it q 1),
+    and null clusters of none are no cluster's reference.  In a one-member
     cluster's window they were 533 of 557 null clusters, all scoring 0, and one member's
     chance agreement (about 1 in 9) passed as p = 0.002, a false finding."""
     scores, null = np.asarray(scores, np.float64), np.asarray(null, np.float64)

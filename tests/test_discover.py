@@ -67,6 +67,21 @@ def test_permutations_are_added_until_the_resolution_suffices(tmp_path):
     assert [c["p_value"] for c in once.clusters] == [c["p_value"] for c in res.clusters]
 
 
+def test_clusters_of_no_unrelated_member_are_left_out_of_the_fdr(tmp_path):
+    # they are not tested (score 0, p 1 whatever the data) but counted among Benjamini-Hochberg's
+    # m tests: with 60 of 80 clusters such, a planted group's q of 0.04 read 0.16
+    from spurfast.scoring import bh_qvalues
+
+    store, _ = _store(tmp_path / "store")
+    res = discover(store, DiscoverConfig(k=12, n_null=30, seed=0), progress=False)
+    p = np.array([c["p_value"] for c in res.clusters])
+    q = np.array([c["q_value"] for c in res.clusters])
+    tested = np.array([c["n_unrelated"] > 0 for c in res.clusters])
+    assert 0 < tested.sum() < len(tested)
+    np.testing.assert_allclose(q[tested], bh_qvalues(p[tested]))
+    assert (q[~tested] == 1.0).all() and (p[~tested] == 1.0).all()
+
+
 def test_max_null_below_n_null_is_refused():
     with pytest.raises(ValueError, match="max_null"):
         DiscoverConfig(n_null=30, max_null=10)
