@@ -473,7 +473,9 @@ def method_rows(method: str, cands: list[dict], feats: list[Feature], pool_feats
     for f in feats:
         # every method's best finding is picked from its first 10 (spurfast's by rank), so
         # none gets more draws at the ground truth than another
-        for metric, v in feature_metrics(cands[:BEST_OF], f, masks=method.startswith("spurfast")).items():
+        # the pixel ablation's findings are characterised too (since run cache v26): IoU 0 without one
+        masked = method.startswith("spurfast") or method == "pixels"
+        for metric, v in feature_metrics(cands[:BEST_OF], f, masks=masked).items():
             out.append((f.name, metric, v))
     if method not in TESTED_METHODS:
         return out   # no test, no q-values: recall@q and false findings do not apply
@@ -537,7 +539,7 @@ def _merge_by_q(clusters: list[dict], residual: list[dict]) -> list[dict]:
 def run_key(setting: Setting, seed: int, sizes: Sizes, methods=DEFAULT_METHODS, statistic: str = DEFAULT_STATISTIC) -> str:
     """The cache key of one run's rows."""
     return _key({"setting": _setting_key(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods),
-                 "v": 25,    # 13: a tie does not beat the best null cluster; 14: Yang's spurious score,
+                 "v": 26,    # 13: a tie does not beat the best null cluster; 14: Yang's spurious score,
                              # best finding of the first 10 for every method, IoU 0 without a finding;
                              # 15: GEORGE's k raised for large classes as spurfast's is; 16: spurfast+support;
                              # 17: localised findings rank the pool by their pattern;
@@ -550,6 +552,8 @@ def run_key(setting: Setting, seed: int, sizes: Sizes, methods=DEFAULT_METHODS, 
                              # 23: an image a stamp leaves unchanged carries nothing (ground truth)
                              # 24: null clusters of no unrelated member are no cluster's reference
                              # 25: smaller null clusters count scaled up to the tested cluster's size
+                             # 26: the pixel ablation's findings are re-ranked by their pattern too;
+                             #     clusters of no unrelated member are out of the FDR's m
                  # named unless it is the share (the default before the twenty-fourth session): cached runs keep their keys
                  **({} if statistic == "share" else {"statistic": statistic}),
                  # the residual scan's findings got confirm.csv rows (the default sweep's keys kept)
