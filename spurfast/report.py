@@ -251,8 +251,11 @@ def _membership(f: dict) -> str:
     "of another class" said that of unlabelled members nobody had labelled, mostly the class
     itself in an unlabelled folder pool."""
     e = _escaped
+    # the two counts overlap (a suspect labelled another class is in both): "95 members (61
+    # unrelated ...; 39 suspect samples)" read as a split that added up to 100
     return (f"{e(f.get('n_unrelated', '?'))} unrelated to class {e(f['class'])}: labelled another class, or "
-            f"unlabelled and not suspect; {e(f.get('n_suspect', '?'))} suspect samples")
+            f"unlabelled and not suspect; {e(f.get('n_suspect', '?'))} suspect samples, those labelled another "
+            f"class counted in both")
 
 
 def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_files: dict | None = None,
@@ -354,10 +357,13 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
             # the tail as given (:.0% made a tail of 0.005 "the top 0%")
             # ties counted above: the threshold is a value many suspects share (an identical stamp)
             where = ("at or beyond the value that bounds" if sp.get("ties_counted_above") else "beyond")
+            # ties counted below: "0 of 895 beyond the top 1%" read as impossible without it
+            tied = ("; several tie at that bound, counted below it" if sp.get("ties_at_threshold")
+                    and not sp.get("ties_counted_above") else "")
             parts.append(f"<p><b>Training support:</b> {e(sp['class_above'])} of {e(sp['n_class'])} suspect images "
                          f"of this class carry the pattern {where} the top {100 * float(sp.get('tail', 0.01)):g}% "
                          f"of the other classes' suspects "
-                         f"({e(sp['other_above'])} of {e(sp['n_other'])}); p = {float(sp['p_value']):.3g}, "
+                         f"({e(sp['other_above'])} of {e(sp['n_other'])}{tied}); p = {float(sp['p_value']):.3g}, "
                          f"q = {beside_level(sp['q_value'])}: {e(said)}.</p>")
         elif sp:
             parts.append(f"<p class='muted'>Training support not tested: {e(sp.get('skipped', ''))}.</p>")

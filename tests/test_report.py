@@ -195,6 +195,12 @@ def test_the_support_line_says_when_ties_at_the_threshold_were_counted(tmp_path)
                                      "ties_at_threshold": True, "ties_counted_above": True}
     html = write_report(doc, tmp_path).read_text()
     assert "50 of 100 suspect images of this class carry the pattern at or beyond the value that bounds the top 1%" in html
+    assert "tie at that bound" not in html
+    # ties at the bound counted below it: "0 of 105 ... beyond the top 1% ... (0 of 895)" read as impossible
+    doc["findings"][0]["support"].update(class_above=0, other_above=0, ties_counted_above=False, supported=False,
+                                         p_value=1.0, q_value=1.0)
+    html = write_report(doc, tmp_path / "below").read_text()
+    assert "(0 of 200; several tie at that bound, counted below it); p = 1" in html
 
 
 def test_only_pngs_inside_the_run_are_inlined(tmp_path):
@@ -480,7 +486,9 @@ def test_unrelated_members_are_not_said_to_be_of_another_class(tmp_path):
     doc["findings"][0].update(n_unrelated=9, n_suspect=2)
     html = write_report(doc, tmp_path).read_text()
     assert "of another class" not in html
-    assert "9 unrelated to class 3: labelled another class, or unlabelled and not suspect; 2 suspect samples" in html
+    # the two counts overlap: said so, or they read as a split of the members
+    assert ("9 unrelated to class 3: labelled another class, or unlabelled and not suspect; 2 suspect samples, those "
+            "labelled another class counted in both") in html
 
 
 def test_a_value_just_past_the_level_is_not_printed_on_it(tmp_path):
