@@ -487,7 +487,7 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
             cf["content_skipped"] = (f"no image of class {c} to compare with" + (
                 "" if clean is not None else " outside the findings and the suspect samples (pool images count "
                                              "only where labelled: an unlabelled one may carry the shortcut); pass "
-                                             "a clean set (--clean) with images of every class"))
+                                             "a clean set (clean=, or --clean) with images of every class"))
             log.warning("%s: no class-content control, %s", finding_label(f), cf["content_skipped"])
         f["confirm"] = {k: cf[k] for k in ("flip_rate", "control_flip_rate", "p_value", "content_flip_rate",
                                            "content_p_value", "content_skipped", "smooth_flip_rate", "smooth_p_value")

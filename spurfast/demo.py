@@ -192,7 +192,8 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
     finite = report_summary(summary)
     write_report(doc, out, clusters=result.clusters, bad_files=read_bad_files(out), summary=finite)
     _write_json(out / SUMMARY, finite, allow_nan=False)   # atomic: `spurfast report` reads it
-    print("[demo] " + "; ".join(f"{k}: {v}" for k, v in summary.items()), flush=True)
+    # as the report shows them: NaN (no pattern-bearing image to rank) printed "nan" there
+    print("[demo] " + "; ".join(f"{k}: {'n/a' if v is None else v}" for k, v in finite.items()), flush=True)
     # a folder name that is not UTF-8 spelled \xNN: a strict stdout raised after the whole run
     print(f"[demo] report: {shown_path(out / 'report.html')}", flush=True)
     return summary

@@ -402,8 +402,9 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
             return dict(info, already_complete=True)
         resume = not overwrite and writing == asdict(spec)
         if not overwrite and not resume:
+            # a finished pool of other settings was "not empty" and no more
             other = (" (an interrupted make-pool of other settings: its own command resumes it)"
-                     if writing is not None else "")
+                     if writing is not None else " (a make-pool pool of other settings)")
             raise FileExistsError(f"pool directory {out} is not empty{other}; choose another or pass --overwrite")
     if resume:
         # a temporary image of a writer killed mid-save; the ground truth is written at the end

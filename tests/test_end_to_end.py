@@ -88,6 +88,9 @@ def test_demo_without_a_planted_pattern_writes_valid_json(tmp_path, monkeypatch)
     assert saved["pattern IoU"] is None     # no planted mask to compare with
     stdout.flush()
     assert b"report: " + os.fsencode(str(tmp_path)).replace(b"\xff", b"\\xff") in stdout.buffer.getvalue()
+    # the console line as the report: it printed "AUROC (ranking): nan" and "pattern IoU: None"
+    printed = stdout.buffer.getvalue().decode()
+    assert "AUROC (ranking): n/a" in printed and "pattern IoU: n/a" in printed and ": nan" not in printed
     report = (tmp_path / "report.html").read_text()
     for key in ("AUROC (ranking)", "pattern IoU"):   # the summary table said nan
         assert f"<th>{key}</th><td>n/a</td>" in report, f"{key} is not n/a in the report"

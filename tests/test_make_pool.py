@@ -612,7 +612,9 @@ def test_an_interrupted_pool_resumes_to_the_same_pool(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "cut" / "pool.json").read_text())["spec"] == json.loads(
         (tmp_path / "whole" / "pool.json").read_text())["spec"]
     assert make_pool(tmp_path / "cut", spec, workers=1, progress=False)["already_complete"]   # not rewritten
-    with pytest.raises(FileExistsError, match="is not empty; choose another or pass --overwrite"):
+    # a finished pool of other settings: said so (it was "not empty" and no more)
+    with pytest.raises(FileExistsError, match=r"is not empty \(a make-pool pool of other settings\); choose another "
+                                              r"or pass --overwrite"):
         make_pool(tmp_path / "cut", replace(spec, quality=spec.quality - 1), workers=1, progress=False)
 
 
