@@ -339,10 +339,6 @@ def _labelled_folder(src) -> bool:
     return isinstance(src, ImageFolderSource) and bool(src.class_names)
 
 
-def _shape(shape) -> str:
-    return "x".join(map(str, shape))
-
-
 def check_labelled_folder(src, n_classes: int, what: str, path) -> None:
     """Class folders without --class-names are labelled in sorted order: with fewer (or
     more) folders than the classifier has classes, every label after a gap is wrong."""
@@ -566,7 +562,7 @@ def _loader_has_no_effect(args):
 
 def cmd_discover(args):
     from .models.files import load_classifier, load_vae
-    from .models.outputs import check_output_width, output_width
+    from .models.outputs import check_output_width, output_width, shape_text
     from .pipeline import run_discovery
     check_device(args.device)
     check_backends(args.device, kmeans_backend=(args.kmeans_backend, KMEANS_OPS),
@@ -630,8 +626,8 @@ def cmd_discover(args):
             # a folder takes the shape it is read at: with an .npz pool, --size/--channels' defaults
             hint = (f"; a folder is read at --size {args.size} --channels {args.channels}: give the pool's"
                     if Path(args.clean).is_dir() else "")
-            raise ValueError(f"clean set {args.clean} has images of shape {_shape(clean.image_shape)} (CxHxW), "
-                             f"pool {args.pool} has {_shape(pool.image_shape)}{hint}")
+            raise ValueError(f"clean set {args.clean} has images of shape {shape_text(clean.image_shape)} (CxHxW), "
+                             f"pool {args.pool} has {shape_text(pool.image_shape)}{hint}")
     # confirmation predicts an unlabelled --clean folder through the loader (a labelled one is not)
     clean_loaded = clean is not None and getattr(clean, "paths", None) is not None and (clean.labels() < 0).any()
     if not Path(args.pool).is_dir() and clean_loaded:

@@ -29,7 +29,7 @@ from .cores import usable_cores
 from .data.loader_torch import iter_batches
 from .data.preprocess import uint8_to
 from .data.sources import ImageSource, content_digest, sampled_digest, utf8_name
-from .models.outputs import classifier_outputs, trial_error_gist, is_trial_failure
+from .models.outputs import check_floating, classifier_outputs, shape_text, trial
 
 log = logging.getLogger("spurfast.embed")
 FEATS_MAX = float(np.finfo(np.float16).max)   # 65504: the store keeps penultimate features as float16
@@ -306,20 +306,14 @@ def check_outputs(source: ImageSource, classifier, num_classes: int, device: str
     with torch.no_grad():
         x0, _ = source.get_batch([0])
         model, x = classifier.to(device).eval(), x0.to(device)   # outside: "no NVIDIA driver" is no shape error
-        try:
-            logits, feats = classifier_outputs(model, x)
-        except Exception as exc:   # torch's "mat1 and mat2 shapes cannot be multiplied" named neither
-            if not is_trial_failure(exc):
-                raise
-            raise ValueError(f"classifier cannot run on images of shape {'x'.join(map(str, x0.shape[1:]))} (CxHxW) "
-                             f"from {source.name}: {trial_error_gist(exc)}") from None
+        # torch's "mat1 and mat2 shapes cannot be multiplied" named neither
+        logits, feats = trial(lambda: classifier_outputs(model, x), f"classifier cannot run on images of shape "
+                              f"{shape_text(x0.shape[1:])} (CxHxW) from {source.name}")
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:   # logits.shape[1]: a bare IndexError
         got = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else f"a {type(logits).__name__}"
         raise ValueError(f"classifier outputs {got} for one image of {source.name}; expected logits of shape "
                          f"(1, classes)")
-    if not logits.is_floating_point():   # int or bool "logits": accepted, and nothing found without a word
-        raise ValueError(f"classifier outputs {str(logits.dtype).replace('torch.', '')} values for {source.name}; "
-                         f"expected floating-point logits or probabilities")
+    check_floating(logits, "classifier", f" for {source.name}")
     if logits.shape[1] != num_classes:
         raise ValueError(f"classifier outputs {logits.shape[1]} logits; expected {num_classes} classes")
     return int(feats.shape[1])

@@ -399,7 +399,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
         # as bool, NaN (a float mask with gaps) and 0.5 counted as suspect without a word
         values = np.asarray(suspect)
         if values.dtype != bool:
-            bad = np.nonzero(~np.isin(values, (0, 1)))[0] if values.dtype.kind in "iufb" else np.arange(len(values))
+            bad = np.nonzero(~np.isin(values, (0, 1)))[0] if values.dtype.kind in "iuf" else np.arange(len(values))
             if len(bad):
                 raise ValueError(f"suspect mask must hold True/False (or 0/1); {len(bad)} entries do not, e.g. "
                                  f"suspect[{int(bad[0])}] = {values[bad[0]]!r}")
@@ -618,9 +618,10 @@ def _enough_readable(store, pool) -> None:
     n_ok = int(np.asarray(store["ok"]).sum())
     if n_ok >= 2:
         return
-    bad = _named(pool, {int(i): r for i, r in store.bad_files().items()})
-    first = next(iter(bad.items()), None)
-    example = f" (e.g. {first[0]}: {first[1]})" if first else ""
+    bad = store.bad_files()   # one named: a pool of a million bad files named them all first
+    first = min(bad, key=int, default=None)
+    example = "".join(f" (e.g. {k}: {r})" for k, r in _named(pool, {int(first): bad[first]}).items()) \
+        if first is not None else ""
     raise ValueError(f"pool {pool.name}: only {n_ok} of its {store.n} images could be read{example}; discovery "
                      f"needs at least 2 (each image's latent neighbours are others)")
 

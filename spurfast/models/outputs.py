@@ -72,12 +72,25 @@ def trial_error_gist(exc: BaseException) -> str:
     return lines[0] if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {lines[0]}"
 
 
-def is_trial_failure(exc: BaseException) -> bool:
-    """Whether an exception from a model's trial forward means "cannot run on these images":
-    any error but running out of memory.  A TorchScript ``assert`` raises ``torch.jit.Error``
-    (not a RuntimeError), a pickled model's own check an AssertionError or TypeError: those
-    ended in a traceback."""
-    return isinstance(exc, Exception) and not isinstance(exc, torch.cuda.OutOfMemoryError)
+def trial(call, cannot: str):
+    """``call()``, a model's trial forward; any error but running out of memory becomes
+    ``ValueError(f"{cannot}: {gist}")`` (`trial_error_gist`).  A TorchScript ``assert``
+    raises ``torch.jit.Error`` (not a RuntimeError), a pickled model's own check an
+    AssertionError or TypeError: those ended in a traceback."""
+    try:
+        return call()
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"{cannot}: {trial_error_gist(exc)}") from None
+
+
+def check_floating(out: torch.Tensor, name: str, where: str = "") -> None:
+    """Integer or bool "logits" (a class index one-hot): accepted, their softmax tied every
+    class and nothing was found without a word."""
+    if not out.is_floating_point():
+        raise ValueError(f"{name} outputs {str(out.dtype).replace('torch.', '')} values{where}; expected "
+                         f"floating-point logits or probabilities")
 
 
 def output_width(model: nn.Module, image_shape, *, name: str = "classifier", pool: str = "the pool") -> int:
@@ -88,24 +101,17 @@ def output_width(model: nn.Module, image_shape, *, name: str = "classifier", poo
     if isinstance(arch, dict) and {"in_channels", "image_size"} <= set(arch):
         want = (int(arch["in_channels"]), int(arch["image_size"]), int(arch["image_size"]))
         if want != shape:
-            raise ValueError(f"{name} expects images of shape {_fmt(want)} (CxHxW), {pool} has {_fmt(shape)}; "
+            raise ValueError(f"{name} expects images of shape {shape_text(want)} (CxHxW), {pool} has {shape_text(shape)}; "
                              f"use a classifier trained on such images (for folders: --size/--channels)")
-    with torch.no_grad():
-        try:
-            out = model(torch.zeros((1,) + shape))
-        except Exception as exc:  # TorchScript / foreign models: only a trial run tells
-            if not is_trial_failure(exc):
-                raise
-            raise ValueError(f"{name} cannot run on images of shape {_fmt(shape)} (CxHxW) from {pool}: "
-                             f"{trial_error_gist(exc)}") from None
+    with torch.no_grad():   # TorchScript / foreign models: only a trial run tells
+        out = trial(lambda: model(torch.zeros((1,) + shape)),
+                    f"{name} cannot run on images of shape {shape_text(shape)} (CxHxW) from {pool}")
     if not isinstance(out, torch.Tensor):  # a tuple or dict (logits, extras): not a classifier's logits
         raise ValueError(f"{name} outputs a {type(out).__name__} for one image; expected a tensor of logits "
                          f"of shape (1, classes)")
     if out.dim() != 2:
         raise ValueError(f"{name} outputs shape {tuple(out.shape)} for one image; expected (1, classes)")
-    if not out.is_floating_point():   # integer "logits" (a class index one-hot): softmax ties, nothing found
-        raise ValueError(f"{name} outputs {str(out.dtype).replace('torch.', '')} values; expected floating-point "
-                         f"logits or probabilities")
+    check_floating(out, name)
     return int(out.shape[1])
 
 
@@ -119,5 +125,6 @@ def check_output_width(model: nn.Module, image_shape, num_classes: int, *, name:
                          f"to match {num_classes} classes" + (f" ({classes_from})" if classes_from else ""))
 
 
-def _fmt(shape) -> str:
+def shape_text(shape) -> str:
+    """``(1, 28, 28)`` as ``1x28x28``."""
     return "x".join(str(s) for s in shape)

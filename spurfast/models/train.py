@@ -180,11 +180,11 @@ def _resume(path: Path | None, model, opt, identity: dict, epochs: int, device="
     opt.load_state_dict(state["optim"])
     _set_rng_state(state, device)
     log.info("resumed %s at epoch %d", path, state["epoch"])
-    written = state.get("compute")   # absent in older checkpoints
-    if written is not None and written != _compute(device):
+    written, now = state.get("compute"), _compute(device)   # absent in older checkpoints
+    if written is not None and written != now:
         # not refused (the epochs done are sound), but the result is neither count's straight run
         log.warning("%s was written on %s and resumes on %s: the weights will differ slightly from a run "
-                    "on either alone", path, written, _compute(device))
+                    "on either alone", path, written, now)
     return int(state["epoch"])
 
 
