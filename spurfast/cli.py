@@ -604,8 +604,8 @@ def cmd_discover(args):
     vae = load_vae(args.vae, weights_only=not args.unsafe_load)
     vae_shape = (vae.config.in_channels, vae.config.image_size, vae.config.image_size)
     if vae_shape != tuple(pool.image_shape):
-        raise ValueError(f"VAE {args.vae} expects images of shape {'x'.join(map(str, vae_shape))} (CxHxW), "
-                         f"pool {args.pool} has {'x'.join(map(str, pool.image_shape))}; train the VAE on this pool "
+        raise ValueError(f"VAE {args.vae} expects images of shape {shape_text(vae_shape)} (CxHxW), "
+                         f"pool {args.pool} has {shape_text(pool.image_shape)}; train the VAE on this pool "
                          f"(`spurfast train-vae`; for folders: the same --size/--channels)")
     suspect = extra.get("suspect")
     if args.suspect:

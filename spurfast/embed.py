@@ -291,7 +291,7 @@ def check_vae_input(source: ImageSource, vae) -> None:
     cfg = getattr(vae, "config", None)
     if cfg is not None and tuple(source.image_shape) != (cfg.in_channels, cfg.image_size, cfg.image_size):
         raise ValueError(f"the VAE expects {cfg.in_channels}x{cfg.image_size}x{cfg.image_size} images (CxHxW), "
-                         f"the pool ({source.name}) has {'x'.join(map(str, source.image_shape))}")
+                         f"the pool ({source.name}) has {shape_text(source.image_shape)}")
     # the encoder takes any (it casts the batch to its weights), but decoding float32 latents
     # failed in characterisation, after the whole embedding pass and discovery
     other = sorted({str(p.dtype).replace("torch.", "") for p in getattr(vae, "parameters", lambda: ())()

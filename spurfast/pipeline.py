@@ -30,6 +30,7 @@ from .data.sources import ArraySource, ImageSource, content_digest
 from .discover import DiscoverConfig, characterise, discover, write_outputs
 from .embed import (_write_json, check_outputs, check_vae_input, fingerprint, legacy_identities, made_from,
                     shown_path, unmark_stores)
+from .models.outputs import shape_text
 from .pattern_rank import pattern_rankings
 from .plant import PatternSpec, PlantTruth, plant_pool, plant_training
 from .report import write_report
@@ -466,8 +467,8 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
             raise ValueError(f"clean set {clean.name} is empty; pass clean images of other classes, "
                              f"or none (confirmation then uses pool images)")
         if tuple(clean.image_shape) != tuple(pool.image_shape):
-            raise ValueError(f"clean set {clean.name} has images of shape {'x'.join(map(str, clean.image_shape))} "
-                             f"(CxHxW), the pool ({pool.name}) has {'x'.join(map(str, pool.image_shape))}")
+            raise ValueError(f"clean set {clean.name} has images of shape {shape_text(clean.image_shape)} "
+                             f"(CxHxW), the pool ({pool.name}) has {shape_text(pool.image_shape)}")
     for src in (pool, clean):
         root = _folder_inside(out_dir, src)
         if root is not None:   # its report images would be pool images the next time round

@@ -92,8 +92,8 @@ def _load_weights(model: nn.Module, state_dict, p: Path, arch: str, in_channels,
         hint = ""
         if arch == "resnet18" and image_size < 128 and getattr(stem, "ndim", 0) == 4 and tuple(stem.shape[2:]) == (7, 7):
             # a torchvision ResNet-18 state_dict: it only fits at 128 px and above
-            hint = (f" (its 7x7 stem is torchvision's; spurfast's resnet18 has a 3x3 stem below 128 px: load it at "
-                    f"--size 128 or more, or save the model with torch.jit.script / torch.jit.trace and pass that file)")
+            hint = (" (its 7x7 stem is torchvision's; spurfast's resnet18 has a 3x3 stem below 128 px: load it at "
+                    "--size 128 or more, or save the model with torch.jit.script / torch.jit.trace and pass that file)")
         raise ValueError(f"{p}: the state_dict does not fit architecture {arch!r} with in_channels={in_channels}, "
                          f"num_classes={num_classes}, image_size={image_size}: {shown or str(exc).strip()}{hint}") from None
 
