@@ -268,9 +268,7 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
                                        upd_backend)
         prev_assign = assign_l
         sums, counts = team.all_reduce(sums_l), team.all_reduce(counts_l)
-        # points of a group given k = 0 have no centroid (distance +inf): left out here, or the
-        # inertia was +inf and every group stopped after two iterations
-        d_l = dist_l.double().nan_to_num(posinf=0.0)
+        d_l = _counted(dist_l)
         inertia_t = team.all_reduce(d_l.sum().reshape(1))
         # and per group, for the stopping test: from one float64 prefix sum (deterministic on
         # every device, no atomics)
@@ -307,8 +305,7 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
     # a group given k = 0 has no cluster: its points (assign 0, distance +inf) were counted
     # as members of a cluster 0 it does not have
     counts = team.all_reduce(counts_l).masked_fill(~valid_k, 0)
-    # as in the loop: a k = 0 group's +inf distances are no one's, and made the total inf
-    inertia = float(team.all_reduce(dist_l.double().nan_to_num(posinf=0.0).sum().reshape(1)))
+    inertia = float(team.all_reduce(_counted(dist_l).sum().reshape(1)))
     assign, dist = team.gather_rows(assign_l, N), team.gather_rows(dist_l, N)
     inv = torch.empty_like(order)
     inv[order] = torch.arange(N, device=dev)
@@ -318,6 +315,13 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
 
 
 FAR = 1e4   # |x0|^2 over the mean |x - x0|^2 of a group beyond which its fp32 scores lose digits
+
+
+def _counted(dist: torch.Tensor) -> torch.Tensor:
+    """float64 distances as the inertia counts them: points of a group given k = 0 have no
+    centroid (distance +inf) and are no one's (counted, the inertia was +inf and every group
+    stopped after two iterations)."""
+    return dist.double().nan_to_num(posinf=0.0)
 
 
 def _far_offsets(xs, offsets, gid, team=SOLO):
