@@ -121,8 +121,13 @@ def pattern_delta(mask: np.ndarray, contrast: torch.Tensor, pattern: torch.Tenso
         if pattern is None:
             raise ValueError("mode 'paste' needs the members' mean image")
         vals = torch.as_tensor(pattern, dtype=torch.float32)
-    if vals.dim() != 3 or tuple(vals.shape[1:]) != tuple(m.shape):
-        raise ValueError(f"pattern of shape {tuple(vals.shape)} does not match mask {tuple(m.shape)}")
+    what = "contrast" if mode == "add" else "pattern"
+    if vals.dim() != 3:   # a grayscale (H, W) one read "(16, 16) does not match mask (16, 16)"
+        raise ValueError(f"{what} of shape {tuple(vals.shape)} has {vals.dim()} dimensions; expected (C, H, W) "
+                         f"(a grayscale one as (1, H, W))")
+    if tuple(vals.shape[1:]) != tuple(m.shape):
+        raise ValueError(f"{what} of shape {tuple(vals.shape)} does not match mask {tuple(m.shape)}: expected (C, "
+                         f"{', '.join(map(str, m.shape))})")
     return vals, m
 
 

@@ -602,3 +602,15 @@ def test_clean_images_of_another_float_dtype_are_confirmed_as_float32(dtype):
     got = confirm_pattern(flat, _clean().to(dtype), 1, _corner_mask(), contrast, config=ConfirmConfig(seed=0))
     assert want["flip_rate"] > 0.95
     assert got["flip_rate"] == pytest.approx(want["flip_rate"], abs=0.02)
+
+
+def test_a_contrast_without_its_channel_axis_is_refused_saying_so():
+    """A grayscale (H, W) contrast read "pattern of shape (16, 16) does not match mask (16, 16)":
+    two equal shapes, and no word of the channel axis it lacks."""
+    flat = nn.Sequential(nn.Flatten(), nn.Linear(256, 2))
+    contrast = torch.zeros(16, 16)
+    with pytest.raises(ValueError, match=r"contrast of shape \(16, 16\) has 2 dimensions; expected \(C, H, W\)"):
+        confirm_pattern(flat, _clean(), 1, _corner_mask(), contrast)
+    with pytest.raises(ValueError, match=r"contrast of shape \(1, 8, 8\) does not match mask \(16, 16\): "
+                                         r"expected \(C, 16, 16\)"):
+        confirm_pattern(flat, _clean(), 1, _corner_mask(), torch.zeros(1, 8, 8))
