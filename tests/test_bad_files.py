@@ -1362,3 +1362,28 @@ def test_a_fractional_start_or_shard_is_refused_by_name():
         with pytest.raises(TypeError, match=f"{what} must be an integer, got"):
             folder_mod.select_indices(10, **kw)
     assert folder_mod.select_indices(10, start=np.int32(2), shard_id=np.int64(1), num_shards=2).tolist() == [3, 5, 7, 9]
+
+
+@pytest.mark.parametrize("which", ["torch", pytest.param("dali", marks=needs_dali)])
+def test_a_cmyk_jpeg_without_adobes_marker_is_bad_for_both_loaders(tmp_path, which):
+    """DALI's decoder gave a CMYK JPEG without Adobe's APP14 marker all black, marked good
+    (PIL decodes it): one latent 0.42 away from the torch loader's run, nothing listed.  Both
+    loaders now list it, as they do other files DALI cannot read as PIL does; with the marker
+    it decodes (the CMYK file of the folder above)."""
+    import struct
+
+    buf = io.BytesIO()
+    Image.fromarray(_picture(3)).convert("CMYK").save(buf, format="JPEG", quality=95)
+    data = buf.getvalue()
+    k = data.find(b"\xff\xee")   # Pillow writes Adobe's APP14 for CMYK
+    assert k > 0
+    (tmp_path / "a_marked.jpg").write_bytes(data)
+    (tmp_path / "b_unmarked.jpg").write_bytes(data[:k] + data[k + 2 + struct.unpack(">H", data[k + 2:k + 4])[0]:])
+    paths = [str(tmp_path / "a_marked.jpg"), str(tmp_path / "b_unmarked.jpg")]
+    assert validate_image_file(paths[0])[0] == "ok"
+    verdict, why = validate_image_file(paths[1])
+    assert (verdict, why) == ("bad", "JPEG of 4 components (CMYK) without an Adobe APP14 marker (DALI decodes it "
+                                     "all black, PIL decodes it)")
+    idx, images, ok, bad = _run(which, paths)
+    assert ok.tolist() == [True, False] and set(bad) == {1} and bad[1] == why
+    assert float(images[0].float().mean()) > 0.1

@@ -38,9 +38,10 @@ unreadable file, content that is neither JPEG nor PNG, a missing end marker), th
 ``Image.open`` + ``verify()`` (the header structure; for PNG every chunk's CRC; no pixel
 decoding), which also applies PIL's pixel limit to both loaders, then, for JPEG, what
 DALI's marker parser refuses and PIL skips (stray bytes between the header segments, see
-``_jpeg_marker_error``), for PNG, what libpng (DALI's decoder) refuses and PIL decodes: a
-side over 1,000,000 pixels, an unknown critical chunk, a palette image without PLTE, and
-other chunk sequences (see ``_png_chunk_error``); and what PIL refuses only when it
+``_jpeg_marker_error``) or decodes all black (CMYK without Adobe's marker), for PNG, what
+libpng (DALI's decoder) refuses and PIL decodes: a side over 1,000,000 pixels, an unknown
+critical chunk, a palette image without PLTE, and other chunk sequences (see
+``_png_chunk_error``); and what PIL refuses only when it
 decodes: a malformed ancillary chunk after the image data (``_png_trailer_check``).  A
 file that passes but has no end marker (in its last 1 KiB; for a JPEG, after its scans)
 is "suspect" and is then fully decoded by PIL to decide.  A file that fails never enters
@@ -184,6 +185,8 @@ def validate_image_file(path: str) -> tuple[str, str]:
         return "bad", f"{kind} rejected by PIL: {describe_error(exc)}"
     if detail.startswith("JPEG"):
         why = _jpeg_marker_error(path)
+        if why == _JPEG_CMYK_NO_ADOBE:
+            return "bad", f"JPEG {why}"
         if why:
             return "bad", f"JPEG {why} (DALI's decoder refuses it; PIL would decode it)"
         if verdict == "suspect" and _jpeg_ends_after_its_scans(path):
@@ -272,11 +275,19 @@ def _replay_png_load_end(path: str, trailer: int) -> None:
             im.fp.read(4)   # CRC
 
 
+# DALI's decoder gives such a file all black and no error (measured with DALI 2.4.0's CPU
+# pipeline; with the Adobe marker both decode it alike)
+_JPEG_CMYK_NO_ADOBE = ("of 4 components (CMYK) without an Adobe APP14 marker (DALI decodes it all black, PIL decodes "
+                       "it)")
+
+
 def _jpeg_marker_error(path: str) -> str | None:
     """What DALI's decoder (nvImageCodec's JPEG parser) refuses in a JPEG's markers before
     its scan that PIL decodes without a word: where a marker belongs, a byte other than
     0xFF (stray bytes, which PIL and libjpeg skip) or the non-marker 0xFF00, a segment
-    length under 2, or no scan where the walk ends (PIL's open found one).  The parser
+    length under 2, or no scan where the walk ends (PIL's open found one); and a frame of 4
+    components without Adobe's APP14 marker, which it decodes black (``_JPEG_CMYK_NO_ADOBE``,
+    returned as such: not refused).  The parser
     reads a length after every marker but SOS, as this walk does (a restart marker among
     the headers, which PIL skips, throws it off); fill bytes (0xFF runs) are fine.  Reads
     16 KiB blocks at the markers only, seeking past the segments' data (reading all of it
@@ -297,6 +308,7 @@ def _jpeg_marker_error(path: str) -> str | None:
                 return buf[n - base]
 
             at = 2   # after SOI
+            adobe, components = False, None
             while True:
                 first, k = byte(at), at + 1
                 if first is None or byte(k) is None:
@@ -309,13 +321,17 @@ def _jpeg_marker_error(path: str) -> str | None:
                 if first != 0xFF or marker == 0x00:
                     return f"with stray bytes where a marker belongs (byte {at}: {first:02x} {marker:02x})"
                 if marker == 0xDA:   # SOS: the scan follows
-                    return None
+                    return _JPEG_CMYK_NO_ADOBE if components == 4 and not adobe else None
                 hi, lo = byte(k + 1), byte(k + 2)
                 if hi is None or lo is None:
                     return past_end
                 length = hi << 8 | lo
                 if length < 2:
                     return f"with a marker segment of length {length} (byte {at}; 2 or more expected)"
+                if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):   # a frame header (SOFn)
+                    components = byte(k + 8)   # after length, precision, height and width
+                elif marker == 0xEE and length >= 7:   # APP14: "Adobe" says how 4 components are coded
+                    adobe = bytes(byte(k + 3 + j) or 0 for j in range(5)) == b"Adobe"
                 at = k + 1 + length
     except OSError:
         return None   # unreadable now: the loaders' decode says so
