@@ -453,7 +453,10 @@ def test_extreme_aspect_ratio_resamples_only_the_crop_window(tmp_path, monkeypat
 
 def test_crop_window_resampling_keeps_the_whole_image_definition(tmp_path):
     """Resampling only the crop window samples where resize-whole-then-crop does (up to
-    float rounding of the filter weights: 1 level)."""
+    float rounding of the filter weights: 1 level), with the filter clamped to the edge
+    pixel at the image's border as DALI's is (the whole image's edges repeated)."""
+    import math
+
     from spurfast.data.preprocess import crop_geometry, load_image_uint8
 
     rng = np.random.default_rng(1)
@@ -464,7 +467,10 @@ def test_crop_window_resampling_keeps_the_whole_image_definition(tmp_path):
             with Image.open(tmp_path / "a.png") as im:
                 im = im.convert("RGB" if ch == 3 else "L")
                 nh, nw, top, left = crop_geometry(h, w, size)
-                whole = im.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
+                r = math.ceil(max(h / nh, w / nw, 1.0)) + 1
+                a = np.asarray(im)
+                edged = Image.fromarray(np.pad(a, ((r, r), (r, r)) + ((0, 0),) * (a.ndim - 2), mode="edge"))
+                whole = edged.resize((nw, nh), Image.BILINEAR, reducing_gap=None, box=(r, r, r + w, r + h))
                 ref = np.asarray(whole.crop((left, top, left + size, top + size))).reshape(size, size, ch)
             ref = torch.from_numpy(ref.copy()).permute(2, 0, 1).int()
             assert int((got - ref).abs().max()) <= 1, (h, w, size, ch)

@@ -2,14 +2,13 @@
 
 Both loaders implement the one definition in spurfast/data/preprocess.py; what can still
 differ is the JPEG decoder (both libjpeg-turbo; measured bit-identical on these images)
-and the antialiased-bilinear resampler: PIL renormalises the filter weights where the
-filter leaves the image, DALI clamps to the edge pixel, so the outermost row/column of a
-strongly downscaled image differs where a sharp edge touches the image border.
-Measured on this generated set (DALI 2.4.0, Pillow 13.0, sizes 64/224, RGB and grey,
-JPEG 4:4:4/4:2:0 and PNG): away from the 1-pixel border at most 1/255 (uint8 rounding);
-on the border up to 21/255 (0.082); mean 0.13-0.17/255; >= 99.94% of values within one
-level.  Bounds: interior max 2/255, overall max 32/255, mean 0.5/255, 99.5% within one
-level.
+and the antialiased-bilinear resampler's rounding.  At the image's border PIL renormalises
+the filter weights where DALI clamps to the edge pixel; the torch loader resamples a window
+whose edge pixels are repeated (``preprocess._edge_clamped_window``), so they agree there
+too (before, a 1-pixel white frame came out 59/255 apart at size 16; this set's border up
+to 21/255).  Measured on this generated set (DALI 2.4.0, Pillow 13.0, sizes 64/224, RGB and
+grey, JPEG 4:4:4/4:2:0 and PNG): at most 1/255 anywhere (uint8 rounding).  Bounds: max
+2/255, mean 0.5/255, 99.5% within one level.
 
 Which files are bad is decided for both loaders by one pre-check
 (``preprocess.validate_image_file``: PIL open + verify), so corrupt headers, PNG chunk
@@ -36,8 +35,7 @@ pytest.importorskip("nvidia.dali", reason="nvidia.dali is not importable")
 
 from spurfast.data import loader_dali, loader_torch  # noqa: E402
 
-MAX_ABS = 32 / 255        # anywhere (border pixels: resampler edge handling)
-MAX_ABS_INNER = 2 / 255   # away from the outermost 1-pixel ring
+MAX_ABS = 2 / 255         # anywhere, the border too
 MEAN_ABS = 0.5 / 255
 WITHIN_ONE_LEVEL = 0.995
 # Not bounded by these numbers: ok flags on a JPEG with damaged scan data differ (torch
@@ -89,15 +87,12 @@ def test_dali_cpu_matches_torch_loader(folder, size, channels):
     err = (t_img - d_img).abs()
     levels = (err * 255).round()
     max_e, mean_e, within = float(err.max()), float(err.mean()), float((levels <= 1).float().mean())
-    inner = float(err[..., 1:-1, 1:-1].max())
     per_img = err.flatten(1).max(1).values
     worst = int(per_img.argmax())
     print(f"\n[parity {fmt} size={size} C={channels}] max |DALI - torch| = {max_e:.4f} ({max_e * 255:.1f}/255), "
-          f"mean = {mean_e:.5f} ({mean_e * 255:.2f}/255), within 1 level: {within:.4f}, "
-          f"max away from the 1-pixel border: {inner * 255:.1f}/255; "
+          f"mean = {mean_e:.5f} ({mean_e * 255:.2f}/255), within 1 level: {within:.4f}; "
           f"worst image {paths[worst].rsplit('/', 1)[1]}")
     assert max_e <= MAX_ABS, f"max difference {max_e:.4f} over the bound {MAX_ABS:.4f} ({paths[worst]})"
-    assert inner <= MAX_ABS_INNER, f"interior difference {inner * 255:.1f}/255 over {MAX_ABS_INNER * 255:.0f}/255"
     assert mean_e <= MEAN_ABS, f"mean difference {mean_e:.5f} over the bound {MEAN_ABS:.5f}"
     assert within >= WITHIN_ONE_LEVEL, f"only {within:.4f} of values within one level"
 
@@ -201,3 +196,18 @@ def test_extreme_strips_are_cropped_where_the_torch_loader_crops_them(tmp_path):
         _, d_img, d_ok = _load(loader_dali, [path], size=size, dtype=torch.uint8, device="cpu")
         assert bool(t_ok.all()) and bool(d_ok.all())
         assert int((t_img.int() - d_img.int()).abs().max()) <= 1, (path, size)
+
+
+@pytest.mark.parametrize("size", [16, 64, 224])
+def test_a_thin_frame_at_the_border_comes_out_alike(tmp_path, size):
+    """PIL's filter renormalises at the image's border, DALI's clamps to the edge pixel: a
+    1-pixel white frame on a black 1000 px image came out 59/255 apart at size 16 (the
+    corner 4 against 63), 42/255 at 224 (a scan's or a screenshot's frame)."""
+    arr = np.zeros((1000, 750, 3), np.uint8)
+    arr[0] = arr[-1] = arr[:, 0] = arr[:, -1] = 255
+    path = tmp_path / "frame.png"
+    Image.fromarray(arr).save(path)
+    _, t_img, _ = _load(loader_torch, [str(path)], size=size, dtype=torch.uint8)
+    _, d_img, _ = _load(loader_dali, [str(path)], size=size, dtype=torch.uint8, device="cpu")
+    assert int(t_img[0, 0, 0, 0]) > 8, "the frame shows in the corner"
+    assert int((t_img.int() - d_img.int()).abs().max()) <= 1
