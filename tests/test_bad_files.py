@@ -1393,3 +1393,26 @@ def test_a_cmyk_jpeg_without_adobes_marker_is_bad_for_both_loaders(tmp_path, whi
     idx, images, ok, bad = _run(which, paths)
     assert ok.tolist() == [True, False] and set(bad) == {1} and bad[1] == why
     assert float(images[0].float().mean()) > 0.1
+
+
+@needs_dali
+def test_dalis_reason_for_a_file_of_a_non_utf8_name_names_the_file(tmp_path):
+    """DALI reads such a file through a link in a private folder, and its words named the
+    link (".../spurfast-dali-PID/alias-0.img", gone at exit) as the reason for the file."""
+    import os
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    rows = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    z = zlib.compress(b"".join(b"\0" + r.tobytes() for r in rows))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 40, 40, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", z[:len(z) // 2]) + chunk(b"IEND", b""))   # image data cut: DALI refuses it
+    name = os.path.join(os.fsencode(tmp_path), b"caf\xe9.png")
+    with open(name, "wb") as fh:
+        fh.write(png)
+    _, _, ok, bad = _run("dali", [os.fsdecode(name)])
+    assert not bool(ok[0])
+    assert "alias-" not in bad[0] and f"{tmp_path}/caf\\xe9.png" in bad[0], bad[0]

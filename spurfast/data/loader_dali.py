@@ -64,6 +64,7 @@ from ..checks import check_whole
 from .folder import refuse_repeats, select_indices
 from .preprocess import (GRAY_SHIFT, GRAY_WEIGHTS, PreprocessSpec, describe_error, load_image_uint8,
                          output_dtype, uint8_to, validate_image_file)
+from .sources import utf8_name
 
 log = logging.getLogger("spurfast.data")
 
@@ -356,7 +357,10 @@ class _DaliStream:
         return {i: _dali_name(self.paths[i]) for i in window}
 
     def _mark(self, found: dict[int, str]):
-        for i, reason in found.items():
+        for i, reason in list(found.items()):
+            alias = _dali_name(self.paths[i])
+            if alias != self.paths[i]:   # DALI's words name the link it read, gone at exit: the file
+                found[i] = reason = reason.replace(alias, utf8_name(self.paths[i]))
             log.warning("skipping unreadable image %s (%s)", self.paths[i], reason)
         self.bad.update(found)
 
