@@ -149,6 +149,10 @@ def _claim(out: Path, marker: Path, run_id: str, overwrite: bool, protect, earli
             # empty it rather than rmtree(out): rmtree refuses a symlinked --out (the link stays);
             # run.json stays until the new one replaces it, so an interrupted --overwrite leaves a
             # run that one can overwrite (deleted, a kept store alone read as files not spurfast's)
+            gone = sorted(c.name for c in out.iterdir() if c.name not in kept)
+            if gone:   # files of the user's own in a run's folder go too: said, not silent
+                log.warning("--overwrite: deleting %d entries of %s: %s%s", len(gone), out, ", ".join(gone[:12]),
+                            f", ... ({len(gone) - 12} more)" if len(gone) > 12 else "")
             for child in out.resolve().iterdir():
                 if child.name in kept:
                     continue

@@ -210,6 +210,21 @@ def test_overwrite_through_a_symlinked_output_directory(tmp_path):
     assert "new-run" in (real / "run.json").read_text()
 
 
+def test_overwrite_names_what_it_deletes(tmp_path, caplog):
+    """--overwrite empties a run's folder, notes of the user's own in it too: it did so
+    without a word (README said a folder spurfast did not write is never deleted, which a
+    user could read as "files it did not write")."""
+    from spurfast.pipeline import prepare_output
+
+    run = _older_run(tmp_path / "run")
+    (run / "notes.md").write_text("mine")
+    (run / "images").mkdir()
+    with caplog.at_level("WARNING", logger="spurfast"):
+        prepare_output(run, "new-run", overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == ["run.json"]
+    assert f"--overwrite: deleting 3 entries of {run}: findings.json, images, notes.md" in caplog.text
+
+
 def test_interrupted_overwrite_can_be_run_again(tmp_path, monkeypatch):
     # run.json was removed with the rest, in listing order: when it went before a big store
     # and the user pressed Ctrl-C, the same --overwrite command was refused ever after
