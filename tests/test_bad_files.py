@@ -1416,3 +1416,23 @@ def test_dalis_reason_for_a_file_of_a_non_utf8_name_names_the_file(tmp_path):
     _, _, ok, bad = _run("dali", [os.fsdecode(name)])
     assert not bool(ok[0])
     assert "alias-" not in bad[0] and f"{tmp_path}/caf\\xe9.png" in bad[0], bad[0]
+
+
+@pytest.mark.parametrize("which", ["torch", pytest.param("dali", marks=needs_dali), "source"])
+def test_a_skipped_file_of_a_non_utf8_name_is_logged_as_the_report_spells_it(tmp_path, which, caplog):
+    """The warning showed the name's surrogate escape (q\\udcff.png) where bad_files.json, the
+    report and the VAE's training log write q\\xff.png."""
+    import os
+
+    name = os.path.join(os.fsencode(tmp_path), b"q\xff.png")
+    open(name, "wb").close()   # empty: unreadable
+    path = os.fsdecode(name)
+    with caplog.at_level("WARNING", logger="spurfast.data"):
+        if which == "source":
+            (tmp_path / "b.png").write_bytes(_png_bytes(_picture(1, 20, 20)))
+            src = ImageFolderSource(tmp_path, size=SIZE)
+            src.load(src.paths.index(path))
+        else:
+            _run(which, [path])
+    assert f"skipping unreadable image {tmp_path}/q\\xff.png" in caplog.text
+    assert "\udcff" not in caplog.text

@@ -170,6 +170,12 @@ def select_indices(n: int, *, start: int = 0, shard_id: int = 0, num_shards: int
     return sel[shard_id::num_shards]
 
 
+def warn_unreadable(path: str, reason: str) -> None:
+    """The loaders' one line for a file they skip, its name as bad_files.json and the report
+    spell it (a non-UTF-8 name showed its surrogate escapes, ``q\\udcff.png`` for q\\xff.png)."""
+    log.warning("skipping unreadable image %s (%s)", utf8_name(path), reason)
+
+
 def refuse_repeats(sel: np.ndarray) -> None:
     """Raise if pool indices ``sel`` repeat one: each pool item is loaded once per pass (both
     loaders refuse, naming it; the torch loader decoded it twice)."""
@@ -206,7 +212,7 @@ class ImageFolderSource(ImageSource):
         image, reason = checked_load_uint8(self.paths[i], self.spec)
         if image is None:
             self.bad_files[i] = reason
-            log.warning("skipping unreadable image %s (%s)", self.paths[i], reason)
+            warn_unreadable(self.paths[i], reason)
             return torch.zeros(self.image_shape), False
         return image.float().div_(255.0), True
 

@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from ..checks import check_whole
-from .folder import refuse_repeats, select_indices
+from .folder import refuse_repeats, select_indices, warn_unreadable
 from .preprocess import (GRAY_SHIFT, GRAY_WEIGHTS, PreprocessSpec, describe_error, load_image_uint8,
                          output_dtype, uint8_to, validate_image_file)
 from .sources import utf8_name
@@ -361,7 +361,7 @@ class _DaliStream:
             alias = _dali_name(self.paths[i])
             if alias != self.paths[i]:   # DALI's words name the link it read, gone at exit: the file
                 found[i] = reason = reason.replace(alias, utf8_name(self.paths[i]))
-            log.warning("skipping unreadable image %s (%s)", self.paths[i], reason)
+            warn_unreadable(self.paths[i], reason)
         self.bad.update(found)
 
     def _probe(self, window: list[int]) -> dict[int, str]:

@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 from ..checks import check_whole
-from .folder import refuse_repeats, select_indices
+from .folder import refuse_repeats, select_indices, warn_unreadable
 from .preprocess import PreprocessSpec, checked_load_uint8, output_dtype, uint8_to
 from .sources import ImageSource
 
@@ -76,7 +76,7 @@ def iter_folder_batches(paths, *, size: int, channels: int = 3, batch_size: int 
         if not bool(ok.all()):
             for j in (~ok).nonzero().flatten().tolist():
                 i = int(idx[j])
-                log.warning("skipping unreadable image %s (%s)", paths[i], reasons[j])
+                warn_unreadable(paths[i], reasons[j])
                 if bad_files is not None:
                     bad_files[i] = reasons[j]
         yield idx.long(), uint8_to(images, dtype), ok
