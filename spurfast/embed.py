@@ -286,10 +286,18 @@ def _write_json(path: Path, obj, **dumps) -> None:
 
 
 def check_vae_input(source: ImageSource, vae) -> None:
-    """Raise unless ``vae`` (one with a ``config``) encodes images of ``source``'s shape, with
-    float32 weights."""
+    """Raise unless ``vae`` is a spurfast VAE (its ``config``, ``encode`` and ``decode``) that
+    encodes images of ``source``'s shape, with float32 weights."""
     cfg = getattr(vae, "config", None)
-    if cfg is not None and tuple(source.image_shape) != (cfg.in_channels, cfg.image_size, cfg.image_size):
+    lacks = [n for n, ok in (("config", all(hasattr(cfg, a) for a in ("in_channels", "image_size", "latent_dim"))),
+                             ("encode", callable(getattr(vae, "encode", None))),
+                             ("decode", callable(getattr(vae, "decode", None)))) if not ok]
+    if lacks:   # a VAE of one's own failed as "no attribute 'config'" in the embedding pass, after
+        # --overwrite had emptied the run's folder
+        raise TypeError(f"the VAE ({type(vae).__name__}) is not a spurfast VAE: it lacks "
+                        f"{' and '.join(lacks)}{' (in_channels, image_size, latent_dim)' if 'config' in lacks else ''}; "
+                        f"load one with spurfast.load_vae(path) or train one with spurfast.train_vae")
+    if tuple(source.image_shape) != (cfg.in_channels, cfg.image_size, cfg.image_size):
         raise ValueError(f"the VAE expects {cfg.in_channels}x{cfg.image_size}x{cfg.image_size} images (CxHxW), "
                          f"the pool ({source.name}) has {shape_text(source.image_shape)}")
     # the encoder takes any (it casts the batch to its weights), but decoding float32 latents

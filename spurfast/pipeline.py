@@ -656,7 +656,7 @@ def _remove_finding_files(out: Path) -> None:
             remove_killed_writers_files(d, _FINDING_FILE.fullmatch)
 
 
-def rank_confirmed_first(result, out: Path) -> None:
+def rank_confirmed_first(result, out) -> None:
     """Re-rank findings: confirmed ones (the pasted pattern moves the model beyond both
     controls, `spurfast.confirm.confirm_verdict`) first, then ``not_specific`` ones (they
     beat genuine class content but not random patterns: a model that reacts to any
@@ -667,6 +667,7 @@ def rank_confirmed_first(result, out: Path) -> None:
     finding's new rank."""
     from .confirm import confirm_verdict
 
+    out = Path(out)   # a str, as every other step takes, failed only where the order changed
     tier = {"confirmed": 0, "not_specific": 1}
     verdicts = [confirm_verdict(f.get("confirm")) for f in result.findings]
     for f, v in zip(result.findings, verdicts):

@@ -299,6 +299,29 @@ def _tiny():
     return pool, SmallCNN(1, 2, 16), VAE(VAEConfig.for_images(1, 16, 4))
 
 
+def test_a_vae_not_of_spurfast_is_refused_before_overwrite_deletes(tmp_path):
+    """A VAE of one's own (encode and decode, no config) failed as "'MyVAE' object has no
+    attribute 'config'" in the embedding pass, after --overwrite had emptied the folder."""
+    class MyVAE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.dec = torch.nn.Linear(256, 8), torch.nn.Linear(4, 256)
+
+        def encode(self, x):
+            h = self.enc(x.flatten(1))
+            return h[:, :4], h[:, 4:]
+
+        def decode(self, z):
+            return self.dec(z).view(-1, 1, 16, 16)
+
+    pool, clf, _ = _tiny()
+    out = _older_run(tmp_path / "run")
+    with pytest.raises(TypeError, match=r"the VAE \(MyVAE\) is not a spurfast VAE: it lacks config \(in_channels, "
+                                        r"image_size, latent_dim\); load one with spurfast.load_vae"):
+        run_discovery(pool, clf, MyVAE(), out, num_classes=2, confirm=False, progress=False, overwrite=True)
+    assert (out / "findings.json").is_file()
+
+
 def test_overwrite_keeps_the_store_of_this_pool_and_these_models(tmp_path, caplog, monkeypatch):
     # a rerun with only a discovery setting changed is another run: --overwrite deleted its
     # store, and the whole pool (hours at ImageNet scale) was classified and embedded again

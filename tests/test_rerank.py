@@ -36,3 +36,12 @@ def test_not_specific_findings_come_after_confirmed_and_before_the_rest(tmp_path
     assert [float(res.rankings[r][0]) for r in (1, 2, 3)] == [3.0, 2.0, 1.0]
     assert [f["confirmed"] for f in res.findings] == [True, False, False]
     assert [(tmp_path / f["images"]["mask"]).read_text() for f in res.findings] == ["mask of 3", "mask of 2", "mask of 1"]
+
+
+def test_the_output_folder_may_be_a_str(tmp_path):
+    """Every other step of README's step-by-step takes a str folder; this one failed with
+    "unsupported operand type(s) for /: 'str' and 'str'", and only where the order changed."""
+    fs = [_finding(1, False, tmp_path), _finding(2, True, tmp_path)]
+    res = DiscoveryResult(fs, [], {1: np.array([1.0]), 2: np.array([2.0])}, {}, {})
+    rank_confirmed_first(res, str(tmp_path))
+    assert [(tmp_path / f["images"]["mask"]).read_text() for f in res.findings] == ["mask of 2", "mask of 1"]
