@@ -322,6 +322,21 @@ def test_a_vae_not_of_spurfast_is_refused_before_overwrite_deletes(tmp_path):
     assert (out / "findings.json").is_file()
 
 
+def test_the_models_come_back_in_the_mode_they_came_in(tmp_path):
+    """A classifier mid-training came back in eval mode (its dropout off), a refused run's too."""
+    pool, _, vae = _tiny()
+    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(256, 2)).train()
+    clf[1].eval()   # a part the caller froze stays so
+    vae.train()
+    run_discovery(pool, clf, vae, tmp_path / "run", num_classes=2, confirm=False, progress=False)
+    assert [clf.training, clf[1].training, clf[2].training, vae.training] == [True, False, True, True]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        run_discovery(pool=pool, classifier=clf, vae=vae, out_dir=tmp_path / "file" / "run", num_classes=2,
+                      confirm=False, progress=False)
+    assert [clf.training, clf[1].training, vae.training] == [True, False, True]
+
+
 def test_overwrite_keeps_the_store_of_this_pool_and_these_models(tmp_path, caplog, monkeypatch):
     # a rerun with only a discovery setting changed is another run: --overwrite deleted its
     # store, and the whole pool (hours at ImageNet scale) was classified and embedded again
