@@ -119,6 +119,22 @@ def requested_for_op(op: str) -> str | None:
     return os.environ.get(f"SPURFAST_BACKEND_{op.upper()}") or None
 
 
+def check_op_variables() -> None:
+    """Refuse a SPURFAST_BACKEND_<OP> variable that no op reads: a misspelt op, or one in
+    lower case (the registry reads upper case).  Either was ignored and the run went on with
+    auto, as a misspelt backend in its value would not (that raises)."""
+    for var in sorted(os.environ):
+        op = var.removeprefix("SPURFAST_BACKEND_")
+        if op == var or not os.environ[var]:
+            continue
+        if op.lower() not in REGISTRY:
+            raise BackendUnavailable(f"{var}={os.environ[var]}: no op is named {op.lower()!r}; SPURFAST_BACKEND_<OP> "
+                                     f"takes one of {', '.join(k.upper() for k in REGISTRY)}")
+        if op != op.upper():
+            raise BackendUnavailable(f"{var}={os.environ[var]} is never read: the op is spelt in upper case, "
+                                     f"SPURFAST_BACKEND_{op.upper()}")
+
+
 def requested(op: str, backend: str | None = None) -> str:
     """The backend asked for: argument, then env var per op, then global env var (which
     must name a provider of some op: a typo raises instead of falling back to auto)."""

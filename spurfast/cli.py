@@ -288,18 +288,7 @@ def check_backends(device: str, **named) -> None:
     import torch
 
     from . import backends
-    # a misspelt op in the variable's name was never read: the run went on with auto, as a
-    # misspelt backend in its value would not (that raises)
-    for var in sorted(os.environ):
-        op = var.removeprefix("SPURFAST_BACKEND_")
-        if op != var and os.environ[var] and op.lower() not in backends.REGISTRY:
-            raise backends.BackendUnavailable(
-                f"{var}={os.environ[var]}: no op is named {op.lower()!r}; SPURFAST_BACKEND_<OP> takes one of "
-                f"{', '.join(k.upper() for k in backends.REGISTRY)}")
-        if op != var and os.environ[var] and op != op.upper():   # SPURFAST_BACKEND_kmeans_assign passed and
-            raise backends.BackendUnavailable(                    # was ignored: the registry reads upper case
-                f"{var}={os.environ[var]} is never read: the op is spelt in upper case, "
-                f"SPURFAST_BACKEND_{op.upper()}")
+    backends.check_op_variables()
     dev_type = torch.device(device).type
     for option, (given, ops) in named.items():
         for op in ops:

@@ -609,9 +609,11 @@ def check_discovery_ops(backend, device_type: str) -> None:
     """Resolve now the k-means backend the run names and the providers that SPURFAST_BACKEND*
     variables name for discovery's ops, as `scoring.latent_neighbours` and `cluster.lloyd`
     will (``backend``: the config's k-means backend, which decides some of them): a misspelt
-    or unavailable one failed after the embedding pass (the CLI checks them itself)."""
+    or unavailable one failed after the embedding pass (the CLI checks them itself), and a
+    variable that names no op was ignored (`backends.check_op_variables`)."""
     from . import backends
 
+    backends.check_op_variables()
     if backends.requested("kmeans_assign", backend) != "auto":   # auto always has the torch one
         backends.resolve("kmeans_assign", backend, device_type)
     upd = backend if backend == "auto" or backend in {p.name for p in backends.providers("kmeans_update")} else None

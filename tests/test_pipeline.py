@@ -1,5 +1,6 @@
 """run_discovery's early refusals, for API users as for the CLI."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -335,6 +336,20 @@ def test_the_models_come_back_in_the_mode_they_came_in(tmp_path):
         run_discovery(pool=pool, classifier=clf, vae=vae, out_dir=tmp_path / "file" / "run", num_classes=2,
                       confirm=False, progress=False)
     assert [clf.training, clf[1].training, vae.training] == [True, False, True]
+
+
+@pytest.mark.parametrize("var,says", [("SPURFAST_BACKEND_KMEANS_ASIGN", "no op is named 'kmeans_asign'"),
+                                      ("SPURFAST_BACKEND_kmeans_assign", "is never read: the op is spelt in upper "
+                                                                         "case, SPURFAST_BACKEND_KMEANS_ASSIGN")])
+def test_a_backend_variable_no_op_reads_is_refused_by_the_api_too(tmp_path, monkeypatch, var, says):
+    """`spurfast discover` refused it; run_discovery went on with auto without a word."""
+    from spurfast.backends import BackendUnavailable
+
+    monkeypatch.setenv(var, "torch")
+    pool, clf, vae = _tiny()
+    with pytest.raises(BackendUnavailable, match=re.escape(says)):
+        run_discovery(pool, clf, vae, tmp_path / "run", num_classes=2, confirm=False, progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_overwrite_keeps_the_store_of_this_pool_and_these_models(tmp_path, caplog, monkeypatch):
