@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from .checks import whole_number
+
 log = logging.getLogger("spurfast.plant")
 
 FAMILIES = ("pixel", "patch3", "patch5", "noise", "bar", "background")
@@ -46,6 +48,12 @@ class PatternSpec:
         # a negative margin slices an empty (top/left) or clipped (bottom/right) patch
         if isinstance(self.margin, bool) or not isinstance(self.margin, (int, np.integer)) or self.margin < 0:
             raise ValueError(f"pattern margin must be an integer >= 0, got {self.margin!r}")
+        # "1" and -1 passed here and failed in numpy's generator, naming nothing; the noise's
+        # generator takes seed + 7919, below 2**64
+        seed = whole_number(self.seed, "pattern seed")
+        if not 0 <= seed < 2 ** 64 - 7919:
+            raise ValueError(f"pattern seed must be in [0, 2**64 - 7919), got {self.seed!r}")
+        self.seed = seed
         if self.color is not None:
             self.color = tuple(float(c) for c in self.color)
             if not all(0.0 <= c <= 1.0 for c in self.color):
@@ -103,6 +111,7 @@ def apply_pattern(images: torch.Tensor, spec: PatternSpec, seed: int | None = No
     Returns (stamped copy, masks (N, H, W) bool of the pixels the pattern changed or owns).
     ``seed`` drives per-image randomness (random positions); default spec.seed.
     """
+    images = torch.as_tensor(images)   # a numpy array failed as "'numpy.ndarray' object has no attribute 'dim'"
     if images.dim() != 4:
         raise ValueError(f"images must be (N, C, H, W), got {tuple(images.shape)}")
     if not images.is_floating_point():  # the pattern's values are on the [0, 1] scale

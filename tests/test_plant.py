@@ -126,3 +126,20 @@ def test_an_image_the_stamp_leaves_unchanged_is_not_counted_as_carrying_it(caplo
     out, carries = plant_pool(x, 1.0, spec)
     assert carries.tolist() == [True, False, True, True, False, True]
     assert ((out != x).flatten(1).any(1).numpy() == carries).all()
+
+
+def test_a_numpy_batch_is_stamped_as_a_tensor_is():
+    """apply_pattern(array) failed as "'numpy.ndarray' object has no attribute 'dim'"."""
+    x = np.random.default_rng(0).random((3, 1, 16, 16), dtype=np.float32)
+    spec = PatternSpec("patch3")
+    got, masks = apply_pattern(x, spec)
+    want, want_masks = apply_pattern(torch.from_numpy(x), spec)
+    assert torch.equal(got, want) and torch.equal(masks, want_masks)
+
+
+@pytest.mark.parametrize("seed", ["1", -1, 1.5, 2 ** 64])
+def test_a_pattern_seed_that_no_generator_takes_is_refused_naming_it(seed):
+    """"1" and -1 passed, then failed in numpy's generator ("SeedSequence expects int ...")."""
+    with pytest.raises((ValueError, TypeError), match="pattern seed"):
+        PatternSpec("noise", strength=0.5, seed=seed)
+    assert PatternSpec("noise", seed=np.int64(7)).seed == 7 and type(PatternSpec("noise", seed=np.int64(7)).seed) is int

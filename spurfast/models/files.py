@@ -124,7 +124,8 @@ def load_classifier(path, arch: str | None = None, in_channels: int | None = Non
             _arch_unused(p, arch, "a TorchScript model")
             return m
         except Exception:
-            hint = "; if you trust this file (a pickled model), pass --unsafe-load" if weights_only else ""
+            hint = ("; if you trust this file (a pickled model), pass --unsafe-load (from Python: "
+                    "weights_only=False)") if weights_only else ""
             raise ValueError(f"{p} is neither TorchScript nor a loadable state_dict "
                              f"(weights_only={weights_only}): {torch_error_gist(exc)}{hint}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj.get("arch"), dict):
