@@ -272,13 +272,13 @@ def make_planted_data(dataset: str = "auto", *, target_class: int = 3, n_poisone
     """Poison ``n_poisoned`` training images of ``target_class``; the pool is held-out images
     of the *other* classes (a ``pool_fraction`` of them stamped) plus ``n_suspect`` training
     images (the suspect data, with whatever was planted in them)."""
-    spec = spec or PatternSpec("patch3", seed=seed)
     if not (str(n_poisoned) == "all" or re.fullmatch(r"[0-9]+", str(n_poisoned))):
         raise ValueError(f"n_poisoned: expected an integer >= 0 or 'all', got {n_poisoned!r}")
     for name, value in (("n_suspect", n_suspect), ("n_train_per_class", n_train_per_class), ("seed", seed)):
         # numpy said "negative dimensions are not allowed" (or "expected non-negative integer"), naming nothing
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
+    spec = spec or PatternSpec("patch3", seed=seed)
     splits = None
     if dataset == "auto":
         # both splits, not the training images alone: a folder without the test files was
@@ -310,6 +310,10 @@ def make_planted_data(dataset: str = "auto", *, target_class: int = 3, n_poisone
         n_suspect = min(n_suspect, len(ytr) // 4)
     else:
         raise ValueError(f"unknown dataset {dataset!r}; expected 'fashion-mnist', 'digits' or 'auto'")
+    classes = len(names) if names else int(max(ytr.max(), yte.max())) + 1
+    if isinstance(target_class, (bool, np.bool_)) or not isinstance(target_class, (int, np.integer)) \
+            or not 0 <= target_class < classes:   # 10 warned "class 10 has 0 training images" first
+        raise ValueError(f"target class {target_class!r} is not a class of {dataset}: expected 0 to {classes - 1}")
     n_cls = int((ytr == target_class).sum())
     n_p = n_cls if str(n_poisoned) == "all" else min(int(n_poisoned), n_cls)
     if str(n_poisoned) != "all" and int(n_poisoned) > n_cls:   # cut without a word (plant.json said so)

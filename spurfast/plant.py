@@ -45,6 +45,9 @@ class PatternSpec:
                 or not 0.0 < float(self.strength) <= 1.0:
             raise ValueError(f"pattern strength must be a number in (0, 1], got {self.strength!r}")
         self.strength = float(self.strength)
+        if self.family == "background" and self.strength != 1.0:   # taken, recorded in plant.json, unused
+            raise ValueError(f"the background family paints its colour (color=...); strength does not apply to it: "
+                             f"leave it at 1, got {self.strength:g}")
         # a negative margin slices an empty (top/left) or clipped (bottom/right) patch
         if isinstance(self.margin, bool) or not isinstance(self.margin, (int, np.integer)) or self.margin < 0:
             raise ValueError(f"pattern margin must be an integer >= 0, got {self.margin!r}")

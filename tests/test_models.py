@@ -807,3 +807,13 @@ def test_training_and_loading_leave_the_callers_random_state_alone(tmp_path):
     save_vae(vae, tmp_path / "v.pt")
     assert list(after(lambda: load_classifier(tmp_path / "c.pt"), 3)[:2]) == untouched(3)
     assert list(after(lambda: load_vae(tmp_path / "v.pt"), 3)[:2]) == untouched(3)
+
+
+@pytest.mark.parametrize("train", [train_classifier, train_vae])
+def test_a_training_seed_past_the_generators_range_is_refused_naming_it(train):
+    """2**62 failed as torch's "Overflow when unpacking long long" (epoch e is seeded with
+    seed * 1000 + e), after the model was built; the CLI checked it, the API did not."""
+    src = ArraySource(torch.rand(8, 1, 28, 28), np.arange(8) % 2)
+    args = (src, 2) if train is train_classifier else (src,)
+    with pytest.raises(ValueError, match=r"seed must be an integer from 0 to 18446744073709550 .*got 4611686018427387904"):
+        train(*args, epochs=1, seed=2 ** 62, progress=False)

@@ -920,3 +920,15 @@ def test_more_poisoned_images_than_the_class_has_says_so(caplog):
     n = data.truth.to_dict()["n_poisoned"]
     assert 0 < n < 5000
     assert f"n_poisoned=5000: class 3 has {n} training images; all of them are poisoned" in caplog.text
+
+
+@pytest.mark.parametrize("target", [10, -1])
+def test_plant_refuses_a_target_class_the_dataset_lacks_first(caplog, target):
+    """It warned "class 10 has 0 training images; all of them are poisoned" before failing."""
+    from spurfast.pipeline import make_planted_data
+    from spurfast.plant import PatternSpec
+
+    with caplog.at_level("WARNING", logger="spurfast"), \
+            pytest.raises(ValueError, match=rf"target class {target} is not a class of digits: expected 0 to 9"):
+        make_planted_data("digits", target_class=target, n_poisoned=50, spec=PatternSpec("patch3"))
+    assert "poisoned" not in caplog.text

@@ -143,3 +143,10 @@ def test_a_pattern_seed_that_no_generator_takes_is_refused_naming_it(seed):
     with pytest.raises((ValueError, TypeError), match="pattern seed"):
         PatternSpec("noise", strength=0.5, seed=seed)
     assert PatternSpec("noise", seed=np.int64(7)).seed == 7 and type(PatternSpec("noise", seed=np.int64(7)).seed) is int
+
+
+def test_a_strength_for_the_background_is_refused():
+    """It paints its colour: --strength 0.3 gave the same images as 1, and plant.json said 0.3."""
+    with pytest.raises(ValueError, match="strength does not apply to it: leave it at 1, got 0.3"):
+        PatternSpec("background", strength=0.3)
+    assert PatternSpec("background").strength == 1.0
