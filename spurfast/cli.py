@@ -899,8 +899,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-epochs", type=_int_at_least(1), default=8, help="VAE training epochs")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a different spurfast run in --out, deleting everything in it (never a folder "
-                        "spurfast did not write), but keeping its trained models and embedding store when it differs only in its discovery "
-                        "settings (--fdr, --k, ...)")
+                        "spurfast did not write), but keeping its trained models and embedding store when it "
+                        "differs only in its discovery settings (--fdr, --k, ...)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_pattern_args(p)
     _add_discover_args(p)
@@ -971,8 +971,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unsafe-load", action="store_true", help="torch.load with weights_only=False (trusted files only)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a different spurfast run in --out, deleting everything in it (never a folder "
-                        "spurfast did not write, nor one holding the inputs), but keeping its embedding store when that was made from "
-                        "the same pool and models")
+                        "spurfast did not write, nor one holding the inputs), but keeping its embedding store "
+                        "when that was made from the same pool and models")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_discover_args(p)
     p.set_defaults(func=cmd_discover)

@@ -1,8 +1,9 @@
 """The one definition of image preprocessing, shared by the torch and DALI loaders.
 
 decode -> RGB (or L for channels=1) -> resize the shorter side to ``size`` (bilinear,
-antialiased, the filter clamped to the edge pixel at the border) -> centre crop size x size -> CHW float32 in [0, 1].  Mean/std
-normalisation is *not* done here: the VAE encoder fuses it into its first layer.
+antialiased, the filter clamped to the edge pixel at the border) -> centre crop size x size
+-> CHW float32 in [0, 1].  Mean/std normalisation is *not* done here: the VAE encoder fuses
+it into its first layer.
 
 Every number the two loaders must agree on is defined here once and used by both:
 
@@ -42,8 +43,8 @@ DALI's marker parser refuses and PIL skips (stray bytes between the header segme
 ``_jpeg_marker_error``) or decodes all black (CMYK without Adobe's marker), for PNG, what
 libpng (DALI's decoder) refuses and PIL decodes: a side over 1,000,000 pixels, an unknown
 critical chunk, a palette image without PLTE, and other chunk sequences (see
-``_png_chunk_error``); and what PIL refuses only when it
-decodes: a malformed ancillary chunk after the image data (``_png_trailer_check``).  A
+``_png_chunk_error``); and what PIL refuses only when it decodes: a malformed ancillary
+chunk after the image data (``_png_trailer_check``).  A
 file that passes but has no end marker (in its last 1 KiB; for a JPEG, after its scans)
 is "suspect" and is then fully decoded by PIL to decide.  A file that fails never enters
 a DALI pipeline: a corrupt JPEG header can crash DALI's decoder outright (SIGSEGV, not
@@ -289,9 +290,9 @@ def _jpeg_marker_error(path: str) -> str | None:
     0xFF (stray bytes, which PIL and libjpeg skip) or the non-marker 0xFF00, a segment
     length under 2, or no scan where the walk ends (PIL's open found one); and a frame of 4
     components without Adobe's APP14 marker, which it decodes black (``_JPEG_CMYK_NO_ADOBE``,
-    returned as such: not refused).  The parser
-    reads a length after every marker but SOS, as this walk does (a restart marker among
-    the headers, which PIL skips, throws it off); fill bytes (0xFF runs) are fine.  Reads
+    returned as such: not refused).  The parser reads a length after every marker but SOS,
+    as this walk does (a restart marker among the headers, which PIL skips, throws it off);
+    fill bytes (0xFF runs) are fine.  Reads
     16 KiB blocks at the markers only, seeking past the segments' data (reading all of it
     into one growing buffer cost 1.2 s for a JPEG with 16 MB of APP segments, quadratic,
     and its size in memory)."""

@@ -21,8 +21,6 @@ from .vae import VAE, VAEConfig, vae_loss
 
 log = logging.getLogger("spurfast.train")
 
-
-
 MAX_TRAIN_SEED = (2 ** 64 - 1000) // 1000   # seed * 1000 + epoch (< 1000) fits a 64-bit generator seed
 
 
