@@ -45,7 +45,7 @@ def _int_at_least(lo: int):
 def _seed(value: str) -> int:
     """argparse type of --seed: training seeds epoch e with seed * 1000 + e (a 64-bit
     generator seed), so a larger seed failed mid-run as "Overflow when unpacking long long"."""
-    from .evaluate import MAX_SEED
+    from .models.train import MAX_SEED
     n = _int_at_least(0)(value)
     if n > MAX_SEED:
         raise argparse.ArgumentTypeError(f"expected an integer from 0 to {MAX_SEED}, got {value!r}")

@@ -50,7 +50,7 @@ from .data.sources import ArraySource, utf8_name
 from .discover import DiscoverConfig, characterise, discover
 from .embed import _write_json   # atomic: a run killed mid-write left a truncated cache file
 from .metrics import Feature, carried_by, false_findings, false_findings_on_pool_patterns, feature_metrics, matches, recall_at_q
-from .models.train import MAX_TRAIN_SEED
+from .models.train import MAX_SEED
 from .plant import PatternSpec, fixed_mask, plant_training, stamp_at
 from .results_doc import (DEFAULT_METHODS, METHODS, RESIDUAL_METHODS, check_ours, check_results_md, csv_digests,
                           read_notes, write_csv, write_results, write_with_notes)
@@ -677,9 +677,6 @@ def _run_one(rfile: Path, setting: Setting, seed: int, sizes: Sizes, cache: Path
 
 
 # ----------------------------------------------------------------------------- sweep
-MAX_SEED = MAX_TRAIN_SEED   # training seeds epoch e with seed * 1000 + e
-
-
 def check_seeds(seeds) -> tuple[int, ...]:
     """``seeds`` as a tuple of distinct integers from 0 to `MAX_SEED`; ValueError naming the bad one.  A
     repeated seed ran again (from the cache) and was counted twice in every mean and

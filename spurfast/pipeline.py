@@ -668,9 +668,11 @@ def _enough_readable(store, pool) -> None:
     if n_ok >= 2:
         return
     bad = store.bad_files()   # one named: a pool of a million bad files named them all first
-    first = min(bad, key=int, default=None)
-    example = "".join(f" (e.g. {k}: {r})" for k, r in _named(pool, {int(first): bad[first]}).items()) \
-        if first is not None else ""
+    example = ""
+    if bad:
+        first = min(bad, key=int)
+        (name, reason), = _named(pool, {int(first): bad[first]}).items()
+        example = f" (e.g. {name}: {reason})"
     raise ValueError(f"pool {pool.name}: only {n_ok} of its {store.n} images could be read{example}; discovery "
                      f"needs at least 2 (each image's latent neighbours are others)")
 

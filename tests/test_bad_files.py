@@ -1370,7 +1370,7 @@ def test_a_fractional_start_or_shard_is_refused_by_name():
     assert folder_mod.select_indices(10, start=np.int32(2), shard_id=np.int64(1), num_shards=2).tolist() == [3, 5, 7, 9]
 
 
-@pytest.mark.parametrize("which", ["torch", pytest.param("dali", marks=needs_dali)])
+@pytest.mark.parametrize("which", _loaders())
 def test_a_cmyk_jpeg_without_adobes_marker_is_bad_for_both_loaders(tmp_path, which):
     """DALI's decoder gave a CMYK JPEG without Adobe's APP14 marker all black, marked good
     (PIL decodes it): one latent 0.42 away from the torch loader's run, nothing listed.  Both
@@ -1400,16 +1400,13 @@ def test_dalis_reason_for_a_file_of_a_non_utf8_name_names_the_file(tmp_path):
     """DALI reads such a file through a link in a private folder, and its words named the
     link (".../spurfast-dali-PID/alias-0.img", gone at exit) as the reason for the file."""
     import os
-    import struct
     import zlib
 
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
     rows = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    whole, chunk = _png_with_chunks(rows)
     z = zlib.compress(b"".join(b"\0" + r.tobytes() for r in rows))
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 40, 40, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", z[:len(z) // 2]) + chunk(b"IEND", b""))   # image data cut: DALI refuses it
+    at = whole.index(b"IDAT") - 4   # the IDAT chunk, its length first
+    png = whole[:at] + chunk(b"IDAT", z[:len(z) // 2]) + chunk(b"IEND", b"")   # image data cut: DALI refuses it
     name = os.path.join(os.fsencode(tmp_path), b"caf\xe9.png")
     with open(name, "wb") as fh:
         fh.write(png)
@@ -1418,7 +1415,7 @@ def test_dalis_reason_for_a_file_of_a_non_utf8_name_names_the_file(tmp_path):
     assert "alias-" not in bad[0] and f"{tmp_path}/caf\\xe9.png" in bad[0], bad[0]
 
 
-@pytest.mark.parametrize("which", ["torch", pytest.param("dali", marks=needs_dali), "source"])
+@pytest.mark.parametrize("which", [*_loaders(), "source"])
 def test_a_skipped_file_of_a_non_utf8_name_is_logged_as_the_report_spells_it(tmp_path, which, caplog):
     """The warning showed the name's surrogate escape (q\\udcff.png) where bad_files.json, the
     report and the VAE's training log write q\\xff.png."""

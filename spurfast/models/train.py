@@ -21,7 +21,7 @@ from .vae import VAE, VAEConfig, vae_loss
 
 log = logging.getLogger("spurfast.train")
 
-MAX_TRAIN_SEED = (2 ** 64 - 1000) // 1000   # seed * 1000 + epoch (< 1000) fits a 64-bit generator seed
+MAX_SEED = (2 ** 64 - 1000) // 1000   # seed * 1000 + epoch (< 1000) fits a 64-bit generator seed
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -251,8 +251,8 @@ def _train(build, source: ImageSource, step, name: str, *, epochs: int, batch_si
     ck = Path(checkpoint) if checkpoint else None
     # plain Python numbers: numpy ones fail the JSON identity after the first epoch's work
     seed, batch_size, lr = operator.index(seed), operator.index(batch_size), real_number(lr, f"{name}: lr")
-    if isinstance(seed, bool) or not 0 <= seed <= MAX_TRAIN_SEED:   # 2**62 failed as "Overflow when unpacking long long"
-        raise ValueError(f"{name}: seed must be an integer from 0 to {MAX_TRAIN_SEED} (epoch e is seeded with "
+    if not 0 <= seed <= MAX_SEED:   # 2**62 failed as "Overflow when unpacking long long"
+        raise ValueError(f"{name}: seed must be an integer from 0 to {MAX_SEED} (epoch e is seeded with "
                          f"seed * 1000 + e, below 2**64), got {seed!r}")
     if not (np.isfinite(lr) and lr > 0):   # inf or NaN trained to NaN weights without a word
         raise ValueError(f"{name}: lr must be a finite number > 0, got {lr!r}")
