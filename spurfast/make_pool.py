@@ -506,6 +506,16 @@ def _marker_leftover(entry: Path) -> bool:
     return killed_writer_target(entry, lambda name: name == "pool.json") is not None
 
 
+def refuse_unfinished(pool_dir) -> dict | None:
+    """``pool_dir``'s pool.json (`_pool_info`); raises ValueError when it marks a make-pool run
+    that was cut short (Ctrl-C, a kill): "spec" stays None until the last image is written."""
+    info = _pool_info(pool_dir)
+    if info is not None and info.get("writer") == POOL_WRITER and info.get("spec") is None:
+        raise ValueError(f"pool {pool_dir} is incomplete (its make-pool run was interrupted); rerun the same "
+                         f"make-pool command to finish it, or with --overwrite to write it anew")
+    return info
+
+
 def read_ground_truth(pool_dir) -> tuple[np.ndarray, np.ndarray]:
     """(labels, carries) in pool-index order from a pool's ground_truth.csv; raises
     ValueError for a pool whose make-pool was cut short, or whose ground truth has
@@ -515,12 +525,9 @@ def read_ground_truth(pool_dir) -> tuple[np.ndarray, np.ndarray]:
         raise FileNotFoundError(f"{pool_dir} has no ground_truth.csv (not written by `spurfast make-pool`)")
     with open(p, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    # a make-pool cut short (Ctrl-C) leaves pool.json's "spec" None and ground_truth.csv
-    # possibly cut short too: its rows were returned as the pool's whole ground truth
-    info = _pool_info(pool_dir)
-    if info is not None and info.get("writer") == POOL_WRITER and info.get("spec") is None:
-        raise ValueError(f"pool {pool_dir} is incomplete (its make-pool run was interrupted); rerun the same "
-                         f"make-pool command to finish it, or with --overwrite to write it anew")
+    # a make-pool cut short (Ctrl-C) leaves ground_truth.csv possibly cut short too: its rows
+    # were returned as the pool's whole ground truth
+    info = refuse_unfinished(pool_dir)
     if info is not None and isinstance(info.get("n"), int) and info["n"] != len(rows):
         raise ValueError(f"{p} has {len(rows)} rows, but {pool_dir}/pool.json says the pool holds {info['n']} "
                          f"images")

@@ -331,6 +331,29 @@ def test_a_first_marker_write_that_fails_leaves_the_folder_reusable(tmp_path, mo
     assert json.loads((tmp_path / "p" / "pool.json").read_text()) == info
 
 
+def test_an_interrupted_pool_is_refused_as_a_source_until_finished(tmp_path, monkeypatch):
+    """A make-pool cut short mid-write left 300 of 600 images (classes 0-4 only, in one
+    chunk order) and discover or train read that folder as the whole pool, silently."""
+    import spurfast.make_pool as mp_mod
+
+    real = mp_mod.render
+
+    def render_then_stop(i, label, spec):
+        if i == 300:
+            raise KeyboardInterrupt
+        return real(i, label, spec)
+
+    spec = PoolSpec(n=600, classes=4, min_size=8, max_size=8)
+    monkeypatch.setattr(mp_mod, "render", render_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    monkeypatch.setattr(mp_mod, "render", real)
+    with pytest.raises(ValueError, match=f"pool {tmp_path / 'p'} is incomplete .*rerun the same make-pool"):
+        ImageFolderSource(tmp_path / "p", size=8)
+    make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    assert len(ImageFolderSource(tmp_path / "p", size=8)) == 600
+
+
 def test_the_ground_truth_of_an_interrupted_pool_is_refused(tmp_path, monkeypatch):
     """A make-pool cut short while ground_truth.csv was written left fewer rows than
     images, and read_ground_truth returned them as the pool's whole ground truth."""

@@ -194,6 +194,10 @@ class ImageFolderSource(ImageSource):
 
     def __init__(self, root, size: int = 64, channels: int = 3, class_names: list[str] | None = None):
         self.root = str(root)
+        # a make-pool cut short holds some classes' images and not others': discover and
+        # train ran on it as if it were the whole pool (lazy: make_pool imports this module)
+        from ..make_pool import refuse_unfinished
+        refuse_unfinished(root)
         self.paths, self._labels, self.class_names = list_folder(root, class_names)
         self.spec = PreprocessSpec(size, channels)
         # Python ints: a numpy size (accepted by PreprocessSpec) printed as "np.int64(64)" in the
