@@ -65,7 +65,7 @@ def _seed_list(value: str) -> tuple[int, ...]:
 
 
 SEED_HELP = ("seed of every random choice: the same seed, the same run (training: at the same thread count, "
-             "OMP_NUM_THREADS; another sums in another order)")
+             "MKL_NUM_THREADS or OMP_NUM_THREADS; another sums in another order)")
 DATASET_HELP = ("Fashion-MNIST (Debian's dataset-fashion-mnist or $SPURFAST_FASHION_MNIST) or scikit-learn's digits; "
                 "auto: Fashion-MNIST where it is found, else digits")
 
