@@ -29,7 +29,7 @@ from .cores import usable_cores
 from .data.loader_torch import iter_batches
 from .data.preprocess import uint8_to
 from .data.sources import ImageSource, content_digest, sampled_digest, utf8_name
-from .models.outputs import check_floating, classifier_outputs, shape_text, trial
+from .models.outputs import check_floating, classifier_outputs, non_float32_weights, shape_text, trial
 
 log = logging.getLogger("spurfast.embed")
 FEATS_MAX = float(np.finfo(np.float16).max)   # 65504: the store keeps penultimate features as float16
@@ -302,8 +302,7 @@ def check_vae_input(source: ImageSource, vae) -> None:
                          f"the pool ({source.name}) has {shape_text(source.image_shape)}")
     # the encoder takes any (it casts the batch to its weights), but decoding float32 latents
     # failed in characterisation, after the whole embedding pass and discovery
-    other = sorted({str(p.dtype).replace("torch.", "") for p in getattr(vae, "parameters", lambda: ())()
-                    if p.is_floating_point() and p.dtype != torch.float32})
+    other = non_float32_weights(vae)
     if other:
         raise ValueError(f"the VAE has {', '.join(other)} weights; spurfast runs it in float32: pass vae.float()")
 
@@ -316,7 +315,7 @@ def check_outputs(source: ImageSource, classifier, num_classes: int, device: str
         model, x = classifier.to(device).eval(), x0.to(device)   # outside: "no NVIDIA driver" is no shape error
         # torch's "mat1 and mat2 shapes cannot be multiplied" named neither
         logits, feats = trial(lambda: classifier_outputs(model, x), f"classifier cannot run on images of shape "
-                              f"{shape_text(x0.shape[1:])} (CxHxW) from {source.name}")
+                              f"{shape_text(x0.shape[1:])} (CxHxW) from {source.name}", model)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:   # logits.shape[1]: a bare IndexError
         got = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else f"a {type(logits).__name__}"
         raise ValueError(f"classifier outputs {got} for one image of {source.name}; expected logits of shape "

@@ -733,6 +733,25 @@ def test_a_classifier_that_refuses_the_images_says_why(tmp_path):
             check_output_width(clf, (1, 16, 16), 4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_classifier_of_other_weights_is_told_to_pass_float(tmp_path, dtype):
+    # torch's "Input type (float) and bias type (double) should be the same" said what
+    # clashed but not what to do
+    src = ArraySource(torch.rand(8, 1, 16, 16), np.arange(8) % 4, name="small")
+    vae = VAE(VAEConfig.for_images(1, 16, 4))
+    clf = SmallCNN(1, 4, 16).to(dtype)
+    name = str(dtype).replace("torch.", "")
+    hint = rf"\(its weights are {name}, spurfast's images float32: pass model.float\(\)\)"
+    with pytest.raises(ValueError, match=r"classifier cannot run on images of shape 1x16x16 .*" + hint):
+        embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, progress=False)
+    with pytest.raises(ValueError, match=hint):
+        check_output_width(clf, (1, 16, 16), 4)
+    # a float32 classifier that fails gets no such hint
+    with pytest.raises(ValueError) as got:
+        embed_pool(src, SmallCNN(1, 4, 28), vae, tmp_path / "s", num_classes=4, progress=False)
+    assert "model.float()" not in str(got.value)
+
+
 class _IndexOneHot(torch.nn.Module):
     """A "classifier" that outputs the one-hot of its class index: integers, not logits."""
 

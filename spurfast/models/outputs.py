@@ -72,17 +72,29 @@ def trial_error_gist(exc: BaseException) -> str:
     return lines[0] if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {lines[0]}"
 
 
-def trial(call, cannot: str):
+def trial(call, cannot: str, model=None):
     """``call()``, a model's trial forward; any error but running out of memory becomes
     ``ValueError(f"{cannot}: {gist}")`` (`trial_error_gist`).  A TorchScript ``assert``
     raises ``torch.jit.Error`` (not a RuntimeError), a pickled model's own check an
-    AssertionError or TypeError: those ended in a traceback."""
+    AssertionError or TypeError: those ended in a traceback.  Where ``model`` has weights
+    other than float32, the message says to pass ``model.float()``."""
     try:
         return call()
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as exc:
-        raise ValueError(f"{cannot}: {trial_error_gist(exc)}") from None
+        # torch's "Input type (float) and bias type (double) should be the same" said what
+        # clashed, not what to do (spurfast's images are float32)
+        other = non_float32_weights(model)
+        hint = f" (its weights are {', '.join(other)}, spurfast's images float32: pass model.float())" if other else ""
+        raise ValueError(f"{cannot}: {trial_error_gist(exc)}{hint}") from None
+
+
+def non_float32_weights(model) -> list[str]:
+    """The floating-point dtypes other than float32 among ``model``'s parameters, sorted
+    ("float64", "bfloat16"); empty for a float32 model or one without parameters."""
+    return sorted({str(p.dtype).replace("torch.", "") for p in getattr(model, "parameters", lambda: ())()
+                   if p.is_floating_point() and p.dtype != torch.float32})
 
 
 def check_floating(out: torch.Tensor, name: str, where: str = "") -> None:
@@ -105,7 +117,7 @@ def output_width(model: nn.Module, image_shape, *, name: str = "classifier", poo
                              f"use a classifier trained on such images (for folders: --size/--channels)")
     with torch.no_grad():   # TorchScript / foreign models: only a trial run tells
         out = trial(lambda: model(torch.zeros((1,) + shape)),
-                    f"{name} cannot run on images of shape {shape_text(shape)} (CxHxW) from {pool}")
+                    f"{name} cannot run on images of shape {shape_text(shape)} (CxHxW) from {pool}", model)
     if not isinstance(out, torch.Tensor):  # a tuple or dict (logits, extras): not a classifier's logits
         raise ValueError(f"{name} outputs a {type(out).__name__} for one image; expected a tensor of logits "
                          f"of shape (1, classes)")
