@@ -165,14 +165,31 @@ def pattern_mask(contrast: torch.Tensor) -> np.ndarray:
     return mag > otsu_threshold(mag)
 
 
-def exemplars(z: np.ndarray, members: np.ndarray, m: int) -> np.ndarray:
-    """The m members nearest the members' mean latent (ties by index)."""
-    if len(members) == 0:
-        return members
-    c = z[members].mean(0)
-    d = ((z[members] - c) ** 2).sum(1)
-    order = np.lexsort((members, d))
-    return members[order[:m]]
+def exemplars(z: np.ndarray, member_lists: list[np.ndarray], m: int, *, device: str = "cpu",
+              backend: str | None = None) -> list[np.ndarray]:
+    """Per finding (an ascending array of pool indices into ``z``), the ``m`` members nearest
+    the members' mean latent in squared L2 (ties by index).
+
+    One ``cluster_similarity`` call for every finding at once, each finding a group of one
+    cluster: the op that picks a cluster's exemplars on the GPU (the CuPy kernel) or the
+    CPU (the reference), whichever ``backend`` (None: the registry's choice) resolves to."""
+    from . import backends
+
+    sizes = [len(ms) for ms in member_lists]
+    if sum(sizes) == 0 or m == 0:
+        return [np.zeros(0, np.int64) for _ in member_lists]
+    flat = np.concatenate([np.asarray(ms, np.int64) for ms in member_lists])
+    x = torch.as_tensor(np.asarray(z[flat], np.float32), device=device)
+    offsets = torch.as_tensor(np.concatenate([[0], np.cumsum(sizes)]), device=device)
+    # each centroid in float64: the float32 mean of a large finding drifts by a few ulps,
+    # enough to reorder members about equally near it
+    centroids = torch.stack([x[a:b].double().mean(0) if b > a else x.new_zeros(x.shape[1], dtype=torch.float64)
+                             for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]).float()[:, None, :]
+    ones = torch.ones(len(sizes), dtype=torch.int64, device=device)
+    assign = torch.zeros(len(flat), dtype=torch.int64, device=device)
+    _, picked, _, _ = backends.call("cluster_similarity", x, offsets, assign, centroids, ones, m, backend=backend)
+    picked = picked[:, 0, :].cpu().numpy()
+    return [flat[row[row >= 0]] for row in picked]
 
 
 def linear_probe(z: np.ndarray, pos: np.ndarray, neg: np.ndarray, ridge: float = 1e-3):

@@ -320,7 +320,7 @@ def check_backends(device: str, **named) -> None:
 
 KMEANS_OPS = ("kmeans_assign", "kmeans_update")
 # ops discovery runs that no option names: only SPURFAST_BACKEND* variables choose them
-ENV_ONLY = {"latent_knn": (None, ("latent_knn", "kmeans_plusplus", "kmeans_assign_update"))}
+ENV_ONLY = {"latent_knn": (None, ("latent_knn", "kmeans_plusplus", "kmeans_assign_update", "cluster_similarity"))}
 
 
 def _labelled_folder(src) -> bool:

@@ -621,7 +621,7 @@ def check_discovery_ops(backend, device_type: str) -> None:
     if backends.requested("kmeans_assign", backend) != "auto":   # auto always has the torch one
         backends.resolve("kmeans_assign", backend, device_type)
     upd = backend if backend == "auto" or backend in {p.name for p in backends.providers("kmeans_update")} else None
-    ops = {"latent_knn": None, "kmeans_update": upd}
+    ops = {"latent_knn": None, "kmeans_update": upd, "cluster_similarity": None}   # the last: exemplars
     if not backend:   # lloyd reads these two variables only when the run names no k-means backend
         ops.update(kmeans_plusplus=None, kmeans_assign_update=None)
     for op, given in ops.items():

@@ -233,12 +233,26 @@ def test_contrast_map_without_content_matched_others_compares_with_all_others():
 def test_exemplars_are_the_members_nearest_their_mean_ties_by_index():
     from spurfast.characterise import exemplars
 
+    def one(z, members, m):
+        return [e.tolist() for e in exemplars(z, [np.asarray(members)], m)][0]
+
     z = np.array([[0.0], [10.0], [1.0], [-1.0], [0.5]])
-    assert exemplars(z, np.arange(5), 2).tolist() == [2, 4]      # mean 2.1: 1.1 and 1.6 away
+    assert one(z, np.arange(5), 2) == [2, 4]      # mean 2.1: 1.1 and 1.6 away
     z = np.zeros((10, 1))
     z[5], z[3], z[9] = 1.0, -1.0, 0.0                             # mean 0: 9, then 3 and 5 tied
-    assert exemplars(z, np.array([3, 5, 9]), 2).tolist() == [9, 3]
-    assert exemplars(z, np.array([3, 5, 9]), 5).tolist() == [9, 3, 5]
+    assert one(z, [3, 5, 9], 2) == [9, 3]
+    assert one(z, [3, 5, 9], 5) == [9, 3, 5]
+    # several findings in one call, each about its own mean (an empty one among them), as one by one
+    z = np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32)
+    lists = [np.array([1, 4, 7, 30, 41]), np.array([], np.int64), np.array([2]), np.arange(10, 30)]
+    got = exemplars(z, lists, 4)
+    assert [g.tolist() for g in got] == [one(z, ms, 4) for ms in lists]
+    for ms, g in zip(lists, got):
+        if len(ms):
+            d = ((z[ms] - z[ms].astype(np.float64).mean(0)) ** 2).sum(1)
+            assert g.tolist() == ms[np.lexsort((ms, d))][:4].tolist()
+    assert [g.tolist() for g in exemplars(z, lists, 0)] == [[], [], [], []]
+    assert exemplars(z, [], 3) == []
 
 
 def test_linear_probe_cuts_at_the_midpoint_of_the_projected_means():

@@ -800,14 +800,17 @@ def test_evaluate_from_csv_refuses_run_options(tmp_path, capsys, extra):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("case", ["discover", "demo", "demo_encoder", "discover_plusplus", "demo_assign_update"])
+@pytest.mark.parametrize("case", ["discover", "demo", "demo_encoder", "discover_plusplus", "demo_assign_update",
+                                  "discover_similarity"])
 def test_an_unavailable_latent_knn_backend_variable_fails_first(tmp_path, capsys, monkeypatch, case):
-    """latent_knn, k-means++ and the fused step have no option, only SPURFAST_BACKEND_<OP>:
-    they failed after the embedding pass (the demo's encoder variable after training)."""
+    """latent_knn, k-means++, the fused step and the exemplars' similarity have no option, only
+    SPURFAST_BACKEND_<OP>: they failed after the embedding pass (the demo's encoder variable
+    after training; the similarity's after discovery)."""
     from spurfast import backends, demo
 
     var = {"demo_encoder": "SPURFAST_BACKEND_ENCODER", "discover_plusplus": "SPURFAST_BACKEND_KMEANS_PLUSPLUS",
-           "demo_assign_update": "SPURFAST_BACKEND_KMEANS_ASSIGN_UPDATE"}.get(case, "SPURFAST_BACKEND_LATENT_KNN")
+           "demo_assign_update": "SPURFAST_BACKEND_KMEANS_ASSIGN_UPDATE",
+           "discover_similarity": "SPURFAST_BACKEND_CLUSTER_SIMILARITY"}.get(case, "SPURFAST_BACKEND_LATENT_KNN")
     monkeypatch.setenv(var, "bogus")
     monkeypatch.setattr(demo, "run_demo", lambda *a, **k: pytest.fail("the demo started"))
     backends.clear_cache()

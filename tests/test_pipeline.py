@@ -798,7 +798,8 @@ def test_a_pool_of_one_image_is_refused_before_overwrite_deletes_the_old_run(tmp
     assert (out / "findings.json").is_file() and EmbeddingStore(out / "store").n == len(pool)
 
 
-@pytest.mark.parametrize("op", ["latent_knn", "kmeans_update", "kmeans_plusplus", "kmeans_assign_update"])
+@pytest.mark.parametrize("op", ["latent_knn", "kmeans_update", "kmeans_plusplus", "kmeans_assign_update",
+                                "cluster_similarity"])
 def test_a_bad_backend_variable_for_another_discovery_op_is_refused_before_any_work(tmp_path, monkeypatch, op):
     # only the assignment's was checked up front: SPURFAST_BACKEND_LATENT_KNN=cupy (say) failed at the
     # neighbour search, after the embedding pass (with --overwrite, after deleting the old run)
