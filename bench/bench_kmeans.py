@@ -14,6 +14,7 @@ Providers
   faiss-cpu       faiss.Kmeans on all points (one group only), CPU
   sklearn         sklearn KMeans(algorithm="lloyd") on all points (one group only), CPU
   flash-kmeans    flash_kmeans.batch_kmeans_Euclid (pip flash-kmeans), GPU, equal-size groups
+  numpy-loop      cluster_similarity's rows only: numpy once per cluster from Python
 
 faiss, sklearn and flash-kmeans run whole fits; their per-iteration time is
 (t(1 + R iterations) - t(1 iteration)) / R, which cancels set-up and initialisation.  Ours
@@ -487,6 +488,7 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
             torch.cuda.empty_cache()
     _plusplus_rows(writer, dev, devname, kcpu, reps)
     _knn_rows(writer, dev, devname, kcpu, quick)
+    _similarity_rows(writer, dev, devname, kc, quick, reps)
 
 
 def _knn_rows(writer, dev, devname, kcpu, quick):
@@ -575,3 +577,55 @@ def _plusplus_rows(writer, dev, devname, kcpu, reps):
             except ImportError as exc:
                 _log(f"sklearn kmeans_plusplus skipped: not installed ({exc})")
         _log(f"kmeans_plusplus N={N} d={d} G={G} k={k}: " + ", ".join(f"{n} {t * 1e3:.1f} ms" for n, t in times.items()))
+
+
+def _similarity_rows(writer, dev, devname, kc, quick, reps, m: int = 16):
+    """Per-cluster similarity (op ``cluster_similarity``: each point's cosine to its centroid,
+    the m members nearest it, mean cosine and squared distance per cluster) after one
+    assignment: the reference, the CuPy kernel (GPU), and the obvious peer, a Python loop
+    over clusters in numpy (what picking a finding's exemplars one by one does).  Counted:
+    x read once (N d 4) + assign (N 8) + cos and distance written (N 8); FLOPs 6 N d (x.c,
+    |x|^2 and |x - c|^2 per point)."""
+    from spurfast.kernels import reference as ref
+
+    cases = [(100_000, 16, 10, 16)] + ([] if quick else [(1_300_000, 16, 1000, 16)])
+    for N, d, G, k in cases:
+        x, off, cent, kpg = make_data(N, d, k, G, dev)
+        assign, _ = ref.kmeans_assign(x, off, cent, kpg, "l2")
+        config = dict(N=N, d=d, k=k, groups=G, m=m, dtype="fp32", threads=torch.get_num_threads())
+        provs = {"torch": lambda: ref.cluster_similarity(x, off, assign, cent, kpg, m)}
+        if kc is not None:
+            provs["cupy"] = lambda: kc.cluster_similarity(x, off, assign, cent, kpg, m)
+        if dev == "cpu":
+            xn, an, cn = x.numpy(), assign.numpy(), cent.numpy()
+            gid = np.repeat(np.arange(G), np.diff(off.numpy()))
+            slot = gid * k + an
+            order = np.argsort(slot, kind="stable")
+            bounds = np.searchsorted(slot[order], np.arange(G * k + 1))
+
+            def numpy_loop():
+                out = {}
+                for s_ in range(G * k):
+                    rows = order[bounds[s_]:bounds[s_ + 1]]
+                    if len(rows) == 0:
+                        continue
+                    c = cn[s_ // k, s_ % k]
+                    xs = xn[rows]
+                    sq = ((xs - c) ** 2).sum(1)
+                    cos = xs @ c / np.maximum(np.linalg.norm(xs, axis=1) * np.linalg.norm(c), 1e-12)
+                    out[s_] = (rows[np.lexsort((rows, sq))[:m]], cos.mean(), sq.mean())
+                return out
+
+            provs["numpy-loop"] = numpy_loop
+        # in turn, as the side-by-side k-means rows: load on a shared machine hits each alike
+        stats = _interleaved({name: ("step", fn) for name, fn in provs.items()}, dev, reps)
+        for name, st in stats.items():
+            writer.add_timing("cluster_similarity", name, config, st, devname, items=N,
+                              bytes_moved=N * d * 4 + N * 16, flops=6.0 * N * d)
+        _log(f"cluster_similarity N={N} d={d} G={G} k={k} m={m}: "
+             + ", ".join(f"{p} {st['median_s'] * 1e3:.1f} ms" for p, st in stats.items()))
+        if "numpy-loop" in provs:   # the peer must pick what the op picks, or its time compares nothing
+            want = provs["torch"]()[1].reshape(G * k, m).numpy()
+            same = all(np.array_equal(want[s_][:len(rows)], rows) and (want[s_][len(rows):] == -1).all()
+                       for s_, (rows, _, _) in provs["numpy-loop"]().items())
+            writer.add("cluster_similarity", "numpy-loop", config, "same_exemplars", float(same), "1", devname)

@@ -709,3 +709,15 @@ def test_whole_fit_timing_is_the_median_of_paired_differences():
     st = bench_kmeans._diff_time(jumpy, "cpu", 6)
     # per iteration the rounds differ by 1 ms; the long fit alone does not vary (the old band: ~0 wide)
     assert st["p80_s"] - st["p20_s"] > 0.0005, st
+
+
+def test_cluster_similarity_rows_time_the_op_against_a_peer_that_picks_the_same_exemplars(tmp_path):
+    # the similarity kernel (exemplars of every finding) had no benchmark row at all
+    bk._similarity_rows(ResultWriter(tmp_path / "s.csv"), "cpu", "cpu", None, True, 1)
+    rows = [r for r in _rows(tmp_path / "s.csv") if r["op"] == "cluster_similarity"]
+    by = {(r["provider"], r["metric"]): float(r["value"]) for r in rows}
+    assert {p for p, _ in by} == {"torch", "numpy-loop"}
+    assert by[("numpy-loop", "same_exemplars")] == 1.0
+    N, d = 100_000, 16
+    for p in ("torch", "numpy-loop"):
+        assert by[(p, "gbytes_per_s")] == pytest.approx((N * d * 4 + N * 16) / by[(p, "median_s")] / 1e9, rel=1e-4)
