@@ -278,10 +278,9 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
     findings, rankings = _merge_and_expand(sig, z, valid, g, store.n, spill_dir=work_dir, seed=config.seed)
     zfull = np.zeros((store.n, z.shape[1]), np.float32)
     zfull[valid] = z
-    picked = exemplars(zfull, [np.asarray(f["members"], dtype=np.int64) for f in findings], config.n_exemplars,
-                       device=config.device)
-    for f, chosen in zip(findings, picked):
-        members = np.asarray(f["members"], dtype=np.int64)
+    member_lists = [np.asarray(f["members"], dtype=np.int64) for f in findings]
+    picked = exemplars(zfull, member_lists, config.n_exemplars, device=config.device)
+    for f, members, chosen in zip(findings, member_lists, picked):
         f["exemplars"] = chosen.tolist()
         # the members the score counted (the suspect-free, other-content ones): a diffuse
         # finding's pixel probe is fitted on them (`spurfast.pattern_rank`)
