@@ -973,3 +973,32 @@ def test_a_state_dict_entry_that_cannot_be_fingerprinted_is_named():
     src, clf, vae = _setup(4)
     with pytest.raises(ValueError, match=r"state_dict entry '_extra_state': a dict, expected tensors"):
         fingerprint(src, Odd(), vae)
+
+
+class _Standardising(torch.nn.Module):
+    """A classifier that standardises each image first, as many pipelines do: NaN logits for a
+    constant image (the loader's stand-in for an unreadable file is all zeros)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner((x - x.mean((1, 2, 3), keepdim=True)) / x.std((1, 2, 3), keepdim=True))
+
+
+def test_an_unreadable_files_stand_in_cannot_stop_the_run_with_nan_outputs(tmp_path):
+    # the NaN check covered the zero images that stand in for unreadable files: one broken file
+    # stopped the run with "classifier produced NaN/inf outputs for pool indices [3]"
+    src, clf, vae = _setup(16)
+    src.images[3] = 0.0
+    src.bad_files = {3: "broken 3"}
+    store = embed_pool(src, _Standardising(clf), vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False)
+    assert store.complete and store.bad_files() == {"3": "broken 3"}
+    assert int(np.asarray(store["pred"])[3]) == -1
+    for name in ("conf", "probs", "mu", "feats"):
+        assert np.isfinite(np.asarray(store[name], dtype=np.float32)).all(), name
+    # a readable image the classifier gives NaN for is still refused, by its index
+    src.bad_files = {}
+    with pytest.raises(ValueError, match=r"classifier produced NaN/inf outputs for pool indices \[3\]"):
+        embed_pool(src, _Standardising(clf), vae, tmp_path / "t", num_classes=4, batch_size=8, progress=False)
