@@ -304,6 +304,18 @@ def confirm_pattern(model, images: torch.Tensor, cls: int, mask: np.ndarray, con
     model.eval()
     p0 = _prob(model, images, cls, config.device, config.batch_size)
     p1 = _prob(model, apply_delta(images, vals, m, config.mode), cls, config.device, config.batch_size)
+    finite = np.isfinite(p0) & np.isfinite(p1)
+    if not finite.all():
+        # NaN > RISE is False: each such image counted as one the pattern did not move, and a
+        # model that gives NaN for 90% of the clean set read as "no effect", without a word
+        log.warning("confirmation of class %d leaves out %d of %d clean images: the classifier gives NaN/inf "
+                    "outputs for them (with or without the pattern)", cls, int((~finite).sum()), n)
+        keep = torch.as_tensor(finite)
+        images, p0, p1, n = images[keep], p0[finite], p1[finite], int(finite.sum())
+        if n == 0:
+            why = "the classifier gives NaN/inf outputs for every clean image"
+            return {"flip_rate": None, "control_flip_rate": None, "p_value": None, "n_images": 0,
+                    "mask_area": int(m.sum()), "skipped": why}
     real = p1 - p0 > RISE
 
     def flips(perturb) -> np.ndarray:
@@ -438,7 +450,10 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
             # through the loader: get_batch decoded a folder one file at a time in this process
             for b in iter_batches(clean, config.batch_size, num_workers=num_workers, backend=loader_backend,
                                   device=decode_device(config.device)):
-                pred[b.indices.numpy()] = model(b.images.to(config.device)).argmax(1).cpu().numpy()
+                logits = model(b.images.to(config.device)).float()
+                # argmax calls a row of NaN class 0; -1: no class (confirm_pattern leaves it out)
+                guess = torch.where(torch.isfinite(logits).all(1), logits.argmax(1), -1)
+                pred[b.indices.numpy()] = guess.cpu().numpy()
     else:
         if pool is None or pool_pred is None:
             raise ValueError("confirmation needs a clean set, or the pool and its predictions")

@@ -614,3 +614,38 @@ def test_a_contrast_without_its_channel_axis_is_refused_saying_so():
     with pytest.raises(ValueError, match=r"contrast of shape \(1, 8, 8\) does not match mask \(16, 16\): "
                                          r"expected \(C, 16, 16\)"):
         confirm_pattern(flat, _clean(), 1, _corner_mask(), torch.zeros(1, 8, 8))
+
+
+class NaNOnConstant(CornerModel):
+    """CornerModel whose logits are NaN for a constant image (as a model that divides by each
+    image's spread)."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out / (x.flatten(1).std(1) > 0).float()[:, None]
+
+
+def test_clean_images_the_model_gives_nan_for_are_left_out_not_counted_as_unmoved(caplog):
+    # NaN > 0.1 is False: each such image counted as one the pattern did not move, and a model
+    # giving NaN for 90% of the clean set turned a flip rate of 1.0 into 0.1, without a word
+    x = _clean()
+    x[:270] = 0.0
+    contrast = torch.zeros(1, 16, 16)
+    contrast[0, -4:-1, -4:-1] = 0.9
+    with caplog.at_level("WARNING", logger="spurfast.confirm"):
+        r = confirm_pattern(NaNOnConstant(), x, 1, _corner_mask(), contrast, config=ConfirmConfig(seed=0))
+    assert r["n_images"] == 30 and r["flip_rate"] == 1.0
+    assert "leaves out 270 of 300 clean images: the classifier gives NaN/inf outputs" in caplog.text
+    r = confirm_pattern(NaNOnConstant(), torch.zeros(5, 1, 16, 16), 1, _corner_mask(), contrast)
+    assert r["flip_rate"] is None and r["skipped"] == "the classifier gives NaN/inf outputs for every clean image"
+
+
+def test_an_unlabelled_clean_image_the_model_gives_nan_for_is_no_class_content():
+    # argmax of a NaN row is 0: such images were taken as class 0's content for its control
+    x = _clean(200)
+    x[:100] = 0.0
+    x[100:, :, -4:-1, -4:-1] = 1.0   # predicted 1
+    f = [dict(_finding([0]), **{"class": 0})]
+    confirm_findings(f, NaNOnConstant(), clean=ArraySource(x, None, name="clean"))
+    assert f[0]["_confirm_detail"]["n_images"] == 100   # the images predicted 1; the NaN ones left out
+    assert "content_p_value" not in f[0]["_confirm_detail"]   # no image is class 0's content
