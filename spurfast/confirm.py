@@ -428,7 +428,8 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
     its images *labelled* ``c``: an unlabelled one predicted ``c`` may be a carrier of the
     shortcut that no finding took in.  Images the source could not read (its
     ``bad_files``, which loading fills; pool images the store marked unreadable have
-    prediction -1) are left out of both: a loader gives them a zero image.  A finding that
+    prediction -1) are left out of both: a loader gives them a zero image; so are clean
+    images the classifier gives NaN/inf outputs for (with a warning).  A finding that
     cannot be confirmed (an empty mask, no clean image of another class) keeps ``confirm``
     null (schema 1) and says why in ``confirm_skipped``.  An unlabelled clean folder is
     predicted through its loader (``loader_backend``, ``num_workers`` processes, decoded
