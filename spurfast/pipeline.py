@@ -494,10 +494,16 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     # the content control without class images (natural content then read as confirmed), a
     # pool's counted as unrelated to every class; train-classifier refuses both
     for src, what in ((pool, "pool"), (clean if confirm else None, "clean set")):
-        top = int(src.labels().max(initial=-1)) if src is not None and len(src) else -1
+        lab = src.labels() if src is not None and len(src) else np.zeros(0, np.int64)
+        top, low = int(lab.max(initial=-1)), int(lab.min(initial=-1))
         if top >= num_classes:
             raise ValueError(f"{what} {src.name} has label {top}, but the classifier has {num_classes} classes "
                              f"(labels 0..{num_classes - 1}; -1 = unlabelled)")
+        # -2 read as unlabelled everywhere but the null, which shuffles predictions within
+        # each label value: -1 and -2 became two groups, and the p-values changed with them
+        if low < -1:
+            raise ValueError(f"{what} {src.name} has label {low}; labels are 0..{num_classes - 1}, or -1 for "
+                             f"an unlabelled image")
     from . import backends   # a misspelt or unavailable backend failed at the first batch
     backends.resolve("encoder", encoder_backend, torch.device(config.device).type)
     # and the k-means one (config.backend, else $SPURFAST_BACKEND_KMEANS_ASSIGN): one that cannot run

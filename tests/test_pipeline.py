@@ -252,18 +252,23 @@ def test_interrupted_overwrite_can_be_run_again(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == ["run.json"] and "new-run" in (out / "run.json").read_text()
 
 
-@pytest.mark.parametrize("case", ["num_classes", "empty", "pool_label", "clean_label"])
+@pytest.mark.parametrize("case", ["num_classes", "empty", "pool_label", "clean_label", "pool_below", "clean_below"])
 def test_wrong_num_classes_or_empty_pool_is_refused_before_overwrite_deletes(tmp_path, case):
     # the embedding pass refused them, after --overwrite had deleted the old run; labels past the
     # classifier's classes were not refused at all (a clean set's left the content control without
-    # class images: natural content read as confirmed shortcuts)
+    # class images: natural content read as confirmed shortcuts), nor labels below -1 (unlabelled
+    # everywhere but in the null, which made -1 and -2 two groups)
     n = 0 if case == "empty" else 12
-    pool = ArraySource(torch.rand(n, 1, 16, 16), np.arange(n) % 2 + 7 * (case == "pool_label"), name="pool")
-    clean = ArraySource(torch.rand(6, 1, 16, 16), np.arange(6) % 2 + 50 * (case == "clean_label"), name="clean")
+    pool_labels = np.arange(n) % 2 + 7 * (case == "pool_label") - 3 * (case == "pool_below")
+    clean_labels = np.arange(6) % 2 + 50 * (case == "clean_label") - 4 * (case == "clean_below")
+    pool = ArraySource(torch.rand(n, 1, 16, 16), pool_labels, name="pool")
+    clean = ArraySource(torch.rand(6, 1, 16, 16), clean_labels, name="clean")
     out = _older_run(tmp_path / "run")
     want = {"empty": "pool pool is empty", "num_classes": "classifier outputs 2 logits; expected 3 classes",
             "pool_label": r"pool pool has label 8, but the classifier has 3 classes \(labels 0\.\.2; -1 = unlabelled\)",
-            "clean_label": "clean set clean has label 51, but the classifier has 3 classes"}[case]
+            "clean_label": "clean set clean has label 51, but the classifier has 3 classes",
+            "pool_below": r"pool pool has label -3; labels are 0\.\.2, or -1 for an unlabelled image",
+            "clean_below": r"clean set clean has label -4; labels are 0\.\.2, or -1"}[case]
     with pytest.raises(ValueError, match=want):
         run_discovery(pool, SmallCNN(1, 2 if case == "num_classes" else 3, 16), VAE(VAEConfig.for_images(1, 16, 4)),
                       out, num_classes=3, overwrite=True, progress=False, clean=clean)
