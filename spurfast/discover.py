@@ -139,7 +139,10 @@ def _standardise(mu: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):
         m, s = mu.mean(0), mu.std(0)
         z = ((mu - m) / np.where(s > 0, s, 1.0)).astype(np.float32)
-    if np.isfinite(s).all() and np.isfinite(z).all():
+        # squared deviations near fp32's smallest normal (1.2e-38) lose digits or vanish: at
+        # latents of 1e-25 the std was 0, every latent "constant", and clustering ran on ties
+        faint = ((s < 1e-15) & (mu.max(0) > mu.min(0))).any() if len(mu) else False
+    if np.isfinite(s).all() and np.isfinite(z).all() and not faint:
         return z
     # fp32 sums overflowed (squared deviations past 3.4e38: latents of about 1e18 and up):
     # the std was inf and every latent standardised to 0, so nothing was ever found

@@ -236,7 +236,7 @@ def test_outputs_are_replaced_whole_never_rewritten_in_place(tmp_path, monkeypat
     assert not list(tmp_path.rglob("*.tmp")), "temporary files left behind"
 
 
-def test_huge_latents_are_standardised_not_zeroed(tmp_path):
+def test_huge_and_tiny_latents_are_standardised_not_zeroed(tmp_path):
     """Standardisation is scale-free, but fp32 statistics are not: latents of about 1e18
     overflowed the variance to inf, every latent standardised to 0, and discovery silently
     found nothing."""
@@ -244,9 +244,11 @@ def test_huge_latents_are_standardised_not_zeroed(tmp_path):
     want = discover(store, DiscoverConfig(k=4, n_null=30, seed=0), progress=False)
     assert want.findings
     mu = np.asarray(store["mu"]).copy()
-    store.array("mu", writable=True)[:] = mu * np.float32(1e18)
-    got = discover(store, DiscoverConfig(k=4, n_null=30, seed=0), progress=False)
-    assert [sorted(f["members"]) for f in got.findings] == [sorted(f["members"]) for f in want.findings]
+    # and tiny ones: at 1e-25 the fp32 variance underflowed to 0, every latent read as constant
+    for scale in (1e18, 1e-25, 1e-30):
+        store.array("mu", writable=True)[:] = mu * np.float32(scale)
+        got = discover(store, DiscoverConfig(k=4, n_null=30, seed=0), progress=False)
+        assert [sorted(f["members"]) for f in got.findings] == [sorted(f["members"]) for f in want.findings], scale
 
 
 def test_numpy_numbers_in_the_config_are_taken_and_fractions_refused(tmp_path):
