@@ -25,9 +25,13 @@ from .data.sources import ImageSource, utf8_name
 from .embed import EmbeddingStore, _write_json
 from .rankings import SpilledRankings, save_ranking
 from .scoring import (DEFAULT_STATISTIC, STATISTICS, bh_qvalues, cluster_and_score, content_classes,
-                      latent_neighbours, null_scores, size_matched_pvalues, top_two, unrelated_to_class)
+                      latent_neighbours, null_scores, shuffled_share, size_matched_pvalues, top_two,
+                      unrelated_to_class)
 
 log = logging.getLogger("spurfast.discover")
+# below this share of predictions changed by the null's shuffle (1 in 20), a run says its test
+# has little power: a warning's threshold only, no part of the test
+LOW_POWER_SHARE = 0.05
 
 
 @dataclass
@@ -198,6 +202,15 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
     z = _standardise(mu[valid])
     g = pred[valid]
     labels_valid = labels[valid]
+    moved = shuffled_share(g, labels_valid)
+    if moved < LOW_POWER_SHARE:
+        # a classifier that calls (nearly) every image one class, or a shortcut carried by
+        # nearly the whole pool: "no cluster is significant" read as a clean bill of health
+        top = np.bincount(g).argmax()
+        log.warning("the null shuffles the predictions within each label, and here that changes only %.1f%% of "
+                    "them (the classifier calls %.1f%% of the pool class %d): no cluster can score far above "
+                    "its shuffles, so few or no findings mean little; a pool of more varied images gives the "
+                    "test power", 100 * moved, 100 * np.mean(g == top), top)
     kw = dict(k=config.k, min_cluster_size=config.min_cluster_size, max_mean_cluster_size=config.max_mean_cluster_size,
               max_k=config.max_k, statistic=config.statistic,
               n_iter=config.n_iter,

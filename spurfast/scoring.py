@@ -184,6 +184,20 @@ def permuted_predictions(groups: np.ndarray, labels: np.ndarray, rng: np.random.
     return out
 
 
+def shuffled_share(groups: np.ndarray, labels: np.ndarray) -> float:
+    """The expected share of images whose predicted class `permuted_predictions` changes:
+    per label, sum over classes of n_c (n - n_c) / n, over all images.  Near 0 the null
+    is the real predictions again (a classifier that calls nearly every image of each label
+    by one class), and no cluster can beat it."""
+    if len(groups) == 0:
+        return 0.0
+    _, label_of = np.unique(labels, return_inverse=True)
+    n_label = np.bincount(label_of)
+    pair = label_of * (int(groups.max()) + 1) + groups
+    n_pair = np.bincount(pair)[pair]
+    return float(((n_label[label_of] - n_pair) / n_label[label_of]).sum() / len(groups))
+
+
 def null_scores(z, groups, top2, labels, n_classes, neighbours, unknown_ok, *, n_null: int, seed: int,
                 start: int = 0, progress=None, work=None, **kw) -> tuple[np.ndarray, np.ndarray]:
     """(scores, n_unrelated) of every nonempty cluster over permutations ``start`` ..

@@ -1,6 +1,7 @@
 """discover() on a hand-made store: a tight group of unrelated images that all share one
 predicted class is found; natural predictions are not; too few permutations say so."""
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -631,3 +632,20 @@ def test_findings_csv_support_values_are_on_the_side_of_the_level_they_are(tmp_p
     with open(tmp_path / "findings.csv", encoding="utf-8", newline="") as fh:
         row = next(csv.DictReader(fh))
     assert (float(row["support_q_value"]), float(row["support_p_value"]), row["supported"]) == (0.0500004, 0.0250002, "0")
+
+
+def test_a_run_whose_null_cannot_differ_says_its_test_has_no_power(tmp_path, caplog):
+    # a classifier that called nearly every image one class: every cluster p = 1 and the
+    # report said "no cluster is significant", as for a clean model, without a warning
+    store, _ = _store(tmp_path / "store")
+    with caplog.at_level("WARNING", logger="spurfast.discover"):
+        discover(store, DiscoverConfig(k=4, n_null=4, max_null=4, seed=0), progress=False)
+    assert "the null shuffles" not in caplog.text
+    pred = np.zeros(store.n, np.int32)
+    pred[:5] = 1
+    store.array("pred", writable=True)[:] = pred
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="spurfast.discover"):
+        discover(store, DiscoverConfig(k=4, n_null=4, max_null=4, seed=0), progress=False)
+    assert re.search(r"that changes only \d\.\d% of them \(the classifier calls 99\.\d% of the pool class 0\)",
+                     caplog.text), caplog.text

@@ -5,7 +5,8 @@ from scipy.stats import binom
 
 from spurfast.kernels import reference as ref
 from spurfast.scoring import SURPRISE_CAP, agreement, bh_qvalues, cluster_scores, confusion_rates, \
-    content_classes, latent_neighbours, permutation_pvalues, permuted_predictions, size_matched_pvalues, top_two
+    content_classes, latent_neighbours, permutation_pvalues, permuted_predictions, shuffled_share, \
+    size_matched_pvalues, top_two
 
 
 def reference_knn(z, k, **kw):
@@ -623,3 +624,17 @@ def test_size_window_includes_clusters_at_exactly_the_size_factor():
         p, n_ref, _ = size_matched_pvalues(np.array([5.0]), np.array([small]), null, np.r_[null_sizes[:50],
                                            np.full(50, large + 1)], min_reference=10)   # past the factor: out
         assert n_ref.tolist() == [50] and p[0] == pytest.approx(1 / 51), (small, large)
+
+
+def test_the_shuffled_share_is_the_share_of_predictions_the_null_changes():
+    # label 0: classes [1, 1, 2, 2] -> each keeps its class with chance 1/2: 4 x 1/2;
+    # label 5: [3, 3, 3] -> none changes; unlabelled: [0, 1] -> each changes with chance 1/2
+    g = np.array([1, 1, 2, 2, 3, 3, 3, 0, 1])
+    lab = np.array([0, 0, 0, 0, 5, 5, 5, -1, -1])
+    assert shuffled_share(g, lab) == pytest.approx((4 * 0.5 + 0 + 2 * 0.5) / 9)
+    assert shuffled_share(np.full(7, 4), np.zeros(7, int)) == 0.0
+    assert shuffled_share(np.zeros(0, int), np.zeros(0, int)) == 0.0
+    rng = np.random.default_rng(0)
+    g, lab = rng.integers(0, 5, 2000), rng.integers(-1, 3, 2000)
+    seen = np.mean([(permuted_predictions(g, lab, rng) != g).mean() for _ in range(200)])
+    assert shuffled_share(g, lab) == pytest.approx(seen, abs=0.005)
