@@ -182,6 +182,23 @@ def test_iter_batches_records_bad_files_on_the_source(bad_folder, backend):
     assert all("could not be decoded" != r for r in src.bad_files.values()), "reasons are specific"
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs_dali)])
+def test_each_unreadable_file_is_named_once_a_run(bad_folder, backend, caplog):
+    # the trial read (one image through the source) and the loader's pass each named the same
+    # file, and a step that re-read it named it again
+    paths, expected_bad = bad_folder
+    src = ImageFolderSource(paths[0].rsplit("/", 1)[0], size=SIZE)
+    first_bad = min(i for i, p in enumerate(paths) if p.rsplit("/", 1)[1] in expected_bad)
+    with caplog.at_level("WARNING", logger="spurfast.data"):
+        src.get_batch([first_bad])
+        for _ in range(2):
+            for _ in loader_torch.iter_batches(src, batch_size=7, backend=backend):
+                pass
+        src.get_batch([first_bad])
+    named = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping unreadable image")]
+    assert sorted(m.split(" (")[0].rsplit("/", 1)[1] for m in named) == sorted(expected_bad), named
+
+
 def test_wrapped_folder_sources_pass_their_bad_files_on(bad_folder):
     from spurfast.data.sources import ArraySource, ConcatSource, SubsetSource
 

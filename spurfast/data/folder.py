@@ -215,8 +215,9 @@ class ImageFolderSource(ImageSource):
     def load(self, i: int) -> tuple[torch.Tensor, bool]:
         image, reason = checked_load_uint8(self.paths[i], self.spec)
         if image is None:
+            if i not in self.bad_files:   # once, however often a step re-reads it
+                warn_unreadable(self.paths[i], reason)
             self.bad_files[i] = reason
-            warn_unreadable(self.paths[i], reason)
             return torch.zeros(self.image_shape), False
         return image.float().div_(255.0), True
 

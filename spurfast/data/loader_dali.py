@@ -326,12 +326,13 @@ class _DaliStream:
     """Good samples of ``order`` in order, as (labels int64 array, images tensor) batches."""
 
     def __init__(self, paths, order, *, spec, batch_size, num_threads, device, dtype,
-                 hw_decoder_load, prefetch_queue_depth, first_pipeline_batches, bad, gpu_id=None):
+                 hw_decoder_load, prefetch_queue_depth, first_pipeline_batches, bad, gpu_id=None, said=()):
         self.paths, self.order, self.spec = paths, order, spec
         self.batch_size, self.num_threads, self.device, self.dtype = batch_size, num_threads, device, dtype
         self.hw_decoder_load, self.depth = hw_decoder_load, prefetch_queue_depth
         self.first_len = max(1, int(first_pipeline_batches)) * batch_size
         self.bad = bad
+        self.said = said   # files already named unreadable this run (the source's bad_files)
         self.gpu_id = gpu_id
         self.rebuilds = 0
 
@@ -361,7 +362,8 @@ class _DaliStream:
             alias = _dali_name(self.paths[i])
             if alias != self.paths[i]:   # DALI's words name the link it read, gone at exit: the file
                 found[i] = reason = reason.replace(alias, utf8_name(self.paths[i]))
-            warn_unreadable(self.paths[i], reason)
+            if i not in self.said:   # once a run (a trial read may have)
+                warn_unreadable(self.paths[i], reason)
         self.bad.update(found)
 
     def _probe(self, window: list[int]) -> dict[int, str]:
@@ -514,7 +516,8 @@ def iter_folder_batches(paths, *, size: int, channels: int = 3, batch_size: int 
     stream = iter(_DaliStream(paths, sel, spec=spec, batch_size=min(batch_size, len(sel)), num_threads=num_threads,
                               device=dev, dtype=dtype, hw_decoder_load=hw_decoder_load,
                               prefetch_queue_depth=prefetch_queue_depth,
-                              first_pipeline_batches=first_pipeline_batches, bad=bad, gpu_id=gpu_id))
+                              first_pipeline_batches=first_pipeline_batches, bad=bad, gpu_id=gpu_id,
+                              said=bad_files if bad_files is not None else ()))
     out_device = torch.device("cuda", gpu_id) if dev == "gpu" else torch.device("cpu")
     cur_lab, cur_img, pos = np.zeros(0, np.int64), None, 0
     for b0 in range(0, len(sel), batch_size):

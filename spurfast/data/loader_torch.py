@@ -76,7 +76,8 @@ def iter_folder_batches(paths, *, size: int, channels: int = 3, batch_size: int 
         if not bool(ok.all()):
             for j in (~ok).nonzero().flatten().tolist():
                 i = int(idx[j])
-                warn_unreadable(paths[i], reasons[j])
+                if bad_files is None or i not in bad_files:   # said once a run (a trial read may have)
+                    warn_unreadable(paths[i], reasons[j])
                 if bad_files is not None:
                     bad_files[i] = reasons[j]
         yield idx.long(), uint8_to(images, dtype), ok
