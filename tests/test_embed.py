@@ -1002,3 +1002,22 @@ def test_an_unreadable_files_stand_in_cannot_stop_the_run_with_nan_outputs(tmp_p
     src.bad_files = {}
     with pytest.raises(ValueError, match=r"classifier produced NaN/inf outputs for pool indices \[3\]"):
         embed_pool(src, _Standardising(clf), vae, tmp_path / "t", num_classes=4, batch_size=8, progress=False)
+
+
+def test_every_stored_column_is_the_models_output_for_its_row(tmp_path):
+    # the columns leave the device as one host array and are sliced apart again: probs taken one
+    # column early (conf in place of class 0) went through every test
+    src, clf, vae = _setup(21)
+    store = embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False)
+    x = src.images
+    with torch.no_grad():
+        logits = clf(x)
+        feats = clf.features(x)
+        mu, _ = vae.encode(x, backend="torch")
+    probs = torch.softmax(logits, 1).numpy()
+    np.testing.assert_allclose(np.asarray(store["probs"]), probs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(store["conf"]), probs.max(1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(store["pred"]), probs.argmax(1))
+    np.testing.assert_allclose(np.asarray(store["mu"]), mu.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(store["feats"], np.float32), feats.numpy(), rtol=2e-3, atol=2e-3)
+    np.testing.assert_array_equal(np.asarray(store["labels"]), src.labels())
