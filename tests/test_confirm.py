@@ -649,3 +649,15 @@ def test_an_unlabelled_clean_image_the_model_gives_nan_for_is_no_class_content()
     confirm_findings(f, NaNOnConstant(), clean=ArraySource(x, None, name="clean"))
     assert f[0]["_confirm_detail"]["n_images"] == 100   # the images predicted 1; the NaN ones left out
     assert "content_p_value" not in f[0]["_confirm_detail"]   # no image is class 0's content
+
+
+@pytest.mark.parametrize("model", [CornerModel(), TextureModel()])
+def test_the_batch_size_changes_no_result(model):
+    # every control is drawn image by image and compared with that image's own p0: a mutant
+    # that compared each batch with the first batch's p0 passed every test (default batch 256)
+    x = _clean()
+    contrast = torch.zeros(1, 16, 16)
+    contrast[0, -4:-1, -4:-1] = 0.9
+    runs = [confirm_pattern(model, x, 1, _corner_mask(), contrast, class_images=_clean(40, seed=3),
+                            config=ConfirmConfig(seed=0, batch_size=b)) for b in (7, 300, 1000)]
+    assert runs[0] == runs[1] == runs[2]
