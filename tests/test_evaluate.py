@@ -179,8 +179,9 @@ def test_pool_flip_rate_counts_unrelated_carriers_called_the_target():
 
     carries = np.array([1, 1, 1, 1, 0, 0, 1], bool)
     suspect = np.array([0, 0, 0, 0, 0, 0, 1], bool)       # a carrying suspect does not count
-    store = {"pred": np.array([3, 3, 1, 2, 3, 3, 3])}
-    assert pool_flip_rate(store, Feature(3, carries, None, "p"), suspect) == 0.5
+    # 3 of the 4 unrelated carriers called 3 (not 2 of 4: a mutant counting the others read 0.5 too)
+    store = {"pred": np.array([3, 3, 1, 3, 3, 3, 3])}
+    assert pool_flip_rate(store, Feature(3, carries, None, "p"), suspect) == 0.75
     assert np.isnan(pool_flip_rate(store, Feature(3, np.zeros(7, bool), None, "p"), suspect))
 
 
