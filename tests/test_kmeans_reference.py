@@ -410,6 +410,21 @@ def test_empty_cluster_is_reseeded():
     assert float(res.centroids.abs().max()) < 100
 
 
+def test_an_empty_cluster_is_reseeded_from_its_own_groups_points():
+    # re-seeding picks the farthest point *of the cluster's group*: a mutant that searched
+    # every group put class 0's second centroid on a point of class 1 (the single-group test
+    # above cannot tell)
+    g = np.random.default_rng(0)
+    x0 = np.concatenate([g.normal(0, .1, (20, 2)), g.normal(3, .1, (20, 2))])   # two blobs
+    x1 = g.normal(50, 6, (30, 2))                                                 # far off, spread
+    x = torch.tensor(np.concatenate([x0, x1]), dtype=torch.float32)
+    init = torch.tensor([[[1.5, 1.5], [-100.0, -100.0]], [[50.0, 50.0], [49.0, 49.0]]])   # group 0's 2nd: empty
+    res = batched_kmeans(x, torch.tensor([0] * 40 + [1] * 30), [2, 2], init=init, n_iter=30, backend="torch")
+    assert res.reseeded >= 1
+    assert res.counts[0].tolist() == [20, 20], res.counts
+    assert float(res.centroids[0].abs().max()) < 4, res.centroids[0]
+
+
 def test_cosine_metric_groups_by_direction():
     g = np.random.default_rng(0)
     dirs = np.eye(3, 8)

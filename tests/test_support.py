@@ -315,3 +315,38 @@ def test_the_tie_rule_holds_for_projections_an_ulp_apart():
         noisy = exact.copy()
         noisy[carriers] = 7.25 + ulps * np.spacing(7.25)
         assert support_test(noisy, in_class, ~in_class, tail=0.01) == want, seed
+
+
+def test_the_test_is_one_sided():
+    # the class's suspects carrying the pattern *less* often than the others' is no support (a
+    # two-sided test gave p = 9e-7 here)
+    rng = np.random.default_rng(0)
+    scores = np.r_[rng.normal(0, 1, 3000) - 5, rng.normal(0, 1, 1000)]
+    in_class = np.r_[np.ones(3000, bool), np.zeros(1000, bool)]
+    t = support_test(scores, in_class, ~in_class)
+    assert t["class_above"] == 0 and t["other_above"] > 0 and t["p_value"] == 1.0
+
+
+def test_one_other_suspect_at_the_threshold_is_no_tie_and_100_others_are_enough():
+    # 101 other suspects: the 0.99 quantile is one of their values, once; "tied" (p doubled)
+    # needs two of them there
+    scores = np.r_[np.full(3, 200.0), np.zeros(27), np.arange(101.0)]
+    in_class = np.r_[np.ones(30, bool), np.zeros(101, bool)]
+    t = support_test(scores, in_class, ~in_class)
+    assert not t["ties_at_threshold"]
+    assert t["p_value"] == fisher_exact([[3, 27], [1, 100]], alternative="greater")[1]   # 100 > 99
+    # exactly 1 / tail other suspects: tested (the skip message asks for at least that many)
+    scores = np.r_[np.full(5, 50.0), np.zeros(15), np.random.default_rng(0).normal(0, 1, 100)]
+    in_class = np.r_[np.ones(20, bool), np.zeros(100, bool)]
+    assert support_test(scores, in_class, ~in_class)["p_value"] is not None
+
+
+def test_a_q_value_equal_to_the_level_is_supported():
+    src, sus = _pool()
+    f = _finding()
+    training_support([f], src, sus, src.labels())
+    q = f["support"]["q_value"]
+    training_support([f], src, sus, src.labels(), level=q)
+    assert f["support"]["supported"]
+    training_support([f], src, sus, src.labels(), level=np.nextafter(q, 0))
+    assert not f["support"]["supported"]
