@@ -141,7 +141,8 @@ def hit_at_1(cands: list[dict], feat: Feature) -> float:
 
 
 def best_candidate(cands: list[dict], feat: Feature):
-    """(index, AP) of the candidate whose ranking has the highest AP; (None, nan) if none."""
+    """(index, AP) of the candidate whose ranking has the highest AP, the earlier one on a
+    tie (the method's own order decides); (None, nan) if none."""
     best, best_ap = None, -1.0
     for i, c in enumerate(cands):
         ap = average_precision(_finite(c["ranking"]), feat.carries)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from spurfast.metrics import (Feature, auroc, average_precision, best_candidate, carried_by, enriched, false_findings,
-                              false_findings_on_pool_patterns, feature_metrics, hit_at_1, mask_iou, matches, precision_at_k, recall_at_q)
+                              false_findings_on_pool_patterns, feature_metrics, hit_at_1, mask_iou, matches, precision_at_k, recall_at_q,
+                              significant)
 
 
 def test_auroc_known_values():
@@ -242,3 +243,31 @@ def test_members_must_be_pool_indices_not_a_mask_or_negative():
         carried_by({"members": [6]}, [Feature(0, carries)])
     assert enriched(np.flatnonzero(carries), carries) and not enriched([], carries)
     assert carried_by({"members": [1, 2]}, [Feature(0, carries)]) and not carried_by({"members": [1]}, [])
+
+
+def test_tied_scores_are_broken_by_pool_index_in_a_large_pool():
+    # numpy's default sort keeps equal items in order for small arrays only: a 3-item test
+    # could not tell a stable sort from an unstable one
+    scores = np.random.default_rng(0).integers(0, 3, 1000).astype(float)   # a coarse ranking
+    truth = np.zeros(1000, bool)
+    truth[np.flatnonzero(scores == 2)[:10]] = True   # the top tie group's 10 lowest indices
+    assert precision_at_k(scores, truth, 10) == 1.0
+
+
+def test_the_best_of_tied_candidates_is_the_earlier():
+    truth = np.r_[np.ones(5, bool), np.zeros(15, bool)]
+    ranking = np.r_[np.ones(5), np.zeros(15)]
+    feat = Feature(2, truth, None, "p")
+    cands = [{"class": 2, "members": np.arange(5), "ranking": ranking},
+             {"class": 4, "members": np.arange(5), "ranking": ranking.copy()}]
+    assert best_candidate(cands, feat) == (0, 1.0)
+    assert feature_metrics(cands, feat)["best_is_target_class"] == 1.0
+    assert feature_metrics(cands[::-1], feat)["best_is_target_class"] == 0.0
+
+
+def test_a_q_value_equal_to_the_level_is_significant():
+    feat = Feature(2, np.r_[np.ones(5, bool), np.zeros(15, bool)], None, "p")
+    cand = {"class": 2, "members": np.arange(5), "ranking": np.zeros(20), "q_value": 0.05}
+    assert significant([cand], 0.05) == [cand]
+    assert recall_at_q([cand], [feat], 0.05) == 1.0
+    assert recall_at_q([cand], [feat], float(np.nextafter(0.05, 0))) == 0.0
