@@ -585,17 +585,20 @@ def test_clusters_of_one_feature_merge_into_one_finding_and_another_stays_apart(
     g = np.r_[np.zeros(60, int), 1 + np.arange(240) % 3]
     valid = np.arange(300)
 
-    def cl(j, members, score):
-        return dict(cls=0, cluster=j, members=np.asarray(members), score=score, p_value=0.01, q_value=0.02,
+    def cl(j, members, score, p=0.01, q=0.02):
+        return dict(cls=0, cluster=j, members=np.asarray(members), score=score, p_value=p, q_value=q,
                     n_unrelated=len(members), n_suspect=0, size=len(members))
 
-    sig = [cl(0, range(0, 20), 3.0), cl(2, range(40, 60), 4.0), cl(1, range(20, 40), 2.0)]
+    # the merged pair's p and q differ: a finding takes the smallest of each (a mutant taking the
+    # largest q passed while every cluster had the same)
+    sig = [cl(0, range(0, 20), 3.0, 0.001, 0.004), cl(2, range(40, 60), 4.0), cl(1, range(20, 40), 2.0, 0.03, 0.045)]
     sig.sort(key=lambda c: -c["score"])
     findings, rankings = _merge_and_expand(sig, z, valid, g, 300, spill_dir=tmp_path)
     by_clusters = {tuple(f["merged_clusters"]): f for f in findings}
     assert set(by_clusters) == {(0, 1), (2,)}, [f["merged_clusters"] for f in findings]
     a, b = by_clusters[(0, 1)], by_clusters[(2,)]
     assert a["score"] == 5.0 and a["size"] == 40 and a["members"] == list(range(40))
+    assert (a["p_value"], a["q_value"]) == (0.001, 0.004)
     assert [f["rank"] for f in findings] == [1, 2] and findings[0] is a       # merged score 5 > 4
     assert b["members"] == list(range(40, 60))
     ranking = np.asarray(rankings[a["rank"]])

@@ -273,6 +273,13 @@ def test_spurious_score_is_yangs_probability_rise_not_an_argmax_flip():
     weak = ArraySource(torch.zeros(20, 1, 12, 12), np.zeros(20, dtype=np.int64))
     assert spurious_score(lambda x: PatchReader()(x) * 0.2, weak, 2, spec) == 0.0   # a rise of 0.07 only
 
+    class PatchSuppresses(torch.nn.Module):   # the patch lowers p(class 2), 0.6 -> 0.1: no rise
+        def forward(self, x):
+            s = x[:, 0, -4:, -4:].mean((1, 2)) * 16 / 9
+            return torch.stack([torch.zeros_like(s), torch.zeros_like(s), 1.1 - 3.5 * s], 1)
+
+    assert spurious_score(PatchSuppresses(), clean, 2, spec) == 0.0
+
 
 def test_class_balanced_spurious_score_weighs_every_class_alike():
     """The demo's held-out set keeps every target-class test image (about 29% of it): its
@@ -496,6 +503,25 @@ def test_a_baseline_without_a_test_gets_no_recall_rows_even_when_it_finds_nothin
     for m in ("spurfast", "spurfast+confirm", "pixels"):   # tested: finding nothing is recall 0
         got = {k: v for _, k, v in method_rows(m, [], feats, feats)}
         assert got["recall@q0.05"] == 0.0 and got["false_findings@q0.1"] == 0.0
+
+
+def test_a_methods_best_finding_is_picked_from_its_first_ten():
+    # every method gets the same number of draws (BEST_OF): a mutant that searched all the
+    # candidates picked a perfect 11th and read AP 1.0
+    from spurfast.evaluate import BEST_OF, method_rows
+    from spurfast.metrics import Feature
+
+    rng = np.random.default_rng(0)
+    carries = np.zeros(200, bool)
+    carries[:20] = True
+    feat = Feature(1, carries, None, "patch")
+    cands = [{"class": 2, "members": np.arange(30, 40), "ranking": rng.random(200), "q_value": None}
+             for _ in range(BEST_OF)]
+    perfect = {"class": 1, "members": np.arange(20), "ranking": carries.astype(float), "q_value": None}
+    got = {k: v for _, k, v in method_rows("george", cands + [perfect], [feat], [feat])}
+    assert got["ap"] < 0.5 and got["best_is_target_class"] == 0.0
+    got = {k: v for _, k, v in method_rows("george", cands[1:] + [perfect], [feat], [feat])}
+    assert got["ap"] == 1.0 and got["best_is_target_class"] == 1.0
 
 
 def test_a_cached_run_drops_recall_rows_of_a_baseline_without_a_test(tmp_path, monkeypatch):
