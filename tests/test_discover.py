@@ -652,3 +652,13 @@ def test_a_run_whose_null_cannot_differ_says_its_test_has_no_power(tmp_path, cap
         discover(store, DiscoverConfig(k=4, n_null=4, max_null=4, seed=0), progress=False)
     assert re.search(r"that changes only \d\.\d% of them \(the classifier calls 99\.\d% of the pool class 0\)",
                      caplog.text), caplog.text
+
+
+def test_a_cluster_whose_q_value_equals_the_fdr_is_a_finding(tmp_path):
+    # q = 0.05 exactly is reachable (p = 1/120 over 6 tests): "<=" is the rule, as everywhere
+    store, _ = _store(tmp_path / "store")
+    cfg = dict(k=4, n_null=30, max_null=30, seed=0)
+    q = min(c["q_value"] for c in discover(store, DiscoverConfig(**cfg), progress=False).clusters)
+    assert 0 < q < 1
+    assert discover(store, DiscoverConfig(**cfg, fdr=q), progress=False).findings
+    assert not discover(store, DiscoverConfig(**cfg, fdr=float(np.nextafter(q, 0))), progress=False).findings
