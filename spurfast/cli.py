@@ -582,14 +582,17 @@ def cmd_discover(args):
                          + ": pass --num-classes (the classifier's number of classes)"
                          + (" or --class-names FILE" if labelled else ""))
     named = dict(name=f"classifier {args.classifier}", pool=f"pool {args.pool}")
-    if not args.class_names and _labelled_folder(pool):
-        # the classifier's classes: --num-classes, else its output width
-        check_labelled_folder(pool, args.num_classes or output_width(clf, pool.image_shape, **named), "pool", args.pool)
     # a short class_names list of the pool's read as the classifier's fault
     origin = ("--num-classes" if args.num_classes else f"the names in --class-names {args.class_names}"
               if args.class_names else f"the class folders of {args.pool}" if _labelled_folder(pool)
               else f"the class_names of {args.pool}")
-    check_output_width(clf, pool.image_shape, n_classes, **named, classes_from=origin)
+    if args.num_classes:   # first: a --num-classes the classifier does not have was blamed on the classifier
+        check_output_width(clf, pool.image_shape, n_classes, **named, classes_from=origin)
+    if not args.class_names and _labelled_folder(pool):
+        # the classifier's classes: --num-classes (now checked against it), else its output width
+        check_labelled_folder(pool, args.num_classes or output_width(clf, pool.image_shape, **named), "pool", args.pool)
+    if not args.num_classes:
+        check_output_width(clf, pool.image_shape, n_classes, **named, classes_from=origin)
     vae = load_vae(args.vae, weights_only=not args.unsafe_load)
     vae_shape = (vae.config.in_channels, vae.config.image_size, vae.config.image_size)
     if vae_shape != tuple(pool.image_shape):

@@ -455,6 +455,19 @@ def test_folder_pool_lacking_a_class_needs_the_class_names(tmp_path, capsys):
     assert "names.txt" in err and "'1'" in err
 
 
+def test_a_num_classes_the_classifier_lacks_is_blamed_on_the_option(tmp_path, capsys):
+    # a 10-class classifier, 10 class folders, --num-classes 7: "the classifier has 7 classes;
+    # pass --class-names", advice that could not help
+    clf, vae = _models(tmp_path)
+    pool = _digit_folders(tmp_path / "pool", [str(c) for c in range(10)])
+    capsys.readouterr()
+    assert main(["discover", "--pool", pool, "--size", "28", "--channels", "1", "--classifier", clf, "--vae", vae,
+                 "--num-classes", "7", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "outputs shape (1, 10) for one image; expected (1, 7)" in err and "(--num-classes)" in err, err
+    assert "--class-names" not in err, err
+
+
 def test_clean_folder_lacking_a_class_is_labelled_by_the_pools_names(tmp_path, capsys, monkeypatch):
     # it was refused (9 folders, 10 classes, sorted order would shift the labels); the pool's
     # class folders name the classes, so the clean folders are matched by name instead
