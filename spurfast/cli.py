@@ -646,7 +646,8 @@ def cmd_discover(args):
 
 
 def load_suspect(path, n: int, pool_name) -> np.ndarray:
-    """Boolean (n,) mask from a text file of pool indices; refuses indices outside [0, n)."""
+    """Boolean (n,) mask from a text file of pool indices; refuses indices outside [0, n)
+    and repeated ones."""
     p = Path(path)
     _need_file(p, "suspect file")
     try:
@@ -666,6 +667,15 @@ def load_suspect(path, n: int, pool_name) -> np.ndarray:
     if bad.size:  # a negative index would silently count from the end
         raise ValueError(f"suspect file {p} holds index {int(bad[0])} ({bad.size} out of range in all); "
                          f"pool {pool_name} has {n} images, so indices must lie in [0, {n - 1}]")
+    uniq, counts = np.unique(idx, return_counts=True)
+    if (counts > 1).any():
+        # a 0/1 mask saved one value a line read as the indices {0, 1}: two suspects, silently
+        rep = int(np.argmax(counts > 1))
+        mask = " (a 0/1 mask, one value per image? list the pool indices of its 1s instead)" \
+            if set(uniq.tolist()) <= {0, 1} else ""
+        raise ValueError(f"suspect file {p} lists pool index {int(uniq[rep])} {int(counts[rep])} times "
+                         f"({int((counts > 1).sum())} index(es) repeated in all); it lists each suspect sample's "
+                         f"pool index once, one per line{mask}")
     suspect = np.zeros(n, bool)
     suspect[idx] = True
     return suspect

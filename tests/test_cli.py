@@ -2075,3 +2075,22 @@ def test_n_null_alone_raises_max_null_and_the_residual_limit_has_a_flag(tmp_path
     from spurfast.residual import check_size
     with pytest.raises(ValueError, match="--residual-max-values"):
         check_size(100, 784, 1000)
+
+
+def test_a_suspect_file_repeating_an_index_is_refused_and_a_mask_named(tmp_path):
+    # a 0/1 mask saved one value a line (np.savetxt of the pool's suspect array) read as the
+    # indices {0, 1}: two suspects in place of the pool's 1,000, without a word
+    from spurfast.cli import load_suspect
+
+    f = tmp_path / "suspect.txt"
+    np.savetxt(f, (np.arange(10) % 3 == 0).astype(int), fmt="%d")
+    with pytest.raises(ValueError, match=rf"^suspect file {f} lists pool index 0 6 times \(2 index\(es\) repeated in "
+                                         r"all\); .*once, one per line \(a 0/1 mask, one value per image\? list "
+                                         r"the pool indices of its 1s instead\)$"):
+        load_suspect(f, 10, "pool")
+    f.write_text("4\n7\n4\n")
+    with pytest.raises(ValueError, match=r"lists pool index 4 2 times \(1 index\(es\) repeated in all\); it lists "
+                                         r"each suspect sample's pool index once, one per line$"):
+        load_suspect(f, 10, "pool")
+    f.write_text("4\n7\n0\n")
+    assert np.flatnonzero(load_suspect(f, 10, "pool")).tolist() == [0, 4, 7]
