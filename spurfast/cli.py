@@ -101,7 +101,7 @@ def _add_discover_args(p):
     p.add_argument("--max-mean-cluster-size", type=int, default=100,
                    help="raise k for classes whose clusters would average more members (0: fixed k)")
     p.add_argument("--max-k", type=int, default=256,
-                   help="never raise k above this many clusters per class (0: no cap)")
+                   help="never raise k above this many clusters per class, nor below --k (0: no cap)")
     p.add_argument("--n-null", type=int, default=30, help="permutations for the null distribution")
     p.add_argument("--max-null", type=int, default=None,
                    help="add permutations (n-null at a time) up to this many while a cluster beats every null "

@@ -56,7 +56,7 @@ class DiscoverConfig:
     # a class that absorbs many unrelated images hides a small shortcut group among
     # natural confusions unless its clusters are small enough to isolate it
     max_mean_cluster_size: int = 100
-    max_k: int = 256             # ... but never above this many clusters per class (0: no cap)
+    max_k: int = 256             # ... but never above this many clusters per class (0: no cap), nor below k
     n_null: int = 30             # permutations for the null distribution ...
     # ... extended n_null at a time up to max_null while a cluster scores above every null
     # cluster of its size yet misses q <= fdr: its p-value is then limited by the number of
