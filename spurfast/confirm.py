@@ -147,14 +147,20 @@ def random_controls(vals: torch.Tensor, mask: torch.Tensor, n: int, rng: np.rand
     c, h, w = vals.shape
     area = int(mask.sum())
     inside = vals[:, mask]                                   # (C, area)
-    out_v = torch.zeros(n, c, h * w)
-    out_m = torch.zeros(n, h * w, dtype=torch.bool)
+    # the draws one image at a time, in the rng order they always had; the scatter in one go
+    # (a torch indexing pair per image took a third of the confirmation's time outside the model)
+    pos = np.empty((n, area), np.int64)
+    perm = np.empty((n, area), np.int64)
     for i in range(n):
-        pos = torch.as_tensor(rng.choice(h * w, area, replace=False))
-        perm = torch.as_tensor(rng.permutation(area))
-        out_v[i][:, pos] = inside[:, perm]
-        out_m[i, pos] = True
-    return out_v.view(n, c, h, w), out_m.view(n, h, w)
+        pos[i] = rng.choice(h * w, area, replace=False)
+        perm[i] = rng.permutation(area)
+    rows = torch.arange(n).unsqueeze(1)
+    pos, perm = torch.from_numpy(pos), torch.from_numpy(perm)
+    out_v = torch.zeros(n, h * w, c)
+    out_v[rows, pos] = inside.t()[perm].to(out_v.dtype)      # (n, area, C)
+    out_m = torch.zeros(n, h * w, dtype=torch.bool)
+    out_m[rows, pos] = True
+    return out_v.transpose(1, 2).reshape(n, c, h, w), out_m.view(n, h, w)
 
 
 @torch.no_grad()

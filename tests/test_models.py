@@ -817,3 +817,35 @@ def test_a_training_seed_past_the_generators_range_is_refused_naming_it(train):
     args = (src, 2) if train is train_classifier else (src,)
     with pytest.raises(ValueError, match=r"seed must be an integer from 0 to 18446744073709550 .*got 4611686018427387904"):
         train(*args, epochs=1, seed=2 ** 62, progress=False)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (4, 3, 2, 2), (1, 8, 28, 28), (2, 2, 5, 4)])
+def test_the_cpu_relu_pool_is_max_pool2d_of_relu_value_for_value(shape):
+    # SmallCNN's inference pooling: strided maxima, then the ReLU (2.6x the forward at 28x28)
+    from torch.nn import functional as F
+
+    from spurfast.models.classifier import _relu_pool
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    x[0, 0, 0, 0] = float("nan")   # NaN propagates as max_pool2d's does
+    x[-1, -1, 0, 1] = -0.0
+    with torch.no_grad():
+        got, want = _relu_pool(x), F.max_pool2d(F.relu(x), 2)
+    assert got.shape == want.shape and torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
+
+
+def test_small_cnn_gives_the_same_outputs_with_and_without_autograd_scripted_and_traced():
+    torch.manual_seed(0)
+    for c, size in ((1, 28), (3, 17)):
+        model = SmallCNN(c, 5, size).eval()
+        x = torch.rand(33, c, size, size)
+        with torch.no_grad():
+            fast = model(x)
+        slow = model(x)
+        assert slow.requires_grad and torch.equal(fast, slow.detach())
+        slow.sum().backward()   # the training path keeps max_pool2d's gradient
+        assert model.conv1.weight.grad is not None
+        with torch.no_grad():
+            assert torch.equal(torch.jit.script(model)(x), fast)
+            assert torch.equal(torch.jit.trace(model, x[:4])(x), fast)
