@@ -202,11 +202,12 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
     z = _standardise(mu[valid])
     g = pred[valid]
     labels_valid = labels[valid]
-    moved = shuffled_share(g, labels_valid)
-    if moved < LOW_POWER_SHARE:
+    moved, top = shuffled_share(g, labels_valid), np.bincount(g).argmax()
+    if moved < LOW_POWER_SHARE and np.mean(g == top) > 0.5:
         # a classifier that calls (nearly) every image one class, or a shortcut carried by
-        # nearly the whole pool: "no cluster is significant" read as a clean bill of health
-        top = np.bincount(g).argmax()
+        # nearly the whole pool: "no cluster is significant" read as a clean bill of health.
+        # (An accurate classifier on a labelled pool changes little under the shuffle too, but
+        # there its finding nothing means no image is called another class: no warning.)
         log.warning("the null shuffles the predictions within each label, and here that changes only %.1f%% of "
                     "them (the classifier calls %.1f%% of the pool class %d): no cluster can score far above "
                     "its shuffles, so few or no findings mean little; a pool of more varied images gives the "
