@@ -428,8 +428,15 @@ def unmark_stores(path) -> None:
     """Remove the manifest of the store at ``path`` and of the shard stores under it, before
     the directory itself is removed: an interrupted removal then leaves no store, not a
     manifest whose columns are gone (rmtree takes the listing's order, on many filesystems
-    the order of creation, manifest last), which a later run resumed and crashed on."""
-    for m in (Path(path) / MANIFEST, *Path(path).glob(f"shards/*/{MANIFEST}")):
+    the order of creation, manifest last), which a later run resumed and crashed on.  Links
+    are not followed: a "shards" link in an old run's folder had the manifests of the folders
+    it pointed to deleted (outside the run)."""
+    base, shards = Path(path), Path(path) / "shards"
+    if base.is_symlink():
+        return
+    parts = [d for d in shards.iterdir() if d.is_dir() and not d.is_symlink()] \
+        if shards.is_dir() and not shards.is_symlink() else []
+    for m in (base / MANIFEST, *(d / MANIFEST for d in parts)):
         try:
             m.unlink()
         except OSError:   # none there (or not a directory): nothing to unmark
@@ -479,7 +486,7 @@ def _settle_shards(store_dir: Path, main: EmbeddingStore | None, fp: str, conten
     could resume them).  A complete main store needs no shards at all.  Returns the main
     store (new when a merge, or keeping rows, created it)."""
     root = store_dir / "shards"
-    if not root.is_dir():
+    if not root.is_dir() or root.is_symlink():   # a link is no folder a run made: nothing in it is ours to delete
         return main
     if main is not None and main.complete:  # e.g. a merge that died after marking it complete
         shutil.rmtree(root, ignore_errors=True)
@@ -487,7 +494,7 @@ def _settle_shards(store_dir: Path, main: EmbeddingStore | None, fp: str, conten
     worlds: dict[int, list[Path]] = {}
     for d in root.iterdir():
         m = re.fullmatch(r"\d+-of-(\d+)", d.name)
-        if m and int(m[1]) != num_shards:
+        if m and int(m[1]) != num_shards and not d.is_symlink():
             worlds.setdefault(int(m[1]), []).append(d)
     for w in sorted(worlds):
         start = main.done if main is not None else 0

@@ -456,6 +456,37 @@ def test_settling_shards_with_nothing_to_remove_leaves_the_shards_folder(tmp_pat
     assert (tmp_path / "shards").is_dir()
 
 
+def test_removing_an_old_store_never_follows_links_out_of_the_run(tmp_path):
+    # --overwrite unmarked every sub-folder's stores through a "shards" link, deleting the
+    # manifest.json files of the folder it pointed to; settling shards rmtree'd through one too
+    from spurfast.embed import _settle_shards, unmark_stores
+
+    outside = tmp_path / "outside"
+    for name in ("projectA", "1-of-3"):
+        (outside / name).mkdir(parents=True)
+        (outside / name / "manifest.json").write_text("{}")
+    (outside / "manifest.json").write_text("{}")
+    for linked in ("shards", "parts"):   # the folder itself a link, or one entry of a real one
+        sub = tmp_path / f"run-{linked}" / "store"
+        sub.mkdir(parents=True)
+        (sub / "manifest.json").write_text("{}")
+        if linked == "shards":
+            (sub / "shards").symlink_to(outside)
+        else:
+            (sub / "shards").mkdir()
+            (sub / "shards" / "0-of-3").symlink_to(outside / "1-of-3")
+        unmark_stores(sub)
+        assert not (sub / "manifest.json").exists()
+        assert _settle_shards(sub, None, "fp", "content", 2, False) is None
+        unmark_stores(tmp_path / "run-link")   # none there: nothing happens
+    assert sorted(str(p.relative_to(outside)) for p in outside.rglob("manifest.json")) == \
+        ["1-of-3/manifest.json", "manifest.json", "projectA/manifest.json"]
+    # a store folder that is itself a link is not unmarked through it
+    (tmp_path / "linked-store").symlink_to(outside)
+    unmark_stores(tmp_path / "linked-store")
+    assert len(list(outside.rglob("manifest.json"))) == 3
+
+
 def _interrupted_rmtree(monkeypatch):
     """shutil.rmtree stopped by Ctrl-C where a filesystem listing in creation order (btrfs,
     small XFS folders) leaves it: the columns gone, the manifest (written last) not yet."""
