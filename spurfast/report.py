@@ -72,14 +72,27 @@ def _make_folder(d: Path) -> None:
     if (d.is_symlink() or d.exists()) and not d.is_dir():
         raise NotADirectoryError(f"{_text(d)} is not a folder; the report writes its pictures there: move or "
                                  f"remove it")
+    if d.is_symlink():   # the pictures replaced files of the folder it points to, outside the run
+        raise NotADirectoryError(f"{_text(d)} is a link to {_text(d.resolve())}; the report writes its pictures "
+                                 f"into the run's own folder: remove the link")
     d.mkdir(parents=True, exist_ok=True)
+
+
+def _write_png(path: Path, save) -> str:
+    """``save(fh)`` writes a PNG into an open file: into a temporary file beside ``path``, then
+    renamed over it, as every other output (saved in place, a link planted at ``path`` had the
+    picture written into the file it pointed to)."""
+    from .atomic_files import replace_atomically
+
+    replace_atomically(path, save, "wb")
+    return str(path)
 
 
 def save_image(img: torch.Tensor, path) -> str:
     path = Path(path)
     _make_folder(path.parent)
-    _to_pil(img).save(path)
-    return str(path)
+    picture = _to_pil(img)
+    return _write_png(path, lambda fh: picture.save(fh, "PNG"))
 
 
 def save_map(contrast: torch.Tensor, path) -> str:
@@ -100,10 +113,12 @@ def _run_png(out_dir: Path, name) -> bool:
     """Is ``name`` (a findings.json image path) a PNG inside the run folder?  The report inlines
     the bytes, so a findings.json naming ../../ anything pulled that file into a shared page."""
     rel = Path(str(name))
-    if rel.is_absolute() or ".." in rel.parts:   # spelled inside the run (a linked images folder stays fine)
+    if rel.is_absolute() or ".." in rel.parts:   # spelled inside the run ...
         return False
     try:   # is_file() first: open() of a FIFO waited for a writer forever
-        if not (out_dir / rel).is_file():
+        # ... and inside it once links are followed: a link in a received run folder pulled any
+        # PNG its reader could open into the page
+        if not (out_dir / rel).is_file() or not (out_dir / rel).resolve().is_relative_to(out_dir.resolve()):
             return False
         with open(out_dir / rel, "rb") as fh:
             return fh.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -143,8 +158,7 @@ def plot_scores(clusters: list[dict], fdr_line: float, path) -> str:
     ax.set_ylabel("score")
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    return str(path)
+    return _write_png(Path(path), lambda fh: fig.savefig(fh, format="png"))
 
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}

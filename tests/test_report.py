@@ -222,6 +222,36 @@ def test_only_pngs_inside_the_run_are_inlined(tmp_path):
     assert "images/f1_grid.png is missing (or not a PNG of this run)" in html
 
 
+def test_links_take_neither_the_reports_reads_nor_its_writes_outside_the_run(tmp_path):
+    # a received run folder's links pulled outside PNGs into the shared page, and a planted
+    # link at a picture's path had the picture written into the file it pointed to
+    outside, run = tmp_path / "outside", tmp_path / "run"
+    (run / "images").mkdir(parents=True)
+    outside.mkdir()
+    save_image(torch.rand(1, 4, 4), outside / "secret.png")
+    (run / "images" / "link.png").symlink_to(outside / "secret.png")
+    (run / "linkdir").symlink_to(outside)
+    doc = _doc(None)
+    doc["findings"][0]["images"] = {"mask": "images/link.png", "grid": "linkdir/secret.png"}
+    html = write_report(doc, run).read_text()
+    assert "data:image/png;base64," not in html
+    assert "images/link.png is missing (or not a PNG of this run)" in html
+    assert "linkdir/secret.png is missing (or not a PNG of this run)" in html
+    victim = outside / "victim.txt"
+    victim.write_text("keep me")
+    for name, write in (("planted.png", lambda p: save_image(torch.rand(1, 4, 4), p)),
+                        ("scores.png", lambda p: plot_scores([{"score": 1.0, "q_value": 0.5}], 0.05, p))):
+        (run / "images" / name).symlink_to(victim)
+        write(run / "images" / name)
+        assert victim.read_text() == "keep me" and not (run / "images" / name).is_symlink(), name
+    (tmp_path / "run2").mkdir()
+    (tmp_path / "run2" / "images").symlink_to(outside)
+    with pytest.raises(NotADirectoryError, match=r"images is a link to .*outside; the report writes its pictures "
+                                                 r"into the run's own folder: remove the link"):
+        save_image(torch.rand(1, 4, 4), tmp_path / "run2" / "images" / "f.png")
+    assert sorted(p.name for p in outside.iterdir()) == ["secret.png", "victim.txt"]
+
+
 def test_no_effect_is_not_said_to_be_no_more_than_the_controls_beside_rates_that_are_more(tmp_path):
     """Four clean images, every one flipped by the pattern and none by either control: p =
     0.0625, so 'no_effect', which read "the pattern moves the model no more than random
