@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -216,7 +217,9 @@ def read_class_names(path) -> list[str]:
     except UnicodeDecodeError as exc:   # its message names no file
         raise ValueError(f"class-names file {p} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
                          f"save it as UTF-8") from None
-    names = [line.strip() for line in text.splitlines() if line.strip()]
+    # line breaks only: str.splitlines also splits at a form feed, \x1c-\x1e, \x85 and U+2028 inside a
+    # name, which then counted as two classes and shifted every later class's name
+    names = [line.strip() for line in re.split(r"\r\n|\r|\n", text) if line.strip()]
     if not names:
         raise ValueError(f"class-names file {p} is empty; expected one class name a line, in the classifier's "
                          f"label order")

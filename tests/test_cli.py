@@ -905,6 +905,16 @@ def test_a_class_names_file_with_a_byte_order_mark_or_not_in_utf8(tmp_path):
         read_class_names(names)
 
 
+def test_a_class_names_file_splits_at_line_breaks_only(tmp_path):
+    # str.splitlines split "a\x0cx" (and names holding \x1c-\x1e, \x85, U+2028) in two: a 3-line
+    # file read as 4 names, which a 4-class classifier then accepted with every later name shifted
+    from spurfast.cli import read_class_names
+
+    names = tmp_path / "names.txt"
+    names.write_text("a\x0cx\nb\u2028c\rd\x85e\r\nf\x1cg\n", encoding="utf-8", newline="")
+    assert read_class_names(names) == ["a\x0cx", "b\u2028c", "d\x85e", "f\x1cg"]
+
+
 @pytest.mark.parametrize("damage", ["findings", "clusters"])
 def test_report_on_a_cut_short_run_file_names_it(tmp_path, capsys, damage):
     # json's "Expecting value: line 1 column 1" named no file; a clusters.csv cut mid-row raised a TypeError
