@@ -64,3 +64,16 @@ def folder_blocker(path) -> Path | None:
     path = Path(path)
     return next((q for q in (path, *path.parents) if (q.is_symlink() and not q.exists())
                  or (q.exists() and not q.is_dir())), None)
+
+
+def json_document(text: str):
+    """``json.loads(text)``, with a document nested deeper than Python's parser goes (a
+    crafted file; spurfast writes nothing that deep) raised as the ValueError every reader of
+    spurfast's own files already turns into a message naming the file, not a RecursionError
+    traceback."""
+    import json
+
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested deeper than the JSON reader goes") from None

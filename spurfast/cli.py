@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checks import folder_blocker   # light: numpy only
+from .checks import folder_blocker, json_document   # light: numpy only
 
 
 def _pattern(args):
@@ -823,7 +823,7 @@ def cmd_report(args):
         return ValueError(f"{run / name} is not readable JSON ({exc}); rerun `spurfast discover` (or `spurfast "
                           f"demo`) on this run")
     try:
-        doc = json.loads(f.read_text())
+        doc = json_document(f.read_text())
     except ValueError as exc:
         raise cut_short("findings.json", exc) from None
     clusters = []
@@ -836,7 +836,7 @@ def cmd_report(args):
             raise ValueError(f"{run / 'clusters.csv'} is not a clusters table spurfast wrote "
                              f"({exc.__class__.__name__}: {exc}); rerun `spurfast discover` on this run") from None
     try:
-        summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else None
+        summary = json_document((run / "summary.json").read_text()) if (run / "summary.json").is_file() else None
     except ValueError as exc:
         raise cut_short("summary.json", exc) from None
     source = BAD_FILES if (run / BAD_FILES).is_file() else "store/manifest.json"

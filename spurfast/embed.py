@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import backends
 from .atomic_files import replace_atomically
-from .checks import check_whole
+from .checks import check_whole, json_document
 from .cores import usable_cores
 from .data.loader_torch import iter_batches
 from .data.preprocess import uint8_to
@@ -173,7 +173,7 @@ class EmbeddingStore:
         if not path.is_file():
             raise FileNotFoundError(f"{self.root} is not an embedding store (no {MANIFEST})")
         try:
-            self.manifest = json.loads(path.read_text())
+            self.manifest = json_document(path.read_text())
         except ValueError as exc:   # json's "Expecting value: line 1 column 1 (char 0)" named no file
             raise ValueError(f"{path} is not readable JSON ({exc}), not a manifest as spurfast writes it; "
                              f"remove {self.root} to embed the pool again") from None

@@ -26,7 +26,7 @@ import torch
 
 from . import distributed as dist
 from .atomic_files import remove_killed_writers_files
-from .checks import check_compute_device, check_whole
+from .checks import check_compute_device, check_whole, json_document
 from .cores import usable_cores
 from .data.builtin import load_digits, load_fashion_mnist
 from .data.sources import ArraySource, ImageSource, content_digest
@@ -122,7 +122,7 @@ def _claim(out: Path, marker: Path, run_id: str, overwrite: bool, protect, earli
     """`prepare_output`'s checks and clearing of the folder ``out``, which this process holds."""
     if any(out.iterdir()):
         try:
-            prev = json.loads(marker.read_text()).get("run_id") if marker.is_file() else None
+            prev = json_document(marker.read_text()).get("run_id") if marker.is_file() else None
         except (ValueError, AttributeError):  # an unreadable marker proves nothing: keep the folder
             prev = None
         if prev is None:
@@ -245,7 +245,7 @@ def read_bad_files(run_dir) -> dict:
     or for runs from before it was written, RUN/store's record of them (pool indices only)."""
     run = Path(run_dir)
     if (run / BAD_FILES).is_file():
-        return json.loads((run / BAD_FILES).read_text())
+        return json_document((run / BAD_FILES).read_text())
     manifest = run / "store" / "manifest.json"
     if manifest.is_file():
         from .embed import EmbeddingStore

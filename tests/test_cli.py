@@ -931,6 +931,20 @@ def test_report_on_a_cut_short_run_file_names_it(tmp_path, capsys, damage):
     assert err.startswith("error: ") and name in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("name", ["findings.json", "summary.json", "bad_files.json", "store/manifest.json"])
+def test_a_run_file_nested_too_deep_is_named_not_a_traceback(tmp_path, capsys, name):
+    # json's RecursionError got past every "is not readable JSON" message
+    run = tmp_path / "run"
+    (run / "store").mkdir(parents=True)
+    (run / "findings.json").write_text(json.dumps({"schema": 1, "findings": []}))
+    (run / name).write_text("[" * 100_000)
+    capsys.readouterr()
+    assert main(["report", "--run", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nested deeper than the JSON reader goes" in err, err
+    assert str(run / name) in err and "Traceback" not in err, err
+
+
 def test_a_misspelt_backend_variable_name_is_refused_first(tmp_path, capsys, monkeypatch):
     # SPURFAST_BACKEND_KMEANS=torch (no such op) was never read: the run went on with auto
     monkeypatch.setenv("SPURFAST_BACKEND_KMEANS", "torch")

@@ -938,3 +938,13 @@ def test_plant_refuses_a_target_class_the_dataset_lacks_first(caplog, target):
             pytest.raises(ValueError, match=rf"target class {target} is not a class of digits: expected 0 to 9"):
         make_planted_data("digits", target_class=target, n_poisoned=50, spec=PatternSpec("patch3"))
     assert "poisoned" not in caplog.text
+
+
+def test_a_run_json_nested_too_deep_proves_nothing(tmp_path):
+    # its RecursionError ended the run in a traceback; an unreadable marker keeps the folder
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text("[" * 100_000)
+    with pytest.raises(FileExistsError, match="holds files spurfast did not write"):
+        P.prepare_output(out, "run-a", overwrite=True)
+    assert (out / "run.json").read_text() == "[" * 100_000
