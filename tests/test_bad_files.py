@@ -1450,3 +1450,11 @@ def test_a_skipped_file_of_a_non_utf8_name_is_logged_as_the_report_spells_it(tmp
             _run(which, [path])
     assert f"skipping unreadable image {tmp_path}/q\\xff.png" in caplog.text
     assert "\udcff" not in caplog.text
+
+
+def test_an_unreadable_files_name_is_one_line_of_the_log(caplog):
+    # a newline (or an escape sequence) in a file name broke the warning into lines that read as
+    # more log lines
+    with caplog.at_level("WARNING", logger="spurfast.data"):
+        folder_mod.warn_unreadable("/pool/a\nWARNING fake\x1b[31m\u00e9.png", "damaged")
+    assert caplog.messages == ["skipping unreadable image /pool/a\\x0aWARNING fake\\x1b[31m\u00e9.png (damaged)"]

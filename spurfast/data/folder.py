@@ -170,10 +170,16 @@ def select_indices(n: int, *, start: int = 0, shard_id: int = 0, num_shards: int
     return sel[shard_id::num_shards]
 
 
+# control characters in a name as escapes: a newline in a file name broke the warning into
+# lines that read as more log lines
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)}
+
+
 def warn_unreadable(path: str, reason: str) -> None:
     """The loaders' one line for a file they skip, its name as bad_files.json and the report
-    spell it (a non-UTF-8 name showed its surrogate escapes, ``q\\udcff.png`` for q\\xff.png)."""
-    log.warning("skipping unreadable image %s (%s)", utf8_name(path), reason)
+    spell it (a non-UTF-8 name showed its surrogate escapes, ``q\\udcff.png`` for q\\xff.png),
+    control characters escaped."""
+    log.warning("skipping unreadable image %s (%s)", utf8_name(path).translate(_CONTROL), reason)
 
 
 def refuse_repeats(sel: np.ndarray) -> None:
