@@ -774,7 +774,10 @@ def cmd_evaluate(args):
                              f"object `spurfast evaluate` writes; rerun the evaluation, or remove it")
         # all inputs are read before --out is made: a CSV that is not a results CSV (or a bad confirm.csv
         # beside it) failed in write_results after --out had been created, and left that folder behind
-        read_results(csv_path, csv_path.with_name("confirm.csv"))
+        if not read_results(csv_path, csv_path.with_name("confirm.csv"))[0]:
+            # a header alone was written up as a document of empty tables; no evaluation writes one
+            raise ValueError(f"{csv_path} holds a header and no rows: no results to write up (rerun the "
+                             f"evaluation)")
         # quoted for a shell, as the run's own "Command:" line is: a path with a space split in two
         regenerated_by = shlex.join(["spurfast", "evaluate", "--from-csv", str(csv_path), "--out", str(out)]
                                     + (["--results-md", str(args.results_md)] if args.results_md else []))
@@ -1075,6 +1078,10 @@ def main(argv=None) -> int:
         if args.command == "plant":   # nothing of it is resumed: a rerun writes every file anew
             print(f"interrupted: {args.out} holds what it held before (the new files are written whole, then "
                   f"renamed into place); rerun to plant", file=sys.stderr)
+            return 130
+        if args.command == "evaluate":   # its discovery keeps no work: a run cut short starts over
+            print("interrupted: finished work is kept (trained models and training checkpoints, embedding stores, "
+                  "finished runs); the same `spurfast evaluate` command resumes", file=sys.stderr)
             return 130
         print(f"interrupted: finished work is kept (training checkpoints, the embedding store, discovery's "
               f"neighbours and null); the same `spurfast {args.command}` command resumes", file=sys.stderr)

@@ -219,7 +219,12 @@ class EmbeddingStore:
         if key not in self._arrays:
             if name not in self.manifest["columns"]:
                 raise KeyError(f"store {self.root} has no column {name!r}; columns: {sorted(self.manifest['columns'])}")
-            self._arrays[key] = np.load(self.root / f"{name}.npy", mmap_mode="r+" if writable else "r")
+            path = self.root / f"{name}.npy"
+            try:
+                self._arrays[key] = np.load(path, mmap_mode="r+" if writable else "r")
+            except ValueError as exc:   # cut short: "mmap length is greater than file size", naming no file
+                raise ValueError(f"{path} (a column of store {self.root}) cannot be read ({exc}): damaged or cut "
+                                 f"short; remove {self.root} to embed the pool again") from None
         return self._arrays[key]
 
     def __getitem__(self, name: str) -> np.ndarray:

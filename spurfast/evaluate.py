@@ -425,7 +425,11 @@ def _models(data: RunData, seed: int, sizes: Sizes, cache: Path, progress: bool)
     vpath = vdir / f"{vkey}.pt"
     with _locked(vpath):
         if vpath.is_file():
-            vae = load_vae(vpath)
+            try:
+                vae = load_vae(vpath)
+            except Exception as exc:   # truncated: "not a VAE checkpoint written by train-vae" gave no fix
+                raise ValueError(f"cached VAE {vpath} cannot be read ({torch_error_gist(exc)}); delete it and the "
+                                 f"next run retrains it") from None
             foreign |= not _same_provenance(vpath, here)
         else:
             unrel = ArraySource(data.pool.images[:data.unrelated_n], None, name="eval-pool-unrelated")
@@ -750,6 +754,11 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
     _check_up_front(out, statistic, results_md, cache)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache) if cache else out / "cache"
+    # what writers killed mid-write (kill -9, a default SIGTERM) left, never read but never
+    # removed either; a live writer's (another evaluation on the cache) is left alone
+    from .atomic_files import remove_killed_writers_files
+    remove_killed_writers_files(out, lambda name: True)
+    remove_killed_writers_files(cache / "runs", lambda name: name.endswith(".json"))
     rows, crows = [], []
     t0, c0 = time.time(), time.process_time()
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

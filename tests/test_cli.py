@@ -1256,14 +1256,17 @@ def test_evaluate_from_csv_names_a_cut_short_timing_file(tmp_path, capsys):
     assert err.startswith(f"error: {Path(csv).parent / 'timing.json'} (the run's timing") and "Traceback" not in err, err
 
 
-@pytest.mark.parametrize("case", ["not_results", "not_utf8", "bad_confirm", "bad_timing"])
+@pytest.mark.parametrize("case", ["not_results", "not_utf8", "bad_confirm", "bad_timing", "header_only"])
 def test_evaluate_from_csv_of_bad_input_makes_no_out_folder(tmp_path, capsys, case):
-    # --out was created before the CSV was read: a CSV that is not a results CSV left it behind, empty
+    # --out was created before the CSV was read: a CSV that is not a results CSV left it behind, empty;
+    # a header without rows was written up as a document of empty tables
     from pathlib import Path
 
     csv = Path(_quick_csv(tmp_path))
     if case == "not_results":
         csv.write_text("a,b\n1,2\n")
+    elif case == "header_only":
+        csv.write_text(csv.read_text().splitlines()[0] + "\n")
     elif case == "not_utf8":
         csv.write_bytes(b"\xff\xfe\x00junk")
     elif case == "bad_confirm":
@@ -1275,6 +1278,8 @@ def test_evaluate_from_csv_of_bad_input_makes_no_out_folder(tmp_path, capsys, ca
     assert main(["evaluate", "--from-csv", str(csv), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err, err
+    if case == "header_only":
+        assert "holds a header and no rows" in err, err
     assert not (tmp_path / "new").exists()
 
 
@@ -2118,3 +2123,15 @@ def test_a_suspect_file_repeating_an_index_is_refused_and_a_mask_named(tmp_path)
         load_suspect(f, 10, "pool")
     f.write_text("4\n7\n0\n")
     assert np.flatnonzero(load_suspect(f, 10, "pool")).tolist() == [0, 4, 7]
+
+
+def test_ctrl_c_in_an_evaluation_names_what_it_keeps(tmp_path, capsys, monkeypatch):
+    # it listed discovery's neighbours and null, which an evaluation's discovery does not keep
+    import spurfast.evaluate as E
+    monkeypatch.setattr(E, "run_one", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    capsys.readouterr()
+    assert main(["evaluate", "--preset", "tiny", "--out", str(tmp_path / "o"), "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: finished work is kept (trained models and training checkpoints, embedding "
+                          "stores, finished runs); the same `spurfast evaluate` command resumes"), err
+    assert "neighbours" not in err

@@ -1052,3 +1052,14 @@ def test_every_stored_column_is_the_models_output_for_its_row(tmp_path):
     np.testing.assert_allclose(np.asarray(store["mu"]), mu.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(store["feats"], np.float32), feats.numpy(), rtol=2e-3, atol=2e-3)
     np.testing.assert_array_equal(np.asarray(store["labels"]), src.labels())
+
+
+def test_a_column_cut_short_is_named(tmp_path):
+    # np.load's "mmap length is greater than file size" named no file (a full disk, outside damage)
+    src, clf, vae = _setup(8)
+    store = embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=4, progress=False)
+    mu = tmp_path / "s" / "mu.npy"
+    mu.write_bytes(mu.read_bytes()[:-40])
+    with pytest.raises(ValueError, match=rf"^{mu} \(a column of store {store.root}\) cannot be read \(.*\): damaged "
+                                         rf"or cut short; remove {store.root} to embed the pool again$"):
+        EmbeddingStore(tmp_path / "s")["mu"]

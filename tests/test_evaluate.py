@@ -1407,3 +1407,48 @@ def test_plant_position_stays_out_of_the_keys_at_its_default():
     assert left != right and right == run_key(Setting("s", (Plant("bar", 7, "100"),)), 0, sizes)
     with pytest.raises(ValueError, match="unknown position 'middle'"):
         Plant("bar", 7, "100", position="middle")
+
+
+def test_a_rerun_removes_what_writers_killed_mid_write_left(tmp_path, monkeypatch):
+    # kill -9 (or a default SIGTERM) mid-write left NAME.PID.tmp in --out and the cache's runs for
+    # good; a live writer's (another evaluation sharing the cache) must stay
+    import os
+
+    import spurfast.evaluate as E
+    monkeypatch.setattr(E, "run_one", lambda s, seed, *a, **k: ([], []))
+    out, runs = tmp_path / "out", tmp_path / "out" / "cache" / "runs"
+    runs.mkdir(parents=True)
+    dead = 2 ** 22 + 12345   # above Linux's pid_max default: no such process
+    for p in (out / f"results.csv.{dead}.tmp", runs / f"clean-model-s0-abc.json.{dead}.tmp",
+              runs / f"clean-model-s0-abc.json.{os.getpid()}.tmp", out / "notes.txt"):
+        p.write_text("x")
+    run_evaluation("tiny", out, seeds=[0], progress=False)
+    assert not (out / f"results.csv.{dead}.tmp").exists() and not (runs / f"clean-model-s0-abc.json.{dead}.tmp").exists()
+    assert (runs / f"clean-model-s0-abc.json.{os.getpid()}.tmp").exists() and (out / "notes.txt").exists()
+
+
+def test_a_cut_short_cached_vae_is_named_with_its_fix(tmp_path):
+    # it said "not a VAE checkpoint written by `spurfast train-vae`" (evaluate wrote it) and gave no
+    # fix; a cut-short cached classifier already said to delete it
+    import torch
+
+    import spurfast.evaluate as E
+    from spurfast.data import ArraySource
+    from spurfast.models import SmallCNN
+    from spurfast.models.files import save_vae
+    from spurfast.models.vae import VAE, VAEConfig
+
+    images = ArraySource(torch.rand(8, 1, 8, 8), np.arange(8) % 2)
+    data = E.RunData(train=images, pool=images, unrelated_n=8, suspect=np.zeros(8, bool), features=[], specs=[],
+                     clean=images, pool_key="p", train_key="t")
+    sizes = E.Sizes(vae_epochs=1, latent_dim=4)
+    (tmp_path / "classifiers").mkdir()
+    torch.save(SmallCNN(1, 10, 8).state_dict(), tmp_path / "classifiers" / "t.pt")
+    vkey = E._key({"pool": "p", "epochs": 1, "latent": 4})
+    (tmp_path / "vaes").mkdir()
+    save_vae(VAE(VAEConfig.for_images(1, 8, 4)), tmp_path / "vaes" / f"{vkey}.pt")
+    whole = (tmp_path / "vaes" / f"{vkey}.pt").read_bytes()
+    (tmp_path / "vaes" / f"{vkey}.pt").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ValueError, match=rf"cached VAE .*{vkey}\.pt cannot be read \(.*\); delete it and the next run "
+                                         r"retrains it"):
+        E._models(data, 0, sizes, tmp_path, progress=False)
