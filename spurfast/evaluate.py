@@ -757,7 +757,7 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
     # what writers killed mid-write (kill -9, a default SIGTERM) left, never read but never
     # removed either; a live writer's (another evaluation on the cache) is left alone
     from .atomic_files import remove_killed_writers_files
-    remove_killed_writers_files(out, lambda name: True)
+    remove_killed_writers_files(out, lambda name: name in ("results.csv", "confirm.csv", "timing.json", "RESULTS.md"))
     remove_killed_writers_files(cache / "runs", lambda name: name.endswith(".json"))
     rows, crows = [], []
     t0, c0 = time.time(), time.process_time()

@@ -1420,11 +1420,12 @@ def test_a_rerun_removes_what_writers_killed_mid_write_left(tmp_path, monkeypatc
     runs.mkdir(parents=True)
     dead = 2 ** 22 + 12345   # above Linux's pid_max default: no such process
     for p in (out / f"results.csv.{dead}.tmp", runs / f"clean-model-s0-abc.json.{dead}.tmp",
-              runs / f"clean-model-s0-abc.json.{os.getpid()}.tmp", out / "notes.txt"):
+              runs / f"clean-model-s0-abc.json.{os.getpid()}.tmp", out / "notes.txt", out / f"notes.txt.{dead}.tmp"):
         p.write_text("x")
     run_evaluation("tiny", out, seeds=[0], progress=False)
     assert not (out / f"results.csv.{dead}.tmp").exists() and not (runs / f"clean-model-s0-abc.json.{dead}.tmp").exists()
     assert (runs / f"clean-model-s0-abc.json.{os.getpid()}.tmp").exists() and (out / "notes.txt").exists()
+    assert (out / f"notes.txt.{dead}.tmp").exists()   # not a name the evaluation writes: not its to remove
 
 
 def test_a_cut_short_cached_vae_is_named_with_its_fix(tmp_path):
