@@ -180,11 +180,12 @@ def exemplars(z: np.ndarray, member_lists: list[np.ndarray], m: int, *, device: 
         return [np.zeros(0, np.int64) for _ in member_lists]
     flat = np.concatenate([np.asarray(ms, np.int64) for ms in member_lists])
     x = torch.as_tensor(np.asarray(z[flat], np.float32), device=device)
-    offsets = torch.as_tensor(np.concatenate([[0], np.cumsum(sizes)]), device=device)
+    bounds = np.concatenate([[0], np.cumsum(sizes)])   # on the host: no copy back from the device
+    offsets = torch.as_tensor(bounds, device=device)
     # each centroid in float64: the float32 mean of a large finding drifts by a few ulps,
     # enough to reorder members about equally near it
     centroids = torch.stack([x[a:b].double().mean(0) if b > a else x.new_zeros(x.shape[1], dtype=torch.float64)
-                             for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]).float()[:, None, :]
+                             for a, b in zip(bounds[:-1], bounds[1:])]).float()[:, None, :]
     ones = torch.ones(len(sizes), dtype=torch.int64, device=device)
     assign = torch.zeros(len(flat), dtype=torch.int64, device=device)
     _, picked, _, _ = backends.call("cluster_similarity", x, offsets, assign, centroids, ones, m, backend=backend)

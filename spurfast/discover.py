@@ -145,7 +145,8 @@ def _standardise(mu: np.ndarray) -> np.ndarray:
         z = ((mu - m) / np.where(s > 0, s, 1.0)).astype(np.float32)
         # squared deviations near fp32's smallest normal (1.2e-38) lose digits or vanish: at
         # latents of 1e-25 the std was 0, every latent "constant", and clustering ran on ties
-        faint = ((s < 1e-15) & (mu.max(0) > mu.min(0))).any() if len(mu) else False
+        tiny = s < 1e-15   # the columns' extremes read only where one is that small (two more passes)
+        faint = bool(tiny.any()) and bool((mu[:, tiny].max(0) > mu[:, tiny].min(0)).any())
     if np.isfinite(s).all() and np.isfinite(z).all() and not faint:
         return z
     # fp32 sums overflowed (squared deviations past 3.4e38: latents of about 1e18 and up):
@@ -202,8 +203,9 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
     z = _standardise(mu[valid])
     g = pred[valid]
     labels_valid = labels[valid]
-    moved, top = shuffled_share(g, labels_valid), np.bincount(g).argmax()
-    if moved < LOW_POWER_SHARE and np.mean(g == top) > 0.5:
+    counts = np.bincount(g)
+    moved, top, top_share = shuffled_share(g, labels_valid), counts.argmax(), counts.max() / len(g)
+    if moved < LOW_POWER_SHARE and top_share > 0.5:
         # a classifier that calls (nearly) every image one class, or a shortcut carried by
         # nearly the whole pool: "no cluster is significant" read as a clean bill of health.
         # (An accurate classifier on a labelled pool changes little under the shuffle too, but
@@ -211,7 +213,7 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
         log.warning("the null shuffles the predictions within each label, and here that changes only %.1f%% of "
                     "them (the classifier calls %.1f%% of the pool class %d): no cluster can score far above "
                     "its shuffles, so few or no findings mean little; a pool of more varied images gives the "
-                    "test power", 100 * moved, 100 * np.mean(g == top), top)
+                    "test power", 100 * moved, 100 * top_share, top)
     kw = dict(k=config.k, min_cluster_size=config.min_cluster_size, max_mean_cluster_size=config.max_mean_cluster_size,
               max_k=config.max_k, statistic=config.statistic,
               n_iter=config.n_iter,
@@ -293,15 +295,15 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
                              members=members, n_suspect=int(suspect[members].sum())))
     sig = sorted((cl for cl in clusters if cl["q_value"] <= config.fdr), key=lambda cl: (-cl["score"], cl["p_value"]))
     findings, rankings = _merge_and_expand(sig, z, valid, g, store.n, spill_dir=work_dir, seed=config.seed)
-    zfull = np.zeros((store.n, z.shape[1]), np.float32)
-    zfull[valid] = z
     member_lists = [np.asarray(f["members"], dtype=np.int64) for f in findings]
-    picked = exemplars(zfull, member_lists, config.n_exemplars, device=config.device)
-    for f, members, chosen in zip(findings, member_lists, picked):
-        f["exemplars"] = chosen.tolist()
+    # the members' rows of z (valid is sorted, so rows keep the pool's order and its ties): a
+    # pool-sized copy of z, zero for the unreadable, served the exemplars alone
+    local_lists = [np.searchsorted(valid, members) for members in member_lists]
+    picked = exemplars(z, local_lists, config.n_exemplars, device=config.device)
+    for f, members, local, chosen in zip(findings, member_lists, local_lists, picked):
+        f["exemplars"] = valid[chosen].tolist()
         # the members the score counted (the suspect-free, other-content ones): a diffuse
         # finding's pixel probe is fitted on them (`spurfast.pattern_rank`)
-        local = np.searchsorted(valid, members)
         f["_unrelated"] = members[unrelated_to_class(top2[local], labels_valid[local],
                                                      np.full(len(local), f["class"]), unknown_ok[local])]
         # a class folder whose name is not UTF-8 as \xNN: findings.csv (UTF-8) could not hold it;
