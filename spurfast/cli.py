@@ -554,7 +554,7 @@ def _loader_has_no_effect(args):
 
 def cmd_discover(args):
     from .models.files import load_classifier, load_vae
-    from .models.outputs import check_output_width, output_width, shape_text
+    from .models.outputs import check_width, output_width, shape_text
     from .pipeline import run_discovery
     check_device(args.device)
     check_backends(args.device, kmeans_backend=(args.kmeans_backend, KMEANS_OPS),
@@ -589,13 +589,12 @@ def cmd_discover(args):
     origin = ("--num-classes" if args.num_classes else f"the names in --class-names {args.class_names}"
               if args.class_names else f"the class folders of {args.pool}" if _labelled_folder(pool)
               else f"the class_names of {args.pool}")
+    width = output_width(clf, pool.image_shape, **named)   # one trial forward for the checks below
     if args.num_classes:   # first: a --num-classes the classifier does not have was blamed on the classifier
-        check_output_width(clf, pool.image_shape, n_classes, **named, classes_from=origin)
+        check_width(width, n_classes, name=named["name"], classes_from=origin)
     if not args.class_names and _labelled_folder(pool):
-        # the classifier's classes: --num-classes (now checked against it), else its output width
-        check_labelled_folder(pool, args.num_classes or output_width(clf, pool.image_shape, **named), "pool", args.pool)
-    if not args.num_classes:
-        check_output_width(clf, pool.image_shape, n_classes, **named, classes_from=origin)
+        check_labelled_folder(pool, width, "pool", args.pool)   # = --num-classes where given (checked above)
+    check_width(width, n_classes, name=named["name"], classes_from=origin)
     vae = load_vae(args.vae, weights_only=not args.unsafe_load)
     vae_shape = (vae.config.in_channels, vae.config.image_size, vae.config.image_size)
     if vae_shape != tuple(pool.image_shape):

@@ -131,7 +131,12 @@ def check_output_width(model: nn.Module, image_shape, num_classes: int, *, name:
                        pool: str = "the pool", classes_from: str | None = None) -> None:
     """:func:`output_width`, which must match the number of classes (``classes_from``: where
     that number came from, for the message)."""
-    width = output_width(model, image_shape, name=name, pool=pool)
+    check_width(output_width(model, image_shape, name=name, pool=pool), num_classes, name=name,
+                classes_from=classes_from)
+
+
+def check_width(width: int, num_classes: int, *, name: str = "classifier", classes_from: str | None = None) -> None:
+    """Raise unless a classifier's output ``width`` (`output_width`) is ``num_classes``."""
     if width != num_classes:
         raise ValueError(f"{name} outputs shape (1, {width}) for one image; expected (1, {num_classes}) "
                          f"to match {num_classes} classes" + (f" ({classes_from})" if classes_from else ""))
