@@ -3,6 +3,7 @@ wherever it is applied.  It imports nothing of spurfast's: the data loaders (low
 embedding pass, pipeline and config dataclasses (above them) all import it."""
 from __future__ import annotations
 
+import json
 import numbers
 from pathlib import Path
 
@@ -71,8 +72,6 @@ def json_document(text: str):
     crafted file; spurfast writes nothing that deep) raised as the ValueError every reader of
     spurfast's own files already turns into a message naming the file, not a RecursionError
     traceback."""
-    import json
-
     try:
         return json.loads(text)
     except RecursionError:

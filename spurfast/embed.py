@@ -862,14 +862,13 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
         # class indices travel exactly as floats
         L, C = mu.shape[1], probs.shape[1]
         host = torch.cat([pred.float()[:, None], conf[:, None], probs, mu.float(), feats.float()], 1).cpu().numpy()
-        pred, conf, probs, mu, feats = (host[:, 0].astype(np.int32), host[:, 1], host[:, 2:2 + C],
-                                        host[:, 2 + C:2 + C + L], host[:, 2 + C + L:])
         if not ok.all():
             # an unreadable file's stand-in (a zero image) is no image of the pool: a classifier
             # that standardises each image gave NaN for it, and the run stopped, blaming the
             # classifier for the file the loader had skipped (its row is marked, pred -1, below)
-            for column in (conf, probs, mu, feats):
-                column[~ok] = np.nan_to_num(column[~ok], nan=0.0, posinf=0.0, neginf=0.0)
+            host[~ok] = np.nan_to_num(host[~ok], nan=0.0, posinf=0.0, neginf=0.0)
+        pred, conf, probs, mu, feats = (host[:, 0].astype(np.int32), host[:, 1], host[:, 2:2 + C],
+                                        host[:, 2 + C:2 + C + L], host[:, 2 + C + L:])
         if not np.isfinite(mu).all():
             bad = np.flatnonzero(~np.isfinite(mu).all(1))
             raise ValueError(f"encoder produced NaN/inf latents for pool indices {idx[bad][:10].tolist()}")

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from . import baselines as B
+from .atomic_files import remove_killed_writers_files
 from .checks import folder_blocker
 from .confirm import is_confirmed
 from .cores import cpu_model
@@ -756,7 +757,6 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
     cache = Path(cache) if cache else out / "cache"
     # what writers killed mid-write (kill -9, a default SIGTERM) left, never read but never
     # removed either; a live writer's (another evaluation on the cache) is left alone
-    from .atomic_files import remove_killed_writers_files
     remove_killed_writers_files(out, lambda name: name in ("results.csv", "confirm.csv", "timing.json", "RESULTS.md"))
     remove_killed_writers_files(cache / "runs", lambda name: name.endswith(".json"))
     rows, crows = [], []

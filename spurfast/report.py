@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic_files import replace_atomically
 from .data.sources import utf8_name
 
 UPSCALE_TO = 112  # small images are enlarged (nearest) so a pixel pattern stays visible
@@ -82,8 +83,6 @@ def _write_png(path: Path, save) -> str:
     """``save(fh)`` writes a PNG into an open file: into a temporary file beside ``path``, then
     renamed over it, as every other output (saved in place, a link planted at ``path`` had the
     picture written into the file it pointed to)."""
-    from .atomic_files import replace_atomically
-
     replace_atomically(path, save, "wb")
     return str(path)
 
@@ -112,15 +111,13 @@ def save_map(contrast: torch.Tensor, path) -> str:
 def _run_png(out_dir: Path, name) -> bool:
     """Is ``name`` (a findings.json image path) a PNG inside the run folder?  The report inlines
     the bytes, so a findings.json naming ../../ anything pulled that file into a shared page."""
-    rel = Path(str(name))
-    if rel.is_absolute() or ".." in rel.parts:   # spelled inside the run ...
-        return False
+    path = out_dir / str(name)   # an absolute name replaces out_dir: refused below
     try:   # is_file() first: open() of a FIFO waited for a writer forever
-        # ... and inside it once links are followed: a link in a received run folder pulled any
-        # PNG its reader could open into the page
-        if not (out_dir / rel).is_file() or not (out_dir / rel).resolve().is_relative_to(out_dir.resolve()):
+        # inside the run once ".." and links are followed: a link in a received run folder
+        # pulled any PNG its reader could open into the page
+        if not path.is_file() or not path.resolve().is_relative_to(out_dir.resolve()):
             return False
-        with open(out_dir / rel, "rb") as fh:
+        with open(path, "rb") as fh:
             return fh.read(8) == b"\x89PNG\r\n\x1a\n"
     except (OSError, ValueError):   # ValueError: a name holding a NUL byte (open() raised it, naming no file)
         return False
@@ -396,7 +393,6 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
         parts.append(f"<h2>Unreadable files ({len(bad_files)}, skipped)</h2><ul>"
                      + "".join(f"<li><code>{e(p)}</code>: {e(r)}</li>" for p, r in sorted(bad_files.items())) + "</ul>")
     parts.append("<h2>Configuration</h2><pre>" + e(json.dumps(doc["config"], indent=1)) + "</pre></body></html>")
-    from .atomic_files import replace_atomically
 
     path = out_dir / "report.html"
     page = "\n".join(parts)

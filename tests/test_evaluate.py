@@ -1412,8 +1412,6 @@ def test_plant_position_stays_out_of_the_keys_at_its_default():
 def test_a_rerun_removes_what_writers_killed_mid_write_left(tmp_path, monkeypatch):
     # kill -9 (or a default SIGTERM) mid-write left NAME.PID.tmp in --out and the cache's runs for
     # good; a live writer's (another evaluation sharing the cache) must stay
-    import os
-
     import spurfast.evaluate as E
     monkeypatch.setattr(E, "run_one", lambda s, seed, *a, **k: ([], []))
     out, runs = tmp_path / "out", tmp_path / "out" / "cache" / "runs"
