@@ -385,6 +385,57 @@ def test_knn_ties_go_to_the_lower_index(threading_mode):
         assert nn[i].tolist() == [j for j in range(5) if j != i], f"row {i}: {nn[i]}"
 
 
+@needs_kernel
+def test_knn_row_blocks_cover_every_row_once_in_whole_panels():
+    for n, d, parts in [(1, 1, 1), (95, 3, 1), (97, 3, 2), (90_000, 16, 2), (1_280_000, 16, 16), (5, 10**9, 3)]:
+        blocks = kcpu._knn_blocks(n, d, parts)
+        assert [b[0] for b in blocks] == [0] + [b[1] for b in blocks[:-1]] and blocks[-1][1] == n, blocks[:3]
+        assert all((b - a) % (parts * kcpu._KNN_PANEL) == 0 for a, b in blocks[:-1]), (n, d, parts)
+
+
+@needs_kernel
+def test_knn_in_many_row_blocks_equals_one_block(threading_mode, monkeypatch):
+    z = torch.from_numpy(np.random.default_rng(3).normal(size=(3 * kcpu._MIN_ROWS + 5, 7)).astype(np.float32))
+    whole = kcpu.latent_knn(z, 6)
+    monkeypatch.setattr(kcpu, "_KNN_BLOCK_WORK", 1)   # one panel per thread and block
+    assert len(kcpu._knn_blocks(len(z), 7, kcpu._knn_parts(len(z)))) > 10
+    _check_same_rows(kcpu.latent_knn(z, 6).numpy(), whole.numpy(), "knn in one-panel blocks")
+
+
+@needs_kernel
+def test_ctrl_c_stops_the_knn_search_between_row_blocks(monkeypatch):
+    # a signal that arrives during a ctypes call is handled when the call returns: one call
+    # over every row held Ctrl-C off for the whole search (18 s at 90,000 x 16 on one core)
+    import signal
+    lib = kcpu._load()
+    if not lib.openmp:
+        pytest.skip("the library was built without OpenMP")
+    calls = []
+    search = lib.spurfast_cpu_knn_parts
+
+    def counted(*args):
+        calls.append(1)
+        return search(*args)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lib, "spurfast_cpu_knn_parts", counted)
+    monkeypatch.setattr(kcpu, "_KNN_BLOCK_WORK", 1 << 24, raising=False)
+    z = torch.from_numpy(np.random.default_rng(4).normal(size=(12_000, 16)).astype(np.float32))
+    kcpu.latent_knn(z, 5)
+    n_calls, calls[:] = len(calls), []
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.02)
+        with pytest.raises(KeyboardInterrupt):
+            kcpu.latent_knn(z, 5)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert len(calls) < n_calls, f"the search made all its {n_calls} calls before the interrupt was seen"
+
+
 def _check_same_rows(got: np.ndarray, want: np.ndarray, name: str) -> None:
     bad = np.flatnonzero((got != want).any(1))
     assert bad.size == 0, (f"{name}: {bad.size} of {len(want)} rows differ, first row {bad[0]}: "

@@ -650,12 +650,13 @@ void spurfast_cpu_knn(const float* z, i64 d, i64 n, const float* panels, const f
     }
 }
 
-// spurfast_cpu_knn over all n rows in `parts` fixed ranges, one thread each
+// spurfast_cpu_knn over rows [r0, r1) in `parts` fixed ranges, one thread each (the caller
+// walks the rows in blocks of about a second, so Ctrl-C is seen between them)
 void spurfast_cpu_knn_parts(const float* z, i64 d, i64 n, const float* panels, const float* cterm, i64 np_, i64 k,
-                            i64 m, double R, double u, i64 parts, int64_t* out, uint8_t* unsure) {
+                            i64 m, double R, double u, i64 r0, i64 r1, i64 parts, int64_t* out, uint8_t* unsure) {
 #pragma omp parallel num_threads((int)parts)
-    each_part(n, parts, [&](i64, i64 lo, i64 hi) {
-        spurfast_cpu_knn(z, d, n, panels, cterm, np_, k, m, R, u, lo, hi, out, unsure);
+    each_part(r1 - r0, parts, [&](i64, i64 lo, i64 hi) {
+        spurfast_cpu_knn(z, d, n, panels, cterm, np_, k, m, R, u, r0 + lo, r0 + hi, out, unsure);
     });
 }
 
