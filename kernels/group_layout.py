@@ -111,9 +111,11 @@ def check_offsets(offsets: torch.Tensor, N: int, device, k_per_group=None, kmax:
     vals = [int(v) for v in torch.stack(probe).tolist()]
     if vals[0] != 0 or vals[1] != N:
         raise ValueError(f"offsets must run from 0 to N={N}, got {vals[0]}..{vals[1]}")
-    if vals[2] < 0:
-        raise ValueError(f"offsets must not decrease (group sizes >= 0), got a group of size {vals[2]} "
-                         f"in {offsets[:20].tolist()}{' ...' if len(offsets) > 20 else ''}")
+    if vals[2] < 0:   # where: the first offsets alone hid a decrease further in
+        g = int(torch.nonzero(offsets[1:] < offsets[:-1])[0])
+        a, b = offsets[g:g + 2].tolist()
+        raise ValueError(f"offsets must not decrease (group sizes >= 0), got offsets[{g}] = {a} > "
+                         f"offsets[{g + 1}] = {b} (group {g} of size {b - a})")
     if len(vals) == 5 and (vals[3] < 0 or vals[4] > kmax):
         raise ValueError(f"k_per_group has values in [{vals[3]}, {vals[4]}]; expected [0, kmax={kmax}]")
     return offsets

@@ -37,7 +37,7 @@ import torch
 
 from ..cores import usable_cores
 from . import reference as ref
-from .group_layout import check_count, check_integers, check_points, check_seed_counts
+from .group_layout import check_count, check_integers, check_offsets, check_points, check_seed_counts
 
 SOURCE = Path(__file__).resolve().parent / "cpu" / "kmeans_cpu.cpp"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC")
@@ -218,17 +218,9 @@ def _check_cpu(x: torch.Tensor) -> np.ndarray:
 
 
 def _offsets(offsets, N: int) -> np.ndarray:
-    t = torch.as_tensor(offsets)
-    check_integers(t, "offsets")   # the int64 cast below truncated 2.5 to 2 silently
-    off = np.ascontiguousarray(t.cpu().numpy(), dtype=np.int64)
-    if off.ndim != 1 or len(off) < 1 or off[0] != 0 or off[-1] != N:
-        raise ValueError(f"offsets must be nondecreasing from 0 to N={N}, got {off[:3]}...{off[-3:]}")
-    drop = np.flatnonzero(np.diff(off) < 0)
-    if len(drop):   # the ends alone hid a decrease in the middle
-        g = int(drop[0])
-        raise ValueError(f"offsets must be nondecreasing from 0 to N={N}, got offsets[{g}] = {off[g]} > "
-                         f"offsets[{g + 1}] = {off[g + 1]} (group {g} of size {off[g + 1] - off[g]})")
-    return off
+    # the reference's own checks (a list or an array of offsets ran here and failed on the
+    # reference, the fallback of machines without AVX2)
+    return np.ascontiguousarray(check_offsets(offsets, N, "cpu").numpy())
 
 
 def pack_centroids(c: np.ndarray, kpg: np.ndarray, cosine: bool) -> tuple[np.ndarray, np.ndarray, int]:

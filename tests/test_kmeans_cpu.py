@@ -582,7 +582,9 @@ def test_bad_input_gets_clear_errors():
     x, off, cent, kpg = make_case([40, 10], 4, 8, seed=0, device="cpu")
     with pytest.raises(ValueError, match="cluster indices"):
         kcpu.kmeans_update(x, off, torch.full((50,), 4), 4)
-    with pytest.raises(ValueError, match="offsets must be nondecreasing from 0 to N=50"):
+    with pytest.raises(ValueError, match="offsets must not decrease"):
+        kcpu.kmeans_assign(x, torch.tensor([0, 30, 20, 50]), cent[[0, 1, 1]], kpg[[0, 1, 1]])
+    with pytest.raises(ValueError, match="offsets must run from 0 to N=50, got 0..20"):
         kcpu.kmeans_assign(x, torch.tensor([0, 30, 20]), cent, kpg)
     with pytest.raises(ValueError, match="k_per_group"):
         kcpu.kmeans_assign(x, off, cent, torch.tensor([5, 1]))
@@ -590,6 +592,21 @@ def test_bad_input_gets_clear_errors():
         kcpu.kmeans_assign(x, off, cent, kpg, "dot")
     with pytest.raises(ValueError, match="kmax = 0"):   # the fused sums were written out of bounds
         kcpu.kmeans_assign_update(x, off, cent[:, :0], torch.zeros(2, dtype=torch.int64))
+
+
+@needs_kernel
+@pytest.mark.parametrize("provider", ["cpu", "torch"])
+@pytest.mark.parametrize("as_", [list, np.array], ids=["list", "ndarray"])
+def test_offsets_that_are_not_a_tensor_are_refused_by_every_provider(provider, as_):
+    # the cpu provider ran them and the reference refused them: code that worked on an AVX2
+    # machine failed on the fallback
+    x, kpg = torch.randn(10, 3), torch.tensor([2, 1])
+    calls = {"kmeans_assign": (x, as_([0, 4, 10]), torch.randn(2, 2, 3), kpg),
+             "kmeans_update": (x, as_([0, 4, 10]), torch.zeros(10, dtype=torch.int64), 2),
+             "kmeans_plusplus": (x, as_([0, 4, 10]), kpg, 2, torch.Generator().manual_seed(0))}
+    for op, args in calls.items():
+        with pytest.raises(ValueError, match=r"offsets must be a 1-D tensor \(G \+ 1,\), got "):
+            backends.call(op, *args, backend=provider)
 
 
 @needs_kernel
