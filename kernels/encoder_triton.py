@@ -451,13 +451,14 @@ def _encoder_forward(
             raise ValueError(f"conv_biases[{i}] must have shape ({cout},), got {tuple(bs.shape)}")
         if h + 2 * padding < kh or w_ + 2 * padding < kw:
             raise ValueError(f"spatial size {h}x{w_} at conv layer {i} is smaller than the {kh}x{kw} kernel")
-        if (h + 2 * padding - kh) % stride or (w_ + 2 * padding - kw) % stride:
-            raise ValueError(f"spatial size {h}x{w_} at conv layer {i} is not divisible: with kernel {kh}x{kw}, "
-                             f"stride {stride}, padding {padding} it needs (size + {2 * padding} - kernel) "
-                             f"divisible by {stride} (the input's H and W must be divisible by "
-                             f"{stride}^{len(conv_weights)} for this encoder); input is {H}x{W}")
+        # output sizes round down as F.conv2d's (a divisibility check here refused geometry
+        # the reference runs, with a hint right only for kernel - 2 x padding = stride)
         ho = (h + 2 * padding - kh) // stride + 1
         wo = (w_ + 2 * padding - kw) // stride + 1
+        if B * ho * wo >= 2 ** 31:   # the conv kernel's row index (b, oh, ow) is 32-bit
+            raise ValueError(f"a batch of {B} images gives {B * ho * wo} output positions at conv layer {i} "
+                             f"({ho}x{wo} each), beyond the fused encoder's 32-bit row index (< 2^31); "
+                             f"encode at most {(2 ** 31 - 1) // (ho * wo)} images per call")
         shapes.append((wt, bs, cin, h, w_, cout, ho, wo, kh, kw))
         cin, h, w_ = cout, ho, wo
     feat = cin * h * w_

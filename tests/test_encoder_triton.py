@@ -330,12 +330,46 @@ def _params():
     (torch.rand(1, 28, 28), ValueError, r"\(B, C, H, W\).*\(1, 28, 28\)"),
     (torch.rand(2, 3, 28, 28), ValueError, r"channel mismatch at conv layer 0.*C_in=1.*3"),
     (torch.rand(2, 1, 32, 32), ValueError, r"flattened features 768"),
-    (torch.rand(2, 1, 27, 27), ValueError, r"27x27 at conv layer 0 is not divisible"),
+    (torch.rand(2, 1, 27, 27), ValueError, r"flattened features 432 \(= 12x6x6\)"),
     (torch.zeros(2, 1, 28, 28, dtype=torch.int32), TypeError, r"int32 is unsupported"),
 ])
 def test_bad_input_errors(x, exc, pattern):
     with pytest.raises(exc, match=pattern):
         et.encoder_forward(x.to(DEV), **_params())
+
+
+@pytest.mark.parametrize("size, kernel, stride, padding, layers", [
+    (16, 3, 2, 0, 1),    # 16 -> 7: the old divisibility check refused it ("16x16 ... must be divisible by 2^1")
+    (13, 4, 2, 1, 2),    # 13 -> 6 -> 3
+    (28, 4, 2, 1, 3),    # 28 -> 14 -> 7 -> 3
+    (9, 2, 3, 1, 1),     # 9 -> 4
+])
+def test_conv_output_sizes_round_down_as_the_reference(size, kernel, stride, padding, layers):
+    g = torch.Generator().manual_seed(size)
+    chans = [2] + [3] * layers
+    ws = [(0.3 * torch.randn(chans[i + 1], chans[i], kernel, kernel, generator=g)).to(DEV) for i in range(layers)]
+    bs = [(0.1 * torch.randn(chans[i + 1], generator=g)).to(DEV) for i in range(layers)]
+    out = size
+    for _ in range(layers):
+        out = (out + 2 * padding - kernel) // stride + 1
+    hw = (0.1 * torch.randn(4, chans[-1] * out * out, generator=g)).to(DEV)
+    hb = torch.zeros(4, device=DEV)
+    x = torch.rand(3, 2, size, size, generator=g).to(DEV)
+    kw = dict(stride=stride, padding=padding, mean=(0.5,), std=(0.5,))
+    want = ref.encoder_forward(x, ws, bs, hw, hb, **kw)
+    got = et.encoder_forward(x, ws, bs, hw, hb, **kw)
+    for name, a, b in zip(("mu", "logvar"), got, want):
+        assert_close(a, b, torch.float32, name=f"{size}x{size} k{kernel} s{stride} p{padding} {name}")
+
+
+def test_a_batch_beyond_the_32_bit_row_index_is_refused_before_any_work():
+    # B x Ho x Wo >= 2^31 wrapped the kernel's int32 row index: reads and writes before the
+    # tensors.  An expanded input holds no memory; the check comes before any allocation.
+    p = _model(1, 32, (1,), 1).encoder_params()
+    x = torch.zeros(1, 1, 32, 32, device=DEV).expand(2 ** 23, 1, 32, 32)
+    with pytest.raises(ValueError, match=r"2147483648 output positions at conv layer 0 \(16x16 each\).*"
+                                         r"at most 8388607 images per call"):
+        et.encoder_forward(x, **p)
 
 
 def test_bad_parameters_errors():
