@@ -691,13 +691,19 @@ def _named(source, bad_files: dict, prefix: str = "") -> dict:
             for i, r in sorted(bad_files.items())}
 
 
+DOCUMENTS = ("findings.json", "findings.csv", "clusters.csv")   # `discover.write_outputs`'
 _FINDING_FILE = re.compile(r"(\.rerank\d+_)?finding\d+(_(centroid|contrast|mask|grid)\.png|\.npy)")
 
 
 def _remove_finding_files(out: Path) -> None:
     """Remove the per-finding images and rankings an earlier pass of this run wrote: a
     rerun (corrected labels, say) may find fewer findings, and an interrupted re-ranking
-    leaves staged names; their files would outlive them beside the new ones."""
+    leaves staged names; their files would outlive them beside the new ones.  The documents
+    that name those files go first: a rerun stopped before it wrote its own left the old
+    findings.json beside the new pass's pictures (other findings' under the same ranks), and
+    `spurfast report` showed them without a word."""
+    for name in DOCUMENTS:
+        (out / name).unlink(missing_ok=True)
     for sub in ("images", "rankings"):
         d = out / sub
         if d.is_dir():

@@ -464,6 +464,35 @@ def test_a_rerun_leaves_no_finding_files_of_an_earlier_pass(tmp_path):
                                                                          for f in doc["findings"])
 
 
+def test_a_rerun_stopped_before_its_documents_leaves_no_old_findings_json_over_new_pictures(tmp_path, monkeypatch,
+                                                                                          capsys):
+    # the rerun replaced the pictures (discovery order) and was stopped before it wrote its
+    # findings.json: the old one, confirmed findings first, named the new pass's pictures of
+    # other findings, and `spurfast report` showed them without a word
+    import spurfast.pipeline as pipeline
+    from spurfast.cli import main
+
+    pool, clf, vae = _tiny()
+    out = tmp_path / "run"
+    run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False)
+    assert (out / "findings.json").is_file()
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "pattern_rankings", stopped)   # after the new pictures
+    with pytest.raises(KeyboardInterrupt):
+        run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False)
+    documents = ("findings.json", "findings.csv", "clusters.csv")
+    assert [n for n in documents if (out / n).exists()] == []
+    capsys.readouterr()
+    assert main(["report", "--run", str(out)]) == 2
+    assert "holds no findings.json" in capsys.readouterr().err
+    monkeypatch.undo()
+    doc, _, _ = run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False)
+    assert all((out / n).is_file() for n in documents) and doc["findings"] is not None
+
+
 def test_an_interrupted_bad_files_write_leaves_the_run_reportable(tmp_path, monkeypatch):
     # bad_files.json was written in place: Ctrl-C mid-write left a truncated file that
     # `spurfast report` (read_bad_files) then failed to parse
