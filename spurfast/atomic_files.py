@@ -102,33 +102,40 @@ def _hold(folder: Path) -> None:
         import fcntl
     except ImportError:   # not POSIX: nothing is swept there either (process_gone)
         return
-    fd = os.open(folder / OWNER, os.O_CREAT | os.O_RDWR, 0o600)
+    # locked under another name, then renamed: an OWNER file is always one a process locked,
+    # so a free lock on it says its owner has ended (`_owner_state`)
+    staged = folder / f"{OWNER}.{os.getpid()}"
+    fd = os.open(staged, os.O_CREAT | os.O_RDWR, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:   # a file system without flock (NFS without lockd, Lustre noflock): the pid alone
         os.close(fd)
+        staged.unlink(missing_ok=True)
         return
+    os.replace(staged, folder / OWNER)
     _held[str(folder)] = fd
 
 
-def _owner_alive(folder: Path) -> bool:
-    """Whether a process holds ``folder``'s lock: one whose pid means nothing here (another PID
-    namespace, e.g. a container sharing this /tmp) looks gone to `process_gone`."""
+def _owner_state(folder: Path) -> str:
+    """"held" while a process holds ``folder``'s lock (one whose pid means nothing here,
+    another PID namespace such as a container sharing this /tmp, looks gone to
+    `process_gone`), "ended" where the lock its owner took is free, "unknown" where there is
+    none to ask (made before its lock, or on a file system without flock)."""
     try:
         import fcntl
     except ImportError:
-        return True
+        return "held"
     try:
         fd = os.open(folder / OWNER, os.O_RDWR)
     except FileNotFoundError:
-        return False                                   # none (its process died before making it)
+        return "unknown"
     except OSError:
-        return True
+        return "held"
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
+        return "ended"
     except OSError:
-        return True
+        return "held"
     finally:
         os.close(fd)
 
@@ -149,7 +156,12 @@ def private_folder(prefix: str, root: str | Path | None = None) -> Path:
     long as this process (or a child it forked) lives; `release_folder` removes it."""
     base = Path(root) if root is not None else Path(tempfile.gettempdir())
     for d in base.glob(f"{prefix}*-*") if base.is_dir() else ():
-        if d.is_dir() and abandoned(d, d.name[len(prefix):].split("-", 1)[0]) and not _owner_alive(d):
+        if not d.is_dir():
+            continue
+        # a free lock ends it at once (a rerun within a minute of a kill left the killed pass's
+        # rankings beside its own finished run); without a lock, the pid and a quiet minute
+        state = _owner_state(d)
+        if state == "ended" or (state == "unknown" and abandoned(d, d.name[len(prefix):].split("-", 1)[0])):
             shutil.rmtree(d, ignore_errors=True)
     base.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base))

@@ -2,6 +2,8 @@
 import gc
 import time
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -186,6 +188,40 @@ def test_a_folder_whose_pid_means_nothing_here_is_kept_while_its_owner_holds_it(
     SpilledRankings(folder=tmp_path).close()
     assert not other.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_owner_s_folder_goes_at_once_not_after_a_quiet_minute(tmp_path):
+    """A rerun within a minute of a kill kept the killed pass's rankings folder beside its own
+    finished run: the pid and quiet-time rule alone waited 60 s; the owner's free lock says it ended."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from spurfast.atomic_files import private_folder; "
+            "print(private_folder('spurfast-rankings-', sys.argv[1]), flush=True); os._exit(0)")
+    made = Path(subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                               check=True).stdout.strip())
+    assert made.is_dir() and (made / ".owner").is_file()   # killed: no clean-up ran
+    SpilledRankings(folder=tmp_path).close()
+    assert not made.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_is_never_seen_with_an_unlocked_owner_file(tmp_path, monkeypatch):
+    # the lock file was created, then locked: a sweep in between read a free lock
+    import fcntl
+
+    from spurfast import atomic_files
+    seen = []
+    real = fcntl.flock
+
+    def watch(fd, op):
+        seen.append(sorted(p.name for p in tmp_path.glob("spurfast-rankings-*/*")))
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", watch)
+    folder = atomic_files.private_folder("spurfast-rankings-", tmp_path)
+    assert seen and all(".owner" not in names for names in seen), seen
+    assert (folder / ".owner").is_file()
+    atomic_files.release_folder(folder)
 
 
 def test_a_file_system_without_locks_still_spills(tmp_path, monkeypatch):
