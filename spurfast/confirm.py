@@ -69,6 +69,7 @@ from scipy.stats import binom
 
 from .checks import real_number, whole_number
 from .data.sources import ImageSource
+from .models.as_given import restores_models
 from .scoring import bh_qvalues
 
 log = logging.getLogger("spurfast.confirm")
@@ -416,6 +417,7 @@ def clean_images_for(source: ImageSource, labels: np.ndarray, pred: np.ndarray |
     return load_readable(source, idx)
 
 
+@restores_models("model")
 @torch.no_grad()
 def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None = None,
                      pool: ImageSource | None = None, pool_pred: np.ndarray | None = None,

@@ -23,6 +23,7 @@ from .characterise import contrast_map, exemplars, linear_probe, neighbour_contr
 from .checks import real_number, whole_number
 from .data.sources import ImageSource, utf8_name
 from .embed import EmbeddingStore, _write_json
+from .models.as_given import restores_models
 from .rankings import SpilledRankings, save_ranking
 from .scoring import (DEFAULT_STATISTIC, STATISTICS, bh_qvalues, cluster_and_score, content_classes,
                       latent_neighbours, null_scores, shuffled_share, size_matched_pvalues, top_two,
@@ -373,6 +374,7 @@ def _probe(z, g, local, cls, seed: int = 0):
     return linear_probe(z, local, neg)
 
 
+@restores_models("vae")
 def characterise(result: DiscoveryResult, store: EmbeddingStore, source: ImageSource, vae, out_dir: Path,
                  *, seed: int = 0, device: str = "cpu") -> None:
     """Decoded centroid, contrast, mask and exemplar grid for every finding (PNGs in out_dir)."""

@@ -29,6 +29,7 @@ from .cores import usable_cores
 from .data.loader_torch import iter_batches
 from .data.preprocess import uint8_to
 from .data.sources import ImageSource, content_digest, sampled_digest, utf8_name
+from .models.as_given import restores_models
 from .models.outputs import check_floating, classifier_outputs, non_float32_weights, shape_text, trial
 
 log = logging.getLogger("spurfast.embed")
@@ -674,6 +675,7 @@ def how_rows_are_made(source: ImageSource, device: str = "cpu", encoder_backend:
     return loader, decode, f"{dev_type}:{backends.resolve('encoder', encoder_backend, dev_type)[0]}"
 
 
+@restores_models("classifier", "vae")
 def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir, *, num_classes: int,
                batch_size: int = 256, device: str = "cpu", encoder_backend: str | None = None,
                loader_backend: str | None = None, progress: bool = True, stop_after: int | None = None,

@@ -9,10 +9,7 @@ differs only in its discovery settings, clean set or suspect mask embeds nothing
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -33,6 +30,7 @@ from .data.sources import ArraySource, ImageSource, content_digest
 from .discover import DiscoverConfig, characterise, discover, write_outputs
 from .embed import (_write_json, check_outputs, check_vae_input, fingerprint, legacy_identities, made_from,
                     shown_path, unmark_stores)
+from .models.as_given import restores_models
 from .models.outputs import shape_text
 from .pattern_rank import pattern_rankings
 from .plant import PatternSpec, PlantTruth, plant_pool, plant_training
@@ -364,40 +362,7 @@ def check_run_inputs(pool, classifier, vae, config, clean) -> None:
             raise TypeError(f"run_discovery: {name} must be {kind}, got {type(value).__name__} ({hint})")
 
 
-@contextlib.contextmanager
-def models_as_given(*models):
-    """Each torch module of ``models`` back in the train/eval mode and on the device it came in
-    on, however the block ends: the run puts them in eval mode on its device, and a caller's
-    model mid-training came back without its dropout (a refused run too)."""
-    kept = []
-    for m in models:
-        if isinstance(m, torch.nn.Module):
-            first = next(iter(m.parameters()), None)
-            kept.append((m, {n: sub.training for n, sub in m.named_modules()},
-                         None if first is None else first.device))
-    try:
-        yield
-    finally:
-        for m, modes, device in kept:
-            for n, sub in m.named_modules():
-                sub.training = modes.get(n, sub.training)
-            if device is not None:
-                m.to(device)
-
-
-def _restores_models(run):
-    """``run`` with its ``classifier`` and ``vae`` arguments (named or not) `models_as_given`."""
-    signature = inspect.signature(run)
-
-    @functools.wraps(run)
-    def wrapper(*args, **kwargs):
-        given = signature.bind_partial(*args, **kwargs).arguments
-        with models_as_given(given.get("classifier"), given.get("vae")):
-            return run(*args, **kwargs)
-    return wrapper
-
-
-@_restores_models
+@restores_models("classifier", "vae")
 def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: int, suspect=None,
                   config: DiscoverConfig | None = None, extra_config: dict | None = None,
                   overwrite: bool = False, batch_size: int = 256, encoder_backend=None, loader_backend=None,

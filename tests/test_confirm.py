@@ -151,6 +151,20 @@ def _finding(members):
     return {"rank": 1, "class": 1, "members": members, "_mask": _corner_mask(), "_contrast": contrast}
 
 
+@pytest.mark.parametrize("labelled", [True, False], ids=["labelled", "unlabelled"])
+def test_confirm_findings_gives_the_model_back_in_its_mode(labelled):
+    # confirm_findings put a caller's model mid-training in eval mode for good (run_discovery
+    # restored it, the public step alone did not)
+    x = _clean(60)
+    clean = ArraySource(x, np.r_[np.zeros(45, int), np.ones(15, int)] if labelled else np.full(60, -1), name="clean")
+    model = torch.nn.Sequential(CornerModel(), torch.nn.Dropout(0.0)).train()
+    model[0].eval()   # a part the caller froze stays so
+    f = [_finding([0, 1])]
+    confirm_findings(f, model, clean=clean)
+    assert f[0]["confirm"] is not None
+    assert [model.training, model[0].training, model[1].training] == [True, False, True]
+
+
 def test_confirm_findings_clean_set_and_pool_default():
     x = _clean(200)
     y = np.r_[np.zeros(150, int), np.ones(50, int)]

@@ -343,6 +343,16 @@ def test_the_models_come_back_in_the_mode_they_came_in(tmp_path):
     assert [clf.training, clf[1].training, vae.training] == [True, False, True]
 
 
+def test_embed_pool_gives_the_models_back_in_their_mode(tmp_path):
+    # the public step alone (run_discovery restored them) left a model mid-training in eval mode
+    from spurfast import embed_pool
+    pool, clf, vae = _tiny()
+    clf.train()
+    vae.train()
+    embed_pool(pool, clf, vae, tmp_path / "store", num_classes=2, progress=False)
+    assert [clf.training, vae.training] == [True, True]
+
+
 @pytest.mark.parametrize("var,says", [("SPURFAST_BACKEND_KMEANS_ASIGN", "no op is named 'kmeans_asign'"),
                                       ("SPURFAST_BACKEND_kmeans_assign", "is never read: the op is spelt in upper "
                                                                          "case, SPURFAST_BACKEND_KMEANS_ASSIGN")])
