@@ -15,8 +15,8 @@ from .discover import DiscoverConfig
 from .embed import _write_json, shown_path
 from .models.files import save_classifier, save_vae
 from .models.train import train_classifier, train_vae
-from .pipeline import (SUMMARY, check_discovery_ops, make_planted_data, prepare_output, read_bad_files,
-                       report_summary, run_discovery, sample_auroc)
+from .pipeline import (SUMMARY, check_discovery_ops, holds_output, make_planted_data, prepare_output, read_bad_files,
+                       release_output, report_summary, run_discovery, sample_auroc)
 from .plant import PatternSpec, apply_pattern
 from .report import write_report
 
@@ -148,52 +148,60 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
         # taken over as this run: its checkpoints resume (finished: the same models), its store
         # is of this pool and these models, its discovery work is keyed on its own inputs
         _write_json(Path(out_dir) / "run.json", {"run_id": run_id}, indent=None)
+    held = holds_output(out_dir)   # a caller's own hold stays theirs
     out = prepare_output(out_dir, run_id, overwrite)
-    _write_json(out / DEMO_MARKER, {"models": models_id}, indent=None)
-    print(f"[demo] dataset {data.dataset}: {len(data.train)} training images ({len(data.truth.train_indices)} of class "
-          f"{target_class} stamped with {spec.label}); pool {len(data.pool)} images "
-          f"({int(data.suspect.sum())} suspect, {int(data.carries.sum())} carry the pattern)", flush=True)
-    clf = train_classifier(data.train, 10, epochs=classifier_epochs, seed=seed, device=device,
-                           checkpoint=out / "classifier.ckpt", progress=progress)
-    save_classifier(clf, out / "classifier.pt")
-    vae = train_vae(data.pool, vae_config,
-                    epochs=vae_epochs, seed=seed, device=device, checkpoint=out / "vae.ckpt", progress=progress)
-    save_vae(vae, out / "vae.pt")
-    ss = spurious_score(clf, data.test_clean, target_class, spec, device, class_balanced=True)
-    print(f"[demo] spurious score of the trained classifier: {ss:.3f}", flush=True)
-    plant_cfg = dict(data.truth.to_dict(), pool_fraction=float(pool_fraction))
-    doc, result, store = run_discovery(data.pool, clf, vae, out, num_classes=10, suspect=data.suspect, config=config,
-                                       extra_config={"plant": plant_cfg, "dataset": data.dataset},
-                                       progress=progress, run_id=run_id, clean=data.test_clean, confirm=confirm)
-    np.save(out / "ground_truth_carries.npy", data.carries)
-    planted = len(data.truth.train_indices) > 0
-    summary = {"dataset": data.dataset,
-               "planted": f"{spec.label} in class {target_class}" if planted else "nothing (n_poisoned 0)",
-               "spurious score": round(ss, 3), "findings": len(doc["findings"])}
-    if doc["findings"]:
-        top = doc["findings"][0]
-        member = np.zeros(len(data.pool), bool)
-        member[top["members"]] = True
-        au_m = sample_auroc(member.astype(float), data.carries)
-        au_r = sample_auroc(result.rankings[1], data.carries)
-        iou = mask_iou(result.findings[0].get("_mask"), data.truth.mask)
-        summary.update({"top finding class": top["class"],
-                        "top finding is planted class": top["class"] == target_class if planted else None,
-                        "AUROC (membership)": round(au_m, 3), "AUROC (ranking)": round(au_r, 3),
-                        # the latent probe's, or for a localised pattern its pixel match (`pattern_rank`)
-                        "ranked by": top.get("ranked_by"),
-                        "pattern IoU": round(iou, 3) if planted else None})
-        if top.get("confirm"):
-            summary["top finding flip rate (control)"] = (f"{top['confirm']['flip_rate']:.3f} "
-                                                          f"({top['confirm']['control_flip_rate']:.3f})")
-            summary["top finding confirmation"] = top["confirm"].get("verdict")
-    # NaN (e.g. an AUROC with no pattern-bearing pool image) is not JSON: null instead, which
-    # the report shows as n/a, as `spurfast report` does when it redraws the run
-    finite = report_summary(summary)
-    write_report(doc, out, clusters=result.clusters, bad_files=read_bad_files(out), summary=finite)
-    _write_json(out / SUMMARY, finite, allow_nan=False)   # atomic: `spurfast report` reads it
-    # as the report shows them: NaN (no pattern-bearing image to rank) printed "nan" there
-    print("[demo] " + "; ".join(f"{k}: {'n/a' if v is None else v}" for k, v in finite.items()), flush=True)
-    # a folder name that is not UTF-8 spelled \xNN: a strict stdout raised after the whole run
-    print(f"[demo] report: {shown_path(out / 'report.html')}", flush=True)
-    return summary
+    # released however the demo ends: the folder stayed locked for as long as the process
+    # lived (a notebook's second demo into it, or another process's, was refused)
+    try:
+        _write_json(out / DEMO_MARKER, {"models": models_id}, indent=None)
+        print(f"[demo] dataset {data.dataset}: {len(data.train)} training images "
+              f"({len(data.truth.train_indices)} of class {target_class} stamped with {spec.label}); "
+              f"pool {len(data.pool)} images "
+              f"({int(data.suspect.sum())} suspect, {int(data.carries.sum())} carry the pattern)", flush=True)
+        clf = train_classifier(data.train, 10, epochs=classifier_epochs, seed=seed, device=device,
+                               checkpoint=out / "classifier.ckpt", progress=progress)
+        save_classifier(clf, out / "classifier.pt")
+        vae = train_vae(data.pool, vae_config,
+                        epochs=vae_epochs, seed=seed, device=device, checkpoint=out / "vae.ckpt", progress=progress)
+        save_vae(vae, out / "vae.pt")
+        ss = spurious_score(clf, data.test_clean, target_class, spec, device, class_balanced=True)
+        print(f"[demo] spurious score of the trained classifier: {ss:.3f}", flush=True)
+        plant_cfg = dict(data.truth.to_dict(), pool_fraction=float(pool_fraction))
+        doc, result, store = run_discovery(data.pool, clf, vae, out, num_classes=10, suspect=data.suspect, config=config,
+                                           extra_config={"plant": plant_cfg, "dataset": data.dataset},
+                                           progress=progress, run_id=run_id, clean=data.test_clean, confirm=confirm)
+        np.save(out / "ground_truth_carries.npy", data.carries)
+        planted = len(data.truth.train_indices) > 0
+        summary = {"dataset": data.dataset,
+                   "planted": f"{spec.label} in class {target_class}" if planted else "nothing (n_poisoned 0)",
+                   "spurious score": round(ss, 3), "findings": len(doc["findings"])}
+        if doc["findings"]:
+            top = doc["findings"][0]
+            member = np.zeros(len(data.pool), bool)
+            member[top["members"]] = True
+            au_m = sample_auroc(member.astype(float), data.carries)
+            au_r = sample_auroc(result.rankings[1], data.carries)
+            iou = mask_iou(result.findings[0].get("_mask"), data.truth.mask)
+            summary.update({"top finding class": top["class"],
+                            "top finding is planted class": top["class"] == target_class if planted else None,
+                            "AUROC (membership)": round(au_m, 3), "AUROC (ranking)": round(au_r, 3),
+                            # the latent probe's, or for a localised pattern its pixel match (`pattern_rank`)
+                            "ranked by": top.get("ranked_by"),
+                            "pattern IoU": round(iou, 3) if planted else None})
+            if top.get("confirm"):
+                summary["top finding flip rate (control)"] = (f"{top['confirm']['flip_rate']:.3f} "
+                                                              f"({top['confirm']['control_flip_rate']:.3f})")
+                summary["top finding confirmation"] = top["confirm"].get("verdict")
+        # NaN (e.g. an AUROC with no pattern-bearing pool image) is not JSON: null instead, which
+        # the report shows as n/a, as `spurfast report` does when it redraws the run
+        finite = report_summary(summary)
+        write_report(doc, out, clusters=result.clusters, bad_files=read_bad_files(out), summary=finite)
+        _write_json(out / SUMMARY, finite, allow_nan=False)   # atomic: `spurfast report` reads it
+        # as the report shows them: NaN (no pattern-bearing image to rank) printed "nan" there
+        print("[demo] " + "; ".join(f"{k}: {'n/a' if v is None else v}" for k, v in finite.items()), flush=True)
+        # a folder name that is not UTF-8 spelled \xNN: a strict stdout raised after the whole run
+        print(f"[demo] report: {shown_path(out / 'report.html')}", flush=True)
+        return summary
+    finally:
+        if not held:
+            release_output(out)

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -39,17 +40,22 @@ from .report import write_report
 log = logging.getLogger("spurfast")
 
 
-_HELD: dict[str, int] = {}   # output directories this process holds: path -> locked descriptor
+_HELD: dict[str, tuple[int, int]] = {}   # output directories this process holds: path -> (descriptor, thread)
 
 
 def hold_output(out: Path) -> None:
-    """Lock the output directory ``out`` for this process until it exits (an exclusive
-    ``flock`` on the directory; nothing where ``fcntl`` is missing), or raise FileExistsError
-    if another process holds it.  Two runs on one folder, both exiting 0, left every finding
-    with another's pictures: each applied the confirmed-first renaming to the same files."""
+    """Lock the output directory ``out`` for this thread until `release_output` (an exclusive
+    ``flock`` on the directory, nothing where ``fcntl`` is missing), or raise FileExistsError
+    if another process, or another thread of this one, holds it.  Two runs on one folder, both
+    exiting 0, left every finding with another's pictures: each applied the confirmed-first
+    renaming to the same files (two threads of a service did it too: the process's lock let
+    both in)."""
     key = str(out.resolve())
-    if key in _HELD:   # this process again (run_discovery twice): it holds it already
-        return
+    if key in _HELD:
+        if _HELD[key][1] == threading.get_ident():   # this call's caller (the demo's run_discovery)
+            return
+        raise FileExistsError(f"output directory {out} is in use by another thread of this process; wait for its "
+                              f"run to finish, or choose another output directory")
     try:
         import fcntl
     except ImportError:   # not POSIX
@@ -61,19 +67,22 @@ def hold_output(out: Path) -> None:
         os.close(fd)
         raise FileExistsError(f"output directory {out} is in use by another spurfast process; wait for it to "
                               f"finish (or stop it), or choose another output directory") from None
-    _HELD[key] = fd
+    # two threads past the check above at once: flock on two descriptors of one process
+    # excludes the second too, so only one gets here
+    _HELD[key] = (fd, threading.get_ident())
 
 
 def holds_output(out) -> bool:
-    """Whether this process holds the output directory ``out`` (`hold_output`)."""
-    return str(Path(out).resolve()) in _HELD
+    """Whether this thread holds the output directory ``out`` (`hold_output`)."""
+    held = _HELD.get(str(Path(out).resolve()))
+    return held is not None and held[1] == threading.get_ident()
 
 
 def release_output(out: Path) -> None:
-    """Give up this process's lock on ``out`` (`hold_output`)."""
-    fd = _HELD.pop(str(Path(out).resolve()), None)
-    if fd is not None:
-        os.close(fd)   # closing the descriptor releases its flock
+    """Give up this thread's lock on ``out`` (`hold_output`)."""
+    key = str(Path(out).resolve())
+    if holds_output(out):
+        os.close(_HELD.pop(key)[0])   # closing the descriptor releases its flock
 
 
 def prepare_output(out_dir, run_id: str, overwrite: bool, protect=(), earlier_ids=(), keep_store=None) -> Path:

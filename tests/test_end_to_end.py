@@ -103,6 +103,7 @@ def test_overwrite_with_other_discovery_settings_keeps_the_models_and_store(tmp_
     kw = dict(dataset="digits", seed=0, n_poisoned="0", pool_fraction=0.0, classifier_epochs=1, vae_epochs=1,
               progress=False, confirm=False)
     run_demo(tmp_path, config=DiscoverConfig(n_null=3, fdr=0.9, seed=0), **kw)
+    _assert_not_held(tmp_path)   # the demo kept its lock for the process's life: another process was refused
     kept = ("classifier.ckpt", "vae.ckpt", "store/manifest.json")
     before = {n: (tmp_path / n).stat() for n in kept}
     with pytest.raises(FileExistsError, match="already holds run"):   # still refused without --overwrite
@@ -116,6 +117,28 @@ def test_overwrite_with_other_discovery_settings_keeps_the_models_and_store(tmp_
     # other training settings: everything is replaced, as before
     run_demo(tmp_path, config=DiscoverConfig(n_null=3, fdr=0.5, seed=0), overwrite=True, **dict(kw, vae_epochs=2))
     assert (tmp_path / "vae.ckpt").stat().st_mtime_ns != before["vae.ckpt"].st_mtime_ns
+    import spurfast.demo
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:   # stopped mid-run: released too
+        mp.setattr(spurfast.demo, "train_vae", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            run_demo(tmp_path, config=DiscoverConfig(n_null=3, fdr=0.5, seed=0), overwrite=True, **dict(kw, vae_epochs=3))
+    _assert_not_held(tmp_path)
+
+
+def _assert_not_held(folder):
+    import fcntl
+
+    from spurfast import pipeline
+    assert not pipeline.holds_output(folder)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # as another process would take it
+    finally:
+        os.close(fd)
 
 
 def test_a_device_that_contradicts_the_config_is_refused_up_front(tmp_path):

@@ -166,6 +166,38 @@ def test_a_second_process_on_the_same_output_directory_is_refused(tmp_path):
     assert str(out.resolve()) not in pipeline._HELD
 
 
+def test_a_second_thread_on_the_same_output_directory_is_refused(tmp_path):
+    """Two threads of one process (a service) ran on one folder: the process's lock let both
+    in, and the folder ended with one run's findings.json beside the other's pictures."""
+    import threading
+
+    from spurfast import pipeline
+    pool, clf, vae = _tiny()
+    out = tmp_path / "run"
+    took, done = threading.Event(), threading.Event()
+
+    def other_run():
+        pipeline.prepare_output(out, "r1", overwrite=False)
+        took.set()
+        done.wait(60)
+        pipeline.release_output(out)
+
+    t = threading.Thread(target=other_run)
+    t.start()
+    try:
+        assert took.wait(60)
+        assert not pipeline.holds_output(out)   # this thread does not hold it
+        with pytest.raises(FileExistsError, match="in use by another thread of this process"):
+            run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False, overwrite=True)
+        pipeline.release_output(out)   # not this thread's to release: still held
+        assert str(out.resolve()) in pipeline._HELD
+    finally:
+        done.set()
+        t.join()
+    assert str(out.resolve()) not in pipeline._HELD
+    run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False, overwrite=True)
+
+
 def _older_run(out):
     from spurfast.pipeline import prepare_output
     prepare_output(out, "an-older-run", overwrite=False)
