@@ -51,6 +51,22 @@ def test_classifier_training_is_seeded_and_learns(tmp_path):
     assert float((a(x).argmax(1) == y).float().mean()) > 0.9
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_training_inside_a_no_grad_block_trains_as_outside(mode):
+    # a notebook cell or a request handler under torch.no_grad(): the first backward failed with
+    # torch's "element 0 of tensors does not require grad", naming neither spurfast nor the cause
+    src = _toy()
+    outside = train_classifier(src, 3, epochs=1, batch_size=16, seed=1, progress=False)
+    vae_outside = train_vae(src, VAEConfig.for_images(1, 28, 2), epochs=1, batch_size=16, seed=1, progress=False)
+    with mode():
+        inside = train_classifier(src, 3, epochs=1, batch_size=16, seed=1, progress=False)
+        vae_inside = train_vae(src, VAEConfig.for_images(1, 28, 2), epochs=1, batch_size=16, seed=1, progress=False)
+    for pa, pb in zip([*inside.parameters(), *vae_inside.parameters()],
+                      [*outside.parameters(), *vae_outside.parameters()]):
+        assert torch.equal(pa, pb)
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
 def test_checkpoint_resume_equals_straight_run(tmp_path):
     src = _toy()
     ck = tmp_path / "c.ckpt"

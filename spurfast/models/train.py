@@ -238,7 +238,9 @@ def _fit(build, source: ImageSource, step, name: str, *, device: str, **kw):
     followed the caller's own seed)."""
     dev = torch.device(device)
     cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
+    # gradients on whatever the caller's mode: inside torch.no_grad() or inference_mode() the
+    # first backward failed with torch's "element 0 of tensors does not require grad"
+    with torch.random.fork_rng(devices=cuda), torch.inference_mode(False), torch.enable_grad():
         return _train(build, source, step, name, device=device, **kw)
 
 
