@@ -855,15 +855,15 @@ def cluster_similarity(
     # launcher moves them before it hands m > 32 here: CPU assign or centroids with CUDA
     # points failed in a device mismatch
     assign = assign.to(x.device).long()
-    c = centroids.to(device=x.device, dtype=torch.float32)[gid, assign] if N else torch.zeros(0, d, device=x.device)
+    c = centroids.to(device=x.device, dtype=torch.float32)[gid, assign] if N else torch.zeros(0, d, device=x.device, dtype=torch.float32)
     xf = x.float()
-    cos = F.cosine_similarity(xf, c, dim=1, eps=1e-12) if N else torch.zeros(0, device=x.device)
+    cos = F.cosine_similarity(xf, c, dim=1, eps=1e-12) if N else torch.zeros(0, device=x.device, dtype=torch.float32)
     sq = ((xf - c) ** 2).sum(1)
     flat = gid * kmax + assign
     counts = torch.bincount(flat, minlength=G * kmax).float()
     if x.device.type == "cpu":
-        tot_cos = torch.zeros(G * kmax).index_add_(0, flat, cos)
-        tot_sq = torch.zeros(G * kmax).index_add_(0, flat, sq)
+        tot_cos = torch.zeros(G * kmax, dtype=torch.float32).index_add_(0, flat, cos)
+        tot_sq = torch.zeros(G * kmax, dtype=torch.float32).index_add_(0, flat, sq)
     else:   # index_add_ adds with float atomics on CUDA: the means' bits varied run to run
         tot_cos, tot_sq = sorted_sums(flat, torch.stack([cos, sq], 1), G * kmax).unbind(1)
     mean_cos = tot_cos / counts.clamp_min(1)

@@ -10,6 +10,19 @@ from pathlib import Path
 import numpy as np
 
 
+def check_default_dtype(where: str) -> None:
+    """Refuse to run while torch's default dtype is not float32: spurfast's models and tensors
+    are float32, and under ``torch.set_default_dtype(torch.float64)`` models were built in
+    float64 and a run failed late (after the whole embedding pass) with torch's "self (Double)
+    and source (Float) must have the same scalar type"."""
+    import torch
+
+    if torch.get_default_dtype() != torch.float32:
+        raise TypeError(f"{where}: torch's default dtype is {torch.get_default_dtype()} (torch.set_default_dtype); "
+                        f"spurfast computes in float32: call torch.set_default_dtype(torch.float32) before it, "
+                        f"and set yours again after")
+
+
 def check_whole(value, name: str, *, not_integer: type[Exception] = ValueError) -> None:
     """Raise unless ``value`` is an integer >= 1 (a numpy one too; not a bool, not 2.0), saying
     "``name`` must be an integer >= 1, got ``value``".

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import backends
 from .atomic_files import replace_atomically
-from .checks import check_whole, json_document
+from .checks import check_default_dtype, check_whole, json_document
 from .cores import usable_cores
 from .data.loader_torch import iter_batches
 from .data.preprocess import uint8_to
@@ -709,6 +709,7 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
     waiting for the loader (``load_wait_s``), in the models up to the results on the host
     (``compute_s``), and writing the store (``write_s``), so the slow stage shows.
     """
+    check_default_dtype("embed_pool")
     if num_workers is None:
         num_workers = usable_cores()
     n = len(source)

@@ -24,7 +24,7 @@ import torch
 
 from . import distributed as dist
 from .atomic_files import remove_killed_writers_files
-from .checks import check_compute_device, check_whole, json_document
+from .checks import check_compute_device, check_default_dtype, check_whole, json_document
 from .cores import usable_cores
 from .data.builtin import load_digits, load_fashion_mnist
 from .data.sources import ArraySource, ImageSource, content_digest
@@ -354,6 +354,7 @@ def make_planted_data(dataset: str = "auto", *, target_class: int = 3, n_poisone
 
 
 def check_run_inputs(pool, classifier, vae, config, clean) -> None:
+    check_default_dtype("run_discovery")
     """Refuse, by argument, objects `run_discovery` cannot use: a path where a model is
     expected, an array where a pool is, a dict of settings where a config is (each failed as
     a bare AttributeError deep in the embedding pass)."""

@@ -198,6 +198,32 @@ def test_a_second_thread_on_the_same_output_directory_is_refused(tmp_path):
     run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False, overwrite=True)
 
 
+def test_a_float64_default_dtype_is_refused_before_any_work(tmp_path):
+    """Under torch.set_default_dtype(torch.float64) load_classifier and load_vae built float64
+    models without a word, and run_discovery embedded the whole pool before it failed with
+    torch's "self (Double) and source (Float) must have the same scalar type"."""
+    from spurfast import embed_pool, load_classifier, load_vae, save_classifier, save_vae
+    from spurfast.models.train import train_classifier, train_vae
+    pool, clf, vae = _tiny()
+    save_classifier(clf, tmp_path / "clf.pt")
+    save_vae(vae, tmp_path / "vae.pt")
+    calls = {"run_discovery": lambda: run_discovery(pool, clf, vae, tmp_path / "run", num_classes=2, progress=False),
+             "embed_pool": lambda: embed_pool(pool, clf, vae, tmp_path / "store", num_classes=2, progress=False),
+             "load_classifier": lambda: load_classifier(tmp_path / "clf.pt"),
+             "load_vae": lambda: load_vae(tmp_path / "vae.pt"),
+             "classifier": lambda: train_classifier(pool, 2, epochs=1, progress=False),
+             "VAE": lambda: train_vae(pool, VAEConfig.for_images(1, 16, 4), epochs=1, progress=False)}
+    torch.set_default_dtype(torch.float64)
+    try:
+        for name, call in calls.items():
+            with pytest.raises(TypeError, match=rf"^{name}: torch's default dtype is torch.float64 .*"
+                                                r"torch.set_default_dtype\(torch.float32\)"):
+                call()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "store").exists()
+
+
 def _older_run(out):
     from spurfast.pipeline import prepare_output
     prepare_output(out, "an-older-run", overwrite=False)

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..atomic_files import remove_killed_writers_files
+from ..checks import check_default_dtype
 from .vae import VAE, VAEConfig
 
 
@@ -111,6 +112,7 @@ def load_classifier(path, arch: str | None = None, in_channels: int | None = Non
                     weights_only: bool = True) -> nn.Module:
     """Load a TorchScript file, a spurfast checkpoint, or a raw state_dict + ``arch``."""
     from .classifier import ARCHITECTURES, build_classifier  # here: classifier.py re-exports this module
+    check_default_dtype("load_classifier")
     p = Path(path)
     _need_model_file(p, "classifier")
     try:
@@ -192,6 +194,7 @@ def _need_model_file(p: Path, what: str) -> None:
 def load_vae(path, weights_only: bool = True) -> VAE:
     """The `VAE` that `save_vae` (or `spurfast train-vae`) wrote to ``path``, in eval mode
     on the CPU; read with ``torch.load(weights_only=True)`` unless ``weights_only=False``."""
+    check_default_dtype("load_vae")
     p = Path(path)
     _need_model_file(p, "VAE")
     what = "a VAE checkpoint written by `spurfast train-vae`"

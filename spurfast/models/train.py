@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..checks import check_whole, real_number
+from ..checks import check_default_dtype, check_whole, real_number
 from ..data.sources import ImageSource, content_digest
 from .classifier import ResNet18, build_classifier
 from .files import load_vae, save_atomic, save_classifier, save_vae, torch_error_gist  # noqa: F401 (re-exported)
@@ -236,6 +236,7 @@ def _fit(build, source: ImageSource, step, name: str, *, device: str, **kw):
     (the initial weights and the VAE's noise draw from it); outside a fork this reset the
     caller's to spurfast's seed (what ``torch.rand`` gave after a training call no longer
     followed the caller's own seed)."""
+    check_default_dtype(name)
     dev = torch.device(device)
     cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
     # gradients on whatever the caller's mode: inside torch.no_grad() or inference_mode() the
