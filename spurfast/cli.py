@@ -1051,7 +1051,11 @@ def main(argv=None) -> int:
     # was written.  stderr always escapes such characters; stdout now does as well
     if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
-    args = build_parser().parse_args(argv)
+    try:   # the parser imports torch (seconds under load): a Ctrl-C there printed torch's import traceback
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("interrupted before the command started: nothing was done", file=sys.stderr)
+        return 130
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # an empty path is the current folder to pathlib: --out "" (an unset shell variable) planted
     # into it, and --pool "" read it as a folder pool

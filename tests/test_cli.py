@@ -1130,6 +1130,20 @@ def test_ctrl_c_says_the_same_command_resumes(tmp_path, capsys, monkeypatch):
     assert err.startswith("interrupted: finished work is kept") and "`spurfast demo` command resumes" in err, err
 
 
+def test_ctrl_c_while_the_parser_imports_says_nothing_was_done(capsys, monkeypatch):
+    # the parser imports torch (5-15 s on a loaded machine): a Ctrl-C then printed torch's
+    # 20-frame import traceback
+    import spurfast.cli as cli
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_add_pattern_args", interrupted)
+    capsys.readouterr()
+    assert main(["make-pool", "--out", "p", "--n", "3"]) == 130
+    assert capsys.readouterr().err == "interrupted before the command started: nothing was done\n"
+
+
 def test_an_explicit_kmeans_backend_auto_beats_the_update_variable(tmp_path, capsys, monkeypatch):
     # --kmeans-backend auto left the update to SPURFAST_BACKEND_KMEANS_UPDATE (the loop passes the
     # run's backend only when it names an update provider), past the up-front check, which skips an
