@@ -398,12 +398,13 @@ PLANT_FILES = ("train.npz", "pool.npz", "clean.npz", "plant.json")   # plant.jso
 
 
 def _plant_output(out: Path) -> bool:
-    """Whether ``out`` holds a whole earlier `spurfast plant` output (its plant.json)."""
+    """Whether ``out`` holds an earlier `spurfast plant` output (its plant.json), whole or cut
+    short while its files were renamed into place."""
     try:
         doc = json.loads((out / "plant.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(doc, dict) and "dataset" in doc
+    return isinstance(doc, dict) and ("dataset" in doc or "incomplete" in doc)
 
 
 def cmd_plant(args):
@@ -439,7 +440,10 @@ def cmd_plant(args):
         for name, arrays in archives.items():
             with open(tmps[name], "wb") as fh:   # a file object: savez adds ".npz" to a name without it
                 np.savez_compressed(fh, **arrays)
-        (out / "plant.json").unlink(missing_ok=True)   # it must not vouch for a mix while they are renamed
+        # it must not vouch for a mix while they are renamed; it says so instead, and a rerun takes
+        # the folder (without it, the same command was refused as "not written by spurfast plant")
+        replace_atomically(out / "plant.json", lambda fh: fh.write(json.dumps(
+            {"incomplete": "spurfast plant was stopped while it renamed its files into place; rerun it"})))
         for name, tmp in tmps.items():
             os.replace(tmp, out / name)
     finally:
@@ -1079,8 +1083,9 @@ def main(argv=None) -> int:
                   f"--overwrite writes it anew", file=sys.stderr)
             return 130
         if args.command == "plant":   # nothing of it is resumed: a rerun writes every file anew
-            print(f"interrupted: {args.out} holds what it held before (the new files are written whole, then "
-                  f"renamed into place); rerun to plant", file=sys.stderr)
+            print(f"interrupted: rerun the same command to plant into {args.out} (its files are written whole, then "
+                  f"renamed into place, and plant.json last: until then it says the plant is incomplete)",
+                  file=sys.stderr)
             return 130
         if args.command == "evaluate":   # its discovery keeps no work: a run cut short starts over
             print("interrupted: finished work is kept (trained models and training checkpoints, embedding stores, "

@@ -1821,12 +1821,29 @@ def test_plant_does_not_write_over_files_it_did_not_write(tmp_path, capsys, monk
     _fake_planted_data(monkeypatch, interrupt_after="pool.npz")
     capsys.readouterr()
     assert main(["plant", "--out", str(out), "--seed", "5"]) == 130
-    assert "holds what it held before" in capsys.readouterr().err
+    assert "rerun the same command to plant" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before   # no temporary file left either
     _fake_planted_data(monkeypatch)
     assert main(["plant", "--out", str(out), "--seed", "5"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["clean.npz", "plant.json", "pool.npz", "train.npz"]
     assert all((out / n).read_bytes() != before[n] for n in ("train.npz", "pool.npz", "clean.npz"))
+    # stopped between the renames: a new train.npz beside the old pool.npz; plant.json said "held
+    # what it held before", and the same command was refused as "not written by spurfast plant"
+    real, renamed = os.replace, []
+
+    def stopped(src, dst, *a, **k):
+        if str(dst).endswith(".npz") and renamed:
+            raise KeyboardInterrupt
+        real(src, dst, *a, **k)
+        renamed.append(dst)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(os, "replace", stopped)
+        assert main(["plant", "--out", str(out), "--seed", "6"]) == 130
+    assert "rerun the same command to plant" in capsys.readouterr().err
+    assert "incomplete" in json.loads((out / "plant.json").read_text())
+    assert main(["plant", "--out", str(out), "--seed", "6"]) == 0, capsys.readouterr().err
+    assert json.loads((out / "plant.json").read_text())["dataset"] == "digits"
 
 
 @pytest.mark.parametrize("argv", [["plant", "--out", ""], ["discover", "--pool", "", "--classifier", "c.pt",
