@@ -675,7 +675,7 @@ def how_rows_are_made(source: ImageSource, device: str = "cpu", encoder_backend:
     return loader, decode, f"{dev_type}:{backends.resolve('encoder', encoder_backend, dev_type)[0]}"
 
 
-@restores_models("classifier", "vae")
+@restores_models("classifier", "vae", device=False)
 def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir, *, num_classes: int,
                batch_size: int = 256, device: str = "cpu", encoder_backend: str | None = None,
                loader_backend: str | None = None, progress: bool = True, stop_after: int | None = None,
