@@ -522,6 +522,11 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
             # work: an interrupted discovery resumes its neighbour search and null on the rerun
             result = discover(store, config, suspect=suspect, class_names=pool.class_names, progress=progress,
                               work_dir=out / WORK_DIR)
+            # how the store's pixels were made: the two loaders decode a JPEG up to 1/255 apart, enough
+            # to move a finding of a large pool, and the run id does not hold the loader
+            made = {k: store.manifest[k] for k in ("loader", "decode") if store.manifest.get(k) is not None}
+            if made:
+                result.config["embedding"] = made
             _remove_finding_files(out)
             characterise(result, store, pool, vae, out, seed=config.seed, device=config.device)
             # the images a step re-reads go through the store's loader (_reread_loader), on every core (the other ranks
@@ -632,7 +637,13 @@ def _reread_loader(pool, store, loader_backend, device) -> dict:
                         "images re-read for pattern ranking and training support go through %r", began, exc,
                         loader_backend or "auto")
             return chosen
-        log.info("re-reading images through the %r loader, which decoded the embedding store", began)
+        if loader_backend not in (None, "auto"):   # named, and not what this run's findings come from
+            log.warning("--loader-backend %s: the embedding store kept from an earlier pass of this run was decoded "
+                        "by the %r loader, and its findings and re-read images stay that loader's (the two decode "
+                        "JPEGs up to 1/255 apart); to decode with %s, run into another --out", loader_backend,
+                        began, loader_backend)
+        else:
+            log.info("re-reading images through the %r loader, which decoded the embedding store", began)
         chosen["loader_backend"] = began
     if began == "dali" and decode == "cpu" and torch.device(device).type == "cuda":
         chosen["device"] = "cpu"   # where the store's rows were decoded

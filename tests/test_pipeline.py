@@ -695,18 +695,29 @@ def test_the_steps_that_reread_images_decode_where_the_run_computes(tmp_path, mo
     assert seen == ["cpu:0"]
 
 
-def test_the_steps_that_reread_images_use_the_loader_that_made_the_store(tmp_path, monkeypatch):
+def test_the_steps_that_reread_images_use_the_loader_that_made_the_store(tmp_path, monkeypatch, caplog):
     # a finished run rerun (or a store kept by --overwrite) with the other --loader-backend
     # embeds nothing, but its pattern ranking read the pool through the other loader, whose
-    # pixels differ a little: the findings changed with the rerun's flag
+    # pixels differ a little: the findings changed with the rerun's flag.  The rerun says that
+    # its flag was not used (a notice at INFO level alone), and findings.json names the loader
+    # (the two loaders' findings differ on a large pool; the run id does not hold the loader)
+    import json
+    import logging
+
     pytest.importorskip("nvidia.dali")
     seen = []
     monkeypatch.setattr(P, "pattern_rankings", lambda *a, **k: seen.append(k["loader_backend"]))
     torch.manual_seed(0)
     pool, clf, vae = _folder(tmp_path / "pool"), SmallCNN(3, 2, 16), VAE(VAEConfig.for_images(3, 16, 4))
     for backend in ("torch", "dali"):
-        run_discovery(pool, clf, vae, tmp_path / "run", num_classes=2, confirm=False, progress=False,
-                      loader_backend=backend)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="spurfast"):
+            run_discovery(pool, clf, vae, tmp_path / "run", num_classes=2, confirm=False, progress=False,
+                          loader_backend=backend)
+        doc = json.loads((tmp_path / "run" / "findings.json").read_text())
+        assert doc["config"]["embedding"] == {"loader": "torch"}, doc["config"].get("embedding")
+    assert "--loader-backend dali: the embedding store kept from an earlier pass of this run was decoded by the " \
+           "'torch' loader" in caplog.text, caplog.text
     assert EmbeddingStore(tmp_path / "run" / "store").manifest["loader"] == "torch"
     assert seen == ["torch", "torch"]
     # a store DALI decoded on the CPU is re-read on the CPU by a run on a GPU
