@@ -131,12 +131,14 @@ def _discover_config(args):
 def _residual_config(args):
     """The residual scan's settings (--residual-scan), the run's seed and FDR; None without it."""
     if not args.residual_scan:
-        if args.residual_max_values is not None:   # it went without a word, as --clean under --no-confirm did
-            logging.getLogger("spurfast.cli").warning("--residual-max-values %s has no effect without --residual-scan",
-                                                      args.residual_max_values)
+        for flag, value in (("--residual-max-values", args.residual_max_values), ("--residual-null", args.residual_null)):
+            if value is not None:   # it went without a word, as --clean under --no-confirm did
+                logging.getLogger("spurfast.cli").warning("%s %s has no effect without --residual-scan", flag, value)
         return None
     from .residual import ResidualConfig
     extra = {} if args.residual_max_values is None else {"max_values": args.residual_max_values}
+    if args.residual_null is not None:
+        extra["n_null"] = args.residual_null
     return ResidualConfig(fdr=args.fdr, seed=args.seed, **extra)
 
 
@@ -982,6 +984,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--residual-max-values", type=_int_at_least(1), default=None, metavar="N",
                    help="the residual scan refuses pools of more than N residual values (images x C x H x W), "
                         "about 20 bytes of memory each (default: 2**26, about 1.3 GB)")
+    p.add_argument("--residual-null", type=_int_at_least(1), default=None, metavar="N",
+                   help="the residual scan's null resamplings (default 400): its p-values go down to 1/(N + 1), "
+                        "and Benjamini-Hochberg over m classes needs about m/FDR for a lone finding")
     p.add_argument("--size", type=int, default=64, help="image size for folders")
     p.add_argument("--channels", type=int, default=3, help="channels for folders")
     p.add_argument("--batch-size", type=_int_at_least(1), default=256, help="images per batch of the embedding pass")

@@ -2111,8 +2111,9 @@ def test_clean_with_no_confirm_says_it_has_no_effect(tmp_path, caplog, monkeypat
     caplog.clear()
     with caplog.at_level("WARNING", logger="spurfast.cli"):   # the residual scan's limit without the scan: silent
         assert main(["discover", "--pool", pool, "--classifier", clf, "--vae", vae, "--residual-max-values", "7",
-                     "--quiet", "--out", str(tmp_path / "o")]) == 0
+                     "--residual-null", "900", "--quiet", "--out", str(tmp_path / "o")]) == 0
     assert "--residual-max-values 7 has no effect without --residual-scan" in caplog.text, caplog.text
+    assert "--residual-null 900 has no effect without --residual-scan" in caplog.text, caplog.text
 
 
 def test_n_null_alone_raises_max_null_and_the_residual_limit_has_a_flag(tmp_path, monkeypatch):
@@ -2127,7 +2128,9 @@ def test_n_null_alone_raises_max_null_and_the_residual_limit_has_a_flag(tmp_path
     base = ["discover", "--pool", pool, "--classifier", clf, "--vae", vae, "--quiet", "--out", str(tmp_path / "o")]
     assert main(base + ["--n-null", "200", "--residual-scan", "--residual-max-values", "5000000"]) == 0
     assert (seen["config"].n_null, seen["config"].max_null) == (200, 200)
-    assert seen["residual"].max_values == 5_000_000
+    assert seen["residual"].max_values == 5_000_000 and seen["residual"].n_null == 400
+    assert main(base + ["--residual-scan", "--residual-null", "900"]) == 0   # 30 classes at q = 0.05 need ~600
+    assert seen["residual"].n_null == 900
     assert main(base + ["--n-null", "10", "--max-null", "40"]) == 0
     assert (seen["config"].n_null, seen["config"].max_null, seen["residual"]) == (10, 40, None)
     assert main(base) == 0

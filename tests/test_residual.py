@@ -351,3 +351,32 @@ def test_a_residual_finding_is_written_as_json_and_counts_unrelated_members_as_c
     from spurfast.report import write_report
     page = write_report(doc, tmp_path / "out").read_text()
     assert "no other t is positive" in page and "1e+06x" not in page
+
+
+def _lone_spot_among_30_classes():
+    rng = np.random.default_rng(0)
+    C, per, H, W = 30, 40, 8, 8
+    labels = np.repeat(np.arange(C), per)
+    z = (rng.normal(0, 3, (C, 6))[labels] + rng.normal(0, 1, (len(labels), 6))).astype(np.float32)
+    pred = np.where(rng.random(len(labels)) < 0.3, rng.integers(0, C, len(labels)), labels)
+    r = rng.normal(0, 0.05, (len(labels), H, W))
+    carriers = rng.random(len(labels)) < 0.15
+    r[carriers, 2, 2] += 1.0                      # a spot the VAE cannot draw, every carrier called 7
+    pred[carriers & (labels != 7)] = 7
+    return torch.as_tensor(r.reshape(len(labels), -1), dtype=torch.float32), z, pred, labels, (H, W)
+
+
+def test_a_scan_whose_p_values_the_resamplings_limit_says_so(caplog):
+    # with 30 classes, BH at 0.05 needs p <= 0.05/30, below the floor 1/401: the strongest
+    # possible lone spot was no finding, and nothing said why
+    import logging
+    r, z, pred, labels, shape = _lone_spot_among_30_classes()
+    suspect = np.zeros(len(labels), bool)
+    with caplog.at_level(logging.WARNING, logger="spurfast.residual"):
+        assert residual_scan(r, z, pred, labels, suspect, shape, ResidualConfig()) == []
+    assert "1 classes scored above every one of their null resamplings but miss q <= 0.05" in caplog.text, caplog.text
+    assert "30 classes need about 600" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spurfast.residual"):
+        found = residual_scan(r, z, pred, labels, suspect, shape, ResidualConfig(n_null=700))
+    assert [f["class"] for f in found] == [7] and "resamplings" not in caplog.text
