@@ -27,6 +27,7 @@ from .atomic_files import remove_killed_writers_files
 from .checks import check_compute_device, check_default_dtype, check_whole, json_document
 from .cores import usable_cores
 from .data.builtin import load_digits, load_fashion_mnist
+from .data.reread import read_as_stored
 from .data.sources import ArraySource, ImageSource, content_digest
 from .discover import DiscoverConfig, characterise, discover, write_outputs
 from .embed import (_write_json, check_outputs, check_vae_input, fingerprint, legacy_identities, made_from,
@@ -528,13 +529,15 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
             if made:
                 result.config["embedding"] = made
             _remove_finding_files(out)
-            characterise(result, store, pool, vae, out, seed=config.seed, device=config.device)
             # the images a step re-reads go through the store's loader (_reread_loader), on every core (the other ranks
             # wait), decoded where the run computes (DALI took a GPU whenever torch saw one, --device
             # cpu included); a localised pattern ranks the pool by its pixel match, a diffuse one by its
             # latent and pixel probes together
             reread = dict(batch_size=batch_size, num_workers=usable_cores(),
                           **_reread_loader(pool, store, loader_backend, config.device))
+            # and those read a batch at a time (pictures, masks, confirmation's clean images) too
+            as_stored = read_as_stored(pool, reread["loader_backend"], reread["device"], batch_size)
+            characterise(result, store, as_stored, vae, out, seed=config.seed, device=config.device)
             pattern_rankings(result.findings, result.rankings, pool, pred=np.asarray(store["pred"]), seed=config.seed,
                              progress=progress,
                              **reread)
@@ -546,7 +549,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
                                       decode_on=reread["device"])
             if confirm and result.findings:
                 from .confirm import ConfirmConfig, confirm_findings
-                confirm_findings(result.findings, classifier, clean=clean, pool=pool,
+                confirm_findings(result.findings, classifier, clean=clean, pool=as_stored,
                                  pool_pred=np.asarray(store["pred"]), suspect=suspect,
                                  config=ConfirmConfig(seed=config.seed, device=config.device),
                                  # an unlabelled clean folder is predicted through the run's own loader

@@ -728,6 +728,44 @@ def test_the_steps_that_reread_images_use_the_loader_that_made_the_store(tmp_pat
     assert P._reread_loader(pool, store, None, "cuda:1") == {"loader_backend": None, "device": "cuda:1"}
 
 
+def _jpeg_folder(root, n=30):
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True)
+    for i in range(n):   # JPEGs resized on loading: the two loaders' pixels differ (up to 1/255)
+        Image.fromarray(rng.integers(0, 256, (23, 23, 3), dtype=np.uint8)).save(root / f"{i:02d}.jpg", quality=80)
+    return ImageFolderSource(root, size=16)
+
+
+def test_a_dali_run_reads_pictures_and_clean_images_as_its_store_was_decoded(tmp_path, monkeypatch):
+    # characterise and confirmation read pool images through get_batch (PIL) in a run whose
+    # store DALI decoded: a finding's mask differed in 25 of 299 pixels, its control flip rate
+    # moved 0.08 -> 0.10, against the same pool given as arrays of DALI's pixels
+    pytest.importorskip("nvidia.dali")
+    from spurfast.data.loader_torch import iter_batches
+    from spurfast.data.reread import StoreLoaderReads, read_as_stored
+
+    pool = _jpeg_folder(tmp_path / "pool")
+    idx = [7, 3, 3, 29, 0]   # any order, repeats too
+    every = torch.cat([b.images for b in iter_batches(pool, 64, backend="dali", device="cpu")])
+    dali = every[idx]
+    reads = read_as_stored(pool, "dali", "cpu")
+    assert isinstance(reads, StoreLoaderReads)
+    x, y = reads.get_batch(idx)
+    assert torch.equal(x, dali) and y.tolist() == pool.labels()[idx].tolist()
+    assert not torch.equal(x, pool.get_batch(idx)[0]), "the test's JPEGs decode alike in both loaders"
+    assert reads.get_batch([])[0].shape == (0, 3, 16, 16) and len(reads) == len(pool)
+    assert read_as_stored(pool, "torch", "cpu") is pool   # the torch loader decodes as get_batch does
+    array_pool = ArraySource(torch.rand(4, 1, 16, 16), np.zeros(4, int))
+    assert read_as_stored(array_pool, "dali", "cpu") is array_pool
+    # run_discovery hands the store's reads to the steps that read a batch at a time
+    seen = {}
+    monkeypatch.setattr(P, "characterise", lambda result, store, source, *a, **k: seen.update(characterise=source))
+    torch.manual_seed(0)
+    run_discovery(pool, SmallCNN(3, 2, 16), VAE(VAEConfig.for_images(3, 16, 4)), tmp_path / "run", num_classes=2,
+                  confirm=False, progress=False, loader_backend="dali")
+    assert isinstance(seen["characterise"], StoreLoaderReads) and seen["characterise"].base is pool
+
+
 @pytest.mark.parametrize("case", ["list of names", "list of indices", "manifest a list"])
 def test_a_hand_edited_store_record_of_bad_files_is_named(tmp_path, case):
     # `spurfast report` on a run without bad_files.json reads the store's manifest: a bad_files
