@@ -546,7 +546,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
                 add_residual_findings(result, store, pool, vae, out, residual, suspect=suspect,
                                       n_exemplars=config.n_exemplars, device=config.device, progress=progress,
                                       num_workers=reread["num_workers"], loader_backend=reread["loader_backend"],
-                                      decode_on=reread["device"])
+                                      decode_on=reread["device"], reads=as_stored)
             if confirm and result.findings:
                 from .confirm import ConfirmConfig, confirm_findings
                 confirm_findings(result.findings, classifier, clean=clean, pool=as_stored,

@@ -320,14 +320,15 @@ def scan_store(store, source: ImageSource, vae, config: ResidualConfig, *, suspe
 def add_residual_findings(result, store, source: ImageSource, vae, out_dir, config: ResidualConfig, *,
                           suspect: np.ndarray | None = None, n_exemplars: int = 16, device: str = "cpu",
                           progress: bool = False, num_workers: int = 0, loader_backend: str | None = None,
-                          decode_on: str | None = None) -> list[dict]:
+                          decode_on: str | None = None, reads: ImageSource | None = None) -> list[dict]:
     """Run the scan on a discovery's store and append its findings to ``result`` (after the
     clusters', ranks following theirs), in the findings.json schema: cluster -1, kind
     "residual", peak (y, x), exemplars (the members of most residual energy in the mask),
     pictures (the members' mean image, the contrast, the mask, the exemplars) under
     ``out_dir``/images, the extracted pattern confirmation pastes, and the pool ranking.
     ``num_workers``, ``loader_backend``, ``decode_on``: how the pool is re-read
-    (`reconstruction_residuals`).  Returns the new findings."""
+    (`reconstruction_residuals`); ``reads``: the pool as its pictures read it a batch at a
+    time (`spurfast.data.reread`; default ``source``).  Returns the new findings."""
     from .discover import save_finding_images
 
     found, ok = scan_store(store, source, vae, config, suspect=suspect, device=device, progress=progress,
@@ -340,7 +341,7 @@ def add_residual_findings(result, store, source: ImageSource, vae, out_dir, conf
         by_energy = members[np.lexsort((members, -ranking[members]))]
         top = by_energy[:n_exemplars]
         # a picture, not a statistic: the mean of the 256 members of most residual energy
-        mean_image = source.get_batch(by_energy[:256])[0].float().mean(0)
+        mean_image = (reads or source).get_batch(by_energy[:256])[0].float().mean(0)
         f.update({
             "rank": rank, "cluster": -1, "size": int(len(members)), "exemplars": top.tolist(),
             "members": members.tolist(), "confirm": None, "ranked_by": "residual",
@@ -355,7 +356,7 @@ def add_residual_findings(result, store, source: ImageSource, vae, out_dir, conf
             "_pattern": mean_image,
         })
         f["images"] = save_finding_images(out_dir, rank, mean_image, f["_contrast"], f["_mask"],
-                                          source.get_batch(top)[0])
+                                          (reads or source).get_batch(top)[0])
         result.rankings[rank] = ranking
         del f["ranking"]
         result.findings.append(f)

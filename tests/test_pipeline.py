@@ -761,9 +761,13 @@ def test_a_dali_run_reads_pictures_and_clean_images_as_its_store_was_decoded(tmp
     seen = {}
     monkeypatch.setattr(P, "characterise", lambda result, store, source, *a, **k: seen.update(characterise=source))
     torch.manual_seed(0)
+    import spurfast.residual
+    from spurfast.residual import ResidualConfig
+    monkeypatch.setattr(spurfast.residual, "add_residual_findings", lambda *a, **k: seen.update(residual=k["reads"]))
     run_discovery(pool, SmallCNN(3, 2, 16), VAE(VAEConfig.for_images(3, 16, 4)), tmp_path / "run", num_classes=2,
-                  confirm=False, progress=False, loader_backend="dali")
+                  confirm=False, progress=False, loader_backend="dali", residual=ResidualConfig())
     assert isinstance(seen["characterise"], StoreLoaderReads) and seen["characterise"].base is pool
+    assert seen["residual"] is seen["characterise"]
 
 
 @pytest.mark.parametrize("case", ["list of names", "list of indices", "manifest a list"])
