@@ -386,7 +386,7 @@ def characterise(result: DiscoveryResult, store: EmbeddingStore, source: ImageSo
     labels = np.asarray(store["labels"])
     mu = np.asarray(store["mu"])
     ok = np.asarray(store["ok"]).astype(bool) & (pred >= 0)
-    vae = vae.to(device)
+    vae = vae.to(device).eval()   # decoded as the store was encoded (the decorator gives its mode back)
     for f in result.findings:
         c, r = f["class"], f["rank"]
         members = np.asarray(f["members"], dtype=np.int64)

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from .characterise import otsu_threshold
 from .checks import real_number, whole_number
 from .data.sources import ImageSource, utf8_name
+from .models.as_given import restores_models
 from .scoring import bh_qvalues, latent_neighbours, top_two, unrelated_to_class
 
 SCORE_CAP = 1e6   # a finding's score where its statistic is infinite (see residual_scan)
@@ -77,6 +78,7 @@ def check_size(n: int, values_per_image: int, max_values: int) -> None:
                          f"--residual-max-values`; about 20 bytes each) or leave the scan out")
 
 
+@restores_models("vae")
 def reconstruction_residuals(source: ImageSource, mu: np.ndarray, vae, batch_size: int = 512,
                              progress: bool = False, device: str = "cpu", readable: np.ndarray | None = None,
                              max_values: int = ResidualConfig.max_values, *, num_workers: int = 0,
@@ -100,7 +102,7 @@ def reconstruction_residuals(source: ImageSource, mu: np.ndarray, vae, batch_siz
     idx_all = np.arange(n) if readable is None else np.nonzero(np.asarray(readable, bool))[0]
     if not len(idx_all):
         return out
-    vae = vae.to(device)
+    vae = vae.to(device).eval()   # as the store's pass encoded (the callers give the caller's mode back)
     decode = None if decode_on is None else decode_device(decode_on)
     with tqdm(total=len(idx_all), desc="residuals", unit="img", disable=not progress) as bar:
         for b in iter_batches(source, batch_size, indices=idx_all, num_workers=num_workers, backend=loader_backend,
@@ -317,6 +319,7 @@ def scan_store(store, source: ImageSource, vae, config: ResidualConfig, *, suspe
     return found, ok
 
 
+@restores_models("vae")
 def add_residual_findings(result, store, source: ImageSource, vae, out_dir, config: ResidualConfig, *,
                           suspect: np.ndarray | None = None, n_exemplars: int = 16, device: str = "cpu",
                           progress: bool = False, num_workers: int = 0, loader_backend: str | None = None,

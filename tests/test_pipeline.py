@@ -401,6 +401,25 @@ def test_the_models_come_back_in_the_mode_they_came_in(tmp_path):
     assert [clf.training, clf[1].training, vae.training] == [True, False, True]
 
 
+def test_the_steps_after_the_embedding_pass_decode_in_eval_mode(tmp_path):
+    # embed_pool now gives the caller's mode back, and characterise and the residual scan
+    # decoded with a VAE in train mode (batch norm on batch statistics, dropout on)
+    from spurfast.residual import ResidualConfig
+
+    class WatchedVAE(VAE):
+        def decode(self, z):
+            modes.append(self.training)
+            return super().decode(z)
+
+    modes = []
+    pool, clf, _ = _tiny()
+    vae = WatchedVAE(VAEConfig.for_images(1, 16, 4)).train()
+    run_discovery(pool, clf, vae, tmp_path / "run", num_classes=2, confirm=False, progress=False,
+                  residual=ResidualConfig(min_images=2), config=P.DiscoverConfig(fdr=0.99, n_null=3, max_null=3))
+    assert modes and not any(modes), modes
+    assert vae.training
+
+
 def test_embed_pool_gives_the_models_back_in_their_mode(tmp_path):
     # the public step alone (run_discovery restored them) left a model mid-training in eval mode
     from spurfast import embed_pool
