@@ -156,7 +156,9 @@ def private_folder(prefix: str, root: str | Path | None = None) -> Path:
     long as this process (or a child it forked) lives; `release_folder` removes it."""
     base = Path(root) if root is not None else Path(tempfile.gettempdir())
     for d in base.glob(f"{prefix}*-*") if base.is_dir() else ():
-        if not d.is_dir():
+        # this process's own live folders are skipped: where flock is emulated with per-process
+        # POSIX locks (NFS), their lock reads free to this process
+        if not d.is_dir() or any(os.path.exists(k) and d.samefile(k) for k in _held):
             continue
         # a free lock ends it at once (a rerun within a minute of a kill left the killed pass's
         # rankings beside its own finished run); without a lock, the pid and a quiet minute

@@ -1089,8 +1089,8 @@ def main(argv=None) -> int:
             return 130
         if args.command == "plant":   # nothing of it is resumed: a rerun writes every file anew
             print(f"interrupted: rerun the same command to plant into {args.out} (its files are written whole, then "
-                  f"renamed into place, and plant.json last: until then it says the plant is incomplete)",
-                  file=sys.stderr)
+                  f"renamed into place, plant.json last; a plant.json that says \"incomplete\" marks renames cut "
+                  f"short, any other is the earlier plant's, whole)", file=sys.stderr)
             return 130
         if args.command == "evaluate":   # its discovery keeps no work: a run cut short starts over
             print("interrupted: finished work is kept (trained models and training checkpoints, embedding stores, "

@@ -355,10 +355,10 @@ def make_planted_data(dataset: str = "auto", *, target_class: int = 3, n_poisone
 
 
 def check_run_inputs(pool, classifier, vae, config, clean) -> None:
-    check_default_dtype("run_discovery")
     """Refuse, by argument, objects `run_discovery` cannot use: a path where a model is
     expected, an array where a pool is, a dict of settings where a config is (each failed as
-    a bare AttributeError deep in the embedding pass)."""
+    a bare AttributeError deep in the embedding pass); and a float64 default dtype."""
+    check_default_dtype("run_discovery")
     source = "wrap arrays in spurfast.ArraySource(images, labels), a folder in spurfast.ImageFolderSource(path)"
     for name, value, want, kind, hint in (
             ("pool", pool, ImageSource, "an ImageSource", source),

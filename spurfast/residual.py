@@ -253,12 +253,14 @@ def residual_scan(residuals: torch.Tensor, z: np.ndarray, pred: np.ndarray, labe
                       / (1 + np.sum(~np.isnan(null[:, c]))) for c in tested])
     qvals = bh_qvalues(pvals) if len(tested) else pvals
     n_ref = np.array([np.sum(~np.isnan(null[:, c])) for c in tested], dtype=np.int64)
-    starved = (pvals <= 1 / (1 + n_ref)) & (qvals > cfg.fdr)   # above every resampling, yet no finding
+    # above every resampling that gave the class a statistic, yet no finding (a class with none
+    # has p = 1: no resampling to beat, and nothing more of them would change)
+    starved = (n_ref > 0) & (pvals <= 1 / (1 + n_ref)) & (qvals > cfg.fdr)
     if starved.any():   # said nowhere: 30 classes could never give a lone finding at 400 resamplings
         log.warning("residual scan: %d classes scored above every one of their null resamplings but miss q <= %g: "
-                    "their p-values are limited by the %d resamplings (>= 1/%d), not by the data; rerun with more "
-                    "(discover's --residual-null; %d classes need about %d)", int(starved.sum()), cfg.fdr,
-                    cfg.n_null, cfg.n_null + 1, len(tested), int(np.ceil(len(tested) / cfg.fdr)))
+                    "their p-values are limited by the resamplings (>= 1/%d), not by the data; rerun with more "
+                    "(discover's --residual-null, now %d; %d classes need about %d)", int(starved.sum()), cfg.fdr,
+                    int(n_ref[starved].max()) + 1, cfg.n_null, len(tested), int(np.ceil(len(tested) / cfg.fdr)))
     findings = []
     energy = residuals.view(n, -1, *image_shape[-2:]).square().sum(1).view(n, -1)   # (n, H*W)
     for c, p, q in zip(tested, pvals, qvals):

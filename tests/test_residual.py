@@ -380,3 +380,19 @@ def test_a_scan_whose_p_values_the_resamplings_limit_says_so(caplog):
     with caplog.at_level(logging.WARNING, logger="spurfast.residual"):
         found = residual_scan(r, z, pred, labels, suspect, shape, ResidualConfig(n_null=700))
     assert [f["class"] for f in found] == [7] and "resamplings" not in caplog.text
+
+
+def test_a_class_no_resampling_gave_a_statistic_is_not_called_limited_by_them(caplog):
+    # five outliers called class 2 are nobody's neighbour: every resampling gives class 2 too
+    # few images (p = 1/1); the warning said it beat every resampling and asked for more
+    import logging
+    rng = np.random.default_rng(0)
+    n, H, W = 100, 8, 8
+    z = rng.normal(size=(n, 4)) * 0.1
+    z[:5] += 50 * rng.normal(size=(5, 4))
+    pred = np.ones(n, np.int64)
+    pred[:5] = 2
+    res = torch.tensor(rng.normal(size=(n, H * W)), dtype=torch.float32)
+    with caplog.at_level(logging.WARNING, logger="spurfast.residual"):
+        residual_scan(res, z, pred, np.zeros(n, np.int64), np.zeros(n, bool), (H, W), ResidualConfig(seed=0))
+    assert "resamplings" not in caplog.text, caplog.text
