@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checks import check_compute_device, check_whole
+from .checks import check_compute_device, check_default_dtype, check_whole
 from .discover import DiscoverConfig
 from .embed import _write_json, shown_path
 from .models.files import save_classifier, save_vae
 from .models.train import train_classifier, train_vae
-from .pipeline import (SUMMARY, check_discovery_ops, holds_output, make_planted_data, prepare_output, read_bad_files,
+from .pipeline import (SUMMARY, check_discovery_ops, hold_output, holds_output, make_planted_data, prepare_output, read_bad_files,
                        release_output, report_summary, run_discovery, sample_auroc)
 from .plant import PatternSpec, apply_pattern
 from .report import write_report
@@ -112,6 +112,7 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
         check_whole(value, f"run_demo: {name}")
     from .evaluate import check_seeds   # the CLI's rule: 2**62 failed in training, after overwrite emptied the run
     check_seeds([seed])
+    check_default_dtype("run_demo")   # here: training's own check came after overwrite emptied the run
     # None reached training (torch.device(None) raised); run_discovery reads it as the CPU
     if config is None:
         config = DiscoverConfig(seed=seed, device=device or "cpu")
@@ -144,15 +145,17 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
     # discovery settings retrained both models and embedded the pool again (minutes to hours)
     trained = {**{k: v for k, v in settings.items() if k not in ("discover", "confirm")}, "device": device}
     models_id = hashlib.sha256(json.dumps(trained, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    if overwrite and _holds_models(Path(out_dir), models_id):
-        # taken over as this run: its checkpoints resume (finished: the same models), its store
-        # is of this pool and these models, its discovery work is keyed on its own inputs
-        _write_json(Path(out_dir) / "run.json", {"run_id": run_id}, indent=None)
     held = holds_output(out_dir)   # a caller's own hold stays theirs
-    out = prepare_output(out_dir, run_id, overwrite)
     # released however the demo ends: the folder stayed locked for as long as the process
     # lived (a notebook's second demo into it, or another process's, was refused)
     try:
+        if overwrite and _holds_models(Path(out_dir), models_id):
+            # taken over as this run: its checkpoints resume (finished: the same models), its store
+            # is of this pool and these models, its discovery work is keyed on its own inputs.  Held
+            # first: a folder in use was refused after its run.json had been rewritten
+            hold_output(Path(out_dir))
+            _write_json(Path(out_dir) / "run.json", {"run_id": run_id}, indent=None)
+        out = prepare_output(out_dir, run_id, overwrite)
         _write_json(out / DEMO_MARKER, {"models": models_id}, indent=None)
         print(f"[demo] dataset {data.dataset}: {len(data.train)} training images "
               f"({len(data.truth.train_indices)} of class {target_class} stamped with {spec.label}); "
@@ -204,4 +207,4 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
         return summary
     finally:
         if not held:
-            release_output(out)
+            release_output(Path(out_dir))

@@ -122,6 +122,25 @@ def test_overwrite_with_other_discovery_settings_keeps_the_models_and_store(tmp_
     def stopped(*a, **k):
         raise KeyboardInterrupt
 
+    # refused before overwrite deletes anything: a float64 default dtype (training's own check
+    # came after), and a folder another process holds (its run.json was rewritten first)
+    import fcntl
+    before = sorted(p.name for p in tmp_path.iterdir())
+    run_json = (tmp_path / "run.json").read_text()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with pytest.raises(TypeError, match="run_demo: torch's default dtype is torch.float64"):
+            run_demo(tmp_path, config=DiscoverConfig(n_null=3, fdr=0.5, seed=0), overwrite=True, **dict(kw, vae_epochs=3))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    other = os.open(tmp_path, os.O_RDONLY)   # as another process holding the folder
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(FileExistsError, match="in use by another spurfast process"):
+            run_demo(tmp_path, config=DiscoverConfig(n_null=3, fdr=0.4, seed=0), overwrite=True, **kw)
+    finally:
+        os.close(other)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and (tmp_path / "run.json").read_text() == run_json
     with pytest.MonkeyPatch.context() as mp:   # stopped mid-run: released too
         mp.setattr(spurfast.demo, "train_vae", stopped)
         with pytest.raises(KeyboardInterrupt):
