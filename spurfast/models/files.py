@@ -199,7 +199,9 @@ def load_vae(path, weights_only: bool = True) -> VAE:
     _need_model_file(p, "VAE")
     what = "a VAE checkpoint written by `spurfast train-vae`"
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=weights_only)
+        with warnings.catch_warnings():   # a TorchScript file gets spurfast's error below, not torch's warning first
+            warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
+            obj = torch.load(p, map_location="cpu", weights_only=weights_only)
     except Exception as exc:  # junk, truncated, TorchScript or a pickled module: name the file
         raise ValueError(f"{p} is not {what} (weights_only={weights_only}): {torch_error_gist(exc)}") from None
     if not isinstance(obj, dict) or "config" not in obj or "state_dict" not in obj:
