@@ -871,6 +871,11 @@ def cmd_env(args):
     import torch
 
     from . import __version__, backends
+    # as every run does: a SPURFAST_BACKEND* variable that discover refuses is refused here too
+    # (env listed every backend "available" under SPURFAST_BACKEND=Torch)
+    backends.check_op_variables()
+    for op in backends.REGISTRY:
+        backends.requested(op)
     info = {"spurfast": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "cuda_available": torch.cuda.is_available()}
     for mod in ("triton", "cupy", "nvidia.dali", "torchvision", "numpy", "sklearn"):
@@ -1053,7 +1058,56 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+class _ClosedTolerant:
+    """A standard stream that drops what it is given once its reader has gone (a pipe closed by
+    `| head -1`, or a stream closed with `2>&-`): a progress bar or a result line then stopped a
+    run halfway (BrokenPipeError, or tqdm's AttributeError on a None stderr) with no message.
+    The work goes on; its files say what it did."""
+
+    def __init__(self, stream):
+        self._stream, self._gone = stream, stream is None
+
+    def _drop(self):
+        self._gone = True
+        try:   # the interpreter's own flush at exit would raise again: point the descriptor at nothing
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+        except (AttributeError, OSError, ValueError):
+            pass
+
+    def write(self, text):
+        if not self._gone:
+            try:
+                return self._stream.write(text)
+            except (BrokenPipeError, ValueError):   # ValueError: a closed file
+                self._drop()
+        return len(text)
+
+    def flush(self):
+        if not self._gone:
+            try:
+                self._stream.flush()
+            except (BrokenPipeError, ValueError):
+                self._drop()
+
+    def isatty(self):
+        return not self._gone and self._stream.isatty()
+
+    def __getattr__(self, name):
+        if self._stream is None:
+            raise AttributeError(name)
+        return getattr(self._stream, name)
+
+
 def main(argv=None) -> int:
+    saved = sys.stdout, sys.stderr   # given back: main() is called in-process too (tests, notebooks)
+    sys.stdout, sys.stderr = (s if isinstance(s, _ClosedTolerant) else _ClosedTolerant(s) for s in saved)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
+def _main(argv) -> int:
     from .backends import BackendUnavailable  # light: imports neither torch nor a kernel
     # a path that is not UTF-8 (read with surrogate escapes) in a result line ("wrote ...") raised
     # under a strict stdout (a UTF-8 locale): exit 2 and "'utf-8' codec can't encode", after the work
@@ -1075,8 +1129,9 @@ def main(argv=None) -> int:
         return 2
     try:
         args.func(args)
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError,
-            BackendUnavailable) as exc:
+    except (OSError, ValueError, BackendUnavailable) as exc:
+        # OSError: not found, exists, permissions, and a read-only or full file system (EROFS,
+        # ENOSPC, EDQUOT), which gave a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:   # a traceback did not say that the finished work is kept

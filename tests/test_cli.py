@@ -1144,6 +1144,58 @@ def test_ctrl_c_while_the_parser_imports_says_nothing_was_done(capsys, monkeypat
     assert capsys.readouterr().err == "interrupted before the command started: nothing was done\n"
 
 
+class _GonePipe:
+    """A standard stream whose reader has gone (`| head -1`)."""
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def isatty(self):
+        return False
+
+
+@pytest.mark.parametrize("which", ["stdout", "stderr"])
+@pytest.mark.parametrize("gone", ["pipe", "closed"])
+def test_a_reader_that_went_away_does_not_stop_the_work(tmp_path, monkeypatch, which, gone):
+    # `discover 2>&1 | head -c 100` stopped during the embedding pass (a progress bar's write
+    # raised BrokenPipeError), `demo | head -1` after training, and with `2>&-` tqdm failed on a
+    # None stderr; each without a message, leaving half a run
+    import sys
+    stream = _GonePipe() if gone == "pipe" else None
+    monkeypatch.setattr(sys, which, stream)
+    out = tmp_path / "pool"
+    assert main(["make-pool", "--out", str(out), "--n", "6", "--size", "16:20", "--classes", "2",
+                 "--workers", "1"]) == 0
+    assert len(list(out.rglob("*.jpg"))) == 6
+    assert getattr(sys, which) is stream   # given back as it came
+
+
+def test_a_read_only_or_full_file_system_is_an_error_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    # EROFS / ENOSPC / EDQUOT are OSErrors main() did not catch (PermissionError and the like it did)
+    import errno
+    import spurfast.cli as cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cli, "cmd_env", full)
+    capsys.readouterr()
+    assert main(["env"]) == 2
+    assert capsys.readouterr().err == "error: [Errno 28] No space left on device\n"
+
+
+@pytest.mark.parametrize("var, value, says", [("SPURFAST_BACKEND", "Torch", "SPURFAST_BACKEND='Torch' names no backend"),
+                                              ("SPURFAST_BACKEND_KMEANS_ASIGN", "torch", "no op is named 'kmeans_asign'")])
+def test_env_refuses_the_backend_variables_a_run_refuses(capsys, monkeypatch, var, value, says):
+    # `spurfast env`, the diagnostic, listed every backend "available" where discover then stopped
+    monkeypatch.setenv(var, value)
+    capsys.readouterr()
+    assert main(["env"]) == 2
+    assert says in capsys.readouterr().err
+
+
 def test_an_explicit_kmeans_backend_auto_beats_the_update_variable(tmp_path, capsys, monkeypatch):
     # --kmeans-backend auto left the update to SPURFAST_BACKEND_KMEANS_UPDATE (the loop passes the
     # run's backend only when it names an update provider), past the up-front check, which skips an
