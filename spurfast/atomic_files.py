@@ -25,7 +25,10 @@ def replace_atomically(path: Path, write, mode: str = "w", **open_kw) -> None:
             write(fh)
         os.replace(tmp, path)
     except BaseException:   # Ctrl-C mid-write: a run directory holding only it read as not spurfast's
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:   # a read-only file system raised a second EROFS over the first
+            pass
         raise
 
 

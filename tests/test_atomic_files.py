@@ -3,6 +3,9 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import pytest
 
 from spurfast.atomic_files import abandoned, replace_atomically, writer_pid
 
@@ -63,3 +66,17 @@ def test_a_save_killed_mid_write_leaves_no_temporary_file_after_the_next_save(tm
     save_atomic({"epoch": 1}, tmp_path / "vae.pt.ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"other.pt.{gone}.b2130d31.tmp", "vae.pt.ckpt"]
     assert torch.load(tmp_path / "vae.pt.ckpt", weights_only=True) == {"epoch": 1}
+
+
+def test_a_failed_write_on_a_read_only_file_system_raises_its_own_error_once(tmp_path, monkeypatch):
+    # the clean-up's unlink raised a second EROFS over the first: two chained tracebacks
+    import errno
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(os, "replace", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(OSError, match="Read-only file system") as info:
+        replace_atomically(tmp_path / "a.json", lambda fh: fh.write("{}"))
+    assert info.value.__context__ is None, info.value.__context__
