@@ -10,9 +10,11 @@ is refused (fingerprint mismatch) rather than silently mixed.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -164,6 +166,24 @@ def fingerprint(source: ImageSource, *models: torch.nn.Module, attributes: bool 
     return h.hexdigest()[:16]
 
 
+def _reserve(path: Path) -> None:
+    """Give the sparse column file ``path`` its disk blocks now: a row written into a page of a
+    full disk through the memory map ended the run with SIGBUS ("Bus error", no message; the
+    store resumed afterwards).  Reserved, a full disk is an OSError here, before any work.  A
+    file system without fallocate keeps the file sparse."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(exc.errno, f"no space for the embedding store's column {path} "
+                                     f"({os.fstat(fd).st_size} bytes): {os.strerror(exc.errno)}") from None
+    finally:
+        os.close(fd)
+
+
 class EmbeddingStore:
     """Columns: pred (int32), conf (fp32), probs (n x C fp32), mu (n x L fp32),
     feats (n x F fp16), labels (int64), ok (bool: the image decoded)."""
@@ -195,6 +215,7 @@ class EmbeddingStore:
         (root / BAD_LOG).unlink(missing_ok=True)
         for name, (shape, dtype) in columns.items():
             arr = np.lib.format.open_memmap(root / f"{name}.npy", mode="w+", dtype=dtype, shape=(n,) + tuple(shape[1:]))
+            _reserve(root / f"{name}.npy")
             if initial is not None and name in initial:
                 arr[:] = initial[name]
             arr.flush()

@@ -1063,3 +1063,30 @@ def test_a_column_cut_short_is_named(tmp_path):
     with pytest.raises(ValueError, match=rf"^{mu} \(a column of store {store.root}\) cannot be read \(.*\): damaged "
                                          rf"or cut short; remove {store.root} to embed the pool again$"):
         EmbeddingStore(tmp_path / "s")["mu"]
+
+
+def test_a_full_disk_is_an_error_when_the_store_is_made_not_a_bus_error_later(tmp_path, monkeypatch):
+    # the columns were sparse memory maps: a row written into a page of a full disk ended the
+    # run with SIGBUS ("Bus error", no message); reserved up front, it is an OSError naming the column
+    import errno
+    import os
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match=r"no space for the embedding store's column .*mu\.npy \(\d+ bytes\)"):
+        EmbeddingStore.create(tmp_path / "s", 1000, {"mu": ((1000, 16), "float32")}, {})
+
+    def unsupported(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)   # such a file system keeps the file sparse
+    store = EmbeddingStore.create(tmp_path / "t", 1000, {"mu": ((1000, 16), "float32")}, {})
+    assert store.n == 1000
+
+
+def test_store_columns_are_reserved_on_disk(tmp_path):
+    store = EmbeddingStore.create(tmp_path / "s", 4096, {"mu": ((4096, 16), "float32")}, {})
+    st = (store.root / "mu.npy").stat()
+    assert st.st_blocks * 512 >= 4096 * 16 * 4   # not sparse
