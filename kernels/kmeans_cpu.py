@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -82,19 +83,43 @@ def _build(cxx: str) -> Path:
         return _build_with(cxx, (*FLAGS, "-Wno-unknown-pragmas"))
 
 
+def _remove_killed_builds(folder: Path) -> None:
+    """The temporary libraries of builds killed mid-compile (kill -9 left them for good; the
+    orphaned compiler even finished writing them): ``kmeans_cpu-TAG.PID.*.so.tmp`` of a
+    process that is gone, and, of older versions, ``tmp*.so`` (mkstemp's names) untouched for
+    ten minutes (a build takes seconds)."""
+    from ..atomic_files import abandoned
+
+    now = time.time()
+    for f in folder.glob("*.so*"):
+        parts = f.name.split(".")
+        try:
+            if (f.name.endswith(".so.tmp") and len(parts) > 3 and abandoned(f, parts[1])) or (
+                    f.name.startswith("tmp") and f.suffix == ".so" and now - f.stat().st_mtime > 600):
+                f.unlink()
+        except OSError:   # removed meanwhile, or not ours to remove
+            pass
+
+
 def _build_with(cxx: str, flags: tuple[str, ...]) -> Path:
     tag = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + cxx.encode()).hexdigest()[:16]
     out = _cache_dir() / f"kmeans_cpu-{tag}.so"
+    if out.parent.is_dir():
+        _remove_killed_builds(out.parent)
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    # build under a temporary name, then rename: ranks compiling at once never load half a file
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    # build under a temporary name (this process's), then rename: ranks compiling at once never
+    # load half a file
+    fd, tmp = tempfile.mkstemp(prefix=f"kmeans_cpu-{tag}.{os.getpid()}.", suffix=".so.tmp", dir=out.parent)
     os.close(fd)
     try:
         r = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"{cxx} could not build {SOURCE}:\n{r.stderr[-2000:]}")
+        # readable by all (mkstemp's 0600 left 0711 after the compiler: another user sharing
+        # SPURFAST_CACHE_DIR could not load it and ran the reference kernels without a word)
+        os.chmod(tmp, 0o755)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -754,6 +754,35 @@ def test_a_relative_cache_dir_builds_a_library_that_loads(value, tmp_path, monke
     assert list((tmp_path / value).glob("kmeans_cpu-*.so"))
 
 
+@needs_kernel
+def test_the_built_library_is_readable_by_all_and_killed_builds_are_swept(tmp_path, monkeypatch):
+    """mkstemp's 0600 left the library 0711 after the compiler: another user sharing the cache
+    could not load it and ran the reference kernels without a word.  A build killed with
+    kill -9 left its temporary library for good."""
+    import os
+    import stat
+    import subprocess
+    import sys
+    import time
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    tmp_path.mkdir(exist_ok=True)
+    killed = tmp_path / f"kmeans_cpu-0123456789abcdef.{dead}.abcd1234.so.tmp"
+    legacy = tmp_path / "tmpq1w2e3r4.so"               # an older version's mkstemp name
+    recent = tmp_path / f"kmeans_cpu-0123456789abcdef.{dead}.ffff0000.so.tmp"
+    for f in (killed, legacy, recent):
+        f.write_bytes(b"half a library")
+    for f in (killed, legacy):
+        os.utime(f, (time.time() - 3600,) * 2)
+    monkeypatch.setenv("SPURFAST_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kcpu, "_lib", None)
+    monkeypatch.setattr(kcpu, "_why_not", None)
+    assert kcpu.is_available() == (True, "")
+    (lib,) = tmp_path.glob("kmeans_cpu-*.so")
+    assert stat.S_IMODE(lib.stat().st_mode) & 0o444 == 0o444, oct(lib.stat().st_mode)
+    assert not killed.exists() and not legacy.exists() and recent.exists()   # a minute: maybe another's live build
+
+
 def test_an_empty_cache_dir_means_the_default(monkeypatch, tmp_path):
     # an empty value built the library into the working directory (and then failed to load it)
     monkeypatch.setenv("HOME", str(tmp_path))
