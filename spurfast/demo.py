@@ -15,8 +15,8 @@ from .discover import DiscoverConfig
 from .embed import _write_json, shown_path
 from .models.files import save_classifier, save_vae
 from .models.train import train_classifier, train_vae
-from .pipeline import (SUMMARY, check_discovery_ops, hold_output, holds_output, make_planted_data, prepare_output, read_bad_files,
-                       release_output, report_summary, run_discovery, sample_auroc)
+from .pipeline import (SUMMARY, check_discovery_ops, hold_output, holds_output, make_planted_data, prepare_output,
+                       read_bad_files, release_output, report_summary, run_discovery, sample_auroc)
 from .plant import PatternSpec, apply_pattern
 from .report import write_report
 
