@@ -119,10 +119,22 @@ def requested_for_op(op: str) -> str | None:
     return os.environ.get(f"SPURFAST_BACKEND_{op.upper()}") or None
 
 
+def _check_global(glob: str) -> None:
+    """SPURFAST_BACKEND must name a provider of some op (or auto): a typo raises instead of
+    falling back to auto."""
+    known = sorted({p.name for provs in REGISTRY.values() for p in provs})
+    if glob not in known + ["auto"]:
+        raise BackendUnavailable(f"SPURFAST_BACKEND={glob!r} names no backend; choose from {known + ['auto']}")
+
+
 def check_op_variables() -> None:
     """Refuse a SPURFAST_BACKEND_<OP> variable that no op reads: a misspelt op, or one in
     lower case (the registry reads upper case).  Either was ignored and the run went on with
-    auto, as a misspelt backend in its value would not (that raises)."""
+    auto, as a misspelt backend in its value would not (that raises).  And a SPURFAST_BACKEND
+    that names no backend, before any op asks for it (`spurfast env` listed every backend
+    "available" under SPURFAST_BACKEND=Torch)."""
+    if os.environ.get("SPURFAST_BACKEND"):
+        _check_global(os.environ["SPURFAST_BACKEND"])
     for var in sorted(os.environ):
         op = var.removeprefix("SPURFAST_BACKEND_")
         if op == var or not os.environ[var]:
@@ -147,9 +159,7 @@ def requested(op: str, backend: str | None = None) -> str:
     if glob and glob != "auto":
         if any(p.name == glob for p in providers(op)):
             return glob
-        known = sorted({p.name for provs in REGISTRY.values() for p in provs})
-        if glob not in known:
-            raise BackendUnavailable(f"SPURFAST_BACKEND={glob!r} names no backend; choose from {known + ['auto']}")
+        _check_global(glob)
     return "auto"
 
 

@@ -596,11 +596,14 @@ def cmd_discover(args):
               if args.class_names else f"the class folders of {args.pool}" if _labelled_folder(pool)
               else f"the class_names of {args.pool}")
     width = output_width(clf, pool.image_shape, **named)   # one trial forward for the checks below
-    if args.num_classes:   # first: a --num-classes the classifier does not have was blamed on the classifier
+    # with --num-classes, first: one the classifier does not have was blamed on the classifier
+    # by the folder check
+    if args.num_classes:
         check_width(width, n_classes, name=named["name"], classes_from=origin)
     if not args.class_names and _labelled_folder(pool):
         check_labelled_folder(pool, width, "pool", args.pool)   # = --num-classes where given (checked above)
-    check_width(width, n_classes, name=named["name"], classes_from=origin)
+    if not args.num_classes:
+        check_width(width, n_classes, name=named["name"], classes_from=origin)
     vae = load_vae(args.vae, weights_only=not args.unsafe_load)
     vae_shape = (vae.config.in_channels, vae.config.image_size, vae.config.image_size)
     if vae_shape != tuple(pool.image_shape):
@@ -874,8 +877,6 @@ def cmd_env(args):
     # as every run does: a SPURFAST_BACKEND* variable that discover refuses is refused here too
     # (env listed every backend "available" under SPURFAST_BACKEND=Torch)
     backends.check_op_variables()
-    for op in backends.REGISTRY:
-        backends.requested(op)
     info = {"spurfast": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "cuda_available": torch.cuda.is_available()}
     for mod in ("triton", "cupy", "nvidia.dali", "torchvision", "numpy", "sklearn"):
