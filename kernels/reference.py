@@ -855,7 +855,8 @@ def cluster_similarity(
     # launcher moves them before it hands m > 32 here: CPU assign or centroids with CUDA
     # points failed in a device mismatch
     assign = assign.to(x.device).long()
-    c = centroids.to(device=x.device, dtype=torch.float32)[gid, assign] if N else torch.zeros(0, d, device=x.device, dtype=torch.float32)
+    c = (centroids.to(device=x.device, dtype=torch.float32)[gid, assign] if N
+         else torch.zeros(0, d, device=x.device, dtype=torch.float32))
     xf = x.float()
     cos = F.cosine_similarity(xf, c, dim=1, eps=1e-12) if N else torch.zeros(0, device=x.device, dtype=torch.float32)
     sq = ((xf - c) ** 2).sum(1)

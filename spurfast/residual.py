@@ -249,10 +249,10 @@ def residual_scan(residuals: torch.Tensor, z: np.ndarray, pred: np.ndarray, labe
         pick = nbr[np.arange(len(rows)), rng.integers(0, nbr.shape[1], len(rows))]
         null[b] = peak_windows(sums.tmaps(p_obs[pick], cfg.min_images), image_shape)[0]
     tested = np.nonzero(~np.isnan(stat_obs))[0]
-    pvals = np.array([(1 + np.sum(null[:, c][~np.isnan(null[:, c])] >= stat_obs[c]))
-                      / (1 + np.sum(~np.isnan(null[:, c]))) for c in tested])
+    n_ref = np.array([np.sum(~np.isnan(null[:, c])) for c in tested], dtype=np.int64)   # resamplings with a statistic
+    pvals = np.array([(1 + np.sum(null[:, c][~np.isnan(null[:, c])] >= stat_obs[c])) / (1 + r)
+                      for c, r in zip(tested, n_ref)])
     qvals = bh_qvalues(pvals) if len(tested) else pvals
-    n_ref = np.array([np.sum(~np.isnan(null[:, c])) for c in tested], dtype=np.int64)
     # above every resampling that gave the class a statistic, yet no finding (a class with none
     # has p = 1: no resampling to beat, and nothing more of them would change)
     starved = (n_ref > 0) & (pvals <= 1 / (1 + n_ref)) & (qvals > cfg.fdr)
@@ -340,13 +340,14 @@ def add_residual_findings(result, store, source: ImageSource, vae, out_dir, conf
                            num_workers=num_workers, loader_backend=loader_backend, decode_on=decode_on)
     suspect = np.zeros(store.n, bool) if suspect is None else np.asarray(suspect, bool)
     labels = np.asarray(store["labels"]).astype(np.int64)
+    pictures = reads or source
     for rank, f in enumerate(found, len(result.findings) + 1):
         members = f["members"]
         ranking = np.where(ok, f["ranking"], -np.inf).astype(np.float32)
         by_energy = members[np.lexsort((members, -ranking[members]))]
         top = by_energy[:n_exemplars]
         # a picture, not a statistic: the mean of the 256 members of most residual energy
-        mean_image = (reads or source).get_batch(by_energy[:256])[0].float().mean(0)
+        mean_image = pictures.get_batch(by_energy[:256])[0].float().mean(0)
         f.update({
             "rank": rank, "cluster": -1, "size": int(len(members)), "exemplars": top.tolist(),
             "members": members.tolist(), "confirm": None, "ranked_by": "residual",
@@ -361,7 +362,7 @@ def add_residual_findings(result, store, source: ImageSource, vae, out_dir, conf
             "_pattern": mean_image,
         })
         f["images"] = save_finding_images(out_dir, rank, mean_image, f["_contrast"], f["_mask"],
-                                          (reads or source).get_batch(top)[0])
+                                          pictures.get_batch(top)[0])
         result.rankings[rank] = ranking
         del f["ranking"]
         result.findings.append(f)
