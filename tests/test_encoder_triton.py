@@ -344,7 +344,8 @@ def test_bad_input_errors(x, exc, pattern):
     (28, 4, 2, 1, 3),    # 28 -> 14 -> 7 -> 3
     (9, 2, 3, 1, 1),     # 9 -> 4
 ])
-def test_conv_output_sizes_round_down_as_the_reference(size, kernel, stride, padding, layers):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])   # bf16: GPU only
+def test_conv_output_sizes_round_down_as_the_reference(size, kernel, stride, padding, layers, dtype):
     g = torch.Generator().manual_seed(size)
     chans = [2] + [3] * layers
     ws = [(0.3 * torch.randn(chans[i + 1], chans[i], kernel, kernel, generator=g)).to(DEV) for i in range(layers)]
@@ -354,12 +355,12 @@ def test_conv_output_sizes_round_down_as_the_reference(size, kernel, stride, pad
         out = (out + 2 * padding - kernel) // stride + 1
     hw = (0.1 * torch.randn(4, chans[-1] * out * out, generator=g)).to(DEV)
     hb = torch.zeros(4, device=DEV)
-    x = torch.rand(3, 2, size, size, generator=g).to(DEV)
+    x = torch.rand(3, 2, size, size, generator=g).to(DEV).to(dtype)
     kw = dict(stride=stride, padding=padding, mean=(0.5,), std=(0.5,))
     want = ref.encoder_forward(x, ws, bs, hw, hb, **kw)
     got = et.encoder_forward(x, ws, bs, hw, hb, **kw)
     for name, a, b in zip(("mu", "logvar"), got, want):
-        assert_close(a, b, torch.float32, name=f"{size}x{size} k{kernel} s{stride} p{padding} {name}")
+        assert_close(a, b, dtype, name=f"{size}x{size} k{kernel} s{stride} p{padding} {dtype} {name}")
 
 
 def test_a_batch_beyond_the_32_bit_row_index_is_refused_before_any_work():
