@@ -774,6 +774,8 @@ def test_a_dali_run_reads_pictures_and_clean_images_as_its_store_was_decoded(tmp
     assert not torch.equal(x, pool.get_batch(idx)[0]), "the test's JPEGs decode alike in both loaders"
     assert reads.get_batch([])[0].shape == (0, 3, 16, 16) and len(reads) == len(pool)
     assert read_as_stored(pool, "torch", "cpu") is pool   # the torch loader decodes as get_batch does
+    from spurfast.data.sources import content_digest
+    assert len(content_digest(reads)) == 16   # raised AttributeError: a wrapper with a base has no subset indices
     array_pool = ArraySource(torch.rand(4, 1, 16, 16), np.zeros(4, int))
     assert read_as_stored(array_pool, "dali", "cpu") is array_pool
     # run_discovery hands the store's reads to the steps that read a batch at a time

@@ -63,6 +63,7 @@ def content_digest(source: ImageSource) -> str:
     base = getattr(source, "base", None)
     if base is not None:
         h.update(content_digest(base).encode())
+    if getattr(source, "indices", None) is not None:   # a subset; a re-reading wrapper has none
         h.update(np.asarray(source.indices, np.int64).tobytes())
     return h.hexdigest()[:16]
 
