@@ -425,6 +425,16 @@ def test_an_empty_cluster_is_reseeded_from_its_own_groups_points():
     assert float(res.centroids[0].abs().max()) < 4, res.centroids[0]
 
 
+def test_two_empty_clusters_of_one_group_are_reseeded_in_one_iteration():
+    # each re-seed takes its point out of the running: without that, the second empty cluster
+    # picked the same farthest point, found a centroid already on it and waited an iteration
+    x = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 0.0], [0.0, 7.0]])
+    init = torch.tensor([[[0.05, 0.0], [-900.0, 0.0], [900.0, 0.0]]])   # two centroids nobody is near
+    res = batched_kmeans(x, torch.zeros(4, dtype=torch.int64), [3], init=init, n_iter=1, backend="torch")
+    assert res.reseeded == 2
+    assert sorted(res.counts[0].tolist()) == [1, 1, 2], res.counts
+
+
 def test_cosine_metric_groups_by_direction():
     g = np.random.default_rng(0)
     dirs = np.eye(3, 8)
