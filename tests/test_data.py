@@ -631,3 +631,47 @@ def test_a_fractional_batch_size_is_refused_by_name(tmp_path, backend):
     # num_workers too: 2.5 failed the folder loaders naming nothing (DataLoader's TypeError, DALI's pybind one)
     with pytest.raises(TypeError, match=r"num_workers must be an integer, got 2\.5"):
         list(iter_batches(src, 2, num_workers=2.5, backend=backend if backend != "memory" else None))
+
+
+class _OwnSource:
+    """A source of one's own (duck-typed as the README invites) whose get_batch is ``f`` of
+    an ArraySource's."""
+
+    def __new__(cls, f):
+        from spurfast.data.sources import ImageSource
+        base = ArraySource(torch.rand(10, 1, 8, 8, generator=torch.Generator().manual_seed(0)), np.arange(10) % 2)
+
+        class Own(ImageSource):
+            image_shape, name = (1, 8, 8), "own"
+
+            def __len__(self):
+                return 10
+
+            def labels(self):
+                return base.labels()
+
+            def get_batch(self, idx):
+                return f(*base.get_batch(idx))
+        return Own()
+
+
+@pytest.mark.parametrize("f, want", [
+    # normalised pixels and 0..255 floats ran a whole discovery to "0 findings" without a word
+    (lambda x, y: ((x - 0.13) / 0.31, y), r"pixel values in \[-0\.\d+, 2\.\d+\]"),
+    (lambda x, y: (x * 255, y), r"pixel values in \[\d\.\d+, 2\d\d\.\d+\]; expected floats in \[0, 1\]"),
+    (lambda x, y: (x * float("nan"), y), r"pixel values in \[nan, nan\]"),
+    (lambda x, y: ((x * 255).byte(), y), r"torch\.uint8 images; expected floats in \[0, 1\]"),
+    (lambda x, y: (x[:-1], y), r"images of shape \(3, 1, 8, 8\), expected \(4, 1, 8, 8\)"),   # a bare IndexError
+    (lambda x, y: (x, y[:-1]), r"labels of shape \(3,\) and dtype torch\.int64; expected 4 integer labels"),
+    (lambda x, y: (x, y.float()), r"labels of shape \(4,\) and dtype torch\.float32"),
+])
+def test_a_sources_own_get_batch_is_checked_where_the_pass_reads_it(f, want):
+    with pytest.raises(ValueError, match=f"^source own: get_batch of images 0\\.\\.3 returned {want}"):
+        list(iter_batches(_OwnSource(f), 4))
+
+
+def test_a_sources_own_get_batch_of_numpy_arrays_and_lists_is_taken():
+    # numpy images and list labels failed deep in the pass (AttributeError 'detach', 'numpy')
+    got = list(iter_batches(_OwnSource(lambda x, y: (x.numpy(), y.tolist())), 4))
+    assert [tuple(b.images.shape) for b in got] == [(4, 1, 8, 8), (4, 1, 8, 8), (2, 1, 8, 8)]
+    assert all(b.labels.dtype == torch.int64 for b in got)

@@ -120,10 +120,37 @@ def iter_batches(source: ImageSource, batch_size: int = 256, start: int = 0,
         return
     for s in range(0, len(idx_all), batch_size):
         sel = idx_all[s:s + batch_size]
-        images, labels = source.get_batch(sel)
+        images, labels = _checked_batch(source, sel, *source.get_batch(sel))
         # a wrapper of folder sources (ConcatSource, SubsetSource) decodes lazily and
         # records what failed: those images are zeros, not pool images
         bad = getattr(source, "bad_files", None) or {}
         ok = torch.as_tensor([int(i) not in bad for i in sel], dtype=torch.bool) if bad else \
             torch.ones(len(sel), dtype=torch.bool)
         yield Batch(torch.as_tensor(sel), images, labels, ok)
+
+
+def _checked_batch(source: ImageSource, sel: torch.Tensor, images, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """``source.get_batch(sel)``'s result as the pass needs it, or an error naming the source
+    and the batch.  A source of one's own is not checked otherwise: normalised pixels
+    (range -0.4..2.8) or 0..255 floats ran a whole discovery to "0 findings" without a word,
+    and numpy arrays, list labels or a short batch failed deep in the pass."""
+    where = f"source {source.name}: get_batch of images {int(sel[0])}..{int(sel[-1])}" if len(sel) else \
+        f"source {source.name}: get_batch"
+    images, labels = torch.as_tensor(images), torch.as_tensor(labels)
+    want = (len(sel),) + tuple(source.image_shape)
+    if tuple(images.shape) != want:
+        raise ValueError(f"{where} returned images of shape {tuple(images.shape)}, expected {want} "
+                         f"(one (C, H, W) image of the source's image_shape per index)")
+    if not images.is_floating_point():
+        raise ValueError(f"{where} returned {images.dtype} images; expected floats in [0, 1] "
+                         f"(divide 0..255 pixels by 255)")
+    if images.numel():
+        lo, hi = (float(v) for v in torch.aminmax(images.float()))
+        if not (0.0 <= lo and hi <= 1.0):   # NaN fails both
+            raise ValueError(f"{where} returned pixel values in [{lo:.4g}, {hi:.4g}]; expected floats in [0, 1], "
+                             f"as every spurfast source gives them (a classifier that wants normalised input "
+                             f"normalises in its forward)")
+    if tuple(labels.shape) != (len(sel),) or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"{where} returned labels of shape {tuple(labels.shape)} and dtype {labels.dtype}; "
+                         f"expected {len(sel)} integer labels (-1 where unknown)")
+    return images, labels.long()
