@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import os
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,64 @@ def folder_blocker(path) -> Path | None:
     path = Path(path)
     return next((q for q in (path, *path.parents) if (q.is_symlink() and not q.exists())
                  or (q.exists() and not q.is_dir())), None)
+
+
+def not_a_folder(name: str, out: Path, blocker: Path) -> str:
+    """What `folder_blocker` found in the way of ``name`` (a flag or argument) ``out``."""
+    if blocker.is_symlink() and not blocker.exists():
+        return f"{name} {out}: {blocker} is a link to {os.readlink(blocker)!r}, which does not exist"
+    return f"{name} {out}: {blocker} is a file, not a folder"
+
+
+def check_file_target(out, name: str, what: str) -> Path:
+    """``out`` as a file to write (``what``) later in a long run: refused now if it is a folder,
+    and its folder created and tried with a temporary file.  An unwritable folder failed at
+    the first checkpoint, after an epoch, naming a temporary file; a folder given as the
+    checkpoint was moved aside as an "unreadable checkpoint" and a file put in its place."""
+    import tempfile
+
+    spelled = os.fspath(out)   # Path("ckpt/") drops the "/" that says a folder is meant
+    out = Path(out)
+    if out.is_dir() or os.path.basename(spelled) in ("", ".", ".."):
+        raise IsADirectoryError(f"{name} {spelled} names a folder; expected the path of {what}")
+    blocker = folder_blocker(out.parent)
+    if blocker is not None:
+        raise NotADirectoryError(not_a_folder(name, out, blocker))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as exc:
+        raise PermissionError(f"{name} {out}: cannot write in folder {out.parent} ({exc.strerror or exc}); "
+                              f"choose a writable place for {what}") from None
+    return out
+
+
+def suspect_mask(suspect, n: int, pool_name: str) -> np.ndarray:
+    """``suspect`` (one entry per pool image, True/False or 0/1; None: no image) as a bool
+    array.  A plain cast counted NaN and 0.5 as suspect, and pool indices as a mask."""
+    if suspect is None:
+        return np.zeros(n, bool)
+    values = np.asarray(suspect)
+    if values.shape != (n,):   # an (n, 1) column broadcast into (n, K, 1) neighbour masks
+        raise ValueError(f"suspect mask has shape {values.shape}, expected ({n},): one entry per image of the "
+                         f"pool ({pool_name})")
+    if values.dtype != bool:
+        bad = np.nonzero(~np.isin(values, (0, 1)))[0] if values.dtype.kind in "iuf" else np.arange(n)
+        if len(bad):
+            raise ValueError(f"suspect mask must hold True/False (or 0/1); {len(bad)} entries do not, e.g. "
+                             f"suspect[{int(bad[0])}] = {values[bad[0]]!r} (pool {pool_name})")
+    return values.astype(bool)
+
+
+def check_extra_config(extra_config) -> None:
+    """Entries recorded in findings.json's ``config`` must be strict JSON: an np.int64 failed
+    at the end of a run naming nothing, and NaN made the file one strict parsers refuse."""
+    for key, value in (extra_config or {}).items():
+        try:
+            json.dumps({key: value}, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"extra_config[{key!r}]: {exc}; it is recorded in findings.json, so it must be JSON "
+                             f"(str, int, float but not NaN or inf, bool, None, and lists and dicts of them)") from None
 
 
 def json_document(text: str):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checks import folder_blocker, json_document   # light: numpy only
+from .checks import check_file_target, folder_blocker, json_document, not_a_folder   # light: numpy only
 
 
 def _pattern(args):
@@ -390,12 +390,6 @@ def _first_missing(out: Path) -> Path | None:
     return missing
 
 
-def _not_a_folder(flag: str, out: Path, blocker: Path) -> str:
-    if blocker.is_symlink() and not blocker.exists():
-        return f"{flag} {out}: {blocker} is a link to {os.readlink(blocker)!r}, which does not exist"
-    return f"{flag} {out}: {blocker} is a file, not a folder"
-
-
 PLANT_FILES = ("train.npz", "pool.npz", "clean.npz", "plant.json")   # plant.json last: it marks a whole output
 
 
@@ -416,7 +410,7 @@ def cmd_plant(args):
     # a file (or a link to nothing) in its place failed at mkdir after the data was made ("[Errno 17] File exists")
     blocker = folder_blocker(out)
     if blocker is not None:
-        raise NotADirectoryError(f"{_not_a_folder('--out', out, blocker)}; expected the folder for "
+        raise NotADirectoryError(f"{not_a_folder('--out', out, blocker)}; expected the folder for "
                                  f"{', '.join(PLANT_FILES)}")
     # the four files were written over whatever held their names (a pool.npz of the user's own)
     taken = [n for n in PLANT_FILES if os.path.lexists(out / n)]
@@ -479,18 +473,8 @@ def _model_out(path, **inputs) -> Path:
 
 
 def _out_folder(out: Path, flag: str = "--out", what: str = "the model file") -> None:
-    """Create --out's folder and make sure it takes files, before training: an unwritable one
-    failed at the first checkpoint, after an epoch, with a traceback."""
-    import tempfile
-    blocker = folder_blocker(out.parent)
-    if blocker is not None:
-        raise NotADirectoryError(_not_a_folder(flag, out, blocker))
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out.parent).close()
-    except OSError as exc:
-        raise PermissionError(f"{flag} {out}: cannot write in folder {out.parent} ({exc.strerror or exc}); "
-                              f"choose a writable place for {what}") from None
+    """Create --out's folder and make sure it takes files, before training."""
+    check_file_target(out, flag, what)
 
 
 def _check_batch_fits(src, data, size, train) -> None:
@@ -733,12 +717,12 @@ def cmd_evaluate(args):
     # a file (or a link to nothing) in its place failed as "[Errno 17] File exists: 'x'", which says neither
     blocker = folder_blocker(out)
     if blocker is not None:
-        raise NotADirectoryError(f"{_not_a_folder('--out', out, blocker)}; expected the folder for "
+        raise NotADirectoryError(f"{not_a_folder('--out', out, blocker)}; expected the folder for "
                                  f"results.csv, confirm.csv, plots/ and RESULTS.md")
     if args.cache is not None:   # "[Errno 20] Not a directory: 'x/runs'" after --out was made, and left empty
         blocker = folder_blocker(Path(args.cache))
         if blocker is not None:
-            raise NotADirectoryError(f"{_not_a_folder('--cache', Path(args.cache), blocker)}; expected the folder "
+            raise NotADirectoryError(f"{not_a_folder('--cache', Path(args.cache), blocker)}; expected the folder "
                                      f"for the cached models and runs")
     if args.results_md:   # --from-csv too, which runs no sweep (each failed at the end)
         check_results_md(args.results_md, "--results-md")

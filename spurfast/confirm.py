@@ -60,14 +60,14 @@ used.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.stats import binom
 
-from .checks import real_number, whole_number
+from .checks import check_compute_device, real_number, suspect_mask, whole_number
 from .data.sources import ImageSource
 from .models.as_given import restores_models
 from .scoring import bh_qvalues
@@ -442,7 +442,9 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
     null (schema 1) and says why in ``confirm_skipped``.  An unlabelled clean folder is
     predicted through its loader (``loader_backend``, ``num_workers`` processes, decoded
     where ``config.device`` computes), as the pool's embedding pass reads it."""
-    config = config or ConfirmConfig()
+    # checked again: a field set after construction (config.seed = -1) skipped __post_init__
+    config = replace(config) if config is not None else ConfirmConfig()
+    check_compute_device(config.device, f"confirm_findings: config.device {config.device!r}")
     rng = np.random.default_rng(config.seed)
     if clean is not None:
         if len(clean) == 0:
@@ -474,11 +476,7 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
         for f in findings:
             used[np.asarray(f["members"], dtype=np.int64)] = True
         if suspect is not None:
-            suspect = np.asarray(suspect, bool)
-            if suspect.shape != (len(pool),):
-                raise ValueError(f"suspect mask of shape {suspect.shape} does not match the pool {pool.name} "
-                                 f"of {len(pool)} images")
-            used |= suspect
+            used |= suspect_mask(suspect, len(pool), pool.name)
         cand = np.nonzero(~used & (pred >= 0))[0]   # the store's pred is -1 where it found a file unreadable
     n_cand = len(cand)
     cand = _known_readable(src, cand)   # unreadable so far (the predictions above, or embedding the pool)

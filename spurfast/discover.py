@@ -10,7 +10,7 @@ import csv
 import logging
 import os
 from collections.abc import MutableMapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from . import __version__, backends
 from .atomic_files import replace_atomically
 from .characterise import contrast_map, exemplars, linear_probe, neighbour_contrast, pattern_mask
-from .checks import real_number, whole_number
+from .checks import check_compute_device, check_extra_config, real_number, suspect_mask, whole_number
 from .data.sources import ImageSource, utf8_name
 from .embed import EmbeddingStore, _write_json
 from .models.as_given import restores_models
@@ -186,6 +186,10 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
     findings' rankings wait on disk (`SpilledRankings`; without it, in ``TMPDIR``)."""
     if not store.complete:
         raise ValueError(f"embedding store {store.root} is unfinished ({store.done}/{store.n}); resume the pass first")
+    # checked again: a field set after construction (config.fdr = 2.0) skipped __post_init__
+    config = replace(config)
+    if config.device is not None:
+        check_compute_device(config.device, f"discover: config.device {config.device!r}")
     n_classes = int(store.manifest["num_classes"])
     pred = np.asarray(store["pred"]).astype(np.int64)
     labels = np.asarray(store["labels"])
@@ -194,9 +198,7 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
     if not np.isfinite(mu[ok]).all():
         raise ValueError(f"store {store.root}: latents contain NaN/inf for "
                          f"{int((~np.isfinite(mu[ok])).any(1).sum())} images")
-    suspect = np.zeros(store.n, bool) if suspect is None else np.asarray(suspect, bool)
-    if suspect.shape != (store.n,):   # an (n, 1) column broadcast into (n, K, 1) neighbour masks
-        raise ValueError(f"suspect mask has shape {suspect.shape}, expected ({store.n},): one entry per pool image")
+    suspect = suspect_mask(suspect, store.n, f"store {store.root}")
     valid = np.nonzero(ok)[0]
     if len(valid) < 2:
         raise ValueError(f"store {store.root}: only {len(valid)} readable image(s) with a prediction; discovery "
@@ -378,6 +380,7 @@ def _probe(z, g, local, cls, seed: int = 0):
 def characterise(result: DiscoveryResult, store: EmbeddingStore, source: ImageSource, vae, out_dir: Path,
                  *, seed: int = 0, device: str = "cpu") -> None:
     """Decoded centroid, contrast, mask and exemplar grid for every finding (PNGs in out_dir)."""
+    check_compute_device(device, f"characterise: device {device!r}")
     out_dir = Path(out_dir)
     img_dir = out_dir / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -425,6 +428,7 @@ def save_finding_images(out_dir: Path, rank: int, centroid: torch.Tensor, contra
 
 
 def findings_document(result: DiscoveryResult, extra_config: dict | None = None) -> dict:
+    check_extra_config(extra_config)
     cfg = dict(result.config)
     if extra_config:
         cfg.update(extra_config)

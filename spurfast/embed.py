@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import backends
 from .atomic_files import replace_atomically
-from .checks import check_default_dtype, check_whole, json_document
+from .checks import check_compute_device, check_default_dtype, check_whole, folder_blocker, json_document, not_a_folder
 from .cores import usable_cores
 from .data.loader_torch import iter_batches
 from .data.preprocess import uint8_to
@@ -731,6 +731,11 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
     (``compute_s``), and writing the store (``write_s``), so the slow stage shows.
     """
     check_default_dtype("embed_pool")
+    check_compute_device(device, f"embed_pool: device {device!r}")
+    blocker = folder_blocker(store_dir)   # mkdir's bare "File exists" named neither
+    if blocker is not None:
+        raise NotADirectoryError(f"{not_a_folder('embed_pool: store_dir', Path(store_dir), blocker)}; expected the "
+                                 f"folder of the embedding store")
     if num_workers is None:
         num_workers = usable_cores()
     n = len(source)

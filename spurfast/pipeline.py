@@ -24,7 +24,8 @@ import torch
 
 from . import distributed as dist
 from .atomic_files import remove_killed_writers_files
-from .checks import check_compute_device, check_default_dtype, check_whole, json_document
+from .checks import (check_compute_device, check_default_dtype, check_extra_config, check_whole, json_document,
+                     suspect_mask)
 from .cores import usable_cores
 from .data.builtin import load_digits, load_fashion_mnist
 from .data.reread import read_as_stored
@@ -396,7 +397,8 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     ``extra_config``: more keys for findings.json's ``config`` (JSON values).
     The classifier and the VAE come back in the mode and on the device they came in."""
     check_run_inputs(pool, classifier, vae, config, clean)
-    config = config or DiscoverConfig()
+    # checked again (a field set after construction, config.fdr = 2.0, skipped __post_init__)
+    config = replace(config) if config is not None else DiscoverConfig()
     # None (discover's "torch's default, the CPU") or a torch.device, as text: torch.device(None) and the
     # run id's json.dumps ("Object of type device is not JSON serializable") raised bare TypeErrors
     if config.device is None or isinstance(config.device, torch.device):
@@ -407,25 +409,11 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     check_whole(num_classes, "num_classes")
     # json.dumps of findings.json refused it after all the work, naming nothing ("Object of type
     # int64 is not JSON serializable"); NaN passed and made findings.json strict parsers refuse
-    for key, value in (extra_config or {}).items():
-        try:
-            json.dumps({key: value}, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"extra_config[{key!r}]: {exc}; it is recorded in findings.json, so it must be JSON "
-                             f"(str, int, float but not NaN or inf, bool, None, and lists and dicts of them)") from None
+    check_extra_config(extra_config)
     if summary is not None:
         summary = report_summary(summary)
-    if suspect is not None and np.shape(suspect) != (len(pool),):
-        raise ValueError(f"suspect mask has shape {np.shape(suspect)}, expected ({len(pool)},): one entry per image "
-                         f"of the pool ({pool.name})")
     if suspect is not None:
-        # as bool, NaN (a float mask with gaps) and 0.5 counted as suspect without a word
-        values = np.asarray(suspect)
-        if values.dtype != bool:
-            bad = np.nonzero(~np.isin(values, (0, 1)))[0] if values.dtype.kind in "iuf" else np.arange(len(values))
-            if len(bad):
-                raise ValueError(f"suspect mask must hold True/False (or 0/1); {len(bad)} entries do not, e.g. "
-                                 f"suspect[{int(bad[0])}] = {values[bad[0]]!r}")
+        suspect_mask(suspect, len(pool), pool.name)
     # under torchrun each rank computes on its own GPU (distributed.init): no explicit cuda:N
     dist.check_rank_device(config.device)
     check_compute_device(config.device, f"run_discovery: device {config.device!r}")   # 'meta' got through to after --overwrite's deletion

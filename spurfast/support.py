@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .data.sources import ImageSource
+from .checks import suspect_mask
 from .scoring import TIE_TOLERANCE
 
 log = logging.getLogger("spurfast.support")
@@ -199,11 +200,10 @@ def training_support(findings: list[dict], source: ImageSource, suspect: np.ndar
         raise ValueError(f"support tail must be in (0, 1), got {tail}")
     if batch_size < 1:   # 0 failed naming no setting; a negative one read no image: every score 0, none supported
         raise ValueError(f"support batch_size must be >= 1, got {batch_size}")
-    suspect = np.asarray(suspect, bool)
+    suspect = suspect_mask(suspect, len(source), source.name)
     labels = np.asarray(labels)
-    if suspect.shape != (len(source),) or labels.shape != (len(source),):
-        raise ValueError(f"suspect mask {suspect.shape} and labels {labels.shape} must have one entry per image "
-                         f"of {source.name} ({len(source)})")
+    if labels.shape != (len(source),):
+        raise ValueError(f"labels {labels.shape} must have one entry per image of {source.name} ({len(source)})")
     if not findings:
         return
     idx = _known_readable(source, np.nonzero(suspect & (labels >= 0))[0])

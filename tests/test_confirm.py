@@ -188,6 +188,18 @@ def test_confirm_findings_clean_set_and_pool_default():
     assert "only where labelled" in f[0]["confirm"]["content_skipped"]
     with pytest.raises(ValueError, match=r"pool predictions of shape \(199,\) do not match the pool pool of 200"):
         confirm_findings(f, CornerModel(), pool=pool, pool_pred=pred[:-1])
+    # a float mask's 0.5 counted as suspect (np.asarray(..., bool)); indices passed as a mask too
+    for bad in (np.full(200, 0.5), np.arange(200)):
+        with pytest.raises(ValueError, match=r"suspect mask must hold True/False \(or 0/1\)"):
+            confirm_findings(f, CornerModel(), pool=pool, pool_pred=pred, suspect=bad)
+    # a setting changed after the config was made skipped its check, and a device not here
+    # failed in torch naming no argument
+    cfg = ConfirmConfig()
+    cfg.seed = -1
+    with pytest.raises(ValueError, match="confirm seed must be >= 0, got -1"):
+        confirm_findings(f, CornerModel(), pool=pool, pool_pred=pred, config=cfg)
+    with pytest.raises(ValueError, match=r"confirm_findings: config.device 'meta'.*torch cannot compute there"):
+        confirm_findings(f, CornerModel(), pool=pool, pool_pred=pred, config=ConfirmConfig(device="meta"))
     with pytest.raises(ValueError, match="clean set"):
         confirm_findings(f, CornerModel())
     with pytest.raises(ValueError, match="no extracted pattern"):
@@ -217,7 +229,7 @@ def test_pool_default_draws_no_control_from_the_suspect_data():
     f = [_finding(list(range(20)))]
     confirm_findings(f, CornerModel(), pool=pool, pool_pred=pred)
     assert f[0]["confirm"]["verdict"] == "class_content"
-    with pytest.raises(ValueError, match="suspect mask of shape"):
+    with pytest.raises(ValueError, match=r"suspect mask has shape \(10,\), expected \(300,\)"):
         confirm_findings(f, CornerModel(), pool=pool, pool_pred=pred, suspect=suspect[:10])
 
 

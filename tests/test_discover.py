@@ -187,6 +187,34 @@ def test_a_suspect_mask_of_the_wrong_shape_is_refused_by_name(tmp_path, shape):
         discover(store, DiscoverConfig(k=4, n_null=1, max_null=1), suspect=np.zeros(shape, bool), progress=False)
 
 
+def test_a_suspect_mask_of_other_values_a_mutated_config_or_a_device_not_here_is_refused(tmp_path):
+    # np.asarray(suspect, bool) counted 0.5 and NaN as suspect and took indices for a mask; a
+    # setting changed after construction (fdr = 2.0) skipped its check and made every cluster a
+    # finding; "meta" failed in torch naming nothing
+    store, _ = _store(tmp_path / "store")
+    n = N_CLASSES * PER_CLASS
+    for bad in (np.full(n, 0.5), np.arange(n), np.full(n, np.nan)):
+        with pytest.raises(ValueError, match=r"suspect mask must hold True/False \(or 0/1\)"):
+            discover(store, DiscoverConfig(k=4, n_null=1, max_null=1), suspect=bad, progress=False)
+    cfg = DiscoverConfig(k=4, n_null=1, max_null=1)
+    cfg.fdr = 2.0
+    with pytest.raises(ValueError, match="fdr"):
+        discover(store, cfg, progress=False)
+    with pytest.raises(ValueError, match=r"discover: config.device 'meta'.*torch cannot compute there"):
+        discover(store, DiscoverConfig(k=4, n_null=1, max_null=1, device="meta"), progress=False)
+
+
+def test_write_outputs_refuses_extra_config_that_is_not_strict_json(tmp_path):
+    # NaN made findings.json a file strict parsers refuse; np.int64 failed naming nothing
+    from spurfast.discover import write_outputs
+    store, _ = _store(tmp_path / "store")
+    res = discover(store, DiscoverConfig(k=4, n_null=2, seed=0), progress=False)
+    for bad in ({"note": float("nan")}, {"a": np.int64(3)}):
+        with pytest.raises(ValueError, match=f"extra_config\\[{next(iter(bad))!r}\\]"):
+            write_outputs(res, tmp_path / "out", bad)
+    assert not (tmp_path / "out" / "findings.json").exists()
+
+
 def test_a_seed_beyond_the_generators_64_bits_is_refused_up_front():
     # the real clustering or a null permutation (seed + 1 + b) crashed in torch's
     # manual_seed, after the neighbour search, naming nothing

@@ -29,6 +29,17 @@ def test_interrupted_pass_resumes_to_the_same_store(tmp_path):
         np.testing.assert_array_equal(np.asarray(resumed[col]), np.asarray(full[col]), err_msg=col)
 
 
+def test_a_store_folder_that_is_a_file_or_a_device_not_here_is_refused_first(tmp_path):
+    # a file as store_dir failed in mkdir with a bare "File exists"; "meta" in torch, naming nothing
+    src, clf, vae = _setup(8)
+    (tmp_path / "f").write_text("")
+    with pytest.raises(NotADirectoryError, match=r"embed_pool: store_dir .*f is a file, not a folder"):
+        embed_pool(src, clf, vae, tmp_path / "f", num_classes=4, progress=False)
+    with pytest.raises(ValueError, match=r"embed_pool: device 'meta'.*torch cannot compute there"):
+        embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, device="meta", progress=False)
+    assert not (tmp_path / "s").exists()
+
+
 def test_a_store_resumed_on_another_device_says_it_mixes_two_computes(tmp_path, caplog):
     """The store recorded neither device nor encoder: one begun on a GPU (Triton) and resumed
     on the CPU (the torch reference) mixed rows that differ a little, without a word."""

@@ -870,3 +870,35 @@ def test_small_cnn_gives_the_same_outputs_with_and_without_autograd_scripted_and
         with torch.no_grad():
             assert torch.equal(torch.jit.script(model)(x), fast)
             assert torch.equal(torch.jit.trace(model, x[:4])(x), fast)
+
+
+@pytest.mark.parametrize("trainer", ["classifier", "vae"])
+def test_a_checkpoint_path_that_cannot_be_one_is_refused_before_training(tmp_path, trainer):
+    # a folder given as the checkpoint was moved aside as an "unreadable checkpoint" and a file
+    # written in its place; a path under a file failed after the first epoch, naming a .tmp file
+    src = _toy()
+
+    def train(ck, device="cpu"):
+        if trainer == "vae":
+            return train_vae(src, VAEConfig.for_images(1, 28, 2), epochs=1, batch_size=16, checkpoint=ck,
+                             device=device, progress=False)
+        return train_classifier(src, 3, epochs=1, batch_size=16, checkpoint=ck, device=device, progress=False)
+
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("keep")
+    with pytest.raises(IsADirectoryError, match=f"checkpoint {folder} names a folder"):
+        train(folder)
+    assert (folder / "mine.txt").read_text() == "keep" and not list(tmp_path.glob("ckpts.old-*"))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(NotADirectoryError, match="afile is a file, not a folder"):
+        train(tmp_path / "afile" / "c.ckpt")
+    with pytest.raises(ValueError, match="device 'meta'.*torch cannot compute there"):
+        train(tmp_path / "c.ckpt", device="meta")
+    train(tmp_path / "new" / "c.ckpt")   # a folder not made yet is made
+    assert (tmp_path / "new" / "c.ckpt").is_file()
+
+
+def test_saving_a_model_over_a_folder_names_the_folder(tmp_path):
+    with pytest.raises(IsADirectoryError, match=f"cannot save to {tmp_path}: it is a folder"):
+        save_classifier(build_classifier("small_cnn", 1, 3, 28), tmp_path)

@@ -145,6 +145,8 @@ def test_bad_inputs_are_refused():
     src, sus = _pool()
     with pytest.raises(ValueError, match="one entry per image"):
         training_support([_finding()], src, sus[:-1], src.labels())
+    with pytest.raises(ValueError, match=r"suspect mask must hold True/False"):   # 0.5 counted as suspect
+        training_support([_finding()], src, np.where(sus, 0.5, 0.0), src.labels())
     with pytest.raises(ValueError, match="no extracted pattern"):
         training_support([{"rank": 3, "class": 0}], src, sus, src.labels())
     with pytest.raises(ValueError, match="tail"):

@@ -53,6 +53,8 @@ def save_atomic(obj, path) -> None:
         return
     p = Path(path)
     p = p.resolve() if p.is_symlink() else p  # write through a link, as torch.save did, not over it
+    if p.is_dir():   # the rename failed naming the temporary file
+        raise IsADirectoryError(f"cannot save to {path}: it is a folder; expected the path of a file")
     # a save killed mid-write left its temporary file (weights and optimiser state) for good
     remove_killed_writers_files(p.parent, lambda name: name == p.name)
     tmp = p.with_name(f"{p.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")

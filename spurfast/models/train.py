@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..checks import check_default_dtype, check_whole, real_number
+from ..checks import check_compute_device, check_default_dtype, check_file_target, check_whole, real_number
 from ..data.sources import ImageSource, content_digest
 from .classifier import ResNet18, build_classifier
 from .files import load_vae, save_atomic, save_classifier, save_vae, torch_error_gist  # noqa: F401 (re-exported)
@@ -251,7 +251,7 @@ def _train(build, source: ImageSource, step, name: str, *, epochs: int, batch_si
     loss and the step's metrics, an atomic checkpoint per epoch, resume from it.  The checkpoint
     records what it belongs to (``model_id``, data, seed, batch size, lr); a rerun resumes
     only a matching one (epochs may grow: there is no schedule, so epoch k is the same)."""
-    ck = Path(checkpoint) if checkpoint else None
+    check_compute_device(device, f"{name}: device {device!r}")   # "meta" failed after seconds of work
     # plain Python numbers: numpy ones fail the JSON identity after the first epoch's work
     seed, batch_size, lr = operator.index(seed), operator.index(batch_size), real_number(lr, f"{name}: lr")
     if not 0 <= seed <= MAX_SEED:   # 2**62 failed as "Overflow when unpacking long long"
@@ -262,6 +262,9 @@ def _train(build, source: ImageSource, step, name: str, *, epochs: int, batch_si
     # 0 returned the random initial weights as a trained model; 2.0 failed in range() unnamed
     check_whole(epochs, f"{name}: epochs")
     epochs = int(epochs)
+    # before any work: a folder given here was moved aside as an unreadable checkpoint, and a
+    # missing folder failed after the first epoch naming a temporary file
+    ck = check_file_target(checkpoint, f"{name}: checkpoint", "the checkpoint file") if checkpoint else None
     identity = {"model": model_id, "data": content_digest(source) if ck else None, "seed": seed,
                 "batch_size": batch_size, "lr": lr, "trainer": name}
     # before build(): initial weights follow the seed (torch's generator alone: numpy's global
