@@ -52,25 +52,18 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.harness import bench_dir
 from spurfast.cores import usable_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
 CLASSES = 10
-
-
-def _bench_dir() -> Path:
-    # absolute: the runs start in the repository root, so a relative folder given from
-    # elsewhere named another place there ("image folder bench/pool-600 does not exist");
-    # an empty variable is the default, as SPURFAST_BENCH_CSV's is (it was the working folder)
-    return Path(os.environ.get("SPURFAST_BENCH_DIR") or Path(tempfile.gettempdir()) / "spurfast-bench").absolute()
 
 
 def _pool_spec(n: int):
@@ -84,7 +77,7 @@ def ensure_pool(n: int) -> Path:
     from spurfast.make_pool import make_pool
 
     spec = _pool_spec(n)
-    d = _bench_dir() / f"pool-{n}"
+    d = bench_dir() / f"pool-{n}"
     info = d / "pool.json"
     try:
         done = json.loads(info.read_text())
@@ -112,7 +105,7 @@ def ensure_models() -> tuple[Path, Path]:
     from spurfast.models.files import save_vae
     from spurfast.models.vae import VAE, VAEConfig
 
-    d = _bench_dir()
+    d = bench_dir()
     d.mkdir(parents=True, exist_ok=True)
     clf_p, vae_p = d / f"clf-ts-w{CLF_WIDTH}.pt", d / "vae.pt"
     if not (clf_p.is_file() and vae_p.is_file()):
@@ -231,7 +224,7 @@ def run_e2e(pool: Path, clf: Path, vae: Path, procs: int, n_null: int, device: s
             cores: int | None = None) -> dict:
     """One timed run in fresh processes; ``cores``: pin it to that many of this process's
     cores (CPU affinity, as taskset does, and as many OpenMP threads)."""
-    out = _bench_dir() / (f"run-{pool.name}-p{procs}" + (f"-c{cores}" if cores else ""))
+    out = bench_dir() / (f"run-{pool.name}-p{procs}" + (f"-c{cores}" if cores else ""))
     shutil.rmtree(out, ignore_errors=True)
     wargs = ["--pool", str(pool), "--out", str(out), "--clf", str(clf), "--vae", str(vae), "--n-null", str(n_null),
              "--device", device]
@@ -241,6 +234,9 @@ def run_e2e(pool: Path, clf: Path, vae: Path, procs: int, n_null: int, device: s
     if procs == 1:
         cmd = [sys.executable, "-m", "bench.bench_e2e", "--worker"] + wargs
         env.pop("WORLD_SIZE", None)
+        # threads on every core, as the row's cores= says: an inherited OMP_NUM_THREADS=1 ran it on
+        # one thread and the 2-process ratio compared 2 x 1 threads with 1 x 1
+        env["OMP_NUM_THREADS"] = str(cores or usable_cores())
     else:
         # torchrun's module, not a script beside the interpreter (a system Python puts it elsewhere)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), "-m", "bench.bench_e2e", "--worker"] + wargs

@@ -307,7 +307,8 @@ def _assign_vs_flash(writer, kc, kt, x, off, cent, kpg, config, devname, reps):
             _log(f"flash-kmeans assign skipped: {exc.__class__.__name__}: {exc}")
             return
         cfg = dict(config, dtype=name)
-        flops, nbytes = 2.0 * N * k * d, N * d * xs.element_size() + k * d * xs.element_size() + N * 4
+        # x, the centroids, the fp32 |x|^2 it is given, and the int32 labels
+        flops, nbytes = 2.0 * N * k * d, N * d * xs.element_size() + k * d * xs.element_size() + N * 4 + N * 4
         writer.add_timing("kmeans_assign", "flash-kmeans", cfg, theirs, devname, items=N, bytes_moved=nbytes, flops=flops)
         fast = TRITON_VARIANTS["fp32-tf32" if dt == torch.float32 else "fp16-single"][1]
         ours_by_name = {"cupy": (kc, {}), "triton": (kt, _TRITON_DEFAULTS), "triton-fast": (kt, fast)}

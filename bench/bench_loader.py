@@ -9,7 +9,7 @@ definition), and every pass goes over the whole folder, pipeline/worker start-up
 
 The folder: ImageNet-like JPEGs (around 500x375, some portrait, varied smooth shapes,
 gradients and texture, quality 90, 4:2:0) generated once and cached under
-``build/bench_images/`` (git-ignored); 2,000 images, 300 with ``--quick``.
+``$SPURFAST_BENCH_DIR/loader-images/`` (default /tmp/spurfast-bench); 2,000 images, 300 with ``--quick``.
 """
 from __future__ import annotations
 
@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .harness import device_name, env_ints, measure
+from .harness import bench_dir, device_name, env_ints, measure
 
 ROOT = Path(__file__).resolve().parent.parent
-CACHE = ROOT / "build" / "bench_images"
 
 
 def _image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -49,7 +48,7 @@ def image_folder(n: int, seed: int = 0) -> list[str]:
     """Paths of ``n`` generated JPEGs (cached; regenerated if missing)."""
     from PIL import Image
 
-    folder = CACHE / f"n{n}_s{seed}"
+    folder = bench_dir() / "loader-images" / f"n{n}_s{seed}"
     done = folder / ".complete"
     paths = [str(folder / f"{i:05d}.jpg") for i in range(n)]
     if done.exists():

@@ -20,6 +20,7 @@ import os
 import platform
 import resource
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -40,8 +41,31 @@ def device_name(device: str | torch.device = "cpu") -> str:
     return f"cpu:{cpu_model()} x{os.cpu_count()} threads={torch.get_num_threads()}"
 
 
+def bench_dir() -> Path:
+    """Where benchmarks keep generated pools and runs: $SPURFAST_BENCH_DIR (default
+    /tmp/spurfast-bench).  Absolute: the e2e runs start in the repository root, so a relative
+    folder given from elsewhere named another place there ("image folder bench/pool-600 does
+    not exist"); an empty variable is the default, as SPURFAST_BENCH_CSV's is."""
+    return Path(os.environ.get("SPURFAST_BENCH_DIR") or Path(tempfile.gettempdir()) / "spurfast-bench").absolute()
+
+
+def spurfast_revision() -> str:
+    """The commit the rows were measured at (``+dirty`` with uncommitted changes), or the
+    package version where there is no git checkout: rows only accumulate, and rows of
+    superseded code (a byte count since corrected) could not be told from current ones."""
+    import subprocess
+    from spurfast import __version__
+
+    try:
+        r = subprocess.run(["git", "describe", "--always", "--dirty=+dirty"], cwd=Path(__file__).resolve().parent,
+                           capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else __version__
+
+
 def versions() -> str:
-    parts = [f"torch={torch.__version__}", f"python={platform.python_version()}"]
+    parts = [f"spurfast={spurfast_revision()}", f"torch={torch.__version__}", f"python={platform.python_version()}"]
     for mod in ("triton", "cupy", "nvidia.dali", "faiss", "sklearn"):
         try:
             m = __import__(mod, fromlist=["__version__"])

@@ -1,6 +1,7 @@
 """The benchmark harness's bookkeeping: percentiles, peak memory, GB/s counts, warm-ups.
 Nothing here passes or fails on a measured time: clocks are scripted where times matter."""
 import csv
+import re
 import time
 
 import numpy as np
@@ -491,7 +492,7 @@ def test_a_relative_or_empty_bench_dir_names_the_same_folder_for_the_runs(tmp_pa
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SPURFAST_BENCH_DIR", value)
     want = tmp_path / "rel" if value else Path(tempfile.gettempdir()) / "spurfast-bench"
-    assert bench_e2e._bench_dir() == want
+    assert bench_e2e.bench_dir() == want
     seen = {}
 
     def fake_run(cmd, cwd=None, **kw):
@@ -501,8 +502,35 @@ def test_a_relative_or_empty_bench_dir_names_the_same_folder_for_the_runs(tmp_pa
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     with pytest.raises(RuntimeError, match="stop"):
-        bench_e2e.run_e2e(bench_e2e._bench_dir() / "pool-12", Path("c.pt"), Path("v.pt"), 1, 5)
+        bench_e2e.run_e2e(bench_e2e.bench_dir() / "pool-12", Path("c.pt"), Path("v.pt"), 1, 5)
     assert seen == {"pool": want / "pool-12", "out": want / "run-pool-12-p1"}
+
+
+def test_generated_bench_data_goes_under_the_bench_dir_and_rows_name_the_code(tmp_path, monkeypatch):
+    # the loader suite wrote its JPEGs into the checkout (build/bench_images) whatever
+    # SPURFAST_BENCH_DIR said; the versions column named no spurfast commit; a 1-process e2e run
+    # inherited OMP_NUM_THREADS=1 while its row said cores=2
+    import subprocess
+    from pathlib import Path
+
+    from bench import bench_e2e, bench_loader
+    from bench.harness import versions
+    from spurfast.cores import usable_cores
+
+    monkeypatch.setenv("SPURFAST_BENCH_DIR", str(tmp_path))
+    paths = bench_loader.image_folder(2)
+    assert all(Path(p).is_file() and Path(p).parent.parent == tmp_path / "loader-images" for p in paths)
+    assert re.search(r"^spurfast=\S+ torch=", versions())
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    seen = {}
+
+    def fake_run(cmd, env=None, **kw):
+        seen["threads"] = env["OMP_NUM_THREADS"]
+        raise RuntimeError("stop")
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    with pytest.raises(RuntimeError, match="stop"):
+        bench_e2e.run_e2e(tmp_path / "pool-12", Path("c.pt"), Path("v.pt"), 1, 5)
+    assert seen["threads"] == str(usable_cores())
 
 
 def test_a_csv_of_other_columns_is_refused_before_a_row_is_appended(tmp_path, capsys):
@@ -686,25 +714,28 @@ def test_residual_suite_writes_its_rows(tmp_path):
     assert all(float(r["value"]) > 0 for r in rows if r["metric"] in ("median_s", "s_per_null"))
 
 
-def test_whole_fit_timing_is_the_median_of_paired_differences():
+def test_whole_fit_timing_is_the_median_of_paired_differences(monkeypatch):
     """_diff_time took the difference of two medians and a band around it from the longer
     fit's spread alone: its p20/p80 described no measured quantity."""
     import time
 
     from bench import bench_kmeans
 
+    clock = [0.0]   # a clock the fits advance: sleeps overslept by milliseconds on a loaded machine
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+
     def fit(n_iter):   # 2 ms of start-up, then 1 ms an iteration
-        time.sleep(0.002 + 0.001 * n_iter)
+        clock[0] += 0.002 + 0.001 * n_iter
 
     st = bench_kmeans._diff_time(fit, "cpu", 5)
     assert st["p20_s"] <= st["median_s"] <= st["p80_s"], st
-    assert 0.0008 < st["median_s"] < 0.002, st   # the start-up differenced away
+    assert st["median_s"] == pytest.approx(0.001), st   # the start-up differenced away
     assert st["reps"] == 5
     calls = []
 
     def jumpy(n_iter):   # the one-iteration fit takes 5 ms more every other round: the differences vary
         calls.append(n_iter)
-        time.sleep(0.001 * n_iter + (0.005 if n_iter == 1 and calls.count(1) % 2 else 0.0))
+        clock[0] += 0.001 * n_iter + (0.005 if n_iter == 1 and calls.count(1) % 2 else 0.0)
 
     st = bench_kmeans._diff_time(jumpy, "cpu", 6)
     # per iteration the rounds differ by 1 ms; the long fit alone does not vary (the old band: ~0 wide)
