@@ -115,7 +115,8 @@ def _add_discover_args(p):
     p.add_argument("--kmeans-backend", default=None, choices=["auto", "torch", "cpu", "cupy", "triton"],
                    help=backend_help("k-means assignment and update (triton: the assignment only)",
                                      "KMEANS_ASSIGN / _UPDATE"))
-    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="cpu",
+                   help="torch device: cpu (the default, also on a GPU machine), cuda, cuda:1, ...")
 
 
 def _discover_config(args):
@@ -266,6 +267,19 @@ def check_class_count(class_names, num_classes: int) -> None:
     if n_names != num_classes:
         raise ValueError(f"--class-names {class_names} names {n_names} classes, but --num-classes is "
                          f"{num_classes}; the file must name every class of the classifier, in label order")
+
+
+def _note_an_unused_gpu(args, argv) -> None:
+    """--device defaults to cpu everywhere: on a GPU machine a run that did not name one went
+    some 20x slower without a word.  Naming --device (cpu included) silences this."""
+    if getattr(args, "device", None) != "cpu" or any(str(a).startswith("--dev") for a in argv):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        logging.getLogger("spurfast.cli").warning(
+            "computing on the CPU (--device cpu, the default) though torch sees %d CUDA device(s): --device cuda "
+            "runs on the GPU; --device cpu says the CPU is meant", torch.cuda.device_count())
 
 
 def check_device(device: str) -> None:
@@ -938,7 +952,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--epochs", type=_int_at_least(1), default=3 if name == "train-classifier" else 8,
                        help="training epochs")
         p.add_argument("--seed", type=_seed, default=0, help=SEED_HELP)
-        p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+        p.add_argument("--device", default="cpu",
+                       help="torch device: cpu (the default, also on a GPU machine), cuda, cuda:1, ...")
         p.add_argument("--size", type=int, default=64, help="image size for folders")
         p.add_argument("--channels", type=int, default=3, help="channels for folders")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -1112,6 +1127,7 @@ def _main(argv) -> int:
         print(f"error: {', '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty; expected a value (a path, for "
               f"a file or folder)", file=sys.stderr)
         return 2
+    _note_an_unused_gpu(args, sys.argv[1:] if argv is None else argv)
     try:
         args.func(args)
     except (OSError, ValueError, BackendUnavailable) as exc:

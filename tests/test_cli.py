@@ -2222,3 +2222,15 @@ def test_ctrl_c_in_an_evaluation_names_what_it_keeps(tmp_path, capsys, monkeypat
     assert err.startswith("interrupted: finished work is kept (trained models and training checkpoints, embedding "
                           "stores, finished runs); the same `spurfast evaluate` command resumes"), err
     assert "neighbours" not in err
+
+
+def test_a_run_left_on_the_cpu_on_a_gpu_machine_says_so(tmp_path, monkeypatch, caplog):
+    # --device defaults to cpu: on a GPU machine the README's commands ran some 20x slower without a word
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    argv = ["train-classifier", "--data", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "c.pt")]
+    for extra, noted in (([], True), (["--device", "cpu"], False), (["--device=cpu"], False)):
+        caplog.clear()
+        assert main(argv + extra) == 2   # the missing data is refused after the note
+        assert ("torch sees 2 CUDA device(s): --device cuda runs on the GPU" in caplog.text) is noted, (extra, caplog.text)
