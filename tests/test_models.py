@@ -745,6 +745,13 @@ def test_vae_and_classifier_that_cannot_be_allocated_name_their_settings():
         VAE(VAEConfig.for_images(1, 100000))
     with pytest.raises(ValueError, match=r"cannot build classifier 'small_cnn' .*num_classes=1099511627777.*allocate"):
         build_classifier("small_cnn", 1, 2 ** 40 + 1, 28)
+    # 4.5 classes was blamed on the options ("does not take options []"); 0 built a model of no logit
+    for args, want in (((1, 4.5, 28), "num_classes must be an integer >= 1, got 4.5"),
+                       ((1, 0, 28), "num_classes must be an integer >= 1, got 0"),
+                       ((0, 3, 28), "in_channels must be an integer >= 1, got 0"),
+                       ((1, 3, 0), "image_size must be an integer >= 1, got 0")):
+        with pytest.raises(ValueError, match=f"^build_classifier: {want}$"):
+            build_classifier("small_cnn", *args)
 
 
 def test_saving_and_loading_live_in_models_files_and_stay_importable_from_their_old_homes():

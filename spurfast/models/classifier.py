@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..checks import check_whole
+
 # re-exported where they lived before; files.py and outputs.py import this module inside their functions
 from .files import load_classifier, save_atomic, save_classifier, torch_error_gist  # noqa: F401
 from .outputs import check_output_width, classifier_outputs, output_width  # noqa: F401
@@ -97,6 +99,9 @@ def build_classifier(arch: str, in_channels: int, num_classes: int, image_size: 
     classes = {"small_cnn": SmallCNN, "resnet18": ResNet18}
     if arch not in classes:
         raise ValueError(f"unknown classifier architecture {arch!r}; expected one of {ARCHITECTURES}")
+    # 4.5 was blamed on the options ("does not take options []"); 0 built a model of no logit
+    for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("image_size", image_size)):
+        check_whole(value, f"build_classifier: {name}")
     try:
         return classes[arch](in_channels, num_classes, image_size, **options)
     except TypeError as exc:
