@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import backends
-from .checks import whole_number
+from .checks import real_number, whole_number
 from .kernels import reference as ref
 from .kernels.group_layout import check_points, non_integer_entries, wide_points
 
@@ -197,6 +197,14 @@ def batched_kmeans(
     # (their .numpy() raised, and every iteration's torch.where joined an autograd graph)
     init = None if init is None else torch.as_tensor(init).detach()
     seed = check_seed(seed)
+    # n_iter -1 ran as 0 (the seeds as centroids) without a word; 2.5, None and tol "0.1"
+    # failed in range() or a comparison, naming nothing
+    n_iter = whole_number(n_iter, "batched_kmeans: n_iter")
+    if n_iter < 0:
+        raise ValueError(f"batched_kmeans: n_iter must be >= 0, got {n_iter}")
+    tol = real_number(tol, "batched_kmeans: tol")
+    if not tol >= 0:
+        raise ValueError(f"batched_kmeans: tol must be a number >= 0, got {tol!r}")
     if kmeans_hook is not None:
         return kmeans_hook(x, groups, k_per_group, n_groups=n_groups, n_iter=n_iter, tol=tol, seed=seed,
                            metric=metric, init=init, backend=backend)

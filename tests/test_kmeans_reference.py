@@ -1,6 +1,7 @@
 """The reference batched k-means (torch backend) against scikit-learn, brute force and a
 per-group loop; edge cases and bad input.  CPU only, well under a minute."""
 from __future__ import annotations
+import re
 
 import numpy as np
 import pytest
@@ -433,6 +434,17 @@ def test_two_empty_clusters_of_one_group_are_reseeded_in_one_iteration():
     res = batched_kmeans(x, torch.zeros(4, dtype=torch.int64), [3], init=init, n_iter=1, backend="torch")
     assert res.reseeded == 2
     assert sorted(res.counts[0].tolist()) == [1, 1, 2], res.counts
+
+
+@pytest.mark.parametrize("kw, want", [
+    # -1 ran as 0 iterations without a word; the others failed in range() or a comparison
+    (dict(n_iter=-1), "n_iter must be >= 0, got -1"), (dict(n_iter=2.5), "n_iter must be an integer, got 2.5"),
+    (dict(n_iter=None), "n_iter must be an integer, got None"), (dict(tol="0.1"), "tol must be a number, got '0.1'"),
+    (dict(tol=float("nan")), "tol must be a number >= 0, got nan"),
+])
+def test_bad_iteration_settings_are_named(kw, want):
+    with pytest.raises(ValueError, match=f"^batched_kmeans: {re.escape(want)}$"):
+        batched_kmeans(torch.rand(10, 2), torch.zeros(10, dtype=torch.int64), [2], **kw)
 
 
 def test_cosine_metric_groups_by_direction():
