@@ -1128,6 +1128,13 @@ def _main(argv) -> int:
               f"a file or folder)", file=sys.stderr)
         return 2
     _note_an_unused_gpu(args, sys.argv[1:] if argv is None else argv)
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    if args.command not in ("discover", "env") and world.isdigit() and int(world) > 1:
+        # each rank ran the whole command: two make-pools wrote one folder at once, each calling
+        # the other's images leftovers of an interrupted run
+        print(f"error: only `spurfast discover` runs across ranks (WORLD_SIZE={world}); run `spurfast "
+              f"{args.command}` as one process, without torchrun", file=sys.stderr)
+        return 2
     try:
         args.func(args)
     except (OSError, ValueError, BackendUnavailable) as exc:

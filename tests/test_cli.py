@@ -2234,3 +2234,14 @@ def test_a_run_left_on_the_cpu_on_a_gpu_machine_says_so(tmp_path, monkeypatch, c
         caplog.clear()
         assert main(argv + extra) == 2   # the missing data is refused after the note
         assert ("torch sees 2 CUDA device(s): --device cuda runs on the GPU" in caplog.text) is noted, (extra, caplog.text)
+
+
+def test_commands_other_than_discover_are_refused_under_several_ranks(tmp_path, monkeypatch, capsys):
+    # under torchrun every rank ran make-pool into one folder at once, each calling the other's
+    # images leftovers of an interrupted run
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["make-pool", "--out", str(tmp_path / "p"), "--n", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "only `spurfast discover` runs across ranks (WORLD_SIZE=2)" in err, err
+    assert not (tmp_path / "p").exists()
+    assert main(["env"]) == 0
