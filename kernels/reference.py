@@ -582,6 +582,14 @@ def latent_knn(z: torch.Tensor, k: int, chunk: int | None = None,
     rounding bound, past the k-th direct distance) keeps its re-ranked candidates; any
     other row is measured again directly against every column (:func:`knn_remeasure`)."""
     k = check_count(k, "k")   # as the CPU kernel: 1.5 failed in empty() there, ran as 1 here
+    # 0 is "choose"; -1 and 1.5 failed inside torch, and column_block 0 divided by zero
+    chunk = None if chunk is None else check_count(chunk, "chunk")
+    try:
+        bad_block = check_count(column_block, "column_block") < 1
+    except ValueError:   # negative
+        bad_block = True
+    if bad_block:
+        raise ValueError(f"column_block must be >= 1, got {column_block}")
     zt = centred_latents(z)   # distances are shift-invariant; centring shrinks cancellation
     n = len(zt)
     k = min(k, n - 1)

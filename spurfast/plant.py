@@ -114,6 +114,10 @@ def apply_pattern(images: torch.Tensor, spec: PatternSpec, seed: int | None = No
     Returns (stamped copy, masks (N, H, W) bool of the pixels the pattern changed or owns).
     ``seed`` drives per-image randomness (random positions); default spec.seed.
     """
+    if seed is not None:   # -1 and 1.5 failed in numpy's SeedSequence, naming no argument
+        seed = whole_number(seed, "apply_pattern: seed")
+        if seed < 0:
+            raise ValueError(f"apply_pattern: seed must be >= 0, got {seed}")
     images = torch.as_tensor(images)   # a numpy array failed as "'numpy.ndarray' object has no attribute 'dim'"
     if images.dim() != 4:
         raise ValueError(f"images must be (N, C, H, W), got {tuple(images.shape)}")

@@ -1177,6 +1177,18 @@ def test_latent_knn_refuses_latents_without_dimensions(n):
         ref.latent_knn(torch.zeros(n, 0), 3)
 
 
+@pytest.mark.parametrize("kw, want", [
+    # torch's own errors named neither argument; column_block 0 divided by zero
+    (dict(chunk=-1), (ValueError, "chunk must be >= 0, got -1")),
+    (dict(chunk=1.5), (TypeError, "chunk must be an integer")),
+    (dict(column_block=0), (ValueError, "column_block must be >= 1, got 0")),
+    (dict(column_block=-1), (ValueError, "column_block must be >= 1, got -1")),
+])
+def test_latent_knn_names_bad_block_sizes(kw, want):
+    with pytest.raises(want[0], match=re.escape(want[1])):
+        ref.latent_knn(torch.rand(10, 3), 2, **kw)
+
+
 @pytest.mark.parametrize("seed", [2 ** 64, -1, 1.7, "3", True])
 def test_batched_kmeans_names_a_bad_seed(seed):
     """2**64 failed with "Overflow when unpacking long long", naming nothing; 1.7 ran as seed 1."""

@@ -906,6 +906,8 @@ def test_a_checkpoint_path_that_cannot_be_one_is_refused_before_training(tmp_pat
     assert (tmp_path / "new" / "c.ckpt").is_file()
 
 
-def test_saving_a_model_over_a_folder_names_the_folder(tmp_path):
+def test_saving_a_model_over_a_folder_or_of_the_wrong_kind_names_it(tmp_path):
     with pytest.raises(IsADirectoryError, match=f"cannot save to {tmp_path}: it is a folder"):
         save_classifier(build_classifier("small_cnn", 1, 3, 28), tmp_path)
+    with pytest.raises(TypeError, match="save_vae takes a spurfast VAE, got a SmallCNN"):   # AttributeError 'config'
+        save_vae(build_classifier("small_cnn", 1, 3, 28), tmp_path / "v.pt")

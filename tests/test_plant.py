@@ -50,6 +50,10 @@ def test_random_position_is_deterministic_by_seed():
     _, c = apply_pattern(x, spec, seed=2)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert len({tuple(m.nonzero()[0].tolist()) for m in a}) > 1, "positions vary across images"
+    for bad, want in ((-1, "apply_pattern: seed must be >= 0, got -1"),
+                      (1.5, "apply_pattern: seed must be an integer")):
+        with pytest.raises(ValueError, match=want):   # numpy's SeedSequence errors named no argument
+            apply_pattern(x, spec, seed=bad)
 
 
 def test_plant_training_and_pool_ground_truth():

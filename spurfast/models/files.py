@@ -179,6 +179,9 @@ def load_classifier(path, arch: str | None = None, in_channels: int | None = Non
 
 def save_vae(model: VAE, path) -> None:
     """Write a `VAE` (its config and weights) to ``path`` atomically, for `load_vae`."""
+    if not hasattr(getattr(model, "config", None), "to_dict"):   # a classifier failed with AttributeError 'config'
+        raise TypeError(f"save_vae takes a spurfast VAE, got a {type(model).__name__}; save a classifier with "
+                        f"save_classifier")
     save_atomic({"config": json.dumps(model.config.to_dict()), "state_dict": model.state_dict()}, path)
 
 
