@@ -198,13 +198,13 @@ def batched_kmeans(
     init = None if init is None else torch.as_tensor(init).detach()
     seed = check_seed(seed)
     # n_iter -1 ran as 0 (the seeds as centroids) without a word; 2.5, None and tol "0.1"
-    # failed in range() or a comparison, naming nothing
-    n_iter = whole_number(n_iter, "batched_kmeans: n_iter")
+    # failed in range() or a comparison, naming nothing (a negative tol never stops early)
+    n_iter = whole_number(n_iter, "n_iter")
     if n_iter < 0:
-        raise ValueError(f"batched_kmeans: n_iter must be >= 0, got {n_iter}")
-    tol = real_number(tol, "batched_kmeans: tol")
-    if not tol >= 0:
-        raise ValueError(f"batched_kmeans: tol must be a number >= 0, got {tol!r}")
+        raise ValueError(f"n_iter must be >= 0, got {n_iter}")
+    tol = real_number(tol, "tol")
+    if tol != tol:
+        raise ValueError("tol must be a number, got nan")
     if kmeans_hook is not None:
         return kmeans_hook(x, groups, k_per_group, n_groups=n_groups, n_iter=n_iter, tol=tol, seed=seed,
                            metric=metric, init=init, backend=backend)

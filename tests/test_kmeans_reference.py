@@ -440,10 +440,10 @@ def test_two_empty_clusters_of_one_group_are_reseeded_in_one_iteration():
     # -1 ran as 0 iterations without a word; the others failed in range() or a comparison
     (dict(n_iter=-1), "n_iter must be >= 0, got -1"), (dict(n_iter=2.5), "n_iter must be an integer, got 2.5"),
     (dict(n_iter=None), "n_iter must be an integer, got None"), (dict(tol="0.1"), "tol must be a number, got '0.1'"),
-    (dict(tol=float("nan")), "tol must be a number >= 0, got nan"),
+    (dict(tol=float("nan")), "tol must be a number, got nan"),
 ])
 def test_bad_iteration_settings_are_named(kw, want):
-    with pytest.raises(ValueError, match=f"^batched_kmeans: {re.escape(want)}$"):
+    with pytest.raises(ValueError, match=f"^{re.escape(want)}$"):
         batched_kmeans(torch.rand(10, 2), torch.zeros(10, dtype=torch.int64), [2], **kw)
 
 
