@@ -214,6 +214,8 @@ def _check_document(doc, out_dir: Path) -> None:
                              ("content_flip_rate", cf.get("content_p_value") is not None),
                              ("content_p_value", cf.get("content_p_value") is not None),
                              ("q_value", cf.get("q_value") is not None),
+                             ("dose", "dose" in cf), ("dose_flip_rate", "dose" in cf),
+                             ("dose_control_flip_rate", "dose" in cf),
                              ("smooth_flip_rate", cf.get("smooth_flip_rate") is not None),
                              ("smooth_p_value", cf.get("smooth_flip_rate") is not None)):
                 if given:
@@ -353,8 +355,12 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
                         f"(p = {beside_level(cf['smooth_p_value'])}): "
                         + ("the model reacts to the pattern's texture, not its exact values" if texture else
                            "it reacts to any change of this size there"))
+            dose = cf.get("dose")
+            weaker = (f"; at {float(dose):.0%} strength, pattern and random ones alike, "
+                      f"{float(cf['dose_flip_rate']):.1%} vs {float(cf['dose_control_flip_rate']):.1%}"
+                      if dose is not None and float(dose) < 1 else "")
             parts.append(f"<p><b>Confirmation:</b> pasting the pattern flips {float(cf['flip_rate']):.1%} of clean images "
-                         f"towards this class vs {float(cf['control_flip_rate']):.1%} for random patterns "
+                         f"towards this class vs {float(cf['control_flip_rate']):.1%} for random patterns{weaker} "
                          f"(p = {beside_level(cf['p_value'])}){more}: {head} ({why}).</p>")
         elif f.get("confirm_skipped"):   # null: the page said nothing where only the log said why
             parts.append(f"<p class='muted'>Confirmation not run: {e(f['confirm_skipped'])}.</p>")

@@ -38,6 +38,37 @@ def _corner_mask():
     return m
 
 
+class SaturatingModel(nn.Module):
+    """Class 1's logit rises with the corner patch's brightness and, less, with the whole
+    image's: 9 bright pixels anywhere lift p(1) by more than 0.1, half as bright ones only in
+    the corner."""
+
+    def forward(self, x):
+        corner, total = x[:, :, -4:-1, -4:-1].sum((1, 2, 3)), x.sum((1, 2, 3))
+        z = 0.5 * corner + 0.8 * total - 0.8 * 0.02 * 256 - 6   # the clean images' mean brightness is 0.02
+        return torch.stack([torch.zeros_like(z), z], 1)
+
+
+def test_a_pattern_stronger_than_the_model_needs_is_told_from_random_ones_at_a_weaker_dose():
+    # at full strength the pattern and every random pattern of its area flip all clean images: a
+    # tie (McNemar p = 1) that read as "not specific"; at half strength only the pattern does
+    x = torch.rand(300, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.04
+    contrast = torch.zeros(1, 16, 16)
+    contrast[0, -4:-1, -4:-1] = 1.0
+    r = confirm_pattern(SaturatingModel(), x, 1, _corner_mask(), contrast, config=ConfirmConfig(seed=0))
+    assert r["flip_rate"] == 1.0 and r["control_flip_rate"] > 0.95, r   # the tie at full strength
+    assert r["dose"] < 1 and r["dose_flip_rate"] > 0.9 and r["dose_control_flip_rate"] < 0.5, r
+    assert r["p_value"] < 1e-50 and confirm_verdict(r) == "confirmed", r
+
+
+def test_a_weaker_dose_does_not_overturn_a_full_pattern_that_random_ones_beat():
+    # found on patch3-n100: 0.43 against random patterns' 0.61 at full strength, "ahead" at a quarter
+    cf = {"flip_rate": 0.43, "control_flip_rate": 0.61, "p_value": 1e-4, "dose": 0.25, "dose_flip_rate": 0.3,
+          "dose_control_flip_rate": 0.1}
+    assert confirm_verdict(cf) != "confirmed" and joint_p_value(cf) == 1.0
+    assert confirm_verdict(dict(cf, control_flip_rate=0.43)) == "confirmed"   # a tie at full strength may be undone
+
+
 def test_true_shortcut_flips_far_above_control():
     x = _clean()
     contrast = torch.zeros(1, 16, 16)
@@ -171,8 +202,8 @@ def test_confirm_findings_clean_set_and_pool_default():
     clean = ArraySource(x, y, name="clean")
     f = [_finding([0, 1])]
     confirm_findings(f, CornerModel(), clean=clean)
-    assert set(f[0]["confirm"]) == {"flip_rate", "control_flip_rate", "p_value", "content_flip_rate", "content_p_value",
-                                    "q_value", "verdict"}
+    assert set(f[0]["confirm"]) == {"flip_rate", "control_flip_rate", "p_value", "dose", "dose_flip_rate",
+                                    "dose_control_flip_rate", "content_flip_rate", "content_p_value", "q_value", "verdict"}
     assert f[0]["confirm"]["verdict"] == "confirmed"
     assert f[0]["confirm"]["content_flip_rate"] < 0.1 and f[0]["confirm"]["content_p_value"] < 1e-6
     assert f[0]["_confirm_detail"]["n_images"] == 150   # label 1 (the finding's class) excluded
