@@ -696,3 +696,24 @@ def test_a_cluster_whose_q_value_equals_the_fdr_is_a_finding(tmp_path):
     assert 0 < q < 1
     assert discover(store, DiscoverConfig(**cfg, fdr=q), progress=False).findings
     assert not discover(store, DiscoverConfig(**cfg, fdr=float(np.nextafter(q, 0))), progress=False).findings
+
+
+def test_a_cluster_joins_a_finding_when_most_of_its_members_lie_on_its_side(monkeypatch, tmp_path):
+    # the merge rule ("most of its members on the finding's side of its probe") and the order of
+    # equal merged scores (smaller p first) were pinned by no test: "any member" and "all members"
+    # and a larger-p-first order all passed
+    import spurfast.discover as D
+    monkeypatch.setattr(D, "_probe", lambda z, g, local, cls, seed=0: (np.array([1.0, 0.0]), 0.0))   # side: x > 0
+    side = np.r_[np.ones(10), np.ones(7), -np.ones(3), np.ones(3), -np.ones(7), np.ones(10)]
+    z = np.stack([side, np.zeros(40)], 1)
+    g = np.r_[np.zeros(30, int), np.ones(10, int)]
+
+    def cluster(i, cls, score, p):
+        return {"cls": cls, "cluster": i, "members": np.arange(10 * i, 10 * i + 10), "score": score, "p_value": p,
+                "q_value": p, "n_unrelated": 10, "n_suspect": 0}
+    sig = [cluster(0, 0, 5.0, 1e-3), cluster(1, 0, 4.0, 1e-3),   # 7 of 10 on the first's side: joins it
+           cluster(2, 0, 3.0, 1e-2),                            # 3 of 10: a finding of its own
+           cluster(3, 1, 3.0, 1e-3)]                            # another class, the same score, a smaller p
+    out, _ = D._merge_and_expand(sig, z, np.arange(40), g, 40, spill_dir=tmp_path)
+    assert [f["merged_clusters"] for f in out] == [[0, 1], [3], [2]]
+    assert [f["score"] for f in out] == [9.0, 3.0, 3.0]
