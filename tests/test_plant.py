@@ -31,6 +31,19 @@ def test_patch_geometry_and_value():
     assert int(mp[0].sum()) == 1 and bool(mp[0, 13, 13])
 
 
+def test_bar_and_background_geometry():
+    # the bar's width and the background's darkness threshold were pinned by no test, though the
+    # committed evaluation results depend on both
+    y, m = apply_pattern(torch.zeros(1, 1, 28, 28), PatternSpec("bar"))   # 14 x 2 at the bottom right, margin 1
+    want = torch.zeros(28, 28, dtype=torch.bool)
+    want[13:27, 25:27] = True
+    assert torch.equal(m[0], want) and torch.equal(y[0, 0] == 1, want)
+    x = torch.tensor([0.0, 0.09, 0.1, 0.5]).view(1, 1, 1, 4).expand(1, 3, 1, 4).clone()
+    y, m = apply_pattern(x, PatternSpec("background", color=(0.9, 0.2, 0.2)))   # below 0.1 in every channel
+    assert m[0, 0].tolist() == [True, True, False, False]
+    assert y[0, :, 0, 0].tolist() == pytest.approx([0.9, 0.2, 0.2]) and torch.equal(y[0, :, 0, 2:], x[0, :, 0, 2:])
+
+
 def test_noise_is_fixed_added_and_clipped():
     x = torch.full((3, 1, 8, 8), 0.9)
     spec = PatternSpec("noise", strength=0.5, seed=4)
