@@ -675,3 +675,25 @@ def test_a_sources_own_get_batch_of_numpy_arrays_and_lists_is_taken():
     got = list(iter_batches(_OwnSource(lambda x, y: (x.numpy(), y.tolist())), 4))
     assert [tuple(b.images.shape) for b in got] == [(4, 1, 8, 8), (4, 1, 8, 8), (2, 1, 8, 8)]
     assert all(b.labels.dtype == torch.int64 for b in got)
+
+
+def test_spurfasts_sources_check_the_indices_they_are_given():
+    # ArraySource read 1.5 as image 1 and -1 as the last; SubsetSource of an array and a bare
+    # source given to ConcatSource failed with AttributeErrors; ConcatSource[-1] named index -11
+    a = ArraySource(torch.rand(5, 1, 4, 4), np.arange(5), name="a")
+    with pytest.raises(ValueError, match="indices into a must be integer pool indices, got dtype float64"):
+        a.get_batch([1.5])
+    with pytest.raises(IndexError, match=r"indices into a must lie in \[0, 5\); got range \[-1, -1\]"):
+        a.get_batch([-1])
+    with pytest.raises(TypeError, match="SubsetSource takes an ImageSource"):
+        SubsetSource(np.zeros((3, 1, 4, 4)), [0])
+    with pytest.raises(TypeError, match="ConcatSource takes a list of ImageSources"):
+        ConcatSource(a)
+    both = ConcatSource([a, a], name="both")
+    with pytest.raises(IndexError, match=r"index into both must lie in \[0, 10\); got range \[-1, -1\]"):
+        both[-1]
+    with pytest.raises(IndexError, match=r"indices into both must lie in \[0, 10\)"):
+        both.get_batch([10])
+    with pytest.raises(IndexError, match=r"must lie in \[0, 2\); got range \[2, 2\]"):
+        SubsetSource(a, [1, 2]).get_batch([2])
+    assert torch.equal(both.get_batch(np.array([7, 1]))[0], a.images[[2, 1]])

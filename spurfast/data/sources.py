@@ -258,8 +258,9 @@ class ArraySource(ImageSource):
         return self._labels.copy()
 
     def get_batch(self, indices):
-        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        return self.images[idx], torch.as_tensor(self._labels[idx.numpy()])
+        # checked: a cast read 1.5 as image 1 and -1 as the last
+        idx = pool_indices(indices, len(self), f"indices into {self.name}")
+        return self.images[torch.as_tensor(idx)], torch.as_tensor(self._labels[idx])
 
 
 class SubsetSource(ImageSource):
@@ -267,6 +268,9 @@ class SubsetSource(ImageSource):
     ``base``'s item ids, labels and class names."""
 
     def __init__(self, base: ImageSource, indices: Sequence[int], name: str | None = None):
+        if not isinstance(base, ImageSource):   # an array failed later with AttributeError 'name'
+            raise TypeError(f"SubsetSource takes an ImageSource (e.g. ArraySource(images, labels)), got a "
+                            f"{type(base).__name__}")
         self.base = base
         # checked: a boolean mask, fractional or negative indices were cast or wrapped round
         # into other images (a negative one with the id of no pool item)
@@ -288,7 +292,7 @@ class SubsetSource(ImageSource):
         return self.base.labels()[self.indices]
 
     def get_batch(self, indices):
-        return self.base.get_batch(self.indices[np.asarray(indices, dtype=np.int64)])
+        return self.base.get_batch(self.indices[pool_indices(indices, len(self), f"indices into {self.name}")])
 
     @property
     def bad_files(self) -> dict[int, str]:
@@ -306,6 +310,9 @@ class ConcatSource(ImageSource):
     i - offset of the part that holds it, under that part's item id."""
 
     def __init__(self, parts: Sequence[ImageSource], name: str = "concat"):
+        if isinstance(parts, ImageSource) or not all(isinstance(p, ImageSource) for p in parts):
+            # one source given bare, or arrays: AttributeError 'image_shape' named neither
+            raise TypeError("ConcatSource takes a list of ImageSources, e.g. ConcatSource([pool_a, pool_b])")
         if not parts:
             raise ValueError("ConcatSource needs at least one part")
         shapes = {tuple(p.image_shape) for p in parts}
@@ -333,7 +340,7 @@ class ConcatSource(ImageSource):
         return p, i - int(self.starts[p])
 
     def __getitem__(self, i):
-        p, j = self._locate(int(i))
+        p, j = self._locate(int(pool_indices([i], len(self), f"index into {self.name}")[0]))   # -1 named -11
         return self.parts[p][j]
 
     def item_id(self, i):
@@ -344,7 +351,7 @@ class ConcatSource(ImageSource):
         return np.concatenate([p.labels() for p in self.parts])
 
     def get_batch(self, indices):
-        indices = np.asarray(indices, dtype=np.int64)
+        indices = pool_indices(indices, len(self), f"indices into {self.name}")
         parts = np.searchsorted(self.starts, indices, side="right") - 1
         images = torch.zeros((len(indices),) + tuple(self.image_shape))
         labels = torch.zeros(len(indices), dtype=torch.int64)
