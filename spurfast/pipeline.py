@@ -374,28 +374,10 @@ def check_run_inputs(pool, classifier, vae, config, clean) -> None:
             raise TypeError(f"run_discovery: {name} must be {kind}, got {type(value).__name__} ({hint})")
 
 
-@restores_models("classifier", "vae")
-def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: int, suspect=None,
-                  config: DiscoverConfig | None = None, extra_config: dict | None = None,
-                  overwrite: bool = False, batch_size: int = 256, encoder_backend=None, loader_backend=None,
-                  progress: bool = True, summary: dict | None = None, run_id: str | None = None,
-                  clean: ImageSource | None = None, confirm: bool = True, protect=(), residual=None):
-    """Embed the pool, discover, characterise, confirm, write findings.json/csv and report.html.
-
-    Confirmation (`spurfast.confirm`) pastes each finding's pattern onto ``clean`` images of
-    other classes, or, without ``clean``, onto pool images predicted as another class that
-    belong to no finding and are not ``suspect``.  ``confirm=False`` leaves every finding's
-    ``confirm`` null.
-    ``overwrite``: replace another run in ``out_dir``, keeping its embedding store when
-    that was made from this pool and these models (see :func:`prepare_output`).
-    ``protect``: more paths this run reads (model files, ...) that ``overwrite`` must not
-    delete; the pool's and the clean set's own files are always protected.
-    ``residual``: a `spurfast.residual.ResidualConfig` adds the residual scan's findings
-    (patterns the VAE latent does not hold, such as one pixel) after the clusters'.
-    ``summary``: {label: value} shown as a table at the top of the report and kept in
-    ``summary.json``, from which `spurfast report` shows it again (NaN and inf as n/a).
-    ``extra_config``: more keys for findings.json's ``config`` (JSON values).
-    The classifier and the VAE come back in the mode and on the device they came in."""
+def _checked_inputs(pool, classifier, vae, out_dir, *, num_classes, suspect, config, extra_config, batch_size,
+                    encoder_backend, loader_backend, summary, run_id, clean, confirm, residual):
+    """`run_discovery`'s checks of everything before any work (each rank's own), and what they
+    settle: (config, summary, identity, run id, earlier run ids, extra_config)."""
     check_run_inputs(pool, classifier, vae, config, clean)
     # checked again (a field set after construction, config.fdr = 2.0, skipped __post_init__)
     config = replace(config) if config is not None else DiscoverConfig()
@@ -490,6 +472,38 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
         if root is not None:   # its report images would be pool images the next time round
             raise ValueError(f"output directory {out_dir} lies inside image folder {root} that this run reads; "
                              f"choose an output directory outside it")
+    return config, summary, identity, run_id, earlier_ids, extra_config
+
+
+@restores_models("classifier", "vae")
+def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: int, suspect=None,
+                  config: DiscoverConfig | None = None, extra_config: dict | None = None,
+                  overwrite: bool = False, batch_size: int = 256, encoder_backend=None, loader_backend=None,
+                  progress: bool = True, summary: dict | None = None, run_id: str | None = None,
+                  clean: ImageSource | None = None, confirm: bool = True, protect=(), residual=None):
+    """Embed the pool, discover, characterise, confirm, write findings.json/csv and report.html.
+
+    Confirmation (`spurfast.confirm`) pastes each finding's pattern onto ``clean`` images of
+    other classes, or, without ``clean``, onto pool images predicted as another class that
+    belong to no finding and are not ``suspect``.  ``confirm=False`` leaves every finding's
+    ``confirm`` null.
+    ``overwrite``: replace another run in ``out_dir``, keeping its embedding store when
+    that was made from this pool and these models (see :func:`prepare_output`).
+    ``protect``: more paths this run reads (model files, ...) that ``overwrite`` must not
+    delete; the pool's and the clean set's own files are always protected.
+    ``residual``: a `spurfast.residual.ResidualConfig` adds the residual scan's findings
+    (patterns the VAE latent does not hold, such as one pixel) after the clusters'.
+    ``summary``: {label: value} shown as a table at the top of the report and kept in
+    ``summary.json``, from which `spurfast report` shows it again (NaN and inf as n/a).
+    ``extra_config``: more keys for findings.json's ``config`` (JSON values).
+    The classifier and the VAE come back in the mode and on the device they came in."""
+    # every rank checks before the first collective and hears there of another rank's refusal: a
+    # file missing on one node failed that rank alone, and the others printed a gloo traceback
+    config, summary, identity, run_id, earlier_ids, extra_config = dist.all_succeed(
+        _checked_inputs, pool, classifier, vae, out_dir, num_classes=num_classes, suspect=suspect, config=config,
+        extra_config=extra_config, batch_size=batch_size, encoder_backend=encoder_backend,
+        loader_backend=loader_backend, summary=summary, run_id=run_id, clean=clean, confirm=confirm,
+        residual=residual)
     # under torchrun (spurfast.distributed): rank 0 owns the output directory, every rank
     # embeds its shard, rank 0 scores and reports with k-means across all ranks
     protect = [*protect, *source_paths(pool), *(source_paths(clean) if clean is not None else [])]

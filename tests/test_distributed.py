@@ -663,6 +663,26 @@ def _labels_job(root):
         return f"{type(exc).__name__}: {exc}"
 
 
+def _refusing_rank_job(root):
+    from spurfast.pipeline import run_discovery
+    src, clf, vae = _small(24)
+    num_classes = 3 if sd.rank() == 1 else 4   # this rank alone refuses its inputs (labels 0..3)
+    try:
+        run_discovery(src, clf, vae, root, num_classes=num_classes, progress=False, confirm=False)
+        return "no error"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def test_a_rank_refusing_its_inputs_is_named_by_every_rank(tmp_path):
+    # a rank's own checks came before the first collective: it said why and left, and the others
+    # failed in the output directory's broadcast with gloo's "Connection closed by peer"
+    out = _spawn(_refusing_rank_job, (str(tmp_path / "run"),))
+    assert out[1].startswith("ValueError: ") and "rank" not in out[1], out[1]   # its own refusal
+    assert out[0] == "ValueError: rank 1 failed: " + out[1], out[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_ranks_with_other_labels_are_refused(tmp_path):
     """Labels take no part in the store's identity, and every rank brought the shared
     store's labels up to date with its own: on a complete store the ranks raced, and
