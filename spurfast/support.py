@@ -24,8 +24,8 @@ import logging
 import numpy as np
 import torch
 
-from .data.sources import ImageSource
 from .checks import suspect_mask
+from .data.sources import ImageSource
 from .scoring import TIE_TOLERANCE
 
 log = logging.getLogger("spurfast.support")
