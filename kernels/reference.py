@@ -47,6 +47,8 @@ def normalise_input(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]
     s = torch.as_tensor(std, dtype=torch.float32, device=x.device).reshape(1, -1, 1, 1)
     if m.shape[1] not in (1, c) or s.shape[1] not in (1, c):
         raise ValueError(f"mean/std have {m.shape[1]}/{s.shape[1]} entries for {c} channels")
+    if bool((s == 0).any()):   # inf pixels, where the fused encoder refuses it
+        raise ValueError(f"std must be non-zero, got {tuple(s.flatten().tolist())}")
     return (x - m) / s
 
 

@@ -479,6 +479,8 @@ def test_reference_refuses_a_zero_std_as_the_kernel_does(std):
     for fn in (ref.encoder_forward, et.encoder_forward):
         with pytest.raises(ValueError, match=re.escape("std must be non-zero, got (0.0,)")):
             fn(_images(2, 1, 28), **p)
+    with pytest.raises(ValueError, match=re.escape("std must be non-zero, got (0.0,)")):   # it gave inf pixels
+        ref.normalise_input(_images(2, 1, 28), (0.5,), std)
 
 
 def test_reference_refuses_odd_heads_and_unpaired_layers_as_the_kernel_does():
