@@ -79,12 +79,8 @@ from .scoring import bh_qvalues
 log = logging.getLogger("spurfast.confirm")
 
 RISE = 0.1  # the design's "p(class) rises by more than 0.1"
-# The random control is compared at the full pattern and at weakened copies (pattern and control
-# scaled alike, so "same area and intensity" still holds): a pattern far stronger than the model
-# needs flips every clean image, and so does every random pattern of its size (noise at strength
-# 1 on a model poisoned with the whole class: 1.000 against 0.993, p = 0.125, "not specific"),
-# while at half strength the same pattern flips 0.71 against the control's 0.21.  The smallest
-# p-value counts, times the number of doses (Bonferroni: valid whatever the data).
+# the strengths the pattern and its random control are compared at (module docstring); the
+# smallest p-value counts, times len(DOSES) (Bonferroni: valid whatever the data)
 DOSES = (1.0, 0.5, 0.25)
 
 
