@@ -61,6 +61,14 @@ def non_integer_entries(t: torch.Tensor) -> torch.Tensor:
     return (~torch.isfinite(t) | (t != t.round()) | (t >= 2.0 ** 63) | (t < -2.0 ** 63)).flatten().nonzero().flatten()
 
 
+def check_generator(generator) -> None:
+    """k-means++ draws from a ``torch.Generator``: a seed given in its place failed inside
+    torch with its list of signatures (the reference) or with an AttributeError (CPU)."""
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)), got "
+                        f"{type(generator).__name__}")
+
+
 def check_count(v, name: str) -> int:
     """A size argument (kmax, k, m) as a Python int, refused by name unless it is a
     non-negative integer (numpy and 0-d tensor integers pass): 2.5 ran as 2 in one

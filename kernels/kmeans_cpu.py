@@ -38,7 +38,8 @@ import torch
 
 from ..cores import usable_cores
 from . import reference as ref
-from .group_layout import check_count, check_integers, check_offsets, check_points, check_seed_counts
+from .group_layout import (check_count, check_generator, check_integers, check_offsets, check_points,
+                           check_seed_counts)
 
 SOURCE = Path(__file__).resolve().parent / "cpu" / "kmeans_cpu.cpp"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC")
@@ -404,6 +405,7 @@ def kmeans_plusplus(x, offsets, k_per_group, kmax: int, generator: torch.Generat
     a boundary the two round differently."""
     lib = _library()
     kmax = check_count(kmax, "kmax")   # -1 failed in numpy naming nothing
+    check_generator(generator)
     X = _check_cpu(x)
     N, d = X.shape
     off = _offsets(offsets, N)

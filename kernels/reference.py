@@ -15,8 +15,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .group_layout import (check_count, check_integers, check_offsets, check_points, check_real, check_seed_counts,
-                           wide_points)
+from .group_layout import (check_count, check_generator, check_integers, check_offsets, check_points, check_real,
+                           check_seed_counts, wide_points)
 
 ACTIVATIONS = ("relu", "leaky_relu", "silu")
 LEAKY_SLOPE = 0.2
@@ -910,6 +910,7 @@ def kmeans_plusplus(
     Groups with k_g < kmax leave the extra rows as zeros (masked everywhere).
     """
     check_points(x)
+    check_generator(generator)
     N, d = x.shape
     kmax = check_count(kmax, "kmax")   # -1 failed in zeros() naming nothing
     # as the CPU kernel checks them (torch's size mismatches and IndexErrors named neither)

@@ -300,6 +300,12 @@ def test_plusplus_draws_the_references_seeds(sizes, kpg, d, dup):
 
 
 @needs_kernel
+def test_plusplus_names_a_seed_given_for_its_generator():
+    with pytest.raises(TypeError, match="generator must be a torch.Generator .*got int"):
+        kcpu.kmeans_plusplus(torch.randn(5, 3), torch.tensor([0, 5]), torch.tensor([2]), 2, 0)
+
+
+@needs_kernel
 def test_plusplus_on_real_valued_data_gives_distinct_members_and_repeats():
     x, off, _, kpg = make_case([500, 3, 0, 260], 12, 10, seed=4, device="cpu")
     a = kcpu.kmeans_plusplus(x, off, kpg, 12, torch.Generator().manual_seed(1))

@@ -742,6 +742,12 @@ def test_plusplus_names_offsets_or_k_that_do_not_fit(off, kpg, pattern):
         ref.kmeans_plusplus(torch.randn(5, 3), torch.tensor(off), torch.tensor(kpg), 2, torch.Generator().manual_seed(0))
 
 
+def test_plusplus_names_a_seed_given_for_its_generator():
+    # it failed inside torch with its list of signatures (the CPU kernel's test: test_kmeans_cpu)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator .*got int"):
+        ref.kmeans_plusplus(torch.randn(5, 3), torch.tensor([0, 5]), torch.tensor([2]), 2, 0)
+
+
 def test_plusplus_leaves_zeros_for_a_group_given_no_cluster():
     # "groups with k_g < kmax leave the extra rows as zeros": a nonempty group given k = 0
     # got a point as its seed 0, where the CPU kernel leaves zeros (the backends' centroids
