@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -586,12 +587,8 @@ def latent_knn(z: torch.Tensor, k: int, chunk: int | None = None,
     k = check_count(k, "k")   # as the CPU kernel: 1.5 failed in empty() there, ran as 1 here
     # 0 is "choose"; -1 and 1.5 failed inside torch, and column_block 0 divided by zero
     chunk = None if chunk is None else check_count(chunk, "chunk")
-    try:
-        bad_block = check_count(column_block, "column_block") < 1
-    except ValueError:   # negative
-        bad_block = True
-    if bad_block:
-        raise ValueError(f"column_block must be >= 1, got {column_block}")
+    if not isinstance(column_block, numbers.Integral) or column_block < 1:
+        raise ValueError(f"column_block must be >= 1, got {column_block!r}")
     zt = centred_latents(z)   # distances are shift-invariant; centring shrinks cancellation
     n = len(zt)
     k = min(k, n - 1)
