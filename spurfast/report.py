@@ -11,6 +11,7 @@ import base64
 import html
 import json
 import numbers
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +239,24 @@ def _check_document(doc, out_dir: Path) -> None:
                 raise ValueError(f"{at} peak is {json.dumps(pk)}, expected [y, x]")
 
 
+def _check_clusters(clusters) -> None:
+    """Refuse ``clusters`` (write_report's plot of every cluster) unless each is a mapping
+    with a numeric score and q-value: a list of findings without them ended in a bare
+    KeyError from the plot, after the page's checks had passed."""
+    if clusters is None:
+        return
+    if not isinstance(clusters, (list, tuple)):
+        raise ValueError(f"write_report: clusters is a {type(clusters).__name__}, expected a list of dicts "
+                         f"with score and q_value (DiscoveryResult.clusters)")
+    for i, c in enumerate(clusters):
+        lack = [k for k in ("score", "q_value") if not isinstance(c, Mapping) or k not in c]
+        if lack:
+            raise ValueError(f"write_report: clusters[{i}] lacks {', '.join(lack)} (expected a dict with score and "
+                             f"q_value, as DiscoveryResult.clusters has)")
+        for k in ("score", "q_value"):
+            _need_number(c[k], f"write_report: clusters[{i}]['{k}']", text=False)
+
+
 def _need_number(v, what: str, text: bool = True) -> None:
     """Refuse ``v`` (a findings.json value the page formats as a number) unless float() reads
     it; ``text``: a string that spells a number will do."""
@@ -280,6 +299,7 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
     Returns the report's path."""
     out_dir = Path(out_dir)
     _check_document(doc, out_dir)
+    _check_clusters(clusters)
     out_dir.mkdir(parents=True, exist_ok=True)   # a new folder: without clusters (no plot) nothing made it
     e = _escaped
     disc = doc["config"].get("discover") or {}

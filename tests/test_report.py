@@ -539,3 +539,16 @@ def test_beside_level_keeps_three_digits_where_they_are_on_the_right_side():
     assert beside_level(0.0123456) == "0.0123" and beside_level(0.05) == "0.05" and beside_level(2e-8) == "2e-08"
     assert beside_level(0.0500004) == "0.0500004" and beside_level(0.04999996) == "0.05"
     assert beside_level(0.0499996) == "0.05" and beside_level(0.050001) == "0.050001"
+
+
+@pytest.mark.parametrize("clusters, said", [
+    ([{"score": 5.0, "q_value": 0.02}, {"rank": 1, "q_value": 0.9}], r"clusters\[1\] lacks score"),
+    ([{"score": "5", "q_value": 0.02}], r"clusters\[0\]\['score'\] is \"5\""),
+    ([3.0], r"clusters\[0\] lacks score, q_value"),
+    ({"score": 5.0, "q_value": 0.02}, "clusters is a dict, expected a list"),
+])
+def test_clusters_without_a_score_are_named_before_any_file_is_written(tmp_path, clusters, said):
+    """write_report's plot of every cluster had ended in a bare KeyError ('score')."""
+    with pytest.raises(ValueError, match=said):
+        write_report(_doc(None), tmp_path / "run", clusters=clusters)
+    assert not (tmp_path / "run").exists()
