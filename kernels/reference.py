@@ -124,6 +124,9 @@ _BUDGET = 1 << 24  # floats per temporary distance block (64 MiB fp32)
 def group_ids(offsets: torch.Tensor, n: int | None = None) -> torch.Tensor:
     """Each point's group; ``n``: the number of points, for checked offsets (saves the two
     host reads repeat_interleave makes on a GPU without it)."""
+    if offsets.dtype.is_floating_point or offsets.dtype.is_complex or offsets.dtype == torch.bool:
+        # .long() truncated 1.5 to 1: groups silently lost points (a dtype test: no host read)
+        raise TypeError(f"group_ids: offsets are {offsets.dtype}, expected an integer tensor (CSR offsets)")
     sizes = (offsets[1:] - offsets[:-1]).long()
     return torch.repeat_interleave(torch.arange(len(sizes), device=offsets.device), sizes, output_size=n)
 

@@ -1296,3 +1296,11 @@ def test_inertia_leaves_out_a_group_given_no_cluster(backend):
     res = batched_kmeans(x, torch.tensor([0, 0, 1, 1, 1]), [1, 0], backend=backend)
     assert torch.isinf(res.dist[2:]).all()
     assert res.inertia == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bool])
+def test_group_ids_refuses_offsets_that_are_not_integers(dtype):
+    # .long() truncated [0, 1.5, 3] to sizes [1, 1]: the third point lost its group silently
+    with pytest.raises(TypeError, match=f"group_ids: offsets are {dtype}, expected an integer tensor"):
+        ref.group_ids(torch.tensor([0, 1.5, 3]).to(dtype))
+    assert ref.group_ids(torch.tensor([0, 1, 3], dtype=torch.int32)).tolist() == [0, 1, 1]
