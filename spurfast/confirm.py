@@ -499,7 +499,12 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
                              f"{len(pool)} images")
         used = np.zeros(len(pool), bool)
         for f in findings:
-            used[np.asarray(f["members"], dtype=np.int64)] = True
+            members = np.asarray(f["members"], dtype=np.int64)
+            if len(members) and (members.min() < 0 or members.max() >= len(pool)):   # -1 wrapped, n: IndexError
+                raise ValueError(f"finding {f.get('rank', '?')} has members outside the pool {pool.name} "
+                                 f"({len(pool)} images; members {members.min()}..{members.max()}): the findings "
+                                 f"of another pool?")
+            used[members] = True
         if suspect is not None:
             used |= suspect_mask(suspect, len(pool), pool.name)
         cand = np.nonzero(~used & (pred >= 0))[0]   # the store's pred is -1 where it found a file unreadable

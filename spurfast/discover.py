@@ -381,6 +381,9 @@ def characterise(result: DiscoveryResult, store: EmbeddingStore, source: ImageSo
                  *, seed: int = 0, device: str = "cpu") -> None:
     """Decoded centroid, contrast, mask and exemplar grid for every finding (PNGs in out_dir)."""
     check_compute_device(device, f"characterise: device {device!r}")
+    if len(source) != store.n:   # another pool's: wrong images pictured silently, or a bare IndexError
+        raise ValueError(f"characterise: the pool {source.name} has {len(source)} images, but store {store.root} "
+                         f"was made from {store.n}; give the pool the store was embedded from")
     out_dir = Path(out_dir)
     img_dir = out_dir / "images"
     img_dir.mkdir(parents=True, exist_ok=True)

@@ -231,6 +231,11 @@ def test_confirm_findings_clean_set_and_pool_default():
         confirm_findings(f, CornerModel(), pool=pool, pool_pred=pred, config=cfg)
     with pytest.raises(ValueError, match=r"confirm_findings: config.device 'meta'.*torch cannot compute there"):
         confirm_findings(f, CornerModel(), pool=pool, pool_pred=pred, config=ConfirmConfig(device="meta"))
+    # another pool's findings: a member past this pool was a bare IndexError, -1 wrapped to the last image
+    for members, shown in (([25, 200], "25..200"), ([-1, 5], "-1..5")):
+        with pytest.raises(ValueError, match=rf"finding 1 has members outside the pool pool \(200 images; members "
+                                             rf"{shown}\): the findings of another pool\?"):
+            confirm_findings([_finding(members)], CornerModel(), pool=pool, pool_pred=pred)
     with pytest.raises(ValueError, match="clean set"):
         confirm_findings(f, CornerModel())
     with pytest.raises(ValueError, match="no extracted pattern"):

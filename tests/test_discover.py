@@ -717,3 +717,22 @@ def test_a_cluster_joins_a_finding_when_most_of_its_members_lie_on_its_side(monk
     out, _ = D._merge_and_expand(sig, z, np.arange(40), g, 40, spill_dir=tmp_path)
     assert [f["merged_clusters"] for f in out] == [[0, 1], [3], [2]]
     assert [f["score"] for f in out] == [9.0, 3.0, 3.0]
+
+
+def test_characterise_refuses_a_pool_the_store_was_not_made_from(tmp_path):
+    # a smaller pool gave a bare IndexError; a larger one was pictured silently with the wrong images
+    import torch
+
+    from spurfast.data.sources import ArraySource
+    from spurfast.discover import characterise
+    from spurfast.models.vae import VAE, VAEConfig
+
+    store, _ = _store(tmp_path / "store")
+    res = discover(store, DiscoverConfig(k=4, n_null=30, seed=0), progress=False)
+    assert res.findings
+    for n in (100, 1000):
+        pool = ArraySource(torch.rand(n, 1, 28, 28), np.zeros(n, np.int64), name="other")
+        with pytest.raises(ValueError, match=rf"characterise: the pool other has {n} images, but store .* was "
+                                             rf"made from 600; give the pool the store was embedded from"):
+            characterise(res, store, pool, VAE(VAEConfig(latent_dim=6)), tmp_path / f"out{n}")
+        assert not (tmp_path / f"out{n}").exists()
