@@ -380,6 +380,7 @@ def cluster_similarity(x, offsets, assign, centroids, k_per_group, m: int = 8):
     if len(offsets) != G + 1:
         raise ValueError(f"offsets has {len(offsets)} entries; expected G + 1 = {G + 1}")
     assign = _check_assign(assign, N, kmax, x.device)
+    ref.check_within_k(offsets, assign, k_per_group, kmax)
     S = G * kmax
     cos = torch.zeros(N, dtype=torch.float32, device=x.device)
     sq = torch.zeros(N, dtype=torch.float32, device=x.device)

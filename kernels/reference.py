@@ -295,6 +295,23 @@ def check_k_per_group(k_per_group, G: int, kmax: int) -> torch.Tensor:
     return k
 
 
+def check_within_k(offsets: torch.Tensor, assign: torch.Tensor, k_per_group, kmax: int) -> None:
+    """Refuse a point assigned to a cluster its group does not have (``assign`` >=
+    ``k_per_group`` of its group): its statistics and exemplars came out for a cluster no
+    k-means run made.  ``offsets`` checked, ``assign`` checked within [0, kmax)."""
+    G = len(offsets) - 1
+    k = check_k_per_group(k_per_group, G, kmax)
+    if not len(assign):
+        return
+    gid = group_ids(offsets, len(assign))
+    bad = (assign.long() >= k.to(assign.device)[gid]).nonzero().flatten()
+    if len(bad):
+        i = int(bad[0])
+        g = int(gid[i])
+        raise ValueError(f"assign[{i}] = {int(assign[i])}, but its group {g} has k_per_group[{g}] = {int(k[g])} "
+                         f"clusters ({len(bad)} point(s) so)")
+
+
 # Rows with |x|^2 above this are refused: with |x|^2 and |c|^2 at most FLT_MAX / 4, every
 # fp32 score |c|^2 - 2 x.c and distance |x - c|^2 <= 4 max(|x|^2, |c|^2) stays finite (beyond
 # it the scores overflowed: every point went to cluster 0, the CPU kNN gave index -1).
@@ -860,6 +877,7 @@ def cluster_similarity(
     offsets = check_members(x, offsets, assign, kmax)
     if len(offsets) != G + 1:
         raise ValueError(f"offsets has {len(offsets)} entries; expected G + 1 = {G + 1}")
+    check_within_k(offsets, assign, k_per_group, kmax)
     gid = group_ids(offsets, N)
     # checked integral above (float indices fail to index); on x's device, as the CuPy
     # launcher moves them before it hands m > 32 here: CPU assign or centroids with CUDA

@@ -355,6 +355,18 @@ def test_similarity_matches_reference(case, m, dtype):
 
 
 @pytest.mark.gpu
+def test_similarity_refuses_a_point_in_a_cluster_its_group_does_not_have_as_the_reference_does():
+    x = torch.ones(10, 5, device="cuda")
+    off = torch.tensor([0, 6, 10], device="cuda")
+    assign = torch.tensor([0, 1, 0, 1, 0, 1, 0, 4, 1, 2], device="cuda")
+    cent = torch.zeros(2, 5, 5, device="cuda")
+    kpg = torch.tensor([2, 3], device="cuda")
+    for m in (2, 40):   # the kernel, and the reference it hands m > SIM_MAXM
+        with pytest.raises(ValueError, match=r"assign\[7\] = 4, but its group 1 has k_per_group\[1\] = 3"):
+            kc.cluster_similarity(x, off, assign, cent, kpg, m)
+
+
+@pytest.mark.gpu
 def test_similarity_tied_exemplars_by_index_and_big_m_falls_back():
     x = torch.ones(40, 5, device="cuda")          # all members at the same distance
     off = torch.tensor([0, 40], device="cuda")

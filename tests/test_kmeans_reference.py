@@ -226,6 +226,21 @@ def test_cluster_similarity_matches_brute_force(m):
     assert ex.dtype == torch.int64 and ex.shape == (4, 5, m)
 
 
+def test_cluster_similarity_refuses_a_point_in_a_cluster_its_group_does_not_have():
+    # k_per_group was taken and ignored: group 0 of k = 2 got statistics for clusters 2..4
+    x, off, cent, kpg = random_groups([6, 4], 5, 3, seed=1)
+    assign = torch.tensor([0, 1, 0, 1, 0, 1, 0, 4, 1, 2])
+    kpg = torch.tensor([2, 3])
+    with pytest.raises(ValueError, match=r"assign\[7\] = 4, but its group 1 has k_per_group\[1\] = 3 clusters "
+                                         r"\(1 point\(s\) so\)"):
+        ref.cluster_similarity(x, off, assign, cent, kpg, 2)
+    with pytest.raises(ValueError, match=r"k_per_group has shape \(3,\); expected \(2,\)"):
+        ref.cluster_similarity(x, off, assign, cent, torch.tensor([2, 3, 3]), 2)
+    assign[7] = 2
+    cos, ex, mc, ms = ref.cluster_similarity(x, off, assign, cent, kpg, 2)
+    assert bool((ex[0, 2:] == -1).all()) and float(mc[0, 2:].abs().sum()) == 0
+
+
 def test_cluster_similarity_empty_input():
     cos, ex, mc, ms = ref.cluster_similarity(torch.zeros(0, 4), torch.zeros(3, dtype=torch.int64),
                                              torch.zeros(0, dtype=torch.int64), torch.zeros(2, 3, 4),
@@ -898,6 +913,7 @@ def test_plusplus_and_similarity_take_points_that_require_grad(backend):
     assert torch.equal(got, want) and not got.requires_grad
     assign = torch.randint(0, 4, (50,), generator=g)
     cent = torch.randn(2, 4, 3, generator=g)
+    kpg = torch.tensor([4, 4])   # assign draws from all 4 clusters in both groups
     plain = ref.cluster_similarity(x, off, assign, cent, kpg, 3)
     out = ref.cluster_similarity(x.clone().requires_grad_(), off, assign, cent.clone().requires_grad_(), kpg, 3)
     for a, b in zip(out, plain):
