@@ -192,7 +192,9 @@ if triton is not None:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
         if ACT == 0:
-            acc = tl.maximum(acc, 0.0)
+            # not tl.maximum: its default returns the other operand for NaN, so a diverged
+            # VAE encoded every image to finite latents where torch's relu keeps NaN
+            acc = tl.where(acc < 0.0, 0.0, acc)
         elif ACT == 1:
             acc = tl.where(acc >= 0.0, acc, acc * SLOPE)
         else:

@@ -111,6 +111,29 @@ def test_float64_and_bool_input_are_read_as_the_reference_reads_them(dtype):
     _compare(m, x > 0.5 if dtype == torch.bool else x, tag=f"{dtype} ")
 
 
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "silu"])
+def test_nan_and_inf_propagate_as_in_the_reference(activation):
+    # relu's tl.maximum(NaN, 0) gave 0: a diverged VAE encoded every image to finite latents
+    # on the Triton path (the GPU default), so embed's NaN-latent check never fired
+    m = _model(1, 28, (5, 12), 8, activation=activation)
+    x = _images(4, 1, 28)
+    x[1, 0, 5, 5], x[2, 0, 9, 3] = float("nan"), float("inf")
+    p = m.encoder_params()
+    with torch.no_grad():
+        cases = {"pixel": (x, p)}
+        w = [t.clone() for t in p["conv_weights"]]
+        w[0][0, 0, 0, 0] = float("nan")
+        cases["weight"] = (_images(3, 1, 28), dict(p, conv_weights=w))
+        for case, (xi, pi) in cases.items():
+            for name, g, want in zip(("mu", "logvar"), et.encoder_forward(xi, **pi), ref.encoder_forward(xi, **pi)):
+                bad = ~torch.isfinite(want)
+                assert bad.any(), f"{case} {name}: the case makes no non-finite output"
+                assert torch.equal(~torch.isfinite(g), bad), \
+                    f"{case} {name}: {int((~torch.isfinite(g)).sum())} non-finite outputs, the reference {int(bad.sum())}"
+                assert torch.equal(torch.isnan(g), torch.isnan(want)), f"{case} {name}: NaN where the reference has none"
+                assert_close(g[~bad], want[~bad], torch.float32, name=f"{case} {name} (finite rows)")
+
+
 def test_eps_gives_reparameterised_z():
     m = _model(1, 28, (5, 12), 8)
     x = _images(7, 1, 28)
