@@ -65,10 +65,15 @@ def hold_output(out: Path) -> None:
     fd = os.open(key, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:   # EWOULDBLOCK: another descriptor holds it
         os.close(fd)
         raise FileExistsError(f"output directory {out} is in use by another spurfast process; wait for it to "
                               f"finish (or stop it), or choose another output directory") from None
+    except OSError as exc:
+        # a file system without locks (NFS without lockd: ENOLCK; Lustre noflock): every run
+        # was refused as "in use", where the README asks for a folder every rank sees
+        log.warning("cannot lock output directory %s (%s): two runs given this folder at once are not kept "
+                    "apart", out, exc)
     # two threads past the check above at once: flock on two descriptors of one process
     # excludes the second too, so only one gets here
     _HELD[key] = (fd, threading.get_ident())

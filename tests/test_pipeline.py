@@ -1,4 +1,5 @@
 """run_discovery's early refusals, for API users as for the CLI."""
+import logging
 import os
 import re
 
@@ -163,6 +164,27 @@ def test_a_second_process_on_the_same_output_directory_is_refused(tmp_path):
     # a refusal keeps no hold: another run may use the folder next
     with pytest.raises(FileExistsError, match="already holds run r1"):
         pipeline.prepare_output(out, "r2", overwrite=False)
+    assert str(out.resolve()) not in pipeline._HELD
+
+
+def test_a_file_system_without_locks_warns_and_runs_unlocked(tmp_path, monkeypatch, caplog):
+    # NFS without lockd answers flock with ENOLCK: every discover and demo was refused as
+    # "in use by another spurfast process"
+    import errno
+    import fcntl
+
+    from spurfast import pipeline
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="spurfast"):
+        pipeline.prepare_output(out, "r1", overwrite=False)
+    assert "cannot lock output directory" in caplog.text and "No locks available" in caplog.text
+    assert pipeline.holds_output(out)   # the thread check still keeps this process's threads apart
+    pipeline.release_output(out)
     assert str(out.resolve()) not in pipeline._HELD
 
 
