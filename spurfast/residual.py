@@ -41,7 +41,7 @@ from .characterise import otsu_threshold
 from .checks import real_number, whole_number
 from .data.sources import ImageSource, utf8_name
 from .models.as_given import restores_models
-from .scoring import bh_qvalues, latent_neighbours, top_two, unrelated_to_class
+from .scoring import bh_qvalues, latent_neighbours, permutation_pvalues, top_two, unrelated_to_class
 
 SCORE_CAP = 1e6   # a finding's score where its statistic is infinite (see residual_scan)
 log = logging.getLogger("spurfast.residual")
@@ -250,8 +250,9 @@ def residual_scan(residuals: torch.Tensor, z: np.ndarray, pred: np.ndarray, labe
         null[b] = peak_windows(sums.tmaps(p_obs[pick], cfg.min_images), image_shape)[0]
     tested = np.nonzero(~np.isnan(stat_obs))[0]
     n_ref = np.array([np.sum(~np.isnan(null[:, c])) for c in tested], dtype=np.int64)   # resamplings with a statistic
-    pvals = np.array([(1 + np.sum(null[:, c][~np.isnan(null[:, c])] >= stat_obs[c])) / (1 + r)
-                      for c, r in zip(tested, n_ref)])
+    # discovery's permutation p-value (its tie floor: a null an ulp below counts as a tie)
+    pvals = np.array([permutation_pvalues(stat_obs[c:c + 1], null[:, c][~np.isnan(null[:, c])])[0]
+                      for c in tested])
     qvals = bh_qvalues(pvals) if len(tested) else pvals
     # above every resampling that gave the class a statistic, yet no finding (a class with none
     # has p = 1: no resampling to beat, and nothing more of them would change)
@@ -316,7 +317,12 @@ def scan_store(store, source: ImageSource, vae, config: ResidualConfig, *, suspe
     res = reconstruction_residuals(source, mu, vae, config.batch_size, progress, device, readable=ok,
                                    max_values=config.max_values, num_workers=num_workers,
                                    loader_backend=loader_backend, decode_on=decode_on)
-    found = residual_scan(res, _standardise(mu), np.where(ok, pred, -1), np.asarray(store["labels"]), suspect,
+    # standardised over the rows discovery uses: every row's (unreadable ones' included)
+    # moved the latents with the number of failed files, and the null's neighbours with them
+    z = np.zeros(mu.shape, np.float32)
+    if ok.any():
+        z[ok] = _standardise(mu[ok])
+    found = residual_scan(res, z, np.where(ok, pred, -1), np.asarray(store["labels"]), suspect,
                           tuple(source.image_shape), config, progress)
     return found, ok
 

@@ -396,3 +396,57 @@ def test_a_class_no_resampling_gave_a_statistic_is_not_called_limited_by_them(ca
     with caplog.at_level(logging.WARNING, logger="spurfast.residual"):
         residual_scan(res, z, pred, np.zeros(n, np.int64), np.zeros(n, bool), (H, W), ResidualConfig(seed=0))
     assert "resamplings" not in caplog.text, caplog.text
+
+
+def test_a_null_an_ulp_below_the_observed_peak_ties_it(monkeypatch):
+    # the scan's own p-value formula lacked discovery's tie floor: a resampling that gave the
+    # class its observed peak in another summation order (0.3 + 0.2 + 0.1 < 0.1 + 0.2 + 0.3)
+    # counted as beaten, and every class tested came out at p = 1 / (1 + n_null)
+    from spurfast import residual as R
+
+    res, z, pred, labels, _ = _pool()
+    real, observed = R.peak_windows, []
+
+    def null_ties_the_observed(obs, shape):
+        stat, masks = real(obs, shape)
+        if observed:
+            return np.nextafter(observed[0], -np.inf), masks
+        observed.append(stat.copy())
+        return stat, masks
+
+    monkeypatch.setattr(R, "peak_windows", null_ties_the_observed)
+    assert residual_scan(res, z, pred, labels, np.zeros(len(pred), bool), SHAPE, ResidualConfig(n_null=100)) == []
+    assert np.isfinite(observed[0]).sum() >= 2
+
+
+def test_scan_store_standardises_the_latents_discovery_uses(monkeypatch, tmp_path):
+    # every store row was standardised, unreadable ones too: the latents (and the null's
+    # same-label neighbours) moved with the number of files that failed to load
+    from spurfast import residual as R
+    from spurfast.discover import _standardise
+    from spurfast.embed import EmbeddingStore
+
+    rng = np.random.default_rng(0)
+    n = 200
+    mu = rng.normal(3, 2, (n, 5)).astype(np.float32)
+    ok = np.ones(n, bool)
+    ok[:40] = False
+    mu[:40] = 0.0   # what the store holds for an unreadable image
+    store = EmbeddingStore.create(tmp_path / "s", n, {"pred": ((n,), "int32"), "mu": ((n, 5), "float32"),
+                                                      "labels": ((n,), "int64"), "ok": ((n,), "bool")},
+                                  {"num_classes": 3})
+    store.write(0, {"pred": rng.integers(0, 3, n), "mu": mu, "labels": rng.integers(0, 3, n), "ok": ok})
+    seen = {}
+    monkeypatch.setattr(R, "reconstruction_residuals", lambda *a, **k: torch.zeros(n, 16))
+
+    def scan(res, z, *args, **kw):
+        seen["z"] = z
+        return []
+
+    monkeypatch.setattr(R, "residual_scan", scan)
+
+    class Source:
+        image_shape = (1, 4, 4)
+
+    R.scan_store(store, Source(), vae=None, config=ResidualConfig())
+    np.testing.assert_array_equal(seen["z"][ok], _standardise(mu[ok]))
