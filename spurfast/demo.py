@@ -12,11 +12,12 @@ import torch
 
 from .checks import check_compute_device, check_default_dtype, check_whole
 from .discover import DiscoverConfig
+from .metrics import auroc
 from .embed import _write_json, shown_path
 from .models.files import save_classifier, save_vae
 from .models.train import train_classifier, train_vae
 from .pipeline import (SUMMARY, check_discovery_ops, hold_output, holds_output, make_planted_data, prepare_output,
-                       read_bad_files, release_output, report_summary, run_discovery, sample_auroc)
+                       read_bad_files, release_output, report_summary, run_discovery)
 from .plant import PatternSpec, apply_pattern
 from .report import write_report
 
@@ -182,8 +183,8 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
             top = doc["findings"][0]
             member = np.zeros(len(data.pool), bool)
             member[top["members"]] = True
-            au_m = sample_auroc(member.astype(float), data.carries)
-            au_r = sample_auroc(result.rankings[1], data.carries)
+            au_m = auroc(member.astype(float), data.carries)
+            au_r = auroc(result.rankings[1], data.carries)
             iou = mask_iou(result.findings[0].get("_mask"), data.truth.mask)
             summary.update({"top finding class": top["class"],
                             "top finding is planted class": top["class"] == target_class if planted else None,

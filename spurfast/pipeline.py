@@ -748,15 +748,3 @@ def rank_confirmed_first(result, out) -> None:
     result.findings[:] = findings
     result.rankings.clear()
     result.rankings.update(rankings)
-
-
-def sample_auroc(scores: np.ndarray, truth: np.ndarray) -> float:
-    """AUROC of ``scores`` for boolean ``truth`` (ties count half)."""
-    from scipy.stats import rankdata
-
-    truth = np.asarray(truth, bool)
-    npos, nneg = int(truth.sum()), int((~truth).sum())
-    if npos == 0 or nneg == 0:
-        return float("nan")
-    r = rankdata(scores)
-    return float((r[truth].sum() - npos * (npos + 1) / 2) / (npos * nneg))
