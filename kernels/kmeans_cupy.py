@@ -283,6 +283,7 @@ def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqno
     """See :func:`spurfast.kernels.reference.kmeans_assign` (x_sqnorm is accepted and not
     needed: the kernel computes each winner's distance on chip)."""
     G, kmax = ref.check_assign_args(x, offsets, centroids, metric)
+    ref.check_x_sqnorm(x_sqnorm, x.shape[0])   # unread here, yet a wrong one is the caller's bug: refused alike
     x = _check_x(x)
     N, d = x.shape
     offsets, kpg, assign, dist = assign_args(x, offsets, k_per_group, G, kmax)

@@ -209,6 +209,8 @@ def compile_for(capability: int, dtype: torch.dtype, d: int, kmax: int, metric: 
 def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqnorm=None):
     """See :func:`spurfast.kernels.reference.kmeans_assign` (x_sqnorm is accepted and not
     needed: each winner's distance is computed directly on chip)."""
+    ref.check_assign_args(x, offsets, centroids, metric)   # x's shape first, as the reference checks it
+    ref.check_x_sqnorm(x_sqnorm, x.shape[0])   # unread here, yet a wrong one is the caller's bug: refused alike
     return assign_with_shape(x, offsets, centroids, k_per_group, metric)
 
 

@@ -467,6 +467,8 @@ def test_fractional_or_negative_kmax_and_m_are_refused_as_the_reference_does():
         kc.kmeans_update(x, off, assign, 2.5)
     with pytest.raises(ValueError, match=r"kmax must be >= 0, got -1"):
         kc.kmeans_update(x, off, assign, -1)
+    with pytest.raises(ValueError, match=r"x_sqnorm has shape \(3,\); expected \(4,\)"):   # was taken unread
+        kc.kmeans_assign(x, off, cent, kpg, "l2", x_sqnorm=torch.ones(3))
     with pytest.raises(TypeError, match=r"m \(exemplars per cluster\) must be an integer, got 1.5"):
         kc.cluster_similarity(x, off, assign, cent, kpg, 1.5)
     with pytest.raises(ValueError, match=r"m \(exemplars per cluster\) must be >= 0, got -1"):

@@ -119,6 +119,9 @@ def test_bad_arguments_get_clear_errors():
     x = torch.zeros(4, 3)
     with pytest.raises(ValueError, match="metric must be 'l2' or 'cosine', got 'dot'"):
         kt.kmeans_assign(x, torch.tensor([0, 4]), torch.zeros(1, 2, 3), torch.tensor([2]), "dot")
+    # unread by this kernel, but refused as the reference and CPU kernel refuse it (it was taken)
+    with pytest.raises(ValueError, match=r"x_sqnorm has shape \(3,\); expected \(4,\)"):
+        kt.kmeans_assign(x, torch.tensor([0, 4]), torch.zeros(1, 2, 3), torch.tensor([2]), x_sqnorm=torch.ones(3))
     if not RUNS_HERE:
         pytest.skip("the remaining checks run after the availability check")
     with pytest.raises(ValueError, match="dtype torch.float64"):
