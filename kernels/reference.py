@@ -372,9 +372,11 @@ def kmeans_assign(
     under fp32's resolution near 1).
     x_sqnorm: optional (N,) fp32 |x|^2 of the rows, which a caller that assigns the same
     points many times passes to save one pass over x per call (L2 only; never required).
-    Rows of x or centroids whose fp32 |.|^2 exceeds MAX_SQNORM (|x| > 9.2e18) are not
-    refused here (that would cost every call a pass over x and, on a GPU, a sync): their
-    distances overflow and the providers' answers differ; `batched_kmeans` refuses them.
+    Rows of x or centroids whose fp32 |.|^2 exceeds MAX_SQNORM (|x| > 9.2e18), or that hold
+    NaN or inf, are not refused here (that would cost every call a pass over x and, on a
+    GPU, a sync): their distances overflow and the providers' answers differ (a NaN centroid
+    takes every point of its group here and none in the kernels, whose strict < skips it);
+    `batched_kmeans` refuses them.
     Traffic: reads x once and writes (chunk x k_g) distance blocks that stay in cache
     (large groups) or one padded block per batch of small groups; the CUDA kernel keeps
     every block on chip.
