@@ -86,3 +86,17 @@ def test_half_tolerances_follow_the_outputs_magnitude(dtype, u):
         for wrong in (0.7, 0.9):
             msg = _fails((ref * wrong).tolist(), ref.tolist(), dtype)
             assert "elements mismatch" in msg and "max abs error" in msg, msg
+
+
+def test_integer_mismatches_show_the_values_and_assignments_the_excess():
+    from tests.helpers import assert_equal_int, check_assign_near_optimal
+
+    with pytest.raises(AssertionError, match=re.escape("2 of 4 entries differ; first positions [[1], [3]] "
+                                                       "(actual [5, 7], expected [1, 2])")):
+        assert_equal_int(torch.tensor([0, 5, 0, 7]), torch.tensor([0, 1, 0, 2]), "assign")
+    D = torch.tensor([[0.0, 1.0], [4.0, 1.0], [2.0, 9.0]])
+    with pytest.raises(AssertionError, match=re.escape("1 of 3 points not at a nearest centroid, first [1]; point 1 "
+                                                       "chose 0 at 4, nearest 1 at 1; worst excess 3 at point 1")):
+        check_assign_near_optimal(torch.tensor([0, 0, 0]), torch.tensor([0.0, 4.0, 2.0]), D, torch.float32, "a")
+    check_assign_near_optimal(torch.tensor([0, 1, 0]), torch.tensor([0.0, 1.0, 2.0]), D, torch.float64, "a")
+    assert_close(torch.tensor([1.0], dtype=torch.float64), torch.tensor([1.0]), torch.float64)   # a KeyError before
