@@ -397,7 +397,7 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
         x, off, cent, kpg = make_data(N, d, k, G, dev)
         results = {}
 
-        def record(provider, stats, dv=dev, dn=devname):
+        def record(provider, stats, dn=devname):
             results[provider] = stats["median_s"]
             writer.add_timing(OP, provider, config, stats, dn, items=N,
                               bytes_moved=step_bytes(provider, N, d, k, G), flops=flops)

@@ -8,7 +8,7 @@ For each problem and arithmetic variant (`bench.bench_kmeans.TRITON_VARIANTS`) e
 (2 N k d, not counting the hi/lo or 3xTF32 extra products) written, its assignment
 compared with the default shape's (the fraction of points that agree: near-ties may
 differ between summation orders), and its register use and spills read from the compiled
-kernel where this triton exposes them.  A ``best_shape`` row per (problem, variant) holds
+kernel where this triton exposes them.  A ``best_shape_speedup`` row per (problem, variant) holds
 the speed-up of the fastest shape over `launch_shape`'s choice; if one wins clearly, make
 it `launch_shape`'s choice (the candidates compile spill-free for sm_90 with triton 3.8).
 
@@ -100,8 +100,8 @@ def sweep(writer, kt, problem, variants, dev, devname, reps: int) -> dict:
         xt = x.to(dtype)
         times = out[variant] = {}
         with _env(**env):
-            split, precision = kt.arithmetic(dtype)
-            shapes = kt.candidate_shapes(dtype, d, k, precision, split)
+            _, precision = kt.arithmetic(dtype)
+            shapes = kt.candidate_shapes(dtype, d, k, precision)
             base_assign = kt.assign_with_shape(xt, off, cent, kpg, "l2", shapes[0])[0]
             for shape in shapes:
                 cfg = dict(problem=name, N=N, d=d, k=k, groups=G, variant=variant, shape=shape_name(shape))

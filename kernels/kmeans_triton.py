@@ -270,10 +270,10 @@ def _checked_shape(shape: dict) -> dict:
     return dict(shape)
 
 
-def candidate_shapes(dtype: torch.dtype, d: int, kmax: int, precision: str = "tf32x3",
-                     split: bool = True) -> list[dict]:
+def candidate_shapes(dtype: torch.dtype, d: int, kmax: int, precision: str = "tf32x3") -> list[dict]:
     """Launch shapes worth timing on a GPU for this problem (`arithmetic` names the
-    variant), `launch_shape`'s choice first.  At the benchmark's problems (d = 128,
+    variant), `launch_shape`'s choice first; the same whether the centroids are split
+    (hi + lo) or not, as `launch_shape`'s choice is.  At the benchmark's problems (d = 128,
     k = 1024; d = 64, k = 16) every one compiled for sm_90 with triton 3.8 without register
     spills, for every dtype and variant (a test repeats it for the variants the benchmark
     sweeps by default); wider tiles, 4-warp 128-row tiles and 16 warps (128 registers a

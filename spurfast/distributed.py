@@ -447,9 +447,6 @@ class RankTeam:
         return _gather_rows(local, n)
 
 
-_OPTS = ("n_iter", "tol", "seed", "metric", "backend")
-
-
 def _kmeans_main(x, groups, k_per_group, *, n_groups=None, n_iter=50, tol=1e-6, seed=0, metric="l2",
                  init=None, backend=None):
     """The ``cluster.kmeans_hook`` on rank 0: send the problem to every rank, run Lloyd together."""

@@ -170,7 +170,7 @@ def _hsv(h: float, s: float, v: float) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
-def _draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, color, rng) -> None:
+def _draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, color) -> None:
     box = [cx - r, cy - r, cx + r, cy + r]
     if shape == "disc":
         d.ellipse(box, fill=color)
@@ -222,7 +222,7 @@ def render(i: int, label: int, spec: PoolSpec) -> Image.Image:
         cx = w / 2 + rng.uniform(-0.25, 0.25) * s
         cy = h / 2 + rng.uniform(-0.25, 0.25) * s
         color = _hsv(look["hue"] + rng.normal(0, 0.02), rng.uniform(0.65, 1.0), rng.uniform(0.6, 1.0))
-        _draw_shape(d, look["shape"], cx, cy, r, color, rng)
+        _draw_shape(d, look["shape"], cx, cy, r, color)
     return img
 
 

@@ -198,7 +198,7 @@ from spurfast.kernels import kmeans_triton as kt
 out = []
 for cap, dtype, d, kmax, metric, precision, split, which in jobs:
     dt = getattr(torch, dtype)
-    shapes = kt.candidate_shapes(dt, d, kmax, precision, split) if which == "candidates" else [None]
+    shapes = kt.candidate_shapes(dt, d, kmax, precision) if which == "candidates" else [None]
     for shape in shapes:
         ck = kt.compile_for(cap, dt, d, kmax, metric, precision, shape=shape, split=split)
         out.append([cap, dtype, d, kmax, metric, precision, split, shape, "wgmma" in ck.asm["ptx"], usage(ck)])

@@ -40,7 +40,7 @@ def test_replacing_and_deleting_remove_the_files_but_not_values_handed_out(tmp_p
 
 
 def test_renumbering_as_the_rerank_does_keeps_every_value(tmp_path):
-    """`pipeline.rerank`: new = {new rank: old value}, clear, update: the old files are gone
+    """`pipeline.rank_confirmed_first`: new = {new rank: old value}, clear, update: the old files are gone
     before the new ones are written from their maps."""
     r = SpilledRankings({1: np.array([1.0]), 2: np.array([2.0]), 3: np.array([3.0])}, folder=tmp_path)
     moved = {new: r[old] for new, old in ((1, 3), (2, 1), (3, 2))}

@@ -686,7 +686,7 @@ def _edge_clamped_window(im, box: tuple, reach: int):
     PIL's filter renormalises its weights over the pixels inside the image where DALI's
     clamps to the edge pixel: a 1-pixel white frame on a 1000 px image came out 59/255 apart
     at size 16 (7.9/255 on average).  Resampled from this window, the loaders agree within
-    rounding there too; the filter reaches ``scale`` source pixels from a sample."""
+    rounding there too; ``reach``: how far the filter reaches from a sample, in source pixels."""
     from PIL import Image
 
     w, h = im.size
@@ -736,12 +736,6 @@ def load_image_uint8(path: str, spec: PreprocessSpec) -> torch.Tensor:
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
-
-
-def load_image(path: str, spec: PreprocessSpec) -> torch.Tensor:
-    """Decode and preprocess one file to float32 (C, size, size) in [0, 1]; raises
-    (OSError/ValueError/...) on a bad file."""
-    return load_image_uint8(path, spec).float().div_(255.0)
 
 
 def describe_error(exc: BaseException) -> str:
