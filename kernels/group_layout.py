@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import operator
 
+import numpy as np
 import torch
 
 
@@ -74,6 +75,9 @@ def check_count(v, name: str) -> int:
     non-negative integer (numpy and 0-d tensor integers pass): 2.5 ran as 2 in one
     provider and failed inside torch in another, and -1 failed deep in zeros() or numpy
     ("negative dimensions") naming neither the argument nor its value."""
+    # a bool passes operator.index: latent_knn(z, k=True) ran with k = 1
+    if isinstance(v, (bool, np.bool_)) or (isinstance(v, torch.Tensor) and v.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer, got {v!r}")
     try:
         n = operator.index(v)
     except TypeError:

@@ -1,6 +1,7 @@
 """The grouped layout helpers the GPU assign launchers share (CPU: they are torch only)."""
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,3 +102,16 @@ def test_assign_args_refuses_a_k_per_group_not_one_dimensional_as_the_reference_
     with pytest.raises(ValueError, match=re.escape(f"k_per_group has shape {tuple(kpg.shape)}; expected (1,), "
                                                    f"one k per group")):
         assign_args(torch.zeros(5, 3), torch.tensor([0, 5]), kpg, 1, 2)
+
+
+@pytest.mark.parametrize("flag", [True, np.True_, torch.tensor(True)], ids=["bool", "numpy", "tensor"])
+def test_a_bool_is_no_size(flag):
+    # operator.index takes a bool: latent_knn(z, k=True) ran with k = 1, kmeans_update with kmax = 1
+    from spurfast.kernels import reference as ref
+    from spurfast.kernels.group_layout import check_count
+
+    with pytest.raises(TypeError, match="k must be an integer, got"):
+        check_count(flag, "k")
+    with pytest.raises(TypeError, match="must be an integer, got True"):
+        ref.latent_knn(torch.randn(10, 3), True)
+    assert check_count(np.int64(3), "k") == 3 and check_count(torch.tensor(2), "k") == 2
