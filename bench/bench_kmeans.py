@@ -1,4 +1,7 @@
-"""Batched k-means: per-iteration time of one Lloyd step (assign + update + divide).
+"""Batched k-means: per-iteration time of one Lloyd step (assign + update + divide), op
+``kmeans_iter``; and each step alone under its registry name, ``kmeans_assign`` (torch,
+cpu, cupy, triton; one group on the CPU: faiss-cpu's exact IndexFlatL2 search as the peer)
+and ``kmeans_update`` (torch, cpu, cupy).
 
 python -m bench kmeans [--quick] [--device cpu|cuda]
 
@@ -440,6 +443,7 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
             ast = measure(lambda: kc.kmeans_assign(x, off, cent, kpg), device=dev, reps=reps)
             writer.add_timing("kmeans_assign", "cupy", config, ast, devname, items=N,
                               bytes_moved=N * d * 4 + G * k * d * 4 + N * 12, flops=2.0 * N * k * d)
+        _step_rows(writer, ref, kcpu, kc, x, off, cent, kpg, config, dev, devname, threads, reps)
         if G > 1 and (G <= 100 or not quick or dev == "cuda"):
             record("torch-loop", measure(_loop_fn(ref, x, off, cent, kpg), device=dev, reps=max(2, reps // 2)))
         if G == 1 and dev == "cpu" and not cfg.get("side_by_side") and not quick:
@@ -490,6 +494,43 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
     _plusplus_rows(writer, dev, devname, kcpu, reps)
     _knn_rows(writer, dev, devname, kcpu, quick)
     _similarity_rows(writer, dev, devname, kc, quick, reps)
+
+
+def _step_rows(writer, ref, kcpu, kc, x, off, cent, kpg, config, dev, devname, threads, reps):
+    """The iteration's two steps under their registry names, each provider against the
+    reference: ``kmeans_assign`` (reads x and the centroids, writes assign and dist; the
+    CuPy rows are written above, per dtype) and ``kmeans_update`` (reads x and assign,
+    writes sums and counts), plus, for one group on the CPU, faiss' exact nearest-centroid
+    search (IndexFlatL2, same thread count) as the assignment's peer."""
+    N, d = x.shape
+    G, k = cent.shape[0], cent.shape[1]
+    assign_bytes, assign_flops = N * d * 4 + G * k * d * 4 + N * 12, 2.0 * N * k * d
+    update_bytes = N * d * 4 + N * 8 + G * k * (d * 4 + 8)
+    assign = ref.kmeans_assign(x, off, cent, kpg)[0]
+    for name, mod in (("torch", ref), ("cpu", kcpu), ("cupy", kc)):
+        if mod is None:
+            continue
+        if name != "cupy":
+            st = measure(lambda m=mod: m.kmeans_assign(x, off, cent, kpg), device=dev, reps=reps)
+            writer.add_timing("kmeans_assign", name, config, st, devname, items=N, bytes_moved=assign_bytes,
+                              flops=assign_flops)
+        st = measure(lambda m=mod: m.kmeans_update(x, off, assign, k), device=dev, reps=reps)
+        writer.add_timing("kmeans_update", name, config, st, devname, items=N, bytes_moved=update_bytes,
+                          flops=float(N * d))
+    if G != 1 or dev != "cpu":
+        return
+    try:
+        import faiss
+    except ImportError as exc:
+        _log(f"faiss-cpu assign skipped: not installed ({exc})")
+        return
+    faiss.omp_set_num_threads(threads)
+    xn = np.ascontiguousarray(x.numpy(), dtype=np.float32)
+    index = faiss.IndexFlatL2(d)
+    index.add(np.ascontiguousarray(cent[0].numpy(), dtype=np.float32))
+    st = measure(lambda: index.search(xn, 1), device=dev, reps=reps)
+    writer.add_timing("kmeans_assign", "faiss-cpu", config, st, devname, items=N, bytes_moved=assign_bytes,
+                      flops=assign_flops)
 
 
 def _knn_rows(writer, dev, devname, kcpu, quick):
