@@ -88,6 +88,26 @@ def assert_equal_int(actual: torch.Tensor, expected: torch.Tensor, name: str = "
                              f"{pos.tolist()} (actual {got}, expected {want})")
 
 
+def assert_bitwise(actual: torch.Tensor, expected: torch.Tensor, name: str = "output") -> None:
+    """The same values bit for bit (NaN where expected has NaN; a deterministic kernel's
+    repeat, a fused path against its parts): a bare torch.equal said only "differs".  The
+    message gives the count, the first positions with their values and the largest
+    difference."""
+    a, e = actual.detach().cpu(), expected.detach().cpu()
+    if a.shape != e.shape or a.dtype != e.dtype:
+        raise AssertionError(f"{name}: {a.dtype} {tuple(a.shape)} != expected {e.dtype} {tuple(e.shape)}")
+    bad = a != e
+    if a.is_floating_point():
+        bad &= ~(torch.isnan(a) & torch.isnan(e))
+    if bool(bad.any()):
+        pos = bad.nonzero()[:5]
+        got = [a[tuple(p)].item() for p in pos]
+        want = [e[tuple(p)].item() for p in pos]
+        diff = (a.double() - e.double()).abs()[bad]
+        raise AssertionError(f"{name}: {int(bad.sum())} of {a.numel()} entries differ; first positions {pos.tolist()} "
+                             f"(actual {got}, expected {want}); largest difference {float(diff.max()):.3g}")
+
+
 # ----------------------------------------------------------------------------- k-means kernels
 # (sizes per group, kmax, d): fewer points than k, empty groups, one group, many groups,
 # d not a multiple of the 32-wide tile, every assign tile shape (kmax <= 16, <= 32, > 32)

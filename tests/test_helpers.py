@@ -100,3 +100,14 @@ def test_integer_mismatches_show_the_values_and_assignments_the_excess():
         check_assign_near_optimal(torch.tensor([0, 0, 0]), torch.tensor([0.0, 4.0, 2.0]), D, torch.float32, "a")
     check_assign_near_optimal(torch.tensor([0, 1, 0]), torch.tensor([0.0, 1.0, 2.0]), D, torch.float64, "a")
     assert_close(torch.tensor([1.0], dtype=torch.float64), torch.tensor([1.0]), torch.float64)   # a KeyError before
+
+
+def test_bitwise_mismatches_give_count_values_and_largest_difference():
+    from tests.helpers import assert_bitwise
+
+    assert_bitwise(torch.tensor([1.0, NAN]), torch.tensor([1.0, NAN]))   # NaN where expected has NaN
+    with pytest.raises(AssertionError, match=re.escape("sums: 1 of 3 entries differ; first positions [[2]] (actual "
+                                                       "[3.5], expected [3.0]); largest difference 0.5")):
+        assert_bitwise(torch.tensor([1.0, 2.0, 3.5]), torch.tensor([1.0, 2.0, 3.0]), "sums")
+    with pytest.raises(AssertionError, match=r"a: torch.float64 \(2,\) != expected torch.float32 \(2,\)"):
+        assert_bitwise(torch.zeros(2, dtype=torch.float64), torch.zeros(2), "a")

@@ -17,7 +17,7 @@ from spurfast import backends
 from spurfast.cluster import batched_kmeans
 from spurfast.kernels import kmeans_cpu as kcpu
 from spurfast.kernels import reference as ref
-from tests.helpers import (CASES, EMPTY_CASES, assert_close, assert_equal_int, assert_same_outputs,
+from tests.helpers import (CASES, EMPTY_CASES, assert_bitwise, assert_close, assert_equal_int, assert_same_outputs,
                            check_assign_near_optimal, check_groups_without_centroids, empty_case, exact_dists,
                            exact_sums, make_case)
 from tests.test_kmeans_reference import (check_exact_rows, duplicated_latents, lower_index_knn, spy_on_remeasure,
@@ -67,7 +67,8 @@ def test_other_dtypes_are_the_reference_on_their_fp32_values(case, dtype):
     n = max(1, int(ec.max()))
     assert_close(sums, es.float(), torch.float32, name=f"sums [{dtype}]", atol=1e-4 * n ** 0.5 * 4, rtol=1e-4)
     fa, fd, fs, fc = kcpu.kmeans_assign_update(xd, off, cent, kpg)
-    assert torch.equal(fa, assign) and torch.equal(fs, sums) and torch.equal(fc, counts), f"fused [{dtype}]"
+    for part, got, want in (("assign", fa, assign), ("sums", fs, sums), ("counts", fc, counts)):
+        assert_bitwise(got, want, f"fused {part} [{dtype}]")
 
 
 @needs_kernel
@@ -133,7 +134,7 @@ def test_update_matches_exact_sums_and_repeats_bitwise(case):
     n = max(1, int(rc.max()))
     assert_close(sums, rs.float(), torch.float32, name="sums", atol=1e-4 * n ** 0.5 * 4, rtol=1e-4)
     again, _ = kcpu.kmeans_update(x, off, assign, kmax)
-    assert torch.equal(sums, again), "fixed row ranges: the same sums every run"
+    assert_bitwise(sums, again, "fixed row ranges: the same sums every run")
 
 
 @pytest.fixture(params=["openmp", "python-threads"])
@@ -159,8 +160,10 @@ def test_fused_step_equals_assign_then_update_bitwise(case, metric, threading_mo
     assign, dist, sums, counts = kcpu.kmeans_assign_update(x, off, cent, kpg, metric, x_sqnorm=xn)
     a2, d2 = kcpu.kmeans_assign(x, off, cent, kpg, metric, x_sqnorm=xn)
     s2, c2 = kcpu.kmeans_update(x, off, a2, kmax)
-    assert torch.equal(assign, a2) and torch.equal(dist, d2), f"{threading_mode}: fused assign differs"
-    assert torch.equal(sums, s2) and torch.equal(counts, c2), f"{threading_mode}: fused sums differ from update's"
+    assert_bitwise(assign, a2, f"{threading_mode}: fused assign")
+    assert_bitwise(dist, d2, f"{threading_mode}: fused dist")
+    assert_bitwise(s2, sums, f"{threading_mode}: fused sums against update's")
+    assert_bitwise(c2, counts, f"{threading_mode}: fused counts against update's")
     ra, rd, rs, rc = ref.kmeans_assign_update(x, off, cent, kpg, metric, x_sqnorm=xn)
     check_assign_near_optimal(assign, dist, exact_dists(x, off, cent, kpg, metric), torch.float32, "fused assign")
     es, ec = exact_sums(x, off, assign, kmax)
@@ -182,7 +185,7 @@ def test_python_thread_fallback_gives_the_openmp_results_bitwise(case, monkeypat
     monkeypatch.setattr(kcpu._load(), "openmp", False)
     py = kcpu.kmeans_assign_update(x, off, cent, kpg) + kcpu.kmeans_update(x, off, torch.arange(len(x)) % kmax, kmax)
     for name, a, b in zip(["assign", "dist", "sums", "counts", "update sums", "update counts"], omp, py):
-        assert torch.equal(a, b), f"{name}: OpenMP and Python threads disagree"
+        assert_bitwise(a, b, f"{name}: OpenMP against Python threads")
 
 
 @pytest.fixture
@@ -213,8 +216,8 @@ def test_sums_do_not_depend_on_the_thread_count(sizes, threading_mode, restore_t
         got[t] = fused + kcpu.kmeans_update(x, off, fused[0], 7)
     for t in (2, 4):
         for name, a, b in zip(["assign", "dist", "sums", "counts", "update sums", "update counts"], got[1], got[t]):
-            assert torch.equal(a, b), f"{threading_mode}: {name} at {t} threads differ from 1 thread's"
-    assert torch.equal(got[1][2], got[1][4]), "fused sums equal update's"
+            assert_bitwise(a, b, f"{threading_mode}: {name} at {t} threads against 1 thread's")
+    assert_bitwise(got[1][2], got[1][4], "fused sums against update's")
     es, ec = exact_sums(x, off, got[1][0], 7)
     assert_equal_int(got[1][3], ec, "counts")
     assert_close(got[1][2], es.float(), torch.float32, name="sums", rtol=1e-5)
