@@ -151,7 +151,8 @@ def worker(argv=None) -> int:
     from spurfast.discover import DiscoverConfig, characterise, discover, write_outputs
     from spurfast.models.files import load_classifier, load_vae
     from spurfast.pattern_rank import pattern_rankings
-    from spurfast.pipeline import _reread_loader, prepare_output
+    from spurfast.pipeline import _reread_loader
+    from spurfast.run_folder import prepare_output
     from spurfast.report import write_report
 
     ctx = dist.init(args.device)

@@ -820,7 +820,7 @@ def cmd_evaluate(args):
 
 
 def cmd_report(args):
-    from .pipeline import BAD_FILES, read_bad_files
+    from .run_folder import BAD_FILES, read_bad_files
     from .report import write_report
     run = Path(args.run)
     f = run / "findings.json"

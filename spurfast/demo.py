@@ -16,10 +16,10 @@ from .metrics import auroc
 from .embed import _write_json, shown_path
 from .models.files import save_classifier, save_vae
 from .models.train import train_classifier, train_vae
-from .pipeline import (SUMMARY, check_discovery_ops, hold_output, holds_output, make_planted_data, prepare_output,
-                       read_bad_files, release_output, report_summary, run_discovery)
+from .pipeline import SUMMARY, check_discovery_ops, make_planted_data, report_summary, run_discovery
 from .plant import PatternSpec, apply_pattern
 from .report import write_report
+from .run_folder import hold_output, holds_output, prepare_output, read_bad_files, release_output
 
 log = logging.getLogger("spurfast")
 

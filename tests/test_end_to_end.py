@@ -151,8 +151,8 @@ def test_overwrite_with_other_discovery_settings_keeps_the_models_and_store(tmp_
 def _assert_not_held(folder):
     import fcntl
 
-    from spurfast import pipeline
-    assert not pipeline.holds_output(folder)
+    from spurfast import run_folder
+    assert not run_folder.holds_output(folder)
     fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # as another process would take it

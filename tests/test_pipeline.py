@@ -12,6 +12,7 @@ from spurfast.data import ArraySource
 from spurfast.data.folder import ImageFolderSource
 from spurfast.models import VAE, VAEConfig, SmallCNN
 import spurfast.pipeline as P
+from spurfast import run_folder
 from spurfast.embed import EmbeddingStore
 from spurfast.pipeline import run_discovery
 
@@ -143,28 +144,27 @@ def test_a_second_process_on_the_same_output_directory_is_refused(tmp_path):
     applied the confirmed-first renaming to the same files.  The folder is locked per run."""
     import fcntl
 
-    from spurfast import pipeline
     out = tmp_path / "run"
     out.mkdir()
     other = os.open(out, os.O_RDONLY)           # as another process holding it (another open file)
     fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     try:
         with pytest.raises(FileExistsError, match="is in use by another spurfast process"):
-            pipeline.prepare_output(out, "r1", overwrite=False)
+            run_folder.prepare_output(out, "r1", overwrite=False)
     finally:
         os.close(other)
     assert not (out / "run.json").exists()
-    pipeline.prepare_output(out, "r1", overwrite=False)      # free again: taken, and held until released
+    run_folder.prepare_output(out, "r1", overwrite=False)      # free again: taken, and held until released
     held = os.open(out, os.O_RDONLY)
     with pytest.raises(BlockingIOError):
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    pipeline.release_output(out)
+    run_folder.release_output(out)
     fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.close(held)
     # a refusal keeps no hold: another run may use the folder next
     with pytest.raises(FileExistsError, match="already holds run r1"):
-        pipeline.prepare_output(out, "r2", overwrite=False)
-    assert str(out.resolve()) not in pipeline._HELD
+        run_folder.prepare_output(out, "r2", overwrite=False)
+    assert str(out.resolve()) not in run_folder._HELD
 
 
 def test_a_file_system_without_locks_warns_and_runs_unlocked(tmp_path, monkeypatch, caplog):
@@ -173,7 +173,6 @@ def test_a_file_system_without_locks_warns_and_runs_unlocked(tmp_path, monkeypat
     import errno
     import fcntl
 
-    from spurfast import pipeline
 
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
@@ -181,11 +180,11 @@ def test_a_file_system_without_locks_warns_and_runs_unlocked(tmp_path, monkeypat
     monkeypatch.setattr(fcntl, "flock", no_locks)
     out = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="spurfast"):
-        pipeline.prepare_output(out, "r1", overwrite=False)
+        run_folder.prepare_output(out, "r1", overwrite=False)
     assert "cannot lock output directory" in caplog.text and "No locks available" in caplog.text
-    assert pipeline.holds_output(out)   # the thread check still keeps this process's threads apart
-    pipeline.release_output(out)
-    assert str(out.resolve()) not in pipeline._HELD
+    assert run_folder.holds_output(out)   # the thread check still keeps this process's threads apart
+    run_folder.release_output(out)
+    assert str(out.resolve()) not in run_folder._HELD
 
 
 def test_a_second_thread_on_the_same_output_directory_is_refused(tmp_path):
@@ -193,30 +192,29 @@ def test_a_second_thread_on_the_same_output_directory_is_refused(tmp_path):
     in, and the folder ended with one run's findings.json beside the other's pictures."""
     import threading
 
-    from spurfast import pipeline
     pool, clf, vae = _tiny()
     out = tmp_path / "run"
     took, done = threading.Event(), threading.Event()
 
     def other_run():
-        pipeline.prepare_output(out, "r1", overwrite=False)
+        run_folder.prepare_output(out, "r1", overwrite=False)
         took.set()
         done.wait(60)
-        pipeline.release_output(out)
+        run_folder.release_output(out)
 
     t = threading.Thread(target=other_run)
     t.start()
     try:
         assert took.wait(60)
-        assert not pipeline.holds_output(out)   # this thread does not hold it
+        assert not run_folder.holds_output(out)   # this thread does not hold it
         with pytest.raises(FileExistsError, match="in use by another thread of this process"):
             run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False, overwrite=True)
-        pipeline.release_output(out)   # not this thread's to release: still held
-        assert str(out.resolve()) in pipeline._HELD
+        run_folder.release_output(out)   # not this thread's to release: still held
+        assert str(out.resolve()) in run_folder._HELD
     finally:
         done.set()
         t.join()
-    assert str(out.resolve()) not in pipeline._HELD
+    assert str(out.resolve()) not in run_folder._HELD
     run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False, overwrite=True)
 
 
@@ -607,7 +605,7 @@ def test_an_interrupted_bad_files_write_leaves_the_run_reportable(tmp_path, monk
     # `spurfast report` (read_bad_files) then failed to parse
     import pathlib
 
-    from spurfast.pipeline import read_bad_files
+    from spurfast.run_folder import read_bad_files
 
     pool, clf, vae = _tiny()
     out = tmp_path / "run"
@@ -819,7 +817,7 @@ def test_a_hand_edited_store_record_of_bad_files_is_named(tmp_path, case):
     # list failed in dict() naming nothing (or with a TypeError traceback), a manifest list with
     # an AttributeError
     import json
-    from spurfast.pipeline import read_bad_files
+    from spurfast.run_folder import read_bad_files
     (tmp_path / "store").mkdir()
     manifest = {"n": 4, "done": 4, "columns": {},
                 "bad_files": ["a.png", "b.png"] if case == "list of names" else [1, 3]}
@@ -831,7 +829,7 @@ def test_a_hand_edited_store_record_of_bad_files_is_named(tmp_path, case):
 
 def test_a_store_record_of_bad_files_as_pairs_still_reads(tmp_path):
     import json
-    from spurfast.pipeline import read_bad_files
+    from spurfast.run_folder import read_bad_files
     (tmp_path / "store").mkdir()
     (tmp_path / "store" / "manifest.json").write_text(json.dumps({"n": 4, "done": 4, "columns": {},
                                                                   "bad_files": [[3, "truncated"]]}))
@@ -904,15 +902,17 @@ def test_overwrite_resolves_each_folder_of_the_pool_once_and_still_finds_what_li
     calls = []
     real = Path.resolve
     monkeypatch.setattr(Path, "resolve", lambda self, *a, **k: calls.append(self) or real(self, *a, **k))
-    assert P._inside(out, [str(tmp_path / "pool")] + files[::2]) is None
+    assert run_folder._inside(out, [str(tmp_path / "pool")] + files[::2]) is None
     assert len(calls) <= 3, len(calls)
     # a file of a folder linked into the run, a file linked into it, the run itself, a relative path
-    assert P._inside(out, files) == files[1]
-    assert P._inside(out, [files[0], str(tmp_path / "pool" / "c0" / "link.png")]) == str(tmp_path / "pool" / "c0" / "link.png")
-    assert P._inside(out, [str(tmp_path / "run" / ".")]) == str(tmp_path / "run" / ".")
+    assert run_folder._inside(out, files) == files[1]
+    link = str(tmp_path / "pool" / "c0" / "link.png")
+    assert run_folder._inside(out, [files[0], link]) == link
+    assert run_folder._inside(out, [str(tmp_path / "run" / ".")]) == str(tmp_path / "run" / ".")
     monkeypatch.chdir(out)
-    assert P._inside(out, ["a.png"]) == "a.png" and P._inside(out, ["../x.png", "imgs/.."]) == "imgs/.."
-    assert P._inside(out / "imgs", [str(out / "imgsx" / "b.png"), str(out)]) is None
+    assert run_folder._inside(out, ["a.png"]) == "a.png"
+    assert run_folder._inside(out, ["../x.png", "imgs/.."]) == "imgs/.."
+    assert run_folder._inside(out / "imgs", [str(out / "imgsx" / "b.png"), str(out)]) is None
 
 
 def test_an_output_directory_that_is_a_dangling_symlink_is_named(tmp_path):
