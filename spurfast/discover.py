@@ -326,18 +326,25 @@ def _merge_and_expand(sig: list[dict], z: np.ndarray, valid: np.ndarray, g: np.n
     """Merge significant clusters of one class that share a feature; expand each finding
     with a linear probe in latent space.
 
-    A cluster joins an earlier (stronger) finding of its class when most of its members
-    fall on the finding's side of the probe (pattern-bearing images split over several
-    clusters).  Each finding's probe also ranks the whole pool (its ``ranking``)."""
+    A cluster joins an earlier (stronger) finding of its class when they agree both ways:
+    most of its members fall on the side of the finding's probe, and most of the finding's
+    first cluster on the side of its own (pattern-bearing images split over several
+    clusters).  One way only, a small pure cluster of a pattern joined a large cluster of
+    the class's ordinary images: a probe fit against the other classes marks how
+    class-like an image is as much as its feature, so the large cluster's side held the
+    pattern's images too, and the finding came out mostly without the pattern.  Each
+    finding's probe also ranks the whole pool (its ``ranking``)."""
     findings: list[dict] = []
     for cl in sig:
         local = np.searchsorted(valid, cl["members"])  # members are a subset of the sorted valid indices
+        own = _probe(z, g, local, cl["cls"], seed)
         home = next((f for f in findings if f["class"] == cl["cls"]
-                     and np.mean(z[local] @ f["probe"][0] > f["probe"][1]) > 0.5), None)
+                     and np.mean(z[local] @ f["probe"][0] > f["probe"][1]) > 0.5
+                     and np.mean(z[f["local"]] @ own[0] > own[1]) > 0.5), None)
         if home is not None:
-            home["clusters"].append(cl)  # merging is judged by the first cluster's probe
+            home["clusters"].append(cl)  # judged against the first cluster (its probe and members)
         else:
-            findings.append({"class": cl["cls"], "clusters": [cl], "probe": _probe(z, g, local, cl["cls"], seed)})
+            findings.append({"class": cl["cls"], "clusters": [cl], "probe": own, "local": local})
     # merging changes scores: rank by the merged score (ties: smaller p)
     findings.sort(key=lambda f: (-sum(c["score"] for c in f["clusters"]), min(c["p_value"] for c in f["clusters"])))
     # one pool-sized array per finding: on disk, not in memory; beside the run when it has a

@@ -545,7 +545,7 @@ def _merge_by_q(clusters: list[dict], residual: list[dict]) -> list[dict]:
 def run_key(setting: Setting, seed: int, sizes: Sizes, methods=DEFAULT_METHODS, statistic: str = DEFAULT_STATISTIC) -> str:
     """The cache key of one run's rows."""
     return _key({"setting": _setting_key(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods),
-                 "v": 27,    # 13: a tie does not beat the best null cluster; 14: Yang's spurious score,
+                 "v": 28,    # 13: a tie does not beat the best null cluster; 14: Yang's spurious score,
                              # best finding of the first 10 for every method, IoU 0 without a finding;
                              # 15: GEORGE's k raised for large classes as spurfast's is; 16: spurfast+support;
                              # 17: localised findings rank the pool by their pattern;
@@ -561,6 +561,7 @@ def run_key(setting: Setting, seed: int, sizes: Sizes, methods=DEFAULT_METHODS, 
                              # 26: the pixel ablation's findings are re-ranked by their pattern too;
                              #     clusters of no unrelated member are out of the FDR's m
                              # 27: confirmation's random control at three doses (confirm.DOSES)
+                             # 28: clusters merge when they agree both ways (each on the other's probe side)
                  # named unless it is the share (the default before the twenty-fourth session): cached runs keep their keys
                  **({} if statistic == "share" else {"statistic": statistic}),
                  # the residual scan's findings got confirm.csv rows (the default sweep's keys kept)

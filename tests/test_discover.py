@@ -719,6 +719,29 @@ def test_a_cluster_joins_a_finding_when_most_of_its_members_lie_on_its_side(monk
     assert [f["score"] for f in out] == [9.0, 3.0, 3.0]
 
 
+def test_a_pure_pattern_cluster_does_not_join_a_cluster_of_the_class_s_ordinary_images(tmp_path):
+    # the probe of the class's ordinary images (fit against the other classes) marks how far
+    # an image is from them: the pattern's images, as far off, lay on its side and were merged
+    # away (multi3-n100, patch3-n10: a finding 16% carriers instead of one of 100%).  Both
+    # ways now: the ordinary images lie on the other side of the pattern cluster's own probe
+    from spurfast.discover import _merge_and_expand
+
+    rng = np.random.default_rng(0)
+    z = np.concatenate([rng.normal([6.0, 0.0], 0.5, (60, 2)),            # class 0, ordinary: cluster 0
+                        rng.normal([6.0, 5.0], 0.5, (15, 2)),            # class 0, the pattern: cluster 1
+                        rng.normal([0.0, 0.0], [3.0, 0.5], (300, 2))])   # the other classes, wide in x
+    g = np.r_[np.zeros(75, int), 1 + np.arange(300) % 3]
+
+    def cl(j, members, score):
+        return dict(cls=0, cluster=j, members=np.asarray(members), score=score, p_value=0.01, q_value=0.02,
+                    n_unrelated=len(members), n_suspect=0, size=len(members))
+
+    findings, _ = _merge_and_expand([cl(0, range(60), 5.0), cl(1, range(60, 75), 3.0)], z, np.arange(len(z)), g,
+                                    len(z), spill_dir=tmp_path)
+    assert [f["merged_clusters"] for f in findings] == [[0], [1]]
+    assert findings[1]["members"] == list(range(60, 75))
+
+
 def test_characterise_refuses_a_pool_the_store_was_not_made_from(tmp_path):
     # a smaller pool gave a bare IndexError; a larger one was pictured silently with the wrong images
     import torch
