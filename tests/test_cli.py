@@ -489,7 +489,7 @@ def test_clean_folder_lacking_a_class_is_labelled_by_the_pools_names(tmp_path, c
 
 
 def test_class_names_with_an_npz_pool_name_its_classes(tmp_path):
-    from spurfast.cli import load_pool
+    from spurfast.input_files import load_pool
 
     names = tmp_path / "names.txt"
     names.write_text("a\nb\n\nc\n")   # blank lines are skipped
@@ -743,7 +743,7 @@ def test_train_classifier_counts_the_npz_class_names(tmp_path, monkeypatch):
 
 def test_an_npz_with_an_empty_class_names_array_takes_the_class_names_file(tmp_path):
     # `spurfast plant` writes class_names=[] for a dataset without names
-    from spurfast.cli import load_pool
+    from spurfast.input_files import load_pool
 
     names = tmp_path / "names.txt"
     names.write_text("a\nb\nc\n")
@@ -895,7 +895,7 @@ def test_a_labelled_pool_without_class_names_is_not_called_unlabelled(tmp_path, 
 def test_a_class_names_file_with_a_byte_order_mark_or_not_in_utf8(tmp_path):
     import re
 
-    from spurfast.cli import read_class_names
+    from spurfast.input_files import read_class_names
 
     names = tmp_path / "names.txt"
     names.write_bytes("\ufeffcat\r\ndog\r\n".encode("utf-8"))
@@ -908,7 +908,7 @@ def test_a_class_names_file_with_a_byte_order_mark_or_not_in_utf8(tmp_path):
 def test_a_class_names_file_splits_at_line_breaks_only(tmp_path):
     # str.splitlines split "a\x0cx" (and names holding \x1c-\x1e, \x85, U+2028) in two: a 3-line
     # file read as 4 names, which a 4-class classifier then accepted with every later name shifted
-    from spurfast.cli import read_class_names
+    from spurfast.input_files import read_class_names
 
     names = tmp_path / "names.txt"
     names.write_text("a\x0cx\nb\u2028c\rd\x85e\r\nf\x1cg\n", encoding="utf-8", newline="")
@@ -1022,7 +1022,7 @@ def test_a_clean_folder_is_labelled_by_the_pools_class_names():
     import tempfile
     from pathlib import Path
 
-    from spurfast.cli import same_classes
+    from spurfast.input_files import same_classes
     from spurfast.data.folder import ImageFolderSource
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
@@ -1036,7 +1036,7 @@ def test_a_clean_folder_is_labelled_by_the_pools_class_names():
 
 
 def test_a_clean_npz_with_other_class_names_is_refused(tmp_path):
-    from spurfast.cli import same_classes
+    from spurfast.input_files import same_classes
     from spurfast.data.sources import ArraySource
     imgs = np.zeros((2, 1, 8, 8), np.float32)
     pool = ArraySource(imgs, np.array([0, 1]), class_names=["cat", "dog"], name="pool")
@@ -1661,7 +1661,7 @@ def test_a_class_names_file_shorter_than_num_classes_is_refused_first(tmp_path, 
 def test_npz_class_names_stored_as_bytes_or_not_one_dimensional(tmp_path, capsys):
     # str() of a bytes name gave "b'cat'" (no folder or clean set matched it, and the report showed
     # it); a 2-D array became one name; a 0-d one raised TypeError with a traceback
-    from spurfast.cli import load_npz_source
+    from spurfast.input_files import load_npz_source
 
     def npz(name, class_names):
         np.savez(tmp_path / name, images=np.zeros((4, 28, 28), np.uint8), labels=np.arange(4) % 2,
@@ -1681,7 +1681,7 @@ def test_npz_class_names_stored_as_bytes_or_not_one_dimensional(tmp_path, capsys
 def test_an_npz_naming_a_class_twice_is_refused(tmp_path):
     # a --class-names file with a repeated name was refused, an .npz's class_names was not:
     # a clean folder matched by name then took one of the two labels, and two classes' findings one name
-    from spurfast.cli import load_npz_source
+    from spurfast.input_files import load_npz_source
 
     np.savez(tmp_path / "p.npz", images=np.zeros((4, 28, 28), np.uint8), labels=np.arange(4) % 3,
              class_names=np.array(["cat", "dog", "cat"]))
@@ -1692,7 +1692,7 @@ def test_an_npz_naming_a_class_twice_is_refused(tmp_path):
 def test_an_npz_with_a_damaged_array_header_is_named(tmp_path, capsys):
     # numpy parses a member's header as Python: one damaged byte raised tokenize.TokenError (no
     # ValueError), a traceback naming no file
-    from spurfast.cli import load_npz_source
+    from spurfast.input_files import load_npz_source
 
     path = tmp_path / "pool.npz"
     np.savez(path, images=np.zeros((8, 1, 28, 28), np.uint8), labels=np.arange(8) % 2)
@@ -1712,7 +1712,7 @@ def test_an_npz_with_a_damaged_member_is_named(tmp_path, capsys):
     import struct
     import zipfile
 
-    from spurfast.cli import load_npz_source
+    from spurfast.input_files import load_npz_source
 
     path = tmp_path / "pool.npz"
     np.savez_compressed(path, images=np.random.default_rng(0).integers(0, 256, (8, 28, 28), dtype=np.uint8),
@@ -1781,7 +1781,7 @@ def test_a_suspect_file_listing_no_index_is_refused(tmp_path, capsys, text):
     # pool .npz's own suspect array, with the training-support test left without suspects
     import warnings
 
-    from spurfast.cli import load_suspect
+    from spurfast.input_files import load_suspect
 
     f = tmp_path / "suspect.txt"
     f.write_text(text)
@@ -1803,7 +1803,7 @@ def test_a_suspect_file_listing_no_index_is_refused(tmp_path, capsys, text):
 def test_a_suspect_file_with_a_byte_order_mark_is_read(tmp_path):
     # Windows editors' UTF-8 starts with a byte-order mark: the first index read "\ufeff1" and the
     # file was refused as not holding integers (--class-names files already took it)
-    from spurfast.cli import load_suspect
+    from spurfast.input_files import load_suspect
 
     f = tmp_path / "suspect.txt"
     f.write_bytes("\ufeff1\r\n2\r\n5\r\n".encode("utf-8"))
@@ -2014,7 +2014,7 @@ def test_a_long_class_names_file_is_checked_for_repeats_in_linear_time(tmp_path)
     # machine, before any work, and discover reads the file up to three times
     import time
 
-    from spurfast.cli import load_npz_source, read_class_names
+    from spurfast.input_files import load_npz_source, read_class_names
 
     names = [f"n{i:08d}" for i in range(30_000)]
     (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
@@ -2196,7 +2196,7 @@ def test_n_null_alone_raises_max_null_and_the_residual_limit_has_a_flag(tmp_path
 def test_a_suspect_file_repeating_an_index_is_refused_and_a_mask_named(tmp_path):
     # a 0/1 mask saved one value a line (np.savetxt of the pool's suspect array) read as the
     # indices {0, 1}: two suspects in place of the pool's 1,000, without a word
-    from spurfast.cli import load_suspect
+    from spurfast.input_files import load_suspect
 
     f = tmp_path / "suspect.txt"
     np.savetxt(f, (np.arange(10) % 3 == 0).astype(int), fmt="%d")

@@ -301,7 +301,7 @@ def test_flat_folder_takes_class_names_for_the_predictions(tmp_path):
     folder was refused ("class names were given, but ... has no class folders")."""
     from PIL import Image
 
-    from spurfast.cli import load_pool
+    from spurfast.input_files import load_pool
     from spurfast.data.folder import ImageFolderSource
 
     pool = tmp_path / "pool"
@@ -352,7 +352,7 @@ def test_an_npz_whose_file_name_is_not_utf8(tmp_path):
     encode character '\\udcff' ... surrogates not allowed")."""
     import os
 
-    from spurfast.cli import load_pool
+    from spurfast.input_files import load_pool
     from spurfast.data.sources import content_digest
     from spurfast.embed import fingerprint
 
