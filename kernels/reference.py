@@ -304,11 +304,12 @@ def check_within_k(offsets: torch.Tensor, assign: torch.Tensor, k_per_group, kma
     if not len(assign):
         return
     gid = group_ids(offsets, len(assign))
-    bad = (assign.long() >= k.to(assign.device)[gid]).nonzero().flatten()
+    a = assign.to(offsets.device).long()   # a CPU assign with CUDA points: the callers take it
+    bad = (a >= k.to(offsets.device)[gid]).nonzero().flatten()
     if len(bad):
         i = int(bad[0])
         g = int(gid[i])
-        raise ValueError(f"assign[{i}] = {int(assign[i])}, but its group {g} has k_per_group[{g}] = {int(k[g])} "
+        raise ValueError(f"assign[{i}] = {int(a[i])}, but its group {g} has k_per_group[{g}] = {int(k[g])} "
                          f"clusters ({len(bad)} point(s) so)")
 
 
