@@ -24,12 +24,16 @@ PY="${PYTHON:-python3}"
 STEPS="${SPURFAST_GPU_CHECK_STEPS:-kmeans e2e tests encoder shapes}"
 LOG="$OUT/steps.log"
 BUDGET="${SPURFAST_GPU_CHECK_BUDGET:-570}"
+# the least a step may get (else it is skipped) and the time kept for the summary; the tests
+# shrink both (SPURFAST_GPU_CHECK_MIN_STEP, SPURFAST_GPU_CHECK_RESERVE) to cut a step in seconds
+MIN_STEP="${SPURFAST_GPU_CHECK_MIN_STEP:-30}"
+RESERVE="${SPURFAST_GPU_CHECK_RESERVE:-15}"
 step() { echo "[gpu_check] $(date +%T) +${SECONDS}s $*" | tee -a "$LOG"; }
-# a step's time limit: its own ($1 s) or what the budget has left (less 15 s for the summary)
+# a step's time limit: its own ($1 s) or what the budget has left (less RESERVE s for the summary)
 # (never 0: `timeout 0` waits forever)
-limit() { local left=$(( BUDGET - SECONDS - 15 )); (( left < 1 )) && left=1; echo $(( left < $1 ? left : $1 )); }
+limit() { local left=$(( BUDGET - SECONDS - RESERVE )); (( left < 1 )) && left=1; echo $(( left < $1 ? left : $1 )); }
 want() {
-  (( $(limit 30) >= 30 )) || { step "$1 skipped: the ${BUDGET} s budget is spent"; return 1; }
+  (( $(limit "$MIN_STEP") >= MIN_STEP )) || { step "$1 skipped: the ${BUDGET} s budget is spent"; return 1; }
 }
 
 # every step has a time limit (a hung nvcc, pip or CUDA init must not eat the device time), the

@@ -296,10 +296,12 @@ def test_gpu_check_keeps_to_its_budget_and_a_cut_test_step_still_reports(tmp_pat
                     '[ "$1" = "-c" ] && exit 1\n'
                     "exit 0\n")
     fake.chmod(0o755)
-    out, stdout = _run_gpu_check(tmp_path, fake, budget=46, timeout=60, steps="tests kmeans")
+    # a 3 s least step and 2 s for the summary (30 and 15 by default): the tests step is cut after ~6 s
+    out, stdout = _run_gpu_check(tmp_path, fake, budget=8, timeout=30, steps="tests kmeans",
+                                 env={"SPURFAST_GPU_CHECK_MIN_STEP": "3", "SPURFAST_GPU_CHECK_RESERVE": "2"})
     steps = (out / "steps.log").read_text()
     assert "summary after SIGINT" in (out / "gpu_tests.log").read_text(), steps
-    assert "kmeans skipped: the 46 s budget is spent" in steps, steps
+    assert "kmeans skipped: the 8 s budget is spent" in steps, steps
     assert "[gpu_check]" in stdout and "done" in steps.splitlines()[-1], steps
 
 
@@ -375,7 +377,8 @@ def test_gpu_check_caps_its_probes_by_the_budget_too(tmp_path):
     assert "done" in steps.splitlines()[-1], steps
 
 
-def _run_gpu_check(tmp_path, fake_python, *, budget: int, timeout: int, steps: str | None = None):
+def _run_gpu_check(tmp_path, fake_python, *, budget: int, timeout: int, steps: str | None = None,
+                   env: dict | None = None):
     """Run bench/gpu_check.sh with a scripted python, a no-op make, a ``budget`` (s) and
     ``steps`` (SPURFAST_GPU_CHECK_STEPS; None: its default); kill its whole session and fail
     if it runs past ``timeout``.  Returns ($OUT, its stdout)."""
@@ -389,7 +392,8 @@ def _run_gpu_check(tmp_path, fake_python, *, budget: int, timeout: int, steps: s
     (tmp_path / "bin" / "make").chmod(0o755)
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), PYTHON=str(fake_python), SPURFAST_GPU_CHECK_BUDGET=str(budget),
-               PATH=f"{tmp_path / 'bin'}:/usr/bin:/bin", **({} if steps is None else {"SPURFAST_GPU_CHECK_STEPS": steps}))
+               PATH=f"{tmp_path / 'bin'}:/usr/bin:/bin", **({} if steps is None else {"SPURFAST_GPU_CHECK_STEPS": steps}),
+               **(env or {}))
     script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
     proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
