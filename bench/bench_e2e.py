@@ -152,8 +152,8 @@ def worker(argv=None) -> int:
     from spurfast.models.files import load_classifier, load_vae
     from spurfast.pattern_rank import pattern_rankings
     from spurfast.pipeline import _reread_loader
-    from spurfast.run_folder import prepare_output
     from spurfast.report import write_report
+    from spurfast.run_folder import prepare_output
 
     ctx = dist.init(args.device)
     device = ctx.device if ctx.distributed else args.device

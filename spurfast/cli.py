@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .checks import check_file_target, folder_blocker, json_document, not_a_folder   # light: numpy only
-from .input_files import _need_file, load_pool, load_suspect, read_class_names, same_classes   # light too
+from .input_files import load_pool, load_suspect, need_file, read_class_names, same_classes   # light too
 
 
 def _pattern(args):
@@ -597,7 +597,7 @@ def cmd_evaluate(args):
             raise ValueError(f"{', '.join(given)} only apply to a run, but --from-csv {args.from_csv} regenerates "
                              f"RESULTS.md and plots from that CSV as it is; drop {' and '.join(given)}")
         csv_path = Path(args.from_csv)
-        _need_file(csv_path, "results CSV")
+        need_file(csv_path, "results CSV")
         out = Path(args.out)
         # read_notes (in check_ours): a RESULTS.md that is not UTF-8 failed with the codec's message, naming no file
         previous = check_ours(out / "RESULTS.md", "--out's")

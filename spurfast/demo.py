@@ -12,8 +12,8 @@ import torch
 
 from .checks import check_compute_device, check_default_dtype, check_whole
 from .discover import DiscoverConfig
-from .metrics import auroc
 from .embed import _write_json, shown_path
+from .metrics import auroc
 from .models.files import save_classifier, save_vae
 from .models.train import train_classifier, train_vae
 from .pipeline import SUMMARY, check_discovery_ops, make_planted_data, report_summary, run_discovery

@@ -26,7 +26,7 @@ def _repeated(names: list[str]) -> list[str]:
     return sorted(n for n, c in Counter(names).items() if c > 1)
 
 
-def _need_file(p: Path, what: str) -> None:
+def need_file(p: Path, what: str) -> None:
     """``p`` must be a regular file: a folder (or a pipe, e.g. <(...)) was said not to exist."""
     if p.is_file():
         return
@@ -45,7 +45,7 @@ def load_npz_source(path):
 
     from .data.sources import ArraySource
     p = Path(path)
-    _need_file(p, "data file")
+    need_file(p, "data file")
     expected = "expected an .npz archive (numpy.savez) with an 'images' array, as `spurfast plant` writes"
     with open(p, "rb") as fh:
         if fh.read(4) != b"PK\x03\x04":  # an .npz is a zip file; numpy's own error talks about pickles
@@ -81,7 +81,7 @@ def load_npz_source(path):
 def read_class_names(path) -> list[str]:
     """--class-names: one class name a line, in the classifier's label order."""
     p = Path(path)
-    _need_file(p, "class-names file")
+    need_file(p, "class-names file")
     # utf-8-sig: a byte-order mark (Windows editors) stuck to the first name, which then matched no folder
     try:
         text = p.read_text(encoding="utf-8-sig")
@@ -146,7 +146,7 @@ def load_suspect(path, n: int, pool_name) -> np.ndarray:
     """Boolean (n,) mask from a text file of pool indices; refuses indices outside [0, n)
     and repeated ones."""
     p = Path(path)
-    _need_file(p, "suspect file")
+    need_file(p, "suspect file")
     try:
         with warnings.catch_warnings():   # numpy's "input contained no data": refused below, by name
             warnings.filterwarnings("ignore", "loadtxt: input contained no data", UserWarning)
