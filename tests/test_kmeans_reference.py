@@ -10,7 +10,7 @@ import torch
 from spurfast import backends
 from spurfast.cluster import batched_kmeans, sort_by_group
 from spurfast.kernels import reference as ref
-from tests.helpers import EMPTY_CASES, assert_close, assert_equal_int, assert_same_outputs, empty_case
+from tests.helpers import EMPTY_CASES, assert_bitwise, assert_close, assert_equal_int, assert_same_outputs, empty_case
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -113,7 +113,7 @@ def test_assign_row_halves_in_threads_match_brute_force(metric, monkeypatch):
     assert parts == [2, 2]   # both large groups ran as two thread halves
     a2, d2 = ref.kmeans_assign(x, off, cent, kpg, metric)
     assert_equal_int(a2, assign, "assign on a second run")
-    assert torch.equal(d2, dist)
+    assert_bitwise(d2, dist, "dist on a second run")
 
 
 def test_assign_thousand_groups_and_padding_masks_unused_centroids():
@@ -267,7 +267,7 @@ def test_every_op_on_empty_input(G, kmax, d, k):
     gen = torch.Generator().manual_seed(3)
     state = gen.get_state()
     assert_same_outputs(ref.kmeans_plusplus(x, off, kpg, kmax, gen), torch.zeros(G, kmax, d), "plusplus")
-    assert torch.equal(gen.get_state(), state), "plusplus drew from the generator with no points"
+    assert_bitwise(gen.get_state(), state, "plusplus drew from the generator with no points")
     for m in (0, 3):
         assert_same_outputs(ref.cluster_similarity(x, off, assign, cent, kpg, m),
                             (torch.zeros(0), torch.full((G, kmax, m), -1, dtype=torch.int64),
@@ -352,7 +352,7 @@ def test_kmeans_plusplus_deterministic_by_seed():
     a = ref.kmeans_plusplus(x, off, kpg, 6, torch.Generator().manual_seed(4))
     b = ref.kmeans_plusplus(x, off, kpg, 6, torch.Generator().manual_seed(4))
     c = ref.kmeans_plusplus(x, off, kpg, 6, torch.Generator().manual_seed(5))
-    assert torch.equal(a, b)
+    assert_bitwise(a, b, "plusplus seeds, same seed twice")
     assert not torch.equal(a, c)
     # seeds are members of their own group, distinct, and unused rows stay zero
     for g in range(4):
@@ -412,7 +412,7 @@ def test_kmeans_plusplus_skipping_finished_groups_draws_the_same_seeds():
         off = csr(sizes.tolist())
         got = ref.kmeans_plusplus(x, off, kpg, kmax, torch.Generator().manual_seed(trial))
         want = _plusplus_every_point_every_step(x, off, kpg, kmax, torch.Generator().manual_seed(trial))
-        assert torch.equal(got, want), f"trial {trial}: {int((got != want).any(-1).sum())} seeds differ"
+        assert_bitwise(got, want, f"trial {trial}: seeds")
 
 
 def test_empty_cluster_is_reseeded():
@@ -691,7 +691,7 @@ def test_assign_takes_sliced_centroids(metric):
     got = ref.kmeans_assign(x, off, full[:, :3], kpg, metric)
     want = ref.kmeans_assign(x, off, full[:, :3].contiguous(), kpg, metric)
     assert_equal_int(got[0], want[0], "assign")
-    assert torch.equal(got[1], want[1])
+    assert_bitwise(got[1], want[1], "dist with sliced centroids")
 
 
 def test_a_group_given_no_cluster_does_not_stop_the_others():
@@ -771,7 +771,7 @@ def test_plusplus_leaves_zeros_for_a_group_given_no_cluster():
     cent = ref.kmeans_plusplus(x, off, torch.tensor([0, 2]), 2, torch.Generator().manual_seed(0))
     assert not cent[0].any()
     both = ref.kmeans_plusplus(x, off, torch.tensor([1, 2]), 2, torch.Generator().manual_seed(0))
-    assert torch.equal(cent[1], both[1])
+    assert_bitwise(cent[1], both[1], "the other group's seeds")
 
 
 @pytest.mark.gpu
@@ -787,7 +787,7 @@ def test_assign_takes_cpu_offsets_with_cuda_points():
     assert torch.equal(got[1], want[1]) and got[0].is_cuda
     got = ref.kmeans_assign(x, off, cent.cpu(), kpg)   # CPU centroids too, as the GPU providers take them
     assert_equal_int(got[0], want[0], "assign with CPU centroids")
-    assert torch.equal(got[1], want[1])
+    assert_bitwise(got[1], want[1], "dist with CPU centroids")
 
 
 def test_update_and_similarity_refuse_fractional_assign():
@@ -807,7 +807,7 @@ def test_update_and_similarity_refuse_fractional_assign():
     assert torch.equal(sums, want_sums) and torch.equal(counts, want_counts)
     for got, want in zip(ref.cluster_similarity(x, off, whole.float(), cent, kpg, m=2),
                          ref.cluster_similarity(x, off, whole, cent, kpg, m=2)):
-        assert torch.equal(got, want)
+        assert_bitwise(got, want, "output with whole-float assign")
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -850,7 +850,7 @@ def test_sorted_sums_equal_index_add_in_row_order():
         want = torch.zeros(S, 2).index_add_(0, flat, v)
         got = ref.sorted_sums(flat, v, S)
         assert torch.equal(got, want), (n, S)
-        assert torch.equal(ref.sorted_sums(flat, v[:, 0], S), want[:, 0])
+        assert_bitwise(ref.sorted_sums(flat, v[:, 0], S), want[:, 0], "sorted_sums of one column")
 
 
 @pytest.mark.gpu
@@ -868,10 +868,10 @@ def test_similarity_on_cuda_is_reproducible_and_takes_cpu_assign():
             for _ in range(3)]
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
-            assert torch.equal(a, b)
+            assert_bitwise(a, b, "similarity on CUDA, run twice")
     mixed = ref.cluster_similarity(x, off, assign, cent, torch.tensor([3, 3]), m=40)
     for a, b in zip(runs[0], mixed):
-        assert torch.equal(a, b)
+        assert_bitwise(a, b, "similarity with a CPU assign")
     want = ref.cluster_similarity(x_cpu, off, assign, cent, torch.tensor([3, 3]), m=40)
     assert_equal_int(runs[0][1].cpu(), want[1], "exemplars")
     torch.testing.assert_close(runs[0][2].cpu(), want[2], rtol=1e-4, atol=1e-5)
@@ -964,7 +964,7 @@ def test_latent_knn_reranks_in_slices_of_at_most_a_block(monkeypatch):
     monkeypatch.setattr(ref, "_exact_nearest", spy)
     monkeypatch.setattr(ref, "KNN_BLOCK_FLOATS", 1 << 14)
     got = ref.latent_knn(z, 12, chunk=300)
-    assert torch.equal(got, want)
+    assert_bitwise(got, want, "kNN reranked in slices")
     assert max(gathered) <= 1 << 14, f"a re-ranking gathered {max(gathered)} floats"
 
 
@@ -1065,7 +1065,7 @@ def test_latent_knn_screens_at_ieee_precision_whatever_the_callers_setting(monke
     finally:
         torch.set_float32_matmul_precision(saved[0])
         cuda_mm.fp32_precision, mkl_mm.fp32_precision = saved[1], saved[2]
-    assert torch.equal(got, want)
+    assert_bitwise(got, want, "kNN at the lowered precision setting")
     assert sum(remeasured) == 0, f"{sum(remeasured)} of 600 ordinary rows measured again"
 
 
@@ -1196,7 +1196,7 @@ def test_batched_kmeans_takes_numpy_points_and_starting_centroids():
     assert torch.equal(got.assign, want.assign) and torch.equal(got.centroids, want.centroids)
     init = want.centroids.numpy()
     again = batched_kmeans(x, groups, [2, 3], init=init)
-    assert torch.equal(again.assign, want.assign)
+    assert_bitwise(again.assign, want.assign, "assign from numpy inputs, again")
 
 
 @pytest.mark.parametrize("n", [5, 40])
@@ -1232,7 +1232,7 @@ def test_batched_kmeans_takes_any_integer_seed_below_2_64():
     g = torch.zeros(30, dtype=torch.long)
     a = batched_kmeans(x, g, [3], n_groups=1, seed=np.int64(7))
     b = batched_kmeans(x, g, [3], n_groups=1, seed=7)
-    assert torch.equal(a.assign, b.assign)
+    assert_bitwise(a.assign, b.assign, "assign at seed np.int64(7) against 7")
     batched_kmeans(x, g, [3], n_groups=1, seed=2 ** 64 - 1)
     assert torch.equal(batched_kmeans(x, g, [3], n_groups=1, seed=7.0).assign, b.assign)   # as DiscoverConfig takes it
 
