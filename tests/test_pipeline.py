@@ -173,7 +173,6 @@ def test_a_file_system_without_locks_warns_and_runs_unlocked(tmp_path, monkeypat
     import errno
     import fcntl
 
-
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
 
