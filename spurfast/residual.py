@@ -190,9 +190,9 @@ def peak_windows(tmaps: torch.Tensor, image_shape: tuple) -> tuple[np.ndarray, n
     return stat.numpy(), masks.numpy()
 
 
-def same_label_neighbours(z: np.ndarray, lab_index: np.ndarray, k: int) -> np.ndarray:
+def same_label_neighbours(z: np.ndarray, lab_index: np.ndarray, k: int, device: str = "cpu") -> np.ndarray:
     """(n, k + 1) pool rows: each row itself, then its k nearest latent neighbours of the same
-    label (fewer images in a label: the row itself fills the rest)."""
+    label (fewer images in a label: the row itself fills the rest), searched on ``device``."""
     n = len(z)
     out = np.repeat(np.arange(n)[:, None], k + 1, axis=1)
     for lab in np.unique(lab_index):
@@ -200,18 +200,19 @@ def same_label_neighbours(z: np.ndarray, lab_index: np.ndarray, k: int) -> np.nd
         kk = min(k, len(rows) - 1)
         if kk < 1:
             continue
-        out[rows, 1:kk + 1] = rows[latent_neighbours(z[rows], kk)]
+        out[rows, 1:kk + 1] = rows[latent_neighbours(z[rows], kk, device=device)]
     return out
 
 
 def residual_scan(residuals: torch.Tensor, z: np.ndarray, pred: np.ndarray, labels: np.ndarray,
                   suspect: np.ndarray, image_shape: tuple, config: ResidualConfig | None = None,
-                  progress: bool = False) -> list[dict]:
+                  progress: bool = False, device: str = "cpu") -> list[dict]:
     """Findings of classes whose unrelated images carry a localised residual peak that the
     same-label latent-neighbour null does not (module docstring).  ``residuals`` (n, P) from
     `reconstruction_residuals`, ``z`` (n, d) standardised latents, ``pred`` (n,) predicted
     classes (-1: no prediction), ``labels`` (n,) true labels (-1 unknown), ``suspect`` (n,)
-    bool, ``image_shape`` (C, H, W) or (H, W) with P values.  Each finding: class, kind
+    bool, ``image_shape`` (C, H, W) or (H, W) with P values, ``device`` where the latent
+    neighbours are searched (the sums stay on the CPU).  Each finding: class, kind
     "residual", score (the peak's ratio), peak_t, p_value, q_value, members, ranking
     (pool-wide) and the extracted pattern (``_mask`` (H, W), ``_contrast``) that confirmation
     adds; sorted by q, then score."""
@@ -242,7 +243,8 @@ def residual_scan(residuals: torch.Tensor, z: np.ndarray, pred: np.ndarray, labe
     p_obs = pred[rows]
     obs = sums.tmaps(p_obs, cfg.min_images)
     stat_obs, masks = peak_windows(obs, image_shape)
-    nbr = same_label_neighbours(np.asarray(z)[rows], lab_index, cfg.n_neighbours)
+    # on the run's device, as discovery's neighbour search (it searched the CPU whatever the run's)
+    nbr = same_label_neighbours(np.asarray(z)[rows], lab_index, cfg.n_neighbours, device)
     rng = np.random.default_rng(cfg.seed)
     null = np.full((cfg.n_null, n_classes), np.nan)
     for b in tqdm(range(cfg.n_null), desc="residual null", disable=not progress):
@@ -323,7 +325,7 @@ def scan_store(store, source: ImageSource, vae, config: ResidualConfig, *, suspe
     if ok.any():
         z[ok] = _standardise(mu[ok])
     found = residual_scan(res, z, np.where(ok, pred, -1), np.asarray(store["labels"]), suspect,
-                          tuple(source.image_shape), config, progress)
+                          tuple(source.image_shape), config, progress, device)
     return found, ok
 
 

@@ -450,3 +450,25 @@ def test_scan_store_standardises_the_latents_discovery_uses(monkeypatch, tmp_pat
 
     R.scan_store(store, Source(), vae=None, config=ResidualConfig())
     np.testing.assert_array_equal(seen["z"][ok], _standardise(mu[ok]))
+
+
+def test_the_scan_searches_latent_neighbours_on_the_run_s_device(monkeypatch):
+    # the store's scan got the run's device for decoding only: its neighbour search ran on the
+    # CPU whatever the run's (discovery's runs on the run's device)
+    from spurfast import residual as R
+
+    res, z, pred, labels, _ = _pool()
+    real, seen = R.latent_neighbours, []
+
+    def spy(zz, k, device="cpu"):
+        seen.append(device)
+        return real(zz, k)
+
+    monkeypatch.setattr(R, "latent_neighbours", spy)
+    want = residual_scan(res, z, pred, labels, np.zeros(len(pred), bool), SHAPE, ResidualConfig(n_null=20))
+    assert seen and set(seen) == {"cpu"}
+    seen.clear()
+    got = residual_scan(res, z, pred, labels, np.zeros(len(pred), bool), SHAPE, ResidualConfig(n_null=20),
+                        device="cuda:3")
+    assert seen and set(seen) == {"cuda:3"}
+    assert [(f["class"], f["p_value"]) for f in got] == [(f["class"], f["p_value"]) for f in want]
