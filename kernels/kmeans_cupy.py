@@ -381,7 +381,7 @@ def cluster_similarity(x, offsets, assign, centroids, k_per_group, m: int = 8):
     if len(offsets) != G + 1:
         raise ValueError(f"offsets has {len(offsets)} entries; expected G + 1 = {G + 1}")
     assign = _check_assign(assign, N, kmax, x.device)
-    ref.check_within_k(offsets, assign, k_per_group, kmax)
+    kpg = ref.check_k_per_group(k_per_group, G, kmax)
     S = G * kmax
     cos = torch.zeros(N, dtype=torch.float32, device=x.device)
     sq = torch.zeros(N, dtype=torch.float32, device=x.device)
@@ -392,6 +392,7 @@ def cluster_similarity(x, offsets, assign, centroids, k_per_group, m: int = 8):
         return cos, exemplars, mean_cos, mean_sq
     c = centroids.to(device=x.device, dtype=torch.float32).contiguous()
     gid, perm, seg_first, _ = _segment_sort(offsets, assign, kmax, N)
+    ref.check_within_k(gid, assign, kpg)   # with the sort's group ids: none made twice
     gid = gid.contiguous()   # _cp passes pointers: every argument must outlive the launch
     with _Launch(x.device) as L:
         pt = _fn("kmeans_similarity", f"spurfast_sim_point_{DTYPES[x.dtype]}", L.index)

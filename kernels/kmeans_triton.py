@@ -209,16 +209,16 @@ def compile_for(capability: int, dtype: torch.dtype, d: int, kmax: int, metric: 
 def kmeans_assign(x, offsets, centroids, k_per_group, metric: str = "l2", x_sqnorm=None):
     """See :func:`spurfast.kernels.reference.kmeans_assign` (x_sqnorm is accepted and not
     needed: each winner's distance is computed directly on chip)."""
-    ref.check_assign_args(x, offsets, centroids, metric)   # x's shape first, as the reference checks it
-    ref.check_x_sqnorm(x_sqnorm, x.shape[0])   # unread here, yet a wrong one is the caller's bug: refused alike
-    return assign_with_shape(x, offsets, centroids, k_per_group, metric)
+    return assign_with_shape(x, offsets, centroids, k_per_group, metric, x_sqnorm=x_sqnorm)
 
 
-def assign_with_shape(x, offsets, centroids, k_per_group, metric: str = "l2", shape: dict | None = None):
+def assign_with_shape(x, offsets, centroids, k_per_group, metric: str = "l2", shape: dict | None = None,
+                      x_sqnorm=None):
     """`kmeans_assign` with an explicit launch shape (a `launch_shape`-style dict; None:
     `launch_shape`'s choice).  For tuning: ``bench/bench_triton_shapes.py`` times the
     `candidate_shapes` with it."""
     G, kmax = ref.check_assign_args(x, offsets, centroids, metric)
+    ref.check_x_sqnorm(x_sqnorm, x.shape[0])   # unread here, yet a wrong one is the caller's bug: refused alike
     shape = _checked_shape(shape) if shape is not None else None
     ok, why = is_available()
     if not ok:

@@ -295,21 +295,16 @@ def check_k_per_group(k_per_group, G: int, kmax: int) -> torch.Tensor:
     return k
 
 
-def check_within_k(offsets: torch.Tensor, assign: torch.Tensor, k_per_group, kmax: int) -> None:
-    """Refuse a point assigned to a cluster its group does not have (``assign`` >=
-    ``k_per_group`` of its group): its statistics and exemplars came out for a cluster no
-    k-means run made.  ``offsets`` checked, ``assign`` checked within [0, kmax)."""
-    G = len(offsets) - 1
-    k = check_k_per_group(k_per_group, G, kmax)
-    if not len(assign):
-        return
-    gid = group_ids(offsets, len(assign))
-    a = assign.to(offsets.device).long()   # a CPU assign with CUDA points: the callers take it
-    bad = (a >= k.to(offsets.device)[gid]).nonzero().flatten()
+def check_within_k(gid: torch.Tensor, assign: torch.Tensor, k: torch.Tensor) -> None:
+    """Refuse a point assigned to a cluster its group does not have (``assign`` >= ``k`` of
+    its group): its statistics and exemplars came out for a cluster no k-means run made.
+    ``gid`` and ``assign`` (each point's group and cluster, checked within [0, kmax)) on one
+    device, as the caller has them; ``k``: `check_k_per_group`'s tensor.  One host read."""
+    bad = (assign >= k.to(assign.device)[gid]).nonzero().flatten()
     if len(bad):
         i = int(bad[0])
         g = int(gid[i])
-        raise ValueError(f"assign[{i}] = {int(a[i])}, but its group {g} has k_per_group[{g}] = {int(k[g])} "
+        raise ValueError(f"assign[{i}] = {int(assign[i])}, but its group {g} has k_per_group[{g}] = {int(k[g])} "
                          f"clusters ({len(bad)} point(s) so)")
 
 
@@ -880,12 +875,13 @@ def cluster_similarity(
     offsets = check_members(x, offsets, assign, kmax)
     if len(offsets) != G + 1:
         raise ValueError(f"offsets has {len(offsets)} entries; expected G + 1 = {G + 1}")
-    check_within_k(offsets, assign, k_per_group, kmax)
+    kpg = check_k_per_group(k_per_group, G, kmax)
     gid = group_ids(offsets, N)
     # checked integral above (float indices fail to index); on x's device, as the CuPy
     # launcher moves them before it hands m > 32 here: CPU assign or centroids with CUDA
     # points failed in a device mismatch
     assign = assign.to(x.device).long()
+    check_within_k(gid, assign, kpg)
     c = (centroids.to(device=x.device, dtype=torch.float32)[gid, assign] if N
          else torch.zeros(0, d, device=x.device, dtype=torch.float32))
     xf = x.float()
