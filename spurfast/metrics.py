@@ -9,7 +9,12 @@ pool item)``.
   pool does (and at least one member carries it).
 - ``hit@1``: the top candidate is of class t and enriched.
 - per feature, the *best* candidate is the one whose ranking has the highest average
-  precision; its AUROC, AP, precision@10/@25 are reported.  A method with no candidate
+  precision; its AUROC, AP, precision@10/@25 are reported.  ``ap_in_class``: the same
+  best AP among the candidates of class t only.  dcbench's best slice may lie in any class,
+  and a candidate of another class whose members carry the pool's stamp (the model's reaction
+  to it there) can rank every carrier in the pool while the method's class-t candidates rank
+  at chance; this one asks whether the method found the shortcut where it was planted (none
+  of class t: the carrier rate, as for no candidate).  A method with no candidate
   scores AUROC 0.5 and AP and precision@k = the carrier rate: a random ranking's
   expectation, but for AP, whose expectation is a little higher, by about
   (1 - rate) (H_n - 1) / n for n pool items (H_n the n-th harmonic number; 0.001 on the
@@ -140,12 +145,22 @@ def hit_at_1(cands: list[dict], feat: Feature) -> float:
     return float(bool(cands) and matches(cands[0], feat))
 
 
-def best_candidate(cands: list[dict], feat: Feature):
+def best_candidate(cands: list[dict], feat: Feature, *, in_class: bool = False):
     """(index, AP) of the candidate whose ranking has the highest AP, the earlier one on a
-    tie (the method's own order decides); (None, nan) if none."""
+    tie (the method's own order decides); (None, nan) if none.  ``in_class``: among the
+    candidates of the feature's class only."""
+    return _best_of(_aps(cands, feat), cands, feat, in_class)
+
+
+def _aps(cands: list[dict], feat: Feature) -> list[float]:
+    return [average_precision(_finite(c["ranking"]), feat.carries) for c in cands]
+
+
+def _best_of(aps: list[float], cands: list[dict], feat: Feature, in_class: bool):
     best, best_ap = None, -1.0
-    for i, c in enumerate(cands):
-        ap = average_precision(_finite(c["ranking"]), feat.carries)
+    for i, (c, ap) in enumerate(zip(cands, aps)):
+        if in_class and int(c["class"]) != int(feat.target_class):
+            continue
         if ap > best_ap:
             best, best_ap = i, ap
     return best, (best_ap if best is not None else float("nan"))
@@ -162,29 +177,35 @@ def _finite(r):
 
 
 def feature_metrics(cands: list[dict], feat: Feature, ks=(10, 25), masks: bool = True) -> dict:
-    """hit@1 and the best candidate's AUROC, AP, precision@k, mask IoU for one feature.
+    """hit@1 and the best candidate's AUROC, AP, precision@k, mask IoU for one feature, and
+    the best AP among the candidates of its class (``ap_in_class``).
     Without a candidate, the scores of a random ranking and, for a method that extracts
     masks (``masks``), IoU 0 where a planted mask exists: averaging over seeds must not
     drop the seeds where nothing was found.  A feature no pool item carries: every metric
     NaN (nothing to find; a random ranking's AUROC 0.5 and AP 0 would enter the means)."""
-    names = ["hit@1", "auroc", "ap", *(f"precision@{k}" for k in ks), "mask_iou", "best_is_target_class"]
+    names = ["hit@1", "auroc", "ap", *(f"precision@{k}" for k in ks), "mask_iou", "best_is_target_class",
+             "ap_in_class"]
     if not np.asarray(feat.carries, bool).any():
         return dict.fromkeys(names, float("nan"))
     out = {"hit@1": hit_at_1(cands, feat)}
     prev = float(np.mean(feat.carries))
-    i, ap = best_candidate(cands, feat)
+    aps = _aps(cands, feat)   # each ranking scored once for both picks
+    i, ap = _best_of(aps, cands, feat, in_class=False)
+    j, ap_in = _best_of(aps, cands, feat, in_class=True)
+    ap_in_class = ap_in if j is not None else prev
     if i is None:
         iou = 0.0 if masks and feat.mask is not None and np.asarray(feat.mask).any() else float("nan")
         # every item a carrier: no negative, so AUROC is undefined, as `auroc` says for a candidate's ranking
         out.update({"auroc": 0.5 if prev < 1.0 else float("nan"), "ap": prev,
                     **{f"precision@{k}": prev for k in ks}, "mask_iou": iou,
-                    "best_is_target_class": 0.0})
+                    "best_is_target_class": 0.0, "ap_in_class": ap_in_class})
         return out
     r = _finite(cands[i]["ranking"])
     out.update({"auroc": auroc(r, feat.carries), "ap": ap,
                 **{f"precision@{k}": precision_at_k(r, feat.carries, k) for k in ks},
                 "mask_iou": mask_iou(cands[i].get("mask"), feat.mask),
-                "best_is_target_class": float(int(cands[i]["class"]) == int(feat.target_class))})
+                "best_is_target_class": float(int(cands[i]["class"]) == int(feat.target_class)),
+                "ap_in_class": ap_in_class})
     return out
 
 

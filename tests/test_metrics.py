@@ -120,7 +120,8 @@ def test_hit_at_1_and_best_candidate():
 def test_no_candidate_scores_as_random():
     m = feature_metrics([], _feat())
     assert m == {"hit@1": 0.0, "auroc": 0.5, "ap": pytest.approx(0.1), "precision@10": pytest.approx(0.1),
-                 "precision@25": pytest.approx(0.1), "mask_iou": m["mask_iou"], "best_is_target_class": 0.0}
+                 "precision@25": pytest.approx(0.1), "mask_iou": m["mask_iou"], "best_is_target_class": 0.0,
+                 "ap_in_class": pytest.approx(0.1)}
 
 
 def test_no_finding_scores_mask_iou_zero_where_a_mask_was_planted():
@@ -203,7 +204,8 @@ def test_feature_without_carriers_is_undefined_not_random():
     f = Feature(3, np.zeros(10, bool), np.ones((2, 2), bool), "p")
     cands = [{"class": 3, "members": np.arange(3), "ranking": np.arange(10.0), "q_value": 0.01, "mask": np.ones((2, 2))}]
     for got in (feature_metrics(cands, f), feature_metrics([], f), feature_metrics(cands, f, masks=False)):
-        assert list(got) == ["hit@1", "auroc", "ap", "precision@10", "precision@25", "mask_iou", "best_is_target_class"]
+        assert list(got) == ["hit@1", "auroc", "ap", "precision@10", "precision@25", "mask_iou", "best_is_target_class",
+                             "ap_in_class"]
         assert all(np.isnan(v) for v in got.values()), got
 
 
@@ -263,6 +265,25 @@ def test_the_best_of_tied_candidates_is_the_earlier():
     assert best_candidate(cands, feat) == (0, 1.0)
     assert feature_metrics(cands, feat)["best_is_target_class"] == 1.0
     assert feature_metrics(cands[::-1], feat)["best_is_target_class"] == 0.0
+
+
+def test_ap_in_class_takes_the_best_candidate_of_the_features_class_only():
+    # dcbench's best slice may lie in any class: a class-4 candidate that ranks every carrier
+    # first gave AP 1.0 while the class-2 candidates ranked the pool at chance
+    truth = np.r_[np.ones(5, bool), np.zeros(15, bool)]
+    feat = Feature(2, truth, None, "p")
+    perfect = np.r_[np.ones(5), np.zeros(15)]
+    half = np.r_[1.0, 0, 1, 0, 1, np.ones(5), np.zeros(10)]   # carriers 0, 2, 4 tied with 5 non-carriers first
+    cands = [{"class": 4, "members": np.arange(5), "ranking": perfect},
+             {"class": 2, "members": np.arange(5), "ranking": half},
+             {"class": 2, "members": np.arange(5), "ranking": -perfect}]
+    m = feature_metrics(cands, feat)
+    assert m["ap"] == 1.0 and m["best_is_target_class"] == 0.0
+    assert m["ap_in_class"] == pytest.approx(average_precision(half, truth)) and m["ap_in_class"] < 1.0
+    assert best_candidate(cands, feat, in_class=True) == (1, m["ap_in_class"])
+    # no candidate of the class: the carrier rate, as a method with no candidate scores
+    assert feature_metrics(cands[:1], feat)["ap_in_class"] == pytest.approx(5 / 20)
+    assert feature_metrics(cands[1:], feat)["ap_in_class"] == feature_metrics(cands[1:], feat)["ap"]
 
 
 def test_a_q_value_equal_to_the_level_is_significant():
