@@ -19,6 +19,11 @@ Every baseline returns candidates in the format of `spurfast.metrics` (best firs
   (`spurfast.pattern_rank`; until the thirty-second session they kept the probe's ranking,
   and spurfast's AP wins over the ablation were partly the re-ranking's).
 - ``random``: one candidate per class in random order, each with a random ranking.
+- ``george+pattern`` and ``activation_clustering+pattern`` (`pattern_ranked`): the same
+  candidates, ranked as spurfast ranks its findings: a linear probe in the baseline's own
+  feature space (members against the other classes' images), then the extracted pattern
+  (`spurfast.pattern_rank`).  Without it, spurfast's AP wins over these two were partly
+  its ranking step's, not its clusters' (thirty-seventh session's baselines review).
 """
 from __future__ import annotations
 
@@ -30,9 +35,55 @@ import torch
 import torch.nn.functional as F
 
 from .cluster import batched_kmeans, choose_k
-from .discover import DiscoverConfig, _standardise, discover
+from .discover import DiscoverConfig, _probe, _standardise, discover, extract_pattern
 from .pixel_probe import thumbnail_shape, thumbnails
 from .scoring import top_two, unrelated_to_class
+
+
+def standardised_features(store) -> tuple[np.ndarray, np.ndarray]:
+    """(valid pool indices, the classifier's penultimate features of those rows, standardised):
+    the space GEORGE clusters in."""
+    valid, _ = _valid(store)
+    return valid, _standardise(np.asarray(store["feats"], dtype=np.float32)[valid])
+
+
+def pattern_ranked(cands: list[dict], store, pool, space: np.ndarray, *, suspect=None, seed: int = 0,
+                   top: int = 10) -> list[dict]:
+    """The first ``top`` candidates (``top`` >= the evaluation's BEST_OF: the others are never
+    scored) ranked as spurfast ranks a finding: a linear probe in ``space`` (the valid rows'
+    features, `standardised_features`), members against the other classes' images; then the
+    extracted pattern where it is localised, or the probe with a pixel probe where it is not
+    (`spurfast.pattern_rank`).  ``suspect``: as spurfast's, whose unlabelled suspects the
+    diffuse pixel probe leaves out.  Each keeps its members, order and score; gains ``mask``."""
+    from .pattern_rank import pattern_rankings
+    from .scoring import unrelated_to_class
+
+    valid, pred = _valid(store)
+    if len(space) != len(valid):
+        raise ValueError(f"space has {len(space)} rows, expected one per valid pool item ({len(valid)})")
+    g = pred[valid]
+    labels, probs = np.asarray(store["labels"]), np.asarray(store["probs"])
+    ok = np.zeros(store.n, bool)
+    ok[valid] = True
+    full = np.zeros((store.n, space.shape[1]), np.float32)   # pool-sized rows: unlabelled content matching
+    full[valid] = space
+    top2 = top_two(probs)
+    suspect = np.zeros(store.n, bool) if suspect is None else np.asarray(suspect, bool)
+    findings, rankings = [], {}
+    for rank, c in enumerate(cands[:top], 1):
+        members = np.asarray(c["members"], dtype=np.int64)
+        w, thr = _probe(space, g, np.searchsorted(valid, members), int(c["class"]), seed)
+        ranking = np.full(store.n, -np.inf)
+        ranking[valid] = space @ w - thr
+        rankings[rank] = ranking
+        f = {"rank": rank, "class": int(c["class"]), "members": members}
+        extract_pattern(f, pool, full, pred=pred, probs=probs, labels=labels, ok=ok, seed=seed)
+        f["_unrelated"] = members[unrelated_to_class(top2[members], labels[members],
+                                                     np.full(len(members), f["class"]), ~suspect[members])]
+        findings.append(f)
+    if findings:
+        pattern_rankings(findings, rankings, pool, pred=pred, seed=seed)
+    return [dict(c, ranking=rankings[f["rank"]], mask=f["_mask"]) for c, f in zip(cands, findings)]
 
 
 def _valid(store):
@@ -44,9 +95,9 @@ def _valid(store):
 def george(store, *, k: int = 8, min_cluster_size: int = 5,
            max_mean_cluster_size: int = DiscoverConfig.max_mean_cluster_size, max_k: int = DiscoverConfig.max_k,
            seed: int = 0, suspect=None, n_iter: int = 20) -> list[dict]:
-    valid, pred = _valid(store)
+    valid, f = standardised_features(store)
+    _, pred = _valid(store)
     n_classes = int(store.manifest["num_classes"])
-    f = _standardise(np.asarray(store["feats"], dtype=np.float32)[valid])
     g = pred[valid]
     labels = np.asarray(store["labels"])[valid]
     top2 = top_two(store["probs"])[valid]

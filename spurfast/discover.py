@@ -401,24 +401,33 @@ def characterise(result: DiscoveryResult, store: EmbeddingStore, source: ImageSo
     ok = np.asarray(store["ok"]).astype(bool) & (pred >= 0)
     vae = vae.to(device).eval()   # decoded as the store was encoded (the decorator gives its mode back)
     for f in result.findings:
-        c, r = f["class"], f["rank"]
         members = np.asarray(f["members"], dtype=np.int64)
         with torch.no_grad():
             centroid = torch.as_tensor(mu[members].mean(0, keepdims=True), device=device)
             decoded = vae.decode(centroid)[0].cpu()
-        others = np.nonzero(ok & (pred != c))[0]
-        if np.mean(labels[members] < 0) > 0.5:   # mostly unlabelled: match content in latent space
-            contrast, mem_mean = neighbour_contrast(source, mu, members, others, seed=seed)
-        else:
-            m_content = content_classes(top_two(probs[members]), labels[members], np.full(len(members), c))
-            o_content = np.where(labels[others] >= 0, labels[others], pred[others])
-            contrast, mem_mean = contrast_map(source, members, m_content, others, o_content, seed=seed)
-        mask = pattern_mask(contrast)
-        f["_mask"] = mask
-        f["_contrast"] = contrast
-        f["_pattern"] = mem_mean
+        extract_pattern(f, source, mu, pred=pred, probs=probs, labels=labels, ok=ok, seed=seed)
         x, _ = source.get_batch(np.asarray(f["exemplars"], dtype=np.int64))
-        f["images"] = save_finding_images(out_dir, r, decoded, contrast, mask, x)
+        f["images"] = save_finding_images(out_dir, f["rank"], decoded, f["_contrast"], f["_mask"], x)
+
+
+def extract_pattern(finding: dict, source: ImageSource, space: np.ndarray, *, pred: np.ndarray, probs: np.ndarray,
+                    labels: np.ndarray, ok: np.ndarray, seed: int = 0) -> None:
+    """Set a finding's ``_contrast`` (its members against content-matched images of other
+    classes), ``_mask`` (the contrast's pattern) and ``_pattern`` (the members' mean image).
+    Content is matched by label where most members have one, else by nearest neighbours in
+    ``space`` (pool-sized rows: the VAE latent, or a baseline's features)."""
+    c = finding["class"]
+    members = np.asarray(finding["members"], dtype=np.int64)
+    others = np.nonzero(ok & (pred != c))[0]
+    if np.mean(labels[members] < 0) > 0.5:   # mostly unlabelled: match content in latent space
+        contrast, mem_mean = neighbour_contrast(source, space, members, others, seed=seed)
+    else:
+        m_content = content_classes(top_two(probs[members]), labels[members], np.full(len(members), c))
+        o_content = np.where(labels[others] >= 0, labels[others], pred[others])
+        contrast, mem_mean = contrast_map(source, members, m_content, others, o_content, seed=seed)
+    finding["_mask"] = pattern_mask(contrast)
+    finding["_contrast"] = contrast
+    finding["_pattern"] = mem_mean
 
 
 def save_finding_images(out_dir: Path, rank: int, centroid: torch.Tensor, contrast: torch.Tensor,

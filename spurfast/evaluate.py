@@ -480,7 +480,7 @@ def method_rows(method: str, cands: list[dict], feats: list[Feature], pool_feats
         # every method's best finding is picked from its first 10 (spurfast's by rank), so
         # none gets more draws at the ground truth than another
         # the pixel ablation's findings are characterised too (since run cache v26): IoU 0 without one
-        masked = method.startswith("spurfast") or method == "pixels"
+        masked = method.startswith("spurfast") or method == "pixels" or method.endswith("+pattern")
         for metric, v in feature_metrics(cands[:BEST_OF], f, masks=masked).items():
             out.append((f.name, metric, v))
     if method not in TESTED_METHODS:
@@ -545,7 +545,7 @@ def _merge_by_q(clusters: list[dict], residual: list[dict]) -> list[dict]:
 def run_key(setting: Setting, seed: int, sizes: Sizes, methods=DEFAULT_METHODS, statistic: str = DEFAULT_STATISTIC) -> str:
     """The cache key of one run's rows."""
     return _key({"setting": _setting_key(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods),
-                 "v": 28,    # 13: a tie does not beat the best null cluster; 14: Yang's spurious score,
+                 "v": 29,    # 13: a tie does not beat the best null cluster; 14: Yang's spurious score,
                              # best finding of the first 10 for every method, IoU 0 without a finding;
                              # 15: GEORGE's k raised for large classes as spurfast's is; 16: spurfast+support;
                              # 17: localised findings rank the pool by their pattern;
@@ -562,6 +562,7 @@ def run_key(setting: Setting, seed: int, sizes: Sizes, methods=DEFAULT_METHODS, 
                              #     clusters of no unrelated member are out of the FDR's m
                              # 27: confirmation's random control at three doses (confirm.DOSES)
                              # 28: clusters merge when they agree both ways (each on the other's probe side)
+                             # 29: ap_in_class; george+pattern and activation_clustering+pattern
                  # named unless it is the share (the default before the twenty-fourth session): cached runs keep their keys
                  **({} if statistic == "share" else {"statistic": statistic}),
                  # the residual scan's findings got confirm.csv rows (the default sweep's keys kept)
@@ -663,12 +664,22 @@ def _run_one(rfile: Path, setting: Setting, seed: int, sizes: Sizes, cache: Path
         t = time.time()
         cands["pixels"] = B.pixels(store, data.pool, cfg, suspect=data.suspect)
         timing["pixels"] = time.time() - t
-    if "george" in methods:
+    if "george" in methods or "george+pattern" in methods:
         cands["george"] = B.george(store, k=cfg.k, min_cluster_size=cfg.min_cluster_size,
                                    max_mean_cluster_size=cfg.max_mean_cluster_size, max_k=cfg.max_k,
                                    seed=seed, suspect=data.suspect)
-    if "activation_clustering" in methods:
+    if "activation_clustering" in methods or "activation_clustering+pattern" in methods:
         cands["activation_clustering"] = B.activation_clustering(store, seed=seed)
+    # the two with spurfast's ranking step (probe, then pattern), in the classifier's feature space
+    for m in ("george", "activation_clustering"):
+        if f"{m}+pattern" in methods:
+            t = time.time()
+            _, space = B.standardised_features(store)
+            cands[f"{m}+pattern"] = B.pattern_ranked(cands[m], store, data.pool, space, suspect=data.suspect,
+                                                     seed=seed, top=BEST_OF)
+            timing[f"{m}+pattern"] = time.time() - t
+        if m not in methods:
+            cands.pop(m, None)
     if "random" in methods:
         cands["random"] = B.random_ranking(store.n, 10, seed=seed)
     for m, cs in cands.items():

@@ -26,7 +26,7 @@ log = logging.getLogger("spurfast.results_doc")
 # every method a results.csv may hold, in the order tables list them.  The residual ones are
 # opt-in (evaluate --residual-scan): `DEFAULT_METHODS` run without them
 METHODS = ("spurfast", "spurfast+confirm", "spurfast+support", "spurfast+residual", "spurfast+residual+confirm",
-           "pixels", "george", "activation_clustering", "random")
+           "pixels", "george", "george+pattern", "activation_clustering", "activation_clustering+pattern", "random")
 OURS = METHODS[:5]   # spurfast's own rows; the rest are baselines
 RESIDUAL_METHODS = ("spurfast+residual", "spurfast+residual+confirm")
 # spurfast's rows that rank the pool by their own findings; the others keep some of those findings
@@ -307,7 +307,12 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
           "hit@1: the top finding is the planted class and enriched (>= 2x the pool's carrier rate). A method "
           "with no finding counts as a random ranking, and as mask IoU 0. `best in target class`: the share of "
           "seeds whose best finding lies in the pattern's class (a best finding elsewhere is usually the model's "
-          "reaction to the pool's stamp in another class). Order: `spurfast` and `pixels` rows take findings in "
+          "reaction to the pool's stamp in another class). `AP in target class`: the best AP among the first 10 "
+          "that lie in the pattern's class (the carrier rate where none does): whether the method found the "
+          "shortcut where it was planted. `george+pattern` and `activation_clustering+pattern`: those baselines' "
+          "candidates ranked as spurfast ranks its findings (a linear probe in the classifier's feature space, "
+          "then the extracted pixel pattern; `spurfast.baselines.pattern_ranked`), so the comparison with them "
+          "is one of the clusters alone. Order: `spurfast` and `pixels` rows take findings in "
           "discovery order (by score, before the confirmed-first re-ranking that `spurfast discover` and the demo "
           "ship), `spurfast+confirm` keeps only the confirmed findings in that order (its top finding is the top "
           "of the shipped order whenever a finding is confirmed), `spurfast+support` keeps of those the ones whose "
@@ -320,7 +325,8 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
               f"or another CPU or thread count trained**: a fresh run (`--cache` empty) retrains them, and its figures differ a "
               f"little (training repeats bit for bit on one machine at one thread count only).", ""]
     L += _overview(rows, settings)
-    metrics = ["hit@1", "auroc", "ap", "precision@10", "precision@25", "mask_iou", "best_is_target_class"]
+    metrics = ["hit@1", "auroc", "ap", "precision@10", "precision@25", "mask_iou", "best_is_target_class",
+               "ap_in_class"]
     for s in settings:
         rs = [r for r in rows if r["setting"] == s]
         seeds = sorted({r["seed"] for r in rs})
@@ -337,7 +343,8 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
         L.append("")
         feats = list(dict.fromkeys(r["feature"] for r in rs if r["method"] in methods and r["feature"] != "all"))
         if feats:
-            heads = [{"best_is_target_class": "best in target class"}.get(k, k) for k in metrics]
+            heads = [{"best_is_target_class": "best in target class", "ap_in_class": "AP in target class"}.get(k, k)
+                     for k in metrics]
             L += ["| feature | method | " + " | ".join(heads) + " |", "|" + "---|" * (len(metrics) + 2)]
             for feat in feats:
                 for m in methods:
@@ -499,10 +506,14 @@ def _overview(rows, settings) -> list[str]:
             fr, _ = mean(s, "model", "pool_flip_rate", f)
             ap = {m: mean(s, m, "ap", f)[0] for m in METHODS}
             best, best_ap = _best_baseline(ap)
+            in_class = {m: mean(s, m, "ap_in_class", f)[0] for m in METHODS}   # none in a CSV before v29
+            best_in, best_in_ap = _best_baseline(in_class)
             _, hits = mean(s, "spurfast+confirm", "hit@1", f)
             rec, _ = mean(s, "spurfast", "recall@q0.1", "all")
             out.append(f"| {s} | {f} | {ss:.2f} | {called:.2f} | {fr:.2f} | {ap['spurfast']:.3f} | {ap['spurfast+confirm']:.3f} | "
                        + (f"{best} {best_ap:.3f}" if best else "–")
+                       + (f" | {in_class['spurfast']:.3f}" if np.isfinite(in_class["spurfast"]) else " | –")
+                       + (f" | {best_in} {best_in_ap:.3f}" if best_in else " | –")
                        + f" | {_count(hits)[0]}/{len(hits)}{_na(hits)} | {rec:.2f} |")
     if not out:
         return []
@@ -517,9 +528,11 @@ def _overview(rows, settings) -> list[str]:
             "model call the pattern's class (the argmax moves; called \"spurious score\" before the eleventh "
             "session). Pool flip: share of the unrelated pool images carrying it that the model calls its class, the "
             "ceiling of any method that looks inside predicted classes. hit@1 counts the seeds whose top confirmed "
-            "finding is the planted class; recall over all patterns of the setting.",
+            "finding is the planted class; recall over all patterns of the setting. AP in class: the best finding "
+            "among those in the pattern's class (the tables' `AP in target class`).",
             "", "| setting | pattern | spurious score | called | pool flip | AP spurfast | AP spurfast+confirm | "
-            "best baseline AP | hit@1 (confirmed) | recall@q0.1 |", "|---|---|---|---|---|---|---|---|---|---|", *out, ""]
+            "best baseline AP | AP in class spurfast | best baseline AP in class | hit@1 (confirmed) | recall@q0.1 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|", *out, ""]
 
 
 def _seeds_text(seeds) -> str:
@@ -601,20 +614,29 @@ def _targets(rows, settings) -> list[str]:
                        f"model's own reaction to it)") if n_pool else ""
                 L.append(f"- {label}, {m}: {n_false} false findings at q = 0.05 over {len(ff)} seeds{why} -> "
                          f"target (<= 1) {_verdict(n_false > 1, nan_seeds(p))}")
+    for metric, what in (("ap", "AP"), ("ap_in_class", "AP in the planted class")):
+        L += _ap_verdicts(rows, settings, metric, what, pairs, vals, nan_seeds)
+    return L
+
+
+def _ap_verdicts(rows, settings, metric: str, what: str, pairs, vals, nan_seeds) -> list[str]:
+    """The Targets' "AP beats every baseline" lines on ``metric`` ("ap": the best finding in any
+    class; "ap_in_class": in the planted class), named ``what``; a CSV without its rows: none."""
+    L = []
     tally = {m: {} for m in OURS}   # method -> verdict kind -> count, over every setting and pattern
     for s in settings:
         if s.startswith("clean-model"):
             continue
-        feats = dict.fromkeys(r["feature"] for r in rows if r["setting"] == s and r["metric"] == "ap")
+        feats = dict.fromkeys(r["feature"] for r in rows if r["setting"] == s and r["metric"] == metric)
         for f in feats:
-            aps = {m: vals(s, m, "ap", f) for m in METHODS}
+            aps = {m: vals(s, m, metric, f) for m in METHODS}
             if not aps["spurfast"] or not any(v for m, v in aps.items() if m not in OURS):
                 continue   # spurfast or every baseline not run
             # means of the finite seeds, as the tables' (nanmean kept an inf: "spurfast inf", and a verdict on it)
             ap = {m: _finite_mean(v) for m, v in aps.items()}
             best, best_ap = _best_baseline(ap)
             if best is None or not np.isfinite(ap["spurfast"]):
-                L.append(f"- AP `{s}` / {f}: n/a (NaN) in every seed for "
+                L.append(f"- {what} `{s}` / {f}: n/a (NaN) in every seed for "
                          f"{'spurfast' if not np.isfinite(ap['spurfast']) else 'every baseline'} (a pattern that no "
                          f"pool image carries has nothing to find) -> not decided")
                 continue
@@ -628,21 +650,21 @@ def _targets(rows, settings) -> list[str]:
                 kind = "ties" if ours == theirs else "wins" if float(ours) > float(theirs) else "losses"
                 verdict = {"ties": "ties with the best baseline (equal to 3 decimals)", "wins": "beats every baseline",
                            "losses": "does NOT beat every baseline"}[kind]
-                na_ours, na_theirs = nan_seeds(pairs(s, m, "ap", f)), nan_seeds(pairs(s, best, "ap", f))
+                na_ours, na_theirs = nan_seeds(pairs(s, m, metric, f)), nan_seeds(pairs(s, best, metric, f))
                 if na_ours != na_theirs:   # means over different seeds: no verdict
                     kind = "not decided"
-                    verdict = (f"not decided: AP n/a (NaN) in {_seeds_text(na_ours) if na_ours else 'no seed'} of "
+                    verdict = (f"not decided: {what} n/a (NaN) in {_seeds_text(na_ours) if na_ours else 'no seed'} of "
                                f"{m}, {_seeds_text(na_theirs) if na_theirs else 'no seed'} of {best}")
                 elif na_ours:
                     verdict += f" (means over the seeds with an AP: n/a in {_seeds_text(na_ours)})"
                 tally[m][kind] = tally[m].get(kind, 0) + 1
                 if m in RANKERS:
-                    L.append(f"- AP `{s}` / {f}: {m} {ours} vs best baseline {best} {theirs} "
+                    L.append(f"- {what} `{s}` / {f}: {m} {ours} vs best baseline {best} {theirs} "
                              f"(spurious score {ss:.2f}) -> {verdict}")
     for m, t in tally.items():
         if t:
             n = sum(t.values())
-            L.append(f"- AP against the best baseline over the {n} setting-pattern pair{'s' * (n != 1)}, {m}: "
+            L.append(f"- {what} against the best baseline over the {n} setting-pattern pair{'s' * (n != 1)}, {m}: "
                      + ", ".join(f"{t.get(k, 0)} {k}" for k in ("wins", "ties", "losses"))
                      + (f", {t['not decided']} not decided" if t.get("not decided") else ""))
     return L

@@ -59,3 +59,42 @@ def test_the_pixel_ablation_ranks_by_its_findings_pattern_as_spurfast_does(monke
     assert average_precision(probe, carries) < 0.3
     assert average_precision(cand["ranking"], carries) == pytest.approx(1.0)
     assert cand["mask"] is not None and cand["mask"][:2, :2].all() and cand["mask"].sum() == 4
+
+
+def test_pattern_ranked_gives_a_baselines_candidates_spurfasts_ranking_step():
+    # GEORGE ranked the pool by closeness to its cluster's centroid in feature space and
+    # activation clustering by its 2-means margin: neither had the pattern ranking spurfast's
+    # findings get, so spurfast's AP wins over them were partly that step's
+    import torch
+
+    from spurfast.data.sources import ArraySource
+    from spurfast.metrics import average_precision
+
+    n, carriers = 300, np.arange(0, 300, 10)
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 0.5, (n, 1, 10, 10)).astype(np.float32)
+    x[carriers, :, :2, :2] = 1.0                      # a 2x2 stamp: 4% of the image
+    labels = np.ones(n, np.int64)
+    pred = labels.copy()
+    pred[carriers] = 0                                 # the stamp makes the model call them 0
+    feats = rng.normal(size=(n, 4)).astype(np.float32)   # features that know nothing of the stamp
+    store = _Store(pred, feats, labels, np.eye(2, dtype=np.float32)[pred])
+    carries = np.zeros(n, bool)
+    carries[carriers] = True
+    own = rng.normal(size=n)
+    cands = [{"class": 0, "members": carriers[:20], "ranking": own, "q_value": None, "score": 2.0},
+             {"class": 1, "members": np.arange(1, 40, 2), "ranking": rng.normal(size=n), "q_value": None, "score": 1.0},
+             {"class": 1, "members": np.arange(41, 60), "ranking": rng.normal(size=n), "q_value": None, "score": 0.5}]
+    valid, space = B.standardised_features(store)
+    assert valid.tolist() == list(range(n)) and space.shape == (n, 4)
+    got = B.pattern_ranked(cands, store, ArraySource(torch.from_numpy(x), labels, name="stamped"), space, top=2)
+    assert len(got) == 2                                         # the first `top` only
+    for g, c in zip(got, cands):                                 # members, class, score kept
+        assert g["class"] == c["class"] and g["score"] == c["score"]
+        assert np.array_equal(g["members"], c["members"])
+    assert average_precision(own, carries) < 0.3
+    assert average_precision(got[0]["ranking"], carries) == pytest.approx(1.0)
+    assert got[0]["mask"][:2, :2].all() and got[0]["mask"].sum() == 4
+    assert average_precision(cands[0]["ranking"], carries) < 0.3   # the input candidates are left as they were
+    with pytest.raises(ValueError, match="space has 299 rows, expected one per valid pool item \\(300\\)"):
+        B.pattern_ranked(cands, store, ArraySource(torch.from_numpy(x), labels, name="stamped"), space[1:])

@@ -32,9 +32,10 @@ def test_tiny_sweep_writes_long_csv(tiny):
     assert {r["setting"] for r in rows} == {s.name for s in PRESETS["tiny"]["settings"]}
     assert {r["method"] for r in rows} == set(DEFAULT_METHODS) | {"model"}
     planted = [r for r in rows if r["setting"] == "patch3-nall"]
-    for m in ("spurfast", "pixels", "george", "activation_clustering", "random"):
+    for m in ("spurfast", "pixels", "george", "george+pattern", "activation_clustering",
+              "activation_clustering+pattern", "random"):
         got = {r["metric"] for r in planted if r["method"] == m}
-        assert {"hit@1", "auroc", "ap", "precision@10", "precision@25", "mask_iou"} <= got, (m, got)
+        assert {"hit@1", "auroc", "ap", "precision@10", "precision@25", "mask_iou", "ap_in_class"} <= got, (m, got)
     for m in ("spurfast", "spurfast+support", "pixels"):
         got = {r["metric"] for r in planted if r["method"] == m}
         assert {"recall@q0.05", "recall@q0.1", "false_findings@q0.05", "false_findings@q0.1"} <= got
@@ -202,7 +203,13 @@ def test_overview_row_from_hand_made_rows():
                  r("spurfast", "recall@q0.1", rec, feature="all", seed=seed)]
     lines = _overview(rows, ["patch3-n100"])
     assert lines[0] == "## Overview"
-    assert "| patch3-n100 | patch3 | 0.30 | 0.10 | 0.40 | 0.900 | 0.750 | pixels 0.800 | 1/2 | 0.75 |" in lines
+    # a CSV before run cache v29 has no AP in class: "–", not nan
+    assert "| patch3-n100 | patch3 | 0.30 | 0.10 | 0.40 | 0.900 | 0.750 | pixels 0.800 | – | – | 1/2 | 0.75 |" in lines
+    rows += [r("spurfast", "ap_in_class", 0.3, seed=s) for s in (0, 1)]
+    rows += [r("george+pattern", "ap_in_class", 0.5 - 0.2 * s, seed=s) for s in (0, 1)]
+    rows += [r("pixels", "ap_in_class", 0.2, seed=s) for s in (0, 1)]
+    assert ("| patch3-n100 | patch3 | 0.30 | 0.10 | 0.40 | 0.900 | 0.750 | pixels 0.800 | 0.300 | george+pattern 0.400 "
+            "| 1/2 | 0.75 |") in _overview(rows, ["patch3-n100"])
     assert _overview([r("model", "spurious_score", 0.0)], ["patch3-n100"]) == []   # no AP rows, no table
 
 
@@ -217,6 +224,26 @@ def test_ap_target_line_says_beats_ties_or_not():
     assert "`a` / noise@1: spurfast 1.000 vs best baseline pixels 1.000 (spurious score nan) -> ties" in text
     assert "`b` / noise@1: spurfast 0.950 vs best baseline pixels 0.900 (spurious score nan) -> beats" in text
     assert "`c` / noise@1: spurfast 0.800 vs best baseline pixels 0.900 (spurious score nan) -> does NOT beat" in text
+
+
+def test_ap_in_class_verdicts_follow_the_any_class_ones():
+    # the best finding in any class won "a" for spurfast; in the planted class it loses to
+    # george+pattern: both verdicts are listed, each with its own tally
+    from spurfast.results_doc import _targets
+
+    rows = [{"setting": "a", "seed": 0, "method": m, "feature": "patch3", "metric": metric, "value": v}
+            for m, metric, v in (("spurfast", "ap", 1.0), ("spurfast", "ap_in_class", 0.2), ("george+pattern", "ap", 0.6),
+                                 ("george+pattern", "ap_in_class", 0.6), ("random", "ap", 0.1),
+                                 ("random", "ap_in_class", 0.1))]
+    text = "\n".join(_targets(rows, ["a"]))
+    assert "- AP `a` / patch3: spurfast 1.000 vs best baseline george+pattern 0.600 (spurious score nan) -> beats" in text
+    assert ("- AP in the planted class `a` / patch3: spurfast 0.200 vs best baseline george+pattern 0.600 "
+            "(spurious score nan) -> does NOT beat") in text
+    assert "AP against the best baseline over the 1 setting-pattern pair, spurfast: 1 wins, 0 ties, 0 losses" in text
+    assert ("AP in the planted class against the best baseline over the 1 setting-pattern pair, spurfast: "
+            "0 wins, 0 ties, 1 losses") in text
+    old = "\n".join(_targets([r for r in rows if r["metric"] == "ap"], ["a"]))   # a CSV before v29
+    assert "planted class" not in old and "AP `a` / patch3" in old
 
 
 def test_sweep_plots_a_heat_map(tmp_path):
@@ -439,7 +466,7 @@ def test_a_nan_row_neither_crashes_the_doc_nor_decides_a_target(tmp_path, metric
     for seed, (ln,) in enumerate(lines):
         assert ln.endswith(f"not decided: value n/a (NaN) in seed {seed}"), ln
     if metric == "hit@1":
-        assert "| patch3-n150 | patch3 | 0.50 | nan | nan | 0.950 | 0.950 | pixels 0.900 | 2/3 (1 n/a) |" in texts[0]
+        assert "| patch3-n150 | patch3 | 0.50 | nan | nan | 0.950 | 0.950 | pixels 0.900 | – | – | 2/3 (1 n/a) |" in texts[0]
         assert "| patch3 | spurfast+confirm | 1.000 ± 0.000 (n/a in 1 of 3 seeds) |" in texts[0]
     if metric == "false_findings@q0.05":
         assert "| spurfast+confirm | – | – | 0.000 ± 0.000 (n/a in 1 of 3 seeds) (sum 0) |" in texts[0]
@@ -499,9 +526,9 @@ def test_a_baseline_without_a_test_gets_no_recall_rows_even_when_it_finds_nothin
     carries = np.zeros(20, bool)
     carries[:4] = True
     feats = [Feature(3, carries, None, "patch3")]
-    for m in ("george", "activation_clustering", "random"):
+    for m in ("george", "george+pattern", "activation_clustering", "activation_clustering+pattern", "random"):
         assert {k for _, k, _ in method_rows(m, [], feats, feats)} == {
-            "hit@1", "auroc", "ap", "precision@10", "precision@25", "mask_iou", "best_is_target_class"}
+            "hit@1", "auroc", "ap", "precision@10", "precision@25", "mask_iou", "best_is_target_class", "ap_in_class"}
     for m in ("spurfast", "spurfast+confirm", "pixels"):   # tested: finding nothing is recall 0
         got = {k: v for _, k, v in method_rows(m, [], feats, feats)}
         assert got["recall@q0.05"] == 0.0 and got["false_findings@q0.1"] == 0.0
@@ -742,7 +769,7 @@ def test_overview_means_leave_out_a_nan_seed_as_the_tables_do(tmp_path):
     md = write_results(_hand_made_results(tmp_path, nan=nan), None, tmp_path / "RESULTS.md").read_text()
     assert "| patch3 | spurfast | 1.000 ± 0.000 | 0.990 ± 0.000 | 0.950 ± 0.000 (n/a in 1 of 3 seeds) |" in md
     assert "- AP `patch3-n150` / patch3: spurfast 0.950 vs best baseline pixels 0.900" in md
-    assert "| patch3-n150 | patch3 | 0.50 | nan | nan | 0.950 | 0.950 | pixels 0.900 | 3/3 | 1.00 |" in md
+    assert "| patch3-n150 | patch3 | 0.50 | nan | nan | 0.950 | 0.950 | pixels 0.900 | – | – | 3/3 | 1.00 |" in md
 
 
 def test_results_md_says_how_it_was_regenerated_without_the_runs_command(tmp_path):
