@@ -605,8 +605,10 @@ def latent_knn(z: torch.Tensor, k: int, chunk: int | None = None,
     k = check_count(k, "k")   # as the CPU kernel: 1.5 failed in empty() there, ran as 1 here
     # 0 is "choose"; -1 and 1.5 failed inside torch, and column_block 0 divided by zero
     chunk = None if chunk is None else check_count(chunk, "chunk")
-    if not isinstance(column_block, numbers.Integral) or column_block < 1:
-        raise ValueError(f"column_block must be >= 1, got {column_block!r}")
+    # a bool is an Integral: column_block=True ran blocks of one column
+    if isinstance(column_block, bool) or not isinstance(column_block, numbers.Integral) \
+            or column_block < 1:
+        raise ValueError(f"column_block must be an integer >= 1, got {column_block!r}")
     zt = centred_latents(z)   # distances are shift-invariant; centring shrinks cancellation
     n = len(zt)
     k = min(k, n - 1)

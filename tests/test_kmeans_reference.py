@@ -1211,8 +1211,11 @@ def test_latent_knn_refuses_latents_without_dimensions(n):
     # torch's own errors named neither argument; column_block 0 divided by zero
     (dict(chunk=-1), (ValueError, "chunk must be >= 0, got -1")),
     (dict(chunk=1.5), (TypeError, "chunk must be an integer")),
-    (dict(column_block=0), (ValueError, "column_block must be >= 1, got 0")),
-    (dict(column_block=-1), (ValueError, "column_block must be >= 1, got -1")),
+    (dict(column_block=0), (ValueError, "column_block must be an integer >= 1, got 0")),
+    (dict(column_block=-1), (ValueError, "column_block must be an integer >= 1, got -1")),
+    (dict(column_block=True), (ValueError, "column_block must be an integer >= 1, got True")),   # ran as 1
+    (dict(column_block=np.True_), (ValueError, "column_block must be an integer >= 1, got ")),
+    (dict(column_block=2.0), (ValueError, "column_block must be an integer >= 1, got 2.0")),
 ])
 def test_latent_knn_names_bad_block_sizes(kw, want):
     with pytest.raises(want[0], match=re.escape(want[1])):
