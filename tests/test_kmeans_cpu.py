@@ -303,6 +303,35 @@ def test_plusplus_draws_the_references_seeds(sizes, kpg, d, dup):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_plusplus_takes_other_dtypes_as_the_reference_does(dtype):
+    # fp16, bf16 and float64 points reach the seeding too (batched_kmeans passes them on): only
+    # fp32 was tested.  Integer coordinates are exact in every dtype, so the draws must equal
+    # the reference's on the same points, and both must draw fp32 members of the fp32 points
+    x, off, k = _integer_groups([203, 0, 57, 9], [11, 0, 6, 9], 5, seed=3)
+    xd = x.to(dtype)
+    want = ref.kmeans_plusplus(xd, off, k, 11, torch.Generator().manual_seed(2))
+    got = kcpu.kmeans_plusplus(xd, off, k, 11, torch.Generator().manual_seed(2))
+    assert got.dtype == want.dtype == torch.float32, (got.dtype, want.dtype)
+    assert_bitwise(got, want, f"cpu plusplus [{dtype}] vs reference")
+    assert_bitwise(got, kcpu.kmeans_plusplus(x, off, k, 11, torch.Generator().manual_seed(2)),
+                   f"cpu plusplus [{dtype}] vs fp32 input")
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_knn_takes_other_dtypes_as_the_reference_does(dtype):
+    # the latent store is float16: its latents reach latent_knn in that dtype; the kernel was
+    # tested on fp32 only.  Distinct half-integer points, exact in bf16 too: no ties to round
+    rng = np.random.default_rng(5)
+    z = torch.from_numpy(rng.permutation(np.arange(-150, 150))[:223].reshape(-1, 1) * 0.5
+                         + rng.integers(-3, 4, (223, 3)) * 0.25).to(dtype)
+    got, want = kcpu.latent_knn(z, 4), ref.latent_knn(z, 4)
+    assert_equal_int(got, want, f"cpu latent_knn [{dtype}] vs reference")
+    _check_knn(got.numpy(), z.double().numpy(), 4, f"cpu latent_knn [{dtype}]")
+
+
+@needs_kernel
 def test_plusplus_names_a_seed_given_for_its_generator():
     with pytest.raises(TypeError, match="generator must be a torch.Generator .*got int"):
         kcpu.kmeans_plusplus(torch.randn(5, 3), torch.tensor([0, 5]), torch.tensor([2]), 2, 0)
