@@ -248,10 +248,10 @@ def _check_x(x: torch.Tensor, name: str = "x") -> torch.Tensor:
 
 
 def _segment_sort(offsets: torch.Tensor, assign: torch.Tensor, kmax: int, N: int):
-    """(perm, seg_first, counts) for segments s = group * kmax + cluster, stable order."""
+    """(gid, perm, seg_first, counts) for segments s = group * kmax + cluster, stable order
+    (``gid``: each point's group)."""
     G = len(offsets) - 1
-    sizes = offsets[1:] - offsets[:-1]
-    gid = torch.repeat_interleave(torch.arange(G, device=assign.device), sizes, output_size=N)
+    gid = ref.group_ids(offsets, N)
     flat = gid * kmax + assign
     _, perm = torch.sort(flat, stable=True)
     counts = torch.bincount(flat, minlength=G * kmax)
