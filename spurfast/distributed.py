@@ -315,7 +315,8 @@ def embed_pool_sharded(source, classifier, vae, store_dir, *, progress: bool = T
     is ``embed.embed_pool``.  Ranks that loaded other inputs than rank 0 (another pool or
     model file, other labels) are refused before any of them embeds."""
     from .data.sources import content_digest
-    from .embed import EmbeddingStore, embed_pool, fingerprint, how_rows_are_made
+    from .embed import EmbeddingStore, embed_pool, how_rows_are_made
+    from .identity import fingerprint
 
     if not _CTX.distributed:
         return embed_pool(source, classifier, vae, store_dir, progress=progress, **kwargs)

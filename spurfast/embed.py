@@ -9,9 +9,7 @@ is refused (fingerprint mismatch) rather than silently mixed.
 """
 from __future__ import annotations
 
-import dataclasses
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +29,7 @@ from .cores import usable_cores
 from .data.loader_torch import iter_batches
 from .data.preprocess import uint8_to
 from .data.sources import ImageSource, content_digest, sampled_digest, utf8_name
+from .identity import fingerprint, weights_fingerprint
 from .models.as_given import restores_models
 from .models.outputs import check_floating, classifier_outputs, non_float32_weights, shape_text, trial
 
@@ -38,132 +37,6 @@ log = logging.getLogger("spurfast.embed")
 FEATS_MAX = float(np.finfo(np.float16).max)   # 65504: the store keeps penultimate features as float16
 MANIFEST = "manifest.json"
 BAD_LOG = "bad_files.jsonl"   # unreadable files, appended a batch at a time (EmbeddingStore.bad_files)
-
-
-def weights_fingerprint(source: ImageSource, *models: torch.nn.Module) -> str:
-    """The identity of a pool and models by the models' state_dicts alone: `fingerprint`
-    before the twenty-sixth session (kept to recognise stores and runs made then)."""
-    h = hashlib.sha256()
-    # surrogateescape: a name or id read from a file name that is not UTF-8 (any source's)
-    # hashes as its bytes; a UTF-8 one hashes as before
-    h.update(f"{source.name}:{len(source)}:{source.image_shape}".encode("utf-8", "surrogateescape"))
-    for i in sorted({0, len(source) // 2, len(source) - 1}):
-        if 0 <= i < len(source):
-            h.update(source.item_id(i).encode("utf-8", "surrogateescape"))
-    for m in models:
-        for k, v in sorted(m.state_dict().items()):
-            h.update(k.encode())
-            h.update(_state_bytes(v, k))
-    return h.hexdigest()[:16]
-
-
-def _tensor_bytes(v: torch.Tensor) -> bytes:
-    t = v.detach().cpu().contiguous()
-    if t.is_quantized:   # its integers and how they map to values (numpy and a uint8 view refuse it)
-        if t.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
-            scale = f"{t.q_scale()!r}:{t.q_zero_point()}".encode()
-        else:
-            scale = (f"{t.q_per_channel_axis()}:".encode() + _tensor_bytes(t.q_per_channel_scales())
-                     + _tensor_bytes(t.q_per_channel_zero_points()))
-        return f"{t.dtype}:".encode() + scale + _tensor_bytes(t.int_repr())
-    try:
-        return t.numpy().tobytes()
-    except TypeError:  # a dtype numpy lacks (bfloat16, float8): the same bytes, as uint8
-        return t.reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def _plain_bytes(v) -> bytes | None:
-    """Bytes of a value that can change what a model computes (a tensor, a number, a string,
-    a dtype, or a tuple, list or str-keyed dict of them); None for anything else (a submodule, a function: their
-    repr holds a memory address, which differs from run to run)."""
-    if isinstance(v, torch.Tensor):
-        return f"{v.dtype}:{tuple(v.shape)}:".encode() + _tensor_bytes(v)
-    if v is None or isinstance(v, (bool, int, float, complex, str, torch.dtype)):
-        return repr(v).encode("utf-8", "surrogateescape")
-    if isinstance(v, (tuple, list)):
-        parts = [_plain_bytes(x) for x in v]
-        return None if any(p is None for p in parts) else b"(" + b",".join(parts) + b")"
-    if isinstance(v, dict) and all(isinstance(k, str) for k in v):
-        parts = [_plain_bytes(x) for _, x in sorted(v.items())]
-        return None if any(p is None for p in parts) else b"{" + b",".join(
-            k.encode("utf-8", "surrogateescape") + b":" + p for k, p in zip(sorted(v), parts)) + b"}"
-    return None
-
-
-def _state_bytes(v, key: str) -> bytes:
-    """A state_dict value's bytes: a tensor's as before; a quantized module's packed parameters
-    (a dtype, a tuple of tensors) as `_plain_bytes` (they raised a bare AttributeError)."""
-    if isinstance(v, torch.Tensor):
-        return _tensor_bytes(v)
-    b = _plain_bytes(v)
-    if b is None:
-        raise ValueError(f"cannot fingerprint the model's state_dict entry {key!r}: a {type(v).__name__}, "
-                         f"expected tensors, numbers, dtypes or tuples of them")
-    return b
-
-
-def _attribute_parts(name: str, sub: torch.nn.Module, code: str | None) -> list[bytes]:
-    """What a submodule computes with outside its parameters and buffers: its plain attributes
-    (an input mean kept as a tensor or a float), or in TorchScript the attributes its code reads
-    and the constants a trace baked into it (``CONSTANTS.c0``)."""
-    if isinstance(sub, torch.jit.ScriptModule):
-        own = {n for n, _ in sub.named_parameters(recurse=False)} | {n for n, _ in sub.named_buffers(recurse=False)}
-        values = [(n, sub._c.getattr(n)) for n in sorted(set(re.findall(r"\bself\.(\w+)", code or "")) - own)
-                  if sub._c.hasattr(n)]
-        try:
-            consts = sub.code_with_constants[1].const_mapping
-        except Exception:   # no forward (as for .code)
-            consts = {}
-        values += [(f"CONSTANTS.{k}", v) for k, v in sorted(consts.items())]
-    else:   # parameters, buffers and submodules live under underscore names
-        values = [(k, v) for k, v in sorted(vars(sub).items()) if not k.startswith("_") and k != "training"]
-    out = []
-    for k, v in values:
-        b = _plain_bytes(v)
-        if b is not None:
-            out.append(f"attribute {name}.{k}:".encode("utf-8", "surrogateescape") + b)
-    return out
-
-
-def model_identity(m: torch.nn.Module, attributes: bool = True) -> bytes:
-    """What a model computes with besides its state_dict: its class, the code of its
-    TorchScript modules, its buffers kept out of the state_dict, its attributes
-    (`_attribute_parts`) and a spurfast model's configuration (the VAE's input normalisation
-    and activation, a classifier's architecture record).  A model re-exported with, say, the
-    input standardisation baked into its forward has the same weights: by the weights alone it
-    resumed the old model's run and reported its findings.  ``attributes=False``: the identity
-    before the twenty-eighth session, which missed an input shift kept as a plain attribute
-    or traced into a constant (kept to recognise stores and runs made then)."""
-    parts = [f"{type(m).__module__}.{type(m).__qualname__}".encode()]
-    for name, sub in m.named_modules():
-        try:   # a scripted module without a forward has no code to show (and may raise for it)
-            code = sub.code if isinstance(sub, torch.jit.ScriptModule) else None
-        except Exception:
-            code = None
-        if isinstance(code, str):
-            parts.append(f"code {name}:{code}".encode())
-        if attributes:
-            parts += _attribute_parts(name, sub, code if isinstance(code, str) else None)
-    persistent = set(m.state_dict())
-    for name, buf in m.named_buffers():
-        if name not in persistent:
-            parts += [f"buffer {name}:{buf.dtype}:{tuple(buf.shape)}".encode(), _tensor_bytes(buf)]
-    config = getattr(m, "config", None)
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        parts.append(json.dumps(dataclasses.asdict(config), sort_keys=True, default=str).encode())
-    arch = getattr(m, "arch", None)
-    if isinstance(arch, dict):
-        parts.append(json.dumps(arch, sort_keys=True, default=str).encode())
-    return b"\0".join(parts)
-
-
-def fingerprint(source: ImageSource, *models: torch.nn.Module, attributes: bool = True) -> str:
-    """The identity of a pool (its name, size, shape and a few item ids) and of the models
-    (weights, and `model_identity`): what a store and a run are recognised by."""
-    h = hashlib.sha256(weights_fingerprint(source, *models).encode())
-    for m in models:
-        h.update(hashlib.sha256(model_identity(m, attributes)).digest())
-    return h.hexdigest()[:16]
 
 
 def _reserve(path: Path) -> None:

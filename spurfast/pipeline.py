@@ -27,8 +27,8 @@ from .data.builtin import load_digits, load_fashion_mnist
 from .data.reread import read_as_stored
 from .data.sources import ArraySource, ImageSource, content_digest
 from .discover import DiscoverConfig, characterise, discover, write_outputs
-from .embed import (_write_json, check_outputs, check_vae_input, fingerprint, legacy_identities, made_from,
-                    shown_path)
+from .embed import _write_json, check_outputs, check_vae_input, legacy_identities, made_from, shown_path
+from .identity import fingerprint
 from .models.as_given import restores_models
 from .models.outputs import shape_text
 from .pattern_rank import pattern_rankings

@@ -566,7 +566,7 @@ def test_file_names_that_are_not_utf8(tmp_path, backend):
     import os
 
     from spurfast.data.sources import content_digest
-    from spurfast.embed import fingerprint
+    from spurfast.identity import fingerprint
 
     root = tmp_path / "pool"
     (root / "cat").mkdir(parents=True)
@@ -593,7 +593,7 @@ def test_a_pool_folder_whose_own_name_is_not_utf8(tmp_path):
     import os
 
     from spurfast.data.sources import content_digest
-    from spurfast.embed import fingerprint
+    from spurfast.identity import fingerprint
 
     root = os.path.join(os.fsencode(tmp_path), b"pool\xff")
     os.makedirs(os.path.join(root, b"cat"))

@@ -132,7 +132,7 @@ def test_folder_pool_identity_ignores_path_spelling_and_location(tmp_path, monke
 
     from spurfast.data.folder import ImageFolderSource
     from spurfast.data.sources import content_digest
-    from spurfast.embed import fingerprint
+    from spurfast.identity import fingerprint
 
     rng = np.random.default_rng(0)
     root = tmp_path / "a" / "pool"
@@ -354,7 +354,7 @@ def test_an_npz_whose_file_name_is_not_utf8(tmp_path):
 
     from spurfast.input_files import load_pool
     from spurfast.data.sources import content_digest
-    from spurfast.embed import fingerprint
+    from spurfast.identity import fingerprint
 
     path = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"p\xff.npz"))
     np.savez(path, images=np.zeros((3, 1, 4, 4), np.uint8), labels=np.array([0, 1, 0]))
@@ -392,7 +392,7 @@ def test_array_source_takes_integer_ids():
     """ids=np.arange(n) (dataset positions as ids) crashed the store fingerprint and the
     content digest of every run: "'numpy.int64' object has no attribute 'encode'"."""
     from spurfast.data.sources import content_digest
-    from spurfast.embed import fingerprint
+    from spurfast.identity import fingerprint
 
     x = np.zeros((3, 1, 4, 4), np.uint8)
     src = ArraySource(x, ids=np.array([10, 11, 12]))
@@ -573,7 +573,7 @@ def test_folder_pool_identity_does_not_depend_on_a_numpy_image_size(tmp_path):
 
     from spurfast.data.folder import ImageFolderSource
     from spurfast.data.sources import content_digest, sampled_digest
-    from spurfast.embed import fingerprint
+    from spurfast.identity import fingerprint
 
     for i in range(3):
         Image.fromarray(np.full((10, 12, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")

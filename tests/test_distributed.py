@@ -455,7 +455,8 @@ def _write_log_job(root):
 def test_legacy_main_store_is_relabelled_by_rank_0_alone(tmp_path):
     """Relabelling the shared main store on every rank raced on its manifest."""
     from spurfast.data.sources import sampled_digest
-    from spurfast.embed import MANIFEST, embed_pool, weights_fingerprint
+    from spurfast.embed import MANIFEST, embed_pool
+    from spurfast.identity import weights_fingerprint
     src, clf, vae = _small(40)
     embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False, stop_after=1)
     m = json.loads((tmp_path / "s" / MANIFEST).read_text())

@@ -160,7 +160,8 @@ def test_store_with_the_earlier_sampled_digest_resumes(tmp_path):
     import json
 
     from spurfast.data.sources import content_digest, sampled_digest
-    from spurfast.embed import MANIFEST, weights_fingerprint
+    from spurfast.embed import MANIFEST
+    from spurfast.identity import weights_fingerprint
 
     src, clf, vae = _setup()
     embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=16, progress=False, stop_after=1)
@@ -261,7 +262,7 @@ def test_manifest_writes_of_two_processes_do_not_collide(tmp_path, monkeypatch):
 def test_a_bfloat16_classifier_is_embedded(tmp_path):
     # the store's fingerprint hashed every weight through numpy, which has no bfloat16:
     # a model that runs in bfloat16 crashed the pass before its first image
-    from spurfast.embed import fingerprint
+    from spurfast.identity import fingerprint
 
     class Bf16(torch.nn.Module):
         def __init__(self):
@@ -331,7 +332,8 @@ def test_made_from_tells_this_runs_store_or_its_shards_from_another(tmp_path):
     import json
 
     from spurfast.data.sources import content_digest
-    from spurfast.embed import fingerprint, made_from
+    from spurfast.embed import made_from
+    from spurfast.identity import fingerprint
 
     src, clf, vae = _setup(20)
     fp, content = fingerprint(src, clf, vae), content_digest(src)
@@ -351,7 +353,7 @@ def test_any_source_named_from_a_non_utf8_file_name_can_be_fingerprinted():
     import os
 
     from spurfast.data.sources import ArraySource, SubsetSource, content_digest
-    from spurfast.embed import fingerprint
+    from spurfast.identity import fingerprint
 
     base = ArraySource(np.zeros((4, 1, 8, 8), np.float32), name="base")
     odd = SubsetSource(base, [0, 2], name=os.fsdecode(b"pool-\xff"))
@@ -896,7 +898,7 @@ def test_a_model_with_the_same_weights_and_other_code_is_another_model(tmp_path)
     """The fingerprint hashed the state_dicts alone: a TorchScript classifier re-exported with
     its input scaling in the forward (same weights, 164 of 500 predictions changed), or a VAE
     of another input normalisation, resumed the old model's run and reported its findings."""
-    from spurfast.embed import fingerprint, weights_fingerprint
+    from spurfast.identity import fingerprint, weights_fingerprint
 
     src, clf, vae = _setup(10)
     plain = torch.jit.script(clf)
@@ -917,7 +919,8 @@ def test_a_model_with_the_same_weights_and_other_code_is_another_model(tmp_path)
 
 
 def test_a_store_fingerprinted_by_the_weights_alone_resumes(tmp_path):
-    from spurfast.embed import MANIFEST, fingerprint, weights_fingerprint
+    from spurfast.embed import MANIFEST
+    from spurfast.identity import fingerprint, weights_fingerprint
 
     src, clf, vae = _setup()
     embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=16, progress=False, stop_after=1)
@@ -946,7 +949,7 @@ class _Shifted(torch.nn.Module):
 def test_a_model_with_another_attribute_is_another_model(tmp_path, kind, as_tensor):
     """The fingerprint missed a plain attribute and a trace's constants (CONSTANTS.c0): a store
     begun with one input shift was resumed with another, mixing the two models' rows."""
-    from spurfast.embed import fingerprint
+    from spurfast.identity import fingerprint
 
     src, clf, vae = _setup(16)
     models = []
@@ -968,7 +971,8 @@ def test_a_model_with_another_attribute_is_another_model(tmp_path, kind, as_tens
 
 
 def test_a_store_fingerprinted_before_the_attributes_resumes(tmp_path):
-    from spurfast.embed import MANIFEST, fingerprint
+    from spurfast.embed import MANIFEST
+    from spurfast.identity import fingerprint
 
     src, clf, vae = _setup()
     embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=16, progress=False, stop_after=1)
@@ -986,7 +990,7 @@ def test_a_quantized_classifier_is_fingerprinted_by_its_packed_weights(tmp_path)
     failed with "'tuple' object has no attribute 'detach'", naming neither model nor key."""
     import warnings
 
-    from spurfast.embed import fingerprint
+    from spurfast.identity import fingerprint
 
     src, _, vae = _setup(16)
     quantized = []
@@ -1003,7 +1007,7 @@ def test_a_quantized_classifier_is_fingerprinted_by_its_packed_weights(tmp_path)
 
 
 def test_a_state_dict_entry_that_cannot_be_fingerprinted_is_named():
-    from spurfast.embed import fingerprint
+    from spurfast.identity import fingerprint
 
     class Odd(torch.nn.Module):
         def get_extra_state(self):
