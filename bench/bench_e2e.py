@@ -317,7 +317,7 @@ def stage_rates(pool: Path, clf_p: Path, vae_p: Path, sample: int, store_dir: Pa
             st = measure(lambda: classifier_outputs(m, x), device=device, warmup=1, reps=3)
             out[f"classify_{arch}"] = 256 / st["median_s"]
     if store_dir is not None and (store_dir / "manifest.json").is_file():
-        from spurfast.embed import EmbeddingStore
+        from spurfast.store import EmbeddingStore
         store = EmbeddingStore(store_dir)
         pred = np.asarray(store["pred"]).astype(np.int64)
         ok = pred >= 0

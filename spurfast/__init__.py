@@ -23,7 +23,7 @@ _API = {
     "save_classifier": "models.files", "train_classifier": "models.train", "train_vae": "models.train",
     "load_vae": "models.files", "save_vae": "models.files",
     # the pipeline and its steps
-    "run_discovery": "pipeline", "embed_pool": "embed", "EmbeddingStore": "embed",
+    "run_discovery": "pipeline", "embed_pool": "embed", "EmbeddingStore": "store",
     "DiscoverConfig": "discover", "DiscoveryResult": "discover", "write_outputs": "discover",
     "batched_kmeans": "cluster", "pattern_rankings": "pattern_rank",
     "ConfirmConfig": "confirm", "confirm_findings": "confirm", "rank_confirmed_first": "pipeline",

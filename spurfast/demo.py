@@ -12,7 +12,7 @@ import torch
 
 from .checks import check_compute_device, check_default_dtype, check_whole
 from .discover import DiscoverConfig
-from .embed import _write_json, shown_path
+from .store import _write_json, shown_path
 from .metrics import auroc
 from .models.files import save_classifier, save_vae
 from .models.train import train_classifier, train_vae

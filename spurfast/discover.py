@@ -22,7 +22,7 @@ from .atomic_files import replace_atomically
 from .characterise import contrast_map, exemplars, linear_probe, neighbour_contrast, pattern_mask
 from .checks import check_compute_device, check_extra_config, real_number, suspect_mask, whole_number
 from .data.sources import ImageSource, utf8_name
-from .embed import EmbeddingStore, _write_json
+from .store import EmbeddingStore, _write_json
 from .models.as_given import restores_models
 from .rankings import SpilledRankings, save_ranking
 from .scoring import (DEFAULT_STATISTIC, STATISTICS, bh_qvalues, cluster_and_score, content_classes,

@@ -315,7 +315,8 @@ def embed_pool_sharded(source, classifier, vae, store_dir, *, progress: bool = T
     is ``embed.embed_pool``.  Ranks that loaded other inputs than rank 0 (another pool or
     model file, other labels) are refused before any of them embeds."""
     from .data.sources import content_digest
-    from .embed import EmbeddingStore, embed_pool, how_rows_are_made
+    from .embed import embed_pool, how_rows_are_made
+    from .store import EmbeddingStore
     from .identity import fingerprint
 
     if not _CTX.distributed:
@@ -327,7 +328,7 @@ def embed_pool_sharded(source, classifier, vae, store_dir, *, progress: bool = T
     identity = tuple(kwargs.pop("identity", None) or (fingerprint(source, classifier, vae), content_digest(source)))
     # otherwise the mismatch shows only at the merge, after every rank embedded its shard
     # labels are no part of the identity, but every rank rewrites a store's labels with its
-    # own (embed.open_main): ranks with other labels would race to leave theirs for rank 0
+    # own (store_shards.open_main): ranks with other labels would race to leave theirs for rank 0
     labels = hashlib.sha256(np.ascontiguousarray(source.labels(), dtype=np.int64).tobytes()).hexdigest()[:16]
     # how each rank decodes and encodes: a rank whose environment picks another loader (no
     # DALI there) was refused only at the merge, after every rank embedded its shard, and one
@@ -376,8 +377,8 @@ def embed_pool_sharded(source, classifier, vae, store_dir, *, progress: bool = T
 
 
 def _open_main(source, classifier, vae, store_dir, identity, num_shards: int, progress: bool) -> None:
-    """Rank 0's ``embed.open_main``; returns nothing (run_on_main would pickle the store)."""
-    from .embed import open_main
+    """Rank 0's ``store_shards.open_main``; returns nothing (run_on_main would pickle the store)."""
+    from .store_shards import open_main
 
     open_main(source, classifier, vae, store_dir, identity, num_shards=num_shards, progress=progress)
 
@@ -385,7 +386,8 @@ def _open_main(source, classifier, vae, store_dir, identity, num_shards: int, pr
 def _merge(store_dir, num_shards: int, progress: bool, source) -> None:
     """Rank 0's merge; returns nothing, since run_on_main broadcasts the return value and
     pickling the merged store would read every column into memory: each rank opens it."""
-    from .embed import MANIFEST, merge_shards, shard_dir
+    from .store import MANIFEST
+    from .store_shards import merge_shards, shard_dir
 
     # every rank has finished its shard (all_succeed): one rank 0 cannot see was written to a
     # disk of its own (merge_shards would say to run that rank's pass first: it has run)

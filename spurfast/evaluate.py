@@ -49,7 +49,7 @@ from .cores import cpu_model
 from .data.builtin import load_digits, load_fashion_mnist
 from .data.sources import ArraySource, utf8_name
 from .discover import DiscoverConfig, characterise, discover
-from .embed import _write_json   # atomic: a run killed mid-write left a truncated cache file
+from .store import _write_json   # atomic: a run killed mid-write left a truncated cache file
 from .metrics import Feature, carried_by, false_findings, false_findings_on_pool_patterns, feature_metrics, matches, recall_at_q
 from .models.train import MAX_SEED
 from .plant import PatternSpec, fixed_mask, plant_training, stamp_at

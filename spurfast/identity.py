@@ -1,6 +1,6 @@
 """Identity of a pool and the models a store or a run was made with: `fingerprint`.
 
-A store (`spurfast.embed`) and a run (`spurfast.pipeline`) are recognised by it, so a rerun
+A store (`spurfast.store`) and a run (`spurfast.pipeline`) are recognised by it, so a rerun
 with the same pool and models resumes, and one with another model starts afresh.  It hashes
 the models' weights and what else changes what they compute (their class, TorchScript code,
 buffers outside the state_dict, plain attributes, spurfast's model configurations); the older

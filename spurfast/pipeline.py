@@ -27,7 +27,7 @@ from .data.builtin import load_digits, load_fashion_mnist
 from .data.reread import read_as_stored
 from .data.sources import ArraySource, ImageSource, content_digest
 from .discover import DiscoverConfig, characterise, discover, write_outputs
-from .embed import _write_json, check_outputs, check_vae_input, legacy_identities, made_from, shown_path
+from .embed import check_outputs, check_vae_input
 from .identity import fingerprint
 from .models.as_given import restores_models
 from .models.outputs import shape_text
@@ -36,6 +36,7 @@ from .plant import PatternSpec, PlantTruth, plant_pool, plant_training
 from .report import write_report
 from .run_folder import (BAD_FILES, WORK_DIR, _folder_inside, holds_output, prepare_output, release_output,
                          source_paths)
+from .store import _write_json, legacy_identities, made_from, shown_path
 
 log = logging.getLogger("spurfast")
 

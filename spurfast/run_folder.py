@@ -12,7 +12,7 @@ from pathlib import Path
 from .atomic_files import remove_killed_writers_files
 from .checks import json_document
 from .data.sources import ImageSource
-from .embed import _write_json, unmark_stores
+from .store import _write_json, unmark_stores
 
 log = logging.getLogger("spurfast")
 
@@ -219,7 +219,7 @@ def read_bad_files(run_dir) -> dict:
         return json_document((run / BAD_FILES).read_text())
     manifest = run / "store" / "manifest.json"
     if manifest.is_file():
-        from .embed import EmbeddingStore
+        from .store import EmbeddingStore
         bad = EmbeddingStore(manifest.parent).bad_files()
         return {f"pool index {int(i)}": r for i, r in sorted(bad.items(), key=lambda kv: int(kv[0]))}
     return {}

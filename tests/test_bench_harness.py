@@ -182,7 +182,7 @@ def test_gbytes_per_s_only_where_the_providers_traffic_is_known(tmp_path, monkey
 def test_cluster_stage_is_timed_after_an_untimed_call(tmp_path, monkeypatch):
     import spurfast.cluster
     from bench import bench_e2e
-    from spurfast.embed import EmbeddingStore
+    from spurfast.store import EmbeddingStore
     from spurfast.make_pool import PoolSpec, make_pool
 
     monkeypatch.setenv("SPURFAST_BENCH_DIR", str(tmp_path / "bench"))

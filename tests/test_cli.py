@@ -372,7 +372,7 @@ def test_folder_runs_made_before_relative_item_ids_resume(tmp_path, caplog):
     from spurfast.data.folder import ImageFolderSource
     from spurfast.data.sources import sampled_digest
     from spurfast.discover import DiscoverConfig
-    from spurfast.embed import MANIFEST
+    from spurfast.store import MANIFEST
     from spurfast.identity import fingerprint, weights_fingerprint
     from spurfast.models.files import load_classifier, load_vae
     from spurfast.pipeline import run_discovery

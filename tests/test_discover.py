@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from spurfast.discover import DiscoverConfig, discover
-from spurfast.embed import EmbeddingStore
+from spurfast.store import EmbeddingStore
 
 N_CLASSES, PER_CLASS, SHORTCUT = 4, 150, 20
 

@@ -187,7 +187,7 @@ def test_main_section_failing_before_kmeans_reaches_the_other_ranks():
 
 
 def _sharded_store_job(root):
-    from spurfast.embed import EmbeddingStore
+    from spurfast.store import EmbeddingStore
 
     def refuse(self, protocol):
         raise TypeError("an EmbeddingStore was pickled (its columns read into memory)")
@@ -214,7 +214,8 @@ def _small(n=50):
 
 
 def test_shards_resume_and_merge_into_the_one_process_store(tmp_path):
-    from spurfast.embed import embed_pool, merge_shards, shard_dir
+    from spurfast.embed import embed_pool
+    from spurfast.store_shards import merge_shards, shard_dir
     src, clf, vae = _small(53)
     kw = dict(num_classes=4, batch_size=8, progress=False)
     full = embed_pool(src, clf, vae, tmp_path / "one", **kw)
@@ -245,7 +246,9 @@ def test_a_merge_of_rows_computed_by_two_encoders_says_so(tmp_path, caplog):
     word (one process resuming says so), and the store recorded the first encoder alone."""
     import json
 
-    from spurfast.embed import MANIFEST, embed_pool, merge_shards, shard_dir
+    from spurfast.store import MANIFEST
+    from spurfast.embed import embed_pool
+    from spurfast.store_shards import merge_shards, shard_dir
     src, clf, vae = _small(24)
     kw = dict(num_classes=4, batch_size=8, progress=False)
     for r in range(2):
@@ -264,7 +267,8 @@ def test_a_merge_of_rows_computed_by_two_encoders_says_so(tmp_path, caplog):
 
 
 def test_merge_refuses_shards_of_other_models(tmp_path):
-    from spurfast.embed import embed_pool, merge_shards
+    from spurfast.embed import embed_pool
+    from spurfast.store_shards import merge_shards
     from spurfast.models import SmallCNN
     src, clf, vae = _small(20)
     kw = dict(num_classes=4, batch_size=8, progress=False)
@@ -283,27 +287,31 @@ def _counting_encoder(vae):
 
 def test_shard_store_killed_right_after_its_creation_resumes_with_its_pool_indices(tmp_path, monkeypatch):
     from spurfast import embed as E
+    from spurfast import store as S
+    from spurfast.store_shards import merge_shards
     src, clf, vae = _small(20)
     kw = dict(num_classes=4, batch_size=8, progress=False)
     ref = E.embed_pool(src, clf, vae, tmp_path / "one", **kw)
     E.embed_pool(src, clf, vae, tmp_path / "s", shard_id=0, num_shards=2, **kw)
-    real = E._write_json
+    real = S._write_json
 
     def killed(path, obj):  # the process dies as soon as the shard store's manifest exists
         real(path, obj)
         raise KeyboardInterrupt("killed")
-    monkeypatch.setattr(E, "_write_json", killed)
+    monkeypatch.setattr(S, "_write_json", killed)
     with pytest.raises(KeyboardInterrupt):
         E.embed_pool(src, clf, vae, tmp_path / "s", shard_id=1, num_shards=2, **kw)
     monkeypatch.undo()
     part = E.embed_pool(src, clf, vae, tmp_path / "s", shard_id=1, num_shards=2, **kw)
     assert list(part["index"]) == list(range(1, 20, 2))
-    merged = E.merge_shards(tmp_path / "s", 2, progress=False)
+    merged = merge_shards(tmp_path / "s", 2, progress=False)
     np.testing.assert_allclose(np.asarray(merged["mu"]), np.asarray(ref["mu"]), rtol=1e-5, atol=1e-6)
 
 
 def test_merge_refuses_a_shard_whose_index_is_not_its_selection(tmp_path):
-    from spurfast.embed import MANIFEST, EmbeddingStore, embed_pool, merge_shards, shard_dir
+    from spurfast.store import MANIFEST, EmbeddingStore
+    from spurfast.embed import embed_pool
+    from spurfast.store_shards import merge_shards, shard_dir
     src, clf, vae = _small(20)
     kw = dict(num_classes=4, batch_size=8, progress=False)
     for r in range(2):
@@ -363,7 +371,8 @@ def test_a_restart_on_more_processes_continues_after_the_kept_rows(tmp_path):
     """An unfinished 2-process run restarted on 3: the rows both shards finished (pool 0-16)
     go into the main store first, the 3 new shards start at pool index 17, and the merged
     store equals a 1-process run's."""
-    from spurfast.embed import embed_pool, merge_shards
+    from spurfast.embed import embed_pool
+    from spurfast.store_shards import merge_shards
     src, clf, vae = _small(40)
     kw = dict(num_classes=4, batch_size=8, progress=False)
     one = embed_pool(src, clf, vae, tmp_path / "one", **kw)
@@ -442,20 +451,21 @@ def test_ranks_that_would_make_rows_otherwise_are_refused_before_embedding(tmp_p
 
 
 def _write_log_job(root):
-    from spurfast import embed as E
-    writes, real = [], E._write_json
-    E._write_json = lambda path, obj: (writes.append(str(path)), real(path, obj))[1]
+    from spurfast import store as S   # every manifest is written there
+    writes, real = [], S._write_json
+    S._write_json = lambda path, obj: (writes.append(str(path)), real(path, obj))[1]
     src, clf, vae = _small(40)
     if sd.is_main():
         time.sleep(1)   # rank 1 reaches the legacy store first
     store = sd.embed_pool_sharded(src, clf, vae, root, num_classes=4, batch_size=8, progress=False, num_workers=1)
-    return store.complete, writes.count(str(Path(root) / E.MANIFEST))
+    return store.complete, writes.count(str(Path(root) / S.MANIFEST))
 
 
 def test_legacy_main_store_is_relabelled_by_rank_0_alone(tmp_path):
     """Relabelling the shared main store on every rank raced on its manifest."""
     from spurfast.data.sources import sampled_digest
-    from spurfast.embed import MANIFEST, embed_pool
+    from spurfast.store import MANIFEST
+    from spurfast.embed import embed_pool
     from spurfast.identity import weights_fingerprint
     src, clf, vae = _small(40)
     embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False, stop_after=1)
@@ -690,7 +700,8 @@ def test_ranks_with_other_labels_are_refused(tmp_path):
     """Labels take no part in the store's identity, and every rank brought the shared
     store's labels up to date with its own: on a complete store the ranks raced, and
     rank 0 could discover with another rank's labels."""
-    from spurfast.embed import EmbeddingStore, embed_pool
+    from spurfast.store import EmbeddingStore
+    from spurfast.embed import embed_pool
     src, clf, vae = _small(24)
     embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False)
     out = _spawn(_labels_job, (str(tmp_path / "s"),))

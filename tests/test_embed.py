@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from spurfast.data import ArraySource
-from spurfast.embed import EmbeddingStore, embed_pool
+from spurfast.store import EmbeddingStore
+from spurfast.embed import embed_pool
 from spurfast.models import VAE, VAEConfig, SmallCNN
 from spurfast.models.outputs import check_output_width
 
@@ -45,7 +46,7 @@ def test_a_store_resumed_on_another_device_says_it_mixes_two_computes(tmp_path, 
     on the CPU (the torch reference) mixed rows that differ a little, without a word."""
     import logging
 
-    from spurfast.embed import MANIFEST
+    from spurfast.store import MANIFEST
     src, clf, vae = _setup()
     part = embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=16, progress=False, stop_after=1)
     assert part.manifest["compute"] == "cpu:torch"
@@ -160,7 +161,7 @@ def test_store_with_the_earlier_sampled_digest_resumes(tmp_path):
     import json
 
     from spurfast.data.sources import content_digest, sampled_digest
-    from spurfast.embed import MANIFEST
+    from spurfast.store import MANIFEST
     from spurfast.identity import weights_fingerprint
 
     src, clf, vae = _setup()
@@ -197,7 +198,7 @@ def test_corrected_labels_replace_the_stored_ones(tmp_path, caplog):
     resumed stores alike) instead of handing discovery the old ones."""
     import json
 
-    from spurfast.embed import MANIFEST
+    from spurfast.store import MANIFEST
 
     src, clf, vae = _setup()
     kw = dict(num_classes=4, batch_size=8, progress=False)
@@ -217,7 +218,7 @@ def test_corrected_labels_replace_the_stored_ones(tmp_path, caplog):
 
 
 def test_corrected_labels_reach_the_shards_and_their_merge(tmp_path):
-    from spurfast.embed import merge_shards
+    from spurfast.store_shards import merge_shards
 
     src, clf, vae = _setup(21)
     kw = dict(num_classes=4, batch_size=4, progress=False)
@@ -240,11 +241,11 @@ def test_manifest_writes_of_two_processes_do_not_collide(tmp_path, monkeypatch):
     import sys
     from pathlib import Path
 
-    from spurfast import embed as E
+    from spurfast import store as E
 
     path = tmp_path / "manifest.json"
     real = os.replace
-    other = ("import sys; from pathlib import Path; from spurfast.embed import _write_json; "
+    other = ("import sys; from pathlib import Path; from spurfast.store import _write_json; "
              "_write_json(Path(sys.argv[1]), {'by': 'other'})")
 
     def replace_after_the_other_process(src, dst):
@@ -332,7 +333,7 @@ def test_made_from_tells_this_runs_store_or_its_shards_from_another(tmp_path):
     import json
 
     from spurfast.data.sources import content_digest
-    from spurfast.embed import made_from
+    from spurfast.store import made_from
     from spurfast.identity import fingerprint
 
     src, clf, vae = _setup(20)
@@ -385,7 +386,7 @@ def test_shards_of_one_store_decoded_by_two_loaders_are_refused(tmp_path):
     import json
 
     from spurfast.data.folder import ImageFolderSource
-    from spurfast.embed import merge_shards, shard_dir
+    from spurfast.store_shards import merge_shards, shard_dir
 
     clf, vae, kw = _store_begun_with_the_torch_loader(tmp_path)
     pool = lambda: ImageFolderSource(tmp_path / "pool", size=32)   # noqa: E731
@@ -412,7 +413,8 @@ def test_a_restart_on_another_number_of_processes_keeps_no_rows_of_another_loade
     import json
 
     from spurfast.data.folder import ImageFolderSource
-    from spurfast.embed import EmbeddingStore, merge_shards, shard_dir
+    from spurfast.store import EmbeddingStore
+    from spurfast.store_shards import merge_shards, shard_dir
 
     clf, vae, kw = _store_begun_with_the_torch_loader(tmp_path)
     pool = lambda: ImageFolderSource(tmp_path / "pool", size=32)   # noqa: E731
@@ -452,7 +454,7 @@ def test_a_restart_on_another_number_of_processes_keeps_no_rows_of_another_loade
 @pytest.mark.parametrize("num_shards", [0, -1, 1.5])
 def test_merge_names_a_bad_number_of_shards(tmp_path, num_shards):
     # 0 (no shard directories counted, say) failed with a bare "IndexError: list index out of range"
-    from spurfast.embed import merge_shards
+    from spurfast.store_shards import merge_shards
 
     with pytest.raises(ValueError, match=rf"num_shards must be an integer >= 1 .*got {num_shards}"):
         merge_shards(tmp_path / "s", num_shards, progress=False)
@@ -462,7 +464,7 @@ def test_settling_shards_with_nothing_to_remove_leaves_the_shards_folder(tmp_pat
     """Every rank settles the shards on its way in (open_main, "changes nothing when called
     again"); its removal of an empty "shards" folder raced with a rank that had just made it on
     the way to its own shard folder, which then failed with FileNotFoundError (seen in CI)."""
-    from spurfast.embed import _settle_shards
+    from spurfast.store_shards import _settle_shards
 
     (tmp_path / "shards").mkdir()
     assert _settle_shards(tmp_path, None, "fp", "content", 2, False) is None
@@ -472,7 +474,8 @@ def test_settling_shards_with_nothing_to_remove_leaves_the_shards_folder(tmp_pat
 def test_removing_an_old_store_never_follows_links_out_of_the_run(tmp_path):
     # --overwrite unmarked every sub-folder's stores through a "shards" link, deleting the
     # manifest.json files of the folder it pointed to; settling shards rmtree'd through one too
-    from spurfast.embed import _settle_shards, unmark_stores
+    from spurfast.store_shards import _settle_shards
+    from spurfast.store import unmark_stores
 
     outside = tmp_path / "outside"
     for name in ("projectA", "1-of-3"):
@@ -526,7 +529,7 @@ def test_shards_whose_discarding_was_interrupted_are_not_resumed(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         embed_pool(src, clf, vae, s, **kw)
     monkeypatch.undo()
-    from spurfast.embed import merge_shards
+    from spurfast.store_shards import merge_shards
     for r in range(2):
         assert embed_pool(src, clf, vae, s, shard_id=r, num_shards=2, **kw).complete
     ref = embed_pool(src, clf, vae, tmp_path / "one", **kw)
@@ -541,7 +544,7 @@ def test_a_merge_run_again_after_it_completed_returns_the_merged_store(tmp_path)
     import json
     import shutil
 
-    from spurfast.embed import merge_shards, shard_dir
+    from spurfast.store_shards import merge_shards, shard_dir
 
     src, clf, vae = _setup(20)
     kw = dict(num_classes=4, batch_size=8, progress=False)
@@ -611,7 +614,7 @@ def test_a_resume_decoding_on_another_device_is_refused(tmp_path):
     import json
 
     from spurfast.data.folder import ImageFolderSource
-    from spurfast.embed import merge_shards, shard_dir
+    from spurfast.store_shards import merge_shards, shard_dir
 
     clf, vae, kw = _store_begun_with_the_torch_loader(tmp_path)
     pool = lambda: ImageFolderSource(tmp_path / "pool", size=32)   # noqa: E731
@@ -660,7 +663,7 @@ def test_a_loader_that_skips_a_file_inside_a_batch_is_refused(tmp_path, monkeypa
 def test_unreadable_files_cost_no_growing_manifest_and_survive_a_resume(tmp_path, monkeypatch):
     # every batch rewrote the manifest with every unreadable file so far: quadratic (35 min
     # of JSON for a pool with a million unreadable files)
-    import spurfast.embed as E
+    import spurfast.store as E   # where every manifest is written
 
     src, clf, vae = _setup(64)
     src.bad_files = {i: f"broken {i}" for i in range(0, 64, 2)}   # the loader marks these rows not ok
@@ -682,7 +685,8 @@ def test_a_merge_drops_the_bad_file_line_of_the_main_stores_interrupted_batch(tm
     # a 1-process pass interrupted between a batch's bad-file line and its manifest write; the
     # file is repaired and a 2-process run embeds those rows again: once the merge marked every
     # row done, the stale line counted, and the repaired (embedded, ok) image was reported unreadable
-    from spurfast.embed import BAD_LOG, merge_shards
+    from spurfast.store import BAD_LOG
+    from spurfast.store_shards import merge_shards
 
     src, clf, vae = _setup(16)
     src.bad_files = {5: "broken 5"}
@@ -919,7 +923,7 @@ def test_a_model_with_the_same_weights_and_other_code_is_another_model(tmp_path)
 
 
 def test_a_store_fingerprinted_by_the_weights_alone_resumes(tmp_path):
-    from spurfast.embed import MANIFEST
+    from spurfast.store import MANIFEST
     from spurfast.identity import fingerprint, weights_fingerprint
 
     src, clf, vae = _setup()
@@ -971,7 +975,7 @@ def test_a_model_with_another_attribute_is_another_model(tmp_path, kind, as_tens
 
 
 def test_a_store_fingerprinted_before_the_attributes_resumes(tmp_path):
-    from spurfast.embed import MANIFEST
+    from spurfast.store import MANIFEST
     from spurfast.identity import fingerprint
 
     src, clf, vae = _setup()

@@ -13,7 +13,7 @@ from spurfast.data.folder import ImageFolderSource
 from spurfast.models import VAE, VAEConfig, SmallCNN
 import spurfast.pipeline as P
 from spurfast import run_folder
-from spurfast.embed import EmbeddingStore
+from spurfast.store import EmbeddingStore
 from spurfast.pipeline import run_discovery
 
 

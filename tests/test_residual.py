@@ -293,7 +293,7 @@ def test_mean_rows_in_chunks_is_the_mean(n_rows):
 
 
 def _store_of(root, mu, pred, labels, n_classes):
-    from spurfast.embed import EmbeddingStore
+    from spurfast.store import EmbeddingStore
 
     n = len(mu)
     probs = np.full((n, n_classes), 0.1 / (n_classes - 1), np.float32)
@@ -424,7 +424,7 @@ def test_scan_store_standardises_the_latents_discovery_uses(monkeypatch, tmp_pat
     # same-label neighbours) moved with the number of files that failed to load
     from spurfast import residual as R
     from spurfast.discover import _standardise
-    from spurfast.embed import EmbeddingStore
+    from spurfast.store import EmbeddingStore
 
     rng = np.random.default_rng(0)
     n = 200

@@ -1,0 +1,290 @@
+"""The on-disk embedding store and how a store is recognised.
+
+A store is a directory of memory-mapped ``.npy`` columns (latent mean, predictions,
+probabilities, penultimate features, labels, ...) plus ``manifest.json`` (and
+``bad_files.jsonl``, the unreadable files, where there are any).  Rows are written in pool
+order; the manifest's ``done`` counter is replaced atomically after each flush, so an
+interrupted pass resumes at the first unfinished row.  A store is recognised by the
+fingerprint of its pool and models (`spurfast.identity`) and its pool's content digest;
+`legacy_identities` recognises the ones earlier versions wrote.  The pass that fills it is
+`spurfast.embed`; one store per rank, and their merge, `spurfast.store_shards`.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .atomic_files import replace_atomically
+from .checks import json_document
+from .data.sources import ImageSource, sampled_digest, utf8_name
+from .identity import fingerprint, weights_fingerprint
+
+log = logging.getLogger("spurfast.embed")
+
+MANIFEST = "manifest.json"
+BAD_LOG = "bad_files.jsonl"   # unreadable files, appended a batch at a time (EmbeddingStore.bad_files)
+
+
+def _reserve(path: Path) -> None:
+    """Give the sparse column file ``path`` its disk blocks now: a row written into a page of a
+    full disk through the memory map ended the run with SIGBUS ("Bus error", no message; the
+    store resumed afterwards).  Reserved, a full disk is an OSError here, before any work.  A
+    file system without fallocate keeps the file sparse."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(exc.errno, f"no space for the embedding store's column {path} "
+                                     f"({os.fstat(fd).st_size} bytes): {os.strerror(exc.errno)}") from None
+    finally:
+        os.close(fd)
+
+
+class EmbeddingStore:
+    """Columns: pred (int32), conf (fp32), probs (n x C fp32), mu (n x L fp32),
+    feats (n x F fp16), labels (int64), ok (bool: the image decoded)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        path = self.root / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.root} is not an embedding store (no {MANIFEST})")
+        try:
+            self.manifest = json_document(path.read_text())
+        except ValueError as exc:   # json's "Expecting value: line 1 column 1 (char 0)" named no file
+            raise ValueError(f"{path} is not readable JSON ({exc}), not a manifest as spurfast writes it; "
+                             f"remove {self.root} to embed the pool again") from None
+        if not isinstance(self.manifest, dict):   # a hand edit: every use failed with an AttributeError
+            raise ValueError(f"{path} holds a JSON {type(self.manifest).__name__}, expected an object (as spurfast "
+                             f"writes it)")
+        self._arrays: dict[str, np.memmap] = {}
+
+    @classmethod
+    def create(cls, root, n: int, columns: dict[str, tuple[tuple[int, ...], str]], meta: dict,
+               initial: dict[str, np.ndarray] | None = None) -> "EmbeddingStore":
+        """A new store of ``n`` rows; ``initial``: columns' values to write now.  The
+        manifest comes last: a store interrupted while being created is no store (a shard's
+        ``index`` read as zeros would merge every row onto pool row 0)."""
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / MANIFEST).unlink(missing_ok=True)  # an older store here is gone from now on
+        (root / BAD_LOG).unlink(missing_ok=True)
+        for name, (shape, dtype) in columns.items():
+            arr = np.lib.format.open_memmap(root / f"{name}.npy", mode="w+", dtype=dtype, shape=(n,) + tuple(shape[1:]))
+            _reserve(root / f"{name}.npy")
+            if initial is not None and name in initial:
+                arr[:] = initial[name]
+            arr.flush()
+            del arr
+        manifest = {"n": n, "done": 0, "columns": {k: [list(s), d] for k, (s, d) in columns.items()}, **meta}
+        _write_json(root / MANIFEST, manifest)
+        return cls(root)
+
+    @property
+    def n(self) -> int:
+        return int(self.manifest["n"])
+
+    @property
+    def done(self) -> int:
+        return int(self.manifest["done"])
+
+    @property
+    def complete(self) -> bool:
+        return self.done >= self.n
+
+    def array(self, name: str, writable: bool = False) -> np.ndarray:
+        key = (name, writable)
+        if key not in self._arrays:
+            if name not in self.manifest["columns"]:
+                raise KeyError(f"store {self.root} has no column {name!r}; columns: {sorted(self.manifest['columns'])}")
+            path = self.root / f"{name}.npy"
+            try:
+                self._arrays[key] = np.load(path, mmap_mode="r+" if writable else "r")
+            except ValueError as exc:   # cut short: "mmap length is greater than file size", naming no file
+                raise ValueError(f"{path} (a column of store {self.root}) cannot be read ({exc}): damaged or cut "
+                                 f"short; remove {self.root} to embed the pool again") from None
+        return self._arrays[key]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.array(name)
+
+    def write(self, start: int, values: dict[str, np.ndarray], bad: dict[str, str] | None = None) -> None:
+        """Rows ``start``.. of the columns in ``values``, then marked done; ``bad``: the
+        unreadable files among them (pool index -> reason)."""
+        stop = start + len(next(iter(values.values()))) if values else start
+        for name, v in values.items():
+            self.array(name, writable=True)[start:stop] = v
+        for (name, w), arr in self._arrays.items():
+            if w:
+                arr.flush()
+        if bad:   # appended, not kept in the manifest: rewriting them all every batch was quadratic
+            with open(self.root / BAD_LOG, "a", encoding="utf-8") as fh:   # (35 min at a million)
+                fh.write(json.dumps({"done": stop, "bad": bad}) + "\n")
+        self.manifest["done"] = max(self.done, stop)
+        self.save_manifest()
+
+    def save_manifest(self) -> None:
+        """Replace manifest.json with ``self.manifest``, atomically."""
+        _write_json(self.root / MANIFEST, self.manifest)
+
+    def bad_files(self) -> dict[str, str]:
+        """The unreadable files among the finished rows: pool index (as text) -> reason."""
+        bad = self.manifest.get("bad_files", {})   # where a merge (or an earlier version) put them
+        try:   # spurfast wrote an object; a hand-edited list failed in dict() naming nothing
+            bad = dict(bad)
+        except (TypeError, ValueError):
+            raise ValueError(f"{self.root / MANIFEST}: its bad_files is a JSON {type(bad).__name__} {bad!r:.60}, "
+                             f"expected an object (pool index: reason)") from None
+        for rec in self._bad_records():
+            bad.update(rec["bad"])
+        return bad
+
+    def _bad_records(self) -> list[dict]:
+        """The lines of the bad-file log whose rows are done (an interrupted batch's line, or
+        the half of one an interruption cut short, belongs to rows a resume does again)."""
+        try:
+            lines = (self.root / BAD_LOG).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("done"), int) and rec["done"] <= self.done \
+                    and isinstance(rec.get("bad"), dict):
+                out.append(rec)
+        return out
+
+    def drop_unfinished_bad_files(self) -> None:
+        """Before a pass resumes: the log keeps the lines of finished rows only (what comes
+        after a cut-short line would join it, and the rows past ``done`` are done again)."""
+        path = self.root / BAD_LOG
+        if path.is_file():
+            keep = "".join(json.dumps(rec) + "\n" for rec in self._bad_records())
+            replace_atomically(path, lambda fh: fh.write(keep), encoding="utf-8")
+
+
+def _write_json(path: Path, obj, **dumps) -> None:
+    """``obj`` as JSON (``json.dumps`` options ``dumps``; indent 1 by default), atomically."""
+    text = json.dumps(obj, **{"indent": 1, **dumps})
+    replace_atomically(path, lambda fh: fh.write(text))
+
+
+class _PathIds:
+    """A folder source as identified before its item ids became relative to its root (its
+    paths as spelled), so that stores and runs made then are still recognised."""
+
+    def __init__(self, source: ImageSource):
+        self._source = source
+
+    def __getattr__(self, name):
+        return getattr(self._source, name)
+
+    def __len__(self):
+        return len(self._source)
+
+    def item_id(self, i):
+        # a name that is not UTF-8 (surrogate escapes) as \xNN escapes, as the source's own ids:
+        # it crashed the hash, and no earlier version could have made a store of it
+        return shown_path(self._source.paths[i])
+
+
+def shown_path(path) -> str:
+    """``path`` as text that can be written anywhere: bytes of a name that is not UTF-8
+    (read with surrogate escapes) spelled \\xNN; any other path unchanged."""
+    return utf8_name(str(path))
+
+
+def legacy_identities(source: ImageSource, *models: torch.nn.Module, content: str) -> list[tuple[str, str]]:
+    """(fingerprint, content digest) pairs earlier spurfast versions gave this source and
+    these models: the fingerprint of their weights alone; the digest sampled 8 items, and
+    folder ids were paths as spelled.  ``content``: the source's `content_digest`, which every
+    caller has already made (one stat per file of a folder pool, or a hash of every image held
+    in memory: not to be made twice at a run's start)."""
+    old = _PathIds(source) if getattr(source, "paths", None) is not None else source
+    # before the models' attributes joined the fingerprint, and before their code and
+    # configuration did (those stores and runs cannot tell a model re-exported with the same
+    # weights from the old one)
+    return [(fingerprint(source, *models, attributes=False), content),
+            (weights_fingerprint(source, *models), content),
+            (weights_fingerprint(old, *models), sampled_digest(old))]
+
+
+def _open_checked(store_dir: Path, fp: str, content: str, legacy=lambda: []) -> EmbeddingStore | None:
+    """The store in ``store_dir`` if it was made from this pool and these models, None if
+    there is none; raises for another pool's.  ``legacy()``: the pairs of
+    :func:`legacy_identities`; a store made under one of them is relabelled and resumed."""
+    if not (store_dir / MANIFEST).is_file():
+        return None
+    store = EmbeddingStore(store_dir)
+    m = store.manifest
+    if not _same_identity(m, [(fp, content)]) and _same_identity(m, legacy()):
+        log.info("embedding store %s was made by an earlier spurfast version; resuming it", store_dir)
+        m["fingerprint"], m["content"] = fp, content
+        _write_json(store_dir / MANIFEST, m)
+    if store.manifest.get("fingerprint") != fp:
+        raise ValueError(f"embedding store {store_dir} was made with other models or another pool "
+                         f"(fingerprint {store.manifest.get('fingerprint')} != {fp}); use a new directory")
+    # stores written before the content digest was recorded have none to compare
+    if store.manifest.get("content", content) != content:
+        raise ValueError(f"embedding store {store_dir} was made from other images under the same names (pool "
+                         f"content {store.manifest['content']} != {content}: regenerated in place?); "
+                         f"use a new directory")
+    return store
+
+
+def _same_identity(manifest: dict, identities) -> bool:
+    """Whether a store's manifest records one of the (fingerprint, content digest) pairs
+    (stores written before the content digest was recorded have none to compare)."""
+    return any(manifest.get("fingerprint") == f and manifest.get("content", c) == c for f, c in identities)
+
+
+def made_from(store_dir, fp: str, content: str, legacy=lambda: []) -> bool:
+    """Whether ``store_dir`` holds embedding work of this pool and these models that
+    :func:`embed_pool` would resume: its main store, or when it has none yet (a sharded
+    pass stopped before the merge) a shard store.  ``legacy()`` as for ``_open_checked``,
+    called at most once (it hashes the models' weights again)."""
+    store_dir = Path(store_dir)
+    main = store_dir / MANIFEST
+    manifests = []
+    for path in [main] if main.is_file() else sorted((store_dir / "shards").glob(f"*/{MANIFEST}")):
+        try:
+            m = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(m, dict):
+            manifests.append(m)
+    if any(_same_identity(m, [(fp, content)]) for m in manifests):
+        return True
+    old = legacy() if manifests else []
+    return any(_same_identity(m, old) for m in manifests)
+
+
+def unmark_stores(path) -> None:
+    """Remove the manifest of the store at ``path`` and of the shard stores under it, before
+    the directory itself is removed: an interrupted removal then leaves no store, not a
+    manifest whose columns are gone (rmtree takes the listing's order, on many filesystems
+    the order of creation, manifest last), which a later run resumed and crashed on.  Links
+    are not followed: a "shards" link in an old run's folder had the manifests of the folders
+    it pointed to deleted (outside the run)."""
+    base, shards = Path(path), Path(path) / "shards"
+    if base.is_symlink():
+        return
+    parts = [d for d in shards.iterdir() if d.is_dir() and not d.is_symlink()] \
+        if shards.is_dir() and not shards.is_symlink() else []
+    for m in (base / MANIFEST, *(d / MANIFEST for d in parts)):
+        try:
+            m.unlink()
+        except OSError:   # none there (or not a directory): nothing to unmark
+            pass
