@@ -49,14 +49,13 @@ def standardised_features(store) -> tuple[np.ndarray, np.ndarray]:
 
 def pattern_ranked(cands: list[dict], store, pool, space: np.ndarray, *, suspect=None, seed: int = 0,
                    top: int = 10) -> list[dict]:
-    """The first ``top`` candidates (``top`` >= the evaluation's BEST_OF: the others are never
-    scored) ranked as spurfast ranks a finding: a linear probe in ``space`` (the valid rows'
+    """The first ``top`` candidates (the evaluation scores its first BEST_OF; the rest are
+    dropped) ranked as spurfast ranks a finding: a linear probe in ``space`` (the valid rows'
     features, `standardised_features`), members against the other classes' images; then the
     extracted pattern where it is localised, or the probe with a pixel probe where it is not
     (`spurfast.pattern_rank`).  ``suspect``: as spurfast's, whose unlabelled suspects the
     diffuse pixel probe leaves out.  Each keeps its members, order and score; gains ``mask``."""
     from .pattern_rank import pattern_rankings
-    from .scoring import unrelated_to_class
 
     valid, pred = _valid(store)
     if len(space) != len(valid):
