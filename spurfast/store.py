@@ -25,7 +25,7 @@ from .checks import json_document
 from .data.sources import ImageSource, sampled_digest, utf8_name
 from .identity import fingerprint, weights_fingerprint
 
-log = logging.getLogger("spurfast.embed")
+log = logging.getLogger("spurfast.embed")   # the pass's: its messages read as before the split
 
 MANIFEST = "manifest.json"
 BAD_LOG = "bad_files.jsonl"   # unreadable files, appended a batch at a time (EmbeddingStore.bad_files)

@@ -1,9 +1,10 @@
 """Sharded stores: one per rank of a distributed embedding pass, merged into the main store.
 
 Rank r of w embeds the pool items r, r + w, ... into `shard_dir` (r, w).  `open_main`
-settles what an earlier run left (complete shards of this run are merged; a finished prefix
-of another run's shards is kept), and `merge_shards` writes every shard's rows into the main
-store in pool order, refusing shards of other pools, models or decoders.
+brings the main store up to date (an earlier version's store relabelled; shards that a run of
+another number of processes left merged, or the rows they finished without a gap kept), and
+`merge_shards` writes every shard's rows into the main store in pool order, refusing shards of
+other pools, models or decoders.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from .data.sources import ImageSource
 from .store import MANIFEST, EmbeddingStore, _open_checked, legacy_identities, unmark_stores
 
-log = logging.getLogger("spurfast.embed")
+log = logging.getLogger("spurfast.embed")   # the pass's: its messages read as before the split
 
 
 def shard_dir(store_dir, shard_id: int, num_shards: int) -> Path:
