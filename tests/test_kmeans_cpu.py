@@ -294,7 +294,7 @@ def test_plusplus_draws_the_references_seeds(sizes, kpg, d, dup):
     kmax = max(1, max(kpg))
     want = ref.kmeans_plusplus(x, off, k, kmax, torch.Generator().manual_seed(7))
     got = kcpu.kmeans_plusplus(x, off, k, kmax, torch.Generator().manual_seed(7))
-    assert torch.equal(got, want), f"{int((got != want).any(-1).sum())} of {int(k.sum())} seeds differ"
+    assert_bitwise(got, want, f"plusplus seeds ({int(k.sum())} drawn)")
     gen = torch.Generator().manual_seed(7)
     kcpu.kmeans_plusplus(x, off, k, kmax, gen)
     ref_gen = torch.Generator().manual_seed(7)
@@ -342,7 +342,7 @@ def test_plusplus_on_real_valued_data_gives_distinct_members_and_repeats():
     x, off, _, kpg = make_case([500, 3, 0, 260], 12, 10, seed=4, device="cpu")
     a = kcpu.kmeans_plusplus(x, off, kpg, 12, torch.Generator().manual_seed(1))
     b = kcpu.kmeans_plusplus(x, off, kpg, 12, torch.Generator().manual_seed(1))
-    assert torch.equal(a, b)
+    assert_bitwise(a, b, "plusplus, the same generator seed twice")
     for g in range(len(off) - 1):
         rows, k = x[int(off[g]):int(off[g + 1])], int(kpg[g])
         for j in range(k):
@@ -733,7 +733,7 @@ def test_fractional_offsets_or_assign_are_refused_not_truncated():
     # whole floats are indices like any other
     whole = torch.tensor([0, 1, 0, 1, 1])
     for got, want in zip(kcpu.kmeans_update(x, off.float(), whole.float(), 2), kcpu.kmeans_update(x, off, whole, 2)):
-        assert torch.equal(got, want)
+        assert_bitwise(got, want, "update with whole-float offsets and assign")
 
 
 @needs_kernel
@@ -748,7 +748,7 @@ def test_plusplus_refuses_fractional_k_and_takes_a_list_as_the_reference():
     want = ref.kmeans_plusplus(x, off, torch.tensor([1, 2]), 3, torch.Generator().manual_seed(0))
     for fn in (kcpu.kmeans_plusplus, ref.kmeans_plusplus):
         for k in ([1, 2], torch.tensor([1.0, 2.0])):
-            assert torch.equal(fn(x, off, k, 3, torch.Generator().manual_seed(0)), want), (fn.__module__, k)
+            assert_bitwise(fn(x, off, k, 3, torch.Generator().manual_seed(0)), want, f"plusplus {fn.__module__} k={k}")
 
 
 @needs_kernel
@@ -857,8 +857,9 @@ def test_odd_size_arguments_are_refused_by_name_and_integer_ones_taken(mod):
     want = ref.kmeans_update(x, off, assign, 2)
     for kmax in (np.int64(2), torch.tensor(2)):
         assert_same_outputs(mod.kmeans_update(x, off, assign, kmax), want, f"kmax={kmax!r}")
-        assert torch.equal(mod.kmeans_plusplus(x, off, kpg, kmax, gen()), mod.kmeans_plusplus(x, off, kpg, 2, gen()))
-        assert torch.equal(mod.latent_knn(x, kmax), mod.latent_knn(x, 2))
+        assert_bitwise(mod.kmeans_plusplus(x, off, kpg, kmax, gen()), mod.kmeans_plusplus(x, off, kpg, 2, gen()),
+                       f"{mod.__name__} plusplus, kmax {kmax!r} vs 2")
+        assert_bitwise(mod.latent_knn(x, kmax), mod.latent_knn(x, 2), f"{mod.__name__} latent_knn, k {kmax!r} vs 2")
 
 
 @needs_kernel

@@ -363,7 +363,8 @@ def test_kmeans_plusplus_deterministic_by_seed():
         assert float(a[g, int(kpg[g]):].abs().sum()) == 0
     r1 = batched_kmeans(x, ref.group_ids(off), kpg, seed=9, backend="torch")
     r2 = batched_kmeans(x, ref.group_ids(off), kpg, seed=9, backend="torch")
-    assert torch.equal(r1.centroids, r2.centroids) and torch.equal(r1.assign, r2.assign)
+    assert_bitwise(r1.centroids, r2.centroids, "centroids of the second run")
+    assert_bitwise(r1.assign, r2.assign, "assign of the second run")
 
 
 def _plusplus_every_point_every_step(x, offsets, kpg, kmax, generator):
@@ -784,7 +785,8 @@ def test_assign_takes_cpu_offsets_with_cuda_points():
     want = ref.kmeans_assign(x, off.cuda(), cent, kpg)
     got = ref.kmeans_assign(x, off, cent, kpg)
     assert_equal_int(got[0], want[0], "assign")
-    assert torch.equal(got[1], want[1]) and got[0].is_cuda
+    assert_bitwise(got[1], want[1], "counts")
+    assert got[0].is_cuda
     got = ref.kmeans_assign(x, off, cent.cpu(), kpg)   # CPU centroids too, as the GPU providers take them
     assert_equal_int(got[0], want[0], "assign with CPU centroids")
     assert_bitwise(got[1], want[1], "dist with CPU centroids")
@@ -804,7 +806,8 @@ def test_update_and_similarity_refuse_fractional_assign():
     whole = torch.tensor([0, 1, 0, 1, 1])
     sums, counts = ref.kmeans_update(x, off, whole.float(), 2)
     want_sums, want_counts = ref.kmeans_update(x, off, whole, 2)
-    assert torch.equal(sums, want_sums) and torch.equal(counts, want_counts)
+    assert_bitwise(sums, want_sums, "sums")
+    assert_bitwise(counts, want_counts, "counts")
     for got, want in zip(ref.cluster_similarity(x, off, whole.float(), cent, kpg, m=2),
                          ref.cluster_similarity(x, off, whole, cent, kpg, m=2)):
         assert_bitwise(got, want, "output with whole-float assign")
@@ -849,7 +852,7 @@ def test_sorted_sums_equal_index_add_in_row_order():
         v = torch.randn(n, 2, generator=g) * 1e3
         want = torch.zeros(S, 2).index_add_(0, flat, v)
         got = ref.sorted_sums(flat, v, S)
-        assert torch.equal(got, want), (n, S)
+        assert_bitwise(got, want, f"n={n} S={S}")
         assert_bitwise(ref.sorted_sums(flat, v[:, 0], S), want[:, 0], "sorted_sums of one column")
 
 
@@ -878,7 +881,8 @@ def test_similarity_on_cuda_is_reproducible_and_takes_cpu_assign():
     torch.testing.assert_close(runs[0][3].cpu(), want[3], rtol=1e-4, atol=1e-5)
     sums, counts = ref.kmeans_update(x, off.cuda(), assign, 3)     # a CPU assign with CUDA points
     want_sums, want_counts = ref.kmeans_update(x, off.cuda(), assign.cuda(), 3)
-    assert torch.equal(sums, want_sums) and torch.equal(counts, want_counts)
+    assert_bitwise(sums, want_sums, "sums")
+    assert_bitwise(counts, want_counts, "counts")
 
 
 @pytest.mark.parametrize("backend", ["torch", _cpu_kernel()])
@@ -910,14 +914,16 @@ def test_plusplus_and_similarity_take_points_that_require_grad(backend):
     off, kpg = csr([20, 30]), torch.tensor([3, 4])
     want = plusplus(x, off, kpg, 4, torch.Generator().manual_seed(0))
     got = plusplus(x.clone().requires_grad_(), off, kpg, 4, torch.Generator().manual_seed(0))
-    assert torch.equal(got, want) and not got.requires_grad
+    assert_bitwise(got, want, f"{backend} plusplus of points that require grad")
+    assert not got.requires_grad
     assign = torch.randint(0, 4, (50,), generator=g)
     cent = torch.randn(2, 4, 3, generator=g)
     kpg = torch.tensor([4, 4])   # assign draws from all 4 clusters in both groups
     plain = ref.cluster_similarity(x, off, assign, cent, kpg, 3)
     out = ref.cluster_similarity(x.clone().requires_grad_(), off, assign, cent.clone().requires_grad_(), kpg, 3)
     for a, b in zip(out, plain):
-        assert torch.equal(a, b) and not a.requires_grad
+        assert_bitwise(a, b, "similarity of points that require grad")
+        assert not a.requires_grad
 
 
 @pytest.mark.parametrize("backend", ["torch", _cpu_kernel()])
@@ -1193,7 +1199,8 @@ def test_batched_kmeans_takes_numpy_points_and_starting_centroids():
     groups = np.repeat([0, 1], 15)
     want = batched_kmeans(torch.from_numpy(x), torch.from_numpy(groups), [2, 3], seed=4)
     got = batched_kmeans(x, groups, [2, 3], seed=4)
-    assert torch.equal(got.assign, want.assign) and torch.equal(got.centroids, want.centroids)
+    assert_bitwise(got.assign, want.assign, "assign")
+    assert_bitwise(got.centroids, want.centroids, "centroids")
     init = want.centroids.numpy()
     again = batched_kmeans(x, groups, [2, 3], init=init)
     assert_bitwise(again.assign, want.assign, "assign from numpy inputs, again")
@@ -1237,7 +1244,7 @@ def test_batched_kmeans_takes_any_integer_seed_below_2_64():
     b = batched_kmeans(x, g, [3], n_groups=1, seed=7)
     assert_bitwise(a.assign, b.assign, "assign at seed np.int64(7) against 7")
     batched_kmeans(x, g, [3], n_groups=1, seed=2 ** 64 - 1)
-    assert torch.equal(batched_kmeans(x, g, [3], n_groups=1, seed=7.0).assign, b.assign)   # as DiscoverConfig takes it
+    assert_bitwise(batched_kmeans(x, g, [3], n_groups=1, seed=7.0).assign, b.assign, "seed 7.0")   # as DiscoverConfig takes it
 
 
 # ----------------------------------------------------------------------------- points of other kinds
