@@ -86,6 +86,12 @@ def _add_pattern_args(p):
 # scoring here would load torch for every --help
 STATISTICS = ("share", "surprise")
 DEFAULT_STATISTIC = "surprise"
+NULLS = ("label", "look-alike")   # = spurfast.scoring.NULLS and DEFAULT_NULL (the same test)
+DEFAULT_NULL = "label"
+NULL_HELP = ("what the permutation null keeps: each true label's predictions (label, the default), or those "
+             "of the images of a label that look like the same other class about as much, in strata of at least "
+             "5 x the neighbours (look-alike: about half the false findings of natural confusions, the same "
+             "planted shortcuts found on the settings measured; docs/results/full-mutual/RESULTS.md, notes)")
 
 
 def backend_help(what: str, var: str) -> str:
@@ -111,6 +117,7 @@ def _add_discover_args(p):
                    help="per-image agreement: how surprising the share of its unrelated neighbours predicted "
                         "alike is given their labels' confusion rates (surprise, the default: finds weaker "
                         "shortcuts, and more natural confusions for confirmation to reject), or that share itself")
+    p.add_argument("--null", default=DEFAULT_NULL, choices=NULLS, help=NULL_HELP)
     p.add_argument("--kmeans-backend", default=None, choices=["auto", "torch", "cpu", "cupy", "triton"],
                    help=backend_help("k-means assignment and update (triton: the assignment only)",
                                      "KMEANS_ASSIGN / _UPDATE"))
@@ -124,7 +131,7 @@ def _discover_config(args):
     max_null = args.max_null if args.max_null is not None else max(DiscoverConfig.max_null, args.n_null)
     return DiscoverConfig(k=args.k, min_cluster_size=args.min_cluster_size,
                           max_mean_cluster_size=args.max_mean_cluster_size, max_k=args.max_k, n_null=args.n_null,
-                          max_null=max_null, fdr=args.fdr, statistic=args.statistic,
+                          max_null=max_null, fdr=args.fdr, statistic=args.statistic, null=args.null,
                           seed=args.seed, backend=args.kmeans_backend, device=args.device)
 
 
@@ -551,7 +558,7 @@ def cmd_make_pool(args):
           f"{Path(args.out) / 'ground_truth.csv'}")
 
 
-EVALUATE_RUN_ONLY = ("preset", "only", "seeds", "cache", "statistic", "residual_scan")
+EVALUATE_RUN_ONLY = ("preset", "only", "seeds", "cache", "statistic", "null", "residual_scan")
 
 
 def cmd_evaluate(args):
@@ -648,7 +655,7 @@ def cmd_evaluate(args):
             raise ValueError(f"--only {args.only!r} is not a valid regular expression: {exc}") from None
     run_evaluation(args.preset or "quick", args.out, cache=args.cache, only=args.only, seeds=args.seeds,
                    progress=not args.quiet, results_md=args.results_md, statistic=args.statistic or DEFAULT_STATISTIC,
-                   residual=bool(args.residual_scan))
+                   null=args.null or DEFAULT_NULL, residual=bool(args.residual_scan))
 
 
 def cmd_report(args):
@@ -875,6 +882,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(with --out and --results-md; the run options do not apply)")
     p.add_argument("--statistic", default=None, choices=STATISTICS,
                    help=f"discovery's agreement statistic (see discover --statistic; default: {DEFAULT_STATISTIC})")
+    p.add_argument("--null", default=None, choices=NULLS, help=f"discovery's null (see discover --null; default: "
+                   f"{DEFAULT_NULL})")
     p.add_argument("--residual-scan", action="store_true", default=None,
                    help="also evaluate spurfast+residual: spurfast's findings and the residual scan's "
                         "(spurfast.residual: patterns the VAE latent does not hold, e.g. one pixel)")

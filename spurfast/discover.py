@@ -25,9 +25,9 @@ from .data.sources import ImageSource, utf8_name
 from .store import EmbeddingStore, _write_json
 from .models.as_given import restores_models
 from .rankings import SpilledRankings, save_ranking
-from .scoring import (DEFAULT_STATISTIC, STATISTICS, bh_qvalues, cluster_and_score, content_classes,
-                      latent_neighbours, null_scores, shuffled_share, size_matched_pvalues, top_two,
-                      unrelated_to_class)
+from .scoring import (DEFAULT_NULL, DEFAULT_STATISTIC, LOOK_ALIKE_NEIGHBOURS, NULLS, STATISTICS, bh_qvalues,
+                      cluster_and_score, content_classes, latent_neighbours, look_alike_strata, null_scores,
+                      shuffled_share, size_matched_pvalues, top_two, unrelated_to_class)
 
 log = logging.getLogger("spurfast.discover")
 # below this share of predictions changed by the null's shuffle (1 in 20), a run says its test
@@ -68,6 +68,9 @@ class DiscoverConfig:
     # how an image's agreement is measured (`spurfast.scoring.agreement`): "surprise" (more
     # sensitive to weak shortcuts, more findings for confirmation to judge) or "share"
     statistic: str = DEFAULT_STATISTIC
+    # what the permutation null keeps (`spurfast.scoring.NULLS`): "label", or "look-alike" (fewer
+    # false findings of natural confusions: docs/results/full-mutual/RESULTS.md notes)
+    null: str = DEFAULT_NULL
     fdr: float = 0.05            # Benjamini-Hochberg level for findings
     n_iter: int = 20             # Lloyd iterations
     n_exemplars: int = 16
@@ -113,6 +116,8 @@ class DiscoverConfig:
                              f"max_null={self.max_null}")
         if self.statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {self.statistic!r}")
+        if self.null not in NULLS:
+            raise ValueError(f"null must be one of {NULLS}, got {self.null!r}")
         if self.resolve_fdr is not None and not 0 < self.resolve_fdr < 1:
             raise ValueError(f"resolve_fdr must be in (0, 1) or None, got {self.resolve_fdr}")
         if self.metric not in ("l2", "cosine"):
@@ -235,7 +240,9 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
         nkey = work_key(dict(z=z), searched)
         # z by its hash in the neighbour key: hashed once (0.1 s at 1.28M x 16, per key)
         settings = {**kw, "n_neighbours": config.n_neighbours, "seed": config.seed, "n_classes": n_classes,
-                    "providers": _provider_choices(config.device), "z": nkey}
+                    "providers": _provider_choices(config.device), "z": nkey,
+                    # named unless it is the label null (work saved before it keeps its key)
+                    **({} if config.null == DEFAULT_NULL else {"null": config.null})}
         if cluster.kmeans_hook is not None:
             # k-means across W ranks (torchrun) all-reduces partial sums of every W-th point:
             # rounding of its own, so a null is not resumed under another number of ranks
@@ -249,6 +256,11 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
             return latent_neighbours(z, config.n_neighbours, device=config.device)
         nbrs = work.neighbours(search) if work is not None else search()
         step.update(len(z))
+    if config.null == "look-alike":
+        with tqdm(total=len(z), desc="look-alike strata", unit="img", disable=not progress, leave=False) as step:
+            wide = latent_neighbours(z, LOOK_ALIKE_NEIGHBOURS * config.n_neighbours, device=config.device)
+            kw["strata"] = look_alike_strata(labels_valid, wide, LOOK_ALIKE_NEIGHBOURS * config.n_neighbours)
+            step.update(len(z))
     args = (top2, labels_valid, n_classes, nbrs, unknown_ok)
     with tqdm(total=len(z), desc="clustering", unit="img", disable=not progress, leave=False) as step:
         real = cluster_and_score(z, g, *args, seed=config.seed, **kw)

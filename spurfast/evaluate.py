@@ -55,7 +55,7 @@ from .models.train import MAX_SEED
 from .plant import PatternSpec, fixed_mask, plant_training, stamp_at
 from .results_doc import (DEFAULT_METHODS, METHODS, RESIDUAL_METHODS, check_ours, check_results_md, csv_digests,
                           read_notes, write_csv, write_results, write_with_notes)
-from .scoring import DEFAULT_STATISTIC
+from .scoring import DEFAULT_NULL, DEFAULT_STATISTIC
 from .support import training_support
 
 log = logging.getLogger("spurfast.evaluate")
@@ -542,7 +542,8 @@ def _merge_by_q(clusters: list[dict], residual: list[dict]) -> list[dict]:
     return out + residual[i:]
 
 
-def run_key(setting: Setting, seed: int, sizes: Sizes, methods=DEFAULT_METHODS, statistic: str = DEFAULT_STATISTIC) -> str:
+def run_key(setting: Setting, seed: int, sizes: Sizes, methods=DEFAULT_METHODS, statistic: str = DEFAULT_STATISTIC,
+            null: str = DEFAULT_NULL) -> str:
     """The cache key of one run's rows."""
     return _key({"setting": _setting_key(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods),
                  "v": 29,    # 13: a tie does not beat the best null cluster; 14: Yang's spurious score,
@@ -565,22 +566,25 @@ def run_key(setting: Setting, seed: int, sizes: Sizes, methods=DEFAULT_METHODS, 
                              # 29: ap_in_class; george+pattern and activation_clustering+pattern
                  # named unless it is the share (the default before the twenty-fourth session): cached runs keep their keys
                  **({} if statistic == "share" else {"statistic": statistic}),
+                 **({} if null == DEFAULT_NULL else {"null": null}),
                  # the residual scan's findings got confirm.csv rows (the default sweep's keys kept)
                  **({"residual_confirm_rows": 1} if RESIDUAL in methods else {})})
 
 
 def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress: bool = False,
-            methods=DEFAULT_METHODS, statistic: str = DEFAULT_STATISTIC) -> tuple[list[dict], list[dict]]:
+            methods=DEFAULT_METHODS, statistic: str = DEFAULT_STATISTIC,
+            null: str = DEFAULT_NULL) -> tuple[list[dict], list[dict]]:
     """Rows (results) and confirmation rows of one (setting, seed); cached."""
     rdir = cache / "runs"
     rdir.mkdir(parents=True, exist_ok=True)
-    rfile = rdir / f"{setting.name}-s{seed}-{run_key(setting, seed, sizes, methods, statistic)}.json"
+    rfile = rdir / f"{setting.name}-s{seed}-{run_key(setting, seed, sizes, methods, statistic, null)}.json"
     with _locked(rfile):   # the same run in another evaluation: wait, then read its rows
-        return _run_one(rfile, setting, seed, sizes, cache, progress=progress, methods=methods, statistic=statistic)
+        return _run_one(rfile, setting, seed, sizes, cache, progress=progress, methods=methods, statistic=statistic,
+                        null=null)
 
 
 def _run_one(rfile: Path, setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress: bool,
-             methods, statistic: str) -> tuple[list[dict], list[dict]]:
+             methods, statistic: str, null: str = DEFAULT_NULL) -> tuple[list[dict], list[dict]]:
     from .confirm import ConfirmConfig, confirm_findings
     from .demo import flip_to_target_rate, spurious_score
     from .embed import embed_pool
@@ -627,7 +631,8 @@ def _run_one(rfile: Path, setting: Setting, seed: int, sizes: Sizes, cache: Path
     # the learned features: none for the clean model (every finding is a false one)
     feats = [] if setting.clean_model else data.features
     # findings up to q = 0.1, with a null fine enough to tell q <= 0.05 too (both are reported)
-    cfg = DiscoverConfig(k=sizes.k, n_null=sizes.n_null, fdr=0.1, resolve_fdr=0.05, seed=seed, statistic=statistic)
+    cfg = DiscoverConfig(k=sizes.k, n_null=sizes.n_null, fdr=0.1, resolve_fdr=0.05, seed=seed, statistic=statistic,
+                         null=null)
     cands: dict[str, list[dict]] = {}
     timing = {}
     if "spurfast" in methods:
@@ -719,15 +724,17 @@ def check_seeds(seeds) -> tuple[int, ...]:
     return tuple(int(s) for s in seeds)
 
 
-def _check_up_front(out: Path, statistic: str, results_md, cache=None) -> None:
+def _check_up_front(out: Path, statistic: str, results_md, cache=None, null: str = DEFAULT_NULL) -> None:
     """What the end of `run_evaluation` needs, checked before its sweep: a bad ``statistic``
     failed at the first discovery (after that run's models were trained), a ``results_md`` in
     a missing folder, or a folder, and a RESULTS.md whose notes are not UTF-8 failed after the
     whole sweep, the last naming no file."""
-    from .scoring import STATISTICS
+    from .scoring import NULLS, STATISTICS
 
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+    if null not in NULLS:
+        raise ValueError(f"null must be one of {NULLS}, got {null!r}")
     blocker = folder_blocker(cache) if cache is not None else None
     if blocker is not None:   # a file there failed at its first run's mkdir, after out was made
         raise NotADirectoryError(f"cache {cache}: {blocker} is not a folder (a file, or a link to nothing); "
@@ -748,10 +755,11 @@ def _check_up_front(out: Path, statistic: str, results_md, cache=None) -> None:
 
 def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None, seeds=None,
                    progress: bool = True, results_md=None, statistic: str = DEFAULT_STATISTIC,
-                   residual: bool = False) -> Path:
+                   residual: bool = False, null: str = DEFAULT_NULL) -> Path:
     """Run a preset's sweep into ``out_dir`` (results.csv, confirm.csv, plots, RESULTS.md).
     ``residual``: also the methods `RESIDUAL_METHODS` (spurfast's findings and the residual
-    scan's; the confirmed ones of both)."""
+    scan's; the confirmed ones of both).  ``statistic``, ``null``: discovery's (and the
+    pixel ablation's)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
     p = PRESETS[preset]
@@ -765,7 +773,7 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
                          f"{[s.name for s in p['settings']]}")
     seeds = tuple(p["seeds"]) if seeds is None else check_seeds(seeds)
     out = Path(out_dir)
-    _check_up_front(out, statistic, results_md, cache)
+    _check_up_front(out, statistic, results_md, cache, null)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache) if cache else out / "cache"
     # what writers killed mid-write (kill -9, a default SIGTERM) left, never read but never
@@ -778,7 +786,7 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
     for s in settings:
         for seed in seeds:
             t = time.time()
-            r, c = run_one(s, seed, p["sizes"], cache, progress=False, statistic=statistic,
+            r, c = run_one(s, seed, p["sizes"], cache, progress=False, statistic=statistic, null=null,
                            **({"methods": METHODS} if residual else {}))
             rows += r
             crows += c
@@ -800,6 +808,7 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
                      + (["--seeds", ",".join(map(str, seeds))] if seeds != tuple(p["seeds"]) else [])
                      + (["--cache", str(cache)] if cache != out / "cache" else [])
                      + (["--statistic", statistic] if statistic != DEFAULT_STATISTIC else [])
+                     + (["--null", null] if null != DEFAULT_NULL else [])
                      + (["--residual-scan"] if residual else []))
     timing = {"wall_s": time.time() - t0, "cpu_s": time.process_time() - c0, "load_at_start": load0,
               "load_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),

@@ -87,6 +87,70 @@ DEFAULT_STATISTIC = "surprise"
 # -log10 p per member at most: rarer than that only says the rate is about zero, and one
 # member must not outweigh a whole cluster
 SURPRISE_CAP = 10.0
+# what the permutation null keeps (`discover --null`): "label" shuffles predictions among the
+# images of each true label, so any coherent natural confusion (the coats that look like shirts,
+# called Shirt) beats it; "look-alike" shuffles them among images of the same label that look
+# like the same other class about as much (`look_alike_strata`), so such a confusion is the
+# null's too, unless the stratum is the shortcut's own (`look_alike_strata`'s smallest size;
+# thirty-eighth session, docs/results/full-mutual/RESULTS.md notes)
+NULLS = ("label", "look-alike")
+DEFAULT_NULL = "label"
+# x n_neighbours: the wider neighbourhood an image's look-alike class is read from, and the
+# smallest stratum (a smaller one is one latent blob, not a class of look-alikes)
+LOOK_ALIKE_NEIGHBOURS = 5
+LOOK_ALIKE_BANDS = (0.1, 0.25, 0.5)   # that class's share of it, cut into 4 bands (fixed beforehand)
+
+
+def look_alike_strata(labels: np.ndarray, wide: np.ndarray, min_size: int, bands=LOOK_ALIKE_BANDS) -> np.ndarray:
+    """(n,) dense stratum ids for the look-alike null.  An image's finest stratum is (its label,
+    all unlabelled images one; the other label most common among its latent neighbours
+    ``wide`` (n, m), the nearer one on a tie, none where no neighbour has another label; that
+    label's share of the m in ``bands``).  From labels alone: the classifier's output stays out
+    (it would explain a shortcut away).
+
+    Every stratum holds at least ``min_size`` images or a whole label: finest level first,
+    the strata under ``min_size`` of each parent (the band's parent is (label, look-alike),
+    whose parent is the label) pool into the parent, and a pool still under ``min_size`` joins
+    the parent's largest stratum.  Without it, a shortcut that makes its images unlike
+    everything else gave them a stratum of their own, whose shuffle changes no prediction:
+    the group was its own null (the tests' hand-made store was not found at all)."""
+    labels = np.asarray(labels)
+    wide = np.asarray(wide)
+    n, m = wide.shape
+    lab = np.where(labels >= 0, labels, -1).astype(np.int64)
+    L = int(max(lab.max(initial=-1), 0)) + 1
+    look, share = np.full(n, -1, np.int64), np.zeros(n)
+    nl = lab[wide] if n else np.zeros((0, m), np.int64)
+    rows, cols = np.nonzero((nl >= 0) & (nl != lab[:, None]))
+    if len(rows):
+        key = rows * L + nl[rows, cols]
+        uk, first, count = np.unique(key, return_index=True, return_counts=True)   # first: the nearest (rows sorted)
+        r, other = uk // L, uk % L
+        order = np.lexsort((cols[first], -count, r))         # per image: most common, then nearest
+        top = order[np.r_[True, r[order][1:] != r[order][:-1]]]
+        look[r[top]], share[r[top]] = other[top], count[top] / m
+    band = np.where(look >= 0, np.digitize(share, bands), 0)
+    # one id space, the levels disjoint: label < (label, look) < (label, look, band)
+    nb = len(bands) + 1
+    by_label = lab + 1
+    by_look = (L + 1) + by_label * (L + 1) + (look + 1)
+    by_band = (L + 1) * (L + 2) + by_look * nb + band
+    levels = [by_label, by_look, by_band]
+    out = by_band.copy()
+    for depth in (2, 1):
+        parent = levels[depth - 1]
+        ids, inv, count = np.unique(out, return_inverse=True, return_counts=True)
+        small = (out == levels[depth]) & (count[inv.reshape(-1)] < min_size)
+        out = np.where(small, parent, out)
+        for p in np.unique(parent[small]):
+            pooled = out == p
+            if pooled.sum() >= min_size:
+                continue
+            kept = out[(parent == p) & ~pooled]
+            if len(kept):
+                kid, kc = np.unique(kept, return_counts=True)
+                out[pooled] = kid[np.argmax(kc)]
+    return np.unique(out, return_inverse=True)[1].reshape(-1).astype(np.int64)
 
 
 def confusion_rates(groups: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -101,7 +165,7 @@ def confusion_rates(groups: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def agreement(groups: np.ndarray, labels: np.ndarray, neighbours: np.ndarray, unknown_ok: np.ndarray,
-              statistic: str = DEFAULT_STATISTIC) -> np.ndarray:
+              statistic: str = DEFAULT_STATISTIC, strata: np.ndarray | None = None) -> np.ndarray:
     """Per point i (predicted class c = groups[i]), over its neighbours unrelated to c
     (label != c, or unlabelled and allowed):
 
@@ -112,7 +176,8 @@ def agreement(groups: np.ndarray, labels: np.ndarray, neighbours: np.ndarray, un
       `SURPRISE_CAP`.  Agreement where the model hardly ever confuses those labels with c
       weighs more, so a weak shortcut that moves few images of unlikely labels can reach
       significance; it also makes coherent rare confusions significant (docs/RESULTS.md,
-      ninth session)."""
+      ninth session).  ``strata`` (`look_alike_strata`): r is the rate of each neighbour's
+      stratum instead of its label's."""
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
     c = groups[:, None]
@@ -122,7 +187,10 @@ def agreement(groups: np.ndarray, labels: np.ndarray, neighbours: np.ndarray, un
     n, a = valid.sum(1), agree.sum(1)
     if statistic == "share":
         return a / np.maximum(n, 1)
-    rate = confusion_rates(groups, labels)[np.where(nl >= 0, nl, -1), c]
+    if strata is None:
+        rate = confusion_rates(groups, labels)[np.where(nl >= 0, nl, -1), c]
+    else:
+        rate = confusion_rates(groups, strata)[strata[neighbours], c]
     r = np.clip(np.where(valid, rate, 0.0).sum(1) / np.maximum(n, 1), 1e-12, 1.0 - 1e-12)
     # P(X >= a) = I_r(a, n - a + 1), the regularised incomplete beta function (a >= 1)
     tail = np.where(a > 0, betainc(np.maximum(a, 1), np.maximum(n - a + 1, 1), r), 1.0)
@@ -156,7 +224,8 @@ class Clustering:
 def cluster_and_score(z: np.ndarray, groups: np.ndarray, top2: np.ndarray, labels: np.ndarray,
                       n_classes: int, neighbours: np.ndarray, unknown_ok: np.ndarray, *, k: int, min_cluster_size: int, seed: int, n_iter: int,
                       max_mean_cluster_size: int = 0, max_k: int = 0, statistic: str = DEFAULT_STATISTIC,
-                      metric: str = "l2", backend: str | None = None, device: str = "cpu") -> Clustering:
+                      metric: str = "l2", backend: str | None = None, device: str = "cpu",
+                      strata: np.ndarray | None = None) -> Clustering:
     sizes = np.bincount(groups, minlength=n_classes)
     kpg = choose_k(sizes, k, min_cluster_size, max_mean_cluster_size, max_k)
     res = batched_kmeans(torch.as_tensor(z, device=device), torch.as_tensor(groups, device=device), kpg,
@@ -164,7 +233,7 @@ def cluster_and_score(z: np.ndarray, groups: np.ndarray, top2: np.ndarray, label
     assign = res.assign.cpu().numpy()
     kmax = res.centroids.shape[1]
     unrelated = unrelated_to_class(top2, labels, groups, unknown_ok)
-    agree = agreement(groups, labels, neighbours, unknown_ok, statistic)
+    agree = agreement(groups, labels, neighbours, unknown_ok, statistic, strata)
     score, n_u, size = cluster_scores(groups, assign, kmax, unrelated, agree, n_classes)
     return Clustering(groups, assign, res.centroids.cpu().numpy(), kpg, kmax, score, n_u, size)
 
@@ -203,12 +272,15 @@ def null_scores(z, groups, top2, labels, n_classes, neighbours, unknown_ok, *, n
     """(scores, n_unrelated) of every nonempty cluster over permutations ``start`` ..
     ``start + n_null - 1``, pooled.  Permutation b depends on (seed, b) only, so a later
     call with ``start`` extends the same null.  ``work`` (`spurfast.discovery_work.DiscoveryWork`
-    of these inputs): permutations already finished are read back, new ones saved."""
+    of these inputs): permutations already finished are read back, new ones saved.  ``strata``
+    in ``kw`` (the look-alike null): predictions are shuffled within them, not within labels."""
     out, sizes = [], []
     for b in range(start, start + n_null):
         done = work.get_null(b) if work is not None else None
         if done is None:
-            g = permuted_predictions(groups, labels, np.random.default_rng((seed, 104729, b)))
+            # within the strata where given (the look-alike null), else within labels
+            within = labels if kw.get("strata") is None else kw["strata"]
+            g = permuted_predictions(groups, within, np.random.default_rng((seed, 104729, b)))
             cl = cluster_and_score(z, g, top2, labels, n_classes, neighbours, unknown_ok, seed=seed + 1 + b, **kw)
             done = cl.score[cl.size > 0], cl.n_unrelated[cl.size > 0]
             if work is not None:

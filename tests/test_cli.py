@@ -161,12 +161,12 @@ def test_discover_flags_reach_the_config():
 
     args = build_parser().parse_args(["discover", "--pool", "p", "--classifier", "c", "--vae", "v", "--out", "o",
                                       "--max-k", "7", "--max-mean-cluster-size", "40", "--k", "3",
-                                      "--statistic", "share"])
+                                      "--statistic", "share", "--null", "look-alike"])
     cfg = _discover_config(args)
-    assert (cfg.max_k, cfg.max_mean_cluster_size, cfg.k, cfg.statistic) == (7, 40, 3, "share")
+    assert (cfg.max_k, cfg.max_mean_cluster_size, cfg.k, cfg.statistic, cfg.null) == (7, 40, 3, "share", "look-alike")
     default = _discover_config(build_parser().parse_args(["discover", "--pool", "p", "--classifier", "c", "--vae", "v",
                                                           "--out", "o"]))
-    assert (default.max_k, default.statistic) == (256, "surprise")
+    assert (default.max_k, default.statistic, default.null) == (256, "surprise", "label")
 
 
 def test_residual_scan_flag_reaches_the_run():
@@ -186,6 +186,8 @@ def test_cli_statistics_are_the_scoring_ones():
 
     assert STATISTICS == scoring_statistics
     assert DEFAULT_STATISTIC == scoring_default == DiscoverConfig().statistic == "surprise"
+    from spurfast import cli, scoring
+    assert cli.NULLS == scoring.NULLS and cli.DEFAULT_NULL == scoring.DEFAULT_NULL == DiscoverConfig().null
 
 
 def test_verdict_counts_line():

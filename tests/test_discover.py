@@ -48,6 +48,57 @@ def test_the_shortcut_group_is_the_top_finding(tmp_path, statistic):
         assert np.isin(f["members"], shortcut).mean() > 0.5, f
 
 
+def test_the_look_alike_null_still_finds_the_shortcut_group(tmp_path):
+    # the group is unlike every blob: strata finer than the smallest size gave it a stratum of
+    # its own, whose shuffle changed no prediction (nothing found in any seed)
+    for seed in (0, 1):
+        store, shortcut = _store(tmp_path / f"store{seed}", seed)
+        res = discover(store, DiscoverConfig(k=4, n_null=30, seed=0, null="look-alike"), progress=False)
+        assert res.findings and res.findings[0]["class"] == 0 and res.findings[0]["q_value"] <= 0.05, res.findings
+        assert set(shortcut) <= set(res.findings[0]["members"])
+        assert res.config["discover"]["null"] == "look-alike"   # recorded in findings.json's config
+
+
+def _confusion_store(root, seed=0):
+    """Four label blobs; 80 label-1 images sit beside label 0's blob (they look like a 0) and
+    the classifier calls 60% of them 0 at random: a natural confusion, no shortcut."""
+    rng = np.random.default_rng(seed)
+    centres = np.zeros((N_CLASSES, 6))
+    centres[1:, :3] = 12 * np.eye(3)
+    labels = np.r_[np.repeat(np.arange(N_CLASSES), PER_CLASS), np.ones(80, np.int64)]
+    mu = centres[labels] + rng.normal(0, 1, (len(labels), 6))
+    alike = np.arange(N_CLASSES * PER_CLASS, len(labels))
+    mu[alike] = np.array([3.5, 0, 0, 0, 0, 0]) + rng.normal(0, 0.7, (80, 6))
+    pred = labels.copy()
+    pred[alike[rng.random(80) < 0.6]] = 0
+    n = len(labels)
+    probs = np.full((n, N_CLASSES), 0.1 / (N_CLASSES - 1), np.float32)
+    probs[np.arange(n), pred] = 0.9
+    store = EmbeddingStore.create(root, n, {"pred": ((n,), "int32"), "probs": ((n, N_CLASSES), "float32"),
+                                            "mu": ((n, 6), "float32"), "labels": ((n,), "int64"),
+                                            "ok": ((n,), "bool")}, {"num_classes": N_CLASSES})
+    store.write(0, {"pred": pred, "probs": probs, "mu": mu.astype(np.float32), "labels": labels,
+                    "ok": np.ones(n, bool)})
+    return store
+
+
+def test_a_natural_confusion_beats_the_label_null_but_not_the_look_alike_one(tmp_path):
+    # the label null keeps how often label 1 is called 0, not which of its images are: the
+    # images that look like a 0 being called 0 beat it.  The look-alike null shuffles within
+    # label-1 images that look like a 0, and the confusion is its own expectation there
+    for seed in (0, 1):
+        store = _confusion_store(tmp_path / f"store{seed}", seed)
+        by_label = discover(store, DiscoverConfig(k=4, n_null=30, seed=0), progress=False)
+        assert [f["class"] for f in by_label.findings] == [0], by_label.findings
+        alike = discover(store, DiscoverConfig(k=4, n_null=30, seed=0, null="look-alike"), progress=False)
+        assert alike.findings == [], alike.findings
+
+
+def test_discover_config_refuses_an_unknown_null():
+    with pytest.raises(ValueError, match="null must be one of \\('label', 'look-alike'\\), got 'lookalike'"):
+        DiscoverConfig(null="lookalike")
+
+
 def test_too_few_permutations_warn_instead_of_failing_silently(tmp_path, caplog):
     store, _ = _store(tmp_path / "store")
     with caplog.at_level(logging.WARNING, logger="spurfast.discover"):

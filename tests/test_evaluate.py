@@ -1480,3 +1480,13 @@ def test_a_cut_short_cached_vae_is_named_with_its_fix(tmp_path):
     with pytest.raises(ValueError, match=rf"cached VAE .*{vkey}\.pt cannot be read \(.*\); delete it and the next run "
                                          r"retrains it"):
         E._models(data, 0, sizes, tmp_path, progress=False)
+
+
+def test_the_look_alike_null_has_runs_of_its_own_and_the_label_nulls_keep_their_keys(tmp_path):
+    from spurfast.evaluate import run_key
+    setting, sizes = PRESETS["tiny"]["settings"][0], PRESETS["tiny"]["sizes"]
+    assert run_key(setting, 0, sizes) == run_key(setting, 0, sizes, null="label")   # cached runs stay valid
+    assert run_key(setting, 0, sizes, null="look-alike") != run_key(setting, 0, sizes)
+    with pytest.raises(ValueError, match="null must be one of"):
+        run_evaluation("tiny", tmp_path / "out", null="lookalike")
+    assert not (tmp_path / "out").exists()   # refused before the sweep

@@ -5,8 +5,8 @@ from scipy.stats import binom
 
 from spurfast.kernels import reference as ref
 from spurfast.scoring import SURPRISE_CAP, agreement, bh_qvalues, cluster_scores, confusion_rates, \
-    content_classes, latent_neighbours, permutation_pvalues, permuted_predictions, shuffled_share, \
-    size_matched_pvalues, top_two
+    content_classes, latent_neighbours, look_alike_strata, permutation_pvalues, permuted_predictions, \
+    shuffled_share, size_matched_pvalues, top_two
 
 
 def reference_knn(z, k, **kw):
@@ -638,3 +638,41 @@ def test_the_shuffled_share_is_the_share_of_predictions_the_null_changes():
     g, lab = rng.integers(0, 5, 2000), rng.integers(-1, 3, 2000)
     seen = np.mean([(permuted_predictions(g, lab, rng) != g).mean() for _ in range(200)])
     assert shuffled_share(g, lab) == pytest.approx(seen, abs=0.005)
+
+
+def test_look_alike_strata_split_labels_by_the_class_their_images_look_like():
+    # labels 0 and 1; images 0-59 of label 0 have label-1 neighbours, 60-119 none (another label
+    # 2 instead); the 10 unlabelled all look like label 0
+    labels = np.r_[np.zeros(120, np.int64), np.ones(100, np.int64), np.full(100, 2), np.full(10, -1)]
+    n = len(labels)
+    wide = np.zeros((n, 10), np.int64)
+    wide[:60] = np.arange(120, 130)          # label 1 everywhere: look-alike 1, share 1.0
+    wide[60:120, :3] = np.arange(220, 223)   # label 2 on 3 of 10: look-alike 2, share 0.3
+    wide[60:120, 3:] = np.arange(7)          # the rest their own label
+    wide[120:] = np.arange(10)               # the others: label-0 neighbours
+    st = look_alike_strata(labels, wide, min_size=50)
+    assert len(np.unique(st[:60])) == 1 and len(np.unique(st[60:120])) == 1 and st[0] != st[60]
+    for s in np.unique(st):   # every stratum within one label (the unlabelled count as one)
+        assert len(np.unique(labels[st == s])) == 1, s
+    # a look-alike group under min_size has no stratum of its own: it pools with its label
+    few = look_alike_strata(labels, wide, min_size=61)
+    assert len(np.unique(few[:120])) == 1
+    # every stratum holds min_size images or a whole label
+    for m in (1, 20, 50, 61, 500):
+        got = look_alike_strata(labels, wide, min_size=m)
+        for s in np.unique(got):
+            size, lab = int((got == s).sum()), labels[got == s][0]
+            assert size >= m or size == int((labels == lab).sum()), (m, s, size)
+
+
+def test_look_alike_strata_pool_a_small_rest_into_the_largest_stratum():
+    # 30 images of a label look like label 1, 70 like label 2, min_size 50: the 30 pool into the
+    # label's rest, which is still under 50, so they join the 70 (one stratum, the whole label)
+    labels = np.r_[np.zeros(100, np.int64), np.ones(20, np.int64), np.full(20, 2)]
+    wide = np.zeros((len(labels), 4), np.int64)
+    wide[:30] = np.arange(100, 104)
+    wide[30:100] = np.arange(120, 124)
+    wide[100:] = np.arange(4)
+    st = look_alike_strata(labels, wide, min_size=50)
+    assert len(np.unique(st[:100])) == 1
+    assert len(np.unique(look_alike_strata(labels, wide, min_size=30)[:100])) == 2   # both big enough
