@@ -22,12 +22,12 @@ from .atomic_files import replace_atomically
 from .characterise import contrast_map, exemplars, linear_probe, neighbour_contrast, pattern_mask
 from .checks import check_compute_device, check_extra_config, real_number, suspect_mask, whole_number
 from .data.sources import ImageSource, utf8_name
-from .store import EmbeddingStore, _write_json
 from .models.as_given import restores_models
 from .rankings import SpilledRankings, save_ranking
 from .scoring import (DEFAULT_NULL, DEFAULT_STATISTIC, LOOK_ALIKE_NEIGHBOURS, NULLS, STATISTICS, bh_qvalues,
                       cluster_and_score, content_classes, latent_neighbours, look_alike_strata, null_scores,
                       shuffled_share, size_matched_pvalues, top_two, unrelated_to_class)
+from .store import EmbeddingStore, _write_json
 
 log = logging.getLogger("spurfast.discover")
 # below this share of predictions changed by the null's shuffle (1 in 20), a run says its test
@@ -46,7 +46,8 @@ class DiscoverConfig:
     would average under ``min_cluster_size``; ``n_iter`` Lloyd iterations, ``metric`` "l2"
     or "cosine", ``backend`` the k-means provider (None: auto).  Scoring: each image's
     agreement with its ``n_neighbours`` latent neighbours (``statistic``: "surprise" or
-    "share"); ``n_null`` permutations of the predicted classes give the null, extended up
+    "share"); ``n_null`` permutations of the predicted classes (within labels, or within
+    look-alike strata: ``null``) give the null, extended up
     to ``max_null`` while a cluster beats every null cluster of its size but misses q <=
     ``resolve_fdr`` (None: ``fdr``); findings are the clusters at Benjamini-Hochberg q <=
     ``fdr``.  ``n_exemplars`` members nearest the centroid per finding; ``seed`` makes a
@@ -69,7 +70,7 @@ class DiscoverConfig:
     # sensitive to weak shortcuts, more findings for confirmation to judge) or "share"
     statistic: str = DEFAULT_STATISTIC
     # what the permutation null keeps (`spurfast.scoring.NULLS`): "label", or "look-alike" (fewer
-    # false findings of natural confusions: docs/results/full-mutual/RESULTS.md notes)
+    # false findings of natural confusions: docs/results/look-alike/)
     null: str = DEFAULT_NULL
     fdr: float = 0.05            # Benjamini-Hochberg level for findings
     n_iter: int = 20             # Lloyd iterations
