@@ -24,6 +24,11 @@ def _store(root, seed=0):
     shortcut = np.nonzero(labels == 1)[0][:SHORTCUT]
     mu[shortcut] = 12 + rng.normal(0, 0.3, (SHORTCUT, 6))
     pred[shortcut] = 0
+    return _write_store(root, mu, labels, pred), shortcut
+
+
+def _write_store(root, mu, labels, pred):
+    """A store of these latents, labels and predictions (probability 0.9 on the predicted class)."""
     n = len(labels)
     probs = np.full((n, N_CLASSES), 0.1 / (N_CLASSES - 1), np.float32)
     probs[np.arange(n), pred] = 0.9
@@ -32,7 +37,7 @@ def _store(root, seed=0):
                                             "ok": ((n,), "bool")}, {"num_classes": N_CLASSES})
     store.write(0, {"pred": pred, "probs": probs, "mu": mu.astype(np.float32), "labels": labels,
                     "ok": np.ones(n, bool)})
-    return store, shortcut
+    return store
 
 
 @pytest.mark.parametrize("statistic", ["share", "surprise"])
@@ -71,15 +76,7 @@ def _confusion_store(root, seed=0):
     mu[alike] = np.array([3.5, 0, 0, 0, 0, 0]) + rng.normal(0, 0.7, (80, 6))
     pred = labels.copy()
     pred[alike[rng.random(80) < 0.6]] = 0
-    n = len(labels)
-    probs = np.full((n, N_CLASSES), 0.1 / (N_CLASSES - 1), np.float32)
-    probs[np.arange(n), pred] = 0.9
-    store = EmbeddingStore.create(root, n, {"pred": ((n,), "int32"), "probs": ((n, N_CLASSES), "float32"),
-                                            "mu": ((n, 6), "float32"), "labels": ((n,), "int64"),
-                                            "ok": ((n,), "bool")}, {"num_classes": N_CLASSES})
-    store.write(0, {"pred": pred, "probs": probs, "mu": mu.astype(np.float32), "labels": labels,
-                    "ok": np.ones(n, bool)})
-    return store
+    return _write_store(root, mu, labels, pred)
 
 
 def test_a_natural_confusion_beats_the_label_null_but_not_the_look_alike_one(tmp_path):
