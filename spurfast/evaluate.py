@@ -676,10 +676,12 @@ def _run_one(rfile: Path, setting: Setting, seed: int, sizes: Sizes, cache: Path
     if "activation_clustering" in methods or "activation_clustering+pattern" in methods:
         cands["activation_clustering"] = B.activation_clustering(store, seed=seed)
     # the two with spurfast's ranking step (probe, then pattern), in the classifier's feature space
+    space = None
     for m in ("george", "activation_clustering"):
         if f"{m}+pattern" in methods:
             t = time.time()
-            _, space = B.standardised_features(store)
+            if space is None:   # standardised once for both
+                _, space = B.standardised_features(store)
             cands[f"{m}+pattern"] = B.pattern_ranked(cands[m], store, data.pool, space, suspect=data.suspect,
                                                      seed=seed, top=BEST_OF)
             timing[f"{m}+pattern"] = time.time() - t

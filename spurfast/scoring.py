@@ -92,7 +92,7 @@ SURPRISE_CAP = 10.0
 # called Shirt) beats it; "look-alike" shuffles them among images of the same label that look
 # like the same other class about as much (`look_alike_strata`), so such a confusion is the
 # null's too, unless the stratum is the shortcut's own (`look_alike_strata`'s smallest size;
-# thirty-eighth session, docs/results/full-mutual/RESULTS.md notes)
+# thirty-eighth session, docs/results/look-alike/)
 NULLS = ("label", "look-alike")
 DEFAULT_NULL = "label"
 # x n_neighbours: the wider neighbourhood an image's look-alike class is read from, and the
@@ -139,7 +139,7 @@ def look_alike_strata(labels: np.ndarray, wide: np.ndarray, min_size: int, bands
     out = by_band.copy()
     for depth in (2, 1):
         parent = levels[depth - 1]
-        ids, inv, count = np.unique(out, return_inverse=True, return_counts=True)
+        _, inv, count = np.unique(out, return_inverse=True, return_counts=True)
         small = (out == levels[depth]) & (count[inv.reshape(-1)] < min_size)
         out = np.where(small, parent, out)
         for p in np.unique(parent[small]):
