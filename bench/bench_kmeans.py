@@ -10,8 +10,10 @@ Providers
   triton          the Triton assign (spurfast.kernels.kmeans_triton), GPU only; assign rows,
                   one per arithmetic variant (TRITON_VARIANTS); vs flash-kmeans also as
                   triton-fast (flash-kmeans' own arithmetic: one TF32 product, fp16 centroids)
-  cpu             the fused CPU kernels (spurfast.kernels.kmeans_cpu, AVX2), CPU only; one
-                  pass per step (kmeans_assign_update: x read once)
+  cpu             the fused CPU kernels (spurfast.kernels.kmeans_cpu: AVX-512 where the CPU
+                  has it, else AVX2), CPU only; one pass per step (kmeans_assign_update: x
+                  read once)
+  cpu-avx2        the same kernels' AVX2 assign tile on an AVX-512 CPU (kmeans_assign rows)
   torch           the reference (spurfast.kernels.reference), CPU and GPU
   torch-loop      the reference called once per group from Python (what batching replaces)
   faiss-cpu       faiss.Kmeans on all points (one group only), CPU
@@ -517,6 +519,14 @@ def _step_rows(writer, ref, kcpu, kc, x, off, cent, kpg, config, dev, devname, t
         st = measure(lambda m=mod: m.kmeans_update(x, off, assign, k), device=dev, reps=reps)
         writer.add_timing("kmeans_update", name, config, st, devname, items=N, bytes_moved=update_bytes,
                           flops=float(N * d))
+    if kcpu is not None and kcpu.isa() == "avx512":   # the AVX2 tile beside it: what AVX-512 gains
+        try:
+            kcpu.isa("avx2")
+            st = measure(lambda: kcpu.kmeans_assign(x, off, cent, kpg), device=dev, reps=reps)
+        finally:
+            kcpu.isa("avx512")
+        writer.add_timing("kmeans_assign", "cpu-avx2", config, st, devname, items=N, bytes_moved=assign_bytes,
+                          flops=assign_flops)
     if G != 1 or dev != "cpu":
         return
     try:

@@ -1,4 +1,5 @@
-"""Fused CPU k-means kernels (``kernels/cpu/kmeans_cpu.cpp``, AVX2 + FMA) through ctypes.
+"""Fused CPU k-means kernels (``kernels/cpu/kmeans_cpu.cpp``, AVX2 + FMA; the assignment's
+tile in AVX-512 where the CPU has it, see :func:`isa`) through ctypes.
 
 Same signatures and semantics as ``kmeans_assign``, ``kmeans_update``,
 ``kmeans_assign_update`` (one pass), ``kmeans_plusplus`` and ``latent_knn`` in
@@ -47,6 +48,7 @@ OPENMP = "-fopenmp"   # tried first; dropped (Python threads instead) when the c
 NR = 16            # centroids per micro-tile (kernel constant): centroids are padded to it
 _MIN_ROWS = 2048   # rows per part below which one part covers the whole range
 _MAX_PARTS = 16    # most row ranges (and threads) a call uses: fixed, so sums match at any thread count
+ISAS = ("avx2", "avx512")   # the assignment's micro-kernels, by the library's code for them (0, 1)
 
 _lock = threading.Lock()
 _lib = None
@@ -186,9 +188,28 @@ def _load():
         lib.spurfast_cpu_knn_measure_parts.argtypes = [P, I, I, P, I, I, I, P]
         lib.spurfast_cpu_knn_measure_parts.restype = None
         lib.spurfast_cpu_openmp.restype = ctypes.c_int
+        lib.spurfast_cpu_isa.argtypes = [ctypes.c_int]
+        lib.spurfast_cpu_isa.restype = ctypes.c_int
+        wanted = os.environ.get("SPURFAST_KMEANS_CPU_ISA", "")
+        if wanted not in ("", *ISAS):
+            logging.getLogger("spurfast.kernels").warning(
+                "SPURFAST_KMEANS_CPU_ISA must be one of %s, got %r: the CPU decides", ", ".join(ISAS), wanted)
+        elif wanted:
+            lib.spurfast_cpu_isa(ISAS.index(wanted))
         lib.openmp = bool(lib.spurfast_cpu_openmp())
         _lib = lib
         return _lib
+
+
+def isa(name: str | None = None) -> str:
+    """The instruction set of the assignment's micro-kernel, "avx512" (12 points x 16
+    centroids per tile) or "avx2" (6 x 16); ``name`` switches it first (between calls), and
+    "avx512" falls back to "avx2" on a CPU without it.  Both give the same bits.  The CPU
+    decides at load unless SPURFAST_KMEANS_CPU_ISA names one."""
+    if name is not None and name not in ISAS:
+        raise ValueError(f"isa must be one of {ISAS}, got {name!r}")
+    lib = _library()
+    return ISAS[lib.spurfast_cpu_isa(-1 if name is None else ISAS.index(name))]
 
 
 def _library():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,11 +32,22 @@ CPU_CASES = CASES + [([3 * kcpu._MIN_ROWS + 5], 37, 64),
                      (np.random.default_rng(1).integers(0, 40, 400).tolist(), 16, 24)]
 
 
+@pytest.fixture(params=kcpu.ISAS)
+def isa(request):
+    """Both micro-kernels of the assignment (AVX2, AVX-512), the CPU's choice restored after."""
+    before = kcpu.isa()
+    if kcpu.isa(request.param) != request.param:
+        kcpu.isa(before)
+        pytest.skip(f"this CPU has no {request.param}")
+    yield request.param
+    kcpu.isa(before)
+
+
 @needs_kernel
 @pytest.mark.parametrize("with_xn", [False, True], ids=["no-xn", "xn"])
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 @pytest.mark.parametrize("case", range(len(CPU_CASES)))
-def test_assign_matches_exact_distances_and_reference(case, metric, with_xn):
+def test_assign_matches_exact_distances_and_reference(case, metric, with_xn, isa):
     sizes, kmax, d = CPU_CASES[case]
     x, off, cent, kpg = make_case(sizes, kmax, d, seed=case, device="cpu")
     xn = (x * x).sum(1) if with_xn else None
@@ -72,19 +84,55 @@ def test_other_dtypes_are_the_reference_on_their_fp32_values(case, dtype):
 
 
 @needs_kernel
-def test_assign_ties_go_to_the_lower_index_and_empty_input():
+def test_assign_ties_go_to_the_lower_index_and_empty_input(isa):
     x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]] * 50)
     cent = torch.tensor([[[1.0, 1.0], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0]] + [[9.0, 9.0]] * 15])  # kmax 19 > 16
     a, _ = kcpu.kmeans_assign(x, torch.tensor([0, 150]), cent, torch.tensor([19]))
     assert_equal_int(a, torch.tensor([2, 0, 0] * 50), "ties -> lower index")
-    # centroids 0 and 16 share a vector lane: the earlier one must keep a tie
-    cent2 = torch.full((1, 20, 2), 50.0)
-    cent2[0, 0] = cent2[0, 16] = torch.tensor([5.0, 5.0])
-    a, _ = kcpu.kmeans_assign(torch.tensor([[5.0, 5.0]] * 7), torch.tensor([0, 7]), cent2, torch.tensor([20]))
-    assert_equal_int(a, torch.zeros(7, dtype=torch.int64), "tie within a lane -> lower index")
+    # centroids 0 and 16 share a vector lane: the earlier one must keep a tie; so must 16
+    # and 32, 0 and 64 (one AVX-512 tile holds 64: across tiles, and in the tail's tiles)
+    for first, second, kmax in ((0, 16, 20), (16, 32, 40), (0, 64, 70), (64, 80, 83), (0, 96, 100)):
+        cent2 = torch.full((1, kmax, 2), 50.0)
+        cent2[0, first] = cent2[0, second] = torch.tensor([5.0, 5.0])
+        a, _ = kcpu.kmeans_assign(torch.tensor([[5.0, 5.0]] * 7), torch.tensor([0, 7]), cent2, torch.tensor([kmax]))
+        assert_equal_int(a, torch.full((7,), first, dtype=torch.int64),
+                         f"tie of {first} and {second} (kmax {kmax}) -> lower index")
     a, dist = kcpu.kmeans_assign(torch.zeros(0, 3), torch.zeros(3, dtype=torch.int64), torch.zeros(2, 4, 3),
                                  torch.zeros(2, dtype=torch.int64))
     assert a.shape == (0,) and dist.shape == (0,)
+
+
+@needs_kernel
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("kmax", [1, 15, 16, 17, 31, 33, 48, 63, 64, 65, 97, 130])
+def test_the_avx512_tile_gives_the_avx2_tiles_bits(kmax, metric):
+    """The AVX-512 tile (6 points x 64 centroids, tails of 32 and 16) does each lane's
+    arithmetic in the AVX2 tile's order: same assignment, distances and sums, bit for bit,
+    whatever kmax leaves for the tails and however many rows the last tile gets."""
+    before = kcpu.isa()
+    if kcpu.isa("avx512") != "avx512":
+        pytest.skip("this CPU has no AVX-512")
+    try:
+        x, off, cent, kpg = make_case([kmax + 5, 0, 3 * kmax + 1, 7], kmax, 19 + kmax % 7, seed=kmax, device="cpu")
+        wide = kcpu.kmeans_assign_update(x, off, cent, kpg, metric)
+        kcpu.isa("avx2")
+        narrow = kcpu.kmeans_assign_update(x, off, cent, kpg, metric)
+    finally:
+        kcpu.isa(before)
+    for name, a, b in zip(["assign", "dist", "sums", "counts"], wide, narrow):
+        assert_bitwise(a, b, f"{name}: AVX-512 against AVX2 (kmax {kmax}, {metric})")
+
+
+@needs_kernel
+def test_isa_switch_refuses_unknown_names_and_reads_its_variable():
+    with pytest.raises(ValueError, match="avx2.*avx512.*'sse'"):
+        kcpu.isa("sse")
+    probe = "from spurfast.kernels import kmeans_cpu as k; print(k.isa())"
+    for value, want in (("avx2", "avx2"), ("bogus", kcpu.isa())):
+        run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                             env={**os.environ, "SPURFAST_KMEANS_CPU_ISA": value})
+        assert run.stdout.strip().splitlines()[-1] == want, (value, run.stdout, run.stderr)
+    assert "SPURFAST_KMEANS_CPU_ISA must be one of avx2, avx512, got 'bogus'" in run.stderr
 
 
 @needs_kernel
@@ -151,7 +199,7 @@ def threading_mode(request, monkeypatch):
 @needs_kernel
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 @pytest.mark.parametrize("case", range(len(CPU_CASES)))
-def test_fused_step_equals_assign_then_update_bitwise(case, metric, threading_mode):
+def test_fused_step_equals_assign_then_update_bitwise(case, metric, threading_mode, isa):
     sizes, kmax, d = CPU_CASES[case]
     x, off, cent, kpg = make_case(sizes, kmax, d, seed=20 + case, device="cpu")
     if metric == "cosine":
@@ -226,7 +274,7 @@ def test_sums_do_not_depend_on_the_thread_count(sizes, threading_mode, restore_t
 @needs_kernel
 @pytest.mark.parametrize("with_xn", [False, True], ids=["no-xn", "xn"])
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_nan_rows_get_nan_distances_as_in_the_reference(metric, with_xn):
+def test_nan_rows_get_nan_distances_as_in_the_reference(metric, with_xn, isa):
     # the L2 clamp (dv > 0 ? dv : 0) made a NaN distance 0; cosine's fmax(|x|, 1e-12)
     # made it s / 1e-12 = inf
     g = torch.Generator().manual_seed(2)
