@@ -229,13 +229,16 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
               metric=config.metric, backend=config.backend, device=config.device)
     unknown_ok = ~suspect[valid]  # an unlabelled suspect sample may be genuine class c
     top2 = top_two(store["probs"])[valid]
+    # the look-alike null reads a wider neighbourhood: one search, whose first columns (nearest
+    # first, ties to the lower index) are the narrower one's
+    n_search = config.n_neighbours * (LOOK_ALIKE_NEIGHBOURS if config.null == "look-alike" else 1)
     work = None
     if work_dir is not None:
         from .discovery_work import DiscoveryWork, work_key
         from . import cluster
         # the search reads z alone (not config.backend: it is the k-means backend), so another k
         # or statistic reuses it; device type and providers: their rounding may break ties otherwise
-        searched = {"piece": "neighbours", "n_neighbours": config.n_neighbours,
+        searched = {"piece": "neighbours", "n_neighbours": n_search,
                     "device": torch.device(config.device or "cpu").type,
                     "providers": _provider_choices(config.device, ("latent_knn",))}
         nkey = work_key(dict(z=z), searched)
@@ -254,14 +257,12 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
     # one call each, minutes at ImageNet scale on a CPU: a bar per step says which is running
     with tqdm(total=len(z), desc="latent neighbours", unit="img", disable=not progress, leave=False) as step:
         def search():
-            return latent_neighbours(z, config.n_neighbours, device=config.device)
-        nbrs = work.neighbours(search) if work is not None else search()
+            return latent_neighbours(z, n_search, device=config.device)
+        found = work.neighbours(search) if work is not None else search()
+        nbrs = np.ascontiguousarray(found[:, :config.n_neighbours])
         step.update(len(z))
     if config.null == "look-alike":
-        with tqdm(total=len(z), desc="look-alike strata", unit="img", disable=not progress, leave=False) as step:
-            wide = latent_neighbours(z, LOOK_ALIKE_NEIGHBOURS * config.n_neighbours, device=config.device)
-            kw["strata"] = look_alike_strata(labels_valid, wide, LOOK_ALIKE_NEIGHBOURS * config.n_neighbours)
-            step.update(len(z))
+        kw["strata"] = look_alike_strata(labels_valid, found, n_search)
     args = (top2, labels_valid, n_classes, nbrs, unknown_ok)
     with tqdm(total=len(z), desc="clustering", unit="img", disable=not progress, leave=False) as step:
         real = cluster_and_score(z, g, *args, seed=config.seed, **kw)

@@ -464,6 +464,24 @@ def test_an_interrupted_discovery_resumes_its_neighbours_and_null(tmp_path, monk
     assert calls == {"cluster": 1 + 12, "knn": 1, "stop": None}   # another number of neighbours: searched
 
 
+def test_the_look_alike_null_searches_once_and_resumes_its_wide_neighbours(tmp_path, monkeypatch):
+    """Its strata read 5 x n_neighbours neighbours: one search (the neighbours are its first
+    columns), kept with the work like the plain one; it searched twice and kept neither."""
+    from spurfast import discover as D
+
+    store, _ = _store(tmp_path / "store")
+    cfg = DiscoverConfig(k=4, n_null=12, max_null=12, seed=0, null="look-alike")
+    want = discover(store, cfg, progress=False)
+    searched = []
+    real_knn = D.latent_neighbours
+    monkeypatch.setattr(D, "latent_neighbours", lambda z, k, **kw: searched.append(k) or real_knn(z, k, **kw))
+    for run in range(2):
+        got = discover(store, cfg, progress=False, work_dir=tmp_path / "work")
+        assert searched == [5 * cfg.n_neighbours], (run, searched)   # the second run: read back
+        assert [f["members"] for f in got.findings] == [f["members"] for f in want.findings]
+        assert [c["p_value"] for c in got.clusters] == [c["p_value"] for c in want.clusters]
+
+
 def test_discovery_work_is_not_resumed_under_another_kmeans_provider(tmp_path, monkeypatch):
     """The null a provider computes is its own (rounding; TF32 on a GPU): a rerun with
     SPURFAST_BACKEND_KMEANS_ASSIGN changed read back the first provider's permutations,

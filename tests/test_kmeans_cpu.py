@@ -643,6 +643,21 @@ def test_reference_knn_ties_go_to_the_lower_index(column_block, chunk):
                      f"{nn[bad[0]].tolist()}")
 
 
+@pytest.mark.parametrize("fn", [ref.latent_knn, pytest.param(kcpu.latent_knn, marks=needs_kernel)],
+                         ids=["reference", "cpu"])
+def test_a_wider_knn_search_begins_with_the_narrower_one(fn):
+    """Discovery's look-alike null searches 5 x n_neighbours once and keeps the first
+    n_neighbours columns as the neighbours: exactly the narrower search, ties (copies of one
+    latent) included."""
+    z = torch.from_numpy(duplicated_latents(3))
+    wide = fn(z, 50).numpy()
+    for k in (1, 10, 17):
+        narrow = fn(z, k).numpy()
+        bad = np.flatnonzero((wide[:, :k] != narrow).any(1))
+        assert bad.size == 0, (f"k={k}: {bad.size} rows differ, first row {bad[0]}: "
+                               f"wide {wide[bad[0], :k].tolist()} vs narrow {narrow[bad[0]].tolist()}")
+
+
 @needs_kernel
 def test_knn_kernel_matches_the_reference_on_duplicated_latents(threading_mode):
     z, _ = _duplicated_latents(2999, 16, seed=1)
