@@ -1,5 +1,5 @@
 """Fused CPU k-means kernels (``kernels/cpu/kmeans_cpu.cpp``, AVX2 + FMA; the assignment's
-tile in AVX-512 where the CPU has it, see :func:`isa`) through ctypes.
+and the kNN search's tiles in AVX-512 where the CPU has it, see :func:`isa`) through ctypes.
 
 Same signatures and semantics as ``kmeans_assign``, ``kmeans_update``,
 ``kmeans_assign_update`` (one pass), ``kmeans_plusplus`` and ``latent_knn`` in
@@ -48,7 +48,7 @@ OPENMP = "-fopenmp"   # tried first; dropped (Python threads instead) when the c
 NR = 16            # centroids per micro-tile (kernel constant): centroids are padded to it
 _MIN_ROWS = 2048   # rows per part below which one part covers the whole range
 _MAX_PARTS = 16    # most row ranges (and threads) a call uses: fixed, so sums match at any thread count
-ISAS = ("avx2", "avx512")   # the assignment's micro-kernels, by the library's code for them (0, 1)
+ISAS = ("avx2", "avx512")   # the assign and knn micro-kernels, by the library's code for them (0, 1)
 
 _lock = threading.Lock()
 _lib = None
@@ -202,10 +202,11 @@ def _load():
 
 
 def isa(name: str | None = None) -> str:
-    """The instruction set of the assignment's micro-kernel, "avx512" (12 points x 16
-    centroids per tile) or "avx2" (6 x 16); ``name`` switches it first (between calls), and
-    "avx512" falls back to "avx2" on a CPU without it.  Both give the same bits.  The CPU
-    decides at load unless SPURFAST_KMEANS_CPU_ISA names one."""
+    """The instruction set of the assignment's and the kNN search's micro-kernels, "avx512"
+    (assign: 6 points x 64 centroids per tile; knn: 12 rows x 32 columns) or "avx2" (6 x 16);
+    ``name`` switches it first (between calls), and "avx512" falls back to "avx2" on a CPU
+    without it.  Both give the same bits.  The CPU decides at load unless
+    SPURFAST_KMEANS_CPU_ISA names one."""
     if name is not None and name not in ISAS:
         raise ValueError(f"isa must be one of {ISAS}, got {name!r}")
     lib = _library()

@@ -124,6 +124,27 @@ def test_the_avx512_tile_gives_the_avx2_tiles_bits(kmax, metric):
 
 
 @needs_kernel
+@pytest.mark.parametrize("n,d,k", [(1, 3, 2), (7, 5, 3), (97, 16, 10), (1001, 16, 50), (2051, 33, 10)])
+def test_the_avx512_knn_tile_gives_the_avx2_tiles_neighbours(n, d, k):
+    """The knn's AVX-512 tile (more columns per tile, tails of fewer) scores each pair as the
+    AVX2 tile does and offers a row its columns in the same order: the same neighbours and the
+    same rows left for the exact check, copies of one latent included."""
+    before = kcpu.isa()
+    if kcpu.isa("avx512") != "avx512":
+        pytest.skip("this CPU has no AVX-512")
+    rng = np.random.default_rng(n)
+    z = rng.normal(size=(n, d)).astype(np.float32)
+    z[: n // 4] = z[0]   # a quarter copies of one latent: ties the lower index must win
+    try:
+        wide = kcpu.latent_knn(torch.from_numpy(z), k)
+        kcpu.isa("avx2")
+        narrow = kcpu.latent_knn(torch.from_numpy(z), k)
+    finally:
+        kcpu.isa(before)
+    assert_bitwise(wide, narrow, f"knn AVX-512 against AVX2 (n {n}, d {d}, k {k})")
+
+
+@needs_kernel
 def test_isa_switch_refuses_unknown_names_and_reads_its_variable():
     with pytest.raises(ValueError, match="avx2.*avx512.*'sse'"):
         kcpu.isa("sse")
@@ -420,7 +441,7 @@ def _check_knn(nn: np.ndarray, z: np.ndarray, k: int, name: str) -> None:
 @needs_kernel
 @pytest.mark.parametrize("n,d,k", [(1, 2, 3), (2, 4, 1), (3, 1, 5), (17, 3, 16), (203, 5, 6), (1000, 33, 10),
                                    (3 * kcpu._MIN_ROWS + 5, 16, 10)])   # the last: several threads, column chunks
-def test_knn_matches_float64_brute_force_and_the_reference(n, d, k):
+def test_knn_matches_float64_brute_force_and_the_reference(n, d, k, isa):
     rng = np.random.default_rng(n)
     z = np.concatenate([rng.normal(size=(n // 2, d)), 0.05 * rng.normal(size=(n - n // 2, d)) + 3]).astype(np.float32)
     nn = kcpu.latent_knn(torch.from_numpy(z), k).numpy()
@@ -466,7 +487,7 @@ def test_knn_rejects_non_finite_latents():
 
 
 @needs_kernel
-def test_knn_ties_go_to_the_lower_index(threading_mode):
+def test_knn_ties_go_to_the_lower_index(threading_mode, isa):
     # duplicates: rows 0..4 identical, so each one's neighbours tie exactly
     z = np.zeros((3000, 4), np.float32)
     z[5:] = np.random.default_rng(0).normal(size=(2995, 4)) + 10
@@ -533,7 +554,7 @@ def _check_same_rows(got: np.ndarray, want: np.ndarray, name: str) -> None:
 
 
 @needs_kernel
-def test_knn_equal_distances_with_unequal_scores_go_to_the_lower_index(threading_mode):
+def test_knn_equal_distances_with_unequal_scores_go_to_the_lower_index(threading_mode, isa):
     # rows 0 and 1 are both exactly 13 from row 3 (also in fp32, centred), but the scores
     # |zj|^2 - 2 zi.zj the candidates are picked by round apart: the re-rank kept the score
     # order and gave row 1 (the reference, and the rule, give row 0)
@@ -659,7 +680,7 @@ def test_a_wider_knn_search_begins_with_the_narrower_one(fn):
 
 
 @needs_kernel
-def test_knn_kernel_matches_the_reference_on_duplicated_latents(threading_mode):
+def test_knn_kernel_matches_the_reference_on_duplicated_latents(threading_mode, isa):
     z, _ = _duplicated_latents(2999, 16, seed=1)
     nn = kcpu.latent_knn(torch.from_numpy(z), 10).numpy()
     for block in (ref.KNN_COLUMN_BLOCK, 1 << 30):
@@ -943,7 +964,7 @@ def test_knn_is_exact_for_a_tight_blob_far_from_the_mean_as_the_reference(spread
 
 
 @needs_kernel
-def test_knn_is_exact_for_a_tight_blob_in_odd_shapes(threading_mode):
+def test_knn_is_exact_for_a_tight_blob_in_odd_shapes(threading_mode, isa):
     """n not a multiple of the 96-row panels or 16-column tiles, d = 13 (a tail after the
     8-wide vectors), k = 7, two row ranges; the reference agrees."""
     z = tight_blob(3797, 302, 13, 3e-4, seed=5)
