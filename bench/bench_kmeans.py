@@ -13,7 +13,7 @@ Providers
   cpu             the fused CPU kernels (spurfast.kernels.kmeans_cpu: AVX-512 where the CPU
                   has it, else AVX2), CPU only; one pass per step (kmeans_assign_update: x
                   read once)
-  cpu-avx2        the same kernels' AVX2 assign tile on an AVX-512 CPU (kmeans_assign rows)
+  cpu-avx2        the same kernels' AVX2 tiles on an AVX-512 CPU (kmeans_assign, latent_knn)
   torch           the reference (spurfast.kernels.reference), CPU and GPU
   torch-loop      the reference called once per group from Python (what batching replaces)
   faiss-cpu       faiss.Kmeans on all points (one group only), CPU
@@ -498,6 +498,16 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
     _similarity_rows(writer, dev, devname, kc, quick, reps)
 
 
+def _with_isa(kcpu, name: str, fn):
+    """fn() on the fused CPU kernels' ``name`` tiles, the CPU's choice restored after."""
+    before = kcpu.isa()
+    try:
+        kcpu.isa(name)
+        return fn()
+    finally:
+        kcpu.isa(before)
+
+
 def _step_rows(writer, ref, kcpu, kc, x, off, cent, kpg, config, dev, devname, threads, reps):
     """The iteration's two steps under their registry names, each provider against the
     reference: ``kmeans_assign`` (reads x and the centroids, writes assign and dist; the
@@ -520,11 +530,8 @@ def _step_rows(writer, ref, kcpu, kc, x, off, cent, kpg, config, dev, devname, t
         writer.add_timing("kmeans_update", name, config, st, devname, items=N, bytes_moved=update_bytes,
                           flops=float(N * d))
     if kcpu is not None and kcpu.isa() == "avx512":   # the AVX2 tile beside it: what AVX-512 gains
-        try:
-            kcpu.isa("avx2")
-            st = measure(lambda: kcpu.kmeans_assign(x, off, cent, kpg), device=dev, reps=reps)
-        finally:
-            kcpu.isa("avx512")
+        st = measure(lambda: _with_isa(kcpu, "avx2", lambda: kcpu.kmeans_assign(x, off, cent, kpg)), device=dev,
+                     reps=reps)
         writer.add_timing("kmeans_assign", "cpu-avx2", config, st, devname, items=N, bytes_moved=assign_bytes,
                           flops=assign_flops)
     if G != 1 or dev != "cpu":
@@ -567,6 +574,8 @@ def _knn_rows(writer, dev, devname, kcpu, quick):
         provs = {"torch": lambda: ref.latent_knn(z, k)}
         if kcpu is not None and dev == "cpu":
             provs["cpu"] = lambda: kcpu.latent_knn(z, k)
+            if kcpu.isa() == "avx512":   # the AVX2 tile beside it
+                provs["cpu-avx2"] = lambda: _with_isa(kcpu, "avx2", lambda: kcpu.latent_knn(z, k))
         if dev == "cpu":
             try:
                 import faiss
