@@ -1,5 +1,5 @@
-// Fused CPU k-means steps (AVX2 + FMA; the assign also AVX-512), called through ctypes by
-// kernels/kmeans_cpu.py.
+// Fused CPU k-means steps (AVX2 + FMA; the assign and knn tiles also in AVX-512, chosen at
+// run time), called through ctypes by kernels/kmeans_cpu.py.
 //
 // assign: for every point the nearest centroid of its own group, distances formed in
 // registers and reduced on the spot (the reference writes a distance block to memory and
@@ -20,7 +20,8 @@
 // knn: every row's k nearest other rows (exact), scores |zj|^2 - 2 zi.zj from the same
 // 6 x 16 register tiles, each row keeping its best m candidates by score in a short
 // sorted list (a vector compare against the list's worst skips almost every tile), then
-// the m candidates re-ranked by directly computed distances as the reference does.
+// the m candidates re-ranked by directly computed distances as the reference does (AVX-512:
+// 12 x 32 tiles, the same scores).
 //
 // update: sums of a contiguous row range into a caller-owned partial buffer (the caller
 // cuts the rows into parts and adds the partials in a fixed order: deterministic).  The
