@@ -90,8 +90,9 @@ NULLS = ("label", "look-alike")   # = spurfast.scoring.NULLS and DEFAULT_NULL (t
 DEFAULT_NULL = "label"
 NULL_HELP = ("what the permutation null keeps: each true label's predictions (label, the default), or those "
              "of the images of a label that look like the same other class about as much, in strata of at least "
-             "5 x the neighbours (look-alike: about half the false findings of natural confusions, the same "
-             "planted shortcuts found on the settings measured; docs/results/look-alike/)")
+             "5 x the neighbours (look-alike: about half the false findings of natural confusions on the full "
+             "evaluation, the same targets met, but a strong shortcut on a cross-dataset pool lost at the top; "
+             "docs/results/look-alike/)")
 
 
 def backend_help(what: str, var: str) -> str:
