@@ -163,14 +163,13 @@ inline void by_rows(int R, F&& f) {
 constexpr int PR512 = 4;   // panels of 16 centroids per AVX-512 tile: MR x 4 = 24 zmm accumulators
 constexpr int KNN_MR512 = 12;   // rows per AVX-512 knn tile, of 2 panels: 24 zmm accumulators
 
-// panels j .. j + P*16 of rows x[0..R) folded into each lane's running best, panel by panel
+// acc[r][q] = x_r . (panel q's 16 columns), rows x[0..R) (row stride d), P consecutive d x 16
+// panels: each lane one FMA chain over t from zero, as tile_dot's
 template <int R, int P>
-SPURFAST_AVX512 inline void tile512(const float* __restrict x, i64 d, const float* __restrict cT, i64 j,
-                                    const float* __restrict cterm, __m512 a, __m512* best, __m512i* bidx) {
-    __m512 acc[R][P];
+SPURFAST_AVX512 inline void tile_dot512(const float* __restrict x, i64 d, const float* __restrict panel,
+                                        __m512 (&acc)[R][P]) {
     for (int r = 0; r < R; ++r)
         for (int q = 0; q < P; ++q) acc[r][q] = _mm512_setzero_ps();
-    const float* panel = cT + j * d;
     for (i64 t = 0; t < d; ++t) {
         __m512 c[P];
         for (int q = 0; q < P; ++q) c[q] = _mm512_loadu_ps(panel + q * d * NR + t * NR);
@@ -179,6 +178,14 @@ SPURFAST_AVX512 inline void tile512(const float* __restrict x, i64 d, const floa
             for (int q = 0; q < P; ++q) acc[r][q] = _mm512_fmadd_ps(xb, c[q], acc[r][q]);
         }
     }
+}
+
+// panels j .. j + P*16 of rows x[0..R) folded into each lane's running best, panel by panel
+template <int R, int P>
+SPURFAST_AVX512 inline void tile512(const float* __restrict x, i64 d, const float* __restrict cT, i64 j,
+                                    const float* __restrict cterm, __m512 a, __m512* best, __m512i* bidx) {
+    __m512 acc[R][P];
+    tile_dot512<R, P>(x, d, cT + j * d, acc);
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (int q = 0; q < P; ++q) {   // in panel order: the AVX2 tile's order of compares
         const __m512 tj = _mm512_loadu_ps(cterm + j + q * NR);
@@ -384,16 +391,7 @@ template <int R, int P>
 SPURFAST_AVX512 inline void knn_tile512(const float* __restrict x, i64 d, const float* __restrict panel,
                                         const float* __restrict cterm, i64 c, i64 row0, Best* best) {
     __m512 acc[R][P];
-    for (int r = 0; r < R; ++r)
-        for (int q = 0; q < P; ++q) acc[r][q] = _mm512_setzero_ps();
-    for (i64 t = 0; t < d; ++t) {
-        __m512 cq[P];
-        for (int q = 0; q < P; ++q) cq[q] = _mm512_loadu_ps(panel + q * d * NR + t * NR);
-        for (int r = 0; r < R; ++r) {
-            const __m512 xb = _mm512_set1_ps(x[r * d + t]);
-            for (int q = 0; q < P; ++q) acc[r][q] = _mm512_fmadd_ps(xb, cq[q], acc[r][q]);
-        }
-    }
+    tile_dot512<R, P>(x, d, panel, acc);
     alignas(64) float sc[R * P * NR];
     const __m512 a = _mm512_set1_ps(-2.0f);
     for (int q = 0; q < P; ++q) {
