@@ -34,7 +34,8 @@ CPU_CASES = CASES + [([3 * kcpu._MIN_ROWS + 5], 37, 64),
 
 @pytest.fixture(params=kcpu.ISAS)
 def isa(request):
-    """Both micro-kernels of the assignment (AVX2, AVX-512), the CPU's choice restored after."""
+    """Both tiles of the assignment and the kNN search (AVX2, AVX-512), the CPU's choice
+    restored after."""
     before = kcpu.isa()
     if kcpu.isa(request.param) != request.param:
         kcpu.isa(before)
@@ -102,6 +103,20 @@ def test_assign_ties_go_to_the_lower_index_and_empty_input(isa):
     assert a.shape == (0,) and dist.shape == (0,)
 
 
+def _on_both_tiles(fn):
+    """(fn() on the AVX-512 tiles, fn() on the AVX2 tiles), the CPU's choice restored after;
+    skipped on a CPU without AVX-512."""
+    before = kcpu.isa()
+    if kcpu.isa("avx512") != "avx512":
+        pytest.skip("this CPU has no AVX-512")
+    try:
+        wide = fn()
+        kcpu.isa("avx2")
+        return wide, fn()
+    finally:
+        kcpu.isa(before)
+
+
 @needs_kernel
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 @pytest.mark.parametrize("kmax", [1, 15, 16, 17, 31, 33, 48, 63, 64, 65, 97, 130])
@@ -109,16 +124,8 @@ def test_the_avx512_tile_gives_the_avx2_tiles_bits(kmax, metric):
     """The AVX-512 tile (6 points x 64 centroids, tails of 32 and 16) does each lane's
     arithmetic in the AVX2 tile's order: same assignment, distances and sums, bit for bit,
     whatever kmax leaves for the tails and however many rows the last tile gets."""
-    before = kcpu.isa()
-    if kcpu.isa("avx512") != "avx512":
-        pytest.skip("this CPU has no AVX-512")
-    try:
-        x, off, cent, kpg = make_case([kmax + 5, 0, 3 * kmax + 1, 7], kmax, 19 + kmax % 7, seed=kmax, device="cpu")
-        wide = kcpu.kmeans_assign_update(x, off, cent, kpg, metric)
-        kcpu.isa("avx2")
-        narrow = kcpu.kmeans_assign_update(x, off, cent, kpg, metric)
-    finally:
-        kcpu.isa(before)
+    x, off, cent, kpg = make_case([kmax + 5, 0, 3 * kmax + 1, 7], kmax, 19 + kmax % 7, seed=kmax, device="cpu")
+    wide, narrow = _on_both_tiles(lambda: kcpu.kmeans_assign_update(x, off, cent, kpg, metric))
     for name, a, b in zip(["assign", "dist", "sums", "counts"], wide, narrow):
         assert_bitwise(a, b, f"{name}: AVX-512 against AVX2 (kmax {kmax}, {metric})")
 
@@ -127,20 +134,12 @@ def test_the_avx512_tile_gives_the_avx2_tiles_bits(kmax, metric):
 @pytest.mark.parametrize("n,d,k", [(1, 3, 2), (7, 5, 3), (97, 16, 10), (1001, 16, 50), (2051, 33, 10)])
 def test_the_avx512_knn_tile_gives_the_avx2_tiles_neighbours(n, d, k):
     """The knn's AVX-512 tile (more columns per tile, tails of fewer) scores each pair as the
-    AVX2 tile does and offers a row its columns in the same order: the same neighbours and the
-    same rows left for the exact check, copies of one latent included."""
-    before = kcpu.isa()
-    if kcpu.isa("avx512") != "avx512":
-        pytest.skip("this CPU has no AVX-512")
+    AVX2 tile does and offers a row its columns in the same order: the same neighbours, copies
+    of one latent included."""
     rng = np.random.default_rng(n)
     z = rng.normal(size=(n, d)).astype(np.float32)
     z[: n // 4] = z[0]   # a quarter copies of one latent: ties the lower index must win
-    try:
-        wide = kcpu.latent_knn(torch.from_numpy(z), k)
-        kcpu.isa("avx2")
-        narrow = kcpu.latent_knn(torch.from_numpy(z), k)
-    finally:
-        kcpu.isa(before)
+    wide, narrow = _on_both_tiles(lambda: kcpu.latent_knn(torch.from_numpy(z), k))
     assert_bitwise(wide, narrow, f"knn AVX-512 against AVX2 (n {n}, d {d}, k {k})")
 
 
