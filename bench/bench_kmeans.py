@@ -498,16 +498,6 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
     _similarity_rows(writer, dev, devname, kc, quick, reps)
 
 
-def _with_isa(kcpu, name: str, fn):
-    """fn() on the fused CPU kernels' ``name`` tiles, the CPU's choice restored after."""
-    before = kcpu.isa()
-    try:
-        kcpu.isa(name)
-        return fn()
-    finally:
-        kcpu.isa(before)
-
-
 def _step_rows(writer, ref, kcpu, kc, x, off, cent, kpg, config, dev, devname, threads, reps):
     """The iteration's two steps under their registry names, each provider against the
     reference: ``kmeans_assign`` (reads x and the centroids, writes assign and dist; the
@@ -530,8 +520,8 @@ def _step_rows(writer, ref, kcpu, kc, x, off, cent, kpg, config, dev, devname, t
         writer.add_timing("kmeans_update", name, config, st, devname, items=N, bytes_moved=update_bytes,
                           flops=float(N * d))
     if kcpu is not None and kcpu.isa() == "avx512":   # the AVX2 tile beside it: what AVX-512 gains
-        st = measure(lambda: _with_isa(kcpu, "avx2", lambda: kcpu.kmeans_assign(x, off, cent, kpg)), device=dev,
-                     reps=reps)
+        with kcpu.using_isa("avx2"):
+            st = measure(lambda: kcpu.kmeans_assign(x, off, cent, kpg), device=dev, reps=reps)
         writer.add_timing("kmeans_assign", "cpu-avx2", config, st, devname, items=N, bytes_moved=assign_bytes,
                           flops=assign_flops)
     if G != 1 or dev != "cpu":
@@ -575,7 +565,11 @@ def _knn_rows(writer, dev, devname, kcpu, quick):
         if kcpu is not None and dev == "cpu":
             provs["cpu"] = lambda: kcpu.latent_knn(z, k)
             if kcpu.isa() == "avx512":   # the AVX2 tile beside it
-                provs["cpu-avx2"] = lambda: _with_isa(kcpu, "avx2", lambda: kcpu.latent_knn(z, k))
+                def knn_avx2():
+                    with kcpu.using_isa("avx2"):
+                        return kcpu.latent_knn(z, k)
+
+                provs["cpu-avx2"] = knn_avx2
         if dev == "cpu":
             try:
                 import faiss

@@ -22,6 +22,7 @@ without OpenMP gives a serial library, and then Python threads split the rows.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -211,6 +212,17 @@ def isa(name: str | None = None) -> str:
         raise ValueError(f"isa must be one of {ISAS}, got {name!r}")
     lib = _library()
     return ISAS[lib.spurfast_cpu_isa(-1 if name is None else ISAS.index(name))]
+
+
+@contextlib.contextmanager
+def using_isa(name: str):
+    """The ``name`` tiles inside the block (see :func:`isa`); yields the one in effect
+    ("avx2" where "avx512" was asked of a CPU without it), the previous choice restored after."""
+    before = isa()
+    try:
+        yield isa(name)
+    finally:
+        isa(before)
 
 
 def _library():

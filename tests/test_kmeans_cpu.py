@@ -36,12 +36,10 @@ CPU_CASES = CASES + [([3 * kcpu._MIN_ROWS + 5], 37, 64),
 def isa(request):
     """Both tiles of the assignment and the kNN search (AVX2, AVX-512), the CPU's choice
     restored after."""
-    before = kcpu.isa()
-    if kcpu.isa(request.param) != request.param:
-        kcpu.isa(before)
-        pytest.skip(f"this CPU has no {request.param}")
-    yield request.param
-    kcpu.isa(before)
+    with kcpu.using_isa(request.param) as got:
+        if got != request.param:
+            pytest.skip(f"this CPU has no {request.param}")
+        yield got
 
 
 @needs_kernel
@@ -106,15 +104,12 @@ def test_assign_ties_go_to_the_lower_index_and_empty_input(isa):
 def _on_both_tiles(fn):
     """(fn() on the AVX-512 tiles, fn() on the AVX2 tiles), the CPU's choice restored after;
     skipped on a CPU without AVX-512."""
-    before = kcpu.isa()
-    if kcpu.isa("avx512") != "avx512":
-        pytest.skip("this CPU has no AVX-512")
-    try:
+    with kcpu.using_isa("avx512") as got:
+        if got != "avx512":
+            pytest.skip("this CPU has no AVX-512")
         wide = fn()
-        kcpu.isa("avx2")
+    with kcpu.using_isa("avx2"):
         return wide, fn()
-    finally:
-        kcpu.isa(before)
 
 
 @needs_kernel
@@ -147,6 +142,10 @@ def test_the_avx512_knn_tile_gives_the_avx2_tiles_neighbours(n, d, k):
 def test_isa_switch_refuses_unknown_names_and_reads_its_variable():
     with pytest.raises(ValueError, match="avx2.*avx512.*'sse'"):
         kcpu.isa("sse")
+    before = kcpu.isa()
+    with kcpu.using_isa("avx2") as got:
+        assert got == kcpu.isa() == "avx2"
+    assert kcpu.isa() == before   # restored
     probe = "from spurfast.kernels import kmeans_cpu as k; print(k.isa())"
     for value, want in (("avx2", "avx2"), ("bogus", kcpu.isa())):
         run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,

@@ -741,6 +741,7 @@ void spurfast_cpu_knn(const float* z, i64 d, i64 n, const float* panels, const f
                       i64 m, double R, double u, i64 r0, i64 r1, int64_t* out, uint8_t* unsure) {
     constexpr i64 ROWS = 16 * MR;      // rows sharing one pass over a column chunk
     const bool wide = use_avx512();
+    const i64 rows = wide ? KNN_MR512 : MR;   // rows per tile
     constexpr i64 COLS = 2048;         // columns per chunk: 2048 x d floats stay in L2
     std::vector<float> bs((size_t)(ROWS * m));
     std::vector<int64_t> bj((size_t)(ROWS * m));
@@ -753,7 +754,6 @@ void spurfast_cpu_knn(const float* z, i64 d, i64 n, const float* panels, const f
         for (i64 i = a; i < b; ++i) best.push_back(Best{bs.data() + (i - a) * m, bj.data() + (i - a) * m, m});
         for (i64 c0 = 0; c0 < np_; c0 += COLS) {
             const i64 c1 = c0 + COLS < np_ ? c0 + COLS : np_;
-            const i64 rows = wide ? KNN_MR512 : MR;
             for (i64 i = a; i < b; i += rows) {
                 Best* bb = best.data() + (i - a);
                 const int R = (int)(b - i < rows ? b - i : rows);
