@@ -263,11 +263,16 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
     # |x|^2 once per fit: the CPU reference needs it for each winner's distance
     xn = torch.linalg.vecdot(xl.float(), xl.float()) if metric == "l2" else None
     fused = _fused_step(provider, backend, dev.type)
+    if fused is not None:
+        # a provider whose step can check and convert the fixed arguments once says so
+        prepare = getattr(fused, "prepare", None)
+        step = prepare(xl, off_l, kpg, kmax, metric, x_sqnorm=xn) if prepare is not None else \
+            (lambda c: fused(xl, off_l, c, kpg, metric, x_sqnorm=xn))
     reseeded, prev, it = 0, None, 0
     sums_l = counts_l = prev_assign = None   # the first update is a full one
     for it in range(1, n_iter + 1):
         if fused is not None:
-            assign_l, dist_l, sums_l, counts_l = fused(xl, off_l, cent, kpg, metric, x_sqnorm=xn)
+            assign_l, dist_l, sums_l, counts_l = step(cent)
             sums_l = sums_l.double()
         else:
             assign_l, dist_l = backends.call("kmeans_assign", xl, off_l, cent, kpg, metric, x_sqnorm=xn,

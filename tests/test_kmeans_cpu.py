@@ -326,6 +326,70 @@ def test_the_library_shares_torchs_openmp_runtime():
     assert len(gomp) == 1, f"expected one OpenMP runtime (torch's), found {gomp}"
 
 
+@needs_kernel
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("case", range(len(CPU_CASES)))
+def test_the_prepared_step_gives_the_fused_steps_bits(case, metric, isa):
+    """The fixed arguments checked once (``prepare``), then any centroids: the same four
+    results as ``kmeans_assign_update`` each time, and the arrays fresh per call."""
+    sizes, kmax, d = CPU_CASES[case]
+    x, off, cent, kpg = make_case(sizes, kmax, d, seed=40 + case, device="cpu")
+    xn = (x * x).sum(1) if metric == "l2" else None
+    step = kcpu.kmeans_assign_update.prepare(x, off, kpg, kmax, metric, x_sqnorm=xn)
+    first = None
+    for shift in (0.0, 0.5):
+        c = cent + shift
+        got = step(c)
+        want = kcpu.kmeans_assign_update(x, off, c, kpg, metric, x_sqnorm=xn)
+        for name, a, b in zip(("assign", "dist", "sums", "counts"), got, want):
+            assert_bitwise(a, b, f"prepared {name}, centroids shifted by {shift}")
+        first = got if first is None else first
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(first, got) if a.numel())
+
+
+@needs_kernel
+def test_the_prepared_step_refuses_what_the_fused_step_refuses():
+    x, off, cent, kpg = make_case([5, 0, 7], 3, 4, seed=3, device="cpu")
+    prepare = kcpu.kmeans_assign_update.prepare
+    with pytest.raises(ValueError, match="metric"):
+        prepare(x, off, kpg, 3, "dot")
+    with pytest.raises(ValueError, match=r"offsets has 3 entries; expected G \+ 1 = 4"):
+        prepare(x, off[:-1], torch.tensor([1, 1, 1]), 3)
+    with pytest.raises(ValueError, match=r"k_per_group\[1\] = 4"):
+        prepare(x, off, torch.tensor([1, 4, 1]), 3)
+    with pytest.raises(ValueError, match="x_sqnorm has shape"):
+        prepare(x, off, kpg, 3, x_sqnorm=torch.ones(5))
+    with pytest.raises(ValueError, match="kmax"):
+        prepare(x, off, kpg, -1)
+    step = prepare(x, off, kpg, 3)
+    with pytest.raises(ValueError, match=r"centroids have shape \(3, 2, 4\); expected \(G, kmax, d\) = \(3, 3, 4\)"):
+        step(cent[:, :2])
+    with pytest.raises(ValueError, match="centroids has dtype"):
+        step(cent.to(torch.complex64))
+
+
+@needs_kernel
+def test_lloyd_prepares_the_fused_step_once_per_fit(monkeypatch):
+    """The Lloyd loop checks its fixed arguments once, not in every iteration."""
+    calls = {"prepare": 0, "step": 0}
+    real = kcpu.kmeans_assign_update.prepare
+
+    def counting(*a, **k):
+        calls["prepare"] += 1
+        step = real(*a, **k)
+
+        def counted(c):
+            calls["step"] += 1
+            return step(c)
+        return counted
+
+    monkeypatch.setattr(kcpu.kmeans_assign_update, "prepare", counting)
+    x = torch.randn(500, 6, generator=torch.Generator().manual_seed(0))
+    groups = torch.arange(500) % 3
+    res = batched_kmeans(x, groups, [4, 4, 4], seed=1, tol=0.0, n_iter=7, backend="cpu")
+    assert calls == {"prepare": 1, "step": res.n_iter}
+
+
 def test_lloyd_takes_fused_steps_and_seeding_from_the_assignments_provider():
     from spurfast import cluster
 
