@@ -267,3 +267,50 @@ def test_linear_probe_cuts_at_the_midpoint_of_the_projected_means():
     assert thr == pytest.approx(0.5 * (z[pos].mean(0) @ w + z[neg].mean(0) @ w))
     side = z @ w - thr
     assert (side[pos] > 0).mean() > 0.95 and (side[neg] < 0).mean() > 0.95
+
+
+class _CallCountingSource(ArraySource):
+    """An ArraySource that counts its get_batch calls (a DALI reread builds a pipeline per call)."""
+
+    def __init__(self, x, labels):
+        super().__init__(x, labels)
+        self.calls = 0
+
+    def get_batch(self, idx):
+        self.calls += 1
+        return super().get_batch(idx)
+
+
+@pytest.mark.parametrize("read_bytes", [None, 1, 4 * 64 * 25])
+def test_group_means_are_each_groups_own_mean_bit_for_bit(read_bytes, monkeypatch):
+    """Groups read together (their union once), or apart where the union exceeds READ_BYTES
+    (1 byte: one group a read; 25 images of 8 x 8: a few groups a read), each mean is the
+    group's own get_batch mean, rows in the group's order, repeats and overlaps included."""
+    import spurfast.characterise as ch
+
+    if read_bytes is not None:
+        monkeypatch.setattr(ch, "READ_BYTES", read_bytes)
+    x, content, _, _ = _content_pool(4, 30, seed=5)
+    rng = np.random.default_rng(0)
+    groups = [rng.choice(120, n, replace=False) for n in (7, 1, 30, 12, 19)] + [np.array([5, 3, 5]), np.arange(120)]
+    src = _CallCountingSource(x, content)
+    got = ch.group_means(src, groups)
+    for g, m in zip(groups, got):
+        assert torch.equal(m, ArraySource(x, content).get_batch(g)[0].float().mean(0))
+    fewest, most = {None: (1, 1), 1: (len(groups), len(groups))}.get(read_bytes, (2, len(groups) - 1))
+    assert fewest <= src.calls <= most, src.calls
+
+
+def test_a_contrast_map_reads_once_where_its_samples_fit(monkeypatch):
+    """Two reads per content class and one for the members' mean were one read; the contrast
+    is the same bit for bit when the samples take one read per group (READ_BYTES = 1)."""
+    import spurfast.characterise as ch
+
+    x, content, members, others = _content_pool(9, 60, seed=1)
+    src = _CallCountingSource(x, content)
+    one = ch.contrast_map(src, members, content[members], others, content[others], seed=3)
+    assert src.calls == 1
+    monkeypatch.setattr(ch, "READ_BYTES", 1)
+    apart = ch.contrast_map(src, members, content[members], others, content[others], seed=3)
+    assert src.calls == 1 + 2 * 9 + 1
+    assert torch.equal(one[0], apart[0]) and torch.equal(one[1], apart[1])
