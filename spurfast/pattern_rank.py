@@ -21,22 +21,11 @@ twenty-third session, docs/RESULTS.md).  A diffuse pattern's second cut about ha
 Fashion-MNIST pools noise and backgrounds stay above the bar (the digits pool's noise core, 7-9%
 of the image, ranks its carriers at AP 1.00 where the probe had 0.96-1.00).
 
-Matching the pattern weighs each pixel by its contrast, and a content shadow inside the core
-can outweigh a pattern of a pixel or two: a single stamped pixel, the core's strongest pixel
-(0.87) beside about 60 shadow pixels of 0.4-0.6, ranked its carriers at AP 0.17 (pixel-n1000,
-seed 2; fortieth session).  Given the pool's predictions, a localised finding that lists its
-unrelated members is ranked instead by a Fisher probe on those pixels (the mask or its core)
-at full resolution, every channel, fitted as the diffuse findings' thumbnail probe is (`spurfast.pixel_probe`):
-its unrelated members against images predicted as other classes.  The probe weighs each pixel
-by how well it tells the two apart, and ranked those carriers at AP 0.96; a corner patch's
-(0.76 -> 0.77) and a bar's (1.00) barely moved.  Without them the finding keeps the pattern.
-
 Only the latent ranking's first ``top`` images of each re-ranked finding are read (one pass
 over their union, whatever the pool size; the pixel probes' fit reads a sample of at most
 8,192 negatives and 1,024 positives a finding before it); they are ordered by the projection,
 or the two probes' sum (ties by the latent order: score, then index), above every other image,
-which keep the latent order.  The masked probes read the negatives' sample and their
-positives in one more pass (more where their pixels exceed `MASK_BYTES`).
+which keep the latent order.
 """
 from __future__ import annotations
 
@@ -50,8 +39,6 @@ from .support import extracted_patterns, image_pass, require_patterns, wanted_pr
 
 LOCALISED = 0.1    # an extracted mask on at most this fraction of the image's pixels
 TOP = 20_000       # images of each finding's latent ranking re-ranked by the pattern
-MASK_RIDGE = 0.1   # the masked probe's ridge, of the mean variance (1e-2 ranked a pixel's carriers at AP 0.92, not 0.96)
-MASK_BYTES = 1 << 27   # float32 masked pixels one pass of the masked probes holds (128 MiB)
 
 
 def _latent_order(ranking: np.ndarray) -> np.ndarray:
@@ -78,15 +65,14 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
                      pred: np.ndarray | None = None, localised: float = LOCALISED, top: int = TOP,
                      batch_size: int = 256, progress: bool = False, num_workers: int = 0,
                      loader_backend: str | None = None, device: str | None = None, seed: int = 0) -> None:
-    """Set every finding's ``ranked_by`` ("pattern probe", "pattern", "latent+pixels" or
-    "latent") and replace ``rankings[rank]`` of the localised ones and of the diffuse ones with a pixel probe
+    """Set every finding's ``ranked_by`` ("pattern", "latent+pixels" or "latent") and replace
+    ``rankings[rank]`` of the localised ones and of the diffuse ones with a pixel probe
     (float64: the latent order below, then the re-ranked images; unreadable images, the
     latent ranking's and any this read finds, are -inf).  Needs ``_mask`` and ``_contrast``
     (`characterise`).  ``pred``: the pool's predicted classes (-1 where none); with it, a
-    finding that lists its unrelated members (``_unrelated``, `discover`) is ranked by a probe
-    on its mask's pixels where it is localised, and by its latent and pixel probes together
-    (`spurfast.pixel_probe`) where it is diffuse; else a localised one keeps its pattern and a
-    diffuse one the latent ranking.  ``device``: the run's, where a folder pool is decoded
+    diffuse finding that lists its unrelated members (``_unrelated``, `discover`) is ranked
+    by its latent and pixel probes together (`spurfast.pixel_probe`), else it keeps the latent
+    ranking.  ``device``: the run's, where a folder pool is decoded
     (`spurfast.support.image_pass`).  ``seed``: the run's, for the pixel probe's samples of
     large pools."""
     from .confirm import _known_readable
@@ -114,19 +100,10 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
         elif pred is not None and f.get("_unrelated") is not None:
             diffuse.append(f)
     patterns = [extracted_patterns(chosen, masks).double()] if chosen else []
-    read = np.zeros(0, np.int64)
-    if chosen and pred is not None:
-        probes, read = _masked_probes(chosen, masks, source, np.asarray(pred), batch_size, progress, num_workers,
-                                      loader_backend, device, seed)
-        for j, (f, w) in enumerate(zip(chosen, probes)):
-            if w is not None:
-                f["ranked_by"] = "pattern probe"
-                patterns[0][j] = w
-    probed = []
+    probed, read = [], np.zeros(0, np.int64)
     if diffuse:
-        probes, read_thumbs = _pixel_probes(diffuse, source, np.asarray(pred), batch_size, progress, num_workers,
-                                            loader_backend, device, seed)
-        read = np.union1d(read, read_thumbs)
+        probes, read = _pixel_probes(diffuse, source, np.asarray(pred), batch_size, progress, num_workers,
+                                     loader_backend, device, seed)
         for f, w in zip(diffuse, probes):
             if w is not None:
                 f["ranked_by"] = "latent+pixels"
@@ -201,62 +178,3 @@ def _pixel_probes(findings: list[dict], source: ImageSource, pred: np.ndarray, b
         rows_neg = neg_rows[(pred[union[neg_rows]] != int(f["class"])) & ~np.isin(union[neg_rows], p)]
         out.append(fit_probe(thumbs[rows_pos], thumbs[rows_neg], centre, spread))
     return out, union
-
-
-def _masked_probes(findings: list[dict], masks: list[np.ndarray], source: ImageSource, pred: np.ndarray,
-                   batch_size: int, progress: bool, num_workers: int, loader_backend: str | None,
-                   device: str | None, seed: int = 0) -> tuple[list[torch.Tensor | None], np.ndarray]:
-    """(each localised finding's probe: its Fisher direction over the pixels of its ranking
-    mask, every channel, as a (C, H, W) float64 pattern that is zero elsewhere; None where it
-    lists no unrelated members (``_unrelated``) or fewer than 2 readable ones, or has fewer
-    than 2 negatives; the pool indices read).  Positives and negatives as `_pixel_probes`
-    takes them.  Findings share a pass over the negatives' sample and their positives while
-    the pixels the pass holds (images x union of their masks) fit in `MASK_BYTES`."""
-    out: list[torch.Tensor | None] = [None] * len(findings)
-    neg = negative_sample(pred, seed=seed)
-    listed = [j for j, f in enumerate(findings) if f.get("_unrelated") is not None]
-    if len(neg) < 2 or not listed:
-        return out, np.zeros(0, np.int64)
-    shape = tuple(source.image_shape)
-    cols = {j: np.flatnonzero(np.broadcast_to(np.asarray(masks[j], bool), shape).ravel()) for j in listed}
-    pos = {j: positive_sample(findings[j]["_unrelated"], seed=seed) for j in listed}
-    groups, group = [], []
-    for j in listed:
-        trial = group + [j]
-        held = (len(neg) + sum(len(pos[i]) for i in trial)) * len(np.unique(np.concatenate([cols[i] for i in trial])))
-        if group and 4 * held > MASK_BYTES:
-            groups.append(group)
-            trial = [j]
-        group = trial
-    groups.append(group)
-    read = []
-    for group in groups:
-        union_cols = np.unique(np.concatenate([cols[j] for j in group]))
-        union = np.unique(np.concatenate([neg, *(pos[j] for j in group)]))
-        pixels, readable = np.zeros((len(union), len(union_cols)), np.float32), np.zeros(len(union), bool)
-        take_cols = torch.from_numpy(union_cols)
-
-        def take(got, x, ok):
-            at = np.searchsorted(union, got)
-            pixels[at], readable[at] = x.reshape(len(x), -1)[:, take_cols].numpy(), ok
-
-        image_pass(source, union, take, batch_size, progress, "pattern probes", num_workers, loader_backend, device)
-        read.append(union)
-        neg_rows = np.searchsorted(union, neg)
-        neg_rows = neg_rows[readable[neg_rows]]
-        if len(neg_rows) < 2:
-            continue
-        for j in group:
-            at = np.searchsorted(union_cols, cols[j])
-            shared = pixels[neg_rows][:, at]
-            centre, spread = shared.mean(0, dtype=np.float64), shared.std(0, dtype=np.float64)
-            spread = np.where(spread > 0, spread, 1.0)
-            rows_pos = np.searchsorted(union, pos[j])
-            rows_pos = rows_pos[readable[rows_pos]]
-            rows_neg = neg_rows[(pred[union[neg_rows]] != int(findings[j]["class"])) & ~np.isin(union[neg_rows], pos[j])]
-            w = fit_probe(pixels[rows_pos][:, at], pixels[rows_neg][:, at], centre, spread, ridge=MASK_RIDGE)
-            if w is not None:
-                pattern = np.zeros(int(np.prod(shape)))
-                pattern[cols[j]] = w
-                out[j] = torch.from_numpy(pattern.reshape(shape))
-    return out, np.unique(np.concatenate(read))

@@ -89,14 +89,13 @@ def positive_sample(unrelated: np.ndarray, cap: int = POSITIVES, seed: int = 0) 
     return sorted_sample(np.unique(np.asarray(unrelated, np.int64)), cap, np.random.default_rng(seed))
 
 
-def fit_probe(positives: np.ndarray, negatives: np.ndarray, centre: np.ndarray, spread: np.ndarray,
-              ridge: float = RIDGE) -> np.ndarray | None:
-    """Fisher direction (in pixel units) of ``positives`` (P, D) against ``negatives`` (N, D)
-    (thumbnails, or `spurfast.pattern_rank`'s masked pixels), fitted on them standardised by
-    ``centre`` and ``spread`` (the shared negatives' mean and standard deviation: the ridge
-    is relative to the variances); None with fewer than 2 of either."""
+def fit_probe(positives: np.ndarray, negatives: np.ndarray, centre: np.ndarray, spread: np.ndarray) -> np.ndarray | None:
+    """Fisher direction (in thumbnail units) of thumbnails ``positives`` (P, D) against
+    ``negatives`` (N, D), fitted on thumbnails standardised by ``centre`` and ``spread`` (the
+    shared negatives' mean and standard deviation: the ridge is relative to the variances);
+    None with fewer than 2 of either."""
     if len(positives) < 2 or len(negatives) < 2:
         return None
     z = (np.concatenate([positives, negatives]).astype(np.float64) - centre) / spread
-    w, _ = linear_probe(z, np.arange(len(positives)), np.arange(len(positives), len(z)), ridge=ridge)
+    w, _ = linear_probe(z, np.arange(len(positives)), np.arange(len(positives), len(z)), ridge=RIDGE)
     return w / spread

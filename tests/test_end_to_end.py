@@ -40,8 +40,7 @@ def test_planted_class_is_top_finding(digits_run):
     base = carries.mean()
     assert carries[members].mean() > 3 * base, (carries[members].mean(), base)
     assert summary["AUROC (ranking)"] > 0.8
-    # a corner patch: localised, and its unrelated members fit a probe on the mask's pixels
-    assert top["ranked_by"] == summary["ranked by"] == "pattern probe"
+    assert top["ranked_by"] == summary["ranked by"] == "pattern"   # a corner patch: localised
     # every poisoned training image of class 3 carries the patch: its suspects support it
     sp = top["support"]
     assert sp["supported"] and sp["class_above"] > sp["n_class"] / 2, sp

@@ -6,7 +6,6 @@ import torch
 from spurfast.data.sources import ArraySource
 from spurfast.metrics import average_precision
 from spurfast.pattern_rank import pattern_rankings, ranking_mask
-from spurfast.support import image_pass
 
 H = W = 10
 PATCH = np.zeros((H, W), bool)
@@ -194,77 +193,3 @@ def test_an_image_unreadable_on_the_reread_is_unranked_not_among_the_carriers(tm
     assert f["ranked_by"] == "pattern" and 7 in src.bad_files
     assert rankings[1][7] == -np.inf
     assert np.argsort(-rankings[1], kind="stable")[:4].tolist() == [0, 5, 10, 15]
-
-
-def _pixel_in_a_shadow(seed=5):
-    """A single stamped pixel (0, 0) on the carriers, and a mixed cluster's contrast that puts
-    it beside 8 pixels of content shadow (9% of the image, so the mask is localised) where the
-    pool's images vary far more than the members do: the projection onto the contrast follows
-    the shadow.  Returns (source, pred, finding, carriers)."""
-    rng = np.random.default_rng(seed)
-    x = rng.uniform(0, 0.2, (N, 1, H, W)).astype(np.float32)
-    x[:, 0, 5, 1:9] = rng.uniform(0, 1, (N, 1))           # the shadow's pixels: one brightness per image
-    carries = _carries()
-    x[carries, 0, 0, 0] = 1.0
-    members = np.r_[np.nonzero(carries)[0][:20], np.arange(1, 60, 10)]   # 20 carriers, 6 look-alikes
-    x[np.arange(1, 60, 10), 0, 5, 1:9] = 1.0               # the look-alikes: the shadow at its brightest
-    pred = np.ones(N, int)
-    pred[members] = 0
-    mask = np.zeros((H, W), bool)
-    mask[0, 0] = mask[5, 1:9] = True
-    contrast = torch.zeros(1, H, W)
-    contrast[0, 0, 0], contrast[0, 5, 1:9] = 0.7, 0.6
-    f = {"rank": 1, "class": 0, "_mask": mask, "_contrast": contrast, "_unrelated": members}
-    return ArraySource(x, np.zeros(N, int), name="pixel in a shadow"), pred, f, carries
-
-
-def test_a_localised_finding_with_unrelated_members_ranks_by_a_probe_on_its_masked_pixels():
-    src, pred, f, carries = _pixel_in_a_shadow()
-    latent = np.random.default_rng(6).normal(size=N)
-    by_projection, by_probe = dict(f), dict(f)
-    rankings = {1: latent.copy()}
-    pattern_rankings([by_projection], rankings, src)                 # no predictions: no probe
-    assert by_projection["ranked_by"] == "pattern"
-    assert average_precision(rankings[1], carries) < 0.6
-    rankings = {1: latent.copy()}
-    pattern_rankings([by_probe], rankings, src, pred=pred)
-    assert by_probe["ranked_by"] == "pattern probe"
-    assert average_precision(rankings[1], carries) > 0.95
-
-
-def test_the_masked_probe_keeps_the_projection_without_positives_or_negatives():
-    src, pred, f, carries = _pixel_in_a_shadow()
-    for change, kwargs in (({"_unrelated": np.array([0])}, {"pred": pred}),      # one positive
-                           ({}, {"pred": np.zeros(N, int)})):                     # no other class
-        g = dict(f, **change)
-        rankings = {1: np.zeros(N)}
-        pattern_rankings([g], rankings, src, **kwargs)
-        assert g["ranked_by"] == "pattern"
-    g = dict(f)
-    del g["_unrelated"]                                    # not listed (a residual finding)
-    pattern_rankings([g], {1: np.zeros(N)}, src, pred=pred)
-    assert g["ranked_by"] == "pattern"
-
-
-def test_masked_probes_that_do_not_fit_one_pass_give_the_same_rankings(monkeypatch):
-    """Findings share a pass while their masked pixels fit MASK_BYTES; past it they take passes
-    of their own, and each finding's probe is the same."""
-    import spurfast.pattern_rank as pr
-
-    src, pred, f, _ = _pixel_in_a_shadow()
-    other = dict(f, rank=2, _mask=np.roll(f["_mask"], 1, axis=0), _contrast=torch.roll(f["_contrast"], 1, dims=1),
-                 _unrelated=f["_unrelated"][::-1][:15])
-    latent = np.random.default_rng(7).normal(size=N)
-    out = []
-    for budget in (pr.MASK_BYTES, 1):
-        monkeypatch.setattr(pr, "MASK_BYTES", budget)
-        fs, rankings = [dict(f), dict(other)], {1: latent.copy(), 2: latent[::-1].copy()}
-        reads = []
-        monkeypatch.setattr(pr, "image_pass", lambda *a, **k: (reads.append(len(a[1])), image_pass(*a, **k)))
-        pattern_rankings(fs, rankings, src, pred=pred)
-        assert [g["ranked_by"] for g in fs] == ["pattern probe"] * 2
-        out.append((rankings, len(reads)))
-    (one, n_one), (apart, n_apart) = out
-    assert n_one == 1 and n_apart == 2
-    for r in (1, 2):
-        np.testing.assert_array_equal(one[r], apart[r])
