@@ -430,6 +430,10 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
             record("torch", measure(_step_fn(ref, x, off, cent, kpg), device=dev, reps=reps))
             if kcpu is not None:
                 record("cpu", measure(_step_fn(kcpu, x, off, cent, kpg), device=dev, reps=reps))
+                if N <= 100_000:   # a Lloyd iteration whole, at discovery's sizes: the step plus the loop's own work
+                    record("cpu-fit", _diff_time(_ours_fit(x, off, cent, kpg, "cpu"), dev, reps))
+                    _log(f"cpu Lloyd iteration at N={N} d={d} k={k} G={G}: {results['cpu-fit'] * 1e3:.3f} ms, "
+                         f"the fused step alone {results['cpu'] * 1e3:.3f} ms")
         if kc is not None:
             if "cupy" not in results:
                 record("cupy", measure(_step_fn(kc, x, off, cent, kpg), device=dev, reps=reps))
