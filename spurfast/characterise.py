@@ -54,7 +54,8 @@ def group_means(source: ImageSource, groups: list[np.ndarray]) -> list[torch.Ten
     ``source.get_batch(group)[0].float().mean(0)``, from one read of the groups' union where
     it fits `READ_BYTES` (consecutive groups share reads while their union does).  A folder
     pool read through DALI (`spurfast.data.reread`) builds a pipeline per read, about 80 ms on
-    a CPU: a contrast map read twice per content class of the finding's members."""
+    a CPU, and a contrast map that read each sample as it drew it built two per content class
+    of the finding's members (1.3-1.6 s a finding over 10 classes; 0.5 s read together)."""
     per_image = 4 * int(np.prod(source.image_shape))
     at_once = max(1, READ_BYTES // max(1, per_image))
     out: list[torch.Tensor] = []
