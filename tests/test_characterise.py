@@ -171,14 +171,16 @@ def test_neighbour_contrast_of_float64_latents_takes_the_nearest_others(case):
 
 
 class _CountingSource(ArraySource):
-    """An ArraySource that counts the images read through get_batch."""
+    """An ArraySource that counts the images read through get_batch (``reads``) and its calls
+    (``calls``: a DALI reread builds a pipeline per call)."""
 
     def __init__(self, x, labels):
         super().__init__(x, labels)
-        self.reads = 0
+        self.reads = self.calls = 0
 
     def get_batch(self, idx):
         self.reads += len(idx)
+        self.calls += 1
         return super().get_batch(idx)
 
 
@@ -269,18 +271,6 @@ def test_linear_probe_cuts_at_the_midpoint_of_the_projected_means():
     assert (side[pos] > 0).mean() > 0.95 and (side[neg] < 0).mean() > 0.95
 
 
-class _CallCountingSource(ArraySource):
-    """An ArraySource that counts its get_batch calls (a DALI reread builds a pipeline per call)."""
-
-    def __init__(self, x, labels):
-        super().__init__(x, labels)
-        self.calls = 0
-
-    def get_batch(self, idx):
-        self.calls += 1
-        return super().get_batch(idx)
-
-
 @pytest.mark.parametrize("read_bytes", [None, 1, 4 * 64 * 25])
 def test_group_means_are_each_groups_own_mean_bit_for_bit(read_bytes, monkeypatch):
     """Groups read together (their union once), or apart where the union exceeds READ_BYTES
@@ -293,7 +283,7 @@ def test_group_means_are_each_groups_own_mean_bit_for_bit(read_bytes, monkeypatc
     x, content, _, _ = _content_pool(4, 30, seed=5)
     rng = np.random.default_rng(0)
     groups = [rng.choice(120, n, replace=False) for n in (7, 1, 30, 12, 19)] + [np.array([5, 3, 5]), np.arange(120)]
-    src = _CallCountingSource(x, content)
+    src = _CountingSource(x, content)
     got = ch.group_means(src, groups)
     for g, m in zip(groups, got):
         assert torch.equal(m, ArraySource(x, content).get_batch(g)[0].float().mean(0))
@@ -307,7 +297,7 @@ def test_a_contrast_map_reads_once_where_its_samples_fit(monkeypatch):
     import spurfast.characterise as ch
 
     x, content, members, others = _content_pool(9, 60, seed=1)
-    src = _CallCountingSource(x, content)
+    src = _CountingSource(x, content)
     one = ch.contrast_map(src, members, content[members], others, content[others], seed=3)
     assert src.calls == 1
     monkeypatch.setattr(ch, "READ_BYTES", 1)

@@ -348,6 +348,19 @@ def test_the_prepared_step_gives_the_fused_steps_bits(case, metric, isa):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_the_prepared_step_takes_other_dtypes_as_the_fused_step_does(dtype):
+    """Points of another dtype are converted once, as each checked call converts them: the same bits."""
+    sizes, kmax, d = CPU_CASES[1]
+    x, off, cent, kpg = make_case(sizes, kmax, d, seed=7, device="cpu")
+    x = x.to(dtype)
+    step = kcpu.kmeans_assign_update.prepare(x, off, kpg, kmax, "l2")
+    for name, a, b in zip(("assign", "dist", "sums", "counts"), step(cent),
+                          kcpu.kmeans_assign_update(x, off, cent, kpg, "l2")):
+        assert_bitwise(a, b, f"prepared {name} on {dtype}")
+
+
+@needs_kernel
 def test_the_prepared_step_refuses_what_the_fused_step_refuses():
     x, off, cent, kpg = make_case([5, 0, 7], 3, 4, seed=3, device="cpu")
     prepare = kcpu.kmeans_assign_update.prepare
