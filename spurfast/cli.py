@@ -521,6 +521,7 @@ def cmd_discover(args):
                                   batch_size=args.batch_size, encoder_backend=args.encoder_backend,
                                   loader_backend=args.loader_backend, progress=not args.quiet, clean=clean,
                                   confirm=not args.no_confirm, residual=_residual_config(args),
+                                  feature_view=args.feature_view,
                                   protect=[args.pool, args.classifier, args.vae, args.suspect, args.clean,
                                            args.class_names])
     finally:
@@ -559,7 +560,7 @@ def cmd_make_pool(args):
           f"{Path(args.out) / 'ground_truth.csv'}")
 
 
-EVALUATE_RUN_ONLY = ("preset", "only", "seeds", "cache", "statistic", "null", "residual_scan")
+EVALUATE_RUN_ONLY = ("preset", "only", "seeds", "cache", "statistic", "null", "residual_scan", "feature_view")
 
 
 def cmd_evaluate(args):
@@ -656,7 +657,8 @@ def cmd_evaluate(args):
             raise ValueError(f"--only {args.only!r} is not a valid regular expression: {exc}") from None
     run_evaluation(args.preset or "quick", args.out, cache=args.cache, only=args.only, seeds=args.seeds,
                    progress=not args.quiet, results_md=args.results_md, statistic=args.statistic or DEFAULT_STATISTIC,
-                   null=args.null or DEFAULT_NULL, residual=bool(args.residual_scan))
+                   null=args.null or DEFAULT_NULL, residual=bool(args.residual_scan),
+                   feature_view=bool(args.feature_view))
 
 
 def cmd_report(args):
@@ -826,6 +828,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also test per class for a localised pattern the VAE latent does not hold (one pixel), "
                         "in the reconstruction residuals: one more pass over the pool, every residual in memory "
                         "(spurfast.residual)")
+    p.add_argument("--feature-view", action="store_true",
+                   help="also cluster, score and test the classifier's penultimate features within each predicted "
+                        "class, as the VAE latents are; those findings join the latent ones by q-value. Finds what "
+                        "the latent does not hold (one pixel) and adds natural confusions that only confirmation "
+                        "tells apart (spurfast.feature_view)")
     p.add_argument("--residual-max-values", type=_int_at_least(1), default=None, metavar="N",
                    help="the residual scan refuses pools of more than N residual values (images x C x H x W), "
                         "about 20 bytes of memory each (default: 2**26, about 1.3 GB)")
@@ -888,6 +895,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--residual-scan", action="store_true", default=None,
                    help="also evaluate spurfast+residual: spurfast's findings and the residual scan's "
                         "(spurfast.residual: patterns the VAE latent does not hold, e.g. one pixel)")
+    p.add_argument("--feature-view", action="store_true", default=None,
+                   help="also evaluate the feature view (spurfast.feature_view): alone (features) and joined to "
+                        "spurfast's findings (spurfast+features, +confirm, spurfast+confirmed-features)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
 

@@ -264,7 +264,8 @@ def finding_label(f: dict) -> str:
     """A finding named by what findings.json keeps for it (class, cluster, size), not by its
     rank: `spurfast.pipeline.rank_confirmed_first` renumbers the findings after confirmation,
     and a log line's "finding 1 (class 7)" was finding 2 of the report."""
-    where = "residual scan" if f.get("kind") == "residual" else f"cluster {f.get('cluster')}"
+    where = "residual scan" if f.get("kind") == "residual" else f"cluster {f.get('cluster')}" + (
+        " of the feature view" if f.get("view") == "features" else "")
     return f"finding of class {int(f['class'])} ({where}, {f.get('size')} images)"
 
 

@@ -399,8 +399,11 @@ def _probe(z, g, local, cls, seed: int = 0):
 
 @restores_models("vae")
 def characterise(result: DiscoveryResult, store: EmbeddingStore, source: ImageSource, vae, out_dir: Path,
-                 *, seed: int = 0, device: str = "cpu") -> None:
-    """Decoded centroid, contrast, mask and exemplar grid for every finding (PNGs in out_dir)."""
+                 *, seed: int = 0, device: str = "cpu", feature_space: np.ndarray | None = None) -> None:
+    """Decoded centroid, contrast, mask and exemplar grid for every finding (PNGs in out_dir).
+    ``feature_space``: the rows the feature view clustered (`spurfast.feature_view`, computed
+    from the store when its findings are here and it is not given), where its findings match
+    content in an unlabelled pool; the others match it in the latent."""
     check_compute_device(device, f"characterise: device {device!r}")
     if len(source) != store.n:   # another pool's: wrong images pictured silently, or a bare IndexError
         raise ValueError(f"characterise: the pool {source.name} has {len(source)} images, but store {store.root} "
@@ -414,12 +417,16 @@ def characterise(result: DiscoveryResult, store: EmbeddingStore, source: ImageSo
     mu = np.asarray(store["mu"])
     ok = np.asarray(store["ok"]).astype(bool) & (pred >= 0)
     vae = vae.to(device).eval()   # decoded as the store was encoded (the decorator gives its mode back)
+    if feature_space is None and any(f.get("view") == "features" for f in result.findings):
+        from .feature_view import feature_space as features_of
+        feature_space = features_of(store)
     for f in result.findings:
         members = np.asarray(f["members"], dtype=np.int64)
         with torch.no_grad():
             centroid = torch.as_tensor(mu[members].mean(0, keepdims=True), device=device)
             decoded = vae.decode(centroid)[0].cpu()
-        extract_pattern(f, source, mu, pred=pred, probs=probs, labels=labels, ok=ok, seed=seed)
+        space = feature_space if f.get("view") == "features" else mu
+        extract_pattern(f, source, space, pred=pred, probs=probs, labels=labels, ok=ok, seed=seed)
         x, _ = source.get_batch(np.asarray(f["exemplars"], dtype=np.int64))
         f["images"] = save_finding_images(out_dir, f["rank"], decoded, f["_contrast"], f["_mask"], x)
 
@@ -467,7 +474,7 @@ def findings_document(result: DiscoveryResult, extra_config: dict | None = None)
         cfg.update(extra_config)
     keys = ["rank", "class", "class_name", "cluster", "size", "score", "p_value", "q_value", "members",
             "exemplars", "confirm", "confirmed", "confirm_skipped", "support", "images", "merged_clusters",
-            "n_unrelated", "n_suspect", "n_expanded", "ranked_by", "kind", "peak", "peak_t"]
+            "n_unrelated", "n_suspect", "n_expanded", "ranked_by", "kind", "view", "peak", "peak_t"]
     return {"schema": 1, "spurfast_version": __version__, "config": cfg, "pool": result.pool,
             "findings": [{k: f[k] for k in keys if k in f} for f in result.findings]}
 

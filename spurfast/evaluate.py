@@ -49,12 +49,13 @@ from .cores import cpu_model
 from .data.builtin import load_digits, load_fashion_mnist
 from .data.sources import ArraySource, utf8_name
 from .discover import DiscoverConfig, characterise, discover
+from .feature_view import merge_by_q
 from .store import _write_json   # atomic: a run killed mid-write left a truncated cache file
 from .metrics import Feature, carried_by, false_findings, false_findings_on_pool_patterns, feature_metrics, matches, recall_at_q
 from .models.train import MAX_SEED
 from .plant import PatternSpec, fixed_mask, plant_training, stamp_at
-from .results_doc import (DEFAULT_METHODS, METHODS, RESIDUAL_METHODS, check_ours, check_results_md, csv_digests,
-                          read_notes, write_csv, write_results, write_with_notes)
+from .results_doc import (DEFAULT_METHODS, FEATURE_METHODS, METHODS, RESIDUAL_METHODS, check_ours, check_results_md,
+                          csv_digests, read_notes, write_csv, write_results, write_with_notes)
 from .scoring import DEFAULT_NULL, DEFAULT_STATISTIC
 from .support import training_support
 
@@ -464,7 +465,7 @@ BEST_OF = 10   # findings (candidates) each method's best one is picked from
 # findings apply to them alone.  Decided per method: a baseline without a test that returned
 # no candidate got recall 0 and 0 false findings, as if it had been tested.
 TESTED_METHODS = ("spurfast", "spurfast+confirm", "spurfast+support", "spurfast+residual", "spurfast+residual+confirm",
-                  "pixels")
+                  "pixels", *FEATURE_METHODS)
 # opt-in (`run_evaluation(residual=True)`): the default sweep's runs and cache keys do not change.
 # spurfast+residual: spurfast's findings and the residual scan's; +confirm: the confirmed ones of both
 RESIDUAL, RESIDUAL_CONFIRMED = RESIDUAL_METHODS
@@ -499,6 +500,29 @@ def _applies(row: dict) -> bool:
     return row["method"] in TESTED_METHODS or not row["metric"].startswith(_AT_Q)
 
 
+def _feature_view_findings(store, data, clf, cfg: DiscoverConfig, sizes) -> list[dict]:
+    """The feature view's findings (`spurfast.feature_view`), pattern-ranked and confirmed as
+    spurfast's are (a family of its own: confirmation's q over its findings alone)."""
+    from .confirm import ConfirmConfig, confirm_findings
+    from .discover import extract_pattern
+    from .feature_view import discover_features, feature_space
+    from .pattern_rank import pattern_rankings
+
+    space = feature_space(store)
+    res = discover_features(store, cfg, suspect=data.suspect, space=space)
+    pred = np.asarray(store["pred"]).astype(np.int64)
+    ok = np.asarray(store["ok"]).astype(bool) & (pred >= 0)
+    probs, labels = np.asarray(store["probs"]), np.asarray(store["labels"])
+    for f in res.findings:   # no pictures: the sweep reads the pattern alone
+        extract_pattern(f, data.pool, space, pred=pred, probs=probs, labels=labels, ok=ok, seed=cfg.seed)
+    if res.findings:
+        pattern_rankings(res.findings, res.rankings, data.pool, pred=pred, seed=cfg.seed)
+        confirm_findings(res.findings, clf, clean=data.clean,
+                         config=ConfirmConfig(max_images=sizes.confirm_images, seed=cfg.seed))
+    return [{"class": f["class"], "members": np.asarray(f["members"]), "ranking": res.rankings[f["rank"]],
+             "q_value": f["q_value"], "mask": f.get("_mask"), "confirm": f.get("confirm")} for f in res.findings]
+
+
 def _residual_findings(store, data, vae, clf, seed: int, sizes) -> list[dict]:
     """The residual scan's candidates (`spurfast.residual`) at q <= 0.1, confirmed as
     spurfast's findings are."""
@@ -528,18 +552,6 @@ def _confirm_row(setting: str, seed: int, rank: int, c: dict, feats: list[Featur
             # the pool pattern most members carry, if any (a true finding's, or the model
             # reacting to a pool pattern in another class)
             "pool_pattern": next((f.name for f in pool_feats if carried_by(c, [f])), "")}
-
-
-def _merge_by_q(clusters: list[dict], residual: list[dict]) -> list[dict]:
-    """One list of two families' findings: the clusters' order kept, each residual finding
-    (sorted by q) before the first cluster finding of a larger q-value."""
-    out, i = [], 0
-    for c in clusters:
-        while i < len(residual) and residual[i]["q_value"] < c["q_value"]:
-            out.append(residual[i])
-            i += 1
-        out.append(c)
-    return out + residual[i:]
 
 
 def run_key(setting: Setting, seed: int, sizes: Sizes, methods=DEFAULT_METHODS, statistic: str = DEFAULT_STATISTIC,
@@ -656,8 +668,8 @@ def _run_one(rfile: Path, setting: Setting, seed: int, sizes: Sizes, cache: Path
         if RESIDUAL in methods:
             t = time.time()
             resid = _residual_findings(store, data, vae, clf, seed, sizes)
-            cands[RESIDUAL] = _merge_by_q(cands["spurfast"], resid)
-            cands[RESIDUAL_CONFIRMED] = _merge_by_q(cands["spurfast+confirm"],
+            cands[RESIDUAL] = merge_by_q(cands["spurfast"], resid)
+            cands[RESIDUAL_CONFIRMED] = merge_by_q(cands["spurfast+confirm"],
                                                     [c for c in resid if confirmed(c["confirm"])])
             timing[RESIDUAL] = timing["spurfast"] + time.time() - t
         crow += [_confirm_row(setting.name, seed, r, c, feats, data.features, "cluster")
@@ -669,6 +681,15 @@ def _run_one(rfile: Path, setting: Setting, seed: int, sizes: Sizes, cache: Path
         t = time.time()
         cands["pixels"] = B.pixels(store, data.pool, cfg, suspect=data.suspect)
         timing["pixels"] = time.time() - t
+    if "features" in methods:
+        t = time.time()
+        cands["features"] = _feature_view_findings(store, data, clf, cfg, sizes)
+        timing["features"] = time.time() - t
+        if "spurfast" in cands:   # joined as `spurfast discover --feature-view` joins them: by q-value
+            confirmed_features = [c for c in cands["features"] if confirmed(c["confirm"])]
+            cands["spurfast+features"] = merge_by_q(cands["spurfast"], cands["features"])
+            cands["spurfast+confirmed-features"] = merge_by_q(cands["spurfast"], confirmed_features)
+            cands["spurfast+features+confirm"] = merge_by_q(cands["spurfast+confirm"], confirmed_features)
     if "george" in methods or "george+pattern" in methods:
         cands["george"] = B.george(store, k=cfg.k, min_cluster_size=cfg.min_cluster_size,
                                    max_mean_cluster_size=cfg.max_mean_cluster_size, max_k=cfg.max_k,
@@ -757,11 +778,12 @@ def _check_up_front(out: Path, statistic: str, results_md, cache=None, null: str
 
 def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None, seeds=None,
                    progress: bool = True, results_md=None, statistic: str = DEFAULT_STATISTIC,
-                   residual: bool = False, null: str = DEFAULT_NULL) -> Path:
+                   residual: bool = False, null: str = DEFAULT_NULL, feature_view: bool = False) -> Path:
     """Run a preset's sweep into ``out_dir`` (results.csv, confirm.csv, plots, RESULTS.md).
     ``residual``: also the methods `RESIDUAL_METHODS` (spurfast's findings and the residual
-    scan's; the confirmed ones of both).  ``statistic``, ``null``: discovery's (and the
-    pixel ablation's)."""
+    scan's; the confirmed ones of both).  ``feature_view``: also `FEATURE_METHODS` (the
+    feature view alone, and joined to spurfast's findings, `spurfast.feature_view`).
+    ``statistic``, ``null``: discovery's (and the pixel ablation's)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
     p = PRESETS[preset]
@@ -782,6 +804,9 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
     # removed either; a live writer's (another evaluation on the cache) is left alone
     remove_killed_writers_files(out, lambda name: name in ("results.csv", "confirm.csv", "timing.json", "RESULTS.md"))
     remove_killed_writers_files(cache / "runs", lambda name: name.endswith(".json"))
+    # in METHODS' order: a run's cache key holds the list
+    methods = tuple(m for m in METHODS if m in DEFAULT_METHODS or (residual and m in RESIDUAL_METHODS)
+                    or (feature_view and m in FEATURE_METHODS))
     rows, crows = [], []
     t0, c0 = time.time(), time.process_time()
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -789,7 +814,7 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
         for seed in seeds:
             t = time.time()
             r, c = run_one(s, seed, p["sizes"], cache, progress=False, statistic=statistic, null=null,
-                           **({"methods": METHODS} if residual else {}))
+                           **({"methods": methods} if methods != DEFAULT_METHODS else {}))
             rows += r
             crows += c
             if progress:

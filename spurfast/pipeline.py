@@ -169,7 +169,7 @@ def check_run_inputs(pool, classifier, vae, config, clean) -> None:
 
 
 def _checked_inputs(pool, classifier, vae, out_dir, *, num_classes, suspect, config, extra_config, batch_size,
-                    encoder_backend, loader_backend, summary, run_id, clean, confirm, residual):
+                    encoder_backend, loader_backend, summary, run_id, clean, confirm, residual, feature_view=False):
     """`run_discovery`'s checks of everything before any work (each rank's own), and what they
     settle: (config, summary, identity, run id, earlier run ids, extra_config)."""
     check_run_inputs(pool, classifier, vae, config, clean)
@@ -203,6 +203,10 @@ def _checked_inputs(pool, classifier, vae, out_dir, *, num_classes, suspect, con
         # it holds every residual: refused now, not after the embedding pass
         check_size(len(pool), int(np.prod(pool.image_shape)), residual.max_values)
         inputs["residual_scan"] = asdict(residual)
+    if not isinstance(feature_view, (bool, np.bool_)):   # "no" or 0.5 would have switched it on
+        raise ValueError(f"feature_view must be True or False, got {feature_view!r}")
+    if feature_view:   # its findings join the clusters': another run (named only when on: old ids hold)
+        inputs["feature_view"] = True
     if run_id is None:
         fp, settings = identity[0], json.dumps(asdict(config), sort_keys=True)
         # the clean set, the suspect mask and confirmation change the findings too: a rerun
@@ -274,7 +278,8 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
                   config: DiscoverConfig | None = None, extra_config: dict | None = None,
                   overwrite: bool = False, batch_size: int = 256, encoder_backend=None, loader_backend=None,
                   progress: bool = True, summary: dict | None = None, run_id: str | None = None,
-                  clean: ImageSource | None = None, confirm: bool = True, protect=(), residual=None):
+                  clean: ImageSource | None = None, confirm: bool = True, protect=(), residual=None,
+                  feature_view: bool = False):
     """Embed the pool, discover, characterise, confirm, write findings.json/csv and report.html.
 
     Confirmation (`spurfast.confirm`) pastes each finding's pattern onto ``clean`` images of
@@ -287,6 +292,8 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     delete; the pool's and the clean set's own files are always protected.
     ``residual``: a `spurfast.residual.ResidualConfig` adds the residual scan's findings
     (patterns the VAE latent does not hold, such as one pixel) after the clusters'.
+    ``feature_view``: discovery again in the classifier's penultimate features
+    (`spurfast.feature_view`), its findings merged with the clusters' by q-value.
     ``summary``: {label: value} shown as a table at the top of the report and kept in
     ``summary.json``, from which `spurfast report` shows it again (NaN and inf as n/a).
     ``extra_config``: more keys for findings.json's ``config`` (JSON values).
@@ -297,7 +304,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
         _checked_inputs, pool, classifier, vae, out_dir, num_classes=num_classes, suspect=suspect, config=config,
         extra_config=extra_config, batch_size=batch_size, encoder_backend=encoder_backend,
         loader_backend=loader_backend, summary=summary, run_id=run_id, clean=clean, confirm=confirm,
-        residual=residual)
+        residual=residual, feature_view=feature_view)
     # under torchrun (spurfast.distributed): rank 0 owns the output directory, every rank
     # embeds its shard, rank 0 scores and reports with k-means across all ranks
     protect = [*protect, *source_paths(pool), *(source_paths(clean) if clean is not None else [])]
@@ -319,6 +326,12 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
             # work: an interrupted discovery resumes its neighbour search and null on the rerun
             result = discover(store, config, suspect=suspect, class_names=pool.class_names, progress=progress,
                               work_dir=out / WORK_DIR)
+            features = None
+            if feature_view:
+                from .feature_view import discover_features, feature_space, join_views
+                features = feature_space(store)
+                join_views(result, discover_features(store, config, suspect=suspect, class_names=pool.class_names,
+                                                     progress=progress, work_dir=out / WORK_DIR, space=features))
             # how the store's pixels were made: the two loaders decode a JPEG up to 1/255 apart, enough
             # to move a finding of a large pool, and the run id does not hold the loader
             made = {k: store.manifest[k] for k in ("loader", "decode") if store.manifest.get(k) is not None}
@@ -333,7 +346,8 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
                           **_reread_loader(pool, store, loader_backend, config.device))
             # and those read a batch at a time (pictures, masks, confirmation's clean images) too
             as_stored = read_as_stored(pool, reread["loader_backend"], reread["device"], batch_size)
-            characterise(result, store, as_stored, vae, out, seed=config.seed, device=config.device)
+            characterise(result, store, as_stored, vae, out, seed=config.seed, device=config.device,
+                         feature_space=features)
             pattern_rankings(result.findings, result.rankings, pool, pred=np.asarray(store["pred"]), seed=config.seed,
                              progress=progress,
                              **reread)

@@ -345,7 +345,9 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
                          f"over classes. {e(f['size'])} members ({_membership(f)}): the class's images "
                          f"of most residual energy there.</p>")
         else:
-            parts.append(f"<p>{e(f['size'])} members ({_membership(f)}), score "
+            # the feature view's clusters are of the classifier's penultimate features (spurfast.feature_view)
+            view = " in the classifier's feature space" if f.get("view") == "features" else ""
+            parts.append(f"<p>{e(f['size'])} members{view} ({_membership(f)}), score "
                          f"{float(f['score']):.3g}, p = {float(f['p_value']):.3g}, q = {float(f['q_value']):.3g}; "
                          f"clusters merged: {e(f.get('merged_clusters', [f['cluster']]))}</p>")
         cf = f.get("confirm")

@@ -23,16 +23,23 @@ from .data.sources import utf8_name
 log = logging.getLogger("spurfast.results_doc")
 
 # the methods compared, in table order: spurfast, then the baselines (`spurfast.baselines`)
-# every method a results.csv may hold, in the order tables list them.  The residual ones are
-# opt-in (evaluate --residual-scan): `DEFAULT_METHODS` run without them
+# every method a results.csv may hold, in the order tables list them.  The residual and
+# feature-view ones are opt-in (evaluate --residual-scan, --feature-view): `DEFAULT_METHODS`
+# run without them.  `features` is an ablation (spurfast's pipeline in the classifier's
+# feature space alone, `spurfast.feature_view`); the `spurfast+...features` rows join its
+# findings to spurfast's by q-value: all of them, the confirmed ones to the confirmed, or the
+# confirmed ones to all of spurfast's
 METHODS = ("spurfast", "spurfast+confirm", "spurfast+support", "spurfast+residual", "spurfast+residual+confirm",
-           "pixels", "george", "george+pattern", "activation_clustering", "activation_clustering+pattern", "random")
-OURS = METHODS[:5]   # spurfast's own rows; the rest are baselines
+           "pixels", "features", "spurfast+features", "spurfast+features+confirm", "spurfast+confirmed-features",
+           "george", "george+pattern", "activation_clustering", "activation_clustering+pattern", "random")
 RESIDUAL_METHODS = ("spurfast+residual", "spurfast+residual+confirm")
+FEATURE_METHODS = ("features", "spurfast+features", "spurfast+features+confirm", "spurfast+confirmed-features")
+# spurfast's own rows; the rest are baselines (and ablations)
+OURS = METHODS[:5] + FEATURE_METHODS[1:]
 # spurfast's rows that rank the pool by their own findings; the others keep some of those findings
 # (confirmed, supported): the Targets judge the rankers' AP per setting, and count the others'
-RANKERS = ("spurfast", "spurfast+residual")
-DEFAULT_METHODS = tuple(m for m in METHODS if m not in RESIDUAL_METHODS)
+RANKERS = ("spurfast", "spurfast+residual", "spurfast+features")
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in RESIDUAL_METHODS + FEATURE_METHODS)
 
 
 def write_csv(path: Path, rows: list[dict], cols: list[str]) -> None:

@@ -130,6 +130,33 @@ def test_residual_findings_get_confirm_rows(tiny, tmp_path, monkeypatch):
     assert "false (residual scan)" in (tmp_path / "res" / "RESULTS.md").read_text()   # class 3 of a clean model
 
 
+def test_feature_view_adds_its_methods_and_keeps_the_default_sweep(tiny, tmp_path):
+    """--feature-view: the four feature-view rows beside the default ones, which stay as the
+    default sweep wrote them (same models; their run keys hold the method list, so the
+    default runs' cache entries are not these)."""
+    from spurfast.results_doc import FEATURE_METHODS
+    out, _ = tiny
+    assert not set(FEATURE_METHODS) & set(DEFAULT_METHODS)
+    run_evaluation("tiny", tmp_path / "fv", cache=out / "cache", progress=False, feature_view=True)
+    rows = _rows(tmp_path / "fv" / "results.csv")
+    assert {r["method"] for r in rows} == set(DEFAULT_METHODS) | set(FEATURE_METHODS) | {"model"}
+    planted = [r for r in rows if r["setting"] == "patch3-nall"]
+    for m in FEATURE_METHODS:
+        got = {r["metric"] for r in planted if r["method"] == m}
+        assert {"ap", "auroc", "hit@1", "recall@q0.05", "false_findings@q0.05"} <= got, (m, got)
+
+    def key(r):
+        return r["setting"], r["seed"], r["method"], r["feature"], r["metric"]
+    default = {key(r): r["value"] for r in _rows(out / "results.csv")
+               if r["method"] in DEFAULT_METHODS and r["metric"] != "seconds"}
+    again = {key(r): r["value"] for r in rows if r["method"] in DEFAULT_METHODS and r["metric"] != "seconds"}
+    assert again == default
+    # spurfast+features holds every finding of both: its recall is at least either one's
+    vals = {(r["method"], r["metric"]): float(r["value"]) for r in planted if r["feature"] == "all"}
+    assert vals["spurfast+features", "recall@q0.1"] >= max(vals["spurfast", "recall@q0.1"],
+                                                            vals["features", "recall@q0.1"])
+
+
 def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="unknown preset"):
         run_evaluation("huge", tmp_path)

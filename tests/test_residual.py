@@ -162,11 +162,11 @@ def test_reconstruction_residuals_are_image_minus_decoding():
 
 
 def test_merge_keeps_the_clusters_order_and_places_residual_findings_by_q():
-    from spurfast.evaluate import _merge_by_q
+    from spurfast.feature_view import merge_by_q   # the evaluation's join of the two families
     clusters = [{"id": "c1", "q_value": 0.02}, {"id": "c2", "q_value": 0.01}, {"id": "c3", "q_value": 0.08}]
     residual = [{"id": "r1", "q_value": 0.01}, {"id": "r2", "q_value": 0.05}, {"id": "r3", "q_value": 0.09}]
-    assert [f["id"] for f in _merge_by_q(clusters, residual)] == ["r1", "c1", "c2", "r2", "c3", "r3"]
-    assert _merge_by_q([], residual) == residual and _merge_by_q(clusters, []) == clusters
+    assert [f["id"] for f in merge_by_q(clusters, residual)] == ["r1", "c1", "c2", "r2", "c3", "r3"]
+    assert merge_by_q([], residual) == residual and merge_by_q(clusters, []) == clusters
 
 
 class _PixelShortcutModel(torch.nn.Module):

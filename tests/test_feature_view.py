@@ -1,0 +1,96 @@
+"""The feature view (spurfast.feature_view): discovery in the classifier's penultimate features,
+its findings joined to the latent ones by q-value."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from spurfast.data import ArraySource
+from spurfast.discover import DiscoverConfig, DiscoveryResult
+from spurfast.feature_view import SpaceView, feature_space, join_views, merge_by_q
+from spurfast.metrics import average_precision
+from tests.test_residual import _PixelShortcutModel, _blob_pool
+
+
+def _result(findings, rankings):
+    return DiscoveryResult(findings=findings, clusters=[{"cls": 0, "cluster": 0}], rankings=rankings, config={},
+                           pool={})
+
+
+def test_join_views_merges_by_q_and_renumbers_ranks_with_their_rankings():
+    latent = _result([{"rank": 1, "id": "a", "q_value": 0.01}, {"rank": 2, "id": "b", "q_value": 0.04}],
+                     {1: np.array([1.0]), 2: np.array([2.0])})
+    features = _result([{"rank": 1, "id": "x", "q_value": 0.001, "view": "features"},
+                        {"rank": 2, "id": "y", "q_value": 0.02, "view": "features"},
+                        {"rank": 3, "id": "z", "q_value": 0.09, "view": "features"}],
+                       {1: np.array([10.0]), 2: np.array([20.0]), 3: np.array([30.0])})
+    join_views(latent, features)
+    assert [(f["rank"], f["id"]) for f in latent.findings] == [(1, "x"), (2, "a"), (3, "y"), (4, "b"), (5, "z")]
+    assert {r: float(v[0]) for r, v in latent.rankings.items()} == {1: 10.0, 2: 1.0, 3: 20.0, 4: 2.0, 5: 30.0}
+    assert latent.clusters == [{"cls": 0, "cluster": 0}, {"cls": 0, "cluster": 0, "view": "features"}]
+    assert merge_by_q([], []) == []
+
+
+class _Store:
+    def __init__(self, cols):
+        self.cols, self.n, self.complete, self.manifest, self.root = cols, len(cols["pred"]), True, {}, "mem"
+
+    def __getitem__(self, name):
+        return self.cols[name]
+
+
+def test_feature_space_standardises_the_readable_predicted_rows_only():
+    feats = np.array([[1, 10], [3, 10], [100, -5], [5, 10]], np.float16)
+    store = _Store({"feats": feats, "pred": np.array([0, 1, 1, -1]), "ok": np.array([1, 1, 0, 1], bool),
+                    "mu": np.zeros((4, 2), np.float32)})
+    space = feature_space(store)
+    assert space.dtype == np.float32 and space.shape == (4, 2)
+    np.testing.assert_allclose(space[:2], [[-1, 0], [1, 0]])     # rows 2 (unreadable) and 3 (no class) left out
+    assert not space[2:].any()
+    view = SpaceView(store, space)
+    assert view["mu"] is space and view["pred"] is store.cols["pred"] and view.n == 4
+    with pytest.raises(ValueError, match="space has 3 rows; store mem has 4"):
+        SpaceView(store, space[:3])
+
+
+def test_discover_run_with_the_feature_view_reports_its_findings(tmp_path):
+    from spurfast.models import VAEConfig
+    from spurfast.models.train import train_vae
+    from spurfast.pipeline import run_discovery
+
+    x, labels, carries = _blob_pool()
+    pool = ArraySource(x, labels, name="blobs")
+    vae = train_vae(pool, VAEConfig.for_images(1, 16, 4), epochs=6, seed=0, progress=False)
+    cfg = DiscoverConfig(k=4, n_null=10, max_null=10)
+    plain, _, _ = run_discovery(pool, _PixelShortcutModel(), vae, tmp_path / "plain", num_classes=3, config=cfg,
+                                progress=False)
+    doc, result, _ = run_discovery(pool, _PixelShortcutModel(), vae, tmp_path / "run", num_classes=3, config=cfg,
+                                   progress=False, feature_view=True)
+    viewed = [f for f in doc["findings"] if f.get("view") == "features"]
+    assert viewed and all(f["class"] == 2 for f in viewed)       # the model's logits hold the pixel
+    assert all(carries[f["members"]].all() for f in viewed)
+    # the latent findings are the plain run's, the ranks one run of 1..n over both families
+    assert len(doc["findings"]) == len(plain["findings"]) + len(viewed)
+    assert sorted(f["rank"] for f in doc["findings"]) == list(range(1, len(doc["findings"]) + 1))
+    assert not any("view" in f for f in plain["findings"])
+    best = max(average_precision(np.load(tmp_path / "run" / "rankings" / f"finding{f['rank']}.npy"), carries)
+               for f in viewed)
+    assert best > 0.99
+    for f in viewed:
+        assert f["confirm"] is not None and all((tmp_path / "run" / p).is_file() for p in f["images"].values())
+    on_disk = json.loads((tmp_path / "run" / "findings.json").read_text())
+    assert on_disk["config"]["inputs"]["feature_view"] is True and "feature_view" not in plain["config"]["inputs"]
+    assert [f.get("view") for f in on_disk["findings"]] == [f.get("view") for f in doc["findings"]]
+    assert "members in the classifier's feature space" in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_feature_view_must_be_a_bool_before_any_work(tmp_path):
+    from spurfast.models import VAE, SmallCNN, VAEConfig
+    from spurfast.pipeline import run_discovery
+
+    pool = ArraySource(torch.rand(20, 1, 16, 16), np.zeros(20, dtype=np.int64))
+    with pytest.raises(ValueError, match="feature_view must be True or False, got 'yes'"):
+        run_discovery(pool, SmallCNN(1, 2, 16), VAE(VAEConfig.for_images(1, 16, 4)), tmp_path / "o", num_classes=2,
+                      progress=False, feature_view="yes")
+    assert not (tmp_path / "o").exists()
