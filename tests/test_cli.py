@@ -806,7 +806,8 @@ def test_evaluate_from_csv_writes_results_md_keeping_its_notes(tmp_path, capsys)
 
 
 @pytest.mark.parametrize("extra", [["--preset", "quick"], ["--seeds", "0,1"], ["--only", "patch"],
-                                   ["--cache", "c"], ["--statistic", "surprise"], ["--residual-scan"]])
+                                   ["--cache", "c"], ["--statistic", "surprise"], ["--residual-scan"],
+                                   ["--feature-view"]])
 def test_evaluate_from_csv_refuses_run_options(tmp_path, capsys, extra):
     csv = _quick_csv(tmp_path)
     capsys.readouterr()
@@ -2190,7 +2191,9 @@ def test_n_null_alone_raises_max_null_and_the_residual_limit_has_a_flag(tmp_path
     assert main(base + ["--n-null", "10", "--max-null", "40"]) == 0
     assert (seen["config"].n_null, seen["config"].max_null, seen["residual"]) == (10, 40, None)
     assert main(base) == 0
-    assert seen["config"].max_null == 120
+    assert seen["config"].max_null == 120 and seen["feature_view"] is False
+    assert main(base + ["--feature-view"]) == 0
+    assert seen["feature_view"] is True
     from spurfast.residual import check_size
     with pytest.raises(ValueError, match="--residual-max-values"):
         check_size(100, 784, 1000)
