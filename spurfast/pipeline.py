@@ -518,8 +518,8 @@ def rank_confirmed_first(result, out) -> None:
     controls, `spurfast.confirm.confirm_verdict`) first, then ``not_specific`` ones (they
     beat genuine class content but not random patterns: a model that reacts to any
     corruption of that size, as one that learned "noise means class c" does), then the
-    rest; each group in discovery order (the clusters' findings by score, then the residual
-    scan's, whose score is another statistic).  Natural confusions can out-score a shortcut;
+    rest; each group in discovery order (the clusters' findings by score, the feature view's
+    placed among them by q-value, then the residual scan's, whose score is another statistic).  Natural confusions can out-score a shortcut;
     they do not survive the content control.  Image files and probe rankings follow their
     finding's new rank."""
     from .confirm import confirm_verdict
