@@ -830,9 +830,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(spurfast.residual)")
     p.add_argument("--feature-view", action="store_true",
                    help="also cluster, score and test the classifier's penultimate features within each predicted "
-                        "class, as the VAE latents are; those findings join the latent ones by q-value. Finds what "
-                        "the latent does not hold (one pixel) and adds natural confusions that only confirmation "
-                        "tells apart (spurfast.feature_view)")
+                        "class, as the VAE latents are; those of its findings that confirmation confirms join the "
+                        "latent ones by q-value. Finds what the latent does not hold (one pixel); not with "
+                        "--no-confirm (spurfast.feature_view)")
     p.add_argument("--residual-max-values", type=_int_at_least(1), default=None, metavar="N",
                    help="the residual scan refuses pools of more than N residual values (images x C x H x W), "
                         "about 20 bytes of memory each (default: 2**26, about 1.3 GB)")

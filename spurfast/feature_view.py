@@ -10,9 +10,13 @@ the residual scan's are) and join the latent ones by q-value (`merge_by_q`); eac
 ``"view": "features"``.  Pictures still decode the members' mean latent; content matching
 for unlabelled pools (`spurfast.discover.extract_pattern`) reads the features.
 
-Measured on the full preset's pixel-n1000 (docs/results): AP 0.996 where the latent alone
-reached 0.16-0.21.  Natural confusions cluster in feature space too, so the view adds
-findings that only confirmation tells apart; hence it is opt-in (``--feature-view``).
+Measured on the full preset (docs/results/full-features, 3 seeds): on pixel-n1000 AP 0.996
+where the latent alone reached 0.16-0.21.  Natural confusions cluster in feature space too:
+joined unconfirmed, the view's findings took a clean model's false findings at q = 0.05 from
+69 to 153 and lost the first ten places to them (AP against the best baseline, 42 pairs: 4
+wins, 20 losses); its confirmed ones alone joined kept 69 and won 13, lost 5 (spurfast alone:
+12 and 6).  So a run ships the view's findings only once confirmed (`unconfirmed`), and the
+view needs confirmation; it is opt-in (``--feature-view``).
 """
 from __future__ import annotations
 
@@ -58,6 +62,12 @@ def discover_features(store, config: DiscoverConfig, *, suspect=None, class_name
     for f in res.findings:
         f["view"] = VIEW
     return res
+
+
+def unconfirmed(finding: dict, verdict: str | None) -> bool:
+    """Whether ``finding`` is one of the view's that confirmation did not confirm (``verdict``:
+    `spurfast.confirm.confirm_verdict` of it): `rank_confirmed_first`'s ``drop``."""
+    return finding.get("view") == VIEW and verdict != "confirmed"
 
 
 def merge_by_q(first: list, second: list, q=lambda f: f["q_value"]) -> list:

@@ -206,6 +206,11 @@ def _checked_inputs(pool, classifier, vae, out_dir, *, num_classes, suspect, con
     if not isinstance(feature_view, (bool, np.bool_)):   # "no" or 0.5 would have switched it on
         raise ValueError(f"feature_view must be True or False, got {feature_view!r}")
     if feature_view:   # its findings join the clusters': another run (named only when on: old ids hold)
+        if not confirm:
+            raise ValueError("feature_view needs confirmation (confirm=True; no --no-confirm): the feature view's "
+                             "findings ship only once confirmed, since natural confusions cluster in feature space "
+                             "too (a clean model's false findings rise from 69 to 153 unconfirmed: "
+                             "docs/results/full-features)")
         inputs["feature_view"] = True
     if run_id is None:
         fp, settings = identity[0], json.dumps(asdict(config), sort_keys=True)
@@ -364,7 +369,11 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
                                  config=ConfirmConfig(seed=config.seed, device=config.device),
                                  # an unlabelled clean folder is predicted through the run's own loader
                                  num_workers=usable_cores(), loader_backend=loader_backend)
-                rank_confirmed_first(result, out)
+                if feature_view:   # its findings ship only once confirmed (module docstring's figures)
+                    from .feature_view import unconfirmed
+                    rank_confirmed_first(result, out, drop=unconfirmed)
+                else:
+                    rank_confirmed_first(result, out)
             if suspect is not None and result.findings:   # is the pattern in its class's suspect data?
                 from .support import training_support
                 training_support(result.findings, pool, suspect, pool.labels(), progress=progress, **reread)
@@ -513,7 +522,7 @@ def _remove_finding_files(out: Path) -> None:
             remove_killed_writers_files(d, _FINDING_FILE.fullmatch)
 
 
-def rank_confirmed_first(result, out) -> None:
+def rank_confirmed_first(result, out, drop=None) -> None:
     """Re-rank findings: confirmed ones (the pasted pattern moves the model beyond both
     controls, `spurfast.confirm.confirm_verdict`) first, then ``not_specific`` ones (they
     beat genuine class content but not random patterns: a model that reacts to any
@@ -521,7 +530,8 @@ def rank_confirmed_first(result, out) -> None:
     rest; each group in discovery order (the clusters' findings by score, the feature view's
     placed among them by q-value, then the residual scan's, whose score is another statistic).  Natural confusions can out-score a shortcut;
     they do not survive the content control.  Image files and probe rankings follow their
-    finding's new rank."""
+    finding's new rank.  ``drop(finding, verdict)``: true for a finding to leave out (its
+    files removed; the feature view's unconfirmed ones, `spurfast.feature_view.unconfirmed`)."""
     from .confirm import confirm_verdict
 
     out = Path(out)   # a str, as every other step takes, failed only where the order changed
@@ -531,6 +541,11 @@ def rank_confirmed_first(result, out) -> None:
         f["confirmed"] = v == "confirmed"
     old = [f["rank"] for f in result.findings]
     order = sorted(range(len(old)), key=lambda i: (tier.get(verdicts[i], 2), old[i]))
+    if drop is not None:
+        for i in [i for i in order if drop(result.findings[i], verdicts[i])]:
+            for rel in (result.findings[i].get("images") or {}).values():
+                (out / rel).unlink(missing_ok=True)
+            order.remove(i)
     if order == list(range(len(old))):
         return
     findings = [result.findings[i] for i in order]

@@ -2173,6 +2173,15 @@ def test_clean_with_no_confirm_says_it_has_no_effect(tmp_path, caplog, monkeypat
     assert "--residual-null 900 has no effect without --residual-scan" in caplog.text, caplog.text
 
 
+def test_feature_view_without_confirmation_is_refused_before_any_work(tmp_path, capsys):
+    clf, vae = _models(tmp_path)
+    pool = _npz(tmp_path / "pool.npz", np.random.default_rng(0).integers(0, 256, (40, 1, 28, 28), dtype=np.uint8))
+    assert main(["discover", "--pool", pool, "--classifier", clf, "--vae", vae, "--quiet", "--feature-view",
+                 "--no-confirm", "--out", str(tmp_path / "o")]) == 2
+    assert "feature_view needs confirmation" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_n_null_alone_raises_max_null_and_the_residual_limit_has_a_flag(tmp_path, monkeypatch):
     # --n-null 200 alone was refused ("max_null must be >= n_null=200, got 120", naming no flag), and the
     # residual scan's refusal said "raise max_values", a setting no flag reached

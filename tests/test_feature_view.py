@@ -70,6 +70,7 @@ def test_discover_run_with_the_feature_view_reports_its_findings(tmp_path):
     viewed = [f for f in doc["findings"] if f.get("view") == "features"]
     assert viewed and all(f["class"] == 2 for f in viewed)       # the model's logits hold the pixel
     assert all(carries[f["members"]].all() for f in viewed)
+    assert all(f["confirmed"] for f in viewed)                   # the view ships its confirmed findings only
     # the latent findings are the plain run's, the ranks one run of 1..n over both families
     assert len(doc["findings"]) == len(plain["findings"]) + len(viewed)
     assert sorted(f["rank"] for f in doc["findings"]) == list(range(1, len(doc["findings"]) + 1))
@@ -93,4 +94,25 @@ def test_feature_view_must_be_a_bool_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="feature_view must be True or False, got 'yes'"):
         run_discovery(pool, SmallCNN(1, 2, 16), VAE(VAEConfig.for_images(1, 16, 4)), tmp_path / "o", num_classes=2,
                       progress=False, feature_view="yes")
+    with pytest.raises(ValueError, match="feature_view needs confirmation"):
+        run_discovery(pool, SmallCNN(1, 2, 16), VAE(VAEConfig.for_images(1, 16, 4)), tmp_path / "o", num_classes=2,
+                      progress=False, feature_view=True, confirm=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_the_views_unconfirmed_findings_leave_with_their_files(tmp_path):
+    from spurfast.pipeline import rank_confirmed_first
+    from spurfast.feature_view import unconfirmed
+    from tests.test_rerank import _finding
+
+    fs = [_finding(1, False, tmp_path), _finding(2, False, tmp_path), _finding(3, True, tmp_path),
+          _finding(4, True, tmp_path)]
+    fs[1]["view"] = fs[2]["view"] = "features"   # the view's: 2 unconfirmed, 3 confirmed
+    res = _result(fs, {r: np.array([float(r)]) for r in (1, 2, 3, 4)})
+    rank_confirmed_first(res, tmp_path, drop=unconfirmed)
+    assert [float(res.rankings[f["rank"]][0]) for f in res.findings] == [3.0, 4.0, 1.0]
+    assert [f["rank"] for f in res.findings] == [1, 2, 3] and sorted(res.rankings) == [1, 2, 3]
+    masks = [(tmp_path / f["images"]["mask"]).read_text() for f in res.findings]
+    assert masks == ["mask of 3", "mask of 4", "mask of 1"]
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [f"finding{r}_mask.png" for r in (1, 2, 3)]
+    assert not unconfirmed({"rank": 1}, None) and unconfirmed({"view": "features"}, "not_specific")
