@@ -28,7 +28,7 @@ log = logging.getLogger("spurfast.results_doc")
 # run without them.  `features` is an ablation (spurfast's pipeline in the classifier's
 # feature space alone, `spurfast.feature_view`); the `spurfast+...features` rows join its
 # findings to spurfast's by q-value: all of them, the confirmed ones to the confirmed, or the
-# confirmed ones to all of spurfast's
+# confirmed ones to all of spurfast's (what `discover --feature-view` ships, in discovery order)
 METHODS = ("spurfast", "spurfast+confirm", "spurfast+support", "spurfast+residual", "spurfast+residual+confirm",
            "pixels", "features", "spurfast+features", "spurfast+features+confirm", "spurfast+confirmed-features",
            "george", "george+pattern", "activation_clustering", "activation_clustering+pattern", "random")
@@ -39,6 +39,9 @@ OURS = METHODS[:5] + FEATURE_METHODS[1:]
 # spurfast's rows that rank the pool by their own findings; the others keep some of those findings
 # (confirmed, supported): the Targets judge the rankers' AP per setting, and count the others'
 RANKERS = ("spurfast", "spurfast+residual", "spurfast+features")
+# the ablation each of spurfast's joined rows is built from: not a baseline *for that row* (a
+# join can at best tie its own part), still one for the others
+PART_OF = {m: ("features",) for m in FEATURE_METHODS[1:]}
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in RESIDUAL_METHODS + FEATURE_METHODS)
 
 
@@ -324,7 +327,14 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
           "ship), `spurfast+confirm` keeps only the confirmed findings in that order (its top finding is the top "
           "of the shipped order whenever a finding is confirmed), `spurfast+support` keeps of those the ones whose "
           "pattern the suspect images of their class carry more often than the other classes' suspects "
-          "(`spurfast.support`), and the other baselines keep their own order.", ""]
+          "(`spurfast.support`), and the other baselines keep their own order."
+          + (" Feature view (`evaluate --feature-view`, `spurfast.feature_view`): `features` is spurfast's "
+             "pipeline in the classifier's standardised penultimate features alone (an ablation, so a baseline "
+             "for the other rows but not for the rows built from it); `spurfast+features` places all of its "
+             "findings among spurfast's by q-value, `spurfast+confirmed-features` only its confirmed ones (the "
+             "findings `spurfast discover --feature-view` ships, in discovery order), `spurfast+features+confirm` "
+             "its confirmed ones among spurfast's confirmed ones."
+             if any(r["method"] in FEATURE_METHODS for r in rows) else ""), ""]
     foreign = [r["value"] for r in rows if r["metric"] == "foreign_models"]
     n_foreign = _count(foreign)[0]
     if n_foreign:
@@ -485,10 +495,12 @@ def _confirm_of(crow: dict) -> dict:
     return {k: float(crow[col]) for k, col in keys.items() if crow.get(col, "") not in ("", None)}
 
 
-def _best_baseline(ap: dict) -> tuple[str | None, float]:
-    """(name, AP) of the baseline with the highest mean AP (spurfast's own rows excluded;
-    methods without a finite AP skipped), or (None, nan)."""
-    base = {m: v for m, v in ap.items() if m not in OURS and np.isfinite(v)}
+def _best_baseline(ap: dict, for_method: str = "spurfast") -> tuple[str | None, float]:
+    """(name, AP) of the baseline with the highest mean AP for ``for_method`` (spurfast's own
+    rows excluded, and the ablation ``for_method`` is joined from, `PART_OF`; methods without
+    a finite AP skipped), or (None, nan)."""
+    skip = set(OURS) | set(PART_OF.get(for_method, ()))
+    base = {m: v for m, v in ap.items() if m not in skip and np.isfinite(v)}
     if not base:
         return None, float("nan")
     best = max(base, key=base.get)
@@ -641,7 +653,7 @@ def _ap_verdicts(rows, settings, metric: str, what: str, pairs, vals, nan_seeds)
                 continue   # spurfast or every baseline not run
             # means of the finite seeds, as the tables' (nanmean kept an inf: "spurfast inf", and a verdict on it)
             ap = {m: _finite_mean(v) for m, v in aps.items()}
-            best, best_ap = _best_baseline(ap)
+            best, best_ap = _best_baseline(ap)   # spurfast's; the joined rows' below
             if best is None or not np.isfinite(ap["spurfast"]):
                 L.append(f"- {what} `{s}` / {f}: n/a (NaN) in every seed for "
                          f"{'spurfast' if not np.isfinite(ap['spurfast']) else 'every baseline'} (a pattern that no "
@@ -652,6 +664,9 @@ def _ap_verdicts(rows, settings, metric: str, what: str, pairs, vals, nan_seeds)
             # every row of spurfast's that the run has (the residual ones: evaluate --residual-scan);
             # a line each for the rankers, a count for the filtered rows (confirmed, supported)
             for m in [m for m in OURS if aps.get(m) and np.isfinite(ap[m])]:
+                best, best_ap = _best_baseline(ap, m)
+                if best is None:   # its own part the only baseline run: nothing to judge it against
+                    continue
                 # judged on the printed (3-decimal) means, so the verdict cannot contradict them
                 ours, theirs = f"{ap[m]:.3f}", f"{best_ap:.3f}"
                 kind = "ties" if ours == theirs else "wins" if float(ours) > float(theirs) else "losses"

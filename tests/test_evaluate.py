@@ -253,6 +253,21 @@ def test_ap_target_line_says_beats_ties_or_not():
     assert "`c` / noise@1: spurfast 0.800 vs best baseline pixels 0.900 (spurious score nan) -> does NOT beat" in text
 
 
+def test_a_joined_row_is_not_judged_against_its_own_part():
+    # spurfast+features joins the features ablation's findings to spurfast's: features is a
+    # baseline for spurfast, but against the join it could at best tie; the join meets pixels
+    from spurfast.results_doc import _targets
+
+    rows = [{"setting": "a", "seed": 0, "method": m, "feature": "pixel", "metric": "ap", "value": v}
+            for m, v in (("spurfast", 0.2), ("features", 0.99), ("spurfast+features", 0.99), ("pixels", 0.3))]
+    text = "\n".join(_targets(rows, ["a"]))
+    assert "`a` / pixel: spurfast 0.200 vs best baseline features 0.990 (spurious score nan) -> does NOT beat" in text
+    assert "`a` / pixel: spurfast+features 0.990 vs best baseline pixels 0.300 (spurious score nan) -> beats" in text
+    only_part = [r for r in rows if r["method"] != "pixels"]   # its part the only baseline: no verdict for the join
+    text = "\n".join(_targets(only_part, ["a"]))
+    assert "spurfast+features 0.990 vs" not in text and "spurfast 0.200 vs best baseline features" in text
+
+
 def test_ap_in_class_verdicts_follow_the_any_class_ones():
     # the best finding in any class won "a" for spurfast; in the planted class it loses to
     # george+pattern: both verdicts are listed, each with its own tally
