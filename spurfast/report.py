@@ -323,7 +323,11 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
     parts.append(f"<h2>Findings ({len(doc['findings'])} at q &le; {e(fdr)})</h2>")
     parts.append(f"<p class='muted'>A score sums, over the unrelated members, "
                  f"{e(STATISTIC_WORDS.get(statistic, statistic))}; p against permuted predictions, "
-                 f"q by Benjamini-Hochberg.</p>")
+                 f"q by Benjamini-Hochberg"
+                 # the feature view's neighbours and family are its own (spurfast.feature_view)
+                 + ("; for the feature view's findings the neighbours are in the classifier's feature space and "
+                    "q runs over the view's clusters" if any(f.get("view") == "features" for f in doc["findings"])
+                    else "") + ".</p>")
     if not doc["findings"]:
         parts.append("<p>No cluster is significant at this false-discovery rate.</p>")
     for f in doc["findings"]:

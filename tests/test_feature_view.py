@@ -83,7 +83,10 @@ def test_discover_run_with_the_feature_view_reports_its_findings(tmp_path):
     on_disk = json.loads((tmp_path / "run" / "findings.json").read_text())
     assert on_disk["config"]["inputs"]["feature_view"] is True and "feature_view" not in plain["config"]["inputs"]
     assert [f.get("view") for f in on_disk["findings"]] == [f.get("view") for f in doc["findings"]]
-    assert "members in the classifier's feature space" in (tmp_path / "run" / "report.html").read_text()
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "members in the classifier's feature space" in page
+    assert "for the feature view's findings the neighbours are in the classifier's feature space" in page
+    assert "feature view" not in (tmp_path / "plain" / "report.html").read_text()
 
 
 def test_feature_view_must_be_a_bool_before_any_work(tmp_path):
