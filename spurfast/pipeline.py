@@ -369,11 +369,10 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
                                  config=ConfirmConfig(seed=config.seed, device=config.device),
                                  # an unlabelled clean folder is predicted through the run's own loader
                                  num_workers=usable_cores(), loader_backend=loader_backend)
-                if feature_view:   # its findings ship only once confirmed (module docstring's figures)
-                    from .feature_view import unconfirmed
-                    rank_confirmed_first(result, out, drop=unconfirmed)
-                else:
-                    rank_confirmed_first(result, out)
+                # the feature view's findings ship only once confirmed (its docstring's figures); a run
+                # without the view has none of them, so nothing drops there
+                from .feature_view import unconfirmed
+                rank_confirmed_first(result, out, drop=unconfirmed)
             if suspect is not None and result.findings:   # is the pattern in its class's suspect data?
                 from .support import training_support
                 training_support(result.findings, pool, suspect, pool.labels(), progress=progress, **reread)
@@ -542,10 +541,11 @@ def rank_confirmed_first(result, out, drop=None) -> None:
     old = [f["rank"] for f in result.findings]
     order = sorted(range(len(old)), key=lambda i: (tier.get(verdicts[i], 2), old[i]))
     if drop is not None:
-        for i in [i for i in order if drop(result.findings[i], verdicts[i])]:
+        dropped = {i for i in order if drop(result.findings[i], verdicts[i])}
+        for i in dropped:
             for rel in (result.findings[i].get("images") or {}).values():
                 (out / rel).unlink(missing_ok=True)
-            order.remove(i)
+        order = [i for i in order if i not in dropped]
     if order == list(range(len(old))):
         return
     findings = [result.findings[i] for i in order]
