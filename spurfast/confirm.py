@@ -44,8 +44,9 @@ random class images dilute, and which the class's own nearest images reproduce; 
 rate and McNemar p-value are reported as ``content_flip_rate`` and ``content_p_value``
 (additive keys of the ``confirm`` object; with no image of class c to draw from, the
 control is skipped, ``content_skipped`` says why, and the verdict rests on the random
-control alone); a finding is *confirmed* when it beats both controls, and its Benjamini-Hochberg ``q_value`` over the run's findings (from the larger
-of its two p-values: it must beat both) is within the level too: a run with 40 findings
+control alone); a finding is *confirmed* when it beats both controls, and its Benjamini-Hochberg
+``q_value`` over the run's findings of its search (`spurfast.families`; from the larger of its
+two p-values: it must beat both) is within the level too: a run with 40 findings
 would otherwise confirm about two natural confusions by chance.  The ``verdict`` key says
 which control it failed (`confirm_verdict`): a finding that beats genuine class content
 but not random patterns is ``not_specific``: a model that reacts to any comparable
@@ -73,6 +74,7 @@ from scipy.stats import binom
 
 from .checks import check_compute_device, real_number, suspect_mask, whole_number
 from .data.sources import ImageSource
+from .families import FAMILIES, FEATURE_VIEW, RESIDUAL, finding_family
 from .models.as_given import restores_models
 from .scoring import bh_qvalues
 
@@ -264,8 +266,9 @@ def finding_label(f: dict) -> str:
     """A finding named by what findings.json keeps for it (class, cluster, size), not by its
     rank: `spurfast.pipeline.rank_confirmed_first` renumbers the findings after confirmation,
     and a log line's "finding 1 (class 7)" was finding 2 of the report."""
-    where = "residual scan" if f.get("kind") == "residual" else f"cluster {f.get('cluster')}" + (
-        " of the feature view" if f.get("view") == "features" else "")
+    family = finding_family(f)
+    where = "residual scan" if family == RESIDUAL else f"cluster {f.get('cluster')}" + (
+        " of the feature view" if family == FEATURE_VIEW else "")
     return f"finding of class {int(f['class'])} ({where}, {f.get('size')} images)"
 
 
@@ -552,9 +555,12 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
                                            "content_p_value", "content_skipped", "smooth_flip_rate", "smooth_p_value")
                         if k in cf}
     # one test per finding: Benjamini-Hochberg over the run's findings, as discovery does
-    # over clusters, so a run with many findings does not confirm some by chance
-    tested = [f for f in findings if f.get("confirm")]
-    if tested:
+    # over clusters, so a run with many findings does not confirm some by chance; within each
+    # search's family, as discovery's q-values are (an added view leaves the clusters' verdicts)
+    for family in FAMILIES:
+        tested = [f for f in findings if f.get("confirm") and finding_family(f) == family]
+        if not tested:
+            continue
         for f, q in zip(tested, bh_qvalues(np.array([joint_p_value(f["confirm"]) for f in tested]))):
             f["confirm"]["q_value"] = float(q)
             f["confirm"]["verdict"] = confirm_verdict(f["confirm"])

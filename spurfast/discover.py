@@ -22,6 +22,7 @@ from .atomic_files import replace_atomically
 from .characterise import contrast_map, exemplars, linear_probe, neighbour_contrast, pattern_mask
 from .checks import check_compute_device, check_extra_config, real_number, suspect_mask, whole_number
 from .data.sources import ImageSource, utf8_name
+from .families import FEATURE_VIEW, finding_family
 from .models.as_given import restores_models
 from .rankings import SpilledRankings, save_ranking
 from .scoring import (DEFAULT_NULL, DEFAULT_STATISTIC, LOOK_ALIKE_NEIGHBOURS, NULLS, STATISTICS, bh_qvalues,
@@ -417,7 +418,7 @@ def characterise(result: DiscoveryResult, store: EmbeddingStore, source: ImageSo
     mu = np.asarray(store["mu"])
     ok = np.asarray(store["ok"]).astype(bool) & (pred >= 0)
     vae = vae.to(device).eval()   # decoded as the store was encoded (the decorator gives its mode back)
-    if feature_space is None and any(f.get("view") == "features" for f in result.findings):
+    if feature_space is None and any(finding_family(f) == FEATURE_VIEW for f in result.findings):
         from .feature_view import feature_space as features_of
         feature_space = features_of(store)
     for f in result.findings:
@@ -425,7 +426,7 @@ def characterise(result: DiscoveryResult, store: EmbeddingStore, source: ImageSo
         with torch.no_grad():
             centroid = torch.as_tensor(mu[members].mean(0, keepdims=True), device=device)
             decoded = vae.decode(centroid)[0].cpu()
-        space = feature_space if f.get("view") == "features" else mu
+        space = feature_space if finding_family(f) == FEATURE_VIEW else mu
         extract_pattern(f, source, space, pred=pred, probs=probs, labels=labels, ok=ok, seed=seed)
         x, _ = source.get_batch(np.asarray(f["exemplars"], dtype=np.int64))
         f["images"] = save_finding_images(out_dir, f["rank"], decoded, f["_contrast"], f["_mask"], x)

@@ -23,8 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from .discover import DiscoverConfig, DiscoveryResult, _standardise, discover
-
-VIEW = "features"
+from .families import FEATURE_VIEW as VIEW
 
 
 def feature_space(store) -> np.ndarray:

@@ -19,6 +19,7 @@ import torch
 
 from .atomic_files import replace_atomically
 from .data.sources import utf8_name
+from .families import FEATURE_VIEW, RESIDUAL, finding_family
 
 UPSCALE_TO = 112  # small images are enlarged (nearest) so a pixel pattern stays visible
 
@@ -231,7 +232,7 @@ def _check_document(doc, out_dir: Path) -> None:
         for k, name in (f.get("images") or {}).items():
             if not isinstance(name, str):
                 raise ValueError(f"{at} images.{k} is {name!r}, expected a file name")
-        if f.get("kind") == "residual":   # the residual scan's paragraph reads these two
+        if finding_family(f) == RESIDUAL:   # the residual scan's paragraph reads these two
             if "peak_t" in f:
                 _need_number(f["peak_t"], f"{at} peak_t")
             pk = f.get("peak")
@@ -326,7 +327,7 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
                  f"q by Benjamini-Hochberg"
                  # the feature view's neighbours and family are its own (spurfast.feature_view)
                  + ("; for the feature view's findings the neighbours are in the classifier's feature space and "
-                    "q runs over the view's clusters" if any(f.get("view") == "features" for f in doc["findings"])
+                    "q runs over the view's clusters" if any(finding_family(f) == FEATURE_VIEW for f in doc["findings"])
                     else "") + ".</p>")
     if not doc["findings"]:
         parts.append("<p>No cluster is significant at this false-discovery rate.</p>")
@@ -334,7 +335,7 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
         name = f" ({e(f['class_name'])})" if f.get("class_name") else ""
         parts.append(f"<div class='finding'><h3>#{e(f['rank'])}: class {e(f['class'])}{name}</h3>")
         # n_unrelated: members whose content is another class (suspects with labels may be among them)
-        if f.get("kind") == "residual":   # spurfast.residual: no cluster, a test of its own
+        if finding_family(f) == RESIDUAL:   # spurfast.residual: no cluster, a test of its own
             from .residual import SCORE_CAP
 
             peak = f.get("peak") or ["?", "?"]
@@ -350,7 +351,7 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
                          f"of most residual energy there.</p>")
         else:
             # the feature view's clusters are of the classifier's penultimate features (spurfast.feature_view)
-            view = " in the classifier's feature space" if f.get("view") == "features" else ""
+            view = " in the classifier's feature space" if finding_family(f) == FEATURE_VIEW else ""
             parts.append(f"<p>{e(f['size'])} members{view} ({_membership(f)}), score "
                          f"{float(f['score']):.3g}, p = {float(f['p_value']):.3g}, q = {float(f['q_value']):.3g}; "
                          f"clusters merged: {e(f.get('merged_clusters', [f['cluster']]))}</p>")
@@ -413,7 +414,7 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
         imgs = f.get("images") or {}
         caps = {"centroid": "decoded centroid", "contrast": "contrast (members vs. matched others)",
                 "mask": "extracted mask", "grid": "exemplars"}
-        if f.get("kind") == "residual":   # no latent centroid: the latent does not hold the pattern
+        if finding_family(f) == RESIDUAL:   # no latent centroid: the latent does not hold the pattern
             caps.update(centroid="members' mean image", contrast="residual contrast (members vs. other classes)")
         parts.append("<div class='imgs'>" + "".join(
             (f"<figure><img src='{_data_uri(out_dir / imgs[k])}' alt='{e(caps[k])}' title='{e(imgs[k])}'>"

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from .characterise import otsu_threshold
 from .checks import real_number, whole_number
 from .data.sources import ImageSource, utf8_name
+from .families import RESIDUAL
 from .models.as_given import restores_models
 from .scoring import bh_qvalues, latent_neighbours, permutation_pvalues, top_two, unrelated_to_class
 
@@ -283,7 +284,7 @@ def residual_scan(residuals: torch.Tensor, z: np.ndarray, pred: np.ndarray, labe
         findings.append({
             # the statistic is unbounded where no t-value outside the peak's window is positive:
             # findings.json holds it capped (JSON has no Infinity: the file was not JSON then)
-            "class": int(c), "kind": "residual", "score": float(min(stat_obs[c], SCORE_CAP)),
+            "class": int(c), "kind": RESIDUAL, "score": float(min(stat_obs[c], SCORE_CAP)),
             "peak_t": float(tmap.max()), "peak": [int(v) for v in peak],
             "p_value": float(p), "q_value": float(q), "members": members.astype(np.int64), "ranking": ranking,
             "_mask": mask, "_contrast": contrast.view(*image_shape).float()

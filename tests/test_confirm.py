@@ -11,6 +11,7 @@ from spurfast.confirm import (VERDICTS, ConfirmConfig, apply_delta, confirm_find
                               is_confirmed, joint_p_value, mcnemar_one_sided, most_like_pattern, random_controls,
                               smooth_controls)
 from spurfast.scoring import bh_qvalues
+from spurfast.families import CLUSTERS, FEATURE_VIEW, RESIDUAL, finding_family
 from spurfast.data.sources import ArraySource
 
 
@@ -506,6 +507,38 @@ def test_confirmations_are_adjusted_over_the_run():
     q = bh_qvalues(np.array([joint_p_value(f["confirm"]) for f in fs]))
     assert [f["confirm"]["q_value"] for f in fs] == pytest.approx(q.tolist())
     assert fs[0]["confirm"]["verdict"] == "confirmed" and fs[1]["confirm"]["verdict"] != "confirmed"
+
+
+def test_each_search_is_adjusted_as_a_family_of_its_own():
+    """The clusters', the feature view's and the residual scan's findings are three
+    Benjamini-Hochberg families, as their discovery q-values are: adding the view's and the
+    scan's findings leaves the clusters' q-values as they were alone."""
+    x = _clean(200)
+    clean = ArraySource(x, np.r_[np.zeros(150, int), np.ones(50, int)], name="clean")
+
+    def away():
+        f = _finding([0, 1])
+        f["_contrast"] = torch.zeros(1, 16, 16)
+        f["_contrast"][0, 2:5, 2:5] = 0.9
+        f["_mask"] = np.zeros((16, 16), bool)
+        f["_mask"][2:5, 2:5] = True
+        return f
+
+    alone = [_finding([0, 1]), away()]
+    confirm_findings(alone, CornerModel(), clean=clean)
+    view = [dict(_finding([2, 3]), view="features"), dict(away(), view="features")]
+    residual = [dict(away(), kind="residual", cluster=-1)]
+    clusters = [_finding([0, 1]), away()]
+    run = [view[0], clusters[0], residual[0], clusters[1], view[1]]   # interleaved, as merge_by_q places them
+    confirm_findings(run, CornerModel(), clean=clean)
+    for family in (clusters, view, residual):
+        q = bh_qvalues(np.array([joint_p_value(f["confirm"]) for f in family]))
+        assert [f["confirm"]["q_value"] for f in family] == pytest.approx(q.tolist())
+    assert [f["confirm"]["q_value"] for f in clusters] == [f["confirm"]["q_value"] for f in alone]
+    # one family of five would have adjusted the lone residual finding's p-value upwards
+    assert residual[0]["confirm"]["q_value"] == pytest.approx(joint_p_value(residual[0]["confirm"]))
+    assert finding_family(residual[0]) == RESIDUAL and finding_family(view[0]) == FEATURE_VIEW
+    assert finding_family(clusters[0]) == CLUSTERS
 
 
 def test_adjustment_skips_findings_that_could_not_be_confirmed():
