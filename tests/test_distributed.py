@@ -506,9 +506,9 @@ def planted(tmp_path_factory):
     return d
 
 
-def _discover_args(d: Path, out: Path, batch: int = 32):
+def _discover_args(d: Path, out: Path, batch: int = 32, extra: tuple = ("--no-confirm",)):
     return ["-v", "discover", "--pool", str(d / "pool"), "--classifier", str(d / "clf.pt"), "--vae", str(d / "vae.pt"),
-            "--out", str(out), "--size", str(SIZE), "--n-null", "8", "--no-confirm", "--batch-size", str(batch),
+            "--out", str(out), "--size", str(SIZE), "--n-null", "8", *extra, "--batch-size", str(batch),
             "--quiet"]
 
 
@@ -527,14 +527,15 @@ def test_the_subprocess_environment_keeps_the_callers_python_path(monkeypatch):
     assert _env()["PYTHONPATH"] == str(ROOT)
 
 
-def _one_process(d: Path, out: Path):
-    r = subprocess.run([sys.executable, "-m", "spurfast"] + _discover_args(d, out), capture_output=True, text=True,
-                       timeout=300, env=_env(), cwd=ROOT)
+def _one_process(d: Path, out: Path, **kw):
+    r = subprocess.run([sys.executable, "-m", "spurfast"] + _discover_args(d, out, **kw), capture_output=True,
+                       text=True, timeout=300, env=_env(), cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def _torchrun(d: Path, out: Path, batch: int = 32, env: dict | None = None, **kw):
-    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "spurfast"] + _discover_args(d, out, batch)
+def _torchrun(d: Path, out: Path, batch: int = 32, env: dict | None = None, extra: tuple = ("--no-confirm",), **kw):
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "spurfast"] + _discover_args(d, out, batch,
+                                                                                                    extra)
     # torchrun leaves a torchelastic_* log folder in TMPDIR per launch: keep them in the test's own
     tmp = out.parent / f"{out.name}-tmp"
     tmp.mkdir(exist_ok=True)
@@ -547,10 +548,14 @@ def _assert_same_findings(a: Path, b: Path):
     assert fa["pool"] == fb["pool"]
     assert len(fa["findings"]) == len(fb["findings"]) > 0, (len(fa["findings"]), len(fb["findings"]))
     for x, y in zip(fa["findings"], fb["findings"]):
-        for k in ("rank", "class", "cluster", "size", "members", "merged_clusters"):
-            assert x[k] == y[k], (k, x["rank"])
+        for k in ("rank", "class", "cluster", "size", "members", "merged_clusters", "view"):
+            assert x.get(k) == y.get(k), (k, x["rank"])
         for k in ("score", "p_value", "q_value"):
             assert x[k] == pytest.approx(y[k], rel=1e-6), (k, x["rank"])
+        if x["confirm"] is not None or y["confirm"] is not None:   # the same images pasted on the same clean ones
+            assert x["confirm"]["verdict"] == y["confirm"]["verdict"], x["rank"]
+            for k in ("flip_rate", "control_flip_rate", "q_value"):
+                assert x["confirm"][k] == pytest.approx(y["confirm"][k], rel=1e-6), (k, x["rank"])
     # every cluster, significant or not, and its null p-value
     assert (a / "clusters.csv").read_text() == (b / "clusters.csv").read_text()
 
@@ -577,6 +582,23 @@ def test_two_ranks_give_the_one_process_findings(planted, single_run):
     top = np.asarray(doc["findings"][0]["members"])
     assert doc["findings"][0]["class"] == 0 and carries[top].mean() > 2 * carries.mean()
     assert not (out / "store" / "shards").exists()  # merged into the one store, parts removed
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed next to the interpreter")
+def test_two_ranks_with_the_feature_view_give_the_one_process_findings(planted):
+    """`--feature-view` (which needs confirmation) under torchrun: the view's clusters come from
+    the merged store's features, with k-means across the ranks, and rank 0 confirms and ships
+    the same findings as one process does."""
+    view = ("--feature-view",)
+    _one_process(planted, planted / "view1", extra=view)
+    p = _torchrun(planted, planted / "view2", env={"SPURFAST_KMEANS_ACROSS_RANKS": "1"}, extra=view)
+    log, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, log[-3000:]
+    _assert_same_findings(planted / "view1", planted / "view2")
+    doc = json.loads((planted / "view1" / "findings.json").read_text())
+    # every finding of the view that ships was confirmed (the others left, pictures and all)
+    assert all(f["confirm"]["verdict"] == "confirmed" for f in doc["findings"] if f.get("view") == "features")
+    assert any(f["confirm"] and f["confirm"]["verdict"] == "confirmed" for f in doc["findings"])
 
 
 def _children(pid: int) -> list[int]:
