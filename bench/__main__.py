@@ -1,4 +1,4 @@
-"""python -m bench {encoder,kmeans,triton-shapes,loader,e2e,residual,plot,all} [--quick] [--csv PATH]"""
+"""python -m bench {classifier,encoder,kmeans,triton-shapes,loader,e2e,residual,plot,all} [--quick] [--csv PATH]"""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,7 @@ import importlib
 import sys
 
 SUITES = {
+    "classifier": "bench.bench_classifier",
     "encoder": "bench.bench_encoder",
     "kmeans": "bench.bench_kmeans",
     "triton-shapes": "bench.bench_triton_shapes",   # GPU only

@@ -1,0 +1,99 @@
+"""Classifier inference of spurfast's own architectures (`classifier_outputs`, as the
+embedding pass and confirmation call them): the product's layout against the caller's.
+
+On a CPU without autograd the models convert their input to channels-last
+(`spurfast.models.classifier._channels_last_for_cpu_inference`; a grey image's channel
+stride made 1), where oneDNN's convolutions run faster.  Providers: ``torch-channels-last``
+(the product) and ``torch-nchw`` (the same model with the switch bypassed), timed in turn,
+one repetition each, so a shared machine's drift falls on both.  On a GPU the switch does
+nothing: one ``torch`` provider.  FLOPs are counted from the layers (2 x multiply-adds of
+every convolution and linear layer), so ``tflops`` can be put against the processor's peak;
+the convolutions read each input map once and write each output map once, which
+``gbytes_per_s`` counts (fp32 activations, weights excluded).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from .harness import device_name, read_peak, reset_peak, spread
+
+CASES_FULL = [("small_cnn", 1, 28, 256, {}), ("small_cnn", 3, 64, 256, {}), ("small_cnn", 3, 64, 256, {"width": 8}),
+              ("resnet18", 3, 64, 64, {})]
+CASES_QUICK = [("small_cnn", 1, 28, 64, {}), ("small_cnn", 3, 32, 64, {"width": 8})]
+
+
+def layer_costs(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """(FLOPs, activation bytes read + written) of one forward over ``x``, from its
+    convolution and linear layers."""
+    flops, nbytes, hooks = 0.0, 0.0, []
+
+    def conv(m, args, out):
+        nonlocal flops, nbytes
+        flops += 2.0 * out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        nbytes += 4.0 * (args[0].numel() + out.numel())
+
+    def linear(m, args, out):
+        nonlocal flops, nbytes
+        flops += 2.0 * out.numel() * m.in_features
+        nbytes += 4.0 * (args[0].numel() + out.numel())
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            hooks.append(m.register_forward_hook(conv))
+        elif isinstance(m, torch.nn.Linear):
+            hooks.append(m.register_forward_hook(linear))
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return flops, nbytes
+
+
+def _stats(times: list[float], peak: int, source: str) -> dict:
+    p20, p80 = spread(times)
+    return {"median_s": statistics.median(times), "p20_s": p20, "p80_s": p80, "peak_bytes": peak,
+            "peak_source": source, "reps": len(times)}
+
+
+def run(writer, quick: bool = False, device=None):
+    import spurfast.models.classifier as arch
+    from spurfast.models.outputs import classifier_outputs
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = device_name(device)
+    reps = 7 if quick else 21
+    product = arch._channels_last_for_cpu_inference
+    providers = {"torch-channels-last": product, "torch-nchw": lambda x: x} if device == "cpu" else {"torch": product}
+    for name, c, size, batch, options in CASES_QUICK if quick else CASES_FULL:
+        torch.manual_seed(0)
+        model = arch.build_classifier(name, c, 10, size, **options).to(device).eval()
+        x = torch.rand(batch, c, size, size, device=device)
+        flops, nbytes = layer_costs(model, x)
+        cfg = {"arch": name, "image": f"{c}x{size}x{size}", "batch": batch, "threads": torch.get_num_threads(),
+               **options}
+        times = {p: [] for p in providers}
+        source = reset_peak(device)
+        try:
+            with torch.no_grad():
+                for r in range(reps + 1):   # the first round warms both up, untimed
+                    for p, switch in providers.items():
+                        arch._channels_last_for_cpu_inference = switch
+                        t0 = time.perf_counter()
+                        classifier_outputs(model, x)
+                        if device != "cpu":
+                            torch.cuda.synchronize()
+                        if r:
+                            times[p].append(time.perf_counter() - t0)
+        finally:
+            arch._channels_last_for_cpu_inference = product
+        peak = read_peak(device, source)
+        for p, ts in times.items():
+            writer.add_timing("classify", p, cfg, _stats(ts, peak, source), dev, items=batch, bytes_moved=nbytes,
+                              flops=flops)
+        if len(times) == 2:
+            writer.add("ratio", "channels_last_vs_nchw", cfg, "ratio",
+                       statistics.median(times["torch-nchw"]) / statistics.median(times["torch-channels-last"]), "x",
+                       dev)

@@ -1,0 +1,36 @@
+"""The classifier benchmark: its cost count on a model of known size, and its rows."""
+import csv
+
+import torch
+
+from bench import bench_classifier as bc
+from bench.harness import ResultWriter
+from spurfast.models.classifier import SmallCNN
+import spurfast.models.classifier as arch
+
+
+def test_layer_costs_count_every_convolution_and_linear_layer():
+    m = SmallCNN(1, 10, 28, width=4).eval()
+    flops, nbytes = bc.layer_costs(m, torch.rand(2, 1, 28, 28))
+    macs = (2 * 4 * 28 * 28 * 1 * 9          # conv1: 4 maps of 28x28 from 1 channel, 3x3
+            + 2 * 8 * 14 * 14 * 4 * 9        # conv2: 8 maps of 14x14 from 4 channels
+            + 2 * 128 * 8 * 7 * 7            # fc1
+            + 2 * 10 * 128)                  # fc2
+    assert flops == 2 * macs
+    maps = (2 * 28 * 28 + 2 * 4 * 28 * 28) + (2 * 4 * 14 * 14 + 2 * 8 * 14 * 14) + (2 * 392 + 2 * 128) + (2 * 128 + 2 * 10)
+    assert nbytes == 4 * maps
+
+
+def test_both_layouts_are_timed_and_the_switch_is_given_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(bc, "CASES_QUICK", [("small_cnn", 1, 8, 4, {"width": 2})])
+    product = arch._channels_last_for_cpu_inference
+    w = ResultWriter(tmp_path / "r.csv")
+    bc.run(w, quick=True, device="cpu")
+    assert arch._channels_last_for_cpu_inference is product
+    rows = list(csv.DictReader(open(tmp_path / "r.csv")))
+    timed = {(r["provider"], r["metric"]) for r in rows if r["op"] == "classify"}
+    for p in ("torch-channels-last", "torch-nchw"):
+        assert {(p, "median_s"), (p, "items_per_s"), (p, "tflops"), (p, "gbytes_per_s")} <= timed
+    ratio = [r for r in rows if r["op"] == "ratio"]
+    assert len(ratio) == 1 and ratio[0]["provider"] == "channels_last_vs_nchw" and float(ratio[0]["value"]) > 0
+    assert "image=1x8x8" in ratio[0]["config"] and "width=2" in ratio[0]["config"]
