@@ -211,6 +211,18 @@ def test_cpu_inference_runs_channels_last_with_the_training_layouts_values(arch,
     assert strides == [(784, 1, 28, 1), (784, 784, 28, 1)]
 
 
+@pytest.mark.parametrize("shape", [(5, 1, 7, 9), (5, 3, 7, 9), (0, 1, 4, 4), (2, 1, 1, 1)])
+def test_channels_last_lays_out_any_channel_count_with_the_same_values(shape):
+    from spurfast.kernels.reference import channels_last
+    x = torch.rand(shape)
+    y = channels_last(x)
+    n, c, h, w = shape
+    assert_bitwise(y, x, "channels_last(x)")
+    if h * w > 1:   # a 1x1 map has one layout
+        assert y.stride()[1] == 1 and y.stride()[3] == c and y.stride()[2] == w * c
+    assert channels_last(y).data_ptr() == y.data_ptr()   # already laid out: no copy
+
+
 def test_resnet18_option():
     m = build_classifier("resnet18", 3, 5, 32).eval()
     logits, feats = classifier_outputs(m, torch.rand(2, 3, 32, 32))

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checks import check_whole
+from ..kernels.reference import channels_last
 
 # re-exported where they lived before; files.py and outputs.py import this module inside their functions
 from .files import load_classifier, save_atomic, save_classifier, torch_error_gist  # noqa: F401
@@ -45,12 +46,7 @@ def _channels_last_for_cpu_inference(x: torch.Tensor) -> torch.Tensor:
     torch.jit.trace (whose check reruns the model without autograd) one graph."""
     if x.device.type != "cpu" or x.dim() != 4 or torch.is_grad_enabled() or torch.jit.is_tracing():
         return x
-    n, c, h, w = x.shape
-    if c == 1 and x.stride(1) != 1:
-        # one channel is "contiguous" in both layouts, so .contiguous(channels_last) kept NCHW
-        # strides and oneDNN its slow NCHW path (the 1-channel convolution took 2/3 of the model)
-        return torch.empty_strided(x.shape, (h * w, 1, w, 1), dtype=x.dtype).copy_(x)
-    return x.contiguous(memory_format=torch.channels_last)
+    return channels_last(x)   # a grey image's channel stride made 1 too
 
 
 class SmallCNN(nn.Module):
