@@ -2,9 +2,11 @@
 embedding pass and confirmation call them): the product's layout against the caller's.
 
 On a CPU without autograd the models convert their input to channels-last
-(`spurfast.models.classifier._channels_last_for_cpu_inference`; a grey image's channel
-stride made 1), where oneDNN's convolutions run faster.  Providers: ``torch-channels-last``
-(the product) and ``torch-nchw`` (the same model with the switch bypassed), timed in turn,
+(`spurfast.models.classifier._channels_last_for_cpu_inference`; one channel keeps its
+layout, so the grey case is the control: about 1x), where oneDNN's convolutions run faster; a TorchScript model (here a traced
+SmallCNN, as `python -m bench e2e` classifies with) gets channels-last images where its
+first batch shows the same logits (`spurfast.models.outputs._cpu_layout`).  Providers:
+``torch-channels-last`` (the product) and ``torch-nchw`` (both switches bypassed), timed in turn,
 one repetition each, so a shared machine's drift falls on both.  On a GPU the switch does
 nothing: one ``torch`` provider.  FLOPs are counted from the layers (2 x multiply-adds of
 every convolution and linear layer), so ``tflops`` can be put against the processor's peak;
@@ -21,7 +23,7 @@ import torch
 from .harness import device_name, read_peak, reset_peak, spread
 
 CASES_FULL = [("small_cnn", 1, 28, 256, {}), ("small_cnn", 3, 64, 256, {}), ("small_cnn", 3, 64, 256, {"width": 8}),
-              ("resnet18", 3, 64, 64, {})]
+              ("small_cnn-traced", 3, 64, 256, {"width": 8}), ("resnet18", 3, 64, 64, {})]
 CASES_QUICK = [("small_cnn", 1, 28, 64, {}), ("small_cnn", 3, 32, 64, {"width": 8})]
 
 
@@ -60,17 +62,21 @@ def _stats(times: list[float], peak: int, source: str) -> dict:
 
 def run(writer, quick: bool = False, device=None):
     import spurfast.models.classifier as arch
-    from spurfast.models.outputs import classifier_outputs
+    import spurfast.models.outputs as outputs
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = device_name(device)
     reps = 7 if quick else 21
-    product = arch._channels_last_for_cpu_inference
-    providers = {"torch-channels-last": product, "torch-nchw": lambda x: x} if device == "cpu" else {"torch": product}
+    product = (arch._channels_last_for_cpu_inference, outputs._cpu_layout)
+    nchw = (lambda x: x, lambda model, x: x)
+    providers = {"torch-channels-last": product, "torch-nchw": nchw} if device == "cpu" else {"torch": product}
     for name, c, size, batch, options in CASES_QUICK if quick else CASES_FULL:
         torch.manual_seed(0)
-        model = arch.build_classifier(name, c, 10, size, **options).to(device).eval()
+        model = arch.build_classifier(name.removesuffix("-traced"), c, 10, size, **options).to(device).eval()
         x = torch.rand(batch, c, size, size, device=device)
+        if name.endswith("-traced"):
+            with torch.no_grad():
+                model = torch.jit.trace(model, x[:2])
         flops, nbytes = layer_costs(model, x)
         cfg = {"arch": name, "image": f"{c}x{size}x{size}", "batch": batch, "threads": torch.get_num_threads(),
                **options}
@@ -79,16 +85,16 @@ def run(writer, quick: bool = False, device=None):
         try:
             with torch.no_grad():
                 for r in range(reps + 1):   # the first round warms both up, untimed
-                    for p, switch in providers.items():
-                        arch._channels_last_for_cpu_inference = switch
+                    for p, (inside, outside) in providers.items():
+                        arch._channels_last_for_cpu_inference, outputs._cpu_layout = inside, outside
                         t0 = time.perf_counter()
-                        classifier_outputs(model, x)
+                        outputs.classifier_outputs(model, x)
                         if device != "cpu":
                             torch.cuda.synchronize()
                         if r:
                             times[p].append(time.perf_counter() - t0)
         finally:
-            arch._channels_last_for_cpu_inference = product
+            arch._channels_last_for_cpu_inference, outputs._cpu_layout = product
         peak = read_peak(device, source)
         for p, ts in times.items():
             writer.add_timing("classify", p, cfg, _stats(ts, peak, source), dev, items=batch, bytes_moved=nbytes,

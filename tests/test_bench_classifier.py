@@ -7,6 +7,7 @@ from bench import bench_classifier as bc
 from bench.harness import ResultWriter
 from spurfast.models.classifier import SmallCNN
 import spurfast.models.classifier as arch
+import spurfast.models.outputs as outputs
 
 
 def test_layer_costs_count_every_convolution_and_linear_layer():
@@ -23,10 +24,10 @@ def test_layer_costs_count_every_convolution_and_linear_layer():
 
 def test_both_layouts_are_timed_and_the_switch_is_given_back(tmp_path, monkeypatch):
     monkeypatch.setattr(bc, "CASES_QUICK", [("small_cnn", 1, 8, 4, {"width": 2})])
-    product = arch._channels_last_for_cpu_inference
+    product = arch._channels_last_for_cpu_inference, outputs._cpu_layout
     w = ResultWriter(tmp_path / "r.csv")
     bc.run(w, quick=True, device="cpu")
-    assert arch._channels_last_for_cpu_inference is product
+    assert (arch._channels_last_for_cpu_inference, outputs._cpu_layout) == product
     rows = list(csv.DictReader(open(tmp_path / "r.csv")))
     timed = {(r["provider"], r["metric"]) for r in rows if r["op"] == "classify"}
     for p in ("torch-channels-last", "torch-nchw"):

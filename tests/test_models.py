@@ -186,9 +186,8 @@ def test_output_width_mismatch_is_caught():
                          ids=["small_cnn", "small_cnn-w8", "resnet18"])
 def test_cpu_inference_runs_channels_last_with_the_training_layouts_values(arch, options):
     """Without autograd on a CPU the convolutions read channels-last images (oneDNN's faster
-    layout; a grey image's channel stride made 1, which .contiguous(channels_last) leaves as
-    it is); under autograd (training) the layout is the caller's.  The values agree to the
-    convolutions' summation order."""
+    layout); under autograd (training) the layout is the caller's.  The values agree to the
+    convolutions' summation order, and grey images (one layout either way) give the same bits."""
     torch.manual_seed(0)
     m = build_classifier(arch, 3, 5, 32, **options).eval()
     layouts = []
@@ -202,25 +201,61 @@ def test_cpu_inference_runs_channels_last_with_the_training_layouts_values(arch,
     assert layouts == [True, False]
     torch.testing.assert_close(logits, trained_layout, rtol=1e-5, atol=1e-5)
     grey = build_classifier("small_cnn", 1, 5, 28, **options).eval()
-    strides = []
-    grey.conv1.register_forward_pre_hook(lambda _, args: strides.append(args[0].stride()))
     g = torch.rand(6, 1, 28, 28)
     with torch.no_grad():
         fast = grey(g)
-    torch.testing.assert_close(fast, grey(g).detach(), rtol=1e-5, atol=1e-5)
-    assert strides == [(784, 1, 28, 1), (784, 784, 28, 1)]
+    assert_bitwise(fast, grey(g).detach(), "grey images, without and with autograd")
 
 
-@pytest.mark.parametrize("shape", [(5, 1, 7, 9), (5, 3, 7, 9), (0, 1, 4, 4), (2, 1, 1, 1)])
-def test_channels_last_lays_out_any_channel_count_with_the_same_values(shape):
+@pytest.mark.parametrize("shape", [(5, 1, 7, 9), (5, 3, 7, 9), (0, 3, 4, 4), (2, 3, 1, 1)])
+def test_channels_last_keeps_the_values_and_leaves_one_channel_as_it_is(shape):
     from spurfast.kernels.reference import channels_last
     x = torch.rand(shape)
     y = channels_last(x)
     n, c, h, w = shape
     assert_bitwise(y, x, "channels_last(x)")
-    if h * w > 1:   # a 1x1 map has one layout
+    if c == 1:
+        assert y.data_ptr() == x.data_ptr()
+    elif h * w > 1:   # a 1x1 map has one layout
         assert y.stride()[1] == 1 and y.stride()[3] == c and y.stride()[2] == w * c
     assert channels_last(y).data_ptr() == y.data_ptr()   # already laid out: no copy
+
+
+class _ViewsItsMaps(torch.nn.Module):
+    """A user's model that .view()s a convolution's output: fails on channels-last images."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.fc(h.view(h.shape[0], -1))
+
+
+class _ReadsRawMemory(torch.nn.Module):
+    """Logits read from the input's memory as laid out: other values on channels-last images."""
+
+    def forward(self, x):
+        return torch.as_strided(x, (x.shape[0], 5), (x.stride(0), 1)).float() * 1.0
+
+
+def test_other_models_get_channels_last_images_only_where_their_first_batch_gives_the_same_logits():
+    from spurfast.models.outputs import _CHANNELS_LAST_OK
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 8, 8)
+    traced = torch.jit.trace(SmallCNN(3, 5, 8, width=4).eval(), x[:2])
+    views, raw = _ViewsItsMaps().eval(), _ReadsRawMemory()
+    for model in (traced, views, raw):
+        with torch.no_grad():
+            want = model(x)
+        for _ in range(2):   # the first batch decides, the second uses the decision
+            logits, _ = classifier_outputs(model, x)
+            torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-6)
+    assert _CHANNELS_LAST_OK[traced] is True
+    assert _CHANNELS_LAST_OK[views] is False and _CHANNELS_LAST_OK[raw] is False
+    assert_bitwise(classifier_outputs(views, x)[0], views(x).detach(), "a model left in the caller's layout")
 
 
 def test_resnet18_option():
@@ -914,8 +949,10 @@ def test_small_cnn_gives_the_same_outputs_with_and_without_autograd_scripted_and
             fast = model(x)
         slow = model(x)
         assert slow.requires_grad
-        # inference runs channels-last: the same values up to summation order
-        torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-6)
+        if c == 1:   # one layout either way
+            assert_bitwise(fast, slow.detach(), "grey images without and with autograd")
+        else:        # RGB inference runs channels-last: the same values up to summation order
+            torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-6)
         slow.sum().backward()   # the training path keeps max_pool2d's gradient
         assert model.conv1.weight.grad is not None
         with torch.no_grad():

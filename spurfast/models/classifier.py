@@ -40,13 +40,13 @@ def _relu_pool(x: torch.Tensor) -> torch.Tensor:
 
 def _channels_last_for_cpu_inference(x: torch.Tensor) -> torch.Tensor:
     """``x`` channels-last on a CPU without autograd: oneDNN's convolutions run faster on it
-    (measured on 2 cores through `classifier_outputs`: SmallCNN 1.46x at RGB 64x64 width 32,
-    1.8x at width 8, 1.5x at grey 28x28; ResNet-18 1.3x at RGB 64x64; the same values to 1e-6,
-    the convolutions' summation order).  Else ``x``: training keeps its numbers, and
+    (measured on 2 cores through `classifier_outputs`: SmallCNN 1.6x at RGB 64x64 width 32,
+    1.35-1.8x at width 8; ResNet-18 1.26-1.28x; the same values to 1e-6, the convolutions'
+    summation order).  Grey images keep their layout and bits (`channels_last`).  Else ``x``: training keeps its numbers, and
     torch.jit.trace (whose check reruns the model without autograd) one graph."""
     if x.device.type != "cpu" or x.dim() != 4 or torch.is_grad_enabled() or torch.jit.is_tracing():
         return x
-    return channels_last(x)   # a grey image's channel stride made 1 too
+    return channels_last(x)
 
 
 class SmallCNN(nn.Module):
