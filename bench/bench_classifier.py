@@ -1,8 +1,8 @@
 """Classifier inference of spurfast's own architectures (`classifier_outputs`, as the
 embedding pass and confirmation call them): the product's layout against the caller's.
 
-On a CPU without autograd the models convert their input to channels-last
-(`spurfast.models.classifier._channels_last_for_cpu_inference`; one channel keeps its
+On a CPU the models convert their input to channels-last (in training too)
+(`spurfast.models.classifier._channels_last_on_cpu`; one channel keeps its
 layout, so the grey case is the control: about 1x), where oneDNN's convolutions run faster; a TorchScript model (here a traced
 SmallCNN, as `python -m bench e2e` classifies with) gets channels-last images where its
 first batch shows the same logits (`spurfast.models.outputs._cpu_layout`).  Providers:
@@ -67,7 +67,7 @@ def run(writer, quick: bool = False, device=None):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = device_name(device)
     reps = 7 if quick else 21
-    product = (arch._channels_last_for_cpu_inference, outputs._cpu_layout)
+    product = (arch._channels_last_on_cpu, outputs._cpu_layout)
     nchw = (lambda x: x, lambda model, x: x)
     providers = {"torch-channels-last": product, "torch-nchw": nchw} if device == "cpu" else {"torch": product}
     for name, c, size, batch, options in CASES_QUICK if quick else CASES_FULL:
@@ -86,7 +86,7 @@ def run(writer, quick: bool = False, device=None):
             with torch.no_grad():
                 for r in range(reps + 1):   # the first round warms both up, untimed
                     for p, (inside, outside) in providers.items():
-                        arch._channels_last_for_cpu_inference, outputs._cpu_layout = inside, outside
+                        arch._channels_last_on_cpu, outputs._cpu_layout = inside, outside
                         t0 = time.perf_counter()
                         outputs.classifier_outputs(model, x)
                         if device != "cpu":
@@ -94,7 +94,7 @@ def run(writer, quick: bool = False, device=None):
                         if r:
                             times[p].append(time.perf_counter() - t0)
         finally:
-            arch._channels_last_for_cpu_inference, outputs._cpu_layout = product
+            arch._channels_last_on_cpu, outputs._cpu_layout = product
         peak = read_peak(device, source)
         for p, ts in times.items():
             writer.add_timing("classify", p, cfg, _stats(ts, peak, source), dev, items=batch, bytes_moved=nbytes,
@@ -103,3 +103,37 @@ def run(writer, quick: bool = False, device=None):
             writer.add("ratio", "channels_last_vs_nchw", cfg, "ratio",
                        statistics.median(times["torch-nchw"]) / statistics.median(times["torch-channels-last"]), "x",
                        dev)
+    if device == "cpu":
+        _training_steps(writer, quick, dev, providers)
+
+
+def _training_steps(writer, quick: bool, dev: str, providers: dict) -> None:
+    """One training step (forward, cross-entropy, backward) of an RGB SmallCNN, both layouts in turn."""
+    import torch.nn.functional as F
+
+    import spurfast.models.classifier as arch
+
+    size, batch = (32, 16) if quick else (64, 64)
+    torch.manual_seed(0)
+    model = arch.build_classifier("small_cnn", 3, 10, size).train()
+    x, y = torch.rand(batch, 3, size, size), torch.randint(0, 10, (batch,))
+    cfg = {"arch": "small_cnn", "image": f"3x{size}x{size}", "batch": batch, "threads": torch.get_num_threads()}
+    times = {p: [] for p in providers}
+    product = arch._channels_last_on_cpu
+    source = reset_peak("cpu")
+    try:
+        for r in range((7 if quick else 15) + 1):
+            for p, (inside, _) in providers.items():
+                arch._channels_last_on_cpu = inside
+                t0 = time.perf_counter()
+                model.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                if r:
+                    times[p].append(time.perf_counter() - t0)
+    finally:
+        arch._channels_last_on_cpu = product
+    peak = read_peak("cpu", source)
+    for p, ts in times.items():
+        writer.add_timing("train_step", p, cfg, _stats(ts, peak, source), dev, items=batch)
+    writer.add("ratio", "train_step_channels_last_vs_nchw", cfg, "ratio",
+               statistics.median(times["torch-nchw"]) / statistics.median(times["torch-channels-last"]), "x", dev)

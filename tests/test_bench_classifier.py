@@ -24,14 +24,17 @@ def test_layer_costs_count_every_convolution_and_linear_layer():
 
 def test_both_layouts_are_timed_and_the_switch_is_given_back(tmp_path, monkeypatch):
     monkeypatch.setattr(bc, "CASES_QUICK", [("small_cnn", 1, 8, 4, {"width": 2})])
-    product = arch._channels_last_for_cpu_inference, outputs._cpu_layout
+    product = arch._channels_last_on_cpu, outputs._cpu_layout
     w = ResultWriter(tmp_path / "r.csv")
     bc.run(w, quick=True, device="cpu")
-    assert (arch._channels_last_for_cpu_inference, outputs._cpu_layout) == product
+    assert (arch._channels_last_on_cpu, outputs._cpu_layout) == product
     rows = list(csv.DictReader(open(tmp_path / "r.csv")))
     timed = {(r["provider"], r["metric"]) for r in rows if r["op"] == "classify"}
     for p in ("torch-channels-last", "torch-nchw"):
         assert {(p, "median_s"), (p, "items_per_s"), (p, "tflops"), (p, "gbytes_per_s")} <= timed
-    ratio = [r for r in rows if r["op"] == "ratio"]
-    assert len(ratio) == 1 and ratio[0]["provider"] == "channels_last_vs_nchw" and float(ratio[0]["value"]) > 0
+    ratio = [r for r in rows if r["op"] == "ratio" and r["provider"] == "channels_last_vs_nchw"]
+    assert len(ratio) == 1 and float(ratio[0]["value"]) > 0
+    steps = {r["provider"] for r in rows if r["op"] == "train_step" and r["metric"] == "items_per_s"}
+    assert steps == {"torch-channels-last", "torch-nchw"}
+    assert any(r["provider"] == "train_step_channels_last_vs_nchw" for r in rows)
     assert "image=1x8x8" in ratio[0]["config"] and "width=2" in ratio[0]["config"]
