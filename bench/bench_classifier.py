@@ -1,17 +1,19 @@
-"""Classifier inference of spurfast's own architectures (`classifier_outputs`, as the
-embedding pass and confirmation call them): the product's layout against the caller's.
+"""Classifier inference (and one training step) of spurfast's own architectures
+(`classifier_outputs`, as the embedding pass and confirmation call them): the product's
+layout against the caller's.
 
-On a CPU the models convert their input to channels-last (in training too)
-(`spurfast.models.classifier._channels_last_on_cpu`; one channel keeps its
-layout, so the grey case is the control: about 1x), where oneDNN's convolutions run faster; a TorchScript model (here a traced
-SmallCNN, as `python -m bench e2e` classifies with) gets channels-last images where its
-first batch shows the same logits (`spurfast.models.outputs._cpu_layout`).  Providers:
-``torch-channels-last`` (the product) and ``torch-nchw`` (both switches bypassed), timed in turn,
-one repetition each, so a shared machine's drift falls on both.  On a GPU the switch does
-nothing: one ``torch`` provider.  FLOPs are counted from the layers (2 x multiply-adds of
-every convolution and linear layer), so ``tflops`` can be put against the processor's peak;
-the convolutions read each input map once and write each output map once, which
-``gbytes_per_s`` counts (fp32 activations, weights excluded).
+On a CPU the models convert their input to channels-last, in training too
+(`spurfast.models.classifier._channels_last_on_cpu`), where oneDNN's convolutions run
+faster; one channel keeps its layout, so the grey case is the control (about 1x).  A
+TorchScript model (here a traced SmallCNN, as `python -m bench e2e` classifies with) gets
+channels-last images where its first batch shows the same logits
+(`spurfast.models.outputs._cpu_layout`).  Providers: ``torch-channels-last`` (the product)
+and ``torch-nchw`` (both switches bypassed), timed in turn, one repetition each, so a shared
+machine's drift falls on both.  On a GPU the switch does nothing: one ``torch`` provider.
+FLOPs are counted from the layers (2 x multiply-adds of every convolution and linear layer),
+so ``tflops`` can be put against the processor's peak; the layers read each input map once
+and write each output map once, which ``gbytes_per_s`` counts (fp32 activations, weights
+excluded).
 """
 from __future__ import annotations
 

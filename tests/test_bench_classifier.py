@@ -18,7 +18,8 @@ def test_layer_costs_count_every_convolution_and_linear_layer():
             + 2 * 128 * 8 * 7 * 7            # fc1
             + 2 * 10 * 128)                  # fc2
     assert flops == 2 * macs
-    maps = (2 * 28 * 28 + 2 * 4 * 28 * 28) + (2 * 4 * 14 * 14 + 2 * 8 * 14 * 14) + (2 * 392 + 2 * 128) + (2 * 128 + 2 * 10)
+    maps = ((2 * 28 * 28 + 2 * 4 * 28 * 28) + (2 * 4 * 14 * 14 + 2 * 8 * 14 * 14)   # the convolutions' maps
+            + (2 * 392 + 2 * 128) + (2 * 128 + 2 * 10))                                # the linear layers
     assert nbytes == 4 * maps
 
 

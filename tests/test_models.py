@@ -194,8 +194,9 @@ def test_cpu_convolutions_run_channels_last_with_the_callers_layouts_values(arch
     m = build_classifier(arch, 3, 5, 32, **options).eval()
     layouts = []
     first = m.conv1 if arch == "small_cnn" else m.net.conv1
-    hook = first.register_forward_pre_hook(
-        lambda _, args: layouts.append(not args[0].is_contiguous() and args[0].is_contiguous(memory_format=torch.channels_last)))
+    def channels_last_input(_, args):
+        layouts.append(not args[0].is_contiguous() and args[0].is_contiguous(memory_format=torch.channels_last))
+    hook = first.register_forward_pre_hook(channels_last_input)
     x = torch.rand(6, 3, 32, 32)
     logits, _ = classifier_outputs(m, x)
     with torch.enable_grad():
