@@ -62,13 +62,47 @@ def _stats(times: list[float], peak: int, source: str) -> dict:
             "peak_source": source, "reps": len(times)}
 
 
+def _in_turn(providers: dict, call, reps: int, device: str) -> tuple[dict, int, str]:
+    """Each provider's switches set (`arch._channels_last_on_cpu`, `outputs._cpu_layout`),
+    ``call()`` timed, one provider after the other for ``reps`` rounds after an untimed one;
+    the product's switches given back.  Returns ({provider: times}, peak bytes, peak source)."""
+    import spurfast.models.classifier as arch
+    import spurfast.models.outputs as outputs
+
+    product = arch._channels_last_on_cpu, outputs._cpu_layout
+    times = {p: [] for p in providers}
+    source = reset_peak(device)
+    try:
+        for r in range(reps + 1):   # the first round warms every provider up, untimed
+            for p, (inside, outside) in providers.items():
+                arch._channels_last_on_cpu, outputs._cpu_layout = inside, outside
+                t0 = time.perf_counter()
+                call()
+                if device != "cpu":
+                    torch.cuda.synchronize()
+                if r:
+                    times[p].append(time.perf_counter() - t0)
+    finally:
+        arch._channels_last_on_cpu, outputs._cpu_layout = product
+    return times, read_peak(device, source), source
+
+
+def _rows(writer, op: str, cfg: dict, dev: str, timed: tuple, items: int, **counts) -> None:
+    """Timing rows of each provider, and the NCHW / channels-last ratio where both ran."""
+    times, peak, source = timed
+    for p, ts in times.items():
+        writer.add_timing(op, p, cfg, _stats(ts, peak, source), dev, items=items, **counts)
+    if len(times) == 2:
+        writer.add("ratio", f"{'' if op == 'classify' else op + '_'}channels_last_vs_nchw", cfg, "ratio",
+                   statistics.median(times["torch-nchw"]) / statistics.median(times["torch-channels-last"]), "x", dev)
+
+
 def run(writer, quick: bool = False, device=None):
     import spurfast.models.classifier as arch
     import spurfast.models.outputs as outputs
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = device_name(device)
-    reps = 7 if quick else 21
     product = (arch._channels_last_on_cpu, outputs._cpu_layout)
     nchw = (lambda x: x, lambda model, x: x)
     providers = {"torch-channels-last": product, "torch-nchw": nchw} if device == "cpu" else {"torch": product}
@@ -82,29 +116,9 @@ def run(writer, quick: bool = False, device=None):
         flops, nbytes = layer_costs(model, x)
         cfg = {"arch": name, "image": f"{c}x{size}x{size}", "batch": batch, "threads": torch.get_num_threads(),
                **options}
-        times = {p: [] for p in providers}
-        source = reset_peak(device)
-        try:
-            with torch.no_grad():
-                for r in range(reps + 1):   # the first round warms both up, untimed
-                    for p, (inside, outside) in providers.items():
-                        arch._channels_last_on_cpu, outputs._cpu_layout = inside, outside
-                        t0 = time.perf_counter()
-                        outputs.classifier_outputs(model, x)
-                        if device != "cpu":
-                            torch.cuda.synchronize()
-                        if r:
-                            times[p].append(time.perf_counter() - t0)
-        finally:
-            arch._channels_last_on_cpu, outputs._cpu_layout = product
-        peak = read_peak(device, source)
-        for p, ts in times.items():
-            writer.add_timing("classify", p, cfg, _stats(ts, peak, source), dev, items=batch, bytes_moved=nbytes,
-                              flops=flops)
-        if len(times) == 2:
-            writer.add("ratio", "channels_last_vs_nchw", cfg, "ratio",
-                       statistics.median(times["torch-nchw"]) / statistics.median(times["torch-channels-last"]), "x",
-                       dev)
+        with torch.no_grad():
+            timed = _in_turn(providers, lambda: outputs.classifier_outputs(model, x), 7 if quick else 21, device)
+        _rows(writer, "classify", cfg, dev, timed, batch, bytes_moved=nbytes, flops=flops)
     if device == "cpu":
         _training_steps(writer, quick, dev, providers)
 
@@ -120,22 +134,8 @@ def _training_steps(writer, quick: bool, dev: str, providers: dict) -> None:
     model = arch.build_classifier("small_cnn", 3, 10, size).train()
     x, y = torch.rand(batch, 3, size, size), torch.randint(0, 10, (batch,))
     cfg = {"arch": "small_cnn", "image": f"3x{size}x{size}", "batch": batch, "threads": torch.get_num_threads()}
-    times = {p: [] for p in providers}
-    product = arch._channels_last_on_cpu
-    source = reset_peak("cpu")
-    try:
-        for r in range((7 if quick else 15) + 1):
-            for p, (inside, _) in providers.items():
-                arch._channels_last_on_cpu = inside
-                t0 = time.perf_counter()
-                model.zero_grad()
-                F.cross_entropy(model(x), y).backward()
-                if r:
-                    times[p].append(time.perf_counter() - t0)
-    finally:
-        arch._channels_last_on_cpu = product
-    peak = read_peak("cpu", source)
-    for p, ts in times.items():
-        writer.add_timing("train_step", p, cfg, _stats(ts, peak, source), dev, items=batch)
-    writer.add("ratio", "train_step_channels_last_vs_nchw", cfg, "ratio",
-               statistics.median(times["torch-nchw"]) / statistics.median(times["torch-channels-last"]), "x", dev)
+
+    def step():
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+    _rows(writer, "train_step", cfg, dev, _in_turn(providers, step, 7 if quick else 15, "cpu"), batch)

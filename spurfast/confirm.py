@@ -74,7 +74,7 @@ from scipy.stats import binom
 
 from .checks import check_compute_device, real_number, suspect_mask, whole_number
 from .data.sources import ImageSource
-from .families import FAMILIES, FEATURE_VIEW, RESIDUAL, finding_family
+from .families import FEATURE_VIEW, RESIDUAL, finding_family
 from .models.as_given import restores_models
 from .scoring import bh_qvalues
 
@@ -557,10 +557,11 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
     # one test per finding: Benjamini-Hochberg over the run's findings, as discovery does
     # over clusters, so a run with many findings does not confirm some by chance; within each
     # search's family, as discovery's q-values are (an added view leaves the clusters' verdicts)
-    for family in FAMILIES:
-        tested = [f for f in findings if f.get("confirm") and finding_family(f) == family]
-        if not tested:
-            continue
+    families: dict[str, list[dict]] = {}
+    for f in findings:
+        if f.get("confirm"):
+            families.setdefault(finding_family(f), []).append(f)
+    for tested in families.values():
         for f, q in zip(tested, bh_qvalues(np.array([joint_p_value(f["confirm"]) for f in tested]))):
             f["confirm"]["q_value"] = float(q)
             f["confirm"]["verdict"] = confirm_verdict(f["confirm"])

@@ -12,7 +12,6 @@ from __future__ import annotations
 CLUSTERS = "clusters"
 FEATURE_VIEW = "features"   # a finding's "view"
 RESIDUAL = "residual"       # a finding's "kind"
-FAMILIES = (CLUSTERS, FEATURE_VIEW, RESIDUAL)
 
 
 def finding_family(f: dict) -> str:

@@ -215,7 +215,7 @@ def test_cpu_convolutions_run_channels_last_with_the_callers_layouts_values(arch
 
 @pytest.mark.parametrize("shape", [(5, 1, 7, 9), (5, 3, 7, 9), (0, 3, 4, 4), (2, 3, 1, 1)])
 def test_channels_last_keeps_the_values_and_leaves_one_channel_as_it_is(shape):
-    from spurfast.kernels.reference import channels_last
+    from spurfast.models.layout import channels_last
     x = torch.rand(shape)
     y = channels_last(x)
     n, c, h, w = shape

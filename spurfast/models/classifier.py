@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checks import check_whole
-from ..kernels.reference import channels_last
+from .layout import channels_last
 
 # re-exported where they lived before; files.py and outputs.py import this module inside their functions
 from .files import load_classifier, save_atomic, save_classifier, torch_error_gist  # noqa: F401

@@ -11,7 +11,7 @@ import weakref
 import torch
 import torch.nn as nn
 
-from ..kernels.reference import channels_last
+from .layout import channels_last
 
 # other models with ``features`` and ``fc2`` (a scripted SmallCNN, or a user's own) -> whether
 # their logits are fc2(features(x)), as checked on the first batch they classify
@@ -23,12 +23,12 @@ _CHANNELS_LAST_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _cpu_layout(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``x`` channels-last (`spurfast.kernels.reference.channels_last`: oneDNN's faster layout)
+    """``x`` channels-last (`spurfast.models.layout.channels_last`: oneDNN's faster layout)
     for a model on a CPU that gives such images the same logits, else ``x``.  spurfast's own
     architectures switch inside; this serves the others (a TorchScript file: a traced SmallCNN
     of width 8 at RGB 64x64 classified 1.35x faster).  The first batch runs both layouts."""
-    if x.device.type != "cpu" or x.dim() != 4:
-        return x
+    if x.device.type != "cpu" or x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last):
+        return x   # one layout either way (grey images): nothing to check
     try:
         known = _CHANNELS_LAST_OK.get(model)
     except TypeError:   # not weakly referable: the caller's layout, unchecked
