@@ -104,7 +104,7 @@ def run(writer, quick: bool = False, device=None):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = device_name(device)
     product = (arch._channels_last_on_cpu, outputs._cpu_layout)
-    nchw = (lambda x: x, lambda model, x: x)
+    nchw = (lambda x: x, lambda model, x: (x, None))
     providers = {"torch-channels-last": product, "torch-nchw": nchw} if device == "cpu" else {"torch": product}
     for name, c, size, batch, options in CASES_QUICK if quick else CASES_FULL:
         torch.manual_seed(0)

@@ -264,6 +264,36 @@ def test_other_models_get_channels_last_images_only_where_their_first_batch_give
     assert_bitwise(classifier_outputs(views, x)[0], views(x).detach(), "a model left in the caller's layout")
 
 
+class _CountsCalls(torch.nn.Module):
+    """``inner`` with its forward calls counted."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("inner", ["conv", "views"])
+def test_the_layout_check_s_forwards_serve_the_first_batch(inner):
+    """The first batch runs both layouts once each, and one of them is its output: no third
+    forward (a batch's time again for a user's ResNet-18 on a CPU); later batches one each."""
+    torch.manual_seed(0)
+    body = SmallCNN(3, 5, 8, width=4).eval() if inner == "conv" else _ViewsItsMaps().eval()
+    model = _CountsCalls(body)
+    x = torch.rand(6, 3, 8, 8)
+    with torch.no_grad():
+        want = body(x)
+    logits, feats = classifier_outputs(model, x)
+    assert model.calls == 2
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-6)
+    assert feats is logits
+    classifier_outputs(model, x)
+    assert model.calls == 3
+
+
 def test_resnet18_option():
     m = build_classifier("resnet18", 3, 5, 32).eval()
     logits, feats = classifier_outputs(m, torch.rand(2, 3, 32, 32))

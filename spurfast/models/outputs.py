@@ -22,21 +22,25 @@ _HEAD_IS_FC2: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _CHANNELS_LAST_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _cpu_layout(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``x`` channels-last (`spurfast.models.layout.channels_last`: oneDNN's faster layout)
-    for a model on a CPU that gives such images the same logits, else ``x``.  spurfast's own
+def _cpu_layout(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(``x`` channels-last (`spurfast.models.layout.channels_last`: oneDNN's faster layout)
+    for a model on a CPU that gives such images the same logits, else ``x``; ``model``'s
+    output for the images returned where the check computed it, else None).  spurfast's own
     architectures switch inside; this serves the others (a TorchScript file: a traced SmallCNN
-    of width 8 at RGB 64x64 classified 1.35x faster).  The first batch runs both layouts."""
+    of width 8 at RGB 64x64 classified 1.35x faster).  The first batch runs both layouts, and
+    its output is kept: a third forward cost a user's ResNet-18 a batch's time again."""
     if x.device.type != "cpu" or x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last):
-        return x   # one layout either way (grey images): nothing to check
+        return x, None   # one layout either way (grey images): nothing to check
     try:
         known = _CHANNELS_LAST_OK.get(model)
     except TypeError:   # not weakly referable: the caller's layout, unchecked
-        return x
+        return x, None
     if known is not None:
-        return channels_last(x) if known else x
+        return (channels_last(x) if known else x), None
+    plain = None
     try:
-        plain, fast = model(x), model(channels_last(x))
+        plain = model(x)
+        fast = model(channels_last(x))
         same = (isinstance(plain, torch.Tensor) and isinstance(fast, torch.Tensor) and plain.shape == fast.shape
                 and plain.is_floating_point() and bool(torch.allclose(fast, plain, rtol=1e-4, atol=1e-5,
                                                                           equal_nan=True)))
@@ -45,7 +49,10 @@ def _cpu_layout(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     except Exception:   # the model's own error (a .view of a channels-last map): it keeps the caller's layout
         same = False
     _CHANNELS_LAST_OK[model] = same
-    return channels_last(x) if same else x
+    if same:
+        return channels_last(x), fast
+    # plain: model(x) itself, or None where that raised (the caller's own call then says why)
+    return x, plain if isinstance(plain, torch.Tensor) else None
 
 
 @torch.no_grad()
@@ -61,7 +68,7 @@ def classifier_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
     if isinstance(model, ResNet18):
         f = model.features(x)
         return model.net.fc(f), f
-    x = _cpu_layout(model, x)
+    x, first = _cpu_layout(model, x)
     feats_fn = getattr(model, "features", None)
     if callable(feats_fn) and hasattr(model, "fc2"):
         # a user's model may have both and another head (fc2(relu(fc1(features)))): its logits
@@ -74,7 +81,7 @@ def classifier_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
             f = feats_fn(x)
             return model.fc2(f), f
         if known is None:
-            logits = model(x)
+            logits = model(x) if first is None else first
             try:
                 f = feats_fn(x)
                 same = bool(torch.allclose(model.fc2(f), logits, rtol=1e-4, atol=1e-5))
@@ -85,7 +92,7 @@ def classifier_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
             except TypeError:
                 pass
             return logits, (f if same else logits)
-    logits = model(x)
+    logits = model(x) if first is None else first
     return logits, logits
 
 
