@@ -19,11 +19,37 @@ from tests.helpers import (CASES, assert_equal_int, check_assign_near_optimal, c
 
 HAS_CUDA = torch.cuda.is_available()
 RUNS_HERE = kt.is_available()[0]
-needs_kernel = pytest.mark.skipif(not RUNS_HERE, reason="no CUDA device and no Triton interpreter")
+needs_kernel = pytest.mark.skipif(not RUNS_HERE, reason=kt.is_available()[1])
 
 # The interpreter pays per program: the two big CASES shrink (same shapes of the problem:
 # k over several 32-wide tiles with d chunked; many small groups with empties).
 CPU_CASES = [c for c in CASES if sum(c[0]) <= 2000] + [([700], 130, 128), ([0, 5, 17, 0, 40, 3, 9] * 9, 16, 24)]
+
+
+def test_an_interpreter_that_cannot_run_the_loops_makes_the_kernels_unavailable_saying_why(monkeypatch):
+    """triton 3.6's interpreter with numpy 2.4 (torch 2.11 on a CPU) failed every Triton test on
+    the kernels' first loop: the kernels say so up front, and the registry does not take them."""
+    from spurfast.kernels import triton_env
+
+    if triton_env.triton is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def fails(*args, **kwargs):
+        raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+
+    monkeypatch.setattr(triton_env, "_loop_probe", {(1,): fails})
+    monkeypatch.setattr(triton_env, "_LOOPS", None)
+    ok, why = triton_env.availability("spurfast.kernels.kmeans_triton", True)
+    assert not ok and "cannot run spurfast.kernels.kmeans_triton's loops" in why and "0-dimensional" in why
+    monkeypatch.setattr(triton_env, "_loop_probe", {(1,): lambda n, out: out.fill_(2)})
+    monkeypatch.setattr(triton_env, "_LOOPS", None)
+    ok, why = triton_env.availability("m", True)
+    assert not ok and "a loop of 3 steps ran 2" in why
+    monkeypatch.setattr(triton_env, "_LOOPS", None)
+    monkeypatch.setattr(triton_env, "_loop_probe", {(1,): lambda n, out: out.fill_(3)})
+    assert triton_env.availability("m", True) == (True, "")
+    assert triton_env.availability("m", False)[0] is False   # no interpreter, no GPU
 
 
 def _device():
