@@ -12,7 +12,10 @@ from spurfast.data.builtin import find_fashion_mnist, read_idx
 def _write_idx(path, arr, gz=False):
     header = b"\x00\x00\x08" + bytes([arr.ndim]) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
     data = header + arr.astype(np.uint8).tobytes()
-    (gzip.open if gz else open)(path, "wb").write(data)
+    # closed here: an unclosed GzipFile left a 0-byte file on Python 3.12 (the GPU machine's), whose
+    # GzipFile buffers writes
+    with (gzip.open if gz else open)(path, "wb") as fh:
+        fh.write(data)
 
 
 @pytest.mark.parametrize("gz", [False, True])
