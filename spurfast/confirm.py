@@ -72,7 +72,10 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import binom
 
+from tqdm.auto import tqdm
+
 from .checks import check_compute_device, real_number, suspect_mask, whole_number
+from .confirm_work import KeptConfirmations
 from .data.sources import ImageSource
 from .families import FEATURE_VIEW, RESIDUAL, finding_family
 from .models.as_given import restores_models
@@ -429,17 +432,30 @@ def load_readable(source: ImageSource, idx: np.ndarray) -> torch.Tensor:
     return x
 
 
-def clean_images_for(source: ImageSource, labels: np.ndarray, pred: np.ndarray | None, cls: int,
-                     candidates: np.ndarray, max_images: int, rng: np.random.Generator) -> torch.Tensor:
-    """Up to ``max_images`` readable images from ``candidates`` whose content is not ``cls``
-    (label where known, else prediction)."""
+def clean_indices_for(source: ImageSource, labels: np.ndarray, pred: np.ndarray | None, cls: int,
+                      candidates: np.ndarray, max_images: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to ``max_images`` of ``candidates`` (sorted) whose content is not ``cls`` (label where
+    known, else prediction), less those ``source`` knows to be unreadable."""
     candidates = _known_readable(source, np.asarray(candidates, dtype=np.int64))
     lab = labels[candidates]
     other = np.where(lab >= 0, lab != cls, True if pred is None else pred[candidates] != cls)
     idx = candidates[other]
     if len(idx) > max_images:
         idx = np.sort(rng.choice(idx, max_images, replace=False))
+    return idx
+
+
+def clean_images_for(source: ImageSource, labels: np.ndarray, pred: np.ndarray | None, cls: int,
+                     candidates: np.ndarray, max_images: int, rng: np.random.Generator) -> torch.Tensor:
+    """The readable images of `clean_indices_for`'s draw."""
+    return _clean_images(source, clean_indices_for(source, labels, pred, cls, candidates, max_images, rng), candidates)
+
+
+def _clean_images(source: ImageSource, idx: np.ndarray, candidates: np.ndarray) -> torch.Tensor:
+    """Images ``idx`` of ``source`` (readable ones); for none, (0, C, H, W) in the shape of a
+    readable one of ``candidates`` (or the source's)."""
     if len(idx) == 0:
+        candidates = _known_readable(source, np.asarray(candidates, dtype=np.int64))
         x0, _ = source.get_batch([int(candidates[0])]) if len(candidates) else (None, None)
         shape = tuple(x0.shape[1:]) if x0 is not None else tuple(source.image_shape)
         return torch.zeros((0,) + shape)
@@ -451,7 +467,8 @@ def clean_images_for(source: ImageSource, labels: np.ndarray, pred: np.ndarray |
 def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None = None,
                      pool: ImageSource | None = None, pool_pred: np.ndarray | None = None,
                      suspect: np.ndarray | None = None, config: ConfirmConfig | None = None,
-                     num_workers: int = 0, loader_backend: str | None = None) -> list[dict]:
+                     num_workers: int = 0, loader_backend: str | None = None, work_dir=None,
+                     progress: bool = False) -> list[dict]:
     """Fill ``confirm`` of every finding (needs ``_mask`` and ``_contrast`` from
     `spurfast.discover.characterise`).
 
@@ -470,7 +487,10 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
     cannot be confirmed (an empty mask, no clean image of another class) keeps ``confirm``
     null (schema 1) and says why in ``confirm_skipped``.  An unlabelled clean folder is
     predicted through its loader (``loader_backend``, ``num_workers`` processes, decoded
-    where ``config.device`` computes), as the pool's embedding pass reads it."""
+    where ``config.device`` computes), as the pool's embedding pass reads it.  ``work_dir``:
+    each finding's result is kept there as it finishes (`spurfast.confirm_work`), and a
+    rerun with the same inputs reads it instead of computing it again.  ``progress``: a bar
+    over the findings."""
     # checked again: a field set after construction (config.seed = -1) skipped __post_init__
     config = replace(config) if config is not None else ConfirmConfig()
     check_compute_device(config.device, f"confirm_findings: config.device {config.device!r}")
@@ -519,12 +539,14 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
     for f in findings:
         if "_mask" not in f or "_contrast" not in f:
             raise ValueError(f"finding {f.get('rank')} has no extracted pattern; run characterise() first")
+    kept = KeptConfirmations(work_dir, model, src, config) if work_dir is not None else None
+    for f in tqdm(findings, desc="confirmation", unit="finding", disable=not progress, leave=False):
         c = int(f["class"])
         if pool is not None and clean is None:
             ok = cand[pred[cand] != c]       # predicted as another class
         else:
             ok = cand
-        x = clean_images_for(src, labels, pred, c, ok, config.max_images, rng)
+        idx = clean_indices_for(src, labels, pred, c, ok, config.max_images, rng)
         if clean is None:
             # labelled ones only: an unlabelled pool image predicted c may carry the shortcut itself
             # (its carriers outside the finding: one shortcut splits over clusters), which the
@@ -534,8 +556,14 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
             own = cand[np.where(labels[cand] >= 0, labels[cand] == c, (pred[cand] == c) if pred is not None else False)]
         if len(own) > config.max_images:
             own = np.sort(rng.choice(own, config.max_images, replace=False))
-        xc = load_readable(src, own) if len(own) else None
-        cf = confirm_pattern(model, x, c, f["_mask"], f["_contrast"], f.get("_pattern"), config, class_images=xc)
+        key = kept.key(f, idx, own) if kept is not None else None
+        cf = kept.get(key) if kept is not None else None
+        if cf is None:
+            x = _clean_images(src, idx, ok)
+            xc = load_readable(src, own) if len(own) else None
+            cf = confirm_pattern(model, x, c, f["_mask"], f["_contrast"], f.get("_pattern"), config, class_images=xc)
+            if kept is not None:
+                kept.put(key, cf)
         f["_confirm_detail"] = cf
         f.pop("confirm_skipped", None)
         if cf["flip_rate"] is None:   # schema 1: confirm is null when it could not run

@@ -38,12 +38,13 @@ def work_key(arrays: dict, settings: dict) -> str:
     return h.hexdigest()[:20]
 
 
-def _sweep(root: Path, quiet_s: float = QUIET_S) -> None:
-    """Remove the temporary files (``NAME.PID.tmp``, `replace_atomically`) that a killed
-    writer left under ``root``'s key folders: a SIGKILL mid-write left each behind for good
-    (the neighbour lists' one is n x K int64, about 100 MB at 1.2M images).  A file is left
-    alone while its process lives here or while it was written to within ``quiet_s``."""
-    for tmp in root.glob("*/*.npz.*.tmp"):
+def sweep_killed_writers(root: Path, pattern: str = "*/*.npz.*.tmp", quiet_s: float = QUIET_S) -> None:
+    """Remove the temporary files (``NAME.PID.tmp``, `replace_atomically`) matching ``pattern``
+    that a killed writer left under ``root`` (default: its key folders' pieces): a SIGKILL
+    mid-write left each behind for good (the neighbour lists' one is n x K int64, about 100 MB
+    at 1.2M images).  A file is left alone while its process lives here or while it was
+    written to within ``quiet_s``."""
+    for tmp in Path(root).glob(pattern):
         if abandoned(tmp, writer_pid(tmp.name), quiet_s):
             tmp.unlink(missing_ok=True)
 
@@ -56,12 +57,12 @@ class DiscoveryWork:
     def __init__(self, root, key: str, neighbour_key: str | None = None):
         self.dir = Path(root) / key
         self.neighbour_dir = Path(root) / (neighbour_key or key)
-        _sweep(Path(root))
+        sweep_killed_writers(Path(root))
 
     def _save(self, name: str, folder: Path | None = None, **arrays) -> None:
         folder = self.dir if folder is None else folder
         folder.mkdir(parents=True, exist_ok=True)
-        _sweep(folder.parent)   # again: a writer killed less than quiet_s before this run began
+        sweep_killed_writers(folder.parent)   # again: a writer killed less than quiet_s before this run began
         replace_atomically(folder / name, lambda fh: np.savez(fh, **arrays), mode="wb")
 
     def _load(self, name: str, folder: Path | None = None):

@@ -34,7 +34,7 @@ from .models.outputs import shape_text
 from .pattern_rank import pattern_rankings
 from .plant import PatternSpec, PlantTruth, plant_pool, plant_training
 from .report import write_report
-from .run_folder import (BAD_FILES, WORK_DIR, _folder_inside, holds_output, prepare_output, release_output,
+from .run_folder import (BAD_FILES, CONFIRM_WORK, WORK_DIR, _folder_inside, holds_output, prepare_output, release_output,
                          source_paths)
 from .store import _write_json, legacy_identities, made_from, shown_path
 
@@ -368,7 +368,8 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
                                  pool_pred=np.asarray(store["pred"]), suspect=suspect,
                                  config=ConfirmConfig(seed=config.seed, device=config.device),
                                  # an unlabelled clean folder is predicted through the run's own loader
-                                 num_workers=usable_cores(), loader_backend=loader_backend)
+                                 num_workers=usable_cores(), loader_backend=loader_backend,
+                                 work_dir=out / WORK_DIR / CONFIRM_WORK, progress=progress)
                 # the feature view's findings ship only once confirmed (its docstring's figures); a run
                 # without the view has none of them, so nothing drops there
                 from .feature_view import unconfirmed

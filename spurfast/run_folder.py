@@ -18,6 +18,7 @@ log = logging.getLogger("spurfast")
 
 BAD_FILES = "bad_files.json"
 WORK_DIR = "discovery-work"   # discovery's finished pieces (`spurfast.discovery_work`)
+CONFIRM_WORK = "confirm"      # WORK_DIR's folder of finished confirmations (`spurfast.confirm_work`)
 
 _HELD: dict[str, tuple[int, int]] = {}   # output directories this process holds: path -> (descriptor, thread)
 
