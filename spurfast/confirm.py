@@ -71,7 +71,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.stats import binom
-
 from tqdm.auto import tqdm
 
 from .checks import check_compute_device, real_number, suspect_mask, whole_number
@@ -556,14 +555,12 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
             own = cand[np.where(labels[cand] >= 0, labels[cand] == c, (pred[cand] == c) if pred is not None else False)]
         if len(own) > config.max_images:
             own = np.sort(rng.choice(own, config.max_images, replace=False))
-        key = kept.key(f, idx, own) if kept is not None else None
-        cf = kept.get(key) if kept is not None else None
-        if cf is None:
+
+        def compute(f=f, c=c, idx=idx, own=own, ok=ok):
             x = _clean_images(src, idx, ok)
             xc = load_readable(src, own) if len(own) else None
-            cf = confirm_pattern(model, x, c, f["_mask"], f["_contrast"], f.get("_pattern"), config, class_images=xc)
-            if kept is not None:
-                kept.put(key, cf)
+            return confirm_pattern(model, x, c, f["_mask"], f["_contrast"], f.get("_pattern"), config, class_images=xc)
+        cf = kept.result(f, idx, own, compute) if kept is not None else compute()
         f["_confirm_detail"] = cf
         f.pop("confirm_skipped", None)
         if cf["flip_rate"] is None:   # schema 1: confirm is null when it could not run

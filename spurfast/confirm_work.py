@@ -58,14 +58,16 @@ class KeptConfirmations:
             h.update(memoryview(a).cast("B"))
         return h.hexdigest()[:20]
 
-    def get(self, key: str) -> dict | None:
-        """The kept result, or None (none yet, or unreadable: computed again)."""
+    def result(self, finding: dict, clean_idx: np.ndarray, class_idx: np.ndarray, compute) -> dict:
+        """The kept result of this finding on these images, else ``compute()``'s, kept."""
+        path = self.folder / f"{self.key(finding, clean_idx, class_idx)}.json"
         try:
-            got = json.loads((self.folder / f"{key}.json").read_text())
-        except (OSError, ValueError):
-            return None
-        return got if isinstance(got, dict) and "flip_rate" in got else None
-
-    def put(self, key: str, result: dict) -> None:
+            got = json.loads(path.read_text())
+        except (OSError, ValueError):   # none yet, or damaged: computed again
+            got = None
+        if isinstance(got, dict) and "flip_rate" in got:
+            return got
+        got = compute()
         self.folder.mkdir(parents=True, exist_ok=True)
-        replace_atomically(self.folder / f"{key}.json", lambda fh: json.dump(result, fh))
+        replace_atomically(path, lambda fh: json.dump(got, fh))
+        return got
