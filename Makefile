@@ -7,7 +7,7 @@ TORCH   ?= torch==2.14.1 torchvision==0.29.1
 CUDA_ARCHS ?= 80;90
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv data demo test test-all eval-quick bench kernels clean
+.PHONY: venv data demo test test-all test-gpu-stack eval-quick bench kernels clean
 
 $(STAMP): setup.py Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -36,6 +36,18 @@ test: venv
 
 test-all: venv
 	$(VPY) -m pytest -q tests
+
+# The GPU machine's software stack (Python 3.12, torch 2.11, triton 3.6, CuPy, no DALI) on this CPU,
+# in a venv of its own: what `make test` runs, to catch what that stack breaks before a GPU is lent
+STACK_PY  ?= python3.12
+STACK_VENV := .venv-gpu-stack
+test-gpu-stack:
+	test -x $(STACK_VENV)/bin/python || $(STACK_PY) -m venv $(STACK_VENV)
+	$(STACK_VENV)/bin/python -m pip install -q --upgrade pip 'setuptools<82'
+	$(STACK_VENV)/bin/python -m pip install -q torch==2.11.0 torchvision==0.26.0 triton==3.6.0 cupy-cuda13x \
+	  numpy scipy scikit-learn matplotlib tqdm pillow pytest pytest-timeout faiss-cpu
+	$(STACK_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(STACK_VENV)/bin/python -m pytest -q -m "not slow" tests
 
 eval-quick: venv
 	$(VENV)/bin/spurfast evaluate --preset quick --out out/eval-quick

@@ -55,7 +55,7 @@ class KeptConfirmations:
                 continue
             a = _array(a)
             h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
-            h.update(memoryview(a).cast("B"))
+            h.update(a.tobytes())
         return h.hexdigest()[:20]
 
     def result(self, finding: dict, clean_idx: np.ndarray, class_idx: np.ndarray, compute) -> dict:
@@ -69,5 +69,6 @@ class KeptConfirmations:
             return got
         got = compute()
         self.folder.mkdir(parents=True, exist_ok=True)
-        replace_atomically(path, lambda fh: json.dump(got, fh))
+        # numpy scalars as Python ones (np.int64 is no JSON number); floats round-trip exactly
+        replace_atomically(path, lambda fh: json.dump(got, fh, default=lambda v: v.item()))
         return got

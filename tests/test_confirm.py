@@ -812,3 +812,14 @@ def test_an_interrupted_confirmation_resumes_at_the_next_finding(tmp_path, monke
     os.utime(killed, (time.time() - 3600,) * 2)
     rerun()
     assert not killed.exists()
+
+
+def test_kept_confirmations_take_numpy_numbers(tmp_path):
+    """A result holding numpy scalars (np.int64 is no JSON number) is kept, and read back equal."""
+    from spurfast.confirm_work import KeptConfirmations
+
+    kept = KeptConfirmations(tmp_path, CornerModel(), ArraySource(_clean(10), None, name="clean"), ConfirmConfig())
+    result = {"flip_rate": np.float32(0.25), "n_images": np.int64(7), "p_value": np.float64(1e-300), "dose": 1.0}
+    f, idx, own = _finding([0]), np.arange(5), np.arange(0)
+    assert kept.result(f, idx, own, lambda: result) is result
+    assert kept.result(f, idx, own, lambda: pytest.fail("computed again")) == result
