@@ -39,9 +39,12 @@ test-all: venv
 
 # The GPU machine's software stack (Python 3.12, torch 2.11, triton 3.6, CuPy, no DALI) on this CPU,
 # in a venv of its own: what `make test` runs, to catch what that stack breaks before a GPU is lent
-STACK_PY  ?= python3.12
+# (pyenv's python3.12 shim refuses to run where 3.12 is not the selected version: its own path then)
+STACK_PY  ?= $(shell python3.12 -c '' >/dev/null 2>&1 && echo python3.12 || \
+                ls -d $$HOME/.pyenv/versions/3.12*/bin/python3 2>/dev/null | tail -n 1)
 STACK_VENV := .venv-gpu-stack
 test-gpu-stack:
+	@test -n "$(STACK_PY)" || { echo "no Python 3.12 found: make test-gpu-stack STACK_PY=/path/to/python3.12"; exit 1; }
 	test -x $(STACK_VENV)/bin/python || $(STACK_PY) -m venv $(STACK_VENV)
 	$(STACK_VENV)/bin/python -m pip install -q --upgrade pip 'setuptools<82'
 	$(STACK_VENV)/bin/python -m pip install -q torch==2.11.0 torchvision==0.26.0 triton==3.6.0 cupy-cuda13x \
