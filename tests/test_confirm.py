@@ -763,7 +763,7 @@ def test_the_batch_size_changes_no_result(model):
 def test_an_interrupted_confirmation_resumes_at_the_next_finding(tmp_path, monkeypatch):
     """Each finding's result is kept as it finishes: a rerun computes only those not done,
     with the same draws and results as a run never interrupted; any changed input computes
-    afresh (a minute per finding for a ResNet-18 on a CPU was lost to every interruption)."""
+    afresh (about two minutes per finding for a ResNet-18 on these 2 cores were lost to every interruption)."""
     import spurfast.confirm as confirm
     clean = ArraySource(_clean(200), np.r_[np.zeros(150, int), np.ones(50, int)], name="clean")
     cfg = ConfirmConfig(max_images=100)   # fewer than the clean images: each finding draws its own

@@ -16,16 +16,19 @@ from spurfast.demo import run_demo
 from spurfast.discover import DiscoverConfig
 
 
+def _digits_demo(out):
+    return run_demo(out, dataset="digits", seed=0, target_class=3, family="patch3", n_poisoned="all",
+                    pool_fraction=0.15, classifier_epochs=8, vae_epochs=15, progress=False,
+                    # max_null: a strong shortcut on a pool this small can sit at the permutation
+                    # resolution limit (p >= 1 / (1 + null clusters of its size)); on some CPUs the
+                    # trained models left it at q = 0.10 with 120 permutations, on others below 0.05
+                    config=DiscoverConfig(n_null=20, max_null=480, seed=0))
+
+
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits_run")
-    summary = run_demo(out, dataset="digits", seed=0, target_class=3, family="patch3", n_poisoned="all",
-                       pool_fraction=0.15, classifier_epochs=8, vae_epochs=15, progress=False,
-                       # max_null: a strong shortcut on a pool this small can sit at the permutation
-                       # resolution limit (p >= 1 / (1 + null clusters of its size)); on some CPUs the
-                       # trained models left it at q = 0.10 with 120 permutations, on others below 0.05
-                       config=DiscoverConfig(n_null=20, max_null=480, seed=0))
-    return out, summary
+    return out, _digits_demo(out)
 
 
 def test_planted_class_is_top_finding(digits_run):
@@ -68,6 +71,20 @@ def test_outputs_are_complete(digits_run):
     assert (out / "findings.csv").read_text().splitlines()[0].endswith("support_p_value,support_q_value,supported")
     assert "Training support:" in html
     assert (out / "findings.csv").read_text().count("\n") == len(doc["findings"]) + 1
+
+
+def test_a_rerun_reads_each_finding_s_kept_confirmation(digits_run, monkeypatch):
+    """The run keeps every finding's confirmation in RUN/discovery-work/confirm; rerunning it
+    reads them back (no classifier pass) into the same verdicts."""
+    import spurfast.confirm
+    out, _ = digits_run
+    doc = json.loads((out / "findings.json").read_text())
+    assert len(list((out / "discovery-work" / "confirm").glob("*.json"))) == len(doc["findings"])
+    monkeypatch.setattr(spurfast.confirm, "confirm_pattern", lambda *a, **k: pytest.fail("confirmed again"))
+    _digits_demo(out)
+    again = json.loads((out / "findings.json").read_text())
+    assert [f["confirm"] for f in again["findings"]] == [f["confirm"] for f in doc["findings"]]
+    assert [f["members"] for f in again["findings"]] == [f["members"] for f in doc["findings"]]
 
 
 def test_demo_without_a_planted_pattern_writes_valid_json(tmp_path, monkeypatch):
