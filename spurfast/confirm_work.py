@@ -11,7 +11,6 @@ computed afresh; files of other keys are left alone.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -20,14 +19,10 @@ import numpy as np
 import torch
 
 from .atomic_files import replace_atomically
-from .discovery_work import sweep_killed_writers
+from .discovery_work import sweep_killed_writers, work_key
 from .identity import fingerprint
 
 VERSION = 1   # bump when what `confirm_pattern` computes changes: results kept by older code are then not read
-
-
-def _array(a) -> np.ndarray:
-    return np.ascontiguousarray(a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a))
 
 
 class KeptConfirmations:
@@ -39,24 +34,17 @@ class KeptConfirmations:
         self.folder = Path(folder)
         # the decoder matters too: DALI and PIL decode a JPEG to pixels up to 1/255 apart
         reads = [type(source).__name__, getattr(source, "loader_backend", None), getattr(source, "device", None)]
-        self._base = hashlib.sha256(json.dumps({"v": VERSION, "config": asdict(config), "reads": reads},
-                                               sort_keys=True, default=str).encode())
-        self._base.update(fingerprint(source, model).encode())
+        self._settings = {"piece": "confirmation", "confirm_version": VERSION, "config": asdict(config),
+                          "reads": reads, "model_and_source": fingerprint(source, model)}
         sweep_killed_writers(self.folder, "*.json.*.tmp")
 
     def key(self, finding: dict, clean_idx: np.ndarray, class_idx: np.ndarray) -> str:
-        h = self._base.copy()
-        h.update(f"class {int(finding['class'])}".encode())
-        parts = (("mask", finding["_mask"]), ("contrast", finding["_contrast"]), ("pattern", finding.get("_pattern")),
-                 ("clean", clean_idx), ("class", class_idx))
-        for name, a in parts:
-            if a is None:
-                h.update(f"{name}: none".encode())
-                continue
-            a = _array(a)
-            h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
-            h.update(a.tobytes())
-        return h.hexdigest()[:20]
+        """`discovery_work.work_key` of the finding's class, pattern and drawn images, under this run's settings."""
+        arrays = {"mask": finding["_mask"], "contrast": finding["_contrast"], "pattern": finding.get("_pattern"),
+                  "clean": clean_idx, "class": class_idx}
+        arrays = {name: a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+                  for name, a in arrays.items() if a is not None}
+        return work_key(arrays, {**self._settings, "class": int(finding["class"])})
 
     def result(self, finding: dict, clean_idx: np.ndarray, class_idx: np.ndarray, compute) -> dict:
         """The kept result of this finding on these images, else ``compute()``'s, kept."""
