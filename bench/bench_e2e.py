@@ -191,7 +191,7 @@ def worker(argv=None) -> int:
            "embed_s": t["embedded"] - t["start"], "discover_s": t["discovered"] - t["embedded"],
            "report_s": t["reported"] - t["discovered"], "rank_s": t["ranked"] - t["characterised"],
            "n_ranked_by": {k: sum(f.get("ranked_by") == k for f in result.findings)
-                           for k in ("pattern", "latent+pixels", "latent")} if ctx.is_main else {},
+                           for k in ("pattern", "latent+pattern", "latent+pixels", "latent")} if ctx.is_main else {},
            "total_s": t["reported"] - t["start"],
            "peak_rss": own_peak_rss(), "peak_rss_after": dict(hwm, report=own_peak_rss()),
            "peak_rss_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,

@@ -16,10 +16,16 @@ A cluster's contrast is its pattern plus what is left of its content (members of
 differ from their content-matched others by a faint garment-sized shadow too): one Otsu cut
 keeps both and the mask is not localised (the patch among three patterns at n = 1000: 42% of the
 image, AP 0.71 by the probe).  A second Otsu cut among the mask's pixels isolates the strong part;
-where that core is localised, the finding is ranked by the pattern inside the core (AP 1.00;
-twenty-third session, docs/RESULTS.md).  A diffuse pattern's second cut about halves it, and on
-Fashion-MNIST pools noise and backgrounds stay above the bar (the digits pool's noise core, 7-9%
-of the image, ranks its carriers at AP 1.00 where the probe had 0.96-1.00).
+where that core is localised, the finding is ranked by the pattern inside the core and its latent
+probe together, each in its spread's units (``latent+pattern``).  The core may be the whole
+pattern (a patch: its carriers stand out of the pool's projections so far that the probe moves
+none of them, AP 1.00; twenty-third session, docs/RESULTS.md), or only the strongest pixels of a
+diffuse one, where content varies as much as the pattern adds: the noise at 0.5 among three
+patterns at n = 1000 (seed 0; its core 5% of the image) ranked its carriers at AP 0.57 by the
+core alone, 0.93 by the probe, 0.94 by both (forty-fifth session).  A diffuse pattern's second
+cut mostly halves it, and on Fashion-MNIST pools noise and backgrounds mostly stay above the bar
+(the digits pool's noise core, 7-9% of the image, ranks its carriers at AP 1.00 where the probe
+had 0.96-1.00).
 
 Only the latent ranking's first ``top`` images of each re-ranked finding are read (one pass
 over their union, whatever the pool size; the pixel probes' fit reads a sample of at most
@@ -51,22 +57,29 @@ def ranking_mask(mask: np.ndarray, contrast, localised: float = LOCALISED) -> np
     """(H, W) bool pixels whose pattern ranks the pool, or None (keep the latent ranking): the
     extracted mask where it is localised, else its Otsu core (the mask's pixels above a second
     Otsu cut of |contrast| among them) where that is localised."""
+    return _ranking_choice(mask, contrast, localised)[0]
+
+
+def _ranking_choice(mask: np.ndarray, contrast, localised: float) -> tuple[np.ndarray | None, str]:
+    """(`ranking_mask`'s pixels, the ``ranked_by`` they give): "pattern" for a localised mask,
+    "latent+pattern" for the core of a diffuse one, "latent" for none."""
     mask = np.asarray(mask, bool)
     if not mask.any():
-        return None
+        return None, "latent"
     if float(mask.mean()) <= localised:
-        return mask
+        return mask, "pattern"
     mag = contrast_magnitude(contrast)
     core = mask & (mag > otsu_threshold(mag[mask]))   # no second level among equal values: empty
-    return core if core.any() and float(core.mean()) <= localised else None
+    return (core, "latent+pattern") if core.any() and float(core.mean()) <= localised else (None, "latent")
 
 
 def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], source: ImageSource, *,
                      pred: np.ndarray | None = None, localised: float = LOCALISED, top: int = TOP,
                      batch_size: int = 256, progress: bool = False, num_workers: int = 0,
                      loader_backend: str | None = None, device: str | None = None, seed: int = 0) -> None:
-    """Set every finding's ``ranked_by`` ("pattern", "latent+pixels" or "latent") and replace
-    ``rankings[rank]`` of the localised ones and of the diffuse ones with a pixel probe
+    """Set every finding's ``ranked_by`` ("pattern", "latent+pattern", "latent+pixels" or
+    "latent") and replace ``rankings[rank]`` of the localised ones (or with a localised core) and
+    of the diffuse ones with a pixel probe
     (float64: the latent order below, then the re-ranked images; unreadable images, the
     latent ranking's and any this read finds, are -inf).  Needs ``_mask`` and ``_contrast``
     (`characterise`).  ``pred``: the pool's predicted classes (-1 where none); with it, a
@@ -92,8 +105,7 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
         raise ValueError(f"finding {missing[0]} has no latent ranking (rankings hold {sorted(rankings)})")
     chosen, masks, diffuse = [], [], []
     for f in findings:
-        m = ranking_mask(f["_mask"], f["_contrast"], localised)
-        f["ranked_by"] = "latent" if m is None else "pattern"
+        m, f["ranked_by"] = _ranking_choice(f["_mask"], f["_contrast"], localised)
         if m is not None:
             chosen.append(f)
             masks.append(m)
@@ -132,7 +144,7 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
         out = np.full(len(latent), -np.inf)
         out[order[::-1]] = np.arange(len(order), dtype=np.float64)          # the latent order, best highest
         p = proj[j][np.searchsorted(sorted_heads[j], head)]
-        if f["ranked_by"] == "latent+pixels":   # both probes, each in its spread's units
+        if f["ranked_by"] in ("latent+pixels", "latent+pattern"):   # both, each in its spread's units
             p = robust_z(latent[head]) + robust_z(p)
         # ascending, best last; ties by the head's own (latent) order, so an exact double tie
         # keeps the smaller index first as the latent order does (latent[head] reversed those)
