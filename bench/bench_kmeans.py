@@ -7,6 +7,8 @@ python -m bench kmeans [--quick] [--device cpu|cuda]
 
 Providers
   cupy            the CUDA kernels (spurfast.kernels.kmeans_cupy), GPU only
+  triton-fit      the Lloyd loop with the Triton assign and the CuPy update (auto's choice on
+                  a GPU), whole iterations, GPU only
   triton          the Triton assign (spurfast.kernels.kmeans_triton), GPU only; assign rows,
                   one per arithmetic variant (TRITON_VARIANTS); vs flash-kmeans also as
                   triton-fast (flash-kmeans' own arithmetic: one TF32 product, fp16 centroids)
@@ -414,6 +416,8 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
             if kc is not None:
                 entries["cupy"] = ("step", _step_fn(kc, x, off, cent, kpg))
                 entries["cupy-fit"] = ("fit", _ours_fit(x, off, cent, kpg, "cupy"))
+            if kt is not None:   # the Lloyd loop with the Triton assign (and the CuPy update)
+                entries["triton-fit"] = ("fit", _ours_fit(x, off, cent, kpg, "triton"))
             if kcpu is not None:
                 entries["cpu"] = ("step", _step_fn(kcpu, x, off, cent, kpg))
                 entries["cpu-fit"] = ("fit", _ours_fit(x, off, cent, kpg, "cpu"))
@@ -481,7 +485,7 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
                 _log(f"flash-kmeans skipped: not installed ({exc})")
             except Exception as exc:  # API drift: say so, keep the other rows
                 _log(f"flash-kmeans skipped: {exc.__class__.__name__}: {exc}")
-        for ours_name in [n for n in ("cupy-fit", "cpu-fit", "torch-fit") if n in results]:
+        for ours_name in [n for n in ("triton-fit", "cupy-fit", "cpu-fit", "torch-fit") if n in results]:
             for peer in ("faiss-cpu", "sklearn", "flash-kmeans"):
                 if peer in results:
                     ratio = results[ours_name] / results[peer]

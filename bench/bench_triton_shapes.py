@@ -15,7 +15,10 @@ it `launch_shape`'s choice (the candidates compile spill-free for sm_90 with tri
 Problems: the issue's assignment target (N = 1e6, d = 128, k = 1024, one group) and the
 batched case (1000 groups x 1300 points, d = 64, k = 16).  GPU only: on a CPU it says so
 and writes nothing.  ``SPURFAST_BENCH_SHAPE_VARIANTS`` (comma-separated names) narrows the
-variants (default: fp16, fp16-single, fp32, fp32-tf32, and fp16 for the batched case).
+variants (default: fp16, fp16-single, fp32, fp32-tf32, and fp16 and fp32 for the batched case).
+For one group (the target) flash-kmeans' assign (pip flash-kmeans, where installed) is timed
+on the same points in the variant's dtype, and a ``best_vs_flash`` row holds the best
+shape's time over its (below 1: faster).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from .harness import device_name, measure
 OP = "kmeans_assign"
 PROBLEMS = (  # name, N, d, k, groups, default variants
     ("target", 1_000_000, 128, 1024, 1, ("fp16", "fp16-single", "fp32", "fp32-tf32")),
-    ("batched", 1_300_000, 64, 16, 1000, ("fp16",)),
+    ("batched", 1_300_000, 64, 16, 1000, ("fp16", "fp32")),
 )
 
 
@@ -87,12 +90,32 @@ def run(writer, quick: bool = False, device: str | None = None) -> None:
         torch.cuda.empty_cache()
 
 
+def _flash_time(x, cent, dev, reps: int) -> float | None:
+    """flash-kmeans' assignment of one group's points in x's dtype (|x|^2 given, as its fit
+    loop does), median seconds; None where it is not installed or fails."""
+    try:
+        from flash_kmeans.assign_euclid_triton import euclid_assign_triton
+    except ImportError as exc:
+        _log(f"flash-kmeans not installed ({exc}): no best_vs_flash rows")
+        return None
+    N, d = x.shape
+    xb, cb = x.view(1, N, d), cent.to(x.dtype).view(1, -1, d)
+    xsq = (x.float() ** 2).sum(-1).view(1, N)
+    labels = torch.empty(1, N, dtype=torch.int32, device=x.device)
+    try:
+        return measure(lambda: euclid_assign_triton(xb, cb, xsq, labels), device=dev, reps=reps)["median_s"]
+    except Exception as exc:  # API drift: keep the sweep's rows
+        _log(f"flash-kmeans assign failed: {exc.__class__.__name__}: {exc}")
+        return None
+
+
 def sweep(writer, kt, problem, variants, dev, devname, reps: int) -> dict:
     """Time every candidate shape of one problem for each variant; returns
     {variant: {shape name: median seconds}}."""
     name, N, d, k, G, _ = problem
     x, off, cent, kpg = make_data(N, d, k, G, dev)
     out = {}
+    flash = {}   # dtype -> flash-kmeans' median seconds (one group only)
     for variant in variants:
         if variant not in TRITON_VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(TRITON_VARIANTS)}")
@@ -100,8 +123,8 @@ def sweep(writer, kt, problem, variants, dev, devname, reps: int) -> dict:
         xt = x.to(dtype)
         times = out[variant] = {}
         with _env(**env):
-            _, precision = kt.arithmetic(dtype)
-            shapes = kt.candidate_shapes(dtype, d, k, precision)
+            split, precision = kt.arithmetic(dtype)
+            shapes = kt.candidate_shapes(dtype, d, k, precision, split)
             base_assign = kt.assign_with_shape(xt, off, cent, kpg, "l2", shapes[0])[0]
             for shape in shapes:
                 cfg = dict(problem=name, N=N, d=d, k=k, groups=G, variant=variant, shape=shape_name(shape))
@@ -126,4 +149,10 @@ def sweep(writer, kt, problem, variants, dev, devname, reps: int) -> dict:
             cfg = dict(problem=name, N=N, d=d, k=k, groups=G, variant=variant, best=best)
             writer.add(OP, "triton", cfg, "best_shape_speedup", times[default] / times[best], "x", devname)
             _log(f"{name} {variant}: best {best}, {times[default] / times[best]:.2f}x the default")
+            if G == 1 and dtype not in flash:
+                flash[dtype] = _flash_time(xt, cent, dev, reps)
+            if flash.get(dtype):
+                writer.add(OP, "triton", cfg, "best_vs_flash", times[best] / flash[dtype], "x", devname)
+                _log(f"{name} {variant}: best shape {times[best] * 1e3:.3f} ms, flash-kmeans "
+                     f"{flash[dtype] * 1e3:.3f} ms ({times[best] / flash[dtype]:.2f}x its time)")
     return out

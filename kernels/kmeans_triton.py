@@ -4,8 +4,10 @@
 Why a Triton version next to the CUDA C one: ``tl.dot`` lowers to the Hopper warpgroup
 MMA (wgmma) with a software-pipelined shared-memory ring, which the hand-written CUDA v2
 kernel (``mma.sync``) does not use; on an H200 that kernel reached 74 TFLOP/s at
-N=1e6, d=128, k=1024 in fp16, 3.5x slower than flash-kmeans (a Triton kernel).  The CUDA
-kernels stay the default until this one is measured on a GPU (``bench kmeans``).
+N=1e6, d=128, k=1024 in fp16, 3.5x slower than flash-kmeans (a Triton kernel).  Measured
+there on 2026-12-04 this one took 1.97 ms against the CUDA kernel's 3.54 ms (fp16) and 5.16
+against 14.8 ms (fp32), and was level with it at the small and batched problems, so
+``auto`` picks it first for CUDA tensors.
 
 Work split
 ----------
@@ -13,7 +15,8 @@ Points are sorted by group (CSR ``offsets``).  One program owns ``BLOCK_M`` rows
 group; it finds its group by a binary search in the per-group tile prefix, so there is no
 host-built tile table and no host sync beyond the argument check.  It walks its group's
 ``k_g`` centroids ``BLOCK_N`` at a time, each score tile a small GEMM over ``BLOCK_D``-wide
-chunks of d (the x chunk re-read from L1/L2 per centroid tile, as a GEMM re-reads A):
+chunks of d (the x chunk re-read from L1/L2 per centroid tile, as a GEMM re-reads A), or,
+where ``BLOCK_D >= d``, one product with the x tile loaded once and kept (``X_RESIDENT``):
 score = |c|^2 - 2 x.c (L2) or -x.c_hat (cosine: the argmin over c does not depend on |x|,
 so x is never normalised), with a running (min, argmin) per row and ties to the lower
 index.  The N x k score matrix never leaves registers.  The epilogue computes the
@@ -38,8 +41,8 @@ per point in the epilogue (N d 4 bytes, mostly L2 hits).  FLOPs: 2 N k d (x2 for
 hi/lo split).
 
 Checked without a GPU: it compiles for sm_90 (wgmma for every dtype; FMA for fp32 with
-"ieee") and sm_80 with no register spills (test); its speed on a GPU is unmeasured so far
-(``bench kmeans`` has the rows), which is why ``auto`` still picks the CuPy kernels.
+"ieee") and sm_80 with no register spills (test).  On the H200 (triton 3.6) its GPU tests
+pass and ``bench kmeans`` / ``bench triton-shapes`` time it against flash-kmeans.
 """
 from __future__ import annotations
 
@@ -65,7 +68,8 @@ if triton is not None:
     def _assign_kernel(x_ptr, c_ptr, c32_ptr, cterm_ptr, off_ptr, kpg_ptr, tile_first_ptr,
                        assign_ptr, dist_ptr, G, kmax, d, lo_off, search_steps,
                        COSINE: tl.constexpr, SPLIT: tl.constexpr, FP32_PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       X_RESIDENT: tl.constexpr, EPI_D: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         # the group: the largest g with tile_first[g] <= pid (empty groups repeat a value
         # and lose to the next group, which owns the tile).  A spare program (pid past the
@@ -86,6 +90,8 @@ if triton is not None:
         # pointer tiles built once and offset by d0 (index math per load spilled registers)
         x_ptrs = x_ptr + rows[:, None] * d + dcols[None, :]
         cbase = g * kmax
+        if X_RESIDENT:   # BLOCK_D >= d: the x tile is read once and every centroid tile is one K = d product
+            xres = tl.load(x_ptrs, mask=rmask[:, None] & (dcols < d)[None, :], other=0.0)
         best = tl.full((BLOCK_M,), float("inf"), tl.float32)
         barg = tl.zeros((BLOCK_M,), tl.int32)
         for n0 in range(0, k, BLOCK_N):
@@ -93,17 +99,27 @@ if triton is not None:
             nmask = cidx < k
             c_ptrs = c_ptr + (cbase + cidx)[:, None] * d + dcols[None, :]
             acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-            for d0 in range(0, d, BLOCK_D):
-                dm = (d0 + dcols) < d
-                xc = tl.load(x_ptrs + d0, mask=rmask[:, None] & dm[None, :], other=0.0)
-                cm = nmask[:, None] & dm[None, :]
-                ch = tl.load(c_ptrs + d0, mask=cm, other=0.0)
+            if X_RESIDENT:
+                cm = nmask[:, None] & (dcols < d)[None, :]
+                ch = tl.load(c_ptrs, mask=cm, other=0.0)
                 if SPLIT:   # 16-bit points: hi, then lo (lo_off elements after hi)
-                    acc = tl.dot(xc, tl.trans(ch), acc)
-                    cl = tl.load(c_ptrs + (lo_off + d0), mask=cm, other=0.0)
-                    acc = tl.dot(xc, tl.trans(cl), acc)
+                    acc = tl.dot(xres, tl.trans(ch), acc)
+                    cl = tl.load(c_ptrs + lo_off, mask=cm, other=0.0)
+                    acc = tl.dot(xres, tl.trans(cl), acc)
                 else:
-                    acc = tl.dot(xc, tl.trans(ch), acc, input_precision=FP32_PRECISION)
+                    acc = tl.dot(xres, tl.trans(ch), acc, input_precision=FP32_PRECISION)
+            else:
+                for d0 in range(0, d, BLOCK_D):
+                    dm = (d0 + dcols) < d
+                    xc = tl.load(x_ptrs + d0, mask=rmask[:, None] & dm[None, :], other=0.0)
+                    cm = nmask[:, None] & dm[None, :]
+                    ch = tl.load(c_ptrs + d0, mask=cm, other=0.0)
+                    if SPLIT:
+                        acc = tl.dot(xc, tl.trans(ch), acc)
+                        cl = tl.load(c_ptrs + (lo_off + d0), mask=cm, other=0.0)
+                        acc = tl.dot(xc, tl.trans(cl), acc)
+                    else:
+                        acc = tl.dot(xc, tl.trans(ch), acc, input_precision=FP32_PRECISION)
             if COSINE:
                 score = -acc
             else:
@@ -114,13 +130,17 @@ if triton is not None:
             better = tmin < best            # strict: an equal score in a later tile keeps the lower index
             best = tl.where(better, tmin, best)
             barg = tl.where(better, (targ + n0).to(tl.int32), barg)
-        # the winner's distance, directly from x and the fp32 centroid
-        w_ptrs = c32_ptr + (cbase + barg)[:, None] * d + dcols[None, :]
+        # the winner's distance, directly from x and the fp32 centroid, EPI_D columns at a
+        # time re-read from L1/L2 (the resident tile in fp32 beside the gathered centroid
+        # rows spilled registers at every resident shape)
+        ecols = tl.arange(0, EPI_D)
+        xe_ptrs = x_ptr + rows[:, None] * d + ecols[None, :]
+        w_ptrs = c32_ptr + (cbase + barg)[:, None] * d + ecols[None, :]
         sq = tl.zeros((BLOCK_M,), tl.float32)
         xx = tl.zeros((BLOCK_M,), tl.float32)
-        for d0 in range(0, d, BLOCK_D):
-            m = rmask[:, None] & ((d0 + dcols) < d)[None, :]
-            xf = tl.load(x_ptrs + d0, mask=m, other=0.0).to(tl.float32)
+        for d0 in range(0, d, EPI_D):
+            m = rmask[:, None] & ((d0 + ecols) < d)[None, :]
+            xf = tl.load(xe_ptrs + d0, mask=m, other=0.0).to(tl.float32)
             cw = tl.load(w_ptrs + d0, mask=m, other=0.0)
             if COSINE:
                 sq += tl.sum(xf * cw, axis=1)
@@ -138,17 +158,35 @@ if triton is not None:
         tl.store(dist_ptr + rows, dist, mask=rmask)
 
 
-def launch_shape(dtype: torch.dtype, d: int, kmax: int, precision: str = "tf32x3") -> dict:
+def launch_shape(dtype: torch.dtype, d: int, kmax: int, precision: str = "tf32x3", split: bool = True,
+                 capability: int = 90) -> dict:
     """Tile sizes, warps and pipeline stages; fixed rather than autotuned, because the
-    tile prefix the grid is built from depends on BLOCK_M.  Chosen so that the kernel
-    compiles for sm_90 (triton 3.8) without register spills, which a test checks: a
-    128 x 128 score tile over 64-wide d chunks spilled 264-1400 bytes per thread."""
+    tile prefix the grid is built from depends on BLOCK_M.  Each compiles for sm_90
+    (triton 3.8) without register spills, which a test checks: a 128 x 128 score tile over
+    64-wide d chunks spilled 264-1400 bytes per thread.
+
+    Where a group has more centroids than one tile (kmax > 64) and d <= 128, the x tile is
+    resident (BLOCK_D >= d: read once, one K = d product per centroid tile).  Measured on an
+    H200 (triton 3.6, `bench triton-shapes`, 2026-12-04) at N = 1e6, d = 128, k = 1024 against
+    the d-chunked shapes that were the defaults: fp16 with split centroids 3.63 -> 2.04 ms,
+    fp16 single 2.27 -> 1.50 ms, fp32 3xTF32 6.24 -> 4.78 ms, fp32 TF32 2.76 -> 2.00 ms
+    (flash-kmeans 0.93 ms in fp16, 1.58 ms in fp32).  At the batched problem (1000 groups
+    x 1300 points, d = 64, k = 16) the resident shapes were no faster (0.88-0.93 against
+    0.60-0.80 ms): few centroids re-read little of x.  Hopper only (``capability`` >= 90):
+    for sm_80 (mma.sync, no wgmma) the split 16-bit resident shape spilled registers."""
     np2 = triton.next_power_of_2
     if _INTERPRET:   # cost per program and op: few programs, tiles that still cross boundaries
         return dict(BLOCK_M=64, BLOCK_N=min(32, max(16, np2(kmax))), BLOCK_D=min(32, max(16, np2(d))),
                     num_warps=4, num_stages=1)
     if dtype == torch.float32 and precision == "ieee":   # FMA, register-bound
         return dict(BLOCK_M=64, BLOCK_N=min(64, max(16, np2(kmax))), BLOCK_D=16, num_warps=4, num_stages=2)
+    full = max(16, np2(d))
+    if kmax > 64 and full <= 128 and capability >= 90:   # x resident (see above)
+        if dtype == torch.float32:   # one stage for one TF32 product, two for three
+            return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=full, num_warps=8, num_stages=1 if precision == "tf32" else 2)
+        if split:
+            return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=full, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=full, num_warps=4, num_stages=2)
     if dtype == torch.float32:   # 3xTF32 on the tensor cores
         return dict(BLOCK_M=128, BLOCK_N=min(128, max(16, np2(kmax))), BLOCK_D=16, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=min(128, max(16, np2(kmax))), BLOCK_D=min(32, max(16, np2(d))),
@@ -197,12 +235,13 @@ def compile_for(capability: int, dtype: torch.dtype, d: int, kmax: int, metric: 
     interpreter).  Returns triton's CompiledKernel (``.asm["cubin"]``, ``.metadata``)."""
     elt = _TRITON_TYPES[dtype]
     split, precision = arithmetic(dtype, precision, split)
-    shape = _checked_shape(shape) if shape is not None else launch_shape(dtype, d, kmax, precision)
+    shape = _checked_shape(shape) if shape is not None else launch_shape(dtype, d, kmax, precision, split, capability)
     sig = {"x_ptr": f"*{elt}", "c_ptr": f"*{elt}", "c32_ptr": "*fp32", "cterm_ptr": "*fp32", "off_ptr": "*i64",
            "kpg_ptr": "*i64", "tile_first_ptr": "*i64", "assign_ptr": "*i64", "dist_ptr": "*fp32", "G": "i32",
            "kmax": "i32", "d": "i32", "lo_off": "i64", "search_steps": "i32"}
     const = dict(COSINE=metric == "cosine", SPLIT=split, FP32_PRECISION=precision,
-                 BLOCK_M=shape["BLOCK_M"], BLOCK_N=shape["BLOCK_N"], BLOCK_D=shape["BLOCK_D"])
+                 BLOCK_M=shape["BLOCK_M"], BLOCK_N=shape["BLOCK_N"], BLOCK_D=shape["BLOCK_D"],
+                 X_RESIDENT=shape["BLOCK_D"] >= d, EPI_D=min(shape["BLOCK_D"], 32))
     return compile_for_target(_assign_kernel, sig, const, capability, shape["num_warps"], shape["num_stages"])
 
 
@@ -240,15 +279,24 @@ def assign_with_shape(x, offsets, centroids, k_per_group, metric: str = "l2", sh
         c_in = split_centroids(c32, x.dtype, d)
     else:       # fp32 points meet the fp32 centroids; 16-bit points meet them rounded to their dtype
         c_in = c32 if x.dtype == torch.float32 else c32.to(x.dtype)
-    shape = shape or launch_shape(x.dtype, d, kmax, precision)
+    shape = shape or launch_shape(x.dtype, d, kmax, precision, split, _capability(x))
     tile_first = tile_prefix(offsets, shape["BLOCK_M"])
     grid = (triton.cdiv(N, shape["BLOCK_M"]) + G,)   # >= number of tiles; the spare ones do nothing
     global last_kernel
     with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
         last_kernel = _assign_kernel[grid](x, c_in, c32, cterm, offsets, kpg, tile_first, assign, dist, G, kmax, d,
                                            G * kmax * d if split else 0, max(1, G.bit_length()),
-                                           COSINE=cosine, SPLIT=split, FP32_PRECISION=precision, **shape)
+                                           COSINE=cosine, SPLIT=split, FP32_PRECISION=precision,
+                                           X_RESIDENT=shape["BLOCK_D"] >= d, EPI_D=min(shape["BLOCK_D"], 32), **shape)
     return assign, dist
+
+
+def _capability(x: torch.Tensor) -> int:
+    """x's GPU as major * 10 + minor (90 on Hopper); 90 under the interpreter (unread there)."""
+    if not x.is_cuda:
+        return 90
+    major, minor = torch.cuda.get_device_capability(x.device)
+    return 10 * major + minor
 
 
 # The compiled kernel of the most recent launch in this process (triton's CompiledKernel on a
@@ -270,29 +318,43 @@ def _checked_shape(shape: dict) -> dict:
     return dict(shape)
 
 
-def candidate_shapes(dtype: torch.dtype, d: int, kmax: int, precision: str = "tf32x3") -> list[dict]:
+def candidate_shapes(dtype: torch.dtype, d: int, kmax: int, precision: str = "tf32x3",
+                     split: bool = True) -> list[dict]:
     """Launch shapes worth timing on a GPU for this problem (`arithmetic` names the
-    variant), `launch_shape`'s choice first; the same whether the centroids are split
-    (hi + lo) or not, as `launch_shape`'s choice is.  At the benchmark's problems (d = 128,
+    variant), `launch_shape`'s choice first; the rest the same whether the centroids are
+    split (hi + lo) or not.  At the benchmark's problems (d = 128,
     k = 1024; d = 64, k = 16) every one compiled for sm_90 with triton 3.8 without register
     spills, for every dtype and variant (a test repeats it for the variants the benchmark
     sweeps by default); wider tiles, 4-warp 128-row tiles and 16 warps (128 registers a
     thread) spilled.  The GPU benchmark records spills again for the triton it runs on."""
-    base = launch_shape(dtype, d, kmax, precision)
+    base = launch_shape(dtype, d, kmax, precision, split)
     if _INTERPRET:
         return [base]
     np2 = triton.next_power_of_2
     bn = lambda n: min(n, max(16, np2(kmax)))   # noqa: E731  (no wider than the centroids)
     bd = lambda n: min(n, max(16, np2(d)))      # noqa: E731
+    # the d-chunked shapes first (the defaults before x-resident ones were measured lead each list)
     if dtype == torch.float32 and precision == "ieee":
         alts = [(64, bn(32), 16, 4, 2), (32, bn(64), 16, 4, 2)]
     elif dtype == torch.float32 and precision == "tf32":
-        alts = [(128, bn(128), 32, 8, 3), (128, bn(128), 32, 8, 4), (128, bn(64), 16, 8, 3)]
+        alts = [(128, bn(128), 16, 8, 3), (128, bn(128), 32, 8, 3), (128, bn(128), 32, 8, 4), (128, bn(64), 16, 8, 3)]
     elif dtype == torch.float32:
-        alts = [(128, bn(128), 16, 8, 4), (128, bn(64), 16, 8, 3)]
+        alts = [(128, bn(128), 16, 8, 3), (128, bn(128), 16, 8, 4), (128, bn(64), 16, 8, 3)]
     else:
-        alts = [(128, bn(128), bd(32), 8, 4), (128, bn(128), bd(16), 8, 4), (128, bn(128), bd(16), 8, 3),
-                (128, bn(64), bd(32), 8, 3), (64, bn(64), bd(32), 4, 3), (64, bn(128), bd(16), 4, 3)]
+        alts = [(128, bn(128), bd(32), 8, 3), (128, bn(128), bd(32), 8, 4), (128, bn(128), bd(16), 8, 4),
+                (128, bn(128), bd(16), 8, 3), (128, bn(64), bd(32), 8, 3), (64, bn(64), bd(32), 4, 3),
+                (64, bn(128), bd(16), 4, 3)]
+    # x resident (BLOCK_D >= d: the tile read once, one K = d product per centroid tile, as
+    # flash-kmeans does).  Its H200 choice at d = 128, 128 rows on 4 warps, spilled here
+    # (triton 3.8, sm_90), as did 128 x 128 on 8 warps with split centroids
+    full = np2(d)
+    if dtype != torch.float32 and full <= 256:
+        alts += [(64, bn(64), full, 4, 1), (64, bn(64), full, 4, 2), (128, bn(64), full, 8, 1),
+                 (128, bn(64), full, 8, 2)]
+    elif dtype == torch.float32 and precision == "tf32" and full <= 128:
+        alts += [(64, bn(64), full, 4, 2), (128, bn(64), full, 8, 1), (128, bn(64), full, 8, 2)]
+    elif dtype == torch.float32 and precision == "tf32x3" and full <= 128:
+        alts += [(128, bn(64), full, 8, 2), (128, bn(32), full, 8, 2)]
     out = [base]
     for m, n, dd, w, st in alts:
         shape = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=dd, num_warps=w, num_stages=st)

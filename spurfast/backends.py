@@ -68,9 +68,11 @@ REGISTRY: dict[str, list[Provider]] = {
         Provider("torch", f"{REF}:encoder_forward"),
     ],
     "kmeans_assign": [
-        Provider("cupy", "spurfast.kernels.kmeans_cupy:kmeans_assign", ("cuda",)),
-        # wgmma through tl.dot; after cupy until a GPU run measures it (name it to use it)
+        # wgmma through tl.dot: on an H200 (2026-12-04) 4.8 ms against CuPy's 14.8 ms in fp32 and
+        # 2.0 against 3.2 ms in fp16 at N=1e6, d=128, k=1024; level with it at N=1e5, d=64, k=64
+        # and at 1000 groups x 1300 points, k=16
         Provider("triton", "spurfast.kernels.kmeans_triton:kmeans_assign", ("cuda",)),
+        Provider("cupy", "spurfast.kernels.kmeans_cupy:kmeans_assign", ("cuda",)),
         Provider("cpu", "spurfast.kernels.kmeans_cpu:kmeans_assign", ("cpu",)),
         Provider("torch", f"{REF}:kmeans_assign"),
     ],

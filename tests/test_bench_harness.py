@@ -286,6 +286,8 @@ def test_gpu_check_keeps_to_its_budget_and_a_cut_test_step_still_reports(tmp_pat
     without its failure summary, and the steps' limits added up past the device tool's 600 s
     per command, which then kills the script before its summary.  A scripted python stands
     in: its pytest runs until stopped, and prints its summary on SIGINT."""
+    import tarfile
+
     fake = tmp_path / "python"
     fake.write_text("#!/bin/bash\n"
                     'if [ "$1 $2" = "-m pytest" ]; then\n'
@@ -300,7 +302,10 @@ def test_gpu_check_keeps_to_its_budget_and_a_cut_test_step_still_reports(tmp_pat
     out, stdout = _run_gpu_check(tmp_path, fake, budget=8, timeout=30, steps="tests kmeans",
                                  env={"SPURFAST_GPU_CHECK_MIN_STEP": "3", "SPURFAST_GPU_CHECK_RESERVE": "2"})
     steps = (out / "steps.log").read_text()
-    assert "summary after SIGINT" in (out / "gpu_tests.log").read_text(), steps
+    # the device tool hands back 8 files at most: the logs come packed beside the CSV and steps.log
+    assert {p.name for p in out.iterdir()} <= {"logs.tgz", "results.csv", "steps.log"}, list(out.iterdir())
+    with tarfile.open(out / "logs.tgz") as tar:
+        assert "summary after SIGINT" in tar.extractfile("./gpu_tests.log").read().decode(), steps
     assert "kmeans skipped: the 8 s budget is spent" in steps, steps
     assert "[gpu_check]" in stdout and "done" in steps.splitlines()[-1], steps
 

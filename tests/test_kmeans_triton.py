@@ -224,7 +224,7 @@ from spurfast.kernels import kmeans_triton as kt
 out = []
 for cap, dtype, d, kmax, metric, precision, split, which in jobs:
     dt = getattr(torch, dtype)
-    shapes = kt.candidate_shapes(dt, d, kmax, precision) if which == "candidates" else [None]
+    shapes = kt.candidate_shapes(dt, d, kmax, precision, split) if which == "candidates" else [None]
     for shape in shapes:
         ck = kt.compile_for(cap, dt, d, kmax, metric, precision, shape=shape, split=split)
         out.append([cap, dtype, d, kmax, metric, precision, split, shape, "wgmma" in ck.asm["ptx"], usage(ck)])
@@ -296,13 +296,23 @@ def test_explicit_launch_shape_gives_the_same_assignment():
     D = exact_dists(x, off, cent, kpg, "l2")
     check_assign_near_optimal(a1, d1, D, torch.float32, "triton assign, explicit shape")
     assert (a1 == a0).float().mean() > 0.99
+    # x resident: BLOCK_D >= d reads the x tile once and multiplies each centroid tile in one
+    # product (a different code path in the kernel), fp32 and 16-bit split centroids alike
+    for dtype in (torch.float32, torch.float16):
+        xq = x.to(dtype)
+        want = exact_dists(xq.float(), off, cent, kpg, "l2")
+        for metric in ("l2", "cosine"):
+            shape = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=64, num_warps=4, num_stages=1)
+            a2, d2 = kt.assign_with_shape(xq, off, cent, kpg, metric, shape)
+            D = want if metric == "l2" else exact_dists(xq.float(), off, cent, kpg, metric)
+            check_assign_near_optimal(a2, d2, D, dtype, f"triton assign, x resident, {dtype}, {metric}")
 
 
-def test_registered_for_cuda_tensors_only_and_not_the_default():
-    """Unmeasured on a GPU so far: auto keeps the CuPy kernels first; CPU tensors never
-    reach the interpreter under auto."""
+def test_registered_for_cuda_tensors_only_and_first_there():
+    """Measured faster than the CuPy kernel on an H200 (or level with it): auto takes it
+    first for CUDA tensors; CPU tensors never reach the interpreter under auto."""
     names = [p.name for p in backends.providers("kmeans_assign")]
-    assert names.index("triton") > names.index("cupy")
+    assert names.index("triton") < names.index("cupy")
     prov = next(p for p in backends.providers("kmeans_assign") if p.name == "triton")
     assert prov.devices == ("cuda",)
     backends.clear_cache()
