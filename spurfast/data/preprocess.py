@@ -151,7 +151,7 @@ def check_image_file(path: str) -> tuple[str, str]:
     return "ok", kind
 
 
-def validate_image_file(path: str) -> tuple[str, str]:
+def validate_image_file(path: str, cheap: tuple[str, str] | None = None) -> tuple[str, str]:
     """The shared pre-decode check of both loaders: ("ok" | "suspect" | "bad", detail).
 
     :func:`check_image_file`, then PIL's ``Image.open`` (parses the JPEG markers up to
@@ -173,8 +173,10 @@ def validate_image_file(path: str) -> tuple[str, str]:
     for both loaders too, and so is one whose chunk sequence libpng refuses and PIL
     accepts (an unknown critical chunk, a palette image without PLTE, ...), or one with a
     chunk after its image data that PIL's decode refuses (a truncated pHYs, say), and so
-    is a JPEG with stray bytes among its header segments (DALI's parser refuses them)."""
-    verdict, detail = check_image_file(path)
+    is a JPEG with stray bytes among its header segments (DALI's parser refuses them).
+
+    ``cheap``: ``check_image_file(path)`` where the caller has it (not read twice)."""
+    verdict, detail = check_image_file(path) if cheap is None else cheap
     if verdict == "bad":
         return verdict, detail
     from PIL import Image
@@ -527,7 +529,7 @@ def _to_rgb_or_l(im, channels: int):
         v = np.asarray(im).astype(np.int64)
         im = Image.fromarray(np.clip((v + 128) // 257, 0, 255).astype(np.uint8), mode="L")
     if channels == 3:
-        return im.convert("RGB")
+        return im if im.mode == "RGB" else im.convert("RGB")   # convert to its own mode copies
     if im.mode == "L":
         return im
     rgb = np.asarray(im.convert("RGB"), dtype=np.uint32)
@@ -692,26 +694,26 @@ def _edge_clamped_window(im, box: tuple, reach: int):
     w, h = im.size
     x0, y0 = math.floor(box[0]) - reach, math.floor(box[1]) - reach
     x1, y1 = math.ceil(box[2]) + reach, math.ceil(box[3]) + reach
-    pad = ((max(0, -y0), max(0, y1 - h)), (max(0, -x0), max(0, x1 - w)))
-    window = im.crop((max(0, x0), max(0, y0), min(w, x1), min(h, y1)))
-    if any(pad[0] + pad[1]):
-        window = Image.fromarray(_edge_padded(np.asarray(window), pad))
+    window = im.crop((max(0, x0), max(0, y0), min(w, x1), min(h, y1)))   # within the image: PIL's pixel limit
+    ww, wh = x1 - x0, y1 - y0
+    left, top, right, bottom = max(0, -x0), max(0, -y0), min(ww, w - x0), min(wh, h - y0)
+    if (left, top, right, bottom) == (0, 0, ww, wh):
+        return window, (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
+    inner, window = window, Image.new(im.mode, (ww, wh))
+    window.paste(inner, (left, top))
+    # each band outside the image is its edge row / column stretched (NEAREST: repeated);
+    # rows first, then whole columns, which fills the corners with the corner pixels.  In
+    # PIL: the numpy round trip (asarray, pad, fromarray) took as long as the resample
+    if top:
+        window.paste(window.crop((left, top, right, top + 1)).resize((right - left, top), Image.NEAREST), (left, 0))
+    if bottom < wh:
+        window.paste(window.crop((left, bottom - 1, right, bottom)).resize((right - left, wh - bottom), Image.NEAREST),
+                     (left, bottom))
+    if left:
+        window.paste(window.crop((left, 0, left + 1, wh)).resize((left, wh), Image.NEAREST), (0, 0))
+    if right < ww:
+        window.paste(window.crop((right - 1, 0, right, wh)).resize((ww - right, wh), Image.NEAREST), (right, 0))
     return window, (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
-
-
-def _edge_padded(a: np.ndarray, pad: tuple) -> np.ndarray:
-    """``np.pad(a, pad, mode="edge")`` over the first two axes of an (H, W) or (H, W, C)
-    image, by slice copies: np.pad took 70 us of the torch loader's 0.5 ms per 64-160 px JPEG
-    (most images reach past one border), these take 18 us."""
-    (top, bottom), (left, right) = pad
-    h, w = a.shape[:2]
-    out = np.empty((top + h + bottom, left + w + right) + a.shape[2:], a.dtype)
-    out[top:top + h, left:left + w] = a
-    out[:top, left:left + w] = a[:1]
-    out[top + h:, left:left + w] = a[-1:]
-    out[:, :left] = out[:, left:left + 1]
-    out[:, left + w:] = out[:, left + w - 1:left + w]
-    return out
 
 
 def load_image_uint8(path: str, spec: PreprocessSpec) -> torch.Tensor:
@@ -719,23 +721,30 @@ def load_image_uint8(path: str, spec: PreprocessSpec) -> torch.Tensor:
     from PIL import Image
 
     with Image.open(path) as im:
-        im.load()
-        method = _ORIENT.get(_exif_orientation(im, path))
-        if method is not None:
-            im = im.transpose(Image.Transpose[method])
-        im = _to_rgb_or_l(im, spec.channels)
-        h, w = im.height, im.width
-        nh, nw, top, left = crop_geometry(h, w, spec.size)
-        # resample only the crop window (as DALI's ROI does): resizing the whole image first
-        # costs size^2 * w / h for a long strip (a 1x20000 PNG at 224: 4.5 GB, 30 s)
-        sy, sx = h / nh, w / nw
-        box = (left * sx, top * sy, (left + spec.size) * sx, (top + spec.size) * sy)
-        im, box = _edge_clamped_window(im, box, math.ceil(max(sx, sy, 1.0)) + 1)
-        im = im.resize((spec.size, spec.size), Image.BILINEAR, reducing_gap=None, box=box)
-        arr = np.asarray(im, dtype=np.uint8)
+        return _preprocess_opened(im, path, spec)
+
+
+def _preprocess_opened(im, path: str, spec: PreprocessSpec) -> torch.Tensor:
+    """:func:`load_image_uint8` of an image PIL has opened from ``path`` (not yet loaded)."""
+    from PIL import Image
+
+    im.load()
+    method = _ORIENT.get(_exif_orientation(im, path))
+    if method is not None:
+        im = im.transpose(Image.Transpose[method])
+    im = _to_rgb_or_l(im, spec.channels)
+    h, w = im.height, im.width
+    nh, nw, top, left = crop_geometry(h, w, spec.size)
+    # resample only the crop window (as DALI's ROI does): resizing the whole image first
+    # costs size^2 * w / h for a long strip (a 1x20000 PNG at 224: 4.5 GB, 30 s)
+    sy, sx = h / nh, w / nw
+    box = (left * sx, top * sy, (left + spec.size) * sx, (top + spec.size) * sy)
+    im, box = _edge_clamped_window(im, box, math.ceil(max(sx, sy, 1.0)) + 1)
+    im = im.resize((spec.size, spec.size), Image.BILINEAR, reducing_gap=None, box=box)
+    arr = np.asarray(im, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())   # one copy, in C order
 
 
 def describe_error(exc: BaseException) -> str:
@@ -748,7 +757,13 @@ def checked_load_uint8(path: str, spec: PreprocessSpec) -> tuple[torch.Tensor | 
     The reasons are the DALI loader's (``loader_dali._precheck``) for the same file,
     except for a file that passes the pre-check and fails to decode (damaged image data):
     both loaders mark it bad, DALI with its decoder's words."""
-    verdict, detail = validate_image_file(path)
+    verdict, detail = check_image_file(path)
+    if verdict == "ok" and detail == "JPEG":
+        done = _checked_load_jpeg(path, spec)
+        if done is not None:
+            return done
+    if verdict != "bad":
+        verdict, detail = validate_image_file(path, (verdict, detail))
     if verdict == "bad":
         return None, detail
     try:
@@ -756,6 +771,33 @@ def checked_load_uint8(path: str, spec: PreprocessSpec) -> tuple[torch.Tensor | 
     except Exception as exc:  # PIL raises many exception types for corrupt files
         reason = describe_error(exc)
         return None, f"{detail}: {reason}" if verdict == "suspect" else reason
+
+
+def _checked_load_jpeg(path: str, spec: PreprocessSpec) -> tuple[torch.Tensor | None, str] | None:
+    """:func:`checked_load_uint8` of a JPEG that :func:`check_image_file` passed, in one PIL
+    open for :func:`validate_image_file`'s checks and the decode (the second open cost a
+    64-160 px JPEG ~35 us of its ~0.45 ms).  What validate_image_file checks of such a file is
+    PIL's open (``verify()`` does nothing for a JPEG) and `_jpeg_marker_error`, in that order,
+    here in its words.  None: opened by a plugin other than JPEG (an MPO), the caller takes
+    the two opens."""
+    from PIL import Image, ImageFile
+
+    try:
+        im = Image.open(path, formats=("JPEG", "PNG"))
+    except Exception as exc:  # PIL raises many exception types for corrupt files
+        return None, f"JPEG rejected by PIL: {describe_error(exc)}"
+    with im:
+        if im.format != "JPEG" or type(im).verify is not ImageFile.ImageFile.verify:
+            return None
+        why = _jpeg_marker_error(path)
+        if why == _JPEG_CMYK_NO_ADOBE:
+            return None, f"JPEG {why}"
+        if why:
+            return None, f"JPEG {why} (DALI's decoder refuses it; PIL would decode it)"
+        try:
+            return _preprocess_opened(im, path, spec), ""
+        except Exception as exc:  # PIL raises many exception types for corrupt files
+            return None, describe_error(exc)
 
 
 DTYPES = {"uint8": torch.uint8, "float32": torch.float32, "float16": torch.float16,
