@@ -249,6 +249,10 @@ def test_compiles_for_hopper_and_ampere_without_register_spills():
     jobs += [[90, "float16", 16, 8, "l2", "tf32x3", True], [90, "float32", 300, 10, "l2", "tf32x3", True],
              [80, "float16", 128, 1024, "l2", "tf32x3", True], [80, "bfloat16", 64, 16, "cosine", "tf32x3", True],
              [80, "float32", 64, 16, "l2", "tf32x3", True]]
+    # the x-resident defaults (kmax > 64, d <= 128) at other widths, odd ones among them
+    jobs += [[90, "float32", 16, 256, "l2", "tf32x3", True], [90, "float32", 100, 65, "cosine", "tf32", True],
+             [90, "float16", 64, 128, "l2", "tf32x3", True], [90, "bfloat16", 100, 100, "cosine", "tf32x3", False],
+             [80, "float16", 128, 1024, "l2", "tf32x3", False]]
     # flash-kmeans' arithmetic: one TF32 product, 16-bit centroids
     jobs += [[90, "float32", 128, 1024, "l2", "tf32", True], [90, "float16", 128, 1024, "l2", "tf32x3", False],
              [90, "bfloat16", 128, 1024, "cosine", "tf32x3", False]]
