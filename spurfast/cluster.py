@@ -268,6 +268,10 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
         prepare = getattr(fused, "prepare", None)
         step = prepare(xl, off_l, kpg, kmax, metric, x_sqnorm=xn) if prepare is not None else \
             (lambda c: fused(xl, off_l, c, kpg, metric, x_sqnorm=xn))
+    else:   # the assignment alone; its fixed arguments checked once where the provider can (triton)
+        prepare = getattr(backends.resolve("kmeans_assign", backend, dev.type)[1], "prepare", None)
+        assign_step = prepare(xl, off_l, kpg, kmax, metric, x_sqnorm=xn) if prepare is not None else \
+            (lambda c: backends.call("kmeans_assign", xl, off_l, c, kpg, metric, x_sqnorm=xn, backend=backend))
     reseeded, prev, it = 0, None, 0
     sums_l = counts_l = prev_assign = None   # the first update is a full one
     for it in range(1, n_iter + 1):
@@ -275,8 +279,7 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
             assign_l, dist_l, sums_l, counts_l = step(cent)
             sums_l = sums_l.double()
         else:
-            assign_l, dist_l = backends.call("kmeans_assign", xl, off_l, cent, kpg, metric, x_sqnorm=xn,
-                                             backend=backend)
+            assign_l, dist_l = assign_step(cent)
             sums_l, counts_l = _update(xl, off_l, gid_l, assign_l, prev_assign, sums_l, counts_l, kmax,
                                        upd_backend)
         prev_assign = assign_l

@@ -281,6 +281,44 @@ def test_candidate_launch_shapes_compile_without_spills():
     assert not spills, f"candidate shapes that spill: {spills}"
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_a_prepared_step_assigns_as_a_checked_call(dtype):
+    """The Lloyd loop's prepared step (fixed arguments checked once) gives what a checked
+    call gives, bit for bit, for every centroid set it is called with; empty pools too."""
+    x, off, cent, kpg = make_case([150, 0, 77, 3], 40, 40, seed=7, device=_device())
+    x = x.to(dtype)
+    step = kt.prepare_assign(x, off, kpg, 40, "l2")
+    for shift in (0.0, 0.5, -2.0):
+        c = cent + shift
+        want, got = kt.kmeans_assign(x, off, c, kpg), step(c)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match=r"centroids must be a \(4, 40, 40\) tensor"):
+        step(cent[:, :10])
+    none = kt.prepare_assign(x[:0], torch.zeros(5, dtype=torch.int64, device=x.device), kpg, 40)(cent)
+    assert none[0].shape == (0,) and none[1].shape == (0,)
+    with pytest.raises(ValueError, match="offsets must run from 0 to N"):
+        kt.prepare_assign(x, off + 1, kpg, 40)
+
+
+@needs_kernel
+def test_the_lloyd_loop_checks_the_points_once_with_a_named_triton(monkeypatch):
+    """backend="triton": the loop prepares the assignment once (its layout check, a host
+    synchronisation, left the iterations) and ends where the reference does."""
+    from spurfast.cluster import batched_kmeans as kmeans
+    g = torch.Generator().manual_seed(2)
+    centres = torch.randn(2, 4, 12, generator=g) * 10
+    groups = torch.arange(2).repeat_interleave(150)
+    x = centres[groups, torch.arange(300) % 4] + 0.1 * torch.randn(300, 12, generator=g)
+    want = kmeans(x, groups, torch.tensor([4, 4]), n_iter=10, seed=0, backend="torch")
+    calls = []
+    real = kt.prepare_assign
+    monkeypatch.setattr(kt.kmeans_assign, "prepare", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = kmeans(x.to(_device()), groups.to(_device()), torch.tensor([4, 4]), n_iter=10, seed=0, backend="triton")
+    assert calls == [1] and got.n_iter > 1, (calls, got.n_iter)
+    assert_equal_int(got.assign.cpu(), want.assign, "prepared triton Lloyd loop")
+
+
 def test_explicit_launch_shape_is_checked():
     x, off, cent, kpg = make_case([40], 8, 16, seed=0, device=_device())
     with pytest.raises(ValueError, match="exactly the keys"):
