@@ -12,6 +12,7 @@ Providers
   triton          the Triton assign (spurfast.kernels.kmeans_triton), GPU only; assign rows,
                   one per arithmetic variant (TRITON_VARIANTS); vs flash-kmeans also as
                   triton-fast (flash-kmeans' own arithmetic: one TF32 product, fp16 centroids)
+                  and triton-prepared (fixed arguments checked once: the Lloyd loop's call)
   cpu             the fused CPU kernels (spurfast.kernels.kmeans_cpu: AVX-512 where the CPU
                   has it, else AVX2), CPU only; one pass per step (kmeans_assign_update: x
                   read once)
@@ -318,13 +319,17 @@ def _assign_vs_flash(writer, kc, kt, x, off, cent, kpg, config, devname, reps):
         flops, nbytes = 2.0 * N * k * d, N * d * xs.element_size() + k * d * xs.element_size() + N * 4 + N * 4
         writer.add_timing("kmeans_assign", "flash-kmeans", cfg, theirs, devname, items=N, bytes_moved=nbytes, flops=flops)
         fast = TRITON_VARIANTS["fp32-tf32" if dt == torch.float32 else "fp16-single"][1]
-        ours_by_name = {"cupy": (kc, {}), "triton": (kt, _TRITON_DEFAULTS), "triton-fast": (kt, fast)}
+        ours_by_name = {"cupy": (kc, {}), "triton": (kt, _TRITON_DEFAULTS), "triton-fast": (kt, fast),
+                        "triton-prepared": (kt, _TRITON_DEFAULTS)}
         for provider, (mod, env) in ours_by_name.items():
             if mod is None:
                 continue
             with _env(**env):
-                ours = measure(lambda: mod.kmeans_assign(xs, off, cs, kpg), device=x.device.type, reps=max(reps, 10))
-                agree = float((mod.kmeans_assign(xs, off, cs, kpg)[0].view(-1) == out.view(-1).long()).float().mean())
+                # prepared: the fixed arguments checked once, as the Lloyd loop calls it
+                call = mod.prepare_assign(xs, off, kpg, k) if provider == "triton-prepared" else \
+                    (lambda c: mod.kmeans_assign(xs, off, c, kpg))
+                ours = measure(lambda: call(cs), device=x.device.type, reps=max(reps, 10))
+                agree = float((call(cs)[0].view(-1) == out.view(-1).long()).float().mean())
             writer.add_timing("kmeans_assign", provider, dict(cfg, vs="flash-kmeans"), ours, devname, items=N,
                               bytes_moved=nbytes + N * 8, flops=flops)
             ratio = ours["median_s"] / theirs["median_s"]
