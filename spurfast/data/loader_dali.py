@@ -113,29 +113,32 @@ def _geometry(images, size: int):
     In INT64: ``2 * h * size`` overflowed INT32 for a 2 x 1,000,000 strip at size 1100 (a
     wrong crop, 176 levels from the torch loader).  The ROI is computed in float32, as it
     always was, while the resized shape is below 2**24 (float32's exact integers), and in
-    float64 above it (float32 put a 3 x 999,999 strip's crop at size 700 8 levels off)."""
+    float64 above it (float32 put a 3 x 999,999 strip's crop at size 700 8 levels off).
+
+    Both axes at once, as (y, x) vectors: DALI runs every arithmetic node of the graph as
+    an operator of its own over the whole batch (~1 us a sample each on a CPU), and the
+    same formulas written per axis took 80 operators where these take 40 (3,000 pool JPEGs
+    at 64, no pre-check: 3,900-4,300 -> 4,400-5,700 img/s); the same bits (416 shapes, extreme
+    strips)."""
     from nvidia.dali import fn, types
 
     shape = images.shape(dtype=types.INT64)
-    h, w = shape[0], shape[1]
-    wide = fn.cast(h <= w, dtype=types.INT64)  # 1 where the height is the shorter side
-    nh = wide * size + (1 - wide) * ((2 * h * size + w) // (2 * w))
-    nw = (1 - wide) * size + wide * ((2 * w * size + h) // (2 * h))
-    top, left = (nh - size) // 2, (nw - size) // 2
+    hw = shape[0:2]                            # (h, w)
+    wh = fn.stack(shape[1], shape[0])          # (w, h): each axis's other side
+    short = fn.cast(hw <= wh, dtype=types.INT64)   # 1 on the shorter side (both where square)
+    longer = (hw * (2 * size) + wh) // (wh * 2)    # round_half_up(side * size / other side)
+    new = longer + short * (size - longer)         # (nh, nw)
+    off = (new - size) // 2                        # (top, left)
+    bounds = fn.cat(off, off + size)               # (top, left, top + size, left + size)
 
     def roi(dtype):
-        def f(x):
-            return fn.cast(x, dtype=dtype)
-
-        sy, sx = f(h) / f(nh), f(w) / f(nw)
-        return [fn.cast(fn.stack(f(a) * sy, f(b) * sx), dtype=types.FLOAT)
-                for a, b in ((top, left), (top + size, left + size))]
+        scale = fn.cast(hw, dtype=dtype) / fn.cast(new, dtype=dtype)   # (h / nh, w / nw)
+        return fn.cast(bounds, dtype=dtype) * fn.cat(scale, scale)
 
     # 1.0 or 0.0: x * 1.0 + y * 0.0 is x exactly, so ordinary images keep their float32 ROI
-    small = fn.cast(fn.cast(nh < 1 << 24, dtype=types.INT32) * fn.cast(nw < 1 << 24, dtype=types.INT32),
-                    dtype=types.FLOAT)
-    (start32, end32), (start64, end64) = roi(types.FLOAT), roi(types.FLOAT64)
-    return small * start32 + (1 - small) * start64, small * end32 + (1 - small) * end64
+    small = fn.cast(fn.reductions.max(new) < 1 << 24, dtype=types.FLOAT)
+    both = small * roi(types.FLOAT) + (1 - small) * fn.cast(roi(types.FLOAT64), dtype=types.FLOAT)
+    return both[0:2], both[2:4]
 
 
 def _to_gray(images):
