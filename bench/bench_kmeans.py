@@ -289,6 +289,16 @@ def _flash_fit(x, off, k):
     return fit
 
 
+def flash_assign_call(euclid_assign_triton, x, cent):
+    """(call, labels): flash-kmeans' assignment of one group's points x (N, d) to cent (1, k, d)
+    in x's dtype, given |x|^2 as its own fit loop does; the call writes labels (1, N) int32."""
+    N, d = x.shape
+    xb, cb = x.view(1, N, d), cent.to(x.dtype).reshape(1, -1, d)
+    xsq = (x.float() ** 2).sum(-1).view(1, N)
+    labels = torch.empty(1, N, dtype=torch.int32, device=x.device)
+    return (lambda: euclid_assign_triton(xb, cb, xsq, labels)), labels
+
+
 def _assign_vs_flash(writer, kc, kt, x, off, cent, kpg, config, devname, reps):
     """The assignment step alone, ours vs flash-kmeans' Triton assign, fp32 and fp16 (the
     issue's GPU target is stated on assignment).  Ours: the CuPy kernel (``kc``) and the
@@ -306,11 +316,9 @@ def _assign_vs_flash(writer, kc, kt, x, off, cent, kpg, config, devname, reps):
     k = cent.shape[1]
     for dt, name in ((torch.float32, "fp32"), (torch.float16, "fp16")):
         xs, cs = x.to(dt), cent.to(dt)
-        xb, cb = xs.view(1, N, d), cs.view(1, k, d)
-        xsq = (xs.float() ** 2).sum(-1).view(1, N)
-        out = torch.empty(1, N, dtype=torch.int32, device=x.device)
+        flash, out = flash_assign_call(euclid_assign_triton, xs, cs)
         try:
-            theirs = measure(lambda: euclid_assign_triton(xb, cb, xsq, out), device=x.device.type, reps=max(reps, 10))
+            theirs = measure(flash, device=x.device.type, reps=max(reps, 10))
         except Exception as exc:  # API drift: say so, keep our rows
             _log(f"flash-kmeans assign skipped: {exc.__class__.__name__}: {exc}")
             return

@@ -28,7 +28,7 @@ import sys
 
 import torch
 
-from .bench_kmeans import TRITON_VARIANTS, _env, make_data
+from .bench_kmeans import TRITON_VARIANTS, _env, flash_assign_call, make_data
 from .harness import device_name, measure
 
 OP = "kmeans_assign"
@@ -98,12 +98,9 @@ def _flash_time(x, cent, dev, reps: int) -> float | None:
     except ImportError as exc:
         _log(f"flash-kmeans not installed ({exc}): no best_vs_flash rows")
         return None
-    N, d = x.shape
-    xb, cb = x.view(1, N, d), cent.to(x.dtype).view(1, -1, d)
-    xsq = (x.float() ** 2).sum(-1).view(1, N)
-    labels = torch.empty(1, N, dtype=torch.int32, device=x.device)
+    call, _ = flash_assign_call(euclid_assign_triton, x, cent)
     try:
-        return measure(lambda: euclid_assign_triton(xb, cb, xsq, labels), device=dev, reps=reps)["median_s"]
+        return measure(call, device=dev, reps=reps)["median_s"]
     except Exception as exc:  # API drift: keep the sweep's rows
         _log(f"flash-kmeans assign failed: {exc.__class__.__name__}: {exc}")
         return None

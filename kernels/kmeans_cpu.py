@@ -320,10 +320,7 @@ def prepare_assign_update(x, offsets, k_per_group, kmax: int, metric: str = "l2"
     x_sqnorm)`` for any (G, kmax, d) centroids, with everything but the centroids checked and
     converted once: the Lloyd loop's iterations spent more on that than in the kernel on small
     pools (7,000 points, 10 groups, k = 8: 0.24 ms a call, 0.09 ms of it in the kernel)."""
-    kmax = check_count(kmax, "kmax")
-    G = torch.as_tensor(k_per_group).numel()   # its shape is checked below, with the message for it
-    d = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 2 else 0
-    ref.check_assign_args(x, offsets, torch.empty((G, kmax, d), device="meta"), metric)
+    G, kmax = ref.check_prepared_args(x, offsets, k_per_group, kmax, metric)
     return _FixedPoints(x, offsets, k_per_group, G, kmax, metric, x_sqnorm, with_sums=True)
 
 

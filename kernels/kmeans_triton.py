@@ -54,7 +54,7 @@ import torch
 from .triton_env import INTERPRET as _INTERPRET
 from .triton_env import TYPE_NAMES, availability, compile_for_target, tl, triton
 from . import reference as ref
-from .group_layout import assign_args, centroid_terms, check_count, check_real, split_centroids, tile_prefix
+from .group_layout import assign_args, centroid_terms, check_real, split_centroids, tile_prefix
 
 
 def is_available() -> tuple[bool, str]:
@@ -267,10 +267,7 @@ def prepare_assign(x, offsets, k_per_group, kmax: int, metric: str = "l2", x_sqn
     dozen small launches and the tile prefix leave the iterations.  On the H200 every provider
     took 0.5-0.6 ms a call at N = 1e5, d = 64, k = 64, where flash-kmeans took 0.15-0.17 ms:
     the launcher's host work, not the kernel (what a prepared step saves there is unmeasured)."""
-    kmax = check_count(kmax, "kmax")
-    G = torch.as_tensor(k_per_group).numel()   # its shape is checked below, with the message for it
-    d = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 2 else 0
-    ref.check_assign_args(x, offsets, torch.empty((G, kmax, d), device="meta"), metric)
+    G, kmax = ref.check_prepared_args(x, offsets, k_per_group, kmax, metric)
     return _FixedPoints(x, offsets, k_per_group, G, kmax, metric, x_sqnorm)
 
 

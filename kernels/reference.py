@@ -266,6 +266,18 @@ def check_assign_args(x, offsets, centroids, metric: str) -> tuple[int, int]:
     return G, kmax
 
 
+def check_prepared_args(x, offsets, k_per_group, kmax, metric: str) -> tuple[int, int]:
+    """`check_assign_args` for a step prepared before its centroids exist (kmax given): the
+    points, offsets and metric against (G, kmax, d) centroids of any values; (G, kmax)."""
+    from .group_layout import check_count
+
+    kmax = check_count(kmax, "kmax")
+    G = torch.as_tensor(k_per_group).numel()   # its shape is checked later, with the message for it
+    d = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 2 else 0
+    check_assign_args(x, offsets, torch.empty((G, kmax, d), device="meta"), metric)
+    return G, kmax
+
+
 def check_x_sqnorm(x_sqnorm, n: int) -> None:
     """x_sqnorm, when given, must hold one |x|^2 per row of x: the fused CPU kernel reads
     one value per row (a short tensor: reads past its end)."""

@@ -193,11 +193,9 @@ def validate_image_file(path: str, cheap: tuple[str, str] | None = None) -> tupl
         kind = "PNG" if detail.startswith("PNG") else "JPEG"
         return "bad", f"{kind} rejected by PIL: {describe_error(exc)}"
     if detail.startswith("JPEG"):
-        why = _jpeg_marker_error(path)
-        if why == _JPEG_CMYK_NO_ADOBE:
-            return "bad", f"JPEG {why}"
+        why = _jpeg_marker_reason(_jpeg_marker_error(path))
         if why:
-            return "bad", f"JPEG {why} (DALI's decoder refuses it; PIL would decode it)"
+            return "bad", why
         if verdict == "suspect" and _jpeg_ends_after_its_scans(path):
             # an end marker followed by over 1 KiB of data (a phone's trailer, an MPO's second
             # image) is no truncation: a suspect was decoded whole by PIL in DALI's pre-check
@@ -260,12 +258,16 @@ def _validate_plain_jpeg(path: str) -> tuple[str, str] | None:
             im.verify()
     except Exception:  # PIL raises many exception types for corrupt files
         return None
-    why = _jpeg_marker_walk(data)
+    why = _jpeg_marker_reason(_jpeg_marker_walk(data))
+    return ("bad", why) if why else ("ok", "JPEG")
+
+
+def _jpeg_marker_reason(why: str | None) -> str | None:
+    """The bad-file reason for what `_jpeg_marker_error` found (None: nothing), one wording
+    for every check that walks the markers."""
     if why == _JPEG_CMYK_NO_ADOBE:
-        return "bad", f"JPEG {why}"
-    if why:
-        return "bad", f"JPEG {why} (DALI's decoder refuses it; PIL would decode it)"
-    return "ok", "JPEG"
+        return f"JPEG {why}"
+    return f"JPEG {why} (DALI's decoder refuses it; PIL would decode it)" if why else None
 
 
 def _png_trailer_check(path: str, trailer: int) -> None:
@@ -834,11 +836,9 @@ def _checked_load_jpeg(path: str, spec: PreprocessSpec) -> tuple[torch.Tensor | 
     with im:
         if im.format != "JPEG" or type(im).verify is not ImageFile.ImageFile.verify:
             return None
-        why = _jpeg_marker_error(path)
-        if why == _JPEG_CMYK_NO_ADOBE:
-            return None, f"JPEG {why}"
+        why = _jpeg_marker_reason(_jpeg_marker_error(path))
         if why:
-            return None, f"JPEG {why} (DALI's decoder refuses it; PIL would decode it)"
+            return None, why
         try:
             return _preprocess_opened(im, path, spec), ""
         except Exception as exc:  # PIL raises many exception types for corrupt files
