@@ -431,14 +431,20 @@ def load_readable(source: ImageSource, idx: np.ndarray) -> torch.Tensor:
     return x
 
 
+def _other_class(labels: np.ndarray, pred: np.ndarray | None, cls: int, candidates: np.ndarray) -> np.ndarray:
+    """``candidates`` whose content is not ``cls`` (label where known, else prediction)."""
+    lab = labels[candidates]
+    return candidates[np.where(lab >= 0, lab != cls, True if pred is None else pred[candidates] != cls)]
+
+
 def clean_indices_for(source: ImageSource, labels: np.ndarray, pred: np.ndarray | None, cls: int,
                       candidates: np.ndarray, max_images: int, rng: np.random.Generator) -> np.ndarray:
     """Up to ``max_images`` of ``candidates`` (sorted) whose content is not ``cls`` (label where
-    known, else prediction), less those ``source`` knows to be unreadable."""
-    candidates = _known_readable(source, np.asarray(candidates, dtype=np.int64))
-    lab = labels[candidates]
-    other = np.where(lab >= 0, lab != cls, True if pred is None else pred[candidates] != cls)
-    idx = candidates[other]
+    known, else prediction).  The draw does not look at which files ``source`` has found
+    unreadable so far: that grows as images load, and a resumed run, which loads none for the
+    findings it kept, drew other images for the next finding than the run it resumes
+    (`_clean_images` replaces an unreadable one)."""
+    idx = _other_class(labels, pred, cls, np.asarray(candidates, dtype=np.int64))
     if len(idx) > max_images:
         idx = np.sort(rng.choice(idx, max_images, replace=False))
     return idx
@@ -446,19 +452,34 @@ def clean_indices_for(source: ImageSource, labels: np.ndarray, pred: np.ndarray 
 
 def clean_images_for(source: ImageSource, labels: np.ndarray, pred: np.ndarray | None, cls: int,
                      candidates: np.ndarray, max_images: int, rng: np.random.Generator) -> torch.Tensor:
-    """The readable images of `clean_indices_for`'s draw."""
-    return _clean_images(source, clean_indices_for(source, labels, pred, cls, candidates, max_images, rng), candidates)
+    """The readable images of `clean_indices_for`'s draw, an unreadable one replaced."""
+    candidates = np.asarray(candidates, dtype=np.int64)
+    idx = clean_indices_for(source, labels, pred, cls, candidates, max_images, rng)
+    return _clean_images(source, idx, _other_class(labels, pred, cls, candidates))
 
 
 def _clean_images(source: ImageSource, idx: np.ndarray, candidates: np.ndarray) -> torch.Tensor:
-    """Images ``idx`` of ``source`` (readable ones); for none, (0, C, H, W) in the shape of a
-    readable one of ``candidates`` (or the source's)."""
+    """Images ``idx`` of ``source``, each unreadable one replaced by the next readable image of
+    the other ``candidates`` in an order fixed by ``idx`` alone (so a rerun reads the same set
+    whatever it has found unreadable before); for none, (0, C, H, W) in the shape of a readable
+    one of ``candidates`` (or the source's)."""
     if len(idx) == 0:
         candidates = _known_readable(source, np.asarray(candidates, dtype=np.int64))
         x0, _ = source.get_batch([int(candidates[0])]) if len(candidates) else (None, None)
         shape = tuple(x0.shape[1:]) if x0 is not None else tuple(source.image_shape)
         return torch.zeros((0,) + shape)
-    return load_readable(source, idx)
+    x = load_readable(source, idx)
+    spare = np.setdiff1d(candidates, idx)
+    if len(x) < len(idx) and len(spare):
+        order = np.random.default_rng(np.asarray(idx, dtype=np.uint64)).permutation(spare)
+        pieces, have, at = [x], len(x), 0
+        while have < len(idx) and at < len(order):
+            take = np.sort(order[at:at + len(idx) - have])
+            at += len(take)
+            pieces.append(load_readable(source, take))
+            have += len(pieces[-1])
+        x = torch.cat(pieces)
+    return x
 
 
 @restores_models("model")
@@ -557,7 +578,7 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
             own = np.sort(rng.choice(own, config.max_images, replace=False))
 
         def compute(f=f, c=c, idx=idx, own=own, ok=ok):
-            x = _clean_images(src, idx, ok)
+            x = _clean_images(src, idx, _other_class(labels, pred, c, ok))
             xc = load_readable(src, own) if len(own) else None
             return confirm_pattern(model, x, c, f["_mask"], f["_contrast"], f.get("_pattern"), config, class_images=xc)
         cf = kept.result(f, idx, own, compute) if kept is not None else compute()

@@ -22,7 +22,8 @@ from .atomic_files import replace_atomically
 from .discovery_work import sweep_killed_writers, work_key
 from .identity import fingerprint
 
-VERSION = 1   # bump when what `confirm_pattern` computes changes: results kept by older code are then not read
+VERSION = 2   # bump when what `confirm_pattern` computes changes: results kept by older code are then not read
+# 2: an unreadable clean image is replaced (version 1 confirmed on fewer images under the same key)
 
 
 class KeptConfirmations:

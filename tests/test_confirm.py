@@ -823,3 +823,46 @@ def test_kept_confirmations_take_numpy_numbers(tmp_path):
     f, idx, own = _finding([0]), np.arange(5), np.arange(0)
     assert kept.result(f, idx, own, lambda: result) is result
     assert kept.result(f, idx, own, lambda: pytest.fail("computed again")) == result
+
+
+def test_a_resumed_confirmation_draws_as_the_run_it_resumes_with_unreadable_clean_images(tmp_path, monkeypatch):
+    """The clean draw left out the files found unreadable *so far*, which grows as findings load
+    their images: a resumed run, which loads nothing for the findings it kept, drew other images
+    for the next one (another key: computed again, and other figures than the run it resumes).
+    The draw is now blind to it and an unreadable image is replaced: as many clean images as asked."""
+    import spurfast.confirm as confirm
+    xs = _clean(200) + 0.05
+    y = np.r_[np.zeros(150, int), np.ones(50, int)]
+    broken = [3, 17, 40, 41, 42, 77, 120, 149]   # clean (class 0) images that load black
+    cfg = ConfirmConfig(max_images=100)
+
+    def findings():
+        out = [_finding([0, 1]) for _ in range(4)]
+        for i, f in enumerate(out):
+            f["_contrast"] = f["_contrast"] * (0.4 + 0.2 * i)
+        return out
+
+    real, seen, stop = confirm.confirm_pattern, [], {"at": None}
+
+    def counted(model, images, *args, **kwargs):
+        seen.append(len(images))
+        assert float(images.flatten(1).amax(1).min()) > 0   # no black stand-in among them
+        if len(seen) == stop["at"]:
+            raise KeyboardInterrupt
+        return real(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(confirm, "confirm_pattern", counted)
+    want = findings()
+    confirm_findings(want, CornerModel(), clean=BrokenSource(xs, y, broken, name="clean"), config=cfg)
+    assert seen == [100] * 4
+    seen.clear()
+    work, stop["at"] = tmp_path / "work", 3
+    with pytest.raises(KeyboardInterrupt):
+        confirm_findings(findings(), CornerModel(), clean=BrokenSource(xs, y, broken, name="clean"), config=cfg,
+                         work_dir=work)
+    seen.clear()
+    stop["at"] = None
+    got = findings()
+    confirm_findings(got, CornerModel(), clean=BrokenSource(xs, y, broken, name="clean"), config=cfg, work_dir=work)
+    assert seen == [100, 100]   # the two kept ones read back, not drawn afresh
+    assert [f["_confirm_detail"] for f in got] == [f["_confirm_detail"] for f in want]
