@@ -186,6 +186,7 @@ def test_cluster_stage_is_timed_after_an_untimed_call(tmp_path, monkeypatch):
     from spurfast.make_pool import PoolSpec, make_pool
 
     monkeypatch.setenv("SPURFAST_BENCH_DIR", str(tmp_path / "bench"))
+    monkeypatch.setattr(bench_e2e, "TRAIN_IMAGES", 40)   # the fitted classifier's 2,000 take seconds
     pool = tmp_path / "pool"
     make_pool(pool, PoolSpec(n=12, classes=bench_e2e.CLASSES, min_size=64, max_size=64), workers=1, progress=False)
     clf, vae = bench_e2e.ensure_models()
