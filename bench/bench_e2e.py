@@ -20,8 +20,10 @@ Rows (op "e2e", provider "procs=P"):
   the DataLoader or DALI decodes while the models run);
 - ``stage_s`` per stage: embed, discover (per-class k-means + kNN + permutation null,
   k-means across ranks), report (characterise, the pattern rankings' re-reads as
-  `spurfast discover` makes them, outputs; the rankings alone are a ``part=rank`` row, with
-  ``findings`` rows counting the findings of each ``ranked_by``);
+  `spurfast discover` makes them, outputs; characterise and the rankings alone are
+  ``part=characterise`` and ``part=rank`` rows, with ``findings`` rows counting the findings
+  in all and of each ``ranked_by``; the images are re-read from the store's pixel rows where
+  it kept them, `spurfast.pixel_cache`);
 - ``peak_memory``: max RSS of the busiest rank process (``VmHWM``: ``ru_maxrss`` of a
   spawned process starts at its parent's RSS, since Linux carries the high-water mark
   over exec, so it measured the benchmark driver, not the run), and of its child
@@ -182,7 +184,9 @@ def worker(argv=None) -> int:
     from spurfast.data.folder import ImageFolderSource
     from spurfast.discover import DiscoverConfig, characterise, discover, write_outputs
     from spurfast.models.files import load_classifier, load_vae
+    from spurfast.data.reread import read_as_stored
     from spurfast.pattern_rank import pattern_rankings
+    from spurfast.pixel_cache import StorePixelReads
     from spurfast.pipeline import _reread_loader
     from spurfast.report import write_report
     from spurfast.run_folder import prepare_output
@@ -206,12 +210,15 @@ def worker(argv=None) -> int:
             result = discover(store, config, class_names=pool.class_names, progress=False)
             t["discovered"] = time.perf_counter()
             hwm["discover"] = own_peak_rss()
-            characterise(result, store, pool, vae, out, seed=0, device=device)
+            # the images re-read as `spurfast discover` reads them: the store's pixel rows where it
+            # kept them, else decoded again (the localised and diffuse findings' rankings read the pool)
+            reread = _reread_loader(pool, store, None, device)
+            as_stored = read_as_stored(pool, reread["loader_backend"], reread["device"], args.batch_size, store=store)
+            passes = as_stored if isinstance(as_stored, StorePixelReads) else pool
+            characterise(result, store, as_stored, vae, out, seed=0, device=device)
             t["characterised"] = time.perf_counter()
-            # as `spurfast discover` does: the localised and diffuse findings re-read their images
-            pattern_rankings(result.findings, result.rankings, pool, pred=np.asarray(store["pred"]),
-                             batch_size=args.batch_size, num_workers=usable_cores(),
-                             **_reread_loader(pool, store, None, device))
+            pattern_rankings(result.findings, result.rankings, passes, pred=np.asarray(store["pred"]),
+                             batch_size=args.batch_size, num_workers=usable_cores(), **reread)
             t["ranked"] = time.perf_counter()
             doc = write_outputs(result, out)
             write_report(doc, out, clusters=result.clusters)
@@ -222,6 +229,8 @@ def worker(argv=None) -> int:
     rec = {"rank": ctx.rank, "world": ctx.world_size, "n": len(pool),
            "embed_s": t["embedded"] - t["start"], "discover_s": t["discovered"] - t["embedded"],
            "report_s": t["reported"] - t["discovered"], "rank_s": t["ranked"] - t["characterised"],
+           "characterise_s": t["characterised"] - t["discovered"],
+           "n_findings": len(result.findings) if ctx.is_main else 0,
            "n_ranked_by": {k: sum(f.get("ranked_by") == k for f in result.findings)
                            for k in ("pattern", "latent+pattern", "latent+pixels", "latent")} if ctx.is_main else {},
            "total_s": t["reported"] - t["start"],
@@ -294,6 +303,7 @@ def run_e2e(pool: Path, clf: Path, vae: Path, procs: int, n_null: int, device: s
     res = {"procs": procs, "cores": cores or usable_cores(), "n": main["n"], "wall_s": wall, "loadavg_1m": load,
            "embed_s": max(x["embed_s"] for x in ranks), "discover_s": main["discover_s"], "report_s": main["report_s"],
            "rank_s": main.get("rank_s", 0.0), "n_ranked_by": main.get("n_ranked_by", {}),
+           "characterise_s": main.get("characterise_s", 0.0), "n_findings": main.get("n_findings", 0),
            "total_s": main["total_s"], "peak_rss": max(x["peak_rss"] for x in ranks),
            "peak_rss_loader": max(x["peak_rss_children"] for x in ranks),
            "cuda_peak": max(x.get("cuda_peak", 0) for x in ranks), "embed_split": main.get("embed_split", {}),
@@ -375,6 +385,8 @@ def _run_rows(writer, n: int, res: dict, n_null: int, dev: str, gpu: bool) -> No
         writer.add("e2e", prov, dict(cfg, stage=s), "stage_s", res[f"{s}_s"], "s", dev)
     # the pattern rankings' re-reads, part of report: how much of it the pixel probes take
     writer.add("e2e", prov, dict(cfg, stage="report", part="rank"), "stage_s", res["rank_s"], "s", dev)
+    writer.add("e2e", prov, dict(cfg, stage="report", part="characterise"), "stage_s", res["characterise_s"], "s", dev)
+    writer.add("e2e", prov, cfg, "findings", res["n_findings"], "", dev)
     for kind, count in res["n_ranked_by"].items():
         writer.add("e2e", prov, dict(cfg, ranked_by=kind), "findings", count, "", dev)
     writer.add("e2e", prov, cfg, "wall_s", res["wall_s"], "s", dev)
@@ -389,7 +401,8 @@ def _run_rows(writer, n: int, res: dict, n_null: int, dev: str, gpu: bool) -> No
         writer.add("e2e", prov, dict(cfg, part=part.removesuffix("_s")), "embed_split_s", sec, "s", dev)
     print(f"[e2e] n={n} procs={res['procs']} cores={res['cores']}: {n / res['total_s']:.0f} img/s end to end, "
           f"embed {res['embed_s']:.1f} s ({n / res['embed_s']:.0f} img/s), discover {res['discover_s']:.1f} s, "
-          f"report {res['report_s']:.1f} s (pattern rankings {res['rank_s']:.1f} s: "
+          f"report {res['report_s']:.1f} s ({res['n_findings']} findings: characterise {res['characterise_s']:.1f} s, "
+          f"pattern rankings {res['rank_s']:.1f} s: "
           f"{', '.join(f'{v} {k}' for k, v in res['n_ranked_by'].items())}), peak RSS {res['peak_rss'] / 2**20:.0f} MiB (loader workers "
           f"{res['peak_rss_loader'] / 2**20:.0f} MiB), embed split "
           f"{', '.join(f'{k} {v:.1f}' for k, v in res['embed_split'].items())}, load avg {res['loadavg_1m']:.1f}",

@@ -27,6 +27,7 @@ from .data.sources import ImageSource, content_digest
 from .identity import fingerprint
 from .models.as_given import restores_models
 from .models.outputs import check_floating, classifier_outputs, non_float32_weights, shape_text, trial
+from .pixel_cache import MIXED, MODE_KEY, PIXELS, batch_pixels, keeps_pixels, merged_mode
 from .store import MANIFEST, EmbeddingStore, _open_checked, _same_identity, legacy_identities
 from .store_shards import _sync_labels, open_main, shard_dir
 
@@ -78,9 +79,12 @@ def check_outputs(source: ImageSource, classifier, num_classes: int, device: str
 def _columns(source: ImageSource, classifier, vae, num_classes: int, device: str, n: int) -> dict:
     F = check_outputs(source, classifier, num_classes, device)
     L = vae.config.latent_dim
-    return {"pred": ((n,), "int32"), "conf": ((n,), "float32"), "probs": ((n, num_classes), "float32"),
+    cols = {"pred": ((n,), "int32"), "conf": ((n,), "float32"), "probs": ((n, num_classes), "float32"),
             "mu": ((n, L), "float32"), "feats": ((n, F), "float16"),
             "labels": ((n,), "int64"), "ok": ((n,), "bool")}
+    if keeps_pixels(source, len(source)):   # the whole pool's size decides, alike on every rank
+        cols[PIXELS] = ((n,) + tuple(source.image_shape), "uint8")
+    return cols
 
 
 def decode_device(device) -> str:
@@ -333,6 +337,10 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
             bad = {str(int(i)): bad_files.get(int(i), "could not be decoded") for i in idx[~ok]}
         values = {"pred": pred, "conf": conf, "probs": probs, "mu": mu, "feats": feats.astype(np.float16),
                   "labels": batch.labels.numpy(), "ok": ok}
+        if PIXELS in store.manifest["columns"]:   # for the steps that read the images again (pixel_cache)
+            values[PIXELS], mode = batch_pixels(batch.images)
+            store.manifest[MODE_KEY] = merged_mode(store.manifest.get(MODE_KEY) if store.done else None,
+                                                   mode or MIXED)
         clock.lap("compute_s")
         store.write(store.done, values, bad)
         bar.update(len(idx))

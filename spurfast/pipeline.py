@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import distributed as dist
+from . import pixel_cache
 from .atomic_files import remove_killed_writers_files
 from .checks import check_compute_device, check_default_dtype, check_extra_config, check_whole, suspect_mask
 from .cores import usable_cores
@@ -349,16 +350,17 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
             # latent and pixel probes together
             reread = dict(batch_size=batch_size, num_workers=usable_cores(),
                           **_reread_loader(pool, store, loader_backend, config.device))
-            # and those read a batch at a time (pictures, masks, confirmation's clean images) too
-            as_stored = read_as_stored(pool, reread["loader_backend"], reread["device"], batch_size)
+            # and those read a batch at a time (pictures, masks, confirmation's clean images) too;
+            # where the store kept the pixels (spurfast.pixel_cache), every step reads those rows instead
+            as_stored = read_as_stored(pool, reread["loader_backend"], reread["device"], batch_size, store=store)
+            passes = as_stored if isinstance(as_stored, pixel_cache.StorePixelReads) else pool
             characterise(result, store, as_stored, vae, out, seed=config.seed, device=config.device,
                          feature_space=features)
-            pattern_rankings(result.findings, result.rankings, pool, pred=np.asarray(store["pred"]), seed=config.seed,
-                             progress=progress,
-                             **reread)
+            pattern_rankings(result.findings, result.rankings, passes, pred=np.asarray(store["pred"]),
+                             seed=config.seed, progress=progress, **reread)
             if residual is not None:
                 from .residual import add_residual_findings
-                add_residual_findings(result, store, pool, vae, out, residual, suspect=suspect,
+                add_residual_findings(result, store, passes, vae, out, residual, suspect=suspect,
                                       n_exemplars=config.n_exemplars, device=config.device, progress=progress,
                                       num_workers=reread["num_workers"], loader_backend=reread["loader_backend"],
                                       decode_on=reread["device"], reads=as_stored)
@@ -376,7 +378,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
                 rank_confirmed_first(result, out, drop=unconfirmed)
             if suspect is not None and result.findings:   # is the pattern in its class's suspect data?
                 from .support import training_support
-                training_support(result.findings, pool, suspect, pool.labels(), progress=progress, **reread)
+                training_support(result.findings, passes, suspect, pool.labels(), progress=progress, **reread)
             doc = write_outputs(result, out, extra_config)
             bad_files = {int(i): r for i, r in store.bad_files().items()}  # all ranks, all runs
             bad_files.update(getattr(pool, "bad_files", {}))

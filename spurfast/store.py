@@ -28,6 +28,7 @@ from .identity import fingerprint, weights_fingerprint
 log = logging.getLogger("spurfast.embed")   # the pass's: its messages read as before the split
 
 MANIFEST = "manifest.json"
+WIDE_ROW_BYTES = 4096   # a column whose rows are larger is mapped per read or write (EmbeddingStore.read_rows)
 BAD_LOG = "bad_files.jsonl"   # unreadable files, appended a batch at a time (EmbeddingStore.bad_files)
 
 
@@ -51,7 +52,8 @@ def _reserve(path: Path) -> None:
 
 class EmbeddingStore:
     """Columns: pred (int32), conf (fp32), probs (n x C fp32), mu (n x L fp32),
-    feats (n x F fp16), labels (int64), ok (bool: the image decoded)."""
+    feats (n x F fp16), labels (int64), ok (bool: the image decoded); and for a folder pool
+    pixels (n x C x H x W uint8, `spurfast.pixel_cache`)."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -117,12 +119,42 @@ class EmbeddingStore:
     def __getitem__(self, name: str) -> np.ndarray:
         return self.array(name)
 
+    def wide(self, name: str) -> bool:
+        """Whether column ``name`` is the pool's pixels, or its rows are larger than
+        `WIDE_ROW_BYTES`: read and written through short-lived maps, see `read_rows`."""
+        shape, dtype = self.manifest["columns"][name]
+        return name == "pixels" or int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize > WIDE_ROW_BYTES
+
+    def _mapped(self, name: str, writable: bool) -> np.ndarray:
+        if self.wide(name):   # a map of its own, gone with the caller's reference
+            path = self.root / f"{name}.npy"
+            try:
+                return np.load(path, mmap_mode="r+" if writable else "r")
+            except ValueError as exc:
+                raise ValueError(f"{path} (a column of store {self.root}) cannot be read ({exc}): damaged or cut "
+                                 f"short; remove {self.root} to embed the pool again") from None
+        return self.array(name, writable)
+
+    def read_rows(self, name: str, rows) -> np.ndarray:
+        """A copy of rows ``rows`` (a slice or indices) of column ``name``.  A wide column is
+        mapped for this read only: kept mapped, the pages a run touched (1.2 GB of pixels at
+        100k images) counted in its resident memory."""
+        return np.array(self._mapped(name, False)[rows])
+
+    def write_rows(self, name: str, rows, values: np.ndarray) -> None:
+        """Rows ``rows`` of column ``name``, flushed where the column is wide (the small
+        columns are flushed by `write`)."""
+        arr = self._mapped(name, True)
+        arr[rows] = values
+        if self.wide(name):
+            arr.flush()
+
     def write(self, start: int, values: dict[str, np.ndarray], bad: dict[str, str] | None = None) -> None:
         """Rows ``start``.. of the columns in ``values``, then marked done; ``bad``: the
         unreadable files among them (pool index -> reason)."""
         stop = start + len(next(iter(values.values()))) if values else start
         for name, v in values.items():
-            self.array(name, writable=True)[start:stop] = v
+            self.write_rows(name, slice(start, stop), v)
         for (name, w), arr in self._arrays.items():
             if w:
                 arr.flush()

@@ -18,7 +18,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.sources import ImageSource
+from .pixel_cache import MIXED, MODE_KEY, PIXELS, merged_mode
 from .store import MANIFEST, EmbeddingStore, _open_checked, legacy_identities, unmark_stores
+
+CHUNK_BYTES = 1 << 26   # the rows of one column a merge holds at once (64 MiB)
 
 log = logging.getLogger("spurfast.embed")   # the pass's: its messages read as before the split
 
@@ -181,17 +184,28 @@ def _copy_shard_rows(main: EmbeddingStore, shards: list, counts: list, stop: int
     """Write the first ``counts[r]`` rows of each shard store into ``main`` at their pool
     indices, ``chunk`` rows at a time (bounded memory), with their unreadable files below pool
     index ``stop``; marks nothing done.  A merge copies every row, a restart its kept prefix."""
-    cols = [k for k in shards[0].manifest["columns"] if k != "index"]
+    # main's columns: a pixel column is kept by a pass only below a size set at run time, and a
+    # store made without one takes the others' rows
+    cols = [k for k in shards[0].manifest["columns"] if k != "index" and k in main.manifest["columns"]]
+    if PIXELS in main.manifest["columns"]:
+        # rows of stores without pixels, or of another conversion, leave the column unread
+        modes = [s.manifest.get(MODE_KEY) if PIXELS in s.manifest["columns"] else MIXED
+                 for s, c in zip(shards, counts) if c]
+        main.manifest[MODE_KEY] = merged_mode(main.manifest.get(MODE_KEY) if main.done else None, *modes)
     # a line of a batch the main store's pass was interrupted in (the shards did those rows
     # again) would count once the rows are marked done: a repaired file stayed unreadable
     main.drop_unfinished_bad_files()
     bad = main.bad_files()
+    # a chunk of pixel rows (12 KiB each at 64x64 RGB) held 800 MB at 65,536 rows
+    row_bytes = max(int(np.prod(v[0][1:], dtype=np.int64)) * np.dtype(v[1]).itemsize
+                    for k, v in shards[0].manifest["columns"].items() if k != "index")
+    chunk = max(1, min(chunk, CHUNK_BYTES // max(1, row_bytes)))
     for s, c in zip(shards, counts):
         index = s["index"]
         for lo in range(0, c, chunk):
             rows = np.asarray(index[lo:min(c, lo + chunk)])
             for k in cols:
-                main.array(k, writable=True)[rows] = s[k][lo:lo + len(rows)]
+                main.write_rows(k, rows, s.read_rows(k, slice(lo, lo + len(rows))))
             if bar is not None:
                 bar.update(len(rows))
         bad.update({i: why for i, why in s.bad_files().items() if int(i) < stop})

@@ -527,9 +527,9 @@ def test_the_subprocess_environment_keeps_the_callers_python_path(monkeypatch):
     assert _env()["PYTHONPATH"] == str(ROOT)
 
 
-def _one_process(d: Path, out: Path, **kw):
+def _one_process(d: Path, out: Path, env: dict | None = None, **kw):
     r = subprocess.run([sys.executable, "-m", "spurfast"] + _discover_args(d, out, **kw), capture_output=True,
-                       text=True, timeout=300, env=_env(), cwd=ROOT)
+                       text=True, timeout=300, env=dict(_env(), **(env or {})), cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -582,6 +582,37 @@ def test_two_ranks_give_the_one_process_findings(planted, single_run):
     top = np.asarray(doc["findings"][0]["members"])
     assert doc["findings"][0]["class"] == 0 and carries[top].mean() > 2 * carries.mean()
     assert not (out / "store" / "shards").exists()  # merged into the one store, parts removed
+    # the pool's pixels as the passes decoded them, merged from the ranks' shards
+    from spurfast.pixel_cache import PIXELS, usable
+    from spurfast.store import EmbeddingStore
+    one, two = EmbeddingStore(single_run / "store"), EmbeddingStore(out / "store")
+    assert usable(one) and usable(two)
+    np.testing.assert_array_equal(one.read_rows(PIXELS, slice(None)), two.read_rows(PIXELS, slice(None)))
+
+
+def test_findings_and_pictures_do_not_depend_on_the_kept_pixels(planted):
+    """The steps after discovery read the store's pixel rows (spurfast.pixel_cache) where they
+    decoded the pool's files again: the same findings, confirmations, pictures and rankings,
+    bit for bit, as a run that keeps none."""
+    from spurfast.pixel_cache import usable
+    from spurfast.store import EmbeddingStore
+
+    outs = {}
+    for gb in ("4", "0"):
+        outs[gb] = planted / f"out-pixels-{gb}"
+        _one_process(planted, outs[gb], env={"SPURFAST_PIXEL_CACHE_GB": gb}, extra=())
+    kept, decoded = outs["4"], outs["0"]
+    assert usable(EmbeddingStore(kept / "store")) and not usable(EmbeddingStore(decoded / "store"))
+    _assert_same_findings(kept, decoded)
+    fa, fb = (json.loads((o / "findings.json").read_text())["findings"] for o in (kept, decoded))
+    assert [f["confirm"] for f in fa] == [f["confirm"] for f in fb] and any(f["confirm"] for f in fa)
+    assert [f.get("ranked_by") for f in fa] == [f.get("ranked_by") for f in fb]
+    files = sorted(p.relative_to(kept) for p in (kept / "images").glob("*.png")) + \
+        sorted(p.relative_to(kept) for p in (kept / "rankings").glob("*.npy"))
+    assert files and files == sorted(p.relative_to(decoded) for p in (decoded / "images").glob("*.png")) + \
+        sorted(p.relative_to(decoded) for p in (decoded / "rankings").glob("*.npy"))
+    for f in files:
+        assert (kept / f).read_bytes() == (decoded / f).read_bytes(), f
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed next to the interpreter")

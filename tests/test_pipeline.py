@@ -806,10 +806,18 @@ def test_a_dali_run_reads_pictures_and_clean_images_as_its_store_was_decoded(tmp
     import spurfast.residual
     from spurfast.residual import ResidualConfig
     monkeypatch.setattr(spurfast.residual, "add_residual_findings", lambda *a, **k: seen.update(residual=k["reads"]))
-    run_discovery(pool, SmallCNN(3, 2, 16), VAE(VAEConfig.for_images(3, 16, 4)), tmp_path / "run", num_classes=2,
-                  confirm=False, progress=False, loader_backend="dali", residual=ResidualConfig())
-    assert isinstance(seen["characterise"], StoreLoaderReads) and seen["characterise"].base is pool
-    assert seen["residual"] is seen["characterise"]
+    from spurfast.pixel_cache import StorePixelReads
+    clf, vae = SmallCNN(3, 2, 16), VAE(VAEConfig.for_images(3, 16, 4))
+    # the store's own pixel rows where it kept them (spurfast.pixel_cache), else DALI's decode again
+    for gb, kind in (("4", StorePixelReads), ("0", StoreLoaderReads)):
+        monkeypatch.setenv("SPURFAST_PIXEL_CACHE_GB", gb)
+        seen.clear()
+        run_discovery(pool, clf, vae, tmp_path / f"run{gb}", num_classes=2, confirm=False, progress=False,
+                      loader_backend="dali", residual=ResidualConfig())
+        assert isinstance(seen["characterise"], kind) and seen["characterise"].base is pool
+        assert seen["residual"] is seen["characterise"]
+        if kind is StorePixelReads:
+            assert_bitwise(seen["characterise"].get_batch(idx)[0], dali, "images read from the store's pixels")
 
 
 @pytest.mark.parametrize("case", ["list of names", "list of indices", "manifest a list"])

@@ -52,12 +52,17 @@ class StoreLoaderReads(ImageSource):
         return torch.cat(images)[torch.as_tensor(back)], torch.as_tensor(self.base.labels()[idx], dtype=torch.int64)
 
 
-def read_as_stored(pool: ImageSource, loader_backend: str | None, device: str | None, batch_size: int = 256):
-    """``pool``, or, where its images are files that DALI decoded into the store, the pool
-    read through DALI (`StoreLoaderReads`): the torch loader and ``get_batch`` both decode
-    with PIL."""
+def read_as_stored(pool: ImageSource, loader_backend: str | None, device: str | None, batch_size: int = 256,
+                   store=None):
+    """``pool`` read as its embedding ``store`` saw it: the store's own pixel rows where it
+    kept them (`spurfast.pixel_cache`: no decoding at all); else ``pool``, or, where its
+    images are files that DALI decoded into the store, the pool read through DALI
+    (`StoreLoaderReads`): the torch loader and ``get_batch`` both decode with PIL."""
     from .. import backends
+    from ..pixel_cache import StorePixelReads, usable
 
+    if getattr(pool, "paths", None) is not None and usable(store):
+        return StorePixelReads(pool, store)
     if getattr(pool, "paths", None) is None or backends.resolve("loader", loader_backend)[0] != "dali":
         return pool
     return StoreLoaderReads(pool, "dali", device, batch_size)
