@@ -78,6 +78,7 @@ from .confirm_work import KeptConfirmations
 from .data.sources import ImageSource
 from .families import FEATURE_VIEW, RESIDUAL, finding_family
 from .models.as_given import restores_models
+from .models.outputs import model_logits
 from .scoring import bh_qvalues
 
 log = logging.getLogger("spurfast.confirm")
@@ -179,7 +180,7 @@ def random_controls(vals: torch.Tensor, mask: torch.Tensor, n: int, rng: np.rand
 def _prob(model, x: torch.Tensor, cls: int, device: str, batch_size: int) -> np.ndarray:
     out = []
     for s in range(0, len(x), batch_size):
-        logits = model(x[s:s + batch_size].to(device))
+        logits = model_logits(model, x[s:s + batch_size].to(device))
         out.append(torch.softmax(logits.float(), 1)[:, cls].cpu())
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
@@ -530,7 +531,7 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
             # through the loader: get_batch decoded a folder one file at a time in this process
             for b in iter_batches(clean, config.batch_size, num_workers=num_workers, backend=loader_backend,
                                   device=decode_device(config.device)):
-                logits = model(b.images.to(config.device)).float()
+                logits = model_logits(model, b.images.to(config.device)).float()
                 # argmax calls a row of NaN class 0; -1: no class (confirm_pattern leaves it out)
                 guess = torch.where(torch.isfinite(logits).all(1), logits.argmax(1), -1)
                 pred[b.indices.numpy()] = guess.cpu().numpy()

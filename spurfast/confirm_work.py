@@ -22,8 +22,9 @@ from .atomic_files import replace_atomically
 from .discovery_work import sweep_killed_writers, work_key
 from .identity import fingerprint
 
-VERSION = 2   # bump when what `confirm_pattern` computes changes: results kept by older code are then not read
+VERSION = 3   # bump when what `confirm_pattern` computes changes: results kept by older code are then not read
 # 2: an unreadable clean image is replaced (version 1 confirmed on fewer images under the same key)
+# 3: a model that gives channels-last images the same logits classifies them so (probabilities ~1e-6 apart)
 
 
 class KeptConfirmations:

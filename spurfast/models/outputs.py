@@ -56,6 +56,15 @@ def _cpu_layout(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 @torch.no_grad()
+def model_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)``, on a CPU in the layout `classifier_outputs` gives it (channels-last where the
+    model gives such images the same logits): confirmation's 4,000 forwards a finding ran a
+    traced SmallCNN-8 in NCHW at half the embedding pass's rate."""
+    x, first = _cpu_layout(model, x)
+    return model(x) if first is None else first
+
+
+@torch.no_grad()
 def classifier_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, penultimate features): spurfast's SmallCNN and ResNet18 give their
     penultimate layer, another model with ``features`` and an ``fc2`` layer (a scripted
