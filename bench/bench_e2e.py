@@ -20,8 +20,10 @@ Rows (op "e2e", provider "procs=P"):
   the DataLoader or DALI decodes while the models run);
 - ``stage_s`` per stage: embed, discover (per-class k-means + kNN + permutation null,
   k-means across ranks), report (characterise, the pattern rankings' re-reads as
-  `spurfast discover` makes them, outputs; characterise and the rankings alone are
-  ``part=characterise`` and ``part=rank`` rows, with ``findings`` rows counting the findings
+  `spurfast discover` makes them, confirmation, outputs; characterise, confirmation and the
+  rankings alone are ``part=characterise``, ``part=confirm`` and ``part=rank`` rows
+  (``e2e_no_confirm_images_per_s``: the run without confirmation, as the rows before the
+  forty-seventh session timed it), with ``findings`` rows counting the findings
   in all and of each ``ranked_by``; the images are re-read from the store's pixel rows where
   it kept them, `spurfast.pixel_cache`);
 - ``peak_memory``: max RSS of the busiest rank process (``VmHWM``: ``ru_maxrss`` of a
@@ -187,7 +189,8 @@ def worker(argv=None) -> int:
     from spurfast.data.reread import read_as_stored
     from spurfast.pattern_rank import pattern_rankings
     from spurfast.pixel_cache import StorePixelReads
-    from spurfast.pipeline import _reread_loader
+    from spurfast.confirm import ConfirmConfig, confirm_findings
+    from spurfast.pipeline import _reread_loader, rank_confirmed_first
     from spurfast.report import write_report
     from spurfast.run_folder import prepare_output
 
@@ -220,16 +223,21 @@ def worker(argv=None) -> int:
             pattern_rankings(result.findings, result.rankings, passes, pred=np.asarray(store["pred"]),
                              batch_size=args.batch_size, num_workers=usable_cores(), **reread)
             t["ranked"] = time.perf_counter()
+            if result.findings:   # as `spurfast discover` confirms (without --no-confirm)
+                confirm_findings(result.findings, clf, pool=as_stored, pool_pred=np.asarray(store["pred"]),
+                                 config=ConfirmConfig(seed=0, device=device), num_workers=usable_cores())
+                rank_confirmed_first(result, out)
+            t["confirmed"] = time.perf_counter()
             doc = write_outputs(result, out)
             write_report(doc, out, clusters=result.clusters)
         t["reported"] = time.perf_counter()
     else:
         dist.serve_main_section()
-        t["discovered"] = t["characterised"] = t["ranked"] = t["reported"] = time.perf_counter()
+        t["discovered"] = t["characterised"] = t["ranked"] = t["confirmed"] = t["reported"] = time.perf_counter()
     rec = {"rank": ctx.rank, "world": ctx.world_size, "n": len(pool),
            "embed_s": t["embedded"] - t["start"], "discover_s": t["discovered"] - t["embedded"],
            "report_s": t["reported"] - t["discovered"], "rank_s": t["ranked"] - t["characterised"],
-           "characterise_s": t["characterised"] - t["discovered"],
+           "characterise_s": t["characterised"] - t["discovered"], "confirm_s": t["confirmed"] - t["ranked"],
            "n_findings": len(result.findings) if ctx.is_main else 0,
            "n_ranked_by": {k: sum(f.get("ranked_by") == k for f in result.findings)
                            for k in ("pattern", "latent+pattern", "latent+pixels", "latent")} if ctx.is_main else {},
@@ -304,6 +312,7 @@ def run_e2e(pool: Path, clf: Path, vae: Path, procs: int, n_null: int, device: s
            "embed_s": max(x["embed_s"] for x in ranks), "discover_s": main["discover_s"], "report_s": main["report_s"],
            "rank_s": main.get("rank_s", 0.0), "n_ranked_by": main.get("n_ranked_by", {}),
            "characterise_s": main.get("characterise_s", 0.0), "n_findings": main.get("n_findings", 0),
+           "confirm_s": main.get("confirm_s", 0.0),
            "total_s": main["total_s"], "peak_rss": max(x["peak_rss"] for x in ranks),
            "peak_rss_loader": max(x["peak_rss_children"] for x in ranks),
            "cuda_peak": max(x.get("cuda_peak", 0) for x in ranks), "embed_split": main.get("embed_split", {}),
@@ -386,6 +395,9 @@ def _run_rows(writer, n: int, res: dict, n_null: int, dev: str, gpu: bool) -> No
     # the pattern rankings' re-reads, part of report: how much of it the pixel probes take
     writer.add("e2e", prov, dict(cfg, stage="report", part="rank"), "stage_s", res["rank_s"], "s", dev)
     writer.add("e2e", prov, dict(cfg, stage="report", part="characterise"), "stage_s", res["characterise_s"], "s", dev)
+    writer.add("e2e", prov, dict(cfg, stage="report", part="confirm"), "stage_s", res["confirm_s"], "s", dev)
+    # the run as `spurfast discover --no-confirm` makes it (the figure before confirmation was timed)
+    writer.add("e2e", prov, cfg, "e2e_no_confirm_images_per_s", n / (res["total_s"] - res["confirm_s"]), "1/s", dev)
     writer.add("e2e", prov, cfg, "findings", res["n_findings"], "", dev)
     for kind, count in res["n_ranked_by"].items():
         writer.add("e2e", prov, dict(cfg, ranked_by=kind), "findings", count, "", dev)
@@ -402,7 +414,7 @@ def _run_rows(writer, n: int, res: dict, n_null: int, dev: str, gpu: bool) -> No
     print(f"[e2e] n={n} procs={res['procs']} cores={res['cores']}: {n / res['total_s']:.0f} img/s end to end, "
           f"embed {res['embed_s']:.1f} s ({n / res['embed_s']:.0f} img/s), discover {res['discover_s']:.1f} s, "
           f"report {res['report_s']:.1f} s ({res['n_findings']} findings: characterise {res['characterise_s']:.1f} s, "
-          f"pattern rankings {res['rank_s']:.1f} s: "
+          f"confirm {res['confirm_s']:.1f} s, pattern rankings {res['rank_s']:.1f} s: "
           f"{', '.join(f'{v} {k}' for k, v in res['n_ranked_by'].items())}), peak RSS {res['peak_rss'] / 2**20:.0f} MiB (loader workers "
           f"{res['peak_rss_loader'] / 2**20:.0f} MiB), embed split "
           f"{', '.join(f'{k} {v:.1f}' for k, v in res['embed_split'].items())}, load avg {res['loadavg_1m']:.1f}",
