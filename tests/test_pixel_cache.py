@@ -125,3 +125,26 @@ def test_conversions_and_mixed_rows(folder, tmp_path):
     pool, store = _embed(folder, tmp_path / "s", "torch")
     store.manifest[MODE_KEY] = MIXED   # e.g. a resume on another device: not read, the files decoded again
     assert not usable(store) and read_as_stored(pool, "torch", "cpu", store=store) is pool
+
+
+def test_rows_are_read_and_written_as_numpy_indexing_does(tmp_path):
+    """The pixel column is read and written with pread/pwrite (a map of it counted the file's
+    pages a read touched as resident: 1,365 scattered rows, 16 MiB, raised a process's peak by
+    860 MiB where a merge had just written the file): the same rows as indexing an array."""
+    store = EmbeddingStore.create(tmp_path / "s", 11, {PIXELS: ((11, 2, 3, 3), "uint8"), "mu": ((11, 4), "float32")},
+                                  {})
+    want = np.zeros((11, 2, 3, 3), np.uint8)
+    rng = np.random.default_rng(0)
+    for rows in (slice(0, 11), np.array([7, 2, 2, 9, 0]), np.array([10]), slice(3, 6), np.zeros(0, np.int64)):
+        vals = rng.integers(0, 256, (len(np.arange(11)[rows]), 2, 3, 3), dtype=np.uint8)
+        store.write_rows(PIXELS, rows, vals)
+        want[rows] = vals   # a repeated row keeps its last value
+        np.testing.assert_array_equal(np.load(store.root / f"{PIXELS}.npy"), want)
+    for rows in (slice(None), np.array([9, 0, 0, 4, 10]), slice(2, 2), np.array([3, 4, 5, 7, 8])):
+        np.testing.assert_array_equal(store.read_rows(PIXELS, rows), want[rows])
+    with pytest.raises(IndexError, match="row 11 is outside"):
+        store.read_rows(PIXELS, np.array([1, 11]))
+    with open(store.root / f"{PIXELS}.npy", "r+b") as fh:   # cut short
+        fh.truncate(128 + 5 * 18)
+    with pytest.raises(ValueError, match="cut short"):
+        store.read_rows(PIXELS, np.array([2, 8]))
