@@ -28,7 +28,7 @@ from .identity import fingerprint, weights_fingerprint
 log = logging.getLogger("spurfast.embed")   # the pass's: its messages read as before the split
 
 MANIFEST = "manifest.json"
-WIDE_ROW_BYTES = 4096   # a column whose rows are larger is mapped per read or write (EmbeddingStore.read_rows)
+WIDE_ROW_BYTES = 4096   # a column whose rows are larger is read and written unmapped (EmbeddingStore.read_rows)
 BAD_LOG = "bad_files.jsonl"   # unreadable files, appended a batch at a time (EmbeddingStore.bad_files)
 
 
@@ -121,7 +121,7 @@ class EmbeddingStore:
 
     def wide(self, name: str) -> bool:
         """Whether column ``name`` is the pool's pixels, or its rows are larger than
-        `WIDE_ROW_BYTES`: read and written through short-lived maps, see `read_rows`."""
+        `WIDE_ROW_BYTES`: read and written with pread/pwrite, never mapped (see `read_rows`)."""
         shape, dtype = self.manifest["columns"][name]
         return name == "pixels" or int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize > WIDE_ROW_BYTES
 
