@@ -29,6 +29,7 @@ import os
 import numpy as np
 import torch
 
+from .data.reread import BaseReads
 from .data.sources import ImageSource, pool_indices
 
 PIXELS = "pixels"
@@ -84,29 +85,16 @@ def merged_mode(*modes) -> str | None:
     return seen.pop() if len(seen) == 1 else (MIXED if seen else None)
 
 
-class StorePixelReads(ImageSource):
+class StorePixelReads(BaseReads):
     """``base`` (the folder pool a complete store was embedded from) whose ``get_batch``
     reads the store's pixel rows instead of decoding files; everything else is ``base``'s.
     Unreadable files are zero rows, and in ``bad_files`` as the store recorded them."""
 
     def __init__(self, base: ImageSource, store):
-        self.base, self.store, self.mode = base, store, store.manifest[MODE_KEY]
-        self.image_shape, self.class_names, self.name = base.image_shape, base.class_names, base.name
+        super().__init__(base)
+        self.store, self.mode = store, store.manifest[MODE_KEY]
         # the store's unreadable files, and any a later read of the base found
         self._stored_bad = {int(i): why for i, why in store.bad_files().items()}
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        x, y = self.get_batch([int(i)])
-        return x[0], int(y[0])
-
-    def item_id(self, i):
-        return self.base.item_id(i)
-
-    def labels(self):
-        return self.base.labels()
 
     @property
     def bad_files(self) -> dict[int, str]:

@@ -14,12 +14,11 @@ import torch
 from .sources import ImageSource, pool_indices
 
 
-class StoreLoaderReads(ImageSource):
-    """``base`` (a folder pool) whose ``get_batch`` decodes through ``loader_backend`` on
-    ``device`` (`loader_torch.iter_batches`); everything else is ``base``'s."""
+class BaseReads(ImageSource):
+    """``base`` read otherwise: a subclass gives ``get_batch``; everything else is ``base``'s."""
 
-    def __init__(self, base: ImageSource, loader_backend: str, device: str | None, batch_size: int = 256):
-        self.base, self.loader_backend, self.device, self.batch_size = base, loader_backend, device, batch_size
+    def __init__(self, base: ImageSource):
+        self.base = base
         self.image_shape, self.class_names, self.name = base.image_shape, base.class_names, base.name
 
     def __len__(self):
@@ -36,8 +35,17 @@ class StoreLoaderReads(ImageSource):
         return self.base.labels()
 
     @property
-    def bad_files(self) -> dict[int, str]:   # the loader records them in the base's
+    def bad_files(self) -> dict[int, str]:   # a loader records them in the base's
         return getattr(self.base, "bad_files", {})
+
+
+class StoreLoaderReads(BaseReads):
+    """``base`` (a folder pool) whose ``get_batch`` decodes through ``loader_backend`` on
+    ``device`` (`loader_torch.iter_batches`); everything else is ``base``'s."""
+
+    def __init__(self, base: ImageSource, loader_backend: str, device: str | None, batch_size: int = 256):
+        super().__init__(base)
+        self.loader_backend, self.device, self.batch_size = loader_backend, device, batch_size
 
     def get_batch(self, indices):
         from .loader_torch import iter_batches
