@@ -44,8 +44,11 @@ def _reserve(path: Path) -> None:
         os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # the pool's pixels are the one column a run can do without (spurfast.pixel_cache)
+            pixels = "; the pool's pixels are kept only to save decoding them again: SPURFAST_PIXEL_CACHE_GB=0 " \
+                     "keeps none" if path.name == "pixels.npy" else ""
             raise OSError(exc.errno, f"no space for the embedding store's column {path} "
-                                     f"({os.fstat(fd).st_size} bytes): {os.strerror(exc.errno)}") from None
+                                     f"({os.fstat(fd).st_size} bytes): {os.strerror(exc.errno)}{pixels}") from None
     finally:
         os.close(fd)
 

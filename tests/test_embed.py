@@ -1094,8 +1094,12 @@ def test_a_full_disk_is_an_error_when_the_store_is_made_not_a_bus_error_later(tm
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "posix_fallocate", full)
-    with pytest.raises(OSError, match=r"no space for the embedding store's column .*mu\.npy \(\d+ bytes\)"):
+    with pytest.raises(OSError, match=r"no space for the embedding store's column .*mu\.npy \(\d+ bytes\)") as got:
         EmbeddingStore.create(tmp_path / "s", 1000, {"mu": ((1000, 16), "float32")}, {})
+    assert "PIXEL_CACHE" not in str(got.value)
+    # the pool's pixels, the one column a run can do without, say how to go without them
+    with pytest.raises(OSError, match=r"pixels\.npy .*SPURFAST_PIXEL_CACHE_GB=0 keeps none"):
+        EmbeddingStore.create(tmp_path / "p", 1000, {"pixels": ((1000, 3, 8, 8), "uint8")}, {})
 
     def unsupported(fd, offset, length):
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
