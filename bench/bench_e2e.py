@@ -185,12 +185,12 @@ def worker(argv=None) -> int:
     from spurfast import distributed as dist
     from spurfast.data.folder import ImageFolderSource
     from spurfast.discover import DiscoverConfig, characterise, discover, write_outputs
-    from spurfast.models.files import load_classifier, load_vae
-    from spurfast.data.reread import read_as_stored
-    from spurfast.pattern_rank import pattern_rankings
-    from spurfast.pixel_cache import StorePixelReads
     from spurfast.confirm import ConfirmConfig, confirm_findings
+    from spurfast.data.reread import read_as_stored
+    from spurfast.models.files import load_classifier, load_vae
+    from spurfast.pattern_rank import pattern_rankings
     from spurfast.pipeline import _reread_loader, rank_confirmed_first
+    from spurfast.pixel_cache import pool_passes
     from spurfast.report import write_report
     from spurfast.run_folder import prepare_output
 
@@ -217,7 +217,7 @@ def worker(argv=None) -> int:
             # kept them, else decoded again (the localised and diffuse findings' rankings read the pool)
             reread = _reread_loader(pool, store, None, device)
             as_stored = read_as_stored(pool, reread["loader_backend"], reread["device"], args.batch_size, store=store)
-            passes = as_stored if isinstance(as_stored, StorePixelReads) else pool
+            passes = pool_passes(pool, as_stored)
             characterise(result, store, as_stored, vae, out, seed=0, device=device)
             t["characterised"] = time.perf_counter()
             pattern_rankings(result.findings, result.rankings, passes, pred=np.asarray(store["pred"]),

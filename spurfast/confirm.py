@@ -445,10 +445,12 @@ def clean_indices_for(source: ImageSource, labels: np.ndarray, pred: np.ndarray 
     unreadable so far: that grows as images load, and a resumed run, which loads none for the
     findings it kept, drew other images for the next finding than the run it resumes
     (`_clean_images` replaces an unreadable one)."""
-    idx = _other_class(labels, pred, cls, np.asarray(candidates, dtype=np.int64))
-    if len(idx) > max_images:
-        idx = np.sort(rng.choice(idx, max_images, replace=False))
-    return idx
+    return _draw(_other_class(labels, pred, cls, np.asarray(candidates, dtype=np.int64)), max_images, rng)
+
+
+def _draw(idx: np.ndarray, max_images: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to ``max_images`` of ``idx``, sorted: all of them where there are no more."""
+    return np.sort(rng.choice(idx, max_images, replace=False)) if len(idx) > max_images else idx
 
 
 def clean_images_for(source: ImageSource, labels: np.ndarray, pred: np.ndarray | None, cls: int,
@@ -470,8 +472,8 @@ def _clean_images(source: ImageSource, idx: np.ndarray, candidates: np.ndarray) 
         shape = tuple(x0.shape[1:]) if x0 is not None else tuple(source.image_shape)
         return torch.zeros((0,) + shape)
     x = load_readable(source, idx)
-    spare = np.setdiff1d(candidates, idx)
-    if len(x) < len(idx) and len(spare):
+    spare = np.setdiff1d(candidates, idx) if len(x) < len(idx) else ()
+    if len(spare):
         order = np.random.default_rng(np.asarray(idx, dtype=np.uint64)).permutation(spare)
         pieces, have, at = [x], len(x), 0
         while have < len(idx) and at < len(order):
@@ -567,7 +569,8 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
             ok = cand[pred[cand] != c]       # predicted as another class
         else:
             ok = cand
-        idx = clean_indices_for(src, labels, pred, c, ok, config.max_images, rng)
+        others = _other_class(labels, pred, c, ok)   # as clean_indices_for draws them
+        idx = _draw(others, config.max_images, rng)
         if clean is None:
             # labelled ones only: an unlabelled pool image predicted c may carry the shortcut itself
             # (its carriers outside the finding: one shortcut splits over clusters), which the
@@ -578,8 +581,8 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
         if len(own) > config.max_images:
             own = np.sort(rng.choice(own, config.max_images, replace=False))
 
-        def compute(f=f, c=c, idx=idx, own=own, ok=ok):
-            x = _clean_images(src, idx, _other_class(labels, pred, c, ok))
+        def compute(f=f, c=c, idx=idx, own=own, others=others):
+            x = _clean_images(src, idx, others)
             xc = load_readable(src, own) if len(own) else None
             return confirm_pattern(model, x, c, f["_mask"], f["_contrast"], f.get("_pattern"), config, class_images=xc)
         cf = kept.result(f, idx, own, compute) if kept is not None else compute()

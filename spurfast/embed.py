@@ -338,9 +338,9 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
         values = {"pred": pred, "conf": conf, "probs": probs, "mu": mu, "feats": feats.astype(np.float16),
                   "labels": batch.labels.numpy(), "ok": ok}
         if PIXELS in store.manifest["columns"]:   # for the steps that read the images again (pixel_cache)
-            values[PIXELS], mode = batch_pixels(batch.images)
-            store.manifest[MODE_KEY] = merged_mode(store.manifest.get(MODE_KEY) if store.done else None,
-                                                   mode or MIXED)
+            kept = store.manifest.get(MODE_KEY) if store.done else None
+            values[PIXELS], mode = batch_pixels(batch.images, kept)
+            store.manifest[MODE_KEY] = merged_mode(kept, mode or MIXED)
         clock.lap("compute_s")
         store.write(store.done, values, bad)
         bar.update(len(idx))

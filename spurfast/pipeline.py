@@ -353,7 +353,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
             # and those read a batch at a time (pictures, masks, confirmation's clean images) too;
             # where the store kept the pixels (spurfast.pixel_cache), every step reads those rows instead
             as_stored = read_as_stored(pool, reread["loader_backend"], reread["device"], batch_size, store=store)
-            passes = as_stored if isinstance(as_stored, pixel_cache.StorePixelReads) else pool
+            passes = pixel_cache.pool_passes(pool, as_stored)
             characterise(result, store, as_stored, vae, out, seed=config.seed, device=config.device,
                          feature_space=features)
             pattern_rankings(result.findings, result.rankings, passes, pred=np.asarray(store["pred"]),

@@ -66,14 +66,15 @@ def to_float(pixels: torch.Tensor, mode: str) -> torch.Tensor:
     return x.div_(255.0) if mode == "div255" else x.mul_(float(_INV255))
 
 
-def batch_pixels(images: torch.Tensor) -> tuple[np.ndarray, str | None]:
+def batch_pixels(images: torch.Tensor, expect: str | None = None) -> tuple[np.ndarray, str | None]:
     """(uint8 rows (B, C, H, W), the conversion that gives ``images`` back exactly, or None):
-    the loader's batch as the store keeps it."""
+    the loader's batch as the store keeps it.  ``expect``: the conversion earlier batches
+    used, tried first (DALI's, tried second, cost every batch a conversion more)."""
     if images.dtype == torch.uint8:
         return images.cpu().numpy(), "div255"   # made float by uint8_to, as embed_pool does
     x = images.detach().to("cpu", torch.float32)
     u = x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
-    for mode in MODES:
+    for mode in sorted(MODES, key=lambda m: m != expect):
         if torch.equal(to_float(u, mode), x):
             return u.numpy(), mode
     return u.numpy(), None
@@ -104,6 +105,13 @@ class StorePixelReads(BaseReads):
         idx = pool_indices(indices, len(self.base), f"indices into {self.base.name}")
         rows = torch.as_tensor(self.store.read_rows(PIXELS, idx))
         return to_float(rows, self.mode), torch.as_tensor(self.base.labels()[idx], dtype=torch.int64)
+
+
+def pool_passes(pool: ImageSource, reads: ImageSource) -> ImageSource:
+    """What the steps that pass over many pool images (pattern rankings, residual scan,
+    training support) read: the store's pixel rows where `read_as_stored` gave them (``reads``),
+    else ``pool`` itself, which their loader decodes on every core."""
+    return reads if isinstance(reads, StorePixelReads) else pool
 
 
 def usable(store) -> bool:

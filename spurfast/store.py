@@ -122,14 +122,18 @@ class EmbeddingStore:
     def __getitem__(self, name: str) -> np.ndarray:
         return self.array(name)
 
+    def row_bytes(self, name: str) -> int:
+        """Bytes a row of column ``name`` holds."""
+        shape, dtype = self.manifest["columns"][name]
+        return int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+
     def wide(self, name: str) -> bool:
         """Whether column ``name`` is the pool's pixels, or its rows are larger than
         `WIDE_ROW_BYTES`: read and written with pread/pwrite, never mapped (see `read_rows`)."""
-        shape, dtype = self.manifest["columns"][name]
-        return name == "pixels" or int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize > WIDE_ROW_BYTES
+        return name == "pixels" or self.row_bytes(name) > WIDE_ROW_BYTES
 
-    def _layout(self, name: str) -> tuple[Path, int, tuple, np.dtype, int]:
-        """(path, byte offset of row 0, shape, dtype, bytes a row) of column ``name``'s .npy file."""
+    def _layout(self, name: str) -> tuple[Path, int, tuple, np.dtype]:
+        """(path, byte offset of row 0, shape, dtype) of column ``name``'s .npy file."""
         path = self.root / f"{name}.npy"
         try:
             with open(path, "rb") as fh:
@@ -140,10 +144,9 @@ class EmbeddingStore:
         except (OSError, ValueError) as exc:
             raise ValueError(f"{path} (a column of store {self.root}) cannot be read ({exc}): damaged or cut "
                              f"short; remove {self.root} to embed the pool again") from None
-        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         if fortran:
             raise ValueError(f"{path} is in Fortran order; spurfast writes C order: remove {self.root}")
-        return path, offset, tuple(shape), dtype, row
+        return path, offset, tuple(shape), dtype
 
     def _runs(self, name: str, rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(sorted distinct row indices, where each requested row is among them, starts of runs
@@ -165,7 +168,7 @@ class EmbeddingStore:
         peak by 860 MiB where a merge had just written the file)."""
         if not self.wide(name):
             return np.array(self.array(name)[rows])
-        path, offset, shape, dtype, row = self._layout(name)
+        (path, offset, shape, dtype), row = self._layout(name), self.row_bytes(name)
         uniq, back, starts = self._runs(name, rows)
         buf = np.empty((len(uniq),) + shape[1:], dtype)
         flat = buf.reshape(-1).view(np.uint8)
@@ -188,7 +191,7 @@ class EmbeddingStore:
         if not self.wide(name):
             self.array(name, writable=True)[rows] = values
             return
-        path, offset, shape, dtype, row = self._layout(name)
+        (path, offset, shape, dtype), row = self._layout(name), self.row_bytes(name)
         uniq, back, starts = self._runs(name, rows)
         vals = np.ascontiguousarray(np.broadcast_to(np.asarray(values, dtype), (len(back),) + shape[1:]))
         if len(uniq) != len(back) or not np.array_equal(back, np.arange(len(uniq))):

@@ -197,8 +197,7 @@ def _copy_shard_rows(main: EmbeddingStore, shards: list, counts: list, stop: int
     main.drop_unfinished_bad_files()
     bad = main.bad_files()
     # a chunk of pixel rows (12 KiB each at 64x64 RGB) held 800 MB at 65,536 rows
-    row_bytes = max(int(np.prod(v[0][1:], dtype=np.int64)) * np.dtype(v[1]).itemsize
-                    for k, v in shards[0].manifest["columns"].items() if k != "index")
+    row_bytes = max(shards[0].row_bytes(k) for k in cols) if cols else 1
     chunk = max(1, min(chunk, CHUNK_BYTES // max(1, row_bytes)))
     for s, c in zip(shards, counts):
         index = s["index"]

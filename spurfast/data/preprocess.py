@@ -358,6 +358,9 @@ def _jpeg_marker_error(path: str) -> str | None:
         return None   # unreadable now: the loaders' decode says so
 
 
+_PAST_END = "whose marker segments run past the end of the file before its scan"
+
+
 def _jpeg_marker_walk(data) -> str | None:
     """`_jpeg_marker_error` of a JPEG's bytes (bytes or an mmap), in its words."""
     n = len(data)
@@ -366,19 +369,19 @@ def _jpeg_marker_walk(data) -> str | None:
     while True:
         k = at + 1
         if k >= n:
-            return "whose marker segments run past the end of the file before its scan"
+            return _PAST_END
         first = data[at]
         while k < n and data[k] == 0xFF:   # fill bytes
             k += 1
         if k >= n:
-            return "whose marker segments run past the end of the file before its scan"
+            return _PAST_END
         marker = data[k]
         if first != 0xFF or marker == 0x00:
             return f"with stray bytes where a marker belongs (byte {at}: {first:02x} {marker:02x})"
         if marker == 0xDA:   # SOS: the scan follows
             return _JPEG_CMYK_NO_ADOBE if components == 4 and not adobe else None
         if k + 2 >= n:
-            return "whose marker segments run past the end of the file before its scan"
+            return _PAST_END
         length = data[k + 1] << 8 | data[k + 2]
         if length < 2:
             return f"with a marker segment of length {length} (byte {at}; 2 or more expected)"
