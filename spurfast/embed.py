@@ -27,6 +27,7 @@ from .data.sources import ImageSource, content_digest
 from .identity import fingerprint
 from .models.as_given import restores_models
 from .models.outputs import check_floating, classifier_outputs, non_float32_weights, shape_text, trial
+from .models.layout import in_cpu_blocks
 from .pixel_cache import MIXED, MODE_KEY, PIXELS, batch_pixels, keeps_pixels, merged_mode
 from .store import MANIFEST, EmbeddingStore, _open_checked, _same_identity, legacy_identities
 from .store_shards import _sync_labels, open_main, shard_dir
@@ -298,9 +299,9 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
         if x.dtype == torch.uint8:
             x = uint8_to(x, torch.float32)
         with torch.no_grad():
-            logits, feats = classifier_outputs(classifier, x)
+            logits, feats, mu = in_cpu_blocks(lambda xb: classifier_outputs(classifier, xb) + (
+                vae.encode(xb, backend=encoder_backend)[0],), x)   # both models on a block while it is in cache
             probs = torch.softmax(logits.float(), 1)
-            mu, _ = vae.encode(x, backend=encoder_backend)
         ok = batch.ok.numpy()
         conf, pred = probs.max(1)
         # one device-to-host copy (one sync on a GPU) for every result of the batch;

@@ -1113,3 +1113,24 @@ def test_store_columns_are_reserved_on_disk(tmp_path):
     store = EmbeddingStore.create(tmp_path / "s", 4096, {"mu": ((4096, 16), "float32")}, {})
     st = (store.root / "mu.npy").stat()
     assert st.st_blocks * 512 >= 4096 * 16 * 4   # not sparse
+
+
+def test_the_pass_runs_both_models_on_a_cpu_in_blocks_with_one_calls_rows(tmp_path, monkeypatch):
+    """Both models see a 150-image batch 64 images at a time on a CPU (`layout.CPU_BLOCK`:
+    a layer's output for 256 RGB images outgrows the caches), and the store's rows are those
+    of one call over the batch."""
+    from spurfast.models import layout
+
+    src, clf, vae = _setup(150)
+    sizes = {"classifier": [], "encoder": []}
+    clf.conv1.register_forward_pre_hook(lambda _, args: sizes["classifier"].append(len(args[0])))
+    encode = vae.encode
+    vae.encode = lambda x, **kw: (sizes["encoder"].append(len(x)), encode(x, **kw))[1]
+    blocked = embed_pool(src, clf, vae, tmp_path / "a", num_classes=4, batch_size=150, progress=False)
+    # (the classifier after its up-front trial of one image)
+    assert sizes == {"classifier": [1, 64, 64, 22], "encoder": [64, 64, 22]}
+    monkeypatch.setattr(layout, "CPU_BLOCK", 10 ** 6)
+    whole = embed_pool(src, clf, vae, tmp_path / "b", num_classes=4, batch_size=150, progress=False)
+    assert sizes == {"classifier": [1, 64, 64, 22, 1, 150], "encoder": [64, 64, 22, 150]}
+    for col in ("pred", "conf", "probs", "mu", "feats"):
+        np.testing.assert_array_equal(np.asarray(blocked[col]), np.asarray(whole[col]), err_msg=col)

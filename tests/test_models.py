@@ -1029,3 +1029,49 @@ def test_saving_a_model_over_a_folder_or_of_the_wrong_kind_names_it(tmp_path):
         save_classifier(build_classifier("small_cnn", 1, 3, 28), tmp_path)
     with pytest.raises(TypeError, match="save_vae takes a spurfast VAE, got a SmallCNN"):   # AttributeError 'config'
         save_vae(build_classifier("small_cnn", 1, 3, 28), tmp_path / "v.pt")
+
+
+def test_in_cpu_blocks_splits_a_cpu_batch_and_joins_the_outputs():
+    from spurfast.models.layout import in_cpu_blocks
+
+    seen = []
+
+    def forward(x):
+        seen.append(len(x))
+        return x.sum(1), x * 2
+
+    x = torch.arange(150 * 3, dtype=torch.float32).view(150, 3)
+    total, doubled = in_cpu_blocks(forward, x, block=64)
+    assert seen == [64, 64, 22]
+    assert_bitwise(total, x.sum(1), "tuple output, first")
+    assert_bitwise(doubled, x * 2, "tuple output, second")
+    seen.clear()
+    assert_bitwise(in_cpu_blocks(lambda z: forward(z)[0], x, block=64), x.sum(1), "tensor output")
+    seen.clear()
+    in_cpu_blocks(forward, x[:64], block=64)
+    in_cpu_blocks(forward, torch.empty(150, 3, device="meta"), block=64)   # not a CPU: the whole batch
+    assert seen == [64, 150]
+
+
+@pytest.mark.parametrize("read", ["classifier_outputs", "model_logits"])
+def test_a_cpu_batch_is_classified_in_blocks_with_the_values_of_one_call(read, monkeypatch):
+    """On a CPU a batch of 256 runs through the classifier 64 images at a time (a traced
+    SmallCNN-8 at RGB 64x64 classified 2.3x faster: `layout.CPU_BLOCK`), and each image gets
+    the values one call over the whole batch gives it."""
+    from spurfast.models import layout, outputs
+
+    torch.manual_seed(0)
+    m = build_classifier("small_cnn", 3, 5, 32, width=8).eval()
+    sizes = []
+    m.conv1.register_forward_pre_hook(lambda _, args: sizes.append(len(args[0])))
+    x = torch.rand(150, 3, 32, 32)
+    run = getattr(outputs, read)
+    run(m, x[:1])   # model_logits's first call checks the layout on its images: one more forward
+    sizes.clear()
+    blocked = run(m, x)
+    assert sizes == [64, 64, 22]
+    monkeypatch.setattr(layout, "CPU_BLOCK", 10 ** 6)
+    whole = run(m, x)
+    assert sizes[3:] == [150]
+    for a, b in zip(blocked if isinstance(blocked, tuple) else (blocked,), whole if isinstance(whole, tuple) else (whole,)):
+        assert_bitwise(a, b, f"{read}: blocks of 64 against one call")

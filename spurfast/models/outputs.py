@@ -11,7 +11,7 @@ import weakref
 import torch
 import torch.nn as nn
 
-from .layout import channels_last
+from .layout import channels_last, in_cpu_blocks
 
 # other models with ``features`` and ``fc2`` (a scripted SmallCNN, or a user's own) -> whether
 # their logits are fc2(features(x)), as checked on the first batch they classify
@@ -58,8 +58,13 @@ def _cpu_layout(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.
 @torch.no_grad()
 def model_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``model(x)``, on a CPU in the layout `classifier_outputs` gives it (channels-last where the
-    model gives such images the same logits): confirmation's 4,000 forwards a finding ran a
-    traced SmallCNN-8 in NCHW at half the embedding pass's rate."""
+    model gives such images the same logits) and in blocks of `layout.CPU_BLOCK` images:
+    confirmation's 4,000 forwards a finding ran a traced SmallCNN-8 in NCHW at half the
+    embedding pass's rate."""
+    return in_cpu_blocks(lambda xb: _logits(model, xb), x)
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     x, first = _cpu_layout(model, x)
     return model(x) if first is None else first
 
@@ -69,7 +74,12 @@ def classifier_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
     """(logits, penultimate features): spurfast's SmallCNN and ResNet18 give their
     penultimate layer, another model with ``features`` and an ``fc2`` layer (a scripted
     SmallCNN) gives fc2(features(x)) where its first batch shows that to be its logits
-    (``model(x)``), and every other model gives its logits as its features."""
+    (``model(x)``), and every other model gives its logits as its features.  On a CPU in
+    blocks of `layout.CPU_BLOCK` images."""
+    return in_cpu_blocks(lambda xb: _outputs(model, xb), x)
+
+
+def _outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from .classifier import ResNet18, SmallCNN  # here: classifier.py re-exports this module
     if isinstance(model, SmallCNN):
         f = model.features(x)
