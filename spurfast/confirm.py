@@ -167,13 +167,14 @@ def random_controls(vals: torch.Tensor, mask: torch.Tensor, n: int, rng: np.rand
     for i in range(n):
         pos[i] = rng.choice(h * w, area, replace=False)
         perm[i] = rng.permutation(area)
-    rows = torch.arange(n).unsqueeze(1)
     pos, perm = torch.from_numpy(pos), torch.from_numpy(perm)
-    out_v = torch.zeros(n, h * w, c)
-    out_v[rows, pos] = inside.t()[perm].to(out_v.dtype)      # (n, area, C)
-    out_m = torch.zeros(n, h * w, dtype=torch.bool)
-    out_m[rows, pos] = True
-    return out_v.transpose(1, 2).reshape(n, c, h, w), out_m.view(n, h, w)
+    # one scatter into (n, C * H * W) in the returned layout (through (n, H * W, C) and a
+    # transposing copy it took 16 of 29 ms for 256 RGB 64x64 images of 2,000 pixels)
+    where = (pos.unsqueeze(1) + torch.arange(c).view(1, c, 1) * (h * w)).view(n, c * area)
+    picked = inside.to(torch.float32)[:, perm].transpose(0, 1).reshape(n, c * area)   # (n, C, area) flat
+    out_v = torch.zeros(n, c * h * w).scatter_(1, where, picked)
+    out_m = torch.zeros(n, h * w, dtype=torch.bool).scatter_(1, pos, True)
+    return out_v.view(n, c, h, w), out_m.view(n, h, w)
 
 
 @torch.no_grad()

@@ -125,6 +125,26 @@ def test_random_controls_keep_area_and_values():
     assert len({tuple(np.nonzero(m.flatten().numpy())[0]) for m in cm}) > 1  # positions vary
 
 
+def test_random_controls_place_the_drawn_values_at_the_drawn_pixels_in_every_channel():
+    """Control i carries in-mask value perm[j] at pixel pos[j] (the draws in their rng order:
+    per image a position set, then a permutation), each channel alike: the one scatter that
+    builds them gives the bits a plain per-image loop over the same draws gives."""
+    g = torch.Generator().manual_seed(0)
+    c, h, w, n = 3, 7, 5, 6
+    vals = torch.rand(c, h, w, generator=g)
+    mask = torch.rand(h, w, generator=g) > 0.6
+    area = int(mask.sum())
+    cv, cm = random_controls(vals, mask, n, np.random.default_rng(4))
+    rng, inside = np.random.default_rng(4), vals[:, mask]
+    for i in range(n):
+        pos, perm = rng.choice(h * w, area, replace=False), rng.permutation(area)
+        want_v, want_m = torch.zeros(c, h * w), torch.zeros(h * w, dtype=torch.bool)
+        for j in range(area):
+            want_v[:, pos[j]] = inside[:, perm[j]]
+            want_m[pos[j]] = True
+        assert torch.equal(cv[i], want_v.view(c, h, w)) and torch.equal(cm[i], want_m.view(h, w)), f"control {i}"
+
+
 @pytest.mark.xfail(strict=True, reason="clipping weakens the scattered control (module docstring): a control kept "
                                       "to where its values fit was measured and dropped")
 def test_a_model_that_reads_brightness_alone_is_not_confirmed():
