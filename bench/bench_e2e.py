@@ -225,6 +225,7 @@ def worker(argv=None) -> int:
             t["ranked"] = time.perf_counter()
             if result.findings:   # as `spurfast discover` confirms (without --no-confirm)
                 confirm_findings(result.findings, clf, pool=as_stored, pool_pred=np.asarray(store["pred"]),
+                                 pool_probs=store["probs"],
                                  config=ConfirmConfig(seed=0, device=device), num_workers=usable_cores())
                 rank_confirmed_first(result, out)
             t["confirmed"] = time.perf_counter()

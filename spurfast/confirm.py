@@ -308,9 +308,12 @@ def content_controls(mask: torch.Tensor, class_images: torch.Tensor, base_mean: 
 
 
 def confirm_pattern(model, images: torch.Tensor, cls: int, mask: np.ndarray, contrast, pattern=None,
-                    config: ConfirmConfig | None = None, class_images: torch.Tensor | None = None) -> dict:
+                    config: ConfirmConfig | None = None, class_images: torch.Tensor | None = None,
+                    p0: np.ndarray | None = None) -> dict:
     """Flip rate of one pattern on ``images`` (clean, other classes) against the random
-    control, and against the content control when ``class_images`` (images of ``cls``) are given."""
+    control, and against the content control when ``class_images`` (images of ``cls``) are given.
+    ``p0``: the model's p(cls) for ``images`` where the caller has them (`CleanProbs`), else
+    they are computed."""
     config = config or ConfirmConfig()
     if images.dim() != 4:
         raise ValueError(f"clean images must be (N, C, H, W), got {tuple(images.shape)}")
@@ -328,7 +331,10 @@ def confirm_pattern(model, images: torch.Tensor, cls: int, mask: np.ndarray, con
                 "mask_area": int(m.sum()), "skipped": why}
     rng = np.random.default_rng(config.seed)
     model.eval()
-    p0 = _prob(model, images, cls, config.device, config.batch_size)
+    if p0 is None:
+        p0 = _prob(model, images, cls, config.device, config.batch_size)
+    elif np.shape(p0) != (n,):
+        raise ValueError(f"p0 of shape {np.shape(p0)} for {n} clean images")
     p1 = _prob(model, apply_delta(images, vals, m, config.mode), cls, config.device, config.batch_size)
     finite = np.isfinite(p0) & np.isfinite(p1)
     if not finite.all():
@@ -424,13 +430,18 @@ def load_readable(source: ImageSource, idx: np.ndarray) -> torch.Tensor:
     """Images ``idx`` of ``source``, less those that loading finds unreadable: the source
     gives them a zero (black) image and records them in ``bad_files`` as it loads, and a
     black image is neither a clean image nor class content."""
+    return _load_readable(source, idx)[0]
+
+
+def _load_readable(source: ImageSource, idx: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    """(`load_readable`'s images, their indices)."""
     idx = np.asarray(idx, dtype=np.int64)
     x = source.get_batch(idx)[0].float()
     keep = np.isin(idx, _known_readable(source, idx))
     if not keep.all():
         log.warning("confirmation leaves out %d unreadable image(s) of %s", int((~keep).sum()), source.name)
-        x = x[torch.as_tensor(keep)]
-    return x
+        x, idx = x[torch.as_tensor(keep)], idx[keep]
+    return x, idx
 
 
 def _other_class(labels: np.ndarray, pred: np.ndarray | None, cls: int, candidates: np.ndarray) -> np.ndarray:
@@ -459,37 +470,82 @@ def clean_images_for(source: ImageSource, labels: np.ndarray, pred: np.ndarray |
     """The readable images of `clean_indices_for`'s draw, an unreadable one replaced."""
     candidates = np.asarray(candidates, dtype=np.int64)
     idx = clean_indices_for(source, labels, pred, cls, candidates, max_images, rng)
-    return _clean_images(source, idx, _other_class(labels, pred, cls, candidates))
+    return _clean_images(source, idx, _other_class(labels, pred, cls, candidates))[0]
 
 
-def _clean_images(source: ImageSource, idx: np.ndarray, candidates: np.ndarray) -> torch.Tensor:
-    """Images ``idx`` of ``source``, each unreadable one replaced by the next readable image of
+def _clean_images(source: ImageSource, idx: np.ndarray, candidates: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    """(images ``idx`` of ``source``, each unreadable one replaced by the next readable image of
     the other ``candidates`` in an order fixed by ``idx`` alone (so a rerun reads the same set
-    whatever it has found unreadable before); for none, (0, C, H, W) in the shape of a readable
-    one of ``candidates`` (or the source's)."""
+    whatever it has found unreadable before), their indices); for none, (0, C, H, W) in the
+    shape of a readable one of ``candidates`` (or the source's)."""
     if len(idx) == 0:
         candidates = _known_readable(source, np.asarray(candidates, dtype=np.int64))
         x0, _ = source.get_batch([int(candidates[0])]) if len(candidates) else (None, None)
         shape = tuple(x0.shape[1:]) if x0 is not None else tuple(source.image_shape)
-        return torch.zeros((0,) + shape)
-    x = load_readable(source, idx)
+        return torch.zeros((0,) + shape), np.zeros(0, np.int64)
+    x, got = _load_readable(source, idx)
     spare = np.setdiff1d(candidates, idx) if len(x) < len(idx) else ()
     if len(spare):
         order = np.random.default_rng(np.asarray(idx, dtype=np.uint64)).permutation(spare)
-        pieces, have, at = [x], len(x), 0
+        pieces, kept, have, at = [x], [got], len(x), 0
         while have < len(idx) and at < len(order):
             take = np.sort(order[at:at + len(idx) - have])
             at += len(take)
-            pieces.append(load_readable(source, take))
-            have += len(pieces[-1])
-        x = torch.cat(pieces)
-    return x
+            xt, gt = _load_readable(source, take)
+            pieces.append(xt)
+            kept.append(gt)
+            have += len(xt)
+        x, got = torch.cat(pieces), np.concatenate(kept)
+    return x, got
+
+
+class CleanProbs:
+    """The model's class probabilities for the clean images, each image classified once a run:
+    confirmation classified a finding's 500 clean images again for every finding (a clean set's
+    draws overlap from one finding to the next), and a pool's clean images had been classified
+    by the embedding pass already.  ``stored``: those probabilities (the store's ``probs``),
+    used once the first images looked up get those values from ``model`` here (to 1e-6: the
+    same model, the same images; a store of other images or models is classified again)."""
+    TOLERANCE = 1e-6
+
+    def __init__(self, model, config: ConfirmConfig, stored: np.ndarray | None = None):
+        self.model, self.config, self.stored = model, config, stored
+        self.seen: dict[int, np.ndarray] = {}
+        self.use_stored: bool | None = None if stored is not None else False
+
+    def p(self, images: torch.Tensor, idx: np.ndarray, cls: int) -> np.ndarray:
+        """p(``cls``) for ``images`` (those of indices ``idx``)."""
+        if self.use_stored:
+            return np.asarray(self.stored[idx, cls], np.float32)
+        todo = [j for j, i in enumerate(idx) if int(i) not in self.seen]
+        if todo:
+            rows = self._classify(images[torch.as_tensor(todo, dtype=torch.long)])
+            self.seen.update(zip(idx[todo].tolist(), rows))
+            if self.use_stored is None:
+                got = np.stack(rows)
+                same = bool(np.allclose(got, np.asarray(self.stored[idx[todo]], np.float32),
+                                        rtol=0.0, atol=self.TOLERANCE, equal_nan=True))
+                self.use_stored = same
+                log.info("confirmation %s the stored class probabilities of the clean images (the model gives "
+                         "them %s)", "uses" if same else "does not use",
+                         "the same values" if same else "other values: another model or other images")
+        return np.array([self.seen[int(i)][cls] for i in idx], np.float32)
+
+    @torch.no_grad()
+    def _classify(self, x: torch.Tensor) -> list[np.ndarray]:
+        self.model.eval()
+        out = []
+        for s in range(0, len(x), self.config.batch_size):
+            logits = model_logits(self.model, x[s:s + self.config.batch_size].to(self.config.device))
+            out.append(torch.softmax(logits.float(), 1).cpu().numpy())
+        return list(np.concatenate(out)) if out else []
 
 
 @restores_models("model")
 @torch.no_grad()
 def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None = None,
                      pool: ImageSource | None = None, pool_pred: np.ndarray | None = None,
+                     pool_probs: np.ndarray | None = None,
                      suspect: np.ndarray | None = None, config: ConfirmConfig | None = None,
                      num_workers: int = 0, loader_backend: str | None = None, work_dir=None,
                      progress: bool = False) -> list[dict]:
@@ -507,7 +563,9 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
     shortcut that no finding took in.  Images the source could not read (its
     ``bad_files``, which loading fills; pool images the store marked unreadable have
     prediction -1) are left out of both: a loader gives them a zero image; so are clean
-    images the classifier gives NaN/inf outputs for (with a warning).  A finding that
+    images the classifier gives NaN/inf outputs for (with a warning).  ``pool_probs``: the
+    store's class probabilities of the pool, used for its clean images where the model gives
+    them those values (`CleanProbs`); each clean image is classified once a run.  A finding that
     cannot be confirmed (an empty mask, no clean image of another class) keeps ``confirm``
     null (schema 1) and says why in ``confirm_skipped``.  An unlabelled clean folder is
     predicted through its loader (``loader_backend``, ``num_workers`` processes, decoded
@@ -564,6 +622,10 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
         if "_mask" not in f or "_contrast" not in f:
             raise ValueError(f"finding {f.get('rank')} has no extracted pattern; run characterise() first")
     kept = KeptConfirmations(work_dir, model, src, config) if work_dir is not None else None
+    if pool_probs is not None and clean is None and np.shape(pool_probs)[:1] != (len(pool),):
+        raise ValueError(f"pool probabilities of shape {np.shape(pool_probs)} do not match the pool {pool.name} of "
+                         f"{len(pool)} images")
+    clean_probs = CleanProbs(model, config, stored=pool_probs if clean is None else None)
     for f in tqdm(findings, desc="confirmation", unit="finding", disable=not progress, leave=False):
         c = int(f["class"])
         if pool is not None and clean is None:
@@ -583,9 +645,10 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
             own = np.sort(rng.choice(own, config.max_images, replace=False))
 
         def compute(f=f, c=c, idx=idx, own=own, others=others):
-            x = _clean_images(src, idx, others)
+            x, got = _clean_images(src, idx, others)
             xc = load_readable(src, own) if len(own) else None
-            return confirm_pattern(model, x, c, f["_mask"], f["_contrast"], f.get("_pattern"), config, class_images=xc)
+            return confirm_pattern(model, x, c, f["_mask"], f["_contrast"], f.get("_pattern"), config, class_images=xc,
+                                   p0=clean_probs.p(x, got, c))
         cf = kept.result(f, idx, own, compute) if kept is not None else compute()
         f["_confirm_detail"] = cf
         f.pop("confirm_skipped", None)

@@ -367,7 +367,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
             if confirm and result.findings:
                 from .confirm import ConfirmConfig, confirm_findings
                 confirm_findings(result.findings, classifier, clean=clean, pool=as_stored,
-                                 pool_pred=np.asarray(store["pred"]), suspect=suspect,
+                                 pool_pred=np.asarray(store["pred"]), pool_probs=store["probs"], suspect=suspect,
                                  config=ConfirmConfig(seed=config.seed, device=config.device),
                                  # an unlabelled clean folder is predicted through the run's own loader
                                  num_workers=usable_cores(), loader_backend=loader_backend,

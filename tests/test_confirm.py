@@ -15,6 +15,7 @@ from spurfast.confirm import (VERDICTS, ConfirmConfig, apply_delta, confirm_find
 from spurfast.scoring import bh_qvalues
 from spurfast.families import CLUSTERS, FEATURE_VIEW, RESIDUAL, finding_family
 from spurfast.data.sources import ArraySource
+from tests.helpers import assert_bitwise
 
 
 class CornerModel(nn.Module):
@@ -917,3 +918,72 @@ def test_confirmation_classifies_in_the_layout_the_embedding_pass_uses():
     assert fast.layouts[2:] and all(fast.layouts[2:])   # after the first batch's check of both layouts
     assert not any(plain.layouts[2:])   # its one try of them raised
     assert a["n_images"] == b["n_images"] == 40
+
+
+class RowsSeen(CornerModel):
+    """CornerModel counting the images it classifies."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = 0
+
+    def forward(self, x):
+        self.rows += len(x)
+        return super().forward(x)
+
+
+def test_each_clean_image_is_classified_once_a_run_and_stored_probabilities_only_where_the_model_agrees():
+    from spurfast.confirm import CleanProbs
+
+    x = _clean(40) + torch.linspace(0, 0.5, 40).view(40, 1, 1, 1)
+    with torch.no_grad():
+        want = torch.softmax(CornerModel()(x), 1).numpy()
+    model = RowsSeen()
+    probs = CleanProbs(model, ConfirmConfig(batch_size=7))
+    first, later = np.arange(0, 30), np.arange(10, 40)
+    assert_bitwise(torch.as_tensor(probs.p(x[first], first, 1)), torch.as_tensor(want[first, 1]), "first draw")
+    assert model.rows == 30
+    assert_bitwise(torch.as_tensor(probs.p(x[later], later, 0)), torch.as_tensor(want[later, 0]), "overlapping draw")
+    assert model.rows == 40   # the 20 seen before are not classified again
+    # the store's probabilities: used once the model gives the first images looked up those values
+    model = RowsSeen()
+    probs = CleanProbs(model, ConfirmConfig(), stored=want)
+    assert_bitwise(torch.as_tensor(probs.p(x[first], first, 1)), torch.as_tensor(want[first, 1]), "checked draw")
+    assert probs.use_stored and model.rows == 30
+    assert_bitwise(torch.as_tensor(probs.p(x[later], later, 1)), torch.as_tensor(want[later, 1]), "stored")
+    assert model.rows == 30
+    # ... and not where it gives other values (another model's store, other images)
+    other = want.copy()
+    other[3, 1] += 1e-5
+    model = RowsSeen()
+    probs = CleanProbs(model, ConfirmConfig(), stored=other)
+    probs.p(x[first], first, 1)
+    assert probs.use_stored is False
+    assert_bitwise(torch.as_tensor(probs.p(x[later], later, 1)), torch.as_tensor(want[later, 1]), "computed")
+    assert model.rows == 40
+
+
+def test_confirmation_with_the_stores_probabilities_gives_the_same_results():
+    """The pool's clean images keep the values the embedding pass stored for them; the results
+    are those of classifying them again, bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(300, 1, 16, 16, generator=g) * 0.3
+    x[:150, :, -4:-1, -4:-1] += 0.6   # predicted 1, the others 0
+    pool = ArraySource(x, None, name="pool")
+    with torch.no_grad():
+        stored = torch.softmax(CornerModel()(x), 1).numpy()
+    pred = stored.argmax(1)
+    members = [np.flatnonzero(pred == 1)[:3].tolist(), np.flatnonzero(pred == 0)[:3].tolist()]
+
+    def run(**kw):
+        model = RowsSeen()
+        fs = [dict(_finding(members[0])), dict(_finding(members[1]), **{"class": 0})]
+        confirm_findings(fs, model, pool=pool, pool_pred=pred, config=ConfirmConfig(max_images=120), **kw)
+        return [f["_confirm_detail"] for f in fs], model.rows
+
+    again, rows_again = run()
+    kept, rows_kept = run(pool_probs=stored)
+    assert kept == again
+    assert rows_again - rows_kept == 120   # the first finding's 120 checked, the second's read
+    with pytest.raises(ValueError, match=r"pool probabilities of shape \(299, 2\) do not match the pool pool of 300"):
+        run(pool_probs=stored[:-1])
