@@ -17,8 +17,9 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
 # the caches (SmallCNN-8, RGB 64x64: 32 MiB after the first conv), so every layer reads its input
 # back from memory; in blocks of 64 it stays in cache.  Measured on 2 cores (images/s, 64 vs
 # 256 a forward): SmallCNN-8 RGB 64x64 17.9k vs 12.0k (traced: 14.4k vs 6.2k), SmallCNN-32 grey
-# 28x28 13.2k vs 7.6k, VAE encoder RGB 64x64 5.7k vs 4.3k, grey 28x28 41k vs 40k, ResNet-18 RGB
-# 64x64 40 vs 38; 32-128 were within 6% of the best of 8-512 for each but ResNet-18 (8 best, 47).
+# 28x28 13.2k vs 7.6k, VAE encoder RGB 64x64 5.7k vs 4.3k (three convs; the benchmark's four: 3.6k
+# vs 2.8k), grey 28x28 41k vs 40k, ResNet-18 RGB 64x64 40 vs 38; 32-128 were within 6% of the
+# best of 8-512 for each but ResNet-18 (8 best, 47).
 CPU_BLOCK = 64
 
 
