@@ -841,7 +841,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and Benjamini-Hochberg over m classes needs about m/FDR for a lone finding")
     p.add_argument("--size", type=int, default=64, help="image size for folders")
     p.add_argument("--channels", type=int, default=3, help="channels for folders")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=256, help="images per batch of the embedding pass")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=256,
+                   help="images per batch of the embedding pass (the loader's batch; on a CPU the models take them "
+                        "64 at a time, which keeps a layer's output in cache)")
     p.add_argument("--seed", type=_seed, default=0, help=SEED_HELP)
     p.add_argument("--encoder-backend", default=None, choices=["auto", "torch", "triton"],
                    help=backend_help("VAE encoder", "ENCODER"))
