@@ -987,3 +987,33 @@ def test_confirmation_with_the_stores_probabilities_gives_the_same_results():
     assert rows_again - rows_kept == 120   # the first finding's 120 checked, the second's read
     with pytest.raises(ValueError, match=r"pool probabilities of shape \(299, 2\) do not match the pool pool of 300"):
         run(pool_probs=stored[:-1])
+
+
+@pytest.mark.gpu
+def test_confirmation_on_a_gpu_gives_the_cpus_verdicts_and_reads_the_stored_probabilities():
+    """`confirm_findings` with ``device="cuda"`` (clean images moved batch by batch, the store's
+    probabilities checked against the GPU's own): the CPU's verdicts and flip rates, and the
+    second finding's clean images not classified again."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(300, 1, 16, 16, generator=g) * 0.3
+    x[:150, :, -4:-1, -4:-1] += 0.6
+    pool = ArraySource(x, None, name="pool")
+    with torch.no_grad():
+        stored = torch.softmax(CornerModel()(x), 1).numpy()
+    pred = stored.argmax(1)
+    members = [np.flatnonzero(pred == 1)[:3].tolist(), np.flatnonzero(pred == 0)[:3].tolist()]
+
+    def run(device):
+        model = RowsSeen().to(device)
+        fs = [dict(_finding(members[0])), dict(_finding(members[1]), **{"class": 0})]
+        confirm_findings(fs, model, pool=pool, pool_pred=pred, pool_probs=stored,
+                         config=ConfirmConfig(max_images=120, device=device))
+        return fs, model.rows
+
+    (cpu, cpu_rows), (gpu, gpu_rows) = run("cpu"), run("cuda")
+    assert gpu_rows == cpu_rows
+    for a, b in zip(cpu, gpu):
+        assert a["confirm"]["verdict"] == b["confirm"]["verdict"]
+        for key in ("flip_rate", "control_flip_rate", "content_flip_rate"):
+            if key in a["confirm"]:
+                assert abs(a["confirm"][key] - b["confirm"][key]) <= 0.02, key
