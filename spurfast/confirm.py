@@ -177,13 +177,19 @@ def random_controls(vals: torch.Tensor, mask: torch.Tensor, n: int, rng: np.rand
     return out_v.view(n, c, h, w), out_m.view(n, h, w)
 
 
-@torch.no_grad()
 def _prob(model, x: torch.Tensor, cls: int, device: str, batch_size: int) -> np.ndarray:
+    """p(``cls``) of images ``x`` (N,)."""
+    return _softmax(model, x, device, batch_size, cls)
+
+
+@torch.no_grad()
+def _softmax(model, x: torch.Tensor, device: str, batch_size: int, cls: int | None = None) -> np.ndarray:
+    """The class probabilities of images ``x`` (N, classes), or p(``cls``) alone (N,)."""
     out = []
     for s in range(0, len(x), batch_size):
-        logits = model_logits(model, x[s:s + batch_size].to(device))
-        out.append(torch.softmax(logits.float(), 1)[:, cls].cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+        p = torch.softmax(model_logits(model, x[s:s + batch_size].to(device)).float(), 1)
+        out.append((p if cls is None else p[:, cls]).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0,) if cls is not None else (0, 0), np.float32)
 
 
 VERDICTS = {
@@ -503,9 +509,10 @@ class CleanProbs:
     """The model's class probabilities for the clean images, each image classified once a run:
     confirmation classified a finding's 500 clean images again for every finding (a clean set's
     draws overlap from one finding to the next), and a pool's clean images had been classified
-    by the embedding pass already.  ``stored``: those probabilities (the store's ``probs``),
-    used once the first images looked up get those values from ``model`` here (to 1e-6: the
-    same model, the same images; a store of other images or models is classified again)."""
+    by the embedding pass already (an unlabelled clean set by the pass that predicts it).
+    ``stored``: those probabilities (the store's ``probs``), used once the first images looked
+    up get those values from ``model`` here (to 1e-6: the same model, the same images; a store
+    of other images or models, or images its loader decoded otherwise, are classified again)."""
     TOLERANCE = 1e-6
 
     def __init__(self, model, config: ConfirmConfig, stored: np.ndarray | None = None):
@@ -519,10 +526,11 @@ class CleanProbs:
             return np.asarray(self.stored[idx, cls], np.float32)
         todo = [j for j, i in enumerate(idx) if int(i) not in self.seen]
         if todo:
-            rows = self._classify(images[torch.as_tensor(todo, dtype=torch.long)])
-            self.seen.update(zip(idx[todo].tolist(), rows))
+            self.model.eval()
+            got = _softmax(self.model, images[torch.as_tensor(todo, dtype=torch.long)], self.config.device,
+                           self.config.batch_size)
+            self.seen.update(zip(idx[todo].tolist(), got))
             if self.use_stored is None:
-                got = np.stack(rows)
                 same = bool(np.allclose(got, np.asarray(self.stored[idx[todo]], np.float32),
                                         rtol=0.0, atol=self.TOLERANCE, equal_nan=True))
                 self.use_stored = same
@@ -530,15 +538,6 @@ class CleanProbs:
                          "them %s)", "uses" if same else "does not use",
                          "the same values" if same else "other values: another model or other images")
         return np.array([self.seen[int(i)][cls] for i in idx], np.float32)
-
-    @torch.no_grad()
-    def _classify(self, x: torch.Tensor) -> list[np.ndarray]:
-        self.model.eval()
-        out = []
-        for s in range(0, len(x), self.config.batch_size):
-            logits = model_logits(self.model, x[s:s + self.config.batch_size].to(self.config.device))
-            out.append(torch.softmax(logits.float(), 1).cpu().numpy())
-        return list(np.concatenate(out)) if out else []
 
 
 @restores_models("model")
@@ -565,7 +564,8 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
     prediction -1) are left out of both: a loader gives them a zero image; so are clean
     images the classifier gives NaN/inf outputs for (with a warning).  ``pool_probs``: the
     store's class probabilities of the pool, used for its clean images where the model gives
-    them those values (`CleanProbs`); each clean image is classified once a run.  A finding that
+    them those values (`CleanProbs`), as are an unlabelled clean set's from the pass that
+    predicts it; each clean image is classified once a run.  A finding that
     cannot be confirmed (an empty mask, no clean image of another class) keeps ``confirm``
     null (schema 1) and says why in ``confirm_skipped``.  An unlabelled clean folder is
     predicted through its loader (``loader_backend``, ``num_workers`` processes, decoded
@@ -582,7 +582,7 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
             raise ValueError(f"clean set {clean.name} is empty")
         src, labels = clean, clean.labels()
         cand = np.arange(len(clean))
-        pred = None
+        pred = stored = None
         if (labels < 0).any():
             from .data.loader_torch import iter_batches
             from .embed import decode_device
@@ -596,6 +596,10 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
                 # argmax calls a row of NaN class 0; -1: no class (confirm_pattern leaves it out)
                 guess = torch.where(torch.isfinite(logits).all(1), logits.argmax(1), -1)
                 pred[b.indices.numpy()] = guess.cpu().numpy()
+                if stored is None:
+                    stored = np.full((len(clean), logits.shape[1]), np.nan, np.float32)
+                # the clean images' own probabilities (`CleanProbs`), where get_batch reads them alike
+                stored[b.indices.numpy()] = torch.softmax(logits, 1).cpu().numpy()
     else:
         if pool is None or pool_pred is None:
             raise ValueError("confirmation needs a clean set, or the pool and its predictions")
@@ -614,6 +618,10 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
         if suspect is not None:
             used |= suspect_mask(suspect, len(pool), pool.name)
         cand = np.nonzero(~used & (pred >= 0))[0]   # the store's pred is -1 where it found a file unreadable
+        stored = pool_probs
+        if stored is not None and np.shape(stored)[:1] != (len(pool),):
+            raise ValueError(f"pool probabilities of shape {np.shape(stored)} do not match the pool {pool.name} of "
+                             f"{len(pool)} images")
     n_cand = len(cand)
     cand = _known_readable(src, cand)   # unreadable so far (the predictions above, or embedding the pool)
     if len(cand) < n_cand:
@@ -622,10 +630,7 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
         if "_mask" not in f or "_contrast" not in f:
             raise ValueError(f"finding {f.get('rank')} has no extracted pattern; run characterise() first")
     kept = KeptConfirmations(work_dir, model, src, config) if work_dir is not None else None
-    if pool_probs is not None and clean is None and np.shape(pool_probs)[:1] != (len(pool),):
-        raise ValueError(f"pool probabilities of shape {np.shape(pool_probs)} do not match the pool {pool.name} of "
-                         f"{len(pool)} images")
-    clean_probs = CleanProbs(model, config, stored=pool_probs if clean is None else None)
+    clean_probs = CleanProbs(model, config, stored=stored)
     for f in tqdm(findings, desc="confirmation", unit="finding", disable=not progress, leave=False):
         c = int(f["class"])
         if pool is not None and clean is None:

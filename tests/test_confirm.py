@@ -1017,3 +1017,31 @@ def test_confirmation_on_a_gpu_gives_the_cpus_verdicts_and_reads_the_stored_prob
         for key in ("flip_rate", "control_flip_rate", "content_flip_rate"):
             if key in a["confirm"]:
                 assert abs(a["confirm"][key] - b["confirm"][key]) <= 0.02, key
+
+
+def test_an_unlabelled_clean_sets_prediction_pass_stands_in_for_its_images_own_pass(monkeypatch):
+    """An unlabelled clean set is classified once to predict its classes: confirmation takes
+    the clean images' own probabilities from that pass (the same bits: the results equal a run
+    that classifies them again), so only the pass's images go through the model for p0."""
+    from spurfast import confirm as confirm_mod
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(200, 1, 16, 16, generator=g) * 0.3
+    x[:100, :, -4:-1, -4:-1] += 0.6   # predicted 1, the others 0
+    clean = ArraySource(x, None, name="clean")
+    pool = ArraySource(x[:10], None, name="pool")
+
+    def run(forget):
+        if forget:   # the prediction pass's probabilities not handed on: classified again
+            real = confirm_mod.CleanProbs.__init__
+            monkeypatch.setattr(confirm_mod.CleanProbs, "__init__", lambda self, m, c, stored=None: real(self, m, c))
+        model = RowsSeen()
+        fs = [dict(_finding([0, 1])), dict(_finding([2, 3]), **{"class": 0})]
+        confirm_findings(fs, model, clean=clean, pool=pool, config=ConfirmConfig(max_images=60))
+        monkeypatch.undo()
+        return [f["_confirm_detail"] for f in fs], model.rows
+
+    handed_on, rows = run(forget=False)
+    again, rows_again = run(forget=True)
+    assert handed_on == again
+    assert rows_again - rows == 60   # the second finding's 60 clean images (the first's checked the values)
