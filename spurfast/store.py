@@ -72,6 +72,7 @@ class EmbeddingStore:
             raise ValueError(f"{path} holds a JSON {type(self.manifest).__name__}, expected an object (as spurfast "
                              f"writes it)")
         self._arrays: dict[str, np.memmap] = {}
+        self._layouts: dict[str, tuple] = {}   # the wide columns' .npy headers, read once (`_layout`)
 
     @classmethod
     def create(cls, root, n: int, columns: dict[str, tuple[tuple[int, ...], str]], meta: dict,
@@ -133,7 +134,10 @@ class EmbeddingStore:
         return name == "pixels" or self.row_bytes(name) > WIDE_ROW_BYTES
 
     def _layout(self, name: str) -> tuple[Path, int, tuple, np.dtype]:
-        """(path, byte offset of row 0, shape, dtype) of column ``name``'s .npy file."""
+        """(path, byte offset of row 0, shape, dtype) of column ``name``'s .npy file, its header
+        read once per store object (as `array` maps a column once: only `create` writes them)."""
+        if name in self._layouts:
+            return self._layouts[name]
         path = self.root / f"{name}.npy"
         try:
             with open(path, "rb") as fh:
@@ -146,10 +150,12 @@ class EmbeddingStore:
                              f"short; remove {self.root} to embed the pool again") from None
         if fortran:
             raise ValueError(f"{path} is in Fortran order; spurfast writes C order: remove {self.root}")
-        return path, offset, tuple(shape), dtype
+        self._layouts[name] = path, offset, tuple(shape), dtype
+        return self._layouts[name]
 
-    def _runs(self, name: str, rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(sorted distinct row indices, where each requested row is among them, starts of runs
+    def _runs(self, name: str, rows) -> tuple[np.ndarray, np.ndarray | None, list[tuple[int, int]]]:
+        """(sorted distinct row indices, where each requested row is among them or None where
+        the request is those rows in that order, (first, end) positions among them of each run
         of consecutive rows) for ``rows``, a slice or indices of column ``name``."""
         n = int(self.manifest["columns"][name][0][0])
         idx = np.arange(n)[rows] if isinstance(rows, slice) else np.asarray(rows, np.int64).reshape(-1)
@@ -158,8 +164,10 @@ class EmbeddingStore:
             raise IndexError(f"row {int(outside[0])} is outside column {name!r} of store {self.root} ({n} rows; "
                              f"{len(outside)} such)")
         uniq, back = np.unique(idx, return_inverse=True)
+        back = back.reshape(-1)
+        in_order = len(back) == len(uniq) and np.array_equal(back, np.arange(len(uniq)))
         starts = np.r_[0, np.flatnonzero(np.diff(uniq) != 1) + 1] if len(uniq) else np.zeros(0, np.int64)
-        return uniq, back.reshape(-1), starts
+        return uniq, None if in_order else back, list(zip(starts.tolist(), np.r_[starts[1:], len(uniq)].tolist()))
 
     def read_rows(self, name: str, rows) -> np.ndarray:
         """A copy of rows ``rows`` (a slice or indices) of column ``name``.  A wide column is
@@ -169,12 +177,12 @@ class EmbeddingStore:
         if not self.wide(name):
             return np.array(self.array(name)[rows])
         (path, offset, shape, dtype), row = self._layout(name), self.row_bytes(name)
-        uniq, back, starts = self._runs(name, rows)
+        uniq, back, spans = self._runs(name, rows)
         buf = np.empty((len(uniq),) + shape[1:], dtype)
         flat = buf.reshape(-1).view(np.uint8)
         fd = os.open(path, os.O_RDONLY)
         try:
-            for a, b in zip(starts, np.r_[starts[1:], len(uniq)]):
+            for a, b in spans:
                 want = (b - a) * row
                 got = os.preadv(fd, [flat[a * row:b * row]], offset + int(uniq[a]) * row)
                 if got != want:
@@ -183,7 +191,7 @@ class EmbeddingStore:
                                      f"the pool again")
         finally:
             os.close(fd)
-        return buf if len(back) == len(uniq) and np.array_equal(back, np.arange(len(uniq))) else buf[back]
+        return buf if back is None else buf[back]
 
     def write_rows(self, name: str, rows, values: np.ndarray) -> None:
         """Rows ``rows`` of column ``name``; a wide column's are written with pwrite and
@@ -192,16 +200,17 @@ class EmbeddingStore:
             self.array(name, writable=True)[rows] = values
             return
         (path, offset, shape, dtype), row = self._layout(name), self.row_bytes(name)
-        uniq, back, starts = self._runs(name, rows)
-        vals = np.ascontiguousarray(np.broadcast_to(np.asarray(values, dtype), (len(back),) + shape[1:]))
-        if len(uniq) != len(back) or not np.array_equal(back, np.arange(len(uniq))):
+        uniq, back, spans = self._runs(name, rows)
+        asked = len(uniq) if back is None else len(back)
+        vals = np.ascontiguousarray(np.broadcast_to(np.asarray(values, dtype), (asked,) + shape[1:]))
+        if back is not None:
             order = np.empty(len(uniq), np.int64)
             order[back] = np.arange(len(back))   # the last value of a repeated row wins, as assignment does
             vals = vals[order]
         flat = vals.reshape(-1).view(np.uint8)
         fd = os.open(path, os.O_WRONLY)
         try:
-            for a, b in zip(starts, np.r_[starts[1:], len(uniq)]):
+            for a, b in spans:
                 os.pwritev(fd, [flat[a * row:b * row]], offset + int(uniq[a]) * row)
             os.fdatasync(fd)   # as the maps' flush: the rows are on disk before the manifest says done
         finally:
