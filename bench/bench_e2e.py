@@ -18,9 +18,10 @@ Rows (op "e2e", provider "procs=P"):
   ``wall_s`` includes them);
 - ``embed_images_per_s``: the streaming pass alone (load + classify + encode, overlapped:
   the DataLoader or DALI decodes while the models run);
-- ``stage_s`` per stage: embed, discover (per-class k-means + kNN + permutation null,
-  k-means across ranks), report (characterise, the pattern rankings' re-reads as
-  `spurfast discover` makes them, confirmation, outputs; characterise, confirmation and the
+- ``stage_s`` per stage of the run `spurfast discover` makes (`pipeline.run_discovery`, timed
+  through its ``on_step``): embed, discover (per-class k-means + kNN + permutation null,
+  k-means across ranks), report (characterise, the pattern rankings' re-reads, confirmation,
+  outputs; characterise, confirmation and the
   rankings alone are ``part=characterise``, ``part=confirm`` and ``part=rank`` rows
   (``e2e_no_confirm_images_per_s``: the run without confirmation, as the rows before the
   forty-seventh session timed it), with ``findings`` rows counting the findings
@@ -184,15 +185,9 @@ def worker(argv=None) -> int:
 
     from spurfast import distributed as dist
     from spurfast.data.folder import ImageFolderSource
-    from spurfast.discover import DiscoverConfig, characterise, discover, write_outputs
-    from spurfast.confirm import ConfirmConfig, confirm_findings
-    from spurfast.data.reread import read_as_stored
+    from spurfast.discover import DiscoverConfig
     from spurfast.models.files import load_classifier, load_vae
-    from spurfast.pattern_rank import pattern_rankings
-    from spurfast.pipeline import _reread_loader, rank_confirmed_first
-    from spurfast.pixel_cache import pool_passes
-    from spurfast.report import write_report
-    from spurfast.run_folder import prepare_output
+    from spurfast.pipeline import run_discovery
 
     ctx = dist.init(args.device)
     device = ctx.device if ctx.distributed else args.device
@@ -200,41 +195,18 @@ def worker(argv=None) -> int:
     clf, vae = load_classifier(args.clf), load_vae(args.vae)
     config = DiscoverConfig(n_null=args.n_null, seed=0, device=device)
     _warm_up(clf, vae, device, args.batch_size, len(pool), ctx)
-    hwm0 = own_peak_rss()
+    hwm = {"ready": own_peak_rss()}   # VmHWM after each step: which one sets the peak
     t = {"start": time.perf_counter()}
-    out = dist.run_on_main(prepare_output, args.out, "bench-e2e", True)
+
+    def step_ended(name):
+        t[name] = time.perf_counter()
+        hwm[name] = own_peak_rss()
     split = {}   # where this rank's embedding pass waited: loader, models, store
-    store = dist.embed_pool_sharded(pool, clf, vae, out / "store", num_classes=CLASSES, batch_size=args.batch_size,
-                                    device=device, progress=False, timings=split)
-    t["embedded"] = time.perf_counter()
-    hwm = {"ready": hwm0, "embed": own_peak_rss()}   # VmHWM after each stage: which one sets the peak
-    if ctx.is_main:
-        with dist.main_section():
-            result = discover(store, config, class_names=pool.class_names, progress=False)
-            t["discovered"] = time.perf_counter()
-            hwm["discover"] = own_peak_rss()
-            # the images re-read as `spurfast discover` reads them: the store's pixel rows where it
-            # kept them, else decoded again (the localised and diffuse findings' rankings read the pool)
-            reread = _reread_loader(pool, store, None, device)
-            as_stored = read_as_stored(pool, reread["loader_backend"], reread["device"], args.batch_size, store=store)
-            passes = pool_passes(pool, as_stored)
-            characterise(result, store, as_stored, vae, out, seed=0, device=device)
-            t["characterised"] = time.perf_counter()
-            pattern_rankings(result.findings, result.rankings, passes, pred=np.asarray(store["pred"]),
-                             batch_size=args.batch_size, num_workers=usable_cores(), **reread)
-            t["ranked"] = time.perf_counter()
-            if result.findings:   # as `spurfast discover` confirms (without --no-confirm)
-                confirm_findings(result.findings, clf, pool=as_stored, pool_pred=np.asarray(store["pred"]),
-                                 pool_probs=store["probs"],
-                                 config=ConfirmConfig(seed=0, device=device), num_workers=usable_cores())
-                rank_confirmed_first(result, out)
-            t["confirmed"] = time.perf_counter()
-            doc = write_outputs(result, out)
-            write_report(doc, out, clusters=result.clusters)
-        t["reported"] = time.perf_counter()
-    else:
-        dist.serve_main_section()
-        t["discovered"] = t["characterised"] = t["ranked"] = t["confirmed"] = t["reported"] = time.perf_counter()
+    # the run `spurfast discover` makes (confirmation included), timed step by step
+    _, result, _ = run_discovery(pool, clf, vae, args.out, num_classes=CLASSES, config=config,
+                                 batch_size=args.batch_size, progress=False, timings=split, on_step=step_ended)
+    for name in ("discovered", "characterised", "ranked", "confirmed", "reported"):
+        t.setdefault(name, time.perf_counter())   # a rank other than the main one: it served rank 0 till now
     rec = {"rank": ctx.rank, "world": ctx.world_size, "n": len(pool),
            "embed_s": t["embedded"] - t["start"], "discover_s": t["discovered"] - t["embedded"],
            "report_s": t["reported"] - t["discovered"], "rank_s": t["ranked"] - t["characterised"],
@@ -243,7 +215,10 @@ def worker(argv=None) -> int:
            "n_ranked_by": {k: sum(f.get("ranked_by") == k for f in result.findings)
                            for k in ("pattern", "latent+pattern", "latent+pixels", "latent")} if ctx.is_main else {},
            "total_s": t["reported"] - t["start"],
-           "peak_rss": own_peak_rss(), "peak_rss_after": dict(hwm, report=own_peak_rss()),
+           "peak_rss": own_peak_rss(),
+           "peak_rss_after": {**{short: hwm[name] for short, name in (("ready", "ready"), ("embed", "embedded"),
+                                                                     ("discover", "discovered")) if name in hwm},
+                              "report": own_peak_rss()},
            "peak_rss_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
            "threads": torch.get_num_threads(), "embed_split": split,
            "cuda_peak": torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0}

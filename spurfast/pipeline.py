@@ -285,7 +285,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
                   overwrite: bool = False, batch_size: int = 256, encoder_backend=None, loader_backend=None,
                   progress: bool = True, summary: dict | None = None, run_id: str | None = None,
                   clean: ImageSource | None = None, confirm: bool = True, protect=(), residual=None,
-                  feature_view: bool = False):
+                  feature_view: bool = False, timings: dict | None = None, on_step=None):
     """Embed the pool, discover, characterise, confirm, write findings.json/csv and report.html.
 
     Confirmation (`spurfast.confirm`) pastes each finding's pattern onto ``clean`` images of
@@ -303,6 +303,9 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     ``summary``: {label: value} shown as a table at the top of the report and kept in
     ``summary.json``, from which `spurfast report` shows it again (NaN and inf as n/a).
     ``extra_config``: more keys for findings.json's ``config`` (JSON values).
+    ``timings``: the embedding pass's split (`embed_pool`'s); ``on_step(name)``: called as each
+    step ends ("embedded", "discovered", "characterised", "ranked", "confirmed", "reported"; on
+    a rank other than the main one "embedded" alone), so a benchmark times the run users get.
     The classifier and the VAE come back in the mode and on the device they came in."""
     # every rank checks before the first collective and hears there of another rank's refusal: a
     # file missing on one node failed that rank alone, and the others printed a gloo traceback
@@ -323,7 +326,10 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
     try:
         store = dist.embed_pool_sharded(pool, classifier, vae, out / "store", num_classes=num_classes,
                                         batch_size=batch_size, device=config.device, encoder_backend=encoder_backend,
-                                        loader_backend=loader_backend, progress=progress, identity=identity)
+                                        loader_backend=loader_backend, progress=progress, identity=identity,
+                                        timings=timings)
+        step = on_step if on_step is not None else (lambda name: None)
+        step("embedded")
         if not dist.is_main():
             dist.serve_main_section()
             return None, None, store
@@ -338,6 +344,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
                 features = feature_space(store)
                 join_views(result, discover_features(store, config, suspect=suspect, class_names=pool.class_names,
                                                      progress=progress, work_dir=out / WORK_DIR, space=features))
+            step("discovered")
             # how the store's pixels were made: the two loaders decode a JPEG up to 1/255 apart, enough
             # to move a finding of a large pool, and the run id does not hold the loader
             made = {k: store.manifest[k] for k in ("loader", "decode") if store.manifest.get(k) is not None}
@@ -356,8 +363,10 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
             passes = pixel_cache.pool_passes(pool, as_stored)
             characterise(result, store, as_stored, vae, out, seed=config.seed, device=config.device,
                          feature_space=features)
+            step("characterised")
             pattern_rankings(result.findings, result.rankings, passes, pred=np.asarray(store["pred"]),
                              seed=config.seed, progress=progress, **reread)
+            step("ranked")
             if residual is not None:
                 from .residual import add_residual_findings
                 add_residual_findings(result, store, passes, vae, out, residual, suspect=suspect,
@@ -379,6 +388,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
             if suspect is not None and result.findings:   # is the pattern in its class's suspect data?
                 from .support import training_support
                 training_support(result.findings, passes, suspect, pool.labels(), progress=progress, **reread)
+            step("confirmed")
             doc = write_outputs(result, out, extra_config)
             bad_files = {int(i): r for i, r in store.bad_files().items()}  # all ranks, all runs
             bad_files.update(getattr(pool, "bad_files", {}))
@@ -392,6 +402,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
             else:   # a rerun of the same run without one: the old one would come back in `spurfast report`
                 (out / SUMMARY).unlink(missing_ok=True)
             write_report(doc, out, clusters=result.clusters, bad_files=bad, summary=summary)
+            step("reported")
         return doc, result, store
     finally:   # this call's hold: an API caller's process runs on (a test run held hundreds of folders)
         if dist.is_main() and not held:

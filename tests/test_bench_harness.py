@@ -224,6 +224,34 @@ def test_cluster_stage_is_timed_after_an_untimed_call(tmp_path, monkeypatch):
     assert warmup >= 1 and reps >= 3, (warmup, reps)
 
 
+def test_e2e_worker_times_the_run_users_get(tmp_path, monkeypatch):
+    # the worker repeated run_discovery's report steps by hand (a copy that had to follow the
+    # pipeline); it now runs run_discovery and times each of its steps
+    import json
+    from bench import bench_e2e
+    from spurfast.make_pool import PoolSpec, make_pool
+
+    monkeypatch.setenv("SPURFAST_BENCH_DIR", str(tmp_path / "bench"))
+    monkeypatch.setattr(bench_e2e, "TRAIN_IMAGES", 40)
+    pool = tmp_path / "pool"
+    make_pool(pool, PoolSpec(n=40, classes=bench_e2e.CLASSES, min_size=64, max_size=64), workers=1, progress=False)
+    clf, vae = bench_e2e.ensure_models()
+    out = tmp_path / "run"
+    assert bench_e2e.worker(["--pool", str(pool), "--out", str(out), "--clf", str(clf), "--vae", str(vae),
+                             "--n-null", "3", "--batch-size", "16"]) == 0
+    rec = json.loads((out / "timings-rank0.json").read_text())
+    for key in ("embed_s", "discover_s", "characterise_s", "rank_s", "confirm_s", "report_s", "total_s"):
+        assert rec[key] >= 0, (key, rec)
+    steps = rec["embed_s"] + rec["discover_s"] + rec["report_s"]
+    assert abs(steps - rec["total_s"]) < 1e-6, rec
+    assert rec["report_s"] >= rec["characterise_s"] + rec["rank_s"] + rec["confirm_s"] - 1e-6, rec
+    assert set(rec["peak_rss_after"]) == {"ready", "embed", "discover", "report"}, rec
+    assert rec["embed_split"]["compute_s"] > 0, rec
+    assert (out / "report.html").is_file() and (out / "findings.json").is_file()   # the real run's outputs
+    doc = json.loads((out / "findings.json").read_text())
+    assert len(doc["findings"]) == rec["n_findings"]
+
+
 def test_an_emptied_results_csv_gets_its_header(tmp_path):
     # `: > results.csv` to start afresh: rows were appended without a header, so the first
     # row became the header and `python -m bench plot` found nothing

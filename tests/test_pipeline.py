@@ -1150,3 +1150,15 @@ def test_a_run_json_nested_too_deep_proves_nothing(tmp_path):
     with pytest.raises(FileExistsError, match="holds files spurfast did not write"):
         P.prepare_output(out, "run-a", overwrite=True)
     assert (out / "run.json").read_text() == "[" * 100_000
+
+
+def test_run_discovery_reports_its_steps_in_order(tmp_path):
+    # `bench e2e` times the run users get through these calls (it had a copy of the steps)
+    torch.manual_seed(0)
+    pool = ArraySource(torch.rand(48, 1, 16, 16), np.arange(48) % 3, name="pool")
+    seen, split = [], {}
+    run_discovery(pool, SmallCNN(1, 3, 16).eval(), VAE(VAEConfig.for_images(1, 16, 4)).eval(), tmp_path / "run",
+                  num_classes=3, config=P.DiscoverConfig(n_null=2, seed=0), progress=False, on_step=seen.append,
+                  timings=split)
+    assert seen == ["embedded", "discovered", "characterised", "ranked", "confirmed", "reported"], seen
+    assert split["compute_s"] > 0 and "load_wait_s" in split, split
