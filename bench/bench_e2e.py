@@ -17,7 +17,10 @@ Rows (op "e2e", provider "procs=P"):
   written report (inside the processes: interpreter start-up and model loading excluded;
   ``wall_s`` includes them);
 - ``embed_images_per_s``: the streaming pass alone (load + classify + encode, overlapped:
-  the DataLoader or DALI decodes while the models run);
+  the DataLoader or DALI decodes while the models run, and the store is written on a thread
+  while the next batch computes); ``embed_split_s`` rows say where rank 0's pass waited
+  (``part=load_wait``, ``compute``, ``write``) and how long its writer thread wrote
+  (``write_busy``);
 - ``stage_s`` per stage of the run `spurfast discover` makes (`pipeline.run_discovery`, timed
   through its ``on_step``): embed, discover (per-class k-means + kNN + permutation null,
   k-means across ranks), report (characterise, the pattern rankings' re-reads, confirmation,

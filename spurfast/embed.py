@@ -29,6 +29,7 @@ from .models.as_given import restores_models
 from .models.outputs import check_floating, classifier_outputs, non_float32_weights, shape_text, trial
 from .models.layout import in_cpu_blocks
 from .pixel_cache import MIXED, MODE_KEY, PIXELS, batch_pixels, keeps_pixels, merged_mode
+from .store_writer import BackgroundWriter
 from .store import MANIFEST, EmbeddingStore, _open_checked, _same_identity, legacy_identities
 from .store_shards import _sync_labels, open_main, shard_dir
 
@@ -145,7 +146,9 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
 
     ``timings`` (a dict, optional) accumulates where the pass spends its time: seconds
     waiting for the loader (``load_wait_s``), in the models up to the results on the host
-    (``compute_s``), and writing the store (``write_s``), so the slow stage shows.
+    (``compute_s``), and waiting for the store (``write_s``: a batch is written on a thread of
+    its own while the next one computes, `spurfast.store_writer`; ``write_busy_s`` is that
+    thread's writing time), so the slow stage shows.
     """
     check_default_dtype("embed_pool")
     check_compute_device(device, f"embed_pool: device {device!r}")
@@ -281,71 +284,77 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
     # bytes, and no float conversion on host cores that the decoding workers keep busy
     raw = torch.uint8 if torch.device(device).type == "cuda" else None
     store.drop_unfinished_bad_files()
-    for b, batch in enumerate(iter_batches(source, batch_size, start=start, indices=todo, num_workers=num_workers,
-                                           backend=loader or loader_backend, dtype=raw,   # the one recorded
-                                           device=decode_device(device))):
-        clock.lap("load_wait_s")
-        if stop_after is not None and b >= stop_after:
-            break
-        idx = batch.indices.numpy()
-        # every index, not the first: a file skipped inside a batch shifted its later rows
-        # onto other images' rows, and the last batch's went unnoticed
-        expect = np.arange(store.done, store.done + len(idx)) if sel is None else sel[store.done:store.done + len(idx)]
-        if len(idx) != len(expect) or not np.array_equal(idx, expect):
-            j = next((j for j in range(len(idx)) if j >= len(expect) or int(idx[j]) != int(expect[j])), 0)
-            raise RuntimeError(f"loader yielded pool index {int(idx[j])} in row {store.done + j} of the store, "
-                               f"expected {int(expect[j]) if j < len(expect) else 'none (past the end)'}")
-        x = batch.images.to(device)
-        if x.dtype == torch.uint8:
-            x = uint8_to(x, torch.float32)
-        with torch.no_grad():
-            logits, feats, mu = in_cpu_blocks(lambda xb: classifier_outputs(classifier, xb) + (
-                vae.encode(xb, backend=encoder_backend)[0],), x)   # both models on a block while it is in cache
-            probs = torch.softmax(logits.float(), 1)
-        ok = batch.ok.numpy()
-        conf, pred = probs.max(1)
-        # one device-to-host copy (one sync on a GPU) for every result of the batch;
-        # class indices travel exactly as floats
-        L, C = mu.shape[1], probs.shape[1]
-        host = torch.cat([pred.float()[:, None], conf[:, None], probs, mu.float(), feats.float()], 1).cpu().numpy()
-        if not ok.all():
-            # an unreadable file's stand-in (a zero image) is no image of the pool: a classifier
-            # that standardises each image gave NaN for it, and the run stopped, blaming the
-            # classifier for the file the loader had skipped (its row is marked, pred -1, below)
-            host[~ok] = np.nan_to_num(host[~ok], nan=0.0, posinf=0.0, neginf=0.0)
-        pred, conf, probs, mu, feats = (host[:, 0].astype(np.int32), host[:, 1], host[:, 2:2 + C],
-                                        host[:, 2 + C:2 + C + L], host[:, 2 + C + L:])
-        if not np.isfinite(mu).all():
-            bad = np.flatnonzero(~np.isfinite(mu).all(1))
-            raise ValueError(f"encoder produced NaN/inf latents for pool indices {idx[bad][:10].tolist()}")
-        if not np.isfinite(probs).all():   # argmax would call every such image class 0
-            bad = np.flatnonzero(~np.isfinite(probs).all(1))
-            raise ValueError(f"classifier produced NaN/inf outputs for pool indices {idx[bad][:10].tolist()} "
-                             f"({len(bad)} of this batch of {len(idx)})")
-        big = np.abs(feats) > FEATS_MAX
-        if big.any():
-            # float16 would store them as inf, and the baselines' standardised features as NaN
-            if not clipped:
-                log.warning("penultimate features beyond float16's range (|x| > %g) from pool index %d on: stored "
-                            "clipped to +-%g in the store's feats column (used by the GEORGE and activation-"
-                            "clustering baselines only)", FEATS_MAX, int(idx[np.nonzero(big.any(1))[0][0]]), FEATS_MAX)
-            clipped = True
-            feats = np.clip(feats, -FEATS_MAX, FEATS_MAX)
-        pred[~ok] = -1  # unreadable files take no part in clustering
-        bad = None
-        if not ok.all():  # kept in the store so a resumed or sharded run still reports them
-            bad_files = getattr(source, "bad_files", {})
-            bad = {str(int(i)): bad_files.get(int(i), "could not be decoded") for i in idx[~ok]}
-        values = {"pred": pred, "conf": conf, "probs": probs, "mu": mu, "feats": feats.astype(np.float16),
-                  "labels": batch.labels.numpy(), "ok": ok}
-        if PIXELS in store.manifest["columns"]:   # for the steps that read the images again (pixel_cache)
-            kept = store.manifest.get(MODE_KEY) if store.done else None
-            values[PIXELS], mode = batch_pixels(batch.images, kept)
-            store.manifest[MODE_KEY] = merged_mode(kept, mode or MIXED)
-        clock.lap("compute_s")
-        store.write(store.done, values, bad)
-        bar.update(len(idx))
-        clock.lap("write_s")
+    keep_pixels = PIXELS in store.manifest["columns"]   # for the steps that read the images again (pixel_cache)
+    mode = store.manifest.get(MODE_KEY) if start else None   # how the pixel rows so far convert back
+    row = start   # the next row to fill: the writer thread owns the store (and its manifest) till the pass ends
+    with BackgroundWriter(store, timings=timings) as writer:
+        for b, batch in enumerate(iter_batches(source, batch_size, start=start, indices=todo,
+                                               num_workers=num_workers, backend=loader or loader_backend,
+                                               dtype=raw, device=decode_device(device))):   # the loader recorded
+            clock.lap("load_wait_s")
+            if stop_after is not None and b >= stop_after:
+                break
+            idx = batch.indices.numpy()
+            # every index, not the first: a file skipped inside a batch shifted its later rows
+            # onto other images' rows, and the last batch's went unnoticed
+            expect = np.arange(row, row + len(idx)) if sel is None else sel[row:row + len(idx)]
+            if len(idx) != len(expect) or not np.array_equal(idx, expect):
+                j = next((j for j in range(len(idx)) if j >= len(expect) or int(idx[j]) != int(expect[j])), 0)
+                raise RuntimeError(f"loader yielded pool index {int(idx[j])} in row {row + j} of the store, "
+                                   f"expected {int(expect[j]) if j < len(expect) else 'none (past the end)'}")
+            x = batch.images.to(device)
+            if x.dtype == torch.uint8:
+                x = uint8_to(x, torch.float32)
+            with torch.no_grad():
+                logits, feats, mu = in_cpu_blocks(lambda xb: classifier_outputs(classifier, xb) + (
+                    vae.encode(xb, backend=encoder_backend)[0],), x)   # both models on a block while it is in cache
+                probs = torch.softmax(logits.float(), 1)
+            ok = batch.ok.numpy()
+            conf, pred = probs.max(1)
+            # one device-to-host copy (one sync on a GPU) for every result of the batch;
+            # class indices travel exactly as floats
+            L, C = mu.shape[1], probs.shape[1]
+            host = torch.cat([pred.float()[:, None], conf[:, None], probs, mu.float(), feats.float()], 1).cpu().numpy()
+            if not ok.all():
+                # an unreadable file's stand-in (a zero image) is no image of the pool: a classifier
+                # that standardises each image gave NaN for it, and the run stopped, blaming the
+                # classifier for the file the loader had skipped (its row is marked, pred -1, below)
+                host[~ok] = np.nan_to_num(host[~ok], nan=0.0, posinf=0.0, neginf=0.0)
+            pred, conf, probs, mu, feats = (host[:, 0].astype(np.int32), host[:, 1], host[:, 2:2 + C],
+                                            host[:, 2 + C:2 + C + L], host[:, 2 + C + L:])
+            if not np.isfinite(mu).all():
+                bad = np.flatnonzero(~np.isfinite(mu).all(1))
+                raise ValueError(f"encoder produced NaN/inf latents for pool indices {idx[bad][:10].tolist()}")
+            if not np.isfinite(probs).all():   # argmax would call every such image class 0
+                bad = np.flatnonzero(~np.isfinite(probs).all(1))
+                raise ValueError(f"classifier produced NaN/inf outputs for pool indices {idx[bad][:10].tolist()} "
+                                 f"({len(bad)} of this batch of {len(idx)})")
+            big = np.abs(feats) > FEATS_MAX
+            if big.any():
+                # float16 would store them as inf, and the baselines' standardised features as NaN
+                if not clipped:
+                    log.warning("penultimate features beyond float16's range (|x| > %g) from pool index %d on: stored "
+                                "clipped to +-%g in the store's feats column (used by the GEORGE and activation-"
+                                "clustering baselines only)", FEATS_MAX, int(idx[np.nonzero(big.any(1))[0][0]]),
+                                FEATS_MAX)
+                clipped = True
+                feats = np.clip(feats, -FEATS_MAX, FEATS_MAX)
+            pred[~ok] = -1  # unreadable files take no part in clustering
+            bad = None
+            if not ok.all():  # kept in the store so a resumed or sharded run still reports them
+                bad_files = getattr(source, "bad_files", {})
+                bad = {str(int(i)): bad_files.get(int(i), "could not be decoded") for i in idx[~ok]}
+            values = {"pred": pred, "conf": conf, "probs": probs, "mu": mu, "feats": feats.astype(np.float16),
+                      "labels": batch.labels.numpy(), "ok": ok}
+            saved = {}
+            if keep_pixels:
+                values[PIXELS], got = batch_pixels(batch.images, mode)
+                saved[MODE_KEY] = mode = merged_mode(mode, got or MIXED)
+            clock.lap("compute_s")
+            writer.put(row, values, bad, saved)   # written while the next batch computes
+            row += len(idx)
+            bar.update(len(idx))
+            clock.lap("write_s")
     bar.close()
     return store
 
