@@ -77,6 +77,7 @@ from .checks import check_compute_device, real_number, suspect_mask, whole_numbe
 from .confirm_work import KeptConfirmations
 from .data.sources import ImageSource
 from .families import FEATURE_VIEW, RESIDUAL, finding_family
+from .made_ahead import made_ahead
 from .models.as_given import restores_models
 from .models.outputs import model_logits
 from .scoring import bh_qvalues
@@ -366,20 +367,32 @@ def confirm_pattern(model, images: torch.Tensor, cls: int, mask: np.ndarray, con
             out[s:s + len(xb)] = rise > RISE
         return out
 
-    ctrl = flips(lambda xb: apply_delta(xb, *random_controls(vals, m, len(xb), rng), config.mode))
-    best = (mcnemar_one_sided(real, ctrl), DOSES[0], real, ctrl)
     dose_rng = np.random.default_rng([config.seed, 1])   # its own draws: the later controls keep theirs
-    for a in DOSES[1:]:
-        weak = _prob(model, apply_delta(images, vals, m.float() * a, config.mode), cls, config.device,
-                     config.batch_size) - p0 > RISE
 
-        def weak_control(xb, a=a):
-            cv, cm = random_controls(vals, m, len(xb), dose_rng)
-            return apply_delta(xb, cv, cm.float() * a, config.mode)
-        weak_ctrl = flips(weak_control)
-        p = mcnemar_one_sided(weak, weak_ctrl)
-        if p < best[0]:
-            best = (p, a, weak, weak_ctrl)
+    def random_batches():
+        """The random controls of every batch at full strength (``rng``), then at each
+        weaker dose (``dose_rng``): the order the passes below take them in."""
+        for a in DOSES:
+            for s in range(0, n, config.batch_size):
+                xb = images[s:s + config.batch_size]
+                cv, cm = random_controls(vals, m, len(xb), rng if a == DOSES[0] else dose_rng)
+                yield apply_delta(xb, cv, cm if a == DOSES[0] else cm.float() * a, config.mode)
+
+    # made on a thread while the model classifies the batches before them (`made_ahead`); the
+    # content and smooth controls draw from ``rng`` after the full-strength ones, once it is closed
+    controls = made_ahead(random_batches())
+    try:
+        ctrl = flips(lambda xb: next(controls))
+        best = (mcnemar_one_sided(real, ctrl), DOSES[0], real, ctrl)
+        for a in DOSES[1:]:
+            weak = _prob(model, apply_delta(images, vals, m.float() * a, config.mode), cls, config.device,
+                         config.batch_size) - p0 > RISE
+            weak_ctrl = flips(lambda xb: next(controls))
+            p = mcnemar_one_sided(weak, weak_ctrl)
+            if p < best[0]:
+                best = (p, a, weak, weak_ctrl)
+    finally:
+        controls.close()
     out = {"flip_rate": float(real.mean()), "control_flip_rate": float(ctrl.mean()),
            "p_value": min(1.0, len(DOSES) * best[0]), "dose": best[1], "dose_flip_rate": float(best[2].mean()),
            "dose_control_flip_rate": float(best[3].mean()), "n_images": int(n), "mask_area": int(m.sum()),

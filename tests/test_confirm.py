@@ -781,6 +781,26 @@ def test_the_batch_size_changes_no_result(model):
     assert runs[0] == runs[1] == runs[2]
 
 
+@pytest.mark.parametrize("model", [CornerModel(), TextureModel(), BrightModel()])
+def test_controls_made_on_a_thread_give_the_plain_loops_results(model, monkeypatch):
+    # the random controls are drawn and built on a thread ahead of the model (made_ahead); a
+    # plain loop in their place gives every rate and p-value bit for bit (content and smooth
+    # controls, which draw from the same rng afterwards, included)
+    import spurfast.confirm as C
+    x = _clean()
+    contrast = torch.zeros(1, 16, 16)
+    contrast[0, -4:-1, -4:-1] = 0.9
+    full = np.ones((16, 16), bool) if isinstance(model, BrightModel) else _corner_mask()
+
+    def run():
+        return confirm_pattern(model, x, 1, full, contrast if not isinstance(model, BrightModel) else
+                               torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(1)) * 0.9,
+                               class_images=_clean(40, seed=3), config=ConfirmConfig(seed=0, batch_size=64))
+    threaded = run()
+    monkeypatch.setattr(C, "made_ahead", lambda items, depth=2: iter(items))
+    assert run() == threaded
+
+
 def test_an_interrupted_confirmation_resumes_at_the_next_finding(tmp_path, monkeypatch):
     """Each finding's result is kept as it finishes: a rerun computes only those not done,
     with the same draws and results as a run never interrupted; any changed input computes
