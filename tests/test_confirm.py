@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from spurfast.confirm import (VERDICTS, ConfirmConfig, apply_delta, confirm_findings, confirm_pattern, confirm_verdict,
                               is_confirmed, joint_p_value, mcnemar_one_sided, most_like_pattern, random_controls,
-                              smooth_controls)
+                              random_controls_added, smooth_controls)
 from spurfast.scoring import bh_qvalues
 from spurfast.families import CLUSTERS, FEATURE_VIEW, RESIDUAL, finding_family
 from spurfast.data.sources import ArraySource
@@ -144,6 +144,22 @@ def test_random_controls_place_the_drawn_values_at_the_drawn_pixels_in_every_cha
             want_v[:, pos[j]] = inside[:, perm[j]]
             want_m[pos[j]] = True
         assert torch.equal(cv[i], want_v.view(c, h, w)) and torch.equal(cm[i], want_m.view(h, w)), f"control {i}"
+
+
+@pytest.mark.parametrize("c, h, w, strength", [(3, 13, 11, 1.0), (3, 13, 11, 0.5), (1, 16, 16, 0.25), (2, 5, 7, 1.0)])
+def test_random_controls_added_in_place_are_apply_deltas_bits(c, h, w, strength):
+    # confirmation builds its controls in one copy of the images; they must be the bits of
+    # apply_delta over random_controls' tensors, with the rng left where those leave it
+    g = torch.Generator().manual_seed(c * 100 + h)
+    x = torch.rand(37, c, h, w, generator=g) * 1.2 - 0.1          # some pixels outside [0, 1]
+    vals = torch.randn(c, h, w, generator=g)
+    mask = torch.rand(h, w, generator=g) < 0.4
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    cv, cm = random_controls(vals, mask, len(x), a)
+    want = apply_delta(x, cv, cm if strength == 1.0 else cm.float() * strength, "add")
+    got = random_controls_added(x, vals, mask, b, strength)
+    assert_bitwise(got, want)
+    assert a.integers(1 << 30) == b.integers(1 << 30)
 
 
 @pytest.mark.xfail(strict=True, reason="clipping weakens the scattered control (module docstring): a control kept "
