@@ -182,6 +182,12 @@ class EmbeddingStore:
         flat = buf.reshape(-1).view(np.uint8)
         fd = os.open(path, os.O_RDONLY)
         try:
+            if len(spans) > 1 and hasattr(os, "posix_fadvise"):
+                # every span asked of the kernel first, so a cold file's reads queue together instead
+                # of one disk wait per row (5,000 scattered pixel rows of the 100k bench store, page
+                # cache dropped: 0.50 -> 0.12 s; cached: 0.028 vs 0.031 s)
+                for a, b in spans:
+                    os.posix_fadvise(fd, offset + int(uniq[a]) * row, (b - a) * row, os.POSIX_FADV_WILLNEED)
             for a, b in spans:
                 want = (b - a) * row
                 got = os.preadv(fd, [flat[a * row:b * row]], offset + int(uniq[a]) * row)
