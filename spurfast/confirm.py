@@ -173,8 +173,9 @@ def random_controls(vals: torch.Tensor, mask: torch.Tensor, n: int, rng: np.rand
 
 def _control_draws(pixels: int, area: int, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(pos, perm), each (n, area) int64: per image, ``area`` distinct pixels of ``pixels`` and
-    a permutation of the pattern's values.  One image at a time, in the rng order they always
-    had (a torch indexing pair per image took a third of the confirmation's time outside the model)."""
+    a permutation of the pattern's values, drawn one image at a time in the rng order they
+    always had; the callers scatter them in one go (a torch indexing pair per image took a
+    third of the confirmation's time outside the model)."""
     pos = np.empty((n, area), np.int64)
     perm = np.empty((n, area), np.int64)
     for i in range(n):
@@ -189,8 +190,8 @@ def random_controls_added(x: torch.Tensor, vals: torch.Tensor, mask: torch.Tenso
     len(x), rng)``, bit for bit, built in one copy of ``x`` (float32): each drawn value times
     ``strength`` added at its drawn pixel, then clipped.  The full-size control, its mask and
     three more image-sized tensors of `apply_delta` took ~75 MB of short-lived memory per 256 RGB
-    64x64 images, on the thread that makes them ahead of the model (`made_ahead`), whose memory
-    the allocator kept: up to 160 MB more at the run's peak."""
+    64x64 images on the thread that makes them ahead of the model (`made_ahead`), and the
+    allocator kept that thread's memory: up to 160 MB more at the run's peak that way."""
     n, (c, h, w) = len(x), vals.shape
     inside = vals[:, mask].to(torch.float32)                 # (C, area)
     pos, perm = _control_draws(h * w, int(mask.sum()), n, rng)
