@@ -47,10 +47,18 @@ LOCALISED = 0.1    # an extracted mask on at most this fraction of the image's p
 TOP = 20_000       # images of each finding's latent ranking re-ranked by the pattern
 
 
-def _latent_order(ranking: np.ndarray) -> np.ndarray:
-    """Pool indices with a finite latent score, best first (ties by index)."""
+def _latent_order(ranking: np.ndarray, head: int | None = None) -> np.ndarray:
+    """Pool indices with a finite latent score, best first (ties by index); the first ``head``
+    of them alone where given, exactly those: the scores at least the ``head``-th best are
+    sorted, not the pool's (a pool-sized lexsort per finding took 0.8 s of the 100k bench's
+    rankings for 20,000 indices)."""
     finite = np.nonzero(np.isfinite(ranking))[0]
-    return finite[np.lexsort((finite, -ranking[finite]))]
+    if head is not None and head < len(finite):
+        neg = -ranking[finite]
+        cut = np.partition(neg, head - 1)[head - 1]   # the head-th best score: ties at it all stay
+        finite = finite[neg <= cut]
+    order = finite[np.lexsort((finite, -ranking[finite]))]
+    return order if head is None else order[:head]
 
 
 def ranking_mask(mask: np.ndarray, contrast, localised: float = LOCALISED) -> np.ndarray | None:
@@ -126,7 +134,7 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
         return
     # the heads only: a pool-sized order per finding, kept through the pass over the images,
     # was what `SpilledRankings` keeps out of memory (each is sorted again below, one at a time)
-    heads = [_latent_order(np.asarray(rankings[f["rank"]]))[:top] for f in chosen]
+    heads = [_latent_order(np.asarray(rankings[f["rank"]]), top) for f in chosen]
     union = np.unique(np.concatenate(heads))
     # each finding's own head only: a (union x findings) matrix grew with the square of the
     # number of localised findings (heads of different classes barely overlap)

@@ -221,3 +221,16 @@ def test_an_image_unreadable_on_the_reread_is_unranked_not_among_the_carriers(tm
     assert f["ranked_by"] == "pattern" and 7 in src.bad_files
     assert rankings[1][7] == -np.inf
     assert np.argsort(-rankings[1], kind="stable")[:4].tolist() == [0, 5, 10, 15]
+
+
+@pytest.mark.parametrize("n, head", [(1000, 10), (1000, 999), (1000, 1000), (1000, 5000), (7, 1), (0, 3)])
+def test_a_latent_orders_head_is_the_full_orders_first_entries(n, head):
+    # the head sorts only the scores at least as good as its last one: ties across that cut
+    # (many equal scores), -0.0 beside 0.0, and non-finite scores left out, as the full order does
+    from spurfast.pattern_rank import _latent_order
+    rng = np.random.default_rng(n + head)
+    r = rng.integers(-5, 6, n).astype(np.float64)        # heavy ties
+    r[rng.random(n) < 0.1] = -0.0
+    r[rng.random(n) < 0.05] = np.nan
+    r[rng.random(n) < 0.05] = -np.inf
+    np.testing.assert_array_equal(_latent_order(r, head), _latent_order(r)[:head])
