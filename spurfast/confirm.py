@@ -88,6 +88,7 @@ RISE = 0.1  # the design's "p(class) rises by more than 0.1"
 # the strengths the pattern and its random control are compared at (module docstring); the
 # smallest p-value counts, times len(DOSES) (Bonferroni: valid whatever the data)
 DOSES = (1.0, 0.5, 0.25)
+AHEAD = 2   # random-control batches made ahead of the model (`made_ahead`)
 
 
 @dataclass
@@ -185,7 +186,7 @@ def _control_draws(pixels: int, area: int, n: int, rng: np.random.Generator) -> 
 
 
 def random_controls_added(x: torch.Tensor, vals: torch.Tensor, mask: torch.Tensor, rng: np.random.Generator,
-                          strength: float = 1.0) -> torch.Tensor:
+                          strength: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
     """``apply_delta(x, cv, cm * strength, "add")`` of ``cv, cm = random_controls(vals, mask,
     len(x), rng)``, bit for bit, built in one copy of ``x`` (float32): each drawn value times
     ``strength`` added at its drawn pixel, then clipped.  The full-size control, its mask and
@@ -195,7 +196,7 @@ def random_controls_added(x: torch.Tensor, vals: torch.Tensor, mask: torch.Tenso
     n, (c, h, w) = len(x), vals.shape
     inside = vals[:, mask].to(torch.float32)                 # (C, area)
     pos, perm = _control_draws(h * w, int(mask.sum()), n, rng)
-    out = x.to(torch.float32, copy=True)
+    out = x.to(torch.float32, copy=True) if out is None else out.copy_(x)   # ``out``: float32, x's shape
     flat = out.view(n, c, h * w)
     for ch in range(c):   # x + 1.0 * v or x + strength * v, as apply_delta's m * v gives them
         picked = inside[ch][perm]
@@ -394,21 +395,30 @@ def confirm_pattern(model, images: torch.Tensor, cls: int, mask: np.ndarray, con
 
     dose_rng = np.random.default_rng([config.seed, 1])   # its own draws: the later controls keep theirs
 
+    # the "add" controls are built into a ring of buffers made here: made on the thread, their
+    # memory stayed with its allocator arena (+50-100 MB at the report's peak).  A buffer is
+    # filled again AHEAD + 2 items later: by then the passes below have classified it (at most
+    # AHEAD wait made, one is being made, one is in the model)
+    ring = [torch.empty((min(n, config.batch_size),) + tuple(images.shape[1:])) for _ in range(AHEAD + 2)] \
+        if config.mode == "add" else []
+
     def random_batches():
         """The random controls of every batch at full strength (``rng``), then at each
         weaker dose (``dose_rng``): the order the passes below take them in."""
+        made = 0
         for a in DOSES:
             for s in range(0, n, config.batch_size):
                 xb, draws = images[s:s + config.batch_size], rng if a == DOSES[0] else dose_rng
                 if config.mode == "add":
-                    yield random_controls_added(xb, vals, m, draws, a)
+                    made += 1
+                    yield random_controls_added(xb, vals, m, draws, a, out=ring[made % len(ring)][:len(xb)])
                 else:
                     cv, cm = random_controls(vals, m, len(xb), draws)
                     yield apply_delta(xb, cv, cm if a == DOSES[0] else cm.float() * a, config.mode)
 
     # made on a thread while the model classifies the batches before them (`made_ahead`); the
     # content and smooth controls draw from ``rng`` after the full-strength ones, once it is closed
-    controls = made_ahead(random_batches())
+    controls = made_ahead(random_batches(), depth=AHEAD)
     try:
         ctrl = flips(lambda xb: next(controls))
         best = (mcnemar_one_sided(real, ctrl), DOSES[0], real, ctrl)
