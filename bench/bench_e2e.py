@@ -174,6 +174,9 @@ def own_peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+HWM_STAGES = {"embedded": "embed", "discovered": "discover"}   # run_discovery's steps -> peak_memory_after rows
+
+
 def worker(argv=None) -> int:
     """One rank (or the only process) of a timed discover run; writes timings-rank<r>.json."""
     ap = argparse.ArgumentParser()
@@ -198,12 +201,13 @@ def worker(argv=None) -> int:
     clf, vae = load_classifier(args.clf), load_vae(args.vae)
     config = DiscoverConfig(n_null=args.n_null, seed=0, device=device)
     _warm_up(clf, vae, device, args.batch_size, len(pool), ctx)
-    hwm = {"ready": own_peak_rss()}   # VmHWM after each step: which one sets the peak
+    hwm = {"ready": own_peak_rss()}   # VmHWM after the stages the rows name: which one sets the peak
     t = {"start": time.perf_counter()}
 
     def step_ended(name):
         t[name] = time.perf_counter()
-        hwm[name] = own_peak_rss()
+        if name in HWM_STAGES:
+            hwm[HWM_STAGES[name]] = own_peak_rss()
     split = {}   # where this rank's embedding pass waited: loader, models, store
     # the run `spurfast discover` makes (confirmation included), timed step by step
     _, result, _ = run_discovery(pool, clf, vae, args.out, num_classes=CLASSES, config=config,
@@ -219,9 +223,7 @@ def worker(argv=None) -> int:
                            for k in ("pattern", "latent+pattern", "latent+pixels", "latent")} if ctx.is_main else {},
            "total_s": t["reported"] - t["start"],
            "peak_rss": own_peak_rss(),
-           "peak_rss_after": {**{short: hwm[name] for short, name in (("ready", "ready"), ("embed", "embedded"),
-                                                                     ("discover", "discovered")) if name in hwm},
-                              "report": own_peak_rss()},
+           "peak_rss_after": dict(hwm, report=own_peak_rss()),
            "peak_rss_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
            "threads": torch.get_num_threads(), "embed_split": split,
            "cuda_peak": torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0}

@@ -188,11 +188,10 @@ def _control_draws(pixels: int, area: int, n: int, rng: np.random.Generator) -> 
 def random_controls_added(x: torch.Tensor, vals: torch.Tensor, mask: torch.Tensor, rng: np.random.Generator,
                           strength: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
     """``apply_delta(x, cv, cm * strength, "add")`` of ``cv, cm = random_controls(vals, mask,
-    len(x), rng)``, bit for bit, built in one copy of ``x`` (float32): each drawn value times
-    ``strength`` added at its drawn pixel, then clipped.  The full-size control, its mask and
-    three more image-sized tensors of `apply_delta` took ~75 MB of short-lived memory per 256 RGB
-    64x64 images on the thread that makes them ahead of the model (`made_ahead`), and the
-    allocator kept that thread's memory: up to 160 MB more at the run's peak that way."""
+    len(x), rng)``, bit for bit, built in one copy of ``x`` (float32; into ``out`` where given):
+    each drawn value times ``strength`` added at its drawn pixel, then clipped.  The full-size
+    control, its mask and three more image-sized tensors of `apply_delta` were ~75 MB of
+    short-lived memory per 256 RGB 64x64 images."""
     n, (c, h, w) = len(x), vals.shape
     inside = vals[:, mask].to(torch.float32)                 # (C, area)
     pos, perm = _control_draws(h * w, int(mask.sum()), n, rng)
@@ -395,10 +394,10 @@ def confirm_pattern(model, images: torch.Tensor, cls: int, mask: np.ndarray, con
 
     dose_rng = np.random.default_rng([config.seed, 1])   # its own draws: the later controls keep theirs
 
-    # the "add" controls are built into a ring of buffers made here: made on the thread, their
-    # memory stayed with its allocator arena (+50-100 MB at the report's peak).  A buffer is
-    # filled again AHEAD + 2 items later: by then the passes below have classified it (at most
-    # AHEAD wait made, one is being made, one is in the model)
+    # the "add" controls go into a ring of buffers allocated here, not on the thread (whose
+    # allocator arena kept what it allocated).  A buffer is filled again AHEAD + 2 items later:
+    # by then the passes below have classified it (at most AHEAD wait made, one is being made,
+    # one is in the model)
     ring = [torch.empty((min(n, config.batch_size),) + tuple(images.shape[1:])) for _ in range(AHEAD + 2)] \
         if config.mode == "add" else []
 
