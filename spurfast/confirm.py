@@ -75,8 +75,10 @@ from tqdm.auto import tqdm
 
 from .checks import check_compute_device, real_number, suspect_mask, whole_number
 from .confirm_work import KeptConfirmations
+from .cores import usable_cores
 from .data.sources import ImageSource
 from .families import FEATURE_VIEW, RESIDUAL, finding_family
+from .in_order import run_in_order
 from .made_ahead import made_ahead
 from .models.as_given import restores_models
 from .models.outputs import model_logits
@@ -89,6 +91,7 @@ RISE = 0.1  # the design's "p(class) rises by more than 0.1"
 # smallest p-value counts, times len(DOSES) (Bonferroni: valid whatever the data)
 DOSES = (1.0, 0.5, 0.25)
 AHEAD = 2   # random-control batches made ahead of the model (`made_ahead`)
+AT_ONCE_BYTES = 1 << 31   # clean, class and control images that findings confirmed at once may hold
 
 
 @dataclass
@@ -98,20 +101,22 @@ class ConfirmConfig:
     mean image), ``batch_size`` images per classifier call, ``seed`` for the controls' random
     patterns and the images drawn, ``device`` where the classifier runs, and
     ``content_match``, the share of the class's images most like the pattern from which the
-    class-content control draws (see the module docstring)."""
+    class-content control draws (see the module docstring), and ``at_once``, how many findings
+    are confirmed at once (0: `findings_at_once` chooses; the results are the same)."""
     max_images: int = 500       # clean images per finding
     mode: str = "add"           # "add" (mask x contrast) or "paste" (mask x members' mean)
     batch_size: int = 256
     seed: int = 0
     device: str = "cpu"
     content_match: float = 0.25  # content control draws from this fraction of class images most like the pattern
+    at_once: int = 0            # findings confirmed at once, on threads; 0: automatic
 
     def __post_init__(self):
         # whole numbers, as DiscoverConfig takes them (numpy's too, stored as Python ints): a
         # fractional one (or a bool) passed here and failed only when confirmation ran, after the
         # embedding pass and discovery, naming no setting ("'float' object cannot be interpreted as
         # an integer", numpy's "SeedSequence expects int")
-        for name in ("max_images", "batch_size", "seed"):
+        for name in ("max_images", "batch_size", "seed", "at_once"):
             setattr(self, name, whole_number(getattr(self, name), f"confirm {name}"))
         if self.max_images < 1:
             raise ValueError(f"max_images must be >= 1, got {self.max_images}")
@@ -119,6 +124,8 @@ class ConfirmConfig:
             raise ValueError(f"confirm batch_size must be >= 1, got {self.batch_size}")
         if self.seed < 0:   # numpy's "expected non-negative integer", at the first finding
             raise ValueError(f"confirm seed must be >= 0, got {self.seed}")
+        if self.at_once < 0:
+            raise ValueError(f"confirm at_once must be >= 0 (0: automatic), got {self.at_once}")
         # "0.5" failed the range check below with a bare TypeError; True passed as 1.0
         self.content_match = real_number(self.content_match, "content_match")
         if not 0.0 < self.content_match <= 1.0:
@@ -339,6 +346,7 @@ def content_controls(mask: torch.Tensor, class_images: torch.Tensor, base_mean: 
     return (class_images[pick] - base_mean.unsqueeze(0)) * mask.to(class_images.dtype)
 
 
+@torch.no_grad()   # on a thread of `run_in_order` too, where the caller's no_grad does not reach
 def confirm_pattern(model, images: torch.Tensor, cls: int, mask: np.ndarray, contrast, pattern=None,
                     config: ConfirmConfig | None = None, class_images: torch.Tensor | None = None,
                     p0: np.ndarray | None = None) -> dict:
@@ -590,6 +598,20 @@ class CleanProbs:
         return np.array([self.seen[int(i)][cls] for i in idx], np.float32)
 
 
+def findings_at_once(config: ConfirmConfig, image_shape) -> int:
+    """How many findings `confirm_findings` confirms at once: ``config.at_once`` where set;
+    else one on a CPU, whose model forwards use every core already; on a GPU, where drawing and
+    building the random controls on the host is most of the work, one per two host cores (a
+    finding keeps a second thread making its controls), at most 8, and as many as fit
+    `AT_ONCE_BYTES` with one more read ahead."""
+    if config.at_once:
+        return config.at_once
+    if torch.device(config.device).type == "cpu":
+        return 1
+    per_finding = 4 * int(np.prod(image_shape)) * (2 * config.max_images + (AHEAD + 2) * config.batch_size)
+    return max(1, min(8, usable_cores() // 2, AT_ONCE_BYTES // per_finding - 1))
+
+
 @restores_models("model")
 @torch.no_grad()
 def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None = None,
@@ -622,7 +644,8 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
     where ``config.device`` computes), as the pool's embedding pass reads it.  ``work_dir``:
     each finding's result is kept there as it finishes (`spurfast.confirm_work`), and a
     rerun with the same inputs reads it instead of computing it again.  ``progress``: a bar
-    over the findings."""
+    over the findings.  Several findings are confirmed at once where `findings_at_once` says
+    so (their images read here, their passes on threads), with the results of one at a time."""
     # checked again: a field set after construction (config.seed = -1) skipped __post_init__
     config = replace(config) if config is not None else ConfirmConfig()
     check_compute_device(config.device, f"confirm_findings: config.device {config.device!r}")
@@ -681,7 +704,8 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
             raise ValueError(f"finding {f.get('rank')} has no extracted pattern; run characterise() first")
     kept = KeptConfirmations(work_dir, model, src, config) if work_dir is not None else None
     clean_probs = CleanProbs(model, config, stored=stored)
-    for f in tqdm(findings, desc="confirmation", unit="finding", disable=not progress, leave=False):
+    drawn = []   # (finding, class, clean indices, class-content indices, clean candidates), in order
+    for f in findings:
         c = int(f["class"])
         if pool is not None and clean is None:
             ok = cand[pred[cand] != c]       # predicted as another class
@@ -698,13 +722,33 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
             own = cand[np.where(labels[cand] >= 0, labels[cand] == c, (pred[cand] == c) if pred is not None else False)]
         if len(own) > config.max_images:
             own = np.sort(rng.choice(own, config.max_images, replace=False))
+        drawn.append((f, c, idx, own, others))
+    computed = []   # whether each task computes (else it hands back a kept result)
 
-        def compute(f=f, c=c, idx=idx, own=own, others=others):
-            x, got = _clean_images(src, idx, others)
+    def tasks():
+        """Per finding, its kept result or its `confirm_pattern` with its images read here:
+        the sources and `CleanProbs` serve one thread."""
+        for f, c, idx, own, others in drawn:
+            got = kept.lookup(f, idx, own) if kept is not None else None
+            computed.append(got is None)
+            if got is not None:
+                yield lambda got=got: got
+                continue
+            x, x_idx = _clean_images(src, idx, others)
             xc = load_readable(src, own) if len(own) else None
-            return confirm_pattern(model, x, c, f["_mask"], f["_contrast"], f.get("_pattern"), config, class_images=xc,
-                                   p0=clean_probs.p(x, got, c))
-        cf = kept.result(f, idx, own, compute) if kept is not None else compute()
+            p0 = clean_probs.p(x, x_idx, c)
+            yield lambda f=f, c=c, x=x, xc=xc, p0=p0: confirm_pattern(
+                model, x, c, f["_mask"], f["_contrast"], f.get("_pattern"), config, class_images=xc, p0=p0)
+
+    at_once = findings_at_once(config, src.image_shape) if drawn else 1
+    if at_once > 1:
+        log.info("confirming %d findings at once", at_once)
+    results = run_in_order(tasks(), at_once)
+    for i, cf in enumerate(tqdm(results, total=len(drawn), desc="confirmation", unit="finding",
+                                disable=not progress, leave=False)):
+        f, c, idx, own, _ = drawn[i]
+        if computed[i] and kept is not None:   # kept as it finishes: an interrupted run resumes after it
+            kept.keep(f, idx, own, cf)
         f["_confirm_detail"] = cf
         f.pop("confirm_skipped", None)
         if cf["flip_rate"] is None:   # schema 1: confirm is null when it could not run

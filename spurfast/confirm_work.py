@@ -36,7 +36,9 @@ class KeptConfirmations:
         self.folder = Path(folder)
         # the decoder matters too: DALI and PIL decode a JPEG to pixels up to 1/255 apart
         reads = [type(source).__name__, getattr(source, "loader_backend", None), getattr(source, "device", None)]
-        self._settings = {"piece": "confirmation", "confirm_version": VERSION, "config": asdict(config),
+        # how many findings run at once changes no result: a run resumed with another number reads them
+        settings = {k: v for k, v in asdict(config).items() if k != "at_once"}
+        self._settings = {"piece": "confirmation", "confirm_version": VERSION, "config": settings,
                           "reads": reads, "model_and_source": fingerprint(source, model)}
         sweep_killed_writers(self.folder, "*.json.*.tmp")
 
@@ -48,17 +50,28 @@ class KeptConfirmations:
                   for name, a in arrays.items() if a is not None}
         return work_key(arrays, {**self._settings, "class": int(finding["class"])})
 
-    def result(self, finding: dict, clean_idx: np.ndarray, class_idx: np.ndarray, compute) -> dict:
-        """The kept result of this finding on these images, else ``compute()``'s, kept."""
-        path = self.folder / f"{self.key(finding, clean_idx, class_idx)}.json"
+    def _path(self, finding: dict, clean_idx: np.ndarray, class_idx: np.ndarray) -> Path:
+        return self.folder / f"{self.key(finding, clean_idx, class_idx)}.json"
+
+    def lookup(self, finding: dict, clean_idx: np.ndarray, class_idx: np.ndarray) -> dict | None:
+        """The kept result of this finding on these images, or None."""
         try:
-            got = json.loads(path.read_text())
+            got = json.loads(self._path(finding, clean_idx, class_idx).read_text())
         except (OSError, ValueError):   # none yet, or damaged: computed again
-            got = None
-        if isinstance(got, dict) and "flip_rate" in got:
-            return got
-        got = compute()
+            return None
+        return got if isinstance(got, dict) and "flip_rate" in got else None
+
+    def keep(self, finding: dict, clean_idx: np.ndarray, class_idx: np.ndarray, got: dict) -> None:
+        """Save ``got``, the result of this finding on these images."""
         self.folder.mkdir(parents=True, exist_ok=True)
         # numpy scalars as Python ones (np.int64 is no JSON number); floats round-trip exactly
-        replace_atomically(path, lambda fh: json.dump(got, fh, default=lambda v: v.item()))
+        replace_atomically(self._path(finding, clean_idx, class_idx),
+                           lambda fh: json.dump(got, fh, default=lambda v: v.item()))
+
+    def result(self, finding: dict, clean_idx: np.ndarray, class_idx: np.ndarray, compute) -> dict:
+        """The kept result of this finding on these images, else ``compute()``'s, kept."""
+        got = self.lookup(finding, clean_idx, class_idx)
+        if got is None:
+            got = compute()
+            self.keep(finding, clean_idx, class_idx, got)
         return got

@@ -957,14 +957,15 @@ def test_confirmation_classifies_in_the_layout_the_embedding_pass_uses():
 
 
 class RowsSeen(CornerModel):
-    """CornerModel counting the images it classifies."""
+    """CornerModel counting the images it classifies (on a GPU from several findings' threads at once)."""
 
     def __init__(self):
         super().__init__()
-        self.rows = 0
+        self.rows, self._counting = 0, __import__("threading").Lock()
 
     def forward(self, x):
-        self.rows += len(x)
+        with self._counting:
+            self.rows += len(x)
         return super().forward(x)
 
 
@@ -1081,3 +1082,75 @@ def test_an_unlabelled_clean_sets_prediction_pass_stands_in_for_its_images_own_p
     again, rows_again = run(forget=True)
     assert handed_on == again
     assert rows_again - rows == 60   # the second finding's 60 clean images (the first's checked the values)
+
+
+def _findings_of_two_classes(n=5):
+    out = []
+    for i in range(n):
+        f = _finding([0, 1])
+        f["rank"], f["class"] = i + 1, i % 2
+        f["_contrast"] = f["_contrast"] * (0.3 + 0.15 * i)
+        out.append(f)
+    return out
+
+
+def test_findings_confirmed_at_once_give_one_at_a_times_results(tmp_path, monkeypatch):
+    # on a GPU several findings are confirmed at once (`run_in_order`): each draws from its own
+    # generators, so every rate, p-value and verdict is one at a time's; a kept result is read
+    # whatever the number at once (it is no part of the key), and the passes do run on threads
+    import threading
+    import spurfast.confirm as C
+    clean = ArraySource(_clean(200), np.r_[np.zeros(150, int), np.ones(50, int)], name="clean")
+    one = _findings_of_two_classes()
+    confirm_findings(one, CornerModel(), clean=clean, config=ConfirmConfig(max_images=100, batch_size=32))
+    real, threads = C.confirm_pattern, set()
+
+    def seen(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(C, "confirm_pattern", seen)
+    many = _findings_of_two_classes()
+    confirm_findings(many, CornerModel(), clean=clean, work_dir=tmp_path / "work",
+                     config=ConfirmConfig(max_images=100, batch_size=32, at_once=3))
+    assert [f["confirm"] for f in many] == [f["confirm"] for f in one]
+    assert [f["_confirm_detail"] for f in many] == [f["_confirm_detail"] for f in one]
+    assert len(threads) > 1 and threading.current_thread().name not in threads, threads
+    threads.clear()
+    again = _findings_of_two_classes()
+    confirm_findings(again, CornerModel(), clean=clean, work_dir=tmp_path / "work",
+                     config=ConfirmConfig(max_images=100, batch_size=32, at_once=1))
+    assert not threads and [f["confirm"] for f in again] == [f["confirm"] for f in one]
+
+
+def test_an_error_confirming_one_of_several_at_once_keeps_those_before_it(tmp_path, monkeypatch):
+    import spurfast.confirm as C
+    clean = ArraySource(_clean(200), np.r_[np.zeros(150, int), np.ones(50, int)], name="clean")
+    real = C.confirm_pattern
+
+    def third_fails(model, x, c, mask, contrast, *args, **kwargs):
+        if float(contrast.max()) == pytest.approx(0.9 * 0.6):   # the third finding's
+            raise RuntimeError("out of memory")
+        return real(model, x, c, mask, contrast, *args, **kwargs)
+
+    monkeypatch.setattr(C, "confirm_pattern", third_fails)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        confirm_findings(_findings_of_two_classes(), CornerModel(), clean=clean, work_dir=tmp_path / "work",
+                         config=ConfirmConfig(max_images=100, at_once=2))
+    assert len(list((tmp_path / "work").glob("*.json"))) == 2
+
+
+def test_how_many_findings_are_confirmed_at_once(monkeypatch):
+    import spurfast.confirm as C
+    from spurfast.confirm import findings_at_once
+    monkeypatch.setattr(C, "usable_cores", lambda: 16)
+    assert findings_at_once(ConfirmConfig(), (3, 64, 64)) == 1   # a CPU's forwards use every core already
+    assert findings_at_once(ConfirmConfig(at_once=3), (3, 64, 64)) == 3
+    assert findings_at_once(ConfirmConfig(device="cuda"), (3, 64, 64)) == 8
+    # 128 x 128 RGB: 0.4 GB of clean, class and control images a finding: 2 GiB hold five, one read ahead
+    assert findings_at_once(ConfirmConfig(device="cuda:0"), (3, 128, 128)) == 4
+    assert findings_at_once(ConfirmConfig(device="cuda"), (3, 224, 224)) == 1   # 1.2 GB a finding
+    monkeypatch.setattr(C, "usable_cores", lambda: 2)
+    assert findings_at_once(ConfirmConfig(device="cuda"), (3, 64, 64)) == 1
+    with pytest.raises(ValueError, match="at_once must be >= 0"):
+        ConfirmConfig(at_once=-1)

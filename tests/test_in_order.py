@@ -1,0 +1,78 @@
+"""run_in_order: tasks a few at a time on threads, results in the tasks' order."""
+import threading
+import time
+
+import pytest
+
+from spurfast.in_order import run_in_order
+
+
+def _sleeper(i, log):
+    def task():
+        log.append(("start", i))
+        time.sleep(0.02 * (5 - i % 5))   # later tasks finish first
+        log.append(("end", i))
+        return i * i
+    return task
+
+
+@pytest.mark.parametrize("at_once", [1, 2, 4])
+def test_results_come_in_the_tasks_order(at_once):
+    log = []
+    assert list(run_in_order((_sleeper(i, log) for i in range(9)), at_once)) == [i * i for i in range(9)]
+    assert sorted(e for e in log if e[0] == "end") == [("end", i) for i in range(9)]
+
+
+def test_one_at_a_time_runs_in_the_callers_thread_and_several_on_others():
+    names = []
+
+    def task():
+        names.append(threading.current_thread().name)
+        time.sleep(0.01)
+    list(run_in_order((task for _ in range(3)), 1))
+    assert set(names) == {threading.current_thread().name}
+    names.clear()
+    list(run_in_order((task for _ in range(6)), 3))
+    assert threading.current_thread().name not in names and len(set(names)) > 1
+
+
+def test_tasks_run_together_and_are_made_at_most_one_ahead():
+    running, most, made, state = [0], [0], [0], threading.Lock()
+    yielded = [0]
+
+    def task():
+        with state:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.03)
+        with state:
+            running[0] -= 1
+
+    def tasks():
+        for _ in range(10):
+            made[0] += 1
+            assert made[0] - yielded[0] <= 3 + 1, (made[0], yielded[0])   # at_once running, one made ahead
+            yield task
+    for _ in run_in_order(tasks(), 3):
+        yielded[0] += 1
+    assert most[0] == 3 and yielded[0] == 10
+
+
+def test_an_error_is_raised_in_its_place_and_leaving_early_drops_the_rest():
+    started = []
+
+    def ok(i):
+        def task():
+            started.append(i)
+            time.sleep(0.01)
+            return i
+        return task
+
+    def bad():
+        raise ValueError("task 2")
+    got = []
+    with pytest.raises(ValueError, match="task 2"):
+        for r in run_in_order(iter([ok(0), ok(1), bad, ok(3)] + [ok(i) for i in range(4, 50)]), 2):
+            got.append(r)
+    assert got == [0, 1]
+    assert len(started) < 10   # the tasks not started when it was raised were dropped
