@@ -1,4 +1,4 @@
-"""python -m bench {classifier,encoder,kmeans,triton-shapes,loader,e2e,residual,plot,all} [--quick] [--csv PATH]"""
+"""python -m bench {classifier,encoder,kmeans,triton-shapes,loader,e2e,confirm,residual,plot,all} [--quick] [--csv PATH]"""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +12,7 @@ SUITES = {
     "triton-shapes": "bench.bench_triton_shapes",   # GPU only
     "loader": "bench.bench_loader",
     "e2e": "bench.bench_e2e",
+    "confirm": "bench.bench_confirm",
     "residual": "bench.bench_residual",
 }
 

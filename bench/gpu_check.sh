@@ -5,7 +5,7 @@
 # each variant compiled cold) and the shapes step were added: not measured since; each step's
 # time limit below caps it.  Usage: bash bench/gpu_check.sh
 # Optional wheels in .whl/ (e.g. flash-kmeans, the k-means peer) are installed first.
-# SPURFAST_GPU_CHECK_STEPS="kmeans e2e tests encoder shapes" picks the steps and their order
+# SPURFAST_GPU_CHECK_STEPS="kmeans e2e confirm tests encoder shapes" picks the steps and their order
 # (default: all, in that order: the measurements the open issues' GPU targets need first, as
 # the GPU tests alone may take 330 s of the budget and left e2e none; shapes, the Triton
 # assign's launch-shape sweep, last: about 2 minutes, the first to drop when short);
@@ -21,7 +21,7 @@ OUT="${OUT:-out/gpu_check}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 SPURFAST_BENCH_CSV="$OUT/results.csv" SPURFAST_BENCH_DIR=/tmp/spurfast-bench
 PY="${PYTHON:-python3}"
-STEPS="${SPURFAST_GPU_CHECK_STEPS:-kmeans e2e tests encoder shapes}"
+STEPS="${SPURFAST_GPU_CHECK_STEPS:-kmeans e2e confirm tests encoder shapes}"
 LOG="$OUT/steps.log"
 BUDGET="${SPURFAST_GPU_CHECK_BUDGET:-570}"
 # the least a step may get (else it is skipped) and the time kept for the summary; the tests
@@ -107,6 +107,11 @@ run_e2e() {
   timeout -k 10 "$(limit 200)" $PY -m bench e2e --quick --device cuda > "$OUT/bench_e2e.log" 2>&1
   step "bench e2e rc=$?"
 }
+run_confirm() {
+  # confirmation alone, one finding at a time against several at once, on e2e's 20k pool
+  timeout -k 10 "$(limit 120)" $PY -m bench confirm --quick --device cuda > "$OUT/bench_confirm.log" 2>&1
+  step "bench confirm rc=$?"
+}
 run_shapes() {
   # 200 s: about 30 shapes, each compiled cold, and flash-kmeans once per dtype
   timeout -k 10 "$(limit 200)" $PY -m bench triton-shapes --quick --device cuda > "$OUT/bench_triton_shapes.log" 2>&1
@@ -115,13 +120,13 @@ run_shapes() {
 # in the order of $STEPS
 for s in $STEPS; do
   case "$s" in
-    tests|kmeans|encoder|e2e|shapes) want "$s" && { step "$s"; "run_$s"; } ;;
-    *) step "unknown step $s (expected tests, kmeans, encoder, e2e or shapes)" ;;
+    tests|kmeans|encoder|e2e|confirm|shapes) want "$s" && { step "$s"; "run_$s"; } ;;
+    *) step "unknown step $s (expected tests, kmeans, encoder, e2e, confirm or shapes)" ;;
   esac
 done
 step "done"
 # the short table (the device tool returns the end of the output)
-grep -h "skipped\|Error\|error\|img/s" "$OUT"/bench_*.log 2>/dev/null | tail -15
+grep -h "skipped\|Error\|error\|img/s\|at once" "$OUT"/bench_*.log 2>/dev/null | tail -15
 $PY - "$OUT/results.csv" <<'PY'
 import csv, sys
 try:

@@ -608,7 +608,9 @@ def findings_at_once(config: ConfirmConfig, image_shape) -> int:
         return config.at_once
     if torch.device(config.device).type == "cpu":
         return 1
-    per_finding = 4 * int(np.prod(image_shape)) * (2 * config.max_images + (AHEAD + 2) * config.batch_size)
+    # float32 images a finding holds: its clean and class images, a pass's perturbed copy and
+    # clamp of the clean ones, the ring of controls (measured on a CPU: ~200 MB a finding at RGB 64x64)
+    per_finding = 4 * int(np.prod(image_shape)) * (4 * config.max_images + (AHEAD + 2) * config.batch_size)
     return max(1, min(8, usable_cores() // 2, AT_ONCE_BYTES // per_finding - 1))
 
 

@@ -351,8 +351,8 @@ def test_gpu_check_measures_the_open_targets_before_the_tests(tmp_path):
     fake.chmod(0o755)
     out, _ = _run_gpu_check(tmp_path, fake, budget=120, timeout=60)
     ran = [line.split("s ", 1)[1] for line in (out / "steps.log").read_text().splitlines()
-           if line.split("s ", 1)[-1] in ("kmeans", "e2e", "tests", "encoder", "shapes")]
-    assert ran == ["kmeans", "e2e", "tests", "encoder", "shapes"], ran
+           if line.split("s ", 1)[-1] in ("kmeans", "e2e", "confirm", "tests", "encoder", "shapes")]
+    assert ran == ["kmeans", "e2e", "confirm", "tests", "encoder", "shapes"], ran
     out, _ = _run_gpu_check(tmp_path / "b", fake, budget=120, timeout=60, steps="encoder tests nosuch")
     log = (out / "steps.log").read_text()
     assert log.index("s encoder\n") < log.index("s tests\n") and "unknown step nosuch" in log, log
@@ -790,3 +790,35 @@ def test_cluster_similarity_rows_time_the_op_against_a_peer_that_picks_the_same_
     N, d = 100_000, 16
     for p in ("torch", "numpy-loop"):
         assert by[(p, "gbytes_per_s")] == pytest.approx((N * d * 4 + N * 16) / by[(p, "median_s")] / 1e9, rel=1e-4)
+
+
+def test_confirm_suite_times_one_and_several_findings_at_once_and_checks_their_results(tmp_path, monkeypatch):
+    from bench import bench_confirm
+    from spurfast.data.sources import ArraySource
+    from tests.test_confirm import CornerModel, _clean, _findings_of_two_classes
+
+    x = _clean(300)
+    with torch.no_grad():
+        probs = torch.softmax(CornerModel()(x), 1).numpy()
+    pool = ArraySource(x, np.r_[np.zeros(200, int), np.ones(100, int)], name="pool")
+    store = {"pred": probs.argmax(1), "probs": probs}
+    found = _findings_of_two_classes()
+    for f in found:
+        f["members"] = [250, 251]
+    monkeypatch.setattr(bench_confirm, "findings_to_confirm", lambda n, device: (found, CornerModel(), pool, store))
+    writer = ResultWriter(tmp_path / "r.csv")
+    bench_confirm.run(writer, quick=True, device="cpu")
+    rows = {(r["op"], r["provider"], r["metric"]): r for r in csv.DictReader(open(tmp_path / "r.csv"))}
+    assert ("confirm", "at_once=1", "median_s") in rows and ("confirm", "at_once=2", "median_s") in rows
+    assert "auto=1" in rows["confirm", "at_once=1", "median_s"]["config"]   # a CPU confirms one at a time
+    assert float(rows["ratio", "confirm_at_once_2_vs_1", "ratio"]["value"]) > 0
+    assert all(f.get("confirm") is None for f in found)   # timed on copies
+
+    real = bench_confirm.time_confirmation
+
+    def differs(findings, clf, source, st, device, at_once):   # a mutant whose threads share a generator
+        s, got = real(findings, clf, source, st, device, at_once)
+        return s, got if at_once == 1 else got[::-1]
+    monkeypatch.setattr(bench_confirm, "time_confirmation", differs)
+    with pytest.raises(AssertionError, match="other results than one at a time"):
+        bench_confirm.run(ResultWriter(tmp_path / "r2.csv"), quick=True, device="cpu")

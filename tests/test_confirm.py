@@ -1147,9 +1147,9 @@ def test_how_many_findings_are_confirmed_at_once(monkeypatch):
     assert findings_at_once(ConfirmConfig(), (3, 64, 64)) == 1   # a CPU's forwards use every core already
     assert findings_at_once(ConfirmConfig(at_once=3), (3, 64, 64)) == 3
     assert findings_at_once(ConfirmConfig(device="cuda"), (3, 64, 64)) == 8
-    # 128 x 128 RGB: 0.4 GB of clean, class and control images a finding: 2 GiB hold five, one read ahead
-    assert findings_at_once(ConfirmConfig(device="cuda:0"), (3, 128, 128)) == 4
-    assert findings_at_once(ConfirmConfig(device="cuda"), (3, 224, 224)) == 1   # 1.2 GB a finding
+    # 128 x 128 RGB: 0.6 GB of images a finding: 2 GiB hold three, one of them read ahead
+    assert findings_at_once(ConfirmConfig(device="cuda:0"), (3, 128, 128)) == 2
+    assert findings_at_once(ConfirmConfig(device="cuda"), (3, 224, 224)) == 1   # 1.8 GB a finding
     monkeypatch.setattr(C, "usable_cores", lambda: 2)
     assert findings_at_once(ConfirmConfig(device="cuda"), (3, 64, 64)) == 1
     with pytest.raises(ValueError, match="at_once must be >= 0"):
