@@ -22,7 +22,9 @@ from .atomic_files import replace_atomically
 from .characterise import contrast_map, exemplars, linear_probe, neighbour_contrast, pattern_mask
 from .checks import check_compute_device, check_extra_config, real_number, suspect_mask, whole_number
 from .data.sources import ImageSource, utf8_name
+from .cores import usable_cores
 from .families import FEATURE_VIEW, finding_family
+from .in_order import run_in_order
 from .models.as_given import restores_models
 from .rankings import SpilledRankings, save_ranking
 from .scoring import (DEFAULT_NULL, DEFAULT_STATISTIC, LOOK_ALIKE_NEIGHBOURS, NULLS, STATISTICS, bh_qvalues,
@@ -421,7 +423,8 @@ def characterise(result: DiscoveryResult, store: EmbeddingStore, source: ImageSo
     if feature_space is None and any(finding_family(f) == FEATURE_VIEW for f in result.findings):
         from .feature_view import feature_space as features_of
         feature_space = features_of(store)
-    for f in result.findings:
+
+    def one(f):
         members = np.asarray(f["members"], dtype=np.int64)
         with torch.no_grad():
             centroid = torch.as_tensor(mu[members].mean(0, keepdims=True), device=device)
@@ -430,6 +433,12 @@ def characterise(result: DiscoveryResult, store: EmbeddingStore, source: ImageSo
         extract_pattern(f, source, space, pred=pred, probs=probs, labels=labels, ok=ok, seed=seed)
         x, _ = source.get_batch(np.asarray(f["exemplars"], dtype=np.int64))
         f["images"] = save_finding_images(out_dir, f["rank"], decoded, f["_contrast"], f["_mask"], x)
+
+    # each finding on its own, mostly on one core (reads, means, masks, pictures): several at
+    # once where the source may be read from threads, each with the results of one at a time
+    at_once = usable_cores() if getattr(source, "reads_in_threads", False) else 1
+    for _ in run_in_order((lambda f=f: one(f) for f in result.findings), at_once):
+        pass
 
 
 def extract_pattern(finding: dict, source: ImageSource, space: np.ndarray, *, pred: np.ndarray, probs: np.ndarray,

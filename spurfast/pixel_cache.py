@@ -90,6 +90,7 @@ class StorePixelReads(BaseReads):
     """``base`` (the folder pool a complete store was embedded from) whose ``get_batch``
     reads the store's pixel rows instead of decoding files; everything else is ``base``'s.
     Unreadable files are zero rows, and in ``bad_files`` as the store recorded them."""
+    reads_in_threads = True   # each read opens the column's file for positional reads of its own
 
     def __init__(self, base: ImageSource, store):
         super().__init__(base)

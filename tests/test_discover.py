@@ -825,3 +825,60 @@ def test_characterise_refuses_a_pool_the_store_was_not_made_from(tmp_path):
                                              rf"made from 600; give the pool the store was embedded from"):
             characterise(res, store, pool, VAE(VAEConfig(latent_dim=6)), tmp_path / f"out{n}")
         assert not (tmp_path / f"out{n}").exists()
+
+
+def test_findings_characterised_at_once_are_one_at_a_times(tmp_path, monkeypatch):
+    """A source that may be read from threads has its findings characterised several at once:
+    every mask, contrast, pattern and picture is one at a time's; one that may not (a source
+    of the user's own, by default) is read from the caller's thread alone."""
+    import threading
+
+    import torch
+
+    import spurfast.discover as D
+    from spurfast.data.sources import ArraySource, ImageSource
+    from spurfast.discover import characterise
+    from spurfast.models.vae import VAE, VAEConfig
+
+    store, _ = _store(tmp_path / "store")
+    g = torch.Generator().manual_seed(0)
+    pool = ArraySource(torch.rand(store.n, 1, 28, 28, generator=g), np.asarray(store["labels"]), name="pool")
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(latent_dim=6))
+    readers = set()
+
+    class Seen(ImageSource):   # pool's images, recording the threads that read them
+        image_shape, name, reads_in_threads = pool.image_shape, "seen", True
+
+        def __len__(self):
+            return len(pool)
+
+        def labels(self):
+            return pool.labels()
+
+        def get_batch(self, idx):
+            readers.add(threading.current_thread().name)
+            return pool.get_batch(idx)
+
+    def run(cores, source):
+        monkeypatch.setattr(D, "usable_cores", lambda: cores)
+        res = discover(store, DiscoverConfig(k=4, n_null=30, seed=0), progress=False)
+        f = res.findings[0]
+        rng = np.random.default_rng(0)   # two more findings: half of its members, and members of class 2
+        res.findings += [dict(f, rank=2, members=f["members"][::2], exemplars=f["members"][:4]),
+                         dict(f, rank=3, **{"class": 2}, members=sorted(rng.choice(np.flatnonzero(
+                             np.asarray(store["pred"]) == 2), 30, replace=False).tolist()))]
+        res.findings[2]["exemplars"] = res.findings[2]["members"][:4]
+        out = tmp_path / f"out{cores}-{source.reads_in_threads}"
+        characterise(res, store, source, vae, out)
+        return [(f["_mask"].tobytes(), f["_contrast"].numpy().tobytes(), f["_pattern"].numpy().tobytes(),
+                 [(out / p).read_bytes() for p in sorted(f["images"].values())]) for f in res.findings]
+
+    one = run(1, Seen())
+    assert len(one) == 3 and readers == {threading.current_thread().name}
+    readers.clear()
+    assert run(3, Seen()) == one
+    assert threading.current_thread().name not in readers and len(readers) > 1, readers
+    readers.clear()
+    Seen.reads_in_threads = False
+    assert run(3, Seen()) == one and readers == {threading.current_thread().name}

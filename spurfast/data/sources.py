@@ -27,6 +27,9 @@ class ImageSource:
     image_shape: tuple[int, int, int]
     class_names: list[str] | None = None
     name: str = "source"
+    # get_batch may be called from several threads at once (steps that work per finding then
+    # read several findings' images in parallel); a source of your own says so by setting it
+    reads_in_threads: bool = False
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -256,6 +259,8 @@ class ArraySource(ImageSource):
 
     def labels(self):
         return self._labels.copy()
+
+    reads_in_threads = True   # indexing tensors it never changes
 
     def get_batch(self, indices):
         # checked: a cast read 1.5 as image 1 and -1 as the last
