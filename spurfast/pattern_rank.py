@@ -39,7 +39,9 @@ import numpy as np
 import torch
 
 from .characterise import contrast_magnitude, otsu_threshold
+from .cores import usable_cores
 from .data.sources import ImageSource
+from .in_order import run_in_order
 from .pixel_probe import fit_probe, full_size_pattern, negative_sample, positive_sample, robust_z, thumbnails
 from .support import extracted_patterns, image_pass, require_patterns, wanted_projections
 
@@ -134,7 +136,11 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
         return
     # the heads only: a pool-sized order per finding, kept through the pass over the images,
     # was what `SpilledRankings` keeps out of memory (each is sorted again below, one at a time)
-    heads = [_latent_order(np.asarray(rankings[f["rank"]]), top) for f in chosen]
+    # per finding, on every core (numpy's sorts leave the GIL); the rankings are read and
+    # written here, in this thread (`SpilledRankings` keeps them on disk)
+    at_once = usable_cores()
+    heads = list(run_in_order((lambda r=np.asarray(rankings[f["rank"]]): _latent_order(r, top) for f in chosen),
+                              at_once))
     union = np.unique(np.concatenate(heads))
     # each finding's own head only: a (union x findings) matrix grew with the square of the
     # number of localised findings (heads of different classes barely overlap)
@@ -146,8 +152,7 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
     # so is one the probes' read found, outside every head (it kept its latent place)
     read = np.union1d(union, read)
     unreadable = np.setdiff1d(read, _known_readable(source, read))
-    for j, (f, head) in enumerate(zip(chosen, heads)):
-        latent = np.asarray(rankings[f["rank"]])
+    def ranked(f: dict, j: int, head: np.ndarray, latent: np.ndarray) -> np.ndarray:
         order = _latent_order(latent)
         out = np.full(len(latent), -np.inf)
         out[order[::-1]] = np.arange(len(order), dtype=np.float64)          # the latent order, best highest
@@ -159,6 +164,11 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
         by_pattern = head[np.lexsort((-np.arange(len(head)), p))]
         out[by_pattern] = len(order) + np.arange(len(head), dtype=np.float64)
         out[unreadable] = -np.inf
+        return out
+
+    tasks = (lambda f=f, j=j, head=head, latent=np.asarray(rankings[f["rank"]]): ranked(f, j, head, latent)
+             for j, (f, head) in enumerate(zip(chosen, heads)))
+    for f, out in zip(chosen, run_in_order(tasks, at_once)):
         rankings[f["rank"]] = out
 
 

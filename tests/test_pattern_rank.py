@@ -234,3 +234,38 @@ def test_a_latent_orders_head_is_the_full_orders_first_entries(n, head):
     r[rng.random(n) < 0.05] = np.nan
     r[rng.random(n) < 0.05] = -np.inf
     np.testing.assert_array_equal(_latent_order(r, head), _latent_order(r)[:head])
+
+
+def test_findings_ranked_at_once_rank_as_one_at_a_time(monkeypatch):
+    # each finding's latent head and final order are computed on every core (`run_in_order`):
+    # the rankings are one at a time's, whatever the number of cores, and the threads are used
+    import threading
+
+    import spurfast.pattern_rank as P
+    masks = []
+    for i in range(5):
+        m = np.zeros((H, W), bool)
+        m[i:i + 2, :2] = True
+        masks.append(m)
+    latent = np.random.default_rng(1).normal(size=(5, N)).astype(np.float32)
+    latent[:, ::7] = latent[:, :1]   # ties in the latent order too
+    real, threads = P._latent_order, set()
+
+    def seen(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(P, "_latent_order", seen)
+
+    def run(cores):
+        monkeypatch.setattr(P, "usable_cores", lambda: cores)
+        rankings = {i + 1: latent[i].copy() for i in range(5)}
+        pattern_rankings([_finding(m, i + 1) for i, m in enumerate(masks)], rankings, _pool(), top=50)
+        return rankings
+
+    one = run(1)
+    assert threads == {threading.current_thread().name}
+    threads.clear()
+    several = run(3)
+    assert threading.current_thread().name not in threads and len(threads) > 1, threads
+    for r in one:
+        np.testing.assert_array_equal(several[r], one[r])
