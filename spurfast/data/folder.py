@@ -197,6 +197,7 @@ def refuse_repeats(sel: np.ndarray) -> None:
 class ImageFolderSource(ImageSource):
     """Lazily decoded image folder.  A file that fails to decode yields a zero image and
     is recorded in ``bad_files`` (index -> reason); loaders report it, runs go on."""
+    reads_in_threads = True   # each image its own file, opened and decoded (PIL) by the reading thread
 
     def __init__(self, root, size: int = 64, channels: int = 3, class_names: list[str] | None = None):
         self.root = str(root)
