@@ -728,8 +728,8 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
     computed = []   # whether each task computes (else it hands back a kept result)
 
     def tasks():
-        """Per finding, its kept result or its `confirm_pattern` with its images read here:
-        the sources and `CleanProbs` serve one thread."""
+        """Per finding, its kept result or its `confirm_pattern` with its images read here, in
+        this thread (a source need not be read from threads, nor `CleanProbs` used from them)."""
         for f, c, idx, own, others in drawn:
             got = kept.lookup(f, idx, own) if kept is not None else None
             computed.append(got is None)

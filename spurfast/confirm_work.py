@@ -67,11 +67,3 @@ class KeptConfirmations:
         # numpy scalars as Python ones (np.int64 is no JSON number); floats round-trip exactly
         replace_atomically(self._path(finding, clean_idx, class_idx),
                            lambda fh: json.dump(got, fh, default=lambda v: v.item()))
-
-    def result(self, finding: dict, clean_idx: np.ndarray, class_idx: np.ndarray, compute) -> dict:
-        """The kept result of this finding on these images, else ``compute()``'s, kept."""
-        got = self.lookup(finding, clean_idx, class_idx)
-        if got is None:
-            got = compute()
-            self.keep(finding, clean_idx, class_idx, got)
-        return got

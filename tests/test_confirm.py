@@ -878,8 +878,10 @@ def test_kept_confirmations_take_numpy_numbers(tmp_path):
     kept = KeptConfirmations(tmp_path, CornerModel(), ArraySource(_clean(10), None, name="clean"), ConfirmConfig())
     result = {"flip_rate": np.float32(0.25), "n_images": np.int64(7), "p_value": np.float64(1e-300), "dose": 1.0}
     f, idx, own = _finding([0]), np.arange(5), np.arange(0)
-    assert kept.result(f, idx, own, lambda: result) is result
-    assert kept.result(f, idx, own, lambda: pytest.fail("computed again")) == result
+    assert kept.lookup(f, idx, own) is None
+    kept.keep(f, idx, own, result)
+    assert kept.lookup(f, idx, own) == result
+    assert kept.lookup(f, np.arange(6), own) is None   # other clean images: another key
 
 
 def test_a_resumed_confirmation_draws_as_the_run_it_resumes_with_unreadable_clean_images(tmp_path, monkeypatch):
