@@ -21,8 +21,8 @@ from . import __version__, backends
 from .atomic_files import replace_atomically
 from .characterise import contrast_map, exemplars, linear_probe, neighbour_contrast, pattern_mask
 from .checks import check_compute_device, check_extra_config, real_number, suspect_mask, whole_number
-from .data.sources import ImageSource, utf8_name
 from .cores import usable_cores
+from .data.sources import ImageSource, utf8_name
 from .families import FEATURE_VIEW, finding_family
 from .in_order import run_in_order
 from .models.as_given import restores_models

@@ -135,7 +135,7 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
     if not chosen:
         return
     # the heads only: a pool-sized order per finding, kept through the pass over the images,
-    # was what `SpilledRankings` keeps out of memory (each is sorted again below, one at a time)
+    # was what `SpilledRankings` keeps out of memory (each is sorted again below)
     # per finding, on every core (numpy's sorts leave the GIL); the rankings are read and
     # written here, in this thread (`SpilledRankings` keeps them on disk)
     at_once = usable_cores()
@@ -152,6 +152,7 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
     # so is one the probes' read found, outside every head (it kept its latent place)
     read = np.union1d(union, read)
     unreadable = np.setdiff1d(read, _known_readable(source, read))
+
     def ranked(f: dict, j: int, head: np.ndarray, latent: np.ndarray) -> np.ndarray:
         order = _latent_order(latent)
         out = np.full(len(latent), -np.inf)

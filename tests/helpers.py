@@ -265,3 +265,27 @@ def compile_without_gpu(script: str, jobs: list) -> list:
                           text=True, env=dict(os.environ, TRITON_INTERPRET="0"), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class AtOnce:
+    """Wraps a function so that its first ``parties`` calls wait for each other (a barrier):
+    they pass only when they run at the same time on threads of their own, and otherwise the
+    barrier times out and the call raises.  Every call's thread name is recorded in
+    ``threads``.  Proof that work runs at once, where timing (a fast task done before the next
+    is handed out, so one pool thread runs them all) proves nothing."""
+
+    def __init__(self, fn, parties: int = 2, timeout: float = 20.0):
+        import threading
+
+        self.fn, self.parties, self.calls, self.threads = fn, parties, 0, set()
+        self._barrier, self._lock, self._current = threading.Barrier(parties, timeout=timeout), threading.Lock(), \
+            threading.current_thread
+
+    def __call__(self, *args, **kwargs):
+        with self._lock:
+            self.calls += 1
+            wait = self.calls <= self.parties
+            self.threads.add(self._current().name)
+        if wait:
+            self._barrier.wait()
+        return self.fn(*args, **kwargs)

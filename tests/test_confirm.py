@@ -15,7 +15,7 @@ from spurfast.confirm import (VERDICTS, ConfirmConfig, apply_delta, confirm_find
 from spurfast.scoring import bh_qvalues
 from spurfast.families import CLUSTERS, FEATURE_VIEW, RESIDUAL, finding_family
 from spurfast.data.sources import ArraySource
-from tests.helpers import assert_bitwise
+from tests.helpers import AtOnce, assert_bitwise
 
 
 class CornerModel(nn.Module):
@@ -1105,24 +1105,18 @@ def test_findings_confirmed_at_once_give_one_at_a_times_results(tmp_path, monkey
     clean = ArraySource(_clean(200), np.r_[np.zeros(150, int), np.ones(50, int)], name="clean")
     one = _findings_of_two_classes()
     confirm_findings(one, CornerModel(), clean=clean, config=ConfirmConfig(max_images=100, batch_size=32))
-    real, threads = C.confirm_pattern, set()
-
-    def seen(*args, **kwargs):
-        threads.add(threading.current_thread().name)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(C, "confirm_pattern", seen)
+    together = AtOnce(C.confirm_pattern, parties=3)   # three findings wait for each other: they run at once
+    monkeypatch.setattr(C, "confirm_pattern", together)
     many = _findings_of_two_classes()
     confirm_findings(many, CornerModel(), clean=clean, work_dir=tmp_path / "work",
                      config=ConfirmConfig(max_images=100, batch_size=32, at_once=3))
     assert [f["confirm"] for f in many] == [f["confirm"] for f in one]
     assert [f["_confirm_detail"] for f in many] == [f["_confirm_detail"] for f in one]
-    assert len(threads) > 1 and threading.current_thread().name not in threads, threads
-    threads.clear()
+    assert together.calls == 5 and threading.current_thread().name not in together.threads, together.threads
     again = _findings_of_two_classes()
     confirm_findings(again, CornerModel(), clean=clean, work_dir=tmp_path / "work",
                      config=ConfirmConfig(max_images=100, batch_size=32, at_once=1))
-    assert not threads and [f["confirm"] for f in again] == [f["confirm"] for f in one]
+    assert together.calls == 5 and [f["confirm"] for f in again] == [f["confirm"] for f in one]   # all kept
 
 
 def test_an_error_confirming_one_of_several_at_once_keeps_those_before_it(tmp_path, monkeypatch):

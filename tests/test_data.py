@@ -700,3 +700,17 @@ def test_spurfasts_sources_check_the_indices_they_are_given():
     with pytest.raises(IndexError, match=r"must lie in \[0, 2\); got range \[2, 2\]"):
         SubsetSource(a, [1, 2]).get_batch([2])
     assert torch.equal(both.get_batch(np.array([7, 1]))[0], a.images[[2, 1]])
+
+
+def test_subsets_and_concatenations_read_from_threads_as_their_parts_do():
+    import torch
+
+    from spurfast.data.sources import ArraySource, ConcatSource, ImageSource, SubsetSource
+
+    class Own(ArraySource):   # a source of one's own, not known to read safely from threads
+        reads_in_threads = False
+    a = ArraySource(torch.rand(4, 1, 5, 5), name="a")
+    own = Own(torch.rand(3, 1, 5, 5), name="own")
+    assert not ImageSource.reads_in_threads and a.reads_in_threads
+    assert SubsetSource(a, [0, 2]).reads_in_threads and not SubsetSource(own, [1]).reads_in_threads
+    assert ConcatSource([a, a]).reads_in_threads and not ConcatSource([a, own]).reads_in_threads

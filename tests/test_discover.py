@@ -839,15 +839,16 @@ def test_findings_characterised_at_once_are_one_at_a_times(tmp_path, monkeypatch
     from spurfast.data.sources import ArraySource, ImageSource
     from spurfast.discover import characterise
     from spurfast.models.vae import VAE, VAEConfig
+    from tests.helpers import AtOnce
 
     store, _ = _store(tmp_path / "store")
     g = torch.Generator().manual_seed(0)
     pool = ArraySource(torch.rand(store.n, 1, 28, 28, generator=g), np.asarray(store["labels"]), name="pool")
     torch.manual_seed(0)
     vae = VAE(VAEConfig(latent_dim=6))
-    readers = set()
+    reads = AtOnce(pool.get_batch, parties=1)
 
-    class Seen(ImageSource):   # pool's images, recording the threads that read them
+    class Seen(ImageSource):   # pool's images, read through ``reads``
         image_shape, name, reads_in_threads = pool.image_shape, "seen", True
 
         def __len__(self):
@@ -857,10 +858,11 @@ def test_findings_characterised_at_once_are_one_at_a_times(tmp_path, monkeypatch
             return pool.labels()
 
         def get_batch(self, idx):
-            readers.add(threading.current_thread().name)
-            return pool.get_batch(idx)
+            return reads(idx)
 
-    def run(cores, source):
+    def run(cores, source, parties=1):
+        nonlocal reads
+        reads = AtOnce(pool.get_batch, parties=parties)
         monkeypatch.setattr(D, "usable_cores", lambda: cores)
         res = discover(store, DiscoverConfig(k=4, n_null=30, seed=0), progress=False)
         f = res.findings[0]
@@ -875,10 +877,8 @@ def test_findings_characterised_at_once_are_one_at_a_times(tmp_path, monkeypatch
                  [(out / p).read_bytes() for p in sorted(f["images"].values())]) for f in res.findings]
 
     one = run(1, Seen())
-    assert len(one) == 3 and readers == {threading.current_thread().name}
-    readers.clear()
-    assert run(3, Seen()) == one
-    assert threading.current_thread().name not in readers and len(readers) > 1, readers
-    readers.clear()
+    assert len(one) == 3 and reads.threads == {threading.current_thread().name}
+    assert run(3, Seen(), parties=3) == one   # three findings' first reads wait for each other
+    assert threading.current_thread().name not in reads.threads, reads.threads
     Seen.reads_in_threads = False
-    assert run(3, Seen()) == one and readers == {threading.current_thread().name}
+    assert run(3, Seen()) == one and reads.threads == {threading.current_thread().name}

@@ -5,6 +5,7 @@ import time
 import pytest
 
 from spurfast.in_order import run_in_order
+from tests.helpers import AtOnce
 
 
 def _sleeper(i, log):
@@ -24,16 +25,12 @@ def test_results_come_in_the_tasks_order(at_once):
 
 
 def test_one_at_a_time_runs_in_the_callers_thread_and_several_on_others():
-    names = []
-
-    def task():
-        names.append(threading.current_thread().name)
-        time.sleep(0.01)
-    list(run_in_order((task for _ in range(3)), 1))
-    assert set(names) == {threading.current_thread().name}
-    names.clear()
-    list(run_in_order((task for _ in range(6)), 3))
-    assert threading.current_thread().name not in names and len(set(names)) > 1
+    alone = AtOnce(lambda: None, parties=1)
+    list(run_in_order((alone for _ in range(3)), 1))
+    assert alone.threads == {threading.current_thread().name}
+    together = AtOnce(lambda: None, parties=3)   # the first three wait for each other: they run at once
+    list(run_in_order((together for _ in range(6)), 3))
+    assert threading.current_thread().name not in together.threads and together.calls == 6
 
 
 def test_tasks_run_together_and_are_made_at_most_one_ahead():

@@ -6,6 +6,7 @@ import torch
 from spurfast.data.sources import ArraySource
 from spurfast.metrics import average_precision
 from spurfast.pattern_rank import pattern_rankings, ranking_mask
+from tests.helpers import AtOnce
 
 H = W = 10
 PATCH = np.zeros((H, W), bool)
@@ -249,23 +250,20 @@ def test_findings_ranked_at_once_rank_as_one_at_a_time(monkeypatch):
         masks.append(m)
     latent = np.random.default_rng(1).normal(size=(5, N)).astype(np.float32)
     latent[:, ::7] = latent[:, :1]   # ties in the latent order too
-    real, threads = P._latent_order, set()
+    real = P._latent_order
 
-    def seen(*args, **kwargs):
-        threads.add(threading.current_thread().name)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(P, "_latent_order", seen)
-
-    def run(cores):
+    def run(cores, order):
         monkeypatch.setattr(P, "usable_cores", lambda: cores)
+        monkeypatch.setattr(P, "_latent_order", order)
         rankings = {i + 1: latent[i].copy() for i in range(5)}
         pattern_rankings([_finding(m, i + 1) for i, m in enumerate(masks)], rankings, _pool(), top=50)
         return rankings
 
-    one = run(1)
-    assert threads == {threading.current_thread().name}
-    threads.clear()
-    several = run(3)
-    assert threading.current_thread().name not in threads and len(threads) > 1, threads
+    alone = AtOnce(real, parties=1)
+    one = run(1, alone)
+    assert alone.threads == {threading.current_thread().name}
+    together = AtOnce(real, parties=3)   # three sorts wait for each other: they run at once
+    several = run(3, together)
+    assert threading.current_thread().name not in together.threads, together.threads
     for r in one:
         np.testing.assert_array_equal(several[r], one[r])

@@ -287,6 +287,10 @@ class SubsetSource(ImageSource):
     def __len__(self):
         return len(self.indices)
 
+    @property
+    def reads_in_threads(self) -> bool:   # its reads are its base's
+        return bool(getattr(self.base, "reads_in_threads", False))
+
     def __getitem__(self, i):
         return self.base[int(self.indices[i])]
 
@@ -339,6 +343,10 @@ class ConcatSource(ImageSource):
 
     def __len__(self):
         return int(self.starts[-1])
+
+    @property
+    def reads_in_threads(self) -> bool:   # its reads are its parts'
+        return all(getattr(p, "reads_in_threads", False) for p in self.parts)
 
     def _locate(self, i):
         p = int(np.searchsorted(self.starts, i, side="right") - 1)
