@@ -655,48 +655,14 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
     if clean is not None:
         if len(clean) == 0:
             raise ValueError(f"clean set {clean.name} is empty")
-        src, labels = clean, clean.labels()
-        cand = np.arange(len(clean))
+        src, labels, cand = clean, clean.labels(), np.arange(len(clean))
         pred = stored = None
         if (labels < 0).any():
-            from .data.loader_torch import iter_batches
-            from .embed import decode_device
-
-            pred = np.full(len(clean), -1, np.int64)
-            model.eval()
-            # through the loader: get_batch decoded a folder one file at a time in this process
-            for b in iter_batches(clean, config.batch_size, num_workers=num_workers, backend=loader_backend,
-                                  device=decode_device(config.device)):
-                logits = model_logits(model, b.images.to(config.device)).float()
-                # argmax calls a row of NaN class 0; -1: no class (confirm_pattern leaves it out)
-                guess = torch.where(torch.isfinite(logits).all(1), logits.argmax(1), -1)
-                pred[b.indices.numpy()] = guess.cpu().numpy()
-                if stored is None:
-                    stored = np.full((len(clean), logits.shape[1]), np.nan, np.float32)
-                # the clean images' own probabilities (`CleanProbs`), where get_batch reads them alike
-                stored[b.indices.numpy()] = torch.softmax(logits, 1).cpu().numpy()
+            pred, stored = _predicted(clean, model, config, num_workers, loader_backend)
     else:
         if pool is None or pool_pred is None:
             raise ValueError("confirmation needs a clean set, or the pool and its predictions")
-        src, labels, pred = pool, pool.labels(), np.asarray(pool_pred)
-        if pred.shape != (len(pool),):   # numpy's broadcast error named neither
-            raise ValueError(f"pool predictions of shape {pred.shape} do not match the pool {pool.name} of "
-                             f"{len(pool)} images")
-        used = np.zeros(len(pool), bool)
-        for f in findings:
-            members = np.asarray(f["members"], dtype=np.int64)
-            if len(members) and (members.min() < 0 or members.max() >= len(pool)):   # -1 wrapped, n: IndexError
-                raise ValueError(f"finding {f.get('rank', '?')} has members outside the pool {pool.name} "
-                                 f"({len(pool)} images; members {members.min()}..{members.max()}): the findings "
-                                 f"of another pool?")
-            used[members] = True
-        if suspect is not None:
-            used |= suspect_mask(suspect, len(pool), pool.name)
-        cand = np.nonzero(~used & (pred >= 0))[0]   # the store's pred is -1 where it found a file unreadable
-        stored = pool_probs
-        if stored is not None and np.shape(stored)[:1] != (len(pool),):
-            raise ValueError(f"pool probabilities of shape {np.shape(stored)} do not match the pool {pool.name} of "
-                             f"{len(pool)} images")
+        src, (labels, pred, cand, stored) = pool, _pool_candidates(findings, pool, pool_pred, pool_probs, suspect)
     n_cand = len(cand)
     cand = _known_readable(src, cand)   # unreadable so far (the predictions above, or embedding the pool)
     if len(cand) < n_cand:
@@ -706,25 +672,7 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
             raise ValueError(f"finding {f.get('rank')} has no extracted pattern; run characterise() first")
     kept = KeptConfirmations(work_dir, model, src, config) if work_dir is not None else None
     clean_probs = CleanProbs(model, config, stored=stored)
-    drawn = []   # (finding, class, clean indices, class-content indices, clean candidates), in order
-    for f in findings:
-        c = int(f["class"])
-        if pool is not None and clean is None:
-            ok = cand[pred[cand] != c]       # predicted as another class
-        else:
-            ok = cand
-        others = _other_class(labels, pred, c, ok)   # as clean_indices_for draws them
-        idx = _draw(others, config.max_images, rng)
-        if clean is None:
-            # labelled ones only: an unlabelled pool image predicted c may carry the shortcut itself
-            # (its carriers outside the finding: one shortcut splits over clusters), which the
-            # control then replays as "class content", as it would the suspects
-            own = cand[labels[cand] == c]
-        else:   # a clean set holds no shortcut: its images predicted c are class content
-            own = cand[np.where(labels[cand] >= 0, labels[cand] == c, (pred[cand] == c) if pred is not None else False)]
-        if len(own) > config.max_images:
-            own = np.sort(rng.choice(own, config.max_images, replace=False))
-        drawn.append((f, c, idx, own, others))
+    drawn = _drawn(findings, cand, labels, pred, clean is None, config.max_images, rng)
     computed = []   # whether each task computes (else it hands back a kept result)
 
     def tasks():
@@ -751,27 +699,108 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
         f, c, idx, own, _ = drawn[i]
         if computed[i] and kept is not None:   # kept as it finishes: an interrupted run resumes after it
             kept.keep(f, idx, own, cf)
-        f["_confirm_detail"] = cf
-        f.pop("confirm_skipped", None)
-        if cf["flip_rate"] is None:   # schema 1: confirm is null when it could not run
-            # ... and the finding says why (it was only logged: the report showed nothing)
-            f["confirm"], f["confirm_skipped"] = None, cf["skipped"]
-            continue
-        if "content_p_value" not in cf:
-            # a verdict then rests on the random control alone: say so (e.g. a pool whose every
-            # image of the class is a suspect sample, as `spurfast plant` writes, and no --clean)
-            cf["content_skipped"] = (f"no image of class {c} to compare with" + (
-                "" if clean is not None else " outside the findings and the suspect samples (pool images count "
-                                             "only where labelled: an unlabelled one may carry the shortcut); pass "
-                                             "a clean set (clean=, or --clean) with images of every class"))
-            log.warning("%s: no class-content control, %s", finding_label(f), cf["content_skipped"])
-        f["confirm"] = {k: cf[k] for k in ("flip_rate", "control_flip_rate", "p_value", "dose", "dose_flip_rate",
-                                           "dose_control_flip_rate", "content_flip_rate",
-                                           "content_p_value", "content_skipped", "smooth_flip_rate", "smooth_p_value")
-                        if k in cf}
-    # one test per finding: Benjamini-Hochberg over the run's findings, as discovery does
-    # over clusters, so a run with many findings does not confirm some by chance; within each
-    # search's family, as discovery's q-values are (an added view leaves the clusters' verdicts)
+        _record(f, cf, c, clean_set=clean is not None)
+    _adjust_over_the_run(findings)
+    return findings
+
+
+def _predicted(clean: ImageSource, model, config: ConfirmConfig, num_workers: int,
+               loader_backend: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(an unlabelled clean set's predicted classes, -1 where the model's logits are not
+    finite; their class probabilities, `CleanProbs`' stored ones), through its loader."""
+    from .data.loader_torch import iter_batches
+    from .embed import decode_device
+
+    pred, stored = np.full(len(clean), -1, np.int64), None
+    model.eval()
+    # through the loader: get_batch decoded a folder one file at a time in this process
+    for b in iter_batches(clean, config.batch_size, num_workers=num_workers, backend=loader_backend,
+                          device=decode_device(config.device)):
+        logits = model_logits(model, b.images.to(config.device)).float()
+        # argmax calls a row of NaN class 0; -1: no class (confirm_pattern leaves it out)
+        guess = torch.where(torch.isfinite(logits).all(1), logits.argmax(1), -1)
+        pred[b.indices.numpy()] = guess.cpu().numpy()
+        if stored is None:
+            stored = np.full((len(clean), logits.shape[1]), np.nan, np.float32)
+        # the clean images' own probabilities (`CleanProbs`), where get_batch reads them alike
+        stored[b.indices.numpy()] = torch.softmax(logits, 1).cpu().numpy()
+    return pred, stored
+
+
+def _pool_candidates(findings: list[dict], pool: ImageSource, pool_pred, pool_probs, suspect):
+    """(labels, predictions, candidate clean images, stored probabilities) of a pool that
+    stands in for a clean set: its images in no finding, not suspect, not unreadable."""
+    labels, pred = pool.labels(), np.asarray(pool_pred)
+    if pred.shape != (len(pool),):   # numpy's broadcast error named neither
+        raise ValueError(f"pool predictions of shape {pred.shape} do not match the pool {pool.name} of "
+                         f"{len(pool)} images")
+    used = np.zeros(len(pool), bool)
+    for f in findings:
+        members = np.asarray(f["members"], dtype=np.int64)
+        if len(members) and (members.min() < 0 or members.max() >= len(pool)):   # -1 wrapped, n: IndexError
+            raise ValueError(f"finding {f.get('rank', '?')} has members outside the pool {pool.name} "
+                             f"({len(pool)} images; members {members.min()}..{members.max()}): the findings "
+                             f"of another pool?")
+        used[members] = True
+    if suspect is not None:
+        used |= suspect_mask(suspect, len(pool), pool.name)
+    cand = np.nonzero(~used & (pred >= 0))[0]   # the store's pred is -1 where it found a file unreadable
+    if pool_probs is not None and np.shape(pool_probs)[:1] != (len(pool),):
+        raise ValueError(f"pool probabilities of shape {np.shape(pool_probs)} do not match the pool {pool.name} of "
+                         f"{len(pool)} images")
+    return labels, pred, cand, pool_probs
+
+
+def _drawn(findings: list[dict], cand: np.ndarray, labels: np.ndarray, pred: np.ndarray | None, from_pool: bool,
+           max_images: int, rng: np.random.Generator) -> list[tuple]:
+    """Per finding, in order: (finding, class, its clean images, its class-content images,
+    the clean candidates they were drawn from), drawn from ``rng`` in the findings' order."""
+    drawn = []
+    for f in findings:
+        c = int(f["class"])
+        ok = cand[pred[cand] != c] if from_pool else cand       # a pool's: predicted as another class
+        others = _other_class(labels, pred, c, ok)   # as clean_indices_for draws them
+        idx = _draw(others, max_images, rng)
+        if from_pool:
+            # labelled ones only: an unlabelled pool image predicted c may carry the shortcut itself
+            # (its carriers outside the finding: one shortcut splits over clusters), which the
+            # control then replays as "class content", as it would the suspects
+            own = cand[labels[cand] == c]
+        else:   # a clean set holds no shortcut: its images predicted c are class content
+            own = cand[np.where(labels[cand] >= 0, labels[cand] == c, (pred[cand] == c) if pred is not None else False)]
+        if len(own) > max_images:
+            own = np.sort(rng.choice(own, max_images, replace=False))
+        drawn.append((f, c, idx, own, others))
+    return drawn
+
+
+def _record(f: dict, cf: dict, c: int, clean_set: bool) -> None:
+    """Fill finding ``f``'s ``confirm`` (or ``confirm_skipped``) from its result ``cf``."""
+    f["_confirm_detail"] = cf
+    f.pop("confirm_skipped", None)
+    if cf["flip_rate"] is None:   # schema 1: confirm is null when it could not run
+        # ... and the finding says why (it was only logged: the report showed nothing)
+        f["confirm"], f["confirm_skipped"] = None, cf["skipped"]
+        return
+    if "content_p_value" not in cf:
+        # a verdict then rests on the random control alone: say so (e.g. a pool whose every
+        # image of the class is a suspect sample, as `spurfast plant` writes, and no --clean)
+        cf["content_skipped"] = (f"no image of class {c} to compare with" + (
+            "" if clean_set else " outside the findings and the suspect samples (pool images count "
+                                 "only where labelled: an unlabelled one may carry the shortcut); pass "
+                                 "a clean set (clean=, or --clean) with images of every class"))
+        log.warning("%s: no class-content control, %s", finding_label(f), cf["content_skipped"])
+    f["confirm"] = {k: cf[k] for k in ("flip_rate", "control_flip_rate", "p_value", "dose", "dose_flip_rate",
+                                       "dose_control_flip_rate", "content_flip_rate",
+                                       "content_p_value", "content_skipped", "smooth_flip_rate", "smooth_p_value")
+                    if k in cf}
+
+
+def _adjust_over_the_run(findings: list[dict]) -> None:
+    """Each confirmed finding's ``q_value`` and ``verdict``: one test per finding,
+    Benjamini-Hochberg over the run's findings, as discovery does over clusters, so a run with
+    many findings does not confirm some by chance; within each search's family, as
+    discovery's q-values are (an added view leaves the clusters' verdicts)."""
     families: dict[str, list[dict]] = {}
     for f in findings:
         if f.get("confirm"):
@@ -783,4 +812,3 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
             cf = f["confirm"]
             log.info("%s: flip %.3f vs control %.3f, p=%.3g, q=%.3g: %s", finding_label(f),
                      cf["flip_rate"], cf["control_flip_rate"], cf["p_value"], cf["q_value"], cf["verdict"])
-    return findings
