@@ -5,7 +5,8 @@ built with torch, ~20 ms per 256 images, beside sub-millisecond forwards), so fi
 confirmed at once on threads should divide its time by up to their number; on a CPU the
 forwards fill the cores already.  This suite times both on the e2e benchmark's pool, models
 and findings (`python -m bench e2e` makes the same pool; its store is made again here), and
-checks that both give the same results.  Rows: op ``confirm``, provider ``at_once=K``.
+checks that both give the same results (on a CPU a difference fails the suite; on a GPU it is
+recorded, ``results_identical`` 0).  Rows: op ``confirm``, provider ``at_once=K``.
 """
 from __future__ import annotations
 
@@ -75,14 +76,22 @@ def run(writer, quick: bool = False, device=None) -> None:
     time_confirmation(findings[:1], clf, source, store, device, 1)
     times: dict[int, list[float]] = {1: [], several: []}
     results = {}
+    differ = []
     for _ in range(1 if quick else 2):   # alternating, so a drifting machine load hits both
         for k in (1, several):
             s, got = time_confirmation(findings, clf, source, store, device, k)
             times[k].append(s)
             if results.setdefault(k, got) != got:
-                raise AssertionError(f"confirmation at_once={k} gave other results on a second run")
+                differ.append(f"confirmation at_once={k} gave other results on a second run")
     if results[several] != results[1]:
-        raise AssertionError(f"confirmation {several} findings at once gave other results than one at a time")
+        differ.append(f"confirmation {several} findings at once gave other results than one at a time")
+    writer.add("confirm", f"at_once={several}", cfg, "results_identical", float(not differ), "", dev)
+    if differ:
+        # a CPU computes every forward alike whatever the thread; a GPU's kernels may differ in their
+        # last bits from call to call, so there the row records it and the timings still count
+        if not gpu:
+            raise AssertionError("; ".join(differ))
+        print(f"[confirm] WARNING: {'; '.join(differ)}", flush=True)
     for k, ts in times.items():
         writer.add("confirm", f"at_once={k}", dict(cfg, auto=int(k == auto)), "median_s", float(np.median(ts)),
                    "s", dev)
@@ -90,5 +99,6 @@ def run(writer, quick: bool = False, device=None) -> None:
     writer.add("ratio", f"confirm_at_once_{several}_vs_1", cfg, "ratio", gain, "x", dev)
     print(f"[confirm] n={n}, {len(findings)} findings on {device}: one at a time "
           f"{', '.join(f'{t:.2f}' for t in times[1])} s; {several} at once "
-          f"{', '.join(f'{t:.2f}' for t in times[several])} s ({gain:.2f}x; automatic: {auto}); results identical",
+          f"{', '.join(f'{t:.2f}' for t in times[several])} s ({gain:.2f}x; automatic: {auto}); results "
+          f"{'differ' if differ else 'identical'}",
           flush=True)

@@ -812,6 +812,7 @@ def test_confirm_suite_times_one_and_several_findings_at_once_and_checks_their_r
     assert ("confirm", "at_once=1", "median_s") in rows and ("confirm", "at_once=2", "median_s") in rows
     assert "auto=1" in rows["confirm", "at_once=1", "median_s"]["config"]   # a CPU confirms one at a time
     assert float(rows["ratio", "confirm_at_once_2_vs_1", "ratio"]["value"]) > 0
+    assert rows["confirm", "at_once=2", "results_identical"]["value"] == "1"
     assert all(f.get("confirm") is None for f in found)   # timed on copies
 
     real = bench_confirm.time_confirmation
@@ -822,3 +823,4 @@ def test_confirm_suite_times_one_and_several_findings_at_once_and_checks_their_r
     monkeypatch.setattr(bench_confirm, "time_confirmation", differs)
     with pytest.raises(AssertionError, match="other results than one at a time"):
         bench_confirm.run(ResultWriter(tmp_path / "r2.csv"), quick=True, device="cpu")
+    assert "results_identical,0," in (tmp_path / "r2.csv").read_text()
