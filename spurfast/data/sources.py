@@ -20,7 +20,8 @@ class ImageSource:
     """What spurfast reads images from: ``len(source)`` images of ``image_shape`` (C, H, W),
     ``source[i]`` -> (image tensor, label; -1 where unknown), ``get_batch(indices)`` ->
     (float images (B, C, H, W) in [0, 1], int64 labels), ``labels()`` all at once,
-    ``item_id(i)`` a stable name of image i, ``class_names`` (or None) and ``name``.
+    ``item_id(i)`` a stable name of image i, ``class_names`` (or None) and ``name``;
+    ``reads_in_threads``: whether ``get_batch`` may run in several threads at once.
     Subclass it for a source of your own;
     `ArraySource` (tensors in memory), `ImageFolderSource` (a folder of JPEG/PNG files),
     `SubsetSource` and `ConcatSource` are spurfast's."""
