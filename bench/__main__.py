@@ -1,4 +1,5 @@
-"""python -m bench {classifier,encoder,kmeans,triton-shapes,loader,e2e,confirm,residual,plot,all} [--quick] [--csv PATH]"""
+"""python -m bench {classifier,encoder,kmeans,triton-shapes,loader,e2e,confirm,residual,plot,all}
+[--quick] [--csv PATH]"""
 from __future__ import annotations
 
 import argparse

@@ -673,31 +673,29 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
     kept = KeptConfirmations(work_dir, model, src, config) if work_dir is not None else None
     clean_probs = CleanProbs(model, config, stored=stored)
     drawn = _drawn(findings, cand, labels, pred, clean is None, config.max_images, rng)
-    computed = []   # whether each task computes (else it hands back a kept result)
 
     def tasks():
-        """Per finding, its kept result or its `confirm_pattern` with its images read here, in
-        this thread (a source need not be read from threads, nor `CleanProbs` used from them)."""
+        """Per finding, (its kept result, False) or (its `confirm_pattern`, True) with its images
+        read here, in this thread (a source need not be read from threads, nor `CleanProbs` used
+        from them)."""
         for f, c, idx, own, others in drawn:
             got = kept.lookup(f, idx, own) if kept is not None else None
-            computed.append(got is None)
             if got is not None:
-                yield lambda got=got: got
+                yield lambda got=got: (got, False)
                 continue
             x, x_idx = _clean_images(src, idx, others)
             xc = load_readable(src, own) if len(own) else None
             p0 = clean_probs.p(x, x_idx, c)
-            yield lambda f=f, c=c, x=x, xc=xc, p0=p0: confirm_pattern(
-                model, x, c, f["_mask"], f["_contrast"], f.get("_pattern"), config, class_images=xc, p0=p0)
+            yield lambda f=f, c=c, x=x, xc=xc, p0=p0: (confirm_pattern(
+                model, x, c, f["_mask"], f["_contrast"], f.get("_pattern"), config, class_images=xc, p0=p0), True)
 
     at_once = findings_at_once(config, src.image_shape) if drawn else 1
     if at_once > 1:
         log.info("confirming %d findings at once", at_once)
     results = run_in_order(tasks(), at_once)
-    for i, cf in enumerate(tqdm(results, total=len(drawn), desc="confirmation", unit="finding",
-                                disable=not progress, leave=False)):
-        f, c, idx, own, _ = drawn[i]
-        if computed[i] and kept is not None:   # kept as it finishes: an interrupted run resumes after it
+    for (f, c, idx, own, _), (cf, computed) in zip(drawn, tqdm(results, total=len(drawn), desc="confirmation",
+                                                              unit="finding", disable=not progress, leave=False)):
+        if computed and kept is not None:   # kept as it finishes: an interrupted run resumes after it
             kept.keep(f, idx, own, cf)
         _record(f, cf, c, clean_set=clean is not None)
     _adjust_over_the_run(findings)

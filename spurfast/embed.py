@@ -200,7 +200,7 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
     if store.complete:
         return store
     _settle_how_rows_are_made(store, main, (loader, decode, compute), (fp, content), store_dir,
-                              shard_id=shard_id if sel is not None else None, num_shards=num_shards)
+                              shard_id=shard_id, num_shards=num_shards)
     classifier.to(device).eval()
     vae.to(device).eval()
     start = store.done
@@ -225,7 +225,7 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
                 break
             idx = batch.indices.numpy()
             _check_rows(idx, row, sel)
-            values, bad = _batch_values(batch, classifier, vae, device, encoder_backend, source, warned)
+            values, bad = _batch_values(batch, idx, classifier, vae, device, encoder_backend, source, warned)
             saved = {}
             if keep_pixels:
                 values[PIXELS], got = batch_pixels(batch.images, mode)
@@ -240,12 +240,11 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
 
 
 def _settle_how_rows_are_made(store: EmbeddingStore, main: EmbeddingStore | None, how: tuple,
-                              identity: tuple[str, str], store_dir: Path, *, shard_id: int | None,
+                              identity: tuple[str, str], store_dir: Path, *, shard_id: int,
                               num_shards: int) -> None:
     """Refuse to resume a store (or the main store a shard store continues, or a sibling shard
     store joining it in the merge) whose rows another loader or decoder made; warn where they
-    were computed elsewhere; record ``how`` (`how_rows_are_made`) in a store with no row yet.
-    ``shard_id``: None for a one-process pass."""
+    were computed elsewhere; record ``how`` (`how_rows_are_made`) in a store with no row yet."""
     (loader, decode, compute), (fp, content) = how, identity
     if loader is not None and store.done == 0 and (store.manifest.get("loader"), store.manifest.get("decode")) != (
             loader, decode):
@@ -258,7 +257,7 @@ def _settle_how_rows_are_made(store: EmbeddingStore, main: EmbeddingStore | None
     # rows join it in the merge (a rank that finished its shard with one loader, and one
     # resumed with another)
     parts = [main, store] if store is not main else [store]
-    if shard_id is not None and loader is not None:
+    if num_shards > 1 and loader is not None:
         for r in range(num_shards):
             d = shard_dir(store_dir, r, num_shards)
             if r == shard_id or not (d / MANIFEST).is_file():
@@ -267,7 +266,8 @@ def _settle_how_rows_are_made(store: EmbeddingStore, main: EmbeddingStore | None
                 sib = EmbeddingStore(d)
             except (OSError, ValueError):   # another rank is creating it
                 continue
-            if _same_identity(sib.manifest, [(fp, content)]) and sib.manifest.get("start") == store.manifest.get("start"):
+            same_start = sib.manifest.get("start") == store.manifest.get("start")
+            if _same_identity(sib.manifest, [(fp, content)]) and same_start:
                 parts.append(sib)
     for part in parts:
         began = None if part is None else part.manifest.get("loader")  # None: no folder pool, or an earlier version
@@ -345,11 +345,11 @@ def _check_rows(idx: np.ndarray, row: int, sel: np.ndarray | None) -> None:
                            f"expected {int(expect[j]) if j < len(expect) else 'none (past the end)'}")
 
 
-def _batch_values(batch, classifier, vae, device: str, encoder_backend: str | None, source: ImageSource,
-                  warned: dict) -> tuple[dict, dict | None]:
-    """(the store columns of one loaded batch but its pixels, its unreadable files as the
-    store keeps them or None); ``warned`` keeps what was warned of once a pass."""
-    idx = batch.indices.numpy()
+def _batch_values(batch, idx: np.ndarray, classifier, vae, device: str, encoder_backend: str | None,
+                  source: ImageSource, warned: dict) -> tuple[dict, dict | None]:
+    """(the store columns of one loaded batch (pool indices ``idx``) but its pixels, its
+    unreadable files as the store keeps them or None); ``warned`` keeps what was warned of
+    once a pass."""
     x = batch.images.to(device)
     if x.dtype == torch.uint8:
         x = uint8_to(x, torch.float32)

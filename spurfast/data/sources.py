@@ -290,7 +290,7 @@ class SubsetSource(ImageSource):
 
     @property
     def reads_in_threads(self) -> bool:   # its reads are its base's
-        return bool(getattr(self.base, "reads_in_threads", False))
+        return self.base.reads_in_threads
 
     def __getitem__(self, i):
         return self.base[int(self.indices[i])]
@@ -347,7 +347,7 @@ class ConcatSource(ImageSource):
 
     @property
     def reads_in_threads(self) -> bool:   # its reads are its parts'
-        return all(getattr(p, "reads_in_threads", False) for p in self.parts)
+        return all(p.reads_in_threads for p in self.parts)
 
     def _locate(self, i):
         p = int(np.searchsorted(self.starts, i, side="right") - 1)
