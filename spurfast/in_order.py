@@ -21,16 +21,26 @@ def run_in_order(tasks: Iterable[Callable[[], T]], at_once: int) -> Iterator[T]:
     (in the caller's thread when ``at_once`` is 1), and its result yielded in the tasks' order.
     ``tasks`` is advanced in the caller's thread, at most ``at_once + 1`` tasks past the result
     yielded last: what making a task reads stays in that thread, and what the tasks hold stays
-    bounded.  A task's error is raised in its place; closing the iterator early drops the tasks
-    not started and waits for those running."""
+    bounded.  A task's error is raised in its place, and so is an error making one: the tasks
+    made before it yield their results first (their work is done, and a caller keeps it);
+    closing the iterator early drops the tasks not started and waits for those running."""
     if at_once <= 1:
         for task in tasks:
             yield task()
         return
     pool = ThreadPoolExecutor(at_once, thread_name_prefix="spurfast-in-order")
     running: deque = deque()
+    tasks = iter(tasks)
     try:
-        for task in tasks:
+        while True:
+            try:
+                task = next(tasks)
+            except StopIteration:
+                break
+            except BaseException:   # those made before it are running or done: theirs first
+                while running:
+                    yield running.popleft().result()
+                raise
             running.append(pool.submit(task))
             if len(running) > at_once:   # one made ahead while ``at_once`` run
                 yield running.popleft().result()

@@ -1136,6 +1136,26 @@ def test_an_error_confirming_one_of_several_at_once_keeps_those_before_it(tmp_pa
     assert len(list((tmp_path / "work").glob("*.json"))) == 2
 
 
+@pytest.mark.parametrize("at_once", [1, 3])
+def test_an_error_reading_a_findings_images_keeps_the_findings_before_it(tmp_path, monkeypatch, at_once):
+    # the images are read in the caller's thread while earlier findings run: those finished are kept
+    import spurfast.confirm as C
+    clean = ArraySource(_clean(200), np.r_[np.zeros(150, int), np.ones(50, int)], name="clean")
+    real, calls = C._clean_images, []
+
+    def fourth_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise OSError("reading the clean images of finding 4")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(C, "_clean_images", fourth_fails)
+    with pytest.raises(OSError, match="finding 4"):
+        confirm_findings(_findings_of_two_classes(), CornerModel(), clean=clean, work_dir=tmp_path / "work",
+                         config=ConfirmConfig(max_images=100, at_once=at_once))
+    assert len(list((tmp_path / "work").glob("*.json"))) == 3
+
+
 def test_how_many_findings_are_confirmed_at_once(monkeypatch):
     import spurfast.confirm as C
     from spurfast.confirm import findings_at_once

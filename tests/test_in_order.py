@@ -73,3 +73,19 @@ def test_an_error_is_raised_in_its_place_and_leaving_early_drops_the_rest():
             got.append(r)
     assert got == [0, 1]
     assert len(started) < 10   # the tasks not started when it was raised were dropped
+
+
+@pytest.mark.parametrize("at_once", [1, 2, 3, 5])
+def test_an_error_making_a_task_comes_after_the_results_of_those_made_before_it(at_once):
+    # making a task reads its inputs (confirmation: the finding's images, a model forward): a read
+    # error there must not drop the results of findings already confirmed, which the caller keeps
+    def tasks():
+        for i in range(6):
+            if i == 3:
+                raise OSError("reading the images of task 3")
+            yield _sleeper(i, [])
+    got = []
+    with pytest.raises(OSError, match="task 3"):
+        for r in run_in_order(tasks(), at_once):
+            got.append(r)
+    assert got == [0, 1, 4]
