@@ -194,6 +194,7 @@ def training_support(findings: list[dict], source: ImageSource, suspect: np.ndar
     known label (``labels`` >= 0) and readable are the training data tested.  ``device``:
     the run's, where a folder pool is decoded (`pattern_projections`)."""
     from .confirm import _known_readable
+    from .families import finding_family
     from .scoring import bh_qvalues
 
     if not 0.0 < tail < 1.0:
@@ -220,14 +221,19 @@ def training_support(findings: list[dict], source: ImageSource, suspect: np.ndar
         # in Benjamini-Hochberg raised every other finding's q-value)
         if not bool(patterns[j].any()):
             tests[j] = {"p_value": None, "skipped": "empty pattern mask", "n_class": t["n_class"], "n_other": t["n_other"]}
-    tested = [j for j, t in enumerate(tests) if t["p_value"] is not None]
-    q = bh_qvalues(np.array([tests[j]["p_value"] for j in tested])) if tested else []
-    for j, qj in zip(tested, q):
-        tests[j]["q_value"] = float(qj)
-        tests[j]["supported"] = bool(qj <= level)
+    # adjusted within each search's family, as discovery and confirmation are: a view switched on
+    # leaves the clusters' support as it was
+    families: dict[str, list[int]] = {}
+    for j, t in enumerate(tests):
+        if t["p_value"] is not None:
+            families.setdefault(finding_family(findings[j]), []).append(j)
+    for tested in families.values():
+        for j, qj in zip(tested, bh_qvalues(np.array([tests[j]["p_value"] for j in tested]))):
+            tests[j]["q_value"] = float(qj)
+            tests[j]["supported"] = bool(qj <= level)
     for f, t in zip(findings, tests):
         f["support"] = t
-    skipped = len(findings) - len(tested)
+    skipped = sum(t["p_value"] is None for t in tests)
     if skipped:
         log.info("training support not tested for %d finding(s): %s", skipped,
                  next(t["skipped"] for t in tests if t["p_value"] is None))

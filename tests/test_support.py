@@ -85,6 +85,25 @@ def test_q_values_adjust_over_the_run_findings():
     assert [f["support"]["supported"] for f in fs] == [True, False, False]
 
 
+def test_q_values_adjust_within_each_search_family():
+    # as discovery and confirmation adjust: the residual scan's or the feature view's findings,
+    # switched on, leave the clusters' support as it was (here they would have cost it)
+    src, sus = _pool(stamped_class=3)   # weak support: 3 of 100 class suspects carry the patch
+    alone = _finding()
+    training_support([alone], src, sus, src.labels())
+    assert alone["support"]["supported"]
+    other_mask = np.zeros((H, W), bool)
+    other_mask[5:7, 5:7] = True
+    views = [dict(_finding(1 + k % 2, other_mask), rank=2 + k, **({"kind": "residual"} if k < 2 else {"view": "features"}))
+             for k in range(4)]
+    cluster = _finding()
+    training_support([cluster, *views], src, sus, src.labels())
+    assert cluster["support"] == alone["support"]
+    for family in (views[:2], views[2:]):
+        p = np.array([f["support"]["p_value"] for f in family])
+        assert np.allclose([f["support"]["q_value"] for f in family], bh_qvalues(p))
+
+
 def test_unreadable_suspects_are_left_out():
     src, sus = _pool()
     src.bad_files = {0: "damaged", 1: "damaged"}      # two stamped class-0 suspects
