@@ -187,6 +187,22 @@ def _provider_choices(device, ops=_OPS) -> dict:
     return {"env": {k: v for k, v in env.items() if v}, "auto": auto}
 
 
+def _warn_if_the_null_is_the_data(g: np.ndarray, within: np.ndarray, what: str) -> None:
+    """Warn where the null's shuffle of the predictions ``g`` within ``within`` (labels, or the
+    look-alike null's finer strata) changes few of them while one class takes most of the pool."""
+    counts = np.bincount(g)
+    moved, top, top_share = shuffled_share(g, within), counts.argmax(), counts.max() / len(g)
+    if moved < LOW_POWER_SHARE and top_share > 0.5:
+        # a classifier that calls (nearly) every image one class, or a shortcut carried by
+        # nearly the whole pool: "no cluster is significant" read as a clean bill of health.
+        # (An accurate classifier on a labelled pool changes little under the shuffle too, but
+        # there its finding nothing means no image is called another class: no warning.)
+        log.warning("the null shuffles the predictions within each %s, and here that changes only %.1f%% of "
+                    "them (the classifier calls %.1f%% of the pool class %d): no cluster can score far above "
+                    "its shuffles, so few or no findings mean little; a pool of more varied images gives the "
+                    "test power", what, 100 * moved, 100 * top_share, top)
+
+
 def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarray | None = None,
              class_names: list[str] | None = None, progress: bool = True, work_dir=None) -> DiscoveryResult:
     """Cluster, score and test; return findings (q <= fdr, merged and ranked) and all clusters.
@@ -204,6 +220,11 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
     labels = np.asarray(store["labels"])
     mu = np.asarray(store["mu"])
     ok = np.asarray(store["ok"]).astype(bool) & (pred >= 0)
+    beyond = np.nonzero(ok & (pred >= n_classes))[0]
+    if len(beyond):   # refused before the neighbour search (minutes at scale), by pool index
+        raise ValueError(f"store {store.root}: pred[{beyond[0]}] = {pred[beyond[0]]} is not below the manifest's "
+                         f"num_classes = {n_classes} ({len(beyond)} image(s) so); embed the pool again with the "
+                         f"classifier's number of classes")
     if not np.isfinite(mu[ok]).all():
         raise ValueError(f"store {store.root}: latents contain NaN/inf for "
                          f"{int((~np.isfinite(mu[ok])).any(1).sum())} images")
@@ -215,17 +236,6 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
     z = _standardise(mu[valid])
     g = pred[valid]
     labels_valid = labels[valid]
-    counts = np.bincount(g)
-    moved, top, top_share = shuffled_share(g, labels_valid), counts.argmax(), counts.max() / len(g)
-    if moved < LOW_POWER_SHARE and top_share > 0.5:
-        # a classifier that calls (nearly) every image one class, or a shortcut carried by
-        # nearly the whole pool: "no cluster is significant" read as a clean bill of health.
-        # (An accurate classifier on a labelled pool changes little under the shuffle too, but
-        # there its finding nothing means no image is called another class: no warning.)
-        log.warning("the null shuffles the predictions within each label, and here that changes only %.1f%% of "
-                    "them (the classifier calls %.1f%% of the pool class %d): no cluster can score far above "
-                    "its shuffles, so few or no findings mean little; a pool of more varied images gives the "
-                    "test power", 100 * moved, 100 * top_share, top)
     kw = dict(k=config.k, min_cluster_size=config.min_cluster_size, max_mean_cluster_size=config.max_mean_cluster_size,
               max_k=config.max_k, statistic=config.statistic,
               n_iter=config.n_iter,
@@ -266,6 +276,9 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
         step.update(len(z))
     if config.null == "look-alike":
         kw["strata"] = look_alike_strata(labels_valid, found, n_search)
+        _warn_if_the_null_is_the_data(g, kw["strata"], "look-alike stratum")
+    else:
+        _warn_if_the_null_is_the_data(g, labels_valid, "label")
     args = (top2, labels_valid, n_classes, nbrs, unknown_ok)
     with tqdm(total=len(z), desc="clustering", unit="img", disable=not progress, leave=False) as step:
         real = cluster_and_score(z, g, *args, seed=config.seed, **kw)

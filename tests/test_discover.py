@@ -754,6 +754,37 @@ def test_a_run_whose_null_cannot_differ_says_its_test_has_no_power(tmp_path, cap
                      caplog.text), caplog.text
 
 
+def test_the_look_alike_null_measures_its_power_within_its_strata(tmp_path, caplog):
+    # it shuffles within strata finer than labels: 100 label-1 images that look like label 0 and
+    # are called 0 change labels' shuffle by 20% and the strata's by none
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(300, int), np.ones(200, int)]
+    mu = np.where(labels[:, None] == 0, 0.0, 10.0) + rng.normal(0, 1, (500, 6))
+    mu[300:400] = rng.normal(0, 1, (100, 6))
+    pred = labels.copy()
+    pred[300:400] = 0
+    store = _write_store(tmp_path / "store", mu, labels, pred)
+    with caplog.at_level("WARNING", logger="spurfast.discover"):
+        discover(store, DiscoverConfig(k=4, n_null=4, max_null=4, seed=0), progress=False)
+    assert "the null shuffles" not in caplog.text
+    with caplog.at_level("WARNING", logger="spurfast.discover"):
+        discover(store, DiscoverConfig(k=4, n_null=4, max_null=4, seed=0, null="look-alike"), progress=False)
+    assert re.search(r"within each look-alike stratum, and here that changes only 0\.0% of them", caplog.text), \
+        caplog.text
+
+
+def test_a_prediction_beyond_the_stores_classes_is_refused_by_pool_index_before_any_work(tmp_path, monkeypatch):
+    import spurfast.discover as D
+    store, _ = _store(tmp_path / "store")
+    ok = store.array("ok", writable=True)
+    ok[:3] = False   # its position among the readable images is not its pool index
+    store.array("pred", writable=True)[10] = N_CLASSES + 3
+    monkeypatch.setattr(D, "latent_neighbours", lambda *a, **k: pytest.fail("searched before refusing"))
+    with pytest.raises(ValueError, match=rf"pred\[10\] = {N_CLASSES + 3} is not below the manifest's "
+                                         rf"num_classes = {N_CLASSES} \(1 image"):
+        discover(store, DiscoverConfig(k=4, n_null=4, seed=0), progress=False)
+
+
 def test_a_cluster_whose_q_value_equals_the_fdr_is_a_finding(tmp_path):
     # q = 0.05 exactly is reachable (p = 1/120 over 6 tests): "<=" is the rule, as everywhere
     store, _ = _store(tmp_path / "store")
