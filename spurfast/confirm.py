@@ -65,6 +65,7 @@ used.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -83,6 +84,7 @@ from .made_ahead import made_ahead
 from .models.as_given import restores_models
 from .models.outputs import model_logits
 from .scoring import bh_qvalues
+from .support import require_patterns
 
 log = logging.getLogger("spurfast.confirm")
 
@@ -323,7 +325,8 @@ def mcnemar_one_sided(real: np.ndarray, control: np.ndarray) -> float:
     c = int((~real & control).sum())
     if b + c == 0:
         return 1.0
-    return float(binom.sf(b - 1, b + c, 0.5))
+    # an exact p is never 0: beyond ~1,074 discordant pairs all one way the tail underflows
+    return max(float(binom.sf(b - 1, b + c, 0.5)), math.ulp(0.0))
 
 
 def most_like_pattern(class_images: torch.Tensor, base_mean: torch.Tensor, direction: torch.Tensor,
@@ -651,6 +654,7 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
     # checked again: a field set after construction (config.seed = -1) skipped __post_init__
     config = replace(config) if config is not None else ConfirmConfig()
     check_compute_device(config.device, f"confirm_findings: config.device {config.device!r}")
+    require_patterns(findings)   # before an unlabelled clean set is classified (minutes at scale)
     rng = np.random.default_rng(config.seed)
     if clean is not None:
         if len(clean) == 0:
@@ -667,9 +671,6 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
     cand = _known_readable(src, cand)   # unreadable so far (the predictions above, or embedding the pool)
     if len(cand) < n_cand:
         log.warning("confirmation leaves out %d unreadable image(s) of %s", n_cand - len(cand), src.name)
-    for f in findings:
-        if "_mask" not in f or "_contrast" not in f:
-            raise ValueError(f"finding {f.get('rank')} has no extracted pattern; run characterise() first")
     kept = KeptConfirmations(work_dir, model, src, config) if work_dir is not None else None
     clean_probs = CleanProbs(model, config, stored=stored)
     drawn = _drawn(findings, cand, labels, pred, clean is None, config.max_images, rng)

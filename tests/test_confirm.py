@@ -104,6 +104,24 @@ def test_paste_mode_uses_the_members_mean():
                         config=ConfirmConfig(mode="paste"))
 
 
+class _Counting(nn.Module):
+    """``model``, noting how many images each forward classifies."""
+    def __init__(self, model, seen):
+        super().__init__()
+        self.model, self.seen = model, seen
+
+    def forward(self, x):
+        self.seen.append(len(x))
+        return self.model(x)
+
+
+def test_an_exact_p_value_is_never_zero():
+    # past ~1,074 discordant pairs all one way binom.sf underflows: p = 0 and q = 0 in findings.json
+    for n in (1074, 1075, 5000):
+        p = mcnemar_one_sided(np.ones(n, bool), np.zeros(n, bool))
+        assert 0.0 < p <= 0.5 ** 1074, (n, p)
+
+
 def test_mcnemar_known_values():
     assert mcnemar_one_sided([1, 1, 1, 1, 1], [0, 0, 0, 0, 0]) == pytest.approx(0.5 ** 5)
     assert mcnemar_one_sided([1, 0], [1, 0]) == 1.0            # no discordant pair
@@ -280,6 +298,13 @@ def test_confirm_findings_clean_set_and_pool_default():
         confirm_findings(f, CornerModel())
     with pytest.raises(ValueError, match="no extracted pattern"):
         confirm_findings([{"rank": 1, "class": 1, "members": []}], CornerModel(), clean=clean)
+    # refused before an unlabelled clean set is classified (minutes at scale), not after
+    unlabelled = ArraySource(_clean(50), np.full(50, -1), name="unlabelled")
+    classified = []
+    with pytest.raises(ValueError, match="finding 1 has no extracted pattern"):
+        confirm_findings([{"rank": 1, "class": 1, "members": []}], _Counting(CornerModel(), classified),
+                         clean=unlabelled)
+    assert classified == []
 
 
 def test_pool_default_draws_no_control_from_the_suspect_data():
