@@ -232,8 +232,13 @@ def linear_probe(z: np.ndarray, pos: np.ndarray, neg: np.ndarray, ridge: float =
     """Fisher discriminant (ridge-regularised) of pos vs neg latents.
     Returns (w, threshold): score = z @ w, positive side above the midpoint."""
     zp, zn = z[pos].astype(np.float64), z[neg].astype(np.float64)
+    if not len(zp) or not len(zn):
+        raise ValueError(f"linear_probe needs images on both sides, got {len(zp)} positive and {len(zn)} negative")
     mp, mn = zp.mean(0), zn.mean(0)
-    cov = (np.cov(zp, rowvar=False) * (len(zp) - 1) + np.cov(zn, rowvar=False) * (len(zn) - 1)) / max(1, len(zp) + len(zn) - 2)
+
+    def scatter(x):   # a single image scatters nowhere (np.cov of one row is NaN)
+        return np.cov(x, rowvar=False) * (len(x) - 1) if len(x) > 1 else np.zeros((x.shape[1], x.shape[1]))
+    cov = (scatter(zp) + scatter(zn)) / max(1, len(zp) + len(zn) - 2)
     cov = np.atleast_2d(cov)
     cov += ridge * (np.trace(cov) / len(cov) + 1e-12) * np.eye(len(cov))
     w = np.linalg.solve(cov, mp - mn)

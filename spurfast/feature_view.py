@@ -46,6 +46,7 @@ class SpaceView:
             raise ValueError(f"space has {len(space)} rows; store {store.root} has {store.n} images")
         self._store, self._space = store, space
         self.n, self.complete, self.manifest, self.root = store.n, store.complete, store.manifest, store.root
+        self.done = store.done   # an unfinished store's error says how far it got
 
     def __getitem__(self, name):
         return self._space if name == "mu" else self._store[name]

@@ -271,6 +271,18 @@ def test_linear_probe_cuts_at_the_midpoint_of_the_projected_means():
     assert (side[pos] > 0).mean() > 0.95 and (side[neg] < 0).mean() > 0.95
 
 
+def test_linear_probe_of_one_image_against_many_is_finite_and_of_none_refused():
+    from spurfast.characterise import linear_probe
+
+    rng = np.random.default_rng(1)
+    z = np.concatenate([[[4.0, 4.0, 0.0]], rng.normal(0, 1, (50, 3))])
+    w, thr = linear_probe(z, np.array([0]), np.arange(1, 51))
+    assert np.isfinite(w).all() and np.isfinite(thr)
+    assert (z @ w - thr)[0] > 0 and ((z @ w - thr)[1:] < 0).mean() > 0.9
+    with pytest.raises(ValueError, match="both sides, got 0 positive and 50 negative"):
+        linear_probe(z, np.array([], int), np.arange(1, 51))
+
+
 @pytest.mark.parametrize("read_bytes", [None, 1, 4 * 64 * 25])
 def test_group_means_are_each_groups_own_mean_bit_for_bit(read_bytes, monkeypatch):
     """Groups read together (their union once), or apart where the union exceeds READ_BYTES

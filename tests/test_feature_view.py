@@ -35,6 +35,7 @@ def test_join_views_merges_by_q_and_renumbers_ranks_with_their_rankings():
 class _Store:
     def __init__(self, cols):
         self.cols, self.n, self.complete, self.manifest, self.root = cols, len(cols["pred"]), True, {}, "mem"
+        self.done = self.n
 
     def __getitem__(self, name):
         return self.cols[name]
@@ -52,6 +53,11 @@ def test_feature_space_standardises_the_readable_predicted_rows_only():
     assert view["mu"] is space and view["pred"] is store.cols["pred"] and view.n == 4
     with pytest.raises(ValueError, match="space has 3 rows; store mem has 4"):
         SpaceView(store, space[:3])
+    # an unfinished store: discovery's own error, which says how far the pass got
+    from spurfast.feature_view import discover_features
+    store.complete, store.done = False, 3
+    with pytest.raises(ValueError, match=r"embedding store mem is unfinished \(3/4\); resume the pass first"):
+        discover_features(store, DiscoverConfig(k=2), space=space)
 
 
 def test_discover_run_with_the_feature_view_reports_its_findings(tmp_path):
