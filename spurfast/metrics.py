@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import rankdata
 
+from .checks import whole_number
+
 
 def _check(scores, truth):
     s = np.asarray(scores, dtype=np.float64)
@@ -79,6 +81,7 @@ def average_precision(scores, truth) -> float:
 def precision_at_k(scores, truth, k: int) -> float:
     """Fraction of carriers among the k top-scored items (ties broken by pool index)."""
     s, t = _check(scores, truth)
+    k = whole_number(k, "precision_at_k's k")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     k = min(k, len(s))
@@ -106,6 +109,11 @@ def _members(members, n: int) -> np.ndarray:
     if m.dtype == bool:
         raise ValueError(f"members must be pool indices, got a boolean mask of shape {m.shape}; "
                          f"pass np.flatnonzero(mask)")
+    if m.dtype.kind == "f":   # the cast read 1.9 as image 1
+        frac = np.flatnonzero(~np.isfinite(m) | (m != np.round(m)))
+        if frac.size:
+            raise ValueError(f"members must be pool indices, whole numbers; {frac.size} are not, e.g. "
+                             f"members[{int(frac[0])}] = {m.reshape(-1)[frac[0]]}")
     m = m.astype(np.int64).reshape(-1) if m.size else np.zeros(0, np.int64)
     bad = np.flatnonzero((m < 0) | (m >= n))
     if bad.size:

@@ -44,6 +44,9 @@ def test_precision_at_k():
     assert precision_at_k([1, 1, 1], [0, 1, 1], 1) == 0.0  # ties broken by pool index
     with pytest.raises(ValueError, match="k must be"):
         precision_at_k(s, t, 0)
+    assert precision_at_k(s, t, 2.0) == 0.5
+    with pytest.raises(ValueError, match="precision_at_k's k must be an integer, got 2.5"):
+        precision_at_k(s, t, 2.5)
 
 
 def test_bad_inputs():
@@ -243,6 +246,11 @@ def test_members_must_be_pool_indices_not_a_mask_or_negative():
         enriched([1, -1], carries)   # -1 read the last item
     with pytest.raises(ValueError, match="members"):
         carried_by({"members": [6]}, [Feature(0, carries)])
+    with pytest.raises(ValueError, match=r"whole numbers; 2 are not, e.g. members\[0\] = 1.9"):
+        enriched([1.9, 2.9], carries)   # read as images 1 and 2
+    with pytest.raises(ValueError, match=r"members\[1\] = nan"):
+        enriched([1.0, np.nan], carries)
+    assert enriched(np.array([1.0, 2.0]), carries)
     assert enriched(np.flatnonzero(carries), carries) and not enriched([], carries)
     assert carried_by({"members": [1, 2]}, [Feature(0, carries)]) and not carried_by({"members": [1]}, [])
 
