@@ -24,6 +24,7 @@ memory, and 1,365 scattered rows of a 1.2 GB column raised a process's peak by 8
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -49,7 +50,10 @@ def max_bytes() -> int:
                          f"{raw!r}") from None
     if not gb >= 0:   # NaN too
         raise ValueError(f"SPURFAST_PIXEL_CACHE_GB must be >= 0, got {raw!r}")
-    return int(gb * (1 << 30))
+    limit = gb * (1 << 30)
+    if not math.isfinite(limit):   # inf, 1e400 (read as inf), 1e300 (inf in bytes): int() raised OverflowError
+        raise ValueError(f"SPURFAST_PIXEL_CACHE_GB must be a finite number of gigabytes, got {raw!r}")
+    return int(limit)
 
 
 def keeps_pixels(source: ImageSource, n: int) -> bool:

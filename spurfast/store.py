@@ -189,12 +189,16 @@ class EmbeddingStore:
                 for a, b in spans:
                     os.posix_fadvise(fd, offset + int(uniq[a]) * row, (b - a) * row, os.POSIX_FADV_WILLNEED)
             for a, b in spans:
-                want = (b - a) * row
-                got = os.preadv(fd, [flat[a * row:b * row]], offset + int(uniq[a]) * row)
-                if got != want:
-                    raise ValueError(f"{path} (a column of store {self.root}) is cut short: rows {int(uniq[a])}.."
-                                     f"{int(uniq[b - 1])} read {got} of {want} bytes; remove {self.root} to embed "
-                                     f"the pool again")
+                want, got = (b - a) * row, 0
+                # a call moves at most 0x7ffff000 bytes on Linux: a span over 2 GiB takes several;
+                # only the end of the file (0 bytes) means the column is cut short
+                while got < want:
+                    n = os.preadv(fd, [flat[a * row + got:b * row]], offset + int(uniq[a]) * row + got)
+                    if not n:
+                        raise ValueError(f"{path} (a column of store {self.root}) is cut short: rows {int(uniq[a])}.."
+                                         f"{int(uniq[b - 1])} read {got} of {want} bytes; remove {self.root} to "
+                                         f"embed the pool again")
+                    got += n
         finally:
             os.close(fd)
         return buf if back is None else buf[back]
@@ -217,10 +221,28 @@ class EmbeddingStore:
         fd = os.open(path, os.O_WRONLY)
         try:
             for a, b in spans:
-                os.pwritev(fd, [flat[a * row:b * row]], offset + int(uniq[a]) * row)
+                self._write_span(fd, path, flat[a * row:b * row], offset + int(uniq[a]) * row,
+                                 f"{int(uniq[a])}..{int(uniq[b - 1])}")
             os.fdatasync(fd)   # as the maps' flush: the rows are on disk before the manifest says done
         finally:
             os.close(fd)
+
+    def _write_span(self, fd: int, path, data: np.ndarray, pos: int, rows: str) -> None:
+        """``data`` written whole at ``pos`` of ``fd`` (the column file ``path``, rows ``rows``).
+        A short write was taken as done and the rows marked finished: a call moves at most
+        0x7ffff000 bytes on Linux, and a full disk without fallocate, or a file size limit,
+        stops one part way; the rest is written again until a call writes nothing or fails."""
+        done = 0
+        while done < len(data):
+            try:
+                n = os.pwritev(fd, [data[done:]], pos + done)
+            except OSError as e:
+                raise OSError(e.errno, f"{e.strerror}: writing {path} (a column of store {self.root}), rows {rows} "
+                                       f"stopped at {done} of {len(data)} bytes") from e
+            if not n:
+                raise OSError(f"writing {path} (a column of store {self.root}): rows {rows} wrote {done} of "
+                              f"{len(data)} bytes (is the disk full?)")
+            done += n
 
     def write(self, start: int, values: dict[str, np.ndarray], bad: dict[str, str] | None = None) -> None:
         """Rows ``start``.. of the columns in ``values``, then marked done; ``bad``: the

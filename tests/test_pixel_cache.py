@@ -148,3 +148,71 @@ def test_rows_are_read_and_written_as_numpy_indexing_does(tmp_path):
         fh.truncate(128 + 5 * 18)
     with pytest.raises(ValueError, match="cut short"):
         store.read_rows(PIXELS, np.array([2, 8]))
+
+
+def _rows_store(tmp_path):
+    return EmbeddingStore.create(tmp_path / "s", 11, {PIXELS: ((11, 2, 3, 3), "uint8"), "mu": ((11, 4), "float32")},
+                                 {})
+
+
+def test_a_short_write_is_finished_and_one_that_writes_nothing_raises(tmp_path, monkeypatch):
+    """pwritev's count was ignored: a short write (a full disk without fallocate, a file size
+    limit, a span over 2 GiB: Linux moves at most 0x7ffff000 bytes a call) left rows unwritten
+    and marked done."""
+    import os
+    store, real = _rows_store(tmp_path), os.pwritev
+    vals = np.random.default_rng(0).integers(1, 256, (11, 2, 3, 3), dtype=np.uint8)
+
+    def short(fd, bufs, offset):   # at most 7 bytes a call, as a kernel may
+        return real(fd, [memoryview(bufs[0]).cast("B")[:7]], offset)
+    monkeypatch.setattr(os, "pwritev", short)
+    store.write_rows(PIXELS, slice(0, 11), vals)
+    store.write_rows(PIXELS, np.array([9, 2, 3]), vals[[4, 5, 6]])
+    want = vals.copy()
+    want[[9, 2, 3]] = vals[[4, 5, 6]]
+    np.testing.assert_array_equal(np.load(store.root / f"{PIXELS}.npy"), want)
+    calls = []
+
+    def stuck(fd, bufs, offset):   # 5 bytes, then nothing: a full disk
+        calls.append(offset)
+        return real(fd, [memoryview(bufs[0]).cast("B")[:5]], offset) if len(calls) == 1 else 0
+    monkeypatch.setattr(os, "pwritev", stuck)
+    with pytest.raises(OSError, match=rf"{PIXELS}\.npy.*rows 4\.\.6 .*wrote 5 of 54 bytes"):
+        store.write_rows(PIXELS, slice(4, 7), vals[:3])
+
+    def full(fd, bufs, offset):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "pwritev", full)
+    with pytest.raises(OSError, match=rf"No space left on device.*{PIXELS}\.npy.*rows 1\.\.1 ") as err:
+        store.write_rows(PIXELS, [1], vals[:1])
+    assert err.value.errno == 28
+
+
+def test_a_read_the_kernel_cuts_short_is_finished(tmp_path, monkeypatch):
+    """Each span was one preadv, which Linux stops at 0x7ffff000 bytes: a span over 2 GiB was
+    called cut short, telling the user to delete an intact store.  Only the end of the file is."""
+    import os
+    store, real = _rows_store(tmp_path), os.preadv
+    want = np.random.default_rng(1).integers(0, 256, (11, 2, 3, 3), dtype=np.uint8)
+    store.write_rows(PIXELS, slice(None), want)
+
+    def short(fd, bufs, offset):   # at most 7 bytes a call
+        return real(fd, [memoryview(bufs[0]).cast("B")[:7]], offset)
+    monkeypatch.setattr(os, "preadv", short)
+    for rows in (slice(None), np.array([9, 0, 0, 4, 10]), np.array([3, 4, 5, 7, 8]), slice(2, 2)):
+        np.testing.assert_array_equal(store.read_rows(PIXELS, rows), want[rows])
+    with open(store.root / f"{PIXELS}.npy", "r+b") as fh:   # cut short in row 5
+        fh.truncate(128 + 5 * 18 + 4)
+    with pytest.raises(ValueError, match=r"cut short: rows 4\.\.6 read 22 of 54 bytes"):
+        store.read_rows(PIXELS, np.array([4, 5, 6]))
+
+
+@pytest.mark.parametrize("raw", ["inf", "Infinity", "1e400", "1e300"])
+def test_an_endless_pixel_cache_size_is_refused_naming_the_variable(monkeypatch, raw):
+    """inf (and 1e400, read as inf; 1e300 GB is inf in bytes) passed the check and crashed
+    int() with OverflowError, naming nothing."""
+    monkeypatch.setenv("SPURFAST_PIXEL_CACHE_GB", raw)
+    with pytest.raises(ValueError, match=rf"SPURFAST_PIXEL_CACHE_GB must be a finite number of gigabytes, got '{raw}'"):
+        max_bytes()
+    monkeypatch.setenv("SPURFAST_PIXEL_CACHE_GB", "1e9")   # large but finite: a limit in bytes
+    assert max_bytes() == 10 ** 9 * (1 << 30)
