@@ -1,4 +1,5 @@
 import gzip
+import re
 import struct
 
 import numpy as np
@@ -714,3 +715,37 @@ def test_subsets_and_concatenations_read_from_threads_as_their_parts_do():
     assert not ImageSource.reads_in_threads and a.reads_in_threads
     assert SubsetSource(a, [0, 2]).reads_in_threads and not SubsetSource(own, [1]).reads_in_threads
     assert ConcatSource([a, a]).reads_in_threads and not ConcatSource([a, own]).reads_in_threads
+
+
+def test_a_folder_source_checks_the_indices_it_is_given(tmp_path):
+    """ImageFolderSource read through the base class's int(): -1 gave the last image, 1.7 image 1
+    and a boolean mask images 0 and 1, where every other source refuses them."""
+    from PIL import Image
+
+    from spurfast.data.folder import ImageFolderSource
+
+    for i in range(5):
+        Image.fromarray(np.full((4, 4, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    src = ImageFolderSource(tmp_path, size=2, channels=1)
+    name = re.escape(src.name)
+    with pytest.raises(IndexError, match=rf"indices into {name} must lie in \[0, 5\); got range \[-1, -1\]"):
+        src.get_batch([-1])
+    with pytest.raises(IndexError, match=r"must lie in \[0, 5\); got range \[0, 5\]"):
+        src.get_batch(np.array([0, 5]))
+    with pytest.raises(ValueError, match=rf"indices into {name} must be integer pool indices, got dtype float64$"):
+        src.get_batch([1.7])
+    with pytest.raises(ValueError, match="got dtype bool: a boolean mask, pass np.flatnonzero"):
+        src.get_batch(np.array([False, True, False, False, True]))
+    with pytest.raises(IndexError, match=rf"index into {name} must lie in \[0, 5\); got range \[-1, -1\]"):
+        src[-1]
+    with pytest.raises(ValueError, match="integer pool indices, got dtype float64"):
+        src[1.7]
+    # what ArraySource takes, it takes: lists, numpy and torch integers, whole floats, nothing
+    want = torch.stack([src[i][0] for i in (3, 0, 3)])
+    for idx in ([3, 0, 3], np.array([3, 0, 3], np.int32), torch.tensor([3, 0, 3]), [3.0, 0.0, 3.0]):
+        images, labels = src.get_batch(idx)
+        assert torch.equal(images, want) and labels.dtype == torch.int64 and labels.tolist() == [-1, -1, -1]
+    assert torch.equal(src[np.int64(3)][0], want[0]) and torch.equal(src[torch.tensor(3)][0], want[0])
+    images, labels = src.get_batch([])
+    assert images.shape == (0, 1, 2, 2) and labels.shape == (0,) and labels.dtype == torch.int64
+    assert torch.equal(src.get_batch(range(5))[0], torch.stack([src[i][0] for i in range(5)]))

@@ -232,7 +232,16 @@ class ImageFolderSource(ImageSource):
         return image.float().div_(255.0), True
 
     def __getitem__(self, i):
-        return self.load(int(i))[0], int(self._labels[i])
+        # checked as ArraySource's: int() read 1.7 as image 1 and -1 as the last
+        i = int(pool_indices([i], len(self), f"index into {self.name}")[0])
+        return self.load(i)[0], int(self._labels[i])
+
+    def get_batch(self, indices):
+        # checked once for the batch (the base class's int() read a boolean mask as images 0 and 1)
+        idx = pool_indices(indices, len(self), f"indices into {self.name}")
+        if not len(idx):
+            return torch.zeros((0,) + self.image_shape), torch.zeros(0, dtype=torch.int64)
+        return torch.stack([self.load(i)[0] for i in idx.tolist()]), torch.as_tensor(self._labels[idx])
 
     def item_id(self, i):
         # relative to the root, so the pool's identity (run id, store fingerprint) does not
