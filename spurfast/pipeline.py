@@ -522,8 +522,9 @@ def _remove_finding_files(out: Path) -> None:
     leaves staged names; their files would outlive them beside the new ones.  The documents
     that name those files go first: a rerun stopped before it wrote its own left the old
     findings.json beside the new pass's pictures (other findings' under the same ranks), and
-    `spurfast report` showed them without a word."""
-    for name in DOCUMENTS:
+    `spurfast report` showed them without a word; and the page made from them, which showed the
+    old findings as this run's until the new one replaced it."""
+    for name in (*DOCUMENTS, "report.html"):
         (out / name).unlink(missing_ok=True)
     for sub in ("images", "rankings"):
         d = out / sub

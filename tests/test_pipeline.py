@@ -590,7 +590,7 @@ def test_a_rerun_stopped_before_its_documents_leaves_no_old_findings_json_over_n
     monkeypatch.setattr(pipeline, "pattern_rankings", stopped)   # after the new pictures
     with pytest.raises(KeyboardInterrupt):
         run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False)
-    documents = ("findings.json", "findings.csv", "clusters.csv")
+    documents = ("findings.json", "findings.csv", "clusters.csv", "report.html")
     assert [n for n in documents if (out / n).exists()] == []
     capsys.readouterr()
     assert main(["report", "--run", str(out)]) == 2
