@@ -331,6 +331,16 @@ def test_symlinked_folders_are_followed_once_and_broken_links_reported(tmp_path)
     assert float(x[rel.index("cat/linked/e0.png")].max()) > 0.05
 
 
+def test_a_class_folder_linked_to_another_is_refused_naming_both(tmp_path):
+    # its images were listed twice, under both labels
+    root = tmp_path / "pool"
+    (root / "cat").mkdir(parents=True)
+    (root / "cat" / "c.png").write_bytes(_png_bytes(_picture(1, 20, 20)))
+    (root / "kitten").symlink_to(root / "cat")
+    with pytest.raises(ValueError, match=r"class folders 'cat' and 'kitten' of .*pool are one folder .*remove the link"):
+        list_folder(root)
+
+
 def test_broken_top_level_link_keeps_the_class_folder_layout(tmp_path, caplog):
     """The layout follows real files: a stale link at the top of a class-folder pool is no
     member (and no class) but is named in a warning, not taken for a flat unlabelled pool."""

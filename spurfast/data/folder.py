@@ -123,7 +123,14 @@ def list_folder(root: str | Path, class_names: list[str] | None = None) -> tuple
                 raise ValueError(f"class folders {unknown[:5]} of {root} are not among the {len(class_names)} class "
                                  f"names given ({list(class_names)[:5]}{', ...' if len(class_names) > 5 else ''})")
         paths, labels = [], []
-        others = {os.path.realpath(root), *(os.path.realpath(d) for d in subdirs)}
+        real = [os.path.realpath(d) for d in subdirs]
+        seen: dict[str, Path] = {}
+        for d, r in zip(subdirs, real):   # a link to another class folder listed its images under both labels
+            if r in seen:
+                raise ValueError(f"class folders {seen[r].name!r} and {d.name!r} of {root} are one folder ({r}): "
+                                 f"each image would be in the pool twice, under two labels; remove the link")
+            seen[r] = d
+        others = {os.path.realpath(root), *real}
         for d in subdirs:
             files = _image_files(d, others)
             if not files:
