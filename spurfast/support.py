@@ -199,6 +199,8 @@ def training_support(findings: list[dict], source: ImageSource, suspect: np.ndar
 
     if not 0.0 < tail < 1.0:
         raise ValueError(f"support tail must be in (0, 1), got {tail}")
+    if not 0.0 < level < 1.0:   # 1.5 called every finding supported
+        raise ValueError(f"support level must be in (0, 1), got {level}")
     if batch_size < 1:   # 0 failed naming no setting; a negative one read no image: every score 0, none supported
         raise ValueError(f"support batch_size must be >= 1, got {batch_size}")
     suspect = suspect_mask(suspect, len(source), source.name)

@@ -170,6 +170,9 @@ def test_bad_inputs_are_refused():
         training_support([{"rank": 3, "class": 0}], src, sus, src.labels())
     with pytest.raises(ValueError, match="tail"):
         training_support([_finding()], src, sus, src.labels(), tail=1.5)
+    for level in (1.5, 0.0, float("nan")):
+        with pytest.raises(ValueError, match="support level must be in"):
+            training_support([_finding()], src, sus, src.labels(), level=level)
 
 
 def test_a_bad_batch_size_is_named_not_a_silent_answer():
