@@ -352,6 +352,7 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
     """Write the pool; returns the contents of ``pool.json``."""
     from tqdm.auto import tqdm
 
+    from .atomic_files import replace_atomically
     from .cores import usable_cores
     from .data.folder import list_folder
 
@@ -408,8 +409,14 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
             raise FileExistsError(f"pool directory {out} is not empty{other}; choose another or pass --overwrite")
     if resume:
         # a temporary image of a writer killed mid-save; the ground truth is written at the end
-        for tmp in [*out.glob("**/*.jpg.*.tmp"), *filter(_marker_leftover, out.glob("pool.json.*.tmp"))]:
+        for tmp in [*out.glob("**/*.jpg.*.tmp"), *filter(_marker_leftover, out.glob("pool.json.*.tmp")),
+                    *filter(_ground_truth_leftover, out.glob("ground_truth.csv.*.tmp"))]:
             tmp.unlink(missing_ok=True)
+        # checked before any image is drawn: a file make-pool did not write was found only when the
+        # ground truth was written, after every remaining image (hours at scale)
+        stray = _strays(out, spec, labels)
+        if stray:
+            raise _stray_error(out, stray)
         (out / "ground_truth.csv").unlink(missing_ok=True)
         log.info("resuming the interrupted pool in %s", out)
     elif out.exists() and any(out.iterdir()):
@@ -460,17 +467,20 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
     seconds = time.perf_counter() - t0
     # ground truth in the order the folder source enumerates the pool
     paths, _, _ = list_folder(out)
-    index_of = {}
-    for i in range(spec.n):
-        index_of[str(out / _relpath(i, int(labels[i]), spec))] = i
-    with open(out / "ground_truth.csv", "w", newline="") as fh:
+    # a file that appeared during the run (the check above ran before it)
+    stray = [Path(p) for p in paths if _pool_index(out, Path(p), spec, labels) is None]
+    if stray:
+        raise _stray_error(out, stray)
+
+    def write_ground_truth(fh):
         w = csv.writer(fh)
         w.writerow(["index", "path", "label", "carries"])
         for idx, p in enumerate(paths):
-            i = index_of.get(p)
-            if i is None:
-                raise RuntimeError(f"unexpected file {p} in the pool directory")
+            i = _pool_index(out, Path(p), spec, labels)
             w.writerow([idx, os.path.relpath(p, out), int(labels[i]), int(carries[i])])
+
+    # whole or not at all: a run cut short mid-write left fewer rows than images
+    replace_atomically(out / "ground_truth.csv", write_ground_truth, newline="")
     info = {"writer": POOL_WRITER, "spec": asdict(spec), "n": spec.n, "n_carrying": int(carries.sum()),
             # the classes the pool holds: one entry per --classes took 1.7 GB and 25 s for a
             # 4-image pool of --classes 1000000 (as the class folders, only those made)
@@ -480,6 +490,39 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
             "resumed_with": spec.n - written}
     _write_whole(out / "pool.json", json.dumps(info, indent=1))
     return info
+
+
+def _pool_index(out: Path, path: Path, spec: PoolSpec, labels) -> int | None:
+    """The number of the image make-pool writes at ``path`` (in pool folder ``out``), or None
+    for a file it does not write there."""
+    try:
+        rel = path.relative_to(out).as_posix()
+    except ValueError:
+        return None
+    name = rel.rpartition("/")[2]
+    if not (len(name) == 12 and name.endswith(".jpg") and name[:8].isascii() and name[:8].isdigit()):
+        return None
+    i = int(name[:8])
+    return i if i < spec.n and _relpath(i, int(labels[i]), spec) == rel else None
+
+
+def _strays(out: Path, spec: PoolSpec, labels) -> list[Path]:
+    """What the folder source would read in ``out`` as pool images (or, in a class-folder pool,
+    as classes) that make-pool does not write there."""
+    from .data.folder import _hidden, _image_files
+
+    stray = [p for p in _image_files(out) if _pool_index(out, p, spec, labels) is None]
+    if not spec.flat:
+        classes = {class_dir(c, spec.classes) for c in range(min(spec.classes, spec.n))}
+        stray += sorted(e for e in out.iterdir() if e.is_dir() and not _hidden(e.name) and e.name not in classes)
+    return stray
+
+
+def _stray_error(out: Path, stray: list[Path]) -> ValueError:
+    more = f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""
+    return ValueError(f"pool directory {out} holds {stray[0]}{more}, which make-pool did not write and the "
+                      f"ground truth cannot list: remove it (or move it elsewhere) and rerun the same command, "
+                      f"or pass --overwrite to delete it with the pool and write the pool anew")
 
 
 def _unfinished_spec(info: dict | None) -> dict | None:
@@ -506,6 +549,12 @@ def _marker_leftover(entry: Path) -> bool:
     return killed_writer_target(entry, lambda name: name == "pool.json") is not None
 
 
+def _ground_truth_leftover(entry: Path) -> bool:
+    """Whether ``entry`` is the temporary ground_truth.csv of a make-pool killed while writing it."""
+    from .atomic_files import killed_writer_target
+    return killed_writer_target(entry, lambda name: name == "ground_truth.csv") is not None
+
+
 def refuse_unfinished(pool_dir) -> dict | None:
     """``pool_dir``'s pool.json (`_pool_info`); raises ValueError when it marks a make-pool run
     that was cut short (Ctrl-C, a kill): "spec" stays None until the last image is written."""
@@ -521,13 +570,14 @@ def read_ground_truth(pool_dir) -> tuple[np.ndarray, np.ndarray]:
     ValueError for a pool whose make-pool was cut short, or whose ground truth has
     another number of rows than pool.json's image count."""
     p = Path(pool_dir) / "ground_truth.csv"
+    # first: a make-pool cut short has no ground_truth.csv yet (written whole, last), which is not
+    # "not written by make-pool"; one from before that could be cut short, and its rows were
+    # returned as the pool's whole ground truth
+    info = refuse_unfinished(pool_dir)
     if not p.is_file():
         raise FileNotFoundError(f"{pool_dir} has no ground_truth.csv (not written by `spurfast make-pool`)")
     with open(p, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    # a make-pool cut short (Ctrl-C) leaves ground_truth.csv possibly cut short too: its rows
-    # were returned as the pool's whole ground truth
-    info = refuse_unfinished(pool_dir)
     if info is not None and isinstance(info.get("n"), int) and info["n"] != len(rows):
         raise ValueError(f"{p} has {len(rows)} rows, but {pool_dir}/pool.json says the pool holds {info['n']} "
                          f"images")

@@ -697,3 +697,55 @@ def test_the_same_make_pool_command_on_its_finished_pool_writes_nothing(tmp_path
     out = capsys.readouterr().out
     assert out.startswith(f"{tmp_path / 'p'} already holds this pool (12 images, no pattern planted): nothing "
                           f"written"), out
+
+
+def test_a_stray_file_in_an_interrupted_pool_is_refused_before_any_image_is_written(tmp_path, monkeypatch,
+                                                                                   capsys):
+    """A file make-pool did not write (c0000/extra.jpg) in an interrupted pool: the rerun wrote every
+    remaining image, then raised RuntimeError (a traceback) while it wrote ground_truth.csv, which it
+    left cut short.  Now it is refused before any image is drawn, naming the file and the remedy."""
+    spec = PoolSpec(n=12, classes=2, min_size=16, max_size=16)
+    _interrupt_render_after(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    monkeypatch.undo()
+    stray = tmp_path / "p" / "c0000" / "extra.jpg"
+    stray.write_bytes((tmp_path / "p" / "c0000" / "00000000.jpg").read_bytes())
+    drawn = _interrupt_render_after(monkeypatch, 10 ** 9)   # counts only
+    capsys.readouterr()
+    code = main(["make-pool", "--out", str(tmp_path / "p"), "--n", "12", "--classes", "2", "--size", "16",
+                 "--quiet", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "Traceback" not in err, err
+    assert str(stray) in err and "remove it" in err and "--overwrite" in err, err
+    assert drawn == [] and not (tmp_path / "p" / "ground_truth.csv").exists()
+    # an extra folder in a class-folder pool reads as a class of its own: refused too
+    stray.unlink()
+    (tmp_path / "p" / "notes").mkdir()
+    with pytest.raises(ValueError, match=r"notes.*make-pool did not write"):
+        make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    assert drawn == []
+    (tmp_path / "p" / "notes").rmdir()
+    info = make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    assert len(drawn) == 8 and info["resumed_with"] == 4 and len(read_ground_truth(tmp_path / "p")[0]) == 12
+
+
+def test_a_file_that_appears_while_the_pool_is_written_leaves_no_ground_truth_cut_short(tmp_path, monkeypatch):
+    """A file the folder source lists that appears mid-run is named as a ValueError, not a RuntimeError,
+    and ground_truth.csv is written whole or not at all (the rows before the stray one were kept)."""
+    import spurfast.make_pool as M
+
+    spec = PoolSpec(n=6, classes=2, min_size=16, max_size=16)
+    real = M.render
+
+    def render(i, label, spec):
+        if i == 5:   # sorts after c0000's pool images: the rows before it were written
+            (tmp_path / "p" / "c0000" / "zz.jpg").write_bytes(b"")
+        return real(i, label, spec)
+
+    monkeypatch.setattr(M, "render", render)
+    with pytest.raises(ValueError, match=r"zz\.jpg.*make-pool did not write"):
+        make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    assert not list((tmp_path / "p").glob("ground_truth.csv*"))
+    with pytest.raises(ValueError, match="is incomplete .*rerun the same"):
+        read_ground_truth(tmp_path / "p")
