@@ -119,8 +119,8 @@ def rank_cuda_index(local_rank: int, visible: int) -> int:
     if visible == 1:
         return 0
     if not 0 <= local_rank < visible:
-        raise RuntimeError(f"LOCAL_RANK={local_rank} but this rank sees {visible} CUDA devices: "
-                           "start at most one rank per GPU (torchrun --nproc-per-node)")
+        raise ValueError(f"LOCAL_RANK={local_rank} but this rank sees {visible} CUDA devices: "
+                         "start at most one rank per GPU (torchrun --nproc-per-node)")
     return local_rank
 
 
@@ -135,7 +135,11 @@ def init(device: str = "cpu", backend: str | None = None, timeout_s: float | Non
     ``timeout_s`` (default $SPURFAST_DIST_TIMEOUT or 1800): how long a k-means collective
     waits for a rank that stopped answering before raising.  ``wait_timeout_s`` (default
     $SPURFAST_DIST_WAIT_TIMEOUT or 86400): the same for the waits on another rank's long
-    work (:func:`all_succeed`, :func:`run_on_main`, :func:`main_section`, ...)."""
+    work (:func:`all_succeed`, :func:`run_on_main`, :func:`main_section`, ...).
+
+    A launch to fix (a torchrun variable missing or out of range, CUDA asked for where there is
+    none, two ranks on one GPU) raises ValueError: the CLI reports it as "error: ..." (exit 2),
+    where a RuntimeError, kept for crashes, gave a traceback."""
     global _CTX, _OWNED, _WAIT
     world = _env_int("WORLD_SIZE", 1)
     if world <= 1:
@@ -150,11 +154,11 @@ def init(device: str = "cpu", backend: str | None = None, timeout_s: float | Non
     _across_override()   # read by rank 0's main section: a bad value failed after the whole embedding pass
     cuda = str(device).startswith("cuda")
     if cuda and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} was asked for, but torch sees no CUDA device")
+        raise ValueError(f"device {device!r} was asked for, but torch sees no CUDA device")
     backend = backend or ("nccl" if cuda else "gloo")
     if cuda and "LOCAL_RANK" not in os.environ and torch.cuda.device_count() > 1 and not dist.is_initialized():
         # every rank of a node took GPU 0 (NCCL then failed on a duplicate GPU, naming no variable)
-        raise RuntimeError(f"WORLD_SIZE={world} but LOCAL_RANK is not set: launch with torchrun")
+        raise ValueError(f"WORLD_SIZE={world} but LOCAL_RANK is not set: launch with torchrun")
     dev = f"cuda:{rank_cuda_index(local, torch.cuda.device_count())}" if cuda else "cpu"
     if cuda:
         torch.cuda.set_device(torch.device(dev))
@@ -163,7 +167,7 @@ def init(device: str = "cpu", backend: str | None = None, timeout_s: float | Non
         # for the whole timeout before an error that named no variable
         for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:
-                raise RuntimeError(f"WORLD_SIZE={world} but {var} is not set: launch with torchrun")
+                raise ValueError(f"WORLD_SIZE={world} but {var} is not set: launch with torchrun")
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout))
         _OWNED = True
@@ -203,8 +207,8 @@ def _refuse_shared_gpus(dev: str) -> None:
     pair = shared_gpu(owners)
     if pair is not None:
         host, gpu = owners[pair[0]]
-        raise RuntimeError(f"ranks {pair[0]} and {pair[1]} both use GPU {gpu} on {host}: start at most one rank per "
-                           f"GPU (torchrun --nproc-per-node at most the node's GPUs)")
+        raise ValueError(f"ranks {pair[0]} and {pair[1]} both use GPU {gpu} on {host}: start at most one rank per "
+                         f"GPU (torchrun --nproc-per-node at most the node's GPUs)")
 
 
 def shutdown() -> None:

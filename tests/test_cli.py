@@ -2260,3 +2260,18 @@ def test_commands_other_than_discover_are_refused_under_several_ranks(tmp_path, 
     assert "only `spurfast discover` runs across ranks (WORLD_SIZE=2)" in err, err
     assert not (tmp_path / "p").exists()
     assert main(["env"]) == 0
+
+
+def test_several_ranks_without_torchruns_variables_are_an_error_not_a_traceback(tmp_path, monkeypatch, capsys):
+    # WORLD_SIZE without RANK (a launch without torchrun) raised RuntimeError in dist.init: a traceback
+    # and exit 1, where every other bad input gives "error: ..." and exit 2
+    clf, vae = _models(tmp_path)
+    pool = _npz(tmp_path / "pool.npz", np.random.default_rng(0).integers(0, 256, (20, 28, 28), dtype=np.uint8))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    capsys.readouterr()
+    code = main(["discover", "--pool", pool, "--classifier", clf, "--vae", vae, "--out", str(tmp_path / "o"),
+                 "--quiet", "--no-confirm"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert err.startswith("error: WORLD_SIZE=2 but RANK is not set: launch with torchrun"), err

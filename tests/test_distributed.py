@@ -88,7 +88,7 @@ def test_not_distributed_is_a_noop(monkeypatch):
         sd.init("cpu")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
-    with pytest.raises(RuntimeError, match="torchrun"):
+    with pytest.raises(ValueError, match="torchrun"):   # the user's launch to fix: "error: ...", not a traceback
         sd.init("cpu")
 
 
@@ -687,7 +687,7 @@ def test_rank_cuda_index_under_per_rank_visible_devices():
 
     assert rank_cuda_index(3, 8) == 3          # torchrun on one node: every rank sees every GPU
     assert rank_cuda_index(3, 1) == 0          # Slurm --gpus-per-task=1: each rank sees its own GPU as 0
-    with pytest.raises(RuntimeError, match="LOCAL_RANK=4 but this rank sees 2 CUDA devices"):
+    with pytest.raises(ValueError, match="LOCAL_RANK=4 but this rank sees 2 CUDA devices"):
         rank_cuda_index(4, 2)
 
 
@@ -788,7 +788,7 @@ def test_a_missing_rank_variable_is_named_before_joining(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     monkeypatch.setattr(sd.dist, "init_process_group", lambda *a, **k: pytest.fail("joined the group as rank 0"))
-    with pytest.raises(RuntimeError, match="WORLD_SIZE=2 but RANK is not set: launch with torchrun"):
+    with pytest.raises(ValueError, match="WORLD_SIZE=2 but RANK is not set: launch with torchrun"):
         sd.init("cpu")
 
 
@@ -824,7 +824,7 @@ def test_a_missing_local_rank_variable_is_named_on_a_node_with_several_gpus(monk
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail(f"took {d}"))
     monkeypatch.setattr(sd.dist, "init_process_group", lambda *a, **k: pytest.fail("joined the group"))
-    with pytest.raises(RuntimeError, match="WORLD_SIZE=2 but LOCAL_RANK is not set: launch with torchrun"):
+    with pytest.raises(ValueError, match="WORLD_SIZE=2 but LOCAL_RANK is not set: launch with torchrun"):
         sd.init("cuda")
 
 
@@ -991,3 +991,24 @@ def test_a_bad_metric_or_backend_is_refused_before_the_other_ranks_take_part():
 def test_ranks_sharing_a_gpu_are_found():
     assert sd.shared_gpu([("a", "GPU-1"), ("a", "GPU-2"), ("b", "GPU-1")]) is None   # one GPU per rank
     assert sd.shared_gpu([("a", "GPU-1"), ("a", "GPU-2"), ("a", "GPU-1")]) == (0, 2)
+
+
+def test_ranks_sharing_a_gpu_are_refused_as_a_launch_to_fix(monkeypatch):
+    # more ranks than GPUs is the user's launch setting: a RuntimeError reached the CLI as a traceback
+    import types
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(uuid="GPU-1"))
+    monkeypatch.setattr(sd.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(sd.dist, "all_gather_object", lambda owners, obj, group=None: owners.__setitem__(
+        slice(None), [obj, obj]))
+    with pytest.raises(ValueError, match="ranks 0 and 1 both use GPU GPU-1 on .*: start at most one rank per GPU"):
+        sd._refuse_shared_gpus("cuda:0")
+
+
+def test_cuda_asked_for_without_a_cuda_device_is_refused_as_a_setting(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sd.dist, "init_process_group", lambda *a, **k: pytest.fail("joined the group"))
+    with pytest.raises(ValueError, match="device 'cuda' was asked for, but torch sees no CUDA device"):
+        sd.init("cuda")
