@@ -456,7 +456,8 @@ class _DaliStream:
                             raise RuntimeError(
                                 f"DALI pipeline failed on files {self.paths[window[0]]} .. "
                                 f"{self.paths[window[-1]]}, and no single file reproduces the failure; "
-                                f"use the torch loader (backend='torch') to go on. DALI said: {failure}") from failure
+                                f"use the torch loader (--loader-backend torch; backend='torch' from Python) to go on. "
+                                f"DALI said: {failure}") from failure
                         self._mark(found)
                         self.rebuilds += 1
                         pending = [i for i in pending[done:] if i not in found]
