@@ -481,7 +481,8 @@ def method_rows(method: str, cands: list[dict], feats: list[Feature], pool_feats
         # every method's best finding is picked from its first 10 (spurfast's by rank), so
         # none gets more draws at the ground truth than another
         # the pixel ablation's findings are characterised too (since run cache v26): IoU 0 without one
-        masked = method.startswith("spurfast") or method == "pixels" or method.endswith("+pattern")
+        # and the feature view's (an IoU of NaN without one left that seed out of its mean)
+        masked = method.startswith("spurfast") or method in ("pixels", "features") or method.endswith("+pattern")
         for metric, v in feature_metrics(cands[:BEST_OF], f, masks=masked).items():
             out.append((f.name, metric, v))
     if method not in TESTED_METHODS:
@@ -547,7 +548,8 @@ def _confirm_row(setting: str, seed: int, rank: int, c: dict, feats: list[Featur
             "flip_rate": cf.get("flip_rate"), "control_flip_rate": cf.get("control_flip_rate"),
             "p_value": cf.get("p_value"), "content_flip_rate": cf.get("content_flip_rate"),
             "content_p_value": cf.get("content_p_value"), "confirm_q_value": cf.get("q_value"),
-            "confirmed": int(confirmed(c["confirm"])), "support_p_value": sup.get("p_value"),
+            "confirmed": int(confirmed(c["confirm"])), "verdict": cf.get("verdict", ""),
+            "support_p_value": sup.get("p_value"),
             "support_q_value": sup.get("q_value"), "supported": int(bool(sup.get("supported"))),
             # the pool pattern most members carry, if any (a true finding's, or the model
             # reacting to a pool pattern in another class)
@@ -581,7 +583,9 @@ def run_key(setting: Setting, seed: int, sizes: Sizes, methods=DEFAULT_METHODS, 
                  **({} if statistic == "share" else {"statistic": statistic}),
                  **({} if null == DEFAULT_NULL else {"null": null}),
                  # the residual scan's findings got confirm.csv rows (the default sweep's keys kept)
-                 **({"residual_confirm_rows": 1} if RESIDUAL in methods else {})})
+                 **({"residual_confirm_rows": 1} if RESIDUAL in methods else {}),
+                 # the feature view's IoU is 0 without a finding, as every masked method's (default keys kept)
+                 **({"features_iou": 1} if "features" in methods else {})})
 
 
 def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress: bool = False,
@@ -828,7 +832,7 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
     write_csv(out / "confirm.csv", crows, ["setting", "seed", "family", "rank", "class", "q_value", "true_finding", "flip_rate",
                                            "control_flip_rate", "p_value", "content_flip_rate", "content_p_value",
                                            "confirm_q_value", "confirmed", "pool_pattern", "support_p_value",
-                                           "support_q_value", "supported"])
+                                           "support_q_value", "supported", "verdict"])
     # quoted for a shell: pasted from RESULTS.md's "Command:" line, an --out or --cache path
     # with a space split in two, and an --only regex holding a quote broke its bare '...'
     cmd = shlex.join(["spurfast", "evaluate", "--preset", preset, "--out", str(out)]
@@ -837,7 +841,8 @@ def run_evaluation(preset: str, out_dir, *, cache=None, only: str | None = None,
                      + (["--cache", str(cache)] if cache != out / "cache" else [])
                      + (["--statistic", statistic] if statistic != DEFAULT_STATISTIC else [])
                      + (["--null", null] if null != DEFAULT_NULL else [])
-                     + (["--residual-scan"] if residual else []))
+                     + (["--residual-scan"] if residual else [])
+                     + (["--feature-view"] if feature_view else []))
     timing = {"wall_s": time.time() - t0, "cpu_s": time.process_time() - c0, "load_at_start": load0,
               "load_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
               "cpus": os.cpu_count(), "cpu_model": cpu_model(), "torch_threads": torch.get_num_threads(),

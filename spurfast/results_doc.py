@@ -406,7 +406,9 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
                 fl = [float(c["flip_rate"]) for c in cs]
                 co = [float(c["control_flip_rate"]) for c in cs]
                 ct = [float(c["content_flip_rate"]) for c in cs if c.get("content_flip_rate", "") != ""]
-                verdicts = [confirm_verdict(_confirm_of(c)) for c in cs]
+                # the run's own verdict where the CSV has it: the rates alone leave out the dose that
+                # decided a tie at full strength (runs written before the column: from the rates)
+                verdicts = [c.get("verdict") or confirm_verdict(_confirm_of(c)) for c in cs]
                 L.append(f"| {s} | {len(cs)} | {lab} | {np.mean(fl):.3f} | {np.mean(co):.3f} | "
                          f"{np.mean(ct) if ct else float('nan'):.3f} | "
                          + " | ".join(str(verdicts.count(v))

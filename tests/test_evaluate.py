@@ -318,6 +318,13 @@ def test_confirmation_table_counts_verdicts(tmp_path):
     md = write_results(tmp_path / "results.csv", tmp_path / "confirm.csv", tmp_path / "RESULTS.md").read_text()
     assert "| s | 1 | true | 1.000 | 0.990 | 0.000 | 0 | 0 | 0 | 1 | 0 |" in md
     assert "| s | 5 | false | 0.264 | 0.006 | 0.260 | 2 | 1 | 1 | 0 | 1 |" in md
+    # the run's own verdict where the CSV holds it: at full strength the first ties its random
+    # control, and the weaker dose that decided it (not in the CSV) made it confirmed
+    ccols.append("verdict")
+    write_csv(tmp_path / "confirm.csv", [dict(zip(ccols, ("s", 0, r + 1) + n + (v,)))
+                                         for r, (n, v) in enumerate(zip(nums, ("confirmed", "", "", "", "", "")))], ccols)
+    md = write_results(tmp_path / "results.csv", tmp_path / "confirm.csv", tmp_path / "RESULTS.md").read_text()
+    assert "| s | 1 | true | 1.000 | 0.990 | 0.000 | 1 | 0 | 0 | 0 | 0 |" in md
 
 
 def test_spurious_score_is_yangs_probability_rise_not_an_argmax_flip():
@@ -576,6 +583,21 @@ def test_a_baseline_without_a_test_gets_no_recall_rows_even_when_it_finds_nothin
         assert got["recall@q0.05"] == 0.0 and got["false_findings@q0.1"] == 0.0
 
 
+def test_every_method_that_extracts_masks_scores_iou_0_where_it_finds_nothing():
+    # NaN left the seed out of the method's mean IoU: the feature view's was averaged over the
+    # seeds where it found something
+    from spurfast.evaluate import method_rows
+    from spurfast.metrics import Feature
+    carries = np.zeros(20, bool)
+    carries[:4] = True
+    mask = np.zeros((4, 4), bool)
+    mask[:2, :2] = True
+    feats = [Feature(3, carries, mask, "patch3")]
+    for m in ("spurfast", "spurfast+confirm", "pixels", "features", "george+pattern"):
+        assert {k: v for _, k, v in method_rows(m, [], feats, feats)}["mask_iou"] == 0.0, m
+    assert np.isnan({k: v for _, k, v in method_rows("george", [], feats, feats)}["mask_iou"])   # no mask to score
+
+
 def test_a_methods_best_finding_is_picked_from_its_first_ten():
     # every method gets the same number of draws (BEST_OF): a mutant that searched all the
     # candidates picked a perfect 11th and read AP 1.0
@@ -757,6 +779,21 @@ def test_the_command_line_in_results_md_can_be_pasted_into_a_shell(tmp_path, mon
     args = build_parser().parse_args(argv[1:])
     assert (args.preset, args.out, args.cache, args.only, args.seeds) == ("tiny", str(out), str(cache), only, (1,))
     assert args.statistic is None   # the default statistic goes unnamed ...
+    assert not args.residual_scan and not args.feature_view
+
+
+def test_the_command_line_names_the_searches_switched_on(tmp_path, monkeypatch):
+    # without --feature-view the pasted line reran without the feature view's methods and rows
+    import json
+    import shlex
+
+    import spurfast.evaluate as E
+    from spurfast.cli import build_parser
+    monkeypatch.setattr(E, "run_one", lambda s, seed, *a, **k: ([], []))
+    run_evaluation("tiny", tmp_path / "o", progress=False, residual=True, feature_view=True)
+    cmd = json.loads((tmp_path / "o" / "timing.json").read_text())["command"]
+    args = build_parser().parse_args(shlex.split(cmd)[1:])
+    assert args.residual_scan and args.feature_view, cmd
 
 
 def test_the_command_line_names_a_statistic_other_than_the_default(tmp_path, monkeypatch):
