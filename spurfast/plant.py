@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .checks import whole_number
+from .checks import real_number, whole_number
 
 log = logging.getLogger("spurfast.plant")
 
@@ -195,15 +195,25 @@ def stamp_at(images: torch.Tensor, chosen: np.ndarray, spec: PatternSpec, seed: 
     return changed_by_stamp(before, stamped, what)
 
 
+def _seed(seed, who: str) -> int:
+    seed = whole_number(seed, f"{who}: seed")
+    if seed < 0:   # numpy refused it naming no argument
+        raise ValueError(f"{who}: seed must be >= 0, got {seed}")
+    return seed
+
+
 def plant_training(images: torch.Tensor, labels, target_class: int, n: int | str,
                    spec: PatternSpec, seed: int = 0):
     """Stamp ``n`` (or "all") training images of ``target_class``.  Labels are unchanged.
     Returns (images, planted indices: those the stamp changed, `changed_by_stamp`)."""
+    seed = _seed(seed, "plant_training")
+    if n != "all":   # int() stamped 2 of n=2.7, and 1 of n=True
+        n = whole_number(n, 'plant_training: n (or "all")')
     labels = np.asarray(labels)
     cand = np.nonzero(labels == target_class)[0]
     if len(cand) == 0:
         raise ValueError(f"no training images of target class {target_class}")
-    n = len(cand) if n == "all" else int(n)
+    n = len(cand) if n == "all" else n
     if not 0 <= n <= len(cand):
         raise ValueError(f"cannot poison n={n} images: class {target_class} has {len(cand)}")
     rng = np.random.default_rng(seed)
@@ -215,6 +225,8 @@ def plant_training(images: torch.Tensor, labels, target_class: int, n: int | str
 def plant_pool(images: torch.Tensor, fraction: float, spec: PatternSpec, seed: int = 0):
     """Stamp a ``fraction`` of the pool.  Returns (images, carries bool (N,): the images the
     stamp changed, `changed_by_stamp`)."""
+    seed = _seed(seed, "plant_pool")   # -1 drew as seed 0 (its generator takes seed + 1)
+    fraction = real_number(fraction, "pool fraction")
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"pool fraction must be in [0, 1], got {fraction}")
     n = len(images)

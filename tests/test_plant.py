@@ -96,6 +96,20 @@ def test_bad_plant_inputs():
         fixed_mask(PatternSpec("patch5"), (1, 4, 4))
     with pytest.raises(ValueError, match="fraction"):
         plant_pool(torch.zeros(4, 1, 8, 8), 1.5, PatternSpec())
+    # named, not numpy's unnamed refusal, a silent cast (2.7 stamped 2), or seed -1 drawn as seed 0
+    x, y = torch.zeros(20, 1, 8, 8), np.arange(20) % 2
+    for seed in (-1, -2, 1.5):
+        with pytest.raises(ValueError, match=r"plant_pool: seed must be"):
+            plant_pool(x, 0.2, PatternSpec(), seed=seed)
+        with pytest.raises(ValueError, match=r"plant_training: seed must be"):
+            plant_training(x, y, 1, 3, PatternSpec(), seed=seed)
+    for n in (2.7, True, "3"):
+        with pytest.raises(ValueError, match=r'plant_training: n \(or "all"\) must be an integer'):
+            plant_training(x, y, 1, n, PatternSpec())
+    with pytest.raises(ValueError, match="pool fraction must be a number, got '0.1'"):
+        plant_pool(x, "0.1", PatternSpec())
+    assert len(plant_training(x, y, 1, 3.0, PatternSpec())[1]) == 3
+    assert len(plant_training(x, y, 1, "all", PatternSpec())[1]) == 10
 
 
 def test_patterns_that_would_plant_nothing_or_out_of_range_are_refused():
