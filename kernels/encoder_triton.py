@@ -429,6 +429,8 @@ def _encoder_forward(
                          "use backend='torch' on the CPU")
     weight0 = conv_weights[0]
     compute = x.dtype if x.dtype != torch.uint8 else weight0.dtype
+    if compute == torch.float64:   # fp64 weights on uint8 images: fp32, as the reference computes
+        compute = torch.float32
     if compute not in _COMPUTE:
         raise TypeError(f"compute dtype {compute} (from the conv weights, for uint8 input) is unsupported; "
                         f"expected one of {[str(d) for d in _COMPUTE]}")

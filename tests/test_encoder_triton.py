@@ -104,6 +104,12 @@ def test_uint8_input():
     _compare(m, _images(7, 3, 64, torch.uint8), tag="uint8 ")
 
 
+def test_uint8_input_with_float64_weights_computes_in_fp32():
+    """As the reference does: fp64 weights on uint8 images were refused as an fp64 compute dtype."""
+    m = _model(1, 16, (5, 7), 4).double()
+    _compare(m, _images(3, 1, 16, torch.uint8), tag="uint8/fp64-weights ")
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bool])
 def test_float64_and_bool_input_are_read_as_the_reference_reads_them(dtype):
     # the reference takes them (as fp32) and the kernel refused them: VAE.encode on numpy's
