@@ -346,21 +346,8 @@ def _prepared_conv_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return wk
 
 
-def _floats(v) -> list[float]:
-    """mean/std as the reference reads them (`reference.normalise_input`): any nesting,
-    flattened ([[0.5, 0.5, 0.5]] failed here in float() naming nothing)."""
-    if isinstance(v, torch.Tensor):
-        return [float(t) for t in v.detach().reshape(-1).tolist()]
-    if isinstance(v, (int, float)) or getattr(v, "ndim", None) == 0:
-        return [float(v)]
-    if isinstance(v, (str, bytes)):   # iterating "0.5" gave "0", ".", ... and one character recursed forever
-        raise ValueError(f"mean/std must be numbers, got {v!r}")
-    # plain Python, no tensor: a warm forward makes no host-side tensor op
-    return [f for t in v for f in _floats(t)]
-
-
 def _norm_tensors(mean: Sequence[float], std: Sequence[float], c: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    m, s = _floats(mean), _floats(std)
+    m, s = _ref.flat_floats(mean), _ref.flat_floats(std)
     if len(m) not in (1, c) or len(s) not in (1, c):
         raise ValueError(f"mean/std have {len(m)}/{len(s)} entries for an input with {c} channels; "
                          f"expected 1 or {c} each")

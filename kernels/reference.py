@@ -34,6 +34,18 @@ def activation(x: torch.Tensor, name: str) -> torch.Tensor:
     raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
 
 
+def flat_floats(v) -> list[float]:
+    """mean/std as plain floats: a number, a tensor or array of any shape, or nested sequences,
+    flattened.  Plain Python for lists: the fused kernel's warm forward makes no host-side tensor op."""
+    if isinstance(v, torch.Tensor):
+        return [float(t) for t in v.detach().reshape(-1).tolist()]
+    if isinstance(v, (int, float)) or getattr(v, "ndim", None) == 0:
+        return [float(v)]
+    if isinstance(v, (str, bytes)):   # iterating "0.5" gave "0", ".", ... and one character recursed forever
+        raise ValueError(f"mean/std must be numbers, got {v!r}")
+    return [f for t in v for f in flat_floats(t)]
+
+
 def normalise_input(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 [0,255] or float [0,1] images -> fp32 (x - mean) / std per channel."""
     if x.dtype == torch.uint8:
@@ -44,8 +56,8 @@ def normalise_input(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]
         raise TypeError(f"encoder input dtype {x.dtype} is unsupported; expected uint8 images in [0, 255] or "
                         f"floating point ones in [0, 1]")
     c = x.shape[1]
-    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).reshape(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).reshape(1, -1, 1, 1)
+    m = torch.tensor(flat_floats(mean), dtype=torch.float32, device=x.device).reshape(1, -1, 1, 1)
+    s = torch.tensor(flat_floats(std), dtype=torch.float32, device=x.device).reshape(1, -1, 1, 1)
     if m.shape[1] not in (1, c) or s.shape[1] not in (1, c):
         raise ValueError(f"mean/std have {m.shape[1]}/{s.shape[1]} entries for {c} channels")
     if bool((s == 0).any()):   # inf pixels, where the fused encoder refuses it
@@ -80,7 +92,7 @@ def encoder_forward(
     """
     if x.dim() != 4:
         raise ValueError(f"encoder input must be (B, C, H, W), got shape {tuple(x.shape)}")
-    stds = torch.as_tensor(std, dtype=torch.float64).flatten().tolist()
+    stds = flat_floats(std)
     if 0.0 in stds:   # the latents came out inf / NaN, silently, where the Triton kernel refuses it
         raise ValueError(f"std must be non-zero, got {tuple(stds)}")
     # as the Triton kernel refuses them: zip dropped the layers past the shorter list, and an

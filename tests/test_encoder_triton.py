@@ -514,6 +514,15 @@ def test_reference_refuses_a_zero_std_as_the_kernel_does(std):
         ref.normalise_input(_images(2, 1, 28), (0.5,), std)
 
 
+@pytest.mark.parametrize("key", ["mean", "std"])
+def test_reference_names_a_string_mean_or_std_as_the_kernel_does(key):
+    # the reference's torch.as_tensor("0.5") raised "new(): invalid data type 'str'", naming neither
+    p = {**_model(1, 28, (5, 12), 8).encoder_params(), key: "0.5"}
+    for fn in (ref.encoder_forward, et.encoder_forward):
+        with pytest.raises(ValueError, match=re.escape("mean/std must be numbers, got '0.5'")):
+            fn(_images(2, 1, 28), **p)
+
+
 def test_reference_refuses_odd_heads_and_unpaired_layers_as_the_kernel_does():
     # the reference split an odd head into mu (B, L) and logvar (B, L + 1), and zip ran only
     # the layers both lists had, silently, where the Triton kernel refuses them

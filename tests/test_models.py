@@ -555,6 +555,16 @@ def test_vae_config_reads_one_number_for_every_channel_and_names_a_lone_width():
         VAEConfig(1, 28, 32, 4)
 
 
+def test_vae_config_reads_a_0d_tensor_and_names_a_string_mean_or_std():
+    # a 0-d tensor failed iterating ("iteration over a 0-d tensor") and std="0.5" split into characters,
+    # each naming neither field
+    assert VAEConfig(1, 28, (8, 16), 4, mean=torch.tensor(0.25)).mean == (0.25,)
+    assert VAEConfig(2, 28, (8, 16), 4, std=torch.tensor([0.5, 0.25])).std == (0.5, 0.25)
+    for bad in ("0.5", [0.5, "0.5"], None):
+        with pytest.raises(TypeError, match=r"VAEConfig std must be a number or a sequence of numbers"):
+            VAEConfig(1, 28, (8, 16), 4, std=bad)
+
+
 @pytest.mark.parametrize("kw,pattern", [
     ({"std": (0.0,)}, "std must be > 0"),
     ({"std": (0.5, -1.0, 0.5), "in_channels": 3, "mean": (0.5,)}, "std must be > 0"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -19,6 +20,22 @@ from .. import backends
 from ..kernels import reference as ref
 
 KERNEL, STRIDE, PADDING = 4, 2, 1
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) or (getattr(v, "ndim", None) == 0 and not isinstance(v, (str, bytes)))
+
+
+def _per_channel(name: str, value) -> tuple[float, ...]:
+    """mean/std as a tuple of floats: one number (a 0-d tensor or array too) or a flat sequence of
+    them.  A 0-d tensor failed iterating and "0.5" split into characters, naming neither."""
+    values = (value,) if _is_number(value) else value
+    if not isinstance(values, (str, bytes)) and isinstance(values, Iterable):
+        values = tuple(values)   # once: a generator is read here only
+    if not isinstance(values, tuple) or not all(_is_number(v) for v in values):
+        raise TypeError(f"VAEConfig {name} must be a number or a sequence of numbers, one per input channel, "
+                        f"got {value!r}")
+    return tuple(float(v) for v in values)
 
 
 @dataclass
@@ -45,8 +62,7 @@ class VAEConfig:
             raise TypeError(f"channels must be a sequence of integer conv widths, e.g. (32, 64), got "
                             f"{self.channels!r}") from None
         # one number stands for every channel, as a one-entry sequence does ("'float' object is not iterable")
-        self.mean = tuple(float(m) for m in ((self.mean,) if isinstance(self.mean, numbers.Real) else self.mean))
-        self.std = tuple(float(s) for s in ((self.std,) if isinstance(self.std, numbers.Real) else self.std))
+        self.mean, self.std = _per_channel("mean", self.mean), _per_channel("std", self.std)
         if int(self.in_channels) < 1 or int(self.image_size) < 1:
             raise ValueError(f"in_channels and image_size must be >= 1, got {self.in_channels} and {self.image_size}")
         if not self.channels or min(self.channels) < 1:
