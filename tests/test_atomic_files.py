@@ -1,5 +1,6 @@
 """atomic_files: which leftovers of killed writers may be removed."""
 import os
+import re
 import subprocess
 import sys
 import time
@@ -66,6 +67,14 @@ def test_a_save_killed_mid_write_leaves_no_temporary_file_after_the_next_save(tm
     save_atomic({"epoch": 1}, tmp_path / "vae.pt.ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"other.pt.{gone}.b2130d31.tmp", "vae.pt.ckpt"]
     assert torch.load(tmp_path / "vae.pt.ckpt", weights_only=True) == {"epoch": 1}
+
+
+def test_a_save_into_a_missing_folder_names_the_path_not_the_temporary_file(tmp_path):
+    from spurfast.models.files import save_atomic
+    target = tmp_path / "missing" / "vae.pt"
+    want = f"cannot save to {target}: its folder {target.parent} does not exist"
+    with pytest.raises(FileNotFoundError, match=re.escape(want)):
+        save_atomic({"epoch": 1}, target)
 
 
 def test_a_failed_write_on_a_read_only_file_system_raises_its_own_error_once(tmp_path, monkeypatch):

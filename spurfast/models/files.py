@@ -55,6 +55,8 @@ def save_atomic(obj, path) -> None:
     p = p.resolve() if p.is_symlink() else p  # write through a link, as torch.save did, not over it
     if p.is_dir():   # the rename failed naming the temporary file
         raise IsADirectoryError(f"cannot save to {path}: it is a folder; expected the path of a file")
+    if not p.parent.is_dir():   # the open failed naming the temporary file
+        raise FileNotFoundError(f"cannot save to {path}: its folder {p.parent} does not exist")
     # a save killed mid-write left its temporary file (weights and optimiser state) for good
     remove_killed_writers_files(p.parent, lambda name: name == p.name)
     tmp = p.with_name(f"{p.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
