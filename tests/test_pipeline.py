@@ -955,6 +955,28 @@ def test_a_file_where_a_rerun_keeps_a_folder_is_named_before_any_work(tmp_path, 
                       config=DiscoverConfig(n_null=4))
 
 
+@pytest.mark.parametrize("sub", ["images", "rankings"])
+def test_a_rerun_refuses_a_linked_images_or_rankings_folder_before_deleting_through_it(tmp_path, monkeypatch, sub):
+    # a rerun deletes the finding files it finds there: through a link, another folder's finding1.png went
+    import shutil
+
+    from spurfast.discover import DiscoverConfig
+
+    pool, clf, vae = _tiny()
+    out = tmp_path / "run"
+    run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False, config=DiscoverConfig(n_null=4))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "finding1.png").write_bytes(b"someone else's")
+    shutil.rmtree(out / sub, ignore_errors=True)
+    (out / sub).symlink_to(elsewhere)
+    monkeypatch.setattr(P.dist, "embed_pool_sharded", lambda *a, **k: pytest.fail("embedded before the check"))
+    with pytest.raises(ValueError, match=f"{out / sub} is a symbolic link; the run writes and deletes"):
+        run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False,
+                      config=DiscoverConfig(n_null=4))
+    assert (elsewhere / "finding1.png").read_bytes() == b"someone else's"
+
+
 @pytest.mark.parametrize("value", [2.0, True, 0])
 def test_a_bad_number_of_classes_is_refused_before_overwrite_deletes_the_old_run(tmp_path, value):
     # 2.0 passed the logits check (2 == 2.0); the embedding pass refused it after --overwrite had
