@@ -123,7 +123,11 @@ def check_input(x: torch.Tensor, groups, k_per_group, n_groups: int | None = Non
     groups = groups.to(torch.int64)
     if len(groups) != len(x):
         raise ValueError(f"{len(groups)} group ids for {len(x)} points")
-    G = int(n_groups if n_groups is not None else (int(groups.max()) + 1 if len(groups) else 0))
+    if n_groups is not None:   # int() ran n_groups=2.9 as 2 groups, and a negative one fell to the id check
+        n_groups = whole_number(n_groups, "n_groups")
+        if n_groups < 0:
+            raise ValueError(f"n_groups must be an integer >= 0, got {n_groups}")
+    G = n_groups if n_groups is not None else (int(groups.max()) + 1 if len(groups) else 0)
     if len(groups) and (int(groups.min()) < 0 or int(groups.max()) >= G):
         bad = ((groups < 0) | (groups >= G)).nonzero().flatten()
         raise ValueError(f"group ids must lie in [0, {G}); {len(bad)} do not, e.g. groups[{int(bad[0])}] = "

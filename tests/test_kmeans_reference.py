@@ -1338,3 +1338,12 @@ def test_group_ids_refuses_offsets_that_are_not_integers(dtype):
     with pytest.raises(TypeError, match=f"group_ids: offsets are {dtype}, expected an integer tensor"):
         ref.group_ids(torch.tensor([0, 1.5, 3]).to(dtype))
     assert ref.group_ids(torch.tensor([0, 1, 3], dtype=torch.int32)).tolist() == [0, 1, 1]
+
+
+@pytest.mark.parametrize("n_groups,msg", [(2.9, "n_groups must be an integer, got 2.9"),
+                                          (-1, "n_groups must be an integer >= 0, got -1")])
+def test_a_fractional_or_negative_n_groups_is_refused_by_name(n_groups, msg):
+    # int(2.9) ran the two groups as 2: a third group of points would be named an id out of range
+    x = torch.randn(6, 3)
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        batched_kmeans(x, torch.tensor([0, 0, 1, 1, 1, 0]), [1, 1, 1], n_groups=n_groups, backend="torch")
