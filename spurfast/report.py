@@ -218,8 +218,9 @@ def _check_document(doc, out_dir: Path) -> None:
                              ("content_flip_rate", cf.get("content_p_value") is not None),
                              ("content_p_value", cf.get("content_p_value") is not None),
                              ("q_value", cf.get("q_value") is not None),
-                             ("dose", "dose" in cf), ("dose_flip_rate", "dose" in cf),
-                             ("dose_control_flip_rate", "dose" in cf),
+                             # the verdict compares the dose rates wherever they are, with or without a dose
+                             ("dose", "dose" in cf), ("dose_flip_rate", "dose" in cf or "dose_flip_rate" in cf),
+                             ("dose_control_flip_rate", "dose" in cf or "dose_control_flip_rate" in cf),
                              ("smooth_flip_rate", cf.get("smooth_flip_rate") is not None),
                              ("smooth_p_value", cf.get("smooth_flip_rate") is not None)):
                 if given:

@@ -388,6 +388,10 @@ def test_a_hand_edited_value_is_named_not_a_traceback(tmp_path):
              "finding 1's confirm.control_flip_rate is null, expected a number"),
             (lambda d, f: f.update(confirm={"flip_rate": "0.5", "control_flip_rate": 0.1, "p_value": 0.01}),
              "finding 1's confirm.flip_rate is \"0.5\", expected a number"),
+            # dose rates without a dose: the verdict compared the text with a number (a TypeError)
+            (lambda d, f: f.update(confirm={"flip_rate": 0.5, "control_flip_rate": 0.1, "p_value": 0.01,
+                                            "dose_flip_rate": "0.5"}),
+             "finding 1's confirm.dose_flip_rate is \"0.5\", expected a number"),
             (lambda d, f: f.update(support={"p_value": 0.01}), "finding 1's support has a p_value but lacks n_class, "
                                                               "class_above, n_other, other_above, q_value"),
             (lambda d, f: f.update(support=["x"]), "finding 1's support is a JSON list"),
