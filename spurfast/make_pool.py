@@ -141,6 +141,8 @@ class PoolSpec:
             raise ValueError(f"--plant-class {self.plant_class} needs --plant FAMILY (and --fraction)")
         elif self.strength != 1.0:
             raise ValueError(f"--strength {self.strength} needs --plant noise (and --fraction)")
+        elif self.target_size != 64:   # the class default: any other size without a family was ignored
+            raise ValueError(f"--target-size {self.target_size} needs --plant FAMILY (and --fraction)")
 
 
 def parse_size(text: str) -> tuple[int, int]:

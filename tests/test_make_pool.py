@@ -183,6 +183,7 @@ def test_a_planted_pool_without_a_carrier_is_refused(tmp_path, kw, msg):
 
 @pytest.mark.parametrize("kw, msg", [
     (dict(n=6, classes=3, plant_class=1), r"--plant-class 1 needs --plant FAMILY"),
+    (dict(n=6, target_size=-5), r"--target-size -5 needs --plant FAMILY"),
     (dict(n=6, strength=0.5), r"--strength 0\.5 needs --plant noise"),
 ])
 def test_planting_options_without_a_family_are_refused(tmp_path, kw, msg):
