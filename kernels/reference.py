@@ -39,7 +39,7 @@ def flat_floats(v) -> list[float]:
     flattened.  Plain Python for lists: the fused kernel's warm forward makes no host-side tensor op."""
     if isinstance(v, torch.Tensor):
         return [float(t) for t in v.detach().reshape(-1).tolist()]
-    if isinstance(v, (int, float)) or getattr(v, "ndim", None) == 0:
+    if isinstance(v, numbers.Real) or getattr(v, "ndim", None) == 0:
         return [float(v)]
     if isinstance(v, (str, bytes)):   # iterating "0.5" gave "0", ".", ... and one character recursed forever
         raise ValueError(f"mean/std must be numbers, got {v!r}")

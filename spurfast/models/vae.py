@@ -7,9 +7,7 @@ PyTorch ground truth.  Every conv is kernel 4, stride 2, padding 1 (halves H and
 from __future__ import annotations
 
 import math
-import numbers
 import operator
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -22,20 +20,15 @@ from ..kernels import reference as ref
 KERNEL, STRIDE, PADDING = 4, 2, 1
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, numbers.Real) or (getattr(v, "ndim", None) == 0 and not isinstance(v, (str, bytes)))
-
-
 def _per_channel(name: str, value) -> tuple[float, ...]:
-    """mean/std as a tuple of floats: one number (a 0-d tensor or array too) or a flat sequence of
-    them.  A 0-d tensor failed iterating and "0.5" split into characters, naming neither."""
-    values = (value,) if _is_number(value) else value
-    if not isinstance(values, (str, bytes)) and isinstance(values, Iterable):
-        values = tuple(values)   # once: a generator is read here only
-    if not isinstance(values, tuple) or not all(_is_number(v) for v in values):
+    """mean/std as a tuple of floats, read as the encoders read them (`reference.flat_floats`: a
+    number, a tensor or array, or sequences of them).  A 0-d tensor failed iterating and "0.5"
+    split into characters, naming neither field."""
+    try:
+        return tuple(ref.flat_floats(value))
+    except (TypeError, ValueError):
         raise TypeError(f"VAEConfig {name} must be a number or a sequence of numbers, one per input channel, "
-                        f"got {value!r}")
-    return tuple(float(v) for v in values)
+                        f"got {value!r}") from None
 
 
 @dataclass
