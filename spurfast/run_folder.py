@@ -163,11 +163,10 @@ def _claim(out: Path, marker: Path, run_id: str, overwrite: bool, protect, earli
         if (d.is_symlink() or d.exists()) and not d.is_dir():
             raise NotADirectoryError(f"output directory {out}: {d} is not a folder; the run keeps its {sub} there: "
                                      f"move or remove it")
-    # a rerun deletes the per-finding files it finds in images/ and rankings/: through a link those
-    # would be files outside the run (the page's writer already refuses a linked images/)
-    for sub in ("images", "rankings"):
-        if (out / sub).is_symlink():
-            raise ValueError(f"output directory {out}: {out / sub} is a symbolic link; the run writes and deletes its "
+        # a rerun deletes the per-finding files it finds in images/ and rankings/: through a link those
+        # would be files outside the run (the page's writer already refuses a linked images/)
+        if sub in ("images", "rankings") and d.is_symlink():
+            raise ValueError(f"output directory {out}: {d} is a symbolic link; the run writes and deletes its "
                              f"per-finding files there, so it must be a real folder: remove the link")
     _write_json(marker, {"run_id": run_id}, indent=None)   # atomic: a torn run.json locks the user out
     return out
