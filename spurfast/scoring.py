@@ -423,6 +423,9 @@ def size_matched_pvalues(scores: np.ndarray, n_unrelated: np.ndarray, null: np.n
     return out, n_ref, beat
 
 
+P_ROUNDING = 1e-9   # how far outside [0, 1] a p-value may round
+
+
 def bh_qvalues(p: np.ndarray) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values (q-values), in the input order.  A NaN p-value
     (no test) gets a NaN q-value and does not count among the m tests, as R's p.adjust
@@ -430,6 +433,12 @@ def bh_qvalues(p: np.ndarray) -> np.ndarray:
     p = np.asarray(p, dtype=np.float64)
     if p.ndim != 1:
         raise ValueError(f"p-values must be a 1-D array, got shape {p.shape}")
+    # a p-value summed from float parts may round a hair outside [0, 1]: that much is clipped;
+    # more is a wrong input (a score, a log p), whose q-values would have been wrong in silence
+    bad = np.flatnonzero((p < -P_ROUNDING) | (p > 1 + P_ROUNDING))
+    if bad.size:
+        raise ValueError(f"p-values must lie in [0, 1]; {bad.size} do not, first p[{bad[0]}] = {float(p[bad[0]])}")
+    p = np.clip(p, 0.0, 1.0)
     out = np.full(len(p), np.nan)
     tested = np.flatnonzero(~np.isnan(p))
     m = len(tested)

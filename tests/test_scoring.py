@@ -21,6 +21,17 @@ def test_bh_matches_hand_computation():
     np.testing.assert_allclose(bh_qvalues(np.array([0.9, 0.9])), [0.9, 0.9])
 
 
+
+def test_bh_refuses_p_values_outside_0_1_and_clips_a_rounding_hair():
+    """A score or a log p passed as p-values got q-values as if it were one (-3 gave a
+    q-value of -6, below every real p)."""
+    with pytest.raises(ValueError, match=r"p-values must lie in \[0, 1\]; 1 do not, first p\[1\] = -3.0"):
+        bh_qvalues(np.array([0.2, -3.0, 0.5]))
+    with pytest.raises(ValueError, match=r"first p\[0\] = inf"):
+        bh_qvalues(np.array([np.inf, 2.0]))
+    q = bh_qvalues(np.array([1 + 1e-12, -1e-13, np.nan]))
+    assert q[:2].tolist() == [1.0, 0.0] and np.isnan(q[2])
+
 def test_permutation_pvalues_count_a_tie_added_in_another_order():
     real = 0.1 + 0.2 + 0.3          # 0.6000000000000001
     null = np.array([0.3 + 0.2 + 0.1, 0.0, 1.0])   # the same shares: 0.6
