@@ -334,7 +334,7 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
     return KMeansResult(cent, assign[inv], dist[inv], kpg, counts, it, inertia, reseeded)
 
 
-FAR = 1e4   # |x0|^2 over the mean |x - x0|^2 of a group beyond which its fp32 scores lose digits
+FAR = 1e4   # |x1|^2 over the median |x - x1|^2 of a group beyond which its fp32 scores lose digits
 
 
 def _counted(dist: torch.Tensor) -> torch.Tensor:
@@ -344,28 +344,48 @@ def _counted(dist: torch.Tensor) -> torch.Tensor:
     return dist.double().nan_to_num(posinf=0.0)
 
 
+SPREAD_SAMPLE = 255   # points of a group (evenly strided) that its spread test reads
+
+
+def _median_sq_dist(pts, anchor, gid, offsets):
+    """Per group of ``pts`` (contiguous groups): the median |x - x_anchor|^2 and the row of
+    the point that has it.  Two stable sorts: by distance, then by group."""
+    r = pts - pts[anchor][gid]   # x - x0 is exact-ish: no cancellation to fear here
+    r2 = torch.linalg.vecdot(r, r)
+    by_dist = torch.argsort(r2, stable=True)
+    by_group = by_dist[torch.argsort(gid[by_dist], stable=True)]   # each group's run, nearest first
+    mid = by_group[(offsets[:-1] + offsets.diff() // 2).clamp_max(max(len(pts) - 1, 0))]
+    return r2[mid], mid
+
+
 def _far_offsets(xs, offsets, gid, team=SOLO):
-    """(G, d) fp32 (float64 for float64 points): the first point x0 of each group (of two
-    points or more) far from the origin for its spread (|x0|^2 > FAR x the group's mean
-    |x - x0|^2), zero rows for the other groups; None when no group is far.  One read of
-    the points; rank 0's answer on every member."""
+    """(G, d) fp32 (float64 for float64 points): a typical point x1 of each group (of two
+    points or more) far from the origin for its spread (|x1|^2 > FAR x the group's median
+    |x - x1|^2), zero rows for the other groups; None when no group is far.  Medians, not
+    means: one far outlier raised a group's mean spread past the test, and the fp32
+    cancellation it guards against then clustered the rest at random.  x1 is the point at
+    the median distance from the group's first point, so an outlier first is not the
+    anchor.  Read on at most SPREAD_SAMPLE evenly strided points a group (a threshold test:
+    an estimate will do; all N points took half the time of a fit); rank 0's answer on
+    every member."""
     N, d = xs.shape
+    if N == 0:
+        return None
     n = offsets.diff()
     wide = torch.float64 if xs.dtype == torch.float64 else torch.float32
-    x0 = xs[offsets[:-1].clamp_max(max(N - 1, 0))].to(wide) if N else torch.zeros(len(n), d, dtype=wide,
-                                                                                     device=xs.device)
-    cum = torch.zeros(N + 1, dtype=torch.float64, device=xs.device)
-    for a in range(0, N, 1 << 16):   # x - x0 is exact-ish: no cancellation to fear here
-        r = xs[a:a + (1 << 16)].to(wide) - x0[gid[a:a + (1 << 16)]]
-        cum[a + 1:a + 1 + len(r)] = torch.linalg.vecdot(r, r)
-    # per-group sums from one float64 prefix sum: deterministic on every device, no host read
-    # (a threshold test: the prefix's rounding does not matter)
-    cum = cum.cumsum(0)
-    spread = (cum[offsets[1:]] - cum[offsets[:-1]]).float()
-    far = (n > 1) & (torch.linalg.vecdot(x0, x0) > FAR * spread / n.clamp_min(1))   # one point: nothing to split
+    m = n.clamp_max(SPREAD_SAMPLE)
+    s_off = torch.zeros_like(offsets)
+    torch.cumsum(m, 0, out=s_off[1:])
+    s_gid = ref.group_ids(s_off)
+    step = torch.arange(len(s_gid), device=xs.device) - s_off[:-1][s_gid]
+    pts = xs[offsets[:-1][s_gid] + step * n[s_gid] // m[s_gid]].to(wide)
+    _, x1_row = _median_sq_dist(pts, s_off[:-1].clamp_max(max(len(pts) - 1, 0)), s_gid, s_off)
+    spread, _ = _median_sq_dist(pts, x1_row, s_gid, s_off)
+    x1 = pts[x1_row]
+    far = (n > 1) & (torch.linalg.vecdot(x1, x1) > FAR * spread)   # one point: nothing to split
     if not team.agree(bool(far.any())):
         return None
-    return team.broadcast(torch.where(far.unsqueeze(1), x0, torch.zeros_like(x0)).contiguous())
+    return team.broadcast(torch.where(far.unsqueeze(1), x1, torch.zeros_like(x1)).contiguous())
 
 
 def _seeding(provider: str, backend: str | None = None, device: str | None = None):

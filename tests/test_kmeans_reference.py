@@ -1254,6 +1254,30 @@ def _knn_providers():
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("outlier_at", [0, -1], ids=["outlier-first", "outlier-last"])
+def test_a_far_outlier_does_not_stop_a_tight_group_far_from_the_origin_being_recentred(backend, outlier_at):
+    """The test for recentring a group compared |x0|^2 with its *mean* spread: one point
+    3000 away raised that mean past it, fp32 |c|^2 - 2 x.c cancelled for the two blobs at
+    300 (0.05 apart, spread 1e-3) and their points were split at random.  1000 points: more than
+    the test reads (cluster.SPREAD_SAMPLE), so its sample is read too."""
+    from spurfast.kernels import kmeans_cpu as kcpu
+    if backend == "cpu" and not kcpu.is_available()[0]:
+        pytest.skip("no fused CPU kernels")
+    from spurfast.cluster import SPREAD_SAMPLE
+    assert 1000 > SPREAD_SAMPLE
+    g = torch.Generator().manual_seed(0)
+    blob = torch.arange(1000) % 2
+    x = 300.0 + 0.05 * blob[:, None].float() + 1e-3 * torch.randn(1000, 8, generator=g)
+    pos = 0 if outlier_at == 0 else 1000
+    x = torch.cat([x[:pos], torch.full((1, 8), 3300.0), x[pos:]])
+    got = batched_kmeans(x, torch.zeros(1001, dtype=torch.long), [3], backend=backend, seed=0)
+    a = torch.cat([got.assign[:pos], got.assign[pos + 1:]])
+    assert got.assign[pos] not in a.tolist(), "the outlier shares a cluster with a blob"
+    assert [len(set(a[blob == b].tolist())) for b in (0, 1)] == [1, 1], got.counts.tolist()
+    assert a[0] != a[1] and sorted(got.counts[0].tolist()) == [1, 500, 500]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_integer_points_far_from_the_origin_keep_their_spread(backend):
     """Integers were cast to fp32 before the shift near each group that float64 gets: 1e9 +
     {0, 1} and 1e9 + {6, 7} became one point (counts [12, 0], inertia 0)."""
