@@ -389,10 +389,29 @@ def _check_batch_fits(src, data, size, train) -> None:
                          f"GiB of memory; choose a smaller --size")
 
 
+FOLDER_SIZE, FOLDER_CHANNELS = 64, 3   # --size/--channels when not given
+FOLDER_SHAPE_HELP = (f"image size for folders; an .npz keeps its own (default: {FOLDER_SIZE})",
+                     f"channels for folders; an .npz keeps its own (default: {FOLDER_CHANNELS})")
+
+
+def _folder_shape(args, *paths) -> None:
+    """--size/--channels read folders only: given where every input is an .npz they went
+    unused without a word (an .npz keeps the shape it was written at).  Fills the defaults."""
+    given = [f"--{name} {v}" for name, v in (("size", args.size), ("channels", args.channels)) if v is not None]
+    if given and not any(p and Path(p).is_dir() for p in paths):
+        logging.getLogger("spurfast.cli").warning(
+            "%s has no effect: %s %s arrays, read at the shape they were written at; these options size "
+            "the images of a folder", " and ".join(given), " and ".join(str(p) for p in paths if p),
+            "hold" if sum(bool(p) for p in paths) > 1 else "holds")
+    args.size = FOLDER_SIZE if args.size is None else args.size
+    args.channels = FOLDER_CHANNELS if args.channels is None else args.channels
+
+
 def cmd_train_classifier(args):
     from .models.files import save_classifier
     from .models.train import train_classifier
     check_device(args.device)
+    _folder_shape(args, args.data)
     out = _model_out(args.out, data=args.data, class_names=args.class_names)
     src, _ = load_pool(args.data, args.size, args.channels, args.class_names)
     _check_batch_fits(src, args.data, args.size, train_classifier)
@@ -415,6 +434,7 @@ def cmd_train_vae(args):
     from .models.train import train_vae
     from .models.vae import VAEConfig
     check_device(args.device)
+    _folder_shape(args, args.data)
     out = _model_out(args.out, data=args.data)
     src, _ = load_pool(args.data, args.size, args.channels)
     _check_batch_fits(src, args.data, args.size, train_vae)
@@ -441,6 +461,7 @@ def cmd_discover(args):
                    encoder_backend=(args.encoder_backend, ("encoder",)), **ENV_ONLY,
                    # only folder pools go through a loader backend (and an unlabelled --clean folder: below)
                    **({"loader_backend": (args.loader_backend, ("loader",))} if Path(args.pool).is_dir() else {}))
+    _folder_shape(args, args.pool, None if args.no_confirm else args.clean)
     pool, extra = load_pool(args.pool, args.size, args.channels, args.class_names)
     # after the pool is read: a missing or damaged one was first said to hold arrays; a --clean
     # folder may go through the loader (below, once it is read)
@@ -796,8 +817,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=_seed, default=0, help=SEED_HELP)
         p.add_argument("--device", default="cpu",
                        help="torch device: cpu (the default, also on a GPU machine), cuda, cuda:1, ...")
-        p.add_argument("--size", type=int, default=64, help="image size for folders")
-        p.add_argument("--channels", type=int, default=3, help="channels for folders")
+        p.add_argument("--size", type=int, default=None, help=FOLDER_SHAPE_HELP[0])
+        p.add_argument("--channels", type=int, default=None, help=FOLDER_SHAPE_HELP[1])
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         if name == "train-classifier":
             p.add_argument("--arch", default="small_cnn", choices=["small_cnn", "resnet18"],
@@ -839,8 +860,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--residual-null", type=_int_at_least(1), default=None, metavar="N",
                    help="the residual scan's null resamplings (default 400): its p-values go down to 1/(N + 1), "
                         "and Benjamini-Hochberg over m classes needs about m/FDR for a lone finding")
-    p.add_argument("--size", type=int, default=64, help="image size for folders")
-    p.add_argument("--channels", type=int, default=3, help="channels for folders")
+    p.add_argument("--size", type=int, default=None, help=FOLDER_SHAPE_HELP[0])
+    p.add_argument("--channels", type=int, default=None, help=FOLDER_SHAPE_HELP[1])
     p.add_argument("--batch-size", type=_int_at_least(1), default=256,
                    help="images per batch of the embedding pass (the loader's batch; on a CPU the models take them "
                         "64 at a time, which keeps a layer's output in cache)")

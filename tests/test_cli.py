@@ -2173,6 +2173,33 @@ def test_clean_with_no_confirm_says_it_has_no_effect(tmp_path, caplog, monkeypat
     assert "--residual-null 900 has no effect without --residual-scan" in caplog.text, caplog.text
 
 
+
+def test_size_and_channels_given_for_npz_inputs_alone_say_they_have_no_effect(tmp_path, caplog, monkeypatch):
+    # an .npz keeps the shape it was written at: --size 32 --channels 3 went unused without a word
+    clf, vae = _models(tmp_path)
+    pool = _npz(tmp_path / "pool.npz", np.random.default_rng(0).integers(0, 256, (40, 1, 28, 28), dtype=np.uint8))
+    import spurfast.models.train
+    import spurfast.pipeline
+    monkeypatch.setattr(spurfast.pipeline, "run_discovery", lambda *a, **k: (None, None, None))
+    base = ["--classifier", clf, "--vae", vae, "--quiet", "--out", str(tmp_path / "o")]
+    with caplog.at_level("WARNING", logger="spurfast.cli"):
+        assert main(["discover", "--pool", pool, "--size", "32", "--channels", "3", *base]) == 0
+    assert f"--size 32 and --channels 3 has no effect: {pool} holds arrays" in caplog.text, caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="spurfast.cli"):
+        assert main(["discover", "--pool", pool, "--clean", pool, "--channels", "1", *base]) == 0
+    assert f"--channels 1 has no effect: {pool} and {pool} hold arrays" in caplog.text, caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="spurfast.cli"):   # not given: silent
+        assert main(["discover", "--pool", pool, *base]) == 0
+    assert "has no effect" not in caplog.text, caplog.text
+    trained = []
+    monkeypatch.setattr(spurfast.models.train, "train_vae", lambda src, *a, **k: trained.append(src) or 1 / 0)
+    with caplog.at_level("WARNING", logger="spurfast.cli"), pytest.raises(ZeroDivisionError):
+        main(["train-vae", "--data", pool, "--size", "16", "--out", str(tmp_path / "v2.pt"), "--quiet"])
+    assert f"--size 16 has no effect: {pool} holds arrays" in caplog.text, caplog.text
+    assert tuple(trained[0].image_shape) == (1, 28, 28)
+
 def test_feature_view_without_confirmation_is_refused_before_any_work(tmp_path, capsys):
     clf, vae = _models(tmp_path)
     pool = _npz(tmp_path / "pool.npz", np.random.default_rng(0).integers(0, 256, (40, 1, 28, 28), dtype=np.uint8))
