@@ -51,12 +51,19 @@ class PatternSpec:
         # a negative margin slices an empty (top/left) or clipped (bottom/right) patch
         if isinstance(self.margin, bool) or not isinstance(self.margin, (int, np.integer)) or self.margin < 0:
             raise ValueError(f"pattern margin must be an integer >= 0, got {self.margin!r}")
+        # taken and recorded in plant.json, as if the pattern sat there: --family noise --position
+        # center planted the same whole-image noise as the default
+        if self.family in ("noise", "background") and (self.position != "bottom_right" or self.margin != 1):
+            raise ValueError(f"the {self.family} family covers the whole image; position and margin do not apply "
+                             f"to it: leave them at bottom_right and 1, got {self.position!r} and {self.margin!r}")
         # "1" and -1 passed here and failed in numpy's generator, naming nothing; the noise's
         # generator takes seed + 7919, below 2**64
         seed = whole_number(self.seed, "pattern seed")
         if not 0 <= seed < 2 ** 64 - 7919:
             raise ValueError(f"pattern seed must be in [0, 2**64 - 7919), got {self.seed!r}")
         self.seed = seed
+        if self.color is not None and self.family != "background":
+            raise ValueError(f"color is the background family's colour; the {self.family} family does not use it")
         if self.color is not None:
             self.color = tuple(float(c) for c in self.color)
             if not all(0.0 <= c <= 1.0 for c in self.color):

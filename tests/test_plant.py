@@ -112,6 +112,21 @@ def test_bad_plant_inputs():
     assert len(plant_training(x, y, 1, "all", PatternSpec())[1]) == 10
 
 
+
+def test_placement_and_colour_given_to_a_family_that_does_not_use_them_are_refused():
+    # taken and recorded in plant.json: noise "at the center" planted the default whole-image noise
+    for fam in ("noise", "background"):
+        with pytest.raises(ValueError, match=rf"the {fam} family covers the whole image; position and margin do "
+                                             r"not apply to it: leave them at bottom_right and 1, got 'center' and 1"):
+            PatternSpec(fam, position="center")
+        with pytest.raises(ValueError, match="got 'bottom_right' and 0"):
+            PatternSpec(fam, margin=0)
+        assert PatternSpec(fam).position == "bottom_right"
+    with pytest.raises(ValueError, match="color is the background family's colour; the patch3 family does not use it"):
+        PatternSpec("patch3", color=(1.0,))
+    for fam in ("pixel", "patch3", "patch5", "bar"):
+        assert PatternSpec(fam, position="center", margin=0).position == "center"
+
 def test_patterns_that_would_plant_nothing_or_out_of_range_are_refused():
     # a negative margin stamped nothing at top/left corners (empty slice) while the truth said it did
     for margin in (-1, 1.5, True):
