@@ -28,7 +28,8 @@ from .in_order import run_in_order
 from .models.as_given import restores_models
 from .rankings import SpilledRankings, save_ranking
 from .scoring import (DEFAULT_NULL, DEFAULT_STATISTIC, LOOK_ALIKE_NEIGHBOURS, NULLS, STATISTICS, bh_qvalues,
-                      cluster_and_score, content_classes, latent_neighbours, look_alike_strata, null_scores,
+                      cluster_and_score, content_classes, latent_neighbours, look_alike_strata, nonfinite_rows,
+                      null_scores,
                       shuffled_share, size_matched_pvalues, top_two, unrelated_to_class)
 from .store import EmbeddingStore, _write_json
 
@@ -228,6 +229,12 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
     if not np.isfinite(mu[ok]).all():
         raise ValueError(f"store {store.root}: latents contain NaN/inf for "
                          f"{int((~np.isfinite(mu[ok])).any(1).sum())} images")
+    # a NaN row's "top class" was its first NaN's column (numpy's argmax): the content and
+    # look-alike classes of a user-made store were read from it without a word
+    bad = nonfinite_rows(store["probs"], ok)
+    if len(bad):
+        raise ValueError(f"store {store.root}: class probabilities contain NaN/inf for {len(bad)} image(s) with a "
+                         f"prediction, first pool index {bad[0]}; embed the pool again")
     suspect = suspect_mask(suspect, store.n, f"store {store.root}")
     valid = np.nonzero(ok)[0]
     if len(valid) < 2:

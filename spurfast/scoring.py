@@ -41,6 +41,17 @@ from . import backends
 from .cluster import batched_kmeans, choose_k
 
 
+def nonfinite_rows(values, rows: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    """The indices among ``rows`` (a bool mask) whose row of ``values`` holds a NaN or an
+    inf, read ``chunk`` rows at a time (``values`` may be the store's (n, C) memmap)."""
+    bad = []
+    for s in range(0, len(values), chunk):
+        v = np.asarray(values[s:s + chunk])
+        here = ~np.isfinite(v.reshape(len(v), -1)).all(1) & rows[s:s + len(v)]
+        bad.append(s + np.flatnonzero(here))
+    return np.concatenate(bad) if bad else np.zeros(0, np.int64)
+
+
 def top_two(probs, chunk: int = 1 << 16) -> np.ndarray:
     """(n, 2): each row's most and second most probable class (the first index on ties),
     read ``chunk`` rows at a time (``probs`` may be the store's memmap).  It is all that

@@ -785,6 +785,21 @@ def test_a_prediction_beyond_the_stores_classes_is_refused_by_pool_index_before_
         discover(store, DiscoverConfig(k=4, n_null=4, seed=0), progress=False)
 
 
+
+def test_nan_class_probabilities_are_refused_by_pool_index_before_any_work(tmp_path, monkeypatch):
+    # numpy's argmax calls a NaN row's first NaN its top class: the content classes were read from it
+    import spurfast.discover as D
+    store, _ = _store(tmp_path / "store")
+    probs = store.array("probs", writable=True)
+    probs[2, 1] = np.nan                     # an unreadable image (ok False): its row is not read
+    store.array("ok", writable=True)[2] = False
+    probs[40, 3] = np.inf
+    probs[41, 0] = np.nan
+    monkeypatch.setattr(D, "latent_neighbours", lambda *a, **k: pytest.fail("searched before refusing"))
+    with pytest.raises(ValueError, match=r"class probabilities contain NaN/inf for 2 image\(s\) with a prediction, "
+                                         r"first pool index 40"):
+        discover(store, DiscoverConfig(k=4, n_null=4, seed=0), progress=False)
+
 def test_a_cluster_whose_q_value_equals_the_fdr_is_a_finding(tmp_path):
     # q = 0.05 exactly is reachable (p = 1/120 over 6 tests): "<=" is the rule, as everywhere
     store, _ = _store(tmp_path / "store")

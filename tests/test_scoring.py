@@ -32,6 +32,17 @@ def test_bh_refuses_p_values_outside_0_1_and_clips_a_rounding_hair():
     q = bh_qvalues(np.array([1 + 1e-12, -1e-13, np.nan]))
     assert q[:2].tolist() == [1.0, 0.0] and np.isnan(q[2])
 
+
+def test_nonfinite_rows_reads_in_chunks_and_only_the_rows_asked():
+    from spurfast.scoring import nonfinite_rows
+    v = np.ones((10, 3), np.float32)
+    v[[1, 4, 9], [0, 2, 1]] = [np.nan, np.inf, -np.inf]
+    rows = np.ones(10, bool)
+    rows[4] = False
+    for chunk in (1, 3, 4, 1 << 16):
+        assert nonfinite_rows(v, rows, chunk=chunk).tolist() == [1, 9]
+    assert nonfinite_rows(v[:0], rows[:0]).tolist() == []
+
 def test_permutation_pvalues_count_a_tie_added_in_another_order():
     real = 0.1 + 0.2 + 0.3          # 0.6000000000000001
     null = np.array([0.3 + 0.2 + 0.1, 0.0, 1.0])   # the same shares: 0.6
