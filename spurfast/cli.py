@@ -683,12 +683,23 @@ def cmd_evaluate(args):
 
 
 def cmd_report(args):
+    from .run_folder import hold_output, release_output
+    run = Path(args.run)
+    if not (run / "findings.json").is_file():
+        raise FileNotFoundError(f"{run} holds no findings.json (run `spurfast discover` first)")
+    # a discover run still writing here renames and deletes the pictures the report inlines,
+    # and writes its own report.html over this one (or this one over its)
+    hold_output(run)
+    try:
+        _rewrite_report(run)
+    finally:
+        release_output(run)
+
+
+def _rewrite_report(run: Path) -> None:
     from .run_folder import BAD_FILES, read_bad_files
     from .report import write_report
-    run = Path(args.run)
     f = run / "findings.json"
-    if not f.is_file():
-        raise FileNotFoundError(f"{run} holds no findings.json (run `spurfast discover` first)")
     # the run writes its files whole, but one an interrupted older run cut short, or a hand
     # edit, made json's message, which names no file
     def cut_short(name, exc):

@@ -327,6 +327,28 @@ def test_report_rewrite_keeps_unreadable_files(tmp_path, capsys):
     assert "Unreadable files (1" in (run / "report.html").read_text()
 
 
+
+def test_report_waits_for_no_run_but_refuses_a_folder_a_run_is_writing(tmp_path, capsys):
+    # report rewrote report.html and images/scores.png while a discover run renamed the
+    # pictures it inlines, and the run's own report.html could land over it (or under it)
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "findings.json").write_text("{}")
+    other = os.open(run, os.O_RDONLY)           # as a discover run of another process holding it
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        assert main(["report", "--run", str(run)]) == 2
+        assert f"output directory {run} is in use by another spurfast process" in capsys.readouterr().err
+    finally:
+        os.close(other)
+    assert not (run / "report.html").exists()
+    assert main(["report", "--run", str(run)]) == 2          # free: read (and refused for its content)
+    assert "in use" not in capsys.readouterr().err
+    from spurfast.run_folder import holds_output
+    assert not holds_output(run), "the lock outlived the command"
+
 def test_demo_pattern_flags_reach_the_pattern_and_the_run_id(monkeypatch):
     import types
 
