@@ -86,6 +86,13 @@ def contrast_map(source: ImageSource, members: np.ndarray, member_content: np.nd
     read 256,000 others per finding, 258 per member: longer than the pool pass itself over a
     hundred findings.  Pools of few classes (Fashion-MNIST: at most 9 x 256) read as before.
     Every sample is drawn first, then read together (`group_means`)."""
+    # no members subtracted the others' mean from None: a TypeError naming neither
+    if len(members) == 0:
+        raise ValueError("contrast_map: members is empty; a contrast needs at least one member image")
+    for name, idx, content in (("members", members, member_content), ("others", others, other_content)):
+        if len(idx) != len(content):
+            raise ValueError(f"contrast_map: {len(idx)} {name} but {len(content)} content classes for them; "
+                             f"expected one each")
     rng = np.random.default_rng(seed)
     classes, m_count = np.unique(member_content, return_counts=True)
     o_classes, o_count = np.unique(other_content, return_counts=True)   # one pass, not one per class
@@ -106,19 +113,18 @@ def contrast_map(source: ImageSource, members: np.ndarray, member_content: np.nd
         if a is not None and b is not None:
             pairs += [a, b]
             weights.append(len(mk))
-    mem = sorted_sample(members, 4 * cap, rng) if len(members) else None
+    mem = sorted_sample(members, 4 * cap, rng)
     if not weights:  # no content match possible: compare with all other-class images
         rest = sorted_sample(others, 4 * cap, rng) if len(others) else None
         means = group_means(source, [g for g in (mem, rest) if g is not None])
-        mem_mean = means[0] if mem is not None else None
         if rest is None:
-            return torch.zeros(source.image_shape), mem_mean
-        return mem_mean - means[-1], mem_mean
-    means = group_means(source, pairs + ([mem] if mem is not None else []))
+            return torch.zeros(source.image_shape), means[0]
+        return means[0] - means[-1], means[0]
+    means = group_means(source, pairs + [mem])
     total = torch.zeros(source.image_shape)
     for w, (a, b) in zip(weights, zip(means[0::2], means[1::2])):
         total += (a - b) * w
-    return total / sum(weights), means[-1] if mem is not None else None
+    return total / sum(weights), means[-1]
 
 
 def neighbour_contrast(source: ImageSource, z: np.ndarray, members: np.ndarray, others: np.ndarray,

@@ -232,6 +232,16 @@ def test_contrast_map_without_content_matched_others_compares_with_all_others():
     assert torch.equal(got, torch.zeros_like(got))
 
 
+
+def test_contrast_map_names_no_members_and_unpaired_content():
+    from spurfast.characterise import contrast_map
+    x, content, members, others = _content_pool(3, 10)
+    src = ArraySource(x, content)
+    with pytest.raises(ValueError, match="contrast_map: members is empty; a contrast needs at least one member"):
+        contrast_map(src, members[:0], content[members][:0], others, content[others])
+    with pytest.raises(ValueError, match=rf"contrast_map: {len(others)} others but {len(others) - 1} content classes"):
+        contrast_map(src, members, content[members], others, content[others][1:])
+
 def test_exemplars_are_the_members_nearest_their_mean_ties_by_index():
     from spurfast.characterise import exemplars
 
