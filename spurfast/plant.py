@@ -74,7 +74,10 @@ class PatternSpec:
 
     @property
     def label(self) -> str:
-        return f"{self.family}@{self.strength:g}" if self.family == "noise" else self.family
+        """The family, with its strength where it is not 1 (always for noise) and its place
+        where it is not the default: a patch painted at 0.5 at the centre read "patch3"."""
+        text = f"{self.family}@{self.strength:g}" if self.family == "noise" or self.strength != 1.0 else self.family
+        return text if self.position == "bottom_right" else f"{text} at {self.position.replace('_', ' ')}"
 
 
 def _anchor(position: str, h: int, w: int, ph: int, pw: int, margin: int, rng: np.random.Generator):

@@ -127,6 +127,14 @@ def test_placement_and_colour_given_to_a_family_that_does_not_use_them_are_refus
     for fam in ("pixel", "patch3", "patch5", "bar"):
         assert PatternSpec(fam, position="center", margin=0).position == "center"
 
+
+def test_a_patterns_label_says_its_strength_and_place_where_not_the_default():
+    assert PatternSpec("patch3").label == "patch3" and PatternSpec("noise", strength=1.0).label == "noise@1"
+    assert PatternSpec("noise", strength=0.25).label == "noise@0.25"
+    assert PatternSpec("patch3", strength=0.5).label == "patch3@0.5"
+    assert PatternSpec("bar", position="top_left").label == "bar at top left"
+    assert PatternSpec("pixel", strength=0.8, position="random").label == "pixel@0.8 at random"
+
 def test_patterns_that_would_plant_nothing_or_out_of_range_are_refused():
     # a negative margin stamped nothing at top/left corners (empty slice) while the truth said it did
     for margin in (-1, 1.5, True):
