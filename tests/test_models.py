@@ -970,6 +970,17 @@ def test_a_training_seed_past_the_generators_range_is_refused_naming_it(train):
         train(*args, epochs=1, seed=2 ** 62, progress=False)
 
 
+def test_epoch_seeds_keep_the_first_thousand_and_past_them_overlap_no_other_seed_nor_overflow():
+    """seed * 1000 + epoch went on past epoch 999: epoch 1000 of seed 0 shuffled as epoch 0 of
+    seed 1, and the largest seed overflowed 64 bits at epoch 1000 (after that much work)."""
+    from spurfast.models.train import MAX_SEED, epoch_seed
+    assert [epoch_seed(7, e) for e in (0, 1, 999)] == [7000, 7001, 7999]   # every trained model's order
+    assert epoch_seed(0, 1000) != epoch_seed(1, 0) and epoch_seed(0, 1001) != epoch_seed(0, 1000)
+    for seed in (0, MAX_SEED):
+        for e in (1000, 5000):
+            torch.Generator().manual_seed(epoch_seed(seed, e))   # raised "Overflow" for MAX_SEED
+    assert epoch_seed(3, 1234) == epoch_seed(3, 1234)
+
 @pytest.mark.parametrize("shape", [(3, 5, 7, 9), (4, 3, 2, 2), (1, 8, 28, 28), (2, 2, 5, 4)])
 def test_the_cpu_relu_pool_is_max_pool2d_of_relu_value_for_value(shape):
     # SmallCNN's inference pooling: strided maxima, then the ReLU (2.6x the forward at 28x28)

@@ -24,6 +24,16 @@ log = logging.getLogger("spurfast.train")
 MAX_SEED = (2 ** 64 - 1000) // 1000   # seed * 1000 + epoch (< 1000) fits a 64-bit generator seed
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The generator seed of epoch ``epoch``'s batch order: seed * 1000 + epoch for the first
+    1000 epochs (every model trained so far keeps its order), then one drawn from (seed,
+    epoch).  seed * 1000 + epoch went on past them: epoch 1000 of seed s took epoch 0 of seed
+    s + 1's order, and near MAX_SEED it overflowed 64 bits after a thousand epochs of work."""
+    if epoch < 1000:
+        return seed * 1000 + epoch
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0])
+
+
 def seed_everything(seed: int) -> torch.Generator:
     torch.manual_seed(seed)
     np.random.seed(seed % (2 ** 32))
@@ -255,8 +265,8 @@ def _train(build, source: ImageSource, step, name: str, *, epochs: int, batch_si
     # plain Python numbers: numpy ones fail the JSON identity after the first epoch's work
     seed, batch_size, lr = operator.index(seed), operator.index(batch_size), real_number(lr, f"{name}: lr")
     if not 0 <= seed <= MAX_SEED:   # 2**62 failed as "Overflow when unpacking long long"
-        raise ValueError(f"{name}: seed must be an integer from 0 to {MAX_SEED} (epoch e is seeded with "
-                         f"seed * 1000 + e, below 2**64), got {seed!r}")
+        raise ValueError(f"{name}: seed must be an integer from 0 to {MAX_SEED} (epoch e < 1000 is seeded "
+                         f"with seed * 1000 + e, below 2**64), got {seed!r}")
     if not (np.isfinite(lr) and lr > 0):   # inf or NaN trained to NaN weights without a word
         raise ValueError(f"{name}: lr must be a finite number > 0, got {lr!r}")
     # 0 returned the random initial weights as a trained model; 2.0 failed in range() unnamed
@@ -276,7 +286,7 @@ def _train(build, source: ImageSource, step, name: str, *, epochs: int, batch_si
     start = _resume(ck, model, opt, identity, epochs, device)
     for epoch in range(start, epochs):
         model.train()
-        gen.manual_seed(seed * 1000 + epoch)
+        gen.manual_seed(epoch_seed(seed, epoch))
         bar = tqdm(_batches(source, batch_size, gen, min_batch=min_batch),
                    total=len(_batch_starts(len(source), batch_size, min_batch)),
                    desc=f"{name} epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
