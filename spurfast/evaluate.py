@@ -5,8 +5,8 @@ One command runs a sweep of planted settings x seeds, runs spurfast and the base
 
 - ``results.csv``: long format, one row per (setting, seed, method, feature, metric);
 - ``confirm.csv``: one row per spurfast finding (true or false finding, flip rates, the
-  pool pattern most of its members carry; ``family``: a cluster, or with ``--residual-scan``
-  a class the residual scan found);
+  pool pattern most of its members carry; ``family``: a cluster, with ``--residual-scan``
+  a class the residual scan found, with ``--feature-view`` a cluster of the feature view);
 - ``plots/*.png`` and ``RESULTS.md`` (`spurfast.results_doc`, from the CSVs only;
   ``--from-csv`` redoes them without running anything).
 
@@ -521,7 +521,8 @@ def _feature_view_findings(store, data, clf, cfg: DiscoverConfig, sizes) -> list
         confirm_findings(res.findings, clf, clean=data.clean,
                          config=ConfirmConfig(max_images=sizes.confirm_images, seed=cfg.seed))
     return [{"class": f["class"], "members": np.asarray(f["members"]), "ranking": res.rankings[f["rank"]],
-             "q_value": f["q_value"], "mask": f.get("_mask"), "confirm": f.get("confirm")} for f in res.findings]
+             "q_value": f["q_value"], "mask": f.get("_mask"), "confirm": f.get("confirm"), "support": None}
+            for f in res.findings]
 
 
 def _residual_findings(store, data, vae, clf, seed: int, sizes) -> list[dict]:
@@ -541,7 +542,8 @@ def _residual_findings(store, data, vae, clf, seed: int, sizes) -> list[dict]:
 def _confirm_row(setting: str, seed: int, rank: int, c: dict, feats: list[Feature], pool_feats: list[Feature],
                  family: str) -> dict:
     """confirm.csv's row of one finding (candidate ``c``, ``rank`` within its ``family``: "cluster"
-    for spurfast's clusters, "residual" for the residual scan's classes)."""
+    for spurfast's clusters, "residual" for the residual scan's classes, "features" for the
+    feature view's clusters)."""
     cf, sup = c["confirm"] or {}, c["support"] or {}
     return {"setting": setting, "seed": seed, "family": family, "rank": rank, "class": c["class"],
             "q_value": c["q_value"], "true_finding": int(any(matches(c, f) for f in feats)),
@@ -585,7 +587,7 @@ def run_key(setting: Setting, seed: int, sizes: Sizes, methods=DEFAULT_METHODS, 
                  # the residual scan's findings got confirm.csv rows (the default sweep's keys kept)
                  **({"residual_confirm_rows": 1} if RESIDUAL in methods else {}),
                  # the feature view's IoU is 0 without a finding, as every masked method's (default keys kept)
-                 **({"features_iou": 1} if "features" in methods else {})})
+                 **({"features_iou": 1, "features_confirm_rows": 1} if "features" in methods else {})})
 
 
 def run_one(setting: Setting, seed: int, sizes: Sizes, cache: Path, *, progress: bool = False,
@@ -690,6 +692,9 @@ def _run_one(rfile: Path, setting: Setting, seed: int, sizes: Sizes, cache: Path
         t = time.time()
         cands["features"] = _feature_view_findings(store, data, clf, cfg, sizes)
         timing["features"] = time.time() - t
+        # ranked within their own family, as the view's q-values are (its findings had no rows)
+        crow += [_confirm_row(setting.name, seed, r, c, feats, data.features, "features")
+                 for r, c in enumerate(cands["features"], 1)]
         if "spurfast" in cands:   # joined as `spurfast discover --feature-view` joins them: by q-value
             confirmed_features = [c for c in cands["features"] if confirmed(c["confirm"])]
             cands["spurfast+features"] = merge_by_q(cands["spurfast"], cands["features"])

@@ -392,13 +392,17 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
               "that adjustment; *class content*: genuine class content in the same place moves the model as much; "
               "*not specific*: random patterns of the same area and intensity move it as much; *no effect*: neither."
               + (" Rows marked *residual scan*: the classes `--residual-scan` found (`spurfast.residual`), confirmed "
-                 "the same way." if any(c["family"] == "residual" for c in crows) else ""),
+                 "the same way." if any(c["family"] == "residual" for c in crows) else "")
+              + (" Rows marked *feature view*: the clusters of the classifier's features `--feature-view` found "
+                 "(`spurfast.feature_view`), confirmed the same way over their own family."
+                 if any(c["family"] == "features" for c in crows) else ""),
               "", "| setting | findings | kind | mean flip rate | mean random-control flip rate | mean content-control "
               "flip rate | confirmed | weak | class content | not specific | no effect |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in dict.fromkeys(c["setting"] for c in crows):
             for fam, kind, lab in (("cluster", "1", "true"), ("cluster", "0", "false"),
-                                   ("residual", "1", "true (residual scan)"), ("residual", "0", "false (residual scan)")):
+                                   ("residual", "1", "true (residual scan)"), ("residual", "0", "false (residual scan)"),
+                                   ("features", "1", "true (feature view)"), ("features", "0", "false (feature view)")):
                 cs = [c for c in crows if c["setting"] == s and c["family"] == fam and c["true_finding"] == kind
                       and c["flip_rate"] != ""]
                 if not cs:
@@ -432,6 +436,8 @@ def write_results(csv_path, confirm_path, md_path, *, command: str = "", wall_s:
     return md
 
 
+# confirm.csv's families: spurfast's clusters, the residual scan's classes, the feature view's clusters
+CONFIRM_FAMILIES = ("cluster", "residual", "features")
 _CONFIRM_NUMBERS = ("flip_rate", "control_flip_rate", "p_value", "content_flip_rate", "content_p_value",
                     "confirm_q_value")
 
@@ -467,6 +473,8 @@ def _check_confirm_rows(crows: list[dict], path, lines: list[int]) -> None:
                              f"{'flip_rate' if blank[0] != 'content_flip_rate' else 'content_p_value'} "
                              f"(edited?); confirmation writes both")
         c["family"] = c.get("family") or "cluster"   # written before the residual scan had rows
+        if c["family"] not in CONFIRM_FAMILIES:   # the table and plot have no row for it: left out unsaid
+            raise ValueError(f"{path} line {line}: family {c['family']!r}, expected one of {CONFIRM_FAMILIES}")
         key = (c["setting"], c.get("seed"), c["family"], c.get("rank"))
         if key[3] is not None and key in seen:   # counted twice in the verdict table
             raise ValueError(f"{path}: line {line} repeats line {seen[key]} (setting {key[0]!r}, seed {key[1]}, "
@@ -752,11 +760,13 @@ def _plots(rows, crows, plots_dir: Path, rel_to: Path) -> list[str]:
                                  ("random-pattern control", "content control")):
             for fam, kind, col, lab in (("cluster", "0", "tab:gray", "false finding"), ("cluster", "1", "tab:red", "true finding"),
                                         ("residual", "0", "tab:blue", "false (residual scan)"),
-                                        ("residual", "1", "tab:orange", "true (residual scan)")):
+                                        ("residual", "1", "tab:orange", "true (residual scan)"),
+                                        ("features", "0", "tab:green", "false (feature view)"),
+                                        ("features", "1", "tab:purple", "true (feature view)")):
                 sel = [c for c in cs if c["family"] == fam and c["true_finding"] == kind and c.get(key, "") != ""]
                 if sel or fam == "cluster":   # no legend entry for the residual scan where it did not run
                     ax.scatter([float(c[key]) for c in sel], [float(c["flip_rate"]) for c in sel], c=col, label=lab,
-                               s=18, marker="o" if fam == "cluster" else "x")
+                               s=18, marker={"cluster": "o", "residual": "x"}.get(fam, "+"))
             ax.plot([0, 1], [0, 1], "k:", lw=0.8)
             ax.set_xlabel(f"{name} flip rate")
             ax.legend(fontsize=7)

@@ -130,6 +130,24 @@ def test_residual_findings_get_confirm_rows(tiny, tmp_path, monkeypatch):
     assert "false (residual scan)" in (tmp_path / "res" / "RESULTS.md").read_text()   # class 3 of a clean model
 
 
+def test_feature_view_findings_get_confirm_rows(tiny, tmp_path, monkeypatch):
+    """--feature-view: its findings were confirmed and their rows never written; each gets a
+    confirm.csv row (family "features", ranked within the view's findings)."""
+    import spurfast.evaluate as E
+    out, _ = tiny
+
+    def view(store, data, clf, cfg, sizes):
+        return [{"class": 2, "members": np.arange(5), "ranking": np.zeros(store.n), "q_value": 0.03, "mask": None,
+                 "confirm": {"flip_rate": 0.1, "control_flip_rate": 0.05, "p_value": 0.2}, "support": None}]
+    monkeypatch.setattr(E, "_feature_view_findings", view)
+    run_evaluation("tiny", tmp_path / "fv", cache=out / "cache", progress=False, feature_view=True)
+    rows = _rows(tmp_path / "fv" / "confirm.csv")
+    assert [(r["setting"], r["rank"], r["class"], r["flip_rate"], r["confirmed"]) for r in rows
+            if r["family"] == "features"] == [(s.name, "1", "2", "0.1", "0") for s in PRESETS["tiny"]["settings"]]
+    assert [r for r in rows if r["family"] == "cluster"] == _rows(out / "confirm.csv")
+    md = (tmp_path / "fv" / "RESULTS.md").read_text()
+    assert "false (feature view)" in md and "Rows marked *feature view*" in md
+
 def test_feature_view_adds_its_methods_and_keeps_the_default_sweep(tiny, tmp_path):
     """--feature-view: the four feature-view rows beside the default ones, which stay as the
     default sweep wrote them (same models; their run keys hold the method list, so the
@@ -1151,11 +1169,18 @@ def test_residual_scan_rows_of_confirm_csv_are_their_own_family(tmp_path):
     conf = tmp_path / "confirm.csv"
     conf.write_text("setting,seed,family,rank,true_finding,flip_rate,control_flip_rate,p_value\n"
                     "patch3-n150,0,cluster,1,1,0.5,0.0,1e-9\n"
-                    "patch3-n150,0,residual,1,0,0.25,0.0,0.5\n")
+                    "patch3-n150,0,residual,1,0,0.25,0.0,0.5\n"
+                    "patch3-n150,0,features,1,1,0.75,0.0,1e-6\n")
     md = write_results(csv_path, conf, tmp_path / "RESULTS.md").read_text()
     assert "| patch3-n150 | 1 | true | 0.500 | 0.000 |" in md
     assert "| patch3-n150 | 1 | false (residual scan) | 0.250 | 0.000 |" in md
-    assert "Rows marked *residual scan*" in md
+    assert "| patch3-n150 | 1 | true (feature view) | 0.750 | 0.000 |" in md
+    assert "Rows marked *residual scan*" in md and "Rows marked *feature view*" in md
+    # a family the table has no row for was left out without a word
+    conf.write_text(conf.read_text().replace(",features,", ",Features,"))
+    with pytest.raises(ValueError, match=r"confirm\.csv line 4: family 'Features', expected one of "
+                                         r"\('cluster', 'residual', 'features'\)"):
+        write_results(csv_path, conf, tmp_path / "RESULTS.md")
     conf.write_text("setting,seed,rank,true_finding,flip_rate,control_flip_rate,p_value\n"   # before the column
                     "patch3-n150,0,1,1,0.5,0.0,1e-9\n")
     md = write_results(csv_path, conf, tmp_path / "RESULTS.md").read_text()
