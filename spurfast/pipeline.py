@@ -528,7 +528,9 @@ def _remove_finding_files(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
     for sub in ("images", "rankings"):
         d = out / sub
-        if d.is_dir():
+        # a linked folder is refused when the run claims its folder (`run_folder`); a link
+        # made since must not lead this outside the run all the same
+        if d.is_dir() and not d.is_symlink():
             for f in d.iterdir():
                 if _FINDING_FILE.fullmatch(f.name) and not f.is_dir():
                     f.unlink()

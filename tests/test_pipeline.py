@@ -967,15 +967,28 @@ def test_a_rerun_refuses_a_linked_images_or_rankings_folder_before_deleting_thro
     run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False, config=DiscoverConfig(n_null=4))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    (elsewhere / "finding1.png").write_bytes(b"someone else's")
+    (elsewhere / "finding1_grid.png").write_bytes(b"someone else's")   # a name a rerun deletes
     shutil.rmtree(out / sub, ignore_errors=True)
     (out / sub).symlink_to(elsewhere)
     monkeypatch.setattr(P.dist, "embed_pool_sharded", lambda *a, **k: pytest.fail("embedded before the check"))
     with pytest.raises(ValueError, match=f"{out / sub} is a symbolic link; the run writes and deletes"):
         run_discovery(pool, clf, vae, out, num_classes=2, confirm=False, progress=False,
                       config=DiscoverConfig(n_null=4))
-    assert (elsewhere / "finding1.png").read_bytes() == b"someone else's"
+    assert (elsewhere / "finding1_grid.png").read_bytes() == b"someone else's"
 
+
+def test_removing_an_earlier_passs_finding_files_does_not_follow_a_linked_folder(tmp_path):
+    # defence in depth behind the claim's check: a link made after it is not followed either
+    out = tmp_path / "run"
+    (out / "rankings").mkdir(parents=True)
+    (out / "rankings" / "finding2.npy").write_bytes(b"old pass")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "finding1_grid.png").write_bytes(b"someone else's")
+    (out / "images").symlink_to(elsewhere)
+    P._remove_finding_files(out)
+    assert (elsewhere / "finding1_grid.png").read_bytes() == b"someone else's"
+    assert not (out / "rankings" / "finding2.npy").exists()
 
 @pytest.mark.parametrize("value", [2.0, True, 0])
 def test_a_bad_number_of_classes_is_refused_before_overwrite_deletes_the_old_run(tmp_path, value):
