@@ -173,21 +173,23 @@ def _claim(out: Path, marker: Path, run_id: str, overwrite: bool, protect, earli
 
 
 def _inside(out: Path, paths) -> str | None:
-    """The first of ``paths`` that is ``out`` or lies under it (symlinks resolved), else None."""
-    root = str(out.resolve())
-    under = root.rstrip(os.sep) + os.sep
+    """The first of ``paths`` that is ``out`` or lies under it, else None: resolved (a link
+    from the pool into ``out``) or as spelled (a pool read through a link inside ``out``,
+    which --overwrite deletes: its files resolve elsewhere and were called safe)."""
+    roots = {str(out.resolve()), os.path.abspath(out)}
+    unders = tuple(r.rstrip(os.sep) + os.sep for r in roots)
     dirs = {}   # each folder resolved once: resolving each of a million pool files took minutes
     for p in paths:
         if p is None:
             continue
         head, name = os.path.split(os.fspath(p))
         if name in ("", ".", "..") or os.path.islink(p):
-            r = str(Path(p).resolve())
-        else:   # a file that is no symlink lies where its resolved folder does
+            seen = (str(Path(p).resolve()), os.path.abspath(p))
+        else:   # a file that is no symlink lies where its folder does, resolved or as spelled
             if head not in dirs:
-                dirs[head] = str(Path(head or ".").resolve())
-            r = os.path.join(dirs[head], name)
-        if r == root or r.startswith(under):
+                dirs[head] = (str(Path(head or ".").resolve()), os.path.abspath(head or "."))
+            seen = (os.path.join(dirs[head][0], name), os.path.join(dirs[head][1], name))
+        if any(c in roots or c.startswith(unders) for c in seen):
             return str(p)
     return None
 

@@ -924,6 +924,27 @@ def test_overwrite_resolves_each_folder_of_the_pool_once_and_still_finds_what_li
     assert run_folder._inside(out / "imgs", [str(out / "imgsx" / "b.png"), str(out)]) is None
 
 
+def test_overwrite_refuses_a_run_folder_through_whose_link_the_pool_is_read(tmp_path):
+    # the pool's files resolved outside the run and were called safe: --overwrite deleted the
+    # link, and the new run's store called every image unreadable (a rerun resumed that store)
+    out = tmp_path / "run"
+    P.prepare_output(out, "older", overwrite=False)
+    run_folder.release_output(out)
+    (tmp_path / "real" / "a").mkdir(parents=True)
+    (tmp_path / "real" / "a" / "0.png").write_text("x")
+    (out / "mypool").symlink_to(tmp_path / "real")
+    files = [str(out / "mypool" / "a" / "0.png")]
+    assert run_folder._inside(out, files) == files[0]
+    with pytest.raises(FileExistsError, match=f"--overwrite would delete output directory {out}, which holds "
+                                              f"{files[0]} that this run reads"):
+        P.prepare_output(out, "newer", overwrite=True, protect=files)
+    assert (out / "mypool").is_symlink() and (tmp_path / "real" / "a" / "0.png").exists()
+    linked_out = tmp_path / "out-link"   # --out given as a link, the pool spelled through its target
+    linked_out.symlink_to(out)
+    assert run_folder._inside(linked_out, files) == files[0]
+    assert run_folder._inside(linked_out, [str(linked_out / "mypool" / "a" / "0.png")]) is not None
+
+
 def test_an_output_directory_that_is_a_dangling_symlink_is_named(tmp_path):
     # mkdir failed with a bare "[Errno 17] File exists: '.../out'"
     (tmp_path / "out").symlink_to(tmp_path / "unmounted" / "run")
