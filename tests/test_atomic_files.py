@@ -67,6 +67,10 @@ def test_a_save_killed_mid_write_leaves_no_temporary_file_after_the_next_save(tm
     save_atomic({"epoch": 1}, tmp_path / "vae.pt.ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"other.pt.{gone}.b2130d31.tmp", "vae.pt.ckpt"]
     assert torch.load(tmp_path / "vae.pt.ckpt", weights_only=True) == {"epoch": 1}
+    # a HEX of digits alone (one save in 40) also reads as NAME.PID.PID.tmp: that leftover was kept
+    (tmp_path / f"vae.pt.ckpt.{gone}.12345678.tmp").write_bytes(b"half a checkpoint")
+    save_atomic({"epoch": 2}, tmp_path / "vae.pt.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"other.pt.{gone}.b2130d31.tmp", "vae.pt.ckpt"]
 
 
 def test_a_save_into_a_missing_folder_names_the_path_not_the_temporary_file(tmp_path):
