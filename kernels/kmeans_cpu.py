@@ -91,7 +91,8 @@ def _remove_killed_builds(folder: Path) -> None:
     """The temporary libraries of builds killed mid-compile (kill -9 left them for good; the
     orphaned compiler even finished writing them): ``kmeans_cpu-TAG.PID.*.so.tmp`` of a
     process that is gone, and, of older versions, ``tmp*.so`` (mkstemp's names) untouched for
-    ten minutes (a build takes seconds)."""
+    ten minutes (a build takes seconds) that hold this library's symbols: SPURFAST_CACHE_DIR
+    may be a shared folder (/tmp, the working folder), where other programs' tmp*.so went too."""
     from ..atomic_files import abandoned
 
     now = time.time()
@@ -99,7 +100,8 @@ def _remove_killed_builds(folder: Path) -> None:
         parts = f.name.split(".")
         try:
             if (f.name.endswith(".so.tmp") and len(parts) > 3 and abandoned(f, parts[1])) or (
-                    f.name.startswith("tmp") and f.suffix == ".so" and now - f.stat().st_mtime > 600):
+                    f.name.startswith("tmp") and f.suffix == ".so" and now - f.stat().st_mtime > 600
+                    and f.is_file() and not f.is_symlink() and b"spurfast_cpu_assign" in f.read_bytes()):
                 f.unlink()
         except OSError:   # removed meanwhile, or not ours to remove
             pass

@@ -970,10 +970,12 @@ def test_the_built_library_is_readable_by_all_and_killed_builds_are_swept(tmp_pa
     tmp_path.mkdir(exist_ok=True)
     killed = tmp_path / f"kmeans_cpu-0123456789abcdef.{dead}.abcd1234.so.tmp"
     legacy = tmp_path / "tmpq1w2e3r4.so"               # an older version's mkstemp name
+    foreign = tmp_path / "tmpk2j4_plugin.so"           # another program's, in a shared cache folder
     recent = tmp_path / f"kmeans_cpu-0123456789abcdef.{dead}.ffff0000.so.tmp"
-    for f in (killed, legacy, recent):
+    for f in (killed, legacy, recent, foreign):
         f.write_bytes(b"half a library")
-    for f in (killed, legacy):
+    legacy.write_bytes(b"ELF ... spurfast_cpu_assign ...")
+    for f in (killed, legacy, foreign):
         os.utime(f, (time.time() - 3600,) * 2)
     monkeypatch.setenv("SPURFAST_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(kcpu, "_lib", None)
@@ -982,6 +984,7 @@ def test_the_built_library_is_readable_by_all_and_killed_builds_are_swept(tmp_pa
     (lib,) = tmp_path.glob("kmeans_cpu-*.so")
     assert stat.S_IMODE(lib.stat().st_mode) & 0o444 == 0o444, oct(lib.stat().st_mode)
     assert not killed.exists() and not legacy.exists() and recent.exists()   # a minute: maybe another's live build
+    assert foreign.exists(), "another program's tmp*.so in the cache folder was deleted"
 
 
 def test_an_empty_cache_dir_means_the_default(monkeypatch, tmp_path):
