@@ -32,7 +32,7 @@ def save_classifier(model: nn.Module, path) -> None:
         raise ValueError(f"cannot save a {type(model).__name__} to {path} as a spurfast classifier: it has no "
                          f"'arch' record (only models from build_classifier do); save it as TorchScript "
                          f"(torch.jit.script/trace + .save) or as a state_dict instead")
-    save_atomic({"arch": arch, "state_dict": model.state_dict()}, path)
+    save_atomic({"arch": arch, "state_dict": _unwrapped(model).state_dict()}, path)
 
 
 def _unseeded(build, *args, **kwargs):
@@ -184,7 +184,13 @@ def save_vae(model: VAE, path) -> None:
     if not hasattr(getattr(model, "config", None), "to_dict"):   # a classifier failed with AttributeError 'config'
         raise TypeError(f"save_vae takes a spurfast VAE, got a {type(model).__name__}; save a classifier with "
                         f"save_classifier")
-    save_atomic({"config": json.dumps(model.config.to_dict()), "state_dict": model.state_dict()}, path)
+    save_atomic({"config": json.dumps(model.config.to_dict()), "state_dict": _unwrapped(model).state_dict()}, path)
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model a ``torch.compile`` wrapper holds: its state_dict prefixes every key with
+    ``_orig_mod.``, and the file saved from it was refused by the loader."""
+    return getattr(model, "_orig_mod", model)
 
 
 def _need_model_file(p: Path, what: str) -> None:
