@@ -312,6 +312,19 @@ def test_vae_save_load_roundtrip(tmp_path):
         load_vae(tmp_path / "bad.pt")
 
 
+def test_vae_loss_reads_uint8_images_as_the_vae_does():
+    # the forward divides uint8 by 255; the loss took 0..255 as BCE targets and raised
+    from spurfast.models.vae import vae_loss
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(1, 8, (4, 8), 3)).eval()
+    x8 = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
+    with torch.no_grad():
+        recon, mu, logvar = vae(x8)
+        got = vae_loss(recon, x8, mu, logvar)
+        want = vae_loss(recon, x8.float() / 255, mu, logvar)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
 def test_a_compiled_model_saves_a_file_that_loads(tmp_path):
     # torch.compile's wrapper passed the checks (arch and config reach through it), but its
     # state_dict prefixed every key with _orig_mod.: the loaders refused the file just written

@@ -158,7 +158,10 @@ class VAE(nn.Module):
 
 
 def vae_loss(recon, x, mu, logvar, beta: float = 1.0):
-    """Per-image BCE reconstruction (summed over pixels) + beta * KL, averaged over the batch."""
-    rec = F.binary_cross_entropy(recon, x.float(), reduction="sum") / len(x)
+    """Per-image BCE reconstruction (summed over pixels) + beta * KL, averaged over the batch.
+    ``x`` as the VAE takes it: uint8 images are in [0, 255] (the target is x / 255, as the
+    encoder reads them; raw, BCE refused targets above 1 after training had begun)."""
+    target = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    rec = F.binary_cross_entropy(recon, target, reduction="sum") / len(x)
     kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / len(x)
     return rec + beta * kl, rec, kl
