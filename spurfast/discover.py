@@ -411,8 +411,11 @@ def _merge_and_expand(sig: list[dict], z: np.ndarray, valid: np.ndarray, g: np.n
 
 
 def _probe(z, g, local, cls, seed: int = 0):
+    """The Fisher probe of a cluster's members against the other classes' images (`linear_probe`
+    takes one image a side: a one-member cluster got w = 0, ranked the pool flat and could
+    neither join nor be joined by its own shortcut's finding); zero with no image a side."""
     neg = np.nonzero(g != cls)[0]
-    if len(local) < 2 or len(neg) < 2:
+    if len(local) < 1 or len(neg) < 1:
         return np.zeros(z.shape[1]), 0.0
     rng = np.random.default_rng(seed)   # the run's: the sample of other classes above 20,000
     if len(neg) > 20000:

@@ -800,6 +800,21 @@ def test_nan_class_probabilities_are_refused_by_pool_index_before_any_work(tmp_p
                                          r"first pool index 40"):
         discover(store, DiscoverConfig(k=4, n_null=4, seed=0), progress=False)
 
+
+def test_a_one_member_cluster_gets_a_probe_that_ranks_its_member_first():
+    # w = 0 for one member: every pool image scored 0 (ranked by index), and the merge test
+    # (most members on the probe's side) failed for its own shortcut's other clusters
+    from spurfast.discover import _probe
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 1, (200, 4))
+    z[7] += 6.0
+    g = np.where(np.arange(200) < 100, 0, 1)
+    w, thr = _probe(z, g, np.array([7]), 0)
+    assert np.any(w != 0) and z[7] @ w > thr
+    assert np.argmax(z @ w) == 7
+    w0, _ = _probe(z, np.zeros(200, int), np.array([7]), 0)   # no other class: no probe
+    assert not np.any(w0)
+
 def test_a_cluster_whose_q_value_equals_the_fdr_is_a_finding(tmp_path):
     # q = 0.05 exactly is reachable (p = 1/120 over 6 tests): "<=" is the rule, as everywhere
     store, _ = _store(tmp_path / "store")
