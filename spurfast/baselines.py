@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from .cluster import batched_kmeans, choose_k
 from .discover import DiscoverConfig, _probe, _standardise, discover, extract_pattern
+from .feature_view import SpaceView
 from .pixel_probe import thumbnail_shape, thumbnails
 from .scoring import top_two, unrelated_to_class
 
@@ -177,23 +178,18 @@ def _two_means(y: np.ndarray, rng: np.random.Generator, n_iter: int):
     return assign, cent
 
 
-class _PixelStore:
-    """An embedding store whose latent is the raw pixels (for the no-VAE ablation)."""
-
-    def __init__(self, store, pixels: np.ndarray):
-        self._s, self._px = store, pixels
-        self.n, self.complete, self.manifest, self.root = store.n, store.complete, store.manifest, store.root
-
-    def __getitem__(self, name):
-        return self._px if name == "mu" else self._s[name]
-
-
-def pixel_store(store, pool) -> _PixelStore:
+def pixel_store(store, pool) -> SpaceView:
+    """``store`` with the pool's thumbnails as its latent (the no-VAE ablation).  The pool must
+    be the store's, checked before it is read: another size failed after the whole pass with
+    numpy's boolean-index error, and an unfinished store lacked the count its error gives."""
+    if len(pool) != store.n:
+        raise ValueError(f"the pixel ablation reads pool {pool.name} of {len(pool)} images, but store {store.root} "
+                         f"holds {store.n}; give the pool the store was embedded from")
     xs = []
     for s in range(0, len(pool), 1024):
         x, _ = pool.get_batch(np.arange(s, min(s + 1024, len(pool))))
         xs.append(thumbnails(x).numpy().astype(np.float32))
-    return _PixelStore(store, np.concatenate(xs))
+    return SpaceView(store, np.concatenate(xs) if xs else np.zeros((0, 0), np.float32))
 
 
 class _ThumbnailPicture(torch.nn.Module):

@@ -10,6 +10,7 @@ class _Store:
 
     def __init__(self, pred, feats, labels, probs):
         self.n, self.complete, self.root = len(pred), True, "hand-made-store"
+        self.done = self.n
         self.manifest = {"num_classes": probs.shape[1]}
         self._cols = {"pred": pred, "ok": np.ones(self.n, bool), "feats": feats, "labels": labels, "probs": probs}
 
@@ -60,6 +61,32 @@ def test_the_pixel_ablation_ranks_by_its_findings_pattern_as_spurfast_does(monke
     assert average_precision(cand["ranking"], carries) == pytest.approx(1.0)
     assert cand["mask"] is not None and cand["mask"][:2, :2].all() and cand["mask"].sum() == 4
 
+
+
+def test_the_pixel_ablation_names_another_pool_before_reading_it_and_an_unfinished_store(tmp_path):
+    # another pool failed after the whole pass with numpy's boolean-index error; an unfinished
+    # store with an AttributeError ('done')
+    import torch
+
+    from spurfast.data.sources import ArraySource
+    from spurfast.store import EmbeddingStore
+    n = 20
+    pred = np.arange(n) % 2
+    store = _Store(pred, np.zeros((n, 2), np.float32), pred.copy(), np.eye(2, dtype=np.float32)[pred])
+    pool = ArraySource(torch.rand(n + 5, 1, 8, 8), np.zeros(n + 5, np.int64), name="other")
+
+    def unread(*a, **k):
+        raise AssertionError("the pool was read before the check")
+    pool.get_batch = unread
+    with pytest.raises(ValueError, match=f"reads pool other of {n + 5} images, but store hand-made-store holds {n}"):
+        B.pixels(store, pool, B.DiscoverConfig(seed=0))
+    half = EmbeddingStore.create(tmp_path / "s", n, {"pred": ((n,), "int32"), "probs": ((n, 2), "float32"),
+                                                     "mu": ((n, 2), "float32"), "labels": ((n,), "int64"),
+                                                     "ok": ((n,), "bool")}, {"num_classes": 2})
+    half.write(0, {"pred": pred[:10], "probs": np.eye(2, dtype=np.float32)[pred[:10]],
+                   "mu": np.zeros((10, 2), np.float32), "labels": pred[:10], "ok": np.ones(10, bool)})
+    with pytest.raises(ValueError, match=r"is unfinished \(10/20\)"):
+        B.pixels(half, ArraySource(torch.rand(n, 1, 8, 8), pred.copy(), name="pool"), B.DiscoverConfig(seed=0))
 
 def test_pattern_ranked_gives_a_baselines_candidates_spurfasts_ranking_step():
     # GEORGE ranked the pool by closeness to its cluster's centroid in feature space and
