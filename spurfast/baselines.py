@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from .cluster import batched_kmeans, choose_k
 from .discover import DiscoverConfig, _probe, _standardise, discover, extract_pattern
-from .feature_view import SpaceView
+from .feature_view import SpaceView, valid_features
 from .pixel_probe import thumbnail_shape, thumbnails
 from .scoring import top_two, unrelated_to_class
 
@@ -45,7 +45,7 @@ def standardised_features(store) -> tuple[np.ndarray, np.ndarray]:
     """(valid pool indices, the classifier's penultimate features of those rows, standardised):
     the space GEORGE clusters in."""
     valid, _ = _valid(store)
-    return valid, _standardise(np.asarray(store["feats"], dtype=np.float32)[valid])
+    return valid, _standardise(valid_features(store, valid))
 
 
 def pattern_ranked(cands: list[dict], store, pool, space: np.ndarray, *, suspect=None, seed: int = 0,
@@ -129,7 +129,7 @@ def activation_clustering(store, *, dims: int = 10, seed: int = 0, n_iter: int =
 
     valid, pred = _valid(store)
     n_classes = int(store.manifest["num_classes"])
-    f_all = np.asarray(store["feats"], dtype=np.float64)[valid]
+    f_all = valid_features(store, valid, np.float64)
     g = pred[valid]
     rng = np.random.default_rng(seed)
     cands = []

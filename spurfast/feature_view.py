@@ -33,8 +33,20 @@ def feature_space(store) -> np.ndarray:
     valid = np.nonzero(np.asarray(store["ok"]).astype(bool) & (pred >= 0))[0]
     feats = np.asarray(store["feats"], dtype=np.float32)
     full = np.zeros(feats.shape, np.float32)
-    full[valid] = _standardise(feats[valid])
+    full[valid] = _standardise(valid_features(store, valid))
     return full
+
+
+def valid_features(store, valid: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """The store's penultimate features of the rows ``valid`` (pool indices), NaN/inf refused
+    by pool index: standardised, one NaN spread to its whole column, and the error then blamed
+    the latents of every image (or the SVD of activation clustering failed to converge)."""
+    feats = np.asarray(store["feats"], dtype=dtype)[valid]
+    bad = np.flatnonzero(~np.isfinite(feats.reshape(len(feats), -1)).all(1))
+    if len(bad):
+        raise ValueError(f"store {store.root}: the classifier's features (its feats column) contain NaN/inf for "
+                         f"{len(bad)} image(s) with a prediction, first pool index {valid[bad[0]]}")
+    return feats
 
 
 class SpaceView:

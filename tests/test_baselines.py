@@ -88,6 +88,24 @@ def test_the_pixel_ablation_names_another_pool_before_reading_it_and_an_unfinish
     with pytest.raises(ValueError, match=r"is unfinished \(10/20\)"):
         B.pixels(half, ArraySource(torch.rand(n, 1, 8, 8), pred.copy(), name="pool"), B.DiscoverConfig(seed=0))
 
+
+def test_non_finite_features_are_named_by_pool_index_in_every_feature_space():
+    # standardised, one NaN spread to every row: "latents contain NaN/inf for 600 images", and
+    # activation clustering's SVD did not converge
+    from spurfast.feature_view import feature_space
+    rng = np.random.default_rng(0)
+    pred = np.repeat([0, 1], 30)
+    feats = rng.normal(size=(60, 4)).astype(np.float32)
+    feats[45, 2] = np.nan
+    store = _Store(pred, feats, pred.copy(), np.eye(2, dtype=np.float32)[pred])
+    store._cols["ok"][3] = False
+    feats[3, 0] = np.inf                        # unreadable: its row is not read
+    msg = r"the classifier's features \(its feats column\) contain NaN/inf for 1 image\(s\) with a prediction, " \
+          r"first pool index 45"
+    for run in (feature_space, lambda s: B.george(s, k=2, seed=0), B.activation_clustering):
+        with pytest.raises(ValueError, match=msg):
+            run(store)
+
 def test_pattern_ranked_gives_a_baselines_candidates_spurfasts_ranking_step():
     # GEORGE ranked the pool by closeness to its cluster's centroid in feature space and
     # activation clustering by its 2-means margin: neither had the pattern ranking spurfast's
