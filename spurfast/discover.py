@@ -541,22 +541,26 @@ def write_outputs(result: DiscoveryResult, out_dir: Path, extra_config: dict | N
     _write_json(out_dir / "findings.json", doc)
     rows = [["rank", "class", "class_name", "cluster", "size", "score", "p_value", "q_value",
              "n_unrelated", "n_suspect", "flip_rate", "control_flip_rate", "confirm_p_value",
-             "confirm_q_value", "confirm_verdict", "support_p_value", "support_q_value", "supported"]]
+             "confirm_q_value", "confirm_verdict", "support_p_value", "support_q_value", "supported", "family"]]
     for f in doc["findings"]:
         cf = f.get("confirm") or {}
         # score, p and q as findings.json holds them (4 digits: q = 0.03601 beside 0.036013858 there)
         rows.append([f["rank"], f["class"], f["class_name"] or "", f["cluster"], f["size"], repr(float(f["score"])),
                      repr(float(f["p_value"])), repr(float(f["q_value"])), f.get("n_unrelated", ""), f.get("n_suspect", ""),
                      cf.get("flip_rate", ""), cf.get("control_flip_rate", ""), cf.get("p_value", ""),
-                     cf.get("q_value", ""), cf.get("verdict", ""), *_support_cells(f.get("support"))])
+                     cf.get("q_value", ""), cf.get("verdict", ""), *_support_cells(f.get("support")),
+                     finding_family(f)])
     _write_csv(out_dir / "findings.csv", rows)
-    rows = [["class", "cluster", "size", "n_unrelated", "n_suspect", "score", "p_value", "q_value"]]
+    # family: the latent clusters' or the feature view's, each its own Benjamini-Hochberg family
+    # (a joined run's two tables read as one, their (class, cluster) keys repeated)
+    rows = [["class", "cluster", "size", "n_unrelated", "n_suspect", "score", "p_value", "q_value", "family"]]
     for cl in sorted(result.clusters, key=lambda c: -c["score"]):
         # p and q as they are (shortest round trip): `spurfast report` reads q back against the
         # FDR level, and 4 digits turned q = 0.10004 into 0.1, significant in its plot
         # the score too: `spurfast report` redraws the scores plot from it (4 digits moved its points)
         rows.append([cl["cls"], cl["cluster"], cl["size"], cl["n_unrelated"], cl["n_suspect"],
-                     repr(float(cl["score"])), repr(float(cl["p_value"])), repr(float(cl["q_value"]))])
+                     repr(float(cl["score"])), repr(float(cl["p_value"])), repr(float(cl["q_value"])),
+                     finding_family(cl)])
     _write_csv(out_dir / "clusters.csv", rows)
     rk = out_dir / "rankings"
     rk.mkdir(exist_ok=True)

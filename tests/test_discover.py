@@ -815,6 +815,28 @@ def test_a_one_member_cluster_gets_a_probe_that_ranks_its_member_first():
     w0, _ = _probe(z, np.zeros(200, int), np.array([7]), 0)   # no other class: no probe
     assert not np.any(w0)
 
+
+def test_the_csvs_name_each_rows_family(tmp_path):
+    # a run joined with the feature view wrote both views' clusters as one table: their
+    # (class, cluster) keys repeated, and which BH family a row was tested in was lost
+    import csv
+
+    from spurfast.discover import write_outputs
+    from spurfast.feature_view import join_views
+    store, _ = _store(tmp_path / "store")
+    res = discover(store, DiscoverConfig(k=4, n_null=30, seed=0), progress=False)
+    view = discover(store, DiscoverConfig(k=4, n_null=30, seed=0), progress=False)
+    for f in view.findings:
+        f["view"] = "features"
+    n_latent = len(res.clusters)
+    join_views(res, view)
+    write_outputs(res, tmp_path / "out")
+    clusters = list(csv.DictReader(open(tmp_path / "out" / "clusters.csv")))
+    assert sorted(r["family"] for r in clusters) == sorted(["clusters"] * n_latent + ["features"] * n_latent)
+    findings = list(csv.DictReader(open(tmp_path / "out" / "findings.csv")))
+    assert [r["family"] for r in findings] == [f.get("view", "clusters") for f in res.findings]
+    assert {r["family"] for r in findings} == {"clusters", "features"}
+
 def test_a_cluster_whose_q_value_equals_the_fdr_is_a_finding(tmp_path):
     # q = 0.05 exactly is reachable (p = 1/120 over 6 tests): "<=" is the rule, as everywhere
     store, _ = _store(tmp_path / "store")

@@ -68,7 +68,8 @@ def test_outputs_are_complete(digits_run):
     # as the report writes them: escaped ('weak' says "the run's")
     assert verdicts and all(v in VERDICTS and escape(VERDICTS[v]) in html for v in verdicts)
     assert "confirm_verdict" in (out / "findings.csv").read_text().splitlines()[0]
-    assert (out / "findings.csv").read_text().splitlines()[0].endswith("support_p_value,support_q_value,supported")
+    assert (out / "findings.csv").read_text().splitlines()[0].endswith("support_p_value,support_q_value,supported,"
+                                                                      "family")
     assert "Training support:" in html
     assert (out / "findings.csv").read_text().count("\n") == len(doc["findings"]) + 1
 
