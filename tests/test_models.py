@@ -996,6 +996,19 @@ def test_a_training_seed_past_the_generators_range_is_refused_naming_it(train):
         train(*args, epochs=1, seed=2 ** 62, progress=False)
 
 
+def test_training_counts_and_seeds_are_named_when_not_whole_numbers():
+    # operator.index's "'float' object cannot be interpreted as an integer" named no argument
+    src = ArraySource(torch.rand(8, 1, 8, 8), np.arange(8) % 2)
+    with pytest.raises(ValueError, match=r"train_classifier: num_classes must be an integer, got 2\.5"):
+        train_classifier(src, 2.5, epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"classifier: seed must be an integer, got 1\.5"):
+        train_classifier(src, 2, epochs=1, seed=1.5, progress=False)
+    with pytest.raises(ValueError, match=r"VAE: seed must be an integer, got '1'"):
+        train_vae(src, VAEConfig(1, 8, (4, 8), 3), epochs=1, seed="1", progress=False)
+    a = train_classifier(src, 2.0, epochs=1, seed=3.0, progress=False)   # whole floats are those integers
+    b = train_classifier(src, 2, epochs=1, seed=3, progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
 def test_epoch_seeds_keep_the_first_thousand_and_past_them_overlap_no_other_seed_nor_overflow():
     """seed * 1000 + epoch went on past epoch 999: epoch 1000 of seed 0 shuffled as epoch 0 of
     seed 1, and the largest seed overflowed 64 bits at epoch 1000 (after that much work)."""

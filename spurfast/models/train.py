@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import operator
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..checks import check_compute_device, check_default_dtype, check_file_target, check_whole, real_number
+from ..checks import check_compute_device, check_default_dtype, check_file_target, check_whole, real_number, \
+    whole_number
 from ..data.sources import ImageSource, content_digest
 from .classifier import ResNet18, build_classifier
 from .files import load_vae, save_atomic, save_classifier, save_vae, torch_error_gist  # noqa: F401 (re-exported)
@@ -205,7 +205,8 @@ def train_classifier(source: ImageSource, num_classes: int, *, arch: str = "smal
                      checkpoint: str | Path | None = None, progress: bool = True):
     """Train a classifier on ``source`` (labels required).  Returns the model in eval mode."""
     _check_trainable(source, batch_size)
-    num_classes = operator.index(num_classes)  # numpy ints (labels.max() + 1) went into the JSON identity
+    # numpy ints (labels.max() + 1) went into the JSON identity; 2.5 failed naming nothing
+    num_classes = whole_number(num_classes, "train_classifier: num_classes")
     c, h, w = source.image_shape
     if h != w:
         # the architectures record one image_size: a 28xW model fails on its first batch, any
@@ -262,8 +263,11 @@ def _train(build, source: ImageSource, step, name: str, *, epochs: int, batch_si
     records what it belongs to (``model_id``, data, seed, batch size, lr); a rerun resumes
     only a matching one (epochs may grow: there is no schedule, so epoch k is the same)."""
     check_compute_device(device, f"{name}: device {device!r}")   # "meta" failed after seconds of work
-    # plain Python numbers: numpy ones fail the JSON identity after the first epoch's work
-    seed, batch_size, lr = operator.index(seed), operator.index(batch_size), real_number(lr, f"{name}: lr")
+    # plain Python numbers (numpy ones failed the JSON identity after the first epoch's work),
+    # each named: operator.index's "'float' object cannot be interpreted as an integer" said
+    # neither which argument nor that 3.0 would have done
+    seed, batch_size = whole_number(seed, f"{name}: seed"), whole_number(batch_size, f"{name}: batch_size")
+    lr = real_number(lr, f"{name}: lr")
     if not 0 <= seed <= MAX_SEED:   # 2**62 failed as "Overflow when unpacking long long"
         raise ValueError(f"{name}: seed must be an integer from 0 to {MAX_SEED} (epoch e < 1000 is seeded "
                          f"with seed * 1000 + e, below 2**64), got {seed!r}")
