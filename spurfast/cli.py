@@ -1045,8 +1045,19 @@ def _main(argv) -> int:
             print("interrupted: finished work is kept (trained models and training checkpoints, embedding stores, "
                   "finished runs); the same `spurfast evaluate` command resumes", file=sys.stderr)
             return 130
-        print(f"interrupted: finished work is kept (training checkpoints, the embedding store, discovery's "
-              f"neighbours and null); the same `spurfast {args.command}` command resumes", file=sys.stderr)
+        # the rest said what discover keeps: "the embedding store, discovery's neighbours and null"
+        # for a report, which keeps and resumes none of it
+        if args.command in ("train-classifier", "train-vae"):
+            print(f"interrupted: the epochs finished are kept in {args.out}.ckpt; the same `spurfast {args.command}` "
+                  f"command resumes from it", file=sys.stderr)
+        elif args.command == "report":
+            print(f"interrupted: {args.run}/report.html is written whole, so it is the earlier page or the new one; "
+                  f"run the same command again", file=sys.stderr)
+        elif args.command == "env":
+            print("interrupted: env changes nothing; run it again", file=sys.stderr)
+        else:
+            print(f"interrupted: finished work is kept (training checkpoints, the embedding store, discovery's "
+                  f"neighbours and null); the same `spurfast {args.command}` command resumes", file=sys.stderr)
         return 130
     return 0
 

@@ -1156,6 +1156,29 @@ def test_ctrl_c_says_the_same_command_resumes(tmp_path, capsys, monkeypatch):
     assert err.startswith("interrupted: finished work is kept") and "`spurfast demo` command resumes" in err, err
 
 
+def test_ctrl_c_in_report_or_training_says_what_that_command_keeps(tmp_path, capsys, monkeypatch):
+    # every command without its own message got discover's: "the embedding store, discovery's
+    # neighbours and null ... resumes", for a report that keeps none of them
+    import spurfast.models.train as T
+    import spurfast.report as R
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt()
+    monkeypatch.setattr(R, "write_report", interrupt)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "findings.json").write_text(json.dumps({"findings": []}))
+    capsys.readouterr()
+    assert main(["report", "--run", str(run)]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f"interrupted: {run}/report.html is written whole") and "store" not in err, err
+    np.savez(tmp_path / "d.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.arange(4) % 2)
+    monkeypatch.setattr(T, "train_vae", interrupt)
+    assert main(["train-vae", "--data", str(tmp_path / "d.npz"), "--out", str(tmp_path / "v.pt"), "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f"interrupted: the epochs finished are kept in {tmp_path / 'v.pt'}.ckpt; the same "
+                          f"`spurfast train-vae` command resumes from it"), err
+
 def test_ctrl_c_while_the_parser_imports_says_nothing_was_done(capsys, monkeypatch):
     # the parser imports torch (5-15 s on a loaded machine): a Ctrl-C then printed torch's
     # 20-frame import traceback
