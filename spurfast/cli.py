@@ -280,6 +280,21 @@ def _first_missing(out: Path) -> Path | None:
     return missing
 
 
+def _drop_empty_folders(made: Path | None, deepest: Path) -> None:
+    """Remove the folders from ``deepest`` up to ``made`` (`_first_missing`'s) that a command
+    created and that are still empty: a refused training left its new --out folders behind.
+    A folder holding anything (an interrupted training's checkpoint) stays, and those above it."""
+    if made is None:
+        return
+    for q in (deepest, *deepest.parents):
+        try:
+            q.rmdir()   # an empty folder only
+        except OSError:
+            return
+        if q == made:
+            return
+
+
 PLANT_FILES = ("train.npz", "pool.npz", "clean.npz", "plant.json")   # plant.json last: it marks a whole output
 
 
@@ -422,10 +437,15 @@ def cmd_train_classifier(args):
     # an .npz's own class names count too: a class without training images still gets an output
     n_classes = args.num_classes or (len(src.class_names) if src.class_names else
                                      int(src.labels().max(initial=-1)) + 1)   # empty: training names it
+    made = _first_missing(out.parent)
     _out_folder(out)
-    model = train_classifier(src, n_classes, arch=args.arch, epochs=args.epochs, seed=args.seed, device=args.device,
-                             checkpoint=str(args.out) + ".ckpt", progress=not args.quiet)
-    save_classifier(model, args.out)
+    try:
+        model = train_classifier(src, n_classes, arch=args.arch, epochs=args.epochs, seed=args.seed,
+                                 device=args.device, checkpoint=str(args.out) + ".ckpt", progress=not args.quiet)
+        save_classifier(model, args.out)
+    except BaseException:
+        _drop_empty_folders(made, out.parent)
+        raise
     print(f"wrote {args.out}")
 
 
@@ -439,10 +459,15 @@ def cmd_train_vae(args):
     src, _ = load_pool(args.data, args.size, args.channels)
     _check_batch_fits(src, args.data, args.size, train_vae)
     c, h, _ = src.image_shape
+    made = _first_missing(out.parent)
     _out_folder(out)
-    vae = train_vae(src, VAEConfig.for_images(c, h, args.latent_dim), epochs=args.epochs, seed=args.seed,
-                    device=args.device, checkpoint=str(args.out) + ".ckpt", progress=not args.quiet)
-    save_vae(vae, args.out)
+    try:
+        vae = train_vae(src, VAEConfig.for_images(c, h, args.latent_dim), epochs=args.epochs, seed=args.seed,
+                        device=args.device, checkpoint=str(args.out) + ".ckpt", progress=not args.quiet)
+        save_vae(vae, args.out)
+    except BaseException:
+        _drop_empty_folders(made, out.parent)
+        raise
     print(f"wrote {args.out}")
 
 

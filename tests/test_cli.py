@@ -1179,6 +1179,25 @@ def test_ctrl_c_in_report_or_training_says_what_that_command_keeps(tmp_path, cap
     assert err.startswith(f"interrupted: the epochs finished are kept in {tmp_path / 'v.pt'}.ckpt; the same "
                           f"`spurfast train-vae` command resumes from it"), err
 
+def test_a_refused_training_leaves_no_folder_it_made(tmp_path, capsys, monkeypatch):
+    # --out's new folders were made before the labels, the size and the VAE's shape were checked
+    np.savez(tmp_path / "d.npz", images=np.zeros((4, 10, 10), np.uint8), labels=np.arange(4) % 2)
+    (tmp_path / "kept").mkdir()
+    for cmd in (["train-classifier", "--num-classes", "1"], ["train-vae"]):   # label 1 >= 1; 10 is not 4k
+        out = tmp_path / "kept" / "new" / "sub" / "m.pt"
+        assert main([*cmd, "--data", str(tmp_path / "d.npz"), "--out", str(out), "--epochs", "1", "--quiet"]) == 2
+        assert "error:" in capsys.readouterr().err
+        assert (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "new").exists()
+    import spurfast.models.train as T
+
+    def interrupted(*a, checkpoint, **k):   # an interrupted one keeps its checkpoint, and so its folder
+        open(checkpoint, "wb").close()
+        raise KeyboardInterrupt()
+    monkeypatch.setattr(T, "train_classifier", interrupted)
+    out = tmp_path / "new2" / "m.pt"
+    assert main(["train-classifier", "--data", str(tmp_path / "d.npz"), "--out", str(out), "--quiet"]) == 130
+    assert (tmp_path / "new2" / "m.pt.ckpt").exists()
+
 def test_ctrl_c_while_the_parser_imports_says_nothing_was_done(capsys, monkeypatch):
     # the parser imports torch (5-15 s on a loaded machine): a Ctrl-C then printed torch's
     # 20-frame import traceback
