@@ -437,6 +437,8 @@ def cmd_train_classifier(args):
     # an .npz's own class names count too: a class without training images still gets an output
     n_classes = args.num_classes or (len(src.class_names) if src.class_names else
                                      int(src.labels().max(initial=-1)) + 1)   # empty: training names it
+    if not args.class_names:   # as discover refuses it: the model trained, and no run could use its folder
+        check_labelled_folder(src, n_classes, "data", args.data)
     made = _first_missing(out.parent)
     _out_folder(out)
     try:

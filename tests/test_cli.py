@@ -2061,6 +2061,20 @@ def test_npz_class_names_and_num_classes_that_disagree_are_refused(tmp_path, cap
     assert not (tmp_path / "run").exists()
 
 
+def test_class_folders_and_num_classes_that_disagree_are_refused_at_training_as_at_discover(tmp_path, capsys):
+    # the model trained, and discover then refused the folder it was trained on
+    from PIL import Image
+    for c in ("a", "b"):
+        (tmp_path / "pool" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (8, 8), 40 * i).save(tmp_path / "pool" / c / f"{i}.png")
+    capsys.readouterr()
+    assert main(["train-classifier", "--data", str(tmp_path / "pool"), "--size", "8", "--channels", "1",
+                 "--num-classes", "3", "--out", str(tmp_path / "c.pt"), "--epochs", "1", "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: data {tmp_path / 'pool'} has 2 class folders but the "
+                                              f"classifier has 3 classes")
+    assert not list(tmp_path.glob("c.pt*"))
+
 def test_from_csv_names_an_out_results_md_that_is_not_utf8(tmp_path, capsys):
     # --from-csv keeps the notes of --out/RESULTS.md: one saved as Latin-1 stopped it with the
     # codec's message, naming no file
