@@ -397,13 +397,15 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
                                   f"make-pool pool.json); make-pool never deletes such a directory, even with "
                                   f"--overwrite: choose a new or empty directory")
         writing = _unfinished_spec(info)
-        if not overwrite and info.get("spec") == json.loads(json.dumps(asdict(spec))) \
-                and (out / "ground_truth.csv").is_file():
+        same = info.get("spec") == json.loads(json.dumps(asdict(spec)))
+        if not overwrite and same and (out / "ground_truth.csv").is_file():
             # the same command again on its finished pool was refused as "not empty", where an
             # interrupted one resumed: there is nothing to write
             log.info("pool %s is already complete with these settings; nothing to write", out)
             return dict(info, already_complete=True)
-        resume = not overwrite and writing == asdict(spec)
+        # a finished pool of these settings without its ground_truth.csv (deleted) is resumed,
+        # which writes it again: it was refused as "a make-pool pool of other settings"
+        resume = not overwrite and (writing == asdict(spec) or same)
         if not overwrite and not resume:
             # a finished pool of other settings was "not empty" and no more
             other = (" (an interrupted make-pool of other settings: its own command resumes it)"

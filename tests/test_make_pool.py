@@ -46,6 +46,13 @@ def test_pool_layout_ground_truth_and_determinism(tmp_path):
     assert {p: os.stat(p).st_mtime_ns for p in src.paths[::7]} == before
     with pytest.raises(FileExistsError, match="not empty"):
         make_pool(tmp_path / "a", replace(spec, seed=spec.seed + 1), progress=False)
+    # its ground truth deleted: the same command writes it again (it was refused as "a make-pool
+    # pool of other settings"); no image is redrawn
+    truth = (tmp_path / "a" / "ground_truth.csv").read_bytes()
+    (tmp_path / "a" / "ground_truth.csv").unlink()
+    again = make_pool(tmp_path / "a", spec, progress=False)
+    assert (tmp_path / "a" / "ground_truth.csv").read_bytes() == truth and again["resumed_with"] == spec.n
+    assert {p: os.stat(p).st_mtime_ns for p in src.paths[::7]} == before
 
 
 def test_plant_class_and_flat_layout(tmp_path):
