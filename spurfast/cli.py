@@ -490,6 +490,15 @@ def cmd_discover(args):
                    **({"loader_backend": (args.loader_backend, ("loader",))} if Path(args.pool).is_dir() else {}))
     _folder_shape(args, args.pool, None if args.no_confirm else args.clean)
     pool, extra = load_pool(args.pool, args.size, args.channels, args.class_names)
+    # an .npz that names its own classes keeps them: --class-names then names nothing of this
+    # run (yet the width check blamed it, and a nameless --clean .npz took its names and was
+    # refused as another set's classes)
+    class_names = args.class_names
+    if class_names and not Path(args.pool).is_dir() and list(pool.class_names) != read_class_names(class_names):
+        logging.getLogger("spurfast.cli").warning(
+            "--class-names %s has no effect: pool %s names its own classes (%s), which it keeps", class_names,
+            args.pool, ", ".join(map(str, list(pool.class_names)[:5])) + (", ..." if len(pool.class_names) > 5 else ""))
+        class_names = None
     # after the pool is read: a missing or damaged one was first said to hold arrays; a --clean
     # folder may go through the loader (below, once it is read)
     clean_folder = bool(args.clean) and not args.no_confirm and Path(args.clean).is_dir()
@@ -514,8 +523,8 @@ def cmd_discover(args):
                          + (" or --class-names FILE" if labelled else ""))
     named = dict(name=f"classifier {args.classifier}", pool=f"pool {args.pool}")
     # a short class_names list of the pool's read as the classifier's fault
-    origin = ("--num-classes" if args.num_classes else f"the names in --class-names {args.class_names}"
-              if args.class_names else f"the class folders of {args.pool}" if _labelled_folder(pool)
+    origin = ("--num-classes" if args.num_classes else f"the names in --class-names {class_names}"
+              if class_names else f"the class folders of {args.pool}" if _labelled_folder(pool)
               else f"the class_names of {args.pool}")
     width = output_width(clf, pool.image_shape, **named)   # one trial forward for the checks below
     # with --num-classes, first: one the classifier does not have was blamed on the classifier
@@ -543,9 +552,9 @@ def cmd_discover(args):
         logging.getLogger("spurfast.cli").warning("--clean %s has no effect: --no-confirm leaves confirmation out, "
                                                   "the only step that reads it", args.clean)
     if args.clean and not args.no_confirm:
-        clean, _ = load_pool(args.clean, args.size, args.channels, args.class_names)
+        clean, _ = load_pool(args.clean, args.size, args.channels, class_names)
         clean = same_classes(clean, pool, args.clean, args.pool)   # --class-names leaves an .npz's own names
-        if not args.class_names:
+        if not class_names:
             check_labelled_folder(clean, n_classes, "clean set", args.clean)
         if tuple(clean.image_shape) != tuple(pool.image_shape):
             # a folder takes the shape it is read at: with an .npz pool, --size/--channels' defaults

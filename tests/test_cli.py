@@ -525,6 +525,35 @@ def test_class_names_with_an_npz_pool_name_its_classes(tmp_path):
     assert load_pool(path, 8, 1, class_names=names)[0].class_names == ["0", "1", "2"]
 
 
+def test_class_names_an_npz_pool_does_not_take_are_said_unused_and_blamed_for_nothing(tmp_path, capsys, caplog,
+                                                                                      monkeypatch):
+    # the pool's own names won without a word; the width error then blamed --class-names (whose
+    # count matched the classifier), and a nameless --clean .npz took the file's names and was
+    # refused as another set's classes
+    import spurfast.pipeline as P
+    clf, vae = _models(tmp_path, classes=3)
+    pool = _npz(tmp_path / "pool.npz", np.zeros((6, 28, 28), np.uint8), n_classes=2)   # names "0", "1"
+    names = tmp_path / "names3.txt"
+    names.write_text("x\ny\nz\n")
+    base = ["discover", "--pool", pool, "--classifier", clf, "--vae", vae, "--quiet", "--out", str(tmp_path / "o")]
+    capsys.readouterr()
+    with caplog.at_level("WARNING", logger="spurfast.cli"):
+        assert main([*base, "--class-names", str(names)]) == 2
+    assert f"--class-names {names} has no effect: pool {pool} names its own classes (0, 1)" in caplog.text
+    err = capsys.readouterr().err
+    assert f"to match 2 classes (the class_names of {pool})" in err and "--class-names" not in err, err
+    seen = {}
+    monkeypatch.setattr(P, "run_discovery", lambda *a, clean=None, **k: seen.update(names=clean.class_names)
+                        or ({"findings": []}, None, None))
+    _models(tmp_path, classes=2)
+    clean = tmp_path / "clean.npz"
+    np.savez(clean, images=np.zeros((4, 28, 28), np.uint8), labels=np.arange(4) % 2)
+    names.write_text("A\nB\n")
+    assert main(["discover", "--pool", pool, "--clean", str(clean), "--class-names", str(names), "--classifier",
+                 str(tmp_path / "clf1x28.pt"), "--vae", vae, "--quiet", "--out", str(tmp_path / "o2")]) == 0, \
+        capsys.readouterr().err
+    assert seen["names"] is None   # the pool's numbers mean the pool's classes
+
 def _wide_pool_and_narrow_vae(tmp_path):
     """(classifier, VAE, pool) paths that the VAE shape check refuses (1x28x32 pool, 1x28x28
     VAE) after the earlier checks pass: a discover command that stops just before any work."""
