@@ -637,6 +637,22 @@ def test_training_on_nothing_fails_early(tmp_path):
     assert not ck.exists()   # nothing trained, nothing to resume
 
 
+def test_too_few_readable_images_for_one_batch_are_counted_not_called_none(tmp_path):
+    # ResNet-18 at 8 px trains on two images at once: one readable image left no batch, and the
+    # error said "none of its 3 images could be read" beside the warning that one was
+    from PIL import Image
+
+    from spurfast.data.folder import ImageFolderSource
+    for c in "ab":
+        (tmp_path / "pool" / c).mkdir(parents=True)
+    (tmp_path / "pool/a/0.png").write_bytes(b"junk")
+    (tmp_path / "pool/a/1.png").write_bytes(b"junk")
+    Image.new("L", (8, 8), 90).save(tmp_path / "pool/b/2.png")
+    src = ImageFolderSource(tmp_path / "pool", size=8, channels=1)
+    with pytest.raises(ValueError, match=r"classifier training on pool: only 1 of its 3 images could be read, "
+                                         r"fewer than the 2 it trains on at once"):
+        train_classifier(src, 2, arch="resnet18", epochs=1, progress=False)
+
 def test_classifier_training_needs_square_images(tmp_path):
     """28xW images failed on the first batch (fc1 shape); others trained a model recorded as
     HxH, which then refused its own training images."""

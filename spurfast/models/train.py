@@ -306,6 +306,11 @@ def _train(build, source: ImageSource, step, name: str, *, epochs: int, batch_si
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(x)
             bar.set_postfix({k: f"{v / seen:.3f}" for k, v in sums.items()})
         if seen == 0:  # every image unreadable: the "trained" model would be its random init
+            readable = len(source) - len(getattr(source, "bad_files", None) or {})
+            if readable > 0:   # it said "none could be read" beside a warning that some were
+                raise ValueError(f"{name} training on {source.name}: only {readable} of its {len(source)} images "
+                                 f"could be read, fewer than the {min_batch} it trains on at once (e.g. "
+                                 f"{next(iter(_skipped(source)), '?')})")
             raise ValueError(f"{name} training on {source.name}: none of its {len(source)} images could be read "
                              f"(e.g. {next(iter(_skipped(source)), '?')})")
         log.info("%s epoch %d: %s", name, epoch + 1, " ".join(f"{k} {v / max(seen, 1):.4f}" for k, v in sums.items()))
