@@ -31,7 +31,7 @@ CASES_QUICK = [("small_cnn", 1, 28, 64, {}), ("small_cnn", 3, 32, 64, {"width": 
 
 def layer_costs(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
     """(FLOPs, activation bytes read + written) of one forward over ``x``, from its
-    convolution and linear layers."""
+    convolution and linear layers (an eager model's: a traced one's layers are not seen)."""
     flops, nbytes, hooks = 0.0, 0.0, []
 
     def conv(m, args, out):
@@ -62,36 +62,41 @@ def _stats(times: list[float], peak: int, source: str) -> dict:
             "peak_source": source, "reps": len(times)}
 
 
-def _in_turn(providers: dict, call, reps: int, device: str) -> tuple[dict, int, str]:
+def _in_turn(providers: dict, call, reps: int, device: str) -> tuple[dict, dict, str]:
     """Each provider's switches set (`arch._channels_last_on_cpu`, `outputs._cpu_layout`),
     ``call()`` timed, one provider after the other for ``reps`` rounds after an untimed one;
-    the product's switches given back.  Returns ({provider: times}, peak bytes, peak source)."""
+    the product's switches given back.  Returns ({provider: times}, {provider: peak bytes of
+    its timed calls}, peak source): one window over every call gave each provider the same
+    peak, the warm-up round's (a GPU's one-time workspaces) included."""
     import spurfast.models.classifier as arch
     import spurfast.models.outputs as outputs
 
     product = arch._channels_last_on_cpu, outputs._cpu_layout
-    times = {p: [] for p in providers}
+    times, peaks = {p: [] for p in providers}, {p: 0 for p in providers}
     source = reset_peak(device)
     try:
         for r in range(reps + 1):   # the first round warms every provider up, untimed
             for p, (inside, outside) in providers.items():
                 arch._channels_last_on_cpu, outputs._cpu_layout = inside, outside
+                if r:   # a window per timed call, opened and read outside the timed span
+                    reset_peak(device)
                 t0 = time.perf_counter()
                 call()
                 if device != "cpu":
                     torch.cuda.synchronize()
                 if r:
                     times[p].append(time.perf_counter() - t0)
+                    peaks[p] = max(peaks[p], read_peak(device, source))
     finally:
         arch._channels_last_on_cpu, outputs._cpu_layout = product
-    return times, read_peak(device, source), source
+    return times, peaks, source
 
 
 def _rows(writer, op: str, cfg: dict, dev: str, timed: tuple, items: int, **counts) -> None:
     """Timing rows of each provider, and the NCHW / channels-last ratio where both ran."""
-    times, peak, source = timed
+    times, peaks, source = timed
     for p, ts in times.items():
-        writer.add_timing(op, p, cfg, _stats(ts, peak, source), dev, items=items, **counts)
+        writer.add_timing(op, p, cfg, _stats(ts, peaks[p], source), dev, items=items, **counts)
     if len(times) == 2:
         writer.add("ratio", f"{'' if op == 'classify' else op + '_'}channels_last_vs_nchw", cfg, "ratio",
                    statistics.median(times["torch-nchw"]) / statistics.median(times["torch-channels-last"]), "x", dev)
@@ -110,10 +115,12 @@ def run(writer, quick: bool = False, device=None):
         torch.manual_seed(0)
         model = arch.build_classifier(name.removesuffix("-traced"), c, 10, size, **options).to(device).eval()
         x = torch.rand(batch, c, size, size, device=device)
+        # counted on the eager model: a traced one's layers are script modules, which the hooks
+        # do not see (0 FLOPs, and its tflops and gbytes_per_s rows went unwritten)
+        flops, nbytes = layer_costs(model, x)
         if name.endswith("-traced"):
             with torch.no_grad():
                 model = torch.jit.trace(model, x[:2])
-        flops, nbytes = layer_costs(model, x)
         cfg = {"arch": name, "image": f"{c}x{size}x{size}", "batch": batch, "threads": torch.get_num_threads(),
                **options}
         with torch.no_grad():

@@ -39,3 +39,20 @@ def test_both_layouts_are_timed_and_the_switch_is_given_back(tmp_path, monkeypat
     assert steps == {"torch-channels-last", "torch-nchw"}
     assert any(r["provider"] == "train_step_channels_last_vs_nchw" for r in rows)
     assert "image=1x8x8" in ratio[0]["config"] and "width=2" in ratio[0]["config"]
+
+
+def test_each_provider_gets_the_peak_of_its_own_timed_calls_and_a_traced_model_its_costs(tmp_path, monkeypatch):
+    # one window over every call (the warm-up round too) gave both layouts the same peak; a traced
+    # model's layers are script modules the cost hooks did not see (0 FLOPs: no tflops rows)
+    import itertools
+    reads = itertools.count(1)
+    monkeypatch.setattr(bc, "read_peak", lambda device, source: next(reads))
+    monkeypatch.setattr(bc, "CASES_QUICK", [("small_cnn-traced", 1, 8, 4, {"width": 2})])
+    monkeypatch.setattr(bc, "_training_steps", lambda *a: None)
+    w = ResultWriter(tmp_path / "r.csv")
+    bc.run(w, quick=True, device="cpu")
+    rows = list(csv.DictReader(open(tmp_path / "r.csv")))
+    peak = {r["provider"]: float(r["value"]) for r in rows if r["op"] == "classify" and r["metric"] == "peak_memory"}
+    assert peak == {"torch-channels-last": 13.0, "torch-nchw": 14.0}   # 7 timed calls each, in turn: no warm-up
+    timed = {(r["provider"], r["metric"]) for r in rows if r["op"] == "classify"}
+    assert {("torch-nchw", "tflops"), ("torch-nchw", "gbytes_per_s")} <= timed
