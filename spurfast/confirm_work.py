@@ -4,8 +4,8 @@ Confirmation is classifier forwards: about 8 passes over 500 clean images per fi
 (`spurfast.confirm`), half of a rerun of `make demo` (11 of 23 s) and minutes per finding for
 a ResNet-18 on a CPU (4,000 forwards at 32-39 img/s on 2 cores).  An interruption lost every
 finding confirmed so far.  Each finding's result is saved as it finishes, under a key that
-hashes what it depends on: the model and the image source (`spurfast.identity.fingerprint`),
-how the source's images are read, the settings, and the finding's class, pattern and drawn
+hashes what it depends on: the model and the image source (`spurfast.identity.fingerprint`,
+and `content_digest` of what it holds), how the source's images are read, the settings, and the finding's class, pattern and drawn
 images (clean and class-content indices).  A changed input finds no file of its key and is
 computed afresh; files of other keys are left alone.
 """
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .atomic_files import replace_atomically
+from .data.sources import content_digest
 from .discovery_work import sweep_killed_writers, work_key
 from .identity import fingerprint
 
@@ -38,8 +39,12 @@ class KeptConfirmations:
         reads = [type(source).__name__, getattr(source, "loader_backend", None), getattr(source, "device", None)]
         # how many findings run at once changes no result: a run resumed with another number reads them
         settings = {k: v for k, v in asdict(config).items() if k != "at_once"}
+        # and what the source holds: the fingerprint samples three items' ids, so a clean set
+        # of other images under the same names (a rerun with --overwrite keeps this folder)
+        # read the first set's confirmations
         self._settings = {"piece": "confirmation", "confirm_version": VERSION, "config": settings,
-                          "reads": reads, "model_and_source": fingerprint(source, model)}
+                          "reads": reads, "model_and_source": fingerprint(source, model),
+                          "content": content_digest(source)}
         sweep_killed_writers(self.folder, "*.json.*.tmp")
 
     def key(self, finding: dict, clean_idx: np.ndarray, class_idx: np.ndarray) -> str:
