@@ -667,10 +667,9 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
         if pool is None or pool_pred is None:
             raise ValueError("confirmation needs a clean set, or the pool and its predictions")
         src, (labels, pred, cand, stored) = pool, _pool_candidates(findings, pool, pool_pred, pool_probs, suspect)
-    n_cand = len(cand)
-    cand = _known_readable(src, cand)   # unreadable so far (the predictions above, or embedding the pool)
-    if len(cand) < n_cand:
-        log.warning("confirmation leaves out %d unreadable image(s) of %s", n_cand - len(cand), src.name)
+    # drawn from every candidate, as `clean_indices_for` says: one found unreadable is replaced
+    # when read (`_clean_images`).  Left out here, those the source had found so far, the same
+    # call drew other images on a source read before (a clean set confirmed twice in a process)
     kept = KeptConfirmations(work_dir, model, src, config) if work_dir is not None else None
     clean_probs = CleanProbs(model, config, stored=stored)
     drawn = _drawn(findings, cand, labels, pred, clean is None, config.max_images, rng)

@@ -378,6 +378,22 @@ class BrokenSource(ArraySource):
         return x, y
 
 
+def test_a_clean_set_read_before_draws_the_same_images_as_a_fresh_one():
+    # the draw left out the images the source had found unreadable so far: confirmed a second
+    # time in one process, the same finding drew (and scored) other images
+    xs = _clean(200) + 0.05
+    y = np.r_[np.zeros(150, int), np.ones(50, int)]
+    cfg = ConfirmConfig(max_images=100)
+
+    def once(source):
+        f = [_finding([0, 1])]
+        confirm_findings(f, CornerModel(), clean=source, config=cfg)
+        return f[0]["confirm"], f[0]["_confirm_detail"]
+    used = BrokenSource(xs, y, range(0, 200, 25), name="clean")
+    first = once(used)
+    assert used.bad_files
+    assert once(used) == first == once(BrokenSource(xs, y, range(0, 200, 25), name="clean"))
+
 def test_unreadable_images_are_no_clean_images(tmp_path, monkeypatch, caplog):
     from PIL import Image
 
