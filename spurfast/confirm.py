@@ -678,11 +678,18 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
         """Per finding, (its kept result, False) or (its `confirm_pattern`, True) with its images
         read here, in this thread (a source need not be read from threads, nor `CleanProbs` used
         from them)."""
-        for f, c, idx, own, others in drawn:
+        for at, (f, c, idx, own, others) in enumerate(drawn):
             got = kept.lookup(f, idx, own) if kept is not None else None
             if got is not None:
                 yield lambda got=got: (got, False)
                 continue
+            # whether the stored probabilities are used is decided on the first images classified:
+            # a resumed run decided on its first computed finding's, and could read other values
+            # than the run it resumes; the earlier findings' images decide, as they did there
+            for _, pc, pidx, _, pothers in drawn[:at]:
+                if clean_probs.use_stored is not None:
+                    break
+                clean_probs.p(*_clean_images(src, pidx, pothers), pc)
             x, x_idx = _clean_images(src, idx, others)
             xc = load_readable(src, own) if len(own) else None
             p0 = clean_probs.p(x, x_idx, c)

@@ -916,6 +916,42 @@ def test_an_interrupted_confirmation_resumes_at_the_next_finding(tmp_path, monke
     assert not killed.exists()
 
 
+def test_a_resumed_run_decides_on_the_stored_probabilities_as_the_run_it_resumes(tmp_path, monkeypatch):
+    # decided on the first computed finding's images: resumed at finding 2, the run checked
+    # those, saw the store 0.03 off and classified again, where the run it resumed had used them
+    import spurfast.confirm as C
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(300, 1, 16, 16, generator=g) * 0.3
+    x[:150, :, -4:-1, -4:-1] += 0.6
+    pool = ArraySource(x, None, name="pool")
+    with torch.no_grad():
+        exact = torch.softmax(CornerModel()(x), 1).numpy()
+    pred = exact.argmax(1)
+    stored = exact.copy()
+    stored[pred == 1] += np.array([-0.03, 0.03], np.float32)   # right on the images predicted 0 only
+    members = [np.flatnonzero(pred == 1)[:3].tolist(), np.flatnonzero(pred == 0)[:3].tolist()]
+
+    def fs():
+        return [dict(_finding(members[0])), dict(_finding(members[1]), **{"class": 0})]
+    cfg = ConfirmConfig(max_images=120)
+    kw = dict(pool=pool, pool_pred=pred, pool_probs=stored, config=cfg)
+    want = fs()
+    confirm_findings(want, CornerModel(), **kw)
+    real, calls = C.confirm_pattern, []
+
+    def stop_at_the_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(C, "confirm_pattern", stop_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        confirm_findings(fs(), CornerModel(), work_dir=tmp_path, **kw)
+    monkeypatch.setattr(C, "confirm_pattern", real)
+    got = fs()
+    confirm_findings(got, CornerModel(), work_dir=tmp_path, **kw)
+    assert [f["_confirm_detail"] for f in got] == [f["_confirm_detail"] for f in want]
+
 def test_kept_confirmations_take_numpy_numbers(tmp_path):
     """A result holding numpy scalars (np.int64 is no JSON number) is kept, and read back equal."""
     from spurfast.confirm_work import KeptConfirmations
