@@ -623,7 +623,7 @@ EVALUATE_RUN_ONLY = ("preset", "only", "seeds", "cache", "statistic", "null", "r
 def cmd_evaluate(args):
     import re
 
-    from .evaluate import run_evaluation
+    from .evaluate import check_result_slots, run_evaluation
     from .results_doc import check_ours, check_results_md, read_csv, read_results, write_results, write_with_notes
     out = Path(args.out)
     # a file (or a link to nothing) in its place failed as "[Errno 17] File exists: 'x'", which says neither
@@ -631,6 +631,7 @@ def cmd_evaluate(args):
     if blocker is not None:
         raise NotADirectoryError(f"{not_a_folder('--out', out, blocker)}; expected the folder for "
                                  f"results.csv, confirm.csv, plots/ and RESULTS.md")
+    check_result_slots(out, "--out")
     if args.cache is not None:   # "[Errno 20] Not a directory: 'x/runs'" after --out was made, and left empty
         blocker = folder_blocker(Path(args.cache))
         if blocker is not None:

@@ -43,7 +43,7 @@ import torch
 
 from . import baselines as B
 from .atomic_files import remove_killed_writers_files
-from .checks import folder_blocker
+from .checks import folder_blocker, not_a_folder
 from .confirm import is_confirmed
 from .cores import cpu_model
 from .data.builtin import load_digits, load_fashion_mnist
@@ -757,6 +757,20 @@ def check_seeds(seeds) -> tuple[int, ...]:
     return tuple(int(s) for s in seeds)
 
 
+def check_result_slots(out: Path, label: str) -> None:
+    """Refuse a folder where the evaluation writes a result file in ``out``, or a file where it
+    keeps plots/: each failed after the whole sweep (or the --from-csv tables), naming a
+    temporary file ("[Errno 21] Is a directory: 'RESULTS.md.PID.tmp'")."""
+    out = Path(out)
+    for name in ("results.csv", "confirm.csv", "timing.json", "RESULTS.md"):
+        if (out / name).is_dir():
+            raise IsADirectoryError(f"{label} {out}: {out / name} is a folder; the evaluation writes its {name} "
+                                    f"there: move or remove it")
+    if (out / "plots").exists() and not (out / "plots").is_dir():
+        raise NotADirectoryError(f"{label} {out}: {out / 'plots'} is not a folder; the evaluation writes its plots "
+                                 f"there: move or remove it")
+
+
 def _check_up_front(out: Path, statistic: str, results_md, cache=None, null: str = DEFAULT_NULL) -> None:
     """What the end of `run_evaluation` needs, checked before its sweep: a bad ``statistic``
     failed at the first discovery (after that run's models were trained), a ``results_md`` in
@@ -772,6 +786,12 @@ def _check_up_front(out: Path, statistic: str, results_md, cache=None, null: str
     if blocker is not None:   # a file there failed at its first run's mkdir, after out was made
         raise NotADirectoryError(f"cache {cache}: {blocker} is not a folder (a file, or a link to nothing); "
                                  f"expected the folder for the cached models and runs")
+    # the CLI refuses these; through the API a file at out failed at its mkdir as "[Errno 17] File
+    # exists", and a folder where a result file goes after the whole sweep, naming a temporary file
+    blocker = folder_blocker(out)
+    if blocker is not None:
+        raise NotADirectoryError(not_a_folder("out_dir", out, blocker) + "; expected the folder for the results")
+    check_result_slots(out, "out_dir")
     if results_md:
         check_results_md(results_md)
         # as the CLI refuses it: results_md=out/results.csv wrote the tables over the results they came from

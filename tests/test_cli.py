@@ -1028,6 +1028,18 @@ def test_a_backend_variable_with_its_op_in_lower_case_is_refused_first(tmp_path,
     assert not (tmp_path / "o").exists()
 
 
+def test_evaluate_from_csv_refuses_a_folder_where_it_writes_results_md(tmp_path, capsys):
+    # it failed after the tables were made, as "[Errno 21] Is a directory: '.../RESULTS.md.PID.tmp'"
+    from spurfast.results_doc import write_csv
+    write_csv(tmp_path / "results.csv", [{"setting": "s", "seed": 0, "method": "spurfast", "feature": "all",
+                                          "metric": "false_findings@q0.05", "value": 0}],
+              ["setting", "seed", "method", "feature", "metric", "value"])
+    (tmp_path / "o" / "RESULTS.md").mkdir(parents=True)
+    capsys.readouterr()
+    assert main(["evaluate", "--from-csv", str(tmp_path / "results.csv"), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --out {tmp_path / 'o'}: {tmp_path / 'o' / 'RESULTS.md'} is a "
+                                              f"folder; the evaluation writes its RESULTS.md there")
+
 def test_evaluate_results_md_in_a_missing_folder_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
     # the write failed at the very end, after the whole evaluation
     import spurfast.evaluate

@@ -1084,10 +1084,19 @@ def test_what_the_end_of_a_run_needs_is_checked_before_the_sweep(tmp_path, monke
                           f"folder {tmp_path / 'missing'} does not exist"),
                          (dict(results_md=tmp_path), IsADirectoryError, f"results_md {tmp_path} is a folder"),
                          (dict(results_md=latin1 / "RESULTS.md"), ValueError, "RESULTS.md is not UTF-8 text"),
-                         (dict(out_dir=latin1), ValueError, f"{latin1 / 'RESULTS.md'} is not UTF-8 text")):
+                         (dict(out_dir=latin1), ValueError, f"{latin1 / 'RESULTS.md'} is not UTF-8 text"),
+                         # a file at out_dir failed at its mkdir ("[Errno 17] File exists"); a folder at
+                         # out_dir/RESULTS.md after the whole sweep, naming a temporary file
+                         (dict(out_dir=latin1 / "RESULTS.md" / "x"), NotADirectoryError,
+                          f"out_dir {latin1 / 'RESULTS.md' / 'x'}: {latin1 / 'RESULTS.md'} is a file, not a folder"),
+                         (dict(out_dir=tmp_path), IsADirectoryError,
+                          f"out_dir {tmp_path}: {tmp_path / 'RESULTS.md'} is a folder; the evaluation writes")):
+        if kw.get("out_dir") == tmp_path:
+            (tmp_path / "RESULTS.md").mkdir(exist_ok=True)
         with pytest.raises(err, match=msg):
             run_evaluation("tiny", **{"out_dir": tmp_path / "out", "progress": False, **kw})
         assert ran == []
+    (tmp_path / "RESULTS.md").rmdir()
     run_evaluation("tiny", tmp_path / "out", progress=False, statistic="surprise", results_md=tmp_path / "R.md")
     assert ran == [0, 0] and (tmp_path / "R.md").is_file()   # both tiny settings, seed 0
 
