@@ -199,8 +199,10 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
         # NaN (e.g. an AUROC with no pattern-bearing pool image) is not JSON: null instead, which
         # the report shows as n/a, as `spurfast report` does when it redraws the run
         finite = report_summary(summary)
+        # the summary first (atomic; `spurfast report` reads it): a demo stopped between the two
+        # left a page showing a summary that the run folder did not hold
+        _write_json(out / SUMMARY, finite, allow_nan=False)
         write_report(doc, out, clusters=result.clusters, bad_files=read_bad_files(out), summary=finite)
-        _write_json(out / SUMMARY, finite, allow_nan=False)   # atomic: `spurfast report` reads it
         # as the report shows them: NaN (no pattern-bearing image to rank) printed "nan" there
         print("[demo] " + "; ".join(f"{k}: {'n/a' if v is None else v}" for k, v in finite.items()), flush=True)
         # a folder name that is not UTF-8 spelled \xNN: a strict stdout raised after the whole run

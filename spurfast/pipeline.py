@@ -389,18 +389,20 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
                 from .support import training_support
                 training_support(result.findings, passes, suspect, pool.labels(), progress=progress, **reread)
             step("confirmed")
-            doc = write_outputs(result, out, extra_config)
             bad_files = {int(i): r for i, r in store.bad_files().items()}  # all ranks, all runs
             bad_files.update(getattr(pool, "bad_files", {}))
             bad = _named(pool, bad_files)
             if clean is not None:   # confirmation skipped these: listed, not only logged
                 bad.update(_named(clean, getattr(clean, "bad_files", {}), "clean set: "))
+            # before findings.json (which a rerun deleted first): a run stopped between them left
+            # the new findings beside the earlier pass's summary, and `spurfast report` showed both
             _write_json(out / BAD_FILES, bad)  # atomic; `spurfast report` has no pool to name them
             # as bad_files: `spurfast report` redrew the page without the summary the run showed
             if summary is not None:
                 _write_json(out / SUMMARY, summary, allow_nan=False)   # report_summary made it JSON
             else:   # a rerun of the same run without one: the old one would come back in `spurfast report`
                 (out / SUMMARY).unlink(missing_ok=True)
+            doc = write_outputs(result, out, extra_config)
             write_report(doc, out, clusters=result.clusters, bad_files=bad, summary=summary)
             step("reported")
         return doc, result, store

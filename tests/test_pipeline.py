@@ -1149,6 +1149,30 @@ def test_a_runs_summary_is_kept_for_spurfast_report(tmp_path, capsys):
     assert not (run / "summary.json").exists() and "<th>dataset</th>" not in (run / "report.html").read_text()
 
 
+def test_a_rerun_stopped_after_its_findings_leaves_no_earlier_summary_beside_them(tmp_path, monkeypatch):
+    # summary.json was replaced after findings.json: a rerun stopped between them left the new
+    # findings beside the earlier pass's summary, which `spurfast report` showed as this run's
+    import json
+
+    import spurfast.discover as D
+    from spurfast.discover import DiscoverConfig
+
+    pool, clf, vae = _tiny()
+    run = tmp_path / "run"
+    kw = dict(num_classes=2, confirm=False, progress=False, config=DiscoverConfig(n_null=4))
+    run_discovery(pool, clf, vae, run, summary={"labels": "old, wrong"}, **kw)
+    real = D.write_outputs
+
+    def stop_after(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(P, "write_outputs", stop_after)
+    with pytest.raises(KeyboardInterrupt):
+        run_discovery(pool, clf, vae, run, summary={"labels": "new"}, **kw)
+    assert (run / "findings.json").is_file()
+    assert json.loads((run / "summary.json").read_text()) == {"labels": "new"}
+
+
 @pytest.mark.parametrize("device", [None, torch.device("cpu")])
 def test_a_config_device_of_none_or_a_torch_device_runs(tmp_path, device):
     # discover takes device None as torch's default, the CPU, and a torch.device; run_discovery raised
