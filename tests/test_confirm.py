@@ -916,16 +916,21 @@ def test_an_interrupted_confirmation_resumes_at_the_next_finding(tmp_path, monke
     assert not killed.exists()
 
 
+def _corner_pool():
+    """(an unlabelled pool of 300 dim 16x16 images, half with a bright corner, CornerModel's
+    class probabilities of them)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(300, 1, 16, 16, generator=g) * 0.3
+    x[:150, :, -4:-1, -4:-1] += 0.6
+    with torch.no_grad():
+        probs = torch.softmax(CornerModel()(x), 1).numpy()
+    return ArraySource(x, None, name="pool"), probs
+
 def test_a_resumed_run_decides_on_the_stored_probabilities_as_the_run_it_resumes(tmp_path, monkeypatch):
     # decided on the first computed finding's images: resumed at finding 2, the run checked
     # those, saw the store 0.03 off and classified again, where the run it resumed had used them
     import spurfast.confirm as C
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(300, 1, 16, 16, generator=g) * 0.3
-    x[:150, :, -4:-1, -4:-1] += 0.6
-    pool = ArraySource(x, None, name="pool")
-    with torch.no_grad():
-        exact = torch.softmax(CornerModel()(x), 1).numpy()
+    pool, exact = _corner_pool()
     pred = exact.argmax(1)
     stored = exact.copy()
     stored[pred == 1] += np.array([-0.03, 0.03], np.float32)   # right on the images predicted 0 only
@@ -1114,12 +1119,7 @@ def test_confirmation_on_a_gpu_gives_the_cpus_verdicts_and_reads_the_stored_prob
     """`confirm_findings` with ``device="cuda"`` (clean images moved batch by batch, the store's
     probabilities checked against the GPU's own): the CPU's verdicts and flip rates, and the
     second finding's clean images not classified again."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(300, 1, 16, 16, generator=g) * 0.3
-    x[:150, :, -4:-1, -4:-1] += 0.6
-    pool = ArraySource(x, None, name="pool")
-    with torch.no_grad():
-        stored = torch.softmax(CornerModel()(x), 1).numpy()
+    pool, stored = _corner_pool()
     pred = stored.argmax(1)
     members = [np.flatnonzero(pred == 1)[:3].tolist(), np.flatnonzero(pred == 0)[:3].tolist()]
 
