@@ -10,10 +10,12 @@ made by earlier versions.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
 
+import numpy as np
 import torch
 
 from .data.sources import ImageSource
@@ -53,8 +55,9 @@ def _tensor_bytes(v: torch.Tensor) -> bytes:
 
 def _plain_bytes(v) -> bytes | None:
     """Bytes of a value that can change what a model computes (a tensor, a number, a string,
-    a dtype, or a tuple, list or str-keyed dict of them); None for anything else (a submodule, a function: their
-    repr holds a memory address, which differs from run to run)."""
+    a dtype, a numpy value, a partial function by its function's name and arguments, or a
+    tuple, list or str-keyed dict of them); None for anything else (a submodule, a function:
+    their repr holds a memory address, which differs from run to run)."""
     if isinstance(v, torch.Tensor):
         return f"{v.dtype}:{tuple(v.shape)}:".encode() + _tensor_bytes(v)
     if v is None or isinstance(v, (bool, int, float, complex, str, torch.dtype)):
@@ -66,6 +69,15 @@ def _plain_bytes(v) -> bytes | None:
         parts = [_plain_bytes(x) for _, x in sorted(v.items())]
         return None if any(p is None for p in parts) else b"{" + b",".join(
             k.encode("utf-8", "surrogateescape") + b":" + p for k, p in zip(sorted(v), parts)) + b"}"
+    # numpy values and partial functions were skipped as unknown: a gain of np.float32(3) for
+    # np.float32(1), or leaky_relu's slope in a partial, resumed the other model's run
+    if isinstance(v, (np.generic, np.ndarray)) and v.dtype != object:
+        a = np.asarray(v)   # its shape: ascontiguousarray makes a scalar one of shape (1,)
+        return f"numpy {a.dtype.str}:{a.shape}:".encode() + np.ascontiguousarray(a).tobytes()
+    if isinstance(v, functools.partial):
+        fn = f"{getattr(v.func, '__module__', '')}.{getattr(v.func, '__qualname__', '')}"
+        rest = _plain_bytes((v.args, dict(v.keywords)))
+        return None if rest is None else f"partial {fn}:".encode("utf-8", "surrogateescape") + rest
     return None
 
 
