@@ -178,6 +178,7 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
     store_dir = Path(store_dir)
     main = open_main(source, classifier, vae, store_dir, (fp, content), num_shards=num_shards, progress=progress)
     if main is not None and main.complete:
+        _note_reading_errors(main)
         return main
     loader, decode, compute = how_rows_are_made(source, device, encoder_backend, loader_backend)
     sel = None
@@ -237,6 +238,18 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
             clock.lap("write_s")
     bar.close()
     return store
+
+
+def _note_reading_errors(store: EmbeddingStore) -> None:
+    """A finished store is reused as it is: a file its pass could not open (permissions, a
+    network mount gone a moment) stays unreadable in it, though its content never counted
+    (its size, in the store's identity, is unchanged).  Said, with the way out."""
+    errors = {i: r for i, r in store.bad_files().items() if str(r).startswith("cannot read file")}
+    if errors:
+        i, reason = next(iter(sorted(errors.items(), key=lambda kv: int(kv[0]))))
+        log.warning("the embedding store %s is reused as it is, and marks %d pool image(s) unreadable for an error "
+                    "reading the file, not for its content (first pool index %s: %s); if they can be read now, "
+                    "remove %s to embed the pool again", store.root, len(errors), i, reason, store.root)
 
 
 def _settle_how_rows_are_made(store: EmbeddingStore, main: EmbeddingStore | None, how: tuple,

@@ -998,6 +998,20 @@ def test_numpy_and_partial_attributes_are_part_of_a_models_identity():
                   Scaled(np.float32(1), functools.partial(torch.nn.functional.elu, alpha=0.1))):
         assert model_identity(other) != base
 
+def test_a_reused_store_names_files_it_could_not_open_and_the_way_out(tmp_path, caplog):
+    # a file unreadable for permissions stayed unreadable in the reused store once fixed, without
+    # a word: its size (the store's identity) had not changed
+    src, clf, vae = _setup(16)
+    store = embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False)
+    store.manifest["bad_files"] = {"3": "truncated JPEG", "9": "cannot read file: PermissionError: Permission denied",
+                                   "12": "cannot read file: OSError: Input/output error"}
+    store.save_manifest()
+    with caplog.at_level("WARNING", logger="spurfast.embed"):
+        embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False)
+    assert (f"marks 2 pool image(s) unreadable for an error reading the file, not for its content (first pool "
+            f"index 9: cannot read file: PermissionError: Permission denied); if they can be read now, remove "
+            f"{tmp_path / 's'} to embed the pool again") in caplog.text, caplog.text
+
 def test_a_store_fingerprinted_before_the_attributes_resumes(tmp_path):
     from spurfast.store import MANIFEST
     from spurfast.identity import fingerprint
