@@ -19,7 +19,7 @@ BROKEN = "b/9.jpg"
 
 def _has_dali() -> bool:
     from spurfast.data.loader_dali import is_available
-    return is_available()
+    return is_available()[0]   # (ok, why): the tuple itself is always true, so the skip never skipped
 
 
 @pytest.fixture(scope="module")
