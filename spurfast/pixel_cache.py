@@ -37,6 +37,10 @@ PIXELS = "pixels"
 MODE_KEY = "pixels_mode"
 MIXED = "mixed"   # batches of two conversions in one store: not read
 MODES = ("div255", "mul_inv255")
+# batches every conversion gives back (130 of the 256 values convert alike: black and white
+# frames, an all-unreadable batch): they decide nothing.  Taken as div255, a first such batch
+# made the store "mixed" at the first DALI batch, and its pixel column went unread
+EITHER = "either"
 _INV255 = np.float32(1.0 / 255.0)
 
 
@@ -67,7 +71,7 @@ def keeps_pixels(source: ImageSource, n: int) -> bool:
 def to_float(pixels: torch.Tensor, mode: str) -> torch.Tensor:
     """uint8 rows as the loader's float32 images."""
     x = pixels.to(torch.float32)
-    return x.div_(255.0) if mode == "div255" else x.mul_(float(_INV255))
+    return x.div_(255.0) if mode in ("div255", EITHER) else x.mul_(float(_INV255))
 
 
 def batch_pixels(images: torch.Tensor, expect: str | None = None) -> tuple[np.ndarray, str | None]:
@@ -78,16 +82,17 @@ def batch_pixels(images: torch.Tensor, expect: str | None = None) -> tuple[np.nd
         return images.cpu().numpy(), "div255"   # made float by uint8_to, as embed_pool does
     x = images.detach().to("cpu", torch.float32)
     u = x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
-    for mode in sorted(MODES, key=lambda m: m != expect):
-        if torch.equal(to_float(u, mode), x):
-            return u.numpy(), mode
-    return u.numpy(), None
+    if expect in MODES and torch.equal(to_float(u, expect), x):
+        return u.numpy(), expect
+    fits = [mode for mode in MODES if torch.equal(to_float(u, mode), x)]
+    return u.numpy(), EITHER if len(fits) > 1 else (fits[0] if fits else None)
 
 
 def merged_mode(*modes) -> str | None:
-    """The mode of a store holding rows of stores (or batches) of ``modes`` (None: no row yet)."""
-    seen = {m for m in modes if m is not None}
-    return seen.pop() if len(seen) == 1 else (MIXED if seen else None)
+    """The mode of a store holding rows of stores (or batches) of ``modes`` (None: no row yet;
+    `EITHER` rows join any mode)."""
+    seen = {m for m in modes if m not in (None, EITHER)}
+    return seen.pop() if len(seen) == 1 else MIXED if seen else EITHER if EITHER in modes else None
 
 
 class StorePixelReads(BaseReads):
@@ -122,4 +127,4 @@ def pool_passes(pool: ImageSource, reads: ImageSource) -> ImageSource:
 def usable(store) -> bool:
     """Whether ``store`` (complete) holds pixel rows that `StorePixelReads` may read."""
     return store is not None and store.complete and PIXELS in store.manifest.get("columns", {}) \
-        and store.manifest.get(MODE_KEY) in MODES
+        and store.manifest.get(MODE_KEY) in (*MODES, EITHER)

@@ -127,6 +127,20 @@ def test_conversions_and_mixed_rows(folder, tmp_path):
     assert not usable(store) and read_as_stored(pool, "torch", "cpu", store=store) is pool
 
 
+def test_a_batch_both_conversions_give_back_decides_nothing():
+    # black and white frames (or an all-unreadable batch of zeros) convert alike either way: taken
+    # as div255, the first DALI batch of other values made the store "mixed" and its column unread
+    from spurfast.pixel_cache import EITHER
+    plain = torch.tensor([0, 255] * 8, dtype=torch.uint8).reshape(1, 1, 4, 4)
+    for mode in ("div255", "mul_inv255"):
+        assert batch_pixels(to_float(plain, mode))[1] == EITHER
+    assert batch_pixels(to_float(plain, "mul_inv255"), "mul_inv255")[1] == "mul_inv255"   # the one expected
+    other = to_float((torch.arange(16) * 13).to(torch.uint8).reshape(1, 1, 4, 4), "mul_inv255")
+    got = batch_pixels(other, EITHER)[1]
+    assert got == "mul_inv255" and merged_mode(EITHER, got) == "mul_inv255"
+    assert merged_mode(None, EITHER, EITHER) == EITHER and merged_mode(EITHER, "div255", "mul_inv255") == MIXED
+    assert torch.equal(to_float(plain, EITHER), to_float(plain, "div255"))
+
 def test_rows_are_read_and_written_as_numpy_indexing_does(tmp_path):
     """The pixel column is read and written with pread/pwrite (a map of it counted the file's
     pages a read touched as resident: 1,365 scattered rows, 16 MiB, raised a process's peak by
