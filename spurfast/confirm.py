@@ -229,8 +229,8 @@ def _softmax(model, x: torch.Tensor, device: str, batch_size: int, cls: int | No
 
 VERDICTS = {
     "confirmed": "the pattern moves the model more than both controls: a confirmed shortcut",
-    "weak": "the pattern beats both controls, but not once the run's number of findings is accounted "
-            "for (Benjamini-Hochberg over the run's confirmations)",
+    "weak": "the pattern beats both controls, but not once the number of the run's findings of its search "
+            "is accounted for (Benjamini-Hochberg over their confirmations)",
     "not_specific": "random patterns of the same area and intensity move the model about as often: it reacts "
                     "to any perturbation of this size here (e.g. a noise texture), which this test cannot tell "
                     "from the pattern",

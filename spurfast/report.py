@@ -19,7 +19,7 @@ import torch
 
 from .atomic_files import replace_atomically
 from .data.sources import utf8_name
-from .families import FEATURE_VIEW, RESIDUAL, finding_family
+from .families import CLUSTERS, FEATURE_VIEW, RESIDUAL, finding_family
 
 UPSCALE_TO = 112  # small images are enlarged (nearest) so a pixel pattern stays visible
 
@@ -294,6 +294,9 @@ def _membership(f: dict) -> str:
             f"class counted in both")
 
 
+_SEARCH = {CLUSTERS: "latent-cluster", FEATURE_VIEW: "feature-view", RESIDUAL: "residual-scan"}
+
+
 def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_files: dict | None = None,
                  summary: dict | None = None) -> Path:
     """Write ``out_dir``/report.html from a findings document ``doc`` (findings.json's
@@ -324,14 +327,23 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
         plot_scores(clusters, fdr, out_dir / "images" / "scores.png")
         parts.append(f"<h2>Cluster scores</h2><img src='{_data_uri(out_dir / 'images' / 'scores.png')}' "
                      f"alt='cluster scores' title='images/scores.png'>")
-    parts.append(f"<h2>Findings ({len(doc['findings'])} at q &le; {e(fdr)})</h2>")
+    families = {finding_family(f) for f in doc["findings"]}
+    # the residual scan keeps its findings at its own level (an API run may set another)
+    scan_fdr = ((doc["config"].get("inputs") or {}).get("residual_scan") or {}).get("fdr")
+    n_scan = sum(finding_family(f) == RESIDUAL for f in doc["findings"])
+    level = (f"{len(doc['findings']) - n_scan} at q &le; {e(fdr)}, {n_scan} of the residual scan at q &le; "
+             f"{e(scan_fdr)}" if n_scan and scan_fdr is not None and float(scan_fdr) != fdr
+             else f"{len(doc['findings'])} at q &le; {e(fdr)}")
+    parts.append(f"<h2>Findings ({level})</h2>")
     parts.append(f"<p class='muted'>A score sums, over the unrelated members, "
                  f"{e(STATISTIC_WORDS.get(statistic, statistic))}; p against permuted predictions, "
                  f"q by Benjamini-Hochberg"
                  # the feature view's neighbours and family are its own (spurfast.feature_view)
                  + ("; for the feature view's findings the neighbours are in the classifier's feature space and "
-                    "q runs over the view's clusters" if any(finding_family(f) == FEATURE_VIEW for f in doc["findings"])
-                    else "") + ".</p>")
+                    "q runs over the view's clusters" if FEATURE_VIEW in families else "")
+                 # and the residual scan's score, null and family (spurfast.residual)
+                 + ("; the residual scan's findings have a test of their own, described with each"
+                    if RESIDUAL in families else "") + ".</p>")
     if not doc["findings"]:
         parts.append("<p>No cluster is significant at this false-discovery rate.</p>")
     for f in doc["findings"]:
@@ -365,14 +377,15 @@ def write_report(doc: dict, out_dir, clusters: list[dict] | None = None, bad_fil
             more = (f" and {float(cf['content_flip_rate']):.1%} for genuine class content in the same place "
                     f"(p = {beside_level(cf['content_p_value'])})" if cf.get("content_p_value") is not None else "")
             if cf.get("q_value") is not None:
-                more += f"; q = {beside_level(cf['q_value'])} over this run's findings"
+                # adjusted within the finding's own search, as `confirm_findings` does
+                more += f"; q = {beside_level(cf['q_value'])} over this run's {_SEARCH[finding_family(f)]} findings"
             head = "<b>confirmed shortcut</b>" if verdict == "confirmed" else "not confirmed"
             why = e(VERDICTS[verdict])
             if cf.get("content_skipped") and verdict in ("confirmed", "weak"):
                 # "both controls" would claim a test that did not run
                 why = e("the pattern moves the model more than random patterns"
-                        + ("" if verdict == "confirmed" else ", but not once the run's number of findings is "
-                                                              "accounted for")
+                        + ("" if verdict == "confirmed" else ", but not once the number of the run's findings of "
+                                                              "its search is accounted for")
                         + f"; genuine class content was not tested: {cf['content_skipped']}")
             elif cf.get("content_skipped") and verdict == "no_effect":   # "... or genuine class content" likewise
                 why = e("the pattern does not move the model significantly more than random patterns; genuine class "

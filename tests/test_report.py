@@ -35,8 +35,29 @@ def test_confirmed_finding_shows_its_adjusted_q_value(tmp_path):
     cf = {"flip_rate": 0.5, "control_flip_rate": 0.01, "p_value": 1e-9, "content_flip_rate": 0.02,
           "content_p_value": 1e-8, "q_value": 2e-8}
     html = write_report(_doc(cf), tmp_path).read_text()
-    assert "<b>confirmed shortcut</b>" in html and "q = 2e-08 over this run's findings" in html
+    assert "<b>confirmed shortcut</b>" in html and "q = 2e-08 over this run's latent-cluster findings" in html
 
+
+def test_each_family_is_said_with_its_own_search_and_level(tmp_path):
+    # a feature-view finding's confirmation q "over this run's findings" ran over the view's alone;
+    # the heading gave the clusters' level to a residual-scan finding kept at its own, and the
+    # explanation above them described the scan's findings in the clusters' terms
+    cf = {"flip_rate": 0.5, "control_flip_rate": 0.01, "p_value": 1e-9, "q_value": 2e-8}
+    doc = _doc(cf)
+    doc["findings"][0]["view"] = "features"
+    (tmp_path / "a").mkdir()
+    html = write_report(doc, tmp_path / "a").read_text()
+    assert "q = 2e-08 over this run's feature-view findings" in html
+    doc = _doc(None)
+    doc["config"]["inputs"] = {"residual_scan": {"fdr": 0.99}}
+    doc["findings"][0].update(kind="residual", peak=[3, 4], peak_t=5.0)
+    (tmp_path / "b").mkdir()
+    html = write_report(doc, tmp_path / "b").read_text()
+    assert "<h2>Findings (0 at q &le; 0.05, 1 of the residual scan at q &le; 0.99)</h2>" in html
+    assert "the residual scan's findings have a test of their own" in html
+    doc["config"]["inputs"]["residual_scan"]["fdr"] = 0.05   # one level: said once
+    (tmp_path / "c").mkdir()
+    assert "<h2>Findings (1 at q &le; 0.05)</h2>" in write_report(doc, tmp_path / "c").read_text()
 
 def test_the_report_says_what_a_score_sums(tmp_path):
     (tmp_path / "a").mkdir()
@@ -534,7 +555,7 @@ def test_a_value_just_past_the_level_is_not_printed_on_it(tmp_path):
                                      "other_above": 3, "tail": 0.01, "q_value": 0.0500004, "supported": False}
     html = write_report(doc, tmp_path).read_text()
     assert "q = 0.0500004: not supported" in html
-    assert "q = 0.0500004 over this run's findings" in html
+    assert "q = 0.0500004 over this run's latent-cluster findings" in html
     assert "q = 0.05:" not in html and "q = 0.05 over" not in html
 
 
