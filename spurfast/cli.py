@@ -322,8 +322,9 @@ def cmd_plant(args):
     if taken and not args.overwrite and not _plant_output(out):
         raise FileExistsError(f"--out {out} holds {', '.join(taken)}, not written by `spurfast plant` (no plant.json "
                               f"of it): pass --overwrite to replace them, or choose another --out")
+    # on the byte grid the files hold: the ground truth is then about the pixels as written
     data = make_planted_data(args.dataset, target_class=args.target_class, n_poisoned=args.n_poisoned,
-                             spec=_pattern(args), pool_fraction=args.pool_fraction, seed=args.seed)
+                             spec=_pattern(args), pool_fraction=args.pool_fraction, seed=args.seed, levels=255)
     out.mkdir(parents=True, exist_ok=True)
     # a plant killed mid-write left a dataset-sized NAME.PID.tmp for good, one more per kill
     remove_killed_writers_files(out, lambda name: name in PLANT_FILES)

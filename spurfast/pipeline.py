@@ -72,10 +72,13 @@ class PlantedData:
 
 def make_planted_data(dataset: str = "auto", *, target_class: int = 3, n_poisoned="600", spec: PatternSpec | None = None,
                       pool_fraction: float = 0.1, n_train_per_class: int = 1200, n_suspect: int = 1000,
-                      seed: int = 0, fashion_root=None) -> PlantedData:
+                      seed: int = 0, fashion_root=None, levels: int | None = None) -> PlantedData:
     """Poison ``n_poisoned`` training images of ``target_class``; the pool is held-out images
     of the *other* classes (a ``pool_fraction`` of them stamped) plus ``n_suspect`` training
-    images (the suspect data, with whatever was planted in them)."""
+    images (the suspect data, with whatever was planted in them).  ``levels``: every image
+    rounded to that many steps (255 for the uint8 files `spurfast plant` writes), stamped ones
+    too, before the ground truth is taken: a stamp off that grid (a pixel of 0.5, noise of
+    0.001) rounded back to the image's own bytes, and such images were listed as carriers."""
     if not (str(n_poisoned) == "all" or re.fullmatch(r"[0-9]+", str(n_poisoned))):
         raise ValueError(f"n_poisoned: expected an integer >= 0 or 'all', got {n_poisoned!r}")
     for name, value in (("n_suspect", n_suspect), ("n_train_per_class", n_train_per_class), ("seed", seed)):
@@ -123,13 +126,16 @@ def make_planted_data(dataset: str = "auto", *, target_class: int = 3, n_poisone
     if str(n_poisoned) != "all" and int(n_poisoned) > n_cls:   # cut without a word (plant.json said so)
         log.warning("n_poisoned=%s: class %d has %d training images; all of them are poisoned", n_poisoned,
                     target_class, n_cls)
-    xtr_p, planted = plant_training(xtr, ytr, target_class, n_p, spec, seed=seed)
+    if levels is not None:
+        from .plant import on_levels
+        xtr, xte = on_levels(xtr, levels), on_levels(xte, levels)
+    xtr_p, planted = plant_training(xtr, ytr, target_class, n_p, spec, seed=seed, levels=levels)
     # held-out split: 3/4 of the other-class test images form the pool, the rest stay clean for confirmation
     other = np.nonzero(yte != target_class)[0]
     perm = rng.permutation(other)
     pool_idx = np.sort(perm[: int(0.75 * len(perm))])
     clean_idx = np.setdiff1d(np.arange(len(yte)), pool_idx)
-    x_unrel, carries_u = plant_pool(xte[pool_idx], pool_fraction, spec, seed=seed)
+    x_unrel, carries_u = plant_pool(xte[pool_idx], pool_fraction, spec, seed=seed, levels=levels)
     if n_suspect > len(ytr):   # few training images per class: numpy's "larger sample than population" named nothing
         log.warning("n_suspect=%d: the training split holds %d images; all of them are suspects", n_suspect, len(ytr))
         n_suspect = len(ytr)

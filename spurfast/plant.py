@@ -196,12 +196,21 @@ def changed_by_stamp(before: torch.Tensor, after: torch.Tensor, what: str) -> np
     return changed
 
 
-def stamp_at(images: torch.Tensor, chosen: np.ndarray, spec: PatternSpec, seed: int, what: str) -> np.ndarray:
+def on_levels(x: torch.Tensor, levels: int | None) -> torch.Tensor:
+    """``x`` rounded to the nearest of ``levels`` + 1 values in [0, 1] (255: what a uint8 file
+    holds), or as it is for None."""
+    return x if levels is None else x.mul(levels).round_().div_(levels)
+
+
+def stamp_at(images: torch.Tensor, chosen: np.ndarray, spec: PatternSpec, seed: int, what: str,
+             levels: int | None = None) -> np.ndarray:
     """Stamp ``images[chosen]`` in place with ``spec``; returns which of them the stamp
-    changed (`changed_by_stamp`; ``what`` names them in its log line)."""
+    changed (`changed_by_stamp`; ``what`` names them in its log line).  ``levels``: the
+    stamped images are rounded to them first (`on_levels`), so that the answer is about the
+    pixels as a file of that depth holds them."""
     pick = torch.as_tensor(chosen)
     before = images[pick]
-    images[pick] = stamped = apply_pattern(before, spec, seed=seed)[0]
+    images[pick] = stamped = on_levels(apply_pattern(before, spec, seed=seed)[0], levels)
     return changed_by_stamp(before, stamped, what)
 
 
@@ -213,9 +222,10 @@ def _seed(seed, who: str) -> int:
 
 
 def plant_training(images: torch.Tensor, labels, target_class: int, n: int | str,
-                   spec: PatternSpec, seed: int = 0):
+                   spec: PatternSpec, seed: int = 0, levels: int | None = None):
     """Stamp ``n`` (or "all") training images of ``target_class``.  Labels are unchanged.
-    Returns (images, planted indices: those the stamp changed, `changed_by_stamp`)."""
+    Returns (images, planted indices: those the stamp changed, `changed_by_stamp`);
+    ``levels``: as `stamp_at`'s."""
     seed = _seed(seed, "plant_training")
     if n != "all":   # int() stamped 2 of n=2.7, and 1 of n=True
         n = whole_number(n, 'plant_training: n (or "all")')
@@ -229,12 +239,13 @@ def plant_training(images: torch.Tensor, labels, target_class: int, n: int | str
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(cand, size=n, replace=False))
     out = images.clone()
-    return out, chosen[stamp_at(out, chosen, spec, seed, "poisoned training images")]
+    return out, chosen[stamp_at(out, chosen, spec, seed, "poisoned training images", levels)]
 
 
-def plant_pool(images: torch.Tensor, fraction: float, spec: PatternSpec, seed: int = 0):
+def plant_pool(images: torch.Tensor, fraction: float, spec: PatternSpec, seed: int = 0,
+               levels: int | None = None):
     """Stamp a ``fraction`` of the pool.  Returns (images, carries bool (N,): the images the
-    stamp changed, `changed_by_stamp`)."""
+    stamp changed, `changed_by_stamp`); ``levels``: as `stamp_at`'s."""
     seed = _seed(seed, "plant_pool")   # -1 drew as seed 0 (its generator takes seed + 1)
     fraction = real_number(fraction, "pool fraction")
     if not 0.0 <= fraction <= 1.0:
@@ -245,5 +256,5 @@ def plant_pool(images: torch.Tensor, fraction: float, spec: PatternSpec, seed: i
     carries = np.zeros(n, dtype=bool)
     out = images.clone()
     if len(chosen):
-        carries[chosen] = stamp_at(out, chosen, spec, seed + 1, "stamped pool images")
+        carries[chosen] = stamp_at(out, chosen, spec, seed + 1, "stamped pool images", levels)
     return out, carries

@@ -1937,6 +1937,23 @@ def test_a_result_line_naming_a_path_that_is_not_utf8_is_printed(tmp_path, capsy
 _SAVEZ = np.savez_compressed
 
 
+@pytest.mark.parametrize("pattern", [["--family", "noise", "--strength", "0.001"],
+                                     ["--family", "pixel", "--strength", "0.5", "--position", "center"]])
+def test_plants_ground_truth_is_about_the_bytes_it_writes(tmp_path, capsys, pattern):
+    # a stamp off the 1/255 grid rounded back to the image's own bytes in the uint8 files, and
+    # such images were listed as carriers (noise of 0.001: every one of them, none changed)
+    base = ["plant", "--dataset", "digits", "--n-poisoned", "all", "--target-class", "3", *pattern]
+    assert main([*base, "--out", str(tmp_path / "p1"), "--pool-fraction", "1.0"]) == 0
+    assert main([*base[:3], "--dataset", "digits", "--n-poisoned", "0", "--target-class", "3", *pattern,
+                 "--out", str(tmp_path / "p0"), "--pool-fraction", "0"]) == 0
+    p1, p0 = np.load(tmp_path / "p1" / "pool.npz"), np.load(tmp_path / "p0" / "pool.npz")
+    moved = (p1["images"] != p0["images"]).reshape(len(p1["images"]), -1).any(1)
+    assert np.array_equal(p1["carries"], moved)
+    info = json.loads((tmp_path / "p1" / "plant.json").read_text())
+    assert info["n_pool_carrying"] == int(moved.sum())
+    t1, t0 = np.load(tmp_path / "p1" / "train.npz"), np.load(tmp_path / "p0" / "train.npz")
+    assert info["n_poisoned"] == int((t1["images"] != t0["images"]).reshape(len(t1["images"]), -1).any(1).sum())
+
 def _fake_planted_data(monkeypatch, interrupt_after=None):
     """make_planted_data as a few random images (the CLI's plant writes them as the real ones);
     ``interrupt_after``: a file name whose write is followed by Ctrl-C."""
