@@ -214,6 +214,15 @@ def stamp_at(images: torch.Tensor, chosen: np.ndarray, spec: PatternSpec, seed: 
     return changed_by_stamp(before, stamped, what)
 
 
+def _as_images(images) -> torch.Tensor:
+    """Floating images (a numpy array too) as the float32 tensor `apply_pattern` returns:
+    written back into a float64 or float16 tensor, its result raised "Index put requires the
+    source and destination dtypes match", and a numpy array had no clone.  Others are left
+    for `apply_pattern` to refuse by name."""
+    images = torch.as_tensor(images)
+    return images.float() if images.is_floating_point() else images
+
+
 def _seed(seed, who: str) -> int:
     seed = whole_number(seed, f"{who}: seed")
     if seed < 0:   # numpy refused it naming no argument
@@ -238,7 +247,7 @@ def plant_training(images: torch.Tensor, labels, target_class: int, n: int | str
         raise ValueError(f"cannot poison n={n} images: class {target_class} has {len(cand)}")
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(cand, size=n, replace=False))
-    out = images.clone()
+    out = _as_images(images).clone()
     return out, chosen[stamp_at(out, chosen, spec, seed, "poisoned training images", levels)]
 
 
@@ -254,7 +263,7 @@ def plant_pool(images: torch.Tensor, fraction: float, spec: PatternSpec, seed: i
     rng = np.random.default_rng(seed + 1)
     chosen = np.sort(rng.choice(n, size=int(round(fraction * n)), replace=False))
     carries = np.zeros(n, dtype=bool)
-    out = images.clone()
+    out = _as_images(images).clone()
     if len(chosen):
         carries[chosen] = stamp_at(out, chosen, spec, seed + 1, "stamped pool images", levels)
     return out, carries
