@@ -480,11 +480,14 @@ def _reread_loader(pool, store, loader_backend, device) -> dict:
                         "images re-read for pattern ranking and training support go through %r", began, exc,
                         loader_backend or "auto")
             return chosen
-        if loader_backend not in (None, "auto"):   # named, and not what this run's findings come from
-            log.warning("--loader-backend %s: the embedding store kept from an earlier pass of this run was decoded "
-                        "by the %r loader, and its findings and re-read images stay that loader's (the two decode "
-                        "JPEGs up to 1/255 apart); to decode with %s, run into another --out", loader_backend,
-                        began, loader_backend)
+        asked = backends.requested("loader", loader_backend)
+        if asked != "auto":   # named (flag or variable), and not what this run's findings come from
+            how = (f"--loader-backend {loader_backend}" if loader_backend else
+                   f"SPURFAST_BACKEND_LOADER={asked}" if backends.requested_for_op("loader")
+                   else f"SPURFAST_BACKEND={asked}")
+            log.warning("%s: the embedding store kept from an earlier pass of this run was decoded by the %r loader, "
+                        "and its findings and re-read images stay that loader's (the two decode JPEGs up to 1/255 "
+                        "apart); to decode with %s, run into another --out", how, began, asked)
         else:
             log.info("re-reading images through the %r loader, which decoded the embedding store", began)
         chosen["loader_backend"] = began

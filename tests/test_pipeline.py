@@ -765,6 +765,13 @@ def test_the_steps_that_reread_images_use_the_loader_that_made_the_store(tmp_pat
     assert P._reread_loader(pool, store, "dali", "cuda:1") == {"loader_backend": "dali", "device": "cpu"}
     store.manifest.update(decode="gpu")
     assert P._reread_loader(pool, store, None, "cuda:1") == {"loader_backend": None, "device": "cuda:1"}
+    # asked for by its variable: said too (an INFO line alone, unseen without -v)
+    store.manifest.update(loader="torch", decode="cpu")
+    monkeypatch.setenv("SPURFAST_BACKEND_LOADER", "dali")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spurfast"):
+        assert P._reread_loader(pool, store, None, "cpu")["loader_backend"] == "torch"
+    assert "SPURFAST_BACKEND_LOADER=dali: the embedding store kept from an earlier pass" in caplog.text, caplog.text
 
 
 def _jpeg_folder(root, n=30):
