@@ -137,16 +137,42 @@ def check_op_variables() -> None:
     "available" under SPURFAST_BACKEND=Torch)."""
     if os.environ.get("SPURFAST_BACKEND"):
         _check_global(os.environ["SPURFAST_BACKEND"])
+    _check_names()
+
+
+def _check_names() -> None:
+    """`check_op_variables`' check of the variables' names (their values are checked where
+    an op reads them)."""
     for var in sorted(os.environ):
-        op = var.removeprefix("SPURFAST_BACKEND_")
-        if op == var or not os.environ[var]:
+        if not os.environ[var] or not var.upper().startswith("SPURFAST_BACKEND") or var == "SPURFAST_BACKEND":
             continue
+        # the prefix in another case, or another name (SPURFAST_BACKENDS): ignored as well
+        if not var.startswith("SPURFAST_BACKEND_"):
+            tail = var[len("SPURFAST_BACKEND"):]   # "" or "_OP" where only the case is wrong
+            right = f" (SPURFAST_BACKEND{tail.upper()}?)" if tail[:1] in ("", "_") else ""
+            raise BackendUnavailable(f"{var}={os.environ[var]} is never read: spurfast reads SPURFAST_BACKEND and "
+                                     f"SPURFAST_BACKEND_<OP>, in upper case{right}")
+        op = var.removeprefix("SPURFAST_BACKEND_")
         if op.lower() not in REGISTRY:
             raise BackendUnavailable(f"{var}={os.environ[var]}: no op is named {op.lower()!r}; SPURFAST_BACKEND_<OP> "
                                      f"takes one of {', '.join(k.upper() for k in REGISTRY)}")
         if op != op.upper():
             raise BackendUnavailable(f"{var}={os.environ[var]} is never read: the op is spelt in upper case, "
                                      f"SPURFAST_BACKEND_{op.upper()}")
+
+
+_checked: tuple | None = None   # the SPURFAST_BACKEND* variables last checked
+
+
+def _check_variables_once() -> None:
+    """`check_op_variables` for API runs too, again whenever the variables change: only the
+    CLI checked them, and a misspelt SPURFAST_BACKEND_KMEANS_ASIGN ran `batched_kmeans` on
+    auto without a word (where a misspelt SPURFAST_BACKEND raised)."""
+    global _checked
+    now = tuple(sorted((k, v) for k, v in os.environ.items() if k.upper().startswith("SPURFAST_BACKEND")))
+    if now != _checked:
+        _check_names()   # names only: a per-op variable or an argument still decides before the global one
+        _checked = now
 
 
 def requested(op: str, backend: str | None = None) -> str:
@@ -170,6 +196,7 @@ def resolve(op: str, backend: str | None = None, device: str | None = None) -> t
     "cpu" or "cuda") restricts ``auto`` to the providers that take it."""
     if device == "meta":   # the torch providers took them, and failed deep inside torch naming nothing
         raise ValueError(f"{op}: tensors on the meta device hold no data; pass CPU or CUDA tensors")
+    _check_variables_once()
     want = requested(op, backend)
     key = (op, want, device)
     if key in _cache:

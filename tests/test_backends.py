@@ -51,6 +51,25 @@ def test_a_global_variable_that_names_no_backend_raises(monkeypatch):
     assert backends.requested("kmeans_assign") == "auto"
 
 
+@pytest.mark.parametrize("var, msg", [
+    ("spurfast_backend_kmeans_assign", r"spurfast_backend_kmeans_assign=cupy is never read: spurfast reads "
+                                       r"SPURFAST_BACKEND and SPURFAST_BACKEND_<OP>, in upper case "
+                                       r"\(SPURFAST_BACKEND_KMEANS_ASSIGN\?\)"),
+    ("SPURFAST_BACKENDS", r"SPURFAST_BACKENDS=cupy is never read"),
+    ("SPURFAST_BACKEND_KMEANS_ASIGN", r"no op is named 'kmeans_asign'")])
+def test_a_variable_no_op_reads_is_refused_through_the_api_too(monkeypatch, var, msg):
+    # only the CLI checked the names: batched_kmeans ran on auto without a word, and a prefix in
+    # lower case (or SPURFAST_BACKENDS) went unnoticed by the CLI as well
+    for k in [k for k in os.environ if k.upper().startswith("SPURFAST_BACKEND")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv(var, "cupy")
+    with pytest.raises(backends.BackendUnavailable, match=msg):
+        backends.resolve("kmeans_assign", None, "cpu")
+    with pytest.raises(backends.BackendUnavailable, match=msg):
+        backends.check_op_variables()
+    monkeypatch.delenv(var)
+    assert backends.resolve("kmeans_assign", None, "cpu")[0] in ("cpu", "torch")
+
 def test_a_backend_that_serves_the_assignment_alone_runs_the_lloyd_loop(monkeypatch):
     # backend="triton" died after the first assignment: its name went to kmeans_update too,
     # which triton does not provide; the update now takes its usual choice
