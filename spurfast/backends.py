@@ -205,8 +205,11 @@ def resolve(op: str, backend: str | None = None, device: str | None = None) -> t
     if want != "auto":
         match = [p for p in provs if p.name == want]
         if not match:
+            # 'Cupy' or 'torch ' is a spelling, not a backend the op lacks
+            spelt = (f": backend names are lower case, without spaces ({want.strip().lower()!r})"
+                     if any(p.name == want.strip().lower() for p in provs) else "")
             raise BackendUnavailable(
-                f"backend {want!r} does not implement {op!r}; choose from "
+                f"backend {want!r} does not implement {op!r}{spelt}; choose from "
                 f"{[p.name for p in provs] + ['auto']}")
         ok, why = match[0].available()
         if not ok:
