@@ -53,24 +53,28 @@ def _tensor_bytes(v: torch.Tensor) -> bytes:
         return t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def _plain_bytes(v) -> bytes | None:
+def _plain_bytes(v, extras: bool = True) -> bytes | None:
     """Bytes of a value that can change what a model computes (a tensor, a number, a string,
     a dtype, a numpy value, a partial function by its function's name and arguments, or a
     tuple, list or str-keyed dict of them); None for anything else (a submodule, a function:
-    their repr holds a memory address, which differs from run to run)."""
+    their repr holds a memory address, which differs from run to run).  ``extras=False``:
+    numpy values and partials skipped, as before the fifty-third session (kept to recognise
+    the stores and runs made then)."""
     if isinstance(v, torch.Tensor):
         return f"{v.dtype}:{tuple(v.shape)}:".encode() + _tensor_bytes(v)
     if v is None or isinstance(v, (bool, int, float, complex, str, torch.dtype)):
         return repr(v).encode("utf-8", "surrogateescape")
     if isinstance(v, (tuple, list)):
-        parts = [_plain_bytes(x) for x in v]
+        parts = [_plain_bytes(x, extras) for x in v]
         return None if any(p is None for p in parts) else b"(" + b",".join(parts) + b")"
     if isinstance(v, dict) and all(isinstance(k, str) for k in v):
-        parts = [_plain_bytes(x) for _, x in sorted(v.items())]
+        parts = [_plain_bytes(x, extras) for _, x in sorted(v.items())]
         return None if any(p is None for p in parts) else b"{" + b",".join(
             k.encode("utf-8", "surrogateescape") + b":" + p for k, p in zip(sorted(v), parts)) + b"}"
     # numpy values and partial functions were skipped as unknown: a gain of np.float32(3) for
     # np.float32(1), or leaky_relu's slope in a partial, resumed the other model's run
+    if not extras:
+        return None
     if isinstance(v, (np.generic, np.ndarray)) and v.dtype != object:
         a = np.asarray(v)   # its shape: ascontiguousarray makes a scalar one of shape (1,)
         return f"numpy {a.dtype.str}:{a.shape}:".encode() + np.ascontiguousarray(a).tobytes()
@@ -93,7 +97,7 @@ def _state_bytes(v, key: str) -> bytes:
     return b
 
 
-def _attribute_parts(name: str, sub: torch.nn.Module, code: str | None) -> list[bytes]:
+def _attribute_parts(name: str, sub: torch.nn.Module, code: str | None, extras: bool = True) -> list[bytes]:
     """What a submodule computes with outside its parameters and buffers: its plain attributes
     (an input mean kept as a tensor or a float), or in TorchScript the attributes its code reads
     and the constants a trace baked into it (``CONSTANTS.c0``)."""
@@ -110,13 +114,13 @@ def _attribute_parts(name: str, sub: torch.nn.Module, code: str | None) -> list[
         values = [(k, v) for k, v in sorted(vars(sub).items()) if not k.startswith("_") and k != "training"]
     out = []
     for k, v in values:
-        b = _plain_bytes(v)
+        b = _plain_bytes(v, extras)
         if b is not None:
             out.append(f"attribute {name}.{k}:".encode("utf-8", "surrogateescape") + b)
     return out
 
 
-def model_identity(m: torch.nn.Module, attributes: bool = True) -> bytes:
+def model_identity(m: torch.nn.Module, attributes: bool = True, extras: bool = True) -> bytes:
     """What a model computes with besides its state_dict: its class, the code of its
     TorchScript modules, its buffers kept out of the state_dict, its attributes
     (`_attribute_parts`) and a spurfast model's configuration (the VAE's input normalisation
@@ -124,7 +128,8 @@ def model_identity(m: torch.nn.Module, attributes: bool = True) -> bytes:
     input standardisation baked into its forward has the same weights: by the weights alone it
     resumed the old model's run and reported its findings.  ``attributes=False``: the identity
     before the twenty-eighth session, which missed an input shift kept as a plain attribute
-    or traced into a constant (kept to recognise stores and runs made then)."""
+    or traced into a constant (kept to recognise stores and runs made then); ``extras=False``:
+    the identity before numpy and partial attributes counted (`_plain_bytes`)."""
     parts = [f"{type(m).__module__}.{type(m).__qualname__}".encode()]
     for name, sub in m.named_modules():
         try:   # a scripted module without a forward has no code to show (and may raise for it)
@@ -134,7 +139,7 @@ def model_identity(m: torch.nn.Module, attributes: bool = True) -> bytes:
         if isinstance(code, str):
             parts.append(f"code {name}:{code}".encode())
         if attributes:
-            parts += _attribute_parts(name, sub, code if isinstance(code, str) else None)
+            parts += _attribute_parts(name, sub, code if isinstance(code, str) else None, extras)
     persistent = set(m.state_dict())
     for name, buf in m.named_buffers():
         if name not in persistent:
@@ -148,10 +153,10 @@ def model_identity(m: torch.nn.Module, attributes: bool = True) -> bytes:
     return b"\0".join(parts)
 
 
-def fingerprint(source: ImageSource, *models: torch.nn.Module, attributes: bool = True) -> str:
+def fingerprint(source: ImageSource, *models: torch.nn.Module, attributes: bool = True, extras: bool = True) -> str:
     """The identity of a pool (its name, size, shape and a few item ids) and of the models
     (weights, and `model_identity`): what a store and a run are recognised by."""
     h = hashlib.sha256(weights_fingerprint(source, *models).encode())
     for m in models:
-        h.update(hashlib.sha256(model_identity(m, attributes)).digest())
+        h.update(hashlib.sha256(model_identity(m, attributes, extras)).digest())
     return h.hexdigest()[:16]

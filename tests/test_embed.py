@@ -1027,6 +1027,25 @@ def test_a_store_fingerprinted_before_the_attributes_resumes(tmp_path):
     assert json.loads((tmp_path / "s" / MANIFEST).read_text())["fingerprint"] == fingerprint(src, clf, vae)
 
 
+def test_a_store_of_a_model_with_a_partial_attribute_fingerprinted_before_it_counted_resumes(tmp_path):
+    # numpy and partial attributes joined the identity: such a model's store from before was
+    # refused as "made with other models" (torchvision's ViT keeps partial(LayerNorm))
+    import functools
+
+    from spurfast.identity import fingerprint
+    from spurfast.store import MANIFEST
+
+    src, clf, vae = _setup()
+    clf.norm_layer = functools.partial(torch.nn.LayerNorm, eps=1e-6)
+    embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=16, progress=False, stop_after=1)
+    manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
+    old = fingerprint(src, clf, vae, extras=False)   # as the fifty-second session wrote it
+    assert old != manifest["fingerprint"]
+    manifest["fingerprint"] = old
+    (tmp_path / "s" / MANIFEST).write_text(json.dumps(manifest))
+    assert embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, progress=False).complete
+    assert json.loads((tmp_path / "s" / MANIFEST).read_text())["fingerprint"] == fingerprint(src, clf, vae)
+
 def test_a_quantized_classifier_is_fingerprinted_by_its_packed_weights(tmp_path):
     """A dynamically quantized model's state_dict holds a dtype and a tuple: the fingerprint
     failed with "'tuple' object has no attribute 'detach'", naming neither model nor key."""
