@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import operator
 import os
 from pathlib import Path
 
@@ -45,9 +46,12 @@ def whole_number(value, name: str) -> int:
     of findings.json after the run, and a fractional count ran as another (k=4.5 as 4)."""
     whole = isinstance(value, (int, np.integer)) or (isinstance(value, (float, np.floating))
                                                       and float(value).is_integer())
-    if isinstance(value, (bool, np.bool_)) or not whole:
+    # a 0-d integer tensor too (labels.max() + 1 of torch labels), as operator.index takes it
+    tensor = type(value).__name__ == "Tensor" and getattr(value, "ndim", None) == 0 \
+        and "int" in str(getattr(value, "dtype", ""))
+    if isinstance(value, (bool, np.bool_)) or not (whole or tensor):
         raise ValueError(f"{name} must be an integer, got {value!r}")
-    return int(value)
+    return operator.index(value) if tensor else int(value)
 
 
 def real_number(value, name: str) -> float:

@@ -1022,7 +1022,7 @@ def test_training_counts_and_seeds_are_named_when_not_whole_numbers():
     with pytest.raises(ValueError, match=r"VAE: seed must be an integer, got '1'"):
         train_vae(src, VAEConfig(1, 8, (4, 8), 3), epochs=1, seed="1", progress=False)
     a = train_classifier(src, 2.0, epochs=1, seed=3.0, progress=False)   # whole floats are those integers
-    b = train_classifier(src, 2, epochs=1, seed=3, progress=False)
+    b = train_classifier(src, torch.tensor(1) + 1, epochs=1, seed=3, progress=False)   # labels.max() + 1 of torch
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
 
 def test_epoch_seeds_keep_the_first_thousand_and_past_them_overlap_no_other_seed_nor_overflow():
