@@ -161,18 +161,18 @@ def _check_names() -> None:
                                      f"SPURFAST_BACKEND_{op.upper()}")
 
 
-_checked: tuple | None = None   # the SPURFAST_BACKEND* variables last checked
+_checked: int | None = None   # the number of environment variables when the names were last checked
 
 
 def _check_variables_once() -> None:
-    """`check_op_variables` for API runs too, again whenever the variables change: only the
-    CLI checked them, and a misspelt SPURFAST_BACKEND_KMEANS_ASIGN ran `batched_kmeans` on
-    auto without a word (where a misspelt SPURFAST_BACKEND raised)."""
+    """`check_op_variables`' check of the names for API runs too, again whenever a variable
+    comes or goes: only the CLI checked them, and a misspelt SPURFAST_BACKEND_KMEANS_ASIGN ran
+    `batched_kmeans` on auto without a word (where a misspelt SPURFAST_BACKEND raised).  Keyed
+    on the count alone: a scan of the environment on every `resolve` made it 50-300x slower."""
     global _checked
-    now = tuple(sorted((k, v) for k, v in os.environ.items() if k.upper().startswith("SPURFAST_BACKEND")))
-    if now != _checked:
+    if len(os.environ) != _checked:
         _check_names()   # names only: a per-op variable or an argument still decides before the global one
-        _checked = now
+        _checked = len(os.environ)
 
 
 def requested(op: str, backend: str | None = None) -> str:
