@@ -414,11 +414,13 @@ def _folder_shape(args, *paths) -> None:
     """--size/--channels read folders only: given where every input is an .npz they went
     unused without a word (an .npz keeps the shape it was written at).  Fills the defaults."""
     given = [f"--{name} {v}" for name, v in (("size", args.size), ("channels", args.channels)) if v is not None]
-    if given and not any(p and Path(p).is_dir() for p in paths):
+    named = [p for p in paths if p]
+    # files only: a mistyped folder is no archive (its own error follows)
+    if given and named and all(Path(p).is_file() for p in named):
         logging.getLogger("spurfast.cli").warning(
-            "%s has no effect: %s %s arrays, read at the shape they were written at; these options size "
-            "the images of a folder", " and ".join(given), " and ".join(str(p) for p in paths if p),
-            "hold" if sum(bool(p) for p in paths) > 1 else "holds")
+            "%s %s no effect: %s %s arrays, read at the shape they were written at; these options size "
+            "the images of a folder", " and ".join(given), "have" if len(given) > 1 else "has",
+            " and ".join(map(str, named)), "hold" if len(named) > 1 else "holds")
     args.size = FOLDER_SIZE if args.size is None else args.size
     args.channels = FOLDER_CHANNELS if args.channels is None else args.channels
 

@@ -2320,7 +2320,7 @@ def test_size_and_channels_given_for_npz_inputs_alone_say_they_have_no_effect(tm
     base = ["--classifier", clf, "--vae", vae, "--quiet", "--out", str(tmp_path / "o")]
     with caplog.at_level("WARNING", logger="spurfast.cli"):
         assert main(["discover", "--pool", pool, "--size", "32", "--channels", "3", *base]) == 0
-    assert f"--size 32 and --channels 3 has no effect: {pool} holds arrays" in caplog.text, caplog.text
+    assert f"--size 32 and --channels 3 have no effect: {pool} holds arrays" in caplog.text, caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="spurfast.cli"):
         assert main(["discover", "--pool", pool, "--clean", pool, "--channels", "1", *base]) == 0
@@ -2335,6 +2335,11 @@ def test_size_and_channels_given_for_npz_inputs_alone_say_they_have_no_effect(tm
         main(["train-vae", "--data", pool, "--size", "16", "--out", str(tmp_path / "v2.pt"), "--quiet"])
     assert f"--size 16 has no effect: {pool} holds arrays" in caplog.text, caplog.text
     assert tuple(trained[0].image_shape) == (1, 28, 28)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="spurfast.cli"):   # a mistyped folder: its own error, no such word
+        assert main(["train-vae", "--data", str(tmp_path / "my_images"), "--size", "16", "--out",
+                     str(tmp_path / "v3.pt"), "--quiet"]) == 2
+    assert "has no effect" not in caplog.text, caplog.text
 
 def test_feature_view_without_confirmation_is_refused_before_any_work(tmp_path, capsys):
     clf, vae = _models(tmp_path)
