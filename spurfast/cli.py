@@ -723,17 +723,20 @@ def cmd_evaluate(args):
 
 
 def cmd_report(args):
-    from .run_folder import hold_output, release_output
+    from .run_folder import hold_output, holds_output, release_output
     run = Path(args.run)
     if not (run / "findings.json").is_file():
         raise FileNotFoundError(f"{run} holds no findings.json (run `spurfast discover` first)")
     # a discover run still writing here renames and deletes the pictures the report inlines,
-    # and writes its own report.html over this one (or this one over its)
+    # and writes its own report.html over this one (or this one over its); a hold this thread
+    # had already (main() called in-process by a caller holding the folder) stays its caller's
+    held = holds_output(run)
     hold_output(run)
     try:
         _rewrite_report(run)
     finally:
-        release_output(run)
+        if not held:
+            release_output(run)
 
 
 def _rewrite_report(run: Path) -> None:

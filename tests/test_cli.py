@@ -346,8 +346,14 @@ def test_report_waits_for_no_run_but_refuses_a_folder_a_run_is_writing(tmp_path,
     assert not (run / "report.html").exists()
     assert main(["report", "--run", str(run)]) == 2          # free: read (and refused for its content)
     assert "in use" not in capsys.readouterr().err
-    from spurfast.run_folder import holds_output
+    from spurfast.run_folder import hold_output, holds_output, release_output
     assert not holds_output(run), "the lock outlived the command"
+    hold_output(run)   # held by this thread's caller before: still held after
+    try:
+        main(["report", "--run", str(run)])
+        assert holds_output(run), "the report released its caller's hold"
+    finally:
+        release_output(run)
 
 def test_demo_pattern_flags_reach_the_pattern_and_the_run_id(monkeypatch):
     import types
