@@ -624,7 +624,7 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
                      pool_probs: np.ndarray | None = None,
                      suspect: np.ndarray | None = None, config: ConfirmConfig | None = None,
                      num_workers: int = 0, loader_backend: str | None = None, work_dir=None,
-                     progress: bool = False) -> list[dict]:
+                     progress: bool = False, content: str | None = None) -> list[dict]:
     """Fill ``confirm`` of every finding (needs ``_mask`` and ``_contrast`` from
     `spurfast.discover.characterise`).
 
@@ -648,7 +648,8 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
     predicted through its loader (``loader_backend``, ``num_workers`` processes, decoded
     where ``config.device`` computes), as the pool's embedding pass reads it.  ``work_dir``:
     each finding's result is kept there as it finishes (`spurfast.confirm_work`), and a
-    rerun with the same inputs reads it instead of computing it again.  ``progress``: a bar
+    rerun with the same inputs reads it instead of computing it again (``content``: the
+    confirmed source's `content_digest`, where the caller has made it).  ``progress``: a bar
     over the findings.  Several findings are confirmed at once where `findings_at_once` says
     so (their images read here, their passes on threads), with the results of one at a time."""
     # checked again: a field set after construction (config.seed = -1) skipped __post_init__
@@ -670,7 +671,7 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
     # drawn from every candidate, as `clean_indices_for` says: one found unreadable is replaced
     # when read (`_clean_images`).  Left out here, those the source had found so far, the same
     # call drew other images on a source read before (a clean set confirmed twice in a process)
-    kept = KeptConfirmations(work_dir, model, src, config) if work_dir is not None else None
+    kept = KeptConfirmations(work_dir, model, src, config, content) if work_dir is not None else None
     clean_probs = CleanProbs(model, config, stored=stored)
     drawn = _drawn(findings, cand, labels, pred, clean is None, config.max_images, rng)
 

@@ -31,9 +31,10 @@ VERSION = 3   # bump when what `confirm_pattern` computes changes: results kept 
 class KeptConfirmations:
     """``folder/KEY.json``: one finding's `confirm_pattern` result per file, written atomically.
     ``source``: where the clean and class images are read (the pool as the run reads it, or
-    the clean set); ``config``: the `ConfirmConfig`."""
+    the clean set); ``config``: the `ConfirmConfig`; ``content``: `content_digest` of what the
+    source holds where the caller has made it (one stat per file of a folder: not twice a run)."""
 
-    def __init__(self, folder, model: torch.nn.Module, source, config):
+    def __init__(self, folder, model: torch.nn.Module, source, config, content: str | None = None):
         self.folder = Path(folder)
         # the decoder matters too: DALI and PIL decode a JPEG to pixels up to 1/255 apart
         reads = [type(source).__name__, getattr(source, "loader_backend", None), getattr(source, "device", None)]
@@ -44,7 +45,7 @@ class KeptConfirmations:
         # read the first set's confirmations
         self._settings = {"piece": "confirmation", "confirm_version": VERSION, "config": settings,
                           "reads": reads, "model_and_source": fingerprint(source, model),
-                          "content": content_digest(source)}
+                          "content": content or content_digest(source)}
         sweep_killed_writers(self.folder, "*.json.*.tmp")
 
     def key(self, finding: dict, clean_idx: np.ndarray, class_idx: np.ndarray) -> str:

@@ -386,7 +386,9 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
                                  config=ConfirmConfig(seed=config.seed, device=config.device),
                                  # an unlabelled clean folder is predicted through the run's own loader
                                  num_workers=usable_cores(), loader_backend=loader_backend,
-                                 work_dir=out / WORK_DIR / CONFIRM_WORK, progress=progress)
+                                 work_dir=out / WORK_DIR / CONFIRM_WORK, progress=progress,
+                                 # what the confirmed source holds, as the run's start digested it
+                                 content=identity[1] if clean is None else extra_config["inputs"]["clean"]["content"])
                 # the feature view's findings ship only once confirmed (its docstring's figures); a run
                 # without the view has none of them, so nothing drops there
                 from .feature_view import unconfirmed

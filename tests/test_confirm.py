@@ -957,6 +957,22 @@ def test_a_resumed_run_decides_on_the_stored_probabilities_as_the_run_it_resumes
     confirm_findings(got, CornerModel(), work_dir=tmp_path, **kw)
     assert [f["_confirm_detail"] for f in got] == [f["_confirm_detail"] for f in want]
 
+def test_kept_confirmations_take_the_digest_the_caller_made(tmp_path, monkeypatch):
+    # the run had digested its pool at the start: the kept confirmations did it again (one stat
+    # per file of a folder pool); given, the digest keys them as it would have
+    import spurfast.confirm as C
+    import spurfast.confirm_work as W
+    clean = ArraySource(_clean(60), np.r_[np.zeros(40, int), np.ones(20, int)], name="clean")
+    digest = W.content_digest(clean)
+    want = [_finding([0, 1])]
+    confirm_findings(want, CornerModel(), clean=clean, work_dir=tmp_path)
+    monkeypatch.setattr(W, "content_digest", lambda *a: pytest.fail("digested a second time"))
+    got = [_finding([0, 1])]
+    calls = []
+    monkeypatch.setattr(C, "confirm_pattern", lambda *a, **k: calls.append(1))
+    confirm_findings(got, CornerModel(), clean=clean, work_dir=tmp_path, content=digest)
+    assert not calls and got[0]["confirm"] == want[0]["confirm"]   # read from the kept file
+
 def test_kept_confirmations_take_numpy_numbers(tmp_path):
     """A result holding numpy scalars (np.int64 is no JSON number) is kept, and read back equal."""
     from spurfast.confirm_work import KeptConfirmations
