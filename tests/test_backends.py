@@ -70,6 +70,7 @@ def test_a_variable_no_op_reads_is_refused_through_the_api_too(monkeypatch, var,
     monkeypatch.delenv(var)
     assert backends.resolve("kmeans_assign", None, "cpu")[0] in ("cpu", "torch")
 
+
 def test_a_backend_value_spelt_otherwise_is_named_as_a_spelling(monkeypatch):
     # 'Cupy' and 'torch ' were "does not implement 'kmeans_assign'; choose from [... 'cupy', 'torch' ...]"
     monkeypatch.setenv("SPURFAST_BACKEND_KMEANS_ASSIGN", "Cupy")
@@ -79,6 +80,7 @@ def test_a_backend_value_spelt_otherwise_is_named_as_a_spelling(monkeypatch):
     with pytest.raises(backends.BackendUnavailable, match=r"backend 'torch ' does not implement 'kmeans_assign': "
                                                           r"backend names are lower case"):
         backends.resolve("kmeans_assign", "torch ", "cpu")
+
 
 def test_a_backend_that_serves_the_assignment_alone_runs_the_lloyd_loop(monkeypatch):
     # backend="triton" died after the first assignment: its name went to kmeans_update too,

@@ -106,6 +106,7 @@ def test_non_finite_features_are_named_by_pool_index_in_every_feature_space():
         with pytest.raises(ValueError, match=msg):
             run(store)
 
+
 def test_pattern_ranked_gives_a_baselines_candidates_spurfasts_ranking_step():
     # GEORGE ranked the pool by closeness to its cluster's centroid in feature space and
     # activation clustering by its 2-means margin: neither had the pattern ranking spurfast's

@@ -242,6 +242,7 @@ def test_contrast_map_names_no_members_and_unpaired_content():
     with pytest.raises(ValueError, match=rf"contrast_map: {len(others)} others but {len(others) - 1} content classes"):
         contrast_map(src, members, content[members], others, content[others][1:])
 
+
 def test_exemplars_are_the_members_nearest_their_mean_ties_by_index():
     from spurfast.characterise import exemplars
 

@@ -355,6 +355,7 @@ def test_report_waits_for_no_run_but_refuses_a_folder_a_run_is_writing(tmp_path,
     finally:
         release_output(run)
 
+
 def test_demo_pattern_flags_reach_the_pattern_and_the_run_id(monkeypatch):
     import types
 
@@ -559,6 +560,7 @@ def test_class_names_an_npz_pool_does_not_take_are_said_unused_and_blamed_for_no
                  str(tmp_path / "clf1x28.pt"), "--vae", vae, "--quiet", "--out", str(tmp_path / "o2")]) == 0, \
         capsys.readouterr().err
     assert seen["names"] is None   # the pool's numbers mean the pool's classes
+
 
 def _wide_pool_and_narrow_vae(tmp_path):
     """(classifier, VAE, pool) paths that the VAE shape check refuses (1x28x32 pool, 1x28x28
@@ -1046,6 +1048,7 @@ def test_evaluate_from_csv_refuses_a_folder_where_it_writes_results_md(tmp_path,
     assert capsys.readouterr().err.startswith(f"error: --out {tmp_path / 'o'}: {tmp_path / 'o' / 'RESULTS.md'} is a "
                                               f"folder; the evaluation writes its RESULTS.md there")
 
+
 def test_evaluate_results_md_in_a_missing_folder_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
     # the write failed at the very end, after the whole evaluation
     import spurfast.evaluate
@@ -1226,6 +1229,7 @@ def test_ctrl_c_in_report_or_training_says_what_that_command_keeps(tmp_path, cap
     assert err.startswith(f"interrupted: the epochs finished are kept in {tmp_path / 'v.pt'}.ckpt; the same "
                           f"`spurfast train-vae` command resumes from it"), err
 
+
 def test_a_refused_training_leaves_no_folder_it_made(tmp_path, capsys, monkeypatch):
     # --out's new folders were made before the labels, the size and the VAE's shape were checked
     np.savez(tmp_path / "d.npz", images=np.zeros((4, 10, 10), np.uint8), labels=np.arange(4) % 2)
@@ -1244,6 +1248,7 @@ def test_a_refused_training_leaves_no_folder_it_made(tmp_path, capsys, monkeypat
     out = tmp_path / "new2" / "m.pt"
     assert main(["train-classifier", "--data", str(tmp_path / "d.npz"), "--out", str(out), "--quiet"]) == 130
     assert (tmp_path / "new2" / "m.pt.ckpt").exists()
+
 
 def test_ctrl_c_while_the_parser_imports_says_nothing_was_done(capsys, monkeypatch):
     # the parser imports torch (5-15 s on a loaded machine): a Ctrl-C then printed torch's
@@ -1960,6 +1965,7 @@ def test_plants_ground_truth_is_about_the_bytes_it_writes(tmp_path, capsys, patt
     t1, t0 = np.load(tmp_path / "p1" / "train.npz"), np.load(tmp_path / "p0" / "train.npz")
     assert info["n_poisoned"] == int((t1["images"] != t0["images"]).reshape(len(t1["images"]), -1).any(1).sum())
 
+
 def _fake_planted_data(monkeypatch, interrupt_after=None):
     """make_planted_data as a few random images (the CLI's plant writes them as the real ones);
     ``interrupt_after``: a file name whose write is followed by Ctrl-C."""
@@ -2138,6 +2144,7 @@ def test_class_folders_and_num_classes_that_disagree_are_refused_at_training_as_
     assert capsys.readouterr().err.startswith(f"error: data {tmp_path / 'pool'} has 2 class folders but the "
                                               f"classifier has 3 classes")
     assert not list(tmp_path.glob("c.pt*"))
+
 
 def test_from_csv_names_an_out_results_md_that_is_not_utf8(tmp_path, capsys):
     # --from-csv keeps the notes of --out/RESULTS.md: one saved as Latin-1 stopped it with the
@@ -2346,6 +2353,7 @@ def test_size_and_channels_given_for_npz_inputs_alone_say_they_have_no_effect(tm
         assert main(["train-vae", "--data", str(tmp_path / "my_images"), "--size", "16", "--out",
                      str(tmp_path / "v3.pt"), "--quiet"]) == 2
     assert "has no effect" not in caplog.text, caplog.text
+
 
 def test_feature_view_without_confirmation_is_refused_before_any_work(tmp_path, capsys):
     clf, vae = _models(tmp_path)

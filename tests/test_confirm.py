@@ -394,6 +394,7 @@ def test_a_clean_set_read_before_draws_the_same_images_as_a_fresh_one():
     assert used.bad_files
     assert once(used) == first == once(BrokenSource(xs, y, range(0, 200, 25), name="clean"))
 
+
 def test_unreadable_images_are_no_clean_images(tmp_path, monkeypatch, caplog):
     from PIL import Image
 
@@ -926,6 +927,7 @@ def _corner_pool():
         probs = torch.softmax(CornerModel()(x), 1).numpy()
     return ArraySource(x, None, name="pool"), probs
 
+
 def test_a_resumed_run_decides_on_the_stored_probabilities_as_the_run_it_resumes(tmp_path, monkeypatch):
     # decided on the first computed finding's images: resumed at finding 2, the run checked
     # those, saw the store 0.03 off and classified again, where the run it resumed had used them
@@ -957,6 +959,7 @@ def test_a_resumed_run_decides_on_the_stored_probabilities_as_the_run_it_resumes
     confirm_findings(got, CornerModel(), work_dir=tmp_path, **kw)
     assert [f["_confirm_detail"] for f in got] == [f["_confirm_detail"] for f in want]
 
+
 def test_kept_confirmations_take_the_digest_the_caller_made(tmp_path, monkeypatch):
     # the run had digested its pool at the start: the kept confirmations did it again (one stat
     # per file of a folder pool); given, the digest keys them as it would have
@@ -972,6 +975,7 @@ def test_kept_confirmations_take_the_digest_the_caller_made(tmp_path, monkeypatc
     monkeypatch.setattr(C, "confirm_pattern", lambda *a, **k: calls.append(1))
     confirm_findings(got, CornerModel(), clean=clean, work_dir=tmp_path, content=digest)
     assert not calls and got[0]["confirm"] == want[0]["confirm"]   # read from the kept file
+
 
 def test_kept_confirmations_take_numpy_numbers(tmp_path):
     """A result holding numpy scalars (np.int64 is no JSON number) is kept, and read back equal."""

@@ -837,6 +837,7 @@ def test_the_csvs_name_each_rows_family(tmp_path):
     assert [r["family"] for r in findings] == [f.get("view", "clusters") for f in res.findings]
     assert {r["family"] for r in findings} == {"clusters", "features"}
 
+
 def test_a_cluster_whose_q_value_equals_the_fdr_is_a_finding(tmp_path):
     # q = 0.05 exactly is reachable (p = 1/120 over 6 tests): "<=" is the rule, as everywhere
     store, _ = _store(tmp_path / "store")

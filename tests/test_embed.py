@@ -998,6 +998,7 @@ def test_numpy_and_partial_attributes_are_part_of_a_models_identity():
                   Scaled(np.float32(1), functools.partial(torch.nn.functional.elu, alpha=0.1))):
         assert model_identity(other) != base
 
+
 def test_a_reused_store_names_files_it_could_not_open_and_the_way_out(tmp_path, caplog):
     # a file unreadable for permissions stayed unreadable in the reused store once fixed, without
     # a word: its size (the store's identity) had not changed
@@ -1012,19 +1013,25 @@ def test_a_reused_store_names_files_it_could_not_open_and_the_way_out(tmp_path, 
             f"index 9: cannot read file: PermissionError: Permission denied); if they can be read now, remove "
             f"{tmp_path / 's'} to embed the pool again") in caplog.text, caplog.text
 
-def test_a_store_fingerprinted_before_the_attributes_resumes(tmp_path):
-    from spurfast.store import MANIFEST
-    from spurfast.identity import fingerprint
 
-    src, clf, vae = _setup()
+def _resumes_under_an_earlier_fingerprint(tmp_path, src, clf, vae, **earlier):
+    """A store begun, its manifest rewritten to the fingerprint ``earlier`` gives (an earlier
+    version's), is resumed and relabelled with today's."""
+    from spurfast.identity import fingerprint
+    from spurfast.store import MANIFEST
+
     embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=16, progress=False, stop_after=1)
     manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
-    old = fingerprint(src, clf, vae, attributes=False)   # as the twenty-seventh session wrote it
+    old = fingerprint(src, clf, vae, **earlier)
     assert old != manifest["fingerprint"]
     manifest["fingerprint"] = old
     (tmp_path / "s" / MANIFEST).write_text(json.dumps(manifest))
     assert embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, progress=False).complete
     assert json.loads((tmp_path / "s" / MANIFEST).read_text())["fingerprint"] == fingerprint(src, clf, vae)
+
+
+def test_a_store_fingerprinted_before_the_attributes_resumes(tmp_path):
+    _resumes_under_an_earlier_fingerprint(tmp_path, *_setup(), attributes=False)   # the twenty-seventh session's
 
 
 def test_a_store_of_a_model_with_a_partial_attribute_fingerprinted_before_it_counted_resumes(tmp_path):
@@ -1032,19 +1039,10 @@ def test_a_store_of_a_model_with_a_partial_attribute_fingerprinted_before_it_cou
     # refused as "made with other models" (torchvision's ViT keeps partial(LayerNorm))
     import functools
 
-    from spurfast.identity import fingerprint
-    from spurfast.store import MANIFEST
-
     src, clf, vae = _setup()
     clf.norm_layer = functools.partial(torch.nn.LayerNorm, eps=1e-6)
-    embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=16, progress=False, stop_after=1)
-    manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
-    old = fingerprint(src, clf, vae, extras=False)   # as the fifty-second session wrote it
-    assert old != manifest["fingerprint"]
-    manifest["fingerprint"] = old
-    (tmp_path / "s" / MANIFEST).write_text(json.dumps(manifest))
-    assert embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, progress=False).complete
-    assert json.loads((tmp_path / "s" / MANIFEST).read_text())["fingerprint"] == fingerprint(src, clf, vae)
+    _resumes_under_an_earlier_fingerprint(tmp_path, src, clf, vae, extras=False)   # the fifty-second session's
+
 
 def test_a_quantized_classifier_is_fingerprinted_by_its_packed_weights(tmp_path):
     """A dynamically quantized model's state_dict holds a dtype and a tuple: the fingerprint

@@ -148,6 +148,7 @@ def test_feature_view_findings_get_confirm_rows(tiny, tmp_path, monkeypatch):
     md = (tmp_path / "fv" / "RESULTS.md").read_text()
     assert "false (feature view)" in md and "Rows marked *feature view*" in md
 
+
 def test_feature_view_adds_its_methods_and_keeps_the_default_sweep(tiny, tmp_path):
     """--feature-view: the four feature-view rows beside the default ones, which stay as the
     default sweep wrote them (same models; their run keys hold the method list, so the

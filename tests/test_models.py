@@ -325,6 +325,7 @@ def test_vae_loss_reads_uint8_images_as_the_vae_does():
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
 
+
 def test_a_compiled_model_saves_a_file_that_loads(tmp_path):
     # torch.compile's wrapper passed the checks (arch and config reach through it), but its
     # state_dict prefixed every key with _orig_mod.: the loaders refused the file just written
@@ -337,6 +338,7 @@ def test_a_compiled_model_saves_a_file_that_loads(tmp_path):
         torch.testing.assert_close(load_classifier(tmp_path / "c.pt")(x), clf.eval()(x))
     torch.testing.assert_close(load_vae(tmp_path / "v.pt").encode(x, backend="torch")[0],
                                vae.encode(x, backend="torch")[0])
+
 
 @pytest.mark.parametrize("c,size,widths", [(3, 64, (32, 64, 128, 256)), (1, 28, (5, 12))])
 def test_inference_encoder_matches_the_training_modules(c, size, widths):
@@ -652,6 +654,7 @@ def test_too_few_readable_images_for_one_batch_are_counted_not_called_none(tmp_p
     with pytest.raises(ValueError, match=r"classifier training on pool: only 1 of its 3 images could be read, "
                                          r"fewer than the 2 it trains on at once"):
         train_classifier(src, 2, arch="resnet18", epochs=1, progress=False)
+
 
 def test_classifier_training_needs_square_images(tmp_path):
     """28xW images failed on the first batch (fc1 shape); others trained a model recorded as
@@ -1025,6 +1028,7 @@ def test_training_counts_and_seeds_are_named_when_not_whole_numbers():
     b = train_classifier(src, torch.tensor(1) + 1, epochs=1, seed=3, progress=False)   # labels.max() + 1 of torch
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
 
+
 def test_epoch_seeds_keep_the_first_thousand_and_past_them_overlap_no_other_seed_nor_overflow():
     """seed * 1000 + epoch went on past epoch 999: epoch 1000 of seed 0 shuffled as epoch 0 of
     seed 1, and the largest seed overflowed 64 bits at epoch 1000 (after that much work)."""
@@ -1035,6 +1039,7 @@ def test_epoch_seeds_keep_the_first_thousand_and_past_them_overlap_no_other_seed
         for e in (1000, 5000):
             torch.Generator().manual_seed(epoch_seed(seed, e))   # raised "Overflow" for MAX_SEED
     assert epoch_seed(3, 1234) == epoch_seed(3, 1234)
+
 
 @pytest.mark.parametrize("shape", [(3, 5, 7, 9), (4, 3, 2, 2), (1, 8, 28, 28), (2, 2, 5, 4)])
 def test_the_cpu_relu_pool_is_max_pool2d_of_relu_value_for_value(shape):

@@ -1018,6 +1018,7 @@ def test_removing_an_earlier_passs_finding_files_does_not_follow_a_linked_folder
     assert (elsewhere / "finding1_grid.png").read_bytes() == b"someone else's"
     assert not (out / "rankings" / "finding2.npy").exists()
 
+
 @pytest.mark.parametrize("value", [2.0, True, 0])
 def test_a_bad_number_of_classes_is_refused_before_overwrite_deletes_the_old_run(tmp_path, value):
     # 2.0 passed the logits check (2 == 2.0); the embedding pass refused it after --overwrite had

@@ -141,6 +141,7 @@ def test_a_batch_both_conversions_give_back_decides_nothing():
     assert merged_mode(None, EITHER, EITHER) == EITHER and merged_mode(EITHER, "div255", "mul_inv255") == MIXED
     assert torch.equal(to_float(plain, EITHER), to_float(plain, "div255"))
 
+
 def test_rows_are_read_and_written_as_numpy_indexing_does(tmp_path):
     """The pixel column is read and written with pread/pwrite (a map of it counted the file's
     pages a read touched as resident: 1,365 scattered rows, 16 MiB, raised a process's peak by

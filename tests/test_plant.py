@@ -135,6 +135,7 @@ def test_a_patterns_label_says_its_strength_and_place_where_not_the_default():
     assert PatternSpec("bar", position="top_left").label == "bar at top left"
     assert PatternSpec("pixel", strength=0.8, position="random").label == "pixel@0.8 at random"
 
+
 @pytest.mark.parametrize("kind", ["float64", "float16", "numpy"])
 def test_planting_takes_the_images_apply_pattern_takes(kind):
     # apply_pattern's float32 result written back into a float64 or float16 tensor raised "Index put
@@ -147,6 +148,7 @@ def test_planting_takes_the_images_apply_pattern_takes(kind):
     assert got.dtype == torch.float32 and torch.equal(got, ref) and list(idx) == list(ref_idx)
     got, carries = plant_pool(given, 0.5, PatternSpec("pixel"), seed=1)
     assert got.dtype == torch.float32 and carries.sum() == 3
+
 
 def test_patterns_that_would_plant_nothing_or_out_of_range_are_refused():
     # a negative margin stamped nothing at top/left corners (empty slice) while the truth said it did

@@ -59,6 +59,7 @@ def test_each_family_is_said_with_its_own_search_and_level(tmp_path):
     (tmp_path / "c").mkdir()
     assert "<h2>Findings (1 at q &le; 0.05)</h2>" in write_report(doc, tmp_path / "c").read_text()
 
+
 def test_the_report_says_what_a_score_sums(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

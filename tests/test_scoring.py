@@ -43,6 +43,7 @@ def test_nonfinite_rows_reads_in_chunks_and_only_the_rows_asked():
         assert nonfinite_rows(v, rows, chunk=chunk).tolist() == [1, 9]
     assert nonfinite_rows(v[:0], rows[:0]).tolist() == []
 
+
 def test_permutation_pvalues_count_a_tie_added_in_another_order():
     real = 0.1 + 0.2 + 0.3          # 0.6000000000000001
     null = np.array([0.3 + 0.2 + 0.1, 0.0, 1.0])   # the same shares: 0.6
