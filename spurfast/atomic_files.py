@@ -52,9 +52,10 @@ QUIET_S = 60.0     # a leftover written to more recently than this is never swep
 
 
 # the temporary names of `replace_atomically` (NAME.PID.tmp) and of
-# `spurfast.models.files.save_atomic` (NAME.PID.HEX.tmp)
-_TEMPORARY = re.compile(r"(.+)\.([0-9]+)(?:\.[0-9a-f]{8})?\.tmp")
-_SAVED = re.compile(r"(.+)\.([0-9]+)\.[0-9a-f]{8}\.tmp")   # save_atomic's alone (HEX required)
+# `spurfast.models.files.save_atomic` (NAME.PID.HEX.tmp).  NAME as short as the rest allows: a
+# greedy one read an all-digit HEX (one save_atomic name in 40) as the pid, and NAME.PID as the
+# file it was to replace, which no caller accepts (that leftover was kept for good)
+_TEMPORARY = re.compile(r"(.+?)\.([0-9]+)(?:\.[0-9a-f]{8})?\.tmp")
 
 
 def writer_pid(name: str) -> str:
@@ -68,13 +69,10 @@ def killed_writer_target(entry: Path, targets=lambda name: True) -> str | None:
     """The name of the file that ``entry`` was to replace, if it is the temporary file of a
     writer killed mid-write (its process gone) and ``targets(name)`` accepts that name; None
     for any other entry (the name is read first: no file or process is asked about others)."""
-    # each reading of the name: an all-digit HEX (one save_atomic name in 40) also reads as
-    # NAME.PID.PID.tmp, whose target (NAME.PID) no caller accepts: that leftover was kept for good
-    for m in (_TEMPORARY.fullmatch(entry.name), _SAVED.fullmatch(entry.name)):
-        if (m is not None and targets(m.group(1)) and entry.is_file() and not entry.is_symlink()
-                and process_gone(m.group(2))):
-            return m.group(1)
-    return None
+    m = _TEMPORARY.fullmatch(entry.name)
+    ok = (m is not None and targets(m.group(1)) and entry.is_file() and not entry.is_symlink()
+          and process_gone(m.group(2)))
+    return m.group(1) if ok else None
 
 
 def remove_killed_writers_files(folder: Path, targets) -> None:
