@@ -31,8 +31,7 @@ def feature_space(store) -> np.ndarray:
     predicted rows (zeros elsewhere: discovery never reads those)."""
     pred = np.asarray(store["pred"]).astype(np.int64)
     valid = np.nonzero(np.asarray(store["ok"]).astype(bool) & (pred >= 0))[0]
-    feats = np.asarray(store["feats"], dtype=np.float32)
-    full = np.zeros(feats.shape, np.float32)
+    full = np.zeros(np.shape(store["feats"]), np.float32)   # the column's shape: read once, below
     full[valid] = _standardise(valid_features(store, valid))
     return full
 
@@ -41,7 +40,7 @@ def valid_features(store, valid: np.ndarray, dtype=np.float32) -> np.ndarray:
     """The store's penultimate features of the rows ``valid`` (pool indices), NaN/inf refused
     by pool index: standardised, one NaN spread to its whole column, and the error then blamed
     the latents of every image (or the SVD of activation clustering failed to converge)."""
-    feats = np.asarray(store["feats"], dtype=dtype)[valid]
+    feats = np.asarray(store["feats"])[valid].astype(dtype, copy=False)   # the rows first, then their dtype
     bad = np.flatnonzero(~np.isfinite(feats.reshape(len(feats), -1)).all(1))
     if len(bad):
         raise ValueError(f"store {store.root}: the classifier's features (its feats column) contain NaN/inf for "
