@@ -28,8 +28,7 @@ from .in_order import run_in_order
 from .models.as_given import restores_models
 from .rankings import SpilledRankings, save_ranking
 from .scoring import (DEFAULT_NULL, DEFAULT_STATISTIC, LOOK_ALIKE_NEIGHBOURS, NULLS, STATISTICS, bh_qvalues,
-                      cluster_and_score, content_classes, latent_neighbours, look_alike_strata, nonfinite_rows,
-                      null_scores,
+                      cluster_and_score, content_classes, latent_neighbours, look_alike_strata, null_scores,
                       shuffled_share, size_matched_pvalues, top_two, unrelated_to_class)
 from .store import EmbeddingStore, _write_json
 
@@ -231,7 +230,7 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
                          f"{int((~np.isfinite(mu[ok])).any(1).sum())} images")
     # a NaN row's "top class" was its first NaN's column (numpy's argmax): the content and
     # look-alike classes of a user-made store were read from it without a word
-    bad = nonfinite_rows(store["probs"], ok)
+    top2_all, bad = top_two(store["probs"], rows=ok)   # one pass over the (n, C) column
     if len(bad):
         raise ValueError(f"store {store.root}: class probabilities contain NaN/inf for {len(bad)} image(s) with a "
                          f"prediction, first pool index {bad[0]}; embed the pool again")
@@ -248,7 +247,7 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
               n_iter=config.n_iter,
               metric=config.metric, backend=config.backend, device=config.device)
     unknown_ok = ~suspect[valid]  # an unlabelled suspect sample may be genuine class c
-    top2 = top_two(store["probs"])[valid]
+    top2 = top2_all[valid]
     # the look-alike null reads a wider neighbourhood: one search, whose first columns (nearest
     # first, ties to the lower index) are the narrower one's
     n_search = config.n_neighbours * (LOOK_ALIKE_NEIGHBOURS if config.null == "look-alike" else 1)
