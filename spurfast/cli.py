@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -280,19 +281,25 @@ def _first_missing(out: Path) -> Path | None:
     return missing
 
 
-def _drop_empty_folders(made: Path | None, deepest: Path) -> None:
-    """Remove the folders from ``deepest`` up to ``made`` (`_first_missing`'s) that a command
-    created and that are still empty: a refused training left its new --out folders behind.
-    A folder holding anything (an interrupted training's checkpoint) stays, and those above it."""
-    if made is None:
-        return
-    for q in (deepest, *deepest.parents):
-        try:
-            q.rmdir()   # an empty folder only
-        except OSError:
-            return
-        if q == made:
-            return
+@contextlib.contextmanager
+def _model_folder(out: Path):
+    """train-* --out's folder, created (`_out_folder`) for the block; a failure in it removes
+    the folders it created while they are still empty (a refused training left its new --out
+    folders behind).  One holding anything (an interrupted training's checkpoint) stays, and
+    those above it."""
+    made = _first_missing(out.parent)
+    _out_folder(out)
+    try:
+        yield
+    except BaseException:
+        for q in (out.parent, *out.parent.parents) if made is not None else ():
+            try:
+                q.rmdir()   # an empty folder only
+            except OSError:
+                break
+            if q == made:
+                break
+        raise
 
 
 PLANT_FILES = ("train.npz", "pool.npz", "clean.npz", "plant.json")   # plant.json last: it marks a whole output
@@ -442,15 +449,10 @@ def cmd_train_classifier(args):
                                      int(src.labels().max(initial=-1)) + 1)   # empty: training names it
     if not args.class_names:   # as discover refuses it: the model trained, and no run could use its folder
         check_labelled_folder(src, n_classes, "data", args.data)
-    made = _first_missing(out.parent)
-    _out_folder(out)
-    try:
+    with _model_folder(out):
         model = train_classifier(src, n_classes, arch=args.arch, epochs=args.epochs, seed=args.seed,
                                  device=args.device, checkpoint=str(args.out) + ".ckpt", progress=not args.quiet)
         save_classifier(model, args.out)
-    except BaseException:
-        _drop_empty_folders(made, out.parent)
-        raise
     print(f"wrote {args.out}")
 
 
@@ -464,15 +466,10 @@ def cmd_train_vae(args):
     src, _ = load_pool(args.data, args.size, args.channels)
     _check_batch_fits(src, args.data, args.size, train_vae)
     c, h, _ = src.image_shape
-    made = _first_missing(out.parent)
-    _out_folder(out)
-    try:
+    with _model_folder(out):
         vae = train_vae(src, VAEConfig.for_images(c, h, args.latent_dim), epochs=args.epochs, seed=args.seed,
                         device=args.device, checkpoint=str(args.out) + ".ckpt", progress=not args.quiet)
         save_vae(vae, args.out)
-    except BaseException:
-        _drop_empty_folders(made, out.parent)
-        raise
     print(f"wrote {args.out}")
 
 
