@@ -5,8 +5,8 @@ Confirmation is classifier forwards: about 8 passes over 500 clean images per fi
 a ResNet-18 on a CPU (4,000 forwards at 32-39 img/s on 2 cores).  An interruption lost every
 finding confirmed so far.  Each finding's result is saved as it finishes, under a key that
 hashes what it depends on: the model and the image source (`spurfast.identity.fingerprint`,
-and `content_digest` of what it holds), how the source's images are read, the settings, and the finding's class, pattern and drawn
-images (clean and class-content indices).  A changed input finds no file of its key and is
+and `content_digest` of what it holds), how the source's images are read, the settings, and
+the finding's class, pattern and drawn images (clean and class-content indices).  A changed input finds no file of its key and is
 computed afresh; files of other keys are left alone.
 """
 from __future__ import annotations
