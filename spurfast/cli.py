@@ -138,9 +138,11 @@ def _discover_config(args):
 
 
 def _residual_config(args):
-    """The residual scan's settings (--residual-scan), the run's seed and FDR; None without it."""
+    """The residual scan's settings (--residual-scan), the run's seed, and --residual-fdr (else
+    --fdr); None without it."""
     if not args.residual_scan:
-        for flag, value in (("--residual-max-values", args.residual_max_values), ("--residual-null", args.residual_null)):
+        for flag, value in (("--residual-max-values", args.residual_max_values), ("--residual-null", args.residual_null),
+                            ("--residual-fdr", args.residual_fdr)):
             if value is not None:   # it went without a word, as --clean under --no-confirm did
                 logging.getLogger("spurfast.cli").warning("%s %s has no effect without --residual-scan", flag, value)
         return None
@@ -148,7 +150,8 @@ def _residual_config(args):
     extra = {} if args.residual_max_values is None else {"max_values": args.residual_max_values}
     if args.residual_null is not None:
         extra["n_null"] = args.residual_null
-    return ResidualConfig(fdr=args.fdr, seed=args.seed, **extra)
+    fdr = args.fdr if args.residual_fdr is None else args.residual_fdr
+    return ResidualConfig(fdr=fdr, seed=args.seed, **extra)
 
 
 def check_npz_class_count(src, num_classes, what: str, path) -> None:
@@ -911,6 +914,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--residual-null", type=_int_at_least(1), default=None, metavar="N",
                    help="the residual scan's null resamplings (default 400): its p-values go down to 1/(N + 1), "
                         "and Benjamini-Hochberg over m classes needs about m/FDR for a lone finding")
+    p.add_argument("--residual-fdr", type=float, default=None, metavar="Q",
+                   help="the residual scan's own Benjamini-Hochberg level over classes (default: --fdr): its "
+                        "test is a separate one, over classes rather than clusters")
     p.add_argument("--size", type=int, default=None, help=FOLDER_SHAPE_HELP[0])
     p.add_argument("--channels", type=int, default=None, help=FOLDER_SHAPE_HELP[1])
     p.add_argument("--batch-size", type=_int_at_least(1), default=256,

@@ -170,12 +170,17 @@ def test_discover_flags_reach_the_config():
 
 
 def test_residual_scan_flag_reaches_the_run():
-    from spurfast.cli import _residual_config
+    from spurfast.cli import _discover_config, _residual_config
 
     base = ["discover", "--pool", "p", "--classifier", "c", "--vae", "v", "--out", "o"]
     assert _residual_config(build_parser().parse_args(base)) is None
     cfg = _residual_config(build_parser().parse_args(base + ["--residual-scan", "--seed", "4", "--fdr", "0.1"]))
     assert (cfg.seed, cfg.fdr) == (4, 0.1)
+    # its own level: one --fdr set both the clusters' and the scan's, which test different things
+    args = build_parser().parse_args(base + ["--residual-scan", "--fdr", "0.1", "--residual-fdr", "0.2"])
+    assert (_discover_config(args).fdr, _residual_config(args).fdr) == (0.1, 0.2)
+    with pytest.raises(ValueError, match="fdr must be in"):
+        _residual_config(build_parser().parse_args(base + ["--residual-scan", "--residual-fdr", "1.5"]))
 
 
 def test_cli_statistics_are_the_scoring_ones():
@@ -2317,9 +2322,10 @@ def test_clean_with_no_confirm_says_it_has_no_effect(tmp_path, caplog, monkeypat
     caplog.clear()
     with caplog.at_level("WARNING", logger="spurfast.cli"):   # the residual scan's limit without the scan: silent
         assert main(["discover", "--pool", pool, "--classifier", clf, "--vae", vae, "--residual-max-values", "7",
-                     "--residual-null", "900", "--quiet", "--out", str(tmp_path / "o")]) == 0
+                     "--residual-null", "900", "--residual-fdr", "0.1", "--quiet", "--out", str(tmp_path / "o")]) == 0
     assert "--residual-max-values 7 has no effect without --residual-scan" in caplog.text, caplog.text
     assert "--residual-null 900 has no effect without --residual-scan" in caplog.text, caplog.text
+    assert "--residual-fdr 0.1 has no effect without --residual-scan" in caplog.text, caplog.text
 
 
 
