@@ -151,9 +151,12 @@ def load_suspect(path, n: int, pool_name) -> np.ndarray:
         with warnings.catch_warnings():   # numpy's "input contained no data": refused below, by name
             warnings.filterwarnings("ignore", "loadtxt: input contained no data", UserWarning)
             # utf-8-sig: a byte-order mark (Windows editors) made the first index "\ufeff1", refused
-            idx = np.loadtxt(p, dtype=np.int64, ndmin=1, encoding="utf-8-sig").reshape(-1)
+            idx = np.loadtxt(p, dtype=np.int64, ndmin=2, encoding="utf-8-sig")
     except ValueError as exc:
         raise ValueError(f"suspect file {p} must hold integer pool indices, one per line: {exc}") from None
+    if idx.shape[1] > 1:   # "index label" lines: flattened, the labels became suspect indices
+        raise ValueError(f"suspect file {p} has {idx.shape[1]} columns; expected one pool index a line")
+    idx = idx.reshape(-1)
     if idx.size == 0:
         # an empty (or all-comment) file ran as "no image is suspect": it replaced a pool .npz's own
         # suspect array, and the training-support test then ran with no suspects, all said only in a

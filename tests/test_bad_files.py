@@ -1468,3 +1468,29 @@ def test_an_unreadable_files_name_is_one_line_of_the_log(caplog):
     with caplog.at_level("WARNING", logger="spurfast.data"):
         folder_mod.warn_unreadable("/pool/a\nWARNING fake\x1b[31m\u00e9.png", "damaged")
     assert caplog.messages == ["skipping unreadable image /pool/a\\x0aWARNING fake\\x1b[31m\u00e9.png (damaged)"]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs_dali)])
+def test_pathlib_paths_with_an_unreadable_file_are_named_not_a_crash(bad_folder, backend, caplog):
+    # the torch loader decoded pathlib paths but died on the first bad one (its warning called
+    # .encode() on the path); DALI's turned them into str first
+    import importlib
+
+    loader = importlib.import_module(f"spurfast.data.loader_{backend}")
+    paths, expected_bad = bad_folder
+    bad = {}
+    with caplog.at_level("WARNING", logger="spurfast.data"):
+        got = [ok for _, _, ok in loader.iter_folder_batches([Path(p) for p in paths], size=SIZE, batch_size=7,
+                                                             num_threads=1, bad_files=bad)]
+    assert {paths[i].rsplit("/", 1)[1] for i in bad} == expected_bad
+    assert int((~torch.cat(got)).sum()) == len(expected_bad)
+    assert caplog.text.count("skipping unreadable image") == len(expected_bad), caplog.text
+
+
+@pytest.mark.parametrize("channels", [3.0, True, np.float64(1)])
+def test_channels_not_a_whole_number_is_refused_at_once(channels):
+    # 3.0 (and True, a 1) passed `in (1, 3)` and failed at the first bad file with a TypeError
+    # naming neither the setting nor the input
+    with pytest.raises(ValueError, match="channels must be 1 or 3"):
+        PreprocessSpec(16, channels)
+    assert PreprocessSpec(16, np.int64(3)).channels == 3

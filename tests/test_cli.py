@@ -1938,6 +1938,20 @@ def test_a_suspect_file_with_a_byte_order_mark_is_read(tmp_path):
         load_suspect(f, 10, "pool")
 
 
+def test_a_suspect_file_of_two_columns_is_refused_not_flattened(tmp_path):
+    # "index label" lines were read as one flat list: the labels became suspect indices
+    from spurfast.input_files import load_suspect
+
+    f = tmp_path / "suspect.txt"
+    for text in ("17 3\n42 5\n", "17 3\n"):
+        f.write_text(text)
+        with pytest.raises(ValueError, match="suspect file .*suspect.txt has 2 columns; expected one pool index a line"):
+            load_suspect(f, 100, "pool")
+    for text in ("17\n", "17\n42\n"):   # one column, one line or more
+        f.write_text(text)
+        assert np.flatnonzero(load_suspect(f, 100, "pool")).tolist() == [17, 42][:text.count("\n")]
+
+
 def test_a_result_line_naming_a_path_that_is_not_utf8_is_printed(tmp_path, capsys):
     # argv decodes such a name with surrogate escapes; under a strict stdout (a UTF-8 locale; pytest's
     # capture is one) "wrote ..." raised after the model was saved: exit 2, "'utf-8' codec can't encode"

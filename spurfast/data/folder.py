@@ -182,11 +182,12 @@ def select_indices(n: int, *, start: int = 0, shard_id: int = 0, num_shards: int
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)}
 
 
-def warn_unreadable(path: str, reason: str) -> None:
+def warn_unreadable(path: str | os.PathLike, reason: str) -> None:
     """The loaders' one line for a file they skip, its name as bad_files.json and the report
     spell it (a non-UTF-8 name showed its surrogate escapes, ``q\\udcff.png`` for q\\xff.png),
     control characters escaped."""
-    log.warning("skipping unreadable image %s (%s)", utf8_name(path).translate(_CONTROL), reason)
+    # fspath: the torch loader takes pathlib paths too, and died here on the first bad one
+    log.warning("skipping unreadable image %s (%s)", utf8_name(os.fspath(path)).translate(_CONTROL), reason)
 
 
 def refuse_repeats(sel: np.ndarray) -> None:

@@ -94,7 +94,10 @@ class PreprocessSpec:
     def __post_init__(self):
         if not isinstance(self.size, (int, np.integer)) or self.size < 1:
             raise ValueError(f"image size must be a positive integer, got {self.size!r}")
-        if self.channels not in (1, 3):
+        # whole numbers only: 3.0 and True passed `in (1, 3)`, then failed at the first bad file's
+        # stand-in image with a TypeError naming neither the setting nor the input
+        if (not isinstance(self.channels, (int, np.integer)) or isinstance(self.channels, bool)
+                or self.channels not in (1, 3)):
             raise ValueError(f"channels must be 1 or 3, got {self.channels!r}")
 
 
