@@ -371,6 +371,15 @@ def _check_device(t: torch.Tensor, device: torch.device, name: str) -> None:
         raise ValueError(f"{name} is on {t.device} but the input is on {device}; move all tensors to one device")
 
 
+def _offsets_in_32_bits(t: torch.Tensor, first_dim: int) -> torch.Tensor:
+    """``t``, or a contiguous copy of it where its element offsets along the dims from
+    ``first_dim`` on reach 2^31: the kernels compute those offsets in 32 bits (only the batch
+    row's is 64-bit), so a view with planes 1 GiB or more apart (a planar (C, B, H, W) pool
+    viewed as (B, C, H, W)) wrapped and read bytes 4 GiB away."""
+    span = sum(max(n - 1, 0) * abs(st) for n, st in zip(t.shape[first_dim:], t.stride()[first_dim:]))
+    return t.contiguous() if span >= 2 ** 31 else t
+
+
 def _encoder_forward(
     x: torch.Tensor,
     conv_weights: Sequence[torch.Tensor],
@@ -479,6 +488,7 @@ def _encoder_forward(
 
     act = _ACT_CODE[activation_name]
     autotune = os.environ.get("SPURFAST_TRITON_AUTOTUNE", "1") != "0"
+    x = _offsets_in_32_bits(x, first_dim=1)
     src = x
     sx = x.stride()  # NCHW strides of the raw input, any layout
     n_layers = len(shapes)
@@ -518,6 +528,8 @@ def _encoder_forward(
 
     feats = src  # (B, F) in NCHW-flat order
     head_bias = head_bias.detach().contiguous()
+    head_weight = _offsets_in_32_bits(head_weight, first_dim=0)
+    eps = None if eps is None else _offsets_in_32_bits(eps, first_dim=1)
     e = eps if eps is not None else mu  # dummy pointer when HAS_EPS is False
     hargs = (feats, head_weight, head_bias, e, mu, logvar, z if z is not None else mu,
              B, feat, L, head_weight.stride(0), head_weight.stride(1), e.stride(0), e.stride(1), _bucket(B))

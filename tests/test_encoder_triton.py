@@ -160,6 +160,30 @@ def test_strided_and_channels_last_input():
     _compare(m, base[:5].contiguous(memory_format=torch.channels_last), tag="channels_last ")
 
 
+@pytest.mark.skipif(DEV != "cpu", reason="a 4 GiB buffer left untouched: the CPU's lazily mapped pages")
+def test_channel_planes_2_gib_apart_are_read_where_they_are():
+    # the first layer's in-image offset was 32-bit: channel 2 at 2 x (2^30 + 2^20) wrapped to an
+    # address 4 GiB lower and encoded the bytes found there (0.8 off the reference).  Pages that
+    # are never written are never mapped, so the buffer costs a few pages of memory
+    sxc = 2 ** 30 + 2 ** 20
+    buf = torch.empty(2 ** 31 + 2 * sxc + 2 ** 20, dtype=torch.uint8)
+    x = buf.as_strided((1, 3, 8, 8), (3 * sxc, sxc, 8, 1), storage_offset=2 ** 31)
+    x.copy_(_images(1, 3, 8, torch.uint8))
+    wrapped = 2 ** 31 + 2 * sxc - 2 ** 32
+    buf[wrapped:wrapped + 64] = 255   # what the wrapped reads would find
+    _compare(_model(3, 8, (4,), 3), x, tag="planes 2 GiB apart ")
+    # the heads' eps and head_weight views are copied the same way (offsets in elements: no
+    # memory for an fp32 one here, so the decision is checked on meta tensors)
+    meta = torch.empty(2 ** 33, device="meta")
+    eps = meta.as_strided((2, 3), (1, 2 ** 30))
+    assert not eps.is_contiguous() and et._offsets_in_32_bits(eps, first_dim=1).is_contiguous()
+    assert et._offsets_in_32_bits(meta.as_strided((2 ** 31, 2), (2, 1)), first_dim=1).stride() == (2, 1)
+    small = meta.as_strided((2, 3), (1, 2 ** 29))   # 2 x 2^29 < 2^31: read in place
+    assert et._offsets_in_32_bits(small, first_dim=1) is small
+    head_weight = meta.as_strided((6, 4), (2 ** 29, 1))   # rows 5 x 2^29 apart: copied
+    assert et._offsets_in_32_bits(head_weight, first_dim=0).is_contiguous()
+
+
 def test_three_conv_rgb_and_general_kernel_geometry():
     # a 3-conv encoder on 32x32 and a non-default stride/padding (3x3 kernel, stride 1, pad 1)
     m = _model(3, 32, (6, 10, 20), 8)
