@@ -164,6 +164,35 @@ def test_a_users_model_with_features_and_fc2_gives_its_own_logits():
         torch.testing.assert_close(feats, small.features(x))
 
 
+def test_a_nan_row_in_the_first_batch_does_not_swap_features_for_logits():
+    # the first batch decides whether features() is the penultimate layer; a classifier that
+    # standardises each image gives NaN for the blank stand-in of an unreadable file, and its
+    # check failed: logits stood in for the features for the rest of the run, without a word
+    class PerImageStandardised(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 12))
+            self.fc2 = torch.nn.Linear(12, 5)
+
+        def features(self, x):
+            return self.body((x - x.mean((1, 2, 3), keepdim=True)) / x.std((1, 2, 3), keepdim=True))
+
+        def forward(self, x):
+            return self.fc2(self.features(x))
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 28, 28)
+    x[0] = 0   # an unreadable file's stand-in: std 0, a NaN row
+    model = PerImageStandardised().eval()
+    for batch in (x, x[1:]):
+        logits, feats = classifier_outputs(model, batch)
+        assert feats.shape == (len(batch), 12), feats.shape
+    # a batch with no finite row decides nothing: the next one still can
+    other = PerImageStandardised().eval()
+    assert classifier_outputs(other, x[:1])[1].shape == (1, 12)
+    assert classifier_outputs(other, x[1:])[1].shape == (3, 12)
+
+
 def test_an_arch_given_for_a_checkpoint_or_torchscript_says_it_is_not_used(tmp_path, caplog):
     # discover --arch resnet18 with a small_cnn checkpoint loaded the small_cnn without a word
     model = SmallCNN(1, 4, 28).eval()

@@ -103,11 +103,14 @@ def _outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
             logits = model(x) if first is None else first
             try:
                 f = feats_fn(x)
-                same = bool(torch.allclose(model.fc2(f), logits, rtol=1e-4, atol=1e-5))
+                # NaN rows alike: a model standardising each image gives NaN for an unreadable
+                # file's blank stand-in, and one such row made logits stand in for the features
+                same = bool(torch.allclose(model.fc2(f), logits, rtol=1e-4, atol=1e-5, equal_nan=True))
             except (RuntimeError, TypeError, ValueError):   # conv maps into a Linear, say: not its head
                 same = False
             try:
-                _HEAD_IS_FC2[model] = same
+                if bool(torch.isfinite(logits).any()):   # no finite value tells nothing
+                    _HEAD_IS_FC2[model] = same
             except TypeError:
                 pass
             return logits, (f if same else logits)
