@@ -164,6 +164,23 @@ def test_a_users_model_with_features_and_fc2_gives_its_own_logits():
         torch.testing.assert_close(feats, small.features(x))
 
 
+@pytest.mark.parametrize("arch", ["small_cnn", "resnet18"])
+def test_numpy_sizes_give_a_file_the_safe_load_reads(tmp_path, arch):
+    # labels.max() + 1 is a numpy integer: it went into model.arch as one, and the weights-only
+    # load refused spurfast's own file ("Unsupported global ... pass --unsafe-load")
+    model = build_classifier(arch, np.int64(1), np.int64(3), np.int64(16))
+    assert all(type(v) in (str, int) for v in model.arch.values()), model.arch
+    save_classifier(model, tmp_path / "m.pt")
+    assert load_classifier(tmp_path / "m.pt").arch == model.arch
+
+
+@pytest.mark.parametrize("width", [0, 2.5, True])
+def test_a_bad_small_cnn_width_is_refused_by_name(width):
+    # 0 built a model that failed at its first forward, 2.5 was blamed on the options
+    with pytest.raises(ValueError, match=f"small_cnn: width must be an integer >= 1, got {width!r}"):
+        build_classifier("small_cnn", 1, 3, 16, width=width)
+
+
 def test_a_nan_row_in_the_first_batch_does_not_swap_features_for_logits():
     # the first batch decides whether features() is the penultimate layer; a classifier that
     # standardises each image gives NaN for the blank stand-in of an unreadable file, and its

@@ -50,9 +50,20 @@ def _channels_last_on_cpu(x: torch.Tensor) -> torch.Tensor:
     return channels_last(x)
 
 
+def _whole_sizes(arch: str, **sizes) -> list[int]:
+    """``sizes``' values as Python ints, each checked as an integer >= 1: a numpy integer went
+    into ``arch`` as it was, and the saved file was then refused by the weights-only load
+    (its own file, "--unsafe-load"); width 0 failed at the first forward, naming no setting."""
+    for name, value in sizes.items():
+        check_whole(value, f"{arch}: {name}")
+    return [int(v) for v in sizes.values()]
+
+
 class SmallCNN(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, width: int = 32):
         super().__init__()
+        in_channels, num_classes, image_size, width = _whole_sizes(
+            "small_cnn", in_channels=in_channels, num_classes=num_classes, image_size=image_size, width=width)
         if image_size < 4:  # two 2x2 max-pools: smaller images fail on their first batch
             raise ValueError(f"small_cnn needs images of at least 4x4, got image_size={image_size}")
         self.arch = dict(name="small_cnn", in_channels=in_channels, num_classes=num_classes,
@@ -82,6 +93,8 @@ class ResNet18(nn.Module):
         super().__init__()
         from torchvision.models import resnet18
 
+        in_channels, num_classes, image_size = _whole_sizes(
+            "resnet18", in_channels=in_channels, num_classes=num_classes, image_size=image_size)
         self.arch = dict(name="resnet18", in_channels=in_channels, num_classes=num_classes, image_size=image_size)
         net = resnet18(weights=None, num_classes=num_classes)
         if image_size < 128:
