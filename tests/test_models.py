@@ -619,6 +619,28 @@ def test_a_checkpoint_set_aside_survives_a_second_mismatch_and_is_resumed(tmp_pa
         assert torch.equal(a, b)
 
 
+def test_checkpoints_of_fewer_epochs_set_aside_in_turn_keep_the_longer_ones(tmp_path, caplog):
+    # epochs 3, then 2, then 1 of one run: each shorter rerun set its predecessor aside under one
+    # name, so the 1-epoch rerun overwrote the 3-epoch file; and asked for 3 again, the run
+    # resumed its own 1-epoch checkpoint, never looking at the longer one set aside
+    src = _toy(32)
+    ck = tmp_path / "m.ckpt"
+    kw = dict(batch_size=16, seed=0, checkpoint=ck, progress=False)
+    for epochs in (3, 2, 1):
+        train_classifier(src, 3, epochs=epochs, **kw)
+    kept = sorted(torch.load(f, weights_only=True)["epoch"] for f in tmp_path.glob("m.ckpt.old-*"))
+    assert kept == [2, 3], kept
+    straight = train_classifier(src, 3, epochs=3, batch_size=16, seed=0, progress=False)
+    with caplog.at_level("INFO", logger="spurfast.train"):
+        model = train_classifier(src, 3, epochs=3, **kw)
+    assert "holds this run's checkpoint (3 epochs)" in caplog.text, caplog.text
+    assert "resumed" in caplog.text and "at epoch 3" in caplog.text, caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), straight.state_dict().values()))
+    # the 1-epoch one it held is kept aside in its place, and the 2-epoch one beside it
+    kept = sorted(torch.load(f, weights_only=True)["epoch"] for f in tmp_path.glob("m.ckpt.old-*"))
+    assert kept == [1, 2], kept
+
+
 def test_vae_config_reads_one_number_for_every_channel_and_names_a_lone_width():
     # channels=32 raised a bare "'int' object is not iterable" from inside the check's own message,
     # and mean=0.5 / std=0.5 the same for a float

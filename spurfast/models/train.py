@@ -2,6 +2,7 @@
 per-epoch checkpoints that a rerun resumes from."""
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -139,6 +140,13 @@ def _read_checkpoint(path: Path) -> tuple[dict, dict | None, str | None]:
     return state, saved, unreadable
 
 
+def _epoch_of(state: dict) -> int | None:
+    try:
+        return int(state["epoch"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _not_this_run(state: dict, saved: dict | None, unreadable: str | None, identity: dict, epochs: int) -> str | None:
     """Why a checkpoint is not this run's to resume, or None when it is."""
     differ = sorted(k for k in identity.keys() | (saved or {}).keys() if identity.get(k) != (saved or {}).get(k))
@@ -153,18 +161,39 @@ def _not_this_run(state: dict, saved: dict | None, unreadable: str | None, ident
     return None
 
 
-def _aside(path: Path, saved: dict | None) -> Path:
-    """Where a checkpoint of another run is kept: one file per run (its identity's hash), so
-    a second mismatch does not overwrite the first one's work, and that run finds it again."""
-    tag = hashlib.sha256(json.dumps(saved, sort_keys=True).encode()).hexdigest()[:12] if saved else "unknown"
-    return path.with_name(f"{path.name}.old-{tag}")
+def _tag(identity: dict | None) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12] if identity else "unknown"
+
+
+def _aside(path: Path, saved: dict | None, epoch: int | None) -> Path:
+    """Where a checkpoint of another run (or of more epochs) is kept: one file per run and
+    epoch count (``NAME.old-<identity's hash>-e<epoch>``), so a second mismatch does not
+    overwrite the first one's work (a 3-epoch checkpoint set aside for a 2-epoch rerun was
+    overwritten by that rerun's, set aside for a 1-epoch one), and that run finds it again."""
+    return path.with_name(f"{path.name}.old-{_tag(saved)}" + (f"-e{epoch}" if saved and epoch is not None else ""))
+
+
+def _asides_of(path: Path, identity: dict, epochs: int, done: int) -> list[Path]:
+    """This run's checkpoints set aside beside ``path`` that may hold more than ``done`` and at
+    most ``epochs`` epochs, the most first (by name; one without its epoch in the name, as
+    spurfast wrote them before, last)."""
+    stem = f"{path.name}.old-{_tag(identity)}"
+    found = []
+    for f in path.parent.glob(f"{glob.escape(stem)}*") if identity else ():
+        rest = f.name[len(stem):]
+        if rest == "":
+            found.append((-1, f))   # its epoch is read, not named
+        elif rest.startswith("-e") and rest[2:].isdigit() and done < int(rest[2:]) <= epochs:
+            found.append((int(rest[2:]), f))
+    return [f for _, f in sorted(found, key=lambda t: -t[0])]
 
 
 def _resume(path: Path | None, model, opt, identity: dict, epochs: int, device="cpu") -> int:
     """Load the checkpoint at ``path`` if it belongs to this training run (same data, seed,
     model and optimiser settings, at most ``epochs`` done) and return its epoch; else 0.
-    Another run's checkpoint there is moved aside (`_aside`), and this run's own, if an
-    earlier mismatch moved it aside, is moved back and resumed."""
+    Another run's checkpoint there is moved aside (`_aside`), and this run's own set aside by
+    an earlier mismatch, where it holds more epochs (at most ``epochs``), is moved back and
+    resumed instead."""
     if path is None:
         return 0
     identity = json.loads(json.dumps(identity, sort_keys=True))  # compare as stored (tuples -> lists)
@@ -175,19 +204,24 @@ def _resume(path: Path | None, model, opt, identity: dict, epochs: int, device="
         if why is not None:
             # this run overwrites the checkpoint after its first epoch: keep the old one's work
             # (a rerun with a mistyped seed took a finished run's place, and the next one's too)
-            old = _aside(path, saved)   # None (unreadable, or older spurfast): "unknown"
+            old = _aside(path, saved, _epoch_of(state))   # None (unreadable, or older spurfast): "unknown"
             path.replace(old)
             log.warning("ignoring checkpoint %s and training afresh: %s; moved it to %s", path, why, old)
             state = None
-    if state is None:   # none of this run's at path: perhaps set aside by an earlier mismatch
-        own = _aside(path, identity)
-        if not own.exists():
-            return 0
-        state, saved, unreadable = _read_checkpoint(own)
-        if _not_this_run(state, saved, unreadable, identity, epochs) is not None:
-            return 0
+    done = -1 if state is None else int(state["epoch"])
+    for own in _asides_of(path, identity, epochs, done):   # perhaps set aside by an earlier mismatch
+        got, saved, unreadable = _read_checkpoint(own)
+        if _not_this_run(got, saved, unreadable, identity, epochs) is not None or int(got["epoch"]) <= done:
+            continue
+        if state is not None:   # fewer epochs of this run: kept aside in turn
+            path.replace(_aside(path, identity, done))
         own.replace(path)
-        log.info("%s holds this run's checkpoint, set aside by a run of other settings: resuming it", own)
+        state = got
+        log.info("%s holds this run's checkpoint (%d epochs), set aside by an earlier run: resuming it",
+                 own, int(got["epoch"]))
+        break
+    if state is None:
+        return 0
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optim"])
     _set_rng_state(state, device)
