@@ -19,7 +19,7 @@ from .models.train import train_classifier, train_vae
 from .pipeline import SUMMARY, check_discovery_ops, make_planted_data, report_summary, run_discovery
 from .plant import PatternSpec, apply_pattern
 from .report import write_report
-from .run_folder import hold_output, holds_output, prepare_output, read_bad_files, release_output
+from .run_folder import hold_output, holds_output, prepare_output, read_bad_files, release_output, run_marker
 
 log = logging.getLogger("spurfast")
 
@@ -155,7 +155,7 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
             # is of this pool and these models, its discovery work is keyed on its own inputs.  Held
             # first: a folder in use was refused after its run.json had been rewritten
             hold_output(Path(out_dir))
-            _write_json(Path(out_dir) / "run.json", {"run_id": run_id}, indent=None)
+            _write_json(Path(out_dir) / "run.json", run_marker(run_id), indent=None)
         out = prepare_output(out_dir, run_id, overwrite)
         _write_json(out / DEMO_MARKER, {"models": models_id}, indent=None)
         print(f"[demo] dataset {data.dataset}: {len(data.train)} training images "

@@ -24,7 +24,7 @@ from .cores import usable_cores
 from .data.loader_torch import iter_batches
 from .data.preprocess import uint8_to
 from .data.sources import ImageSource, content_digest
-from .identity import fingerprint
+from .identity import IDENTITY_SCHEME, fingerprint
 from .models.as_given import restores_models
 from .models.outputs import check_floating, classifier_outputs, non_float32_weights, shape_text, trial
 from .models.layout import in_cpu_blocks
@@ -188,7 +188,8 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
             log.info("resuming embedding pass at pool index %d of %d", store.done, n)
         else:
             store = EmbeddingStore.create(store_dir, n, _columns(source, classifier, vae, num_classes, device, n),
-                                          {"fingerprint": fp, "content": content, "pool": source.name,
+                                          {"fingerprint": fp, "content": content, "identity": IDENTITY_SCHEME,
+                                           "pool": source.name,
                                            "num_classes": num_classes, "latent_dim": vae.config.latent_dim,
                                            "loader": loader, "decode": decode, "compute": compute})
         desc = "embedding pool"
@@ -335,7 +336,8 @@ def _open_shard_store(source: ImageSource, classifier, vae, store_dir: Path, mai
         cols = _columns(source, classifier, vae, num_classes, device, len(sel))
         cols["index"] = ((len(sel),), "int64")
         store = EmbeddingStore.create(sdir, len(sel), cols, {
-            "fingerprint": fp, "content": content, "pool": source.name, "num_classes": num_classes,
+            "fingerprint": fp, "content": content, "identity": IDENTITY_SCHEME, "pool": source.name,
+            "num_classes": num_classes,
             "latent_dim": vae.config.latent_dim, "start": start, "pool_n": n,
             "shard_id": shard_id, "num_shards": num_shards, "loader": loader, "decode": decode,
             "compute": compute},

@@ -20,6 +20,13 @@ import torch
 
 from .data.sources import ImageSource
 
+# the fingerprint scheme, written beside each fingerprint (stores' manifests, run.json): what
+# records it is compared under this scheme alone.  Earlier schemes (`store.legacy_identities`)
+# are tried only for what records none: a store this scheme made for one model matched another
+# model's fingerprint under an earlier scheme (which leaves out the attributes that tell them
+# apart) and was taken over as that model's, predictions and all
+IDENTITY_SCHEME = 1
+
 
 def weights_fingerprint(source: ImageSource, *models: torch.nn.Module) -> str:
     """The identity of a pool and models by the models' state_dicts alone: `fingerprint`

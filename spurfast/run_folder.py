@@ -12,6 +12,7 @@ from pathlib import Path
 from .atomic_files import remove_killed_writers_files
 from .checks import json_document
 from .data.sources import ImageSource
+from .identity import IDENTITY_SCHEME
 from .store import _write_json, unmark_stores
 
 log = logging.getLogger("spurfast")
@@ -70,6 +71,12 @@ def release_output(out: Path) -> None:
         os.close(_HELD.pop(key)[0])   # closing the descriptor releases its flock
 
 
+def run_marker(run_id: str) -> dict:
+    """run.json's contents: the run's id and the fingerprint scheme it was made under (a
+    folder that records one is never matched by `prepare_output`'s ``earlier_ids``)."""
+    return {"run_id": run_id, "identity": IDENTITY_SCHEME}
+
+
 def prepare_output(out_dir, run_id: str, overwrite: bool, protect=(), earlier_ids=(), keep_store=None) -> Path:
     """Create ``out_dir`` for run ``run_id``; refuse a directory holding another run.
 
@@ -114,14 +121,15 @@ def _claim(out: Path, marker: Path, run_id: str, overwrite: bool, protect, earli
     """`prepare_output`'s checks and clearing of the folder ``out``, which this process holds."""
     if any(out.iterdir()):
         try:
-            prev = json_document(marker.read_text()).get("run_id") if marker.is_file() else None
+            held = json_document(marker.read_text()) if marker.is_file() else {}
+            prev, scheme = held.get("run_id"), held.get("identity")
         except (ValueError, AttributeError):  # an unreadable marker proves nothing: keep the folder
-            prev = None
+            prev = scheme = None
         if prev is None:
             raise FileExistsError(f"output directory {out} holds files spurfast did not write (no readable run.json); "
                                   f"spurfast never deletes such a directory, even with --overwrite: "
                                   f"choose a new or empty directory")
-        if prev in earlier_ids:
+        if prev in earlier_ids and scheme is None:   # earlier versions' ids: for their runs alone
             log.info("%s holds this run under the id an earlier spurfast version gave it (%s); resuming it", out, prev)
         elif prev != run_id:
             store = out / "store"
@@ -168,7 +176,7 @@ def _claim(out: Path, marker: Path, run_id: str, overwrite: bool, protect, earli
         if sub in ("images", "rankings") and d.is_symlink():
             raise ValueError(f"output directory {out}: {d} is a symbolic link; the run writes and deletes its "
                              f"per-finding files there, so it must be a real folder: remove the link")
-    _write_json(marker, {"run_id": run_id}, indent=None)   # atomic: a torn run.json locks the user out
+    _write_json(marker, run_marker(run_id), indent=None)   # atomic: a torn run.json locks the user out
     return out
 
 

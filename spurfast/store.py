@@ -23,7 +23,7 @@ import torch
 from .atomic_files import replace_atomically
 from .checks import json_document
 from .data.sources import ImageSource, sampled_digest, utf8_name
-from .identity import fingerprint, weights_fingerprint
+from .identity import IDENTITY_SCHEME, fingerprint, weights_fingerprint
 
 log = logging.getLogger("spurfast.embed")   # the pass's: its messages read as before the split
 
@@ -354,14 +354,15 @@ def legacy_identities(source: ImageSource, *models: torch.nn.Module, content: st
 def _open_checked(store_dir: Path, fp: str, content: str, legacy=lambda: []) -> EmbeddingStore | None:
     """The store in ``store_dir`` if it was made from this pool and these models, None if
     there is none; raises for another pool's.  ``legacy()``: the pairs of
-    :func:`legacy_identities`; a store made under one of them is relabelled and resumed."""
+    :func:`legacy_identities`; a store that records no scheme (`IDENTITY_SCHEME`, made by an
+    earlier version) made under one of them is relabelled and resumed."""
     if not (store_dir / MANIFEST).is_file():
         return None
     store = EmbeddingStore(store_dir)
     m = store.manifest
-    if not _same_identity(m, [(fp, content)]) and _same_identity(m, legacy()):
+    if not _same_identity(m, [(fp, content)]) and "identity" not in m and _same_identity(m, legacy()):
         log.info("embedding store %s was made by an earlier spurfast version; resuming it", store_dir)
-        m["fingerprint"], m["content"] = fp, content
+        m["fingerprint"], m["content"], m["identity"] = fp, content, IDENTITY_SCHEME
         _write_json(store_dir / MANIFEST, m)
     if store.manifest.get("fingerprint") != fp:
         raise ValueError(f"embedding store {store_dir} was made with other models or another pool "
@@ -397,8 +398,9 @@ def made_from(store_dir, fp: str, content: str, legacy=lambda: []) -> bool:
             manifests.append(m)
     if any(_same_identity(m, [(fp, content)]) for m in manifests):
         return True
-    old = legacy() if manifests else []
-    return any(_same_identity(m, old) for m in manifests)
+    unversioned = [m for m in manifests if "identity" not in m]   # only those may be of an earlier scheme
+    old = legacy() if unversioned else []
+    return any(_same_identity(m, old) for m in unversioned)
 
 
 def unmark_stores(path) -> None:

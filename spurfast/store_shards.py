@@ -216,7 +216,7 @@ def _create_main(store_dir: Path, shard_manifest: dict, n: int) -> EmbeddingStor
     """An empty main store of ``n`` rows with the columns and identity of a shard store."""
     m0 = shard_manifest
     cols = {k: ((n,) + tuple(v[0][1:]), v[1]) for k, v in m0["columns"].items() if k != "index"}
-    kept = ("fingerprint", "content", "pool", "num_classes", "latent_dim", "loader", "decode", "compute")
+    kept = ("fingerprint", "content", "identity", "pool", "num_classes", "latent_dim", "loader", "decode", "compute")
     meta = {k: m0[k] for k in kept if k in m0}
     return EmbeddingStore.create(store_dir, n, cols, meta)
 

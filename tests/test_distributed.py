@@ -472,6 +472,7 @@ def test_legacy_main_store_is_relabelled_by_rank_0_alone(tmp_path):
     m = json.loads((tmp_path / "s" / MANIFEST).read_text())
     m["content"] = sampled_digest(src)   # as an earlier spurfast version recorded it
     m["fingerprint"] = weights_fingerprint(src, clf, vae)
+    m.pop("identity")   # nor a fingerprint scheme
     (tmp_path / "s" / MANIFEST).write_text(json.dumps(m))
     out = _spawn(_write_log_job, (str(tmp_path / "s"),))
     assert out[0][0] and out[1][0]

@@ -169,6 +169,7 @@ def test_store_with_the_earlier_sampled_digest_resumes(tmp_path):
     manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
     manifest["content"] = sampled_digest(src)    # as the tenth session wrote it, and its fingerprint
     manifest["fingerprint"] = weights_fingerprint(src, clf, vae)
+    manifest.pop("identity")                     # no fingerprint scheme recorded then
     (tmp_path / "s" / MANIFEST).write_text(json.dumps(manifest))
     assert embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, progress=False).complete
     assert json.loads((tmp_path / "s" / MANIFEST).read_text())["content"] == content_digest(src)
@@ -348,6 +349,45 @@ def test_made_from_tells_this_runs_store_or_its_shards_from_another(tmp_path):
     assert not made_from(tmp_path / "none", fp, content)
     (tmp_path / "s" / "manifest.json").write_text(json.dumps({"fingerprint": "old", "content": "older"}))
     assert made_from(tmp_path / "s", fp, content, legacy=lambda: [("old", "older")])   # an earlier version's
+
+
+def test_a_store_or_run_of_this_scheme_is_never_taken_over_through_an_earlier_ones_identity(tmp_path, caplog):
+    # model B = model A's weights with another activation (a partial, which the scheme before
+    # this one left out): B's identity under that scheme equals A's under this one, so A's store
+    # was "relabelled" as B's and resumed with A's predictions, and A's run folder resumed as B's
+    import functools
+
+    import torch.nn.functional as F
+
+    from spurfast.data.sources import content_digest
+    from spurfast.discover import DiscoverConfig
+    from spurfast.identity import fingerprint
+    from spurfast.pipeline import run_discovery
+    from spurfast.store import legacy_identities, made_from
+
+    class Head(torch.nn.Module):
+        def __init__(self, act):
+            super().__init__()
+            self.body, self.head, self.act = torch.nn.Linear(28 * 28, 16), torch.nn.Linear(16, 4), act
+
+        def forward(self, x):
+            return self.head(self.act(self.body(x.flatten(1))))
+
+    src, _, vae = _setup(20)
+    a = Head(torch.relu).eval()
+    b = Head(functools.partial(F.leaky_relu, negative_slope=-3.0)).eval()
+    b.load_state_dict(a.state_dict())
+    fp_a, fp_b = fingerprint(src, a, vae), fingerprint(src, b, vae)
+    content = content_digest(src)
+    assert fp_a != fp_b and (fp_a, content) in legacy_identities(src, b, vae, content=content)   # the trap
+    embed_pool(src, a, vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False)
+    with pytest.raises(ValueError, match="made with other models"):
+        embed_pool(src, b, vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False)
+    assert not made_from(tmp_path / "s", fp_b, content, lambda: legacy_identities(src, b, vae, content=content))
+    kw = dict(num_classes=4, config=DiscoverConfig(k=2, n_null=2), progress=False, confirm=False)
+    run_discovery(src, a, vae, tmp_path / "run", **kw)
+    with pytest.raises(FileExistsError, match="already holds run"):
+        run_discovery(src, b, vae, tmp_path / "run", **kw)
 
 
 def test_any_source_named_from_a_non_utf8_file_name_can_be_fingerprinted():
@@ -932,6 +972,7 @@ def test_a_store_fingerprinted_by_the_weights_alone_resumes(tmp_path):
     embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=16, progress=False, stop_after=1)
     manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
     manifest["fingerprint"] = weights_fingerprint(src, clf, vae)   # as the twenty-fifth session wrote it
+    manifest.pop("identity")
     (tmp_path / "s" / MANIFEST).write_text(json.dumps(manifest))
     assert embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, progress=False).complete
     assert json.loads((tmp_path / "s" / MANIFEST).read_text())["fingerprint"] == fingerprint(src, clf, vae)
@@ -1025,6 +1066,7 @@ def _resumes_under_an_earlier_fingerprint(tmp_path, src, clf, vae, **earlier):
     old = fingerprint(src, clf, vae, **earlier)
     assert old != manifest["fingerprint"]
     manifest["fingerprint"] = old
+    manifest.pop("identity")   # recorded from this session on
     (tmp_path / "s" / MANIFEST).write_text(json.dumps(manifest))
     assert embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, progress=False).complete
     assert json.loads((tmp_path / "s" / MANIFEST).read_text())["fingerprint"] == fingerprint(src, clf, vae)
