@@ -204,7 +204,8 @@ def _copy_shard_rows(main: EmbeddingStore, shards: list, counts: list, stop: int
         for lo in range(0, c, chunk):
             rows = np.asarray(index[lo:min(c, lo + chunk)])
             for k in cols:
-                main.write_rows(k, rows, s.read_rows(k, slice(lo, lo + len(rows))))
+                if k != PIXELS or PIXELS in s.manifest["columns"]:   # a pass that kept none: MIXED above
+                    main.write_rows(k, rows, s.read_rows(k, slice(lo, lo + len(rows))))
             if bar is not None:
                 bar.update(len(rows))
         bad.update({i: why for i, why in s.bad_files().items() if int(i) < stop})

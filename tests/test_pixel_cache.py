@@ -231,3 +231,19 @@ def test_an_endless_pixel_cache_size_is_refused_naming_the_variable(monkeypatch,
         max_bytes()
     monkeypatch.setenv("SPURFAST_PIXEL_CACHE_GB", "1e9")   # large but finite: a limit in bytes
     assert max_bytes() == 10 ** 9 * (1 << 30)
+
+
+@pytest.mark.parametrize("kept_by", [0, 1])
+def test_shards_of_which_one_kept_no_pixels_merge(folder, tmp_path, monkeypatch, kept_by):
+    # ranks run with another SPURFAST_PIXEL_CACHE_GB (another node's environment): the merge read
+    # every shard's pixel column when shard 0 had one and called the other shard damaged
+    from spurfast.store_shards import merge_shards
+
+    for rank in (0, 1):
+        monkeypatch.setenv("SPURFAST_PIXEL_CACHE_GB", "4" if rank == kept_by else "0")
+        _embed(folder, tmp_path / "s", "torch", shard_id=rank, num_shards=2)
+    merged = merge_shards(tmp_path / "s", 2, progress=False)
+    whole = _embed(folder, tmp_path / "whole", "torch")[1]
+    assert merged.complete and not usable(merged)   # its rows of the other shard are not there: unread
+    for k in ("mu", "pred"):
+        np.testing.assert_array_equal(np.asarray(merged[k]), np.asarray(whole[k]))
