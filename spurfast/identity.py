@@ -104,12 +104,17 @@ def _state_bytes(v, key: str) -> bytes:
     return b
 
 
-def _attribute_parts(name: str, sub: torch.nn.Module, code: str | None, extras: bool = True) -> list[bytes]:
+def _attribute_parts(name: str, sub: torch.nn.Module, code: str | None, extras: bool = True,
+                     mode: bool = False) -> list[bytes]:
     """What a submodule computes with outside its parameters and buffers: its plain attributes
     (an input mean kept as a tensor or a float), or in TorchScript the attributes its code reads
-    and the constants a trace baked into it (``CONSTANTS.c0``)."""
+    and the constants a trace baked into it (``CONSTANTS.c0``).  Never its train/eval mode: the
+    passes compute in eval mode whatever the caller's (``mode=True``: a TorchScript module's
+    counted, as before the fifty-fourth session, when a scripted model given in train mode was
+    refused the store it had made in eval mode)."""
     if isinstance(sub, torch.jit.ScriptModule):
         own = {n for n, _ in sub.named_parameters(recurse=False)} | {n for n, _ in sub.named_buffers(recurse=False)}
+        own |= set() if mode else {"training"}
         values = [(n, sub._c.getattr(n)) for n in sorted(set(re.findall(r"\bself\.(\w+)", code or "")) - own)
                   if sub._c.hasattr(n)]
         try:
@@ -127,7 +132,7 @@ def _attribute_parts(name: str, sub: torch.nn.Module, code: str | None, extras: 
     return out
 
 
-def model_identity(m: torch.nn.Module, attributes: bool = True, extras: bool = True) -> bytes:
+def model_identity(m: torch.nn.Module, attributes: bool = True, extras: bool = True, mode: bool = False) -> bytes:
     """What a model computes with besides its state_dict: its class, the code of its
     TorchScript modules, its buffers kept out of the state_dict, its attributes
     (`_attribute_parts`) and a spurfast model's configuration (the VAE's input normalisation
@@ -136,7 +141,8 @@ def model_identity(m: torch.nn.Module, attributes: bool = True, extras: bool = T
     resumed the old model's run and reported its findings.  ``attributes=False``: the identity
     before the twenty-eighth session, which missed an input shift kept as a plain attribute
     or traced into a constant (kept to recognise stores and runs made then); ``extras=False``:
-    the identity before numpy and partial attributes counted (`_plain_bytes`)."""
+    the identity before numpy and partial attributes counted (`_plain_bytes`); ``mode``: a
+    TorchScript module's train/eval mode counted (`_attribute_parts`)."""
     parts = [f"{type(m).__module__}.{type(m).__qualname__}".encode()]
     for name, sub in m.named_modules():
         try:   # a scripted module without a forward has no code to show (and may raise for it)
@@ -146,7 +152,7 @@ def model_identity(m: torch.nn.Module, attributes: bool = True, extras: bool = T
         if isinstance(code, str):
             parts.append(f"code {name}:{code}".encode())
         if attributes:
-            parts += _attribute_parts(name, sub, code if isinstance(code, str) else None, extras)
+            parts += _attribute_parts(name, sub, code if isinstance(code, str) else None, extras, mode)
     persistent = set(m.state_dict())
     for name, buf in m.named_buffers():
         if name not in persistent:
@@ -160,10 +166,11 @@ def model_identity(m: torch.nn.Module, attributes: bool = True, extras: bool = T
     return b"\0".join(parts)
 
 
-def fingerprint(source: ImageSource, *models: torch.nn.Module, attributes: bool = True, extras: bool = True) -> str:
+def fingerprint(source: ImageSource, *models: torch.nn.Module, attributes: bool = True, extras: bool = True,
+                mode: bool = False) -> str:
     """The identity of a pool (its name, size, shape and a few item ids) and of the models
     (weights, and `model_identity`): what a store and a run are recognised by."""
     h = hashlib.sha256(weights_fingerprint(source, *models).encode())
     for m in models:
-        h.update(hashlib.sha256(model_identity(m, attributes, extras)).digest())
+        h.update(hashlib.sha256(model_identity(m, attributes, extras, mode)).digest())
     return h.hexdigest()[:16]

@@ -345,7 +345,9 @@ def legacy_identities(source: ImageSource, *models: torch.nn.Module, content: st
     # weights from the old one)
     # before numpy and partial attributes counted (a model holding one, as torchvision's ViT holds
     # partial(LayerNorm), was refused its own store as "made with other models")
-    return [(fingerprint(source, *models, extras=False), content),
+    # before a TorchScript module's train/eval mode was left out
+    return [(fingerprint(source, *models, mode=True), content),
+            (fingerprint(source, *models, extras=False, mode=True), content),
             (fingerprint(source, *models, attributes=False), content),
             (weights_fingerprint(source, *models), content),
             (weights_fingerprint(old, *models), sampled_digest(old))]

@@ -1231,3 +1231,36 @@ def test_the_pass_runs_both_models_on_a_cpu_in_blocks_with_one_calls_rows(tmp_pa
     assert sizes == {"classifier": [1, 64, 64, 22, 1, 150], "encoder": [64, 64, 22, 150]}
     for col in ("pred", "conf", "probs", "mu", "feats"):
         np.testing.assert_array_equal(np.asarray(blocked[col]), np.asarray(whole[col]), err_msg=col)
+
+
+def test_a_scripted_model_in_train_mode_is_the_same_model_and_its_old_stores_resume(tmp_path):
+    # a scripted model with dropout reads self.training: given in train mode (the passes compute
+    # in eval mode all the same) it was refused the store it had made in eval mode
+    import json
+
+    from spurfast.identity import fingerprint
+    from spurfast.store import MANIFEST
+
+    class Dropped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.drop = torch.nn.Linear(28 * 28, 4), torch.nn.Dropout(0.5)
+
+        def forward(self, x):
+            return self.drop(self.body(x.flatten(1)))
+
+    src, _, vae = _setup(20)
+    torch.manual_seed(0)
+    scripted = torch.jit.script(Dropped()).eval()
+    fp_eval = fingerprint(src, scripted, vae)
+    assert fingerprint(src, scripted.train(), vae) == fp_eval
+    assert fingerprint(src, scripted, vae, mode=True) != fingerprint(src, scripted.eval(), vae, mode=True)
+    embed_pool(src, scripted.eval(), vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False, stop_after=1)
+    assert embed_pool(src, scripted.train(), vae, tmp_path / "s", num_classes=4, progress=False).complete
+    # a store the scheme before wrote (mode counted, no scheme recorded) resumes
+    embed_pool(src, scripted.eval(), vae, tmp_path / "t", num_classes=4, batch_size=8, progress=False, stop_after=1)
+    manifest = json.loads((tmp_path / "t" / MANIFEST).read_text())
+    manifest["fingerprint"] = fingerprint(src, scripted, vae, mode=True)
+    manifest.pop("identity")
+    (tmp_path / "t" / MANIFEST).write_text(json.dumps(manifest))
+    assert embed_pool(src, scripted, vae, tmp_path / "t", num_classes=4, progress=False).complete
