@@ -816,6 +816,30 @@ def test_clean_images_the_model_gives_nan_for_are_left_out_not_counted_as_unmove
     assert r["flip_rate"] is None and r["skipped"] == "the classifier gives NaN/inf outputs for every clean image"
 
 
+class AnyBrightPixelNaNOutside(nn.Module):
+    """Class 1 for any bright pixel anywhere (no specificity), and NaN logits where a pixel
+    outside the bottom-right corner saturates: random controls, which saturate, are NaN."""
+
+    def forward(self, x):
+        z = 60 * (x.flatten(1).amax(1) - 0.5)
+        outside = x.clone()
+        outside[:, :, -4:-1, -4:-1] = 0
+        z = z + torch.where(outside.flatten(1).amax(1) >= 1.0, float("nan"), 0.0)
+        return torch.stack([torch.zeros_like(z), z], 1)
+
+
+def test_a_control_the_model_gives_nan_for_counts_as_moved_not_as_unmoved(caplog):
+    # NaN > 0.1 is False: a NaN control counted as one that did not move the model, so every
+    # such pair went to the pattern, and a pattern of no specificity was confirmed at p 3e-90
+    contrast = torch.zeros(1, 16, 16)
+    contrast[0, -4:-1, -4:-1] = 0.9
+    with caplog.at_level("WARNING", logger="spurfast.confirm"):
+        r = confirm_pattern(AnyBrightPixelNaNOutside(), _clean(), 1, _corner_mask(), contrast,
+                            config=ConfirmConfig(seed=0))
+    assert r["flip_rate"] == 1.0 and r["control_flip_rate"] > 0.9 and r["p_value"] > 0.05, r
+    assert "gives NaN/inf outputs for" in caplog.text and "control images" in caplog.text
+
+
 def test_an_unlabelled_clean_image_the_model_gives_nan_for_is_no_class_content():
     # argmax of a NaN row is 0: such images were taken as class 0's content for its control
     x = _clean(200)
