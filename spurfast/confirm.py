@@ -600,8 +600,11 @@ class CleanProbs:
                            self.config.batch_size)
             self.seen.update(zip(idx[todo].tolist(), got))
             if self.use_stored is None:
-                same = bool(np.allclose(got, np.asarray(self.stored[idx[todo]], np.float32),
-                                        rtol=0.0, atol=self.TOLERANCE, equal_nan=True))
+                stored = np.asarray(self.stored[idx[todo]], np.float32)
+                # another class count (another model's store) is another model: it raised numpy's
+                # broadcast error, naming neither
+                same = stored.shape == got.shape and bool(np.allclose(got, stored, rtol=0.0, atol=self.TOLERANCE,
+                                                                      equal_nan=True))
                 self.use_stored = same
                 log.info("confirmation %s the stored class probabilities of the clean images (the model gives "
                          "them %s)", "uses" if same else "does not use",

@@ -1130,6 +1130,10 @@ def test_each_clean_image_is_classified_once_a_run_and_stored_probabilities_only
     assert probs.use_stored is False
     assert_bitwise(torch.as_tensor(probs.p(x[later], later, 1)), torch.as_tensor(want[later, 1]), "computed")
     assert model.rows == 40
+    # ... nor where it has another class count (it raised numpy's broadcast error, naming neither)
+    probs = CleanProbs(RowsSeen(), ConfirmConfig(), stored=np.hstack([want, want[:, :1]]))
+    assert_bitwise(torch.as_tensor(probs.p(x[first], first, 1)), torch.as_tensor(want[first, 1]), "3 stored")
+    assert probs.use_stored is False
 
 
 def test_confirmation_with_the_stores_probabilities_gives_the_same_results():
