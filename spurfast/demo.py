@@ -11,6 +11,8 @@ import numpy as np
 import torch
 
 from .checks import check_compute_device, check_default_dtype, check_whole
+from .data.builtin import fashion_mnist_files
+from .data.sources import content_digest
 from .discover import DiscoverConfig
 from .store import _write_json, shown_path
 from .metrics import auroc
@@ -136,7 +138,12 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
     vae_config = VAEConfig.for_images(*data.pool.image_shape[:2], latent_dim=latent_dim)
     backends.resolve("encoder", None, torch.device(device).type)
     check_discovery_ops(config.backend, torch.device(device).type)   # as run_discovery does
-    settings = dict(dataset=data.dataset, seed=seed, target_class=target_class, pattern=spec.to_dict(),
+    # the images themselves: the same command over another copy of the dataset
+    # ($SPURFAST_FASHION_MNIST) read as this run, retrained its models over the old ones and
+    # then failed at the store, leaving the old findings beside the new models
+    images = hashlib.sha256("".join(content_digest(s) for s in (data.train, data.pool, data.test_clean)
+                                    if s is not None).encode()).hexdigest()[:16]
+    settings = dict(dataset=data.dataset, images=images, seed=seed, target_class=target_class, pattern=spec.to_dict(),
                     n_poisoned=str(n_poisoned), pool_fraction=pool_fraction, classifier_epochs=classifier_epochs,
                     vae_epochs=vae_epochs, latent_dim=latent_dim, discover=config.__dict__)
     if not confirm:   # another run (a confirmed one was resumed and its findings rewritten unconfirmed); only
@@ -156,7 +163,9 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
             # first: a folder in use was refused after its run.json had been rewritten
             hold_output(Path(out_dir))
             _write_json(Path(out_dir) / "run.json", run_marker(run_id), indent=None)
-        out = prepare_output(out_dir, run_id, overwrite)
+        # the dataset's files where they lie inside out_dir: --overwrite deleted them (read already)
+        protect = fashion_mnist_files() if data.dataset == "fashion-mnist" else []
+        out = prepare_output(out_dir, run_id, overwrite, protect=protect)
         _write_json(out / DEMO_MARKER, {"models": models_id}, indent=None)
         print(f"[demo] dataset {data.dataset}: {len(data.train)} training images "
               f"({len(data.truth.train_indices)} of class {target_class} stamped with {spec.label}); "

@@ -375,13 +375,16 @@ def test_demo_pattern_flags_reach_the_pattern_and_the_run_id(monkeypatch):
     class Stop(Exception):
         pass
 
-    specs, run_ids = [], []
+    from spurfast.data import ArraySource
+
+    specs, run_ids, pixel = [], [], [0.0]
 
     def fake_data(dataset, *, spec, **kw):
         specs.append(spec)   # a pool shape: run_demo checks the VAE's settings before any work
-        return types.SimpleNamespace(dataset="digits", pool=types.SimpleNamespace(image_shape=(1, 8, 8)))
+        images = ArraySource(torch.full((4, 1, 8, 8), pixel[0]), np.arange(4))
+        return types.SimpleNamespace(dataset="digits", train=images, pool=images, test_clean=None)
 
-    def fake_prepare(out, run_id, overwrite):
+    def fake_prepare(out, run_id, overwrite, protect=()):
         run_ids.append(run_id)
         raise Stop
 
@@ -392,6 +395,35 @@ def test_demo_pattern_flags_reach_the_pattern_and_the_run_id(monkeypatch):
             demo.run_demo("o", family="patch3", **kw)
     assert (specs[1].strength, specs[2].position) == (0.5, "top_left")
     assert len(set(run_ids)) == 3, "a changed pattern flag must make a different demo run"
+    # other images under the same dataset name ($SPURFAST_FASHION_MNIST at another copy) too:
+    # read as this run, it retrained the models over the old ones and failed at the store
+    pixel[0] = 0.5
+    with pytest.raises(Stop):
+        demo.run_demo("o", family="patch3")
+    assert len(set(run_ids)) == 4, "other images must make a different demo run"
+
+
+def test_demo_overwrite_never_deletes_the_dataset_it_reads(tmp_path, monkeypatch):
+    # discover passes its inputs as protected; the demo passed none, and --overwrite of another
+    # run deleted a Fashion-MNIST folder lying inside --out (already read, so unnoticed)
+    import types
+
+    from spurfast import demo
+    from spurfast.data import ArraySource
+
+    out, data_dir = tmp_path / "out", tmp_path / "out" / "fmnist"
+    data_dir.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (data_dir / name).write_bytes(b"idx")
+    (out / "run.json").write_text(json.dumps({"run_id": "another-run"}))
+    monkeypatch.setenv("SPURFAST_FASHION_MNIST", str(data_dir))
+    images = ArraySource(torch.zeros(4, 1, 8, 8), np.arange(4))
+    monkeypatch.setattr(demo, "make_planted_data", lambda *a, **k: types.SimpleNamespace(
+        dataset="fashion-mnist", train=images, pool=images, test_clean=None))
+    with pytest.raises(FileExistsError, match=r"--overwrite would delete output directory .*fmnist"):
+        demo.run_demo(out, overwrite=True)
+    assert len(list(data_dir.iterdir())) == 4
 
 
 def test_folder_runs_made_before_relative_item_ids_resume(tmp_path, caplog):

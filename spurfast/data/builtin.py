@@ -49,6 +49,13 @@ def find_fashion_mnist(root=None) -> Path | None:
     return found[0].parent if found else None
 
 
+def fashion_mnist_files(root=None) -> list[Path]:
+    """The IDX files `load_fashion_mnist` reads for either split (those found): what a run over
+    them must not delete (`spurfast demo --overwrite` with the data inside its folder)."""
+    dirs = _candidates(root)
+    return [f for split in _PREFIX for f in (_split_files(dirs, split) or ())]
+
+
 def read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if str(path).endswith(".gz") else open
     try:
