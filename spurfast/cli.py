@@ -154,6 +154,17 @@ def _residual_config(args):
     return ResidualConfig(fdr=fdr, seed=args.seed, **extra)
 
 
+def _class_names_used(class_names, what: str, path, src):
+    """``class_names`` (--class-names), or None where the .npz at ``path`` (the ``what``) names
+    its own classes otherwise and keeps them (said): the file then names nothing of the run."""
+    if class_names and not Path(path).is_dir() and list(src.class_names) != read_class_names(class_names):
+        logging.getLogger("spurfast.cli").warning(
+            "--class-names %s has no effect: %s %s names its own classes (%s), which it keeps", class_names,
+            what, path, ", ".join(map(str, list(src.class_names)[:5])) + (", ..." if len(src.class_names) > 5 else ""))
+        return None
+    return class_names
+
+
 def check_npz_class_count(src, num_classes, what: str, path) -> None:
     """An .npz's own class_names against --num-classes: with another count, findings of the
     classes past the names went unnamed, or were named by a list that is not the classifier's
@@ -443,14 +454,17 @@ def cmd_train_classifier(args):
     out = _model_out(args.out, data=args.data, class_names=args.class_names)
     src, _ = load_pool(args.data, args.size, args.channels, args.class_names)
     _check_batch_fits(src, args.data, args.size, train_classifier)
-    if args.class_names and args.num_classes:   # discover refuses the pair: the model would be of no use with it
-        check_class_count(args.class_names, args.num_classes)
+    # an .npz's own names, which it keeps, skipped the class-count check: a model of another
+    # width trained, and discover refused it on that data
+    class_names = _class_names_used(args.class_names, "data", args.data, src)
+    if class_names and args.num_classes:   # discover refuses the pair: the model would be of no use with it
+        check_class_count(class_names, args.num_classes)
     else:
         check_npz_class_count(src, args.num_classes, "data", args.data)
     # an .npz's own class names count too: a class without training images still gets an output
     n_classes = args.num_classes or (len(src.class_names) if src.class_names else
                                      int(src.labels().max(initial=-1)) + 1)   # empty: training names it
-    if not args.class_names:   # as discover refuses it: the model trained, and no run could use its folder
+    if not class_names:   # as discover refuses it: the model trained, and no run could use its folder
         check_labelled_folder(src, n_classes, "data", args.data)
     with _model_folder(out):
         model = train_classifier(src, n_classes, arch=args.arch, epochs=args.epochs, seed=args.seed,
@@ -493,15 +507,9 @@ def cmd_discover(args):
                    **({"loader_backend": (args.loader_backend, ("loader",))} if Path(args.pool).is_dir() else {}))
     _folder_shape(args, args.pool, None if args.no_confirm else args.clean)
     pool, extra = load_pool(args.pool, args.size, args.channels, args.class_names)
-    # an .npz that names its own classes keeps them: --class-names then names nothing of this
-    # run (yet the width check blamed it, and a nameless --clean .npz took its names and was
-    # refused as another set's classes)
-    class_names = args.class_names
-    if class_names and not Path(args.pool).is_dir() and list(pool.class_names) != read_class_names(class_names):
-        logging.getLogger("spurfast.cli").warning(
-            "--class-names %s has no effect: pool %s names its own classes (%s), which it keeps", class_names,
-            args.pool, ", ".join(map(str, list(pool.class_names)[:5])) + (", ..." if len(pool.class_names) > 5 else ""))
-        class_names = None
+    # (yet the width check blamed it, and a nameless --clean .npz took its names and was refused
+    # as another set's classes)
+    class_names = _class_names_used(args.class_names, "pool", args.pool, pool)
     # after the pool is read: a missing or damaged one was first said to hold arrays; a --clean
     # folder may go through the loader (below, once it is read)
     clean_folder = bool(args.clean) and not args.no_confirm and Path(args.clean).is_dir()

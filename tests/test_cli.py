@@ -2176,6 +2176,14 @@ def test_npz_class_names_and_num_classes_that_disagree_are_refused(tmp_path, cap
     assert main(["train-classifier", "--data", str(f), "--out", str(tmp_path / "c.pt"), "--num-classes", "5",
                  "--epochs", "1", "--quiet"]) == 2
     assert capsys.readouterr().err.startswith(f"error: data {f} names 3 classes (its class_names), but --num-classes is 5")
+    # a --class-names file of 5 names, which the .npz does not use (it keeps its own), skipped
+    # that check: a 5-class model trained, and discover refused it on this data
+    names = tmp_path / "names5.txt"
+    names.write_text("a\nb\nc\nd\ne\n")
+    assert main(["train-classifier", "--data", str(f), "--out", str(tmp_path / "c.pt"), "--num-classes", "5",
+                 "--class-names", str(names), "--epochs", "1", "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: data {f} names 3 classes (its class_names), but --num-classes is 5")
+    assert not (tmp_path / "c.pt").exists()
     _models(tmp_path, classes=5)
     assert main(["discover", "--pool", str(f), "--classifier", str(tmp_path / "clf1x28.pt"), "--vae",
                  str(tmp_path / "vae1x28.pt"), "--out", str(tmp_path / "run"), "--num-classes", "5", "--quiet"]) == 2
