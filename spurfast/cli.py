@@ -1110,7 +1110,9 @@ def _main(argv) -> int:
         elif args.command == "env":
             print("interrupted: env changes nothing; run it again", file=sys.stderr)
         else:
-            print(f"interrupted: finished work is kept (training checkpoints, the embedding store, discovery's "
+            # discover trains nothing: "training checkpoints" named work it never had
+            trained = "training checkpoints, " if args.command == "demo" else ""
+            print(f"interrupted: finished work is kept ({trained}the embedding store, discovery's "
                   f"neighbours and null); the same `spurfast {args.command}` command resumes", file=sys.stderr)
         return 130
     return 0

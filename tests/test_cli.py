@@ -1242,6 +1242,18 @@ def test_ctrl_c_says_the_same_command_resumes(tmp_path, capsys, monkeypatch):
     assert main(["demo", "--out", str(tmp_path / "o"), "--quiet"]) == 130
     err = capsys.readouterr().err
     assert err.startswith("interrupted: finished work is kept") and "`spurfast demo` command resumes" in err, err
+    assert "training checkpoints" in err
+    # discover trains nothing: its message named training checkpoints all the same
+    import spurfast.pipeline as P
+    monkeypatch.setattr(P, "run_discovery", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    _models(tmp_path)
+    pool = tmp_path / "pool.npz"
+    np.savez(pool, images=np.zeros((6, 28, 28), np.uint8), labels=np.arange(6) % 4)
+    assert main(["discover", "--pool", str(pool), "--classifier", str(tmp_path / "clf1x28.pt"), "--vae",
+                 str(tmp_path / "vae1x28.pt"), "--num-classes", "10", "--out", str(tmp_path / "d"), "--quiet"]) == 130, \
+        capsys.readouterr()
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: finished work is kept (the embedding store") and "training" not in err, err
 
 
 def test_ctrl_c_in_report_or_training_says_what_that_command_keeps(tmp_path, capsys, monkeypatch):
