@@ -169,6 +169,16 @@ def _standardise(mu: np.ndarray) -> np.ndarray:
 _OPS = ("latent_knn", "kmeans_assign", "kmeans_update", "kmeans_assign_update", "kmeans_plusplus")
 
 
+def identity_settings(config: DiscoverConfig) -> dict:
+    """``config`` as a run's id reads it: backend "auto" given is the default (None) where no
+    SPURFAST_BACKEND* variable asks the k-means ops for another (the help calls them one
+    choice, yet a rerun spelling it out was refused as another run)."""
+    d = asdict(config)
+    if d.get("backend") == "auto" and all(backends.requested(op) == "auto" for op in _OPS if op != "latent_knn"):
+        d["backend"] = None
+    return d
+
+
 def _provider_choices(device, ops=_OPS) -> dict:
     """Besides the config's backend, what picks the implementations of the neighbour search
     and the clustering: the SPURFAST_BACKEND* variables (and the Triton kernel's fp32

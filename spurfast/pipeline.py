@@ -27,7 +27,7 @@ from .cores import usable_cores
 from .data.builtin import load_digits, load_fashion_mnist
 from .data.reread import read_as_stored
 from .data.sources import ArraySource, ImageSource, content_digest
-from .discover import DiscoverConfig, characterise, discover, write_outputs
+from .discover import DiscoverConfig, characterise, discover, identity_settings, write_outputs
 from .embed import check_outputs, check_vae_input
 from .identity import fingerprint
 from .models.as_given import restores_models
@@ -220,7 +220,7 @@ def _checked_inputs(pool, classifier, vae, out_dir, *, num_classes, suspect, con
                              "docs/results/full-features)")
         inputs["feature_view"] = True
     if run_id is None:
-        fp, settings = identity[0], json.dumps(asdict(config), sort_keys=True)
+        fp, settings = identity[0], json.dumps(identity_settings(config), sort_keys=True)
         # the clean set, the suspect mask and confirmation change the findings too: a rerun
         # with others is another run, not one to resume and silently rewrite
         run_id = _digest(fp + identity[1] + settings + json.dumps(inputs, sort_keys=True))
@@ -231,6 +231,8 @@ def _checked_inputs(pool, classifier, vae, out_dir, *, num_classes, suspect, con
         earlier_ids = ([_digest(fp + identity[1] + settings)] + [_digest(f + c + settings + inputs_text)
                                                                   for f, c in earlier]
                        + [_digest(f + c + settings) for f, c in earlier] + [_digest(f + settings) for f, _ in earlier])
+        # and with backend "auto" spelled out, as it was read before `identity_settings`
+        earlier_ids.append(_digest(fp + identity[1] + json.dumps(asdict(config), sort_keys=True) + inputs_text))
     extra_config = {**(extra_config or {}), "inputs": inputs}
     check_vae_input(pool, vae)
     # the embedding pass's own checks, made before --overwrite deletes the old run

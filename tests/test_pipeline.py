@@ -140,6 +140,42 @@ def test_another_clean_set_suspect_mask_or_no_confirmation_is_another_run(tmp_pa
     assert json.loads((out / "run.json").read_text())["run_id"] == first
 
 
+def test_backend_auto_spelled_out_is_the_default_run_unless_a_variable_picks_another(tmp_path, monkeypatch):
+    # the help calls the two one choice, yet a rerun with --kmeans-backend auto was refused as
+    # another run; where SPURFAST_BACKEND_KMEANS_ASSIGN asks for torch, they are two choices
+    import json
+
+    def stop(*a, **k):
+        raise _Embedded
+    monkeypatch.setattr(P.dist, "embed_pool_sharded", stop)
+    for var in ("SPURFAST_BACKEND", "SPURFAST_BACKEND_KMEANS_ASSIGN", "SPURFAST_BACKEND_KMEANS_UPDATE"):
+        monkeypatch.delenv(var, raising=False)
+    torch.manual_seed(0)
+    pool = ArraySource(torch.rand(12, 1, 16, 16), np.arange(12) % 2, name="pool")
+    clf, vae = SmallCNN(1, 2, 16), VAE(VAEConfig.for_images(1, 16, 4))
+
+    def run(out, backend):
+        with pytest.raises(_Embedded):
+            run_discovery(pool, clf, vae, out, num_classes=2, progress=False, confirm=False,
+                          config=P.DiscoverConfig(backend=backend))
+
+    run(tmp_path / "a", None)
+    run(tmp_path / "a", "auto")                      # the same run: resumed
+    # a run an earlier version made with "auto" spelled out (no fingerprint scheme recorded) resumes
+    ids = json.loads((tmp_path / "a" / "run.json").read_text())["run_id"]
+    fp, content = P.fingerprint(pool, clf, vae), P.content_digest(pool)
+    old = P._digest(fp + content + json.dumps(P.asdict(P.DiscoverConfig(backend="auto")), sort_keys=True)
+                    + json.dumps(P.run_inputs(None, None, False), sort_keys=True))
+    (tmp_path / "a" / "run.json").write_text(json.dumps({"run_id": old}))
+    run(tmp_path / "a", "auto")
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["run_id"] == ids
+    monkeypatch.setenv("SPURFAST_BACKEND_KMEANS_ASSIGN", "torch")
+    run(tmp_path / "b", None)
+    with pytest.raises(FileExistsError, match="already holds run"):
+        run_discovery(pool, clf, vae, tmp_path / "b", num_classes=2, progress=False, confirm=False,
+                      config=P.DiscoverConfig(backend="auto"))
+
+
 def test_a_second_process_on_the_same_output_directory_is_refused(tmp_path):
     """Two runs on one folder both exited 0, and every finding showed another's pictures: each
     applied the confirmed-first renaming to the same files.  The folder is locked per run."""
