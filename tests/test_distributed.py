@@ -48,13 +48,27 @@ def _worker(rank, world, port, fn, args, outq, timeout_s=120):
 def _spawn(fn, args, world=2, timeout_s=120):
     ctx = tmp_mp.get_context("spawn")
     q = ctx.SimpleQueue()
-    tmp_mp.start_processes(_worker, args=(world, _free_port(), fn, args, q, timeout_s), nprocs=world, join=True,
-                           start_method="spawn")
+    ranks = tmp_mp.start_processes(_worker, args=(world, _free_port(), fn, args, q, timeout_s), nprocs=world,
+                                   join=False, start_method="spawn")
     out = {}
-    while not q.empty():
-        r, v = q.get()
-        out[r] = v
+    # drained while the ranks run: a result larger than the pipe's buffer (~64 KiB) blocked its
+    # rank in put() while this waited for every rank to end, and the test hung
+    done = False
+    while not done:
+        done = ranks.join(timeout=0.1)   # raises for a rank that failed
+        while not q.empty():
+            r, v = q.get()
+            out[r] = v
     return out
+
+
+def _big_result(n):
+    return np.zeros(n, np.float64)
+
+
+def test_spawned_ranks_may_return_results_larger_than_a_pipe_holds():
+    out = _spawn(_big_result, (40_000,))   # 320 KB each
+    assert sorted(out) == [0, 1] and all(v.shape == (40_000,) for v in out.values())
 
 
 def _kmeans_job(x, groups, kpg, seed, init):
