@@ -31,15 +31,28 @@ import torch
 
 from .harness import device_name, measure
 
-# Hardware peaks used for the roofline (NVIDIA H200 SXM, dense).  One place for all of them.
-H200_PEAK = {
-    "hbm_bytes_per_s": 4.8e12,
-    "flops_per_s": {
-        torch.bfloat16: 990e12,  # tensor cores, dense
-        torch.float16: 990e12,   # tensor cores, dense
-        torch.float32: 67e12,    # CUDA cores (the kernel uses IEEE fp32, no TF32)
-    },
+def _peak(hbm_bytes_per_s: float, tensor_flops: float, fp32_flops: float) -> dict:
+    return {"hbm_bytes_per_s": hbm_bytes_per_s,
+            "flops_per_s": {torch.bfloat16: tensor_flops, torch.float16: tensor_flops,   # tensor cores, dense
+                            torch.float32: fp32_flops}}   # CUDA cores (the kernel uses IEEE fp32, no TF32)
+
+
+# Hardware peaks used for the roofline (dense), by a part of the device's name, the more
+# specific first.  One place for all of them.  The H200's alone judged every GPU: an H100's
+# bandwidth-bound bf16 rows read 30% below their true share of its roofline
+PEAKS = {
+    "H200": _peak(4.8e12, 990e12, 67e12),
+    "H100 PCIe": _peak(2.0e12, 756e12, 51e12),
+    "H100 NVL": _peak(3.9e12, 835e12, 60e12),
+    "H100": _peak(3.35e12, 989e12, 67e12),   # SXM ("NVIDIA H100 80GB HBM3")
 }
+H200_PEAK = PEAKS["H200"]
+
+
+def device_peak(name: str) -> dict | None:
+    """The roofline peaks of the GPU named ``name`` (torch.cuda.get_device_name), None for one
+    not in `PEAKS` (no roofline rows then, rather than another GPU's)."""
+    return next((p for part, p in PEAKS.items() if part in name), None)
 
 ARCHS = {
     # name: (in_channels, image_size, conv channels)
@@ -100,9 +113,9 @@ def encoder_kernel_bytes(arch: str, batch: int, in_dtype: torch.dtype, latent: i
     return encoder_min_bytes(arch, batch, in_dtype, latent) + 2.0 * batch * inter * item
 
 
-def roofline_bound_s(arch: str, batch: int, dtype: torch.dtype, latent: int = LATENT) -> float:
-    return max(encoder_flops(arch, batch, latent) / H200_PEAK["flops_per_s"][dtype],
-               encoder_kernel_bytes(arch, batch, dtype, latent) / H200_PEAK["hbm_bytes_per_s"])
+def roofline_bound_s(arch: str, batch: int, dtype: torch.dtype, latent: int = LATENT, peak: dict = H200_PEAK) -> float:
+    return max(encoder_flops(arch, batch, latent) / peak["flops_per_s"][dtype],
+               encoder_kernel_bytes(arch, batch, dtype, latent) / peak["hbm_bytes_per_s"])
 
 
 def _model(arch: str, device):
@@ -161,6 +174,10 @@ def run(writer, quick: bool = False, device=None):
     # only (the batch the targets are stated at).
     compile_batches = [256] if (gpu and quick) else batches
     dev_name = device_name(device)
+    peak = device_peak(torch.cuda.get_device_name(device)) if gpu else None
+    if gpu and peak is None:
+        print(f"[encoder] no roofline peaks for {torch.cuda.get_device_name(device)}: no roofline rows",
+              file=sys.stderr)
     # dynamic=False compiles once per (arch, dtype, batch): 16 graphs of one function.  Past
     # dynamo's recompile limit it would silently run eager under the "compile" label.
     import torch._dynamo as dynamo
@@ -207,8 +224,8 @@ def run(writer, quick: bool = False, device=None):
                     if not gpu:
                         # CPU figures are only as good as the machine is idle: record its load.
                         writer.add("encoder", name, cfg, "load_avg_1min", os.getloadavg()[0], "1", dev_name)
-                    if gpu:
-                        bound = roofline_bound_s(arch, batch, dtype)
+                    if peak is not None:
+                        bound = roofline_bound_s(arch, batch, dtype, peak=peak)
                         writer.add("encoder", name, cfg, "roofline_bound_s", bound, "s", dev_name)
                         writer.add("encoder", name, cfg, "roofline_frac", bound / stats["median_s"], "1", dev_name)
                 del x

@@ -49,10 +49,12 @@ def shape_name(shape: dict) -> str:
 
 def _resources(kt) -> tuple[float, float]:
     """(registers per thread, spilled bytes) of the kernel launched last (the shape just
-    timed), or NaNs where this triton does not expose them (or under the interpreter)."""
+    timed), or NaNs where this triton does not expose them (or under the interpreter).
+    Triton's ``n_spills`` is CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES / 4 (32-bit words): the rows,
+    labelled bytes, said a quarter of it."""
     ck = kt.last_kernel
     try:
-        return float(ck.n_regs), float(ck.n_spills)
+        return float(ck.n_regs), 4.0 * float(ck.n_spills)
     except Exception as exc:  # an internal API: keep the timing rows
         _log(f"register use unavailable: {exc.__class__.__name__}: {exc}")
         return math.nan, math.nan

@@ -47,3 +47,20 @@ def test_a_misspelt_variant_is_refused_before_any_sweep(tmp_path, monkeypatch, v
     monkeypatch.setenv("SPURFAST_BENCH_SHAPE_VARIANTS", "fp16, fp32")
     bts.run(ResultWriter(tmp_path / "r.csv"), quick=True, device="cuda")
     assert swept == [["fp16", "fp32"]] * len(bts.PROBLEMS)
+
+
+def test_spill_rows_are_bytes_and_the_roofline_is_the_gpus_own():
+    # triton's n_spills counts 32-bit words (LOCAL_SIZE_BYTES / 4), written as bytes; and every
+    # GPU's encoder roofline used the H200's peaks (an H100's bf16 rows read 30% low)
+    import types
+
+    from bench import bench_encoder as be
+    from bench.bench_triton_shapes import _resources
+
+    fake = types.SimpleNamespace(last_kernel=types.SimpleNamespace(n_regs=40, n_spills=3))
+    assert _resources(fake) == (40.0, 12.0)
+    h100, h200 = be.device_peak("NVIDIA H100 80GB HBM3"), be.device_peak("NVIDIA H200")
+    assert (h100["hbm_bytes_per_s"], h200["hbm_bytes_per_s"]) == (3.35e12, 4.8e12)
+    assert be.device_peak("NVIDIA H100 PCIe")["hbm_bytes_per_s"] == 2.0e12 and be.device_peak("Tesla T4") is None
+    args = ("rgb64", 256, torch.bfloat16)
+    assert be.roofline_bound_s(*args, peak=h100) == pytest.approx(be.roofline_bound_s(*args, peak=h200) * 4.8 / 3.35)
