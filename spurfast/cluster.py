@@ -255,6 +255,11 @@ def lloyd(x, groups, kpg, G, *, n_iter, tol, seed, metric, init, backend, team=S
     else:
         cent = torch.empty(G, kmax, d, dtype=torch.float32, device=dev)
     cent = team.broadcast(cent)  # identical initial centroids on every member
+    if xs.dtype in (torch.float16, torch.bfloat16) and cent.numel() and \
+            float(cent.abs().max()) > torch.finfo(xs.dtype).max:
+        # a 16-bit kernel meets the centroids rounded to the points' dtype: one past its range
+        # (a user's init) became inf, scored NaN and could never win
+        xs = xs.float()
     loc = team.local_positions(N)
     if loc is None:
         xl, gid_l, off_l = xs, gid, offsets

@@ -406,3 +406,18 @@ def test_lloyd_loop_runs_on_it_through_the_per_op_variable(monkeypatch):
     got = kmeans(x.to(_device()), groups.to(_device()), torch.tensor([4, 4]), n_iter=10, seed=0)
     backends.clear_cache()
     assert_equal_int(got.assign.cpu(), want.assign, "triton-assigned Lloyd loop")
+
+
+@needs_kernel
+def test_fp16_points_with_a_starting_centroid_past_fp16s_range_match_the_reference():
+    # the kernel meets the centroids rounded to the points' dtype: 66000 became inf, scored NaN
+    # and never won, so every point went to the other centroid (inertia 100x the reference's)
+    from spurfast.cluster import batched_kmeans
+
+    x = torch.tensor([[60000.0]] * 3 + [[100.0]] * 3).half()
+    groups = torch.zeros(6, dtype=torch.long)
+    init = torch.tensor([[[0.0], [66000.0]]])
+    want = batched_kmeans(x, groups, [2], init=init, backend="torch", n_iter=0)
+    got = batched_kmeans(x, groups, [2], init=init, backend="triton", n_iter=0)
+    assert got.assign.tolist() == want.assign.tolist() == [1, 1, 1, 0, 0, 0]
+    assert got.inertia == pytest.approx(want.inertia, rel=1e-6)
