@@ -26,7 +26,8 @@ from .data.preprocess import uint8_to
 from .data.sources import ImageSource, content_digest
 from .identity import IDENTITY_SCHEME, fingerprint
 from .models.as_given import restores_models
-from .models.outputs import check_floating, classifier_outputs, non_float32_weights, shape_text, trial
+from .models.outputs import (check_floating, classifier_outputs, forget_checks, non_float32_weights, shape_text,
+                             trial)
 from .models.layout import in_cpu_blocks
 from .pixel_cache import MIXED, MODE_KEY, PIXELS, batch_pixels, keeps_pixels, merged_mode
 from .store_writer import BackgroundWriter
@@ -65,6 +66,7 @@ def check_outputs(source: ImageSource, classifier, num_classes: int, device: str
     with torch.no_grad():
         x0, _ = source.get_batch([0])
         model, x = classifier.to(device).eval(), x0.to(device)   # outside: "no NVIDIA driver" is no shape error
+        forget_checks(model)   # decided again on this pass's first image: the model may have changed since
         # torch's "mat1 and mat2 shapes cannot be multiplied" named neither
         logits, feats = trial(lambda: classifier_outputs(model, x), f"classifier cannot run on images of shape "
                               f"{shape_text(x0.shape[1:])} (CxHxW) from {source.name}", model)

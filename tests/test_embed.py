@@ -1264,3 +1264,28 @@ def test_a_scripted_model_in_train_mode_is_the_same_model_and_its_old_stores_res
     manifest.pop("identity")
     (tmp_path / "t" / MANIFEST).write_text(json.dumps(manifest))
     assert embed_pool(src, scripted, vae, tmp_path / "t", num_classes=4, progress=False).complete
+
+
+def test_a_model_changed_in_place_between_passes_is_checked_again(tmp_path):
+    # whether a user model's logits are fc2(features) was decided once per model object: after
+    # a temperature and a logit shift changed its forward, the next pass stored fc2(features)
+    class Calibrated(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 8), torch.nn.ReLU())
+            self.fc2 = torch.nn.Linear(8, 4)
+            self.temperature = 1.0
+            self.register_buffer("shift", torch.zeros(4))
+
+        def forward(self, x):
+            return self.fc2(self.features(x)) / self.temperature + self.shift
+
+    src, _, vae = _setup(20)
+    torch.manual_seed(0)
+    model = Calibrated().eval()
+    embed_pool(src, model, vae, tmp_path / "a", num_classes=4, batch_size=8, progress=False)
+    model.temperature, model.shift[3] = 4.0, 5.0
+    store = embed_pool(src, model, vae, tmp_path / "b", num_classes=4, batch_size=8, progress=False)
+    with torch.no_grad():
+        want = torch.softmax(model(src.get_batch(list(range(20)))[0]), 1).numpy()
+    np.testing.assert_allclose(np.asarray(store["probs"]), want, atol=1e-5)

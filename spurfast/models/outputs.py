@@ -22,6 +22,18 @@ _HEAD_IS_FC2: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _CHANNELS_LAST_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def forget_checks(model: nn.Module) -> None:
+    """Drop what the first batches decided about ``model`` (`_HEAD_IS_FC2`, `_CHANNELS_LAST_OK`),
+    so its next batch decides again: each pass starts so (`spurfast.embed.check_outputs`).  A
+    model changed in place between two passes (a temperature, a logit shift) kept the first
+    pass's "logits are fc2(features)", and the second stored fc2(features) as its logits."""
+    for cache in (_HEAD_IS_FC2, _CHANNELS_LAST_OK):
+        try:
+            cache.pop(model, None)
+        except TypeError:   # not weakly referable: never kept
+            pass
+
+
 def _cpu_layout(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(``x`` channels-last (`spurfast.models.layout.channels_last`: oneDNN's faster layout)
     for a model on a CPU that gives such images the same logits, else ``x``; ``model``'s
