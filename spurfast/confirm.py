@@ -74,7 +74,7 @@ import torch.nn.functional as F
 from scipy.stats import binom
 from tqdm.auto import tqdm
 
-from .checks import check_compute_device, real_number, suspect_mask, whole_number
+from .checks import check_compute_device, check_default_dtype, real_number, suspect_mask, whole_number
 from .confirm_work import KeptConfirmations
 from .cores import usable_cores
 from .data.sources import ImageSource
@@ -663,6 +663,7 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
     confirmed source's `content_digest`, where the caller has made it).  ``progress``: a bar
     over the findings.  Several findings are confirmed at once where `findings_at_once` says
     so (their images read here, their passes on threads), with the results of one at a time."""
+    check_default_dtype("confirm_findings")   # the steps one by one too: float64 gave other findings
     # checked again: a field set after construction (config.seed = -1) skipped __post_init__
     config = replace(config) if config is not None else ConfirmConfig()
     check_compute_device(config.device, f"confirm_findings: config.device {config.device!r}")

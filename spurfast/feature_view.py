@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .checks import check_default_dtype
 from .discover import DiscoverConfig, DiscoveryResult, _standardise, discover
 from .families import FEATURE_VIEW as VIEW
 
@@ -67,6 +68,7 @@ def discover_features(store, config: DiscoverConfig, *, suspect=None, class_name
                       work_dir=None, space: np.ndarray | None = None) -> DiscoveryResult:
     """`discover` in the classifier's feature space (``space``: `feature_space` of the store,
     computed when not given); every finding gains ``"view": "features"``."""
+    check_default_dtype("discover_features")   # the steps one by one too: float64 gave other findings
     space = feature_space(store) if space is None else space
     res = discover(SpaceView(store, space), config, suspect=suspect, class_names=class_names, progress=progress,
                    work_dir=work_dir)

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from .characterise import contrast_magnitude, otsu_threshold
+from .checks import check_default_dtype
 from .cores import usable_cores
 from .data.sources import ImageSource
 from .in_order import run_in_order
@@ -98,6 +99,7 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
     ranking.  ``device``: the run's, where a folder pool is decoded
     (`spurfast.support.image_pass`).  ``seed``: the run's, for the pixel probe's samples of
     large pools."""
+    check_default_dtype("pattern_rankings")   # the steps one by one too: float64 gave other findings
     from .confirm import _known_readable
 
     if not 0.0 < localised <= 1.0:

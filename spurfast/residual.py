@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .characterise import otsu_threshold
-from .checks import real_number, whole_number
+from .checks import check_default_dtype, real_number, whole_number
 from .data.sources import ImageSource, utf8_name
 from .families import RESIDUAL
 from .models.as_given import restores_models
@@ -217,6 +217,7 @@ def residual_scan(residuals: torch.Tensor, z: np.ndarray, pred: np.ndarray, labe
     "residual", score (the peak's ratio), peak_t, p_value, q_value, members, ranking
     (pool-wide) and the extracted pattern (``_mask`` (H, W), ``_contrast``) that confirmation
     adds; sorted by q, then score."""
+    check_default_dtype("residual_scan")   # the steps one by one too: float64 gave other findings
     cfg = config or ResidualConfig()
     n = len(pred)
     if residuals.dim() != 2 or residuals.shape[0] != n or len(z) != n or len(labels) != n or len(suspect) != n:

@@ -24,7 +24,7 @@ import logging
 import numpy as np
 import torch
 
-from .checks import suspect_mask
+from .checks import check_default_dtype, suspect_mask
 from .data.sources import ImageSource
 from .scoring import TIE_TOLERANCE
 
@@ -193,6 +193,7 @@ def training_support(findings: list[dict], source: ImageSource, suspect: np.ndar
     `spurfast.discover.characterise`): the suspect images (``suspect``, a pool mask) with a
     known label (``labels`` >= 0) and readable are the training data tested.  ``device``:
     the run's, where a folder pool is decoded (`pattern_projections`)."""
+    check_default_dtype("training_support")   # the steps one by one too: float64 gave other findings
     from .confirm import _known_readable
     from .families import finding_family
     from .scoring import bh_qvalues
