@@ -12,6 +12,27 @@ from pathlib import Path
 import numpy as np
 
 
+SOURCE_HINT = "wrap arrays in spurfast.ArraySource(images, labels), a folder in spurfast.ImageFolderSource(path)"
+CLASSIFIER_HINT = "load a file with spurfast.load_classifier(path)"
+VAE_HINT = "load a file with spurfast.load_vae(path), or train one with spurfast.train_vae"
+STORE_HINT = "open a folder with spurfast.EmbeddingStore(path)"
+
+
+def check_arguments(where: str, *specs) -> None:
+    """Refuse, by argument, an object of the wrong kind: each spec is (name, value, types,
+    what is expected, how to get one).  A path where a model is expected, an array where a
+    source is, a dict where a config is failed as a bare AttributeError deep in the step."""
+    for name, value, want, kind, hint in specs:
+        if not isinstance(value, want):
+            raise TypeError(f"{where}: {name} must be {kind}, got {type(value).__name__} ({hint})")
+
+
+def check_not_a_path(where: str, name: str, value, hint: str) -> None:
+    """Refuse a path (str or PathLike) given for an object that is opened from one."""
+    if isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{where}: {name} must be an open object, got the path {value!r} ({hint})")
+
+
 def check_default_dtype(where: str) -> None:
     """Refuse to run while torch's default dtype is not float32: spurfast's models and tensors
     are float32, and under ``torch.set_default_dtype(torch.float64)`` models were built in

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from . import __version__, backends
 from .atomic_files import replace_atomically
 from .characterise import contrast_map, exemplars, linear_probe, neighbour_contrast, pattern_mask
-from .checks import (check_compute_device, check_default_dtype, check_extra_config, real_number, suspect_mask,
-                     whole_number)
+from .checks import (SOURCE_HINT, STORE_HINT, VAE_HINT, check_arguments, check_compute_device, check_default_dtype,
+                     check_extra_config, check_not_a_path, real_number, suspect_mask, whole_number)
 from .cores import usable_cores
 from .data.sources import ImageSource, utf8_name
 from .families import FEATURE_VIEW, finding_family
@@ -221,6 +221,9 @@ def discover(store: EmbeddingStore, config: DiscoverConfig, *, suspect: np.ndarr
     finish, so that an interrupted call resumes (`spurfast.discovery_work`), and where the
     findings' rankings wait on disk (`SpilledRankings`; without it, in ``TMPDIR``)."""
     check_default_dtype("discover")   # the steps one by one too: float64 gave other findings
+    check_not_a_path("discover", "store", store, STORE_HINT)
+    check_arguments("discover", ("config", config, DiscoverConfig, "a DiscoverConfig",
+                                 "spurfast.DiscoverConfig(k=..., ...)"))
     if not store.complete:
         raise ValueError(f"embedding store {store.root} is unfinished ({store.done}/{store.n}); resume the pass first")
     # checked again: a field set after construction (config.fdr = 2.0) skipped __post_init__
@@ -442,6 +445,9 @@ def characterise(result: DiscoveryResult, store: EmbeddingStore, source: ImageSo
     from the store when its findings are here and it is not given), where its findings match
     content in an unlabelled pool; the others match it in the latent."""
     check_default_dtype("characterise")   # the steps one by one too: float64 gave other findings
+    check_not_a_path("characterise", "store", store, STORE_HINT)
+    check_arguments("characterise", ("source", source, ImageSource, "an ImageSource", SOURCE_HINT),
+                    ("vae", vae, torch.nn.Module, "a torch.nn.Module", VAE_HINT))
     check_compute_device(device, f"characterise: device {device!r}")
     if len(source) != store.n:   # another pool's: wrong images pictured silently, or a bare IndexError
         raise ValueError(f"characterise: the pool {source.name} has {len(source)} images, but store {store.root} "

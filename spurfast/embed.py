@@ -19,7 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import backends
-from .checks import check_compute_device, check_default_dtype, check_whole, folder_blocker, not_a_folder
+from .checks import (CLASSIFIER_HINT, SOURCE_HINT, VAE_HINT, check_arguments, check_compute_device, check_default_dtype,
+                     check_whole, folder_blocker, not_a_folder)
 from .cores import usable_cores
 from .data.loader_torch import iter_batches
 from .data.preprocess import uint8_to
@@ -153,6 +154,9 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
     thread's writing time), so the slow stage shows.
     """
     check_default_dtype("embed_pool")
+    check_arguments("embed_pool", ("source", source, ImageSource, "an ImageSource", SOURCE_HINT),
+                    ("classifier", classifier, torch.nn.Module, "a torch.nn.Module", CLASSIFIER_HINT),
+                    ("vae", vae, torch.nn.Module, "a torch.nn.Module", VAE_HINT))
     check_compute_device(device, f"embed_pool: device {device!r}")
     blocker = folder_blocker(store_dir)   # mkdir's bare "File exists" named neither
     if blocker is not None:

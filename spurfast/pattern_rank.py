@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from .characterise import contrast_magnitude, otsu_threshold
-from .checks import check_default_dtype
+from .checks import SOURCE_HINT, check_arguments, check_default_dtype
 from .cores import usable_cores
 from .data.sources import ImageSource
 from .in_order import run_in_order
@@ -100,6 +100,7 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
     (`spurfast.support.image_pass`).  ``seed``: the run's, for the pixel probe's samples of
     large pools."""
     check_default_dtype("pattern_rankings")   # the steps one by one too: float64 gave other findings
+    check_arguments("pattern_rankings", ("source", source, ImageSource, "an ImageSource", SOURCE_HINT))
     from .confirm import _known_readable
 
     if not 0.0 < localised <= 1.0:

@@ -22,7 +22,8 @@ import torch
 from . import distributed as dist
 from . import pixel_cache
 from .atomic_files import remove_killed_writers_files
-from .checks import check_compute_device, check_default_dtype, check_extra_config, check_whole, suspect_mask
+from .checks import (CLASSIFIER_HINT, SOURCE_HINT, VAE_HINT, check_arguments, check_compute_device, check_default_dtype,
+                     check_extra_config, check_whole, suspect_mask)
 from .cores import usable_cores
 from .data.builtin import load_digits, load_fashion_mnist
 from .data.reread import read_as_stored
@@ -161,18 +162,12 @@ def check_run_inputs(pool, classifier, vae, config, clean) -> None:
     expected, an array where a pool is, a dict of settings where a config is (each failed as
     a bare AttributeError deep in the embedding pass); and a float64 default dtype."""
     check_default_dtype("run_discovery")
-    source = "wrap arrays in spurfast.ArraySource(images, labels), a folder in spurfast.ImageFolderSource(path)"
-    for name, value, want, kind, hint in (
-            ("pool", pool, ImageSource, "an ImageSource", source),
-            ("classifier", classifier, torch.nn.Module, "a torch.nn.Module",
-             "load a file with spurfast.load_classifier(path)"),
-            ("vae", vae, torch.nn.Module, "a torch.nn.Module",
-             "load a file with spurfast.load_vae(path), or train one with spurfast.train_vae"),
-            ("config", config, (DiscoverConfig, type(None)), "a DiscoverConfig or None",
-             "spurfast.DiscoverConfig(k=..., ...)"),
-            ("clean", clean, (ImageSource, type(None)), "an ImageSource or None", source)):
-        if not isinstance(value, want):
-            raise TypeError(f"run_discovery: {name} must be {kind}, got {type(value).__name__} ({hint})")
+    check_arguments("run_discovery", ("pool", pool, ImageSource, "an ImageSource", SOURCE_HINT),
+                    ("classifier", classifier, torch.nn.Module, "a torch.nn.Module", CLASSIFIER_HINT),
+                    ("vae", vae, torch.nn.Module, "a torch.nn.Module", VAE_HINT),
+                    ("config", config, (DiscoverConfig, type(None)), "a DiscoverConfig or None",
+                     "spurfast.DiscoverConfig(k=..., ...)"),
+                    ("clean", clean, (ImageSource, type(None)), "an ImageSource or None", SOURCE_HINT))
 
 
 def _checked_inputs(pool, classifier, vae, out_dir, *, num_classes, suspect, config, extra_config, batch_size,

@@ -24,7 +24,7 @@ import logging
 import numpy as np
 import torch
 
-from .checks import check_default_dtype, suspect_mask
+from .checks import SOURCE_HINT, check_arguments, check_default_dtype, suspect_mask
 from .data.sources import ImageSource
 from .scoring import TIE_TOLERANCE
 
@@ -194,6 +194,7 @@ def training_support(findings: list[dict], source: ImageSource, suspect: np.ndar
     known label (``labels`` >= 0) and readable are the training data tested.  ``device``:
     the run's, where a folder pool is decoded (`pattern_projections`)."""
     check_default_dtype("training_support")   # the steps one by one too: float64 gave other findings
+    check_arguments("training_support", ("source", source, ImageSource, "an ImageSource", SOURCE_HINT))
     from .confirm import _known_readable
     from .families import finding_family
     from .scoring import bh_qvalues

@@ -986,3 +986,40 @@ def test_each_public_step_refuses_a_float64_default_dtype(step, monkeypatch):
             "residual_scan": 6, "training_support": 4}[name]
     with pytest.raises(TypeError, match=f"{name}: torch's default dtype is torch.float64"):
         fn(*[None] * args)
+
+
+def test_each_public_step_names_an_argument_of_the_wrong_kind():
+    # an array where a source goes, a path where a model or store goes, a dict where a config
+    # goes: each failed as a bare AttributeError deep in the step (run_discovery named them)
+    import torch
+
+    from spurfast import (ArraySource, DiscoverConfig, confirm_findings, embed_pool, pattern_rankings,
+                          train_classifier, train_vae, training_support)
+    from spurfast.discover import characterise, discover
+    from spurfast.models import VAE, SmallCNN, VAEConfig
+
+    images, labels = np.zeros((4, 1, 28, 28), np.float32), np.arange(4)
+    clf, vae, pool = SmallCNN(1, 4, 28), VAE(VAEConfig.for_images(1, 28, 4)), ArraySource(images, labels)
+    source = r"\(wrap arrays in spurfast.ArraySource"
+    for call, pattern in [
+            (lambda: train_classifier(images, 4),
+             r"train_classifier: source must be an ImageSource, got ndarray " + source),
+            (lambda: train_vae(torch.as_tensor(images)), r"train_vae: source must be an ImageSource, got Tensor"),
+            (lambda: train_vae(pool, {"latent_dim": 4}), r"train_vae: config must be a VAEConfig or None, got dict"),
+            (lambda: embed_pool(images, clf, vae, "s", num_classes=4), r"embed_pool: source must be an ImageSource"),
+            (lambda: embed_pool(pool, "clf.pt", vae, "s", num_classes=4),
+             r"embed_pool: classifier must be a torch.nn.Module, got str \(load a file with spurfast.load_classifier"),
+            (lambda: confirm_findings([], "clf.pt", clean=pool), r"confirm_findings: model must be a torch.nn.Module"),
+            (lambda: confirm_findings([], clf, clean=images), r"confirm_findings: clean must be an ImageSource or None"),
+            (lambda: confirm_findings([], clf, pool=pool, config={"seed": 1}),
+             r"confirm_findings: config must be a ConfirmConfig or None, got dict"),
+            (lambda: discover("store_dir", DiscoverConfig()),
+             r"discover: store must be an open object, got the path 'store_dir' \(open a folder with "
+             r"spurfast.EmbeddingStore"),
+            (lambda: discover(object(), None), r"discover: config must be a DiscoverConfig, got NoneType"),
+            (lambda: characterise(None, object(), images, vae, "o"), r"characterise: source must be an ImageSource"),
+            (lambda: pattern_rankings([], {}, images), r"pattern_rankings: source must be an ImageSource"),
+            (lambda: training_support([], images, np.zeros(4, bool), labels),
+             r"training_support: source must be an ImageSource")]:
+        with pytest.raises(TypeError, match=pattern):
+            call()

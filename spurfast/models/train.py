@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..checks import check_compute_device, check_default_dtype, check_file_target, check_whole, real_number, \
-    whole_number
+from ..checks import SOURCE_HINT, check_arguments, check_compute_device, check_default_dtype, check_file_target, \
+    check_whole, real_number, whole_number
 from ..data.sources import ImageSource, content_digest
 from .classifier import ResNet18, build_classifier
 from .files import load_vae, save_atomic, save_classifier, save_vae, torch_error_gist  # noqa: F401 (re-exported)
@@ -238,6 +238,7 @@ def train_classifier(source: ImageSource, num_classes: int, *, arch: str = "smal
                      batch_size: int = 128, lr: float = 2e-3, seed: int = 0, device: str = "cpu",
                      checkpoint: str | Path | None = None, progress: bool = True):
     """Train a classifier on ``source`` (labels required).  Returns the model in eval mode."""
+    check_arguments("train_classifier", ("source", source, ImageSource, "an ImageSource", SOURCE_HINT))
     _check_trainable(source, batch_size)
     # numpy ints (labels.max() + 1) went into the JSON identity; 2.5 failed naming nothing
     num_classes = whole_number(num_classes, "train_classifier: num_classes")
@@ -359,6 +360,8 @@ def train_vae(source: ImageSource, config: VAEConfig | None = None, *, epochs: i
               lr: float = 1e-3, beta: float = 1.0, seed: int = 0, device: str = "cpu",
               checkpoint: str | Path | None = None, progress: bool = True) -> VAE:
     """Train the VAE on ``source`` (the pool).  Returns the model in eval mode."""
+    check_arguments("train_vae", ("source", source, ImageSource, "an ImageSource", SOURCE_HINT),
+                    ("config", config, (VAEConfig, type(None)), "a VAEConfig or None", "spurfast.VAEConfig(...)"))
     _check_trainable(source, batch_size)
     c, h, w = source.image_shape
     if h != w:
