@@ -74,7 +74,8 @@ import torch.nn.functional as F
 from scipy.stats import binom
 from tqdm.auto import tqdm
 
-from .checks import check_compute_device, check_default_dtype, real_number, suspect_mask, whole_number
+from .checks import (CLASSIFIER_HINT, SOURCE_HINT, check_arguments, check_compute_device, check_default_dtype,
+                     real_number, suspect_mask, whole_number)
 from .confirm_work import KeptConfirmations
 from .cores import usable_cores
 from .data.sources import ImageSource
@@ -664,11 +665,15 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
     over the findings.  Several findings are confirmed at once where `findings_at_once` says
     so (their images read here, their passes on threads), with the results of one at a time."""
     check_default_dtype("confirm_findings")   # the steps one by one too: float64 gave other findings
+    check_arguments("confirm_findings", ("model", model, torch.nn.Module, "a torch.nn.Module", CLASSIFIER_HINT),
+                    ("clean", clean, (ImageSource, type(None)), "an ImageSource or None", SOURCE_HINT),
+                    ("pool", pool, (ImageSource, type(None)), "an ImageSource or None", SOURCE_HINT),
+                    ("config", config, (ConfirmConfig, type(None)), "a ConfirmConfig or None",
+                     "spurfast.ConfirmConfig(...)"))
     # checked again: a field set after construction (config.seed = -1) skipped __post_init__
     config = replace(config) if config is not None else ConfirmConfig()
     check_compute_device(config.device, f"confirm_findings: config.device {config.device!r}")
     require_patterns(findings)   # before an unlabelled clean set is classified (minutes at scale)
-    rng = np.random.default_rng(config.seed)
     if clean is not None:
         if len(clean) == 0:
             raise ValueError(f"clean set {clean.name} is empty")
@@ -685,7 +690,8 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
     # call drew other images on a source read before (a clean set confirmed twice in a process)
     kept = KeptConfirmations(work_dir, model, src, config, content) if work_dir is not None else None
     clean_probs = CleanProbs(model, config, stored=stored)
-    drawn = _drawn(findings, cand, labels, pred, clean is None, config.max_images, rng)
+    drawn = _drawn_by_family(findings, cand, labels, pred, pool if clean is None else None, pool_pred, suspect,
+                             config)
 
     def tasks():
         """Per finding, (its kept result, False) or (its `confirm_pattern`, True) with its images
@@ -767,6 +773,28 @@ def _pool_candidates(findings: list[dict], pool: ImageSource, pool_pred, pool_pr
         raise ValueError(f"pool probabilities of shape {np.shape(pool_probs)} do not match the pool {pool.name} of "
                          f"{len(pool)} images")
     return labels, pred, cand, pool_probs
+
+
+def _drawn_by_family(findings: list[dict], cand: np.ndarray, labels: np.ndarray, pred: np.ndarray | None,
+                     pool: ImageSource | None, pool_pred, suspect, config: ConfirmConfig) -> list[tuple]:
+    """`_drawn` for each family of findings (`spurfast.families`) on its own, in the findings'
+    order: the draws from a seed of the family's own, and a pool standing in for the clean set
+    less that family's members alone.  Every family's findings were one sequence: the feature
+    view's (confirmed or later dropped) took pool images from the clusters' clean candidates (a
+    class left with none) and shifted their draws, so switching a search on changed the
+    clusters' verdicts, where each family is to be tested as if alone."""
+    from .families import finding_family
+
+    families: dict[str, list[dict]] = {}
+    for f in findings:
+        families.setdefault(finding_family(f), []).append(f)
+    entries = {}
+    for group in families.values():
+        own_cand = cand if pool is None else _pool_candidates(group, pool, pool_pred, None, suspect)[2]
+        for entry in _drawn(group, own_cand, labels, pred, pool is not None, config.max_images,
+                            np.random.default_rng(config.seed)):
+            entries[id(entry[0])] = entry
+    return [entries[id(f)] for f in findings]
 
 
 def _drawn(findings: list[dict], cand: np.ndarray, labels: np.ndarray, pred: np.ndarray | None, from_pool: bool,

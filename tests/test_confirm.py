@@ -254,6 +254,26 @@ def test_confirm_findings_gives_the_model_back_in_its_mode(labelled):
     assert [model.training, model[0].training, model[1].training] == [True, False, True]
 
 
+@pytest.mark.parametrize("with_clean", [False, True], ids=["pool", "clean-set"])
+def test_another_searchs_findings_leave_the_clusters_confirmation_as_it_was(with_clean):
+    # one sequence over every family: the feature view's findings took pool images from the
+    # clusters' clean candidates and shifted their draws, so switching a search on changed the
+    # clusters' verdicts, which README promises it does not
+    x = _clean(300, seed=3) + torch.linspace(0, 0.1, 300).view(300, 1, 1, 1)
+    labels = np.r_[np.zeros(200, int), np.ones(100, int)]
+    pred = labels.copy()
+    cfg = ConfirmConfig(max_images=60, seed=5)
+    kw = dict(clean=ArraySource(x, labels, name="clean")) if with_clean else \
+        dict(pool=ArraySource(x, labels, name="pool"), pool_pred=pred)
+    alone = [_finding([200, 201])]
+    confirm_findings(alone, CornerModel(), config=cfg, **kw)
+    view = dict(_finding(list(range(0, 150))), view="features", rank=1)   # most of the clean candidates
+    both = [view, _finding([200, 201])]   # placed first among them by its q-value
+    confirm_findings(both, CornerModel(), config=cfg, **kw)
+    assert both[1]["_confirm_detail"] == alone[0]["_confirm_detail"]
+    assert both[1]["confirm"]["verdict"] == alone[0]["confirm"]["verdict"]
+
+
 def test_confirm_findings_clean_set_and_pool_default():
     x = _clean(200)
     y = np.r_[np.zeros(150, int), np.ones(50, int)]
