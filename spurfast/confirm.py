@@ -690,8 +690,7 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
     # call drew other images on a source read before (a clean set confirmed twice in a process)
     kept = KeptConfirmations(work_dir, model, src, config, content) if work_dir is not None else None
     clean_probs = CleanProbs(model, config, stored=stored)
-    drawn = _drawn_by_family(findings, cand, labels, pred, pool if clean is None else None, pool_pred, suspect,
-                             config)
+    drawn = _drawn_by_family(findings, cand, labels, pred, pool if clean is None else None, suspect, config)
 
     def tasks():
         """Per finding, (its kept result, False) or (its `confirm_pattern`, True) with its images
@@ -758,6 +757,16 @@ def _pool_candidates(findings: list[dict], pool: ImageSource, pool_pred, pool_pr
     if pred.shape != (len(pool),):   # numpy's broadcast error named neither
         raise ValueError(f"pool predictions of shape {pred.shape} do not match the pool {pool.name} of "
                          f"{len(pool)} images")
+    cand = _outside_findings(findings, pool, pred, suspect)
+    if pool_probs is not None and np.shape(pool_probs)[:1] != (len(pool),):
+        raise ValueError(f"pool probabilities of shape {np.shape(pool_probs)} do not match the pool {pool.name} of "
+                         f"{len(pool)} images")
+    return labels, pred, cand, pool_probs
+
+
+def _outside_findings(findings: list[dict], pool: ImageSource, pred: np.ndarray, suspect) -> np.ndarray:
+    """The pool images in none of ``findings``, not suspect, with a prediction (the store's
+    pred is -1 where it found a file unreadable)."""
     used = np.zeros(len(pool), bool)
     for f in findings:
         members = np.asarray(f["members"], dtype=np.int64)
@@ -768,15 +777,11 @@ def _pool_candidates(findings: list[dict], pool: ImageSource, pool_pred, pool_pr
         used[members] = True
     if suspect is not None:
         used |= suspect_mask(suspect, len(pool), pool.name)
-    cand = np.nonzero(~used & (pred >= 0))[0]   # the store's pred is -1 where it found a file unreadable
-    if pool_probs is not None and np.shape(pool_probs)[:1] != (len(pool),):
-        raise ValueError(f"pool probabilities of shape {np.shape(pool_probs)} do not match the pool {pool.name} of "
-                         f"{len(pool)} images")
-    return labels, pred, cand, pool_probs
+    return np.nonzero(~used & (pred >= 0))[0]
 
 
 def _drawn_by_family(findings: list[dict], cand: np.ndarray, labels: np.ndarray, pred: np.ndarray | None,
-                     pool: ImageSource | None, pool_pred, suspect, config: ConfirmConfig) -> list[tuple]:
+                     pool: ImageSource | None, suspect, config: ConfirmConfig) -> list[tuple]:
     """`_drawn` for each family of findings (`spurfast.families`) on its own, in the findings'
     order: the draws from a seed of the family's own, and a pool standing in for the clean set
     less that family's members alone.  Every family's findings were one sequence: the feature
@@ -790,7 +795,8 @@ def _drawn_by_family(findings: list[dict], cand: np.ndarray, labels: np.ndarray,
         families.setdefault(finding_family(f), []).append(f)
     entries = {}
     for group in families.values():
-        own_cand = cand if pool is None else _pool_candidates(group, pool, pool_pred, None, suspect)[2]
+        # ``cand``, less every family's members, serves one family as it is
+        own_cand = cand if pool is None or len(families) == 1 else _outside_findings(group, pool, pred, suspect)
         for entry in _drawn(group, own_cand, labels, pred, pool is not None, config.max_images,
                             np.random.default_rng(config.seed)):
             entries[id(entry[0])] = entry
