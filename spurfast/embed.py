@@ -25,14 +25,14 @@ from .cores import usable_cores
 from .data.loader_torch import iter_batches
 from .data.preprocess import uint8_to
 from .data.sources import ImageSource, content_digest
-from .identity import IDENTITY_SCHEME, fingerprint
+from .identity import fingerprint
 from .models.as_given import restores_models
 from .models.outputs import (check_floating, classifier_outputs, forget_checks, non_float32_weights, shape_text,
                              trial)
 from .models.layout import in_cpu_blocks
 from .pixel_cache import MIXED, MODE_KEY, PIXELS, batch_pixels, keeps_pixels, merged_mode
 from .store_writer import BackgroundWriter
-from .store import MANIFEST, EmbeddingStore, _open_checked, _same_identity, legacy_identities
+from .store import MANIFEST, EmbeddingStore, _open_checked, _same_identity, identity_fields, legacy_identities
 from .store_shards import _sync_labels, open_main, shard_dir
 
 log = logging.getLogger("spurfast.embed")
@@ -194,8 +194,7 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
             log.info("resuming embedding pass at pool index %d of %d", store.done, n)
         else:
             store = EmbeddingStore.create(store_dir, n, _columns(source, classifier, vae, num_classes, device, n),
-                                          {"fingerprint": fp, "content": content, "identity": IDENTITY_SCHEME,
-                                           "pool": source.name,
+                                          {**identity_fields(fp, content), "pool": source.name,
                                            "num_classes": num_classes, "latent_dim": vae.config.latent_dim,
                                            "loader": loader, "decode": decode, "compute": compute})
         desc = "embedding pool"
@@ -342,8 +341,7 @@ def _open_shard_store(source: ImageSource, classifier, vae, store_dir: Path, mai
         cols = _columns(source, classifier, vae, num_classes, device, len(sel))
         cols["index"] = ((len(sel),), "int64")
         store = EmbeddingStore.create(sdir, len(sel), cols, {
-            "fingerprint": fp, "content": content, "identity": IDENTITY_SCHEME, "pool": source.name,
-            "num_classes": num_classes,
+            **identity_fields(fp, content), "pool": source.name, "num_classes": num_classes,
             "latent_dim": vae.config.latent_dim, "start": start, "pool_n": n,
             "shard_id": shard_id, "num_shards": num_shards, "loader": loader, "decode": decode,
             "compute": compute},

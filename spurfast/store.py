@@ -353,6 +353,12 @@ def legacy_identities(source: ImageSource, *models: torch.nn.Module, content: st
             (weights_fingerprint(old, *models), sampled_digest(old))]
 
 
+def identity_fields(fp: str, content: str) -> dict:
+    """What a store's manifest records of where it came from: the pool's and models'
+    fingerprint, the pool's content digest, and the fingerprint scheme (`IDENTITY_SCHEME`)."""
+    return {"fingerprint": fp, "content": content, "identity": IDENTITY_SCHEME}
+
+
 def _open_checked(store_dir: Path, fp: str, content: str, legacy=lambda: []) -> EmbeddingStore | None:
     """The store in ``store_dir`` if it was made from this pool and these models, None if
     there is none; raises for another pool's.  ``legacy()``: the pairs of
@@ -364,7 +370,7 @@ def _open_checked(store_dir: Path, fp: str, content: str, legacy=lambda: []) -> 
     m = store.manifest
     if not _same_identity(m, [(fp, content)]) and "identity" not in m and _same_identity(m, legacy()):
         log.info("embedding store %s was made by an earlier spurfast version; resuming it", store_dir)
-        m["fingerprint"], m["content"], m["identity"] = fp, content, IDENTITY_SCHEME
+        m.update(identity_fields(fp, content))
         _write_json(store_dir / MANIFEST, m)
     if store.manifest.get("fingerprint") != fp:
         raise ValueError(f"embedding store {store_dir} was made with other models or another pool "
