@@ -507,8 +507,9 @@ def cmd_discover(args):
                    **({"loader_backend": (args.loader_backend, ("loader",))} if Path(args.pool).is_dir() else {}))
     _folder_shape(args, args.pool, None if args.no_confirm else args.clean)
     pool, extra = load_pool(args.pool, args.size, args.channels, args.class_names)
-    # (yet the width check blamed it, and a nameless --clean .npz took its names and was refused
-    # as another set's classes)
+    # an .npz that names its own classes keeps them: --class-names then names nothing of this
+    # run (yet the width check blamed it, and a nameless --clean .npz took its names and was
+    # refused as another set's classes)
     class_names = _class_names_used(args.class_names, "pool", args.pool, pool)
     # after the pool is read: a missing or damaged one was first said to hold arrays; a --clean
     # folder may go through the loader (below, once it is read)

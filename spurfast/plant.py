@@ -215,12 +215,14 @@ def stamp_at(images: torch.Tensor, chosen: np.ndarray, spec: PatternSpec, seed: 
 
 
 def _as_images(images) -> torch.Tensor:
-    """Floating images (a numpy array too) as the float32 tensor `apply_pattern` returns:
+    """A new tensor of ``images`` (the caller stamps it); floating ones (a numpy array too) as
+    the float32 tensor `apply_pattern` returns:
     written back into a float64 or float16 tensor, its result raised "Index put requires the
     source and destination dtypes match", and a numpy array had no clone.  Others are left
     for `apply_pattern` to refuse by name."""
     images = torch.as_tensor(images)
-    return images.float() if images.is_floating_point() else images
+    # a copy either way, made once (float() then clone() copied float64 images twice)
+    return images.to(torch.float32, copy=True) if images.is_floating_point() else images.clone()
 
 
 def _seed(seed, who: str) -> int:
@@ -247,7 +249,7 @@ def plant_training(images: torch.Tensor, labels, target_class: int, n: int | str
         raise ValueError(f"cannot poison n={n} images: class {target_class} has {len(cand)}")
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(cand, size=n, replace=False))
-    out = _as_images(images).clone()
+    out = _as_images(images)
     return out, chosen[stamp_at(out, chosen, spec, seed, "poisoned training images", levels)]
 
 
@@ -263,7 +265,7 @@ def plant_pool(images: torch.Tensor, fraction: float, spec: PatternSpec, seed: i
     rng = np.random.default_rng(seed + 1)
     chosen = np.sort(rng.choice(n, size=int(round(fraction * n)), replace=False))
     carries = np.zeros(n, dtype=bool)
-    out = _as_images(images).clone()
+    out = _as_images(images)
     if len(chosen):
         carries[chosen] = stamp_at(out, chosen, spec, seed + 1, "stamped pool images", levels)
     return out, carries
