@@ -51,7 +51,7 @@ READ_BYTES = 1 << 26   # float32 image bytes one read of `group_means` holds (64
 
 def group_means(source: ImageSource, groups: list[np.ndarray]) -> list[torch.Tensor]:
     """The mean image of each (non-empty) array of pool indices in ``groups``, bit for bit
-    ``source.get_batch(group)[0].float().mean(0)``, from one read of the groups' union where
+    ``source.get_batch(group)[0]``'s float64 mean in float32, from one read of the groups' union where
     it fits `READ_BYTES` (consecutive groups share reads while their union does).  A folder
     pool read through DALI (`spurfast.data.reread`) builds a pipeline per read, about 80 ms on
     a CPU, and a contrast map that read each sample as it drew it built two per content class
@@ -69,9 +69,25 @@ def group_means(source: ImageSource, groups: list[np.ndarray]) -> list[torch.Ten
             union, j = wider, j + 1
         x, _ = source.get_batch(union)
         for g in groups[i:j]:
-            out.append(x[torch.as_tensor(np.searchsorted(union, g))].float().mean(0))
+            rows = torch.as_tensor(np.searchsorted(union, g))
+            out.append((image_sum(x, rows) / len(rows)).float())
         i = j
     return out
+
+
+def image_sum(x: torch.Tensor, rows: torch.Tensor | None = None, chunk: int = 64) -> torch.Tensor:
+    """float64 sum of the images ``x[rows]`` (all of them for None), ``chunk`` at a time.
+
+    Summed in float32, a mean of 3 identical images and one of 7 came out a few ulps apart:
+    a contrast of rounding residue everywhere, which `pattern_mask` took for a pattern (all of
+    a constant image).  In float64 equal images give equal means, and the chunks keep the
+    float64 copy small (a whole group of 1,024 images at 3 x 224 x 224 is 1.2 GB)."""
+    n = len(x) if rows is None else len(rows)
+    total = torch.zeros(x.shape[1:], dtype=torch.float64)
+    for s in range(0, n, chunk):
+        part = x[s:s + chunk] if rows is None else x[rows[s:s + chunk]]
+        total += part.sum(0, dtype=torch.float64)
+    return total
 
 
 def contrast_map(source: ImageSource, members: np.ndarray, member_content: np.ndarray,
@@ -184,11 +200,11 @@ def neighbour_contrast(source: ImageSource, z: np.ndarray, members: np.ndarray, 
         nbr.append(pick.flatten())
     matched = others[torch.cat(nbr).numpy()]
     mem_mean = mean_images(source, mem, cap, rng)   # mem is already at most cap: no new draw
-    b = torch.zeros(source.image_shape)
+    b = torch.zeros(source.image_shape, dtype=torch.float64)
     for s in range(0, len(matched), 1024):   # repeats allowed: each member weighs the same
         x, _ = source.get_batch(matched[s:s + 1024])
-        b += x.float().sum(0)
-    return mem_mean - b / len(matched), mem_mean
+        b += image_sum(x)
+    return mem_mean - (b / len(matched)).float(), mem_mean
 
 
 def contrast_magnitude(contrast) -> np.ndarray:

@@ -68,6 +68,21 @@ def test_mask_of_a_contrast_spanning_a_few_ulps():
     assert mask.sum() == 1 and mask[0, 0]
 
 
+def test_identical_members_and_others_give_no_pattern():
+    """Members and their others alike to the pixel (a constant image, either side's count):
+    float32 means of 3 and of 7 copies differed by a few ulps everywhere, and `pattern_mask`
+    read that uniform residue as a pattern covering the whole image."""
+    from spurfast.characterise import contrast_map
+
+    x = np.full((10, 1, 4, 4), 0.3, np.float32)
+    src = ArraySource(x, None, name="same")
+    contrast, _ = contrast_map(src, np.arange(3), np.zeros(3, int), np.arange(3, 10), np.zeros(7, int))
+    assert float(contrast.abs().max()) == 0.0 and not pattern_mask(contrast).any()
+    z = np.zeros((10, 2), np.float32)
+    contrast, _ = neighbour_contrast(src, z, np.arange(3), np.arange(3, 10), k=2, seed=0)
+    assert float(contrast.abs().max()) == 0.0 and not pattern_mask(contrast).any()
+
+
 def test_mask_of_a_contrast_equal_everywhere_is_all_of_it():
     """1-pixel images whose members differ from the rest by 0.8: the one pixel was not "above
     the threshold" (the maximum itself), the mask was empty and confirmation skipped it."""
@@ -309,7 +324,7 @@ def test_group_means_are_each_groups_own_mean_bit_for_bit(read_bytes, monkeypatc
     src = _CountingSource(x, content)
     got = ch.group_means(src, groups)
     for g, m in zip(groups, got):
-        assert torch.equal(m, ArraySource(x, content).get_batch(g)[0].float().mean(0))
+        assert torch.equal(m, ArraySource(x, content).get_batch(g)[0].double().mean(0).float())
     fewest, most = {None: (1, 1), 1: (len(groups), len(groups))}.get(read_bytes, (2, len(groups) - 1))
     assert fewest <= src.calls <= most, src.calls
 
