@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .checks import check_whole
 from .cluster import FAR
 from .data.sources import ImageSource
 
@@ -102,6 +103,7 @@ def contrast_map(source: ImageSource, members: np.ndarray, member_content: np.nd
     read 256,000 others per finding, 258 per member: longer than the pool pass itself over a
     hundred findings.  Pools of few classes (Fashion-MNIST: at most 9 x 256) read as before.
     Every sample is drawn first, then read together (`group_means`)."""
+    check_whole(cap, "contrast_map: cap (images read per content class)")   # 0 drew nothing: a NaN contrast
     # no members subtracted the others' mean from None: a TypeError naming neither
     if len(members) == 0:
         raise ValueError("contrast_map: members is empty; a contrast needs at least one member image")
@@ -154,6 +156,7 @@ def neighbour_contrast(source: ImageSource, z: np.ndarray, members: np.ndarray, 
     if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1:
         # k = 0 matched nothing and divided by it: a contrast of NaN, and a mask of nothing
         raise ValueError(f"k must be a positive integer (neighbours per member), got {k!r}")
+    check_whole(cap, "neighbour_contrast: cap (members read)")   # 0 read none: a bare torch.cat error
     rng = np.random.default_rng(seed)
     if len(members) == 0 or len(others) == 0:
         return torch.zeros(source.image_shape), mean_images(source, members, cap, rng)

@@ -33,7 +33,8 @@ def feature_space(store) -> np.ndarray:
     pred = np.asarray(store["pred"]).astype(np.int64)
     valid = np.nonzero(np.asarray(store["ok"]).astype(bool) & (pred >= 0))[0]
     full = np.zeros(np.shape(store["feats"]), np.float32)   # the column's shape: read once, below
-    full[valid] = _standardise(valid_features(store, valid))
+    if len(valid):   # none: nothing to standardise (the mean of no rows is NaN)
+        full[valid] = _standardise(valid_features(store, valid))
     return full
 
 
@@ -42,7 +43,8 @@ def valid_features(store, valid: np.ndarray, dtype=np.float32) -> np.ndarray:
     by pool index: standardised, one NaN spread to its whole column, and the error then blamed
     the latents of every image (or the SVD of activation clustering failed to converge)."""
     feats = np.asarray(store["feats"])[valid].astype(dtype, copy=False)   # the rows first, then their dtype
-    bad = np.flatnonzero(~np.isfinite(feats.reshape(len(feats), -1)).all(1))
+    # per row over every other axis: reshape(0, -1) of no rows raised a bare numpy error
+    bad = np.flatnonzero(~np.isfinite(feats).all(axis=tuple(range(1, feats.ndim))))
     if len(bad):
         raise ValueError(f"store {store.root}: the classifier's features (its feats column) contain NaN/inf for "
                          f"{len(bad)} image(s) with a prediction, first pool index {valid[bad[0]]}")

@@ -83,6 +83,18 @@ def test_identical_members_and_others_give_no_pattern():
     assert float(contrast.abs().max()) == 0.0 and not pattern_mask(contrast).any()
 
 
+def test_contrast_maps_refuse_a_cap_below_one():
+    """cap = 0 drew no image: a NaN contrast (then a numpy histogram error) and a bare
+    torch.cat error."""
+    from spurfast.characterise import contrast_map
+
+    src = ArraySource(np.random.default_rng(0).random((10, 1, 4, 4)).astype(np.float32), None, name="s")
+    with pytest.raises(ValueError, match=r"contrast_map: cap .* must be an integer >= 1, got 0"):
+        contrast_map(src, np.arange(4), np.zeros(4, int), np.arange(4, 10), np.zeros(6, int), cap=0)
+    with pytest.raises(ValueError, match=r"neighbour_contrast: cap .* must be an integer >= 1, got 0"):
+        neighbour_contrast(src, np.zeros((10, 2)), np.arange(4), np.arange(4, 10), cap=0)
+
+
 def test_mask_of_a_contrast_equal_everywhere_is_all_of_it():
     """1-pixel images whose members differ from the rest by 0.8: the one pixel was not "above
     the threshold" (the maximum itself), the mask was empty and confirmation skipped it."""

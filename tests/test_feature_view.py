@@ -53,6 +53,9 @@ def test_feature_space_standardises_the_readable_predicted_rows_only():
     assert view["mu"] is space and view["pred"] is store.cols["pred"] and view.n == 4
     with pytest.raises(ValueError, match="space has 3 rows; store mem has 4"):
         SpaceView(store, space[:3])
+    # no row both readable and predicted: zeros, not a bare numpy reshape error
+    none = _Store({"feats": feats, "pred": np.full(4, -1), "ok": np.ones(4, bool), "mu": np.zeros((4, 2), np.float32)})
+    assert feature_space(none).shape == (4, 2) and not feature_space(none).any()
     # an unfinished store: discovery's own error, which says how far the pass got
     from spurfast.feature_view import discover_features
     store.complete, store.done = False, 3
