@@ -23,6 +23,7 @@ def replace_atomically(path: Path, write, mode: str = "w", **open_kw) -> None:
     try:
         with open(tmp, mode, **open_kw) as fh:
             write(fh)
+            synced(fh)
         os.replace(tmp, path)
     except BaseException:   # Ctrl-C mid-write: a run directory holding only it read as not spurfast's
         try:
@@ -30,6 +31,14 @@ def replace_atomically(path: Path, write, mode: str = "w", **open_kw) -> None:
         except OSError:   # a read-only file system raised a second EROFS over the first
             pass
         raise
+
+
+def synced(fh) -> None:
+    """Flush ``fh`` and its file's data to the disk before it is renamed into place: after a
+    crash of the machine (power, kernel; a killed process loses nothing) a rename the disk
+    holds may otherwise name a file whose bytes it never got, an empty or partial file."""
+    fh.flush()
+    os.fsync(fh.fileno())
 
 
 def process_gone(pid: str) -> bool:

@@ -93,3 +93,22 @@ def test_a_failed_write_on_a_read_only_file_system_raises_its_own_error_once(tmp
     with pytest.raises(OSError, match="Read-only file system") as info:
         replace_atomically(tmp_path / "a.json", lambda fh: fh.write("{}"))
     assert info.value.__context__ is None, info.value.__context__
+
+
+@pytest.mark.parametrize("writer", ["replace_atomically", "save_atomic"])
+def test_a_file_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch, writer):
+    """The temporary file's bytes are fsynced before the rename: a machine crash (not a killed
+    process) could otherwise keep the rename and lose the bytes, an empty store manifest or
+    checkpoint under the final name."""
+    from spurfast.models.files import save_atomic
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_size)), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("replace", None)), real_replace(src, dst)))
+    monkeypatch.setattr(Path, "replace", lambda self, dst: os.replace(self, dst))
+    if writer == "replace_atomically":
+        replace_atomically(tmp_path / "a.json", lambda fh: fh.write("{}"))
+    else:
+        save_atomic({"epoch": 1}, tmp_path / "a.pt")
+    assert [e for e, _ in events] == ["fsync", "replace"] and events[0][1] > 0, events

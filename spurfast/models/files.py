@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..atomic_files import remove_killed_writers_files
+from ..atomic_files import remove_killed_writers_files, synced
 from ..checks import check_default_dtype
 from .vae import VAE, VAEConfig
 
@@ -63,6 +63,7 @@ def save_atomic(obj, path) -> None:
     try:
         with open(tmp, "wb") as fh:   # a path names the archive's records after the (random) file name
             torch.save(obj, fh)
+            synced(fh)
         tmp.replace(p)
     except BaseException:
         tmp.unlink(missing_ok=True)
