@@ -18,7 +18,8 @@ number a function of N alone (``_parts``) and cut as the reference's row split
 the sums do not depend on scheduling or on the thread count.  They run
 on OpenMP inside the library, which resolves to the libgomp torch already loaded (one
 runtime, one pool; Python threads raced torch's spinning OpenMP workers); a compiler
-without OpenMP gives a serial library, and then Python threads split the rows.
+without OpenMP gives a serial library (a `.no-openmp` mark beside it keeps later processes from
+trying again), and then Python threads split the rows.
 """
 from __future__ import annotations
 
@@ -81,10 +82,28 @@ def _cache_dir() -> Path:
 
 
 def _build(cxx: str) -> Path:
+    serial = (*FLAGS, "-Wno-unknown-pragmas")
+    # a compiler that failed the OpenMP build once fails it again (no libgomp): without the
+    # mark every process compiled the whole file again before it loaded the serial library
+    failed = _library_path(cxx, (*FLAGS, OPENMP)).with_suffix(".no-openmp")
+    if failed.is_file():
+        return _build_with(cxx, serial)
     try:
         return _build_with(cxx, (*FLAGS, OPENMP))
-    except RuntimeError:
-        return _build_with(cxx, (*FLAGS, "-Wno-unknown-pragmas"))
+    except RuntimeError as exc:
+        library = _build_with(cxx, serial)   # first: a compiler that builds nothing leaves no mark
+        from ..atomic_files import replace_atomically
+
+        replace_atomically(failed, lambda fh: fh.write(f"{exc}\n"))
+        logging.getLogger("spurfast.kernels").info(
+            "the CPU kernels are built without OpenMP (%s cannot build with %s; remove %s to try again)",
+            cxx, OPENMP, failed)
+        return library
+
+
+def _library_path(cxx: str, flags: tuple[str, ...]) -> Path:
+    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + cxx.encode()).hexdigest()[:16]
+    return _cache_dir() / f"kmeans_cpu-{tag}.so"
 
 
 def _remove_killed_builds(folder: Path) -> None:
@@ -108,8 +127,8 @@ def _remove_killed_builds(folder: Path) -> None:
 
 
 def _build_with(cxx: str, flags: tuple[str, ...]) -> Path:
-    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + cxx.encode()).hexdigest()[:16]
-    out = _cache_dir() / f"kmeans_cpu-{tag}.so"
+    out = _library_path(cxx, flags)
+    tag = out.name[len("kmeans_cpu-"):-len(".so")]
     if out.parent.is_dir():
         _remove_killed_builds(out.parent)
     if out.is_file():
@@ -157,42 +176,14 @@ def _load():
             _why_not = "no C++ compiler ($CXX, g++ or c++) to build kernels/cpu/kmeans_cpu.cpp"
             return None
         try:
-            lib = ctypes.CDLL(str(_build(cxx)))
+            path = _build(cxx)
+            lib = _declared(ctypes.CDLL(str(path)))
+        except AttributeError as exc:   # a file at the library's name without its symbols
+            _why_not = f"{path} is not this version's library ({exc}); remove it to build it again"
+            return None
         except Exception as exc:
             _why_not = f"{exc.__class__.__name__}: {exc}"
             return None
-        P, I = ctypes.c_void_p, ctypes.c_int64
-        lib.spurfast_cpu_assign.argtypes = [P, I, P, I, P, P, I, P, I, P, ctypes.c_int, I, I, P, P, P, P, I]
-        lib.spurfast_cpu_assign.restype = None
-        lib.spurfast_cpu_update.argtypes = [P, I, P, I, I, I, I, P, P]
-        lib.spurfast_cpu_update.restype = I
-        lib.spurfast_cpu_plan.argtypes = [P, I, I, I, I, P, P, P]
-        lib.spurfast_cpu_plan.restype = None
-        lib.spurfast_cpu_assign_part.argtypes = [P, I, P, I, P, P, I, P, I, P, ctypes.c_int, I, I, I, P, P,
-                                                 P, P, P, P, P, P]
-        lib.spurfast_cpu_assign_part.restype = None
-        lib.spurfast_cpu_update_part.argtypes = [P, I, P, P, I, I, I, I, I, P, P, P, P, P, P, P]
-        lib.spurfast_cpu_update_part.restype = I
-        lib.spurfast_cpu_add_parts.argtypes = [I, P, P, P, P, P, I, I, P, P]
-        lib.spurfast_cpu_add_parts.restype = None
-        lib.spurfast_cpu_assign_parts.argtypes = [P, I, P, I, P, P, I, P, I, P, ctypes.c_int, I, I, I, P, P, P, P]
-        lib.spurfast_cpu_assign_parts.restype = None
-        lib.spurfast_cpu_update_parts.argtypes = [P, I, P, P, I, I, I, I, I, P, P]
-        lib.spurfast_cpu_update_parts.restype = I
-        lib.spurfast_cpu_plusplus.argtypes = [P, I, P, I, P, I, P, P, I, P, P]
-        lib.spurfast_cpu_plusplus.restype = None
-        D = ctypes.c_double
-        lib.spurfast_cpu_knn.argtypes = [P, I, I, P, P, I, I, I, D, D, I, I, P, P]
-        lib.spurfast_cpu_knn.restype = None
-        lib.spurfast_cpu_knn_parts.argtypes = [P, I, I, P, P, I, I, I, D, D, I, I, I, P, P]
-        lib.spurfast_cpu_knn_parts.restype = None
-        lib.spurfast_cpu_knn_measure.argtypes = [P, I, I, P, I, I, I, P]
-        lib.spurfast_cpu_knn_measure.restype = None
-        lib.spurfast_cpu_knn_measure_parts.argtypes = [P, I, I, P, I, I, I, P]
-        lib.spurfast_cpu_knn_measure_parts.restype = None
-        lib.spurfast_cpu_openmp.restype = ctypes.c_int
-        lib.spurfast_cpu_isa.argtypes = [ctypes.c_int]
-        lib.spurfast_cpu_isa.restype = ctypes.c_int
         wanted = os.environ.get("SPURFAST_KMEANS_CPU_ISA", "")
         if wanted not in ("", *ISAS):
             logging.getLogger("spurfast.kernels").warning(
@@ -202,6 +193,44 @@ def _load():
         lib.openmp = bool(lib.spurfast_cpu_openmp())
         _lib = lib
         return _lib
+
+
+def _declared(lib):
+    """``lib`` with its functions' argument and result types set (AttributeError where it
+    lacks one)."""
+    P, I = ctypes.c_void_p, ctypes.c_int64
+    lib.spurfast_cpu_assign.argtypes = [P, I, P, I, P, P, I, P, I, P, ctypes.c_int, I, I, P, P, P, P, I]
+    lib.spurfast_cpu_assign.restype = None
+    lib.spurfast_cpu_update.argtypes = [P, I, P, I, I, I, I, P, P]
+    lib.spurfast_cpu_update.restype = I
+    lib.spurfast_cpu_plan.argtypes = [P, I, I, I, I, P, P, P]
+    lib.spurfast_cpu_plan.restype = None
+    lib.spurfast_cpu_assign_part.argtypes = [P, I, P, I, P, P, I, P, I, P, ctypes.c_int, I, I, I, P, P,
+                                             P, P, P, P, P, P]
+    lib.spurfast_cpu_assign_part.restype = None
+    lib.spurfast_cpu_update_part.argtypes = [P, I, P, P, I, I, I, I, I, P, P, P, P, P, P, P]
+    lib.spurfast_cpu_update_part.restype = I
+    lib.spurfast_cpu_add_parts.argtypes = [I, P, P, P, P, P, I, I, P, P]
+    lib.spurfast_cpu_add_parts.restype = None
+    lib.spurfast_cpu_assign_parts.argtypes = [P, I, P, I, P, P, I, P, I, P, ctypes.c_int, I, I, I, P, P, P, P]
+    lib.spurfast_cpu_assign_parts.restype = None
+    lib.spurfast_cpu_update_parts.argtypes = [P, I, P, P, I, I, I, I, I, P, P]
+    lib.spurfast_cpu_update_parts.restype = I
+    lib.spurfast_cpu_plusplus.argtypes = [P, I, P, I, P, I, P, P, I, P, P]
+    lib.spurfast_cpu_plusplus.restype = None
+    D = ctypes.c_double
+    lib.spurfast_cpu_knn.argtypes = [P, I, I, P, P, I, I, I, D, D, I, I, P, P]
+    lib.spurfast_cpu_knn.restype = None
+    lib.spurfast_cpu_knn_parts.argtypes = [P, I, I, P, P, I, I, I, D, D, I, I, I, P, P]
+    lib.spurfast_cpu_knn_parts.restype = None
+    lib.spurfast_cpu_knn_measure.argtypes = [P, I, I, P, I, I, I, P]
+    lib.spurfast_cpu_knn_measure.restype = None
+    lib.spurfast_cpu_knn_measure_parts.argtypes = [P, I, I, P, I, I, I, P]
+    lib.spurfast_cpu_knn_measure_parts.restype = None
+    lib.spurfast_cpu_openmp.restype = ctypes.c_int
+    lib.spurfast_cpu_isa.argtypes = [ctypes.c_int]
+    lib.spurfast_cpu_isa.restype = ctypes.c_int
+    return lib
 
 
 def isa(name: str | None = None) -> str:

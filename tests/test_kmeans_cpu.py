@@ -1082,3 +1082,42 @@ def test_the_cpu_kernels_name_a_decrease_inside_the_offsets():
 def test_the_cpu_knn_refuses_latents_without_dimensions():
     with pytest.raises(ValueError, match=r"z must be \(n, d\) with d >= 1, got shape \(40, 0\)"):
         kcpu.latent_knn(torch.zeros(40, 0), 3)
+
+
+@needs_kernel
+def test_a_compiler_without_openmp_builds_once_and_later_loads_go_straight_to_the_serial_library(
+        tmp_path, monkeypatch):
+    """A compiler that cannot link -fopenmp (no libgomp): every new process compiled the whole
+    file again (about 3 s) before it loaded the serial library cached by the first."""
+    import shutil
+
+    calls = tmp_path / "calls.log"
+    fake = tmp_path / "g++-no-gomp"
+    real = shutil.which("g++") or shutil.which("c++")
+    fake.write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\n"
+                    f"for a in \"$@\"; do [ \"$a\" = -fopenmp ] && exit 1; done\nexec {real} \"$@\"\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    monkeypatch.setenv("SPURFAST_CACHE_DIR", str(tmp_path / "cache"))
+    for _ in range(2):   # two processes' first loads
+        monkeypatch.setattr(kcpu, "_lib", None)
+        monkeypatch.setattr(kcpu, "_why_not", None)
+        assert kcpu.is_available() == (True, "") and not kcpu._lib.openmp
+    built = calls.read_text().splitlines()
+    assert len(built) == 2 and "-fopenmp" in built[0] and "-fopenmp" not in built[1], built
+
+
+@needs_kernel
+def test_a_file_at_the_librarys_name_without_its_functions_is_reported_not_raised(tmp_path, monkeypatch):
+    """A library at the cached name that lacks the kernels' functions (another version's, a
+    damaged copy) raised AttributeError out of is_available(), which promises (False, why)."""
+    monkeypatch.setenv("SPURFAST_CACHE_DIR", str(tmp_path))
+    cxx = kcpu._cxx()
+    other = tmp_path / "other.cpp"
+    other.write_text("extern \"C\" int something_else() { return 1; }\n")
+    target = kcpu._library_path(cxx, (*kcpu.FLAGS, kcpu.OPENMP))
+    subprocess.run([cxx, "-shared", "-fPIC", str(other), "-o", str(target)], check=True)
+    monkeypatch.setattr(kcpu, "_lib", None)
+    monkeypatch.setattr(kcpu, "_why_not", None)
+    ok, why = kcpu.is_available()
+    assert not ok and "is not this version's library" in why and str(target) in why, why
