@@ -133,10 +133,14 @@ def _build_with(cxx: str, flags: tuple[str, ...]) -> Path:
         _remove_killed_builds(out.parent)
     if out.is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     # build under a temporary name (this process's), then rename: ranks compiling at once never
     # load half a file
-    fd, tmp = tempfile.mkstemp(prefix=f"kmeans_cpu-{tag}.{os.getpid()}.", suffix=".so.tmp", dir=out.parent)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"kmeans_cpu-{tag}.{os.getpid()}.", suffix=".so.tmp", dir=out.parent)
+    except OSError as exc:   # the bare error named a path, not what it was for
+        raise OSError(f"cannot write the CPU kernels' cache folder {out.parent} ({exc.strerror or exc}); "
+                      f"set SPURFAST_CACHE_DIR to a writable folder") from exc
     os.close(fd)
     try:
         r = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)

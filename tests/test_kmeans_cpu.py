@@ -1121,3 +1121,14 @@ def test_a_file_at_the_librarys_name_without_its_functions_is_reported_not_raise
     monkeypatch.setattr(kcpu, "_why_not", None)
     ok, why = kcpu.is_available()
     assert not ok and "is not this version's library" in why and str(target) in why, why
+
+
+@needs_kernel
+def test_an_unwritable_cache_folder_is_named_with_the_variable_that_moves_it(tmp_path, monkeypatch):
+    """The reason given was a bare FileNotFoundError/NotADirectoryError naming a path."""
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("SPURFAST_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
+    monkeypatch.setattr(kcpu, "_lib", None)
+    monkeypatch.setattr(kcpu, "_why_not", None)
+    ok, why = kcpu.is_available()
+    assert not ok and "cannot write the CPU kernels' cache folder" in why and "SPURFAST_CACHE_DIR" in why, why
