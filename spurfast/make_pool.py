@@ -319,13 +319,15 @@ def _write_range(bounds: tuple[int, int]) -> tuple[int, int]:
     for i in range(lo, hi):
         label = int(_WORKER["labels"][i])
         path = Path(out) / _relpath(i, label, spec)
-        if path.exists():
+        # an empty one: a machine crash kept the rename and lost the bytes (no fsync per image)
+        if path.exists() and path.stat().st_size > 0:
             continue
         img = render(i, label, spec)
         if _WORKER["carries"][i]:
             values, mask = _WORKER["pattern"]
             img = plant_image(img, values, mask, additive=spec.plant == "noise")
-        replace_atomically(path, lambda fh, img=img: img.save(fh, "JPEG", quality=spec.quality), "wb")
+        replace_atomically(path, lambda fh, img=img: img.save(fh, "JPEG", quality=spec.quality), "wb",
+                           durable=False)   # one sync for all, before pool.json says the pool is whole
         written += 1
     return hi - lo, written
 
@@ -398,11 +400,14 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
                                   f"--overwrite: choose a new or empty directory")
         writing = _unfinished_spec(info)
         same = info.get("spec") == json.loads(json.dumps(asdict(spec)))
-        if not overwrite and same and (out / "ground_truth.csv").is_file():
+        held = len(list_folder(out)[0]) if same and not overwrite else None
+        if not overwrite and same and (out / "ground_truth.csv").is_file() and held == info.get("n"):
             # the same command again on its finished pool was refused as "not empty", where an
             # interrupted one resumed: there is nothing to write
             log.info("pool %s is already complete with these settings; nothing to write", out)
             return dict(info, already_complete=True)
+        if held is not None and held != info.get("n"):   # a copy cut short: it read as complete
+            log.warning("pool %s holds %d of its %s images: writing the missing ones", out, held, info.get("n"))
         # a finished pool of these settings without its ground_truth.csv (deleted) is resumed,
         # which writes it again: it was refused as "a make-pool pool of other settings"
         resume = not overwrite and (writing == asdict(spec) or same)
@@ -485,6 +490,8 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
 
     # whole or not at all: a run cut short mid-write left fewer rows than images
     replace_atomically(out / "ground_truth.csv", write_ground_truth, newline="")
+    if hasattr(os, "sync"):   # every image on the disk before the marker below says the pool is whole
+        os.sync()
     info = {"writer": POOL_WRITER, "spec": asdict(spec), "n": spec.n, "n_carrying": int(carries.sum()),
             # the classes the pool holds: one entry per --classes took 1.7 GB and 25 s for a
             # 4-image pool of --classes 1000000 (as the class folders, only those made)
@@ -567,6 +574,17 @@ def refuse_unfinished(pool_dir) -> dict | None:
         raise ValueError(f"pool {pool_dir} is incomplete (its make-pool run was interrupted); rerun the same "
                          f"make-pool command to finish it, or with --overwrite to write it anew")
     return info
+
+
+def refuse_changed(pool_dir, info: dict | None, n_listed: int) -> None:
+    """Raise ValueError when ``info`` (`refuse_unfinished`'s) is a finished make-pool pool of
+    another image count than the ``n_listed`` images found: a copy cut short, or files removed,
+    read as the whole pool, and its ground truth's rows fell on other images."""
+    if info is not None and info.get("writer") == POOL_WRITER and isinstance(info.get("n"), int) \
+            and info["n"] != n_listed:
+        raise ValueError(f"pool {pool_dir} holds {n_listed} images, but its pool.json says make-pool wrote "
+                         f"{info['n']}: images were removed or added since; rerun the same make-pool command to "
+                         f"write the missing ones, or remove pool.json to read the folder as a plain image folder")
 
 
 def read_ground_truth(pool_dir) -> tuple[np.ndarray, np.ndarray]:

@@ -85,7 +85,7 @@ def _write_png(path: Path, save) -> str:
     """``save(fh)`` writes a PNG into an open file: into a temporary file beside ``path``, then
     renamed over it, as every other output (saved in place, a link planted at ``path`` had the
     picture written into the file it pointed to)."""
-    replace_atomically(path, save, "wb")
+    replace_atomically(path, save, "wb", durable=False)   # each run draws its pictures again
     return str(path)
 
 

@@ -302,6 +302,9 @@ def _failing_pool_json_writes(monkeypatch, when: str, exc: BaseException):
         def __exit__(self, *exc_info):
             return self.fh.__exit__(*exc_info)
 
+        def __getattr__(self, name):   # flush, fileno: the file's own
+            return getattr(self.fh, name)
+
     def open_(path, *args, **kwargs):
         fh = builtins.open(path, *args, **kwargs)
         return HalfWriter(fh) if Path(path).name.startswith("pool.json.") else fh
@@ -757,3 +760,31 @@ def test_a_file_that_appears_while_the_pool_is_written_leaves_no_ground_truth_cu
     assert not list((tmp_path / "p").glob("ground_truth.csv*"))
     with pytest.raises(ValueError, match="is incomplete .*rerun the same"):
         read_ground_truth(tmp_path / "p")
+
+
+def test_a_finished_pool_missing_images_is_refused_and_the_same_command_restores_it(tmp_path, caplog):
+    """A copy cut short (or files removed) read as the whole pool: the same command said
+    "already complete" and wrote nothing, the folder source took the images left, and the
+    ground truth's rows fell on other images.  An image a machine crash left empty (make-pool
+    no longer fsyncs each image) is written again too."""
+    spec = PoolSpec(n=12, classes=2, min_size=16, max_size=16, plant="patch3", fraction=0.5, target_size=16)
+    make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    whole = {p.relative_to(tmp_path / "p"): p.read_bytes() for p in (tmp_path / "p").rglob("*.jpg")}
+    gone = sorted(whole)[:2]
+    for rel in gone:
+        (tmp_path / "p" / rel).unlink()
+    with pytest.raises(ValueError, match=r"holds 10 images, but its pool.json says make-pool wrote 12: .*rerun the "
+                                         r"same make-pool command"):
+        ImageFolderSource(tmp_path / "p", size=16)
+    with caplog.at_level("WARNING", logger="spurfast"):
+        info = make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    assert "already_complete" not in info and info["resumed_with"] == 10 and "holds 10 of its 12 images" in caplog.text
+    assert {p.relative_to(tmp_path / "p"): p.read_bytes() for p in (tmp_path / "p").rglob("*.jpg")} == whole
+    assert len(ImageFolderSource(tmp_path / "p", size=16)) == 12 and len(read_ground_truth(tmp_path / "p")[0]) == 12
+    # an image emptied by a crash: rewritten by the resume of an interrupted pool
+    info = json.loads((tmp_path / "p" / "pool.json").read_text())
+    (tmp_path / "p" / "pool.json").write_text(json.dumps({"writer": info["writer"], "spec": None,
+                                                          "writing": info["spec"]}))
+    (tmp_path / "p" / gone[0]).write_bytes(b"")
+    make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    assert (tmp_path / "p" / gone[0]).read_bytes() == whole[gone[0]]
