@@ -568,6 +568,28 @@ def test_hidden_files_and_folders_are_not_pool_images(tmp_path, caplog):
     assert len(ImageFolderSource(tmp_path / ".pool", size=8)) == 1
 
 
+def test_images_of_formats_the_loaders_do_not_read_are_left_out_with_a_warning(tmp_path, caplog):
+    """.webp, .bmp, .gif and .tif files (which torchvision's ImageFolder reads) were dropped
+    without a word: a mixed-format dataset lost part of every class."""
+    root = tmp_path / "pool"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        (root / c / "a.png").write_bytes(_png_bytes(_picture(1, 20, 20)))
+        for ext in ("webp", "BMP", "gif"):
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / c / f"b.{ext}", format=ext.upper())
+        (root / c / ".c.bmp").write_bytes(b"hidden")
+        (root / c / "notes.txt").write_text("not an image")
+    with caplog.at_level("WARNING", logger="spurfast.data"):
+        paths, _, _ = list_folder(root)
+    assert [Path(p).name for p in paths] == ["a.png", "a.png"]
+    assert "left out 6 image file(s) of" in caplog.text and "cat/b.BMP" in caplog.text, caplog.text
+    assert ".c.bmp" not in caplog.text and "notes.txt" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="spurfast.data"):
+        list_folder(root / "cat")   # flat
+    assert "left out 3 image file(s)" in caplog.text, caplog.text
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs_dali)])
 def test_file_names_that_are_not_utf8(tmp_path, backend):
     """A name of Latin-1 bytes comes back from os.walk with surrogate escapes: the pool's

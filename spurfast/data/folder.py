@@ -20,19 +20,29 @@ def _is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+# images the loaders do not decode (torchvision's ImageFolder reads them): left out, and said so
+UNREAD_IMAGE_EXTENSIONS = (".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def _warn_unread(root, skipped: list[str]) -> None:
+    if skipped:
+        log.warning("left out %d image file(s) of %s in a format spurfast does not read (it reads %s; convert them "
+                    "to include them): %s", len(skipped), root, ", ".join(IMAGE_EXTENSIONS), _some(sorted(skipped)))
+
+
 def _hidden(name: str) -> bool:
     """Hidden entries are not pool content: macOS's "._x.jpg" metadata twins (not images),
     thumbnail caches such as ".@__thumb/" (copies of the images), ".git"."""
     return name.startswith(".")
 
 
-def _image_files(d: Path, exclude=()) -> list[Path]:
+def _image_files(d: Path, exclude=(), skipped: list[str] | None = None) -> list[Path]:
     """Image files under ``d``, sorted, hidden files and folders left out.  Follows
     symlinked folders (Path.rglob does not), visiting each real folder once so a link back
     up cannot loop, and none of ``exclude`` (real paths: the pool's root and its other class
     folders, whose images a link back up listed again under this class's label); broken
     symlinks with an image name are kept, so the loaders report them as unreadable instead
-    of dropping them."""
+    of dropping them.  Files of `UNREAD_IMAGE_EXTENSIONS` go to ``skipped``."""
     seen = {os.path.realpath(d), *exclude}
     files = []
 
@@ -55,6 +65,9 @@ def _image_files(d: Path, exclude=()) -> list[Path]:
             full = os.path.join(top, n)
             if _is_image_name(n) and not _hidden(n) and (os.path.isfile(full) or not os.path.exists(full)):  # file or broken link
                 files.append(Path(full))
+            elif skipped is not None and os.path.splitext(n)[1].lower() in UNREAD_IMAGE_EXTENSIONS \
+                    and not _hidden(n):
+                skipped.append(full)
     return sorted(files)
 
 
@@ -130,13 +143,14 @@ def list_folder(root: str | Path, class_names: list[str] | None = None) -> tuple
                 raise ValueError(f"class folders {seen[r].name!r} and {d.name!r} of {root} are one folder ({r}): "
                                  f"each image would be in the pool twice, under two labels; remove the link")
             seen[r] = d
-        others = {os.path.realpath(root), *real}
+        others, skipped = {os.path.realpath(root), *real}, []
         for d in subdirs:
-            files = _image_files(d, others)
+            files = _image_files(d, others, skipped)
             if not files:
                 raise ValueError(f"class folder {d} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
             paths += [str(p) for p in files]
             labels += [label_of(d.name)] * len(files)
+        _warn_unread(root, skipped)
         return paths, labels, names
     if subdirs:
         # images at the top make the whole pool flat: likely a stray file in a class-folder pool
@@ -145,9 +159,11 @@ def list_folder(root: str | Path, class_names: list[str] | None = None) -> tuple
         if class_names is not None:
             raise ValueError(f"class names were given, but {mixed}: move those images into class folders")
         log.warning("%s; to label it by class folder, move those images into class folders", mixed)
-    files = _image_files(root)
+    skipped: list[str] = []
+    files = _image_files(root, skipped=skipped)
     if not files:
         raise ValueError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    _warn_unread(root, skipped)
     # unlabelled, but the classifier's class names still name its predictions (as an
     # unlabelled .npz takes them); refusing them left the report with bare class numbers
     return [str(p) for p in files], [-1] * len(files), list(class_names) if class_names is not None else None
