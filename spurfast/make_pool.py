@@ -121,6 +121,10 @@ class PoolSpec:
                                  f"equal the background and leave a listed carrier unmarked")
             if self.plant_class is not None and not 0 <= self.plant_class < self.classes:
                 raise ValueError(f"--plant-class must be in [0, {self.classes}), got {self.plant_class}")
+            # the pattern's own checks (its seed below 2**64 - 7919), here: the workers met them
+            # after the folder was made, and the corrected command was then refused it
+            from .plant import PatternSpec
+            PatternSpec(self.plant, strength=self.strength, seed=self.seed)
             # as _plan counts: a planted pool with no carrier has no ground truth to find
             cand = self.n if self.plant_class is None else len(range(self.plant_class, self.n, self.classes))
             if round(self.fraction * cand) == 0:
