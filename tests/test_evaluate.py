@@ -1604,3 +1604,25 @@ def test_the_look_alike_null_has_runs_of_its_own_and_the_label_nulls_keep_their_
     with pytest.raises(ValueError, match="null must be one of"):
         run_evaluation("tiny", tmp_path / "out", null="lookalike")
     assert not (tmp_path / "out").exists()   # refused before the sweep
+
+
+def test_the_full_grids_single_pixel_lies_where_no_fashion_mnist_image_is_white():
+    """At the bottom right, (26, 26), 101 of Fashion-MNIST's 60,000 training images are white
+    already (Bags, Ankle boots): 18-28 training images of other classes carried the "shortcut"
+    beside the few stamped, and pool images showed it without counting as carriers."""
+    import torch
+
+    from spurfast.data import load_fashion_mnist
+    from spurfast.data.builtin import find_fashion_mnist
+    from spurfast.evaluate import _grid_full
+    from spurfast.plant import PatternSpec, fixed_mask
+
+    pixels = [p for s in _grid_full() for p in s.plants if p.family == "pixel"]
+    assert len(pixels) == 4 and {p.position for p in pixels} == {"top_left"}
+    if find_fashion_mnist() is None:
+        pytest.skip("Fashion-MNIST is not installed (dataset-fashion-mnist)")
+    images = load_fashion_mnist("train").get_batch(range(60000))[0]
+    mask = fixed_mask(PatternSpec("pixel", position="top_left"), images.shape[1:])
+    assert int((images[:, 0][:, mask] >= 1.0).all(1).sum()) == 0
+    old = fixed_mask(PatternSpec("pixel"), images.shape[1:])
+    assert int((images[:, 0][:, old] >= 1.0).all(1).sum()) == 101   # the position it replaced
