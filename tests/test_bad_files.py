@@ -331,6 +331,22 @@ def test_symlinked_folders_are_followed_once_and_broken_links_reported(tmp_path)
     assert float(x[rel.index("cat/linked/e0.png")].max()) > 0.05
 
 
+def test_a_link_to_a_subfolder_of_another_class_lists_its_images_once(tmp_path):
+    """A link to another class folder was left out, but one to a folder inside it was
+    followed: its images were in the pool twice, under both labels."""
+    root = tmp_path / "pool"
+    (root / "dog" / "puppies" / "small").mkdir(parents=True)
+    (root / "cat").mkdir()
+    for rel, k in (("cat/c.png", 1), ("dog/d.png", 2), ("dog/puppies/p.png", 3), ("dog/puppies/small/s.png", 4)):
+        (root / rel).write_bytes(_png_bytes(_picture(k, 20, 20)))
+    (root / "cat" / "puppies").symlink_to(root / "dog" / "puppies")
+    (root / "cat" / "small").symlink_to(root / "dog" / "puppies" / "small")
+    (root / "dog" / "own").symlink_to(root / "dog" / "puppies" / "small")   # its own class: once, as before
+    paths, labels, _ = list_folder(root)
+    rel = [str(Path(p).relative_to(root)) for p in paths]
+    assert rel == ["cat/c.png", "dog/d.png", "dog/own/s.png", "dog/puppies/p.png"] and labels == [0, 1, 1, 1], rel
+
+
 def test_a_class_folder_linked_to_another_is_refused_naming_both(tmp_path):
     # its images were listed twice, under both labels
     root = tmp_path / "pool"

@@ -36,14 +36,17 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _image_files(d: Path, exclude=(), skipped: list[str] | None = None) -> list[Path]:
+def _image_files(d: Path, exclude=(), skipped: list[str] | None = None, elsewhere=()) -> list[Path]:
     """Image files under ``d``, sorted, hidden files and folders left out.  Follows
     symlinked folders (Path.rglob does not), visiting each real folder once so a link back
     up cannot loop, and none of ``exclude`` (real paths: the pool's root and its other class
     folders, whose images a link back up listed again under this class's label); broken
     symlinks with an image name are kept, so the loaders report them as unreadable instead
-    of dropping them.  Files of `UNREAD_IMAGE_EXTENSIONS` go to ``skipped``."""
+    of dropping them.  Files of `UNREAD_IMAGE_EXTENSIONS` go to ``skipped``.  No folder inside
+    one of ``elsewhere`` (real paths: the other class folders) is visited: a link to a subfolder
+    of another class listed its images under both labels."""
     seen = {os.path.realpath(d), *exclude}
+    inside = tuple(os.path.join(e, "") for e in elsewhere)
     files = []
 
     def unlisted(exc: OSError):  # os.walk skips a folder it cannot list without a word
@@ -56,7 +59,7 @@ def _image_files(d: Path, exclude=(), skipped: list[str] | None = None) -> list[
             if _hidden(sub):
                 continue
             real = os.path.realpath(os.path.join(top, sub))
-            if real not in seen:
+            if real not in seen and not real.startswith(inside):
                 seen.add(real)
                 keep.append(sub)
         dirs[:] = keep
@@ -144,8 +147,8 @@ def list_folder(root: str | Path, class_names: list[str] | None = None) -> tuple
                                  f"each image would be in the pool twice, under two labels; remove the link")
             seen[r] = d
         others, skipped = {os.path.realpath(root), *real}, []
-        for d in subdirs:
-            files = _image_files(d, others, skipped)
+        for d, r in zip(subdirs, real):
+            files = _image_files(d, others, skipped, elsewhere=[o for o in real if o != r])
             if not files:
                 raise ValueError(f"class folder {d} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
             paths += [str(p) for p in files]
