@@ -673,6 +673,7 @@ def confirm_findings(findings: list[dict], model, *, clean: ImageSource | None =
     # checked again: a field set after construction (config.seed = -1) skipped __post_init__
     config = replace(config) if config is not None else ConfirmConfig()
     check_compute_device(config.device, f"confirm_findings: config.device {config.device!r}")
+    model.to(config.device)   # its batches go there (given back where it was, `restores_models`)
     require_patterns(findings)   # before an unlabelled clean set is classified (minutes at scale)
     if clean is not None:
         if len(clean) == 0:

@@ -182,6 +182,10 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
     num_classes, shard_id, num_shards = int(num_classes), int(shard_id), int(num_shards)
     fp, content = identity or (fingerprint(source, classifier, vae), content_digest(source))
     store_dir = Path(store_dir)
+    # on the run's device whatever the store holds: a finished store returned before the move,
+    # and a later step given the models (confirmation) fed its batches to one left on the CPU
+    classifier.to(device)
+    vae.to(device)
     main = open_main(source, classifier, vae, store_dir, (fp, content), num_shards=num_shards, progress=progress)
     if main is not None and main.complete:
         _note_reading_errors(main)

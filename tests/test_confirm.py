@@ -1319,3 +1319,15 @@ def test_how_many_findings_are_confirmed_at_once(monkeypatch):
     assert findings_at_once(ConfirmConfig(device="cuda"), (3, 64, 64)) == 1
     with pytest.raises(ValueError, match="at_once must be >= 0"):
         ConfirmConfig(at_once=-1)
+
+
+def test_confirmation_puts_the_model_on_its_device(monkeypatch):
+    """confirm_findings fed its batches to config.device and never moved the model there: a
+    classifier on the CPU met CUDA batches ("Input type ... and weight type ... should be the
+    same").  Shown with a spy on Module.to (one CPU here); given back where it came from."""
+    model = nn.Linear(4, 3)
+    moved, real = [], torch.nn.Module.to
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: (moved.append((self, a)), real(self, *a, **k))[1])
+    clean = ArraySource(torch.rand(6, 1, 2, 2), np.arange(6) % 3)
+    assert confirm_findings([], model, clean=clean, config=ConfirmConfig(device="cpu")) == []
+    assert (model, ("cpu",)) in moved

@@ -1289,3 +1289,17 @@ def test_a_model_changed_in_place_between_passes_is_checked_again(tmp_path):
     with torch.no_grad():
         want = torch.softmax(model(src.get_batch(list(range(20)))[0]), 1).numpy()
     np.testing.assert_allclose(np.asarray(store["probs"]), want, atol=1e-5)
+
+
+def test_a_finished_store_still_leaves_the_models_on_the_runs_device(tmp_path, monkeypatch):
+    """embed_pool returned a finished store before it moved the models: the later steps that
+    use them where the pass left them (confirmation in `bench confirm` on a rerun) fed CUDA
+    batches to a classifier left on the CPU.  Shown with a spy on Module.to (one CPU here)."""
+    g = torch.Generator().manual_seed(0)
+    src = ArraySource(torch.rand(12, 1, 28, 28, generator=g), np.arange(12) % 3)
+    clf, vae = SmallCNN(1, 3, 28, width=4), VAE(VAEConfig(1, 28, (8, 16), 4))
+    embed_pool(src, clf, vae, tmp_path / "store", num_classes=3, progress=False, num_workers=0)
+    moved, real = [], torch.nn.Module.to
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: (moved.append((self, a)), real(self, *a, **k))[1])
+    store = embed_pool(src, clf, vae, tmp_path / "store", num_classes=3, progress=False, num_workers=0)
+    assert store.complete and (clf, ("cpu",)) in moved and (vae, ("cpu",)) in moved
