@@ -2,7 +2,9 @@
 
 Without a GPU, Triton kernels run under the interpreter: TRITON_INTERPRET must be set
 before any kernel module is imported, so it is set here, at collection start.
-Markers: ``gpu`` (skipped cleanly without CUDA), ``slow`` (deselected by `make test`).
+Markers: ``gpu`` (skipped cleanly without CUDA), ``on_gpu`` (runs on CUDA where there is one,
+else under the Triton interpreter: `bench/gpu_check.sh` selects these with the ``gpu`` ones),
+``slow`` (deselected by `make test`).
 """
 import os
 
@@ -16,6 +18,7 @@ if not HAS_CUDA:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "on_gpu: on CUDA where there is one (else the Triton interpreter)")
     config.addinivalue_line("markers", "slow: long evaluation, outside `make test`")
 
 

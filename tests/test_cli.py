@@ -1652,6 +1652,7 @@ def test_a_seed_too_large_for_training_is_refused_by_argparse(cmd, capsys):
     assert e.value.code == 2 and "--seed" in capsys.readouterr().err
 
 
+@pytest.mark.on_gpu
 def test_kmeans_backend_triton_runs_leaving_the_update_to_its_usual_choice(tmp_path, capsys, monkeypatch):
     # triton serves the assignment alone; the run leaves the update to SPURFAST_BACKEND_KMEANS_UPDATE
     # (else auto), but the up-front check resolved the update with "triton" too and refused every run

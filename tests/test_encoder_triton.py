@@ -19,7 +19,7 @@ from spurfast.models.vae import VAE, VAEConfig, vae_loss
 
 et = pytest.importorskip("spurfast.kernels.encoder_triton")
 # triton 3.6's interpreter (torch 2.11's) cannot run the kernels' loops with numpy 2.4: skipped, saying so
-pytestmark = pytest.mark.skipif(not et.is_available()[0], reason=et.is_available()[1])
+pytestmark = [pytest.mark.skipif(not et.is_available()[0], reason=et.is_available()[1]), pytest.mark.on_gpu]
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

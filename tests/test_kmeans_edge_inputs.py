@@ -21,8 +21,9 @@ def _providers():
     out = [pytest.param((kmeans_cpu.kmeans_assign, "cpu"), id="cpu",
                         marks=pytest.mark.skipif(not kmeans_cpu.is_available()[0], reason="CPU kernels unavailable"))]
     out.append(pytest.param((kmeans_triton.kmeans_assign, "cuda" if HAS_CUDA else "cpu"), id="triton",
-                            marks=pytest.mark.skipif(not kmeans_triton.is_available()[0],
-                                                     reason="no CUDA device and no Triton interpreter")))
+                            marks=[pytest.mark.on_gpu, pytest.mark.skipif(not kmeans_triton.is_available()[0],
+                                                                          reason="no CUDA device and no Triton "
+                                                                                 "interpreter")]))
     out.append(pytest.param((kmeans_cupy.kmeans_assign, "cuda"), id="cupy",
                             marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA or not kmeans_cupy.is_available()[0],
                                                                        reason="needs CUDA and CuPy")]))

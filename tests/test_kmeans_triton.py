@@ -18,6 +18,7 @@ from tests.helpers import (CASES, assert_equal_int, check_assign_near_optimal, c
                            compile_without_gpu, exact_dists, make_case)
 
 HAS_CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.on_gpu   # `bench/gpu_check.sh` runs them all on the GPU (`-m gpu` alone left 20 of 22)
 RUNS_HERE = kt.is_available()[0]
 needs_kernel = pytest.mark.skipif(not RUNS_HERE, reason=kt.is_available()[1])
 
@@ -418,6 +419,8 @@ def test_fp16_points_with_a_starting_centroid_past_fp16s_range_match_the_referen
     groups = torch.zeros(6, dtype=torch.long)
     init = torch.tensor([[[0.0], [66000.0]]])
     want = batched_kmeans(x, groups, [2], init=init, backend="torch", n_iter=0)
-    got = batched_kmeans(x, groups, [2], init=init, backend="triton", n_iter=0)
+    # on the GPU where there is one: the kernel refuses CPU tensors without the interpreter
+    got = batched_kmeans(x.to(_device()), groups.to(_device()), [2], init=init.to(_device()), backend="triton",
+                         n_iter=0)
     assert got.assign.tolist() == want.assign.tolist() == [1, 1, 1, 0, 0, 0]
     assert got.inertia == pytest.approx(want.inertia, rel=1e-6)
