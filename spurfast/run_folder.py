@@ -24,6 +24,23 @@ CONFIRM_WORK = "confirm"      # WORK_DIR's folder of finished confirmations (`sp
 _HELD: dict[str, tuple[int, int]] = {}   # output directories this process holds: path -> (descriptor, thread)
 
 
+def _drop_in_child() -> None:
+    """In a forked child (a DataLoader worker), close its copies of the locks: they held them
+    too, so a run killed with SIGKILL left its folder locked while its orphaned workers lived
+    (torch's parent check: 5 s), and an immediate rerun was refused as "in use".  The parent's
+    own descriptors keep the locks."""
+    for fd, _ in _HELD.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_in_child)
+
+
 def hold_output(out: Path) -> None:
     """Lock the output directory ``out`` for this thread until `release_output` (an exclusive
     ``flock`` on the directory, nothing where ``fcntl`` is missing), or raise FileExistsError
