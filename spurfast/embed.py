@@ -212,8 +212,8 @@ def embed_pool(source: ImageSource, classifier: torch.nn.Module, vae, store_dir,
         return store
     _settle_how_rows_are_made(store, main, (loader, decode, compute), (fp, content), store_dir,
                               shard_id=shard_id, num_shards=num_shards)
-    classifier.to(device).eval()
-    vae.to(device).eval()
+    classifier.eval()   # on the device since the store was opened
+    vae.eval()
     start = store.done
     warned = {}   # what `_batch_values` has warned of (once a pass)
     todo = None if sel is None else sel[start:]
