@@ -241,6 +241,9 @@ def plant_training(images: torch.Tensor, labels, target_class: int, n: int | str
     if n != "all":   # int() stamped 2 of n=2.7, and 1 of n=True
         n = whole_number(n, 'plant_training: n (or "all")')
     labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) != len(images):   # a short list would stamp only its part
+        raise ValueError(f"plant_training: labels must be one per image ({len(images)}), "
+                         f"got shape {labels.shape}")
     cand = np.nonzero(labels == target_class)[0]
     if len(cand) == 0:
         raise ValueError(f"no training images of target class {target_class}")

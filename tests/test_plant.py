@@ -110,6 +110,10 @@ def test_bad_plant_inputs():
         plant_pool(x, "0.1", PatternSpec())
     assert len(plant_training(x, y, 1, 3.0, PatternSpec())[1]) == 3
     assert len(plant_training(x, y, 1, "all", PatternSpec())[1]) == 10
+    # labels of only the first images stamped among those alone, with no word
+    for bad in (y[:12], y.reshape(2, 10)):
+        with pytest.raises(ValueError, match=r"labels must be one per image \(20\)"):
+            plant_training(x, bad, 1, 3, PatternSpec())
 
 
 
