@@ -257,6 +257,10 @@ def _base_images(kind: str, seed: int, sizes: Sizes):
         perm = rng.permutation(len(y))
         tr = np.sort(np.concatenate([perm[y[perm] == c][:sizes.n_train] for c in range(10)]))
         te = np.setdiff1d(np.arange(len(y)), tr)
+        smallest = int(np.bincount(y, minlength=10).min())
+        if sizes.n_train >= smallest:   # every digit in training: an empty pool and held-out set
+            raise ValueError(f"the digits-self pool needs n_train below {smallest} (its smallest class); "
+                             f"got {sizes.n_train}: every digit would go to training, none to the pool")
         return d.images[tr], y[tr], d.images[te], y[te], d.class_names
     try:   # its own message names where it looked ($SPURFAST_FASHION_MNIST too), not Debian's folder alone
         tr, te = load_fashion_mnist("train"), load_fashion_mnist("test")

@@ -1516,6 +1516,17 @@ def test_a_pattern_stamped_at_random_places_has_no_mask_to_score():
     assert data.features[0].mask is not None and int(data.features[0].mask.sum()) == 9
 
 
+def test_a_digits_self_pool_with_every_digit_in_training_is_refused():
+    # at the full preset's sizes (1,200 per class; digits have 174-183) the pool came out empty
+    from spurfast.evaluate import Plant, Setting, Sizes, build_data
+
+    setting = Setting("s", (Plant("patch3", 3, "20"),), pool="digits-self")
+    with pytest.raises(ValueError, match=r"n_train below 174 .*got 1200"):
+        build_data(setting, 0, Sizes())
+    data = build_data(setting, 0, Sizes(n_train=170, n_suspect=100, pool_max=300))
+    assert data.unrelated_n > 0
+
+
 def test_a_mistyped_fashion_mnist_folder_is_named_not_blamed_on_debian(monkeypatch):
     # the evaluation said "Fashion-MNIST is not installed (/usr/share/...)" whatever was wrong
     from spurfast.evaluate import Sizes, _base_images
