@@ -19,7 +19,7 @@ the sums do not depend on scheduling or on the thread count.  They run
 on OpenMP inside the library, which resolves to the libgomp torch already loaded (one
 runtime, one pool; Python threads raced torch's spinning OpenMP workers); a compiler
 without OpenMP gives a serial library (a `.no-openmp` mark beside it keeps later processes from
-trying again), and then Python threads split the rows.
+trying again until the compiler finds an OpenMP runtime), and then Python threads split the rows.
 """
 from __future__ import annotations
 
@@ -86,19 +86,36 @@ def _build(cxx: str) -> Path:
     # a compiler that failed the OpenMP build once fails it again (no libgomp): without the
     # mark every process compiled the whole file again before it loaded the serial library
     failed = _library_path(cxx, (*FLAGS, OPENMP)).with_suffix(".no-openmp")
-    if failed.is_file():
+    if failed.is_file() and failed.read_text(errors="replace").split("\n", 1)[0] == _openmp_runtime(cxx):
         return _build_with(cxx, serial)
     try:
-        return _build_with(cxx, (*FLAGS, OPENMP))
+        library = _build_with(cxx, (*FLAGS, OPENMP))
+        with contextlib.suppress(OSError):   # stale: the runtime it lacked has been found
+            failed.unlink(missing_ok=True)
+        return library
     except RuntimeError as exc:
         library = _build_with(cxx, serial)   # first: a compiler that builds nothing leaves no mark
         from ..atomic_files import replace_atomically
 
-        replace_atomically(failed, lambda fh: fh.write(f"{exc}\n"))
+        runtime = _openmp_runtime(cxx)
+        replace_atomically(failed, lambda fh: fh.write(f"{runtime}\n{exc}\n"))
         logging.getLogger("spurfast.kernels").info(
             "the CPU kernels are built without OpenMP (%s cannot build with %s; remove %s to try again)",
             cxx, OPENMP, failed)
         return library
+
+
+def _openmp_runtime(cxx: str) -> str:
+    """Where ``cxx`` finds the OpenMP runtimes (the bare name where it finds none).  The
+    `.no-openmp` mark records it, so a mark made before libgomp was installed is tried again."""
+    found = []
+    for name in ("libgomp.so", "libomp.so"):
+        try:
+            r = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True, timeout=60)
+            found.append(r.stdout.strip() if r.returncode == 0 else "?")
+        except (OSError, subprocess.SubprocessError):
+            found.append("?")
+    return "openmp runtimes: " + " ".join(found)
 
 
 def _library_path(cxx: str, flags: tuple[str, ...]) -> Path:

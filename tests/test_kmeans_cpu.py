@@ -1103,8 +1103,29 @@ def test_a_compiler_without_openmp_builds_once_and_later_loads_go_straight_to_th
         monkeypatch.setattr(kcpu, "_lib", None)
         monkeypatch.setattr(kcpu, "_why_not", None)
         assert kcpu.is_available() == (True, "") and not kcpu._lib.openmp
-    built = calls.read_text().splitlines()
+    built = [c for c in calls.read_text().splitlines() if "-print-file-name" not in c]
     assert len(built) == 2 and "-fopenmp" in built[0] and "-fopenmp" not in built[1], built
+
+
+@needs_kernel
+def test_a_no_openmp_mark_made_before_the_runtime_was_installed_is_tried_again(tmp_path, monkeypatch):
+    """The mark stayed after libgomp was installed: the serial library for good, until the
+    user found and removed the file the log had named."""
+    monkeypatch.setenv("SPURFAST_CACHE_DIR", str(tmp_path))
+    cxx = kcpu._cxx()
+    if not kcpu._openmp_runtime(cxx).split()[2].startswith("/"):
+        pytest.skip("this compiler finds no libgomp")
+    mark = kcpu._library_path(cxx, (*kcpu.FLAGS, kcpu.OPENMP)).with_suffix(".no-openmp")
+    mark.parent.mkdir(parents=True, exist_ok=True)
+    for text, openmp in (("openmp runtimes: libgomp.so libomp.so\nno libgomp\n", True),
+                         (kcpu._openmp_runtime(cxx) + "\nstill none\n", False)):
+        mark.write_text(text)
+        for f in tmp_path.glob("*.so"):
+            f.unlink()
+        monkeypatch.setattr(kcpu, "_lib", None)
+        monkeypatch.setattr(kcpu, "_why_not", None)
+        assert kcpu.is_available() == (True, "") and kcpu._lib.openmp == openmp
+        assert mark.exists() != openmp   # a stale mark goes
 
 
 @needs_kernel
