@@ -300,3 +300,18 @@ def test_a_q_value_equal_to_the_level_is_significant():
     assert significant([cand], 0.05) == [cand]
     assert recall_at_q([cand], [feat], 0.05) == 1.0
     assert recall_at_q([cand], [feat], float(np.nextafter(0.05, 0))) == 0.0
+
+
+# ---- metrics.feature_metrics: tied non-finite ranking values stay tied ----
+def test_tied_infinite_rankings_stay_tied_in_feature_metrics():
+    f = Feature(3, np.array([0, 1, 1, 0], bool))
+    ranking = np.array([np.inf, np.inf, 1.0, 0.0])
+    cand = [{"class": 3, "members": np.array([1, 2]), "ranking": ranking, "q_value": 0.01}]
+    m = feature_metrics(cand, f)
+    # tie group {0, 1}: 1 carrier of 2 (P 1/2, R 1/2), then item 2 (P 2/3, R 1): AP = 1/4 + 1/3
+    assert m["ap"] == pytest.approx(0.25 + 1 / 3)
+    assert m["auroc"] == pytest.approx(2.5 / 4)   # the tie of items 0 and 1 counts half
+    # the same for unranked (-inf and NaN) items tied at the bottom
+    f2 = Feature(3, np.array([1, 0, 1, 0], bool))
+    cand2 = [{"class": 3, "members": np.array([0]), "ranking": np.array([1.0, -np.inf, np.nan, 0.5]), "q_value": 0.01}]
+    assert feature_metrics(cand2, f2)["auroc"] == pytest.approx(2.5 / 4)   # carrier 2 (NaN) ties item 1 (-inf)

@@ -700,3 +700,84 @@ def test_look_alike_strata_pool_a_small_rest_into_the_largest_stratum():
     st = look_alike_strata(labels, wide, min_size=50)
     assert len(np.unique(st[:100])) == 1
     assert len(np.unique(look_alike_strata(labels, wide, min_size=30)[:100])) == 2   # both big enough
+
+
+# ---- scoring.size_matched_pvalues: infinite scores in the (non-widened) window branch ----
+def test_an_infinite_score_ties_infinite_null_scores_in_a_full_window():
+    # min_reference=4 and 4 null clusters of the same size: the window branch, not the widened one
+    null = np.array([1.0, 2.0, np.inf, np.inf])
+    p, n_ref, beat = size_matched_pvalues(np.array([np.inf]), np.array([3]), null, np.full(4, 3), min_reference=4)
+    assert n_ref.tolist() == [4]
+    np.testing.assert_allclose(p, [3 / 5])        # the two +inf null clusters tie: (1 + 2) / (1 + 4)
+    assert not beat[0]                            # a tie with the best null cluster is not beating it
+
+
+# ---- scoring.bh_qvalues: a p-value well above 1 is a wrong input ----
+def test_bh_refuses_a_p_value_between_1_and_2():
+    for bad in (1.5, 1 + 1e-6):   # e.g. a Bonferroni-doubled p left unclipped
+        with pytest.raises(ValueError, match=r"p-values must lie in \[0, 1\]"):
+            bh_qvalues(np.array([0.01, bad]))
+
+
+# ---- scoring.look_alike_strata: look-alike choice, band edges, pooling thresholds ----
+def _strata_pool(groups, m=20, min_size=1):
+    """Label-0 images in ``groups`` [(count, j)], each with j of its m neighbours of label 1
+    (the rest label 0); then m images of label 1.  Returns (strata, slices of the groups)."""
+    n0 = sum(c for c, _ in groups)
+    labels = np.r_[np.zeros(n0, np.int64), np.ones(m, np.int64)]
+    ones = n0 + np.arange(m)
+    wide = np.zeros((len(labels), m), np.int64)
+    at, sl = 0, []
+    for c, j in groups:
+        wide[at:at + c, :j] = ones[:j]
+        wide[at:at + c, j:] = np.arange(m - j)          # label-0 neighbours
+        sl.append(slice(at, at + c))
+        at += c
+    wide[n0:] = ones
+    return look_alike_strata(labels, wide, min_size), sl
+
+
+def _same(st, a, b):
+    return len(np.unique(np.r_[st[a], st[b]])) == 1
+
+
+def test_look_alike_is_the_most_common_other_label_and_the_nearer_on_a_tie():
+    # label 0 images 0-4; label 1 images 10-13; label 2 images 20-23; m = 4 neighbours
+    labels = np.full(24, -2, np.int64)
+    labels[:10], labels[10:20], labels[20:] = 0, 1, 2
+    wide = np.zeros((24, 4), np.int64)
+    wide[:] = [5, 6, 7, 8]                    # label 0: no look-alike
+    wide[10:20], wide[20:] = [10, 11, 12, 13], [20, 21, 22, 23]
+    wide[0] = [20, 10, 11, 12]                # label 1 x3, label 2 x1 (nearest): look-alike 1, share 0.75
+    wide[1] = [10, 11, 12, 5]                 # label 1 x3: look-alike 1, share 0.75
+    wide[2] = [20, 10, 5, 6]                  # label 2 and label 1 once each: the nearer, 2, share 0.25
+    wide[3] = [21, 5, 6, 7]                   # label 2 once: look-alike 2, share 0.25
+    labels[labels == -2] = 0
+    st = look_alike_strata(labels, wide, min_size=1)
+    assert st[0] == st[1]                     # most common, not least common
+    assert st[2] == st[3]                     # nearer on a tie
+    assert st[0] != st[2] and st[0] != st[4]
+
+
+def test_a_share_exactly_on_a_band_edge_falls_in_the_band_above():
+    # share 0.5 (10 of 20) lies in the band [0.5, 1], with share 0.75; 0.45 in the band below
+    st, (a, b, c) = _strata_pool([(5, 10), (5, 15), (5, 9)])
+    assert _same(st, a, b) and not _same(st, a, c)
+
+
+def test_a_stratum_of_exactly_min_size_is_kept():
+    # two bands of one (label, look-alike), 40 each, min_size 40: neither is pooled
+    st, (a, b) = _strata_pool([(40, 20), (40, 6)], min_size=40)
+    assert not _same(st, a, b)
+
+
+def test_a_pool_of_exactly_min_size_stays_a_stratum_of_its_own():
+    # band 3: 60; bands 2 and 1: 20 each, pooled into 40 = min_size: kept apart from the 60
+    st, (a, b, c) = _strata_pool([(60, 20), (20, 6), (20, 3)], min_size=40)
+    assert _same(st, b, c) and not _same(st, a, b)
+
+
+def test_a_small_pool_joins_the_parents_largest_stratum():
+    # bands 3 (70) and 2 (50) kept; band 1 (10) still under 40 after pooling: it joins the 70
+    st, (a, b, c) = _strata_pool([(70, 20), (50, 6), (10, 3)], min_size=40)
+    assert _same(st, a, c) and not _same(st, b, c)

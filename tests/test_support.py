@@ -374,3 +374,55 @@ def test_a_q_value_equal_to_the_level_is_supported():
     assert f["support"]["supported"]
     training_support([f], src, sus, src.labels(), level=np.nextafter(q, 0))
     assert not f["support"]["supported"]
+
+
+# ---- support.support_test: exactly two other-class suspects at the threshold are a tie ----
+def test_two_other_suspects_at_the_threshold_are_a_tie():
+    rng = np.random.default_rng(0)
+    n_in, n_other = 20, 100
+    scores = rng.uniform(0, 0.5, n_in + n_other)
+    scores[:5] = 2.0                         # 5 of the class carry an identical stamp
+    scores[n_in:n_in + 2] = 2.0              # 2 of 100 others: the 0.99 quantile is the stamp's value
+    in_class = np.r_[np.ones(n_in, bool), np.zeros(n_other, bool)]
+    t = support_test(scores, in_class, ~in_class)
+    assert t["ties_at_threshold"] and t["ties_counted_above"]
+    assert (t["class_above"], t["other_above"]) == (5, 2)
+    assert t["p_value"] == pytest.approx(2 * fisher_exact([[5, 15], [2, 98]], alternative="greater")[1])
+
+
+# ---- support.training_support: unlabelled suspects and images found unreadable in the pass ----
+def test_unlabelled_suspects_are_neither_class_nor_other():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 0.5, (300, 1, H, W)).astype(np.float32)
+    y = np.r_[np.zeros(100, int), 1 + np.arange(200) % 2]
+    x[:10, :, :2, :2] = 1.0
+    src = ArraySource(x, y, name="hand-made")
+    labels = y.copy()
+    labels[250:] = -1                        # 50 suspects of unknown label
+    f = _finding()
+    training_support([f], src, np.ones(300, bool), labels)
+    assert f["support"]["n_class"] == 100 and f["support"]["n_other"] == 150
+
+
+def test_images_found_unreadable_during_the_pass_are_left_out(tmp_path):
+    from PIL import Image
+
+    from spurfast.data.folder import ImageFolderSource
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"{i:02d}.png")
+    (tmp_path / "03.png").write_bytes(b"not an image")   # not known until the pass decodes it
+    src = ImageFolderSource(tmp_path, size=8)
+    assert not (getattr(src, "bad_files", None) or {})
+    labels = np.r_[np.zeros(5, int), np.ones(5, int)]
+    f = {"rank": 1, "class": 0, "_mask": MASK, "_contrast": torch.full((3, H, W), 0.6)}
+    training_support([f], src, np.ones(10, bool), labels, tail=0.5)
+    assert 3 in src.bad_files
+    assert f["support"]["n_class"] == 4 and f["support"]["n_other"] == 5
+
+
+def test_a_support_tail_of_0_is_refused_by_name():
+    x = np.zeros((300, 1, H, W), np.float32)
+    src = ArraySource(x, np.zeros(300, int))
+    with pytest.raises(ValueError, match=r"support tail must be in \(0, 1\), got 0.0"):
+        training_support([_finding()], src, np.ones(300, bool), np.r_[np.zeros(100, int), np.ones(200, int)], tail=0.0)
