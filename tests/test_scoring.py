@@ -781,3 +781,15 @@ def test_a_small_pool_joins_the_parents_largest_stratum():
     # bands 3 (70) and 2 (50) kept; band 1 (10) still under 40 after pooling: it joins the 70
     st, (a, b, c) = _strata_pool([(70, 20), (50, 6), (10, 3)], min_size=40)
     assert _same(st, a, c) and not _same(st, b, c)
+
+
+def test_unrelated_to_class_by_label_and_for_unlabelled_images_by_permission():
+    from spurfast.scoring import unrelated_to_class
+
+    top2 = np.array([[3, 1], [3, 1], [3, 1], [3, 1], [3, 1]])
+    labels = np.array([1, 3, -1, -1, 3])
+    cls = np.array([3, 3, 3, 3, 1])
+    unknown_ok = np.array([False, True, True, False, False])
+    # labelled: its label decides, whatever it may; unlabelled: only where allowed (a suspect is not)
+    np.testing.assert_array_equal(unrelated_to_class(top2, labels, cls, unknown_ok),
+                                  [True, False, True, False, True])
