@@ -30,17 +30,29 @@ def _n_poisoned(value: str) -> str:
     return value
 
 
-def _int_at_least(lo: int):
-    """argparse type: an integer >= ``lo`` (argparse's error then names the flag)."""
+def _int_at_least(lo: int, hi: int | None = None):
+    """argparse type: an integer >= ``lo`` (and <= ``hi``; argparse's error then names the flag)."""
     def parse(value: str) -> int:
         try:
             n = int(value)
         except ValueError:
             n = None
-        if n is None or n < lo:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {value!r}")
+        if n is None or n < lo or (hi is not None and n > hi):
+            span = f">= {lo}" if hi is None else f"from {lo} to {hi}"
+            raise argparse.ArgumentTypeError(f"expected an integer {span}, got {value!r}")
         return n
     return parse
+
+
+def _open_unit(value: str) -> float:
+    """argparse type: a number strictly between 0 and 1 (a rate), the flag named by argparse."""
+    try:
+        q = float(value)
+    except ValueError:
+        q = None
+    if q is None or not 0 < q < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value!r}")
+    return q
 
 
 def _seed(value: str) -> int:
@@ -88,6 +100,7 @@ def _add_pattern_args(p):
 STATISTICS = ("share", "surprise")
 DEFAULT_STATISTIC = "surprise"
 NULLS = ("label", "look-alike")   # = spurfast.scoring.NULLS and DEFAULT_NULL (the same test)
+RESIDUAL_MAX_NULL = 100_000        # = spurfast.residual.MAX_NULL (the same test)
 DEFAULT_NULL = "label"
 NULL_HELP = ("what the permutation null keeps: each true label's predictions (label, the default), or those "
              "of the images of a label that look like the same other class about as much, in strata of at least "
@@ -920,10 +933,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--residual-max-values", type=_int_at_least(1), default=None, metavar="N",
                    help="the residual scan refuses pools of more than N residual values (images x C x H x W), "
                         "about 20 bytes of memory each (default: 2**26, about 1.3 GB)")
-    p.add_argument("--residual-null", type=_int_at_least(1), default=None, metavar="N",
+    p.add_argument("--residual-null", type=_int_at_least(1, RESIDUAL_MAX_NULL), default=None, metavar="N",
                    help="the residual scan's null resamplings (default 400): its p-values go down to 1/(N + 1), "
                         "and Benjamini-Hochberg over m classes needs about m/FDR for a lone finding")
-    p.add_argument("--residual-fdr", type=float, default=None, metavar="Q",
+    p.add_argument("--residual-fdr", type=_open_unit, default=None, metavar="Q",
                    help="the residual scan's own Benjamini-Hochberg level over classes (default: --fdr): its "
                         "test is a separate one, over classes rather than clusters")
     p.add_argument("--size", type=int, default=None, help=FOLDER_SHAPE_HELP[0])

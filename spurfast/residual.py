@@ -48,6 +48,9 @@ SCORE_CAP = 1e6   # a finding's score where its statistic is infinite (see resid
 log = logging.getLogger("spurfast.residual")
 
 
+MAX_NULL = 100_000   # null resamplings at most: hours of work already, where 400 is the default
+
+
 @dataclass
 class ResidualConfig:
     n_neighbours: int = 10       # latent neighbours (same label) a null prediction is drawn from
@@ -70,6 +73,9 @@ class ResidualConfig:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
         if not 0 < self.fdr < 1:
             raise ValueError(f"fdr must be in (0, 1), got {self.fdr}")
+        if self.n_null > MAX_NULL:   # its table was allocated after the whole pass, then refused
+            raise ValueError(f"n_null must be at most {MAX_NULL} (p-values down to 1/{MAX_NULL + 1}; each "
+                             f"resampling scores every image again), got {self.n_null}")
 
 
 def check_size(n: int, values_per_image: int, max_values: int) -> None:

@@ -179,8 +179,25 @@ def test_residual_scan_flag_reaches_the_run():
     # its own level: one --fdr set both the clusters' and the scan's, which test different things
     args = build_parser().parse_args(base + ["--residual-scan", "--fdr", "0.1", "--residual-fdr", "0.2"])
     assert (_discover_config(args).fdr, _residual_config(args).fdr) == (0.1, 0.2)
-    with pytest.raises(ValueError, match="fdr must be in"):
-        _residual_config(build_parser().parse_args(base + ["--residual-scan", "--residual-fdr", "1.5"]))
+
+
+
+def test_residual_flags_out_of_range_are_refused_by_name_before_any_work(capsys):
+    # "fdr must be in (0, 1)" read as --fdr's error; a null of 1e9 resamplings asked for a 74.5 GiB
+    # table after the whole embedding pass
+    base = ["discover", "--pool", "p", "--classifier", "c", "--vae", "v", "--out", "o", "--residual-scan"]
+    for flag, value, said in (("--residual-fdr", "1.5", "expected a number in (0, 1), got '1.5'"),
+                              ("--residual-fdr", "0", "expected a number in (0, 1)"),
+                              ("--residual-null", "1000000000", "expected an integer from 1 to 100000"),
+                              ("--residual-null", "99999999999999999999", "expected an integer from 1 to 100000")):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(base + [flag, value])
+        err = capsys.readouterr().err
+        assert f"argument {flag}: {said}" in err, err
+    from spurfast.residual import ResidualConfig
+    with pytest.raises(ValueError, match="n_null must be at most 100000"):
+        ResidualConfig(n_null=100_001)
+    assert ResidualConfig(n_null=100_000).n_null == 100_000
 
 
 def test_cli_statistics_are_the_scoring_ones():
@@ -193,6 +210,8 @@ def test_cli_statistics_are_the_scoring_ones():
     assert DEFAULT_STATISTIC == scoring_default == DiscoverConfig().statistic == "surprise"
     from spurfast import cli, scoring
     assert cli.NULLS == scoring.NULLS and cli.DEFAULT_NULL == scoring.DEFAULT_NULL == DiscoverConfig().null
+    from spurfast import residual
+    assert cli.RESIDUAL_MAX_NULL == residual.MAX_NULL
 
 
 def test_verdict_counts_line():
