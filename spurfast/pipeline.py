@@ -93,11 +93,10 @@ def make_planted_data(dataset: str = "auto", *, target_class: int = 3, n_poisone
         # taken for the dataset and the demo failed on them instead of using digits
         try:
             splits = load_fashion_mnist("train", fashion_root), load_fashion_mnist("test", fashion_root)
-        except FileNotFoundError as exc:
-            log.info("%s", exc)   # where it looked
+        except FileNotFoundError as exc:   # said where it looked: a mistyped $SPURFAST_FASHION_MNIST
+            # silently turned the demo into the digits one
+            log.warning("using scikit-learn's digits instead of Fashion-MNIST: %s", exc)
         dataset = "fashion-mnist" if splits else "digits"
-        if dataset == "digits":
-            log.warning("Fashion-MNIST not found: using scikit-learn's digits instead")
     rng = np.random.default_rng(seed)
     if dataset == "fashion-mnist":
         tr, te = splits or (load_fashion_mnist("train", fashion_root), load_fashion_mnist("test", fashion_root))

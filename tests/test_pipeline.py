@@ -1241,8 +1241,17 @@ def test_auto_dataset_falls_back_to_digits_without_the_test_split(tmp_path, capl
             fh.write(b"\x00\x00\x08" + bytes([arr.ndim]) + struct.pack(">" + "I" * arr.ndim, *arr.shape) + arr.tobytes())
     with caplog.at_level("WARNING", logger="spurfast"):
         data = P.make_planted_data("auto", n_train_per_class=20, n_poisoned="5", n_suspect=50, fashion_root=tmp_path)
-    assert "Fashion-MNIST not found: using scikit-learn's digits" in caplog.text
+    assert "using scikit-learn's digits instead of Fashion-MNIST" in caplog.text and str(tmp_path) in caplog.text
     assert data.train.image_shape == (1, 28, 28) and len(data.train) > 20
+
+
+def test_auto_dataset_names_a_mistyped_fashion_mnist_variable(tmp_path, caplog, monkeypatch):
+    # "Fashion-MNIST not found" alone, with Debian's copy installed: the variable went unmentioned
+    monkeypatch.setenv("SPURFAST_FASHION_MNIST", str(tmp_path / "typo"))
+    with caplog.at_level("WARNING", logger="spurfast"):
+        P.make_planted_data("auto", n_train_per_class=20, n_poisoned="5", n_suspect=50)
+    assert "instead of Fashion-MNIST" in caplog.text and "typo" in caplog.text, caplog.text
+    assert "$SPURFAST_FASHION_MNIST names that folder" in caplog.text
 
 
 def test_more_poisoned_images_than_the_class_has_says_so(caplog):
