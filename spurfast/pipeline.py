@@ -34,7 +34,7 @@ from .identity import fingerprint
 from .models.as_given import restores_models
 from .models.outputs import shape_text
 from .pattern_rank import pattern_rankings
-from .plant import PatternSpec, PlantTruth, plant_pool, plant_training
+from .plant import PatternSpec, PlantTruth, checked_pool_fraction, plant_pool, plant_training
 from .report import write_report
 from .run_folder import (BAD_FILES, CONFIRM_WORK, WORK_DIR, _folder_inside, holds_output, prepare_output, release_output,
                          source_paths)
@@ -86,6 +86,7 @@ def make_planted_data(dataset: str = "auto", *, target_class: int = 3, n_poisone
         # numpy said "negative dimensions are not allowed" (or "expected non-negative integer"), naming nothing
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
+    checked_pool_fraction(pool_fraction)   # before any work (and warnings) on the training set
     spec = spec or PatternSpec("patch3", seed=seed)
     splits = None
     if dataset == "auto":

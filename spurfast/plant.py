@@ -256,14 +256,20 @@ def plant_training(images: torch.Tensor, labels, target_class: int, n: int | str
     return out, chosen[stamp_at(out, chosen, spec, seed, "poisoned training images", levels)]
 
 
+def checked_pool_fraction(fraction) -> float:
+    """``fraction`` as a float in [0, 1], else a ValueError naming it."""
+    fraction = real_number(fraction, "pool fraction")
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"pool fraction must be in [0, 1], got {fraction}")
+    return fraction
+
+
 def plant_pool(images: torch.Tensor, fraction: float, spec: PatternSpec, seed: int = 0,
                levels: int | None = None):
     """Stamp a ``fraction`` of the pool.  Returns (images, carries bool (N,): the images the
     stamp changed, `changed_by_stamp`); ``levels``: as `stamp_at`'s."""
     seed = _seed(seed, "plant_pool")   # -1 drew as seed 0 (its generator takes seed + 1)
-    fraction = real_number(fraction, "pool fraction")
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"pool fraction must be in [0, 1], got {fraction}")
+    fraction = checked_pool_fraction(fraction)
     n = len(images)
     rng = np.random.default_rng(seed + 1)
     chosen = np.sort(rng.choice(n, size=int(round(fraction * n)), replace=False))

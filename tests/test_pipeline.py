@@ -1263,6 +1263,14 @@ def test_more_poisoned_images_than_the_class_has_says_so(caplog):
     assert f"n_poisoned=5000: class 3 has {n} training images; all of them are poisoned" in caplog.text
 
 
+@pytest.mark.parametrize("fraction", [2.0, float("nan"), -0.1])
+def test_plant_refuses_a_bad_pool_fraction_before_any_work(caplog, fraction):
+    # an unrelated n_poisoned warning on the training set came first, then the refusal
+    with caplog.at_level("WARNING", logger="spurfast"), pytest.raises(ValueError, match="pool fraction must be in"):
+        P.make_planted_data("digits", n_poisoned="5000", pool_fraction=fraction)
+    assert caplog.text == ""
+
+
 @pytest.mark.parametrize("target", [10, -1])
 def test_plant_refuses_a_target_class_the_dataset_lacks_first(caplog, target):
     """It warned "class 10 has 0 training images; all of them are poisoned" before failing."""
