@@ -26,6 +26,16 @@ from .run_folder import hold_output, holds_output, prepare_output, read_bad_file
 log = logging.getLogger("spurfast")
 
 
+def flip_rates_text(cf: dict) -> str:
+    """A confirmation's flip rate (control), and where its p-value came from a weaker dose,
+    the rates there: "1.000 (1.000)" alone beside "confirmed" read as no effect."""
+    text = f"{cf['flip_rate']:.3f} ({cf['control_flip_rate']:.3f})"
+    if cf.get("dose", 1.0) != 1.0:
+        text += (f"; at {cf['dose']:.0%} strength, where its p-value comes from: "
+                 f"{cf['dose_flip_rate']:.3f} ({cf['dose_control_flip_rate']:.3f})")
+    return text
+
+
 def same_device(a, b) -> bool:
     """Whether two device names are one device: "cuda" is the current CUDA device ("cuda" and
     "cuda:0" were refused as disagreeing), and "cpu" and "cpu:0" are the CPU."""
@@ -202,8 +212,7 @@ def run_demo(out_dir="out/demo", *, dataset: str = "auto", seed: int = 0, target
                             "ranked by": top.get("ranked_by"),
                             "pattern IoU": round(iou, 3) if planted else None})
             if top.get("confirm"):
-                summary["top finding flip rate (control)"] = (f"{top['confirm']['flip_rate']:.3f} "
-                                                              f"({top['confirm']['control_flip_rate']:.3f})")
+                summary["top finding flip rate (control)"] = flip_rates_text(top["confirm"])
                 summary["top finding confirmation"] = top["confirm"].get("verdict")
         # NaN (e.g. an AUROC with no pattern-bearing pool image) is not JSON: null instead, which
         # the report shows as n/a, as `spurfast report` does when it redraws the run

@@ -558,14 +558,18 @@ def write_outputs(result: DiscoveryResult, out_dir: Path, extra_config: dict | N
     # of the pipeline's own (none is known) would stop a finished run at its last step
     _write_json(out_dir / "findings.json", doc)
     rows = [["rank", "class", "class_name", "cluster", "size", "score", "p_value", "q_value",
-             "n_unrelated", "n_suspect", "flip_rate", "control_flip_rate", "confirm_p_value",
-             "confirm_q_value", "confirm_verdict", "support_p_value", "support_q_value", "supported", "family"]]
+             "n_unrelated", "n_suspect", "flip_rate", "control_flip_rate", "confirm_p_value", "confirm_dose",
+             "dose_flip_rate", "dose_control_flip_rate", "confirm_q_value", "confirm_verdict", "support_p_value",
+             "support_q_value", "supported", "family"]]
     for f in doc["findings"]:
         cf = f.get("confirm") or {}
         # score, p and q as findings.json holds them (4 digits: q = 0.03601 beside 0.036013858 there)
         rows.append([f["rank"], f["class"], f["class_name"] or "", f["cluster"], f["size"], repr(float(f["score"])),
                      repr(float(f["p_value"])), repr(float(f["q_value"])), f.get("n_unrelated", ""), f.get("n_suspect", ""),
                      cf.get("flip_rate", ""), cf.get("control_flip_rate", ""), cf.get("p_value", ""),
+                     # the strength its p-value came from, and the two rates there: at full strength
+                     # both can be 1.0 beside a confirming p
+                     cf.get("dose", ""), cf.get("dose_flip_rate", ""), cf.get("dose_control_flip_rate", ""),
                      cf.get("q_value", ""), cf.get("verdict", ""), *_support_cells(f.get("support")),
                      finding_family(f)])
     _write_csv(out_dir / "findings.csv", rows)

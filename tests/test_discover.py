@@ -731,6 +731,23 @@ def test_findings_csv_support_values_are_on_the_side_of_the_level_they_are(tmp_p
     assert (float(row["support_q_value"]), float(row["support_p_value"]), row["supported"]) == (0.0500004, 0.0250002, "0")
 
 
+def test_findings_csv_shows_the_strength_its_confirmation_p_value_comes_from(tmp_path):
+    """Full-strength rates 1.0 and 1.0 stood beside a confirming p from the half dose, whose
+    rates (1.0 against 0.342) findings.json alone held."""
+    import csv
+
+    from spurfast.discover import DiscoveryResult, write_outputs
+    f = {"rank": 1, "class": 3, "class_name": "c", "cluster": 0, "size": 2, "score": 5.0, "p_value": 0.001,
+         "q_value": 0.01, "members": [0, 1], "exemplars": [0], "images": {},
+         "confirm": {"flip_rate": 1.0, "control_flip_rate": 1.0, "p_value": 1e-36, "dose": 0.5,
+                     "dose_flip_rate": 1.0, "dose_control_flip_rate": 0.342, "verdict": "confirmed"}}
+    write_outputs(DiscoveryResult([f], [], {}, {}, {"n": 2, "n_unrelated": 2, "n_suspect": 0}), tmp_path)
+    with open(tmp_path / "findings.csv", encoding="utf-8", newline="") as fh:
+        row = next(csv.DictReader(fh))
+    assert (row["flip_rate"], row["control_flip_rate"], row["confirm_p_value"]) == ("1.0", "1.0", "1e-36")
+    assert (row["confirm_dose"], row["dose_flip_rate"], row["dose_control_flip_rate"]) == ("0.5", "1.0", "0.342")
+
+
 def test_a_run_whose_null_cannot_differ_says_its_test_has_no_power(tmp_path, caplog):
     # a classifier that called nearly every image one class: every cluster p = 1 and the
     # report said "no cluster is significant", as for a clean model, without a warning

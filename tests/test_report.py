@@ -578,3 +578,13 @@ def test_clusters_without_a_score_are_named_before_any_file_is_written(tmp_path,
     with pytest.raises(ValueError, match=said):
         write_report(_doc(None), tmp_path / "run", clusters=clusters)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_demo_line_shows_the_rates_at_the_strength_that_counted():
+    from spurfast.demo import flip_rates_text
+
+    cf = {"flip_rate": 1.0, "control_flip_rate": 1.0, "dose": 0.5, "dose_flip_rate": 1.0,
+          "dose_control_flip_rate": 0.342}
+    assert flip_rates_text(cf) == "1.000 (1.000); at 50% strength, where its p-value comes from: 1.000 (0.342)"
+    assert flip_rates_text({**cf, "dose": 1.0}) == "1.000 (1.000)"
+    assert flip_rates_text({"flip_rate": 0.3, "control_flip_rate": 0.01}) == "0.300 (0.010)"   # older results
