@@ -354,3 +354,63 @@ def test_a_contrast_map_reads_once_where_its_samples_fit(monkeypatch):
     apart = ch.contrast_map(src, members, content[members], others, content[others], seed=3)
     assert src.calls == 1 + 2 * 9 + 1
     assert torch.equal(one[0], apart[0]) and torch.equal(one[1], apart[1])
+
+
+@pytest.mark.parametrize("n_low, n_high", [(90, 10), (20, 80)])
+def test_otsu_cuts_a_bimodal_set_in_its_gap(n_low, n_high):
+    from spurfast.characterise import otsu_threshold
+    v = np.r_[np.linspace(0, 0.3, n_low), np.linspace(0.7, 1.0, n_high)]
+    t = otsu_threshold(v)
+    assert 0.3 <= t < 0.7, t
+
+
+def test_magnitude_is_the_largest_over_channels():
+    from spurfast.characterise import contrast_magnitude
+    c = torch.zeros(3, 4, 4)
+    c[0, 0, 0] = -0.6          # one channel only
+    c[:, 1, 1] = 0.3           # all three, weaker
+    mag = contrast_magnitude(c)
+    assert mag[0, 0] == pytest.approx(0.6) and mag[1, 1] == pytest.approx(0.3)
+
+
+def _two_content_pool():
+    # content 0: members 0..2 (value 0.9), others 3..6 (0.1); content 1: member 7 (0.5), others 8..9 (0.4)
+    vals = np.array([0.9, 0.9, 0.9, 0.1, 0.1, 0.1, 0.1, 0.5, 0.4, 0.4], np.float32)
+    x = np.broadcast_to(vals[:, None, None, None], (10, 1, 2, 2)).copy()
+    return ArraySource(x, np.zeros(10, int), name="content")
+
+
+def test_contrast_is_members_minus_others_weighted_by_members():
+    from spurfast.characterise import contrast_map
+    src = _two_content_pool()
+    contrast, mean = contrast_map(src, np.array([0, 1, 2, 7]), np.array([0, 0, 0, 1]),
+                                  np.array([3, 4, 5, 6, 8, 9]), np.array([0, 0, 0, 0, 1, 1]))
+    want = (3 * (0.9 - 0.1) + 1 * (0.5 - 0.4)) / 4       # 0.625
+    assert torch.allclose(contrast, torch.full((1, 2, 2), want), atol=1e-6)
+    assert torch.allclose(mean, torch.full((1, 2, 2), (3 * 0.9 + 0.5) / 4), atol=1e-6)
+
+
+def test_at_most_cap_others_of_a_content_class_are_read():
+    from spurfast.characterise import contrast_map
+
+    class Counting(ArraySource):
+        read = []
+        def get_batch(self, idx):
+            self.read.extend(np.asarray(idx).tolist())
+            return super().get_batch(idx)
+    x = np.random.default_rng(0).uniform(0, 1, (40, 1, 2, 2)).astype(np.float32)
+    src = Counting(x, np.zeros(40, int), name="c")
+    others = np.arange(4, 40)
+    contrast_map(src, np.arange(4), np.zeros(4, int), others, np.zeros(36, int), cap=5)
+    assert len(set(src.read) & set(others.tolist())) <= 5
+
+
+def test_a_content_class_past_the_budget_still_gets_one_other():
+    from spurfast.characterise import contrast_map
+    x = np.random.default_rng(0).uniform(0, 1, (60, 1, 2, 2)).astype(np.float32)
+    src = ArraySource(x, np.zeros(60, int), name="b")
+    # content 0: 20 members, content 1: 1 member; 19 others each; budget 4: content 1's share rounds to 0
+    members, m_content = np.arange(21), np.r_[np.zeros(20, int), 1]
+    others, o_content = np.arange(21, 59), np.r_[np.zeros(19, int), np.ones(19, int)]
+    contrast, _ = contrast_map(src, members, m_content, others, o_content, cap=10, budget=4)
+    assert torch.isfinite(contrast).all()

@@ -267,3 +267,65 @@ def test_findings_ranked_at_once_rank_as_one_at_a_time(monkeypatch):
     assert threading.current_thread().name not in together.threads, together.threads
     for r in one:
         np.testing.assert_array_equal(several[r], one[r])
+
+
+def test_a_mask_of_at_most_a_tenth_is_localised_and_more_is_not():
+    tenth = np.zeros((10, 10), bool)
+    tenth[0, :] = True                         # exactly 10%: localised ("at most")
+    flat = torch.full((1, 10, 10), 0.5)
+    assert ranking_mask(tenth, flat) is tenth or np.array_equal(ranking_mask(tenth, flat), tenth)
+    wide = np.zeros((10, 10), bool)
+    wide[:2, :8] = True                        # 16%, uniform contrast: no core -> latent ranking
+    assert ranking_mask(wide, flat) is None
+
+
+def _noise_carrier_pool(N=400, H=16, W=16, CLASS=3, seed=0):
+    rng = np.random.default_rng(seed)
+    content = rng.integers(0, 4, N)
+    x = (0.2 + 0.15 * content[:, None, None, None] + 0.05 * rng.normal(size=(N, 1, H, W))).astype(np.float32)
+    noise = rng.uniform(-0.3, 0.3, (1, H, W)).astype(np.float32)
+    carries = np.arange(N) % 5 == 0
+    x[carries] += noise
+    pred = rng.integers(0, 3, N)
+    pred[carries] = CLASS
+    return np.clip(x, 0, 1), pred, carries
+
+
+def test_a_thumbnail_pixel_constant_over_the_negatives_leaves_the_probe_finite():
+    # a black border (MNIST-like) is the same in every negative: its spread is 0
+    x, pred, carries = _noise_carrier_pool()
+    x[:, :, :2, :] = 0.0
+    src = ArraySource(x, np.zeros(len(x), int), name="bordered")
+    f = {"rank": 1, "class": 3, "_mask": np.ones((16, 16), bool), "_contrast": torch.full((1, 16, 16), 0.1),
+         "_unrelated": np.nonzero(carries)[0][:30]}
+    rankings = {1: np.random.default_rng(1).normal(size=len(x))}
+    pattern_rankings([f], rankings, src, pred=pred)
+    assert f["ranked_by"] == "latent+pixels"
+    assert np.isfinite(rankings[1]).all()
+    assert average_precision(rankings[1], carries) > 0.95
+
+
+def test_unreadable_images_are_no_probe_examples(tmp_path, monkeypatch):
+    from PIL import Image
+    import spurfast.pattern_rank as PR
+    from spurfast.data.folder import ImageFolderSource
+    x, pred, carries = _noise_carrier_pool(N=60)
+    for i in range(60):
+        Image.fromarray((x[i, 0] * 255).astype(np.uint8)).save(tmp_path / f"{i:03d}.png")
+    bad_neg = next(i for i in range(60) if not carries[i])
+    bad_pos = next(i for i in range(60) if carries[i])
+    for b in (bad_neg, bad_pos):
+        (tmp_path / f"{b:03d}.png").write_bytes(b"damaged")
+    src = ImageFolderSource(tmp_path, size=16, channels=1)
+    seen = {}
+    real = PR.fit_probe
+
+    def spy(pos, neg, centre, spread):
+        seen["pos"], seen["neg"] = pos, neg
+        return real(pos, neg, centre, spread)
+    monkeypatch.setattr(PR, "fit_probe", spy)
+    f = {"rank": 1, "class": 3, "_mask": np.ones((16, 16), bool), "_contrast": torch.full((1, 16, 16), 0.1),
+         "_unrelated": np.nonzero(carries)[0]}
+    PR.pattern_rankings([f], {1: np.linspace(1, 0, 60)}, src, pred=pred)
+    assert len(seen["pos"]) == carries.sum() - 1 and len(seen["neg"]) == (~carries).sum() - 1
+    assert (np.abs(seen["pos"]).sum(1) > 0).all() and (np.abs(seen["neg"]).sum(1) > 0).all()
