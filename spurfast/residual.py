@@ -73,7 +73,7 @@ class ResidualConfig:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
         if not 0 < self.fdr < 1:
             raise ValueError(f"fdr must be in (0, 1), got {self.fdr}")
-        if self.n_null > MAX_NULL:   # its table was allocated after the whole pass, then refused
+        if self.n_null > MAX_NULL:   # 1e9 failed allocating its 74.5 GiB table after the whole pass
             raise ValueError(f"n_null must be at most {MAX_NULL} (p-values down to 1/{MAX_NULL + 1}; each "
                              f"resampling scores every image again), got {self.n_null}")
 
