@@ -1371,3 +1371,58 @@ def test_a_fractional_or_negative_n_groups_is_refused_by_name(n_groups, msg):
     x = torch.randn(6, 3)
     with pytest.raises(ValueError, match=re.escape(msg)):
         batched_kmeans(x, torch.tensor([0, 0, 1, 1, 1, 0]), [1, 1, 1], n_groups=n_groups, backend="torch")
+
+
+def test_choose_k_with_a_min_cluster_size_of_one_or_zero_lowers_k_only_to_the_group_size():
+    from spurfast.cluster import choose_k
+
+    # sizes // max(2, min_cluster_size) halved k for small classes that the user allowed singletons in
+    sizes = np.array([0, 1, 3, 5, 40])
+    assert choose_k(sizes, 8, 1).tolist() == [0, 1, 3, 5, 8]
+    assert choose_k(sizes, 8, 0).tolist() == [0, 1, 3, 5, 8]
+
+
+def test_a_group_id_equal_to_n_groups_is_named():
+    # groups.max() > G let id G through, and numpy failed later with "operands could not be broadcast"
+    x = torch.randn(10, 2, generator=torch.Generator().manual_seed(0))
+    groups = torch.tensor([0] * 5 + [1] * 4 + [2])
+    with pytest.raises(ValueError, match=r"group ids must lie in \[0, 2\); 1 do not, e.g. groups\[9\] = 2"):
+        batched_kmeans(x, groups, [2, 2], n_groups=2, backend="torch")
+
+
+def test_an_iteration_that_reseeds_an_empty_cluster_does_not_end_the_loop():
+    # stopping in the iteration that re-seeded left cluster 0 at 9.5 with 9 alone as its member
+    # (inertia 0.25, not a fixed point); the loop must run on until the re-seeded cluster settles
+    x = torch.tensor([[10.0], [3.0], [3.0], [9.0]])
+    init = torch.tensor([[[8.0], [7.0], [14.0]]])
+    res = batched_kmeans(x, torch.zeros(4, dtype=torch.long), [3], init=init, backend="torch")
+    assert res.reseeded >= 1
+    assert sorted(res.centroids[0, :, 0].tolist()) == [3.0, 9.0, 10.0]
+    assert res.inertia == 0.0
+    for j in range(3):   # a fixed point: every centroid is the mean of its members
+        assert torch.equal(res.centroids[0, j], x[res.assign == j].mean(0))
+
+
+def test_starting_centroids_of_a_far_group_are_shifted_with_its_points():
+    # the init was not moved with the points recentred about one of them: centroids about 100
+    # met points about 0, every point went to one cluster and the blobs were not recovered
+    rng = np.random.default_rng(0)
+    truth = np.repeat(np.arange(3), 50)
+    centres = np.array([[0.0, 0.0], [0.05, 0.0], [0.0, 0.05]])
+    x = torch.as_tensor(centres[truth] + rng.normal(size=(150, 2)) * 1e-3 + 100.0, dtype=torch.float32)
+    init = torch.as_tensor(centres + 100.0, dtype=torch.float32)[None]
+    res = batched_kmeans(x, torch.zeros(150, dtype=torch.long), [3], init=init, n_iter=20, backend="torch")
+    assert res.assign.tolist() == truth.tolist()   # init j is blob j, so the numbering is kept
+    np.testing.assert_allclose(res.centroids[0].numpy(), centres + 100.0, atol=1e-3)
+
+
+def test_the_far_group_test_reads_points_from_the_whole_group_not_its_first_ones():
+    # reading the first 255 points (150 wide ones first) took the group as near the origin for
+    # its spread: fp32 scores cancelled and the two tight blobs 0.1 apart at (1000, 1000) mixed
+    rng = np.random.default_rng(0)
+    spots = np.array([[0.0, 0.0], [2000.0, 0.0], [0.0, 2000.0], [999.95, 1000.0], [1000.05, 1000.0]])
+    truth = np.repeat(np.arange(5), [50, 50, 50, 225, 225])
+    x = torch.as_tensor(spots[truth] + rng.normal(size=(600, 2)) * 5e-3, dtype=torch.float32)
+    init = torch.as_tensor(spots, dtype=torch.float32)[None]
+    res = batched_kmeans(x, torch.zeros(600, dtype=torch.long), [5], init=init, n_iter=30, backend="torch")
+    assert res.assign.tolist() == truth.tolist()

@@ -200,3 +200,58 @@ def test_the_probes_samples_of_a_large_pool_follow_the_runs_seed():
     w0, _ = D._probe(z, g, np.arange(30), 0, seed=0)
     assert np.array_equal(w0, D._probe(z, g, np.arange(30), 0, seed=0)[0])
     assert not np.array_equal(w0, D._probe(z, g, np.arange(30), 0, seed=1)[0])
+
+
+def test_every_pixel_of_an_odd_sized_image_reaches_its_thumbnail():
+    # floor pooling dropped the last row and column of a 29 x 31 image: a pattern there was invisible
+    from spurfast.pixel_probe import full_size_pattern, thumbnails
+
+    shape = (2, 29, 31)
+    x = torch.zeros((1, *shape), dtype=torch.float64)
+    x[0, :, -1, :] = 1.0                                      # the last row alone
+    x[0, :, :, -1] = 1.0                                      # and the last column
+    assert float(thumbnails(x).abs().sum()) > 0
+    p = full_size_pattern(np.ones(thumbnails(x).shape[1]), shape)
+    assert bool((p > 0).all())                                # each pixel has a say in some thumbnail value
+
+
+def test_thumbnail_shape_is_channels_then_pooled_height_and_width():
+    # a reordered (w, h, C) shape drew the pixel ablation's centroid pictures from scrambled values
+    from spurfast.pixel_probe import thumbnail_shape
+
+    assert thumbnail_shape((3, 29, 31)) == (3, 8, 8)
+    assert thumbnail_shape((1, 28, 28)) == (1, 14, 14)
+    assert thumbnail_shape((2, 10, 100)) == (2, 10, 100)
+
+
+def test_robust_z_without_an_interquartile_range_scales_by_the_standard_deviation():
+    # a fixed scale of 1 gave a score with most values tied its raw units, not an equal say beside the other
+    from spurfast.pixel_probe import robust_z
+
+    v = np.r_[np.zeros(10), 1.0]
+    np.testing.assert_allclose(robust_z(v), v / v.std())
+    np.testing.assert_allclose(robust_z(100 * v), v / v.std())
+
+
+def test_fit_probe_is_the_ridge_fisher_direction_in_thumbnail_units():
+    # 1-D by hand: standardised z = (x - 1) / 2 puts positives at 0.5, 1.5 and negatives at -0.5, 0.5;
+    # pooled scatter 1 over 2 degrees of freedom = 0.5, plus 1e-2 of it: w_z = 1 / 0.505, and w = w_z / 2.
+    # Without the final / spread w was in standardised units, without the first the ridge met raw
+    # pixels, and a negative range starting one row early counted a positive as a negative too
+    from spurfast.pixel_probe import fit_probe
+
+    w = fit_probe(np.array([[2.0], [4.0]]), np.array([[0.0], [2.0]]), np.array([1.0]), np.array([2.0]))
+    np.testing.assert_allclose(w, [1 / 0.505 / 2], rtol=1e-12)
+
+
+def test_fit_probe_scores_do_not_depend_on_the_units_of_each_thumbnail_value():
+    # w in standardised units ranked raw thumbnails with a pixel of large spread given too much weight
+    from spurfast.pixel_probe import fit_probe
+
+    rng = np.random.default_rng(0)
+    pos = rng.normal(size=(20, 3)) + [1.0, 0.0, 0.5]
+    neg = rng.normal(size=(30, 3))
+    s = np.array([1.0, 100.0, 0.01])
+    w = fit_probe(pos, neg, neg.mean(0), neg.std(0))
+    ws = fit_probe(pos * s, neg * s, neg.mean(0) * s, neg.std(0) * s)
+    np.testing.assert_allclose(ws * s, w, rtol=1e-9)

@@ -255,3 +255,41 @@ def test_save_ranking_links_a_spilled_ranking_and_saves_any_other_mapping_s(tmp_
     np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), [0.5, 0.25])
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["a.npy", "b.npy"]
     spilled.close()
+
+
+def test_save_ranking_of_a_plain_mapping_keeps_float64_values_exactly(tmp_path):
+    # a narrowing save rounded pattern_rank's float64 scores to float32: near ties swapped places on disk
+    from spurfast.rankings import save_ranking
+
+    v = np.array([1 / 3, 1 / 3 + 1e-12, -np.inf, 2.0 ** -40])
+    save_ranking({1: v}, 1, tmp_path / "finding1.npy")
+    got = np.load(tmp_path / "finding1.npy")
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, v)
+
+
+def test_an_export_copy_interrupted_midway_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    # copying straight into the destination truncated the earlier run's finding1.npy to the bytes written so far
+    import os
+    import shutil
+
+    from spurfast.rankings import SpilledRankings
+
+    r = SpilledRankings({1: np.arange(1000.0)}, folder=tmp_path / "spill")
+    out = tmp_path / "finding1.npy"
+    np.save(out, np.ones(3))
+
+    def refuse(*a):
+        raise OSError(18, "Invalid cross-device link")
+
+    def half_then_fail(fin, fout):
+        fout.write(fin.read(100))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "link", refuse)
+    monkeypatch.setattr(shutil, "copyfileobj", half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        r.export(1, out)
+    np.testing.assert_array_equal(np.load(out), np.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["finding1.npy", "spill"]   # no temporary left
+    r.close()
