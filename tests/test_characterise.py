@@ -198,16 +198,18 @@ def test_neighbour_contrast_of_float64_latents_takes_the_nearest_others(case):
 
 
 class _CountingSource(ArraySource):
-    """An ArraySource that counts the images read through get_batch (``reads``) and its calls
-    (``calls``: a DALI reread builds a pipeline per call)."""
+    """An ArraySource that counts the images read through get_batch (``reads``; which ones:
+    ``read``) and its calls (``calls``: a DALI reread builds a pipeline per call)."""
 
     def __init__(self, x, labels):
         super().__init__(x, labels)
         self.reads = self.calls = 0
+        self.read = []
 
     def get_batch(self, idx):
         self.reads += len(idx)
         self.calls += 1
+        self.read.extend(np.asarray(idx).tolist())
         return super().get_batch(idx)
 
 
@@ -393,13 +395,8 @@ def test_contrast_is_members_minus_others_weighted_by_members():
 def test_at_most_cap_others_of_a_content_class_are_read():
     from spurfast.characterise import contrast_map
 
-    class Counting(ArraySource):
-        read = []
-        def get_batch(self, idx):
-            self.read.extend(np.asarray(idx).tolist())
-            return super().get_batch(idx)
     x = np.random.default_rng(0).uniform(0, 1, (40, 1, 2, 2)).astype(np.float32)
-    src = Counting(x, np.zeros(40, int), name="c")
+    src = _CountingSource(x, np.zeros(40, int))
     others = np.arange(4, 40)
     contrast_map(src, np.arange(4), np.zeros(4, int), others, np.zeros(36, int), cap=5)
     assert len(set(src.read) & set(others.tolist())) <= 5

@@ -8,24 +8,7 @@ from torch import nn
 from spurfast.confirm import (ConfirmConfig, apply_delta, confirm_findings, confirm_pattern, confirm_verdict,
                               content_controls)
 from spurfast.data.sources import ArraySource
-
-
-def _corner_mask(h=16):
-    m = np.zeros((h, h), bool)
-    m[-4:-1, -4:-1] = True
-    return m
-
-
-class CornerModel(nn.Module):
-    def forward(self, x):
-        z = 12 * x[:, :, -4:-1, -4:-1].mean((1, 2, 3)) - 3
-        return torch.stack([torch.zeros_like(z), z], 1)
-
-
-def _finding(members, cls=1):
-    c = torch.zeros(1, 16, 16)
-    c[0, -4:-1, -4:-1] = 0.9
-    return {"rank": 1, "class": cls, "members": members, "_mask": _corner_mask(), "_contrast": c}
+from test_confirm import CornerModel, _corner_mask, _finding
 
 
 def test_paste_replaces_the_pixels_inside_the_mask():

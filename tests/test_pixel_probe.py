@@ -255,3 +255,43 @@ def test_fit_probe_scores_do_not_depend_on_the_units_of_each_thumbnail_value():
     w = fit_probe(pos, neg, neg.mean(0), neg.std(0))
     ws = fit_probe(pos * s, neg * s, neg.mean(0) * s, neg.std(0) * s)
     np.testing.assert_allclose(ws * s, w, rtol=1e-9)
+
+
+def test_a_thumbnail_pixel_constant_over_the_negatives_leaves_the_probe_finite():
+    # a black border (MNIST-like) is the same in every negative: its spread is 0
+    src, pred, carries, _ = _noise_pool()
+    x = src.images.clone()
+    x[:, :, :2, :] = 0.0
+    rankings = {1: np.random.default_rng(1).normal(size=N)}
+    f = _diffuse_finding(np.nonzero(carries)[0][:30])
+    pattern_rankings([f], rankings, ArraySource(x, np.zeros(N, int), name="bordered"), pred=pred)
+    assert f["ranked_by"] == "latent+pixels"
+    assert np.isfinite(rankings[1]).all()
+    assert average_precision(rankings[1], carries) > 0.95
+
+
+def test_unreadable_images_are_no_probe_examples(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import spurfast.pattern_rank as PR
+    from spurfast.data.folder import ImageFolderSource
+    src, pred, carries, _ = _noise_pool()
+    n = 60
+    pred, carries = pred[:n], carries[:n]
+    for i in range(n):
+        Image.fromarray((src.images[i, 0].numpy() * 255).astype(np.uint8)).save(tmp_path / f"{i:03d}.png")
+    negative = pred != CLASS
+    bad_neg, bad_pos = int(np.argmax(negative)), int(np.argmax(carries))
+    for b in (bad_neg, bad_pos):
+        (tmp_path / f"{b:03d}.png").write_bytes(b"damaged")
+    seen = {}
+    real = PR.fit_probe
+
+    def spy(pos, neg, centre, spread):
+        seen["pos"], seen["neg"] = pos, neg
+        return real(pos, neg, centre, spread)
+    monkeypatch.setattr(PR, "fit_probe", spy)
+    PR.pattern_rankings([_diffuse_finding(np.nonzero(carries)[0])], {1: np.linspace(1, 0, n)},
+                        ImageFolderSource(tmp_path, size=16, channels=1), pred=pred)
+    assert len(seen["pos"]) == carries.sum() - 1 and len(seen["neg"]) == negative.sum() - 1
+    assert (np.abs(seen["pos"]).sum(1) > 0).all() and (np.abs(seen["neg"]).sum(1) > 0).all()

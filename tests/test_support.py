@@ -405,17 +405,12 @@ def test_unlabelled_suspects_are_neither_class_nor_other():
 
 
 def test_images_found_unreadable_during_the_pass_are_left_out(tmp_path):
-    from PIL import Image
-
-    from spurfast.data.folder import ImageFolderSource
-    rng = np.random.default_rng(0)
-    for i in range(10):
-        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"{i:02d}.png")
-    (tmp_path / "03.png").write_bytes(b"not an image")   # not known until the pass decodes it
-    src = ImageFolderSource(tmp_path, size=8)
+    src, _ = _png_folder(tmp_path, 10, broken=3, seed=0)   # 03.png: not known until the pass decodes it
     assert not (getattr(src, "bad_files", None) or {})
     labels = np.r_[np.zeros(5, int), np.ones(5, int)]
-    f = {"rank": 1, "class": 0, "_mask": MASK, "_contrast": torch.full((3, H, W), 0.6)}
+    mask = np.zeros((16, 16), bool)
+    mask[:2, :2] = True
+    f = {"rank": 1, "class": 0, "_mask": mask, "_contrast": torch.full((3, 16, 16), 0.6)}
     training_support([f], src, np.ones(10, bool), labels, tail=0.5)
     assert 3 in src.bad_files
     assert f["support"]["n_class"] == 4 and f["support"]["n_other"] == 5
