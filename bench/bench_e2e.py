@@ -83,7 +83,7 @@ def _pool_spec(n: int):
 
 
 def ensure_pool(n: int) -> Path:
-    from spurfast.make_pool import make_pool
+    from spurfast.make_pool import make_pool, written_spec
 
     spec = _pool_spec(n)
     d = bench_dir() / f"pool-{n}"
@@ -99,7 +99,7 @@ def ensure_pool(n: int) -> Path:
         from spurfast.make_pool import POOL_WRITER
         info.write_text(json.dumps({"writer": POOL_WRITER, "spec": None}))
         done = None
-    if isinstance(done, dict) and done.get("spec") == json.loads(json.dumps(spec.__dict__)):
+    if isinstance(done, dict) and written_spec(done.get("spec")) == json.loads(json.dumps(spec.__dict__)):
         return d
     print(f"[e2e] generating a {n}-image pool in {d}", flush=True)
     make_pool(d, spec, overwrite=True, progress=False)

@@ -629,7 +629,8 @@ def cmd_make_pool(args):
     lo, hi = parse_size(args.size)
     spec = PoolSpec(n=args.n, classes=args.classes, min_size=lo, max_size=hi, flat=args.flat, plant=args.plant,
                     fraction=args.fraction, plant_class=args.plant_class, strength=args.strength,
-                    target_size=args.target_size, quality=args.quality, seed=args.seed)
+                    target_size=args.target_size, quality=args.quality, seed=args.seed,
+                    pattern_seed=args.pattern_seed)
     info = make_pool(args.out, spec, workers=args.workers, progress=not args.quiet, overwrite=args.overwrite)
     planted = f"{info['n_carrying']} carry {args.plant}" if args.plant else "no pattern planted"
     if info.get("already_complete"):
@@ -972,6 +973,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality", type=int, default=90, help="JPEG quality")
     p.add_argument("--workers", type=_int_at_least(1), default=None, help="processes (default: all cores)")
     p.add_argument("--seed", type=_seed, default=0, help=SEED_HELP)
+    p.add_argument("--pattern-seed", type=_seed, default=0,
+                   help="seed of the noise pattern alone (default 0): pools of other --seed share it")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a pool make-pool wrote in --out (never a folder it did not write)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -59,7 +59,9 @@ class PoolSpec:
     """What `make_pool` writes: ``n`` JPEGs of ``classes`` procedural classes (one folder each,
     or one ``flat`` folder), sides from ``min_size`` to ``max_size``, with ``fraction`` of them
     (of ``plant_class``, or of all) carrying the ``plant`` pattern at ``strength``, drawn for
-    images resized to ``target_size``; JPEG ``quality``; ``seed`` decides everything."""
+    images resized to ``target_size``; JPEG ``quality``; ``seed`` decides everything but the
+    noise pattern, which ``pattern_seed`` draws: pools of different seeds (a poisoned training
+    pool, a suspect pool) share one noise shortcut and no image."""
     n: int
     classes: int = 10
     min_size: int = 64
@@ -72,6 +74,7 @@ class PoolSpec:
     target_size: int = 64
     quality: int = 90
     seed: int = 0
+    pattern_seed: int = 0
 
     def validate(self) -> None:
         if self.n < 1:
@@ -105,6 +108,8 @@ class PoolSpec:
         # with "expected non-negative integer" naming no option
         if self.seed < 0:
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
+        if self.pattern_seed < 0:
+            raise ValueError(f"--pattern-seed must be >= 0, got {self.pattern_seed}")
         if self.plant is not None:
             if self.plant not in PLANT_FAMILIES:
                 raise ValueError(f"unknown plant family {self.plant!r} for image folders; expected one of "
@@ -124,7 +129,7 @@ class PoolSpec:
             # the pattern's own checks (its seed below 2**64 - 7919), here: the workers met them
             # after the folder was made, and the corrected command was then refused it
             from .plant import PatternSpec
-            PatternSpec(self.plant, strength=self.strength, seed=self.seed)
+            PatternSpec(self.plant, strength=self.strength, seed=self.pattern_seed)
             # as _plan counts: a planted pool with no carrier has no ground truth to find
             cand = self.n if self.plant_class is None else len(range(self.plant_class, self.n, self.classes))
             if round(self.fraction * cand) == 0:
@@ -238,7 +243,8 @@ def pattern_overlay(spec: PoolSpec) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     from .plant import PatternSpec, apply_pattern, noise_image
-    ps = PatternSpec(spec.plant, strength=spec.strength, seed=spec.seed)
+    # not spec.seed: a training pool and a suspect pool of other seeds carried unrelated noise
+    ps = PatternSpec(spec.plant, strength=spec.strength, seed=spec.pattern_seed)
     S = spec.target_size
     if spec.plant == "noise":
         return (spec.strength * noise_image(ps, (3, S, S))).permute(1, 2, 0).numpy(), np.ones((S, S), bool)
@@ -402,8 +408,8 @@ def make_pool(out_dir, spec: PoolSpec, *, workers: int | None = None, progress: 
             raise FileExistsError(f"pool directory {out} is not empty and was not written by make-pool (no "
                                   f"make-pool pool.json); make-pool never deletes such a directory, even with "
                                   f"--overwrite: choose a new or empty directory")
-        writing = _unfinished_spec(info)
-        same = info.get("spec") == json.loads(json.dumps(asdict(spec)))
+        writing = written_spec(_unfinished_spec(info))
+        same = written_spec(info.get("spec")) == json.loads(json.dumps(asdict(spec)))
         held = len(list_folder(out)[0]) if same and not overwrite else None
         if not overwrite and same and (out / "ground_truth.csv").is_file() and held == info.get("n"):
             # the same command again on its finished pool was refused as "not empty", where an
@@ -538,6 +544,14 @@ def _stray_error(out: Path, stray: list[Path]) -> ValueError:
     return ValueError(f"pool directory {out} holds {stray[0]}{more}, which make-pool did not write and the "
                       f"ground truth cannot list: remove it (or move it elsewhere) and rerun the same command, "
                       f"or pass --overwrite to delete it with the pool and write the pool anew")
+
+
+def written_spec(spec: dict | None) -> dict | None:
+    """A pool.json spec as `PoolSpec` fields today: one written before ``pattern_seed`` existed
+    drew its noise from its ``seed``."""
+    if not isinstance(spec, dict) or "pattern_seed" in spec:
+        return spec
+    return dict(spec, pattern_seed=spec.get("seed"))
 
 
 def _unfinished_spec(info: dict | None) -> dict | None:

@@ -750,6 +750,7 @@ _DISCOVER = ["discover", "--pool", "p", "--classifier", "c", "--vae", "v", "--ou
     (["plant", "--out", "o", "--seed", "-1"], "--seed", "-1"),
     (["make-pool", "--out", "o", "--n", "10", "--seed", "-1"], "--seed", "-1"),
     (["make-pool", "--out", "o", "--n", "10", "--workers", "-2"], "--workers", "-2"),
+    (["make-pool", "--out", "o", "--n", "10", "--pattern-seed", "-1"], "--pattern-seed", "-1"),
     (["evaluate", "--out", "o", "--seeds", "1,,2"], "--seeds", "1,,2"),
     (["evaluate", "--out", "o", "--seeds", "a,b"], "--seeds", "a,b"),
     (["evaluate", "--out", "o", "--seeds", "-1"], "--seeds", "-1"),
@@ -770,6 +771,8 @@ def test_numeric_flags_still_take_good_values():
     assert parse(["evaluate", "--out", "o", "--seeds", "2, 0"]).seeds == (2, 0)
     assert parse(_DISCOVER + ["--batch-size", "1", "--num-classes", "3"]).batch_size == 1
     assert parse(["make-pool", "--out", "o", "--n", "10", "--workers", "1"]).workers == 1
+    assert parse(["make-pool", "--out", "o", "--n", "10"]).pattern_seed == 0
+    assert parse(["make-pool", "--out", "o", "--n", "10", "--pattern-seed", "5"]).pattern_seed == 5
 
 
 class _Stop(Exception):

@@ -71,7 +71,7 @@ def test_plant_class_and_flat_layout(tmp_path):
     (dict(n=5, fraction=0.2), "needs --plant"), (dict(n=5, classes=3, plant="patch3", fraction=0.2, plant_class=3), "--plant-class"),
     (dict(n=5, plant="pixel", fraction=0.2, min_size=48, target_size=64), "at least as large as --target-size 64"),
     (dict(n=5, seed=-1), "--seed must be >= 0, got -1"),
-    (dict(n=5, plant="patch3", fraction=0.4, seed=2 ** 64 - 1), r"pattern seed must be in \[0, 2\*\*64 - 7919\)"),
+    (dict(n=5, plant="patch3", fraction=0.4, pattern_seed=2 ** 64 - 1), r"pattern seed must be in \[0, 2\*\*64 - 7919\)"),
 ])
 def test_bad_specs_are_refused(tmp_path, kw, msg):
     with pytest.raises(ValueError, match=msg):
@@ -789,3 +789,166 @@ def test_a_finished_pool_missing_images_is_refused_and_the_same_command_restores
     (tmp_path / "p" / gone[0]).write_bytes(b"")
     make_pool(tmp_path / "p", spec, workers=1, progress=False)
     assert (tmp_path / "p" / gone[0]).read_bytes() == whole[gone[0]]
+
+
+def test_pools_of_other_seeds_share_the_noise_pattern_and_no_image():
+    """A poisoned training pool and a suspect pool (other seeds) must carry one noise shortcut: the
+    pattern's seed is its own (pools of seeds 1 and 2 carried noise correlated at 0.04)."""
+    from spurfast.make_pool import pattern_overlay, render
+    common = dict(n=40, classes=4, min_size=32, max_size=48, plant="noise", strength=0.5, fraction=0.5, target_size=32)
+    train, pool = PoolSpec(seed=1, **common), PoolSpec(seed=2, **common)
+    np.testing.assert_array_equal(pattern_overlay(train)[0], pattern_overlay(pool)[0])
+    assert not np.array_equal(np.asarray(render(5, 1, train)), np.asarray(render(5, 1, pool)))
+    other = pattern_overlay(PoolSpec(seed=1, pattern_seed=3, **common))[0]
+    assert abs(np.corrcoef(other.ravel(), pattern_overlay(train)[0].ravel())[0, 1]) < 0.2
+    with pytest.raises(ValueError, match="--pattern-seed must be >= 0, got -1"):
+        PoolSpec(n=5, pattern_seed=-1).validate()
+
+
+def test_a_pool_written_before_the_pattern_seed_existed_is_still_its_own_settings(tmp_path):
+    """Its pool.json has no pattern_seed and drew its noise from --seed: the same command (seed 0)
+    finds it complete, and one of another seed, whose noise differs, is refused."""
+    from spurfast.make_pool import written_spec
+    spec = PoolSpec(n=6, classes=2, min_size=16, max_size=16, plant="noise", strength=0.5, fraction=0.5,
+                    target_size=16)
+    make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    info = json.loads((tmp_path / "p" / "pool.json").read_text())
+    del info["spec"]["pattern_seed"]
+    (tmp_path / "p" / "pool.json").write_text(json.dumps(info))
+    assert written_spec(info["spec"])["pattern_seed"] == 0
+    assert make_pool(tmp_path / "p", spec, workers=1, progress=False)["already_complete"]
+    info["spec"]["seed"] = 7   # written by seed 7 before: its noise was seed 7's, not pattern seed 0's
+    (tmp_path / "p" / "pool.json").write_text(json.dumps(info))
+    with pytest.raises(FileExistsError, match="other settings"):
+        make_pool(tmp_path / "p", replace(spec, seed=7), workers=1, progress=False)
+# ---- mutation review (fifty-seventh session): bounds, sizes, carriers, footprints, quality, resuming
+
+def test_size_quality_and_target_bounds_are_the_documented_ones():
+    PoolSpec(n=10 ** 8).validate()   # README: at most 100,000,000 images
+    with pytest.raises(ValueError, match="--n must be at most 100,000,000"):
+        PoolSpec(n=10 ** 8 + 1).validate()
+    for q in (1, 100):
+        PoolSpec(n=5, quality=q).validate()
+    with pytest.raises(ValueError, match=r"--quality must be in \[1, 100\], got 0"):
+        PoolSpec(n=5, quality=0).validate()
+    planted = dict(n=5, plant="pixel", fraction=0.2)
+    PoolSpec(**planted, min_size=8, max_size=8, target_size=8).validate()
+    with pytest.raises(ValueError, match="--target-size must be >= 8, got 7"):
+        PoolSpec(**planted, min_size=8, max_size=8, target_size=7).validate()
+    with pytest.raises(ValueError, match="at least as large as --target-size 64"):
+        PoolSpec(**planted, min_size=63, max_size=80, target_size=64).validate()
+
+
+def test_a_size_of_three_parts_is_refused():
+    with pytest.raises(ValueError, match="--size must be N or MIN:MAX"):
+        parse_size("32:48:64")
+
+
+def test_rendered_sizes_cover_the_whole_range_and_no_more():
+    from spurfast.make_pool import render
+
+    spec = PoolSpec(n=200, min_size=8, max_size=10)
+    sizes = [render(i, 0, spec).size for i in range(200)]
+    assert {w for w, _ in sizes} == {8, 9, 10} and {h for _, h in sizes} <= {8, 9, 10}
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(n=6, classes=3, plant_class=3), r"--plant-class must be in \[0, 3\), got 3"),
+    # with --n 3 only classes 0-2 hold images, whatever --classes says
+    (dict(n=3, classes=5, plant_class=3), r"--fraction 1.0 of the 0 image\(s\) of --plant-class 3 among --n 3"),
+])
+def test_a_plant_class_that_holds_no_image_is_refused_at_any_fraction(tmp_path, kw, msg):
+    spec = PoolSpec(**kw, min_size=16, max_size=16, plant="patch3", fraction=1.0, target_size=16)
+    with pytest.raises(ValueError, match=msg):
+        make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("n, fraction, want", [(1, 0.6, 1), (100, 0.29, 29), (100, 0.57, 57)])
+def test_the_carrier_count_is_the_nearest_to_the_fraction(n, fraction, want):
+    """validate and _plan count carriers alike: 0.29 * 100 is 28.999999999999996 in floats."""
+    from spurfast.make_pool import _plan
+
+    spec = PoolSpec(n=n, min_size=16, max_size=16, plant="patch3", fraction=fraction, target_size=16)
+    spec.validate()
+    assert int(_plan(spec)[1].sum()) == want
+
+
+def test_noise_strength_scales_the_planted_noise():
+    from spurfast.make_pool import pattern_overlay
+
+    spec = PoolSpec(n=4, min_size=16, max_size=16, plant="noise", strength=0.25, fraction=0.5, target_size=16, seed=3)
+    values, mask = pattern_overlay(spec)
+    full, _ = pattern_overlay(replace(spec, strength=1.0))
+    assert mask.all() and values.shape == (16, 16, 3) and float(full.max()) > 0.9
+    np.testing.assert_allclose(values, 0.25 * full, rtol=1e-6)
+
+
+def test_plant_image_paints_each_pattern_pixel_over_its_exact_footprint():
+    """A 28 x 28 grey image loaded at 16: output pixel 14 (the pixel pattern's, bottom right,
+    margin 1) covers source [24.5, 26.25), i.e. rows/columns 24, 25, 26 by 0.5, 1 and 0.25; a
+    source pixel becomes grey * (1 - cover) + white * cover, every other pixel stays grey."""
+    from PIL import Image
+
+    from spurfast.make_pool import pattern_overlay, plant_image
+
+    values, mask = pattern_overlay(PoolSpec(n=2, min_size=28, max_size=28, plant="pixel", fraction=0.5,
+                                            target_size=16))
+    assert np.nonzero(mask) == (np.array([14]), np.array([14]))
+    got = np.asarray(plant_image(Image.new("RGB", (28, 28), (100, 100, 100)), values, mask, additive=False))
+    cover = np.zeros(28)
+    cover[24:27] = [0.5, 1.0, 0.25]
+    want = 100 + 155 * np.outer(cover, cover)   # e.g. (24, 25): 177.5, (26, 26): 109.6875
+    assert np.abs(got.astype(float) - want[..., None]).max() <= 0.5 + 1e-9
+
+
+def test_noise_is_added_to_the_carriers_image(tmp_path):
+    """--plant noise adds its values (the image stays visible under them): plant_image's
+    additive path, not the painted one that replaces the pixels."""
+    from PIL import Image
+
+    from spurfast.make_pool import _plan, _relpath, pattern_overlay, render
+
+    spec = PoolSpec(n=4, classes=2, min_size=16, max_size=16, plant="noise", strength=0.5, fraction=1.0,
+                    target_size=16, quality=100)
+    make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    labels, carries = _plan(spec)
+    values, _ = pattern_overlay(spec)
+    assert carries.all()
+    for i in range(spec.n):
+        want = np.clip(np.asarray(render(i, int(labels[i]), spec), float) / 255 + values, 0, 1)
+        got = np.asarray(Image.open(tmp_path / "p" / _relpath(i, int(labels[i]), spec)), float) / 255
+        # JPEG keeps each image's mean brightness (not its per-channel noise, chroma being subsampled):
+        # added, the mean is the image's plus the noise's (about 0.25); painted over, about 0.25
+        assert abs(got.mean() - want.mean()) < 0.02
+
+
+def test_images_are_written_at_the_quality_asked_for(tmp_path):
+    import io
+
+    from spurfast.make_pool import _relpath, render
+
+    spec = PoolSpec(n=3, classes=3, min_size=16, max_size=24, quality=20, seed=4)
+    make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    for i in range(3):
+        buf = io.BytesIO()
+        render(i, i, spec).save(buf, "JPEG", quality=20)
+        assert (tmp_path / "p" / _relpath(i, i, spec)).read_bytes() == buf.getvalue()
+
+
+def test_a_numbered_stray_past_n_and_a_hidden_folder_on_resuming(tmp_path, monkeypatch):
+    """An image named like a pool image but past --n is a stray (it raised IndexError); a hidden
+    folder (".cache") is no class of the folder source and no stray."""
+    spec = PoolSpec(n=12, classes=2, min_size=16, max_size=16)
+    _interrupt_render_after(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    monkeypatch.undo()
+    stray = tmp_path / "p" / "c0000" / "00000099.jpg"
+    stray.write_bytes((tmp_path / "p" / "c0000" / "00000000.jpg").read_bytes())
+    with pytest.raises(ValueError, match=r"00000099\.jpg.*make-pool did not write"):
+        make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    stray.unlink()
+    (tmp_path / "p" / ".cache").mkdir()
+    info = make_pool(tmp_path / "p", spec, workers=1, progress=False)
+    assert info["resumed_with"] == 4 and len(read_ground_truth(tmp_path / "p")[0]) == 12
