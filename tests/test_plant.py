@@ -223,3 +223,131 @@ def test_a_strength_for_the_background_is_refused():
     with pytest.raises(ValueError, match="strength does not apply to it: leave it at 1, got 0.3"):
         PatternSpec("background", strength=0.3)
     assert PatternSpec("background").strength == 1.0
+
+
+# ---- mutation review (fifty-seventh session): places, sizes, bounds, seeds and levels
+
+
+@pytest.mark.parametrize("position, rows, cols", [
+    ("top_left", (2, 5), (2, 5)), ("top_right", (2, 5), (15, 18)), ("bottom_left", (5, 8), (2, 5)),
+    ("bottom_right", (5, 8), (15, 18)), ("center", (3, 6), (8, 11))])
+def test_a_patch_sits_at_its_place_and_margin_on_a_non_square_image(position, rows, cols):
+    # 10 x 20 image, 3x3 patch, margin 2: top/left = 2, bottom = 10-3-2 = 5, right = 20-3-2 = 15,
+    # centre = ((10-3)//2, (20-3)//2) = (3, 8)
+    y, m = apply_pattern(torch.zeros(1, 1, 10, 20), PatternSpec("patch3", position=position, margin=2))
+    want = torch.zeros(10, 20, dtype=torch.bool)
+    want[rows[0]:rows[1], cols[0]:cols[1]] = True
+    assert torch.equal(m[0], want) and torch.equal(y[0, 0] == 1, want)
+
+
+def test_random_positions_reach_every_place_the_patch_fits():
+    # a 3x3 patch in a 4 x 7 image fits at rows 0-1 and columns 0-4: 10 places
+    _, masks = apply_pattern(torch.zeros(300, 1, 4, 7), PatternSpec("patch3", position="random", margin=0), seed=0)
+    anchors = set()
+    for m in masks:
+        rows, cols = m.nonzero(as_tuple=True)
+        assert len(rows) == 9 and int(rows.max() - rows.min()) == 2 and int(cols.max() - cols.min()) == 2
+        anchors.add((int(rows.min()), int(cols.min())))
+    assert anchors == {(r, c) for r in range(2) for c in range(5)}
+
+
+def test_the_bar_on_small_images():
+    # max(3, h // 2) tall, max(1, w // 14) wide, at the bottom right with margin 1
+    _, m = apply_pattern(torch.zeros(1, 1, 16, 16), PatternSpec("bar"))     # 8 x 1
+    want = torch.zeros(16, 16, dtype=torch.bool)
+    want[7:15, 14] = True
+    assert torch.equal(m[0], want)
+    _, m = apply_pattern(torch.zeros(1, 1, 5, 5), PatternSpec("bar"))       # 3 x 1 (h // 2 = 2)
+    want = torch.zeros(5, 5, dtype=torch.bool)
+    want[1:4, 3] = True
+    assert torch.equal(m[0], want)
+
+
+def test_a_pattern_that_just_fits_is_stamped():
+    assert bool(fixed_mask(PatternSpec("patch3", margin=0), (1, 3, 3)).all())
+    m = fixed_mask(PatternSpec("patch5", margin=1), (1, 7, 7))
+    assert int(m.sum()) == 25 and bool(m[1:6, 1:6].all())
+    with pytest.raises(ValueError, match="does not fit"):
+        fixed_mask(PatternSpec("patch5", margin=1), (1, 6, 7))
+
+
+def test_a_strength_of_zero_is_refused():
+    for fam in ("noise", "patch3"):
+        with pytest.raises(ValueError, match=r"strength must be a number in \(0, 1\], got 0"):
+            PatternSpec(fam, strength=0)
+    assert PatternSpec("noise", strength=1e-6).strength == 1e-6
+
+
+def test_a_background_colour_at_the_ends_of_the_range_is_taken():
+    spec = PatternSpec("background", color=(1.0, 0.0, 0.0))   # pure red
+    assert spec.color == (1.0, 0.0, 0.0)
+    y, m = apply_pattern(torch.zeros(1, 3, 2, 2), spec)
+    assert bool(m.all()) and y[0, :, 0, 0].tolist() == [1.0, 0.0, 0.0]
+
+
+def test_images_below_zero_are_refused():
+    # images normalised to [-1, 1] are not on the pattern's [0, 1] scale
+    with pytest.raises(ValueError, match=r"floats in \[0, 1\], got values in \[-0.5, 0.5\]"):
+        apply_pattern(torch.tensor([-0.5, 0.5]).view(1, 1, 1, 2).expand(1, 1, 8, 2).clone(), PatternSpec("pixel"))
+
+
+def test_the_default_background_colour_is_red_on_rgb_and_grey_on_extra_channels():
+    y, m = apply_pattern(torch.zeros(1, 3, 2, 2), PatternSpec("background"))
+    assert bool(m.all()) and y[0].permute(1, 2, 0).reshape(-1, 3).tolist() == [pytest.approx([0.9, 0.2, 0.2])] * 4
+    y, _ = apply_pattern(torch.zeros(1, 4, 1, 1), PatternSpec("background"))
+    assert y[0, :, 0, 0].tolist() == pytest.approx([0.9, 0.2, 0.2, 0.5])
+
+
+def test_a_pixel_bright_in_one_channel_is_not_background():
+    x = torch.zeros(1, 3, 1, 2)
+    x[0, 0, 0, 1] = 1.0   # pure red: dark in two channels, not in all three
+    y, m = apply_pattern(x, PatternSpec("background", color=(0.5, 0.5, 0.5)))
+    assert m[0, 0].tolist() == [True, False] and y[0, :, 0, 1].tolist() == [1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("position", ["bottom_right", "random"])
+def test_a_painted_pattern_takes_its_strength(position):
+    y, m = apply_pattern(torch.zeros(4, 1, 12, 12), PatternSpec("patch3", strength=0.5, position=position))
+    assert int(m.sum()) == 4 * 9 and torch.equal(y[:, 0][m], torch.full((36,), 0.5))
+    assert float(y.sum()) == 4 * 9 * 0.5
+
+
+def test_random_positions_follow_the_planting_seed():
+    """plant_training stamps as apply_pattern(..., seed=seed) does; other seeds move the patches."""
+    x, y = torch.zeros(10, 1, 12, 12), np.zeros(10, int)
+    spec = PatternSpec("patch3", position="random")   # its own seed stays 0
+    for seed in (1, 2):
+        out, idx = plant_training(x, y, 0, "all", spec, seed=seed)
+        assert idx.tolist() == list(range(10)) and torch.equal(out, apply_pattern(x, spec, seed=seed)[0])
+    a, _ = plant_pool(x, 1.0, spec, seed=1)
+    b, _ = plant_pool(x, 1.0, spec, seed=2)
+    assert not torch.equal(a, b)
+
+
+def test_a_negative_count_is_refused_naming_it():
+    with pytest.raises(ValueError, match="cannot poison n=-1 images: class 1 has 10"):
+        plant_training(torch.zeros(20, 1, 8, 8), np.arange(20) % 2, 1, -1, PatternSpec())
+
+
+def test_a_pool_fraction_of_zero_stamps_nothing():
+    x = torch.rand(8, 1, 8, 8)
+    out, carries = plant_pool(x, 0.0, PatternSpec("patch3"))
+    assert torch.equal(out, x) and not carries.any()
+
+
+@pytest.mark.parametrize("fraction, want", [(0.29, 29), (0.57, 57), (0.58, 58)])
+def test_the_pool_fraction_rounds_to_the_nearest_count(fraction, want):
+    # 0.29 * 100 = 28.999999999999996 in floats: truncated, one carrier short
+    _, carries = plant_pool(torch.zeros(100, 1, 8, 8), fraction, PatternSpec("pixel"))
+    assert int(carries.sum()) == want
+
+
+def test_stamps_are_rounded_to_the_nearest_level():
+    # on the 1/255 grid; a pixel of 0.5 is 127.5 levels: rounded (half to even) to 128, the rest kept
+    x = (torch.arange(64, dtype=torch.float32) * 4 / 255).view(1, 1, 8, 8).expand(2, 1, 8, 8).clone()
+    out, carries = plant_pool(x, 1.0, PatternSpec("pixel", strength=0.5), levels=255)
+    want = x.clone()
+    want[:, 0, 6, 6] = 128 / 255
+    assert carries.all() and torch.equal(out, want)
+    from spurfast.plant import on_levels
+    assert on_levels(torch.tensor([0.7, 0.2, 254.6]) / 255, 255).mul(255).round().tolist() == [1.0, 0.0, 255.0]
