@@ -27,6 +27,14 @@ cut mostly halves it, and on Fashion-MNIST pools noise and backgrounds mostly st
 (the digits pool's noise core, 7-9% of the image, ranks its carriers at AP 1.00 where the probe
 had 0.96-1.00).
 
+Both combined rankings add a third term: the pattern on the mask's *peak*, its strongest pixels
+(Otsu cuts repeated among the pixels each keeps, until one keeps them all), where that peak is
+localised and differs from the core.  A single planted pixel is the strongest pixel of its
+cluster's contrast (0.75 where content's shadow reaches 0.39), yet one pixel among a core of
+48-74 or a thumbnail's 2x2 average is lost in content: the pixel at n = 1000 ranked its
+carriers at AP 0.16-0.49, and at 0.77-0.92 with the peak's term (fifty-seventh session).  The
+peak alone carries no content at all, so it is a third term, never the only one.
+
 Only the latent ranking's first ``top`` images of each re-ranked finding are read (one pass
 over their union, whatever the pool size; the pixel probes' fit reads a sample of at most
 8,192 negatives and 1,024 positives a finding before it); they are ordered by the projection,
@@ -84,6 +92,28 @@ def _ranking_choice(mask: np.ndarray, contrast, localised: float) -> tuple[np.nd
     return (core, "latent+pattern") if core.any() and float(core.mean()) <= localised else (None, "latent")
 
 
+def peak_mask(mask: np.ndarray, contrast) -> np.ndarray:
+    """(H, W) bool: the strongest pixels of ``mask`` by |contrast|, an Otsu cut among the pixels
+    the previous cut kept, repeated until a cut keeps all of them or none (equal values)."""
+    mag = contrast_magnitude(contrast)
+    peak = np.asarray(mask, bool)
+    while peak.any():
+        strong = peak & (mag > otsu_threshold(mag[peak]))
+        if not strong.any() or strong.sum() == peak.sum():
+            break
+        peak = strong
+    return peak
+
+
+def _peak_choice(f: dict, ranking: np.ndarray | None, localised: float) -> np.ndarray | None:
+    """The peak whose pattern ranks a combined finding as a third term, or None: none where it is
+    not localised (equal values over a large part: no stamp) or is the core itself."""
+    peak = peak_mask(f["_mask"], f["_contrast"])
+    if not peak.any() or float(peak.mean()) > localised or (ranking is not None and np.array_equal(peak, ranking)):
+        return None
+    return peak
+
+
 def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], source: ImageSource, *,
                      pred: np.ndarray | None = None, localised: float = LOCALISED, top: int = TOP,
                      batch_size: int = 256, progress: bool = False, num_workers: int = 0,
@@ -137,6 +167,12 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
     chosen = chosen + probed
     if not chosen:
         return
+    combined = [None if f["ranked_by"] == "pattern" else
+                _peak_choice(f, masks[i] if i < len(masks) else None, localised) for i, f in enumerate(chosen)]
+    peaked = [i for i, m in enumerate(combined) if m is not None]
+    if peaked:
+        patterns.append(extracted_patterns([chosen[i] for i in peaked], [combined[i] for i in peaked]).double())
+    peak_at = {i: len(chosen) + n for n, i in enumerate(peaked)}   # its pattern's row, after the chosen
     # the heads only: a pool-sized order per finding, kept through the pass over the images,
     # was what `SpilledRankings` keeps out of memory (each is sorted again below)
     # per finding, on every core (numpy's sorts leave the GIL); the rankings are read and
@@ -148,6 +184,7 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
     # each finding's own head only: a (union x findings) matrix grew with the square of the
     # number of localised findings (heads of different classes barely overlap)
     sorted_heads = [np.sort(h) for h in heads]
+    sorted_heads += [sorted_heads[i] for i in peaked]
     proj = wanted_projections(source, union, torch.cat(patterns), sorted_heads, batch_size, progress,
                               num_workers=num_workers, loader_backend=loader_backend, device=device)
     # a file unreadable now (changed since it was embedded) projects to 0, which ranked it among
@@ -163,6 +200,8 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
         p = proj[j][np.searchsorted(sorted_heads[j], head)]
         if f["ranked_by"] in ("latent+pixels", "latent+pattern"):   # both, each in its spread's units
             p = robust_z(latent[head]) + robust_z(p)
+            if j in peak_at:   # and the peak's pattern
+                p = p + robust_z(proj[peak_at[j]][np.searchsorted(sorted_heads[j], head)])
         # ascending, best last; ties by the head's own (latent) order, so an exact double tie
         # keeps the smaller index first as the latent order does (latent[head] reversed those)
         by_pattern = head[np.lexsort((-np.arange(len(head)), p))]

@@ -5,7 +5,8 @@ import torch
 
 from spurfast.data.sources import ArraySource
 from spurfast.metrics import average_precision
-from spurfast.pattern_rank import pattern_rankings, ranking_mask
+from spurfast.pattern_rank import pattern_rankings, peak_mask, ranking_mask
+from spurfast.pixel_probe import robust_z
 from tests.helpers import AtOnce
 
 H = W = 10
@@ -277,3 +278,67 @@ def test_a_mask_of_at_most_a_tenth_is_localised_and_more_is_not():
     wide = np.zeros((10, 10), bool)
     wide[:2, :8] = True                        # 16%, uniform contrast: no core -> latent ranking
     assert ranking_mask(wide, flat) is None
+
+
+def test_the_peak_is_the_strongest_pixels_by_repeated_otsu_cuts():
+    contrast = torch.zeros(1, H, W)
+    contrast[0, 0, 0] = 0.9                   # one pixel far above
+    contrast[0, 5, 1:9] = 0.5                 # a strong part
+    contrast[0, 6:, :] = 0.2                  # a faint part
+    mask = contrast[0].numpy() > 0
+    peak = peak_mask(mask, contrast)
+    assert np.argwhere(peak).tolist() == [[0, 0]]
+    even = torch.zeros(1, H, W)
+    even[0, 2:4, :] = -0.5                    # equal magnitudes: no cut splits them, the sign aside
+    assert (peak_mask(even[0].numpy() != 0, even) == (even[0].numpy() != 0)).all()
+    assert not peak_mask(np.zeros((H, W), bool), contrast).any()
+
+
+def _pixel_in_a_shadow(rng):
+    """A single planted pixel (0.75) inside a cluster's shadow of content: 8 strong pixels (0.4)
+    where every image has its own brightness, 40 faint ones; the core keeps the 8 with the pixel."""
+    contrast = torch.zeros(1, H, W)
+    contrast[0, 0, 0] = 0.75
+    contrast[0, 5, 1:9] = 0.4
+    contrast[0, 6:, :] = 0.15
+    x = rng.uniform(0, 0.2, (N, 1, H, W)).astype(np.float32)
+    x[:, 0, 5, 1:9] = rng.uniform(0, 1, (N, 1))
+    x[CARRIERS, 0, 0, 0] = 1.0
+    return contrast, x
+
+
+def test_a_planted_pixel_inside_a_shadowed_core_ranks_by_the_peak_too():
+    """The core (9 pixels) holds the pixel and content that varies 8x more than it adds: the core and
+    a latent probe that knows little rank the carriers poorly; the peak's term ranks them first."""
+    rng = np.random.default_rng(7)
+    contrast, x = _pixel_in_a_shadow(rng)
+    mask = contrast[0].numpy() > 0
+    core = ranking_mask(mask, contrast)
+    assert core.sum() == 9 and core[0, 0]
+    latent = rng.normal(size=N) + 0.3 * _carries()
+    f = {"rank": 1, "class": 0, "_mask": mask, "_contrast": contrast}
+    rankings = {1: latent.copy()}
+    pattern_rankings([f], rankings, ArraySource(x, np.zeros(N, int), name="pixel in a shadow"))
+    assert f["ranked_by"] == "latent+pattern"
+    assert average_precision(rankings[1], _carries()) > 0.95
+    core_proj = x.reshape(N, -1) @ (contrast[0].numpy() * core).reshape(-1)
+    two_terms = robust_z(latent) + robust_z(core_proj)   # the ranking before the peak's term
+    assert average_precision(two_terms, _carries()) < 0.5
+
+
+def test_a_peak_that_is_the_core_adds_no_second_weight():
+    """Equal strongest values (the core's 6 pixels at 1.0): the peak is the core, and the ranking is
+    the latent probe and the core's projection alone, each once."""
+    rng = np.random.default_rng(5)
+    contrast = torch.zeros(1, H, W)
+    contrast[0, :6, :] = 0.2
+    contrast[0, 6, :6] = 1.0
+    mask = contrast[0].numpy() > 0
+    x = rng.uniform(0, 1, (N, 1, H, W)).astype(np.float32)
+    latent = rng.normal(size=N)
+    rankings = {1: latent.copy()}
+    f = {"rank": 1, "class": 0, "_mask": mask, "_contrast": contrast}
+    pattern_rankings([f], rankings, ArraySource(x, np.zeros(N, int), name="equal core"))
+    core_proj = x.reshape(N, -1).astype(np.float64) @ (contrast[0].numpy() * ranking_mask(mask, contrast)).reshape(-1)
+    expected = robust_z(latent) + robust_z(core_proj)
+    assert (np.argsort(-rankings[1], kind="stable") == np.lexsort((np.arange(N), -expected))).all()

@@ -295,3 +295,20 @@ def test_unreadable_images_are_no_probe_examples(tmp_path, monkeypatch):
                         ImageFolderSource(tmp_path, size=16, channels=1), pred=pred)
     assert len(seen["pos"]) == carries.sum() - 1 and len(seen["neg"]) == negative.sum() - 1
     assert (np.abs(seen["pos"]).sum(1) > 0).all() and (np.abs(seen["neg"]).sum(1) > 0).all()
+
+
+def test_a_diffuse_finding_without_a_localised_peak_adds_no_peak_term(monkeypatch):
+    """Equal contrast over the whole image: its peak is the whole image, no stamp, so the ranking is
+    the latent and pixel probes' alone, as with no peak at all."""
+    import spurfast.pattern_rank as pr
+    src, pred, carries, _ = _noise_pool()
+    latent = np.random.default_rng(1).normal(size=N) + 0.5 * carries
+    f = _diffuse_finding(np.nonzero(carries)[0][:30])
+    rankings = {1: latent.copy()}
+    pattern_rankings([f], rankings, src, pred=pred)
+    monkeypatch.setattr(pr, "peak_mask", lambda mask, contrast: np.zeros_like(mask))
+    g = _diffuse_finding(np.nonzero(carries)[0][:30])
+    without = {1: latent.copy()}
+    pattern_rankings([g], without, src, pred=pred)
+    assert f["ranked_by"] == g["ranked_by"] == "latent+pixels"
+    np.testing.assert_array_equal(rankings[1], without[1])
