@@ -167,11 +167,11 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
     chosen = chosen + probed
     if not chosen:
         return
-    combined = [None if f["ranked_by"] == "pattern" else
-                _peak_choice(f, masks[i] if i < len(masks) else None, localised) for i, f in enumerate(chosen)]
-    peaked = [i for i, m in enumerate(combined) if m is not None]
+    peaks = [None if f["ranked_by"] == "pattern" else   # the probed ones have no core: masks ends first
+             _peak_choice(f, masks[i] if i < len(masks) else None, localised) for i, f in enumerate(chosen)]
+    peaked = [i for i, m in enumerate(peaks) if m is not None]
     if peaked:
-        patterns.append(extracted_patterns([chosen[i] for i in peaked], [combined[i] for i in peaked]).double())
+        patterns.append(extracted_patterns([chosen[i] for i in peaked], [peaks[i] for i in peaked]).double())
     peak_at = {i: len(chosen) + n for n, i in enumerate(peaked)}   # its pattern's row, after the chosen
     # the heads only: a pool-sized order per finding, kept through the pass over the images,
     # was what `SpilledRankings` keeps out of memory (each is sorted again below)
