@@ -27,13 +27,18 @@ cut mostly halves it, and on Fashion-MNIST pools noise and backgrounds mostly st
 (the digits pool's noise core, 7-9% of the image, ranks its carriers at AP 1.00 where the probe
 had 0.96-1.00).
 
-Both combined rankings add a third term: the pattern on the mask's *peak*, its strongest pixels
-(Otsu cuts repeated among the pixels each keeps, until one keeps them all), where that peak is
-localised and differs from the core.  A single planted pixel is the strongest pixel of its
+Both combined rankings add a third term where it marks a stamp: the pattern on the mask's
+*peak*, its strongest pixels (Otsu cuts repeated among the pixels each keeps, until one keeps
+them all), where that peak is localised, differs from the core, and its projection over the
+ranked images is two-valued (Otsu's separability at least `TWO_VALUED`: a stamp's carriers at
+one value, every other image at another).  A single planted pixel is the strongest pixel of its
 cluster's contrast (0.75 where content's shadow reaches 0.39), yet one pixel among a core of
 48-74 or a thumbnail's 2x2 average is lost in content: the pixel at n = 1000 ranked its
-carriers at AP 0.16-0.49, and at 0.77-0.92 with the peak's term (fifty-seventh session).  The
-peak alone carries no content at all, so it is a third term, never the only one.
+carriers at AP 0.16-0.49, and at 0.77-0.92 with the peak's term; its peak's separability is
+1.000.  A noise pattern's or content's peak is one pixel whose value varies with the content
+(separability 0.80-0.88 on the full preset): added, it cost the noise at 0.25, n = 100, 0.045
+of AP (fifty-seventh session).  The peak carries no content at all, so it is a third term,
+never the only one.
 
 Only the latent ranking's first ``top`` images of each re-ranked finding are read (one pass
 over their union, whatever the pool size; the pixel probes' fit reads a sample of at most
@@ -56,6 +61,7 @@ from .support import extracted_patterns, image_pass, require_patterns, wanted_pr
 
 LOCALISED = 0.1    # an extracted mask on at most this fraction of the image's pixels
 TOP = 20_000       # images of each finding's latent ranking re-ranked by the pattern
+TWO_VALUED = 0.95  # Otsu separability of a peak's projection that marks a stamp (content's: <= 0.88)
 
 
 def _latent_order(ranking: np.ndarray, head: int | None = None) -> np.ndarray:
@@ -103,6 +109,21 @@ def peak_mask(mask: np.ndarray, contrast) -> np.ndarray:
             break
         peak = strong
     return peak
+
+
+def separability(values: np.ndarray) -> float:
+    """Otsu's criterion at its best cut, exactly (every cut between sorted values): the share of
+    the values' variance between the two groups; 1 for two values, 0 for one."""
+    v = np.sort(np.asarray(values, np.float64))
+    n = len(v)
+    total = float(v.var()) if n else 0.0
+    if n < 2 or not total > 0:
+        return 0.0
+    v = v - v.mean()   # centred: the cumulative sums stay small
+    k = np.arange(1, n)
+    low = np.cumsum(v)[:-1]                       # the lower group's sum; the upper's is -low
+    between = (low / k) ** 2 * k / n + (low / (n - k)) ** 2 * (n - k) / n
+    return float(between.max() / total)
 
 
 def _peak_choice(f: dict, ranking: np.ndarray | None, localised: float) -> np.ndarray | None:
@@ -200,8 +221,10 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
         p = proj[j][np.searchsorted(sorted_heads[j], head)]
         if f["ranked_by"] in ("latent+pixels", "latent+pattern"):   # both, each in its spread's units
             p = robust_z(latent[head]) + robust_z(p)
-            if j in peak_at:   # and the peak's pattern
-                p = p + robust_z(proj[peak_at[j]][np.searchsorted(sorted_heads[j], head)])
+            if j in peak_at:   # and the peak's pattern, where it is a stamp's
+                peak_p = proj[peak_at[j]][np.searchsorted(sorted_heads[j], head)]
+                if separability(peak_p) >= TWO_VALUED:
+                    p = p + robust_z(peak_p)
         # ascending, best last; ties by the head's own (latent) order, so an exact double tie
         # keeps the smaller index first as the latent order does (latent[head] reversed those)
         by_pattern = head[np.lexsort((-np.arange(len(head)), p))]
