@@ -1303,3 +1303,245 @@ def test_a_finished_store_still_leaves_the_models_on_the_runs_device(tmp_path, m
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: (moved.append((self, a)), real(self, *a, **k))[1])
     store = embed_pool(src, clf, vae, tmp_path / "store", num_classes=3, progress=False, num_workers=0)
     assert store.complete and (clf, ("cpu",)) in moved and (vae, ("cpu",)) in moved
+
+
+# ---- mutation-testing gaps (spurfast/store.py) ----
+
+def test_a_store_made_again_over_an_old_one_and_stopped_is_no_store(tmp_path, monkeypatch):
+    # create() removes the old manifest before it rewrites the columns: one stopped part way
+    # (here a full disk at a column's reservation) must not leave the old manifest, "done" and
+    # all, over columns now zeroed, which a later run would take for finished rows
+    import errno
+    import os
+
+    from spurfast.store import MANIFEST
+    old = EmbeddingStore.create(tmp_path / "s", 4, {"mu": ((4, 2), "float32")}, {})
+    old.write(0, {"mu": np.ones((4, 2), np.float32)})
+    assert old.complete
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match="no space for the embedding store's column"):
+        EmbeddingStore.create(tmp_path / "s", 4, {"mu": ((4, 2), "float32")}, {})
+    assert not (tmp_path / "s" / MANIFEST).exists()
+    with pytest.raises(FileNotFoundError, match="is not an embedding store"):
+        EmbeddingStore(tmp_path / "s")
+
+
+def test_a_wide_column_of_a_wider_dtype_is_read_and_written_row_for_row(tmp_path):
+    # rows over WIDE_ROW_BYTES (4,100 float32 = 16,400 bytes: the probs of a 21k-class model)
+    # go through pread/pwrite, whose offsets count bytes, not elements
+    store = EmbeddingStore.create(tmp_path / "s", 3, {"probs": ((3, 4100), "float32")}, {})
+    assert store.wide("probs") and store.row_bytes("probs") == 16400
+    want = np.arange(3 * 4100, dtype=np.float32).reshape(3, 4100)
+    store.write_rows("probs", slice(None), want)
+    np.testing.assert_array_equal(np.load(store.root / "probs.npy"), want)
+    np.testing.assert_array_equal(store.read_rows("probs", np.array([2, 0])), want[[2, 0]])
+    np.testing.assert_array_equal(EmbeddingStore(store.root).read_rows("probs", slice(1, 3)), want[1:])
+
+
+def test_the_bad_file_line_of_a_batch_stopped_before_its_manifest_is_not_counted(tmp_path, monkeypatch):
+    # write() appends a batch's unreadable files, then marks its rows done: the line names the
+    # batch's end, so a pass stopped between the two leaves it to the rows done again (a file
+    # repaired meanwhile was otherwise reported unreadable for ever)
+    store = EmbeddingStore.create(tmp_path / "s", 8, {"ok": ((8,), "bool")}, {})
+    store.write(0, {"ok": np.array([True, False, True, True])}, {"1": "broken 1"})
+
+    def stopped():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store, "save_manifest", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        store.write(4, {"ok": np.array([True, False, True, True])}, {"5": "broken 5"})
+    again = EmbeddingStore(tmp_path / "s")
+    assert again.done == 4 and again.bad_files() == {"1": "broken 1"}
+    again.drop_unfinished_bad_files()
+    lines = (tmp_path / "s" / "bad_files.jsonl").read_text().splitlines()
+    assert [json.loads(line)["bad"] for line in lines] == [{"1": "broken 1"}]
+
+
+def test_a_batchs_rows_reach_the_disk_before_the_manifest_says_done(tmp_path, monkeypatch):
+    # a power cut after the manifest's replace must find the rows it marks done on disk: the
+    # pwrite-written pixel column is fdatasync'd and the mapped columns msync'd first
+    import os
+
+    import spurfast.store as E
+    store = EmbeddingStore.create(tmp_path / "s", 4, {"pixels": ((4, 3, 2, 2), "uint8"),
+                                                      "mu": ((4, 2), "float32")}, {})
+    events = []
+    real_sync, real_flush, real_json = os.fdatasync, np.memmap.flush, E._write_json
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (events.append("rows synced"), real_sync(fd))[1])
+    monkeypatch.setattr(np.memmap, "flush", lambda self: (events.append("map flushed"), real_flush(self))[1])
+    monkeypatch.setattr(E, "_write_json", lambda path, obj, **k: (events.append("manifest"),
+                                                                  real_json(path, obj, **k))[1])
+    store.write(0, {"pixels": np.ones((2, 3, 2, 2), np.uint8), "mu": np.ones((2, 2), np.float32)})
+    assert "manifest" in events
+    before = events[:events.index("manifest")]
+    assert "rows synced" in before and "map flushed" in before, events
+
+
+def test_a_store_made_before_the_content_digest_was_recorded_resumes_and_is_kept(tmp_path):
+    # stores written before the content digest was recorded have none to compare: such a store
+    # (this fingerprint, no "content") is resumed, and --overwrite keeps it (made_from)
+    from spurfast.data.sources import content_digest
+    from spurfast.identity import fingerprint
+    from spurfast.store import MANIFEST, made_from
+
+    src, clf, vae = _setup(20)
+    fp, content = fingerprint(src, clf, vae), content_digest(src)
+    full = embed_pool(src, clf, vae, tmp_path / "a", num_classes=4, batch_size=8, progress=False)
+    embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False, stop_after=1)
+    manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
+    del manifest["content"]
+    (tmp_path / "s" / MANIFEST).write_text(json.dumps(manifest))
+    assert made_from(tmp_path / "s", fp, content)
+    resumed = embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False)
+    assert resumed.complete
+    np.testing.assert_array_equal(np.asarray(resumed["mu"]), np.asarray(full["mu"]))
+
+
+def test_made_from_takes_a_damaged_manifest_for_no_store(tmp_path):
+    # --overwrite asks made_from whether to keep the store: a manifest that is no JSON (a crash,
+    # a hand edit) is not this run's store, not a JSONDecodeError stopping the run
+    from spurfast.store import MANIFEST, made_from
+
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / MANIFEST).write_text('{"n": 20, "done"')
+    (tmp_path / "sh" / "shards" / "0-of-2").mkdir(parents=True)
+    (tmp_path / "sh" / "shards" / "0-of-2" / MANIFEST).write_text("")
+    assert made_from(tmp_path / "s", "fp", "content") is False
+    assert made_from(tmp_path / "sh", "fp", "content") is False
+
+
+def test_the_store_columns_have_the_documented_dtypes(tmp_path):
+    # EmbeddingStore's layout: feats float16 (half the disk of the widest column but probs),
+    # labels int64 (what _sync_labels compares against and the steps read)
+    src, clf, vae = _setup(8)
+    store = embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False)
+    want = {"pred": "int32", "conf": "float32", "probs": "float32", "mu": "float32", "feats": "float16",
+            "labels": "int64", "ok": "bool"}
+    assert {k: d for k, (_, d) in store.manifest["columns"].items()} == want
+    assert {k: str(np.load(tmp_path / "s" / f"{k}.npy", mmap_mode="r").dtype) for k in want} == want
+
+
+def test_an_empty_pool_is_refused_by_name(tmp_path):
+    # without the check, check_outputs' first image failed as "indices into array must lie in [0, 0)"
+    src = ArraySource(torch.rand(0, 1, 28, 28), np.zeros(0, np.int64))
+    _, clf, vae = _setup(1)
+    with pytest.raises(ValueError, match=r"pool .* is empty"):
+        embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, progress=False)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_resumed_pass_embeds_only_the_rows_not_yet_done(tmp_path):
+    # finished work is never redone: 3 batches of 8 on disk, the resume encodes the other 26 rows
+    src, clf, vae = _setup()
+    part = embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False, stop_after=3)
+    assert part.done == 24
+    seen, real = [], vae.encode
+
+    def encode(x, *a, **k):
+        seen.append(x.shape[0])
+        return real(x, *a, **k)
+
+    vae.encode = encode
+    assert embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False).complete
+    assert sum(seen) == 50 - 24
+
+
+def test_a_store_keeps_the_compute_its_rows_were_begun_with(tmp_path, caplog):
+    # the record is the first rows' compute: a resume elsewhere warns, and so does every later
+    # one (the record rewritten by the first resume made the next say nothing); a store with no
+    # row yet takes this run's compute without a word
+    import logging
+
+    from spurfast.store import MANIFEST
+    src, clf, vae = _setup()
+    kw = dict(num_classes=4, batch_size=16, progress=False)
+    embed_pool(src, clf, vae, tmp_path / "s", stop_after=1, **kw)
+    path = tmp_path / "s" / MANIFEST
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), compute="cuda:triton")))
+    for stop in (2, None):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="spurfast.embed"):
+            store = embed_pool(src, clf, vae, tmp_path / "s", stop_after=stop, **kw)
+        assert "was begun computing on cuda with the triton encoder" in caplog.text
+        assert json.loads(path.read_text())["compute"] == "cuda:triton"
+    assert store.complete
+    embed_pool(src, clf, vae, tmp_path / "e", stop_after=0, **kw)   # made, no row yet
+    path = tmp_path / "e" / MANIFEST
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), compute="cuda:triton")))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spurfast.embed"):
+        embed_pool(src, clf, vae, tmp_path / "e", **kw)
+    assert "computing on" not in caplog.text
+    assert json.loads(path.read_text())["compute"] == "cpu:torch"
+
+
+def test_negative_penultimate_features_past_float16_are_clipped_to_minus_its_max(tmp_path):
+    # the clip is symmetric: features below -65504 are stored as -65504, not as 0 or -inf
+    src, clf, vae = _setup(16)
+    real = clf.features
+    clf.features = lambda x: -real(x) * 1e6 - 1e6   # every feature <= -1e6
+    store = embed_pool(src, clf, vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False)
+    feats = np.asarray(store["feats"])
+    assert feats.shape == (16, clf.fc2.in_features) and (feats == -65504.0).all()
+
+
+def test_half_precision_logits_are_turned_into_float32_probabilities(tmp_path):
+    # a classifier giving bfloat16 logits (autocast, a .bfloat16() head): its softmax in bfloat16
+    # kept 3 significant digits, so conf and probs (stored as float32) were rounded
+    class Bf16(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return (self.inner(x) * 3.0).to(torch.bfloat16)
+
+    src, clf, vae = _setup(16)
+    model = Bf16(clf).eval()
+    store = embed_pool(src, model, vae, tmp_path / "s", num_classes=4, batch_size=8, progress=False)
+    with torch.no_grad():
+        want = torch.softmax(model(src.get_batch(np.arange(16))[0]).float(), 1).numpy()
+    np.testing.assert_allclose(np.asarray(store["probs"]), want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(store["conf"]), want.max(1), rtol=1e-5, atol=1e-7)
+
+
+def test_a_new_stores_initial_columns_reach_the_disk_before_its_manifest(tmp_path, monkeypatch):
+    # a shard store's "index" column is written at creation: msync'd before the manifest, so a
+    # power cut cannot leave a manifest over an index of zeros (every row merged onto pool row 0)
+    import spurfast.store as E
+    events = []
+    real_flush, real_json = np.memmap.flush, E._write_json
+    monkeypatch.setattr(np.memmap, "flush", lambda self: (events.append("map flushed"), real_flush(self))[1])
+    monkeypatch.setattr(E, "_write_json", lambda path, obj, **k: (events.append("manifest"),
+                                                                  real_json(path, obj, **k))[1])
+    store = EmbeddingStore.create(tmp_path / "s", 3, {"index": ((3,), "int64")}, {},
+                                  initial={"index": np.array([4, 6, 8])})
+    assert events == ["map flushed", "manifest"]
+    np.testing.assert_array_equal(np.asarray(store["index"]), [4, 6, 8])
+
+
+def test_a_stale_sibling_shard_of_another_start_does_not_refuse_a_ranks_pass(tmp_path):
+    # a sibling shard store covering another selection (another start: its own rank starts it
+    # again) joins no merge: its loader is no reason to refuse this rank's pass
+    from spurfast.data.folder import ImageFolderSource
+    from spurfast.make_pool import PoolSpec, make_pool
+    from spurfast.store import MANIFEST
+    from spurfast.store_shards import shard_dir
+
+    torch.manual_seed(0)
+    clf, vae = SmallCNN(3, 10, 32).eval(), VAE(VAEConfig.for_images(3, 32, 6)).eval()
+    make_pool(tmp_path / "pool", PoolSpec(n=24, seed=0), workers=1, progress=False)
+    kw = dict(num_classes=10, batch_size=4, progress=False, num_workers=1, loader_backend="torch", num_shards=2)
+    embed_pool(ImageFolderSource(tmp_path / "pool", size=32), clf, vae, tmp_path / "s", shard_id=1, stop_after=1,
+               **kw)
+    path = shard_dir(tmp_path / "s", 1, 2) / MANIFEST
+    m = json.loads(path.read_text())
+    assert m["done"] == 4 and m["start"] == 0 and m["loader"] == "torch"
+    path.write_text(json.dumps(dict(m, loader="dali", decode="cpu", start=8)))   # a DALI run's, begun at 8
+    store = embed_pool(ImageFolderSource(tmp_path / "pool", size=32), clf, vae, tmp_path / "s", shard_id=0, **kw)
+    assert store.complete and store.n == 12 and store.manifest["loader"] == "torch"

@@ -1,5 +1,6 @@
 """The pool's pixels kept in the embedding store (spurfast.pixel_cache): the rows are what the
 loader gave the pass, bit for bit, whichever loader; resumes, sizes and mixed rows."""
+import json
 import numpy as np
 import pytest
 import torch
@@ -247,3 +248,66 @@ def test_shards_of_which_one_kept_no_pixels_merge(folder, tmp_path, monkeypatch,
     assert merged.complete and not usable(merged)   # its rows of the other shard are not there: unread
     for k in ("mu", "pred"):
         np.testing.assert_array_equal(np.asarray(merged[k]), np.asarray(whole[k]))
+
+
+# ---- mutation-testing gaps (spurfast/store.py) ----
+
+def test_a_negative_row_is_refused_not_written_over_the_npy_header(tmp_path):
+    # pwrite at offset + row * -1 lands in the .npy header (18-byte rows, 128-byte header):
+    # numpy would count -1 from the end; the store refuses it, as a row past the end
+    store = _rows_store(tmp_path)
+    before = (store.root / f"{PIXELS}.npy").read_bytes()
+    with pytest.raises(IndexError, match="row -1 is outside"):
+        store.write_rows(PIXELS, np.array([-1]), np.full((1, 2, 3, 3), 7, np.uint8))
+    with pytest.raises(IndexError, match="row -1 is outside"):
+        store.read_rows(PIXELS, np.array([3, -1]))
+    assert (store.root / f"{PIXELS}.npy").read_bytes() == before
+    assert np.load(store.root / f"{PIXELS}.npy").shape == (11, 2, 3, 3)
+
+
+def test_a_pixel_column_in_fortran_order_is_refused(tmp_path):
+    # read with pread as C-order rows, a Fortran-order file (not spurfast's) gave scrambled pixels
+    store = _rows_store(tmp_path)
+    np.save(store.root / f"{PIXELS}.npy", np.asfortranarray(np.arange(11 * 18, dtype=np.uint8).reshape(11, 2, 3, 3)))
+    with pytest.raises(ValueError, match="Fortran order"):
+        EmbeddingStore(store.root).read_rows(PIXELS, slice(None))
+
+
+def test_a_resume_keeps_the_mixed_record_of_the_rows_before_it(folder, tmp_path):
+    # the rows so far were converted two ways (a resume on another device): the record must stay
+    # "mixed" whatever the resumed batches give, else the column is read with one conversion
+    from spurfast.store import MANIFEST
+    _, part = _embed(folder, tmp_path / "s", "torch", stop_after=1)
+    assert part.done == 5 and part.manifest[MODE_KEY] == "div255"
+    manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
+    (tmp_path / "s" / MANIFEST).write_text(json.dumps(dict(manifest, **{MODE_KEY: MIXED})))
+    _, resumed = _embed(folder, tmp_path / "s", "torch")
+    assert resumed.complete and resumed.manifest[MODE_KEY] == MIXED and not usable(resumed)
+
+
+def test_a_batch_either_conversion_gives_back_keeps_the_passs_mode(folder, tmp_path, monkeypatch):
+    # DALI's rows are x * (1/255) ("mul_inv255"); a last batch of black and white frames converts
+    # alike either way (EITHER): the pass's record stays mul_inv255, not EITHER (read back as /255)
+    import spurfast.embed as embed_module
+    from spurfast.pixel_cache import EITHER
+    real, calls = embed_module.batch_pixels, []
+
+    def pixels(images, mode=None):
+        rows, _ = real(images, mode)
+        calls.append(mode)
+        return rows, "mul_inv255" if len(calls) == 1 else EITHER
+
+    monkeypatch.setattr(embed_module, "batch_pixels", pixels)
+    _, store = _embed(folder, tmp_path / "s", "torch")
+    assert len(calls) == 4 and store.manifest[MODE_KEY] == "mul_inv255"
+
+
+def test_whether_pixels_are_kept_is_the_whole_pools_decision_on_every_rank(folder, tmp_path, monkeypatch):
+    # a shard store decided by its own size kept a pixel column that one process would not, and
+    # the merged main store took the shards' columns: a column of the whole pool, past the limit
+    pool = ImageFolderSource(folder, size=SIZE)
+    monkeypatch.setenv("SPURFAST_PIXEL_CACHE_GB", str(10 * 3 * SIZE * SIZE / 2 ** 30))   # one shard's pixels
+    assert len(pool) == 19 and keeps_pixels(pool, 10) and not keeps_pixels(pool, len(pool))
+    for r, rows in ((0, 10), (1, 9)):
+        _, shard = _embed(folder, tmp_path / "s", "torch", shard_id=r, num_shards=2)
+        assert shard.n == rows and PIXELS not in shard.manifest["columns"]
