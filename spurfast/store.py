@@ -158,7 +158,19 @@ class EmbeddingStore:
         the request is those rows in that order, (first, end) positions among them of each run
         of consecutive rows) for ``rows``, a slice or indices of column ``name``."""
         n = int(self.manifest["columns"][name][0][0])
-        idx = np.arange(n)[rows] if isinstance(rows, slice) else np.asarray(rows, np.int64).reshape(-1)
+        if isinstance(rows, slice):
+            idx = np.arange(n)[rows]
+        else:
+            idx = np.asarray(rows)
+            if idx.dtype == bool:   # a mask, as numpy takes it for the small columns (cast, it read rows 0 and 1)
+                if idx.shape != (n,):
+                    raise IndexError(f"a row mask of shape {idx.shape} for column {name!r} of store {self.root}, "
+                                     f"which has {n} rows")
+                idx = np.flatnonzero(idx)
+            elif idx.size and not np.issubdtype(idx.dtype, np.integer):   # cast, 2.7 read row 2
+                raise IndexError(f"rows of column {name!r} of store {self.root} must be integers or a mask, "
+                                 f"got {idx.dtype}")
+            idx = idx.astype(np.int64).reshape(-1)
         outside = idx[(idx < 0) | (idx >= n)]
         if len(outside):
             raise IndexError(f"row {int(outside[0])} is outside column {name!r} of store {self.root} ({n} rows; "

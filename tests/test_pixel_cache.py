@@ -311,3 +311,22 @@ def test_whether_pixels_are_kept_is_the_whole_pools_decision_on_every_rank(folde
     for r, rows in ((0, 10), (1, 9)):
         _, shard = _embed(folder, tmp_path / "s", "torch", shard_id=r, num_shards=2)
         assert shard.n == rows and PIXELS not in shard.manifest["columns"]
+
+
+def test_a_wide_column_takes_a_row_mask_as_numpy_does_and_refuses_fractional_rows(tmp_path):
+    """A mask was cast to rows 0 and 1 (read [0, 1, 0, 1] for rows 1 and 3) and 2.7 read row 2,
+    where the small columns follow numpy's indexing."""
+    store = _rows_store(tmp_path)
+    vals = np.arange(11 * 18, dtype=np.uint8).reshape(11, 2, 3, 3)
+    store.write_rows(PIXELS, slice(None), vals)
+    mask = np.zeros(11, bool)
+    mask[[1, 3]] = True
+    np.testing.assert_array_equal(store.read_rows(PIXELS, mask), vals[[1, 3]])
+    assert store.read_rows("mu", mask).shape == (2, 4)
+    store.write_rows(PIXELS, mask, np.zeros((2, 2, 3, 3), np.uint8))
+    assert not store.read_rows(PIXELS, [1, 3]).any() and store.read_rows(PIXELS, [0, 2]).any()
+    with pytest.raises(IndexError, match="row mask of shape \\(4,\\)"):
+        store.read_rows(PIXELS, mask[:4])
+    with pytest.raises(IndexError, match="must be integers or a mask, got float64"):
+        store.read_rows(PIXELS, np.array([2.7]))
+    assert store.read_rows(PIXELS, []).shape == (0, 2, 3, 3)
