@@ -71,7 +71,8 @@ def test_plant_class_and_flat_layout(tmp_path):
     (dict(n=5, fraction=0.2), "needs --plant"), (dict(n=5, classes=3, plant="patch3", fraction=0.2, plant_class=3), "--plant-class"),
     (dict(n=5, plant="pixel", fraction=0.2, min_size=48, target_size=64), "at least as large as --target-size 64"),
     (dict(n=5, seed=-1), "--seed must be >= 0, got -1"),
-    (dict(n=5, plant="patch3", fraction=0.4, pattern_seed=2 ** 64 - 1), r"pattern seed must be in \[0, 2\*\*64 - 7919\)"),
+    (dict(n=5, plant="patch3", fraction=0.4, pattern_seed=2 ** 64 - 1),
+     r"pattern seed must be in \[0, 2\*\*64 - 7919\)"),
 ])
 def test_bad_specs_are_refused(tmp_path, kw, msg):
     with pytest.raises(ValueError, match=msg):
