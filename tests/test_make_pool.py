@@ -712,18 +712,25 @@ def test_the_same_make_pool_command_on_its_finished_pool_writes_nothing(tmp_path
                           f"written"), out
 
 
-def test_a_stray_file_in_an_interrupted_pool_is_refused_before_any_image_is_written(tmp_path, monkeypatch,
-                                                                                   capsys):
-    """A file make-pool did not write (c0000/extra.jpg) in an interrupted pool: the rerun wrote every
-    remaining image, then raised RuntimeError (a traceback) while it wrote ground_truth.csv, which it
-    left cut short.  Now it is refused before any image is drawn, naming the file and the remedy."""
+def _interrupted_with_a_stray(tmp_path, monkeypatch, name: str):
+    """(spec, path): a 12-image pool under tmp_path/p cut after 4 images, with a copy of its first
+    image as c0000/``name``."""
     spec = PoolSpec(n=12, classes=2, min_size=16, max_size=16)
     _interrupt_render_after(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         make_pool(tmp_path / "p", spec, workers=1, progress=False)
     monkeypatch.undo()
-    stray = tmp_path / "p" / "c0000" / "extra.jpg"
+    stray = tmp_path / "p" / "c0000" / name
     stray.write_bytes((tmp_path / "p" / "c0000" / "00000000.jpg").read_bytes())
+    return spec, stray
+
+
+def test_a_stray_file_in_an_interrupted_pool_is_refused_before_any_image_is_written(tmp_path, monkeypatch,
+                                                                                   capsys):
+    """A file make-pool did not write (c0000/extra.jpg) in an interrupted pool: the rerun wrote every
+    remaining image, then raised RuntimeError (a traceback) while it wrote ground_truth.csv, which it
+    left cut short.  Now it is refused before any image is drawn, naming the file and the remedy."""
+    spec, stray = _interrupted_with_a_stray(tmp_path, monkeypatch, "extra.jpg")
     drawn = _interrupt_render_after(monkeypatch, 10 ** 9)   # counts only
     capsys.readouterr()
     code = main(["make-pool", "--out", str(tmp_path / "p"), "--n", "12", "--classes", "2", "--size", "16",
@@ -940,13 +947,7 @@ def test_images_are_written_at_the_quality_asked_for(tmp_path):
 def test_a_numbered_stray_past_n_and_a_hidden_folder_on_resuming(tmp_path, monkeypatch):
     """An image named like a pool image but past --n is a stray (it raised IndexError); a hidden
     folder (".cache") is no class of the folder source and no stray."""
-    spec = PoolSpec(n=12, classes=2, min_size=16, max_size=16)
-    _interrupt_render_after(monkeypatch, 4)
-    with pytest.raises(KeyboardInterrupt):
-        make_pool(tmp_path / "p", spec, workers=1, progress=False)
-    monkeypatch.undo()
-    stray = tmp_path / "p" / "c0000" / "00000099.jpg"
-    stray.write_bytes((tmp_path / "p" / "c0000" / "00000000.jpg").read_bytes())
+    spec, stray = _interrupted_with_a_stray(tmp_path, monkeypatch, "00000099.jpg")
     with pytest.raises(ValueError, match=r"00000099\.jpg.*make-pool did not write"):
         make_pool(tmp_path / "p", spec, workers=1, progress=False)
     stray.unlink()
