@@ -126,11 +126,11 @@ def separability(values: np.ndarray) -> float:
     return float(between.max() / total)
 
 
-def _peak_choice(f: dict, ranking: np.ndarray | None, localised: float) -> np.ndarray | None:
+def _peak_choice(f: dict, core: np.ndarray | None, localised: float) -> np.ndarray | None:
     """The peak whose pattern ranks a combined finding as a third term, or None: none where it is
-    not localised (equal values over a large part: no stamp) or is the core itself."""
+    not localised (equal values over a large part: no stamp) or is the ``core`` itself."""
     peak = peak_mask(f["_mask"], f["_contrast"])
-    if not peak.any() or float(peak.mean()) > localised or (ranking is not None and np.array_equal(peak, ranking)):
+    if not peak.any() or float(peak.mean()) > localised or (core is not None and np.array_equal(peak, core)):
         return None
     return peak
 
