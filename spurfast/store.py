@@ -138,6 +138,8 @@ class EmbeddingStore:
         read once per store object (as `array` maps a column once: only `create` writes them)."""
         if name in self._layouts:
             return self._layouts[name]
+        if name not in self.manifest["columns"]:   # not kept (pixels): "damaged, remove it" was wrong advice
+            raise KeyError(f"store {self.root} has no column {name!r} (it holds {sorted(self.manifest['columns'])})")
         path = self.root / f"{name}.npy"
         try:
             with open(path, "rb") as fh:

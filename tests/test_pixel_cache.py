@@ -330,3 +330,13 @@ def test_a_wide_column_takes_a_row_mask_as_numpy_does_and_refuses_fractional_row
     with pytest.raises(IndexError, match="must be integers or a mask, got float64"):
         store.read_rows(PIXELS, np.array([2.7]))
     assert store.read_rows(PIXELS, []).shape == (0, 2, 3, 3)
+
+
+def test_reading_a_column_the_store_never_kept_says_so(tmp_path):
+    """A store without pixel rows was called "damaged or cut short; remove it", which would throw
+    away a good store."""
+    store = EmbeddingStore.create(tmp_path / "s", 3, {"mu": ((3, 2), "float32")}, {})
+    with pytest.raises(KeyError, match="has no column 'pixels'.*'mu'"):
+        store.read_rows(PIXELS, [0])
+    with pytest.raises(KeyError, match="has no column 'pixels'"):
+        store.write_rows(PIXELS, [0], np.zeros((1, 2, 3, 3), np.uint8))
