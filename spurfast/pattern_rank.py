@@ -112,18 +112,17 @@ def peak_mask(mask: np.ndarray, contrast) -> np.ndarray:
 
 
 def separability(values: np.ndarray) -> float:
-    """Otsu's criterion at its best cut, exactly (every cut between sorted values): the share of
-    the values' variance between the two groups; 1 for two values, 0 for one."""
-    v = np.sort(np.asarray(values, np.float64))
-    n = len(v)
-    total = float(v.var()) if n else 0.0
-    if n < 2 or not total > 0:
+    """Otsu's criterion at `otsu_threshold`'s cut: the share of the values' variance between the
+    two groups it makes; 1 for two values, 0 for one."""
+    v = np.asarray(values, np.float64).ravel()
+    total = float(v.var()) if v.size else 0.0
+    if v.size < 2 or not total > 0:
         return 0.0
-    v = v - v.mean()   # centred: the cumulative sums stay small
-    k = np.arange(1, n)
-    low = np.cumsum(v)[:-1]                       # the lower group's sum; the upper's is -low
-    between = (low / k) ** 2 * k / n + (low / (n - k)) ** 2 * (n - k) / n
-    return float(between.max() / total)
+    high = v > otsu_threshold(v)
+    w = float(high.mean())
+    if w in (0.0, 1.0):
+        return 0.0
+    return w * (1 - w) * float(v[high].mean() - v[~high].mean()) ** 2 / total
 
 
 def _peak_choice(f: dict, core: np.ndarray | None, localised: float) -> np.ndarray | None:
@@ -218,11 +217,12 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
         order = _latent_order(latent)
         out = np.full(len(latent), -np.inf)
         out[order[::-1]] = np.arange(len(order), dtype=np.float64)          # the latent order, best highest
-        p = proj[j][np.searchsorted(sorted_heads[j], head)]
+        at = np.searchsorted(sorted_heads[j], head)   # the peak's projections share the finding's head
+        p = proj[j][at]
         if f["ranked_by"] in ("latent+pixels", "latent+pattern"):   # both, each in its spread's units
             p = robust_z(latent[head]) + robust_z(p)
             if j in peak_at:   # and the peak's pattern, where it is a stamp's
-                peak_p = proj[peak_at[j]][np.searchsorted(sorted_heads[j], head)]
+                peak_p = proj[peak_at[j]][at]
                 if separability(peak_p) >= TWO_VALUED:
                     p = p + robust_z(peak_p)
         # ascending, best last; ties by the head's own (latent) order, so an exact double tie

@@ -110,8 +110,7 @@ class EmbeddingStore:
     def array(self, name: str, writable: bool = False) -> np.ndarray:
         key = (name, writable)
         if key not in self._arrays:
-            if name not in self.manifest["columns"]:
-                raise KeyError(f"store {self.root} has no column {name!r}; columns: {sorted(self.manifest['columns'])}")
+            self._require_column(name)
             path = self.root / f"{name}.npy"
             try:
                 self._arrays[key] = np.load(path, mmap_mode="r+" if writable else "r")
@@ -119,6 +118,10 @@ class EmbeddingStore:
                 raise ValueError(f"{path} (a column of store {self.root}) cannot be read ({exc}): damaged or cut "
                                  f"short; remove {self.root} to embed the pool again") from None
         return self._arrays[key]
+
+    def _require_column(self, name: str) -> None:
+        if name not in self.manifest["columns"]:   # not kept (pixels): no file to call damaged
+            raise KeyError(f"store {self.root} has no column {name!r}; columns: {sorted(self.manifest['columns'])}")
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.array(name)
@@ -138,8 +141,7 @@ class EmbeddingStore:
         read once per store object (as `array` maps a column once: only `create` writes them)."""
         if name in self._layouts:
             return self._layouts[name]
-        if name not in self.manifest["columns"]:   # not kept (pixels): "damaged, remove it" was wrong advice
-            raise KeyError(f"store {self.root} has no column {name!r} (it holds {sorted(self.manifest['columns'])})")
+        self._require_column(name)   # pixels not kept were called "damaged, remove the store"
         path = self.root / f"{name}.npy"
         try:
             with open(path, "rb") as fh:

@@ -1362,20 +1362,27 @@ def test_the_bad_file_line_of_a_batch_stopped_before_its_manifest_is_not_counted
     assert [json.loads(line)["bad"] for line in lines] == [{"1": "broken 1"}]
 
 
-def test_a_batchs_rows_reach_the_disk_before_the_manifest_says_done(tmp_path, monkeypatch):
-    # a power cut after the manifest's replace must find the rows it marks done on disk: the
-    # pwrite-written pixel column is fdatasync'd and the mapped columns msync'd first
+def _record_syncs(monkeypatch) -> list[str]:
+    """The events, in order, of mapped columns flushed ("map flushed"), pwrite-written ones synced
+    ("rows synced") and the manifest written ("manifest"), each still done."""
     import os
 
     import spurfast.store as E
-    store = EmbeddingStore.create(tmp_path / "s", 4, {"pixels": ((4, 3, 2, 2), "uint8"),
-                                                      "mu": ((4, 2), "float32")}, {})
     events = []
     real_sync, real_flush, real_json = os.fdatasync, np.memmap.flush, E._write_json
     monkeypatch.setattr(os, "fdatasync", lambda fd: (events.append("rows synced"), real_sync(fd))[1])
     monkeypatch.setattr(np.memmap, "flush", lambda self: (events.append("map flushed"), real_flush(self))[1])
     monkeypatch.setattr(E, "_write_json", lambda path, obj, **k: (events.append("manifest"),
                                                                   real_json(path, obj, **k))[1])
+    return events
+
+
+def test_a_batchs_rows_reach_the_disk_before_the_manifest_says_done(tmp_path, monkeypatch):
+    # a power cut after the manifest's replace must find the rows it marks done on disk: the
+    # pwrite-written pixel column is fdatasync'd and the mapped columns msync'd first
+    store = EmbeddingStore.create(tmp_path / "s", 4, {"pixels": ((4, 3, 2, 2), "uint8"),
+                                                      "mu": ((4, 2), "float32")}, {})
+    events = _record_syncs(monkeypatch)
     store.write(0, {"pixels": np.ones((2, 3, 2, 2), np.uint8), "mu": np.ones((2, 2), np.float32)})
     assert "manifest" in events
     before = events[:events.index("manifest")]
@@ -1513,12 +1520,7 @@ def test_half_precision_logits_are_turned_into_float32_probabilities(tmp_path):
 def test_a_new_stores_initial_columns_reach_the_disk_before_its_manifest(tmp_path, monkeypatch):
     # a shard store's "index" column is written at creation: msync'd before the manifest, so a
     # power cut cannot leave a manifest over an index of zeros (every row merged onto pool row 0)
-    import spurfast.store as E
-    events = []
-    real_flush, real_json = np.memmap.flush, E._write_json
-    monkeypatch.setattr(np.memmap, "flush", lambda self: (events.append("map flushed"), real_flush(self))[1])
-    monkeypatch.setattr(E, "_write_json", lambda path, obj, **k: (events.append("manifest"),
-                                                                  real_json(path, obj, **k))[1])
+    events = _record_syncs(monkeypatch)
     store = EmbeddingStore.create(tmp_path / "s", 3, {"index": ((3,), "int64")}, {},
                                   initial={"index": np.array([4, 6, 8])})
     assert events == ["map flushed", "manifest"]
