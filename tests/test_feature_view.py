@@ -1,6 +1,7 @@
 """The feature view (spurfast.feature_view): discovery in the classifier's penultimate features,
 its findings joined to the latent ones by q-value."""
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -30,6 +31,9 @@ def test_join_views_merges_by_q_and_renumbers_ranks_with_their_rankings():
     assert {r: float(v[0]) for r, v in latent.rankings.items()} == {1: 10.0, 2: 1.0, 3: 20.0, 4: 2.0, 5: 30.0}
     assert latent.clusters == [{"cls": 0, "cluster": 0}, {"cls": 0, "cluster": 0, "view": "features"}]
     assert merge_by_q([], []) == []
+    # at an equal q-value the first family's finding stays ahead (placed before a *larger* q only)
+    tied = merge_by_q([{"id": "a", "q_value": 0.02}], [{"id": "x", "q_value": 0.02}, {"id": "y", "q_value": 0.01}])
+    assert [f["id"] for f in tied] == ["a", "x", "y"]
 
 
 class _Store:
@@ -55,7 +59,9 @@ def test_feature_space_standardises_the_readable_predicted_rows_only():
         SpaceView(store, space[:3])
     # no row both readable and predicted: zeros, not a bare numpy reshape error
     none = _Store({"feats": feats, "pred": np.full(4, -1), "ok": np.ones(4, bool), "mu": np.zeros((4, 2), np.float32)})
-    assert feature_space(none).shape == (4, 2) and not feature_space(none).any()
+    with warnings.catch_warnings():   # not standardised at all: the mean of no rows warned, then was NaN
+        warnings.simplefilter("error")
+        assert feature_space(none).shape == (4, 2) and not feature_space(none).any()
     # an unfinished store: discovery's own error, which says how far the pass got
     from spurfast.feature_view import discover_features
     store.complete, store.done = False, 3
@@ -128,3 +134,24 @@ def test_the_views_unconfirmed_findings_leave_with_their_files(tmp_path):
     assert masks == ["mask of 3", "mask of 4", "mask of 1"]
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [f"finding{r}_mask.png" for r in (1, 2, 3)]
     assert not unconfirmed({"rank": 1}, None) and unconfirmed({"view": "features"}, "not_specific")
+
+
+def test_discover_features_uses_the_space_it_is_given(monkeypatch):
+    """The pipeline computes the feature space once for discovery and pictures: a given one is
+    not computed again from the store (nor replaced by it)."""
+    import spurfast.feature_view as FV
+
+    n = 6
+    space = np.arange(2 * n, dtype=np.float32).reshape(n, 2)
+    store = _Store({"feats": np.zeros((n, 2), np.float16), "pred": np.zeros(n, np.int64), "ok": np.ones(n, bool),
+                    "mu": np.zeros((n, 2), np.float32)})
+    seen = {}
+
+    def discover(view, config, **kw):
+        seen["mu"] = view["mu"]
+        return _result([], {})
+
+    monkeypatch.setattr(FV, "feature_space", lambda store: pytest.fail("the given space was computed again"))
+    monkeypatch.setattr(FV, "discover", discover)
+    FV.discover_features(store, DiscoverConfig(k=2), space=space)
+    assert seen["mu"] is space
