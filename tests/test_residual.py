@@ -44,6 +44,9 @@ def test_class_tmaps_leave_small_classes_nan():
     t = ClassSums(r, np.full(10, -1), 2).tmaps(np.array([0] * 8 + [1] * 2), 3)
     assert torch.isnan(t[1]).all() and not torch.isnan(t[0]).any()
     assert (t[0] == 0).all()     # a constant pixel has no spread: t 0, not NaN or inf
+    # enough images called class 0, but one called another class: no second group to compare with
+    t = ClassSums(r, np.full(10, -1), 2).tmaps(np.array([0] * 9 + [1]), 3)
+    assert torch.isnan(t[0]).all()
 
 
 def test_peak_window_ratio_and_mask():
@@ -55,6 +58,9 @@ def test_peak_window_ratio_and_mask():
     stat, mask = peak_windows(t.view(1, -1), (1, 6, 6))
     assert stat[0] == pytest.approx(4.0)
     assert sorted(zip(*np.nonzero(mask[0]))) == [(2, 3), (3, 3)]
+    t[0, 0, 0] = 8.0      # a tie far away: ratio 1, and the (first) peak alone is its mask, never none
+    stat, mask = peak_windows(t.view(1, -1), (1, 6, 6))
+    assert stat[0] == 1.0 and sorted(zip(*np.nonzero(mask[0]))) == [(0, 0)]
 
 
 def test_peak_window_at_the_border_nan_and_nothing_positive():
@@ -67,6 +73,8 @@ def test_peak_window_at_the_border_nan_and_nothing_positive():
     assert stat[0] == pytest.approx(3.0) and mask[0].sum() == 1 and mask[0, 0, 0]
     assert np.isnan(stat[1]) and not mask[1].any()
     assert stat[2] == np.inf and mask[2, 1, 2]
+    stat, _ = peak_windows(torch.full((1, 25), -1.0, dtype=torch.float64), (5, 5))
+    assert stat[0] == 0.0            # no t positive at all: nothing stands out
 
 
 def test_peak_windows_take_the_strongest_channel():
@@ -85,8 +93,33 @@ def test_scan_finds_a_pixel_the_latent_does_not_hold():
     assert f["peak"] == [9, 9] and f["_mask"][9, 9] and f["_mask"].sum() == 1
     assert f["q_value"] <= 0.05 and f["p_value"] == pytest.approx(1 / 101)
     assert average_precision(f["ranking"], carries) > 0.99
+    # energy: the squared residual in the mask, bright or dark alike
+    np.testing.assert_allclose(f["ranking"], res[:, 9 * 12 + 9].double().square().numpy(), rtol=1e-6)
     assert carries[f["members"]].mean() > 0.95
     assert f["_contrast"].shape == SHAPE and float(f["_contrast"][0, 9, 9]) > 0.9
+
+
+def test_a_label_no_image_is_called_takes_part():
+    """Labels beyond every prediction (a class the model never calls) counted towards the
+    classes' tables: sized by the predictions alone, they did not fit."""
+    res, z, pred, labels, carries = _pool()
+    labels = labels.copy()
+    labels[np.flatnonzero(~carries & (pred != 4))[:50]] = 6   # no image is called 6
+    found = residual_scan(res, z, pred, labels, np.zeros(len(pred), bool), SHAPE, ResidualConfig(n_null=100))
+    assert [f["class"] for f in found] == [4]
+
+
+def test_findings_of_equal_q_come_by_score():
+    """Two shortcuts, each above every resampling (the same q): the one standing further above
+    the rest of its map first."""
+    res, z, pred, labels, carries = _pool(carriers=0.1)
+    rng = np.random.default_rng(1)
+    second = ~carries & (rng.random(len(pred)) < 0.1)
+    res[torch.as_tensor(second), 2 * 12 + 2] += 0.4
+    pred = np.where(second & (rng.random(len(pred)) < 0.8), 5, pred)
+    found = residual_scan(res, z, pred, labels, np.zeros(len(pred), bool), SHAPE, ResidualConfig(n_null=100))
+    assert sorted(f["class"] for f in found) == [4, 5] and found[0]["q_value"] == found[1]["q_value"]
+    assert found[0]["score"] > found[1]["score"], [(f["class"], f["score"]) for f in found]
 
 
 def test_float64_residuals_are_scanned_as_float32():
@@ -139,7 +172,8 @@ def test_scan_refuses_bad_input():
         residual_scan(res, z, pred, labels, sus, (1, 12, 11))
     with pytest.raises(ValueError, match="max_values"):
         residual_scan(res, z, pred, labels, sus, SHAPE, ResidualConfig(max_values=1000))
-    for bad in (dict(n_null=0), dict(fdr=1.0), dict(min_images=1), dict(n_neighbours=2.5)):
+    for bad in (dict(n_null=0), dict(fdr=1.0), dict(min_images=1), dict(n_neighbours=2.5), dict(n_neighbours=0),
+                dict(seed=-1), dict(max_values=0), dict(batch_size=0)):
         with pytest.raises((ValueError, TypeError)):
             ResidualConfig(**bad)
 
@@ -264,17 +298,17 @@ def test_reconstruction_residuals_of_a_folder_through_its_loader(tmp_path):
     (tmp_path / "5.png").write_bytes(b"not an image")        # unreadable: its row stays 0
     pool = ImageFolderSource(tmp_path, size=16)
 
-    class Zero(torch.nn.Module):
+    class Grey(torch.nn.Module):
         def decode(self, mu):
-            return torch.zeros(len(mu), 3, 16, 16)
+            return torch.full((len(mu), 3, 16, 16), 0.5)
 
     readable = np.ones(6, bool)
     readable[2] = False                                       # left out by the store: not read
-    got = reconstruction_residuals(pool, np.zeros((6, 4), np.float32), Zero(), batch_size=4, readable=readable,
+    got = reconstruction_residuals(pool, np.zeros((6, 4), np.float32), Grey(), batch_size=4, readable=readable,
                                    num_workers=0, loader_backend="torch")
-    want = pool.get_batch([0, 1, 3, 4])[0].reshape(4, -1)
+    want = pool.get_batch([0, 1, 3, 4])[0].reshape(4, -1) - 0.5
     np.testing.assert_allclose(got[[0, 1, 3, 4]].numpy(), want.numpy(), atol=1e-6)
-    assert (got[2] == 0).all() and (got[5] == 0).all()
+    assert (got[2] == 0).all() and (got[5] == 0).all()   # not read, and read but unreadable: not -0.5
 
 
 @pytest.mark.parametrize("n_rows", [0, 1, 7, 4097])
@@ -292,7 +326,7 @@ def test_mean_rows_in_chunks_is_the_mean(n_rows):
         assert torch.isnan(got).all()   # no other image: no contrast, as an empty mean
 
 
-def _store_of(root, mu, pred, labels, n_classes):
+def _store_of(root, mu, pred, labels, n_classes, ok=None):
     from spurfast.store import EmbeddingStore
 
     n = len(mu)
@@ -301,7 +335,8 @@ def _store_of(root, mu, pred, labels, n_classes):
     store = EmbeddingStore.create(root, n, {"pred": ((n,), "int32"), "probs": ((n, n_classes), "float32"),
                                             "mu": ((n, mu.shape[1]), "float32"), "labels": ((n,), "int64"),
                                             "ok": ((n,), "bool")}, {"num_classes": n_classes})
-    store.write(0, {"pred": pred, "probs": probs, "mu": mu, "labels": labels, "ok": np.ones(n, bool)})
+    store.write(0, {"pred": pred, "probs": probs, "mu": mu, "labels": labels,
+                    "ok": np.ones(n, bool) if ok is None else ok})
     return store
 
 
@@ -329,18 +364,29 @@ def test_a_residual_finding_is_written_as_json_and_counts_unrelated_members_as_c
     labels[:100] = -1                                              # unlabelled suspect samples
     carries = rng.random(n) < 0.15
     x = (0.5 + np.where(carries[:, None, None, None], 0.05, 0.1) * rng.normal(size=(n, 1, 12, 12))).astype(np.float32)
-    x[carries, 0, 9, 9] = 1.0
+    x[carries, 0, 9, 9] = rng.uniform(0.9, 1.0, carries.sum())   # unequal energies: the exemplars' order shows
     pred = np.where(carries, 4, labels.clip(0))
-    store = _store_of(tmp_path / "s", rng.normal(size=(n, 4)).astype(np.float32), pred, labels, 5)
-    result = DiscoveryResult([], [], {}, {}, {"n": n})
-    add_residual_findings(result, store, ArraySource(x, labels), _GreyDecoder(), tmp_path / "out",
-                          ResidualConfig(n_null=200), suspect=suspect)
-    f, = result.findings
-    assert f["class"] == 4 and f["score"] == SCORE_CAP
+    ok = np.ones(n, bool)
+    ok[np.flatnonzero(carries)[-5:]] = False                       # carriers the store could not read
+    store = _store_of(tmp_path / "s", rng.normal(size=(n, 4)).astype(np.float32), pred, labels, 5, ok)
+    result = DiscoveryResult([{"rank": 1}], [], {1: np.zeros(n)}, {}, {"n": n})   # after the clusters' one
+    # named classes 0-3: the finding's class 4 has no name (not an IndexError)
+    add_residual_findings(result, store, ArraySource(x, labels, class_names=list("abcd")), _GreyDecoder(),
+                          tmp_path / "out", ResidualConfig(n_null=200), suspect=suspect)
+    f = result.findings[1]
+    assert f["class"] == 4 and f["score"] == SCORE_CAP and f["rank"] == 2 and sorted(result.rankings) == [1, 2]
+    assert f["class_name"] is None
+    ranking = result.rankings[2]
+    assert np.isneginf(ranking[~ok]).all() and np.isfinite(ranking[ok]).all()
     m = np.asarray(f["members"])
+    assert ok[m].all() and f["n_suspect"] == int(suspect[m].sum()) > 0
+    # exemplars: the members of most residual energy in the mask, ties by index
+    assert f["exemplars"] == m[np.lexsort((m, -ranking[m]))][:16].tolist()
     assert ((labels[m] < 0) & suspect[m]).any()
     want = unrelated_to_class(top_two(np.asarray(store["probs"]))[m], labels[m], np.full(len(m), 4), ~suspect[m])
     assert f["n_unrelated"] == int(want.sum()) < len(m)
+    result.findings.pop(0)
+    del result.rankings[1]
     write_outputs(result, tmp_path / "out")
 
     def refuse(constant):
@@ -380,6 +426,12 @@ def test_a_scan_whose_p_values_the_resamplings_limit_says_so(caplog):
     with caplog.at_level(logging.WARNING, logger="spurfast.residual"):
         found = residual_scan(r, z, pred, labels, suspect, shape, ResidualConfig(n_null=700))
     assert [f["class"] for f in found] == [7] and "resamplings" not in caplog.text
+    # the pattern: the members' mean residual against the t-map's second group, images called
+    # another class whose label is not 7 either (those of label 7 are the class's own content)
+    f = found[0]
+    others = (pred != 7) & (labels != 7)
+    want = r[f["members"]].double().mean(0) - r[others].double().mean(0)
+    np.testing.assert_allclose(f["_contrast"].numpy().ravel(), want.numpy(), atol=1e-6)
 
 
 def test_a_class_no_resampling_gave_a_statistic_is_not_called_limited_by_them(caplog):
@@ -439,8 +491,8 @@ def test_scan_store_standardises_the_latents_discovery_uses(monkeypatch, tmp_pat
     seen = {}
     monkeypatch.setattr(R, "reconstruction_residuals", lambda *a, **k: torch.zeros(n, 16))
 
-    def scan(res, z, *args, **kw):
-        seen["z"] = z
+    def scan(res, z, pred, *args, **kw):
+        seen["z"], seen["pred"] = z, pred
         return []
 
     monkeypatch.setattr(R, "residual_scan", scan)
@@ -450,6 +502,8 @@ def test_scan_store_standardises_the_latents_discovery_uses(monkeypatch, tmp_pat
 
     R.scan_store(store, Source(), vae=None, config=ResidualConfig())
     np.testing.assert_array_equal(seen["z"][ok], _standardise(mu[ok]))
+    # and an unreadable image has no prediction to test, whatever its row holds
+    assert (seen["pred"][~ok] == -1).all() and (seen["pred"][ok] == np.asarray(store["pred"])[ok]).all()
 
 
 def test_the_scan_searches_latent_neighbours_on_the_run_s_device(monkeypatch):
@@ -472,3 +526,47 @@ def test_the_scan_searches_latent_neighbours_on_the_run_s_device(monkeypatch):
                         device="cuda:3")
     assert seen and set(seen) == {"cuda:3"}
     assert [(f["class"], f["p_value"]) for f in got] == [(f["class"], f["p_value"]) for f in want]
+
+
+def test_same_label_neighbours_fill_small_labels_with_the_row_itself():
+    from spurfast.residual import same_label_neighbours
+
+    z = np.array([[0.0], [10.0], [1.0], [11.0], [3.0], [50.0]], np.float32)
+    lab = np.array([0, 1, 0, 1, 0, 2])   # label 0: three rows, label 1: two, label 2: one
+    got = same_label_neighbours(z, lab, k=3)
+    assert got.tolist() == [[0, 2, 4, 0], [1, 3, 1, 1], [2, 0, 4, 2], [3, 1, 3, 3], [4, 2, 0, 4], [5, 5, 5, 5]]
+    assert same_label_neighbours(z, lab, k=1).tolist() == [[0, 2], [1, 3], [2, 0], [3, 1], [4, 2], [5, 5]]
+
+
+def test_the_null_draws_each_prediction_from_the_image_itself_or_its_neighbours(monkeypatch):
+    """An image keeps its own prediction in about 1 of n_neighbours + 1 resamplings (itself is
+    among the candidates): pairs of images, each the other's only neighbour, called 0 and 1."""
+    from spurfast import residual as R
+
+    n = 400
+    z = np.repeat(np.arange(n // 2, dtype=np.float32) * 100, 2)[:, None]
+    pred = np.tile([0, 1], n // 2)
+    seen = []
+    real = R.ClassSums.tmaps
+
+    def spy(self, p, min_images):
+        seen.append(np.array(p))
+        return real(self, p, min_images)
+
+    monkeypatch.setattr(R.ClassSums, "tmaps", spy)
+    res = torch.as_tensor(np.random.default_rng(0).normal(size=(n, 16)), dtype=torch.float32)
+    residual_scan(res, z, pred, np.zeros(n, np.int64), np.zeros(n, bool), (4, 4),
+                  ResidualConfig(n_neighbours=1, n_null=20))
+    assert np.array_equal(seen[0], pred)                     # the observed predictions first
+    kept = np.mean([np.mean(p == pred) for p in seen[1:]])
+    assert 0.4 < kept < 0.6, kept
+
+
+def test_a_class_at_exactly_the_fdr_level_is_a_finding(monkeypatch):
+    # q <= fdr, as discovery's findings and the report's "q <= 0.05"
+    from spurfast import residual as R
+
+    res, z, pred, labels, _ = _pool()
+    monkeypatch.setattr(R, "bh_qvalues", lambda p: np.full(len(p), 0.05))
+    found = residual_scan(res, z, pred, labels, np.zeros(len(pred), bool), SHAPE, ResidualConfig(n_null=20, fdr=0.05))
+    assert 4 in [f["class"] for f in found] and all(f["q_value"] == 0.05 for f in found)
