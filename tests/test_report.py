@@ -414,6 +414,13 @@ def test_a_hand_edited_value_is_named_not_a_traceback(tmp_path):
             (lambda d, f: f.update(confirm={"flip_rate": 0.5, "control_flip_rate": 0.1, "p_value": 0.01,
                                             "dose_flip_rate": "0.5"}),
              "finding 1's confirm.dose_flip_rate is \"0.5\", expected a number"),
+            # the content control's and the dose's values where the document says they ran
+            (lambda d, f: f.update(confirm={"flip_rate": 0.5, "control_flip_rate": 0.1, "p_value": 0.01,
+                                            "content_p_value": 0.2, "content_flip_rate": "x"}),
+             "finding 1's confirm.content_flip_rate is \"x\", expected a number"),
+            (lambda d, f: f.update(confirm={"flip_rate": 0.5, "control_flip_rate": 0.1, "p_value": 0.01, "dose": "half",
+                                            "dose_flip_rate": 0.4, "dose_control_flip_rate": 0.1}),
+             "finding 1's confirm.dose is \"half\", expected a number"),
             (lambda d, f: f.update(support={"p_value": 0.01}), "finding 1's support has a p_value but lacks n_class, "
                                                               "class_above, n_other, other_above, q_value"),
             (lambda d, f: f.update(support=["x"]), "finding 1's support is a JSON list"),
@@ -588,3 +595,53 @@ def test_the_demo_line_shows_the_rates_at_the_strength_that_counted():
     assert flip_rates_text(cf) == "1.000 (1.000); at 50% strength, where its p-value comes from: 1.000 (0.342)"
     assert flip_rates_text({**cf, "dose": 1.0}) == "1.000 (1.000)"
     assert flip_rates_text({"flip_rate": 0.3, "control_flip_rate": 0.01}) == "0.300 (0.010)"   # older results
+
+
+def test_a_weak_confirmation_is_not_headed_confirmed(tmp_path):
+    from html import escape
+
+    # beats both controls, but not once the run's number of findings is accounted for
+    cf = {"flip_rate": 0.5, "control_flip_rate": 0.01, "p_value": 1e-6, "content_flip_rate": 0.01,
+          "content_p_value": 1e-6, "q_value": 0.2}
+    html = write_report(_doc(cf), tmp_path).read_text()
+    assert "not confirmed" in html and escape(VERDICTS["weak"]) in html and "confirmed shortcut" not in html
+
+
+def test_a_confirmation_at_full_strength_names_no_weaker_dose(tmp_path):
+    cf = {"flip_rate": 0.5, "control_flip_rate": 0.01, "p_value": 1e-6, "dose": 1.0, "dose_flip_rate": 0.5,
+          "dose_control_flip_rate": 0.01}
+    (tmp_path / "a").mkdir()
+    assert "strength" not in write_report(_doc(cf), tmp_path / "a").read_text()
+    (tmp_path / "b").mkdir()
+    html = write_report(_doc(dict(cf, dose=0.5, dose_flip_rate=0.3)), tmp_path / "b").read_text()
+    assert "at 50% strength, pattern and random ones alike, 30.0% vs 1.0%" in html
+
+
+def test_unreadable_files_are_listed_by_name(tmp_path):
+    html = write_report(_doc(None), tmp_path, bad_files={"b.png": "truncated", "a.png": "not an image"}).read_text()
+    assert html.index("<code>a.png</code>: not an image") < html.index("<code>b.png</code>: truncated")
+    assert "Unreadable files (2, skipped)" in html
+
+
+def test_a_finding_without_exemplars_gets_an_empty_grid(tmp_path):
+    from PIL import Image
+
+    from spurfast.report import save_grid
+
+    path = save_grid(torch.zeros(0, 1, 8, 8), tmp_path / "g.png")
+    assert Image.open(path).size[0] > 0
+
+
+def test_the_score_plot_marks_a_q_value_at_the_level_significant(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    bars = {}
+    real = Axes.bar
+
+    def bar(self, x, height, *a, label=None, **kw):
+        bars[label] = list(x)
+        return real(self, x, height, *a, label=label, **kw)
+
+    monkeypatch.setattr(Axes, "bar", bar)
+    plot_scores([{"score": 3.0, "q_value": 0.05}, {"score": 2.0, "q_value": 0.0501}], 0.05, tmp_path / "s.png")
+    assert bars == {"not significant": [1], "q <= 0.05": [0]}
