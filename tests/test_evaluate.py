@@ -272,6 +272,54 @@ def test_ap_target_line_says_beats_ties_or_not():
     assert "`c` / noise@1: spurfast 0.800 vs best baseline pixels 0.900 (spurious score nan) -> does NOT beat" in text
 
 
+def _target_lines(rows, settings, has):
+    from spurfast.results_doc import _targets
+    return [ln for ln in _targets(rows, settings) if has in ln]
+
+
+def _row(setting, method, metric, value, seed=0, feature="patch3"):
+    return {"setting": setting, "seed": seed, "method": method, "feature": feature, "metric": metric, "value": value}
+
+
+def test_the_targets_are_judged_at_their_bounds():
+    """Each target's limit belongs to the side the issue gives it: n = 100 is strong, AUROC 0.95
+    meets it, a recall of 2 in 3 meets the three-pattern one, one false finding the clean model's."""
+    rows = [_row(s, "spurfast", k, v, seed) for s in ("patch3-n100", "patch3-n10") for seed in (0, 1)
+            for k, v in (("hit@1", 1.0), ("auroc", 0.95))]
+    (ln,) = _target_lines(rows, ["patch3-n100", "patch3-n10"], "single strong pattern")   # n = 10: not strong
+    assert "`patch3-n100`, spurfast: hit@1 per seed [1, 1], AUROC min 0.950" in ln and ln.endswith("0.95) met"), ln
+    # hit@1 rows without AUROC rows decide nothing, unless a hit@1 already fails
+    (ln,) = _target_lines([r for r in rows if r["metric"] == "hit@1"], ["patch3-n100"], "single strong pattern")
+    assert ln.endswith("not decided: no AUROC rows"), ln
+    rows = [_row(s, "spurfast", "recall@q0.1", v, seed, "all")
+            for s, v in (("multi3-a", 2 / 3), ("multi3-b", 0.666)) for seed in (0, 1)]
+    lines = _target_lines(rows, ["multi3-a", "multi3-b"], "three patterns")
+    assert lines[0].startswith("- three patterns `multi3-a`") and lines[0].endswith("(>= 2/3) met"), lines
+    assert lines[1].startswith("- three patterns `multi3-b`") and lines[1].endswith("NOT met"), lines
+    confirmed = [dict(r, method="spurfast+confirm", value=1 / 3) for r in rows if r["setting"] == "multi3-a"]
+    assert "- three patterns `multi3-a`, spurfast+confirm: recall at q=0.1 per seed [0.33, 0.33]" in \
+        _target_lines(rows + confirmed, ["multi3-a"], "three patterns")
+    for n_false, said in ((1, "met"), (2, "NOT met")):
+        rows = [_row("clean-model", "spurfast", m, v, seed, "all") for seed, v in enumerate([n_false, 0, 0])
+                for m in ("false_findings@q0.05", "false_on_pool_pattern@q0.05")]
+        (ln,) = _target_lines(rows, ["clean-model"], "clean model")
+        assert ln == (f"- clean model, spurfast: {n_false} false findings at q = 0.05 over 3 seeds ({n_false} of them "
+                      f"with members mostly carrying the pool's stamped pattern: the clean model's own reaction to "
+                      f"it) -> target (<= 1) {said}"), ln
+
+
+def test_the_ap_target_leaves_out_the_clean_model_settings_without_baselines_and_unequal_seeds():
+    rows = [_row("clean-model", m, "ap", 0.5) for m in ("spurfast", "pixels")]   # nothing planted to find
+    rows += [_row("lone", "spurfast", "ap", 0.9)]                                 # no baseline run
+    assert not _target_lines(rows, ["clean-model", "lone"], "AP")
+    rows = [_row("a", m, "ap", v, seed) for m, vs in (("spurfast", [float("nan"), 0.9]), ("pixels", [0.5, 0.5]))
+            for seed, v in enumerate(vs)]
+    (ln,) = _target_lines(rows, ["a"], "AP `a`")
+    assert ln.endswith("-> not decided: AP n/a (NaN) in seed 0 of spurfast, no seed of pixels"), ln
+    (tally,) = _target_lines(rows, ["a"], "AP against the best baseline")
+    assert tally.endswith("pair, spurfast: 0 wins, 0 ties, 0 losses, 1 not decided"), tally
+
+
 def test_a_joined_row_is_not_judged_against_its_own_part():
     # spurfast+features joins the features ablation's findings to spurfast's: features is a
     # baseline for spurfast, but against the join it could at best tie; the join meets pixels
