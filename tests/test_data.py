@@ -1,6 +1,7 @@
 import gzip
 import re
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -749,3 +750,86 @@ def test_a_folder_source_checks_the_indices_it_is_given(tmp_path):
     images, labels = src.get_batch([])
     assert images.shape == (0, 1, 2, 2) and labels.shape == (0,) and labels.dtype == torch.int64
     assert torch.equal(src.get_batch(range(5))[0], torch.stack([src[i][0] for i in range(5)]))
+
+
+def test_content_digest_sees_what_the_sampled_one_does_not(tmp_path):
+    """The sampled digest reads 8 items; the content digest tells apart edits to the others:
+    a file of another size or gone (not the same as emptied), an array's image, a part of a
+    concatenation, a subset's base image or its choice of indices."""
+    from PIL import Image
+
+    from spurfast.data.folder import ImageFolderSource
+    from spurfast.data.sources import content_digest, sampled_digest
+
+    unsampled = 1   # of 20 items the 8 sampled are 0, 3, 5, 8, 11, 14, 16, 19
+    for i in range(20):
+        Image.fromarray(np.full((8, 8), 10 * i, np.uint8)).save(tmp_path / f"{i:02d}.png")
+    folder = ImageFolderSource(tmp_path, size=8)
+    seen = {content_digest(folder)}
+    first = sampled_digest(folder)
+    target = Path(folder.paths[unsampled])
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8), np.uint8)).save(target)   # another size
+    seen.add(content_digest(folder))
+    open(target, "wb").close()                    # emptied
+    seen.add(content_digest(folder))
+    target.unlink()                               # gone (its stat fails): not the emptied file's 0 bytes
+    seen.add(content_digest(folder))
+    assert len(seen) == 4 and sampled_digest(folder) == first
+
+    rng = np.random.default_rng(0)
+    x = rng.random((30, 1, 4, 4)).astype(np.float32)
+    edited = x.copy()
+    edited[unsampled] = 0.5
+
+    def digests(images):
+        a = ArraySource(images[:20])
+        return (content_digest(a), content_digest(ConcatSource([ArraySource(x[20:]), a])),
+                content_digest(SubsetSource(ArraySource(images), np.arange(20))))
+    before, after = digests(x), digests(edited)
+    assert all(b != a for b, a in zip(before, after)), (before, after)
+    # the same base, the same sampled items, another unsampled index
+    other = np.arange(20)
+    other[unsampled] = 25
+    base = ArraySource(np.concatenate([x[:25], x[1:2], x[26:]]))   # item 25 is item 1's image
+    assert content_digest(SubsetSource(base, other)) != content_digest(SubsetSource(base, np.arange(20)))
+
+
+def test_the_sampled_digest_holds_the_sampled_items(tmp_path):
+    from PIL import Image
+
+    from spurfast.data.folder import ImageFolderSource
+    from spurfast.data.sources import sampled_digest
+
+    x = np.random.default_rng(0).random((5, 1, 4, 4)).astype(np.float32)
+    edited = x.copy()
+    edited[2] = 0.5
+    assert sampled_digest(ArraySource(x)) != sampled_digest(ArraySource(edited))   # images held in memory
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 10 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    folder = ImageFolderSource(tmp_path, size=8)
+    open(folder.paths[1], "wb").close()
+    emptied = sampled_digest(folder)
+    Path(folder.paths[1]).unlink()
+    assert sampled_digest(folder) != emptied      # a file that cannot be opened is not an empty one
+
+
+def test_array_source_checks_and_keeps_what_it_is_given():
+    from spurfast.data.sources import ImageSource
+
+    with pytest.raises(ValueError, match="arr: 2 ids for 3 images"):
+        ArraySource(np.zeros((3, 4, 4), np.float32), ids=["a", "b"], name="arr")
+    src = ArraySource(np.zeros((3, 4, 4), np.float32), labels=[0, 1, 2])
+    src.labels()[0] = 7                           # the caller's copy
+    assert src.labels().tolist() == [0, 1, 2]
+
+    class One(ImageSource):                       # a source of one's own: the base get_batch
+        image_shape = (2, 3, 5)
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return torch.zeros(self.image_shape), 0
+
+    images, labels = One().get_batch([])
+    assert images.shape == (0, 2, 3, 5) and labels.shape == (0,)
