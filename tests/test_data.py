@@ -669,6 +669,7 @@ class _OwnSource:
     (lambda x, y: (x[:-1], y), r"images of shape \(3, 1, 8, 8\), expected \(4, 1, 8, 8\)"),   # a bare IndexError
     (lambda x, y: (x, y[:-1]), r"labels of shape \(3,\) and dtype torch\.int64; expected 4 integer labels"),
     (lambda x, y: (x, y.float()), r"labels of shape \(4,\) and dtype torch\.float32"),
+    (lambda x, y: (x, y > 0), r"labels of shape \(4,\) and dtype torch\.bool"),
 ])
 def test_a_sources_own_get_batch_is_checked_where_the_pass_reads_it(f, want):
     with pytest.raises(ValueError, match=f"^source own: get_batch of images 0\\.\\.3 returned {want}"):
@@ -679,6 +680,8 @@ def test_a_sources_own_get_batch_of_numpy_arrays_and_lists_is_taken():
     # numpy images and list labels failed deep in the pass (AttributeError 'detach', 'numpy')
     got = list(iter_batches(_OwnSource(lambda x, y: (x.numpy(), y.tolist())), 4))
     assert [tuple(b.images.shape) for b in got] == [(4, 1, 8, 8), (4, 1, 8, 8), (2, 1, 8, 8)]
+    assert all(b.labels.dtype == torch.int64 for b in got)
+    got = list(iter_batches(_OwnSource(lambda x, y: (x, y.int())), 4))   # int32 labels: int64, as every source's
     assert all(b.labels.dtype == torch.int64 for b in got)
 
 
@@ -833,3 +836,49 @@ def test_array_source_checks_and_keeps_what_it_is_given():
 
     images, labels = One().get_batch([])
     assert images.shape == (0, 2, 3, 5) and labels.shape == (0,)
+
+
+def test_iter_batches_gives_a_folder_loader_what_its_signature_takes(tmp_path, monkeypatch):
+    """The run's device and worker count reach a loader that takes them (DALI's signature);
+    what a loader without ``bad_files`` flags unreadable is recorded on the source."""
+    from PIL import Image
+
+    from spurfast import backends
+    from spurfast.data.folder import ImageFolderSource
+
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    pool = ImageFolderSource(tmp_path, size=8, channels=1)
+    seen = {}
+
+    def loader(paths, *, size, channels, batch_size, indices, num_threads, device="gpu"):
+        seen.update(num_threads=num_threads, device=device)
+        yield torch.as_tensor(indices), torch.zeros(len(indices), 1, 8, 8), torch.tensor([True, False, True])
+
+    monkeypatch.setattr(backends, "resolve", lambda op, backend=None, device=None: ("fake", loader))
+    batch, = iter_batches(pool, 4, num_workers=3, device="cpu")
+    assert seen == {"num_threads": 3, "device": "cpu"} and batch.ok.tolist() == [True, False, True]
+    assert pool.bad_files == {1: "could not be decoded"}
+    list(iter_batches(pool, 4, num_workers=0))
+    assert seen == {"num_threads": 1, "device": "gpu"}   # at least one thread; no device given, the loader's own
+
+
+def test_the_torch_folder_loader_decodes_in_this_process_with_one_thread(tmp_path, monkeypatch):
+    import os
+
+    from PIL import Image
+
+    from spurfast.data import loader_torch
+
+    for i in range(2):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    real, pids = loader_torch.checked_load_uint8, []
+
+    def load(path, spec):
+        pids.append(os.getpid())
+        return real(path, spec)
+
+    monkeypatch.setattr(loader_torch, "checked_load_uint8", load)
+    paths = sorted(str(p) for p in tmp_path.iterdir())
+    got = list(loader_torch.iter_folder_batches(paths, size=8, channels=1, num_threads=1))
+    assert len(got) == 1 and pids == [os.getpid()] * 2
