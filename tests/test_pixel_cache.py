@@ -340,3 +340,40 @@ def test_reading_a_column_the_store_never_kept_says_so(tmp_path):
         store.read_rows(PIXELS, [0])
     with pytest.raises(KeyError, match="has no column 'pixels'"):
         store.write_rows(PIXELS, [0], np.zeros((1, 2, 3, 3), np.uint8))
+
+
+def test_store_loader_reads_are_the_pools_but_for_their_pixels(folder, monkeypatch):
+    """A folder pool read through the store's loader: that loader, on the run's device, gives
+    the pixels; labels, item by item too, and the record of unreadable files stay the pool's."""
+    from spurfast import backends
+    from spurfast.data import loader_torch
+
+    pool = ImageFolderSource(folder, size=SIZE)
+    resolve = backends.resolve   # as if DALI were the loader here (it may not be installed)
+    monkeypatch.setattr(backends, "resolve", lambda op, backend=None, device=None:
+                        ("dali", None) if backend == "dali" else resolve(op, backend, device))
+    reads = read_as_stored(pool, "dali", "cpu")
+    assert isinstance(reads, StoreLoaderReads) and reads.device == "cpu" and reads.loader_backend == "dali"
+    seen = []
+    real = loader_torch.iter_batches
+
+    def iter_batches(source, batch_size, *, indices, backend, device):
+        seen.append((backend, device))
+        return real(source, batch_size, indices=indices, backend="torch")
+
+    monkeypatch.setattr(loader_torch, "iter_batches", iter_batches)
+    x, label = reads[10]
+    assert seen == [("dali", "cpu")] and label == pool.labels()[10] == 1
+    assert torch.equal(x, pool.get_batch([10])[0][0])
+    broken = [str(p) for p in pool.paths].index(str(folder / BROKEN))
+    reads.get_batch([broken])
+    assert reads.bad_files is pool.bad_files and broken in pool.bad_files
+
+
+def test_only_a_folder_pool_is_read_from_the_stores_pixel_rows(folder, tmp_path):
+    from spurfast.data import ArraySource
+
+    pool, store = _embed(folder, tmp_path / "s", "torch")
+    assert usable(store)
+    arrays = ArraySource(pool.get_batch(np.arange(len(pool)))[0], pool.labels())   # no files: read as given
+    assert read_as_stored(arrays, "torch", "cpu", store=store) is arrays
