@@ -882,3 +882,32 @@ def test_the_torch_folder_loader_decodes_in_this_process_with_one_thread(tmp_pat
     paths = sorted(str(p) for p in tmp_path.iterdir())
     got = list(loader_torch.iter_folder_batches(paths, size=8, channels=1, num_threads=1))
     assert len(got) == 1 and pids == [os.getpid()] * 2
+
+
+def test_folder_listing_and_selection_edges(tmp_path, caplog):
+    """Upper-case extensions are images; a class folder's name matches its class however its
+    accents are composed (macOS writes NFD), and a name given twice means its first place;
+    more skipped files than the warning lists end in "..."; a selection may start at the end;
+    a repeat is named by the first index that repeats, in the order given."""
+    import logging
+
+    from PIL import Image
+
+    from spurfast.data.folder import ImageFolderSource, list_folder, refuse_repeats, select_indices
+
+    for name in ("e\u0301t\u00e9", "b"):   # "été" with its first accent decomposed
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / name / "A.JPG")
+    for i in range(7):
+        (tmp_path / "b" / f"{i}.webp").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="spurfast.data"):
+        paths, labels, names = list_folder(tmp_path, class_names=["b", "\u00e9t\u00e9", "b"])
+    assert [p.rsplit("/", 2)[-2:] for p in paths] == [["b", "A.JPG"], ["e\u0301t\u00e9", "A.JPG"]]
+    assert labels == [0, 1] and names == ["b", "\u00e9t\u00e9", "b"]
+    assert "left out 7 image file(s)" in caplog.text and "4.webp, ..." in caplog.text
+    pool = ImageFolderSource(tmp_path, size=4, channels=1)
+    pool.labels()[0] = 5                          # the caller's copy
+    assert pool.labels().tolist() == [0, 1]
+    assert select_indices(5, start=5).tolist() == [] and select_indices(5, start=3).tolist() == [3, 4]
+    with pytest.raises(ValueError, match="pool index 3 is given 2 times"):
+        refuse_repeats(np.array([3, 1, 1, 3]))
