@@ -229,7 +229,24 @@ def test_pool_flip_rate_counts_unrelated_carriers_called_the_target():
     # 3 of the 4 unrelated carriers called 3 (not 2 of 4: a mutant counting the others read 0.5 too)
     store = {"pred": np.array([3, 3, 1, 3, 3, 3, 3])}
     assert pool_flip_rate(store, Feature(3, carries, None, "p"), suspect) == 0.75
-    assert np.isnan(pool_flip_rate(store, Feature(3, np.zeros(7, bool), None, "p"), suspect))
+    import warnings
+    with warnings.catch_warnings():   # no carrier: undefined, said without numpy's "mean of empty slice"
+        warnings.simplefilter("error")
+        assert np.isnan(pool_flip_rate(store, Feature(3, np.zeros(7, bool), None, "p"), suspect))
+
+
+def test_a_confirm_row_names_the_pool_pattern_most_members_carry():
+    from spurfast.evaluate import _confirm_row
+    from spurfast.metrics import Feature
+
+    carries = np.zeros(20, bool)
+    carries[:6] = True
+    pool_feats = [Feature(5, np.zeros(20, bool), None, "bar"), Feature(3, carries, None, "patch3")]
+    c = {"class": 2, "members": np.arange(10), "q_value": 0.01, "confirm": None, "support": None}
+    assert _confirm_row("s", 0, 1, c, [], pool_feats, "cluster")["pool_pattern"] == "patch3"   # 6 of 10
+    c["members"] = np.arange(12)                                                          # 6 of 12: not most
+    row = _confirm_row("s", 0, 1, c, [], pool_feats, "cluster")
+    assert row["pool_pattern"] == "" and row["true_finding"] == 0 and row["confirmed"] == 0
 
 
 def test_overview_row_from_hand_made_rows():
