@@ -755,6 +755,14 @@ def test_a_folder_source_checks_the_indices_it_is_given(tmp_path):
     assert torch.equal(src.get_batch(range(5))[0], torch.stack([src[i][0] for i in range(5)]))
 
 
+def _grey_pngs(folder, n):
+    """``n`` flat grey 8x8 PNGs in ``folder``, named in their sorted order (00.png, 01.png, ...)."""
+    from PIL import Image
+
+    for i in range(n):
+        Image.fromarray(np.full((8, 8), 10 * i, np.uint8)).save(folder / f"{i:02d}.png")
+
+
 def test_content_digest_sees_what_the_sampled_one_does_not(tmp_path):
     """The sampled digest reads 8 items; the content digest tells apart edits to the others:
     a file of another size or gone (not the same as emptied), an array's image, a part of a
@@ -765,8 +773,7 @@ def test_content_digest_sees_what_the_sampled_one_does_not(tmp_path):
     from spurfast.data.sources import content_digest, sampled_digest
 
     unsampled = 1   # of 20 items the 8 sampled are 0, 3, 5, 8, 11, 14, 16, 19
-    for i in range(20):
-        Image.fromarray(np.full((8, 8), 10 * i, np.uint8)).save(tmp_path / f"{i:02d}.png")
+    _grey_pngs(tmp_path, 20)
     folder = ImageFolderSource(tmp_path, size=8)
     seen = {content_digest(folder)}
     first = sampled_digest(folder)
@@ -798,8 +805,6 @@ def test_content_digest_sees_what_the_sampled_one_does_not(tmp_path):
 
 
 def test_the_sampled_digest_holds_the_sampled_items(tmp_path):
-    from PIL import Image
-
     from spurfast.data.folder import ImageFolderSource
     from spurfast.data.sources import sampled_digest
 
@@ -807,8 +812,7 @@ def test_the_sampled_digest_holds_the_sampled_items(tmp_path):
     edited = x.copy()
     edited[2] = 0.5
     assert sampled_digest(ArraySource(x)) != sampled_digest(ArraySource(edited))   # images held in memory
-    for i in range(3):
-        Image.fromarray(np.full((8, 8), 10 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    _grey_pngs(tmp_path, 3)
     folder = ImageFolderSource(tmp_path, size=8)
     open(folder.paths[1], "wb").close()
     emptied = sampled_digest(folder)
@@ -841,13 +845,10 @@ def test_array_source_checks_and_keeps_what_it_is_given():
 def test_iter_batches_gives_a_folder_loader_what_its_signature_takes(tmp_path, monkeypatch):
     """The run's device and worker count reach a loader that takes them (DALI's signature);
     what a loader without ``bad_files`` flags unreadable is recorded on the source."""
-    from PIL import Image
-
     from spurfast import backends
     from spurfast.data.folder import ImageFolderSource
 
-    for i in range(3):
-        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    _grey_pngs(tmp_path, 3)
     pool = ImageFolderSource(tmp_path, size=8, channels=1)
     seen = {}
 
@@ -866,12 +867,9 @@ def test_iter_batches_gives_a_folder_loader_what_its_signature_takes(tmp_path, m
 def test_the_torch_folder_loader_decodes_in_this_process_with_one_thread(tmp_path, monkeypatch):
     import os
 
-    from PIL import Image
-
     from spurfast.data import loader_torch
 
-    for i in range(2):
-        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    _grey_pngs(tmp_path, 2)
     real, pids = loader_torch.checked_load_uint8, []
 
     def load(path, spec):
