@@ -37,8 +37,16 @@ cluster's contrast (0.75 where content's shadow reaches 0.39), yet one pixel amo
 carriers at AP 0.16-0.49, and at 0.77-0.92 with the peak's term; its peak's separability is
 1.000.  A noise pattern's or content's peak is one pixel whose value varies with the content
 (separability 0.80-0.88 on the full preset): added, it cost the noise at 0.25, n = 100, 0.045
-of AP (fifty-seventh session).  The peak carries no content at all, so it is a third term,
-never the only one.
+of AP (fifty-seventh session).
+A two-valued peak's high side (the images like the finding's members) holding at most
+`STAMP_SHARE` of the ranked images is a stamp's carriers: they rank above every other image,
+and the three terms' sum orders each side (``ranked_by`` gains "+stamp").  With the sum alone,
+look-alikes of the class stayed above some carriers: the pixel at n = 1000 ranked them at AP
+0.77-0.92, and at 1.00 in each seed with its carriers first; no other setting's best AP changed
+(fifty-ninth session).  A high side holding most images is the members' *lack* of a mark the
+others carry (the pixel's peak in the classes it pulls carriers from: 90% of the images), not a
+stamp: that peak stays a term of the sum.  The peak carries no content at all, so it never
+orders the images alone.
 
 Only the latent ranking's first ``top`` images of each re-ranked finding are read (one pass
 over their union, whatever the pool size; the pixel probes' fit reads a sample of at most
@@ -62,6 +70,7 @@ from .support import extracted_patterns, image_pass, require_patterns, wanted_pr
 LOCALISED = 0.1    # an extracted mask on at most this fraction of the image's pixels
 TOP = 20_000       # images of each finding's latent ranking re-ranked by the pattern
 TWO_VALUED = 0.95  # Otsu separability of a peak's projection that marks a stamp (content's: <= 0.88)
+STAMP_SHARE = 0.5  # a stamp's carriers are at most this share of the ranked images (more: an absence)
 
 
 def _latent_order(ranking: np.ndarray, head: int | None = None) -> np.ndarray:
@@ -139,8 +148,9 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
                      batch_size: int = 256, progress: bool = False, num_workers: int = 0,
                      loader_backend: str | None = None, device: str | None = None, seed: int = 0) -> None:
     """Set every finding's ``ranked_by`` ("pattern", "latent+pattern", "latent+pixels" or
-    "latent") and replace ``rankings[rank]`` of the localised ones (or with a localised core) and
-    of the diffuse ones with a pixel probe
+    "latent"; the two combined ones with "+stamp" where a stamp's carriers rank first) and
+    replace ``rankings[rank]`` of the localised ones (or with a localised core) and of the
+    diffuse ones with a pixel probe
     (float64: the latent order below, then the re-ranked images; unreadable images, the
     latent ranking's and any this read finds, are -inf).  Needs ``_mask`` and ``_contrast``
     (`characterise`).  ``pred``: the pool's predicted classes (-1 where none); with it, a
@@ -219,23 +229,30 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
         out[order[::-1]] = np.arange(len(order), dtype=np.float64)          # the latent order, best highest
         at = np.searchsorted(sorted_heads[j], head)   # the peak's projections share the finding's head
         p = proj[j][at]
+        stamped = np.zeros(len(head), bool)
         if f["ranked_by"] in ("latent+pixels", "latent+pattern"):   # both, each in its spread's units
             p = robust_z(latent[head]) + robust_z(p)
             if j in peak_at:   # and the peak's pattern, where it is a stamp's
                 peak_p = proj[peak_at[j]][at]
                 if separability(peak_p) >= TWO_VALUED:
                     p = p + robust_z(peak_p)
+                    # its carriers first: the sum alone left look-alikes of the class above them
+                    carriers = peak_p > otsu_threshold(peak_p)
+                    if carriers.mean() <= STAMP_SHARE:
+                        stamped = carriers
         # ascending, best last; ties by the head's own (latent) order, so an exact double tie
         # keeps the smaller index first as the latent order does (latent[head] reversed those)
-        by_pattern = head[np.lexsort((-np.arange(len(head)), p))]
+        by_pattern = head[np.lexsort((-np.arange(len(head)), p, stamped))]
         out[by_pattern] = len(order) + np.arange(len(head), dtype=np.float64)
         out[unreadable] = -np.inf
-        return out
+        return out, bool(stamped.any())
 
     tasks = (lambda f=f, j=j, head=head, latent=np.asarray(rankings[f["rank"]]): ranked(f, j, head, latent)
              for j, (f, head) in enumerate(zip(chosen, heads)))
-    for f, out in zip(chosen, run_in_order(tasks, at_once)):
+    for f, (out, stamped) in zip(chosen, run_in_order(tasks, at_once)):
         rankings[f["rank"]] = out
+        if stamped:
+            f["ranked_by"] += "+stamp"
 
 
 def _pixel_probes(findings: list[dict], source: ImageSource, pred: np.ndarray, batch_size: int, progress: bool,

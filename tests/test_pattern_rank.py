@@ -320,7 +320,7 @@ def test_a_planted_pixel_inside_a_shadowed_core_ranks_by_the_peak_too():
     f = {"rank": 1, "class": 0, "_mask": mask, "_contrast": contrast}
     rankings = {1: latent.copy()}
     pattern_rankings([f], rankings, ArraySource(x, np.zeros(N, int), name="pixel in a shadow"))
-    assert f["ranked_by"] == "latent+pattern"
+    assert f["ranked_by"] == "latent+pattern+stamp"   # 30 of 300 carry it: a stamp's carriers
     assert average_precision(rankings[1], _carries()) > 0.95
     core_proj = x.reshape(N, -1) @ (contrast[0].numpy() * core).reshape(-1)
     two_terms = robust_z(latent) + robust_z(core_proj)   # the ranking before the peak's term
@@ -376,3 +376,58 @@ def test_a_peak_whose_projection_follows_content_adds_no_term(monkeypatch):
     without = {1: latent.copy()}
     pattern_rankings([{"rank": 1, "class": 0, "_mask": mask, "_contrast": contrast}], without, src)
     np.testing.assert_array_equal(got[1], without[1])
+
+
+def _stamp_in_a_shadow(rng, latent_noise=3.0):
+    """`_pixel_in_a_shadow`'s pool with a latent probe that ranks ten non-carriers above every
+    carrier: the probe and the core together still rank some carriers below them."""
+    contrast, x = _pixel_in_a_shadow(rng)
+    latent = latent_noise * rng.normal(size=N)
+    decoys = np.setdiff1d(np.arange(N), CARRIERS)[:10]
+    latent[decoys] = 50.0
+    x[decoys, 0, 5, 1:9] = 1.0          # and the core's content at its brightest
+    return contrast, x, latent
+
+
+def _ranked(contrast, x, latent, name):
+    f = {"rank": 1, "class": 0, "_mask": contrast[0].numpy() > 0, "_contrast": contrast}
+    rankings = {1: latent.copy()}
+    pattern_rankings([f], rankings, ArraySource(x, np.zeros(N, int), name=name))
+    return f, rankings[1]
+
+
+def test_a_stamps_carriers_rank_above_every_other_image():
+    """A two-valued peak carried by a minority (30 of 300) is a stamp: its carriers come first,
+    whatever the latent probe and the core say (the pixel at n = 1000 ranked its carriers at
+    AP 0.82 with the peak as a third term alone); among themselves, and among the rest, the
+    three terms' sum orders them."""
+    contrast, x, latent = _stamp_in_a_shadow(np.random.default_rng(7))
+    mask = contrast[0].numpy() > 0
+    core, peak = ranking_mask(mask, contrast), peak_mask(mask, contrast)
+    flat = x.reshape(N, -1).astype(np.float64)
+    three = (robust_z(latent) + robust_z(flat @ (contrast[0].numpy() * core).reshape(-1))
+             + robust_z(flat @ (contrast[0].numpy() * peak).reshape(-1)))
+    assert average_precision(three, _carries()) < 0.9          # the sum alone: decoys first
+    f, got = _ranked(contrast, x, latent, "stamp in a shadow")
+    assert f["ranked_by"] == "latent+pattern+stamp"
+    order = np.argsort(-got, kind="stable")
+    assert set(order[:len(CARRIERS)]) == set(CARRIERS.tolist())
+    np.testing.assert_array_equal(order[:len(CARRIERS)], CARRIERS[np.argsort(-three[CARRIERS], kind="stable")])
+    rest = np.setdiff1d(np.arange(N), CARRIERS)
+    np.testing.assert_array_equal(order[len(CARRIERS):], rest[np.argsort(-three[rest], kind="stable")])
+
+
+def test_a_two_valued_peak_most_images_carry_is_no_stamp():
+    """The members *lack* a mark most images carry (the high side of the peak's projection holds
+    270 of 300): an absence, not a stamp, so nothing is ranked first by it; the peak stays a third
+    term of the sum."""
+    contrast, x, latent = _stamp_in_a_shadow(np.random.default_rng(7))
+    x[:, 0, 0, 0] = 1.0 - x[:, 0, 0, 0]   # every image but the 30 has the bright pixel
+    mask = contrast[0].numpy() > 0
+    core, peak = ranking_mask(mask, contrast), peak_mask(mask, contrast)
+    flat = x.reshape(N, -1).astype(np.float64)
+    three = (robust_z(latent) + robust_z(flat @ (contrast[0].numpy() * core).reshape(-1))
+             + robust_z(flat @ (contrast[0].numpy() * peak).reshape(-1)))
+    f, got = _ranked(contrast, x, latent, "an absence")
+    assert f["ranked_by"] == "latent+pattern"
+    np.testing.assert_array_equal(np.argsort(-got, kind="stable"), np.lexsort((np.arange(N), -three)))
