@@ -512,10 +512,27 @@ def save_finding_images(out_dir: Path, rank: int, centroid: torch.Tensor, contra
     paths = {
         "centroid": save_image(centroid, img_dir / f"finding{rank}_centroid.png"),
         "contrast": save_map(contrast, img_dir / f"finding{rank}_contrast.png"),
-        "mask": save_image(torch.as_tensor(mask, dtype=torch.float32).unsqueeze(0), img_dir / f"finding{rank}_mask.png"),
+        "mask": save_mask_image(out_dir, rank, mask),
         "grid": save_grid(exemplars, img_dir / f"finding{rank}_grid.png"),
     }
     return {k: str(Path(v).relative_to(out_dir)) for k, v in paths.items()}
+
+
+def save_mask_image(out_dir: Path, rank: int, mask: np.ndarray) -> str:
+    """A finding's mask as ``out_dir``/images/finding{rank}_mask.png."""
+    from .report import save_image
+
+    path = Path(out_dir) / "images" / f"finding{rank}_mask.png"
+    return save_image(torch.as_tensor(np.asarray(mask), dtype=torch.float32).unsqueeze(0), path)
+
+
+def redraw_stamp_masks(findings: list[dict], out_dir: Path) -> None:
+    """Draw again the mask of every finding whose pattern ranking found a stamp (``ranked_by``
+    ending "+stamp"): its mask became the stamp's own pixels (`spurfast.stamp`) after
+    `characterise` drew the old one."""
+    for f in findings:
+        if f.get("ranked_by", "").endswith("+stamp"):
+            save_mask_image(out_dir, f["rank"], f["_mask"])
 
 
 def findings_document(result: DiscoveryResult, extra_config: dict | None = None) -> dict:

@@ -46,7 +46,8 @@ look-alikes of the class stayed above some carriers: the pixel at n = 1000 ranke
 (fifty-ninth session).  A high side holding most images is the members' *lack* of a mark the
 others carry (the pixel's peak in the classes it pulls carriers from: 90% of the images), not a
 stamp: that peak stays a term of the sum.  The peak carries no content at all, so it never
-orders the images alone.
+orders the images alone.  A stamped finding's mask becomes the stamp's own pixels, those that
+tell its carriers from the rest (`spurfast.stamp`), where they are localised.
 
 Only the latent ranking's first ``top`` images of each re-ranked finding are read (one pass
 over their union, whatever the pool size; the pixel probes' fit reads a sample of at most
@@ -148,8 +149,8 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
                      batch_size: int = 256, progress: bool = False, num_workers: int = 0,
                      loader_backend: str | None = None, device: str | None = None, seed: int = 0) -> None:
     """Set every finding's ``ranked_by`` ("pattern", "latent+pattern", "latent+pixels" or
-    "latent"; the two combined ones with "+stamp" where a stamp's carriers rank first) and
-    replace ``rankings[rank]`` of the localised ones (or with a localised core) and of the
+    "latent"; the two combined ones with "+stamp" where a stamp's carriers rank first, and
+    their ``_mask`` the stamp's, `spurfast.stamp`) and replace ``rankings[rank]`` of the localised ones (or with a localised core) and of the
     diffuse ones with a pixel probe
     (float64: the latent order below, then the re-ranked images; unreadable images, the
     latent ranking's and any this read finds, are -inf).  Needs ``_mask`` and ``_contrast``
@@ -245,14 +246,25 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
         by_pattern = head[np.lexsort((-np.arange(len(head)), p, stamped))]
         out[by_pattern] = len(order) + np.arange(len(head), dtype=np.float64)
         out[unreadable] = -np.inf
-        return out, bool(stamped.any())
+        return out, (head[stamped], head[~stamped]) if stamped.any() else None
 
     tasks = (lambda f=f, j=j, head=head, latent=np.asarray(rankings[f["rank"]]): ranked(f, j, head, latent)
              for j, (f, head) in enumerate(zip(chosen, heads)))
-    for f, (out, stamped) in zip(chosen, run_in_order(tasks, at_once)):
+    stamped = []
+    for f, (out, sides) in zip(chosen, run_in_order(tasks, at_once)):
         rankings[f["rank"]] = out
-        if stamped:
+        if sides is not None:
             f["ranked_by"] += "+stamp"
+            stamped.append((f, sides))
+    if stamped:   # their masks become the stamps' own pixels (`spurfast.stamp`)
+        from .stamp import stamp_masks
+
+        masks = stamp_masks([sides for _, sides in stamped], source, localised=localised, batch_size=batch_size,
+                            progress=progress, num_workers=num_workers, loader_backend=loader_backend, device=device,
+                            seed=seed)
+        for (f, _), m in zip(stamped, masks):
+            if m is not None:
+                f["_mask"] = m
 
 
 def _pixel_probes(findings: list[dict], source: ImageSource, pred: np.ndarray, batch_size: int, progress: bool,

@@ -28,7 +28,7 @@ from .cores import usable_cores
 from .data.builtin import load_digits, load_fashion_mnist
 from .data.reread import read_as_stored
 from .data.sources import ArraySource, ImageSource, content_digest
-from .discover import DiscoverConfig, characterise, discover, identity_settings, write_outputs
+from .discover import DiscoverConfig, characterise, discover, identity_settings, redraw_stamp_masks, write_outputs
 from .embed import check_outputs, check_vae_input
 from .identity import fingerprint
 from .models.as_given import restores_models
@@ -369,6 +369,7 @@ def run_discovery(pool: ImageSource, classifier, vae, out_dir, *, num_classes: i
             step("characterised")
             pattern_rankings(result.findings, result.rankings, passes, pred=np.asarray(store["pred"]),
                              seed=config.seed, progress=progress, **reread)
+            redraw_stamp_masks(result.findings, out)
             step("ranked")
             if residual is not None:
                 from .residual import add_residual_findings

@@ -410,6 +410,7 @@ def test_a_stamps_carriers_rank_above_every_other_image():
     assert average_precision(three, _carries()) < 0.9          # the sum alone: decoys first
     f, got = _ranked(contrast, x, latent, "stamp in a shadow")
     assert f["ranked_by"] == "latent+pattern+stamp"
+    assert np.argwhere(f["_mask"]).tolist() == [[0, 0]]   # the stamp's own pixel, not the 49 of the contrast
     order = np.argsort(-got, kind="stable")
     assert set(order[:len(CARRIERS)]) == set(CARRIERS.tolist())
     np.testing.assert_array_equal(order[:len(CARRIERS)], CARRIERS[np.argsort(-three[CARRIERS], kind="stable")])
@@ -429,5 +430,17 @@ def test_a_two_valued_peak_most_images_carry_is_no_stamp():
     three = (robust_z(latent) + robust_z(flat @ (contrast[0].numpy() * core).reshape(-1))
              + robust_z(flat @ (contrast[0].numpy() * peak).reshape(-1)))
     f, got = _ranked(contrast, x, latent, "an absence")
-    assert f["ranked_by"] == "latent+pattern"
+    assert f["ranked_by"] == "latent+pattern" and (f["_mask"] == mask).all()
     np.testing.assert_array_equal(np.argsort(-got, kind="stable"), np.lexsort((np.arange(N), -three)))
+
+
+def test_a_stamp_whose_carriers_differ_everywhere_keeps_its_mask():
+    """The carriers differ from the rest in every pixel (content, not a stamp, tells them apart):
+    more than the localised share separates them, so the finding keeps the contrast's mask; its
+    carriers still rank first."""
+    contrast, x, latent = _stamp_in_a_shadow(np.random.default_rng(7))
+    x[CARRIERS] = 1.0                     # white images: every pixel at least ties the brightest others'
+    mask = contrast[0].numpy() > 0
+    f, got = _ranked(contrast, x, latent, "brighter carriers")
+    assert f["ranked_by"] == "latent+pattern+stamp" and (f["_mask"] == mask).all()
+    assert set(np.argsort(-got, kind="stable")[:len(CARRIERS)]) == set(CARRIERS.tolist())

@@ -1,0 +1,90 @@
+"""A stamp's own pixels (`spurfast.stamp`) on hand-made images with known stamps."""
+import numpy as np
+from PIL import Image
+
+from spurfast.data.sources import ArraySource
+from spurfast.discover import redraw_stamp_masks, save_mask_image
+from spurfast.stamp import SEPARATES, separating_pixels, stamp_masks
+
+
+def _sides(rng, n=200):
+    carriers = rng.uniform(0, 0.5, (n, 1, 6, 6))
+    others = rng.uniform(0, 0.5, (n, 1, 6, 6))
+    return carriers, others
+
+
+def test_the_pixels_a_stamp_sets_separate_its_carriers_bright_or_dark():
+    rng = np.random.default_rng(0)
+    carriers, others = _sides(rng)
+    carriers[:, 0, 0, 0] = 1.0           # a white stamp on a dark image
+    carriers[:, 0, 3, 4] = -1.0          # and a dark one
+    got = separating_pixels(carriers, others)
+    assert np.argwhere(got).tolist() == [[0, 0], [3, 4]]
+
+
+def test_ties_count_half_at_the_auroc_bound():
+    """Others that hold the stamp's value too are ties, each half a win: 2 of 100 others at the
+    value give AUROC 0.99, a stamp pixel; 3 give 0.985, not one."""
+    assert SEPARATES == 0.99
+    carriers, others = np.zeros((50, 1, 2, 2)), np.zeros((100, 1, 2, 2))
+    carriers[:, 0, 0, 0] = carriers[:, 0, 1, 1] = 1.0
+    others[:2, 0, 0, 0] = 1.0
+    others[:3, 0, 1, 1] = 1.0
+    assert separating_pixels(carriers, others).tolist() == [[True, False], [False, False]]
+
+
+def test_any_channel_and_an_empty_side():
+    carriers, others = np.zeros((10, 3, 2, 2)), np.zeros((10, 3, 2, 2))
+    carriers[:, 2, 1, 0] = 1.0            # blue only
+    assert np.argwhere(separating_pixels(carriers, others)).tolist() == [[1, 0]]
+    assert not separating_pixels(carriers[:0], others).any() and separating_pixels(carriers[:0], others).shape == (2, 2)
+
+
+def test_stamp_masks_read_each_side_and_leave_out_unreadable_images(tmp_path):
+    """A pixel stamp at (1, 2) on 40 carriers of 120 PNGs; 10 carriers' files are damaged and
+    read as all zeros: counted, they would rank below every other image there, and the pixel's
+    AUROC of 0.75 would miss the stamp."""
+    from spurfast.data.folder import ImageFolderSource
+
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0.2, 0.6, (120, 5, 5))
+    carriers, others = np.arange(40), np.arange(40, 120)
+    x[carriers, 1, 2] = 1.0
+    for i in range(120):
+        Image.fromarray((x[i] * 255).astype(np.uint8)).save(tmp_path / f"{i:03d}.png")
+    for i in range(10):
+        (tmp_path / f"{i:03d}.png").write_bytes(b"damaged")
+    src = ImageFolderSource(tmp_path, size=5, channels=1)
+    kw = dict(localised=0.1, batch_size=16, progress=False, num_workers=0, loader_backend="torch", device="cpu")
+    mask, = stamp_masks([(carriers, others)], src, **kw)
+    assert np.argwhere(mask).tolist() == [[1, 2]]
+    none, = stamp_masks([(others[:40], others[40:])], src, **kw)   # no stamp between two sets of others
+    assert none is None
+
+
+def test_a_separating_set_beyond_the_localised_share_is_no_stamp():
+    x = np.zeros((60, 1, 4, 4), np.float32)
+    x[:20] = 1.0                                   # the carriers differ in every pixel
+    kw = dict(batch_size=16, progress=False, num_workers=0, loader_backend=None, device=None)
+    src = ArraySource(x, np.zeros(60, int), name="bright carriers")
+    assert stamp_masks([(np.arange(20), np.arange(20, 60))], src, localised=0.5, **kw) == [None]
+    got, = stamp_masks([(np.arange(20), np.arange(20, 60))], src, localised=1.0, **kw)
+    assert got.all()
+
+
+def test_only_stamped_findings_masks_are_drawn_again(tmp_path):
+    old, new = np.zeros((8, 8), bool), np.zeros((8, 8), bool)
+    old[2:6, 2:6] = True
+    new[1, 1] = True
+    for rank in (1, 2):
+        save_mask_image(tmp_path, rank, old)
+    findings = [{"rank": 1, "ranked_by": "latent+pattern+stamp", "_mask": new},
+                {"rank": 2, "ranked_by": "latent+pattern", "_mask": new}]
+    redraw_stamp_masks(findings, tmp_path)
+
+    def drawn(rank):   # the picture is the mask scaled up: back to one pixel a cell
+        picture = Image.open(tmp_path / "images" / f"finding{rank}_mask.png").convert("L")
+        return np.asarray(picture.resize((8, 8), Image.NEAREST)) > 127
+
+    np.testing.assert_array_equal(drawn(1), new)
+    np.testing.assert_array_equal(drawn(2), old)
