@@ -150,8 +150,8 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
                      loader_backend: str | None = None, device: str | None = None, seed: int = 0) -> None:
     """Set every finding's ``ranked_by`` ("pattern", "latent+pattern", "latent+pixels" or
     "latent"; the two combined ones with "+stamp" where a stamp's carriers rank first, and
-    their ``_mask`` the stamp's, `spurfast.stamp`) and replace ``rankings[rank]`` of the localised ones (or with a localised core) and of the
-    diffuse ones with a pixel probe
+    their ``_mask`` the stamp's, `spurfast.stamp`) and replace ``rankings[rank]`` of the
+    localised ones (or with a localised core) and of the diffuse ones with a pixel probe
     (float64: the latent order below, then the re-ranked images; unreadable images, the
     latent ranking's and any this read finds, are -inf).  Needs ``_mask`` and ``_contrast``
     (`characterise`).  ``pred``: the pool's predicted classes (-1 where none); with it, a

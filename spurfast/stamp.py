@@ -26,6 +26,8 @@ from .support import image_pass
 
 SHIFTED = 0.75     # a stamp pixel's AUROC (or 1 - it), carriers against the other ranked images
 SAMPLE = 512       # images read of each side, per finding
+PASS_BYTES = 256 << 20   # images held at once, as 8-bit values (at least one finding's a pass)
+COLUMNS = 1 << 14        # pixel values ranked at once: float64 ranks of 1,024 images x 16,384 = 128 MiB
 
 
 def separating_pixels(carriers: np.ndarray, others: np.ndarray) -> np.ndarray:
@@ -33,10 +35,15 @@ def separating_pixels(carriers: np.ndarray, others: np.ndarray) -> np.ndarray:
     ``others`` (No, C, H, W) with an AUROC of at least `SHIFTED` or at most 1 - `SHIFTED`
     (ties count half, as in the Mann-Whitney statistic)."""
     nc, no = len(carriers), len(others)
+    shape = carriers.shape[1:]
     if nc == 0 or no == 0:
-        return np.zeros(carriers.shape[-2:], bool)
-    ranks = rankdata(np.concatenate([carriers, others]), axis=0)   # average ranks: ties count half
-    auroc = (ranks[:nc].sum(0) - nc * (nc + 1) / 2) / (nc * no)     # (C, H, W)
+        return np.zeros(shape[-2:], bool)
+    both = np.concatenate([carriers, others]).reshape(nc + no, -1)
+    auroc = np.empty(both.shape[1])
+    for s in range(0, both.shape[1], COLUMNS):   # average ranks: ties count half
+        ranks = rankdata(both[:, s:s + COLUMNS], axis=0)
+        auroc[s:s + COLUMNS] = (ranks[:nc].sum(0) - nc * (nc + 1) / 2) / (nc * no)
+    auroc = auroc.reshape(shape)
     return (np.maximum(auroc, 1 - auroc) >= SHIFTED).any(0)
 
 
@@ -44,22 +51,37 @@ def stamp_masks(sides: list[tuple[np.ndarray, np.ndarray]], source: ImageSource,
                 batch_size: int, progress: bool, num_workers: int, loader_backend: str | None,
                 device: str | None, seed: int = 0) -> list[np.ndarray | None]:
     """Per (carriers, others) pair of pool indices, the stamp's (H, W) bool mask, or None where
-    no pixel or more than ``localised`` of the image separates them.  One pass over a sample of
-    at most `SAMPLE` images of each side (``seed``'s draw; unreadable ones are left out)."""
+    no pixel or more than ``localised`` of the image separates them.  A sample of at most
+    `SAMPLE` images of each side (``seed``'s draw; unreadable ones are left out), read in as few
+    passes as `PASS_BYTES` of 8-bit images allow."""
     rng = np.random.default_rng(seed)
     drawn = [(sorted_sample(np.asarray(c, np.int64), SAMPLE, rng), sorted_sample(np.asarray(o, np.int64), SAMPLE, rng))
              for c, o in sides]
+    per_pass = max(1, PASS_BYTES // int(np.prod(source.image_shape)))   # images
+    out, group, held = [], [], 0
+    for d in drawn:
+        n = len(d[0]) + len(d[1])
+        if group and held + n > per_pass:
+            out += _masks(group, source, localised, batch_size, progress, num_workers, loader_backend, device)
+            group, held = [], 0
+        group.append(d)
+        held += n
+    return out + _masks(group, source, localised, batch_size, progress, num_workers, loader_backend, device)
+
+
+def _masks(drawn: list[tuple[np.ndarray, np.ndarray]], source: ImageSource, localised: float, batch_size: int,
+           progress: bool, num_workers: int, loader_backend: str | None, device: str | None) -> list:
+    """`stamp_masks` of the findings whose samples are ``drawn``: one pass over their union."""
     union = np.unique(np.concatenate([np.concatenate(d) for d in drawn]))
     if len(union) == 0:
-        return [None] * len(sides)
-    images, readable = None, np.zeros(len(union), bool)
+        return [None] * len(drawn)
+    images = np.zeros((len(union), *source.image_shape), np.uint8)   # 8-bit: the files' own depth
+    readable = np.zeros(len(union), bool)
 
     def take(got, x, ok):
-        nonlocal images
-        if images is None:
-            images = np.zeros((len(union), *x.shape[1:]), np.float32)
         at = np.searchsorted(union, np.asarray(got))
-        images[at], readable[at] = x.numpy(), np.asarray(ok, bool)
+        images[at] = np.rint(x.numpy() * 255)
+        readable[at] = np.asarray(ok, bool)
 
     image_pass(source, union, take, batch_size, progress, "stamp masks", num_workers, loader_backend, device)
     out = []

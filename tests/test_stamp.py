@@ -91,3 +91,28 @@ def test_only_stamped_findings_masks_are_drawn_again(tmp_path):
 
     np.testing.assert_array_equal(drawn(1), new)
     np.testing.assert_array_equal(drawn(2), old)
+
+
+def test_masks_are_the_same_whatever_the_pass_and_column_budgets(monkeypatch):
+    """Three findings' samples in one pass, or one pass each (a budget below two findings'
+    images), and ranked 5 pixel values at a time: the same masks, each pass reading its own."""
+    import spurfast.stamp as stamp
+
+    rng = np.random.default_rng(4)
+    x = rng.uniform(0, 0.5, (90, 1, 4, 4)).astype(np.float32)
+    x[:10, 0, 0, 0] = 1.0
+    x[10:20, 0, 2, 3] = 1.0
+    sides = [(np.arange(10), np.arange(30, 90)), (np.arange(10, 20), np.arange(30, 90)),
+             (np.arange(20, 30), np.arange(30, 90))]   # the third: no stamp
+    src = ArraySource(x, np.zeros(90, int), name="three stamps")
+    kw = dict(localised=0.2, batch_size=16, progress=False, num_workers=0, loader_backend=None, device=None)
+    one = stamp_masks(sides, src, **kw)
+    assert [np.argwhere(m).tolist() if m is not None else None for m in one] == [[[0, 0]], [[2, 3]], None]
+    passes = []
+    real = stamp.image_pass
+    monkeypatch.setattr(stamp, "image_pass", lambda source, idx, *a: (passes.append(len(idx)), real(source, idx, *a)))
+    monkeypatch.setattr(stamp, "PASS_BYTES", 100 * 16)   # 100 images of 16 one-byte pixels: one finding's 70
+    monkeypatch.setattr(stamp, "COLUMNS", 5)
+    each = stamp_masks(sides, src, **kw)
+    assert passes == [70, 70, 70]
+    assert all((a is None and b is None) or (a == b).all() for a, b in zip(one, each))
