@@ -434,6 +434,14 @@ def test_a_two_valued_peak_most_images_carry_is_no_stamp():
     np.testing.assert_array_equal(np.argsort(-got, kind="stable"), np.lexsort((np.arange(N), -three)))
 
 
+def test_a_stamp_half_the_images_carry_is_still_a_stamp():
+    contrast, x, latent = _stamp_in_a_shadow(np.random.default_rng(7))
+    x[:, 0, 0, 0] = 0.0
+    x[::2, 0, 0, 0] = 1.0                 # 150 of 300: STAMP_SHARE exactly
+    f, _ = _ranked(contrast, x, latent, "half stamped")
+    assert f["ranked_by"] == "latent+pattern+stamp"
+
+
 def test_a_stamp_whose_carriers_differ_everywhere_keeps_its_mask():
     """The carriers differ from the rest in every pixel (content, not a stamp, tells them apart):
     more than the localised share separates them, so the finding keeps the contrast's mask; its

@@ -37,10 +37,15 @@ def test_ties_count_half_at_the_auroc_bound():
 
 
 def test_any_channel_and_an_empty_side():
+    import warnings
+
     carriers, others = np.zeros((10, 3, 2, 2)), np.zeros((10, 3, 2, 2))
     carriers[:, 2, 1, 0] = 1.0            # blue only
     assert np.argwhere(separating_pixels(carriers, others)).tolist() == [[1, 0]]
-    assert not separating_pixels(carriers[:0], others).any() and separating_pixels(carriers[:0], others).shape == (2, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")    # no 0 / 0
+        none = separating_pixels(carriers[:0], others)
+    assert not none.any() and none.shape == (2, 2)
 
 
 def test_stamp_masks_read_each_side_and_leave_out_unreadable_images(tmp_path):
@@ -55,14 +60,16 @@ def test_stamp_masks_read_each_side_and_leave_out_unreadable_images(tmp_path):
     x[carriers, 1, 2] = 1.0
     for i in range(120):
         Image.fromarray((x[i] * 255).astype(np.uint8)).save(tmp_path / f"{i:03d}.png")
-    for i in range(15):
+    for i in [*range(15), *range(40, 85)]:   # and 45 of the 80 others: counted, every pixel would separate
         (tmp_path / f"{i:03d}.png").write_bytes(b"damaged")
     src = ImageFolderSource(tmp_path, size=5, channels=1)
     kw = dict(localised=0.1, batch_size=16, progress=False, num_workers=0, loader_backend="torch", device="cpu")
     mask, = stamp_masks([(carriers, others)], src, **kw)
     assert np.argwhere(mask).tolist() == [[1, 2]]
-    none, = stamp_masks([(others[:40], others[40:])], src, **kw)   # no stamp between two sets of others
+    none, = stamp_masks([(others[45:60], others[60:])], src, **kw)   # no stamp between two sets of others
     assert none is None
+    empty = np.zeros(0, np.int64)
+    assert stamp_masks([(empty, empty)], src, **kw) == [None]           # no image a side: no stamp
 
 
 def test_a_separating_set_beyond_the_localised_share_is_no_stamp():
@@ -99,9 +106,9 @@ def test_masks_are_the_same_whatever_the_pass_and_column_budgets(monkeypatch):
     import spurfast.stamp as stamp
 
     rng = np.random.default_rng(4)
-    x = rng.uniform(0, 0.5, (90, 1, 4, 4)).astype(np.float32)
-    x[:10, 0, 0, 0] = 1.0
-    x[10:20, 0, 2, 3] = 1.0
+    x = rng.uniform(0, 0.5, (90, 3, 4, 4)).astype(np.float32)
+    x[:10, 1, 0, 0] = 1.0
+    x[10:20, :, 2, 3] = 1.0
     sides = [(np.arange(10), np.arange(30, 90)), (np.arange(10, 20), np.arange(30, 90)),
              (np.arange(20, 30), np.arange(30, 90))]   # the third: no stamp
     src = ArraySource(x, np.zeros(90, int), name="three stamps")
@@ -111,8 +118,12 @@ def test_masks_are_the_same_whatever_the_pass_and_column_budgets(monkeypatch):
     passes = []
     real = stamp.image_pass
     monkeypatch.setattr(stamp, "image_pass", lambda source, idx, *a: (passes.append(len(idx)), real(source, idx, *a)))
-    monkeypatch.setattr(stamp, "PASS_BYTES", 100 * 16)   # 100 images of 16 one-byte pixels: one finding's 70
     monkeypatch.setattr(stamp, "COLUMNS", 5)
-    each = stamp_masks(sides, src, **kw)
-    assert passes == [70, 70, 70]
-    assert all((a is None and b is None) or (a == b).all() for a, b in zip(one, each))
+    for budget, reads in [(100, [70, 70, 70]),   # images of 3 x 4 x 4 bytes: one finding's 70 a pass
+                          (140, [80, 70]),       # two findings' 140 (their others shared: 80 read), then one
+                          (1, [70, 70, 70])]:    # below one finding's: still one a pass
+        passes.clear()
+        monkeypatch.setattr(stamp, "PASS_BYTES", budget * 48)
+        each = stamp_masks(sides, src, **kw)
+        assert passes == reads, budget
+        assert all((a is None and b is None) or (a == b).all() for a, b in zip(one, each))
