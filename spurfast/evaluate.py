@@ -573,7 +573,7 @@ def run_key(setting: Setting, seed: int, sizes: Sizes, methods=DEFAULT_METHODS, 
             null: str = DEFAULT_NULL) -> str:
     """The cache key of one run's rows."""
     return _key({"setting": _setting_key(setting), "seed": seed, "sizes": asdict(sizes), "methods": list(methods),
-                 "v": 33,    # 13: a tie does not beat the best null cluster; 14: Yang's spurious score,
+                 "v": 34,    # 13: a tie does not beat the best null cluster; 14: Yang's spurious score,
                              # best finding of the first 10 for every method, IoU 0 without a finding;
                              # 15: GEORGE's k raised for large classes as spurfast's is; 16: spurfast+support;
                              # 17: localised findings rank the pool by their pattern;
@@ -596,6 +596,7 @@ def run_key(setting: Setting, seed: int, sizes: Sizes, methods=DEFAULT_METHODS, 
                              # 32: and the stamp's own pixels are its finding's mask (spurfast.stamp)
                              # 33: those an AUROC >= 0.75 marks (0.99 shrank a noise pattern's mask
                              #     to its one constant background pixel), where localised
+                             # 34: and inside it the contrast is the carriers' mean minus the others'
                  # named unless it is the share (the default before the twenty-fourth session): cached runs keep their keys
                  **({} if statistic == "share" else {"statistic": statistic}),
                  **({} if null == DEFAULT_NULL else {"null": null}),

@@ -150,7 +150,7 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
                      loader_backend: str | None = None, device: str | None = None, seed: int = 0) -> None:
     """Set every finding's ``ranked_by`` ("pattern", "latent+pattern", "latent+pixels" or
     "latent"; the two combined ones with "+stamp" where a stamp's carriers rank first, and
-    their ``_mask`` the stamp's, `spurfast.stamp`) and replace ``rankings[rank]`` of the
+    their pattern the stamp's, `spurfast.stamp.take_stamp`) and replace ``rankings[rank]`` of the
     localised ones (or with a localised core) and of the diffuse ones with a pixel probe
     (float64: the latent order below, then the re-ranked images; unreadable images, the
     latent ranking's and any this read finds, are -inf).  Needs ``_mask`` and ``_contrast``
@@ -256,15 +256,15 @@ def pattern_rankings(findings: list[dict], rankings: dict[int, np.ndarray], sour
         if sides is not None:
             f["ranked_by"] += "+stamp"
             stamped.append((f, sides))
-    if stamped:   # their masks become the stamps' own pixels (`spurfast.stamp`)
-        from .stamp import stamp_masks
+    if stamped:   # their patterns become the stamps' own (`spurfast.stamp`)
+        from .stamp import stamp_masks, take_stamp
 
-        masks = stamp_masks([sides for _, sides in stamped], source, localised=localised, batch_size=batch_size,
-                            progress=progress, num_workers=num_workers, loader_backend=loader_backend, device=device,
-                            seed=seed)
-        for (f, _), m in zip(stamped, masks):
-            if m is not None:
-                f["_mask"] = m
+        stamps = stamp_masks([sides for _, sides in stamped], source, localised=localised, batch_size=batch_size,
+                             progress=progress, num_workers=num_workers, loader_backend=loader_backend, device=device,
+                             seed=seed)
+        for (f, _), st in zip(stamped, stamps):
+            if st is not None:
+                take_stamp(f, st)
 
 
 def _pixel_probes(findings: list[dict], source: ImageSource, pred: np.ndarray, batch_size: int, progress: bool,

@@ -411,6 +411,7 @@ def test_a_stamps_carriers_rank_above_every_other_image():
     f, got = _ranked(contrast, x, latent, "stamp in a shadow")
     assert f["ranked_by"] == "latent+pattern+stamp"
     assert np.argwhere(f["_mask"]).tolist() == [[0, 0]]   # the stamp's own pixel, not the 49 of the contrast
+    assert f["_contrast"][0, 0, 0].item() == pytest.approx(1.0)   # carriers 1.0 there, the others 0: its full value
     order = np.argsort(-got, kind="stable")
     assert set(order[:len(CARRIERS)]) == set(CARRIERS.tolist())
     np.testing.assert_array_equal(order[:len(CARRIERS)], CARRIERS[np.argsort(-three[CARRIERS], kind="stable")])

@@ -1,10 +1,11 @@
 """A stamp's own pixels (`spurfast.stamp`) on hand-made images with known stamps."""
 import numpy as np
+import pytest
 from PIL import Image
 
 from spurfast.data.sources import ArraySource
 from spurfast.discover import redraw_stamp_masks, save_mask_image
-from spurfast.stamp import SHIFTED, separating_pixels, stamp_masks
+from spurfast.stamp import SHIFTED, Stamp, separating_pixels, stamp_masks, take_stamp
 
 
 def _sides(rng, n=200):
@@ -64,8 +65,12 @@ def test_stamp_masks_read_each_side_and_leave_out_unreadable_images(tmp_path):
         (tmp_path / f"{i:03d}.png").write_bytes(b"damaged")
     src = ImageFolderSource(tmp_path, size=5, channels=1)
     kw = dict(localised=0.1, batch_size=16, progress=False, num_workers=0, loader_backend="torch", device="cpu")
-    mask, = stamp_masks([(carriers, others)], src, **kw)
-    assert np.argwhere(mask).tolist() == [[1, 2]]
+    got, = stamp_masks([(carriers, others)], src, **kw)
+    assert np.argwhere(got.mask).tolist() == [[1, 2]]
+    # the means of the readable images alone, as the files hold them
+    readable_c, readable_o = carriers[15:], np.setdiff1d(others, np.arange(40, 85))
+    for mean, rows in ((got.carriers_mean, readable_c), (got.others_mean, readable_o)):
+        np.testing.assert_allclose(mean[0], (x[rows] * 255).astype(np.uint8).mean(0) / 255, atol=1e-6)
     none, = stamp_masks([(others[45:60], others[60:])], src, **kw)   # no stamp between two sets of others
     assert none is None
     empty = np.zeros(0, np.int64)
@@ -79,7 +84,7 @@ def test_a_separating_set_beyond_the_localised_share_is_no_stamp():
     src = ArraySource(x, np.zeros(60, int), name="bright carriers")
     assert stamp_masks([(np.arange(20), np.arange(20, 60))], src, localised=0.5, **kw) == [None]
     got, = stamp_masks([(np.arange(20), np.arange(20, 60))], src, localised=1.0, **kw)
-    assert got.all()
+    assert got.mask.all()
 
 
 def test_only_stamped_findings_masks_are_drawn_again(tmp_path):
@@ -114,7 +119,7 @@ def test_masks_are_the_same_whatever_the_pass_and_column_budgets(monkeypatch):
     src = ArraySource(x, np.zeros(90, int), name="three stamps")
     kw = dict(localised=0.2, batch_size=16, progress=False, num_workers=0, loader_backend=None, device=None)
     one = stamp_masks(sides, src, **kw)
-    assert [np.argwhere(m).tolist() if m is not None else None for m in one] == [[[0, 0]], [[2, 3]], None]
+    assert [np.argwhere(m.mask).tolist() if m is not None else None for m in one] == [[[0, 0]], [[2, 3]], None]
     passes = []
     real = stamp.image_pass
     monkeypatch.setattr(stamp, "image_pass", lambda source, idx, *a: (passes.append(len(idx)), real(source, idx, *a)))
@@ -126,4 +131,25 @@ def test_masks_are_the_same_whatever_the_pass_and_column_budgets(monkeypatch):
         monkeypatch.setattr(stamp, "PASS_BYTES", budget * 48)
         each = stamp_masks(sides, src, **kw)
         assert passes == reads, budget
-        assert all((a is None and b is None) or (a == b).all() for a, b in zip(one, each))
+        assert all((a is None and b is None) or all((u == v).all() for u, v in zip(a, b)) for a, b in zip(one, each))
+
+
+def test_a_stamp_becomes_the_findings_pattern_inside_its_mask_only():
+    """Inside the stamp the contrast is the carriers' mean minus the others' (what confirmation
+    adds) and the pattern the carriers' mean (what it pastes); outside, the cluster's stay."""
+    import torch
+
+    mask = np.zeros((3, 3), bool)
+    mask[0, 1] = True
+    carriers_mean, others_mean = np.full((1, 3, 3), 0.9), np.full((1, 3, 3), 0.1)
+    f = {"_mask": np.ones((3, 3), bool), "_contrast": torch.full((1, 3, 3), 0.25),
+         "_pattern": torch.full((1, 3, 3), 0.5)}
+    take_stamp(f, Stamp(mask, carriers_mean, others_mean))
+    assert (f["_mask"] == mask).all()
+    expected_contrast, expected_pattern = np.full((1, 3, 3), 0.25), np.full((1, 3, 3), 0.5)
+    expected_contrast[0, 0, 1], expected_pattern[0, 0, 1] = 0.8, 0.9
+    np.testing.assert_allclose(f["_contrast"].numpy(), expected_contrast, rtol=1e-6)
+    np.testing.assert_allclose(f["_pattern"].numpy(), expected_pattern, rtol=1e-6)
+    g = {"_mask": mask, "_contrast": torch.zeros(1, 3, 3)}   # no members' mean (a residual finding's): none made
+    take_stamp(g, Stamp(mask, carriers_mean, others_mean))
+    assert "_pattern" not in g and g["_contrast"][0, 0, 1] == pytest.approx(0.8)
